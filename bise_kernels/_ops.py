@@ -1,0 +1,229 @@
+"""The op schemas, declared once as torch.library custom ops, with fake impls and autograd.
+
+Each op's implementation asks the backend registry for the kernel of the selected backend on
+the tensor's device, so one schema serves every backend. The autograd formula lives here once;
+backends only provide forward and backward kernels (contract: ``backends/reference.py``).
+Ops take the selection as ``(thr, cut)`` 0-dim tensors, so the mask is recomputed from the
+scores inside kernels and never saved: the only state kept for backward is what autograd
+already holds (x, weight, scores).
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from . import backends
+
+LIB = "bise_kernels"
+
+
+def _kernel(name: str, t: Tensor):
+    return backends.resolve(name, t.device.type)[1]
+
+
+def _or_empty(t: Optional[Tensor], like: Tensor) -> Tensor:
+    """Custom ops cannot return None: a gradient that is not needed comes back empty."""
+    return like.new_empty(0) if t is None else t
+
+
+def _or_none(t: Tensor, needed: bool) -> Optional[Tensor]:
+    return t if needed else None
+
+
+# ----------------------------------------------------------------------------- selection
+
+
+@torch.library.custom_op(f"{LIB}::topk_select", mutates_args=())
+def topk_select(scores: list[Tensor], k: int, hint: Optional[Tensor]) -> tuple[Tensor, Tensor]:
+    """Exact top-k over the concatenation of the flattened ``scores``: (threshold, tie cut)."""
+    thr, cut = _kernel("topk_select", scores[0])(scores, k, hint)
+    return thr.clone(), cut.clone()
+
+
+@topk_select.register_fake
+def _(scores, k, hint):
+    s = scores[0]
+    return s.new_empty(()), torch.empty((), dtype=torch.int64, device=s.device)
+
+
+@torch.library.custom_op(f"{LIB}::batched_topk_select", mutates_args=())
+def batched_topk_select(scores: list[Tensor], ks: list[int], hints: Optional[Tensor]) -> tuple[Tensor, Tensor]:
+    """One independent top-k per tensor: thresholds and tie cuts of shape (len(scores),)."""
+    thr, cut = _kernel("batched_topk_select", scores[0])(scores, ks, hints)
+    return thr.clone(), cut.clone()
+
+
+@batched_topk_select.register_fake
+def _(scores, ks, hints):
+    s = scores[0]
+    return s.new_empty((len(scores),)), torch.empty((len(scores),), dtype=torch.int64, device=s.device)
+
+
+@torch.library.custom_op(f"{LIB}::keep_mask", mutates_args=())
+def keep_mask(scores: Tensor, thr: Tensor, cut: Tensor, offset: int) -> Tensor:
+    """Bool mask of the selection ``(thr, cut)``, flat indices counted from ``offset``."""
+    return _kernel("keep_mask", scores)(scores, thr, cut, offset)
+
+
+@keep_mask.register_fake
+def _(scores, thr, cut, offset):
+    return torch.empty_like(scores, dtype=torch.bool)
+
+
+# ----------------------------------------------------------------------------- masked linear
+
+
+@torch.library.custom_op(f"{LIB}::masked_linear", mutates_args=())
+def masked_linear(
+    x: Tensor, weight: Tensor, bias: Optional[Tensor], scores: Tensor, thr: Tensor, cut: Tensor,
+    estimator: str, temperature: float,
+) -> Tensor:
+    return _kernel("masked_linear_forward", x)(x, weight, bias, scores, thr, cut)
+
+
+@masked_linear.register_fake
+def _(x, weight, bias, scores, thr, cut, estimator, temperature):
+    return x.new_empty(x.shape[:-1] + (weight.shape[0],))
+
+
+@torch.library.custom_op(f"{LIB}::masked_linear_backward", mutates_args=())
+def masked_linear_backward(
+    grad_y: Tensor, x: Tensor, weight: Tensor, scores: Tensor, thr: Tensor, cut: Tensor,
+    estimator: str, temperature: float, needs: list[bool],
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    grads = _kernel("masked_linear_backward", x)(grad_y, x, weight, scores, thr, cut, estimator, temperature, needs)
+    return tuple(_or_empty(g, x) for g in grads)
+
+
+@masked_linear_backward.register_fake
+def _(grad_y, x, weight, scores, thr, cut, estimator, temperature, needs):
+    shapes = (x, weight, weight[:, 0], scores)
+    return tuple(torch.empty_like(t) if n else x.new_empty(0) for t, n in zip(shapes, needs))
+
+
+def _linear_setup(ctx, inputs, output):
+    x, weight, bias, scores, thr, cut, estimator, temperature = inputs
+    ctx.save_for_backward(x, weight, scores, thr, cut)
+    ctx.estimator, ctx.temperature = estimator, temperature
+    ctx.has_bias = bias is not None
+
+
+def _linear_backward(ctx, grad_y):
+    x, weight, scores, thr, cut = ctx.saved_tensors
+    nx, nw, nb, ns = ctx.needs_input_grad[:4]
+    needs = [nx, nw, nb and ctx.has_bias, ns]
+    gx, gw, gb, gs = masked_linear_backward(
+        grad_y.contiguous(), x, weight, scores, thr, cut, ctx.estimator, ctx.temperature, needs
+    )
+    return (_or_none(gx, needs[0]), _or_none(gw, needs[1]), _or_none(gb, needs[2]), _or_none(gs, needs[3]),
+            None, None, None, None)
+
+
+masked_linear.register_autograd(_linear_backward, setup_context=_linear_setup)
+
+
+# ----------------------------------------------------------------------------- masked conv2d
+
+
+@torch.library.custom_op(f"{LIB}::masked_conv2d", mutates_args=())
+def masked_conv2d(
+    x: Tensor, weight: Tensor, bias: Optional[Tensor], scores: Tensor, thr: Tensor, cut: Tensor,
+    stride: list[int], padding: list[int], dilation: list[int], groups: int, estimator: str, temperature: float,
+) -> Tensor:
+    return _kernel("masked_conv2d_forward", x)(x, weight, bias, scores, thr, cut, stride, padding, dilation, groups)
+
+
+@masked_conv2d.register_fake
+def _(x, weight, bias, scores, thr, cut, stride, padding, dilation, groups, estimator, temperature):
+    n, _, h, w = x.shape
+    kh, kw = weight.shape[2:]
+    oh = (h + 2 * padding[0] - dilation[0] * (kh - 1) - 1) // stride[0] + 1
+    ow = (w + 2 * padding[1] - dilation[1] * (kw - 1) - 1) // stride[1] + 1
+    return x.new_empty((n, weight.shape[0], oh, ow))
+
+
+@torch.library.custom_op(f"{LIB}::masked_conv2d_backward", mutates_args=())
+def masked_conv2d_backward(
+    grad_y: Tensor, x: Tensor, weight: Tensor, scores: Tensor, thr: Tensor, cut: Tensor,
+    stride: list[int], padding: list[int], dilation: list[int], groups: int,
+    estimator: str, temperature: float, needs: list[bool],
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    grads = _kernel("masked_conv2d_backward", x)(
+        grad_y, x, weight, scores, thr, cut, stride, padding, dilation, groups, estimator, temperature, needs
+    )
+    return tuple(_or_empty(g, x) for g in grads)
+
+
+@masked_conv2d_backward.register_fake
+def _(grad_y, x, weight, scores, thr, cut, stride, padding, dilation, groups, estimator, temperature, needs):
+    shapes = (x, weight, weight[:, 0, 0, 0], scores)
+    return tuple(torch.empty_like(t) if n else x.new_empty(0) for t, n in zip(shapes, needs))
+
+
+def _conv_setup(ctx, inputs, output):
+    x, weight, bias, scores, thr, cut, stride, padding, dilation, groups, estimator, temperature = inputs
+    ctx.save_for_backward(x, weight, scores, thr, cut)
+    ctx.conv = (stride, padding, dilation, groups)
+    ctx.estimator, ctx.temperature = estimator, temperature
+    ctx.has_bias = bias is not None
+
+
+def _conv_backward(ctx, grad_y):
+    x, weight, scores, thr, cut = ctx.saved_tensors
+    nx, nw, nb, ns = ctx.needs_input_grad[:4]
+    needs = [nx, nw, nb and ctx.has_bias, ns]
+    gx, gw, gb, gs = masked_conv2d_backward(
+        grad_y.contiguous(), x, weight, scores, thr, cut, *ctx.conv, ctx.estimator, ctx.temperature, needs
+    )
+    return (_or_none(gx, needs[0]), _or_none(gw, needs[1]), _or_none(gb, needs[2]), _or_none(gs, needs[3]),
+            *([None] * 8))
+
+
+masked_conv2d.register_autograd(_conv_backward, setup_context=_conv_setup)
+
+
+# ----------------------------------------------------------------------------- channel gate
+
+
+@torch.library.custom_op(f"{LIB}::channel_gate", mutates_args=())
+def channel_gate(x: Tensor, scores: Tensor, thr: Tensor, cut: Tensor, dim: int, estimator: str,
+                 temperature: float) -> Tensor:
+    return _kernel("channel_gate_forward", x)(x, scores, thr, cut, dim)
+
+
+@channel_gate.register_fake
+def _(x, scores, thr, cut, dim, estimator, temperature):
+    return torch.empty_like(x)
+
+
+@torch.library.custom_op(f"{LIB}::channel_gate_backward", mutates_args=())
+def channel_gate_backward(
+    grad_y: Tensor, x: Tensor, scores: Tensor, thr: Tensor, cut: Tensor, dim: int, estimator: str,
+    temperature: float, needs: list[bool],
+) -> tuple[Tensor, Tensor]:
+    gx, gs = _kernel("channel_gate_backward", x)(grad_y, x, scores, thr, cut, dim, estimator, temperature, needs)
+    return _or_empty(gx, x), _or_empty(gs, x)
+
+
+@channel_gate_backward.register_fake
+def _(grad_y, x, scores, thr, cut, dim, estimator, temperature, needs):
+    return tuple(torch.empty_like(t) if n else x.new_empty(0) for t, n in zip((x, scores), needs))
+
+
+def _gate_setup(ctx, inputs, output):
+    x, scores, thr, cut, dim, estimator, temperature = inputs
+    ctx.save_for_backward(x, scores, thr, cut)
+    ctx.dim, ctx.estimator, ctx.temperature = dim, estimator, temperature
+
+
+def _gate_backward(ctx, grad_y):
+    x, scores, thr, cut = ctx.saved_tensors
+    needs = list(ctx.needs_input_grad[:2])
+    gx, gs = channel_gate_backward(grad_y, x, scores, thr, cut, ctx.dim, ctx.estimator, ctx.temperature, needs)
+    return _or_none(gx, needs[0]), _or_none(gs, needs[1]), None, None, None, None, None
+
+
+channel_gate.register_autograd(_gate_backward, setup_context=_gate_setup)

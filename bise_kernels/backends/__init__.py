@@ -1,0 +1,177 @@
+"""Backend registry: which implementation of each kernel runs for a device.
+
+A backend is a set of modules exporting kernels named as in :mod:`.reference` (the contract).
+Modules load lazily on first use; a module that fails to import makes the backend unavailable
+and records why (one log line). "auto" walks a per-device order and takes the first available
+backend that implements the kernel, ending at the always-present "torch" reference. A backend
+chosen explicitly (``set_backend`` / ``BISE_KERNELS_BACKEND``) that cannot run on the device
+raises :class:`BackendUnavailableError` naming why; kernels it does not implement come from the
+reference.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib
+import logging
+import os
+import threading
+from dataclasses import dataclass, field
+from typing import Callable, Iterator, Optional
+
+logger = logging.getLogger("bise_kernels")
+
+INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+
+
+class BackendUnavailableError(RuntimeError):
+    """An explicitly requested backend cannot run here; the message says why."""
+
+
+@dataclass
+class Backend:
+    name: str
+    devices: tuple[str, ...]
+    modules: tuple[str, ...]
+    _kernels: Optional[dict[str, Callable]] = field(default=None, repr=False)
+    why_unavailable: Optional[str] = None
+
+    def kernels(self) -> dict[str, Callable]:
+        """Import the backend's modules once; collect their public kernels."""
+        if self._kernels is None:
+            found: dict[str, Callable] = {}
+            errors = []
+            for path in self.modules:
+                try:
+                    module = importlib.import_module(path)
+                except Exception as exc:  # noqa: BLE001 - any import failure disables that module
+                    errors.append(f"{path}: {type(exc).__name__}: {exc}")
+                    continue
+                for name in getattr(module, "KERNELS", ()):
+                    found[name] = getattr(module, name)
+            if errors and not found:
+                self.why_unavailable = "; ".join(errors)
+                logger.warning("bise_kernels: backend %r unavailable (%s)", self.name, self.why_unavailable)
+            elif errors:
+                logger.warning("bise_kernels: backend %r partly unavailable (%s)", self.name, "; ".join(errors))
+            self._kernels = found
+        return self._kernels
+
+    def runs_on(self, device_type: str) -> bool:
+        return device_type in self.devices and bool(self.kernels())
+
+
+def _triton_devices() -> tuple[str, ...]:
+    return ("cuda", "cpu") if INTERPRET else ("cuda",)
+
+
+BACKENDS: dict[str, Backend] = {
+    "torch": Backend("torch", ("cpu", "cuda", "mps", "xpu", "meta"), ("bise_kernels.backends.reference",)),
+    "cpp": Backend("cpp", ("cpu",), ("bise_kernels.backends.cpp.select", "bise_kernels.backends.cpp.masked")),
+    "cuda": Backend("cuda", ("cuda",), ("bise_kernels.backends.cuda.select", "bise_kernels.backends.cuda.masked")),
+    "triton": Backend(
+        "triton",
+        _triton_devices(),
+        (
+            "bise_kernels.backends.triton.select",
+            "bise_kernels.backends.triton.masked_matmul",
+            "bise_kernels.backends.triton.gate",
+        ),
+    ),
+}
+
+# "auto" order per device; per-kernel entries override it where benchmarks say so.
+AUTO_ORDER: dict[str, tuple[str, ...]] = {
+    "cpu": ("cpp", "torch"),
+    "cuda": ("cuda", "triton", "torch"),
+}
+AUTO_ORDER_PER_KERNEL: dict[tuple[str, str], tuple[str, ...]] = {
+    ("cuda", "masked_linear_forward"): ("triton", "cuda", "torch"),
+    ("cuda", "masked_linear_backward"): ("triton", "cuda", "torch"),
+}
+
+_state = threading.local()
+_default = os.environ.get("BISE_KERNELS_BACKEND", "auto")
+
+
+def _current() -> str:
+    return getattr(_state, "name", _default)
+
+
+def _validate_name(name: str) -> str:
+    if name != "auto" and name not in BACKENDS:
+        raise ValueError(f"backend must be one of {['auto', *BACKENDS]}, got {name!r}")
+    return name
+
+
+def set_backend(name: str) -> None:
+    """Select the backend for all kernels ("auto" picks the fastest available per device)."""
+    global _default
+    _default = _validate_name(name)
+    _state.__dict__.pop("name", None)
+
+
+def get_backend() -> str:
+    return _current()
+
+
+@contextlib.contextmanager
+def use_backend(name: str) -> Iterator[None]:
+    """Temporarily select a backend in this thread."""
+    previous = getattr(_state, "name", None)
+    _state.name = _validate_name(name)
+    try:
+        yield
+    finally:
+        if previous is None:
+            del _state.name
+        else:
+            _state.name = previous
+
+
+def available_backends(device_type: Optional[str] = None) -> list[str]:
+    """Backends that can run here (on ``device_type`` if given, else on any device)."""
+    names = []
+    for name, backend in BACKENDS.items():
+        if device_type is None:
+            if any(backend.runs_on(d) for d in backend.devices):
+                names.append(name)
+        elif backend.runs_on(device_type):
+            names.append(name)
+    return names
+
+
+def why_unavailable(name: str) -> Optional[str]:
+    backend = BACKENDS[_validate_name(name)]
+    backend.kernels()
+    return backend.why_unavailable
+
+
+def resolve(kernel: str, device_type: str) -> tuple[str, Callable]:
+    """The (backend name, function) that runs ``kernel`` on ``device_type`` now."""
+    name = _current()
+    if name != "auto":
+        backend = BACKENDS[name]
+        if device_type not in backend.devices:
+            raise BackendUnavailableError(f"backend {name!r} does not run on {device_type!r} tensors")
+        kernels = backend.kernels()
+        if not kernels:
+            raise BackendUnavailableError(f"backend {name!r} is unavailable: {backend.why_unavailable}")
+        if kernel in kernels:
+            return name, kernels[kernel]
+        return "torch", BACKENDS["torch"].kernels()[kernel]
+    order = AUTO_ORDER_PER_KERNEL.get((device_type, kernel), AUTO_ORDER.get(device_type, ("torch",)))
+    for candidate in order:
+        backend = BACKENDS[candidate]
+        if backend.runs_on(device_type) and kernel in backend.kernels():
+            return candidate, backend.kernels()[kernel]
+    return "torch", BACKENDS["torch"].kernels()[kernel]
+
+
+def kernel_table(name: str) -> dict[str, Callable]:
+    """All kernels of one backend (for tests and benchmarks that call a backend directly)."""
+    backend = BACKENDS[_validate_name(name)]
+    kernels = backend.kernels()
+    if not kernels:
+        raise BackendUnavailableError(f"backend {name!r} is unavailable: {backend.why_unavailable}")
+    return kernels

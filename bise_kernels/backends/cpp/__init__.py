@@ -1,0 +1,1 @@
+"""C++ CPU kernels (csrc/cpu), thin wrappers over torch.ops.bise_kernels_ext."""

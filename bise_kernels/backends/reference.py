@@ -1,0 +1,205 @@
+"""Pure-PyTorch reference backend: THE semantics of every op.
+
+Every other backend implements the same kernel contract and is tested against these
+functions. The contract (names, arguments, results) is:
+
+Selection. A top-k selection over the flattened scores (or over the virtual concatenation of
+several flattened tensors, in list order) is described by two 0-dim tensors on the scores'
+device, so that it never needs a host sync:
+
+* ``thr``: the k-th largest value, in the scores' dtype (a zero threshold is always +0.0);
+* ``cut``: an int64 flat index; an entry with flat index ``i`` is kept iff
+  ``s > thr or (s == thr and i < cut)``. Ties at the threshold are thus kept lowest index first
+  until exactly k entries are kept, which equals the stable descending sort. Threshold mode
+  (``s >= t``) is the same rule with ``cut = KEEP_ALL_TIES``.
+
+Kernels (a backend implements any subset; the registry falls back for the rest):
+
+* ``topk_select(tensors, k, hint) -> (thr, cut)``: exact top-k over the concatenation;
+  ``hint`` (optional 0-dim tensor, e.g. the previous step's threshold) may only speed it up.
+* ``batched_topk_select(tensors, ks, hints) -> (thrs, cuts)``: one independent top-k per
+  tensor (layerwise mode), results of shape (L,).
+* ``keep_mask(scores, thr, cut, offset) -> bool``: the mask of the rule above, flat indices
+  counted from ``offset``.
+* ``masked_linear_forward / masked_linear_backward``, ``masked_conv2d_forward / _backward``,
+  ``channel_gate_forward / _backward``: the masked ops. Structured scores (one per output unit)
+  use the unit index as flat index. Backward kernels take ``needs`` (which gradients to
+  compute) and return ``None`` for the others. The score gradient is the straight-through
+  estimate ``dL/dW_eff * W * slope(scores)`` (masked layers) or
+  ``sum(dL/dy * x over all but dim) * slope`` (channel gate), see :func:`score_slope`.
+"""
+
+from __future__ import annotations
+
+from typing import Optional, Sequence
+
+import torch
+import torch.nn.functional as F
+
+KEEP_ALL_TIES = 2**62
+"""A ``cut`` larger than any flat index: every tie at the threshold is kept (``s >= thr``)."""
+
+
+# ----------------------------------------------------------------------------- selection
+
+
+def _flat(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
+    return torch.cat([t.reshape(-1) for t in tensors])
+
+
+def _select_flat(flat: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    values = torch.sort(flat, descending=True, stable=True).values
+    thr = values[k - 1] + 0  # +0: a -0.0 threshold becomes +0.0
+    above = (flat > thr).sum()
+    ties_needed = k - above  # >= 1
+    tie_rank = (flat == thr).cumsum(0)
+    # cut = 1 + index of the ties_needed-th tie (first position where the running count reaches it)
+    cut = torch.searchsorted(tie_rank, ties_needed.reshape(1)).reshape(()) + 1
+    return thr, cut.to(torch.int64)
+
+
+def topk_select(
+    tensors: Sequence[torch.Tensor], k: int, hint: Optional[torch.Tensor] = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Exact top-k over the concatenation of ``tensors`` (the reference sorts; ``hint`` unused)."""
+    return _select_flat(_flat(tensors), k)
+
+
+def batched_topk_select(
+    tensors: Sequence[torch.Tensor], ks: Sequence[int], hints: Optional[torch.Tensor] = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """One independent top-k per tensor; returns thresholds and cuts of shape (len(tensors),)."""
+    pairs = [_select_flat(t.reshape(-1), k) for t, k in zip(tensors, ks)]
+    return torch.stack([p[0] for p in pairs]), torch.stack([p[1] for p in pairs])
+
+
+def keep_mask(scores: torch.Tensor, thr: torch.Tensor, cut: torch.Tensor, offset: int = 0) -> torch.Tensor:
+    """Bool mask of ``scores``' shape: ``s > thr or (s == thr and offset + flat_index < cut)``."""
+    above = scores > thr
+    ties = scores == thr
+    index = torch.arange(scores.numel(), device=scores.device).reshape(scores.shape) + offset
+    return above | (ties & (index < cut))
+
+
+# ----------------------------------------------------------------------------- estimators
+
+
+def score_slope(scores: torch.Tensor, estimator: str, temperature: float) -> torch.Tensor | float:
+    """d gate / d score: 1 for "ste", sigmoid'(s/tau)/tau for "sigmoid" (float32 math)."""
+    if estimator == "ste":
+        return 1.0
+    sig = torch.sigmoid(scores.float() / temperature)
+    return sig * (1 - sig) / temperature
+
+
+def _broadcast_unit(values: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """Reshape per-output-unit values (out,) to broadcast against a weight of shape (out, ...)."""
+    if values.dim() == like.dim():
+        return values
+    return values.reshape(values.shape + (1,) * (like.dim() - 1))
+
+
+def _effective_weight(weight, scores, thr, cut):
+    mask = keep_mask(scores, thr, cut)
+    return weight * _broadcast_unit(mask, weight).to(weight.dtype), mask
+
+
+def _score_grad(grad_w_eff, weight, scores, estimator, temperature):
+    """dL/dscores from dL/dW_eff: elementwise for weight-shaped scores, summed per unit otherwise."""
+    g = grad_w_eff.float() * weight.float()
+    if scores.dim() != weight.dim():
+        g = g.reshape(weight.shape[0], -1).sum(1)
+    return (g * score_slope(scores, estimator, temperature)).to(scores.dtype)
+
+
+# ----------------------------------------------------------------------------- masked linear
+
+
+def masked_linear_forward(x, weight, bias, scores, thr, cut):
+    w_eff, _ = _effective_weight(weight, scores, thr, cut)
+    return F.linear(x, w_eff, bias)
+
+
+def masked_linear_backward(grad_y, x, weight, scores, thr, cut, estimator, temperature, needs):
+    need_x, need_w, need_b, need_s = needs
+    w_eff, mask = _effective_weight(weight, scores, thr, cut)
+    gx = grad_y @ w_eff if need_x else None
+    gw = gs = gb = None
+    if need_w or need_s:
+        g2 = grad_y.reshape(-1, grad_y.shape[-1])
+        x2 = x.reshape(-1, x.shape[-1])
+        grad_w_eff = g2.t() @ x2
+        if need_w:
+            gw = grad_w_eff * _broadcast_unit(mask, weight).to(grad_w_eff.dtype)
+        if need_s:
+            gs = _score_grad(grad_w_eff, weight, scores, estimator, temperature)
+    if need_b:
+        gb = grad_y.reshape(-1, grad_y.shape[-1]).sum(0)
+    return gx, gw, gb, gs
+
+
+# ----------------------------------------------------------------------------- masked conv2d
+
+
+def masked_conv2d_forward(x, weight, bias, scores, thr, cut, stride, padding, dilation, groups):
+    w_eff, _ = _effective_weight(weight, scores, thr, cut)
+    return F.conv2d(x, w_eff, bias, stride, padding, dilation, groups)
+
+
+def masked_conv2d_backward(
+    grad_y, x, weight, scores, thr, cut, stride, padding, dilation, groups, estimator, temperature, needs
+):
+    need_x, need_w, need_b, need_s = needs
+    w_eff, mask = _effective_weight(weight, scores, thr, cut)
+    gx = gw = gb = gs = None
+    if need_x:
+        gx = torch.nn.grad.conv2d_input(x.shape, w_eff, grad_y, stride, padding, dilation, groups)
+    if need_w or need_s:
+        grad_w_eff = torch.nn.grad.conv2d_weight(x, weight.shape, grad_y, stride, padding, dilation, groups)
+        if need_w:
+            gw = grad_w_eff * _broadcast_unit(mask, weight).to(grad_w_eff.dtype)
+        if need_s:
+            gs = _score_grad(grad_w_eff, weight, scores, estimator, temperature)
+    if need_b:
+        gb = grad_y.sum((0, 2, 3))
+    return gx, gw, gb, gs
+
+
+# ----------------------------------------------------------------------------- channel gate
+
+
+def _gate_shape(x: torch.Tensor, dim: int) -> list[int]:
+    shape = [1] * x.dim()
+    shape[dim] = x.shape[dim]
+    return shape
+
+
+def channel_gate_forward(x, scores, thr, cut, dim):
+    gate = keep_mask(scores, thr, cut).to(x.dtype).reshape(_gate_shape(x, dim))
+    return x * gate
+
+
+def channel_gate_backward(grad_y, x, scores, thr, cut, dim, estimator, temperature, needs):
+    need_x, need_s = needs
+    gx = gs = None
+    if need_x:
+        gate = keep_mask(scores, thr, cut).to(grad_y.dtype).reshape(_gate_shape(x, dim))
+        gx = grad_y * gate
+    if need_s:
+        reduce_dims = [d for d in range(x.dim()) if d != dim]
+        per_unit = (grad_y.float() * x.float()).sum(reduce_dims)
+        gs = (per_unit * score_slope(scores, estimator, temperature)).to(scores.dtype)
+    return gx, gs
+
+
+KERNELS = (
+    "topk_select",
+    "batched_topk_select",
+    "keep_mask",
+    "masked_linear_forward",
+    "masked_linear_backward",
+    "masked_conv2d_forward",
+    "masked_conv2d_backward",
+    "channel_gate_forward",
+    "channel_gate_backward",
+)

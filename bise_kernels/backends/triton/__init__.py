@@ -1,0 +1,1 @@
+"""Triton kernels, each file a kernel and its launcher side by side."""

@@ -1,0 +1,193 @@
+"""MaskedLinear and MaskedConv2d: drop-in layers whose weight is masked by learnable scores."""
+
+from __future__ import annotations
+
+import math
+from typing import Optional, Union
+
+import torch
+from torch import Tensor, nn
+
+from .. import _checks, _ops
+from ..functional import selection
+
+GRANULARITIES = ("weight", "channel")
+
+
+def _check_granularity(granularity: str) -> str:
+    if granularity not in GRANULARITIES:
+        raise ValueError(f"granularity must be one of {GRANULARITIES}, got {granularity!r}")
+    return granularity
+
+
+def init_scores(weight: Tensor, granularity: str, score_init: Union[str, float]) -> Tensor:
+    """Initial scores: "kaiming" (edge-popup), "magnitude" (|w| or per-unit L2 norm), "zeros", or a constant."""
+    shape = weight.shape if granularity == "weight" else (weight.shape[0],)
+    with torch.no_grad():
+        if isinstance(score_init, (int, float)) and not isinstance(score_init, bool):
+            return torch.full(shape, float(score_init), dtype=torch.float32, device=weight.device)
+        if score_init == "zeros":
+            return torch.zeros(shape, dtype=torch.float32, device=weight.device)
+        if score_init == "magnitude":
+            w = weight.detach().float()
+            return w.abs() if granularity == "weight" else w.reshape(w.shape[0], -1).norm(dim=1)
+        if score_init == "kaiming":
+            scores = torch.empty(shape, dtype=torch.float32, device=weight.device)
+            fan_in = weight[0].numel() if weight.dim() > 1 else 1
+            bound = 1.0 / math.sqrt(fan_in) * math.sqrt(3.0)
+            return scores.uniform_(-bound, bound)
+    raise ValueError(f"score_init must be 'kaiming', 'magnitude', 'zeros' or a float, got {score_init!r}")
+
+
+class _MaskedLayer(nn.Module):
+    """Shared mask state: scores, the selection rule, the estimator, an optional global selector."""
+
+    weight: nn.Parameter
+    bias: Optional[nn.Parameter]
+
+    def _init_mask(self, granularity, density, threshold, estimator, temperature, score_init):
+        _check_granularity(granularity)
+        _checks.check_mask_spec(density, threshold)
+        _checks.check_estimator(estimator, temperature)
+        self.granularity = granularity
+        self.density = density
+        self.threshold = threshold
+        self.estimator = estimator
+        self.temperature = float(temperature)
+        self.scores = nn.Parameter(init_scores(self.weight, granularity, score_init))
+        self.global_selector = None  # set by mask_model(scope="global")
+        self._cache: Optional[tuple] = None
+
+    def selection(self) -> tuple[Tensor, Tensor]:
+        """``(thr, cut)`` of the current scores; recomputed only when the scores change."""
+        if self.global_selector is not None:
+            return self.global_selector.selection_for(self)
+        if torch.compiler.is_compiling():
+            return selection(self.scores, self.density, self.threshold)
+        key = (self.scores._version, self.scores.data_ptr(), self.density, self.threshold)
+        if self._cache is None or self._cache[0] != key:
+            hint = self._cache[1][0] if self._cache is not None and self.density is not None else None
+            self._cache = (key, selection(self.scores, self.density, self.threshold, hint=hint))
+        return self._cache[1]
+
+    def mask(self) -> Tensor:
+        """The current binary mask (weight-shaped, or one entry per output unit)."""
+        thr, cut = self.selection()
+        return _ops.keep_mask(self.scores.detach(), thr, cut, 0)
+
+    def _masked_weight(self) -> Tensor:
+        mask = self.mask().to(self.weight.dtype)
+        if mask.dim() != self.weight.dim():
+            mask = mask.reshape((-1,) + (1,) * (self.weight.dim() - 1))
+        return self.weight.detach() * mask
+
+    def _mask_repr(self) -> str:
+        rule = f"density={self.density}" if self.density is not None else f"threshold={self.threshold}"
+        return f", granularity={self.granularity}, {rule}, estimator={self.estimator}"
+
+
+class MaskedLinear(nn.Linear, _MaskedLayer):
+    """nn.Linear whose weight is masked by top-k (density) or thresholded learnable scores."""
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = True, *, granularity: str = "weight",
+                 density: Optional[float] = None, threshold: Optional[float] = None, estimator: str = "ste",
+                 temperature: float = 1.0, score_init: Union[str, float] = "kaiming", device=None, dtype=None):
+        super().__init__(in_features, out_features, bias, device=device, dtype=dtype)
+        self._init_mask(granularity, density, threshold, estimator, temperature, score_init)
+
+    @classmethod
+    def from_dense(cls, module: nn.Linear, granularity: str = "weight", *, density: Optional[float] = None,
+                   threshold: Optional[float] = None, estimator: str = "ste", temperature: float = 1.0,
+                   score_init: Union[str, float, None] = None, freeze_weights: bool = True) -> "MaskedLinear":
+        """Wrap an existing nn.Linear; its parameters are shared, never copied or changed."""
+        if not isinstance(module, nn.Linear):
+            raise TypeError(f"module must be an nn.Linear, got {type(module).__name__}")
+        layer = cls.__new__(cls)
+        nn.Module.__init__(layer)
+        layer.in_features, layer.out_features = module.in_features, module.out_features
+        layer.weight, layer.bias = module.weight, module.bias
+        if score_init is None:
+            score_init = "kaiming" if granularity == "weight" else "zeros"
+        layer._init_mask(granularity, density, threshold, estimator, temperature, score_init)
+        _freeze(layer, freeze_weights)
+        return layer
+
+    def extra_repr(self) -> str:
+        return nn.Linear.extra_repr(self) + self._mask_repr()
+
+    def forward(self, x: Tensor) -> Tensor:
+        thr, cut = self.selection()
+        return _ops.masked_linear(x, self.weight, self.bias, self.scores, thr, cut, self.estimator, self.temperature)
+
+    def to_dense(self) -> nn.Linear:
+        """A plain nn.Linear with the current mask baked into its weight."""
+        dense = nn.Linear(self.in_features, self.out_features, self.bias is not None,
+                          device=self.weight.device, dtype=self.weight.dtype)
+        with torch.no_grad():
+            dense.weight.copy_(self._masked_weight())
+            if self.bias is not None:
+                dense.bias.copy_(self.bias)
+        return dense
+
+
+class MaskedConv2d(nn.Conv2d, _MaskedLayer):
+    """nn.Conv2d (zero padding) whose weight is masked by top-k or thresholded learnable scores."""
+
+    def __init__(self, in_channels: int, out_channels: int, kernel_size, stride=1, padding=0, dilation=1,
+                 groups: int = 1, bias: bool = True, *, granularity: str = "weight", density: Optional[float] = None,
+                 threshold: Optional[float] = None, estimator: str = "ste", temperature: float = 1.0,
+                 score_init: Union[str, float] = "kaiming", device=None, dtype=None):
+        if isinstance(padding, str):
+            raise ValueError(f"padding must be an int or a pair of ints for MaskedConv2d, got {padding!r}")
+        super().__init__(in_channels, out_channels, kernel_size, stride, padding, dilation, groups, bias,
+                         device=device, dtype=dtype)
+        self._init_mask(granularity, density, threshold, estimator, temperature, score_init)
+
+    @classmethod
+    def from_dense(cls, module: nn.Conv2d, granularity: str = "weight", *, density: Optional[float] = None,
+                   threshold: Optional[float] = None, estimator: str = "ste", temperature: float = 1.0,
+                   score_init: Union[str, float, None] = None, freeze_weights: bool = True) -> "MaskedConv2d":
+        """Wrap an existing nn.Conv2d; its parameters are shared, never copied or changed."""
+        if not isinstance(module, nn.Conv2d):
+            raise TypeError(f"module must be an nn.Conv2d, got {type(module).__name__}")
+        if module.padding_mode != "zeros" or isinstance(module.padding, str):
+            raise ValueError(f"MaskedConv2d supports numeric zero padding only, got padding={module.padding!r}, "
+                             f"padding_mode={module.padding_mode!r}")
+        layer = cls.__new__(cls)
+        nn.Module.__init__(layer)
+        for name in ("in_channels", "out_channels", "kernel_size", "stride", "padding", "dilation", "groups",
+                     "transposed", "output_padding", "padding_mode", "_reversed_padding_repeated_twice"):
+            setattr(layer, name, getattr(module, name))
+        layer.weight, layer.bias = module.weight, module.bias
+        if score_init is None:
+            score_init = "kaiming" if granularity == "weight" else "zeros"
+        layer._init_mask(granularity, density, threshold, estimator, temperature, score_init)
+        _freeze(layer, freeze_weights)
+        return layer
+
+    def extra_repr(self) -> str:
+        return nn.Conv2d.extra_repr(self) + self._mask_repr()
+
+    def forward(self, x: Tensor) -> Tensor:
+        thr, cut = self.selection()
+        return _ops.masked_conv2d(x, self.weight, self.bias, self.scores, thr, cut, list(self.stride),
+                                  list(self.padding), list(self.dilation), self.groups, self.estimator,
+                                  self.temperature)
+
+    def to_dense(self) -> nn.Conv2d:
+        """A plain nn.Conv2d with the current mask baked into its weight."""
+        dense = nn.Conv2d(self.in_channels, self.out_channels, self.kernel_size, self.stride, self.padding,
+                          self.dilation, self.groups, self.bias is not None, device=self.weight.device,
+                          dtype=self.weight.dtype)
+        with torch.no_grad():
+            dense.weight.copy_(self._masked_weight())
+            if self.bias is not None:
+                dense.bias.copy_(self.bias)
+        return dense
+
+
+def _freeze(layer: nn.Module, freeze: bool) -> None:
+    if freeze:
+        layer.weight.requires_grad_(False)
+        if layer.bias is not None:
+            layer.bias.requires_grad_(False)

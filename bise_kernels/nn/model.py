@@ -1,0 +1,96 @@
+"""mask_model: swap a model's Linear / Conv2d layers for masked ones, layerwise or with one global top-k."""
+
+from __future__ import annotations
+
+import fnmatch
+from typing import Iterable, Optional, Sequence, Union
+
+import torch
+from torch import Tensor, nn
+
+from .. import _checks, _ops
+from .masked import MaskedConv2d, MaskedLinear
+
+
+class GlobalSelection:
+    """One exact top-k over the scores of several layers, recomputed only when a score changes.
+
+    Layers keep their own score tensors (no concatenation); layer i receives the shared
+    threshold and the tie cut shifted by its offset in the virtual concatenation.
+    """
+
+    def __init__(self, layers: Sequence[nn.Module], density: float):
+        self.layers = list(layers)
+        self.density = _checks.check_density(density)
+        self._key = None
+        self._result: dict[int, tuple[Tensor, Tensor]] = {}
+
+    def selection_for(self, layer: nn.Module) -> tuple[Tensor, Tensor]:
+        scores = [m.scores for m in self.layers]
+        key = tuple((s._version, s.data_ptr()) for s in scores)
+        if torch.compiler.is_compiling() or key != self._key:
+            for i, s in enumerate(scores):
+                _checks.check_scores(s, f"scores of layer {i}")
+            k = _checks.k_from_density(self.density, sum(s.numel() for s in scores))
+            thr, cut = _ops.topk_select([s.detach() for s in scores], k, None)
+            result, offset = {}, 0
+            for m, s in zip(self.layers, scores):
+                result[id(m)] = (thr, cut - offset)
+                offset += s.numel()
+            self._key, self._result = key, result
+        return self._result[id(layer)]
+
+
+def _matches(name: str, patterns: Optional[Iterable[str]]) -> bool:
+    return patterns is not None and any(fnmatch.fnmatchcase(name, p) for p in patterns)
+
+
+def mask_model(model: nn.Module, granularity: str = "weight", *, density: Optional[float] = None,
+               threshold: Optional[float] = None, scope: str = "layerwise",
+               include: Optional[Sequence[str]] = None, exclude: Optional[Sequence[str]] = None,
+               estimator: str = "ste", temperature: float = 1.0, score_init: Union[str, float, None] = None,
+               freeze_weights: bool = True) -> list[nn.Parameter]:
+    """Replace nn.Linear / nn.Conv2d modules in place by masked ones; return their score parameters.
+
+    ``include`` / ``exclude`` are fnmatch patterns over qualified module names ("layer1.*").
+    ``scope="global"`` selects one top-k over all masked layers together (needs ``density``).
+    """
+    if scope not in ("layerwise", "global"):
+        raise ValueError(f"scope must be 'layerwise' or 'global', got {scope!r}")
+    if scope == "global" and density is None:
+        raise ValueError("scope='global' needs density (one top-k over all layers); got density=None")
+    _checks.check_mask_spec(density, threshold)
+    targets = []
+    for name, module in model.named_modules():
+        if type(module) not in (nn.Linear, nn.Conv2d):
+            continue
+        if include is not None and not _matches(name, include):
+            continue
+        if _matches(name, exclude):
+            continue
+        targets.append((name, module))
+    if not targets:
+        raise ValueError(f"no nn.Linear or nn.Conv2d module matches include={include!r}, exclude={exclude!r}")
+    layers = []
+    for name, module in targets:
+        cls = MaskedLinear if isinstance(module, nn.Linear) else MaskedConv2d
+        layer = cls.from_dense(module, granularity, density=density if scope == "layerwise" else 1.0,
+                               threshold=threshold, estimator=estimator, temperature=temperature,
+                               score_init=score_init, freeze_weights=freeze_weights)
+        if scope == "global":
+            layer.density = density
+        _set_submodule(model, name, layer)
+        layers.append(layer)
+    if scope == "global":
+        selector = GlobalSelection(layers, density)
+        for layer in layers:
+            layer.global_selector = selector
+    return [layer.scores for layer in layers]
+
+
+def _set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
+    if name == "":
+        raise ValueError("mask_model replaces submodules; pass a model containing the layer, not the layer itself")
+    parent_name, _, child = name.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    setattr(parent, child, module)

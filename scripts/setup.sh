@@ -1,0 +1,12 @@
+#!/usr/bin/env bash
+# README command 1: everything from a fresh clone (venv, pinned deps, data, extension build).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+python3 -m venv .venv
+. .venv/bin/activate
+pip install -q torch==2.13.0 triton==3.6.0 "numpy<2.4" pytest pytest-benchmark ninja setuptools wheel \
+    scikit-learn scikit-image tqdm matplotlib Pillow torch-pruning==1.6.1
+bash scripts/setup_data.sh
+pip install -q --no-build-isolation -e .
+python -c "import torch, triton, numpy, bise_kernels; print('torch', torch.__version__, 'triton', triton.__version__, \
+'numpy', numpy.__version__, 'backends', bise_kernels.available_backends('cpu'))"

@@ -1,0 +1,70 @@
+"""Builds the optional extension bise_kernels._C against the installed torch.
+
+* CPU kernels (csrc/*.cpp, csrc/cpu/*.cpp): always, unless BISE_KERNELS_BUILD_CPP=0.
+* CUDA kernels (csrc/cuda/*.cu, csrc/cuda/*.cpp): when torch is a CUDA build and nvcc is found
+  (CUDA_HOME), or forced with BISE_KERNELS_BUILD_CUDA=1; BISE_KERNELS_BUILD_CUDA=0 disables them.
+  TORCH_CUDA_ARCH_LIST defaults to 9.0 when no GPU is visible.
+* A failed build is not fatal unless forced (BISE_KERNELS_BUILD_CPP=1 / BISE_KERNELS_BUILD_CUDA=1):
+  the library then runs on its other backends.
+"""
+
+import glob
+import os
+import sys
+
+from setuptools import setup
+
+ROOT = os.path.dirname(os.path.abspath(__file__))
+
+
+def _flag(name: str) -> str:
+    value = os.environ.get(name, "auto").lower()
+    if value not in ("0", "1", "auto"):
+        sys.exit(f"{name} must be 0, 1 or auto, got {value!r}")
+    return value
+
+
+def _sources(*patterns):
+    return sorted(os.path.relpath(p, ROOT) for pattern in patterns for p in glob.glob(os.path.join(ROOT, pattern)))
+
+
+def extensions():
+    build_cpp, build_cuda = _flag("BISE_KERNELS_BUILD_CPP"), _flag("BISE_KERNELS_BUILD_CUDA")
+    if build_cpp == "0":
+        return [], {}
+    import torch
+    from torch.utils import cpp_extension
+
+    cxx = ["-O3", "-std=c++20", "-fopenmp"]
+    sources = _sources("csrc/*.cpp", "csrc/cpu/*.cpp")
+    want_cuda = build_cuda == "1" or (build_cuda == "auto" and torch.version.cuda and cpp_extension.CUDA_HOME)
+    if want_cuda:
+        if not torch.cuda.is_available():
+            os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "9.0")
+        ext = cpp_extension.CUDAExtension(
+            "bise_kernels._C",
+            sources + _sources("csrc/cuda/*.cu", "csrc/cuda/*.cpp"),
+            define_macros=[("WITH_CUDA", None)],
+            extra_compile_args={"cxx": cxx, "nvcc": ["-O3", "-std=c++20", "--use_fast_math", "-lineinfo"]},
+            extra_link_args=["-fopenmp"],
+        )
+    else:
+        ext = cpp_extension.CppExtension("bise_kernels._C", sources, extra_compile_args={"cxx": cxx},
+                                         extra_link_args=["-fopenmp"])
+    forced = build_cpp == "1" or build_cuda == "1"
+
+    class BuildExtension(cpp_extension.BuildExtension):
+        def build_extension(self, extension):
+            try:
+                super().build_extension(extension)
+            except Exception as exc:  # noqa: BLE001 - the extension is optional unless forced
+                if forced:
+                    raise
+                print(f"bise_kernels: building {extension.name} failed ({exc}); "
+                      "the library will run on its other backends", file=sys.stderr)
+
+    return [ext], {"build_ext": BuildExtension.with_options(use_ninja=True)}
+
+
+ext_modules, cmdclass = extensions()
+setup(ext_modules=ext_modules, cmdclass=cmdclass)
