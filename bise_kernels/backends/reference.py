@@ -84,11 +84,16 @@ def keep_mask(scores: torch.Tensor, thr: torch.Tensor, cut: torch.Tensor, offset
 # ----------------------------------------------------------------------------- estimators
 
 
+def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
+    """float32 for half types, else the dtype itself (float64 stays float64)."""
+    return torch.promote_types(dtype, torch.float32)
+
+
 def score_slope(scores: torch.Tensor, estimator: str, temperature: float) -> torch.Tensor | float:
-    """d gate / d score: 1 for "ste", sigmoid'(s/tau)/tau for "sigmoid" (float32 math)."""
+    """d gate / d score: 1 for "ste", sigmoid'(s/tau)/tau for "sigmoid" (at least float32 math)."""
     if estimator == "ste":
         return 1.0
-    sig = torch.sigmoid(scores.float() / temperature)
+    sig = torch.sigmoid(scores.to(accumulation_dtype(scores.dtype)) / temperature)
     return sig * (1 - sig) / temperature
 
 
@@ -106,7 +111,8 @@ def _effective_weight(weight, scores, thr, cut):
 
 def _score_grad(grad_w_eff, weight, scores, estimator, temperature):
     """dL/dscores from dL/dW_eff: elementwise for weight-shaped scores, summed per unit otherwise."""
-    g = grad_w_eff.float() * weight.float()
+    acc = accumulation_dtype(grad_w_eff.dtype)
+    g = grad_w_eff.to(acc) * weight.to(acc)
     if scores.dim() != weight.dim():
         g = g.reshape(weight.shape[0], -1).sum(1)
     return (g * score_slope(scores, estimator, temperature)).to(scores.dtype)
@@ -187,7 +193,8 @@ def channel_gate_backward(grad_y, x, scores, thr, cut, dim, estimator, temperatu
         gx = grad_y * gate
     if need_s:
         reduce_dims = [d for d in range(x.dim()) if d != dim]
-        per_unit = (grad_y.float() * x.float()).sum(reduce_dims)
+        acc = accumulation_dtype(x.dtype)
+        per_unit = (grad_y.to(acc) * x.to(acc)).sum(reduce_dims)
         gs = (per_unit * score_slope(scores, estimator, temperature)).to(scores.dtype)
     return gx, gs
 

@@ -1,0 +1,1 @@
+"""BISE: unbiased subnetworks inside biased models, on top of bise_kernels."""

@@ -1,0 +1,54 @@
+"""Seeded, class-stratified splitting of a source pool and bias-label assignment with exact counts."""
+
+from __future__ import annotations
+
+import numpy as np
+
+
+def allocate(total: int, counts: np.ndarray) -> np.ndarray:
+    """Split total over classes in proportion to counts (largest remainder), never above counts."""
+    counts = np.asarray(counts, dtype=np.int64)
+    total = min(int(total), int(counts.sum()))
+    quota = total * counts / max(int(counts.sum()), 1)
+    out = np.floor(quota).astype(np.int64)
+    for c in np.argsort(-(quota - out), kind="stable")[: total - int(out.sum())]:
+        out[c] += 1
+    return np.minimum(out, counts)
+
+
+def carve(y: np.ndarray, sizes: list, rng: np.random.Generator) -> list:
+    """Disjoint, class-stratified index arrays from pool labels y, one per size in order.
+
+    A size of None takes everything that is left. Each class is shuffled once, then the splits
+    take consecutive runs of it, so the splits never share a source image.
+    """
+    classes = np.unique(y)
+    order = {c: rng.permutation(np.flatnonzero(y == c)) for c in classes}
+    used = {c: 0 for c in classes}
+    out = []
+    for size in sizes:
+        left = np.array([len(order[c]) - used[c] for c in classes])
+        take = left if size is None else allocate(size, left)
+        parts = []
+        for c, k in zip(classes, take):
+            parts.append(order[c][used[c]: used[c] + k])
+            used[c] += k
+        idx = np.concatenate(parts) if parts else np.zeros(0, np.int64)
+        out.append(np.sort(idx))
+    return out
+
+
+def bias_labels(y: np.ndarray, rho: float, k: int, rng: np.random.Generator) -> np.ndarray:
+    """Bias label per sample: exactly round(rho * n_c) of class c get b = c, the rest spread evenly
+    (up to one) over the other k - 1 bias classes. rho = 1/k gives an unbiased split: b uniform
+    and independent of y, each (y, b) cell within one sample of n_c / k.
+    """
+    b = np.empty(len(y), dtype=np.int64)
+    for c in np.unique(y):
+        idx = rng.permutation(np.flatnonzero(y == c))
+        n_aligned = int(round(rho * len(idx)))
+        start = rng.integers(k - 1)  # which other classes get the one extra sample
+        others = (c + 1 + (start + np.arange(len(idx) - n_aligned)) % (k - 1)) % k
+        b[idx[:n_aligned]] = c
+        b[idx[n_aligned:]] = rng.permutation(others)
+    return b

@@ -1,0 +1,142 @@
+"""Masked ops through the public API: forward equals the dense op on W * M, gradients equal the
+explicitly written straight-through formulas, float64 gradcheck, threshold vs top-k semantics."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import bise_kernels as bk
+from _oracle import sort_mask
+
+
+def _slope(scores, estimator, temperature):
+    if estimator == "ste":
+        return torch.ones_like(scores)
+    sig = torch.sigmoid(scores / temperature)
+    return sig * (1 - sig) / temperature
+
+
+def _expected_layer_grads(op, x, weight, bias, scores, mask, grad_y, estimator, temperature):
+    """Gradients by hand: autograd through the dense op on a leaf W_eff, then the STE rule."""
+    m = mask if mask.dim() == weight.dim() else mask.reshape((-1,) + (1,) * (weight.dim() - 1))
+    w_eff = (weight * m).detach().requires_grad_()
+    x_ = x.detach().requires_grad_()
+    b_ = None if bias is None else bias.detach().requires_grad_()
+    op(x_, w_eff, b_).backward(grad_y)
+    g = w_eff.grad * weight
+    if scores.dim() != weight.dim():
+        g = g.reshape(weight.shape[0], -1).sum(1)
+    return x_.grad, w_eff.grad * m, None if b_ is None else b_.grad, g * _slope(scores, estimator, temperature)
+
+
+@pytest.mark.parametrize("granularity", ["weight", "channel"])
+@pytest.mark.parametrize("estimator", ["ste", "sigmoid"])
+def test_masked_linear_forward_and_gradients(backend, granularity, estimator):
+    torch.manual_seed(0)
+    x = torch.randn(5, 7, dtype=torch.float64, requires_grad=True)
+    weight = torch.randn(6, 7, dtype=torch.float64, requires_grad=True)
+    bias = torch.randn(6, dtype=torch.float64, requires_grad=True)
+    shape = weight.shape if granularity == "weight" else (6,)
+    scores = torch.randint(-2, 3, shape).double().requires_grad_()  # ties at the threshold
+    y = bk.masked_linear(x, weight, bias, scores, density=0.5, estimator=estimator, temperature=0.7)
+    mask = sort_mask(scores.detach(), round(0.5 * scores.numel()))
+    m = mask if granularity == "weight" else mask[:, None]
+    torch.testing.assert_close(y, F.linear(x, weight * m, bias), rtol=0, atol=1e-12)
+    grad_y = torch.randn_like(y)
+    y.backward(grad_y)
+    expected = _expected_layer_grads(F.linear, x, weight, bias, scores.detach(), mask, grad_y, estimator, 0.7)
+    for got, want in zip((x.grad, weight.grad, bias.grad, scores.grad), expected):
+        torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.parametrize("granularity", ["weight", "channel"])
+def test_masked_conv2d_forward_and_gradients(backend, granularity):
+    torch.manual_seed(1)
+    x = torch.randn(2, 4, 7, 6, dtype=torch.float64, requires_grad=True)
+    weight = torch.randn(6, 2, 3, 2, dtype=torch.float64, requires_grad=True)
+    bias = torch.randn(6, dtype=torch.float64, requires_grad=True)
+    scores = torch.randn(weight.shape if granularity == "weight" else (6,), dtype=torch.float64, requires_grad=True)
+    conv = dict(stride=(2, 1), padding=(1, 2), dilation=(1, 2), groups=2)
+    y = bk.masked_conv2d(x, weight, bias, scores, threshold=0.1, estimator="sigmoid", temperature=0.5, **conv)
+    mask = scores.detach() >= 0.1
+    op = lambda a, w, b: F.conv2d(a, w, b, **conv)  # noqa: E731
+    m = mask if granularity == "weight" else mask[:, None, None, None]
+    torch.testing.assert_close(y, op(x, weight * m, bias), rtol=0, atol=1e-12)
+    grad_y = torch.randn_like(y)
+    y.backward(grad_y)
+    expected = _expected_layer_grads(op, x, weight, bias, scores.detach(), mask, grad_y, "sigmoid", 0.5)
+    for got, want in zip((x.grad, weight.grad, bias.grad, scores.grad), expected):
+        torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.parametrize("layout", ["nchw", "channels_last", "last_dim"])
+def test_channel_gate_forward_and_gradients(backend, layout):
+    torch.manual_seed(2)
+    if layout == "last_dim":
+        x, dim = torch.randn(5, 6, dtype=torch.float64), -1
+    else:
+        x, dim = torch.randn(2, 6, 3, 4, dtype=torch.float64), 1
+        if layout == "channels_last":
+            x = x.to(memory_format=torch.channels_last)
+    x.requires_grad_()
+    scores = torch.tensor([0.5, -0.2, 0.0, -0.0, 1.0, -3.0], dtype=torch.float64, requires_grad=True)
+    y = bk.channel_gate(x, scores, temperature=0.3)
+    gate = (scores.detach() >= 0).double()
+    shape = [1] * x.dim()
+    shape[dim] = 6
+    torch.testing.assert_close(y, x * gate.reshape(shape), rtol=0, atol=0)
+    grad_y = torch.randn_like(y)
+    y.backward(grad_y)
+    dims = [d for d in range(x.dim()) if d != dim % x.dim()]
+    expected_scores = (grad_y * x.detach()).sum(dims) * _slope(scores.detach(), "sigmoid", 0.3)
+    torch.testing.assert_close(x.grad, grad_y * gate.reshape(shape), rtol=0, atol=0)
+    torch.testing.assert_close(scores.grad, expected_scores, rtol=1e-10, atol=1e-12)
+
+
+def test_channel_gate_with_density_keeps_top_channels(backend):
+    x = torch.ones(1, 4, 2)
+    y = bk.channel_gate(x, torch.tensor([0.1, 0.4, 0.4, -1.0]), density=0.5)
+    assert y[0, :, 0].tolist() == [0.0, 1.0, 1.0, 0.0]
+
+
+def test_threshold_mode_keeps_every_tie(backend):
+    x, w = torch.eye(4), torch.ones(4, 4)
+    scores = torch.tensor([0.0, 0.0, -1.0, 0.0]).repeat(4, 1)
+    y = bk.masked_linear(x, w, None, scores, threshold=0.0)
+    assert torch.equal(y, (scores >= 0).float().t() @ torch.eye(4) * 1.0)
+
+
+def test_gradcheck_in_float64(backend):
+    torch.manual_seed(3)
+    x = torch.randn(3, 4, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(5, 4, dtype=torch.float64, requires_grad=True)
+    b = torch.randn(5, dtype=torch.float64, requires_grad=True)
+    scores = torch.randn(5, 4, dtype=torch.float64)
+    fn = lambda x, w, b: bk.masked_linear(x, w, b, scores, density=0.6)  # noqa: E731
+    assert torch.autograd.gradcheck(fn, (x, w, b))
+    xc = torch.randn(1, 2, 5, 5, dtype=torch.float64, requires_grad=True)
+    wc = torch.randn(3, 2, 3, 3, dtype=torch.float64, requires_grad=True)
+    sc = torch.randn(3, dtype=torch.float64)
+    fn = lambda x, w: bk.masked_conv2d(x, w, None, sc, density=0.67, padding=1)  # noqa: E731
+    assert torch.autograd.gradcheck(fn, (xc, wc))
+    gs = torch.randn(2, dtype=torch.float64)
+    fn = lambda x: bk.channel_gate(x, gs, dim=1)  # noqa: E731
+    assert torch.autograd.gradcheck(fn, (torch.randn(3, 2, dtype=torch.float64, requires_grad=True),))
+
+
+def test_frozen_weights_get_no_gradient_and_are_not_changed(backend):
+    w = torch.randn(3, 4)
+    before = w.clone()
+    scores = torch.randn(3, 4, requires_grad=True)
+    bk.masked_linear(torch.randn(2, 4), w, None, scores, density=0.5).sum().backward()
+    assert w.grad is None and torch.equal(w, before) and scores.grad is not None
+
+
+def test_batched_leading_dims_in_linear(backend):
+    x = torch.randn(2, 3, 4, requires_grad=True)
+    w, s = torch.randn(5, 4), torch.randn(5, 4, requires_grad=True)
+    y = bk.masked_linear(x, w, None, s, density=0.5)
+    y2 = bk.masked_linear(x.reshape(6, 4), w, None, s, density=0.5).reshape(2, 3, 5)
+    torch.testing.assert_close(y, y2)
+    y.sum().backward()
+    assert s.grad.shape == s.shape and x.grad.shape == x.shape

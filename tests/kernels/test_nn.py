@@ -1,0 +1,128 @@
+"""Drop-in modules: from_dense / to_dense, mask_model (layerwise and global), compile, frozen weights."""
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+import bise_kernels as bk
+from _oracle import sort_mask
+
+
+def _net():
+    torch.manual_seed(0)
+    return nn.Sequential(
+        nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 4, 3, stride=2, groups=2), nn.ReLU(),
+        nn.Flatten(), nn.Linear(4 * 3 * 3, 5),
+    )
+
+
+def test_all_kept_masked_model_equals_dense_model_exactly():
+    dense = _net().eval()
+    masked = copy.deepcopy(dense)
+    bk.mask_model(masked, density=1.0)
+    x = torch.randn(2, 3, 7, 7)
+    assert torch.equal(masked(x), dense(x))
+
+
+@pytest.mark.parametrize("granularity", ["weight", "channel"])
+def test_to_dense_bakes_the_mask_and_matches(granularity):
+    conv = nn.Conv2d(3, 6, 3)
+    layer = bk.MaskedConv2d.from_dense(conv, granularity, density=0.5, score_init="magnitude")
+    x = torch.randn(2, 3, 6, 6)
+    dense = layer.to_dense()
+    assert type(dense) is nn.Conv2d
+    torch.testing.assert_close(dense(x), layer(x), rtol=0, atol=0)
+    expected = sort_mask(layer.scores.detach(), round(0.5 * layer.scores.numel()))
+    assert torch.equal(layer.mask(), expected)
+    lin = bk.MaskedLinear.from_dense(nn.Linear(5, 4), granularity, threshold=0.0, score_init=0.0)
+    assert torch.equal(lin.to_dense().weight, lin.weight)  # score 0 >= threshold 0: all kept
+
+
+def test_from_dense_shares_and_freezes_the_original_parameters():
+    linear = nn.Linear(4, 3)
+    before = linear.weight.detach().clone()
+    layer = bk.MaskedLinear.from_dense(linear, density=0.5)
+    assert layer.weight is linear.weight and not layer.weight.requires_grad
+    opt = torch.optim.SGD([layer.scores], lr=1.0)
+    layer(torch.randn(2, 4)).sum().backward()
+    opt.step()
+    assert torch.equal(linear.weight, before)
+
+
+def test_mask_is_recomputed_after_an_optimizer_step():
+    layer = bk.MaskedLinear(6, 4, density=0.25)
+    first = layer.mask().clone()
+    with torch.no_grad():
+        layer.scores.copy_(-layer.scores)
+    assert not torch.equal(layer.mask(), first)
+    assert int(layer.mask().sum()) == 6
+
+
+def test_mask_model_layerwise_keeps_density_per_layer():
+    net = _net()
+    scores = bk.mask_model(net, density=0.3, exclude=["5"])
+    assert len(scores) == 2 and isinstance(net[5], nn.Linear) and isinstance(net[0], bk.MaskedConv2d)
+    for layer in (net[0], net[2]):
+        assert int(layer.mask().sum()) == round(0.3 * layer.weight.numel())
+
+
+def test_mask_model_global_scope_is_one_topk_over_all_layers():
+    net = _net()
+    scores = bk.mask_model(net, density=0.4, scope="global")
+    flat = torch.cat([s.detach().flatten() for s in scores])
+    expected = sort_mask(flat, round(0.4 * flat.numel()))
+    got = torch.cat([m.mask().flatten() for m in net.modules() if isinstance(m, (bk.MaskedLinear, bk.MaskedConv2d))])
+    assert torch.equal(got, expected)
+    net(torch.randn(1, 3, 7, 7)).sum().backward()
+    assert all(s.grad is not None for s in scores)
+
+
+def test_mask_model_global_with_ties_across_layers_keeps_exactly_k():
+    net = nn.Sequential(nn.Linear(3, 4), nn.Linear(4, 2))
+    scores = bk.mask_model(net, density=0.5, scope="global", score_init=0.0)
+    kept = [int(net[i].mask().sum()) for i in range(2)]
+    assert sum(kept) == 10 and kept == [10, 0]  # all tied: lowest global indices (first layer) win
+    assert len(scores) == 2
+
+
+def test_mask_model_rejects_bad_arguments():
+    with pytest.raises(ValueError, match="scope"):
+        bk.mask_model(_net(), density=0.5, scope="net")
+    with pytest.raises(ValueError, match="global"):
+        bk.mask_model(_net(), threshold=0.0, scope="global")
+    with pytest.raises(ValueError, match="no nn.Linear"):
+        bk.mask_model(_net(), density=0.5, include=["nothing*"])
+    with pytest.raises(ValueError, match="granularity"):
+        bk.mask_model(_net(), "row", density=0.5)
+
+
+def test_channel_gate_module_modes():
+    gate = bk.ChannelGate(3, init=0.0)
+    x = torch.randn(2, 3, 4)
+    assert torch.equal(gate(x), x)  # zero init keeps every channel
+    with torch.no_grad():
+        gate.scores[1] = -0.5
+    assert torch.equal(gate(x)[:, 1], torch.zeros(2, 4))
+    gate.enabled = False
+    assert torch.equal(gate(x), x)
+    with pytest.raises(ValueError, match="3 channels"):
+        bk.ChannelGate(4)(x)
+
+
+def test_torch_compile_of_a_masked_layer_gives_the_same_result():
+    layer = bk.MaskedLinear(8, 5, density=0.5)
+    x = torch.randn(3, 8)
+    expected = layer(x)
+    compiled = torch.compile(layer, backend="aot_eager")
+    torch.testing.assert_close(compiled(x), expected, rtol=0, atol=0)
+    compiled(x).sum().backward()
+    assert layer.scores.grad is not None
+
+
+def test_ops_export_with_torch_export():
+    layer = bk.MaskedLinear(4, 3, threshold=0.0)
+    program = torch.export.export(layer, (torch.randn(2, 4),))
+    x = torch.randn(2, 4)
+    torch.testing.assert_close(program.module()(x), layer(x))
