@@ -34,7 +34,7 @@ def carve(y: np.ndarray, sizes: list, rng: np.random.Generator) -> list:
             parts.append(order[c][used[c]: used[c] + k])
             used[c] += k
         idx = np.concatenate(parts) if parts else np.zeros(0, np.int64)
-        out.append(np.sort(idx))
+        out.append(rng.permutation(idx))  # shuffled: no split is ordered by class
     return out
 
 

@@ -42,14 +42,12 @@ class ResNet18(nn.Module):
         if stem not in STEMS:
             raise ValueError(f"stem must be one of {STEMS}, got {stem!r}")
         widths = [max(1, round(c * width)) for c in (64, 128, 256, 512)]
-        if stem == "cifar":
-            self.conv1 = nn.Conv2d(in_channels, widths[0], 3, 1, 1, bias=False)
-            self.maxpool = nn.Identity()
-        else:
-            self.conv1 = nn.Conv2d(in_channels, widths[0], 7, 2, 3, bias=False)
-            self.maxpool = nn.MaxPool2d(3, 2, 1)
+        cifar = stem == "cifar"
+        self.conv1 = nn.Conv2d(in_channels, widths[0], 3 if cifar else 7, 1 if cifar else 2, 1 if cifar else 3,
+                               bias=False)
         self.bn1 = nn.BatchNorm2d(widths[0])
         self.relu = nn.ReLU()
+        self.maxpool = nn.Identity() if cifar else nn.MaxPool2d(3, 2, 1)
         inplanes = widths[0]
         for i, planes in enumerate(widths, start=1):
             stride = 1 if i == 1 else 2

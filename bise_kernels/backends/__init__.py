@@ -129,16 +129,17 @@ def use_backend(name: str) -> Iterator[None]:
             _state.name = previous
 
 
+def present_devices() -> tuple[str, ...]:
+    """Device types usable in this process."""
+    import torch
+
+    return ("cpu", "cuda") if torch.cuda.is_available() else ("cpu",)
+
+
 def available_backends(device_type: Optional[str] = None) -> list[str]:
-    """Backends that can run here (on ``device_type`` if given, else on any device)."""
-    names = []
-    for name, backend in BACKENDS.items():
-        if device_type is None:
-            if any(backend.runs_on(d) for d in backend.devices):
-                names.append(name)
-        elif backend.runs_on(device_type):
-            names.append(name)
-    return names
+    """Backends that can run here: on ``device_type`` if given, else on any present device."""
+    devices = (device_type,) if device_type is not None else present_devices()
+    return [name for name, backend in BACKENDS.items() if any(backend.runs_on(d) for d in devices)]
 
 
 def why_unavailable(name: str) -> Optional[str]:

@@ -1,0 +1,87 @@
+"""Validation of user-supplied arrays into Splits and a BiasedDataset, with errors that name the
+split, the array and the first bad row."""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import numpy as np
+import torch
+
+from .types import BiasedDataset, Split
+
+WEIGHTINGS = ("symmetric-rho", "group-balanced", "two-bias")
+
+
+def _labels(where: str, a: np.ndarray, n: int, ndims: tuple) -> np.ndarray:
+    a = np.asarray(a)
+    if a.dtype.kind not in "iu" and not (a.dtype.kind == "b"):
+        raise ValueError(f"{where}: labels must be integers, got dtype {a.dtype}")
+    if a.ndim not in ndims:
+        raise ValueError(f"{where}: expected shape (N,)" + (" or (N, num_biases)" if 2 in ndims
+                                                               else "") + f", got {a.shape}")
+    if len(a) != n:
+        raise ValueError(f"{where}: {len(a)} labels but {n} images (lengths must match)")
+    bad = np.flatnonzero((a < 0).reshape(len(a), -1).any(axis=1))
+    if len(bad):
+        raise ValueError(f"{where}[{bad[0]}] = {a[bad[0]].tolist()}: labels must be >= 0")
+    return a.astype(np.int64)
+
+
+def make_split(split: str, x, y, b) -> Split:
+    """A Split from channels-last uint8 images (N, H, W, C) (or (N, H, W): grey) and labels."""
+    x = np.asarray(x)
+    if x.dtype != np.uint8:
+        raise ValueError(f"{split}_x: images must be uint8 (0..255), got dtype {x.dtype}")
+    if x.ndim == 3:
+        x = x[..., None]
+    if x.ndim != 4 or x.shape[-1] not in (1, 3):
+        raise ValueError(f"{split}_x: expected shape (N, H, W, C) with C in {{1, 3}}, got {x.shape}")
+    if len(x) == 0:
+        raise ValueError(f"{split}: the split is empty")
+    y = _labels(f"{split}_y", y, len(x), (1,))
+    b = _labels(f"{split}_b", b, len(x), (1, 2))
+    xt = torch.from_numpy(np.ascontiguousarray(x.transpose(0, 3, 1, 2)))
+    return Split(xt, torch.from_numpy(y), torch.from_numpy(b))
+
+
+def _count(kind: str, splits: dict, given: Optional[int], per_bias: bool) -> int:
+    labels = {s: getattr(sp, kind) for s, sp in splits.items()}
+    inferred = max(int(t.max()) for t in labels.values()) + 1
+    if given is None:
+        return inferred
+    for s, t in labels.items():
+        bad = torch.nonzero((t >= given).reshape(len(t), -1).any(dim=1)).flatten()
+        if len(bad):
+            i = int(bad[0])
+            raise ValueError(f"{s}_{kind}[{i}] = {t[i].tolist()}: out of range for "
+                             f"num_{'bias_' if per_bias else ''}classes={given}")
+    return given
+
+
+def assemble(name: str, spec: str, splits: dict, *, info: dict, num_classes=None,
+             num_bias_classes=None, rho=None, weighting: str = "group-balanced") -> BiasedDataset:
+    """Cross-split checks (shapes, bias arity, label ranges), then the dataset."""
+    for required in ("train", "test"):
+        if splits.get(required) is None:
+            raise ValueError(f"{name}: no {required} split")
+    present = {s: sp for s, sp in splits.items() if sp is not None}
+    shapes = {s: tuple(sp.x.shape[1:]) for s, sp in present.items()}
+    bias_dims = {s: tuple(sp.b.shape[1:]) for s, sp in present.items()}
+    for what, d in (("image shape (C, H, W)", shapes), ("bias label shape", bias_dims)):
+        if len(set(d.values())) > 1:
+            raise ValueError(f"{name}: splits disagree on {what}: {d}")
+    if weighting not in WEIGHTINGS:
+        raise ValueError(f"weighting={weighting!r}: expected one of {WEIGHTINGS}")
+    if rho is not None and not 0.0 < rho < 1.0:
+        raise ValueError(f"rho={rho}: must lie strictly between 0 and 1")
+    if weighting == "symmetric-rho" and rho is None:
+        raise ValueError("weighting=symmetric-rho needs rho=<nominal aligned fraction>")
+    k = _count("y", present, num_classes, False)
+    kb = _count("b", present, num_bias_classes, True)
+    num_biases = 1 if present["train"].b.dim() == 1 else int(present["train"].b.shape[1])
+    aligned = [round(float(v), 6) for v in present["train"].aligned().float().mean(dim=0).reshape(-1)]
+    info = {**info, "sizes": {s: len(sp) for s, sp in present.items()},
+            "rho_realised": aligned[0] if num_biases == 1 else aligned}
+    return BiasedDataset(name, splits["train"], splits.get("val"), splits["test"], k, kb,
+                         num_biases, rho, weighting, spec, info)

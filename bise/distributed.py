@@ -1,0 +1,162 @@
+"""torch.distributed glue: one process, or data-parallel under torchrun, with the same results.
+
+The design keeps a multi-process run equivalent to one process with the global batch:
+* every rank draws the same global batch order from the seed (:func:`global_batches`) and takes
+  its contiguous share of each global batch (:func:`local_share`);
+* losses are sums over local samples divided by the *global* batch size, and gradients are
+  summed across ranks (:func:`all_reduce_grads`), so the update equals the single-process one;
+* terms defined on the whole batch (the MI estimator) see all ranks' samples through a
+  differentiable, variable-size all-gather (:func:`all_gather_rows`);
+* evaluation shards the data and sums exact per-group counts (:func:`all_reduce_sum`);
+* rank 0 alone writes files (:func:`is_main`), and every rank can resume from them.
+Without torchrun (no ``WORLD_SIZE``) every function is the single-process identity.
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+from dataclasses import dataclass
+from typing import Iterator, Optional, Sequence
+
+import torch
+import torch.distributed as dist
+
+DEFAULT_TIMEOUT_S = 300
+
+
+@dataclass(frozen=True)
+class Context:
+    rank: int = 0
+    world_size: int = 1
+    device: str = "cpu"
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def distributed(self) -> bool:
+        return self.world_size > 1
+
+
+def init(device: str = "cpu", timeout_s: Optional[float] = None) -> Context:
+    """Join the process group that torchrun describes in the environment (gloo on CPU, NCCL on GPU).
+
+    A rank that dies makes the others fail after ``timeout_s`` (env BISE_DIST_TIMEOUT, default
+    300 s) instead of hanging forever.
+    """
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return Context(device=device)
+    timeout = float(timeout_s if timeout_s is not None else os.environ.get("BISE_DIST_TIMEOUT", DEFAULT_TIMEOUT_S))
+    if not dist.is_initialized():
+        use_cuda = device.startswith("cuda")
+        if use_cuda:
+            local = int(os.environ.get("LOCAL_RANK", "0"))
+            torch.cuda.set_device(local)
+            device = f"cuda:{local}"
+        dist.init_process_group("nccl" if use_cuda else "gloo", timeout=datetime.timedelta(seconds=timeout))
+    return Context(rank=dist.get_rank(), world_size=dist.get_world_size(), device=device)
+
+
+def current() -> Context:
+    """The context of this process (single-process when no group is initialised)."""
+    if dist.is_available() and dist.is_initialized():
+        return Context(rank=dist.get_rank(), world_size=dist.get_world_size())
+    return Context()
+
+
+def shutdown() -> None:
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def global_batches(n: int, batch_size: int, generator: torch.Generator, shuffle: bool = True) -> list[torch.Tensor]:
+    """The global batches of one epoch, identical on every rank (drawn from a shared generator)."""
+    order = torch.randperm(n, generator=generator) if shuffle else torch.arange(n)
+    return list(order.split(batch_size))
+
+
+def local_share(batch: torch.Tensor, ctx: Context) -> torch.Tensor:
+    """This rank's contiguous share of a global batch (sizes differ by at most one)."""
+    return batch.tensor_split(ctx.world_size)[ctx.rank]
+
+
+def local_batches(n: int, batch_size: int, generator: torch.Generator, ctx: Context,
+                  shuffle: bool = True) -> Iterator[tuple[torch.Tensor, int]]:
+    """(local indices, global batch size) for each global batch of an epoch."""
+    for batch in global_batches(n, batch_size, generator, shuffle):
+        yield local_share(batch, ctx), batch.numel()
+
+
+def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
+    """In-place sum over ranks (exact for integer counts); returns ``t``."""
+    if current().distributed:
+        dist.all_reduce(t, op=dist.ReduceOp.SUM)
+    return t
+
+
+def all_reduce_grads(params: Sequence[torch.nn.Parameter]) -> None:
+    """Sum gradients over ranks with one flat all-reduce (losses are already divided by the global batch)."""
+    if not current().distributed:
+        return
+    grads = [p.grad for p in params if p.grad is not None]
+    if not grads:
+        return
+    flat = torch.cat([g.reshape(-1) for g in grads])
+    dist.all_reduce(flat, op=dist.ReduceOp.SUM)
+    offset = 0
+    for g in grads:
+        g.copy_(flat[offset:offset + g.numel()].view_as(g))
+        offset += g.numel()
+
+
+class _GatherRows(torch.autograd.Function):
+    """All-gather of row blocks of different lengths; backward returns each rank its rows' gradient summed over ranks."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, counts: list[int]):
+        ctx.counts, ctx.rank = counts, dist.get_rank()
+        width = max(counts)
+        padded = x.new_zeros((width,) + tuple(x.shape[1:]))
+        padded[: x.shape[0]] = x
+        parts = [torch.empty_like(padded) for _ in counts]
+        dist.all_gather(parts, padded.contiguous())
+        return torch.cat([p[:c] for p, c in zip(parts, counts)])
+
+    @staticmethod
+    def backward(ctx, grad):
+        grad = grad.contiguous()
+        dist.all_reduce(grad, op=dist.ReduceOp.SUM)
+        start = sum(ctx.counts[: ctx.rank])
+        return grad[start:start + ctx.counts[ctx.rank]], None
+
+
+def all_gather_rows(x: torch.Tensor) -> torch.Tensor:
+    """Concatenate every rank's rows of ``x`` in rank order, differentiably (identity on one process).
+
+    Each rank computes the same function of the gathered rows; to get the single-process
+    gradient, divide that term by the world size before backward (the gradients of the rows are
+    summed over ranks here).
+    """
+    if not current().distributed:
+        return x
+    count = torch.tensor([x.shape[0]], dtype=torch.int64, device=x.device)
+    counts = [torch.zeros_like(count) for _ in range(dist.get_world_size())]
+    dist.all_gather(counts, count)
+    return _GatherRows.apply(x, [int(c) for c in counts])
+
+
+def broadcast_state(state: Optional[dict]) -> dict:
+    """Rank 0's object (e.g. a loaded checkpoint) on every rank."""
+    if not current().distributed:
+        return state
+    box = [state]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def barrier() -> None:
+    if current().distributed:
+        dist.barrier()

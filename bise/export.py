@@ -1,0 +1,439 @@
+"""Export a gated model as a plain, physically smaller nn.Module (bise-method.md section 15).
+
+Dead channels are removed with Torch-Pruning's DependencyGraph, which finds every coupled layer
+(producer filters, BN entries, consumer input slices, residual adds, depthwise convs, flatten).
+Kept by hand here: which channels may go (a coupled group loses a channel only if every gate of
+the group kills it and every consumer of the group reads a constant there, so an ungated source
+such as a ResNet stem keeps its stream), folding non-zero constants into consumer biases, the
+0/1 channel scale that keeps a residual union exact, BN folding, rounding, and the exactness
+check against the masked model.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+from typing import Mapping, Optional, Union
+
+import torch
+import torch.nn.functional as F
+import torch_pruning as tp
+from torch import Tensor, nn
+
+from bise_kernels.nn import ChannelGate
+
+FORMAT = "bise-export-1"
+_CHANNEL_MIXING_NORMS = (nn.LayerNorm, nn.GroupNorm)
+_SHAPE_ATTRS = ("in_channels", "out_channels", "groups", "in_features", "out_features", "num_features",
+                "num_channels")
+
+
+class ExportError(RuntimeError):
+    """The gated model cannot be exported exactly; the message names the blocking module."""
+
+
+class FixedGate(nn.Module):
+    """``activation(x) * scale`` with a fixed 0/1 per-channel ``scale`` (a frozen, exported gate).
+
+    Kept only where a channel must stay (a residual union) although a gate zeroes it."""
+
+    def __init__(self, activation: nn.Module, scale: Tensor, dim: int = 1):
+        super().__init__()
+        self.activation = activation
+        self.dim = dim
+        self.num_channels = int(scale.numel())
+        self.register_buffer("scale", scale.detach().float().clone())
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = self.activation(x)
+        shape = [1] * x.dim()
+        shape[self.dim] = self.num_channels
+        return x * self.scale.view(shape)
+
+    def extra_repr(self) -> str:
+        return f"{self.num_channels}, dim={self.dim}, zeros={int((self.scale == 0).sum())}"
+
+
+class _FixedGatePruner(tp.pruner.function.BasePruningFunc):
+    TARGET_MODULES = (FixedGate,)
+
+    def prune_out_channels(self, layer: FixedGate, idxs):
+        keep = sorted(set(range(layer.num_channels)) - set(idxs))
+        layer.scale = layer.scale[keep].clone()
+        layer.num_channels = len(keep)
+        return layer
+
+    prune_in_channels = prune_out_channels
+
+    def get_out_channels(self, layer: FixedGate):
+        return layer.num_channels
+
+    get_in_channels = get_out_channels
+
+
+def _is_gated(module: nn.Module) -> bool:
+    return isinstance(getattr(module, "gate", None), ChannelGate) and isinstance(
+        getattr(module, "activation", None), nn.Module)
+
+
+def _set_module(root: nn.Module, name: str, new: nn.Module) -> None:
+    parent, _, child = name.rpartition(".")
+    setattr(root.get_submodule(parent) if parent else root, child, new)
+
+
+def _masks_of(model: nn.Module, gates) -> dict[str, Tensor]:
+    """name of each Gated wrapper -> bool keep mask (from ``gates`` if given, else the gates' own)."""
+    found = {name: m for name, m in model.named_modules() if _is_gated(m)}
+    if not found:
+        raise ExportError("the model has no gated module (a module with .activation and a ChannelGate .gate); "
+                          "insert gates with bise.gates.insert_gates first")
+    given = dict(gates) if gates is not None else {}
+    unknown = sorted(set(given) - set(found))
+    if unknown:
+        raise ExportError(f"gates names {unknown} are not gated modules of the model; gated: {sorted(found)}")
+    masks = {}
+    for name, wrapper in found.items():
+        g = given.get(name, wrapper.gate)
+        mask = g.mask() if isinstance(g, ChannelGate) else torch.as_tensor(g)
+        if mask.dtype != torch.bool or mask.shape != (wrapper.gate.num_channels,):
+            raise ExportError(f"mask of {name!r} must be bool of shape ({wrapper.gate.num_channels},), "
+                              f"got {mask.dtype} {tuple(mask.shape)}")
+        masks[name] = mask.detach().cpu()
+    return masks
+
+
+def freeze_gates(model: nn.Module, gates=None) -> nn.Module:
+    """Copy of ``model`` (CPU, fp32, eval) with every gated wrapper replaced by a FixedGate of its mask:
+    the masked model as plain modules, the reference the export must match."""
+    masks = _masks_of(model, gates)
+    frozen = copy.deepcopy(model).cpu().float().eval()
+    for name, mask in masks.items():
+        wrapper = frozen.get_submodule(name)
+        _set_module(frozen, name, FixedGate(wrapper.activation, mask.float(), wrapper.gate.dim))
+    for p in frozen.parameters():
+        p.requires_grad_(False)
+    return frozen
+
+
+def _probe_inputs(example_input: Tensor) -> Tensor:
+    """The example batch plus random inputs around its range, so constancy is not an accident of one batch."""
+    x = example_input.detach().cpu().float()[:8]
+    gen = torch.Generator().manual_seed(0)
+    lo, hi = float(x.min()), float(x.max())
+    noise = torch.rand((8,) + tuple(x.shape[1:]), generator=gen) * (hi - lo + 1e-3) + lo
+    return torch.cat([x, noise, x.flip(0) * 0.5 + noise * 0.5])
+
+
+def _is_consumer(dg, dep) -> bool:
+    m = dep.target.module
+    if not dg.is_in_channel_pruning_fn(dep.handler):
+        return False
+    if isinstance(m, nn.Linear):
+        return True
+    return isinstance(m, nn.modules.conv._ConvNd) and not (m.groups == m.in_channels == m.out_channels)
+
+
+def _channel_values(x: Tensor, idx: int, linear: bool) -> Tensor:
+    return x[..., idx] if linear else x[:, idx]
+
+
+class _Group:
+    """One coupled channel group, rooted at a FixedGate, described in the root's channel indexing."""
+
+    def __init__(self, dg, root_name: str, root: FixedGate, names: dict):
+        self.root_name, self.root = root_name, root
+        group = dg.get_pruning_group(root, _PRUNER.prune_out_channels, idxs=list(range(root.num_channels)))
+        self.gates: dict[str, dict[int, int]] = {}      # gate name -> root idx -> gate idx
+        self.consumers: dict[str, dict[int, list]] = {}  # consumer name -> root idx -> consumer idxs
+        self.blockers = []
+        for dep, idxs in group:
+            m = dep.target.module
+            name = names.get(id(m), type(m).__name__)
+            if isinstance(m, FixedGate):
+                self.gates.setdefault(name, {}).update({i.root_idx: i.idx for i in idxs})
+            elif _is_consumer(dg, dep):
+                per = self.consumers.setdefault(name, {})
+                for i in idxs:
+                    per.setdefault(i.root_idx, []).append(i.idx)
+            elif isinstance(m, _CHANNEL_MIXING_NORMS):
+                self.blockers.append(name)
+        self.key = frozenset(self.gates)
+
+
+_PRUNER = _FixedGatePruner()
+
+
+def _constant(x: Tensor, idx: int, linear: bool) -> Optional[float]:
+    v = _channel_values(x, idx, linear)
+    first = v.reshape(-1)[0]
+    return float(first) if bool((v == first).all()) else None
+
+
+def _fold_constants(module: nn.Module, name: str, x: Tensor, idxs: list[int], values: list[float]) -> None:
+    """Add the contribution of constant input channels ``idxs`` (about to be removed) to the bias."""
+    if not any(values):
+        return
+    v = torch.tensor(values, dtype=module.weight.dtype)
+    if isinstance(module, nn.Linear):
+        delta = module.weight[:, idxs] @ v
+    elif isinstance(module, nn.Conv2d) and module.groups == 1:
+        shape = (1, len(idxs)) + tuple(x.shape[2:])
+        const = v.view(1, -1, 1, 1).expand(shape)
+        mapped = F.conv2d(const, module.weight[:, idxs], None, module.stride, module.padding, module.dilation)
+        delta = mapped[0, :, 0, 0]
+        if not torch.allclose(mapped, delta.view(1, -1, 1, 1).expand_as(mapped), atol=1e-6, rtol=1e-5):
+            raise ExportError(f"{name}: a removed channel carries a non-zero constant ({values[0]:.4g}...) into a "
+                              "padded conv, which no per-channel bias can reproduce; gate after the activation "
+                              "(the BISE placement) so dead channels are exactly 0")
+    else:
+        raise ExportError(f"{name} ({type(module).__name__}) reads a non-zero constant from a removed channel "
+                          "and cannot fold it into a bias")
+    if module.bias is None:
+        module.bias = nn.Parameter(torch.zeros(module.weight.shape[0], dtype=module.weight.dtype),
+                                   requires_grad=False)
+    with torch.no_grad():
+        module.bias += delta
+
+
+def _removable(group: _Group, frozen_gates: dict, inputs: dict, modules: dict) -> tuple[list[int], dict]:
+    """Root channels that may go, and per consumer the constants they carry there."""
+    n = group.root.num_channels
+    removable, consts = [], {}
+    for c in range(n):
+        if any(frozen_gates[g].scale[m[c]] != 0 for g, m in group.gates.items() if c in m):
+            continue
+        found = {}
+        for cname, per in group.consumers.items():
+            linear = isinstance(modules[cname], nn.Linear)
+            vals = [_constant(inputs[cname], i, linear) for i in per.get(c, [])]
+            if any(v is None for v in vals):
+                break
+            found[cname] = list(zip(per.get(c, []), vals))
+        else:
+            removable.append(c)
+            for cname, pairs in found.items():
+                consts.setdefault(cname, []).extend(pairs)
+    return removable, consts
+
+
+def _round_up(removable: list[int], n: int, round_to: Optional[int]) -> list[int]:
+    if not round_to or round_to <= 1:
+        return removable
+    kept = n - len(removable)
+    target = min(n, max(round_to, -(-kept // round_to) * round_to))
+    return removable[: n - target] if n - target < len(removable) else removable
+
+
+def _fold_batchnorm(model: nn.Module, dg, names: dict) -> list[str]:
+    """Fold each eval-mode BatchNorm2d whose only input is a Conv2d read by nothing else into that conv."""
+    folded = []
+    for name, bn in list(model.named_modules()):
+        if not isinstance(bn, nn.BatchNorm2d) or bn not in dg.module2node:
+            continue
+        node = dg.module2node[bn]
+        if len(node.inputs) != 1 or not isinstance(node.inputs[0].module, nn.Conv2d):
+            continue
+        conv_node = node.inputs[0]
+        if len(conv_node.outputs) != 1:
+            continue
+        conv = conv_node.module
+        with torch.no_grad():
+            std = torch.sqrt(bn.running_var + bn.eps)
+            gamma = bn.weight if bn.affine else torch.ones_like(std)
+            beta = bn.bias if bn.affine else torch.zeros_like(std)
+            scale = gamma / std
+            bias = conv.bias if conv.bias is not None else torch.zeros_like(std)
+            conv.weight.mul_(scale.view(-1, 1, 1, 1))
+            conv.bias = nn.Parameter(beta + (bias - bn.running_mean) * scale, requires_grad=False)
+        _set_module(model, name, nn.Identity())
+        folded.append(name)
+    return folded
+
+
+def max_abs_diff(a: nn.Module, b: nn.Module, inputs: Union[Tensor, "object"], *, batch_size: int = 256) -> float:
+    """max |a(x) - b(x)| over ``inputs`` (a tensor, or a data split with ``.inputs()``), both in eval mode."""
+    x = inputs.inputs() if hasattr(inputs, "inputs") else inputs
+    a_dev = next(a.parameters()).device
+    b_dev = next(b.parameters(), torch.empty(0)).device
+    worst = 0.0
+    a.eval(), b.eval()
+    with torch.no_grad():
+        for start in range(0, len(x), batch_size):
+            xb = x[start:start + batch_size].float()
+            ya, yb = a(xb.to(a_dev)).float().cpu(), b(xb.to(b_dev)).float().cpu()
+            if ya.shape != yb.shape:
+                raise ExportError(f"output shapes differ: {tuple(ya.shape)} vs {tuple(yb.shape)}")
+            worst = max(worst, float((ya - yb).abs().max()) if ya.numel() else 0.0)
+    return worst
+
+
+def export_subnetwork(model: nn.Module, gates: Optional[Mapping] = None, *, example_input: Tensor,
+                      fold_bn: bool = False, round_to: Optional[int] = None, check: bool = True) -> nn.Module:
+    """Plain nn.Module (CPU, fp32, eval) computing the masked ``model`` with dead channels removed.
+
+    ``gates``: name of each gated wrapper -> ChannelGate or bool mask (default: the model's own gates).
+    ``example_input``: a batch of real inputs (traced by DependencyGraph and used as the probe).
+    ``fold_bn`` folds BatchNorm into the preceding conv; ``round_to`` keeps channel counts at multiples of
+    it (extra channels stay zeroed by a fixed scale). Raises ExportError naming the module that blocks
+    exact removal, or if the result differs from the masked model on the probe (``check``).
+    """
+    if round_to is not None and (isinstance(round_to, bool) or not isinstance(round_to, int) or round_to < 1):
+        raise ValueError(f"round_to must be a positive int or None, got {round_to!r}")
+    if not isinstance(example_input, Tensor) or example_input.dim() < 2 or len(example_input) == 0:
+        raise ValueError(f"example_input must be a non-empty batch tensor, got {type(example_input).__name__}")
+    masked = freeze_gates(model, gates)
+    out = copy.deepcopy(masked)
+    probe = _probe_inputs(example_input)
+    with torch.no_grad():
+        reference = masked(probe)
+    names = {id(m): n for n, m in out.named_modules()}
+    fixed = {n: m for n, m in out.named_modules() if isinstance(m, FixedGate)}
+    try:
+        dg = tp.DependencyGraph().build_dependency(out, example_inputs=probe[:2], verbose=False,
+                                                   customized_pruners={FixedGate: _PRUNER})
+    except Exception as exc:  # torch-pruning raises bare errors on unsupported graphs
+        raise ExportError(f"torch-pruning could not trace the model: {type(exc).__name__}: {exc}") from exc
+    groups: dict[frozenset, _Group] = {}
+    for name, gate in fixed.items():
+        group = _Group(dg, name, gate, names)
+        groups.setdefault(group.key, group)
+    consumer_names = {c for g in groups.values() for c in g.consumers}
+    modules = {n: out.get_submodule(n) for n in consumer_names}
+    inputs: dict[str, Tensor] = {}
+    hooks = [out.get_submodule(n).register_forward_hook(
+        lambda m, a, o, n=n: inputs.__setitem__(n, a[0].detach())) for n in consumer_names]
+    with torch.no_grad():
+        out(probe)
+    for h in hooks:
+        h.remove()
+    for group in groups.values():
+        removable, consts = _removable(group, fixed, inputs, modules)
+        removable = _round_up(removable, group.root.num_channels, round_to)
+        if not removable:
+            continue
+        if group.blockers:
+            raise ExportError(f"{group.blockers[0]} normalises across the channels gated by {group.root_name}; "
+                              "removing them would change its statistics")
+        gone = set(removable)
+        for cname, pairs in consts.items():
+            per = group.consumers[cname]
+            chosen = {i for c in gone for i in per.get(c, [])}
+            pairs = [(i, v) for i, v in pairs if i in chosen]
+            _fold_constants(modules[cname], cname, inputs[cname], [i for i, _ in pairs],
+                            [v for _, v in pairs])
+        dg.get_pruning_group(group.root, _PRUNER.prune_out_channels, idxs=removable).prune()
+    for name, gate in fixed.items():
+        if bool((gate.scale == 1).all()):
+            _set_module(out, name, gate.activation)
+    if fold_bn:
+        _fold_batchnorm(out, dg, names)
+    out.eval()
+    if check:
+        diff = max_abs_diff(masked, out, probe)
+        scale = max(1.0, float(reference.abs().max()))
+        if diff > 1e-4 * scale:
+            raise ExportError(f"exported model differs from the masked model by {diff:.3g} on the probe; an op "
+                              "that torch-pruning does not see couples the removed channels")
+    return out
+
+
+def describe(module: nn.Module, spec: Optional[dict] = None) -> dict:
+    """JSON-able architecture description of an exported module: per-module type and channel counts."""
+    modules = {}
+    for name, m in module.named_modules():
+        if not name:
+            continue
+        entry = {"type": type(m).__name__}
+        entry.update({a: int(getattr(m, a)) for a in _SHAPE_ATTRS if isinstance(getattr(m, a, None), int)})
+        if isinstance(m, FixedGate):
+            entry["dim"] = m.dim
+        if hasattr(m, "bias") and isinstance(m, (nn.Linear, nn.modules.conv._ConvNd)):
+            entry["bias"] = m.bias is not None
+        modules[name] = entry
+    return {"format": FORMAT, "spec": spec, "modules": modules}
+
+
+def _atomic_write(path: str, write) -> None:
+    tmp = f"{path}.tmp{os.getpid()}"
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def arch_path(path: str) -> str:
+    """The architecture description that sits beside an exported state_dict: ``X.pt`` -> ``X.json``."""
+    root, _ = os.path.splitext(path)
+    return root + ".json"
+
+
+def save_exported(module: nn.Module, path: str, spec: Optional[dict] = None) -> dict:
+    """Write ``module``'s state_dict to ``path`` and its description to ``arch_path(path)`` (atomic)."""
+    desc = describe(module, spec)
+    state = {k: v.detach().cpu() for k, v in module.state_dict().items()}
+    _atomic_write(arch_path(path), lambda p: open(p, "w").write(json.dumps(desc, indent=1)))
+    _atomic_write(path, lambda p: torch.save(state, p))
+    return desc
+
+
+def _resize(module: nn.Module, prefix: str, state: dict, entry: dict) -> None:
+    for attr in _SHAPE_ATTRS:
+        if attr in entry and hasattr(module, attr):
+            setattr(module, attr, entry[attr])
+    if entry.get("bias") is False and getattr(module, "bias", None) is not None:
+        module.bias = None
+    for pname in list(module._parameters):
+        key = prefix + pname
+        if key in state:
+            module._parameters[pname] = nn.Parameter(torch.empty_like(state[key]))
+    if entry.get("bias") and module._parameters.get("bias") is None and prefix + "bias" in state:
+        module.bias = nn.Parameter(torch.empty_like(state[prefix + "bias"]))
+    for bname in list(module._buffers):
+        key = prefix + bname
+        if key in state and module._buffers[bname] is not None:
+            module._buffers[bname] = torch.empty_like(state[key])
+
+
+def load_exported(path: str, model: Optional[nn.Module] = None) -> nn.Module:
+    """Rebuild an exported module from ``path`` (weights_only torch.load) and the JSON beside it.
+
+    The unpruned architecture comes from the description's built-in spec (bise.models.rebuild), or
+    from ``model`` (an instance of the user's own architecture, gated or not) for custom models."""
+    for p in (path, arch_path(path)):
+        if not os.path.isfile(p):
+            raise FileNotFoundError(f"exported model file {p!r} does not exist")
+    try:
+        desc = json.load(open(arch_path(path)))
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:
+        raise ExportError(f"cannot read exported model {path!r}: {type(exc).__name__}: {exc}") from exc
+    if not isinstance(desc, dict) or desc.get("format") != FORMAT or not isinstance(state, dict):
+        raise ExportError(f"{arch_path(path)!r} is not a {FORMAT} description")
+    if model is None:
+        if not desc.get("spec"):
+            raise ExportError(f"{path!r} holds a custom architecture: pass model= (an instance of it)")
+        from bise.models import rebuild
+        model = rebuild(desc["spec"])
+    base = copy.deepcopy(model).cpu().float()
+    for name, m in list(base.named_modules()):
+        if name and _is_gated(m):
+            _set_module(base, name, m.activation)
+    for name, entry in desc["modules"].items():
+        try:
+            current = base.get_submodule(name)
+        except AttributeError:
+            raise ExportError(f"{path!r}: module {name!r} not found in the rebuilt architecture") from None
+        if entry["type"] == "FixedGate" and not isinstance(current, FixedGate):
+            _set_module(base, name, FixedGate(current, torch.ones(entry["num_channels"]), entry["dim"]))
+        elif entry["type"] == "Identity" and not isinstance(current, nn.Identity):
+            _set_module(base, name, nn.Identity())
+    for name, entry in desc["modules"].items():
+        _resize(base.get_submodule(name), name + ".", state, entry)
+    try:
+        base.load_state_dict(state, strict=True)
+    except RuntimeError as exc:
+        raise ExportError(f"{path!r} does not match its architecture description: {exc}") from exc
+    return base.eval()

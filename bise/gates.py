@@ -1,0 +1,194 @@
+"""Put BISE gates into any nn.Module, find them again, switch their mode; find the bottleneck.
+
+A gate multiplies the OUTPUT of an activation module channel-wise (bise-method.md section 3):
+``Gated(activation, ChannelGate(C))`` replaces the activation in place, so the gated model keeps
+the original module names plus ``.activation`` / ``.gate``.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+from typing import Iterable, Optional, Sequence
+
+import torch
+from torch import Tensor, nn
+
+from bise_kernels import ChannelGate
+
+ACTIVATIONS = (nn.ReLU, nn.ReLU6, nn.GELU, nn.Tanh, nn.SiLU, nn.LeakyReLU, nn.ELU, nn.Hardswish, nn.Sigmoid,
+               nn.Mish, nn.SELU, nn.CELU, nn.PReLU, nn.Softplus, nn.Hardtanh)
+MODES = ("vanilla", "masked", "pruned")
+
+
+class Gated(nn.Module):
+    """``gate(activation(x))``: one hard 0/1 gate per channel on an activation's output."""
+
+    def __init__(self, activation: nn.Module, gate: ChannelGate):
+        super().__init__()
+        self.activation = activation
+        self.gate = gate
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.gate(self.activation(x))
+
+
+def _matches(name: str, patterns: Optional[Iterable[str]]) -> bool:
+    return patterns is not None and any(fnmatch.fnmatchcase(name, p) for p in patterns)
+
+
+def _example_input(model: nn.Module, example_input: Optional[Tensor]) -> Tensor:
+    if example_input is not None:
+        return example_input
+    spec = getattr(model, "bise_spec", None)
+    if isinstance(spec, dict) and "input_shape" in spec:
+        param = next(model.parameters(), None)
+        device = param.device if param is not None else "cpu"
+        return torch.zeros(2, *spec["input_shape"], device=device)
+    raise ValueError("example_input is needed to find the channel count of each gate (one forward pass); "
+                     "pass a batch of inputs shaped like the model's data")
+
+
+def trace_calls(model: nn.Module, example_input: Tensor, modules: dict[str, nn.Module]):
+    """One no-grad eval forward: per name, the output shapes it produced (in call order)."""
+    outputs: dict[str, list] = {name: [] for name in modules}
+    order: list[str] = []
+    handles = []
+    for name, m in modules.items():
+        def hook(_m, _inp, out, name=name):
+            outputs[name].append(tuple(out.shape) if isinstance(out, Tensor) else None)
+            order.append(name)
+        handles.append(m.register_forward_hook(hook))
+    was_training = model.training
+    try:
+        model.eval()
+        with torch.no_grad():
+            model(example_input)
+    finally:
+        model.train(was_training)
+        for h in handles:
+            h.remove()
+    return outputs, order
+
+
+def _channel_dim(name: str, shape: tuple) -> int:
+    if len(shape) in (2, 4):
+        return 1
+    if len(shape) == 3:
+        return 2
+    raise ValueError(f"cannot gate {name!r}: its output has shape {shape}; gates need (N, C), (N, C, H, W) "
+                     "or (N, L, C) outputs")
+
+
+def _default_exclude(model: nn.Module, candidates: dict[str, nn.Module]) -> tuple:
+    declared = getattr(model, "bise_gate_exclude", None)
+    if declared is not None:
+        return tuple(declared)
+    # torchvision-ResNet-style stem: activations that are direct children of the root while others live deeper
+    top = {n for n in candidates if "." not in n}
+    return tuple(top) if top and len(top) < len(candidates) else ()
+
+
+def insert_gates(model: nn.Module, names: Optional[Sequence[str]] = None, *, exclude: Optional[Sequence[str]] = None,
+                 example_input: Optional[Tensor] = None, temperature: float = 1.0,
+                 bottleneck: Optional[str] = None) -> dict[str, ChannelGate]:
+    """Wrap activation modules in :class:`Gated`, in place; return {qualified name: ChannelGate}.
+
+    ``names`` (fnmatch patterns over qualified module names) picks the modules to gate; by default
+    every activation module (``ACTIVATIONS``) except the stem (``model.bise_gate_exclude`` for the
+    built-ins) and anything run after the bottleneck (the head). ``exclude`` removes more.
+    The channel count is read from one forward pass on ``example_input`` (built-in models make
+    their own). A module that runs more than once per forward cannot carry a gate.
+    """
+    if gates_of(model):
+        raise ValueError("the model already has gates (Gated modules); insert them once")
+    x = _example_input(model, example_input)
+    if names is None:
+        candidates = {n: m for n, m in model.named_modules() if n and isinstance(m, ACTIVATIONS)}
+        default_exclude = _default_exclude(model, candidates)
+    else:
+        candidates = {n: m for n, m in model.named_modules() if n and _matches(n, names)}
+        default_exclude = ()
+        unmatched = [p for p in names if not any(fnmatch.fnmatchcase(n, p) for n in candidates)]
+        if unmatched:
+            raise ValueError(f"names {unmatched} match no module of {type(model).__name__}")
+    candidates = {n: m for n, m in candidates.items() if not _matches(n, default_exclude) and not _matches(n, exclude)}
+    head = find_bottleneck(model, bottleneck) if names is None and _has_linear(model, bottleneck) else None
+    tracked = dict(candidates)
+    if head is not None:
+        tracked[head] = model.get_submodule(head)
+    outputs, order = trace_calls(model, x, tracked)
+    if head is not None and head in order:
+        first_head_call = order.index(head)
+        candidates = {n: m for n, m in candidates.items() if n not in order[first_head_call:]}
+    gates: dict[str, ChannelGate] = {}
+    for name, module in candidates.items():
+        shapes = outputs[name]
+        if len(shapes) > 1:
+            raise ValueError(f"module {name!r} runs {len(shapes)} times per forward (a shared activation); give "
+                             "each place its own module instance or exclude it")
+        if not shapes:
+            continue  # never called on this input: nothing to gate
+        shape = shapes[0]
+        if shape is None:
+            raise ValueError(f"cannot gate {name!r}: it does not return a tensor")
+        dim = _channel_dim(name, shape)
+        gate = ChannelGate(shape[dim], dim=dim, threshold=0.0, estimator="sigmoid", temperature=temperature,
+                           init=0.0, device=x.device)
+        _set_submodule(model, name, Gated(module, gate))
+        gates[name] = gate
+    if not gates:
+        raise ValueError(f"no gateable layer in {type(model).__name__}: no activation module ({', '.join(a.__name__ for a in ACTIVATIONS[:6])}, ...) "
+                         f"outside the stem and head (excluded: {list(default_exclude) + list(exclude or [])}); "
+                         "pass names=[...] to choose modules")
+    return gates
+
+
+def _has_linear(model: nn.Module, bottleneck: Optional[str]) -> bool:
+    return bottleneck is not None or any(isinstance(m, nn.Linear) for m in model.modules())
+
+
+def _set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    setattr(model.get_submodule(parent_name) if parent_name else model, child, module)
+
+
+def gates_of(model: nn.Module) -> dict[str, ChannelGate]:
+    """The gates already in ``model``, keyed by the qualified name of their Gated module."""
+    return {n: m.gate for n, m in model.named_modules() if isinstance(m, Gated)}
+
+
+def remove_gates(model: nn.Module) -> nn.Module:
+    """Put the original activation modules back (in place); returns the model."""
+    for name, m in list(model.named_modules()):
+        if isinstance(m, Gated):
+            _set_submodule(model, name, m.activation)
+    return model
+
+
+def set_gate_mode(gates: dict[str, ChannelGate], mode: str) -> None:
+    """"vanilla": gates off (identity); "masked": hard gates, scores trainable; "pruned": hard, frozen."""
+    if mode not in MODES:
+        raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+    for gate in gates.values():
+        gate.enabled = mode != "vanilla"
+        gate.scores.requires_grad_(mode == "masked")
+
+
+def find_bottleneck(model: nn.Module, name: Optional[str] = None) -> str:
+    """Qualified name of the module whose INPUT is the bottleneck feature (default: the last nn.Linear)."""
+    modules = dict(model.named_modules())
+    if name is not None:
+        if name not in modules or name == "":
+            linears = [n for n, m in modules.items() if isinstance(m, nn.Linear)]
+            raise ValueError(f"bottleneck {name!r} is not a module of {type(model).__name__} "
+                             f"(its Linear modules: {linears})")
+        return name
+    linears = [n for n, m in modules.items() if isinstance(m, nn.Linear)]
+    if not linears:
+        raise ValueError(f"cannot find the bottleneck of {type(model).__name__}: it has no nn.Linear; pass "
+                         "bottleneck=NAME, the module whose input is the feature the auxiliary head reads")
+    return linears[-1]
+
+
+__all__ = ["ACTIVATIONS", "Gated", "find_bottleneck", "gates_of", "insert_gates", "remove_gates", "set_gate_mode",
+           "trace_calls"]

@@ -1,0 +1,83 @@
+"""Built-in architectures: build_model, model_spec (the description saved beside weights), rebuild.
+
+Every activation that may carry a gate is its own module instance, so that gates.insert_gates can
+wrap it; each class names the activations that are NOT gated by default (the stem) in
+``bise_gate_exclude``.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Optional, Sequence
+
+from torch import nn
+
+from .mlp import MLP
+from .mobilenetv2 import MobileNetV2, load_imagenet_weights
+from .resnet import STEMS, ResNet18
+from .simple_cnn import SimpleCNN
+
+ARCHS = ("simple-cnn", "mlp", "resnet18", "mobilenetv2")
+
+
+def build_model(arch: str, num_classes: int, input_shape: Sequence[int], *, width: float = 1.0,
+                pretrained: bool = False, stem: Optional[str] = None) -> nn.Module:
+    """A freshly initialised built-in model; ``input_shape`` is (C, H, W) of one input.
+
+    ``stem`` (resnet18 only): "cifar" or "imagenet"; default "cifar" for inputs up to 64 pixels
+    high, else "imagenet". ``pretrained`` (mobilenetv2 only): torchvision's ImageNet weights.
+    """
+    if arch not in ARCHS:
+        raise ValueError(f"arch must be one of {ARCHS}, got {arch!r}")
+    if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 2:
+        raise ValueError(f"num_classes must be an int >= 2, got {num_classes!r}")
+    input_shape = tuple(int(s) for s in input_shape)
+    if len(input_shape) != 3 or min(input_shape) < 1:
+        raise ValueError(f"input_shape must be (C, H, W) with positive sizes, got {input_shape!r}")
+    if not (isinstance(width, (int, float)) and math.isfinite(width) and width > 0):
+        raise ValueError(f"width must be a positive number, got {width!r}")
+    if pretrained and arch != "mobilenetv2":
+        raise ValueError(f"pretrained=True is only available for mobilenetv2 (ImageNet weights), not {arch!r}")
+    if stem is not None and arch != "resnet18":
+        raise ValueError(f"stem is a resnet18 option, got stem={stem!r} for arch {arch!r}")
+    channels = input_shape[0]
+    spec = {"arch": arch, "num_classes": num_classes, "input_shape": list(input_shape), "width": float(width)}
+    if arch == "simple-cnn":
+        model = SimpleCNN(num_classes, channels, width)
+    elif arch == "mlp":
+        model = MLP(num_classes, math.prod(input_shape), width)
+    elif arch == "resnet18":
+        stem = stem or ("cifar" if input_shape[1] <= 64 else "imagenet")
+        if stem not in STEMS:
+            raise ValueError(f"stem must be one of {STEMS}, got {stem!r}")
+        spec["stem"] = stem
+        model = ResNet18(num_classes, channels, width, stem)
+    else:
+        model = MobileNetV2(num_classes, channels, width)
+        if pretrained:
+            if num_classes != 1000 or channels != 3 or width != 1.0:
+                raise ValueError("pretrained mobilenetv2 needs num_classes=1000, 3 input channels and width=1.0; "
+                                 f"got {num_classes}, {channels}, {width}")
+            load_imagenet_weights(model)
+    model.bise_spec = spec
+    return model
+
+
+def model_spec(model: nn.Module) -> dict:
+    """The architecture description of a built-in model (JSON-able), enough for :func:`rebuild`."""
+    spec = getattr(model, "bise_spec", None)
+    if not isinstance(spec, dict):
+        raise ValueError(f"{type(model).__name__} was not made by bise.models.build_model, so it has no "
+                         "architecture description; save and rebuild it yourself")
+    return dict(spec, input_shape=list(spec["input_shape"]))
+
+
+def rebuild(spec: dict) -> nn.Module:
+    """A fresh (randomly initialised) model from :func:`model_spec`'s description; load weights after."""
+    if not isinstance(spec, dict) or "arch" not in spec:
+        raise ValueError(f"spec must be a dict from model_spec() with an 'arch' key, got {spec!r}")
+    kwargs = {k: v for k, v in spec.items() if k not in ("arch", "num_classes", "input_shape")}
+    return build_model(spec["arch"], spec["num_classes"], spec["input_shape"], **kwargs)
+
+
+__all__ = ["ARCHS", "MLP", "MobileNetV2", "ResNet18", "SimpleCNN", "build_model", "model_spec", "rebuild"]

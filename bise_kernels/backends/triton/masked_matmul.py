@@ -1,0 +1,213 @@
+"""Masked linear in Triton: GEMMs that apply the top-k keep rule to weight tiles in registers.
+
+* forward ``y = x @ (W*M)^T + b`` and dgrad ``grad_x = grad_y @ (W*M)`` share one kernel
+  ``C = A @ B`` whose B tile is read from the weight (transposed or not) and masked on the fly;
+  structured scores (one per output unit) mask C's columns in the epilogue instead, and a tile
+  whose units are all dead skips its K loop (bias only).
+* wgrad ``G = grad_y^T @ x`` never leaves the registers: its epilogue writes ``G * M`` (only
+  when the weight gradient is needed) and ``G * W * slope`` (the score gradient; per output
+  unit summed with atomics for structured scores). The bias gradient is summed on the way.
+W*M is never written to memory. Semantics: ``backends/reference.py``.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from ._common import (
+    check_backward_args, check_layer, fp32_dot_precision, grouped_tile, keep, matmul_configs,
+    prune_matmul_configs, score_grad_epilogue, tie_limit, upcast_for_dot,
+)
+
+KERNELS = ("masked_linear_forward", "masked_linear_backward")
+
+
+@triton.autotune(configs=matmul_configs(), key=["ROWS", "COLS", "LOOP", "UNIT_ON_COLS", "STRUCTURED"],
+                 prune_configs_by={"early_config_prune": prune_matmul_configs})
+@triton.jit
+def _masked_mm_kernel(
+    a_ptr, w_ptr, s_ptr, bias_ptr, c_ptr, thr_ptr, cut_ptr,
+    ROWS, COLS, LOOP, row_len,
+    stride_am, stride_al, stride_wu, stride_wr, stride_su, stride_sr, stride_cm, stride_cn,
+    UNIT_ON_COLS: tl.constexpr, STRUCTURED: tl.constexpr, HAS_BIAS: tl.constexpr,
+    UPCAST: tl.constexpr, PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+):
+    """C (ROWS, COLS) = A (ROWS, LOOP) @ B, B = W_eff^T (UNIT_ON_COLS, forward) or W_eff (dgrad).
+
+    The weight W (units, row_len) is addressed by (unit, red) strides; so are unstructured scores.
+    """
+    pid_m, pid_n = grouped_tile(ROWS, COLS, BLOCK_M, BLOCK_N, GROUP_M)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    m_ok = offs_m < ROWS
+    n_ok = offs_n < COLS
+    thr = tl.load(thr_ptr)
+    cut = tl.load(cut_ptr)
+    steps = tl.cdiv(LOOP, BLOCK_K)
+    if UNIT_ON_COLS:
+        if STRUCTURED:
+            s_col = tl.load(s_ptr + offs_n * stride_su, mask=n_ok, other=0)
+            col_kept = keep(s_col, thr, offs_n, tl.minimum(cut, COLS)) & n_ok
+            steps = tl.where(tl.max(col_kept.to(tl.int32), axis=0) > 0, steps, 0)  # dead tile: no K loop
+        else:
+            limit = tie_limit(cut, offs_n, row_len)
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for step in range(0, steps):
+        offs_l = step * BLOCK_K + tl.arange(0, BLOCK_K)
+        l_ok = offs_l < LOOP
+        b_ok = l_ok[:, None] & n_ok[None, :]
+        a = tl.load(a_ptr + offs_m[:, None] * stride_am + offs_l[None, :] * stride_al,
+                    mask=m_ok[:, None] & l_ok[None, :], other=0)
+        if UNIT_ON_COLS:  # B[l, n] = W[n, l]
+            b = tl.load(w_ptr + offs_n[None, :] * stride_wu + offs_l[:, None] * stride_wr, mask=b_ok, other=0)
+            if not STRUCTURED:
+                s = tl.load(s_ptr + offs_n[None, :] * stride_su + offs_l[:, None] * stride_sr, mask=b_ok, other=0)
+                b = tl.where(keep(s, thr, offs_l[:, None], limit[None, :]), b, 0)
+        else:  # B[l, n] = W[l, n]
+            b = tl.load(w_ptr + offs_l[:, None] * stride_wu + offs_n[None, :] * stride_wr, mask=b_ok, other=0)
+            if STRUCTURED:
+                s_row = tl.load(s_ptr + offs_l * stride_su, mask=l_ok, other=0)
+                b = tl.where(keep(s_row, thr, offs_l, tl.minimum(cut, LOOP))[:, None], b, 0)
+            else:
+                s = tl.load(s_ptr + offs_l[:, None] * stride_su + offs_n[None, :] * stride_sr, mask=b_ok, other=0)
+                b = tl.where(keep(s, thr, offs_n[None, :], tie_limit(cut, offs_l, row_len)[:, None]), b, 0)
+        if UPCAST:
+            a = a.to(tl.float32)
+            b = b.to(tl.float32)
+        acc = tl.dot(a, b, acc, input_precision=PRECISION)
+    if UNIT_ON_COLS and STRUCTURED:
+        acc = tl.where(col_kept[None, :], acc, 0.0)
+    if HAS_BIAS:
+        acc += tl.load(bias_ptr + offs_n, mask=n_ok, other=0).to(tl.float32)[None, :]
+    c = acc.to(c_ptr.dtype.element_ty)
+    tl.store(c_ptr + offs_m[:, None] * stride_cm + offs_n[None, :] * stride_cn, c, mask=m_ok[:, None] & n_ok[None, :])
+
+
+@triton.autotune(configs=matmul_configs(), key=["ROWS", "COLS", "LOOP", "STRUCTURED", "NEED_W", "NEED_S"],
+                 prune_configs_by={"early_config_prune": prune_matmul_configs}, reset_to_zero=["gs_ptr"])
+@triton.jit
+def _masked_wgrad_kernel(
+    g_ptr, x_ptr, w_ptr, s_ptr, thr_ptr, cut_ptr, gw_ptr, gs_ptr, gb_ptr,
+    ROWS, COLS, LOOP, temperature,
+    stride_gm, stride_gn, stride_xm, stride_xk, stride_wn, stride_wk, stride_sn, stride_sk,
+    stride_gwn, stride_gwk, stride_gsn, stride_gsk,
+    STRUCTURED: tl.constexpr, SIGMOID: tl.constexpr, NEED_W: tl.constexpr, NEED_S: tl.constexpr,
+    NEED_B: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+):
+    """G (ROWS=N, COLS=K) = grad_y^T @ x over LOOP=M rows, consumed by the score-gradient epilogue."""
+    pid_m, pid_n = grouped_tile(ROWS, COLS, BLOCK_M, BLOCK_N, GROUP_M)
+    units = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    reds = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    unit_ok = units < ROWS
+    red_ok = reds < COLS
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    bias_acc = tl.zeros((BLOCK_M,), dtype=tl.float32)
+    for step in range(0, tl.cdiv(LOOP, BLOCK_K)):
+        offs_l = step * BLOCK_K + tl.arange(0, BLOCK_K)
+        l_ok = offs_l < LOOP
+        a = tl.load(g_ptr + units[:, None] * stride_gn + offs_l[None, :] * stride_gm,
+                    mask=unit_ok[:, None] & l_ok[None, :], other=0)
+        b = tl.load(x_ptr + offs_l[:, None] * stride_xm + reds[None, :] * stride_xk,
+                    mask=l_ok[:, None] & red_ok[None, :], other=0)
+        if NEED_B:
+            bias_acc += tl.sum(a.to(tl.float32), axis=1)
+        if UPCAST:
+            a = a.to(tl.float32)
+            b = b.to(tl.float32)
+        acc = tl.dot(a, b, acc, input_precision=PRECISION)
+    if NEED_B:
+        tl.store(gb_ptr + units, bias_acc.to(gb_ptr.dtype.element_ty), mask=unit_ok & (pid_n == 0))
+    valid = unit_ok[:, None] & red_ok[None, :]
+    if STRUCTURED:
+        s_ptrs = s_ptr + units * stride_sn
+        gs_ptrs = gs_ptr + units
+    else:
+        s_ptrs = s_ptr + units[:, None] * stride_sn + reds[None, :] * stride_sk
+        gs_ptrs = gs_ptr + units[:, None] * stride_gsn + reds[None, :] * stride_gsk
+    score_grad_epilogue(
+        acc, units, reds, unit_ok, valid, COLS, ROWS,
+        w_ptr + units[:, None] * stride_wn + reds[None, :] * stride_wk, s_ptrs,
+        gw_ptr + units[:, None] * stride_gwn + reds[None, :] * stride_gwk, gs_ptrs,
+        tl.load(thr_ptr), tl.load(cut_ptr), temperature,
+        STRUCTURED, SIGMOID, NEED_W, NEED_S,
+    )
+
+
+def _mm_grid(rows: int, cols: int):
+    return lambda meta: (triton.cdiv(rows, meta["BLOCK_M"]) * triton.cdiv(cols, meta["BLOCK_N"]),)
+
+
+def _masked_mm(a, weight, scores, structured, bias, thr, cut, unit_on_cols):
+    """``a @ W_eff^T + bias`` (unit_on_cols) or ``a @ W_eff``, for a 2-d ``a``."""
+    rows, loop = a.shape
+    units, row_len = weight.shape
+    cols = units if unit_on_cols else row_len
+    out = torch.empty((rows, cols), dtype=a.dtype, device=a.device)
+    if out.numel() == 0:
+        return out
+    s_strides = (scores.stride(0), 0) if structured else scores.stride()
+    _masked_mm_kernel[_mm_grid(rows, cols)](
+        a, weight, scores, weight if bias is None else bias, out, thr, cut,
+        rows, cols, loop, row_len,
+        a.stride(0), a.stride(1), weight.stride(0), weight.stride(1), *s_strides, out.stride(0), out.stride(1),
+        UNIT_ON_COLS=unit_on_cols, STRUCTURED=structured, HAS_BIAS=bias is not None,
+        UPCAST=upcast_for_dot(a.dtype), PRECISION=fp32_dot_precision(),
+    )
+    return out
+
+
+def _check_linear(x, weight, bias, scores, thr, cut) -> bool:
+    structured = check_layer(x, weight, bias, scores, thr, cut)
+    if weight.dim() != 2 or x.dim() < 1 or x.shape[-1] != weight.shape[1]:
+        raise ValueError(f"x of shape {tuple(x.shape)} does not match weight of shape {tuple(weight.shape)}")
+    return structured
+
+
+def masked_linear_forward(x, weight, bias, scores, thr, cut):
+    """``x @ (weight * M)^T + bias``, the mask applied to weight tiles in registers."""
+    structured = _check_linear(x, weight, bias, scores, thr, cut)
+    y = _masked_mm(x.reshape(-1, x.shape[-1]), weight, scores, structured, bias, thr, cut, unit_on_cols=True)
+    return y.reshape(x.shape[:-1] + (weight.shape[0],))
+
+
+def masked_linear_backward(grad_y, x, weight, scores, thr, cut, estimator, temperature, needs):
+    """(grad_x, grad_weight, grad_bias, grad_scores), each None unless asked for in ``needs``."""
+    structured = _check_linear(x, weight, None, scores, thr, cut)
+    check_backward_args(grad_y, x.shape[:-1] + (weight.shape[0],), x, estimator, temperature, needs, 4)
+    need_x, need_w, need_b, need_s = (bool(n) for n in needs)
+    n_out, k_in = weight.shape
+    g2 = grad_y.reshape(-1, n_out)
+    gx = gw = gb = gs = None
+    if need_x:
+        gx = _masked_mm(g2, weight, scores, structured, None, thr, cut, unit_on_cols=False).reshape(x.shape)
+    fuse_b = need_b and weight.numel() > 0
+    if (need_w or need_s) and weight.numel() > 0:
+        x2 = x.reshape(-1, k_in)
+        gw = torch.empty_like(weight) if need_w else None
+        if need_s:
+            gs = torch.zeros(n_out, dtype=torch.float32, device=x.device) if structured else torch.empty_like(scores)
+        gb = torch.empty(n_out, dtype=x.dtype, device=x.device) if fuse_b else None
+        dummy = torch.empty(1, dtype=torch.float32, device=x.device)  # for pointers a config never touches
+        gs_strides = gs.stride() if need_s and not structured else (0, 0)
+        s_strides = (scores.stride(0), 0) if structured else scores.stride()
+        _masked_wgrad_kernel[_mm_grid(n_out, k_in)](
+            g2, x2, weight, scores, thr, cut, dummy if gw is None else gw, dummy if gs is None else gs,
+            dummy if gb is None else gb,
+            n_out, k_in, g2.shape[0], float(temperature),
+            g2.stride(0), g2.stride(1), x2.stride(0), x2.stride(1), weight.stride(0), weight.stride(1),
+            *s_strides, *(gw.stride() if need_w else (0, 0)), *gs_strides,
+            STRUCTURED=structured, SIGMOID=estimator == "sigmoid", NEED_W=need_w, NEED_S=need_s,
+            NEED_B=fuse_b, UPCAST=upcast_for_dot(x.dtype), PRECISION=fp32_dot_precision(),
+        )
+    elif need_w or need_s:  # an empty weight (in_features == 0)
+        gw = torch.empty_like(weight) if need_w else None
+        gs = torch.zeros_like(scores) if need_s else None
+    if gs is not None:
+        gs = gs.to(scores.dtype)
+    if need_b and gb is None:
+        gb = g2.sum(0)
+    return gx, gw, gb, gs

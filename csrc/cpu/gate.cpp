@@ -1,0 +1,178 @@
+// Fused CPU channel gate (backend "cpp"): y = x * g and, in one pass over the activations,
+// grad_x = grad_y * g together with the per-channel reduction sum(grad_y * x). x is read in
+// memory order as an (outer, C, inner) view: contiguous for any dim, channels_last for dim 1;
+// other layouts are made contiguous first. Reductions accumulate in fp64 per (chunk, channel)
+// and are summed in a fixed order, so results do not depend on thread scheduling.
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <vector>
+
+#include "masked_common.h"
+
+namespace bise_cpu {
+namespace {
+
+constexpr int64_t kGrain = 32768;
+
+struct GateLayout {
+  at::Tensor x;  // x itself, or a contiguous copy
+  at::MemoryFormat format;
+  int64_t outer, channels, inner;
+};
+
+GateLayout gate_layout(const at::Tensor& x, int64_t dim) {
+  const int64_t channels = x.size(dim);
+  if (dim == 1 && !x.is_contiguous()) {
+    if (x.dim() == 4 && x.is_contiguous(at::MemoryFormat::ChannelsLast))
+      return {x, at::MemoryFormat::ChannelsLast, x.numel() / std::max<int64_t>(channels, 1), channels, 1};
+    if (x.dim() == 5 && x.is_contiguous(at::MemoryFormat::ChannelsLast3d))
+      return {x, at::MemoryFormat::ChannelsLast3d, x.numel() / std::max<int64_t>(channels, 1), channels, 1};
+  }
+  int64_t outer = 1, inner = 1;
+  for (int64_t d = 0; d < dim; ++d) outer *= x.size(d);
+  for (int64_t d = dim + 1; d < x.dim(); ++d) inner *= x.size(d);
+  return {x.contiguous(), at::MemoryFormat::Contiguous, outer, channels, inner};
+}
+
+int64_t check_gate(const at::Tensor& x, const at::Tensor& scores, const at::Tensor& thr, const at::Tensor& cut,
+                   int64_t dim, const char* op) {
+  check_float_cpu(x, "x", op);
+  check_float_cpu(scores, "scores", op);
+  check_selection(scores, thr, cut, op);
+  TORCH_CHECK(x.dim() >= 1, op, ": x must have at least one dimension");
+  dim = at::maybe_wrap_dim(dim, x.dim());
+  TORCH_CHECK(scores.dim() == 1 && scores.size(0) == x.size(dim), op, ": scores must have shape (", x.size(dim),
+              ",) (x.shape[", dim, "]), got ", scores.sizes());
+  return dim;
+}
+
+template <typename X, typename S>
+std::vector<X> gate_values(const at::Tensor& scores, const at::Tensor& thr, const at::Tensor& cut) {
+  const Keep<S> keep = keep_rule<S>(thr, cut);
+  const S* sp = scores.data_ptr<S>();
+  std::vector<X> gate(scores.numel());
+  for (int64_t c = 0; c < scores.numel(); ++c) gate[c] = X(keep(sp[c], c) ? 1.0f : 0.0f);
+  return gate;
+}
+
+// out[r, i] = in[r, i] * gate[r % C] over the (outer * C, inner) rows.
+template <typename X>
+void scale_rows(const X* in, X* out, const std::vector<X>& gate, const GateLayout& L) {
+  const int64_t C = L.channels, inner = L.inner;
+  at::parallel_for(0, L.outer * C, std::max<int64_t>(1, kGrain / inner), [&](int64_t begin, int64_t end) {
+    int64_t c = begin % C;
+    for (int64_t r = begin; r < end; ++r) {
+      const X g = gate[c];
+      for (int64_t i = r * inner; i < (r + 1) * inner; ++i) out[i] = in[i] * g;
+      if (++c == C) c = 0;
+    }
+  });
+}
+
+at::Tensor gate_forward(const at::Tensor& x, const at::Tensor& scores, const at::Tensor& thr, const at::Tensor& cut,
+                        int64_t dim) {
+  dim = check_gate(x, scores, thr, cut, dim, "bise_kernels_ext::gate_forward");
+  const GateLayout L = gate_layout(x, dim);
+  at::Tensor y = at::empty_like(L.x, L.format);
+  if (x.numel() == 0) return y;
+  const at::Tensor s = scores.contiguous();
+  BISE_DISPATCH_FLOAT(x.scalar_type(), "gate_forward", [&] {
+    using X = scalar_t;
+    BISE_DISPATCH_FLOAT(s.scalar_type(), "gate_forward", [&] {
+      scale_rows<X>(L.x.data_ptr<X>(), y.data_ptr<X>(), gate_values<X, scalar_t>(s, thr, cut), L);
+    });
+  });
+  return y;
+}
+
+// sums[c] = sum over (outer, inner) of gy * x; also writes gx = gy * gate when gx is non-null.
+template <typename X>
+std::vector<double> gate_reduce(const X* gy, const X* x, X* gx, const std::vector<X>& gate, const GateLayout& L) {
+  using A = acc_t<X>;
+  const int64_t C = L.channels, inner = L.inner, outer = L.outer;
+  const int64_t tasks = 4 * at::get_num_threads();
+  // Long contiguous runs: one task per (outer chunk, channel); short runs: per outer chunk, all channels.
+  const bool per_channel = inner >= 16;
+  const int64_t chunks = std::min(outer, per_channel ? std::max<int64_t>(1, (tasks + C - 1) / C) : tasks);
+  std::vector<double> partial(chunks * C, 0.0);
+  auto run = [&](int64_t k, int64_t c_begin, int64_t c_end) {
+    for (int64_t o = k * outer / chunks; o < (k + 1) * outer / chunks; ++o) {
+      for (int64_t c = c_begin; c < c_end; ++c) {
+        const X g = gate[c];
+        A sum = 0;
+        for (int64_t i = (o * C + c) * inner; i < (o * C + c + 1) * inner; ++i) {
+          sum += static_cast<A>(gy[i]) * static_cast<A>(x[i]);
+          if (gx != nullptr) gx[i] = gy[i] * g;
+        }
+        partial[k * C + c] += static_cast<double>(sum);
+      }
+    }
+  };
+  if (per_channel) {
+    at::parallel_for(0, chunks * C, 1, [&](int64_t begin, int64_t end) {
+      for (int64_t t = begin; t < end; ++t) run(t / C, t % C, t % C + 1);
+    });
+  } else {
+    at::parallel_for(0, chunks, 1, [&](int64_t begin, int64_t end) {
+      for (int64_t k = begin; k < end; ++k) run(k, 0, C);
+    });
+  }
+  std::vector<double> sums(C, 0.0);
+  for (int64_t k = 0; k < chunks; ++k)
+    for (int64_t c = 0; c < C; ++c) sums[c] += partial[k * C + c];
+  return sums;
+}
+
+std::tuple<at::Tensor, at::Tensor> gate_backward(const at::Tensor& grad_y, const at::Tensor& x,
+                                                 const at::Tensor& scores, const at::Tensor& thr,
+                                                 const at::Tensor& cut, int64_t dim, std::string estimator,
+                                                 double temperature, bool need_x, bool need_scores) {
+  constexpr const char* op = "bise_kernels_ext::gate_backward";
+  dim = check_gate(x, scores, thr, cut, dim, op);
+  TORCH_CHECK(grad_y.sizes() == x.sizes() && grad_y.scalar_type() == x.scalar_type() && grad_y.device().is_cpu(),
+              op, ": grad_y must be a CPU tensor like x ", x.sizes(), " ", x.scalar_type(), ", got ", grad_y.sizes(),
+              " ", grad_y.scalar_type(), " on ", grad_y.device());
+  const GateLayout L = gate_layout(x, dim);
+  const at::Tensor gy = grad_y.contiguous(L.format), s = scores.contiguous();
+  at::Tensor gx = need_x ? at::empty_like(L.x, L.format) : at::empty({0}, x.options());
+  at::Tensor gs = need_scores ? at::empty_like(s) : at::empty({0}, s.options());
+  BISE_DISPATCH_FLOAT(x.scalar_type(), "gate_backward", [&] {
+    using X = scalar_t;
+    BISE_DISPATCH_FLOAT(s.scalar_type(), "gate_backward", [&] {
+      using S = scalar_t;
+      const std::vector<X> gate = gate_values<X, S>(s, thr, cut);
+      if (!need_scores) {
+        if (need_x && x.numel() > 0) scale_rows<X>(gy.data_ptr<X>(), gx.data_ptr<X>(), gate, L);
+        return;
+      }
+      const Slope<S> slope = slope_rule<S>(estimator, temperature, op);
+      const std::vector<double> sums =
+          x.numel() > 0 ? gate_reduce<X>(gy.data_ptr<X>(), L.x.data_ptr<X>(), need_x ? gx.data_ptr<X>() : nullptr,
+                                         gate, L)
+                        : std::vector<double>(L.channels, 0.0);
+      const S* sp = s.data_ptr<S>();
+      S* gsp = gs.data_ptr<S>();
+      for (int64_t c = 0; c < L.channels; ++c)
+        gsp[c] = static_cast<S>(static_cast<acc_t<S>>(sums[c]) * slope(sp[c]));
+    });
+  });
+  return {gx, gs};
+}
+
+}  // namespace
+}  // namespace bise_cpu
+
+TORCH_LIBRARY_FRAGMENT(bise_kernels_ext, m) {
+  m.def("gate_forward(Tensor x, Tensor scores, Tensor thr, Tensor cut, int dim) -> Tensor");
+  m.def(
+      "gate_backward(Tensor grad_y, Tensor x, Tensor scores, Tensor thr, Tensor cut, int dim, str estimator, "
+      "float temperature, bool need_x, bool need_scores) -> (Tensor, Tensor)");
+}
+
+TORCH_LIBRARY_IMPL(bise_kernels_ext, CPU, m) {
+  m.impl("gate_forward", &bise_cpu::gate_forward);
+  m.impl("gate_backward", &bise_cpu::gate_backward);
+}

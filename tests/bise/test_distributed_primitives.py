@@ -1,0 +1,69 @@
+"""torch.distributed glue on 2 CPU processes (gloo, loopback): gathered terms and summed gradients
+reproduce the single-process global-batch computation."""
+
+import os
+import socket
+
+import torch
+import torch.multiprocessing as mp
+
+from bise import distributed as bd
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _objective(p_all: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """A batch-level (non-separable) term, like the MI estimator: depends on all rows at once."""
+    joint = torch.softmax(p_all @ w, dim=1)
+    return (joint.mean(0) * torch.log(joint.mean(0))).sum()
+
+
+def _worker(rank, world, port, data, result_queue):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world))
+    ctx = bd.init("cpu", timeout_s=60)
+    x, w0 = data
+    w = w0.clone().requires_grad_()
+    g = torch.Generator().manual_seed(5)
+    for local, global_n in bd.local_batches(x.shape[0], 7, g, ctx):
+        rows = bd.all_gather_rows(x[local] * 1.0)
+        local_loss = (x[local] @ w).square().sum() / global_n
+        (local_loss + _objective(rows, w) / ctx.world_size).backward()
+    bd.all_reduce_grads([w])
+    counts = bd.all_reduce_sum(torch.tensor([len(bd.local_share(torch.arange(10), ctx))]))
+    if ctx.is_main:
+        result_queue.put((w.grad.clone(), int(counts)))
+    bd.barrier()
+    bd.shutdown()
+
+
+def test_two_processes_match_one_process_with_the_global_batch():
+    torch.manual_seed(0)
+    x, w0 = torch.randn(23, 4, dtype=torch.float64), torch.randn(4, 3, dtype=torch.float64)
+    w = w0.clone().requires_grad_()
+    g = torch.Generator().manual_seed(5)
+    for batch in bd.global_batches(23, 7, g):
+        ((x[batch] @ w).square().sum() / batch.numel() + _objective(x[batch], w)).backward()
+    ctx = mp.get_context("spawn")
+    queue = ctx.Queue()
+    port = _free_port()
+    procs = [ctx.Process(target=_worker, args=(r, 2, port, (x, w0), queue)) for r in range(2)]
+    for p in procs:
+        p.start()
+    grad, count = queue.get(timeout=120)
+    for p in procs:
+        p.join(timeout=60)
+        assert p.exitcode == 0
+    assert count == 10
+    torch.testing.assert_close(grad, w.grad, rtol=1e-12, atol=1e-12)
+
+
+def test_single_process_functions_are_identities():
+    ctx = bd.current()
+    assert ctx.world_size == 1 and ctx.is_main
+    x = torch.randn(3, 2, requires_grad=True)
+    assert bd.all_gather_rows(x) is x
+    assert torch.equal(bd.local_share(torch.arange(5), ctx), torch.arange(5))
