@@ -23,8 +23,10 @@ from torch import Tensor, nn
 
 from bise_kernels.nn import ChannelGate
 
+from .checkpoint import save_atomic
+from .report import write_text
+
 FORMAT = "bise-export-1"
-_CHANNEL_MIXING_NORMS = (nn.LayerNorm, nn.GroupNorm)
 _SHAPE_ATTRS = ("in_channels", "out_channels", "groups", "in_features", "out_features", "num_features",
                 "num_channels")
 
@@ -33,20 +35,16 @@ class ExportError(RuntimeError):
     """The gated model cannot be exported exactly; the message names the blocking module."""
 
 
-class FixedGate(nn.Module):
-    """``activation(x) * scale`` with a fixed 0/1 per-channel ``scale`` (a frozen, exported gate).
+class ChannelScale(nn.Module):
+    """``x * scale`` with a fixed 0/1 per-channel ``scale`` along ``dim`` (a frozen gate)."""
 
-    Kept only where a channel must stay (a residual union) although a gate zeroes it."""
-
-    def __init__(self, activation: nn.Module, scale: Tensor, dim: int = 1):
+    def __init__(self, scale: Tensor, dim: int = 1):
         super().__init__()
-        self.activation = activation
         self.dim = dim
         self.num_channels = int(scale.numel())
         self.register_buffer("scale", scale.detach().float().clone())
 
     def forward(self, x: Tensor) -> Tensor:
-        x = self.activation(x)
         shape = [1] * x.dim()
         shape[self.dim] = self.num_channels
         return x * self.scale.view(shape)
@@ -55,10 +53,23 @@ class FixedGate(nn.Module):
         return f"{self.num_channels}, dim={self.dim}, zeros={int((self.scale == 0).sum())}"
 
 
-class _FixedGatePruner(tp.pruner.function.BasePruningFunc):
-    TARGET_MODULES = (FixedGate,)
+class FixedGate(nn.Module):
+    """``mask(activation(x))``: an exported gate kept where a channel must stay although the gate
+    zeroes it (a residual union, a round_to pad, a channel-mixing norm behind it)."""
 
-    def prune_out_channels(self, layer: FixedGate, idxs):
+    def __init__(self, activation: nn.Module, scale: Tensor, dim: int = 1):
+        super().__init__()
+        self.activation = activation
+        self.mask = ChannelScale(scale, dim)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.mask(self.activation(x))
+
+
+class _ChannelScalePruner(tp.pruner.function.BasePruningFunc):
+    TARGET_MODULES = (ChannelScale,)
+
+    def prune_out_channels(self, layer: ChannelScale, idxs):
         keep = sorted(set(range(layer.num_channels)) - set(idxs))
         layer.scale = layer.scale[keep].clone()
         layer.num_channels = len(keep)
@@ -66,10 +77,13 @@ class _FixedGatePruner(tp.pruner.function.BasePruningFunc):
 
     prune_in_channels = prune_out_channels
 
-    def get_out_channels(self, layer: FixedGate):
+    def get_out_channels(self, layer: ChannelScale):
         return layer.num_channels
 
     get_in_channels = get_out_channels
+
+
+_PRUNER = _ChannelScalePruner()
 
 
 def _is_gated(module: nn.Module) -> bool:
@@ -117,12 +131,15 @@ def freeze_gates(model: nn.Module, gates=None) -> nn.Module:
 
 
 def _probe_inputs(example_input: Tensor) -> Tensor:
-    """The example batch plus random inputs around its range, so constancy is not an accident of one batch."""
+    """The example batch plus random inputs in and beyond its range, so that a channel found constant
+    is constant by construction (gated off), not by accident of one batch."""
     x = example_input.detach().cpu().float()[:8]
     gen = torch.Generator().manual_seed(0)
     lo, hi = float(x.min()), float(x.max())
-    noise = torch.rand((8,) + tuple(x.shape[1:]), generator=gen) * (hi - lo + 1e-3) + lo
-    return torch.cat([x, noise, x.flip(0) * 0.5 + noise * 0.5])
+    shape = (8,) + tuple(x.shape[1:])
+    uniform = torch.rand(shape, generator=gen) * (hi - lo + 1e-3) + lo
+    wide = torch.randn(shape, generator=gen) * 2 * (hi - lo + 1e-3) + x.mean()
+    return torch.cat([x, uniform, wide])
 
 
 def _is_consumer(dg, dep) -> bool:
@@ -136,32 +153,6 @@ def _is_consumer(dg, dep) -> bool:
 
 def _channel_values(x: Tensor, idx: int, linear: bool) -> Tensor:
     return x[..., idx] if linear else x[:, idx]
-
-
-class _Group:
-    """One coupled channel group, rooted at a FixedGate, described in the root's channel indexing."""
-
-    def __init__(self, dg, root_name: str, root: FixedGate, names: dict):
-        self.root_name, self.root = root_name, root
-        group = dg.get_pruning_group(root, _PRUNER.prune_out_channels, idxs=list(range(root.num_channels)))
-        self.gates: dict[str, dict[int, int]] = {}      # gate name -> root idx -> gate idx
-        self.consumers: dict[str, dict[int, list]] = {}  # consumer name -> root idx -> consumer idxs
-        self.blockers = []
-        for dep, idxs in group:
-            m = dep.target.module
-            name = names.get(id(m), type(m).__name__)
-            if isinstance(m, FixedGate):
-                self.gates.setdefault(name, {}).update({i.root_idx: i.idx for i in idxs})
-            elif _is_consumer(dg, dep):
-                per = self.consumers.setdefault(name, {})
-                for i in idxs:
-                    per.setdefault(i.root_idx, []).append(i.idx)
-            elif isinstance(m, _CHANNEL_MIXING_NORMS):
-                self.blockers.append(name)
-        self.key = frozenset(self.gates)
-
-
-_PRUNER = _FixedGatePruner()
 
 
 def _constant(x: Tensor, idx: int, linear: bool) -> Optional[float]:
@@ -196,33 +187,34 @@ def _fold_constants(module: nn.Module, name: str, x: Tensor, idxs: list[int], va
         module.bias += delta
 
 
-def _removable(group: _Group, frozen_gates: dict, inputs: dict, modules: dict) -> tuple[list[int], dict]:
-    """Root channels that may go, and per consumer the constants they carry there."""
-    n = group.root.num_channels
-    removable, consts = [], {}
-    for c in range(n):
-        if any(frozen_gates[g].scale[m[c]] != 0 for g, m in group.gates.items() if c in m):
-            continue
-        found = {}
-        for cname, per in group.consumers.items():
-            linear = isinstance(modules[cname], nn.Linear)
-            vals = [_constant(inputs[cname], i, linear) for i in per.get(c, [])]
-            if any(v is None for v in vals):
-                break
-            found[cname] = list(zip(per.get(c, []), vals))
-        else:
-            removable.append(c)
-            for cname, pairs in found.items():
-                consts.setdefault(cname, []).extend(pairs)
-    return removable, consts
+def _plain(idxs) -> list[int]:
+    return [int(getattr(i, "idx", i)) for i in idxs]
+
+
+def _group_ok(dg, scale: ChannelScale, idxs: list[int], inputs: dict) -> bool:
+    """May channels ``idxs`` of ``scale`` go? Every fixed gate coupled to them zeroes them, and every
+    consumer that reads them reads a constant (so an ungated source, e.g. a ResNet stem, keeps them)."""
+    for dep, item_idxs in dg.get_pruning_group(scale, _PRUNER.prune_out_channels, idxs=idxs):
+        m, plain = dep.target.module, _plain(item_idxs)
+        if isinstance(m, ChannelScale):
+            if bool((m.scale[plain] != 0).any()):
+                return False
+        elif _is_consumer(dg, dep):
+            linear = isinstance(m, nn.Linear)
+            if any(_constant(inputs[id(m)], i, linear) is None for i in plain):
+                return False
+    return True
 
 
 def _round_up(removable: list[int], n: int, round_to: Optional[int]) -> list[int]:
-    if not round_to or round_to <= 1:
-        return removable
+    """Give back removable channels so that at least one (conv2d needs >= 1 filter) and a multiple of
+    ``round_to`` stay; the given-back channels remain zeroed by their fixed gate, so this is exact."""
     kept = n - len(removable)
-    target = min(n, max(round_to, -(-kept // round_to) * round_to))
-    return removable[: n - target] if n - target < len(removable) else removable
+    target = max(1, kept)
+    if round_to and round_to > 1:
+        target = max(round_to, -(-kept // round_to) * round_to)
+    target = min(n, target)
+    return removable[: n - target]
 
 
 def _fold_batchnorm(model: nn.Module, dg, names: dict) -> list[str]:
@@ -288,49 +280,57 @@ def export_subnetwork(model: nn.Module, gates: Optional[Mapping] = None, *, exam
     with torch.no_grad():
         reference = masked(probe)
     names = {id(m): n for n, m in out.named_modules()}
-    fixed = {n: m for n, m in out.named_modules() if isinstance(m, FixedGate)}
+    scales = {n: m.mask for n, m in out.named_modules() if isinstance(m, FixedGate)}
+    for p in out.parameters():
+        p.requires_grad_(True)  # DependencyGraph traces the autograd graph
     try:
         dg = tp.DependencyGraph().build_dependency(out, example_inputs=probe[:2], verbose=False,
-                                                   customized_pruners={FixedGate: _PRUNER})
+                                                   customized_pruners={ChannelScale: _PRUNER})
     except Exception as exc:  # torch-pruning raises bare errors on unsupported graphs
         raise ExportError(f"torch-pruning could not trace the model: {type(exc).__name__}: {exc}") from exc
-    groups: dict[frozenset, _Group] = {}
-    for name, gate in fixed.items():
-        group = _Group(dg, name, gate, names)
-        groups.setdefault(group.key, group)
-    consumer_names = {c for g in groups.values() for c in g.consumers}
-    modules = {n: out.get_submodule(n) for n in consumer_names}
-    inputs: dict[str, Tensor] = {}
-    hooks = [out.get_submodule(n).register_forward_hook(
-        lambda m, a, o, n=n: inputs.__setitem__(n, a[0].detach())) for n in consumer_names]
+    finally:
+        for p in out.parameters():
+            p.requires_grad_(False)
+    inputs: dict[int, Tensor] = {}
+    hooks = [m.register_forward_hook(lambda m, a, o: inputs.__setitem__(id(m), a[0].detach()))
+             for m in out.modules() if isinstance(m, (nn.Linear, nn.modules.conv._ConvNd))]
     with torch.no_grad():
         out(probe)
     for h in hooks:
         h.remove()
-    for group in groups.values():
-        removable, consts = _removable(group, fixed, inputs, modules)
-        removable = _round_up(removable, group.root.num_channels, round_to)
+    for name, scale in scales.items():
+        if scale not in dg.module2node:
+            raise ExportError(f"gate {name!r} did not run in the traced forward pass")
+        candidates = [i for i in range(scale.num_channels) if scale.scale[i] == 0]
+        if not candidates:
+            continue
+        removable = candidates if _group_ok(dg, scale, candidates, inputs) else [
+            c for c in candidates if _group_ok(dg, scale, [c], inputs)]
+        removable = _round_up(removable, scale.num_channels, round_to)
         if not removable:
             continue
-        if group.blockers:
-            raise ExportError(f"{group.blockers[0]} normalises across the channels gated by {group.root_name}; "
-                              "removing them would change its statistics")
-        gone = set(removable)
-        for cname, pairs in consts.items():
-            per = group.consumers[cname]
-            chosen = {i for c in gone for i in per.get(c, [])}
-            pairs = [(i, v) for i, v in pairs if i in chosen]
-            _fold_constants(modules[cname], cname, inputs[cname], [i for i, _ in pairs],
-                            [v for _, v in pairs])
-        dg.get_pruning_group(group.root, _PRUNER.prune_out_channels, idxs=removable).prune()
-    for name, gate in fixed.items():
-        if bool((gate.scale == 1).all()):
-            _set_module(out, name, gate.activation)
+        group = dg.get_pruning_group(scale, _PRUNER.prune_out_channels, idxs=removable)
+        for dep, item_idxs in group:
+            m = dep.target.module
+            if _is_consumer(dg, dep):
+                plain = _plain(item_idxs)
+                linear = isinstance(m, nn.Linear)
+                _fold_constants(m, names.get(id(m), type(m).__name__), inputs[id(m)], plain,
+                                [_constant(inputs[id(m)], i, linear) for i in plain])
+        group.prune()
+    for name, scale in scales.items():
+        if bool((scale.scale == 1).all()):
+            _set_module(out, name, out.get_submodule(name).activation)
     if fold_bn:
         _fold_batchnorm(out, dg, names)
     out.eval()
     if check:
-        diff = max_abs_diff(masked, out, probe)
+        with torch.no_grad():
+            got = out(probe)
+        if got.shape != reference.shape:
+            raise ExportError(f"exported output shape {tuple(got.shape)} != masked {tuple(reference.shape)}: a "
+                              "gated channel reaches the model output")
+        diff = float((got - reference).abs().max())
         scale = max(1.0, float(reference.abs().max()))
         if diff > 1e-4 * scale:
             raise ExportError(f"exported model differs from the masked model by {diff:.3g} on the probe; an op "
@@ -347,21 +347,11 @@ def describe(module: nn.Module, spec: Optional[dict] = None) -> dict:
         entry = {"type": type(m).__name__}
         entry.update({a: int(getattr(m, a)) for a in _SHAPE_ATTRS if isinstance(getattr(m, a, None), int)})
         if isinstance(m, FixedGate):
-            entry["dim"] = m.dim
+            entry.update(num_channels=m.mask.num_channels, dim=m.mask.dim)
         if hasattr(m, "bias") and isinstance(m, (nn.Linear, nn.modules.conv._ConvNd)):
             entry["bias"] = m.bias is not None
         modules[name] = entry
     return {"format": FORMAT, "spec": spec, "modules": modules}
-
-
-def _atomic_write(path: str, write) -> None:
-    tmp = f"{path}.tmp{os.getpid()}"
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
 
 
 def arch_path(path: str) -> str:
@@ -374,8 +364,8 @@ def save_exported(module: nn.Module, path: str, spec: Optional[dict] = None) -> 
     """Write ``module``'s state_dict to ``path`` and its description to ``arch_path(path)`` (atomic)."""
     desc = describe(module, spec)
     state = {k: v.detach().cpu() for k, v in module.state_dict().items()}
-    _atomic_write(arch_path(path), lambda p: open(p, "w").write(json.dumps(desc, indent=1)))
-    _atomic_write(path, lambda p: torch.save(state, p))
+    write_text(arch_path(path), json.dumps(desc, indent=1))
+    save_atomic(state, path)
     return desc
 
 

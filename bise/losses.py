@@ -59,7 +59,11 @@ def weight_table(scheme: str, *, num_classes: Optional[int] = None, rho: Union[f
     if scheme not in SCHEMES:
         raise ValueError(f"scheme must be one of {SCHEMES}, got {scheme!r}")
     if scheme == "two-bias":
-        rl, rr = (0.99, 0.95) if rho is None else tuple(rho)
+        if rho is None:
+            rho = (0.99, 0.95)
+        if not isinstance(rho, (tuple, list)) or len(rho) != 2:
+            raise ValueError(f"two-bias weighting needs rho=(rho_left, rho_right), got {rho!r}")
+        rl, rr = rho
         rl, rr = _check_rho(rl, "rho[0] (left)"), _check_rho(rr, "rho[1] (right)")
         left = torch.tensor([rl, 1 - rl], dtype=torch.float64)
         right = torch.tensor([rr, 1 - rr], dtype=torch.float64)

@@ -39,16 +39,32 @@ def carve(y: np.ndarray, sizes: list, rng: np.random.Generator) -> list:
 
 
 def bias_labels(y: np.ndarray, rho: float, k: int, rng: np.random.Generator) -> np.ndarray:
-    """Bias label per sample: exactly round(rho * n_c) of class c get b = c, the rest spread evenly
+    """Bias label per sample: round(rho * N) samples in all, spread over the classes in proportion
+    to their size (largest remainder), get b = y; the rest of class c are spread evenly
     (up to one) over the other k - 1 bias classes. rho = 1/k gives an unbiased split: b uniform
     and independent of y, each (y, b) cell within one sample of n_c / k.
     """
     b = np.empty(len(y), dtype=np.int64)
-    for c in np.unique(y):
+    classes, counts = np.unique(y, return_counts=True)
+    for c, n_aligned in zip(classes, allocate(round(rho * len(y)), counts)):
         idx = rng.permutation(np.flatnonzero(y == c))
-        n_aligned = int(round(rho * len(idx)))
         start = rng.integers(k - 1)  # which other classes get the one extra sample
         others = (c + 1 + (start + np.arange(len(idx) - n_aligned)) % (k - 1)) % k
         b[idx[:n_aligned]] = c
         b[idx[n_aligned:]] = rng.permutation(others)
     return b
+
+
+def per_group(g: np.ndarray, m: int, rng: np.random.Generator) -> np.ndarray:
+    """m random samples of every group id in g (shuffled), e.g. a group-balanced val or test set."""
+    parts = [rng.choice(np.flatnonzero(g == k), m, replace=False) for k in np.unique(g)]
+    return rng.permutation(np.concatenate(parts))
+
+
+def cap(idx: np.ndarray, g: np.ndarray, n: int, rng: np.random.Generator) -> np.ndarray:
+    """At most n of idx (n = 0: all), stratified by the group ids g of idx."""
+    if not n:
+        return idx
+    if n > len(idx):
+        raise ValueError(f"n_train={n} exceeds the {len(idx):,} training images available")
+    return idx[carve(g, [n], rng)[0]]

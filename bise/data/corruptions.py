@@ -11,7 +11,12 @@ import io
 
 import numpy as np
 from PIL import Image
-from scipy import ndimage
+
+
+def _ndimage():
+    """scipy.ndimage, imported on first use: importing bise.data stays fast for cached loads."""
+    from scipy import ndimage
+    return ndimage
 
 
 def _clip(a: np.ndarray) -> np.ndarray:
@@ -32,17 +37,17 @@ def impulse_noise(x, rng):
 
 
 def gaussian_blur(x, rng):
-    return _clip(ndimage.gaussian_filter(x.astype(np.float64), sigma=(0, 1.2, 1.2)))
+    return _clip(_ndimage().gaussian_filter(x.astype(np.float64), sigma=(0, 1.2, 1.2)))
 
 
 def motion_blur(x, rng):
     """Box blur along one axis (7 pixels horizontally), like a camera shake."""
-    return _clip(ndimage.uniform_filter1d(x.astype(np.float64), size=7, axis=2))
+    return _clip(_ndimage().uniform_filter1d(x.astype(np.float64), size=7, axis=2))
 
 
 def pixelate(x, rng):
     n, h, w = x.shape
-    small = [Image.fromarray(i).resize((w // 4, h // 4), Image.BOX) for i in x]
+    small = [Image.fromarray(i).resize((w // 3, h // 3), Image.BOX) for i in x]
     return np.stack([np.asarray(s.resize((w, h), Image.NEAREST)) for s in small])
 
 
@@ -66,13 +71,14 @@ def jpeg(x, rng):
 
 
 def elastic(x, rng):
-    """Random smooth displacement field (std 2 px, smoothing sigma 2 px), bilinear resampling."""
+    """Random smooth displacement field (std 1 px, smoothing sigma 3 px), bilinear resampling."""
     n, h, w = x.shape
     out = np.empty_like(x)
     grid = np.mgrid[0:h, 0:w].astype(np.float64)
+    ndimage = _ndimage()
     for i in range(n):
-        d = ndimage.gaussian_filter(rng.uniform(-1, 1, (2, h, w)), sigma=(0, 2, 2))
-        d *= 2.0 / max(float(d.std()), 1e-12)
+        d = ndimage.gaussian_filter(rng.uniform(-1, 1, (2, h, w)), sigma=(0, 3, 3))
+        d *= 1.0 / max(float(d.std()), 1e-12)
         out[i] = _clip(ndimage.map_coordinates(x[i].astype(np.float64), grid + d, order=1))
     return out
 

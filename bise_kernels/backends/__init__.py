@@ -75,6 +75,7 @@ BACKENDS: dict[str, Backend] = {
         (
             "bise_kernels.backends.triton.select",
             "bise_kernels.backends.triton.masked_matmul",
+            "bise_kernels.backends.triton.masked_conv",
             "bise_kernels.backends.triton.gate",
         ),
     ),

@@ -17,38 +17,6 @@ namespace {
 
 constexpr int64_t kGrain = 32768;
 
-struct GateLayout {
-  at::Tensor x;  // x itself, or a contiguous copy
-  at::MemoryFormat format;
-  int64_t outer, channels, inner;
-};
-
-GateLayout gate_layout(const at::Tensor& x, int64_t dim) {
-  const int64_t channels = x.size(dim);
-  if (dim == 1 && !x.is_contiguous()) {
-    if (x.dim() == 4 && x.is_contiguous(at::MemoryFormat::ChannelsLast))
-      return {x, at::MemoryFormat::ChannelsLast, x.numel() / std::max<int64_t>(channels, 1), channels, 1};
-    if (x.dim() == 5 && x.is_contiguous(at::MemoryFormat::ChannelsLast3d))
-      return {x, at::MemoryFormat::ChannelsLast3d, x.numel() / std::max<int64_t>(channels, 1), channels, 1};
-  }
-  int64_t outer = 1, inner = 1;
-  for (int64_t d = 0; d < dim; ++d) outer *= x.size(d);
-  for (int64_t d = dim + 1; d < x.dim(); ++d) inner *= x.size(d);
-  return {x.contiguous(), at::MemoryFormat::Contiguous, outer, channels, inner};
-}
-
-int64_t check_gate(const at::Tensor& x, const at::Tensor& scores, const at::Tensor& thr, const at::Tensor& cut,
-                   int64_t dim, const char* op) {
-  check_float_cpu(x, "x", op);
-  check_float_cpu(scores, "scores", op);
-  check_selection(scores, thr, cut, op);
-  TORCH_CHECK(x.dim() >= 1, op, ": x must have at least one dimension");
-  dim = at::maybe_wrap_dim(dim, x.dim());
-  TORCH_CHECK(scores.dim() == 1 && scores.size(0) == x.size(dim), op, ": scores must have shape (", x.size(dim),
-              ",) (x.shape[", dim, "]), got ", scores.sizes());
-  return dim;
-}
-
 template <typename X, typename S>
 std::vector<X> gate_values(const at::Tensor& scores, const at::Tensor& thr, const at::Tensor& cut) {
   const Keep<S> keep = keep_rule<S>(thr, cut);
@@ -74,7 +42,7 @@ void scale_rows(const X* in, X* out, const std::vector<X>& gate, const GateLayou
 
 at::Tensor gate_forward(const at::Tensor& x, const at::Tensor& scores, const at::Tensor& thr, const at::Tensor& cut,
                         int64_t dim) {
-  dim = check_gate(x, scores, thr, cut, dim, "bise_kernels_ext::gate_forward");
+  dim = check_gate(x, scores, thr, cut, dim, "bise_kernels_ext::gate_forward", at::kCPU);
   const GateLayout L = gate_layout(x, dim);
   at::Tensor y = at::empty_like(L.x, L.format);
   if (x.numel() == 0) return y;
@@ -131,10 +99,8 @@ std::tuple<at::Tensor, at::Tensor> gate_backward(const at::Tensor& grad_y, const
                                                  const at::Tensor& cut, int64_t dim, std::string estimator,
                                                  double temperature, bool need_x, bool need_scores) {
   constexpr const char* op = "bise_kernels_ext::gate_backward";
-  dim = check_gate(x, scores, thr, cut, dim, op);
-  TORCH_CHECK(grad_y.sizes() == x.sizes() && grad_y.scalar_type() == x.scalar_type() && grad_y.device().is_cpu(),
-              op, ": grad_y must be a CPU tensor like x ", x.sizes(), " ", x.scalar_type(), ", got ", grad_y.sizes(),
-              " ", grad_y.scalar_type(), " on ", grad_y.device());
+  dim = check_gate(x, scores, thr, cut, dim, op, at::kCPU);
+  check_grad_y(grad_y, x, op);
   const GateLayout L = gate_layout(x, dim);
   const at::Tensor gy = grad_y.contiguous(L.format), s = scores.contiguous();
   at::Tensor gx = need_x ? at::empty_like(L.x, L.format) : at::empty({0}, x.options());

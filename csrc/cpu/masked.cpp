@@ -16,22 +16,10 @@ namespace {
 
 constexpr int64_t kGrain = 32768;
 
-// Scores are weight-shaped or (out,); returns whether they are per output unit.
-bool check_layer(const at::Tensor& weight, const at::Tensor& scores, const char* op) {
-  check_float_cpu(weight, "weight", op);
-  check_float_cpu(scores, "scores", op);
-  TORCH_CHECK(weight.dim() >= 1, op, ": weight must have at least one dimension, got shape ", weight.sizes());
-  const bool per_unit = scores.dim() == 1 && weight.dim() > 1 && scores.size(0) == weight.size(0);
-  TORCH_CHECK(per_unit || scores.sizes() == weight.sizes(), op, ": scores must have weight's shape ",
-              weight.sizes(), " or (", weight.size(0), ",), got ", scores.sizes());
-  return per_unit;
-}
-
 at::Tensor masked_weight(const at::Tensor& weight, const at::Tensor& scores, const at::Tensor& thr,
                          const at::Tensor& cut) {
   constexpr const char* op = "bise_kernels_ext::masked_weight";
-  const bool per_unit = check_layer(weight, scores, op);
-  check_selection(scores, thr, cut, op);
+  const bool per_unit = check_layer(weight, scores, thr, cut, op, at::kCPU);
   const at::Tensor w = weight.contiguous(), s = scores.contiguous();
   at::Tensor out = at::empty_like(w, at::MemoryFormat::Contiguous);
   const int64_t n = w.numel(), rows = w.size(0), row_len = rows > 0 ? n / rows : 0;
@@ -65,13 +53,8 @@ at::Tensor score_grad(const at::Tensor& grad_w_eff, const at::Tensor& weight, co
                       const at::Tensor& thr, const at::Tensor& cut, std::string estimator, double temperature,
                       bool need_scores, bool need_weight) {
   constexpr const char* op = "bise_kernels_ext::score_grad";
-  const bool per_unit = check_layer(weight, scores, op);
-  check_selection(scores, thr, cut, op);
-  TORCH_CHECK(grad_w_eff.sizes() == weight.sizes() && grad_w_eff.scalar_type() == weight.scalar_type() &&
-                  grad_w_eff.device().is_cpu(),
-              op, ": grad_w_eff must be a CPU tensor like weight ", weight.sizes(), " ", weight.scalar_type(),
-              ", got ", grad_w_eff.sizes(), " ", grad_w_eff.scalar_type(), " on ", grad_w_eff.device());
-  TORCH_CHECK(grad_w_eff.is_contiguous(), op, ": grad_w_eff must be contiguous (it is masked in place)");
+  const bool per_unit = check_layer(weight, scores, thr, cut, op, at::kCPU);
+  check_grad_w_eff(grad_w_eff, weight, op);
   const at::Tensor w = weight.contiguous(), s = scores.contiguous();
   at::Tensor gs = need_scores ? at::empty_like(s, at::MemoryFormat::Contiguous) : at::empty({0}, s.options());
   const int64_t n = w.numel(), rows = w.size(0), row_len = rows > 0 ? n / rows : 0;

@@ -16,11 +16,12 @@ import triton
 import triton.language as tl
 
 from ... import _checks
+from .. import reference
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 """Kernels run on CPU tensors through the Triton interpreter (tests); some work-arounds apply."""
 
-MATMUL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 
 # ----------------------------------------------------------------------------- device helpers
 
@@ -39,13 +40,10 @@ def tie_limit(cut, units, row_len):
 
 
 @triton.jit
-def score_slope(s, temperature, SIGMOID: tl.constexpr):
-    """d gate / d score in fp32: 1 ("ste") or sigmoid'(s/T)/T ("sigmoid")."""
-    if SIGMOID:
-        sig = tl.sigmoid(s.to(tl.float32) / temperature)
-        return sig * (1 - sig) / temperature
-    else:
-        return tl.full(s.shape, 1.0, tl.float32)
+def sigmoid_slope(s, temperature, S_ACC: tl.constexpr):
+    """d gate / d score of the "sigmoid" estimator, sigmoid'(s/T)/T, in S_ACC (fp32 or fp64)."""
+    sig = tl.sigmoid(s.to(S_ACC) / temperature)
+    return sig * (1 - sig) / temperature
 
 
 @triton.jit
@@ -67,12 +65,13 @@ def score_grad_epilogue(
     g, units, reds, unit_ok, valid, row_len, num_units,
     w_ptrs, s_ptrs, gw_ptrs, gs_ptrs, thr, cut, temperature,
     STRUCTURED: tl.constexpr, SIGMOID: tl.constexpr, NEED_W: tl.constexpr, NEED_S: tl.constexpr,
+    S_ACC: tl.constexpr,
 ):
-    """From a fp32 tile ``g`` of dL/dW_eff (units x reds): write ``g * keep`` (weight gradient) and
-    ``g * W * slope`` (score gradient) without a weight-sized intermediate.
+    """From a tile ``g`` of dL/dW_eff (units x reds; fp32, fp64 for fp64 data): write ``g * keep``
+    (weight gradient) and ``g * W * slope`` (score gradient) without a weight-sized intermediate.
 
     Structured scores (one per unit): ``s_ptrs`` is (units,), and the score gradient is summed
-    over the tile's reds and added atomically into the fp32 buffer ``gs_ptrs`` (units,).
+    over the tile's reds and added atomically into the fp32/fp64 buffer ``gs_ptrs`` (units,).
     """
     if STRUCTURED:
         if NEED_W or SIGMOID:
@@ -81,11 +80,10 @@ def score_grad_epilogue(
             kept = keep(s, thr, units, tl.minimum(cut, num_units))
             tl.store(gw_ptrs, tl.where(kept[:, None], g, 0.0).to(gw_ptrs.dtype.element_ty), mask=valid)
         if NEED_S:
-            w = tl.load(w_ptrs, mask=valid, other=0).to(tl.float32)
-            part = tl.sum(g * w, axis=1)
+            part = tl.sum(g * tl.load(w_ptrs, mask=valid, other=0).to(g.dtype), axis=1)
             if SIGMOID:
-                part = part * score_slope(s, temperature, SIGMOID)
-            tl.atomic_add(gs_ptrs, part, mask=unit_ok)
+                part = part * sigmoid_slope(s, temperature, S_ACC)
+            tl.atomic_add(gs_ptrs, part.to(gs_ptrs.dtype.element_ty), mask=unit_ok)
     else:
         if NEED_W or SIGMOID:
             s = tl.load(s_ptrs, mask=valid, other=0)
@@ -93,10 +91,9 @@ def score_grad_epilogue(
             kept = keep(s, thr, reds[None, :], tie_limit(cut, units, row_len)[:, None])
             tl.store(gw_ptrs, tl.where(kept, g, 0.0).to(gw_ptrs.dtype.element_ty), mask=valid)
         if NEED_S:
-            w = tl.load(w_ptrs, mask=valid, other=0).to(tl.float32)
-            gs = g * w
+            gs = g * tl.load(w_ptrs, mask=valid, other=0).to(g.dtype)
             if SIGMOID:
-                gs = gs * score_slope(s, temperature, SIGMOID)
+                gs = gs * sigmoid_slope(s, temperature, S_ACC)
             tl.store(gs_ptrs, gs.to(gs_ptrs.dtype.element_ty), mask=valid)
 
 
@@ -128,14 +125,31 @@ def prune_matmul_configs(configs, named_args, **kwargs):
     return kept or configs[-1:]
 
 
-def fp32_dot_precision() -> str:
-    """tf32 only where torch itself would use it for fp32 matmuls."""
-    return "tf32" if torch.backends.cuda.matmul.allow_tf32 else "ieee"
+def dot_options(dtype: torch.dtype) -> dict:
+    """Constexprs of the GEMM kernels for an operand dtype.
+
+    ``ACC``: fp32 accumulation (fp64 for fp64 operands). ``PRECISION``: fp32 operands use tf32
+    only where torch itself would; "ieee" for fp64; 16-bit operands keep Triton's default (tensor
+    cores). ``UPCAST``: the interpreter's bf16 ``tl.dot`` is silently wrong, so its operands go
+    to fp32 there.
+    """
+    exact = dtype == torch.float64 or (dtype == torch.float32 and not torch.backends.cuda.matmul.allow_tf32)
+    return {
+        "UPCAST": INTERPRET and dtype == torch.bfloat16,
+        "PRECISION": "ieee" if exact else "tf32",
+        "ACC": accumulation_dtype(dtype),
+    }
 
 
-def upcast_for_dot(dtype: torch.dtype) -> bool:
-    """The interpreter's bf16 ``tl.dot`` is silently wrong: upcast its operands to fp32 there."""
-    return INTERPRET and dtype == torch.bfloat16
+def accumulation_dtype(dtype: torch.dtype) -> tl.dtype:
+    """The reference's accumulation dtype as a Triton type: fp32, fp64 for fp64."""
+    return tl.float64 if reference.accumulation_dtype(dtype) == torch.float64 else tl.float32
+
+
+def score_grad_buffer(scores: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """Zeroed per-unit accumulator for structured score gradients (fp32, fp64 if either is fp64)."""
+    dtype = torch.promote_types(reference.accumulation_dtype(x.dtype), reference.accumulation_dtype(scores.dtype))
+    return torch.zeros(scores.shape, dtype=dtype, device=scores.device)
 
 
 def check_device(tensors: dict[str, torch.Tensor]) -> torch.device:
@@ -151,6 +165,12 @@ def check_device(tensors: dict[str, torch.Tensor]) -> torch.device:
     return t0.device
 
 
+def check_dtype(x: torch.Tensor) -> None:
+    _checks.check_tensor(x, "x")
+    if x.dtype not in FLOAT_DTYPES:
+        raise TypeError(f"x must be one of {FLOAT_DTYPES} for the triton backend, got {x.dtype}")
+
+
 def check_selection(scores: torch.Tensor, thr: torch.Tensor, cut: torch.Tensor) -> None:
     """``thr``: one value in the scores' dtype; ``cut``: one int64 (both stay on the device)."""
     _checks.check_tensor(scores, "scores")
@@ -163,13 +183,10 @@ def check_selection(scores: torch.Tensor, thr: torch.Tensor, cut: torch.Tensor) 
                         f"{cut.dtype if isinstance(cut, torch.Tensor) else type(cut).__name__}")
 
 
-def check_layer(x: torch.Tensor, weight: torch.Tensor, bias, scores: torch.Tensor, thr, cut,
-                dtypes=MATMUL_DTYPES) -> bool:
+def check_layer(x: torch.Tensor, weight: torch.Tensor, bias, scores: torch.Tensor, thr, cut) -> bool:
     """Shared checks of the masked layers; returns whether the scores are structured."""
-    _checks.check_tensor(x, "x")
+    check_dtype(x)
     _checks.check_tensor(weight, "weight")
-    if x.dtype not in dtypes:
-        raise TypeError(f"x must be one of {dtypes} for the triton backend, got {x.dtype}")
     _checks.check_like(weight, x, "weight", "x")
     check_selection(scores, thr, cut)
     if scores.shape != weight.shape and tuple(scores.shape) != (weight.shape[0],):

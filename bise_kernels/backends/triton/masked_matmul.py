@@ -17,8 +17,8 @@ import triton
 import triton.language as tl
 
 from ._common import (
-    check_backward_args, check_layer, fp32_dot_precision, grouped_tile, keep, matmul_configs,
-    prune_matmul_configs, score_grad_epilogue, tie_limit, upcast_for_dot,
+    accumulation_dtype, check_backward_args, check_layer, dot_options, grouped_tile, keep, matmul_configs,
+    prune_matmul_configs, score_grad_buffer, score_grad_epilogue, tie_limit,
 )
 
 KERNELS = ("masked_linear_forward", "masked_linear_backward")
@@ -32,7 +32,7 @@ def _masked_mm_kernel(
     ROWS, COLS, LOOP, row_len,
     stride_am, stride_al, stride_wu, stride_wr, stride_su, stride_sr, stride_cm, stride_cn,
     UNIT_ON_COLS: tl.constexpr, STRUCTURED: tl.constexpr, HAS_BIAS: tl.constexpr,
-    UPCAST: tl.constexpr, PRECISION: tl.constexpr,
+    UPCAST: tl.constexpr, PRECISION: tl.constexpr, ACC: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):
     """C (ROWS, COLS) = A (ROWS, LOOP) @ B, B = W_eff^T (UNIT_ON_COLS, forward) or W_eff (dgrad).
@@ -54,7 +54,7 @@ def _masked_mm_kernel(
             steps = tl.where(tl.max(col_kept.to(tl.int32), axis=0) > 0, steps, 0)  # dead tile: no K loop
         else:
             limit = tie_limit(cut, offs_n, row_len)
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=ACC)
     for step in range(0, steps):
         offs_l = step * BLOCK_K + tl.arange(0, BLOCK_K)
         l_ok = offs_l < LOOP
@@ -77,11 +77,11 @@ def _masked_mm_kernel(
         if UPCAST:
             a = a.to(tl.float32)
             b = b.to(tl.float32)
-        acc = tl.dot(a, b, acc, input_precision=PRECISION)
+        acc = tl.dot(a, b, acc, input_precision=PRECISION, out_dtype=ACC)
     if UNIT_ON_COLS and STRUCTURED:
         acc = tl.where(col_kept[None, :], acc, 0.0)
     if HAS_BIAS:
-        acc += tl.load(bias_ptr + offs_n, mask=n_ok, other=0).to(tl.float32)[None, :]
+        acc += tl.load(bias_ptr + offs_n, mask=n_ok, other=0).to(ACC)[None, :]
     c = acc.to(c_ptr.dtype.element_ty)
     tl.store(c_ptr + offs_m[:, None] * stride_cm + offs_n[None, :] * stride_cn, c, mask=m_ok[:, None] & n_ok[None, :])
 
@@ -95,7 +95,7 @@ def _masked_wgrad_kernel(
     stride_gm, stride_gn, stride_xm, stride_xk, stride_wn, stride_wk, stride_sn, stride_sk,
     stride_gwn, stride_gwk, stride_gsn, stride_gsk,
     STRUCTURED: tl.constexpr, SIGMOID: tl.constexpr, NEED_W: tl.constexpr, NEED_S: tl.constexpr,
-    NEED_B: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
+    NEED_B: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr, ACC: tl.constexpr, S_ACC: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):
     """G (ROWS=N, COLS=K) = grad_y^T @ x over LOOP=M rows, consumed by the score-gradient epilogue."""
@@ -104,8 +104,8 @@ def _masked_wgrad_kernel(
     reds = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     unit_ok = units < ROWS
     red_ok = reds < COLS
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    bias_acc = tl.zeros((BLOCK_M,), dtype=tl.float32)
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=ACC)
+    bias_acc = tl.zeros((BLOCK_M,), dtype=ACC)
     for step in range(0, tl.cdiv(LOOP, BLOCK_K)):
         offs_l = step * BLOCK_K + tl.arange(0, BLOCK_K)
         l_ok = offs_l < LOOP
@@ -114,11 +114,11 @@ def _masked_wgrad_kernel(
         b = tl.load(x_ptr + offs_l[:, None] * stride_xm + reds[None, :] * stride_xk,
                     mask=l_ok[:, None] & red_ok[None, :], other=0)
         if NEED_B:
-            bias_acc += tl.sum(a.to(tl.float32), axis=1)
+            bias_acc += tl.sum(a.to(ACC), axis=1)
         if UPCAST:
             a = a.to(tl.float32)
             b = b.to(tl.float32)
-        acc = tl.dot(a, b, acc, input_precision=PRECISION)
+        acc = tl.dot(a, b, acc, input_precision=PRECISION, out_dtype=ACC)
     if NEED_B:
         tl.store(gb_ptr + units, bias_acc.to(gb_ptr.dtype.element_ty), mask=unit_ok & (pid_n == 0))
     valid = unit_ok[:, None] & red_ok[None, :]
@@ -133,7 +133,7 @@ def _masked_wgrad_kernel(
         w_ptr + units[:, None] * stride_wn + reds[None, :] * stride_wk, s_ptrs,
         gw_ptr + units[:, None] * stride_gwn + reds[None, :] * stride_gwk, gs_ptrs,
         tl.load(thr_ptr), tl.load(cut_ptr), temperature,
-        STRUCTURED, SIGMOID, NEED_W, NEED_S,
+        STRUCTURED, SIGMOID, NEED_W, NEED_S, S_ACC,
     )
 
 
@@ -155,7 +155,7 @@ def _masked_mm(a, weight, scores, structured, bias, thr, cut, unit_on_cols):
         rows, cols, loop, row_len,
         a.stride(0), a.stride(1), weight.stride(0), weight.stride(1), *s_strides, out.stride(0), out.stride(1),
         UNIT_ON_COLS=unit_on_cols, STRUCTURED=structured, HAS_BIAS=bias is not None,
-        UPCAST=upcast_for_dot(a.dtype), PRECISION=fp32_dot_precision(),
+        **dot_options(a.dtype),
     )
     return out
 
@@ -189,7 +189,7 @@ def masked_linear_backward(grad_y, x, weight, scores, thr, cut, estimator, tempe
         x2 = x.reshape(-1, k_in)
         gw = torch.empty_like(weight) if need_w else None
         if need_s:
-            gs = torch.zeros(n_out, dtype=torch.float32, device=x.device) if structured else torch.empty_like(scores)
+            gs = score_grad_buffer(scores, x) if structured else torch.empty_like(scores)
         gb = torch.empty(n_out, dtype=x.dtype, device=x.device) if fuse_b else None
         dummy = torch.empty(1, dtype=torch.float32, device=x.device)  # for pointers a config never touches
         gs_strides = gs.stride() if need_s and not structured else (0, 0)
@@ -201,7 +201,7 @@ def masked_linear_backward(grad_y, x, weight, scores, thr, cut, estimator, tempe
             g2.stride(0), g2.stride(1), x2.stride(0), x2.stride(1), weight.stride(0), weight.stride(1),
             *s_strides, *(gw.stride() if need_w else (0, 0)), *gs_strides,
             STRUCTURED=structured, SIGMOID=estimator == "sigmoid", NEED_W=need_w, NEED_S=need_s,
-            NEED_B=fuse_b, UPCAST=upcast_for_dot(x.dtype), PRECISION=fp32_dot_precision(),
+            NEED_B=fuse_b, S_ACC=accumulation_dtype(scores.dtype), **dot_options(x.dtype),
         )
     elif need_w or need_s:  # an empty weight (in_features == 0)
         gw = torch.empty_like(weight) if need_w else None

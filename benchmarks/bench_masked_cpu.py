@@ -1,0 +1,126 @@
+"""Masked MLP / small-CNN training step on CPU: the "cpp" backend vs dense vs edge-popup (issue #5).
+
+One step = forward, cross-entropy, backward. "dense" trains the weights of the unmasked network;
+"cpp" and "edgepopup" freeze the weights and train one score per weight, keeping the top half
+(density 0.5) of each layer at every step. "edgepopup" is the reference implementation of
+Ramanujan et al.: clone |S|, full sort, two scatters, W * mask, F.linear / F.conv2d, straight-through
+backward. The three run side by side in one session (group = model); compare their times.
+
+``extra_bytes_per_weight`` (extra_info) is the state autograd keeps beyond a dense step: bytes of
+saved tensors that are neither parameters, scores nor the input, minus the dense step's, per weight.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import bise_kernels as bk
+
+DENSITY = 0.5
+
+
+class EdgePopupSubnet(torch.autograd.Function):
+    """The edge-popup mask: sort the scores, zero the lowest (1 - density), one the rest; STE backward."""
+
+    @staticmethod
+    def forward(ctx, scores, density):
+        out = scores.clone()
+        _, idx = scores.flatten().sort()
+        j = int((1 - density) * scores.numel())
+        flat_out = out.flatten()
+        flat_out[idx[:j]] = 0
+        flat_out[idx[j:]] = 1
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad, None
+
+
+def _layers(model: str, small: bool):
+    """(kind, weight shape, conv kwargs) per layer, and the input shape."""
+    if model == "mlp":
+        width, batch = (256, 32) if small else (1024, 256)
+        dims = [784, width, width, 10]
+        return [("linear", (o, i), {}) for i, o in zip(dims, dims[1:])], (batch, 784)
+    batch = 4 if small else 32
+    convs = [((32, 3, 3, 3), dict(padding=1)), ((64, 32, 3, 3), dict(stride=2, padding=1)),
+             ((64, 64, 3, 3), dict(stride=2, padding=1))]
+    return [("conv", s, kw) for s, kw in convs] + [("linear", (10, 64), {})], (batch, 3, 32, 32)
+
+
+def _forward(layers, weights, apply):
+    def run(x):
+        for i, ((kind, _, kw), w) in enumerate(zip(layers, weights)):
+            if kind == "linear" and x.dim() == 4:
+                x = x.mean((2, 3))
+            x = apply(kind, x, w, i, kw)
+            if i < len(layers) - 1:
+                x = F.relu(x)
+        return x
+    return run
+
+
+def _step_parts(model: str, variant: str, small: bool):
+    layers, in_shape = _layers(model, small)
+    g = torch.Generator().manual_seed(0)
+    weights = [torch.randn(shape, generator=g) * (2 / torch.Size(shape[1:]).numel()) ** 0.5 for _, shape, _ in layers]
+    scores = [torch.randn(shape, generator=g).requires_grad_() for _, shape, _ in layers]
+    x, y = torch.randn(in_shape, generator=g), torch.randint(0, 10, (in_shape[0],), generator=g)
+    dense_op = {"linear": F.linear, "conv": F.conv2d}
+    if variant == "dense":
+        trained = [w.requires_grad_() for w in weights]
+        apply = lambda kind, h, w, i, kw: dense_op[kind](h, w, **kw)  # noqa: E731
+    elif variant == "cpp":
+        trained = scores
+        masked_op = {"linear": bk.masked_linear, "conv": bk.masked_conv2d}
+        apply = lambda kind, h, w, i, kw: masked_op[kind](h, w, None, scores[i], density=DENSITY, **kw)  # noqa: E731
+    else:
+        trained = scores
+        apply = lambda kind, h, w, i, kw: dense_op[kind](  # noqa: E731
+            h, w * EdgePopupSubnet.apply(scores[i].abs(), DENSITY), **kw)
+    return _forward(layers, weights, apply), x, y, weights + scores, trained
+
+
+def _train_step(forward, x, y, trained):
+    for t in trained:
+        t.grad = None
+    F.cross_entropy(forward(x), y).backward()
+
+
+def _saved_bytes(forward, x, y, own, trained) -> int:
+    """Bytes of distinct storages autograd saves in a step that are not in ``own`` (params, scores) or x."""
+    skip = {t.untyped_storage().data_ptr() for t in own + [x]}
+    saved: dict[int, int] = {}
+
+    def pack(t):
+        ptr = t.untyped_storage().data_ptr()
+        if ptr not in skip:
+            saved[ptr] = max(saved.get(ptr, 0), t.untyped_storage().nbytes())
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        F.cross_entropy(forward(x), y).backward()
+    return sum(saved.values())
+
+
+@pytest.mark.parametrize("model", ["mlp", "cnn"])
+@pytest.mark.parametrize("variant", ["dense", "cpp", "edgepopup"])
+def test_masked_training_step_cpu(benchmark, model, variant):
+    if variant == "cpp" and bk.why_unavailable("cpp"):
+        pytest.skip(f"cpp backend unavailable: {bk.why_unavailable('cpp')}")
+    small = benchmark.disabled
+    benchmark.group = f"masked step cpu: {model}"
+    with bk.use_backend("cpp" if variant == "cpp" else "torch"):
+        parts = _step_parts(model, variant, small)
+        extra = _saved_bytes(*parts) - _saved_bytes(*_step_parts(model, "dense", small))
+        forward, x, y, own, trained = parts
+        benchmark.pedantic(_train_step, args=(forward, x, y, trained), rounds=1 if small else 20,
+                           warmup_rounds=0 if small else 3)
+    n_weights = sum(w.numel() for w in own[: len(own) // 2])
+    benchmark.extra_info.update(extra_bytes_per_weight=extra / n_weights, weights=n_weights, batch=x.shape[0])
+    assert all(t.grad is not None and t.grad.shape == t.shape for t in trained)
+    if variant == "cpp":
+        assert extra / n_weights <= 1.0

@@ -1,0 +1,91 @@
+"""CPU exact top-k selection: the "cpp" backend against torch baselines, side by side (issue #4).
+
+Groups (compare within a group; one process, same data):
+
+* ``select-25M`` / ``select-1M``: fp32 randn, k = numel/2. One full read (``x.sum()``), the cpp
+  selection cold and warm-started (hint = the threshold before a small score update), the
+  selection plus its keep mask, torch.kthvalue and torch.topk.
+* ``select-resnet50``: the 54 ResNet-50 weight shapes (25.5 M scores), k = numel/2 each: one
+  batched cpp call vs a Python loop of torch.kthvalue, and one read of every tensor.
+
+With ``--benchmark-disable`` (CI) sizes shrink to 1 M / 100 k and ResNet-50 channels by 4.
+"""
+
+import pytest
+import torch
+
+from bise_kernels.backends import kernel_table
+
+try:
+    CPP = kernel_table("cpp")
+except Exception as exc:  # noqa: BLE001 - the compiled extension is optional
+    pytest.skip(f"cpp backend unavailable: {exc}", allow_module_level=True)
+
+
+def resnet50_weight_shapes(width: int = 1) -> list[tuple[int, ...]]:
+    """Weight shapes of torchvision's resnet50 (53 convs + fc), channels divided by ``width``."""
+    shapes = [(64 // width, 3, 7, 7)]
+    inplanes = 64 // width
+    for planes, blocks in ((64, 3), (128, 4), (256, 6), (512, 3)):
+        planes //= width
+        for b in range(blocks):
+            shapes += [(planes, inplanes, 1, 1), (planes, planes, 3, 3), (planes * 4, planes, 1, 1)]
+            if b == 0:
+                shapes.append((planes * 4, inplanes, 1, 1))
+            inplanes = planes * 4
+    shapes.append((1000, inplanes))
+    return shapes
+
+
+def _run(benchmark, fn, slow=False):
+    """Slow baselines get fewer rounds; every case records its median in ms for the docs."""
+    if slow:
+        benchmark.pedantic(fn, rounds=3, warmup_rounds=1)
+    else:
+        benchmark.pedantic(fn, rounds=30, warmup_rounds=3)
+
+
+CASES = ["one_read_sum", "cpp_cold", "cpp_warm", "cpp_select_and_mask", "torch_kthvalue", "torch_topk"]
+
+
+@pytest.mark.parametrize("case", CASES)
+@pytest.mark.parametrize("size", ["25M", "1M"])
+def test_select_single_tensor(benchmark, case, size):
+    n = {"25M": 25_000_000, "1M": 1_000_000}[size]
+    if benchmark.disabled:
+        n //= 25 if size == "25M" else 10
+    benchmark.group = f"select-{size}"
+    g = torch.Generator().manual_seed(0)
+    before = torch.randn(n, generator=g)
+    x = before + 1e-3 * torch.randn(n, generator=g)  # one small optimiser step later
+    k = n // 2
+    hint = CPP["topk_select"]([before], k, None)[0]
+    benchmark.extra_info.update(numel=n, k=k, dtype="float32", threads=torch.get_num_threads())
+    fns = {
+        "one_read_sum": lambda: x.sum(),
+        "cpp_cold": lambda: CPP["topk_select"]([x], k, None),
+        "cpp_warm": lambda: CPP["topk_select"]([x], k, hint),
+        "cpp_select_and_mask": lambda: CPP["keep_mask"](x, *CPP["topk_select"]([x], k, None), 0),
+        "torch_kthvalue": lambda: torch.kthvalue(x, n - k + 1),
+        "torch_topk": lambda: torch.topk(x, k, sorted=False),
+    }
+    _run(benchmark, fns[case], slow=case.startswith("torch_"))
+
+
+@pytest.mark.parametrize("case", ["one_read_sum", "cpp_batched", "cpp_batched_warm", "torch_kthvalue_loop"])
+def test_select_resnet50_layers(benchmark, case):
+    shapes = resnet50_weight_shapes(4 if benchmark.disabled else 1)
+    benchmark.group = "select-resnet50"
+    g = torch.Generator().manual_seed(1)
+    before = [torch.randn(s, generator=g) for s in shapes]
+    layers = [t + 1e-3 * torch.randn(t.shape, generator=g) for t in before]
+    ks = [t.numel() // 2 for t in layers]
+    hints = CPP["batched_topk_select"](before, ks, None)[0]
+    benchmark.extra_info.update(tensors=len(layers), numel=sum(t.numel() for t in layers), dtype="float32")
+    fns = {
+        "one_read_sum": lambda: [t.sum() for t in layers],
+        "cpp_batched": lambda: CPP["batched_topk_select"](layers, ks, None),
+        "cpp_batched_warm": lambda: CPP["batched_topk_select"](layers, ks, hints),
+        "torch_kthvalue_loop": lambda: [torch.kthvalue(t.reshape(-1), t.numel() - k + 1) for t, k in zip(layers, ks)],
+    }
+    _run(benchmark, fns[case], slow=case.startswith("torch_"))

@@ -1,0 +1,47 @@
+"""Reading image files with Pillow into one preallocated uint8 array, with errors naming the file."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional, Sequence
+
+import numpy as np
+from PIL import Image, UnidentifiedImageError
+
+_GREY_MODES = ("1", "L", "I", "I;16", "F")
+
+
+def _open(p: Path, size: Optional[int], rgb: Optional[bool], where: str) -> np.ndarray:
+    try:
+        with Image.open(p) as im:
+            im.load()
+            grey = rgb is False or (rgb is None and im.mode in _GREY_MODES)
+            im = im.convert("L" if grey else "RGB")
+            if size is not None:
+                im = im.resize((size, size), Image.BILINEAR)
+            a = np.asarray(im)
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{where}image file not found: {p}") from None
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
+        raise ValueError(f"{where}cannot read image {p}: {e}") from None
+    return a[..., None] if a.ndim == 2 else a
+
+
+def read_images(paths: Sequence[Path], size: Optional[int], rgb: Optional[bool] = None,
+                where: str = "") -> np.ndarray:
+    """uint8 (N, H, W, C). size: resize every image to size x size (bilinear), else all images must
+    share one size. rgb: force RGB (True) or grey (False); None: grey (C=1) only if every file is."""
+    out = None
+    for i, p in enumerate(paths):
+        a = _open(p, size, rgb, where)
+        if out is None:
+            out = np.empty((len(paths), *a.shape), np.uint8)
+        if a.shape[:2] != out.shape[1:3]:
+            raise ValueError(f"{where}image {p} is {a.shape[1]}x{a.shape[0]} but {paths[0]} is "
+                             f"{out.shape[2]}x{out.shape[1]}; pass size=N to resize all to NxN")
+        if a.shape[2] > out.shape[3]:  # first colour image after grey ones: widen what we have
+            out = np.repeat(out, 3, axis=3)
+        out[i] = a
+    if out is None:
+        raise ValueError(f"{where}no images to read")
+    return out

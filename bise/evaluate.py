@@ -1,0 +1,103 @@
+"""Accuracy metrics on biased data (bise-method.md section 13): aligned / conflicting / unbiased /
+worst-group accuracy, the per-(y, b) group table and, for two biases, the four alignment patterns."""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import Tensor, nn
+
+PATTERNS = ("aligned/aligned", "aligned/conflicting", "conflicting/aligned", "conflicting/conflicting")
+
+
+def _mean(correct: Tensor, where: Tensor) -> Optional[float]:
+    """Accuracy over the samples selected by ``where``; None when there are none (never NaN in JSON)."""
+    n = int(where.sum())
+    return float(correct[where].sum()) / n if n else None
+
+
+def _group_key(y: int, b) -> str:
+    return f"y={y},b={b}" if isinstance(b, int) else f"y={y},b={'/'.join(str(v) for v in b)}"
+
+
+def metrics_from_predictions(pred: Tensor, y: Tensor, b: Tensor) -> dict:
+    """METRICS from predicted classes, targets and bias labels (b of shape (N,) or (N, 2)).
+
+    accuracy: all samples; aligned_accuracy: y == b (for every bias); conflicting_accuracy: the rest;
+    groups: accuracy per (y, b) group present; unbiased_accuracy: their plain mean; worst_group_accuracy:
+    their minimum. With two biases also "patterns" (aligned/conflicting per bias, left/right) and
+    "pattern_average" (their unweighted mean, the Multi-Color MNIST "unbiased" figure).
+    """
+    pred, y, b = (torch.as_tensor(t).detach().cpu().long() for t in (pred, y, b))
+    if pred.dim() != 1 or y.shape != pred.shape:
+        raise ValueError(f"pred and y must be 1-D of the same length, got {tuple(pred.shape)} and {tuple(y.shape)}")
+    if b.dim() not in (1, 2) or len(b) != len(y) or (b.dim() == 2 and b.shape[1] != 2):
+        raise ValueError(f"b must have shape (N,) or (N, 2) with N = {len(y)}, got {tuple(b.shape)}")
+    if len(y) == 0:
+        raise ValueError("cannot compute metrics on an empty split")
+    correct = (pred == y).float()
+    bias = b.view(len(b), -1)
+    agree = bias == y.view(-1, 1)
+    aligned = agree.all(dim=1)
+    groups = {}
+    keys = torch.cat([y.view(-1, 1), bias], dim=1)
+    for key in torch.unique(keys, dim=0).tolist():
+        where = (keys == torch.tensor(key)).all(dim=1)
+        gb = key[1] if bias.shape[1] == 1 else tuple(key[1:])
+        groups[_group_key(key[0], gb)] = _mean(correct, where)
+    values = list(groups.values())
+    metrics = {
+        "accuracy": float(correct.mean()),
+        "aligned_accuracy": _mean(correct, aligned),
+        "conflicting_accuracy": _mean(correct, ~aligned),
+        "unbiased_accuracy": sum(values) / len(values),
+        "worst_group_accuracy": min(values),
+        "groups": groups,
+    }
+    if bias.shape[1] == 2:
+        patterns = {}
+        for name in PATTERNS:
+            left, right = (part == "aligned" for part in name.split("/"))
+            where = (agree[:, 0] == left) & (agree[:, 1] == right)
+            patterns[name] = _mean(correct, where)
+        present = [v for v in patterns.values() if v is not None]
+        metrics["patterns"] = patterns
+        metrics["pattern_average"] = sum(present) / len(present)
+    return metrics
+
+
+@torch.no_grad()
+def predict(model: nn.Module, split, *, batch_size: int = 256, device="cpu") -> Tensor:
+    """Predicted classes of ``model`` (in eval mode, restored afterwards) on every sample of ``split``."""
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
+    was_training = model.training
+    model.eval()
+    try:
+        preds = []
+        n = len(split)
+        for start in range(0, n, batch_size):
+            index = torch.arange(start, min(n, start + batch_size))
+            logits = model(split.inputs(index).to(device))
+            preds.append(logits.argmax(dim=1).cpu())
+        return torch.cat(preds) if preds else torch.empty(0, dtype=torch.long)
+    finally:
+        model.train(was_training)
+
+
+def evaluate(model: nn.Module, split, *, batch_size: int = 256, device="cpu") -> dict:
+    """METRICS of ``model`` on a data split (``.inputs()``, ``.y``, ``.b``).
+
+    Given a whole dataset (with ``.test``), returns {"test": METRICS, "val": METRICS} (val if present)."""
+    if hasattr(split, "test") and not hasattr(split, "inputs"):
+        out = {"test": evaluate(model, split.test, batch_size=batch_size, device=device)}
+        if getattr(split, "val", None) is not None:
+            out["val"] = evaluate(model, split.val, batch_size=batch_size, device=device)
+        return out
+    for attr in ("inputs", "y", "b"):
+        if not hasattr(split, attr):
+            raise TypeError(f"split must be a data split with .inputs(), .y and .b; {type(split).__name__} "
+                            f"has no {attr!r}")
+    pred = predict(model, split, batch_size=batch_size, device=device)
+    return metrics_from_predictions(pred, split.y, split.b)

@@ -1,0 +1,541 @@
+"""BISE extraction: learn structured gates on a frozen vanilla model (bise-method.md sections 2-7, 9).
+
+``extract(model, data, config=ExtractConfig())`` returns a :class:`~bise.subnetwork.Subnetwork`.
+Schedule (section 6): head pre-training (gates off) -> mask epochs, each batch doing
+forward; L_r, I, CE_aux; zero mask grads; backward(alpha L_r + gamma I); zero head grads;
+backward(CE_aux on detached z); step masks; step head. After each epoch: validation accuracy of the
+pruned model (best kept, ties to the later epoch); temperature halvings spread evenly over
+``mask_epochs`` (every 10 epochs at the default 100), each followed by a head refit on the pruned
+model; stop after the epoch at which tau <= tau_stop. A checkpoint is written after pre-training
+and after every epoch; ``resume=True`` continues from it bit for bit.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import math
+from contextlib import ExitStack
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Optional, Sequence, Union
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from tqdm.auto import tqdm
+
+from bise_kernels import global_topk_masks
+
+from . import losses
+from .checkpoint import load_checkpoint, save_atomic
+from .feature_cache import BottleneckTap, FrozenPrefix
+from .gates import find_bottleneck, gates_of, insert_gates, remove_gates, set_gate_mode
+from .subnetwork import Subnetwork
+from .train import fit, recipe_for
+
+CHECKPOINT_NAME = "checkpoint.pt"
+CHECKPOINT_FORMAT = "bise-extract-checkpoint-v1"
+RESUME_IGNORED = ("device",)  # settings that may differ between a run and its resumption
+
+
+@dataclass
+class ExtractConfig:
+    """Every setting of an extraction; defaults are the paper's (bise-method.md section 7)."""
+
+    mask_epochs: int = 100
+    head_epochs: int = 50
+    batch_size: Optional[int] = None  # None: the dataset's paper batch size (100 BiasedMNIST-like, else 256)
+    mask_lr: float = 1e-2
+    mask_momentum: float = 0.9
+    mask_weight_decay: float = 1e-4
+    head_lr: float = 0.1
+    head_momentum: float = 0.9
+    head_weight_decay: float = 1e-4
+    alpha: float = 1.0
+    gamma: float = 1.0
+    tau0: float = 1.0
+    tau_factor: float = 0.5
+    tau_stop: float = 1e-3
+    refit_after_last: bool = False  # the refit after the final halving cannot change the masks
+    reweight: bool = True  # ablation: False = plain CE
+    mi: bool = True  # ablation: False = no MI term
+    weighting: Optional[str] = None  # None: data.weighting ("empirical-joint" with label_free)
+    rho: Optional[Union[float, Sequence[float]]] = None  # None: data.rho
+    label_free: bool = False
+    identification_epochs: int = 1
+    budget: Optional[float] = None  # keep exactly this fraction of units (global top-k of the scores)
+    gate_names: Optional[Sequence[str]] = None
+    gate_exclude: Optional[Sequence[str]] = None
+    bottleneck: Optional[str] = None
+    cache_features: bool = True  # False: the straightforward loop (recompute everything)
+    cache_limit_mb: float = 4096.0
+    eval_batch_size: int = 1024
+    log_test: bool = False  # also log test metrics every epoch (logging only, never selection)
+    seed: int = 0
+    device: str = "cpu"
+    deterministic: bool = True
+
+    def validate(self) -> "ExtractConfig":
+        for name in ("mask_epochs", "head_epochs", "identification_epochs", "eval_batch_size"):
+            v = getattr(self, name)
+            low = 0 if name == "head_epochs" else 1
+            if isinstance(v, bool) or not isinstance(v, int) or v < low:
+                raise ValueError(f"{name} must be an int >= {low}, got {v!r}")
+        if self.batch_size is not None and (isinstance(self.batch_size, bool) or not isinstance(self.batch_size, int)
+                                            or self.batch_size < 1):
+            raise ValueError(f"batch_size must be a positive int or None, got {self.batch_size!r}")
+        for name in ("mask_lr", "head_lr", "tau0", "tau_stop", "cache_limit_mb"):
+            v = getattr(self, name)
+            if not (isinstance(v, (int, float)) and math.isfinite(v) and v > 0):
+                raise ValueError(f"{name} must be a positive number, got {v!r}")
+        if not 0 < self.tau_factor < 1:
+            raise ValueError(f"tau_factor must be in (0, 1), got {self.tau_factor!r}")
+        if self.tau_stop >= self.tau0:
+            raise ValueError(f"tau_stop ({self.tau_stop}) must be below tau0 ({self.tau0})")
+        if self.budget is not None and (isinstance(self.budget, bool) or not isinstance(self.budget, (int, float))
+                                        or not 0 < self.budget <= 1):
+            raise ValueError(f"budget must be a fraction in (0, 1] of units to keep, got {self.budget!r}")
+        if self.weighting is not None and self.weighting not in losses.SCHEMES:
+            raise ValueError(f"weighting must be one of {losses.SCHEMES} or None, got {self.weighting!r}")
+        return self
+
+    @property
+    def halvings(self) -> int:
+        """How many temperature halvings reach tau_stop (10 at the defaults)."""
+        return math.ceil(math.log(self.tau_stop / self.tau0) / math.log(self.tau_factor) - 1e-9)
+
+    def temperature(self, epoch: int) -> float:
+        """tau after ``epoch`` mask epochs: halvings spread evenly, all done by ``mask_epochs``."""
+        return self.tau0 * self.tau_factor ** (epoch * self.halvings // self.mask_epochs)
+
+
+@dataclass
+class _Labels:
+    """Targets, bias labels (pseudo ones in the label-free variant) and their derived quantities."""
+
+    y: Tensor
+    b: Tensor  # (N,) or (N, num_biases)
+    b_true: Optional[Tensor]
+
+    @property
+    def b2(self) -> Tensor:
+        return self.b if self.b.dim() == 2 else self.b[:, None]
+
+
+def _split_bias(split, name: str, data, label_free: bool) -> Optional[Tensor]:
+    b = getattr(split, "b", None)
+    if b is None:
+        if label_free:
+            return None
+        raise ValueError(f"bias labels are missing from the {name} split; BISE needs the training set's bias "
+                         "labels (or use label_free=True for pseudo labels from an identification model)")
+    if b.shape[0] != len(split.y) or b.dim() not in (1, 2):
+        raise ValueError(f"{name}.b must be (N,) or (N, num_biases) with N = {len(split.y)}, got {tuple(b.shape)}")
+    if b.numel() and (int(b.min()) < 0 or int(b.max()) >= data.num_bias_classes):
+        raise ValueError(f"{name}.b holds labels outside [0, num_bias_classes={data.num_bias_classes})")
+    return b.long()
+
+
+def _check_data(data, config: ExtractConfig) -> None:
+    if getattr(data, "train", None) is None or len(data.train) == 0:
+        raise ValueError("data.train is missing or empty")
+    if not config.label_free and data.num_bias_classes != data.num_classes:
+        raise ValueError(f"BISE assumes as many bias classes as target classes (|B| = |Y|, a sample is aligned iff "
+                         f"y == b); this dataset has num_classes={data.num_classes}, num_bias_classes="
+                         f"{data.num_bias_classes}. Relabel the bias, or use label_free=True")
+
+
+def _identification_model(model: nn.Module, data, config: ExtractConfig, quiet: bool) -> nn.Module:
+    """Same architecture, fresh weights, ``identification_epochs`` of ERM with the data's recipe (section 9)."""
+    torch.manual_seed(config.seed)
+    ident = copy.deepcopy(model)
+    for m in ident.modules():
+        if hasattr(m, "reset_parameters") and m is not ident:
+            m.reset_parameters()
+    for p in ident.parameters():
+        p.requires_grad_(True)
+    recipe = recipe_for(data)
+    return fit(ident, data.train, recipe, epochs=config.identification_epochs,
+               batch_size=config.batch_size or recipe["batch_size"], lr=recipe["lr"], seed=config.seed,
+               device=config.device, quiet=quiet, desc="identification model")
+
+
+@torch.no_grad()
+def _predict(model: nn.Module, split, batch_size: int, device) -> Tensor:
+    model.eval()
+    return torch.cat([model(split.inputs(idx).to(device)).argmax(1).cpu()
+                      for idx in torch.arange(len(split)).split(batch_size)])
+
+
+class _Run:
+    """One extraction's mutable state and its loops (kept together so checkpoints can capture it)."""
+
+    def __init__(self, model: nn.Module, data, config: ExtractConfig, quiet: bool):
+        self.config, self.data, self.quiet = config, data, quiet
+        self.device = torch.device(config.device)
+        self.model = model
+        self.gates = gates_of(model)
+        self.bottleneck = model.get_submodule(find_bottleneck(model, config.bottleneck))
+        self.batch_size = config.batch_size or recipe_for(data)["batch_size"]
+        self.generator = torch.Generator().manual_seed(config.seed)
+        self.prefix: Optional[FrozenPrefix] = None
+        self.cached: dict[str, Tensor] = {}
+        self.history: list[dict] = []
+        self.best: dict = {"accuracy": None, "epoch": None, "scores": None}
+        self.epoch = 0
+        self.pseudo_bias: Optional[dict] = None
+
+    # ------------------------------------------------------------------ labels and weights
+
+    def set_labels(self, train_b: Tensor, val_b: Optional[Tensor], weighting: str, num_bias_classes: int) -> None:
+        data, config = self.data, self.config
+        self.train = _Labels(data.train.y.long(), train_b, getattr(data.train, "b", None))
+        self.val = None
+        if data.val is not None and len(data.val):
+            self.val = _Labels(data.val.y.long(), val_b, getattr(data.val, "b", None))
+        self.num_bias_classes = num_bias_classes
+        self.weighting = weighting
+        rho = config.rho if config.rho is not None else getattr(data, "rho", None)
+        if weighting == "symmetric-rho" and rho is None:
+            raise ValueError("weighting 'symmetric-rho' needs rho (config.rho or data.rho)")
+        if weighting == "two-bias" and train_b.dim() != 2:
+            raise ValueError("weighting 'two-bias' needs two bias labels per sample (b of shape (N, 2))")
+        if weighting != "two-bias" and train_b.dim() != 1:
+            raise ValueError(f"weighting {weighting!r} needs one bias label per sample, got b of shape "
+                             f"{tuple(train_b.shape)}")
+        self.rho = rho
+        self.table = losses.weight_table(weighting, num_classes=data.num_classes, rho=rho, targets=self.train.y,
+                                         bias=train_b if train_b.dim() == 1 else None,
+                                         num_bias_classes=num_bias_classes)
+
+    # ------------------------------------------------------------------ forward passes
+
+    def prepare_caches(self) -> None:
+        """Cache the frozen prefix of train (and val) inputs when config.cache_features allows."""
+        if not self.config.cache_features:
+            return
+        splits = {"train": self.data.train}
+        if self.val is not None:
+            splits["val"] = self.data.val
+        n_total = sum(len(s) for s in splits.values())
+        example = self.data.train.inputs(torch.arange(min(8, len(self.data.train)))).to(self.device)
+        self.prefix = FrozenPrefix.build(self.model, example, n_total, self.config.cache_limit_mb * 2**20)
+        if self.prefix is None:
+            return
+        for key, split in splits.items():
+            self.cached[key] = self.prefix.compute(lambda idx, s=split: s.inputs(idx).to(self.device), len(split),
+                                                   self.config.eval_batch_size)
+
+    def forward(self, key: str, idx: Tensor) -> Tensor:
+        if key in self.cached:
+            return self.prefix.run(self.cached[key][idx.to(self.cached[key].device)])
+        split = {"train": self.data.train, "val": self.data.val, "test": self.data.test}[key]
+        return self.model(split.inputs(idx).to(self.device))
+
+    @torch.no_grad()
+    def features(self) -> Tensor:
+        """Bottleneck features of every training sample under the current gates."""
+        tap = BottleneckTap(self.bottleneck)
+        try:
+            out = []
+            for idx in torch.arange(len(self.train.y)).split(self.config.eval_batch_size):
+                self.forward("train", idx)
+                out.append(tap.take())
+            return torch.cat(out)
+        finally:
+            tap.close()
+
+    @torch.no_grad()
+    def predictions(self, key: str) -> Tensor:
+        n = len({"train": self.data.train, "val": self.data.val, "test": self.data.test}[key])
+        return torch.cat([self.forward(key, idx).argmax(1).cpu()
+                          for idx in torch.arange(n).split(self.config.eval_batch_size)])
+
+    # ------------------------------------------------------------------ the two training loops
+
+    def head_phase(self, desc: str) -> None:
+        """``head_epochs`` of CE(head(z), b) with the gates fixed (vanilla before epoch 1, pruned after)."""
+        if self.config.head_epochs == 0:
+            return
+        set_gate_mode(self.gates, "vanilla" if self.epoch == 0 else "pruned")
+        cached = self.features() if self.config.cache_features else None
+        tap = None if cached is not None else BottleneckTap(self.bottleneck)
+        n, b2 = len(self.train.y), self.train.b2.to(self.device)
+        try:
+            for _ in tqdm(range(self.config.head_epochs), desc=desc, unit="epoch", disable=self.quiet, leave=False):
+                for idx in torch.randperm(n, generator=self.generator).split(self.batch_size):
+                    if cached is not None:
+                        z = cached[idx.to(cached.device)]
+                    else:
+                        with torch.no_grad():
+                            self.forward("train", idx)
+                        z = tap.take()
+                    loss = self.aux_loss(z, b2[idx.to(self.device)])
+                    self.head_opt.zero_grad(set_to_none=True)
+                    loss.backward()
+                    self.head_opt.step()
+        finally:
+            if tap is not None:
+                tap.close()
+
+    def aux_loss(self, z: Tensor, b2: Tensor) -> Tensor:
+        return sum(F.cross_entropy(head(z.detach()), b2[:, k]) for k, head in enumerate(self.heads))
+
+    def mask_epoch(self) -> dict:
+        """One epoch of the section 5 step over shuffled training batches; returns mean losses."""
+        config = self.config
+        set_gate_mode(self.gates, "masked")
+        tap = BottleneckTap(self.bottleneck)
+        y, b, b2 = (t.to(self.device) for t in (self.train.y, self.train.b, self.train.b2))
+        table = self.table.to(self.device)
+        totals = {"train_loss": 0.0, "reweighted_ce": 0.0, "mi": 0.0, "aux_loss": 0.0}
+        batches = torch.randperm(len(y), generator=self.generator).split(self.batch_size)
+        try:
+            for idx in tqdm(batches, desc=f"mask epoch {self.epoch + 1}", unit="batch", disable=self.quiet,
+                            leave=False):
+                idx_d = idx.to(self.device)
+                logits = self.forward("train", idx)
+                z = tap.take()
+                yb = y[idx_d]
+                if config.reweight:
+                    lr_ = losses.reweighted_cross_entropy(logits, yb, b[idx_d], group_weights=table)
+                else:
+                    lr_ = F.cross_entropy(logits, yb)
+                mi = logits.new_zeros(())
+                if config.mi:
+                    for k, head in enumerate(self.heads):
+                        bk = b2[idx_d, k]
+                        mi = mi + losses.mutual_information(head(z), bk, self.num_bias_classes,
+                                                            sample_mask=yb != bk)
+                aux = self.aux_loss(z, b2[idx_d])
+                objective = config.alpha * lr_ + config.gamma * mi
+                for s in self.scores:
+                    s.grad = torch.zeros_like(s)
+                objective.backward()
+                self.head_opt.zero_grad(set_to_none=True)
+                aux.backward()
+                self.mask_opt.step()
+                self.head_opt.step()
+                for key, value in (("train_loss", objective), ("reweighted_ce", lr_), ("mi", mi), ("aux_loss", aux)):
+                    totals[key] += float(value.detach()) * len(idx)
+        finally:
+            tap.close()
+        return {k: v / len(y) for k, v in totals.items()}
+
+    def init_trainables(self) -> None:
+        """Scores at 0 and tau0; fresh heads (one per bias) on the bottleneck; the two SGD optimisers."""
+        config = self.config
+        with torch.no_grad():
+            for g in self.gates.values():
+                g.scores.zero_()
+                g.temperature = config.tau0
+        torch.manual_seed(config.seed)
+        tap = BottleneckTap(self.bottleneck)
+        try:
+            with torch.no_grad():
+                self.model(self.data.train.inputs(torch.arange(1)).to(self.device))
+            dim = tap.take().shape[1]
+        finally:
+            tap.close()
+        self.heads = nn.ModuleList(nn.Linear(dim, self.num_bias_classes) for _ in range(self.train.b2.shape[1]))
+        self.heads.to(self.device)
+        self.scores = [g.scores for g in self.gates.values()]
+        self.mask_opt = torch.optim.SGD(self.scores, lr=config.mask_lr, momentum=config.mask_momentum,
+                                        weight_decay=config.mask_weight_decay)
+        self.head_opt = torch.optim.SGD(self.heads.parameters(), lr=config.head_lr, momentum=config.head_momentum,
+                                        weight_decay=config.head_weight_decay)
+
+    # ------------------------------------------------------------------ masks, evaluation, state
+
+    def masks_from(self, scores: dict[str, Tensor]) -> dict[str, Tensor]:
+        if self.config.budget is None:
+            return {n: s >= 0 for n, s in scores.items()}
+        return dict(zip(scores, global_topk_masks(list(scores.values()), self.config.budget)))
+
+    def current_scores(self) -> dict[str, Tensor]:
+        return {n: g.scores.detach().clone() for n, g in self.gates.items()}
+
+    @torch.no_grad()
+    def evaluate(self, key: str, masks: dict[str, Tensor], labels: Optional[_Labels]) -> tuple[float, dict]:
+        """Accuracy and METRICS of the pruned model with ``masks`` on split ``key``."""
+        from .evaluate import metrics_from_predictions
+
+        saved = self.current_scores()
+        set_gate_mode(self.gates, "pruned")
+        for name, g in self.gates.items():
+            g.scores.copy_(torch.where(masks[name], 1.0, -1.0))
+        try:
+            pred = self.predictions(key)
+        finally:
+            for name, g in self.gates.items():
+                g.scores.copy_(saved[name])
+        split = {"val": self.data.val, "test": self.data.test}[key]
+        y = split.y.long()
+        b = labels.b_true if labels is not None and labels.b_true is not None else getattr(split, "b", None)
+        accuracy = float((pred == y).float().mean())
+        return accuracy, (metrics_from_predictions(pred, y, b) if b is not None else {"accuracy": accuracy})
+
+    def after_epoch(self, losses_: dict) -> dict:
+        scores = self.current_scores()
+        masks = self.masks_from(scores)
+        record = {"epoch": self.epoch, "temperature": self.config.temperature(self.epoch - 1), **losses_,
+                  "val": None, "val_accuracy": None,
+                  "units_kept": {n: int(m.sum()) for n, m in masks.items()}}
+        if self.val is not None:
+            acc, metrics = self.evaluate("val", masks, self.val)
+            record["val"], record["val_accuracy"] = metrics, acc
+            if self.best["accuracy"] is None or acc >= self.best["accuracy"]:
+                self.best = {"accuracy": acc, "epoch": self.epoch, "scores": scores}
+        if self.config.log_test:
+            record["test"] = self.evaluate("test", masks, None)[1]
+        self.history.append(record)
+        return record
+
+    def state(self) -> dict:
+        return {"format": CHECKPOINT_FORMAT, "config": dataclasses.asdict(self.config), "epoch": self.epoch,
+                "scores": self.current_scores(), "heads": self.heads.state_dict(),
+                "mask_opt": self.mask_opt.state_dict(), "head_opt": self.head_opt.state_dict(),
+                "best": self.best, "history": self.history,
+                "rng": {"torch": torch.get_rng_state(), "generator": self.generator.get_state()},
+                "pseudo_bias": self.pseudo_bias, "gate_names": list(self.gates),
+                "done": self.epoch >= self.config.mask_epochs}
+
+    def load_state(self, ckpt: dict, path: Path) -> None:
+        saved = {k: v for k, v in ckpt["config"].items() if k not in RESUME_IGNORED}
+        now = {k: v for k, v in dataclasses.asdict(self.config).items() if k not in RESUME_IGNORED}
+        if _jsonish(saved) != _jsonish(now):
+            diff = sorted(k for k in set(saved) | set(now) if _jsonish(saved.get(k)) != _jsonish(now.get(k)))
+            raise ValueError(f"checkpoint {path} was written with different settings ({diff}); resume with the "
+                             "same configuration or start a new run")
+        if ckpt["gate_names"] != list(self.gates):
+            raise ValueError(f"checkpoint {path} has gates {ckpt['gate_names'][:3]}..., this model "
+                             f"{list(self.gates)[:3]}...: not the same model")
+        with torch.no_grad():
+            for name, g in self.gates.items():
+                g.scores.copy_(ckpt["scores"][name])
+                g.temperature = self.config.temperature(ckpt["epoch"])
+        self.heads.load_state_dict(ckpt["heads"])
+        self.mask_opt.load_state_dict(ckpt["mask_opt"])
+        self.head_opt.load_state_dict(ckpt["head_opt"])
+        self.best, self.history, self.epoch = ckpt["best"], ckpt["history"], ckpt["epoch"]
+        torch.set_rng_state(ckpt["rng"]["torch"])
+        self.generator.set_state(ckpt["rng"]["generator"])
+
+
+def _jsonish(v):
+    if isinstance(v, (list, tuple)):
+        return [_jsonish(x) for x in v]
+    if isinstance(v, dict):
+        return {k: _jsonish(x) for k, x in v.items()}
+    return v
+
+
+def _labels(run: "_Run", ckpt: Optional[dict]) -> None:
+    """Bias labels for the run: the data's, or the identification model's predictions (label-free)."""
+    data, config, device = run.data, run.config, run.device
+    if not config.label_free:
+        train_b = _split_bias(data.train, "train", data, False)
+        val_b = _split_bias(data.val, "val", data, True) if data.val is not None and len(data.val) else None
+        run.set_labels(train_b, val_b, config.weighting or data.weighting, data.num_bias_classes)
+        return
+    if ckpt is not None and ckpt.get("pseudo_bias") is not None:
+        run.pseudo_bias = ckpt["pseudo_bias"]
+    else:
+        ident = _identification_model(model_without_gates(run.model), data, config, run.quiet)
+        has_val = data.val is not None and len(data.val)
+        run.pseudo_bias = {"train": _predict(ident, data.train, config.eval_batch_size, device),
+                           "val": _predict(ident, data.val, config.eval_batch_size, device) if has_val else None}
+    run.set_labels(run.pseudo_bias["train"], run.pseudo_bias["val"], "empirical-joint", data.num_classes)
+
+
+def extract(model: nn.Module, data, *, config: Optional[ExtractConfig] = None, out_dir=None, resume: bool = False,
+            quiet: bool = False, callback: Optional[Callable[[int, dict], None]] = None) -> Subnetwork:
+    """Find the unbiased subnetwork of a vanilla ``model`` on ``data`` (a bise.data BiasedDataset).
+
+    The model is copied (the caller's stays untouched), frozen and kept in eval mode. Gates go
+    where :func:`bise.gates.insert_gates` puts them unless the model already has gates.
+    ``out_dir``: where ``checkpoint.pt`` is written after pre-training and every epoch;
+    ``resume=True`` continues from it (an existing checkpoint without ``resume`` is refused).
+    ``callback(epoch, record)`` runs after each epoch's checkpoint (an exception stops the run).
+    """
+    config = (config or ExtractConfig()).validate()
+    _check_data(data, config)
+    ckpt_path = Path(out_dir) / CHECKPOINT_NAME if out_dir is not None else None
+    ckpt = None
+    if ckpt_path is not None and ckpt_path.exists():
+        if not resume:
+            raise ValueError(f"{ckpt_path} holds another extraction; pass resume=True to continue it or use a "
+                             "fresh out_dir")
+        ckpt = load_checkpoint(ckpt_path, required=("format", "config", "epoch", "scores", "heads", "mask_opt",
+                                                    "head_opt", "best", "history", "rng", "gate_names"))
+        if ckpt["format"] != CHECKPOINT_FORMAT:
+            raise ValueError(f"{ckpt_path} is not an extraction checkpoint (format {ckpt['format']!r})")
+    device = torch.device(config.device)
+    with ExitStack() as stack:
+        if config.deterministic:
+            previous = torch.are_deterministic_algorithms_enabled()
+            torch.use_deterministic_algorithms(True)
+            stack.callback(torch.use_deterministic_algorithms, previous)
+        model = copy.deepcopy(model).to(device).eval()
+        for p in model.parameters():
+            p.requires_grad_(False)
+        if not gates_of(model):
+            example = data.train.inputs(torch.arange(min(2, len(data.train)))).to(device)
+            insert_gates(model, config.gate_names, exclude=config.gate_exclude, example_input=example,
+                         temperature=config.tau0, bottleneck=config.bottleneck)
+        run = _Run(model, data, config, quiet)
+        _labels(run, ckpt)
+        run.init_trainables()
+        if ckpt is not None:
+            run.load_state(ckpt, ckpt_path)
+        run.prepare_caches()
+        if run.prefix is not None:
+            stack.enter_context(run.prefix)
+
+        def checkpoint():
+            if ckpt_path is not None:
+                save_atomic(run.state(), ckpt_path)
+
+        if ckpt is None:
+            run.head_phase("head pre-training")
+            checkpoint()
+        epochs = tqdm(range(run.epoch + 1, config.mask_epochs + 1), desc="BISE mask epochs", unit="epoch",
+                      disable=quiet)
+        for epoch in epochs:
+            tau_before = config.temperature(epoch - 1)
+            epoch_losses = run.mask_epoch()
+            run.epoch = epoch
+            record = run.after_epoch(epoch_losses)
+            tau = config.temperature(epoch)
+            if tau != tau_before:
+                for g in run.gates.values():
+                    g.temperature = tau
+                if epoch < config.mask_epochs or config.refit_after_last:
+                    run.head_phase(f"head refit (tau={tau:.3g})")
+            checkpoint()
+            epochs.set_postfix(loss=f"{record['train_loss']:.3f}", tau=f"{tau:.3g}",
+                               val=None if record["val_accuracy"] is None else f"{record['val_accuracy']:.3f}")
+            if callback is not None:
+                callback(epoch, record)
+        final = run.best["scores"] if run.best["scores"] is not None else run.current_scores()
+        masks = run.masks_from(final)
+        with torch.no_grad():
+            for name, g in run.gates.items():
+                g.scores.copy_(final[name] if config.budget is None else torch.where(masks[name], 1.0, -1.0))
+        set_gate_mode(run.gates, "pruned")
+    info = {"weighting": run.weighting, "rho": run.rho, "batch_size": run.batch_size,
+            "best_epoch": run.best["epoch"], "best_val_accuracy": run.best["accuracy"],
+            "selection": "best validation accuracy" if run.val is not None else "last epoch",
+            "prefix_cached": run.prefix is not None, "final_refit_skipped": not config.refit_after_last,
+            "label_free": config.label_free, "bottleneck": find_bottleneck(model, config.bottleneck)}
+    return Subnetwork(model, run.gates, masks, scores=final, history=run.history, config=config, info=info,
+                      pseudo_bias=run.pseudo_bias)
+
+
+def model_without_gates(model: nn.Module) -> nn.Module:
+    """A copy of ``model`` with its Gated modules replaced by their activations."""
+    return remove_gates(copy.deepcopy(model))
+
+
+__all__ = ["CHECKPOINT_NAME", "ExtractConfig", "extract"]

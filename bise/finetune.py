@@ -1,0 +1,95 @@
+"""BISE+FT (bise-method.md section 10): fine-tune the surviving weights of the exported subnetwork.
+
+Project defaults for what the paper leaves open: the exported (physically pruned) model is
+fine-tuned, so pruned units cannot come back; the loss is the reweighted cross-entropy L_r with the
+extraction's weighting; the dataset's vanilla optimiser at 0.1x its base learning rate, no schedule;
+10 epochs; the mask-learning batch size; BatchNorm in train mode; the weights with the best
+validation accuracy (ties to the later epoch) where a validation split exists, else the last ones.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from typing import Optional
+
+import torch
+from torch import Tensor, nn
+from tqdm.auto import tqdm
+
+from . import losses
+from .evaluate import evaluate
+from .train import _optimizer, recipe_for
+
+LR_FACTOR = 0.1
+
+
+def _positive_int(name: str, v, low: int = 1) -> int:
+    if isinstance(v, bool) or not isinstance(v, int) or v < low:
+        raise ValueError(f"{name} must be an int >= {low}, got {v!r}")
+    return v
+
+
+def finetune(model: nn.Module, data, *, epochs: int = 10, scheme: Optional[str] = None, rho=None,
+             lr: Optional[float] = None, batch_size: Optional[int] = None, bias: Optional[Tensor] = None,
+             seed: int = 0, device="cpu", quiet: bool = False, history: Optional[list] = None) -> nn.Module:
+    """A fine-tuned copy of ``model`` (eval mode on return; the input model is untouched).
+
+    ``scheme`` / ``rho``: the L_r weighting (default: the data's); ``bias``: training bias labels to
+    use instead of ``data.train.b`` (e.g. the label-free pseudo labels); ``lr``: default 0.1x the
+    recipe's; ``history``: a list that receives one record per epoch.
+    """
+    _positive_int("epochs", epochs, 0)
+    recipe = recipe_for(data)
+    lr = recipe["lr"] * LR_FACTOR if lr is None else lr
+    if not (isinstance(lr, (int, float)) and math.isfinite(lr) and lr > 0):
+        raise ValueError(f"lr must be a positive number, got {lr!r}")
+    batch_size = _positive_int("batch_size", batch_size or recipe["batch_size"])
+    scheme = scheme or data.weighting
+    if scheme not in losses.SCHEMES:
+        raise ValueError(f"scheme must be one of {losses.SCHEMES}, got {scheme!r}")
+    train = data.train
+    b = train.b if bias is None else torch.as_tensor(bias)
+    if b is None or len(b) != len(train):
+        raise ValueError(f"fine-tuning needs one bias label per training sample ({len(train)}); got "
+                         f"{None if b is None else len(b)}")
+    b = b.long()
+    rho = rho if rho is not None else data.rho
+    table = losses.weight_table(scheme, num_classes=data.num_classes, rho=rho, targets=train.y.long(),
+                                bias=b if b.dim() == 1 else None, num_bias_classes=data.num_bias_classes)
+    model = copy.deepcopy(model).to(device)
+    for p in model.parameters():
+        p.requires_grad_(True)
+    opt = _optimizer(model.parameters(), recipe, lr)
+    gen = torch.Generator().manual_seed(seed)
+    torch.manual_seed(seed)
+    val = data.val if data.val is not None and len(data.val) else None
+    best_acc, best_state = None, None
+    bar = tqdm(range(1, epochs + 1), desc="BISE+FT", unit="epoch", disable=quiet)
+    for epoch in bar:
+        model.train()
+        total, count = 0.0, 0
+        for idx in torch.randperm(len(train), generator=gen).split(batch_size):
+            x, y = train.inputs(idx).to(device), train.y[idx].long().to(device)
+            loss = losses.reweighted_cross_entropy(model(x), y, b[idx].to(device), group_weights=table)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            total, count = total + loss.item() * len(idx), count + len(idx)
+        record = {"epoch": epoch, "train_loss": total / max(count, 1), "val": None}
+        if val is not None:
+            record["val"] = evaluate(model, val, device=device)
+            acc = record["val"]["accuracy"]
+            if best_acc is None or acc >= best_acc:
+                best_acc, best_state = acc, copy.deepcopy(model.state_dict())
+            bar.set_postfix(loss=f"{record['train_loss']:.3f}", val=f"{acc:.3f}")
+        if history is not None:
+            history.append(record)
+    if best_state is not None:
+        model.load_state_dict(best_state)
+    for p in model.parameters():
+        p.requires_grad_(False)
+    return model.eval()
+
+
+__all__ = ["LR_FACTOR", "finetune"]

@@ -1,0 +1,251 @@
+"""The run report: report.json (keys fixed by issue #7 section 5), report.md (tables) and PNG plots.
+
+report.json = {"vanilla": SECTION, "subnetwork": SECTION + {"units_pruned", "weights_removed"},
+"finetuned": (same, only after fine-tuning), "export": {"max_abs_diff"}, "config": {...},
+"timing": {"extraction_seconds", ...}} with SECTION = {"test": METRICS, "val": METRICS (if any),
+"mflops": MMACs, "params": int}. Accuracies are fractions in [0, 1]; every file is written atomically.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from typing import Callable, Optional
+
+from torch import nn
+
+from .evaluate import evaluate
+from .flops import count_macs, count_params
+
+SECTIONS = ("vanilla", "subnetwork", "finetuned", "export", "config", "timing")
+METRIC_KEYS = ("accuracy", "aligned_accuracy", "conflicting_accuracy", "unbiased_accuracy", "worst_group_accuracy")
+PLOTS = ("accuracy_vs_epoch.png", "units_per_layer.png", "group_accuracy.png")
+
+
+def atomic_write(path: str, write: Callable[[str], None]) -> None:
+    """Call ``write(tmp)`` on a temporary path beside ``path``, then rename it into place."""
+    tmp = os.path.join(os.path.dirname(os.path.abspath(path)), f".{os.path.basename(path)}.{os.getpid()}.tmp")
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def write_text(path: str, text: str) -> None:
+    def write(tmp):
+        with open(tmp, "w") as f:
+            f.write(text)
+    atomic_write(path, write)
+
+
+def model_section(model: nn.Module, data, *, device="cpu", batch_size: int = 256, vanilla_params: Optional[int] = None,
+                  units_pruned: Optional[float] = None, metrics_model: Optional[nn.Module] = None) -> dict:
+    """{"test", "val" (if any), "mflops", "params"} of ``model`` (metrics of ``metrics_model`` if given:
+    the masked model, whose cost is the exported ``model``'s); plus units_pruned / weights_removed."""
+    scored = metrics_model if metrics_model is not None else model
+    section = evaluate(scored, data, batch_size=batch_size, device=device)
+    section["mflops"] = count_macs(model, data.input_shape)
+    section["params"] = count_params(model)
+    if units_pruned is not None:
+        section["units_pruned"] = float(units_pruned)
+        section["weights_removed"] = 1.0 - section["params"] / vanilla_params
+    return section
+
+
+def build_report(*, vanilla: dict, subnetwork: dict, export: dict, config: dict, timing: dict,
+                 finetuned: Optional[dict] = None) -> dict:
+    """The report dict in the fixed key order; "finetuned" only when given."""
+    report = {"vanilla": vanilla, "subnetwork": subnetwork}
+    if finetuned is not None:
+        report["finetuned"] = finetuned
+    report.update(export=export, config=config, timing=timing)
+    return report
+
+
+def _pct(v) -> str:
+    return "-" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{100 * v:.1f}"
+
+
+def _models(report: dict) -> list[tuple[str, dict]]:
+    return [(k, report[k]) for k in ("vanilla", "subnetwork", "finetuned") if k in report]
+
+
+def render_markdown(report: dict, units: Optional[dict] = None) -> str:
+    """report.md: summary per model and split, group and pattern tables, units per layer, timing, config."""
+    lines = ["# BISE report", ""]
+    cfg = report.get("config", {})
+    data = cfg.get("data", {})
+    lines += [f"Data `{data.get('spec', '?')}`, arch `{cfg.get('arch', '?')}`, device `{cfg.get('device', '?')}`, "
+              f"seed {cfg.get('seed', '?')}. Accuracies in %, cost in M MACs (\"MFLOPs\", "
+              f"{cfg.get('flop_counter', 'FlopCounterMode')}).", ""]
+    for split in ("test", "val"):
+        rows = [(name, sec[split]) for name, sec in _models(report) if sec.get(split)]
+        if not rows:
+            continue
+        lines += [f"## {split} split", "", "| model | accuracy | aligned | conflicting | unbiased | worst group |",
+                  "|---|---|---|---|---|---|"]
+        lines += [f"| {name} | " + " | ".join(_pct(m.get(k)) for k in METRIC_KEYS) + " |" for name, m in rows]
+        if "patterns" in rows[0][1]:
+            names = list(rows[0][1]["patterns"])
+            lines += ["", "| model | " + " | ".join(names) + " | average |", "|---|" + "---|" * (len(names) + 1)]
+            lines += [f"| {name} | " + " | ".join(_pct(m["patterns"][p]) for p in names) +
+                      f" | {_pct(m['pattern_average'])} |" for name, m in rows]
+        lines.append("")
+    lines += ["## Cost", "", "| model | MMACs | params | units pruned | weights removed |", "|---|---|---|---|---|"]
+    for name, sec in _models(report):
+        lines.append(f"| {name} | {sec['mflops']:.3f} | {sec['params']} | {_pct(sec.get('units_pruned'))} | "
+                     f"{_pct(sec.get('weights_removed'))} |")
+    latency = report.get("timing", {}).get("latency_seconds", {})
+    if latency:
+        lines += ["", "| model | latency batch 1 (ms) | latency batch 256 (ms) |", "|---|---|---|"]
+        for name, lat in latency.items():
+            lines.append(f"| {name} | " + " | ".join(
+                "-" if lat.get(k) is None else f"{1e3 * lat[k]:.3f}" for k in ("batch_1", "batch_256")) + " |")
+    lines += ["", f"Export: max |exported - masked| on the test split = {report['export']['max_abs_diff']:.3g}", ""]
+    test_groups = [(name, sec["test"]["groups"]) for name, sec in _models(report) if sec.get("test")]
+    if test_groups:
+        keys = list(test_groups[0][1])
+        lines += ["## Test accuracy per (y, b) group", "", "| group | " + " | ".join(n for n, _ in test_groups) + " |",
+                  "|---|" + "---|" * len(test_groups)]
+        lines += [f"| {k} | " + " | ".join(_pct(g.get(k)) for _, g in test_groups) + " |" for k in keys]
+        lines.append("")
+    if units:
+        lines += ["## Units kept per gated layer", "", "| layer | kept | total |", "|---|---|---|"]
+        lines += [f"| {n} | {kept} | {total} |" for n, (kept, total) in units.items()]
+        lines.append("")
+    lines += ["## Timing (seconds)", "", "| step | seconds |", "|---|---|"]
+    lines += [f"| {k} | {v:.2f} |" for k, v in report.get("timing", {}).items() if isinstance(v, (int, float))]
+    lines += ["", "## Config", "", "```json", json.dumps(report.get("config", {}), indent=1, default=str), "```", ""]
+    return "\n".join(lines)
+
+
+def _temperature_steps(history: list) -> list[int]:
+    """Epochs after which the temperature was halved."""
+    return [a["epoch"] for a, b in zip(history, history[1:]) if b.get("temperature") != a.get("temperature")]
+
+
+def plot_history(history: list, path: str) -> bool:
+    """Aligned / conflicting / unbiased accuracy per mask epoch (validation, else the logged test metrics),
+    with the temperature halvings marked. False when the history holds no per-epoch metrics."""
+    key = "val" if any(r.get("val") for r in history) else "test"
+    rows = [r for r in history if r.get(key)]
+    if not rows:
+        return False
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4))
+    epochs = [r["epoch"] for r in rows]
+    for metric, label in (("aligned_accuracy", "aligned"), ("conflicting_accuracy", "conflicting"),
+                          ("unbiased_accuracy", "unbiased")):
+        ax.plot(epochs, [r[key][metric] if r[key][metric] is not None else float("nan") for r in rows],
+                marker=".", label=label)
+    for i, e in enumerate(_temperature_steps(history)):
+        ax.axvline(e, color="grey", lw=0.6, ls="--", label="temperature halved" if i == 0 else None)
+    ax.set(xlabel="mask epoch", ylabel=f"{key} accuracy", ylim=(0, 1.02), title="BISE mask learning")
+    ax.legend(loc="lower right", fontsize=8)
+    _save(fig, path)
+    return True
+
+
+def plot_units(units: dict, path: str) -> None:
+    """Kept vs total units of every gated layer."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = list(units)
+    fig, ax = plt.subplots(figsize=(max(5, 0.4 * len(names) + 2), 4))
+    xs = range(len(names))
+    ax.bar(xs, [t for _, t in units.values()], color="lightgrey", label="total")
+    ax.bar(xs, [k for k, _ in units.values()], color="tab:blue", label="kept")
+    ax.set_xticks(list(xs), names, rotation=60, ha="right", fontsize=7)
+    ax.set(ylabel="units", title="surviving units per layer")
+    ax.legend(fontsize=8)
+    _save(fig, path)
+
+
+def _group_matrix(groups: dict):
+    """(y rows x b columns) accuracy matrix of single-bias group keys "y=..,b=.." (NaN where absent)."""
+    import numpy as np
+
+    cells = {tuple(int(part.split("=")[1]) for part in key.split(",")): v for key, v in groups.items()}
+    rows, cols = max(y for y, _ in cells) + 1, max(b for _, b in cells) + 1
+    matrix = np.full((rows, cols), np.nan)
+    for (y, b), v in cells.items():
+        matrix[y, b] = np.nan if v is None else v
+    return matrix
+
+
+def plot_groups(report: dict, path: str) -> None:
+    """Summary test metrics per model (bars), then the per-(y, b) group accuracies: bars for a few
+    groups, one y-by-b heatmap per model for many (single bias)."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    models = [(name, sec["test"]) for name, sec in _models(report)]
+    keys = list(models[0][1]["groups"])
+    heatmaps = len(keys) > 24 and "/" not in keys[0]
+    fig = plt.figure(figsize=(max(8, 4 * len(models)) if heatmaps else max(8, 0.15 * len(keys) * len(models) + 3), 8))
+    top = fig.add_subplot(2, 1, 1)
+    width = 0.8 / len(models)
+    for i, (name, m) in enumerate(models):
+        top.bar([j + i * width for j in range(len(METRIC_KEYS))],
+                [m[k] if m[k] is not None else 0.0 for k in METRIC_KEYS], width, label=name)
+    top.set_xticks([j + 0.4 - width / 2 for j in range(len(METRIC_KEYS))],
+                   [k.replace("_accuracy", "") for k in METRIC_KEYS])
+    top.set(ylabel="test accuracy", ylim=(0, 1.02), title=" vs ".join(n for n, _ in models))
+    top.legend(fontsize=8)
+    if heatmaps:
+        for i, (name, m) in enumerate(models):
+            ax = fig.add_subplot(2, len(models), len(models) + i + 1)
+            image = ax.imshow(_group_matrix(m["groups"]), vmin=0, vmax=1, cmap="viridis")
+            ax.set(xlabel="bias label b", ylabel="target y", title=f"{name}: group accuracy")
+        fig.colorbar(image, ax=fig.axes[1:], shrink=0.8)
+    else:
+        bottom = fig.add_subplot(2, 1, 2)
+        for i, (name, m) in enumerate(models):
+            bottom.bar([j + i * width for j in range(len(keys))],
+                       [m["groups"][k] if m["groups"].get(k) is not None else 0.0 for k in keys], width, label=name)
+        bottom.set_xticks([j + 0.4 - width / 2 for j in range(len(keys))], keys, rotation=90, fontsize=7)
+        bottom.set(ylabel="group accuracy", ylim=(0, 1.02))
+    _save(fig, path, tight=not heatmaps)
+
+
+def _save(fig, path: str, tight: bool = True) -> None:
+    import matplotlib.pyplot as plt
+
+    if tight:
+        fig.tight_layout()
+    atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=100))
+    plt.close(fig)
+
+
+def write_report(out_dir: str, report: dict, *, history: Optional[list] = None,
+                 units: Optional[dict] = None) -> list[str]:
+    """Write report.json, report.md and the plots into ``out_dir``; returns the paths written.
+
+    ``units``: gated layer -> (kept, total); ``history``: the extraction's per-epoch records."""
+    missing = [k for k in ("vanilla", "subnetwork", "export", "config", "timing") if k not in report]
+    if missing:
+        raise ValueError(f"report lacks the sections {missing}")
+    paths = [os.path.join(out_dir, "report.json"), os.path.join(out_dir, "report.md")]
+    write_text(paths[0], json.dumps(report, indent=1, default=str))
+    write_text(paths[1], render_markdown(report, units))
+    if history and plot_history(history, os.path.join(out_dir, PLOTS[0])):
+        paths.append(os.path.join(out_dir, PLOTS[0]))
+    if units:
+        plot_units(units, os.path.join(out_dir, PLOTS[1]))
+        paths.append(os.path.join(out_dir, PLOTS[1]))
+    plot_groups(report, os.path.join(out_dir, PLOTS[2]))
+    paths.append(os.path.join(out_dir, PLOTS[2]))
+    return paths
+
+
+__all__ = ["PLOTS", "SECTIONS", "atomic_write", "build_report", "model_section", "render_markdown", "write_report",
+           "write_text"]

@@ -1,0 +1,176 @@
+"""Masked conv2d: one fused Triton pass builds W*M, torch's convolution (cuDNN on GPU) does the rest.
+
+Triton convs trail cuDNN (prior-art-and-targets.md, section 4), so the dense part stays with
+cuDNN: forward ``conv2d(x, W*M)``, and one ``convolution_backward`` call for dgrad (on W*M),
+wgrad and the bias gradient. W*M is transient (never saved for backward). The wgrad result
+feeds a fused epilogue kernel that writes ``grad_W_eff * M`` (only if needed) and the score
+gradient ``grad_W_eff * W * slope`` (summed per output channel for structured scores) in one
+pass. Weights are addressed through their 4-d strides, so channels_last weights work in place.
+Semantics: ``backends/reference.py``.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+import triton
+import triton.language as tl
+
+from ... import _checks
+from ._common import (
+    INTERPRET, accumulation_dtype, check_backward_args, check_layer, keep, score_grad_buffer, score_grad_epilogue,
+    tie_limit,
+)
+
+KERNELS = ("masked_conv2d_forward", "masked_conv2d_backward")
+
+BLOCK_UNITS, BLOCK_REDS = (16, 64) if INTERPRET else (8, 256)
+
+
+@triton.jit
+def _red_offsets(reds, KHW, KW, stride_c, stride_h, stride_w):
+    """Memory offsets of flat in-channel/kernel indices r = (c * KH + h) * KW + w."""
+    c = reds // KHW
+    rem = reds - c * KHW
+    h = rem // KW
+    return c * stride_c + h * stride_h + (rem - h * KW) * stride_w
+
+
+@triton.jit
+def _mask_weight_kernel(
+    w_ptr, s_ptr, out_ptr, thr_ptr, cut_ptr, UNITS, R, KHW, KW,
+    sw0, sw1, sw2, sw3, ss0, ss1, ss2, ss3, so0, so1, so2, so3,
+    STRUCTURED: tl.constexpr, BLOCK_U: tl.constexpr, BLOCK_R: tl.constexpr,
+):
+    """out = W * keep(scores), tiles of (output channels, c*kh*kw)."""
+    units = tl.program_id(0) * BLOCK_U + tl.arange(0, BLOCK_U)
+    reds = tl.program_id(1) * BLOCK_R + tl.arange(0, BLOCK_R)
+    unit_ok = units < UNITS
+    valid = unit_ok[:, None] & (reds < R)[None, :]
+    thr = tl.load(thr_ptr)
+    cut = tl.load(cut_ptr)
+    w = tl.load(w_ptr + units[:, None] * sw0 + _red_offsets(reds, KHW, KW, sw1, sw2, sw3)[None, :], mask=valid)
+    if STRUCTURED:
+        s = tl.load(s_ptr + units * ss0, mask=unit_ok, other=0)
+        kept = keep(s, thr, units, tl.minimum(cut, UNITS))[:, None]
+    else:
+        s = tl.load(s_ptr + units[:, None] * ss0 + _red_offsets(reds, KHW, KW, ss1, ss2, ss3)[None, :],
+                    mask=valid, other=0)
+        kept = keep(s, thr, reds[None, :], tie_limit(cut, units, R)[:, None])
+    tl.store(out_ptr + units[:, None] * so0 + _red_offsets(reds, KHW, KW, so1, so2, so3)[None, :],
+             tl.where(kept, w, 0), mask=valid)
+
+
+@triton.jit
+def _conv_score_grad_kernel(
+    g_ptr, w_ptr, s_ptr, gw_ptr, gs_ptr, thr_ptr, cut_ptr, UNITS, R, KHW, KW, temperature,
+    sg0, sg1, sg2, sg3, sw0, sw1, sw2, sw3, ss0, ss1, ss2, ss3, sgw0, sgw1, sgw2, sgw3,
+    sgs0, sgs1, sgs2, sgs3,
+    STRUCTURED: tl.constexpr, SIGMOID: tl.constexpr, NEED_W: tl.constexpr, NEED_S: tl.constexpr,
+    ACC: tl.constexpr, S_ACC: tl.constexpr, BLOCK_U: tl.constexpr, BLOCK_R: tl.constexpr,
+):
+    """Weight and score gradients from grad_W_eff in one read (epilogue of ``_common``)."""
+    units = tl.program_id(0) * BLOCK_U + tl.arange(0, BLOCK_U)
+    reds = tl.program_id(1) * BLOCK_R + tl.arange(0, BLOCK_R)
+    unit_ok = units < UNITS
+    valid = unit_ok[:, None] & (reds < R)[None, :]
+    g = tl.load(g_ptr + units[:, None] * sg0 + _red_offsets(reds, KHW, KW, sg1, sg2, sg3)[None, :],
+                mask=valid, other=0).to(ACC)
+    if STRUCTURED:
+        s_ptrs = s_ptr + units * ss0
+        gs_ptrs = gs_ptr + units
+    else:
+        s_ptrs = s_ptr + units[:, None] * ss0 + _red_offsets(reds, KHW, KW, ss1, ss2, ss3)[None, :]
+        gs_ptrs = gs_ptr + units[:, None] * sgs0 + _red_offsets(reds, KHW, KW, sgs1, sgs2, sgs3)[None, :]
+    score_grad_epilogue(
+        g, units, reds, unit_ok, valid, R, UNITS,
+        w_ptr + units[:, None] * sw0 + _red_offsets(reds, KHW, KW, sw1, sw2, sw3)[None, :], s_ptrs,
+        gw_ptr + units[:, None] * sgw0 + _red_offsets(reds, KHW, KW, sgw1, sgw2, sgw3)[None, :], gs_ptrs,
+        tl.load(thr_ptr), tl.load(cut_ptr), temperature,
+        STRUCTURED, SIGMOID, NEED_W, NEED_S, S_ACC,
+    )
+
+
+def _grid(weight: torch.Tensor):
+    return (triton.cdiv(weight.shape[0], BLOCK_UNITS), triton.cdiv(weight[0].numel(), BLOCK_REDS))
+
+
+def _geometry(weight: torch.Tensor) -> tuple[int, int, int, int]:
+    units, _, kh, kw = weight.shape
+    return units, weight[0].numel(), kh * kw, kw
+
+
+def _strides(t: torch.Tensor, structured: bool = False) -> tuple[int, ...]:
+    return (t.stride(0), 0, 0, 0) if structured else t.stride()
+
+
+def masked_weight(weight: torch.Tensor, scores: torch.Tensor, thr: torch.Tensor, cut: torch.Tensor) -> torch.Tensor:
+    """W * keep(scores) in one pass, in the weight's memory format (a transient for cuDNN)."""
+    structured = scores.shape != weight.shape
+    out = torch.empty_like(weight)
+    if weight.numel():
+        _mask_weight_kernel[_grid(weight)](
+            weight, scores, out, thr, cut, *_geometry(weight),
+            *_strides(weight), *_strides(scores, structured), *_strides(out),
+            STRUCTURED=structured, BLOCK_U=BLOCK_UNITS, BLOCK_R=BLOCK_REDS,
+        )
+    return out
+
+
+def _check_conv(x, weight, bias, scores, thr, cut, stride, padding, dilation, groups) -> bool:
+    structured = check_layer(x, weight, bias, scores, thr, cut)
+    for value, name in ((stride, "stride"), (padding, "padding"), (dilation, "dilation")):
+        _checks.check_pair(value, name)
+    if x.dim() != 4 or weight.dim() != 4:
+        raise ValueError(f"x and weight must be 4-d (N,C,H,W) and (O,C/groups,kH,kW), got {tuple(x.shape)} and "
+                         f"{tuple(weight.shape)}")
+    if isinstance(groups, bool) or not isinstance(groups, int) or groups < 1 or x.shape[1] != weight.shape[1] * groups \
+            or weight.shape[0] % groups:
+        raise ValueError(f"groups={groups!r} does not fit x channels {x.shape[1]} and weight {tuple(weight.shape)}")
+    return structured
+
+
+def _output_shape(x, weight, stride, padding, dilation) -> tuple[int, ...]:
+    size = [(x.shape[2 + i] + 2 * padding[i] - dilation[i] * (weight.shape[2 + i] - 1) - 1) // stride[i] + 1
+            for i in range(2)]
+    return (x.shape[0], weight.shape[0], *size)
+
+
+def masked_conv2d_forward(x, weight, bias, scores, thr, cut, stride, padding, dilation, groups):
+    """``conv2d(x, W * M, bias)`` with W * M built by one fused Triton pass."""
+    _check_conv(x, weight, bias, scores, thr, cut, stride, padding, dilation, groups)
+    return F.conv2d(x, masked_weight(weight, scores, thr, cut), bias, stride, padding, dilation, groups)
+
+
+def masked_conv2d_backward(
+    grad_y, x, weight, scores, thr, cut, stride, padding, dilation, groups, estimator, temperature, needs
+):
+    """(grad_x, grad_weight, grad_bias, grad_scores), each None unless asked for in ``needs``."""
+    structured = _check_conv(x, weight, None, scores, thr, cut, stride, padding, dilation, groups)
+    check_backward_args(grad_y, _output_shape(x, weight, stride, padding, dilation), x, estimator, temperature,
+                        needs, 4)
+    need_x, need_w, need_b, need_s = (bool(n) for n in needs)
+    w_for_dgrad = masked_weight(weight, scores, thr, cut) if need_x else weight
+    gx, grad_w_eff, gb = torch.ops.aten.convolution_backward(
+        grad_y, x, w_for_dgrad, [weight.shape[0]] if need_b else None, list(stride), list(padding),
+        list(dilation), False, [0, 0], groups, [need_x, need_w or need_s, need_b],
+    )
+    gw = gs = None
+    if need_w or need_s:
+        gw = torch.empty_like(weight) if need_w else None
+        if need_s:
+            gs = score_grad_buffer(scores, x) if structured else torch.empty_like(scores)
+        dummy = torch.empty(1, dtype=torch.float32, device=x.device)  # for pointers this launch never touches
+        if weight.numel():
+            _conv_score_grad_kernel[_grid(weight)](
+                grad_w_eff, weight, scores, dummy if gw is None else gw, dummy if gs is None else gs, thr, cut,
+                *_geometry(weight), float(temperature),
+                *_strides(grad_w_eff), *_strides(weight), *_strides(scores, structured),
+                *(_strides(gw) if need_w else (0,) * 4), *(_strides(gs, structured) if need_s else (0,) * 4),
+                STRUCTURED=structured, SIGMOID=estimator == "sigmoid", NEED_W=need_w, NEED_S=need_s,
+                ACC=accumulation_dtype(x.dtype), S_ACC=accumulation_dtype(scores.dtype),
+                BLOCK_U=BLOCK_UNITS, BLOCK_R=BLOCK_REDS,
+            )
+        if gs is not None:
+            gs = gs.to(scores.dtype)
+    return (gx if need_x else None), gw, (gb if need_b else None), gs

@@ -1,0 +1,668 @@
+// Exact top-k threshold selection on CPU (backend "cpp"): the k-th largest value of a tensor,
+// of the virtual concatenation of several tensors, or of each tensor of a batch, plus the tie cut
+// and the keep mask of the contract in bise_kernels/backends/reference.py.
+//
+// Values become order-preserving unsigned keys (-0.0 first canonicalised to +0.0). A selection
+// keeps a known state: the k-th largest key lies in [lo, hi], `gt` entries lie above hi and `c`
+// inside. Large inputs first try a bracket from a random sample (around rank k, or tightly
+// around the warm-start hint): ONE fused pass counts entries above the bracket and compacts the
+// few inside into per-chunk buffers; the selection then finishes inside the buffers, which are
+// themselves a source for the same code. A bracket that misses still narrows the state; when
+// the candidates are too many to compact, radix histogram passes (11-bit digits of key - lo)
+// narrow [lo, hi] until they are few, or one value. Per-block counts recorded by the compacting
+// pass locate the tie needed for `cut` by scanning a single block.
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <bit>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <queue>
+#include <vector>
+
+#if defined(__x86_64__) && defined(__GNUC__)
+#include <immintrin.h>
+#define BISE_SELECT_X86 1
+#endif
+
+namespace {
+
+constexpr int64_t kBlock = 4096;       // tie location granularity (elements)
+constexpr int64_t kSmall = 1 << 15;    // below this, compact everything, no sample
+constexpr int kDigitBits = 11;         // radix digit of the histogram passes
+constexpr int64_t kSample = 1 << 16;   // sample size of large inputs
+constexpr double kSigmas = 6.0;        // cold bracket half-width, in sample standard deviations
+constexpr int64_t kWarmRank = 64;      // warm bracket half-width, in sample entries
+
+// ----------------------------------------------------------------------------- keys
+
+template <typename U>
+constexpr U kSignBit = U(U(1) << (sizeof(U) * 8 - 1));
+
+// Order-preserving key of a float's bits: larger value -> larger key; -0.0 maps to +0.0's key.
+template <typename U>
+inline U to_key(U bits) {
+  using S = std::make_signed_t<U>;
+  U mask = U(U(S(bits) >> (sizeof(U) * 8 - 1)) | kSignBit<U>);
+  U key = U(bits ^ mask);
+  return U(key + U(key == U(kSignBit<U> - 1)));
+}
+
+template <typename U>
+inline U from_key(U key) {
+  return (key & kSignBit<U>) ? U(key ^ kSignBit<U>) : U(~key);
+}
+
+// ----------------------------------------------------------------------------- sources
+
+// A run of elements in flat order: raw float bits (keys computed on the fly) or keys.
+template <typename U>
+struct Seg {
+  const U* p;
+  int64_t n;
+  int64_t off;  // flat index of p[0]
+};
+
+template <typename U>
+struct Source {
+  std::vector<Seg<U>> segs;
+  int64_t n = 0;
+  bool raw = true;
+
+  void add(const U* p, int64_t len) {
+    if (len > 0) segs.push_back({p, len, n});
+    n += len;
+  }
+  // Calls fn(ptr, len, flat) for the pieces of flat range [a, b); `s` is a segment cursor.
+  template <typename F>
+  void pieces(int64_t a, int64_t b, size_t& s, F&& fn) const {
+    while (a < b) {
+      while (segs[s].off + segs[s].n <= a) ++s;
+      int64_t e = std::min(b, segs[s].off + segs[s].n);
+      fn(segs[s].p + (a - segs[s].off), e - a, a);
+      a = e;
+    }
+  }
+  size_t seg_of(int64_t a) const {
+    size_t lo = 0, hi = segs.size();
+    while (hi - lo > 1) {
+      size_t mid = (lo + hi) / 2;
+      if (segs[mid].off <= a) lo = mid; else hi = mid;
+    }
+    return lo;
+  }
+};
+
+// Contiguous block ranges [first[c], first[c + 1]) processed by chunk c.
+struct Chunks {
+  int64_t nblocks;
+  std::vector<int64_t> first;
+  explicit Chunks(int64_t n) {
+    nblocks = (n + kBlock - 1) / kBlock;
+    int64_t by_size = std::max<int64_t>(1, n / (4 * kBlock));
+    int64_t nc = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), std::min(nblocks, by_size)));
+    for (int64_t c = 0; c <= nc; ++c) first.push_back(c * nblocks / nc);
+  }
+  int64_t count() const { return int64_t(first.size()) - 1; }
+};
+
+template <typename F>
+void for_chunks(const Chunks& ch, F&& fn) {
+  at::parallel_for(0, ch.count(), 1, [&](int64_t b, int64_t e) {
+    for (int64_t c = b; c < e; ++c) fn(c);
+  });
+}
+
+// ----------------------------------------------------------------------------- fused bracket pass
+
+// Counts entries above hi and inside [lo, hi] of one run; STORE also appends the keys inside.
+template <bool RAW, bool STORE, typename U>
+inline void scan_run_generic(const U* x, int64_t n, U lo, U hi, int64_t& gt, int64_t& m, U* buf) {
+  const U span = U(hi - lo);
+  constexpr int V = 16;
+  int64_t i = 0, g = 0;
+  for (; i + V <= n; i += V) {
+    U k[V];
+    unsigned any = 0;
+    for (int j = 0; j < V; ++j) {
+      k[j] = RAW ? to_key(x[i + j]) : x[i + j];
+      g += k[j] > hi;
+      any |= U(k[j] - lo) <= span;
+    }
+    if (!any) continue;
+    for (int j = 0; j < V; ++j) {
+      if (STORE) buf[m] = k[j];
+      m += U(k[j] - lo) <= span;
+    }
+  }
+  for (; i < n; ++i) {
+    U k = RAW ? to_key(x[i]) : x[i];
+    g += k > hi;
+    if (STORE) buf[m] = k;
+    m += U(k - lo) <= span;
+  }
+  gt += g;
+}
+
+#ifdef BISE_SELECT_X86
+// AVX-512 version for 32-bit raw floats: key transform, counts and compaction 16 lanes at a time.
+// The compressed vector is always stored (unaligned, 16 lanes of slack) to avoid a branch.
+__attribute__((target("avx512f,popcnt"))) void scan_run_f32_avx512(
+    const uint32_t* x, int64_t n, uint32_t lo, uint32_t hi, int64_t& gt, int64_t& m, uint32_t* buf, bool store) {
+  const __m512i vlo = _mm512_set1_epi32(int(lo)), vspan = _mm512_set1_epi32(int(hi - lo));
+  const __m512i vhi = _mm512_set1_epi32(int(hi)), sign = _mm512_set1_epi32(int(0x80000000u));
+  const __m512i negz = _mm512_set1_epi32(0x7fffffff), one = _mm512_set1_epi32(1);
+  __m512i acc = _mm512_setzero_si512();
+  int64_t i = 0;
+  for (; i + 16 <= n; i += 16) {
+    __m512i b = _mm512_loadu_si512(x + i);
+    __m512i k = _mm512_xor_si512(b, _mm512_or_si512(_mm512_srai_epi32(b, 31), sign));
+    k = _mm512_mask_add_epi32(k, _mm512_cmpeq_epi32_mask(k, negz), k, one);
+    acc = _mm512_mask_add_epi32(acc, _mm512_cmpgt_epu32_mask(k, vhi), acc, one);
+    __mmask16 in = _mm512_cmple_epu32_mask(_mm512_sub_epi32(k, vlo), vspan);
+    if (store) _mm512_storeu_si512(buf + m, _mm512_maskz_compress_epi32(in, k));
+    m += _mm_popcnt_u32(in);
+  }
+  gt += _mm512_reduce_add_epi32(acc);
+  if (store) {
+    scan_run_generic<true, true>(x + i, n - i, lo, hi, gt, m, buf);
+  } else {
+    scan_run_generic<true, false>(x + i, n - i, lo, hi, gt, m, buf);
+  }
+}
+
+bool has_avx512() {
+  static const bool yes = [] {
+    __builtin_cpu_init();
+    return __builtin_cpu_supports("avx512f") != 0;
+  }();
+  return yes;
+}
+#endif
+
+template <typename U>
+void scan_run(const U* x, int64_t n, bool raw, bool store, U lo, U hi, int64_t& gt, int64_t& m, U* buf) {
+#ifdef BISE_SELECT_X86
+  if constexpr (sizeof(U) == 4) {
+    if (raw && has_avx512()) return scan_run_f32_avx512(x, n, lo, hi, gt, m, buf, store);
+  }
+#endif
+  if (raw) {
+    store ? scan_run_generic<true, true>(x, n, lo, hi, gt, m, buf) : scan_run_generic<true, false>(x, n, lo, hi, gt, m, buf);
+  } else {
+    store ? scan_run_generic<false, true>(x, n, lo, hi, gt, m, buf) : scan_run_generic<false, false>(x, n, lo, hi, gt, m, buf);
+  }
+}
+
+// Result of one bracket pass: counts, optional compacted keys, per-block positions.
+template <typename U>
+struct Pass {
+  U lo, hi;
+  int64_t gt = 0, in = 0;
+  bool stored = false;                 // bufs hold every key inside [lo, hi] (in flat order)
+  std::vector<std::vector<U>> bufs;    // per chunk
+  std::vector<int64_t> blk_in;         // per block: chunk-local count inside [lo, hi] before it
+  std::vector<int64_t> chunk_in;       // per chunk: count inside before it (prefix), size nchunks + 1
+  Chunks chunks;
+  explicit Pass(int64_t n) : chunks(n) {}
+
+  Source<U> buffer() const {
+    Source<U> s;
+    s.raw = false;
+    for (const auto& b : bufs) s.add(b.data(), int64_t(b.size()));
+    return s;
+  }
+};
+
+// One fused pass: counts entries above hi and inside [lo, hi]; compacts the inside keys when
+// `store` (given up, leaving only counts, if some chunk would exceed `limit` keys).
+template <typename U>
+Pass<U> bracket_pass(const Source<U>& src, U lo, U hi, bool store, int64_t limit, double expect_frac) {
+  Pass<U> out(src.n);
+  out.lo = lo;
+  out.hi = hi;
+  const Chunks& ch = out.chunks;
+  const int64_t nc = ch.count();
+  out.blk_in.assign(ch.nblocks, 0);
+  out.bufs.resize(nc);
+  std::vector<int64_t> gts(nc, 0), ins(nc, 0);
+  std::vector<char> overflow(nc, 0);
+  for_chunks(ch, [&](int64_t c) {
+    const int64_t a = ch.first[c] * kBlock, b = std::min(src.n, ch.first[c + 1] * kBlock);
+    auto& buf = out.bufs[c];
+    bool keep = store;
+    if (keep) buf.resize(std::min<int64_t>(limit, int64_t(expect_frac * double(b - a)) + 2 * kBlock) + 64);
+    int64_t gt = 0, m = 0;
+    size_t s = src.seg_of(a);
+    for (int64_t blk = ch.first[c]; blk < ch.first[c + 1]; ++blk) {
+      out.blk_in[blk] = m;
+      const int64_t ba = blk * kBlock, bb = std::min(b, ba + kBlock);
+      if (keep && m + (bb - ba) + 64 > int64_t(buf.size())) {
+        buf.resize(std::min<int64_t>(limit, 2 * int64_t(buf.size())) + 2 * kBlock + 64);
+      }
+      src.pieces(ba, bb, s, [&](const U* p, int64_t len, int64_t) {
+        scan_run(p, len, src.raw, keep, lo, hi, gt, m, buf.data());
+      });
+      if (keep && m > limit) {  // too many to compact: count only from here on
+        keep = false;
+        overflow[c] = 1;
+      }
+    }
+    if (keep) buf.resize(m); else buf.clear();
+    gts[c] = gt;
+    ins[c] = m;
+  });
+  out.chunk_in.assign(nc + 1, 0);
+  for (int64_t c = 0; c < nc; ++c) {
+    out.gt += gts[c];
+    out.in += ins[c];
+    out.chunk_in[c + 1] = out.chunk_in[c] + ins[c];
+  }
+  out.stored = store && std::none_of(overflow.begin(), overflow.end(), [](char o) { return o != 0; });
+  return out;
+}
+
+// Flat index (in src) of the rank-th (0-based) entry inside the pass's [lo, hi], in flat order.
+template <typename U>
+int64_t locate(const Source<U>& src, const Pass<U>& pass, int64_t rank) {
+  const auto& ci = pass.chunk_in;
+  int64_t c = int64_t(std::upper_bound(ci.begin(), ci.end(), rank) - ci.begin()) - 1;
+  int64_t local = rank - ci[c];
+  auto first = pass.blk_in.begin() + pass.chunks.first[c], last = pass.blk_in.begin() + pass.chunks.first[c + 1];
+  int64_t blk = int64_t(std::upper_bound(first, last, local) - pass.blk_in.begin()) - 1;
+  int64_t left = local - pass.blk_in[blk];
+  const U lo = pass.lo, span = U(pass.hi - pass.lo);
+  const int64_t a = blk * kBlock, b = std::min(src.n, a + kBlock);
+  size_t s = src.seg_of(a);
+  int64_t found = -1;
+  src.pieces(a, b, s, [&](const U* p, int64_t len, int64_t flat) {
+    for (int64_t i = 0; i < len && found < 0; ++i) {
+      U k = src.raw ? to_key(p[i]) : p[i];
+      if (U(k - lo) <= span && left-- == 0) found = flat + i;
+    }
+  });
+  TORCH_CHECK(found >= 0, "bise_kernels select: internal error locating a tie");
+  return found;
+}
+
+// ----------------------------------------------------------------------------- radix refinement
+
+// The selection state: the k-th largest key lies in [lo, hi]; gt keys lie above hi, c inside.
+template <typename U>
+struct State {
+  U lo, hi;
+  int64_t gt, c;
+};
+
+// One histogram pass of the 11-bit digit of (key - lo) over keys in [lo, hi]; narrows the state.
+template <typename U>
+State<U> refine(const Source<U>& src, State<U> st, int64_t k) {
+  const U span = U(st.hi - st.lo);
+  const int width = int(std::bit_width(span));
+  const int shift = std::max(0, width - kDigitBits);
+  const int64_t nb = int64_t(span >> shift) + 1;
+  Chunks ch(src.n);
+  std::vector<std::vector<int64_t>> hists(ch.count());
+  for_chunks(ch, [&](int64_t c) {
+    auto& h = hists[c];
+    h.assign(nb + 1, 0);
+    const U lo = st.lo;
+    const U out_of_range = U(nb);
+    const int64_t a = ch.first[c] * kBlock, b = std::min(src.n, ch.first[c + 1] * kBlock);
+    size_t s = src.seg_of(a);
+    src.pieces(a, b, s, [&](const U* p, int64_t len, int64_t) {
+      int64_t* hp = h.data();
+      if (src.raw) {
+        for (int64_t i = 0; i < len; ++i) {
+          U d = U(to_key(p[i]) - lo);
+          hp[d <= span ? U(d >> shift) : out_of_range]++;
+        }
+      } else {
+        for (int64_t i = 0; i < len; ++i) {
+          U d = U(p[i] - lo);
+          hp[d <= span ? U(d >> shift) : out_of_range]++;
+        }
+      }
+    });
+  });
+  int64_t above = st.gt;
+  for (int64_t bkt = nb - 1; bkt >= 0; --bkt) {
+    int64_t cnt = 0;
+    for (const auto& h : hists) cnt += h[bkt];
+    if (above + cnt >= k) {
+      const U lo = U(st.lo + (U(bkt) << shift));
+      const U w = U((U(1) << shift) - 1);
+      const U hi = U(st.hi - lo) <= w ? st.hi : U(lo + w);
+      return {lo, hi, above, cnt};
+    }
+    above += cnt;
+  }
+  TORCH_CHECK(false, "bise_kernels select: internal error in radix refinement");
+}
+
+// (threshold key, flat index in src of the tie that must be kept last).
+template <typename U>
+struct Pick {
+  U thr;
+  int64_t index;
+};
+
+template <typename U>
+Pick<U> finish(const Source<U>& src, State<U> st, int64_t k) {
+  for (;;) {
+    if (st.lo == st.hi) {
+      Pass<U> pass = bracket_pass(src, st.lo, st.hi, false, 0, 0.0);
+      return {st.lo, locate(src, pass, k - st.gt - 1)};
+    }
+    const bool compact = src.raw ? st.c <= std::max(src.n / 8, kSmall) : st.c <= src.n / 8;
+    if (compact) {
+      double frac = double(st.c) / double(src.n);
+      Pass<U> pass = bracket_pass(src, st.lo, st.hi, true, st.c + 64, frac);
+      TORCH_CHECK(pass.stored && pass.in == st.c && pass.gt == st.gt, "bise_kernels select: internal error");
+      // The buffer holds exactly the c keys of [lo, hi]: ranks restart there.
+      Pick<U> inner = finish(pass.buffer(), State<U>{st.lo, st.hi, 0, st.c}, k - st.gt);
+      return {inner.thr, locate(src, pass, inner.index)};
+    }
+    st = refine(src, st, k);
+  }
+}
+
+// ----------------------------------------------------------------------------- sample brackets
+
+uint64_t splitmix(uint64_t& s) {
+  uint64_t z = (s += 0x9e3779b97f4a7c15ull);
+  z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ull;
+  z = (z ^ (z >> 27)) * 0x94d049bb133111ebull;
+  return z ^ (z >> 31);
+}
+
+// Keys of random runs of one cache line each (deterministic seed): about kSample entries.
+template <typename U>
+std::vector<U> sample_keys(const Source<U>& src, int64_t k) {
+  const int64_t run = 64 / int64_t(sizeof(U));
+  const int64_t runs = std::max<int64_t>(1, std::min(kSample, src.n / 8) / run);
+  std::vector<U> keys(runs * run);
+  const int64_t grain = std::max<int64_t>(1, runs / std::max(1, at::get_num_threads()));
+  at::parallel_for(0, runs, grain, [&](int64_t b, int64_t e) {
+    uint64_t seed = uint64_t(src.n) * 31 + uint64_t(k) + uint64_t(b) * 0x1234567ull;
+    for (int64_t r = b; r < e; ++r) {
+      int64_t start = int64_t(splitmix(seed) % uint64_t(src.n - run + 1));
+      size_t s = src.seg_of(start);
+      U* out = keys.data() + r * run;
+      src.pieces(start, start + run, s, [&](const U* p, int64_t len, int64_t) {
+        for (int64_t i = 0; i < len; ++i) *out++ = to_key(p[i]);
+      });
+    }
+  });
+  return keys;
+}
+
+// Cold bracket: sample order statistics kSigmas standard deviations either side of rank k.
+template <typename U>
+std::pair<U, U> cold_bracket(std::vector<U> keys, int64_t n, int64_t k) {
+  const int64_t s = int64_t(keys.size());
+  const double p = double(k) / double(n);
+  const double q = p * double(s);
+  const double margin = kSigmas * std::sqrt(double(s) * p * (1 - p)) + 4;
+  const int64_t r_hi = int64_t(std::floor(q - margin));  // descending rank, 1-based
+  const int64_t r_lo = int64_t(std::ceil(q + margin));
+  U lo = U(0), hi = U(~U(0));
+  if (r_lo <= s) {
+    auto it = keys.begin() + (s - r_lo);
+    std::nth_element(keys.begin(), it, keys.end());
+    lo = *it;
+    if (r_hi >= 1) {
+      auto jt = keys.begin() + (s - r_hi);
+      std::nth_element(it, jt, keys.end());
+      hi = *jt;
+    }
+  } else if (r_hi >= 1) {
+    auto jt = keys.begin() + (s - r_hi);
+    std::nth_element(keys.begin(), jt, keys.end());
+    hi = *jt;
+  }
+  return {lo, hi};
+}
+
+// Warm bracket: kWarmRank sample entries either side of the hint's key.
+template <typename U>
+std::pair<U, U> warm_bracket(const std::vector<U>& keys, U hint) {
+  std::priority_queue<U> below_hi;                                  // smallest keys above the hint
+  std::priority_queue<U, std::vector<U>, std::greater<U>> above_lo;  // largest keys below it
+  for (U key : keys) {
+    if (key > hint) {
+      if (int64_t(below_hi.size()) < kWarmRank) below_hi.push(key);
+      else if (key < below_hi.top()) { below_hi.pop(); below_hi.push(key); }
+    } else if (key < hint) {
+      if (int64_t(above_lo.size()) < kWarmRank) above_lo.push(key);
+      else if (key > above_lo.top()) { above_lo.pop(); above_lo.push(key); }
+    }
+  }
+  // Fewer entries on a side: the extreme sample key there (or the hint); a miss only narrows.
+  U hi = hint, lo = hint;
+  if (int64_t(below_hi.size()) == kWarmRank) hi = below_hi.top();
+  else for (; !below_hi.empty(); below_hi.pop()) hi = below_hi.top();
+  if (int64_t(above_lo.size()) == kWarmRank) lo = above_lo.top();
+  else for (; !above_lo.empty(); above_lo.pop()) lo = above_lo.top();
+  return {lo, hi};
+}
+
+// ----------------------------------------------------------------------------- one selection
+
+// Exact k-th largest (1-based k) of a raw source: tries the warm then the cold bracket, each
+// narrowing the state when it misses, then finishes by radix refinement.
+template <typename U>
+Pick<U> select(const Source<U>& src, int64_t k, const U* hint) {
+  State<U> st{U(0), U(~U(0)), 0, src.n};
+  if (src.n <= kSmall) return finish(src, st, k);
+  const std::vector<U> keys = sample_keys(src, k);
+  std::vector<std::pair<U, U>> tries;
+  if (hint) tries.push_back(warm_bracket(keys, to_key(*hint)));
+  tries.push_back(cold_bracket(keys, src.n, k));
+  const int64_t limit = std::max(src.n / 8, kSmall);
+  for (auto [a, b] : tries) {
+    a = std::max(a, st.lo);
+    b = std::min(b, st.hi);
+    if (a > b) continue;
+    int64_t in_sample = 0;
+    for (U key : keys) in_sample += key >= a && key <= b;
+    double frac = double(in_sample) / double(keys.size()) * 1.25;
+    Pass<U> pass = bracket_pass(src, a, b, a < b, limit, frac);
+    if (pass.gt < k && k <= pass.gt + pass.in) {
+      if (a == b) return {a, locate(src, pass, k - pass.gt - 1)};
+      if (!pass.stored) return finish(src, State<U>{a, b, pass.gt, pass.in}, k);
+      Pick<U> inner = finish(pass.buffer(), State<U>{a, b, 0, pass.in}, k - pass.gt);
+      return {inner.thr, locate(src, pass, inner.index)};
+    }
+    if (k <= pass.gt) {
+      st = {U(b + 1), st.hi, st.gt, pass.gt - st.gt};
+    } else {
+      st = {st.lo, U(a - 1), pass.gt + pass.in, (st.gt + st.c) - (pass.gt + pass.in)};
+    }
+  }
+  return finish(src, st, k);
+}
+
+// ----------------------------------------------------------------------------- tensor glue
+
+template <typename U>
+U scalar_bits(const at::Tensor& t) {
+  U bits;
+  std::memcpy(&bits, t.data_ptr(), sizeof(U));
+  return bits;
+}
+
+template <typename U>
+at::Tensor scalar_of_bits(U bits, at::ScalarType dtype) {
+  at::Tensor t = at::empty({}, at::TensorOptions().dtype(dtype));
+  std::memcpy(t.data_ptr(), &bits, sizeof(U));
+  return t;
+}
+
+template <typename F>
+auto dispatch_bits(at::ScalarType dtype, F&& fn) {
+  switch (dtype) {
+    case at::kFloat: return fn(uint32_t{});
+    case at::kHalf:
+    case at::kBFloat16: return fn(uint16_t{});
+    case at::kDouble: return fn(uint64_t{});
+    default: TORCH_CHECK(false, "scores must be float32, float16, bfloat16 or float64, got ", dtype);
+  }
+}
+
+void check_scores(const at::TensorList& scores, const char* name) {
+  TORCH_CHECK(!scores.empty(), name, " is an empty list");
+  for (size_t i = 0; i < scores.size(); ++i) {
+    TORCH_CHECK(scores[i].device().is_cpu(), name, "[", i, "] must be a CPU tensor, got ", scores[i].device());
+    TORCH_CHECK(scores[i].scalar_type() == scores[0].scalar_type(), name, "[", i, "] has dtype ",
+                scores[i].scalar_type(), " but ", name, "[0] has ", scores[0].scalar_type());
+    TORCH_CHECK(scores[i].numel() > 0, name, "[", i, "] is empty");
+  }
+}
+
+template <typename U>
+Source<U> source_of(const std::vector<at::Tensor>& contiguous) {
+  Source<U> src;
+  for (const auto& t : contiguous) src.add(reinterpret_cast<const U*>(t.data_ptr()), t.numel());
+  return src;
+}
+
+std::vector<at::Tensor> contiguous_all(const at::TensorList& scores) {
+  std::vector<at::Tensor> out;
+  for (const auto& t : scores) out.push_back(t.contiguous());
+  return out;
+}
+
+std::tuple<at::Tensor, at::Tensor> topk_select_cpu(at::TensorList scores, int64_t k,
+                                                   const std::optional<at::Tensor>& hint) {
+  check_scores(scores, "scores");
+  const auto dtype = scores[0].scalar_type();
+  const auto tensors = contiguous_all(scores);
+  int64_t n = 0;
+  for (const auto& t : tensors) n += t.numel();
+  TORCH_CHECK(k >= 1 && k <= n, "k must be in [1, ", n, "] (numel of the scores), got ", k);
+  if (hint) TORCH_CHECK(hint->numel() == 1, "hint must be a one-element tensor, got shape ", hint->sizes());
+  return dispatch_bits(dtype, [&](auto zero) {
+    using U = decltype(zero);
+    const Source<U> src = source_of<U>(tensors);
+    U hint_bits;
+    if (hint) hint_bits = scalar_bits<U>(hint->to(at::kCPU, dtype).contiguous());
+    const Pick<U> pick = select(src, k, hint ? &hint_bits : nullptr);
+    return std::make_tuple(scalar_of_bits(from_key(pick.thr), dtype),
+                           at::scalar_tensor(pick.index + 1, at::TensorOptions().dtype(at::kLong)));
+  });
+}
+
+// Splits the small tensors into at most `groups` lists of about equal total size (largest first).
+std::vector<std::vector<int64_t>> balance(const std::vector<int64_t>& idx, const std::vector<int64_t>& sizes, int groups) {
+  std::vector<int64_t> order = idx;
+  std::sort(order.begin(), order.end(), [&](int64_t a, int64_t b) { return sizes[a] > sizes[b]; });
+  std::vector<std::vector<int64_t>> out(groups);
+  std::vector<int64_t> load(groups, 0);
+  for (int64_t i : order) {
+    int g = int(std::min_element(load.begin(), load.end()) - load.begin());
+    out[g].push_back(i);
+    load[g] += sizes[i];
+  }
+  return out;
+}
+
+std::tuple<at::Tensor, at::Tensor> batched_topk_select_cpu(at::TensorList scores, at::IntArrayRef ks,
+                                                           const std::optional<at::Tensor>& hints) {
+  check_scores(scores, "scores");
+  const int64_t L = int64_t(scores.size());
+  TORCH_CHECK(int64_t(ks.size()) == L, "ks has ", ks.size(), " entries but scores has ", L, " tensors");
+  const auto dtype = scores[0].scalar_type();
+  const auto tensors = contiguous_all(scores);
+  std::vector<int64_t> sizes(L);
+  for (int64_t i = 0; i < L; ++i) {
+    sizes[i] = tensors[i].numel();
+    TORCH_CHECK(ks[i] >= 1 && ks[i] <= sizes[i], "ks[", i, "] must be in [1, ", sizes[i], "], got ", ks[i]);
+  }
+  at::Tensor hint_vals;
+  if (hints) {
+    TORCH_CHECK(hints->numel() == L, "hints must have one entry per tensor (", L, "), got shape ", hints->sizes());
+    hint_vals = hints->to(at::kCPU, dtype).contiguous().reshape({L});
+  }
+  at::Tensor thrs = at::empty({L}, at::TensorOptions().dtype(dtype));
+  at::Tensor cuts = at::empty({L}, at::TensorOptions().dtype(at::kLong));
+  dispatch_bits(dtype, [&](auto zero) {
+    using U = decltype(zero);
+    U* thr_out = reinterpret_cast<U*>(thrs.data_ptr());
+    int64_t* cut_out = cuts.data_ptr<int64_t>();
+    const U* hint_bits = hints ? reinterpret_cast<const U*>(hint_vals.data_ptr()) : nullptr;
+    auto one = [&](int64_t i) {
+      Source<U> src;
+      src.add(reinterpret_cast<const U*>(tensors[i].data_ptr()), sizes[i]);
+      const Pick<U> pick = select(src, ks[i], hint_bits ? hint_bits + i : nullptr);
+      thr_out[i] = from_key(pick.thr);
+      cut_out[i] = pick.index + 1;
+    };
+    // Big tensors one after another, each parallel inside; small ones in parallel across tensors.
+    const int64_t big = int64_t(at::get_num_threads()) * 16 * kBlock;
+    std::vector<int64_t> small;
+    for (int64_t i = 0; i < L; ++i) {
+      if (sizes[i] >= big) one(i); else small.push_back(i);
+    }
+    const auto groups = balance(small, sizes, std::max(1, at::get_num_threads()));
+    at::parallel_for(0, int64_t(groups.size()), 1, [&](int64_t b, int64_t e) {
+      for (int64_t g = b; g < e; ++g)
+        for (int64_t i : groups[g]) one(i);
+    });
+    return 0;
+  });
+  return {thrs, cuts};
+}
+
+// Mask of s > thr or (s == thr and offset + i < cut), compared as keys (so -0.0 == +0.0).
+template <typename U>
+void keep_mask_run(const U* x, uint8_t* out, int64_t n, U t, bool ties) {
+  if (ties) {
+    for (int64_t i = 0; i < n; ++i) out[i] = to_key(x[i]) >= t;
+  } else {
+    for (int64_t i = 0; i < n; ++i) out[i] = to_key(x[i]) > t;
+  }
+}
+
+at::Tensor keep_mask_cpu(const at::Tensor& scores, const at::Tensor& thr, const at::Tensor& cut, int64_t offset) {
+  TORCH_CHECK(scores.device().is_cpu(), "scores must be a CPU tensor, got ", scores.device());
+  TORCH_CHECK(thr.numel() == 1, "thr must be a one-element tensor, got shape ", thr.sizes());
+  TORCH_CHECK(cut.numel() == 1, "cut must be a one-element tensor, got shape ", cut.sizes());
+  const auto dtype = scores.scalar_type();
+  const at::Tensor x = scores.contiguous();
+  at::Tensor out = at::empty(scores.sizes(), scores.options().dtype(at::kBool));
+  const int64_t n = x.numel();
+  const int64_t c = cut.to(at::kCPU, at::kLong).item<int64_t>();
+  dispatch_bits(dtype, [&](auto zero) {
+    using U = decltype(zero);
+    const U t = to_key(scalar_bits<U>(thr.to(at::kCPU, dtype).contiguous()));
+    const U* xp = reinterpret_cast<const U*>(x.data_ptr());
+    uint8_t* op = reinterpret_cast<uint8_t*>(out.data_ptr());
+    // Ties are kept for flat indices below cut - offset.
+    const int64_t split = std::clamp<int64_t>(c - offset, 0, n);
+    at::parallel_for(0, n, 1 << 16, [&](int64_t b, int64_t e) {
+      const int64_t m = std::clamp(split, b, e);
+      keep_mask_run(xp + b, op + b, m - b, t, true);
+      keep_mask_run(xp + m, op + m, e - m, t, false);
+    });
+    return 0;
+  });
+  return out;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_FRAGMENT(bise_kernels_ext, m) {
+  m.def("select_topk(Tensor[] scores, int k, Tensor? hint) -> (Tensor, Tensor)");
+  m.def("select_batched(Tensor[] scores, int[] ks, Tensor? hints) -> (Tensor, Tensor)");
+  m.def("select_keep_mask(Tensor scores, Tensor thr, Tensor cut, int offset) -> Tensor");
+}
+
+TORCH_LIBRARY_IMPL(bise_kernels_ext, CPU, m) {
+  m.impl("select_topk", &topk_select_cpu);
+  m.impl("select_batched", &batched_topk_select_cpu);
+  m.impl("select_keep_mask", &keep_mask_cpu);
+}

@@ -1,0 +1,109 @@
+// Fused CUDA passes of the masked layers (backend "cuda"); the dense GEMM/conv stays in ATen
+// (cuBLAS/cuDNN). Torch-free: launched through the extern "C" functions of launchers.h.
+//
+// masked_weight: W_eff = W * keep(scores), reading scores directly (no mask, no indices).
+// score_grad: grad_scores = grad_W_eff * W * slope (a block-reduced row sum for per-unit scores)
+//   and, if asked, grad_W_eff *= keep in place, in one pass over grad_W_eff.
+#include "masked_common.cuh"
+
+namespace bise_cuda {
+namespace {
+
+template <typename W, typename S>
+__global__ void masked_weight_kernel(const W* __restrict__ weight, const S* __restrict__ scores, W* __restrict__ out,
+                                     int64_t n, int64_t row_len, int per_unit, const S* thr, const int64_t* cut) {
+  const Keep<S> keep(thr, cut);
+  for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < n; i += int64_t(gridDim.x) * blockDim.x) {
+    const int64_t unit = per_unit ? i / row_len : i;
+    out[i] = from_acc<W>(to_acc(weight[i]) * acc_t<W>(keep(scores[unit], unit) ? 1 : 0));
+  }
+}
+
+template <typename W, typename S>
+__global__ void score_grad_kernel(W* __restrict__ grad, const W* __restrict__ weight, const S* __restrict__ scores,
+                                  S* __restrict__ grad_scores, int64_t n, const S* thr, const int64_t* cut,
+                                  int sigmoid, acc_t<S> temperature, int need_scores, int need_weight) {
+  const Keep<S> keep(thr, cut);
+  for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < n; i += int64_t(gridDim.x) * blockDim.x) {
+    const acc_t<W> g = to_acc(grad[i]);
+    if (need_scores) {
+      const acc_t<W> gw = g * to_acc(weight[i]);
+      grad_scores[i] = from_acc<S>(acc_t<S>(gw) * slope(scores[i], sigmoid, temperature));
+    }
+    if (need_weight) grad[i] = from_acc<W>(g * acc_t<W>(keep(scores[i], i) ? 1 : 0));
+  }
+}
+
+// One block per row (grid-stride over rows): the row sum of grad * weight, and the row masked in place.
+template <typename W, typename S>
+__global__ void score_grad_rows_kernel(W* __restrict__ grad, const W* __restrict__ weight,
+                                       const S* __restrict__ scores, S* __restrict__ grad_scores, int64_t rows,
+                                       int64_t row_len, const S* thr, const int64_t* cut, int sigmoid,
+                                       acc_t<S> temperature, int need_scores, int need_weight) {
+  const Keep<S> keep(thr, cut);
+  for (int64_t r = blockIdx.x; r < rows; r += gridDim.x) {
+    const acc_t<W> k = keep(scores[r], r) ? 1 : 0;
+    acc_t<W> sum = 0;
+    for (int64_t j = r * row_len + threadIdx.x; j < (r + 1) * row_len; j += blockDim.x) {
+      const acc_t<W> g = to_acc(grad[j]);
+      sum += g * to_acc(weight[j]);
+      if (need_weight) grad[j] = from_acc<W>(g * k);
+    }
+    sum = block_sum(sum);
+    if (need_scores && threadIdx.x == 0)
+      grad_scores[r] = from_acc<S>(acc_t<S>(sum) * slope(scores[r], sigmoid, temperature));
+  }
+}
+
+}  // namespace
+}  // namespace bise_cuda
+
+using namespace bise_cuda;
+
+extern "C" cudaError_t bise_masked_weight(const void* weight, const void* scores, void* out, int64_t n,
+                                          int64_t row_len, int per_unit, int w_dtype, int s_dtype, const void* thr,
+                                          const int64_t* cut, cudaStream_t stream) {
+  if (n <= 0) return cudaSuccess;
+  if (per_unit && row_len <= 0) return cudaErrorInvalidValue;
+  bool known = false;
+  dispatch(w_dtype, [&](auto w_tag) {
+    using W = decltype(w_tag);
+    known = dispatch(s_dtype, [&](auto s_tag) {
+      using S = decltype(s_tag);
+      masked_weight_kernel<W, S><<<grid_for(n), kThreads, 0, stream>>>(
+          static_cast<const W*>(weight), static_cast<const S*>(scores), static_cast<W*>(out), n, row_len, per_unit,
+          static_cast<const S*>(thr), cut);
+    });
+  });
+  return known ? cudaGetLastError() : cudaErrorInvalidValue;
+}
+
+extern "C" cudaError_t bise_score_grad(void* grad_w_eff, const void* weight, const void* scores, void* grad_scores,
+                                       int64_t n, int64_t row_len, int per_unit, int w_dtype, int s_dtype,
+                                       const void* thr, const int64_t* cut, int sigmoid, double temperature,
+                                       int need_scores, int need_weight, cudaStream_t stream) {
+  if (n <= 0 || (!need_scores && !need_weight)) return cudaSuccess;
+  if (per_unit && row_len <= 0) return cudaErrorInvalidValue;
+  bool known = false;
+  dispatch(w_dtype, [&](auto w_tag) {
+    using W = decltype(w_tag);
+    known = dispatch(s_dtype, [&](auto s_tag) {
+      using S = decltype(s_tag);
+      W* g = static_cast<W*>(grad_w_eff);
+      const W* w = static_cast<const W*>(weight);
+      const S* s = static_cast<const S*>(scores);
+      S* gs = static_cast<S*>(grad_scores);
+      const S* t = static_cast<const S*>(thr);
+      const acc_t<S> temp = static_cast<acc_t<S>>(temperature);
+      if (per_unit) {
+        const int64_t rows = n / row_len;
+        score_grad_rows_kernel<W, S><<<grid_for(rows, 1), kThreads, 0, stream>>>(
+            g, w, s, gs, rows, row_len, t, cut, sigmoid, temp, need_scores, need_weight);
+      } else {
+        score_grad_kernel<W, S><<<grid_for(n), kThreads, 0, stream>>>(g, w, s, gs, n, t, cut, sigmoid, temp,
+                                                                     need_scores, need_weight);
+      }
+    });
+  });
+  return known ? cudaGetLastError() : cudaErrorInvalidValue;
+}

@@ -1,0 +1,399 @@
+// Exact top-k selection on CUDA: multi-tensor radix select with warm start and the tie cut.
+//
+// The algorithm is the Triton one (bise_kernels/backends/triton/select.py), after RAFT's AIR top-k:
+// order-preserving keys (-0.0 -> +0.0), MSB-first 11-bit digit passes, one block per chunk of
+// kChunk elements of any tensor (chunk table: no concatenation), shared-memory histograms with
+// warp-aggregated atomics merged into a per-problem global histogram, the last block of a
+// problem (ticket counter) picks the digit, the last pass compacts its candidates into a small
+// buffer, a hint supplies speculative prefixes for every level in the first pass, and the tie
+// cut (index of the needed tie in flat order) comes from the buffer or from per-chunk counts.
+// Torch-free: the ATen binding (select_binding.cpp) allocates the workspace.
+#include <cub/block/block_reduce.cuh>
+#include <cub/block/block_scan.cuh>
+
+#include "select.h"
+
+namespace bise_select {
+namespace {
+
+template <int KB>
+struct Raw;
+template <>
+struct Raw<32> {
+  using type = uint32_t;
+};
+template <>
+struct Raw<16> {
+  using type = uint16_t;
+};
+
+template <int KB>
+__host__ __device__ constexpr int levels() {
+  return (KB + kRadixBits - 1) / kRadixBits;
+}
+
+__host__ __device__ constexpr int level_hi(int kb, int l) { return kb - kRadixBits * l; }
+__host__ __device__ constexpr int level_shift(int kb, int l) {
+  return level_hi(kb, l) > kRadixBits ? level_hi(kb, l) - kRadixBits : 0;
+}
+
+// Raw float bits -> unsigned key with the float's order; -0.0 becomes +0.0 first.
+template <int KB>
+__device__ __forceinline__ uint32_t to_key(uint32_t bits) {
+  constexpr uint32_t sign = 1u << (KB - 1);
+  constexpr uint32_t all = KB == 32 ? 0xFFFFFFFFu : 0xFFFFu;
+  if (bits == sign) bits = 0;
+  return (bits & sign) ? (~bits & all) : (bits | sign);
+}
+
+// Inverse of to_key, as int32 (16-bit floats sign-extended, as the binding expects).
+template <int KB>
+__device__ __forceinline__ int32_t key_to_bits(uint32_t key) {
+  constexpr uint32_t sign = 1u << (KB - 1);
+  constexpr uint32_t all = KB == 32 ? 0xFFFFFFFFu : 0xFFFFu;
+  const uint32_t bits = (key & sign) ? (key ^ sign) : (~key & all);
+  return KB == 32 ? static_cast<int32_t>(bits) : static_cast<int32_t>(static_cast<int16_t>(bits));
+}
+
+__device__ __forceinline__ uint32_t digit_of(uint32_t key, int kb, int l) {
+  const int hi = level_hi(kb, l), shift = level_shift(kb, l);
+  return (key >> shift) & ((1u << (hi - shift)) - 1u);
+}
+
+__device__ __forceinline__ bool matches(uint32_t key, uint32_t prefix, int hi) {
+  return hi >= 32 || (key >> hi) == (prefix >> hi);
+}
+
+struct Chunk {
+  const void* src;
+  int64_t start, end, base;
+  int prob;
+};
+
+__device__ __forceinline__ Chunk load_chunk(const SelectArgs& a, int64_t c) {
+  const int64_t C = a.num_chunks;
+  Chunk k;
+  k.src = reinterpret_cast<const void*>(a.table[c]);
+  k.start = a.table[C + c];
+  const int64_t numel = a.table[2 * C + c];
+  k.end = k.start + kChunk < numel ? k.start + kChunk : numel;
+  k.base = a.table[3 * C + c];
+  k.prob = static_cast<int>(a.table[4 * C + c]);
+  return k;
+}
+
+template <int KB>
+__device__ __forceinline__ uint32_t key_at(const void* src, int64_t i) {
+  return to_key<KB>(static_cast<const typename Raw<KB>::type*>(src)[i]);
+}
+
+// Whole warp calls; lanes with the same bin add once (ties, e.g. all-equal scores, stay cheap).
+__device__ __forceinline__ void count_bin(uint32_t* hist, bool cand, uint32_t bin) {
+  const unsigned want = __ballot_sync(0xffffffffu, cand);
+  if (!cand) return;
+  const unsigned peers = __match_any_sync(want, bin);
+  if ((threadIdx.x & 31) == __ffs(peers) - 1) atomicAdd(hist + bin, static_cast<uint32_t>(__popc(peers)));
+}
+
+// Whole warp calls; appends the candidates (key, flat index) while the buffer has room.
+__device__ __forceinline__ void append(const SelectArgs& a, int prob, bool cand, uint32_t key, int64_t index) {
+  const unsigned want = __ballot_sync(0xffffffffu, cand);
+  if (want == 0) return;
+  const int lane = threadIdx.x & 31, leader = __ffs(want) - 1;
+  int slot0 = 0;
+  if (lane == leader) {
+    const int seen = *reinterpret_cast<volatile int32_t*>(a.buffer_count + prob);
+    slot0 = seen <= kCapacity ? atomicAdd(a.buffer_count + prob, __popc(want)) : kCapacity;
+  }
+  slot0 = __shfl_sync(0xffffffffu, slot0, leader);
+  const int slot = slot0 + __popc(want & ((1u << lane) - 1u));
+  if (cand && slot < kCapacity) {
+    a.buffer_key[static_cast<int64_t>(prob) * kCapacity + slot] = key;
+    a.buffer_index[static_cast<int64_t>(prob) * kCapacity + slot] = index;
+  }
+}
+
+struct Pick {
+  uint32_t digit;
+  int64_t above, count;
+};
+
+// Whole block calls: the digit holding rank krem (1-based, descending) of a histogram row.
+__device__ Pick pick_digit(const int32_t* row, int64_t krem) {
+  using Scan = cub::BlockScan<int64_t, kThreads>;
+  __shared__ typename Scan::TempStorage tmp;
+  __shared__ Pick result;
+  constexpr int per = kBins / kThreads;
+  int64_t v[per];
+  int64_t sum = 0;
+#pragma unroll
+  for (int j = 0; j < per; ++j) {
+    v[j] = __ldcg(row + (kBins - 1 - (threadIdx.x * per + j)));
+    sum += v[j];
+  }
+  if (threadIdx.x == 0) result = Pick{0, 0, 0};
+  __syncthreads();
+  int64_t run;
+  Scan(tmp).ExclusiveSum(sum, run);
+#pragma unroll
+  for (int j = 0; j < per; ++j) {
+    if (run < krem && run + v[j] >= krem) result = Pick{kBins - 1u - (threadIdx.x * per + j), run, v[j]};
+    run += v[j];
+  }
+  __syncthreads();
+  const Pick p = result;
+  __syncthreads();
+  return p;
+}
+
+// Before the last pass: an empty buffer if the candidates fit, else mark it overflowed.
+__device__ __forceinline__ void reset_buffer(const SelectArgs& a, int prob, int64_t candidates) {
+  a.buffer_count[prob] = candidates <= kCapacity ? 0 : kCapacity + 1;
+}
+
+template <int KB>
+__device__ void level_scan(const SelectArgs& a, int prob, const int32_t* row, int level, uint32_t prefix) {
+  constexpr int L = levels<KB>();
+  const int64_t krem = a.krem[prob];
+  const Pick p = pick_digit(row, krem);
+  if (threadIdx.x != 0) return;
+  prefix |= p.digit << level_shift(KB, level);
+  a.prefix[prob] = prefix;
+  a.krem[prob] = krem - p.above;
+  a.level[prob] = level + 1;
+  if (level + 1 == L - 1) reset_buffer(a, prob, p.count);
+  if (level + 1 == L) a.threshold_bits[prob] = key_to_bits<KB>(prefix);
+}
+
+// Levels resolve while the hint's digits match: level l's histogram is valid iff digits < l did.
+template <int KB>
+__device__ void spec_scan(const SelectArgs& a, int prob, const int32_t* rows, uint32_t hint_key) {
+  constexpr int L = levels<KB>();
+  int64_t krem = a.krem[prob], count = 0;
+  uint32_t prefix = 0;
+  int level = 0;
+  for (int l = 0; l < L; ++l) {
+    const Pick p = pick_digit(rows + l * kBins, krem);
+    prefix |= p.digit << level_shift(KB, l);
+    krem -= p.above;
+    count = p.count;
+    level = l + 1;
+    if (p.digit != digit_of(hint_key, KB, l)) break;
+  }
+  if (threadIdx.x != 0) return;
+  a.prefix[prob] = prefix;
+  a.krem[prob] = krem;
+  a.level[prob] = level;
+  if (level == L) {
+    a.threshold_bits[prob] = key_to_bits<KB>(prefix);  // the buffer filled under the hint's prefix is valid
+  } else if (level == L - 1) {
+    reset_buffer(a, prob, count);
+  } else {
+    a.buffer_count[prob] = 0;
+  }
+}
+
+template <int KB, bool SPEC>
+__global__ void __launch_bounds__(kThreads) digit_pass_kernel(SelectArgs a, int level) {
+  constexpr int L = levels<KB>();
+  constexpr int H = SPEC ? L : 1;
+  __shared__ uint32_t hist[H * kBins];
+  __shared__ bool last;
+  const Chunk ch = load_chunk(a, blockIdx.x);
+  uint32_t prefix;
+  if (SPEC) {
+    prefix = to_key<KB>(static_cast<const typename Raw<KB>::type*>(a.hints)[ch.prob]);
+  } else {
+    if (a.level[ch.prob] != level) return;  // resolved by the warm start: nothing to read
+    prefix = a.prefix[ch.prob];
+  }
+  for (int i = threadIdx.x; i < H * kBins; i += kThreads) hist[i] = 0;
+  __syncthreads();
+  const bool compact = SPEC || level == L - 1;
+#pragma unroll 4
+  for (int64_t i0 = ch.start; i0 < ch.end; i0 += kThreads) {
+    const int64_t i = i0 + threadIdx.x;
+    const bool valid = i < ch.end;
+    const uint32_t key = valid ? key_at<KB>(ch.src, i) : 0u;
+    if (SPEC) {
+#pragma unroll
+      for (int l = 0; l < L; ++l) {
+        count_bin(hist + l * kBins, valid && matches(key, prefix, level_hi(KB, l)), digit_of(key, KB, l));
+      }
+    } else {
+      count_bin(hist, valid && matches(key, prefix, level_hi(KB, level)), digit_of(key, KB, level));
+    }
+    if (compact) append(a, ch.prob, valid && matches(key, prefix, level_hi(KB, L - 1)), key, ch.base + i);
+  }
+  __syncthreads();
+  int32_t* rows = a.hist + static_cast<int64_t>(ch.prob) * 2 * L * kBins + (SPEC ? L : level) * kBins;
+  for (int i = threadIdx.x; i < H * kBins; i += kThreads) {
+    if (hist[i]) atomicAdd(rows + i, static_cast<int32_t>(hist[i]));
+  }
+  __threadfence();
+  __syncthreads();
+  if (threadIdx.x == 0) {
+    const int64_t n = a.chunk_first[ch.prob + 1] - a.chunk_first[ch.prob];
+    last = atomicAdd(a.tickets + ch.prob * (L + 1) + (SPEC ? 0 : level), 1) == n - 1;
+  }
+  __syncthreads();
+  if (!last) return;
+  __threadfence();
+  if (SPEC) {
+    spec_scan<KB>(a, ch.prob, rows, prefix);
+  } else {
+    level_scan<KB>(a, ch.prob, rows, level, prefix);
+  }
+}
+
+// All ties are in the buffer (unordered, distinct indices): the one with need - 1 smaller ones.
+__device__ int64_t cut_from_buffer(const SelectArgs& a, int prob, uint32_t thr, int64_t need) {
+  __shared__ int64_t ties[kCapacity];
+  __shared__ int num_ties;
+  __shared__ int64_t found;
+  if (threadIdx.x == 0) {
+    num_ties = 0;
+    found = 0;
+  }
+  __syncthreads();
+  const int n = min(__ldcg(a.buffer_count + prob), kCapacity);
+  const int64_t row = static_cast<int64_t>(prob) * kCapacity;
+  for (int i = threadIdx.x; i < n; i += kThreads) {
+    if (__ldcg(a.buffer_key + row + i) == thr) {
+      ties[atomicAdd(&num_ties, 1)] = __ldcg(reinterpret_cast<const long long*>(a.buffer_index) + row + i);
+    }
+  }
+  __syncthreads();
+  for (int i = threadIdx.x; i < num_ties; i += kThreads) {
+    int64_t rank = 0;
+    for (int j = 0; j < num_ties; ++j) rank += ties[j] < ties[i];
+    if (rank == need - 1) found = ties[i] + 1;
+  }
+  __syncthreads();
+  return found;
+}
+
+// Prefix over the per-chunk tie counts finds the chunk; a scan of that chunk finds the tie.
+template <int KB>
+__device__ int64_t cut_from_chunks(const SelectArgs& a, int prob, uint32_t thr, int64_t need) {
+  using Scan = cub::BlockScan<int64_t, kThreads>;
+  __shared__ typename Scan::TempStorage tmp;
+  __shared__ int64_t target, rank, found;
+  const int64_t first = a.chunk_first[prob], last = a.chunk_first[prob + 1];
+  int64_t before = 0;
+  for (int64_t j0 = first; j0 < last; j0 += kThreads) {
+    const int64_t j = j0 + threadIdx.x;
+    const int64_t n = j < last ? __ldcg(a.tie_count + j) : 0;
+    int64_t excl, total;
+    Scan(tmp).ExclusiveSum(n, excl, total);
+    excl += before;
+    if (j < last && excl < need && excl + n >= need) {
+      target = j;
+      rank = need - excl;
+    }
+    before += total;
+    __syncthreads();
+  }
+  const Chunk ch = load_chunk(a, target);
+  const int64_t r = rank;
+  constexpr int per = kChunk / kThreads;
+  const int64_t lo = ch.start + static_cast<int64_t>(threadIdx.x) * per;
+  const int64_t hi = lo + per < ch.end ? lo + per : ch.end;
+  int64_t mine = 0;
+  for (int64_t i = lo; i < hi; ++i) mine += key_at<KB>(ch.src, i) == thr;
+  int64_t excl;
+  Scan(tmp).ExclusiveSum(mine, excl);
+  if (excl < r && excl + mine >= r) {
+    int64_t seen = excl;
+    for (int64_t i = lo; i < hi; ++i) {
+      if (key_at<KB>(ch.src, i) == thr && ++seen == r) found = ch.base + i + 1;
+    }
+  }
+  __syncthreads();
+  return found;
+}
+
+template <int KB>
+__global__ void __launch_bounds__(kThreads) tie_kernel(SelectArgs a) {
+  constexpr int L = levels<KB>();
+  using Reduce = cub::BlockReduce<int, kThreads>;
+  __shared__ typename Reduce::TempStorage tmp;
+  __shared__ bool last;
+  const Chunk ch = load_chunk(a, blockIdx.x);
+  const uint32_t thr = a.prefix[ch.prob];
+  const bool overflow = a.buffer_count[ch.prob] > kCapacity;
+  if (overflow) {  // the buffer missed candidates: count this chunk's ties
+    int n = 0;
+    for (int64_t i = ch.start + threadIdx.x; i < ch.end; i += kThreads) n += key_at<KB>(ch.src, i) == thr;
+    const int total = Reduce(tmp).Sum(n);
+    if (threadIdx.x == 0) a.tie_count[blockIdx.x] = total;
+  }
+  __threadfence();
+  __syncthreads();
+  if (threadIdx.x == 0) {
+    const int64_t n = a.chunk_first[ch.prob + 1] - a.chunk_first[ch.prob];
+    last = atomicAdd(a.tickets + ch.prob * (L + 1) + L, 1) == n - 1;
+  }
+  __syncthreads();
+  if (!last) return;
+  __threadfence();
+  const int64_t need = a.krem[ch.prob];
+  const int64_t cut = overflow ? cut_from_chunks<KB>(a, ch.prob, thr, need) : cut_from_buffer(a, ch.prob, thr, need);
+  if (threadIdx.x == 0) a.cut[ch.prob] = cut;
+}
+
+template <int KB>
+__global__ void keep_mask_kernel(const typename Raw<KB>::type* bits, const typename Raw<KB>::type* thr_bits,
+                                 const int64_t* cut_ptr, bool* out, int64_t n, int64_t offset) {
+  const uint32_t thr = to_key<KB>(*thr_bits);
+  const int64_t cut = *cut_ptr;
+  const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
+  for (int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < n; i += stride) {
+    const uint32_t key = to_key<KB>(bits[i]);
+    out[i] = key > thr || (key == thr && offset + i < cut);
+  }
+}
+
+template <int KB>
+cudaError_t launch_select(const SelectArgs& a, cudaStream_t stream) {
+  const dim3 grid(static_cast<unsigned>(a.num_chunks));
+  for (int l = 0; l < levels<KB>(); ++l) {
+    if (l == 0 && a.hints != nullptr) {
+      digit_pass_kernel<KB, true><<<grid, kThreads, 0, stream>>>(a, 0);
+    } else {
+      digit_pass_kernel<KB, false><<<grid, kThreads, 0, stream>>>(a, l);
+    }
+    const cudaError_t err = cudaGetLastError();
+    if (err != cudaSuccess) return err;
+  }
+  tie_kernel<KB><<<grid, kThreads, 0, stream>>>(a);
+  return cudaGetLastError();
+}
+
+template <int KB>
+cudaError_t launch_keep_mask(const void* bits, const void* thr, const int64_t* cut, bool* out, int64_t n,
+                             int64_t offset, cudaStream_t stream) {
+  using T = typename Raw<KB>::type;
+  constexpr int threads = 256;
+  const int64_t wanted = (n + threads - 1) / threads;
+  const unsigned blocks = static_cast<unsigned>(wanted < 65536 ? (wanted > 0 ? wanted : 1) : 65536);
+  keep_mask_kernel<KB><<<blocks, threads, 0, stream>>>(static_cast<const T*>(bits), static_cast<const T*>(thr), cut,
+                                                       out, n, offset);
+  return cudaGetLastError();
+}
+
+}  // namespace
+}  // namespace bise_select
+
+extern "C" cudaError_t bise_radix_select_launch(const bise_select::SelectArgs* args, cudaStream_t stream) {
+  if (args->num_chunks == 0) return cudaSuccess;
+  return args->key_bits == 32 ? bise_select::launch_select<32>(*args, stream)
+                              : bise_select::launch_select<16>(*args, stream);
+}
+
+extern "C" cudaError_t bise_keep_mask_launch(const void* bits, const void* thr_bits, const int64_t* cut, bool* out,
+                                             int64_t n, int64_t offset, int key_bits, cudaStream_t stream) {
+  if (n == 0) return cudaSuccess;
+  return key_bits == 32 ? bise_select::launch_keep_mask<32>(bits, thr_bits, cut, out, n, offset, stream)
+                        : bise_select::launch_keep_mask<16>(bits, thr_bits, cut, out, n, offset, stream);
+}

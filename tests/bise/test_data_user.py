@@ -1,0 +1,277 @@
+"""bise.data on the user's own data: npz, image folder + metadata.csv, CelebA and Waterbirds
+layouts (tiny synthetic copies written here), and every malformed variant's message."""
+
+import csv
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import bise.data as data
+
+
+def _npz_arrays(n=(12, 6, 8), hw=4, c=3, k=3, seed=0):
+    rng = np.random.default_rng(seed)
+    out = {}
+    for s, m in zip(("train", "val", "test"), n):
+        out[f"{s}_x"] = rng.integers(0, 256, (m, hw, hw, c), dtype=np.uint8)
+        out[f"{s}_y"] = np.arange(m, dtype=np.int64) % k
+        out[f"{s}_b"] = (np.arange(m, dtype=np.int64) // 2) % k
+    return out
+
+
+def test_npz_loads_channels_first_with_inferred_counts(tmp_path):
+    arrays = _npz_arrays()
+    np.savez(tmp_path / "mine.npz", **arrays)
+    ds = data.load(str(tmp_path / "mine.npz"))
+    assert ds.name == "mine" and ds.input_shape == (3, 4, 4)
+    assert (ds.num_classes, ds.num_bias_classes, ds.num_biases) == (3, 3, 1)
+    assert ds.weighting == "group-balanced" and ds.rho is None
+    assert torch.equal(ds.train.x, torch.from_numpy(arrays["train_x"]).permute(0, 3, 1, 2))
+    assert torch.equal(ds.val.y, torch.from_numpy(arrays["val_y"]))
+    assert ds.info["sizes"] == {"train": 12, "val": 6, "test": 8}
+
+
+def test_npz_without_val_grey_two_bias_and_options(tmp_path):
+    arrays = {k: v for k, v in _npz_arrays(c=1).items() if not k.startswith("val")}
+    arrays["train_x"] = arrays["train_x"][..., 0]  # (N, H, W) is read as grey
+    for s in ("train", "test"):
+        arrays[f"{s}_b"] = np.stack([arrays[f"{s}_b"], arrays[f"{s}_y"]], axis=1)
+    np.savez(tmp_path / "two.npz", **arrays)
+    ds = data.load(f"npz:{tmp_path / 'two.npz'},num_classes=4,weighting=two-bias,rho=0.9")
+    assert ds.val is None and ds.input_shape == (1, 4, 4)
+    assert ds.num_biases == 2 and ds.train.aligned().shape == (12, 2)
+    assert (ds.num_classes, ds.weighting, ds.rho) == (4, "two-bias", 0.9)
+    assert ds.info["rho_realised"][1] == 1.0
+
+
+@pytest.mark.parametrize("edit, message", [
+    (lambda a: a.pop("train_b"), "missing key 'train_b'"),
+    (lambda a: a.pop("val_y"), "missing key 'val_y'"),
+    (lambda a: a.update(train_x=a["train_x"].astype(np.float32)), "train_x: images must be uint8"),
+    (lambda a: a.update(test_x=a["test_x"][..., :2]), "C in {1, 3}"),
+    (lambda a: a.update(train_y=a["train_y"].astype(np.float64)), "train_y: labels must be integers"),
+    (lambda a: a["train_y"].__setitem__(5, -1), "train_y[5] = -1: labels must be >= 0"),
+    (lambda a: a.update(test_b=a["test_b"][:-1]), "test_b: 7 labels but 8 images"),
+    (lambda a: a.update(val_x=a["val_x"][:0], val_y=a["val_y"][:0], val_b=a["val_b"][:0]),
+     "val: the split is empty"),
+    (lambda a: a.update(test_x=a["test_x"][:, :2]), "splits disagree on image shape"),
+    (lambda a: a.update(train_x=np.array([None] * 12, dtype=object)), "key 'train_x' is not a plain"),
+])
+def test_malformed_npz_fails_with_its_message(tmp_path, edit, message):
+    arrays = _npz_arrays()
+    edit(arrays)
+    np.savez(tmp_path / "bad.npz", **arrays)
+    with pytest.raises(ValueError) as e:
+        data.load(str(tmp_path / "bad.npz"))
+    assert message in str(e.value)
+
+
+def test_npz_labels_out_of_range_for_given_num_classes(tmp_path):
+    np.savez(tmp_path / "d.npz", **_npz_arrays(k=3))
+    with pytest.raises(ValueError, match=r"train_y\[2\] = 2: out of range for num_classes=2"):
+        data.load(f"npz:{tmp_path / 'd.npz'},num_classes=2")
+    with pytest.raises(ValueError, match="needs rho"):
+        data.load(f"npz:{tmp_path / 'd.npz'},weighting=symmetric-rho")
+    with pytest.raises(ValueError, match="unknown option"):
+        data.load(f"npz:{tmp_path / 'd.npz'},size=3")
+
+
+def test_unreadable_npz_and_missing_paths(tmp_path):
+    (tmp_path / "junk.npz").write_bytes(b"junk")
+    with pytest.raises(ValueError, match="not a readable .npz"):
+        data.load(str(tmp_path / "junk.npz"))
+    with pytest.raises(FileNotFoundError, match="no such file or directory"):
+        data.load(str(tmp_path / "absent.npz"))
+    with pytest.raises(FileNotFoundError, match="no such file or directory"):
+        data.load(f"celeba:{tmp_path / 'absent'}")
+
+
+# --- image folder + metadata.csv ------------------------------------------------------------
+
+def _write_png(path, value, mode="RGB", size=4):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    colour = (value, 255 - value, value // 2) if mode == "RGB" else value
+    Image.new(mode, (size, size), colour).save(path)
+
+
+def _folder(root, rows, mode="RGB"):
+    root.mkdir(parents=True, exist_ok=True)
+    with open(root / "metadata.csv", "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["filename", "y", "b", "split", "note"])
+        for i, (y, b, split) in enumerate(rows):
+            name = f"img/{split}_{i}.png"
+            _write_png(root / name, 20 * i % 256, mode)
+            w.writerow([name, y, b, split, "extra column"])
+    return root
+
+
+ROWS = [(0, 0, "train"), (1, 1, "train"), (1, 0, "train"), (0, 0, "val"), (1, 1, "val"),
+        (0, 1, "test"), (1, 1, "test"), (2, 0, "test")]
+
+
+def test_image_folder_loads_and_is_cached(tmp_path):
+    root = _folder(tmp_path / "faces", ROWS)
+    ds = data.load(str(root), cache_dir=str(tmp_path / "cache"))
+    assert ds.name == "faces" and ds.input_shape == (3, 4, 4)
+    assert ds.info["sizes"] == {"train": 3, "val": 2, "test": 3} and ds.num_classes == 3
+    assert torch.equal(ds.test.y, torch.tensor([0, 1, 2])) and torch.equal(ds.train.b, torch.tensor([0, 1, 0]))
+    assert tuple(ds.train.x[0, :, 0, 0].tolist()) == (0, 255, 0)
+    again = data.load(f"folder:{root}", cache_dir=str(tmp_path / "cache"))
+    assert again.info["cache_hit"] and torch.equal(again.train.x, ds.train.x)
+    small = data.load(f"folder:{root},size=2", cache_dir=str(tmp_path / "cache"))
+    assert small.input_shape == (3, 2, 2) and not small.info["cache_hit"]
+
+
+def test_grey_image_folder_has_one_channel(tmp_path):
+    ds = data.load(str(_folder(tmp_path / "g", ROWS, mode="L")), cache_dir=str(tmp_path / "c"))
+    assert ds.input_shape == (1, 4, 4)
+
+
+def _break_csv(root, line, column, value):
+    rows = list(csv.reader(open(root / "metadata.csv")))
+    rows[line - 1][rows[0].index(column)] = value
+    csv.writer(open(root / "metadata.csv", "w", newline="")).writerows(rows)
+
+
+@pytest.mark.parametrize("damage, error, message", [
+    (lambda r: _break_csv(r, 4, "y", "cat"), ValueError, "metadata.csv line 4: y='cat' is not a non-negative integer"),
+    (lambda r: _break_csv(r, 3, "b", "-2"), ValueError, "line 3: b='-2'"),
+    (lambda r: _break_csv(r, 2, "split", "dev"), ValueError, "line 2: split='dev' is not one of"),
+    (lambda r: [_break_csv(r, line, "split", "val") for line in (7, 8, 9)], ValueError,
+     "no rows with split=test"),
+    (lambda r: (r / "img" / "train_1.png").unlink(), FileNotFoundError, "train_1.png"),
+    (lambda r: (r / "img" / "train_2.png").write_bytes(b"not a png"), ValueError, "cannot read image"),
+    (lambda r: _write_png(r / "img" / "test_6.png", 9, size=5), ValueError, "pass size=N"),
+    (lambda r: (r / "metadata.csv").write_text("file,y,b,split\na.png,0,0,train\n"), ValueError,
+     "missing column 'filename'"),
+    (lambda r: (r / "metadata.csv").write_text("filename,y,b,split\n"), ValueError, "no data rows"),
+    (lambda r: (r / "metadata.csv").unlink(), FileNotFoundError, "metadata.csv"),
+])
+def test_malformed_image_folder_fails_with_its_message(tmp_path, damage, error, message):
+    root = _folder(tmp_path / "d", ROWS)
+    damage(root)
+    with pytest.raises(error) as e:
+        data.load(f"folder:{root}", cache_dir=str(tmp_path / "cache"))
+    assert message in str(e.value)
+    assert not list((tmp_path / "cache").glob("*"))  # nothing partially cached
+
+
+# --- CelebA ---------------------------------------------------------------------------------
+
+ATTRS = ["5_o_Clock_Shadow", "Blond_Hair", "Male"]
+# (blond, male) -> count per partition; blond is mostly female, so b = not Male
+CELEBA_GROUPS = {0: {(1, 0): 12, (1, 1): 5, (0, 0): 15, (0, 1): 20},
+                 1: {(1, 0): 4, (1, 1): 2, (0, 0): 5, (0, 1): 6},
+                 2: {(1, 0): 1, (1, 1): 1, (0, 0): 1, (0, 1): 1}}
+
+
+def _celeba(root):
+    (root / "img_align_celeba").mkdir(parents=True)
+    attr, part, i = [], [], 0
+    for p, groups in CELEBA_GROUPS.items():
+        for (blond, male), n in groups.items():
+            for _ in range(n):
+                i += 1
+                name = f"{i:06d}.jpg"
+                Image.new("RGB", (4, 5), (blond * 200, male * 200, i % 256)).save(root / "img_align_celeba" / name)
+                vals = [("1" if i % 3 else "-1"), ("1" if blond else "-1"), ("1" if male else "-1")]
+                attr.append(f"{name} " + " ".join(f"{v:>2}" for v in vals))
+                part.append(f"{name} {p}")
+    (root / "list_attr_celeba.txt").write_text(f"{i}\n" + " ".join(ATTRS) + "\n" + "\n".join(attr) + "\n")
+    (root / "list_eval_partition.txt").write_text("\n".join(part) + "\n")
+    return root
+
+
+def test_celeba_follows_the_paper_protocol(tmp_path):
+    root = _celeba(tmp_path / "celeba")
+    ds = data.load(str(root), seed=1, cache_dir=str(tmp_path / "cache"))
+    assert ds.name == "celeba" and ds.weighting == "group-balanced" and ds.rho is None
+    assert (ds.num_classes, ds.num_bias_classes) == (2, 2)
+    assert ds.info["bias"] == "not Male" and ds.info["target"] == "Blond_Hair"
+    assert ds.input_shape == (3, 64, 64)  # default size
+    # val: per group 20% of the smallest training group (5) -> 1 each
+    assert torch.equal(torch.bincount(2 * ds.val.y + ds.val.b, minlength=4), torch.ones(4, dtype=torch.long))
+    assert len(ds.train) == 52 - 4
+    # test: the official *valid* partition cut to equal groups (smallest: 2)
+    assert torch.equal(torch.bincount(2 * ds.test.y + ds.test.b, minlength=4), torch.full((4,), 2))
+    # aligned = blond-female or dark-male: the majority of train
+    assert float(ds.train.aligned().float().mean()) == pytest.approx(1 - (5 + 15 - 2) / 48)
+    # red channel encodes blond, green encodes male: labels travel with their images
+    red = ds.train.x[:, 0].float().mean((1, 2)) > 100
+    green = ds.train.x[:, 1].float().mean((1, 2)) > 100
+    assert torch.equal(red.long(), ds.train.y) and torch.equal((~green).long(), ds.train.b)
+
+
+def test_celeba_options_and_cache(tmp_path):
+    root = _celeba(tmp_path / "celeba")
+    spec = f"celeba:{root},target=Male,bias=Blond_Hair,size=8,n_train=20"
+    ds = data.load(spec, cache_dir=str(tmp_path / "cache"))
+    assert ds.input_shape == (3, 8, 8) and len(ds.train) == 20 and ds.info["target"] == "Male"
+    again = data.load(spec, cache_dir=str(tmp_path / "cache"))
+    assert again.info["cache_hit"] and torch.equal(again.test.x, ds.test.x)
+
+
+@pytest.mark.parametrize("damage, error, message", [
+    (lambda r: (r / "list_eval_partition.txt").unlink(), FileNotFoundError, "list_eval_partition.txt not found"),
+    (lambda r: (r / "list_attr_celeba.txt").write_text(
+        (r / "list_attr_celeba.txt").read_text().replace(" 1 ", " 0 ", 1)), ValueError, "line 3: value '0' is not 1 or -1"),
+    (lambda r: (r / "list_eval_partition.txt").write_text("000001.jpg 0\n"), ValueError,
+     "no partition for 000002.jpg"),
+    (lambda r: (r / "img_align_celeba" / "000003.jpg").write_bytes(b"xx"), ValueError, "cannot read image"),
+])
+def test_malformed_celeba_fails_with_its_message(tmp_path, damage, error, message):
+    root = _celeba(tmp_path / "celeba")
+    damage(root)
+    with pytest.raises(error) as e:
+        data.load(f"celeba:{root}", cache_dir=str(tmp_path / "cache"))
+    assert message in str(e.value)
+    assert not list((tmp_path / "cache").glob("*"))
+
+
+def test_celeba_unknown_attribute_lists_the_names(tmp_path):
+    root = _celeba(tmp_path / "celeba")
+    with pytest.raises(ValueError, match="target='Smiling' is not a CelebA attribute.*Blond_Hair"):
+        data.load(f"celeba:{root},target=Smiling", cache_dir=str(tmp_path / "cache"))
+
+
+# --- Waterbirds -----------------------------------------------------------------------------
+
+def _waterbirds(root, rows=None):
+    rows = rows or [(y, place, split) for split in (0, 1, 2) for y in (0, 1) for place in (0, 1)
+                    for _ in range(2 if split == 0 else 1)]
+    lines = ["img_id,img_filename,y,split,place,place_filename"]
+    for i, (y, place, split) in enumerate(rows):
+        name = f"{i % 3:03d}.Species/bird_{i}.jpg"
+        (root / name).parent.mkdir(parents=True, exist_ok=True)
+        Image.new("RGB", (6, 4), (y * 250, place * 250, 0)).save(root / name)
+        lines.append(f"{i},{name},{y},{split},{place},/x/y.jpg")
+    (root / "metadata.csv").write_text("\n".join(lines) + "\n")
+    return root
+
+
+def test_waterbirds_loads_official_splits(tmp_path):
+    root = _waterbirds(tmp_path / "wb")
+    ds = data.load(f"waterbirds:{root},size=4", cache_dir=str(tmp_path / "cache"))
+    assert ds.name == "waterbirds" and ds.weighting == "group-balanced"
+    assert ds.info["sizes"] == {"train": 8, "val": 4, "test": 4} and ds.input_shape == (3, 4, 4)
+    red = ds.train.x[:, 0].float().mean((1, 2)) > 100
+    green = ds.train.x[:, 1].float().mean((1, 2)) > 100
+    assert torch.equal(red.long(), ds.train.y) and torch.equal(green.long(), ds.train.b)
+    bare = data.load(str(root), cache_dir=str(tmp_path / "cache"))  # detected from the columns
+    assert bare.name == "waterbirds" and bare.input_shape == (3, 64, 64)
+
+
+@pytest.mark.parametrize("rows_edit, message", [
+    (lambda t: t.replace(",place,", ",location,"), "missing column 'place'"),
+    (lambda t: t.replace("\n0,000.Species/bird_0.jpg,0,", "\n0,000.Species/bird_0.jpg,2,"), "line 2: y=2 is not in 0..1"),
+    (lambda t: t.replace(",2,0,/x", ",1,0,/x").replace(",2,1,/x", ",1,1,/x"), "the test split is empty"),
+])
+def test_malformed_waterbirds_fails_with_its_message(tmp_path, rows_edit, message):
+    root = _waterbirds(tmp_path / "wb")
+    (root / "metadata.csv").write_text(rows_edit((root / "metadata.csv").read_text()))
+    with pytest.raises(ValueError) as e:
+        data.load(f"waterbirds:{root}", cache_dir=str(tmp_path / "cache"))
+    assert message in str(e.value)

@@ -1,0 +1,84 @@
+"""Metrics on hand-computed examples; evaluate() on a model and a split."""
+
+import pytest
+import torch
+from torch import nn
+
+from bise.evaluate import evaluate, metrics_from_predictions, predict
+
+
+def test_single_bias_by_hand():
+    y = torch.tensor([0, 0, 1, 1, 1, 0])
+    b = torch.tensor([0, 1, 1, 0, 1, 0])
+    pred = torch.tensor([0, 1, 1, 1, 0, 0])  # correct: 1 0 1 1 0 1
+    m = metrics_from_predictions(pred, y, b)
+    assert m["accuracy"] == pytest.approx(4 / 6)
+    assert m["aligned_accuracy"] == pytest.approx(3 / 4)
+    assert m["conflicting_accuracy"] == pytest.approx(1 / 2)
+    assert m["groups"] == pytest.approx({"y=0,b=0": 1.0, "y=0,b=1": 0.0, "y=1,b=0": 1.0, "y=1,b=1": 0.5})
+    assert m["unbiased_accuracy"] == pytest.approx(0.625)
+    assert m["worst_group_accuracy"] == 0.0
+    assert "patterns" not in m
+
+
+def test_unbiased_equals_accuracy_on_balanced_set():
+    y = torch.tensor([0, 0, 1, 1] * 3)
+    b = torch.tensor([0, 1, 0, 1] * 3)
+    pred = torch.tensor([0, 1, 1, 1, 0, 0, 1, 0, 1, 0, 1, 1])
+    m = metrics_from_predictions(pred, y, b)
+    assert m["unbiased_accuracy"] == pytest.approx(m["accuracy"])
+
+
+def test_no_conflicting_samples_gives_none():
+    m = metrics_from_predictions(torch.tensor([0, 1]), torch.tensor([0, 1]), torch.tensor([0, 1]))
+    assert m["conflicting_accuracy"] is None and m["aligned_accuracy"] == 1.0
+
+
+def test_two_bias_patterns_by_hand():
+    y = torch.tensor([0, 1, 2, 3])
+    b = torch.tensor([[0, 0], [1, 2], [0, 1], [0, 0]])
+    pred = torch.tensor([0, 1, 2, 0])  # correct: 1 1 1 0
+    m = metrics_from_predictions(pred, y, b)
+    assert m["patterns"] == {"aligned/aligned": 1.0, "aligned/conflicting": 1.0, "conflicting/aligned": None,
+                             "conflicting/conflicting": 0.5}
+    assert m["pattern_average"] == pytest.approx(2.5 / 3)
+    assert m["aligned_accuracy"] == 1.0 and m["conflicting_accuracy"] == pytest.approx(2 / 3)
+    assert m["groups"] == {"y=0,b=0/0": 1.0, "y=1,b=1/2": 1.0, "y=2,b=0/1": 1.0, "y=3,b=0/0": 0.0}
+    assert m["unbiased_accuracy"] == 0.75 and m["worst_group_accuracy"] == 0.0
+
+
+def test_bad_shapes():
+    with pytest.raises(ValueError, match="same length"):
+        metrics_from_predictions(torch.zeros(3), torch.zeros(2), torch.zeros(2))
+    with pytest.raises(ValueError, match="b must have shape"):
+        metrics_from_predictions(torch.zeros(2), torch.zeros(2), torch.zeros(2, 3))
+    with pytest.raises(ValueError, match="empty"):
+        metrics_from_predictions(torch.zeros(0), torch.zeros(0), torch.zeros(0))
+
+
+class _Split:
+    def __init__(self, x, y, b):
+        self.x, self.y, self.b = x, y, b
+
+    def __len__(self):
+        return len(self.y)
+
+    def inputs(self, index=None):
+        return self.x if index is None else self.x[index]
+
+
+def test_evaluate_matches_predictions_and_restores_mode():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Flatten(), nn.Linear(12, 3), nn.Dropout(0.5))
+    split = _Split(torch.rand(50, 3, 2, 2), torch.randint(0, 3, (50,)), torch.randint(0, 3, (50,)))
+    model.train()
+    m = evaluate(model, split, batch_size=7)
+    assert model.training
+    with torch.no_grad():
+        pred = model.eval()(split.x).argmax(1)
+    assert m == metrics_from_predictions(pred, split.y, split.b)
+    assert torch.equal(predict(model, split, batch_size=50), pred)
+    with pytest.raises(ValueError, match="batch_size"):
+        evaluate(model, split, batch_size=0)
+    with pytest.raises(TypeError, match="data split"):
+        evaluate(model, object())

@@ -1,0 +1,198 @@
+"""Export: the physically pruned module equals the masked model (<= 1e-5, fp32, eval) and reloads."""
+
+import json
+
+import pytest
+import torch
+from torch import nn
+
+from bise.export import (ExportError, FixedGate, arch_path, export_subnetwork, freeze_gates, load_exported,
+                         max_abs_diff, save_exported)
+from bise.flops import count_params
+from bise.gates import Gated, gates_of, insert_gates
+from bise.models import build_model, model_spec
+
+SHAPE = (3, 8, 8)
+
+
+def _randomise(model: nn.Module, seed: int, density: float = 0.5) -> None:
+    """Non-trivial BN statistics (so a dead-input BN outputs a non-zero constant) and random gate scores."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                m.running_mean.uniform_(-0.5, 0.5, generator=gen)
+                m.running_var.uniform_(0.5, 2.0, generator=gen)
+                m.weight.uniform_(0.5, 1.5, generator=gen)
+                m.bias.uniform_(-0.3, 0.6, generator=gen)
+        for g in gates_of(model).values():
+            g.scores.copy_(torch.rand(g.num_channels, generator=gen) - (1 - density))
+
+
+def _gated(arch: str, seed: int = 0, **kwargs) -> nn.Module:
+    torch.manual_seed(seed)
+    model = build_model(arch, 10, SHAPE, **kwargs)
+    insert_gates(model)
+    _randomise(model, seed)
+    return model.eval()
+
+
+class UserNet(nn.Module):
+    """A user model: GELU / SiLU convs, a residual add, flatten into a Linear, a Linear layer with bias."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 12, 3, padding=1)
+        self.act1 = nn.GELU()
+        self.conv2 = nn.Conv2d(12, 12, 3, padding=1, bias=False)
+        self.bn2 = nn.BatchNorm2d(12)
+        self.act2 = nn.SiLU()
+        self.pool = nn.AvgPool2d(2)
+        self.fc1 = nn.Linear(12 * 16, 20)
+        self.act3 = nn.ReLU()
+        self.fc2 = nn.Linear(20, 10)
+
+    def forward(self, x):
+        h = self.act1(self.conv1(x))
+        h = self.act2(self.bn2(self.conv2(h)) + h)
+        return self.fc2(self.act3(self.fc1(torch.flatten(self.pool(h), 1))))
+
+
+def _user(seed: int = 0) -> nn.Module:
+    torch.manual_seed(seed)
+    model = UserNet()
+    insert_gates(model, example_input=torch.rand(2, *SHAPE))
+    _randomise(model, seed)
+    return model.eval()
+
+
+def _check(model, x, **kwargs):
+    exported = export_subnetwork(model, example_input=x, **kwargs)
+    diff = max_abs_diff(freeze_gates(model), exported, x)
+    assert diff <= 1e-5, diff
+    assert not any(isinstance(m, Gated) for m in exported.modules())
+    return exported, diff
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """Tiny convs on a shared 2-core machine run ~100x faster on one thread than on two."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def x():
+    return torch.rand(32, *SHAPE, generator=torch.Generator().manual_seed(1))
+
+
+@pytest.mark.parametrize("arch,kwargs", [("mlp", {}), ("simple-cnn", {"width": 0.5}),
+                                         ("resnet18", {"width": 0.25, "stem": "cifar"})])
+@pytest.mark.parametrize("seed", [0, 1])
+def test_builtin_random_masks_exact_and_smaller(arch, kwargs, seed, x):
+    model = _gated(arch, seed, **kwargs)
+    exported, _ = _check(model, x)
+    assert count_params(exported) < count_params(model)
+
+
+@pytest.mark.parametrize("arch,kwargs", [("resnet18", {"stem": "cifar"}), ("mobilenetv2", {"width": 0.25})])
+def test_full_resnet18_and_depthwise(arch, kwargs, x):
+    model = _gated(arch, 8, **kwargs)
+    exported, _ = _check(model, x)
+    assert count_params(exported) < count_params(model)
+
+
+def test_dead_layer_and_dead_mid_block(x):
+    cnn = _gated("simple-cnn", 2, width=0.5)
+    gates_of(cnn)["features.relu2"].scores.data.fill_(-1.0)  # an entire layer off
+    exported, _ = _check(cnn, x)
+    assert exported.features.conv2.out_channels == 1  # one zeroed channel keeps the conv valid
+    mlp = _gated("mlp", 2)
+    gates_of(mlp)["features.relu3"].scores.data.fill_(-1.0)
+    _check(mlp, x)
+    res = _gated("resnet18", 3, width=0.25, stem="cifar")
+    gates = gates_of(res)
+    gates["layer1.0.relu1"].scores.data.fill_(-1.0)  # every mid-block gate off: conv2 outputs its BN shift
+    gates["layer3.1.relu1"].scores.data.fill_(-1.0)
+    exported, _ = _check(res, x)
+    assert exported.layer1[0].conv1.out_channels == 1
+
+
+def test_residual_coupling_keeps_union(x):
+    res = _gated("resnet18", 4, width=0.25, stem="cifar")
+    gates = gates_of(res)
+    off_everywhere = torch.zeros(32, dtype=torch.bool)
+    off_everywhere[:10] = True
+    for name in ("layer2.0.relu2", "layer2.1.relu2"):
+        scores = torch.rand(32) + 0.1
+        scores[off_everywhere] = -1.0
+        gates[name].scores.data.copy_(scores)
+    gates["layer2.1.relu2"].scores.data[10:14] = -1.0  # off at one block output only: kept, scaled to 0
+    exported, _ = _check(res, x)
+    assert exported.layer2[0].conv2.out_channels == 22
+    assert exported.layer3[0].conv1.in_channels == 22
+    assert isinstance(exported.layer2[1].relu2, FixedGate)
+    assert int((exported.layer2[1].relu2.mask.scale == 0).sum()) == 4
+
+
+def test_user_model_exact(x):
+    model = _user(0)
+    exported, _ = _check(model, x)
+    assert count_params(exported) < count_params(model)
+
+
+def test_fold_bn_and_round_to(x):
+    res = _gated("resnet18", 5, width=0.25, stem="cifar")
+    exported, _ = _check(res, x, fold_bn=True, round_to=8)
+    assert not any(isinstance(m, nn.BatchNorm2d) for m in exported.modules())
+    convs = [m for n, m in exported.named_modules() if isinstance(m, nn.Conv2d) and n != "conv1"]
+    assert all(c.out_channels % 8 == 0 for c in convs)
+
+
+def test_constant_folding_gate_before_bn(x):
+    """Gate on a conv output (before BN): a dead channel outputs act(BN shift), folded into fc1's bias."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 6, 3, padding=1), nn.Conv2d(6, 8, 3), nn.BatchNorm2d(8), nn.ReLU(),
+                          nn.Flatten(), nn.Linear(8 * 36, 10), nn.ReLU(), nn.Linear(10, 4))
+    insert_gates(model, names=["1"], example_input=x[:2])
+    _randomise(model, 6)
+    model.eval()
+    exported, _ = _check(model, x)
+    assert exported[1].out_channels < 8 and exported[5].in_features < 8 * 36
+
+
+def test_save_load_builtin_and_custom(tmp_path, x):
+    cnn = _gated("simple-cnn", 7, width=0.5)
+    exported = export_subnetwork(cnn, example_input=x, fold_bn=True)
+    path = str(tmp_path / "subnetwork.pt")
+    save_exported(exported, path, model_spec(cnn))
+    desc = json.load(open(arch_path(path)))
+    assert desc["modules"]["features.conv2"]["out_channels"] == exported.features.conv2.out_channels
+    loaded = load_exported(path)
+    assert max_abs_diff(exported, loaded, x) == 0.0
+    user = _user(1)
+    exported = export_subnetwork(user, example_input=x)
+    save_exported(exported, path, None)
+    with pytest.raises(ExportError, match="custom architecture"):
+        load_exported(path)
+    assert max_abs_diff(exported, load_exported(path, model=UserNet()), x) == 0.0
+
+
+def test_bad_input(tmp_path, x):
+    with pytest.raises(ExportError, match="no gated module"):
+        export_subnetwork(build_model("mlp", 10, SHAPE), example_input=x)
+    with pytest.raises(ValueError, match="round_to"):
+        export_subnetwork(_gated("mlp"), example_input=x, round_to=0)
+    with pytest.raises(ExportError, match="not gated modules"):
+        export_subnetwork(_gated("mlp"), {"nope": torch.ones(3, dtype=torch.bool)}, example_input=x)
+    ln = nn.Sequential(nn.Flatten(), nn.Linear(192, 16), nn.ReLU(), nn.LayerNorm(16), nn.Linear(16, 4))
+    insert_gates(ln, names=["2"], example_input=x[:2])
+    gates_of(ln)["2"].scores.data[:4] = -1.0
+    kept = export_subnetwork(ln.eval(), example_input=x)  # LayerNorm mixes channels: they stay, zeroed
+    assert kept[1].out_features == 16 and max_abs_diff(freeze_gates(ln), kept, x) <= 1e-5
+    (tmp_path / "bad.pt").write_bytes(b"not a checkpoint")
+    (tmp_path / "bad.json").write_text("{}")
+    with pytest.raises(ExportError, match="cannot read|not a bise-export"):
+        load_exported(str(tmp_path / "bad.pt"))

@@ -1,0 +1,246 @@
+"""BISE extraction on tiny data: schedule, selection, caching equivalence, checkpoints, bad input."""
+
+import dataclasses
+
+import pytest
+import torch
+
+from bise.checkpoint import CheckpointError
+from bise.data.types import BiasedDataset, Split
+from bise.extract import CHECKPOINT_NAME, ExtractConfig, extract
+from bise.models import build_model
+from bise.subnetwork import Subnetwork
+from bise.train import train_vanilla
+
+TINY = dict(mask_epochs=3, head_epochs=2, batch_size=50)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Single-threaded: deterministic and far faster on a busy 2-core machine."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def _random_data(n=120, classes=3, two_bias=False, seed=0, val=True):
+    g = torch.Generator().manual_seed(seed)
+
+    def split(m):
+        y = torch.randint(0, classes, (m,), generator=g)
+        b = y.clone()
+        flip = torch.rand(m, generator=g) < 0.2
+        b[flip] = torch.randint(0, classes, (int(flip.sum()),), generator=g)
+        if two_bias:
+            b = torch.stack([b, torch.where(torch.rand(m, generator=g) < 0.3, (y + 1) % classes, y)], 1)
+        x = torch.randint(0, 256, (m, 3, 6, 6), generator=g, dtype=torch.uint8)
+        x[:, 0] = (y * 60).to(torch.uint8)[:, None, None]  # the target is learnable
+        return Split(x, y, b)
+
+    return BiasedDataset("random", split(n), split(n // 2) if val else None, split(n // 2), classes, classes,
+                         2 if two_bias else 1, (0.99, 0.95) if two_bias else 0.8,
+                         "two-bias" if two_bias else "symmetric-rho", "random")
+
+
+@pytest.fixture(scope="module")
+def digits():
+    data = pytest.importorskip("bise.data").load("colored-digits", seed=0)
+    keep = torch.arange(400)
+    return dataclasses.replace(data, train=data.train.subset(keep))
+
+
+@pytest.fixture(scope="module")
+def vanilla_mlp(digits):
+    return train_vanilla(digits, "mlp", epochs=2, quiet=True)
+
+
+def test_temperature_schedule_at_paper_defaults():
+    config = ExtractConfig()
+    taus = [config.temperature(e) for e in range(101)]
+    halved_at = [e for e in range(1, 101) if taus[e] != taus[e - 1]]
+    assert halved_at == list(range(10, 101, 10))
+    assert taus[99] > 1e-3 >= taus[100] == 0.5 ** 10
+    short = ExtractConfig(mask_epochs=3)
+    assert short.temperature(3) <= 1e-3 < short.temperature(2)
+
+
+def test_tiny_extraction_history_selection_and_model_untouched(digits, vanilla_mlp):
+    before = {k: v.clone() for k, v in vanilla_mlp.state_dict().items()}
+    sub = extract(vanilla_mlp, digits, config=ExtractConfig(**TINY), quiet=True)
+    assert [h["epoch"] for h in sub.history] == [1, 2, 3]
+    assert [h["temperature"] for h in sub.history] == [1.0, 0.125, 0.015625]
+    accs = [h["val_accuracy"] for h in sub.history]
+    best = max(range(3), key=lambda i: (accs[i], i)) + 1  # ties go to the later epoch
+    assert sub.info["best_epoch"] == best and sub.info["selection"] == "best validation accuracy"
+    assert set(sub.masks) == {"features.relu1", "features.relu2", "features.relu3"}
+    assert all(m.dtype == torch.bool and m.shape == (100,) for m in sub.masks.values())
+    assert sub.history[best - 1]["units_kept"] == {n: int(m.sum()) for n, m in sub.masks.items()}
+    assert all(torch.equal(sub.gates[n].mask(), m) for n, m in sub.masks.items())
+    assert all(torch.equal(v, before[k]) for k, v in vanilla_mlp.state_dict().items())
+    assert not any(p.requires_grad for p in sub.model.parameters())
+    metrics = sub.evaluate(digits.test)
+    assert 0.0 <= metrics["conflicting_accuracy"] <= 1.0
+
+
+def test_cached_and_straightforward_loops_give_the_same_masks(digits):
+    torch.manual_seed(0)
+    model = build_model("simple-cnn", 10, digits.input_shape, width=0.25).eval()
+    config = ExtractConfig(mask_epochs=2, head_epochs=2, batch_size=100)
+    cached = extract(model, digits, config=config, quiet=True)
+    plain = extract(model, digits, config=dataclasses.replace(config, cache_features=False), quiet=True)
+    assert cached.info["prefix_cached"] and not plain.info["prefix_cached"]
+    for name in cached.masks:
+        assert torch.equal(cached.masks[name], plain.masks[name])
+        torch.testing.assert_close(cached.scores[name], plain.scores[name], rtol=0, atol=1e-6)
+
+
+class _Interrupt(Exception):
+    pass
+
+
+def test_interrupted_run_resumes_to_identical_masks(tmp_path, digits, vanilla_mlp):
+    config = ExtractConfig(**TINY)
+    full = extract(vanilla_mlp, digits, config=config, quiet=True)
+
+    def stop_after_two(epoch, record):
+        if epoch == 2:
+            raise _Interrupt
+
+    with pytest.raises(_Interrupt):
+        extract(vanilla_mlp, digits, config=config, out_dir=tmp_path, quiet=True, callback=stop_after_two)
+    with pytest.raises(ValueError, match="resume=True"):
+        extract(vanilla_mlp, digits, config=config, out_dir=tmp_path, quiet=True)
+    with pytest.raises(ValueError, match="different settings"):
+        extract(vanilla_mlp, digits, config=dataclasses.replace(config, gamma=2.0), out_dir=tmp_path, resume=True,
+                quiet=True)
+    resumed = extract(vanilla_mlp, digits, config=config, out_dir=tmp_path, resume=True, quiet=True)
+    assert [h["epoch"] for h in resumed.history] == [1, 2, 3]
+    for name in full.scores:
+        assert torch.equal(full.scores[name], resumed.scores[name])
+        assert torch.equal(full.masks[name], resumed.masks[name])
+    assert not list(tmp_path.glob(".*.tmp"))
+
+
+def test_corrupt_checkpoint_is_a_clear_error(tmp_path, digits, vanilla_mlp):
+    (tmp_path / CHECKPOINT_NAME).write_bytes(b"not a checkpoint")
+    with pytest.raises(CheckpointError, match="corrupt"):
+        extract(vanilla_mlp, digits, config=ExtractConfig(**TINY), out_dir=tmp_path, resume=True, quiet=True)
+
+
+def test_budget_keeps_exactly_the_top_fraction(digits, vanilla_mlp):
+    sub = extract(vanilla_mlp, digits, config=ExtractConfig(**TINY, budget=0.3), quiet=True)
+    assert sub.units_kept == 90
+    flat = torch.cat(list(sub.scores.values()))
+    kept = torch.cat(list(sub.masks.values()))
+    assert flat[kept].min() >= flat[~kept].max()
+
+
+def test_label_free_uses_pseudo_labels_and_empirical_joint(digits, vanilla_mlp):
+    sub = extract(vanilla_mlp, digits, config=ExtractConfig(**TINY, label_free=True), quiet=True)
+    assert sub.info["weighting"] == "empirical-joint" and sub.info["label_free"]
+    assert len(sub.history) == 3
+
+
+def test_two_bias_data_and_ablation_switches():
+    data = _random_data(two_bias=True, val=False)
+    model = build_model("mlp", 3, data.input_shape, width=0.2)
+    sub = extract(model, data, config=ExtractConfig(**TINY), quiet=True)
+    assert sub.info["selection"] == "last epoch" and sub.info["weighting"] == "two-bias"
+    assert all(h["val"] is None for h in sub.history)
+    for reweight, mi in ((False, True), (True, False), (False, False)):
+        extract(model, data, config=ExtractConfig(mask_epochs=1, head_epochs=1, reweight=reweight, mi=mi), quiet=True)
+
+
+def test_heads_get_no_update_from_the_mi_term(tmp_path):
+    data = _random_data(n=100)
+    model = build_model("mlp", 3, data.input_shape, width=0.2)
+    one_step = ExtractConfig(mask_epochs=1, head_epochs=0, batch_size=100)  # exactly one training step
+    runs = {}
+    for gamma in (0.0, 1.0):
+        extract(model, data, config=dataclasses.replace(one_step, gamma=gamma), out_dir=tmp_path / str(gamma),
+                quiet=True)
+        runs[gamma] = torch.load(tmp_path / str(gamma) / CHECKPOINT_NAME, weights_only=True)
+    assert runs[1.0]["history"][0]["mi"] > 0
+    assert any(not torch.equal(runs[0.0]["scores"][n], runs[1.0]["scores"][n]) for n in runs[0.0]["scores"])
+    for key, value in runs[0.0]["heads"].items():
+        assert torch.equal(value, runs[1.0]["heads"][key])
+
+
+def test_subnetwork_save_and_load_roundtrip(tmp_path):
+    data = _random_data()
+    model = build_model("mlp", 3, data.input_shape, width=0.2)
+    sub = extract(model, data, config=ExtractConfig(mask_epochs=1, head_epochs=1), quiet=True)
+    sub.save(tmp_path / "sub.pt")
+    again = Subnetwork.load(tmp_path / "sub.pt")
+    x = data.test.inputs()
+    assert torch.equal(sub.model(x), again.model(x))
+    assert all(torch.equal(sub.masks[n], again.masks[n]) for n in sub.masks)
+
+
+def test_bad_input_is_refused():
+    data = _random_data()
+    model = build_model("mlp", 3, data.input_shape, width=0.2)
+    config = ExtractConfig(mask_epochs=1, head_epochs=0)
+    with pytest.raises(ValueError, match="as many bias classes"):
+        extract(model, dataclasses.replace(data, num_bias_classes=2), config=config, quiet=True)
+    with pytest.raises(ValueError, match="bias labels are missing"):
+        extract(model, dataclasses.replace(data, train=Split(data.train.x, data.train.y, None)), config=config,
+                quiet=True)
+    with pytest.raises(ValueError, match="no gateable layer"):
+        extract(torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(108, 3)), data, config=config, quiet=True)
+    with pytest.raises(ValueError, match="bottleneck"):
+        extract(model, data, config=dataclasses.replace(config, bottleneck="head"), quiet=True)
+    with pytest.raises(ValueError, match="budget"):
+        extract(model, data, config=ExtractConfig(budget=1.5), quiet=True)
+
+
+def test_label_free_needs_no_bias_labels():
+    data = _random_data()
+    data = dataclasses.replace(data, train=Split(data.train.x, data.train.y, None))
+    model = build_model("mlp", 3, data.input_shape, width=0.2)
+    sub = extract(model, data, config=ExtractConfig(mask_epochs=1, head_epochs=1, label_free=True), quiet=True)
+    assert sub.pseudo_bias["train"].shape == data.train.y.shape
+
+
+@pytest.mark.parametrize("arch, prefix", [("simple-cnn", ["conv1", "bn1"]), ("mlp", ["fc1"]),
+                                          ("resnet18", ["conv1", "bn1", "relu", "maxpool"]),
+                                          ("mobilenetv2", ["0"])])
+def test_frozen_prefix_of_the_builtins(arch, prefix):
+    from bise.feature_cache import FrozenPrefix, find_prefix
+    from bise.gates import insert_gates
+
+    model = build_model(arch, 3, (3, 16, 16), width=0.25).eval()
+    insert_gates(model)
+    x = torch.rand(4, 3, 16, 16)
+    assert [name for _, name, _ in find_prefix(model, x)] == prefix
+    cache = FrozenPrefix.build(model, x, 4, 2**30)
+    with torch.no_grad():
+        reference = model(x)
+        cached = cache.compute(lambda idx: x[idx], 4, 3)
+        with cache:
+            replayed = cache.run(cached)
+        assert torch.equal(model(x), reference)  # the original modules are back
+    torch.testing.assert_close(replayed, reference, rtol=1e-5, atol=1e-6)
+
+
+def test_frozen_prefix_falls_back_when_the_forward_is_not_a_chain():
+    from bise.feature_cache import FrozenPrefix
+    from bise.gates import insert_gates
+
+    class Skip(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv, self.bn = torch.nn.Conv2d(3, 4, 1), torch.nn.BatchNorm2d(4)
+            self.block = torch.nn.Sequential(torch.nn.Conv2d(4, 4, 1), torch.nn.ReLU())
+            self.fc = torch.nn.Linear(4, 2)
+
+        def forward(self, x):
+            a = self.conv(x)
+            return self.fc((self.block(self.bn(a)) + a).mean((2, 3)))  # reuses a non-final prefix output
+
+    model = Skip().eval()
+    x = torch.rand(4, 3, 5, 5)
+    insert_gates(model, example_input=x)
+    with pytest.warns(UserWarning, match="does not reproduce"):
+        assert FrozenPrefix.build(model, x, 4, 2**30) is None

