@@ -2,7 +2,8 @@
 
 One step = forward, cross-entropy, backward. "dense" trains the weights of the unmasked network;
 "cpp" and "edgepopup" freeze the weights and train one score per weight, keeping the top half
-(density 0.5) of each layer at every step. "edgepopup" is the reference implementation of
+(density 0.5) of each layer at every step (selection included); "cpp_threshold" keeps scores >= 0
+instead (no top-k: the fused layers' own cost). "edgepopup" is the reference implementation of
 Ramanujan et al.: clone |S|, full sort, two scatters, W * mask, F.linear / F.conv2d, straight-through
 backward. The three run side by side in one session (group = model); compare their times.
 
@@ -73,10 +74,11 @@ def _step_parts(model: str, variant: str, small: bool):
     if variant == "dense":
         trained = [w.requires_grad_() for w in weights]
         apply = lambda kind, h, w, i, kw: dense_op[kind](h, w, **kw)  # noqa: E731
-    elif variant == "cpp":
+    elif variant.startswith("cpp"):
         trained = scores
         masked_op = {"linear": bk.masked_linear, "conv": bk.masked_conv2d}
-        apply = lambda kind, h, w, i, kw: masked_op[kind](h, w, None, scores[i], density=DENSITY, **kw)  # noqa: E731
+        mask = dict(density=DENSITY) if variant == "cpp" else dict(threshold=0.0)
+        apply = lambda kind, h, w, i, kw: masked_op[kind](h, w, None, scores[i], **mask, **kw)  # noqa: E731
     else:
         trained = scores
         apply = lambda kind, h, w, i, kw: dense_op[kind](  # noqa: E731
@@ -107,13 +109,14 @@ def _saved_bytes(forward, x, y, own, trained) -> int:
 
 
 @pytest.mark.parametrize("model", ["mlp", "cnn"])
-@pytest.mark.parametrize("variant", ["dense", "cpp", "edgepopup"])
+@pytest.mark.parametrize("variant", ["dense", "cpp", "cpp_threshold", "edgepopup"])
 def test_masked_training_step_cpu(benchmark, model, variant):
-    if variant == "cpp" and bk.why_unavailable("cpp"):
+    cpp = variant.startswith("cpp")
+    if cpp and bk.why_unavailable("cpp"):
         pytest.skip(f"cpp backend unavailable: {bk.why_unavailable('cpp')}")
     small = benchmark.disabled
     benchmark.group = f"masked step cpu: {model}"
-    with bk.use_backend("cpp" if variant == "cpp" else "torch"):
+    with bk.use_backend("cpp" if cpp else "torch"):
         parts = _step_parts(model, variant, small)
         extra = _saved_bytes(*parts) - _saved_bytes(*_step_parts(model, "dense", small))
         forward, x, y, own, trained = parts
@@ -122,5 +125,5 @@ def test_masked_training_step_cpu(benchmark, model, variant):
     n_weights = sum(w.numel() for w in own[: len(own) // 2])
     benchmark.extra_info.update(extra_bytes_per_weight=extra / n_weights, weights=n_weights, batch=x.shape[0])
     assert all(t.grad is not None and t.grad.shape == t.shape for t in trained)
-    if variant == "cpp":
+    if cpp:
         assert extra / n_weights <= 1.0

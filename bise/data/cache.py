@@ -1,4 +1,5 @@
-"""On-disk cache of generated splits: one .npz per (canonical spec, seed, code version).
+"""On-disk cache of generated splits: one .npz per (canonical spec, seed, code version); writing
+one removes the files of the same spec and seed left by older code versions.
 
 The file holds the arrays, a JSON metadata string and a sha256 over the arrays' bytes, dtypes
 and shapes plus the spec, seed and code version. It is written to a temporary file in the same
@@ -38,10 +39,18 @@ def default_dir() -> Path:
 
 
 def path_for(cache_dir: Path, name: str, key: str, seed: int) -> Path:
-    """Cache file for a canonical spec string and seed."""
-    digest = hashlib.sha256(f"{key}|seed={seed}|code={code_version()}".encode()).hexdigest()
+    """Cache file for a canonical spec string and seed: NAME-<spec+seed hash>-<code version>.npz."""
+    digest = hashlib.sha256(f"{key}|seed={seed}".encode()).hexdigest()
     slug = "".join(ch if ch.isalnum() or ch in "-_" else "_" for ch in name)[:40]
-    return Path(cache_dir) / f"{slug}-{digest[:20]}.npz"
+    return Path(cache_dir) / f"{slug}-{digest[:16]}-{code_version()[:8]}.npz"
+
+
+def _remove_stale(path: Path) -> None:
+    """Delete files of the same spec and seed written by other code versions."""
+    prefix = path.name.rsplit("-", 1)[0]
+    for old in path.parent.glob(f"{prefix}-*.npz"):
+        if old != path:
+            old.unlink(missing_ok=True)
 
 
 def checksum(arrays: dict, key: str, seed: int) -> str:
@@ -90,4 +99,5 @@ def write(path: Path, arrays: dict, meta: dict, key: str, seed: int) -> str:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+    _remove_stale(path)
     return digest

@@ -15,7 +15,7 @@ WEIGHTINGS = ("symmetric-rho", "group-balanced", "two-bias")
 
 def _labels(where: str, a: np.ndarray, n: int, ndims: tuple) -> np.ndarray:
     a = np.asarray(a)
-    if a.dtype.kind not in "iu" and not (a.dtype.kind == "b"):
+    if a.dtype.kind not in "iub":
         raise ValueError(f"{where}: labels must be integers, got dtype {a.dtype}")
     if a.ndim not in ndims:
         raise ValueError(f"{where}: expected shape (N,)" + (" or (N, num_biases)" if 2 in ndims

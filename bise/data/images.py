@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Optional, Sequence
 
@@ -14,6 +16,8 @@ _GREY_MODES = ("1", "L", "I", "I;16", "F")
 def _open(p: Path, size: Optional[int], rgb: Optional[bool], where: str) -> np.ndarray:
     try:
         with Image.open(p) as im:
+            if size is not None:
+                im.draft(im.mode, (size, size))  # JPEG: decode at a reduced scale, still >= size
             im.load()
             grey = rgb is False or (rgb is None and im.mode in _GREY_MODES)
             im = im.convert("L" if grey else "RGB")
@@ -32,16 +36,26 @@ def read_images(paths: Sequence[Path], size: Optional[int], rgb: Optional[bool] 
     """uint8 (N, H, W, C). size: resize every image to size x size (bilinear), else all images must
     share one size. rgb: force RGB (True) or grey (False); None: grey (C=1) only if every file is."""
     out = None
-    for i, p in enumerate(paths):
-        a = _open(p, size, rgb, where)
-        if out is None:
-            out = np.empty((len(paths), *a.shape), np.uint8)
-        if a.shape[:2] != out.shape[1:3]:
-            raise ValueError(f"{where}image {p} is {a.shape[1]}x{a.shape[0]} but {paths[0]} is "
-                             f"{out.shape[2]}x{out.shape[1]}; pass size=N to resize all to NxN")
-        if a.shape[2] > out.shape[3]:  # first colour image after grey ones: widen what we have
-            out = np.repeat(out, 3, axis=3)
-        out[i] = a
+    pool = ThreadPoolExecutor(min(8, os.cpu_count() or 1))  # Pillow decodes without the GIL
+    try:
+        decoded = pool.map(lambda p: _open(p, size, rgb, where), paths)
+        for i, (p, a) in enumerate(zip(paths, decoded)):
+            out = _store(out, i, a, p, paths, where)
+    finally:
+        pool.shutdown(cancel_futures=True)  # on an error, skip the images not yet decoded
     if out is None:
         raise ValueError(f"{where}no images to read")
+    return out
+
+
+def _store(out, i: int, a: np.ndarray, p: Path, paths: Sequence[Path], where: str) -> np.ndarray:
+    """Put image i into the preallocated array (allocated from the first image)."""
+    if out is None:
+        out = np.empty((len(paths), *a.shape), np.uint8)
+    if a.shape[:2] != out.shape[1:3]:
+        raise ValueError(f"{where}image {p} is {a.shape[1]}x{a.shape[0]} but {paths[0]} is "
+                         f"{out.shape[2]}x{out.shape[1]}; pass size=N to resize all to NxN")
+    if a.shape[2] > out.shape[3]:  # first colour image after grey ones: widen what we have
+        out = np.repeat(out, 3, axis=3)
+    out[i] = a
     return out

@@ -134,8 +134,9 @@ def sklearn_digits():
     return x, d.target.astype(np.int64)
 
 
+@lru_cache(maxsize=4)
 def texture(name: str) -> np.ndarray:
-    """A CC0 grey texture from scikit-image (e.g. 'grass', 'brick'): uint8 (512, 512)."""
+    """A CC0 grey texture from scikit-image (e.g. 'grass', 'brick'): uint8 (512, 512), read-only."""
     try:
         import skimage.data
     except ImportError as e:
@@ -143,4 +144,5 @@ def texture(name: str) -> np.ndarray:
     img = np.asarray(getattr(skimage.data, name)())
     if img.ndim == 3:
         img = np.rint(img[..., :3].astype(np.float64) @ [0.299, 0.587, 0.114]).astype(np.uint8)
+    img.flags.writeable = False
     return img

@@ -280,6 +280,7 @@ __device__ int64_t cut_from_chunks(const SelectArgs& a, int prob, uint32_t thr, 
   __shared__ typename Scan::TempStorage tmp;
   __shared__ int64_t target, rank, found;
   const int64_t first = a.chunk_first[prob], last = a.chunk_first[prob + 1];
+  if (threadIdx.x == 0) found = 0;
   int64_t before = 0;
   for (int64_t j0 = first; j0 < last; j0 += kThreads) {
     const int64_t j = j0 + threadIdx.x;

@@ -79,7 +79,9 @@ def test_out_dir_with_a_run_is_refused_then_resumed(run_dir, capsys):
     assert main(["run", *TINY, "--out", str(run_dir), "--data", "colored-digits:rho=0.9", "--resume"]) == 2
     assert "holds a run on --data" in capsys.readouterr().err
     assert main(["run", *TINY, "--out", str(run_dir), "--resume"]) == 0  # finished steps are reused
-    assert not (run_dir / "finetuned.pt").exists()  # this run asked for no fine-tuning
+    assert "finetuned" in json.loads((run_dir / "report.json").read_text())  # still reported
+    assert main(["run", *TINY, "--arch", "simple-cnn", "--out", str(run_dir), "--resume"]) == 2
+    assert "holds a mlp model, not --arch simple-cnn" in capsys.readouterr().err
 
 
 def test_one_step_commands(run_dir, tmp_path, capsys):
@@ -92,6 +94,8 @@ def test_one_step_commands(run_dir, tmp_path, capsys):
     assert (tmp_path / "ext" / "masks.pt").is_file() and not (tmp_path / "ext" / "vanilla.pt").exists()
     assert main(["train", *TINY[:4], "--vanilla-epochs", "1", *common]) == 0
     assert main(["train", *TINY[:4], *common]) == 2  # vanilla.pt exists
+    assert "already has vanilla.pt; pass --overwrite" in capsys.readouterr().err
+    assert main(["train", *TINY[:4], "--vanilla-epochs", "1", "--overwrite", *common]) == 0
     assert main(["extract", "--mask-epochs", "1", "--head-epochs", "0", *common]) == 0  # --data from run.json
     assert main(["export", "--fold-bn", *common]) == 0
     assert main(["finetune", "--finetune-epochs", "1", *common]) == 0
@@ -141,3 +145,26 @@ def test_python_dash_m_entry_point():
                           capture_output=True, text=True, cwd=os.path.dirname(os.path.dirname(os.path.dirname(
                               os.path.abspath(__file__)))))
     assert proc.returncode == 2 and "--mask-epochs must be >= 1" in proc.stderr
+
+
+def test_finetune_api_selects_best_val_and_copies(run_dir):
+    from bise.data import load
+    from bise.evaluate import evaluate
+    from bise.finetune import finetune
+
+    data = load("colored-digits")
+    model = load_exported(str(run_dir / "subnetwork.pt"))
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    history = []
+    tuned = finetune(model, data, epochs=2, history=history, quiet=True)
+    assert [r["epoch"] for r in history] == [1, 2] and not tuned.training
+    assert evaluate(tuned, data.val)["accuracy"] == max(r["val"]["accuracy"] for r in history)
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    same = finetune(model, data, epochs=0, quiet=True)
+    x = data.test.inputs()[:16]
+    with torch.no_grad():
+        assert torch.equal(same(x), model(x))
+    with pytest.raises(ValueError, match="scheme"):
+        finetune(model, data, epochs=1, scheme="nope")
+    with pytest.raises(ValueError, match="epochs"):
+        finetune(model, data, epochs=-1)

@@ -340,3 +340,11 @@ def test_fashion_textured_is_waterbirds_like(cache_dir):
     assert not (masks[1] & masks[2]).any()
     srcs = [set(sp.src.tolist()) for sp in (ds.train, ds.val, ds.test)]
     assert not (srcs[0] & srcs[1]) and not (srcs[0] & srcs[2]) and not (srcs[1] & srcs[2])
+
+
+def test_new_code_version_replaces_the_old_cache_file(tmp_path, monkeypatch):
+    old = data.load("colored-digits:n_train=100", cache_dir=str(tmp_path)).info["cache_path"]
+    monkeypatch.setattr(cache, "code_version", lambda: "f" * 16)
+    new = data.load("colored-digits:n_train=100", cache_dir=str(tmp_path))
+    assert not new.info["cache_hit"] and new.info["cache_path"] != old
+    assert [p.name for p in tmp_path.iterdir()] == [new.info["cache_path"].split("/")[-1]]

@@ -7,6 +7,15 @@ from torch import nn
 from bise.flops import count_macs, count_params, measure_latency
 
 
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """Convs on a shared 2-core machine run far faster on one thread than on two."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def _simple_cnn():
     """The paper's BiasedMNIST net, inline: 4 x [conv 7x7 pad 3, BN, act] 16/32/64/128, GAP, fc."""
     layers, cin = [], 3

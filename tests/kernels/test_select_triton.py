@@ -84,3 +84,43 @@ def test_large_inputs_on_gpu(kernels):
     check_batched(kernels, DEVICE, layers, [max(1, t.numel() // 3) for t in layers])
     check_list(kernels, DEVICE, layers, (1, 1_000_000))
     check_hints(kernels, DEVICE, torch.randn(3_000_000, generator=g), 1_500_000)
+
+
+_COMPILE_FOR_SM90 = """
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+from bise_kernels.backends.triton import select as T
+
+def build(fn, types, consts):
+    sig = dict(types, **{name: "constexpr" for name in consts})
+    triton.compile(ASTSource(fn=fn, signature=sig, constexprs=consts), target=GPUTarget("cuda", 90, 32),
+                   options={"num_warps": T.NUM_WARPS})
+
+p = dict(table_ptr="*i64", C="i64", chunk_ptr="*i64")
+for bits, spec, level in ((32, True, 0), (16, False, 1)):
+    his, shifts = T._levels(bits)
+    build(T._digit_pass_kernel,
+          dict(p, hint_ptr=f"*i{bits}", level_ptr="*i32", pref_ptr="*i32", krem_ptr="*i64", cnt_ptr="*i32",
+               hist_ptr="*i32", ticket_ptr="*i32", thr_ptr="*i32", buf_key_ptr="*i32", buf_idx_ptr="*i64"),
+          dict(KEY_BITS=bits, NLEV=len(his), LEVEL=level, SPEC=spec, HIS=his, SHIFTS=shifts, NB=T.NB,
+               BLOCK=T.BLOCK, ITERS=T.ITERS, CAPACITY=T.CAPACITY))
+build(T._tie_kernel,
+      dict(p, pref_ptr="*i32", krem_ptr="*i64", cnt_ptr="*i32", ticket_ptr="*i32", tie_cnt_ptr="*i32",
+           cut_ptr="*i64", buf_key_ptr="*i32", buf_idx_ptr="*i64"),
+      dict(KEY_BITS=32, NLEV=3, BLOCK=T.BLOCK, ITERS=T.ITERS, CAPACITY=T.CAPACITY, CHUNK_BLOCK=T.CHUNK_BLOCK))
+print("compiled")
+"""
+
+
+@pytest.mark.slow
+def test_kernels_compile_for_hopper_without_a_gpu():
+    """The interpreter skips Triton's compiler: compile the GPU sizes to a sm_90 cubin (no driver needed)."""
+    import os
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    done = subprocess.run([sys.executable, "-c", _COMPILE_FOR_SM90], env=env, capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode == 0 and "compiled" in done.stdout, done.stderr[-3000:]

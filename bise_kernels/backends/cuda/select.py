@@ -24,7 +24,7 @@ def topk_select(tensors: Sequence[torch.Tensor], k: int, hint: Optional[torch.Te
     """Exact top-k over the virtual concatenation of ``tensors`` (see reference.topk_select)."""
     if tensors[0].dtype not in _DTYPES:
         return reference.topk_select(tensors, k, hint)
-    hints = None if hint is None else hint.reshape(1)
+    hints = None if hint is None else hint.reshape(1).to(tensors[0].device, tensors[0].dtype)
     thr, cut = _ops.radix_select_cuda(list(tensors), [k], hints, False)
     return thr.reshape(()), cut.reshape(())
 
@@ -33,6 +33,8 @@ def batched_topk_select(tensors: Sequence[torch.Tensor], ks: Sequence[int], hint
     """One independent top-k per tensor, all in the same launches (see reference.batched_topk_select)."""
     if tensors[0].dtype not in _DTYPES:
         return reference.batched_topk_select(tensors, ks, hints)
+    if hints is not None:
+        hints = hints.reshape(-1).to(tensors[0].device, tensors[0].dtype)
     return _ops.radix_select_cuda(list(tensors), list(ks), hints, True)
 
 

@@ -10,10 +10,11 @@ Design (after RAFT's AIR top-k, see docs/prior-art-and-targets.md section 2):
   builds the digit histogram of its chunk's candidates (elements matching the prefix found so
   far) in registers, adds it to the problem's global histogram with atomics and takes a ticket;
   the last program of a problem scans the histogram and picks the digit (no scan launch).
-* The last digit pass also compacts its candidates (key, flat index) into a small per-problem
-  buffer when they fit (``CAPACITY``); the tie cut (index of the needed tie in flat order) then
-  comes from that buffer. Otherwise per-chunk tie counts, a prefix over chunks and one scan of the
-  chunk holding the needed tie give it.
+* Candidate compaction: a pass (after the first) whose candidates fit in a small per-problem
+  buffer (``CAPACITY``) also appends them (key, flat index) there; later passes then read only
+  the buffer (one program), and the tie cut (index of the needed tie in flat order) comes from it.
+  Otherwise per-chunk tie counts, a prefix over chunks and one scan of the chunk holding the
+  needed tie give the cut.
 * Warm start: a hint's key supplies speculative prefixes, so the first pass builds the histograms
   of every level at once (level l counts elements matching the hint's top bits); the scan keeps
   each level whose prefix turns out right. A good hint resolves everything in one read; later
@@ -136,9 +137,34 @@ def _compact(key, cand, flat, prob, cnt_ptr, buf_key_ptr, buf_idx_ptr, CAPACITY:
 
 
 @triton.jit
-def _reset_buffer(cnt_ptr, prob, candidates, CAPACITY: tl.constexpr):
-    """Before the last pass: an empty buffer if its candidates fit, else mark it overflowed."""
-    tl.store(cnt_ptr + prob, tl.where(candidates <= CAPACITY, 0, CAPACITY + 1))
+def _next_buffer(cnt_ptr, bufl_ptr, prob, count, LEVEL: tl.constexpr, CAPACITY: tl.constexpr):
+    """After a pass at LEVEL: keep a filled buffer, mark one just filled, else arm or disarm the next pass.
+
+    The buffer holds every candidate of level ``bufl`` (>= 1) once filled; a pass compacts iff it
+    found ``cnt <= CAPACITY`` (0: armed because its candidates fit, CAPACITY + 1: disarmed).
+    """
+    if tl.load(bufl_ptr + prob) == 0:
+        if LEVEL >= 1 and tl.load(cnt_ptr + prob, volatile=True) <= CAPACITY:
+            tl.store(bufl_ptr + prob, LEVEL)
+        else:
+            tl.store(cnt_ptr + prob, tl.where(count <= CAPACITY, 0, CAPACITY + 1))
+
+
+@triton.jit
+def _level_scan(row_ptr, pref, prob, level_ptr, pref_ptr, krem_ptr, cnt_ptr, bufl_ptr, thr_ptr,
+                KEY_BITS: tl.constexpr, NLEV: tl.constexpr, LEVEL: tl.constexpr, SHIFTS: tl.constexpr,
+                NB: tl.constexpr, CAPACITY: tl.constexpr):
+    """Pick this level's digit from the problem's histogram row and advance the problem's state."""
+    krem = tl.load(krem_ptr + prob)
+    d, above, count = _pick_digit(row_ptr, krem, NB)
+    pref = pref | (d.to(tl.int32) << SHIFTS[LEVEL])
+    tl.store(pref_ptr + prob, pref)
+    tl.store(krem_ptr + prob, krem - above)
+    tl.store(level_ptr + prob, LEVEL + 1)
+    if LEVEL + 1 == NLEV:
+        tl.store(thr_ptr + prob, _from_key(pref, KEY_BITS))
+    else:
+        _next_buffer(cnt_ptr, bufl_ptr, prob, count, LEVEL, CAPACITY)
 
 
 # ----------------------------------------------------------------------------- kernels
@@ -146,22 +172,29 @@ def _reset_buffer(cnt_ptr, prob, candidates, CAPACITY: tl.constexpr):
 
 @triton.jit
 def _digit_pass_kernel(
-    table_ptr, C, chunk_ptr, hint_ptr, level_ptr, pref_ptr, krem_ptr, cnt_ptr, hist_ptr, ticket_ptr,
+    table_ptr, C, chunk_ptr, hint_ptr, level_ptr, pref_ptr, krem_ptr, cnt_ptr, bufl_ptr, hist_ptr, ticket_ptr,
     thr_ptr, buf_key_ptr, buf_idx_ptr,
     KEY_BITS: tl.constexpr, NLEV: tl.constexpr, LEVEL: tl.constexpr, SPEC: tl.constexpr,
     HIS: tl.constexpr, SHIFTS: tl.constexpr, NB: tl.constexpr, BLOCK: tl.constexpr, ITERS: tl.constexpr,
     CAPACITY: tl.constexpr,
 ):
-    """Histogram of one digit level (or, with SPEC, of every level under the hint's prefixes)."""
+    """Histogram of one digit level (or, with SPEC, of every level under the hint's prefixes).
+
+    A problem whose candidates were compacted reads only its buffer, in its first chunk's program.
+    """
     c = tl.program_id(0)
     ptr, start, numel, base, prob = _load_chunk(table_ptr, C, c, KEY_BITS)
+    first = tl.load(chunk_ptr + prob)
     if SPEC:
         active = prob == prob
+        buffered = prob != prob
         pref = _to_key(tl.load(hint_ptr + prob), KEY_BITS)
     else:
         active = tl.load(level_ptr + prob) == LEVEL
+        buffered = tl.load(bufl_ptr + prob) > 0
         pref = tl.load(pref_ptr + prob)
-    if active:
+    bins = tl.arange(0, NB)
+    if active & ~buffered:
         h0 = tl.zeros([NB], dtype=tl.int32)
         h1 = tl.zeros([NB], dtype=tl.int32)
         h2 = tl.zeros([NB], dtype=tl.int32)
@@ -174,12 +207,13 @@ def _digit_pass_kernel(
                 h1 += _level_hist(key, pref, m, HIS[1], SHIFTS[1], NB)
                 if NLEV > 2:
                     h2 += _level_hist(key, pref, m, HIS[2], SHIFTS[2], NB)
-            else:
-                h0 += _level_hist(key, pref, m, HIS[LEVEL], SHIFTS[LEVEL], NB)
-            if SPEC or LEVEL == NLEV - 1:
                 _compact(key, m & ((key >> HIS[NLEV - 1]) == (pref >> HIS[NLEV - 1])), base + offs, prob, cnt_ptr,
                          buf_key_ptr, buf_idx_ptr, CAPACITY)
-        bins = tl.arange(0, NB)
+            else:
+                h0 += _level_hist(key, pref, m, HIS[LEVEL], SHIFTS[LEVEL], NB)
+                if LEVEL >= 1:
+                    _compact(key, m & ((key >> HIS[LEVEL]) == (pref >> HIS[LEVEL])), base + offs, prob, cnt_ptr,
+                             buf_key_ptr, buf_idx_ptr, CAPACITY)
         if SPEC:
             row = hist_ptr + prob * (2 * NLEV) * NB + NLEV * NB
             tl.atomic_add(row + bins, h0, mask=h0 > 0)
@@ -188,31 +222,37 @@ def _digit_pass_kernel(
                 tl.atomic_add(row + 2 * NB + bins, h2, mask=h2 > 0)
         else:
             tl.atomic_add(hist_ptr + (prob * 2 * NLEV + LEVEL) * NB + bins, h0, mask=h0 > 0)
-        nchunks = tl.load(chunk_ptr + prob + 1) - tl.load(chunk_ptr + prob)
+        nchunks = tl.load(chunk_ptr + prob + 1) - first
         tl.debug_barrier()  # every thread's histogram atomics precede the ticket
         ticket = tl.atomic_add(ticket_ptr + prob * (NLEV + 1) + LEVEL, 1)
         if ticket == nchunks - 1:  # the last program of this problem picks the digit(s)
-            krem = tl.load(krem_ptr + prob)
             if SPEC:
-                _spec_scan(hist_ptr + prob * (2 * NLEV) * NB + NLEV * NB, pref, krem, prob, level_ptr, pref_ptr,
+                _spec_scan(hist_ptr + prob * (2 * NLEV) * NB + NLEV * NB, pref, prob, level_ptr, pref_ptr,
                            krem_ptr, cnt_ptr, thr_ptr, KEY_BITS, NLEV, HIS, SHIFTS, NB, CAPACITY)
             else:
-                d, above, count = _pick_digit(hist_ptr + (prob * 2 * NLEV + LEVEL) * NB, krem, NB)
-                pref = pref | (d.to(tl.int32) << SHIFTS[LEVEL])
-                tl.store(pref_ptr + prob, pref)
-                tl.store(krem_ptr + prob, krem - above)
-                tl.store(level_ptr + prob, LEVEL + 1)
-                if LEVEL + 1 == NLEV - 1:
-                    _reset_buffer(cnt_ptr, prob, count, CAPACITY)
-                if LEVEL + 1 == NLEV:
-                    tl.store(thr_ptr + prob, _from_key(pref, KEY_BITS))
+                _level_scan(hist_ptr + (prob * 2 * NLEV + LEVEL) * NB, pref, prob, level_ptr, pref_ptr, krem_ptr,
+                            cnt_ptr, bufl_ptr, thr_ptr, KEY_BITS, NLEV, LEVEL, SHIFTS, NB, CAPACITY)
+    if active & buffered & (c == first):
+        i = tl.arange(0, CAPACITY)
+        valid = i < tl.load(cnt_ptr + prob)
+        keys = tl.load(buf_key_ptr + prob * CAPACITY + i, mask=valid, other=0)
+        row = hist_ptr + (prob * 2 * NLEV + LEVEL) * NB
+        tl.store(row + bins, _level_hist(keys, pref, valid, HIS[LEVEL], SHIFTS[LEVEL], NB))
+        tl.debug_barrier()  # the row is complete before it is scanned
+        _level_scan(row, pref, prob, level_ptr, pref_ptr, krem_ptr, cnt_ptr, bufl_ptr, thr_ptr,
+                    KEY_BITS, NLEV, LEVEL, SHIFTS, NB, CAPACITY)
 
 
 @triton.jit
-def _spec_scan(row_ptr, hint_key, krem, prob, level_ptr, pref_ptr, krem_ptr, cnt_ptr, thr_ptr,
+def _spec_scan(row_ptr, hint_key, prob, level_ptr, pref_ptr, krem_ptr, cnt_ptr, thr_ptr,
                KEY_BITS: tl.constexpr, NLEV: tl.constexpr, HIS: tl.constexpr, SHIFTS: tl.constexpr,
                NB: tl.constexpr, CAPACITY: tl.constexpr):
-    """Resolve levels while the hint's prefix holds: level l's histogram is valid iff digits < l matched."""
+    """Resolve levels while the hint's prefix holds: level l's histogram is valid iff digits < l matched.
+
+    All resolved: the buffer filled under the hint's prefix holds the last level's candidates.
+    Otherwise the next pass compacts its candidates if they fit.
+    """
+    krem = tl.load(krem_ptr + prob)
     pref = hint_key & 0
     level = prob.to(tl.int32) * 0
     count = krem * 0
@@ -227,12 +267,10 @@ def _spec_scan(row_ptr, hint_key, krem, prob, level_ptr, pref_ptr, krem_ptr, cnt
     tl.store(pref_ptr + prob, pref)
     tl.store(krem_ptr + prob, krem)
     tl.store(level_ptr + prob, level)
-    if level == NLEV:  # the buffer filled under the hint's prefix holds the last level's candidates
+    if level == NLEV:
         tl.store(thr_ptr + prob, _from_key(pref, KEY_BITS))
-    elif level == NLEV - 1:
-        _reset_buffer(cnt_ptr, prob, count, CAPACITY)
     else:
-        tl.store(cnt_ptr + prob, 0)
+        tl.store(cnt_ptr + prob, tl.where(count <= CAPACITY, 0, CAPACITY + 1))
 
 
 @triton.jit
@@ -334,7 +372,8 @@ def _plan(tensors: Sequence[torch.Tensor], problems: Sequence[int], ks: Sequence
     """Chunk table (5, C) int64, per-problem chunk offsets and ks on the device, cached by layout.
 
     The table holds addresses and sizes only, so a cached plan stays right for any tensors at the
-    same addresses with the same sizes (e.g. the same parameters step after step).
+    same addresses with the same sizes (e.g. the same parameters step after step), and the
+    per-call host work is building this key.
     """
     device = tensors[0].device
     key = (device, tuple((t.data_ptr(), t.numel()) for t in tensors), tuple(problems), tuple(ks))
@@ -374,22 +413,22 @@ def _select(tensors: Sequence[torch.Tensor], problems: Sequence[int], ks: Sequen
     """Radix select of every problem; returns thresholds (dtype) and cuts (int64), shape (P,)."""
     dtype = tensors[0].dtype
     key_bits = _KEY_BITS[dtype]
-    views = [t.contiguous().view(_VIEW[key_bits]) for t in tensors]
-    table, firsts, ks_dev = _plan(views, problems, ks)
-    device, P, C = views[0].device, len(ks), table.shape[1]
+    flat = [t if t.is_contiguous() else t.contiguous() for t in tensors]  # the kernels read raw addresses
+    table, firsts, ks_dev = _plan(flat, problems, ks)
+    device, P, C = flat[0].device, len(ks), table.shape[1]
     his, shifts = _levels(key_bits)
     nlev = len(his)
-    i32 = torch.zeros(P * (2 * nlev * NB + nlev + 1 + 4) + C, dtype=torch.int32, device=device)
-    hist, tickets, level, pref, cnt, thr_bits, tie_cnt = torch.split(
-        i32, [P * 2 * nlev * NB, P * (nlev + 1), P, P, P, P, C])
+    i32 = torch.zeros(P * (2 * nlev * NB + nlev + 1 + 5) + C, dtype=torch.int32, device=device)
+    hist, tickets, level, pref, cnt, bufl, thr_bits, tie_cnt = torch.split(
+        i32, [P * 2 * nlev * NB, P * (nlev + 1), P, P, P, P, P, C])
     krem = ks_dev.clone()
     cut = torch.empty(P, dtype=torch.int64, device=device)
     buf_key = torch.empty(P * CAPACITY, dtype=torch.int32, device=device)
     buf_idx = torch.empty(P * CAPACITY, dtype=torch.int64, device=device)
-    hint_bits = None if hints is None else hints.reshape(-1).contiguous().view(_VIEW[key_bits])
+    hint_bits = None if hints is None else hints.reshape(-1).to(device, dtype).contiguous().view(_VIEW[key_bits])
     common = dict(KEY_BITS=key_bits, NLEV=nlev, HIS=his, SHIFTS=shifts, NB=NB, BLOCK=BLOCK, ITERS=ITERS,
                   CAPACITY=CAPACITY, num_warps=NUM_WARPS)
-    args = (table, C, firsts, hint_bits if hint_bits is not None else table, level, pref, krem, cnt, hist,
+    args = (table, C, firsts, hint_bits if hint_bits is not None else table, level, pref, krem, cnt, bufl, hist,
             tickets, thr_bits, buf_key, buf_idx)
     for lv in range(nlev):
         if lv == 0 and hint_bits is not None:
