@@ -193,7 +193,7 @@ class Context:
             except (ValueError, KeyError, FileNotFoundError) as exc:
                 raise UsageError(f"--data {self.args.data!r}: {exc}") from exc
             d = self._data
-            self.record("data", {"spec": self.args.data, "name": d.name, "canonical_spec": d.spec,
+            self.record("data", {"spec": self.args.data, "name": d.name, "canonical_spec": d.info.get("canonical_spec", d.spec),
                                  "sizes": {k: len(s) for k, s in (("train", d.train), ("val", d.val),
                                                                    ("test", d.test)) if s is not None},
                                  "num_classes": d.num_classes, "num_bias_classes": d.num_bias_classes,

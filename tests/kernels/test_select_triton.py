@@ -56,6 +56,19 @@ def test_batched_selection_gives_each_tensor_its_own_k(kernels):
     check_batched(kernels, DEVICE, tensors, ks, hints=torch.tensor([0.0, 0.0, 1.0, 9.0]))
 
 
+@pytest.mark.parametrize("capacity", [1, 256])
+def test_candidate_buffer_size_never_changes_the_result(kernels, monkeypatch, capacity):
+    """Capacity 1 overflows on nearly every input (full-read passes, tie cut from chunk counts);
+    256 holds every candidate after the first pass (later passes and the tie cut read the buffer)."""
+    from bise_kernels.backends.triton import select
+
+    monkeypatch.setattr(select, "CAPACITY", capacity)
+    g = torch.Generator().manual_seed(9)
+    x = torch.randn(300, generator=g)
+    check_list(kernels, DEVICE, [x, torch.randint(0, 3, (40,), generator=g).float()], (1, 170))
+    check_hints(kernels, DEVICE, x, 120)
+
+
 def test_tie_cut_over_many_chunks(kernels):
     """All-equal scores overflow the buffer: the cut comes from per-chunk tie counts."""
     x = torch.zeros(1100)
@@ -102,7 +115,7 @@ for bits, spec, level in ((32, True, 0), (16, False, 1)):
     his, shifts = T._levels(bits)
     build(T._digit_pass_kernel,
           dict(p, hint_ptr=f"*i{bits}", level_ptr="*i32", pref_ptr="*i32", krem_ptr="*i64", cnt_ptr="*i32",
-               hist_ptr="*i32", ticket_ptr="*i32", thr_ptr="*i32", buf_key_ptr="*i32", buf_idx_ptr="*i64"),
+               bufl_ptr="*i32", hist_ptr="*i32", ticket_ptr="*i32", thr_ptr="*i32", buf_key_ptr="*i32", buf_idx_ptr="*i64"),
           dict(KEY_BITS=bits, NLEV=len(his), LEVEL=level, SPEC=spec, HIS=his, SHIFTS=shifts, NB=T.NB,
                BLOCK=T.BLOCK, ITERS=T.ITERS, CAPACITY=T.CAPACITY))
 build(T._tie_kernel,
