@@ -15,6 +15,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import math
+import os
 from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
@@ -474,9 +475,12 @@ def extract(model: nn.Module, data, *, config: Optional[ExtractConfig] = None, o
     device = torch.device(config.device)
     with ExitStack() as stack:
         if config.deterministic:
-            previous = torch.are_deterministic_algorithms_enabled()
-            torch.use_deterministic_algorithms(True)
-            stack.callback(torch.use_deterministic_algorithms, previous)
+            previous = torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled()
+            if device.type == "cuda":
+                os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # cuBLAS needs it to be deterministic
+            # warn_only off the CPU: a kernel without a deterministic version warns instead of failing the run
+            torch.use_deterministic_algorithms(True, warn_only=device.type != "cpu")
+            stack.callback(lambda: torch.use_deterministic_algorithms(previous[0], warn_only=previous[1]))
         model = copy.deepcopy(model).to(device).eval()
         for p in model.parameters():
             p.requires_grad_(False)

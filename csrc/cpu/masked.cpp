@@ -5,9 +5,12 @@
 // score_grad: one parallel pass over grad_W_eff producing grad_scores = grad_W_eff * W * slope
 //   (summed per row for per-unit scores) and, if asked, masking grad_W_eff in place into the
 //   weight gradient, so no weight-sized temporary exists beyond grad_W_eff itself.
+// Element ranges are split at the tie cut (split_at_cut) so the inner loops are branch-free.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
+
+#include <type_traits>
 
 #include "masked_common.h"
 
@@ -15,6 +18,16 @@ namespace bise_cpu {
 namespace {
 
 constexpr int64_t kGrain = 32768;
+
+template <typename W>
+inline W as_weight(bool keep) {
+  return W(keep ? 1.0f : 0.0f);
+}
+
+template <typename W, typename S>
+void mask_range(const W* w, const S* s, W* out, int64_t lo, int64_t hi, acc_t<S> thr, bool ties) {
+  for (int64_t i = lo; i < hi; ++i) out[i] = w[i] * as_weight<W>(kept(static_cast<acc_t<S>>(s[i]), thr, ties));
+}
 
 at::Tensor masked_weight(const at::Tensor& weight, const at::Tensor& scores, const at::Tensor& thr,
                          const at::Tensor& cut) {
@@ -35,18 +48,39 @@ at::Tensor masked_weight(const at::Tensor& weight, const at::Tensor& scores, con
         at::parallel_for(0, rows, std::max<int64_t>(1, kGrain / std::max<int64_t>(row_len, 1)),
                          [&](int64_t begin, int64_t end) {
                            for (int64_t r = begin; r < end; ++r) {
-                             const W k = W(keep(sp[r], r) ? 1.0f : 0.0f);
+                             const W k = as_weight<W>(keep(sp[r], r));
                              for (int64_t j = r * row_len; j < (r + 1) * row_len; ++j) outp[j] = wp[j] * k;
                            }
                          });
       } else {
         at::parallel_for(0, n, kGrain, [&](int64_t begin, int64_t end) {
-          for (int64_t i = begin; i < end; ++i) outp[i] = wp[i] * W(keep(sp[i], i) ? 1.0f : 0.0f);
+          split_at_cut(begin, end, keep.cut,
+                       [&](int64_t lo, int64_t hi, bool ties) { mask_range(wp, sp, outp, lo, hi, keep.thr, ties); });
         });
       }
     });
   });
   return out;
+}
+
+// One element range of the weight-shaped score gradient; the flags are compile-time so that each
+// combination is a straight loop.
+template <bool NeedScores, bool NeedWeight, bool Sigmoid, typename W, typename S>
+void score_grad_range(W* g, const W* w, const S* s, S* gs, int64_t lo, int64_t hi, acc_t<S> thr, bool ties,
+                      acc_t<S> temperature) {
+  for (int64_t i = lo; i < hi; ++i) {
+    const W gi = g[i];
+    const acc_t<S> v = static_cast<acc_t<S>>(s[i]);
+    if constexpr (NeedScores) {
+      const acc_t<S> gw = static_cast<acc_t<S>>(static_cast<acc_t<W>>(gi) * static_cast<acc_t<W>>(w[i]));
+      if constexpr (Sigmoid) {
+        gs[i] = static_cast<S>(gw * sigmoid_slope(v, temperature));
+      } else {
+        gs[i] = static_cast<S>(gw);
+      }
+    }
+    if constexpr (NeedWeight) g[i] = gi * as_weight<W>(kept(v, thr, ties));
+  }
 }
 
 at::Tensor score_grad(const at::Tensor& grad_w_eff, const at::Tensor& weight, const at::Tensor& scores,
@@ -72,7 +106,7 @@ at::Tensor score_grad(const at::Tensor& grad_w_eff, const at::Tensor& weight, co
         at::parallel_for(0, rows, std::max<int64_t>(1, kGrain / std::max<int64_t>(row_len, 1)),
                          [&](int64_t begin, int64_t end) {
                            for (int64_t r = begin; r < end; ++r) {
-                             const W k = W(keep(sp[r], r) ? 1.0f : 0.0f);
+                             const W k = as_weight<W>(keep(sp[r], r));
                              double sum = 0;
                              for (int64_t j = r * row_len; j < (r + 1) * row_len; ++j) {
                                const W g = gp[j];
@@ -82,17 +116,24 @@ at::Tensor score_grad(const at::Tensor& grad_w_eff, const at::Tensor& weight, co
                              if (need_scores) gsp[r] = static_cast<S>(static_cast<acc_t<S>>(sum) * slope(sp[r]));
                            }
                          });
-      } else {
+        return;
+      }
+      auto run = [&](auto need_s, auto need_w, auto sigmoid) {
         at::parallel_for(0, n, kGrain, [&](int64_t begin, int64_t end) {
-          for (int64_t i = begin; i < end; ++i) {
-            const W g = gp[i];
-            if (need_scores) {
-              const acc_t<W> gw = static_cast<acc_t<W>>(g) * static_cast<acc_t<W>>(wp[i]);
-              gsp[i] = static_cast<S>(static_cast<acc_t<S>>(gw) * slope(sp[i]));
-            }
-            if (need_weight) gp[i] = g * W(keep(sp[i], i) ? 1.0f : 0.0f);
-          }
+          split_at_cut(begin, end, keep.cut, [&](int64_t lo, int64_t hi, bool ties) {
+            score_grad_range<decltype(need_s)::value, decltype(need_w)::value, decltype(sigmoid)::value>(
+                gp, wp, sp, gsp, lo, hi, keep.thr, ties, slope.temperature);
+          });
         });
+      };
+      using T = std::true_type;
+      using F = std::false_type;
+      if (!need_scores) {
+        if (need_weight) run(F{}, T{}, F{});
+      } else if (slope.sigmoid) {
+        need_weight ? run(T{}, T{}, T{}) : run(T{}, F{}, T{});
+      } else {
+        need_weight ? run(T{}, T{}, F{}) : run(T{}, F{}, F{});
       }
     });
   });

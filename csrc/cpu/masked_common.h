@@ -100,17 +100,36 @@ Keep<S> keep_rule(const at::Tensor& thr, const at::Tensor& cut) {
   return {static_cast<acc_t<S>>(thr.item<S>()), cut.item<int64_t>()};
 }
 
+template <typename A>
+inline A sigmoid_slope(A v, A temperature) {
+  const A sig = A(1) / (A(1) + std::exp(-(v / temperature)));
+  return sig * (A(1) - sig) / temperature;
+}
+
 // d gate / d score: 1 for "ste", sigmoid'(s/T)/T for "sigmoid" (the reference's formula).
 template <typename S>
 struct Slope {
   bool sigmoid;
   acc_t<S> temperature;
   acc_t<S> operator()(S s) const {
-    if (!sigmoid) return acc_t<S>(1);
-    const acc_t<S> sig = acc_t<S>(1) / (acc_t<S>(1) + std::exp(-(static_cast<acc_t<S>>(s) / temperature)));
-    return sig * (acc_t<S>(1) - sig) / temperature;
+    return sigmoid ? sigmoid_slope(static_cast<acc_t<S>>(s), temperature) : acc_t<S>(1);
   }
 };
+
+// The keep rule on a sub-range of flat indices all below cut (ties kept) or all from cut on (ties
+// dropped): a plain comparison, so loops over such a range vectorise.
+template <typename A>
+inline bool kept(A v, A thr, bool ties) {
+  return (v > thr) | (ties & (v == thr));
+}
+
+// body(lo, hi, ties) over [begin, end) split at cut.
+template <typename F>
+inline void split_at_cut(int64_t begin, int64_t end, int64_t cut, F&& body) {
+  const int64_t split = std::clamp(cut, begin, end);
+  if (begin < split) body(begin, split, true);
+  if (split < end) body(split, end, false);
+}
 
 template <typename S>
 Slope<S> slope_rule(const std::string& estimator, double temperature, const char* op) {

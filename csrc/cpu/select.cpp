@@ -382,8 +382,10 @@ uint64_t splitmix(uint64_t& s) {
 // Keys of random runs of one cache line each (deterministic seed): about kSample entries.
 template <typename U>
 std::vector<U> sample_keys(const Source<U>& src, int64_t k) {
+  // About n^(2/3) entries balances the sample's selection cost against the bracket's width.
   const int64_t run = 64 / int64_t(sizeof(U));
-  const int64_t runs = std::max<int64_t>(1, std::min(kSample, src.n / 8) / run);
+  const int64_t size = std::min<int64_t>(kSample, int64_t(std::cbrt(double(src.n)) * std::cbrt(double(src.n))));
+  const int64_t runs = std::max<int64_t>(1, std::min(size, src.n / 8) / run);
   std::vector<U> keys(runs * run);
   const int64_t grain = std::max<int64_t>(1, runs / std::max(1, at::get_num_threads()));
   at::parallel_for(0, runs, grain, [&](int64_t b, int64_t e) {
@@ -400,31 +402,27 @@ std::vector<U> sample_keys(const Source<U>& src, int64_t k) {
   return keys;
 }
 
-// Cold bracket: sample order statistics kSigmas standard deviations either side of rank k.
+// Cold bracket: sample order statistics kSigmas standard deviations either side of rank k
+// (the two selections run in parallel, each on its own copy).
 template <typename U>
-std::pair<U, U> cold_bracket(std::vector<U> keys, int64_t n, int64_t k) {
+std::pair<U, U> cold_bracket(const std::vector<U>& keys, int64_t n, int64_t k) {
   const int64_t s = int64_t(keys.size());
   const double p = double(k) / double(n);
   const double q = p * double(s);
   const double margin = kSigmas * std::sqrt(double(s) * p * (1 - p)) + 4;
-  const int64_t r_hi = int64_t(std::floor(q - margin));  // descending rank, 1-based
-  const int64_t r_lo = int64_t(std::ceil(q + margin));
-  U lo = U(0), hi = U(~U(0));
-  if (r_lo <= s) {
-    auto it = keys.begin() + (s - r_lo);
-    std::nth_element(keys.begin(), it, keys.end());
-    lo = *it;
-    if (r_hi >= 1) {
-      auto jt = keys.begin() + (s - r_hi);
-      std::nth_element(it, jt, keys.end());
-      hi = *jt;
+  // Descending ranks (1-based) of the bracket ends; out of the sample means unbounded.
+  const int64_t ranks[2] = {int64_t(std::ceil(q + margin)), int64_t(std::floor(q - margin))};
+  U ends[2] = {U(0), U(~U(0))};
+  at::parallel_for(0, 2, 1, [&](int64_t b, int64_t e) {
+    for (int64_t i = b; i < e; ++i) {
+      if (ranks[i] < 1 || ranks[i] > s) continue;
+      std::vector<U> copy = keys;
+      auto it = copy.begin() + (s - ranks[i]);
+      std::nth_element(copy.begin(), it, copy.end());
+      ends[i] = *it;
     }
-  } else if (r_hi >= 1) {
-    auto jt = keys.begin() + (s - r_hi);
-    std::nth_element(keys.begin(), jt, keys.end());
-    hi = *jt;
-  }
-  return {lo, hi};
+  });
+  return {ends[0], ends[1]};
 }
 
 // Warm bracket: kWarmRank sample entries either side of the hint's key.
@@ -459,11 +457,9 @@ Pick<U> select(const Source<U>& src, int64_t k, const U* hint) {
   State<U> st{U(0), U(~U(0)), 0, src.n};
   if (src.n <= kSmall) return finish(src, st, k);
   const std::vector<U> keys = sample_keys(src, k);
-  std::vector<std::pair<U, U>> tries;
-  if (hint) tries.push_back(warm_bracket(keys, to_key(*hint)));
-  tries.push_back(cold_bracket(keys, src.n, k));
   const int64_t limit = std::max(src.n / 8, kSmall);
-  for (auto [a, b] : tries) {
+  for (int attempt = hint ? 0 : 1; attempt < 2; ++attempt) {
+    auto [a, b] = attempt == 0 ? warm_bracket(keys, to_key(*hint)) : cold_bracket(keys, src.n, k);
     a = std::max(a, st.lo);
     b = std::min(b, st.hi);
     if (a > b) continue;

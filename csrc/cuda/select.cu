@@ -4,9 +4,10 @@
 // order-preserving keys (-0.0 -> +0.0), MSB-first 11-bit digit passes, one block per chunk of
 // kChunk elements of any tensor (chunk table: no concatenation), shared-memory histograms with
 // warp-aggregated atomics merged into a per-problem global histogram, the last block of a
-// problem (ticket counter) picks the digit, the last pass compacts its candidates into a small
-// buffer, a hint supplies speculative prefixes for every level in the first pass, and the tie
-// cut (index of the needed tie in flat order) comes from the buffer or from per-chunk counts.
+// problem (ticket counter) picks the digit, a pass whose candidates fit compacts them into a
+// small buffer that later passes read instead of the scores, a hint supplies speculative
+// prefixes for every level in the first pass, and the tie cut (index of the needed tie in flat
+// order) comes from the buffer or from per-chunk tie counts.
 // Torch-free: the ATen binding (select_binding.cpp) allocates the workspace.
 #include <cub/block/block_reduce.cuh>
 #include <cub/block/block_scan.cuh>
@@ -146,9 +147,15 @@ __device__ Pick pick_digit(const int32_t* row, int64_t krem) {
   return p;
 }
 
-// Before the last pass: an empty buffer if the candidates fit, else mark it overflowed.
-__device__ __forceinline__ void reset_buffer(const SelectArgs& a, int prob, int64_t candidates) {
-  a.buffer_count[prob] = candidates <= kCapacity ? 0 : kCapacity + 1;
+// After a pass: keep a filled buffer, mark one just filled, else arm (0) or disarm (kCapacity + 1)
+// compaction in the next pass. A pass compacts iff it finds buffer_count <= kCapacity.
+__device__ __forceinline__ void next_buffer(const SelectArgs& a, int prob, int level, int64_t candidates) {
+  if (a.buffer_level[prob] != 0) return;
+  if (level >= 1 && __ldcg(a.buffer_count + prob) <= kCapacity) {
+    a.buffer_level[prob] = level;
+  } else {
+    a.buffer_count[prob] = candidates <= kCapacity ? 0 : kCapacity + 1;
+  }
 }
 
 template <int KB>
@@ -161,11 +168,16 @@ __device__ void level_scan(const SelectArgs& a, int prob, const int32_t* row, in
   a.prefix[prob] = prefix;
   a.krem[prob] = krem - p.above;
   a.level[prob] = level + 1;
-  if (level + 1 == L - 1) reset_buffer(a, prob, p.count);
-  if (level + 1 == L) a.threshold_bits[prob] = key_to_bits<KB>(prefix);
+  if (level + 1 == L) {
+    a.threshold_bits[prob] = key_to_bits<KB>(prefix);
+  } else {
+    next_buffer(a, prob, level, p.count);
+  }
 }
 
 // Levels resolve while the hint's digits match: level l's histogram is valid iff digits < l did.
+// All resolved: the buffer filled under the hint's prefix holds the last level's candidates;
+// otherwise the next pass compacts its candidates if they fit.
 template <int KB>
 __device__ void spec_scan(const SelectArgs& a, int prob, const int32_t* rows, uint32_t hint_key) {
   constexpr int L = levels<KB>();
@@ -185,12 +197,29 @@ __device__ void spec_scan(const SelectArgs& a, int prob, const int32_t* rows, ui
   a.krem[prob] = krem;
   a.level[prob] = level;
   if (level == L) {
-    a.threshold_bits[prob] = key_to_bits<KB>(prefix);  // the buffer filled under the hint's prefix is valid
-  } else if (level == L - 1) {
-    reset_buffer(a, prob, count);
+    a.threshold_bits[prob] = key_to_bits<KB>(prefix);
   } else {
-    a.buffer_count[prob] = 0;
+    a.buffer_count[prob] = count <= kCapacity ? 0 : kCapacity + 1;
   }
+}
+
+// A problem whose candidates are compacted: one block histograms the buffer and picks the digit.
+template <int KB>
+__device__ void buffer_pass(const SelectArgs& a, int prob, int level, uint32_t prefix, uint32_t* hist) {
+  for (int i = threadIdx.x; i < kBins; i += kThreads) hist[i] = 0;
+  __syncthreads();
+  const int n = min(__ldcg(a.buffer_count + prob), kCapacity);
+  const uint32_t* keys = a.buffer_key + static_cast<int64_t>(prob) * kCapacity;
+  for (int i = threadIdx.x; i < n; i += kThreads) {
+    const uint32_t key = __ldcg(keys + i);
+    if (matches(key, prefix, level_hi(KB, level))) atomicAdd(hist + digit_of(key, KB, level), 1u);
+  }
+  __syncthreads();
+  int32_t* row = a.hist + static_cast<int64_t>(prob) * 2 * levels<KB>() * kBins + level * kBins;
+  for (int i = threadIdx.x; i < kBins; i += kThreads) row[i] = static_cast<int32_t>(hist[i]);
+  __threadfence();
+  __syncthreads();
+  level_scan<KB>(a, prob, row, level, prefix);
 }
 
 template <int KB, bool SPEC>
@@ -204,12 +233,17 @@ __global__ void __launch_bounds__(kThreads) digit_pass_kernel(SelectArgs a, int 
   if (SPEC) {
     prefix = to_key<KB>(static_cast<const typename Raw<KB>::type*>(a.hints)[ch.prob]);
   } else {
-    if (a.level[ch.prob] != level) return;  // resolved by the warm start: nothing to read
+    if (a.level[ch.prob] != level) return;  // resolved already (e.g. by the warm start): nothing to read
     prefix = a.prefix[ch.prob];
+    if (a.buffer_level[ch.prob] != 0) {  // candidates compacted: only the buffer is read
+      if (blockIdx.x == a.chunk_first[ch.prob]) buffer_pass<KB>(a, ch.prob, level, prefix, hist);
+      return;
+    }
   }
   for (int i = threadIdx.x; i < H * kBins; i += kThreads) hist[i] = 0;
   __syncthreads();
-  const bool compact = SPEC || level == L - 1;
+  const bool compact = SPEC || level >= 1;
+  const int compact_hi = level_hi(KB, SPEC ? L - 1 : level);
 #pragma unroll 4
   for (int64_t i0 = ch.start; i0 < ch.end; i0 += kThreads) {
     const int64_t i = i0 + threadIdx.x;
@@ -223,7 +257,7 @@ __global__ void __launch_bounds__(kThreads) digit_pass_kernel(SelectArgs a, int 
     } else {
       count_bin(hist, valid && matches(key, prefix, level_hi(KB, level)), digit_of(key, KB, level));
     }
-    if (compact) append(a, ch.prob, valid && matches(key, prefix, level_hi(KB, L - 1)), key, ch.base + i);
+    if (compact) append(a, ch.prob, valid && matches(key, prefix, compact_hi), key, ch.base + i);
   }
   __syncthreads();
   int32_t* rows = a.hist + static_cast<int64_t>(ch.prob) * 2 * L * kBins + (SPEC ? L : level) * kBins;

@@ -13,7 +13,7 @@ constexpr int kRadixBits = 11;
 constexpr int kBins = 1 << kRadixBits;
 constexpr int kThreads = 512;
 constexpr int kChunk = 16384;     // elements per block (one row of the chunk table)
-constexpr int kCapacity = 2048;   // per-problem candidate buffer of the last digit pass
+constexpr int kCapacity = 2048;   // per-problem candidate buffer (compaction once they fit)
 
 inline int num_levels(int key_bits) { return (key_bits + kRadixBits - 1) / kRadixBits; }
 
@@ -32,6 +32,7 @@ struct SelectArgs {
   uint32_t* prefix;       // key bits resolved so far
   int64_t* krem;          // rank still to find within the candidates (ties needed at the end)
   int32_t* buffer_count;  // candidates appended to the buffer (> kCapacity: overflowed)
+  int32_t* buffer_level;  // level whose candidates the buffer holds (0: none yet)
   int32_t* hist;          // num_problems x (2 x levels) x kBins: cold rows, then warm-start rows
   int32_t* tickets;       // num_problems x (levels + 1)
   int32_t* tie_count;     // num_chunks

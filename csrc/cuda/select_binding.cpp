@@ -85,7 +85,7 @@ std::tuple<at::Tensor, at::Tensor> radix_select_cuda(at::TensorList scores, at::
   auto first_d = to_device(first, device);
   auto krem = to_device(std::vector<int64_t>(ks.begin(), ks.end()), device);
   const int64_t n_hist = P * 2 * levels * kBins, n_tickets = P * (levels + 1);
-  auto ws = at::zeros({n_hist + n_tickets + 4 * P + C}, i32);
+  auto ws = at::zeros({n_hist + n_tickets + 5 * P + C}, i32);
   auto cut = at::empty({P}, i64);
   auto buffer_key = at::empty({P * kCapacity}, i32);
   auto buffer_index = at::empty({P * kCapacity}, i64);
@@ -109,8 +109,9 @@ std::tuple<at::Tensor, at::Tensor> radix_select_cuda(at::TensorList scores, at::
   a.level = a.tickets + n_tickets;
   a.prefix = reinterpret_cast<uint32_t*>(a.level + P);
   a.buffer_count = a.level + 2 * P;
-  a.threshold_bits = a.level + 3 * P;
-  a.tie_count = a.level + 4 * P;
+  a.buffer_level = a.level + 3 * P;
+  a.threshold_bits = a.level + 4 * P;
+  a.tie_count = a.level + 5 * P;
   a.krem = krem.data_ptr<int64_t>();
   a.buffer_key = reinterpret_cast<uint32_t*>(buffer_key.data_ptr<int32_t>());
   a.buffer_index = buffer_index.data_ptr<int64_t>();
@@ -118,7 +119,7 @@ std::tuple<at::Tensor, at::Tensor> radix_select_cuda(at::TensorList scores, at::
   check_cuda(bise_radix_select_launch(&a, at::cuda::getCurrentCUDAStream(device.index()).stream()),
              "radix_select_cuda");
 
-  auto bits = ws.narrow(0, n_hist + n_tickets + 3 * P, P);
+  auto bits = ws.narrow(0, n_hist + n_tickets + 4 * P, P);
   auto thr = key_bits == 32 ? bits.view(dtype) : bits.to(at::kShort).view(dtype);
   return {thr, cut};
 }

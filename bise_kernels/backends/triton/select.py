@@ -83,6 +83,7 @@ def _from_key(key, KEY_BITS: tl.constexpr):
 
 @triton.jit
 def _digit(key, HI: tl.constexpr, SHIFT: tl.constexpr):
+    """The key's bits [SHIFT, HI): one radix digit."""
     return (key >> SHIFT) & ((1 << (HI - SHIFT)) - 1)
 
 
@@ -93,7 +94,7 @@ def _level_hist(key, prefix, m, HI: tl.constexpr, SHIFT: tl.constexpr, NB: tl.co
         cand = m
     else:
         cand = m & ((key >> HI) == (prefix >> HI))
-    return tl.histogram((key >> SHIFT) & ((1 << (HI - SHIFT)) - 1), NB, mask=cand)
+    return tl.histogram(_digit(key, HI, SHIFT), NB, mask=cand)
 
 
 @triton.jit
