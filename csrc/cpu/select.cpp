@@ -597,11 +597,14 @@ std::tuple<at::Tensor, at::Tensor> batched_topk_select_cpu(at::TensorList scores
       thr_out[i] = from_key(pick.thr);
       cut_out[i] = pick.index + 1;
     };
-    // Big tensors one after another, each parallel inside; small ones in parallel across tensors.
-    const int64_t big = int64_t(at::get_num_threads()) * 16 * kBlock;
+    // Tensors too big to balance across threads run one after another, each parallel inside;
+    // the others are spread over the threads, one parallel region for all of them.
+    const int64_t threads = at::get_num_threads();
+    int64_t total = 0;
+    for (int64_t size : sizes) total += size;
     std::vector<int64_t> small;
     for (int64_t i = 0; i < L; ++i) {
-      if (sizes[i] >= big) one(i); else small.push_back(i);
+      if (sizes[i] * 2 * threads > total && sizes[i] >= threads * 16 * kBlock) one(i); else small.push_back(i);
     }
     const auto groups = balance(small, sizes, std::max(1, at::get_num_threads()));
     at::parallel_for(0, int64_t(groups.size()), 1, [&](int64_t b, int64_t e) {
