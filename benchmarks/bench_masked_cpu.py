@@ -9,9 +9,16 @@ backward. The three run side by side in one session (group = model); compare the
 
 ``extra_bytes_per_weight`` (extra_info) is the state autograd keeps beyond a dense step: bytes of
 saved tensors that are neither parameters, scores nor the input, minus the dense step's, per weight.
+
+The machine is shared and noisy, so ``test_masked_step_ratios`` also runs the variants interleaved
+round by round on one thread (a preempted worker stalls every parallel region on a loaded box) and
+records the median per-round time ratio to dense in its extra_info.
 """
 
 from __future__ import annotations
+
+import statistics
+import time
 
 import pytest
 import torch
@@ -20,6 +27,7 @@ import torch.nn.functional as F
 import bise_kernels as bk
 
 DENSITY = 0.5
+VARIANTS = ["dense", "cpp", "cpp_threshold", "edgepopup"]
 
 
 class EdgePopupSubnet(torch.autograd.Function):
@@ -109,7 +117,7 @@ def _saved_bytes(forward, x, y, own, trained) -> int:
 
 
 @pytest.mark.parametrize("model", ["mlp", "cnn"])
-@pytest.mark.parametrize("variant", ["dense", "cpp", "cpp_threshold", "edgepopup"])
+@pytest.mark.parametrize("variant", VARIANTS)
 def test_masked_training_step_cpu(benchmark, model, variant):
     cpp = variant.startswith("cpp")
     if cpp and bk.why_unavailable("cpp"):
@@ -127,3 +135,32 @@ def test_masked_training_step_cpu(benchmark, model, variant):
     assert all(t.grad is not None and t.grad.shape == t.shape for t in trained)
     if cpp:
         assert extra / n_weights <= 1.0
+
+
+@pytest.mark.parametrize("model", ["mlp", "cnn"])
+def test_masked_step_ratios(benchmark, model):
+    """One round = one step of every variant in turn; extra_info holds median(variant / dense) per round."""
+    if bk.why_unavailable("cpp"):
+        pytest.skip(f"cpp backend unavailable: {bk.why_unavailable('cpp')}")
+    small = benchmark.disabled
+    benchmark.group = f"masked step cpu ratios: {model}"
+    steps = {v: _step_parts(model, v, small) for v in VARIANTS}
+    times: dict[str, list[float]] = {v: [] for v in VARIANTS}
+
+    def one_round():
+        for v, (forward, x, y, _, trained) in steps.items():
+            with bk.use_backend("cpp" if v.startswith("cpp") else "torch"):
+                start = time.perf_counter()
+                _train_step(forward, x, y, trained)
+                times[v].append(time.perf_counter() - start)
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        benchmark.pedantic(one_round, rounds=1 if small else 30, warmup_rounds=0 if small else 3)
+    finally:
+        torch.set_num_threads(threads)
+    n = len(times["dense"]) - (0 if small else 3)  # drop the warmup rounds' times
+    ratios = {v: statistics.median(t / d for t, d in zip(times[v][-n:], times["dense"][-n:])) for v in VARIANTS[1:]}
+    benchmark.extra_info.update({f"{v}_over_dense": r for v, r in ratios.items()},
+                                dense_median_ms=1e3 * statistics.median(times["dense"][-n:]))

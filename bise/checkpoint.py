@@ -1,7 +1,9 @@
-"""Atomic checkpoint files: write to a temporary file beside the target, fsync, then os.replace.
+"""Atomic files: write to a temporary file beside the target, fsync, then os.replace.
 
 A reader therefore sees either the previous complete file or the new one, never a torn write.
-Loading uses ``torch.load(weights_only=True)``; an unreadable file raises :class:`CheckpointError`.
+In a multi-process run rank 0 alone writes and the other ranks wait for the file (every rank
+calls the writer at the same point). Loading uses ``torch.load(weights_only=True)``; an
+unreadable file raises :class:`CheckpointError`.
 """
 
 from __future__ import annotations
@@ -9,9 +11,11 @@ from __future__ import annotations
 import os
 import tempfile
 from pathlib import Path
-from typing import Any, Union
+from typing import Any, Callable, Union
 
 import torch
+
+from . import distributed
 
 PathLike = Union[str, os.PathLike]
 
@@ -20,22 +24,33 @@ class CheckpointError(ValueError):
     """A checkpoint file exists but cannot be read as one (corrupt, truncated, wrong format)."""
 
 
-def save_atomic(obj: Any, path: PathLike) -> Path:
-    """``torch.save(obj)`` to ``path`` atomically (temp file in the same folder + os.replace)."""
+def atomic_write(path: PathLike, write: Callable[[str], None]) -> Path:
+    """Call ``write(tmp)`` on a temporary path beside ``path``, then rename it into place (rank 0 only)."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
+    if distributed.current().is_main:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        os.close(fd)
+        try:
+            write(tmp)
+            os.replace(tmp, path)
+        finally:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+    distributed.barrier()
+    return path
+
+
+def save_atomic(obj: Any, path: PathLike) -> Path:
+    """``torch.save(obj)`` to ``path`` atomically (fsynced before the rename)."""
+
+    def write(tmp: str) -> None:
+        with open(tmp, "wb") as f:
             torch.save(obj, f)
             f.flush()
             os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-    return path
+
+    return atomic_write(path, write)
 
 
 def load_checkpoint(path: PathLike, *, required: tuple = ()) -> dict:
@@ -56,4 +71,4 @@ def load_checkpoint(path: PathLike, *, required: tuple = ()) -> dict:
     return obj
 
 
-__all__ = ["CheckpointError", "load_checkpoint", "save_atomic"]
+__all__ = ["CheckpointError", "atomic_write", "load_checkpoint", "save_atomic"]

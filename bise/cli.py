@@ -17,6 +17,8 @@ import time
 from pathlib import Path
 from typing import Optional
 
+from . import distributed
+
 RUN_FORMAT = "bise-run-v1"
 VANILLA_FORMAT = "bise-vanilla-v1"
 RUN_FILE = "run.json"
@@ -151,6 +153,10 @@ class Context:
             args.data = recorded
             if args.data is None:
                 raise UsageError("--data is required (no run in --out records a dataset spec)")
+        distributed.barrier()  # every rank has checked --out before rank 0 changes it
+        if not distributed.current().is_main:
+            distributed.barrier()
+            return
         if args.overwrite:
             for f in (RUN_FILES if args.command == "run" else outputs):
                 if self.has(f):
@@ -161,9 +167,12 @@ class Context:
         if not out.exists():
             out.mkdir(parents=True)
             self.created_dir = True
+        distributed.barrier()
 
     def cleanup(self) -> None:
         """After a failure: remove what this invocation wrote, keeping a started extraction resumable."""
+        if not distributed.current().is_main:
+            return
         keep = {VANILLA, CHECKPOINT, RUN_FILE} if self.has(CHECKPOINT) else set()
         for f in RUN_FILES:
             if f not in self.before and f not in keep and self.has(f):
@@ -413,6 +422,9 @@ def _user_errors() -> tuple:
 def main(argv: Optional[list] = None) -> int:
     """Entry point of ``bise`` and ``python -m bise``; returns the exit status."""
     args = build_parser().parse_args(argv)
+    dist = distributed.init(args.device)  # under torchrun: join the group; else one process
+    args.device = dist.device
+    args.quiet = args.quiet or not dist.is_main
     ctx = Context(args)
     try:
         ctx.prepare()
@@ -425,6 +437,8 @@ def main(argv: Optional[list] = None) -> int:
     except BaseException:
         ctx.cleanup()
         raise
+    finally:
+        distributed.shutdown()
     return 0
 
 

@@ -17,7 +17,7 @@ from __future__ import annotations
 import datetime
 import os
 from dataclasses import dataclass
-from typing import Iterator, Optional, Sequence
+from typing import Callable, Iterator, Optional, Sequence
 
 import torch
 import torch.distributed as dist
@@ -97,11 +97,21 @@ def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
     return t
 
 
+def scaled(local_mean: torch.Tensor, n_local: int, n_global: int) -> torch.Tensor:
+    """A loss averaged over this rank's share, rescaled so that the sum over ranks is the global-batch mean."""
+    if n_local == 0:  # an empty share: a zero that still carries the (empty) graph
+        return local_mean.nan_to_num(0.0) * 0.0
+    return local_mean * (n_local / n_global)
+
+
 def all_reduce_grads(params: Sequence[torch.nn.Parameter]) -> None:
     """Sum gradients over ranks with one flat all-reduce (losses are already divided by the global batch)."""
     if not current().distributed:
         return
-    grads = [p.grad for p in params if p.grad is not None]
+    for p in params:
+        if p.grad is None:
+            p.grad = torch.zeros_like(p)
+    grads = [p.grad for p in params]
     if not grads:
         return
     flat = torch.cat([g.reshape(-1) for g in grads])
@@ -146,6 +156,16 @@ def all_gather_rows(x: torch.Tensor) -> torch.Tensor:
     counts = [torch.zeros_like(count) for _ in range(dist.get_world_size())]
     dist.all_gather(counts, count)
     return _GatherRows.apply(x, [int(c) for c in counts])
+
+
+def shard_rows(n: int, compute: Callable[[torch.Tensor], torch.Tensor], batch_size: int) -> torch.Tensor:
+    """``compute(idx)`` for all n rows, each rank doing a contiguous shard, gathered in row order."""
+    ctx = current()
+    if ctx.world_size > n:
+        raise ValueError(f"{n} samples cannot be sharded over {ctx.world_size} processes; use fewer processes")
+    local = torch.arange(n).tensor_split(ctx.world_size)[ctx.rank]
+    rows = torch.cat([compute(idx) for idx in local.split(batch_size)])
+    return all_gather_rows(rows)
 
 
 def broadcast_state(state: Optional[dict]) -> dict:

@@ -8,6 +8,8 @@ from typing import Optional
 import torch
 from torch import Tensor, nn
 
+from . import distributed
+
 PATTERNS = ("aligned/aligned", "aligned/conflicting", "conflicting/aligned", "conflicting/conflicting")
 
 
@@ -75,13 +77,11 @@ def predict(model: nn.Module, split, *, batch_size: int = 256, device="cpu") -> 
     was_training = model.training
     model.eval()
     try:
-        preds = []
-        n = len(split)
-        for start in range(0, n, batch_size):
-            index = torch.arange(start, min(n, start + batch_size))
-            logits = model(split.inputs(index).to(device))
-            preds.append(logits.argmax(dim=1).cpu())
-        return torch.cat(preds) if preds else torch.empty(0, dtype=torch.long)
+        if len(split) == 0:
+            return torch.empty(0, dtype=torch.long)
+        # each rank of a multi-process run predicts its shard; the exact predictions are gathered
+        return distributed.shard_rows(len(split), lambda idx: model(split.inputs(idx).to(device)).argmax(dim=1),
+                                      batch_size).cpu()
     finally:
         model.train(was_training)
 

@@ -28,8 +28,9 @@ from tqdm.auto import tqdm
 
 from bise_kernels import global_topk_masks
 
-from . import losses
+from . import distributed, losses
 from .checkpoint import load_checkpoint, save_atomic
+from .evaluate import predict
 from .feature_cache import BottleneckTap, FrozenPrefix
 from .gates import find_bottleneck, gates_of, insert_gates, remove_gates, set_gate_mode
 from .subnetwork import Subnetwork
@@ -162,13 +163,6 @@ def _identification_model(model: nn.Module, data, config: ExtractConfig, quiet: 
                device=config.device, quiet=quiet, desc="identification model")
 
 
-@torch.no_grad()
-def _predict(model: nn.Module, split, batch_size: int, device) -> Tensor:
-    model.eval()
-    return torch.cat([model(split.inputs(idx).to(device)).argmax(1).cpu()
-                      for idx in torch.arange(len(split)).split(batch_size)])
-
-
 class _Run:
     """One extraction's mutable state and its loops (kept together so checkpoints can capture it)."""
 
@@ -186,6 +180,7 @@ class _Run:
         self.best: dict = {"accuracy": None, "epoch": None, "scores": None}
         self.epoch = 0
         self.pseudo_bias: Optional[dict] = None
+        self.dist = distributed.current()
 
     # ------------------------------------------------------------------ labels and weights
 
@@ -224,9 +219,11 @@ class _Run:
         self.prefix = FrozenPrefix.build(self.model, example, n_total, self.config.cache_limit_mb * 2**20)
         if self.prefix is None:
             return
+        batch = self.config.eval_batch_size
         for key, split in splits.items():
-            self.cached[key] = self.prefix.compute(lambda idx, s=split: s.inputs(idx).to(self.device), len(split),
-                                                   self.config.eval_batch_size)
+            self.cached[key] = distributed.shard_rows(
+                len(split), lambda idx, s=split: self.prefix.compute(lambda j: s.inputs(idx[j]).to(self.device),
+                                                                     len(idx), batch), batch)
 
     def forward(self, key: str, idx: Tensor) -> Tensor:
         if key in self.cached:
@@ -236,22 +233,23 @@ class _Run:
 
     @torch.no_grad()
     def features(self) -> Tensor:
-        """Bottleneck features of every training sample under the current gates."""
+        """Bottleneck features of every training sample under the current gates (sharded over ranks)."""
         tap = BottleneckTap(self.bottleneck)
+
+        def compute(idx: Tensor) -> Tensor:
+            self.forward("train", idx)
+            return tap.take()
+
         try:
-            out = []
-            for idx in torch.arange(len(self.train.y)).split(self.config.eval_batch_size):
-                self.forward("train", idx)
-                out.append(tap.take())
-            return torch.cat(out)
+            return distributed.shard_rows(len(self.train.y), compute, self.config.eval_batch_size)
         finally:
             tap.close()
 
     @torch.no_grad()
     def predictions(self, key: str) -> Tensor:
         n = len({"train": self.data.train, "val": self.data.val, "test": self.data.test}[key])
-        return torch.cat([self.forward(key, idx).argmax(1).cpu()
-                          for idx in torch.arange(n).split(self.config.eval_batch_size)])
+        return distributed.shard_rows(n, lambda idx: self.forward(key, idx).argmax(1),
+                                      self.config.eval_batch_size).cpu()
 
     # ------------------------------------------------------------------ the two training loops
 
@@ -265,16 +263,17 @@ class _Run:
         n, b2 = len(self.train.y), self.train.b2.to(self.device)
         try:
             for _ in tqdm(range(self.config.head_epochs), desc=desc, unit="epoch", disable=self.quiet, leave=False):
-                for idx in torch.randperm(n, generator=self.generator).split(self.batch_size):
+                for idx, n_global in distributed.local_batches(n, self.batch_size, self.generator, self.dist):
                     if cached is not None:
                         z = cached[idx.to(cached.device)]
                     else:
                         with torch.no_grad():
                             self.forward("train", idx)
                         z = tap.take()
-                    loss = self.aux_loss(z, b2[idx.to(self.device)])
+                    loss = distributed.scaled(self.aux_loss(z, b2[idx.to(self.device)]), len(idx), n_global)
                     self.head_opt.zero_grad(set_to_none=True)
                     loss.backward()
+                    distributed.all_reduce_grads(list(self.heads.parameters()))
                     self.head_opt.step()
         finally:
             if tap is not None:
@@ -290,11 +289,13 @@ class _Run:
         tap = BottleneckTap(self.bottleneck)
         y, b, b2 = (t.to(self.device) for t in (self.train.y, self.train.b, self.train.b2))
         table = self.table.to(self.device)
-        totals = {"train_loss": 0.0, "reweighted_ce": 0.0, "mi": 0.0, "aux_loss": 0.0}
-        batches = torch.randperm(len(y), generator=self.generator).split(self.batch_size)
+        keys = ("train_loss", "reweighted_ce", "mi", "aux_loss")
+        totals = torch.zeros(len(keys), dtype=torch.float64, device=self.device)
+        batches = list(distributed.local_batches(len(y), self.batch_size, self.generator, self.dist))
+        world = self.dist.world_size
         try:
-            for idx in tqdm(batches, desc=f"mask epoch {self.epoch + 1}", unit="batch", disable=self.quiet,
-                            leave=False):
+            for idx, n_global in tqdm(batches, desc=f"mask epoch {self.epoch + 1}", unit="batch",
+                                      disable=self.quiet, leave=False):
                 idx_d = idx.to(self.device)
                 logits = self.forward("train", idx)
                 z = tap.take()
@@ -303,26 +304,31 @@ class _Run:
                     lr_ = losses.reweighted_cross_entropy(logits, yb, b[idx_d], group_weights=table)
                 else:
                     lr_ = F.cross_entropy(logits, yb)
+                lr_ = distributed.scaled(lr_, len(idx), n_global)
                 mi = logits.new_zeros(())
-                if config.mi:
+                if config.mi:  # defined on the global batch: every rank sees all ranks' samples
+                    y_all, b_all = distributed.all_gather_rows(yb), distributed.all_gather_rows(b2[idx_d])
                     for k, head in enumerate(self.heads):
-                        bk = b2[idx_d, k]
-                        mi = mi + losses.mutual_information(head(z), bk, self.num_bias_classes,
-                                                            sample_mask=yb != bk)
-                aux = self.aux_loss(z, b2[idx_d])
+                        aux_logits = distributed.all_gather_rows(head(z))
+                        mi = mi + losses.mutual_information(aux_logits, b_all[:, k], self.num_bias_classes,
+                                                            sample_mask=y_all != b_all[:, k]) / world
+                aux = distributed.scaled(self.aux_loss(z, b2[idx_d]), len(idx), n_global)
                 objective = config.alpha * lr_ + config.gamma * mi
                 for s in self.scores:
                     s.grad = torch.zeros_like(s)
                 objective.backward()
+                distributed.all_reduce_grads(self.scores)
                 self.head_opt.zero_grad(set_to_none=True)
                 aux.backward()
+                distributed.all_reduce_grads(list(self.heads.parameters()))
                 self.mask_opt.step()
                 self.head_opt.step()
-                for key, value in (("train_loss", objective), ("reweighted_ce", lr_), ("mi", mi), ("aux_loss", aux)):
-                    totals[key] += float(value.detach()) * len(idx)
+                for i, value in enumerate((objective, lr_, mi, aux)):
+                    totals[i] += float(value.detach()) * n_global
         finally:
             tap.close()
-        return {k: v / len(y) for k, v in totals.items()}
+        distributed.all_reduce_sum(totals)
+        return {k: float(v) / len(y) for k, v in zip(keys, totals)}
 
     def init_trainables(self) -> None:
         """Scores at 0 and tau0; fresh heads (one per bias) on the bottleneck; the two SGD optimisers."""
@@ -445,8 +451,9 @@ def _labels(run: "_Run", ckpt: Optional[dict]) -> None:
     else:
         ident = _identification_model(model_without_gates(run.model), data, config, run.quiet)
         has_val = data.val is not None and len(data.val)
-        run.pseudo_bias = {"train": _predict(ident, data.train, config.eval_batch_size, device),
-                           "val": _predict(ident, data.val, config.eval_batch_size, device) if has_val else None}
+        run.pseudo_bias = {"train": predict(ident, data.train, batch_size=config.eval_batch_size, device=device),
+                           "val": predict(ident, data.val, batch_size=config.eval_batch_size, device=device)
+                           if has_val else None}
     run.set_labels(run.pseudo_bias["train"], run.pseudo_bias["val"], "empirical-joint", data.num_classes)
 
 

@@ -19,7 +19,7 @@ from tqdm.auto import tqdm
 
 from . import losses
 from .evaluate import evaluate
-from .train import _optimizer, recipe_for
+from .train import _optimizer, recipe_for, train_epoch
 
 LR_FACTOR = 0.1
 
@@ -68,15 +68,10 @@ def finetune(model: nn.Module, data, *, epochs: int = 10, scheme: Optional[str] 
     bar = tqdm(range(1, epochs + 1), desc="BISE+FT", unit="epoch", disable=quiet)
     for epoch in bar:
         model.train()
-        total, count = 0.0, 0
-        for idx in torch.randperm(len(train), generator=gen).split(batch_size):
-            x, y = train.inputs(idx).to(device), train.y[idx].long().to(device)
-            loss = losses.reweighted_cross_entropy(model(x), y, b[idx].to(device), group_weights=table)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            total, count = total + loss.item() * len(idx), count + len(idx)
-        record = {"epoch": epoch, "train_loss": total / max(count, 1), "val": None}
+        mean_loss = train_epoch(model, train, opt, gen, batch_size, device,
+                                lambda logits, idx: losses.reweighted_cross_entropy(
+                                    logits, train.y[idx].long().to(device), b[idx].to(device), group_weights=table))
+        record = {"epoch": epoch, "train_loss": mean_loss, "val": None}
         if val is not None:
             record["val"] = evaluate(model, val, device=device)
             acc = record["val"]["accuracy"]

@@ -11,27 +11,17 @@ from __future__ import annotations
 import json
 import math
 import os
-from typing import Callable, Optional
+from typing import Optional
 
 from torch import nn
 
+from .checkpoint import atomic_write
 from .evaluate import evaluate
 from .flops import count_macs, count_params
 
 SECTIONS = ("vanilla", "subnetwork", "finetuned", "export", "config", "timing")
 METRIC_KEYS = ("accuracy", "aligned_accuracy", "conflicting_accuracy", "unbiased_accuracy", "worst_group_accuracy")
 PLOTS = ("accuracy_vs_epoch.png", "units_per_layer.png", "group_accuracy.png")
-
-
-def atomic_write(path: str, write: Callable[[str], None]) -> None:
-    """Call ``write(tmp)`` on a temporary path beside ``path``, then rename it into place."""
-    tmp = os.path.join(os.path.dirname(os.path.abspath(path)), f".{os.path.basename(path)}.{os.getpid()}.tmp")
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
 
 
 def write_text(path: str, text: str) -> None:

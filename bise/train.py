@@ -9,13 +9,14 @@ not applied: the built-in data are small images with no augmentation pipeline.
 from __future__ import annotations
 
 import math
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
+from . import distributed
 from .models import build_model
 
 RECIPES = {
@@ -61,6 +62,27 @@ def _scheduler(opt, recipe: dict, epochs: int):
     return None
 
 
+def train_epoch(model: nn.Module, split, opt: torch.optim.Optimizer, generator: torch.Generator, batch_size: int,
+                device, loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]) -> float:
+    """One epoch of ``opt`` steps on shuffled batches; returns the mean loss per sample.
+
+    ``loss_fn(logits, idx)`` is the mean loss of the batch ``idx``. In a multi-process run every
+    rank takes its share of the same global batches and gradients are summed over ranks, so the
+    steps equal those of one process with the global batch (BatchNorm statistics stay per rank).
+    """
+    ctx = distributed.current()
+    params = [p for group in opt.param_groups for p in group["params"]]
+    total = torch.zeros((), dtype=torch.float64, device=device)
+    for idx, n_global in distributed.local_batches(len(split), batch_size, generator, ctx):
+        loss = distributed.scaled(loss_fn(model(split.inputs(idx).to(device)), idx), len(idx), n_global)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        distributed.all_reduce_grads(params)
+        opt.step()
+        total += loss.detach() * n_global
+    return float(distributed.all_reduce_sum(total)) / max(len(split), 1)
+
+
 def fit(model: nn.Module, split, recipe: dict, *, epochs: int, batch_size: int, lr: float, seed: int = 0,
         device="cpu", quiet: bool = False, desc: str = "vanilla") -> nn.Module:
     """Plain ERM on ``split`` (train mode, shuffled batches from a generator seeded by ``seed``)."""
@@ -74,14 +96,9 @@ def fit(model: nn.Module, split, recipe: dict, *, epochs: int, batch_size: int, 
     opt = _optimizer([p for p in model.parameters() if p.requires_grad], recipe, lr)
     sched = _scheduler(opt, recipe, epochs)
     gen = torch.Generator().manual_seed(seed)
-    n = len(split)
     for _ in tqdm(range(epochs), desc=desc, unit="epoch", disable=quiet, leave=False):
-        for idx in torch.randperm(n, generator=gen).split(batch_size):
-            x = split.inputs(idx).to(device)
-            loss = F.cross_entropy(model(x), split.y[idx].to(device))
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
+        train_epoch(model, split, opt, gen, batch_size, device,
+                    lambda logits, idx: F.cross_entropy(logits, split.y[idx].to(device)))
         if sched is not None:
             sched.step()
     return model.eval()
@@ -99,4 +116,4 @@ def train_vanilla(data, arch: Optional[str] = None, *, epochs: Optional[int] = N
                quiet=quiet)
 
 
-__all__ = ["RECIPES", "fit", "recipe_for", "train_vanilla"]
+__all__ = ["RECIPES", "fit", "recipe_for", "train_epoch", "train_vanilla"]

@@ -34,7 +34,7 @@ constexpr int64_t kBlock = 4096;       // tie location granularity (elements)
 constexpr int64_t kSmall = 1 << 15;    // below this, compact everything, no sample
 constexpr int kDigitBits = 11;         // radix digit of the histogram passes
 constexpr int64_t kSample = 1 << 16;   // sample size of large inputs
-constexpr double kSigmas = 6.0;        // cold bracket half-width, in sample standard deviations
+constexpr double kSigmas = 5.0;        // cold bracket half-width, in sample standard deviations
 constexpr int64_t kWarmRank = 64;      // warm bracket half-width, in sample entries
 
 // ----------------------------------------------------------------------------- keys
@@ -383,18 +383,28 @@ uint64_t splitmix(uint64_t& s) {
 template <typename U>
 std::vector<U> sample_keys(const Source<U>& src, int64_t k) {
   // About n^(2/3) entries balances the sample's selection cost against the bracket's width.
-  const int64_t run = 64 / int64_t(sizeof(U));
+  const int64_t run = 256 / int64_t(sizeof(U));
   const int64_t size = std::min<int64_t>(kSample, int64_t(std::cbrt(double(src.n)) * std::cbrt(double(src.n))));
   const int64_t runs = std::max<int64_t>(1, std::min(size, src.n / 8) / run);
   std::vector<U> keys(runs * run);
   const int64_t grain = std::max<int64_t>(1, runs / std::max(1, at::get_num_threads()));
   at::parallel_for(0, runs, grain, [&](int64_t b, int64_t e) {
     uint64_t seed = uint64_t(src.n) * 31 + uint64_t(k) + uint64_t(b) * 0x1234567ull;
+    std::vector<int64_t> starts(e - b);
+    std::vector<size_t> segs(e - b);
     for (int64_t r = b; r < e; ++r) {
-      int64_t start = int64_t(splitmix(seed) % uint64_t(src.n - run + 1));
-      size_t s = src.seg_of(start);
+      starts[r - b] = int64_t(splitmix(seed) % uint64_t(src.n - run + 1));
+      segs[r - b] = src.seg_of(starts[r - b]);
+    }
+    constexpr int64_t ahead = 16;  // prefetch distance: the loads are independent cache misses
+    for (int64_t r = b; r < e; ++r) {
+      if (r + ahead < e) {
+        const Seg<U>& sg = src.segs[segs[r + ahead - b]];
+        __builtin_prefetch(sg.p + (starts[r + ahead - b] - sg.off));
+      }
+      size_t s = segs[r - b];
       U* out = keys.data() + r * run;
-      src.pieces(start, start + run, s, [&](const U* p, int64_t len, int64_t) {
+      src.pieces(starts[r - b], starts[r - b] + run, s, [&](const U* p, int64_t len, int64_t) {
         for (int64_t i = 0; i < len; ++i) *out++ = to_key(p[i]);
       });
     }
@@ -402,27 +412,45 @@ std::vector<U> sample_keys(const Source<U>& src, int64_t k) {
   return keys;
 }
 
-// Cold bracket: sample order statistics kSigmas standard deviations either side of rank k
-// (the two selections run in parallel, each on its own copy).
+// Exact sample order statistics at descending ranks (1-based, within [1, size]): one 16-bit
+// histogram of key - min finds each rank's bucket, nth_element finishes among that bucket's few.
 template <typename U>
-std::pair<U, U> cold_bracket(const std::vector<U>& keys, int64_t n, int64_t k) {
+std::vector<U> order_stats(const std::vector<U>& keys, const std::vector<int64_t>& ranks) {
+  const auto [mn, mx] = std::minmax_element(keys.begin(), keys.end());
+  const U base = *mn, span = U(*mx - *mn);
+  const int shift = std::max(0, int(std::bit_width(span)) - 16);
+  std::vector<int64_t> hist(int64_t(span >> shift) + 1, 0);
+  for (U key : keys) hist[U(key - base) >> shift]++;
+  std::vector<U> out;
+  for (int64_t rank : ranks) {
+    int64_t bkt = int64_t(hist.size()) - 1, above = 0;
+    while (above + hist[bkt] < rank) above += hist[bkt--];
+    std::vector<U> inside;
+    for (U key : keys)
+      if ((U(key - base) >> shift) == U(bkt)) inside.push_back(key);
+    auto it = inside.end() - (rank - above);
+    std::nth_element(inside.begin(), it, inside.end());
+    out.push_back(*it);
+  }
+  return out;
+}
+
+// Cold bracket: sample order statistics `sigmas` standard deviations either side of rank k.
+template <typename U>
+std::pair<U, U> cold_bracket(const std::vector<U>& keys, int64_t n, int64_t k, double sigmas) {
   const int64_t s = int64_t(keys.size());
   const double p = double(k) / double(n);
   const double q = p * double(s);
-  const double margin = kSigmas * std::sqrt(double(s) * p * (1 - p)) + 4;
-  // Descending ranks (1-based) of the bracket ends; out of the sample means unbounded.
-  const int64_t ranks[2] = {int64_t(std::ceil(q + margin)), int64_t(std::floor(q - margin))};
-  U ends[2] = {U(0), U(~U(0))};
-  at::parallel_for(0, 2, 1, [&](int64_t b, int64_t e) {
-    for (int64_t i = b; i < e; ++i) {
-      if (ranks[i] < 1 || ranks[i] > s) continue;
-      std::vector<U> copy = keys;
-      auto it = copy.begin() + (s - ranks[i]);
-      std::nth_element(copy.begin(), it, copy.end());
-      ends[i] = *it;
-    }
-  });
-  return {ends[0], ends[1]};
+  const double margin = sigmas * std::sqrt(double(s) * p * (1 - p)) + 4;
+  // Descending ranks of the bracket ends; beyond the sample means unbounded.
+  const int64_t r_lo = int64_t(std::ceil(q + margin)), r_hi = int64_t(std::floor(q - margin));
+  std::vector<int64_t> ranks;
+  if (r_lo <= s) ranks.push_back(r_lo);
+  if (r_hi >= 1) ranks.push_back(r_hi);
+  const std::vector<U> ends = order_stats(keys, ranks);
+  const U lo = r_lo <= s ? ends[0] : U(0);
+  const U hi = r_hi >= 1 ? ends.back() : U(~U(0));
+  return {lo, hi};
 }
 
 // Warm bracket: kWarmRank sample entries either side of the hint's key.
@@ -450,7 +478,7 @@ std::pair<U, U> warm_bracket(const std::vector<U>& keys, U hint) {
 
 // ----------------------------------------------------------------------------- one selection
 
-// Exact k-th largest (1-based k) of a raw source: tries the warm then the cold bracket, each
+// Exact k-th largest (1-based k) of a raw source: tries the warm then cold brackets, each
 // narrowing the state when it misses, then finishes by radix refinement.
 template <typename U>
 Pick<U> select(const Source<U>& src, int64_t k, const U* hint) {
@@ -458,8 +486,10 @@ Pick<U> select(const Source<U>& src, int64_t k, const U* hint) {
   if (src.n <= kSmall) return finish(src, st, k);
   const std::vector<U> keys = sample_keys(src, k);
   const int64_t limit = std::max(src.n / 8, kSmall);
-  for (int attempt = hint ? 0 : 1; attempt < 2; ++attempt) {
-    auto [a, b] = attempt == 0 ? warm_bracket(keys, to_key(*hint)) : cold_bracket(keys, src.n, k);
+  // Attempts: the warm bracket, the cold one, then a 4x wider cold one (the sample's runs of a
+  // cache line are correlated on sorted-like data, so its spread can be underestimated).
+  for (int attempt = hint ? 0 : 1; attempt < 3; ++attempt) {
+    auto [a, b] = attempt == 0 ? warm_bracket(keys, to_key(*hint)) : cold_bracket(keys, src.n, k, kSigmas * attempt * attempt);
     a = std::max(a, st.lo);
     b = std::min(b, st.hi);
     if (a > b) continue;
