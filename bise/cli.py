@@ -381,8 +381,9 @@ def cmd_evaluate(ctx: Context) -> None:
                           config=config, timing=timing)
     units = {n: (int(m.sum()), int(m.numel())) for n, m in sub.masks.items()}
     for f in REPORT_FILES:  # plots of an earlier evaluation must not outlive it
-        if ctx.has(f):
+        if ctx.has(f) and distributed.current().is_main:
             os.remove(ctx.path(f))
+    distributed.barrier()
     write_report(str(ctx.out), report, history=sub.history, units=units)
     ctx.state["timing"] = {k: v for k, v in timing.items() if k != "latency_seconds"}
     ctx.save_state()

@@ -24,6 +24,9 @@ import torch.distributed as dist
 
 DEFAULT_TIMEOUT_S = 300
 
+traffic = {"all_reduce_bytes": 0, "all_gather_bytes": 0}
+"""Bytes this process sent into collectives (payloads only), for the scaling benchmark."""
+
 
 @dataclass(frozen=True)
 class Context:
@@ -115,6 +118,7 @@ def all_reduce_grads(params: Sequence[torch.nn.Parameter]) -> None:
     if not grads:
         return
     flat = torch.cat([g.reshape(-1) for g in grads])
+    traffic["all_reduce_bytes"] += flat.numel() * flat.element_size()
     dist.all_reduce(flat, op=dist.ReduceOp.SUM)
     offset = 0
     for g in grads:
@@ -132,6 +136,7 @@ class _GatherRows(torch.autograd.Function):
         padded = x.new_zeros((width,) + tuple(x.shape[1:]))
         padded[: x.shape[0]] = x
         parts = [torch.empty_like(padded) for _ in counts]
+        traffic["all_gather_bytes"] += padded.numel() * padded.element_size()
         dist.all_gather(parts, padded.contiguous())
         return torch.cat([p[:c] for p, c in zip(parts, counts)])
 
@@ -143,19 +148,27 @@ class _GatherRows(torch.autograd.Function):
         return grad[start:start + ctx.counts[ctx.rank]], None
 
 
-def all_gather_rows(x: torch.Tensor) -> torch.Tensor:
+def share_sizes(n: int, world_size: int) -> list[int]:
+    """Row counts of each rank's share of n rows (as :func:`local_share` splits them)."""
+    return [len(part) for part in torch.arange(n).tensor_split(world_size)]
+
+
+def all_gather_rows(x: torch.Tensor, counts: Optional[Sequence[int]] = None) -> torch.Tensor:
     """Concatenate every rank's rows of ``x`` in rank order, differentiably (identity on one process).
 
+    ``counts``: each rank's row count when known (e.g. :func:`share_sizes`), saving a round trip.
     Each rank computes the same function of the gathered rows; to get the single-process
     gradient, divide that term by the world size before backward (the gradients of the rows are
     summed over ranks here).
     """
     if not current().distributed:
         return x
-    count = torch.tensor([x.shape[0]], dtype=torch.int64, device=x.device)
-    counts = [torch.zeros_like(count) for _ in range(dist.get_world_size())]
-    dist.all_gather(counts, count)
-    return _GatherRows.apply(x, [int(c) for c in counts])
+    if counts is None:
+        count = torch.tensor([x.shape[0]], dtype=torch.int64, device=x.device)
+        gathered = [torch.zeros_like(count) for _ in range(dist.get_world_size())]
+        dist.all_gather(gathered, count)
+        counts = [int(c) for c in gathered]
+    return _GatherRows.apply(x, list(counts))
 
 
 def shard_rows(n: int, compute: Callable[[torch.Tensor], torch.Tensor], batch_size: int) -> torch.Tensor:
@@ -165,7 +178,7 @@ def shard_rows(n: int, compute: Callable[[torch.Tensor], torch.Tensor], batch_si
         raise ValueError(f"{n} samples cannot be sharded over {ctx.world_size} processes; use fewer processes")
     local = torch.arange(n).tensor_split(ctx.world_size)[ctx.rank]
     rows = torch.cat([compute(idx) for idx in local.split(batch_size)])
-    return all_gather_rows(rows)
+    return all_gather_rows(rows, share_sizes(n, ctx.world_size))
 
 
 def broadcast_state(state: Optional[dict]) -> dict:

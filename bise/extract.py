@@ -307,11 +307,16 @@ class _Run:
                 lr_ = distributed.scaled(lr_, len(idx), n_global)
                 mi = logits.new_zeros(())
                 if config.mi:  # defined on the global batch: every rank sees all ranks' samples
-                    y_all, b_all = distributed.all_gather_rows(yb), distributed.all_gather_rows(b2[idx_d])
-                    for k, head in enumerate(self.heads):
-                        aux_logits = distributed.all_gather_rows(head(z))
-                        mi = mi + losses.mutual_information(aux_logits, b_all[:, k], self.num_bias_classes,
-                                                            sample_mask=y_all != b_all[:, k]) / world
+                    heads = len(self.heads)
+                    packed = torch.cat([head(z) for head in self.heads] + [yb[:, None].to(z.dtype),
+                                                                         b2[idx_d].to(z.dtype)], dim=1)
+                    packed = distributed.all_gather_rows(packed, distributed.share_sizes(n_global, world))
+                    k_ = self.num_bias_classes
+                    y_all = packed[:, heads * k_].long()
+                    for k in range(heads):
+                        b_all = packed[:, heads * k_ + 1 + k].long()
+                        mi = mi + losses.mutual_information(packed[:, k * k_:(k + 1) * k_], b_all, k_,
+                                                            sample_mask=y_all != b_all) / world
                 aux = distributed.scaled(self.aux_loss(z, b2[idx_d]), len(idx), n_global)
                 objective = config.alpha * lr_ + config.gamma * mi
                 for s in self.scores:

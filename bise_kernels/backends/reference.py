@@ -192,7 +192,7 @@ def channel_gate_backward(grad_y, x, scores, thr, cut, dim, estimator, temperatu
         gate = keep_mask(scores, thr, cut).to(grad_y.dtype).reshape(_gate_shape(x, dim))
         gx = grad_y * gate
     if need_s:
-        reduce_dims = [d for d in range(x.dim()) if d != dim]
+        reduce_dims = [d for d in range(x.dim()) if d != dim % x.dim()]
         acc = accumulation_dtype(x.dtype)
         per_unit = (grad_y.to(acc) * x.to(acc)).sum(reduce_dims)
         gs = (per_unit * score_slope(scores, estimator, temperature)).to(scores.dtype)

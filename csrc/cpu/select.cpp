@@ -35,7 +35,7 @@ constexpr int64_t kSmall = 1 << 15;    // below this, compact everything, no sam
 constexpr int kDigitBits = 11;         // radix digit of the histogram passes
 constexpr int64_t kSample = 1 << 16;   // sample size of large inputs
 constexpr double kSigmas = 5.0;        // cold bracket half-width, in sample standard deviations
-constexpr int64_t kWarmRank = 64;      // warm bracket half-width, in sample entries
+constexpr int64_t kWarmShare = 512;    // warm bracket half-width: 1/512 of the sample (>= 16)
 
 // ----------------------------------------------------------------------------- keys
 
@@ -102,7 +102,7 @@ struct Chunks {
   std::vector<int64_t> first;
   explicit Chunks(int64_t n) {
     nblocks = (n + kBlock - 1) / kBlock;
-    int64_t by_size = std::max<int64_t>(1, n / (4 * kBlock));
+    int64_t by_size = std::max<int64_t>(1, n / (16 * kBlock));  // >= 64k elements per thread
     int64_t nc = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), std::min(nblocks, by_size)));
     for (int64_t c = 0; c <= nc; ++c) first.push_back(c * nblocks / nc);
   }
@@ -379,7 +379,7 @@ uint64_t splitmix(uint64_t& s) {
   return z ^ (z >> 31);
 }
 
-// Keys of random runs of one cache line each (deterministic seed): about kSample entries.
+// Keys of random runs of 256 bytes each (deterministic seed): about min(n^(2/3), kSample) keys.
 template <typename U>
 std::vector<U> sample_keys(const Source<U>& src, int64_t k) {
   // About n^(2/3) entries balances the sample's selection cost against the bracket's width.
@@ -387,28 +387,26 @@ std::vector<U> sample_keys(const Source<U>& src, int64_t k) {
   const int64_t size = std::min<int64_t>(kSample, int64_t(std::cbrt(double(src.n)) * std::cbrt(double(src.n))));
   const int64_t runs = std::max<int64_t>(1, std::min(size, src.n / 8) / run);
   std::vector<U> keys(runs * run);
-  const int64_t grain = std::max<int64_t>(1, runs / std::max(1, at::get_num_threads()));
-  at::parallel_for(0, runs, grain, [&](int64_t b, int64_t e) {
-    uint64_t seed = uint64_t(src.n) * 31 + uint64_t(k) + uint64_t(b) * 0x1234567ull;
-    std::vector<int64_t> starts(e - b);
-    std::vector<size_t> segs(e - b);
-    for (int64_t r = b; r < e; ++r) {
-      starts[r - b] = int64_t(splitmix(seed) % uint64_t(src.n - run + 1));
-      segs[r - b] = src.seg_of(starts[r - b]);
+  // Serial: a few hundred microseconds at most, not worth a thread synchronisation.
+  uint64_t seed = uint64_t(src.n) * 31 + uint64_t(k);
+  std::vector<int64_t> starts(runs);
+  std::vector<size_t> segs(runs);
+  for (int64_t r = 0; r < runs; ++r) {
+    starts[r] = int64_t(splitmix(seed) % uint64_t(src.n - run + 1));
+    segs[r] = src.seg_of(starts[r]);
+  }
+  constexpr int64_t ahead = 8;  // prefetch distance: the runs are independent cache misses
+  for (int64_t r = 0; r < runs; ++r) {
+    if (r + ahead < runs) {
+      const Seg<U>& sg = src.segs[segs[r + ahead]];
+      __builtin_prefetch(sg.p + (starts[r + ahead] - sg.off));
     }
-    constexpr int64_t ahead = 16;  // prefetch distance: the loads are independent cache misses
-    for (int64_t r = b; r < e; ++r) {
-      if (r + ahead < e) {
-        const Seg<U>& sg = src.segs[segs[r + ahead - b]];
-        __builtin_prefetch(sg.p + (starts[r + ahead - b] - sg.off));
-      }
-      size_t s = segs[r - b];
-      U* out = keys.data() + r * run;
-      src.pieces(starts[r - b], starts[r - b] + run, s, [&](const U* p, int64_t len, int64_t) {
-        for (int64_t i = 0; i < len; ++i) *out++ = to_key(p[i]);
-      });
-    }
-  });
+    size_t s = segs[r];
+    U* out = keys.data() + r * run;
+    src.pieces(starts[r], starts[r] + run, s, [&](const U* p, int64_t len, int64_t) {
+      for (int64_t i = 0; i < len; ++i) *out++ = to_key(p[i]);
+    });
+  }
   return keys;
 }
 
@@ -453,25 +451,27 @@ std::pair<U, U> cold_bracket(const std::vector<U>& keys, int64_t n, int64_t k, d
   return {lo, hi};
 }
 
-// Warm bracket: kWarmRank sample entries either side of the hint's key.
+// Warm bracket: a few sample entries either side of the hint's key (about 0.2% of the data each
+// side for a full sample), so a hint that moved by less than that costs one pass.
 template <typename U>
 std::pair<U, U> warm_bracket(const std::vector<U>& keys, U hint) {
+  const size_t w = size_t(std::max<int64_t>(16, int64_t(keys.size()) / kWarmShare));
   std::priority_queue<U> below_hi;                                  // smallest keys above the hint
   std::priority_queue<U, std::vector<U>, std::greater<U>> above_lo;  // largest keys below it
   for (U key : keys) {
     if (key > hint) {
-      if (int64_t(below_hi.size()) < kWarmRank) below_hi.push(key);
+      if (below_hi.size() < w) below_hi.push(key);
       else if (key < below_hi.top()) { below_hi.pop(); below_hi.push(key); }
     } else if (key < hint) {
-      if (int64_t(above_lo.size()) < kWarmRank) above_lo.push(key);
+      if (above_lo.size() < w) above_lo.push(key);
       else if (key > above_lo.top()) { above_lo.pop(); above_lo.push(key); }
     }
   }
   // Fewer entries on a side: the extreme sample key there (or the hint); a miss only narrows.
   U hi = hint, lo = hint;
-  if (int64_t(below_hi.size()) == kWarmRank) hi = below_hi.top();
+  if (below_hi.size() == w) hi = below_hi.top();
   else for (; !below_hi.empty(); below_hi.pop()) hi = below_hi.top();
-  if (int64_t(above_lo.size()) == kWarmRank) lo = above_lo.top();
+  if (above_lo.size() == w) lo = above_lo.top();
   else for (; !above_lo.empty(); above_lo.pop()) lo = above_lo.top();
   return {lo, hi};
 }
@@ -486,8 +486,8 @@ Pick<U> select(const Source<U>& src, int64_t k, const U* hint) {
   if (src.n <= kSmall) return finish(src, st, k);
   const std::vector<U> keys = sample_keys(src, k);
   const int64_t limit = std::max(src.n / 8, kSmall);
-  // Attempts: the warm bracket, the cold one, then a 4x wider cold one (the sample's runs of a
-  // cache line are correlated on sorted-like data, so its spread can be underestimated).
+  // Attempts: the warm bracket, the cold one, then a 4x wider cold one (the sample's runs of
+  // 256 bytes are correlated on sorted-like data, so its spread can be underestimated).
   for (int attempt = hint ? 0 : 1; attempt < 3; ++attempt) {
     auto [a, b] = attempt == 0 ? warm_bracket(keys, to_key(*hint)) : cold_bracket(keys, src.n, k, kSigmas * attempt * attempt);
     a = std::max(a, st.lo);

@@ -83,7 +83,8 @@ def test_channel_gate_matches_reference(layout, dtype, estimator, temperature):
 def test_channel_gate_negative_dim_is_wrapped():
     x, gy = randn(4, 3, 13, dtype=torch.float32, seed=1), randn(4, 3, 13, dtype=torch.float32, seed=2)
     scores, thr, cut = tied_scores((13,), torch.float32, seed=3)
-    assert torch.equal(cpp.channel_gate_forward(x, scores, thr, cut, -1), cpp.channel_gate_forward(x, scores, thr, cut, 2))
+    y = cpp.channel_gate_forward(x, scores, thr, cut, -1)
+    assert torch.equal(y, cpp.channel_gate_forward(x, scores, thr, cut, 2))
     for got, want in zip(cpp.channel_gate_backward(gy, x, scores, thr, cut, -1, "ste", 1.0, [True, True]),
                          cpp.channel_gate_backward(gy, x, scores, thr, cut, 2, "ste", 1.0, [True, True])):
         assert torch.equal(got, want)

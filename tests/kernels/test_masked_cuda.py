@@ -51,7 +51,8 @@ def test_masked_linear_matches_reference(cuda, dtype, structured, estimator, tem
     check_linear(cuda, "cuda", dtype, structured, estimator, temperature)
 
 
-@pytest.mark.parametrize("needs", [[True, False, False, False], [False, True, True, False], [False, False, False, True]])
+@pytest.mark.parametrize("needs", [[True, False, False, False], [False, True, True, False], [False, False, False, True]],
+                         ids=["x", "weight_bias", "scores"])
 def test_masked_linear_computes_only_needed_gradients(cuda, needs):
     check_linear(cuda, "cuda", torch.float32, True, "sigmoid", 2.0, needs)
 
