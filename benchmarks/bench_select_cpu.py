@@ -4,7 +4,9 @@ Groups (compare within a group; one process, same data):
 
 * ``select-25M`` / ``select-1M``: fp32 randn, k = numel/2. One full read (``x.sum()``), the cpp
   selection cold and warm-started (hint = the threshold before a small score update), the
-  selection plus its keep mask, torch.kthvalue and torch.topk.
+  selection plus its keep mask, torch.kthvalue and torch.topk; ``*_1thread`` cases repeat the
+  read and the selection on one thread (a per-core cost that other load on a shared box
+  disturbs far less than a 2-thread parallel region).
 * ``select-resnet50``: the 54 ResNet-50 weight shapes (25.5 M scores), k = numel/2 each: one
   batched cpp call vs a Python loop of torch.kthvalue, and one read of every tensor.
 
@@ -45,7 +47,8 @@ def _run(benchmark, fn, slow=False):
         benchmark.pedantic(fn, rounds=30, warmup_rounds=3)
 
 
-CASES = ["one_read_sum", "cpp_cold", "cpp_warm", "cpp_select_and_mask", "torch_kthvalue", "torch_topk"]
+CASES = ["one_read_sum", "cpp_cold", "cpp_warm", "cpp_select_and_mask", "torch_kthvalue", "torch_topk",
+         "one_read_sum_1thread", "cpp_cold_1thread", "cpp_warm_1thread"]
 
 
 @pytest.mark.parametrize("case", CASES)
@@ -60,16 +63,25 @@ def test_select_single_tensor(benchmark, case, size):
     x = before + 1e-3 * torch.randn(n, generator=g)  # one small optimiser step later
     k = n // 2
     hint = CPP["topk_select"]([before], k, None)[0]
-    benchmark.extra_info.update(numel=n, k=k, dtype="float32", threads=torch.get_num_threads())
+    benchmark.extra_info.update(numel=n, k=k, dtype="float32", threads=1 if case.endswith("_1thread") else torch.get_num_threads())
     fns = {
         "one_read_sum": lambda: x.sum(),
+        "one_read_sum_1thread": lambda: x.sum(),
+        "cpp_cold_1thread": lambda: CPP["topk_select"]([x], k, None),
+        "cpp_warm_1thread": lambda: CPP["topk_select"]([x], k, hint),
         "cpp_cold": lambda: CPP["topk_select"]([x], k, None),
         "cpp_warm": lambda: CPP["topk_select"]([x], k, hint),
         "cpp_select_and_mask": lambda: CPP["keep_mask"](x, *CPP["topk_select"]([x], k, None), 0),
         "torch_kthvalue": lambda: torch.kthvalue(x, n - k + 1),
         "torch_topk": lambda: torch.topk(x, k, sorted=False),
     }
-    _run(benchmark, fns[case], slow=case.startswith("torch_"))
+    threads = torch.get_num_threads()
+    if case.endswith("_1thread"):  # per-core cost, far less disturbed by other load on the box
+        torch.set_num_threads(1)
+    try:
+        _run(benchmark, fns[case], slow=case.startswith("torch_"))
+    finally:
+        torch.set_num_threads(threads)
 
 
 @pytest.mark.parametrize("case", ["one_read_sum", "cpp_batched", "cpp_batched_warm", "torch_kthvalue_loop"])

@@ -84,6 +84,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="vanilla and mask-learning batch size (default: the dataset's paper value)")
     s.add_argument("--budget", type=_fraction, help="keep exactly this fraction of units (global top-k of scores)")
     s.add_argument("--label-free", action="store_true", help="pseudo bias labels from a 1-epoch ERM model")
+    s.add_argument("--no-reweight", dest="reweight", action="store_false",
+                   help="ablation: plain cross-entropy instead of the reweighted L_r")
+    s.add_argument("--no-mi", dest="mi", action="store_false", help="ablation: drop the mutual-information term")
     s.add_argument("--finetune-epochs", type=_typed(int, 0, "--finetune-epochs"),
                    help="BISE+FT epochs (run: default 0 = no fine-tuning; finetune: default 10)")
     e = common.add_argument_group("export and report")
@@ -283,6 +286,7 @@ def cmd_extract(ctx: Context) -> None:
     model = _load_vanilla(ctx, Path(a.model) if a.model and a.command == "extract" else _require(ctx, VANILLA, "train"))
     config = ExtractConfig(mask_epochs=a.mask_epochs, head_epochs=a.head_epochs, batch_size=a.batch_size,
                            label_free=a.label_free, budget=a.budget, seed=a.seed, device=a.device,
+                           reweight=a.reweight, mi=a.mi,
                            log_test=data.val is None)
     start = time.perf_counter()
     sub = extract(model, data, config=config, out_dir=ctx.out, resume=a.resume, quiet=a.quiet)

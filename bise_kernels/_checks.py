@@ -138,6 +138,16 @@ def check_pair(value: object, name: str) -> tuple[int, int]:
     return int(pair[0]), int(pair[1])
 
 
+def check_conv_shapes(x: torch.Tensor, weight: torch.Tensor, groups: object) -> None:
+    """4-d input and weight whose channels fit ``groups``."""
+    if x.dim() != 4 or weight.dim() != 4:
+        raise ValueError(f"x and weight must be 4-d (N,C,H,W) and (O,C/groups,kH,kW), got {tuple(x.shape)} and "
+                         f"{tuple(weight.shape)}")
+    if isinstance(groups, bool) or not isinstance(groups, int) or groups < 1 or x.shape[1] != weight.shape[1] * groups \
+            or weight.shape[0] % groups:
+        raise ValueError(f"groups={groups!r} does not fit x channels {x.shape[1]} and weight {tuple(weight.shape)}")
+
+
 def check_dim(dim: object, ndim: int) -> int:
     if isinstance(dim, bool) or not isinstance(dim, int):
         raise TypeError(f"dim must be an int, got {dim!r}")

@@ -151,12 +151,7 @@ def masked_conv2d(
     _checks.check_estimator(estimator, temperature)
     stride, padding, dilation = (_checks.check_pair(v, n) for v, n in
                                  ((stride, "stride"), (padding, "padding"), (dilation, "dilation")))
-    if x.dim() != 4 or weight.dim() != 4:
-        raise ValueError(f"x and weight must be 4-d (N,C,H,W) and (O,C/groups,kH,kW), got {tuple(x.shape)} and "
-                         f"{tuple(weight.shape)}")
-    if isinstance(groups, bool) or not isinstance(groups, int) or groups < 1 or x.shape[1] != weight.shape[1] * groups \
-            or weight.shape[0] % groups:
-        raise ValueError(f"groups={groups!r} does not fit x channels {x.shape[1]} and weight {tuple(weight.shape)}")
+    _checks.check_conv_shapes(x, weight, groups)
     thr, cut = selection(scores, density, threshold)
     return _ops.masked_conv2d(x, weight, bias, scores, thr, cut, list(stride), list(padding), list(dilation),
                               groups, estimator, float(temperature))

@@ -81,6 +81,32 @@ class _MaskedLayer(nn.Module):
             mask = mask.reshape((-1,) + (1,) * (self.weight.dim() - 1))
         return self.weight.detach() * mask
 
+    @classmethod
+    def _wrap(cls, module: nn.Module, attributes: tuple, granularity, density, threshold, estimator, temperature,
+              score_init, freeze_weights):
+        """A masked layer sharing ``module``'s parameters (never copied or changed) and attributes."""
+        layer = cls.__new__(cls)
+        nn.Module.__init__(layer)
+        for name in attributes:
+            setattr(layer, name, getattr(module, name))
+        layer.weight, layer.bias = module.weight, module.bias
+        if score_init is None:
+            score_init = "kaiming" if granularity == "weight" else "zeros"
+        layer._init_mask(granularity, density, threshold, estimator, temperature, score_init)
+        if freeze_weights:
+            layer.weight.requires_grad_(False)
+            if layer.bias is not None:
+                layer.bias.requires_grad_(False)
+        return layer
+
+    def _bake_into(self, dense: nn.Module) -> nn.Module:
+        """Copy the masked weight and the bias into a freshly built plain module."""
+        with torch.no_grad():
+            dense.weight.copy_(self._masked_weight())
+            if self.bias is not None:
+                dense.bias.copy_(self.bias)
+        return dense
+
     def _mask_repr(self) -> str:
         rule = f"density={self.density}" if self.density is not None else f"threshold={self.threshold}"
         return f", granularity={self.granularity}, {rule}, estimator={self.estimator}"
@@ -102,15 +128,8 @@ class MaskedLinear(nn.Linear, _MaskedLayer):
         """Wrap an existing nn.Linear; its parameters are shared, never copied or changed."""
         if not isinstance(module, nn.Linear):
             raise TypeError(f"module must be an nn.Linear, got {type(module).__name__}")
-        layer = cls.__new__(cls)
-        nn.Module.__init__(layer)
-        layer.in_features, layer.out_features = module.in_features, module.out_features
-        layer.weight, layer.bias = module.weight, module.bias
-        if score_init is None:
-            score_init = "kaiming" if granularity == "weight" else "zeros"
-        layer._init_mask(granularity, density, threshold, estimator, temperature, score_init)
-        _freeze(layer, freeze_weights)
-        return layer
+        return cls._wrap(module, ("in_features", "out_features"), granularity, density, threshold, estimator,
+                         temperature, score_init, freeze_weights)
 
     def extra_repr(self) -> str:
         return nn.Linear.extra_repr(self) + self._mask_repr()
@@ -121,13 +140,8 @@ class MaskedLinear(nn.Linear, _MaskedLayer):
 
     def to_dense(self) -> nn.Linear:
         """A plain nn.Linear with the current mask baked into its weight."""
-        dense = nn.Linear(self.in_features, self.out_features, self.bias is not None,
-                          device=self.weight.device, dtype=self.weight.dtype)
-        with torch.no_grad():
-            dense.weight.copy_(self._masked_weight())
-            if self.bias is not None:
-                dense.bias.copy_(self.bias)
-        return dense
+        return self._bake_into(nn.Linear(self.in_features, self.out_features, self.bias is not None,
+                                         device=self.weight.device, dtype=self.weight.dtype))
 
 
 class MaskedConv2d(nn.Conv2d, _MaskedLayer):
@@ -153,17 +167,10 @@ class MaskedConv2d(nn.Conv2d, _MaskedLayer):
         if module.padding_mode != "zeros" or isinstance(module.padding, str):
             raise ValueError(f"MaskedConv2d supports numeric zero padding only, got padding={module.padding!r}, "
                              f"padding_mode={module.padding_mode!r}")
-        layer = cls.__new__(cls)
-        nn.Module.__init__(layer)
-        for name in ("in_channels", "out_channels", "kernel_size", "stride", "padding", "dilation", "groups",
-                     "transposed", "output_padding", "padding_mode", "_reversed_padding_repeated_twice"):
-            setattr(layer, name, getattr(module, name))
-        layer.weight, layer.bias = module.weight, module.bias
-        if score_init is None:
-            score_init = "kaiming" if granularity == "weight" else "zeros"
-        layer._init_mask(granularity, density, threshold, estimator, temperature, score_init)
-        _freeze(layer, freeze_weights)
-        return layer
+        attributes = ("in_channels", "out_channels", "kernel_size", "stride", "padding", "dilation", "groups",
+                      "transposed", "output_padding", "padding_mode", "_reversed_padding_repeated_twice")
+        return cls._wrap(module, attributes, granularity, density, threshold, estimator, temperature, score_init,
+                         freeze_weights)
 
     def extra_repr(self) -> str:
         return nn.Conv2d.extra_repr(self) + self._mask_repr()
@@ -176,18 +183,6 @@ class MaskedConv2d(nn.Conv2d, _MaskedLayer):
 
     def to_dense(self) -> nn.Conv2d:
         """A plain nn.Conv2d with the current mask baked into its weight."""
-        dense = nn.Conv2d(self.in_channels, self.out_channels, self.kernel_size, self.stride, self.padding,
-                          self.dilation, self.groups, self.bias is not None, device=self.weight.device,
-                          dtype=self.weight.dtype)
-        with torch.no_grad():
-            dense.weight.copy_(self._masked_weight())
-            if self.bias is not None:
-                dense.bias.copy_(self.bias)
-        return dense
-
-
-def _freeze(layer: nn.Module, freeze: bool) -> None:
-    if freeze:
-        layer.weight.requires_grad_(False)
-        if layer.bias is not None:
-            layer.bias.requires_grad_(False)
+        return self._bake_into(nn.Conv2d(self.in_channels, self.out_channels, self.kernel_size, self.stride,
+                                         self.padding, self.dilation, self.groups, self.bias is not None,
+                                         device=self.weight.device, dtype=self.weight.dtype))

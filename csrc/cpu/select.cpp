@@ -102,7 +102,9 @@ struct Chunks {
   std::vector<int64_t> first;
   explicit Chunks(int64_t n) {
     nblocks = (n + kBlock - 1) / kBlock;
-    int64_t by_size = std::max<int64_t>(1, n / (16 * kBlock));  // >= 64k elements per thread
+    // >= 512k elements per thread: on a shared machine a parallel region can cost a scheduler
+    // tick (~4 ms) when a worker must be woken, so smaller work (the buffers) stays serial.
+    int64_t by_size = std::max<int64_t>(1, n / (128 * kBlock));
     int64_t nc = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), std::min(nblocks, by_size)));
     for (int64_t c = 0; c <= nc; ++c) first.push_back(c * nblocks / nc);
   }

@@ -91,9 +91,4 @@ class FusedMaskedKernels:
 
 _kernels = FusedMaskedKernels()
 KERNELS = FusedMaskedKernels.KERNELS
-masked_linear_forward = _kernels.masked_linear_forward
-masked_linear_backward = _kernels.masked_linear_backward
-masked_conv2d_forward = _kernels.masked_conv2d_forward
-masked_conv2d_backward = _kernels.masked_conv2d_backward
-channel_gate_forward = _kernels.channel_gate_forward
-channel_gate_backward = _kernels.channel_gate_backward
+globals().update({name: getattr(_kernels, name) for name in KERNELS})

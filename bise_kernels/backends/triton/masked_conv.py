@@ -121,12 +121,7 @@ def _check_conv(x, weight, bias, scores, thr, cut, stride, padding, dilation, gr
     structured = check_layer(x, weight, bias, scores, thr, cut)
     for value, name in ((stride, "stride"), (padding, "padding"), (dilation, "dilation")):
         _checks.check_pair(value, name)
-    if x.dim() != 4 or weight.dim() != 4:
-        raise ValueError(f"x and weight must be 4-d (N,C,H,W) and (O,C/groups,kH,kW), got {tuple(x.shape)} and "
-                         f"{tuple(weight.shape)}")
-    if isinstance(groups, bool) or not isinstance(groups, int) or groups < 1 or x.shape[1] != weight.shape[1] * groups \
-            or weight.shape[0] % groups:
-        raise ValueError(f"groups={groups!r} does not fit x channels {x.shape[1]} and weight {tuple(weight.shape)}")
+    _checks.check_conv_shapes(x, weight, groups)
     return structured
 
 
