@@ -8,7 +8,9 @@ Groups (compare within a group; one process, same data):
   read and the selection on one thread (a per-core cost that other load on a shared box
   disturbs far less than a 2-thread parallel region).
 * ``select-resnet50``: the 54 ResNet-50 weight shapes (25.5 M scores), k = numel/2 each: one
-  batched cpp call vs a Python loop of torch.kthvalue, and one read of every tensor.
+  batched cpp call (cold, warm, one thread) vs a Python loop of torch.kthvalue, and one read of
+  every tensor (54 sums; on 2 threads that is 54 parallel regions, so the 1-thread read is the
+  fairer reference).
 
 With ``--benchmark-disable`` (CI) sizes shrink to 1 M / 100 k and ResNet-50 channels by 4.
 """
@@ -47,6 +49,17 @@ def _run(benchmark, fn, slow=False):
         benchmark.pedantic(fn, rounds=30, warmup_rounds=3)
 
 
+def _run_threads(benchmark, fn, case):
+    """``*_1thread`` cases run on one thread: a per-core cost, far less disturbed by other load."""
+    threads = torch.get_num_threads()
+    if case.endswith("_1thread"):
+        torch.set_num_threads(1)
+    try:
+        _run(benchmark, fn, slow=case.startswith("torch_"))
+    finally:
+        torch.set_num_threads(threads)
+
+
 CASES = ["one_read_sum", "cpp_cold", "cpp_warm", "cpp_select_and_mask", "torch_kthvalue", "torch_topk",
          "one_read_sum_1thread", "cpp_cold_1thread", "cpp_warm_1thread"]
 
@@ -75,16 +88,11 @@ def test_select_single_tensor(benchmark, case, size):
         "torch_kthvalue": lambda: torch.kthvalue(x, n - k + 1),
         "torch_topk": lambda: torch.topk(x, k, sorted=False),
     }
-    threads = torch.get_num_threads()
-    if case.endswith("_1thread"):  # per-core cost, far less disturbed by other load on the box
-        torch.set_num_threads(1)
-    try:
-        _run(benchmark, fns[case], slow=case.startswith("torch_"))
-    finally:
-        torch.set_num_threads(threads)
+    _run_threads(benchmark, fns[case], case)
 
 
-@pytest.mark.parametrize("case", ["one_read_sum", "cpp_batched", "cpp_batched_warm", "torch_kthvalue_loop"])
+@pytest.mark.parametrize("case", ["one_read_sum", "cpp_batched", "cpp_batched_warm", "torch_kthvalue_loop",
+                                  "one_read_sum_1thread", "cpp_batched_1thread"])
 def test_select_resnet50_layers(benchmark, case):
     shapes = resnet50_weight_shapes(4 if benchmark.disabled else 1)
     benchmark.group = "select-resnet50"
@@ -96,8 +104,10 @@ def test_select_resnet50_layers(benchmark, case):
     benchmark.extra_info.update(tensors=len(layers), numel=sum(t.numel() for t in layers), dtype="float32")
     fns = {
         "one_read_sum": lambda: [t.sum() for t in layers],
+        "one_read_sum_1thread": lambda: [t.sum() for t in layers],
+        "cpp_batched_1thread": lambda: CPP["batched_topk_select"](layers, ks, None),
         "cpp_batched": lambda: CPP["batched_topk_select"](layers, ks, None),
         "cpp_batched_warm": lambda: CPP["batched_topk_select"](layers, ks, hints),
         "torch_kthvalue_loop": lambda: [torch.kthvalue(t.reshape(-1), t.numel() - k + 1) for t, k in zip(layers, ks)],
     }
-    _run(benchmark, fns[case], slow=case.startswith("torch_"))
+    _run_threads(benchmark, fns[case], case)

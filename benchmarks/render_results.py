@@ -1,8 +1,12 @@
-"""Markdown table of the GPU suite's results: ``python benchmarks/render_results.py [FILES...]``.
+"""Markdown tables of the benchmark results: ``python benchmarks/render_results.py [FILES...]``.
 
-Reads benchmarks/results/*.json (or the given files), newest first, and prints one row per case:
-GPU, commit, case, median and p20-p80 in us, GB/s, target, and the speed-up over each baseline.
-The README's performance table is this output. With no result files it prints a note.
+Reads benchmarks/results/*.json (or the given files), newest first:
+* GPU suite files (``gpu_suite.py``): one row per case: GPU, commit, case, median and p20-p80 in
+  us, GB/s, target, and the speed-up over each baseline;
+* pytest-benchmark files (``pytest benchmarks --benchmark-only --benchmark-json=...``): one row per
+  benchmark: machine, commit, name, median in ms and the figures it records in ``extra_info``
+  (ratios measured side by side in the same run).
+The README's performance tables are this output. With no result files it prints a note.
 """
 
 from __future__ import annotations
@@ -32,12 +36,36 @@ def _row(run: dict, case: dict) -> str:
     return f"{head} {timing} | {gbps} | {target} | {speedups} |"
 
 
+CPU_HEADER = "| machine | commit | benchmark | median ms | recorded figures |\n|---|---|---|---|---|"
+
+
+def _figure(value) -> str:
+    if isinstance(value, float):
+        return f"{value:.3g}"
+    return str(value)
+
+
+def _cpu_rows(run: dict) -> list[str]:
+    machine = run.get("machine_info", {})
+    cpu = machine.get("cpu", {})
+    where = f"{cpu.get('brand_raw', machine.get('processor', '?'))}, {cpu.get('count', '?')} cores"
+    commit = str(run.get("commit_info", {}).get("id", "?"))[:8]
+    rows = []
+    for bench in run.get("benchmarks", []):
+        extra = ", ".join(f"{k} {_figure(v)}" for k, v in bench.get("extra_info", {}).items()
+                          if isinstance(v, (int, float, str)))
+        rows.append(f"| {where} | {commit} | {bench['name']} | {1e3 * bench['stats']['median']:.3f} | {extra} |")
+    return rows
+
+
 def render(runs: list[dict]) -> str:
-    """Markdown for the given suite outputs (parsed JSON); a note when there are none."""
-    if not runs:
-        return NO_RESULTS
-    runs = sorted(runs, key=lambda r: r.get("date", ""), reverse=True)
-    return "\n".join([HEADER] + [_row(run, case) for run in runs for case in run.get("cases", [])])
+    """Markdown for the given result files (parsed JSON); a note when there are none."""
+    gpu = sorted((r for r in runs if "cases" in r), key=lambda r: r.get("date", ""), reverse=True)
+    cpu = sorted((r for r in runs if "benchmarks" in r), key=lambda r: r.get("datetime", ""), reverse=True)
+    parts = ["\n".join([HEADER] + [_row(run, case) for run in gpu for case in run["cases"]]) if gpu else NO_RESULTS]
+    if cpu:
+        parts.append("\n".join([CPU_HEADER] + [row for run in cpu for row in _cpu_rows(run)]))
+    return "\n\n".join(parts)
 
 
 def load(paths: list[Path]) -> list[dict]:

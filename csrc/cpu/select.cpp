@@ -412,14 +412,16 @@ std::vector<U> sample_keys(const Source<U>& src, int64_t k) {
   return keys;
 }
 
-// Exact sample order statistics at descending ranks (1-based, within [1, size]): one 16-bit
-// histogram of key - min finds each rank's bucket, nth_element finishes among that bucket's few.
+// Exact sample order statistics at descending ranks (1-based, within [1, size]): a histogram of
+// key - min with about one bucket per key finds each rank's bucket, nth_element finishes among
+// that bucket's few keys.
 template <typename U>
 std::vector<U> order_stats(const std::vector<U>& keys, const std::vector<int64_t>& ranks) {
   const auto [mn, mx] = std::minmax_element(keys.begin(), keys.end());
   const U base = *mn, span = U(*mx - *mn);
-  const int shift = std::max(0, int(std::bit_width(span)) - 16);
-  std::vector<int64_t> hist(int64_t(span >> shift) + 1, 0);
+  const int bits = std::clamp(int(std::bit_width(keys.size())) - 1, 8, 16);
+  const int shift = std::max(0, int(std::bit_width(span)) - bits);
+  std::vector<int32_t> hist(int64_t(span >> shift) + 1, 0);
   for (U key : keys) hist[U(key - base) >> shift]++;
   std::vector<U> out;
   for (int64_t rank : ranks) {
