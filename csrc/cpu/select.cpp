@@ -124,17 +124,18 @@ void for_chunks(const Chunks& ch, F&& fn) {
 template <bool RAW, bool STORE, typename U>
 inline void scan_run_generic(const U* x, int64_t n, U lo, U hi, int64_t& gt, int64_t& m, U* buf) {
   const U span = U(hi - lo);
-  constexpr int V = 16;
+  constexpr int V = 64 / sizeof(U) < 16 ? 16 : 64 / sizeof(U);
   int64_t i = 0, g = 0;
   for (; i + V <= n; i += V) {
-    U k[V];
-    unsigned any = 0;
+    // Lane-width flags and counts keep this group loop vectorisable for every key width.
+    U k[V], above = 0, inside = 0;
     for (int j = 0; j < V; ++j) {
       k[j] = RAW ? to_key(x[i + j]) : x[i + j];
-      g += k[j] > hi;
-      any |= U(k[j] - lo) <= span;
+      above = U(above + U(k[j] > hi));
+      inside = U(inside | U(U(k[j] - lo) <= span));
     }
-    if (!any) continue;
+    g += above;
+    if (!inside) continue;
     for (int j = 0; j < V; ++j) {
       if (STORE) buf[m] = k[j];
       m += U(k[j] - lo) <= span;
@@ -176,10 +177,42 @@ __attribute__((target("avx512f,popcnt"))) void scan_run_f32_avx512(
   }
 }
 
+// The same for 16-bit raw floats (float16, bfloat16), 32 lanes at a time (needs VBMI2's vpcompressw).
+__attribute__((target("avx512f,avx512bw,avx512vbmi2,popcnt"))) void scan_run_f16_avx512(
+    const uint16_t* x, int64_t n, uint16_t lo, uint16_t hi, int64_t& gt, int64_t& m, uint16_t* buf, bool store) {
+  const __m512i vlo = _mm512_set1_epi16(short(lo)), vspan = _mm512_set1_epi16(short(uint16_t(hi - lo)));
+  const __m512i vhi = _mm512_set1_epi16(short(hi)), sign = _mm512_set1_epi16(short(0x8000));
+  const __m512i negz = _mm512_set1_epi16(0x7fff), one = _mm512_set1_epi16(1);
+  int64_t i = 0, g = 0;
+  for (; i + 32 <= n; i += 32) {
+    __m512i b = _mm512_loadu_si512(x + i);
+    __m512i k = _mm512_xor_si512(b, _mm512_or_si512(_mm512_srai_epi16(b, 15), sign));
+    k = _mm512_mask_add_epi16(k, _mm512_cmpeq_epi16_mask(k, negz), k, one);
+    g += _mm_popcnt_u32(_mm512_cmpgt_epu16_mask(k, vhi));
+    __mmask32 in = _mm512_cmple_epu16_mask(_mm512_sub_epi16(k, vlo), vspan);
+    if (store) _mm512_storeu_si512(buf + m, _mm512_maskz_compress_epi16(in, k));
+    m += _mm_popcnt_u32(in);
+  }
+  gt += g;
+  if (store) {
+    scan_run_generic<true, true>(x + i, n - i, lo, hi, gt, m, buf);
+  } else {
+    scan_run_generic<true, false>(x + i, n - i, lo, hi, gt, m, buf);
+  }
+}
+
 bool has_avx512() {
   static const bool yes = [] {
     __builtin_cpu_init();
     return __builtin_cpu_supports("avx512f") != 0;
+  }();
+  return yes;
+}
+
+bool has_avx512_vbmi2() {
+  static const bool yes = [] {
+    __builtin_cpu_init();
+    return has_avx512() && __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512vbmi2");
   }();
   return yes;
 }
@@ -190,6 +223,9 @@ void scan_run(const U* x, int64_t n, bool raw, bool store, U lo, U hi, int64_t& 
 #ifdef BISE_SELECT_X86
   if constexpr (sizeof(U) == 4) {
     if (raw && has_avx512()) return scan_run_f32_avx512(x, n, lo, hi, gt, m, buf, store);
+  }
+  if constexpr (sizeof(U) == 2) {
+    if (raw && has_avx512_vbmi2()) return scan_run_f16_avx512(x, n, lo, hi, gt, m, buf, store);
   }
 #endif
   if (raw) {
@@ -676,7 +712,7 @@ at::Tensor keep_mask_cpu(const at::Tensor& scores, const at::Tensor& thr, const 
     uint8_t* op = reinterpret_cast<uint8_t*>(out.data_ptr());
     // Ties are kept for flat indices below cut - offset.
     const int64_t split = std::clamp<int64_t>(c - offset, 0, n);
-    at::parallel_for(0, n, 1 << 16, [&](int64_t b, int64_t e) {
+    at::parallel_for(0, n, 1 << 20, [&](int64_t b, int64_t e) {  // serial below 1 M: see Chunks
       const int64_t m = std::clamp(split, b, e);
       keep_mask_run(xp + b, op + b, m - b, t, true);
       keep_mask_run(xp + m, op + m, e - m, t, false);
