@@ -5,7 +5,8 @@ Reads benchmarks/results/*.json (or the given files), newest first:
   us, GB/s, target, and the speed-up over each baseline;
 * pytest-benchmark files (``pytest benchmarks --benchmark-only --benchmark-json=...``): one row per
   benchmark: machine, commit, name, median in ms and the figures it records in ``extra_info``
-  (ratios measured side by side in the same run).
+  (ratios measured side by side in the same run);
+* scaling files (``scaling.py``): one row per process count of an extraction epoch.
 The README's performance tables are this output. With no result files it prints a note.
 """
 
@@ -36,7 +37,8 @@ def _row(run: dict, case: dict) -> str:
     return f"{head} {timing} | {gbps} | {target} | {speedups} |"
 
 
-CPU_HEADER = "| machine | commit | benchmark | median ms | recorded figures |\n|---|---|---|---|---|"
+CPU_HEADER = ("| machine | commit | group | benchmark | median ms | recorded figures |\n"
+              "|---|---|---|---|---|---|")
 
 
 def _figure(value) -> str:
@@ -54,8 +56,21 @@ def _cpu_rows(run: dict) -> list[str]:
     for bench in run.get("benchmarks", []):
         extra = ", ".join(f"{k} {_figure(v)}" for k, v in bench.get("extra_info", {}).items()
                           if isinstance(v, (int, float, str)))
-        rows.append(f"| {where} | {commit} | {bench['name']} | {1e3 * bench['stats']['median']:.3f} | {extra} |")
+        rows.append(f"| {where} | {commit} | {bench.get('group') or ''} | {bench['name']} | "
+                    f"{1e3 * bench['stats']['median']:.3f} | {extra} |")
     return rows
+
+
+SCALING_HEADER = ("| device | commit | workload | processes | epoch s | speed-up | efficiency | all-reduce B/step/rank "
+                  "| all-gather B/step/rank |\n|---|---|---|---|---|---|---|---|---|")
+
+
+def _scaling_rows(run: dict) -> list[str]:
+    c = run["config"]
+    workload = f"{c['data']} {c['arch']} x{c['width']}, batch {c['batch_size']}, {c['train_samples']} images"
+    return [f"| {run['device']} | {run['commit']} | {workload} | {r['processes']} | {r['epoch_seconds']:.3f} | "
+            f"{r['speedup']:.2f} | {r['efficiency']:.2f} | {r['bytes_per_step_per_rank']['all_reduce_bytes']:.0f} | "
+            f"{r['bytes_per_step_per_rank']['all_gather_bytes']:.0f} |" for r in run["rows"]]
 
 
 def render(runs: list[dict]) -> str:
@@ -65,6 +80,9 @@ def render(runs: list[dict]) -> str:
     parts = ["\n".join([HEADER] + [_row(run, case) for run in gpu for case in run["cases"]]) if gpu else NO_RESULTS]
     if cpu:
         parts.append("\n".join([CPU_HEADER] + [row for run in cpu for row in _cpu_rows(run)]))
+    scaling = [r for r in runs if r.get("benchmark") == "extraction epoch scaling"]
+    if scaling:
+        parts.append("\n".join([SCALING_HEADER] + [row for run in scaling for row in _scaling_rows(run)]))
     return "\n\n".join(parts)
 
 

@@ -2,7 +2,7 @@
 
 Project defaults for what the paper leaves open: the exported (physically pruned) model is
 fine-tuned, so pruned units cannot come back; the loss is the reweighted cross-entropy L_r with the
-extraction's weighting; the dataset's vanilla optimiser at 0.1x its base learning rate, no schedule;
+extraction's weighting; the dataset's vanilla optimiser at 0.01x its base learning rate, no schedule;
 10 epochs; the mask-learning batch size; BatchNorm in train mode; the weights with the best
 validation accuracy (ties to the later epoch) where a validation split exists, else the last ones.
 """
@@ -21,7 +21,7 @@ from . import losses
 from .evaluate import evaluate
 from .train import _optimizer, recipe_for, train_epoch
 
-LR_FACTOR = 0.1
+LR_FACTOR = 0.01  # 0.1x (the spec's first guess) diverged: the reweighted loss weighs conflicting samples up to 1/(1-rho)
 
 
 def _positive_int(name: str, v, low: int = 1) -> int:
@@ -36,7 +36,7 @@ def finetune(model: nn.Module, data, *, epochs: int = 10, scheme: Optional[str] 
     """A fine-tuned copy of ``model`` (eval mode on return; the input model is untouched).
 
     ``scheme`` / ``rho``: the L_r weighting (default: the data's); ``bias``: training bias labels to
-    use instead of ``data.train.b`` (e.g. the label-free pseudo labels); ``lr``: default 0.1x the
+    use instead of ``data.train.b`` (e.g. the label-free pseudo labels); ``lr``: default 0.01x the
     recipe's; ``history``: a list that receives one record per epoch.
     """
     _positive_int("epochs", epochs, 0)

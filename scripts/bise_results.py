@@ -134,9 +134,10 @@ def render(results: dict) -> str:
         scale, meta = entry["scale"], entry["meta"]
         lines += [f"## {suite}", "",
                   f"Device: {meta['device']}; torch {meta['torch']}; commit {meta['commit']}; {meta['date']}. "
-                  f"Scale `{entry['scale_name']}`: " + ", ".join(f"{k}={v}" for k, v in scale.items()
-                                                                 if v is not None) + "; "
+                  f"Scale `{entry['scale_name']}`: " + ", ".join(f"{k}={'default' if v is None else v}"
+                                                                 for k, v in scale.items()) + "; "
                   f"seeds {entry['seeds']}.", "",
+                  "(`default`: the whole split / the paper recipe's epochs.)", "",
                   "| setting | vanilla | BISE | BISE+FT | worst group (BISE) | weights removed | units pruned "
                   "| MMACs vanilla -> BISE | max export diff |", "|---|---|---|---|---|---|---|---|---|"]
         groups: dict[str, list] = {}
