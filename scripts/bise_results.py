@@ -168,8 +168,10 @@ def main(argv=None) -> None:
     parser.add_argument("--scale", choices=sorted(SCALES), default="cpu")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--device", default="cpu")
+    parser.add_argument("--n-train", type=int, help="cap the training images (overrides the scale)")
     a = parser.parse_args(argv)
-    scale = SCALES[a.scale]
+    scale = dict(SCALES[a.scale], **({"n_train": a.n_train} if a.n_train else {}))
+    scale_name = a.scale if not a.n_train else f"{a.scale}, n_train={a.n_train}"
     store = RESULTS / "bise-results.json"
     results = json.loads(store.read_text()) if store.is_file() else {}
     device = torch.cuda.get_device_name() if a.device.startswith("cuda") else \
@@ -177,11 +179,11 @@ def main(argv=None) -> None:
     for suite in a.suite or ["main"]:
         rows = []
         for cfg in configurations(suite, a.seeds, scale):
-            report = run_one(cfg, scale, RUNS / a.scale / suite / cfg["name"], a.device)
+            report = run_one(cfg, scale, RUNS / scale_name.replace(", ", "-") / suite / cfg["name"], a.device)
             rows.append({"name": cfg["name"], "group": cfg["group"], "data": cfg["data"], **_row(report)})
             print(f"{suite}/{cfg['name']}: vanilla {rows[-1]['vanilla']:.3f} -> BISE {rows[-1]['bise']:.3f}"
                   + (f" -> FT {rows[-1]['bise_ft']:.3f}" if rows[-1]["bise_ft"] is not None else ""), flush=True)
-        results[suite] = {"scale_name": a.scale, "scale": scale, "seeds": a.seeds, "runs": rows,
+        results[suite] = {"scale_name": scale_name, "scale": scale, "seeds": a.seeds, "runs": rows,
                           "meta": {"device": device, "torch": torch.__version__, "commit": _commit(),
                                    "date": datetime.date.today().isoformat()}}
     RESULTS.mkdir(parents=True, exist_ok=True)

@@ -199,10 +199,8 @@ def channel_gate_backward(grad_y, x, scores, thr, cut, dim, estimator, temperatu
     return gx, gs
 
 
-KERNELS = (
-    "topk_select",
-    "batched_topk_select",
-    "keep_mask",
+SELECT_KERNELS = ("topk_select", "batched_topk_select", "keep_mask")
+MASKED_KERNELS = (
     "masked_linear_forward",
     "masked_linear_backward",
     "masked_conv2d_forward",
@@ -210,3 +208,4 @@ KERNELS = (
     "channel_gate_forward",
     "channel_gate_backward",
 )
+KERNELS = SELECT_KERNELS + MASKED_KERNELS

@@ -19,14 +19,6 @@ RUN_FILES = ["vanilla.pt", "masks.pt", "subnetwork.pt", "subnetwork.json", "repo
 METRICS = ("accuracy", "aligned_accuracy", "conflicting_accuracy", "unbiased_accuracy", "worst_group_accuracy")
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Small models on a shared 2-core machine run far faster on one thread."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 
 @pytest.fixture(scope="module")
 def run_dir(tmp_path_factory):

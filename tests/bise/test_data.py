@@ -1,7 +1,6 @@
 """bise.data built-in benchmarks: rho, unbiased val/test, disjoint splits, cache, sources, bias."""
 
 import time
-import warnings
 
 import numpy as np
 import pytest

@@ -1,19 +1,10 @@
 """MAC counts (the paper's 414.9 M for SimpleConvNet on 3x28x28), parameter counts, latency."""
 
 import pytest
-import torch
 from torch import nn
 
 from bise.flops import count_macs, count_params, measure_latency
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Convs on a shared 2-core machine run far faster on one thread than on two."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def _simple_cnn():

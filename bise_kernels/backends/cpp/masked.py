@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from ..._extension import ext_ops
+from ..reference import MASKED_KERNELS
 
 
 class FusedMaskedKernels:
@@ -79,14 +80,7 @@ class FusedMaskedKernels:
         gx, gs = self.gate_backward(grad_y, x, scores, thr, cut, dim, estimator, float(temperature), need_x, need_s)
         return (gx if need_x else None), (gs if need_s else None)
 
-    KERNELS = (
-        "masked_linear_forward",
-        "masked_linear_backward",
-        "masked_conv2d_forward",
-        "masked_conv2d_backward",
-        "channel_gate_forward",
-        "channel_gate_backward",
-    )
+    KERNELS = MASKED_KERNELS
 
 
 _kernels = FusedMaskedKernels()
