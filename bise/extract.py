@@ -208,12 +208,18 @@ class _Run:
     # ------------------------------------------------------------------ forward passes
 
     def prepare_caches(self) -> None:
-        """Cache the frozen prefix of train (and val) inputs when config.cache_features allows."""
+        """Cache the frozen prefix of every split the run forwards (train, val, test with log_test).
+
+        While the prefix is active its modules are stubs, so a split that is not cached could not be
+        forwarded at all: every split used during the run must be in the cache.
+        """
         if not self.config.cache_features:
             return
         splits = {"train": self.data.train}
         if self.val is not None:
             splits["val"] = self.data.val
+        if self.config.log_test:
+            splits["test"] = self.data.test
         n_total = sum(len(s) for s in splits.values())
         example = self.data.train.inputs(torch.arange(min(8, len(self.data.train)))).to(self.device)
         self.prefix = FrozenPrefix.build(self.model, example, n_total, self.config.cache_limit_mb * 2**20)

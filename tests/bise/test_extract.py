@@ -95,6 +95,17 @@ def test_cached_and_straightforward_loops_give_the_same_masks(digits):
         torch.testing.assert_close(cached.scores[name], plain.scores[name], rtol=0, atol=1e-6)
 
 
+def test_data_without_validation_logs_test_metrics_with_the_prefix_cached(digits, vanilla_mlp):
+    no_val = dataclasses.replace(digits, val=None)
+    sub = extract(vanilla_mlp, no_val, config=ExtractConfig(**TINY, log_test=True), quiet=True)
+    assert sub.info["prefix_cached"] and sub.info["selection"] == "last epoch"
+    for record in sub.history:
+        assert 0.0 <= record["test"]["unbiased_accuracy"] <= 1.0
+    plain = extract(vanilla_mlp, no_val, config=ExtractConfig(**TINY, log_test=True, cache_features=False),
+                    quiet=True)
+    assert [r["test"] for r in plain.history] == [r["test"] for r in sub.history]
+
+
 class _Interrupt(Exception):
     pass
 
