@@ -135,7 +135,8 @@ def render(results: dict) -> str:
         lines += [f"## {suite}", "",
                   f"Device: {meta['device']}; torch {meta['torch']}; commit {meta['commit']}; {meta['date']}. "
                   f"Scale `{entry['scale_name']}`: " + ", ".join(f"{k}={'default' if v is None else v}"
-                                                                 for k, v in scale.items()) + "; "
+                                                                 for k, v in scale.items()
+                                                                 if not (suite == "fashion" and k == "data")) + "; "
                   f"seeds {entry['seeds']}.", "",
                   "(`default`: the whole split / the paper recipe's epochs.)", "",
                   "| setting | vanilla | BISE | BISE+FT | worst group (BISE) | weights removed | units pruned "
