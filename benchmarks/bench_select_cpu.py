@@ -19,26 +19,12 @@ import pytest
 import torch
 
 from bise_kernels.backends import kernel_table
+from model_shapes import resnet50_weight_shapes
 
 try:
     CPP = kernel_table("cpp")
 except Exception as exc:  # noqa: BLE001 - the compiled extension is optional
     pytest.skip(f"cpp backend unavailable: {exc}", allow_module_level=True)
-
-
-def resnet50_weight_shapes(width: int = 1) -> list[tuple[int, ...]]:
-    """Weight shapes of torchvision's resnet50 (53 convs + fc), channels divided by ``width``."""
-    shapes = [(64 // width, 3, 7, 7)]
-    inplanes = 64 // width
-    for planes, blocks in ((64, 3), (128, 4), (256, 6), (512, 3)):
-        planes //= width
-        for b in range(blocks):
-            shapes += [(planes, inplanes, 1, 1), (planes, planes, 3, 3), (planes * 4, planes, 1, 1)]
-            if b == 0:
-                shapes.append((planes * 4, inplanes, 1, 1))
-            inplanes = planes * 4
-    shapes.append((1000, inplanes))
-    return shapes
 
 
 def _run(benchmark, fn, slow=False):

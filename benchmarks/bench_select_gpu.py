@@ -22,33 +22,12 @@ import torch
 
 from bise_kernels.backends import BackendUnavailableError, kernel_table
 from bise_kernels.backends import reference as ref
+from model_shapes import bert_base_weight_shapes, resnet50_weight_shapes
 
 GPU_BACKENDS = ("cuda", "triton")
 DENSITY = 0.5
 SINGLE_NUMEL = 25_000_000
 WARM_STEP = 1e-4
-
-
-def resnet50_weight_shapes() -> list[tuple[int, ...]]:
-    """The 54 weight tensors of torchvision's ResNet-50 (53 convolutions and the classifier)."""
-    shapes = [(64, 3, 7, 7)]
-    in_ch = 64
-    for width, blocks in ((64, 3), (128, 4), (256, 6), (512, 3)):
-        for b in range(blocks):
-            shapes += [(width, in_ch, 1, 1), (width, width, 3, 3), (4 * width, width, 1, 1)]
-            if b == 0:
-                shapes.append((4 * width, in_ch, 1, 1))
-            in_ch = 4 * width
-    return shapes + [(1000, 2048)]
-
-
-def bert_base_weight_shapes() -> list[tuple[int, ...]]:
-    """The weight matrices of BERT-base (embeddings, 12 layers, pooler): ~109 M scores."""
-    d, ff = 768, 3072
-    shapes = [(30522, d), (512, d), (2, d)]
-    for _ in range(12):
-        shapes += [(d, d)] * 4 + [(ff, d), (d, ff)]
-    return shapes + [(d, d)]
 
 
 def _scaled(shape: tuple[int, ...], scale: float) -> tuple[int, ...]:

@@ -181,15 +181,6 @@ def shard_rows(n: int, compute: Callable[[torch.Tensor], torch.Tensor], batch_si
     return all_gather_rows(rows, share_sizes(n, ctx.world_size))
 
 
-def broadcast_state(state: Optional[dict]) -> dict:
-    """Rank 0's object (e.g. a loaded checkpoint) on every rank."""
-    if not current().distributed:
-        return state
-    box = [state]
-    dist.broadcast_object_list(box, src=0)
-    return box[0]
-
-
 def barrier() -> None:
     if current().distributed:
         dist.barrier()

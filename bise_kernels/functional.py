@@ -33,9 +33,7 @@ def topk_select(scores: Union[Tensor, Sequence[Tensor]], k: int, *, hint: Option
     ``scores`` may be a list, selected together as if concatenated (flat indices run on in
     list order). This is the device-side description the masked ops consume.
     """
-    tensors = [scores] if isinstance(scores, Tensor) else _checks.check_score_list(scores)
-    for t in tensors:
-        _checks.check_scores(t)
+    tensors = [_checks.check_scores(scores)] if isinstance(scores, Tensor) else _checks.check_score_list(scores)
     k = _checks.check_k(k, sum(t.numel() for t in tensors))
     return _ops.topk_select([t.detach() for t in tensors], k, _hint(hint, tensors[0]))
 
@@ -88,6 +86,12 @@ def selection(scores: Tensor, density: Optional[float], threshold: Optional[Unio
     """``(thr, cut)`` for top-k by ``density`` or for ``scores >= threshold`` (exactly one given)."""
     _checks.check_mask_spec(density, threshold)
     _checks.check_scores(scores)
+    return _checked_selection(scores, density, threshold, hint)
+
+
+def _checked_selection(scores: Tensor, density: Optional[float], threshold: Optional[Union[Number, Tensor]],
+                       hint: Optional[Tensor] = None) -> tuple[Tensor, Tensor]:
+    """:func:`selection` for scores that are already validated (one finiteness pass per call, not two)."""
     if density is not None:
         k = _checks.k_from_density(density, scores.numel())
         return _ops.topk_select([scores.detach()], k, _hint(hint, scores))
@@ -137,7 +141,8 @@ def masked_linear(
     _checks.check_estimator(estimator, temperature)
     if weight.dim() != 2 or x.dim() < 1 or x.shape[-1] != weight.shape[1]:
         raise ValueError(f"x of shape {tuple(x.shape)} does not match weight of shape {tuple(weight.shape)}")
-    thr, cut = selection(scores, density, threshold)
+    _checks.check_mask_spec(density, threshold)
+    thr, cut = _checked_selection(scores, density, threshold)
     return _ops.masked_linear(x, weight, bias, scores, thr, cut, estimator, float(temperature))
 
 
@@ -152,7 +157,8 @@ def masked_conv2d(
     stride, padding, dilation = (_checks.check_pair(v, n) for v, n in
                                  ((stride, "stride"), (padding, "padding"), (dilation, "dilation")))
     _checks.check_conv_shapes(x, weight, groups)
-    thr, cut = selection(scores, density, threshold)
+    _checks.check_mask_spec(density, threshold)
+    thr, cut = _checked_selection(scores, density, threshold)
     return _ops.masked_conv2d(x, weight, bias, scores, thr, cut, list(stride), list(padding), list(dilation),
                               groups, estimator, float(temperature))
 
@@ -175,5 +181,6 @@ def channel_gate(
     if scores.shape != (x.shape[dim],):
         raise ValueError(f"scores must have shape ({x.shape[dim]},) (x.shape[{dim}]), got {tuple(scores.shape)}")
     _checks.check_like(scores, x, "scores", "x", dtype=False)
-    thr, cut = selection(scores, density, threshold)
+    _checks.check_mask_spec(density, threshold)
+    thr, cut = _checked_selection(scores, density, threshold)
     return _ops.channel_gate(x, scores, thr, cut, dim, estimator, float(temperature))
