@@ -19,7 +19,7 @@ from torch import nn
 from .evaluate import predict
 
 MIN_GAP_CLOSED = 0.5  # training accuracy must close at least half the gap from chance to 1
-MAX_DEAD_SHARE = 0.9  # at most this share of ReLU units may never fire on training inputs
+MAX_DEAD_SHARE = 0.9  # in no ReLU layer may more than this share of units never fire on training inputs
 DEAD_SAMPLES = 2048  # training inputs used to find dead units
 
 
@@ -34,7 +34,8 @@ class VanillaHealth:
     train_accuracy: float
     chance: float
     min_train_accuracy: float
-    dead_unit_share: Optional[float]  # None when the model has no ReLU
+    dead_unit_share: Optional[float]  # over all ReLU units; None when the model has no ReLU
+    worst_layer_dead_share: Optional[float]  # the ReLU layer with the most dead units
     units: int
     dead_units: int
     n_train: int
@@ -52,8 +53,8 @@ class VanillaHealth:
 
 
 @torch.no_grad()
-def _dead_units(model: nn.Module, split, device, n: int) -> tuple:
-    """(dead, total) ReLU units: a unit (conv channel or feature) is dead if it is 0 on all n inputs."""
+def _dead_units(model: nn.Module, split, device, n: int) -> list:
+    """(dead, total) per ReLU layer: a unit (conv channel or feature) is dead if it is 0 on all n inputs."""
     relus = [m for m in model.modules() if isinstance(m, nn.ReLU)]
     fired: dict[int, torch.Tensor] = {}
 
@@ -71,9 +72,7 @@ def _dead_units(model: nn.Module, split, device, n: int) -> tuple:
         model.train(was_training)
         for h in handles:
             h.remove()
-    total = sum(int(v.numel()) for v in fired.values())
-    alive = sum(int(v.sum()) for v in fired.values())
-    return total - alive, total
+    return [(int(v.numel()) - int(v.sum()), int(v.numel())) for v in fired.values()]
 
 
 def check_vanilla(model: nn.Module, data, *, device="cpu", strict: bool = True,
@@ -82,7 +81,7 @@ def check_vanilla(model: nn.Module, data, *, device="cpu", strict: bool = True,
     """Measure the vanilla ``model`` on ``data.train``; raise :class:`VanillaUntrained` if it did not train.
 
     Untrained means: training accuracy below chance + ``min_gap_closed`` * (1 - chance), or more
-    than ``max_dead_share`` of its ReLU units dead on the first 2,048 training inputs.
+    than ``max_dead_share`` of the units of some ReLU layer dead on the first 2,048 training inputs.
     ``strict=False`` warns instead of raising (the returned health says ``ok=False``).
     """
     if not 0 <= min_gap_closed <= 1:
@@ -99,11 +98,14 @@ def check_vanilla(model: nn.Module, data, *, device="cpu", strict: bool = True,
     aligned = aligned.all(dim=1) if aligned.dim() == 2 else aligned
     chance = 1.0 / data.num_classes
     floor = chance + min_gap_closed * (1 - chance)
-    dead, total = _dead_units(model, split, device, DEAD_SAMPLES)
+    layers = _dead_units(model, split, device, DEAD_SAMPLES)
+    dead, total = sum(d for d, _ in layers), sum(t for _, t in layers)
+    worst = max((d / t for d, t in layers), default=None)
     n_conf = int((~aligned).sum())
     health = VanillaHealth(
         train_accuracy=float(correct.float().mean()), chance=chance, min_train_accuracy=floor,
-        dead_unit_share=dead / total if total else None, units=total, dead_units=dead,
+        dead_unit_share=dead / total if total else None, worst_layer_dead_share=worst, units=total,
+        dead_units=dead,
         n_train=len(split), n_conflicting_train=n_conf,
         conflicting_train_accuracy=float(correct[~aligned].float().mean()) if n_conf else None,
         aligned_train_accuracy=float(correct[aligned].float().mean()) if int(aligned.sum()) else None,
@@ -111,9 +113,9 @@ def check_vanilla(model: nn.Module, data, *, device="cpu", strict: bool = True,
     if health.train_accuracy < floor:
         health.problems.append(f"training accuracy {health.train_accuracy:.3f} is below {floor:.3f} (chance "
                                f"{chance:.3f}): the model did not learn its training set")
-    if total and dead / total > max_dead_share:
-        health.problems.append(f"{dead} of {total} ReLU units ({100 * dead / total:.0f}%) never fire on training "
-                               "inputs: the training recipe killed them")
+    if worst is not None and worst > max_dead_share:
+        health.problems.append(f"{100 * worst:.0f}% of the units of a ReLU layer never fire on training inputs "
+                               f"({dead} of {total} in all): the training recipe killed them")
     if health.problems:
         text = "vanilla model did not train: " + "; ".join(health.problems)
         if strict:
