@@ -221,9 +221,9 @@ def _group_line(group: str, rows: list) -> str:
     wg = [r.get("bise_worst_group") for r in ok]
     worst = _ms(wg) if any(v is not None for v in wg) else f"n/a ({_ms(col('bise_zero_groups'), 1, '.0f')} at 0%)"
     gain = [b - v for b, v in zip(col("bise_conflicting"), col("vanilla_conflicting"))]
+    sign = "+" if statistics.mean(gain) >= 0 else ""
     return (f"| {group} | {health} | {_ms(col('vanilla'))} | {_ms(col('bise'))} | {_ms(col('bise_ft'))} | "
-            f"{_ms(col('vanilla_conflicting'))} -> {_ms(col('bise_conflicting'))} ({'+' if statistics.mean(gain) >= 0 else ''}"
-            f"{_ms(gain)}) | {worst} | {_ms(col('best_epoch'), 1, '.0f')} | {ok[0]['mask_set']} | "
+            f"{_ms(col('vanilla_conflicting'))} -> {_ms(col('bise_conflicting'))} ({sign}{_ms(gain)}) | {worst} | {_ms(col('best_epoch'), 1, '.0f')} | {ok[0]['mask_set']} | "
             f"{_ms(col('weights_removed'))} | {statistics.mean(col('mflops_vanilla')):.2f} -> "
             f"{statistics.mean(col('mflops_bise')):.2f} | {len(rows)} |")
 
