@@ -225,7 +225,7 @@ def _group_line(group: str, rows: list) -> str:
     return (f"| {group} | {health} | {_ms(col('vanilla'))} | {_ms(col('bise'))} | {_ms(col('bise_ft'))} | "
             f"{_ms(col('vanilla_conflicting'))} -> {_ms(col('bise_conflicting'))} ({sign}{_ms(gain)}) | {worst} | {_ms(col('best_epoch'), 1, '.0f')} | {ok[0]['mask_set']} | "
             f"{_ms(col('weights_removed'))} | {statistics.mean(col('mflops_vanilla')):.2f} -> "
-            f"{statistics.mean(col('mflops_bise')):.2f} | {len(rows)} |")
+            f"{statistics.mean(col('mflops_bise')):.2f} | {', '.join(str(r['seed']) for r in rows)} |")
 
 
 def render(results: dict) -> str:
@@ -255,19 +255,22 @@ def render(results: dict) -> str:
                   f"torch threads {threads}; {meta['date']}. Schedule: vanilla = the recipe of bise.recipes"
                   + (f" with {entry['vanilla_epochs']} epochs" if entry.get("vanilla_epochs") else "") +
                   f"; extraction {SCHEDULE['mask_epochs']} mask epochs, {SCHEDULE['head_epochs']} head epochs per "
-                  f"refit; BISE+FT {SCHEDULE['finetune_epochs']} epochs; seeds {entry['seeds']}.", "",
+                  f"refit; BISE+FT {SCHEDULE['finetune_epochs']} epochs.", "",
                   "| setting | vanilla health | vanilla | BISE | BISE+FT | conflicting: vanilla -> BISE (gain) "
-                  "| worst group (BISE) | best epoch | mask set | weights removed | MMACs vanilla -> BISE | runs |",
+                  "| worst group (BISE) | best epoch | mask set | weights removed | MMACs vanilla -> BISE | seeds |",
                   "|---|---|---|---|---|---|---|---|---|---|---|---|"]
         groups: dict = {}
         for row in entry["runs"]:
             groups.setdefault(row["group"], []).append(row)
         lines += [_group_line(g, rows) for g, rows in groups.items()]
         lines.append("")
-    missing = [suite for suite in TITLES if suite not in results]
-    if missing:
-        lines += ["## Not yet run", "", "No finished run yet (CPU time ran out); the exact commands:", ""]
-        lines += [f"* {TITLES[m]}: `OMP_NUM_THREADS=1 python scripts/bise_results.py --suite {m}`" for m in missing]
+    todo = {suite: results[suite].get("missing", []) if suite in results else None for suite in TITLES}
+    todo = {suite: names for suite, names in todo.items() if names != []}
+    if todo:
+        lines += ["## Not yet run", "", "CPU time ran out before these runs; each command runs what is missing "
+                  "(finished runs are reused):", ""]
+        lines += [f"* {TITLES[s]}: " + ("every run" if names is None else ", ".join(names)) +
+                  f": `OMP_NUM_THREADS=1 python scripts/bise_results.py --suite {s}`" for s, names in todo.items()]
         lines.append("")
     return "\n".join(lines)
 
@@ -308,7 +311,9 @@ def main(argv=None) -> None:
             rows = [dict(r, group="fresh-draw") for r in results.get("main", {}).get("runs", [])
                     if r["name"].startswith("rho0.99-")] + rows
         if rows:
+            done = {r["name"] for r in rows}
             results[suite] = {"format": "bise-results-v2", "seeds": a.seeds, "runs": rows,
+                              "missing": [c["name"] for c in configurations(suite, a.seeds) if c["name"] not in done],
                               "vanilla_epochs": configurations(suite, a.seeds)[0]["vanilla_epochs"],
                               "meta": {"device": device, "torch": torch.__version__,
                                        "date": datetime.date.today().isoformat()}}
