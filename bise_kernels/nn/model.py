@@ -27,18 +27,24 @@ class GlobalSelection:
 
     def selection_for(self, layer: nn.Module) -> tuple[Tensor, Tensor]:
         scores = [m.scores for m in self.layers]
+        if torch.compiler.is_compiling():  # traced tensors have no data pointer to key a cache on
+            return self._select(scores)[id(layer)]
         key = tuple((s._version, s.data_ptr()) for s in scores)
-        if torch.compiler.is_compiling() or key != self._key:
-            for i, s in enumerate(scores):
-                _checks.check_scores(s, f"scores of layer {i}")
-            k = _checks.k_from_density(self.density, sum(s.numel() for s in scores))
-            thr, cut = _ops.topk_select([s.detach() for s in scores], k, None)
-            result, offset = {}, 0
-            for m, s in zip(self.layers, scores):
-                result[id(m)] = (thr, cut - offset)
-                offset += s.numel()
-            self._key, self._result = key, result
+        if key != self._key:
+            self._key, self._result = key, self._select(scores)
         return self._result[id(layer)]
+
+    def _select(self, scores: list[Tensor]) -> dict[int, tuple[Tensor, Tensor]]:
+        """``(thr, cut)`` per layer (keyed by id), the cut shifted by the layer's offset."""
+        for i, s in enumerate(scores):
+            _checks.check_scores(s, f"scores of layer {i}")
+        k = _checks.k_from_density(self.density, sum(s.numel() for s in scores))
+        thr, cut = _ops.topk_select([s.detach() for s in scores], k, None)
+        result, offset = {}, 0
+        for m, s in zip(self.layers, scores):
+            result[id(m)] = (thr, cut - offset)
+            offset += s.numel()
+        return result
 
 
 def _matches(name: str, patterns: Optional[Iterable[str]]) -> bool:
