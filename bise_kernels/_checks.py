@@ -19,7 +19,7 @@ from __future__ import annotations
 import math
 import numbers
 import operator
-from typing import Optional, Sequence
+from typing import Sequence
 
 import torch
 
