@@ -84,6 +84,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="vanilla and mask-learning batch size (default: the dataset's paper value)")
     s.add_argument("--budget", type=_fraction, help="keep exactly this fraction of units (global top-k of scores)")
     s.add_argument("--label-free", action="store_true", help="pseudo bias labels from a 1-epoch ERM model")
+    s.add_argument("--mask-set", choices=("vanilla-train", "fresh-draw"),
+                   help="where masks and bias head learn: fresh-draw = a second draw of the biased training set "
+                   "(default for built-in benchmarks), vanilla-train = the vanilla's own training set (default "
+                   "for fixed user data)")
     s.add_argument("--no-reweight", dest="reweight", action="store_false",
                    help="ablation: plain cross-entropy instead of the reweighted L_r")
     s.add_argument("--no-mi", dest="mi", action="store_false", help="ablation: drop the mutual-information term")
@@ -228,7 +232,7 @@ def _load_vanilla(ctx: Context, path: Path):
     """A vanilla.pt written by bise ({format, model_spec, state_dict}) or a bare state_dict of --arch."""
     from .checkpoint import load_checkpoint
     from .models import build_model, rebuild
-    from .train import recipe_for
+    from .recipes import recipe_for
 
     if not path.is_file():
         raise UsageError(f"--model {str(path)!r} does not exist")
@@ -237,7 +241,7 @@ def _load_vanilla(ctx: Context, path: Path):
     if obj.get("format") == VANILLA_FORMAT:
         model, state = rebuild(obj["model_spec"]), obj["state_dict"]
     else:
-        arch = ctx.args.arch or recipe_for(data)["arch"]
+        arch = recipe_for(data, ctx.args.arch)["arch"]
         model, state = build_model(arch, data.num_classes, data.input_shape, width=ctx.args.width), obj
     spec = model.bise_spec
     if ctx.args.arch is not None and ctx.args.arch != spec["arch"]:
@@ -262,11 +266,12 @@ def _save_vanilla(ctx: Context, model) -> None:
 
 
 def cmd_train(ctx: Context) -> None:
-    from .train import recipe_for, train_vanilla
+    from .recipes import recipe_for
+    from .train import train_vanilla
 
     a, data = ctx.args, ctx.data
-    recipe = recipe_for(data)
-    arch = a.arch or recipe["arch"]
+    recipe = recipe_for(data, a.arch)
+    arch = recipe["arch"]
     settings = {"arch": arch, "width": a.width, "epochs": recipe["epochs"] if a.vanilla_epochs is None
                 else a.vanilla_epochs, "batch_size": a.batch_size or recipe["batch_size"], "lr": a.lr or recipe["lr"],
                 "recipe": recipe, "seed": a.seed, "device": a.device}
@@ -285,7 +290,8 @@ def cmd_extract(ctx: Context) -> None:
     a, data = ctx.args, ctx.data
     model = _load_vanilla(ctx, Path(a.model) if a.model and a.command == "extract" else _require(ctx, VANILLA, "train"))
     config = ExtractConfig(mask_epochs=a.mask_epochs, head_epochs=a.head_epochs, batch_size=a.batch_size,
-                           label_free=a.label_free, budget=a.budget, seed=a.seed, device=a.device,
+                           label_free=a.label_free, mask_set=a.mask_set, budget=a.budget, seed=a.seed,
+                           device=a.device,
                            reweight=a.reweight, mi=a.mi,
                            log_test=data.val is None)
     start = time.perf_counter()
@@ -324,7 +330,7 @@ def cmd_finetune(ctx: Context) -> None:
     from .export import load_exported, save_exported
     from .finetune import LR_FACTOR, finetune
     from .subnetwork import Subnetwork
-    from .train import recipe_for
+    from .recipes import recipe_for
 
     a, data = ctx.args, ctx.data
     epochs = 10 if a.finetune_epochs is None else a.finetune_epochs
@@ -334,13 +340,14 @@ def cmd_finetune(ctx: Context) -> None:
     if sub.info.get("label_free"):
         bias = load_checkpoint(_require(ctx, CHECKPOINT, "extract"))["pseudo_bias"]["train"]
     settings = {"epochs": epochs, "scheme": sub.info.get("weighting"), "rho": sub.info.get("rho"),
-                "batch_size": sub.info.get("batch_size"), "lr": recipe_for(data)["lr"] * LR_FACTOR,
-                "optimizer": recipe_for(data)["optimizer"], "bn": "train mode",
+                "batch_size": sub.info.get("batch_size"), "lr": recipe_for(data, sub.model)["lr"] * LR_FACTOR,
+                "optimizer": recipe_for(data, sub.model)["optimizer"], "bn": "train mode",
                 "selection": "best val accuracy" if data.val is not None else "last epoch",
                 "pseudo_bias_labels": bias is not None}
     start = time.perf_counter()
     tuned = finetune(exported, data, epochs=epochs, scheme=settings["scheme"], rho=settings["rho"],
-                     batch_size=settings["batch_size"], bias=bias, seed=a.seed, device=a.device, quiet=a.quiet)
+                     batch_size=settings["batch_size"], bias=bias, seed=a.seed, device=a.device, quiet=a.quiet,
+                     arch=sub.model.bise_spec["arch"])
     save_exported(tuned.cpu(), str(ctx.path(FINETUNED)), sub.model.bise_spec)
     ctx.record("finetune", settings)
     ctx.timed("finetune_seconds", start)
