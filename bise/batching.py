@@ -81,12 +81,13 @@ class DeviceSplit:
     """
 
     def __init__(self, split, device, resident_limit_bytes: Optional[float] = None):
+        """``resident_limit_bytes``: the budget (default :func:`resident_limit`); 0 forces the DataLoader path."""
         self.split, self.device = split, torch.device(device)
         limit = resident_limit(self.device) if resident_limit_bytes is None else resident_limit_bytes
         # a bise Split holds uint8 images (converted per batch); another split object, its inputs()
         self.convert = as_float if isinstance(split, Split) else (lambda t: t)
         x = split.x if isinstance(split, Split) else split.inputs()
-        self.resident = self.device.type == "cpu" or x.numel() * x.element_size() <= limit
+        self.resident = x.numel() * x.element_size() <= limit
         self.x = to_device(x, self.device) if self.resident else x
         self.y = to_device(split.y.long(), self.device)
         b = getattr(split, "b", None)

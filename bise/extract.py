@@ -330,17 +330,22 @@ class _Run:
         return sum(F.cross_entropy(head(z.detach()), b2[:, k]) for k, head in enumerate(self.heads))
 
     def mask_epoch(self) -> dict:
-        """One epoch of the section 5 step over shuffled training batches; returns mean losses.
+        """One epoch of the section 5 step over shuffled training batches; returns mean losses."""
+        keys = ("train_loss", "reweighted_ce", "mi", "aux_loss")
+        totals = distributed.all_reduce_sum(self.mask_steps())
+        return {k: float(v) / len(self.train.y) for k, v in zip(keys, totals.tolist())}
 
-        The losses are summed on the device and read once, after the last step.
+    def mask_steps(self) -> Tensor:
+        """The steps of :meth:`mask_epoch`; returns this rank's sums of the four losses on the device.
+
+        No host synchronisation: labels, indices and sums stay on the device.
         """
         config = self.config
         set_gate_mode(self.gates, "masked")
         tap = BottleneckTap(self.bottleneck)
         y, b, b2 = (to_device(t, self.device) for t in (self.train.y, self.train.b, self.train.b2))
-        table = self.table.to(self.device)
-        keys = ("train_loss", "reweighted_ce", "mi", "aux_loss")
-        totals = torch.zeros(len(keys), dtype=torch.float64, device=self.device)
+        table = to_device(self.table, self.device)
+        totals = torch.zeros(4, dtype=torch.float64, device=self.device)
         batches = self.split("train").indices(self.batch_size, self.generator, self.dist)
         world = self.dist.world_size
         try:
@@ -380,8 +385,7 @@ class _Run:
                 totals += torch.stack([objective, lr_, mi, aux]).detach().double() * n_global
         finally:
             tap.close()
-        distributed.all_reduce_sum(totals)
-        return {k: float(v) / len(y) for k, v in zip(keys, totals)}
+        return totals
 
     def init_trainables(self) -> None:
         """Scores at 0 and tau0; fresh heads (one per bias) on the bottleneck; the two SGD optimisers."""

@@ -69,12 +69,18 @@ def train_epoch(model: nn.Module, split, opt: torch.optim.Optimizer, generator: 
 
     ``split``: a data split or a :class:`~bise.batching.DeviceSplit` (pass one to keep the data on
     the device across epochs). ``loss_fn(logits, idx)`` is the mean loss of the batch whose sample
-    indices ``idx`` are on ``device``. The loss is summed on the device and read once, after the
-    last step. In a multi-process run every rank takes its share of the same global batches and
-    gradients are summed over ranks, so the steps equal those of one process with the global batch
-    (BatchNorm statistics stay per rank).
+    indices ``idx`` are on ``device``. In a multi-process run every rank takes its share of the same
+    global batches and gradients are summed over ranks, so the steps equal those of one process
+    with the global batch (BatchNorm statistics stay per rank).
     """
     data = DeviceSplit.of(split, device)
+    total = train_steps(model, data, opt, generator, batch_size, loss_fn)
+    return float(distributed.all_reduce_sum(total)) / max(len(data), 1)
+
+
+def train_steps(model: nn.Module, data: DeviceSplit, opt: torch.optim.Optimizer, generator: torch.Generator,
+                batch_size: int, loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]) -> torch.Tensor:
+    """The steps of :func:`train_epoch`; returns this rank's loss sum on the device (no host sync)."""
     params = [p for group in opt.param_groups for p in group["params"]]
     total = torch.zeros((), dtype=torch.float64, device=data.device)
     for x, idx, n_global in data.batches(batch_size, generator):
@@ -84,7 +90,7 @@ def train_epoch(model: nn.Module, split, opt: torch.optim.Optimizer, generator: 
         distributed.all_reduce_grads(params)
         opt.step()
         total += loss.detach() * n_global
-    return float(distributed.all_reduce_sum(total)) / max(len(data), 1)
+    return total
 
 
 def fit(model: nn.Module, split, recipe: dict, *, epochs: int, batch_size: int, lr: float, seed: int = 0,
@@ -136,4 +142,4 @@ def train_vanilla(data, arch: Optional[str] = None, *, epochs: Optional[int] = N
                quiet=quiet)
 
 
-__all__ = ["RECIPES", "fit", "recipe_for", "train_epoch", "train_vanilla"]
+__all__ = ["RECIPES", "fit", "recipe_for", "train_epoch", "train_steps", "train_vanilla"]
