@@ -105,7 +105,7 @@ def _row(report: dict) -> dict:
             "worst_group_bise": report["subnetwork"]["test"]["worst_group_accuracy"],
             "weights_removed": report["subnetwork"]["weights_removed"],
             "units_pruned": report["subnetwork"]["units_pruned"],
-            "mflops_vanilla": report["vanilla"]["mflops"], "mflops_bise": report["subnetwork"]["mflops"],
+            "mflops_vanilla": report["vanilla"]["mmacs"], "mflops_bise": report["subnetwork"]["mmacs"],
             "max_abs_diff": report["export"]["max_abs_diff"],
             "extraction_seconds": report["timing"].get("extraction_seconds")}
 
