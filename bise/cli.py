@@ -338,6 +338,10 @@ def _extract_config(inv: Invocation):
         raise UsageError(str(exc)) from None
 
 
+def _extract_settings(inv: Invocation, config, source: Path) -> dict:
+    return {**dataclasses.asdict(config), "model": str(source)}
+
+
 def cmd_extract(inv: Invocation) -> None:
     from . import validate
     from .checkpoint import load_checkpoint
@@ -351,7 +355,7 @@ def cmd_extract(inv: Invocation) -> None:
         raise UsageError(str(exc)) from None
     source, inputs = _vanilla_source(inv)
     model = _load_vanilla(inv, source)
-    settings = {**dataclasses.asdict(config), "model": str(source)}
+    settings = _extract_settings(inv, config, source)
     resume = bool(a.resume and run.has(CHECKPOINT))
     if resume:
         run.require(CHECKPOINT, inv.data_record, hashed=False)
@@ -366,7 +370,7 @@ def cmd_extract(inv: Invocation) -> None:
     sub = extract(model, data, config=config, out_dir=run.out if in_place else run.staging, resume=resume,
                   quiet=a.quiet)
     sub.save(run.staged(MASKS))
-    outputs = {MASKS: inv.entry("extract", inputs, {**settings, **sub.info}, start)}
+    outputs = {MASKS: inv.entry("extract", inputs, {**settings, "result": sub.info}, start)}
     if not in_place:
         outputs[CHECKPOINT] = inv.entry("extract", inputs, settings, start)
     run.commit(outputs)
@@ -506,6 +510,21 @@ def _reuse_vanilla(inv: Invocation) -> None:
              + (f"; {', '.join(ignored)} ignored (pass --overwrite to train again)" if ignored else ""))
 
 
+def _reusable(inv: Invocation, name: str, settings: dict) -> bool:
+    """Whether ``run --resume`` can keep ``name``: consistent with the run and made with ``settings``."""
+    import json
+
+    if name not in inv.run.artefacts:
+        return False
+    try:
+        inv.require(name)
+    except UsageError:
+        return False
+    recorded = inv.run.artefacts[name]["settings"]
+    now = json.loads(json.dumps(settings, default=str))
+    return all(recorded.get(k) == v for k, v in now.items())
+
+
 def cmd_run(inv: Invocation) -> None:
     from . import validate
 
@@ -527,8 +546,10 @@ def cmd_run(inv: Invocation) -> None:
         _reuse_vanilla(inv)
     else:
         cmd_train(inv)
-    cmd_extract(inv)  # with --resume, a finished extraction checkpoint makes this quick
-    cmd_export(inv)
+    if not (a.resume and _reusable(inv, MASKS, _extract_settings(inv, _extract_config(inv), run.path(VANILLA)))):
+        cmd_extract(inv)  # with --resume, continues the extraction from its checkpoint
+    if not (a.resume and _reusable(inv, SUBNETWORK, {"fold_bn": a.fold_bn, "round_to": a.round_to})):
+        cmd_export(inv)
     tuned = bool(a.finetune_epochs) or (a.resume and FINETUNED in run.artefacts)
     if a.finetune_epochs and not (a.resume and FINETUNED in run.artefacts):
         cmd_finetune(inv)
@@ -557,7 +578,11 @@ def main(argv: Optional[list] = None) -> int:
     """Entry point of ``bise`` and ``python -m bise``; returns the exit status."""
     from . import validate
 
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    if extra:  # reported by the subcommand, which lists the options it takes
+        parser._subparsers._group_actions[0].choices[args.command].error(
+            f"unrecognized arguments: {' '.join(extra)} (see bise {args.command} --help)")
     inv, failed = None, True
     try:
         if hasattr(args, "device"):
