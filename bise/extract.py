@@ -29,7 +29,7 @@ from tqdm.auto import tqdm
 
 from bise_kernels import global_topk_masks
 
-from . import distributed, losses
+from . import distributed, losses, validate
 from .batching import DeviceSplit, to_device
 from .checkpoint import load_checkpoint, save_atomic
 from .data.maskset import PROTOCOLS as MASK_SETS
@@ -153,10 +153,7 @@ def _split_bias(split, name: str, data, label_free: bool) -> Optional[Tensor]:
 def _check_data(data, config: ExtractConfig) -> None:
     if getattr(data, "train", None) is None or len(data.train) == 0:
         raise ValueError("data.train is missing or empty")
-    if not config.label_free and data.num_bias_classes != data.num_classes:
-        raise ValueError(f"BISE assumes as many bias classes as target classes (|B| = |Y|, a sample is aligned iff "
-                         f"y == b); this dataset has num_classes={data.num_classes}, num_bias_classes="
-                         f"{data.num_bias_classes}. Relabel the bias, or use label_free=True")
+    validate.same_bias_classes(data, config.label_free)
 
 
 def _identification_model(model: nn.Module, data, config: ExtractConfig, quiet: bool) -> nn.Module:
@@ -534,9 +531,10 @@ def extract(model: nn.Module, data, *, config: Optional[ExtractConfig] = None, o
     ``resume=True`` continues from it (an existing checkpoint without ``resume`` is refused).
     ``callback(epoch, record)`` runs after each epoch's checkpoint (an exception stops the run).
     """
-    config = (config or ExtractConfig()).validate()
+    config = validate.extract_config(config)
     data, mask_set = mask_data(data, config.mask_set)
     _check_data(data, config)
+    validate.model_fits(model, data)
     ckpt_path = Path(out_dir) / CHECKPOINT_NAME if out_dir is not None else None
     ckpt = None
     if ckpt_path is not None and ckpt_path.exists():

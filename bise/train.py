@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-from . import distributed
+from . import distributed, validate
 from .batching import DeviceSplit
 from .models import build_model
 from .recipes import recipe_for
@@ -102,10 +102,13 @@ def train_vanilla(data, arch: Optional[str] = None, *, epochs: Optional[int] = N
                   width: float = 1.0, quiet: bool = False, **model_kwargs) -> nn.Module:
     """Build ``arch`` for ``data`` and train it by ERM with its recipe (overridable); eval mode."""
     recipe = recipe_for(data, arch)
+    epochs = recipe["epochs"] if epochs is None else validate.as_int("epochs", epochs, 0)
+    batch_size = recipe["batch_size"] if batch_size is None else validate.as_int("batch_size", batch_size, 1)
+    lr = recipe["lr"] if lr is None else validate.as_positive("lr", lr)
+    seed, device = validate.as_int("seed", seed, 0), validate.device(device)
     torch.manual_seed(seed)
     model = build_model(recipe["arch"], data.num_classes, data.input_shape, width=width, **model_kwargs)
-    return fit(model, data.train, recipe, epochs=recipe["epochs"] if epochs is None else epochs,
-               batch_size=batch_size or recipe["batch_size"], lr=lr or recipe["lr"], seed=seed, device=device,
+    return fit(model, data.train, recipe, epochs=epochs, batch_size=batch_size, lr=lr, seed=seed, device=device,
                quiet=quiet)
 
 

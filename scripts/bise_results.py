@@ -196,7 +196,7 @@ def row_of(suite_dir: Path, prov: dict) -> dict:
     row.update(n_test_groups=len(sizes), min_test_group=min(sizes), best_epoch=extraction.get("best_epoch"),
                selection=extraction.get("selection"), mask_set=extraction.get("mask_set"),
                weights_removed=sub["weights_removed"], units_pruned=sub["units_pruned"],
-               mflops_vanilla=report["vanilla"]["mflops"], mflops_bise=sub["mflops"],
+               mmacs_vanilla=report["vanilla"]["mmacs"], mmacs_bise=sub["mmacs"],
                max_abs_diff=report["export"]["max_abs_diff"])
     return row
 
@@ -224,8 +224,8 @@ def _group_line(group: str, rows: list) -> str:
     return (f"| {group} | {health} | {_ms(col('vanilla'))} | {_ms(col('bise'))} | {_ms(col('bise_ft'))} | "
             f"{_ms(col('vanilla_conflicting'))} -> {_ms(col('bise_conflicting'))} ({'+' if statistics.mean(gain) >= 0 else ''}"
             f"{_ms(gain)}) | {worst} | {_ms(col('best_epoch'), 1, '.0f')} | {ok[0]['mask_set']} | "
-            f"{_ms(col('weights_removed'))} | {statistics.mean(col('mflops_vanilla')):.2f} -> "
-            f"{statistics.mean(col('mflops_bise')):.2f} | {len(rows)} |")
+            f"{_ms(col('weights_removed'))} | {statistics.mean(col('mmacs_vanilla')):.2f} -> "
+            f"{statistics.mean(col('mmacs_bise')):.2f} | {len(rows)} |")
 
 
 def render(results: dict) -> str:
