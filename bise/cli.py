@@ -468,7 +468,8 @@ def cmd_evaluate(inv: Invocation, finetuned: Optional[bool] = None) -> None:
     diff = max_abs_diff(sub.model, exported, data.test)
     steps = {"vanilla": run.artefacts.get(VANILLA) if source == VANILLA else None, "extraction": masks_entry,
              "export": run.artefacts[SUBNETWORK], "finetune": run.artefacts.get(FINETUNED) if finetuned else None}
-    timing = {f"{k}_seconds": e["seconds"] for k, e in steps.items() if e is not None}
+    timing = {f"{'vanilla_training' if k == 'vanilla' else k}_seconds": e["seconds"] for k, e in steps.items()
+              if e is not None}
     if a.latency_repeats:
         models = {"vanilla": vanilla, "subnetwork": exported, **({"finetuned": tuned} if tuned is not None else {})}
         timing["latency_seconds"] = {
