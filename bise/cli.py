@@ -269,7 +269,7 @@ def _load_vanilla(inv: Invocation, path: Path):
     except RuntimeError as exc:
         raise UsageError(f"{path} does not match architecture {spec['arch']} (width {spec['width']}): "
                          f"{str(exc).splitlines()[0]}") from exc
-    _vanilla_health(model, path)
+    _vanilla_health(model, f"the vanilla model {path}")
     return model.eval()
 
 
@@ -280,7 +280,7 @@ def _vanilla_health(model, source) -> None:
 
     bad = [n for n, t in model.state_dict().items() if t.is_floating_point() and not torch.isfinite(t).all()]
     if bad:
-        raise UsageError(f"the vanilla model {source} has non-finite weights ({', '.join(bad[:3])}"
+        raise UsageError(f"{source} has non-finite weights ({', '.join(bad[:3])}"
                          f"{'...' if len(bad) > 3 else ''}): its training diverged; train again with a lower --lr")
 
 
@@ -324,7 +324,7 @@ def cmd_train(inv: Invocation) -> None:
     start = time.perf_counter()
     model = train_vanilla(data, s["arch"], epochs=s["epochs"], batch_size=s["batch_size"], lr=s["lr"], seed=a.seed,
                           device=a.device, width=s["width"], quiet=a.quiet)
-    _vanilla_health(model, "just trained")
+    _vanilla_health(model, f"the vanilla model trained with --lr {s['lr']}")
     _save_vanilla(inv.run.staged(VANILLA), model.cpu())
     inv.run.commit({VANILLA: inv.entry("train", {}, s, start)})
     inv.say(f"vanilla model -> {inv.run.path(VANILLA)}")
@@ -472,7 +472,8 @@ def cmd_evaluate(inv: Invocation, finetuned: Optional[bool] = None) -> None:
     diff = max_abs_diff(sub.model, exported, data.test)
     steps = {"vanilla": run.artefacts.get(VANILLA) if source == VANILLA else None, "extraction": masks_entry,
              "export": run.artefacts[SUBNETWORK], "finetune": run.artefacts.get(FINETUNED) if finetuned else None}
-    timing = {f"{k}_seconds": e["seconds"] for k, e in steps.items() if e is not None}
+    timing = {f"{'vanilla_training' if k == 'vanilla' else k}_seconds": e["seconds"] for k, e in steps.items()
+              if e is not None}
     if a.latency_repeats:
         models = {"vanilla": vanilla, "subnetwork": exported, **({"finetuned": tuned} if tuned is not None else {})}
         timing["latency_seconds"] = {
