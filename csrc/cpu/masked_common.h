@@ -79,7 +79,8 @@ template <typename F>
 void dispatch_value_and_scores(at::ScalarType value, at::ScalarType scores, F&& body) {
   BISE_DISPATCH_FLOAT(value, "bise_kernels_ext", [&] {
     using V = scalar_t;
-    BISE_DISPATCH_FLOAT(scores, "bise_kernels_ext", [&] { body(std::type_identity<V>{}, std::type_identity<scalar_t>{}); });
+    BISE_DISPATCH_FLOAT(scores, "bise_kernels_ext",
+                        [&] { body(std::type_identity<V>{}, std::type_identity<scalar_t>{}); });
   });
 }
 
