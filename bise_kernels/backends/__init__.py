@@ -89,6 +89,10 @@ AUTO_ORDER: dict[str, tuple[str, ...]] = {
 AUTO_ORDER_PER_KERNEL: dict[tuple[str, str], tuple[str, ...]] = {
     ("cuda", "masked_linear_forward"): ("triton", "cuda", "torch"),
     ("cuda", "masked_linear_backward"): ("triton", "cuda", "torch"),
+    # The Triton select took 4317 us for 25M fp32 scores where torch.sort took 1182 us (0.27x) and the
+    # CUDA select 334 us on one H200 (benchmarks/results/nvidia-h200-20261130-f94c1afe-select.json):
+    # on CUDA "auto" skips it; it stays selectable by name ("triton").
+    **{("cuda", kernel): ("cuda", "torch") for kernel in ("topk_select", "batched_topk_select", "keep_mask")},
 }
 
 _state = threading.local()
