@@ -1,5 +1,7 @@
 """Atomic files: write to a temporary file beside the target, fsync, then os.replace.
 
+The file gets the permissions of a plainly created one (0666 minus the umask).
+
 A reader therefore sees either the previous complete file or the new one, never a torn write.
 In a multi-process run rank 0 alone writes and the other ranks wait for the file (every rank
 calls the writer at the same point). Loading uses ``torch.load(weights_only=True)``; an
@@ -24,12 +26,20 @@ class CheckpointError(ValueError):
     """A checkpoint file exists but cannot be read as one (corrupt, truncated, wrong format)."""
 
 
+def umask_mode(mode: int = 0o666) -> int:
+    """``mode`` with the process umask applied: what open() would give a new file (mkstemp gives 0600)."""
+    mask = os.umask(0)
+    os.umask(mask)
+    return mode & ~mask
+
+
 def atomic_write(path: PathLike, write: Callable[[str], None]) -> Path:
     """Call ``write(tmp)`` on a temporary path beside ``path``, then rename it into place (rank 0 only)."""
     path = Path(path)
     if distributed.current().is_main:
         path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        os.fchmod(fd, umask_mode())
         os.close(fd)
         try:
             write(tmp)
@@ -71,4 +81,4 @@ def load_checkpoint(path: PathLike, *, required: tuple = ()) -> dict:
     return obj
 
 
-__all__ = ["CheckpointError", "atomic_write", "load_checkpoint", "save_atomic"]
+__all__ = ["CheckpointError", "atomic_write", "load_checkpoint", "save_atomic", "umask_mode"]

@@ -95,17 +95,23 @@ AUTO_ORDER_PER_KERNEL: dict[tuple[str, str], tuple[str, ...]] = {
     **{("cuda", kernel): ("cuda", "torch") for kernel in ("topk_select", "batched_topk_select", "keep_mask")},
 }
 
+ENV_VARIABLE = "BISE_KERNELS_BACKEND"
+"""The environment variable naming the initial backend (default "auto"), read at the first op."""
+
 _state = threading.local()
-_default = os.environ.get("BISE_KERNELS_BACKEND", "auto")
+_default: Optional[str] = None
 
 
 def _current() -> str:
+    global _default
+    if _default is None:
+        _default = _validate_name(os.environ.get(ENV_VARIABLE, "auto"), ENV_VARIABLE)
     return getattr(_state, "name", _default)
 
 
-def _validate_name(name: str) -> str:
-    if name != "auto" and name not in BACKENDS:
-        raise ValueError(f"backend must be one of {['auto', *BACKENDS]}, got {name!r}")
+def _validate_name(name: object, what: str = "backend") -> str:
+    if not isinstance(name, str) or (name != "auto" and name not in BACKENDS):
+        raise ValueError(f"{what} must be one of {['auto', *BACKENDS]}, got {name!r}")
     return name
 
 
