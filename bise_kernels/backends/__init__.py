@@ -74,9 +74,9 @@ BACKENDS: dict[str, Backend] = {
         _triton_devices(),
         (
             "bise_kernels.backends.triton.select",
-            "bise_kernels.backends.triton.masked_matmul",
+            "bise_kernels.backends.triton.masked_linear",
             "bise_kernels.backends.triton.masked_conv",
-            "bise_kernels.backends.triton.gate",
+            "bise_kernels.backends.triton.channel_gate",
         ),
     ),
 }
