@@ -87,6 +87,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--no-reweight", dest="reweight", action="store_false",
                    help="ablation: plain cross-entropy instead of the reweighted L_r")
     s.add_argument("--no-mi", dest="mi", action="store_false", help="ablation: drop the mutual-information term")
+    s.add_argument("--amp", action="store_true", help="bf16 autocast for the extraction's frozen forward passes")
     s.add_argument("--finetune-epochs", type=_typed(int, 0, "--finetune-epochs"),
                    help="BISE+FT epochs (run: default 0 = no fine-tuning; finetune: default 10)")
     e = common.add_argument_group("export and report")
@@ -286,12 +287,13 @@ def cmd_extract(ctx: Context) -> None:
     model = _load_vanilla(ctx, Path(a.model) if a.model and a.command == "extract" else _require(ctx, VANILLA, "train"))
     config = ExtractConfig(mask_epochs=a.mask_epochs, head_epochs=a.head_epochs, batch_size=a.batch_size,
                            label_free=a.label_free, budget=a.budget, seed=a.seed, device=a.device,
-                           reweight=a.reweight, mi=a.mi,
+                           reweight=a.reweight, mi=a.mi, amp=a.amp,
                            log_test=data.val is None)
     start = time.perf_counter()
     sub = extract(model, data, config=config, out_dir=ctx.out, resume=a.resume, quiet=a.quiet)
     sub.save(ctx.path(MASKS))
     ctx.record("extraction", {**dataclasses.asdict(config), **sub.info})
+    ctx.state["timing"].update({f"extraction_{k}_seconds": v for k, v in sub.info["timing_seconds"].items()})
     ctx.timed("extraction_seconds", start)
     ctx.say(f"subnetwork: {sub.units_kept}/{sub.units_total} units kept ({100 * sub.units_pruned:.1f}% pruned) "
             f"-> {ctx.path(MASKS)}")

@@ -519,6 +519,31 @@ def _labels(run: "_Run", ckpt: Optional[dict]) -> None:
     run.set_labels(run.pseudo_bias["train"], run.pseudo_bias["val"], "empirical-joint", data.num_classes)
 
 
+def prepare_run(model: nn.Module, data, config: ExtractConfig, quiet: bool = True, ckpt: Optional[dict] = None,
+                ckpt_path: Optional[Path] = None) -> _Run:
+    """An extraction ready for its first phase: a frozen gated copy of ``model``, labels, heads, caches.
+
+    :func:`extract` runs the schedule on it; benchmarks time single phases with it (enter
+    ``run.prefix``, when there is one, before calling ``run.head_phase`` or ``run.mask_epoch``).
+    """
+    device = torch.device(config.device)
+    model = copy.deepcopy(model).to(device).eval()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    if not gates_of(model):
+        example = data.train.inputs(torch.arange(min(2, len(data.train)))).to(device)
+        insert_gates(model, config.gate_names, exclude=config.gate_exclude, example_input=example,
+                     temperature=config.tau0, bottleneck=config.bottleneck)
+    run = _Run(model, data, config, quiet)
+    _labels(run, ckpt)
+    run.init_trainables()
+    if ckpt is not None:
+        run.load_state(ckpt, ckpt_path)
+    with run.clock("caches"):
+        run.prepare_caches()
+    return run
+
+
 def extract(model: nn.Module, data, *, config: Optional[ExtractConfig] = None, out_dir=None, resume: bool = False,
             quiet: bool = False, callback: Optional[Callable[[int, dict], None]] = None) -> Subnetwork:
     """Find the unbiased subnetwork of a vanilla ``model`` on ``data`` (a bise.data BiasedDataset).
@@ -550,20 +575,8 @@ def extract(model: nn.Module, data, *, config: Optional[ExtractConfig] = None, o
             # warn_only off the CPU: a kernel without a deterministic version warns instead of failing the run
             torch.use_deterministic_algorithms(True, warn_only=device.type != "cpu")
             stack.callback(lambda: torch.use_deterministic_algorithms(previous[0], warn_only=previous[1]))
-        model = copy.deepcopy(model).to(device).eval()
-        for p in model.parameters():
-            p.requires_grad_(False)
-        if not gates_of(model):
-            example = data.train.inputs(torch.arange(min(2, len(data.train)))).to(device)
-            insert_gates(model, config.gate_names, exclude=config.gate_exclude, example_input=example,
-                         temperature=config.tau0, bottleneck=config.bottleneck)
-        run = _Run(model, data, config, quiet)
-        _labels(run, ckpt)
-        run.init_trainables()
-        if ckpt is not None:
-            run.load_state(ckpt, ckpt_path)
-        with run.clock("caches"):
-            run.prepare_caches()
+        run = prepare_run(model, data, config, quiet, ckpt, ckpt_path)
+        model = run.model
         if run.prefix is not None:
             stack.enter_context(run.prefix)
 
@@ -619,4 +632,4 @@ def model_without_gates(model: nn.Module) -> nn.Module:
     return remove_gates(copy.deepcopy(model))
 
 
-__all__ = ["CHECKPOINT_NAME", "ExtractConfig", "extract"]
+__all__ = ["CHECKPOINT_NAME", "ExtractConfig", "extract", "prepare_run"]
