@@ -187,6 +187,7 @@ class _Run:
         self.dist = distributed.current()
         self.splits: dict[str, DeviceSplit] = {}
         self.timing: dict[str, float] = {}
+        self.memo: dict[str, tuple[bytes, Tensor]] = {}
 
     def split(self, key: str) -> DeviceSplit:
         """Split ``key`` (train / val / test) on the device, made once per run."""
@@ -267,9 +268,29 @@ class _Run:
                 return self.prefix.run(self.cached[key].index_select(0, to_device(idx, self.device)))
             return self.model(self.split(key).inputs(idx))
 
+    def frozen(self, name: str, compute: Callable[[], Tensor]) -> Tensor:
+        """``compute()``, a pass of the frozen network, reused while the gates' hard masks are unchanged.
+
+        Such a pass depends on nothing else (frozen weights, eval mode), so a head refit or an
+        evaluation after an epoch that changed no mask reuses the last result exactly. Only with
+        ``cache_features``: the straightforward loop recomputes everything.
+        """
+        if not self.config.cache_features:
+            return compute()
+        gates = list(self.gates.values())
+        key = torch.cat([g.mask() for g in gates]).cpu().numpy().tobytes() if gates[0].enabled else b"off"
+        if name in self.memo and self.memo[name][0] == key:
+            return self.memo[name][1]
+        value = compute()
+        self.memo[name] = (key, value)
+        return value
+
     @torch.no_grad()
     def features(self) -> Tensor:
         """Bottleneck features of every training sample under the current gates (sharded over ranks)."""
+        return self.frozen("features", self._features)
+
+    def _features(self) -> Tensor:
         tap = BottleneckTap(self.bottleneck)
 
         def compute(idx: Tensor) -> Tensor:
@@ -430,7 +451,7 @@ class _Run:
         for name, g in self.gates.items():
             g.scores.copy_(torch.where(masks[name], 1.0, -1.0))
         try:
-            pred = self.predictions(key)
+            pred = self.frozen(f"predictions {key}", lambda: self.predictions(key))
         finally:
             for name, g in self.gates.items():
                 g.scores.copy_(saved[name])
