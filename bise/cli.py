@@ -108,7 +108,8 @@ def build_parser() -> argparse.ArgumentParser:
                                     "own training set (default for fixed user data)")),
         (("--no-reweight",), dict(dest="reweight", action="store_false",
                                   help="ablation: plain cross-entropy instead of the reweighted L_r")),
-        (("--no-mi",), dict(dest="mi", action="store_false", help="ablation: drop the mutual-information term")))
+        (("--no-mi",), dict(dest="mi", action="store_false", help="ablation: drop the mutual-information term")),
+        (("--amp",), dict(action="store_true", help="bf16 autocast for the extraction's frozen forward passes")))
     resume = _group("resumption", (("--resume",), dict(action="store_true", help="continue the run in --out: reuse "
                     "vanilla.pt, continue the extraction from checkpoint.pt")))
     export = _group("export", (("--fold-bn",), dict(action="store_true", help="fold BatchNorm into the preceding "
@@ -337,7 +338,8 @@ def _extract_config(inv: Invocation):
     try:
         return validate.extract_config(dict(
             mask_epochs=a.mask_epochs, head_epochs=a.head_epochs, batch_size=a.batch_size, label_free=a.label_free,
-            mask_set=a.mask_set, budget=a.budget, seed=a.seed, device=a.device, reweight=a.reweight, mi=a.mi, log_test=inv.data.val is None))
+            mask_set=a.mask_set, budget=a.budget, seed=a.seed, device=a.device, reweight=a.reweight, mi=a.mi,
+            amp=a.amp, log_test=inv.data.val is None))
     except ValueError as exc:
         raise UsageError(str(exc)) from None
 
@@ -480,6 +482,8 @@ def cmd_evaluate(inv: Invocation, finetuned: Optional[bool] = None) -> None:
             name: {f"batch_{n}": measure_latency(m, data.input_shape, n, a.device,
                                                  repeats=a.latency_repeats if n == 1 else max(1, a.latency_repeats // 3))
                    for n in (1, 256)} for name, m in models.items()}
+    timing.update({f"extraction_{phase}_seconds": sec
+                   for phase, sec in masks_entry["settings"].get("result", {}).get("timing_seconds", {}).items()})
     timing["evaluation_seconds"] = time.perf_counter() - start
     settings = {k: e["settings"] for k, e in steps.items() if e is not None}
     settings.setdefault("vanilla", {"from": source})
