@@ -61,6 +61,7 @@ def finetune(model: nn.Module, data, *, epochs: int = 10, scheme: Optional[str] 
     table = losses.weight_table(scheme, num_classes=data.num_classes, rho=rho, targets=train.y.long(),
                                 bias=b if b.dim() == 1 else None, num_bias_classes=data.num_bias_classes)
     model = copy.deepcopy(model).to(device)
+    y_dev, b_dev = train.y.long().to(device), b.to(device)  # train_epoch gives loss_fn indices on the device
     for p in model.parameters():
         p.requires_grad_(True)
     opt = _optimizer(model.parameters(), recipe, lr)
@@ -73,7 +74,7 @@ def finetune(model: nn.Module, data, *, epochs: int = 10, scheme: Optional[str] 
         model.train()
         mean_loss = train_epoch(model, train, opt, gen, batch_size, device,
                                 lambda logits, idx: losses.reweighted_cross_entropy(
-                                    logits, train.y[idx].long().to(device), b[idx].to(device), group_weights=table))
+                                    logits, y_dev[idx], b_dev[idx], group_weights=table))
         record = {"epoch": epoch, "train_loss": mean_loss, "val": None}
         if val is not None:
             record["val"] = evaluate(model, val, device=device)

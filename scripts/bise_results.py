@@ -196,9 +196,14 @@ def row_of(suite_dir: Path, prov: dict) -> dict:
     row.update(n_test_groups=len(sizes), min_test_group=min(sizes), best_epoch=extraction.get("best_epoch"),
                selection=extraction.get("selection"), mask_set=extraction.get("mask_set"),
                weights_removed=sub["weights_removed"], units_pruned=sub["units_pruned"],
-               mflops_vanilla=report["vanilla"]["mflops"], mflops_bise=sub["mflops"],
+               mmacs_vanilla=_mmacs(report["vanilla"]), mmacs_bise=_mmacs(sub),
                max_abs_diff=report["export"]["max_abs_diff"])
     return row
+
+
+def _mmacs(section: dict) -> float:
+    """M MACs of a report section (reports before the CLI restructuring call the key "mflops")."""
+    return section["mmacs"] if "mmacs" in section else section["mflops"]
 
 
 def _ms(values, scale=100.0, fmt=".1f") -> str:
@@ -224,8 +229,8 @@ def _group_line(group: str, rows: list) -> str:
     sign = "+" if statistics.mean(gain) >= 0 else ""
     return (f"| {group} | {health} | {_ms(col('vanilla'))} | {_ms(col('bise'))} | {_ms(col('bise_ft'))} | "
             f"{_ms(col('vanilla_conflicting'))} -> {_ms(col('bise_conflicting'))} ({sign}{_ms(gain)}) | {worst} | {_ms(col('best_epoch'), 1, '.0f')} | {ok[0]['mask_set']} | "
-            f"{_ms(col('weights_removed'))} | {statistics.mean(col('mflops_vanilla')):.2f} -> "
-            f"{statistics.mean(col('mflops_bise')):.2f} | {', '.join(str(r['seed']) for r in rows)} |")
+            f"{_ms(col('weights_removed'))} | {statistics.mean(col('mmacs_vanilla')):.2f} -> "
+            f"{statistics.mean(col('mmacs_bise')):.2f} | {', '.join(str(r['seed']) for r in rows)} |")
 
 
 def render(results: dict) -> str:

@@ -11,6 +11,7 @@ Spec syntax (docs/data.md):
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Optional
 
@@ -140,7 +141,7 @@ def load(spec: str, *, seed: int = 0, data_dir: Optional[str] = None,
     if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
         raise ValueError(f"seed={seed!r}: expected a non-negative integer")
     data_dir = Path(data_dir) if data_dir else default_data_dir()
-    kind, target, raw = parse(spec)
+    kind, target, raw = parse(os.fspath(spec) if isinstance(spec, os.PathLike) else spec)
     if kind == "npz":
         return user.load_npz(target, spec, _typed(kind, raw))
     if kind == "builtin":
