@@ -103,13 +103,16 @@ def _commit() -> dict:
 
 
 def _cli(step: str, cfg: dict, out: Path, device: str, *more) -> None:
+    """One `bise STEP` with the flags that step takes (cfg["extra"] are extraction flags)."""
     from bise.cli import main
 
-    argv = [step, "--data", cfg["data"], "--arch", cfg["arch"], "--out", str(out), "--seed", str(cfg["seed"]),
-            "--mask-epochs", str(SCHEDULE["mask_epochs"]), "--head-epochs", str(SCHEDULE["head_epochs"]),
-            "--device", device, "--quiet", *cfg["extra"], *more]
-    if cfg["vanilla_epochs"] is not None:
-        argv += ["--vanilla-epochs", str(cfg["vanilla_epochs"])]
+    flags = {"train": ["--arch", cfg["arch"], "--device", device]
+             + ([] if cfg["vanilla_epochs"] is None else ["--vanilla-epochs", str(cfg["vanilla_epochs"])]),
+             "extract": ["--arch", cfg["arch"], "--device", device, "--mask-epochs", str(SCHEDULE["mask_epochs"]),
+                         "--head-epochs", str(SCHEDULE["head_epochs"]), *cfg["extra"]],
+             "export": [], "finetune": ["--device", device], "evaluate": ["--device", device]}
+    flags["run"] = flags["extract"]
+    argv = [step, "--data", cfg["data"], "--out", str(out), "--seed", str(cfg["seed"]), "--quiet", *flags[step], *more]
     if main(argv) != 0:
         raise SystemExit(f"bise {step} failed for {out}")
 
@@ -179,9 +182,9 @@ def row_of(suite_dir: Path, prov: dict) -> dict:
            "seconds": prov["seconds"], "health": health, "vanilla_ok": health["ok"]}
     if not health["ok"]:
         return row
-    out = suite_dir / cfg["name"]
-    report = json.loads((out / "report.json").read_text())
-    extraction = json.loads((out / "run.json").read_text())["config"]["extraction"]
+    report = json.loads((suite_dir / cfg["name"] / "report.json").read_text())
+    extraction = report["config"]["extraction"]
+    extraction = extraction.get("result", extraction)  # the CLI's manifest keeps sub.info under "result"
     sizes = prov["test_groups"]
     few_large = len(sizes) <= 8 and min(sizes) >= 100
     for key, section in (("vanilla", "vanilla"), ("bise", "subnetwork"), ("bise_ft", "finetuned")):
