@@ -1,4 +1,4 @@
-"""GPU cases of the Triton masked kernels for the one-command GPU suite (issue #5 targets, H100).
+"""GPU cases of the Triton masked kernels for the one-command GPU suite (targets 5-7 of docs/prior-art.md).
 
 Cases (format: docs/gpu_suite.md; ``benchmarks/gpu_suite.py`` checks, times and compares them):
 

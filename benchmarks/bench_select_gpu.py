@@ -1,4 +1,4 @@
-"""GPU benchmarks of exact top-k selection (issue #4 targets, H100), for the GPU suite and pytest-benchmark.
+"""GPU benchmarks of exact top-k selection (targets 2-4 of docs/prior-art.md), for the GPU suite and pytest-benchmark.
 
 Cases (format: docs/gpu_suite.md), for each GPU backend ("cuda", "triton"):
 
