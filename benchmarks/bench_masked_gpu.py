@@ -9,7 +9,7 @@ does the same job, through the public API (``<case>/api``: checks, the top-k sel
   "cublas_dense" (the same GEMM unmasked) and "materialise_then_cublas" (where(S >= t, W, 0),
   then the GEMM; for the score gradient: the dense weight gradient times W). Target: >= 0.9x
   cuBLAS dense. Also fp32 (no tf32) and structured-scores forwards.
-* ``masked_linear_fwd_bf16_M{16,64,256}_4096x4096``: the memory-bound regime against
+* ``masked_linear_fwd_bf16_M{16,256}_4096x4096``: the memory-bound regime against
   materialise-then-cuBLAS (target >= 1.3x) and torch.compile(mode="max-autotune") of the same
   where-then-matmul graph (target >= 1.0x).
 * ``masked_conv_fwd_bwd_bf16_cl_b32_*``: ResNet-50 layer shapes, batch 32, channels_last:
@@ -37,7 +37,7 @@ from bise_kernels.backends import reference as ref
 GPU_BACKENDS = ("cuda", "triton")
 DENSITY = 0.5
 BF16, FP32 = 2, 4
-FULL = SimpleNamespace(gemm=4096, small_m=(16, 64, 256), conv_batch=32, conv_scale=1, gate=(32, 256, 56, 56))
+FULL = SimpleNamespace(gemm=4096, small_m=(16, 256), conv_batch=32, conv_scale=1, gate=(32, 256, 56, 56))
 TINY = SimpleNamespace(gemm=64, small_m=(16,), conv_batch=2, conv_scale=16, gate=(2, 8, 5, 5))
 DGRAD, SCORE_GRAD, FROZEN_WEIGHTS = [True, False, False, False], [False, False, False, True], [True, False, False, True]
 
@@ -273,7 +273,7 @@ def _gate_cases(k, gates) -> list[dict]:
 
 
 def gpu_cases(dry_run: bool = False) -> list[dict]:
-    """Every masked case for every GPU backend and the API (~2 GB on the GPU, shared between them).
+    """Every masked case for every GPU backend and the API (under 1 GB on the GPU, shared between them).
 
     ``dry_run``: tiny cases on the CPU for the backend "torch" and the API.
     """

@@ -210,7 +210,7 @@ def _graph_probe() -> dict:
 
 
 def gpu_cases(dry_run: bool = False) -> list[dict]:
-    """The step, overhead and graph cases (~10 GB on the GPU at batch 4096 / 128)."""
+    """The step, overhead and graph cases (a few GB on the GPU, most of it the batch-128 conv activations)."""
     if not dry_run and not torch.cuda.is_available():
         raise RuntimeError("bench_step_gpu cases need a CUDA device (or dry_run=True)")
     size, device, backends = (TINY, "cpu", ("torch", "auto")) if dry_run else (FULL, "cuda", GPU_BACKENDS)
