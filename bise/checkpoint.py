@@ -33,22 +33,28 @@ def umask_mode(mode: int = 0o666) -> int:
     return mode & ~mask
 
 
-def atomic_write(path: PathLike, write: Callable[[str], None]) -> Path:
-    """Call ``write(tmp)`` on a temporary path beside ``path``, then rename it into place (rank 0 only)."""
+def replace_atomic(path: PathLike, write: Callable[[str], None]) -> Path:
+    """Call ``write(tmp)`` on a temporary path beside ``path``, then rename it into place (this process only)."""
     path = Path(path)
-    if distributed.current().is_main:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-        os.fchmod(fd, umask_mode())
-        os.close(fd)
-        try:
-            write(tmp)
-            os.replace(tmp, path)
-        finally:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
-    distributed.barrier()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.fchmod(fd, umask_mode())
+    os.close(fd)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
     return path
+
+
+def atomic_write(path: PathLike, write: Callable[[str], None]) -> Path:
+    """:func:`replace_atomic` on rank 0 while the other ranks wait (every rank calls it)."""
+    if distributed.current().is_main:
+        replace_atomic(path, write)
+    distributed.barrier()
+    return Path(path)
 
 
 def save_atomic(obj: Any, path: PathLike) -> Path:
@@ -81,4 +87,4 @@ def load_checkpoint(path: PathLike, *, required: tuple = ()) -> dict:
     return obj
 
 
-__all__ = ["CheckpointError", "atomic_write", "load_checkpoint", "save_atomic", "umask_mode"]
+__all__ = ["CheckpointError", "atomic_write", "load_checkpoint", "replace_atomic", "save_atomic", "umask_mode"]

@@ -108,7 +108,8 @@ def build_parser() -> argparse.ArgumentParser:
                                     "own training set (default for fixed user data)")),
         (("--no-reweight",), dict(dest="reweight", action="store_false",
                                   help="ablation: plain cross-entropy instead of the reweighted L_r")),
-        (("--no-mi",), dict(dest="mi", action="store_false", help="ablation: drop the mutual-information term")))
+        (("--no-mi",), dict(dest="mi", action="store_false", help="ablation: drop the mutual-information term")),
+        (("--amp",), dict(action="store_true", help="bf16 autocast for the extraction's frozen forward passes")))
     resume = _group("resumption", (("--resume",), dict(action="store_true", help="continue the run in --out: reuse "
                     "vanilla.pt, continue the extraction from checkpoint.pt")))
     export = _group("export", (("--fold-bn",), dict(action="store_true", help="fold BatchNorm into the preceding "
@@ -269,7 +270,7 @@ def _load_vanilla(inv: Invocation, path: Path):
     except RuntimeError as exc:
         raise UsageError(f"{path} does not match architecture {spec['arch']} (width {spec['width']}): "
                          f"{str(exc).splitlines()[0]}") from exc
-    _vanilla_health(model, path)
+    _vanilla_health(model, f"the vanilla model {path}")
     return model.eval()
 
 
@@ -280,7 +281,7 @@ def _vanilla_health(model, source) -> None:
 
     bad = [n for n, t in model.state_dict().items() if t.is_floating_point() and not torch.isfinite(t).all()]
     if bad:
-        raise UsageError(f"the vanilla model {source} has non-finite weights ({', '.join(bad[:3])}"
+        raise UsageError(f"{source} has non-finite weights ({', '.join(bad[:3])}"
                          f"{'...' if len(bad) > 3 else ''}): its training diverged; train again with a lower --lr")
 
 
@@ -324,7 +325,7 @@ def cmd_train(inv: Invocation) -> None:
     start = time.perf_counter()
     model = train_vanilla(data, s["arch"], epochs=s["epochs"], batch_size=s["batch_size"], lr=s["lr"], seed=a.seed,
                           device=a.device, width=s["width"], quiet=a.quiet)
-    _vanilla_health(model, "just trained")
+    _vanilla_health(model, f"the vanilla model trained with --lr {s['lr']}")
     _save_vanilla(inv.run.staged(VANILLA), model.cpu())
     inv.run.commit({VANILLA: inv.entry("train", {}, s, start)})
     inv.say(f"vanilla model -> {inv.run.path(VANILLA)}")
@@ -337,7 +338,8 @@ def _extract_config(inv: Invocation):
     try:
         return validate.extract_config(dict(
             mask_epochs=a.mask_epochs, head_epochs=a.head_epochs, batch_size=a.batch_size, label_free=a.label_free,
-            mask_set=a.mask_set, budget=a.budget, seed=a.seed, device=a.device, reweight=a.reweight, mi=a.mi, log_test=inv.data.val is None))
+            mask_set=a.mask_set, budget=a.budget, seed=a.seed, device=a.device, reweight=a.reweight, mi=a.mi,
+            amp=a.amp, log_test=inv.data.val is None))
     except ValueError as exc:
         raise UsageError(str(exc)) from None
 
@@ -472,13 +474,16 @@ def cmd_evaluate(inv: Invocation, finetuned: Optional[bool] = None) -> None:
     diff = max_abs_diff(sub.model, exported, data.test)
     steps = {"vanilla": run.artefacts.get(VANILLA) if source == VANILLA else None, "extraction": masks_entry,
              "export": run.artefacts[SUBNETWORK], "finetune": run.artefacts.get(FINETUNED) if finetuned else None}
-    timing = {f"{k}_seconds": e["seconds"] for k, e in steps.items() if e is not None}
+    timing = {f"{'vanilla_training' if k == 'vanilla' else k}_seconds": e["seconds"] for k, e in steps.items()
+              if e is not None}
     if a.latency_repeats:
         models = {"vanilla": vanilla, "subnetwork": exported, **({"finetuned": tuned} if tuned is not None else {})}
         timing["latency_seconds"] = {
             name: {f"batch_{n}": measure_latency(m, data.input_shape, n, a.device,
                                                  repeats=a.latency_repeats if n == 1 else max(1, a.latency_repeats // 3))
                    for n in (1, 256)} for name, m in models.items()}
+    timing.update({f"extraction_{phase}_seconds": sec
+                   for phase, sec in masks_entry["settings"].get("result", {}).get("timing_seconds", {}).items()})
     timing["evaluation_seconds"] = time.perf_counter() - start
     settings = {k: e["settings"] for k, e in steps.items() if e is not None}
     settings.setdefault("vanilla", {"from": source})

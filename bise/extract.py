@@ -188,6 +188,7 @@ class _Run:
         self.dist = distributed.current()
         self.splits: dict[str, DeviceSplit] = {}
         self.timing: dict[str, float] = {}
+        self.memo: dict[str, tuple[bytes, Tensor]] = {}
 
     def split(self, key: str) -> DeviceSplit:
         """Split ``key`` (train / val / test) on the device, made once per run."""
@@ -268,9 +269,29 @@ class _Run:
                 return self.prefix.run(self.cached[key].index_select(0, to_device(idx, self.device)))
             return self.model(self.split(key).inputs(idx))
 
+    def frozen(self, name: str, compute: Callable[[], Tensor]) -> Tensor:
+        """``compute()``, a pass of the frozen network, reused while the gates' hard masks are unchanged.
+
+        Such a pass depends on nothing else (frozen weights, eval mode), so a head refit or an
+        evaluation after an epoch that changed no mask reuses the last result exactly. Only with
+        ``cache_features``: the straightforward loop recomputes everything.
+        """
+        if not self.config.cache_features:
+            return compute()
+        gates = list(self.gates.values())
+        key = torch.cat([g.mask() for g in gates]).cpu().numpy().tobytes() if gates[0].enabled else b"off"
+        if name in self.memo and self.memo[name][0] == key:
+            return self.memo[name][1]
+        value = compute()
+        self.memo[name] = (key, value)
+        return value
+
     @torch.no_grad()
     def features(self) -> Tensor:
         """Bottleneck features of every training sample under the current gates (sharded over ranks)."""
+        return self.frozen("features", self._features)
+
+    def _features(self) -> Tensor:
         tap = BottleneckTap(self.bottleneck)
 
         def compute(idx: Tensor) -> Tensor:
@@ -431,7 +452,7 @@ class _Run:
         for name, g in self.gates.items():
             g.scores.copy_(torch.where(masks[name], 1.0, -1.0))
         try:
-            pred = self.predictions(key)
+            pred = self.frozen(f"predictions {key}", lambda: self.predictions(key))
         finally:
             for name, g in self.gates.items():
                 g.scores.copy_(saved[name])
@@ -520,6 +541,31 @@ def _labels(run: "_Run", ckpt: Optional[dict]) -> None:
     run.set_labels(run.pseudo_bias["train"], run.pseudo_bias["val"], "empirical-joint", data.num_classes)
 
 
+def prepare_run(model: nn.Module, data, config: ExtractConfig, quiet: bool = True, ckpt: Optional[dict] = None,
+                ckpt_path: Optional[Path] = None) -> _Run:
+    """An extraction ready for its first phase: a frozen gated copy of ``model``, labels, heads, caches.
+
+    :func:`extract` runs the schedule on it; benchmarks time single phases with it (enter
+    ``run.prefix``, when there is one, before calling ``run.head_phase`` or ``run.mask_epoch``).
+    """
+    device = torch.device(config.device)
+    model = copy.deepcopy(model).to(device).eval()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    if not gates_of(model):
+        example = data.train.inputs(torch.arange(min(2, len(data.train)))).to(device)
+        insert_gates(model, config.gate_names, exclude=config.gate_exclude, example_input=example,
+                     temperature=config.tau0, bottleneck=config.bottleneck)
+    run = _Run(model, data, config, quiet)
+    _labels(run, ckpt)
+    run.init_trainables()
+    if ckpt is not None:
+        run.load_state(ckpt, ckpt_path)
+    with run.clock("caches"):
+        run.prepare_caches()
+    return run
+
+
 def extract(model: nn.Module, data, *, config: Optional[ExtractConfig] = None, out_dir=None, resume: bool = False,
             quiet: bool = False, callback: Optional[Callable[[int, dict], None]] = None) -> Subnetwork:
     """Find the unbiased subnetwork of a vanilla ``model`` on ``data`` (a bise.data BiasedDataset).
@@ -554,20 +600,8 @@ def extract(model: nn.Module, data, *, config: Optional[ExtractConfig] = None, o
             # warn_only off the CPU: a kernel without a deterministic version warns instead of failing the run
             torch.use_deterministic_algorithms(True, warn_only=device.type != "cpu")
             stack.callback(lambda: torch.use_deterministic_algorithms(previous[0], warn_only=previous[1]))
-        model = copy.deepcopy(model).to(device).eval()
-        for p in model.parameters():
-            p.requires_grad_(False)
-        if not gates_of(model):
-            example = data.train.inputs(torch.arange(min(2, len(data.train)))).to(device)
-            insert_gates(model, config.gate_names, exclude=config.gate_exclude, example_input=example,
-                         temperature=config.tau0, bottleneck=config.bottleneck)
-        run = _Run(model, data, config, quiet)
-        _labels(run, ckpt)
-        run.init_trainables()
-        if ckpt is not None:
-            run.load_state(ckpt, ckpt_path)
-        with run.clock("caches"):
-            run.prepare_caches()
+        run = prepare_run(model, data, config, quiet, ckpt, ckpt_path)
+        model = run.model
         if run.prefix is not None:
             stack.enter_context(run.prefix)
 
@@ -624,4 +658,4 @@ def model_without_gates(model: nn.Module) -> nn.Module:
     return remove_gates(copy.deepcopy(model))
 
 
-__all__ = ["CHECKPOINT_NAME", "ExtractConfig", "extract"]
+__all__ = ["CHECKPOINT_NAME", "ExtractConfig", "extract", "prepare_run"]

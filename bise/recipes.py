@@ -15,11 +15,9 @@ dataset name. Random augmentation (CelebA flips, CIFAR crops) is not applied.
 
 from __future__ import annotations
 
-from typing import Optional, Union
+from typing import Union
 
 from torch import nn
-
-from .models import ARCHS
 
 RECIPES = {
     "mlp": {"optimizer": "adam", "lr": 1e-3, "weight_decay": 1e-4, "epochs": 100, "batch_size": 256,
@@ -73,10 +71,4 @@ def recipe_for(data, arch: Union[str, nn.Module, None] = None) -> dict:
     return recipe
 
 
-def check_arch(arch: Optional[str]) -> None:
-    """A clear error for an unknown built-in architecture name (None passes: the data's default)."""
-    if arch is not None and arch not in ARCHS:
-        raise ValueError(f"arch must be one of {ARCHS} or None, got {arch!r}")
-
-
-__all__ = ["RECIPES", "arch_of", "check_arch", "default_arch", "recipe_for"]
+__all__ = ["RECIPES", "arch_of", "default_arch", "recipe_for"]

@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Optional
 
 from . import distributed
-from .checkpoint import umask_mode
+from .checkpoint import replace_atomic, umask_mode
 
 FORMAT = "bise-run-v2"
 MANIFEST = "run.json"
@@ -152,9 +152,22 @@ class RunDir:
         return self.staging / name
 
     def _save(self) -> None:
-        from .report import write_text
+        """Write run.json (rank 0 alone: the caller synchronises the ranks)."""
+        text = json.dumps(self.manifest, indent=1, default=str)
 
-        write_text(str(self.path(MANIFEST)), json.dumps(self.manifest, indent=1, default=str))
+        def write(tmp: str) -> None:
+            with open(tmp, "w") as f:
+                f.write(text)
+                f.flush()
+                os.fsync(f.fileno())
+
+        replace_atomic(self.path(MANIFEST), write)
+
+    def _synced(self) -> None:
+        """After rank 0 changed --out: every rank waits, then the others re-read run.json."""
+        distributed.barrier()
+        if not self.main:
+            self.manifest = json.loads(self.path(MANIFEST).read_text())
 
     def hash(self, path) -> str:
         path = Path(path)
@@ -174,15 +187,7 @@ class RunDir:
             self.artefacts[name] = entry
             self.manifest["data"] = entry["data"]
             self._save()
-        distributed.barrier()
-
-    def forget(self, name: str) -> None:
-        """Remove ``name`` and its entry (a resumable file whose step is being redone)."""
-        if self.main:
-            self.artefacts.pop(name, None)
-            self._save()
-            self.path(name).unlink(missing_ok=True)
-        distributed.barrier()
+        self._synced()
 
     # ------------------------------------------------------------------ reading
 
@@ -244,7 +249,7 @@ class RunDir:
             self.manifest["artefacts"] = {**kept, **new}
             self.manifest["data"] = next(iter(new.values()))["data"] if new else self.manifest["data"]
             self._save()
-        distributed.barrier()
+        self._synced()
 
     def _made_from(self, changed: set, new: dict) -> set:
         """Recorded artefacts (other than ``new``) whose inputs include a changed file, recursively."""

@@ -101,4 +101,5 @@ def rebuild(spec: dict) -> nn.Module:
     return build_model(spec["arch"], spec["num_classes"], spec["input_shape"], **kwargs)
 
 
-__all__ = ["ARCHS", "MLP", "MobileNetV2", "ResNet18", "SimpleCNN", "build_model", "model_spec", "rebuild", "reinitialize"]
+__all__ = ["ARCHS", "MLP", "MobileNetV2", "ResNet18", "SimpleCNN", "build_model", "model_spec", "rebuild",
+           "reinitialize"]

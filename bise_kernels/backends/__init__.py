@@ -86,9 +86,11 @@ AUTO_ORDER: dict[str, tuple[str, ...]] = {
     "cpu": ("cpp", "torch"),
     "cuda": ("cuda", "triton", "torch"),
 }
+# Masked layers on CUDA: "cuda" (one fused W_eff pass, then cuBLAS/cuDNN). The Triton masked GEMM
+# and conv are slower than materialising W_eff then calling cuBLAS/cuDNN on an H200
+# (benchmarks/results/nvidia-h200-20261130-f94c1afe-masked-bf16.json: masked_linear 0.73-0.86x
+# "materialise_then_cublas", masked conv 0.12-0.30x cuDNN), so no entry puts Triton first for them.
 AUTO_ORDER_PER_KERNEL: dict[tuple[str, str], tuple[str, ...]] = {
-    ("cuda", "masked_linear_forward"): ("triton", "cuda", "torch"),
-    ("cuda", "masked_linear_backward"): ("triton", "cuda", "torch"),
     # The Triton select took 4317 us for 25M fp32 scores where torch.sort took 1182 us (0.27x) and the
     # CUDA select 334 us on one H200 (benchmarks/results/nvidia-h200-20261130-f94c1afe-select.json):
     # on CUDA "auto" skips it; it stays selectable by name ("triton").
