@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import os
 import sys
 import time
@@ -145,6 +146,11 @@ def resolve_spec(spec: str) -> str:
     return f"{kind}:{root}" + "".join(f",{k}={v}" for k, v in raw.items())
 
 
+def _plain(obj):
+    """``obj`` as run.json gives it back (tuples become lists), so that records compare equal."""
+    return json.loads(json.dumps(obj, default=str))
+
+
 class Invocation:
     """One command: its arguments, the run directory, the data and the run's recorded settings."""
 
@@ -208,12 +214,12 @@ class Invocation:
             digest = d.info.get("checksum")
             if digest is None:  # read directly (an .npz): hash the file
                 digest = sha256(parse(a.data)[1])
-            self.data_record = {"spec": a.data, "seed": a.seed, "canonical_spec": d.info.get("canonical_spec", d.spec),
+            self.data_record = _plain({"spec": a.data, "seed": a.seed, "canonical_spec": d.info.get("canonical_spec", d.spec),
                                 "sha256": digest, "name": d.name, "num_classes": d.num_classes,
                                 "num_bias_classes": d.num_bias_classes, "num_biases": d.num_biases, "rho": d.rho,
                                 "weighting": d.weighting,
                                 "sizes": {k: len(s) for k, s in (("train", d.train), ("val", d.val), ("test", d.test))
-                                          if s is not None}}
+                                          if s is not None}})
         return self._data
 
     def require(self, name: str, hashed: bool = True) -> Path:
@@ -513,8 +519,6 @@ def _reuse_vanilla(inv: Invocation) -> None:
 
 def _reusable(inv: Invocation, name: str, settings: dict) -> bool:
     """Whether ``run --resume`` can keep ``name``: consistent with the run and made with ``settings``."""
-    import json
-
     if name not in inv.run.artefacts:
         return False
     try:
@@ -522,7 +526,7 @@ def _reusable(inv: Invocation, name: str, settings: dict) -> bool:
     except UsageError:
         return False
     recorded = inv.run.artefacts[name]["settings"]
-    now = json.loads(json.dumps(settings, default=str))
+    now = _plain(settings)
     return all(recorded.get(k) == v for k, v in now.items())
 
 
