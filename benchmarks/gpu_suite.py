@@ -31,7 +31,7 @@ import torch
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "benchmarks" / "results"
-CASE_MODULES = ("bench_select_gpu", "bench_masked_gpu")
+CASE_MODULES = ("bench_select_gpu", "bench_masked_gpu", "bench_workflow_gpu")
 QUANTILES = (0.5, 0.2, 0.8)
 
 

@@ -103,9 +103,14 @@ def build_parser() -> argparse.ArgumentParser:
                                        "(default 50)")),
         (("--budget",), dict(type=_fraction, help="keep exactly this fraction of units (global top-k of scores)")),
         (("--label-free",), dict(action="store_true", help="pseudo bias labels from a 1-epoch ERM model")),
+        (("--mask-set",), dict(choices=("vanilla-train", "fresh-draw"),
+                               help="where masks and bias head learn: fresh-draw = a second draw of the biased "
+                                    "training set (default for built-in benchmarks), vanilla-train = the vanilla's "
+                                    "own training set (default for fixed user data)")),
         (("--no-reweight",), dict(dest="reweight", action="store_false",
                                   help="ablation: plain cross-entropy instead of the reweighted L_r")),
-        (("--no-mi",), dict(dest="mi", action="store_false", help="ablation: drop the mutual-information term")))
+        (("--no-mi",), dict(dest="mi", action="store_false", help="ablation: drop the mutual-information term")),
+        (("--amp",), dict(action="store_true", help="bf16 autocast for the extraction's frozen forward passes")))
     resume = _group("resumption", (("--resume",), dict(action="store_true", help="continue the run in --out: reuse "
                     "vanilla.pt, continue the extraction from checkpoint.pt")))
     export = _group("export", (("--fold-bn",), dict(action="store_true", help="fold BatchNorm into the preceding "
@@ -248,7 +253,7 @@ def _load_vanilla(inv: Invocation, path: Path):
     """A vanilla.pt written by bise ({format, model_spec, state_dict}) or a bare state_dict of --arch."""
     from .checkpoint import load_checkpoint
     from .models import build_model, rebuild
-    from .train import recipe_for
+    from .recipes import recipe_for
 
     if not path.is_file():
         raise UsageError(f"--model {str(path)!r} does not exist")
@@ -257,7 +262,7 @@ def _load_vanilla(inv: Invocation, path: Path):
     if obj.get("format") == VANILLA_FORMAT:
         model, state = rebuild(obj["model_spec"]), obj["state_dict"]
     else:
-        model = build_model(arch or recipe_for(data)["arch"], data.num_classes, data.input_shape,
+        model = build_model(recipe_for(data, arch)["arch"], data.num_classes, data.input_shape,
                             width=inv.opt("width") or 1.0)
         state = obj
     spec = model.bise_spec
@@ -309,10 +314,10 @@ def _vanilla_source(inv: Invocation) -> tuple[Path, dict]:
 # ---------------------------------------------------------------------------------------------- steps
 
 def _vanilla_settings(inv: Invocation) -> dict:
-    from .train import recipe_for
+    from .recipes import recipe_for
 
-    a, recipe = inv.args, recipe_for(inv.data)
-    return {"arch": a.arch or recipe["arch"], "width": a.width or 1.0,
+    a, recipe = inv.args, recipe_for(inv.data, inv.args.arch)
+    return {"arch": recipe["arch"], "width": a.width or 1.0,
             "epochs": recipe["epochs"] if a.vanilla_epochs is None else a.vanilla_epochs,
             "batch_size": a.batch_size or recipe["batch_size"], "lr": a.lr or recipe["lr"], "recipe": recipe,
             "seed": a.seed, "device": a.device}
@@ -339,7 +344,8 @@ def _extract_config(inv: Invocation):
     try:
         return validate.extract_config(dict(
             mask_epochs=a.mask_epochs, head_epochs=a.head_epochs, batch_size=a.batch_size, label_free=a.label_free,
-            budget=a.budget, seed=a.seed, device=a.device, reweight=a.reweight, mi=a.mi, log_test=inv.data.val is None))
+            mask_set=a.mask_set, budget=a.budget, seed=a.seed, device=a.device, reweight=a.reweight, mi=a.mi,
+            amp=a.amp, log_test=inv.data.val is None))
     except ValueError as exc:
         raise UsageError(str(exc)) from None
 
@@ -415,14 +421,14 @@ def cmd_export(inv: Invocation) -> None:
 def cmd_finetune(inv: Invocation) -> None:
     from .export import load_exported, save_exported
     from .finetune import LR_FACTOR
-    from .train import recipe_for
+    from .recipes import recipe_for
 
     a, data = inv.args, inv.data
     epochs = 10 if a.finetune_epochs is None else a.finetune_epochs
     sub, inputs = _masks(inv)
     exported = load_exported(str(inv.require(SUBNETWORK)))
     inputs[SUBNETWORK] = inv.run.artefacts[SUBNETWORK]["sha256"]
-    recipe = recipe_for(data)
+    recipe = recipe_for(data, sub.model)
     settings = {"epochs": epochs, "scheme": sub.info.get("weighting"), "rho": sub.info.get("rho"),
                 "batch_size": sub.info.get("batch_size"), "lr": recipe["lr"] * LR_FACTOR,
                 "optimizer": recipe["optimizer"], "bn": "train mode",
@@ -430,7 +436,7 @@ def cmd_finetune(inv: Invocation) -> None:
                 "pseudo_bias_labels": sub.pseudo_bias is not None, "seed": a.seed, "device": a.device}
     start = time.perf_counter()
     tuned = sub.finetune(data, epochs, exported=exported, batch_size=settings["batch_size"], seed=a.seed,
-                         device=a.device, quiet=a.quiet)
+                         device=a.device, quiet=a.quiet, arch=sub.model.bise_spec["arch"])
     save_exported(tuned.cpu(), str(inv.run.staged(FINETUNED)), sub.model.bise_spec)
     entry = inv.entry("finetune", inputs, settings, start)
     inv.run.commit({FINETUNED: entry, "finetuned.json": dict(entry)})
@@ -482,6 +488,8 @@ def cmd_evaluate(inv: Invocation, finetuned: Optional[bool] = None) -> None:
             name: {f"batch_{n}": measure_latency(m, data.input_shape, n, a.device,
                                                  repeats=a.latency_repeats if n == 1 else max(1, a.latency_repeats // 3))
                    for n in (1, 256)} for name, m in models.items()}
+    timing.update({f"extraction_{phase}_seconds": sec
+                   for phase, sec in masks_entry["settings"].get("result", {}).get("timing_seconds", {}).items()})
     timing["evaluation_seconds"] = time.perf_counter() - start
     settings = {k: e["settings"] for k, e in steps.items() if e is not None}
     settings.setdefault("vanilla", {"from": source})

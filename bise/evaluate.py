@@ -9,6 +9,7 @@ import torch
 from torch import Tensor, nn
 
 from . import distributed
+from .batching import DeviceSplit
 
 PATTERNS = ("aligned/aligned", "aligned/conflicting", "conflicting/aligned", "conflicting/conflicting")
 
@@ -80,7 +81,9 @@ def predict(model: nn.Module, split, *, batch_size: int = 256, device="cpu") -> 
         if len(split) == 0:
             return torch.empty(0, dtype=torch.long)
         # each rank of a multi-process run predicts its shard; the exact predictions are gathered
-        return distributed.shard_rows(len(split), lambda idx: model(split.inputs(idx).to(device)).argmax(dim=1),
+        # (on the device, read once)
+        data = DeviceSplit.of(split, device)
+        return distributed.shard_rows(len(split), lambda idx: model(data.inputs(idx)).argmax(dim=1),
                                       batch_size).cpu()
     finally:
         model.train(was_training)

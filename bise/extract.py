@@ -16,7 +16,8 @@ import copy
 import dataclasses
 import math
 import os
-from contextlib import ExitStack
+import time
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Optional, Sequence, Union
@@ -29,12 +30,18 @@ from tqdm.auto import tqdm
 from bise_kernels import global_topk_masks
 
 from . import distributed, losses, validate
+from .batching import DeviceSplit, to_device
 from .checkpoint import load_checkpoint, save_atomic
+from .data.maskset import PROTOCOLS as MASK_SETS
+from .data.maskset import mask_data
 from .evaluate import predict
 from .feature_cache import BottleneckTap, FrozenPrefix
+from .heads import set_head_grads
 from .gates import find_bottleneck, gates_of, insert_gates, remove_gates, set_gate_mode
 from .subnetwork import Subnetwork
-from .train import fit, recipe_for
+from .models import reinitialize
+from .recipes import recipe_for
+from .train import fit
 
 CHECKPOINT_NAME = "checkpoint.pt"
 CHECKPOINT_FORMAT = "bise-extract-checkpoint-v1"
@@ -65,12 +72,14 @@ class ExtractConfig:
     weighting: Optional[str] = None  # None: data.weighting ("empirical-joint" with label_free)
     rho: Optional[Union[float, Sequence[float]]] = None  # None: data.rho
     label_free: bool = False
+    mask_set: Optional[str] = None  # "fresh-draw" | "vanilla-train"; None: the data's default (bise.data.maskset)
     identification_epochs: int = 1
     budget: Optional[float] = None  # keep exactly this fraction of units (global top-k of the scores)
     gate_names: Optional[Sequence[str]] = None
     gate_exclude: Optional[Sequence[str]] = None
     bottleneck: Optional[str] = None
     cache_features: bool = True  # False: the straightforward loop (recompute everything)
+    amp: bool = False  # bf16 autocast for the frozen network's forward passes (losses and heads in fp32)
     cache_limit_mb: float = 4096.0
     eval_batch_size: int = 1024
     log_test: bool = False  # also log test metrics every epoch (logging only, never selection)
@@ -98,6 +107,8 @@ class ExtractConfig:
         if self.budget is not None and (isinstance(self.budget, bool) or not isinstance(self.budget, (int, float))
                                         or not 0 < self.budget <= 1):
             raise ValueError(f"budget must be a fraction in (0, 1] of units to keep, got {self.budget!r}")
+        if self.mask_set is not None and self.mask_set not in MASK_SETS:
+            raise ValueError(f"mask_set must be one of {MASK_SETS} or None, got {self.mask_set!r}")
         if self.weighting is not None and self.weighting not in losses.SCHEMES:
             raise ValueError(f"weighting must be one of {losses.SCHEMES} or None, got {self.weighting!r}")
         return self
@@ -148,13 +159,10 @@ def _check_data(data, config: ExtractConfig) -> None:
 def _identification_model(model: nn.Module, data, config: ExtractConfig, quiet: bool) -> nn.Module:
     """Same architecture, fresh weights, ``identification_epochs`` of ERM with the data's recipe (section 9)."""
     torch.manual_seed(config.seed)
-    ident = copy.deepcopy(model)
-    for m in ident.modules():
-        if hasattr(m, "reset_parameters") and m is not ident:
-            m.reset_parameters()
+    ident = reinitialize(copy.deepcopy(model))
     for p in ident.parameters():
         p.requires_grad_(True)
-    recipe = recipe_for(data)
+    recipe = recipe_for(data, model)
     return fit(ident, data.train, recipe, epochs=config.identification_epochs,
                batch_size=config.batch_size or recipe["batch_size"], lr=recipe["lr"], seed=config.seed,
                device=config.device, quiet=quiet, desc="identification model")
@@ -169,7 +177,7 @@ class _Run:
         self.model = model
         self.gates = gates_of(model)
         self.bottleneck = model.get_submodule(find_bottleneck(model, config.bottleneck))
-        self.batch_size = config.batch_size or recipe_for(data)["batch_size"]
+        self.batch_size = config.batch_size or recipe_for(data, model)["batch_size"]
         self.generator = torch.Generator().manual_seed(config.seed)
         self.prefix: Optional[FrozenPrefix] = None
         self.cached: dict[str, Tensor] = {}
@@ -178,6 +186,31 @@ class _Run:
         self.epoch = 0
         self.pseudo_bias: Optional[dict] = None
         self.dist = distributed.current()
+        self.splits: dict[str, DeviceSplit] = {}
+        self.timing: dict[str, float] = {}
+        self.memo: dict[str, tuple[bytes, Tensor]] = {}
+
+    def split(self, key: str) -> DeviceSplit:
+        """Split ``key`` (train / val / test) on the device, made once per run."""
+        if key not in self.splits:
+            self.splits[key] = DeviceSplit({"train": self.data.train, "val": self.data.val,
+                                            "test": self.data.test}[key], self.device)
+        return self.splits[key]
+
+    def autocast(self):
+        """bf16 autocast for the frozen forward passes when ``config.amp`` (a no-op otherwise)."""
+        return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.config.amp)
+
+    @contextmanager
+    def clock(self, phase: str):
+        """Add the wall clock of the block to ``timing[phase]`` (the device is synchronised at both ends)."""
+        _synchronize(self.device)
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            _synchronize(self.device)
+            self.timing[phase] = self.timing.get(phase, 0.0) + time.perf_counter() - start
 
     # ------------------------------------------------------------------ labels and weights
 
@@ -218,30 +251,52 @@ class _Run:
         if self.config.log_test:
             splits["test"] = self.data.test
         n_total = sum(len(s) for s in splits.values())
-        example = self.data.train.inputs(torch.arange(min(8, len(self.data.train)))).to(self.device)
+        example = self.split("train").inputs(torch.arange(min(8, len(self.data.train))))
         self.prefix = FrozenPrefix.build(self.model, example, n_total, self.config.cache_limit_mb * 2**20)
         if self.prefix is None:
             return
         batch = self.config.eval_batch_size
-        for key, split in splits.items():
-            self.cached[key] = distributed.shard_rows(
-                len(split), lambda idx, s=split: self.prefix.compute(lambda j: s.inputs(idx[j]).to(self.device),
-                                                                     len(idx), batch), batch)
+        for key in splits:
+            s = self.split(key)
+            with self.autocast():
+                self.cached[key] = distributed.shard_rows(
+                    len(s), lambda idx, s=s: self.prefix.compute(lambda j: s.inputs(idx[j]), len(idx), batch), batch)
 
     def forward(self, key: str, idx: Tensor) -> Tensor:
-        if key in self.cached:
-            return self.prefix.run(self.cached[key][idx.to(self.cached[key].device)])
-        split = {"train": self.data.train, "val": self.data.val, "test": self.data.test}[key]
-        return self.model(split.inputs(idx).to(self.device))
+        """The model's logits for samples ``idx`` of split ``key`` (from the prefix cache when there is one)."""
+        with self.autocast():
+            if key in self.cached:
+                return self.prefix.run(self.cached[key].index_select(0, to_device(idx, self.device)))
+            return self.model(self.split(key).inputs(idx))
+
+    def frozen(self, name: str, compute: Callable[[], Tensor]) -> Tensor:
+        """``compute()``, a pass of the frozen network, reused while the gates' hard masks are unchanged.
+
+        Such a pass depends on nothing else (frozen weights, eval mode), so a head refit or an
+        evaluation after an epoch that changed no mask reuses the last result exactly. Only with
+        ``cache_features``: the straightforward loop recomputes everything.
+        """
+        if not self.config.cache_features:
+            return compute()
+        gates = list(self.gates.values())
+        key = torch.cat([g.mask() for g in gates]).cpu().numpy().tobytes() if gates[0].enabled else b"off"
+        if name in self.memo and self.memo[name][0] == key:
+            return self.memo[name][1]
+        value = compute()
+        self.memo[name] = (key, value)
+        return value
 
     @torch.no_grad()
     def features(self) -> Tensor:
         """Bottleneck features of every training sample under the current gates (sharded over ranks)."""
+        return self.frozen("features", self._features)
+
+    def _features(self) -> Tensor:
         tap = BottleneckTap(self.bottleneck)
 
         def compute(idx: Tensor) -> Tensor:
             self.forward("train", idx)
-            return tap.take()
+            return tap.take().float()
 
         try:
             return distributed.shard_rows(len(self.train.y), compute, self.config.eval_batch_size)
@@ -250,33 +305,44 @@ class _Run:
 
     @torch.no_grad()
     def predictions(self, key: str) -> Tensor:
-        n = len({"train": self.data.train, "val": self.data.val, "test": self.data.test}[key])
-        return distributed.shard_rows(n, lambda idx: self.forward(key, idx).argmax(1),
+        """Predicted classes of every sample of split ``key``, gathered on the device and read once."""
+        return distributed.shard_rows(len(self.split(key)), lambda idx: self.forward(key, idx).argmax(1),
                                       self.config.eval_batch_size).cpu()
 
     # ------------------------------------------------------------------ the two training loops
 
     def head_phase(self, desc: str) -> None:
-        """``head_epochs`` of CE(head(z), b) with the gates fixed (vanilla before epoch 1, pruned after)."""
+        """``head_epochs`` of CE(head(z), b) with the gates fixed (vanilla before epoch 1, pruned after).
+
+        With ``cache_features`` the features of the whole training split are computed once and every
+        step is :func:`bise.heads.set_head_grads` on them (no network pass, no autograd graph; the
+        same gradients); the straightforward loop runs the network and autograd at every step.
+        """
         if self.config.head_epochs == 0:
             return
         set_gate_mode(self.gates, "vanilla" if self.epoch == 0 else "pruned")
         cached = self.features() if self.config.cache_features else None
         tap = None if cached is not None else BottleneckTap(self.bottleneck)
-        n, b2 = len(self.train.y), self.train.b2.to(self.device)
+        split, b2 = self.split("train"), to_device(self.train.b2, self.device)
+        params = list(self.heads.parameters())
+        scales: dict[float, Tensor] = {}
         try:
             for _ in tqdm(range(self.config.head_epochs), desc=desc, unit="epoch", disable=self.quiet, leave=False):
-                for idx, n_global in distributed.local_batches(n, self.batch_size, self.generator, self.dist):
+                for idx, n_global in split.indices(self.batch_size, self.generator, self.dist):
                     if cached is not None:
-                        z = cached[idx.to(cached.device)]
+                        scale = len(idx) / n_global
+                        if scale not in scales:
+                            scales[scale] = torch.full((), scale, device=self.device)
+                        set_head_grads(self.heads, cached.index_select(0, idx), b2.index_select(0, idx),
+                                       scales[scale])
                     else:
                         with torch.no_grad():
                             self.forward("train", idx)
-                        z = tap.take()
-                    loss = distributed.scaled(self.aux_loss(z, b2[idx.to(self.device)]), len(idx), n_global)
-                    self.head_opt.zero_grad(set_to_none=True)
-                    loss.backward()
-                    distributed.all_reduce_grads(list(self.heads.parameters()))
+                        z = tap.take().float()
+                        loss = distributed.scaled(self.aux_loss(z, b2.index_select(0, idx)), len(idx), n_global)
+                        self.head_opt.zero_grad(set_to_none=True)
+                        loss.backward()
+                    distributed.all_reduce_grads(params)
                     self.head_opt.step()
         finally:
             if tap is not None:
@@ -287,24 +353,31 @@ class _Run:
 
     def mask_epoch(self) -> dict:
         """One epoch of the section 5 step over shuffled training batches; returns mean losses."""
+        keys = ("train_loss", "reweighted_ce", "mi", "aux_loss")
+        totals = distributed.all_reduce_sum(self.mask_steps())
+        return {k: float(v) / len(self.train.y) for k, v in zip(keys, totals.tolist())}
+
+    def mask_steps(self) -> Tensor:
+        """The steps of :meth:`mask_epoch`; returns this rank's sums of the four losses on the device.
+
+        No host synchronisation: labels, indices and sums stay on the device.
+        """
         config = self.config
         set_gate_mode(self.gates, "masked")
         tap = BottleneckTap(self.bottleneck)
-        y, b, b2 = (t.to(self.device) for t in (self.train.y, self.train.b, self.train.b2))
-        table = self.table.to(self.device)
-        keys = ("train_loss", "reweighted_ce", "mi", "aux_loss")
-        totals = torch.zeros(len(keys), dtype=torch.float64, device=self.device)
-        batches = list(distributed.local_batches(len(y), self.batch_size, self.generator, self.dist))
+        y, b, b2 = (to_device(t, self.device) for t in (self.train.y, self.train.b, self.train.b2))
+        table = to_device(self.table, self.device)
+        totals = torch.zeros(4, dtype=torch.float64, device=self.device)
+        batches = self.split("train").indices(self.batch_size, self.generator, self.dist)
         world = self.dist.world_size
         try:
             for idx, n_global in tqdm(batches, desc=f"mask epoch {self.epoch + 1}", unit="batch",
                                       disable=self.quiet, leave=False):
-                idx_d = idx.to(self.device)
-                logits = self.forward("train", idx)
-                z = tap.take()
-                yb = y[idx_d]
+                logits = self.forward("train", idx).float()
+                z = tap.take().float()
+                yb = y[idx]
                 if config.reweight:
-                    lr_ = losses.reweighted_cross_entropy(logits, yb, b[idx_d], group_weights=table)
+                    lr_ = losses.reweighted_cross_entropy(logits, yb, b[idx], group_weights=table)
                 else:
                     lr_ = F.cross_entropy(logits, yb)
                 lr_ = distributed.scaled(lr_, len(idx), n_global)
@@ -312,7 +385,7 @@ class _Run:
                 if config.mi:  # defined on the global batch: every rank sees all ranks' samples
                     heads = len(self.heads)
                     packed = torch.cat([head(z) for head in self.heads] + [yb[:, None].to(z.dtype),
-                                                                         b2[idx_d].to(z.dtype)], dim=1)
+                                                                         b2[idx].to(z.dtype)], dim=1)
                     packed = distributed.all_gather_rows(packed, distributed.share_sizes(n_global, world))
                     k_ = self.num_bias_classes
                     y_all = packed[:, heads * k_].long()
@@ -320,7 +393,7 @@ class _Run:
                         b_all = packed[:, heads * k_ + 1 + k].long()
                         mi = mi + losses.mutual_information(packed[:, k * k_:(k + 1) * k_], b_all, k_,
                                                             sample_mask=y_all != b_all) / world
-                aux = distributed.scaled(self.aux_loss(z, b2[idx_d]), len(idx), n_global)
+                aux = distributed.scaled(self.aux_loss(z, b2[idx]), len(idx), n_global)
                 objective = config.alpha * lr_ + config.gamma * mi
                 for s in self.scores:
                     s.grad = torch.zeros_like(s)
@@ -331,12 +404,10 @@ class _Run:
                 distributed.all_reduce_grads(list(self.heads.parameters()))
                 self.mask_opt.step()
                 self.head_opt.step()
-                for i, value in enumerate((objective, lr_, mi, aux)):
-                    totals[i] += float(value.detach()) * n_global
+                totals += torch.stack([objective, lr_, mi, aux]).detach().double() * n_global
         finally:
             tap.close()
-        distributed.all_reduce_sum(totals)
-        return {k: float(v) / len(y) for k, v in zip(keys, totals)}
+        return totals
 
     def init_trainables(self) -> None:
         """Scores at 0 and tau0; fresh heads (one per bias) on the bottleneck; the two SGD optimisers."""
@@ -349,7 +420,7 @@ class _Run:
         tap = BottleneckTap(self.bottleneck)
         try:
             with torch.no_grad():
-                self.model(self.data.train.inputs(torch.arange(1)).to(self.device))
+                self.model(self.split("train").inputs(torch.arange(1)))
             dim = tap.take().shape[1]
         finally:
             tap.close()
@@ -381,7 +452,7 @@ class _Run:
         for name, g in self.gates.items():
             g.scores.copy_(torch.where(masks[name], 1.0, -1.0))
         try:
-            pred = self.predictions(key)
+            pred = self.frozen(f"predictions {key}", lambda: self.predictions(key))
         finally:
             for name, g in self.gates.items():
                 g.scores.copy_(saved[name])
@@ -438,6 +509,11 @@ class _Run:
         self.generator.set_state(ckpt["rng"]["generator"])
 
 
+def _synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
 def _jsonish(v):
     if isinstance(v, (list, tuple)):
         return [_jsonish(x) for x in v]
@@ -465,17 +541,44 @@ def _labels(run: "_Run", ckpt: Optional[dict]) -> None:
     run.set_labels(run.pseudo_bias["train"], run.pseudo_bias["val"], "empirical-joint", data.num_classes)
 
 
+def prepare_run(model: nn.Module, data, config: ExtractConfig, quiet: bool = True, ckpt: Optional[dict] = None,
+                ckpt_path: Optional[Path] = None) -> _Run:
+    """An extraction ready for its first phase: a frozen gated copy of ``model``, labels, heads, caches.
+
+    :func:`extract` runs the schedule on it; benchmarks time single phases with it (enter
+    ``run.prefix``, when there is one, before calling ``run.head_phase`` or ``run.mask_epoch``).
+    """
+    device = torch.device(config.device)
+    model = copy.deepcopy(model).to(device).eval()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    if not gates_of(model):
+        example = data.train.inputs(torch.arange(min(2, len(data.train)))).to(device)
+        insert_gates(model, config.gate_names, exclude=config.gate_exclude, example_input=example,
+                     temperature=config.tau0, bottleneck=config.bottleneck)
+    run = _Run(model, data, config, quiet)
+    _labels(run, ckpt)
+    run.init_trainables()
+    if ckpt is not None:
+        run.load_state(ckpt, ckpt_path)
+    with run.clock("caches"):
+        run.prepare_caches()
+    return run
+
+
 def extract(model: nn.Module, data, *, config: Optional[ExtractConfig] = None, out_dir=None, resume: bool = False,
             quiet: bool = False, callback: Optional[Callable[[int, dict], None]] = None) -> Subnetwork:
     """Find the unbiased subnetwork of a vanilla ``model`` on ``data`` (a bise.data BiasedDataset).
 
     The model is copied (the caller's stays untouched), frozen and kept in eval mode. Gates go
-    where :func:`bise.gates.insert_gates` puts them unless the model already has gates.
+    where :func:`bise.gates.insert_gates` puts them unless the model already has gates. Masks and
+    head learn on the mask set of ``config.mask_set`` (:func:`bise.data.mask_data`).
     ``out_dir``: where ``checkpoint.pt`` is written after pre-training and every epoch;
     ``resume=True`` continues from it (an existing checkpoint without ``resume`` is refused).
     ``callback(epoch, record)`` runs after each epoch's checkpoint (an exception stops the run).
     """
     config = validate.extract_config(config)
+    data, mask_set = mask_data(data, config.mask_set)
     _check_data(data, config)
     validate.model_fits(model, data)
     ckpt_path = Path(out_dir) / CHECKPOINT_NAME if out_dir is not None else None
@@ -497,19 +600,8 @@ def extract(model: nn.Module, data, *, config: Optional[ExtractConfig] = None, o
             # warn_only off the CPU: a kernel without a deterministic version warns instead of failing the run
             torch.use_deterministic_algorithms(True, warn_only=device.type != "cpu")
             stack.callback(lambda: torch.use_deterministic_algorithms(previous[0], warn_only=previous[1]))
-        model = copy.deepcopy(model).to(device).eval()
-        for p in model.parameters():
-            p.requires_grad_(False)
-        if not gates_of(model):
-            example = data.train.inputs(torch.arange(min(2, len(data.train)))).to(device)
-            insert_gates(model, config.gate_names, exclude=config.gate_exclude, example_input=example,
-                         temperature=config.tau0, bottleneck=config.bottleneck)
-        run = _Run(model, data, config, quiet)
-        _labels(run, ckpt)
-        run.init_trainables()
-        if ckpt is not None:
-            run.load_state(ckpt, ckpt_path)
-        run.prepare_caches()
+        run = prepare_run(model, data, config, quiet, ckpt, ckpt_path)
+        model = run.model
         if run.prefix is not None:
             stack.enter_context(run.prefix)
 
@@ -518,22 +610,28 @@ def extract(model: nn.Module, data, *, config: Optional[ExtractConfig] = None, o
                 save_atomic(run.state(), ckpt_path)
 
         if ckpt is None:
-            run.head_phase("head pre-training")
+            with run.clock("head_pretraining"):
+                run.head_phase("head pre-training")
             checkpoint()
-        epochs = tqdm(range(run.epoch + 1, config.mask_epochs + 1), desc="BISE mask epochs", unit="epoch",
+        first_epoch = run.epoch + 1
+        epochs = tqdm(range(first_epoch, config.mask_epochs + 1), desc="BISE mask epochs", unit="epoch",
                       disable=quiet)
         for epoch in epochs:
             tau_before = config.temperature(epoch - 1)
-            epoch_losses = run.mask_epoch()
+            with run.clock("mask_epochs"):
+                epoch_losses = run.mask_epoch()
             run.epoch = epoch
-            record = run.after_epoch(epoch_losses)
+            with run.clock("evaluation"):
+                record = run.after_epoch(epoch_losses)
             tau = config.temperature(epoch)
             if tau != tau_before:
                 for g in run.gates.values():
                     g.temperature = tau
                 if epoch < config.mask_epochs or config.refit_after_last:
-                    run.head_phase(f"head refit (tau={tau:.3g})")
-            checkpoint()
+                    with run.clock("head_refits"):
+                        run.head_phase(f"head refit (tau={tau:.3g})")
+            with run.clock("checkpoints"):
+                checkpoint()
             epochs.set_postfix(loss=f"{record['train_loss']:.3f}", tau=f"{tau:.3g}",
                                val=None if record["val_accuracy"] is None else f"{record['val_accuracy']:.3f}")
             if callback is not None:
@@ -548,7 +646,9 @@ def extract(model: nn.Module, data, *, config: Optional[ExtractConfig] = None, o
             "best_epoch": run.best["epoch"], "best_val_accuracy": run.best["accuracy"],
             "selection": "best validation accuracy" if run.val is not None else "last epoch",
             "prefix_cached": run.prefix is not None, "final_refit_skipped": not config.refit_after_last,
-            "label_free": config.label_free, "bottleneck": find_bottleneck(model, config.bottleneck)}
+            "label_free": config.label_free, "bottleneck": find_bottleneck(model, config.bottleneck),
+            "mask_set": mask_set, "mask_epochs_run": config.mask_epochs + 1 - first_epoch,
+            "timing_seconds": dict(run.timing)}
     return Subnetwork(model, run.gates, masks, scores=final, history=run.history, config=config, info=info,
                       pseudo_bias=run.pseudo_bias)
 
@@ -558,4 +658,4 @@ def model_without_gates(model: nn.Module) -> nn.Module:
     return remove_gates(copy.deepcopy(model))
 
 
-__all__ = ["CHECKPOINT_NAME", "ExtractConfig", "extract"]
+__all__ = ["CHECKPOINT_NAME", "ExtractConfig", "extract", "prepare_run"]

@@ -133,8 +133,9 @@ def mutual_information(aux_logits: Tensor, bias: Tensor, num_bias_classes: int,
 
     With S the selected samples, n = |S|, e_j = one-hot(b_j), p_j = softmax(aux_logits_j):
     ``J_kl = max(sum_{j in S} e_jk p_jl, 1e-15) / n``; a, c = row and column sums of that clamped J;
-    ``I = sum_kl J_kl log(J_kl / max(a_k c_l, 1e-15)) / log K``. An empty S gives a constant 0
-    without gradient. With a single sample (or one bias class in S) I is 0 up to ~1e-14.
+    ``I = sum_kl J_kl log(J_kl / max(a_k c_l, 1e-15)) / log K``. An empty S gives 0 with a zero
+    gradient. With ``sample_mask`` the unselected rows are zeroed, not removed, so the estimate needs
+    no host synchronisation (the sums may differ from the row-removed ones in the last bits). With a single sample (or one bias class in S) I is 0 up to ~1e-14.
     """
     k = num_bias_classes
     if isinstance(k, bool) or not isinstance(k, int) or k < 2:
@@ -147,12 +148,18 @@ def mutual_information(aux_logits: Tensor, bias: Tensor, num_bias_classes: int,
         if sample_mask.shape != bias.shape or sample_mask.dtype != torch.bool:
             raise ValueError(f"sample_mask must be bool of shape {tuple(bias.shape)}, got {sample_mask.dtype} "
                              f"{tuple(sample_mask.shape)}")
-        aux_logits, bias = aux_logits[sample_mask], bias[sample_mask]
-    n = aux_logits.shape[0]
-    if n == 0:
+        # the unselected rows of e are zero: no data-dependent shape, so no host synchronisation
+        e = F.one_hot(bias.long(), k).to(aux_logits.dtype) * sample_mask[:, None].to(aux_logits.dtype)
+        n = sample_mask.sum()
+        mi = _normalised_mi(e, aux_logits.softmax(dim=1), n.clamp(min=1), k)
+        return torch.where(n > 0, mi, torch.zeros_like(mi))
+    if aux_logits.shape[0] == 0:
         return aux_logits.new_zeros(()).detach()
     e = F.one_hot(bias.long(), k).to(aux_logits.dtype)
-    p = aux_logits.softmax(dim=1)
+    return _normalised_mi(e, aux_logits.softmax(dim=1), aux_logits.shape[0], k)
+
+
+def _normalised_mi(e: Tensor, p: Tensor, n, k: int) -> Tensor:
     joint = (e.t() @ p).clamp(min=CLAMP) / n
     a = joint.sum(dim=1, keepdim=True)
     c = joint.sum(dim=0, keepdim=True)

@@ -1,10 +1,4 @@
-"""Vanilla (ERM) training with the paper's per-dataset recipes (bise-method.md section 8).
-
-The recipe is chosen from the data: two-bias data -> the Multi-Color MNIST MLP recipe;
-group-balanced data -> the CelebA recipe; a name containing "corrupt" -> the Corrupted CIFAR-10
-recipe; anything else -> the BiasedMNIST recipe. Random augmentation (CelebA flips, CIFAR crops) is
-not applied: the built-in data are small images with no augmentation pipeline.
-"""
+"""Vanilla (ERM) training with the recipe of bise.recipes (chosen by architecture and data together)."""
 
 from __future__ import annotations
 
@@ -17,35 +11,9 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from . import distributed, validate
+from .batching import DeviceSplit
 from .models import build_model
-
-RECIPES = {
-    "biased-mnist": {"arch": "simple-cnn", "optimizer": "sgd", "lr": 0.1, "momentum": 0.9, "weight_decay": 1e-4,
-                     "epochs": 80, "batch_size": 100, "schedule": "multistep"},
-    "multicolor-mnist": {"arch": "mlp", "optimizer": "adam", "lr": 1e-3, "weight_decay": 1e-4, "epochs": 100,
-                         "batch_size": 256, "schedule": None},
-    "celeba": {"arch": "resnet18", "optimizer": "adam", "lr": 1e-4, "weight_decay": 1e-4, "epochs": 50,
-               "batch_size": 256, "schedule": None},
-    "corrupted-cifar10": {"arch": "resnet18", "optimizer": "adam", "lr": 1e-3, "weight_decay": 1e-4, "epochs": 200,
-                          "batch_size": 256, "schedule": "cosine"},
-}
-
-
-def recipe_for(data) -> dict:
-    """The paper recipe that matches ``data`` (a copy, safe to edit); see the module docstring."""
-    if getattr(data, "num_biases", 1) == 2:
-        key = "multicolor-mnist"
-    elif getattr(data, "weighting", None) == "group-balanced":
-        key = "celeba"
-    elif "corrupt" in str(getattr(data, "name", "")).lower():
-        key = "corrupted-cifar10"
-    else:
-        key = "biased-mnist"
-    recipe = dict(RECIPES[key], name=key)
-    if recipe["schedule"] == "multistep":
-        rho = getattr(data, "rho", None)
-        recipe["milestones"] = [40, 60] if rho in (0.99, 0.995) else [80, 90]
-    return recipe
+from .recipes import recipe_for
 
 
 def _optimizer(params, recipe: dict, lr: float) -> torch.optim.Optimizer:
@@ -66,26 +34,40 @@ def train_epoch(model: nn.Module, split, opt: torch.optim.Optimizer, generator: 
                 device, loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]) -> float:
     """One epoch of ``opt`` steps on shuffled batches; returns the mean loss per sample.
 
-    ``loss_fn(logits, idx)`` is the mean loss of the batch ``idx``. In a multi-process run every
-    rank takes its share of the same global batches and gradients are summed over ranks, so the
-    steps equal those of one process with the global batch (BatchNorm statistics stay per rank).
+    ``split``: a data split or a :class:`~bise.batching.DeviceSplit` (pass one to keep the data on
+    the device across epochs). ``loss_fn(logits, idx)`` is the mean loss of the batch whose sample
+    indices ``idx`` are on ``device``. In a multi-process run every rank takes its share of the same
+    global batches and gradients are summed over ranks, so the steps equal those of one process
+    with the global batch (BatchNorm statistics stay per rank).
     """
-    ctx = distributed.current()
+    data = DeviceSplit.of(split, device)
+    total = train_steps(model, data, opt, generator, batch_size, loss_fn)
+    return float(distributed.all_reduce_sum(total)) / max(len(data), 1)
+
+
+def train_steps(model: nn.Module, data: DeviceSplit, opt: torch.optim.Optimizer, generator: torch.Generator,
+                batch_size: int, loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]) -> torch.Tensor:
+    """The steps of :func:`train_epoch`; returns this rank's loss sum on the device (no host sync)."""
     params = [p for group in opt.param_groups for p in group["params"]]
-    total = torch.zeros((), dtype=torch.float64, device=device)
-    for idx, n_global in distributed.local_batches(len(split), batch_size, generator, ctx):
-        loss = distributed.scaled(loss_fn(model(split.inputs(idx).to(device)), idx), len(idx), n_global)
+    total = torch.zeros((), dtype=torch.float64, device=data.device)
+    for x, idx, n_global in data.batches(batch_size, generator):
+        loss = distributed.scaled(loss_fn(model(x), idx), len(idx), n_global)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         distributed.all_reduce_grads(params)
         opt.step()
         total += loss.detach() * n_global
-    return float(distributed.all_reduce_sum(total)) / max(len(split), 1)
+    return total
 
 
 def fit(model: nn.Module, split, recipe: dict, *, epochs: int, batch_size: int, lr: float, seed: int = 0,
         device="cpu", quiet: bool = False, desc: str = "vanilla") -> nn.Module:
-    """Plain ERM on ``split`` (train mode, shuffled batches from a generator seeded by ``seed``)."""
+    """Plain ERM on ``split`` (train mode, shuffled batches from a generator seeded by ``seed``).
+
+    The split stays on the device (:class:`~bise.batching.DeviceSplit`); the progress bar shows
+    each epoch's mean loss and training accuracy, both accumulated on the device and read once
+    per epoch.
+    """
     if isinstance(epochs, bool) or not isinstance(epochs, int) or epochs < 0:
         raise ValueError(f"epochs must be an int >= 0, got {epochs!r}")
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
@@ -93,30 +75,41 @@ def fit(model: nn.Module, split, recipe: dict, *, epochs: int, batch_size: int, 
     if not (isinstance(lr, (int, float)) and math.isfinite(lr) and lr > 0):
         raise ValueError(f"lr must be a positive number, got {lr!r}")
     model.to(device).train()
+    data = DeviceSplit(split, device)
     opt = _optimizer([p for p in model.parameters() if p.requires_grad], recipe, lr)
     sched = _scheduler(opt, recipe, epochs)
     gen = torch.Generator().manual_seed(seed)
-    for _ in tqdm(range(epochs), desc=desc, unit="epoch", disable=quiet, leave=False):
-        train_epoch(model, split, opt, gen, batch_size, device,
-                    lambda logits, idx: F.cross_entropy(logits, split.y[idx].to(device)))
+    correct = torch.zeros((), dtype=torch.int64, device=data.device)
+
+    def loss_fn(logits, idx):
+        y = data.y.index_select(0, idx)
+        correct.add_((logits.detach().argmax(1) == y).sum())
+        return F.cross_entropy(logits, y)
+
+    bar = tqdm(range(epochs), desc=desc, unit="epoch", disable=quiet, leave=False)
+    for _ in bar:
+        correct.zero_()
+        loss = train_epoch(model, data, opt, gen, batch_size, device, loss_fn)
         if sched is not None:
             sched.step()
+        accuracy = float(distributed.all_reduce_sum(correct.clone())) / max(len(data), 1)
+        bar.set_postfix(loss=f"{loss:.3f}", acc=f"{accuracy:.3f}")
     return model.eval()
 
 
 def train_vanilla(data, arch: Optional[str] = None, *, epochs: Optional[int] = None,
                   batch_size: Optional[int] = None, lr: Optional[float] = None, seed: int = 0, device="cpu",
                   width: float = 1.0, quiet: bool = False, **model_kwargs) -> nn.Module:
-    """Build ``arch`` for ``data`` and train it by ERM with the paper recipe (overridable); eval mode."""
-    recipe = recipe_for(data)
+    """Build ``arch`` for ``data`` and train it by ERM with its recipe (overridable); eval mode."""
+    recipe = recipe_for(data, arch)
     epochs = recipe["epochs"] if epochs is None else validate.as_int("epochs", epochs, 0)
     batch_size = recipe["batch_size"] if batch_size is None else validate.as_int("batch_size", batch_size, 1)
     lr = recipe["lr"] if lr is None else validate.as_positive("lr", lr)
     seed, device = validate.as_int("seed", seed, 0), validate.device(device)
     torch.manual_seed(seed)
-    model = build_model(arch or recipe["arch"], data.num_classes, data.input_shape, width=width, **model_kwargs)
+    model = build_model(recipe["arch"], data.num_classes, data.input_shape, width=width, **model_kwargs)
     return fit(model, data.train, recipe, epochs=epochs, batch_size=batch_size, lr=lr, seed=seed, device=device,
                quiet=quiet)
 
 
-__all__ = ["RECIPES", "fit", "recipe_for", "train_epoch", "train_vanilla"]
+__all__ = ["fit", "train_epoch", "train_steps", "train_vanilla"]

@@ -255,3 +255,26 @@ def test_frozen_prefix_falls_back_when_the_forward_is_not_a_chain():
     insert_gates(model, example_input=x)
     with pytest.warns(UserWarning, match="does not reproduce"):
         assert FrozenPrefix.build(model, x, 4, 2**30) is None
+
+
+def test_frozen_passes_are_reused_exactly_while_the_masks_are_unchanged(digits, vanilla_mlp, monkeypatch):
+    """Reusing features / predictions for unchanged masks changes nothing; and it does happen.
+
+    alpha = gamma = 0 leaves the scores at 0, so every mask stays; the heads still train.
+    """
+    from bise.extract import _Run
+
+    config = ExtractConfig(mask_epochs=6, head_epochs=1, batch_size=50, alpha=0.0, gamma=0.0)
+    computed = []
+    frozen = _Run.frozen
+
+    def counting(self, name, compute):
+        return frozen(self, name, lambda: computed.append(name) or compute())
+
+    monkeypatch.setattr(_Run, "frozen", counting)
+    reused = extract(vanilla_mlp, digits, config=config, quiet=True)
+    monkeypatch.setattr(_Run, "frozen", lambda self, name, compute: compute())
+    fresh = extract(vanilla_mlp, digits, config=config, quiet=True)
+    assert all(torch.equal(reused.masks[n], fresh.masks[n]) for n in fresh.masks)
+    assert [r["val"] for r in reused.history] == [r["val"] for r in fresh.history]
+    assert computed.count("predictions val") == 1 and computed.count("features") == 2  # "off", then the masks

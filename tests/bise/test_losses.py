@@ -109,10 +109,23 @@ def test_one_conflicting_sample_gives_zero_information_and_gradient():
     assert logits.grad.abs().max().item() < 1e-6
 
 
-def test_empty_subset_is_a_constant_zero():
+def test_empty_subset_is_zero_with_a_zero_gradient():
     logits = torch.randn(3, 2, requires_grad=True)
     mi = mutual_information(logits, torch.tensor([0, 1, 0]), 2, sample_mask=torch.zeros(3, dtype=torch.bool))
-    assert mi.item() == 0.0 and not mi.requires_grad
+    mi.backward()
+    assert mi.item() == 0.0 and torch.equal(logits.grad, torch.zeros(3, 2))
+    empty = mutual_information(torch.zeros(0, 2, requires_grad=True), torch.zeros(0, dtype=torch.long), 2)
+    assert empty.item() == 0.0 and not empty.requires_grad
+
+
+def test_masked_estimate_matches_the_selected_rows():
+    """Zeroing the unselected rows (no sync) equals dropping them, up to summation order."""
+    g = torch.Generator().manual_seed(3)
+    logits, bias = torch.randn(64, 4, generator=g, dtype=torch.float64), torch.randint(0, 4, (64,), generator=g)
+    keep = torch.rand(64, generator=g) < 0.3
+    masked = mutual_information(logits, bias, 4, sample_mask=keep)
+    dropped = mutual_information(logits[keep], bias[keep], 4)
+    torch.testing.assert_close(masked, dropped, rtol=1e-12, atol=1e-15)
 
 
 def test_mutual_information_bad_arguments():
