@@ -276,19 +276,35 @@ def _load_vanilla(inv: Invocation, path: Path):
     except RuntimeError as exc:
         raise UsageError(f"{path} does not match architecture {spec['arch']} (width {spec['width']}): "
                          f"{str(exc).splitlines()[0]}") from exc
-    _vanilla_health(model, f"the vanilla model {path}")
+    _finite(model, f"the vanilla model {path}")
     return model.eval()
 
 
-def _vanilla_health(model, source) -> None:
-    """Refuse a vanilla model that cannot be BISE's starting point (the one check site, before it is
-    saved or used): non-finite weights, i.e. a diverged training."""
+def _finite(model, source: str) -> None:
+    """Refuse a model with non-finite weights (a diverged training) before it is saved or used."""
     import torch
 
     bad = [n for n, t in model.state_dict().items() if t.is_floating_point() and not torch.isfinite(t).all()]
     if bad:
         raise UsageError(f"{source} has non-finite weights ({', '.join(bad[:3])}"
                          f"{'...' if len(bad) > 3 else ''}): its training diverged; train again with a lower --lr")
+
+
+def _vanilla_health(inv: Invocation, model, source: str) -> dict:
+    """The checks of a new vanilla model before vanilla.pt is written (the one call site of both):
+    non-finite weights are an error; an untrained model (bise.health.check_vanilla: training
+    accuracy near chance, dead ReLU layers) is reported on stderr and recorded in run.json."""
+    import warnings
+
+    from .health import check_vanilla
+
+    _finite(model, source)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        health = check_vanilla(model, inv.data, device=inv.opt("device", "cpu"), strict=False)
+    if not health.ok:
+        inv.note(f"{source} did not train: {'; '.join(health.problems)}; its subnetwork will mean little")
+    return health.to_dict()
 
 
 def _save_vanilla(path: Path, model) -> None:
@@ -331,9 +347,9 @@ def cmd_train(inv: Invocation) -> None:
     start = time.perf_counter()
     model = train_vanilla(data, s["arch"], epochs=s["epochs"], batch_size=s["batch_size"], lr=s["lr"], seed=a.seed,
                           device=a.device, width=s["width"], quiet=a.quiet)
-    _vanilla_health(model, f"the vanilla model trained with --lr {s['lr']}")
+    health = _vanilla_health(inv, model, f"the vanilla model trained with --lr {s['lr']}")
     _save_vanilla(inv.run.staged(VANILLA), model.cpu())
-    inv.run.commit({VANILLA: inv.entry("train", {}, s, start)})
+    inv.run.commit({VANILLA: inv.entry("train", {}, {**s, "health": health}, start)})
     inv.say(f"vanilla model -> {inv.run.path(VANILLA)}")
 
 
@@ -553,8 +569,9 @@ def cmd_run(inv: Invocation) -> None:
         model = _load_vanilla(inv, path)
         inputs = {str(path): run.hash(path)}
         if not (a.resume and VANILLA in run.artefacts and run.artefacts[VANILLA]["inputs"] == inputs):
+            health = _vanilla_health(inv, model, f"--model {path}")
             _save_vanilla(run.staged(VANILLA), model)
-            run.commit({VANILLA: inv.entry("run", inputs, {"from": str(path)}, start)})
+            run.commit({VANILLA: inv.entry("run", inputs, {"from": str(path), "health": health}, start)})
     elif a.resume and run.has(VANILLA):
         _reuse_vanilla(inv)
     else:
