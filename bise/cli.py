@@ -19,8 +19,8 @@ from pathlib import Path
 from typing import Optional
 
 from . import distributed
-from .extract import CHECKPOINT_NAME as CHECKPOINT
-from .report import PLOTS, REPORT_FILES
+from .extract import CHECKPOINT_NAME as CHECKPOINT, RESUME_IGNORED
+from .report import REPORT_FILES
 from .rundir import RunDir, UsageError
 
 VANILLA_FORMAT = "bise-vanilla-v1"
@@ -390,6 +390,12 @@ def cmd_extract(inv: Invocation) -> None:
         if run.artefacts[CHECKPOINT]["inputs"] != inputs:
             raise UsageError(f"{run.path(CHECKPOINT)} is an extraction of another vanilla model than {source}; "
                              "start it again with --overwrite")
+        started, now = run.artefacts[CHECKPOINT]["settings"], _plain(settings)
+        changed = [k for k in now if k not in (*RESUME_IGNORED, "model") and started.get(k) != now[k]]
+        if changed:
+            raise UsageError(f"{run.path(CHECKPOINT)} was started with other settings (" + ", ".join(
+                f"{k}: {started.get(k)!r}, now {now[k]!r}" for k in changed) + "); --resume with the same options, "
+                "or --overwrite to start again")
         inv.say(f"resuming from epoch {load_checkpoint(run.path(CHECKPOINT))['epoch']} of {config.mask_epochs}")
     in_place = resume or not run.has(CHECKPOINT)
     start = time.perf_counter()
