@@ -34,8 +34,8 @@ from .batching import DeviceSplit, to_device
 from .checkpoint import load_checkpoint, save_atomic
 from .evaluate import predict
 from .feature_cache import BottleneckTap, FrozenPrefix
-from .heads import set_head_grads
 from .gates import find_bottleneck, gates_of, insert_gates, remove_gates, set_gate_mode
+from .heads import set_head_grads
 from .subnetwork import Subnetwork
 from .train import fit, recipe_for
 
