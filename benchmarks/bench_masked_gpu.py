@@ -203,9 +203,9 @@ def _kernels(dry_run: bool):
     """(kernels, backend name): the Triton kernels; the reference ones in a dry run."""
     if dry_run:
         return ref, "torch"
-    from bise_kernels.backends.triton import gate, masked_conv, masked_matmul
+    from bise_kernels.backends.triton import channel_gate, masked_conv, masked_linear
 
-    modules = (masked_matmul, masked_conv, gate)
+    modules = (masked_linear, masked_conv, channel_gate)
     return SimpleNamespace(**{name: getattr(m, name) for m in modules for name in m.KERNELS}), "triton"
 
 

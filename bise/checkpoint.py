@@ -1,5 +1,7 @@
 """Atomic files: write to a temporary file beside the target, fsync, then os.replace.
 
+The file gets the permissions of a plainly created one (0666 minus the umask).
+
 A reader therefore sees either the previous complete file or the new one, never a torn write.
 In a multi-process run rank 0 alone writes and the other ranks wait for the file (every rank
 calls the writer at the same point). Loading uses ``torch.load(weights_only=True)``; an
@@ -24,21 +26,35 @@ class CheckpointError(ValueError):
     """A checkpoint file exists but cannot be read as one (corrupt, truncated, wrong format)."""
 
 
-def atomic_write(path: PathLike, write: Callable[[str], None]) -> Path:
-    """Call ``write(tmp)`` on a temporary path beside ``path``, then rename it into place (rank 0 only)."""
+def umask_mode(mode: int = 0o666) -> int:
+    """``mode`` with the process umask applied: what open() would give a new file (mkstemp gives 0600)."""
+    mask = os.umask(0)
+    os.umask(mask)
+    return mode & ~mask
+
+
+def replace_atomic(path: PathLike, write: Callable[[str], None]) -> Path:
+    """Call ``write(tmp)`` on a temporary path beside ``path``, then rename it into place (this process only)."""
     path = Path(path)
-    if distributed.current().is_main:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-        os.close(fd)
-        try:
-            write(tmp)
-            os.replace(tmp, path)
-        finally:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
-    distributed.barrier()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.fchmod(fd, umask_mode())
+    os.close(fd)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
     return path
+
+
+def atomic_write(path: PathLike, write: Callable[[str], None]) -> Path:
+    """:func:`replace_atomic` on rank 0 while the other ranks wait (every rank calls it)."""
+    if distributed.current().is_main:
+        replace_atomic(path, write)
+    distributed.barrier()
+    return Path(path)
 
 
 def save_atomic(obj: Any, path: PathLike) -> Path:
@@ -71,4 +87,4 @@ def load_checkpoint(path: PathLike, *, required: tuple = ()) -> dict:
     return obj
 
 
-__all__ = ["CheckpointError", "atomic_write", "load_checkpoint", "save_atomic"]
+__all__ = ["CheckpointError", "atomic_write", "load_checkpoint", "replace_atomic", "save_atomic", "umask_mode"]

@@ -3,14 +3,14 @@
 ``bise run --data SPEC --arch ARCH --out DIR`` trains the vanilla model (unless ``--model``),
 extracts the subnetwork, exports it, optionally fine-tunes it and writes the report. The
 subcommands train / extract / export / finetune / evaluate do one step each and exchange files in
-``--out``. Bad input ends with a message on stderr, exit status 2 and no files left behind.
+``--out``, whose run.json records what each file was made from (bise/rundir.py). Bad input ends with
+one line on stderr and exit status 2 before any work; a failed step leaves the previous files.
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import os
 import sys
 import time
@@ -18,17 +18,16 @@ from pathlib import Path
 from typing import Optional
 
 from . import distributed
+from .extract import CHECKPOINT_NAME as CHECKPOINT
+from .report import PLOTS, REPORT_FILES
+from .rundir import RunDir, UsageError
 
-RUN_FORMAT = "bise-run-v1"
 VANILLA_FORMAT = "bise-vanilla-v1"
-RUN_FILE = "run.json"
-VANILLA, MASKS, SUBNETWORK, FINETUNED = "vanilla.pt", "masks.pt", "subnetwork.pt", "finetuned.pt"
-CHECKPOINT = "checkpoint.pt"  # bise.extract.CHECKPOINT_NAME
-REPORT_FILES = ("report.json", "report.md", "accuracy_vs_epoch.png", "units_per_layer.png", "group_accuracy.png")
-RUN_FILES = (RUN_FILE, VANILLA, CHECKPOINT, MASKS, SUBNETWORK, "subnetwork.json", FINETUNED, "finetuned.json",
-             *REPORT_FILES)
+VANILLA, MASKS = "vanilla.pt", "masks.pt"
+SUBNETWORK, FINETUNED = "subnetwork.pt", "finetuned.pt"
 OUTPUTS = {"train": (VANILLA,), "extract": (MASKS, CHECKPOINT), "export": (SUBNETWORK, "subnetwork.json"),
-           "finetune": (FINETUNED, "finetuned.json"), "evaluate": REPORT_FILES, "run": RUN_FILES}
+           "finetune": (FINETUNED, "finetuned.json"), "evaluate": REPORT_FILES}
+MAKERS = {f: step for step, files in OUTPUTS.items() for f in files}
 COMMANDS = {
     "run": "everything: vanilla training (unless --model), extraction, export, fine-tuning (if asked), report",
     "train": "train the vanilla (ERM) model -> vanilla.pt",
@@ -37,11 +36,10 @@ COMMANDS = {
     "finetune": "BISE+FT: fine-tune subnetwork.pt with the reweighted loss -> finetuned.pt + finetuned.json",
     "evaluate": "evaluate every model in --out -> report.json, report.md, plots",
 }
+__all__ = ["build_parser", "main"]
 
 
-class UsageError(Exception):
-    """Bad input from the command line: reported on stderr with exit status 2."""
-
+# ---------------------------------------------------------------------------------------------- parser
 
 def _typed(kind, low, name):
     def parse(text: str):
@@ -65,184 +63,205 @@ def _fraction(text: str) -> float:
     return v
 
 
+def _group(title: str, *options) -> argparse.ArgumentParser:
+    """A parent parser holding one titled group of options (shared by the subcommands that take them)."""
+    parent = argparse.ArgumentParser(add_help=False)
+    group = parent.add_argument_group(title)
+    for flags, kwargs in options:
+        group.add_argument(*flags, **kwargs)
+    return parent
+
+
 def build_parser() -> argparse.ArgumentParser:
-    common = argparse.ArgumentParser(add_help=False)
-    g = common.add_argument_group("data, model and output")
-    g.add_argument("--data", metavar="SPEC", help="dataset spec for bise.data.load, e.g. colored-digits or "
-                   "biased-mnist:rho=0.997 (default for one-step commands: the spec recorded in --out)")
-    g.add_argument("--arch", help="simple-cnn | mlp | resnet18 | mobilenetv2 (default: the data's paper recipe)")
-    g.add_argument("--out", metavar="DIR", required=True, help="run directory (created if missing)")
-    g.add_argument("--model", metavar="PATH", help="vanilla model to start from instead of training one: a "
-                   "vanilla.pt written by bise, or a state_dict of --arch")
-    g.add_argument("--width", type=_typed(float, 0, "--width"), default=1.0, help="width multiplier (default 1)")
-    s = common.add_argument_group("schedule (paper defaults)")
-    s.add_argument("--vanilla-epochs", type=_typed(int, 0, "--vanilla-epochs"), help="ERM epochs (default: recipe)")
-    s.add_argument("--lr", type=_typed(float, 0, "--lr"), help="vanilla learning rate (default: recipe)")
-    s.add_argument("--mask-epochs", type=_typed(int, 1, "--mask-epochs"), default=100)
-    s.add_argument("--head-epochs", type=_typed(int, 0, "--head-epochs"), default=50)
-    s.add_argument("--batch-size", type=_typed(int, 1, "--batch-size"),
-                   help="vanilla and mask-learning batch size (default: the dataset's paper value)")
-    s.add_argument("--budget", type=_fraction, help="keep exactly this fraction of units (global top-k of scores)")
-    s.add_argument("--label-free", action="store_true", help="pseudo bias labels from a 1-epoch ERM model")
-    s.add_argument("--no-reweight", dest="reweight", action="store_false",
-                   help="ablation: plain cross-entropy instead of the reweighted L_r")
-    s.add_argument("--no-mi", dest="mi", action="store_false", help="ablation: drop the mutual-information term")
-    s.add_argument("--amp", action="store_true", help="bf16 autocast for the extraction's frozen forward passes")
-    s.add_argument("--finetune-epochs", type=_typed(int, 0, "--finetune-epochs"),
-                   help="BISE+FT epochs (run: default 0 = no fine-tuning; finetune: default 10)")
-    e = common.add_argument_group("export and report")
-    e.add_argument("--fold-bn", action="store_true", help="fold BatchNorm into the preceding conv on export")
-    e.add_argument("--round-to", type=_typed(int, 1, "--round-to"), help="keep channel counts multiples of N")
-    e.add_argument("--latency-repeats", type=_typed(int, 0, "--latency-repeats"), default=10,
-                   help="timed repeats per latency figure (0: no latency measurement)")
-    r = common.add_argument_group("execution")
-    r.add_argument("--seed", type=_typed(int, 0, "--seed"), default=0)
-    r.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N (default cpu)")
-    r.add_argument("--resume", action="store_true", help="continue the run in --out (reuse finished steps)")
-    r.add_argument("--overwrite", action="store_true", help="replace the run in --out")
-    r.add_argument("--quiet", action="store_true", help="no progress bars or summary")
+    out = _group("run directory", (("--out",), dict(metavar="DIR", required=True, help="run directory (created if "
+                 "missing); run.json in it records what every file was made from")),
+                 (("--overwrite",), dict(action="store_true", help="replace this command's outputs (the old ones are "
+                  "replaced only when the command succeeds; files made from them are then removed)")),
+                 (("--quiet",), dict(action="store_true", help="no progress bars or summary lines")))
+    data = _group("data", (("--data",), dict(metavar="SPEC", help="dataset spec for bise.data.load, e.g. "
+                  "colored-digits or biased-mnist:rho=0.997 (one-step commands: default the run's)")),
+                  (("--seed",), dict(type=_typed(int, 0, "--seed"), help="seed of data generation, training and "
+                   "extraction (default: the run's, else 0)")))
+    device = _group("execution", (("--device",), dict(default="cpu", help="cpu, cuda or cuda:N (default cpu)")))
+    arch = _group("model", (("--arch",), dict(help="simple-cnn | mlp | resnet18 | mobilenetv2 (default: the data's "
+                  "paper recipe)")), (("--width",), dict(type=_typed(float, 0, "--width"),
+                  help="width multiplier of the built-in architecture (default 1)")))
+    batch = _group("batches", (("--batch-size",), dict(type=_typed(int, 1, "--batch-size"), help="vanilla and "
+                   "mask-learning batch size (default: the dataset's paper value)")))
+    train = _group("vanilla training", (("--vanilla-epochs",), dict(type=_typed(int, 0, "--vanilla-epochs"),
+                   help="ERM epochs (default: the data's paper recipe)")),
+                   (("--lr",), dict(type=_typed(float, 0, "--lr"), help="vanilla learning rate (default: recipe)")))
+    extract = _group(
+        "extraction",
+        (("--model",), dict(metavar="PATH", help="vanilla model to start from instead of vanilla.pt: a vanilla.pt "
+                            "written by bise, or a state_dict of --arch at --width")),
+        (("--mask-epochs",), dict(type=_typed(int, 1, "--mask-epochs"), default=100,
+                                  help="mask-learning epochs; the temperature halves 10 times over them (default 100)")),
+        (("--head-epochs",), dict(type=_typed(int, 0, "--head-epochs"), default=50,
+                                  help="auxiliary-head epochs of pre-training and of each refit after a halving "
+                                       "(default 50)")),
+        (("--budget",), dict(type=_fraction, help="keep exactly this fraction of units (global top-k of scores)")),
+        (("--label-free",), dict(action="store_true", help="pseudo bias labels from a 1-epoch ERM model")),
+        (("--mask-set",), dict(choices=("vanilla-train", "fresh-draw"),
+                               help="where masks and bias head learn: fresh-draw = a second draw of the biased "
+                                    "training set (default for built-in benchmarks), vanilla-train = the vanilla's "
+                                    "own training set (default for fixed user data)")),
+        (("--no-reweight",), dict(dest="reweight", action="store_false",
+                                  help="ablation: plain cross-entropy instead of the reweighted L_r")),
+        (("--no-mi",), dict(dest="mi", action="store_false", help="ablation: drop the mutual-information term")),
+        (("--amp",), dict(action="store_true", help="bf16 autocast for the extraction's frozen forward passes")))
+    resume = _group("resumption", (("--resume",), dict(action="store_true", help="continue the run in --out: reuse "
+                    "vanilla.pt, continue the extraction from checkpoint.pt")))
+    export = _group("export", (("--fold-bn",), dict(action="store_true", help="fold BatchNorm into the preceding "
+                    "conv")), (("--round-to",), dict(type=_typed(int, 1, "--round-to"), metavar="N",
+                    help="keep exported channel counts multiples of N")))
+    finetune = _group("fine-tuning", (("--finetune-epochs",), dict(type=_typed(int, 0, "--finetune-epochs"),
+                      help="BISE+FT epochs (run: default 0 = no fine-tuning; finetune: default 10)")))
+    report = _group("report", (("--latency-repeats",), dict(type=_typed(int, 0, "--latency-repeats"), default=10,
+                    help="timed repeats per latency figure (0: no latency measurement; default 10)")))
+    parents = {"run": [out, data, device, arch, batch, train, extract, resume, export, finetune, report],
+               "train": [out, data, device, arch, batch, train],
+               "extract": [out, data, device, arch, batch, extract, resume],
+               "export": [out, data, export], "finetune": [out, data, device, finetune],
+               "evaluate": [out, data, device, report]}
     parser = argparse.ArgumentParser(prog="bise", description="Find the unbiased subnetwork inside a model trained "
                                      "on biased data (BISE), evaluate it and export it as a smaller model.")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name, text in COMMANDS.items():
-        sub.add_parser(name, parents=[common], help=text, description=text)
+        sub.add_parser(name, parents=parents[name], help=text, description=text)
     return parser
 
 
-class Context:
-    """The run directory, its run.json state and the files this invocation created."""
+# ---------------------------------------------------------------------------------------------- run state
+
+def resolve_spec(spec: str) -> str:
+    """The data spec with its path made absolute, so that the run works from any folder."""
+    from .data.spec import parse
+
+    try:
+        kind, target, raw = parse(spec)
+    except (ValueError, FileNotFoundError) as exc:
+        raise UsageError(f"--data {spec!r}: {exc}") from None
+    if kind == "builtin":
+        return spec.strip()
+    root = str(Path(target).resolve())
+    if Path(spec.strip()).expanduser().exists():
+        return root
+    return f"{kind}:{root}" + "".join(f",{k}={v}" for k, v in raw.items())
+
+
+class Invocation:
+    """One command: its arguments, the run directory, the data and the run's recorded settings."""
 
     def __init__(self, args):
-        self.args, self.out = args, Path(args.out)
-        self.created_dir = False
-        self.before: set[str] = set()
-        self.state = {"format": RUN_FORMAT, "config": {}, "timing": {}}
+        self.args = args
+        self.run = RunDir(args.out, MAKERS)
         self._data = None
+        self.data_record: Optional[dict] = None
 
-    def path(self, name: str) -> Path:
-        return self.out / name
-
-    def has(self, name: str) -> bool:
-        return self.path(name).is_file()
+    def opt(self, name: str, default=None):
+        """An option of this subcommand (``default`` for one it does not take)."""
+        return getattr(self.args, name, default)
 
     def prepare(self) -> None:
-        """Refuse an --out that holds another run (unless --resume / --overwrite), then create it."""
-        args, out = self.args, self.out
-        self.before = {f for f in RUN_FILES if self.has(f)}  # never removed by cleanup()
-        if args.resume and args.overwrite:
+        """Take --out, check it against this command, then settle --data / --seed."""
+        a = self.args
+        if self.opt("resume") and a.overwrite:
             raise UsageError("--resume and --overwrite exclude each other")
-        if out.exists() and not out.is_dir():
-            raise UsageError(f"--out {str(out)!r} exists and is not a directory")
-        if self.has(RUN_FILE):
-            try:
-                self.state = json.loads(self.path(RUN_FILE).read_text())
-                assert self.state.get("format") == RUN_FORMAT
-            except Exception:
-                raise UsageError(f"{self.path(RUN_FILE)} is not a bise run file; choose another --out") from None
-        outputs = OUTPUTS[args.command]
-        present = [f for f in outputs if self.has(f)]
-        recorded = self.state.get("config", {}).get("data", {}).get("spec")
-        if not args.overwrite:
-            if args.command == "run" and self.has(RUN_FILE) and not args.resume:
-                raise UsageError(f"--out {str(out)!r} holds another run ({', '.join(sorted(os.listdir(out))[:4])}"
+        self.run.open(fresh=a.command == "run" and a.overwrite)
+        recorded = self.run.manifest.get("data")
+        present = [f for f in OUTPUTS.get(a.command, ()) if self.run.has(f)]
+        if not a.overwrite:
+            if a.command == "run" and self.run.artefacts and not a.resume:
+                raise UsageError(f"--out {a.out!r} holds another run ({', '.join(sorted(self.run.artefacts)[:4])}"
                                  "...); pass --resume to continue it or --overwrite to replace it")
-            if present and args.command != "evaluate" and not args.resume:
-                raise UsageError(f"--out {str(out)!r} already has {', '.join(present)}; pass --overwrite to replace "
+            if present and a.command not in ("evaluate", "run") and not self.opt("resume"):
+                raise UsageError(f"--out {a.out!r} already has {', '.join(present)}; pass --overwrite to replace "
                                  f"{'it' if len(present) == 1 else 'them'}" +
-                                 (" or --resume to continue" if args.command in ("extract", "run") else ""))
-            if args.data is not None and recorded is not None and recorded != args.data:
-                raise UsageError(f"--out {str(out)!r} holds a run on --data {recorded!r}, not {args.data!r}; use "
-                                 "another --out or --overwrite")
-        if args.data is None:
-            args.data = recorded
-            if args.data is None:
+                                 (" or --resume to continue" if a.command == "extract" else ""))
+        if a.data is None:
+            if recorded is None:
                 raise UsageError("--data is required (no run in --out records a dataset spec)")
-        distributed.barrier()  # every rank has checked --out before rank 0 changes it
-        if not distributed.current().is_main:
-            distributed.barrier()
-            return
-        if args.overwrite:
-            for f in (RUN_FILES if args.command == "run" else outputs):
-                if self.has(f):
-                    os.remove(self.path(f))
-            if args.command == "run":
-                self.state = {"format": RUN_FORMAT, "config": {}, "timing": {}}
-            self.before = {f for f in RUN_FILES if self.has(f)}
-        if not out.exists():
-            out.mkdir(parents=True)
-            self.created_dir = True
-        distributed.barrier()
-
-    def cleanup(self) -> None:
-        """After a failure: remove what this invocation wrote, keeping a started extraction resumable."""
-        if not distributed.current().is_main:
-            return
-        keep = {VANILLA, CHECKPOINT, RUN_FILE} if self.has(CHECKPOINT) else set()
-        for f in RUN_FILES:
-            if f not in self.before and f not in keep and self.has(f):
-                os.remove(self.path(f))
-        if self.created_dir and self.out.is_dir() and not any(self.out.iterdir()):
-            self.out.rmdir()
-
-    def save_state(self) -> None:
-        from .report import write_text
-
-        write_text(str(self.path(RUN_FILE)), json.dumps(self.state, indent=1, default=str))
-
-    def record(self, key: str, value) -> None:
-        self.state["config"][key] = value
-
-    def timed(self, key: str, start: float) -> None:
-        self.state["timing"][key] = time.perf_counter() - start
-        self.save_state()
+            a.data = recorded["spec"]
+        else:
+            a.data = resolve_spec(a.data)
+            if recorded is not None and recorded["spec"] != a.data and not a.overwrite:
+                raise UsageError(f"--out {a.out!r} holds a run on --data {recorded['spec']!r}, not {a.data!r}; use "
+                                 "another --out or --overwrite")
+        if a.seed is None:
+            a.seed = recorded["seed"] if recorded is not None else 0
+        elif recorded is not None and recorded["seed"] != a.seed and not a.overwrite:
+            raise UsageError(f"--out {a.out!r} holds a run with --seed {recorded['seed']}, not {a.seed}; use another "
+                             "--out or --overwrite")
 
     @property
     def data(self):
+        """The dataset (loaded once) and, in :attr:`data_record`, what identifies it."""
         if self._data is None:
             from .data import load
+            from .data.spec import parse
+            from .rundir import sha256
 
+            a = self.args
             try:
-                self._data = load(self.args.data, seed=self.args.seed)
+                self._data = d = load(a.data, seed=a.seed)
             except (ValueError, KeyError, FileNotFoundError) as exc:
-                raise UsageError(f"--data {self.args.data!r}: {exc}") from exc
-            d = self._data
-            self.record("data", {"spec": self.args.data, "name": d.name, "canonical_spec": d.info.get("canonical_spec", d.spec),
-                                 "sizes": {k: len(s) for k, s in (("train", d.train), ("val", d.val),
-                                                                   ("test", d.test)) if s is not None},
-                                 "num_classes": d.num_classes, "num_bias_classes": d.num_bias_classes,
-                                 "num_biases": d.num_biases, "rho": d.rho, "weighting": d.weighting,
-                                 "seed": self.args.seed})
+                raise UsageError(f"--data {a.data!r}: {exc}") from exc
+            except OSError as exc:  # a read-only cache: name the folder and the variable
+                raise UsageError(f"--data {a.data!r}: cannot write the data cache {exc.filename or ''} "
+                                 f"({exc.strerror}); make it writable or set BISE_CACHE_DIR") from exc
+            digest = d.info.get("checksum")
+            if digest is None:  # read directly (an .npz): hash the file
+                digest = sha256(parse(a.data)[1])
+            self.data_record = {"spec": a.data, "seed": a.seed, "canonical_spec": d.info.get("canonical_spec", d.spec),
+                                "sha256": digest, "name": d.name, "num_classes": d.num_classes,
+                                "num_bias_classes": d.num_bias_classes, "num_biases": d.num_biases, "rho": d.rho,
+                                "weighting": d.weighting,
+                                "sizes": {k: len(s) for k, s in (("train", d.train), ("val", d.val), ("test", d.test))
+                                          if s is not None}}
         return self._data
+
+    def require(self, name: str, hashed: bool = True) -> Path:
+        """``--out/name`` once checked against run.json (see RunDir.require)."""
+        if self.data_record is None:
+            _ = self.data
+        return self.run.require(name, self.data_record, hashed)
+
+    def entry(self, step: str, inputs: dict, settings: dict, start: float) -> dict:
+        return self.run.entry(step=step, data=self.data_record, inputs=inputs, settings=settings,
+                              seconds=time.perf_counter() - start)
 
     def say(self, text: str) -> None:
         if not self.args.quiet:
             print(text)
 
+    def note(self, text: str) -> None:
+        """A remark the user must see even with --quiet (stderr)."""
+        if distributed.current().is_main:
+            print(f"bise {self.args.command}: note: {text}", file=sys.stderr)
 
-def _require(ctx: Context, name: str, step: str) -> Path:
-    if not ctx.has(name):
-        raise UsageError(f"{ctx.path(name)} is missing; run `bise {step} --out {ctx.out}` first")
-    return ctx.path(name)
 
+# ---------------------------------------------------------------------------------------------- models
 
-def _load_vanilla(ctx: Context, path: Path):
+def _load_vanilla(inv: Invocation, path: Path):
     """A vanilla.pt written by bise ({format, model_spec, state_dict}) or a bare state_dict of --arch."""
     from .checkpoint import load_checkpoint
     from .models import build_model, rebuild
-    from .train import recipe_for
+    from .recipes import recipe_for
 
     if not path.is_file():
         raise UsageError(f"--model {str(path)!r} does not exist")
     obj = load_checkpoint(path)
-    data = ctx.data
+    data, arch = inv.data, inv.opt("arch")
     if obj.get("format") == VANILLA_FORMAT:
         model, state = rebuild(obj["model_spec"]), obj["state_dict"]
     else:
-        arch = ctx.args.arch or recipe_for(data)["arch"]
-        model, state = build_model(arch, data.num_classes, data.input_shape, width=ctx.args.width), obj
+        model = build_model(recipe_for(data, arch)["arch"], data.num_classes, data.input_shape,
+                            width=inv.opt("width") or 1.0)
+        state = obj
     spec = model.bise_spec
-    if ctx.args.arch is not None and ctx.args.arch != spec["arch"]:
-        raise UsageError(f"{path} holds a {spec['arch']} model, not --arch {ctx.args.arch}")
+    if arch is not None and arch != spec["arch"]:
+        raise UsageError(f"{path} holds a {spec['arch']} model, not --arch {arch}")
     if spec["num_classes"] != data.num_classes or tuple(spec["input_shape"]) != tuple(data.input_shape):
         raise UsageError(f"{path} is a model for {spec['num_classes']} classes of {tuple(spec['input_shape'])} "
                          f"inputs; --data has {data.num_classes} classes of {tuple(data.input_shape)}")
@@ -251,52 +270,118 @@ def _load_vanilla(ctx: Context, path: Path):
     except RuntimeError as exc:
         raise UsageError(f"{path} does not match architecture {spec['arch']} (width {spec['width']}): "
                          f"{str(exc).splitlines()[0]}") from exc
+    _vanilla_health(model, f"the vanilla model {path}")
     return model.eval()
 
 
-def _save_vanilla(ctx: Context, model) -> None:
+def _vanilla_health(model, source) -> None:
+    """Refuse a vanilla model that cannot be BISE's starting point (the one check site, before it is
+    saved or used): non-finite weights, i.e. a diverged training."""
+    import torch
+
+    bad = [n for n, t in model.state_dict().items() if t.is_floating_point() and not torch.isfinite(t).all()]
+    if bad:
+        raise UsageError(f"{source} has non-finite weights ({', '.join(bad[:3])}"
+                         f"{'...' if len(bad) > 3 else ''}): its training diverged; train again with a lower --lr")
+
+
+def _save_vanilla(path: Path, model) -> None:
     from .checkpoint import save_atomic
     from .models import model_spec
 
     save_atomic({"format": VANILLA_FORMAT, "model_spec": model_spec(model),
-                 "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()}}, ctx.path(VANILLA))
+                 "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()}}, path)
 
 
-def cmd_train(ctx: Context) -> None:
-    from .train import recipe_for, train_vanilla
+def _vanilla_source(inv: Invocation) -> tuple[Path, dict]:
+    """(path, inputs record) of the vanilla model to extract from: --model, else the run's vanilla.pt."""
+    model = inv.opt("model") if inv.args.command == "extract" else None
+    if model is None:
+        path = inv.require(VANILLA)
+        return path, {VANILLA: inv.run.artefacts[VANILLA]["sha256"]}
+    path = Path(model).expanduser().resolve()
+    if not path.is_file():
+        raise UsageError(f"--model {model!r} does not exist")
+    return path, {str(path): inv.run.hash(path)}
 
-    a, data = ctx.args, ctx.data
-    recipe = recipe_for(data)
-    arch = a.arch or recipe["arch"]
-    settings = {"arch": arch, "width": a.width, "epochs": recipe["epochs"] if a.vanilla_epochs is None
-                else a.vanilla_epochs, "batch_size": a.batch_size or recipe["batch_size"], "lr": a.lr or recipe["lr"],
-                "recipe": recipe, "seed": a.seed, "device": a.device}
+
+# ---------------------------------------------------------------------------------------------- steps
+
+def _vanilla_settings(inv: Invocation) -> dict:
+    from .recipes import recipe_for
+
+    a, recipe = inv.args, recipe_for(inv.data, inv.args.arch)
+    return {"arch": recipe["arch"], "width": a.width or 1.0,
+            "epochs": recipe["epochs"] if a.vanilla_epochs is None else a.vanilla_epochs,
+            "batch_size": a.batch_size or recipe["batch_size"], "lr": a.lr or recipe["lr"], "recipe": recipe,
+            "seed": a.seed, "device": a.device}
+
+
+def cmd_train(inv: Invocation) -> None:
+    from .train import train_vanilla
+
+    a, data = inv.args, inv.data
+    s = _vanilla_settings(inv)
     start = time.perf_counter()
-    model = train_vanilla(data, arch, epochs=settings["epochs"], batch_size=settings["batch_size"],
-                          lr=settings["lr"], seed=a.seed, device=a.device, width=a.width, quiet=a.quiet)
-    _save_vanilla(ctx, model.cpu())
-    ctx.record("vanilla", settings)
-    ctx.timed("vanilla_training_seconds", start)
-    ctx.say(f"vanilla model -> {ctx.path(VANILLA)}")
+    model = train_vanilla(data, s["arch"], epochs=s["epochs"], batch_size=s["batch_size"], lr=s["lr"], seed=a.seed,
+                          device=a.device, width=s["width"], quiet=a.quiet)
+    _vanilla_health(model, f"the vanilla model trained with --lr {s['lr']}")
+    _save_vanilla(inv.run.staged(VANILLA), model.cpu())
+    inv.run.commit({VANILLA: inv.entry("train", {}, s, start)})
+    inv.say(f"vanilla model -> {inv.run.path(VANILLA)}")
 
 
-def cmd_extract(ctx: Context) -> None:
-    from .extract import ExtractConfig, extract
+def _extract_config(inv: Invocation):
+    from . import validate
 
-    a, data = ctx.args, ctx.data
-    model = _load_vanilla(ctx, Path(a.model) if a.model and a.command == "extract" else _require(ctx, VANILLA, "train"))
-    config = ExtractConfig(mask_epochs=a.mask_epochs, head_epochs=a.head_epochs, batch_size=a.batch_size,
-                           label_free=a.label_free, budget=a.budget, seed=a.seed, device=a.device,
-                           reweight=a.reweight, mi=a.mi, amp=a.amp,
-                           log_test=data.val is None)
+    a = inv.args
+    try:
+        return validate.extract_config(dict(
+            mask_epochs=a.mask_epochs, head_epochs=a.head_epochs, batch_size=a.batch_size, label_free=a.label_free,
+            mask_set=a.mask_set, budget=a.budget, seed=a.seed, device=a.device, reweight=a.reweight, mi=a.mi,
+            amp=a.amp, log_test=inv.data.val is None))
+    except ValueError as exc:
+        raise UsageError(str(exc)) from None
+
+
+def _extract_settings(inv: Invocation, config, source: Path) -> dict:
+    return {**dataclasses.asdict(config), "model": str(source)}
+
+
+def cmd_extract(inv: Invocation) -> None:
+    from . import validate
+    from .checkpoint import load_checkpoint
+    from .extract import extract
+
+    a, data, run = inv.args, inv.data, inv.run
+    config = _extract_config(inv)
+    try:
+        validate.same_bias_classes(data, a.label_free, "--label-free")
+    except ValueError as exc:
+        raise UsageError(str(exc)) from None
+    source, inputs = _vanilla_source(inv)
+    model = _load_vanilla(inv, source)
+    settings = _extract_settings(inv, config, source)
+    resume = bool(a.resume and run.has(CHECKPOINT))
+    if resume:
+        run.require(CHECKPOINT, inv.data_record, hashed=False)
+        if run.artefacts[CHECKPOINT]["inputs"] != inputs:
+            raise UsageError(f"{run.path(CHECKPOINT)} is an extraction of another vanilla model than {source}; "
+                             "start it again with --overwrite")
+        inv.say(f"resuming from epoch {load_checkpoint(run.path(CHECKPOINT))['epoch']} of {config.mask_epochs}")
+    in_place = resume or not run.has(CHECKPOINT)
     start = time.perf_counter()
-    sub = extract(model, data, config=config, out_dir=ctx.out, resume=a.resume, quiet=a.quiet)
-    sub.save(ctx.path(MASKS))
-    ctx.record("extraction", {**dataclasses.asdict(config), **sub.info})
-    ctx.state["timing"].update({f"extraction_{k}_seconds": v for k, v in sub.info["timing_seconds"].items()})
-    ctx.timed("extraction_seconds", start)
-    ctx.say(f"subnetwork: {sub.units_kept}/{sub.units_total} units kept ({100 * sub.units_pruned:.1f}% pruned) "
-            f"-> {ctx.path(MASKS)}")
+    if in_place and not resume:  # a new checkpoint in --out: recorded first, so that --resume can continue it
+        run.record_now(CHECKPOINT, inv.entry("extract", inputs, settings, start))
+    sub = extract(model, data, config=config, out_dir=run.out if in_place else run.staging, resume=resume,
+                  quiet=a.quiet)
+    sub.save(run.staged(MASKS))
+    outputs = {MASKS: inv.entry("extract", inputs, {**settings, "result": sub.info}, start)}
+    if not in_place:
+        outputs[CHECKPOINT] = inv.entry("extract", inputs, settings, start)
+    run.commit(outputs)
+    inv.say(f"subnetwork: {sub.units_kept}/{sub.units_total} units kept ({100 * sub.units_pruned:.1f}% pruned) "
+            f"-> {run.path(MASKS)}")
 
 
 def _example_input(data):
@@ -305,114 +390,179 @@ def _example_input(data):
     return data.train.inputs(torch.arange(min(64, len(data.train))))
 
 
-def cmd_export(ctx: Context) -> None:
-    from .export import max_abs_diff, save_exported
+def _masks(inv: Invocation):
     from .subnetwork import Subnetwork
 
-    a, data = ctx.args, ctx.data
-    sub = Subnetwork.load(_require(ctx, MASKS, "extract"))
+    path = inv.require(MASKS)
+    return Subnetwork.load(path), {MASKS: inv.run.artefacts[MASKS]["sha256"]}
+
+
+def cmd_export(inv: Invocation) -> None:
+    from .export import max_abs_diff, save_exported
+
+    a, data = inv.args, inv.data
+    sub, inputs = _masks(inv)
     start = time.perf_counter()
     exported = sub.export(_example_input(data), fold_bn=a.fold_bn, round_to=a.round_to)
     diff = max_abs_diff(sub.model, exported, data.test)
-    save_exported(exported, str(ctx.path(SUBNETWORK)), sub.model.bise_spec)
-    ctx.record("export", {"fold_bn": a.fold_bn, "round_to": a.round_to, "example_inputs": 64,
-                          "max_abs_diff_test": diff})
-    ctx.timed("export_seconds", start)
-    ctx.say(f"exported subnetwork -> {ctx.path(SUBNETWORK)} (max |exported - masked| on test = {diff:.3g})")
+    save_exported(exported, str(inv.run.staged(SUBNETWORK)), sub.model.bise_spec)
+    settings = {"fold_bn": a.fold_bn, "round_to": a.round_to, "example_inputs": 64, "max_abs_diff_test": diff}
+    entry = inv.entry("export", inputs, settings, start)
+    inv.run.commit({SUBNETWORK: entry, "subnetwork.json": dict(entry)})
+    inv.say(f"exported subnetwork -> {inv.run.path(SUBNETWORK)} (max |exported - masked| on test = {diff:.3g})")
 
 
-def cmd_finetune(ctx: Context) -> None:
-    from .checkpoint import load_checkpoint
+def cmd_finetune(inv: Invocation) -> None:
     from .export import load_exported, save_exported
-    from .finetune import LR_FACTOR, finetune
-    from .subnetwork import Subnetwork
-    from .train import recipe_for
+    from .finetune import LR_FACTOR
+    from .recipes import recipe_for
 
-    a, data = ctx.args, ctx.data
+    a, data = inv.args, inv.data
     epochs = 10 if a.finetune_epochs is None else a.finetune_epochs
-    sub = Subnetwork.load(_require(ctx, MASKS, "extract"))
-    exported = load_exported(str(_require(ctx, SUBNETWORK, "export")))
-    bias = None
-    if sub.info.get("label_free"):
-        bias = load_checkpoint(_require(ctx, CHECKPOINT, "extract"))["pseudo_bias"]["train"]
+    sub, inputs = _masks(inv)
+    exported = load_exported(str(inv.require(SUBNETWORK)))
+    inputs[SUBNETWORK] = inv.run.artefacts[SUBNETWORK]["sha256"]
+    recipe = recipe_for(data, sub.model)
     settings = {"epochs": epochs, "scheme": sub.info.get("weighting"), "rho": sub.info.get("rho"),
-                "batch_size": sub.info.get("batch_size"), "lr": recipe_for(data)["lr"] * LR_FACTOR,
-                "optimizer": recipe_for(data)["optimizer"], "bn": "train mode",
+                "batch_size": sub.info.get("batch_size"), "lr": recipe["lr"] * LR_FACTOR,
+                "optimizer": recipe["optimizer"], "bn": "train mode",
                 "selection": "best val accuracy" if data.val is not None else "last epoch",
-                "pseudo_bias_labels": bias is not None}
+                "pseudo_bias_labels": sub.pseudo_bias is not None, "seed": a.seed, "device": a.device}
     start = time.perf_counter()
-    tuned = finetune(exported, data, epochs=epochs, scheme=settings["scheme"], rho=settings["rho"],
-                     batch_size=settings["batch_size"], bias=bias, seed=a.seed, device=a.device, quiet=a.quiet)
-    save_exported(tuned.cpu(), str(ctx.path(FINETUNED)), sub.model.bise_spec)
-    ctx.record("finetune", settings)
-    ctx.timed("finetune_seconds", start)
-    ctx.say(f"fine-tuned subnetwork -> {ctx.path(FINETUNED)}")
+    tuned = sub.finetune(data, epochs, exported=exported, batch_size=settings["batch_size"], seed=a.seed,
+                         device=a.device, quiet=a.quiet, arch=sub.model.bise_spec["arch"])
+    save_exported(tuned.cpu(), str(inv.run.staged(FINETUNED)), sub.model.bise_spec)
+    entry = inv.entry("finetune", inputs, settings, start)
+    inv.run.commit({FINETUNED: entry, "finetuned.json": dict(entry)})
+    inv.say(f"fine-tuned subnetwork -> {inv.run.path(FINETUNED)}")
 
 
-def cmd_evaluate(ctx: Context) -> None:
+def cmd_evaluate(inv: Invocation, finetuned: Optional[bool] = None) -> None:
+    """Report every model of the run; ``finetuned``: whether to include finetuned.pt (default: if recorded)."""
     import torch
 
     from bise_kernels import __version__ as kernels_version
 
     from .export import load_exported, max_abs_diff
     from .flops import COUNTER, measure_latency
-    from .report import build_report, model_section, write_report
-    from .subnetwork import Subnetwork
+    from .report import build_report, headline, model_section, write_report
 
-    a, data = ctx.args, ctx.data
+    a, data, run = inv.args, inv.data, inv.run
+    sub, inputs = _masks(inv)
+    masks_entry = run.artefacts[MASKS]
+    source = next(iter(masks_entry["inputs"]))
+    vanilla_path = run.require(VANILLA, inv.data_record) if source == VANILLA else \
+        run.external(source, masks_entry["inputs"][source], str(run.path(MASKS)))
+    inputs[source] = masks_entry["inputs"][source]
+    exported_path = inv.require(SUBNETWORK)
+    inputs[SUBNETWORK] = run.artefacts[SUBNETWORK]["sha256"]
+    if finetuned is None:
+        finetuned = FINETUNED in run.artefacts or run.has(FINETUNED)
+    if finetuned:
+        tuned_path = inv.require(FINETUNED)
+        inputs[FINETUNED] = run.artefacts[FINETUNED]["sha256"]
     start = time.perf_counter()
-    vanilla = _load_vanilla(ctx, _require(ctx, VANILLA, "train")).to(a.device)
-    sub = Subnetwork.load(_require(ctx, MASKS, "extract"))
+    vanilla = _load_vanilla(inv, vanilla_path).to(a.device)
     sub.model.to(a.device)
-    exported = load_exported(str(_require(ctx, SUBNETWORK, "export"))).to(a.device)
-    tuned = load_exported(str(ctx.path(FINETUNED))).to(a.device) if ctx.has(FINETUNED) else None
+    exported = load_exported(str(exported_path)).to(a.device)
+    tuned = load_exported(str(tuned_path)).to(a.device) if finetuned else None
     v_sec = model_section(vanilla, data, device=a.device)
     s_sec = model_section(exported, data, device=a.device, metrics_model=sub.model, vanilla_params=v_sec["params"],
                           units_pruned=sub.units_pruned)
     f_sec = None if tuned is None else model_section(tuned, data, device=a.device, vanilla_params=v_sec["params"],
                                                      units_pruned=sub.units_pruned)
     diff = max_abs_diff(sub.model, exported, data.test)
-    timing = dict(ctx.state.get("timing", {}))
+    steps = {"vanilla": run.artefacts.get(VANILLA) if source == VANILLA else None, "extraction": masks_entry,
+             "export": run.artefacts[SUBNETWORK], "finetune": run.artefacts.get(FINETUNED) if finetuned else None}
+    timing = {f"{'vanilla_training' if k == 'vanilla' else k}_seconds": e["seconds"] for k, e in steps.items()
+              if e is not None}
     if a.latency_repeats:
         models = {"vanilla": vanilla, "subnetwork": exported, **({"finetuned": tuned} if tuned is not None else {})}
         timing["latency_seconds"] = {
             name: {f"batch_{n}": measure_latency(m, data.input_shape, n, a.device,
                                                  repeats=a.latency_repeats if n == 1 else max(1, a.latency_repeats // 3))
                    for n in (1, 256)} for name, m in models.items()}
+    timing.update({f"extraction_{phase}_seconds": sec
+                   for phase, sec in masks_entry["settings"].get("result", {}).get("timing_seconds", {}).items()})
     timing["evaluation_seconds"] = time.perf_counter() - start
-    config = {"command": a.command, "arch": sub.model.bise_spec["arch"], "model_spec": sub.model.bise_spec,
-              "seed": a.seed, "device": a.device, "flop_counter": COUNTER, "latency_repeats": a.latency_repeats,
-              **ctx.state.get("config", {}), "versions": {"torch": torch.__version__, "bise_kernels": kernels_version}}
+    settings = {k: e["settings"] for k, e in steps.items() if e is not None}
+    settings.setdefault("vanilla", {"from": source})
+    config = {"data": inv.data_record, "arch": sub.model.bise_spec["arch"], "model_spec": sub.model.bise_spec,
+              **settings,
+              "evaluate": {"device": a.device, "latency_repeats": a.latency_repeats, "flop_counter": COUNTER},
+              "versions": {"torch": torch.__version__, "bise_kernels": kernels_version}}
     report = build_report(vanilla=v_sec, subnetwork=s_sec, finetuned=f_sec, export={"max_abs_diff": diff},
                           config=config, timing=timing)
     units = {n: (int(m.sum()), int(m.numel())) for n, m in sub.masks.items()}
-    for f in REPORT_FILES:  # plots of an earlier evaluation must not outlive it
-        if ctx.has(f) and distributed.current().is_main:
-            os.remove(ctx.path(f))
-    distributed.barrier()
-    write_report(str(ctx.out), report, history=sub.history, units=units)
-    ctx.state["timing"] = {k: v for k, v in timing.items() if k != "latency_seconds"}
-    ctx.save_state()
-    test = report["subnetwork"]["test"]
-    ctx.say(f"report -> {ctx.path('report.json')}: unbiased test accuracy vanilla "
-            f"{100 * v_sec['test']['unbiased_accuracy']:.1f}% -> subnetwork {100 * test['unbiased_accuracy']:.1f}%"
-            + ("" if f_sec is None else f" -> fine-tuned {100 * f_sec['test']['unbiased_accuracy']:.1f}%") +
-            f"; {v_sec['mflops']:.2f} -> {s_sec['mflops']:.2f} MMACs")
+    written = write_report(str(run.staging), report, history=sub.history, units=units,
+                           selected_epoch=sub.info.get("best_epoch"))
+    entry = inv.entry("evaluate", inputs, config["evaluate"], start)
+    replaces = REPORT_FILES + (() if finetuned else (FINETUNED, "finetuned.json"))
+    run.commit({os.path.basename(p): dict(entry) for p in written}, replaces=replaces)
+    name, key = headline(report)
+    inv.say(f"report -> {run.path('report.json')}: {name} test accuracy vanilla {100 * v_sec['test'][key]:.1f}% -> "
+            f"subnetwork {100 * s_sec['test'][key]:.1f}%"
+            + ("" if f_sec is None else f" -> fine-tuned {100 * f_sec['test'][key]:.1f}%") +
+            f"; {v_sec['mmacs']:.2f} -> {s_sec['mmacs']:.2f} MMACs")
 
 
-def cmd_run(ctx: Context) -> None:
-    a = ctx.args
+def _reuse_vanilla(inv: Invocation) -> None:
+    """``run --resume`` keeps the run's vanilla.pt: say which vanilla options that ignores."""
+    inv.require(VANILLA)
+    recorded = inv.run.artefacts[VANILLA]["settings"]
+    a = inv.args
+    ignored = [f"--{flag} {given}" for flag, given, key in (("vanilla-epochs", a.vanilla_epochs, "epochs"),
+                                                             ("lr", a.lr, "lr"), ("batch-size", a.batch_size, "batch_size"),
+                                                             ("width", a.width, "width"))
+               if given is not None and key in recorded and recorded[key] != given]
+    inv.note(f"reusing the run's vanilla.pt ({', '.join(f'{k} {recorded[k]}' for k in ('epochs', 'lr') if k in recorded)})"
+             + (f"; {', '.join(ignored)} ignored (pass --overwrite to train again)" if ignored else ""))
+
+
+def _reusable(inv: Invocation, name: str, settings: dict) -> bool:
+    """Whether ``run --resume`` can keep ``name``: consistent with the run and made with ``settings``."""
+    import json
+
+    if name not in inv.run.artefacts:
+        return False
+    try:
+        inv.require(name)
+    except UsageError:
+        return False
+    recorded = inv.run.artefacts[name]["settings"]
+    now = json.loads(json.dumps(settings, default=str))
+    return all(recorded.get(k) == v for k, v in now.items())
+
+
+def cmd_run(inv: Invocation) -> None:
+    from . import validate
+
+    a, run = inv.args, inv.run
+    _extract_config(inv)  # bad extraction settings and the data's bias classes fail before any training
+    try:
+        validate.same_bias_classes(inv.data, a.label_free, "--label-free")
+    except ValueError as exc:
+        raise UsageError(str(exc)) from None
     if a.model:
-        ctx.record("vanilla", {"from": os.path.abspath(a.model)})
-        _save_vanilla(ctx, _load_vanilla(ctx, Path(a.model)))
-        ctx.save_state()
-    elif not (a.resume and ctx.has(VANILLA)):
-        cmd_train(ctx)
-    cmd_extract(ctx)  # with --resume, a finished extraction checkpoint makes this quick
-    cmd_export(ctx)
-    if a.finetune_epochs and not (a.resume and ctx.has(FINETUNED)):
-        cmd_finetune(ctx)
-    cmd_evaluate(ctx)  # reports finetuned.pt whenever it exists
+        path = Path(a.model).expanduser().resolve()
+        start = time.perf_counter()
+        model = _load_vanilla(inv, path)
+        inputs = {str(path): run.hash(path)}
+        if not (a.resume and VANILLA in run.artefacts and run.artefacts[VANILLA]["inputs"] == inputs):
+            _save_vanilla(run.staged(VANILLA), model)
+            run.commit({VANILLA: inv.entry("run", inputs, {"from": str(path)}, start)})
+    elif a.resume and run.has(VANILLA):
+        _reuse_vanilla(inv)
+    else:
+        cmd_train(inv)
+    if not (a.resume and _reusable(inv, MASKS, _extract_settings(inv, _extract_config(inv), run.path(VANILLA)))):
+        cmd_extract(inv)  # with --resume, continues the extraction from its checkpoint
+    if not (a.resume and _reusable(inv, SUBNETWORK, {"fold_bn": a.fold_bn, "round_to": a.round_to})):
+        cmd_export(inv)
+    tuned = bool(a.finetune_epochs) or (a.resume and FINETUNED in run.artefacts)
+    if a.finetune_epochs and not (a.resume and FINETUNED in run.artefacts):
+        cmd_finetune(inv)
+    cmd_evaluate(inv, finetuned=tuned)
 
 
 HANDLERS = {"run": cmd_run, "train": cmd_train, "extract": cmd_extract, "export": cmd_export,
@@ -426,27 +576,46 @@ def _user_errors() -> tuple:
     return (UsageError, ValueError, FileNotFoundError, CheckpointError, ExportError)
 
 
+def _resume_hint(inv: Invocation) -> str:
+    a = inv.args
+    if a.command in ("run", "extract") and (inv.run.has(CHECKPOINT) or inv.run.has(VANILLA)):
+        return f"continue with: bise {a.command} --out {a.out} --resume"
+    return "nothing was changed; run the command again to redo it"
+
+
 def main(argv: Optional[list] = None) -> int:
     """Entry point of ``bise`` and ``python -m bise``; returns the exit status."""
-    args = build_parser().parse_args(argv)
-    dist = distributed.init(args.device)  # under torchrun: join the group; else one process
-    args.device = dist.device
-    args.quiet = args.quiet or not dist.is_main
-    ctx = Context(args)
+    from . import validate
+
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    if extra:  # reported by the subcommand, which lists the options it takes
+        parser._subparsers._group_actions[0].choices[args.command].error(
+            f"unrecognized arguments: {' '.join(extra)} (see bise {args.command} --help)")
+    inv, failed = None, True
     try:
-        ctx.prepare()
-        ctx.state.setdefault("config", {})["cli"] = {k: v for k, v in vars(args).items()}
-        HANDLERS[args.command](ctx)
+        if hasattr(args, "device"):
+            try:
+                validate.device(args.device)
+            except ValueError as exc:
+                raise UsageError(f"--{exc}") from None
+        dist = distributed.init(getattr(args, "device", "cpu"))  # under torchrun: join the group; else one process
+        if hasattr(args, "device"):
+            args.device = dist.device
+        args.quiet = args.quiet or not dist.is_main
+        inv = Invocation(args)
+        inv.prepare()
+        HANDLERS[args.command](inv)
+        failed = False
     except _user_errors() as exc:
-        ctx.cleanup()
         print(f"bise {args.command}: error: {exc}", file=sys.stderr)
         return 2
-    except BaseException:
-        ctx.cleanup()
-        raise
+    except KeyboardInterrupt:
+        print(f"\nbise {args.command}: interrupted; {_resume_hint(inv) if inv else 'nothing was changed'}",
+              file=sys.stderr)
+        return 130
     finally:
+        if inv is not None:
+            inv.run.close(failed)
         distributed.shutdown()
     return 0
-
-
-__all__ = ["build_parser", "main"]

@@ -24,6 +24,7 @@ from torch import Tensor, nn
 from bise_kernels.nn import ChannelGate
 
 from .checkpoint import save_atomic
+from .gates import Gated
 from .report import write_text
 
 FORMAT = "bise-export-1"
@@ -86,21 +87,11 @@ class _ChannelScalePruner(tp.pruner.function.BasePruningFunc):
 _PRUNER = _ChannelScalePruner()
 
 
-def _is_gated(module: nn.Module) -> bool:
-    return isinstance(getattr(module, "gate", None), ChannelGate) and isinstance(
-        getattr(module, "activation", None), nn.Module)
-
-
-def _set_module(root: nn.Module, name: str, new: nn.Module) -> None:
-    parent, _, child = name.rpartition(".")
-    setattr(root.get_submodule(parent) if parent else root, child, new)
-
-
 def _masks_of(model: nn.Module, gates) -> dict[str, Tensor]:
     """name of each Gated wrapper -> bool keep mask (from ``gates`` if given, else the gates' own)."""
-    found = {name: m for name, m in model.named_modules() if _is_gated(m)}
+    found = {name: m for name, m in model.named_modules() if isinstance(m, Gated)}
     if not found:
-        raise ExportError("the model has no gated module (a module with .activation and a ChannelGate .gate); "
+        raise ExportError("the model has no gated module (bise.gates.Gated); "
                           "insert gates with bise.gates.insert_gates first")
     given = dict(gates) if gates is not None else {}
     unknown = sorted(set(given) - set(found))
@@ -124,7 +115,7 @@ def freeze_gates(model: nn.Module, gates=None) -> nn.Module:
     frozen = copy.deepcopy(model).cpu().float().eval()
     for name, mask in masks.items():
         wrapper = frozen.get_submodule(name)
-        _set_module(frozen, name, FixedGate(wrapper.activation, mask.float(), wrapper.gate.dim))
+        frozen.set_submodule(name, FixedGate(wrapper.activation, mask.float(), wrapper.gate.dim))
     for p in frozen.parameters():
         p.requires_grad_(False)
     return frozen
@@ -239,7 +230,7 @@ def _fold_batchnorm(model: nn.Module, dg) -> list[str]:
             bias = conv.bias if conv.bias is not None else torch.zeros_like(std)
             conv.weight.mul_(scale.view(-1, 1, 1, 1))
             conv.bias = nn.Parameter(beta + (bias - bn.running_mean) * scale, requires_grad=False)
-        _set_module(model, name, nn.Identity())
+        model.set_submodule(name, nn.Identity())
         folded.append(name)
     return folded
 
@@ -325,7 +316,7 @@ def export_subnetwork(model: nn.Module, gates: Optional[Mapping] = None, *, exam
         group.prune()
     for name, scale in scales.items():
         if bool((scale.scale == 1).all()):
-            _set_module(out, name, out.get_submodule(name).activation)
+            out.set_submodule(name, out.get_submodule(name).activation)
     if fold_bn:
         _fold_batchnorm(out, dg)
     out.eval()
@@ -414,17 +405,17 @@ def load_exported(path: str, model: Optional[nn.Module] = None) -> nn.Module:
         model = rebuild(desc["spec"])
     base = copy.deepcopy(model).cpu().float()
     for name, m in list(base.named_modules()):
-        if name and _is_gated(m):
-            _set_module(base, name, m.activation)
+        if name and isinstance(m, Gated):
+            base.set_submodule(name, m.activation)
     for name, entry in desc["modules"].items():
         try:
             current = base.get_submodule(name)
         except AttributeError:
             raise ExportError(f"{path!r}: module {name!r} not found in the rebuilt architecture") from None
         if entry["type"] == "FixedGate" and not isinstance(current, FixedGate):
-            _set_module(base, name, FixedGate(current, torch.ones(entry["num_channels"]), entry["dim"]))
+            base.set_submodule(name, FixedGate(current, torch.ones(entry["num_channels"]), entry["dim"]))
         elif entry["type"] == "Identity" and not isinstance(current, nn.Identity):
-            _set_module(base, name, nn.Identity())
+            base.set_submodule(name, nn.Identity())
     for name, entry in desc["modules"].items():
         _resize(base.get_submodule(name), name + ".", state, entry)
     try:

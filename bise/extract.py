@@ -29,15 +29,19 @@ from tqdm.auto import tqdm
 
 from bise_kernels import global_topk_masks
 
-from . import distributed, losses
+from . import distributed, losses, validate
 from .batching import DeviceSplit, to_device
 from .checkpoint import load_checkpoint, save_atomic
+from .data.maskset import PROTOCOLS as MASK_SETS
+from .data.maskset import mask_data
 from .evaluate import predict
 from .feature_cache import BottleneckTap, FrozenPrefix
 from .gates import find_bottleneck, gates_of, insert_gates, remove_gates, set_gate_mode
 from .heads import set_head_grads
 from .subnetwork import Subnetwork
-from .train import fit, recipe_for
+from .models import reinitialize
+from .recipes import recipe_for
+from .train import fit
 
 CHECKPOINT_NAME = "checkpoint.pt"
 CHECKPOINT_FORMAT = "bise-extract-checkpoint-v1"
@@ -68,6 +72,7 @@ class ExtractConfig:
     weighting: Optional[str] = None  # None: data.weighting ("empirical-joint" with label_free)
     rho: Optional[Union[float, Sequence[float]]] = None  # None: data.rho
     label_free: bool = False
+    mask_set: Optional[str] = None  # "fresh-draw" | "vanilla-train"; None: the data's default (bise.data.maskset)
     identification_epochs: int = 1
     budget: Optional[float] = None  # keep exactly this fraction of units (global top-k of the scores)
     gate_names: Optional[Sequence[str]] = None
@@ -102,6 +107,8 @@ class ExtractConfig:
         if self.budget is not None and (isinstance(self.budget, bool) or not isinstance(self.budget, (int, float))
                                         or not 0 < self.budget <= 1):
             raise ValueError(f"budget must be a fraction in (0, 1] of units to keep, got {self.budget!r}")
+        if self.mask_set is not None and self.mask_set not in MASK_SETS:
+            raise ValueError(f"mask_set must be one of {MASK_SETS} or None, got {self.mask_set!r}")
         if self.weighting is not None and self.weighting not in losses.SCHEMES:
             raise ValueError(f"weighting must be one of {losses.SCHEMES} or None, got {self.weighting!r}")
         return self
@@ -146,22 +153,16 @@ def _split_bias(split, name: str, data, label_free: bool) -> Optional[Tensor]:
 def _check_data(data, config: ExtractConfig) -> None:
     if getattr(data, "train", None) is None or len(data.train) == 0:
         raise ValueError("data.train is missing or empty")
-    if not config.label_free and data.num_bias_classes != data.num_classes:
-        raise ValueError(f"BISE assumes as many bias classes as target classes (|B| = |Y|, a sample is aligned iff "
-                         f"y == b); this dataset has num_classes={data.num_classes}, num_bias_classes="
-                         f"{data.num_bias_classes}. Relabel the bias, or use label_free=True")
+    validate.same_bias_classes(data, config.label_free)
 
 
 def _identification_model(model: nn.Module, data, config: ExtractConfig, quiet: bool) -> nn.Module:
     """Same architecture, fresh weights, ``identification_epochs`` of ERM with the data's recipe (section 9)."""
     torch.manual_seed(config.seed)
-    ident = copy.deepcopy(model)
-    for m in ident.modules():
-        if hasattr(m, "reset_parameters") and m is not ident:
-            m.reset_parameters()
+    ident = reinitialize(copy.deepcopy(model))
     for p in ident.parameters():
         p.requires_grad_(True)
-    recipe = recipe_for(data)
+    recipe = recipe_for(data, model)
     return fit(ident, data.train, recipe, epochs=config.identification_epochs,
                batch_size=config.batch_size or recipe["batch_size"], lr=recipe["lr"], seed=config.seed,
                device=config.device, quiet=quiet, desc="identification model")
@@ -176,7 +177,7 @@ class _Run:
         self.model = model
         self.gates = gates_of(model)
         self.bottleneck = model.get_submodule(find_bottleneck(model, config.bottleneck))
-        self.batch_size = config.batch_size or recipe_for(data)["batch_size"]
+        self.batch_size = config.batch_size or recipe_for(data, model)["batch_size"]
         self.generator = torch.Generator().manual_seed(config.seed)
         self.prefix: Optional[FrozenPrefix] = None
         self.cached: dict[str, Tensor] = {}
@@ -570,13 +571,16 @@ def extract(model: nn.Module, data, *, config: Optional[ExtractConfig] = None, o
     """Find the unbiased subnetwork of a vanilla ``model`` on ``data`` (a bise.data BiasedDataset).
 
     The model is copied (the caller's stays untouched), frozen and kept in eval mode. Gates go
-    where :func:`bise.gates.insert_gates` puts them unless the model already has gates.
+    where :func:`bise.gates.insert_gates` puts them unless the model already has gates. Masks and
+    head learn on the mask set of ``config.mask_set`` (:func:`bise.data.mask_data`).
     ``out_dir``: where ``checkpoint.pt`` is written after pre-training and every epoch;
     ``resume=True`` continues from it (an existing checkpoint without ``resume`` is refused).
     ``callback(epoch, record)`` runs after each epoch's checkpoint (an exception stops the run).
     """
-    config = (config or ExtractConfig()).validate()
+    config = validate.extract_config(config)
+    data, mask_set = mask_data(data, config.mask_set)
     _check_data(data, config)
+    validate.model_fits(model, data)
     ckpt_path = Path(out_dir) / CHECKPOINT_NAME if out_dir is not None else None
     ckpt = None
     if ckpt_path is not None and ckpt_path.exists():
@@ -643,7 +647,8 @@ def extract(model: nn.Module, data, *, config: Optional[ExtractConfig] = None, o
             "selection": "best validation accuracy" if run.val is not None else "last epoch",
             "prefix_cached": run.prefix is not None, "final_refit_skipped": not config.refit_after_last,
             "label_free": config.label_free, "bottleneck": find_bottleneck(model, config.bottleneck),
-            "mask_epochs_run": config.mask_epochs + 1 - first_epoch, "timing_seconds": dict(run.timing)}
+            "mask_set": mask_set, "mask_epochs_run": config.mask_epochs + 1 - first_epoch,
+            "timing_seconds": dict(run.timing)}
     return Subnetwork(model, run.gates, masks, scores=final, history=run.history, config=config, info=info,
                       pseudo_bias=run.pseudo_bias)
 

@@ -19,7 +19,8 @@ from tqdm.auto import tqdm
 
 from . import losses
 from .evaluate import evaluate
-from .train import _optimizer, recipe_for, train_epoch
+from .recipes import recipe_for
+from .train import _optimizer, train_epoch
 
 LR_FACTOR = 0.01  # 0.1x (the spec's first guess) diverged: the reweighted loss weighs conflicting samples up to 1/(1-rho)
 
@@ -32,15 +33,17 @@ def _positive_int(name: str, v, low: int = 1) -> int:
 
 def finetune(model: nn.Module, data, *, epochs: int = 10, scheme: Optional[str] = None, rho=None,
              lr: Optional[float] = None, batch_size: Optional[int] = None, bias: Optional[Tensor] = None,
-             seed: int = 0, device="cpu", quiet: bool = False, history: Optional[list] = None) -> nn.Module:
+             seed: int = 0, device="cpu", quiet: bool = False, history: Optional[list] = None,
+             arch: Optional[str] = None) -> nn.Module:
     """A fine-tuned copy of ``model`` (eval mode on return; the input model is untouched).
 
     ``scheme`` / ``rho``: the L_r weighting (default: the data's); ``bias``: training bias labels to
     use instead of ``data.train.b`` (e.g. the label-free pseudo labels); ``lr``: default 0.01x the
-    recipe's; ``history``: a list that receives one record per epoch.
+    recipe's (bise.recipes, for ``arch``: default the model's recorded architecture);
+    ``history``: a list that receives one record per epoch.
     """
     _positive_int("epochs", epochs, 0)
-    recipe = recipe_for(data)
+    recipe = recipe_for(data, arch or model)
     lr = recipe["lr"] * LR_FACTOR if lr is None else lr
     if not (isinstance(lr, (int, float)) and math.isfinite(lr) and lr > 0):
         raise ValueError(f"lr must be a positive number, got {lr!r}")

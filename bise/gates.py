@@ -8,12 +8,13 @@ the original module names plus ``.activation`` / ``.gate``.
 from __future__ import annotations
 
 import fnmatch
-from typing import Iterable, Optional, Sequence
+from typing import Optional, Sequence
 
 import torch
 from torch import Tensor, nn
 
 from bise_kernels import ChannelGate
+from bise_kernels.nn.model import matches
 
 ACTIVATIONS = (nn.ReLU, nn.ReLU6, nn.GELU, nn.Tanh, nn.SiLU, nn.LeakyReLU, nn.ELU, nn.Hardswish, nn.Sigmoid,
                nn.Mish, nn.SELU, nn.CELU, nn.PReLU, nn.Softplus, nn.Hardtanh)
@@ -30,10 +31,6 @@ class Gated(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         return self.gate(self.activation(x))
-
-
-def _matches(name: str, patterns: Optional[Iterable[str]]) -> bool:
-    return patterns is not None and any(fnmatch.fnmatchcase(name, p) for p in patterns)
 
 
 def _example_input(model: nn.Module, example_input: Optional[Tensor]) -> Tensor:
@@ -106,12 +103,12 @@ def insert_gates(model: nn.Module, names: Optional[Sequence[str]] = None, *, exc
         candidates = {n: m for n, m in model.named_modules() if n and isinstance(m, ACTIVATIONS)}
         default_exclude = _default_exclude(model, candidates)
     else:
-        candidates = {n: m for n, m in model.named_modules() if n and _matches(n, names)}
+        candidates = {n: m for n, m in model.named_modules() if n and matches(n, names)}
         default_exclude = ()
         unmatched = [p for p in names if not any(fnmatch.fnmatchcase(n, p) for n in candidates)]
         if unmatched:
             raise ValueError(f"names {unmatched} match no module of {type(model).__name__}")
-    candidates = {n: m for n, m in candidates.items() if not _matches(n, default_exclude) and not _matches(n, exclude)}
+    candidates = {n: m for n, m in candidates.items() if not matches(n, default_exclude) and not matches(n, exclude)}
     head = find_bottleneck(model, bottleneck) if names is None and _has_linear(model, bottleneck) else None
     tracked = dict(candidates)
     if head is not None:
@@ -134,7 +131,7 @@ def insert_gates(model: nn.Module, names: Optional[Sequence[str]] = None, *, exc
         dim = _channel_dim(name, shape)
         gate = ChannelGate(shape[dim], dim=dim, threshold=0.0, estimator="sigmoid", temperature=temperature,
                            init=0.0, device=x.device)
-        _set_submodule(model, name, Gated(module, gate))
+        model.set_submodule(name, Gated(module, gate))
         gates[name] = gate
     if not gates:
         raise ValueError(f"no gateable layer in {type(model).__name__}: no activation module ({', '.join(a.__name__ for a in ACTIVATIONS[:6])}, ...) "
@@ -147,11 +144,6 @@ def _has_linear(model: nn.Module, bottleneck: Optional[str]) -> bool:
     return bottleneck is not None or any(isinstance(m, nn.Linear) for m in model.modules())
 
 
-def _set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
-    parent_name, _, child = name.rpartition(".")
-    setattr(model.get_submodule(parent_name) if parent_name else model, child, module)
-
-
 def gates_of(model: nn.Module) -> dict[str, ChannelGate]:
     """The gates already in ``model``, keyed by the qualified name of their Gated module."""
     return {n: m.gate for n, m in model.named_modules() if isinstance(m, Gated)}
@@ -161,7 +153,7 @@ def remove_gates(model: nn.Module) -> nn.Module:
     """Put the original activation modules back (in place); returns the model."""
     for name, m in list(model.named_modules()):
         if isinstance(m, Gated):
-            _set_submodule(model, name, m.activation)
+            model.set_submodule(name, m.activation)
     return model
 
 

@@ -1,9 +1,12 @@
-"""The run report: report.json (keys fixed by issue #7 section 5), report.md (tables) and PNG plots.
+"""The run report: report.json (keys in docs/cli.md), report.md (tables) and PNG plots.
 
 report.json = {"vanilla": SECTION, "subnetwork": SECTION + {"units_pruned", "weights_removed"},
 "finetuned": (same, only after fine-tuning), "export": {"max_abs_diff"}, "config": {...},
 "timing": {"extraction_seconds", ...}} with SECTION = {"test": METRICS, "val": METRICS (if any),
-"mflops": MMACs, "params": int}. Accuracies are fractions in [0, 1]; every file is written atomically.
+"mmacs": millions of multiply-accumulates per input, "params": int}. Accuracies are fractions in
+[0, 1]; every file is written atomically. Two-bias data (keys "y=3,b=3/5") are summarised by the
+four alignment patterns (the headline is their mean) and a class-by-pattern table / heatmap
+instead of one row or bar per group.
 """
 
 from __future__ import annotations
@@ -22,6 +25,8 @@ from .flops import count_macs, count_params
 SECTIONS = ("vanilla", "subnetwork", "finetuned", "export", "config", "timing")
 METRIC_KEYS = ("accuracy", "aligned_accuracy", "conflicting_accuracy", "unbiased_accuracy", "worst_group_accuracy")
 PLOTS = ("accuracy_vs_epoch.png", "units_per_layer.png", "group_accuracy.png")
+REPORT_FILES = ("report.json", "report.md", *PLOTS)
+MANY_GROUPS = 24  # more (y, b) groups than this: heatmaps and no per-group table
 
 
 def write_text(path: str, text: str) -> None:
@@ -33,11 +38,11 @@ def write_text(path: str, text: str) -> None:
 
 def model_section(model: nn.Module, data, *, device="cpu", batch_size: int = 256, vanilla_params: Optional[int] = None,
                   units_pruned: Optional[float] = None, metrics_model: Optional[nn.Module] = None) -> dict:
-    """{"test", "val" (if any), "mflops", "params"} of ``model`` (metrics of ``metrics_model`` if given:
+    """{"test", "val" (if any), "mmacs", "params"} of ``model`` (metrics of ``metrics_model`` if given:
     the masked model, whose cost is the exported ``model``'s); plus units_pruned / weights_removed."""
     scored = metrics_model if metrics_model is not None else model
     section = evaluate(scored, data, batch_size=batch_size, device=device)
-    section["mflops"] = count_macs(model, data.input_shape)
+    section["mmacs"] = count_macs(model, data.input_shape)
     section["params"] = count_params(model)
     if units_pruned is not None:
         section["units_pruned"] = float(units_pruned)
@@ -55,6 +60,27 @@ def build_report(*, vanilla: dict, subnetwork: dict, export: dict, config: dict,
     return report
 
 
+def headline(report: dict) -> tuple[str, str]:
+    """(label, metric key) of the figure a report leads with: the unbiased accuracy, which for two-bias
+    data is the mean over the four alignment patterns (the Multi-Color MNIST figure)."""
+    if "pattern_average" in report["vanilla"]["test"]:
+        return "unbiased (mean of the 4 alignment patterns)", "pattern_average"
+    return "unbiased", "unbiased_accuracy"
+
+
+def _class_by_pattern(groups: dict) -> dict:
+    """Two-bias group accuracies "y=Y,b=L/R" -> {Y: {pattern: mean accuracy of its groups}}."""
+    cells: dict = {}
+    for key, v in groups.items():
+        y_part, b_part = key.split(",")
+        y = int(y_part.split("=")[1])
+        left, right = (int(b) for b in b_part.split("=")[1].split("/"))
+        name = f"{'aligned' if left == y else 'conflicting'}/{'aligned' if right == y else 'conflicting'}"
+        if v is not None:
+            cells.setdefault(y, {}).setdefault(name, []).append(v)
+    return {y: {p: sum(vs) / len(vs) for p, vs in sorted(row.items())} for y, row in sorted(cells.items())}
+
+
 def _pct(v) -> str:
     return "-" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{100 * v:.1f}"
 
@@ -68,9 +94,13 @@ def render_markdown(report: dict, units: Optional[dict] = None) -> str:
     lines = ["# BISE report", ""]
     cfg = report.get("config", {})
     data = cfg.get("data", {})
-    lines += [f"Data `{data.get('spec', '?')}`, arch `{cfg.get('arch', '?')}`, device `{cfg.get('device', '?')}`, "
-              f"seed {cfg.get('seed', '?')}. Accuracies in %, cost in M MACs (\"MFLOPs\", "
-              f"{cfg.get('flop_counter', 'FlopCounterMode')}).", ""]
+    evaluation = cfg.get("evaluate", {})
+    lines += [f"Data `{data.get('spec', '?')}` (seed {data.get('seed', '?')}), arch `{cfg.get('arch', '?')}`, device "
+              f"`{evaluation.get('device', '?')}`. Accuracies in %, cost in millions of multiply-accumulates "
+              f"(MMACs, {evaluation.get('flop_counter', 'FlopCounterMode')}).", ""]
+    label, key = headline(report)
+    lines += [f"**Test accuracy, {label}:** " + " -> ".join(f"{name} {_pct(sec['test'][key])}"
+                                                            for name, sec in _models(report) if sec.get("test")), ""]
     for split in ("test", "val"):
         rows = [(name, sec[split]) for name, sec in _models(report) if sec.get(split)]
         if not rows:
@@ -86,7 +116,7 @@ def render_markdown(report: dict, units: Optional[dict] = None) -> str:
         lines.append("")
     lines += ["## Cost", "", "| model | MMACs | params | units pruned | weights removed |", "|---|---|---|---|---|"]
     for name, sec in _models(report):
-        lines.append(f"| {name} | {sec['mflops']:.3f} | {sec['params']} | {_pct(sec.get('units_pruned'))} | "
+        lines.append(f"| {name} | {sec['mmacs']:.3f} | {sec['params']} | {_pct(sec.get('units_pruned'))} | "
                      f"{_pct(sec.get('weights_removed'))} |")
     latency = report.get("timing", {}).get("latency_seconds", {})
     if latency:
@@ -96,7 +126,20 @@ def render_markdown(report: dict, units: Optional[dict] = None) -> str:
                 "-" if lat.get(k) is None else f"{1e3 * lat[k]:.3f}" for k in ("batch_1", "batch_256")) + " |")
     lines += ["", f"Export: max |exported - masked| on the test split = {report['export']['max_abs_diff']:.3g}", ""]
     test_groups = [(name, sec["test"]["groups"]) for name, sec in _models(report) if sec.get("test")]
-    if test_groups:
+    if test_groups and "/" in next(iter(test_groups[0][1]), ""):
+        lines += ["## Test accuracy per target class and alignment pattern (left/right bias)", "",
+                  "Mean accuracy of the (y, b_left, b_right) groups of each class and pattern; every group is in "
+                  "report.json.", ""]
+        for name, groups in test_groups:
+            table = _class_by_pattern(groups)
+            names = sorted({p for row in table.values() for p in row})
+            lines += [f"{name}:", "", "| y | " + " | ".join(names) + " |", "|---|" + "---|" * len(names)]
+            lines += [f"| {y} | " + " | ".join(_pct(row.get(p)) for p in names) + " |" for y, row in table.items()]
+            lines.append("")
+    elif test_groups and len(test_groups[0][1]) > MANY_GROUPS:
+        lines += ["## Test accuracy per (y, b) group", "", "Heatmaps in group_accuracy.png; every group is in "
+                  "report.json.", ""]
+    elif test_groups:
         keys = list(test_groups[0][1])
         lines += ["## Test accuracy per (y, b) group", "", "| group | " + " | ".join(n for n, _ in test_groups) + " |",
                   "|---|" + "---|" * len(test_groups)]
@@ -117,9 +160,10 @@ def _temperature_steps(history: list) -> list[int]:
     return [a["epoch"] for a, b in zip(history, history[1:]) if b.get("temperature") != a.get("temperature")]
 
 
-def plot_history(history: list, path: str) -> bool:
+def plot_history(history: list, path: str, selected_epoch: Optional[int] = None) -> bool:
     """Aligned / conflicting / unbiased accuracy per mask epoch (validation, else the logged test metrics),
-    with the temperature halvings marked. False when the history holds no per-epoch metrics."""
+    with the temperature halvings and the selected epoch marked. False when the history holds no
+    per-epoch metrics."""
     key = "val" if any(r.get("val") for r in history) else "test"
     rows = [r for r in history if r.get(key)]
     if not rows:
@@ -134,10 +178,12 @@ def plot_history(history: list, path: str) -> bool:
                           ("unbiased_accuracy", "unbiased")):
         ax.plot(epochs, [r[key][metric] if r[key][metric] is not None else float("nan") for r in rows],
                 marker=".", label=label)
-    for i, e in enumerate(_temperature_steps(history)):
+    for i, e in enumerate(sorted(set(_temperature_steps(history)))):
         ax.axvline(e, color="grey", lw=0.6, ls="--", label="temperature halved" if i == 0 else None)
+    if selected_epoch is not None:
+        ax.axvline(selected_epoch, color="black", lw=1.2, label=f"selected epoch ({selected_epoch})")
     ax.set(xlabel="mask epoch", ylabel=f"{key} accuracy", ylim=(0, 1.02), title="BISE mask learning")
-    ax.legend(loc="lower right", fontsize=8)
+    ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=8)  # beside the axes, never over a line
     _save(fig, path)
     return True
 
@@ -155,7 +201,7 @@ def plot_units(units: dict, path: str) -> None:
     ax.bar(xs, [k for k, _ in units.values()], color="tab:blue", label="kept")
     ax.set_xticks(list(xs), names, rotation=60, ha="right", fontsize=7)
     ax.set(ylabel="units", title="surviving units per layer")
-    ax.legend(fontsize=8)
+    ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=8)
     _save(fig, path)
 
 
@@ -172,30 +218,42 @@ def _group_matrix(groups: dict):
 
 
 def plot_groups(report: dict, path: str) -> None:
-    """Summary test metrics per model (bars), then the per-(y, b) group accuracies: bars for a few
-    groups, one y-by-b heatmap per model for many (single bias)."""
+    """Summary test metrics per model (bars, the headline first), then the group accuracies: bars for
+    a few groups; for many, one heatmap per model: y by b (one bias) or y by alignment pattern (two)."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    import numpy as np
 
     models = [(name, sec["test"]) for name, sec in _models(report)]
     keys = list(models[0][1]["groups"])
-    heatmaps = len(keys) > 24 and "/" not in keys[0]
+    two_bias = "/" in keys[0]
+    heatmaps = two_bias or len(keys) > MANY_GROUPS
+    summary = (("pattern_average",) if two_bias else ()) + METRIC_KEYS
     fig = plt.figure(figsize=(max(8, 4 * len(models)) if heatmaps else max(8, 0.15 * len(keys) * len(models) + 3), 8))
     top = fig.add_subplot(2, 1, 1)
     width = 0.8 / len(models)
     for i, (name, m) in enumerate(models):
-        top.bar([j + i * width for j in range(len(METRIC_KEYS))],
-                [m[k] if m[k] is not None else 0.0 for k in METRIC_KEYS], width, label=name)
-    top.set_xticks([j + 0.4 - width / 2 for j in range(len(METRIC_KEYS))],
-                   [k.replace("_accuracy", "") for k in METRIC_KEYS])
+        top.bar([j + i * width for j in range(len(summary))],
+                [m[k] if m[k] is not None else 0.0 for k in summary], width, label=name)
+    top.set_xticks([j + 0.4 - width / 2 for j in range(len(summary))],
+                   ["unbiased (4 patterns)" if k == "pattern_average" else k.replace("_accuracy", "") for k in summary])
     top.set(ylabel="test accuracy", ylim=(0, 1.02), title=" vs ".join(n for n, _ in models))
-    top.legend(fontsize=8)
+    top.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=8)
     if heatmaps:
         for i, (name, m) in enumerate(models):
             ax = fig.add_subplot(2, len(models), len(models) + i + 1)
-            image = ax.imshow(_group_matrix(m["groups"]), vmin=0, vmax=1, cmap="viridis")
-            ax.set(xlabel="bias label b", ylabel="target y", title=f"{name}: group accuracy")
+            if two_bias:
+                table = _class_by_pattern(m["groups"])
+                names = sorted({p for row in table.values() for p in row})
+                matrix = np.array([[row.get(p, np.nan) for p in names] for row in table.values()])
+                image = ax.imshow(matrix, vmin=0, vmax=1, cmap="viridis", aspect="auto")
+                ax.set_xticks(range(len(names)), [n.replace("/", "/\n") for n in names], fontsize=7)
+                ax.set_yticks(range(len(table)), list(table))
+                ax.set(xlabel="alignment pattern (left/right)", ylabel="target y", title=f"{name}: mean group accuracy")
+            else:
+                image = ax.imshow(_group_matrix(m["groups"]), vmin=0, vmax=1, cmap="viridis")
+                ax.set(xlabel="bias label b", ylabel="target y", title=f"{name}: group accuracy")
         fig.colorbar(image, ax=fig.axes[1:], shrink=0.8)
     else:
         bottom = fig.add_subplot(2, 1, 2)
@@ -212,22 +270,23 @@ def _save(fig, path: str, tight: bool = True) -> None:
 
     if tight:
         fig.tight_layout()
-    atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=100))
+    atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=100, bbox_inches="tight"))
     plt.close(fig)
 
 
 def write_report(out_dir: str, report: dict, *, history: Optional[list] = None,
-                 units: Optional[dict] = None) -> list[str]:
+                 units: Optional[dict] = None, selected_epoch: Optional[int] = None) -> list[str]:
     """Write report.json, report.md and the plots into ``out_dir``; returns the paths written.
 
-    ``units``: gated layer -> (kept, total); ``history``: the extraction's per-epoch records."""
+    ``units``: gated layer -> (kept, total); ``history``: the extraction's per-epoch records;
+    ``selected_epoch``: the mask epoch whose scores became the masks (marked in the history plot)."""
     missing = [k for k in ("vanilla", "subnetwork", "export", "config", "timing") if k not in report]
     if missing:
         raise ValueError(f"report lacks the sections {missing}")
     paths = [os.path.join(out_dir, "report.json"), os.path.join(out_dir, "report.md")]
     write_text(paths[0], json.dumps(report, indent=1, default=str))
     write_text(paths[1], render_markdown(report, units))
-    if history and plot_history(history, os.path.join(out_dir, PLOTS[0])):
+    if history and plot_history(history, os.path.join(out_dir, PLOTS[0]), selected_epoch):
         paths.append(os.path.join(out_dir, PLOTS[0]))
     if units:
         plot_units(units, os.path.join(out_dir, PLOTS[1]))
@@ -237,5 +296,5 @@ def write_report(out_dir: str, report: dict, *, history: Optional[list] = None,
     return paths
 
 
-__all__ = ["PLOTS", "SECTIONS", "atomic_write", "build_report", "model_section", "render_markdown", "write_report",
-           "write_text"]
+__all__ = ["PLOTS", "REPORT_FILES", "SECTIONS", "atomic_write", "build_report", "headline", "model_section",
+           "render_markdown", "write_report", "write_text"]

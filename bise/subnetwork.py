@@ -65,15 +65,17 @@ class Subnetwork:
         set_gate_mode(self.gates, "pruned")
         return export_subnetwork(self.model, self.gates, example_input=example_input, **kwargs)
 
-    def finetune(self, data, epochs: int, *, example_input: Optional[Tensor] = None, **kwargs) -> nn.Module:
-        """BISE+FT: fine-tune the exported subnetwork with the extraction's reweighting (bise.finetune)."""
+    def finetune(self, data, epochs: int, *, example_input: Optional[Tensor] = None,
+                 exported: Optional[nn.Module] = None, **kwargs) -> nn.Module:
+        """BISE+FT: fine-tune the exported subnetwork with the extraction's reweighting (bise.finetune);
+        ``exported``: this subnetwork's export to fine-tune (default: ``self.export(example_input)``)."""
         from .finetune import finetune
 
         kwargs.setdefault("scheme", self.info.get("weighting"))
         kwargs.setdefault("rho", self.info.get("rho"))
         if self.pseudo_bias is not None:
             kwargs.setdefault("bias", self.pseudo_bias["train"])
-        return finetune(self.export(example_input), data, epochs=epochs, **kwargs)
+        return finetune(self.export(example_input) if exported is None else exported, data, epochs=epochs, **kwargs)
 
     def save(self, path) -> None:
         """Write everything needed by :meth:`load` to ``path`` (atomic)."""

@@ -1,10 +1,4 @@
-"""Vanilla (ERM) training with the paper's per-dataset recipes (bise-method.md section 8).
-
-The recipe is chosen from the data: two-bias data -> the Multi-Color MNIST MLP recipe;
-group-balanced data -> the CelebA recipe; a name containing "corrupt" -> the Corrupted CIFAR-10
-recipe; anything else -> the BiasedMNIST recipe. Random augmentation (CelebA flips, CIFAR crops) is
-not applied: the built-in data are small images with no augmentation pipeline.
-"""
+"""Vanilla (ERM) training with the recipe of bise.recipes (chosen by architecture and data together)."""
 
 from __future__ import annotations
 
@@ -16,37 +10,10 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-from . import distributed
+from . import distributed, validate
 from .batching import DeviceSplit
 from .models import build_model
-
-RECIPES = {
-    "biased-mnist": {"arch": "simple-cnn", "optimizer": "sgd", "lr": 0.1, "momentum": 0.9, "weight_decay": 1e-4,
-                     "epochs": 80, "batch_size": 100, "schedule": "multistep"},
-    "multicolor-mnist": {"arch": "mlp", "optimizer": "adam", "lr": 1e-3, "weight_decay": 1e-4, "epochs": 100,
-                         "batch_size": 256, "schedule": None},
-    "celeba": {"arch": "resnet18", "optimizer": "adam", "lr": 1e-4, "weight_decay": 1e-4, "epochs": 50,
-               "batch_size": 256, "schedule": None},
-    "corrupted-cifar10": {"arch": "resnet18", "optimizer": "adam", "lr": 1e-3, "weight_decay": 1e-4, "epochs": 200,
-                          "batch_size": 256, "schedule": "cosine"},
-}
-
-
-def recipe_for(data) -> dict:
-    """The paper recipe that matches ``data`` (a copy, safe to edit); see the module docstring."""
-    if getattr(data, "num_biases", 1) == 2:
-        key = "multicolor-mnist"
-    elif getattr(data, "weighting", None) == "group-balanced":
-        key = "celeba"
-    elif "corrupt" in str(getattr(data, "name", "")).lower():
-        key = "corrupted-cifar10"
-    else:
-        key = "biased-mnist"
-    recipe = dict(RECIPES[key], name=key)
-    if recipe["schedule"] == "multistep":
-        rho = getattr(data, "rho", None)
-        recipe["milestones"] = [40, 60] if rho in (0.99, 0.995) else [80, 90]
-    return recipe
+from .recipes import recipe_for
 
 
 def _optimizer(params, recipe: dict, lr: float) -> torch.optim.Optimizer:
@@ -133,13 +100,16 @@ def fit(model: nn.Module, split, recipe: dict, *, epochs: int, batch_size: int, 
 def train_vanilla(data, arch: Optional[str] = None, *, epochs: Optional[int] = None,
                   batch_size: Optional[int] = None, lr: Optional[float] = None, seed: int = 0, device="cpu",
                   width: float = 1.0, quiet: bool = False, **model_kwargs) -> nn.Module:
-    """Build ``arch`` for ``data`` and train it by ERM with the paper recipe (overridable); eval mode."""
-    recipe = recipe_for(data)
+    """Build ``arch`` for ``data`` and train it by ERM with its recipe (overridable); eval mode."""
+    recipe = recipe_for(data, arch)
+    epochs = recipe["epochs"] if epochs is None else validate.as_int("epochs", epochs, 0)
+    batch_size = recipe["batch_size"] if batch_size is None else validate.as_int("batch_size", batch_size, 1)
+    lr = recipe["lr"] if lr is None else validate.as_positive("lr", lr)
+    seed, device = validate.as_int("seed", seed, 0), validate.device(device)
     torch.manual_seed(seed)
-    model = build_model(arch or recipe["arch"], data.num_classes, data.input_shape, width=width, **model_kwargs)
-    return fit(model, data.train, recipe, epochs=recipe["epochs"] if epochs is None else epochs,
-               batch_size=batch_size or recipe["batch_size"], lr=lr or recipe["lr"], seed=seed, device=device,
+    model = build_model(recipe["arch"], data.num_classes, data.input_shape, width=width, **model_kwargs)
+    return fit(model, data.train, recipe, epochs=epochs, batch_size=batch_size, lr=lr, seed=seed, device=device,
                quiet=quiet)
 
 
-__all__ = ["RECIPES", "fit", "recipe_for", "train_epoch", "train_steps", "train_vanilla"]
+__all__ = ["fit", "train_epoch", "train_steps", "train_vanilla"]

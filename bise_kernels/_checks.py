@@ -1,14 +1,25 @@
-"""Argument validation shared by every op and backend: named errors, before any kernel launch.
+"""Argument validation: one function per op, shared by the public API and the Python backends.
 
-Value checks (NaN/inf scores) never sync the host with a GPU: on CPU they raise ValueError;
-on other devices they are device-side asserts (``torch._assert_async``); under tracing
-(torch.compile / export) they are skipped, as the values are not known.
+Every check raises a ValueError / TypeError naming the argument and its value, before any
+kernel launch; nothing is silently clamped. The per-op checks (:func:`check_masked_linear`,
+:func:`check_masked_conv2d`, :func:`check_channel_gate`) look at types, shapes, dtypes and
+devices only, so a backend can run them again at no cost in device time; they check the
+selection ``(thr, cut)`` too when given it (backends get it; the API builds it).
+
+The one value check, :func:`check_finite` (NaN / inf scores or thresholds), runs once per API
+call and never syncs the host with a GPU: one ``torch.aminmax`` read (NaN propagates into it,
+no n-byte temporary), then a host check on the CPU (ValueError) or ``torch._assert_async`` on
+other devices (an asynchronous device-side assert, reported at the next synchronisation).
+Under tracing (torch.compile, torch.export, fake or meta tensors) it is skipped, as the values
+are not known.
 """
 
 from __future__ import annotations
 
 import math
-from typing import Optional, Sequence
+import numbers
+import operator
+from typing import Sequence
 
 import torch
 
@@ -16,61 +27,113 @@ FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 ESTIMATORS = ("ste", "sigmoid")
 
 
-def check_scores(scores: object, name: str = "scores") -> torch.Tensor:
-    if not isinstance(scores, torch.Tensor):
-        raise TypeError(f"{name} must be a torch.Tensor, got {type(scores).__name__}")
-    if scores.dtype not in FLOAT_DTYPES:
-        raise TypeError(f"{name} must be a floating tensor (float32/float16/bfloat16/float64), got {scores.dtype}")
-    if scores.numel() == 0:
-        raise ValueError(f"{name} is empty (shape {tuple(scores.shape)}); top-k needs at least one score")
-    check_finite(scores, name)
-    return scores
+# ----------------------------------------------------------------------------- numbers
+
+
+def is_real(value: object) -> bool:
+    """A Python or NumPy real number (np.float32, np.int64, ...), not a bool."""
+    return isinstance(value, numbers.Real) and not isinstance(value, bool)
+
+
+def check_int(value: object, name: str) -> int:
+    """A Python or NumPy integer (anything with ``__index__``), not a bool, as an int."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"{name} must be an int, got {value!r}")
+    return operator.index(value)
+
+
+def check_density(density: object, name: str = "density") -> float:
+    if not is_real(density):
+        raise TypeError(f"{name} must be a float in (0, 1], got {density!r}")
+    if not (0.0 < float(density) <= 1.0):
+        raise ValueError(f"{name} must be in (0, 1] (the fraction of entries kept), got {density!r}")
+    return float(density)
+
+
+def k_from_density(density: object, numel: int) -> int:
+    """k = round(density * numel), at least 1: the number of entries kept."""
+    return max(1, min(numel, int(round(check_density(density) * numel))))
+
+
+def check_k(k: object, numel: int, name: str = "k") -> int:
+    k = check_int(k, name)
+    if not 1 <= k <= numel:
+        raise ValueError(f"{name} must be in [1, {numel}] (numel of the scores), got {k}")
+    return k
+
+
+def check_estimator(estimator: object, temperature: object) -> None:
+    if estimator not in ESTIMATORS:
+        raise ValueError(f"estimator must be one of {ESTIMATORS}, got {estimator!r}")
+    if not is_real(temperature):
+        raise TypeError(f"temperature must be a positive float, got {temperature!r}")
+    if not (float(temperature) > 0 and math.isfinite(float(temperature))):
+        raise ValueError(f"temperature must be a positive finite float, got {temperature!r}")
+
+
+def check_mask_spec(density: object, threshold: object) -> None:
+    """Exactly one of ``density`` (top-k) and ``threshold`` (``scores >= threshold``)."""
+    if (density is None) == (threshold is None):
+        raise ValueError(
+            f"give exactly one of density (top-k) or threshold (scores >= threshold); "
+            f"got density={density!r}, threshold={threshold!r}"
+        )
+    if density is not None:
+        check_density(density)
+    elif isinstance(threshold, torch.Tensor):
+        if threshold.numel() != 1:
+            raise ValueError(f"threshold must be a number or a one-element tensor, got shape "
+                             f"{tuple(threshold.shape)}")
+    elif not is_real(threshold):
+        raise TypeError(f"threshold must be a float or a one-element tensor, got {threshold!r}")
+    elif not math.isfinite(float(threshold)):
+        raise ValueError(f"threshold must be finite, got {threshold!r}")
+
+
+# ----------------------------------------------------------------------------- tensors
+
+
+def check_tensor(t: object, name: str) -> torch.Tensor:
+    """A tensor of one of the floating dtypes every backend supports."""
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if t.dtype not in FLOAT_DTYPES:
+        raise TypeError(f"{name} must be a floating tensor (float32/float16/bfloat16/float64), got {t.dtype}")
+    return t
+
+
+def check_like(t: torch.Tensor, ref: torch.Tensor, name: str, ref_name: str, dtype: bool = True) -> None:
+    if t.device != ref.device:
+        raise ValueError(f"{name} is on {t.device} but {ref_name} is on {ref.device}; both must share a device")
+    if dtype and t.dtype != ref.dtype:
+        raise TypeError(f"{name} has dtype {t.dtype} but {ref_name} has {ref.dtype}")
 
 
 def check_finite(t: torch.Tensor, name: str) -> None:
-    if torch.compiler.is_compiling() or t.device.type == "meta" or _is_fake(t):
+    """NaN / inf in ``t``: ValueError on the CPU, a device-side assert elsewhere (see module doc)."""
+    if torch.compiler.is_compiling() or t.device.type == "meta" or _is_fake(t) or t.numel() == 0:
         return
+    lo, hi = torch.aminmax(t)
     if t.device.type == "cpu":
-        # one reduction pass: aminmax propagates NaN and exposes +-inf (~18x cheaper than isfinite().all())
-        if not bool(torch.isfinite(torch.stack(torch.aminmax(t))).all()):
-            bad = t.reshape(-1)[~torch.isfinite(t.reshape(-1))][0].item()
-            raise ValueError(f"{name} contains non-finite values (e.g. {bad}); NaN and inf scores are not allowed")
+        lo, hi = lo.item(), hi.item()
+        if not (math.isfinite(lo) and math.isfinite(hi)):
+            bad = lo if not math.isfinite(lo) else hi
+            raise ValueError(f"{name} contains non-finite values (e.g. {bad}); NaN and inf are not allowed")
     else:
-        torch._assert_async(torch.isfinite(t).all(), f"{name} contains NaN or inf")
+        torch._assert_async(torch.isfinite(torch.stack((lo, hi))).all(), f"{name} contains NaN or inf")
 
 
 def _is_fake(t: torch.Tensor) -> bool:
     return type(t).__name__ in ("FakeTensor", "FunctionalTensor")
 
 
-def check_density(density: object, name: str = "density") -> float:
-    if isinstance(density, bool) or not isinstance(density, (int, float)):
-        raise TypeError(f"{name} must be a float in (0, 1], got {density!r}")
-    if not (0.0 < float(density) <= 1.0) or math.isnan(float(density)):
-        raise ValueError(f"{name} must be in (0, 1] (the fraction of entries kept), got {density!r}")
-    return float(density)
-
-
-def k_from_density(density: float, numel: int) -> int:
-    """k = round(density * numel), at least 1: the number of entries kept."""
-    return max(1, min(numel, int(round(check_density(density) * numel))))
-
-
-def check_k(k: object, numel: int, name: str = "k") -> int:
-    if isinstance(k, bool) or not isinstance(k, int):
-        raise TypeError(f"{name} must be an int, got {k!r}")
-    if not 1 <= k <= numel:
-        raise ValueError(f"{name} must be in [1, {numel}] (numel of the scores), got {k}")
-    return k
-
-
-def check_same_device_dtype(tensors: Sequence[torch.Tensor], name: str) -> None:
-    first = tensors[0]
-    for i, t in enumerate(tensors[1:], start=1):
-        if t.device != first.device:
-            raise ValueError(f"{name}[{i}] is on {t.device} but {name}[0] is on {first.device}; all must share a device")
-        if t.dtype != first.dtype:
-            raise TypeError(f"{name}[{i}] has dtype {t.dtype} but {name}[0] has {first.dtype}; all must share a dtype")
+def check_scores(scores: object, name: str = "scores") -> torch.Tensor:
+    """Non-empty floating scores without NaN / inf (the one value check of a call)."""
+    check_tensor(scores, name)
+    if scores.numel() == 0:
+        raise ValueError(f"{name} is empty (shape {tuple(scores.shape)}); top-k needs at least one score")
+    check_finite(scores, name)
+    return scores
 
 
 def check_score_list(tensors: object, name: str = "scores") -> list[torch.Tensor]:
@@ -80,62 +143,83 @@ def check_score_list(tensors: object, name: str = "scores") -> list[torch.Tensor
         raise ValueError(f"{name} is an empty list")
     for i, t in enumerate(tensors):
         check_scores(t, f"{name}[{i}]")
-    check_same_device_dtype(tensors, name)
+    first = tensors[0]
+    for i, t in enumerate(tensors[1:], start=1):
+        check_like(t, first, f"{name}[{i}]", f"{name}[0]")
     return list(tensors)
 
 
-def check_mask_spec(density: Optional[float], threshold: object) -> None:
-    if (density is None) == (threshold is None):
-        raise ValueError(
-            f"give exactly one of density (top-k) or threshold (scores >= threshold); "
-            f"got density={density!r}, threshold={threshold!r}"
-        )
-    if density is not None:
-        check_density(density)
-    if isinstance(threshold, float) and not math.isfinite(threshold):
-        raise ValueError(f"threshold must be finite, got {threshold!r}")
-
-
-def check_estimator(estimator: object, temperature: object) -> None:
-    if estimator not in ESTIMATORS:
-        raise ValueError(f"estimator must be one of {ESTIMATORS}, got {estimator!r}")
-    if isinstance(temperature, bool) or not isinstance(temperature, (int, float)):
-        raise TypeError(f"temperature must be a positive float, got {temperature!r}")
-    if not (float(temperature) > 0 and math.isfinite(float(temperature))):
-        raise ValueError(f"temperature must be a positive finite float, got {temperature!r}")
-
-
-def check_layer_scores(scores: torch.Tensor, weight: torch.Tensor) -> None:
-    """Scores are weight-shaped (unstructured) or (out,) (one per output unit)."""
-    check_tensor(weight, "weight")
-    if scores.shape != weight.shape and tuple(scores.shape) != (weight.shape[0],):
-        raise ValueError(
-            f"scores must have weight's shape {tuple(weight.shape)} or ({weight.shape[0]},), "
-            f"got {tuple(scores.shape)}"
-        )
-    check_like(scores, weight, "scores", "weight", dtype=False)
-
-
-def check_tensor(t: object, name: str) -> torch.Tensor:
-    if not isinstance(t, torch.Tensor):
-        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
-    if not t.is_floating_point():
-        raise TypeError(f"{name} must be a floating tensor, got {t.dtype}")
-    return t
-
-
-def check_like(t: torch.Tensor, ref: torch.Tensor, name: str, ref_name: str, dtype: bool = True) -> None:
-    if t.device != ref.device:
-        raise ValueError(f"{name} is on {t.device} but {ref_name} is on {ref.device}")
-    if dtype and t.dtype != ref.dtype:
-        raise TypeError(f"{name} has dtype {t.dtype} but {ref_name} has {ref.dtype}")
+def check_dim(dim: object, ndim: int) -> int:
+    dim = check_int(dim, "dim")
+    if not -ndim <= dim < ndim:
+        raise ValueError(f"dim must be in [{-ndim}, {ndim - 1}] for a {ndim}-d input, got {dim}")
+    return dim % ndim
 
 
 def check_pair(value: object, name: str) -> tuple[int, int]:
-    pair = (value, value) if isinstance(value, int) and not isinstance(value, bool) else value
-    if not (isinstance(pair, (tuple, list)) and len(pair) == 2 and all(isinstance(v, int) for v in pair)):
+    pair = (value, value) if isinstance(value, numbers.Integral) and not isinstance(value, bool) else value
+    if not (isinstance(pair, (tuple, list)) and len(pair) == 2
+            and all(isinstance(v, numbers.Integral) and not isinstance(v, bool) for v in pair)):
         raise TypeError(f"{name} must be an int or a pair of ints, got {value!r}")
-    return int(pair[0]), int(pair[1])
+    return operator.index(pair[0]), operator.index(pair[1])
+
+
+# ----------------------------------------------------------------------------- per op
+
+
+def check_selection(scores: torch.Tensor, thr: object, cut: object) -> None:
+    """``thr``: one value of the scores' dtype; ``cut``: one int64; both on the scores' device."""
+    check_tensor(scores, "scores")
+    if not isinstance(thr, torch.Tensor) or thr.numel() != 1 or thr.dtype != scores.dtype:
+        raise TypeError(f"thr must be a one-element tensor of the scores' dtype {scores.dtype}, got "
+                        f"{_describe(thr)}")
+    if not isinstance(cut, torch.Tensor) or cut.numel() != 1 or cut.dtype != torch.int64:
+        raise TypeError(f"cut must be a one-element int64 tensor, got {_describe(cut)}")
+    check_like(thr, scores, "thr", "scores")
+    check_like(cut, scores, "cut", "scores", dtype=False)
+
+
+def _describe(t: object) -> str:
+    if isinstance(t, torch.Tensor):
+        return f"a {t.dtype} tensor of shape {tuple(t.shape)}"
+    return type(t).__name__
+
+
+def _check_layer(x: object, weight: object, bias: object, scores: object, thr: object, cut: object) -> bool:
+    """What the masked layers share; returns whether the scores are structured (one per unit)."""
+    check_tensor(x, "x")
+    check_tensor(weight, "weight")
+    check_like(weight, x, "weight", "x")
+    check_tensor(scores, "scores")
+    check_like(scores, x, "scores", "x", dtype=False)
+    if weight.dim() == 0 or (scores.shape != weight.shape and tuple(scores.shape) != (weight.shape[0],)):
+        expected = f"{tuple(weight.shape)} or ({weight.shape[0]},)" if weight.dim() else "(not a 0-d weight)"
+        raise ValueError(f"scores must have weight's shape {expected}, got {tuple(scores.shape)}")
+    if bias is not None:
+        check_tensor(bias, "bias")
+        check_like(bias, x, "bias", "x")
+        if tuple(bias.shape) != (weight.shape[0],):
+            raise ValueError(f"bias must have shape ({weight.shape[0]},), got {tuple(bias.shape)}")
+    if thr is not None or cut is not None:
+        check_selection(scores, thr, cut)
+    return scores.shape != weight.shape
+
+
+def check_masked_linear(x: object, weight: object, bias: object, scores: object,
+                        thr: object = None, cut: object = None) -> bool:
+    """Arguments of masked_linear (and of the selection when given); returns ``structured``."""
+    structured = _check_layer(x, weight, bias, scores, thr, cut)
+    if weight.dim() != 2 or x.dim() < 1 or x.shape[-1] != weight.shape[1]:
+        raise ValueError(f"x of shape {tuple(x.shape)} does not match weight of shape {tuple(weight.shape)}")
+    return structured
+
+
+def conv2d_output_shape(x_shape: Sequence[int], weight_shape: Sequence[int], stride: Sequence[int],
+                        padding: Sequence[int], dilation: Sequence[int]) -> tuple[int, int, int, int]:
+    """(N, out_channels, OH, OW) of a zero-padded conv2d (the one copy of this formula)."""
+    size = [(x_shape[2 + i] + 2 * padding[i] - dilation[i] * (weight_shape[2 + i] - 1) - 1) // stride[i] + 1
+            for i in range(2)]
+    return (x_shape[0], weight_shape[0], size[0], size[1])
 
 
 def check_conv_shapes(x: torch.Tensor, weight: torch.Tensor, groups: object) -> None:
@@ -143,14 +227,41 @@ def check_conv_shapes(x: torch.Tensor, weight: torch.Tensor, groups: object) -> 
     if x.dim() != 4 or weight.dim() != 4:
         raise ValueError(f"x and weight must be 4-d (N,C,H,W) and (O,C/groups,kH,kW), got {tuple(x.shape)} and "
                          f"{tuple(weight.shape)}")
-    if isinstance(groups, bool) or not isinstance(groups, int) or groups < 1 or x.shape[1] != weight.shape[1] * groups \
-            or weight.shape[0] % groups:
+    groups_ok = isinstance(groups, numbers.Integral) and not isinstance(groups, bool) and groups >= 1
+    if not groups_ok or x.shape[1] != weight.shape[1] * groups or weight.shape[0] % groups:
         raise ValueError(f"groups={groups!r} does not fit x channels {x.shape[1]} and weight {tuple(weight.shape)}")
 
 
-def check_dim(dim: object, ndim: int) -> int:
-    if isinstance(dim, bool) or not isinstance(dim, int):
-        raise TypeError(f"dim must be an int, got {dim!r}")
-    if not -ndim <= dim < ndim:
-        raise ValueError(f"dim must be in [{-ndim}, {ndim - 1}] for a {ndim}-d input, got {dim}")
-    return dim % ndim
+def check_masked_conv2d(x: object, weight: object, bias: object, scores: object, thr: object, cut: object,
+                        stride: object, padding: object, dilation: object, groups: object
+                        ) -> tuple[bool, tuple[int, int], tuple[int, int], tuple[int, int]]:
+    """Arguments of masked_conv2d; returns ``(structured, stride, padding, dilation)`` as int pairs.
+
+    ``thr`` and ``cut`` may be None (the API checks before it selects).
+    """
+    structured = _check_layer(x, weight, bias, scores, thr, cut)
+    pairs = tuple(check_pair(v, n) for v, n in ((stride, "stride"), (padding, "padding"), (dilation, "dilation")))
+    for (a, b), name, low in zip(pairs, ("stride", "padding", "dilation"), (1, 0, 1)):
+        if a < low or b < low:
+            raise ValueError(f"{name} must be >= {low}, got {(a, b)}")
+    check_conv_shapes(x, weight, groups)
+    out = conv2d_output_shape(x.shape, weight.shape, *pairs)
+    if out[2] < 1 or out[3] < 1:
+        raise ValueError(f"kernel {tuple(weight.shape[2:])} (dilation {pairs[2]}) is larger than the padded input "
+                         f"{tuple(x.shape[2:])} + 2 * padding {pairs[1]}")
+    return (structured, *pairs)
+
+
+def check_channel_gate(x: object, scores: object, thr: object, cut: object, dim: object) -> int:
+    """Arguments of channel_gate (``thr``/``cut`` may be None); returns ``dim`` in [0, x.dim())."""
+    check_tensor(x, "x")
+    check_tensor(scores, "scores")
+    if x.dim() == 0:
+        raise ValueError("x must have at least one dimension (the gated one)")
+    dim = check_dim(dim, x.dim())
+    if tuple(scores.shape) != (x.shape[dim],):
+        raise ValueError(f"scores must have shape ({x.shape[dim]},) (x.shape[{dim}]), got {tuple(scores.shape)}")
+    check_like(scores, x, "scores", "x", dtype=False)
+    if thr is not None or cut is not None:
+        check_selection(scores, thr, cut)
+    return dim

@@ -1,7 +1,8 @@
 """Loads the optional compiled extension ``bise_kernels._C`` (C++ CPU kernels, CUDA kernels).
 
-Its ops live in the ``torch.ops.bise_kernels_ext`` namespace. Import failure is reported by the
-backend registry as one log line; the library keeps working on the other backends.
+Its ops live in the ``torch.ops.bise_kernels_ext`` namespace (schemas: csrc/library.cpp). Import
+failure is reported by the backend registry as one log line; the library keeps working on the
+other backends.
 """
 
 from __future__ import annotations
@@ -26,10 +27,10 @@ def ext_ops():
     return getattr(torch.ops, NAMESPACE)
 
 
-def has_cuda_kernels() -> bool:
-    """Whether the extension was built with its CUDA kernels (WITH_CUDA)."""
-    try:
-        from . import _C
-    except ImportError:
-        return False
-    return bool(getattr(_C, "WITH_CUDA", False))
+def require_cuda_kernels() -> None:
+    """ImportError saying why, unless the extension was built with its CUDA kernels (WITH_CUDA)."""
+    ext_ops()
+    from . import _C
+
+    if not getattr(_C, "WITH_CUDA", False):
+        raise ImportError("bise_kernels._C was built without its CUDA kernels (needs a CUDA torch and nvcc)")

@@ -16,6 +16,7 @@ import torch
 from torch import Tensor
 
 from . import backends
+from ._checks import conv2d_output_shape
 
 LIB = "bise_kernels"
 
@@ -138,11 +139,7 @@ def masked_conv2d(
 
 @masked_conv2d.register_fake
 def _(x, weight, bias, scores, thr, cut, stride, padding, dilation, groups, estimator, temperature):
-    n, _, h, w = x.shape
-    kh, kw = weight.shape[2:]
-    oh = (h + 2 * padding[0] - dilation[0] * (kh - 1) - 1) // stride[0] + 1
-    ow = (w + 2 * padding[1] - dilation[1] * (kw - 1) - 1) // stride[1] + 1
-    return x.new_empty((n, weight.shape[0], oh, ow))
+    return x.new_empty(conv2d_output_shape(x.shape, weight.shape, stride, padding, dilation))
 
 
 @torch.library.custom_op(f"{LIB}::masked_conv2d_backward", mutates_args=())

@@ -65,7 +65,7 @@ def global_topk_masks(scores: Sequence[Tensor], density: float) -> list[Tensor]:
 def layerwise_topk_masks(scores: Sequence[Tensor], density: Union[float, Sequence[float]]) -> list[Tensor]:
     """An independent top-k per tensor (each with its own density), batched into one select."""
     tensors = [t.detach() for t in _checks.check_score_list(scores)]
-    densities = [density] * len(tensors) if isinstance(density, (int, float)) else list(density)
+    densities = [density] * len(tensors) if _checks.is_real(density) else list(density)
     if len(densities) != len(tensors):
         raise ValueError(f"density has {len(densities)} entries but scores has {len(tensors)} tensors")
     ks = [_checks.k_from_density(d, t.numel()) for d, t in zip(densities, tensors)]
@@ -83,48 +83,30 @@ def _hint(hint: Optional[Tensor], scores: Tensor) -> Optional[Tensor]:
 
 def selection(scores: Tensor, density: Optional[float], threshold: Optional[Union[Number, Tensor]],
               hint: Optional[Tensor] = None) -> tuple[Tensor, Tensor]:
-    """``(thr, cut)`` for top-k by ``density`` or for ``scores >= threshold`` (exactly one given)."""
+    """``(thr, cut)`` for top-k by ``density`` or for ``scores >= threshold`` (exactly one given).
+
+    The one value check of a call (NaN / inf scores or threshold) happens here.
+    """
     _checks.check_mask_spec(density, threshold)
     _checks.check_scores(scores)
-    return _checked_selection(scores, density, threshold, hint)
-
-
-def _checked_selection(scores: Tensor, density: Optional[float], threshold: Optional[Union[Number, Tensor]],
-                       hint: Optional[Tensor] = None) -> tuple[Tensor, Tensor]:
-    """:func:`selection` for scores that are already validated (one finiteness pass per call, not two)."""
     if density is not None:
         k = _checks.k_from_density(density, scores.numel())
         return _ops.topk_select([scores.detach()], k, _hint(hint, scores))
-    return threshold_selection(scores, threshold)
+    return _threshold_selection(scores, threshold)
 
 
-def threshold_selection(scores: Tensor, threshold: Union[Number, Tensor]) -> tuple[Tensor, Tensor]:
+def _threshold_selection(scores: Tensor, threshold: Union[Number, Tensor]) -> tuple[Tensor, Tensor]:
     """``(thr, cut)`` meaning ``scores >= threshold`` (threshold cast to the scores' dtype)."""
     if isinstance(threshold, Tensor):
-        if threshold.numel() != 1:
-            raise ValueError(f"threshold must be a scalar or one-element tensor, got shape {tuple(threshold.shape)}")
+        _checks.check_finite(threshold.detach(), "threshold")
         thr = threshold.detach().reshape(()).to(device=scores.device, dtype=scores.dtype)
-    elif isinstance(threshold, (int, float)) and not isinstance(threshold, bool):
-        thr = torch.tensor(float(threshold), dtype=scores.dtype, device=scores.device)
     else:
-        raise TypeError(f"threshold must be a float or a one-element tensor, got {threshold!r}")
+        thr = torch.tensor(float(threshold), dtype=scores.dtype, device=scores.device)
     cut = torch.full((), KEEP_ALL_TIES, dtype=torch.int64, device=scores.device)
     return thr, cut
 
 
 # ----------------------------------------------------------------------------- masked ops
-
-
-def _check_layer(x: Tensor, weight: Tensor, bias: Optional[Tensor], scores: Tensor) -> None:
-    _checks.check_tensor(x, "x")
-    _checks.check_scores(scores)
-    _checks.check_layer_scores(scores, weight)
-    _checks.check_like(weight, x, "weight", "x")
-    if bias is not None:
-        _checks.check_tensor(bias, "bias")
-        _checks.check_like(bias, x, "bias", "x")
-        if bias.shape != (weight.shape[0],):
-            raise ValueError(f"bias must have shape ({weight.shape[0]},), got {tuple(bias.shape)}")
 
 
 def masked_linear(
@@ -137,12 +119,9 @@ def masked_linear(
     ``scores`` is weight-shaped (one per weight) or ``(out_features,)`` (whole neurons). The score
     gradient is ``dL/dW_eff * weight * slope`` (slope 1 for "ste", sigmoid'(s/T)/T for "sigmoid").
     """
-    _check_layer(x, weight, bias, scores)
+    _checks.check_masked_linear(x, weight, bias, scores)
     _checks.check_estimator(estimator, temperature)
-    if weight.dim() != 2 or x.dim() < 1 or x.shape[-1] != weight.shape[1]:
-        raise ValueError(f"x of shape {tuple(x.shape)} does not match weight of shape {tuple(weight.shape)}")
-    _checks.check_mask_spec(density, threshold)
-    thr, cut = _checked_selection(scores, density, threshold)
+    thr, cut = selection(scores, density, threshold)
     return _ops.masked_linear(x, weight, bias, scores, thr, cut, estimator, float(temperature))
 
 
@@ -152,15 +131,12 @@ def masked_conv2d(
     stride=1, padding=0, dilation=1, groups: int = 1, estimator: str = "ste", temperature: float = 1.0,
 ) -> Tensor:
     """``conv2d(x, weight * M, bias)``; structured scores have shape ``(out_channels,)``."""
-    _check_layer(x, weight, bias, scores)
+    _, stride, padding, dilation = _checks.check_masked_conv2d(x, weight, bias, scores, None, None, stride, padding,
+                                                               dilation, groups)
     _checks.check_estimator(estimator, temperature)
-    stride, padding, dilation = (_checks.check_pair(v, n) for v, n in
-                                 ((stride, "stride"), (padding, "padding"), (dilation, "dilation")))
-    _checks.check_conv_shapes(x, weight, groups)
-    _checks.check_mask_spec(density, threshold)
-    thr, cut = _checked_selection(scores, density, threshold)
+    thr, cut = selection(scores, density, threshold)
     return _ops.masked_conv2d(x, weight, bias, scores, thr, cut, list(stride), list(padding), list(dilation),
-                              groups, estimator, float(temperature))
+                              int(groups), estimator, float(temperature))
 
 
 def channel_gate(
@@ -174,13 +150,7 @@ def channel_gate(
     """
     if density is not None:
         threshold = None
-    _checks.check_tensor(x, "x")
-    _checks.check_scores(scores)
+    dim = _checks.check_channel_gate(x, scores, None, None, dim)
     _checks.check_estimator(estimator, temperature)
-    dim = _checks.check_dim(dim, x.dim())
-    if scores.shape != (x.shape[dim],):
-        raise ValueError(f"scores must have shape ({x.shape[dim]},) (x.shape[{dim}]), got {tuple(scores.shape)}")
-    _checks.check_like(scores, x, "scores", "x", dtype=False)
-    _checks.check_mask_spec(density, threshold)
-    thr, cut = _checked_selection(scores, density, threshold)
+    thr, cut = selection(scores, density, threshold)
     return _ops.channel_gate(x, scores, thr, cut, dim, estimator, float(temperature))

@@ -1,5 +1,31 @@
-// The bise_kernels_ext op namespace. Each kernel file adds its schemas with
-// TORCH_LIBRARY_FRAGMENT(bise_kernels_ext, m) and its implementations with TORCH_LIBRARY_IMPL.
+// The bise_kernels_ext ops: one schema per native kernel, named like the kernel of
+// bise_kernels/backends/reference.py it serves. Each has a CPU implementation <op>_cpu
+// (csrc/cpu) and, in a build WITH_CUDA, a CUDA implementation <op>_cuda (csrc/cuda/*_binding.cpp);
+// the dispatcher picks one by the tensors' device. Both validate their arguments with the same
+// checks (csrc/checks.h). Python callers: bise_kernels/backends/native.py.
 #include <torch/library.h>
 
-TORCH_LIBRARY(bise_kernels_ext, m) {}
+TORCH_LIBRARY(bise_kernels_ext, m) {
+  // Selection (csrc/cpu/select.cpp, csrc/cuda/select.cu): (thr, cut) of the exact top-k over the
+  // concatenation of the flattened scores; hint: an optional previous threshold.
+  m.def("topk_select(Tensor[] scores, int k, Tensor? hint) -> (Tensor, Tensor)");
+  // One independent top-k per tensor: thresholds and cuts of shape (len(scores),).
+  m.def("batched_topk_select(Tensor[] scores, int[] ks, Tensor? hints) -> (Tensor, Tensor)");
+  // Bool mask of s > thr or (s == thr and offset + flat index < cut).
+  m.def("keep_mask(Tensor scores, Tensor thr, Tensor cut, int offset) -> Tensor");
+  // The fused pass of masked_linear and masked_conv2d (csrc/cpu/masked.cpp, csrc/cuda/masked.cu):
+  // W_eff = weight * keep(scores), for weight-shaped or per-output-unit scores.
+  m.def("masked_weight(Tensor weight, Tensor scores, Tensor thr, Tensor cut) -> Tensor");
+  // The fused score-gradient pass of masked_linear and masked_conv2d: returns
+  // grad_scores = grad_w_eff * weight * slope (row sums for per-unit scores) and, if need_weight,
+  // masks grad_w_eff in place into the weight gradient.
+  m.def(
+      "masked_score_grad(Tensor(a!) grad_w_eff, Tensor weight, Tensor scores, Tensor thr, Tensor cut, "
+      "str estimator, float temperature, bool need_scores, bool need_weight) -> Tensor");
+  // Channel gate (csrc/cpu/gate.cpp, csrc/cuda/gate.cu): y = x * keep(scores[c]) along dim.
+  m.def("channel_gate_forward(Tensor x, Tensor scores, Tensor thr, Tensor cut, int dim) -> Tensor");
+  // (grad_x, grad_scores) in one pass over grad_y and x; an unneeded one comes back empty.
+  m.def(
+      "channel_gate_backward(Tensor grad_y, Tensor x, Tensor scores, Tensor thr, Tensor cut, int dim, "
+      "str estimator, float temperature, bool need_x, bool need_scores) -> (Tensor, Tensor)");
+}

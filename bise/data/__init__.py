@@ -6,8 +6,11 @@
 See docs/data.md for every spec, option, format and protocol.
 """
 
+from .maskset import PROTOCOLS as MASK_SETS
+from .maskset import default_protocol, mask_data
 from .sources import SourceMissing
-from .spec import available, load
+from .spec import available, load, redraw
 from .types import BiasedDataset, Split
 
-__all__ = ["BiasedDataset", "SourceMissing", "Split", "available", "load"]
+__all__ = ["BiasedDataset", "MASK_SETS", "SourceMissing", "Split", "available", "default_protocol", "load",
+           "mask_data", "redraw"]

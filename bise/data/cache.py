@@ -20,6 +20,8 @@ from pathlib import Path
 
 import numpy as np
 
+from ..checkpoint import umask_mode
+
 _META, _SUM = "__meta__", "__checksum__"
 
 
@@ -90,6 +92,7 @@ def write(path: Path, arrays: dict, meta: dict, key: str, seed: int) -> str:
     path.parent.mkdir(parents=True, exist_ok=True)
     digest = checksum(arrays, key, seed)
     fd, tmp = tempfile.mkstemp(prefix=path.stem + ".", suffix=".tmp", dir=path.parent)
+    os.fchmod(fd, umask_mode())  # mkstemp's 0600 would hide a shared cache from other users
     try:
         with os.fdopen(fd, "wb") as f:
             np.savez(f, **arrays, **{_META: np.array(json.dumps(meta)), _SUM: np.array(digest)})

@@ -11,12 +11,13 @@ Spec syntax (docs/data.md):
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Optional
 
 import torch
 
-from . import benchmarks, cache, celeba, user, waterbirds
+from . import builtin, cache, celeba, user, waterbirds
 from .sources import default_data_dir
 from .types import BiasedDataset, Split
 
@@ -33,7 +34,7 @@ _LOADERS = {"folder": lambda root, spec, opts, seed: user.load_folder(root, spec
 
 def available() -> dict:
     """Built-in benchmark name -> one-line description."""
-    return benchmarks.available()
+    return builtin.available()
 
 
 def _options(spec: str, text: str) -> dict:
@@ -67,7 +68,7 @@ def parse(spec: str) -> tuple:
     if path.exists():
         return _detect(path), path, {}
     head, _, rest = text.partition(":")
-    if head in benchmarks.BUILTINS:
+    if head in builtin.BUILTINS:
         return "builtin", head, _options(spec, rest)
     if head in KIND_OPTIONS:
         where, _, opts = rest.partition(",")
@@ -79,7 +80,7 @@ def parse(spec: str) -> tuple:
         return head, where, _options(spec, opts)
     if "/" in text or text.endswith(".npz") or text.startswith("."):
         raise FileNotFoundError(f"spec {spec!r}: no such file or directory: {path}")
-    raise ValueError(f"unknown dataset {spec!r}; built-ins: {', '.join(benchmarks.BUILTINS)}; or "
+    raise ValueError(f"unknown dataset {spec!r}; built-ins: {', '.join(builtin.BUILTINS)}; or "
                      f"a path to an .npz / a directory, or npz:, folder:, celeba:, waterbirds: PATH")
 
 
@@ -140,16 +141,16 @@ def load(spec: str, *, seed: int = 0, data_dir: Optional[str] = None,
     if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
         raise ValueError(f"seed={seed!r}: expected a non-negative integer")
     data_dir = Path(data_dir) if data_dir else default_data_dir()
-    kind, target, raw = parse(spec)
+    kind, target, raw = parse(os.fspath(spec) if isinstance(spec, os.PathLike) else spec)
     if kind == "npz":
         return user.load_npz(target, spec, _typed(kind, raw))
     if kind == "builtin":
         name = target
-        opts = benchmarks.resolve_options(name, raw, data_dir)
+        opts = builtin.resolve_options(name, raw, data_dir)
         key = name + ":" + ",".join(f"{k}={opts[k]}" for k in sorted(opts))
 
         def build():
-            arrays, meta = benchmarks.build(name, opts, seed, data_dir)
+            arrays, meta = builtin.build(name, opts, seed, data_dir)
             meta["info"]["options"] = opts
             return arrays, {**meta, "name": name}
     else:
@@ -161,14 +162,37 @@ def load(spec: str, *, seed: int = 0, data_dir: Optional[str] = None,
 
         def build():
             return _to_arrays(_LOADERS[kind](root, spec, opts, seed))
-    path = cache.path_for(Path(cache_dir) if cache_dir else cache.default_dir(), name, key, seed)
+    cache_dir = Path(cache_dir) if cache_dir else cache.default_dir()
+    arrays, meta, path, hit, digest = _cached(cache_dir, name, key, seed, build)
+    ds = _from_arrays(meta["name"], spec, arrays, meta)
+    ds.info.update({"cache_path": str(path), "cache_hit": hit, "checksum": digest,
+                    "canonical_spec": key})
+    if kind == "builtin":
+        ds.info["generator"] = {"name": name, "options": opts, "seed": seed, "data_dir": str(data_dir),
+                                "cache_dir": str(cache_dir), "key": key}
+    return ds
+
+
+def _cached(cache_dir: Path, name: str, key: str, seed: int, build) -> tuple:
+    """(arrays, meta, path, hit, checksum): the cache file for (key, seed), built and written on a miss."""
+    path = cache.path_for(cache_dir, name, key, seed)
     hit = cache.read(path, key, seed)
     if hit is None:
         arrays, meta = build()
-        digest = cache.write(path, arrays, meta, key, seed)
-    else:
-        arrays, meta, digest = hit
-    ds = _from_arrays(meta["name"], spec, arrays, meta)
-    ds.info.update({"cache_path": str(path), "cache_hit": hit is not None, "checksum": digest,
-                    "canonical_spec": key})
-    return ds
+        return arrays, meta, path, False, cache.write(path, arrays, meta, key, seed)
+    return (*hit[:2], path, True, hit[2])
+
+
+def redraw(ds: BiasedDataset, draw: int = 1) -> Split:
+    """A second draw of a built-in benchmark's training split (cached like the benchmark itself):
+    the same source images in the same order, bias labels and rendering drawn afresh from
+    (seed, draw). Raises ValueError for data without a generator (user files)."""
+    gen = ds.info.get("generator")
+    if gen is None:
+        raise ValueError(f"{ds.name}: fixed data has no generator, so it has no second draw of its training "
+                         "set (an .npz may supply one as mask_x / mask_y / mask_b)")
+    key = f"{gen['key']}|draw={draw}"
+    arrays, _, _, _, _ = _cached(Path(gen["cache_dir"]), gen["name"], key, gen["seed"],
+                                 lambda: builtin.build(gen["name"], gen["options"], gen["seed"],
+                                                       Path(gen["data_dir"]), draw=draw))
+    return Split(*(torch.from_numpy(arrays[f"train_{a}"]) for a in ("x", "y", "b", "src")))

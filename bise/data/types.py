@@ -50,6 +50,8 @@ class BiasedDataset:
     weighting names the reweighting scheme the paper would use for such data:
     "symmetric-rho" (rho known, BiasedMNIST / Corrupted CIFAR-10 style), "group-balanced"
     (CelebA / Waterbirds style, from training group counts) or "two-bias" (Multi-Color MNIST).
+    mask_train, when set, is a second draw of the training set (same source images, fresh bias
+    labels and rendering) on which the fresh-draw protocol learns the masks (bise.data.maskset).
     """
 
     name: str
@@ -63,6 +65,7 @@ class BiasedDataset:
     weighting: str
     spec: str
     info: dict = field(default_factory=dict)
+    mask_train: Optional[Split] = None  # a second draw of train (bise.data.maskset); None: none yet
 
     @property
     def input_shape(self) -> tuple:

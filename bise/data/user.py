@@ -1,7 +1,9 @@
 """The user's own data: an .npz of arrays, or an image folder with metadata.csv.
 
 npz keys: train_x, train_y, train_b, test_x, test_y, test_b and optionally val_x, val_y, val_b
-(all three or none). Images uint8 (N, H, W, C) with C in {1, 3} ((N, H, W) is read as grey);
+(all three or none) and mask_x, mask_y, mask_b: a second draw of the training set from the
+user's generator (same source images, fresh bias assignment), for the fresh-draw mask-set
+protocol (bise.data.maskset). Images uint8 (N, H, W, C) with C in {1, 3} ((N, H, W) is read as grey);
 labels integer (N,), bias labels (N,) or (N, num_biases).
 
 Folder: DIR/metadata.csv with columns filename, y, b, split (split in train/val/test; extra
@@ -46,10 +48,26 @@ def load_npz(path: Path, spec: str, opts: dict):
                                  f"required: train_x/y/b and test_x/y/b, val_x/y/b optional)")
             splits = {s: make_split(s, *(_array(z, path, f"{s}_{a}") for a in "xyb"))
                       for s in SPLITS if f"{s}_x" in need}
+            mask = _mask_split(z, path, have)
     except (zipfile.BadZipFile, OSError, EOFError) as e:
         raise ValueError(f"{path}: not a readable .npz file ({e})") from None
     info = {"source": f"user npz {path}", "path": str(path)}
-    return assemble(path.stem, spec, splits, info=info, **dataset_options(opts))
+    ds = assemble(path.stem, spec, {**splits, **({"mask": mask} if mask is not None else {})}, info=info,
+                  **dataset_options(opts))
+    ds.mask_train = mask
+    ds.info["sizes"].pop("mask", None)
+    return ds
+
+
+def _mask_split(z, path: Path, have: set):
+    """The optional second draw of the training set (mask_x, mask_y, mask_b: all three or none)."""
+    keys = {"mask_x", "mask_y", "mask_b"}
+    if not have & keys:
+        return None
+    if not keys <= have:
+        raise ValueError(f"{path}: a second draw needs all of mask_x, mask_y, mask_b; found only "
+                         f"{sorted(have & keys)}")
+    return make_split("mask", *(_array(z, path, f"mask_{a}") for a in "xyb"))
 
 
 def _array(z, path: Path, key: str) -> np.ndarray:

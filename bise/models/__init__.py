@@ -21,11 +21,13 @@ ARCHS = ("simple-cnn", "mlp", "resnet18", "mobilenetv2")
 
 
 def build_model(arch: str, num_classes: int, input_shape: Sequence[int], *, width: float = 1.0,
-                pretrained: bool = False, stem: Optional[str] = None) -> nn.Module:
+                pretrained: bool = False, stem: Optional[str] = None, input_scale: Optional[float] = None) -> nn.Module:
     """A freshly initialised built-in model; ``input_shape`` is (C, H, W) of one input.
 
     ``stem`` (resnet18 only): "cifar" or "imagenet"; default "cifar" for inputs up to 64 pixels
     high, else "imagenet". ``pretrained`` (mobilenetv2 only): torchvision's ImageNet weights.
+    ``input_scale`` (mlp only): a factor on the flattened input (1/255: the official Multi-Color
+    MNIST pipeline's double scaling, for parity runs; default 1).
     """
     if arch not in ARCHS:
         raise ValueError(f"arch must be one of {ARCHS}, got {arch!r}")
@@ -40,12 +42,19 @@ def build_model(arch: str, num_classes: int, input_shape: Sequence[int], *, widt
         raise ValueError(f"pretrained=True is only available for mobilenetv2 (ImageNet weights), not {arch!r}")
     if stem is not None and arch != "resnet18":
         raise ValueError(f"stem is a resnet18 option, got stem={stem!r} for arch {arch!r}")
+    if input_scale is not None:
+        if arch != "mlp":
+            raise ValueError(f"input_scale is an mlp option, got input_scale={input_scale!r} for arch {arch!r}")
+        if not (isinstance(input_scale, (int, float)) and math.isfinite(input_scale) and input_scale > 0):
+            raise ValueError(f"input_scale must be a positive number, got {input_scale!r}")
     channels = input_shape[0]
     spec = {"arch": arch, "num_classes": num_classes, "input_shape": list(input_shape), "width": float(width)}
     if arch == "simple-cnn":
         model = SimpleCNN(num_classes, channels, width)
     elif arch == "mlp":
-        model = MLP(num_classes, math.prod(input_shape), width)
+        model = MLP(num_classes, math.prod(input_shape), width, input_scale=input_scale or 1.0)
+        if input_scale is not None:
+            spec["input_scale"] = float(input_scale)
     elif arch == "resnet18":
         stem = stem or ("cifar" if input_shape[1] <= 64 else "imagenet")
         if stem not in STEMS:
@@ -60,6 +69,18 @@ def build_model(arch: str, num_classes: int, input_shape: Sequence[int], *, widt
                                  f"got {num_classes}, {channels}, {width}")
             load_imagenet_weights(model)
     model.bise_spec = spec
+    return model
+
+
+def reinitialize(model: nn.Module) -> nn.Module:
+    """Fresh weights in place, as the constructor draws them: every submodule's reset_parameters(),
+    then the architecture's own initialisation (``init_weights``, e.g. SimpleCNN's Kaiming init)."""
+    for m in model.modules():
+        if m is not model and hasattr(m, "reset_parameters"):
+            m.reset_parameters()
+    for m in model.modules():
+        if hasattr(m, "init_weights"):
+            m.init_weights()
     return model
 
 
@@ -80,4 +101,5 @@ def rebuild(spec: dict) -> nn.Module:
     return build_model(spec["arch"], spec["num_classes"], spec["input_shape"], **kwargs)
 
 
-__all__ = ["ARCHS", "MLP", "MobileNetV2", "ResNet18", "SimpleCNN", "build_model", "model_spec", "rebuild"]
+__all__ = ["ARCHS", "MLP", "MobileNetV2", "ResNet18", "SimpleCNN", "build_model", "model_spec", "rebuild",
+           "reinitialize"]

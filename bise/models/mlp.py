@@ -1,4 +1,8 @@
-"""The Multi-Color MNIST MLP (LfF / DebiAN): in -> 100 -> 100 -> 100 (ReLU each) -> fc."""
+"""The Multi-Color MNIST MLP (LfF / DebiAN): in -> 100 -> 100 -> 100 (ReLU each) -> fc.
+
+``input_scale`` multiplies the flattened input first: 1/255 reproduces the official Multi-Color
+MNIST pipeline, whose MLP divides inputs that are already in [0, 1] by 255 again (parity runs).
+"""
 
 from __future__ import annotations
 
@@ -12,8 +16,10 @@ class MLP(nn.Module):
 
     bise_gate_exclude: tuple = ()
 
-    def __init__(self, num_classes: int, in_features: int, width: float = 1.0, hidden: int = 100):
+    def __init__(self, num_classes: int, in_features: int, width: float = 1.0, hidden: int = 100,
+                 input_scale: float = 1.0):
         super().__init__()
+        self.input_scale = float(input_scale)
         h = max(1, round(hidden * width))
         self.features = nn.Sequential(OrderedDict([
             ("fc1", nn.Linear(in_features, h)), ("relu1", nn.ReLU()),
@@ -23,4 +29,5 @@ class MLP(nn.Module):
         self.classifier = nn.Linear(h, num_classes)
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.classifier(self.features(x.flatten(1)))
+        x = x.flatten(1)
+        return self.classifier(self.features(x if self.input_scale == 1.0 else x * self.input_scale))

@@ -26,6 +26,10 @@ class SimpleCNN(nn.Module):
         self.features = nn.Sequential(OrderedDict(layers))
         self.pool = nn.AdaptiveAvgPool2d(1)
         self.fc = nn.Linear(cin, num_classes)
+        self.init_weights()
+
+    def init_weights(self) -> None:
+        """Kaiming-normal convolutions (fan_out), zero biases, BatchNorm 1 / 0 (the ReBias init)."""
         for m in self.modules():
             if isinstance(m, nn.Conv2d):
                 nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")

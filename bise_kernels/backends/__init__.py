@@ -74,9 +74,9 @@ BACKENDS: dict[str, Backend] = {
         _triton_devices(),
         (
             "bise_kernels.backends.triton.select",
-            "bise_kernels.backends.triton.masked_matmul",
+            "bise_kernels.backends.triton.masked_linear",
             "bise_kernels.backends.triton.masked_conv",
-            "bise_kernels.backends.triton.gate",
+            "bise_kernels.backends.triton.channel_gate",
         ),
     ),
 }
@@ -86,22 +86,34 @@ AUTO_ORDER: dict[str, tuple[str, ...]] = {
     "cpu": ("cpp", "torch"),
     "cuda": ("cuda", "triton", "torch"),
 }
+# Masked layers on CUDA: "cuda" (one fused W_eff pass, then cuBLAS/cuDNN). The Triton masked GEMM
+# and conv are slower than materialising W_eff then calling cuBLAS/cuDNN on an H200
+# (benchmarks/results/nvidia-h200-20261130-f94c1afe-masked-bf16.json: masked_linear 0.73-0.86x
+# "materialise_then_cublas", masked conv 0.12-0.30x cuDNN), so no entry puts Triton first for them.
 AUTO_ORDER_PER_KERNEL: dict[tuple[str, str], tuple[str, ...]] = {
-    ("cuda", "masked_linear_forward"): ("triton", "cuda", "torch"),
-    ("cuda", "masked_linear_backward"): ("triton", "cuda", "torch"),
+    # The Triton select took 4317 us for 25M fp32 scores where torch.sort took 1182 us (0.27x) and the
+    # CUDA select 334 us on one H200 (benchmarks/results/nvidia-h200-20261130-f94c1afe-select.json):
+    # on CUDA "auto" skips it; it stays selectable by name ("triton").
+    **{("cuda", kernel): ("cuda", "torch") for kernel in ("topk_select", "batched_topk_select", "keep_mask")},
 }
 
+ENV_VARIABLE = "BISE_KERNELS_BACKEND"
+"""The environment variable naming the initial backend (default "auto"), read at the first op."""
+
 _state = threading.local()
-_default = os.environ.get("BISE_KERNELS_BACKEND", "auto")
+_default: Optional[str] = None
 
 
 def _current() -> str:
+    global _default
+    if _default is None:
+        _default = _validate_name(os.environ.get(ENV_VARIABLE, "auto"), ENV_VARIABLE)
     return getattr(_state, "name", _default)
 
 
-def _validate_name(name: str) -> str:
-    if name != "auto" and name not in BACKENDS:
-        raise ValueError(f"backend must be one of {['auto', *BACKENDS]}, got {name!r}")
+def _validate_name(name: object, what: str = "backend") -> str:
+    if not isinstance(name, str) or (name != "auto" and name not in BACKENDS):
+        raise ValueError(f"{what} must be one of {['auto', *BACKENDS]}, got {name!r}")
     return name
 
 

@@ -5,13 +5,13 @@ from __future__ import annotations
 from typing import Optional
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
 from .. import _checks, _ops
-from ..functional import selection
+from ._scored import ScoredModule
 
 
-class ChannelGate(nn.Module):
+class ChannelGate(ScoredModule):
     """``y = x * g`` with g_c = 1 iff score_c >= threshold (or top-k by ``density``), along ``dim``.
 
     The BISE gate (scores start at ``init`` = 0, threshold 0, sigmoid-slope estimator with
@@ -26,24 +26,11 @@ class ChannelGate(nn.Module):
             raise ValueError(f"num_channels must be a positive int, got {num_channels!r}")
         if density is not None:
             threshold = None
-        _checks.check_mask_spec(density, threshold)
-        _checks.check_estimator(estimator, temperature)
+        self._init_rule(torch.full((num_channels,), float(init), device=device), density, threshold, estimator,
+                        temperature)
         self.num_channels = num_channels
         self.dim = dim
-        self.threshold = threshold
-        self.density = density
-        self.estimator = estimator
-        self.temperature = float(temperature)
         self.enabled = True
-        self.scores = nn.Parameter(torch.full((num_channels,), float(init), device=device))
-
-    def selection(self) -> tuple[Tensor, Tensor]:
-        return selection(self.scores, self.density, self.threshold)
-
-    def mask(self) -> Tensor:
-        """Bool (num_channels,): which channels are kept."""
-        thr, cut = self.selection()
-        return _ops.keep_mask(self.scores.detach(), thr, cut, 0)
 
     def forward(self, x: Tensor) -> Tensor:
         if not self.enabled:
@@ -56,6 +43,5 @@ class ChannelGate(nn.Module):
         return _ops.channel_gate(x, self.scores, thr, cut, dim, self.estimator, self.temperature)
 
     def extra_repr(self) -> str:
-        rule = f"density={self.density}" if self.density is not None else f"threshold={self.threshold}"
-        return (f"{self.num_channels}, dim={self.dim}, {rule}, estimator={self.estimator}, "
-                f"temperature={self.temperature}, enabled={self.enabled}")
+        return (f"{self.num_channels}, dim={self.dim}, {self._rule_repr()}, temperature={self.temperature}, "
+                f"enabled={self.enabled}")

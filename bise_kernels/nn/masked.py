@@ -8,8 +8,8 @@ from typing import Optional, Union
 import torch
 from torch import Tensor, nn
 
-from .. import _checks, _ops
-from ..functional import selection
+from .. import _ops
+from ._scored import ScoredModule
 
 GRANULARITIES = ("weight", "channel")
 
@@ -39,41 +39,23 @@ def init_scores(weight: Tensor, granularity: str, score_init: Union[str, float])
     raise ValueError(f"score_init must be 'kaiming', 'magnitude', 'zeros' or a float, got {score_init!r}")
 
 
-class _MaskedLayer(nn.Module):
-    """Shared mask state: scores, the selection rule, the estimator, an optional global selector."""
+class _MaskedLayer(ScoredModule):
+    """A masked weight: scores per weight or per output unit, an optional global selector."""
 
     weight: nn.Parameter
     bias: Optional[nn.Parameter]
 
     def _init_mask(self, granularity, density, threshold, estimator, temperature, score_init):
-        _check_granularity(granularity)
-        _checks.check_mask_spec(density, threshold)
-        _checks.check_estimator(estimator, temperature)
-        self.granularity = granularity
-        self.density = density
-        self.threshold = threshold
-        self.estimator = estimator
-        self.temperature = float(temperature)
-        self.scores = nn.Parameter(init_scores(self.weight, granularity, score_init))
+        self.granularity = _check_granularity(granularity)
+        self._init_rule(init_scores(self.weight, granularity, score_init), density, threshold, estimator,
+                        temperature)
         self.global_selector = None  # set by mask_model(scope="global")
-        self._cache: Optional[tuple] = None
 
     def selection(self) -> tuple[Tensor, Tensor]:
-        """``(thr, cut)`` of the current scores; recomputed only when the scores change."""
+        """``(thr, cut)`` of this layer's scores, or of its share of a global top-k."""
         if self.global_selector is not None:
             return self.global_selector.selection_for(self)
-        if torch.compiler.is_compiling():
-            return selection(self.scores, self.density, self.threshold)
-        key = (self.scores._version, self.scores.data_ptr(), self.density, self.threshold)
-        if self._cache is None or self._cache[0] != key:
-            hint = self._cache[1][0] if self._cache is not None and self.density is not None else None
-            self._cache = (key, selection(self.scores, self.density, self.threshold, hint=hint))
-        return self._cache[1]
-
-    def mask(self) -> Tensor:
-        """The current binary mask (weight-shaped, or one entry per output unit)."""
-        thr, cut = self.selection()
-        return _ops.keep_mask(self.scores.detach(), thr, cut, 0)
+        return super().selection()
 
     def _masked_weight(self) -> Tensor:
         mask = self.mask().to(self.weight.dtype)
@@ -108,8 +90,7 @@ class _MaskedLayer(nn.Module):
         return dense
 
     def _mask_repr(self) -> str:
-        rule = f"density={self.density}" if self.density is not None else f"threshold={self.threshold}"
-        return f", granularity={self.granularity}, {rule}, estimator={self.estimator}"
+        return f", granularity={self.granularity}, {self._rule_repr()}"
 
 
 class MaskedLinear(nn.Linear, _MaskedLayer):

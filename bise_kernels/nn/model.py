@@ -27,21 +27,28 @@ class GlobalSelection:
 
     def selection_for(self, layer: nn.Module) -> tuple[Tensor, Tensor]:
         scores = [m.scores for m in self.layers]
+        if torch.compiler.is_compiling():  # traced tensors have no data pointer to key a cache on
+            return self._select(scores)[id(layer)]
         key = tuple((s._version, s.data_ptr()) for s in scores)
-        if torch.compiler.is_compiling() or key != self._key:
-            for i, s in enumerate(scores):
-                _checks.check_scores(s, f"scores of layer {i}")
-            k = _checks.k_from_density(self.density, sum(s.numel() for s in scores))
-            thr, cut = _ops.topk_select([s.detach() for s in scores], k, None)
-            result, offset = {}, 0
-            for m, s in zip(self.layers, scores):
-                result[id(m)] = (thr, cut - offset)
-                offset += s.numel()
-            self._key, self._result = key, result
+        if key != self._key:
+            self._key, self._result = key, self._select(scores)
         return self._result[id(layer)]
 
+    def _select(self, scores: list[Tensor]) -> dict[int, tuple[Tensor, Tensor]]:
+        """``(thr, cut)`` per layer (keyed by id), the cut shifted by the layer's offset."""
+        for i, s in enumerate(scores):
+            _checks.check_scores(s, f"scores of layer {i}")
+        k = _checks.k_from_density(self.density, sum(s.numel() for s in scores))
+        thr, cut = _ops.topk_select([s.detach() for s in scores], k, None)
+        result, offset = {}, 0
+        for m, s in zip(self.layers, scores):
+            result[id(m)] = (thr, cut - offset)
+            offset += s.numel()
+        return result
 
-def _matches(name: str, patterns: Optional[Iterable[str]]) -> bool:
+
+def matches(name: str, patterns: Optional[Iterable[str]]) -> bool:
+    """Whether a qualified module name matches any fnmatch pattern ("layer1.*"); None matches nothing."""
     return patterns is not None and any(fnmatch.fnmatchcase(name, p) for p in patterns)
 
 
@@ -64,13 +71,15 @@ def mask_model(model: nn.Module, granularity: str = "weight", *, density: Option
     for name, module in model.named_modules():
         if type(module) not in (nn.Linear, nn.Conv2d):
             continue
-        if include is not None and not _matches(name, include):
+        if include is not None and not matches(name, include):
             continue
-        if _matches(name, exclude):
+        if matches(name, exclude):
             continue
         targets.append((name, module))
     if not targets:
         raise ValueError(f"no nn.Linear or nn.Conv2d module matches include={include!r}, exclude={exclude!r}")
+    if targets[0][0] == "":
+        raise ValueError("mask_model replaces submodules; pass a model containing the layer, not the layer itself")
     layers = []
     for name, module in targets:
         cls = MaskedLinear if isinstance(module, nn.Linear) else MaskedConv2d
@@ -79,7 +88,7 @@ def mask_model(model: nn.Module, granularity: str = "weight", *, density: Option
                                score_init=score_init, freeze_weights=freeze_weights)
         if scope == "global":
             layer.density = density
-        _set_submodule(model, name, layer)
+        model.set_submodule(name, layer)
         layers.append(layer)
     if scope == "global":
         selector = GlobalSelection(layers, density)
@@ -87,10 +96,3 @@ def mask_model(model: nn.Module, granularity: str = "weight", *, density: Option
             layer.global_selector = selector
     return [layer.scores for layer in layers]
 
-
-def _set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
-    if name == "":
-        raise ValueError("mask_model replaces submodules; pass a model containing the layer, not the layer itself")
-    parent_name, _, child = name.rpartition(".")
-    parent = model.get_submodule(parent_name) if parent_name else model
-    setattr(parent, child, module)

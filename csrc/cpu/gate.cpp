@@ -1,7 +1,7 @@
-// Fused CPU channel gate (backend "cpp"): y = x * g and, in one pass over the activations,
-// grad_x = grad_y * g together with the per-channel reduction sum(grad_y * x). x is read in
-// memory order as an (outer, C, inner) view: contiguous for any dim, channels_last for dim 1;
-// other layouts are made contiguous first. Reductions accumulate in fp64 per (chunk, channel)
+// CPU implementations of channel_gate_forward / channel_gate_backward (backend "cpp"): y = x * g
+// and, in one pass over the activations, grad_x = grad_y * g together with the per-channel
+// reduction sum(grad_y * x). x is read in memory order as the (outer, C, inner) view of
+// bise_checks::gate_layout (csrc/checks.h). Reductions accumulate in fp64 per (chunk, channel)
 // and are summed in a fixed order, so results do not depend on thread scheduling.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
@@ -10,10 +10,13 @@
 #include <algorithm>
 #include <vector>
 
+#include "../checks.h"
 #include "masked_common.h"
 
 namespace bise_cpu {
 namespace {
+
+using bise_checks::GateLayout;
 
 constexpr int64_t kGrain = 32768;
 
@@ -40,18 +43,17 @@ void scale_rows(const X* in, X* out, const std::vector<X>& gate, const GateLayou
   });
 }
 
-at::Tensor gate_forward(const at::Tensor& x, const at::Tensor& scores, const at::Tensor& thr, const at::Tensor& cut,
-                        int64_t dim) {
-  dim = check_gate(x, scores, thr, cut, dim, "bise_kernels_ext::gate_forward", at::kCPU);
-  const GateLayout L = gate_layout(x, dim);
+at::Tensor channel_gate_forward_cpu(const at::Tensor& x, const at::Tensor& scores, const at::Tensor& thr,
+                                    const at::Tensor& cut, int64_t dim) {
+  dim = bise_checks::check_gate(x, scores, thr, cut, dim, "bise_kernels_ext::channel_gate_forward", at::kCPU);
+  const GateLayout L = bise_checks::gate_layout(x, dim);
   at::Tensor y = at::empty_like(L.x, L.format);
   if (x.numel() == 0) return y;
   const at::Tensor s = scores.contiguous();
-  BISE_DISPATCH_FLOAT(x.scalar_type(), "gate_forward", [&] {
-    using X = scalar_t;
-    BISE_DISPATCH_FLOAT(s.scalar_type(), "gate_forward", [&] {
-      scale_rows<X>(L.x.data_ptr<X>(), y.data_ptr<X>(), gate_values<X, scalar_t>(s, thr, cut), L);
-    });
+  dispatch_value_and_scores(x.scalar_type(), s.scalar_type(), [&](auto x_type, auto s_type) {
+    using X = typename decltype(x_type)::type;
+    using S = typename decltype(s_type)::type;
+    scale_rows<X>(L.x.data_ptr<X>(), y.data_ptr<X>(), gate_values<X, S>(s, thr, cut), L);
   });
   return y;
 }
@@ -94,36 +96,34 @@ std::vector<double> gate_reduce(const X* gy, const X* x, X* gx, const std::vecto
   return sums;
 }
 
-std::tuple<at::Tensor, at::Tensor> gate_backward(const at::Tensor& grad_y, const at::Tensor& x,
-                                                 const at::Tensor& scores, const at::Tensor& thr,
-                                                 const at::Tensor& cut, int64_t dim, std::string estimator,
-                                                 double temperature, bool need_x, bool need_scores) {
-  constexpr const char* op = "bise_kernels_ext::gate_backward";
-  dim = check_gate(x, scores, thr, cut, dim, op, at::kCPU);
-  check_grad_y(grad_y, x, op);
-  const GateLayout L = gate_layout(x, dim);
+std::tuple<at::Tensor, at::Tensor> channel_gate_backward_cpu(const at::Tensor& grad_y, const at::Tensor& x,
+                                                             const at::Tensor& scores, const at::Tensor& thr,
+                                                             const at::Tensor& cut, int64_t dim, std::string estimator,
+                                                             double temperature, bool need_x, bool need_scores) {
+  constexpr const char* op = "bise_kernels_ext::channel_gate_backward";
+  dim = bise_checks::check_gate(x, scores, thr, cut, dim, op, at::kCPU);
+  bise_checks::check_grad_y(grad_y, x, op, at::kCPU);
+  bise_checks::check_estimator(estimator, temperature, op);
+  const GateLayout L = bise_checks::gate_layout(x, dim);
   const at::Tensor gy = grad_y.contiguous(L.format), s = scores.contiguous();
   at::Tensor gx = need_x ? at::empty_like(L.x, L.format) : at::empty({0}, x.options());
   at::Tensor gs = need_scores ? at::empty_like(s) : at::empty({0}, s.options());
-  BISE_DISPATCH_FLOAT(x.scalar_type(), "gate_backward", [&] {
-    using X = scalar_t;
-    BISE_DISPATCH_FLOAT(s.scalar_type(), "gate_backward", [&] {
-      using S = scalar_t;
-      const std::vector<X> gate = gate_values<X, S>(s, thr, cut);
-      if (!need_scores) {
-        if (need_x && x.numel() > 0) scale_rows<X>(gy.data_ptr<X>(), gx.data_ptr<X>(), gate, L);
-        return;
-      }
-      const Slope<S> slope = slope_rule<S>(estimator, temperature, op);
-      const std::vector<double> sums =
-          x.numel() > 0 ? gate_reduce<X>(gy.data_ptr<X>(), L.x.data_ptr<X>(), need_x ? gx.data_ptr<X>() : nullptr,
-                                         gate, L)
-                        : std::vector<double>(L.channels, 0.0);
-      const S* sp = s.data_ptr<S>();
-      S* gsp = gs.data_ptr<S>();
-      for (int64_t c = 0; c < L.channels; ++c)
-        gsp[c] = static_cast<S>(static_cast<acc_t<S>>(sums[c]) * slope(sp[c]));
-    });
+  dispatch_value_and_scores(x.scalar_type(), s.scalar_type(), [&](auto x_type, auto s_type) {
+    using X = typename decltype(x_type)::type;
+    using S = typename decltype(s_type)::type;
+    const std::vector<X> gate = gate_values<X, S>(s, thr, cut);
+    if (!need_scores) {
+      if (need_x && x.numel() > 0) scale_rows<X>(gy.data_ptr<X>(), gx.data_ptr<X>(), gate, L);
+      return;
+    }
+    const Slope<S> slope = slope_rule<S>(estimator, temperature);
+    const std::vector<double> sums =
+        x.numel() > 0 ? gate_reduce<X>(gy.data_ptr<X>(), L.x.data_ptr<X>(), need_x ? gx.data_ptr<X>() : nullptr,
+                                       gate, L)
+                      : std::vector<double>(L.channels, 0.0);
+    const S* sp = s.data_ptr<S>();
+    S* gsp = gs.data_ptr<S>();
+    for (int64_t c = 0; c < L.channels; ++c) gsp[c] = static_cast<S>(static_cast<acc_t<S>>(sums[c]) * slope(sp[c]));
   });
   return {gx, gs};
 }
@@ -131,14 +131,7 @@ std::tuple<at::Tensor, at::Tensor> gate_backward(const at::Tensor& grad_y, const
 }  // namespace
 }  // namespace bise_cpu
 
-TORCH_LIBRARY_FRAGMENT(bise_kernels_ext, m) {
-  m.def("gate_forward(Tensor x, Tensor scores, Tensor thr, Tensor cut, int dim) -> Tensor");
-  m.def(
-      "gate_backward(Tensor grad_y, Tensor x, Tensor scores, Tensor thr, Tensor cut, int dim, str estimator, "
-      "float temperature, bool need_x, bool need_scores) -> (Tensor, Tensor)");
-}
-
 TORCH_LIBRARY_IMPL(bise_kernels_ext, CPU, m) {
-  m.impl("gate_forward", &bise_cpu::gate_forward);
-  m.impl("gate_backward", &bise_cpu::gate_backward);
+  m.impl("channel_gate_forward", &bise_cpu::channel_gate_forward_cpu);
+  m.impl("channel_gate_backward", &bise_cpu::channel_gate_backward_cpu);
 }

@@ -1,6 +1,6 @@
 // Shared by the fused CPU kernels (masked.cpp, gate.cpp): the keep rule of the selection
-// (thr, cut), the score slope of the estimators, argument checks (also used by the CUDA binding,
-// csrc/cuda/masked_binding.cpp) and the two-dtype dispatch.
+// (thr, cut), the score slope of the estimators and the two-dtype dispatch. Argument checks:
+// csrc/checks.h (shared with the CUDA implementations).
 // Semantics are those of bise_kernels/backends/reference.py.
 #pragma once
 
@@ -10,6 +10,9 @@
 #include <cmath>
 #include <string>
 #include <type_traits>
+
+#define BISE_DISPATCH_FLOAT(TYPE, NAME, ...) \
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, TYPE, NAME, __VA_ARGS__)
 
 namespace bise_cpu {
 
@@ -27,72 +30,6 @@ struct Keep {
     return v > thr || (v == thr && i < cut);
   }
 };
-
-inline void check_float(const at::Tensor& t, const char* name, const char* op, at::DeviceType device) {
-  TORCH_CHECK(t.device().type() == device, op, ": ", name, " must be a ", at::DeviceTypeName(device),
-              " tensor, got one on ", t.device());
-  const auto type = t.scalar_type();
-  TORCH_CHECK(type == at::kFloat || type == at::kDouble || type == at::kHalf || type == at::kBFloat16, op, ": ",
-              name, " must be float32/float64/float16/bfloat16, got ", type);
-}
-
-// thr (scores' dtype) and cut (int64): one element each, on the scores' device.
-inline void check_selection(const at::Tensor& scores, const at::Tensor& thr, const at::Tensor& cut,
-                            const char* op) {
-  TORCH_CHECK(thr.numel() == 1, op, ": thr must be a one-element tensor, got shape ", thr.sizes());
-  TORCH_CHECK(cut.numel() == 1, op, ": cut must be a one-element tensor, got shape ", cut.sizes());
-  TORCH_CHECK(thr.scalar_type() == scores.scalar_type(), op, ": thr must have the scores' dtype ",
-              scores.scalar_type(), ", got ", thr.scalar_type());
-  TORCH_CHECK(cut.scalar_type() == at::kLong, op, ": cut must be int64, got ", cut.scalar_type());
-  TORCH_CHECK(thr.device() == scores.device() && cut.device() == scores.device(), op,
-              ": thr and cut must be on the scores' device ", scores.device(), ", got ", thr.device(), " and ",
-              cut.device());
-}
-
-// A masked layer's operands; returns whether the scores are per output unit ((out,)).
-inline bool check_layer(const at::Tensor& weight, const at::Tensor& scores, const at::Tensor& thr,
-                        const at::Tensor& cut, const char* op, at::DeviceType device) {
-  check_float(weight, "weight", op, device);
-  check_float(scores, "scores", op, device);
-  TORCH_CHECK(scores.device() == weight.device(), op, ": scores are on ", scores.device(), " but weight on ",
-              weight.device());
-  check_selection(scores, thr, cut, op);
-  TORCH_CHECK(weight.dim() >= 1, op, ": weight must have at least one dimension, got shape ", weight.sizes());
-  const bool per_unit = scores.dim() == 1 && weight.dim() > 1 && scores.size(0) == weight.size(0);
-  TORCH_CHECK(per_unit || scores.sizes() == weight.sizes(), op, ": scores must have weight's shape ",
-              weight.sizes(), " or (", weight.size(0), ",), got ", scores.sizes());
-  return per_unit;
-}
-
-// grad_W_eff of score_grad: like weight and contiguous, since it is masked in place.
-inline void check_grad_w_eff(const at::Tensor& grad_w_eff, const at::Tensor& weight, const char* op) {
-  TORCH_CHECK(grad_w_eff.sizes() == weight.sizes() && grad_w_eff.scalar_type() == weight.scalar_type() &&
-                  grad_w_eff.device() == weight.device(),
-              op, ": grad_w_eff must be like weight ", weight.sizes(), " ", weight.scalar_type(), " on ",
-              weight.device(), ", got ", grad_w_eff.sizes(), " ", grad_w_eff.scalar_type(), " on ",
-              grad_w_eff.device());
-  TORCH_CHECK(grad_w_eff.is_contiguous(), op, ": grad_w_eff must be contiguous (it is masked in place)");
-}
-
-// A channel gate's operands; returns dim wrapped to [0, x.dim()).
-inline int64_t check_gate(const at::Tensor& x, const at::Tensor& scores, const at::Tensor& thr,
-                          const at::Tensor& cut, int64_t dim, const char* op, at::DeviceType device) {
-  check_float(x, "x", op, device);
-  check_float(scores, "scores", op, device);
-  TORCH_CHECK(scores.device() == x.device(), op, ": scores are on ", scores.device(), " but x on ", x.device());
-  check_selection(scores, thr, cut, op);
-  TORCH_CHECK(x.dim() >= 1, op, ": x must have at least one dimension");
-  dim = at::maybe_wrap_dim(dim, x.dim());
-  TORCH_CHECK(scores.dim() == 1 && scores.size(0) == x.size(dim), op, ": scores must have shape (", x.size(dim),
-              ",) (x.shape[", dim, "]), got ", scores.sizes());
-  return dim;
-}
-
-inline void check_grad_y(const at::Tensor& grad_y, const at::Tensor& x, const char* op) {
-  TORCH_CHECK(grad_y.sizes() == x.sizes() && grad_y.scalar_type() == x.scalar_type() && grad_y.device() == x.device(),
-              op, ": grad_y must be like x ", x.sizes(), " ", x.scalar_type(), " on ", x.device(), ", got ",
-              grad_y.sizes(), " ", grad_y.scalar_type(), " on ", grad_y.device());
-}
 
 // CPU only: reads thr and cut on the host.
 template <typename S>
@@ -132,37 +69,19 @@ inline void split_at_cut(int64_t begin, int64_t end, int64_t cut, F&& body) {
 }
 
 template <typename S>
-Slope<S> slope_rule(const std::string& estimator, double temperature, const char* op) {
-  TORCH_CHECK(estimator == "ste" || estimator == "sigmoid", op,
-              ": estimator must be 'ste' or 'sigmoid', got '", estimator, "'");
-  TORCH_CHECK(temperature > 0 && std::isfinite(temperature), op,
-              ": temperature must be a positive finite float, got ", temperature);
+Slope<S> slope_rule(const std::string& estimator, double temperature) {
   return {estimator == "sigmoid", static_cast<acc_t<S>>(temperature)};
 }
 
-// x of a channel gate viewed in memory order as (outer, C, inner): contiguous for any dim, or
-// channels_last for dim 1 (inner = 1); any other layout is made contiguous first.
-struct GateLayout {
-  at::Tensor x;  // x itself, or a contiguous copy
-  at::MemoryFormat format;
-  int64_t outer, channels, inner;
-};
-
-inline GateLayout gate_layout(const at::Tensor& x, int64_t dim) {
-  const int64_t channels = x.size(dim);
-  if (dim == 1 && !x.is_contiguous()) {
-    if (x.dim() == 4 && x.is_contiguous(at::MemoryFormat::ChannelsLast))
-      return {x, at::MemoryFormat::ChannelsLast, x.numel() / std::max<int64_t>(channels, 1), channels, 1};
-    if (x.dim() == 5 && x.is_contiguous(at::MemoryFormat::ChannelsLast3d))
-      return {x, at::MemoryFormat::ChannelsLast3d, x.numel() / std::max<int64_t>(channels, 1), channels, 1};
-  }
-  int64_t outer = 1, inner = 1;
-  for (int64_t d = 0; d < dim; ++d) outer *= x.size(d);
-  for (int64_t d = dim + 1; d < x.dim(); ++d) inner *= x.size(d);
-  return {x.contiguous(), at::MemoryFormat::Contiguous, outer, channels, inner};
+// body(type_identity<W>, type_identity<S>) for the dtypes of a weight-like tensor and its scores:
+// the one dtype dispatch of the masked-layer and gate kernels (dtypes validated by csrc/checks.h).
+template <typename F>
+void dispatch_value_and_scores(at::ScalarType value, at::ScalarType scores, F&& body) {
+  BISE_DISPATCH_FLOAT(value, "bise_kernels_ext", [&] {
+    using V = scalar_t;
+    BISE_DISPATCH_FLOAT(scores, "bise_kernels_ext",
+                        [&] { body(std::type_identity<V>{}, std::type_identity<scalar_t>{}); });
+  });
 }
 
 }  // namespace bise_cpu
-
-#define BISE_DISPATCH_FLOAT(TYPE, NAME, ...) \
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, TYPE, NAME, __VA_ARGS__)

@@ -23,6 +23,8 @@
 #include <queue>
 #include <vector>
 
+#include "../checks.h"
+
 #if defined(__x86_64__) && defined(__GNUC__)
 #include <immintrin.h>
 #define BISE_SELECT_X86 1
@@ -579,16 +581,6 @@ auto dispatch_bits(at::ScalarType dtype, F&& fn) {
   }
 }
 
-void check_scores(const at::TensorList& scores, const char* name) {
-  TORCH_CHECK(!scores.empty(), name, " is an empty list");
-  for (size_t i = 0; i < scores.size(); ++i) {
-    TORCH_CHECK(scores[i].device().is_cpu(), name, "[", i, "] must be a CPU tensor, got ", scores[i].device());
-    TORCH_CHECK(scores[i].scalar_type() == scores[0].scalar_type(), name, "[", i, "] has dtype ",
-                scores[i].scalar_type(), " but ", name, "[0] has ", scores[0].scalar_type());
-    TORCH_CHECK(scores[i].numel() > 0, name, "[", i, "] is empty");
-  }
-}
-
 template <typename U>
 Source<U> source_of(const std::vector<at::Tensor>& contiguous) {
   Source<U> src;
@@ -604,13 +596,12 @@ std::vector<at::Tensor> contiguous_all(const at::TensorList& scores) {
 
 std::tuple<at::Tensor, at::Tensor> topk_select_cpu(at::TensorList scores, int64_t k,
                                                    const std::optional<at::Tensor>& hint) {
-  check_scores(scores, "scores");
+  constexpr const char* op = "bise_kernels_ext::topk_select";
+  bise_checks::check_select_scores(scores, op, at::kCPU, /*allow_double=*/true);
+  bise_checks::check_ks(scores, {k}, /*batched=*/false, op);
+  bise_checks::check_hints(hint, 1, "hint", op);
   const auto dtype = scores[0].scalar_type();
   const auto tensors = contiguous_all(scores);
-  int64_t n = 0;
-  for (const auto& t : tensors) n += t.numel();
-  TORCH_CHECK(k >= 1 && k <= n, "k must be in [1, ", n, "] (numel of the scores), got ", k);
-  if (hint) TORCH_CHECK(hint->numel() == 1, "hint must be a one-element tensor, got shape ", hint->sizes());
   return dispatch_bits(dtype, [&](auto zero) {
     using U = decltype(zero);
     const Source<U> src = source_of<U>(tensors);
@@ -638,21 +629,15 @@ std::vector<std::vector<int64_t>> balance(const std::vector<int64_t>& idx, const
 
 std::tuple<at::Tensor, at::Tensor> batched_topk_select_cpu(at::TensorList scores, at::IntArrayRef ks,
                                                            const std::optional<at::Tensor>& hints) {
-  check_scores(scores, "scores");
+  constexpr const char* op = "bise_kernels_ext::batched_topk_select";
+  bise_checks::check_select_scores(scores, op, at::kCPU, /*allow_double=*/true);
+  const std::vector<int64_t> sizes = bise_checks::check_ks(scores, ks, /*batched=*/true, op);
+  bise_checks::check_hints(hints, scores.size(), "hints", op);
   const int64_t L = int64_t(scores.size());
-  TORCH_CHECK(int64_t(ks.size()) == L, "ks has ", ks.size(), " entries but scores has ", L, " tensors");
   const auto dtype = scores[0].scalar_type();
   const auto tensors = contiguous_all(scores);
-  std::vector<int64_t> sizes(L);
-  for (int64_t i = 0; i < L; ++i) {
-    sizes[i] = tensors[i].numel();
-    TORCH_CHECK(ks[i] >= 1 && ks[i] <= sizes[i], "ks[", i, "] must be in [1, ", sizes[i], "], got ", ks[i]);
-  }
   at::Tensor hint_vals;
-  if (hints) {
-    TORCH_CHECK(hints->numel() == L, "hints must have one entry per tensor (", L, "), got shape ", hints->sizes());
-    hint_vals = hints->to(at::kCPU, dtype).contiguous().reshape({L});
-  }
+  if (hints) hint_vals = hints->to(at::kCPU, dtype).contiguous().reshape({L});
   at::Tensor thrs = at::empty({L}, at::TensorOptions().dtype(dtype));
   at::Tensor cuts = at::empty({L}, at::TensorOptions().dtype(at::kLong));
   dispatch_bits(dtype, [&](auto zero) {
@@ -697,17 +682,15 @@ void keep_mask_run(const U* x, uint8_t* out, int64_t n, U t, bool ties) {
 }
 
 at::Tensor keep_mask_cpu(const at::Tensor& scores, const at::Tensor& thr, const at::Tensor& cut, int64_t offset) {
-  TORCH_CHECK(scores.device().is_cpu(), "scores must be a CPU tensor, got ", scores.device());
-  TORCH_CHECK(thr.numel() == 1, "thr must be a one-element tensor, got shape ", thr.sizes());
-  TORCH_CHECK(cut.numel() == 1, "cut must be a one-element tensor, got shape ", cut.sizes());
+  bise_checks::check_keep_mask(scores, thr, cut, "bise_kernels_ext::keep_mask", at::kCPU, /*allow_double=*/true);
   const auto dtype = scores.scalar_type();
   const at::Tensor x = scores.contiguous();
   at::Tensor out = at::empty(scores.sizes(), scores.options().dtype(at::kBool));
   const int64_t n = x.numel();
-  const int64_t c = cut.to(at::kCPU, at::kLong).item<int64_t>();
+  const int64_t c = cut.item<int64_t>();
   dispatch_bits(dtype, [&](auto zero) {
     using U = decltype(zero);
-    const U t = to_key(scalar_bits<U>(thr.to(at::kCPU, dtype).contiguous()));
+    const U t = to_key(scalar_bits<U>(thr.contiguous()));
     const U* xp = reinterpret_cast<const U*>(x.data_ptr());
     uint8_t* op = reinterpret_cast<uint8_t*>(out.data_ptr());
     // Ties are kept for flat indices below cut - offset.
@@ -724,14 +707,8 @@ at::Tensor keep_mask_cpu(const at::Tensor& scores, const at::Tensor& thr, const 
 
 }  // namespace
 
-TORCH_LIBRARY_FRAGMENT(bise_kernels_ext, m) {
-  m.def("select_topk(Tensor[] scores, int k, Tensor? hint) -> (Tensor, Tensor)");
-  m.def("select_batched(Tensor[] scores, int[] ks, Tensor? hints) -> (Tensor, Tensor)");
-  m.def("select_keep_mask(Tensor scores, Tensor thr, Tensor cut, int offset) -> Tensor");
-}
-
 TORCH_LIBRARY_IMPL(bise_kernels_ext, CPU, m) {
-  m.impl("select_topk", &topk_select_cpu);
-  m.impl("select_batched", &batched_topk_select_cpu);
-  m.impl("select_keep_mask", &keep_mask_cpu);
+  m.impl("topk_select", &topk_select_cpu);
+  m.impl("batched_topk_select", &batched_topk_select_cpu);
+  m.impl("keep_mask", &keep_mask_cpu);
 }

@@ -9,13 +9,27 @@
 namespace bise_cuda {
 namespace {
 
+// Weight-shaped scores: one thread per weight (grid-stride).
 template <typename W, typename S>
 __global__ void masked_weight_kernel(const W* __restrict__ weight, const S* __restrict__ scores, W* __restrict__ out,
-                                     int64_t n, int64_t row_len, int per_unit, const S* thr, const int64_t* cut) {
+                                     int64_t n, const S* thr, const int64_t* cut) {
   const Keep<S> keep(thr, cut);
   for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < n; i += int64_t(gridDim.x) * blockDim.x) {
-    const int64_t unit = per_unit ? i / row_len : i;
-    out[i] = from_acc<W>(to_acc(weight[i]) * acc_t<W>(keep(scores[unit], unit) ? 1 : 0));
+    out[i] = from_acc<W>(to_acc(weight[i]) * acc_t<W>(keep(scores[i], i) ? 1 : 0));
+  }
+}
+
+// Per-unit scores: one block per row (grid-stride over rows), threads along the row, so the
+// unit's keep is evaluated once per row and no thread divides by the row length.
+template <typename W, typename S>
+__global__ void masked_weight_rows_kernel(const W* __restrict__ weight, const S* __restrict__ scores,
+                                          W* __restrict__ out, int64_t rows, int64_t row_len, const S* thr,
+                                          const int64_t* cut) {
+  const Keep<S> keep(thr, cut);
+  for (int64_t r = blockIdx.x; r < rows; r += gridDim.x) {
+    const acc_t<W> k = keep(scores[r], r) ? 1 : 0;
+    for (int64_t j = r * row_len + threadIdx.x; j < (r + 1) * row_len; j += blockDim.x)
+      out[j] = from_acc<W>(to_acc(weight[j]) * k);
   }
 }
 
@@ -70,9 +84,16 @@ extern "C" cudaError_t bise_masked_weight(const void* weight, const void* scores
     using W = decltype(w_tag);
     known = dispatch(s_dtype, [&](auto s_tag) {
       using S = decltype(s_tag);
-      masked_weight_kernel<W, S><<<grid_for(n), kThreads, 0, stream>>>(
-          static_cast<const W*>(weight), static_cast<const S*>(scores), static_cast<W*>(out), n, row_len, per_unit,
-          static_cast<const S*>(thr), cut);
+      const W* w = static_cast<const W*>(weight);
+      const S* s = static_cast<const S*>(scores);
+      const S* t = static_cast<const S*>(thr);
+      if (per_unit) {
+        const int64_t rows = n / row_len;
+        masked_weight_rows_kernel<W, S><<<grid_for(rows, 1), kThreads, 0, stream>>>(w, s, static_cast<W*>(out), rows,
+                                                                                     row_len, t, cut);
+      } else {
+        masked_weight_kernel<W, S><<<grid_for(n), kThreads, 0, stream>>>(w, s, static_cast<W*>(out), n, t, cut);
+      }
     });
   });
   return known ? cudaGetLastError() : cudaErrorInvalidValue;

@@ -1,19 +1,20 @@
-// CUDA implementations of the fused masked-layer and gate ops (backend "cuda"): argument checks
-// and layouts in ATen (shared with the CPU ops, csrc/cpu/masked_common.h), kernels in masked.cu /
-// gate.cu through launchers.h, on the current stream. The dense GEMM/conv (cuBLAS/cuDNN) is ATen,
-// called by the composition in bise_kernels/backends/cpp/masked.py. Compiled only WITH_CUDA.
+// CUDA implementations of masked_weight, masked_score_grad, channel_gate_forward and
+// channel_gate_backward (backend "cuda"; schemas in csrc/library.cpp): argument checks and
+// layouts shared with the CPU implementations (csrc/checks.h), kernels in masked.cu / gate.cu
+// through launchers.h, on the current stream, with no host sync. The dense GEMM/conv
+// (cuBLAS/cuDNN) is ATen, called by bise_kernels/backends/native.py. Compiled only WITH_CUDA.
 #include <ATen/ATen.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
 
-#include "../cpu/masked_common.h"
+#include "../checks.h"
 #include "launchers.h"
 
 namespace bise_cuda_binding {
 namespace {
 
-using bise_cpu::GateLayout;
+using bise_checks::GateLayout;
 
 // Types were validated by the shared checks (float32/float64/float16/bfloat16).
 int dtype_code(at::ScalarType type) {
@@ -28,8 +29,8 @@ cudaStream_t stream() { return c10::cuda::getCurrentCUDAStream().stream(); }
 
 at::Tensor masked_weight_cuda(const at::Tensor& weight, const at::Tensor& scores, const at::Tensor& thr,
                               const at::Tensor& cut) {
-  constexpr const char* op = "bise_kernels_ext::masked_weight_cuda";
-  const bool per_unit = bise_cpu::check_layer(weight, scores, thr, cut, op, at::kCUDA);
+  constexpr const char* op = "bise_kernels_ext::masked_weight";
+  const bool per_unit = bise_checks::check_layer(weight, scores, thr, cut, op, at::kCUDA);
   const c10::cuda::CUDAGuard guard(weight.device());
   const at::Tensor w = weight.contiguous(), s = scores.contiguous();
   at::Tensor out = at::empty_like(w, at::MemoryFormat::Contiguous);
@@ -41,17 +42,20 @@ at::Tensor masked_weight_cuda(const at::Tensor& weight, const at::Tensor& scores
   return out;
 }
 
-at::Tensor score_grad_cuda(const at::Tensor& grad_w_eff, const at::Tensor& weight, const at::Tensor& scores,
-                           const at::Tensor& thr, const at::Tensor& cut, std::string estimator, double temperature,
-                           bool need_scores, bool need_weight) {
-  constexpr const char* op = "bise_kernels_ext::score_grad_cuda";
-  const bool per_unit = bise_cpu::check_layer(weight, scores, thr, cut, op, at::kCUDA);
-  bise_cpu::check_grad_w_eff(grad_w_eff, weight, op);
-  bise_cpu::slope_rule<float>(estimator, temperature, op);  // validates estimator and temperature
+at::Tensor masked_score_grad_cuda(const at::Tensor& grad_w_eff, const at::Tensor& weight, const at::Tensor& scores,
+                                  const at::Tensor& thr, const at::Tensor& cut, std::string estimator,
+                                  double temperature, bool need_scores, bool need_weight) {
+  constexpr const char* op = "bise_kernels_ext::masked_score_grad";
+  const bool per_unit = bise_checks::check_layer(weight, scores, thr, cut, op, at::kCUDA);
+  bise_checks::check_grad_w_eff(grad_w_eff, weight, op, at::kCUDA);
+  bise_checks::check_estimator(estimator, temperature, op);
   const c10::cuda::CUDAGuard guard(weight.device());
   const at::Tensor w = weight.contiguous(), s = scores.contiguous();
-  at::Tensor gs = need_scores ? at::empty_like(s, at::MemoryFormat::Contiguous) : at::empty({0}, s.options());
   const int64_t n = w.numel(), row_len = w.size(0) > 0 ? n / w.size(0) : 0;
+  // No weights (n == 0): the kernels do not run, and every score gradient is a sum of nothing.
+  at::Tensor gs = !need_scores ? at::empty({0}, s.options())
+                  : n == 0     ? at::zeros_like(s, at::MemoryFormat::Contiguous)
+                               : at::empty_like(s, at::MemoryFormat::Contiguous);
   check_launch(bise_score_grad(grad_w_eff.data_ptr(), w.const_data_ptr(), s.const_data_ptr(),
                                need_scores ? gs.data_ptr() : nullptr, n, row_len, per_unit,
                                dtype_code(w.scalar_type()), dtype_code(s.scalar_type()), thr.const_data_ptr(),
@@ -69,27 +73,27 @@ void launch_gate_forward(const at::Tensor& in, at::Tensor& out, const at::Tensor
                op);
 }
 
-at::Tensor gate_forward_cuda(const at::Tensor& x, const at::Tensor& scores, const at::Tensor& thr,
-                             const at::Tensor& cut, int64_t dim) {
-  constexpr const char* op = "bise_kernels_ext::gate_forward_cuda";
-  dim = bise_cpu::check_gate(x, scores, thr, cut, dim, op, at::kCUDA);
+at::Tensor channel_gate_forward_cuda(const at::Tensor& x, const at::Tensor& scores, const at::Tensor& thr,
+                                     const at::Tensor& cut, int64_t dim) {
+  constexpr const char* op = "bise_kernels_ext::channel_gate_forward";
+  dim = bise_checks::check_gate(x, scores, thr, cut, dim, op, at::kCUDA);
   const c10::cuda::CUDAGuard guard(x.device());
-  const GateLayout L = bise_cpu::gate_layout(x, dim);
+  const GateLayout L = bise_checks::gate_layout(x, dim);
   at::Tensor y = at::empty_like(L.x, L.format);
   launch_gate_forward(L.x, y, scores.contiguous(), L, thr, cut, op);
   return y;
 }
 
-std::tuple<at::Tensor, at::Tensor> gate_backward_cuda(const at::Tensor& grad_y, const at::Tensor& x,
-                                                      const at::Tensor& scores, const at::Tensor& thr,
-                                                      const at::Tensor& cut, int64_t dim, std::string estimator,
-                                                      double temperature, bool need_x, bool need_scores) {
-  constexpr const char* op = "bise_kernels_ext::gate_backward_cuda";
-  dim = bise_cpu::check_gate(x, scores, thr, cut, dim, op, at::kCUDA);
-  bise_cpu::check_grad_y(grad_y, x, op);
-  bise_cpu::slope_rule<float>(estimator, temperature, op);  // validates estimator and temperature
+std::tuple<at::Tensor, at::Tensor> channel_gate_backward_cuda(const at::Tensor& grad_y, const at::Tensor& x,
+                                                              const at::Tensor& scores, const at::Tensor& thr,
+                                                              const at::Tensor& cut, int64_t dim, std::string estimator,
+                                                              double temperature, bool need_x, bool need_scores) {
+  constexpr const char* op = "bise_kernels_ext::channel_gate_backward";
+  dim = bise_checks::check_gate(x, scores, thr, cut, dim, op, at::kCUDA);
+  bise_checks::check_grad_y(grad_y, x, op, at::kCUDA);
+  bise_checks::check_estimator(estimator, temperature, op);
   const c10::cuda::CUDAGuard guard(x.device());
-  const GateLayout L = bise_cpu::gate_layout(x, dim);
+  const GateLayout L = bise_checks::gate_layout(x, dim);
   const at::Tensor gy = grad_y.contiguous(L.format), s = scores.contiguous();
   at::Tensor gx = need_x ? at::empty_like(L.x, L.format) : at::empty({0}, x.options());
   at::Tensor gs = need_scores ? at::empty_like(s) : at::empty({0}, s.options());
@@ -111,20 +115,9 @@ std::tuple<at::Tensor, at::Tensor> gate_backward_cuda(const at::Tensor& grad_y, 
 }  // namespace
 }  // namespace bise_cuda_binding
 
-TORCH_LIBRARY_FRAGMENT(bise_kernels_ext, m) {
-  m.def("masked_weight_cuda(Tensor weight, Tensor scores, Tensor thr, Tensor cut) -> Tensor");
-  m.def(
-      "score_grad_cuda(Tensor(a!) grad_w_eff, Tensor weight, Tensor scores, Tensor thr, Tensor cut, str estimator, "
-      "float temperature, bool need_scores, bool need_weight) -> Tensor");
-  m.def("gate_forward_cuda(Tensor x, Tensor scores, Tensor thr, Tensor cut, int dim) -> Tensor");
-  m.def(
-      "gate_backward_cuda(Tensor grad_y, Tensor x, Tensor scores, Tensor thr, Tensor cut, int dim, str estimator, "
-      "float temperature, bool need_x, bool need_scores) -> (Tensor, Tensor)");
-}
-
 TORCH_LIBRARY_IMPL(bise_kernels_ext, CUDA, m) {
-  m.impl("masked_weight_cuda", &bise_cuda_binding::masked_weight_cuda);
-  m.impl("score_grad_cuda", &bise_cuda_binding::score_grad_cuda);
-  m.impl("gate_forward_cuda", &bise_cuda_binding::gate_forward_cuda);
-  m.impl("gate_backward_cuda", &bise_cuda_binding::gate_backward_cuda);
+  m.impl("masked_weight", &bise_cuda_binding::masked_weight_cuda);
+  m.impl("masked_score_grad", &bise_cuda_binding::masked_score_grad_cuda);
+  m.impl("channel_gate_forward", &bise_cuda_binding::channel_gate_forward_cuda);
+  m.impl("channel_gate_backward", &bise_cuda_binding::channel_gate_backward_cuda);
 }

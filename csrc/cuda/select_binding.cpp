@@ -1,6 +1,8 @@
-// ATen binding of the CUDA radix select (select.cu): validates, builds the chunk table, takes the
-// workspace from torch's caching allocator and launches on the current stream. No host sync:
-// the chunk table and ks travel through pinned memory with non-blocking copies.
+// CUDA implementations of topk_select, batched_topk_select and keep_mask (backend "cuda"; schemas
+// in csrc/library.cpp) over the radix select of select.cu: validates with the checks shared with
+// the CPU implementations (csrc/checks.h), builds the chunk table, takes the workspace from
+// torch's caching allocator and launches on the current stream. No host sync: the chunk table
+// and ks travel through pinned memory with non-blocking copies.
 #include <ATen/ATen.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
@@ -8,6 +10,7 @@
 
 #include <vector>
 
+#include "../checks.h"
 #include "select.h"
 
 namespace {
@@ -16,17 +19,8 @@ using bise_select::kBins;
 using bise_select::kCapacity;
 using bise_select::kChunk;
 
-int key_bits_of(at::ScalarType dtype) {
-  switch (dtype) {
-    case at::kFloat:
-      return 32;
-    case at::kHalf:
-    case at::kBFloat16:
-      return 16;
-    default:
-      TORCH_CHECK(false, "scores must be float32, float16 or bfloat16 for the CUDA select, got ", dtype);
-  }
-}
+// Validated by the shared checks: float32, float16 or bfloat16.
+int key_bits_of(at::ScalarType dtype) { return dtype == at::kFloat ? 32 : 16; }
 
 at::Tensor to_device(const std::vector<int64_t>& values, const at::Device& device) {
   auto host = at::empty({static_cast<int64_t>(values.size())}, at::TensorOptions().dtype(at::kLong).pinned_memory(true));
@@ -40,25 +34,22 @@ void check_cuda(cudaError_t err, const char* what) {
 
 // One problem per tensor (batched) or one over all tensors (ks has one entry).
 std::tuple<at::Tensor, at::Tensor> radix_select_cuda(at::TensorList scores, at::IntArrayRef ks,
-                                                     const std::optional<at::Tensor>& hints, bool batched) {
-  TORCH_CHECK(!scores.empty(), "scores is an empty list");
+                                                     const std::optional<at::Tensor>& hints, bool batched,
+                                                     const char* op) {
+  bise_checks::check_select_scores(scores, op, at::kCUDA, /*allow_double=*/false);
+  bise_checks::check_ks(scores, ks, batched, op, /*max_count=*/(int64_t{1} << 31) - 1);  // int32 counters
+  bise_checks::check_hints(hints, ks.size(), batched ? "hints" : "hint", op);
   const auto dtype = scores[0].scalar_type();
   const auto device = scores[0].device();
   const int key_bits = key_bits_of(dtype);
-  TORCH_CHECK(scores[0].is_cuda(), "scores[0] must be a CUDA tensor, got one on ", device);
   const c10::cuda::CUDAGuard guard(device);
   const int64_t P = static_cast<int64_t>(ks.size());
-  TORCH_CHECK(batched ? P == static_cast<int64_t>(scores.size()) : P == 1, "ks has ", P, " entries for ",
-              scores.size(), " tensors (batched=", batched, ")");
   std::vector<at::Tensor> flat;
   std::vector<int64_t> rows[5];
   std::vector<int64_t> first(P + 1, 0);
   std::vector<int64_t> total(P, 0);
   for (size_t i = 0; i < scores.size(); ++i) {
     const auto& t = scores[i];
-    TORCH_CHECK(t.is_cuda() && t.device() == device, "scores[", i, "] is on ", t.device(), ", expected ", device);
-    TORCH_CHECK(t.scalar_type() == dtype, "scores[", i, "] has dtype ", t.scalar_type(), ", expected ", dtype);
-    TORCH_CHECK(t.numel() > 0, "scores[", i, "] is empty");
     flat.push_back(t.contiguous());
     const int64_t p = batched ? static_cast<int64_t>(i) : 0;
     const auto addr = reinterpret_cast<int64_t>(flat.back().data_ptr());
@@ -69,10 +60,6 @@ std::tuple<at::Tensor, at::Tensor> radix_select_cuda(at::TensorList scores, at::
     }
     total[p] += t.numel();
     first[p + 1] = static_cast<int64_t>(rows[0].size());
-  }
-  for (int64_t p = 0; p < P; ++p) {
-    TORCH_CHECK(ks[p] >= 1 && ks[p] <= total[p], "ks[", p, "] must be in [1, ", total[p], "], got ", ks[p]);
-    TORCH_CHECK(total[p] < (int64_t{1} << 31), "problem ", p, " has ", total[p], " scores; at most 2**31 - 1");
   }
   const int64_t C = static_cast<int64_t>(rows[0].size());
   std::vector<int64_t> table;
@@ -90,11 +77,7 @@ std::tuple<at::Tensor, at::Tensor> radix_select_cuda(at::TensorList scores, at::
   auto buffer_key = at::empty({P * kCapacity}, i32);
   auto buffer_index = at::empty({P * kCapacity}, i64);
   std::optional<at::Tensor> hint_flat;
-  if (hints.has_value()) {
-    TORCH_CHECK(hints->numel() == P && hints->device() == device && hints->scalar_type() == dtype,
-                "hints must hold ", P, " values of dtype ", dtype, " on ", device);
-    hint_flat = hints->reshape({-1}).contiguous();
-  }
+  if (hints) hint_flat = hints->reshape({-1}).to(device, dtype).contiguous();
 
   int32_t* w = ws.data_ptr<int32_t>();
   bise_select::SelectArgs a{};
@@ -116,40 +99,43 @@ std::tuple<at::Tensor, at::Tensor> radix_select_cuda(at::TensorList scores, at::
   a.buffer_key = reinterpret_cast<uint32_t*>(buffer_key.data_ptr<int32_t>());
   a.buffer_index = buffer_index.data_ptr<int64_t>();
   a.cut = cut.data_ptr<int64_t>();
-  check_cuda(bise_radix_select_launch(&a, at::cuda::getCurrentCUDAStream(device.index()).stream()),
-             "radix_select_cuda");
+  check_cuda(bise_radix_select_launch(&a, at::cuda::getCurrentCUDAStream(device.index()).stream()), op);
 
   auto bits = ws.narrow(0, n_hist + n_tickets + 4 * P, P);
   auto thr = key_bits == 32 ? bits.view(dtype) : bits.to(at::kShort).view(dtype);
   return {thr, cut};
 }
 
+std::tuple<at::Tensor, at::Tensor> topk_select_cuda(at::TensorList scores, int64_t k,
+                                                    const std::optional<at::Tensor>& hint) {
+  auto [thr, cut] = radix_select_cuda(scores, {k}, hint, /*batched=*/false, "bise_kernels_ext::topk_select");
+  return {thr.reshape({}), cut.reshape({})};
+}
+
+std::tuple<at::Tensor, at::Tensor> batched_topk_select_cuda(at::TensorList scores, at::IntArrayRef ks,
+                                                            const std::optional<at::Tensor>& hints) {
+  return radix_select_cuda(scores, ks, hints, /*batched=*/true, "bise_kernels_ext::batched_topk_select");
+}
+
 at::Tensor keep_mask_cuda(const at::Tensor& scores, const at::Tensor& thr, const at::Tensor& cut, int64_t offset) {
-  const int key_bits = key_bits_of(scores.scalar_type());
+  constexpr const char* op = "bise_kernels_ext::keep_mask";
+  bise_checks::check_keep_mask(scores, thr, cut, op, at::kCUDA, /*allow_double=*/false);
   const c10::cuda::CUDAGuard guard(scores.device());
-  TORCH_CHECK(thr.numel() == 1 && thr.scalar_type() == scores.scalar_type() && thr.device() == scores.device(),
-              "thr must be one value of the scores' dtype on their device");
-  TORCH_CHECK(cut.numel() == 1 && cut.scalar_type() == at::kLong && cut.device() == scores.device(),
-              "cut must be one int64 on the scores' device");
   auto flat = scores.contiguous();
   auto thr_c = thr.reshape({}).contiguous();
   auto cut_c = cut.reshape({}).contiguous();
   auto out = at::empty(scores.sizes(), scores.options().dtype(at::kBool));
   check_cuda(bise_keep_mask_launch(flat.data_ptr(), thr_c.data_ptr(), cut_c.data_ptr<int64_t>(), out.data_ptr<bool>(),
-                                   flat.numel(), offset, key_bits,
+                                   flat.numel(), offset, key_bits_of(scores.scalar_type()),
                                    at::cuda::getCurrentCUDAStream(scores.device().index()).stream()),
-             "keep_mask_cuda");
+             op);
   return out;
 }
 
 }  // namespace
 
-TORCH_LIBRARY_FRAGMENT(bise_kernels_ext, m) {
-  m.def("radix_select_cuda(Tensor[] scores, int[] ks, Tensor? hints, bool batched) -> (Tensor, Tensor)");
-  m.def("keep_mask_cuda(Tensor scores, Tensor thr, Tensor cut, int offset) -> Tensor");
-}
-
 TORCH_LIBRARY_IMPL(bise_kernels_ext, CUDA, m) {
-  m.impl("radix_select_cuda", &radix_select_cuda);
-  m.impl("keep_mask_cuda", &keep_mask_cuda);
+  m.impl("topk_select", &topk_select_cuda);
+  m.impl("batched_topk_select", &batched_topk_select_cuda);
+  m.impl("keep_mask", &keep_mask_cuda);
 }

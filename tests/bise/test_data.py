@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import bise.data as data
-from bise.data import benchmarks, cache, sources
+from bise.data import builtin, cache, sources
 
 
 def _has_mnist():
@@ -114,7 +114,7 @@ def test_splits_are_disjoint_at_source_image_level(digits):
 def test_cache_round_trips_bit_identically_without_rebuilding(tmp_path, monkeypatch):
     first = data.load("colored-digits:n_train=300", seed=3, cache_dir=str(tmp_path))
     assert first.info["cache_hit"] is False
-    monkeypatch.setattr(benchmarks, "build", lambda *a, **k: pytest.fail("rebuilt from source"))
+    monkeypatch.setattr(builtin, "build", lambda *a, **k: pytest.fail("rebuilt from source"))
     t = time.perf_counter()
     second = data.load("colored-digits:n_train=300", seed=3, cache_dir=str(tmp_path))
     assert time.perf_counter() - t < 1.0
@@ -261,7 +261,7 @@ def test_mnist_benchmarks(name, cache_dir):
 def test_biased_mnist_background_carries_the_bias_colour(cache_dir):
     ds = data.load("biased-mnist:n_train=500", cache_dir=cache_dir)
     corner = ds.test.x[:, :, 0, 0].float() / 255  # the top-left pixel is background in MNIST
-    expected = torch.from_numpy(benchmarks.render.PALETTE)[ds.test.b].float()
+    expected = torch.from_numpy(builtin.render.PALETTE)[ds.test.b].float()
     assert torch.allclose(corner, expected, atol=1 / 255 + 1e-6)
 
 
@@ -329,7 +329,7 @@ def test_fashion_textured_is_waterbirds_like(cache_dir):
     for sp in (ds.val, ds.test):
         groups = torch.bincount(2 * sp.y + sp.b, minlength=4)
         assert groups.max() - groups.min() <= 2
-    regions = [benchmarks.texture_region(s, (128, 128)) for s in ("train", "val", "test")]
+    regions = [builtin.texture_region(s, (128, 128)) for s in ("train", "val", "test")]
     masks = []
     for rows, cols in regions:
         m = np.zeros((128, 128), bool)

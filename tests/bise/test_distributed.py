@@ -91,7 +91,8 @@ def _single(model_path, out_dir):
 def _assert_same_subnetwork(scores_a, scores_b, val_a, val_b):
     assert scores_a.keys() == scores_b.keys()
     for name in scores_a:
-        torch.testing.assert_close(scores_a[name], scores_b[name], rtol=0, atol=1e-6)
+        # float reduction order differs across processes (measured up to 3.7e-6 after 3 mask epochs)
+        torch.testing.assert_close(scores_a[name], scores_b[name], rtol=0, atol=2e-5)
         assert torch.equal(scores_a[name] >= 0, scores_b[name] >= 0), name
     assert val_a == pytest.approx(val_b, abs=1e-6)
 

@@ -107,3 +107,32 @@ def test_mobilenetv2_imagenet_weights_load_strictly_and_classify_photos():
     assert cats & set(top5[0].tolist()), top5[0]
     assert coffee & set(top5[1].tolist()), top5[1]
     assert gates_of(model) == {}
+
+
+def test_reinitialize_reapplies_the_simple_cnn_kaiming_init():
+    from bise.models import reinitialize
+
+    torch.manual_seed(0)
+    model = build_model("simple-cnn", 10, (3, 28, 28))
+    before = model.features.conv2.weight.detach().clone()
+    reinitialize(model)
+    conv = model.features.conv2
+    assert not torch.equal(conv.weight, before)
+    assert torch.count_nonzero(conv.bias) == 0  # reset_parameters alone leaves random biases
+    fan_out = conv.out_channels * 7 * 7
+    assert float(conv.weight.detach().std()) == pytest.approx((2 / fan_out) ** 0.5, rel=0.1)
+
+
+def test_mlp_input_scale_matches_scaled_inputs_and_survives_rebuild():
+    from bise.models import model_spec, rebuild
+
+    torch.manual_seed(0)
+    scaled = build_model("mlp", 10, (3, 4, 4), input_scale=1 / 255)
+    plain = rebuild({**model_spec(scaled), "input_scale": None})
+    plain.load_state_dict(scaled.state_dict())
+    x = torch.rand(5, 3, 4, 4)
+    assert torch.allclose(scaled(x), plain(x / 255))
+    again = rebuild(model_spec(scaled))
+    assert again.input_scale == pytest.approx(1 / 255)
+    with pytest.raises(ValueError, match="input_scale is an mlp option"):
+        build_model("simple-cnn", 10, (3, 8, 8), input_scale=0.5)

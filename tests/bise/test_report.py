@@ -19,7 +19,7 @@ def _metrics(two_bias=False):
 
 
 def _section(two_bias=False, **extra):
-    return {"test": _metrics(two_bias), "val": _metrics(two_bias), "mflops": 1.5, "params": 100, **extra}
+    return {"test": _metrics(two_bias), "val": _metrics(two_bias), "mmacs": 1.5, "params": 100, **extra}
 
 
 def _report(finetuned=True, two_bias=False):
@@ -63,7 +63,7 @@ def test_many_groups_heatmap(tmp_path):
     y = torch.arange(100) // 10
     b = torch.arange(100) % 10
     m = metrics_from_predictions(y, y, b)
-    report = build_report(vanilla={"test": m, "mflops": 1.0, "params": 1}, subnetwork={"test": m, "mflops": 1.0,
+    report = build_report(vanilla={"test": m, "mmacs": 1.0, "params": 1}, subnetwork={"test": m, "mmacs": 1.0,
                           "params": 1}, export={"max_abs_diff": 0.0}, config={}, timing={})
     write_report(str(tmp_path), report)
     assert (tmp_path / PLOTS[2]).is_file() and not (tmp_path / PLOTS[0]).exists()
@@ -107,5 +107,5 @@ class _Data:
 def test_model_section():
     model = nn.Sequential(nn.Flatten(), nn.Linear(4, 2))
     sec = model_section(model, _Data(), vanilla_params=20, units_pruned=0.5)
-    assert list(sec) == ["test", "mflops", "params", "units_pruned", "weights_removed"]
-    assert sec["params"] == 10 and sec["weights_removed"] == 0.5 and sec["mflops"] == pytest.approx(8e-6)
+    assert list(sec) == ["test", "mmacs", "params", "units_pruned", "weights_removed"]
+    assert sec["params"] == 10 and sec["weights_removed"] == 0.5 and sec["mmacs"] == pytest.approx(8e-6)

@@ -12,7 +12,8 @@ from bise.batching import DeviceSplit
 from bise.data.types import Split
 from bise.heads import set_head_grads
 from bise.models import build_model
-from bise.train import RECIPES, fit
+from bise.recipes import RECIPES
+from bise.train import fit
 
 
 def _split(n=130, seed=0):
@@ -69,7 +70,7 @@ def test_other_split_objects_use_their_inputs():
 def test_fit_equals_the_host_fed_loop():
     """fit on device-resident batches = the plain loop over Split.inputs (same seed), bit for bit."""
     split = _split(n=90)
-    recipe = dict(RECIPES["biased-mnist"], milestones=[1])
+    recipe = dict(RECIPES["simple-cnn"], milestones=[1])
     torch.manual_seed(0)
     model = build_model("simple-cnn", 3, (3, 5, 5), width=0.25)
     reference = copy.deepcopy(model).train()

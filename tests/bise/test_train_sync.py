@@ -20,7 +20,8 @@ import bise_kernels._checks as kernel_checks
 from bise.data.types import BiasedDataset, Split
 from bise.extract import ExtractConfig, _Run, extract
 from bise.models import build_model
-from bise.train import RECIPES, fit, train_steps
+from bise.recipes import RECIPES
+from bise.train import fit, train_steps
 
 aten = torch.ops.aten
 SYNC_OPS = {aten._local_scalar_dense.default, aten.nonzero.default, aten.masked_select.default,
@@ -106,7 +107,7 @@ def test_vanilla_epoch_reads_the_device_twice_whatever_the_step_count(count_sync
     for batch_size in (12, 60):  # 20 and 4 steps an epoch
         torch.manual_seed(0)
         model = build_model(arch, 3, data.input_shape, width=0.25)
-        _, counter = count_syncs(fit, model, data.train, dict(RECIPES["biased-mnist"], milestones=[1]),
+        _, counter = count_syncs(fit, model, data.train, dict(RECIPES["simple-cnn"], milestones=[1]),
                                  epochs=2, batch_size=batch_size, lr=0.01, quiet=True)
         counts.append(counter.counts)
     assert counts[0] == counts[1], counts

@@ -1,7 +1,7 @@
-"""Masked-layer and channel-gate cases shared by the fused-kernel tests (cpp, cuda backends).
+"""The masked-layer and channel-gate cases every backend runs (tests/kernels/test_masked_kernels.py).
 
-Each ``check_*`` runs one backend's kernels (a module or object exposing the reference.py
-names) on ``device`` and compares every output and gradient with the reference backend.
+Each ``check_*`` runs one backend's kernels (an object exposing the reference.py names) on
+``device`` and compares every output and gradient with the reference backend.
 Scores are fp32 on a coarse grid with ties cut by a finite ``cut``; shapes are odd.
 """
 

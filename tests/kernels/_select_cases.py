@@ -1,4 +1,4 @@
-"""Selection checks shared by the Triton and CUDA select tests.
+"""The selection cases every backend runs (tests/kernels/test_select_kernels.py), at any size.
 
 Each takes a backend's kernel table and a device, runs the kernels there and compares thresholds
 (bit for bit) and cuts (exactly) with the reference backend computed on the CPU.
@@ -9,11 +9,12 @@ import torch
 from _oracle import adversarial_inputs
 from bise_kernels.backends import reference as ref
 
-DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+DTYPES = [torch.float32, torch.float16, torch.bfloat16, torch.float64]
 
 
 def _bits(t: torch.Tensor) -> torch.Tensor:
-    return t.cpu().view({4: torch.int32, 2: torch.int16}[t.element_size()])
+    """Raw bit patterns, so that -0.0 and +0.0 (and every other value) must match exactly."""
+    return t.cpu().view({8: torch.int64, 4: torch.int32, 2: torch.int16}[t.element_size()])
 
 
 def assert_same_selection(got, want, what) -> None:

@@ -52,3 +52,10 @@ def test_broken_backend_module_makes_backend_unavailable_with_reason():
     broken = backends.Backend("broken", ("cpu",), ("bise_kernels.backends.does_not_exist",))
     assert not broken.runs_on("cpu")
     assert "does_not_exist" in broken.why_unavailable
+
+
+def test_bogus_environment_variable_is_a_named_error_at_the_first_op(monkeypatch):
+    monkeypatch.setenv("BISE_KERNELS_BACKEND", "bogus")
+    monkeypatch.setattr(backends, "_default", None)  # as in a fresh process: the variable is read at first use
+    with pytest.raises(ValueError, match=r"BISE_KERNELS_BACKEND must be one of \['auto', 'torch'.*got 'bogus'"):
+        bk.topk_mask(torch.randn(8), 0.5)

@@ -1,9 +1,11 @@
 """Bad input: named ValueError / TypeError before any kernel runs, nothing silently clamped."""
 
+import numpy as np
 import pytest
 import torch
 
 import bise_kernels as bk
+from bise_kernels import _checks
 
 
 @pytest.mark.parametrize("density", [0.0, -0.1, 1.5, float("nan")])
@@ -86,6 +88,127 @@ def test_conv_arguments_are_checked():
         bk.masked_conv2d(x, w, None, torch.randn(6), threshold=0.0, groups=3)
     with pytest.raises(TypeError, match="stride"):
         bk.masked_conv2d(x, w, None, torch.randn(6), threshold=0.0, stride=(1, 2, 3), groups=2)
+
+
+@pytest.mark.parametrize("conv, match", [
+    ({"stride": 0}, r"stride must be >= 1, got \(0, 0\)"),
+    ({"stride": (1, 0)}, r"stride must be >= 1, got \(1, 0\)"),
+    ({"padding": -1}, r"padding must be >= 0, got \(-1, -1\)"),
+    ({"dilation": 0}, r"dilation must be >= 1"),
+    ({"dilation": 3}, r"kernel \(3, 3\) \(dilation \(3, 3\)\) is larger than the padded input"),
+])
+def test_conv_geometry_is_checked(conv, match):
+    x, w = torch.randn(1, 2, 5, 5), torch.randn(3, 2, 3, 3)
+    with pytest.raises(ValueError, match=match):
+        bk.masked_conv2d(x, w, None, torch.randn(3), threshold=0.0, **conv)
+
+
+def test_conv_kernel_larger_than_input_is_named():
+    x, w = torch.randn(1, 2, 2, 2), torch.randn(3, 2, 3, 3)
+    with pytest.raises(ValueError, match="larger than the padded input"):
+        bk.masked_conv2d(x, w, None, torch.randn(3), threshold=0.0)
+    assert bk.masked_conv2d(x, w, None, torch.randn(3), threshold=0.0, padding=1).shape == (1, 3, 2, 2)
+
+
+def _layer_call(op, **mask):
+    """Call a masked op on small valid tensors with the given mask arguments."""
+    if op == "masked_linear":
+        return bk.masked_linear(torch.randn(2, 3), torch.randn(4, 3), None, torch.randn(4, 3), **mask)
+    if op == "masked_conv2d":
+        return bk.masked_conv2d(torch.randn(1, 2, 4, 4), torch.randn(3, 2, 3, 3), None, torch.randn(3), **mask)
+    return bk.channel_gate(torch.randn(2, 3, 4), torch.randn(3), **mask)
+
+
+@pytest.mark.parametrize("op", ["masked_linear", "masked_conv2d", "channel_gate"])
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), float("-inf")])
+def test_non_finite_threshold_tensor_is_a_named_error(op, bad):
+    with pytest.raises(ValueError, match="threshold contains non-finite values"):
+        _layer_call(op, threshold=torch.tensor(bad))
+
+
+@pytest.mark.parametrize("op", ["masked_linear", "masked_conv2d", "channel_gate"])
+def test_numpy_scalars_are_accepted_as_density_and_threshold(op):
+    torch.manual_seed(0)
+    expected = _layer_call(op, density=0.5)
+    torch.manual_seed(0)
+    assert torch.equal(_layer_call(op, density=np.float32(0.5)), expected)
+    torch.manual_seed(0)
+    expected = _layer_call(op, threshold=0.25)
+    torch.manual_seed(0)
+    assert torch.equal(_layer_call(op, threshold=np.float64(0.25)), expected)
+
+
+def test_numpy_scalars_are_accepted_as_k_and_density_of_the_selection():
+    scores = torch.randn(10)
+    assert torch.equal(bk.topk_threshold(scores, np.int64(3)), bk.topk_threshold(scores, 3))
+    assert torch.equal(bk.topk_mask(scores, np.float32(0.3)), bk.topk_mask(scores, 0.3))
+    assert all(torch.equal(a, b) for a, b in zip(bk.layerwise_topk_masks([scores, scores], np.float16(0.5)),
+                                                 bk.layerwise_topk_masks([scores, scores], 0.5)))
+
+
+def test_bools_and_strings_are_not_numbers():
+    with pytest.raises(TypeError, match="k must be an int"):
+        bk.topk_threshold(torch.randn(5), True)
+    with pytest.raises(TypeError, match="k must be an int"):
+        bk.topk_threshold(torch.randn(5), 2.0)
+    with pytest.raises(TypeError, match="threshold must be a float"):
+        _layer_call("masked_linear", threshold="0.5")
+
+
+def test_meta_tensors_select_without_reading_values():
+    scores = torch.randn(10, device="meta")
+    mask = bk.topk_mask(scores, 0.5)
+    assert mask.device.type == "meta" and mask.shape == (10,) and mask.dtype == torch.bool
+    assert bk.topk_threshold(scores, 3).shape == ()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16, torch.float64])
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), float("-inf")])
+def test_finiteness_check_catches_every_non_finite_value_in_every_dtype(dtype, bad):
+    scores = torch.randn(1000, dtype=dtype)
+    scores[617] = bad
+    with pytest.raises(ValueError, match=f"scores contains non-finite values \\(e.g. {bad}\\)"):
+        _checks.check_finite(scores, "scores")
+    _checks.check_finite(scores[:617], "scores")  # the finite rest passes
+
+
+def test_finiteness_check_is_skipped_for_fake_and_meta_tensors():
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    _checks.check_finite(torch.full((4,), float("nan"), device="meta"), "scores")
+    with FakeTensorMode() as mode:
+        fake = mode.from_tensor(torch.full((4,), float("nan")))
+        _checks.check_finite(fake, "scores")
+
+
+def test_finiteness_check_reads_once_without_a_temporary(monkeypatch):
+    """One aminmax (no isfinite over all n entries); the values it returns decide."""
+    calls = []
+    real = torch.aminmax
+    monkeypatch.setattr(torch, "aminmax", lambda t: calls.append(t.numel()) or real(t))
+    monkeypatch.setattr(torch, "isfinite", lambda t: pytest.fail("isfinite over the scores"))
+    _checks.check_finite(torch.randn(1000), "scores")
+    assert calls == [1000]
+
+
+def test_backend_checks_name_a_bad_selection():
+    x, w, s = torch.randn(2, 3), torch.randn(4, 3), torch.randn(4, 3)
+    cut = torch.tensor(5)
+    with pytest.raises(TypeError, match="thr must be a one-element tensor of the scores' dtype torch.float32"):
+        _checks.check_masked_linear(x, w, None, s, torch.tensor(0.0, dtype=torch.float64), cut)
+    with pytest.raises(TypeError, match="cut must be a one-element int64 tensor"):
+        _checks.check_masked_linear(x, w, None, s, torch.tensor(0.0), torch.tensor(5.0))
+    with pytest.raises(ValueError, match="thr is on meta but scores is on cpu"):
+        _checks.check_selection(s, torch.tensor(0.0, device="meta"), cut)
+    assert _checks.check_masked_linear(x, w, None, s[:, 0], torch.tensor(0.0), cut) is True
+    assert _checks.check_channel_gate(torch.randn(2, 3, 4), s[0], torch.tensor(0.0), cut, -2) == 1
+
+
+def test_conv_output_shape_matches_torch():
+    x, w = torch.randn(2, 4, 9, 7), torch.randn(6, 2, 3, 2)
+    for stride, padding, dilation in [((1, 1), (0, 0), (1, 1)), ((2, 3), (1, 2), (2, 1))]:
+        y = torch.nn.functional.conv2d(x, w, None, stride, padding, dilation, 2)
+        assert _checks.conv2d_output_shape(x.shape, w.shape, stride, padding, dilation) == tuple(y.shape)
 
 
 def test_channel_gate_arguments_are_checked():

@@ -10,7 +10,7 @@ import torch
 pytest.importorskip("triton")
 
 from bise_kernels.backends import reference as ref  # noqa: E402
-from bise_kernels.backends.triton import gate  # noqa: E402
+from bise_kernels.backends.triton import channel_gate  # noqa: E402
 
 CUDA = torch.cuda.is_available()
 DEVICE = "cuda" if CUDA else "cpu"
@@ -48,13 +48,13 @@ def _inputs(name, dtype=torch.float32, seed=0):
 def _check(x, scores, thr, cut, dim, estimator, needs=(True, True), grad_y=None):
     dtype = x.dtype
     rdim = dim % x.dim()
-    y = gate.channel_gate_forward(x, scores, thr, cut, dim)
+    y = channel_gate.channel_gate_forward(x, scores, thr, cut, dim)
     assert torch.equal(y, ref.channel_gate_forward(x, scores, thr, cut, rdim))  # exact: x * 0 or x * 1
     if x.is_contiguous() or x.is_contiguous(memory_format=torch.channels_last):
         assert y.stride() == x.stride()  # the memory format is kept
     if grad_y is None:
         grad_y = torch.randn(x.shape, generator=torch.Generator().manual_seed(9)).to(device=x.device, dtype=dtype)
-    got = gate.channel_gate_backward(grad_y, x, scores, thr, cut, dim, estimator, 0.3, list(needs))
+    got = channel_gate.channel_gate_backward(grad_y, x, scores, thr, cut, dim, estimator, 0.3, list(needs))
     want = ref.channel_gate_backward(grad_y, x, scores, thr, cut, rdim, estimator, 0.3, list(needs))
     if needs[0]:
         assert torch.equal(got[0], want[0])
@@ -102,16 +102,16 @@ def test_channel_gate_large_reduce_axis_splits_over_programs():
 def test_channel_gate_rejects_bad_input_before_launch():
     x, scores, thr, cut, dim = _inputs("nchw")
     with pytest.raises(ValueError, match="scores must have shape"):
-        gate.channel_gate_forward(x, scores[1:], thr, cut, dim)
+        channel_gate.channel_gate_forward(x, scores[1:], thr, cut, dim)
     with pytest.raises(ValueError, match="dim must be in"):
-        gate.channel_gate_forward(x, scores, thr, cut, 4)
+        channel_gate.channel_gate_forward(x, scores, thr, cut, 4)
     with pytest.raises(TypeError, match="x must be a floating"):
-        gate.channel_gate_forward(x.int(), scores, thr, cut, dim)
+        channel_gate.channel_gate_forward(x.int(), scores, thr, cut, dim)
     with pytest.raises(TypeError, match="thr must be"):
-        gate.channel_gate_forward(x, scores, thr.half(), cut, dim)
+        channel_gate.channel_gate_forward(x, scores, thr.half(), cut, dim)
     with pytest.raises(ValueError, match="grad_y must have shape"):
-        gate.channel_gate_backward(x[1:], x, scores, thr, cut, dim, "ste", 1.0, [True, True])
+        channel_gate.channel_gate_backward(x[1:], x, scores, thr, cut, dim, "ste", 1.0, [True, True])
     with pytest.raises(TypeError, match="grad_y has dtype"):
-        gate.channel_gate_backward(x.half(), x, scores, thr, cut, dim, "ste", 1.0, [True, True])
+        channel_gate.channel_gate_backward(x.half(), x, scores, thr, cut, dim, "ste", 1.0, [True, True])
     with pytest.raises(ValueError, match="needs must have 2"):
-        gate.channel_gate_backward(x, x, scores, thr, cut, dim, "ste", 1.0, [True])
+        channel_gate.channel_gate_backward(x, x, scores, thr, cut, dim, "ste", 1.0, [True])

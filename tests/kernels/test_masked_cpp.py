@@ -173,7 +173,7 @@ def test_score_gradient_is_numerical_dloss_dweff_times_weight_times_slope(cpp_ba
 
 
 def test_bad_input_is_named_before_any_work():
-    ops = cpp.FusedMaskedKernels()
+    ops = torch.ops.bise_kernels_ext
     w, s = torch.randn(3, 4), torch.randn(3, 4)
     thr, cut = R.topk_select([s], 5)
     with pytest.raises(RuntimeError, match=r"scores must have weight's shape"):
@@ -181,10 +181,10 @@ def test_bad_input_is_named_before_any_work():
     with pytest.raises(RuntimeError, match=r"thr must have the scores' dtype"):
         ops.masked_weight(w, s, thr.double(), cut)
     with pytest.raises(RuntimeError, match=r"estimator must be 'ste' or 'sigmoid', got 'straight'"):
-        ops.score_grad(torch.randn(3, 4), w, s, thr, cut, "straight", 1.0, True, False)
+        ops.masked_score_grad(torch.randn(3, 4), w, s, thr, cut, "straight", 1.0, True, False)
     with pytest.raises(RuntimeError, match=r"grad_w_eff must be contiguous"):
-        ops.score_grad(torch.randn(4, 3).t(), w, s, thr, cut, "ste", 1.0, True, False)
+        ops.masked_score_grad(torch.randn(4, 3).t(), w, s, thr, cut, "ste", 1.0, True, False)
     with pytest.raises(RuntimeError, match=r"scores must have shape \(5,\)"):
-        ops.gate_forward(torch.randn(2, 5, 3), torch.randn(4), thr, cut, 1)
+        ops.channel_gate_forward(torch.randn(2, 5, 3), torch.randn(4), thr, cut, 1)
     with pytest.raises(RuntimeError, match=r"x must be float32/float64/float16/bfloat16"):
-        ops.gate_forward(torch.ones(2, 3, dtype=torch.int32), torch.randn(3), thr, cut, 1)
+        ops.channel_gate_forward(torch.ones(2, 3, dtype=torch.int32), torch.randn(3), thr, cut, 1)

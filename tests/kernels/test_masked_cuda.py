@@ -125,7 +125,7 @@ def test_public_api_matches_torch_backend(cuda):
 
 
 def test_bad_input_is_named(cuda):
-    ops = cuda._kernels
+    ops = torch.ops.bise_kernels_ext
     w, s = randn(3, 4, device="cuda"), randn(3, 4, device="cuda")
     thr, cut = R.topk_select([s], 5)
     with pytest.raises(RuntimeError, match=r"scores must be a CUDA tensor"):
@@ -133,4 +133,4 @@ def test_bad_input_is_named(cuda):
     with pytest.raises(RuntimeError, match=r"thr and cut must be on the scores' device"):
         ops.masked_weight(w, s, thr.cpu(), cut.cpu())
     with pytest.raises(RuntimeError, match=r"scores must have shape \(5,\)"):
-        ops.gate_forward(randn(2, 5, 3, device="cuda"), randn(4, device="cuda"), thr, cut, 1)
+        ops.channel_gate_forward(randn(2, 5, 3, device="cuda"), randn(4, device="cuda"), thr, cut, 1)

@@ -11,7 +11,7 @@ import torch
 pytest.importorskip("triton")
 
 from bise_kernels.backends import reference as ref  # noqa: E402
-from bise_kernels.backends.triton import masked_conv, masked_matmul  # noqa: E402
+from bise_kernels.backends.triton import masked_conv, masked_linear  # noqa: E402
 
 CUDA = torch.cuda.is_available()
 DEVICE = "cuda" if CUDA else "cpu"
@@ -56,11 +56,11 @@ def _f32(*tensors):
 
 
 def _check_linear(x, w, b, scores, thr, cut, dtype, estimator="ste", needs=(True, True, True, True)):
-    y = masked_matmul.masked_linear_forward(x, w, b, scores, thr, cut)
+    y = masked_linear.masked_linear_forward(x, w, b, scores, thr, cut)
     assert y.dtype == dtype
     _close(y, ref.masked_linear_forward(*_f32(x, w, b), scores, thr, cut), dtype)
     grad_y, = _data(y.shape, dtype=dtype, seed=7)
-    got = masked_matmul.masked_linear_backward(grad_y, x, w, scores, thr, cut, estimator, 0.7, list(needs))
+    got = masked_linear.masked_linear_backward(grad_y, x, w, scores, thr, cut, estimator, 0.7, list(needs))
     want = ref.masked_linear_backward(*_f32(grad_y, x, w), scores, thr, cut, estimator, 0.7, list(needs))
     for g, r, needed in zip(got, want, needs):
         if needed:
@@ -117,7 +117,7 @@ def test_masked_linear_dead_unit_tiles_output_bias_only():
     x, w, b = _data((M, K), (n, K), (n,), dtype=torch.float32)
     scores = torch.arange(n, dtype=torch.float32, device=DEVICE)
     thr, cut = ref.topk_select([scores.cpu()], 30)
-    y = masked_matmul.masked_linear_forward(x, w, b, scores, thr.to(DEVICE), cut.to(DEVICE))
+    y = masked_linear.masked_linear_forward(x, w, b, scores, thr.to(DEVICE), cut.to(DEVICE))
     assert torch.equal(y[:, :40], b[:40].expand(M, 40))
     _close(y, ref.masked_linear_forward(x, w, b, scores, thr.to(DEVICE), cut.to(DEVICE)), torch.float32)
 
@@ -125,7 +125,7 @@ def test_masked_linear_dead_unit_tiles_output_bias_only():
 def test_masked_linear_rejects_bad_input_before_launch():
     x, w, b = _data((M, K), (N, K), (N,), dtype=torch.float32)
     scores, thr, cut = _tied_scores((N, K))
-    fwd = masked_matmul.masked_linear_forward
+    fwd = masked_linear.masked_linear_forward
     with pytest.raises(TypeError, match="weight has dtype"):
         fwd(x, w.half(), b, scores, thr, cut)
     with pytest.raises(ValueError, match="does not match weight"):
@@ -141,9 +141,9 @@ def test_masked_linear_rejects_bad_input_before_launch():
     with pytest.raises(TypeError, match="x must be a floating"):
         fwd(x.int(), w, b, scores, thr, cut)
     with pytest.raises(ValueError, match="grad_y must have shape"):
-        masked_matmul.masked_linear_backward(x, x, w, scores, thr, cut, "ste", 1.0, [True] * 4)
+        masked_linear.masked_linear_backward(x, x, w, scores, thr, cut, "ste", 1.0, [True] * 4)
     with pytest.raises(ValueError, match="estimator"):
-        masked_matmul.masked_linear_backward(x @ w.t(), x, w, scores, thr, cut, "sign", 1.0, [True] * 4)
+        masked_linear.masked_linear_backward(x @ w.t(), x, w, scores, thr, cut, "sign", 1.0, [True] * 4)
     if not CUDA:  # the interpreter runs cpu tensors only; a meta tensor is on no device it can run
         with pytest.raises(ValueError, match="triton backend runs on cuda"):
             fwd(x.to("meta"), w.to("meta"), None, scores.to("meta"), thr.to("meta"), cut.to("meta"))
@@ -209,3 +209,68 @@ def test_masked_conv2d_rejects_bad_input_before_launch():
     with pytest.raises(ValueError, match="grad_y must have shape"):
         masked_conv.masked_conv2d_backward(x, x, w, scores, thr, cut, (1, 1), (0, 0), (1, 1), 2, "ste", 1.0,
                                            [True] * 4)
+
+
+# ----------------------------------------------------------------------------- tile selection
+
+_TUNING_FACTS = """
+import json, triton
+from bise_kernels.backends.triton import _common, masked_linear
+facts = {"autotune": _common.AUTOTUNE, "kernels": {}}
+for name in ("_masked_mm_kernel", "_masked_wgrad_kernel"):
+    k = getattr(masked_linear, name)
+    facts["kernels"][name] = {"type": type(k).__name__, "keys": getattr(k, "keys", None),
+                              "configs": len(getattr(k, "configs", []))}
+facts["heuristic"] = {f"{m},{n},{e}": _common.heuristic_config(m, n, e).all_kwargs()
+                      for m, n, e in ((16, 4096, 2), (64, 4096, 2), (4096, 4096, 2), (4096, 4096, 4), (16, 16, 8))}
+print(json.dumps(facts))
+"""
+
+
+def _tuning_facts(autotune_env):
+    """Tile selection as compiled code sees it (no TRITON_INTERPRET; nothing is launched)."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k not in ("TRITON_INTERPRET", "BISE_KERNELS_AUTOTUNE")}
+    if autotune_env is not None:
+        env["BISE_KERNELS_AUTOTUNE"] = autotune_env
+    done = subprocess.run([sys.executable, "-c", _TUNING_FACTS], env=env, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def test_autotune_tries_at_most_four_tiles_keyed_on_size_buckets():
+    facts = _tuning_facts(None)
+    assert facts["autotune"]
+    for name, kernel in facts["kernels"].items():
+        assert kernel["type"] == "Autotuner" and 1 <= kernel["configs"] <= 4, (name, kernel)
+        assert {"ROWS_BUCKET", "COLS_BUCKET", "LOOP_BUCKET"} <= set(kernel["keys"]), (name, kernel)
+        assert not {"ROWS", "COLS", "LOOP"} & set(kernel["keys"]), (name, kernel)  # raw sizes: a compile per shape
+
+
+def test_autotune_switch_takes_one_heuristic_tile_per_bucket():
+    facts = _tuning_facts("0")
+    assert not facts["autotune"]
+    assert all(kernel["type"] == "Heuristics" for kernel in facts["kernels"].values()), facts["kernels"]
+    tiles = facts["heuristic"]
+    for key, tile in tiles.items():
+        rows, cols, _ = (int(v) for v in key.split(","))
+        assert tile["BLOCK_M"] <= rows and (tile["BLOCK_N"] <= cols or tile["BLOCK_N"] == 64), (key, tile)
+    assert tiles["16,4096,2"]["BLOCK_M"] == 16  # small M streams the weight
+    assert tiles["4096,4096,2"]["BLOCK_M"] == 128 and tiles["4096,4096,2"]["BLOCK_N"] == 256
+    assert tiles["4096,4096,4"]["BLOCK_K"] == tiles["4096,4096,2"]["BLOCK_K"] // 2  # fp32 stages fit
+
+
+def test_size_buckets_are_powers_of_two():
+    from bise_kernels.backends.triton._common import prune_matmul_configs, size_bucket
+
+    assert [size_bucket(n) for n in (1, 16, 17, 37, 4096, 4097)] == [16, 16, 32, 64, 4096, 8192]
+    import triton
+
+    configs = [triton.Config({"BLOCK_M": m, "BLOCK_N": n}) for m, n in ((128, 256), (64, 128), (16, 64))]
+    kept = prune_matmul_configs(configs, {"ROWS_BUCKET": 64, "COLS_BUCKET": 4096})
+    assert [c.kwargs["BLOCK_M"] for c in kept] == [64, 16]
+    assert prune_matmul_configs(configs, {"ROWS_BUCKET": 16, "COLS_BUCKET": 16}) == configs[-1:]

@@ -2,24 +2,35 @@
 
 On CPU it runs under TRITON_INTERPRET=1 on tiny inputs (a chunk is 128 elements there, the
 candidate buffer 16 entries, so every path runs: several chunks, buffer and overflow tie cuts,
-warm starts that hit, half-hit and miss); with a GPU the same checks run compiled, plus sizes
-that only a GPU can afford.
+warm starts that hit, half-hit and miss). With a GPU the same checks run compiled twice: with the
+shipped geometry, and with the interpreter's tiny one, so that the small inputs also reach the
+paths where programs of one problem race (several chunks per problem, a buffer that fills while
+a launch runs); plus sizes that only a GPU can afford.
 """
 
 import pytest
 import torch
 
-from _select_cases import (DTYPES, check_adversarial, check_batched, check_every_k, check_hints, check_keep_mask,
-                           check_list)
+from _select_cases import (DTYPES, assert_same_selection, check_adversarial, check_batched, check_every_k,
+                           check_hints, check_keep_mask, check_list)
 from bise_kernels.backends import INTERPRET, kernel_table
+from bise_kernels.backends import reference as ref
 
 ON_GPU = torch.cuda.is_available() and not INTERPRET
 pytestmark = pytest.mark.skipif(not (ON_GPU or INTERPRET), reason="Triton needs a GPU or TRITON_INTERPRET=1")
 DEVICE = "cuda" if ON_GPU else "cpu"
 
 
-@pytest.fixture(scope="module")
-def kernels():
+TINY = dict(BLOCK=64, ITERS=2, CHUNK_BLOCK=8, CAPACITY=16)  # the interpreter's geometry
+
+
+@pytest.fixture(params=["shipped", "tiny"] if ON_GPU else ["shipped"])
+def kernels(request, monkeypatch):
+    from bise_kernels.backends.triton import select
+
+    if request.param == "tiny":
+        for name, value in TINY.items():
+            monkeypatch.setattr(select, name, value)
     return kernel_table("triton")
 
 
@@ -76,6 +87,34 @@ def test_tie_cut_over_many_chunks(kernels):
     check_list(kernels, DEVICE, [x], (700,))
 
 
+@pytest.mark.parametrize("extra", [0, 1])
+def test_buffer_filled_by_several_programs_up_to_and_past_capacity(kernels, extra):
+    """The hint pass appends from every chunk at once: exactly CAPACITY candidates keep the
+    buffer (tie cut from it), one more overflows it mid-launch (tie cut from chunk counts)."""
+    from bise_kernels.backends.triton import select
+
+    chunk, capacity = select.BLOCK * select.ITERS, select.CAPACITY
+    n = chunk * 4
+    x = torch.arange(n, dtype=torch.float32) + 10  # distinct, all above the ties
+    ties = torch.linspace(0, n - 1, capacity + extra).round().long()  # spread over every chunk
+    x[ties] = 1.0
+    k = n - capacity - extra + 3  # the 3rd tie of capacity + extra
+    check_list(kernels, DEVICE, [x], (k,), hint=torch.tensor(1.0))
+    check_list(kernels, DEVICE, [x], (k,))
+
+
+def test_plans_follow_the_chunk_geometry(kernels, monkeypatch):
+    """A chunk table cached for one chunk size is never reused for another."""
+    from bise_kernels.backends.triton import select
+
+    x = torch.randn(3 * select.BLOCK * select.ITERS, generator=torch.Generator().manual_seed(10))
+    on_device = x.to(DEVICE)
+    for iters in (select.ITERS, 1):
+        monkeypatch.setattr(select, "ITERS", iters)
+        got = kernels["topk_select"]([on_device], 7, None)
+        assert_same_selection(got, ref.topk_select([x], 7), iters)
+
+
 def test_non_contiguous_scores_are_selected_in_logical_order(kernels):
     x = torch.randint(0, 4, (9, 15), generator=torch.Generator().manual_seed(6)).float().t()
     check_list(kernels, DEVICE, [x], (50,))
@@ -89,7 +128,8 @@ def test_keep_mask_matches_reference(kernels, dtype):
 
 
 @pytest.mark.skipif(not ON_GPU, reason="large sizes need a GPU")
-def test_large_inputs_on_gpu(kernels):
+def test_large_inputs_on_gpu():
+    kernels = kernel_table("triton")
     g = torch.Generator().manual_seed(8)
     for dtype in DTYPES:
         check_adversarial(kernels, DEVICE, 1_000_003, dtype, (1, 500_000, 1_000_003))
@@ -105,23 +145,28 @@ from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 from bise_kernels.backends.triton import select as T
 
-def build(fn, types, consts):
+def build(fn, types, consts, num_warps=T.NUM_WARPS):
     sig = dict(types, **{name: "constexpr" for name in consts})
     triton.compile(ASTSource(fn=fn, signature=sig, constexprs=consts), target=GPUTarget("cuda", 90, 32),
-                   options={"num_warps": T.NUM_WARPS})
+                   options={"num_warps": num_warps})
 
 p = dict(table_ptr="*i64", C="i64", chunk_ptr="*i64")
-for bits, spec, level in ((32, True, 0), (16, False, 1)):
-    his, shifts = T._levels(bits)
-    build(T._digit_pass_kernel,
-          dict(p, hint_ptr=f"*i{bits}", level_ptr="*i32", pref_ptr="*i32", krem_ptr="*i64", cnt_ptr="*i32",
-               bufl_ptr="*i32", hist_ptr="*i32", ticket_ptr="*i32", thr_ptr="*i32", buf_key_ptr="*i32", buf_idx_ptr="*i64"),
-          dict(KEY_BITS=bits, NLEV=len(his), LEVEL=level, SPEC=spec, HIS=his, SHIFTS=shifts, NB=T.NB,
-               BLOCK=T.BLOCK, ITERS=T.ITERS, CAPACITY=T.CAPACITY))
-build(T._tie_kernel,
-      dict(p, pref_ptr="*i32", krem_ptr="*i64", cnt_ptr="*i32", ticket_ptr="*i32", tie_cnt_ptr="*i32",
-           cut_ptr="*i64", buf_key_ptr="*i32", buf_idx_ptr="*i64"),
-      dict(KEY_BITS=32, NLEV=3, BLOCK=T.BLOCK, ITERS=T.ITERS, CAPACITY=T.CAPACITY, CHUNK_BLOCK=T.CHUNK_BLOCK))
+for geo in (dict(BLOCK=T.BLOCK, ITERS=T.ITERS, CAPACITY=T.CAPACITY, CHUNK_BLOCK=T.CHUNK_BLOCK), TINY):
+    for bits, spec, level in ((32, True, 0), (32, False, 1), (16, False, 1)):
+        his, shifts = T._levels(bits)
+        build(T._digit_pass_kernel,
+              dict(p, hint_ptr=f"*i{bits}", level_ptr="*i32", pref_ptr="*i32", krem_ptr="*i64", cnt_ptr="*i32",
+                   bufl_ptr="*i32", hist_ptr="*i32", ticket_ptr="*i32", thr_ptr="*i32", buf_key_ptr="*i32",
+                   buf_idx_ptr="*i64"),
+              dict(KEY_BITS=bits, NLEV=len(his), LEVEL=level, SPEC=spec, HIS=his, SHIFTS=shifts, NB=T.NB,
+                   BLOCK=geo["BLOCK"], ITERS=geo["ITERS"], CAPACITY=geo["CAPACITY"]))
+    build(T._tie_kernel,
+          dict(p, pref_ptr="*i32", krem_ptr="*i64", cnt_ptr="*i32", ticket_ptr="*i32", tie_cnt_ptr="*i32",
+               cut_ptr="*i64", buf_key_ptr="*i32", buf_idx_ptr="*i64"),
+          dict(KEY_BITS=32, NLEV=3, **geo))
+for bits in (32, 16):
+    build(T._keep_mask_kernel, dict(bits_ptr=f"*i{bits}", thr_ptr=f"*i{bits}", cut_ptr="*i64", out_ptr="*i1",
+                                    n="i32", offset="i64"), dict(KEY_BITS=bits, BLOCK=T.BLOCK), num_warps=4)
 print("compiled")
 """
 
@@ -134,6 +179,17 @@ def test_kernels_compile_for_hopper_without_a_gpu():
     import sys
 
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    done = subprocess.run([sys.executable, "-c", _COMPILE_FOR_SM90], env=env, capture_output=True, text=True,
+    done = subprocess.run([sys.executable, "-c", f"TINY = {TINY!r}" + _COMPILE_FOR_SM90], env=env, capture_output=True, text=True,
                           timeout=300)
     assert done.returncode == 0 and "compiled" in done.stdout, done.stderr[-3000:]
+
+
+@pytest.mark.parametrize("kernel", ["topk_select", "batched_topk_select", "keep_mask"])
+def test_auto_never_picks_the_triton_select_on_cuda(kernel):
+    """Measured slower than torch.sort on an H200; it stays selectable by name."""
+    from bise_kernels import backends
+
+    with backends.use_backend("auto"):
+        assert backends.resolve(kernel, "cuda")[0] != "triton"
+    with backends.use_backend("triton"):
+        assert backends.resolve(kernel, "cuda")[0] == "triton"

@@ -1,17 +1,19 @@
 """Masked layers and channel gate on the fused CUDA kernels (csrc/cuda/masked.cu, gate.cu).
 
-The same composition as the "cpp" backend (fused mask pass, then cuBLAS/cuDNN through ATen, then a
-fused score-gradient pass; see :mod:`..cpp.masked`), over the ``<op>_cuda`` ops of the extension.
+The composition (fused mask pass, then cuBLAS/cuDNN through ATen, then a fused score-gradient
+pass) is shared with the "cpp" backend: :mod:`..native`. Importing fails with a reason when the
+extension was built without its CUDA kernels.
 """
 
 from __future__ import annotations
 
-from ..._extension import has_cuda_kernels
-from ..cpp.masked import FusedMaskedKernels
+from ..._extension import require_cuda_kernels
 
-if not has_cuda_kernels():
-    raise ImportError("bise_kernels._C was built without its CUDA kernels (needs a CUDA torch and nvcc)")
+require_cuda_kernels()
 
-_kernels = FusedMaskedKernels(suffix="_cuda")
-KERNELS = FusedMaskedKernels.KERNELS
-globals().update({name: getattr(_kernels, name) for name in KERNELS})
+from ..native import (channel_gate_backward, channel_gate_forward, masked_conv2d_backward,  # noqa: E402
+                      masked_conv2d_forward, masked_linear_backward, masked_linear_forward)
+
+__all__ = ["masked_linear_forward", "masked_linear_backward", "masked_conv2d_forward", "masked_conv2d_backward",
+           "channel_gate_forward", "channel_gate_backward"]
+KERNELS = tuple(__all__)

@@ -1,7 +1,7 @@
-"""Exact top-k selection on CUDA (csrc/cuda/select.cu): thin wrappers over bise_kernels_ext ops.
+"""Exact top-k selection on CUDA (csrc/cuda/select.cu), over the ops shared with "cpp" (:mod:`..native`).
 
-Same algorithm as the Triton backend (backends/triton/select.py); float64 falls back to the
-reference. Importing fails with a reason when the extension was built without CUDA kernels.
+The CUDA radix select works on 16- and 32-bit keys: float64 scores go to the reference.
+Importing fails with a reason when the extension was built without its CUDA kernels.
 """
 
 from __future__ import annotations
@@ -10,39 +10,33 @@ from typing import Optional, Sequence
 
 import torch
 
-from ... import _extension
+from ..._extension import require_cuda_kernels
 from .. import reference
 
-if not _extension.has_cuda_kernels():
-    raise ImportError("bise_kernels._C was built without its CUDA kernels (needs a CUDA torch and nvcc)")
+require_cuda_kernels()
 
-_ops = _extension.ext_ops()
-_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+from .. import native  # noqa: E402
 
 
 def topk_select(tensors: Sequence[torch.Tensor], k: int, hint: Optional[torch.Tensor] = None):
     """Exact top-k over the virtual concatenation of ``tensors`` (see reference.topk_select)."""
-    if tensors[0].dtype not in _DTYPES:
+    if tensors[0].dtype == torch.float64:
         return reference.topk_select(tensors, k, hint)
-    hints = None if hint is None else hint.reshape(1).to(tensors[0].device, tensors[0].dtype)
-    thr, cut = _ops.radix_select_cuda(list(tensors), [k], hints, False)
-    return thr.reshape(()), cut.reshape(())
+    return native.topk_select(tensors, k, hint)
 
 
 def batched_topk_select(tensors: Sequence[torch.Tensor], ks: Sequence[int], hints: Optional[torch.Tensor] = None):
     """One independent top-k per tensor, all in the same launches (see reference.batched_topk_select)."""
-    if tensors[0].dtype not in _DTYPES:
+    if tensors[0].dtype == torch.float64:
         return reference.batched_topk_select(tensors, ks, hints)
-    if hints is not None:
-        hints = hints.reshape(-1).to(tensors[0].device, tensors[0].dtype)
-    return _ops.radix_select_cuda(list(tensors), list(ks), hints, True)
+    return native.batched_topk_select(tensors, ks, hints)
 
 
 def keep_mask(scores: torch.Tensor, thr: torch.Tensor, cut: torch.Tensor, offset: int = 0) -> torch.Tensor:
     """Bool mask ``s > thr or (s == thr and offset + flat_index < cut)`` (see reference.keep_mask)."""
-    if scores.dtype not in _DTYPES:
+    if scores.dtype == torch.float64:
         return reference.keep_mask(scores, thr, cut, offset)
-    return _ops.keep_mask_cuda(scores, thr, cut, offset)
+    return native.keep_mask(scores, thr, cut, offset)
 
 
 KERNELS = ("topk_select", "batched_topk_select", "keep_mask")

@@ -1,14 +1,19 @@
 """Helpers shared by the Triton masked-op kernels: the keep rule in registers, the score slope,
-the fused score-gradient epilogue, autotune configs and argument validation.
+the fused score-gradient epilogue, GEMM tile selection and the Triton-specific argument checks.
 
 The keep rule is the one of ``backends/reference.py``: entry ``i`` is kept iff
 ``s > thr or (s == thr and i < cut)``. Kernels never build ``i`` in int64 per element: for a
 weight row ``u`` of length ``R`` the tie limit ``clamp(cut - u * R, 0, R)`` is computed once per
 row, and the element at column ``r`` of that row is a kept tie iff ``r < limit``.
+
+Argument checks are those of ``bise_kernels/_checks.py`` (one function per op); only what is
+particular to Triton (the device it runs on) and to backward kernels (``grad_y``, ``needs``) is
+checked here.
 """
 
 from __future__ import annotations
 
+import functools
 import os
 
 import torch
@@ -16,12 +21,14 @@ import triton
 import triton.language as tl
 
 from ... import _checks
-from .. import reference
+from .. import INTERPRET, reference
 
-INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
-"""Kernels run on CPU tensors through the Triton interpreter (tests); some work-arounds apply."""
+AUTOTUNE = os.environ.get("BISE_KERNELS_AUTOTUNE", "1") != "0" and not INTERPRET
+"""Autotune the GEMM tiles (``BISE_KERNELS_AUTOTUNE=0``: one heuristic tile per shape bucket).
 
-FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+Autotuning compiles and times every tile of :data:`MATMUL_TILES` that fits, once per kernel,
+shape bucket and dtype; the heuristic compiles one. The interpreter always takes the heuristic
+(there is nothing to time)."""
 
 # ----------------------------------------------------------------------------- device helpers
 
@@ -99,30 +106,68 @@ def score_grad_epilogue(
 
 # ----------------------------------------------------------------------------- host helpers
 
+MATMUL_TILES = (  # (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages) for 16-bit operands, largest first
+    (128, 256, 64, 8, 3),  # compute-bound: M, N >= 256
+    (128, 128, 64, 4, 4),
+    (64, 128, 64, 4, 4),
+    (16, 64, 128, 4, 4),  # memory-bound small M: stream the weight
+)
+
+
+def size_bucket(n: int) -> int:
+    """The autotune key of a GEMM size: the next power of two, at least 16."""
+    return max(16, triton.next_power_of_2(int(n)))
+
+
+def _config(tile: tuple[int, ...], element_size: int = 2) -> triton.Config:
+    """A tile as a Config; BLOCK_K shrinks for 4/8-byte operands so the stages fit in shared memory."""
+    m, n, k, warps, stages = tile
+    return triton.Config({"BLOCK_M": m, "BLOCK_N": n, "BLOCK_K": max(16, k * 2 // element_size), "GROUP_M": 8},
+                         num_warps=warps, num_stages=stages)
+
 
 def matmul_configs() -> list[triton.Config]:
-    """Hopper GEMM tiles (large for compute-bound, BLOCK_M=16/32 for the memory-bound small-M
-    regime); one config under the interpreter (more would need a GPU benchmarker)."""
-    if INTERPRET:
-        return [triton.Config({"BLOCK_M": 32, "BLOCK_N": 32, "BLOCK_K": 32, "GROUP_M": 8})]
-    tiles = [
-        (128, 256, 64, 8, 3), (256, 128, 64, 8, 3), (128, 128, 64, 8, 4), (128, 128, 64, 4, 4),
-        (128, 64, 64, 4, 4), (64, 128, 64, 4, 4), (64, 64, 64, 4, 4),
-        (64, 64, 128, 4, 4), (32, 64, 128, 4, 4), (16, 64, 128, 4, 4), (16, 128, 128, 4, 3),
-        (16, 32, 256, 4, 4), (32, 32, 256, 4, 4),
-    ]
-    return [triton.Config({"BLOCK_M": m, "BLOCK_N": n, "BLOCK_K": k, "GROUP_M": 8}, num_warps=w, num_stages=s)
-            for m, n, k, w, s in tiles]
+    """The autotune list (one per tile; tiles too large for 4/8-byte operands fail to compile and
+    are skipped by the autotuner)."""
+    return [_config(tile) for tile in MATMUL_TILES]
+
+
+def _fits(tile_m: int, tile_n: int, rows_bucket: int, cols_bucket: int) -> bool:
+    return tile_m <= rows_bucket and tile_n <= cols_bucket
 
 
 def prune_matmul_configs(configs, named_args, **kwargs):
-    """Drop tiles much larger than the problem (``ROWS``/``COLS``/``LOOP`` kernel arguments)."""
-    def fits(block, size):
-        return block <= max(16, triton.next_power_of_2(int(size)))
-
+    """Drop tiles larger than the shape bucket (``ROWS_BUCKET`` / ``COLS_BUCKET`` kernel arguments)."""
     kept = [c for c in configs
-            if fits(c.kwargs["BLOCK_M"], named_args["ROWS"]) and fits(c.kwargs["BLOCK_N"], named_args["COLS"])]
+            if _fits(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], named_args["ROWS_BUCKET"], named_args["COLS_BUCKET"])]
     return kept or configs[-1:]
+
+
+@functools.lru_cache(maxsize=None)
+def heuristic_config(rows_bucket: int, cols_bucket: int, element_size: int) -> triton.Config:
+    """The one tile of a shape bucket without autotuning: the largest that fits (32^3 under the
+    interpreter, where tile size only costs time)."""
+    if INTERPRET:
+        return triton.Config({"BLOCK_M": 32, "BLOCK_N": 32, "BLOCK_K": 32, "GROUP_M": 8}, num_warps=4, num_stages=1)
+    tile = next((t for t in MATMUL_TILES if _fits(t[0], t[1], rows_bucket, cols_bucket)), MATMUL_TILES[-1])
+    return _config(tile, element_size)
+
+
+def _heuristic(name: str, args: dict):
+    operand = next(v for v in args.values() if isinstance(v, torch.Tensor))
+    config = heuristic_config(args["ROWS_BUCKET"], args["COLS_BUCKET"], operand.element_size())
+    return config.all_kwargs()[name]
+
+
+def matmul_tuning(key: list[str], reset_to_zero: list[str] | None = None):
+    """Decorator of a GEMM kernel with ``ROWS_BUCKET`` / ``COLS_BUCKET`` / ``LOOP_BUCKET`` arguments
+    (:func:`size_bucket` of its sizes): autotuned over :func:`matmul_configs` keyed on ``key``, or,
+    without :data:`AUTOTUNE`, one :func:`heuristic_config` per bucket."""
+    if AUTOTUNE:
+        return triton.autotune(configs=matmul_configs(), key=key, reset_to_zero=reset_to_zero,
+                               prune_configs_by={"early_config_prune": prune_matmul_configs})
+    names = ("BLOCK_M", "BLOCK_N", "BLOCK_K", "GROUP_M", "num_warps", "num_stages")
+    return triton.heuristics({name: functools.partial(_heuristic, name) for name in names})
 
 
 def dot_options(dtype: torch.dtype) -> dict:
@@ -152,60 +197,17 @@ def score_grad_buffer(scores: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     return torch.zeros(scores.shape, dtype=dtype, device=scores.device)
 
 
-def check_device(tensors: dict[str, torch.Tensor]) -> torch.device:
-    """All on one device, and one this backend runs on (cuda; cpu only under the interpreter)."""
-    items = list(tensors.items())
-    name0, t0 = items[0]
-    for name, t in items[1:]:
-        if t.device != t0.device:
-            raise ValueError(f"{name} is on {t.device} but {name0} is on {t0.device}; all must share a device")
-    if not (t0.device.type == "cuda" or (INTERPRET and t0.device.type == "cpu")):
+def check_device(x: torch.Tensor) -> None:
+    """The device this backend runs on: cuda (cpu only under the interpreter). The op's check in
+    ``_checks`` has already put every other argument on x's device."""
+    if not (x.device.type == "cuda" or (INTERPRET and x.device.type == "cpu")):
         raise ValueError(f"the triton backend runs on cuda tensors (cpu only with TRITON_INTERPRET=1), "
-                         f"got {name0} on {t0.device}")
-    return t0.device
-
-
-def check_dtype(x: torch.Tensor) -> None:
-    _checks.check_tensor(x, "x")
-    if x.dtype not in FLOAT_DTYPES:
-        raise TypeError(f"x must be one of {FLOAT_DTYPES} for the triton backend, got {x.dtype}")
-
-
-def check_selection(scores: torch.Tensor, thr: torch.Tensor, cut: torch.Tensor) -> None:
-    """``thr``: one value in the scores' dtype; ``cut``: one int64 (both stay on the device)."""
-    _checks.check_tensor(scores, "scores")
-    if not isinstance(thr, torch.Tensor) or thr.numel() != 1 or thr.dtype != scores.dtype:
-        raise TypeError(f"thr must be a one-element tensor of the scores' dtype {scores.dtype}, got "
-                        f"{thr.dtype if isinstance(thr, torch.Tensor) else type(thr).__name__} "
-                        f"of shape {tuple(getattr(thr, 'shape', ()))}")
-    if not isinstance(cut, torch.Tensor) or cut.numel() != 1 or cut.dtype != torch.int64:
-        raise TypeError(f"cut must be a one-element int64 tensor, got "
-                        f"{cut.dtype if isinstance(cut, torch.Tensor) else type(cut).__name__}")
-
-
-def check_layer(x: torch.Tensor, weight: torch.Tensor, bias, scores: torch.Tensor, thr, cut) -> bool:
-    """Shared checks of the masked layers; returns whether the scores are structured."""
-    check_dtype(x)
-    _checks.check_tensor(weight, "weight")
-    _checks.check_like(weight, x, "weight", "x")
-    check_selection(scores, thr, cut)
-    if scores.shape != weight.shape and tuple(scores.shape) != (weight.shape[0],):
-        raise ValueError(f"scores must have weight's shape {tuple(weight.shape)} or ({weight.shape[0]},), "
-                         f"got {tuple(scores.shape)}")
-    if bias is not None:
-        _checks.check_tensor(bias, "bias")
-        _checks.check_like(bias, x, "bias", "x")
-        if tuple(bias.shape) != (weight.shape[0],):
-            raise ValueError(f"bias must have shape ({weight.shape[0]},), got {tuple(bias.shape)}")
-    named = {"x": x, "weight": weight, "scores": scores, "thr": thr, "cut": cut}
-    if bias is not None:
-        named["bias"] = bias
-    check_device(named)
-    return scores.shape != weight.shape
+                         f"got x on {x.device}")
 
 
 def check_backward_args(grad_y: torch.Tensor, expected_shape, x: torch.Tensor, estimator, temperature,
                         needs, n_needs: int) -> None:
+    """What a backward kernel takes beyond the forward's arguments."""
     _checks.check_tensor(grad_y, "grad_y")
     _checks.check_like(grad_y, x, "grad_y", "x")
     if tuple(grad_y.shape) != tuple(expected_shape):

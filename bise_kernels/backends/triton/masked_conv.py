@@ -1,7 +1,6 @@
 """Masked conv2d: one fused Triton pass builds W*M, torch's convolution (cuDNN on GPU) does the rest.
 
-Triton convs trail cuDNN (prior-art-and-targets.md, section 4), so the dense part stays with
-cuDNN: forward ``conv2d(x, W*M)``, and one ``convolution_backward`` call for dgrad (on W*M),
+Triton convs trail cuDNN, so the dense part stays with cuDNN: forward ``conv2d(x, W*M)``, and one ``convolution_backward`` call for dgrad (on W*M),
 wgrad and the bias gradient. W*M is transient (never saved for backward). The wgrad result
 feeds a fused epilogue kernel that writes ``grad_W_eff * M`` (only if needed) and the score
 gradient ``grad_W_eff * W * slope`` (summed per output channel for structured scores) in one
@@ -17,9 +16,9 @@ import triton
 import triton.language as tl
 
 from ... import _checks
+from .. import INTERPRET
 from ._common import (
-    INTERPRET, accumulation_dtype, check_backward_args, check_layer, keep, score_grad_buffer, score_grad_epilogue,
-    tie_limit,
+    accumulation_dtype, check_backward_args, check_device, keep, score_grad_buffer, score_grad_epilogue, tie_limit,
 )
 
 KERNELS = ("masked_conv2d_forward", "masked_conv2d_backward")
@@ -117,23 +116,16 @@ def masked_weight(weight: torch.Tensor, scores: torch.Tensor, thr: torch.Tensor,
     return out
 
 
-def _check_conv(x, weight, bias, scores, thr, cut, stride, padding, dilation, groups) -> bool:
-    structured = check_layer(x, weight, bias, scores, thr, cut)
-    for value, name in ((stride, "stride"), (padding, "padding"), (dilation, "dilation")):
-        _checks.check_pair(value, name)
-    _checks.check_conv_shapes(x, weight, groups)
-    return structured
-
-
-def _output_shape(x, weight, stride, padding, dilation) -> tuple[int, ...]:
-    size = [(x.shape[2 + i] + 2 * padding[i] - dilation[i] * (weight.shape[2 + i] - 1) - 1) // stride[i] + 1
-            for i in range(2)]
-    return (x.shape[0], weight.shape[0], *size)
+def _check_conv(x, weight, bias, scores, thr, cut, stride, padding, dilation, groups):
+    """(structured, stride, padding, dilation) as int pairs, from the op's one check."""
+    checked = _checks.check_masked_conv2d(x, weight, bias, scores, thr, cut, stride, padding, dilation, groups)
+    check_device(x)
+    return checked
 
 
 def masked_conv2d_forward(x, weight, bias, scores, thr, cut, stride, padding, dilation, groups):
     """``conv2d(x, W * M, bias)`` with W * M built by one fused Triton pass."""
-    _check_conv(x, weight, bias, scores, thr, cut, stride, padding, dilation, groups)
+    _, stride, padding, dilation = _check_conv(x, weight, bias, scores, thr, cut, stride, padding, dilation, groups)
     return F.conv2d(x, masked_weight(weight, scores, thr, cut), bias, stride, padding, dilation, groups)
 
 
@@ -141,9 +133,10 @@ def masked_conv2d_backward(
     grad_y, x, weight, scores, thr, cut, stride, padding, dilation, groups, estimator, temperature, needs
 ):
     """(grad_x, grad_weight, grad_bias, grad_scores), each None unless asked for in ``needs``."""
-    structured = _check_conv(x, weight, None, scores, thr, cut, stride, padding, dilation, groups)
-    check_backward_args(grad_y, _output_shape(x, weight, stride, padding, dilation), x, estimator, temperature,
-                        needs, 4)
+    structured, stride, padding, dilation = _check_conv(x, weight, None, scores, thr, cut, stride, padding, dilation,
+                                                        groups)
+    check_backward_args(grad_y, _checks.conv2d_output_shape(x.shape, weight.shape, stride, padding, dilation), x,
+                        estimator, temperature, needs, 4)
     need_x, need_w, need_b, need_s = (bool(n) for n in needs)
     w_for_dgrad = masked_weight(weight, scores, thr, cut) if need_x else weight
     gx, grad_w_eff, gb = torch.ops.aten.convolution_backward(

@@ -1,6 +1,6 @@
 """Exact top-k selection in Triton: multi-tensor radix select with a warm start and the tie cut.
 
-Design (after RAFT's AIR top-k, see docs/prior-art-and-targets.md section 2):
+Design (after RAFT's AIR top-k; docs/select.md compares it with the CUDA and CPU selects):
 
 * Every selection is a set of *problems* (one per tensor in batched mode, one over all tensors in
   list mode) over *chunks* of ``CHUNK`` elements; a small int64 chunk table (address, start, numel,
@@ -42,6 +42,7 @@ ITERS = 2 if INTERPRET else 16  # loop steps per program: CHUNK = BLOCK * ITERS 
 CHUNK_BLOCK = 8 if INTERPRET else 1024  # chunk counts scanned per step when locating a tie
 CAPACITY = 16 if INTERPRET else 2048  # per-problem candidate buffer of the last pass (power of 2)
 NUM_WARPS = 8
+MAX_SCORES = 2**31 - 2**20  # per problem: int32 counts; the buffer counter may overshoot by CAPACITY + 1
 
 _INT_MIN = tl.constexpr(-(2**31))
 _INT64_MAX = tl.constexpr(2**63 - 1)
@@ -125,24 +126,35 @@ def _load_chunk(table_ptr, C, c, KEY_BITS: tl.constexpr):
 
 
 @triton.jit
-def _compact(key, cand, flat, prob, cnt_ptr, buf_key_ptr, buf_idx_ptr, CAPACITY: tl.constexpr):
-    """Append the candidates (key, flat index) to the problem's buffer while it has room."""
+def _compact(key, cand, flat, prob, room, cnt_ptr, buf_key_ptr, buf_idx_ptr, CAPACITY: tl.constexpr):
+    """Append the candidates (key, flat index) to the problem's buffer; returns whether it may have room.
+
+    Every branch here is uniform over the program's threads: ``n`` is a reduction and the slot base
+    comes from one scalar atomic, which Triton broadcasts. Other programs fill the buffer while this
+    one runs, so the counter must never be read with a plain load and branched on: each thread loads
+    on its own, warps of one program then disagree, and a branch around the atomic's internal
+    barrier diverges (compiled only; the interpreter runs programs one after another). A program
+    whose atomic finds the buffer full stops appending: the counter already exceeds CAPACITY, which
+    marks the buffer incomplete.
+    """
     n = tl.sum(cand.to(tl.int32), 0)
-    if n > 0:
-        seen = tl.load(cnt_ptr + prob, volatile=True)
-        if seen <= CAPACITY:
-            slot = tl.atomic_add(cnt_ptr + prob, n) + tl.cumsum(cand.to(tl.int32), 0) - 1
-            ok = cand & (slot < CAPACITY)
-            tl.store(buf_key_ptr + prob * CAPACITY + slot, key, mask=ok)
-            tl.store(buf_idx_ptr + prob * CAPACITY + slot, flat, mask=ok)
+    if room & (n > 0):
+        base = tl.atomic_add(cnt_ptr + prob, n)
+        slot = base + tl.cumsum(cand.to(tl.int32), 0) - 1
+        ok = cand & (slot < CAPACITY)
+        tl.store(buf_key_ptr + prob * CAPACITY + slot, key, mask=ok)
+        tl.store(buf_idx_ptr + prob * CAPACITY + slot, flat, mask=ok)
+        room = base + n <= CAPACITY
+    return room
 
 
 @triton.jit
 def _next_buffer(cnt_ptr, bufl_ptr, prob, count, LEVEL: tl.constexpr, CAPACITY: tl.constexpr):
     """After a pass at LEVEL: keep a filled buffer, mark one just filled, else arm or disarm the next pass.
 
-    The buffer holds every candidate of level ``bufl`` (>= 1) once filled; a pass compacts iff it
-    found ``cnt <= CAPACITY`` (0: armed because its candidates fit, CAPACITY + 1: disarmed).
+    The buffer holds every candidate of level ``bufl`` (>= 1) once filled. The next pass appends
+    while the counter ``cnt`` stays <= CAPACITY: 0 arms it (its candidates fit), CAPACITY + 1
+    disarms it (each program then spends one atomic to find that out).
     """
     if tl.load(bufl_ptr + prob) == 0:
         if LEVEL >= 1 and tl.load(cnt_ptr + prob, volatile=True) <= CAPACITY:
@@ -196,6 +208,7 @@ def _digit_pass_kernel(
         pref = tl.load(pref_ptr + prob)
     bins = tl.arange(0, NB)
     if active & ~buffered:
+        room = active  # a full buffer (counter > CAPACITY at launch) is found by the first append
         h0 = tl.zeros([NB], dtype=tl.int32)
         h1 = tl.zeros([NB], dtype=tl.int32)
         h2 = tl.zeros([NB], dtype=tl.int32)
@@ -208,13 +221,13 @@ def _digit_pass_kernel(
                 h1 += _level_hist(key, pref, m, HIS[1], SHIFTS[1], NB)
                 if NLEV > 2:
                     h2 += _level_hist(key, pref, m, HIS[2], SHIFTS[2], NB)
-                _compact(key, m & ((key >> HIS[NLEV - 1]) == (pref >> HIS[NLEV - 1])), base + offs, prob, cnt_ptr,
-                         buf_key_ptr, buf_idx_ptr, CAPACITY)
+                room = _compact(key, m & ((key >> HIS[NLEV - 1]) == (pref >> HIS[NLEV - 1])), base + offs, prob,
+                                room, cnt_ptr, buf_key_ptr, buf_idx_ptr, CAPACITY)
             else:
                 h0 += _level_hist(key, pref, m, HIS[LEVEL], SHIFTS[LEVEL], NB)
                 if LEVEL >= 1:
-                    _compact(key, m & ((key >> HIS[LEVEL]) == (pref >> HIS[LEVEL])), base + offs, prob, cnt_ptr,
-                             buf_key_ptr, buf_idx_ptr, CAPACITY)
+                    room = _compact(key, m & ((key >> HIS[LEVEL]) == (pref >> HIS[LEVEL])), base + offs, prob,
+                                    room, cnt_ptr, buf_key_ptr, buf_idx_ptr, CAPACITY)
         if SPEC:
             row = hist_ptr + prob * (2 * NLEV) * NB + NLEV * NB
             tl.atomic_add(row + bins, h0, mask=h0 > 0)
@@ -293,10 +306,10 @@ def _tie_kernel(
             m = offs < numel
             key = _to_key(tl.load(ptr + offs, mask=m, other=0), KEY_BITS)
             ties += (m & (key == thr_key)).to(tl.int32)
-        tl.store(tie_cnt_ptr + c, tl.sum(ties, 0))
+        tl.atomic_add(tie_cnt_ptr + c, tl.sum(ties, 0))  # an atomic: ordered before the ticket by itself
     first = tl.load(chunk_ptr + prob)
     last = tl.load(chunk_ptr + prob + 1)
-    tl.debug_barrier()  # the tie count is stored before the ticket
+    tl.debug_barrier()  # every thread is done with this chunk before the ticket
     ticket = tl.atomic_add(ticket_ptr + prob * (NLEV + 1) + NLEV, 1)
     if ticket == last - first - 1:
         need = tl.load(krem_ptr + prob)
@@ -377,12 +390,12 @@ def _plan(tensors: Sequence[torch.Tensor], problems: Sequence[int], ks: Sequence
     per-call host work is building this key.
     """
     device = tensors[0].device
-    key = (device, tuple((t.data_ptr(), t.numel()) for t in tensors), tuple(problems), tuple(ks))
+    chunk = BLOCK * ITERS
+    key = (device, chunk, tuple((t.data_ptr(), t.numel()) for t in tensors), tuple(problems), tuple(ks))
     plan = _PLANS.get(key)
     if plan is not None:
         _PLANS.move_to_end(key)
         return plan
-    chunk = BLOCK * ITERS
     rows: list[list[int]] = [[], [], [], [], []]
     offsets = [0] * len(ks)
     firsts = [0] * (len(ks) + 1)
@@ -393,8 +406,8 @@ def _plan(tensors: Sequence[torch.Tensor], problems: Sequence[int], ks: Sequence
         offsets[p] += t.numel()
         firsts[p + 1] = len(rows[0])
     for p, total in enumerate(offsets):
-        if total >= 2**31:
-            raise ValueError(f"problem {p} has {total} scores; the Triton select supports fewer than 2**31")
+        if total > MAX_SCORES:
+            raise ValueError(f"problem {p} has {total} scores; the Triton select supports at most {MAX_SCORES}")
     plan = tuple(_upload(torch.tensor(x, dtype=torch.int64), device) for x in (rows, firsts, list(ks)))
     _PLANS[key] = plan
     if len(_PLANS) > _MAX_PLANS:

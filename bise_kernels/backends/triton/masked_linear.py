@@ -16,20 +16,20 @@ import torch
 import triton
 import triton.language as tl
 
+from ... import _checks
 from ._common import (
-    accumulation_dtype, check_backward_args, check_layer, dot_options, grouped_tile, keep, matmul_configs,
-    prune_matmul_configs, score_grad_buffer, score_grad_epilogue, tie_limit,
+    accumulation_dtype, check_backward_args, check_device, dot_options, grouped_tile, keep, matmul_tuning,
+    score_grad_buffer, score_grad_epilogue, size_bucket, tie_limit,
 )
 
 KERNELS = ("masked_linear_forward", "masked_linear_backward")
 
 
-@triton.autotune(configs=matmul_configs(), key=["ROWS", "COLS", "LOOP", "UNIT_ON_COLS", "STRUCTURED"],
-                 prune_configs_by={"early_config_prune": prune_matmul_configs})
+@matmul_tuning(key=["ROWS_BUCKET", "COLS_BUCKET", "LOOP_BUCKET", "UNIT_ON_COLS", "STRUCTURED"])
 @triton.jit
 def _masked_mm_kernel(
     a_ptr, w_ptr, s_ptr, bias_ptr, c_ptr, thr_ptr, cut_ptr,
-    ROWS, COLS, LOOP, row_len,
+    ROWS, COLS, LOOP, ROWS_BUCKET, COLS_BUCKET, LOOP_BUCKET, row_len,
     stride_am, stride_al, stride_wu, stride_wr, stride_su, stride_sr, stride_cm, stride_cn,
     UNIT_ON_COLS: tl.constexpr, STRUCTURED: tl.constexpr, HAS_BIAS: tl.constexpr,
     UPCAST: tl.constexpr, PRECISION: tl.constexpr, ACC: tl.constexpr,
@@ -38,6 +38,7 @@ def _masked_mm_kernel(
     """C (ROWS, COLS) = A (ROWS, LOOP) @ B, B = W_eff^T (UNIT_ON_COLS, forward) or W_eff (dgrad).
 
     The weight W (units, row_len) is addressed by (unit, red) strides; so are unstructured scores.
+    The ``*_BUCKET`` sizes only pick the tile (``_common.matmul_tuning``).
     """
     pid_m, pid_n = grouped_tile(ROWS, COLS, BLOCK_M, BLOCK_N, GROUP_M)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -86,12 +87,12 @@ def _masked_mm_kernel(
     tl.store(c_ptr + offs_m[:, None] * stride_cm + offs_n[None, :] * stride_cn, c, mask=m_ok[:, None] & n_ok[None, :])
 
 
-@triton.autotune(configs=matmul_configs(), key=["ROWS", "COLS", "LOOP", "STRUCTURED", "NEED_W", "NEED_S"],
-                 prune_configs_by={"early_config_prune": prune_matmul_configs}, reset_to_zero=["gs_ptr"])
+@matmul_tuning(key=["ROWS_BUCKET", "COLS_BUCKET", "LOOP_BUCKET", "STRUCTURED", "NEED_W", "NEED_S"],
+               reset_to_zero=["gs_ptr"])
 @triton.jit
 def _masked_wgrad_kernel(
     g_ptr, x_ptr, w_ptr, s_ptr, thr_ptr, cut_ptr, gw_ptr, gs_ptr, gb_ptr,
-    ROWS, COLS, LOOP, temperature,
+    ROWS, COLS, LOOP, ROWS_BUCKET, COLS_BUCKET, LOOP_BUCKET, temperature,
     stride_gm, stride_gn, stride_xm, stride_xk, stride_wn, stride_wk, stride_sn, stride_sk,
     stride_gwn, stride_gwk, stride_gsn, stride_gsk,
     STRUCTURED: tl.constexpr, SIGMOID: tl.constexpr, NEED_W: tl.constexpr, NEED_S: tl.constexpr,
@@ -137,6 +138,10 @@ def _masked_wgrad_kernel(
     )
 
 
+def _buckets(*sizes: int) -> tuple[int, ...]:
+    return tuple(size_bucket(n) for n in sizes)
+
+
 def _mm_grid(rows: int, cols: int):
     return lambda meta: (triton.cdiv(rows, meta["BLOCK_M"]) * triton.cdiv(cols, meta["BLOCK_N"]),)
 
@@ -152,7 +157,7 @@ def _masked_mm(a, weight, scores, structured, bias, thr, cut, unit_on_cols):
     s_strides = (scores.stride(0), 0) if structured else scores.stride()
     _masked_mm_kernel[_mm_grid(rows, cols)](
         a, weight, scores, weight if bias is None else bias, out, thr, cut,
-        rows, cols, loop, row_len,
+        rows, cols, loop, *_buckets(rows, cols, loop), row_len,
         a.stride(0), a.stride(1), weight.stride(0), weight.stride(1), *s_strides, out.stride(0), out.stride(1),
         UNIT_ON_COLS=unit_on_cols, STRUCTURED=structured, HAS_BIAS=bias is not None,
         **dot_options(a.dtype),
@@ -161,9 +166,8 @@ def _masked_mm(a, weight, scores, structured, bias, thr, cut, unit_on_cols):
 
 
 def _check_linear(x, weight, bias, scores, thr, cut) -> bool:
-    structured = check_layer(x, weight, bias, scores, thr, cut)
-    if weight.dim() != 2 or x.dim() < 1 or x.shape[-1] != weight.shape[1]:
-        raise ValueError(f"x of shape {tuple(x.shape)} does not match weight of shape {tuple(weight.shape)}")
+    structured = _checks.check_masked_linear(x, weight, bias, scores, thr, cut)
+    check_device(x)
     return structured
 
 
@@ -197,7 +201,7 @@ def masked_linear_backward(grad_y, x, weight, scores, thr, cut, estimator, tempe
         _masked_wgrad_kernel[_mm_grid(n_out, k_in)](
             g2, x2, weight, scores, thr, cut, dummy if gw is None else gw, dummy if gs is None else gs,
             dummy if gb is None else gb,
-            n_out, k_in, g2.shape[0], float(temperature),
+            n_out, k_in, g2.shape[0], *_buckets(n_out, k_in, g2.shape[0]), float(temperature),
             g2.stride(0), g2.stride(1), x2.stride(0), x2.stride(1), weight.stride(0), weight.stride(1),
             *s_strides, *(gw.stride() if need_w else (0, 0)), *gs_strides,
             STRUCTURED=structured, SIGMOID=estimator == "sigmoid", NEED_W=need_w, NEED_S=need_s,

@@ -19,10 +19,8 @@ import triton
 import triton.language as tl
 
 from ... import _checks
-from ._common import (
-    INTERPRET, accumulation_dtype, check_backward_args, check_device, check_dtype, check_selection, keep,
-    score_grad_buffer, sigmoid_slope,
-)
+from .. import INTERPRET
+from ._common import accumulation_dtype, check_backward_args, check_device, keep, score_grad_buffer, sigmoid_slope
 
 KERNELS = ("channel_gate_forward", "channel_gate_backward")
 
@@ -113,14 +111,8 @@ def _plan(shape: torch.Size, pos: int, device: torch.device):
 
 
 def _check_gate(x, scores, thr, cut, dim) -> int:
-    check_dtype(x)
-    if x.dim() == 0:
-        raise ValueError("x must have at least one dimension")
-    dim = _checks.check_dim(dim, x.dim())
-    check_selection(scores, thr, cut)
-    if tuple(scores.shape) != (x.shape[dim],):
-        raise ValueError(f"scores must have shape ({x.shape[dim]},) (x.shape[{dim}]), got {tuple(scores.shape)}")
-    check_device({"x": x, "scores": scores, "thr": thr, "cut": cut})
+    dim = _checks.check_channel_gate(x, scores, thr, cut, dim)
+    check_device(x)
     return dim
 
 

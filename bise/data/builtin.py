@@ -190,16 +190,25 @@ def _rho(bench: Builtin, opts: dict):
     return tuple(opts[n] for n in names)
 
 
-def build(name: str, opts: dict, seed: int, data_dir: Path) -> tuple:
-    """Generate a benchmark: (arrays, meta). arrays hold {split}_{x,y,b,src}; meta is JSON-able."""
+def build(name: str, opts: dict, seed: int, data_dir: Path, draw: int = 0) -> tuple:
+    """Generate a benchmark: (arrays, meta). arrays hold {split}_{x,y,b,src}; meta is JSON-able.
+
+    ``draw`` > 0: only the training split, from the same source images as draw 0 but with a fresh
+    bias assignment and rendering drawn from (seed, draw): the second draw of the fresh-draw
+    mask-set protocol (bise.data.maskset).
+    """
+    if isinstance(draw, bool) or not isinstance(draw, int) or draw < 0:
+        raise ValueError(f"draw must be an int >= 0, got {draw!r}")
     bench = BUILTINS[name]
     rhos = _rho(bench, opts)
     rng = np.random.default_rng(seed)
     pool = _pool(bench, opts, data_dir)
     idx = _split_indices(pool.y, pool.test, opts, rng)
+    if draw:
+        rng = np.random.default_rng([seed, draw])
     k = int(pool.y.max()) + 1
     arrays = {}
-    for split in SPLITS:
+    for split in SPLITS[:1] if draw else SPLITS:
         if split == "val" and len(idx["val"]) == 0:
             continue
         from_test = split == "test" and pool.test is not None
@@ -213,7 +222,7 @@ def build(name: str, opts: dict, seed: int, data_dir: Path) -> tuple:
         arrays[f"{split}_src"] = src[i].astype(np.int64)
     aligned = arrays["train_b"] == (arrays["train_y"] if bench.num_biases == 1
                                     else arrays["train_y"][:, None])
-    info = {**pool.info, "seed": seed,
+    info = {**pool.info, "seed": seed, "draw": draw,
             "sizes": {s: int(len(arrays[f"{s}_y"])) for s in SPLITS if f"{s}_y" in arrays},
             "rho_realised": aligned.mean(axis=0).round(6).tolist(), "notes": bench.note}
     meta = {"num_classes": k, "num_bias_classes": k, "num_biases": bench.num_biases,

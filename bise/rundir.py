@@ -1,0 +1,266 @@
+"""The run directory (``--out``) of the bise CLI: lock, manifest, staged writes and provenance.
+
+``run.json`` is the manifest: ``{"format": "bise-run-v2", "data": DATA, "artefacts": {file: ENTRY}}``
+with DATA = {"spec" (resolved), "seed", "canonical_spec", "sha256" (of the data's contents)} and
+ENTRY = {"sha256" (of the file; null for checkpoint.pt, rewritten every epoch), "step", "data": DATA,
+"inputs": {file in --out or absolute path: sha256}, "settings": {...}, "seconds"}.
+
+* A command holds an exclusive ``flock`` on ``--out/.bise.lock`` for its whole life; a second one
+  is refused with the holder's pid.
+* A step writes its outputs into ``--out/.bise-new/`` and :meth:`RunDir.commit` moves them into
+  place only when the step succeeded; artefacts made from a replaced file (recursively) are then
+  removed. The manifest is saved without the replaced entries first and with the new ones last, so
+  a kill at any point leaves either a consistent chain or files that :meth:`RunDir.require` refuses.
+* :meth:`RunDir.require` checks, before a step reads a file, that its content hash, data and inputs
+  match the manifest.
+"""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import hashlib
+import json
+import os
+import shutil
+from pathlib import Path
+from typing import Optional
+
+from . import distributed
+from .checkpoint import replace_atomic, umask_mode
+
+FORMAT = "bise-run-v2"
+MANIFEST = "run.json"
+LOCK = ".bise.lock"
+STAGING = ".bise-new"
+
+
+class UsageError(Exception):
+    """Bad input from the command line: reported on stderr with exit status 2."""
+
+
+def sha256(path) -> str:
+    """Content hash of a file (1 MiB reads)."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _describe_data(rec: Optional[dict]) -> str:
+    return "none" if rec is None else f"--data {rec.get('spec')!r} --seed {rec.get('seed')}"
+
+
+class RunDir:
+    """One command's view of ``--out``; ``makers`` maps each file to the command that writes it."""
+
+    def __init__(self, out, makers: dict):
+        self.out, self.makers = Path(out), makers
+        self.staging = self.out / STAGING
+        self.created = False
+        self.manifest: dict = {"format": FORMAT, "data": None, "artefacts": {}}
+        self._lock_fd: Optional[int] = None
+        self._hashes: dict = {}
+        self.main = distributed.current().is_main
+
+    # ------------------------------------------------------------------ lifetime
+
+    def open(self, fresh: bool = False) -> None:
+        """Create ``--out`` if missing, take the lock (rank 0), check writability, read run.json
+        (``fresh``: ignore a run.json that this version cannot read; ``bise run --overwrite``)."""
+        out = self.out
+        if out.exists() and not out.is_dir():
+            raise UsageError(f"--out {str(out)!r} exists and is not a directory")
+        if self.main:
+            if not out.exists():
+                try:
+                    out.mkdir(parents=True)
+                except OSError as exc:
+                    raise UsageError(f"--out {str(out)!r} cannot be created: {exc.strerror}") from None
+                self.created = True
+            self._lock()
+            shutil.rmtree(self.staging, ignore_errors=True)  # left by a killed command
+        distributed.barrier()
+        if (out / MANIFEST).is_file():
+            try:
+                manifest = json.loads((out / MANIFEST).read_text())
+                assert manifest.get("format") == FORMAT and isinstance(manifest.get("artefacts"), dict)
+            except Exception:
+                if fresh:
+                    manifest = self.manifest
+                else:
+                    raise UsageError(f"{out / MANIFEST} is not a run file of this version of bise; choose another --out "
+                                     "or pass --overwrite (bise run)") from None
+            self.manifest = manifest
+        distributed.barrier()
+
+    def _lock(self) -> None:
+        path = self.out / LOCK
+        try:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT, umask_mode())
+            probe = self.out / f".bise-write-test.{os.getpid()}"
+            probe.touch()
+            probe.unlink()
+        except OSError as exc:
+            raise UsageError(f"--out {str(self.out)!r} is not writable ({exc.strerror})") from None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as exc:
+            if exc.errno not in (errno.EAGAIN, errno.EACCES):
+                raise
+            holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown"
+            os.close(fd)
+            raise UsageError(f"--out {str(self.out)!r} is in use by another bise command (pid {holder}); wait for "
+                             "it to finish or use another --out") from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        self._lock_fd = fd
+
+    def close(self, failed: bool) -> None:
+        """Remove the staging folder (and, after a failure, an ``--out`` this command created and left
+        without artefacts), then release the lock."""
+        if not self.main:
+            return
+        shutil.rmtree(self.staging, ignore_errors=True)
+        if failed and self.created and not self.manifest["artefacts"]:
+            (self.out / MANIFEST).unlink(missing_ok=True)
+            (self.out / LOCK).unlink(missing_ok=True)
+            try:
+                self.out.rmdir()
+            except OSError:
+                pass
+        if self._lock_fd is not None:
+            os.ftruncate(self._lock_fd, 0)
+            os.close(self._lock_fd)
+            self._lock_fd = None
+
+    # ------------------------------------------------------------------ manifest
+
+    @property
+    def artefacts(self) -> dict:
+        return self.manifest["artefacts"]
+
+    def path(self, name: str) -> Path:
+        return self.out / name
+
+    def has(self, name: str) -> bool:
+        return self.path(name).is_file()
+
+    def staged(self, name: str) -> Path:
+        """Where a step writes ``name`` (moved into ``--out`` by :meth:`commit`)."""
+        return self.staging / name
+
+    def _save(self) -> None:
+        """Write run.json (rank 0 alone: the caller synchronises the ranks)."""
+        text = json.dumps(self.manifest, indent=1, default=str)
+
+        def write(tmp: str) -> None:
+            with open(tmp, "w") as f:
+                f.write(text)
+                f.flush()
+                os.fsync(f.fileno())
+
+        replace_atomic(self.path(MANIFEST), write)
+
+    def _synced(self) -> None:
+        """After rank 0 changed --out: every rank waits, then the others re-read run.json."""
+        distributed.barrier()
+        if not self.main:
+            self.manifest = json.loads(self.path(MANIFEST).read_text())
+
+    def hash(self, path) -> str:
+        path = Path(path)
+        st = path.stat()
+        key = (str(path.resolve()), st.st_size, st.st_mtime_ns)
+        if key not in self._hashes:
+            self._hashes[key] = sha256(path)
+        return self._hashes[key]
+
+    def entry(self, *, step: str, data: dict, inputs: dict, settings: dict, seconds: Optional[float] = None) -> dict:
+        return {"sha256": None, "step": step, "data": data, "inputs": inputs, "settings": settings,
+                "seconds": seconds}
+
+    def record_now(self, name: str, entry: dict) -> None:
+        """Record a file written in place (the extraction checkpoint) before it exists."""
+        if self.main:
+            self.artefacts[name] = entry
+            self.manifest["data"] = entry["data"]
+            self._save()
+        self._synced()
+
+    # ------------------------------------------------------------------ reading
+
+    def require(self, name: str, data: dict, hashed: bool = True) -> Path:
+        """The path of ``name`` after checking it against the manifest: present, recorded, unchanged
+        (content hash), made from ``data`` and from the current version of each of its inputs."""
+        path, entry, maker = self.path(name), self.artefacts.get(name), self.makers.get(name, "run")
+        if not path.is_file():
+            raise UsageError(f"{path} is missing; run `bise {maker} --out {self.out}` first")
+        if entry is None:
+            raise UsageError(f"{path} is not recorded in {MANIFEST} (written by another program or an older "
+                             f"bise); make it again with `bise {maker} --out {self.out} --overwrite`")
+        if hashed and entry["sha256"] is not None and self.hash(path) != entry["sha256"]:
+            raise UsageError(f"{path} changed after `bise {entry['step']}` wrote it (its content hash differs from "
+                             f"{MANIFEST}); make it again with `bise {maker} --out {self.out} --overwrite`")
+        if entry["data"] != data:
+            raise UsageError(f"{path} was made from {_describe_data(entry['data'])}, this command uses "
+                             f"{_describe_data(data)}; pass the run's --data/--seed or make it again with "
+                             f"`bise {maker} --overwrite`")
+        for source, digest in entry["inputs"].items():
+            current = self.artefacts.get(source, {}).get("sha256") if "/" not in source else digest
+            if current != digest:
+                raise UsageError(f"{path} was made from another {source} than the one in --out; make it again with "
+                                 f"`bise {maker} --out {self.out} --overwrite`")
+        return path
+
+    def external(self, path: str, digest: str, used_by: str) -> Path:
+        """An input outside ``--out`` (a ``--model`` file), checked against its recorded hash."""
+        p = Path(path)
+        if not p.is_file():
+            raise UsageError(f"{used_by} was made from --model {path}, which no longer exists")
+        if self.hash(p) != digest:
+            raise UsageError(f"{used_by} was made from --model {path}, which has changed since (content hash "
+                             "differs); extract again with --overwrite")
+        return p
+
+    # ------------------------------------------------------------------ writing
+
+    def commit(self, outputs: dict, replaces: tuple = ()) -> None:
+        """Move the staged ``outputs`` ({file: entry}) into ``--out``; files of ``replaces`` that the step
+        did not write this time go too, as does every artefact made from a replaced version."""
+        if self.main:
+            new = dict(outputs)
+            for name, entry in new.items():
+                if entry["sha256"] is None and name != "checkpoint.pt":
+                    entry["sha256"] = self.hash(self.staged(name))
+            changed = {n for n in new if self.artefacts.get(n, {}).get("sha256") != new[n]["sha256"] or
+                       n == "checkpoint.pt"}
+            changed |= {n for n in replaces if n not in new and (n in self.artefacts or self.has(n))}
+            stale = self._made_from(changed, new)
+            kept = {n: e for n, e in self.artefacts.items() if n not in changed and n not in stale}
+            self.manifest["artefacts"] = kept
+            self._save()  # from here on, readers refuse the files being replaced
+            for name in new:
+                if self.staged(name).is_file():
+                    os.replace(self.staged(name), self.path(name))
+            for name in (changed | stale) - set(new):
+                self.path(name).unlink(missing_ok=True)
+            self.manifest["artefacts"] = {**kept, **new}
+            self.manifest["data"] = next(iter(new.values()))["data"] if new else self.manifest["data"]
+            self._save()
+        self._synced()
+
+    def _made_from(self, changed: set, new: dict) -> set:
+        """Recorded artefacts (other than ``new``) whose inputs include a changed file, recursively."""
+        stale: set = set()
+        while True:
+            more = {n for n, e in self.artefacts.items()
+                    if n not in new and n not in stale and n not in changed
+                    and any(src in changed or src in stale for src in e["inputs"])}
+            if not more:
+                return stale
+            stale |= more
+
+
+__all__ = ["FORMAT", "LOCK", "MANIFEST", "RunDir", "STAGING", "UsageError", "sha256"]

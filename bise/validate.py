@@ -1,0 +1,129 @@
+"""Argument checks shared by the bise Python API and the CLI: named errors before any work.
+
+The natural types are accepted (Python or NumPy integers and floats, str or os.PathLike data
+specs, an ExtractConfig or a dict of its fields); anything else raises a TypeError or ValueError
+that names the argument and its value.
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+import operator
+from typing import Optional
+
+import torch
+from torch import nn
+
+
+def as_int(name: str, value, low: int) -> int:
+    """``value`` as a Python int >= ``low`` (NumPy integers accepted; bools and floats refused)."""
+    if isinstance(value, (bool, float)) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"{name} must be an int >= {low}, got {value!r}")
+    value = operator.index(value)
+    if value < low:
+        raise ValueError(f"{name} must be an int >= {low}, got {value!r}")
+    return value
+
+
+def as_positive(name: str, value) -> float:
+    """``value`` as a finite Python float > 0 (NumPy scalars accepted)."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name} must be a positive number, got {value!r}")
+    value = float(value)
+    if not (math.isfinite(value) and value > 0):
+        raise ValueError(f"{name} must be a positive finite number, got {value!r}")
+    return value
+
+
+def device(value) -> torch.device:
+    """A usable torch device: ``cpu``, or ``cuda`` / ``cuda:N`` on a machine whose CUDA has device N."""
+    try:
+        dev = torch.device(value)
+    except (RuntimeError, TypeError):
+        raise ValueError(f"device must be cpu, cuda or cuda:N, got {value!r}") from None
+    if dev.type == "cpu":
+        return dev
+    if dev.type != "cuda":
+        raise ValueError(f"device must be cpu, cuda or cuda:N, got {value!r} (bise trains on cpu or cuda only)")
+    if not torch.cuda.is_available():
+        raise ValueError(f"device {value!r}: CUDA is not available on this machine (torch {torch.__version__})")
+    count = torch.cuda.device_count()
+    if dev.index is not None and dev.index >= count:
+        raise ValueError(f"device {value!r}: this machine has {count} CUDA device(s), cuda:0 to cuda:{count - 1}")
+    return dev
+
+
+def extract_config(config):
+    """An ExtractConfig from None, an ExtractConfig or a dict of its fields (unknown keys refused), validated.
+
+    Integer and float fields given as NumPy scalars become Python numbers; ``device`` is checked."""
+    import dataclasses
+
+    from .extract import ExtractConfig
+
+    if config is None:
+        config = ExtractConfig()
+    elif isinstance(config, dict):
+        fields = {f.name for f in dataclasses.fields(ExtractConfig)}
+        unknown = sorted(set(config) - fields)
+        if unknown:
+            raise ValueError(f"config has unknown keys {unknown}; ExtractConfig fields: {sorted(fields)}")
+        config = ExtractConfig(**config)
+    elif not isinstance(config, ExtractConfig):
+        raise TypeError(f"config must be an ExtractConfig, a dict of its fields or None, got {type(config).__name__}")
+    else:
+        config = dataclasses.replace(config)
+    for f in dataclasses.fields(config):
+        v = getattr(config, f.name)
+        if isinstance(v, numbers.Integral) and not isinstance(v, (int, bool)):
+            setattr(config, f.name, operator.index(v))
+        elif isinstance(v, numbers.Real) and not isinstance(v, (int, float, bool)):
+            setattr(config, f.name, float(v))
+    device(config.device)
+    return config.validate()
+
+
+def model_fits(model: nn.Module, data) -> None:
+    """Refuse a model whose classes or input shape differ from ``data``'s (its bise_spec, else one forward)."""
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    spec = getattr(model, "bise_spec", None)
+    if isinstance(spec, dict) and "input_shape" in spec:
+        if tuple(spec["input_shape"]) != tuple(data.input_shape):
+            raise ValueError(f"the model was built for {tuple(spec['input_shape'])} inputs, the data have "
+                             f"{tuple(data.input_shape)}; build it with bise.build_model(..., input_shape=data.input_shape)")
+        classes: Optional[int] = spec.get("num_classes")
+    else:
+        param = next(model.parameters(), None)
+        x = data.train.inputs(torch.arange(min(2, len(data.train))))
+        was_training = model.training
+        model.eval()
+        try:
+            with torch.no_grad():
+                out = model(x.to(param.device if param is not None else "cpu"))
+        except RuntimeError as exc:
+            raise ValueError(f"the model does not accept the data's {tuple(data.input_shape)} inputs: "
+                             f"{str(exc).splitlines()[0]}") from exc
+        finally:
+            model.train(was_training)
+        classes = out.shape[-1] if out.dim() == 2 else None
+    if classes != data.num_classes:
+        raise ValueError(f"the model outputs {classes} class logits, the data have num_classes={data.num_classes}")
+
+
+def same_bias_classes(data, label_free: bool, flag: str = "label_free=True") -> None:
+    """BISE's |B| = |Y| assumption (a sample is aligned iff y == b) unless bias labels are pseudo labels;
+    ``flag`` names the switch to the label-free variant in the message (the CLI's is --label-free)."""
+    if label_free:
+        return
+    if getattr(data.train, "b", None) is None:
+        raise ValueError(f"bias labels are missing from the train split; BISE needs the training set's bias "
+                         f"labels (or use {flag} for pseudo labels from an identification model)")
+    if data.num_bias_classes != data.num_classes:
+        raise ValueError(f"BISE assumes as many bias classes as target classes (|B| = |Y|, a sample is aligned iff "
+                         f"y == b); this dataset has num_classes={data.num_classes}, num_bias_classes="
+                         f"{data.num_bias_classes}. Relabel the bias, or use {flag}")
+
+
+__all__ = ["as_int", "as_positive", "device", "extract_config", "model_fits", "same_bias_classes"]

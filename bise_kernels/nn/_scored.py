@@ -1,0 +1,51 @@
+"""What every masked module shares: learnable scores, the keep rule (density or threshold), the
+gradient estimator, and the selection ``(thr, cut)`` cached until the scores change."""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import Tensor, nn
+
+from .. import _checks, _ops
+from ..functional import selection
+
+
+class ScoredModule(nn.Module):
+    """Base of the masked layers and the channel gate (set up by :meth:`_init_rule`)."""
+
+    scores: nn.Parameter
+
+    def _init_rule(self, scores: Tensor, density: Optional[float], threshold: Optional[float], estimator: str,
+                   temperature: float) -> None:
+        _checks.check_mask_spec(density, threshold)
+        _checks.check_estimator(estimator, temperature)
+        self.density = density
+        self.threshold = threshold
+        self.estimator = estimator
+        self.temperature = float(temperature)
+        self.scores = nn.Parameter(scores)
+        self._cache: Optional[tuple] = None
+
+    def selection(self) -> tuple[Tensor, Tensor]:
+        """``(thr, cut)`` of the current scores; recomputed only when the scores change.
+
+        The previous top-k threshold is passed on as the selection's hint.
+        """
+        if torch.compiler.is_compiling():  # traced tensors have no data pointer to key a cache on
+            return selection(self.scores, self.density, self.threshold)
+        key = (self.scores._version, self.scores.data_ptr(), self.density, self.threshold)
+        if self._cache is None or self._cache[0] != key:
+            hint = self._cache[1][0] if self._cache is not None and self.density is not None else None
+            self._cache = (key, selection(self.scores, self.density, self.threshold, hint=hint))
+        return self._cache[1]
+
+    def mask(self) -> Tensor:
+        """The current binary mask (of the scores' shape)."""
+        thr, cut = self.selection()
+        return _ops.keep_mask(self.scores.detach(), thr, cut, 0)
+
+    def _rule_repr(self) -> str:
+        rule = f"density={self.density}" if self.density is not None else f"threshold={self.threshold}"
+        return f"{rule}, estimator={self.estimator}"

@@ -1,0 +1,83 @@
+"""bise.recipes (a recipe per architecture, chosen with the data, never from a name) and
+bise.health.check_vanilla (a vanilla that did not train is refused)."""
+
+import dataclasses
+
+import pytest
+import torch
+
+from bise import data
+from bise.health import VanillaUntrained, check_vanilla
+from bise.models import build_model
+from bise.recipes import RECIPES, recipe_for
+from bise.train import train_vanilla
+
+
+@pytest.fixture(scope="module")
+def digits(tmp_path_factory):
+    return data.load("colored-digits", seed=0, cache_dir=str(tmp_path_factory.mktemp("bise_cache")))
+
+
+def test_mlp_gets_adam_on_every_kind_of_data(digits):
+    two_bias = dataclasses.replace(digits, num_biases=2, weighting="two-bias")
+    for ds in (digits, two_bias, dataclasses.replace(digits, weighting="group-balanced")):
+        r = recipe_for(ds, "mlp")
+        assert (r["name"], r["optimizer"], r["lr"], r["weight_decay"], r["batch_size"]) == \
+            ("mlp", "adam", 1e-3, 1e-4, 256)
+    assert recipe_for(two_bias)["arch"] == "mlp"  # the paper's architecture for two-bias data
+
+
+def test_simple_cnn_gets_its_paper_recipe_with_the_rho_schedule(digits):
+    r = recipe_for(digits, "simple-cnn")
+    assert (r["optimizer"], r["lr"], r["momentum"], r["batch_size"], r["epochs"]) == ("sgd", 0.1, 0.9, 100, 80)
+    assert r["milestones"] == [40, 60]  # colored-digits defaults to rho = 0.99
+    assert recipe_for(dataclasses.replace(digits, rho=0.997), "simple-cnn")["milestones"] == [80, 90]
+    assert recipe_for(digits)["arch"] == "simple-cnn"
+
+
+def test_resnet_recipe_follows_the_weighting_and_unknown_archs_get_the_default(digits):
+    assert recipe_for(dataclasses.replace(digits, weighting="group-balanced"), "resnet18")["lr"] == 1e-4
+    assert recipe_for(digits, "resnet18")["schedule"] == "cosine"
+    assert recipe_for(digits, "mobilenetv2")["name"] == "default"
+    assert recipe_for(digits, build_model("mlp", 10, (3, 8, 8)))["name"] == "mlp"  # a model: its recorded arch
+
+
+def test_recipe_ignores_the_dataset_name(digits):
+    for name in ("my-corrupted-data", "biased-mnist", "anything"):
+        assert recipe_for(dataclasses.replace(digits, name=name), "mlp") == recipe_for(digits, "mlp")
+        assert recipe_for(dataclasses.replace(digits, name=name)) == recipe_for(digits)
+
+
+def test_recipes_are_copies(digits):
+    recipe_for(digits, "mlp")["lr"] = 5.0
+    assert RECIPES["mlp"]["lr"] == 1e-3
+
+
+def test_a_trained_mlp_is_healthy(digits):
+    model = train_vanilla(digits, "mlp", epochs=20, quiet=True)
+    h = check_vanilla(model, digits)
+    assert h.ok and h.train_accuracy > 0.9 and h.dead_unit_share < 0.5 and h.units == 300
+    aligned = digits.train.aligned()
+    assert h.n_conflicting_train == int((~aligned).sum()) > 0 and h.n_train == len(digits.train)
+    assert 0 <= h.conflicting_train_accuracy <= 1
+
+
+def test_a_dead_mlp_is_refused(digits):
+    torch.manual_seed(0)
+    model = build_model("mlp", 10, digits.input_shape)
+    with torch.no_grad():  # what an SGD-0.1-killed MLP looks like: first-layer ReLUs never fire
+        model.features.fc1.bias.fill_(-1e3)
+    with pytest.raises(VanillaUntrained, match="did not train") as e:
+        check_vanilla(model, digits)
+    assert "never fire" in str(e.value) and "training accuracy" in str(e.value)
+    with pytest.warns(UserWarning, match="did not train"):
+        h = check_vanilla(model, digits, strict=False)
+    assert not h.ok and h.dead_units >= 100 and h.to_dict()["ok"] is False
+
+
+def test_health_thresholds_are_checked(digits):
+    model = build_model("mlp", 10, digits.input_shape)
+    with pytest.raises(ValueError, match="min_gap_closed"):
+        check_vanilla(model, digits, min_gap_closed=2)
+    with pytest.raises(ValueError, match="max_dead_share"):
+        check_vanilla(model, digits, max_dead_share=0)

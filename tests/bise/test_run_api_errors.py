@@ -1,0 +1,84 @@
+"""The bise Python API names bad arguments before any work and accepts the natural types."""
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import bise
+from bise import validate
+from bise.data import load
+from bise.extract import ExtractConfig
+from bise.models import build_model
+
+
+@pytest.fixture(scope="module")
+def data():
+    return load("colored-digits")
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    ({"batch_size": 0}, "batch_size must be an int >= 1, got 0"),
+    ({"lr": 0}, "lr must be a positive finite number, got 0"),
+    ({"lr": float("nan")}, "lr must be a positive finite number"),
+    ({"epochs": -1}, "epochs must be an int >= 0"),
+    ({"epochs": 1.5}, "epochs must be an int"),
+    ({"seed": True}, "seed must be an int"),
+    ({"device": "gpu"}, "device must be cpu, cuda or cuda:N, got 'gpu'"),
+    ({"device": "meta"}, "bise trains on cpu or cuda only"),
+    ({"device": "mps"}, "bise trains on cpu or cuda only"),
+    ({"device": "cuda:7"}, "device 'cuda:7'"),
+])
+def test_train_vanilla_names_bad_arguments(data, kwargs, match):
+    with pytest.raises((ValueError, TypeError), match=match):
+        bise.train_vanilla(data, "mlp", **{"epochs": 1, **kwargs}, quiet=True)
+
+
+def test_numpy_scalars_are_accepted(data):
+    torch.manual_seed(0)
+    a = bise.train_vanilla(data, "mlp", epochs=np.int64(1), batch_size=np.int32(200), lr=np.float32(0.05),
+                           seed=np.int64(0), quiet=True)
+    b = bise.train_vanilla(data, "mlp", epochs=1, batch_size=200, lr=float(np.float32(0.05)), seed=0, quiet=True)
+    assert all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values()))
+    config = validate.extract_config({"mask_epochs": np.int64(3), "budget": np.float32(0.5)})
+    assert type(config.mask_epochs) is int and config.mask_epochs == 3 and type(config.budget) is float
+
+
+def test_config_types():
+    assert validate.extract_config(None) == ExtractConfig()
+    assert validate.extract_config({"mask_epochs": 2}).mask_epochs == 2
+    with pytest.raises(ValueError, match=r"unknown keys \['mask_epoch'\]"):
+        validate.extract_config({"mask_epoch": 2})
+    with pytest.raises(TypeError, match="config must be an ExtractConfig, a dict of its fields or None, got list"):
+        validate.extract_config([])
+    with pytest.raises(ValueError, match="device must be cpu, cuda or cuda:N"):
+        validate.extract_config({"device": "gpu"})
+    with pytest.raises(ValueError, match="mask_epochs must be an int >= 1"):
+        validate.extract_config(ExtractConfig(mask_epochs=0))
+
+
+def test_extract_refuses_a_model_that_does_not_fit_the_data(data):
+    few = build_model("mlp", 5, data.input_shape)
+    with pytest.raises(ValueError, match="the model outputs 5 class logits, the data have num_classes=10"):
+        bise.extract(few, data, config={"mask_epochs": 1, "head_epochs": 0}, quiet=True)
+    big = build_model("simple-cnn", 10, (3, 28, 28))
+    with pytest.raises(ValueError, match=r"built for \(3, 28, 28\) inputs, the data have \(3, 8, 8\)"):
+        bise.extract(big, data, config={"mask_epochs": 1, "head_epochs": 0}, quiet=True)
+    custom = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(192, 32), torch.nn.ReLU(), torch.nn.Linear(32, 4))
+    with pytest.raises(ValueError, match="the model outputs 4 class logits"):
+        validate.model_fits(custom, data)
+    with pytest.raises(ValueError, match="does not accept the data's"):
+        validate.model_fits(torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(7, 10)), data)
+    validate.model_fits(torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(192, 10)), data)
+
+
+def test_data_spec_may_be_a_path(tmp_path):
+    rng = np.random.default_rng(0)
+    arrays = {f"{s}_{k}": v for s, n in (("train", 30), ("test", 10)) for k, v in
+              (("x", rng.integers(0, 255, (n, 4, 4, 3), dtype=np.uint8)), ("y", rng.integers(0, 2, n)),
+               ("b", rng.integers(0, 2, n)))}
+    np.savez(tmp_path / "mine.npz", **arrays)
+    assert len(load(Path(tmp_path / "mine.npz")).train) == 30
+    with pytest.raises(ValueError, match="spec=3"):
+        load(3)

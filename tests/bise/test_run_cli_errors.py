@@ -1,0 +1,196 @@
+"""Bad input and interruptions through the real ``bise`` entry point (``python -m bise`` in a subprocess):
+one line ``bise COMMAND: error: ...``, exit status 2, before any work; nothing of the run lost."""
+
+import fcntl
+import json
+import os
+import signal
+import stat
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from bise.cli import build_parser, main
+
+ROOT = Path(__file__).resolve().parents[2]
+TINY = ["--data", "colored-digits", "--arch", "mlp", "--vanilla-epochs", "1", "--mask-epochs", "2", "--head-epochs",
+        "1", "--latency-repeats", "0", "--quiet"]
+
+
+def bise(*args, env=None, **kwargs) -> subprocess.CompletedProcess:
+    """``python -m bise ARGS`` with this checkout first on PYTHONPATH."""
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", **(env or {})}
+    return subprocess.run([sys.executable, "-m", "bise", *map(str, args)], capture_output=True, text=True, env=env,
+                          timeout=300, **kwargs)
+
+
+def one_line_error(proc, command: str, *needles: str) -> str:
+    assert proc.returncode == 2, proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"bise {command}: error: "), proc.stderr
+    for needle in needles:
+        assert needle in lines[0], lines[0]
+    return lines[0]
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory):
+    out = tmp_path_factory.mktemp("errors") / "run"
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        assert main(["run", *TINY, "--out", str(out)]) == 0
+    finally:
+        torch.set_num_threads(threads)
+    return out
+
+
+def _snapshot(out: Path) -> dict:
+    return {f: (out / f).read_bytes() for f in os.listdir(out) if (out / f).is_file() and f != ".bise.lock"}
+
+
+@pytest.mark.parametrize("device, needle", [("cuda:7", "cuda:7"), ("gpu", "got 'gpu'"), ("meta", "cpu or cuda only")])
+def test_device_is_checked_before_any_work(tmp_path, device, needle):
+    out = tmp_path / "run"
+    one_line_error(bise("train", "--data", "colored-digits", "--device", device, "--out", out), "train", "--device",
+                   needle)
+    assert not out.exists()
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has CUDA")
+@pytest.mark.parametrize("device, needle", [("cuda", "CUDA is not available"), ("mps", "cpu or cuda only")])
+def test_device_in_process(tmp_path, capsys, device, needle):
+    assert main(["extract", "--data", "colored-digits", "--device", device, "--out", str(tmp_path / "run")]) == 2
+    assert needle in capsys.readouterr().err and not (tmp_path / "run").exists()
+
+
+def test_unwritable_out_and_cache_dir(tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    one_line_error(bise("train", "--data", "colored-digits", "--out", blocker / "run"), "train", "cannot be created")
+    env = {"BISE_CACHE_DIR": str(blocker / "cache")}  # a folder that cannot exist: the cache cannot be written
+    one_line_error(bise("train", "--data", "colored-digits:rho=0.95,n_train=40", "--out", tmp_path / "run", env=env),
+                   "train", "cannot write the data cache", "BISE_CACHE_DIR")
+    assert not (tmp_path / "run").exists()
+    if os.geteuid() == 0:
+        return  # root writes into read-only folders; the permission check itself needs an ordinary user
+    ro = tmp_path / "ro"
+    ro.mkdir()
+    ro.chmod(0o555)
+    one_line_error(bise("train", "--data", "colored-digits", "--out", ro), "train", "is not writable")
+
+
+def test_bias_classes_and_label_free_flag_before_training(tmp_path):
+    rng = np.random.default_rng(0)
+    arrays = {f"{s}_{k}": v for s, n in (("train", 60), ("test", 20)) for k, v in
+              (("x", rng.integers(0, 255, (n, 8, 8, 3), dtype=np.uint8)), ("y", rng.integers(0, 2, n)),
+               ("b", rng.integers(0, 3, n)))}
+    np.savez(tmp_path / "three_bias.npz", **arrays)
+    start = time.monotonic()
+    proc = bise("run", "--data", tmp_path / "three_bias.npz", "--arch", "mlp", "--vanilla-epochs", "100000",
+                "--out", tmp_path / "run", "--quiet")
+    one_line_error(proc, "run", "bias classes", "--label-free")
+    assert time.monotonic() - start < 120 and not (tmp_path / "run").exists()  # 100000 epochs did not run
+
+
+def test_subcommands_take_only_their_options():
+    proc = bise("export", "--out", "x", "--budget", "0.3")  # argparse's own error: usage, then the error line
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines()[-1].startswith("bise export: error: unrecognized arguments: --budget 0.3")
+    parser = build_parser()
+    for name, sub in parser._subparsers._group_actions[0].choices.items():
+        for action in sub._actions:
+            assert action.help, (name, action.option_strings)
+    choices = parser._subparsers._group_actions[0].choices
+    assert "--mask-epochs" not in choices["train"].format_help() and "--mask-epochs" in choices["run"].format_help()
+
+
+def test_diverged_vanilla_is_not_saved(tmp_path):
+    out = tmp_path / "run"
+    proc = bise("train", "--data", "colored-digits", "--arch", "mlp", "--vanilla-epochs", "1", "--lr", "1e9", "--out",
+                out, "--quiet")
+    one_line_error(proc, "train", "non-finite weights", "diverged", "--lr")
+    assert not out.exists()
+
+
+def test_a_locked_out_is_refused_naming_the_holder(run_dir):
+    before = _snapshot(run_dir)
+    with open(run_dir / ".bise.lock", "r+") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        lock.write("424242\n")
+        lock.flush()
+        one_line_error(bise("evaluate", "--out", run_dir), "evaluate", "in use by another bise command (pid 424242)")
+    assert _snapshot(run_dir) == before
+
+
+def test_files_follow_the_umask(tmp_path):
+    out, cache = tmp_path / "run", tmp_path / "cache"
+    proc = bise("train", "--data", "colored-digits:rho=0.9,n_train=50", "--arch", "mlp", "--vanilla-epochs", "0",
+                "--out", out, "--quiet", env={"BISE_CACHE_DIR": str(cache)}, umask=0o027)
+    assert proc.returncode == 0, proc.stderr
+    files = [out / "vanilla.pt", out / "run.json", *cache.glob("*.npz")]
+    assert len(files) == 3
+    for f in files:
+        assert stat.S_IMODE(f.stat().st_mode) == 0o640, f
+
+
+def test_seed_and_data_come_from_the_run(run_dir, tmp_path, capsys):
+    one_line_error(bise("evaluate", "--out", run_dir, "--seed", "3"), "evaluate", "--seed 0, not 3")
+    out = tmp_path / "seeded"
+    assert main(["train", "--data", "colored-digits", "--arch", "mlp", "--vanilla-epochs", "0", "--seed", "3",
+                 "--out", str(out), "--quiet"]) == 0
+    assert main(["extract", "--mask-epochs", "1", "--head-epochs", "0", "--out", str(out), "--quiet"]) == 0
+    manifest = json.loads((out / "run.json").read_text())
+    assert {e["data"]["seed"] for e in manifest["artefacts"].values()} == {3}
+
+
+def test_relative_data_path_is_stored_resolved(tmp_path):
+    rng = np.random.default_rng(1)
+    arrays = {f"{s}_{k}": v for s, n in (("train", 40), ("test", 20)) for k, v in
+              (("x", rng.integers(0, 255, (n, 4, 4, 3), dtype=np.uint8)), ("y", rng.integers(0, 2, n)),
+               ("b", rng.integers(0, 2, n)))}
+    (tmp_path / "a").mkdir()
+    np.savez(tmp_path / "a" / "mine.npz", **arrays)
+    out = tmp_path / "run"
+    proc = bise("train", "--data", "mine.npz", "--arch", "mlp", "--vanilla-epochs", "0", "--out", out, "--quiet",
+                cwd=tmp_path / "a")
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads((out / "run.json").read_text())["data"]["spec"] == str(tmp_path / "a" / "mine.npz")
+    cwd = os.getcwd()
+    try:
+        os.chdir(tmp_path)
+        assert main(["extract", "--mask-epochs", "1", "--head-epochs", "0", "--out", "run", "--quiet"]) == 0
+        assert main(["extract", "--data", "a/mine.npz", "--mask-epochs", "1", "--head-epochs", "0", "--out", "run",
+                     "--quiet", "--overwrite"]) == 0  # the same file named from here: the same run
+    finally:
+        os.chdir(cwd)
+
+
+def test_resume_says_what_it_reuses(run_dir, capsys):
+    assert main(["run", *TINY[:-1], "--vanilla-epochs", "30", "--out", str(run_dir), "--resume"]) == 0
+    captured = capsys.readouterr()
+    assert "reusing the run's vanilla.pt (epochs 1" in captured.err and "--vanilla-epochs 30 ignored" in captured.err
+    assert main(["extract", "--mask-epochs", "2", "--head-epochs", "1", "--out", str(run_dir), "--resume"]) == 0
+    assert "resuming from epoch 2 of 2" in capsys.readouterr().out
+
+
+def test_ctrl_c_prints_one_line_with_the_resume_command(tmp_path):
+    out = tmp_path / "run"
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen([sys.executable, "-m", "bise", "run", *TINY[:4], "--vanilla-epochs", "100000",
+                             "--out", str(out)], stderr=subprocess.PIPE, text=True, env=env)
+    seen = ""
+    while "vanilla" not in seen:  # the progress bar: training has started
+        seen += proc.stderr.read(1)
+        assert seen or proc.poll() is None
+    proc.send_signal(signal.SIGINT)
+    rest = proc.communicate(timeout=120)[1]
+    assert proc.returncode == 130
+    assert "Traceback" not in rest
+    assert rest.strip().splitlines()[-1] == "bise run: interrupted; nothing was changed; run the command again to redo it"
+    assert not out.exists()  # the folder it created is gone

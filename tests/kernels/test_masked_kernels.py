@@ -1,0 +1,112 @@
+"""Every backend's masked linear / conv2d and channel-gate kernels against the reference backend:
+outputs and every gradient (cases: _masked_cases.py). Backend files add only what is theirs
+(tile edges, launch splits, the C++/CUDA argument errors, the nvcc compile)."""
+
+import itertools
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from _masked_cases import (ALL_NEEDS, CONV_CASES, DTYPES, ESTIMATORS, GATE_LAYOUTS, assert_grads, check_conv,
+                           check_gate, check_linear, randn, tied_scores, tol)
+from bise_kernels.backends import reference as R
+
+# ----------------------------------------------------------------------------- masked linear
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("structured", [False, True])
+@pytest.mark.parametrize("estimator,temperature", ESTIMATORS)
+def test_masked_linear_matches_reference(kernels, dtype, structured, estimator, temperature):
+    check_linear(kernels, kernels.device, dtype, structured, estimator, temperature)
+
+
+@pytest.mark.parametrize("needs", [n for n in itertools.product([False, True], repeat=4) if any(n)])
+@pytest.mark.parametrize("structured", [False, True])
+def test_masked_linear_computes_only_needed_gradients(kernels, needs, structured):
+    check_linear(kernels, kernels.device, torch.float32, structured, "sigmoid", 2.0, needs)
+
+
+@pytest.mark.parametrize("score_dtype", [torch.float64, torch.float16])
+def test_masked_linear_scores_in_another_dtype(kernels, score_dtype):
+    device = kernels.device
+    x, w = randn(6, 11, dtype=torch.bfloat16, seed=1, device=device), randn(9, 11, dtype=torch.bfloat16, seed=2,
+                                                                           device=device)
+    scores, thr, cut = tied_scores((9, 11), score_dtype, seed=3, device=device)
+    torch.testing.assert_close(kernels.masked_linear_forward(x, w, None, scores, thr, cut),
+                               R.masked_linear_forward(x, w, None, scores, thr, cut), **tol(torch.bfloat16))
+    args = (randn(6, 9, dtype=torch.bfloat16, seed=4, device=device), x, w, scores, thr, cut, "sigmoid", 1.0,
+            ALL_NEEDS)
+    got, want = kernels.masked_linear_backward(*args), R.masked_linear_backward(*args)
+    assert_grads(got[:3], want[:3], torch.bfloat16)
+    assert got[3].dtype == score_dtype
+    torch.testing.assert_close(got[3], want[3], rtol=2e-2, atol=2e-2)
+
+
+def test_masked_linear_strided_operands(kernels):
+    device = kernels.device
+    xt, wt = randn(26, 37, seed=1, device=device), randn(23, 29, seed=2, device=device)
+    x, w = xt[2:-1].t(), wt.t()  # non-contiguous views: x (37, 23), w (29, 23)
+    scores, thr, cut = tied_scores((23, 29), seed=3, device=device)
+    scores = scores.t()  # (29, 23), column-major
+    torch.testing.assert_close(kernels.masked_linear_forward(x, w, None, scores, thr, cut),
+                               R.masked_linear_forward(x, w, None, scores, thr, cut), **tol(torch.float32))
+    args = (randn(29, 37, seed=4, device=device).t(), x, w, scores, thr, cut, "sigmoid", 0.7, ALL_NEEDS)
+    assert_grads(kernels.masked_linear_backward(*args), R.masked_linear_backward(*args), torch.float32)
+
+
+@pytest.mark.parametrize("structured", [False, True])
+def test_threshold_mode_keeps_all_ties(kernels, structured):
+    device = kernels.device
+    x, w = randn(4, 10, seed=1, device=device), randn(6, 10, seed=2, device=device)
+    scores, _, _ = tied_scores((6,) if structured else (6, 10), seed=3, device=device)
+    thr = torch.tensor(0.0, device=device)
+    cut = torch.tensor(R.KEEP_ALL_TIES, device=device)
+    keep = scores >= 0
+    want = F.linear(x, w * (keep[:, None] if structured else keep))
+    torch.testing.assert_close(kernels.masked_linear_forward(x, w, None, scores, thr, cut), want, **tol(torch.float32))
+
+
+# ----------------------------------------------------------------------------- masked conv2d
+
+
+@pytest.mark.parametrize("conv_case", CONV_CASES)
+@pytest.mark.parametrize("structured", [False, True])
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_masked_conv2d_matches_reference(kernels, conv_case, structured, channels_last):
+    check_conv(kernels, kernels.device, torch.float32, conv_case, structured, channels_last)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("needs", [[True, False, False, True], [False, True, True, False], ALL_NEEDS])
+def test_masked_conv2d_dtypes_and_needs(kernels, dtype, needs):
+    check_conv(kernels, kernels.device, dtype, CONV_CASES[2], False, False, needs)
+
+
+# ----------------------------------------------------------------------------- channel gate
+
+
+@pytest.mark.parametrize("layout", list(GATE_LAYOUTS))
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("estimator,temperature", ESTIMATORS)
+def test_channel_gate_matches_reference(kernels, layout, dtype, estimator, temperature):
+    check_gate(kernels, kernels.device, layout, dtype, estimator, temperature)
+
+
+def test_channel_gate_grad_y_in_another_layout_than_x(kernels):
+    device = kernels.device
+    x = randn(3, 7, 5, 6, seed=1, device=device).to(memory_format=torch.channels_last)
+    scores, thr, cut = tied_scores((7,), seed=2, device=device)
+    args = (randn(3, 7, 5, 6, seed=3, device=device), x, scores, thr, cut, 1, "sigmoid", 0.3, [True, True])
+    assert_grads(kernels.channel_gate_backward(*args), R.channel_gate_backward(*args), torch.float32)
+
+
+def test_channel_gate_long_reduction_axis(kernels):
+    """Many entries per channel (split over programs / threads where a backend does so)."""
+    device = kernels.device
+    x = randn(600, 5, seed=1, device=device)
+    scores = torch.tensor([0.3, -1.0, 0.3, 2.0, 0.3], device=device)
+    thr, cut = (t.to(device) for t in R.topk_select([scores.cpu()], 2))
+    args = (randn(600, 5, seed=2, device=device), x, scores, thr, cut, 1, "sigmoid", 1.0, [True, True])
+    assert_grads(kernels.channel_gate_backward(*args), R.channel_gate_backward(*args), torch.float32)

@@ -1,0 +1,293 @@
+"""Every torch.ops.bise_kernels_ext op, called directly with bad input, raises a RuntimeError naming
+the argument (the checks of csrc/checks.h, shared by the CPU and CUDA implementations); odd but
+valid input (non-contiguous, empty) gives the reference's result.
+
+Each case calls the implementation of one device through the dispatcher (``redispatch`` to that
+device's key), so a tensor on another device reaches the implementation as it would in a mixed-device
+call. On CPU the "other" device is ``meta``; on CUDA it is the CPU. The CUDA cases run in a child
+process so that a crash fails one test instead of killing the run; they need a GPU and an
+extension built with its CUDA kernels.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from dataclasses import dataclass
+from typing import Callable
+
+import pytest
+import torch
+
+from bise_kernels.backends import reference as R
+
+try:
+    from bise_kernels._extension import ext_ops
+
+    EXT = ext_ops()
+except ImportError as exc:  # the compiled extension is missing
+    pytest.skip(f"bise_kernels._C unavailable: {exc}", allow_module_level=True)
+
+OTHER = {"cpu": "meta", "cuda": "cpu"}
+KEY = {"cpu": torch._C.DispatchKey.CPU, "cuda": torch._C.DispatchKey.CUDA}
+
+
+def call(name: str, device: str, *args):
+    """The ``device`` implementation of op ``name`` on ``args``, whatever devices the args are on."""
+    return getattr(EXT, name).default.redispatch(torch._C.DispatchKeySet(KEY[device]), *args)
+
+
+@dataclass
+class Case:
+    op: str
+    args: Callable[[str, str], tuple]  # (device, other device) -> arguments
+    match: str  # the error message must contain this (a regex), with {device} filled in
+
+    def check(self, device: str) -> None:
+        with pytest.raises(RuntimeError, match=self.match.format(device=device)):
+            call(self.op, device, *self.args(device, OTHER[device]))
+
+
+def _t(*shape, device, dtype=torch.float32):
+    return torch.randn(shape, generator=torch.Generator().manual_seed(0)).to(device=device, dtype=dtype)
+
+
+def _sel(device, dtype=torch.float32):
+    """A valid (thr, cut) on ``device``."""
+    return torch.zeros((), dtype=dtype, device=device), torch.full((), 5, dtype=torch.int64, device=device)
+
+
+def _layer(d):
+    w, s = _t(3, 4, device=d), _t(3, 4, device=d)
+    return (w, s, *_sel(d))
+
+
+def _grad_args(d, **over):
+    w, s, thr, cut = _layer(d)
+    args = dict(grad=_t(3, 4, device=d), w=w, s=s, thr=thr, cut=cut, estimator="ste", temperature=1.0)
+    args.update(over)
+    return (args["grad"], args["w"], args["s"], args["thr"], args["cut"], args["estimator"], args["temperature"],
+            True, True)
+
+
+def _gate_args(d, **over):
+    args = dict(x=_t(2, 5, 3, device=d), s=_t(5, device=d), thr=_sel(d)[0], cut=_sel(d)[1], dim=1)
+    args.update(over)
+    return args["x"], args["s"], args["thr"], args["cut"], args["dim"]
+
+
+def _gate_bwd_args(d, gy=None, estimator="sigmoid", temperature=1.0, **over):
+    x, s, thr, cut, dim = _gate_args(d, **over)
+    gy = _t(*x.shape, device=d) if gy is None else gy
+    return gy, x, s, thr, cut, dim, estimator, temperature, True, True
+
+
+CASES = {
+    # ------------------------------------------------------------------ topk_select
+    "topk_empty_list": Case("topk_select", lambda d, o: ([], 1, None), "scores is an empty list"),
+    "topk_other_device": Case("topk_select", lambda d, o: ([_t(4, device=d), _t(4, device=o)], 1, None),
+                              r"scores\[1\] must be a {device} tensor"),
+    "topk_int_scores": Case("topk_select", lambda d, o: ([torch.arange(4, device=d)], 1, None),
+                            r"scores\[0\] must be float32/float64/float16/bfloat16"),
+    "topk_mixed_dtypes": Case("topk_select", lambda d, o: ([_t(4, device=d), _t(4, device=d).half()], 1, None),
+                              r"scores\[1\] has dtype Half but scores\[0\] has Float"),
+    "topk_empty_tensor": Case("topk_select", lambda d, o: ([_t(4, device=d), _t(0, device=d)], 1, None),
+                              r"scores\[1\] is empty"),
+    "topk_k_zero": Case("topk_select", lambda d, o: ([_t(4, device=d)], 0, None), r"k must be in \[1, 4\]"),
+    "topk_k_too_large": Case("topk_select", lambda d, o: ([_t(4, device=d), _t(3, device=d)], 8, None),
+                             r"k must be in \[1, 7\]"),
+    "topk_hint_shape": Case("topk_select", lambda d, o: ([_t(4, device=d)], 1, _t(2, device=d)),
+                            r"hint must have 1 element\(s\), got shape \[2\]"),
+    "topk_hint_dtype": Case("topk_select", lambda d, o: ([_t(4, device=d)], 1, torch.ones(1, dtype=torch.int32)),
+                            "hint must be a float tensor"),
+    # ------------------------------------------------------------------ batched_topk_select
+    "batched_ks_length": Case("batched_topk_select", lambda d, o: ([_t(4, device=d), _t(4, device=d)], [1], None),
+                              r"ks has 1 entries for 2 problem\(s\)"),
+    "batched_ks_range": Case("batched_topk_select", lambda d, o: ([_t(4, device=d), _t(2, device=d)], [1, 3], None),
+                             r"ks\[1\] must be in \[1, 2\]"),
+    "batched_other_device": Case("batched_topk_select", lambda d, o: ([_t(4, device=d), _t(4, device=o)], [1, 1], None),
+                                 r"scores\[1\] must be a {device} tensor"),
+    "batched_hints_shape": Case("batched_topk_select",
+                                lambda d, o: ([_t(4, device=d), _t(4, device=d)], [1, 1], _t(3, device=d)),
+                                r"hints must have 2 element\(s\)"),
+    # ------------------------------------------------------------------ keep_mask
+    "keep_mask_other_device": Case("keep_mask", lambda d, o: (_t(4, device=o), *_sel(d), 0),
+                                   "scores must be a {device} tensor"),
+    "keep_mask_thr_device": Case("keep_mask", lambda d, o: (_t(4, device=d), *_sel(o), 0),
+                                 "thr and cut must be on the scores' device"),
+    "keep_mask_thr_dtype": Case("keep_mask", lambda d, o: (_t(4, device=d), *_sel(d, torch.float16), 0),
+                                "thr must have the scores' dtype"),
+    "keep_mask_cut_shape": Case("keep_mask", lambda d, o: (_t(4, device=d), _sel(d)[0], torch.ones(2, dtype=torch.int64,
+                                                                                                  device=d), 0),
+                                "cut must be a one-element tensor"),
+    "keep_mask_int_scores": Case("keep_mask", lambda d, o: (torch.arange(4, device=d), *_sel(d), 0),
+                                 "scores must be float32/float64/float16/bfloat16"),
+    # ------------------------------------------------------------------ masked_weight
+    "weight_other_device": Case("masked_weight", lambda d, o: (_t(3, 4, device=o), *_layer(d)[1:]),
+                                "weight must be a {device} tensor"),
+    "weight_scores_other_device": Case("masked_weight", lambda d, o: (_layer(d)[0], _t(3, 4, device=o), *_sel(d)),
+                                       "scores must be a {device} tensor"),
+    "weight_selection_other_device": Case("masked_weight", lambda d, o: (*_layer(d)[:2], *_sel(o)),
+                                          "thr and cut must be on the scores' device"),
+    "weight_int": Case("masked_weight", lambda d, o: (torch.ones(3, 4, dtype=torch.int32, device=d), *_layer(d)[1:]),
+                       "weight must be float32/float64/float16/bfloat16"),
+    "weight_scalar": Case("masked_weight", lambda d, o: (_t(device=d), _t(device=d), *_sel(d)),
+                          "weight must have at least one dimension"),
+    "weight_scores_shape": Case("masked_weight", lambda d, o: (_layer(d)[0], _t(4, 3, device=d), *_sel(d)),
+                                r"scores must have weight's shape \[3, 4\] or \(3,\), got \[4, 3\]"),
+    "weight_thr_shape": Case("masked_weight", lambda d, o: (*_layer(d)[:2], _t(2, device=d), _sel(d)[1]),
+                             "thr must be a one-element tensor"),
+    "weight_thr_dtype": Case("masked_weight", lambda d, o: (*_layer(d)[:2], *_sel(d, torch.float64)),
+                             "thr must have the scores' dtype"),
+    "weight_cut_dtype": Case("masked_weight", lambda d, o: (*_layer(d)[:3], torch.zeros((), device=d)),
+                             "cut must be int64"),
+    # ------------------------------------------------------------------ masked_score_grad
+    "score_grad_other_device": Case("masked_score_grad", lambda d, o: _grad_args(d, grad=_t(3, 4, device=o)),
+                                    "grad_w_eff must be a {device} tensor"),
+    "score_grad_shape": Case("masked_score_grad", lambda d, o: _grad_args(d, grad=_t(4, 3, device=d)),
+                             "grad_w_eff must be like weight"),
+    "score_grad_dtype": Case("masked_score_grad", lambda d, o: _grad_args(d, grad=_t(3, 4, device=d).half()),
+                             "grad_w_eff must be like weight"),
+    "score_grad_strides": Case("masked_score_grad", lambda d, o: _grad_args(d, grad=_t(4, 3, device=d).t()),
+                               r"grad_w_eff must be contiguous \(it is masked in place\), got strides \[1, 3\]"),
+    "score_grad_estimator": Case("masked_score_grad", lambda d, o: _grad_args(d, estimator="straight"),
+                                 "estimator must be 'ste' or 'sigmoid', got 'straight'"),
+    "score_grad_temperature": Case("masked_score_grad", lambda d, o: _grad_args(d, temperature=0.0),
+                                   "temperature must be a positive finite float"),
+    "score_grad_temperature_nan": Case("masked_score_grad", lambda d, o: _grad_args(d, temperature=float("nan")),
+                                       "temperature must be a positive finite float"),
+    "score_grad_weight_other_device": Case("masked_score_grad", lambda d, o: _grad_args(d, w=_t(3, 4, device=o)),
+                                           "weight must be a {device} tensor"),
+    # ------------------------------------------------------------------ channel_gate_forward
+    "gate_other_device": Case("channel_gate_forward", lambda d, o: _gate_args(d, x=_t(2, 5, 3, device=o)),
+                              "x must be a {device} tensor"),
+    "gate_scores_other_device": Case("channel_gate_forward", lambda d, o: _gate_args(d, s=_t(5, device=o)),
+                                     "scores must be a {device} tensor"),
+    "gate_int": Case("channel_gate_forward",
+                     lambda d, o: _gate_args(d, x=torch.ones(2, 5, 3, dtype=torch.int32, device=d)),
+                     "x must be float32/float64/float16/bfloat16"),
+    "gate_scalar": Case("channel_gate_forward", lambda d, o: _gate_args(d, x=_t(device=d), dim=0),
+                        "x must have at least one dimension"),
+    "gate_dim": Case("channel_gate_forward", lambda d, o: _gate_args(d, dim=3), r"dim must be in \[-3, 2\], got 3"),
+    "gate_dim_negative": Case("channel_gate_forward", lambda d, o: _gate_args(d, dim=-4), "dim must be in"),
+    "gate_scores_shape": Case("channel_gate_forward", lambda d, o: _gate_args(d, s=_t(4, device=d)),
+                              r"scores must have shape \(5,\) \(x.shape\[1\]\), got \[4\]"),
+    "gate_scores_2d": Case("channel_gate_forward", lambda d, o: _gate_args(d, s=_t(5, 1, device=d)),
+                           r"scores must have shape \(5,\)"),
+    "gate_thr_device": Case("channel_gate_forward", lambda d, o: _gate_args(d, thr=_sel(o)[0]),
+                            "thr and cut must be on the scores' device"),
+    # ------------------------------------------------------------------ channel_gate_backward
+    "gate_grad_other_device": Case("channel_gate_backward", lambda d, o: _gate_bwd_args(d, gy=_t(2, 5, 3, device=o)),
+                                   "grad_y must be a {device} tensor"),
+    "gate_grad_shape": Case("channel_gate_backward", lambda d, o: _gate_bwd_args(d, gy=_t(2, 5, 4, device=d)),
+                            "grad_y must be like x"),
+    "gate_grad_dtype": Case("channel_gate_backward",
+                            lambda d, o: _gate_bwd_args(d, gy=_t(2, 5, 3, device=d, dtype=torch.float64)),
+                            "grad_y must be like x"),
+    "gate_grad_estimator": Case("channel_gate_backward", lambda d, o: _gate_bwd_args(d, estimator="hard"),
+                                "estimator must be 'ste' or 'sigmoid'"),
+    "gate_grad_temperature": Case("channel_gate_backward", lambda d, o: _gate_bwd_args(d, temperature=-1.0),
+                                  "temperature must be a positive finite float"),
+    "gate_grad_x_other_device": Case("channel_gate_backward", lambda d, o: _gate_bwd_args(d, x=_t(2, 5, 3, device=o)),
+                                     "x must be a {device} tensor"),
+}
+
+CUDA_CASES = {
+    "topk_float64": Case("topk_select", lambda d, o: ([_t(4, device=d, dtype=torch.float64)], 1, None),
+                         r"scores\[0\] must be float32/float16/bfloat16 on this device"),
+    "keep_mask_float64": Case("keep_mask", lambda d, o: (_t(4, device=d, dtype=torch.float64),
+                                                         *_sel(d, torch.float64), 0),
+                              "scores must be float32/float16/bfloat16 on this device"),
+}
+
+
+@pytest.mark.parametrize("case", list(CASES), ids=str)
+def test_bad_input_names_the_argument_cpu(case):
+    CASES[case].check("cpu")
+
+
+def test_every_op_has_bad_input_cases():
+    ops = {c.op for c in CASES.values()}
+    assert ops == {"topk_select", "batched_topk_select", "keep_mask", "masked_weight", "masked_score_grad",
+                   "channel_gate_forward", "channel_gate_backward"}
+
+
+# ----------------------------------------------------------------------------- valid but unusual input
+
+
+def _odd_layouts(device):
+    """Non-contiguous, channels_last, and empty inputs with the reference's result, one per op."""
+    w = _t(6, 10, device=device).t()  # non-contiguous (10, 6)
+    s = _t(6, 10, device=device).t()
+    thr, cut = R.topk_select([s], 31)
+    yield "masked_weight", (w, s, thr, cut), (w * R.keep_mask(s, thr, cut)).contiguous()
+    su = _t(10, device=device)
+    thr_u, cut_u = R.topk_select([su], 4)
+    yield "masked_weight", (w, su, thr_u, cut_u), w * R.keep_mask(su, thr_u, cut_u)[:, None]
+    empty = _t(0, 4, device=device)
+    yield "masked_weight", (empty, empty, thr, cut), empty
+    # no weights per unit: every score gradient is a sum of nothing
+    w0, g0, s0 = _t(3, 0, device=device), _t(3, 0, device=device), _t(3, device=device)
+    yield "masked_score_grad", (g0, w0, s0, thr, cut, "ste", 1.0, True, True), torch.zeros(3, device=device)
+    x = _t(2, 5, 4, 3, device=device).permute(0, 1, 3, 2)  # neither contiguous nor channels_last
+    sg = _t(5, device=device)
+    thr_g, cut_g = R.topk_select([sg], 2)
+    yield "channel_gate_forward", (x, sg, thr_g, cut_g, 1), R.channel_gate_forward(x, sg, thr_g, cut_g, 1)
+    xc = _t(2, 5, 4, 3, device=device).to(memory_format=torch.channels_last)
+    yield "channel_gate_forward", (xc, sg, thr_g, cut_g, -3), R.channel_gate_forward(xc, sg, thr_g, cut_g, 1)
+    keep = R.keep_mask(sg, thr_g, cut_g)
+    yield "channel_gate_backward", (x, x, sg, thr_g, cut_g, 1, "ste", 1.0, True, False), (x * keep[:, None, None], None)
+    flat = _t(9, 7, device=device).t()
+    yield "keep_mask", (flat, *R.topk_select([flat], 20), 0), R.keep_mask(flat, *R.topk_select([flat], 20), 0)
+    yield "topk_select", ([flat, w], 50, None), R.topk_select([flat, w], 50)
+
+
+def _check_odd_layouts(device):
+    for name, args, want in _odd_layouts(device):
+        got = call(name, device, *args)
+        if name == "channel_gate_backward":
+            got, want = got[0], want[0]
+        if isinstance(want, tuple):
+            for g, w in zip(got, want):
+                assert torch.equal(g.cpu(), w.cpu()), name
+        else:
+            assert got.shape == want.shape and torch.equal(got.cpu(), want.cpu()), name
+
+
+def test_odd_layouts_and_empty_inputs_match_the_reference_cpu():
+    _check_odd_layouts("cpu")
+
+
+# ----------------------------------------------------------------------------- CUDA, in a child process
+
+
+def run_cuda_cases() -> list[str]:
+    """All cases on CUDA; returns the failures (called in the child process)."""
+    failures = []
+    for name, case in {**CASES, **CUDA_CASES}.items():
+        try:
+            case.check("cuda")
+        except BaseException as exc:  # noqa: BLE001 - report every failing case, then fail once
+            failures.append(f"{name}: {type(exc).__name__}: {exc}")
+    try:
+        _check_odd_layouts("cuda")
+        torch.cuda.synchronize()
+    except BaseException as exc:  # noqa: BLE001
+        failures.append(f"odd layouts: {type(exc).__name__}: {exc}")
+    return failures
+
+
+def test_bad_input_names_the_argument_cuda():
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA device")
+    from bise_kernels import _C
+
+    if not _C.WITH_CUDA:
+        pytest.skip("the extension was built without its CUDA kernels")
+    here = os.path.dirname(os.path.abspath(__file__))
+    code = "import sys, test_native_checks as t; f = t.run_cuda_cases(); print('\\n'.join(f)); sys.exit(1 if f else 0)"
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([here, os.environ.get("PYTHONPATH", "")])}
+    done = subprocess.run([sys.executable, "-X", "faulthandler", "-c", code], cwd=here, env=env, capture_output=True,
+                          text=True, timeout=300)
+    assert done.returncode == 0, f"exit status {done.returncode}\n{done.stdout}\n{done.stderr[-4000:]}"

@@ -1,0 +1,123 @@
+"""Every public op (torch.ops.bise_kernels.*) passes torch.library.opcheck on every backend available
+here (schema, fake impl, autograd registration, AOT dispatch with dynamic shapes), and a masked
+model runs under torch.compile(fullgraph=True) and torch.export with the results of eager mode."""
+
+import pytest
+import torch
+from torch import nn
+
+import bise_kernels as bk
+from bise_kernels import backends
+from bise_kernels.backends.reference import KEEP_ALL_TIES
+
+OPS = torch.ops.bise_kernels
+
+
+def _t(*shape, seed, dtype=torch.float32, grad=False):
+    t = torch.randn(*shape, generator=torch.Generator().manual_seed(seed), dtype=dtype)
+    return t.requires_grad_(grad)
+
+
+def _tie_selection(scores):
+    """``(thr, cut)`` cutting through a tie group at 0.0 (the tie rule is part of what is checked)."""
+    with torch.no_grad():
+        scores.view(-1)[:3] = 0.0
+    return torch.tensor(0.0), torch.tensor(2, dtype=torch.int64)  # of the three ties, keep the first two
+
+
+def _cases():
+    """(op, args) per public op; forward ops get inputs that require grad (autograd is checked)."""
+    scores = _t(6, 5, seed=0)
+    scores2 = _t(7, seed=1)
+    thr, cut = _tie_selection(scores)
+    hint = torch.tensor(0.1)
+    x, w, b = _t(3, 5, seed=2, grad=True), _t(6, 5, seed=3, grad=True), _t(6, seed=4, grad=True)
+    s = scores.clone().requires_grad_()
+    xc, wc, bc = _t(2, 4, 7, 6, seed=5, grad=True), _t(6, 2, 3, 2, seed=6, grad=True), _t(6, seed=7, grad=True)
+    sc = _t(6, seed=8, grad=True)
+    conv = ([2, 1], [1, 2], [1, 2], 2)
+    xg, sg = _t(2, 6, 5, seed=9, grad=True), _t(6, seed=10, grad=True)
+    all_ties = torch.tensor(KEEP_ALL_TIES)
+    gy_c = _t(*bk._checks.conv2d_output_shape(xc.shape, wc.shape, *conv[:3]), seed=11)
+    return {
+        "topk_select": (OPS.topk_select, ([scores, scores2], 20, None)),
+        "topk_select_hinted": (OPS.topk_select, ([scores], 12, hint)),
+        "batched_topk_select": (OPS.batched_topk_select, ([scores, scores2], [12, 3], torch.tensor([0.1, -0.2]))),
+        "keep_mask": (OPS.keep_mask, (scores2, thr, torch.tensor(33), 30)),
+        "masked_linear": (OPS.masked_linear, (x, w, b, s, thr, cut, "ste", 1.0)),
+        "masked_linear_structured": (OPS.masked_linear, (x, w, None, sc, thr, all_ties, "sigmoid", 0.7)),
+        "masked_linear_backward": (OPS.masked_linear_backward, (
+            _t(3, 6, seed=12), x.detach(), w.detach(), scores, thr, cut, "sigmoid", 0.5, [True, True, True, True])),
+        "masked_conv2d": (OPS.masked_conv2d, (xc, wc, bc, sc, thr, all_ties, *conv, "sigmoid", 0.5)),
+        "masked_conv2d_backward": (OPS.masked_conv2d_backward, (
+            gy_c, xc.detach(), wc.detach(), sc.detach(), thr, cut, *conv, "ste", 1.0, [True, False, True, True])),
+        "channel_gate": (OPS.channel_gate, (xg, sg, thr, all_ties, 1, "sigmoid", 1.0)),
+        "channel_gate_backward": (OPS.channel_gate_backward, (
+            _t(2, 6, 5, seed=13), xg.detach(), sg.detach(), thr, cut, 1, "sigmoid", 1.0, [True, True])),
+    }
+
+
+CASES = list(_cases())
+
+
+def test_every_public_op_has_a_case():
+    ops = {name for name in dir(OPS) if not name.startswith("_") and isinstance(getattr(OPS, name),
+                                                                                 torch._ops.OpOverloadPacket)}
+    assert ops == {op._qualified_op_name.split("::")[1] for op, _ in _cases().values()}
+
+
+def _kernel_name(op) -> str:
+    """The registry's kernel behind an op (forward ops run ``<op>_forward``)."""
+    name = op._qualified_op_name.split("::")[1]
+    return name + "_forward" if name in ("masked_linear", "masked_conv2d", "channel_gate") else name
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_opcheck(backend, case):
+    op, args = _cases()[case]
+    assert backends.resolve(_kernel_name(op), "cpu")[0] == backend  # the backend under test runs the op
+    torch.library.opcheck(op, args)
+
+
+class _Net(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3, padding=1)
+        self.gate = bk.ChannelGate(4, temperature=0.5)
+        self.fc = nn.Linear(4 * 5 * 5, 3)
+
+    def forward(self, x):
+        return self.fc(self.gate(torch.relu(self.conv(x))).flatten(1))
+
+
+def _masked_net():
+    torch.manual_seed(0)
+    net = _Net()
+    bk.mask_model(net, density=0.5, scope="global", freeze_weights=False)
+    with torch.no_grad():
+        net.gate.scores.copy_(torch.tensor([0.3, -0.1, 0.0, 0.2]))
+    return net
+
+
+def test_compile_fullgraph_of_a_masked_model_matches_eager(backend):
+    net, x = _masked_net(), torch.randn(2, 3, 5, 5)
+    expected = net(x)
+    expected.sum().backward()
+    want = {n: p.grad.clone() for n, p in net.named_parameters()}
+    net.zero_grad()
+    compiled = torch.compile(net, backend="aot_eager", fullgraph=True)
+    y = compiled(x)
+    torch.testing.assert_close(y, expected, rtol=0, atol=0)
+    y.sum().backward()
+    for name, p in net.named_parameters():
+        torch.testing.assert_close(p.grad, want[name], rtol=0, atol=0, msg=name)
+
+
+def test_export_of_a_masked_model_matches_eager(backend):
+    net, x = _masked_net(), torch.randn(2, 3, 5, 5)
+    program = torch.export.export(net, (x,))
+    targets = {str(n.target) for n in program.graph.nodes if n.op == "call_function"}
+    assert {"bise_kernels.topk_select.default", "bise_kernels.masked_conv2d.default",
+            "bise_kernels.masked_linear.default", "bise_kernels.channel_gate.default"} <= targets
+    x2 = torch.randn(2, 3, 5, 5)
+    torch.testing.assert_close(program.module()(x2), net(x2), rtol=0, atol=0)
