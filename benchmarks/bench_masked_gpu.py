@@ -104,7 +104,8 @@ def _linear_cases(k, d, where_mm) -> list[dict]:
         "name": f"masked_linear_fwd_bf16_{d.m}", "flops": flops, "bytes": io, "target_speedup": {"cublas_dense": 0.9},
         "fn": lambda: fwd(x, w, None, s, thr, cut),
         "check": lambda: _close(fwd(x, w, None, s, thr, cut), ref.masked_linear_forward(x, w, None, s, thr, cut)),
-        "baselines": {"cublas_dense": lambda: F.linear(x, w), "materialise_then_cublas": lambda: F.linear(x, d.w_eff())},
+        "baselines": {"cublas_dense": lambda: F.linear(x, w),
+                      "materialise_then_cublas": lambda: F.linear(x, d.w_eff())},
     }]
     if not api:
         bwd = k["masked_linear_backward"]

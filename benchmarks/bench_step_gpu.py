@@ -86,8 +86,9 @@ def _convs(div, device):
     wide, narrow = 256 // div, 64 // div
     layers = []
     for _ in range(3):
-        layers += [nn.Conv2d(wide, narrow, 1, bias=False), nn.ReLU(), nn.Conv2d(narrow, narrow, 3, padding=1, bias=False),
-                   nn.ReLU(), nn.Conv2d(narrow, wide, 1, bias=False), nn.ReLU()]
+        layers += [nn.Conv2d(wide, narrow, 1, bias=False), nn.ReLU(),
+                   nn.Conv2d(narrow, narrow, 3, padding=1, bias=False), nn.ReLU(),
+                   nn.Conv2d(narrow, wide, 1, bias=False), nn.ReLU()]
     return nn.Sequential(*layers).to(device=device, dtype=torch.bfloat16, memory_format=torch.channels_last)
 
 
