@@ -179,8 +179,8 @@ def test_kernels_compile_for_hopper_without_a_gpu():
     import sys
 
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    done = subprocess.run([sys.executable, "-c", f"TINY = {TINY!r}" + _COMPILE_FOR_SM90], env=env, capture_output=True, text=True,
-                          timeout=300)
+    done = subprocess.run([sys.executable, "-c", f"TINY = {TINY!r}" + _COMPILE_FOR_SM90], env=env,
+                          capture_output=True, text=True, timeout=300)
     assert done.returncode == 0 and "compiled" in done.stdout, done.stderr[-3000:]
 
 
