@@ -17,11 +17,13 @@
 
 namespace bise_checks {
 
-// A tensor of the implementation's device type; `device` is "cpu" or "cuda" in messages.
+// A dense tensor of the implementation's device type ("cpu" or "cuda" in messages).
 inline void check_device(const at::Tensor& t, const char* name, const char* op, at::DeviceType device) {
   TORCH_CHECK(t.defined(), op, ": ", name, " is an undefined tensor");
   TORCH_CHECK(t.device().type() == device, op, ": ", name, " must be a ", at::DeviceTypeName(device, true),
               " tensor, got one on ", t.device());
+  TORCH_CHECK(t.layout() == at::kStrided, op, ": ", name, " must be a dense (strided) tensor, got layout ",
+              t.layout());
 }
 
 inline bool is_float(at::ScalarType type) {
