@@ -181,7 +181,7 @@ def row_of(suite_dir: Path, prov: dict) -> dict:
         return row
     out = suite_dir / cfg["name"]
     report = json.loads((out / "report.json").read_text())
-    extraction = json.loads((out / "run.json").read_text())["config"]["extraction"]
+    extraction = report["config"]["extraction"]["result"]  # the extraction's info (Subnetwork.info)
     sizes = prov["test_groups"]
     few_large = len(sizes) <= 8 and min(sizes) >= 100
     for key, section in (("vanilla", "vanilla"), ("bise", "subnetwork"), ("bise_ft", "finetuned")):
