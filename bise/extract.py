@@ -36,8 +36,8 @@ from .data.maskset import PROTOCOLS as MASK_SETS
 from .data.maskset import mask_data
 from .evaluate import predict
 from .feature_cache import BottleneckTap, FrozenPrefix
-from .heads import set_head_grads
 from .gates import find_bottleneck, gates_of, insert_gates, remove_gates, set_gate_mode
+from .heads import set_head_grads
 from .subnetwork import Subnetwork
 from .models import reinitialize
 from .recipes import recipe_for
