@@ -1,7 +1,7 @@
 """Per-phase wall clock of a `bise run` against the GPU targets of the workflow (docs/workflow.md).
 
-``python scripts/workflow_report.py RUN_DIR/run.json [--wall-seconds S] [--out workflow.json]``
-reads the phase times that ``bise run`` records in run.json and writes (and prints) one JSON
+``python scripts/workflow_report.py RUN_DIR/report.json [--wall-seconds S] [--out workflow.json]``
+reads the phase times that ``bise run`` records in report.json and writes (and prints) one JSON
 with the machine, versions, commit, the seconds of every phase, the derived figures (vanilla
 step, mask epoch, whole schedule) and, for each target, the figure and whether it is met.
 """
@@ -30,9 +30,10 @@ def _commit() -> str:
 
 
 def report(run: dict, wall_seconds: float | None = None) -> dict:
-    """The report of a run.json (see the module docstring)."""
+    """The report of a report.json (see the module docstring)."""
     timing, config = run["timing"], run["config"]
-    vanilla, extraction = config.get("vanilla", {}), config["extraction"]
+    vanilla = config.get("vanilla", {})
+    extraction = {**config["extraction"], **config["extraction"].get("result", {})}  # settings + Subnetwork.info
     steps = vanilla.get("epochs", 0) * math.ceil(config["data"]["sizes"]["train"] / vanilla.get("batch_size", 1))
     phases = {k: v for k, v in timing.items() if k.endswith("_seconds")}
     whole = sum(timing.get(k, 0.0) for k in ("vanilla_training_seconds", "extraction_seconds", "export_seconds",
@@ -59,11 +60,11 @@ def report(run: dict, wall_seconds: float | None = None) -> dict:
 
 def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("run_json", type=Path)
+    parser.add_argument("report_json", type=Path)
     parser.add_argument("--wall-seconds", type=float, help="wall clock of the whole `bise run` command")
     parser.add_argument("--out", type=Path, help="where to write the report (default: print only)")
     args = parser.parse_args(argv)
-    result = report(json.loads(args.run_json.read_text()), args.wall_seconds)
+    result = report(json.loads(args.report_json.read_text()), args.wall_seconds)
     text = json.dumps(result, indent=1)
     if args.out is not None:
         args.out.write_text(text + "\n")
