@@ -1,4 +1,4 @@
-"""Masked MLP / small-CNN training step on CPU: the "cpp" backend vs dense vs edge-popup (issue #5).
+"""Masked MLP / small-CNN training step on CPU: the "cpp" backend vs dense vs edge-popup (target 9 of docs/prior-art.md).
 
 One step = forward, cross-entropy, backward. "dense" trains the weights of the unmasked network;
 "cpp" and "edgepopup" freeze the weights and train one score per weight, keeping the top half

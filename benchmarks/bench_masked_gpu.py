@@ -1,24 +1,27 @@
-"""GPU cases of the Triton masked kernels for the one-command GPU suite (issue #5 targets, H100).
+"""GPU cases of the masked kernels for the one-command GPU suite, per GPU backend and the public API.
 
-Cases (format: docs/gpu_suite.md; ``benchmarks/gpu_suite.py`` checks, times and compares them):
+Cases (format: docs/gpu_suite.md; ``benchmarks/gpu_suite.py`` checks, times and compares them),
+each for the backends "cuda" and "triton" (``<case>/<backend>``) and, where a public function
+does the same job, through the public API (``<case>/api``: checks, the top-k selection at density
+0.5 and the op, backend "auto"):
 
 * ``masked_linear_{fwd,dgrad,wgrad_scoregrad}_bf16_4096``: masked GEMM M = N = K = 4096 against
-  cuBLAS dense on the same shapes. Target: within 10% (speed-up >= 0.9). Also fp32 (no tf32) and
-  structured-scores forwards.
-* ``masked_linear_fwd_bf16_M{16,64,256}_4096x4096``: the memory-bound regime against
-  "materialise where(S >= t, W, 0), then cuBLAS" (target: speed-up >= 1.3) and against
-  torch.compile(mode="max-autotune") of the same graph (target: >= 1.0).
+  "cublas_dense" (the same GEMM unmasked) and "materialise_then_cublas" (where(S >= t, W, 0),
+  then the GEMM; for the score gradient: the dense weight gradient times W). Target: >= 0.9x
+  cuBLAS dense. Also fp32 (no tf32) and structured-scores forwards.
+* ``masked_linear_fwd_bf16_M{16,256}_4096x4096``: the memory-bound regime against
+  materialise-then-cuBLAS (target >= 1.3x) and torch.compile(mode="max-autotune") of the same
+  where-then-matmul graph (target >= 1.0x).
 * ``masked_conv_fwd_bwd_bf16_cl_b32_*``: ResNet-50 layer shapes, batch 32, channels_last:
-  masked forward + backward (grad_x and the score gradient: frozen weights) against dense cuDNN
-  forward + backward (grad_x and grad_W: the same three convolutions). Target: speed-up >= 1/1.05.
+  masked forward + backward (grad_x and the score gradient: frozen weights) against "cudnn_dense"
+  (forward + grad_x + grad_W of the dense conv) and "materialise_then_cudnn". Target >= 0.95x.
 * ``channel_gate_{fwd,bwd}_bf16_{nchw,channels_last}_32x256x56x56``: against eager ``x * g``
   and its eager backward.
 
-Every case checks its result against the reference backend before it is timed.
-Names end in ``/triton`` (``/torch`` in a dry run). ``gpu_cases(dry_run=True)`` builds tiny
-cases on the CPU with the reference kernels, to check the wiring without a GPU. The targets are
-ratios to baselines of the same run, so the cases carry no ``target_us``: read ``speedup``.
+Every case checks its result against the reference backend before it is timed. In a dry run
+(``gpu_cases(dry_run=True)``) the cases are tiny, on the CPU, for the backend "torch" and the API.
 """
+
 
 from __future__ import annotations
 
@@ -27,11 +30,14 @@ from types import SimpleNamespace
 import torch
 import torch.nn.functional as F
 
+import bise_kernels
+from bise_kernels.backends import BackendUnavailableError, kernel_table
 from bise_kernels.backends import reference as ref
 
+GPU_BACKENDS = ("cuda", "triton")
 DENSITY = 0.5
 BF16, FP32 = 2, 4
-FULL = SimpleNamespace(gemm=4096, small_m=(16, 64, 256), conv_batch=32, conv_scale=1, gate=(32, 256, 56, 56))
+FULL = SimpleNamespace(gemm=4096, small_m=(16, 256), conv_batch=32, conv_scale=1, gate=(32, 256, 56, 56))
 TINY = SimpleNamespace(gemm=64, small_m=(16,), conv_batch=2, conv_scale=16, gate=(2, 8, 5, 5))
 DGRAD, SCORE_GRAD, FROZEN_WEIGHTS = [True, False, False, False], [False, False, False, True], [True, False, False, True]
 
@@ -66,87 +72,131 @@ def _threshold(scores: torch.Tensor):
     return thr, torch.full((), ref.KEEP_ALL_TIES, dtype=torch.int64, device=scores.device)
 
 
-def _linear_cases(k, size, device, dry_run) -> list[dict]:
-    cases = []
+def _api_grads(y, inputs, gy):
+    return torch.autograd.grad(y, inputs, gy)
+
+
+def _linear_data(size, device) -> SimpleNamespace:
     m = n = kk = size.gemm
-    x = torch.randn(m, kk, device=device, dtype=torch.bfloat16)
-    gy = torch.randn(m, n, device=device, dtype=torch.bfloat16)
-    w = torch.randn(n, kk, device=device, dtype=torch.bfloat16)
-    s = torch.randn(n, kk, device=device)
-    thr, cut = _selection(s)
-    flops, io = 2 * m * n * kk, (m * kk + m * n) * BF16 + n * kk * (BF16 + FP32)
-    fwd, bwd = k.masked_linear_forward, k.masked_linear_backward
-    cases.append({
-        "name": f"masked_linear_fwd_bf16_{m}", "flops": flops, "bytes": io,
+    d = SimpleNamespace(m=m, n=n, k=kk)
+    d.x = torch.randn(m, kk, device=device, dtype=torch.bfloat16)
+    d.gy = torch.randn(m, n, device=device, dtype=torch.bfloat16)
+    d.w = torch.randn(n, kk, device=device, dtype=torch.bfloat16)
+    d.s = torch.randn(n, kk, device=device)
+    d.thr, d.cut = _selection(d.s)
+    d.t, d.keep_all = _threshold(d.s)
+    d.w_eff = lambda: torch.where(d.s >= d.t, d.w, 0)
+    d.x32, d.w32 = d.x.float(), d.w.float()  # fp32 without tf32 (torch's default)
+    d.s_unit = torch.randn(n, device=device)
+    d.thr_u, d.cut_u = _selection(d.s_unit)
+    d.small = [torch.randn(rows, kk, device=device, dtype=torch.bfloat16) for rows in size.small_m]
+    return d
+
+
+def _linear_cases(k, d, where_mm) -> list[dict]:
+    """Masked-linear cases of one backend's kernel table ``k``; ``k is None``: the public API."""
+    x, gy, w, s, thr, cut = d.x, d.gy, d.w, d.s, d.thr, d.cut
+    flops, io = 2 * d.m * d.n * d.k, (d.m * d.k + d.m * d.n) * BF16 + d.n * d.k * (BF16 + FP32)
+    api = k is None
+    fwd = (lambda a, wt, b, st, th, ct: bise_kernels.masked_linear(a, wt, b, st, density=DENSITY)) if api \
+        else k["masked_linear_forward"]
+    cases = [{
+        "name": f"masked_linear_fwd_bf16_{d.m}", "flops": flops, "bytes": io, "target_speedup": {"cublas_dense": 0.9},
         "fn": lambda: fwd(x, w, None, s, thr, cut),
         "check": lambda: _close(fwd(x, w, None, s, thr, cut), ref.masked_linear_forward(x, w, None, s, thr, cut)),
-        "baselines": {"cublas_dense": lambda: F.linear(x, w)},
-    })
-    backward_cases = ((DGRAD, "dgrad", lambda: gy @ w, io), (SCORE_GRAD, "wgrad_scoregrad", lambda: gy.t() @ x,
-                                                             io + n * kk * FP32))
-    for needs, label, baseline, nbytes in backward_cases:
-        cases.append({
-            "name": f"masked_linear_{label}_bf16_{m}", "flops": flops, "bytes": nbytes,
-            "fn": lambda needs=needs: bwd(gy, x, w, s, thr, cut, "ste", 1.0, needs),
-            "check": lambda needs=needs: _close(bwd(gy, x, w, s, thr, cut, "ste", 1.0, needs),
-                                                ref.masked_linear_backward(gy, x, w, s, thr, cut, "ste", 1.0, needs)),
-            "baselines": {"cublas_dense": baseline},
-        })
-    x32, w32 = x.float(), w.float()  # fp32 without tf32 (torch's default)
+        "baselines": {"cublas_dense": lambda: F.linear(x, w),
+                      "materialise_then_cublas": lambda: F.linear(x, d.w_eff())},
+    }]
+    if not api:
+        bwd = k["masked_linear_backward"]
+        backward_cases = (
+            (DGRAD, "dgrad", io, {"cublas_dense": lambda: gy @ w, "materialise_then_cublas": lambda: gy @ d.w_eff()}),
+            (SCORE_GRAD, "wgrad_scoregrad", io + d.n * d.k * FP32,
+             {"cublas_dense": lambda: gy.t() @ x, "materialise_then_cublas": lambda: (gy.t() @ x) * w}),
+        )
+        for needs, label, nbytes, baselines in backward_cases:
+            cases.append({
+                "name": f"masked_linear_{label}_bf16_{d.m}", "flops": flops, "bytes": nbytes,
+                "target_speedup": {"cublas_dense": 0.9},
+                "fn": lambda needs=needs: bwd(gy, x, w, s, thr, cut, "ste", 1.0, needs),
+                "check": lambda needs=needs: _close(bwd(gy, x, w, s, thr, cut, "ste", 1.0, needs),
+                                                    ref.masked_linear_backward(gy, x, w, s, thr, cut, "ste", 1.0,
+                                                                               needs)),
+                "baselines": baselines,
+            })
+    x32, w32 = d.x32, d.w32
     cases.append({
-        "name": f"masked_linear_fwd_fp32_{m}", "flops": flops, "bytes": 2 * io,
+        "name": f"masked_linear_fwd_fp32_{d.m}", "flops": flops, "bytes": 2 * io,
         "fn": lambda: fwd(x32, w32, None, s, thr, cut),
         "check": lambda: _close(fwd(x32, w32, None, s, thr, cut),
                                 ref.masked_linear_forward(x32, w32, None, s, thr, cut), 1e-4),
         "baselines": {"cublas_dense": lambda: F.linear(x32, w32)},
     })
-    s_unit = torch.randn(n, device=device)
-    thr_u, cut_u = _selection(s_unit)
+    s_unit, thr_u, cut_u = d.s_unit, d.thr_u, d.cut_u
     cases.append({
-        "name": f"masked_linear_fwd_bf16_{m}_structured", "flops": flops, "bytes": io,
+        "name": f"masked_linear_fwd_bf16_{d.m}_structured", "flops": flops, "bytes": io,
         "fn": lambda: fwd(x, w, None, s_unit, thr_u, cut_u),
         "check": lambda: _close(fwd(x, w, None, s_unit, thr_u, cut_u),
                                 ref.masked_linear_forward(x, w, None, s_unit, thr_u, cut_u)),
         "baselines": {"cublas_dense": lambda: F.linear(x, w)},
     })
 
-    # memory-bound: the weight and its scores dominate the traffic
-    t, keep_all = _threshold(s)
-    t_value = float(t)
-    where_mm = None if dry_run else torch.compile(lambda a, wt, st: a @ torch.where(st >= t_value, wt, 0).t(),
-                                                  mode="max-autotune")
-    for rows in size.small_m:
-        xs = torch.randn(rows, kk, device=device, dtype=torch.bfloat16)
+    # memory-bound: the weight and its scores dominate the traffic; the mask is where(S >= t, W, 0)
+    t, keep_all = d.t, d.keep_all
+    small_fwd = (lambda a: bise_kernels.masked_linear(a, w, None, s, threshold=t)) if api \
+        else (lambda a: k["masked_linear_forward"](a, w, None, s, t, keep_all))
+    for xs in d.small:
         baselines = {
-            "materialise_then_cublas": lambda xs=xs: F.linear(xs, torch.where(s >= t, w, 0)),
+            "materialise_then_cublas": lambda xs=xs: F.linear(xs, d.w_eff()),
             "cublas_dense": lambda xs=xs: F.linear(xs, w),
         }
+        targets = {"materialise_then_cublas": 1.3}
         if where_mm is not None:
-            baselines["compile_max_autotune_where_mm"] = lambda xs=xs: where_mm(xs, w, s)
+            baselines["compile_max_autotune"] = lambda xs=xs: where_mm(xs, w, s)
+            targets["compile_max_autotune"] = 1.0
         cases.append({
-            "name": f"masked_linear_fwd_bf16_M{rows}_{n}x{kk}", "flops": 2 * rows * n * kk,
-            "bytes": n * kk * (BF16 + FP32) + (rows * kk + rows * n) * BF16,
-            "fn": lambda xs=xs: fwd(xs, w, None, s, t, keep_all),
-            "check": lambda xs=xs: _close(fwd(xs, w, None, s, t, keep_all), F.linear(xs, torch.where(s >= t, w, 0))),
+            "name": f"masked_linear_fwd_bf16_M{xs.shape[0]}_{d.n}x{d.k}", "flops": 2 * xs.shape[0] * d.n * d.k,
+            "bytes": d.n * d.k * (BF16 + FP32) + (xs.shape[0] * d.k + xs.shape[0] * d.n) * BF16,
+            "target_speedup": targets,
+            "fn": lambda xs=xs: small_fwd(xs),
+            "check": lambda xs=xs: _close(small_fwd(xs), F.linear(xs, d.w_eff())),
             "baselines": baselines,
         })
     return cases
 
 
-def _conv_cases(k, size, device) -> list[dict]:
-    cases, batch = [], size.conv_batch
+def _conv_data(size, device) -> list[SimpleNamespace]:
+    layers, batch = [], size.conv_batch
     for cin, cout, ks, stride, px in RESNET50_CONVS:
         cin, cout, px = cin // size.conv_scale, cout // size.conv_scale, max(ks, px // size.conv_scale)
-        x = torch.randn(batch, cin, px, px, device=device, dtype=torch.bfloat16).to(memory_format=torch.channels_last)
-        w = torch.randn(cout, cin, ks, ks, device=device, dtype=torch.bfloat16).to(memory_format=torch.channels_last)
-        s = torch.randn(w.shape, device=device)
-        thr, cut = _selection(s)
-        geo = ((stride, stride), (ks // 2, ks // 2), (1, 1), 1)
-        gy = torch.randn_like(F.conv2d(x, w, None, *geo))
+        d = SimpleNamespace(cin=cin, cout=cout, ks=ks, stride=stride, px=px, batch=batch)
+        d.x = torch.randn(batch, cin, px, px, device=device, dtype=torch.bfloat16).to(memory_format=torch.channels_last)
+        d.w = torch.randn(cout, cin, ks, ks, device=device, dtype=torch.bfloat16).to(
+            memory_format=torch.channels_last)
+        d.s = torch.randn(d.w.shape, device=device)
+        d.thr, d.cut = _selection(d.s)
+        d.t, _ = _threshold(d.s)
+        d.geo = ((stride, stride), (ks // 2, ks // 2), (1, 1), 1)
+        d.gy = torch.randn_like(F.conv2d(d.x, d.w, None, *d.geo))
+        layers.append(d)
+    return layers
 
-        def masked(x=x, w=w, s=s, thr=thr, cut=cut, geo=geo, gy=gy):
-            y = k.masked_conv2d_forward(x, w, None, s, thr, cut, *geo)
-            return y, k.masked_conv2d_backward(gy, x, w, s, thr, cut, *geo, "ste", 1.0, FROZEN_WEIGHTS)
+
+def _conv_cases(k, layers) -> list[dict]:
+    cases = []
+    for d in layers:
+        x, w, s, thr, cut, geo, gy = d.x, d.w, d.s, d.thr, d.cut, d.geo, d.gy
+        if k is None:
+            def masked(x=x, w=w, s=s, geo=geo, gy=gy):
+                xg, sg = x.detach().requires_grad_(), s.detach().requires_grad_()
+                y = bise_kernels.masked_conv2d(xg, w, None, sg, density=DENSITY, stride=geo[0], padding=geo[1],
+                                               dilation=geo[2], groups=geo[3])
+                gx, gs = _api_grads(y, (xg, sg), gy)
+                return y, (gx, None, None, gs)
+        else:
+            def masked(x=x, w=w, s=s, thr=thr, cut=cut, geo=geo, gy=gy):
+                y = k["masked_conv2d_forward"](x, w, None, s, thr, cut, *geo)
+                return y, k["masked_conv2d_backward"](gy, x, w, s, thr, cut, *geo, "ste", 1.0, FROZEN_WEIGHTS)
 
         def check(masked=masked, x=x, w=w, s=s, thr=thr, cut=cut, geo=geo, gy=gy):
             y, grads = masked()
@@ -157,65 +207,95 @@ def _conv_cases(k, size, device) -> list[dict]:
             F.conv2d(x, w, None, *geo)
             return torch.ops.aten.convolution_backward(gy, x, w, None, *geo[:3], False, [0, 0], 1, [True, True, False])
 
+        def materialise(x=x, w=w, s=s, t=d.t, geo=geo, gy=gy):
+            w_eff = torch.where(s >= t, w, 0)
+            F.conv2d(x, w_eff, None, *geo)
+            gx, gw, _ = torch.ops.aten.convolution_backward(gy, x, w_eff, None, *geo[:3], False, [0, 0], 1,
+                                                            [True, True, False])
+            return gx, gw * w
+
         cases.append({
-            "name": f"masked_conv_fwd_bwd_bf16_cl_b{batch}_{cin}x{cout}_k{ks}_s{stride}_{px}px",
-            "fn": masked, "check": check, "baselines": {"cudnn_dense": dense},
-            "flops": 3 * 2 * gy.numel() * cin * ks * ks, "bytes": None,
+            "name": f"masked_conv_fwd_bwd_bf16_cl_b{d.batch}_{d.cin}x{d.cout}_k{d.ks}_s{d.stride}_{d.px}px",
+            "fn": masked, "check": check, "target_speedup": {"cudnn_dense": 0.95},
+            "baselines": {"cudnn_dense": dense, "materialise_then_cudnn": materialise},
+            "flops": 3 * 2 * gy.numel() * d.cin * d.ks * d.ks,
         })
     return cases
 
 
-def _gate_cases(k, size, device) -> list[dict]:
-    cases = []
+def _gate_data(size, device) -> list[SimpleNamespace]:
+    gates = []
     for layout in ("nchw", "channels_last"):
-        x = torch.randn(size.gate, device=device, dtype=torch.bfloat16)
+        d = SimpleNamespace(layout=layout)
+        d.x = torch.randn(size.gate, device=device, dtype=torch.bfloat16)
         if layout == "channels_last":
-            x = x.to(memory_format=torch.channels_last)
-        gy = torch.randn_like(x)
-        s = torch.randn(x.shape[1], device=device)
-        thr, cut = _selection(s)
-        g = ref.keep_mask(s, thr, cut).to(x.dtype).reshape(1, -1, 1, 1)
-        label = f"{layout}_{'x'.join(map(str, x.shape))}"
+            d.x = d.x.to(memory_format=torch.channels_last)
+        d.gy = torch.randn_like(d.x)
+        d.s = torch.randn(d.x.shape[1], device=device)
+        d.thr, d.cut = _selection(d.s)
+        d.g = ref.keep_mask(d.s, d.thr, d.cut).to(d.x.dtype).reshape(1, -1, 1, 1)
+        gates.append(d)
+    return gates
 
-        def forward(x=x, s=s, thr=thr, cut=cut):
-            return k.channel_gate_forward(x, s, thr, cut, 1)
 
-        def backward(x=x, gy=gy, s=s, thr=thr, cut=cut):
-            return k.channel_gate_backward(gy, x, s, thr, cut, 1, "sigmoid", 1.0, [True, True])
+def _gate_cases(k, gates) -> list[dict]:
+    cases = []
+    for d in gates:
+        x, gy, s, thr, cut, g = d.x, d.gy, d.s, d.thr, d.cut, d.g
+        label = f"{d.layout}_{'x'.join(map(str, x.shape))}"
+        if k is None:
+            def forward(x=x, s=s):
+                return bise_kernels.channel_gate(x, s, density=DENSITY)
+
+            def backward(x=x, gy=gy, s=s):
+                xg, sg = x.detach().requires_grad_(), s.detach().requires_grad_()
+                return _api_grads(bise_kernels.channel_gate(xg, sg, density=DENSITY), (xg, sg), gy)
+        else:
+            def forward(x=x, s=s, thr=thr, cut=cut):
+                return k["channel_gate_forward"](x, s, thr, cut, 1)
+
+            def backward(x=x, gy=gy, s=s, thr=thr, cut=cut):
+                return k["channel_gate_backward"](gy, x, s, thr, cut, 1, "sigmoid", 1.0, [True, True])
 
         def eager_backward(x=x, gy=gy, g=g, s=s):
             return gy * g, (gy.float() * x.float()).sum((0, 2, 3)) * ref.score_slope(s, "sigmoid", 1.0)
 
         cases.append({
-            "name": f"channel_gate_fwd_bf16_{label}", "bytes": 2 * x.numel() * BF16, "flops": None,
+            "name": f"channel_gate_fwd_bf16_{label}", "bytes": 2 * x.numel() * BF16,
             "fn": forward, "check": lambda forward=forward, x=x, g=g: _close(forward(), x * g, 0.0),
             "baselines": {"eager_x_mul_g": lambda x=x, g=g: x * g},
         })
         cases.append({
-            "name": f"channel_gate_bwd_bf16_{label}", "bytes": 3 * x.numel() * BF16, "flops": None,
+            "name": f"channel_gate_bwd_bf16_{label}", "bytes": 3 * x.numel() * BF16,
             "fn": backward, "check": lambda backward=backward, eager=eager_backward: _close(backward(), eager(), 1e-3),
             "baselines": {"eager": eager_backward},
         })
     return cases
 
 
-def _kernels(dry_run: bool):
-    """(kernels, backend name): the Triton kernels; the reference ones in a dry run."""
-    if dry_run:
-        return ref, "torch"
-    from bise_kernels.backends.triton import channel_gate, masked_conv, masked_linear
-
-    modules = (masked_linear, masked_conv, channel_gate)
-    return SimpleNamespace(**{name: getattr(m, name) for m in modules for name in m.KERNELS}), "triton"
-
-
 def gpu_cases(dry_run: bool = False) -> list[dict]:
-    """Every masked-kernel case (allocates ~1.5 GB on the GPU). ``dry_run``: tiny cases on the CPU."""
+    """Every masked case for every GPU backend and the API (under 1 GB on the GPU, shared between them).
+
+    ``dry_run``: tiny cases on the CPU for the backend "torch" and the API.
+    """
     if not dry_run and not torch.cuda.is_available():
         raise RuntimeError("bench_masked_gpu cases need a CUDA device (or dry_run=True)")
-    kernels, backend = _kernels(dry_run)
-    size, device = (TINY, "cpu") if dry_run else (FULL, "cuda")
+    size, device, backends = (TINY, "cpu", ("torch",)) if dry_run else (FULL, "cuda", GPU_BACKENDS)
     torch.manual_seed(0)
-    cases = _linear_cases(kernels, size, device, dry_run) + _conv_cases(kernels, size, device) \
-        + _gate_cases(kernels, size, device)
-    return [dict(case, name=f"{case['name']}/{backend}", backend=backend) for case in cases]
+    linear, convs, gates = _linear_data(size, device), _conv_data(size, device), _gate_data(size, device)
+    t_value = float(linear.t)
+    where_mm = None if dry_run else torch.compile(lambda a, wt, st: a @ torch.where(st >= t_value, wt, 0).t(),
+                                                  mode="max-autotune")
+    cases = []
+    for backend in (*backends, "api"):
+        why = None
+        try:
+            kernels = None if backend == "api" else kernel_table(backend)
+        except BackendUnavailableError as exc:
+            kernels, why = kernel_table("torch"), f"backend {backend!r} unavailable: {exc}"
+        built = _linear_cases(kernels, linear, where_mm) + _conv_cases(kernels, convs) + _gate_cases(kernels, gates)
+        for case in built:
+            name = f"{case['name']}/{backend}"
+            cases.append({"name": name, "backend": backend, "skip": why} if why else
+                         dict(case, name=name, backend=backend))
+    return cases

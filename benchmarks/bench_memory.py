@@ -1,4 +1,4 @@
-"""Extra state per masked weight kept for backward, per backend (issue #3 section 4, target 10).
+"""Extra state per masked weight kept for backward, per backend (target 10 of docs/prior-art.md).
 
 Counts the bytes of tensors autograd saves during a masked forward that are not the layer's own
 parameters, scores or input: the memory a masked layer costs beyond a dense one. Recorded in

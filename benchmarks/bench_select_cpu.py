@@ -1,4 +1,4 @@
-"""CPU exact top-k selection: the "cpp" backend against torch baselines, side by side (issue #4).
+"""CPU exact top-k selection: the "cpp" backend against torch baselines, side by side (targets 1, 3 of docs/prior-art.md).
 
 Groups (compare within a group; one process, same data):
 

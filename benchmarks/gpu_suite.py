@@ -4,14 +4,17 @@ Collects the cases of every module in CASE_MODULES (format: docs/gpu_suite.md), 
 case's result where it can, times the case and each of its baselines side by side with
 triton.testing.do_bench (median, p20, p80; L2 flushed between runs) and writes
 ``benchmarks/results/<gpu>-<yyyymmdd>-<commit>.json`` with the GPU, torch/triton/CUDA versions,
-the commit, and per case the timings, achieved GB/s (and TFLOP/s), the target and the speed-up
-over each baseline. ``--dry-run`` checks the wiring on the CPU with tiny cases and a
+the commit, and per case the timings, achieved GB/s (and TFLOP/s), the targets and the speed-up
+over each baseline. The file is rewritten after every case (a killed run keeps what it
+measured); each case has a time limit and the whole run a budget, after which the remaining
+cases are recorded as skipped. ``--dry-run`` checks the wiring on the CPU with tiny cases and a
 perf_counter timer (its JSON goes to a temporary folder unless ``--out`` is given).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime
 import importlib
 import inspect
@@ -19,6 +22,7 @@ import json
 import os
 import platform
 import re
+import signal
 import statistics
 import subprocess
 import sys
@@ -31,12 +35,34 @@ import torch
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "benchmarks" / "results"
-CASE_MODULES = ("bench_select_gpu", "bench_masked_gpu", "bench_workflow_gpu")
+CASE_MODULES = ("bench_select_gpu", "bench_masked_gpu", "bench_step_gpu", "bench_workflow_gpu")
 QUANTILES = (0.5, 0.2, 0.8)
+CASE_TIMEOUT_S = 90.0
+BUDGET_S = 480.0
 
 
-def load_cases(dry_run: bool) -> tuple[list[dict], list[dict]]:
-    """Cases from every module that imports, and a note for each module or build that failed."""
+class CaseTimeout(Exception):
+    """A case ran past its time limit (raised in the main thread by SIGALRM)."""
+
+
+@contextlib.contextmanager
+def time_limit(seconds: float):
+    """Raise CaseTimeout after ``seconds`` of wall time (between Python statements)."""
+    def expire(signum, frame):
+        raise CaseTimeout(f"ran past {seconds:.0f} s")
+
+    previous = signal.signal(signal.SIGALRM, expire)
+    signal.setitimer(signal.ITIMER_REAL, seconds)
+    try:
+        yield
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
+
+
+def load_cases(dry_run: bool, name_filter: str = "") -> tuple[list[dict], list[dict]]:
+    """Cases (whose name contains ``name_filter``) from every module that imports, and a note for
+    each module or build that failed."""
     sys.path.insert(0, str(Path(__file__).resolve().parent))
     cases, notes = [], []
     for name in CASE_MODULES:
@@ -55,7 +81,7 @@ def load_cases(dry_run: bool) -> tuple[list[dict], list[dict]]:
         except Exception as exc:  # noqa: BLE001 - one broken module must not stop the suite
             notes.append({"module": name, "note": f"{type(exc).__name__}: {exc}"})
             continue
-        cases += [dict(case, module=name) for case in found]
+        cases += [dict(case, module=name) for case in found if name_filter in case["name"]]
     return cases, notes
 
 
@@ -81,17 +107,26 @@ def time_us(fn, dry_run: bool) -> dict:
     return {"median_us": ms[0] * 1e3, "p20_us": ms[1] * 1e3, "p80_us": ms[2] * 1e3}
 
 
-def run_case(case: dict, dry_run: bool) -> dict:
-    """Check, time, compare: one result record (errors are recorded, never raised)."""
-    record = {k: case[k] for k in ("name", "module", "backend", "target_us", "bytes", "flops", "numel", "tensors")
-              if case.get(k) is not None}
+def run_case(case: dict, dry_run: bool, timeout_s: float = CASE_TIMEOUT_S) -> dict:
+    """Check, time, compare: one result record (errors and timeouts are recorded, never raised).
+
+    A case is timed (``fn``) or probed (``probe``: returns a dict merged into the record, e.g.
+    whether a CUDA graph captured). ``target_speedup`` ({baseline: minimum speed-up}) and
+    ``target_us`` give ``meets_target``; ``overhead_vs`` names a baseline whose median is
+    subtracted from the case's (``overhead_us``, with ``target_overhead_us``).
+    """
+    record = {k: case[k] for k in ("name", "module", "backend", "target_us", "target_speedup", "target_overhead_us",
+                                   "bytes", "flops", "numel", "tensors") if case.get(k) is not None}
     if "skip" in case:
         return dict(record, skipped=case["skip"])
     try:
-        if "check" in case:
-            case["check"]()
-            record["checked"] = True
-        record.update(time_us(case["fn"], dry_run))
+        with time_limit(timeout_s):
+            if "probe" in case:
+                return dict(record, **case["probe"]())
+            if "check" in case:
+                case["check"]()
+                record["checked"] = True
+            record.update(time_us(case["fn"], dry_run))
     except Exception as exc:  # noqa: BLE001 - report and go on with the next case
         return dict(record, error=f"{type(exc).__name__}: {exc}", traceback=traceback.format_exc(limit=3))
     seconds = record["median_us"] * 1e-6
@@ -99,15 +134,26 @@ def run_case(case: dict, dry_run: bool) -> dict:
         record["gbps"] = case["bytes"] / seconds / 1e9
     if case.get("flops"):
         record["tflops"] = case["flops"] / seconds / 1e12
-    if case.get("target_us") is not None and not dry_run:
-        record["meets_target"] = record["median_us"] <= case["target_us"]
     record["baselines"], record["speedup"] = {}, {}
     for name, fn in case.get("baselines", {}).items():
         try:
-            record["baselines"][name] = time_us(fn, dry_run)
+            with time_limit(timeout_s):
+                record["baselines"][name] = time_us(fn, dry_run)
             record["speedup"][name] = record["baselines"][name]["median_us"] / record["median_us"]
-        except Exception as exc:  # noqa: BLE001 - e.g. a baseline running out of memory
+        except Exception as exc:  # noqa: BLE001 - e.g. a baseline running out of memory or time
             record["baselines"][name] = {"error": f"{type(exc).__name__}: {exc}"}
+    if case.get("overhead_vs") in record["speedup"]:
+        record["overhead_us"] = record["median_us"] - record["baselines"][case["overhead_vs"]]["median_us"]
+    if not dry_run:
+        met = []
+        if case.get("target_us") is not None:
+            met.append(record["median_us"] <= case["target_us"])
+        for name, minimum in (case.get("target_speedup") or {}).items():
+            met.append(record["speedup"].get(name, 0.0) >= minimum)
+        if case.get("target_overhead_us") is not None:
+            met.append(record.get("overhead_us", float("inf")) <= case["target_overhead_us"])
+        if met:
+            record["meets_target"] = all(met)
     return record
 
 
@@ -156,29 +202,45 @@ def main(argv=None) -> Path:
     parser.add_argument("--out", type=Path, help="folder for the JSON (default benchmarks/results, or a temp dir "
                                                  "for --dry-run)")
     parser.add_argument("--filter", default="", help="only cases whose name contains this text")
+    parser.add_argument("--case-timeout-s", type=float, default=CASE_TIMEOUT_S, help="time limit of one case")
+    parser.add_argument("--budget-s", type=float, default=BUDGET_S,
+                        help="wall time of the whole run; cases not started by then are recorded as skipped")
     args = parser.parse_args(argv)
     if not args.dry_run and not torch.cuda.is_available():
         parser.error("no CUDA device: run on a GPU machine, or use --dry-run to check the wiring")
+    start = time.monotonic()
     out_dir = args.out or (Path(tempfile.mkdtemp(prefix="gpu_suite_")) if args.dry_run else RESULTS)
-    env = environment(args.dry_run)
-    cases, notes = load_cases(args.dry_run)
-    results = []
-    for case in cases:
-        if args.filter in case["name"]:
-            results.append(run_case(case, args.dry_run))
-            print(_summary(results[-1]), flush=True)
     out_dir.mkdir(parents=True, exist_ok=True)
+    env = environment(args.dry_run)
     path = result_path(out_dir, env)
-    path.write_text(json.dumps({**env, "notes": notes, "cases": results}, indent=1) + "\n")
+    cases, notes = load_cases(args.dry_run, args.filter)
+    results: list[dict] = []
+    for case in cases:
+        if time.monotonic() - start > args.budget_s:
+            results.append({"name": case["name"], "skipped": f"suite budget of {args.budget_s:.0f} s spent"})
+        else:
+            results.append(run_case(case, args.dry_run, args.case_timeout_s))
+        print(_summary(results[-1]), flush=True)
+        _write(path, {**env, "notes": notes, "cases": results})
+    _write(path, {**env, "notes": notes, "cases": results, "wall_s": round(time.monotonic() - start, 1)})
     for note in notes:
         print(f"note: {note['module']}: {note['note']}")
     print(f"wrote {path}")
     return path
 
 
+def _write(path: Path, run: dict) -> None:
+    """Replace the result file in one step (a reader never sees half a file)."""
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(run, indent=1) + "\n")
+    os.replace(tmp, path)
+
+
 def _summary(r: dict) -> str:
     if "skipped" in r or "error" in r:
         return f"{r['name']}: {r.get('skipped') or r.get('error')}"
+    if "median_us" not in r:  # a probe
+        return f"{r['name']}: {json.dumps({k: v for k, v in r.items() if k not in ('name', 'module')})}"
     speedups = ", ".join(f"{k} x{v:.1f}" for k, v in r["speedup"].items())
     return f"{r['name']}: {r['median_us']:.1f} us (p20 {r['p20_us']:.1f}, p80 {r['p80_us']:.1f}); {speedups}"
 

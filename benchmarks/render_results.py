@@ -17,10 +17,23 @@ import json
 from pathlib import Path
 
 RESULTS = Path(__file__).resolve().parent / "results"
-HEADER = ("| GPU | commit | case | median us (p20-p80) | GB/s | target us | speed-up vs baselines |\n"
+HEADER = ("| GPU | commit | case | median us (p20-p80) | GB/s | target | speed-up vs baselines |\n"
           "|---|---|---|---|---|---|---|")
 NO_RESULTS = ("_No GPU results yet: run `python benchmarks/gpu_suite.py` on a GPU machine and commit "
               "benchmarks/results/*.json._")
+
+
+def _target(case: dict) -> str:
+    """The case's targets (time, ratios, overhead) and whether the run met them all."""
+    parts = []
+    if case.get("target_us") is not None:
+        parts.append(f"<= {case['target_us']:.0f} us")
+    parts += [f"{name} >= {value:.2f}x" for name, value in (case.get("target_speedup") or {}).items()]
+    if case.get("target_overhead_us") is not None:
+        parts.append(f"overhead <= {case['target_overhead_us']:.0f} us")
+    if parts and "meets_target" in case:
+        parts.append("met" if case["meets_target"] else "missed")
+    return ", ".join(parts)
 
 
 def _row(run: dict, case: dict) -> str:
@@ -28,13 +41,15 @@ def _row(run: dict, case: dict) -> str:
     if "skipped" in case or "error" in case:
         why = case.get("skipped") or f"error: {case['error']}"
         return f"{head} {why.replace('|', '/')[:120]} | | | |"
+    if "median_us" not in case:  # a probe: its outcome
+        outcome = ", ".join(f"{k} {v}" for k, v in case.items() if k not in ("name", "module", "backend"))
+        return f"{head} {outcome.replace('|', '/')[:160]} | | | |"
     timing = f"{case['median_us']:.1f} ({case['p20_us']:.1f}-{case['p80_us']:.1f})"
+    if "overhead_us" in case:
+        timing += f"; overhead {case['overhead_us']:.1f}"
     gbps = f"{case['gbps']:.0f}" if "gbps" in case else ""
-    target = ""
-    if case.get("target_us") is not None:
-        target = f"{case['target_us']:.0f} {'met' if case.get('meets_target') else 'missed'}"
-    speedups = ", ".join(f"{name} {value:.1f}x" for name, value in case.get("speedup", {}).items())
-    return f"{head} {timing} | {gbps} | {target} | {speedups} |"
+    speedups = ", ".join(f"{name} {value:.2f}x" for name, value in case.get("speedup", {}).items())
+    return f"{head} {timing} | {gbps} | {_target(case)} | {speedups} |"
 
 
 CPU_HEADER = ("| machine | commit | group | benchmark | median ms | recorded figures |\n"

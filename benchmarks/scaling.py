@@ -1,4 +1,4 @@
-"""Scaling of an extraction epoch over 1, 2, 4 ... processes (issue #8), with communication volume.
+"""Scaling of an extraction epoch over 1, 2, 4 ... processes (bise/distributed.py), with communication volume.
 
     python benchmarks/scaling.py --procs 1 2 4 [--data colored-mnist --arch simple-cnn --width 0.25]
 

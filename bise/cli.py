@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import os
 import sys
 import time
@@ -18,8 +19,8 @@ from pathlib import Path
 from typing import Optional
 
 from . import distributed
-from .extract import CHECKPOINT_NAME as CHECKPOINT
-from .report import PLOTS, REPORT_FILES
+from .extract import CHECKPOINT_NAME as CHECKPOINT, RESUME_IGNORED
+from .report import REPORT_FILES
 from .rundir import RunDir, UsageError
 
 VANILLA_FORMAT = "bise-vanilla-v1"
@@ -150,6 +151,11 @@ def resolve_spec(spec: str) -> str:
     return f"{kind}:{root}" + "".join(f",{k}={v}" for k, v in raw.items())
 
 
+def _plain(obj):
+    """``obj`` as run.json gives it back (tuples become lists), so that records compare equal."""
+    return json.loads(json.dumps(obj, default=str))
+
+
 class Invocation:
     """One command: its arguments, the run directory, the data and the run's recorded settings."""
 
@@ -213,12 +219,12 @@ class Invocation:
             digest = d.info.get("checksum")
             if digest is None:  # read directly (an .npz): hash the file
                 digest = sha256(parse(a.data)[1])
-            self.data_record = {"spec": a.data, "seed": a.seed, "canonical_spec": d.info.get("canonical_spec", d.spec),
+            self.data_record = _plain({"spec": a.data, "seed": a.seed, "canonical_spec": d.info.get("canonical_spec", d.spec),
                                 "sha256": digest, "name": d.name, "num_classes": d.num_classes,
                                 "num_bias_classes": d.num_bias_classes, "num_biases": d.num_biases, "rho": d.rho,
                                 "weighting": d.weighting,
                                 "sizes": {k: len(s) for k, s in (("train", d.train), ("val", d.val), ("test", d.test))
-                                          if s is not None}}
+                                          if s is not None}})
         return self._data
 
     def require(self, name: str, hashed: bool = True) -> Path:
@@ -270,19 +276,35 @@ def _load_vanilla(inv: Invocation, path: Path):
     except RuntimeError as exc:
         raise UsageError(f"{path} does not match architecture {spec['arch']} (width {spec['width']}): "
                          f"{str(exc).splitlines()[0]}") from exc
-    _vanilla_health(model, f"the vanilla model {path}")
+    _finite(model, f"the vanilla model {path}")
     return model.eval()
 
 
-def _vanilla_health(model, source) -> None:
-    """Refuse a vanilla model that cannot be BISE's starting point (the one check site, before it is
-    saved or used): non-finite weights, i.e. a diverged training."""
+def _finite(model, source: str) -> None:
+    """Refuse a model with non-finite weights (a diverged training) before it is saved or used."""
     import torch
 
     bad = [n for n, t in model.state_dict().items() if t.is_floating_point() and not torch.isfinite(t).all()]
     if bad:
         raise UsageError(f"{source} has non-finite weights ({', '.join(bad[:3])}"
                          f"{'...' if len(bad) > 3 else ''}): its training diverged; train again with a lower --lr")
+
+
+def _vanilla_health(inv: Invocation, model, source: str) -> dict:
+    """The checks of a new vanilla model before vanilla.pt is written (the one call site of both):
+    non-finite weights are an error; an untrained model (bise.health.check_vanilla: training
+    accuracy near chance, dead ReLU layers) is reported on stderr and recorded in run.json."""
+    import warnings
+
+    from .health import check_vanilla
+
+    _finite(model, source)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        health = check_vanilla(model, inv.data, device=inv.opt("device", "cpu"), strict=False)
+    if not health.ok:
+        inv.note(f"{source} did not train: {'; '.join(health.problems)}; its subnetwork will mean little")
+    return health.to_dict()
 
 
 def _save_vanilla(path: Path, model) -> None:
@@ -325,9 +347,9 @@ def cmd_train(inv: Invocation) -> None:
     start = time.perf_counter()
     model = train_vanilla(data, s["arch"], epochs=s["epochs"], batch_size=s["batch_size"], lr=s["lr"], seed=a.seed,
                           device=a.device, width=s["width"], quiet=a.quiet)
-    _vanilla_health(model, f"the vanilla model trained with --lr {s['lr']}")
+    health = _vanilla_health(inv, model, f"the vanilla model trained with --lr {s['lr']}")
     _save_vanilla(inv.run.staged(VANILLA), model.cpu())
-    inv.run.commit({VANILLA: inv.entry("train", {}, s, start)})
+    inv.run.commit({VANILLA: inv.entry("train", {}, {**s, "health": health}, start)})
     inv.say(f"vanilla model -> {inv.run.path(VANILLA)}")
 
 
@@ -368,6 +390,12 @@ def cmd_extract(inv: Invocation) -> None:
         if run.artefacts[CHECKPOINT]["inputs"] != inputs:
             raise UsageError(f"{run.path(CHECKPOINT)} is an extraction of another vanilla model than {source}; "
                              "start it again with --overwrite")
+        started, now = run.artefacts[CHECKPOINT]["settings"], _plain(settings)
+        changed = [k for k in now if k not in (*RESUME_IGNORED, "model") and started.get(k) != now[k]]
+        if changed:
+            raise UsageError(f"{run.path(CHECKPOINT)} was started with other settings (" + ", ".join(
+                f"{k}: {started.get(k)!r}, now {now[k]!r}" for k in changed) + "); --resume with the same options, "
+                "or --overwrite to start again")
         inv.say(f"resuming from epoch {load_checkpoint(run.path(CHECKPOINT))['epoch']} of {config.mask_epochs}")
     in_place = resume or not run.has(CHECKPOINT)
     start = time.perf_counter()
@@ -521,8 +549,6 @@ def _reuse_vanilla(inv: Invocation) -> None:
 
 def _reusable(inv: Invocation, name: str, settings: dict) -> bool:
     """Whether ``run --resume`` can keep ``name``: consistent with the run and made with ``settings``."""
-    import json
-
     if name not in inv.run.artefacts:
         return False
     try:
@@ -530,7 +556,7 @@ def _reusable(inv: Invocation, name: str, settings: dict) -> bool:
     except UsageError:
         return False
     recorded = inv.run.artefacts[name]["settings"]
-    now = json.loads(json.dumps(settings, default=str))
+    now = _plain(settings)
     return all(recorded.get(k) == v for k, v in now.items())
 
 
@@ -549,8 +575,9 @@ def cmd_run(inv: Invocation) -> None:
         model = _load_vanilla(inv, path)
         inputs = {str(path): run.hash(path)}
         if not (a.resume and VANILLA in run.artefacts and run.artefacts[VANILLA]["inputs"] == inputs):
+            health = _vanilla_health(inv, model, f"--model {path}")
             _save_vanilla(run.staged(VANILLA), model)
-            run.commit({VANILLA: inv.entry("run", inputs, {"from": str(path)}, start)})
+            run.commit({VANILLA: inv.entry("run", inputs, {"from": str(path), "health": health}, start)})
     elif a.resume and run.has(VANILLA):
         _reuse_vanilla(inv)
     else:

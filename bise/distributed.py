@@ -8,7 +8,7 @@ The design keeps a multi-process run equivalent to one process with the global b
 * terms defined on the whole batch (the MI estimator) see all ranks' samples through a
   differentiable, variable-size all-gather (:func:`all_gather_rows`);
 * evaluation shards the data and sums exact per-group counts (:func:`all_reduce_sum`);
-* rank 0 alone writes files (:func:`is_main`), and every rank can resume from them.
+* rank 0 alone writes files (``current().is_main``), and every rank can resume from them.
 Without torchrun (no ``WORLD_SIZE``) every function is the single-process identity.
 """
 

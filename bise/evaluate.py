@@ -1,4 +1,4 @@
-"""Accuracy metrics on biased data (bise-method.md section 13): aligned / conflicting / unbiased /
+"""Accuracy metrics on biased data (docs/method.md section 13): aligned / conflicting / unbiased /
 worst-group accuracy, the per-(y, b) group table and, for two biases, the four alignment patterns."""
 
 from __future__ import annotations

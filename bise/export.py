@@ -1,4 +1,4 @@
-"""Export a gated model as a plain, physically smaller nn.Module (bise-method.md section 15).
+"""Export a gated model as a plain, physically smaller nn.Module (docs/method.md section 15).
 
 Dead channels are removed with Torch-Pruning's DependencyGraph, which finds every coupled layer
 (producer filters, BN entries, consumer input slices, residual adds, depthwise convs, flatten).

@@ -1,4 +1,4 @@
-"""BISE extraction: learn structured gates on a frozen vanilla model (bise-method.md sections 2-7, 9).
+"""BISE extraction: learn structured gates on a frozen vanilla model (docs/method.md sections 2-7, 9).
 
 ``extract(model, data, config=ExtractConfig())`` returns a :class:`~bise.subnetwork.Subnetwork`.
 Schedule (section 6): head pre-training (gates off) -> mask epochs, each batch doing
@@ -50,7 +50,7 @@ RESUME_IGNORED = ("device",)  # settings that may differ between a run and its r
 
 @dataclass
 class ExtractConfig:
-    """Every setting of an extraction; defaults are the paper's (bise-method.md section 7)."""
+    """Every setting of an extraction; defaults are the paper's (docs/method.md section 7)."""
 
     mask_epochs: int = 100
     head_epochs: int = 50

@@ -1,4 +1,4 @@
-"""Caching what a frozen network computes again and again during extraction (issue #7, "Speed").
+"""Caching what a frozen network computes again and again during extraction (docs/method.md, "Feature caching").
 
 * :class:`FrozenPrefix`: the modules that run before the first gate never change (frozen weights,
   eval mode), so their output is computed once per split and looked up afterwards. The prefix is
@@ -7,8 +7,9 @@
   are swapped for stubs (the last returns the cached batch, the others a zero-cost placeholder of
   their recorded shape) and the model gets a placeholder input. One batch is checked against the
   real forward before the cache is used; a model whose forward does not fit is run uncached.
-* :func:`bottleneck_features` gives the head's input for a whole split at once, so the head phases
-  train on cached features instead of running the network every head epoch.
+* :class:`BottleneckTap` records the head's input on each forward; ``bise.extract._Run.features``
+  uses it to compute the features of a whole split at once, so the head phases train on cached
+  features instead of running the network every head epoch.
 """
 
 from __future__ import annotations

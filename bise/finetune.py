@@ -1,4 +1,4 @@
-"""BISE+FT (bise-method.md section 10): fine-tune the surviving weights of the exported subnetwork.
+"""BISE+FT (docs/method.md section 10): fine-tune the surviving weights of the exported subnetwork.
 
 Project defaults for what the paper leaves open: the exported (physically pruned) model is
 fine-tuned, so pruned units cannot come back; the loss is the reweighted cross-entropy L_r with the

@@ -1,5 +1,5 @@
 """Cost of a model: MACs (torch.utils.flop_counter.FlopCounterMode over the modules actually run),
-parameter count and measured latency (bise-method.md section 11)."""
+parameter count and measured latency (docs/method.md section 11)."""
 
 from __future__ import annotations
 

@@ -1,6 +1,6 @@
 """Put BISE gates into any nn.Module, find them again, switch their mode; find the bottleneck.
 
-A gate multiplies the OUTPUT of an activation module channel-wise (bise-method.md section 3):
+A gate multiplies the OUTPUT of an activation module channel-wise (docs/method.md section 3):
 ``Gated(activation, ChannelGate(C))`` replaces the activation in place, so the gated model keeps
 the original module names plus ``.activation`` / ``.gate``.
 """

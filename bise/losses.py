@@ -1,4 +1,4 @@
-"""The two BISE losses, public so they can go into any training loop (bise-method.md sections 4-5).
+"""The two BISE losses, public so they can go into any training loop (docs/method.md sections 4-5).
 
 * :func:`reweighted_cross_entropy`: ``L_r = mean_j r_j * CE(logits_j, y_j)`` (a plain batch mean,
   not divided by sum r) with the per-sample weight ``r_j`` looked up in a :func:`weight_table`.

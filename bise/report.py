@@ -230,19 +230,22 @@ def plot_groups(report: dict, path: str) -> None:
     two_bias = "/" in keys[0]
     heatmaps = two_bias or len(keys) > MANY_GROUPS
     summary = (("pattern_average",) if two_bias else ()) + METRIC_KEYS
-    fig = plt.figure(figsize=(max(8, 4 * len(models)) if heatmaps else max(8, 0.15 * len(keys) * len(models) + 3), 8))
-    top = fig.add_subplot(2, 1, 1)
+    fig = plt.figure(figsize=(max(8, 5 * len(models)) if heatmaps else max(8, 0.15 * len(keys) * len(models) + 3), 8),
+                     layout="constrained")  # room for the rotated labels, titles and the colorbar
+    grid = fig.add_gridspec(2, len(models) if heatmaps else 1)
+    top = fig.add_subplot(grid[0, :])
     width = 0.8 / len(models)
     for i, (name, m) in enumerate(models):
         top.bar([j + i * width for j in range(len(summary))],
                 [m[k] if m[k] is not None else 0.0 for k in summary], width, label=name)
     top.set_xticks([j + 0.4 - width / 2 for j in range(len(summary))],
-                   ["unbiased (4 patterns)" if k == "pattern_average" else k.replace("_accuracy", "") for k in summary])
+                   ["unbiased\n(4 patterns)" if k == "pattern_average" else k.replace("_accuracy", "").replace("_", " ")
+                    for k in summary])
     top.set(ylabel="test accuracy", ylim=(0, 1.02), title=" vs ".join(n for n, _ in models))
     top.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=8)
     if heatmaps:
         for i, (name, m) in enumerate(models):
-            ax = fig.add_subplot(2, len(models), len(models) + i + 1)
+            ax = fig.add_subplot(grid[1, i])
             if two_bias:
                 table = _class_by_pattern(m["groups"])
                 names = sorted({p for row in table.values() for p in row})
@@ -250,19 +253,19 @@ def plot_groups(report: dict, path: str) -> None:
                 image = ax.imshow(matrix, vmin=0, vmax=1, cmap="viridis", aspect="auto")
                 ax.set_xticks(range(len(names)), [n.replace("/", "/\n") for n in names], fontsize=7)
                 ax.set_yticks(range(len(table)), list(table))
-                ax.set(xlabel="alignment pattern (left/right)", ylabel="target y", title=f"{name}: mean group accuracy")
+                ax.set(xlabel="alignment pattern (left/right)", ylabel="target y", title=f"{name}\nmean group accuracy")
             else:
                 image = ax.imshow(_group_matrix(m["groups"]), vmin=0, vmax=1, cmap="viridis")
-                ax.set(xlabel="bias label b", ylabel="target y", title=f"{name}: group accuracy")
+                ax.set(xlabel="bias label b", ylabel="target y", title=f"{name}\ngroup accuracy")
         fig.colorbar(image, ax=fig.axes[1:], shrink=0.8)
     else:
-        bottom = fig.add_subplot(2, 1, 2)
+        bottom = fig.add_subplot(grid[1, 0])
         for i, (name, m) in enumerate(models):
             bottom.bar([j + i * width for j in range(len(keys))],
                        [m["groups"][k] if m["groups"].get(k) is not None else 0.0 for k in keys], width, label=name)
         bottom.set_xticks([j + 0.4 - width / 2 for j in range(len(keys))], keys, rotation=90, fontsize=7)
         bottom.set(ylabel="group accuracy", ylim=(0, 1.02))
-    _save(fig, path, tight=not heatmaps)
+    _save(fig, path, tight=False)
 
 
 def _save(fig, path: str, tight: bool = True) -> None:

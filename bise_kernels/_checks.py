@@ -222,16 +222,6 @@ def conv2d_output_shape(x_shape: Sequence[int], weight_shape: Sequence[int], str
     return (x_shape[0], weight_shape[0], size[0], size[1])
 
 
-def check_conv_shapes(x: torch.Tensor, weight: torch.Tensor, groups: object) -> None:
-    """4-d input and weight whose channels fit ``groups``."""
-    if x.dim() != 4 or weight.dim() != 4:
-        raise ValueError(f"x and weight must be 4-d (N,C,H,W) and (O,C/groups,kH,kW), got {tuple(x.shape)} and "
-                         f"{tuple(weight.shape)}")
-    groups_ok = isinstance(groups, numbers.Integral) and not isinstance(groups, bool) and groups >= 1
-    if not groups_ok or x.shape[1] != weight.shape[1] * groups or weight.shape[0] % groups:
-        raise ValueError(f"groups={groups!r} does not fit x channels {x.shape[1]} and weight {tuple(weight.shape)}")
-
-
 def check_masked_conv2d(x: object, weight: object, bias: object, scores: object, thr: object, cut: object,
                         stride: object, padding: object, dilation: object, groups: object
                         ) -> tuple[bool, tuple[int, int], tuple[int, int], tuple[int, int]]:
@@ -244,7 +234,12 @@ def check_masked_conv2d(x: object, weight: object, bias: object, scores: object,
     for (a, b), name, low in zip(pairs, ("stride", "padding", "dilation"), (1, 0, 1)):
         if a < low or b < low:
             raise ValueError(f"{name} must be >= {low}, got {(a, b)}")
-    check_conv_shapes(x, weight, groups)
+    if x.dim() != 4 or weight.dim() != 4:
+        raise ValueError(f"x and weight must be 4-d (N,C,H,W) and (O,C/groups,kH,kW), got {tuple(x.shape)} and "
+                         f"{tuple(weight.shape)}")
+    groups_ok = isinstance(groups, numbers.Integral) and not isinstance(groups, bool) and groups >= 1
+    if not groups_ok or x.shape[1] != weight.shape[1] * groups or weight.shape[0] % groups:
+        raise ValueError(f"groups={groups!r} does not fit x channels {x.shape[1]} and weight {tuple(weight.shape)}")
     out = conv2d_output_shape(x.shape, weight.shape, *pairs)
     if out[2] < 1 or out[3] < 1:
         raise ValueError(f"kernel {tuple(weight.shape[2:])} (dilation {pairs[2]}) is larger than the padded input "

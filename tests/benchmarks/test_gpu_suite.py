@@ -23,7 +23,7 @@ def test_render_results_with_no_result_files_prints_a_note(tmp_path, monkeypatch
 
 def test_dry_run_checks_times_and_writes_a_renderable_result(tmp_path):
     suite = _load("gpu_suite")
-    path = suite.main(["--dry-run", "--out", str(tmp_path), "--filter", "resnet50"])
+    path = suite.main(["--dry-run", "--out", str(tmp_path), "--filter", "select_resnet50"])
     run = json.loads(path.read_text())
     assert path.name.startswith("cpu-dry-run-") and path.suffix == ".json"
     for key in ("gpu", "torch", "triton", "cuda", "commit", "date"):
@@ -31,7 +31,7 @@ def test_dry_run_checks_times_and_writes_a_renderable_result(tmp_path):
     (case,) = run["cases"]
     assert case["name"] == "select_resnet50_batched/torch" and case["checked"] is True
     assert case["p20_us"] <= case["median_us"] <= case["p80_us"] and case["gbps"] > 0
-    assert set(case["speedup"]) == {"loop torch.kthvalue", "loop torch.topk", "loop torch.sort"}
+    assert set(case["speedup"]) == {"one_read", "loop torch.kthvalue", "loop torch.topk", "loop torch.sort"}
     table = _load("render_results").render([run])
     assert table.count("\n") == 2 and "select_resnet50_batched/torch" in table
 
@@ -46,3 +46,56 @@ def test_a_failing_case_is_recorded_and_the_suite_goes_on():
     assert "RuntimeError: boom" in record["error"]
     table = _load("render_results").render([{"gpu": "g", "commit": "c", "cases": [record]}])
     assert "error: RuntimeError: boom" in table
+
+
+def test_dry_run_of_every_module_checks_every_case(tmp_path):
+    """Every case of every module runs (or is skipped with a reason) and lands in the JSON."""
+    suite = _load("gpu_suite")
+    run = json.loads(suite.main(["--dry-run", "--out", str(tmp_path)]).read_text())
+    assert run["notes"] == [] and "wall_s" in run
+    names = [c["name"] for c in run["cases"]]
+    assert len(names) == len(set(names))
+    for case in run["cases"]:
+        assert "error" not in case, case
+        if case["module"] in ("bench_select_gpu", "bench_masked_gpu", "bench_step_gpu"):  # their cases all check
+            assert case.get("checked") or case.get("skipped"), case
+    for prefix in ("select_25M_fp32_cold/", "masked_linear_fwd_bf16_64/", "masked_conv_fwd_bwd", "channel_gate_bwd",
+                   "step_mlp4x64_bf16_b8/", "step_resnet50_convs", "overhead_masked_linear_256_b32/api",
+                   "cuda_graph_masked_step/api"):
+        assert any(n.startswith(prefix) for n in names), prefix
+    by_name = {c["name"]: c for c in run["cases"]}
+    assert "one_read" in by_name["select_25M_fp32_cold/torch"]["speedup"]
+    api = by_name["select_25M_fp32_cold/api"]
+    assert api["overhead_us"] == api["median_us"] - api["baselines"]["raw_kernel"]["median_us"]
+    assert {"cublas_dense", "materialise_then_cublas"} <= set(by_name["masked_linear_fwd_bf16_64/api"]["speedup"])
+    assert {"dense_step", "edge_popup"} <= set(by_name["step_mlp4x64_bf16_b8/auto"]["speedup"])
+
+
+def test_a_case_past_its_time_limit_is_recorded_and_the_budget_skips_the_rest(tmp_path):
+    import time
+
+    suite = _load("gpu_suite")
+    record = suite.run_case({"name": "slow", "fn": lambda: time.sleep(5)}, dry_run=True, timeout_s=0.2)
+    assert "ran past" in record["error"]
+    run = json.loads(suite.main(["--dry-run", "--out", str(tmp_path), "--filter", "select_resnet50",
+                                 "--budget-s", "0"]).read_text())
+    assert all("budget" in c["skipped"] for c in run["cases"])
+
+
+def test_targets_give_meets_target_from_the_ratios(monkeypatch):
+    suite = _load("gpu_suite")
+    times = iter([100.0, 95.0, 300.0])
+    monkeypatch.setattr(suite, "time_us", lambda fn, dry_run: {"median_us": next(times), "p20_us": 0, "p80_us": 0})
+    case = {"name": "c", "fn": None, "baselines": {"dense": None, "raw": None}, "target_speedup": {"dense": 0.9},
+            "overhead_vs": "raw", "target_overhead_us": 10.0}
+    record = suite.run_case(case, dry_run=False)
+    assert record["speedup"] == {"dense": 0.95, "raw": 3.0} and record["overhead_us"] == -200.0
+    assert record["meets_target"] is True
+    times = iter([100.0, 80.0, 95.0])
+    assert suite.run_case(case, dry_run=False)["meets_target"] is False
+
+
+def test_a_probe_case_records_its_outcome():
+    suite = _load("gpu_suite")
+    record = suite.run_case({"name": "graph", "probe": lambda: {"captured": True}}, dry_run=True)
+    assert record == {"name": "graph", "captured": True}

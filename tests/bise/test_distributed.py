@@ -1,4 +1,4 @@
-"""Data-parallel extraction (issue #8) on 2 CPU processes (gloo, loopback) equals one process with
+"""Data-parallel extraction (bise/distributed.py) on 2 CPU processes (gloo, loopback) equals one process with
 the same global batch; a dead rank fails the job instead of hanging; `--resume` continues; the
 CLI runs under torchrun."""
 

@@ -1,4 +1,4 @@
-"""Reweighted cross-entropy and the MI estimator against hand-computed values (bise-method.md 4-5)."""
+"""Reweighted cross-entropy and the MI estimator against hand-computed values (docs/method.md sections 4-5)."""
 
 import math
 

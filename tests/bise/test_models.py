@@ -1,4 +1,4 @@
-"""Built-in architectures: gate placement and counts of bise-method.md section 3, specs, weights."""
+"""Built-in architectures: gate placement and counts of docs/method.md section 3, specs, weights."""
 
 import importlib.util
 

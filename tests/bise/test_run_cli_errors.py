@@ -177,6 +177,9 @@ def test_resume_says_what_it_reuses(run_dir, capsys):
     assert "reusing the run's vanilla.pt (epochs 1" in captured.err and "--vanilla-epochs 30 ignored" in captured.err
     assert main(["extract", "--mask-epochs", "2", "--head-epochs", "1", "--out", str(run_dir), "--resume"]) == 0
     assert "resuming from epoch 2 of 2" in capsys.readouterr().out
+    assert main(["extract", "--mask-epochs", "3", "--head-epochs", "1", "--out", str(run_dir), "--resume"]) == 2
+    assert "was started with other settings (mask_epochs: 2, now 3); --resume with the same options, or " \
+           "--overwrite" in capsys.readouterr().err
 
 
 def test_ctrl_c_prints_one_line_with_the_resume_command(tmp_path):

@@ -27,6 +27,7 @@ GATE_LAYOUTS = {  # name -> (shape, dim, memory format or "transposed"); inner >
     "last_dim": ((4, 3, 13), 2, None),
     "first_dim": ((13, 2, 3), 0, None),
     "small_inner": ((17, 13, 3), 1, None),
+    "2d": ((37, 11), 1, None),
     "strided": ((7, 5, 6), 1, "transposed"),
 }
 

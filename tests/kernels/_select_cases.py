@@ -12,7 +12,7 @@ from bise_kernels.backends import reference as ref
 DTYPES = [torch.float32, torch.float16, torch.bfloat16, torch.float64]
 
 
-def _bits(t: torch.Tensor) -> torch.Tensor:
+def bits(t: torch.Tensor) -> torch.Tensor:
     """Raw bit patterns, so that -0.0 and +0.0 (and every other value) must match exactly."""
     return t.cpu().view({8: torch.int64, 4: torch.int32, 2: torch.int16}[t.element_size()])
 
@@ -21,7 +21,7 @@ def assert_same_selection(got, want, what) -> None:
     (thr, cut), (want_thr, want_cut) = got, want
     assert thr.dtype == want_thr.dtype and thr.shape == want_thr.shape, (what, thr, want_thr)
     assert cut.dtype == torch.int64 and cut.shape == want_cut.shape, (what, cut, want_cut)
-    assert torch.equal(_bits(thr), _bits(want_thr)), (what, thr, want_thr)
+    assert torch.equal(bits(thr), bits(want_thr)), (what, thr, want_thr)
     assert torch.equal(cut.cpu(), want_cut), (what, cut, want_cut)
 
 
@@ -71,3 +71,74 @@ def check_keep_mask(kernels, device, x: torch.Tensor, k: int, offset: int) -> No
     got = kernels["keep_mask"](x.to(device), thr.to(device), cut.to(device), offset)
     assert got.dtype == torch.bool and got.shape == x.shape
     assert torch.equal(got.cpu(), ref.keep_mask(x, thr, cut, offset))
+
+
+# ----------------------------------------------------------------------------- the small case set
+
+SMALL_CASES = {}
+"""name -> check(kernels, device): every selection path at sizes the Triton interpreter affords."""
+
+
+def _case(fn):
+    SMALL_CASES[fn.__name__] = fn
+    return fn
+
+
+def _adversarial(dtype):
+    def check(kernels, device):
+        check_adversarial(kernels, device, 131, dtype, (1, 2, 66, 130, 131))
+    return check
+
+
+for _dtype in DTYPES:
+    SMALL_CASES[f"adversarial_{str(_dtype).split('.')[-1]}"] = _adversarial(_dtype)
+
+
+@_case
+def every_k_on_a_tied_tensor(kernels, device):
+    check_every_k(kernels, device, torch.tensor([2.0, -0.0, 1, 2, 0.0, -3, 2, 1, 1, 5, 0.0, 2, -1, 2, 7, 1]))
+
+
+@_case
+def hints(kernels, device):
+    for dtype in (torch.float32, torch.bfloat16):
+        check_hints(kernels, device, torch.randn(300, generator=torch.Generator().manual_seed(3)).to(dtype), 120)
+
+
+@_case
+def global_list_without_concatenation(kernels, device):
+    g = torch.Generator().manual_seed(4)
+    tensors = [torch.randint(0, 5, s, generator=g).float() for s in [(3, 50), (7,), (2, 3, 2), (1,), (140,)]]
+    check_list(kernels, device, tensors, (1, 100, 310))
+    check_list(kernels, device, tensors, (200,), hint=torch.tensor(2.0))
+
+
+@_case
+def batched_own_k_per_tensor(kernels, device):
+    g = torch.Generator().manual_seed(5)
+    tensors = [torch.randn(150, generator=g), torch.zeros(9), torch.randint(0, 3, (4, 20), generator=g).float(),
+               torch.randn(1, generator=g)]
+    ks = [75, 4, 33, 1]
+    check_batched(kernels, device, tensors, ks)
+    check_batched(kernels, device, tensors, ks, hints=torch.tensor([0.0, 0.0, 1.0, 9.0]))
+
+
+@_case
+def all_equal_scores_cut_through_one_tie_group(kernels, device):
+    x = torch.zeros(1100)
+    x[::7] = -0.0
+    check_list(kernels, device, [x], (1, 700, 1100))
+
+
+@_case
+def non_contiguous_in_logical_order(kernels, device):
+    check_list(kernels, device, [torch.randint(0, 4, (9, 15), generator=torch.Generator().manual_seed(6)).float().t()],
+               (50,))
+
+
+@_case
+def keep_mask_every_dtype(kernels, device):
+    for dtype in DTYPES:
+        x = torch.randint(-2, 3, (5, 41), generator=torch.Generator().manual_seed(7)).to(dtype)
+        x[0, :7] = -0.0
+        check_keep_mask(kernels, device, x, 90, offset=13)

@@ -1,6 +1,7 @@
 """Every backend's masked linear / conv2d and channel-gate kernels against the reference backend:
-outputs and every gradient (cases: _masked_cases.py). Backend files add only what is theirs
-(tile edges, launch splits, the C++/CUDA argument errors, the nvcc compile)."""
+outputs and every gradient (cases: _masked_cases.py), then the public API with each backend.
+Backend files add only what is theirs (test_masked_triton.py, test_masked_cuda.py; the native
+ops' argument errors: test_native_checks.py)."""
 
 import itertools
 
@@ -8,6 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+import bise_kernels as bk
 from _masked_cases import (ALL_NEEDS, CONV_CASES, DTYPES, ESTIMATORS, GATE_LAYOUTS, assert_grads, check_conv,
                            check_gate, check_linear, randn, tied_scores, tol)
 from bise_kernels.backends import reference as R
@@ -110,3 +112,43 @@ def test_channel_gate_long_reduction_axis(kernels):
     thr, cut = (t.to(device) for t in R.topk_select([scores.cpu()], 2))
     args = (randn(600, 5, seed=2, device=device), x, scores, thr, cut, 1, "sigmoid", 1.0, [True, True])
     assert_grads(kernels.channel_gate_backward(*args), R.channel_gate_backward(*args), torch.float32)
+
+
+def test_channel_gate_negative_dim_equals_positive_dim(kernels):
+    device = kernels.device
+    x, gy = randn(4, 3, 13, seed=1, device=device), randn(4, 3, 13, seed=2, device=device)
+    scores, thr, cut = tied_scores((13,), seed=3, device=device)
+    assert torch.equal(kernels.channel_gate_forward(x, scores, thr, cut, -1),
+                       kernels.channel_gate_forward(x, scores, thr, cut, 2))
+    for got, want in zip(kernels.channel_gate_backward(gy, x, scores, thr, cut, -1, "ste", 1.0, [True, True]),
+                         kernels.channel_gate_backward(gy, x, scores, thr, cut, 2, "ste", 1.0, [True, True])):
+        assert torch.equal(got, want)
+
+
+# ----------------------------------------------------------------------------- through the public API
+
+
+@pytest.mark.parametrize("structured", [False, True])
+def test_public_api_with_this_backend_equals_the_torch_backend(kernels, structured):
+    """Forward and every gradient of the three masked ops, selected by this backend's name."""
+    device = kernels.device
+    x, w, b = randn(5, 12, seed=1, device=device), randn(7, 12, seed=2, device=device), randn(7, seed=3, device=device)
+    s = randn(*((7,) if structured else (7, 12)), seed=4, device=device)
+    xc = randn(2, 4, 8, 9, seed=5, device=device).to(memory_format=torch.channels_last)
+    wc, sc = randn(6, 2, 3, 3, seed=6, device=device), randn(*((6,) if structured else (6, 2, 3, 3)), seed=7,
+                                                             device=device)
+    cases = [
+        (lambda x, w, b, s: bk.masked_linear(x, w, b, s, density=0.4, estimator="sigmoid"), (x, w, b, s)),
+        (lambda x, w, s: bk.masked_conv2d(x, w, None, s, density=0.6, stride=2, padding=1, groups=2), (xc, wc, sc)),
+        (lambda x, s: bk.channel_gate(x, s, threshold=0.1), (xc, randn(4, seed=8, device=device))),
+    ]
+    for fn, tensors in cases:
+        results = []
+        for name in (kernels.name, "torch"):
+            leaves = [t.detach().requires_grad_() for t in tensors]
+            with bk.use_backend(name):
+                y = fn(*leaves)
+                y.backward(randn(*y.shape, seed=9, device=device))
+            results.append((y.detach(), [t.grad for t in leaves]))
+        torch.testing.assert_close(results[0][0], results[1][0], **tol(torch.float32))
+        assert_grads(results[0][1], results[1][1], torch.float32)

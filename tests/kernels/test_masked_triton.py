@@ -1,8 +1,8 @@
-"""Triton masked linear / conv2d kernels against the reference backend: outputs and every gradient.
+"""What only the Triton masked-layer and channel-gate kernels have: output tiles whose units are
+all masked, the backend's device and backward-argument checks, the channels_last mask pass, and
+the GEMM tile selection.
 
-Ragged shapes (not multiples of the tiles), ties at the threshold with a finite cut, both score
-granularities and estimators, fp32/fp16/bf16. Under TRITON_INTERPRET=1 on CPU, compiled on a GPU.
-Reference values use the same scores and (thr, cut), with the data upcast to fp32.
+Every backend's outputs and gradients against the reference: test_masked_kernels.py.
 """
 
 import pytest
@@ -10,205 +10,70 @@ import torch
 
 pytest.importorskip("triton")
 
+from _masked_cases import randn, tied_scores, tol  # noqa: E402
 from bise_kernels.backends import reference as ref  # noqa: E402
-from bise_kernels.backends.triton import masked_conv, masked_linear  # noqa: E402
+from bise_kernels.backends.triton import channel_gate, masked_conv, masked_linear  # noqa: E402
 
 CUDA = torch.cuda.is_available()
 DEVICE = "cuda" if CUDA else "cpu"
-DTYPES = [torch.float32, torch.float16, torch.bfloat16]  # bf16: the interpreter path upcasts before tl.dot
-TOL = {
-    torch.float32: dict(rtol=1e-4, atol=1e-4),
-    torch.float16: dict(rtol=1e-2, atol=3e-2),
-    torch.bfloat16: dict(rtol=3e-2, atol=2e-1),
-}
-M, K, N = 37, 53, 29  # x (M, K), weight (N, K)
-
-
-def _close(got, want, dtype):
-    assert got is not None and got.shape == want.shape
-    torch.testing.assert_close(got.float(), want.float(), **TOL[dtype])
-
-
-def _tied_scores(shape, density=0.5, dtype=torch.float32, seed=0):
-    """Scores with many ties, and the top-k selection nearest to ``density`` whose threshold
-    splits a group of tied entries (some kept, some not), so the cut matters."""
-    g = torch.Generator().manual_seed(seed)
-    scores = (torch.randint(-2, 3, shape, generator=g) / 2).to(dtype)
-    values = torch.sort(scores.reshape(-1), descending=True).values
-    splits = [k for k in range(1, values.numel()) if values[k - 1] == values[k]]
-    k = min(splits, key=lambda k: abs(k - density * values.numel()))
-    thr, cut = ref.topk_select([scores], k)
-    ties = scores == thr
-    assert 0 < ref.keep_mask(scores, thr, cut)[ties].sum() < ties.sum()
-    return scores.to(DEVICE), thr.to(DEVICE), cut.to(DEVICE)
-
-
-def _data(*shapes, dtype, seed=1):
-    g = torch.Generator().manual_seed(seed)
-    return [torch.randn(s, generator=g).to(device=DEVICE, dtype=dtype) for s in shapes]
-
-
-def _f32(*tensors):
-    return [None if t is None else t.float() for t in tensors]
-
-
-# ----------------------------------------------------------------------------- masked linear
-
-
-def _check_linear(x, w, b, scores, thr, cut, dtype, estimator="ste", needs=(True, True, True, True)):
-    y = masked_linear.masked_linear_forward(x, w, b, scores, thr, cut)
-    assert y.dtype == dtype
-    _close(y, ref.masked_linear_forward(*_f32(x, w, b), scores, thr, cut), dtype)
-    grad_y, = _data(y.shape, dtype=dtype, seed=7)
-    got = masked_linear.masked_linear_backward(grad_y, x, w, scores, thr, cut, estimator, 0.7, list(needs))
-    want = ref.masked_linear_backward(*_f32(grad_y, x, w), scores, thr, cut, estimator, 0.7, list(needs))
-    for g, r, needed in zip(got, want, needs):
-        if needed:
-            _close(g, r, dtype)
-        else:
-            assert g is None
-    if needs[3]:
-        assert got[3].dtype == scores.dtype
-    return got
-
-
-@pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("estimator", ["ste", "sigmoid"])
-@pytest.mark.parametrize("granularity", ["weight", "unit"])
-def test_masked_linear_matches_reference(granularity, estimator, dtype):
-    x, w, b = _data((M, K), (N, K), (N,), dtype=dtype)
-    scores, thr, cut = _tied_scores((N, K) if granularity == "weight" else (N,))
-    _check_linear(x, w, b, scores, thr, cut, dtype, estimator)
-
-
-@pytest.mark.parametrize("needs", [(True, False, False, True), (False, False, False, True), (False, True, True, False),
-                                   (True, False, True, False), (False, False, True, False), (False, True, False, True)])
-@pytest.mark.parametrize("granularity", ["weight", "unit"])
-def test_masked_linear_computes_only_the_needed_gradients(granularity, needs):
-    x, w, b = _data((M, K), (N, K), (N,), dtype=torch.float32)
-    scores, thr, cut = _tied_scores((N, K) if granularity == "weight" else (N,), seed=2)
-    _check_linear(x, w, b, scores, thr, cut, torch.float32, "sigmoid", needs)
-
-
-def test_masked_linear_batched_input_without_bias_and_half_scores():
-    x, w = _data((2, 19, K), (N, K), dtype=torch.float16)
-    scores, thr, cut = _tied_scores((N, K), density=0.3, dtype=torch.float16, seed=3)
-    _check_linear(x, w, None, scores, thr, cut, torch.float16, "sigmoid")
-
-
-def test_masked_linear_strided_operands():
-    xt, wt = _data((K + 3, M), (K, N), dtype=torch.float32)
-    x, w = xt[2:-1].t(), wt.t()  # non-contiguous views
-    scores, thr, cut = _tied_scores((K, N), seed=4)
-    _check_linear(x, w, None, scores.t(), thr, cut, torch.float32, "sigmoid")
-
-
-@pytest.mark.parametrize("granularity", ["weight", "unit"])
-def test_masked_linear_threshold_mode_keeps_every_tie(granularity):
-    x, w, b = _data((M, K), (N, K), (N,), dtype=torch.float32)
-    scores, _, _ = _tied_scores((N, K) if granularity == "weight" else (N,), seed=5)
-    thr = torch.zeros((), device=DEVICE)
-    cut = torch.full((), ref.KEEP_ALL_TIES, dtype=torch.int64, device=DEVICE)
-    _check_linear(x, w, b, scores, thr, cut, torch.float32, "ste")
 
 
 def test_masked_linear_dead_unit_tiles_output_bias_only():
-    n = 70  # output tiles of 32 units under the interpreter: the first one is all dead
-    x, w, b = _data((M, K), (n, K), (n,), dtype=torch.float32)
+    n, m, k = 70, 37, 53  # output tiles of 32 units under the interpreter: the first one is all dead
+    x, w, b = randn(m, k, seed=1, device=DEVICE), randn(n, k, seed=2, device=DEVICE), randn(n, seed=3, device=DEVICE)
     scores = torch.arange(n, dtype=torch.float32, device=DEVICE)
-    thr, cut = ref.topk_select([scores.cpu()], 30)
-    y = masked_linear.masked_linear_forward(x, w, b, scores, thr.to(DEVICE), cut.to(DEVICE))
-    assert torch.equal(y[:, :40], b[:40].expand(M, 40))
-    _close(y, ref.masked_linear_forward(x, w, b, scores, thr.to(DEVICE), cut.to(DEVICE)), torch.float32)
+    thr, cut = (t.to(DEVICE) for t in ref.topk_select([scores.cpu()], 30))
+    y = masked_linear.masked_linear_forward(x, w, b, scores, thr, cut)
+    assert torch.equal(y[:, :40], b[:40].expand(m, 40))
+    torch.testing.assert_close(y, ref.masked_linear_forward(x, w, b, scores, thr, cut), **tol(torch.float32))
 
 
-def test_masked_linear_rejects_bad_input_before_launch():
-    x, w, b = _data((M, K), (N, K), (N,), dtype=torch.float32)
-    scores, thr, cut = _tied_scores((N, K))
-    fwd = masked_linear.masked_linear_forward
-    with pytest.raises(TypeError, match="weight has dtype"):
-        fwd(x, w.half(), b, scores, thr, cut)
-    with pytest.raises(ValueError, match="does not match weight"):
-        fwd(x[:, 1:], w, b, scores, thr, cut)
-    with pytest.raises(ValueError, match="scores must have"):
-        fwd(x, w, b, scores[:, 1:], thr, cut)
-    with pytest.raises(ValueError, match="bias must have shape"):
-        fwd(x, w, b[1:], scores, thr, cut)
-    with pytest.raises(TypeError, match="thr must be"):
-        fwd(x, w, b, scores, thr.double(), cut)
-    with pytest.raises(TypeError, match="cut must be"):
-        fwd(x, w, b, scores, thr, cut.int())
-    with pytest.raises(TypeError, match="x must be a floating"):
-        fwd(x.int(), w, b, scores, thr, cut)
+def test_kernels_reject_tensors_off_their_device_before_launch():
+    x, w = randn(5, 7, seed=1, device=DEVICE), randn(3, 7, seed=2, device=DEVICE)
+    scores, thr, cut = tied_scores((3, 7), device=DEVICE)
+    with pytest.raises(ValueError, match="thr is on cpu but scores is on meta"):
+        masked_linear.masked_linear_forward(x.to("meta"), w.to("meta"), None, scores.to("meta"), thr.cpu(), cut)
+    if not CUDA:  # the interpreter runs cpu tensors only; a meta tensor is on no device it can run
+        meta = [t.to("meta") for t in (x, w, scores, thr, cut)]
+        with pytest.raises(ValueError, match="triton backend runs on cuda"):
+            masked_linear.masked_linear_forward(meta[0], meta[1], None, *meta[2:])
     with pytest.raises(ValueError, match="grad_y must have shape"):
         masked_linear.masked_linear_backward(x, x, w, scores, thr, cut, "ste", 1.0, [True] * 4)
-    with pytest.raises(ValueError, match="estimator"):
-        masked_linear.masked_linear_backward(x @ w.t(), x, w, scores, thr, cut, "sign", 1.0, [True] * 4)
-    if not CUDA:  # the interpreter runs cpu tensors only; a meta tensor is on no device it can run
-        with pytest.raises(ValueError, match="triton backend runs on cuda"):
-            fwd(x.to("meta"), w.to("meta"), None, scores.to("meta"), thr.to("meta"), cut.to("meta"))
 
 
-# ----------------------------------------------------------------------------- masked conv2d
+def test_kernels_check_their_arguments_with_the_shared_checks():
+    """The bise_kernels/_checks.py function of each op runs before any launch (messages: test_checks.py)."""
+    x, w = randn(5, 7, seed=1, device=DEVICE), randn(3, 7, seed=2, device=DEVICE)
+    scores, thr, cut = tied_scores((3, 7), device=DEVICE)
+    with pytest.raises(TypeError, match="weight has dtype"):
+        masked_linear.masked_linear_forward(x, w.half(), None, scores, thr, cut)
+    with pytest.raises(TypeError, match="thr must be a one-element tensor"):
+        masked_linear.masked_linear_forward(x, w, None, scores, thr.double(), cut)
+    xc, wc = randn(2, 6, 9, 11, seed=3, device=DEVICE), randn(10, 3, 3, 2, seed=4, device=DEVICE)
+    sc, thr_c, cut_c = tied_scores((10,), device=DEVICE)
+    with pytest.raises(ValueError, match="stride must be >= 1"):
+        masked_conv.masked_conv2d_forward(xc, wc, None, sc, thr_c, cut_c, (0, 1), (0, 0), (1, 1), 2)
+    with pytest.raises(ValueError, match="groups=3"):
+        masked_conv.masked_conv2d_forward(xc, wc, None, sc, thr_c, cut_c, (1, 1), (0, 0), (1, 1), 3)
+    gate_scores = randn(6, seed=5, device=DEVICE)
+    with pytest.raises(ValueError, match="dim must be in"):
+        channel_gate.channel_gate_forward(xc, gate_scores, thr_c, cut_c, 4)
+    backward = channel_gate.channel_gate_backward
+    with pytest.raises(ValueError, match="grad_y must have shape"):
+        backward(xc[1:], xc, gate_scores, thr_c, cut_c, 1, "ste", 1.0, [True, True])
+    with pytest.raises(TypeError, match="grad_y has dtype"):
+        backward(xc.half(), xc, gate_scores, thr_c, cut_c, 1, "ste", 1.0, [True, True])
+    with pytest.raises(ValueError, match="needs must have 2"):
+        backward(xc, xc, gate_scores, thr_c, cut_c, 1, "ste", 1.0, [True])
 
-CONV = dict(stride=(2, 1), padding=(1, 2), dilation=(1, 2), groups=2)
 
-
-def _check_conv(x, w, b, scores, thr, cut, dtype, conv, estimator="ste", needs=(True, True, True, True)):
-    args = (conv["stride"], conv["padding"], conv["dilation"], conv["groups"])
-    y = masked_conv.masked_conv2d_forward(x, w, b, scores, thr, cut, *args)
-    _close(y, ref.masked_conv2d_forward(*_f32(x, w, b), scores, thr, cut, *args), dtype)
-    grad_y, = _data(y.shape, dtype=dtype, seed=8)
-    got = masked_conv.masked_conv2d_backward(grad_y, x, w, scores, thr, cut, *args, estimator, 0.5, list(needs))
-    want = ref.masked_conv2d_backward(*_f32(grad_y, x, w), scores, thr, cut, *args, estimator, 0.5, list(needs))
-    for g, r, needed in zip(got, want, needs):
-        if needed:
-            _close(g, r, dtype)
-        else:
-            assert g is None
-
-
-@pytest.mark.parametrize("estimator", ["ste", "sigmoid"])
-@pytest.mark.parametrize("granularity", ["weight", "unit"])
-def test_masked_conv2d_matches_reference(granularity, estimator):
-    x, w, b = _data((2, 6, 9, 11), (10, 3, 3, 2), (10,), dtype=torch.float32)
-    scores, thr, cut = _tied_scores(w.shape if granularity == "weight" else (10,), seed=6)
-    _check_conv(x, w, b, scores, thr, cut, torch.float32, CONV, estimator)
-
-
-@pytest.mark.parametrize("dtype", DTYPES)
-def test_masked_conv2d_channels_last(dtype):
-    x, w = _data((3, 8, 7, 6), (18, 8, 3, 3), dtype=dtype)
-    x, w = x.to(memory_format=torch.channels_last), w.to(memory_format=torch.channels_last)
-    scores, thr, cut = _tied_scores(w.shape, density=0.4, seed=7)
-    _check_conv(x, w, None, scores, thr, cut, dtype, dict(stride=(1, 1), padding=(1, 1), dilation=(1, 1), groups=1),
-                "sigmoid")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_mask_pass_keeps_channels_last_weights(dtype):
+    w = randn(18, 8, 3, 3, dtype=dtype, seed=1, device=DEVICE).to(memory_format=torch.channels_last)
+    scores, thr, cut = tied_scores(w.shape, seed=7, device=DEVICE)
     w_eff = masked_conv.masked_weight(w, scores, thr, cut)
     assert w_eff.is_contiguous(memory_format=torch.channels_last)
     assert torch.equal(w_eff, w * ref.keep_mask(scores, thr, cut).to(dtype))
-
-
-@pytest.mark.parametrize("needs", [(True, False, False, True), (False, False, False, True), (False, True, True, False)])
-@pytest.mark.parametrize("granularity", ["weight", "unit"])
-def test_masked_conv2d_computes_only_the_needed_gradients(granularity, needs):
-    x, w, b = _data((2, 6, 9, 11), (10, 3, 3, 2), (10,), dtype=torch.float32)
-    scores, thr, cut = _tied_scores(w.shape if granularity == "weight" else (10,), seed=8)
-    _check_conv(x, w, b, scores, thr, cut, torch.float32, CONV, "sigmoid", needs)
-
-
-def test_masked_conv2d_rejects_bad_input_before_launch():
-    x, w = _data((2, 6, 9, 11), (10, 3, 3, 2), dtype=torch.float32)
-    scores, thr, cut = _tied_scores(w.shape)
-    fwd = masked_conv.masked_conv2d_forward
-    with pytest.raises(ValueError, match="groups=3"):
-        fwd(x, w, None, scores, thr, cut, (1, 1), (0, 0), (1, 1), 3)
-    with pytest.raises(ValueError, match="4-d"):
-        fwd(x[0], w, None, scores, thr, cut, (1, 1), (0, 0), (1, 1), 2)
-    with pytest.raises(TypeError, match="stride"):
-        fwd(x, w, None, scores, thr, cut, (1, 1, 1), (0, 0), (1, 1), 2)
-    with pytest.raises(ValueError, match="grad_y must have shape"):
-        masked_conv.masked_conv2d_backward(x, x, w, scores, thr, cut, (1, 1), (0, 0), (1, 1), 2, "ste", 1.0,
-                                           [True] * 4)
 
 
 # ----------------------------------------------------------------------------- tile selection

@@ -1,18 +1,18 @@
-"""Triton radix select (backend "triton") against the reference, bit for bit.
+"""What only the Triton radix select (backend "triton") has, against the reference, bit for bit:
+the candidate buffer's capacity, tie cuts from chunk counts, the chunk plans, the sm_90 compile.
 
-On CPU it runs under TRITON_INTERPRET=1 on tiny inputs (a chunk is 128 elements there, the
-candidate buffer 16 entries, so every path runs: several chunks, buffer and overflow tie cuts,
-warm starts that hit, half-hit and miss). With a GPU the same checks run compiled twice: with the
-shipped geometry, and with the interpreter's tiny one, so that the small inputs also reach the
-paths where programs of one problem race (several chunks per problem, a buffer that fills while
-a launch runs); plus sizes that only a GPU can afford.
+Under TRITON_INTERPRET=1 a chunk is 128 elements and the buffer 16 entries, so the small case set
+(test_select_kernels.py) already runs every path. With a GPU the checks here run compiled twice:
+with the shipped geometry and with the interpreter's tiny one, and the small case set runs in the
+tiny geometry too, so that small inputs also reach the paths where programs of one problem race
+(several chunks per problem, a buffer that fills while a launch runs); plus sizes only a GPU affords.
 """
 
 import pytest
 import torch
 
-from _select_cases import (DTYPES, assert_same_selection, check_adversarial, check_batched, check_every_k,
-                           check_hints, check_keep_mask, check_list)
+from _select_cases import (DTYPES, SMALL_CASES, assert_same_selection, check_adversarial, check_batched, check_hints,
+                           check_list)
 from bise_kernels.backends import INTERPRET, kernel_table
 from bise_kernels.backends import reference as ref
 
@@ -34,37 +34,14 @@ def kernels(request, monkeypatch):
     return kernel_table("triton")
 
 
-@pytest.mark.parametrize("dtype", DTYPES)
-def test_select_is_bit_identical_on_adversarial_inputs(kernels, dtype):
-    n = 131
-    ks = (1, 66, n) if dtype == torch.float32 else (2, n)
-    check_adversarial(kernels, DEVICE, n, dtype, ks)
+@pytest.mark.skipif(not ON_GPU, reason="under the interpreter test_select_kernels.py runs these in this geometry")
+@pytest.mark.parametrize("case", list(SMALL_CASES))
+def test_small_case_set_in_the_tiny_geometry_on_gpu(monkeypatch, case):
+    from bise_kernels.backends.triton import select
 
-
-def test_select_is_exact_for_every_k_on_a_tied_tensor(kernels):
-    check_every_k(kernels, DEVICE, torch.tensor([2.0, -0.0, 1, 2, 0.0, -3, 2, 1, 1, 5, 0.0, 2, -1, 2, 7, 1]))
-
-
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_hint_speeds_up_but_never_changes_the_result(kernels, dtype):
-    x = torch.randn(300, generator=torch.Generator().manual_seed(3)).to(dtype)
-    check_hints(kernels, DEVICE, x, 120)
-
-
-def test_global_selection_over_a_list_without_concatenation(kernels):
-    g = torch.Generator().manual_seed(4)
-    tensors = [torch.randint(0, 5, s, generator=g).float() for s in [(3, 50), (7,), (2, 3, 2), (1,), (140,)]]
-    check_list(kernels, DEVICE, tensors, (1, 100, 310))
-    check_list(kernels, DEVICE, tensors, (200,), hint=torch.tensor(2.0))
-
-
-def test_batched_selection_gives_each_tensor_its_own_k(kernels):
-    g = torch.Generator().manual_seed(5)
-    tensors = [torch.randn(150, generator=g), torch.zeros(9), torch.randint(0, 3, (4, 20), generator=g).float(),
-               torch.randn(1, generator=g)]
-    ks = [75, 4, 33, 1]
-    check_batched(kernels, DEVICE, tensors, ks)
-    check_batched(kernels, DEVICE, tensors, ks, hints=torch.tensor([0.0, 0.0, 1.0, 9.0]))
+    for name, value in TINY.items():
+        monkeypatch.setattr(select, name, value)
+    SMALL_CASES[case](kernel_table("triton"), DEVICE)
 
 
 @pytest.mark.parametrize("capacity", [1, 256])
@@ -113,18 +90,6 @@ def test_plans_follow_the_chunk_geometry(kernels, monkeypatch):
         monkeypatch.setattr(select, "ITERS", iters)
         got = kernels["topk_select"]([on_device], 7, None)
         assert_same_selection(got, ref.topk_select([x], 7), iters)
-
-
-def test_non_contiguous_scores_are_selected_in_logical_order(kernels):
-    x = torch.randint(0, 4, (9, 15), generator=torch.Generator().manual_seed(6)).float().t()
-    check_list(kernels, DEVICE, [x], (50,))
-
-
-@pytest.mark.parametrize("dtype", DTYPES)
-def test_keep_mask_matches_reference(kernels, dtype):
-    x = torch.randint(-2, 3, (5, 41), generator=torch.Generator().manual_seed(7)).to(dtype)
-    x[0, :7] = -0.0
-    check_keep_mask(kernels, DEVICE, x, 90, offset=13)
 
 
 @pytest.mark.skipif(not ON_GPU, reason="large sizes need a GPU")
@@ -179,8 +144,8 @@ def test_kernels_compile_for_hopper_without_a_gpu():
     import sys
 
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    done = subprocess.run([sys.executable, "-c", f"TINY = {TINY!r}" + _COMPILE_FOR_SM90], env=env, capture_output=True, text=True,
-                          timeout=300)
+    done = subprocess.run([sys.executable, "-c", f"TINY = {TINY!r}" + _COMPILE_FOR_SM90], env=env,
+                          capture_output=True, text=True, timeout=300)
     assert done.returncode == 0 and "compiled" in done.stdout, done.stderr[-3000:]
 
 

@@ -1,7 +1,7 @@
 """Masked conv2d: one fused Triton pass builds W*M, torch's convolution (cuDNN on GPU) does the rest.
 
-Triton convs trail cuDNN, so the dense part stays with cuDNN: forward ``conv2d(x, W*M)``, and one ``convolution_backward`` call for dgrad (on W*M),
-wgrad and the bias gradient. W*M is transient (never saved for backward). The wgrad result
+Triton convs trail cuDNN, so the dense part stays with cuDNN: forward ``conv2d(x, W*M)``, and
+one ``convolution_backward`` call for dgrad (on W*M), wgrad and the bias gradient. W*M is transient (never saved for backward). The wgrad result
 feeds a fused epilogue kernel that writes ``grad_W_eff * M`` (only if needed) and the score
 gradient ``grad_W_eff * W * slope`` (summed per output channel for structured scores) in one
 pass. Weights are addressed through their 4-d strides, so channels_last weights work in place.

@@ -1,0 +1,233 @@
+"""GPU cases of whole masked training steps, the per-call overhead and a CUDA-graph capture.
+
+Cases (format: docs/gpu_suite.md):
+
+* ``step_mlp4x4096_bf16_b{256,4096}/<backend>``: one training step (forward, loss, backward, SGD
+  on the scores; weights frozen) of a 4-layer 4096-wide MLP masked by ``bise_kernels.MaskedLinear``
+  (density 0.5, top-k re-selected every step), for the backends "cuda", "triton" and "auto",
+  against "dense_step" (the plain MLP training its weights) and "edge_popup" (the edge-popup
+  reference: sort the scores, scatter a 0/1 mask, multiply, dense matmul, straight-through
+  backward). Targets: <= 1.10x the dense step; >= 3x faster than edge-popup at batch 256.
+* ``step_resnet50_convs_bf16_cl_b{32,128}/<backend>``: the same for a stack of nine ResNet-50
+  bottleneck convolutions (three layer1 blocks: 1x1 256->64, 3x3 64->64, 1x1 64->256) at 56x56,
+  channels_last, with ``MaskedConv2d``. Target <= 1.10x the dense step.
+* ``overhead_masked_linear_256_b32/api``: the public ``masked_linear`` forward + backward on a
+  256x256 layer, batch 32 (checks, selection, custom op and autograd), against the same with
+  ``F.linear`` ("dense_fwd_bwd"). Target <= 1.5x.
+* ``cuda_graph_masked_step/api``: a probe, not a timing: whether a masked MLP training step can be
+  captured in a CUDA graph and replayed (``captured``, ``replayed``, ``error``).
+
+In a dry run everything is tiny, on the CPU, for the backend "torch" and "auto"; the graph probe
+is skipped.
+"""
+
+from __future__ import annotations
+
+from copy import deepcopy
+from types import SimpleNamespace
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import bise_kernels
+from bise_kernels.backends import available_backends
+
+GPU_BACKENDS = ("cuda", "triton", "auto")
+DENSITY = 0.5
+LR = 1e-3
+FULL = SimpleNamespace(mlp_width=4096, mlp_batches=(256, 4096), conv_batches=(32, 128), conv_px=56, conv_div=1)
+TINY = SimpleNamespace(mlp_width=64, mlp_batches=(8,), conv_batches=(2,), conv_px=8, conv_div=16)
+
+
+class _EdgePopupMask(torch.autograd.Function):
+    """Edge-popup's GetSubnet: sort the scores, scatter 0 to the lowest and 1 to the rest; the
+    gradient passes straight through."""
+
+    @staticmethod
+    def forward(ctx, scores, density):
+        out = scores.clone()
+        _, idx = scores.flatten().sort()
+        j = int((1 - density) * scores.numel())
+        flat = out.flatten()
+        flat[idx[:j]] = 0
+        flat[idx[j:]] = 1
+        return flat.view_as(scores)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad, None
+
+
+class _EdgePopup(nn.Module):
+    """A dense layer whose frozen weight is masked by edge-popup's sort-and-scatter each call."""
+
+    def __init__(self, dense: nn.Module):
+        super().__init__()
+        self.dense = dense
+        dense.weight.requires_grad_(False)
+        self.scores = nn.Parameter(torch.randn_like(dense.weight))
+
+    def forward(self, x):
+        w = self.dense.weight * _EdgePopupMask.apply(self.scores, DENSITY)
+        if isinstance(self.dense, nn.Linear):
+            return F.linear(x, w, self.dense.bias)
+        return self.dense._conv_forward(x, w, self.dense.bias)
+
+
+def _mlp(width, device):
+    layers = []
+    for i in range(4):
+        layers += [nn.Linear(width, width, bias=False)] + ([nn.ReLU()] if i < 3 else [])
+    return nn.Sequential(*layers).to(device=device, dtype=torch.bfloat16)
+
+
+def _convs(div, device):
+    wide, narrow = 256 // div, 64 // div
+    layers = []
+    for _ in range(3):
+        layers += [nn.Conv2d(wide, narrow, 1, bias=False), nn.ReLU(),
+                   nn.Conv2d(narrow, narrow, 3, padding=1, bias=False), nn.ReLU(),
+                   nn.Conv2d(narrow, wide, 1, bias=False), nn.ReLU()]
+    return nn.Sequential(*layers).to(device=device, dtype=torch.bfloat16, memory_format=torch.channels_last)
+
+
+def _variant(dense: nn.Sequential, kind: str) -> nn.Sequential:
+    """The dense net itself ("dense"), or a copy whose linear/conv layers are masked."""
+    if kind == "dense":
+        return dense
+    layers = []
+    for layer in dense:
+        if isinstance(layer, (nn.Linear, nn.Conv2d)):
+            copy = deepcopy(layer)
+            if kind == "edge_popup":
+                layer = _EdgePopup(copy)
+            else:
+                cls = bise_kernels.MaskedLinear if isinstance(layer, nn.Linear) else bise_kernels.MaskedConv2d
+                layer = cls.from_dense(copy, density=DENSITY)
+        layers.append(layer)
+    return nn.Sequential(*layers)
+
+
+def _step_fn(net: nn.Module, x: torch.Tensor, backend: str | None = None):
+    """One SGD step on the trainable parameters (scores, or the dense weights).
+
+    The backend is set process-wide for the step (``set_backend``), not per thread: on CUDA the
+    backward runs in autograd's device thread, which a thread-local ``use_backend`` misses.
+    """
+    params = [p for p in net.parameters() if p.requires_grad]
+    opt = torch.optim.SGD(params, lr=LR)
+
+    def step():
+        opt.zero_grad(set_to_none=True)
+        previous = bise_kernels.get_backend()
+        if backend is not None:
+            bise_kernels.set_backend(backend)
+        try:
+            loss = net(x).float().square().mean()
+            loss.backward()
+        finally:
+            bise_kernels.set_backend(previous)
+        opt.step()
+        return loss.detach()
+
+    return step
+
+
+def _step_cases(name, dense, x, backends, targets) -> list[dict]:
+    baselines = {"dense_step": _step_fn(_variant(dense, "dense"), x),
+                 "edge_popup": _step_fn(_variant(dense, "edge_popup"), x)}
+    masked = _variant(dense, "masked")
+    cases = []
+    for backend in backends:
+        case = {"name": f"{name}/{backend}", "backend": backend, "target_speedup": targets}
+        if backend not in ("auto", *available_backends(x.device.type)):
+            cases.append(dict(case, skip=f"backend {backend!r} unavailable on {x.device.type}"))
+            continue
+        step = _step_fn(masked, x, backend)
+
+        def check(step=step):
+            if not torch.isfinite(step()):
+                raise AssertionError("the masked step's loss is not finite")
+
+        cases.append(dict(case, fn=step, check=check, baselines=baselines))
+    return cases
+
+
+def _overhead_case(device, dry_run) -> dict:
+    g = torch.Generator(device=device).manual_seed(0)
+    x = torch.randn(32, 256, device=device, generator=g, requires_grad=True)
+    w = torch.randn(256, 256, device=device, generator=g, requires_grad=True)
+    s = torch.randn(256, 256, device=device, generator=g, requires_grad=True)
+    gy = torch.randn(32, 256, device=device, generator=g)
+
+    def masked():
+        return torch.autograd.grad(bise_kernels.masked_linear(x, w, None, s, density=DENSITY), (x, s), gy)
+
+    def dense():
+        return torch.autograd.grad(F.linear(x, w), (x, w), gy)
+
+    return {"name": "overhead_masked_linear_256_b32/api", "backend": "auto", "fn": masked,
+            "check": lambda: [torch.isfinite(t).all() or _fail("non-finite gradient") for t in masked()],
+            "baselines": {"dense_fwd_bwd": dense}, "target_speedup": {"dense_fwd_bwd": 1 / 1.5}}
+
+
+def _fail(message: str):
+    raise AssertionError(message)
+
+
+def _graph_probe() -> dict:
+    """Capture one masked training step (forward, backward, in-place score update) in a CUDA graph."""
+    result = {"captured": False, "replayed": False}
+    try:
+        net = _variant(_mlp(1024, "cuda"), "masked")
+        x = torch.randn(64, 1024, device="cuda", dtype=torch.bfloat16)
+        scores = [p for p in net.parameters() if p.requires_grad]
+
+        def step():
+            loss = net(x).float().square().mean()
+            grads = torch.autograd.grad(loss, scores)
+            with torch.no_grad():
+                for p, g in zip(scores, grads):
+                    p.sub_(LR * g)
+            return loss
+
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            for _ in range(3):
+                step()
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            loss = step()
+        result["captured"] = True
+        graph.replay()
+        torch.cuda.synchronize()
+        result["replayed"] = bool(torch.isfinite(loss))
+    except Exception as exc:  # noqa: BLE001 - the outcome is the measurement
+        result["error"] = f"{type(exc).__name__}: {exc}"[:500]
+    return result
+
+
+def gpu_cases(dry_run: bool = False) -> list[dict]:
+    """The step, overhead and graph cases (a few GB on the GPU, most of it the batch-128 conv activations)."""
+    if not dry_run and not torch.cuda.is_available():
+        raise RuntimeError("bench_step_gpu cases need a CUDA device (or dry_run=True)")
+    size, device, backends = (TINY, "cpu", ("torch", "auto")) if dry_run else (FULL, "cuda", GPU_BACKENDS)
+    torch.manual_seed(0)
+    cases = []
+    mlp = _mlp(size.mlp_width, device)
+    for batch in size.mlp_batches:
+        x = torch.randn(batch, size.mlp_width, device=device, dtype=torch.bfloat16)
+        targets = {"dense_step": 1 / 1.1, **({"edge_popup": 3.0} if batch == size.mlp_batches[0] else {})}
+        cases += _step_cases(f"step_mlp4x{size.mlp_width}_bf16_b{batch}", mlp, x, backends, targets)
+    convs = _convs(size.conv_div, device)
+    for batch in size.conv_batches:
+        x = torch.randn(batch, 256 // size.conv_div, size.conv_px, size.conv_px, device=device,
+                        dtype=torch.bfloat16).to(memory_format=torch.channels_last)
+        cases += _step_cases(f"step_resnet50_convs_bf16_cl_b{batch}", convs, x, backends, {"dense_step": 1 / 1.1})
+    cases.append(_overhead_case(device, dry_run))
+    probe = {"name": "cuda_graph_masked_step/api", "backend": "auto"}
+    cases.append(dict(probe, skip="needs CUDA") if dry_run else dict(probe, probe=_graph_probe))
+    return cases

@@ -1,0 +1,29 @@
+#!/usr/bin/env bash
+# On a GPU machine, in one command: build the CUDA extension, run the GPU tests, run the GPU suite.
+#   BISE_COMMIT=<git sha> bash benchmarks/run_gpu.sh [OUT_DIR]      (docs/gpu_suite.md)
+# Every step has a time limit (build 300 s, tests 180 s, suite 540 s with a 480 s budget). The suite's
+# JSON (rewritten after every case) lands in OUT_DIR (default benchmarks/results, to commit); the logs
+# too when OUT_DIR is given, else in a temporary folder.
+# Exit status: 1 if the build failed, 2 if a GPU test failed, 3 if the suite did not finish.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+OUT_DIR=${1:-benchmarks/results}
+LOG_DIR=${1:-$(mktemp -d)}
+mkdir -p "$OUT_DIR" "$LOG_DIR"
+export PYTHONPATH=$PWD CUDA_HOME=${CUDA_HOME:-/usr/local/cuda} BISE_KERNELS_BUILD_CUDA=1
+export TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0} MAX_JOBS=${MAX_JOBS:-16}
+GPU_TESTS="tests/kernels/test_select_kernels.py tests/kernels/test_select_cuda.py tests/kernels/test_select_triton.py
+tests/kernels/test_masked_kernels.py tests/kernels/test_masked_cuda.py tests/kernels/test_masked_triton.py tests/kernels/test_backends.py"
+
+echo "== build" && if ! timeout 300 python3 setup.py build_ext --inplace >"$LOG_DIR/build.log" 2>&1; then
+  tail -20 "$LOG_DIR/build.log"; exit 1
+fi
+status=0
+# -m "not slow": the only slow test there compiles for sm_90 without a GPU, pointless on one
+echo "== GPU tests" && timeout 180 python3 -m pytest -q -m "not slow" $GPU_TESTS >"$LOG_DIR/gpu-tests.log" 2>&1 \
+  || status=2
+tail -5 "$LOG_DIR/gpu-tests.log"
+echo "== GPU suite" && timeout 540 python3 benchmarks/gpu_suite.py --out "$OUT_DIR" --budget-s 480 \
+  2>&1 | tee "$LOG_DIR/suite.log"
+[ "${PIPESTATUS[0]}" -eq 0 ] || status=3
+exit $status
