@@ -23,7 +23,7 @@ LIB = "bise_kernels"
 
 
 def _kernel(name: str, t: Tensor):
-    return backends.resolve(name, t.device.type)[1]
+    return backends.resolve(name, t.device.type, t.dtype)[1]
 
 
 def _forward_backend(ctx) -> None:
@@ -125,16 +125,18 @@ def _linear_setup(ctx, inputs, output):
     _forward_backend(ctx)
 
 
-def _linear_backward(ctx, grad_y):
+def _layer_backward(ctx, backward_op, grad_y: Tensor, *geometry) -> tuple:
+    """(grad_x, grad_weight, grad_bias, grad_scores) of a masked layer, None where not needed."""
     x, weight, scores, thr, cut = ctx.saved_tensors
     nx, nw, nb, ns = ctx.needs_input_grad[:4]
     needs = [nx, nw, nb and ctx.has_bias, ns]
     with _backward_backend(ctx):
-        gx, gw, gb, gs = masked_linear_backward(
-            grad_y.contiguous(), x, weight, scores, thr, cut, ctx.estimator, ctx.temperature, needs
-        )
-    return (_or_none(gx, needs[0]), _or_none(gw, needs[1]), _or_none(gb, needs[2]), _or_none(gs, needs[3]),
-            None, None, None, None)
+        grads = backward_op(grad_y, x, weight, scores, thr, cut, *geometry, ctx.estimator, ctx.temperature, needs)
+    return tuple(_or_none(g, n) for g, n in zip(grads, needs))
+
+
+def _linear_backward(ctx, grad_y):
+    return (*_layer_backward(ctx, masked_linear_backward, grad_y.contiguous()), None, None, None, None)
 
 
 masked_linear.register_autograd(_linear_backward, setup_context=_linear_setup)
@@ -190,16 +192,8 @@ def _memory_format(x: Tensor) -> torch.memory_format:
 
 
 def _conv_backward(ctx, grad_y):
-    x, weight, scores, thr, cut = ctx.saved_tensors
-    nx, nw, nb, ns = ctx.needs_input_grad[:4]
-    needs = [nx, nw, nb and ctx.has_bias, ns]
-    with _backward_backend(ctx):
-        gx, gw, gb, gs = masked_conv2d_backward(
-            grad_y.contiguous(memory_format=_memory_format(x)), x, weight, scores, thr, cut, *ctx.conv,
-            ctx.estimator, ctx.temperature, needs
-        )
-    return (_or_none(gx, needs[0]), _or_none(gw, needs[1]), _or_none(gb, needs[2]), _or_none(gs, needs[3]),
-            *([None] * 8))
+    grad_y = grad_y.contiguous(memory_format=_memory_format(ctx.saved_tensors[0]))
+    return (*_layer_backward(ctx, masked_conv2d_backward, grad_y, *ctx.conv), *([None] * 8))
 
 
 masked_conv2d.register_autograd(_conv_backward, setup_context=_conv_setup)

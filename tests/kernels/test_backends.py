@@ -70,7 +70,7 @@ def test_backward_in_another_thread_runs_on_the_forward_backend(monkeypatch, op)
     resolved = []
     real = backends.resolve
     monkeypatch.setattr(backends, "resolve",
-                        lambda kernel, device: resolved.append((kernel, backends.get_backend())) or real(kernel, device))
+                        lambda kernel, *args: resolved.append((kernel, backends.get_backend())) or real(kernel, *args))
     w = torch.randn(4, 3, 3, 3, requires_grad=True)
     scores = torch.randn(4, requires_grad=True)
     with bk.use_backend("torch"):
