@@ -15,7 +15,7 @@ needed), each beside the loop it replaces:
 * ``workflow_evaluation``: the pruned model's predictions on the validation split.
 
 The cases run without ``torch.use_deterministic_algorithms`` (``extract`` turns it on). The whole
-schedule is timed by scripts/gpu_workflow.sh (``bise run``, per phase in run.json).
+schedule is timed by scripts/gpu_workflow.sh (``bise run``, per phase in report.json).
 """
 
 from __future__ import annotations

@@ -151,6 +151,11 @@ def resolve_spec(spec: str) -> str:
     return f"{kind}:{root}" + "".join(f",{k}={v}" for k, v in raw.items())
 
 
+def _default(value, default):
+    """``value`` unless the option was not given (``x or default`` would also replace a 0)."""
+    return default if value is None else value
+
+
 def _plain(obj):
     """``obj`` as run.json gives it back (tuples become lists), so that records compare equal."""
     return json.loads(json.dumps(obj, default=str))
@@ -263,7 +268,7 @@ def _load_vanilla(inv: Invocation, path: Path):
         model, state = rebuild(obj["model_spec"]), obj["state_dict"]
     else:
         model = build_model(recipe_for(data, arch)["arch"], data.num_classes, data.input_shape,
-                            width=inv.opt("width") or 1.0)
+                            width=_default(inv.opt("width"), 1.0))
         state = obj
     spec = model.bise_spec
     if arch is not None and arch != spec["arch"]:
@@ -333,10 +338,10 @@ def _vanilla_settings(inv: Invocation) -> dict:
     from .recipes import recipe_for
 
     a, recipe = inv.args, recipe_for(inv.data, inv.args.arch)
-    return {"arch": recipe["arch"], "width": a.width or 1.0,
-            "epochs": recipe["epochs"] if a.vanilla_epochs is None else a.vanilla_epochs,
-            "batch_size": a.batch_size or recipe["batch_size"], "lr": a.lr or recipe["lr"], "recipe": recipe,
-            "seed": a.seed, "device": a.device}
+    return {"arch": recipe["arch"], "width": _default(a.width, 1.0),
+            "epochs": _default(a.vanilla_epochs, recipe["epochs"]),
+            "batch_size": _default(a.batch_size, recipe["batch_size"]), "lr": _default(a.lr, recipe["lr"]),
+            "recipe": recipe, "seed": a.seed, "device": a.device}
 
 
 def cmd_train(inv: Invocation) -> None:

@@ -6,7 +6,7 @@ do not change within a phase. :func:`set_head_grads` computes each head's weight
 gradient with the same ATen kernels that autograd runs for ``F.cross_entropy(F.linear(z, W, c),
 b)`` (log-softmax, NLL backward, log-softmax backward, then ``g^T z`` and ``sum(g)``), so the
 gradients, and the optimiser steps taken from them, are bit for bit those of the autograd loop
-(checked in tests/bise/test_extract.py) at a fraction of its per-step host cost.
+(checked in tests/bise/test_train_batching.py) at a fraction of its per-step host cost.
 """
 
 from __future__ import annotations

@@ -170,6 +170,7 @@ class RunDir:
             self.manifest = json.loads(self.path(MANIFEST).read_text())
 
     def hash(self, path) -> str:
+        """:func:`sha256` of ``path``, computed once per (path, size, mtime) in this command."""
         path = Path(path)
         st = path.stat()
         key = (str(path.resolve()), st.st_size, st.st_mtime_ns)
@@ -178,6 +179,7 @@ class RunDir:
         return self._hashes[key]
 
     def entry(self, *, step: str, data: dict, inputs: dict, settings: dict, seconds: Optional[float] = None) -> dict:
+        """A manifest entry (module docstring); :meth:`commit` fills in the file's sha256."""
         return {"sha256": None, "step": step, "data": data, "inputs": inputs, "settings": settings,
                 "seconds": seconds}
 

@@ -10,6 +10,7 @@ already holds (x, weight, scores).
 
 from __future__ import annotations
 
+import contextlib
 from typing import Optional
 
 import torch
@@ -22,7 +23,18 @@ LIB = "bise_kernels"
 
 
 def _kernel(name: str, t: Tensor):
-    return backends.resolve(name, t.device.type)[1]
+    return backends.resolve(name, t.device.type, t.dtype)[1]
+
+
+def _forward_backend(ctx) -> None:
+    """Remember the backend selected when the forward ran (``use_backend`` is per thread)."""
+    ctx.backend = backends.get_backend()
+
+
+def _backward_backend(ctx):
+    """The forward's backend for the backward, which autograd may run in another thread (on CUDA,
+    always: a device thread of its own), where a ``use_backend`` of the caller does not hold."""
+    return contextlib.nullcontext() if ctx.backend == backends.get_backend() else backends.use_backend(ctx.backend)
 
 
 def _or_empty(t: Optional[Tensor], like: Tensor) -> Tensor:
@@ -110,17 +122,21 @@ def _linear_setup(ctx, inputs, output):
     ctx.save_for_backward(x, weight, scores, thr, cut)
     ctx.estimator, ctx.temperature = estimator, temperature
     ctx.has_bias = bias is not None
+    _forward_backend(ctx)
 
 
-def _linear_backward(ctx, grad_y):
+def _layer_backward(ctx, backward_op, grad_y: Tensor, *geometry) -> tuple:
+    """(grad_x, grad_weight, grad_bias, grad_scores) of a masked layer, None where not needed."""
     x, weight, scores, thr, cut = ctx.saved_tensors
     nx, nw, nb, ns = ctx.needs_input_grad[:4]
     needs = [nx, nw, nb and ctx.has_bias, ns]
-    gx, gw, gb, gs = masked_linear_backward(
-        grad_y.contiguous(), x, weight, scores, thr, cut, ctx.estimator, ctx.temperature, needs
-    )
-    return (_or_none(gx, needs[0]), _or_none(gw, needs[1]), _or_none(gb, needs[2]), _or_none(gs, needs[3]),
-            None, None, None, None)
+    with _backward_backend(ctx):
+        grads = backward_op(grad_y, x, weight, scores, thr, cut, *geometry, ctx.estimator, ctx.temperature, needs)
+    return tuple(_or_none(g, n) for g, n in zip(grads, needs))
+
+
+def _linear_backward(ctx, grad_y):
+    return (*_layer_backward(ctx, masked_linear_backward, grad_y.contiguous()), None, None, None, None)
 
 
 masked_linear.register_autograd(_linear_backward, setup_context=_linear_setup)
@@ -166,6 +182,7 @@ def _conv_setup(ctx, inputs, output):
     ctx.conv = (stride, padding, dilation, groups)
     ctx.estimator, ctx.temperature = estimator, temperature
     ctx.has_bias = bias is not None
+    _forward_backend(ctx)
 
 
 def _memory_format(x: Tensor) -> torch.memory_format:
@@ -175,15 +192,8 @@ def _memory_format(x: Tensor) -> torch.memory_format:
 
 
 def _conv_backward(ctx, grad_y):
-    x, weight, scores, thr, cut = ctx.saved_tensors
-    nx, nw, nb, ns = ctx.needs_input_grad[:4]
-    needs = [nx, nw, nb and ctx.has_bias, ns]
-    gx, gw, gb, gs = masked_conv2d_backward(
-        grad_y.contiguous(memory_format=_memory_format(x)), x, weight, scores, thr, cut, *ctx.conv,
-        ctx.estimator, ctx.temperature, needs
-    )
-    return (_or_none(gx, needs[0]), _or_none(gw, needs[1]), _or_none(gb, needs[2]), _or_none(gs, needs[3]),
-            *([None] * 8))
+    grad_y = grad_y.contiguous(memory_format=_memory_format(ctx.saved_tensors[0]))
+    return (*_layer_backward(ctx, masked_conv2d_backward, grad_y, *ctx.conv), *([None] * 8))
 
 
 masked_conv2d.register_autograd(_conv_backward, setup_context=_conv_setup)
@@ -221,12 +231,14 @@ def _gate_setup(ctx, inputs, output):
     x, scores, thr, cut, dim, estimator, temperature = inputs
     ctx.save_for_backward(x, scores, thr, cut)
     ctx.dim, ctx.estimator, ctx.temperature = dim, estimator, temperature
+    _forward_backend(ctx)
 
 
 def _gate_backward(ctx, grad_y):
     x, scores, thr, cut = ctx.saved_tensors
     needs = list(ctx.needs_input_grad[:2])
-    gx, gs = channel_gate_backward(grad_y, x, scores, thr, cut, ctx.dim, ctx.estimator, ctx.temperature, needs)
+    with _backward_backend(ctx):
+        gx, gs = channel_gate_backward(grad_y, x, scores, thr, cut, ctx.dim, ctx.estimator, ctx.temperature, needs)
     return _or_none(gx, needs[0]), _or_none(gs, needs[1]), None, None, None, None, None
 
 

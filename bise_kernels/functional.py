@@ -101,7 +101,7 @@ def _threshold_selection(scores: Tensor, threshold: Union[Number, Tensor]) -> tu
         _checks.check_finite(threshold.detach(), "threshold")
         thr = threshold.detach().reshape(()).to(device=scores.device, dtype=scores.dtype)
     else:
-        thr = torch.tensor(float(threshold), dtype=scores.dtype, device=scores.device)
+        thr = torch.full((), float(threshold), dtype=scores.dtype, device=scores.device)  # no host copy
     cut = torch.full((), KEEP_ALL_TIES, dtype=torch.int64, device=scores.device)
     return thr, cut
 

@@ -3,7 +3,8 @@
 // runs. Each check runs before any data pointer is taken and fails with a c10::Error (Python:
 // RuntimeError) naming the op and the argument. Together they guarantee what the kernels index
 // by: every tensor on the implementation's device (one device for all of them), a supported
-// dtype, consistent shapes, and either contiguous memory or a contiguous copy made by the caller.
+// dtype, consistent shapes, and either contiguous memory or a contiguous copy made by the caller
+// (the *_operands helpers below make those copies and allocate the outputs, likewise shared).
 // Semantics: bise_kernels/backends/reference.py.
 #pragma once
 
@@ -13,15 +14,18 @@
 #include <limits>
 #include <optional>
 #include <string>
+#include <utility>
 #include <vector>
 
 namespace bise_checks {
 
-// A tensor of the implementation's device type; `device` is "cpu" or "cuda" in messages.
+// A dense tensor of the implementation's device type ("cpu" or "cuda" in messages).
 inline void check_device(const at::Tensor& t, const char* name, const char* op, at::DeviceType device) {
   TORCH_CHECK(t.defined(), op, ": ", name, " is an undefined tensor");
   TORCH_CHECK(t.device().type() == device, op, ": ", name, " must be a ", at::DeviceTypeName(device, true),
               " tensor, got one on ", t.device());
+  TORCH_CHECK(t.layout() == at::kStrided, op, ": ", name, " must be a dense (strided) tensor, got layout ",
+              t.layout());
 }
 
 inline bool is_float(at::ScalarType type) {
@@ -145,6 +149,30 @@ inline void check_estimator(const std::string& estimator, double temperature, co
               ": temperature must be a positive finite float, got ", temperature);
 }
 
+// masked_score_grad's operands: the layer, grad_w_eff and the estimator; returns per_unit.
+inline bool check_score_grad(const at::Tensor& grad_w_eff, const at::Tensor& weight, const at::Tensor& scores,
+                             const at::Tensor& thr, const at::Tensor& cut, const std::string& estimator,
+                             double temperature, const char* op, at::DeviceType device) {
+  const bool per_unit = check_layer(weight, scores, thr, cut, op, device);
+  check_grad_w_eff(grad_w_eff, weight, op, device);
+  check_estimator(estimator, temperature, op);
+  return per_unit;
+}
+
+// A checked masked layer as the kernels index it: weight and scores contiguous, `rows` rows of
+// `row_len` weights (n in all), per_unit when the scores are one per row.
+struct LayerOperands {
+  at::Tensor weight, scores;
+  bool per_unit;
+  int64_t n, rows, row_len;
+};
+
+inline LayerOperands layer_operands(const at::Tensor& weight, const at::Tensor& scores, bool per_unit) {
+  const at::Tensor w = weight.contiguous();
+  const int64_t n = w.numel(), rows = w.size(0);
+  return {w, scores.contiguous(), per_unit, n, rows, rows > 0 ? n / rows : 0};
+}
+
 // ----------------------------------------------------------------------------- channel gate
 
 // A channel gate's operands; returns dim wrapped to [0, x.dim()).
@@ -169,6 +197,17 @@ inline void check_grad_y(const at::Tensor& grad_y, const at::Tensor& x, const ch
               x.sizes(), " ", x.scalar_type(), ", got ", grad_y.sizes(), " ", grad_y.scalar_type());
 }
 
+// channel_gate_backward's operands: the gate, grad_y and the estimator; returns dim wrapped.
+inline int64_t check_gate_backward(const at::Tensor& grad_y, const at::Tensor& x, const at::Tensor& scores,
+                                   const at::Tensor& thr, const at::Tensor& cut, int64_t dim,
+                                   const std::string& estimator, double temperature, const char* op,
+                                   at::DeviceType device) {
+  dim = check_gate(x, scores, thr, cut, dim, op, device);
+  check_grad_y(grad_y, x, op, device);
+  check_estimator(estimator, temperature, op);
+  return dim;
+}
+
 // x of a channel gate viewed in memory order as (outer, C, inner): contiguous for any dim, or
 // channels_last for dim 1 (inner = 1); any other layout is made contiguous first. The kernels
 // index x, grad_y, y and grad_x of this view only through these extents.
@@ -191,6 +230,23 @@ inline GateLayout gate_layout(const at::Tensor& x, int64_t dim) {
   for (int64_t d = 0; d < dim; ++d) outer *= x.size(d);
   for (int64_t d = dim + 1; d < x.dim(); ++d) inner *= x.size(d);
   return {x.contiguous(), at::MemoryFormat::Contiguous, outer, channels, inner};
+}
+
+// A checked channel_gate_backward as the kernels index it: x's layout, grad_y in that layout,
+// scores contiguous, and the outputs allocated (one not needed comes back empty).
+struct GateBackwardOperands {
+  GateLayout layout;
+  at::Tensor grad_y, scores, grad_x, grad_scores;
+};
+
+inline GateBackwardOperands gate_backward_operands(const at::Tensor& grad_y, const at::Tensor& x,
+                                                   const at::Tensor& scores, int64_t dim, bool need_x,
+                                                   bool need_scores) {
+  GateLayout L = gate_layout(x, dim);
+  const at::Tensor gy = grad_y.contiguous(L.format), s = scores.contiguous();
+  at::Tensor gx = need_x ? at::empty_like(L.x, L.format) : at::empty({0}, x.options());
+  at::Tensor gs = need_scores ? at::empty_like(s) : at::empty({0}, s.options());
+  return {std::move(L), gy, s, gx, gs};
 }
 
 }  // namespace bise_checks

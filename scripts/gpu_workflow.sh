@@ -23,7 +23,7 @@ fi
 start=$(date +%s.%N)
 timeout "${WORKFLOW_TIMEOUT_S:-480}" "$PY" -m bise run "${ARGS[@]}" --out "$OUT/run" --overwrite --quiet
 end=$(date +%s.%N)
-"$PY" scripts/workflow_report.py "$OUT/run/run.json" --wall-seconds "$("$PY" -c "print($end - $start)")" \
+"$PY" scripts/workflow_report.py "$OUT/run/report.json" --wall-seconds "$("$PY" -c "print($end - $start)")" \
   --out "$OUT/workflow.json"
 if [ "$DRY" = 0 ]; then
   timeout 120 "$PY" -m pytest -q tests/bise/test_train_sync.py -k gpu || echo "no-sync test failed (rc $?)"

@@ -1,7 +1,7 @@
 """Per-phase wall clock of a `bise run` against the GPU targets of the workflow (docs/workflow.md).
 
-``python scripts/workflow_report.py RUN_DIR/run.json [--wall-seconds S] [--out workflow.json]``
-reads the phase times that ``bise run`` records in run.json and writes (and prints) one JSON
+``python scripts/workflow_report.py RUN_DIR/report.json [--wall-seconds S] [--out workflow.json]``
+reads the phase times and settings that ``bise run`` records in report.json and writes (and prints) one JSON
 with the machine, versions, commit, the seconds of every phase, the derived figures (vanilla
 step, mask epoch, whole schedule) and, for each target, the figure and whether it is met.
 """
@@ -29,17 +29,18 @@ def _commit() -> str:
         return os.environ.get("BISE_COMMIT", "unknown")
 
 
-def report(run: dict, wall_seconds: float | None = None) -> dict:
-    """The report of a run.json (see the module docstring)."""
-    timing, config = run["timing"], run["config"]
+def report(run_report: dict, wall_seconds: float | None = None) -> dict:
+    """The workflow report of a run's report.json (see the module docstring)."""
+    timing, config = run_report["timing"], run_report["config"]
     vanilla, extraction = config.get("vanilla", {}), config["extraction"]
+    epochs_run = extraction["result"]["mask_epochs_run"]
     steps = vanilla.get("epochs", 0) * math.ceil(config["data"]["sizes"]["train"] / vanilla.get("batch_size", 1))
-    phases = {k: v for k, v in timing.items() if k.endswith("_seconds")}
+    phases = {k: v for k, v in timing.items() if k.endswith("_seconds") and not isinstance(v, dict)}
     whole = sum(timing.get(k, 0.0) for k in ("vanilla_training_seconds", "extraction_seconds", "export_seconds",
                                               "finetune_seconds", "evaluation_seconds"))
     figures = {
         "vanilla_step_ms": 1e3 * timing["vanilla_training_seconds"] / steps if steps else None,
-        "mask_epoch_seconds": timing["extraction_mask_epochs_seconds"] / max(extraction["mask_epochs_run"], 1),
+        "mask_epoch_seconds": timing["extraction_mask_epochs_seconds"] / max(epochs_run, 1),
         "whole_schedule_seconds": wall_seconds if wall_seconds is not None else whole,
     }
     device = extraction.get("device", "cpu")
@@ -49,7 +50,7 @@ def report(run: dict, wall_seconds: float | None = None) -> dict:
         "torch": torch.__version__, "python": platform.python_version(), "commit": _commit(),
         "data": config["data"]["spec"], "arch": vanilla.get("arch"), "amp": extraction.get("amp", False),
         "schedule": {"vanilla_epochs": vanilla.get("epochs"), "vanilla_steps": steps,
-                     "mask_epochs": extraction["mask_epochs_run"], "head_epochs": extraction["head_epochs"]},
+                     "mask_epochs": epochs_run, "head_epochs": extraction["head_epochs"]},
         "phases_seconds": phases, "phases_total_seconds": whole, "wall_seconds": wall_seconds,
         "figures": figures,
         "targets": {k: {"target": t, "value": figures[k], "met": figures[k] is not None and figures[k] <= t}
@@ -59,11 +60,11 @@ def report(run: dict, wall_seconds: float | None = None) -> dict:
 
 def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("run_json", type=Path)
+    parser.add_argument("report_json", type=Path, help="the report.json of a `bise run`")
     parser.add_argument("--wall-seconds", type=float, help="wall clock of the whole `bise run` command")
     parser.add_argument("--out", type=Path, help="where to write the report (default: print only)")
     args = parser.parse_args(argv)
-    result = report(json.loads(args.run_json.read_text()), args.wall_seconds)
+    result = report(json.loads(args.report_json.read_text()), args.wall_seconds)
     text = json.dumps(result, indent=1)
     if args.out is not None:
         args.out.write_text(text + "\n")

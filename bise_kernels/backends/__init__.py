@@ -1,12 +1,14 @@
 """Backend registry: which implementation of each kernel runs for a device.
 
 A backend is a set of modules exporting kernels named as in :mod:`.reference` (the contract).
-Modules load lazily on first use; a module that fails to import makes the backend unavailable
-and records why (one log line). "auto" walks a per-device order and takes the first available
-backend that implements the kernel, ending at the always-present "torch" reference. A backend
-chosen explicitly (``set_backend`` / ``BISE_KERNELS_BACKEND``) that cannot run on the device
-raises :class:`BackendUnavailableError` naming why; kernels it does not implement come from the
-reference.
+A module may declare ``DTYPES``, the dtypes its kernels take (of the tensor an op dispatches on:
+the scores for selection, x for the layers); without it they take every float dtype. Modules
+load lazily on first use; a module that fails to import makes the backend unavailable and
+records why (one log line). "auto" walks a per-device order and takes the first available
+backend that implements the kernel for the dtype, ending at the always-present "torch"
+reference. A backend chosen explicitly (``set_backend`` / ``BISE_KERNELS_BACKEND``) that cannot
+run on the device raises :class:`BackendUnavailableError` naming why; kernels it does not
+implement, or not for the dtype, come from the reference.
 """
 
 from __future__ import annotations
@@ -17,7 +19,10 @@ import logging
 import os
 import threading
 from dataclasses import dataclass, field
-from typing import Callable, Iterator, Optional
+from typing import TYPE_CHECKING, Callable, Iterator, Optional
+
+if TYPE_CHECKING:
+    import torch
 
 logger = logging.getLogger("bise_kernels")
 
@@ -34,6 +39,7 @@ class Backend:
     devices: tuple[str, ...]
     modules: tuple[str, ...]
     _kernels: Optional[dict[str, Callable]] = field(default=None, repr=False)
+    _dtypes: dict[str, tuple[torch.dtype, ...]] = field(default_factory=dict, repr=False)
     why_unavailable: Optional[str] = None
 
     def kernels(self) -> dict[str, Callable]:
@@ -49,6 +55,8 @@ class Backend:
                     continue
                 for name in getattr(module, "KERNELS", ()):
                     found[name] = getattr(module, name)
+                    if hasattr(module, "DTYPES"):
+                        self._dtypes[name] = tuple(module.DTYPES)
             if errors and not found:
                 self.why_unavailable = "; ".join(errors)
                 logger.warning("bise_kernels: backend %r unavailable (%s)", self.name, self.why_unavailable)
@@ -59,6 +67,12 @@ class Backend:
 
     def runs_on(self, device_type: str) -> bool:
         return device_type in self.devices and bool(self.kernels())
+
+    def supports(self, kernel: str, dtype: Optional[torch.dtype] = None) -> bool:
+        """Whether this backend implements ``kernel`` for tensors of ``dtype`` (None: for some dtype)."""
+        if kernel not in self.kernels():
+            return False
+        return dtype is None or kernel not in self._dtypes or dtype in self._dtypes[kernel]
 
 
 def _triton_devices() -> tuple[str, ...]:
@@ -163,8 +177,8 @@ def why_unavailable(name: str) -> Optional[str]:
     return backend.why_unavailable
 
 
-def resolve(kernel: str, device_type: str) -> tuple[str, Callable]:
-    """The (backend name, function) that runs ``kernel`` on ``device_type`` now."""
+def resolve(kernel: str, device_type: str, dtype: Optional[torch.dtype] = None) -> tuple[str, Callable]:
+    """The (backend name, function) that runs ``kernel`` on ``device_type`` tensors of ``dtype`` now."""
     name = _current()
     if name != "auto":
         backend = BACKENDS[name]
@@ -173,13 +187,13 @@ def resolve(kernel: str, device_type: str) -> tuple[str, Callable]:
         kernels = backend.kernels()
         if not kernels:
             raise BackendUnavailableError(f"backend {name!r} is unavailable: {backend.why_unavailable}")
-        if kernel in kernels:
+        if backend.supports(kernel, dtype):
             return name, kernels[kernel]
         return "torch", BACKENDS["torch"].kernels()[kernel]
     order = AUTO_ORDER_PER_KERNEL.get((device_type, kernel), AUTO_ORDER.get(device_type, ("torch",)))
     for candidate in order:
         backend = BACKENDS[candidate]
-        if backend.runs_on(device_type) and kernel in backend.kernels():
+        if backend.runs_on(device_type) and backend.supports(kernel, dtype):
             return candidate, backend.kernels()[kernel]
     return "torch", BACKENDS["torch"].kernels()[kernel]
 

@@ -100,14 +100,9 @@ std::tuple<at::Tensor, at::Tensor> channel_gate_backward_cpu(const at::Tensor& g
                                                              const at::Tensor& scores, const at::Tensor& thr,
                                                              const at::Tensor& cut, int64_t dim, std::string estimator,
                                                              double temperature, bool need_x, bool need_scores) {
-  constexpr const char* op = "bise_kernels_ext::channel_gate_backward";
-  dim = bise_checks::check_gate(x, scores, thr, cut, dim, op, at::kCPU);
-  bise_checks::check_grad_y(grad_y, x, op, at::kCPU);
-  bise_checks::check_estimator(estimator, temperature, op);
-  const GateLayout L = bise_checks::gate_layout(x, dim);
-  const at::Tensor gy = grad_y.contiguous(L.format), s = scores.contiguous();
-  at::Tensor gx = need_x ? at::empty_like(L.x, L.format) : at::empty({0}, x.options());
-  at::Tensor gs = need_scores ? at::empty_like(s) : at::empty({0}, s.options());
+  dim = bise_checks::check_gate_backward(grad_y, x, scores, thr, cut, dim, estimator, temperature,
+                                         "bise_kernels_ext::channel_gate_backward", at::kCPU);
+  const auto [L, gy, s, gx, gs] = bise_checks::gate_backward_operands(grad_y, x, scores, dim, need_x, need_scores);
   dispatch_value_and_scores(x.scalar_type(), s.scalar_type(), [&](auto x_type, auto s_type) {
     using X = typename decltype(x_type)::type;
     using S = typename decltype(s_type)::type;

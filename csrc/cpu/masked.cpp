@@ -35,10 +35,9 @@ void mask_range(const W* w, const S* s, W* out, int64_t lo, int64_t hi, acc_t<S>
 
 at::Tensor masked_weight_cpu(const at::Tensor& weight, const at::Tensor& scores, const at::Tensor& thr,
                              const at::Tensor& cut) {
-  const bool per_unit = bise_checks::check_layer(weight, scores, thr, cut, "bise_kernels_ext::masked_weight", at::kCPU);
-  const at::Tensor w = weight.contiguous(), s = scores.contiguous();
+  const auto [w, s, per_unit, n, rows, row_len] = bise_checks::layer_operands(
+      weight, scores, bise_checks::check_layer(weight, scores, thr, cut, "bise_kernels_ext::masked_weight", at::kCPU));
   at::Tensor out = at::empty_like(w, at::MemoryFormat::Contiguous);
-  const int64_t n = w.numel(), rows = w.size(0), row_len = rows > 0 ? n / rows : 0;
   dispatch_value_and_scores(w.scalar_type(), s.scalar_type(), [&](auto w_type, auto s_type) {
     using W = typename decltype(w_type)::type;
     using S = typename decltype(s_type)::type;
@@ -87,13 +86,11 @@ void score_grad_range(W* g, const W* w, const S* s, S* gs, int64_t lo, int64_t h
 at::Tensor masked_score_grad_cpu(const at::Tensor& grad_w_eff, const at::Tensor& weight, const at::Tensor& scores,
                                  const at::Tensor& thr, const at::Tensor& cut, std::string estimator,
                                  double temperature, bool need_scores, bool need_weight) {
-  constexpr const char* op = "bise_kernels_ext::masked_score_grad";
-  const bool per_unit = bise_checks::check_layer(weight, scores, thr, cut, op, at::kCPU);
-  bise_checks::check_grad_w_eff(grad_w_eff, weight, op, at::kCPU);
-  bise_checks::check_estimator(estimator, temperature, op);
-  const at::Tensor w = weight.contiguous(), s = scores.contiguous();
+  const auto [w, s, per_unit, n, rows, row_len] = bise_checks::layer_operands(
+      weight, scores,
+      bise_checks::check_score_grad(grad_w_eff, weight, scores, thr, cut, estimator, temperature,
+                                    "bise_kernels_ext::masked_score_grad", at::kCPU));
   at::Tensor gs = need_scores ? at::empty_like(s, at::MemoryFormat::Contiguous) : at::empty({0}, s.options());
-  const int64_t n = w.numel(), rows = w.size(0), row_len = rows > 0 ? n / rows : 0;
   dispatch_value_and_scores(w.scalar_type(), s.scalar_type(), [&](auto w_type, auto s_type) {
     using W = typename decltype(w_type)::type;
     using S = typename decltype(s_type)::type;

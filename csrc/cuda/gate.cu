@@ -112,15 +112,12 @@ extern "C" cudaError_t bise_gate_forward(const void* x, void* y, const void* sco
                                          cudaStream_t stream) {
   const int64_t n = outer * channels * inner;
   if (n <= 0) return cudaSuccess;
-  bool known = false;
-  dispatch(x_dtype, [&](auto x_tag) {
+  const bool known = dispatch_value_and_scores(x_dtype, s_dtype, [&](auto x_tag, auto s_tag) {
     using X = decltype(x_tag);
-    known = dispatch(s_dtype, [&](auto s_tag) {
-      using S = decltype(s_tag);
-      gate_forward_kernel<X, S><<<grid_for(n), kThreads, 0, stream>>>(
-          static_cast<const X*>(x), static_cast<X*>(y), static_cast<const S*>(scores), n, channels, inner,
-          static_cast<const S*>(thr), cut);
-    });
+    using S = decltype(s_tag);
+    gate_forward_kernel<X, S><<<grid_for(n), kThreads, 0, stream>>>(
+        static_cast<const X*>(x), static_cast<X*>(y), static_cast<const S*>(scores), n, channels, inner,
+        static_cast<const S*>(thr), cut);
   });
   return known ? cudaGetLastError() : cudaErrorInvalidValue;
 }
@@ -131,33 +128,30 @@ extern "C" cudaError_t bise_gate_backward(const void* grad_y, const void* x, voi
                                           const int64_t* cut, int sigmoid, double temperature,
                                           cudaStream_t stream) {
   if (channels <= 0) return cudaSuccess;
-  bool known = false;
-  dispatch(x_dtype, [&](auto x_tag) {
+  const bool known = dispatch_value_and_scores(x_dtype, s_dtype, [&](auto x_tag, auto s_tag) {
     using X = decltype(x_tag);
-    known = dispatch(s_dtype, [&](auto s_tag) {
-      using S = decltype(s_tag);
-      const X* dy = static_cast<const X*>(grad_y);
-      const X* xp = static_cast<const X*>(x);
-      X* dx = static_cast<X*>(grad_x);
-      acc_t<X>* partial = static_cast<acc_t<X>*>(workspace);
-      const S* s = static_cast<const S*>(scores);
-      const S* t = static_cast<const S*>(thr);
-      int64_t chunks;
-      if (inner >= kRowsInner) {
-        chunks = rows_chunks(outer, channels);
-        const dim3 grid(static_cast<unsigned int>(channels), static_cast<unsigned int>(chunks));
-        gate_backward_rows_kernel<X, S><<<grid, kThreads, 0, stream>>>(dy, xp, dx, partial, s, outer, channels,
-                                                                      inner, t, cut);
-      } else {
-        chunks = cols_chunks(outer);
-        const dim3 grid(static_cast<unsigned int>((channels + kColsX - 1) / kColsX),
-                        static_cast<unsigned int>(chunks));
-        gate_backward_cols_kernel<X, S><<<grid, dim3(kColsX, kColsY), 0, stream>>>(dy, xp, dx, partial, s, outer,
-                                                                                  channels, inner, t, cut);
-      }
-      gate_finish_kernel<X, S><<<grid_for(channels), kThreads, 0, stream>>>(
-          partial, chunks, channels, s, static_cast<S*>(grad_scores), sigmoid, static_cast<acc_t<S>>(temperature));
-    });
+    using S = decltype(s_tag);
+    const X* dy = static_cast<const X*>(grad_y);
+    const X* xp = static_cast<const X*>(x);
+    X* dx = static_cast<X*>(grad_x);
+    acc_t<X>* partial = static_cast<acc_t<X>*>(workspace);
+    const S* s = static_cast<const S*>(scores);
+    const S* t = static_cast<const S*>(thr);
+    int64_t chunks;
+    if (inner >= kRowsInner) {
+      chunks = rows_chunks(outer, channels);
+      const dim3 grid(static_cast<unsigned int>(channels), static_cast<unsigned int>(chunks));
+      gate_backward_rows_kernel<X, S><<<grid, kThreads, 0, stream>>>(dy, xp, dx, partial, s, outer, channels,
+                                                                    inner, t, cut);
+    } else {
+      chunks = cols_chunks(outer);
+      const dim3 grid(static_cast<unsigned int>((channels + kColsX - 1) / kColsX),
+                      static_cast<unsigned int>(chunks));
+      gate_backward_cols_kernel<X, S><<<grid, dim3(kColsX, kColsY), 0, stream>>>(dy, xp, dx, partial, s, outer,
+                                                                                channels, inner, t, cut);
+    }
+    gate_finish_kernel<X, S><<<grid_for(channels), kThreads, 0, stream>>>(
+        partial, chunks, channels, s, static_cast<S*>(grad_scores), sigmoid, static_cast<acc_t<S>>(temperature));
   });
   return known ? cudaGetLastError() : cudaErrorInvalidValue;
 }

@@ -79,22 +79,19 @@ extern "C" cudaError_t bise_masked_weight(const void* weight, const void* scores
                                           const int64_t* cut, cudaStream_t stream) {
   if (n <= 0) return cudaSuccess;
   if (per_unit && row_len <= 0) return cudaErrorInvalidValue;
-  bool known = false;
-  dispatch(w_dtype, [&](auto w_tag) {
+  const bool known = dispatch_value_and_scores(w_dtype, s_dtype, [&](auto w_tag, auto s_tag) {
     using W = decltype(w_tag);
-    known = dispatch(s_dtype, [&](auto s_tag) {
-      using S = decltype(s_tag);
-      const W* w = static_cast<const W*>(weight);
-      const S* s = static_cast<const S*>(scores);
-      const S* t = static_cast<const S*>(thr);
-      if (per_unit) {
-        const int64_t rows = n / row_len;
-        masked_weight_rows_kernel<W, S><<<grid_for(rows, 1), kThreads, 0, stream>>>(w, s, static_cast<W*>(out), rows,
-                                                                                     row_len, t, cut);
-      } else {
-        masked_weight_kernel<W, S><<<grid_for(n), kThreads, 0, stream>>>(w, s, static_cast<W*>(out), n, t, cut);
-      }
-    });
+    using S = decltype(s_tag);
+    const W* w = static_cast<const W*>(weight);
+    const S* s = static_cast<const S*>(scores);
+    const S* t = static_cast<const S*>(thr);
+    if (per_unit) {
+      const int64_t rows = n / row_len;
+      masked_weight_rows_kernel<W, S><<<grid_for(rows, 1), kThreads, 0, stream>>>(w, s, static_cast<W*>(out), rows,
+                                                                                   row_len, t, cut);
+    } else {
+      masked_weight_kernel<W, S><<<grid_for(n), kThreads, 0, stream>>>(w, s, static_cast<W*>(out), n, t, cut);
+    }
   });
   return known ? cudaGetLastError() : cudaErrorInvalidValue;
 }
@@ -105,26 +102,23 @@ extern "C" cudaError_t bise_score_grad(void* grad_w_eff, const void* weight, con
                                        int need_scores, int need_weight, cudaStream_t stream) {
   if (n <= 0 || (!need_scores && !need_weight)) return cudaSuccess;
   if (per_unit && row_len <= 0) return cudaErrorInvalidValue;
-  bool known = false;
-  dispatch(w_dtype, [&](auto w_tag) {
+  const bool known = dispatch_value_and_scores(w_dtype, s_dtype, [&](auto w_tag, auto s_tag) {
     using W = decltype(w_tag);
-    known = dispatch(s_dtype, [&](auto s_tag) {
-      using S = decltype(s_tag);
-      W* g = static_cast<W*>(grad_w_eff);
-      const W* w = static_cast<const W*>(weight);
-      const S* s = static_cast<const S*>(scores);
-      S* gs = static_cast<S*>(grad_scores);
-      const S* t = static_cast<const S*>(thr);
-      const acc_t<S> temp = static_cast<acc_t<S>>(temperature);
-      if (per_unit) {
-        const int64_t rows = n / row_len;
-        score_grad_rows_kernel<W, S><<<grid_for(rows, 1), kThreads, 0, stream>>>(
-            g, w, s, gs, rows, row_len, t, cut, sigmoid, temp, need_scores, need_weight);
-      } else {
-        score_grad_kernel<W, S><<<grid_for(n), kThreads, 0, stream>>>(g, w, s, gs, n, t, cut, sigmoid, temp,
-                                                                     need_scores, need_weight);
-      }
-    });
+    using S = decltype(s_tag);
+    W* g = static_cast<W*>(grad_w_eff);
+    const W* w = static_cast<const W*>(weight);
+    const S* s = static_cast<const S*>(scores);
+    S* gs = static_cast<S*>(grad_scores);
+    const S* t = static_cast<const S*>(thr);
+    const acc_t<S> temp = static_cast<acc_t<S>>(temperature);
+    if (per_unit) {
+      const int64_t rows = n / row_len;
+      score_grad_rows_kernel<W, S><<<grid_for(rows, 1), kThreads, 0, stream>>>(
+          g, w, s, gs, rows, row_len, t, cut, sigmoid, temp, need_scores, need_weight);
+    } else {
+      score_grad_kernel<W, S><<<grid_for(n), kThreads, 0, stream>>>(g, w, s, gs, n, t, cut, sigmoid, temp,
+                                                                   need_scores, need_weight);
+    }
   });
   return known ? cudaGetLastError() : cudaErrorInvalidValue;
 }

@@ -30,11 +30,10 @@ cudaStream_t stream() { return c10::cuda::getCurrentCUDAStream().stream(); }
 at::Tensor masked_weight_cuda(const at::Tensor& weight, const at::Tensor& scores, const at::Tensor& thr,
                               const at::Tensor& cut) {
   constexpr const char* op = "bise_kernels_ext::masked_weight";
-  const bool per_unit = bise_checks::check_layer(weight, scores, thr, cut, op, at::kCUDA);
+  const auto [w, s, per_unit, n, rows, row_len] =
+      bise_checks::layer_operands(weight, scores, bise_checks::check_layer(weight, scores, thr, cut, op, at::kCUDA));
   const c10::cuda::CUDAGuard guard(weight.device());
-  const at::Tensor w = weight.contiguous(), s = scores.contiguous();
   at::Tensor out = at::empty_like(w, at::MemoryFormat::Contiguous);
-  const int64_t n = w.numel(), row_len = w.size(0) > 0 ? n / w.size(0) : 0;
   check_launch(bise_masked_weight(w.const_data_ptr(), s.const_data_ptr(), out.data_ptr(), n, row_len, per_unit,
                                   dtype_code(w.scalar_type()), dtype_code(s.scalar_type()), thr.const_data_ptr(),
                                   cut.const_data_ptr<int64_t>(), stream()),
@@ -46,12 +45,10 @@ at::Tensor masked_score_grad_cuda(const at::Tensor& grad_w_eff, const at::Tensor
                                   const at::Tensor& thr, const at::Tensor& cut, std::string estimator,
                                   double temperature, bool need_scores, bool need_weight) {
   constexpr const char* op = "bise_kernels_ext::masked_score_grad";
-  const bool per_unit = bise_checks::check_layer(weight, scores, thr, cut, op, at::kCUDA);
-  bise_checks::check_grad_w_eff(grad_w_eff, weight, op, at::kCUDA);
-  bise_checks::check_estimator(estimator, temperature, op);
+  const auto [w, s, per_unit, n, rows, row_len] = bise_checks::layer_operands(
+      weight, scores,
+      bise_checks::check_score_grad(grad_w_eff, weight, scores, thr, cut, estimator, temperature, op, at::kCUDA));
   const c10::cuda::CUDAGuard guard(weight.device());
-  const at::Tensor w = weight.contiguous(), s = scores.contiguous();
-  const int64_t n = w.numel(), row_len = w.size(0) > 0 ? n / w.size(0) : 0;
   // No weights (n == 0): the kernels do not run, and every score gradient is a sum of nothing.
   at::Tensor gs = !need_scores ? at::empty({0}, s.options())
                   : n == 0     ? at::zeros_like(s, at::MemoryFormat::Contiguous)
@@ -89,14 +86,9 @@ std::tuple<at::Tensor, at::Tensor> channel_gate_backward_cuda(const at::Tensor& 
                                                               const at::Tensor& cut, int64_t dim, std::string estimator,
                                                               double temperature, bool need_x, bool need_scores) {
   constexpr const char* op = "bise_kernels_ext::channel_gate_backward";
-  dim = bise_checks::check_gate(x, scores, thr, cut, dim, op, at::kCUDA);
-  bise_checks::check_grad_y(grad_y, x, op, at::kCUDA);
-  bise_checks::check_estimator(estimator, temperature, op);
+  dim = bise_checks::check_gate_backward(grad_y, x, scores, thr, cut, dim, estimator, temperature, op, at::kCUDA);
   const c10::cuda::CUDAGuard guard(x.device());
-  const GateLayout L = bise_checks::gate_layout(x, dim);
-  const at::Tensor gy = grad_y.contiguous(L.format), s = scores.contiguous();
-  at::Tensor gx = need_x ? at::empty_like(L.x, L.format) : at::empty({0}, x.options());
-  at::Tensor gs = need_scores ? at::empty_like(s) : at::empty({0}, s.options());
+  auto [L, gy, s, gx, gs] = bise_checks::gate_backward_operands(grad_y, x, scores, dim, need_x, need_scores);
   if (!need_scores) {
     if (need_x) launch_gate_forward(gy, gx, s, L, thr, cut, op);
     return {gx, gs};

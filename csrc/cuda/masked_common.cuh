@@ -56,6 +56,15 @@ bool dispatch(int dtype, F&& f) {
   }
 }
 
+// Calls f(V{}, S{}) with the C++ types of a value (weight, x) and a score dtype code: the one
+// dtype dispatch of the masked-layer and gate launchers. False for an unknown code.
+template <typename F>
+bool dispatch_value_and_scores(int value_dtype, int score_dtype, F&& f) {
+  bool known = false;
+  dispatch(value_dtype, [&](auto v_tag) { known = dispatch(score_dtype, [&](auto s_tag) { f(v_tag, s_tag); }); });
+  return known;
+}
+
 // Compare keys of scores: setup.py builds with --use_fast_math, which flushes fp32 subnormals to
 // zero in comparisons, so fp32 values (fp32, bf16 scores) compare as ordered integers of their
 // bits (+0 and -0 equal), which no flag changes. fp16 values are normal in fp32; fp64 is unaffected.

@@ -24,7 +24,7 @@ def test_report_derives_the_figures_and_checks_the_targets():
                       25.0, "export_seconds": 1.0, "evaluation_seconds": 2.0},
            "config": {"data": {"spec": "biased-mnist:rho=0.997", "sizes": {"train": 7000}},
                       "vanilla": {"arch": "simple-cnn", "epochs": 8, "batch_size": 100},
-                      "extraction": {"mask_epochs_run": 100, "head_epochs": 50, "device": "cpu"}}}
+                      "extraction": {"head_epochs": 50, "device": "cpu", "result": {"mask_epochs_run": 100}}}}
     r = _report_module().report(run)
     assert r["schedule"]["vanilla_steps"] == 560
     assert r["figures"]["vanilla_step_ms"] == pytest.approx(2.0)

@@ -26,7 +26,8 @@ from bise.train import fit, train_steps
 aten = torch.ops.aten
 SYNC_OPS = {aten._local_scalar_dense.default, aten.nonzero.default, aten.masked_select.default,
             aten.is_nonzero.default, aten.equal.default, aten._unique2.default, aten.unique_dim.default,
-            aten.unique_consecutive.default}
+            aten.unique_consecutive.default,
+            aten.lift_fresh.default}  # torch.tensor(host data): a blocking host-to-device copy on a GPU
 HOST_METHODS = ("cpu", "tolist", "numpy")
 INDEX_OPS = {aten.index.Tensor, aten.index_put.default, aten.index_put_.default, aten._index_put_impl_.default}
 

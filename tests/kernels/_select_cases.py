@@ -4,12 +4,21 @@ Each takes a backend's kernel table and a device, runs the kernels there and com
 (bit for bit) and cuts (exactly) with the reference backend computed on the CPU.
 """
 
+import pytest
 import torch
 
 from _oracle import adversarial_inputs
+from bise_kernels.backends import BACKENDS
 from bise_kernels.backends import reference as ref
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16, torch.float64]
+
+
+def skip_unless_supported(backend: str, dtype: torch.dtype) -> None:
+    """Skip a case whose scores ``backend``'s selection does not take (its ``DTYPES``): the registry
+    runs those on the next backend of its order (tests/kernels/test_registry_dtypes.py)."""
+    if not BACKENDS[backend].supports("topk_select", dtype):
+        pytest.skip(f"backend {backend!r} takes no {dtype} scores")
 
 
 def bits(t: torch.Tensor) -> torch.Tensor:
@@ -77,6 +86,8 @@ def check_keep_mask(kernels, device, x: torch.Tensor, k: int, offset: int) -> No
 
 SMALL_CASES = {}
 """name -> check(kernels, device): every selection path at sizes the Triton interpreter affords."""
+CASE_DTYPE = {}
+"""name -> the dtype of the scores of a case written for one dtype (the others use float32 and bfloat16)."""
 
 
 def _case(fn):
@@ -90,8 +101,18 @@ def _adversarial(dtype):
     return check
 
 
+def _keep_mask(dtype):
+    def check(kernels, device):
+        x = torch.randint(-2, 3, (5, 41), generator=torch.Generator().manual_seed(7)).to(dtype)
+        x[0, :7] = -0.0
+        check_keep_mask(kernels, device, x, 90, offset=13)
+    return check
+
+
 for _dtype in DTYPES:
-    SMALL_CASES[f"adversarial_{str(_dtype).split('.')[-1]}"] = _adversarial(_dtype)
+    for _name, _check in (("adversarial", _adversarial), ("keep_mask", _keep_mask)):
+        SMALL_CASES[f"{_name}_{str(_dtype).split('.')[-1]}"] = _check(_dtype)
+        CASE_DTYPE[f"{_name}_{str(_dtype).split('.')[-1]}"] = _dtype
 
 
 @_case
@@ -135,10 +156,3 @@ def non_contiguous_in_logical_order(kernels, device):
     check_list(kernels, device, [torch.randint(0, 4, (9, 15), generator=torch.Generator().manual_seed(6)).float().t()],
                (50,))
 
-
-@_case
-def keep_mask_every_dtype(kernels, device):
-    for dtype in DTYPES:
-        x = torch.randint(-2, 3, (5, 41), generator=torch.Generator().manual_seed(7)).to(dtype)
-        x[0, :7] = -0.0
-        check_keep_mask(kernels, device, x, 90, offset=13)

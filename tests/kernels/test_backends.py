@@ -59,3 +59,40 @@ def test_bogus_environment_variable_is_a_named_error_at_the_first_op(monkeypatch
     monkeypatch.setattr(backends, "_default", None)  # as in a fresh process: the variable is read at first use
     with pytest.raises(ValueError, match=r"BISE_KERNELS_BACKEND must be one of \['auto', 'torch'.*got 'bogus'"):
         bk.topk_mask(torch.randn(8), 0.5)
+
+
+@pytest.mark.parametrize("op", ["linear", "conv2d", "gate"])
+def test_backward_in_another_thread_runs_on_the_forward_backend(monkeypatch, op):
+    """Autograd runs a CUDA backward in a device thread of its own, where the caller's per-thread
+    use_backend does not hold: the backward must still run on the backend the forward ran on."""
+    import threading
+
+    resolved = []
+    real = backends.resolve
+    monkeypatch.setattr(backends, "resolve",
+                        lambda kernel, *args: resolved.append((kernel, backends.get_backend())) or real(kernel, *args))
+    w = torch.randn(4, 3, 3, 3, requires_grad=True)
+    scores = torch.randn(4, requires_grad=True)
+    with bk.use_backend("torch"):
+        if op == "linear":
+            y = bk.masked_linear(torch.randn(2, 2), w.detach()[:, :2, 0, 0].clone().requires_grad_(), None,
+                                 scores, density=0.5)
+        elif op == "conv2d":
+            y = bk.masked_conv2d(torch.randn(1, 3, 5, 5), w, None, scores, density=0.5)
+        else:
+            y = bk.channel_gate(torch.randn(2, 4, 3), scores, threshold=0.0)
+    errors = []
+
+    def backward():
+        try:
+            y.sum().backward()
+        except Exception as exc:  # noqa: BLE001 - reported by the assertion below
+            errors.append(exc)
+
+    thread = threading.Thread(target=backward)
+    thread.start()
+    thread.join()
+    assert not errors, errors
+    assert scores.grad is not None
+    backward_kernels = [(k, b) for k, b in resolved if k.endswith("_backward")]
+    assert backward_kernels and all(b == "torch" for _, b in backward_kernels), resolved

@@ -130,6 +130,8 @@ CASES = {
                                        "scores must be a {device} tensor"),
     "weight_selection_other_device": Case("masked_weight", lambda d, o: (*_layer(d)[:2], *_sel(o)),
                                           "thr and cut must be on the scores' device"),
+    "weight_sparse": Case("masked_weight", lambda d, o: (_t(3, 4, device=d).to_sparse(), *_layer(d)[1:]),
+                          "weight must be a dense \\(strided\\) tensor, got layout Sparse"),
     "weight_int": Case("masked_weight", lambda d, o: (torch.ones(3, 4, dtype=torch.int32, device=d), *_layer(d)[1:]),
                        "weight must be float32/float64/float16/bfloat16"),
     "weight_scalar": Case("masked_weight", lambda d, o: (_t(device=d), _t(device=d), *_sel(d)),

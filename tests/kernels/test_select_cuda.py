@@ -9,7 +9,8 @@ extension built with its CUDA kernels; skipped otherwise.
 import pytest
 import torch
 
-from _select_cases import DTYPES, check_adversarial, check_batched, check_hints, check_keep_mask, check_list
+from _select_cases import (DTYPES, check_adversarial, check_batched, check_hints, check_keep_mask, check_list,
+                           skip_unless_supported)
 from bise_kernels.backends import BackendUnavailableError, kernel_table
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="the CUDA select needs a GPU")
@@ -26,12 +27,14 @@ def kernels():
 
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_select_is_bit_identical_on_adversarial_inputs_of_several_chunks(kernels, dtype):
+    skip_unless_supported("cuda", dtype)
     n = 100_003
     check_adversarial(kernels, DEVICE, n, dtype, (1, 2, n // 2, n - 1, n))
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_hint_speeds_up_but_never_changes_the_result(kernels, dtype):
+    skip_unless_supported("cuda", dtype)
     x = torch.randn(300_000, generator=torch.Generator().manual_seed(3)).to(dtype)
     check_hints(kernels, DEVICE, x, 120_000)
 

@@ -7,10 +7,12 @@ geometry, the sm_90 compile).
 """
 
 import pytest
+import torch
 
-from _select_cases import SMALL_CASES
+from _select_cases import CASE_DTYPE, SMALL_CASES, skip_unless_supported
 
 
 @pytest.mark.parametrize("case", list(SMALL_CASES))
 def test_selection_matches_the_reference(kernels, case):
+    skip_unless_supported(kernels.name, CASE_DTYPE.get(case, torch.float32))
     SMALL_CASES[case](vars(kernels), kernels.device)

@@ -11,8 +11,8 @@ tiny geometry too, so that small inputs also reach the paths where programs of o
 import pytest
 import torch
 
-from _select_cases import (DTYPES, SMALL_CASES, assert_same_selection, check_adversarial, check_batched, check_hints,
-                           check_list)
+from _select_cases import (CASE_DTYPE, SMALL_CASES, assert_same_selection, check_adversarial, check_batched,
+                           check_hints, check_list, skip_unless_supported)
 from bise_kernels.backends import INTERPRET, kernel_table
 from bise_kernels.backends import reference as ref
 
@@ -41,6 +41,7 @@ def test_small_case_set_in_the_tiny_geometry_on_gpu(monkeypatch, case):
 
     for name, value in TINY.items():
         monkeypatch.setattr(select, name, value)
+    skip_unless_supported("triton", CASE_DTYPE.get(case, torch.float32))
     SMALL_CASES[case](kernel_table("triton"), DEVICE)
 
 
@@ -94,9 +95,11 @@ def test_plans_follow_the_chunk_geometry(kernels, monkeypatch):
 
 @pytest.mark.skipif(not ON_GPU, reason="large sizes need a GPU")
 def test_large_inputs_on_gpu():
+    from bise_kernels.backends.triton import select
+
     kernels = kernel_table("triton")
     g = torch.Generator().manual_seed(8)
-    for dtype in DTYPES:
+    for dtype in select.DTYPES:
         check_adversarial(kernels, DEVICE, 1_000_003, dtype, (1, 500_000, 1_000_003))
     layers = [torch.randn(n, generator=g) for n in (9408, 36864, 2359296, 64, 1000 * 2048)]
     check_batched(kernels, DEVICE, layers, [max(1, t.numel() // 3) for t in layers])

@@ -21,7 +21,7 @@ import triton
 import triton.language as tl
 
 from ... import _checks
-from .. import INTERPRET, reference
+from .. import INTERPRET
 
 AUTOTUNE = os.environ.get("BISE_KERNELS_AUTOTUNE", "1") != "0" and not INTERPRET
 """Autotune the GEMM tiles (``BISE_KERNELS_AUTOTUNE=0``: one heuristic tile per shape bucket).
@@ -187,13 +187,13 @@ def dot_options(dtype: torch.dtype) -> dict:
 
 
 def accumulation_dtype(dtype: torch.dtype) -> tl.dtype:
-    """The reference's accumulation dtype as a Triton type: fp32, fp64 for fp64."""
-    return tl.float64 if reference.accumulation_dtype(dtype) == torch.float64 else tl.float32
+    """The accumulation dtype of backends/reference.py as a Triton type: fp32, fp64 for fp64."""
+    return tl.float64 if dtype == torch.float64 else tl.float32
 
 
 def score_grad_buffer(scores: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     """Zeroed per-unit accumulator for structured score gradients (fp32, fp64 if either is fp64)."""
-    dtype = torch.promote_types(reference.accumulation_dtype(x.dtype), reference.accumulation_dtype(scores.dtype))
+    dtype = torch.float64 if torch.float64 in (x.dtype, scores.dtype) else torch.float32
     return torch.zeros(scores.shape, dtype=dtype, device=scores.device)
 
 

@@ -33,7 +33,6 @@ import triton
 import triton.language as tl
 
 from .. import INTERPRET
-from .. import reference
 
 RADIX = 11
 NB = 1 << RADIX  # histogram bins per digit
@@ -456,14 +455,8 @@ def _select(tensors: Sequence[torch.Tensor], problems: Sequence[int], ks: Sequen
     return thr, cut
 
 
-def _supported(dtype: torch.dtype) -> bool:
-    return dtype in _KEY_BITS
-
-
 def topk_select(tensors: Sequence[torch.Tensor], k: int, hint: Optional[torch.Tensor] = None):
     """Exact top-k over the virtual concatenation of ``tensors`` (see reference.topk_select)."""
-    if not _supported(tensors[0].dtype):
-        return reference.topk_select(tensors, k, hint)
     hints = None if hint is None else hint.reshape(1)
     thr, cut = _select(tensors, [0] * len(tensors), [k], hints)
     return thr.reshape(()), cut.reshape(())
@@ -471,15 +464,11 @@ def topk_select(tensors: Sequence[torch.Tensor], k: int, hint: Optional[torch.Te
 
 def batched_topk_select(tensors: Sequence[torch.Tensor], ks: Sequence[int], hints: Optional[torch.Tensor] = None):
     """One independent top-k per tensor, all in the same launches (see reference.batched_topk_select)."""
-    if not _supported(tensors[0].dtype):
-        return reference.batched_topk_select(tensors, ks, hints)
     return _select(tensors, list(range(len(tensors))), list(ks), hints)
 
 
 def keep_mask(scores: torch.Tensor, thr: torch.Tensor, cut: torch.Tensor, offset: int = 0) -> torch.Tensor:
     """Bool mask ``s > thr or (s == thr and offset + flat_index < cut)`` (see reference.keep_mask)."""
-    if not _supported(scores.dtype):
-        return reference.keep_mask(scores, thr, cut, offset)
     view = _VIEW[_KEY_BITS[scores.dtype]]
     out = torch.empty(scores.shape, dtype=torch.bool, device=scores.device)
     n = scores.numel()
@@ -490,3 +479,5 @@ def keep_mask(scores: torch.Tensor, thr: torch.Tensor, cut: torch.Tensor, offset
 
 
 KERNELS = ("topk_select", "batched_topk_select", "keep_mask")
+DTYPES = tuple(_KEY_BITS)
+"""16- and 32-bit keys only: the registry leaves float64 scores to the next backend of its order."""
