@@ -30,16 +30,6 @@ needs_mnist = pytest.mark.skipif(not _has_mnist(), reason="no MNIST source (scri
 needs_fashion = pytest.mark.skipif(not _has_fashion(), reason="Fashion-MNIST not installed")
 
 
-@pytest.fixture(scope="module")
-def cache_dir(tmp_path_factory):
-    return str(tmp_path_factory.mktemp("bise_cache"))
-
-
-@pytest.fixture(scope="module")
-def digits(cache_dir):
-    return data.load("colored-digits", seed=0, cache_dir=cache_dir)
-
-
 def _chi2_independence(y, b, k):
     """Pearson chi-square statistic of the (y, b) contingency table against independence."""
     table = np.zeros((k, k))

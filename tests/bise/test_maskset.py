@@ -10,16 +10,6 @@ from bise.extract import ExtractConfig, extract
 from bise.train import train_vanilla
 
 
-@pytest.fixture(scope="module")
-def cache_dir(tmp_path_factory):
-    return str(tmp_path_factory.mktemp("bise_cache"))
-
-
-@pytest.fixture(scope="module")
-def digits(cache_dir):
-    return data.load("colored-digits", seed=0, cache_dir=cache_dir)
-
-
 def test_second_draw_has_the_same_images_and_a_fresh_bias_assignment(digits):
     view, protocol = data.mask_data(digits)
     assert protocol == "fresh-draw" == data.default_protocol(digits)

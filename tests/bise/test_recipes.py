@@ -13,11 +13,6 @@ from bise.recipes import RECIPES, recipe_for
 from bise.train import train_vanilla
 
 
-@pytest.fixture(scope="module")
-def digits(tmp_path_factory):
-    return data.load("colored-digits", seed=0, cache_dir=str(tmp_path_factory.mktemp("bise_cache")))
-
-
 def test_mlp_gets_adam_on_every_kind_of_data(digits):
     two_bias = dataclasses.replace(digits, num_biases=2, weighting="two-bias")
     for ds in (digits, two_bias, dataclasses.replace(digits, weighting="group-balanced")):
