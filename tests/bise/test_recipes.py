@@ -6,7 +6,6 @@ import dataclasses
 import pytest
 import torch
 
-from bise import data
 from bise.health import VanillaUntrained, check_vanilla
 from bise.models import build_model
 from bise.recipes import RECIPES, recipe_for
