@@ -5,9 +5,9 @@ import os
 import subprocess
 import sys
 
-import numpy as np
 import pytest
 import torch
+from _userdata import write_npz
 
 from bise.cli import main
 from bise.export import load_exported
@@ -122,13 +122,7 @@ def test_bad_input(tmp_path, capsys):
 
 
 def test_bias_classes_differ_leaves_nothing(tmp_path, capsys):
-    rng = np.random.default_rng(0)
-    arrays = {}
-    for split, n in (("train", 60), ("test", 20)):
-        arrays[f"{split}_x"] = rng.integers(0, 255, (n, 8, 8, 3), dtype=np.uint8)
-        arrays[f"{split}_y"] = rng.integers(0, 2, n)
-        arrays[f"{split}_b"] = rng.integers(0, 3, n)
-    np.savez(tmp_path / "three_bias.npz", **arrays)
+    write_npz(tmp_path / "three_bias.npz", bias_classes=3)
     out = tmp_path / "run"
     args = ["run", "--data", str(tmp_path / "three_bias.npz"), "--arch", "mlp", "--vanilla-epochs", "1",
             "--mask-epochs", "1", "--head-epochs", "0", "--quiet", "--out", str(out)]

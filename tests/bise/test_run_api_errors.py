@@ -5,6 +5,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from _userdata import write_npz
 
 import bise
 from bise import validate
@@ -74,11 +75,7 @@ def test_extract_refuses_a_model_that_does_not_fit_the_data(data):
 
 
 def test_data_spec_may_be_a_path(tmp_path):
-    rng = np.random.default_rng(0)
-    arrays = {f"{s}_{k}": v for s, n in (("train", 30), ("test", 10)) for k, v in
-              (("x", rng.integers(0, 255, (n, 4, 4, 3), dtype=np.uint8)), ("y", rng.integers(0, 2, n)),
-               ("b", rng.integers(0, 2, n)))}
-    np.savez(tmp_path / "mine.npz", **arrays)
+    write_npz(tmp_path / "mine.npz", train=30, test=10, hw=4)
     assert len(load(Path(tmp_path / "mine.npz")).train) == 30
     with pytest.raises(ValueError, match="spec=3"):
         load(3)

@@ -11,9 +11,9 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
+from _userdata import write_npz
 
 from bise.cli import build_parser, main
 
@@ -86,11 +86,7 @@ def test_unwritable_out_and_cache_dir(tmp_path):
 
 
 def test_bias_classes_and_label_free_flag_before_training(tmp_path):
-    rng = np.random.default_rng(0)
-    arrays = {f"{s}_{k}": v for s, n in (("train", 60), ("test", 20)) for k, v in
-              (("x", rng.integers(0, 255, (n, 8, 8, 3), dtype=np.uint8)), ("y", rng.integers(0, 2, n)),
-               ("b", rng.integers(0, 3, n)))}
-    np.savez(tmp_path / "three_bias.npz", **arrays)
+    write_npz(tmp_path / "three_bias.npz", bias_classes=3)
     start = time.monotonic()
     proc = bise("run", "--data", tmp_path / "three_bias.npz", "--arch", "mlp", "--vanilla-epochs", "100000",
                 "--out", tmp_path / "run", "--quiet")
@@ -150,12 +146,8 @@ def test_seed_and_data_come_from_the_run(run_dir, tmp_path, capsys):
 
 
 def test_relative_data_path_is_stored_resolved(tmp_path):
-    rng = np.random.default_rng(1)
-    arrays = {f"{s}_{k}": v for s, n in (("train", 40), ("test", 20)) for k, v in
-              (("x", rng.integers(0, 255, (n, 4, 4, 3), dtype=np.uint8)), ("y", rng.integers(0, 2, n)),
-               ("b", rng.integers(0, 2, n)))}
     (tmp_path / "a").mkdir()
-    np.savez(tmp_path / "a" / "mine.npz", **arrays)
+    write_npz(tmp_path / "a" / "mine.npz", train=40, hw=4, seed=1)
     out = tmp_path / "run"
     proc = bise("train", "--data", "mine.npz", "--arch", "mlp", "--vanilla-epochs", "0", "--out", out, "--quiet",
                 cwd=tmp_path / "a")
