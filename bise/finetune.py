@@ -10,25 +10,18 @@ validation accuracy (ties to the later epoch) where a validation split exists, e
 from __future__ import annotations
 
 import copy
-import math
 from typing import Optional
 
 import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from . import losses
+from . import losses, validate
 from .evaluate import evaluate
 from .recipes import recipe_for
 from .train import _optimizer, train_epoch
 
 LR_FACTOR = 0.01  # 0.1x (the spec's first guess) diverged: the reweighted loss weighs conflicting samples up to 1/(1-rho)
-
-
-def _positive_int(name: str, v, low: int = 1) -> int:
-    if isinstance(v, bool) or not isinstance(v, int) or v < low:
-        raise ValueError(f"{name} must be an int >= {low}, got {v!r}")
-    return v
 
 
 def finetune(model: nn.Module, data, *, epochs: int = 10, scheme: Optional[str] = None, rho=None,
@@ -42,12 +35,10 @@ def finetune(model: nn.Module, data, *, epochs: int = 10, scheme: Optional[str] 
     recipe's (bise.recipes, for ``arch``: default the model's recorded architecture);
     ``history``: a list that receives one record per epoch.
     """
-    _positive_int("epochs", epochs, 0)
+    epochs = validate.as_int("epochs", epochs, 0)
     recipe = recipe_for(data, arch or model)
-    lr = recipe["lr"] * LR_FACTOR if lr is None else lr
-    if not (isinstance(lr, (int, float)) and math.isfinite(lr) and lr > 0):
-        raise ValueError(f"lr must be a positive number, got {lr!r}")
-    batch_size = _positive_int("batch_size", batch_size or recipe["batch_size"])
+    lr = recipe["lr"] * LR_FACTOR if lr is None else validate.as_positive("lr", lr)
+    batch_size = recipe["batch_size"] if batch_size is None else validate.as_int("batch_size", batch_size, 1)
     scheme = scheme or data.weighting
     if scheme not in losses.SCHEMES:
         raise ValueError(f"scheme must be one of {losses.SCHEMES}, got {scheme!r}")

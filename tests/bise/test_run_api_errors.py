@@ -79,3 +79,15 @@ def test_data_spec_may_be_a_path(tmp_path):
     assert len(load(Path(tmp_path / "mine.npz")).train) == 30
     with pytest.raises(ValueError, match="spec=3"):
         load(3)
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    ({"batch_size": 0}, "batch_size must be an int >= 1, got 0"),
+    ({"epochs": -1}, "epochs must be an int >= 0"),
+    ({"lr": 0.0}, "lr must be a positive finite number"),
+])
+def test_finetune_refuses_bad_numbers_instead_of_a_default(kwargs, message):
+    data = load("colored-digits", seed=0)
+    model = build_model("mlp", data.num_classes, data.input_shape)
+    with pytest.raises(ValueError, match=message):
+        bise.finetune(model, data, **kwargs)
