@@ -39,6 +39,7 @@ from .feature_cache import BottleneckTap, FrozenPrefix
 from .gated_chain import GatedChain
 from .gates import find_bottleneck, gates_of, insert_gates, remove_gates, set_gate_mode
 from .heads import set_head_grads
+from .sgd import sgd_step
 from .subnetwork import Subnetwork
 from .models import reinitialize
 from .recipes import recipe_for
@@ -190,7 +191,7 @@ class _Run:
         self.splits: dict[str, DeviceSplit] = {}
         self.timing: dict[str, float] = {}
         self.memo: dict[str, tuple[bytes, Tensor]] = {}
-        self.chain: Union[GatedChain, None, bool] = False  # False until gated_chain() has looked
+        self.chain: Optional[GatedChain] = None  # set by build_chain
 
     def split(self, key: str) -> DeviceSplit:
         """Split ``key`` (train / val / test) on the device, made once per run."""
@@ -346,10 +347,17 @@ class _Run:
                         self.head_opt.zero_grad(set_to_none=True)
                         loss.backward()
                     distributed.all_reduce_grads(params)
-                    self.head_opt.step()
+                    self.optimizer_step(self.head_opt)
         finally:
             if tap is not None:
                 tap.close()
+
+    def optimizer_step(self, optimizer: torch.optim.SGD) -> None:
+        """``optimizer.step()``; with ``cache_features`` through :func:`bise.sgd.sgd_step` (the same update)."""
+        if self.config.cache_features:
+            sgd_step(optimizer)
+        else:
+            optimizer.step()
 
     def aux_loss(self, z: Tensor, b2: Tensor) -> Tensor:
         return sum(F.cross_entropy(head(z.detach()), b2[:, k]) for k, head in enumerate(self.heads))
@@ -370,7 +378,7 @@ class _Run:
         losses always run through autograd.
         """
         set_gate_mode(self.gates, "masked")
-        chain = self.gated_chain()
+        chain = self.chain
         tap = BottleneckTap(self.bottleneck) if chain is None else None
         b2 = self.labels_on_device()[2]
         totals = torch.zeros(4, dtype=torch.float64, device=self.device)
@@ -404,8 +412,8 @@ class _Run:
                     aux = distributed.scaled(set_head_grads(self.heads, z.detach(), b2.index_select(0, idx),
                                                             scales[scale]), len(idx), n_global)
                 distributed.all_reduce_grads(list(self.heads.parameters()))
-                self.mask_opt.step()
-                self.head_opt.step()
+                self.optimizer_step(self.mask_opt)
+                self.optimizer_step(self.head_opt)
                 totals += torch.stack([objective, lr_, mi, aux]).detach().double() * n_global
         finally:
             if tap is not None:
@@ -443,13 +451,14 @@ class _Run:
                                        for t in (self.train.y, self.train.b, self.train.b2, self.table))
         return self.device_labels
 
-    def gated_chain(self) -> Optional[GatedChain]:
-        """The mask step's :class:`GatedChain`, built at the first mask step (None: autograd runs the network)."""
-        if self.chain is False:
-            self.chain = None
-            if self.prefix is not None and not self.config.amp and "train" in self.cached:
-                self.chain = GatedChain.build(self.model, self.prefix, self.bottleneck, self.cached["train"][:8])
-        return self.chain
+    def build_chain(self) -> None:
+        """The mask step's :class:`GatedChain` when the prefix is cached (None: autograd runs the network)."""
+        self.chain = None
+        if self.prefix is None or self.config.amp or "train" not in self.cached:
+            return
+        set_gate_mode(self.gates, "masked")
+        with self.prefix:
+            self.chain = GatedChain.build(self.model, self.prefix, self.bottleneck, self.cached["train"][:8])
 
     def init_trainables(self) -> None:
         """Scores at 0 and tau0; fresh heads (one per bias) on the bottleneck; the two SGD optimisers."""
@@ -605,6 +614,7 @@ def prepare_run(model: nn.Module, data, config: ExtractConfig, quiet: bool = Tru
         run.load_state(ckpt, ckpt_path)
     with run.clock("caches"):
         run.prepare_caches()
+        run.build_chain()
     return run
 
 
