@@ -28,6 +28,10 @@ _masks: dict = {}
 
 @pytest.fixture(scope="module")
 def digits():
+    # extract() calls torch.use_deterministic_algorithms, whose first call imports torch._inductor
+    # (about 2 s, once per process): paid here, not by whichever loop happens to run first
+    torch.use_deterministic_algorithms(torch.are_deterministic_algorithms_enabled(),
+                                       warn_only=torch.is_deterministic_algorithms_warn_only_enabled())
     return pytest.importorskip("bise.data").load("colored-digits", seed=0)
 
 

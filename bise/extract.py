@@ -39,6 +39,7 @@ from .feature_cache import BottleneckTap, FrozenPrefix
 from .gated_chain import GatedChain
 from .gates import find_bottleneck, gates_of, insert_gates, remove_gates, set_gate_mode
 from .heads import set_head_grads
+from .mask_loss import objective_and_grad
 from .sgd import sgd_step
 from .subnetwork import Subnetwork
 from .models import reinitialize
@@ -373,13 +374,16 @@ class _Run:
 
         No host synchronisation: labels, indices and sums stay on the device. With the prefix
         cached and a chain-shaped model, the network part of each step runs through
-        :class:`~bise.gated_chain.GatedChain` and the head gradients through
-        :func:`~bise.heads.set_head_grads` (the ATen calls autograd would make, bit for bit); the
-        losses always run through autograd.
+        :class:`~bise.gated_chain.GatedChain`, the default objective through
+        :func:`~bise.mask_loss.objective_and_grad` and the head gradients through
+        :func:`~bise.heads.set_head_grads` (the ATen calls autograd would make, bit for bit).
         """
         set_gate_mode(self.gates, "masked")
         chain = self.chain
         tap = BottleneckTap(self.bottleneck) if chain is None else None
+        # the objective's gradient without autograd (bise.mask_loss) covers the default objective
+        plain_objective = (len(self.heads) == 1 and self.dist.world_size == 1 and self.config.reweight
+                           and self.config.mi)
         b2 = self.labels_on_device()[2]
         totals = torch.zeros(4, dtype=torch.float64, device=self.device)
         batches = self.split("train").indices(self.batch_size, self.generator, self.dist)
@@ -399,9 +403,16 @@ class _Run:
                     self.head_opt.zero_grad(set_to_none=True)
                     aux.backward()
                 else:
-                    z = chain.forward(self.cached["train"].index_select(0, idx)).requires_grad_()
-                    objective, lr_, mi = self.mask_objective(chain.logits(z), z, idx, n_global)
-                    grad_z, = torch.autograd.grad(objective, z)
+                    z = chain.forward(self.cached["train"].index_select(0, idx))
+                    if plain_objective:
+                        y, b, _, table = self.labels_on_device()
+                        objective, lr_, mi, grad_z = objective_and_grad(
+                            z, chain.head, self.heads[0], y[idx], b[idx], b2[idx], table, self.num_bias_classes,
+                            self.config.alpha, self.config.gamma)
+                    else:
+                        z.requires_grad_()
+                        objective, lr_, mi = self.mask_objective(chain.logits(z), z, idx, n_global)
+                        grad_z, = torch.autograd.grad(objective, z)
                     for s in self.scores:
                         s.grad = torch.zeros_like(s)
                     chain.backward(grad_z)

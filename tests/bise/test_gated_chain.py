@@ -5,11 +5,13 @@ import dataclasses
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from bise.extract import ExtractConfig, prepare_run
 from bise.finetune import finetune
 from bise.gated_chain import GatedChain
 from bise.gates import insert_gates, set_gate_mode
+from bise.mask_loss import objective_and_grad
 from bise.models import build_model
 from bise.sgd import sgd_step
 
@@ -44,6 +46,27 @@ def test_chain_mask_epochs_equal_the_autograd_ones(digits, arch, width):
     assert totals == plain_totals
     assert _equal(state, plain_state)
     assert any((s < 0).any() for s in state["scores"].values())  # some gate closed: the masks were exercised
+
+
+def test_objective_and_grad_is_autograds(digits):
+    """Random features and batches, including one without bias-conflicting samples (I = 0) and the clamps."""
+    torch.manual_seed(0)
+    model = build_model("mlp", digits.num_classes, digits.input_shape, width=0.3).eval()
+    run = prepare_run(model, digits, ExtractConfig(mask_epochs=4, head_epochs=1, alpha=0.7, gamma=1.3))
+    y, b, b2, table = run.labels_on_device()
+    g = torch.Generator().manual_seed(1)
+    aligned = torch.nonzero(y == b).flatten()[:20]
+    for idx in [torch.randperm(len(y), generator=g)[:n] for n in (1, 7, 64, 256)] + [aligned]:
+        for scale in (0.1, 1.0, 30.0):
+            z = scale * torch.randn(len(idx), run.heads[0].in_features, generator=g)
+            leaf = z.clone().requires_grad_()
+            expected = run.mask_objective(F.linear(leaf, model.classifier.weight, model.classifier.bias), leaf, idx,
+                                          len(idx))
+            grad, = torch.autograd.grad(expected[0], leaf)
+            got = objective_and_grad(z, model.classifier, run.heads[0], y[idx], b[idx], b2[idx], table,
+                                     run.num_bias_classes, 0.7, 1.3)
+            assert all(torch.equal(a, e) for a, e in zip(got, (*expected, grad))), (len(idx), scale)
+    assert float(expected[2].detach()) == 0.0  # the aligned batch: no conflicting sample
 
 
 def test_models_that_are_not_chains_use_autograd():
