@@ -16,10 +16,10 @@ from bise.models import build_model
 from bise.sgd import sgd_step
 
 
-def _mask_epochs(data, arch, width, use_chain, epochs=2):
+def _mask_epochs(data, arch, width, use_chain, settings, epochs=2):
     torch.manual_seed(0)
     model = build_model(arch, data.num_classes, data.input_shape, width=width).eval()
-    run = prepare_run(model, data, ExtractConfig(mask_epochs=4, head_epochs=1, batch_size=64))
+    run = prepare_run(model, data, ExtractConfig(mask_epochs=4, head_epochs=1, batch_size=64, **settings))
     with run.prefix:
         run.head_phase("head pre-training")
         if not use_chain:
@@ -36,12 +36,13 @@ def _equal(a, b) -> bool:
     return torch.equal(a, b) if isinstance(a, torch.Tensor) else a == b
 
 
-@pytest.mark.parametrize("arch, width", [("mlp", 0.3), ("simple-cnn", 0.25)])
-def test_chain_mask_epochs_equal_the_autograd_ones(digits, arch, width):
+@pytest.mark.parametrize("arch, width, settings", [("mlp", 0.3, {}), ("simple-cnn", 0.25, {}),
+                                                   ("mlp", 0.3, dict(mi=False, alpha=0.5))])  # autograd objective
+def test_chain_mask_epochs_equal_the_autograd_ones(digits, arch, width, settings):
     data = dataclasses.replace(digits, train=digits.train.subset(torch.arange(300)))
-    chain, totals, state = _mask_epochs(data, arch, width, use_chain=True)
+    chain, totals, state = _mask_epochs(data, arch, width, True, settings)
     assert isinstance(chain, GatedChain)
-    plain_chain, plain_totals, plain_state = _mask_epochs(data, arch, width, use_chain=False)
+    plain_chain, plain_totals, plain_state = _mask_epochs(data, arch, width, False, settings)
     assert plain_chain is None
     assert totals == plain_totals
     assert _equal(state, plain_state)
