@@ -5,7 +5,8 @@ the tensor's device, so one schema serves every backend. The autograd formula li
 backends only provide forward and backward kernels (contract: ``backends/reference.py``).
 Ops take the selection as ``(thr, cut)`` 0-dim tensors, so the mask is recomputed from the
 scores inside kernels and never saved: the only state kept for backward is what autograd
-already holds (x, weight, scores).
+already holds (x, weight, scores). ``masked_linear_keep`` takes the selection packed once into a
+bool keep mask instead (1 byte per weight, saved for backward in place of ``(thr, cut)``).
 """
 
 from __future__ import annotations
@@ -126,12 +127,14 @@ def _linear_setup(ctx, inputs, output):
 
 
 def _layer_backward(ctx, backward_op, grad_y: Tensor, *geometry) -> tuple:
-    """(grad_x, grad_weight, grad_bias, grad_scores) of a masked layer, None where not needed."""
-    x, weight, scores, thr, cut = ctx.saved_tensors
+    """(grad_x, grad_weight, grad_bias, grad_scores) of a masked layer, None where not needed.
+
+    Saved: x, weight, scores, then the selection ``(thr, cut)`` or the packed ``keep`` mask."""
+    x, weight, scores, *selection = ctx.saved_tensors
     nx, nw, nb, ns = ctx.needs_input_grad[:4]
     needs = [nx, nw, nb and ctx.has_bias, ns]
     with _backward_backend(ctx):
-        grads = backward_op(grad_y, x, weight, scores, thr, cut, *geometry, ctx.estimator, ctx.temperature, needs)
+        grads = backward_op(grad_y, x, weight, scores, *selection, *geometry, ctx.estimator, ctx.temperature, needs)
     return tuple(_or_none(g, n) for g, n in zip(grads, needs))
 
 
@@ -140,6 +143,54 @@ def _linear_backward(ctx, grad_y):
 
 
 masked_linear.register_autograd(_linear_backward, setup_context=_linear_setup)
+
+
+# ----------------------------------------------------------------------------- masked linear, packed mask
+
+
+@torch.library.custom_op(f"{LIB}::masked_linear_keep", mutates_args=())
+def masked_linear_keep(
+    x: Tensor, weight: Tensor, bias: Optional[Tensor], scores: Tensor, keep: Tensor, estimator: str,
+    temperature: float,
+) -> Tensor:
+    """masked_linear with the selection packed once into ``keep`` (bool, the scores' shape), which the
+    forward and backward read instead of the scores; ``scores`` only receives its gradient."""
+    return _kernel("masked_linear_keep_forward", x)(x, weight, bias, keep)
+
+
+@masked_linear_keep.register_fake
+def _(x, weight, bias, scores, keep, estimator, temperature):
+    return x.new_empty(x.shape[:-1] + (weight.shape[0],))
+
+
+@torch.library.custom_op(f"{LIB}::masked_linear_keep_backward", mutates_args=())
+def masked_linear_keep_backward(
+    grad_y: Tensor, x: Tensor, weight: Tensor, scores: Tensor, keep: Tensor, estimator: str, temperature: float,
+    needs: list[bool],
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    grads = _kernel("masked_linear_keep_backward", x)(grad_y, x, weight, scores, keep, estimator, temperature, needs)
+    return tuple(_or_empty(g, x) for g in grads)
+
+
+@masked_linear_keep_backward.register_fake
+def _(grad_y, x, weight, scores, keep, estimator, temperature, needs):
+    shapes = (x, weight, weight[:, 0], scores)
+    return tuple(torch.empty_like(t) if n else x.new_empty(0) for t, n in zip(shapes, needs))
+
+
+def _linear_keep_setup(ctx, inputs, output):
+    x, weight, bias, scores, keep, estimator, temperature = inputs
+    ctx.save_for_backward(x, weight, scores, keep)
+    ctx.estimator, ctx.temperature = estimator, temperature
+    ctx.has_bias = bias is not None
+    _forward_backend(ctx)
+
+
+def _linear_keep_backward(ctx, grad_y):
+    return (*_layer_backward(ctx, masked_linear_keep_backward, grad_y.contiguous()), None, None, None)
+
+
+masked_linear_keep.register_autograd(_linear_keep_backward, setup_context=_linear_keep_setup)
 
 
 # ----------------------------------------------------------------------------- masked conv2d

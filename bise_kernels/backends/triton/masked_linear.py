@@ -7,6 +7,10 @@
 * wgrad ``G = grad_y^T @ x`` never leaves the registers: its epilogue writes ``G * M`` (only
   when the weight gradient is needed) and ``G * W * slope`` (the score gradient; per output
   unit summed with atomics for structured scores). The bias gradient is summed on the way.
+* the packed-mask forward ``x @ (W*keep)^T + b`` is the same kernel reading the bool keep mask
+  as uint8 "scores" under the rule ``s > 0`` (thr = cut = 0): a weight costs its own bytes plus
+  one, which is what the small-M (memory-bound) regime pays for. Its backward has no Triton
+  kernel (the registry takes the next backend's).
 W*M is never written to memory. Semantics: ``backends/reference.py``.
 """
 
@@ -22,7 +26,7 @@ from ._common import (
     score_grad_buffer, score_grad_epilogue, size_bucket, tie_limit,
 )
 
-KERNELS = ("masked_linear_forward", "masked_linear_backward")
+KERNELS = ("masked_linear_forward", "masked_linear_backward", "masked_linear_keep_forward")
 
 
 @matmul_tuning(key=["ROWS_BUCKET", "COLS_BUCKET", "LOOP_BUCKET", "UNIT_ON_COLS", "STRUCTURED"])
@@ -175,6 +179,18 @@ def masked_linear_forward(x, weight, bias, scores, thr, cut):
     """``x @ (weight * M)^T + bias``, the mask applied to weight tiles in registers."""
     structured = _check_linear(x, weight, bias, scores, thr, cut)
     y = _masked_mm(x.reshape(-1, x.shape[-1]), weight, scores, structured, bias, thr, cut, unit_on_cols=True)
+    return y.reshape(x.shape[:-1] + (weight.shape[0],))
+
+
+def masked_linear_keep_forward(x, weight, bias, keep):
+    """``x @ (weight * keep)^T + bias``: the packed keep mask applied to weight tiles in registers."""
+    structured = _checks.check_masked_linear_keep(x, weight, bias, keep)
+    check_device(x)
+    # the rule s > thr or (s == thr and i < cut) with thr = cut = 0 on the mask's bytes: keep > 0
+    thr = torch.zeros((), dtype=torch.uint8, device=x.device)
+    cut = torch.zeros((), dtype=torch.int64, device=x.device)
+    y = _masked_mm(x.reshape(-1, x.shape[-1]), weight, keep.view(torch.uint8), structured, bias, thr, cut,
+                   unit_on_cols=True)
     return y.reshape(x.shape[:-1] + (weight.shape[0],))
 
 
