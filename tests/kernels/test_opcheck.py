@@ -48,6 +48,11 @@ def _cases():
         "masked_linear_structured": (OPS.masked_linear, (x, w, None, sc, thr, all_ties, "sigmoid", 0.7)),
         "masked_linear_backward": (OPS.masked_linear_backward, (
             _t(3, 6, seed=12), x.detach(), w.detach(), scores, thr, cut, "sigmoid", 0.5, [True, True, True, True])),
+        "masked_linear_keep": (OPS.masked_linear_keep, (x, w, b, s, bk.backends.reference.keep_mask(scores, thr, cut),
+                                                        "sigmoid", 0.7)),
+        "masked_linear_keep_structured": (OPS.masked_linear_keep, (x, w, None, sc, sc.detach() > 0, "ste", 1.0)),
+        "masked_linear_keep_backward": (OPS.masked_linear_keep_backward, (
+            _t(3, 6, seed=12), x.detach(), w.detach(), scores, scores > 0, "sigmoid", 0.5, [True, True, True, True])),
         "masked_conv2d": (OPS.masked_conv2d, (xc, wc, bc, sc, thr, all_ties, *conv, "sigmoid", 0.5)),
         "masked_conv2d_backward": (OPS.masked_conv2d_backward, (
             gy_c, xc.detach(), wc.detach(), sc.detach(), thr, cut, *conv, "ste", 1.0, [True, False, True, True])),
@@ -69,13 +74,17 @@ def test_every_public_op_has_a_case():
 def _kernel_name(op) -> str:
     """The registry's kernel behind an op (forward ops run ``<op>_forward``)."""
     name = op._qualified_op_name.split("::")[1]
-    return name + "_forward" if name in ("masked_linear", "masked_conv2d", "channel_gate") else name
+    return name + "_forward" if name in ("masked_linear", "masked_linear_keep", "masked_conv2d", "channel_gate") \
+        else name
 
 
 @pytest.mark.parametrize("case", CASES)
 def test_opcheck(backend, case):
     op, args = _cases()[case]
-    assert backends.resolve(_kernel_name(op), "cpu")[0] == backend  # the backend under test runs the op
+    kernel = _kernel_name(op)
+    if not backends.BACKENDS[backend].supports(kernel):
+        pytest.skip(f"backend {backend!r} has no {kernel} kernel")
+    assert backends.resolve(kernel, "cpu")[0] == backend  # the backend under test runs the op
     torch.library.opcheck(op, args)
 
 
