@@ -8,6 +8,8 @@ Cases (format: docs/gpu_suite.md):
   against "dense_step" (the plain MLP training its weights) and "edge_popup" (the edge-popup
   reference: sort the scores, scatter a 0/1 mask, multiply, dense matmul, straight-through
   backward). Targets: <= 1.10x the dense step; >= 3x faster than edge-popup at batch 256.
+  ``.../cuda+keep``: the same step with ``mask_mode="keep"`` (the selection packed once per step
+  into a bool mask that forward and backward read), beside "selection_step" (the default mode).
 * ``step_resnet50_convs_bf16_cl_b{32,128}/<backend>``: the same for a stack of nine ResNet-50
   bottleneck convolutions (three layer1 blocks: 1x1 256->64, 3x3 64->64, 1x1 64->256) at 56x56,
   channels_last, with ``MaskedConv2d``. Target <= 1.10x the dense step.
@@ -105,6 +107,8 @@ def _variant(dense: nn.Sequential, kind: str) -> nn.Sequential:
             else:
                 cls = bise_kernels.MaskedLinear if isinstance(layer, nn.Linear) else bise_kernels.MaskedConv2d
                 layer = cls.from_dense(copy, density=DENSITY)
+                if kind == "masked_keep":
+                    layer.mask_mode = "keep"
         layers.append(layer)
     return nn.Sequential(*layers)
 
@@ -152,6 +156,21 @@ def _step_cases(name, dense, x, backends, targets) -> list[dict]:
 
         cases.append(dict(case, fn=step, check=check, baselines=baselines))
     return cases
+
+
+def _keep_step_case(name, dense, x, backend, targets) -> dict:
+    """The masked step with ``mask_mode="keep"`` beside the same step in the default mode."""
+    case = {"name": f"{name}/{backend}+keep", "backend": backend, "target_speedup": targets}
+    if backend not in available_backends(x.device.type):
+        return dict(case, skip=f"backend {backend!r} unavailable on {x.device.type}")
+    step = _step_fn(_variant(dense, "masked_keep"), x, backend)
+
+    def check():
+        if not torch.isfinite(step()):
+            raise AssertionError("the masked step's loss is not finite")
+
+    return dict(case, fn=step, check=check, baselines={"selection_step": _step_fn(_variant(dense, "masked"), x, backend),
+                                                       "dense_step": _step_fn(_variant(dense, "dense"), x)})
 
 
 def _overhead_case(device, dry_run) -> dict:
@@ -222,6 +241,8 @@ def gpu_cases(dry_run: bool = False) -> list[dict]:
         x = torch.randn(batch, size.mlp_width, device=device, dtype=torch.bfloat16)
         targets = {"dense_step": 1 / 1.1, **({"edge_popup": 3.0} if batch == size.mlp_batches[0] else {})}
         cases += _step_cases(f"step_mlp4x{size.mlp_width}_bf16_b{batch}", mlp, x, backends, targets)
+        cases.append(_keep_step_case(f"step_mlp4x{size.mlp_width}_bf16_b{batch}", mlp, x, backends[0],
+                                     {"dense_step": 1 / 1.1}))
     convs = _convs(size.conv_div, device)
     for batch in size.conv_batches:
         x = torch.randn(batch, 256 // size.conv_div, size.conv_px, size.conv_px, device=device,
