@@ -61,10 +61,10 @@ _PLAIN_TYPES = (Tensor, torch.nn.Parameter)
 
 def _plain_eager(args: tuple) -> bool:
     """Whether a call needs nothing of the dispatcher: not traced (torch.compile, export), no
-    dispatch or torch-function mode active, only plain tensors (no fake or wrapper subclasses;
-    lists of tensors included)."""
+    dispatch or torch-function mode and no torch.func transform active, only plain tensors (no
+    fake or wrapper subclasses; lists of tensors included)."""
     if (torch.compiler.is_compiling() or torch._C._len_torch_dispatch_stack()
-            or torch._C._is_torch_function_mode_enabled()):
+            or torch._C._is_torch_function_mode_enabled() or torch._C._functorch.maybe_current_level() is not None):
         return False
     for a in args:
         for t in (a if isinstance(a, list) else (a,)):
