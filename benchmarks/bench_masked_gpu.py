@@ -14,7 +14,7 @@ does the same job, through the public API (``<case>/api``: checks, the top-k sel
   where-then-matmul graph (target >= 1.0x).
 * ``masked_linear_keep_*``: the same GEMMs with the selection packed once into a bool keep mask
   (``masked_linear_keep``; the mask is built outside the timed call, as it is once per step), for
-  the backends that have the kernel, beside "selection_path" (that backend's masked_linear on the
+  the backends that have the kernel (Triton: small M only), beside "selection_path" (that backend's masked_linear on the
   same selection) and the baselines above; at M <= 256 the Triton kernel is the fused small-M
   GEMM reading W and the mask. ``/api``: a ``MaskedLinear(mask_mode="keep")`` forward (its cached
   mask). Targets as above (small M: >= 1.3x materialise-then-cuBLAS, >= 1.0x max-autotune).
@@ -112,12 +112,15 @@ def _keep_layer(d) -> torch.nn.Module:
     return layer
 
 
-def _keep_cases(k, d, where_mm) -> list[dict]:
-    """Packed-mask cases of one backend's kernel table ``k`` (only the kernels it has); ``k is None``: the API."""
+def _keep_cases(k, d, where_mm, large_m: bool) -> list[dict]:
+    """Packed-mask cases of one backend's kernel table ``k`` (only the kernels it has); ``k is None``: the API.
+
+    ``large_m``: also the M = 4096 GEMMs (not for Triton, whose packed-mask kernel is for small M: each
+    case would autotune a new shape key within the suite's budget)."""
     x, gy, w, s, thr, cut, keep = d.x, d.gy, d.w, d.s, d.thr, d.cut, d.keep
     cases = []
     flops, io = 2 * d.m * d.n * d.k, (d.m * d.k + d.m * d.n) * BF16 + d.n * d.k * (BF16 + 1)
-    if k is not None and "masked_linear_keep_forward" in k:
+    if large_m and k is not None and "masked_linear_keep_forward" in k:
         fwd = k["masked_linear_keep_forward"]
         cases.append({
             "name": f"masked_linear_keep_fwd_bf16_{d.m}", "flops": flops, "bytes": io,
@@ -127,7 +130,7 @@ def _keep_cases(k, d, where_mm) -> list[dict]:
             "baselines": {"cublas_dense": lambda: F.linear(x, w),
                           "selection_path": lambda: k["masked_linear_forward"](x, w, None, s, thr, cut)},
         })
-    if k is not None and "masked_linear_keep_backward" in k:
+    if large_m and k is not None and "masked_linear_keep_backward" in k:
         bwd = k["masked_linear_keep_backward"]
         for needs, label, nbytes, dense in ((DGRAD, "dgrad", io, lambda: gy @ w),
                                             (SCORE_GRAD, "wgrad_scoregrad", io + d.n * d.k * FP32,
@@ -372,7 +375,8 @@ def gpu_cases(dry_run: bool = False) -> list[dict]:
             kernels = None if backend == "api" else kernel_table(backend)
         except BackendUnavailableError as exc:
             kernels, why = kernel_table("torch"), f"backend {backend!r} unavailable: {exc}"
-        built = (_linear_cases(kernels, linear, where_mm) + _keep_cases(kernels, linear, where_mm)
+        built = (_linear_cases(kernels, linear, where_mm)
+                 + _keep_cases(kernels, linear, where_mm, large_m=backend != "triton")
                  + _conv_cases(kernels, convs) + _gate_cases(kernels, gates))
         for case in built:
             name = f"{case['name']}/{backend}"

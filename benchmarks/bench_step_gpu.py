@@ -170,8 +170,9 @@ def _keep_step_case(name, dense, x, backend, targets) -> dict:
         if not torch.isfinite(step()):
             raise AssertionError("the masked step's loss is not finite")
 
-    return dict(case, fn=step, check=check, baselines={"selection_step": _step_fn(_variant(dense, "masked"), x, backend),
-                                                       "dense_step": _step_fn(_variant(dense, "dense"), x)})
+    baselines = {"selection_step": _step_fn(_variant(dense, "masked"), x, backend),
+                 "dense_step": _step_fn(_variant(dense, "dense"), x)}
+    return dict(case, fn=step, check=check, baselines=baselines)
 
 
 def _overhead_cases(device, dry_run) -> list[dict]:

@@ -8,11 +8,12 @@ scores inside kernels and never saved: the only state kept for backward is what 
 already holds (x, weight, scores). ``masked_linear_keep`` takes the selection packed once into a
 bool keep mask instead (1 byte per weight, saved for backward in place of ``(thr, cut)``).
 
-Every op is called from Python through :func:`_plain_op` / :func:`_layer_op`: in plain eager mode (no compile or export trace, no dispatch or
-function mode, plain tensors) the same kernels and the same autograd formula run in a
-``torch.autograd.Function`` (layer ops) without the custom-op dispatch; otherwise the custom op
-(``torch.ops.bise_kernels.<op>``, also ``<op>.op``) runs. Both
-paths are tested to give the same results (tests/kernels/test_opcheck.py).
+Every op is called from Python through :func:`_plain_op` / :func:`_layer_op`: in plain eager
+mode (no compile or export trace, no dispatch or function mode, no torch.func transform, plain
+tensors) the same kernels and the same autograd formula run in a ``torch.autograd.Function``
+(layer ops) without the custom-op dispatch; otherwise the custom op
+(``torch.ops.bise_kernels.<op>``, also ``<op>.op``) runs. Both paths are tested to give the same
+results (tests/kernels/test_opcheck.py).
 """
 
 from __future__ import annotations

@@ -161,7 +161,8 @@ at::Tensor masked_score_grad_cpu(const at::Tensor& grad_w_eff, const at::Tensor&
       weight, scores,
       bise_checks::check_score_grad(grad_w_eff, weight, scores, thr, cut, estimator, temperature,
                                     "bise_kernels_ext::masked_score_grad", at::kCPU));
-  at::Tensor gs = need_scores ? at::empty_like(L.scores, at::MemoryFormat::Contiguous) : at::empty({0}, L.scores.options());
+  at::Tensor gs =
+      need_scores ? at::empty_like(L.scores, at::MemoryFormat::Contiguous) : at::empty({0}, L.scores.options());
   dispatch_value_and_scores(L.weight.scalar_type(), L.scores.scalar_type(), [&](auto w_type, auto s_type) {
     using W = typename decltype(w_type)::type;
     using S = typename decltype(s_type)::type;
@@ -181,7 +182,8 @@ at::Tensor keep_score_grad_cpu(const at::Tensor& grad_w_eff, const at::Tensor& w
                                                            "bise_kernels_ext::keep_score_grad", at::kCPU);
   const auto L = bise_checks::layer_operands(weight, scores, per_unit);
   const at::Tensor k = keep.contiguous();
-  at::Tensor gs = need_scores ? at::empty_like(L.scores, at::MemoryFormat::Contiguous) : at::empty({0}, L.scores.options());
+  at::Tensor gs =
+      need_scores ? at::empty_like(L.scores, at::MemoryFormat::Contiguous) : at::empty({0}, L.scores.options());
   dispatch_value_and_scores(L.weight.scalar_type(), L.scores.scalar_type(), [&](auto w_type, auto s_type) {
     using W = typename decltype(w_type)::type;
     using S = typename decltype(s_type)::type;
