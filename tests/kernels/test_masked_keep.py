@@ -155,3 +155,18 @@ def test_keep_arguments_are_checked():
         _checks.check_masked_linear_keep(x, w, b, keep.t())
     with pytest.raises(ValueError, match="scores must have keep's shape"):
         _checks.check_masked_linear_keep(x, w, b, keep, scores[0])
+
+
+def test_keep_mode_compiles_and_exports(backend):
+    """torch.compile (fullgraph) and torch.export see masked_linear_keep and give eager's results."""
+    torch.manual_seed(0)
+    layer = bk.MaskedLinear(12, 7, density=0.4, estimator="sigmoid", mask_mode="keep")
+    x = torch.randn(5, 12)
+    want = layer(x)
+    want_grad = torch.autograd.grad(want.sum(), layer.scores)[0]
+    y = torch.compile(layer, backend="aot_eager", fullgraph=True)(x)
+    torch.testing.assert_close(y, want, rtol=0, atol=0)
+    torch.testing.assert_close(torch.autograd.grad(y.sum(), layer.scores)[0], want_grad, rtol=0, atol=0)
+    program = torch.export.export(layer, (x,))
+    assert "bise_kernels.masked_linear_keep.default" in {str(n.target) for n in program.graph.nodes}
+    torch.testing.assert_close(program.module()(x), want, rtol=0, atol=0)
