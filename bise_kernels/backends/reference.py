@@ -110,6 +110,10 @@ def _broadcast_unit(values: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     return values.reshape(values.shape + (1,) * (like.dim() - 1))
 
 
+def _kept_weight(weight, keep):
+    return weight * _broadcast_unit(keep, weight).to(weight.dtype)
+
+
 def _effective_weight(weight, scores, thr, cut):
     mask = keep_mask(scores, thr, cut)
     return _kept_weight(weight, mask), mask
@@ -134,10 +138,6 @@ def masked_linear_forward(x, weight, bias, scores, thr, cut):
 def masked_linear_backward(grad_y, x, weight, scores, thr, cut, estimator, temperature, needs):
     return masked_linear_keep_backward(grad_y, x, weight, scores, keep_mask(scores, thr, cut), estimator,
                                        temperature, needs)
-
-
-def _kept_weight(weight, keep):
-    return weight * _broadcast_unit(keep, weight).to(weight.dtype)
 
 
 def masked_linear_keep_forward(x, weight, bias, keep):
