@@ -41,6 +41,37 @@ struct SelectArgs {
   // Outputs.
   int32_t* threshold_bits;  // num_problems raw bits (16-bit floats sign-extended)
   int64_t* cut;             // num_problems
+  // Problems already solved (nonzero: skipped), or nullptr: the bracket select's fallback.
+  const int32_t* solved;
+};
+
+constexpr int kSample = 16384;        // sample keys per problem of the bracket select
+constexpr int kFinishPerBlock = 4096;  // buffer entries per block of the bracket select's finish
+
+// The bracket select (select_bracket.cu): a sample bracket per problem, one fused pass over the
+// data that counts keys above it and compacts those inside into a buffer, an exact select in the
+// buffer; problems whose bracket missed or overflowed its buffer run the radix select (`radix`,
+// with radix.solved = solved). Workspace zeroed by the caller except the buffers.
+struct BracketArgs {
+  SelectArgs radix;             // the chunk table, hints, outputs and the fallback's workspace
+  const int64_t* ks;            // k per problem
+  const int64_t* buffer_first;  // num_problems + 1 offsets: problem p's buffer capacity is the difference
+  int32_t finish_blocks;        // blocks per problem of the finishing kernels (>= 1)
+  int32_t force_miss;           // tests: every bracket is empty, so every problem takes the fallback
+  uint32_t* buffer_key;         // candidates: key
+  uint32_t* buffer_index;       // and flat index in the problem
+  int32_t* buffer_count;        // num_problems: entries appended (> capacity: overflowed)
+  uint32_t* lo;                 // num_problems: the bracket [lo, hi] (keys)
+  uint32_t* hi;
+  unsigned long long* above;    // num_problems: keys above hi
+  unsigned long long* inside;   // num_problems: keys in [lo, hi]
+  int32_t* inside_chunk;        // num_chunks: keys of the chunk in [lo, hi]
+  int32_t* tie_chunk;           // num_chunks: keys of the chunk equal to the threshold
+  uint32_t* range;              // num_problems x (levels + 1) x 2: [lo, hi] before each finishing level
+  int64_t* rank;                // num_problems x (levels + 1): rank in that range (1-based, descending)
+  int32_t* hist;                // num_problems x levels x kBins
+  int32_t* tickets;             // num_problems x (levels + 1)
+  int32_t* solved;              // num_problems: 1 once the bracket select wrote thr and cut
 };
 
 }  // namespace bise_select
@@ -48,6 +79,9 @@ struct SelectArgs {
 extern "C" {
 // Enqueues the whole selection on `stream`; returns the first launch error (cudaSuccess if none).
 cudaError_t bise_radix_select_launch(const bise_select::SelectArgs* args, cudaStream_t stream);
+
+// Enqueues the bracket select, then the radix select for the problems it left.
+cudaError_t bise_bracket_select_launch(const bise_select::BracketArgs* args, cudaStream_t stream);
 
 // out[i] = key(s[i]) > key(thr) || (key(s[i]) == key(thr) && offset + i < *cut), raw bits in.
 cudaError_t bise_keep_mask_launch(const void* bits, const void* thr_bits, const int64_t* cut, bool* out,
