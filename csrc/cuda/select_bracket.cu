@@ -2,7 +2,8 @@
 // (csrc/cpu/select.cpp; arithmetic shared through csrc/select_bracket.h), for every problem of a
 // chunk table in one launch sequence, without host synchronisation:
 //
-// 1. sample_kernel (one block per problem): 16384 stratified sample keys; the cold bracket
+// 1. sample_kernel (one block per problem): 16384 stratified sample keys (a binary search of the
+//    chunk table per thread where a problem spans several tensors); the cold bracket
 //    [lo, hi] is the sample order statistics 5 standard deviations either side of rank k; a hint
 //    inside it gives the narrower warm bracket (32 sample keys either side of the hint).
 // 2. fused_kernel (one block per chunk, 128-bit loads): counts the keys above hi and inside
@@ -79,13 +80,24 @@ __global__ void __launch_bounds__(kThreads) sample_kernel(BracketArgs b) {
   const SelectArgs& a = b.radix;
   const int p = blockIdx.x;
   const int64_t C = a.num_chunks, n = problem_size(a, p), k = b.ks[p];
+  const int64_t first = a.chunk_first[p], last = a.chunk_first[p + 1];
+  // One tensor (its chunks share the flat offset): flat index = index in the tensor, no search.
+  const bool one_tensor = a.table[3 * C + first] == a.table[3 * C + last - 1];
   uint32_t keys[kSamplePer];
+  int64_t c = first;
 #pragma unroll
   for (int j = 0; j < kSamplePer; ++j) {
-    // Stratified: sample s lies in [s n / kSample, (s + 1) n / kSample); a warp reads neighbours.
-    const int64_t s = static_cast<int64_t>(j) * kThreads + threadIdx.x;
+    // Stratified: sample s lies in [s n / kSample, (s + 1) n / kSample). A thread's samples are
+    // consecutive strata, so after one binary search its chunk only moves forward.
+    const int64_t s = static_cast<int64_t>(threadIdx.x) * kSamplePer + j;
     const int64_t f = (s * n + static_cast<int64_t>(mix(static_cast<uint64_t>(s)) % static_cast<uint64_t>(n))) / kSample;
-    const int64_t c = chunk_of(a, p, f);
+    if (!one_tensor) {
+      if (j == 0) {
+        c = chunk_of(a, p, f);
+      } else {
+        while (c + 1 < last && a.table[3 * C + c + 1] + a.table[C + c + 1] <= f) ++c;
+      }
+    }
     keys[j] = key_at<KB>(reinterpret_cast<const void*>(a.table[c]), f - a.table[3 * C + c]);
   }
   bise_bracket::Ranks r = bise_bracket::cold_ranks(n, k, kSample, bise_bracket::kSigmas);
