@@ -1,5 +1,5 @@
-// Torch-free interface between the CUDA radix select (select.cu) and its ATen binding
-// (select_binding.cpp). All pointers are device pointers; the binding allocates and zeroes the
+// Torch-free interface between the CUDA selects (radix: select.cu, bracket: select_bracket.cu)
+// and their ATen binding (select_binding.cpp). All pointers are device pointers; the binding allocates and zeroes the
 // workspace with torch's caching allocator and passes the current stream.
 #pragma once
 
