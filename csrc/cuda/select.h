@@ -1,6 +1,6 @@
 // Torch-free interface between the CUDA selects (radix: select.cu, bracket: select_bracket.cu)
-// and their ATen binding (select_binding.cpp). All pointers are device pointers; the binding allocates and zeroes the
-// workspace with torch's caching allocator and passes the current stream.
+// and their ATen binding (select_binding.cpp). All pointers are device pointers; the binding
+// allocates and zeroes the workspace with torch's caching allocator and passes the current stream.
 #pragma once
 
 #include <cstdint>
