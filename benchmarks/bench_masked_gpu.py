@@ -12,6 +12,12 @@ does the same job, through the public API (``<case>/api``: checks, the top-k sel
 * ``masked_linear_fwd_bf16_M{16,256}_4096x4096``: the memory-bound regime against
   materialise-then-cuBLAS (target >= 1.3x) and torch.compile(mode="max-autotune") of the same
   where-then-matmul graph (target >= 1.0x).
+* ``masked_linear_keep_*``: the same GEMMs with the selection packed once into a bool keep mask
+  (``masked_linear_keep``; the mask is built outside the timed call, as it is once per step), for
+  the backends that have the kernel (Triton: small M only), beside "selection_path" (that backend's masked_linear on the
+  same selection) and the baselines above; at M <= 256 the Triton kernel is the fused small-M
+  GEMM reading W and the mask. ``/api``: a ``MaskedLinear(mask_mode="keep")`` forward (its cached
+  mask). Targets as above (small M: >= 1.3x materialise-then-cuBLAS, >= 1.0x max-autotune).
 * ``masked_conv_fwd_bwd_bf16_cl_b32_*``: ResNet-50 layer shapes, batch 32, channels_last:
   masked forward + backward (grad_x and the score gradient: frozen weights) against "cudnn_dense"
   (forward + grad_x + grad_W of the dense conv) and "materialise_then_cudnn". Target >= 0.95x.
@@ -90,7 +96,83 @@ def _linear_data(size, device) -> SimpleNamespace:
     d.s_unit = torch.randn(n, device=device)
     d.thr_u, d.cut_u = _selection(d.s_unit)
     d.small = [torch.randn(rows, kk, device=device, dtype=torch.bfloat16) for rows in size.small_m]
+    d.keep = ref.keep_mask(d.s, d.thr, d.cut)  # the top-k selection, packed
+    d.keep_t = ref.keep_mask(d.s, d.t, d.keep_all)  # S >= t, packed: the where(S >= t, W, 0) mask
     return d
+
+
+def _keep_layer(d) -> torch.nn.Module:
+    """A MaskedLinear(mask_mode="keep") on d's weight and scores with the threshold t (the small-M API case)."""
+    layer = bise_kernels.MaskedLinear(d.k, d.n, bias=False, threshold=float(d.t), mask_mode="keep",
+                                      device=d.w.device, dtype=d.w.dtype)
+    with torch.no_grad():
+        layer.weight.copy_(d.w)
+        layer.scores.copy_(d.s)
+    layer.weight.requires_grad_(False)
+    return layer
+
+
+def _keep_cases(k, d, where_mm, large_m: bool) -> list[dict]:
+    """Packed-mask cases of one backend's kernel table ``k`` (only the kernels it has); ``k is None``: the API.
+
+    ``large_m``: also the M = 4096 GEMMs (not for Triton, whose packed-mask kernel is for small M: each
+    case would autotune a new shape key within the suite's budget)."""
+    x, gy, w, s, thr, cut, keep = d.x, d.gy, d.w, d.s, d.thr, d.cut, d.keep
+    cases = []
+    flops, io = 2 * d.m * d.n * d.k, (d.m * d.k + d.m * d.n) * BF16 + d.n * d.k * (BF16 + 1)
+    if large_m and k is not None and "masked_linear_keep_forward" in k:
+        fwd = k["masked_linear_keep_forward"]
+        cases.append({
+            "name": f"masked_linear_keep_fwd_bf16_{d.m}", "flops": flops, "bytes": io,
+            "target_speedup": {"cublas_dense": 0.9},
+            "fn": lambda: fwd(x, w, None, keep),
+            "check": lambda: _close(fwd(x, w, None, keep), ref.masked_linear_keep_forward(x, w, None, keep)),
+            "baselines": {"cublas_dense": lambda: F.linear(x, w),
+                          "selection_path": lambda: k["masked_linear_forward"](x, w, None, s, thr, cut)},
+        })
+    if large_m and k is not None and "masked_linear_keep_backward" in k:
+        bwd = k["masked_linear_keep_backward"]
+        for needs, label, nbytes, dense in ((DGRAD, "dgrad", io, lambda: gy @ w),
+                                            (SCORE_GRAD, "wgrad_scoregrad", io + d.n * d.k * FP32,
+                                             lambda: gy.t() @ x)):
+            cases.append({
+                "name": f"masked_linear_keep_{label}_bf16_{d.m}", "flops": flops, "bytes": nbytes,
+                "target_speedup": {"cublas_dense": 0.9},
+                "fn": lambda needs=needs: bwd(gy, x, w, s, keep, "ste", 1.0, needs),
+                "check": lambda needs=needs: _close(bwd(gy, x, w, s, keep, "ste", 1.0, needs),
+                                                    ref.masked_linear_keep_backward(gy, x, w, s, keep, "ste", 1.0,
+                                                                                    needs)),
+                "baselines": {"cublas_dense": dense,
+                              "selection_path": lambda needs=needs: k["masked_linear_backward"](
+                                  gy, x, w, s, thr, cut, "ste", 1.0, needs)},
+            })
+    if k is None:
+        layer = _keep_layer(d)
+        small_fwd, selection = layer, lambda a: bise_kernels.masked_linear(a, w, None, s, threshold=d.t)
+    elif "masked_linear_keep_forward" in k:
+        small_fwd = lambda a: k["masked_linear_keep_forward"](a, w, None, d.keep_t)  # noqa: E731
+        selection = lambda a: k["masked_linear_forward"](a, w, None, s, d.t, d.keep_all)  # noqa: E731
+    else:
+        return cases
+    for xs in d.small:
+        baselines = {
+            "materialise_then_cublas": lambda xs=xs: F.linear(xs, d.w_eff()),
+            "cublas_dense": lambda xs=xs: F.linear(xs, w),
+            "selection_path": lambda xs=xs: selection(xs),
+        }
+        targets = {"materialise_then_cublas": 1.3}
+        if where_mm is not None:
+            baselines["compile_max_autotune"] = lambda xs=xs: where_mm(xs, w, s)
+            targets["compile_max_autotune"] = 1.0
+        cases.append({
+            "name": f"masked_linear_keep_fwd_bf16_M{xs.shape[0]}_{d.n}x{d.k}", "flops": 2 * xs.shape[0] * d.n * d.k,
+            "bytes": d.n * d.k * (BF16 + 1) + (xs.shape[0] * d.k + xs.shape[0] * d.n) * BF16,
+            "target_speedup": targets,
+            "fn": lambda xs=xs: small_fwd(xs),
+            "check": lambda xs=xs: _close(small_fwd(xs), F.linear(xs, d.w_eff())),
+            "baselines": baselines,
+        })
+    return cases
 
 
 def _linear_cases(k, d, where_mm) -> list[dict]:
@@ -293,7 +375,9 @@ def gpu_cases(dry_run: bool = False) -> list[dict]:
             kernels = None if backend == "api" else kernel_table(backend)
         except BackendUnavailableError as exc:
             kernels, why = kernel_table("torch"), f"backend {backend!r} unavailable: {exc}"
-        built = _linear_cases(kernels, linear, where_mm) + _conv_cases(kernels, convs) + _gate_cases(kernels, gates)
+        built = (_linear_cases(kernels, linear, where_mm)
+                 + _keep_cases(kernels, linear, where_mm, large_m=backend != "triton")
+                 + _conv_cases(kernels, convs) + _gate_cases(kernels, gates))
         for case in built:
             name = f"{case['name']}/{backend}"
             cases.append({"name": name, "backend": backend, "skip": why} if why else

@@ -8,12 +8,15 @@ Cases (format: docs/gpu_suite.md):
   against "dense_step" (the plain MLP training its weights) and "edge_popup" (the edge-popup
   reference: sort the scores, scatter a 0/1 mask, multiply, dense matmul, straight-through
   backward). Targets: <= 1.10x the dense step; >= 3x faster than edge-popup at batch 256.
+  ``.../cuda+keep``: the same step with ``mask_mode="keep"`` (the selection packed once per step
+  into a bool mask that forward and backward read), beside "selection_step" (the default mode).
 * ``step_resnet50_convs_bf16_cl_b{32,128}/<backend>``: the same for a stack of nine ResNet-50
   bottleneck convolutions (three layer1 blocks: 1x1 256->64, 3x3 64->64, 1x1 64->256) at 56x56,
   channels_last, with ``MaskedConv2d``. Target <= 1.10x the dense step.
 * ``overhead_masked_linear_256_b32/api``: the public ``masked_linear`` forward + backward on a
   256x256 layer, batch 32 (checks, selection, custom op and autograd), against the same with
-  ``F.linear`` ("dense_fwd_bwd"). Target <= 1.5x.
+  ``F.linear`` ("dense_fwd_bwd"). Target <= 1.5x. ``.../module``: the same through a
+  ``MaskedLinear`` whose selection is cached (a layer's cost per call within a training step).
 * ``cuda_graph_masked_step/api``: a probe, not a timing: whether a masked MLP training step can be
   captured in a CUDA graph and replayed (``captured``, ``replayed``, ``error``).
 
@@ -105,6 +108,8 @@ def _variant(dense: nn.Sequential, kind: str) -> nn.Sequential:
             else:
                 cls = bise_kernels.MaskedLinear if isinstance(layer, nn.Linear) else bise_kernels.MaskedConv2d
                 layer = cls.from_dense(copy, density=DENSITY)
+                if kind == "masked_keep":
+                    layer.mask_mode = "keep"
         layers.append(layer)
     return nn.Sequential(*layers)
 
@@ -154,7 +159,23 @@ def _step_cases(name, dense, x, backends, targets) -> list[dict]:
     return cases
 
 
-def _overhead_case(device, dry_run) -> dict:
+def _keep_step_case(name, dense, x, backend, targets) -> dict:
+    """The masked step with ``mask_mode="keep"`` beside the same step in the default mode."""
+    case = {"name": f"{name}/{backend}+keep", "backend": backend, "target_speedup": targets}
+    if backend not in available_backends(x.device.type):
+        return dict(case, skip=f"backend {backend!r} unavailable on {x.device.type}")
+    step = _step_fn(_variant(dense, "masked_keep"), x, backend)
+
+    def check():
+        if not torch.isfinite(step()):
+            raise AssertionError("the masked step's loss is not finite")
+
+    baselines = {"selection_step": _step_fn(_variant(dense, "masked"), x, backend),
+                 "dense_step": _step_fn(_variant(dense, "dense"), x)}
+    return dict(case, fn=step, check=check, baselines=baselines)
+
+
+def _overhead_cases(device, dry_run) -> list[dict]:
     g = torch.Generator(device=device).manual_seed(0)
     x = torch.randn(32, 256, device=device, generator=g, requires_grad=True)
     w = torch.randn(256, 256, device=device, generator=g, requires_grad=True)
@@ -167,9 +188,18 @@ def _overhead_case(device, dry_run) -> dict:
     def dense():
         return torch.autograd.grad(F.linear(x, w), (x, w), gy)
 
-    return {"name": "overhead_masked_linear_256_b32/api", "backend": "auto", "fn": masked,
-            "check": lambda: [torch.isfinite(t).all() or _fail("non-finite gradient") for t in masked()],
-            "baselines": {"dense_fwd_bwd": dense}, "target_speedup": {"dense_fwd_bwd": 1 / 1.5}}
+    layer = bise_kernels.MaskedLinear(256, 256, bias=False, density=DENSITY, device=device)
+    with torch.no_grad():
+        layer.weight.copy_(w)
+        layer.scores.copy_(s)
+
+    def module():  # the selection is cached: what a layer costs per call within a training step
+        return torch.autograd.grad(layer(x), (x, layer.scores), gy)
+
+    return [{"name": f"overhead_masked_linear_256_b32/{path}", "backend": "auto", "fn": fn,
+             "check": lambda fn=fn: [torch.isfinite(t).all() or _fail("non-finite gradient") for t in fn()],
+             "baselines": {"dense_fwd_bwd": dense}, "target_speedup": {"dense_fwd_bwd": 1 / 1.5}}
+            for path, fn in (("api", masked), ("module", module))]
 
 
 def _fail(message: str):
@@ -222,12 +252,14 @@ def gpu_cases(dry_run: bool = False) -> list[dict]:
         x = torch.randn(batch, size.mlp_width, device=device, dtype=torch.bfloat16)
         targets = {"dense_step": 1 / 1.1, **({"edge_popup": 3.0} if batch == size.mlp_batches[0] else {})}
         cases += _step_cases(f"step_mlp4x{size.mlp_width}_bf16_b{batch}", mlp, x, backends, targets)
+        cases.append(_keep_step_case(f"step_mlp4x{size.mlp_width}_bf16_b{batch}", mlp, x, backends[0],
+                                     {"dense_step": 1 / 1.1}))
     convs = _convs(size.conv_div, device)
     for batch in size.conv_batches:
         x = torch.randn(batch, 256 // size.conv_div, size.conv_px, size.conv_px, device=device,
                         dtype=torch.bfloat16).to(memory_format=torch.channels_last)
         cases += _step_cases(f"step_resnet50_convs_bf16_cl_b{batch}", convs, x, backends, {"dense_step": 1 / 1.1})
-    cases.append(_overhead_case(device, dry_run))
+    cases += _overhead_cases(device, dry_run)
     probe = {"name": "cuda_graph_masked_step/api", "backend": "auto"}
     cases.append(dict(probe, skip="needs CUDA") if dry_run else dict(probe, probe=_graph_probe))
     return cases

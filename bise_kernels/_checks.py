@@ -185,32 +185,69 @@ def _describe(t: object) -> str:
     return type(t).__name__
 
 
-def _check_layer(x: object, weight: object, bias: object, scores: object, thr: object, cut: object) -> bool:
-    """What the masked layers share; returns whether the scores are structured (one per unit)."""
+def _check_weight_shaped(t: torch.Tensor, weight: torch.Tensor, name: str) -> bool:
+    """``t`` (scores or a keep mask) of weight's shape or one per output unit; returns the latter."""
+    if weight.dim() == 0 or (t.shape != weight.shape and tuple(t.shape) != (weight.shape[0],)):
+        expected = f"{tuple(weight.shape)} or ({weight.shape[0]},)" if weight.dim() else "(not a 0-d weight)"
+        raise ValueError(f"{name} must have weight's shape {expected}, got {tuple(t.shape)}")
+    return t.shape != weight.shape
+
+
+def _check_operands(x: object, weight: object, bias: object) -> None:
     check_tensor(x, "x")
     check_tensor(weight, "weight")
     check_like(weight, x, "weight", "x")
-    check_tensor(scores, "scores")
-    check_like(scores, x, "scores", "x", dtype=False)
-    if weight.dim() == 0 or (scores.shape != weight.shape and tuple(scores.shape) != (weight.shape[0],)):
-        expected = f"{tuple(weight.shape)} or ({weight.shape[0]},)" if weight.dim() else "(not a 0-d weight)"
-        raise ValueError(f"scores must have weight's shape {expected}, got {tuple(scores.shape)}")
     if bias is not None:
         check_tensor(bias, "bias")
         check_like(bias, x, "bias", "x")
-        if tuple(bias.shape) != (weight.shape[0],):
-            raise ValueError(f"bias must have shape ({weight.shape[0]},), got {tuple(bias.shape)}")
+        if weight.dim() == 0 or tuple(bias.shape) != (weight.shape[0],):
+            raise ValueError(f"bias must have shape ({weight.shape[0] if weight.dim() else '?'},), "
+                             f"got {tuple(bias.shape)}")
+
+
+def _check_layer(x: object, weight: object, bias: object, scores: object, thr: object, cut: object) -> bool:
+    """What the masked layers share; returns whether the scores are structured (one per unit)."""
+    _check_operands(x, weight, bias)
+    check_tensor(scores, "scores")
+    check_like(scores, x, "scores", "x", dtype=False)
+    structured = _check_weight_shaped(scores, weight, "scores")
     if thr is not None or cut is not None:
         check_selection(scores, thr, cut)
-    return scores.shape != weight.shape
+    return structured
+
+
+def _check_linear_shapes(x: torch.Tensor, weight: torch.Tensor) -> None:
+    if weight.dim() != 2 or x.dim() < 1 or x.shape[-1] != weight.shape[1]:
+        raise ValueError(f"x of shape {tuple(x.shape)} does not match weight of shape {tuple(weight.shape)}")
 
 
 def check_masked_linear(x: object, weight: object, bias: object, scores: object,
                         thr: object = None, cut: object = None) -> bool:
     """Arguments of masked_linear (and of the selection when given); returns ``structured``."""
     structured = _check_layer(x, weight, bias, scores, thr, cut)
-    if weight.dim() != 2 or x.dim() < 1 or x.shape[-1] != weight.shape[1]:
-        raise ValueError(f"x of shape {tuple(x.shape)} does not match weight of shape {tuple(weight.shape)}")
+    _check_linear_shapes(x, weight)
+    return structured
+
+
+def check_keep(keep: object, weight: torch.Tensor) -> bool:
+    """A packed keep mask: bool, of weight's shape or (out,), on weight's device; returns ``structured``."""
+    if not isinstance(keep, torch.Tensor) or keep.dtype != torch.bool:
+        raise TypeError(f"keep must be a bool tensor (a keep mask), got {_describe(keep)}")
+    check_like(keep, weight, "keep", "weight", dtype=False)
+    return _check_weight_shaped(keep, weight, "keep")
+
+
+def check_masked_linear_keep(x: object, weight: object, bias: object, keep: object,
+                             scores: object = None) -> bool:
+    """Arguments of masked_linear_keep (scores, when given, of keep's shape); returns ``structured``."""
+    _check_operands(x, weight, bias)
+    _check_linear_shapes(x, weight)
+    structured = check_keep(keep, weight)
+    if scores is not None:
+        check_tensor(scores, "scores")
+        check_like(scores, x, "scores", "x", dtype=False)
+        if scores.shape != keep.shape:
+            raise ValueError(f"scores must have keep's shape {tuple(keep.shape)}, got {tuple(scores.shape)}")
     return structured
 
 

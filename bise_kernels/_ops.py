@@ -5,13 +5,22 @@ the tensor's device, so one schema serves every backend. The autograd formula li
 backends only provide forward and backward kernels (contract: ``backends/reference.py``).
 Ops take the selection as ``(thr, cut)`` 0-dim tensors, so the mask is recomputed from the
 scores inside kernels and never saved: the only state kept for backward is what autograd
-already holds (x, weight, scores).
+already holds (x, weight, scores). ``masked_linear_keep`` takes the selection packed once into a
+bool keep mask instead (1 byte per weight, saved for backward in place of ``(thr, cut)``).
+
+Every op is called from Python through :func:`_plain_op` / :func:`_layer_op`: in plain eager
+mode (no compile or export trace, no dispatch or function mode, no torch.func transform, plain
+tensors) the same kernels and the same autograd formula run in a ``torch.autograd.Function``
+(layer ops) without the custom-op dispatch; otherwise the custom op
+(``torch.ops.bise_kernels.<op>``, also ``<op>.op``) runs. Both paths are tested to give the same
+results (tests/kernels/test_opcheck.py).
 """
 
 from __future__ import annotations
 
 import contextlib
-from typing import Optional
+import functools
+from typing import Callable, Optional
 
 import torch
 from torch import Tensor
@@ -46,58 +55,161 @@ def _or_none(t: Tensor, needed: bool) -> Optional[Tensor]:
     return t if needed else None
 
 
+# ----------------------------------------------------------------------------- the eager path
+
+_PLAIN_TYPES = (Tensor, torch.nn.Parameter)
+
+
+def _plain_eager(args: tuple) -> bool:
+    """Whether a call needs nothing of the dispatcher: not traced (torch.compile, export), no
+    dispatch or torch-function mode and no torch.func transform active, only plain tensors (no
+    fake or wrapper subclasses; lists of tensors included)."""
+    if (torch.compiler.is_compiling() or torch._C._len_torch_dispatch_stack()
+            or torch._C._is_torch_function_mode_enabled() or torch._C._functorch.maybe_current_level() is not None):
+        return False
+    for a in args:
+        for t in (a if isinstance(a, list) else (a,)):
+            if isinstance(t, Tensor) and type(t) not in _PLAIN_TYPES:
+                return False
+    return True
+
+
+def _plain_op(op, impl: Callable) -> Callable:
+    """The Python callable of an op without autograd: ``impl`` directly in plain eager mode (see
+    :func:`_layer_op`), else the custom op ``op``."""
+
+    @functools.wraps(impl)
+    def call(*args):
+        return impl(*args) if _plain_eager(args) else op(*args)
+
+    call.op = op
+    return call
+
+
+def _layer_op(op, forward: Callable, setup: Callable, backward: Callable) -> Callable:
+    """The Python callable of a layer op: the custom op ``op`` unless :func:`_plain_eager`, else
+    ``forward`` (the op's implementation) directly, in an autograd.Function with the op's ``setup``
+    and ``backward`` when a gradient is needed.
+
+    Why: the custom-op call costs about 40 us of dispatch on top of the kernels, and an
+    autograd.Function with a separate setup_context another 50 us of signature binding (cProfile of
+    a MaskedLinear forward + backward, docs/masked.md); a masked layer would cost several dense
+    ones per call. An old-style Function (forward(ctx, ...)) binds nothing.
+    """
+
+    class Eager(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, *inputs):
+            output = forward(*inputs)
+            setup(ctx, inputs, output)
+            return output
+
+        @staticmethod
+        def backward(ctx, *grads):
+            return backward(ctx, *grads)
+
+    @functools.wraps(forward)
+    def call(*args):
+        if not _plain_eager(args):
+            return op(*args)
+        if torch.is_grad_enabled() and any(isinstance(a, Tensor) and a.requires_grad for a in args):
+            return Eager.apply(*args)
+        return forward(*args)
+
+    call.op = op
+    return call
+
+
 # ----------------------------------------------------------------------------- selection
 
 
-@torch.library.custom_op(f"{LIB}::topk_select", mutates_args=())
-def topk_select(scores: list[Tensor], k: int, hint: Optional[Tensor]) -> tuple[Tensor, Tensor]:
+def _topk_select(scores: list[Tensor], k: int, hint: Optional[Tensor]) -> tuple[Tensor, Tensor]:
     """Exact top-k over the concatenation of the flattened ``scores``: (threshold, tie cut)."""
     thr, cut = _kernel("topk_select", scores[0])(scores, k, hint)
     return thr.clone(), cut.clone()
 
 
-@topk_select.register_fake
+_topk_select_op = torch.library.custom_op(f"{LIB}::topk_select", _topk_select, mutates_args=())
+
+
+@_topk_select_op.register_fake
 def _(scores, k, hint):
     s = scores[0]
     return s.new_empty(()), torch.empty((), dtype=torch.int64, device=s.device)
 
 
-@torch.library.custom_op(f"{LIB}::batched_topk_select", mutates_args=())
-def batched_topk_select(scores: list[Tensor], ks: list[int], hints: Optional[Tensor]) -> tuple[Tensor, Tensor]:
+def _batched_topk_select(scores: list[Tensor], ks: list[int], hints: Optional[Tensor]) -> tuple[Tensor, Tensor]:
     """One independent top-k per tensor: thresholds and tie cuts of shape (len(scores),)."""
     thr, cut = _kernel("batched_topk_select", scores[0])(scores, ks, hints)
     return thr.clone(), cut.clone()
 
 
-@batched_topk_select.register_fake
+_batched_topk_select_op = torch.library.custom_op(f"{LIB}::batched_topk_select", _batched_topk_select,
+                                                  mutates_args=())
+
+
+@_batched_topk_select_op.register_fake
 def _(scores, ks, hints):
     s = scores[0]
     return s.new_empty((len(scores),)), torch.empty((len(scores),), dtype=torch.int64, device=s.device)
 
 
-@torch.library.custom_op(f"{LIB}::keep_mask", mutates_args=())
-def keep_mask(scores: Tensor, thr: Tensor, cut: Tensor, offset: int) -> Tensor:
+def _keep_mask(scores: Tensor, thr: Tensor, cut: Tensor, offset: int) -> Tensor:
     """Bool mask of the selection ``(thr, cut)``, flat indices counted from ``offset``."""
     return _kernel("keep_mask", scores)(scores, thr, cut, offset)
 
 
-@keep_mask.register_fake
+_keep_mask_op = torch.library.custom_op(f"{LIB}::keep_mask", _keep_mask, mutates_args=())
+
+
+@_keep_mask_op.register_fake
 def _(scores, thr, cut, offset):
     return torch.empty_like(scores, dtype=torch.bool)
+
+
+topk_select = _plain_op(_topk_select_op, _topk_select)
+batched_topk_select = _plain_op(_batched_topk_select_op, _batched_topk_select)
+keep_mask = _plain_op(_keep_mask_op, _keep_mask)
+
+
+def _backward_kernel(name: str) -> Callable:
+    """A backward kernel called directly (the eager path): grads with None where not needed."""
+    return lambda grad_y, x, *args: _kernel(name, x)(grad_y, x, *args)
+
+
+def _layer_backward(ctx, backward_op, grad_y: Tensor, *geometry) -> tuple:
+    """(grad_x, grad_weight, grad_bias, grad_scores) of a masked layer, None where not needed.
+
+    Saved: x, weight, scores, then the selection ``(thr, cut)`` or the packed ``keep`` mask."""
+    x, weight, scores, *selection = ctx.saved_tensors
+    nx, nw, nb, ns = ctx.needs_input_grad[:4]
+    needs = [nx, nw, nb and ctx.has_bias, ns]
+    with _backward_backend(ctx):
+        grads = backward_op(grad_y, x, weight, scores, *selection, *geometry, ctx.estimator, ctx.temperature, needs)
+    return tuple(_or_none(g, n) for g, n in zip(grads, needs))
+
+
+def _save_layer(ctx, saved, bias, estimator, temperature) -> None:
+    ctx.save_for_backward(*saved)
+    ctx.estimator, ctx.temperature = estimator, temperature
+    ctx.has_bias = bias is not None
+    _forward_backend(ctx)
 
 
 # ----------------------------------------------------------------------------- masked linear
 
 
-@torch.library.custom_op(f"{LIB}::masked_linear", mutates_args=())
-def masked_linear(
+def _masked_linear(
     x: Tensor, weight: Tensor, bias: Optional[Tensor], scores: Tensor, thr: Tensor, cut: Tensor,
     estimator: str, temperature: float,
 ) -> Tensor:
     return _kernel("masked_linear_forward", x)(x, weight, bias, scores, thr, cut)
 
 
-@masked_linear.register_fake
+_masked_linear_op = torch.library.custom_op(f"{LIB}::masked_linear", _masked_linear, mutates_args=())
+
+
+@_masked_linear_op.register_fake
 def _(x, weight, bias, scores, thr, cut, estimator, temperature):
     return x.new_empty(x.shape[:-1] + (weight.shape[0],))
 
@@ -119,41 +231,82 @@ def _(grad_y, x, weight, scores, thr, cut, estimator, temperature, needs):
 
 def _linear_setup(ctx, inputs, output):
     x, weight, bias, scores, thr, cut, estimator, temperature = inputs
-    ctx.save_for_backward(x, weight, scores, thr, cut)
-    ctx.estimator, ctx.temperature = estimator, temperature
-    ctx.has_bias = bias is not None
-    _forward_backend(ctx)
+    _save_layer(ctx, (x, weight, scores, thr, cut), bias, estimator, temperature)
 
 
-def _layer_backward(ctx, backward_op, grad_y: Tensor, *geometry) -> tuple:
-    """(grad_x, grad_weight, grad_bias, grad_scores) of a masked layer, None where not needed."""
-    x, weight, scores, thr, cut = ctx.saved_tensors
-    nx, nw, nb, ns = ctx.needs_input_grad[:4]
-    needs = [nx, nw, nb and ctx.has_bias, ns]
-    with _backward_backend(ctx):
-        grads = backward_op(grad_y, x, weight, scores, thr, cut, *geometry, ctx.estimator, ctx.temperature, needs)
-    return tuple(_or_none(g, n) for g, n in zip(grads, needs))
+def _linear_backward(backward_op):
+    return lambda ctx, grad_y: (*_layer_backward(ctx, backward_op, grad_y.contiguous()), None, None, None, None)
 
 
-def _linear_backward(ctx, grad_y):
-    return (*_layer_backward(ctx, masked_linear_backward, grad_y.contiguous()), None, None, None, None)
+_masked_linear_op.register_autograd(_linear_backward(masked_linear_backward), setup_context=_linear_setup)
+masked_linear = _layer_op(_masked_linear_op, _masked_linear, _linear_setup,
+                          _linear_backward(_backward_kernel("masked_linear_backward")))
 
 
-masked_linear.register_autograd(_linear_backward, setup_context=_linear_setup)
+# ----------------------------------------------------------------------------- masked linear, packed mask
+
+
+def _masked_linear_keep(
+    x: Tensor, weight: Tensor, bias: Optional[Tensor], scores: Tensor, keep: Tensor, estimator: str,
+    temperature: float,
+) -> Tensor:
+    """masked_linear with the selection packed once into ``keep`` (bool, the scores' shape), which the
+    forward and backward read instead of the scores; ``scores`` only receives its gradient."""
+    return _kernel("masked_linear_keep_forward", x)(x, weight, bias, keep)
+
+
+_masked_linear_keep_op = torch.library.custom_op(f"{LIB}::masked_linear_keep", _masked_linear_keep, mutates_args=())
+
+
+@_masked_linear_keep_op.register_fake
+def _(x, weight, bias, scores, keep, estimator, temperature):
+    return x.new_empty(x.shape[:-1] + (weight.shape[0],))
+
+
+@torch.library.custom_op(f"{LIB}::masked_linear_keep_backward", mutates_args=())
+def masked_linear_keep_backward(
+    grad_y: Tensor, x: Tensor, weight: Tensor, scores: Tensor, keep: Tensor, estimator: str, temperature: float,
+    needs: list[bool],
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    grads = _kernel("masked_linear_keep_backward", x)(grad_y, x, weight, scores, keep, estimator, temperature, needs)
+    return tuple(_or_empty(g, x) for g in grads)
+
+
+@masked_linear_keep_backward.register_fake
+def _(grad_y, x, weight, scores, keep, estimator, temperature, needs):
+    shapes = (x, weight, weight[:, 0], scores)
+    return tuple(torch.empty_like(t) if n else x.new_empty(0) for t, n in zip(shapes, needs))
+
+
+def _linear_keep_setup(ctx, inputs, output):
+    x, weight, bias, scores, keep, estimator, temperature = inputs
+    _save_layer(ctx, (x, weight, scores, keep), bias, estimator, temperature)
+
+
+def _linear_keep_backward(backward_op):
+    return lambda ctx, grad_y: (*_layer_backward(ctx, backward_op, grad_y.contiguous()), None, None, None)
+
+
+_masked_linear_keep_op.register_autograd(_linear_keep_backward(masked_linear_keep_backward),
+                                         setup_context=_linear_keep_setup)
+masked_linear_keep = _layer_op(_masked_linear_keep_op, _masked_linear_keep, _linear_keep_setup,
+                               _linear_keep_backward(_backward_kernel("masked_linear_keep_backward")))
 
 
 # ----------------------------------------------------------------------------- masked conv2d
 
 
-@torch.library.custom_op(f"{LIB}::masked_conv2d", mutates_args=())
-def masked_conv2d(
+def _masked_conv2d(
     x: Tensor, weight: Tensor, bias: Optional[Tensor], scores: Tensor, thr: Tensor, cut: Tensor,
     stride: list[int], padding: list[int], dilation: list[int], groups: int, estimator: str, temperature: float,
 ) -> Tensor:
     return _kernel("masked_conv2d_forward", x)(x, weight, bias, scores, thr, cut, stride, padding, dilation, groups)
 
 
-@masked_conv2d.register_fake
+_masked_conv2d_op = torch.library.custom_op(f"{LIB}::masked_conv2d", _masked_conv2d, mutates_args=())
+
+
+@_masked_conv2d_op.register_fake
 def _(x, weight, bias, scores, thr, cut, stride, padding, dilation, groups, estimator, temperature):
     return x.new_empty(conv2d_output_shape(x.shape, weight.shape, stride, padding, dilation))
 
@@ -178,11 +331,8 @@ def _(grad_y, x, weight, scores, thr, cut, stride, padding, dilation, groups, es
 
 def _conv_setup(ctx, inputs, output):
     x, weight, bias, scores, thr, cut, stride, padding, dilation, groups, estimator, temperature = inputs
-    ctx.save_for_backward(x, weight, scores, thr, cut)
+    _save_layer(ctx, (x, weight, scores, thr, cut), bias, estimator, temperature)
     ctx.conv = (stride, padding, dilation, groups)
-    ctx.estimator, ctx.temperature = estimator, temperature
-    ctx.has_bias = bias is not None
-    _forward_backend(ctx)
 
 
 def _memory_format(x: Tensor) -> torch.memory_format:
@@ -191,24 +341,31 @@ def _memory_format(x: Tensor) -> torch.memory_format:
     return torch.channels_last if channels_last else torch.contiguous_format
 
 
-def _conv_backward(ctx, grad_y):
-    grad_y = grad_y.contiguous(memory_format=_memory_format(ctx.saved_tensors[0]))
-    return (*_layer_backward(ctx, masked_conv2d_backward, grad_y, *ctx.conv), *([None] * 8))
+def _conv_backward(backward_op):
+    def backward(ctx, grad_y):
+        grad_y = grad_y.contiguous(memory_format=_memory_format(ctx.saved_tensors[0]))
+        return (*_layer_backward(ctx, backward_op, grad_y, *ctx.conv), *([None] * 8))
+
+    return backward
 
 
-masked_conv2d.register_autograd(_conv_backward, setup_context=_conv_setup)
+_masked_conv2d_op.register_autograd(_conv_backward(masked_conv2d_backward), setup_context=_conv_setup)
+masked_conv2d = _layer_op(_masked_conv2d_op, _masked_conv2d, _conv_setup,
+                          _conv_backward(_backward_kernel("masked_conv2d_backward")))
 
 
 # ----------------------------------------------------------------------------- channel gate
 
 
-@torch.library.custom_op(f"{LIB}::channel_gate", mutates_args=())
-def channel_gate(x: Tensor, scores: Tensor, thr: Tensor, cut: Tensor, dim: int, estimator: str,
-                 temperature: float) -> Tensor:
+def _channel_gate(x: Tensor, scores: Tensor, thr: Tensor, cut: Tensor, dim: int, estimator: str,
+                  temperature: float) -> Tensor:
     return _kernel("channel_gate_forward", x)(x, scores, thr, cut, dim)
 
 
-@channel_gate.register_fake
+_channel_gate_op = torch.library.custom_op(f"{LIB}::channel_gate", _channel_gate, mutates_args=())
+
+
+@_channel_gate_op.register_fake
 def _(x, scores, thr, cut, dim, estimator, temperature):
     return torch.empty_like(x)
 
@@ -234,12 +391,17 @@ def _gate_setup(ctx, inputs, output):
     _forward_backend(ctx)
 
 
-def _gate_backward(ctx, grad_y):
-    x, scores, thr, cut = ctx.saved_tensors
-    needs = list(ctx.needs_input_grad[:2])
-    with _backward_backend(ctx):
-        gx, gs = channel_gate_backward(grad_y, x, scores, thr, cut, ctx.dim, ctx.estimator, ctx.temperature, needs)
-    return _or_none(gx, needs[0]), _or_none(gs, needs[1]), None, None, None, None, None
+def _gate_backward(backward_op):
+    def backward(ctx, grad_y):
+        x, scores, thr, cut = ctx.saved_tensors
+        needs = list(ctx.needs_input_grad[:2])
+        with _backward_backend(ctx):
+            gx, gs = backward_op(grad_y, x, scores, thr, cut, ctx.dim, ctx.estimator, ctx.temperature, needs)
+        return _or_none(gx, needs[0]), _or_none(gs, needs[1]), None, None, None, None, None
+
+    return backward
 
 
-channel_gate.register_autograd(_gate_backward, setup_context=_gate_setup)
+_channel_gate_op.register_autograd(_gate_backward(channel_gate_backward), setup_context=_gate_setup)
+channel_gate = _layer_op(_channel_gate_op, _channel_gate, _gate_setup,
+                         _gate_backward(_backward_kernel("channel_gate_backward")))

@@ -159,6 +159,36 @@ inline bool check_score_grad(const at::Tensor& grad_w_eff, const at::Tensor& wei
   return per_unit;
 }
 
+// A keep mask of a masked layer (the selection packed once, csrc/cpu/keep.cpp, csrc/cuda/keep.cu):
+// bool, of weight's shape or (out,), on weight's device; returns whether it is per output unit.
+inline bool check_keep_layer(const at::Tensor& weight, const at::Tensor& keep, const char* op,
+                             at::DeviceType device) {
+  check_float(weight, "weight", op, device);
+  check_device(keep, "keep", op, device);
+  check_same_device(keep, "keep", weight, "weight", op);
+  TORCH_CHECK(keep.scalar_type() == at::kBool, op, ": keep must be a bool tensor, got ", keep.scalar_type());
+  TORCH_CHECK(weight.dim() >= 1, op, ": weight must have at least one dimension, got shape ", weight.sizes());
+  const bool per_unit = keep.dim() == 1 && weight.dim() > 1 && keep.size(0) == weight.size(0);
+  TORCH_CHECK(per_unit || keep.sizes() == weight.sizes(), op, ": keep must have weight's shape ", weight.sizes(),
+              " or (", weight.size(0), ",), got ", keep.sizes());
+  return per_unit;
+}
+
+// keep_score_grad's operands: the layer and its keep mask, scores of keep's shape, grad_w_eff and
+// the estimator; returns per_unit.
+inline bool check_keep_score_grad(const at::Tensor& grad_w_eff, const at::Tensor& weight, const at::Tensor& scores,
+                                  const at::Tensor& keep, const std::string& estimator, double temperature,
+                                  const char* op, at::DeviceType device) {
+  const bool per_unit = check_keep_layer(weight, keep, op, device);
+  check_float(scores, "scores", op, device);
+  check_same_device(scores, "scores", weight, "weight", op);
+  TORCH_CHECK(scores.sizes() == keep.sizes(), op, ": scores must have keep's shape ", keep.sizes(), ", got ",
+              scores.sizes());
+  check_grad_w_eff(grad_w_eff, weight, op, device);
+  check_estimator(estimator, temperature, op);
+  return per_unit;
+}
+
 // A checked masked layer as the kernels index it: weight and scores contiguous, `rows` rows of
 // `row_len` weights (n in all), per_unit when the scores are one per row.
 struct LayerOperands {

@@ -22,6 +22,12 @@ TORCH_LIBRARY(bise_kernels_ext, m) {
   m.def(
       "masked_score_grad(Tensor(a!) grad_w_eff, Tensor weight, Tensor scores, Tensor thr, Tensor cut, "
       "str estimator, float temperature, bool need_scores, bool need_weight) -> Tensor");
+  // The same two passes with the selection packed once into a bool keep mask (of weight's shape or
+  // (out,)) that forward and backward read instead of the scores (csrc/cpu/masked.cpp, csrc/cuda/masked.cu).
+  m.def("keep_weight(Tensor weight, Tensor keep) -> Tensor");
+  m.def(
+      "keep_score_grad(Tensor(a!) grad_w_eff, Tensor weight, Tensor scores, Tensor keep, str estimator, "
+      "float temperature, bool need_scores, bool need_weight) -> Tensor");
   // Channel gate (csrc/cpu/gate.cpp, csrc/cuda/gate.cu): y = x * keep(scores[c]) along dim.
   m.def("channel_gate_forward(Tensor x, Tensor scores, Tensor thr, Tensor cut, int dim) -> Tensor");
   // (grad_x, grad_scores) in one pass over grad_y and x; an unneeded one comes back empty.

@@ -12,6 +12,8 @@ MKL/oneDNN on CPU, cuBLAS/cuDNN on GPU). The backward builds ``grad_x`` from a r
 then one fused pass (``masked_score_grad``) turning it into the score gradient and, only if
 needed, masking it in place into the weight gradient. At most one weight-sized temporary is alive
 at a time, nothing weight-sized is saved for backward, and nothing here waits for the device.
+The ``*_keep`` kernels are the same composition reading a bool keep mask (the selection packed once
+per step, ``keep_mask``) instead of the scores: ext ``keep_weight`` and ``keep_score_grad``.
 ``W_eff`` is a fresh tensor per call: the caching allocators hand the block just freed straight
 back, so a buffer kept here would save no allocation and add state.
 """
@@ -59,22 +61,46 @@ def _weight_grads(grad_w_eff, weight, scores, thr, cut, estimator, temperature, 
     return (grad_w_eff if need_w else None), (gs if need_s else None)
 
 
+def _keep_weight_grads(grad_w_eff, weight, scores, keep, estimator, temperature, need_w, need_s):
+    """:func:`_weight_grads` with the selection packed into ``keep``."""
+    grad_w_eff = grad_w_eff.contiguous()
+    gs = _ext.keep_score_grad(grad_w_eff, weight, scores, keep, estimator, float(temperature), need_s, need_w)
+    return (grad_w_eff if need_w else None), (gs if need_s else None)
+
+
 def masked_linear_forward(x, weight, bias, scores, thr, cut):
     return F.linear(x, _ext.masked_weight(weight, scores, thr, cut), bias)
 
 
-def masked_linear_backward(grad_y, x, weight, scores, thr, cut, estimator, temperature, needs):
+def _linear_backward(grad_y, x, needs, w_eff, weight_grads):
+    """The backward of both masked linears: ``w_eff()`` builds W_eff for grad_x, ``weight_grads(grad_W_eff,
+    need_w, need_s)`` makes the weight and score gradients in one fused pass."""
     need_x, need_w, need_b, need_s = needs
     gx = gw = gb = gs = None
     if need_x:
-        gx = grad_y @ _ext.masked_weight(weight, scores, thr, cut)
+        gx = grad_y @ w_eff()
     g2 = grad_y.reshape(-1, grad_y.shape[-1])
     if need_w or need_s:
-        grad_w_eff = g2.t() @ x.reshape(-1, x.shape[-1])
-        gw, gs = _weight_grads(grad_w_eff, weight, scores, thr, cut, estimator, temperature, need_w, need_s)
+        gw, gs = weight_grads(g2.t() @ x.reshape(-1, x.shape[-1]), need_w, need_s)
     if need_b:
         gb = g2.sum(0)
     return gx, gw, gb, gs
+
+
+def masked_linear_backward(grad_y, x, weight, scores, thr, cut, estimator, temperature, needs):
+    return _linear_backward(
+        grad_y, x, needs, lambda: _ext.masked_weight(weight, scores, thr, cut),
+        lambda g, need_w, need_s: _weight_grads(g, weight, scores, thr, cut, estimator, temperature, need_w, need_s))
+
+
+def masked_linear_keep_forward(x, weight, bias, keep):
+    return F.linear(x, _ext.keep_weight(weight, keep), bias)
+
+
+def masked_linear_keep_backward(grad_y, x, weight, scores, keep, estimator, temperature, needs):
+    return _linear_backward(
+        grad_y, x, needs, lambda: _ext.keep_weight(weight, keep),
+        lambda g, need_w, need_s: _keep_weight_grads(g, weight, scores, keep, estimator, temperature, need_w, need_s))
 
 
 def masked_conv2d_forward(x, weight, bias, scores, thr, cut, stride, padding, dilation, groups):

@@ -27,6 +27,12 @@ Kernels (a backend implements any subset; the registry falls back for the rest):
   compute) and return ``None`` for the others. The score gradient is the straight-through
   estimate ``dL/dW_eff * W * slope(scores)`` (masked layers) or
   ``sum(dL/dy * x over all but dim) * slope`` (channel gate), see :func:`score_slope`.
+* ``masked_linear_keep_forward(x, weight, bias, keep)`` /
+  ``masked_linear_keep_backward(grad_y, x, weight, scores, keep, estimator, temperature, needs)``:
+  masked linear with the selection packed once into ``keep = keep_mask(scores, thr, cut)`` (bool,
+  of the scores' shape: 1 byte per weight, or per unit), which both passes read instead of the
+  scores; the scores only give the slope. By definition the selection path is the keep path
+  with that mask.
 """
 
 from __future__ import annotations
@@ -104,9 +110,13 @@ def _broadcast_unit(values: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     return values.reshape(values.shape + (1,) * (like.dim() - 1))
 
 
+def _kept_weight(weight, keep):
+    return weight * _broadcast_unit(keep, weight).to(weight.dtype)
+
+
 def _effective_weight(weight, scores, thr, cut):
     mask = keep_mask(scores, thr, cut)
-    return weight * _broadcast_unit(mask, weight).to(weight.dtype), mask
+    return _kept_weight(weight, mask), mask
 
 
 def _score_grad(grad_w_eff, weight, scores, estimator, temperature):
@@ -122,13 +132,21 @@ def _score_grad(grad_w_eff, weight, scores, estimator, temperature):
 
 
 def masked_linear_forward(x, weight, bias, scores, thr, cut):
-    w_eff, _ = _effective_weight(weight, scores, thr, cut)
-    return F.linear(x, w_eff, bias)
+    return masked_linear_keep_forward(x, weight, bias, keep_mask(scores, thr, cut))
 
 
 def masked_linear_backward(grad_y, x, weight, scores, thr, cut, estimator, temperature, needs):
+    return masked_linear_keep_backward(grad_y, x, weight, scores, keep_mask(scores, thr, cut), estimator,
+                                       temperature, needs)
+
+
+def masked_linear_keep_forward(x, weight, bias, keep):
+    return F.linear(x, _kept_weight(weight, keep), bias)
+
+
+def masked_linear_keep_backward(grad_y, x, weight, scores, keep, estimator, temperature, needs):
     need_x, need_w, need_b, need_s = needs
-    w_eff, mask = _effective_weight(weight, scores, thr, cut)
+    w_eff, mask = _kept_weight(weight, keep), keep
     gx = grad_y @ w_eff if need_x else None
     gw = gs = gb = None
     if need_w or need_s:
@@ -203,6 +221,8 @@ SELECT_KERNELS = ("topk_select", "batched_topk_select", "keep_mask")
 MASKED_KERNELS = (
     "masked_linear_forward",
     "masked_linear_backward",
+    "masked_linear_keep_forward",
+    "masked_linear_keep_backward",
     "masked_conv2d_forward",
     "masked_conv2d_backward",
     "channel_gate_forward",

@@ -1,5 +1,6 @@
 """What every masked module shares: learnable scores, the keep rule (density or threshold), the
-gradient estimator, and the selection ``(thr, cut)`` cached until the scores change."""
+gradient estimator, and the selection ``(thr, cut)`` (and, on demand, its packed keep mask) cached
+until the scores change."""
 
 from __future__ import annotations
 
@@ -27,6 +28,7 @@ class ScoredModule(nn.Module):
         self.temperature = float(temperature)
         self.scores = nn.Parameter(scores)
         self._cache: Optional[tuple] = None
+        self._keep_cache: Optional[tuple] = None
 
     def selection(self) -> tuple[Tensor, Tensor]:
         """``(thr, cut)`` of the current scores; recomputed only when the scores change.
@@ -40,6 +42,17 @@ class ScoredModule(nn.Module):
             hint = self._cache[1][0] if self._cache is not None and self.density is not None else None
             self._cache = (key, selection(self.scores, self.density, self.threshold, hint=hint))
         return self._cache[1]
+
+    def keep(self) -> Tensor:
+        """The selection packed into a bool keep mask (the scores' shape, 1 byte per score), computed
+        once per selection and reused until the scores change (not part of the state dict)."""
+        thr, cut = self.selection()
+        if torch.compiler.is_compiling():
+            return _ops.keep_mask(self.scores.detach(), thr, cut, 0)
+        cached = self._keep_cache
+        if cached is None or cached[0] is not thr or cached[1] is not cut:
+            cached = self._keep_cache = (thr, cut, _ops.keep_mask(self.scores.detach(), thr, cut, 0))
+        return cached[2]
 
     def mask(self) -> Tensor:
         """The current binary mask (of the scores' shape)."""

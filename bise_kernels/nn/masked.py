@@ -12,6 +12,20 @@ from .. import _ops
 from ._scored import ScoredModule
 
 GRANULARITIES = ("weight", "channel")
+MASK_MODES = ("auto", "selection", "keep")
+"""How a MaskedLinear hands its mask to the op: "selection" (the kernels re-evaluate the keep rule on
+the scores in every pass), "keep" (the selection packed once per step into a bool mask that forward
+and backward read: ``masked_linear_keep``), or "auto" (per device, :data:`KEEP_BY_DEFAULT`)."""
+
+KEEP_BY_DEFAULT = {"cpu": False, "cuda": False}
+""""auto" mask mode per device type. CUDA: "selection" until a committed GPU measurement shows the
+packed mask faster (benchmarks/bench_masked_gpu.py times both). CPU: see docs/masked_cpu.md."""
+
+
+def _check_mask_mode(mode: str) -> str:
+    if mode not in MASK_MODES:
+        raise ValueError(f"mask_mode must be one of {MASK_MODES}, got {mode!r}")
+    return mode
 
 
 def _check_granularity(granularity: str) -> str:
@@ -94,13 +108,30 @@ class _MaskedLayer(ScoredModule):
 
 
 class MaskedLinear(nn.Linear, _MaskedLayer):
-    """nn.Linear whose weight is masked by top-k (density) or thresholded learnable scores."""
+    """nn.Linear whose weight is masked by top-k (density) or thresholded learnable scores.
+
+    ``mask_mode`` (:data:`MASK_MODES`, settable later) picks how the mask reaches the op.
+    """
 
     def __init__(self, in_features: int, out_features: int, bias: bool = True, *, granularity: str = "weight",
                  density: Optional[float] = None, threshold: Optional[float] = None, estimator: str = "ste",
-                 temperature: float = 1.0, score_init: Union[str, float] = "kaiming", device=None, dtype=None):
+                 temperature: float = 1.0, score_init: Union[str, float] = "kaiming", mask_mode: str = "auto",
+                 device=None, dtype=None):
         super().__init__(in_features, out_features, bias, device=device, dtype=dtype)
         self._init_mask(granularity, density, threshold, estimator, temperature, score_init)
+        self.mask_mode = mask_mode
+
+    @property
+    def mask_mode(self) -> str:
+        return self.__dict__.get("_mask_mode", "auto")  # "auto" for layers built by from_dense
+
+    @mask_mode.setter
+    def mask_mode(self, mode: str) -> None:
+        self.__dict__["_mask_mode"] = _check_mask_mode(mode)
+
+    def _uses_keep(self, x: Tensor) -> bool:
+        mode = self.mask_mode
+        return mode == "keep" or (mode == "auto" and KEEP_BY_DEFAULT.get(x.device.type, False))
 
     @classmethod
     def from_dense(cls, module: nn.Linear, granularity: str = "weight", *, density: Optional[float] = None,
@@ -116,6 +147,9 @@ class MaskedLinear(nn.Linear, _MaskedLayer):
         return nn.Linear.extra_repr(self) + self._mask_repr()
 
     def forward(self, x: Tensor) -> Tensor:
+        if self._uses_keep(x):
+            return _ops.masked_linear_keep(x, self.weight, self.bias, self.scores, self.keep(), self.estimator,
+                                           self.temperature)
         thr, cut = self.selection()
         return _ops.masked_linear(x, self.weight, self.bias, self.scores, thr, cut, self.estimator, self.temperature)
 

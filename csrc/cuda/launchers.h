@@ -23,6 +23,15 @@ cudaError_t bise_score_grad(void* grad_w_eff, const void* weight, const void* sc
                             const int64_t* cut, int sigmoid, double temperature, int need_scores, int need_weight,
                             cudaStream_t stream);
 
+// The two passes above with a bool keep mask (of weight's shape, or one per row when per_unit)
+// in place of the selection; scores only give the slope of keep_score_grad.
+cudaError_t bise_keep_weight(const void* weight, const bool* keep, void* out, int64_t n, int64_t row_len,
+                             int per_unit, int w_dtype, cudaStream_t stream);
+cudaError_t bise_keep_score_grad(void* grad_w_eff, const void* weight, const void* scores, const bool* keep,
+                                 void* grad_scores, int64_t n, int64_t row_len, int per_unit, int w_dtype,
+                                 int s_dtype, int sigmoid, double temperature, int need_scores, int need_weight,
+                                 cudaStream_t stream);
+
 // y = x * keep(scores[c]) over x viewed as (outer, channels, inner) in memory order.
 cudaError_t bise_gate_forward(const void* x, void* y, const void* scores, int64_t outer, int64_t channels,
                               int64_t inner, int x_dtype, int s_dtype, const void* thr, const int64_t* cut,

@@ -1,5 +1,5 @@
-// CUDA implementations of masked_weight, masked_score_grad, channel_gate_forward and
-// channel_gate_backward (backend "cuda"; schemas in csrc/library.cpp): argument checks and
+// CUDA implementations of masked_weight, masked_score_grad, keep_weight, keep_score_grad,
+// channel_gate_forward and channel_gate_backward (backend "cuda"; schemas in csrc/library.cpp): argument checks and
 // layouts shared with the CPU implementations (csrc/checks.h), kernels in masked.cu / gate.cu
 // through launchers.h, on the current stream, with no host sync. The dense GEMM/conv
 // (cuBLAS/cuDNN) is ATen, called by bise_kernels/backends/native.py. Compiled only WITH_CUDA.
@@ -62,6 +62,39 @@ at::Tensor masked_score_grad_cuda(const at::Tensor& grad_w_eff, const at::Tensor
   return gs;
 }
 
+at::Tensor keep_weight_cuda(const at::Tensor& weight, const at::Tensor& keep) {
+  constexpr const char* op = "bise_kernels_ext::keep_weight";
+  const auto [w, k, per_unit, n, rows, row_len] =
+      bise_checks::layer_operands(weight, keep, bise_checks::check_keep_layer(weight, keep, op, at::kCUDA));
+  const c10::cuda::CUDAGuard guard(weight.device());
+  at::Tensor out = at::empty_like(w, at::MemoryFormat::Contiguous);
+  check_launch(bise_keep_weight(w.const_data_ptr(), k.const_data_ptr<bool>(), out.data_ptr(), n, row_len, per_unit,
+                                dtype_code(w.scalar_type()), stream()),
+               op);
+  return out;
+}
+
+at::Tensor keep_score_grad_cuda(const at::Tensor& grad_w_eff, const at::Tensor& weight, const at::Tensor& scores,
+                                const at::Tensor& keep, std::string estimator, double temperature, bool need_scores,
+                                bool need_weight) {
+  constexpr const char* op = "bise_kernels_ext::keep_score_grad";
+  const bool per_unit =
+      bise_checks::check_keep_score_grad(grad_w_eff, weight, scores, keep, estimator, temperature, op, at::kCUDA);
+  const auto [w, s, unit, n, rows, row_len] = bise_checks::layer_operands(weight, scores, per_unit);
+  const at::Tensor k = keep.contiguous();
+  const c10::cuda::CUDAGuard guard(weight.device());
+  // No weights (n == 0): the kernels do not run, and every score gradient is a sum of nothing.
+  at::Tensor gs = !need_scores ? at::empty({0}, s.options())
+                  : n == 0     ? at::zeros_like(s, at::MemoryFormat::Contiguous)
+                               : at::empty_like(s, at::MemoryFormat::Contiguous);
+  check_launch(bise_keep_score_grad(grad_w_eff.data_ptr(), w.const_data_ptr(), s.const_data_ptr(),
+                                    k.const_data_ptr<bool>(), need_scores ? gs.data_ptr() : nullptr, n, row_len,
+                                    per_unit, dtype_code(w.scalar_type()), dtype_code(s.scalar_type()),
+                                    estimator == "sigmoid", temperature, need_scores, need_weight, stream()),
+               op);
+  return gs;
+}
+
 void launch_gate_forward(const at::Tensor& in, at::Tensor& out, const at::Tensor& s, const GateLayout& L,
                          const at::Tensor& thr, const at::Tensor& cut, const char* op) {
   check_launch(bise_gate_forward(in.const_data_ptr(), out.data_ptr(), s.const_data_ptr(), L.outer, L.channels,
@@ -110,6 +143,8 @@ std::tuple<at::Tensor, at::Tensor> channel_gate_backward_cuda(const at::Tensor& 
 TORCH_LIBRARY_IMPL(bise_kernels_ext, CUDA, m) {
   m.impl("masked_weight", &bise_cuda_binding::masked_weight_cuda);
   m.impl("masked_score_grad", &bise_cuda_binding::masked_score_grad_cuda);
+  m.impl("keep_weight", &bise_cuda_binding::keep_weight_cuda);
+  m.impl("keep_score_grad", &bise_cuda_binding::keep_score_grad_cuda);
   m.impl("channel_gate_forward", &bise_cuda_binding::channel_gate_forward_cuda);
   m.impl("channel_gate_backward", &bise_cuda_binding::channel_gate_backward_cuda);
 }

@@ -82,7 +82,7 @@ _TUNING_FACTS = """
 import json, triton
 from bise_kernels.backends.triton import _common, masked_linear
 facts = {"autotune": _common.AUTOTUNE, "kernels": {}}
-for name in ("_masked_mm_kernel", "_masked_wgrad_kernel"):
+for name in ("_masked_mm_kernel", "_small_m_mm_kernel", "_masked_wgrad_kernel"):
     k = getattr(masked_linear, name)
     facts["kernels"][name] = {"type": type(k).__name__, "keys": getattr(k, "keys", None),
                               "configs": len(getattr(k, "configs", []))}
@@ -139,3 +139,42 @@ def test_size_buckets_are_powers_of_two():
     kept = prune_matmul_configs(configs, {"ROWS_BUCKET": 64, "COLS_BUCKET": 4096})
     assert [c.kwargs["BLOCK_M"] for c in kept] == [64, 16]
     assert prune_matmul_configs(configs, {"ROWS_BUCKET": 16, "COLS_BUCKET": 16}) == configs[-1:]
+
+
+# ----------------------------------------------------------------------------- sm_90 compile
+
+_COMPILE_SMALL_M_FOR_SM90 = """
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+from bise_kernels.backends.triton import _common, masked_linear as L
+
+for dtype, tl_dtype, size in (("bf16", "bf16", 2), ("fp16", "fp16", 2), ("fp32", "fp32", 4)):
+    for tile in _common.SMALL_M_TILES:
+        config = _common._config(tile, size)
+        types = dict(a_ptr=f"*{tl_dtype}", w_ptr=f"*{tl_dtype}", s_ptr="*u8", bias_ptr=f"*{tl_dtype}",
+                     c_ptr=f"*{tl_dtype}", thr_ptr="*u8", cut_ptr="*i64", ROWS="i32", COLS="i32", LOOP="i32",
+                     ROWS_BUCKET="i32", COLS_BUCKET="i32", LOOP_BUCKET="i32", row_len="i32",
+                     **{f"stride_{n}": "i32" for n in ("am", "al", "wu", "wr", "su", "sr", "cm", "cn")})
+        consts = dict(UNIT_ON_COLS=True, STRUCTURED=False, HAS_BIAS=True, UPCAST=False,
+                      PRECISION="ieee" if dtype == "fp32" else "tf32", ACC=triton.language.float32,
+                      **config.kwargs)
+        sig = dict(types, **{name: "constexpr" for name in consts})
+        triton.compile(ASTSource(fn=L._masked_mm_body, signature=sig, constexprs=consts),
+                       target=GPUTarget("cuda", 90, 32),
+                       options={"num_warps": config.num_warps, "num_stages": config.num_stages})
+print("compiled")
+"""
+
+
+@pytest.mark.slow
+def test_small_m_keep_tiles_compile_for_hopper_without_a_gpu():
+    """The packed-mask forward's small-M tiles (uint8 mask operand) compile to a sm_90 cubin, no driver needed."""
+    import os
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    done = subprocess.run([sys.executable, "-c", _COMPILE_SMALL_M_FOR_SM90], env=env, capture_output=True, text=True,
+                          timeout=600)
+    assert done.returncode == 0 and "compiled" in done.stdout, done.stderr[-3000:]

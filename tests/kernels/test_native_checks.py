@@ -71,6 +71,17 @@ def _grad_args(d, **over):
             True, True)
 
 
+def _keep(d, *shape):
+    return torch.ones(shape or (3, 4), dtype=torch.bool, device=d)
+
+
+def _keep_grad_args(d, **over):
+    args = dict(grad=_t(3, 4, device=d), w=_t(3, 4, device=d), s=_t(3, 4, device=d), keep=_keep(d), estimator="ste",
+                temperature=1.0)
+    args.update(over)
+    return (args["grad"], args["w"], args["s"], args["keep"], args["estimator"], args["temperature"], True, True)
+
+
 def _gate_args(d, **over):
     args = dict(x=_t(2, 5, 3, device=d), s=_t(5, device=d), thr=_sel(d)[0], cut=_sel(d)[1], dim=1)
     args.update(over)
@@ -161,6 +172,31 @@ CASES = {
                                        "temperature must be a positive finite float"),
     "score_grad_weight_other_device": Case("masked_score_grad", lambda d, o: _grad_args(d, w=_t(3, 4, device=o)),
                                            "weight must be a {device} tensor"),
+    # ------------------------------------------------------------------ keep_weight
+    "keep_weight_other_device": Case("keep_weight", lambda d, o: (_t(3, 4, device=d), _keep(o)),
+                                     "keep must be a {device} tensor"),
+    "keep_weight_float_keep": Case("keep_weight", lambda d, o: (_t(3, 4, device=d), _t(3, 4, device=d)),
+                                   "keep must be a bool tensor, got Float"),
+    "keep_weight_shape": Case("keep_weight", lambda d, o: (_t(3, 4, device=d), _keep(d, 4, 3)),
+                              r"keep must have weight's shape \[3, 4\] or \(3,\), got \[4, 3\]"),
+    "keep_weight_int": Case("keep_weight", lambda d, o: (torch.ones(3, 4, dtype=torch.int32, device=d), _keep(d)),
+                            "weight must be float32/float64/float16/bfloat16"),
+    "keep_weight_scalar": Case("keep_weight", lambda d, o: (_t(device=d), _keep(d, 1)),
+                               "weight must have at least one dimension"),
+    # ------------------------------------------------------------------ keep_score_grad
+    "keep_grad_other_device": Case("keep_score_grad", lambda d, o: _keep_grad_args(d, grad=_t(3, 4, device=o)),
+                                   "grad_w_eff must be a {device} tensor"),
+    "keep_grad_strides": Case("keep_score_grad", lambda d, o: _keep_grad_args(d, grad=_t(4, 3, device=d).t()),
+                              "grad_w_eff must be contiguous"),
+    "keep_grad_scores_shape": Case("keep_score_grad", lambda d, o: _keep_grad_args(d, s=_t(3, device=d)),
+                                   r"scores must have keep's shape \[3, 4\], got \[3\]"),
+    "keep_grad_scores_other_device": Case("keep_score_grad", lambda d, o: _keep_grad_args(d, s=_t(3, 4, device=o)),
+                                          "scores must be a {device} tensor"),
+    "keep_grad_keep_dtype": Case("keep_score_grad",
+                                 lambda d, o: _keep_grad_args(d, keep=torch.ones(3, 4, dtype=torch.uint8, device=d)),
+                                 "keep must be a bool tensor, got Byte"),
+    "keep_grad_estimator": Case("keep_score_grad", lambda d, o: _keep_grad_args(d, estimator="hard"),
+                                "estimator must be 'ste' or 'sigmoid'"),
     # ------------------------------------------------------------------ channel_gate_forward
     "gate_other_device": Case("channel_gate_forward", lambda d, o: _gate_args(d, x=_t(2, 5, 3, device=o)),
                               "x must be a {device} tensor"),
@@ -212,7 +248,7 @@ def test_bad_input_names_the_argument_cpu(case):
 def test_every_op_has_bad_input_cases():
     ops = {c.op for c in CASES.values()}
     assert ops == {"topk_select", "batched_topk_select", "keep_mask", "masked_weight", "masked_score_grad",
-                   "channel_gate_forward", "channel_gate_backward"}
+                   "keep_weight", "keep_score_grad", "channel_gate_forward", "channel_gate_backward"}
 
 
 # ----------------------------------------------------------------------------- valid but unusual input
@@ -232,6 +268,11 @@ def _odd_layouts(device):
     # no weights per unit: every score gradient is a sum of nothing
     w0, g0, s0 = _t(3, 0, device=device), _t(3, 0, device=device), _t(3, device=device)
     yield "masked_score_grad", (g0, w0, s0, thr, cut, "ste", 1.0, True, True), torch.zeros(3, device=device)
+    kw = R.keep_mask(s, thr, cut)  # non-contiguous like s
+    yield "keep_weight", (w, kw), (w * kw).contiguous()
+    yield "keep_weight", (w, R.keep_mask(su, thr_u, cut_u)), w * R.keep_mask(su, thr_u, cut_u)[:, None]
+    yield "keep_score_grad", (g0, w0, s0, torch.ones(3, dtype=torch.bool, device=device), "ste", 1.0, True, True), \
+        torch.zeros(3, device=device)
     x = _t(2, 5, 4, 3, device=device).permute(0, 1, 3, 2)  # neither contiguous nor channels_last
     sg = _t(5, device=device)
     thr_g, cut_g = R.topk_select([sg], 2)

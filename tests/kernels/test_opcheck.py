@@ -48,6 +48,11 @@ def _cases():
         "masked_linear_structured": (OPS.masked_linear, (x, w, None, sc, thr, all_ties, "sigmoid", 0.7)),
         "masked_linear_backward": (OPS.masked_linear_backward, (
             _t(3, 6, seed=12), x.detach(), w.detach(), scores, thr, cut, "sigmoid", 0.5, [True, True, True, True])),
+        "masked_linear_keep": (OPS.masked_linear_keep, (x, w, b, s, bk.backends.reference.keep_mask(scores, thr, cut),
+                                                        "sigmoid", 0.7)),
+        "masked_linear_keep_structured": (OPS.masked_linear_keep, (x, w, None, sc, sc.detach() > 0, "ste", 1.0)),
+        "masked_linear_keep_backward": (OPS.masked_linear_keep_backward, (
+            _t(3, 6, seed=12), x.detach(), w.detach(), scores, scores > 0, "sigmoid", 0.5, [True, True, True, True])),
         "masked_conv2d": (OPS.masked_conv2d, (xc, wc, bc, sc, thr, all_ties, *conv, "sigmoid", 0.5)),
         "masked_conv2d_backward": (OPS.masked_conv2d_backward, (
             gy_c, xc.detach(), wc.detach(), sc.detach(), thr, cut, *conv, "ste", 1.0, [True, False, True, True])),
@@ -69,13 +74,17 @@ def test_every_public_op_has_a_case():
 def _kernel_name(op) -> str:
     """The registry's kernel behind an op (forward ops run ``<op>_forward``)."""
     name = op._qualified_op_name.split("::")[1]
-    return name + "_forward" if name in ("masked_linear", "masked_conv2d", "channel_gate") else name
+    return name + "_forward" if name in ("masked_linear", "masked_linear_keep", "masked_conv2d", "channel_gate") \
+        else name
 
 
 @pytest.mark.parametrize("case", CASES)
 def test_opcheck(backend, case):
     op, args = _cases()[case]
-    assert backends.resolve(_kernel_name(op), "cpu")[0] == backend  # the backend under test runs the op
+    kernel = _kernel_name(op)
+    if not backends.BACKENDS[backend].supports(kernel):
+        pytest.skip(f"backend {backend!r} has no {kernel} kernel")
+    assert backends.resolve(kernel, "cpu")[0] == backend  # the backend under test runs the op
     torch.library.opcheck(op, args)
 
 
@@ -121,3 +130,52 @@ def test_export_of_a_masked_model_matches_eager(backend):
             "bise_kernels.masked_linear.default", "bise_kernels.channel_gate.default"} <= targets
     x2 = torch.randn(2, 3, 5, 5)
     torch.testing.assert_close(program.module()(x2), net(x2), rtol=0, atol=0)
+
+
+# ----------------------------------------------------------------------------- the eager path
+
+
+def _layer_calls():
+    """(name, callable of bise_kernels._ops, arguments) of each layer op, from the opcheck cases."""
+    cases = _cases()
+    for name in ("masked_linear", "masked_linear_structured", "masked_linear_keep", "masked_conv2d", "channel_gate"):
+        op, args = cases[name]
+        yield name, getattr(bk._ops, op._qualified_op_name.split("::")[1]), args
+
+
+@pytest.mark.parametrize("name", [name for name, _, _ in _layer_calls()])
+def test_eager_path_equals_the_custom_op(backend, name):
+    """In plain eager mode the layer ops skip the custom-op dispatch: same output and gradients, to the bit."""
+    call, args = next((c, a) for n, c, a in _layer_calls() if n == name)
+    leaves = [a for a in args if isinstance(a, torch.Tensor) and a.requires_grad]
+    results = []
+    for fn in (call, call.op):
+        y = fn(*args)
+        results.append((y, *torch.autograd.grad(y.square().sum(), leaves)))
+    for got, want in zip(*results):
+        torch.testing.assert_close(got, want, rtol=0, atol=0)
+
+
+def _dispatched_ops(fn) -> set[str]:
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    seen = set()
+
+    class Record(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            seen.add(str(func))
+            return func(*args, **(kwargs or {}))
+
+    with Record():
+        fn()
+    return seen
+
+
+def test_eager_path_is_plain_eager_only():
+    """Under a dispatch mode (as in tracing) the custom op runs; in plain eager it does not."""
+    _, call, args = next(_layer_calls())
+    assert "bise_kernels.masked_linear.default" in _dispatched_ops(lambda: call(*args))
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        call(*args).sum().backward()
+    names = {e.name for e in prof.events()}
+    assert not {"bise_kernels::masked_linear", "bise_kernels::masked_linear_backward"} & names, names

@@ -114,6 +114,16 @@ MATMUL_TILES = (  # (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages) for 16-bi
 )
 
 
+SMALL_M_TILES = (  # the packed-mask forward at M <= SMALL_M: the weight and its mask are streamed once
+    (64, 64, 128, 4, 3),  # M 64-256: 4 row tiles share each weight tile through L2
+    (32, 64, 128, 4, 4),
+    (16, 32, 256, 4, 4),  # M <= 16: a 4096-row weight spreads over 128 programs, one per SM of an H100/H200
+    (16, 64, 128, 4, 4),
+)
+SMALL_M = 256
+"""Rows (M) up to which the packed-mask forward takes :data:`SMALL_M_TILES` (unmeasured on a GPU)."""
+
+
 def size_bucket(n: int) -> int:
     """The autotune key of a GEMM size: the next power of two, at least 16."""
     return max(16, triton.next_power_of_2(int(n)))
@@ -126,10 +136,10 @@ def _config(tile: tuple[int, ...], element_size: int = 2) -> triton.Config:
                          num_warps=warps, num_stages=stages)
 
 
-def matmul_configs() -> list[triton.Config]:
+def matmul_configs(tiles: tuple = MATMUL_TILES) -> list[triton.Config]:
     """The autotune list (one per tile; tiles too large for 4/8-byte operands fail to compile and
     are skipped by the autotuner)."""
-    return [_config(tile) for tile in MATMUL_TILES]
+    return [_config(tile) for tile in tiles]
 
 
 def _fits(tile_m: int, tile_n: int, rows_bucket: int, cols_bucket: int) -> bool:
@@ -144,30 +154,31 @@ def prune_matmul_configs(configs, named_args, **kwargs):
 
 
 @functools.lru_cache(maxsize=None)
-def heuristic_config(rows_bucket: int, cols_bucket: int, element_size: int) -> triton.Config:
-    """The one tile of a shape bucket without autotuning: the largest that fits (32^3 under the
-    interpreter, where tile size only costs time)."""
+def heuristic_config(rows_bucket: int, cols_bucket: int, element_size: int,
+                     tiles: tuple = MATMUL_TILES) -> triton.Config:
+    """The one tile of a shape bucket without autotuning: the first of ``tiles`` that fits (32^3
+    under the interpreter, where tile size only costs time)."""
     if INTERPRET:
         return triton.Config({"BLOCK_M": 32, "BLOCK_N": 32, "BLOCK_K": 32, "GROUP_M": 8}, num_warps=4, num_stages=1)
-    tile = next((t for t in MATMUL_TILES if _fits(t[0], t[1], rows_bucket, cols_bucket)), MATMUL_TILES[-1])
+    tile = next((t for t in tiles if _fits(t[0], t[1], rows_bucket, cols_bucket)), tiles[-1])
     return _config(tile, element_size)
 
 
-def _heuristic(name: str, args: dict):
+def _heuristic(name: str, tiles: tuple, args: dict):
     operand = next(v for v in args.values() if isinstance(v, torch.Tensor))
-    config = heuristic_config(args["ROWS_BUCKET"], args["COLS_BUCKET"], operand.element_size())
+    config = heuristic_config(args["ROWS_BUCKET"], args["COLS_BUCKET"], operand.element_size(), tiles)
     return config.all_kwargs()[name]
 
 
-def matmul_tuning(key: list[str], reset_to_zero: list[str] | None = None):
+def matmul_tuning(key: list[str], reset_to_zero: list[str] | None = None, tiles: tuple = MATMUL_TILES):
     """Decorator of a GEMM kernel with ``ROWS_BUCKET`` / ``COLS_BUCKET`` / ``LOOP_BUCKET`` arguments
-    (:func:`size_bucket` of its sizes): autotuned over :func:`matmul_configs` keyed on ``key``, or,
-    without :data:`AUTOTUNE`, one :func:`heuristic_config` per bucket."""
+    (:func:`size_bucket` of its sizes): autotuned over :func:`matmul_configs` of ``tiles`` keyed on
+    ``key``, or, without :data:`AUTOTUNE`, one :func:`heuristic_config` per bucket."""
     if AUTOTUNE:
-        return triton.autotune(configs=matmul_configs(), key=key, reset_to_zero=reset_to_zero,
+        return triton.autotune(configs=matmul_configs(tiles), key=key, reset_to_zero=reset_to_zero,
                                prune_configs_by={"early_config_prune": prune_matmul_configs})
     names = ("BLOCK_M", "BLOCK_N", "BLOCK_K", "GROUP_M", "num_warps", "num_stages")
-    return triton.heuristics({name: functools.partial(_heuristic, name) for name in names})
+    return triton.heuristics({name: functools.partial(_heuristic, name, tiles) for name in names})
 
 
 def dot_options(dtype: torch.dtype) -> dict:

@@ -7,6 +7,11 @@
 * wgrad ``G = grad_y^T @ x`` never leaves the registers: its epilogue writes ``G * M`` (only
   when the weight gradient is needed) and ``G * W * slope`` (the score gradient; per output
   unit summed with atomics for structured scores). The bias gradient is summed on the way.
+* the packed-mask forward ``x @ (W*keep)^T + b`` is the same kernel reading the bool keep mask
+  as uint8 "scores" under the rule ``s > 0`` (thr = cut = 0): a weight costs its own bytes plus
+  one, which is what the small-M (memory-bound) regime pays for; up to ``SMALL_M`` rows it runs
+  with the small-M tiles (``_small_m_mm_kernel``). Its backward has no Triton kernel (the
+  registry takes the next backend's).
 W*M is never written to memory. Semantics: ``backends/reference.py``.
 """
 
@@ -18,16 +23,15 @@ import triton.language as tl
 
 from ... import _checks
 from ._common import (
-    accumulation_dtype, check_backward_args, check_device, dot_options, grouped_tile, keep, matmul_tuning,
-    score_grad_buffer, score_grad_epilogue, size_bucket, tie_limit,
+    SMALL_M, SMALL_M_TILES, accumulation_dtype, check_backward_args, check_device, dot_options, grouped_tile, keep,
+    matmul_tuning, score_grad_buffer, score_grad_epilogue, size_bucket, tie_limit,
 )
 
-KERNELS = ("masked_linear_forward", "masked_linear_backward")
+KERNELS = ("masked_linear_forward", "masked_linear_backward", "masked_linear_keep_forward")
 
 
-@matmul_tuning(key=["ROWS_BUCKET", "COLS_BUCKET", "LOOP_BUCKET", "UNIT_ON_COLS", "STRUCTURED"])
 @triton.jit
-def _masked_mm_kernel(
+def _masked_mm_body(
     a_ptr, w_ptr, s_ptr, bias_ptr, c_ptr, thr_ptr, cut_ptr,
     ROWS, COLS, LOOP, ROWS_BUCKET, COLS_BUCKET, LOOP_BUCKET, row_len,
     stride_am, stride_al, stride_wu, stride_wr, stride_su, stride_sr, stride_cm, stride_cn,
@@ -85,6 +89,12 @@ def _masked_mm_kernel(
         acc += tl.load(bias_ptr + offs_n, mask=n_ok, other=0).to(ACC)[None, :]
     c = acc.to(c_ptr.dtype.element_ty)
     tl.store(c_ptr + offs_m[:, None] * stride_cm + offs_n[None, :] * stride_cn, c, mask=m_ok[:, None] & n_ok[None, :])
+
+
+_MM_KEY = ["ROWS_BUCKET", "COLS_BUCKET", "LOOP_BUCKET", "UNIT_ON_COLS", "STRUCTURED"]
+_masked_mm_kernel = matmul_tuning(key=_MM_KEY)(_masked_mm_body)
+_small_m_mm_kernel = matmul_tuning(key=_MM_KEY, tiles=SMALL_M_TILES)(_masked_mm_body)
+"""The same GEMM with the small-M tiles: the packed-mask forward for M <= SMALL_M (``_common``)."""
 
 
 @matmul_tuning(key=["ROWS_BUCKET", "COLS_BUCKET", "LOOP_BUCKET", "STRUCTURED", "NEED_W", "NEED_S"],
@@ -146,7 +156,7 @@ def _mm_grid(rows: int, cols: int):
     return lambda meta: (triton.cdiv(rows, meta["BLOCK_M"]) * triton.cdiv(cols, meta["BLOCK_N"]),)
 
 
-def _masked_mm(a, weight, scores, structured, bias, thr, cut, unit_on_cols):
+def _masked_mm(a, weight, scores, structured, bias, thr, cut, unit_on_cols, kernel=_masked_mm_kernel):
     """``a @ W_eff^T + bias`` (unit_on_cols) or ``a @ W_eff``, for a 2-d ``a``."""
     rows, loop = a.shape
     units, row_len = weight.shape
@@ -155,7 +165,7 @@ def _masked_mm(a, weight, scores, structured, bias, thr, cut, unit_on_cols):
     if out.numel() == 0:
         return out
     s_strides = (scores.stride(0), 0) if structured else scores.stride()
-    _masked_mm_kernel[_mm_grid(rows, cols)](
+    kernel[_mm_grid(rows, cols)](
         a, weight, scores, weight if bias is None else bias, out, thr, cut,
         rows, cols, loop, *_buckets(rows, cols, loop), row_len,
         a.stride(0), a.stride(1), weight.stride(0), weight.stride(1), *s_strides, out.stride(0), out.stride(1),
@@ -175,6 +185,19 @@ def masked_linear_forward(x, weight, bias, scores, thr, cut):
     """``x @ (weight * M)^T + bias``, the mask applied to weight tiles in registers."""
     structured = _check_linear(x, weight, bias, scores, thr, cut)
     y = _masked_mm(x.reshape(-1, x.shape[-1]), weight, scores, structured, bias, thr, cut, unit_on_cols=True)
+    return y.reshape(x.shape[:-1] + (weight.shape[0],))
+
+
+def masked_linear_keep_forward(x, weight, bias, keep):
+    """``x @ (weight * keep)^T + bias``: the packed keep mask applied to weight tiles in registers."""
+    structured = _checks.check_masked_linear_keep(x, weight, bias, keep)
+    check_device(x)
+    # the rule s > thr or (s == thr and i < cut) with thr = cut = 0 on the mask's bytes: keep > 0
+    thr = torch.zeros((), dtype=torch.uint8, device=x.device)
+    cut = torch.zeros((), dtype=torch.int64, device=x.device)
+    x2 = x.reshape(-1, x.shape[-1])
+    kernel = _small_m_mm_kernel if x2.shape[0] <= SMALL_M else _masked_mm_kernel
+    y = _masked_mm(x2, weight, keep.view(torch.uint8), structured, bias, thr, cut, unit_on_cols=True, kernel=kernel)
     return y.reshape(x.shape[:-1] + (weight.shape[0],))
 
 

@@ -1,0 +1,172 @@
+"""The packed-mask masked linear (``masked_linear_keep``: the selection packed once into a bool keep
+mask that forward and backward read) against the reference backend on every backend, the same
+results as the selection path, and MaskedLinear's mask modes and keep-mask cache. Op schemas:
+test_opcheck.py; the extension's argument errors: test_native_checks.py."""
+
+import itertools
+
+import pytest
+import torch
+
+import bise_kernels as bk
+from _masked_cases import ALL_NEEDS, DTYPES, ESTIMATORS, assert_grads, randn, tied_scores, tol
+from bise_kernels import _checks, _ops
+from bise_kernels.backends import reference as R
+
+
+def _keep_kernels(kernels, backward=True):
+    names = ("masked_linear_keep_forward",) + (("masked_linear_keep_backward",) if backward else ())
+    if not all(hasattr(kernels, n) for n in names):
+        pytest.skip(f"backend {kernels.name!r} has no {' / '.join(names)}")
+
+
+def _layer(dtype, structured, device, rows=(2, 3)):
+    x, w, b = (randn(*s, dtype=dtype, seed=i, device=device) for i, s in enumerate([(*rows, 37), (29, 37), (29,)]))
+    scores, thr, cut = tied_scores((29,) if structured else (29, 37), seed=4, device=device)
+    return x, w, b, scores, R.keep_mask(scores, thr, cut)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("structured", [False, True])
+def test_keep_forward_matches_reference(kernels, dtype, structured):
+    _keep_kernels(kernels, backward=False)
+    x, w, b, _, keep = _layer(dtype, structured, kernels.device)
+    torch.testing.assert_close(kernels.masked_linear_keep_forward(x, w, b, keep),
+                               R.masked_linear_keep_forward(x, w, b, keep), **tol(dtype))
+
+
+@pytest.mark.parametrize("rows", [16, 33])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_keep_forward_small_m(kernels, rows, dtype):
+    """The memory-bound regime the packed mask is for (M <= 256), ragged sizes so tiles are partial."""
+    _keep_kernels(kernels, backward=False)
+    device = kernels.device
+    x, w = randn(rows, 80, dtype=dtype, seed=1, device=device), randn(96, 80, dtype=dtype, seed=2, device=device)
+    keep = randn(96, 80, seed=3, device=device) > 0.3
+    torch.testing.assert_close(kernels.masked_linear_keep_forward(x, w, None, keep),
+                               R.masked_linear_keep_forward(x, w, None, keep), **tol(dtype))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("structured", [False, True])
+@pytest.mark.parametrize("estimator,temperature", ESTIMATORS)
+def test_keep_backward_matches_reference(kernels, dtype, structured, estimator, temperature):
+    _keep_kernels(kernels)
+    x, w, _, scores, keep = _layer(dtype, structured, kernels.device)
+    args = (randn(2, 3, 29, dtype=dtype, seed=5, device=kernels.device), x, w, scores, keep, estimator, temperature,
+            ALL_NEEDS)
+    assert_grads(kernels.masked_linear_keep_backward(*args), R.masked_linear_keep_backward(*args), dtype)
+
+
+@pytest.mark.parametrize("needs", [n for n in itertools.product([False, True], repeat=4) if any(n)])
+@pytest.mark.parametrize("structured", [False, True])
+def test_keep_backward_computes_only_needed_gradients(kernels, needs, structured):
+    _keep_kernels(kernels)
+    x, w, _, scores, keep = _layer(torch.float32, structured, kernels.device)
+    args = (randn(2, 3, 29, seed=5, device=kernels.device), x, w, scores, keep, "sigmoid", 2.0, list(needs))
+    assert_grads(kernels.masked_linear_keep_backward(*args), R.masked_linear_keep_backward(*args), torch.float32)
+
+
+@pytest.mark.parametrize("structured", [False, True])
+def test_keep_op_equals_the_selection_op(backend, structured):
+    """Same output and gradients as masked_linear with the selection the mask was packed from: to the bit
+    where both ops run the same composition (not "triton": its keep backward is the reference's)."""
+    x, w, b, scores, _ = _layer(torch.float32, structured, "cpu")
+    thr, cut = tied_scores(scores.shape, seed=4)[1:]
+    leaves = [t.clone().requires_grad_() for t in (x, w, b, scores)]
+    y = _ops.masked_linear(*leaves, thr, cut, "sigmoid", 0.7)
+    want = (y, *torch.autograd.grad(y.sum(), leaves))
+    y = _ops.masked_linear_keep(*leaves, _ops.keep_mask(scores, thr, cut, 0), "sigmoid", 0.7)
+    got = (y, *torch.autograd.grad(y.sum(), leaves))
+    exact = {} if backend == "triton" else dict(rtol=0, atol=0)
+    for g, e in zip(got, want):
+        torch.testing.assert_close(g, e, **exact)
+
+
+# ----------------------------------------------------------------------------- MaskedLinear
+
+
+def _pair(granularity="weight"):
+    """The same layer twice: mask_mode "selection" and "keep"."""
+    torch.manual_seed(0)
+    a = bk.MaskedLinear(12, 7, density=0.4, granularity=granularity, estimator="sigmoid", mask_mode="selection")
+    b = bk.MaskedLinear(12, 7, density=0.4, granularity=granularity, estimator="sigmoid", mask_mode="keep")
+    b.load_state_dict(a.state_dict())
+    return a, b
+
+
+@pytest.mark.parametrize("granularity", ["weight", "channel"])
+def test_masked_linear_keep_mode_trains_like_the_selection_mode(backend, granularity):
+    layers = _pair(granularity)
+    x = torch.randn(5, 12)
+    for _ in range(3):  # scores change between steps: the keep mask must follow
+        out = []
+        for layer in layers:
+            y = layer(x)
+            y.square().sum().backward()
+            out.append((y, layer.weight.grad, layer.bias.grad, layer.scores.grad))
+            with torch.no_grad():
+                layer.scores -= 0.5 * layer.scores.grad
+            layer.zero_grad()
+        for g, e in zip(out[1], out[0]):
+            torch.testing.assert_close(g, e, **({} if backend == "triton" else dict(rtol=0, atol=0)))
+
+
+def test_keep_mask_is_packed_once_per_selection():
+    layer = bk.MaskedLinear(6, 4, density=0.5, mask_mode="keep")
+    first = layer.keep()
+    assert first.dtype == torch.bool and first.shape == layer.scores.shape
+    assert layer.keep() is first  # reused while the scores are unchanged
+    with torch.no_grad():
+        layer.scores.neg_()
+    assert layer.keep() is not first and torch.equal(layer.keep(), ~first)
+
+
+def test_keep_mode_with_a_global_selection():
+    torch.manual_seed(0)
+    nets = [torch.nn.Sequential(torch.nn.Linear(5, 6), torch.nn.Linear(6, 3)) for _ in range(2)]
+    nets[1].load_state_dict(nets[0].state_dict())
+    for net, mode in zip(nets, ("selection", "keep")):
+        torch.manual_seed(1)
+        bk.mask_model(net, density=0.3, scope="global")
+        for layer in net:
+            layer.mask_mode = mode
+    x = torch.randn(4, 5)
+    torch.testing.assert_close(nets[1](x), nets[0](x), rtol=0, atol=0)
+    for a, b in zip(nets[0], nets[1]):
+        assert torch.equal(b.keep(), a.mask())
+
+
+def test_mask_mode_is_checked():
+    with pytest.raises(ValueError, match="mask_mode must be one of"):
+        bk.MaskedLinear(3, 2, density=0.5, mask_mode="packed")
+    layer = bk.MaskedLinear(3, 2, density=0.5)
+    assert layer.mask_mode == "auto"
+    with pytest.raises(ValueError, match="mask_mode must be one of"):
+        layer.mask_mode = None
+
+
+def test_keep_arguments_are_checked():
+    """The check the Triton kernel runs (the C++ ops': test_native_checks.py)."""
+    x, w, b, scores, keep = _layer(torch.float32, False, "cpu")
+    with pytest.raises(TypeError, match="keep must be a bool tensor"):
+        _checks.check_masked_linear_keep(x, w, b, keep.float())
+    with pytest.raises(ValueError, match="keep must have weight's shape"):
+        _checks.check_masked_linear_keep(x, w, b, keep.t())
+    with pytest.raises(ValueError, match="scores must have keep's shape"):
+        _checks.check_masked_linear_keep(x, w, b, keep, scores[0])
+
+
+def test_keep_mode_compiles_and_exports(backend):
+    """torch.compile (fullgraph) and torch.export see masked_linear_keep and give eager's results."""
+    torch.manual_seed(0)
+    layer = bk.MaskedLinear(12, 7, density=0.4, estimator="sigmoid", mask_mode="keep")
+    x = torch.randn(5, 12)
+    want = layer(x)
+    want_grad = torch.autograd.grad(want.sum(), layer.scores)[0]
+    y = torch.compile(layer, backend="aot_eager", fullgraph=True)(x)
+    torch.testing.assert_close(y, want, rtol=0, atol=0)
+    torch.testing.assert_close(torch.autograd.grad(y.sum(), layer.scores)[0], want_grad, rtol=0, atol=0)
+    program = torch.export.export(layer, (x,))
+    assert "bise_kernels.masked_linear_keep.default" in {str(n.target) for n in program.graph.nodes}
+    torch.testing.assert_close(program.module()(x), want, rtol=0, atol=0)
