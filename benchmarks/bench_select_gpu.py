@@ -1,6 +1,7 @@
 """GPU benchmarks of exact top-k selection, for the GPU suite and pytest-benchmark.
 
-Cases (format: docs/gpu_suite.md), for each GPU backend ("cuda", "triton"):
+Cases (format: docs/gpu_suite.md), for each GPU backend: "cuda" (its default radix select),
+"cuda-bracket" (the same backend with BISE_SELECT_CUDA=bracket, docs/select.md) and "triton":
 
 * ``select_25M_fp32_cold`` / ``_warm``: one tensor of 25 M fp32 scores, k = numel/2; warm is
   hinted with the threshold from before one small optimiser-like step (scores += 1e-4 * noise).
@@ -21,6 +22,8 @@ CPU with the reference backend, to check the suite's wiring without a GPU.
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 
@@ -29,7 +32,9 @@ from bise_kernels.backends import BackendUnavailableError, kernel_table, resolve
 from bise_kernels.backends import reference as ref
 from model_shapes import bert_base_weight_shapes, resnet50_weight_shapes
 
-GPU_BACKENDS = ("cuda", "triton")
+GPU_BACKENDS = ("cuda", "cuda-bracket", "triton")
+CUDA_ALGORITHMS = {"cuda": "radix", "cuda-bracket": "bracket"}
+"""The algorithm (BISE_SELECT_CUDA, csrc/cuda/select_binding.cpp) of each name of the CUDA backend."""
 DENSITY = 0.5
 SINGLE_NUMEL = 25_000_000
 WARM_STEP = 1e-4
@@ -47,6 +52,27 @@ def _check_same(got, want) -> None:
         raise AssertionError(f"selection differs from the reference: got ({thr}, {cut}), want ({want_thr}, {want_cut})")
 
 
+def _kernel(backend: str, kernel: str):
+    """``backend``'s ``kernel``; a CUDA name runs it with its algorithm set for the call only."""
+    f = kernel_table(backend.split("-")[0])[kernel]
+    algo = CUDA_ALGORITHMS.get(backend)
+    if algo is None:
+        return f
+
+    def with_algorithm(*args):
+        before = os.environ.get("BISE_SELECT_CUDA")
+        os.environ["BISE_SELECT_CUDA"] = algo
+        try:
+            return f(*args)
+        finally:
+            if before is None:
+                del os.environ["BISE_SELECT_CUDA"]
+            else:
+                os.environ["BISE_SELECT_CUDA"] = before
+
+    return with_algorithm
+
+
 def _one_read(tensors):
     return lambda: [t.sum() for t in tensors]
 
@@ -59,7 +85,7 @@ def _cases(name: str, backends, kernel: str, call, want, baselines: dict, api=No
     for backend in backends:
         case = dict(fields, name=f"{name}/{backend}", backend=backend)
         try:
-            f = kernel_table(backend)[kernel]
+            f = _kernel(backend, kernel)
         except BackendUnavailableError as exc:
             cases.append(dict(case, skip=f"backend {backend!r} unavailable: {exc}"))
             continue

@@ -20,10 +20,10 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
-#include <queue>
 #include <vector>
 
 #include "../checks.h"
+#include "../select_bracket.h"
 
 #if defined(__x86_64__) && defined(__GNUC__)
 #include <immintrin.h>
@@ -34,29 +34,13 @@ namespace {
 
 constexpr int64_t kBlock = 4096;       // tie location granularity (elements)
 constexpr int64_t kSmall = 1 << 15;    // below this, compact everything, no sample
-constexpr int kDigitBits = 11;         // radix digit of the histogram passes
 constexpr int64_t kSample = 1 << 16;   // sample size of large inputs
-constexpr double kSigmas = 5.0;        // cold bracket half-width, in sample standard deviations
-constexpr int64_t kWarmShare = 512;    // warm bracket half-width: 1/512 of the sample (>= 16)
 
 // ----------------------------------------------------------------------------- keys
 
-template <typename U>
-constexpr U kSignBit = U(U(1) << (sizeof(U) * 8 - 1));
-
-// Order-preserving key of a float's bits: larger value -> larger key; -0.0 maps to +0.0's key.
-template <typename U>
-inline U to_key(U bits) {
-  using S = std::make_signed_t<U>;
-  U mask = U(U(S(bits) >> (sizeof(U) * 8 - 1)) | kSignBit<U>);
-  U key = U(bits ^ mask);
-  return U(key + U(key == U(kSignBit<U> - 1)));
-}
-
-template <typename U>
-inline U from_key(U key) {
-  return (key & kSignBit<U>) ? U(key ^ kSignBit<U>) : U(~key);
-}
+// Keys, bracket ranks and narrowing: csrc/select_bracket.h (shared with the CUDA bracket select).
+using bise_bracket::from_key;
+using bise_bracket::to_key;
 
 // ----------------------------------------------------------------------------- sources
 
@@ -341,8 +325,7 @@ struct State {
 template <typename U>
 State<U> refine(const Source<U>& src, State<U> st, int64_t k) {
   const U span = U(st.hi - st.lo);
-  const int width = int(std::bit_width(span));
-  const int shift = std::max(0, width - kDigitBits);
+  const int shift = bise_bracket::digit_shift(st.lo, st.hi);
   const int64_t nb = int64_t(span >> shift) + 1;
   Chunks ch(src.n);
   std::vector<std::vector<int64_t>> hists(ch.count());
@@ -373,9 +356,8 @@ State<U> refine(const Source<U>& src, State<U> st, int64_t k) {
     int64_t cnt = 0;
     for (const auto& h : hists) cnt += h[bkt];
     if (above + cnt >= k) {
-      const U lo = U(st.lo + (U(bkt) << shift));
-      const U w = U((U(1) << shift) - 1);
-      const U hi = U(st.hi - lo) <= w ? st.hi : U(lo + w);
+      U lo = st.lo, hi = st.hi;
+      bise_bracket::narrow(lo, hi, uint64_t(bkt), shift);
       return {lo, hi, above, cnt};
     }
     above += cnt;
@@ -475,47 +457,35 @@ std::vector<U> order_stats(const std::vector<U>& keys, const std::vector<int64_t
   return out;
 }
 
+// The bracket [lo, hi] of sample ranks (csrc/select_bracket.h) over the sample `keys`.
+template <typename U>
+std::pair<U, U> bracket_of(const std::vector<U>& keys, bise_bracket::Ranks r, U hint) {
+  std::vector<int64_t> ranks;
+  for (int64_t rank : {r.lo, r.hi})
+    if (rank >= 1) ranks.push_back(rank);
+  const std::vector<U> ends = order_stats(keys, ranks);
+  auto end = [&](int64_t rank, U unbounded, size_t at) {
+    return rank == bise_bracket::kUnbounded ? unbounded : rank == bise_bracket::kAtHint ? hint : ends[at];
+  };
+  return {end(r.lo, U(0), 0), end(r.hi, U(~U(0)), ends.size() - 1)};
+}
+
 // Cold bracket: sample order statistics `sigmas` standard deviations either side of rank k.
 template <typename U>
 std::pair<U, U> cold_bracket(const std::vector<U>& keys, int64_t n, int64_t k, double sigmas) {
-  const int64_t s = int64_t(keys.size());
-  const double p = double(k) / double(n);
-  const double q = p * double(s);
-  const double margin = sigmas * std::sqrt(double(s) * p * (1 - p)) + 4;
-  // Descending ranks of the bracket ends; beyond the sample means unbounded.
-  const int64_t r_lo = int64_t(std::ceil(q + margin)), r_hi = int64_t(std::floor(q - margin));
-  std::vector<int64_t> ranks;
-  if (r_lo <= s) ranks.push_back(r_lo);
-  if (r_hi >= 1) ranks.push_back(r_hi);
-  const std::vector<U> ends = order_stats(keys, ranks);
-  const U lo = r_lo <= s ? ends[0] : U(0);
-  const U hi = r_hi >= 1 ? ends.back() : U(~U(0));
-  return {lo, hi};
+  return bracket_of(keys, bise_bracket::cold_ranks(n, k, int64_t(keys.size()), sigmas), U(0));
 }
 
 // Warm bracket: a few sample entries either side of the hint's key (about 0.2% of the data each
 // side for a full sample), so a hint that moved by less than that costs one pass.
 template <typename U>
 std::pair<U, U> warm_bracket(const std::vector<U>& keys, U hint) {
-  const size_t w = size_t(std::max<int64_t>(16, int64_t(keys.size()) / kWarmShare));
-  std::priority_queue<U> below_hi;                                  // smallest keys above the hint
-  std::priority_queue<U, std::vector<U>, std::greater<U>> above_lo;  // largest keys below it
+  int64_t above = 0, below = 0;
   for (U key : keys) {
-    if (key > hint) {
-      if (below_hi.size() < w) below_hi.push(key);
-      else if (key < below_hi.top()) { below_hi.pop(); below_hi.push(key); }
-    } else if (key < hint) {
-      if (above_lo.size() < w) above_lo.push(key);
-      else if (key > above_lo.top()) { above_lo.pop(); above_lo.push(key); }
-    }
+    above += key > hint;
+    below += key < hint;
   }
-  // Fewer entries on a side: the extreme sample key there (or the hint); a miss only narrows.
-  U hi = hint, lo = hint;
-  if (below_hi.size() == w) hi = below_hi.top();
-  else for (; !below_hi.empty(); below_hi.pop()) hi = below_hi.top();
-  if (above_lo.size() == w) lo = above_lo.top();
-  else for (; !above_lo.empty(); above_lo.pop()) lo = above_lo.top();
-  return {lo, hi};
+  return bracket_of(keys, bise_bracket::warm_ranks(int64_t(keys.size()), above, below), hint);
 }
 
 // ----------------------------------------------------------------------------- one selection
@@ -531,7 +501,7 @@ Pick<U> select(const Source<U>& src, int64_t k, const U* hint) {
   // Attempts: the warm bracket, the cold one, then a 4x wider cold one (the sample's runs of
   // 256 bytes are correlated on sorted-like data, so its spread can be underestimated).
   for (int attempt = hint ? 0 : 1; attempt < 3; ++attempt) {
-    auto [a, b] = attempt == 0 ? warm_bracket(keys, to_key(*hint)) : cold_bracket(keys, src.n, k, kSigmas * attempt * attempt);
+    auto [a, b] = attempt == 0 ? warm_bracket(keys, to_key(*hint)) : cold_bracket(keys, src.n, k, bise_bracket::kSigmas * attempt * attempt);
     a = std::max(a, st.lo);
     b = std::min(b, st.hi);
     if (a > b) continue;
@@ -539,7 +509,7 @@ Pick<U> select(const Source<U>& src, int64_t k, const U* hint) {
     for (U key : keys) in_sample += key >= a && key <= b;
     double frac = double(in_sample) / double(keys.size()) * 1.25;
     Pass<U> pass = bracket_pass(src, a, b, a < b, limit, frac);
-    if (pass.gt < k && k <= pass.gt + pass.in) {
+    if (bise_bracket::hits(pass.gt, pass.in, k)) {
       if (a == b) return {a, locate(src, pass, k - pass.gt - 1)};
       if (!pass.stored) return finish(src, State<U>{a, b, pass.gt, pass.in}, k);
       Pick<U> inner = finish(pass.buffer(), State<U>{a, b, 0, pass.in}, k - pass.gt);

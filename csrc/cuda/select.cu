@@ -12,89 +12,10 @@
 #include <cub/block/block_reduce.cuh>
 #include <cub/block/block_scan.cuh>
 
-#include "select.h"
+#include "select_common.cuh"
 
 namespace bise_select {
 namespace {
-
-template <int KB>
-struct Raw;
-template <>
-struct Raw<32> {
-  using type = uint32_t;
-};
-template <>
-struct Raw<16> {
-  using type = uint16_t;
-};
-
-template <int KB>
-__host__ __device__ constexpr int levels() {
-  return (KB + kRadixBits - 1) / kRadixBits;
-}
-
-__host__ __device__ constexpr int level_hi(int kb, int l) { return kb - kRadixBits * l; }
-__host__ __device__ constexpr int level_shift(int kb, int l) {
-  return level_hi(kb, l) > kRadixBits ? level_hi(kb, l) - kRadixBits : 0;
-}
-
-// Raw float bits -> unsigned key with the float's order; -0.0 becomes +0.0 first.
-template <int KB>
-__device__ __forceinline__ uint32_t to_key(uint32_t bits) {
-  constexpr uint32_t sign = 1u << (KB - 1);
-  constexpr uint32_t all = KB == 32 ? 0xFFFFFFFFu : 0xFFFFu;
-  if (bits == sign) bits = 0;
-  return (bits & sign) ? (~bits & all) : (bits | sign);
-}
-
-// Inverse of to_key, as int32 (16-bit floats sign-extended, as the binding expects).
-template <int KB>
-__device__ __forceinline__ int32_t key_to_bits(uint32_t key) {
-  constexpr uint32_t sign = 1u << (KB - 1);
-  constexpr uint32_t all = KB == 32 ? 0xFFFFFFFFu : 0xFFFFu;
-  const uint32_t bits = (key & sign) ? (key ^ sign) : (~key & all);
-  return KB == 32 ? static_cast<int32_t>(bits) : static_cast<int32_t>(static_cast<int16_t>(bits));
-}
-
-__device__ __forceinline__ uint32_t digit_of(uint32_t key, int kb, int l) {
-  const int hi = level_hi(kb, l), shift = level_shift(kb, l);
-  return (key >> shift) & ((1u << (hi - shift)) - 1u);
-}
-
-__device__ __forceinline__ bool matches(uint32_t key, uint32_t prefix, int hi) {
-  return hi >= 32 || (key >> hi) == (prefix >> hi);
-}
-
-struct Chunk {
-  const void* src;
-  int64_t start, end, base;
-  int prob;
-};
-
-__device__ __forceinline__ Chunk load_chunk(const SelectArgs& a, int64_t c) {
-  const int64_t C = a.num_chunks;
-  Chunk k;
-  k.src = reinterpret_cast<const void*>(a.table[c]);
-  k.start = a.table[C + c];
-  const int64_t numel = a.table[2 * C + c];
-  k.end = k.start + kChunk < numel ? k.start + kChunk : numel;
-  k.base = a.table[3 * C + c];
-  k.prob = static_cast<int>(a.table[4 * C + c]);
-  return k;
-}
-
-template <int KB>
-__device__ __forceinline__ uint32_t key_at(const void* src, int64_t i) {
-  return to_key<KB>(static_cast<const typename Raw<KB>::type*>(src)[i]);
-}
-
-// Whole warp calls; lanes with the same bin add once (ties, e.g. all-equal scores, stay cheap).
-__device__ __forceinline__ void count_bin(uint32_t* hist, bool cand, uint32_t bin) {
-  const unsigned want = __ballot_sync(0xffffffffu, cand);
-  if (!cand) return;
-  const unsigned peers = __match_any_sync(want, bin);
-  if ((threadIdx.x & 31) == __ffs(peers) - 1) atomicAdd(hist + bin, static_cast<uint32_t>(__popc(peers)));
-}
 
 // Whole warp calls; appends the candidates (key, flat index) while the buffer has room.
 __device__ __forceinline__ void append(const SelectArgs& a, int prob, bool cand, uint32_t key, int64_t index) {
@@ -114,39 +35,6 @@ __device__ __forceinline__ void append(const SelectArgs& a, int prob, bool cand,
   }
 }
 
-struct Pick {
-  uint32_t digit;
-  int64_t above, count;
-};
-
-// Whole block calls: the digit holding rank krem (1-based, descending) of a histogram row.
-__device__ Pick pick_digit(const int32_t* row, int64_t krem) {
-  using Scan = cub::BlockScan<int64_t, kThreads>;
-  __shared__ typename Scan::TempStorage tmp;
-  __shared__ Pick result;
-  constexpr int per = kBins / kThreads;
-  int64_t v[per];
-  int64_t sum = 0;
-#pragma unroll
-  for (int j = 0; j < per; ++j) {
-    v[j] = __ldcg(row + (kBins - 1 - (threadIdx.x * per + j)));
-    sum += v[j];
-  }
-  if (threadIdx.x == 0) result = Pick{0, 0, 0};
-  __syncthreads();
-  int64_t run;
-  Scan(tmp).ExclusiveSum(sum, run);
-#pragma unroll
-  for (int j = 0; j < per; ++j) {
-    if (run < krem && run + v[j] >= krem) result = Pick{kBins - 1u - (threadIdx.x * per + j), run, v[j]};
-    run += v[j];
-  }
-  __syncthreads();
-  const Pick p = result;
-  __syncthreads();
-  return p;
-}
-
 // After a pass: keep a filled buffer, mark one just filled, else arm (0) or disarm (kCapacity + 1)
 // compaction in the next pass. A pass compacts iff it finds buffer_count <= kCapacity.
 __device__ __forceinline__ void next_buffer(const SelectArgs& a, int prob, int level, int64_t candidates) {
@@ -162,7 +50,7 @@ template <int KB>
 __device__ void level_scan(const SelectArgs& a, int prob, const int32_t* row, int level, uint32_t prefix) {
   constexpr int L = levels<KB>();
   const int64_t krem = a.krem[prob];
-  const Pick p = pick_digit(row, krem);
+  const Pick p = pick_digit<true>(row, krem);
   if (threadIdx.x != 0) return;
   prefix |= p.digit << level_shift(KB, level);
   a.prefix[prob] = prefix;
@@ -185,7 +73,7 @@ __device__ void spec_scan(const SelectArgs& a, int prob, const int32_t* rows, ui
   uint32_t prefix = 0;
   int level = 0;
   for (int l = 0; l < L; ++l) {
-    const Pick p = pick_digit(rows + l * kBins, krem);
+    const Pick p = pick_digit<true>(rows + l * kBins, krem);
     prefix |= p.digit << level_shift(KB, l);
     krem -= p.above;
     count = p.count;
@@ -229,6 +117,7 @@ __global__ void __launch_bounds__(kThreads) digit_pass_kernel(SelectArgs a, int 
   __shared__ uint32_t hist[H * kBins];
   __shared__ bool last;
   const Chunk ch = load_chunk(a, blockIdx.x);
+  if (a.solved != nullptr && a.solved[ch.prob] != 0) return;
   uint32_t prefix;
   if (SPEC) {
     prefix = to_key<KB>(static_cast<const typename Raw<KB>::type*>(a.hints)[ch.prob]);
@@ -307,47 +196,6 @@ __device__ int64_t cut_from_buffer(const SelectArgs& a, int prob, uint32_t thr, 
   return found;
 }
 
-// Prefix over the per-chunk tie counts finds the chunk; a scan of that chunk finds the tie.
-template <int KB>
-__device__ int64_t cut_from_chunks(const SelectArgs& a, int prob, uint32_t thr, int64_t need) {
-  using Scan = cub::BlockScan<int64_t, kThreads>;
-  __shared__ typename Scan::TempStorage tmp;
-  __shared__ int64_t target, rank, found;
-  const int64_t first = a.chunk_first[prob], last = a.chunk_first[prob + 1];
-  if (threadIdx.x == 0) found = 0;
-  int64_t before = 0;
-  for (int64_t j0 = first; j0 < last; j0 += kThreads) {
-    const int64_t j = j0 + threadIdx.x;
-    const int64_t n = j < last ? __ldcg(a.tie_count + j) : 0;
-    int64_t excl, total;
-    Scan(tmp).ExclusiveSum(n, excl, total);
-    excl += before;
-    if (j < last && excl < need && excl + n >= need) {
-      target = j;
-      rank = need - excl;
-    }
-    before += total;
-    __syncthreads();
-  }
-  const Chunk ch = load_chunk(a, target);
-  const int64_t r = rank;
-  constexpr int per = kChunk / kThreads;
-  const int64_t lo = ch.start + static_cast<int64_t>(threadIdx.x) * per;
-  const int64_t hi = lo + per < ch.end ? lo + per : ch.end;
-  int64_t mine = 0;
-  for (int64_t i = lo; i < hi; ++i) mine += key_at<KB>(ch.src, i) == thr;
-  int64_t excl;
-  Scan(tmp).ExclusiveSum(mine, excl);
-  if (excl < r && excl + mine >= r) {
-    int64_t seen = excl;
-    for (int64_t i = lo; i < hi; ++i) {
-      if (key_at<KB>(ch.src, i) == thr && ++seen == r) found = ch.base + i + 1;
-    }
-  }
-  __syncthreads();
-  return found;
-}
-
 template <int KB>
 __global__ void __launch_bounds__(kThreads) tie_kernel(SelectArgs a) {
   constexpr int L = levels<KB>();
@@ -355,6 +203,7 @@ __global__ void __launch_bounds__(kThreads) tie_kernel(SelectArgs a) {
   __shared__ typename Reduce::TempStorage tmp;
   __shared__ bool last;
   const Chunk ch = load_chunk(a, blockIdx.x);
+  if (a.solved != nullptr && a.solved[ch.prob] != 0) return;
   const uint32_t thr = a.prefix[ch.prob];
   const bool overflow = a.buffer_count[ch.prob] > kCapacity;
   if (overflow) {  // the buffer missed candidates: count this chunk's ties
@@ -373,7 +222,7 @@ __global__ void __launch_bounds__(kThreads) tie_kernel(SelectArgs a) {
   if (!last) return;
   __threadfence();
   const int64_t need = a.krem[ch.prob];
-  const int64_t cut = overflow ? cut_from_chunks<KB>(a, ch.prob, thr, need) : cut_from_buffer(a, ch.prob, thr, need);
+  const int64_t cut = overflow ? cut_from_chunks<KB>(a, a.tie_count, ch.prob, thr, need) : cut_from_buffer(a, ch.prob, thr, need);
   if (threadIdx.x == 0) a.cut[ch.prob] = cut;
 }
 

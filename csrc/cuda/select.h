@@ -1,6 +1,6 @@
-// Torch-free interface between the CUDA radix select (select.cu) and its ATen binding
-// (select_binding.cpp). All pointers are device pointers; the binding allocates and zeroes the
-// workspace with torch's caching allocator and passes the current stream.
+// Torch-free interface between the CUDA selects (radix: select.cu, bracket: select_bracket.cu)
+// and their ATen binding (select_binding.cpp). All pointers are device pointers; the binding
+// allocates and zeroes the workspace with torch's caching allocator and passes the current stream.
 #pragma once
 
 #include <cstdint>
@@ -41,13 +41,99 @@ struct SelectArgs {
   // Outputs.
   int32_t* threshold_bits;  // num_problems raw bits (16-bit floats sign-extended)
   int64_t* cut;             // num_problems
+  // Problems already solved (nonzero: skipped), or nullptr: the bracket select's fallback.
+  const int32_t* solved;
 };
+
+constexpr int kSample = 16384;        // sample keys per problem of the bracket select
+constexpr int kFinishPerBlock = 4096;  // buffer entries per block of the bracket select's finish
+
+// The bracket select (select_bracket.cu): a sample bracket per problem, one fused pass over the
+// data that counts keys above it and compacts those inside into a buffer, an exact select in the
+// buffer; problems whose bracket missed or overflowed its buffer run the radix select (`radix`,
+// with radix.solved = solved). Workspace zeroed by the caller except the buffers.
+struct BracketArgs {
+  SelectArgs radix;             // the chunk table, hints, outputs and the fallback's workspace
+  const int64_t* ks;            // k per problem
+  const int64_t* buffer_first;  // num_problems + 1 offsets: problem p's buffer capacity is the difference
+  int32_t finish_blocks;        // blocks per problem of the finishing kernels (>= 1)
+  int32_t force_miss;           // tests: every bracket is empty, so every problem takes the fallback
+  uint32_t* buffer_key;         // candidates: key
+  uint32_t* buffer_index;       // and flat index in the problem
+  int32_t* buffer_count;        // num_problems: entries appended (> capacity: overflowed)
+  uint32_t* lo;                 // num_problems: the bracket [lo, hi] (keys)
+  uint32_t* hi;
+  unsigned long long* above;    // num_problems: keys above hi
+  unsigned long long* inside;   // num_problems: keys in [lo, hi]
+  int32_t* inside_chunk;        // num_chunks: keys of the chunk in [lo, hi]
+  int32_t* tie_chunk;           // num_chunks: keys of the chunk equal to the threshold
+  uint32_t* range;              // num_problems x (levels + 1) x 2: [lo, hi] before each finishing level
+  int64_t* rank;                // num_problems x (levels + 1): rank in that range (1-based, descending)
+  int32_t* hist;                // num_problems x levels x kBins
+  int32_t* tickets;             // num_problems x (levels + 1)
+  int32_t* solved;              // num_problems: 1 once the bracket select wrote thr and cut
+};
+
+// Workspace layouts, one definition for the binding and the CPU emulation test
+// (tests/kernels/select_cuda_emu): how many words each select needs and where each array lies.
+struct RadixWorkspace {
+  int64_t n_hist, n_tickets, words;  // int32 words in all
+};
+
+inline RadixWorkspace radix_workspace(int64_t P, int64_t C, int key_bits) {
+  const int64_t levels = num_levels(key_bits);
+  const int64_t n_hist = P * 2 * levels * kBins, n_tickets = P * (levels + 1);
+  return {n_hist, n_tickets, n_hist + n_tickets + 5 * P + C};
+}
+
+// Points a's workspace arrays into w (radix_workspace(...).words int32, zeroed).
+inline void carve_radix_workspace(SelectArgs& a, int32_t* w, const RadixWorkspace& ws, int64_t P) {
+  a.hist = w;
+  a.tickets = w + ws.n_hist;
+  a.level = a.tickets + ws.n_tickets;
+  a.prefix = reinterpret_cast<uint32_t*>(a.level + P);
+  a.buffer_count = a.level + 2 * P;
+  a.buffer_level = a.level + 3 * P;
+  a.threshold_bits = a.level + 4 * P;
+  a.tie_count = a.level + 5 * P;
+}
+
+struct BracketWorkspace {
+  int64_t levels1, n_hist, words64, words32;  // levels + 1; int64 and int32 words in all
+};
+
+inline BracketWorkspace bracket_workspace(int64_t P, int64_t C, int key_bits) {
+  const int64_t L1 = num_levels(key_bits) + 1, n_hist = P * (L1 - 1) * kBins;
+  return {L1, n_hist, 2 * P + P * L1, 4 * P + 2 * C + 2 * P * L1 + n_hist + P * L1};
+}
+
+// Points b's workspace arrays into w64 / w32 (bracket_workspace(...) words, zeroed); the fallback
+// radix select shares b.solved.
+inline void carve_bracket_workspace(BracketArgs& b, int64_t* w64, int32_t* w32, const BracketWorkspace& ws,
+                                    int64_t P, int64_t C) {
+  b.above = reinterpret_cast<unsigned long long*>(w64);
+  b.inside = reinterpret_cast<unsigned long long*>(w64 + P);
+  b.rank = w64 + 2 * P;
+  b.buffer_count = w32;
+  b.lo = reinterpret_cast<uint32_t*>(w32 + P);
+  b.hi = reinterpret_cast<uint32_t*>(w32 + 2 * P);
+  b.solved = w32 + 3 * P;
+  b.inside_chunk = w32 + 4 * P;
+  b.tie_chunk = b.inside_chunk + C;
+  b.range = reinterpret_cast<uint32_t*>(b.tie_chunk + C);
+  b.hist = reinterpret_cast<int32_t*>(b.range + 2 * P * ws.levels1);
+  b.tickets = b.hist + ws.n_hist;
+  b.radix.solved = b.solved;
+}
 
 }  // namespace bise_select
 
 extern "C" {
 // Enqueues the whole selection on `stream`; returns the first launch error (cudaSuccess if none).
 cudaError_t bise_radix_select_launch(const bise_select::SelectArgs* args, cudaStream_t stream);
+
+// Enqueues the bracket select, then the radix select for the problems it left.
+cudaError_t bise_bracket_select_launch(const bise_select::BracketArgs* args, cudaStream_t stream);
 
 // out[i] = key(s[i]) > key(thr) || (key(s[i]) == key(thr) && offset + i < *cut), raw bits in.
 cudaError_t bise_keep_mask_launch(const void* bits, const void* thr_bits, const int64_t* cut, bool* out,

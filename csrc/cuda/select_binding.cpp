@@ -1,19 +1,28 @@
 // CUDA implementations of topk_select, batched_topk_select and keep_mask (backend "cuda"; schemas
-// in csrc/library.cpp) over the radix select of select.cu: validates with the checks shared with
-// the CPU implementations (csrc/checks.h), builds the chunk table, takes the workspace from
-// torch's caching allocator and launches on the current stream. The chunk table and ks reach the
-// device once per distinct set of tensors (cached_plan); otherwise nothing waits for the device.
+// in csrc/library.cpp) over the radix select of select.cu or the bracket select of
+// select_bracket.cu: validates with the checks shared with the CPU implementations
+// (csrc/checks.h), builds the chunk table, takes the workspace from torch's caching allocator and
+// launches on the current stream. The chunk table, ks and buffer offsets reach the device once per
+// distinct set of tensors (cached_plan); otherwise nothing waits for the device.
+//
+// The environment variable BISE_SELECT_CUDA, read at every call, picks the algorithm: "radix"
+// (the default, also when unset or empty), "bracket", and for tests "bracket-miss" (every bracket
+// misses) and "bracket-overflow" (no buffer), which force the bracket select's radix fallback.
 #include <ATen/ATen.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
 
 #include <algorithm>
+#include <cstdlib>
+#include <cstring>
+#include <limits>
 #include <map>
 #include <mutex>
 #include <vector>
 
 #include "../checks.h"
+#include "../select_bracket.h"
 #include "select.h"
 
 namespace {
@@ -31,9 +40,29 @@ at::Tensor to_device(const std::vector<int64_t>& values, const at::Device& devic
   return host.to(device, /*non_blocking=*/true);
 }
 
-// The device copies of a chunk table, its per-problem chunk ranges and ks.
+enum class Algo { kRadix, kBracket, kBracketMiss, kBracketOverflow };
+
+Algo algo_from_env() {
+  const char* v = std::getenv("BISE_SELECT_CUDA");
+  if (v == nullptr || *v == '\0' || std::strcmp(v, "radix") == 0) return Algo::kRadix;
+  if (std::strcmp(v, "bracket") == 0) return Algo::kBracket;
+  if (std::strcmp(v, "bracket-miss") == 0) return Algo::kBracketMiss;
+  if (std::strcmp(v, "bracket-overflow") == 0) return Algo::kBracketOverflow;
+  TORCH_CHECK_VALUE(false, "BISE_SELECT_CUDA must be radix, bracket, bracket-miss or bracket-overflow, got '", v, "'");
+}
+
+// Per-problem offsets of the bracket select's candidate buffers (csrc/select_bracket.h sizes them).
+std::vector<int64_t> buffer_offsets(const std::vector<int64_t>& total, at::IntArrayRef ks) {
+  std::vector<int64_t> first(total.size() + 1, 0);
+  for (size_t p = 0; p < total.size(); ++p) {
+    first[p + 1] = first[p] + bise_bracket::buffer_capacity(total[p], ks[p], bise_select::kSample);
+  }
+  return first;
+}
+
+// The device copies of a chunk table, its per-problem chunk ranges, ks and buffer offsets.
 struct Plan {
-  at::Tensor table, first, ks;
+  at::Tensor table, first, ks, buffers;
 };
 
 constexpr size_t kMaxPlans = 64;
@@ -46,7 +75,7 @@ constexpr size_t kMaxPlans = 64;
 // so every stream may read it at once. The cache is cleared when it reaches kMaxPlans entries, and
 // is never destroyed (no CUDA memory is freed during process exit).
 Plan cached_plan(const std::vector<int64_t>& table, const std::vector<int64_t>& first, at::IntArrayRef ks,
-                 const at::Device& device) {
+                 const std::vector<int64_t>& buffers, const at::Device& device) {
   static std::mutex mutex;
   static auto* plans = new std::map<std::vector<int64_t>, Plan>();
   std::vector<int64_t> key = table;
@@ -57,13 +86,46 @@ Plan cached_plan(const std::vector<int64_t>& table, const std::vector<int64_t>& 
   if (auto found = plans->find(key); found != plans->end()) return found->second;
   if (plans->size() >= kMaxPlans) plans->clear();
   auto blocking = [&](at::ArrayRef<int64_t> values) { return at::tensor(values, at::kLong).to(device); };
-  Plan plan{blocking(table), blocking(first), blocking(ks)};
+  Plan plan{blocking(table), blocking(first), blocking(ks), blocking(buffers)};
   plans->emplace(std::move(key), plan);
   return plan;
 }
 
 void check_cuda(cudaError_t err, const char* what) {
   TORCH_CHECK(err == cudaSuccess, what, " failed: ", cudaGetErrorString(err));
+}
+
+// The bracket select over the radix select's arguments `a` (its fallback): zeroed workspace and
+// candidate buffers ("bracket-overflow": none, so every non-trivial bracket overflows).
+void launch_bracket(const bise_select::SelectArgs& a, const Plan& plan, const std::vector<int64_t>& buffers,
+                    Algo algo, const at::Device& device, cudaStream_t stream, const char* op) {
+  const int64_t P = a.num_problems, C = a.num_chunks;
+  const bise_select::BracketWorkspace layout = bise_select::bracket_workspace(P, C, a.key_bits);
+  const bool overflow = algo == Algo::kBracketOverflow;
+  int64_t capacity = 0, largest = 0;
+  for (int64_t p = 0; p < P && !overflow; ++p) {
+    largest = std::max(largest, buffers[p + 1] - buffers[p]);
+    capacity = buffers[p + 1];
+  }
+  const int64_t finish_blocks = std::max<int64_t>(1, (largest + bise_select::kFinishPerBlock - 1) / bise_select::kFinishPerBlock);
+  TORCH_CHECK(finish_blocks * P <= std::numeric_limits<int32_t>::max(), op, ": too many problems for one launch");
+  auto ws64 = at::zeros({layout.words64}, at::TensorOptions().dtype(at::kLong).device(device));
+  auto ws32 = at::zeros({layout.words32}, at::TensorOptions().dtype(at::kInt).device(device));
+  auto keys = at::empty({capacity}, at::TensorOptions().dtype(at::kInt).device(device));
+  auto index = at::empty({capacity}, at::TensorOptions().dtype(at::kInt).device(device));
+  auto offsets = overflow ? at::zeros({P + 1}, at::TensorOptions().dtype(at::kLong).device(device)) : plan.buffers;
+  int64_t* w64 = ws64.data_ptr<int64_t>();
+  int32_t* w32 = ws32.data_ptr<int32_t>();
+  bise_select::BracketArgs b{};
+  b.radix = a;
+  b.ks = plan.ks.const_data_ptr<int64_t>();
+  b.buffer_first = offsets.const_data_ptr<int64_t>();
+  b.finish_blocks = static_cast<int32_t>(finish_blocks);
+  b.force_miss = algo == Algo::kBracketMiss;
+  b.buffer_key = reinterpret_cast<uint32_t*>(keys.data_ptr<int32_t>());
+  b.buffer_index = reinterpret_cast<uint32_t*>(index.data_ptr<int32_t>());
+  bise_select::carve_bracket_workspace(b, w64, w32, layout, P, C);
+  check_cuda(bise_bracket_select_launch(&b, stream), op);
 }
 
 // One problem per tensor (batched) or one over all tensors (ks has one entry).
@@ -99,18 +161,20 @@ std::tuple<at::Tensor, at::Tensor> radix_select_cuda(at::TensorList scores, at::
   std::vector<int64_t> table;
   for (auto& row : rows) table.insert(table.end(), row.begin(), row.end());
 
-  const int levels = bise_select::num_levels(key_bits);
+  const Algo algo = algo_from_env();
+  const std::vector<int64_t> buffers = buffer_offsets(total, ks);
   const auto i32 = at::TensorOptions().dtype(at::kInt).device(device);
   const auto i64 = at::TensorOptions().dtype(at::kLong).device(device);
   // Contiguous inputs (the parameters of a model): a cached Plan. Copies made by contiguous() live
   // for this call only: their Plan travels through pinned memory with non-blocking copies.
   const bool cached = std::all_of(scores.begin(), scores.end(), [](const at::Tensor& t) { return t.is_contiguous(); });
-  const Plan plan = cached ? cached_plan(table, first, ks, device)
+  const Plan plan = cached ? cached_plan(table, first, ks, buffers, device)
                            : Plan{to_device(table, device), to_device(first, device),
-                                  to_device(std::vector<int64_t>(ks.begin(), ks.end()), device)};
-  auto krem = cached ? plan.ks.clone() : plan.ks;  // the kernels count it down
-  const int64_t n_hist = P * 2 * levels * kBins, n_tickets = P * (levels + 1);
-  auto ws = at::zeros({n_hist + n_tickets + 5 * P + C}, i32);
+                                  to_device(std::vector<int64_t>(ks.begin(), ks.end()), device),
+                                  to_device(buffers, device)};
+  auto krem = plan.ks.clone();  // the radix kernels count it down
+  const bise_select::RadixWorkspace layout = bise_select::radix_workspace(P, C, key_bits);
+  auto ws = at::zeros({layout.words}, i32);
   auto cut = at::empty({P}, i64);
   auto buffer_key = at::empty({P * kCapacity}, i32);
   auto buffer_index = at::empty({P * kCapacity}, i64);
@@ -125,21 +189,20 @@ std::tuple<at::Tensor, at::Tensor> radix_select_cuda(at::TensorList scores, at::
   a.num_problems = static_cast<int32_t>(P);
   a.key_bits = key_bits;
   a.hints = hint_flat ? hint_flat->data_ptr() : nullptr;
-  a.hist = w;
-  a.tickets = w + n_hist;
-  a.level = a.tickets + n_tickets;
-  a.prefix = reinterpret_cast<uint32_t*>(a.level + P);
-  a.buffer_count = a.level + 2 * P;
-  a.buffer_level = a.level + 3 * P;
-  a.threshold_bits = a.level + 4 * P;
-  a.tie_count = a.level + 5 * P;
+  bise_select::carve_radix_workspace(a, w, layout, P);
   a.krem = krem.data_ptr<int64_t>();
   a.buffer_key = reinterpret_cast<uint32_t*>(buffer_key.data_ptr<int32_t>());
   a.buffer_index = buffer_index.data_ptr<int64_t>();
   a.cut = cut.data_ptr<int64_t>();
-  check_cuda(bise_radix_select_launch(&a, at::cuda::getCurrentCUDAStream(device.index()).stream()), op);
+  a.solved = nullptr;
+  const cudaStream_t stream = at::cuda::getCurrentCUDAStream(device.index()).stream();
+  if (algo == Algo::kRadix) {
+    check_cuda(bise_radix_select_launch(&a, stream), op);
+  } else {
+    launch_bracket(a, plan, buffers, algo, device, stream, op);
+  }
 
-  auto bits = ws.narrow(0, n_hist + n_tickets + 4 * P, P);
+  auto bits = ws.narrow(0, a.threshold_bits - w, P);
   auto thr = key_bits == 32 ? bits.view(dtype) : bits.to(at::kShort).view(dtype);
   return {thr, cut};
 }

@@ -1,20 +1,26 @@
-"""CUDA radix select (backend "cuda", csrc/cuda/select.cu) at the sizes its paths need, bit for bit.
+"""CUDA select (backend "cuda", csrc/cuda/select*.cu) at the sizes its paths need, bit for bit,
+on both algorithms that BISE_SELECT_CUDA picks (csrc/cuda/select_binding.cpp): the radix select
+and the bracket select, the latter also with its radix fallback forced ("bracket-miss": every
+bracket misses, "bracket-overflow": no candidate buffer).
 
-A chunk of 16384 elements and a buffer of 2048 entries make the small case set
-(test_select_kernels.py, which also runs on "cuda") one chunk that never overflows, so the cases
-here are larger: several chunks, buffer overflow, > 1024 chunks of ties. Needs a GPU and the
-extension built with its CUDA kernels; skipped otherwise.
+The radix select's chunk of 16384 elements and buffer of 2048 entries make the small case set
+one chunk that never overflows, so the cases here are larger: several chunks, buffer overflow,
+> 1024 chunks of ties. The bracket select samples every input, so the small case set reaches all
+of its paths and runs here on each of its modes. Needs a GPU and the extension built with its
+CUDA kernels; skipped otherwise.
 """
 
 import pytest
 import torch
 
-from _select_cases import (DTYPES, check_adversarial, check_batched, check_hints, check_keep_mask, check_list,
-                           skip_unless_supported)
+from _select_cases import (CASE_DTYPE, DTYPES, SMALL_CASES, assert_same_selection, check_adversarial,
+                           check_batched, check_hints, check_keep_mask, check_list, skip_unless_supported)
 from bise_kernels.backends import BackendUnavailableError, kernel_table
+from bise_kernels.backends import reference as ref
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="the CUDA select needs a GPU")
 DEVICE = "cuda"
+ALGOS = ("radix", "bracket", "bracket-miss", "bracket-overflow")
 
 
 @pytest.fixture(scope="module")
@@ -25,21 +31,55 @@ def kernels():
         pytest.skip(f"CUDA kernels not built: {exc}")
 
 
+@pytest.fixture(params=ALGOS)
+def algo(request, monkeypatch):
+    monkeypatch.setenv("BISE_SELECT_CUDA", request.param)
+    return request.param
+
+
+@pytest.mark.parametrize("case", list(SMALL_CASES))
+@pytest.mark.parametrize("mode", ALGOS[1:])
+def test_small_cases_on_the_bracket_select(kernels, monkeypatch, mode, case):
+    skip_unless_supported("cuda", CASE_DTYPE.get(case, torch.float32))
+    monkeypatch.setenv("BISE_SELECT_CUDA", mode)
+    SMALL_CASES[case](kernels, DEVICE)
+
+
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_select_is_bit_identical_on_adversarial_inputs_of_several_chunks(kernels, dtype):
+def test_select_is_bit_identical_on_adversarial_inputs_of_several_chunks(kernels, algo, dtype):
     skip_unless_supported("cuda", dtype)
     n = 100_003
     check_adversarial(kernels, DEVICE, n, dtype, (1, 2, n // 2, n - 1, n))
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_hint_speeds_up_but_never_changes_the_result(kernels, dtype):
+def test_hint_speeds_up_but_never_changes_the_result(kernels, algo, dtype):
     skip_unless_supported("cuda", dtype)
     x = torch.randn(300_000, generator=torch.Generator().manual_seed(3)).to(dtype)
     check_hints(kernels, DEVICE, x, 120_000)
 
 
-def test_global_and_batched_selection_over_several_chunks(kernels):
+def test_stale_hint_inside_the_cold_bracket_misses_the_warm_one(kernels, algo):
+    """A hint 3000 ranks off: inside the cold bracket (~5800 ranks either side for 300 k scores),
+    outside the warm one (~600): the bracket select misses and falls back to the radix select."""
+    x = torch.randn(300_000, generator=torch.Generator().manual_seed(8))
+    k = 120_000
+    stale = torch.sort(x, descending=True).values[k - 1 + 3000]
+    got = kernels["topk_select"]([x.to(DEVICE)], k, stale.to(DEVICE))
+    assert_same_selection(got, ref.topk_select([x], k), "stale hint")
+
+
+def test_ties_at_the_cut_overflow_the_buffer(kernels, algo):
+    """40% of the scores equal the threshold, which is a bracket end: the bracket holds rank k but
+    its candidates overflow the buffer (the fallback); every k through the tie group."""
+    x = torch.randn(500_000, generator=torch.Generator().manual_seed(9))
+    x[::5] = 1.0
+    x[1::5] = 1.0
+    above = int((x > 1.0).sum())
+    check_list(kernels, DEVICE, [x], (above + 1, above + 12_345, above + 200_000))
+
+
+def test_global_and_batched_selection_over_several_chunks(kernels, algo):
     g = torch.Generator().manual_seed(4)
     tensors = [torch.randint(0, 5, s, generator=g).float() for s in [(3, 50), (7,), (2, 3, 2), (1,), (40_000,)]]
     check_list(kernels, DEVICE, tensors, (1, 100, 20_000, 40_170))
@@ -48,18 +88,45 @@ def test_global_and_batched_selection_over_several_chunks(kernels):
     ks = [75_000, 4, 33, 1, 12_345]
     check_batched(kernels, DEVICE, layers, ks)
     check_batched(kernels, DEVICE, layers, ks, hints=torch.tensor([0.0, 0.0, 1.0, 9.0, 0.8]))
+    halves = [t.half() for t in layers]
+    check_batched(kernels, DEVICE, halves, ks, hints=torch.tensor([0.0, 0.0, 1.0, 9.0, 0.8]).half())
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_unaligned_views_take_the_scalar_loads(kernels, algo, dtype):
+    """Scores starting 1 and 3 elements past a 16-byte boundary on the device (no 128-bit loads)."""
+    g = torch.Generator().manual_seed(10)
+    whole = [torch.randn(70_001, generator=g).to(dtype), torch.randint(0, 9, (33_333,), generator=g).to(dtype)]
+    views = [whole[0][1:], whole[1][3:]]
+    on_device = [whole[0].to(DEVICE)[1:], whole[1].to(DEVICE)[3:]]
+    assert all(t.data_ptr() % 16 != 0 for t in on_device)
+    for k in (1, 50_000, 103_330):
+        assert_same_selection(kernels["topk_select"](on_device, k, None), ref.topk_select(views, k), k)
 
 
 def test_tie_cut_over_many_chunks(kernels):
-    """All-equal scores overflow the buffer: the cut comes from per-chunk tie counts (> 1024 chunks)."""
+    """All-equal scores (> 1024 chunks): the radix select's buffer overflows (per-chunk tie counts),
+    the bracket select's bracket is the single value (its fused pass's chunk counts)."""
     x = torch.zeros(20_000_000)
     x[::7] = -0.0
-    check_list(kernels, DEVICE, [x], (1, 12_345_677, 20_000_000))
+    on_device = x.to(DEVICE)
+    for k in (1, 12_345_677, 20_000_000):
+        want = ref.topk_select([x], k)
+        for mode in ALGOS:
+            with pytest.MonkeyPatch.context() as mp:
+                mp.setenv("BISE_SELECT_CUDA", mode)
+                assert_same_selection(kernels["topk_select"]([on_device], k, None), want, (mode, k))
 
 
-def test_non_contiguous_scores_and_keep_mask_over_several_blocks(kernels):
+def test_non_contiguous_scores_and_keep_mask_over_several_blocks(kernels, algo):
     g = torch.Generator().manual_seed(6)
     check_list(kernels, DEVICE, [torch.randint(0, 4, (90, 150), generator=g).float().t()], (5000,))
     x = torch.randint(-2, 3, (50, 41), generator=g).float()
     x[0, :7] = -0.0
     check_keep_mask(kernels, DEVICE, x, 900, offset=13)
+
+
+def test_unknown_algorithm_is_refused(kernels, monkeypatch):
+    monkeypatch.setenv("BISE_SELECT_CUDA", "quick")
+    with pytest.raises(ValueError, match="BISE_SELECT_CUDA"):
+        kernels["topk_select"]([torch.ones(4, device=DEVICE)], 2, None)

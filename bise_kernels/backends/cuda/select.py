@@ -1,7 +1,9 @@
-"""Exact top-k selection on CUDA (csrc/cuda/select.cu), over the ops shared with "cpp" (:mod:`..native`).
+"""Exact top-k selection on CUDA (csrc/cuda/select*.cu), over the ops shared with "cpp" (:mod:`..native`).
 
-The CUDA radix select works on 16- and 32-bit keys: ``DTYPES`` leaves float64 scores to the
-next backend of the registry's order. Importing fails with a reason when the extension was built
+Two algorithms, picked per call by the environment variable ``BISE_SELECT_CUDA``: ``radix``
+(the default) and ``bracket`` (one fused pass in the common case, unmeasured on a GPU so far;
+docs/select.md). Both work on 16- and 32-bit keys: ``DTYPES`` leaves float64 scores to the next
+backend of the registry's order. Importing fails with a reason when the extension was built
 without its CUDA kernels.
 """
 

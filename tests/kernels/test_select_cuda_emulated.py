@@ -1,0 +1,159 @@
+"""The CUDA selects (csrc/cuda/select*.cu) on the CPU, against the reference backend, bit for bit.
+
+No GPU is needed: the kernels are compiled by g++ against a small CUDA emulation
+(select_cuda_emu/emu.h: blocks one after another, the threads of a block as fibers that meet at
+barriers and warp collectives) and run by select_cuda_emu/harness.cpp, which lays out the chunk
+table and workspaces as csrc/cuda/select_binding.cpp does. This checks the kernels' logic, index
+arithmetic and the structure of their barriers and warp collectives on every path of both
+algorithms (radix; bracket: single value, buffered, missed, overflowed, forced fallbacks), not
+races between blocks or the memory model: tests/kernels/test_select_cuda.py does that on a GPU.
+Skipped without g++ or off Linux x86-64.
+"""
+
+import platform
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from _oracle import adversarial_inputs
+from bise_kernels.backends import reference as ref
+
+ROOT = Path(__file__).resolve().parents[2]
+EMU = Path(__file__).resolve().parent / "select_cuda_emu"
+CXX = shutil.which("g++")
+ALGOS = {"radix": 0, "bracket": 1, "bracket-miss": 2, "bracket-overflow": 3}
+MISSED, SINGLE, BUFFERED, OVERFLOWED = 0, 1, 2, 3
+VIEW = {torch.float32: torch.int32, torch.float16: torch.int16, torch.bfloat16: torch.int16}
+
+pytestmark = pytest.mark.skipif(CXX is None or sys.platform != "linux" or platform.machine() != "x86_64",
+                                reason="the CUDA emulation needs g++ on Linux x86-64")
+
+
+def _for_the_cpu(source: str) -> str:
+    """A .cu file as C++ over emu.h: no cub headers, launches as emu::launch calls."""
+    source = re.sub(r"#include <cub/[^>]*>\n", "", source)
+    launches = source.count("<<<")
+    source, done = re.subn(r"(\w+<[^<>]*?>)<<<([^,]+), ([^,]+), 0, stream>>>\(([^;]*)\);",
+                           r"emu::launch(\2, \3, [&] { \1(\4); });", source)
+    assert done == launches, "a kernel launch the emulation does not recognise"
+    return '#include "emu.h"\n' + source
+
+
+@pytest.fixture(scope="module")
+def harness(tmp_path_factory):
+    build = tmp_path_factory.mktemp("select_cuda_emu")
+    (build / "cuda").mkdir()
+    (build / "stub").mkdir()
+    (build / "stub" / "cuda_runtime_api.h").write_text("#pragma once\n")
+    shutil.copy(ROOT / "csrc" / "select_bracket.h", build / "select_bracket.h")
+    shutil.copy(ROOT / "csrc" / "cuda" / "select.h", build / "cuda" / "select.h")
+    common = (ROOT / "csrc" / "cuda" / "select_common.cuh").read_text()
+    (build / "cuda" / "select_common.cuh").write_text(re.sub(r"#include <cub/[^>]*>\n", "", common))
+    sources = [EMU / "harness.cpp"]
+    for name in ("select", "select_bracket"):
+        sources.append(build / "cuda" / f"{name}.cpp")
+        sources[-1].write_text(_for_the_cpu((ROOT / "csrc" / "cuda" / f"{name}.cu").read_text()))
+    binary = build / "harness"
+    flags = ["-std=c++20", "-O1", f"-I{EMU}", f"-I{build}", f"-I{build / 'cuda'}", f"-I{build / 'stub'}"]
+    done = subprocess.run([CXX, *flags, *map(str, sources), "-o", str(binary)], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-4000:]
+    return binary
+
+
+class Runs:
+    """Selections to run in one harness call, each with its reference result."""
+
+    def __init__(self):
+        self.words, self.want, self.count = [], [], 0
+
+    def add(self, algo: str, tensors, ks, hints=None):
+        """One call: ``len(ks)`` problems (batched: one tensor each; else ``ks`` has one k for all)."""
+        dtype = tensors[0].dtype
+        problems = [[t] for t in tensors] if len(ks) > 1 else [list(tensors)]
+        self.words += [32 if dtype == torch.float32 else 16, ALGOS[algo], len(problems)]
+        for p, (group, k) in enumerate(zip(problems, ks)):
+            hint = None if hints is None else hints.reshape(-1)[p].to(dtype)
+            self.words += [k, hint is not None, 0 if hint is None else self._bits(hint.reshape(1))[0], len(group)]
+            for t in group:
+                self.words += [t.numel(), *self._bits(t)]
+        thr, cut = ref.batched_topk_select(tensors, ks) if len(ks) > 1 else ref.topk_select(tensors, ks[0])
+        for p, (t, c) in enumerate(zip(thr.reshape(-1), cut.reshape(-1))):
+            self.want.append((algo, p, int(self._bits(t.reshape(1))[0]), int(c)))
+        self.count += 1
+
+    @staticmethod
+    def _bits(t: torch.Tensor) -> list[int]:
+        view = t.contiguous().reshape(-1).view(VIEW[t.dtype]).to(torch.int64)
+        return (view & (0xFFFFFFFF if t.dtype == torch.float32 else 0xFFFF)).tolist()
+
+    def run(self, harness, tmp_path):
+        (tmp_path / "in.bin").write_bytes(torch.tensor([self.count] + self.words, dtype=torch.int64).numpy().tobytes())
+        done = subprocess.run([str(harness), str(tmp_path / "in.bin"), str(tmp_path / "out.bin")],
+                              capture_output=True, text=True, timeout=900)
+        assert done.returncode == 0, done.stderr[-4000:]
+        out = torch.frombuffer(bytearray((tmp_path / "out.bin").read_bytes()), dtype=torch.int64).reshape(-1, 3)
+        assert out.shape[0] == len(self.want)
+        paths = {}
+        for (algo, p, thr, cut), (got_thr, got_cut, path) in zip(self.want, out.tolist()):
+            assert (got_thr, got_cut) == (thr, cut), (algo, p, (got_thr, got_cut), (thr, cut))
+            assert path != 100, (algo, p, "solved flag disagrees with the bracket's outcome")
+            paths.setdefault(algo, set()).add(path)
+        return paths
+
+
+def _hints(x: torch.Tensor, k: int) -> list:
+    """No hint, the exact threshold, one 1% of the ranks off (stale)."""
+    order = torch.sort(x.reshape(-1), descending=True).values
+    return [None, order[k - 1], order[min(x.numel() - 1, k - 1 + max(3, x.numel() // 100))]]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_adversarial_inputs_hints_and_batches(harness, tmp_path, dtype):
+    runs = Runs()
+    n = 300
+    inputs = adversarial_inputs(n, dtype, seed=4)
+    for x in inputs.values():
+        for k in (1, 2, n // 2, n - 1, n):
+            for hint in _hints(x, k):
+                for algo in ALGOS:
+                    runs.add(algo, [x], [k], hint)
+    g = torch.Generator().manual_seed(5)
+    layers = list(inputs.values()) + [torch.randn(1, generator=g).to(dtype)]
+    ks = [1 + (i * 97) % t.numel() for i, t in enumerate(layers)]
+    hints = torch.stack([t.reshape(-1)[i % t.numel()] for i, t in enumerate(layers)])
+    for algo in ALGOS:
+        runs.add(algo, layers, ks)
+        runs.add(algo, layers, ks, hints)
+    paths = runs.run(harness, tmp_path)
+    assert {SINGLE, BUFFERED, MISSED} <= paths["bracket"]
+    assert paths["bracket-miss"] == {MISSED}
+
+
+def test_several_chunks_lists_overflow_and_finishing_blocks(harness, tmp_path):
+    """Lists over several 16384-element chunks, 40% ties at the threshold (the buffer overflows),
+    and a buffer of more than 4096 candidates (several blocks per finishing level)."""
+    runs = Runs()
+    g = torch.Generator().manual_seed(6)
+    tensors = [torch.randn(20_000, generator=g), torch.randint(0, 3, (7,), generator=g).float(),
+               torch.zeros(5), torch.randn(17_000, generator=g)[1:]]
+    total = sum(t.numel() for t in tensors)
+    for k in (1, 100, total // 2, total):
+        for algo in ALGOS:
+            runs.add(algo, tensors, [k])
+    ties = torch.randn(20_000, generator=g)
+    ties[::5] = 1.0
+    ties[1::5] = 1.0
+    above = int((ties > 1.0).sum())
+    for algo in ALGOS:
+        runs.add(algo, [ties], [above + 1])
+    big = torch.randn(150_000, generator=g)
+    for hint in _hints(big, 60_000):
+        runs.add("bracket", [big], [60_000], hint)
+    paths = runs.run(harness, tmp_path)
+    assert {OVERFLOWED, BUFFERED, MISSED} <= paths["bracket"]
+    assert paths["bracket-overflow"] <= {SINGLE, OVERFLOWED, MISSED}
