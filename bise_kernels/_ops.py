@@ -94,7 +94,10 @@ def _layer_op(op, forward: Callable, setup: Callable, backward: Callable) -> Cal
     Why: the custom-op call costs about 40 us of dispatch on top of the kernels, and an
     autograd.Function with a separate setup_context another 50 us of signature binding (cProfile of
     a MaskedLinear forward + backward, docs/masked.md); a masked layer would cost several dense
-    ones per call. An old-style Function (forward(ctx, ...)) binds nothing.
+    ones per call. An old-style Function (forward(ctx, ...)) binds nothing. It is applied through
+    the C ``_FunctionBase.apply`` that ``Function.apply`` ends in: what that Python wrapper adds
+    (a setup_context probe, unwrapping functorch tensors) cannot apply here, as :func:`_plain_eager`
+    rules out functorch transforms, and costs 2.5 of its 6 us (benchmarks/bench_masked_overhead.py).
     """
 
     class Eager(torch.autograd.Function):
@@ -108,12 +111,14 @@ def _layer_op(op, forward: Callable, setup: Callable, backward: Callable) -> Cal
         def backward(ctx, *grads):
             return backward(ctx, *grads)
 
+    apply = super(torch.autograd.Function, Eager).apply
+
     @functools.wraps(forward)
     def call(*args):
         if not _plain_eager(args):
             return op(*args)
         if torch.is_grad_enabled() and any(isinstance(a, Tensor) and a.requires_grad for a in args):
-            return Eager.apply(*args)
+            return apply(*args)
         return forward(*args)
 
     call.op = op
