@@ -32,10 +32,12 @@ def calls(features: int, batch: int) -> dict[str, Callable[[], None]]:
     w = torch.randn(features, features, generator=g, requires_grad=True)
     s = torch.randn(features, features, generator=g, requires_grad=True)
     layer = bk.MaskedLinear(features, features, bias=False, density=0.5)
+    keep = bk.MaskedLinear(features, features, bias=False, density=0.5, mask_mode="keep")
     channels = max(features // 4, 1)
     gate = bk.ChannelGate(channels, temperature=0.5)
     xg = torch.randn(batch, channels, 4, 4, generator=g, requires_grad=True)
     conv = bk.MaskedConv2d(channels, channels, 3, padding=1, bias=False, density=0.5)
+    conv_keep = bk.MaskedConv2d(channels, channels, 3, padding=1, bias=False, density=0.5, mask_mode="keep")
     wc = conv.weight.detach().clone().requires_grad_()
     xc = torch.randn(batch, channels, 4, 4, generator=g, requires_grad=True)
     return {
@@ -43,20 +45,13 @@ def calls(features: int, batch: int) -> dict[str, Callable[[], None]]:
         "masked_linear(threshold=0)": lambda: bk.masked_linear(x, w, None, s, threshold=0.0).sum().backward(),
         "masked_linear(density=0.5)": lambda: bk.masked_linear(x, w, None, s, density=0.5).sum().backward(),
         "MaskedLinear (cached)": lambda: layer(x).sum().backward(),
-        "MaskedLinear keep (cached)": _keep_call(layer, x),
+        "MaskedLinear keep (cached)": lambda: keep(x).sum().backward(),
         f"ChannelGate({channels}), x*g base": lambda: gate(xg).sum().backward(),
         "eager x*g": lambda: (xg * (gate.scores >= 0).to(xg.dtype)[:, None, None]).sum().backward(),
         f"MaskedConv2d({channels}) (cached)": lambda: conv(xc).sum().backward(),
+        f"MaskedConv2d({channels}) keep (cached)": lambda: conv_keep(xc).sum().backward(),
         "dense F.conv2d": lambda: F.conv2d(xc, wc, padding=1).sum().backward(),
     }
-
-
-def _keep_call(layer, x) -> Callable[[], None]:
-    keep = bk.MaskedLinear(layer.in_features, layer.out_features, bias=False, density=0.5)
-    if "mask_mode" not in keep.__class__.__dict__:  # a checkout without the packed mask
-        return lambda: None
-    keep.mask_mode = "keep"
-    return lambda: keep(x).sum().backward()
 
 
 def measure(features: int, batch: int, rounds: int, per_round: int) -> dict[str, dict[str, float]]:
