@@ -10,10 +10,21 @@ the skipped final refit) to mask epochs (100); "paper" is the paper's own (100 m
 head epochs per phase), run only with BISE_BENCH_PAPER=1 (minutes). Data: colored-digits (1,258
 training images, 3x8x8), untrained models, single thread. With --benchmark-disable: 1 mask epoch,
 1 head epoch on 200 images (a smoke run).
+
+``python benchmarks/bench_extract.py --schedule small|paper --rounds N`` runs the two loops in
+interleaved rounds in one process (cached, straightforward, cached, ...) and prints the median
+wall clock of each, their ratio and the phases (``sub.info["timing_seconds"]``) as JSON, with the
+machine, torch version and commit: the figures of docs/workflow.md.
 """
 
+import argparse
 import dataclasses
+import json
 import os
+import platform
+import statistics
+import subprocess
+import time
 
 import pytest
 import torch
@@ -28,6 +39,10 @@ _masks: dict = {}
 
 @pytest.fixture(scope="module")
 def digits():
+    # extract() calls torch.use_deterministic_algorithms, whose first call imports torch._inductor
+    # (about 2 s, once per process): paid here, not by whichever loop happens to run first
+    torch.use_deterministic_algorithms(torch.are_deterministic_algorithms_enabled(),
+                                       warn_only=torch.is_deterministic_algorithms_warn_only_enabled())
     return pytest.importorskip("bise.data").load("colored-digits", seed=0)
 
 
@@ -61,3 +76,63 @@ def test_extract_wall_clock(benchmark, digits, schedule, arch, cache):
     benchmark.extra_info.update(units_kept=sub.units_kept, units_total=sub.units_total,
                                 mask_epochs=config.mask_epochs, head_epochs=config.head_epochs,
                                 train_images=len(data.train), timing_seconds=sub.info["timing_seconds"])
+
+
+def _machine() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            model = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        model = platform.processor() or platform.machine()
+    return f"{model}, {os.cpu_count()} cores, load average {os.getloadavg()[0]:.1f} at the start"
+
+
+def _commit() -> str:
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=root).stdout
+    dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True, text=True,
+                           cwd=root).stdout
+    return head.strip() + (" (with uncommitted changes)" if dirty.strip() else "")
+
+
+def main(argv=None) -> dict:
+    parser = argparse.ArgumentParser(description="cached vs straightforward extraction, interleaved rounds")
+    parser.add_argument("--schedule", choices=list(SCHEDULES), default="small")
+    parser.add_argument("--arch", choices=list(ARCHS), action="append", help="default: all")
+    parser.add_argument("--rounds", type=int, default=3)
+    args = parser.parse_args(argv)
+    torch.set_num_threads(1)
+    torch.use_deterministic_algorithms(False)  # the one-time _inductor import, before any timing
+    from bise.data import load
+
+    data = load("colored-digits", seed=0)
+    out = {"machine": _machine(), "torch": torch.__version__, "commit": _commit(), "threads": 1,
+           "schedule": args.schedule, "rounds": args.rounds, "archs": {}}
+    for arch in args.arch or list(ARCHS):
+        runs = {True: [], False: []}
+        for _ in range(args.rounds):
+            masks = {}
+            for cache in (True, False):
+                torch.manual_seed(0)
+                model = build_model(arch, data.num_classes, data.input_shape, width=ARCHS[arch]).eval()
+                start = time.perf_counter()
+                sub = extract(model, data, config=ExtractConfig(**SCHEDULES[args.schedule], cache_features=cache),
+                              quiet=True)
+                runs[cache].append((time.perf_counter() - start, sub.info["timing_seconds"]))
+                masks[cache] = sub.masks
+            assert all(torch.equal(masks[True][n], masks[False][n]) for n in masks[True]), "the two loops differ"
+        result = {}
+        for cache, name in ((True, "cached"), (False, "straightforward")):
+            seconds = [r[0] for r in runs[cache]]
+            phases = {k: statistics.median(r[1].get(k, 0.0) for r in runs[cache]) for k in runs[cache][0][1]}
+            result[name] = {"seconds": statistics.median(seconds), "rounds": seconds, "phases": phases}
+        result["ratio"] = result["straightforward"]["seconds"] / result["cached"]["seconds"]
+        result["masks_equal"] = True
+        out["archs"][arch] = result
+        print(json.dumps({arch: result}), flush=True)
+    print(json.dumps(out, indent=1))
+    return out
+
+
+if __name__ == "__main__":
+    main()

@@ -3,6 +3,7 @@ worst-group accuracy, the per-(y, b) group table and, for two biases, the four a
 
 from __future__ import annotations
 
+import math
 from typing import Optional
 
 import torch
@@ -45,10 +46,24 @@ def metrics_from_predictions(pred: Tensor, y: Tensor, b: Tensor) -> dict:
     aligned = agree.all(dim=1)
     groups = {}
     keys = torch.cat([y.view(-1, 1), bias], dim=1)
-    for key in torch.unique(keys, dim=0).tolist():
-        where = (keys == torch.tensor(key)).all(dim=1)
-        gb = key[1] if bias.shape[1] == 1 else tuple(key[1:])
-        groups[_group_key(key[0], gb)] = _mean(correct, where)
+    if bool((keys < 0).any()):
+        raise ValueError("y and b must be non-negative class indices")
+    # one bincount over the (y, b...) rows read as mixed-radix numbers: groups in lexicographic order
+    radix = (keys.max(dim=0).values + 1).tolist()
+    flat = torch.zeros(len(keys), dtype=torch.long)
+    for column, base in enumerate(radix):
+        flat = flat * base + keys[:, column]
+    size = math.prod(radix)
+    counts = torch.bincount(flat, minlength=size).tolist()
+    hits = torch.bincount(flat, weights=correct.double(), minlength=size).tolist()
+    for code, (n, hit) in enumerate(zip(counts, hits)):
+        if n:
+            key, rest = [], code
+            for base in reversed(radix):
+                key.append(rest % base)
+                rest //= base
+            key.reverse()
+            groups[_group_key(key[0], key[1] if bias.shape[1] == 1 else tuple(key[1:]))] = hit / n
     values = list(groups.values())
     metrics = {
         "accuracy": float(correct.mean()),

@@ -36,8 +36,11 @@ from .data.maskset import PROTOCOLS as MASK_SETS
 from .data.maskset import mask_data
 from .evaluate import predict
 from .feature_cache import BottleneckTap, FrozenPrefix
+from .gated_chain import GatedChain
 from .gates import find_bottleneck, gates_of, insert_gates, remove_gates, set_gate_mode
 from .heads import set_head_grads
+from .mask_loss import objective_and_grad
+from .sgd import sgd_step
 from .subnetwork import Subnetwork
 from .models import reinitialize
 from .recipes import recipe_for
@@ -189,6 +192,7 @@ class _Run:
         self.splits: dict[str, DeviceSplit] = {}
         self.timing: dict[str, float] = {}
         self.memo: dict[str, tuple[bytes, Tensor]] = {}
+        self.chain: Optional[GatedChain] = None  # set by build_chain
 
     def split(self, key: str) -> DeviceSplit:
         """Split ``key`` (train / val / test) on the device, made once per run."""
@@ -222,6 +226,7 @@ class _Run:
             self.val = _Labels(data.val.y.long(), val_b, getattr(data.val, "b", None))
         self.num_bias_classes = num_bias_classes
         self.weighting = weighting
+        self.device_labels: Optional[tuple] = None  # made by labels_on_device
         rho = config.rho if config.rho is not None else getattr(data, "rho", None)
         if weighting == "symmetric-rho" and rho is None:
             raise ValueError("weighting 'symmetric-rho' needs rho (config.rho or data.rho)")
@@ -343,10 +348,17 @@ class _Run:
                         self.head_opt.zero_grad(set_to_none=True)
                         loss.backward()
                     distributed.all_reduce_grads(params)
-                    self.head_opt.step()
+                    self.optimizer_step(self.head_opt)
         finally:
             if tap is not None:
                 tap.close()
+
+    def optimizer_step(self, optimizer: torch.optim.SGD) -> None:
+        """``optimizer.step()``; with ``cache_features`` through :func:`bise.sgd.sgd_step` (the same update)."""
+        if self.config.cache_features:
+            sgd_step(optimizer)
+        else:
+            optimizer.step()
 
     def aux_loss(self, z: Tensor, b2: Tensor) -> Tensor:
         return sum(F.cross_entropy(head(z.detach()), b2[:, k]) for k, head in enumerate(self.heads))
@@ -360,54 +372,104 @@ class _Run:
     def mask_steps(self) -> Tensor:
         """The steps of :meth:`mask_epoch`; returns this rank's sums of the four losses on the device.
 
-        No host synchronisation: labels, indices and sums stay on the device.
+        No host synchronisation: labels, indices and sums stay on the device. With the prefix
+        cached and a chain-shaped model, the network part of each step runs through
+        :class:`~bise.gated_chain.GatedChain`, the default objective through
+        :func:`~bise.mask_loss.objective_and_grad` and the head gradients through
+        :func:`~bise.heads.set_head_grads` (the ATen calls autograd would make, bit for bit).
         """
-        config = self.config
         set_gate_mode(self.gates, "masked")
-        tap = BottleneckTap(self.bottleneck)
-        y, b, b2 = (to_device(t, self.device) for t in (self.train.y, self.train.b, self.train.b2))
-        table = to_device(self.table, self.device)
+        chain = self.chain
+        tap = BottleneckTap(self.bottleneck) if chain is None else None
+        # the objective's gradient without autograd (bise.mask_loss) covers the default objective
+        plain_objective = (len(self.heads) == 1 and self.dist.world_size == 1 and self.config.reweight
+                           and self.config.mi)
+        b2 = self.labels_on_device()[2]
         totals = torch.zeros(4, dtype=torch.float64, device=self.device)
         batches = self.split("train").indices(self.batch_size, self.generator, self.dist)
-        world = self.dist.world_size
+        scales: dict[float, Tensor] = {}
         try:
             for idx, n_global in tqdm(batches, desc=f"mask epoch {self.epoch + 1}", unit="batch",
                                       disable=self.quiet, leave=False):
-                logits = self.forward("train", idx).float()
-                z = tap.take().float()
-                yb = y[idx]
-                if config.reweight:
-                    lr_ = losses.reweighted_cross_entropy(logits, yb, b[idx], group_weights=table)
+                if chain is None:
+                    logits = self.forward("train", idx).float()
+                    z = tap.take().float()
+                    objective, lr_, mi = self.mask_objective(logits, z, idx, n_global)
+                    aux = distributed.scaled(self.aux_loss(z, b2[idx]), len(idx), n_global)
+                    for s in self.scores:
+                        s.grad = torch.zeros_like(s)
+                    objective.backward()
+                    distributed.all_reduce_grads(self.scores)
+                    self.head_opt.zero_grad(set_to_none=True)
+                    aux.backward()
                 else:
-                    lr_ = F.cross_entropy(logits, yb)
-                lr_ = distributed.scaled(lr_, len(idx), n_global)
-                mi = logits.new_zeros(())
-                if config.mi:  # defined on the global batch: every rank sees all ranks' samples
-                    heads = len(self.heads)
-                    packed = torch.cat([head(z) for head in self.heads] + [yb[:, None].to(z.dtype),
-                                                                         b2[idx].to(z.dtype)], dim=1)
-                    packed = distributed.all_gather_rows(packed, distributed.share_sizes(n_global, world))
-                    k_ = self.num_bias_classes
-                    y_all = packed[:, heads * k_].long()
-                    for k in range(heads):
-                        b_all = packed[:, heads * k_ + 1 + k].long()
-                        mi = mi + losses.mutual_information(packed[:, k * k_:(k + 1) * k_], b_all, k_,
-                                                            sample_mask=y_all != b_all) / world
-                aux = distributed.scaled(self.aux_loss(z, b2[idx]), len(idx), n_global)
-                objective = config.alpha * lr_ + config.gamma * mi
-                for s in self.scores:
-                    s.grad = torch.zeros_like(s)
-                objective.backward()
-                distributed.all_reduce_grads(self.scores)
-                self.head_opt.zero_grad(set_to_none=True)
-                aux.backward()
+                    z = chain.forward(self.cached["train"].index_select(0, idx))
+                    if plain_objective:
+                        y, b, _, table = self.labels_on_device()
+                        objective, lr_, mi, grad_z = objective_and_grad(
+                            z, chain.head, self.heads[0], y[idx], b[idx], b2[idx], table, self.num_bias_classes,
+                            self.config.alpha, self.config.gamma)
+                    else:
+                        z.requires_grad_()
+                        objective, lr_, mi = self.mask_objective(chain.logits(z), z, idx, n_global)
+                        grad_z, = torch.autograd.grad(objective, z)
+                    for s in self.scores:
+                        s.grad = torch.zeros_like(s)
+                    chain.backward(grad_z)
+                    distributed.all_reduce_grads(self.scores)
+                    scale = len(idx) / n_global
+                    if scale not in scales:
+                        scales[scale] = torch.full((), scale, device=self.device)
+                    aux = distributed.scaled(set_head_grads(self.heads, z.detach(), b2.index_select(0, idx),
+                                                            scales[scale]), len(idx), n_global)
                 distributed.all_reduce_grads(list(self.heads.parameters()))
-                self.mask_opt.step()
-                self.head_opt.step()
+                self.optimizer_step(self.mask_opt)
+                self.optimizer_step(self.head_opt)
                 totals += torch.stack([objective, lr_, mi, aux]).detach().double() * n_global
         finally:
-            tap.close()
+            if tap is not None:
+                tap.close()
         return totals
+
+    def mask_objective(self, logits: Tensor, z: Tensor, idx: Tensor, n_global: int) -> tuple[Tensor, Tensor, Tensor]:
+        """``(alpha L_r + gamma I, L_r, I)`` of one batch: ``logits`` and bottleneck features ``z`` of samples ``idx``."""
+        config, world = self.config, self.dist.world_size
+        y, b, b2, table = self.labels_on_device()
+        yb = y[idx]
+        if config.reweight:
+            lr_ = losses.reweighted_cross_entropy(logits, yb, b[idx], group_weights=table)
+        else:
+            lr_ = F.cross_entropy(logits, yb)
+        lr_ = distributed.scaled(lr_, len(idx), n_global)
+        mi = logits.new_zeros(())
+        if config.mi:  # defined on the global batch: every rank sees all ranks' samples
+            heads = len(self.heads)
+            packed = torch.cat([head(z) for head in self.heads] + [yb[:, None].to(z.dtype), b2[idx].to(z.dtype)],
+                               dim=1)
+            packed = distributed.all_gather_rows(packed, distributed.share_sizes(n_global, world))
+            k_ = self.num_bias_classes
+            y_all = packed[:, heads * k_].long()
+            for k in range(heads):
+                b_all = packed[:, heads * k_ + 1 + k].long()
+                mi = mi + losses.mutual_information(packed[:, k * k_:(k + 1) * k_], b_all, k_,
+                                                    sample_mask=y_all != b_all) / world
+        return config.alpha * lr_ + config.gamma * mi, lr_, mi
+
+    def labels_on_device(self) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """The training split's y, b, b2 and the weight table on the device (copied once per run)."""
+        if self.device_labels is None:
+            self.device_labels = tuple(to_device(t, self.device)
+                                       for t in (self.train.y, self.train.b, self.train.b2, self.table))
+        return self.device_labels
+
+    def build_chain(self) -> None:
+        """The mask step's :class:`GatedChain` when the prefix is cached (None: autograd runs the network)."""
+        self.chain = None
+        if self.prefix is None or self.config.amp or "train" not in self.cached:
+            return
+        set_gate_mode(self.gates, "masked")
+        with self.prefix:
+            self.chain = GatedChain.build(self.model, self.prefix, self.bottleneck, self.cached["train"][:8])
 
     def init_trainables(self) -> None:
         """Scores at 0 and tau0; fresh heads (one per bias) on the bottleneck; the two SGD optimisers."""
@@ -563,6 +625,7 @@ def prepare_run(model: nn.Module, data, config: ExtractConfig, quiet: bool = Tru
         run.load_state(ckpt, ckpt_path)
     with run.clock("caches"):
         run.prepare_caches()
+        run.build_chain()
     return run
 
 

@@ -17,6 +17,7 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from . import losses, validate
+from .batching import DeviceSplit, to_device
 from .evaluate import evaluate
 from .recipes import recipe_for
 from .train import _optimizer, train_epoch
@@ -52,18 +53,20 @@ def finetune(model: nn.Module, data, *, epochs: int = 10, scheme: Optional[str] 
     table = losses.weight_table(scheme, num_classes=data.num_classes, rho=rho, targets=train.y.long(),
                                 bias=b if b.dim() == 1 else None, num_bias_classes=data.num_bias_classes)
     model = copy.deepcopy(model).to(device)
-    y_dev, b_dev = train.y.long().to(device), b.to(device)  # train_epoch gives loss_fn indices on the device
+    # the splits go to the device once; train_epoch gives loss_fn indices on the device
+    train_dev = DeviceSplit(train, device)
+    y_dev, b_dev = train_dev.y, to_device(b, train_dev.device)
     for p in model.parameters():
         p.requires_grad_(True)
     opt = _optimizer(model.parameters(), recipe, lr)
     gen = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)
-    val = data.val if data.val is not None and len(data.val) else None
+    val = DeviceSplit(data.val, device) if data.val is not None and len(data.val) else None
     best_acc, best_state = None, None
     bar = tqdm(range(1, epochs + 1), desc="BISE+FT", unit="epoch", disable=quiet)
     for epoch in bar:
         model.train()
-        mean_loss = train_epoch(model, train, opt, gen, batch_size, device,
+        mean_loss = train_epoch(model, train_dev, opt, gen, batch_size, device,
                                 lambda logits, idx: losses.reweighted_cross_entropy(
                                     logits, y_dev[idx], b_dev[idx], group_weights=table))
         record = {"epoch": epoch, "train_loss": mean_loss, "val": None}

@@ -22,20 +22,24 @@ _IGNORE = -100
 
 
 @torch.no_grad()
-def set_head_grads(heads: Sequence[nn.Linear], z: Tensor, targets: Tensor, scale: Tensor) -> None:
+def set_head_grads(heads: Sequence[nn.Linear], z: Tensor, targets: Tensor, scale: Tensor) -> Tensor:
     """``p.grad`` of every head parameter for ``scale * sum_h CE(heads[h](z), targets[:, h])``.
 
     ``z``: (B, d) features; ``targets``: (B, H) int64 labels, one column per head; ``scale``: a 0-d
-    tensor on z's device (the loss weight, e.g. local / global batch size).
+    tensor on z's device (the loss weight, e.g. local / global batch size). Returns the unscaled
+    ``sum_h CE`` (summed like Python's ``sum`` of the per-head losses).
     """
+    ces = []
     for h, head in enumerate(heads):
         t = targets[:, h]
         logp = torch.log_softmax(F.linear(z, head.weight, head.bias), 1)
-        _, total_weight = torch.ops.aten.nll_loss_forward(logp, t, None, _MEAN, _IGNORE)
+        ce, total_weight = torch.ops.aten.nll_loss_forward(logp, t, None, _MEAN, _IGNORE)
+        ces.append(ce)
         g = torch.ops.aten.nll_loss_backward(scale, logp, t, None, _MEAN, _IGNORE, total_weight)
         g = torch.ops.aten._log_softmax_backward_data(g, logp, 1, logp.dtype)
         head.weight.grad = g.t().mm(z)
         head.bias.grad = g.sum(0)
+    return sum(ces)
 
 
 __all__ = ["set_head_grads"]

@@ -74,6 +74,58 @@ struct BracketArgs {
   int32_t* solved;              // num_problems: 1 once the bracket select wrote thr and cut
 };
 
+// Workspace layouts, one definition for the binding and the CPU emulation test
+// (tests/kernels/select_cuda_emu): how many words each select needs and where each array lies.
+struct RadixWorkspace {
+  int64_t n_hist, n_tickets, words;  // int32 words in all
+};
+
+inline RadixWorkspace radix_workspace(int64_t P, int64_t C, int key_bits) {
+  const int64_t levels = num_levels(key_bits);
+  const int64_t n_hist = P * 2 * levels * kBins, n_tickets = P * (levels + 1);
+  return {n_hist, n_tickets, n_hist + n_tickets + 5 * P + C};
+}
+
+// Points a's workspace arrays into w (radix_workspace(...).words int32, zeroed).
+inline void carve_radix_workspace(SelectArgs& a, int32_t* w, const RadixWorkspace& ws, int64_t P) {
+  a.hist = w;
+  a.tickets = w + ws.n_hist;
+  a.level = a.tickets + ws.n_tickets;
+  a.prefix = reinterpret_cast<uint32_t*>(a.level + P);
+  a.buffer_count = a.level + 2 * P;
+  a.buffer_level = a.level + 3 * P;
+  a.threshold_bits = a.level + 4 * P;
+  a.tie_count = a.level + 5 * P;
+}
+
+struct BracketWorkspace {
+  int64_t levels1, n_hist, words64, words32;  // levels + 1; int64 and int32 words in all
+};
+
+inline BracketWorkspace bracket_workspace(int64_t P, int64_t C, int key_bits) {
+  const int64_t L1 = num_levels(key_bits) + 1, n_hist = P * (L1 - 1) * kBins;
+  return {L1, n_hist, 2 * P + P * L1, 4 * P + 2 * C + 2 * P * L1 + n_hist + P * L1};
+}
+
+// Points b's workspace arrays into w64 / w32 (bracket_workspace(...) words, zeroed); the fallback
+// radix select shares b.solved.
+inline void carve_bracket_workspace(BracketArgs& b, int64_t* w64, int32_t* w32, const BracketWorkspace& ws,
+                                    int64_t P, int64_t C) {
+  b.above = reinterpret_cast<unsigned long long*>(w64);
+  b.inside = reinterpret_cast<unsigned long long*>(w64 + P);
+  b.rank = w64 + 2 * P;
+  b.buffer_count = w32;
+  b.lo = reinterpret_cast<uint32_t*>(w32 + P);
+  b.hi = reinterpret_cast<uint32_t*>(w32 + 2 * P);
+  b.solved = w32 + 3 * P;
+  b.inside_chunk = w32 + 4 * P;
+  b.tie_chunk = b.inside_chunk + C;
+  b.range = reinterpret_cast<uint32_t*>(b.tie_chunk + C);
+  b.hist = reinterpret_cast<int32_t*>(b.range + 2 * P * ws.levels1);
+  b.tickets = b.hist + ws.n_hist;
+  b.radix.solved = b.solved;
+}
+
 }  // namespace bise_select
 
 extern "C" {

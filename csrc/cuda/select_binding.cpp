@@ -100,7 +100,7 @@ void check_cuda(cudaError_t err, const char* what) {
 void launch_bracket(const bise_select::SelectArgs& a, const Plan& plan, const std::vector<int64_t>& buffers,
                     Algo algo, const at::Device& device, cudaStream_t stream, const char* op) {
   const int64_t P = a.num_problems, C = a.num_chunks;
-  const int64_t L1 = bise_select::num_levels(a.key_bits) + 1;
+  const bise_select::BracketWorkspace layout = bise_select::bracket_workspace(P, C, a.key_bits);
   const bool overflow = algo == Algo::kBracketOverflow;
   int64_t capacity = 0, largest = 0;
   for (int64_t p = 0; p < P && !overflow; ++p) {
@@ -109,10 +109,8 @@ void launch_bracket(const bise_select::SelectArgs& a, const Plan& plan, const st
   }
   const int64_t finish_blocks = std::max<int64_t>(1, (largest + bise_select::kFinishPerBlock - 1) / bise_select::kFinishPerBlock);
   TORCH_CHECK(finish_blocks * P <= std::numeric_limits<int32_t>::max(), op, ": too many problems for one launch");
-  // int64 words: above, inside (P each), rank (P x L1); int32 words: the rest.
-  auto ws64 = at::zeros({2 * P + P * L1}, at::TensorOptions().dtype(at::kLong).device(device));
-  const int64_t n_hist = P * (L1 - 1) * kBins;
-  auto ws32 = at::zeros({4 * P + 2 * C + 2 * P * L1 + n_hist + P * L1}, at::TensorOptions().dtype(at::kInt).device(device));
+  auto ws64 = at::zeros({layout.words64}, at::TensorOptions().dtype(at::kLong).device(device));
+  auto ws32 = at::zeros({layout.words32}, at::TensorOptions().dtype(at::kInt).device(device));
   auto keys = at::empty({capacity}, at::TensorOptions().dtype(at::kInt).device(device));
   auto index = at::empty({capacity}, at::TensorOptions().dtype(at::kInt).device(device));
   auto offsets = overflow ? at::zeros({P + 1}, at::TensorOptions().dtype(at::kLong).device(device)) : plan.buffers;
@@ -126,19 +124,7 @@ void launch_bracket(const bise_select::SelectArgs& a, const Plan& plan, const st
   b.force_miss = algo == Algo::kBracketMiss;
   b.buffer_key = reinterpret_cast<uint32_t*>(keys.data_ptr<int32_t>());
   b.buffer_index = reinterpret_cast<uint32_t*>(index.data_ptr<int32_t>());
-  b.above = reinterpret_cast<unsigned long long*>(w64);
-  b.inside = reinterpret_cast<unsigned long long*>(w64 + P);
-  b.rank = w64 + 2 * P;
-  b.buffer_count = w32;
-  b.lo = reinterpret_cast<uint32_t*>(w32 + P);
-  b.hi = reinterpret_cast<uint32_t*>(w32 + 2 * P);
-  b.solved = w32 + 3 * P;
-  b.inside_chunk = w32 + 4 * P;
-  b.tie_chunk = b.inside_chunk + C;
-  b.range = reinterpret_cast<uint32_t*>(b.tie_chunk + C);
-  b.hist = reinterpret_cast<int32_t*>(b.range + 2 * P * L1);
-  b.tickets = b.hist + n_hist;
-  b.radix.solved = b.solved;
+  bise_select::carve_bracket_workspace(b, w64, w32, layout, P, C);
   check_cuda(bise_bracket_select_launch(&b, stream), op);
 }
 
@@ -177,7 +163,6 @@ std::tuple<at::Tensor, at::Tensor> radix_select_cuda(at::TensorList scores, at::
 
   const Algo algo = algo_from_env();
   const std::vector<int64_t> buffers = buffer_offsets(total, ks);
-  const int levels = bise_select::num_levels(key_bits);
   const auto i32 = at::TensorOptions().dtype(at::kInt).device(device);
   const auto i64 = at::TensorOptions().dtype(at::kLong).device(device);
   // Contiguous inputs (the parameters of a model): a cached Plan. Copies made by contiguous() live
@@ -188,8 +173,8 @@ std::tuple<at::Tensor, at::Tensor> radix_select_cuda(at::TensorList scores, at::
                                   to_device(std::vector<int64_t>(ks.begin(), ks.end()), device),
                                   to_device(buffers, device)};
   auto krem = plan.ks.clone();  // the radix kernels count it down
-  const int64_t n_hist = P * 2 * levels * kBins, n_tickets = P * (levels + 1);
-  auto ws = at::zeros({n_hist + n_tickets + 5 * P + C}, i32);
+  const bise_select::RadixWorkspace layout = bise_select::radix_workspace(P, C, key_bits);
+  auto ws = at::zeros({layout.words}, i32);
   auto cut = at::empty({P}, i64);
   auto buffer_key = at::empty({P * kCapacity}, i32);
   auto buffer_index = at::empty({P * kCapacity}, i64);
@@ -204,14 +189,7 @@ std::tuple<at::Tensor, at::Tensor> radix_select_cuda(at::TensorList scores, at::
   a.num_problems = static_cast<int32_t>(P);
   a.key_bits = key_bits;
   a.hints = hint_flat ? hint_flat->data_ptr() : nullptr;
-  a.hist = w;
-  a.tickets = w + n_hist;
-  a.level = a.tickets + n_tickets;
-  a.prefix = reinterpret_cast<uint32_t*>(a.level + P);
-  a.buffer_count = a.level + 2 * P;
-  a.buffer_level = a.level + 3 * P;
-  a.threshold_bits = a.level + 4 * P;
-  a.tie_count = a.level + 5 * P;
+  bise_select::carve_radix_workspace(a, w, layout, P);
   a.krem = krem.data_ptr<int64_t>();
   a.buffer_key = reinterpret_cast<uint32_t*>(buffer_key.data_ptr<int32_t>());
   a.buffer_index = buffer_index.data_ptr<int64_t>();
@@ -224,7 +202,7 @@ std::tuple<at::Tensor, at::Tensor> radix_select_cuda(at::TensorList scores, at::
     launch_bracket(a, plan, buffers, algo, device, stream, op);
   }
 
-  auto bits = ws.narrow(0, n_hist + n_tickets + 4 * P, P);
+  auto bits = ws.narrow(0, a.threshold_bits - w, P);
   auto thr = key_bits == 32 ? bits.view(dtype) : bits.to(at::kShort).view(dtype);
   return {thr, cut};
 }

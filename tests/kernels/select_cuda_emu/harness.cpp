@@ -48,10 +48,9 @@ void run(int kb, int algo, const std::vector<Problem>& probs, std::vector<int64_
   const int64_t C = static_cast<int64_t>(rows[0].size());
   std::vector<int64_t> table;
   for (auto& row : rows) table.insert(table.end(), row.begin(), row.end());
-  const int levels = num_levels(kb);
   std::vector<int64_t> krem = ks, cut(P, -1);
-  const int64_t n_hist = P * 2 * levels * kBins, n_tickets = P * (levels + 1);
-  std::vector<int32_t> ws(n_hist + n_tickets + 5 * P + C, 0);
+  const RadixWorkspace radix_layout = radix_workspace(P, C, kb);
+  std::vector<int32_t> ws(radix_layout.words, 0);
   std::vector<uint32_t> buffer_key(P * kCapacity);
   std::vector<int64_t> buffer_index(P * kCapacity);
   std::vector<uint32_t> hints32(P);
@@ -69,15 +68,7 @@ void run(int kb, int algo, const std::vector<Problem>& probs, std::vector<int64_
   a.num_problems = static_cast<int32_t>(P);
   a.key_bits = kb;
   a.hints = !hinted ? nullptr : kb == 32 ? static_cast<const void*>(hints32.data()) : hints16.data();
-  int32_t* w = ws.data();
-  a.hist = w;
-  a.tickets = w + n_hist;
-  a.level = a.tickets + n_tickets;
-  a.prefix = reinterpret_cast<uint32_t*>(a.level + P);
-  a.buffer_count = a.level + 2 * P;
-  a.buffer_level = a.level + 3 * P;
-  a.threshold_bits = a.level + 4 * P;
-  a.tie_count = a.level + 5 * P;
+  carve_radix_workspace(a, ws.data(), radix_layout, P);
   a.krem = krem.data();
   a.buffer_key = buffer_key.data();
   a.buffer_index = buffer_index.data();
@@ -89,9 +80,9 @@ void run(int kb, int algo, const std::vector<Problem>& probs, std::vector<int64_
   const bool overflow = algo == 3;
   int64_t largest = 0;
   for (int64_t p = 0; p < P; ++p) largest = std::max(largest, buffers[p + 1] - buffers[p]);
-  const int64_t L1 = levels + 1, nh = P * (L1 - 1) * kBins;
-  std::vector<int64_t> ws64(2 * P + P * L1, 0);
-  std::vector<int32_t> ws32(4 * P + 2 * C + 2 * P * L1 + nh + P * L1, 0);
+  const BracketWorkspace bracket_layout = bracket_workspace(P, C, kb);
+  std::vector<int64_t> ws64(bracket_layout.words64, 0);
+  std::vector<int32_t> ws32(bracket_layout.words32, 0);
   std::vector<uint32_t> keys(overflow ? 0 : buffers[P]), index(overflow ? 0 : buffers[P]);
   BracketArgs b{};
   b.radix = a;
@@ -101,21 +92,7 @@ void run(int kb, int algo, const std::vector<Problem>& probs, std::vector<int64_
   b.force_miss = algo == 2;
   b.buffer_key = keys.data();
   b.buffer_index = index.data();
-  int64_t* w64 = ws64.data();
-  int32_t* w32 = ws32.data();
-  b.above = reinterpret_cast<unsigned long long*>(w64);
-  b.inside = reinterpret_cast<unsigned long long*>(w64 + P);
-  b.rank = w64 + 2 * P;
-  b.buffer_count = w32;
-  b.lo = reinterpret_cast<uint32_t*>(w32 + P);
-  b.hi = reinterpret_cast<uint32_t*>(w32 + 2 * P);
-  b.solved = w32 + 3 * P;
-  b.inside_chunk = w32 + 4 * P;
-  b.tie_chunk = b.inside_chunk + C;
-  b.range = reinterpret_cast<uint32_t*>(b.tie_chunk + C);
-  b.hist = reinterpret_cast<int32_t*>(b.range + 2 * P * L1);
-  b.tickets = b.hist + nh;
-  b.radix.solved = b.solved;
+  carve_bracket_workspace(b, ws64.data(), ws32.data(), bracket_layout, P, C);
   if (algo == 0) {
     bise_radix_select_launch(&a, nullptr);
   } else {
