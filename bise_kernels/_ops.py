@@ -5,8 +5,9 @@ the tensor's device, so one schema serves every backend. The autograd formula li
 backends only provide forward and backward kernels (contract: ``backends/reference.py``).
 Ops take the selection as ``(thr, cut)`` 0-dim tensors, so the mask is recomputed from the
 scores inside kernels and never saved: the only state kept for backward is what autograd
-already holds (x, weight, scores). ``masked_linear_keep`` takes the selection packed once into a
-bool keep mask instead (1 byte per weight, saved for backward in place of ``(thr, cut)``).
+already holds (x, weight, scores). ``masked_linear_keep`` and ``masked_conv2d_keep`` take the
+selection packed once into a bool keep mask instead (1 byte per weight, saved for backward in
+place of ``(thr, cut)``).
 
 Every op is called from Python through :func:`_plain_op` / :func:`_layer_op`: in plain eager
 mode (no compile or export trace, no dispatch or function mode, no torch.func transform, plain
@@ -94,7 +95,10 @@ def _layer_op(op, forward: Callable, setup: Callable, backward: Callable) -> Cal
     Why: the custom-op call costs about 40 us of dispatch on top of the kernels, and an
     autograd.Function with a separate setup_context another 50 us of signature binding (cProfile of
     a MaskedLinear forward + backward, docs/masked.md); a masked layer would cost several dense
-    ones per call. An old-style Function (forward(ctx, ...)) binds nothing.
+    ones per call. An old-style Function (forward(ctx, ...)) binds nothing. It is applied through
+    the C ``_FunctionBase.apply`` that ``Function.apply`` ends in: what that Python wrapper adds
+    (a setup_context probe, unwrapping functorch tensors) cannot apply here, as :func:`_plain_eager`
+    rules out functorch transforms, and costs 2.5 of its 6 us (benchmarks/bench_masked_overhead.py).
     """
 
     class Eager(torch.autograd.Function):
@@ -108,12 +112,14 @@ def _layer_op(op, forward: Callable, setup: Callable, backward: Callable) -> Cal
         def backward(ctx, *grads):
             return backward(ctx, *grads)
 
+    apply = super(torch.autograd.Function, Eager).apply
+
     @functools.wraps(forward)
     def call(*args):
         if not _plain_eager(args):
             return op(*args)
         if torch.is_grad_enabled() and any(isinstance(a, Tensor) and a.requires_grad for a in args):
-            return Eager.apply(*args)
+            return apply(*args)
         return forward(*args)
 
     call.op = op
@@ -335,16 +341,24 @@ def _conv_setup(ctx, inputs, output):
     ctx.conv = (stride, padding, dilation, groups)
 
 
+def _conv_keep_setup(ctx, inputs, output):
+    x, weight, bias, scores, keep, stride, padding, dilation, groups, estimator, temperature = inputs
+    _save_layer(ctx, (x, weight, scores, keep), bias, estimator, temperature)
+    ctx.conv = (stride, padding, dilation, groups)
+
+
 def _memory_format(x: Tensor) -> torch.memory_format:
     """channels_last when x is (so cuDNN's backward needs no layout conversion), else contiguous."""
     channels_last = x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
     return torch.channels_last if channels_last else torch.contiguous_format
 
 
-def _conv_backward(backward_op):
+def _conv_backward(backward_op, n_other_inputs: int = 8):
+    """The gradients of a masked conv2d's inputs: x, weight, bias, scores, then None for the
+    ``n_other_inputs`` others (selection or keep mask, geometry, estimator)."""
     def backward(ctx, grad_y):
         grad_y = grad_y.contiguous(memory_format=_memory_format(ctx.saved_tensors[0]))
-        return (*_layer_backward(ctx, backward_op, grad_y, *ctx.conv), *([None] * 8))
+        return (*_layer_backward(ctx, backward_op, grad_y, *ctx.conv), *([None] * n_other_inputs))
 
     return backward
 
@@ -352,6 +366,49 @@ def _conv_backward(backward_op):
 _masked_conv2d_op.register_autograd(_conv_backward(masked_conv2d_backward), setup_context=_conv_setup)
 masked_conv2d = _layer_op(_masked_conv2d_op, _masked_conv2d, _conv_setup,
                           _conv_backward(_backward_kernel("masked_conv2d_backward")))
+
+
+# ----------------------------------------------------------------------------- masked conv2d, packed mask
+
+
+def _masked_conv2d_keep(
+    x: Tensor, weight: Tensor, bias: Optional[Tensor], scores: Tensor, keep: Tensor,
+    stride: list[int], padding: list[int], dilation: list[int], groups: int, estimator: str, temperature: float,
+) -> Tensor:
+    """masked_conv2d with the selection packed once into ``keep`` (as :func:`_masked_linear_keep`)."""
+    return _kernel("masked_conv2d_keep_forward", x)(x, weight, bias, keep, stride, padding, dilation, groups)
+
+
+_masked_conv2d_keep_op = torch.library.custom_op(f"{LIB}::masked_conv2d_keep", _masked_conv2d_keep, mutates_args=())
+
+
+@_masked_conv2d_keep_op.register_fake
+def _(x, weight, bias, scores, keep, stride, padding, dilation, groups, estimator, temperature):
+    return x.new_empty(conv2d_output_shape(x.shape, weight.shape, stride, padding, dilation))
+
+
+@torch.library.custom_op(f"{LIB}::masked_conv2d_keep_backward", mutates_args=())
+def masked_conv2d_keep_backward(
+    grad_y: Tensor, x: Tensor, weight: Tensor, scores: Tensor, keep: Tensor,
+    stride: list[int], padding: list[int], dilation: list[int], groups: int,
+    estimator: str, temperature: float, needs: list[bool],
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    grads = _kernel("masked_conv2d_keep_backward", x)(
+        grad_y, x, weight, scores, keep, stride, padding, dilation, groups, estimator, temperature, needs
+    )
+    return tuple(_or_empty(g, x) for g in grads)
+
+
+@masked_conv2d_keep_backward.register_fake
+def _(grad_y, x, weight, scores, keep, stride, padding, dilation, groups, estimator, temperature, needs):
+    shapes = (x, weight, weight[:, 0, 0, 0], scores)
+    return tuple(torch.empty_like(t) if n else x.new_empty(0) for t, n in zip(shapes, needs))
+
+
+_masked_conv2d_keep_op.register_autograd(_conv_backward(masked_conv2d_keep_backward, 7),
+                                         setup_context=_conv_keep_setup)
+masked_conv2d_keep = _layer_op(_masked_conv2d_keep_op, _masked_conv2d_keep, _conv_keep_setup,
+                               _conv_backward(_backward_kernel("masked_conv2d_keep_backward"), 7))
 
 
 # ----------------------------------------------------------------------------- channel gate

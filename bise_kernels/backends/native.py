@@ -12,8 +12,9 @@ MKL/oneDNN on CPU, cuBLAS/cuDNN on GPU). The backward builds ``grad_x`` from a r
 then one fused pass (``masked_score_grad``) turning it into the score gradient and, only if
 needed, masking it in place into the weight gradient. At most one weight-sized temporary is alive
 at a time, nothing weight-sized is saved for backward, and nothing here waits for the device.
-The ``*_keep`` kernels are the same composition reading a bool keep mask (the selection packed once
-per step, ``keep_mask``) instead of the scores: ext ``keep_weight`` and ``keep_score_grad``.
+The ``*_keep`` kernels (linear and conv2d) are the same composition reading a bool keep mask (the
+selection packed once per step, ``keep_mask``) instead of the scores: ext ``keep_weight`` and
+``keep_score_grad``.
 ``W_eff`` is a fresh tensor per call: the caching allocators hand the block just freed straight
 back, so a buffer kept here would save no allocation and add state.
 """
@@ -107,22 +108,39 @@ def masked_conv2d_forward(x, weight, bias, scores, thr, cut, stride, padding, di
     return F.conv2d(x, _ext.masked_weight(weight, scores, thr, cut), bias, stride, padding, dilation, groups)
 
 
-def masked_conv2d_backward(grad_y, x, weight, scores, thr, cut, stride, padding, dilation, groups, estimator,
-                           temperature, needs):
+def _conv2d_backward(grad_y, x, weight, stride, padding, dilation, groups, needs, w_eff, weight_grads):
+    """The backward of both masked conv2ds (``w_eff`` and ``weight_grads`` as in :func:`_linear_backward`)."""
     need_x, need_w, need_b, need_s = needs
     gx = gw = gb = gs = None
     conv = (None, stride, padding, dilation, False, [0, 0], groups)
     if need_x:
-        w_eff = _ext.masked_weight(weight, scores, thr, cut)
-        gx = torch.ops.aten.convolution_backward(grad_y, x, w_eff, *conv, [True, False, False])[0]
-        del w_eff
+        gx = torch.ops.aten.convolution_backward(grad_y, x, w_eff(), *conv, [True, False, False])[0]
     if need_w or need_s:
         # Only the weight's shape is read for the weight gradient.
         grad_w_eff = torch.ops.aten.convolution_backward(grad_y, x, weight, *conv, [False, True, False])[1]
-        gw, gs = _weight_grads(grad_w_eff, weight, scores, thr, cut, estimator, temperature, need_w, need_s)
+        gw, gs = weight_grads(grad_w_eff, need_w, need_s)
     if need_b:
         gb = grad_y.sum((0, 2, 3))
     return gx, gw, gb, gs
+
+
+def masked_conv2d_backward(grad_y, x, weight, scores, thr, cut, stride, padding, dilation, groups, estimator,
+                           temperature, needs):
+    return _conv2d_backward(
+        grad_y, x, weight, stride, padding, dilation, groups, needs,
+        lambda: _ext.masked_weight(weight, scores, thr, cut),
+        lambda g, need_w, need_s: _weight_grads(g, weight, scores, thr, cut, estimator, temperature, need_w, need_s))
+
+
+def masked_conv2d_keep_forward(x, weight, bias, keep, stride, padding, dilation, groups):
+    return F.conv2d(x, _ext.keep_weight(weight, keep), bias, stride, padding, dilation, groups)
+
+
+def masked_conv2d_keep_backward(grad_y, x, weight, scores, keep, stride, padding, dilation, groups, estimator,
+                                temperature, needs):
+    return _conv2d_backward(
+        grad_y, x, weight, stride, padding, dilation, groups, needs, lambda: _ext.keep_weight(weight, keep),
+        lambda g, need_w, need_s: _keep_weight_grads(g, weight, scores, keep, estimator, temperature, need_w, need_s))
 
 
 def channel_gate_forward(x, scores, thr, cut, dim):

@@ -33,6 +33,9 @@ Kernels (a backend implements any subset; the registry falls back for the rest):
   of the scores' shape: 1 byte per weight, or per unit), which both passes read instead of the
   scores; the scores only give the slope. By definition the selection path is the keep path
   with that mask.
+* ``masked_conv2d_keep_forward(x, weight, bias, keep, stride, padding, dilation, groups)`` /
+  ``masked_conv2d_keep_backward(grad_y, x, weight, scores, keep, stride, padding, dilation, groups,
+  estimator, temperature, needs)``: the same for masked conv2d.
 """
 
 from __future__ import annotations
@@ -114,11 +117,6 @@ def _kept_weight(weight, keep):
     return weight * _broadcast_unit(keep, weight).to(weight.dtype)
 
 
-def _effective_weight(weight, scores, thr, cut):
-    mask = keep_mask(scores, thr, cut)
-    return _kept_weight(weight, mask), mask
-
-
 def _score_grad(grad_w_eff, weight, scores, estimator, temperature):
     """dL/dscores from dL/dW_eff: elementwise for weight-shaped scores, summed per unit otherwise."""
     acc = accumulation_dtype(grad_w_eff.dtype)
@@ -166,15 +164,25 @@ def masked_linear_keep_backward(grad_y, x, weight, scores, keep, estimator, temp
 
 
 def masked_conv2d_forward(x, weight, bias, scores, thr, cut, stride, padding, dilation, groups):
-    w_eff, _ = _effective_weight(weight, scores, thr, cut)
-    return F.conv2d(x, w_eff, bias, stride, padding, dilation, groups)
+    return masked_conv2d_keep_forward(x, weight, bias, keep_mask(scores, thr, cut), stride, padding, dilation, groups)
 
 
 def masked_conv2d_backward(
     grad_y, x, weight, scores, thr, cut, stride, padding, dilation, groups, estimator, temperature, needs
 ):
+    return masked_conv2d_keep_backward(grad_y, x, weight, scores, keep_mask(scores, thr, cut), stride, padding,
+                                       dilation, groups, estimator, temperature, needs)
+
+
+def masked_conv2d_keep_forward(x, weight, bias, keep, stride, padding, dilation, groups):
+    return F.conv2d(x, _kept_weight(weight, keep), bias, stride, padding, dilation, groups)
+
+
+def masked_conv2d_keep_backward(
+    grad_y, x, weight, scores, keep, stride, padding, dilation, groups, estimator, temperature, needs
+):
     need_x, need_w, need_b, need_s = needs
-    w_eff, mask = _effective_weight(weight, scores, thr, cut)
+    w_eff, mask = _kept_weight(weight, keep), keep
     gx = gw = gb = gs = None
     if need_x:
         gx = torch.nn.grad.conv2d_input(x.shape, w_eff, grad_y, stride, padding, dilation, groups)
@@ -225,6 +233,8 @@ MASKED_KERNELS = (
     "masked_linear_keep_backward",
     "masked_conv2d_forward",
     "masked_conv2d_backward",
+    "masked_conv2d_keep_forward",
+    "masked_conv2d_keep_backward",
     "channel_gate_forward",
     "channel_gate_backward",
 )

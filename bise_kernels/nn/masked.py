@@ -13,9 +13,10 @@ from ._scored import ScoredModule
 
 GRANULARITIES = ("weight", "channel")
 MASK_MODES = ("auto", "selection", "keep")
-"""How a MaskedLinear hands its mask to the op: "selection" (the kernels re-evaluate the keep rule on
-the scores in every pass), "keep" (the selection packed once per step into a bool mask that forward
-and backward read: ``masked_linear_keep``), or "auto" (per device, :data:`KEEP_BY_DEFAULT`)."""
+"""How a MaskedLinear / MaskedConv2d hands its mask to the op: "selection" (the kernels re-evaluate
+the keep rule on the scores in every pass), "keep" (the selection packed once per step into a bool
+mask that forward and backward read: ``masked_linear_keep`` / ``masked_conv2d_keep``), or "auto"
+(per device, :data:`KEEP_BY_DEFAULT`)."""
 
 KEEP_BY_DEFAULT = {"cpu": False, "cuda": False}
 """"auto" mask mode per device type. CUDA: "selection" until a committed GPU measurement shows the
@@ -71,6 +72,19 @@ class _MaskedLayer(ScoredModule):
             return self.global_selector.selection_for(self)
         return super().selection()
 
+    @property
+    def mask_mode(self) -> str:
+        """How the mask reaches the op (:data:`MASK_MODES`)."""
+        return self.__dict__.get("_mask_mode", "auto")  # "auto" for layers built by from_dense
+
+    @mask_mode.setter
+    def mask_mode(self, mode: str) -> None:
+        self.__dict__["_mask_mode"] = _check_mask_mode(mode)
+
+    def _uses_keep(self, x: Tensor) -> bool:
+        mode = self.mask_mode
+        return mode == "keep" or (mode == "auto" and KEEP_BY_DEFAULT.get(x.device.type, False))
+
     def _masked_weight(self) -> Tensor:
         mask = self.mask().to(self.weight.dtype)
         if mask.dim() != self.weight.dim():
@@ -121,18 +135,6 @@ class MaskedLinear(nn.Linear, _MaskedLayer):
         self._init_mask(granularity, density, threshold, estimator, temperature, score_init)
         self.mask_mode = mask_mode
 
-    @property
-    def mask_mode(self) -> str:
-        return self.__dict__.get("_mask_mode", "auto")  # "auto" for layers built by from_dense
-
-    @mask_mode.setter
-    def mask_mode(self, mode: str) -> None:
-        self.__dict__["_mask_mode"] = _check_mask_mode(mode)
-
-    def _uses_keep(self, x: Tensor) -> bool:
-        mode = self.mask_mode
-        return mode == "keep" or (mode == "auto" and KEEP_BY_DEFAULT.get(x.device.type, False))
-
     @classmethod
     def from_dense(cls, module: nn.Linear, granularity: str = "weight", *, density: Optional[float] = None,
                    threshold: Optional[float] = None, estimator: str = "ste", temperature: float = 1.0,
@@ -160,17 +162,21 @@ class MaskedLinear(nn.Linear, _MaskedLayer):
 
 
 class MaskedConv2d(nn.Conv2d, _MaskedLayer):
-    """nn.Conv2d (zero padding) whose weight is masked by top-k or thresholded learnable scores."""
+    """nn.Conv2d (zero padding) whose weight is masked by top-k or thresholded learnable scores.
+
+    ``mask_mode`` as in :class:`MaskedLinear`.
+    """
 
     def __init__(self, in_channels: int, out_channels: int, kernel_size, stride=1, padding=0, dilation=1,
                  groups: int = 1, bias: bool = True, *, granularity: str = "weight", density: Optional[float] = None,
                  threshold: Optional[float] = None, estimator: str = "ste", temperature: float = 1.0,
-                 score_init: Union[str, float] = "kaiming", device=None, dtype=None):
+                 score_init: Union[str, float] = "kaiming", mask_mode: str = "auto", device=None, dtype=None):
         if isinstance(padding, str):
             raise ValueError(f"padding must be an int or a pair of ints for MaskedConv2d, got {padding!r}")
         super().__init__(in_channels, out_channels, kernel_size, stride, padding, dilation, groups, bias,
                          device=device, dtype=dtype)
         self._init_mask(granularity, density, threshold, estimator, temperature, score_init)
+        self.mask_mode = mask_mode
 
     @classmethod
     def from_dense(cls, module: nn.Conv2d, granularity: str = "weight", *, density: Optional[float] = None,
@@ -191,9 +197,12 @@ class MaskedConv2d(nn.Conv2d, _MaskedLayer):
         return nn.Conv2d.extra_repr(self) + self._mask_repr()
 
     def forward(self, x: Tensor) -> Tensor:
+        geometry = (list(self.stride), list(self.padding), list(self.dilation), self.groups)
+        if self._uses_keep(x):
+            return _ops.masked_conv2d_keep(x, self.weight, self.bias, self.scores, self.keep(), *geometry,
+                                           self.estimator, self.temperature)
         thr, cut = self.selection()
-        return _ops.masked_conv2d(x, self.weight, self.bias, self.scores, thr, cut, list(self.stride),
-                                  list(self.padding), list(self.dilation), self.groups, self.estimator,
+        return _ops.masked_conv2d(x, self.weight, self.bias, self.scores, thr, cut, *geometry, self.estimator,
                                   self.temperature)
 
     def to_dense(self) -> nn.Conv2d:

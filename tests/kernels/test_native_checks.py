@@ -179,6 +179,8 @@ CASES = {
                                    "keep must be a bool tensor, got Float"),
     "keep_weight_shape": Case("keep_weight", lambda d, o: (_t(3, 4, device=d), _keep(d, 4, 3)),
                               r"keep must have weight's shape \[3, 4\] or \(3,\), got \[4, 3\]"),
+    "keep_weight_conv_shape": Case("keep_weight", lambda d, o: (_t(3, 2, 2, 2, device=d), _keep(d, 3, 2, 2, 1)),
+                                   r"keep must have weight's shape \[3, 2, 2, 2\] or \(3,\), got \[3, 2, 2, 1\]"),
     "keep_weight_int": Case("keep_weight", lambda d, o: (torch.ones(3, 4, dtype=torch.int32, device=d), _keep(d)),
                             "weight must be float32/float64/float16/bfloat16"),
     "keep_weight_scalar": Case("keep_weight", lambda d, o: (_t(device=d), _keep(d, 1)),

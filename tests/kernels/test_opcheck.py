@@ -56,6 +56,12 @@ def _cases():
         "masked_conv2d": (OPS.masked_conv2d, (xc, wc, bc, sc, thr, all_ties, *conv, "sigmoid", 0.5)),
         "masked_conv2d_backward": (OPS.masked_conv2d_backward, (
             gy_c, xc.detach(), wc.detach(), sc.detach(), thr, cut, *conv, "ste", 1.0, [True, False, True, True])),
+        "masked_conv2d_keep": (OPS.masked_conv2d_keep, (xc, wc, bc, sc, sc.detach() > 0, *conv, "sigmoid", 0.5)),
+        "masked_conv2d_keep_weight": (OPS.masked_conv2d_keep, (xc, wc, None, wc.detach().clone().requires_grad_(),
+                                                               wc.detach() > 0.2, *conv, "ste", 1.0)),
+        "masked_conv2d_keep_backward": (OPS.masked_conv2d_keep_backward, (
+            gy_c, xc.detach(), wc.detach(), sc.detach(), sc.detach() > 0, *conv, "ste", 1.0,
+            [True, True, False, True])),
         "channel_gate": (OPS.channel_gate, (xg, sg, thr, all_ties, 1, "sigmoid", 1.0)),
         "channel_gate_backward": (OPS.channel_gate_backward, (
             _t(2, 6, 5, seed=13), xg.detach(), sg.detach(), thr, cut, 1, "sigmoid", 1.0, [True, True])),
@@ -74,8 +80,8 @@ def test_every_public_op_has_a_case():
 def _kernel_name(op) -> str:
     """The registry's kernel behind an op (forward ops run ``<op>_forward``)."""
     name = op._qualified_op_name.split("::")[1]
-    return name + "_forward" if name in ("masked_linear", "masked_linear_keep", "masked_conv2d", "channel_gate") \
-        else name
+    layer_ops = ("masked_linear", "masked_linear_keep", "masked_conv2d", "masked_conv2d_keep", "channel_gate")
+    return name + "_forward" if name in layer_ops else name
 
 
 @pytest.mark.parametrize("case", CASES)
@@ -138,7 +144,8 @@ def test_export_of_a_masked_model_matches_eager(backend):
 def _layer_calls():
     """(name, callable of bise_kernels._ops, arguments) of each layer op, from the opcheck cases."""
     cases = _cases()
-    for name in ("masked_linear", "masked_linear_structured", "masked_linear_keep", "masked_conv2d", "channel_gate"):
+    for name in ("masked_linear", "masked_linear_structured", "masked_linear_keep", "masked_conv2d",
+                 "masked_conv2d_keep", "channel_gate"):
         op, args = cases[name]
         yield name, getattr(bk._ops, op._qualified_op_name.split("::")[1]), args
 

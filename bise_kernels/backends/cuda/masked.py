@@ -12,10 +12,12 @@ from ..._extension import require_cuda_kernels
 require_cuda_kernels()
 
 from ..native import (channel_gate_backward, channel_gate_forward, masked_conv2d_backward,  # noqa: E402
-                      masked_conv2d_forward, masked_linear_backward, masked_linear_forward,
-                      masked_linear_keep_backward, masked_linear_keep_forward)
+                      masked_conv2d_forward, masked_conv2d_keep_backward, masked_conv2d_keep_forward,
+                      masked_linear_backward, masked_linear_forward, masked_linear_keep_backward,
+                      masked_linear_keep_forward)
 
 __all__ = ["masked_linear_forward", "masked_linear_backward", "masked_linear_keep_forward",
            "masked_linear_keep_backward", "masked_conv2d_forward", "masked_conv2d_backward",
+           "masked_conv2d_keep_forward", "masked_conv2d_keep_backward",
            "channel_gate_forward", "channel_gate_backward"]
 KERNELS = tuple(__all__)

@@ -1,0 +1,93 @@
+"""Per-call host cost of the public masked ops: forward + backward against dense F.linear.
+
+The CPU analogue of the GPU per-call target (docs/masked.md, "Per-call overhead"): at 8x8, batch 2
+kernel time is negligible and what remains is what a GPU call pays on the host; at 256x256, batch 32
+the kernels count too. Every call is a forward, ``.sum()`` and ``.backward()``; the calls run
+interleaved round by round on one thread, each call timed alone; per call the minimum and median
+(us) and the ratio of medians to dense are reported (medians of single calls: a preempted call on
+a loaded machine moves them little). ``python benchmarks/bench_masked_overhead.py``
+prints the table (``--rounds``, ``--calls``); under pytest one short run checks every call works.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+
+import bise_kernels as bk
+
+SIZES = ((8, 2), (256, 32))
+"""(features, batch): the tiny layer (host cost only) and the GPU target's layer."""
+
+
+def calls(features: int, batch: int) -> dict[str, Callable[[], None]]:
+    """Forward + backward of each public path on one layer size (dense first: the ratios' base)."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(batch, features, generator=g, requires_grad=True)
+    w = torch.randn(features, features, generator=g, requires_grad=True)
+    s = torch.randn(features, features, generator=g, requires_grad=True)
+    layer = bk.MaskedLinear(features, features, bias=False, density=0.5)
+    keep = bk.MaskedLinear(features, features, bias=False, density=0.5, mask_mode="keep")
+    channels = max(features // 4, 1)
+    gate = bk.ChannelGate(channels, temperature=0.5)
+    xg = torch.randn(batch, channels, 4, 4, generator=g, requires_grad=True)
+    conv = bk.MaskedConv2d(channels, channels, 3, padding=1, bias=False, density=0.5)
+    conv_keep = bk.MaskedConv2d(channels, channels, 3, padding=1, bias=False, density=0.5, mask_mode="keep")
+    wc = conv.weight.detach().clone().requires_grad_()
+    xc = torch.randn(batch, channels, 4, 4, generator=g, requires_grad=True)
+    return {
+        "dense F.linear": lambda: F.linear(x, w).sum().backward(),
+        "masked_linear(threshold=0)": lambda: bk.masked_linear(x, w, None, s, threshold=0.0).sum().backward(),
+        "masked_linear(density=0.5)": lambda: bk.masked_linear(x, w, None, s, density=0.5).sum().backward(),
+        "MaskedLinear (cached)": lambda: layer(x).sum().backward(),
+        "MaskedLinear keep (cached)": lambda: keep(x).sum().backward(),
+        f"ChannelGate({channels}), x*g base": lambda: gate(xg).sum().backward(),
+        "eager x*g": lambda: (xg * (gate.scores >= 0).to(xg.dtype)[:, None, None]).sum().backward(),
+        f"MaskedConv2d({channels}) (cached)": lambda: conv(xc).sum().backward(),
+        f"MaskedConv2d({channels}) keep (cached)": lambda: conv_keep(xc).sum().backward(),
+        "dense F.conv2d": lambda: F.conv2d(xc, wc, padding=1).sum().backward(),
+    }
+
+
+def measure(features: int, batch: int, rounds: int, per_round: int) -> dict[str, dict[str, float]]:
+    """min / median us per call and the ratio of medians to dense, all calls interleaved."""
+    fns = calls(features, batch)
+    times = {name: [] for name in fns}
+    for r in range(rounds + 2):  # two warm-up rounds
+        for name, fn in fns.items():
+            for _ in range(per_round):
+                start = time.perf_counter()
+                fn()
+                if r >= 2:
+                    times[name].append((time.perf_counter() - start) * 1e6)
+    dense = times["dense F.linear"]
+    return {name: {"min_us": min(t), "median_us": statistics.median(t),
+                   "ratio": statistics.median(t) / statistics.median(dense)} for name, t in times.items()}
+
+
+def test_overhead_calls_run():
+    """Every call runs forward + backward (a smoke run; the figures come from the script)."""
+    for features, batch in SIZES:
+        result = measure(features, batch, rounds=1, per_round=1)
+        assert all(v["min_us"] > 0 for v in result.values())
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rounds", type=int, default=20)
+    parser.add_argument("--calls", type=int, default=20, help="calls per round")
+    args = parser.parse_args()
+    torch.set_num_threads(1)
+    for features, batch in SIZES:
+        print(f"# {features}x{features}, batch {batch}: min us / median us / ratio of medians to dense F.linear")
+        for name, v in measure(features, batch, args.rounds, args.calls).items():
+            print(f"{name:36s} {v['min_us']:8.1f} {v['median_us']:8.1f} {v['ratio']:6.2f}")
+
+
+if __name__ == "__main__":
+    main()
