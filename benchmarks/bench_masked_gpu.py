@@ -154,25 +154,8 @@ def _keep_cases(k, d, where_mm, large_m: bool) -> list[dict]:
         selection = lambda a: k["masked_linear_forward"](a, w, None, s, d.t, d.keep_all)  # noqa: E731
     else:
         return cases
-    for xs in d.small:
-        baselines = {
-            "materialise_then_cublas": lambda xs=xs: F.linear(xs, d.w_eff()),
-            "cublas_dense": lambda xs=xs: F.linear(xs, w),
-            "selection_path": lambda xs=xs: selection(xs),
-        }
-        targets = {"materialise_then_cublas": 1.3}
-        if where_mm is not None:
-            baselines["compile_max_autotune"] = lambda xs=xs: where_mm(xs, w, s)
-            targets["compile_max_autotune"] = 1.0
-        cases.append({
-            "name": f"masked_linear_keep_fwd_bf16_M{xs.shape[0]}_{d.n}x{d.k}", "flops": 2 * xs.shape[0] * d.n * d.k,
-            "bytes": d.n * d.k * (BF16 + 1) + (xs.shape[0] * d.k + xs.shape[0] * d.n) * BF16,
-            "target_speedup": targets,
-            "fn": lambda xs=xs: small_fwd(xs),
-            "check": lambda xs=xs: _close(small_fwd(xs), F.linear(xs, d.w_eff())),
-            "baselines": baselines,
-        })
-    return cases
+    return cases + _small_m_cases("masked_linear_keep_fwd", small_fwd, d, where_mm, mask_bytes=1,
+                                  extra={"selection_path": selection})
 
 
 def _linear_cases(k, d, where_mm) -> list[dict]:
@@ -223,22 +206,28 @@ def _linear_cases(k, d, where_mm) -> list[dict]:
         "baselines": {"cublas_dense": lambda: F.linear(x, w)},
     })
 
-    # memory-bound: the weight and its scores dominate the traffic; the mask is where(S >= t, W, 0)
     t, keep_all = d.t, d.keep_all
     small_fwd = (lambda a: bise_kernels.masked_linear(a, w, None, s, threshold=t)) if api \
         else (lambda a: k["masked_linear_forward"](a, w, None, s, t, keep_all))
+    return cases + _small_m_cases("masked_linear_fwd", small_fwd, d, where_mm, mask_bytes=FP32)
+
+
+def _small_m_cases(prefix, small_fwd, d, where_mm, mask_bytes, extra=None) -> list[dict]:
+    """Memory-bound forwards at the small batches ``d.small``: the weight and its mask (fp32 scores,
+    or the 1-byte keep mask) dominate the traffic; baselines materialise W * keep then cuBLAS, dense
+    cuBLAS, and (where it compiles) torch.compile max-autotune of where(S >= t, W, 0) @ x."""
+    cases = []
     for xs in d.small:
-        baselines = {
-            "materialise_then_cublas": lambda xs=xs: F.linear(xs, d.w_eff()),
-            "cublas_dense": lambda xs=xs: F.linear(xs, w),
-        }
+        baselines = {"materialise_then_cublas": lambda xs=xs: F.linear(xs, d.w_eff()),
+                     "cublas_dense": lambda xs=xs: F.linear(xs, d.w),
+                     **{name: (lambda xs=xs, f=f: f(xs)) for name, f in (extra or {}).items()}}
         targets = {"materialise_then_cublas": 1.3}
         if where_mm is not None:
-            baselines["compile_max_autotune"] = lambda xs=xs: where_mm(xs, w, s)
+            baselines["compile_max_autotune"] = lambda xs=xs: where_mm(xs, d.w, d.s)
             targets["compile_max_autotune"] = 1.0
         cases.append({
-            "name": f"masked_linear_fwd_bf16_M{xs.shape[0]}_{d.n}x{d.k}", "flops": 2 * xs.shape[0] * d.n * d.k,
-            "bytes": d.n * d.k * (BF16 + FP32) + (xs.shape[0] * d.k + xs.shape[0] * d.n) * BF16,
+            "name": f"{prefix}_bf16_M{xs.shape[0]}_{d.n}x{d.k}", "flops": 2 * xs.shape[0] * d.n * d.k,
+            "bytes": d.n * d.k * (BF16 + mask_bytes) + (xs.shape[0] * d.k + xs.shape[0] * d.n) * BF16,
             "target_speedup": targets,
             "fn": lambda xs=xs: small_fwd(xs),
             "check": lambda xs=xs: _close(small_fwd(xs), F.linear(xs, d.w_eff())),
