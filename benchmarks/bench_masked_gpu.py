@@ -247,6 +247,7 @@ def _conv_data(size, device) -> list[SimpleNamespace]:
         d.s = torch.randn(d.w.shape, device=device)
         d.thr, d.cut = _selection(d.s)
         d.t, _ = _threshold(d.s)
+        d.keep = ref.keep_mask(d.s, d.thr, d.cut)  # the selection packed once (1 byte per weight)
         d.geo = ((stride, stride), (ks // 2, ks // 2), (1, 1), 1)
         d.gy = torch.randn_like(F.conv2d(d.x, d.w, None, *d.geo))
         layers.append(d)
@@ -270,7 +271,7 @@ def _conv_cases(k, layers) -> list[dict]:
                 return y, k["masked_conv2d_backward"](gy, x, w, s, thr, cut, *geo, "ste", 1.0, FROZEN_WEIGHTS)
 
         def check(masked=masked, x=x, w=w, s=s, thr=thr, cut=cut, geo=geo, gy=gy):
-            y, grads = masked()
+            y, grads = masked()  # the keep-mask case passes its own path: the same reference
             _close([y, *grads], [ref.masked_conv2d_forward(x, w, None, s, thr, cut, *geo),
                                  *ref.masked_conv2d_backward(gy, x, w, s, thr, cut, *geo, "ste", 1.0, FROZEN_WEIGHTS)])
 
@@ -291,6 +292,18 @@ def _conv_cases(k, layers) -> list[dict]:
             "baselines": {"cudnn_dense": dense, "materialise_then_cudnn": materialise},
             "flops": 3 * 2 * gy.numel() * d.cin * d.ks * d.ks,
         })
+        if k is not None and "masked_conv2d_keep_forward" in k:
+            def keep_path(x=x, w=w, s=s, keep=d.keep, geo=geo, gy=gy):
+                y = k["masked_conv2d_keep_forward"](x, w, None, keep, *geo)
+                return y, k["masked_conv2d_keep_backward"](gy, x, w, s, keep, *geo, "ste", 1.0, FROZEN_WEIGHTS)
+
+            cases.append({
+                "name": f"masked_conv_keep_fwd_bwd_bf16_cl_b{d.batch}_{d.cin}x{d.cout}_k{d.ks}_s{d.stride}_{d.px}px",
+                "fn": keep_path, "check": lambda keep_path=keep_path, check=check: check(keep_path),
+                "target_speedup": {"cudnn_dense": 0.95},
+                "baselines": {"cudnn_dense": dense, "selection_path": masked},
+                "flops": 3 * 2 * gy.numel() * d.cin * d.ks * d.ks,
+            })
     return cases
 
 

@@ -62,7 +62,7 @@ def test_dry_run_of_every_module_checks_every_case(tmp_path):
     for prefix in ("select_25M_fp32_cold/", "masked_linear_fwd_bf16_64/", "masked_conv_fwd_bwd", "channel_gate_bwd",
                    "step_mlp4x64_bf16_b8/", "step_resnet50_convs", "overhead_masked_linear_256_b32/api",
                    "overhead_masked_linear_256_b32/module", "masked_linear_keep_fwd_bf16_M16_64x64/api",
-                   "step_mlp4x64_bf16_b8/torch+keep",
+                   "step_mlp4x64_bf16_b8/torch+keep", "masked_conv_keep_fwd_bwd",
                    "cuda_graph_masked_step/api"):
         assert any(n.startswith(prefix) for n in names), prefix
     by_name = {c["name"]: c for c in run["cases"]}
