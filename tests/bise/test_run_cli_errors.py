@@ -177,8 +177,11 @@ def test_resume_says_what_it_reuses(run_dir, capsys):
 def test_ctrl_c_prints_one_line_with_the_resume_command(tmp_path):
     out = tmp_path / "run"
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    # as from a terminal: a shell without job control starts background jobs with SIGINT ignored, and
+    # Python then installs no KeyboardInterrupt handler; the child gets the default disposition back
     proc = subprocess.Popen([sys.executable, "-m", "bise", "run", *TINY[:4], "--vanilla-epochs", "100000",
-                             "--out", str(out)], stderr=subprocess.PIPE, text=True, env=env)
+                             "--out", str(out)], stderr=subprocess.PIPE, text=True, env=env,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     seen = ""
     while "vanilla" not in seen:  # the progress bar: training has started
         seen += proc.stderr.read(1)
