@@ -112,3 +112,33 @@ def check_gate(k, device, layout, dtype, estimator, temperature):
     for needs in ([True, True], [True, False], [False, True]):
         args = (gy, x, scores, thr, cut, dim, estimator, temperature, needs)
         assert_grads(k.channel_gate_backward(*args), R.channel_gate_backward(*args), dtype)
+
+
+def assert_keep_trains_like_selection(layers, x, backend, steps=3):
+    """Train a (selection, keep) pair of layers with equal state side by side: same outputs and grads.
+
+    The scores change between steps, so the keep mode's cached mask must follow them.
+    """
+    for _ in range(steps):
+        out = []
+        for layer in layers:
+            y = layer(x)
+            y.square().sum().backward()
+            out.append((y, layer.weight.grad, layer.bias.grad, layer.scores.grad))
+            with torch.no_grad():
+                layer.scores -= 0.5 * layer.scores.grad
+            layer.zero_grad()
+        for g, e in zip(out[1], out[0]):
+            torch.testing.assert_close(g, e, **({} if backend == "triton" else dict(rtol=0, atol=0)))
+
+
+def assert_compiles_and_exports(layer, x, op):
+    """torch.compile (fullgraph) and torch.export of ``layer`` call ``op`` and give eager's results."""
+    want = layer(x)
+    want_grad = torch.autograd.grad(want.sum(), layer.scores)[0]
+    y = torch.compile(layer, backend="aot_eager", fullgraph=True)(x)
+    torch.testing.assert_close(y, want, rtol=0, atol=0)
+    torch.testing.assert_close(torch.autograd.grad(y.sum(), layer.scores)[0], want_grad, rtol=0, atol=0)
+    program = torch.export.export(layer, (x,))
+    assert f"bise_kernels.{op}.default" in {str(n.target) for n in program.graph.nodes}
+    torch.testing.assert_close(program.module()(x), want, rtol=0, atol=0)

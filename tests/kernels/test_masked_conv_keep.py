@@ -9,7 +9,8 @@ import pytest
 import torch
 
 import bise_kernels as bk
-from _masked_cases import CONV_CASES, DTYPES, assert_grads, randn, tied_scores, tol
+from _masked_cases import (CONV_CASES, DTYPES, assert_compiles_and_exports, assert_grads,
+                           assert_keep_trains_like_selection, randn, tied_scores, tol)
 from bise_kernels import _ops
 from bise_kernels.backends import reference as R
 
@@ -81,17 +82,7 @@ def test_masked_conv2d_keep_mode_trains_like_the_selection_mode(backend, granula
                               estimator="sigmoid", mask_mode=mode) for mode in ("selection", "keep")]
     layers[1].load_state_dict(layers[0].state_dict())
     x = torch.randn(2, 4, 7, 7)
-    for _ in range(3):  # scores change between steps: the keep mask must follow
-        out = []
-        for layer in layers:
-            y = layer(x)
-            y.square().sum().backward()
-            out.append((y, layer.weight.grad, layer.bias.grad, layer.scores.grad))
-            with torch.no_grad():
-                layer.scores -= 0.5 * layer.scores.grad
-            layer.zero_grad()
-        for g, e in zip(out[1], out[0]):
-            torch.testing.assert_close(g, e, **({} if backend == "triton" else dict(rtol=0, atol=0)))
+    assert_keep_trains_like_selection(layers, x, backend)
 
 
 def test_conv_mask_mode_is_checked():
@@ -106,11 +97,4 @@ def test_conv_keep_mode_compiles_and_exports(backend):
     torch.manual_seed(0)
     layer = bk.MaskedConv2d(3, 5, 3, padding=1, density=0.4, estimator="sigmoid", mask_mode="keep")
     x = torch.randn(2, 3, 6, 6)
-    want = layer(x)
-    want_grad = torch.autograd.grad(want.sum(), layer.scores)[0]
-    y = torch.compile(layer, backend="aot_eager", fullgraph=True)(x)
-    torch.testing.assert_close(y, want, rtol=0, atol=0)
-    torch.testing.assert_close(torch.autograd.grad(y.sum(), layer.scores)[0], want_grad, rtol=0, atol=0)
-    program = torch.export.export(layer, (x,))
-    assert "bise_kernels.masked_conv2d_keep.default" in {str(n.target) for n in program.graph.nodes}
-    torch.testing.assert_close(program.module()(x), want, rtol=0, atol=0)
+    assert_compiles_and_exports(layer, x, "masked_conv2d_keep")

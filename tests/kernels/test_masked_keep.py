@@ -9,7 +9,8 @@ import pytest
 import torch
 
 import bise_kernels as bk
-from _masked_cases import ALL_NEEDS, DTYPES, ESTIMATORS, assert_grads, randn, tied_scores, tol
+from _masked_cases import (ALL_NEEDS, DTYPES, ESTIMATORS, assert_compiles_and_exports, assert_grads,
+                           assert_keep_trains_like_selection, randn, tied_scores, tol)
 from bise_kernels import _checks, _ops
 from bise_kernels.backends import reference as R
 
@@ -99,17 +100,7 @@ def _pair(granularity="weight"):
 def test_masked_linear_keep_mode_trains_like_the_selection_mode(backend, granularity):
     layers = _pair(granularity)
     x = torch.randn(5, 12)
-    for _ in range(3):  # scores change between steps: the keep mask must follow
-        out = []
-        for layer in layers:
-            y = layer(x)
-            y.square().sum().backward()
-            out.append((y, layer.weight.grad, layer.bias.grad, layer.scores.grad))
-            with torch.no_grad():
-                layer.scores -= 0.5 * layer.scores.grad
-            layer.zero_grad()
-        for g, e in zip(out[1], out[0]):
-            torch.testing.assert_close(g, e, **({} if backend == "triton" else dict(rtol=0, atol=0)))
+    assert_keep_trains_like_selection(layers, x, backend)
 
 
 def test_keep_mask_is_packed_once_per_selection():
@@ -162,11 +153,4 @@ def test_keep_mode_compiles_and_exports(backend):
     torch.manual_seed(0)
     layer = bk.MaskedLinear(12, 7, density=0.4, estimator="sigmoid", mask_mode="keep")
     x = torch.randn(5, 12)
-    want = layer(x)
-    want_grad = torch.autograd.grad(want.sum(), layer.scores)[0]
-    y = torch.compile(layer, backend="aot_eager", fullgraph=True)(x)
-    torch.testing.assert_close(y, want, rtol=0, atol=0)
-    torch.testing.assert_close(torch.autograd.grad(y.sum(), layer.scores)[0], want_grad, rtol=0, atol=0)
-    program = torch.export.export(layer, (x,))
-    assert "bise_kernels.masked_linear_keep.default" in {str(n.target) for n in program.graph.nodes}
-    torch.testing.assert_close(program.module()(x), want, rtol=0, atol=0)
+    assert_compiles_and_exports(layer, x, "masked_linear_keep")
