@@ -25,27 +25,10 @@ import torch
 import torch.nn.functional as F
 
 import bise_kernels as bk
+from edgepopup import EdgePopupSubnet
 
 DENSITY = 0.5
 VARIANTS = ["dense", "cpp", "cpp_threshold", "edgepopup"]
-
-
-class EdgePopupSubnet(torch.autograd.Function):
-    """The edge-popup mask: sort the scores, zero the lowest (1 - density), one the rest; STE backward."""
-
-    @staticmethod
-    def forward(ctx, scores, density):
-        out = scores.clone()
-        _, idx = scores.flatten().sort()
-        j = int((1 - density) * scores.numel())
-        flat_out = out.flatten()
-        flat_out[idx[:j]] = 0
-        flat_out[idx[j:]] = 1
-        return out
-
-    @staticmethod
-    def backward(ctx, grad):
-        return grad, None
 
 
 def _layers(model: str, small: bool):

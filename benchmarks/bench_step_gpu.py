@@ -35,31 +35,13 @@ from torch import nn
 
 import bise_kernels
 from bise_kernels.backends import available_backends
+from edgepopup import EdgePopupSubnet
 
 GPU_BACKENDS = ("cuda", "triton", "auto")
 DENSITY = 0.5
 LR = 1e-3
 FULL = SimpleNamespace(mlp_width=4096, mlp_batches=(256, 4096), conv_batches=(32, 128), conv_px=56, conv_div=1)
 TINY = SimpleNamespace(mlp_width=64, mlp_batches=(8,), conv_batches=(2,), conv_px=8, conv_div=16)
-
-
-class _EdgePopupMask(torch.autograd.Function):
-    """Edge-popup's GetSubnet: sort the scores, scatter 0 to the lowest and 1 to the rest; the
-    gradient passes straight through."""
-
-    @staticmethod
-    def forward(ctx, scores, density):
-        out = scores.clone()
-        _, idx = scores.flatten().sort()
-        j = int((1 - density) * scores.numel())
-        flat = out.flatten()
-        flat[idx[:j]] = 0
-        flat[idx[j:]] = 1
-        return flat.view_as(scores)
-
-    @staticmethod
-    def backward(ctx, grad):
-        return grad, None
 
 
 class _EdgePopup(nn.Module):
@@ -72,7 +54,7 @@ class _EdgePopup(nn.Module):
         self.scores = nn.Parameter(torch.randn_like(dense.weight))
 
     def forward(self, x):
-        w = self.dense.weight * _EdgePopupMask.apply(self.scores, DENSITY)
+        w = self.dense.weight * EdgePopupSubnet.apply(self.scores, DENSITY)
         if isinstance(self.dense, nn.Linear):
             return F.linear(x, w, self.dense.bias)
         return self.dense._conv_forward(x, w, self.dense.bias)
