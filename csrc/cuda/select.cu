@@ -115,7 +115,6 @@ __global__ void __launch_bounds__(kThreads) digit_pass_kernel(SelectArgs a, int 
   constexpr int L = levels<KB>();
   constexpr int H = SPEC ? L : 1;
   __shared__ uint32_t hist[H * kBins];
-  __shared__ bool last;
   const Chunk ch = load_chunk(a, blockIdx.x);
   if (a.solved != nullptr && a.solved[ch.prob] != 0) return;
   uint32_t prefix;
@@ -153,15 +152,10 @@ __global__ void __launch_bounds__(kThreads) digit_pass_kernel(SelectArgs a, int 
   for (int i = threadIdx.x; i < H * kBins; i += kThreads) {
     if (hist[i]) atomicAdd(rows + i, static_cast<int32_t>(hist[i]));
   }
-  __threadfence();
-  __syncthreads();
-  if (threadIdx.x == 0) {
-    const int64_t n = a.chunk_first[ch.prob + 1] - a.chunk_first[ch.prob];
-    last = atomicAdd(a.tickets + ch.prob * (L + 1) + (SPEC ? 0 : level), 1) == n - 1;
+  if (!last_block(a.tickets + ch.prob * (L + 1) + (SPEC ? 0 : level),
+                  a.chunk_first[ch.prob + 1] - a.chunk_first[ch.prob])) {
+    return;
   }
-  __syncthreads();
-  if (!last) return;
-  __threadfence();
   if (SPEC) {
     spec_scan<KB>(a, ch.prob, rows, prefix);
   } else {
@@ -201,7 +195,6 @@ __global__ void __launch_bounds__(kThreads) tie_kernel(SelectArgs a) {
   constexpr int L = levels<KB>();
   using Reduce = cub::BlockReduce<int, kThreads>;
   __shared__ typename Reduce::TempStorage tmp;
-  __shared__ bool last;
   const Chunk ch = load_chunk(a, blockIdx.x);
   if (a.solved != nullptr && a.solved[ch.prob] != 0) return;
   const uint32_t thr = a.prefix[ch.prob];
@@ -212,15 +205,7 @@ __global__ void __launch_bounds__(kThreads) tie_kernel(SelectArgs a) {
     const int total = Reduce(tmp).Sum(n);
     if (threadIdx.x == 0) a.tie_count[blockIdx.x] = total;
   }
-  __threadfence();
-  __syncthreads();
-  if (threadIdx.x == 0) {
-    const int64_t n = a.chunk_first[ch.prob + 1] - a.chunk_first[ch.prob];
-    last = atomicAdd(a.tickets + ch.prob * (L + 1) + L, 1) == n - 1;
-  }
-  __syncthreads();
-  if (!last) return;
-  __threadfence();
+  if (!last_block(a.tickets + ch.prob * (L + 1) + L, a.chunk_first[ch.prob + 1] - a.chunk_first[ch.prob])) return;
   const int64_t need = a.krem[ch.prob];
   const int64_t cut = overflow ? cut_from_chunks<KB>(a, a.tie_count, ch.prob, thr, need) : cut_from_buffer(a, ch.prob, thr, need);
   if (threadIdx.x == 0) a.cut[ch.prob] = cut;

@@ -255,7 +255,6 @@ template <int KB>
 __global__ void __launch_bounds__(kThreads) finish_level_kernel(BracketArgs b, int level) {
   constexpr int L = levels<KB>();
   __shared__ uint32_t hist[kBins];
-  __shared__ bool last;
   const int G = b.finish_blocks;
   const int p = static_cast<int>(blockIdx.x / G), g = static_cast<int>(blockIdx.x % G);
   if (outcome(b, p) != Outcome::kBuffered) return;
@@ -290,12 +289,7 @@ __global__ void __launch_bounds__(kThreads) finish_level_kernel(BracketArgs b, i
   for (int i = threadIdx.x; i < kBins; i += kThreads) {
     if (hist[i] != 0) atomicAdd(row + i, static_cast<int32_t>(hist[i]));
   }
-  __threadfence();
-  __syncthreads();
-  if (threadIdx.x == 0) last = atomicAdd(b.tickets + p * (L + 1) + level, 1) == blocks - 1;
-  __syncthreads();
-  if (!last) return;
-  __threadfence();
+  if (!last_block(b.tickets + p * (L + 1) + level, blocks)) return;
   const Pick pk = pick_digit<true>(row, rank);
   if (threadIdx.x != 0) return;
   bise_bracket::narrow(lo, hi, pk.digit, shift);
@@ -310,7 +304,6 @@ __global__ void __launch_bounds__(kThreads) finish_level_kernel(BracketArgs b, i
 template <int KB>
 __global__ void __launch_bounds__(kThreads) finish_tie_kernel(BracketArgs b) {
   constexpr int L = levels<KB>();
-  __shared__ bool last;
   const SelectArgs& a = b.radix;
   const int G = b.finish_blocks;
   const int p = static_cast<int>(blockIdx.x / G), g = static_cast<int>(blockIdx.x % G);
@@ -339,12 +332,7 @@ __global__ void __launch_bounds__(kThreads) finish_tie_kernel(BracketArgs b) {
       const int64_t c = tie ? chunk_of(a, p, b.buffer_index[first + i]) : 0;
       count_bin(b.tie_chunk, tie, static_cast<uint32_t>(c));
     }
-    __threadfence();
-    __syncthreads();
-    if (threadIdx.x == 0) last = atomicAdd(b.tickets + p * (L + 1) + L, 1) == blocks - 1;
-    __syncthreads();
-    if (!last) return;
-    __threadfence();
+    if (!last_block(b.tickets + p * (L + 1) + L, blocks)) return;
     ties = b.tie_chunk;
   }
   const int64_t cut = cut_from_chunks<KB>(a, ties, p, thr, need);

@@ -98,6 +98,19 @@ struct Pick {
   int64_t above, count;
 };
 
+// Whole block calls, after writing its share of a result that `blocks` blocks build together:
+// publishes the writes and takes a ticket from *ticket. True, in every thread, only in the block
+// that takes the last ticket, which then sees every block's writes; the others should return.
+__device__ __forceinline__ bool last_block(int32_t* ticket, int64_t blocks) {
+  __shared__ bool last;
+  __threadfence();
+  __syncthreads();
+  if (threadIdx.x == 0) last = atomicAdd(ticket, 1) == blocks - 1;
+  __syncthreads();
+  if (last) __threadfence();
+  return last;
+}
+
 // Whole block (kThreads) calls: the digit holding rank krem (1-based, descending) of a histogram
 // row of kBins counts. GLOBAL: the row is in global memory, filled by other blocks' atomics (read
 // through L2); else in shared memory.
