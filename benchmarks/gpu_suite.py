@@ -3,7 +3,7 @@
 Collects the cases of every module in CASE_MODULES (format: docs/gpu_suite.md), checks each
 case's result where it can, times the case and each of its baselines side by side with
 triton.testing.do_bench (median, p20, p80; L2 flushed between runs) and writes
-``benchmarks/results/<gpu>-<yyyymmdd>-<commit>.json`` with the GPU, torch/triton/CUDA versions,
+``benchmarks/results/<gpu>-<yyyymmdd>-<commit>[-<filter>].json`` with the GPU, torch/triton/CUDA versions,
 the commit, and per case the timings, achieved GB/s (and TFLOP/s), the targets and the speed-up
 over each baseline. The file is rewritten after every case (a killed run keeps what it
 measured); each case has a time limit and the whole run a budget, after which the remaining
@@ -190,10 +190,12 @@ def environment(dry_run: bool) -> dict:
     return env
 
 
-def result_path(out_dir: Path, env: dict) -> Path:
+def result_path(out_dir: Path, env: dict, name_filter: str = "") -> Path:
+    """<gpu>-<yyyymmdd>-<commit>[-<filter>].json: a filtered run does not overwrite a whole one."""
     gpu = re.sub(r"[^A-Za-z0-9]+", "-", env["gpu"]).strip("-").lower()
     day = env["date"][:10].replace("-", "")
-    return out_dir / f"{gpu}-{day}-{env['commit'][:8]}.json"
+    tag = re.sub(r"[^A-Za-z0-9]+", "-", name_filter).strip("-").lower()
+    return out_dir / f"{gpu}-{day}-{env['commit'][:8]}{'-' + tag if tag else ''}.json"
 
 
 def main(argv=None) -> Path:
@@ -212,7 +214,7 @@ def main(argv=None) -> Path:
     out_dir = args.out or (Path(tempfile.mkdtemp(prefix="gpu_suite_")) if args.dry_run else RESULTS)
     out_dir.mkdir(parents=True, exist_ok=True)
     env = environment(args.dry_run)
-    path = result_path(out_dir, env)
+    path = result_path(out_dir, env, args.filter)
     cases, notes = load_cases(args.dry_run, args.filter)
     results: list[dict] = []
     for case in cases:

@@ -25,7 +25,7 @@ def test_dry_run_checks_times_and_writes_a_renderable_result(tmp_path):
     suite = _load("gpu_suite")
     path = suite.main(["--dry-run", "--out", str(tmp_path), "--filter", "select_resnet50"])
     run = json.loads(path.read_text())
-    assert path.name.startswith("cpu-dry-run-") and path.suffix == ".json"
+    assert path.name.startswith("cpu-dry-run-") and path.name.endswith("-select-resnet50.json")  # the filter
     for key in ("gpu", "torch", "triton", "cuda", "commit", "date"):
         assert key in run
     (case,) = run["cases"]
@@ -101,3 +101,17 @@ def test_a_probe_case_records_its_outcome():
     suite = _load("gpu_suite")
     record = suite.run_case({"name": "graph", "probe": lambda: {"captured": True}}, dry_run=True)
     assert record == {"name": "graph", "captured": True}
+
+
+def test_device_session_workflow_dry_run_writes_the_workflow_report(tmp_path):
+    """scripts/device_session.sh's second call, wired on the CPU: a tiny `bise run` and its report."""
+    import subprocess
+
+    root = BENCHMARKS.parent
+    done = subprocess.run(["bash", str(root / "scripts" / "device_session.sh"), "--dry-run", "workflow", str(tmp_path)],
+                          capture_output=True, text=True, timeout=300, cwd=root)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    assert "part=workflow dry=1 deadline_s=270" in (tmp_path / "session-workflow.txt").read_text()
+    report = json.loads((tmp_path / "workflow.json").read_text())
+    assert report["wall_seconds"] > 0 and report["schedule"]["mask_epochs"] == 2, report
+    assert set(report["targets"]) == {"vanilla_step_ms", "mask_epoch_seconds", "whole_schedule_seconds"}
