@@ -219,7 +219,8 @@ __global__ void __launch_bounds__(kThreads) tie_kernel(SelectArgs a) {
   }
   if (!last_block(a.tickets + ch.prob * (L + 1) + L, a.chunk_first[ch.prob + 1] - a.chunk_first[ch.prob])) return;
   const int64_t need = a.krem[ch.prob];
-  const int64_t cut = overflow ? cut_from_chunks<KB>(a, a.tie_count, ch.prob, thr, need) : cut_from_buffer<KB>(a, ch.prob, thr, need);
+  const int64_t cut = overflow ? cut_from_chunks<KB>(a, a.tie_count, ch.prob, thr, need)
+                                : cut_from_buffer<KB>(a, ch.prob, thr, need);
   if (threadIdx.x == 0) a.cut[ch.prob] = cut;
 }
 

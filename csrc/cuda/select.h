@@ -105,7 +105,8 @@ inline void carve_radix_workspace(SelectArgs& a, int32_t* w, const RadixWorkspac
 }
 
 struct BracketWorkspace {
-  int64_t key_words, levels1, n_hist, words64, words32;  // int32 words per key; levels + 1; int64 and int32 words in all
+  int64_t key_words, levels1, n_hist;  // int32 words per key; levels + 1
+  int64_t words64, words32;            // int64 and int32 words in all
 };
 
 inline BracketWorkspace bracket_workspace(int64_t P, int64_t C, int key_bits) {
