@@ -1,4 +1,5 @@
-"""The CUDA selects (csrc/cuda/select*.cu) on the CPU, against the reference backend, bit for bit.
+"""The CUDA selects (csrc/cuda/select*.cu) and keep_mask on the CPU, against the reference backend,
+bit for bit.
 
 No GPU is needed: the kernels are compiled by g++ against a small CUDA emulation
 (select_cuda_emu/emu.h: blocks one after another, the threads of a block as fibers that meet at
@@ -82,8 +83,9 @@ class Runs:
             for t in group:
                 self.words += [t.numel(), *self._bits(t)]
         thr, cut = ref.batched_topk_select(tensors, ks) if len(ks) > 1 else ref.topk_select(tensors, ks[0])
-        for p, (t, c) in enumerate(zip(thr.reshape(-1), cut.reshape(-1))):
-            self.want.append((algo, p, int(self._bits(t.reshape(1))[0]), int(c)))
+        for p, (group, t, c) in enumerate(zip(problems, thr.reshape(-1), cut.reshape(-1))):
+            kept = torch.arange(1, sum(x.numel() for x in group) + 1)[ref.keep_mask(torch.cat([x.reshape(-1) for x in group]), t, c)]
+            self.want.append((algo, p, int(self._bits(t.reshape(1))[0]), int(c), kept.numel(), int((kept * kept).sum())))
         self.count += 1
 
     @staticmethod
@@ -96,12 +98,13 @@ class Runs:
         done = subprocess.run([str(harness), str(tmp_path / "in.bin"), str(tmp_path / "out.bin")],
                               capture_output=True, text=True, timeout=900)
         assert done.returncode == 0, done.stderr[-4000:]
-        out = torch.frombuffer(bytearray((tmp_path / "out.bin").read_bytes()), dtype=torch.int64).reshape(-1, 3)
+        out = torch.frombuffer(bytearray((tmp_path / "out.bin").read_bytes()), dtype=torch.int64).reshape(-1, 5)
         assert out.shape[0] == len(self.want)
         paths = {}
-        for (algo, p, thr, cut), (got_thr, got_cut, path) in zip(self.want, out.tolist()):
+        for (algo, p, thr, cut, kept, index_sum), (got_thr, got_cut, path, *got_keep) in zip(self.want, out.tolist()):
             assert (got_thr, got_cut) == (thr, cut), (algo, p, (got_thr, got_cut), (thr, cut))
             assert path != 100, (algo, p, "solved flag disagrees with the bracket's outcome")
+            assert got_keep == [kept, index_sum], (algo, p, "keep_mask", got_keep, (kept, index_sum))
             paths.setdefault(algo, set()).add(path)
         return paths
 
@@ -139,9 +142,9 @@ def test_adversarial_inputs_hints_and_batches(harness, tmp_path, dtype):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
 def test_several_chunks_lists_overflow_and_finishing_blocks(harness, tmp_path, dtype):
-    """Lists over several 16384-element chunks, 40% ties at the threshold (the buffer overflows,
-    also under a hint at the threshold), and a buffer of more than 4096 candidates (several blocks
-    per finishing level)."""
+    """Lists over several 16384-element chunks (also all tied, +-0.0), 40% ties at the threshold
+    (the buffer overflows, also under a hint at the threshold), and a buffer of more than 4096
+    candidates (several blocks per finishing level)."""
     runs = Runs()
     g = torch.Generator().manual_seed(6)
     tensors = [torch.randn(20_000, generator=g), torch.randint(0, 3, (7,), generator=g).float(),
@@ -151,6 +154,10 @@ def test_several_chunks_lists_overflow_and_finishing_blocks(harness, tmp_path, d
     for k in (1, 100, total // 2, total):
         for algo in ALGOS:
             runs.add(algo, tensors, [k])
+    tied = [torch.zeros(300, dtype=dtype), torch.full((50,), -0.0, dtype=dtype), torch.zeros(20_000, dtype=dtype)]
+    for k in (1, 320, 10_000):  # the cut in each tensor: keep_mask's offsets
+        for algo in ALGOS:
+            runs.add(algo, tied, [k])
     ties = torch.randn(20_000, generator=g).to(dtype)
     ties[::5] = 0.3  # low digits not 0
     ties[1::5] = 0.3

@@ -3,10 +3,12 @@
 // compares the output with the reference backend. The chunk table and the workspaces are laid out
 // as in csrc/cuda/select_binding.cpp.
 //
-// Input (int64 words): runs; per run: key_bits (16, 32, 64), algorithm (0 radix, 1 bracket, 2 bracket-miss,
-// 3 bracket-overflow), problems; per problem: k, has_hint, hint bits, tensors; per tensor: numel,
-// then numel words of raw bits. Output per run and problem: threshold bits, cut, path (bracket
-// algorithms: 0 missed, 1 single value, 2 buffered, 3 overflowed; radix: -1).
+// Input (int64 words): runs; per run: key_bits (16, 32, 64), algorithm (0 radix, 1 bracket,
+// 2 bracket-miss, 3 bracket-overflow), problems; per problem: k, has_hint, hint bits, tensors; per
+// tensor: numel, then numel words of raw bits. Output per run and problem: threshold bits, cut,
+// path (bracket algorithms: 0 missed, 1 single value, 2 buffered, 3 overflowed; radix: -1), and
+// of the keep_mask kernel run on each of its tensors with that selection: the entries kept and
+// the sum of (flat index + 1)^2 over them.
 #include <cstdio>
 #include <cstring>
 #include <fstream>
@@ -44,10 +46,12 @@ int64_t next() { return words.at(pos++); }
 void run(int kb, int algo, const std::vector<Problem>& probs, std::vector<int64_t>& out) {
   const int64_t P = static_cast<int64_t>(probs.size());
   std::vector<std::vector<char>> copies;  // the tensors at width kb
+  std::vector<std::pair<int64_t, int64_t>> placed;  // per copy: its problem and flat offset there
   std::vector<int64_t> rows[5], first(P + 1, 0), total(P, 0), ks;
   for (int64_t p = 0; p < P; ++p) {
     for (const auto& t : probs[p].tensors) {
       copies.push_back(packed(t, kb));
+      placed.emplace_back(p, total[p]);
       const int64_t n = static_cast<int64_t>(t.size());
       const int64_t addr = reinterpret_cast<int64_t>(copies.back().data());
       for (int64_t start = 0; start < n; start += kChunk) {
@@ -111,6 +115,22 @@ void run(int kb, int algo, const std::vector<Problem>& probs, std::vector<int64_
   } else {
     bise_bracket_select_launch(&b, nullptr);
   }
+  std::vector<uint64_t> thr(P);
+  for (int64_t p = 0; p < P; ++p) thr[p] = word_at(a.threshold_bits, p, kb) & (~uint64_t{0} >> (64 - kb));
+  const std::vector<char> thr_bits = packed(thr, kb);
+  std::vector<int64_t> kept(P, 0), index_sum(P, 0);
+  for (size_t c = 0; c < copies.size(); ++c) {
+    const auto [p, base] = placed[c];
+    const int64_t n = static_cast<int64_t>(copies[c].size()) * 8 / kb;
+    std::vector<unsigned char> mask(n, 2);
+    static_assert(sizeof(bool) == 1, "the mask is read as bytes");
+    bise_keep_mask_launch(copies[c].data(), thr_bits.data() + p * kb / 8, &cut[p], reinterpret_cast<bool*>(mask.data()),
+                          n, base, kb, nullptr);
+    for (int64_t i = 0; i < n; ++i) {
+      kept[p] += mask[i];
+      index_sum[p] += mask[i] * (base + i + 1) * (base + i + 1);
+    }
+  }
   for (int64_t p = 0; p < P; ++p) {
     int64_t path = -1;
     if (algo != 0) {
@@ -121,9 +141,7 @@ void run(int kb, int algo, const std::vector<Problem>& probs, std::vector<int64_
       const bool solved = path == 1 || path == 2;
       if ((b.solved[p] != 0) != solved) path = 100;  // the radix fallback must run exactly for the others
     }
-    out.push_back(static_cast<int64_t>(word_at(a.threshold_bits, p, kb) & (~uint64_t{0} >> (64 - kb))));
-    out.push_back(cut[p]);
-    out.push_back(path);
+    out.insert(out.end(), {static_cast<int64_t>(thr[p]), cut[p], path, kept[p], index_sum[p]});
   }
 }
 
