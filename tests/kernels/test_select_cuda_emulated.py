@@ -84,8 +84,10 @@ class Runs:
                 self.words += [t.numel(), *self._bits(t)]
         thr, cut = ref.batched_topk_select(tensors, ks) if len(ks) > 1 else ref.topk_select(tensors, ks[0])
         for p, (group, t, c) in enumerate(zip(problems, thr.reshape(-1), cut.reshape(-1))):
-            kept = torch.arange(1, sum(x.numel() for x in group) + 1)[ref.keep_mask(torch.cat([x.reshape(-1) for x in group]), t, c)]
-            self.want.append((algo, p, int(self._bits(t.reshape(1))[0]), int(c), kept.numel(), int((kept * kept).sum())))
+            flat = torch.cat([x.reshape(-1) for x in group])
+            kept = torch.arange(1, flat.numel() + 1)[ref.keep_mask(flat, t, c)]  # flat index + 1 of each kept entry
+            keep = (kept.numel(), int((kept * kept).sum()))
+            self.want.append((algo, p, int(self._bits(t.reshape(1))[0]), int(c), *keep))
         self.count += 1
 
     @staticmethod
