@@ -122,7 +122,7 @@ void run(int kb, int algo, const std::vector<Problem>& probs, std::vector<int64_
   for (size_t c = 0; c < copies.size(); ++c) {
     const auto [p, base] = placed[c];
     const int64_t n = static_cast<int64_t>(copies[c].size()) * 8 / kb;
-    std::vector<unsigned char> mask(n, 2);
+    std::vector<unsigned char> mask(n, 2);  // 2: an entry the kernel leaves unwritten shows in the sums
     static_assert(sizeof(bool) == 1, "the mask is read as bytes");
     bise_keep_mask_launch(copies[c].data(), thr_bits.data() + p * kb / 8, &cut[p], reinterpret_cast<bool*>(mask.data()),
                           n, base, kb, nullptr);
