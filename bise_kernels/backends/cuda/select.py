@@ -2,9 +2,8 @@
 
 Two algorithms, picked per call by the environment variable ``BISE_SELECT_CUDA``: ``radix``
 (the default) and ``bracket`` (one fused pass in the common case, unmeasured on a GPU so far;
-docs/select.md). Both work on 16- and 32-bit keys: ``DTYPES`` leaves float64 scores to the next
-backend of the registry's order. Importing fails with a reason when the extension was built
-without its CUDA kernels.
+docs/select.md). Both take float32, float16, bfloat16 and float64 scores (16-, 32- and 64-bit
+keys). Importing fails with a reason when the extension was built without its CUDA kernels.
 """
 
 from __future__ import annotations
@@ -19,4 +18,4 @@ from ..native import batched_topk_select, keep_mask, topk_select  # noqa: E402
 
 __all__ = ["topk_select", "batched_topk_select", "keep_mask"]
 KERNELS = tuple(__all__)
-DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
