@@ -101,6 +101,23 @@ def test_other_dtypes_equal_the_custom_op(dtype):
                 torch.testing.assert_close(got, want, rtol=0, atol=0, msg=name)
 
 
+@pytest.mark.parametrize("shape", [(5,), (0, 5), "transposed"], ids=["1-d", "empty", "transposed"])
+def test_odd_linear_inputs_equal_the_custom_op(shape):
+    """A 1-d x, an empty batch, a non-contiguous x; fp16 weights with fp32 scores."""
+    x = _t(5, 4, seed=0).t() if shape == "transposed" else _t(*shape, seed=0)
+    w, s = _t(6, 5, seed=1), _t(6, 5, seed=2)
+    for dtype in (torch.float32, torch.float16):
+        args = (x.to(dtype), w.to(dtype), _t(6, seed=3, dtype=dtype), s, *bk.topk_select(s, 13), "sigmoid", 0.5)
+        with bk.use_backend("cpp"):
+            results = []
+            for fn in (_ops.masked_linear, _ops.masked_linear.op):
+                inputs, leaves = _leaves("linear", args, (True, True, True, True))
+                y = fn(*inputs)
+                results.append((y, *torch.autograd.grad(y.sum(), leaves)))
+        for got, want in zip(*results):
+            torch.testing.assert_close(got, want, rtol=0, atol=0)
+
+
 def test_the_backend_selects_the_path():
     """The native op runs on "cpp" and "auto" (= cpp on the CPU); on "torch" the reference runs."""
     _, call, args = _layer_cases()[0]
