@@ -72,7 +72,7 @@ def _plain_eager(args: tuple) -> bool:
             or torch._C._is_torch_function_mode_enabled() or torch._C._functorch.maybe_current_level() is not None):
         return False
     for a in args:
-        if type(a) in _PLAIN_ARGUMENT_TYPES:  # one set lookup per argument: ~1 us of a call's 3 (8 arguments)
+        if type(a) in _PLAIN_ARGUMENT_TYPES:  # 3.0 -> 0.6 us for masked_linear's 8 arguments
             continue
         for t in (a if isinstance(a, list) else (a,)):
             if type(t) not in _PLAIN_ARGUMENT_TYPES and isinstance(t, Tensor):
@@ -328,7 +328,8 @@ def _linear_keep_backward(backward_op):
 _masked_linear_keep_op.register_autograd(_linear_keep_backward(masked_linear_keep_backward),
                                          setup_context=_linear_keep_setup)
 masked_linear_keep = _layer_op("masked_linear_keep", _masked_linear_keep_op, _masked_linear_keep,
-                               _linear_keep_setup, _linear_keep_backward(_backward_kernel("masked_linear_keep_backward")))
+                               _linear_keep_setup,
+                               _linear_keep_backward(_backward_kernel("masked_linear_keep_backward")))
 
 
 # ----------------------------------------------------------------------------- masked conv2d

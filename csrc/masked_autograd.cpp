@@ -250,7 +250,8 @@ at::Tensor masked_layer(const char* name, const at::Tensor& x, const at::Tensor&
                 bias->scalar_type(), " ", bias->sizes());
   }
   bise_checks::check_estimator(estimator, temperature, name);
-  return MaskedLayer<Layer, Mask>::apply(x, weight, has_bias ? bias : std::nullopt, scores, mask, layer, Estimator{estimator, temperature});
+  return MaskedLayer<Layer, Mask>::apply(x, weight, has_bias ? bias : std::nullopt, scores, mask, layer,
+                                         Estimator{estimator, temperature});
 }
 
 at::Tensor masked_linear(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
