@@ -83,6 +83,7 @@ def main() -> None:
     parser.add_argument("--calls", type=int, default=20, help="calls per round")
     args = parser.parse_args()
     torch.set_num_threads(1)
+    print(f"# bise_kernels from {bk.__file__}")  # run from another checkout, set PYTHONPATH to measure this one
     for features, batch in SIZES:
         print(f"# {features}x{features}, batch {batch}: min us / median us / ratio of medians to dense F.linear")
         for name, v in measure(features, batch, args.rounds, args.calls).items():

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import sys
 from typing import Callable, Optional
 
 import torch
@@ -59,6 +60,8 @@ def _or_none(t: Tensor, needed: bool) -> Optional[Tensor]:
 # ----------------------------------------------------------------------------- the eager path
 
 _PLAIN_TYPES = (Tensor, torch.nn.Parameter)
+_PLAIN_ARGUMENT_TYPES = frozenset((*_PLAIN_TYPES, type(None), bool, int, float, str))
+"""Argument types that need no closer look: plain tensors and the schemas' scalars."""
 
 
 def _plain_eager(args: tuple) -> bool:
@@ -69,8 +72,10 @@ def _plain_eager(args: tuple) -> bool:
             or torch._C._is_torch_function_mode_enabled() or torch._C._functorch.maybe_current_level() is not None):
         return False
     for a in args:
+        if type(a) in _PLAIN_ARGUMENT_TYPES:  # 3.0 -> 0.6 us for masked_linear's 8 arguments
+            continue
         for t in (a if isinstance(a, list) else (a,)):
-            if isinstance(t, Tensor) and type(t) not in _PLAIN_TYPES:
+            if type(t) not in _PLAIN_ARGUMENT_TYPES and isinstance(t, Tensor):
                 return False
     return True
 
@@ -87,10 +92,32 @@ def _plain_op(op, impl: Callable) -> Callable:
     return call
 
 
-def _layer_op(op, forward: Callable, setup: Callable, backward: Callable) -> Callable:
-    """The Python callable of a layer op: the custom op ``op`` unless :func:`_plain_eager`, else
-    ``forward`` (the op's implementation) directly, in an autograd.Function with the op's ``setup``
-    and ``backward`` when a gradient is needed.
+_NATIVE_LAYER_OPS: dict[tuple, Optional[Callable]] = {}
+
+
+def _native_layer_op(name: str, x: Tensor) -> Optional[Callable]:
+    """The extension op running layer op ``name`` in one call with a C++ autograd node
+    (csrc/masked_autograd.cpp) when the backend selected for x's device and dtype runs the op's
+    forward and backward kernels natively ("cpp", "cuda"; :func:`..backends.native.layer_op`), else None.
+
+    Cached per (op, backend, device type, dtype): the registry's tables are fixed once its
+    modules are loaded, so the two registry lookups a call used to make happen once per key.
+    """
+    key = (name, backends.get_backend(), x.device.type, x.dtype)
+    op = _NATIVE_LAYER_OPS.get(key, _NATIVE_LAYER_OPS)
+    if op is _NATIVE_LAYER_OPS:
+        forward = backends.resolve(f"{name}_forward", key[2], key[3])[1]
+        backward = backends.resolve(f"{name}_backward", key[2], key[3])[1]
+        native = sys.modules.get("bise_kernels.backends.native")  # imported by the backend that resolved
+        op = _NATIVE_LAYER_OPS[key] = native.layer_op(name, forward, backward) if native is not None else None
+    return op
+
+
+def _layer_op(name: str, op, forward: Callable, setup: Callable, backward: Callable) -> Callable:
+    """The Python callable of layer op ``name``: the custom op ``op`` unless :func:`_plain_eager`,
+    else the extension's one-call op (:func:`_native_layer_op`) on the "cpp" and "cuda" backends,
+    else ``forward`` (the op's implementation) directly, in an autograd.Function with the op's
+    ``setup`` and ``backward`` when a gradient is needed.
 
     Why: the custom-op call costs about 40 us of dispatch on top of the kernels, and an
     autograd.Function with a separate setup_context another 50 us of signature binding (cProfile of
@@ -99,6 +126,8 @@ def _layer_op(op, forward: Callable, setup: Callable, backward: Callable) -> Cal
     the C ``_FunctionBase.apply`` that ``Function.apply`` ends in: what that Python wrapper adds
     (a setup_context probe, unwrapping functorch tensors) cannot apply here, as :func:`_plain_eager`
     rules out functorch transforms, and costs 2.5 of its 6 us (benchmarks/bench_masked_overhead.py).
+    The native op goes further: its autograd node is C++, so the engine runs no Python for it, and
+    its backward makes its dispatcher calls from C++ (docs/masked.md, "Per-call overhead").
     """
 
     class Eager(torch.autograd.Function):
@@ -118,6 +147,9 @@ def _layer_op(op, forward: Callable, setup: Callable, backward: Callable) -> Cal
     def call(*args):
         if not _plain_eager(args):
             return op(*args)
+        native = _native_layer_op(name, args[0])
+        if native is not None:
+            return native(*args)
         if torch.is_grad_enabled() and any(isinstance(a, Tensor) and a.requires_grad for a in args):
             return apply(*args)
         return forward(*args)
@@ -245,7 +277,7 @@ def _linear_backward(backward_op):
 
 
 _masked_linear_op.register_autograd(_linear_backward(masked_linear_backward), setup_context=_linear_setup)
-masked_linear = _layer_op(_masked_linear_op, _masked_linear, _linear_setup,
+masked_linear = _layer_op("masked_linear", _masked_linear_op, _masked_linear, _linear_setup,
                           _linear_backward(_backward_kernel("masked_linear_backward")))
 
 
@@ -295,7 +327,8 @@ def _linear_keep_backward(backward_op):
 
 _masked_linear_keep_op.register_autograd(_linear_keep_backward(masked_linear_keep_backward),
                                          setup_context=_linear_keep_setup)
-masked_linear_keep = _layer_op(_masked_linear_keep_op, _masked_linear_keep, _linear_keep_setup,
+masked_linear_keep = _layer_op("masked_linear_keep", _masked_linear_keep_op, _masked_linear_keep,
+                               _linear_keep_setup,
                                _linear_keep_backward(_backward_kernel("masked_linear_keep_backward")))
 
 
@@ -364,7 +397,7 @@ def _conv_backward(backward_op, n_other_inputs: int = 8):
 
 
 _masked_conv2d_op.register_autograd(_conv_backward(masked_conv2d_backward), setup_context=_conv_setup)
-masked_conv2d = _layer_op(_masked_conv2d_op, _masked_conv2d, _conv_setup,
+masked_conv2d = _layer_op("masked_conv2d", _masked_conv2d_op, _masked_conv2d, _conv_setup,
                           _conv_backward(_backward_kernel("masked_conv2d_backward")))
 
 
@@ -407,8 +440,8 @@ def _(grad_y, x, weight, scores, keep, stride, padding, dilation, groups, estima
 
 _masked_conv2d_keep_op.register_autograd(_conv_backward(masked_conv2d_keep_backward, 7),
                                          setup_context=_conv_keep_setup)
-masked_conv2d_keep = _layer_op(_masked_conv2d_keep_op, _masked_conv2d_keep, _conv_keep_setup,
-                               _conv_backward(_backward_kernel("masked_conv2d_keep_backward"), 7))
+masked_conv2d_keep = _layer_op("masked_conv2d_keep", _masked_conv2d_keep_op, _masked_conv2d_keep,
+                               _conv_keep_setup, _conv_backward(_backward_kernel("masked_conv2d_keep_backward"), 7))
 
 
 # ----------------------------------------------------------------------------- channel gate
@@ -460,5 +493,5 @@ def _gate_backward(backward_op):
 
 
 _channel_gate_op.register_autograd(_gate_backward(channel_gate_backward), setup_context=_gate_setup)
-channel_gate = _layer_op(_channel_gate_op, _channel_gate, _gate_setup,
+channel_gate = _layer_op("channel_gate", _channel_gate_op, _channel_gate, _gate_setup,
                          _gate_backward(_backward_kernel("channel_gate_backward")))

@@ -34,4 +34,22 @@ TORCH_LIBRARY(bise_kernels_ext, m) {
   m.def(
       "channel_gate_backward(Tensor grad_y, Tensor x, Tensor scores, Tensor thr, Tensor cut, int dim, "
       "str estimator, float temperature, bool need_x, bool need_scores) -> (Tensor, Tensor)");
+  // The layer ops of bise_kernels/_ops.py (same names and arguments) as one call each with a C++
+  // autograd node (csrc/masked_autograd.cpp): the fused passes above composed with the dense ATen
+  // op, forward and backward, for every device; the eager path of the "cpp" and "cuda" backends.
+  m.def(
+      "masked_linear(Tensor x, Tensor weight, Tensor? bias, Tensor scores, Tensor thr, Tensor cut, str estimator, "
+      "float temperature) -> Tensor");
+  m.def(
+      "masked_linear_keep(Tensor x, Tensor weight, Tensor? bias, Tensor scores, Tensor keep, str estimator, "
+      "float temperature) -> Tensor");
+  m.def(
+      "masked_conv2d(Tensor x, Tensor weight, Tensor? bias, Tensor scores, Tensor thr, Tensor cut, int[] stride, "
+      "int[] padding, int[] dilation, int groups, str estimator, float temperature) -> Tensor");
+  m.def(
+      "masked_conv2d_keep(Tensor x, Tensor weight, Tensor? bias, Tensor scores, Tensor keep, int[] stride, "
+      "int[] padding, int[] dilation, int groups, str estimator, float temperature) -> Tensor");
+  m.def(
+      "channel_gate(Tensor x, Tensor scores, Tensor thr, Tensor cut, int dim, str estimator, float temperature) "
+      "-> Tensor");
 }

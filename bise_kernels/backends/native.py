@@ -15,13 +15,16 @@ at a time, nothing weight-sized is saved for backward, and nothing here waits fo
 The ``*_keep`` kernels (linear and conv2d) are the same composition reading a bool keep mask (the
 selection packed once per step, ``keep_mask``) instead of the scores: ext ``keep_weight`` and
 ``keep_score_grad``.
+The same composition, forward and backward, is also one extension op per layer op with its
+autograd node in C++ (csrc/masked_autograd.cpp, :func:`layer_op`): the eager path of
+bise_kernels/_ops.py when these kernels are the selected ones.
 ``W_eff`` is a fresh tensor per call: the caching allocators hand the block just freed straight
 back, so a buffer kept here would save no allocation and add state.
 """
 
 from __future__ import annotations
 
-from typing import Optional, Sequence
+from typing import Callable, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -153,3 +156,16 @@ def channel_gate_backward(grad_y, x, scores, thr, cut, dim, estimator, temperatu
                                         need_s)
     return (gx if need_x else None), (gs if need_s else None)
 
+
+
+# ----------------------------------------------------------------------------- one call per layer op
+
+_LAYER_OPS = ("masked_linear", "masked_linear_keep", "masked_conv2d", "masked_conv2d_keep", "channel_gate")
+
+
+def layer_op(name: str, forward: Callable, backward: Callable) -> Optional[Callable]:
+    """The extension op computing layer op ``name`` (forward and backward, csrc/masked_autograd.cpp)
+    if ``forward`` and ``backward`` are this module's kernels of it, else None."""
+    if name in _LAYER_OPS and forward is globals()[f"{name}_forward"] and backward is globals()[f"{name}_backward"]:
+        return getattr(_ext, name).default
+    return None

@@ -182,13 +182,21 @@ def test_finiteness_check_is_skipped_for_fake_and_meta_tensors():
 
 
 def test_finiteness_check_reads_once_without_a_temporary(monkeypatch):
-    """One aminmax (no isfinite over all n entries); the values it returns decide."""
+    """CPU: one sum (no isfinite over all n entries); aminmax decides only when the sum is not finite:
+    a bad value, or finite values whose sum overflows (which pass)."""
     calls = []
     real = torch.aminmax
     monkeypatch.setattr(torch, "aminmax", lambda t: calls.append(t.numel()) or real(t))
     monkeypatch.setattr(torch, "isfinite", lambda t: pytest.fail("isfinite over the scores"))
     _checks.check_finite(torch.randn(1000), "scores")
-    assert calls == [1000]
+    assert calls == []
+    for dtype, big in ((torch.float32, 3e38), (torch.float16, 6e4), (torch.bfloat16, 3e38), (torch.float64, 1e308)):
+        _checks.check_finite(torch.full((7,), big, dtype=dtype), "scores")  # the sum overflows, the values are finite
+        assert calls == [7], dtype
+        calls.clear()
+    with pytest.raises(ValueError, match=r"scores contains non-finite values \(e.g. -inf\)"):
+        _checks.check_finite(torch.tensor([1.0, float("-inf"), 2.0]), "scores")
+    assert calls == [3]
 
 
 def test_backend_checks_name_a_bad_selection():

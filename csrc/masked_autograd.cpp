@@ -1,0 +1,308 @@
+// The eager path of the masked layers and the channel gate as one extension call each, with the
+// autograd node in C++ (bise_kernels/_ops.py calls these in plain eager mode when the selected
+// backend is "cpp" or "cuda"; schemas in csrc/library.cpp).
+//
+// Each op is a torch::autograd::Function whose forward and backward make the calls of
+// bise_kernels/backends/native.py in the same order with the same arguments (the fused mask pass
+// `masked_weight` / `keep_weight`, the dense ATen GEMM or conv, the fused `masked_score_grad` /
+// `keep_score_grad`; `channel_gate_forward` / `_backward`), so outputs and gradients are the same
+// bits (tests/kernels/test_opcheck.py). What it saves per call against the Python
+// autograd.Function: the autograd engine runs a C++ node (no GIL, no Python frames) and the backward
+// makes its five dispatcher calls from C++. Like native.py, nothing weight-sized is saved for
+// backward (W_eff is rebuilt for grad_x) and nothing waits for the device, so a step can be
+// captured in a CUDA graph. Registered as CompositeImplicitAutograd: the one kernel serves every
+// device; the fused passes inside dispatch to their CPU or CUDA implementation.
+#include <ATen/ATen.h>
+#include <ATen/core/dispatch/Dispatcher.h>
+#include <torch/autograd.h>
+#include <torch/library.h>
+
+#include "checks.h"
+
+namespace bise_autograd {
+namespace {
+
+using torch::autograd::AutogradContext;
+using torch::autograd::variable_list;
+
+// ----------------------------------------------------------------------------- the fused passes
+
+// An op of bise_kernels_ext by name, typed with its kernels' C++ signature (csrc/cpu/*.cpp).
+template <typename Signature>
+c10::TypedOperatorHandle<Signature> ext_op(const char* name) {
+  return c10::Dispatcher::singleton().findSchemaOrThrow(name, "").typed<Signature>();
+}
+
+using T = const at::Tensor&;
+
+at::Tensor masked_weight(T weight, T scores, T thr, T cut) {
+  static const auto op = ext_op<at::Tensor(T, T, T, T)>("bise_kernels_ext::masked_weight");
+  return op.call(weight, scores, thr, cut);
+}
+
+at::Tensor masked_score_grad(T grad_w_eff, T weight, T scores, T thr, T cut, const std::string& estimator,
+                             double temperature, bool need_scores, bool need_weight) {
+  static const auto op = ext_op<at::Tensor(T, T, T, T, T, std::string, double, bool, bool)>(
+      "bise_kernels_ext::masked_score_grad");
+  return op.call(grad_w_eff, weight, scores, thr, cut, estimator, temperature, need_scores, need_weight);
+}
+
+at::Tensor keep_weight(T weight, T keep) {
+  static const auto op = ext_op<at::Tensor(T, T)>("bise_kernels_ext::keep_weight");
+  return op.call(weight, keep);
+}
+
+at::Tensor keep_score_grad(T grad_w_eff, T weight, T scores, T keep, const std::string& estimator, double temperature,
+                           bool need_scores, bool need_weight) {
+  static const auto op =
+      ext_op<at::Tensor(T, T, T, T, std::string, double, bool, bool)>("bise_kernels_ext::keep_score_grad");
+  return op.call(grad_w_eff, weight, scores, keep, estimator, temperature, need_scores, need_weight);
+}
+
+// ----------------------------------------------------------------------------- mask sources
+
+// How the estimator turns grad_W_eff into the score gradient (checked by the fused pass).
+struct Estimator {
+  std::string name;
+  double temperature;
+};
+
+// The mask of a layer as the selection (thr, cut) of its scores: the rule is evaluated in each pass.
+struct Selection {
+  at::Tensor thr, cut;
+  void check(T weight, T scores, const char* name, at::DeviceType device) const {
+    bise_checks::check_layer(weight, scores, thr, cut, name, device);
+  }
+  std::vector<at::Tensor> tensors() const { return {thr, cut}; }
+  static Selection from(const variable_list& saved, size_t first) { return {saved[first], saved[first + 1]}; }
+  at::Tensor weight(T w, T scores) const { return masked_weight(w, scores, thr, cut); }
+  at::Tensor score_grad(T grad_w_eff, T w, T scores, const Estimator& e, bool need_s, bool need_w) const {
+    return masked_score_grad(grad_w_eff, w, scores, thr, cut, e.name, e.temperature, need_s, need_w);
+  }
+};
+
+// The mask packed once into a bool keep mask (the *_keep ops): the passes read it, not the scores.
+struct Keep {
+  at::Tensor keep;
+
+  void check(T weight, T scores, const char* name, at::DeviceType device) const {
+    bise_checks::check_keep_layer(weight, keep, name, device);
+    bise_checks::check_float(scores, "scores", name, device);
+    TORCH_CHECK(scores.sizes() == keep.sizes(), name, ": scores must have keep's shape ", keep.sizes(), ", got ",
+                scores.sizes());
+  }
+  std::vector<at::Tensor> tensors() const { return {keep}; }
+  static Keep from(const variable_list& saved, size_t first) { return {saved[first]}; }
+  at::Tensor weight(T w, T) const { return keep_weight(w, keep); }
+  at::Tensor score_grad(T grad_w_eff, T w, T scores, const Estimator& e, bool need_s, bool need_w) const {
+    return keep_score_grad(grad_w_eff, w, scores, keep, e.name, e.temperature, need_s, need_w);
+  }
+};
+
+// ----------------------------------------------------------------------------- dense layers
+
+// F.linear and its backward as native.py's _linear_backward computes it.
+struct Linear {
+  void check(T x, T weight, const char* name) const {
+    TORCH_CHECK(weight.dim() == 2 && x.dim() >= 1 && x.size(-1) == weight.size(1), name, ": x of shape ", x.sizes(),
+                " does not match weight of shape ", weight.sizes());
+  }
+  at::Tensor forward(T x, T w_eff, const std::optional<at::Tensor>& bias) const {
+    return at::linear(x, w_eff, bias);
+  }
+  at::Tensor grad_y(T grad_y, T) const { return grad_y.contiguous(); }
+  at::Tensor grad_x(T grad_y, T, T w_eff) const { return at::matmul(grad_y, w_eff); }
+  at::Tensor grad_w_eff(T grad_y, T x, T) const {
+    return at::matmul(grad_y.reshape({-1, grad_y.size(-1)}).t(), x.reshape({-1, x.size(-1)}));
+  }
+  at::Tensor grad_bias(T grad_y) const { return grad_y.reshape({-1, grad_y.size(-1)}).sum(0); }
+  void save(AutogradContext*) const {}
+  static Linear from(AutogradContext*) { return {}; }
+};
+
+// F.conv2d (zero padding) and its backward as native.py's _conv2d_backward computes it.
+struct Conv2d {
+  std::vector<int64_t> stride, padding, dilation;
+  int64_t groups;
+
+  void check(T x, T weight, const char* name) const {
+    TORCH_CHECK(x.dim() == 4 && weight.dim() == 4, name, ": x and weight must be 4-d, got shapes ", x.sizes(),
+                " and ", weight.sizes());
+  }
+  at::Tensor forward(T x, T w_eff, const std::optional<at::Tensor>& bias) const {
+    return at::conv2d(x, w_eff, bias, stride, padding, dilation, groups);
+  }
+  // channels_last when x is (so the backward needs no layout conversion), else contiguous.
+  at::Tensor grad_y(T grad_y, T x) const {
+    const bool channels_last = x.is_contiguous(at::MemoryFormat::ChannelsLast) && !x.is_contiguous();
+    return grad_y.contiguous(channels_last ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::Contiguous);
+  }
+  at::Tensor grad_x(T grad_y, T x, T w_eff) const {
+    return std::get<0>(at::convolution_backward(grad_y, x, w_eff, std::nullopt, stride, padding, dilation, false,
+                                                {0, 0}, groups, {true, false, false}));
+  }
+  // Only the weight's shape is read for the weight gradient.
+  at::Tensor grad_w_eff(T grad_y, T x, T weight) const {
+    return std::get<1>(at::convolution_backward(grad_y, x, weight, std::nullopt, stride, padding, dilation, false,
+                                                {0, 0}, groups, {false, true, false}));
+  }
+  at::Tensor grad_bias(T grad_y) const { return grad_y.sum({0, 2, 3}); }
+  void save(AutogradContext* ctx) const {
+    ctx->saved_data["stride"] = stride;
+    ctx->saved_data["padding"] = padding;
+    ctx->saved_data["dilation"] = dilation;
+    ctx->saved_data["groups"] = groups;
+  }
+  static Conv2d from(AutogradContext* ctx) {
+    return {ctx->saved_data["stride"].toIntVector(), ctx->saved_data["padding"].toIntVector(),
+            ctx->saved_data["dilation"].toIntVector(), ctx->saved_data["groups"].toInt()};
+  }
+};
+
+// ----------------------------------------------------------------------------- the autograd functions
+
+// y = layer(x, weight * mask, bias); inputs x, weight, bias (nullopt when absent: no input then, so the
+// scores are input 2 or 3), scores.
+template <class Layer, class Mask>
+struct MaskedLayer : torch::autograd::Function<MaskedLayer<Layer, Mask>> {
+  static at::Tensor forward(AutogradContext* ctx, const at::Tensor& x, const at::Tensor& weight,
+                            const std::optional<at::Tensor>& bias, const at::Tensor& scores, const Mask& mask,
+                            const Layer& layer, const Estimator& est) {
+    std::vector<at::Tensor> saved{x, weight, scores};
+    for (const at::Tensor& t : mask.tensors()) saved.push_back(t);
+    ctx->save_for_backward(saved);
+    ctx->saved_data["estimator"] = est.name;
+    ctx->saved_data["temperature"] = est.temperature;
+    ctx->saved_data["has_bias"] = bias.has_value();
+    layer.save(ctx);
+    return layer.forward(x, mask.weight(weight, scores), bias);
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    const variable_list saved = ctx->get_saved_variables();
+    const at::Tensor &x = saved[0], &weight = saved[1], &scores = saved[2];
+    const Mask mask = Mask::from(saved, 3);
+    const Layer layer = Layer::from(ctx);
+    const Estimator est{ctx->saved_data["estimator"].toStringRef(), ctx->saved_data["temperature"].toDouble()};
+    const bool has_bias = ctx->saved_data["has_bias"].toBool();
+    const bool need_x = ctx->needs_input_grad(0), need_w = ctx->needs_input_grad(1),
+               need_b = has_bias && ctx->needs_input_grad(2), need_s = ctx->needs_input_grad(has_bias ? 3 : 2);
+    const at::Tensor grad_y = layer.grad_y(grads[0], x);
+    at::Tensor gx, gw, gb, gs;
+    if (need_x) gx = layer.grad_x(grad_y, x, mask.weight(weight, scores));
+    if (need_w || need_s) {
+      at::Tensor grad_w_eff = layer.grad_w_eff(grad_y, x, weight).contiguous();
+      gs = mask.score_grad(grad_w_eff, weight, scores, est, need_s, need_w);  // masks grad_w_eff in place
+      if (need_w) gw = grad_w_eff;
+      if (!need_s) gs = at::Tensor();
+    }
+    if (need_b) gb = layer.grad_bias(grad_y);
+    // x, weight, bias, scores, then the mask, the layer and the estimator (no gradients).
+    return {gx, gw, gb, gs, at::Tensor(), at::Tensor(), at::Tensor()};
+  }
+};
+
+// y = x * keep(scores) along dim; inputs x, scores.
+struct ChannelGate : torch::autograd::Function<ChannelGate> {
+  static at::Tensor forward(AutogradContext* ctx, const at::Tensor& x, const at::Tensor& scores, const Selection& sel,
+                            int64_t dim, const Estimator& est) {
+    static const auto op = ext_op<at::Tensor(T, T, T, T, int64_t)>("bise_kernels_ext::channel_gate_forward");
+    ctx->save_for_backward({x, scores, sel.thr, sel.cut});
+    ctx->saved_data["dim"] = dim;
+    ctx->saved_data["estimator"] = est.name;
+    ctx->saved_data["temperature"] = est.temperature;
+    return op.call(x, scores, sel.thr, sel.cut, dim);
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    static const auto op =
+        ext_op<std::tuple<at::Tensor, at::Tensor>(T, T, T, T, T, int64_t, std::string, double, bool, bool)>(
+            "bise_kernels_ext::channel_gate_backward");
+    const variable_list saved = ctx->get_saved_variables();
+    const bool need_x = ctx->needs_input_grad(0), need_s = ctx->needs_input_grad(1);
+    auto [gx, gs] = op.call(grads[0], saved[0], saved[1], saved[2], saved[3], ctx->saved_data["dim"].toInt(),
+                            ctx->saved_data["estimator"].toStringRef(), ctx->saved_data["temperature"].toDouble(),
+                            need_x, need_s);
+    return {need_x ? gx : at::Tensor(), need_s ? gs : at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor()};
+  }
+};
+
+// ----------------------------------------------------------------------------- the ops
+
+// What the Python path checks before its kernels run (bise_kernels/_checks.py names the same
+// arguments): x's dtype and device against weight, bias's shape, the mask, the estimator.
+template <class Layer, class Mask>
+at::Tensor masked_layer(const char* name, const at::Tensor& x, const at::Tensor& weight,
+                        const std::optional<at::Tensor>& bias, const at::Tensor& scores, const Mask& mask,
+                        const Layer& layer, const std::string& estimator, double temperature) {
+  const at::DeviceType device = x.device().type();
+  bise_checks::check_float(x, "x", name, device);
+  mask.check(weight, scores, name, device);
+  bise_checks::check_same_device(weight, "weight", x, "x", name);
+  TORCH_CHECK(weight.scalar_type() == x.scalar_type(), name, ": weight has dtype ", weight.scalar_type(),
+              " but x has ", x.scalar_type());
+  layer.check(x, weight, name);
+  const bool has_bias = bias.has_value() && bias->defined();
+  if (has_bias) {
+    bise_checks::check_same_device(*bias, "bias", x, "x", name);
+    TORCH_CHECK(bias->scalar_type() == x.scalar_type() && bias->dim() == 1 && bias->size(0) == weight.size(0), name,
+                ": bias must be a ", x.scalar_type(), " tensor of shape (", weight.size(0), ",), got ",
+                bias->scalar_type(), " ", bias->sizes());
+  }
+  bise_checks::check_estimator(estimator, temperature, name);
+  return MaskedLayer<Layer, Mask>::apply(x, weight, has_bias ? bias : std::nullopt, scores, mask, layer,
+                                         Estimator{estimator, temperature});
+}
+
+at::Tensor masked_linear(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
+                         const at::Tensor& scores, const at::Tensor& thr, const at::Tensor& cut, std::string estimator,
+                         double temperature) {
+  return masked_layer("bise_kernels_ext::masked_linear", x, weight, bias, scores, Selection{thr, cut}, Linear{},
+                      estimator, temperature);
+}
+
+at::Tensor masked_linear_keep(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
+                              const at::Tensor& scores, const at::Tensor& keep, std::string estimator,
+                              double temperature) {
+  return masked_layer("bise_kernels_ext::masked_linear_keep", x, weight, bias, scores, Keep{keep}, Linear{},
+                      estimator, temperature);
+}
+
+Conv2d conv2d(at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups) {
+  return {stride.vec(), padding.vec(), dilation.vec(), groups};
+}
+
+at::Tensor masked_conv2d(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
+                         const at::Tensor& scores, const at::Tensor& thr, const at::Tensor& cut,
+                         at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups,
+                         std::string estimator, double temperature) {
+  return masked_layer("bise_kernels_ext::masked_conv2d", x, weight, bias, scores, Selection{thr, cut},
+                      conv2d(stride, padding, dilation, groups), estimator, temperature);
+}
+
+at::Tensor masked_conv2d_keep(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
+                              const at::Tensor& scores, const at::Tensor& keep, at::IntArrayRef stride,
+                              at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups, std::string estimator,
+                              double temperature) {
+  return masked_layer("bise_kernels_ext::masked_conv2d_keep", x, weight, bias, scores, Keep{keep},
+                      conv2d(stride, padding, dilation, groups), estimator, temperature);
+}
+
+at::Tensor channel_gate(const at::Tensor& x, const at::Tensor& scores, const at::Tensor& thr, const at::Tensor& cut,
+                        int64_t dim, std::string estimator, double temperature) {
+  constexpr const char* name = "bise_kernels_ext::channel_gate";
+  bise_checks::check_gate(x, scores, thr, cut, dim, name, x.device().type());
+  bise_checks::check_estimator(estimator, temperature, name);
+  return ChannelGate::apply(x, scores, Selection{thr, cut}, dim, Estimator{estimator, temperature});
+}
+
+}  // namespace
+}  // namespace bise_autograd
+
+TORCH_LIBRARY_IMPL(bise_kernels_ext, CompositeImplicitAutograd, m) {
+  m.impl("masked_linear", &bise_autograd::masked_linear);
+  m.impl("masked_linear_keep", &bise_autograd::masked_linear_keep);
+  m.impl("masked_conv2d", &bise_autograd::masked_conv2d);
+  m.impl("masked_conv2d_keep", &bise_autograd::masked_conv2d_keep);
+  m.impl("channel_gate", &bise_autograd::channel_gate);
+}

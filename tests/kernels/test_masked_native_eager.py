@@ -1,0 +1,238 @@
+"""The eager path of the layer ops on the "cpp" backend: one extension op each with a C++ autograd
+node (csrc/masked_autograd.cpp). Its outputs and every gradient subset equal, to the bit, the
+custom op's (the Python autograd formula over backends/native.py); bad input gets a named error.
+(tests/kernels/test_opcheck.py compares the two paths on every backend; this file covers what
+only the C++ node decides: which gradients it computes, and its argument checks.)"""
+
+from __future__ import annotations
+
+import itertools
+
+import pytest
+import torch
+
+import bise_kernels as bk
+from bise_kernels import _ops, backends
+
+if "cpp" not in backends.available_backends("cpu"):
+    pytest.skip("the compiled extension is unavailable", allow_module_level=True)
+
+from bise_kernels._extension import ext_ops  # noqa: E402
+
+EXT = ext_ops()
+
+
+def _t(*shape, seed, dtype=torch.float32):
+    return torch.randn(*shape, generator=torch.Generator().manual_seed(seed), dtype=dtype)
+
+
+def _layer_cases(dtype=torch.float32):
+    """(name, op of bise_kernels._ops, args with leaves x, weight, bias, scores at positions 0-3)."""
+    x, w, b, s = _t(2, 3, 5, seed=0, dtype=dtype), _t(6, 5, seed=1, dtype=dtype), _t(6, seed=2, dtype=dtype), \
+        _t(6, 5, seed=3, dtype=dtype)
+    thr, cut = bk.topk_select(s, 13)
+    su = _t(6, seed=4, dtype=dtype)
+    xc, wc, bc, sc = _t(2, 4, 7, 6, seed=5, dtype=dtype), _t(6, 2, 3, 2, seed=6, dtype=dtype), \
+        _t(6, seed=7, dtype=dtype), _t(6, 2, 3, 2, seed=8, dtype=dtype)
+    thr_c, cut_c = bk.topk_select(sc, 40)
+    xcl = xc.to(memory_format=torch.channels_last)
+    conv = ([2, 1], [1, 2], [1, 2], 2)
+    xg, sg = _t(2, 6, 5, seed=9, dtype=dtype), _t(6, seed=10, dtype=dtype)
+    thr_g, cut_g = bk.topk_select(sg, 4)
+    return [
+        ("linear", _ops.masked_linear, (x, w, b, s, thr, cut, "ste", 1.0)),
+        ("linear_sigmoid_structured", _ops.masked_linear, (x, w, b, su, *bk.topk_select(su, 3), "sigmoid", 0.7)),
+        ("linear_keep", _ops.masked_linear_keep, (x, w, b, s, s > 0.1, "sigmoid", 0.5)),
+        ("conv2d", _ops.masked_conv2d, (xc, wc, bc, sc, thr_c, cut_c, *conv, "sigmoid", 0.5)),
+        ("conv2d_channels_last", _ops.masked_conv2d, (xcl, wc, bc, sc, thr_c, cut_c, *conv, "ste", 1.0)),
+        ("conv2d_keep", _ops.masked_conv2d_keep, (xc, wc, bc, sc, sc > 0, *conv, "ste", 1.0)),
+        ("gate", _ops.channel_gate, (xg, sg, thr_g, cut_g, 1, "sigmoid", 0.5)),
+    ]
+
+
+def _leaves(name: str, args: tuple, grads: tuple[bool, ...]) -> tuple[tuple, list[torch.Tensor]]:
+    """``args`` with fresh leaves at the differentiable positions, ``grads`` saying which require grad."""
+    positions = (0, 1) if name == "gate" else (0, 1, 2, 3)
+    args = list(args)
+    for i, needed in zip(positions, grads):
+        args[i] = args[i].detach().clone().requires_grad_(needed)
+    return tuple(args), [args[i] for i, needed in zip(positions, grads) if needed]
+
+
+GRAD_SUBSETS = [g for g in itertools.product((False, True), repeat=4) if any(g)]
+
+
+@pytest.mark.parametrize("subset", GRAD_SUBSETS, ids=lambda g: "".join("xwbs"[i] for i in range(4) if g[i]))
+@pytest.mark.parametrize("case", [c[0] for c in _layer_cases()])
+def test_every_gradient_subset_equals_the_custom_op(case, subset):
+    """Inputs requiring grad or not (frozen weights, no bias gradient, ...): the C++ node computes
+    the gradients asked for and they equal the custom op's to the bit; so does the output."""
+    name, call, args = next(c for c in _layer_cases() if c[0] == case)
+    if name == "gate" and any(subset[2:]):
+        pytest.skip("the gate has two inputs")
+    with bk.use_backend("cpp"):
+        results = []
+        for fn in (call, call.op):
+            inputs, leaves = _leaves(name, args, subset)
+            y = fn(*inputs)
+            grad_y = _t(*y.shape, seed=11).t().contiguous().t() if y.dim() == 2 else _t(*y.shape, seed=11)
+            results.append((y, *torch.autograd.grad(y, leaves, grad_y)))
+        assert "bise_autograd" in fn_grad_name(call, args), "the native path did not run"
+    for got, want in zip(*results):
+        torch.testing.assert_close(got, want, rtol=0, atol=0)
+
+
+def fn_grad_name(call, args) -> str:
+    inputs, _ = _leaves("gate" if call is _ops.channel_gate else "layer", args, (True, True, True, True))
+    return call(*inputs).grad_fn.name()
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16])
+def test_other_dtypes_equal_the_custom_op(dtype):
+    with bk.use_backend("cpp"):
+        for name, call, args in _layer_cases(dtype):
+            results = []
+            for fn in (call, call.op):
+                inputs, leaves = _leaves(name, args, (True, True, True, True))
+                y = fn(*inputs)
+                y.sum().backward()
+                results.append((y, *(leaf.grad for leaf in leaves)))
+            for got, want in zip(*results):
+                torch.testing.assert_close(got, want, rtol=0, atol=0, msg=name)
+
+
+@pytest.mark.parametrize("shape", [(5,), (0, 5), "transposed"], ids=["1-d", "empty", "transposed"])
+def test_odd_linear_inputs_equal_the_custom_op(shape):
+    """A 1-d x, an empty batch, a non-contiguous x; fp16 weights with fp32 scores."""
+    x = _t(5, 4, seed=0).t() if shape == "transposed" else _t(*shape, seed=0)
+    w, s = _t(6, 5, seed=1), _t(6, 5, seed=2)
+    for dtype in (torch.float32, torch.float16):
+        args = (x.to(dtype), w.to(dtype), _t(6, seed=3, dtype=dtype), s, *bk.topk_select(s, 13), "sigmoid", 0.5)
+        with bk.use_backend("cpp"):
+            results = []
+            for fn in (_ops.masked_linear, _ops.masked_linear.op):
+                inputs, leaves = _leaves("linear", args, (True, True, True, True))
+                y = fn(*inputs)
+                results.append((y, *torch.autograd.grad(y.sum(), leaves)))
+        for got, want in zip(*results):
+            torch.testing.assert_close(got, want, rtol=0, atol=0)
+
+
+def test_the_backend_selects_the_path():
+    """The native op runs on "cpp" and "auto" (= cpp on the CPU); on "torch" the reference runs."""
+    _, call, args = _layer_cases()[0]
+    inputs, _ = _leaves("linear", args, (True, True, True, True))
+    for backend, native in (("cpp", True), ("auto", True), ("torch", False), ("cpp", True)):
+        with bk.use_backend(backend):
+            y = call(*inputs)
+        assert ("bise_autograd" in y.grad_fn.name()) == native, (backend, y.grad_fn.name())
+
+
+def test_no_grad_and_module_calls():
+    """No node without grad (same output); a MaskedLinear's step goes through the native op."""
+    _, call, args = _layer_cases()[0]
+    with bk.use_backend("cpp"):
+        with torch.no_grad():
+            y = call(*args)
+        assert y.grad_fn is None
+        torch.testing.assert_close(y, call.op(*args), rtol=0, atol=0)
+        layer = bk.MaskedLinear(5, 6, density=0.5)
+        out = layer(torch.randn(4, 5))
+        assert "bise_autograd" in out.grad_fn.name()
+        out.sum().backward()
+        assert layer.scores.grad is not None and layer.weight.grad is not None
+
+
+def _bad(op: str, position: int, value, match: str):
+    return pytest.param(op, position, value, match, id=f"{op}-{match[:24]}")
+
+
+_X, _W, _S = _t(3, 5, seed=0), _t(6, 5, seed=1), _t(6, 5, seed=2)
+_SEL = (torch.zeros(()), torch.tensor(4))
+_LINEAR = (_X, _W, None, _S, *_SEL, "ste", 1.0)
+_KEEP = (_X, _W, None, _S, _S > 0, "ste", 1.0)
+_CONV = (_t(1, 2, 5, 5, seed=3), _t(4, 2, 3, 3, seed=4), None, _t(4, seed=5), *_SEL, [1, 1], [0, 0], [1, 1], 1,
+         "ste", 1.0)
+_GATE = (_t(2, 6, 5, seed=6), _t(6, seed=7), *_SEL, 1, "ste", 1.0)
+
+
+@pytest.mark.parametrize("op, position, value, match", [
+    _bad("masked_linear", 0, _X.double(), "weight has dtype Float but x has Double"),
+    _bad("masked_linear", 0, _t(3, 4, seed=0), r"x of shape \[3, 4\] does not match weight of shape \[6, 5\]"),
+    _bad("masked_linear", 0, torch.ones(3, 5, dtype=torch.int32), "x must be float32/float64/float16/bfloat16"),
+    _bad("masked_linear", 0, _X.to("meta"), "weight must be a meta tensor"),
+    _bad("masked_linear", 2, _t(5, seed=0), r"bias must be a Float tensor of shape \(6,\), got Float \[5\]"),
+    _bad("masked_linear", 3, _t(5, 6, seed=0), r"scores must have weight's shape \[6, 5\] or \(6,\)"),
+    _bad("masked_linear", 4, torch.zeros((), dtype=torch.float64), "thr must have the scores' dtype"),
+    _bad("masked_linear", 6, "straight", "estimator must be 'ste' or 'sigmoid', got 'straight'"),
+    _bad("masked_linear", 7, 0.0, "temperature must be a positive finite float"),
+    _bad("masked_linear_keep", 4, (_S > 0).float(), "keep must be a bool tensor, got Float"),
+    _bad("masked_linear_keep", 3, _t(6, seed=0), r"scores must have keep's shape \[6, 5\], got \[6\]"),
+    _bad("masked_conv2d", 0, _t(2, 5, 5, seed=0), "x and weight must be 4-d"),
+    _bad("masked_conv2d", 3, _t(3, seed=0), r"scores must have weight's shape \[4, 2, 3, 3\] or \(4,\)"),
+    _bad("masked_conv2d_keep", 4, torch.ones(4, 2, 3, 2, dtype=torch.bool), "keep must have weight's shape"),
+    _bad("channel_gate", 1, _t(5, seed=0), r"scores must have shape \(6,\) \(x.shape\[1\]\), got \[5\]"),
+    _bad("channel_gate", 4, 3, r"dim must be in \[-3, 2\], got 3"),
+    _bad("channel_gate", 5, "hard", "estimator must be 'ste' or 'sigmoid'"),
+])
+def test_bad_input_names_the_argument(op, position, value, match):
+    base = {"masked_linear": _LINEAR, "masked_linear_keep": _KEEP, "masked_conv2d": _CONV,
+            "masked_conv2d_keep": (*_CONV[:4], torch.ones(4, 2, 3, 3, dtype=torch.bool), *_CONV[6:]),
+            "channel_gate": _GATE}[op]
+    args = list(base)
+    args[position] = value
+    with pytest.raises(RuntimeError, match=match):
+        getattr(EXT, op)(*args)
+
+
+
+# ----------------------------------------------------------------------------- CUDA graphs (GPU only)
+
+
+def _graph_step(mode: str):
+    """A masked CNN (MaskedConv2d, ChannelGate, MaskedLinear in ``mode``, plus the functional
+    masked_linear with a threshold) and its training step: forward, backward, in-place update of every
+    trainable parameter (so each step selects anew)."""
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(bk.MaskedConv2d(3, 8, 3, padding=1, density=0.5, mask_mode=mode),
+                              bk.ChannelGate(8, temperature=0.5), torch.nn.Flatten(),
+                              bk.MaskedLinear(8 * 6 * 6, 16, density=0.3, mask_mode=mode)).cuda()
+    w, s = torch.randn(4, 16, device="cuda"), torch.randn(4, 16, device="cuda", requires_grad=True)
+    x = torch.randn(2, 3, 6, 6, device="cuda")
+    params = [p for p in net.parameters() if p.requires_grad] + [s]
+
+    def step():
+        loss = bk.masked_linear(net(x), w, None, s, threshold=0.0).square().mean()
+        grads = torch.autograd.grad(loss, params)
+        with torch.no_grad():
+            for p, g in zip(params, grads):
+                p.sub_(0.1 * g)
+        return loss
+
+    return step, params
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("mode", ["selection", "keep"])
+def test_masked_training_step_is_captured_in_a_cuda_graph(mode):
+    """No host sync anywhere in a masked step: it is captured, and replaying it trains as eager steps do."""
+    eager_step, eager_params = _graph_step(mode)
+    step, params = _graph_step(mode)
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):  # warm-up (the CUDA selection's one-time plan copy), as torch.cuda.graph asks
+        for _ in range(3):
+            step()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        loss = step()
+    for _ in range(3):  # the warm-up steps (capturing runs nothing)
+        eager_step()
+    for _ in range(3):
+        graph.replay()
+        eager_loss = eager_step()
+    torch.cuda.synchronize()
+    torch.testing.assert_close(loss, eager_loss)
+    for got, want in zip(params, eager_params):
+        torch.testing.assert_close(got, want)
