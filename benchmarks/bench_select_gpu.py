@@ -5,7 +5,8 @@ Cases (format: docs/gpu_suite.md), for each GPU backend: "cuda" (its default rad
 
 * ``select_25M_fp32_cold`` / ``_warm``: one tensor of 25 M fp32 scores, k = numel/2; warm is
   hinted with the threshold from before one small optimiser-like step (scores += 1e-4 * noise).
-  Targets: <= 50 us cold (2x one read on an H200), <= 30 us warm (1.3x).
+  Targets: <= 50 us cold (2x one read on an H200), <= 30 us warm (1.3x). ``select_12M_fp64_cold``:
+  the same 100 MB as 12.5 M float64 scores, CUDA backends only (same target).
 * ``select_resnet50_batched``: the 54 ResNet-50 weight tensors (25.5 M), one k each (density
   0.5), in one call. Target <= 150 us. Baselines: a loop of kthvalue / topk / sort per layer.
 * ``select_bert_base_global``: one k over ~110 M scores in the BERT-base weight tensors, without
@@ -103,25 +104,27 @@ def _cases(name: str, backends, kernel: str, call, want, baselines: dict, api=No
     return cases
 
 
-def _single_cases(backends, device, scale) -> list[dict]:
-    n = max(1000, round(SINGLE_NUMEL * scale))
+def _single_cases(backends, device, scale, dtype=torch.float32, warm=True) -> list[dict]:
+    """One tensor of 100 MB (25 M fp32, or 12.5 M fp64: cold only), k = numel / 2."""
+    n = max(1000, round(SINGLE_NUMEL * 4 // dtype.itemsize * scale))
+    name = "select_25M_fp32" if dtype == torch.float32 else "select_12M_fp64"
     g = torch.Generator(device=device).manual_seed(0)
-    x = torch.randn(n, device=device, generator=g)
+    x = torch.randn(n, device=device, dtype=dtype, generator=g)
     k = round(DENSITY * n)
-    x_warm = x + WARM_STEP * torch.randn(n, device=device, generator=g)
+    x_warm = x + WARM_STEP * torch.randn(n, device=device, dtype=dtype, generator=g)
     hint = ref.topk_select([x], k)[0]  # the step before's threshold
     cases = []
-    for warm, scores, h, target in ((False, x, None, 50.0), (True, x_warm, hint, 30.0)):
+    for hinted, scores, h, target in ((False, x, None, 50.0), (True, x_warm, hint, 30.0))[:2 if warm else 1]:
         baselines = {
             "one_read": _one_read([scores]),
             "torch.sort": lambda s=scores: torch.sort(s, descending=True),
             "torch.kthvalue": lambda s=scores: torch.kthvalue(s, n - k + 1),
             "torch.topk": lambda s=scores: torch.topk(s, k),
         }
-        cases += _cases(f"select_25M_fp32_{'warm' if warm else 'cold'}", backends, "topk_select",
+        cases += _cases(f"{name}_{'warm' if hinted else 'cold'}", backends, "topk_select",
                         lambda f, s=scores, h=h: f([s], k, h), lambda s=scores: ref.topk_select([s], k), baselines,
                         api=lambda s=scores, h=h: bise_kernels.topk_select(s, k, hint=h),
-                        target_us=target, bytes=n * 4, numel=n, device=device)
+                        target_us=target, bytes=n * dtype.itemsize, numel=n, device=device)
     return cases
 
 
@@ -166,8 +169,10 @@ def gpu_cases(dry_run: bool = False) -> list[dict]:
     if not dry_run and not torch.cuda.is_available():
         raise RuntimeError("bench_select_gpu cases need a CUDA device (or dry_run=True)")
     backends, device, scale = (("torch",), "cpu", 1e-4) if dry_run else (GPU_BACKENDS, "cuda", 1.0)
+    cuda_only = tuple(b for b in backends if b != "triton")  # the Triton select takes no float64
     return (_single_cases(backends, device, scale) + _batched_cases(backends, device, scale)
-            + _global_cases(backends, device, scale))
+            + _global_cases(backends, device, scale)
+            + _single_cases(cuda_only, device, scale, dtype=torch.float64, warm=False))
 
 
 # ----------------------------------------------------------------------------- pytest-benchmark
@@ -184,9 +189,9 @@ def cases():
 @needs_gpu
 @pytest.mark.parametrize("backend", GPU_BACKENDS)
 @pytest.mark.parametrize("kind", ["select_25M_fp32_cold", "select_25M_fp32_warm", "select_resnet50_batched",
-                                  "select_bert_base_global"])
+                                  "select_bert_base_global", "select_12M_fp64_cold"])
 def test_select_gpu(benchmark, cases, kind, backend):
-    case = cases[f"{kind}/{backend}"]
+    case = cases.get(f"{kind}/{backend}", {"skip": f"no {kind} case for {backend}"})
     if "skip" in case:
         pytest.skip(case["skip"])
     case["check"]()
