@@ -39,7 +39,9 @@ constexpr int64_t kSample = 1 << 16;   // sample size of large inputs
 // ----------------------------------------------------------------------------- keys
 
 // Keys, bracket ranks and narrowing: csrc/select_bracket.h (shared with the CUDA bracket select).
+using bise_bracket::FiniteKeys;
 using bise_bracket::from_key;
+using bise_bracket::non_finite;
 using bise_bracket::to_key;
 
 // ----------------------------------------------------------------------------- sources
@@ -52,11 +54,16 @@ struct Seg {
   int64_t off;  // flat index of p[0]
 };
 
+// Every pass over a raw source (a bracket pass or a radix refinement) also checks its keys
+// against `finite` and records a NaN or inf in `nonfinite`: the finiteness check of the op,
+// fused with a read the selection makes anyway (the first pass always reads every score).
 template <typename U>
 struct Source {
   std::vector<Seg<U>> segs;
   int64_t n = 0;
   bool raw = true;
+  FiniteKeys<U> finite{U(0), U(~U(0))};  // the raw scores' finite keys (default: all)
+  mutable bool nonfinite = false;       // set (serially, after a pass) when a pass met one
 
   void add(const U* p, int64_t len) {
     if (len > 0) segs.push_back({p, len, n});
@@ -107,11 +114,14 @@ void for_chunks(const Chunks& ch, F&& fn) {
 // ----------------------------------------------------------------------------- fused bracket pass
 
 // Counts entries above hi and inside [lo, hi] of one run; STORE also appends the keys inside.
+// RAW (scores, not buffered keys): `bad` becomes true if a key is not in `fin` (NaN, +-inf).
 template <bool RAW, bool STORE, typename U>
-inline void scan_run_generic(const U* x, int64_t n, U lo, U hi, int64_t& gt, int64_t& m, U* buf) {
+inline void scan_run_generic(const U* x, int64_t n, U lo, U hi, int64_t& gt, int64_t& m, U* buf,
+                             FiniteKeys<U> fin, bool& bad) {
   const U span = U(hi - lo);
   constexpr int V = 64 / sizeof(U) < 16 ? 16 : 64 / sizeof(U);
   int64_t i = 0, g = 0;
+  U nf = 0;
   for (; i + V <= n; i += V) {
     // Lane-width flags and counts keep this group loop vectorisable for every key width.
     U k[V], above = 0, inside = 0;
@@ -119,6 +129,7 @@ inline void scan_run_generic(const U* x, int64_t n, U lo, U hi, int64_t& gt, int
       k[j] = RAW ? to_key(x[i + j]) : x[i + j];
       above = U(above + U(k[j] > hi));
       inside = U(inside | U(U(k[j] - lo) <= span));
+      if (RAW) nf = U(nf | U(non_finite(k[j], fin)));
     }
     g += above;
     if (!inside) continue;
@@ -132,19 +143,24 @@ inline void scan_run_generic(const U* x, int64_t n, U lo, U hi, int64_t& gt, int
     g += k > hi;
     if (STORE) buf[m] = k;
     m += U(k - lo) <= span;
+    if (RAW) nf = U(nf | U(non_finite(k, fin)));
   }
   gt += g;
+  bad = bad || nf != 0;
 }
 
 #ifdef BISE_SELECT_X86
 // AVX-512 version for 32-bit raw floats: key transform, counts and compaction 16 lanes at a time.
 // The compressed vector is always stored (unaligned, 16 lanes of slack) to avoid a branch.
 __attribute__((target("avx512f,popcnt"))) void scan_run_f32_avx512(
-    const uint32_t* x, int64_t n, uint32_t lo, uint32_t hi, int64_t& gt, int64_t& m, uint32_t* buf, bool store) {
+    const uint32_t* x, int64_t n, uint32_t lo, uint32_t hi, int64_t& gt, int64_t& m, uint32_t* buf, bool store,
+    FiniteKeys<uint32_t> fin, bool& bad) {
   const __m512i vlo = _mm512_set1_epi32(int(lo)), vspan = _mm512_set1_epi32(int(hi - lo));
   const __m512i vhi = _mm512_set1_epi32(int(hi)), sign = _mm512_set1_epi32(int(0x80000000u));
   const __m512i negz = _mm512_set1_epi32(0x7fffffff), one = _mm512_set1_epi32(1);
+  const __m512i vflo = _mm512_set1_epi32(int(fin.lo)), vfspan = _mm512_set1_epi32(int(fin.span));
   __m512i acc = _mm512_setzero_si512();
+  __mmask16 nf = 0;
   int64_t i = 0;
   for (; i + 16 <= n; i += 16) {
     __m512i b = _mm512_loadu_si512(x + i);
@@ -152,23 +168,28 @@ __attribute__((target("avx512f,popcnt"))) void scan_run_f32_avx512(
     k = _mm512_mask_add_epi32(k, _mm512_cmpeq_epi32_mask(k, negz), k, one);
     acc = _mm512_mask_add_epi32(acc, _mm512_cmpgt_epu32_mask(k, vhi), acc, one);
     __mmask16 in = _mm512_cmple_epu32_mask(_mm512_sub_epi32(k, vlo), vspan);
+    nf |= _mm512_cmpgt_epu32_mask(_mm512_sub_epi32(k, vflo), vfspan);
     if (store) _mm512_storeu_si512(buf + m, _mm512_maskz_compress_epi32(in, k));
     m += _mm_popcnt_u32(in);
   }
   gt += _mm512_reduce_add_epi32(acc);
+  bad = bad || nf != 0;
   if (store) {
-    scan_run_generic<true, true>(x + i, n - i, lo, hi, gt, m, buf);
+    scan_run_generic<true, true>(x + i, n - i, lo, hi, gt, m, buf, fin, bad);
   } else {
-    scan_run_generic<true, false>(x + i, n - i, lo, hi, gt, m, buf);
+    scan_run_generic<true, false>(x + i, n - i, lo, hi, gt, m, buf, fin, bad);
   }
 }
 
 // The same for 16-bit raw floats (float16, bfloat16), 32 lanes at a time (needs VBMI2's vpcompressw).
 __attribute__((target("avx512f,avx512bw,avx512vbmi2,popcnt"))) void scan_run_f16_avx512(
-    const uint16_t* x, int64_t n, uint16_t lo, uint16_t hi, int64_t& gt, int64_t& m, uint16_t* buf, bool store) {
+    const uint16_t* x, int64_t n, uint16_t lo, uint16_t hi, int64_t& gt, int64_t& m, uint16_t* buf, bool store,
+    FiniteKeys<uint16_t> fin, bool& bad) {
   const __m512i vlo = _mm512_set1_epi16(short(lo)), vspan = _mm512_set1_epi16(short(uint16_t(hi - lo)));
   const __m512i vhi = _mm512_set1_epi16(short(hi)), sign = _mm512_set1_epi16(short(0x8000));
   const __m512i negz = _mm512_set1_epi16(0x7fff), one = _mm512_set1_epi16(1);
+  const __m512i vflo = _mm512_set1_epi16(short(fin.lo)), vfspan = _mm512_set1_epi16(short(fin.span));
+  __mmask32 nf = 0;
   int64_t i = 0, g = 0;
   for (; i + 32 <= n; i += 32) {
     __m512i b = _mm512_loadu_si512(x + i);
@@ -176,14 +197,16 @@ __attribute__((target("avx512f,avx512bw,avx512vbmi2,popcnt"))) void scan_run_f16
     k = _mm512_mask_add_epi16(k, _mm512_cmpeq_epi16_mask(k, negz), k, one);
     g += _mm_popcnt_u32(_mm512_cmpgt_epu16_mask(k, vhi));
     __mmask32 in = _mm512_cmple_epu16_mask(_mm512_sub_epi16(k, vlo), vspan);
+    nf |= _mm512_cmpgt_epu16_mask(_mm512_sub_epi16(k, vflo), vfspan);
     if (store) _mm512_storeu_si512(buf + m, _mm512_maskz_compress_epi16(in, k));
     m += _mm_popcnt_u32(in);
   }
   gt += g;
+  bad = bad || nf != 0;
   if (store) {
-    scan_run_generic<true, true>(x + i, n - i, lo, hi, gt, m, buf);
+    scan_run_generic<true, true>(x + i, n - i, lo, hi, gt, m, buf, fin, bad);
   } else {
-    scan_run_generic<true, false>(x + i, n - i, lo, hi, gt, m, buf);
+    scan_run_generic<true, false>(x + i, n - i, lo, hi, gt, m, buf, fin, bad);
   }
 }
 
@@ -205,19 +228,22 @@ bool has_avx512_vbmi2() {
 #endif
 
 template <typename U>
-void scan_run(const U* x, int64_t n, bool raw, bool store, U lo, U hi, int64_t& gt, int64_t& m, U* buf) {
+void scan_run(const U* x, int64_t n, bool raw, bool store, U lo, U hi, int64_t& gt, int64_t& m, U* buf,
+              FiniteKeys<U> fin, bool& bad) {
 #ifdef BISE_SELECT_X86
   if constexpr (sizeof(U) == 4) {
-    if (raw && has_avx512()) return scan_run_f32_avx512(x, n, lo, hi, gt, m, buf, store);
+    if (raw && has_avx512()) return scan_run_f32_avx512(x, n, lo, hi, gt, m, buf, store, fin, bad);
   }
   if constexpr (sizeof(U) == 2) {
-    if (raw && has_avx512_vbmi2()) return scan_run_f16_avx512(x, n, lo, hi, gt, m, buf, store);
+    if (raw && has_avx512_vbmi2()) return scan_run_f16_avx512(x, n, lo, hi, gt, m, buf, store, fin, bad);
   }
 #endif
   if (raw) {
-    store ? scan_run_generic<true, true>(x, n, lo, hi, gt, m, buf) : scan_run_generic<true, false>(x, n, lo, hi, gt, m, buf);
+    store ? scan_run_generic<true, true>(x, n, lo, hi, gt, m, buf, fin, bad)
+          : scan_run_generic<true, false>(x, n, lo, hi, gt, m, buf, fin, bad);
   } else {
-    store ? scan_run_generic<false, true>(x, n, lo, hi, gt, m, buf) : scan_run_generic<false, false>(x, n, lo, hi, gt, m, buf);
+    store ? scan_run_generic<false, true>(x, n, lo, hi, gt, m, buf, fin, bad)
+          : scan_run_generic<false, false>(x, n, lo, hi, gt, m, buf, fin, bad);
   }
 }
 
@@ -253,13 +279,14 @@ Pass<U> bracket_pass(const Source<U>& src, U lo, U hi, bool store, int64_t limit
   out.blk_in.assign(ch.nblocks, 0);
   out.bufs.resize(nc);
   std::vector<int64_t> gts(nc, 0), ins(nc, 0);
-  std::vector<char> overflow(nc, 0);
+  std::vector<char> overflow(nc, 0), bad(nc, 0);
   for_chunks(ch, [&](int64_t c) {
     const int64_t a = ch.first[c] * kBlock, b = std::min(src.n, ch.first[c + 1] * kBlock);
     auto& buf = out.bufs[c];
     bool keep = store;
     if (keep) buf.resize(std::min<int64_t>(limit, int64_t(expect_frac * double(b - a)) + 2 * kBlock) + 64);
     int64_t gt = 0, m = 0;
+    bool nonfinite = false;
     size_t s = src.seg_of(a);
     for (int64_t blk = ch.first[c]; blk < ch.first[c + 1]; ++blk) {
       out.blk_in[blk] = m;
@@ -268,7 +295,7 @@ Pass<U> bracket_pass(const Source<U>& src, U lo, U hi, bool store, int64_t limit
         buf.resize(std::min<int64_t>(limit, 2 * int64_t(buf.size())) + 2 * kBlock + 64);
       }
       src.pieces(ba, bb, s, [&](const U* p, int64_t len, int64_t) {
-        scan_run(p, len, src.raw, keep, lo, hi, gt, m, buf.data());
+        scan_run(p, len, src.raw, keep, lo, hi, gt, m, buf.data(), src.finite, nonfinite);
       });
       if (keep && m > limit) {  // too many to compact: count only from here on
         keep = false;
@@ -278,9 +305,11 @@ Pass<U> bracket_pass(const Source<U>& src, U lo, U hi, bool store, int64_t limit
     if (keep) buf.resize(m); else buf.clear();
     gts[c] = gt;
     ins[c] = m;
+    bad[c] = nonfinite;
   });
   out.chunk_in.assign(nc + 1, 0);
   for (int64_t c = 0; c < nc; ++c) {
+    src.nonfinite = src.nonfinite || bad[c];
     out.gt += gts[c];
     out.in += ins[c];
     out.chunk_in[c + 1] = out.chunk_in[c] + ins[c];
@@ -329,6 +358,7 @@ State<U> refine(const Source<U>& src, State<U> st, int64_t k) {
   const int64_t nb = int64_t(span >> shift) + 1;
   Chunks ch(src.n);
   std::vector<std::vector<int64_t>> hists(ch.count());
+  std::vector<char> bad(ch.count(), 0);
   for_chunks(ch, [&](int64_t c) {
     auto& h = hists[c];
     h.assign(nb + 1, 0);
@@ -339,10 +369,14 @@ State<U> refine(const Source<U>& src, State<U> st, int64_t k) {
     src.pieces(a, b, s, [&](const U* p, int64_t len, int64_t) {
       int64_t* hp = h.data();
       if (src.raw) {
+        U nf = 0;
         for (int64_t i = 0; i < len; ++i) {
-          U d = U(to_key(p[i]) - lo);
+          const U key = to_key(p[i]);
+          U d = U(key - lo);
           hp[d <= span ? U(d >> shift) : out_of_range]++;
+          nf = U(nf | U(non_finite(key, src.finite)));
         }
+        bad[c] = bad[c] || nf != 0;
       } else {
         for (int64_t i = 0; i < len; ++i) {
           U d = U(p[i] - lo);
@@ -351,6 +385,7 @@ State<U> refine(const Source<U>& src, State<U> st, int64_t k) {
       }
     });
   });
+  src.nonfinite = src.nonfinite || std::any_of(bad.begin(), bad.end(), [](char b) { return b != 0; });
   int64_t above = st.gt;
   for (int64_t bkt = nb - 1; bkt >= 0; --bkt) {
     int64_t cnt = 0;
@@ -555,6 +590,7 @@ template <typename U>
 Source<U> source_of(const std::vector<at::Tensor>& contiguous) {
   Source<U> src;
   for (const auto& t : contiguous) src.add(reinterpret_cast<const U*>(t.data_ptr()), t.numel());
+  src.finite = bise_bracket::finite_keys(U(bise_checks::inf_bits(contiguous[0].scalar_type())));
   return src;
 }
 
@@ -578,6 +614,7 @@ std::tuple<at::Tensor, at::Tensor> topk_select_cpu(at::TensorList scores, int64_
     U hint_bits;
     if (hint) hint_bits = scalar_bits<U>(hint->to(at::kCPU, dtype).contiguous());
     const Pick<U> pick = select(src, k, hint ? &hint_bits : nullptr);
+    if (src.nonfinite) bise_checks::fail_non_finite(scores, op);
     return std::make_tuple(scalar_of_bits(from_key(pick.thr), dtype),
                            at::scalar_tensor(pick.index + 1, at::TensorOptions().dtype(at::kLong)));
   });
@@ -615,10 +652,11 @@ std::tuple<at::Tensor, at::Tensor> batched_topk_select_cpu(at::TensorList scores
     U* thr_out = reinterpret_cast<U*>(thrs.data_ptr());
     int64_t* cut_out = cuts.data_ptr<int64_t>();
     const U* hint_bits = hints ? reinterpret_cast<const U*>(hint_vals.data_ptr()) : nullptr;
+    std::vector<char> nonfinite(L, 0);
     auto one = [&](int64_t i) {
-      Source<U> src;
-      src.add(reinterpret_cast<const U*>(tensors[i].data_ptr()), sizes[i]);
+      const Source<U> src = source_of<U>({tensors[i]});
       const Pick<U> pick = select(src, ks[i], hint_bits ? hint_bits + i : nullptr);
+      nonfinite[i] = src.nonfinite;
       thr_out[i] = from_key(pick.thr);
       cut_out[i] = pick.index + 1;
     };
@@ -636,6 +674,9 @@ std::tuple<at::Tensor, at::Tensor> batched_topk_select_cpu(at::TensorList scores
       for (int64_t g = b; g < e; ++g)
         for (int64_t i : groups[g]) one(i);
     });
+    if (std::any_of(nonfinite.begin(), nonfinite.end(), [](char b) { return b != 0; })) {
+      bise_checks::fail_non_finite(scores, op);
+    }
     return 0;
   });
   return {thrs, cuts};
