@@ -10,7 +10,8 @@
 // themselves a source for the same code. A bracket that misses still narrows the state; when
 // the candidates are too many to compact, radix histogram passes (11-bit digits of key - lo)
 // narrow [lo, hi] until they are few, or one value. Per-block counts recorded by the compacting
-// pass locate the tie needed for `cut` by scanning a single block.
+// pass locate the tie needed for `cut` by scanning a single block. The first fused pass also
+// checks every key against the keys of finite scores: NaN / inf raise a ValueError (no extra read).
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
@@ -54,9 +55,10 @@ struct Seg {
   int64_t off;  // flat index of p[0]
 };
 
-// Every pass over a raw source (a bracket pass or a radix refinement) also checks its keys
-// against `finite` and records a NaN or inf in `nonfinite`: the finiteness check of the op,
-// fused with a read the selection makes anyway (the first pass always reads every score).
+// Every bracket pass over a raw source also checks its keys against `finite` and records a NaN
+// or inf in `nonfinite`: the finiteness check of the op, fused with a read the selection makes
+// anyway. The first pass over the scores of every selection is a bracket pass (select(): the
+// first attempt's, or finish()'s compacting pass of a small input), so every score is checked.
 template <typename U>
 struct Source {
   std::vector<Seg<U>> segs;
@@ -358,7 +360,6 @@ State<U> refine(const Source<U>& src, State<U> st, int64_t k) {
   const int64_t nb = int64_t(span >> shift) + 1;
   Chunks ch(src.n);
   std::vector<std::vector<int64_t>> hists(ch.count());
-  std::vector<char> bad(ch.count(), 0);
   for_chunks(ch, [&](int64_t c) {
     auto& h = hists[c];
     h.assign(nb + 1, 0);
@@ -369,14 +370,10 @@ State<U> refine(const Source<U>& src, State<U> st, int64_t k) {
     src.pieces(a, b, s, [&](const U* p, int64_t len, int64_t) {
       int64_t* hp = h.data();
       if (src.raw) {
-        U nf = 0;
         for (int64_t i = 0; i < len; ++i) {
-          const U key = to_key(p[i]);
-          U d = U(key - lo);
+          U d = U(to_key(p[i]) - lo);
           hp[d <= span ? U(d >> shift) : out_of_range]++;
-          nf = U(nf | U(non_finite(key, src.finite)));
         }
-        bad[c] = bad[c] || nf != 0;
       } else {
         for (int64_t i = 0; i < len; ++i) {
           U d = U(p[i] - lo);
@@ -385,7 +382,6 @@ State<U> refine(const Source<U>& src, State<U> st, int64_t k) {
       }
     });
   });
-  src.nonfinite = src.nonfinite || std::any_of(bad.begin(), bad.end(), [](char b) { return b != 0; });
   int64_t above = st.gt;
   for (int64_t bkt = nb - 1; bkt >= 0; --bkt) {
     int64_t cnt = 0;
