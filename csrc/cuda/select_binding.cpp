@@ -5,6 +5,10 @@
 // launches on the current stream. The chunk table, ks and buffer offsets reach the device once per
 // distinct set of tensors (cached_plan); otherwise nothing waits for the device.
 //
+// The kernels' first pass over the scores flags NaN / inf in a workspace word, on which the
+// binding enqueues a device-side assert (at::_assert_async): the op's finiteness check, with no
+// extra read of the scores and no host synchronisation.
+//
 // The environment variable BISE_SELECT_CUDA, read at every call, picks the algorithm: "radix"
 // (the default, also when unset or empty), "bracket", and for tests "bracket-miss" (every bracket
 // misses) and "bracket-overflow" (no buffer), which force the bracket select's radix fallback.
@@ -33,6 +37,20 @@ using bise_select::kChunk;
 
 // Validated by the shared checks: float32, float16 or bfloat16.
 int key_bits_of(at::ScalarType dtype) { return dtype == at::kFloat ? 32 : 16; }
+
+// The keys of finite scores of `dtype`, for the kernels' finiteness check (SelectArgs::finite_lo).
+void set_finite_keys(bise_select::SelectArgs& a, at::ScalarType dtype) {
+  const uint64_t inf = bise_checks::inf_bits(dtype);
+  if (key_bits_of(dtype) == 32) {
+    const auto f = bise_bracket::finite_keys(static_cast<uint32_t>(inf));
+    a.finite_lo = f.lo;
+    a.finite_span = f.span;
+  } else {
+    const auto f = bise_bracket::finite_keys(static_cast<uint16_t>(inf));
+    a.finite_lo = f.lo;
+    a.finite_span = f.span;
+  }
+}
 
 at::Tensor to_device(const std::vector<int64_t>& values, const at::Device& device) {
   auto host = at::empty({static_cast<int64_t>(values.size())}, at::TensorOptions().dtype(at::kLong).pinned_memory(true));
@@ -195,12 +213,16 @@ std::tuple<at::Tensor, at::Tensor> radix_select_cuda(at::TensorList scores, at::
   a.buffer_index = buffer_index.data_ptr<int64_t>();
   a.cut = cut.data_ptr<int64_t>();
   a.solved = nullptr;
+  set_finite_keys(a, dtype);
   const cudaStream_t stream = at::cuda::getCurrentCUDAStream(device.index()).stream();
   if (algo == Algo::kRadix) {
     check_cuda(bise_radix_select_launch(&a, stream), op);
   } else {
     launch_bracket(a, plan, buffers, algo, device, stream, op);
   }
+  // NaN / inf scores, flagged by the first pass: an asynchronous device-side assert (reported at
+  // the next synchronisation, as _checks.check_finite does on a GPU); no host round trip.
+  at::_assert_async(ws.narrow(0, a.nonfinite - w, 1).eq(0), "scores contains NaN or inf");
 
   auto bits = ws.narrow(0, a.threshold_bits - w, P);
   auto thr = key_bits == 32 ? bits.view(dtype) : bits.to(at::kShort).view(dtype);

@@ -8,7 +8,8 @@
 //    inside it gives the narrower warm bracket (32 sample keys either side of the hint).
 // 2. fused_kernel (one block per chunk, 128-bit loads): counts the keys above hi and inside
 //    [lo, hi], per problem and per chunk, and appends the keys inside (key, flat index) to the
-//    problem's buffer (warp-aggregated atomics). A single-value bracket only counts.
+//    problem's buffer (warp-aggregated atomics). A single-value bracket only counts. It also
+//    flags a NaN or inf key (SelectArgs::nonfinite): the op's finiteness check.
 // 3. finish_level_kernel (levels<KB>() launches over the buffers): where the bracket holds rank k
 //    and the buffer did not overflow, radix narrowing of [lo, hi] by 11-bit digits of key - lo,
 //    the last block of a problem (ticket) picking the digit, until lo == hi = the threshold.
@@ -185,6 +186,7 @@ __global__ void __launch_bounds__(kThreads) fused_kernel(BracketArgs b) {
   const int64_t capacity = b.buffer_first[p + 1] - b.buffer_first[p];
   const T* src = static_cast<const T*>(ch.src);
   unsigned above = 0, inside = 0;
+  bool bad = false;  // a NaN or inf met (the finiteness check)
   // V scores per thread (valid ones: ok), the j-th at flat index i + j * step: counts, then
   // appends only where a lane of the warp has a candidate.
   auto visit = [&](const uint32_t(&bits)[V], const bool(&ok)[V], int64_t i, int64_t step) {
@@ -197,6 +199,7 @@ __global__ void __launch_bounds__(kThreads) fused_kernel(BracketArgs b) {
       in[j] = ok[j] && key - lo <= span;
       inside += in[j];
       any |= in[j];
+      bad |= ok[j] && non_finite(b.radix, key);
     }
     if (store && __any_sync(0xffffffffu, any)) {
 #pragma unroll
@@ -237,6 +240,7 @@ __global__ void __launch_bounds__(kThreads) fused_kernel(BracketArgs b) {
     }
     visit(bits, ok, i, kThreads);
   }
+  if (bad) *b.radix.nonfinite = 1;
   const unsigned long long total_above = Reduce(red).Sum(static_cast<unsigned long long>(above));
   __syncthreads();
   const unsigned long long total_inside = Reduce(red).Sum(static_cast<unsigned long long>(inside));

@@ -29,6 +29,7 @@ CXX = shutil.which("g++")
 ALGOS = {"radix": 0, "bracket": 1, "bracket-miss": 2, "bracket-overflow": 3}
 MISSED, SINGLE, BUFFERED, OVERFLOWED = 0, 1, 2, 3
 VIEW = {torch.float32: torch.int32, torch.float16: torch.int16, torch.bfloat16: torch.int16}
+INF_BITS = {torch.float32: 0x7F800000, torch.float16: 0x7C00, torch.bfloat16: 0x7F80}
 
 pytestmark = pytest.mark.skipif(CXX is None or sys.platform != "linux" or platform.machine() != "x86_64",
                                 reason="the CUDA emulation needs g++ on Linux x86-64")
@@ -71,19 +72,24 @@ class Runs:
     def __init__(self):
         self.words, self.want, self.count = [], [], 0
 
-    def add(self, algo: str, tensors, ks, hints=None):
-        """One call: ``len(ks)`` problems (batched: one tensor each; else ``ks`` has one k for all)."""
+    def add(self, algo: str, tensors, ks, hints=None, shift=0, nonfinite=False):
+        """One call: ``len(ks)`` problems (batched: one tensor each; else ``ks`` has one k for all),
+        each tensor ``shift`` elements into its allocation. ``nonfinite``: the scores hold a NaN or
+        inf, so the call must raise the flag (and its result is not compared)."""
         dtype = tensors[0].dtype
         problems = [[t] for t in tensors] if len(ks) > 1 else [list(tensors)]
-        self.words += [32 if dtype == torch.float32 else 16, ALGOS[algo], len(problems)]
+        self.words += [32 if dtype == torch.float32 else 16, ALGOS[algo], INF_BITS[dtype], shift, len(problems)]
         for p, (group, k) in enumerate(zip(problems, ks)):
             hint = None if hints is None else hints.reshape(-1)[p].to(dtype)
             self.words += [k, hint is not None, 0 if hint is None else self._bits(hint.reshape(1))[0], len(group)]
             for t in group:
                 self.words += [t.numel(), *self._bits(t)]
-        thr, cut = ref.batched_topk_select(tensors, ks) if len(ks) > 1 else ref.topk_select(tensors, ks[0])
-        for p, (t, c) in enumerate(zip(thr.reshape(-1), cut.reshape(-1))):
-            self.want.append((algo, p, int(self._bits(t.reshape(1))[0]), int(c)))
+        if nonfinite:
+            self.want += [(algo, p, None, None) for p in range(len(problems))]
+        else:
+            thr, cut = ref.batched_topk_select(tensors, ks) if len(ks) > 1 else ref.topk_select(tensors, ks[0])
+            for p, (t, c) in enumerate(zip(thr.reshape(-1), cut.reshape(-1))):
+                self.want.append((algo, p, int(self._bits(t.reshape(1))[0]), int(c)))
         self.count += 1
 
     @staticmethod
@@ -96,10 +102,13 @@ class Runs:
         done = subprocess.run([str(harness), str(tmp_path / "in.bin"), str(tmp_path / "out.bin")],
                               capture_output=True, text=True, timeout=900)
         assert done.returncode == 0, done.stderr[-4000:]
-        out = torch.frombuffer(bytearray((tmp_path / "out.bin").read_bytes()), dtype=torch.int64).reshape(-1, 3)
+        out = torch.frombuffer(bytearray((tmp_path / "out.bin").read_bytes()), dtype=torch.int64).reshape(-1, 4)
         assert out.shape[0] == len(self.want)
         paths = {}
-        for (algo, p, thr, cut), (got_thr, got_cut, path) in zip(self.want, out.tolist()):
+        for i, ((algo, p, thr, cut), (got_thr, got_cut, path, flag)) in enumerate(zip(self.want, out.tolist())):
+            assert flag == (thr is None), (i, algo, p, "non-finite flag", flag)
+            if thr is None:
+                continue
             assert (got_thr, got_cut) == (thr, cut), (algo, p, (got_thr, got_cut), (thr, cut))
             assert path != 100, (algo, p, "solved flag disagrees with the bracket's outcome")
             paths.setdefault(algo, set()).add(path)
@@ -157,3 +166,33 @@ def test_several_chunks_lists_overflow_and_finishing_blocks(harness, tmp_path):
     paths = runs.run(harness, tmp_path)
     assert {OVERFLOWED, BUFFERED, MISSED} <= paths["bracket"]
     assert paths["bracket-overflow"] <= {SINGLE, OVERFLOWED, MISSED}
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_the_first_pass_flags_nan_and_inf_anywhere(harness, tmp_path, dtype):
+    """The finiteness flag of both selects (radix: the level-0 or hinted pass; bracket: the fused
+    pass; and the fallbacks): a NaN or inf as the first or last element, in the 128-bit groups, in
+    the scalar tail of a chunk, in a second chunk, in an unaligned tensor, in the second tensor of a
+    list or of a batch; never for finite scores, +-max and -0.0 included."""
+    runs = Runs()
+    g = torch.Generator().manual_seed(7)
+    n = 16_384 + 1_001  # two chunks; the second ends in a scalar tail
+    x = torch.randn(n, generator=g).to(dtype)
+    info = torch.finfo(dtype)
+    x[:3] = torch.tensor([info.max, -info.max, -0.0], dtype=dtype)
+    small = torch.randn(37, generator=g).to(dtype)
+    for algo in ALGOS:
+        for k in (1, n // 2):
+            runs.add(algo, [x], [k])
+            runs.add(algo, [small, x], [k], shift=1)
+            runs.add(algo, [small, x], [5, k], x.reshape(-1)[:2].clone())
+    for bad in (float("nan"), float("inf"), float("-inf")):
+        for pos in (0, n - 1, 5_000, 16_383, 16_384, n - 7):
+            y = x.clone()
+            y[pos] = bad
+            for algo in ALGOS:
+                runs.add(algo, [y], [n // 2], nonfinite=True)
+                runs.add(algo, [y], [3], y[10:11].clone(), nonfinite=True)  # the hinted pass
+            runs.add("bracket", [small, y], [n // 2], shift=1, nonfinite=True)
+            runs.add("radix", [small, y], [5, 9], shift=1, nonfinite=True)
+    runs.run(harness, tmp_path)

@@ -3,8 +3,9 @@
 Two algorithms, picked per call by the environment variable ``BISE_SELECT_CUDA``: ``radix``
 (the default) and ``bracket`` (one fused pass in the common case, unmeasured on a GPU so far;
 docs/select.md). Both work on 16- and 32-bit keys: ``DTYPES`` leaves float64 scores to the next
-backend of the registry's order. Importing fails with a reason when the extension was built
-without its CUDA kernels.
+backend of the registry's order. Their first pass over the scores flags NaN / inf, on which the
+op enqueues a device-side assert (``CHECKS_FINITE``: the API does not read the scores for it).
+Importing fails with a reason when the extension was built without its CUDA kernels.
 """
 
 from __future__ import annotations
@@ -19,4 +20,5 @@ from ..native import batched_topk_select, keep_mask, topk_select  # noqa: E402
 
 __all__ = ["topk_select", "batched_topk_select", "keep_mask"]
 KERNELS = tuple(__all__)
+CHECKS_FINITE = ("topk_select", "batched_topk_select")
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)

@@ -4,9 +4,11 @@
 // as in csrc/cuda/select_binding.cpp.
 //
 // Input (int64 words): runs; per run: key_bits, algorithm (0 radix, 1 bracket, 2 bracket-miss,
-// 3 bracket-overflow), problems; per problem: k, has_hint, hint bits, tensors; per tensor: numel,
-// then numel words of raw bits. Output per run and problem: threshold bits, cut, path (bracket
-// algorithms: 0 missed, 1 single value, 2 buffered, 3 overflowed; radix: -1).
+// 3 bracket-overflow), the bits of +inf in the dtype, shift (each tensor starts that many elements
+// into its allocation: 1 makes it unaligned for 128-bit loads), problems; per problem: k,
+// has_hint, hint bits, tensors; per tensor: numel, then numel words of raw bits. Output per run
+// and problem: threshold bits, cut, path (bracket algorithms: 0 missed, 1 single value, 2
+// buffered, 3 overflowed; radix: -1), the run's non-finite flag.
 #include <cstdio>
 #include <fstream>
 #include <vector>
@@ -28,15 +30,19 @@ std::vector<int64_t> words;
 size_t pos = 0;
 int64_t next() { return words.at(pos++); }
 
-void run(int kb, int algo, const std::vector<Problem>& probs, std::vector<int64_t>& out) {
+void run(int kb, int algo, uint32_t inf, int64_t shift, const std::vector<Problem>& probs, std::vector<int64_t>& out) {
   const int64_t P = static_cast<int64_t>(probs.size());
+  std::vector<std::vector<uint32_t>> wide;    // 32-bit copies, `shift` elements in
   std::vector<std::vector<uint16_t>> narrow;  // 16-bit copies
   std::vector<int64_t> rows[5], first(P + 1, 0), total(P, 0), ks;
   for (int64_t p = 0; p < P; ++p) {
     for (const auto& t : probs[p].tensors) {
-      narrow.emplace_back(t.begin(), t.end());
+      wide.emplace_back(shift, 0u);
+      wide.back().insert(wide.back().end(), t.begin(), t.end());
+      narrow.emplace_back(wide.back().begin(), wide.back().end());
       const int64_t n = static_cast<int64_t>(t.size());
-      const int64_t addr = kb == 32 ? reinterpret_cast<int64_t>(t.data()) : reinterpret_cast<int64_t>(narrow.back().data());
+      const int64_t addr = kb == 32 ? reinterpret_cast<int64_t>(wide.back().data() + shift)
+                                    : reinterpret_cast<int64_t>(narrow.back().data() + shift);
       for (int64_t start = 0; start < n; start += kChunk) {
         for (auto [row, value] : {std::pair{0, addr}, {1, start}, {2, n}, {3, total[p]}, {4, p}}) rows[row].push_back(value);
       }
@@ -74,6 +80,15 @@ void run(int kb, int algo, const std::vector<Problem>& probs, std::vector<int64_
   a.buffer_index = buffer_index.data();
   a.cut = cut.data();
   a.solved = nullptr;
+  if (kb == 32) {
+    const auto f = bise_bracket::finite_keys(inf);
+    a.finite_lo = f.lo;
+    a.finite_span = f.span;
+  } else {
+    const auto f = bise_bracket::finite_keys(static_cast<uint16_t>(inf));
+    a.finite_lo = f.lo;
+    a.finite_span = f.span;
+  }
 
   std::vector<int64_t> buffers(P + 1, 0), no_buffers(P + 1, 0);
   for (int64_t p = 0; p < P; ++p) buffers[p + 1] = buffers[p] + bise_bracket::buffer_capacity(total[p], ks[p], kSample);
@@ -111,6 +126,7 @@ void run(int kb, int algo, const std::vector<Problem>& probs, std::vector<int64_
     out.push_back(static_cast<int64_t>(static_cast<uint32_t>(a.threshold_bits[p]) & (kb == 32 ? 0xFFFFFFFFu : 0xFFFFu)));
     out.push_back(cut[p]);
     out.push_back(path);
+    out.push_back(*a.nonfinite);
   }
 }
 
@@ -129,6 +145,8 @@ int main(int argc, char** argv) {
   std::vector<int64_t> out;
   for (int64_t r = 0, runs = next(); r < runs; ++r) {
     const int kb = static_cast<int>(next()), algo = static_cast<int>(next());
+    const auto inf = static_cast<uint32_t>(next());
+    const int64_t shift = next();
     std::vector<Problem> probs(static_cast<size_t>(next()));
     for (auto& pr : probs) {
       pr.k = next();
@@ -140,7 +158,7 @@ int main(int argc, char** argv) {
         for (auto& v : t) v = static_cast<uint32_t>(next());
       }
     }
-    run(kb, algo, probs, out);
+    run(kb, algo, inf, shift, probs, out);
   }
   std::ofstream(argv[2], std::ios::binary).write(reinterpret_cast<const char*>(out.data()),
                                                    static_cast<std::streamsize>(out.size() * 8));
