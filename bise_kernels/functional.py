@@ -44,22 +44,16 @@ def topk_mask(scores: Tensor, density: float, *, hint: Optional[Tensor] = None) 
     Ties are kept lowest flat index first: the result equals
     ``torch.sort(scores.flatten(), descending=True, stable=True).indices[:k]``.
     """
-    _select_scores(scores, "topk_select")
+    _select_scores(scores, "topk_keep_mask")
     k = _checks.k_from_density(density, scores.numel())
-    thr, cut = _ops.topk_select([scores.detach()], k, _hint(hint, scores))
-    return _ops.keep_mask(scores.detach(), thr, cut, 0)
+    return _ops.topk_keep_mask([scores.detach()], k, _hint(hint, scores))[0]
 
 
 def global_topk_masks(scores: Sequence[Tensor], density: float) -> list[Tensor]:
     """One top-k over all tensors together (never concatenated): a mask per tensor."""
-    tensors = [t.detach() for t in _select_scores(scores, "topk_select", single=False)]
+    tensors = [t.detach() for t in _select_scores(scores, "topk_keep_mask", single=False)]
     k = _checks.k_from_density(density, sum(t.numel() for t in tensors))
-    thr, cut = _ops.topk_select(tensors, k, None)
-    masks, offset = [], 0
-    for t in tensors:
-        masks.append(_ops.keep_mask(t, thr, cut, offset))
-        offset += t.numel()
-    return masks
+    return _ops.topk_keep_mask(tensors, k, None)
 
 
 def layerwise_topk_masks(scores: Sequence[Tensor], density: Union[float, Sequence[float]]) -> list[Tensor]:

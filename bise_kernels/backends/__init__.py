@@ -203,9 +203,18 @@ def resolve(kernel: str, device_type: str, dtype: Optional[torch.dtype] = None) 
     return "torch", BACKENDS["torch"].kernels()[kernel]
 
 
+# Kernels that bise_kernels/_ops.py composes from the backend's own where the backend lacks them;
+# the first pass over the scores is then the named kernel's.
+COMPOSED_OF = {"topk_keep_mask": "topk_select"}
+
+
 def checks_finite(kernel: str, device_type: str, dtype: Optional[torch.dtype] = None) -> bool:
-    """Whether the ``kernel`` that :func:`resolve` picks now raises on NaN / inf scores itself."""
+    """Whether the ``kernel`` that :func:`resolve` picks now (or the one it is composed of, where
+    only the reference has it) raises on NaN / inf scores itself."""
     name, _ = resolve(kernel, device_type, dtype)
+    if name == "torch" and kernel in COMPOSED_OF:
+        kernel = COMPOSED_OF[kernel]
+        name, _ = resolve(kernel, device_type, dtype)
     return kernel in BACKENDS[name]._checks_finite
 
 
