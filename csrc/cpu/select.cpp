@@ -233,7 +233,8 @@ __attribute__((target("avx512f,avx512bw,avx512vbmi2,popcnt"))) void scan_run_f16
       const __m512i at = _mm512_add_epi32(_mm512_set1_epi32(int(base + uint32_t(i))), iota);
       const __mmask16 in_lo = __mmask16(in), in_hi = __mmask16(in >> 16);
       _mm512_storeu_si512(idx + m, _mm512_maskz_compress_epi32(in_lo, at));
-      _mm512_storeu_si512(idx + m + _mm_popcnt_u32(in_lo), _mm512_maskz_compress_epi32(in_hi, _mm512_add_epi32(at, sixteen)));
+      _mm512_storeu_si512(idx + m + _mm_popcnt_u32(in_lo),
+                          _mm512_maskz_compress_epi32(in_hi, _mm512_add_epi32(at, sixteen)));
     }
     m += _mm_popcnt_u32(in);
   }
@@ -823,8 +824,9 @@ std::vector<at::Tensor> topk_keep_mask_cpu(at::TensorList scores, int64_t k, con
     const Pick<U> pick = select(src, k, hint ? &hint_bits : nullptr, &masked);
     if (src.nonfinite) bise_checks::fail_non_finite(scores, op);
     if (!masked) {
-      for (const Seg<U>& sg : src.segs) {
-        keep_mask_into(sg.p, src.out_at(size_t(&sg - src.segs.data()), sg.off), sg.n, pick.thr, pick.index + 1 - sg.off);
+      for (size_t s = 0; s < src.segs.size(); ++s) {
+        const Seg<U>& sg = src.segs[s];
+        keep_mask_into(sg.p, src.outs[s], sg.n, pick.thr, pick.index + 1 - sg.off);
       }
     }
     return 0;

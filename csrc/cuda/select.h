@@ -77,6 +77,10 @@ struct BracketArgs {
   int32_t* hist;                // num_problems x levels x kBins
   int32_t* tickets;             // num_problems x (levels + 1)
   int32_t* solved;              // num_problems: 1 once the bracket select wrote thr and cut
+  // topk_keep_mask: per chunk, the address of its tensor's keep mask (bool, indexed like the
+  // tensor), or nullptr: no masks. The fused pass writes key > hi; after the selection, the
+  // buffer's entries of buffered problems and every entry of the others are written.
+  const int64_t* mask_addr;
 };
 
 // Workspace layouts, one definition for the binding and the CPU emulation test

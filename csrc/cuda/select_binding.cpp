@@ -116,7 +116,8 @@ void check_cuda(cudaError_t err, const char* what) {
 // The bracket select over the radix select's arguments `a` (its fallback): zeroed workspace and
 // candidate buffers ("bracket-overflow": none, so every non-trivial bracket overflows).
 void launch_bracket(const bise_select::SelectArgs& a, const Plan& plan, const std::vector<int64_t>& buffers,
-                    Algo algo, const at::Device& device, cudaStream_t stream, const char* op) {
+                    Algo algo, const at::Device& device, cudaStream_t stream, const char* op,
+                    const int64_t* mask_addr) {
   const int64_t P = a.num_problems, C = a.num_chunks;
   const bise_select::BracketWorkspace layout = bise_select::bracket_workspace(P, C, a.key_bits);
   const bool overflow = algo == Algo::kBracketOverflow;
@@ -142,14 +143,16 @@ void launch_bracket(const bise_select::SelectArgs& a, const Plan& plan, const st
   b.force_miss = algo == Algo::kBracketMiss;
   b.buffer_key = reinterpret_cast<uint32_t*>(keys.data_ptr<int32_t>());
   b.buffer_index = reinterpret_cast<uint32_t*>(index.data_ptr<int32_t>());
+  b.mask_addr = mask_addr;
   bise_select::carve_bracket_workspace(b, w64, w32, layout, P, C);
   check_cuda(bise_bracket_select_launch(&b, stream), op);
 }
 
-// One problem per tensor (batched) or one over all tensors (ks has one entry).
+// One problem per tensor (batched) or one over all tensors (ks has one entry). `masks` (one
+// problem): also their keep masks, one per tensor (topk_keep_mask).
 std::tuple<at::Tensor, at::Tensor> radix_select_cuda(at::TensorList scores, at::IntArrayRef ks,
                                                      const std::optional<at::Tensor>& hints, bool batched,
-                                                     const char* op) {
+                                                     const char* op, std::vector<at::Tensor>* masks = nullptr) {
   bise_checks::check_select_scores(scores, op, at::kCUDA, /*allow_double=*/false);
   bise_checks::check_ks(scores, ks, batched, op, /*max_count=*/(int64_t{1} << 31) - 1);  // int32 counters
   bise_checks::check_hints(hints, ks.size(), batched ? "hints" : "hint", op);
@@ -162,15 +165,18 @@ std::tuple<at::Tensor, at::Tensor> radix_select_cuda(at::TensorList scores, at::
   std::vector<int64_t> rows[5];
   std::vector<int64_t> first(P + 1, 0);
   std::vector<int64_t> total(P, 0);
+  std::vector<int64_t> mask_rows;  // per chunk: its tensor's keep mask (masks only)
   for (size_t i = 0; i < scores.size(); ++i) {
     const auto& t = scores[i];
     flat.push_back(t.contiguous());
+    if (masks) masks->push_back(at::empty(t.sizes(), t.options().dtype(at::kBool)));
     const int64_t p = batched ? static_cast<int64_t>(i) : 0;
     const auto addr = reinterpret_cast<int64_t>(flat.back().data_ptr());
     for (int64_t start = 0; start < t.numel(); start += kChunk) {
       for (auto [row, value] : {std::pair{0, addr}, {1, start}, {2, t.numel()}, {3, total[p]}, {4, p}}) {
         rows[row].push_back(value);
       }
+      if (masks) mask_rows.push_back(reinterpret_cast<int64_t>(masks->back().data_ptr()));
     }
     total[p] += t.numel();
     first[p + 1] = static_cast<int64_t>(rows[0].size());
@@ -215,10 +221,12 @@ std::tuple<at::Tensor, at::Tensor> radix_select_cuda(at::TensorList scores, at::
   a.solved = nullptr;
   set_finite_keys(a, dtype);
   const cudaStream_t stream = at::cuda::getCurrentCUDAStream(device.index()).stream();
+  const at::Tensor mask_addr = masks && algo != Algo::kRadix ? to_device(mask_rows, device) : at::Tensor();
   if (algo == Algo::kRadix) {
     check_cuda(bise_radix_select_launch(&a, stream), op);
   } else {
-    launch_bracket(a, plan, buffers, algo, device, stream, op);
+    launch_bracket(a, plan, buffers, algo, device, stream, op,
+                   mask_addr.defined() ? mask_addr.const_data_ptr<int64_t>() : nullptr);
   }
   // NaN / inf scores, flagged by the first pass: an asynchronous device-side assert (reported at
   // the next synchronisation, as _checks.check_finite does on a GPU); no host round trip.
@@ -226,6 +234,14 @@ std::tuple<at::Tensor, at::Tensor> radix_select_cuda(at::TensorList scores, at::
 
   auto bits = ws.narrow(0, a.threshold_bits - w, P);
   auto thr = key_bits == 32 ? bits.view(dtype) : bits.to(at::kShort).view(dtype);
+  if (masks && algo == Algo::kRadix) {  // the radix select's passes write no mask: a keep_mask pass
+    for (size_t i = 0, offset = 0; i < flat.size(); offset += flat[i].numel(), ++i) {
+      check_cuda(bise_keep_mask_launch(flat[i].data_ptr(), thr.data_ptr(), cut.const_data_ptr<int64_t>(),
+                                       (*masks)[i].data_ptr<bool>(), flat[i].numel(), static_cast<int64_t>(offset),
+                                       key_bits, stream),
+                 op);
+    }
+  }
   return {thr, cut};
 }
 
@@ -238,6 +254,14 @@ std::tuple<at::Tensor, at::Tensor> topk_select_cuda(at::TensorList scores, int64
 std::tuple<at::Tensor, at::Tensor> batched_topk_select_cuda(at::TensorList scores, at::IntArrayRef ks,
                                                             const std::optional<at::Tensor>& hints) {
   return radix_select_cuda(scores, ks, hints, /*batched=*/true, "bise_kernels_ext::batched_topk_select");
+}
+
+// topk_select then keep_mask of each tensor; the bracket select writes the masks in its fused
+// pass and over its buffer (select_bracket.cu), the radix select in a keep_mask pass after it.
+std::vector<at::Tensor> topk_keep_mask_cuda(at::TensorList scores, int64_t k, const std::optional<at::Tensor>& hint) {
+  std::vector<at::Tensor> masks;
+  radix_select_cuda(scores, {k}, hint, /*batched=*/false, "bise_kernels_ext::topk_keep_mask", &masks);
+  return masks;
 }
 
 at::Tensor keep_mask_cuda(const at::Tensor& scores, const at::Tensor& thr, const at::Tensor& cut, int64_t offset) {
@@ -261,4 +285,5 @@ TORCH_LIBRARY_IMPL(bise_kernels_ext, CUDA, m) {
   m.impl("topk_select", &topk_select_cuda);
   m.impl("batched_topk_select", &batched_topk_select_cuda);
   m.impl("keep_mask", &keep_mask_cuda);
+  m.impl("topk_keep_mask", &topk_keep_mask_cuda);
 }

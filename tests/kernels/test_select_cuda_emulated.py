@@ -70,15 +70,17 @@ class Runs:
     """Selections to run in one harness call, each with its reference result."""
 
     def __init__(self):
-        self.words, self.want, self.count = [], [], 0
+        self.words, self.want, self.masks, self.count = [], [], [], 0
 
-    def add(self, algo: str, tensors, ks, hints=None, shift=0, nonfinite=False):
+    def add(self, algo: str, tensors, ks, hints=None, shift=0, nonfinite=False, masks=False):
         """One call: ``len(ks)`` problems (batched: one tensor each; else ``ks`` has one k for all),
         each tensor ``shift`` elements into its allocation. ``nonfinite``: the scores hold a NaN or
-        inf, so the call must raise the flag (and its result is not compared)."""
+        inf, so the call must raise the flag (and its result is not compared). ``masks``: also
+        topk_keep_mask's masks (bracket algorithms, one problem), compared with the reference's."""
         dtype = tensors[0].dtype
         problems = [[t] for t in tensors] if len(ks) > 1 else [list(tensors)]
-        self.words += [32 if dtype == torch.float32 else 16, ALGOS[algo], INF_BITS[dtype], shift, len(problems)]
+        self.words += [32 if dtype == torch.float32 else 16, ALGOS[algo], INF_BITS[dtype], shift, int(masks),
+                       len(problems)]
         for p, (group, k) in enumerate(zip(problems, ks)):
             hint = None if hints is None else hints.reshape(-1)[p].to(dtype)
             self.words += [k, hint is not None, 0 if hint is None else self._bits(hint.reshape(1))[0], len(group)]
@@ -90,7 +92,17 @@ class Runs:
             thr, cut = ref.batched_topk_select(tensors, ks) if len(ks) > 1 else ref.topk_select(tensors, ks[0])
             for p, (t, c) in enumerate(zip(thr.reshape(-1), cut.reshape(-1))):
                 self.want.append((algo, p, int(self._bits(t.reshape(1))[0]), int(c)))
+        self.masks.append(ref.topk_keep_mask(tensors, ks[0]) if masks else [])
         self.count += 1
+
+    def _problem_counts(self) -> list[int]:
+        """The number of problems of each call, in order."""
+        counts = []
+        for algo, p, _, _ in self.want:
+            if p == 0:
+                counts.append(0)
+            counts[-1] += 1
+        return counts
 
     @staticmethod
     def _bits(t: torch.Tensor) -> list[int]:
@@ -102,10 +114,18 @@ class Runs:
         done = subprocess.run([str(harness), str(tmp_path / "in.bin"), str(tmp_path / "out.bin")],
                               capture_output=True, text=True, timeout=900)
         assert done.returncode == 0, done.stderr[-4000:]
-        out = torch.frombuffer(bytearray((tmp_path / "out.bin").read_bytes()), dtype=torch.int64).reshape(-1, 4)
-        assert out.shape[0] == len(self.want)
+        words = torch.frombuffer(bytearray((tmp_path / "out.bin").read_bytes()), dtype=torch.int64)
+        rows, at = [], 0
+        for p0, masks in zip(self._problem_counts(), self.masks):
+            rows += words[at:at + 4 * p0].reshape(-1, 4).tolist()
+            at += 4 * p0
+            for want in masks:
+                got = words[at:at + want.numel()].reshape(want.shape).bool()
+                assert torch.equal(got, want), ("mask", len(rows), int((got != want).sum()))
+                at += want.numel()
+        assert at == words.numel() and len(rows) == len(self.want)
         paths = {}
-        for i, ((algo, p, thr, cut), (got_thr, got_cut, path, flag)) in enumerate(zip(self.want, out.tolist())):
+        for i, ((algo, p, thr, cut), (got_thr, got_cut, path, flag)) in enumerate(zip(self.want, rows)):
             assert flag == (thr is None), (i, algo, p, "non-finite flag", flag)
             if thr is None:
                 continue
@@ -196,3 +216,36 @@ def test_the_first_pass_flags_nan_and_inf_anywhere(harness, tmp_path, dtype):
             runs.add("bracket", [small, y], [n // 2], shift=1, nonfinite=True)
             runs.add("radix", [small, y], [5, 9], shift=1, nonfinite=True)
     runs.run(harness, tmp_path)
+
+
+def test_topk_keep_mask_on_every_path_of_the_bracket_select(harness, tmp_path):
+    """topk_keep_mask's masks, bit for bit the reference's (topk_select then keep_mask): buffered
+    problems (the fused pass writes key > hi, mask_inside_kernel the buffer's entries), single value,
+    missed and overflowed (mask_rest_kernel), lists over several chunks, unaligned tensors, hints."""
+    runs = Runs()
+    for dtype in (torch.float32, torch.bfloat16, torch.float16):
+        for x in adversarial_inputs(300, dtype, seed=11).values():
+            for k in (1, 150, 300):
+                for algo in ("bracket", "bracket-miss", "bracket-overflow"):
+                    runs.add(algo, [x], [k], masks=True)
+    g = torch.Generator().manual_seed(12)
+    tensors = [torch.randn(20_000, generator=g), torch.randint(0, 3, (7,), generator=g).float(), torch.zeros(5),
+               torch.randn(17_000, generator=g)[1:]]
+    total = sum(t.numel() for t in tensors)
+    for k in (1, total // 3, total):
+        runs.add("bracket", tensors, [k], masks=True)
+        runs.add("bracket", tensors, [k], shift=1, masks=True)
+    runs.add("bracket-miss", tensors, [total // 2], masks=True)
+    ties = torch.randn(20_000, generator=g)
+    ties[::5] = 1.0
+    ties[1::5] = 1.0
+    runs.add("bracket", [ties], [int((ties > 1.0).sum()) + 1], masks=True)  # overflows its buffer
+    tied = torch.randint(0, 1000, (20_000,), generator=g).float()  # ~20 ties at any threshold, buffered
+    for k in (7_777, 10_001):
+        runs.add("bracket", [tied], [k], masks=True)
+        runs.add("bracket", [torch.sort(tied).values], [k], masks=True)  # ties next to each other
+    big = torch.randn(100_000, generator=g)
+    for hint in _hints(big, 40_000):  # buffers finished by several blocks
+        runs.add("bracket", [big], [40_000], hint, masks=True)
+    paths = runs.run(harness, tmp_path)
+    assert {SINGLE, BUFFERED, MISSED, OVERFLOWED} <= paths["bracket"]

@@ -5,12 +5,14 @@
 //
 // Input (int64 words): runs; per run: key_bits, algorithm (0 radix, 1 bracket, 2 bracket-miss,
 // 3 bracket-overflow), the bits of +inf in the dtype, shift (each tensor starts that many elements
-// into its allocation: 1 makes it unaligned for 128-bit loads), problems; per problem: k,
-// has_hint, hint bits, tensors; per tensor: numel, then numel words of raw bits. Output per run
-// and problem: threshold bits, cut, path (bracket algorithms: 0 missed, 1 single value, 2
-// buffered, 3 overflowed; radix: -1), the run's non-finite flag.
+// into its allocation: 1 makes it unaligned for 128-bit loads), masks (1: topk_keep_mask's masks,
+// bracket algorithms only), problems; per problem: k, has_hint, hint bits, tensors; per tensor:
+// numel, then numel words of raw bits. Output per run and problem: threshold bits, cut, path
+// (bracket algorithms: 0 missed, 1 single value, 2 buffered, 3 overflowed; radix: -1), the run's
+// non-finite flag; then, with masks, numel words (0 / 1) per tensor.
 #include <cstdio>
 #include <fstream>
+#include <memory>
 #include <vector>
 
 #include "emu.h"
@@ -30,10 +32,13 @@ std::vector<int64_t> words;
 size_t pos = 0;
 int64_t next() { return words.at(pos++); }
 
-void run(int kb, int algo, uint32_t inf, int64_t shift, const std::vector<Problem>& probs, std::vector<int64_t>& out) {
+void run(int kb, int algo, uint32_t inf, int64_t shift, bool with_masks, const std::vector<Problem>& probs,
+         std::vector<int64_t>& out) {
   const int64_t P = static_cast<int64_t>(probs.size());
   std::vector<std::vector<uint32_t>> wide;    // 32-bit copies, `shift` elements in
   std::vector<std::vector<uint16_t>> narrow;  // 16-bit copies
+  std::vector<std::unique_ptr<bool[]>> masks;  // per tensor
+  std::vector<int64_t> numels, mask_rows;       // per tensor; per chunk
   std::vector<int64_t> rows[5], first(P + 1, 0), total(P, 0), ks;
   for (int64_t p = 0; p < P; ++p) {
     for (const auto& t : probs[p].tensors) {
@@ -41,10 +46,13 @@ void run(int kb, int algo, uint32_t inf, int64_t shift, const std::vector<Proble
       wide.back().insert(wide.back().end(), t.begin(), t.end());
       narrow.emplace_back(wide.back().begin(), wide.back().end());
       const int64_t n = static_cast<int64_t>(t.size());
+      masks.emplace_back(new bool[n]());
+      numels.push_back(n);
       const int64_t addr = kb == 32 ? reinterpret_cast<int64_t>(wide.back().data() + shift)
                                     : reinterpret_cast<int64_t>(narrow.back().data() + shift);
       for (int64_t start = 0; start < n; start += kChunk) {
         for (auto [row, value] : {std::pair{0, addr}, {1, start}, {2, n}, {3, total[p]}, {4, p}}) rows[row].push_back(value);
+        mask_rows.push_back(reinterpret_cast<int64_t>(masks.back().get()));
       }
       total[p] += n;
       first[p + 1] = static_cast<int64_t>(rows[0].size());
@@ -107,6 +115,7 @@ void run(int kb, int algo, uint32_t inf, int64_t shift, const std::vector<Proble
   b.force_miss = algo == 2;
   b.buffer_key = keys.data();
   b.buffer_index = index.data();
+  b.mask_addr = with_masks ? mask_rows.data() : nullptr;
   carve_bracket_workspace(b, ws64.data(), ws32.data(), bracket_layout, P, C);
   if (algo == 0) {
     bise_radix_select_launch(&a, nullptr);
@@ -128,6 +137,9 @@ void run(int kb, int algo, uint32_t inf, int64_t shift, const std::vector<Proble
     out.push_back(path);
     out.push_back(*a.nonfinite);
   }
+  for (size_t t = 0; with_masks && t < masks.size(); ++t) {
+    for (int64_t i = 0; i < numels[t]; ++i) out.push_back(masks[t][i] ? 1 : 0);
+  }
 }
 
 }  // namespace
@@ -147,6 +159,7 @@ int main(int argc, char** argv) {
     const int kb = static_cast<int>(next()), algo = static_cast<int>(next());
     const auto inf = static_cast<uint32_t>(next());
     const int64_t shift = next();
+    const bool with_masks = next() != 0;
     std::vector<Problem> probs(static_cast<size_t>(next()));
     for (auto& pr : probs) {
       pr.k = next();
@@ -158,7 +171,7 @@ int main(int argc, char** argv) {
         for (auto& v : t) v = static_cast<uint32_t>(next());
       }
     }
-    run(kb, algo, inf, shift, probs, out);
+    run(kb, algo, inf, shift, with_masks, probs, out);
   }
   std::ofstream(argv[2], std::ios::binary).write(reinterpret_cast<const char*>(out.data()),
                                                    static_cast<std::streamsize>(out.size() * 8));
