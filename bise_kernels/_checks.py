@@ -154,7 +154,8 @@ def check_score_list(tensors: object, name: str = "scores", finite: bool = True)
 
 def check_select_finite(tensors: Sequence[torch.Tensor], names: Sequence[str], kernel: str) -> None:
     """:func:`check_finite` of each of a selection's scores, unless the ``kernel`` that will select
-    them (``"topk_select"`` / ``"batched_topk_select"``) raises on NaN / inf itself."""
+    them (``"topk_select"``, ``"batched_topk_select"``, ``"topk_keep_mask"``) raises on NaN / inf
+    itself."""
     from . import backends
 
     first = tensors[0]

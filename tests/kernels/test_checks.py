@@ -74,6 +74,31 @@ def test_the_api_skips_its_finiteness_read_where_the_select_kernel_checks(monkey
         assert calls == [6, 6]
 
 
+def test_a_composed_topk_keep_mask_relies_on_its_select_checking(monkeypatch):
+    """A backend with a checking topk_select but no topk_keep_mask: _ops composes that select with
+    keep_mask, and the API leaves the finiteness check to the select (registry COMPOSED_OF)."""
+    import sys
+    import types
+
+    from bise_kernels import backends
+
+    if "cpp" not in bk.available_backends("cpu"):
+        pytest.skip("cpp backend unavailable")
+    module = types.ModuleType("checking_select")
+    module.topk_select, module.KERNELS = backends.kernel_table("cpp")["topk_select"], ("topk_select",)
+    module.CHECKS_FINITE = ("topk_select",)
+    monkeypatch.setitem(sys.modules, module.__name__, module)
+    monkeypatch.setitem(backends.BACKENDS, "checking", backends.Backend("checking", ("cpu",), (module.__name__,)))
+    monkeypatch.setattr(torch, "aminmax", lambda t: pytest.fail("the API read the scores for NaN / inf"))
+    scores = torch.randn(6)
+    with bk.use_backend("checking"):
+        assert backends.checks_finite("topk_keep_mask", "cpu", torch.float32)
+        assert torch.equal(bk.topk_mask(scores, 0.5), scores > scores.median())  # the lower median: 3 kept
+        scores[2] = float("nan")
+        with pytest.raises(ValueError, match="scores contains non-finite values"):
+            bk.topk_mask(scores, 0.5)
+
+
 def test_empty_and_integer_scores_are_rejected():
     with pytest.raises(ValueError, match="empty"):
         bk.topk_mask(torch.empty(0), 0.5)
