@@ -49,14 +49,11 @@ inline void check_same_device(const at::Tensor& t, const char* name, const at::T
 // ----------------------------------------------------------------------------- selection
 
 // The scores of a selection: a non-empty list of non-empty tensors of one dtype on one device.
-// float64 only where `allow_double` (the CUDA select works on 16- and 32-bit keys).
-inline void check_select_scores(at::TensorList scores, const char* op, at::DeviceType device, bool allow_double) {
+inline void check_select_scores(at::TensorList scores, const char* op, at::DeviceType device) {
   TORCH_CHECK(!scores.empty(), op, ": scores is an empty list");
   for (size_t i = 0; i < scores.size(); ++i) {
     const std::string name = "scores[" + std::to_string(i) + "]";
     check_float(scores[i], name.c_str(), op, device);
-    TORCH_CHECK(allow_double || scores[i].scalar_type() != at::kDouble, op, ": ", name,
-                " must be float32/float16/bfloat16 on this device, got ", scores[i].scalar_type());
     check_same_device(scores[i], name.c_str(), scores[0], "scores[0]", op);
     TORCH_CHECK(scores[i].scalar_type() == scores[0].scalar_type(), op, ": ", name, " has dtype ",
                 scores[i].scalar_type(), " but scores[0] has ", scores[0].scalar_type());
@@ -104,12 +101,10 @@ inline void check_selection(const at::Tensor& scores, const at::Tensor& thr, con
               cut.device());
 }
 
-// keep_mask's operands; float64 scores only where `allow_double`.
+// keep_mask's operands.
 inline void check_keep_mask(const at::Tensor& scores, const at::Tensor& thr, const at::Tensor& cut, const char* op,
-                            at::DeviceType device, bool allow_double) {
+                            at::DeviceType device) {
   check_float(scores, "scores", op, device);
-  TORCH_CHECK(allow_double || scores.scalar_type() != at::kDouble, op,
-              ": scores must be float32/float16/bfloat16 on this device, got ", scores.scalar_type());
   check_selection(scores, thr, cut, op);
 }
 

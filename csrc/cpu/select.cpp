@@ -686,7 +686,7 @@ std::vector<at::Tensor> contiguous_all(const at::TensorList& scores) {
 std::tuple<at::Tensor, at::Tensor> topk_select_cpu(at::TensorList scores, int64_t k,
                                                    const std::optional<at::Tensor>& hint) {
   constexpr const char* op = "bise_kernels_ext::topk_select";
-  bise_checks::check_select_scores(scores, op, at::kCPU, /*allow_double=*/true);
+  bise_checks::check_select_scores(scores, op, at::kCPU);
   bise_checks::check_ks(scores, {k}, /*batched=*/false, op);
   bise_checks::check_hints(hint, 1, "hint", op);
   const auto dtype = scores[0].scalar_type();
@@ -720,7 +720,7 @@ std::vector<std::vector<int64_t>> balance(const std::vector<int64_t>& idx, const
 std::tuple<at::Tensor, at::Tensor> batched_topk_select_cpu(at::TensorList scores, at::IntArrayRef ks,
                                                            const std::optional<at::Tensor>& hints) {
   constexpr const char* op = "bise_kernels_ext::batched_topk_select";
-  bise_checks::check_select_scores(scores, op, at::kCPU, /*allow_double=*/true);
+  bise_checks::check_select_scores(scores, op, at::kCPU);
   const std::vector<int64_t> sizes = bise_checks::check_ks(scores, ks, /*batched=*/true, op);
   bise_checks::check_hints(hints, scores.size(), "hints", op);
   const int64_t L = int64_t(scores.size());
@@ -787,7 +787,7 @@ void keep_mask_into(const U* x, uint8_t* out, int64_t n, U t, int64_t split) {
 }
 
 at::Tensor keep_mask_cpu(const at::Tensor& scores, const at::Tensor& thr, const at::Tensor& cut, int64_t offset) {
-  bise_checks::check_keep_mask(scores, thr, cut, "bise_kernels_ext::keep_mask", at::kCPU, /*allow_double=*/true);
+  bise_checks::check_keep_mask(scores, thr, cut, "bise_kernels_ext::keep_mask", at::kCPU);
   const auto dtype = scores.scalar_type();
   const at::Tensor x = scores.contiguous();
   at::Tensor out = at::empty(scores.sizes(), scores.options().dtype(at::kBool));
@@ -807,7 +807,7 @@ at::Tensor keep_mask_cpu(const at::Tensor& scores, const at::Tensor& thr, const 
 // (the pass writes key > hi; the finish, the entries inside the bracket), else in a second one.
 std::vector<at::Tensor> topk_keep_mask_cpu(at::TensorList scores, int64_t k, const std::optional<at::Tensor>& hint) {
   constexpr const char* op = "bise_kernels_ext::topk_keep_mask";
-  bise_checks::check_select_scores(scores, op, at::kCPU, /*allow_double=*/true);
+  bise_checks::check_select_scores(scores, op, at::kCPU);
   bise_checks::check_ks(scores, {k}, /*batched=*/false, op);
   bise_checks::check_hints(hint, 1, "hint", op);
   const auto dtype = scores[0].scalar_type();

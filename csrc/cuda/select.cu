@@ -17,8 +17,16 @@
 namespace bise_select {
 namespace {
 
+// Levels of a hinted first pass: one shared histogram each, 8 KB. Every level of 16- and 32-bit
+// keys; 5 of float64's 6, as 6 would pass the 48 KB of static shared memory of a block.
+template <int KB>
+__host__ __device__ constexpr int spec_levels() {
+  return levels<KB>() < 5 ? levels<KB>() : 5;
+}
+
 // Whole warp calls; appends the candidates (key, flat index) while the buffer has room.
-__device__ __forceinline__ void append(const SelectArgs& a, int prob, bool cand, uint32_t key, int64_t index) {
+template <int KB>
+__device__ __forceinline__ void append(const SelectArgs& a, int prob, bool cand, Key<KB> key, int64_t index) {
   const unsigned want = __ballot_sync(0xffffffffu, cand);
   if (want == 0) return;
   const int lane = threadIdx.x & 31, leader = __ffs(want) - 1;
@@ -30,7 +38,7 @@ __device__ __forceinline__ void append(const SelectArgs& a, int prob, bool cand,
   slot0 = __shfl_sync(0xffffffffu, slot0, leader);
   const int slot = slot0 + __popc(want & ((1u << lane) - 1u));
   if (cand && slot < kCapacity) {
-    a.buffer_key[static_cast<int64_t>(prob) * kCapacity + slot] = key;
+    keys<KB>(a.buffer_key)[static_cast<int64_t>(prob) * kCapacity + slot] = key;
     a.buffer_index[static_cast<int64_t>(prob) * kCapacity + slot] = index;
   }
 }
@@ -47,45 +55,48 @@ __device__ __forceinline__ void next_buffer(const SelectArgs& a, int prob, int l
 }
 
 template <int KB>
-__device__ void level_scan(const SelectArgs& a, int prob, const int32_t* row, int level, uint32_t prefix) {
+__device__ void level_scan(const SelectArgs& a, int prob, const int32_t* row, int level, Key<KB> prefix) {
   constexpr int L = levels<KB>();
   const int64_t krem = a.krem[prob];
   const Pick p = pick_digit<true>(row, krem);
   if (threadIdx.x != 0) return;
-  prefix |= p.digit << level_shift(KB, level);
-  a.prefix[prob] = prefix;
+  prefix |= static_cast<Key<KB>>(p.digit) << level_shift(KB, level);
+  keys<KB>(a.prefix)[prob] = prefix;
   a.krem[prob] = krem - p.above;
   a.level[prob] = level + 1;
   if (level + 1 == L) {
-    a.threshold_bits[prob] = key_to_bits<KB>(prefix);
+    static_cast<Bits<KB>*>(a.threshold_bits)[prob] = key_to_bits<KB>(prefix);
   } else {
     next_buffer(a, prob, level, p.count);
   }
 }
 
 // Levels resolve while the hint's digits match: level l's histogram is valid iff digits < l did.
-// All resolved: the buffer filled under the hint's prefix holds the last level's candidates;
-// otherwise the next pass compacts its candidates if they fit.
+// The buffer filled under the hint's first S - 1 digits holds every later candidate once all S
+// levels resolved: the ties of a resolved threshold (S = L), or the candidates of level S (S < L,
+// unless it overflowed); otherwise the next pass compacts its candidates if they fit.
 template <int KB>
-__device__ void spec_scan(const SelectArgs& a, int prob, const int32_t* rows, uint32_t hint_key) {
-  constexpr int L = levels<KB>();
+__device__ void spec_scan(const SelectArgs& a, int prob, const int32_t* rows, Key<KB> hint_key) {
+  constexpr int L = levels<KB>(), S = spec_levels<KB>();
   int64_t krem = a.krem[prob], count = 0;
-  uint32_t prefix = 0;
+  Key<KB> prefix = 0;
   int level = 0;
-  for (int l = 0; l < L; ++l) {
+  for (int l = 0; l < S; ++l) {
     const Pick p = pick_digit<true>(rows + l * kBins, krem);
-    prefix |= p.digit << level_shift(KB, l);
+    prefix |= static_cast<Key<KB>>(p.digit) << level_shift(KB, l);
     krem -= p.above;
     count = p.count;
     level = l + 1;
     if (p.digit != digit_of(hint_key, KB, l)) break;
   }
   if (threadIdx.x != 0) return;
-  a.prefix[prob] = prefix;
+  keys<KB>(a.prefix)[prob] = prefix;
   a.krem[prob] = krem;
   a.level[prob] = level;
   if (level == L) {
-    a.threshold_bits[prob] = key_to_bits<KB>(prefix);
+    static_cast<Bits<KB>*>(a.threshold_bits)[prob] = key_to_bits<KB>(prefix);
+  } else if (level == S && __ldcg(a.buffer_count + prob) <= kCapacity) {
+    a.buffer_level[prob] = level;
   } else {
     a.buffer_count[prob] = count <= kCapacity ? 0 : kCapacity + 1;
   }
@@ -93,13 +104,13 @@ __device__ void spec_scan(const SelectArgs& a, int prob, const int32_t* rows, ui
 
 // A problem whose candidates are compacted: one block histograms the buffer and picks the digit.
 template <int KB>
-__device__ void buffer_pass(const SelectArgs& a, int prob, int level, uint32_t prefix, uint32_t* hist) {
+__device__ void buffer_pass(const SelectArgs& a, int prob, int level, Key<KB> prefix, uint32_t* hist) {
   for (int i = threadIdx.x; i < kBins; i += kThreads) hist[i] = 0;
   __syncthreads();
   const int n = min(__ldcg(a.buffer_count + prob), kCapacity);
-  const uint32_t* keys = a.buffer_key + static_cast<int64_t>(prob) * kCapacity;
+  const Key<KB>* buffer = keys<KB>(a.buffer_key) + static_cast<int64_t>(prob) * kCapacity;
   for (int i = threadIdx.x; i < n; i += kThreads) {
-    const uint32_t key = __ldcg(keys + i);
+    const Key<KB> key = __ldcg(buffer + i);
     if (matches(key, prefix, level_hi(KB, level))) atomicAdd(hist + digit_of(key, KB, level), 1u);
   }
   __syncthreads();
@@ -113,16 +124,16 @@ __device__ void buffer_pass(const SelectArgs& a, int prob, int level, uint32_t p
 template <int KB, bool SPEC>
 __global__ void __launch_bounds__(kThreads) digit_pass_kernel(SelectArgs a, int level) {
   constexpr int L = levels<KB>();
-  constexpr int H = SPEC ? L : 1;
+  constexpr int H = SPEC ? spec_levels<KB>() : 1;
   __shared__ uint32_t hist[H * kBins];
   const Chunk ch = load_chunk(a, blockIdx.x);
   if (a.solved != nullptr && a.solved[ch.prob] != 0) return;
-  uint32_t prefix;
+  Key<KB> prefix;
   if (SPEC) {
     prefix = to_key<KB>(static_cast<const typename Raw<KB>::type*>(a.hints)[ch.prob]);
   } else {
     if (a.level[ch.prob] != level) return;  // resolved already (e.g. by the warm start): nothing to read
-    prefix = a.prefix[ch.prob];
+    prefix = keys<KB>(a.prefix)[ch.prob];
     if (a.buffer_level[ch.prob] != 0) {  // candidates compacted: only the buffer is read
       if (blockIdx.x == a.chunk_first[ch.prob]) buffer_pass<KB>(a, ch.prob, level, prefix, hist);
       return;
@@ -131,23 +142,23 @@ __global__ void __launch_bounds__(kThreads) digit_pass_kernel(SelectArgs a, int 
   for (int i = threadIdx.x; i < H * kBins; i += kThreads) hist[i] = 0;
   __syncthreads();
   const bool compact = SPEC || level >= 1;
-  const int compact_hi = level_hi(KB, SPEC ? L - 1 : level);
+  const int compact_hi = level_hi(KB, SPEC ? H - 1 : level);
   const bool first = SPEC || level == 0;  // the first pass reads every score: checks finiteness
   bool bad = false;
 #pragma unroll 4
   for (int64_t i0 = ch.start; i0 < ch.end; i0 += kThreads) {
     const int64_t i = i0 + threadIdx.x;
     const bool valid = i < ch.end;
-    const uint32_t key = valid ? key_at<KB>(ch.src, i) : 0u;
+    const Key<KB> key = valid ? key_at<KB>(ch.src, i) : 0u;
     if (SPEC) {
 #pragma unroll
-      for (int l = 0; l < L; ++l) {
+      for (int l = 0; l < H; ++l) {
         count_bin(hist + l * kBins, valid && matches(key, prefix, level_hi(KB, l)), digit_of(key, KB, l));
       }
     } else {
       count_bin(hist, valid && matches(key, prefix, level_hi(KB, level)), digit_of(key, KB, level));
     }
-    if (compact) append(a, ch.prob, valid && matches(key, prefix, compact_hi), key, ch.base + i);
+    if (compact) append<KB>(a, ch.prob, valid && matches(key, prefix, compact_hi), key, ch.base + i);
     bad |= first && valid && non_finite(a, key);
   }
   if (bad) *a.nonfinite = 1;
@@ -168,7 +179,8 @@ __global__ void __launch_bounds__(kThreads) digit_pass_kernel(SelectArgs a, int 
 }
 
 // All ties are in the buffer (unordered, distinct indices): the one with need - 1 smaller ones.
-__device__ int64_t cut_from_buffer(const SelectArgs& a, int prob, uint32_t thr, int64_t need) {
+template <int KB>
+__device__ int64_t cut_from_buffer(const SelectArgs& a, int prob, Key<KB> thr, int64_t need) {
   __shared__ int64_t ties[kCapacity];
   __shared__ int num_ties;
   __shared__ int64_t found;
@@ -180,7 +192,7 @@ __device__ int64_t cut_from_buffer(const SelectArgs& a, int prob, uint32_t thr, 
   const int n = min(__ldcg(a.buffer_count + prob), kCapacity);
   const int64_t row = static_cast<int64_t>(prob) * kCapacity;
   for (int i = threadIdx.x; i < n; i += kThreads) {
-    if (__ldcg(a.buffer_key + row + i) == thr) {
+    if (__ldcg(keys<KB>(a.buffer_key) + row + i) == thr) {
       ties[atomicAdd(&num_ties, 1)] = __ldcg(reinterpret_cast<const long long*>(a.buffer_index) + row + i);
     }
   }
@@ -201,7 +213,7 @@ __global__ void __launch_bounds__(kThreads) tie_kernel(SelectArgs a) {
   __shared__ typename Reduce::TempStorage tmp;
   const Chunk ch = load_chunk(a, blockIdx.x);
   if (a.solved != nullptr && a.solved[ch.prob] != 0) return;
-  const uint32_t thr = a.prefix[ch.prob];
+  const Key<KB> thr = keys<KB>(a.prefix)[ch.prob];
   const bool overflow = a.buffer_count[ch.prob] > kCapacity;
   if (overflow) {  // the buffer missed candidates: count this chunk's ties
     int n = 0;
@@ -211,18 +223,19 @@ __global__ void __launch_bounds__(kThreads) tie_kernel(SelectArgs a) {
   }
   if (!last_block(a.tickets + ch.prob * (L + 1) + L, a.chunk_first[ch.prob + 1] - a.chunk_first[ch.prob])) return;
   const int64_t need = a.krem[ch.prob];
-  const int64_t cut = overflow ? cut_from_chunks<KB>(a, a.tie_count, ch.prob, thr, need) : cut_from_buffer(a, ch.prob, thr, need);
+  const int64_t cut = overflow ? cut_from_chunks<KB>(a, a.tie_count, ch.prob, thr, need)
+                                : cut_from_buffer<KB>(a, ch.prob, thr, need);
   if (threadIdx.x == 0) a.cut[ch.prob] = cut;
 }
 
 template <int KB>
 __global__ void keep_mask_kernel(const typename Raw<KB>::type* bits, const typename Raw<KB>::type* thr_bits,
                                  const int64_t* cut_ptr, bool* out, int64_t n, int64_t offset) {
-  const uint32_t thr = to_key<KB>(*thr_bits);
+  const Key<KB> thr = to_key<KB>(*thr_bits);
   const int64_t cut = *cut_ptr;
   const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
   for (int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < n; i += stride) {
-    const uint32_t key = to_key<KB>(bits[i]);
+    const Key<KB> key = to_key<KB>(bits[i]);
     out[i] = key > thr || (key == thr && offset + i < cut);
   }
 }
@@ -260,13 +273,15 @@ cudaError_t launch_keep_mask(const void* bits, const void* thr, const int64_t* c
 
 extern "C" cudaError_t bise_radix_select_launch(const bise_select::SelectArgs* args, cudaStream_t stream) {
   if (args->num_chunks == 0) return cudaSuccess;
-  return args->key_bits == 32 ? bise_select::launch_select<32>(*args, stream)
-                              : bise_select::launch_select<16>(*args, stream);
+  return args->key_bits == 64   ? bise_select::launch_select<64>(*args, stream)
+         : args->key_bits == 32 ? bise_select::launch_select<32>(*args, stream)
+                                : bise_select::launch_select<16>(*args, stream);
 }
 
 extern "C" cudaError_t bise_keep_mask_launch(const void* bits, const void* thr_bits, const int64_t* cut, bool* out,
                                              int64_t n, int64_t offset, int key_bits, cudaStream_t stream) {
   if (n == 0) return cudaSuccess;
-  return key_bits == 32 ? bise_select::launch_keep_mask<32>(bits, thr_bits, cut, out, n, offset, stream)
-                        : bise_select::launch_keep_mask<16>(bits, thr_bits, cut, out, n, offset, stream);
+  return key_bits == 64   ? bise_select::launch_keep_mask<64>(bits, thr_bits, cut, out, n, offset, stream)
+         : key_bits == 32 ? bise_select::launch_keep_mask<32>(bits, thr_bits, cut, out, n, offset, stream)
+                          : bise_select::launch_keep_mask<16>(bits, thr_bits, cut, out, n, offset, stream);
 }

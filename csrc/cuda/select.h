@@ -17,6 +17,11 @@ constexpr int kCapacity = 2048;   // per-problem candidate buffer (compaction on
 
 inline int num_levels(int key_bits) { return (key_bits + kRadixBits - 1) / kRadixBits; }
 
+// int32 words per key: the keys of 16- and 32-bit floats are 32-bit words, float64's 64-bit ones.
+// Arrays of keys (void* below: Key<key_bits> in select_common.cuh) and the threshold bits lie
+// first in their workspace, so 64-bit ones are 8-byte aligned.
+inline int key_words(int key_bits) { return key_bits == 64 ? 2 : 1; }
+
 struct SelectArgs {
   // Chunk table, struct of arrays, 5 rows of num_chunks int64: address, start, numel of its
   // tensor, flat offset of its tensor within its problem, problem id. A problem's chunks are
@@ -25,21 +30,21 @@ struct SelectArgs {
   int64_t num_chunks;
   const int64_t* chunk_first;
   int32_t num_problems;
-  int32_t key_bits;       // 32 (float32) or 16 (float16 / bfloat16): raw bits read as uint32 / uint16
+  int32_t key_bits;       // 64 (float64), 32 (float32) or 16 (float16 / bfloat16): width of the raw bits
   const void* hints;      // num_problems raw floats (same width) or nullptr: cold start
   // Workspace, zeroed by the caller except krem (= k per problem) and the outputs.
   int32_t* level;         // next digit level per problem
-  uint32_t* prefix;       // key bits resolved so far
+  void* prefix;           // num_problems keys: the key bits resolved so far
   int64_t* krem;          // rank still to find within the candidates (ties needed at the end)
   int32_t* buffer_count;  // candidates appended to the buffer (> kCapacity: overflowed)
   int32_t* buffer_level;  // level whose candidates the buffer holds (0: none yet)
   int32_t* hist;          // num_problems x (2 x levels) x kBins: cold rows, then warm-start rows
   int32_t* tickets;       // num_problems x (levels + 1)
   int32_t* tie_count;     // num_chunks
-  uint32_t* buffer_key;   // num_problems x kCapacity
+  void* buffer_key;       // num_problems x kCapacity keys
   int64_t* buffer_index;  // num_problems x kCapacity
   // Outputs.
-  int32_t* threshold_bits;  // num_problems raw bits (16-bit floats sign-extended)
+  void* threshold_bits;     // num_problems raw bits: int64 (float64) or int32 (16-bit floats sign-extended)
   int64_t* cut;             // num_problems
   // Problems already solved (nonzero: skipped), or nullptr: the bracket select's fallback.
   const int32_t* solved;
@@ -63,16 +68,16 @@ struct BracketArgs {
   const int64_t* buffer_first;  // num_problems + 1 offsets: problem p's buffer capacity is the difference
   int32_t finish_blocks;        // blocks per problem of the finishing kernels (>= 1)
   int32_t force_miss;           // tests: every bracket is empty, so every problem takes the fallback
-  uint32_t* buffer_key;         // candidates: key
+  void* buffer_key;             // candidates: key
   uint32_t* buffer_index;       // and flat index in the problem
   int32_t* buffer_count;        // num_problems: entries appended (> capacity: overflowed)
-  uint32_t* lo;                 // num_problems: the bracket [lo, hi] (keys)
-  uint32_t* hi;
+  void* lo;                     // num_problems keys: the bracket [lo, hi]
+  void* hi;
   unsigned long long* above;    // num_problems: keys above hi
   unsigned long long* inside;   // num_problems: keys in [lo, hi]
   int32_t* inside_chunk;        // num_chunks: keys of the chunk in [lo, hi]
   int32_t* tie_chunk;           // num_chunks: keys of the chunk equal to the threshold
-  uint32_t* range;              // num_problems x (levels + 1) x 2: [lo, hi] before each finishing level
+  void* range;                  // num_problems x (levels + 1) x 2 keys: [lo, hi] before each finishing level
   int64_t* rank;                // num_problems x (levels + 1): rank in that range (1-based, descending)
   int32_t* hist;                // num_problems x levels x kBins
   int32_t* tickets;             // num_problems x (levels + 1)
@@ -86,52 +91,54 @@ struct BracketArgs {
 // Workspace layouts, one definition for the binding and the CPU emulation test
 // (tests/kernels/select_cuda_emu): how many words each select needs and where each array lies.
 struct RadixWorkspace {
-  int64_t n_hist, n_tickets, words;  // int32 words in all
+  int64_t key_words, n_hist, n_tickets, words;  // int32 words per key; int32 words in all
+  int64_t threshold_at;                          // where the threshold bits lie (int32 words)
 };
 
 inline RadixWorkspace radix_workspace(int64_t P, int64_t C, int key_bits) {
-  const int64_t levels = num_levels(key_bits);
+  const int64_t levels = num_levels(key_bits), kw = key_words(key_bits);
   const int64_t n_hist = P * 2 * levels * kBins, n_tickets = P * (levels + 1);
-  return {n_hist, n_tickets, n_hist + n_tickets + 5 * P + C + 1};
+  return {kw, n_hist, n_tickets, 2 * kw * P + n_hist + n_tickets + 3 * P + C + 1, kw * P};
 }
 
-// Points a's workspace arrays into w (radix_workspace(...).words int32, zeroed).
+// Points a's workspace arrays into w (radix_workspace(...).words int32, zeroed; 8-byte aligned).
 inline void carve_radix_workspace(SelectArgs& a, int32_t* w, const RadixWorkspace& ws, int64_t P) {
-  a.hist = w;
-  a.tickets = w + ws.n_hist;
+  a.prefix = w;
+  a.threshold_bits = w + ws.threshold_at;
+  a.hist = w + 2 * ws.key_words * P;
+  a.tickets = a.hist + ws.n_hist;
   a.level = a.tickets + ws.n_tickets;
-  a.prefix = reinterpret_cast<uint32_t*>(a.level + P);
-  a.buffer_count = a.level + 2 * P;
-  a.buffer_level = a.level + 3 * P;
-  a.threshold_bits = a.level + 4 * P;
-  a.tie_count = a.level + 5 * P;
+  a.buffer_count = a.level + P;
+  a.buffer_level = a.level + 2 * P;
+  a.tie_count = a.level + 3 * P;
   a.nonfinite = w + ws.words - 1;  // the last word
 }
 
 struct BracketWorkspace {
-  int64_t levels1, n_hist, words64, words32;  // levels + 1; int64 and int32 words in all
+  int64_t key_words, levels1, n_hist;  // int32 words per key; levels + 1
+  int64_t words64, words32;            // int64 and int32 words in all
 };
 
 inline BracketWorkspace bracket_workspace(int64_t P, int64_t C, int key_bits) {
-  const int64_t L1 = num_levels(key_bits) + 1, n_hist = P * (L1 - 1) * kBins;
-  return {L1, n_hist, 2 * P + P * L1, 4 * P + 2 * C + 2 * P * L1 + n_hist + P * L1};
+  const int64_t kw = key_words(key_bits), L1 = num_levels(key_bits) + 1, n_hist = P * (L1 - 1) * kBins;
+  return {kw, L1, n_hist, 2 * P + P * L1, kw * (2 * P + 2 * P * L1) + 2 * P + 2 * C + n_hist + P * L1};
 }
 
-// Points b's workspace arrays into w64 / w32 (bracket_workspace(...) words, zeroed); the fallback
-// radix select shares b.solved.
+// Points b's workspace arrays into w64 / w32 (bracket_workspace(...) words, zeroed; w32 8-byte
+// aligned); the fallback radix select shares b.solved.
 inline void carve_bracket_workspace(BracketArgs& b, int64_t* w64, int32_t* w32, const BracketWorkspace& ws,
                                     int64_t P, int64_t C) {
   b.above = reinterpret_cast<unsigned long long*>(w64);
   b.inside = reinterpret_cast<unsigned long long*>(w64 + P);
   b.rank = w64 + 2 * P;
-  b.buffer_count = w32;
-  b.lo = reinterpret_cast<uint32_t*>(w32 + P);
-  b.hi = reinterpret_cast<uint32_t*>(w32 + 2 * P);
-  b.solved = w32 + 3 * P;
-  b.inside_chunk = w32 + 4 * P;
+  b.lo = w32;
+  b.hi = w32 + ws.key_words * P;
+  b.range = w32 + 2 * ws.key_words * P;
+  b.buffer_count = w32 + ws.key_words * (2 * P + 2 * P * ws.levels1);
+  b.solved = b.buffer_count + P;
+  b.inside_chunk = b.buffer_count + 2 * P;
   b.tie_chunk = b.inside_chunk + C;
-  b.range = reinterpret_cast<uint32_t*>(b.tie_chunk + C);
-  b.hist = reinterpret_cast<int32_t*>(b.range + 2 * P * ws.levels1);
+  b.hist = b.tie_chunk + C;
   b.tickets = b.hist + ws.n_hist;
   b.radix.solved = b.solved;
 }

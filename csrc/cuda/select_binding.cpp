@@ -35,21 +35,19 @@ using bise_select::kBins;
 using bise_select::kCapacity;
 using bise_select::kChunk;
 
-// Validated by the shared checks: float32, float16 or bfloat16.
-int key_bits_of(at::ScalarType dtype) { return dtype == at::kFloat ? 32 : 16; }
+// Validated by the shared checks: float64, float32, float16 or bfloat16.
+int key_bits_of(at::ScalarType dtype) { return 8 * static_cast<int>(c10::elementSize(dtype)); }
 
 // The keys of finite scores of `dtype`, for the kernels' finiteness check (SelectArgs::finite_lo).
 void set_finite_keys(bise_select::SelectArgs& a, at::ScalarType dtype) {
   const uint64_t inf = bise_checks::inf_bits(dtype);
-  if (key_bits_of(dtype) == 32) {
-    const auto f = bise_bracket::finite_keys(static_cast<uint32_t>(inf));
+  auto set = [&](auto bits) {
+    const auto f = bise_bracket::finite_keys(bits);
     a.finite_lo = f.lo;
     a.finite_span = f.span;
-  } else {
-    const auto f = bise_bracket::finite_keys(static_cast<uint16_t>(inf));
-    a.finite_lo = f.lo;
-    a.finite_span = f.span;
-  }
+  };
+  const int kb = key_bits_of(dtype);
+  kb == 64 ? set(inf) : kb == 32 ? set(static_cast<uint32_t>(inf)) : set(static_cast<uint16_t>(inf));
 }
 
 at::Tensor to_device(const std::vector<int64_t>& values, const at::Device& device) {
@@ -130,7 +128,7 @@ void launch_bracket(const bise_select::SelectArgs& a, const Plan& plan, const st
   TORCH_CHECK(finish_blocks * P <= std::numeric_limits<int32_t>::max(), op, ": too many problems for one launch");
   auto ws64 = at::zeros({layout.words64}, at::TensorOptions().dtype(at::kLong).device(device));
   auto ws32 = at::zeros({layout.words32}, at::TensorOptions().dtype(at::kInt).device(device));
-  auto keys = at::empty({capacity}, at::TensorOptions().dtype(at::kInt).device(device));
+  auto keys = at::empty({capacity * layout.key_words}, at::TensorOptions().dtype(at::kInt).device(device));
   auto index = at::empty({capacity}, at::TensorOptions().dtype(at::kInt).device(device));
   auto offsets = overflow ? at::zeros({P + 1}, at::TensorOptions().dtype(at::kLong).device(device)) : plan.buffers;
   int64_t* w64 = ws64.data_ptr<int64_t>();
@@ -141,7 +139,7 @@ void launch_bracket(const bise_select::SelectArgs& a, const Plan& plan, const st
   b.buffer_first = offsets.const_data_ptr<int64_t>();
   b.finish_blocks = static_cast<int32_t>(finish_blocks);
   b.force_miss = algo == Algo::kBracketMiss;
-  b.buffer_key = reinterpret_cast<uint32_t*>(keys.data_ptr<int32_t>());
+  b.buffer_key = keys.data_ptr<int32_t>();
   b.buffer_index = reinterpret_cast<uint32_t*>(index.data_ptr<int32_t>());
   b.mask_addr = mask_addr;
   bise_select::carve_bracket_workspace(b, w64, w32, layout, P, C);
@@ -153,7 +151,7 @@ void launch_bracket(const bise_select::SelectArgs& a, const Plan& plan, const st
 std::tuple<at::Tensor, at::Tensor> radix_select_cuda(at::TensorList scores, at::IntArrayRef ks,
                                                      const std::optional<at::Tensor>& hints, bool batched,
                                                      const char* op, std::vector<at::Tensor>* masks = nullptr) {
-  bise_checks::check_select_scores(scores, op, at::kCUDA, /*allow_double=*/false);
+  bise_checks::check_select_scores(scores, op, at::kCUDA);
   bise_checks::check_ks(scores, ks, batched, op, /*max_count=*/(int64_t{1} << 31) - 1);  // int32 counters
   bise_checks::check_hints(hints, ks.size(), batched ? "hints" : "hint", op);
   const auto dtype = scores[0].scalar_type();
@@ -200,7 +198,7 @@ std::tuple<at::Tensor, at::Tensor> radix_select_cuda(at::TensorList scores, at::
   const bise_select::RadixWorkspace layout = bise_select::radix_workspace(P, C, key_bits);
   auto ws = at::zeros({layout.words}, i32);
   auto cut = at::empty({P}, i64);
-  auto buffer_key = at::empty({P * kCapacity}, i32);
+  auto buffer_key = at::empty({P * kCapacity * layout.key_words}, i32);
   auto buffer_index = at::empty({P * kCapacity}, i64);
   std::optional<at::Tensor> hint_flat;
   if (hints) hint_flat = hints->reshape({-1}).to(device, dtype).contiguous();
@@ -215,7 +213,7 @@ std::tuple<at::Tensor, at::Tensor> radix_select_cuda(at::TensorList scores, at::
   a.hints = hint_flat ? hint_flat->data_ptr() : nullptr;
   bise_select::carve_radix_workspace(a, w, layout, P);
   a.krem = krem.data_ptr<int64_t>();
-  a.buffer_key = reinterpret_cast<uint32_t*>(buffer_key.data_ptr<int32_t>());
+  a.buffer_key = buffer_key.data_ptr<int32_t>();
   a.buffer_index = buffer_index.data_ptr<int64_t>();
   a.cut = cut.data_ptr<int64_t>();
   a.solved = nullptr;
@@ -232,8 +230,8 @@ std::tuple<at::Tensor, at::Tensor> radix_select_cuda(at::TensorList scores, at::
   // the next synchronisation, as _checks.check_finite does on a GPU); no host round trip.
   at::_assert_async(ws.narrow(0, a.nonfinite - w, 1).eq(0), "scores contains NaN or inf");
 
-  auto bits = ws.narrow(0, a.threshold_bits - w, P);
-  auto thr = key_bits == 32 ? bits.view(dtype) : bits.to(at::kShort).view(dtype);
+  auto bits = ws.narrow(0, layout.threshold_at, P * layout.key_words);
+  auto thr = key_bits == 16 ? bits.to(at::kShort).view(dtype) : bits.view(dtype);
   if (masks && algo == Algo::kRadix) {  // the radix select's passes write no mask: a keep_mask pass
     for (size_t i = 0, offset = 0; i < flat.size(); offset += flat[i].numel(), ++i) {
       check_cuda(bise_keep_mask_launch(flat[i].data_ptr(), thr.data_ptr(), cut.const_data_ptr<int64_t>(),
@@ -266,7 +264,7 @@ std::vector<at::Tensor> topk_keep_mask_cuda(at::TensorList scores, int64_t k, co
 
 at::Tensor keep_mask_cuda(const at::Tensor& scores, const at::Tensor& thr, const at::Tensor& cut, int64_t offset) {
   constexpr const char* op = "bise_kernels_ext::keep_mask";
-  bise_checks::check_keep_mask(scores, thr, cut, op, at::kCUDA, /*allow_double=*/false);
+  bise_checks::check_keep_mask(scores, thr, cut, op, at::kCUDA);
   const c10::cuda::CUDAGuard guard(scores.device());
   auto flat = scores.contiguous();
   auto thr_c = thr.reshape({}).contiguous();

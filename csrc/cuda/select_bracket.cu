@@ -67,10 +67,11 @@ enum class Outcome { kMissed, kSingle, kBuffered };
 
 // What the fused pass left for problem p: a bracket that misses rank k or whose buffer overflowed
 // goes to the radix select; a single-value bracket is the threshold; else the buffer finishes.
+template <int KB>
 __device__ __forceinline__ Outcome outcome(const BracketArgs& b, int p) {
   const auto above = static_cast<int64_t>(b.above[p]), inside = static_cast<int64_t>(b.inside[p]);
   if (!bise_bracket::hits(above, inside, b.ks[p])) return Outcome::kMissed;
-  if (b.lo[p] == b.hi[p]) return Outcome::kSingle;
+  if (keys<KB>(b.lo)[p] == keys<KB>(b.hi)[p]) return Outcome::kSingle;
   return b.buffer_count[p] <= b.buffer_first[p + 1] - b.buffer_first[p] ? Outcome::kBuffered : Outcome::kMissed;
 }
 
@@ -86,7 +87,7 @@ __global__ void __launch_bounds__(kThreads) sample_kernel(BracketArgs b) {
   const int64_t first = a.chunk_first[p], last = a.chunk_first[p + 1];
   // One tensor (its chunks share the flat offset): flat index = index in the tensor, no search.
   const bool one_tensor = a.table[3 * C + first] == a.table[3 * C + last - 1];
-  uint32_t keys[kSamplePer];
+  Key<KB> sample[kSamplePer];
   int64_t c = first;
 #pragma unroll
   for (int j = 0; j < kSamplePer; ++j) {
@@ -101,17 +102,17 @@ __global__ void __launch_bounds__(kThreads) sample_kernel(BracketArgs b) {
         while (c + 1 < last && a.table[3 * C + c + 1] + a.table[C + c + 1] <= f) ++c;
       }
     }
-    keys[j] = key_at<KB>(reinterpret_cast<const void*>(a.table[c]), f - a.table[3 * C + c]);
+    sample[j] = key_at<KB>(reinterpret_cast<const void*>(a.table[c]), f - a.table[3 * C + c]);
   }
   bise_bracket::Ranks r = bise_bracket::cold_ranks(n, k, kSample, bise_bracket::kSigmas);
-  uint32_t hint_key = 0;
+  Key<KB> hint_key = 0;
   if (a.hints != nullptr) {
     hint_key = to_key<KB>(static_cast<const typename Raw<KB>::type*>(a.hints)[p]);
     int64_t above = 0, below = 0;
 #pragma unroll
     for (int j = 0; j < kSamplePer; ++j) {
-      above += keys[j] > hint_key;
-      below += keys[j] < hint_key;
+      above += sample[j] > hint_key;
+      below += sample[j] < hint_key;
     }
     above = Reduce(red).Sum(above);
     __syncthreads();
@@ -126,7 +127,7 @@ __global__ void __launch_bounds__(kThreads) sample_kernel(BracketArgs b) {
   // Both ends at once: MSB-first digits, one shared histogram per end (ranks are block-uniform).
   const int64_t ranks[2] = {r.lo, r.hi};
   int64_t want[2] = {r.lo, r.hi};
-  uint32_t prefix[2] = {0, 0};
+  Key<KB> prefix[2] = {0, 0};
   for (int l = 0; l < levels<KB>(); ++l) {
     for (int i = threadIdx.x; i < 2 * kBins; i += kThreads) hist[i / kBins][i % kBins] = 0;
     __syncthreads();
@@ -135,7 +136,7 @@ __global__ void __launch_bounds__(kThreads) sample_kernel(BracketArgs b) {
 #pragma unroll
       for (int t = 0; t < 2; ++t) {
         if (ranks[t] >= 1) {
-          count_bin(hist[t], matches(keys[j], prefix[t], level_hi(KB, l)), digit_of(keys[j], KB, l));
+          count_bin(hist[t], matches(sample[j], prefix[t], level_hi(KB, l)), digit_of(sample[j], KB, l));
         }
       }
     }
@@ -144,22 +145,23 @@ __global__ void __launch_bounds__(kThreads) sample_kernel(BracketArgs b) {
     for (int t = 0; t < 2; ++t) {
       if (ranks[t] >= 1) {
         const Pick pk = pick_digit<false>(hist[t], want[t]);
-        prefix[t] |= pk.digit << level_shift(KB, l);
+        prefix[t] |= static_cast<Key<KB>>(pk.digit) << level_shift(KB, l);
         want[t] -= pk.above;
       }
     }
   }
   if (threadIdx.x != 0) return;
-  uint32_t lo = ranks[0] == kUnbounded ? 0u : ranks[0] == kAtHint ? hint_key : prefix[0];
-  uint32_t hi = ranks[1] == kUnbounded ? max_key<KB>() : ranks[1] == kAtHint ? hint_key : prefix[1];
+  Key<KB> lo = ranks[0] == kUnbounded ? 0u : ranks[0] == kAtHint ? hint_key : prefix[0];
+  Key<KB> hi = ranks[1] == kUnbounded ? max_key<KB>() : ranks[1] == kAtHint ? hint_key : prefix[1];
   if (b.force_miss) lo = hi = max_key<KB>();  // holds no finite score: every bracket misses
-  b.lo[p] = lo;
-  b.hi[p] = hi;
+  keys<KB>(b.lo)[p] = lo;
+  keys<KB>(b.hi)[p] = hi;
 }
 
 // Whole warp calls; appends the candidates (key, flat index) to the problem's buffer. Slots past
 // its capacity are counted, not written: buffer_count > capacity marks the overflow.
-__device__ __forceinline__ void append(const BracketArgs& b, int p, int64_t capacity, bool cand, uint32_t key,
+template <int KB>
+__device__ __forceinline__ void append(const BracketArgs& b, int p, int64_t capacity, bool cand, Key<KB> key,
                                        uint32_t index) {
   const unsigned want = __ballot_sync(0xffffffffu, cand);
   if (want == 0) return;
@@ -170,8 +172,18 @@ __device__ __forceinline__ void append(const BracketArgs& b, int p, int64_t capa
   const int slot = slot0 + __popc(want & ((1u << lane) - 1u));
   if (cand && slot < capacity) {
     const int64_t at = b.buffer_first[p] + slot;
-    b.buffer_key[at] = key;
+    keys<KB>(b.buffer_key)[at] = key;
     b.buffer_index[at] = index;
+  }
+}
+
+// The j-th of the V scores of a 128-bit load (words: its 32-bit words, little-endian).
+template <int KB>
+__device__ __forceinline__ Key<KB> unpack(const uint32_t (&words)[4], int j) {
+  if constexpr (KB == 64) {
+    return static_cast<Key<KB>>(words[2 * j]) | static_cast<Key<KB>>(words[2 * j + 1]) << 32;
+  } else {
+    return KB == 32 ? words[j] : (words[j / 2] >> (16 * (j % 2))) & 0xFFFFu;
   }
 }
 
@@ -183,7 +195,7 @@ __global__ void __launch_bounds__(kThreads) fused_kernel(BracketArgs b) {
   __shared__ typename Reduce::TempStorage red;
   const Chunk ch = load_chunk(b.radix, blockIdx.x);
   const int p = ch.prob;
-  const uint32_t lo = b.lo[p], hi = b.hi[p], span = hi - lo;
+  const Key<KB> lo = keys<KB>(b.lo)[p], hi = keys<KB>(b.hi)[p], span = hi - lo;
   const bool store = lo != hi;
   const int64_t capacity = b.buffer_first[p + 1] - b.buffer_first[p];
   const T* src = static_cast<const T*>(ch.src);
@@ -192,12 +204,12 @@ __global__ void __launch_bounds__(kThreads) fused_kernel(BracketArgs b) {
   bool bad = false;  // a NaN or inf met (the finiteness check)
   // V scores per thread (valid ones: ok), the j-th at flat index i + j * step: counts, then
   // appends only where a lane of the warp has a candidate.
-  auto visit = [&](const uint32_t(&bits)[V], const bool(&ok)[V], int64_t i, int64_t step) {
+  auto visit = [&](const Key<KB>(&bits)[V], const bool(&ok)[V], int64_t i, int64_t step) {
     bool in[V];
     bool any = false;
 #pragma unroll
     for (int j = 0; j < V; ++j) {
-      const uint32_t key = to_key<KB>(bits[j]);
+      const Key<KB> key = to_key<KB>(bits[j]);
       above += ok[j] && key > hi;
       in[j] = ok[j] && key - lo <= span;
       inside += in[j];
@@ -208,7 +220,7 @@ __global__ void __launch_bounds__(kThreads) fused_kernel(BracketArgs b) {
     if (store && __any_sync(0xffffffffu, any)) {
 #pragma unroll
       for (int j = 0; j < V; ++j) {
-        append(b, p, capacity, in[j], to_key<KB>(bits[j]), static_cast<uint32_t>(ch.base + i + j * step));
+        append<KB>(b, p, capacity, in[j], to_key<KB>(bits[j]), static_cast<uint32_t>(ch.base + i + j * step));
       }
     }
   };
@@ -223,11 +235,11 @@ __global__ void __launch_bounds__(kThreads) fused_kernel(BracketArgs b) {
     const bool valid = g < groups;
     const uint4 q = valid ? __ldcs(vec + g) : make_uint4(0u, 0u, 0u, 0u);
     const uint32_t words[4] = {q.x, q.y, q.z, q.w};
-    uint32_t bits[V];
+    Key<KB> bits[V];
     bool ok[V];
 #pragma unroll
     for (int j = 0; j < V; ++j) {
-      bits[j] = V == 4 ? words[j] : (words[j / 2] >> (16 * (j % 2))) & 0xFFFFu;
+      bits[j] = unpack<KB>(words, j);
       ok[j] = valid;
     }
     visit(bits, ok, ch.start + g * V, 1);
@@ -235,7 +247,7 @@ __global__ void __launch_bounds__(kThreads) fused_kernel(BracketArgs b) {
   constexpr int64_t kStep = static_cast<int64_t>(kThreads) * V;
   for (int64_t i0 = ch.start + groups * V; i0 < ch.end; i0 += kStep) {
     const int64_t i = i0 + threadIdx.x;
-    uint32_t bits[V];
+    Key<KB> bits[V];
     bool ok[V];
 #pragma unroll
     for (int j = 0; j < V; ++j) {
@@ -265,15 +277,16 @@ __global__ void __launch_bounds__(kThreads) finish_level_kernel(BracketArgs b, i
   __shared__ uint32_t hist[kBins];
   const int G = b.finish_blocks;
   const int p = static_cast<int>(blockIdx.x / G), g = static_cast<int>(blockIdx.x % G);
-  if (outcome(b, p) != Outcome::kBuffered) return;
+  if (outcome<KB>(b, p) != Outcome::kBuffered) return;
   const int64_t slot = static_cast<int64_t>(p) * (L + 1) + level;
-  uint32_t lo = level == 0 ? b.lo[p] : b.range[2 * slot];
-  uint32_t hi = level == 0 ? b.hi[p] : b.range[2 * slot + 1];
+  Key<KB>* range = keys<KB>(b.range);
+  Key<KB> lo = level == 0 ? keys<KB>(b.lo)[p] : range[2 * slot];
+  Key<KB> hi = level == 0 ? keys<KB>(b.hi)[p] : range[2 * slot + 1];
   const int64_t rank = level == 0 ? b.ks[p] - static_cast<int64_t>(b.above[p]) : b.rank[slot];
   if (lo == hi) {  // solved at an earlier level (never at level 0: a buffered bracket has lo < hi)
     if (g == 0 && threadIdx.x == 0) {
-      b.range[2 * slot + 2] = lo;
-      b.range[2 * slot + 3] = hi;
+      range[2 * slot + 2] = lo;
+      range[2 * slot + 3] = hi;
       b.rank[slot + 1] = rank;
     }
     return;
@@ -282,15 +295,15 @@ __global__ void __launch_bounds__(kThreads) finish_level_kernel(BracketArgs b, i
   const int blocks = (m + kFinishPerBlock - 1) / kFinishPerBlock;
   if (g >= blocks) return;
   const int shift = bise_bracket::digit_shift(lo, hi);
-  const uint32_t span = hi - lo;
+  const Key<KB> span = hi - lo;
   for (int i = threadIdx.x; i < kBins; i += kThreads) hist[i] = 0;
   __syncthreads();
-  const uint32_t* keys = b.buffer_key + b.buffer_first[p];
+  const Key<KB>* buffer = keys<KB>(b.buffer_key) + b.buffer_first[p];
   const int end = min(m, (g + 1) * kFinishPerBlock);
   for (int i0 = g * kFinishPerBlock; i0 < end; i0 += kThreads) {
     const int i = i0 + threadIdx.x;
-    const uint32_t d = i < end ? keys[i] - lo : span + 1u;
-    count_bin(hist, i < end && d <= span, d >> shift);
+    const Key<KB> d = i < end ? buffer[i] - lo : span + 1u;
+    count_bin(hist, i < end && d <= span, static_cast<uint32_t>(d >> shift));
   }
   __syncthreads();
   int32_t* row = b.hist + (static_cast<int64_t>(p) * L + level) * kBins;
@@ -301,8 +314,8 @@ __global__ void __launch_bounds__(kThreads) finish_level_kernel(BracketArgs b, i
   const Pick pk = pick_digit<true>(row, rank);
   if (threadIdx.x != 0) return;
   bise_bracket::narrow(lo, hi, pk.digit, shift);
-  b.range[2 * slot + 2] = lo;
-  b.range[2 * slot + 3] = hi;
+  range[2 * slot + 2] = lo;
+  range[2 * slot + 3] = hi;
   b.rank[slot + 1] = rank - pk.above;
 }
 
@@ -315,19 +328,19 @@ __global__ void __launch_bounds__(kThreads) finish_tie_kernel(BracketArgs b) {
   const SelectArgs& a = b.radix;
   const int G = b.finish_blocks;
   const int p = static_cast<int>(blockIdx.x / G), g = static_cast<int>(blockIdx.x % G);
-  const Outcome o = outcome(b, p);
+  const Outcome o = outcome<KB>(b, p);
   if (o == Outcome::kMissed) return;
-  uint32_t thr;
+  Key<KB> thr;
   int64_t need;
   const int32_t* ties;
   if (o == Outcome::kSingle) {
     if (g != 0) return;
-    thr = b.lo[p];
+    thr = keys<KB>(b.lo)[p];
     need = b.ks[p] - static_cast<int64_t>(b.above[p]);
     ties = b.inside_chunk;
   } else {
     const int64_t slot = static_cast<int64_t>(p) * (L + 1) + L;
-    thr = b.range[2 * slot];
+    thr = keys<KB>(b.range)[2 * slot];
     need = b.rank[slot];
     const int m = b.buffer_count[p];
     const int blocks = (m + kFinishPerBlock - 1) / kFinishPerBlock;
@@ -336,7 +349,7 @@ __global__ void __launch_bounds__(kThreads) finish_tie_kernel(BracketArgs b) {
     const int end = min(m, (g + 1) * kFinishPerBlock);
     for (int i0 = g * kFinishPerBlock; i0 < end; i0 += kThreads) {
       const int i = i0 + threadIdx.x;
-      const bool tie = i < end && b.buffer_key[first + i] == thr;
+      const bool tie = i < end && keys<KB>(b.buffer_key)[first + i] == thr;
       const int64_t c = tie ? chunk_of(a, p, b.buffer_index[first + i]) : 0;
       count_bin(b.tie_chunk, tie, static_cast<uint32_t>(c));
     }
@@ -345,7 +358,7 @@ __global__ void __launch_bounds__(kThreads) finish_tie_kernel(BracketArgs b) {
   }
   const int64_t cut = cut_from_chunks<KB>(a, ties, p, thr, need);
   if (threadIdx.x != 0) return;
-  a.threshold_bits[p] = key_to_bits<KB>(thr);
+  static_cast<Bits<KB>*>(a.threshold_bits)[p] = key_to_bits<KB>(thr);
   a.cut[p] = cut;
   b.solved[p] = 1;
 }
@@ -358,12 +371,12 @@ __global__ void __launch_bounds__(kThreads) mask_inside_kernel(BracketArgs b) {
   const SelectArgs& a = b.radix;
   const int G = b.finish_blocks;
   const int p = static_cast<int>(blockIdx.x / G), g = static_cast<int>(blockIdx.x % G);
-  if (outcome(b, p) != Outcome::kBuffered) return;
-  const uint32_t thr = b.range[2 * (static_cast<int64_t>(p) * (L + 1) + L)];
+  if (outcome<KB>(b, p) != Outcome::kBuffered) return;
+  const Key<KB> thr = keys<KB>(b.range)[2 * (static_cast<int64_t>(p) * (L + 1) + L)];
   const int64_t cut = a.cut[p], first = b.buffer_first[p], C = a.num_chunks;
   const int m = b.buffer_count[p];
   for (int i = g * kThreads + threadIdx.x; i < m; i += G * kThreads) {
-    const uint32_t key = b.buffer_key[first + i];
+    const Key<KB> key = keys<KB>(b.buffer_key)[first + i];
     const int64_t flat = b.buffer_index[first + i], c = chunk_of(a, p, flat);
     reinterpret_cast<bool*>(b.mask_addr[c])[flat - a.table[3 * C + c]] = key > thr || (key == thr && flat < cut);
   }
@@ -375,12 +388,12 @@ template <int KB>
 __global__ void __launch_bounds__(kThreads) mask_rest_kernel(BracketArgs b) {
   const SelectArgs& a = b.radix;
   const Chunk ch = load_chunk(a, blockIdx.x);
-  if (outcome(b, ch.prob) == Outcome::kBuffered) return;
-  const uint32_t thr = to_key<KB>(static_cast<uint32_t>(a.threshold_bits[ch.prob]));
+  if (outcome<KB>(b, ch.prob) == Outcome::kBuffered) return;
+  const Key<KB> thr = to_key<KB>(static_cast<Key<KB>>(static_cast<const Bits<KB>*>(a.threshold_bits)[ch.prob]));
   const int64_t cut = a.cut[ch.prob];
   bool* mask = reinterpret_cast<bool*>(b.mask_addr[blockIdx.x]);
   for (int64_t i = ch.start + threadIdx.x; i < ch.end; i += kThreads) {
-    const uint32_t key = key_at<KB>(ch.src, i);
+    const Key<KB> key = key_at<KB>(ch.src, i);
     mask[i] = key > thr || (key == thr && ch.base + i < cut);
   }
 }
@@ -407,6 +420,7 @@ cudaError_t launch_bracket(const BracketArgs& b, cudaStream_t stream) {
 
 extern "C" cudaError_t bise_bracket_select_launch(const bise_select::BracketArgs* args, cudaStream_t stream) {
   if (args->radix.num_chunks == 0) return cudaSuccess;
-  return args->radix.key_bits == 32 ? bise_select::launch_bracket<32>(*args, stream)
-                                    : bise_select::launch_bracket<16>(*args, stream);
+  return args->radix.key_bits == 64   ? bise_select::launch_bracket<64>(*args, stream)
+         : args->radix.key_bits == 32 ? bise_select::launch_bracket<32>(*args, stream)
+                                      : bise_select::launch_bracket<16>(*args, stream);
 }

@@ -5,6 +5,8 @@
 
 #include <cub/block/block_scan.cuh>
 
+#include <type_traits>
+
 #include "../select_bracket.h"
 #include "select.h"
 
@@ -21,6 +23,23 @@ template <>
 struct Raw<16> {
   using type = uint16_t;
 };
+template <>
+struct Raw<64> {
+  using type = uint64_t;
+};
+
+// The key of a KB-bit float: a 32-bit word for 16- and 32-bit floats (their code is as before
+// float64), a 64-bit one for float64; and the threshold's raw bits as the binding views them.
+template <int KB>
+using Key = std::conditional_t<KB == 64, uint64_t, uint32_t>;
+template <int KB>
+using Bits = std::conditional_t<KB == 64, int64_t, int32_t>;
+
+// The workspace's arrays of keys (select.h: void*) as Key<KB>.
+template <int KB>
+__device__ __forceinline__ Key<KB>* keys(void* p) {
+  return static_cast<Key<KB>*>(p);
+}
 
 // MSB-first digits of kRadixBits of a KB-bit key: level l covers bits [level_shift, level_hi).
 template <int KB>
@@ -33,32 +52,35 @@ __host__ __device__ constexpr int level_shift(int kb, int l) {
   return level_hi(kb, l) > kRadixBits ? level_hi(kb, l) - kRadixBits : 0;
 }
 
-__device__ __forceinline__ uint32_t digit_of(uint32_t key, int kb, int l) {
+template <typename K>
+__device__ __forceinline__ uint32_t digit_of(K key, int kb, int l) {
   const int hi = level_hi(kb, l), shift = level_shift(kb, l);
-  return (key >> shift) & ((1u << (hi - shift)) - 1u);
+  return static_cast<uint32_t>(key >> shift) & ((1u << (hi - shift)) - 1u);
 }
 
-__device__ __forceinline__ bool matches(uint32_t key, uint32_t prefix, int hi) {
-  return hi >= 32 || (key >> hi) == (prefix >> hi);
+// Whether key and prefix agree on their bits from bit `hi` up.
+template <typename K>
+__device__ __forceinline__ bool matches(K key, K prefix, int hi) {
+  return hi >= static_cast<int>(8 * sizeof(K)) || (key >> hi) == (prefix >> hi);
 }
 
 // Raw float bits -> unsigned key with the float's order (-0.0 as +0.0): csrc/select_bracket.h.
 template <int KB>
-__device__ __forceinline__ uint32_t to_key(uint32_t bits) {
+__device__ __forceinline__ Key<KB> to_key(Key<KB> bits) {
   return bise_bracket::to_key(static_cast<typename Raw<KB>::type>(bits));
 }
 
-// Inverse of to_key, as int32 (16-bit floats sign-extended, as the binding expects).
+// Inverse of to_key, as Bits<KB> (16-bit floats sign-extended, as the binding expects).
 template <int KB>
-__device__ __forceinline__ int32_t key_to_bits(uint32_t key) {
+__device__ __forceinline__ Bits<KB> key_to_bits(Key<KB> key) {
   const auto bits = bise_bracket::from_key(static_cast<typename Raw<KB>::type>(key));
-  return KB == 32 ? static_cast<int32_t>(bits) : static_cast<int32_t>(static_cast<int16_t>(bits));
+  return KB == 16 ? static_cast<Bits<KB>>(static_cast<int16_t>(bits)) : static_cast<Bits<KB>>(bits);
 }
 
 // The largest key of KB bits (no finite float has it: it is a NaN's).
 template <int KB>
-__device__ __forceinline__ uint32_t max_key() {
-  return KB == 32 ? 0xFFFFFFFFu : 0xFFFFu;
+__device__ __forceinline__ Key<KB> max_key() {
+  return static_cast<typename Raw<KB>::type>(~typename Raw<KB>::type(0));
 }
 
 // Whether a key is a NaN's or an infinity's (the finiteness check; SelectArgs::finite_lo).
@@ -86,7 +108,7 @@ __device__ __forceinline__ Chunk load_chunk(const SelectArgs& a, int64_t c) {
 }
 
 template <int KB>
-__device__ __forceinline__ uint32_t key_at(const void* src, int64_t i) {
+__device__ __forceinline__ Key<KB> key_at(const void* src, int64_t i) {
   return to_key<KB>(static_cast<const typename Raw<KB>::type*>(src)[i]);
 }
 
@@ -153,7 +175,7 @@ __device__ Pick pick_digit(const T* row, int64_t krem) {
 // from per-chunk tie counts (complete for the problem's chunks): a prefix over the counts finds
 // the chunk, a scan of that chunk finds the tie.
 template <int KB>
-__device__ int64_t cut_from_chunks(const SelectArgs& a, const int32_t* tie_count, int prob, uint32_t thr,
+__device__ int64_t cut_from_chunks(const SelectArgs& a, const int32_t* tie_count, int prob, Key<KB> thr,
                                    int64_t need) {
   using Scan = cub::BlockScan<int64_t, kThreads>;
   __shared__ typename Scan::TempStorage tmp;

@@ -17,7 +17,7 @@ def adversarial_inputs(n: int, dtype: torch.dtype, seed: int = 0) -> dict[str, t
     finfo = torch.finfo(dtype)
     random = torch.randn(n, generator=g).to(dtype)
     zeros = torch.where(torch.rand(n, generator=g) < 0.5, torch.tensor(-0.0), torch.tensor(0.0)).to(dtype)
-    denormal = (torch.randint(-3, 4, (n,), generator=g).float() * finfo.smallest_normal / 4).to(dtype)
+    denormal = (torch.randint(-3, 4, (n,), generator=g).double() * finfo.smallest_normal / 4).to(dtype)
     huge = torch.where(torch.rand(n, generator=g) < 0.5, -1.0, 1.0).to(dtype) * finfo.max
     huge[::3] = 0
     return {

@@ -61,24 +61,28 @@ def test_hint_speeds_up_but_never_changes_the_result(kernels, algo, dtype):
     check_hints(kernels, DEVICE, x, 120_000)
 
 
-def test_stale_hint_inside_the_cold_bracket_misses_the_warm_one(kernels, algo):
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_stale_hint_inside_the_cold_bracket_misses_the_warm_one(kernels, algo, dtype):
     """A hint 3000 ranks off: inside the cold bracket (~5800 ranks either side for 300 k scores),
     outside the warm one (~600): the bracket select misses and falls back to the radix select."""
-    x = torch.randn(300_000, generator=torch.Generator().manual_seed(8))
+    x = torch.randn(300_000, generator=torch.Generator().manual_seed(8)).to(dtype)
     k = 120_000
     stale = torch.sort(x, descending=True).values[k - 1 + 3000]
     got = kernels["topk_select"]([x.to(DEVICE)], k, stale.to(DEVICE))
     assert_same_selection(got, ref.topk_select([x], k), "stale hint")
 
 
-def test_ties_at_the_cut_overflow_the_buffer(kernels, algo):
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_ties_at_the_cut_overflow_the_buffer(kernels, algo, dtype):
     """40% of the scores equal the threshold, which is a bracket end: the bracket holds rank k but
-    its candidates overflow the buffer (the fallback); every k through the tie group."""
-    x = torch.randn(500_000, generator=torch.Generator().manual_seed(9))
-    x[::5] = 1.0
-    x[1::5] = 1.0
-    above = int((x > 1.0).sum())
+    its candidates overflow the buffer (the fallback); every k through the tie group, also under a
+    hint at the threshold (the hinted pass resolves every level, or float64's first 5 of 6)."""
+    x = torch.randn(500_000, generator=torch.Generator().manual_seed(9)).to(dtype)
+    x[::5] = 0.3
+    x[1::5] = 0.3
+    above = int((x > 0.3).sum())
     check_list(kernels, DEVICE, [x], (above + 1, above + 12_345, above + 200_000))
+    check_list(kernels, DEVICE, [x], (above + 12_345,), hint=torch.tensor(0.3, dtype=dtype))
 
 
 def test_global_and_batched_selection_over_several_chunks(kernels, algo):
@@ -90,11 +94,13 @@ def test_global_and_batched_selection_over_several_chunks(kernels, algo):
     ks = [75_000, 4, 33, 1, 12_345]
     check_batched(kernels, DEVICE, layers, ks)
     check_batched(kernels, DEVICE, layers, ks, hints=torch.tensor([0.0, 0.0, 1.0, 9.0, 0.8]))
-    halves = [t.half() for t in layers]
-    check_batched(kernels, DEVICE, halves, ks, hints=torch.tensor([0.0, 0.0, 1.0, 9.0, 0.8]).half())
+    for dtype in (torch.float16, torch.float64):
+        check_list(kernels, DEVICE, [t.to(dtype) for t in tensors], (1, 20_000))
+        check_batched(kernels, DEVICE, [t.to(dtype) for t in layers], ks,
+                      hints=torch.tensor([0.0, 0.0, 1.0, 9.0, 0.8]).to(dtype))
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
 def test_unaligned_views_take_the_scalar_loads(kernels, algo, dtype):
     """Scores starting 1 and 3 elements past a 16-byte boundary on the device (no 128-bit loads)."""
     g = torch.Generator().manual_seed(10)
@@ -126,6 +132,7 @@ def test_non_contiguous_scores_and_keep_mask_over_several_blocks(kernels, algo):
     x = torch.randint(-2, 3, (50, 41), generator=g).float()
     x[0, :7] = -0.0
     check_keep_mask(kernels, DEVICE, x, 900, offset=13)
+    check_keep_mask(kernels, DEVICE, x.double(), 900, offset=13)
 
 
 def test_unknown_algorithm_is_refused(kernels, monkeypatch):

@@ -1,4 +1,5 @@
-"""The CUDA selects (csrc/cuda/select*.cu) on the CPU, against the reference backend, bit for bit.
+"""The CUDA selects (csrc/cuda/select*.cu) and keep_mask on the CPU, against the reference backend,
+bit for bit.
 
 No GPU is needed: the kernels are compiled by g++ against a small CUDA emulation
 (select_cuda_emu/emu.h: blocks one after another, the threads of a block as fibers that meet at
@@ -28,8 +29,8 @@ EMU = Path(__file__).resolve().parent / "select_cuda_emu"
 CXX = shutil.which("g++")
 ALGOS = {"radix": 0, "bracket": 1, "bracket-miss": 2, "bracket-overflow": 3}
 MISSED, SINGLE, BUFFERED, OVERFLOWED = 0, 1, 2, 3
-VIEW = {torch.float32: torch.int32, torch.float16: torch.int16, torch.bfloat16: torch.int16}
-INF_BITS = {torch.float32: 0x7F800000, torch.float16: 0x7C00, torch.bfloat16: 0x7F80}
+VIEW = {torch.float64: torch.int64, torch.float32: torch.int32, torch.float16: torch.int16, torch.bfloat16: torch.int16}
+INF_BITS = {torch.float64: 0x7FF0000000000000, torch.float32: 0x7F800000, torch.float16: 0x7C00, torch.bfloat16: 0x7F80}
 
 pytestmark = pytest.mark.skipif(CXX is None or sys.platform != "linux" or platform.machine() != "x86_64",
                                 reason="the CUDA emulation needs g++ on Linux x86-64")
@@ -79,26 +80,28 @@ class Runs:
         topk_keep_mask's masks (bracket algorithms, one problem), compared with the reference's."""
         dtype = tensors[0].dtype
         problems = [[t] for t in tensors] if len(ks) > 1 else [list(tensors)]
-        self.words += [32 if dtype == torch.float32 else 16, ALGOS[algo], INF_BITS[dtype], shift, int(masks),
-                       len(problems)]
+        self.words += [8 * dtype.itemsize, ALGOS[algo], INF_BITS[dtype], shift, int(masks), len(problems)]
         for p, (group, k) in enumerate(zip(problems, ks)):
             hint = None if hints is None else hints.reshape(-1)[p].to(dtype)
             self.words += [k, hint is not None, 0 if hint is None else self._bits(hint.reshape(1))[0], len(group)]
             for t in group:
                 self.words += [t.numel(), *self._bits(t)]
         if nonfinite:
-            self.want += [(algo, p, None, None) for p in range(len(problems))]
+            self.want += [(algo, p, None, None, None, None) for p in range(len(problems))]
         else:
             thr, cut = ref.batched_topk_select(tensors, ks) if len(ks) > 1 else ref.topk_select(tensors, ks[0])
-            for p, (t, c) in enumerate(zip(thr.reshape(-1), cut.reshape(-1))):
-                self.want.append((algo, p, int(self._bits(t.reshape(1))[0]), int(c)))
+            for p, (group, t, c) in enumerate(zip(problems, thr.reshape(-1), cut.reshape(-1))):
+                flat = torch.cat([x.reshape(-1) for x in group])
+                kept = torch.arange(1, flat.numel() + 1)[ref.keep_mask(flat, t, c)]  # flat index + 1 of each kept entry
+                keep = (kept.numel(), int((kept * kept).sum()))
+                self.want.append((algo, p, int(self._bits(t.reshape(1))[0]), int(c), *keep))
         self.masks.append(ref.topk_keep_mask(tensors, ks[0]) if masks else [])
         self.count += 1
 
     def _problem_counts(self) -> list[int]:
         """The number of problems of each call, in order."""
         counts = []
-        for algo, p, _, _ in self.want:
+        for algo, p, *_ in self.want:
             if p == 0:
                 counts.append(0)
             counts[-1] += 1
@@ -107,7 +110,7 @@ class Runs:
     @staticmethod
     def _bits(t: torch.Tensor) -> list[int]:
         view = t.contiguous().reshape(-1).view(VIEW[t.dtype]).to(torch.int64)
-        return (view & (0xFFFFFFFF if t.dtype == torch.float32 else 0xFFFF)).tolist()
+        return (view if t.dtype == torch.float64 else view & (1 << 8 * t.dtype.itemsize) - 1).tolist()
 
     def run(self, harness, tmp_path):
         (tmp_path / "in.bin").write_bytes(torch.tensor([self.count] + self.words, dtype=torch.int64).numpy().tobytes())
@@ -116,32 +119,37 @@ class Runs:
         assert done.returncode == 0, done.stderr[-4000:]
         words = torch.frombuffer(bytearray((tmp_path / "out.bin").read_bytes()), dtype=torch.int64)
         rows, at = [], 0
-        for p0, masks in zip(self._problem_counts(), self.masks):
-            rows += words[at:at + 4 * p0].reshape(-1, 4).tolist()
-            at += 4 * p0
+        for problems, masks in zip(self._problem_counts(), self.masks):
+            rows += words[at:at + 6 * problems].reshape(-1, 6).tolist()
+            at += 6 * problems
             for want in masks:
                 got = words[at:at + want.numel()].reshape(want.shape).bool()
                 assert torch.equal(got, want), ("mask", len(rows), int((got != want).sum()))
                 at += want.numel()
         assert at == words.numel() and len(rows) == len(self.want)
         paths = {}
-        for i, ((algo, p, thr, cut), (got_thr, got_cut, path, flag)) in enumerate(zip(self.want, rows)):
+        for i, ((algo, p, thr, cut, kept, index_sum), (got_thr, got_cut, path, *got_keep, flag)) in enumerate(
+                zip(self.want, rows)):
             assert flag == (thr is None), (i, algo, p, "non-finite flag", flag)
             if thr is None:
                 continue
             assert (got_thr, got_cut) == (thr, cut), (algo, p, (got_thr, got_cut), (thr, cut))
             assert path != 100, (algo, p, "solved flag disagrees with the bracket's outcome")
+            assert got_keep == [kept, index_sum], (algo, p, "keep_mask", got_keep, (kept, index_sum))
             paths.setdefault(algo, set()).add(path)
         return paths
 
 
 def _hints(x: torch.Tensor, k: int) -> list:
-    """No hint, the exact threshold, one 1% of the ranks off (stale)."""
+    """No hint, the exact threshold, its bits plus 2^(bits / 5) (the hinted pass resolves the high
+    digits and misses a low one: float64's 5th of 6), one 1% of the ranks off (stale)."""
     order = torch.sort(x.reshape(-1), descending=True).values
-    return [None, order[k - 1], order[min(x.numel() - 1, k - 1 + max(3, x.numel() // 100))]]
+    bits = order[k - 1].reshape(1).view(VIEW[x.dtype])
+    near = (bits + (1 << 8 * x.dtype.itemsize // 5)).view(x.dtype)[0]
+    return [None, order[k - 1], near, order[min(x.numel() - 1, k - 1 + max(3, x.numel() // 100))]]
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float64], ids=str)
 def test_adversarial_inputs_hints_and_batches(harness, tmp_path, dtype):
     runs = Runs()
     n = 300
@@ -163,24 +171,33 @@ def test_adversarial_inputs_hints_and_batches(harness, tmp_path, dtype):
     assert paths["bracket-miss"] == {MISSED}
 
 
-def test_several_chunks_lists_overflow_and_finishing_blocks(harness, tmp_path):
-    """Lists over several 16384-element chunks, 40% ties at the threshold (the buffer overflows),
-    and a buffer of more than 4096 candidates (several blocks per finishing level)."""
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+def test_several_chunks_lists_overflow_and_finishing_blocks(harness, tmp_path, dtype):
+    """Lists over several 16384-element chunks (also all tied, +-0.0), 40% ties at the threshold
+    (the buffer overflows, also under a hint at the threshold), and a buffer of more than 4096
+    candidates (several blocks per finishing level)."""
     runs = Runs()
     g = torch.Generator().manual_seed(6)
     tensors = [torch.randn(20_000, generator=g), torch.randint(0, 3, (7,), generator=g).float(),
                torch.zeros(5), torch.randn(17_000, generator=g)[1:]]
+    tensors = [t.to(dtype) for t in tensors]
     total = sum(t.numel() for t in tensors)
     for k in (1, 100, total // 2, total):
         for algo in ALGOS:
             runs.add(algo, tensors, [k])
-    ties = torch.randn(20_000, generator=g)
-    ties[::5] = 1.0
-    ties[1::5] = 1.0
-    above = int((ties > 1.0).sum())
+    tied = [torch.zeros(300, dtype=dtype), torch.full((50,), -0.0, dtype=dtype), torch.zeros(20_000, dtype=dtype)]
+    for k in (1, 320, 10_000):  # the cut in each tensor: keep_mask's offsets
+        for algo in ALGOS:
+            runs.add(algo, tied, [k])
+    ties = torch.randn(20_000, generator=g).to(dtype)
+    ties[::5] = 0.3  # low digits not 0
+    ties[1::5] = 0.3
+    above = int((ties > 0.3).sum())
     for algo in ALGOS:
-        runs.add(algo, [ties], [above + 1])
-    big = torch.randn(150_000, generator=g)
+        for k in (above + 1, above + 5000):
+            runs.add(algo, [ties], [k])
+            runs.add(algo, [ties], [k], torch.tensor(0.3, dtype=dtype))
+    big = torch.randn(150_000, generator=g).to(dtype)
     for hint in _hints(big, 60_000):
         runs.add("bracket", [big], [60_000], hint)
     paths = runs.run(harness, tmp_path)
@@ -188,7 +205,7 @@ def test_several_chunks_lists_overflow_and_finishing_blocks(harness, tmp_path):
     assert paths["bracket-overflow"] <= {SINGLE, OVERFLOWED, MISSED}
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float64], ids=str)
 def test_the_first_pass_flags_nan_and_inf_anywhere(harness, tmp_path, dtype):
     """The finiteness flag of both selects (radix: the level-0 or hinted pass; bracket: the fused
     pass; and the fallbacks): a NaN or inf as the first or last element, in the 128-bit groups, in
@@ -223,7 +240,7 @@ def test_topk_keep_mask_on_every_path_of_the_bracket_select(harness, tmp_path):
     problems (the fused pass writes key > hi, mask_inside_kernel the buffer's entries), single value,
     missed and overflowed (mask_rest_kernel), lists over several chunks, unaligned tensors, hints."""
     runs = Runs()
-    for dtype in (torch.float32, torch.bfloat16, torch.float16):
+    for dtype in (torch.float32, torch.bfloat16, torch.float16, torch.float64):
         for x in adversarial_inputs(300, dtype, seed=11).values():
             for k in (1, 150, 300):
                 for algo in ("bracket", "bracket-miss", "bracket-overflow"):

@@ -3,14 +3,17 @@
 // compares the output with the reference backend. The chunk table and the workspaces are laid out
 // as in csrc/cuda/select_binding.cpp.
 //
-// Input (int64 words): runs; per run: key_bits, algorithm (0 radix, 1 bracket, 2 bracket-miss,
-// 3 bracket-overflow), the bits of +inf in the dtype, shift (each tensor starts that many elements
-// into its allocation: 1 makes it unaligned for 128-bit loads), masks (1: topk_keep_mask's masks,
-// bracket algorithms only), problems; per problem: k, has_hint, hint bits, tensors; per tensor:
-// numel, then numel words of raw bits. Output per run and problem: threshold bits, cut, path
-// (bracket algorithms: 0 missed, 1 single value, 2 buffered, 3 overflowed; radix: -1), the run's
-// non-finite flag; then, with masks, numel words (0 / 1) per tensor.
+// Input (int64 words): runs; per run: key_bits (16, 32, 64), algorithm (0 radix, 1 bracket,
+// 2 bracket-miss, 3 bracket-overflow), the bits of +inf in the dtype, shift (each tensor starts
+// that many elements into its allocation: 1 makes it unaligned for 128-bit loads), masks (1:
+// topk_keep_mask's masks, bracket algorithms only), problems; per problem: k, has_hint, hint bits,
+// tensors; per tensor: numel, then numel words of raw bits. Output per run and problem: threshold
+// bits, cut, path (bracket algorithms: 0 missed, 1 single value, 2 buffered, 3 overflowed; radix:
+// -1), of the keep_mask kernel run on each of its tensors with that selection: the entries kept
+// and the sum of (flat index + 1)^2 over them, and the run's non-finite flag; then, with masks,
+// numel words (0 / 1) per tensor.
 #include <cstdio>
+#include <cstring>
 #include <fstream>
 #include <memory>
 #include <vector>
@@ -25,31 +28,43 @@ namespace {
 
 struct Problem {
   int64_t k, has_hint, hint;
-  std::vector<std::vector<uint32_t>> tensors;
+  std::vector<std::vector<uint64_t>> tensors;
 };
+
+// The low kb bits of each of `words`, packed as kb-bit floats (x86-64 is little-endian).
+std::vector<char> packed(const std::vector<uint64_t>& words, int kb) {
+  std::vector<char> out(words.size() * kb / 8);
+  for (size_t i = 0; i < words.size(); ++i) std::memcpy(out.data() + i * kb / 8, &words[i], kb / 8);
+  return out;
+}
+
+// Entry p of an array of keys or of threshold bits of width kb (select.h: key_words).
+uint64_t word_at(const void* array, int64_t p, int kb) {
+  return kb == 64 ? static_cast<const uint64_t*>(array)[p] : static_cast<const uint32_t*>(array)[p];
+}
 
 std::vector<int64_t> words;
 size_t pos = 0;
 int64_t next() { return words.at(pos++); }
 
-void run(int kb, int algo, uint32_t inf, int64_t shift, bool with_masks, const std::vector<Problem>& probs,
+void run(int kb, int algo, uint64_t inf, int64_t shift, bool with_masks, const std::vector<Problem>& probs,
          std::vector<int64_t>& out) {
   const int64_t P = static_cast<int64_t>(probs.size());
-  std::vector<std::vector<uint32_t>> wide;    // 32-bit copies, `shift` elements in
-  std::vector<std::vector<uint16_t>> narrow;  // 16-bit copies
-  std::vector<std::unique_ptr<bool[]>> masks;  // per tensor
+  std::vector<std::vector<char>> copies;  // the tensors at width kb, `shift` elements in
+  std::vector<std::unique_ptr<bool[]>> masks;  // per tensor (topk_keep_mask)
   std::vector<int64_t> numels, mask_rows;       // per tensor; per chunk
+  std::vector<std::pair<int64_t, int64_t>> placed;  // per copy: its problem and flat offset there
   std::vector<int64_t> rows[5], first(P + 1, 0), total(P, 0), ks;
   for (int64_t p = 0; p < P; ++p) {
     for (const auto& t : probs[p].tensors) {
-      wide.emplace_back(shift, 0u);
-      wide.back().insert(wide.back().end(), t.begin(), t.end());
-      narrow.emplace_back(wide.back().begin(), wide.back().end());
+      std::vector<uint64_t> shifted(shift, 0);
+      shifted.insert(shifted.end(), t.begin(), t.end());
+      copies.push_back(packed(shifted, kb));
+      placed.emplace_back(p, total[p]);
       const int64_t n = static_cast<int64_t>(t.size());
       masks.emplace_back(new bool[n]());
       numels.push_back(n);
-      const int64_t addr = kb == 32 ? reinterpret_cast<int64_t>(wide.back().data() + shift)
-                                    : reinterpret_cast<int64_t>(narrow.back().data() + shift);
+      const int64_t addr = reinterpret_cast<int64_t>(copies.back().data() + shift * kb / 8);
       for (int64_t start = 0; start < n; start += kChunk) {
         for (auto [row, value] : {std::pair{0, addr}, {1, start}, {2, n}, {3, total[p]}, {4, p}}) rows[row].push_back(value);
         mask_rows.push_back(reinterpret_cast<int64_t>(masks.back().get()));
@@ -65,38 +80,34 @@ void run(int kb, int algo, uint32_t inf, int64_t shift, bool with_masks, const s
   std::vector<int64_t> krem = ks, cut(P, -1);
   const RadixWorkspace radix_layout = radix_workspace(P, C, kb);
   std::vector<int32_t> ws(radix_layout.words, 0);
-  std::vector<uint32_t> buffer_key(P * kCapacity);
+  std::vector<int32_t> buffer_key(P * kCapacity * radix_layout.key_words);
   std::vector<int64_t> buffer_index(P * kCapacity);
-  std::vector<uint32_t> hints32(P);
-  std::vector<uint16_t> hints16(P);
+  std::vector<uint64_t> hint_words(P);
   bool hinted = false;
   for (int64_t p = 0; p < P; ++p) {
-    hints32[p] = static_cast<uint32_t>(probs[p].hint);
-    hints16[p] = static_cast<uint16_t>(probs[p].hint);
+    hint_words[p] = static_cast<uint64_t>(probs[p].hint);
     hinted |= probs[p].has_hint != 0;
   }
+  const std::vector<char> hints = packed(hint_words, kb);
   SelectArgs a{};
   a.table = table.data();
   a.num_chunks = C;
   a.chunk_first = first.data();
   a.num_problems = static_cast<int32_t>(P);
   a.key_bits = kb;
-  a.hints = !hinted ? nullptr : kb == 32 ? static_cast<const void*>(hints32.data()) : hints16.data();
+  a.hints = hinted ? hints.data() : nullptr;
   carve_radix_workspace(a, ws.data(), radix_layout, P);
   a.krem = krem.data();
   a.buffer_key = buffer_key.data();
   a.buffer_index = buffer_index.data();
   a.cut = cut.data();
   a.solved = nullptr;
-  if (kb == 32) {
-    const auto f = bise_bracket::finite_keys(inf);
+  auto set_finite = [&](auto bits) {
+    const auto f = bise_bracket::finite_keys(bits);
     a.finite_lo = f.lo;
     a.finite_span = f.span;
-  } else {
-    const auto f = bise_bracket::finite_keys(static_cast<uint16_t>(inf));
-    a.finite_lo = f.lo;
-    a.finite_span = f.span;
-  }
+  };
+  kb == 64 ? set_finite(inf) : kb == 32 ? set_finite(static_cast<uint32_t>(inf)) : set_finite(static_cast<uint16_t>(inf));
 
   std::vector<int64_t> buffers(P + 1, 0), no_buffers(P + 1, 0);
   for (int64_t p = 0; p < P; ++p) buffers[p + 1] = buffers[p] + bise_bracket::buffer_capacity(total[p], ks[p], kSample);
@@ -106,7 +117,8 @@ void run(int kb, int algo, uint32_t inf, int64_t shift, bool with_masks, const s
   const BracketWorkspace bracket_layout = bracket_workspace(P, C, kb);
   std::vector<int64_t> ws64(bracket_layout.words64, 0);
   std::vector<int32_t> ws32(bracket_layout.words32, 0);
-  std::vector<uint32_t> keys(overflow ? 0 : buffers[P]), index(overflow ? 0 : buffers[P]);
+  std::vector<int32_t> keys(overflow ? 0 : buffers[P] * bracket_layout.key_words);
+  std::vector<uint32_t> index(overflow ? 0 : buffers[P]);
   BracketArgs b{};
   b.radix = a;
   b.ks = ks.data();
@@ -122,20 +134,33 @@ void run(int kb, int algo, uint32_t inf, int64_t shift, bool with_masks, const s
   } else {
     bise_bracket_select_launch(&b, nullptr);
   }
+  std::vector<uint64_t> thr(P);
+  for (int64_t p = 0; p < P; ++p) thr[p] = word_at(a.threshold_bits, p, kb) & (~uint64_t{0} >> (64 - kb));
+  const std::vector<char> thr_bits = packed(thr, kb);
+  std::vector<int64_t> kept(P, 0), index_sum(P, 0);
+  for (size_t c = 0; c < copies.size(); ++c) {
+    const auto [p, base] = placed[c];
+    const int64_t n = static_cast<int64_t>(copies[c].size()) * 8 / kb - shift;
+    std::vector<unsigned char> mask(n, 2);  // 2: an entry the kernel leaves unwritten shows in the sums
+    static_assert(sizeof(bool) == 1, "the mask is read as bytes");
+    bise_keep_mask_launch(copies[c].data() + shift * kb / 8, thr_bits.data() + p * kb / 8, &cut[p], reinterpret_cast<bool*>(mask.data()),
+                          n, base, kb, nullptr);
+    for (int64_t i = 0; i < n; ++i) {
+      kept[p] += mask[i];
+      index_sum[p] += mask[i] * (base + i + 1) * (base + i + 1);
+    }
+  }
   for (int64_t p = 0; p < P; ++p) {
     int64_t path = -1;
     if (algo != 0) {
       const auto above = static_cast<int64_t>(b.above[p]), inside = static_cast<int64_t>(b.inside[p]);
       path = !bise_bracket::hits(above, inside, ks[p]) ? 0
-             : b.lo[p] == b.hi[p]                    ? 1
+             : word_at(b.lo, p, kb) == word_at(b.hi, p, kb) ? 1
              : b.buffer_count[p] <= b.buffer_first[p + 1] - b.buffer_first[p] ? 2 : 3;
       const bool solved = path == 1 || path == 2;
       if ((b.solved[p] != 0) != solved) path = 100;  // the radix fallback must run exactly for the others
     }
-    out.push_back(static_cast<int64_t>(static_cast<uint32_t>(a.threshold_bits[p]) & (kb == 32 ? 0xFFFFFFFFu : 0xFFFFu)));
-    out.push_back(cut[p]);
-    out.push_back(path);
-    out.push_back(*a.nonfinite);
+    out.insert(out.end(), {static_cast<int64_t>(thr[p]), cut[p], path, kept[p], index_sum[p], *a.nonfinite});
   }
   for (size_t t = 0; with_masks && t < masks.size(); ++t) {
     for (int64_t i = 0; i < numels[t]; ++i) out.push_back(masks[t][i] ? 1 : 0);
@@ -157,7 +182,7 @@ int main(int argc, char** argv) {
   std::vector<int64_t> out;
   for (int64_t r = 0, runs = next(); r < runs; ++r) {
     const int kb = static_cast<int>(next()), algo = static_cast<int>(next());
-    const auto inf = static_cast<uint32_t>(next());
+    const auto inf = static_cast<uint64_t>(next());
     const int64_t shift = next();
     const bool with_masks = next() != 0;
     std::vector<Problem> probs(static_cast<size_t>(next()));
@@ -168,7 +193,7 @@ int main(int argc, char** argv) {
       pr.tensors.resize(static_cast<size_t>(next()));
       for (auto& t : pr.tensors) {
         t.resize(static_cast<size_t>(next()));
-        for (auto& v : t) v = static_cast<uint32_t>(next());
+        for (auto& v : t) v = static_cast<uint64_t>(next());
       }
     }
     run(kb, algo, inf, shift, with_masks, probs, out);
