@@ -219,6 +219,8 @@ std::tuple<at::Tensor, at::Tensor> radix_select_cuda(at::TensorList scores, at::
   a.solved = nullptr;
   set_finite_keys(a, dtype);
   const cudaStream_t stream = at::cuda::getCurrentCUDAStream(device.index()).stream();
+  // The masks are new on every call, so their addresses travel through pinned memory (as the Plan
+  // of non-contiguous inputs does): with the bracket select, topk_keep_mask is not for CUDA graphs.
   const at::Tensor mask_addr = masks && algo != Algo::kRadix ? to_device(mask_rows, device) : at::Tensor();
   if (algo == Algo::kRadix) {
     check_cuda(bise_radix_select_launch(&a, stream), op);
