@@ -13,7 +13,9 @@ finite ones, is decided by ``torch.aminmax``) and a ValueError; on other devices
 ``torch.aminmax`` read (NaN propagates into it) and ``torch._assert_async`` (an asynchronous
 device-side assert, reported at the next synchronisation). No n-byte temporary either way.
 Under tracing (torch.compile, torch.export, fake or meta tensors) it is skipped, as the values
-are not known.
+are not known. Scores that go to a select kernel that makes the check itself, in the pass over
+them it makes anyway (registry: ``CHECKS_FINITE``; the "cpp" and "cuda" selects), skip it
+(:func:`check_select_finite`): that saves a read of the scores.
 """
 
 from __future__ import annotations
@@ -132,26 +134,40 @@ def _is_fake(t: torch.Tensor) -> bool:
     return type(t).__name__ in ("FakeTensor", "FunctionalTensor")
 
 
-def check_scores(scores: object, name: str = "scores") -> torch.Tensor:
-    """Non-empty floating scores without NaN / inf (the one value check of a call)."""
+def check_scores(scores: object, name: str = "scores", finite: bool = True) -> torch.Tensor:
+    """Non-empty floating scores without NaN / inf (the one value check of a call, if ``finite``)."""
     check_tensor(scores, name)
     if scores.numel() == 0:
         raise ValueError(f"{name} is empty (shape {tuple(scores.shape)}); top-k needs at least one score")
-    check_finite(scores, name)
+    if finite:
+        check_finite(scores, name)
     return scores
 
 
-def check_score_list(tensors: object, name: str = "scores") -> list[torch.Tensor]:
+def check_score_list(tensors: object, name: str = "scores", finite: bool = True) -> list[torch.Tensor]:
     if isinstance(tensors, torch.Tensor) or not isinstance(tensors, (list, tuple)):
         raise TypeError(f"{name} must be a list of tensors, got {type(tensors).__name__}")
     if len(tensors) == 0:
         raise ValueError(f"{name} is an empty list")
     for i, t in enumerate(tensors):
-        check_scores(t, f"{name}[{i}]")
+        check_scores(t, f"{name}[{i}]", finite)
     first = tensors[0]
     for i, t in enumerate(tensors[1:], start=1):
         check_like(t, first, f"{name}[{i}]", f"{name}[0]")
     return list(tensors)
+
+
+def check_select_finite(tensors: Sequence[torch.Tensor], names: Sequence[str], kernel: str) -> None:
+    """:func:`check_finite` of each of a selection's scores, unless the ``kernel`` that will select
+    them (``"topk_select"``, ``"batched_topk_select"``, ``"topk_keep_mask"``) raises on NaN / inf
+    itself."""
+    from . import backends
+
+    first = tensors[0]
+    if backends.checks_finite(kernel, first.device.type, first.dtype):
+        return
+    for t, name in zip(tensors, names):
+        check_finite(t, name)
 
 
 def check_dim(dim: object, ndim: int) -> int:

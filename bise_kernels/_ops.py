@@ -205,9 +205,33 @@ def _(scores, thr, cut, offset):
     return torch.empty_like(scores, dtype=torch.bool)
 
 
+def _topk_keep_mask(scores: list[Tensor], k: int, hint: Optional[Tensor]) -> list[Tensor]:
+    """The keep masks of the exact top-k over the concatenation, one per tensor. A backend without
+    this kernel (only the reference has it) composes its own ``topk_select`` and ``keep_mask``."""
+    s = scores[0]
+    name, kernel = backends.resolve("topk_keep_mask", s.device.type, s.dtype)
+    if name != "torch":
+        return kernel(scores, k, hint)
+    thr, cut = _kernel("topk_select", s)(scores, k, hint)
+    masks, offset = [], 0
+    for t in scores:
+        masks.append(_kernel("keep_mask", t)(t, thr, cut, offset))
+        offset += t.numel()
+    return masks
+
+
+_topk_keep_mask_op = torch.library.custom_op(f"{LIB}::topk_keep_mask", _topk_keep_mask, mutates_args=())
+
+
+@_topk_keep_mask_op.register_fake
+def _(scores, k, hint):
+    return [torch.empty_like(t, dtype=torch.bool) for t in scores]
+
+
 topk_select = _plain_op(_topk_select_op, _topk_select)
 batched_topk_select = _plain_op(_batched_topk_select_op, _batched_topk_select)
 keep_mask = _plain_op(_keep_mask_op, _keep_mask)
+topk_keep_mask = _plain_op(_topk_keep_mask_op, _topk_keep_mask)
 
 
 def _backward_kernel(name: str) -> Callable:

@@ -22,7 +22,7 @@ def topk_threshold(scores: Tensor, k: int, *, hint: Optional[Tensor] = None) -> 
     ``hint``: a previous threshold (e.g. of the last optimiser step); it can make the
     selection faster and never changes the result.
     """
-    _checks.check_scores(scores)
+    _select_scores(scores, "topk_select")
     k = _checks.check_k(k, scores.numel())
     return _ops.topk_select([scores.detach()], k, _hint(hint, scores))[0]
 
@@ -33,7 +33,7 @@ def topk_select(scores: Union[Tensor, Sequence[Tensor]], k: int, *, hint: Option
     ``scores`` may be a list, selected together as if concatenated (flat indices run on in
     list order). This is the device-side description the masked ops consume.
     """
-    tensors = [_checks.check_scores(scores)] if isinstance(scores, Tensor) else _checks.check_score_list(scores)
+    tensors = _select_scores(scores, "topk_select")
     k = _checks.check_k(k, sum(t.numel() for t in tensors))
     return _ops.topk_select([t.detach() for t in tensors], k, _hint(hint, tensors[0]))
 
@@ -44,33 +44,39 @@ def topk_mask(scores: Tensor, density: float, *, hint: Optional[Tensor] = None) 
     Ties are kept lowest flat index first: the result equals
     ``torch.sort(scores.flatten(), descending=True, stable=True).indices[:k]``.
     """
-    _checks.check_scores(scores)
+    _select_scores(scores, "topk_keep_mask")
     k = _checks.k_from_density(density, scores.numel())
-    thr, cut = _ops.topk_select([scores.detach()], k, _hint(hint, scores))
-    return _ops.keep_mask(scores.detach(), thr, cut, 0)
+    return _ops.topk_keep_mask([scores.detach()], k, _hint(hint, scores))[0]
 
 
 def global_topk_masks(scores: Sequence[Tensor], density: float) -> list[Tensor]:
     """One top-k over all tensors together (never concatenated): a mask per tensor."""
-    tensors = [t.detach() for t in _checks.check_score_list(scores)]
+    tensors = [t.detach() for t in _select_scores(scores, "topk_keep_mask", single=False)]
     k = _checks.k_from_density(density, sum(t.numel() for t in tensors))
-    thr, cut = _ops.topk_select(tensors, k, None)
-    masks, offset = [], 0
-    for t in tensors:
-        masks.append(_ops.keep_mask(t, thr, cut, offset))
-        offset += t.numel()
-    return masks
+    return _ops.topk_keep_mask(tensors, k, None)
 
 
 def layerwise_topk_masks(scores: Sequence[Tensor], density: Union[float, Sequence[float]]) -> list[Tensor]:
     """An independent top-k per tensor (each with its own density), batched into one select."""
-    tensors = [t.detach() for t in _checks.check_score_list(scores)]
+    tensors = [t.detach() for t in _select_scores(scores, "batched_topk_select", single=False)]
     densities = [density] * len(tensors) if _checks.is_real(density) else list(density)
     if len(densities) != len(tensors):
         raise ValueError(f"density has {len(densities)} entries but scores has {len(tensors)} tensors")
     ks = [_checks.k_from_density(d, t.numel()) for d, t in zip(densities, tensors)]
     thrs, cuts = _ops.batched_topk_select(tensors, ks, None)
     return [_ops.keep_mask(t, thrs[i], cuts[i], 0) for i, t in enumerate(tensors)]
+
+
+def _select_scores(scores: object, kernel: str, single: bool = True) -> list[Tensor]:
+    """The checked scores of a selection (a tensor, if ``single``, or a list), as a list. NaN / inf
+    are checked here only if the select ``kernel`` that runs does not check them itself."""
+    if single and isinstance(scores, Tensor):
+        tensors, names = [_checks.check_scores(scores, finite=False)], ["scores"]
+    else:
+        tensors = _checks.check_score_list(scores, finite=False)
+        names = [f"scores[{i}]" for i in range(len(tensors))]
+    _checks.check_select_finite(tensors, names, kernel)
+    return tensors
 
 
 def _hint(hint: Optional[Tensor], scores: Tensor) -> Optional[Tensor]:
@@ -85,13 +91,15 @@ def selection(scores: Tensor, density: Optional[float], threshold: Optional[Unio
               hint: Optional[Tensor] = None) -> tuple[Tensor, Tensor]:
     """``(thr, cut)`` for top-k by ``density`` or for ``scores >= threshold`` (exactly one given).
 
-    The one value check of a call (NaN / inf scores or threshold) happens here.
+    The one value check of a call (NaN / inf scores or threshold) happens here (for top-k, in the
+    select kernel where it makes it).
     """
     _checks.check_mask_spec(density, threshold)
-    _checks.check_scores(scores)
     if density is not None:
+        _select_scores(scores, "topk_select")
         k = _checks.k_from_density(density, scores.numel())
         return _ops.topk_select([scores.detach()], k, _hint(hint, scores))
+    _checks.check_scores(scores)
     return _threshold_selection(scores, threshold)
 
 

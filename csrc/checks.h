@@ -108,6 +108,34 @@ inline void check_keep_mask(const at::Tensor& scores, const at::Tensor& thr, con
   check_selection(scores, thr, cut, op);
 }
 
+// Raw bits of +inf in a float dtype, zero-extended: the selects' finiteness check (finite_keys in
+// csrc/select_bracket.h) derives the key range of finite scores from it.
+inline uint64_t inf_bits(at::ScalarType dtype) {
+  switch (dtype) {
+    case at::kFloat: return 0x7F800000u;
+    case at::kDouble: return 0x7FF0000000000000u;
+    case at::kHalf: return 0x7C00u;
+    case at::kBFloat16: return 0x7F80u;
+    default: TORCH_CHECK(false, "inf_bits: not a float dtype: ", dtype);
+  }
+}
+
+// The selects check finiteness in their pass over the scores; when it found a NaN or inf: a
+// ValueError shaped like bise_kernels/_checks.py's check_finite, naming the first tensor holding
+// one ("scores" for a single tensor, else "scores[i]") and such a value. Only this error path
+// looks at the values again.
+[[noreturn]] inline void fail_non_finite(at::TensorList scores, const char* op) {
+  for (size_t i = 0; i < scores.size(); ++i) {
+    const at::Tensor bad = scores[i].masked_select(scores[i].isfinite().logical_not());
+    if (bad.numel() == 0) continue;
+    const double v = bad.reshape({-1})[0].item<double>();
+    const std::string name = scores.size() == 1 ? "scores" : "scores[" + std::to_string(i) + "]";
+    TORCH_CHECK_VALUE(false, op, ": ", name, " contains non-finite values (e.g. ",
+                      std::isnan(v) ? "nan" : v > 0 ? "inf" : "-inf", "); NaN and inf are not allowed");
+  }
+  TORCH_CHECK(false, op, ": internal error: a non-finite key flagged in finite scores");
+}
+
 // ----------------------------------------------------------------------------- masked layers
 
 // A masked layer's operands; returns whether the scores are per output unit ((out,)).

@@ -13,6 +13,9 @@ TORCH_LIBRARY(bise_kernels_ext, m) {
   m.def("batched_topk_select(Tensor[] scores, int[] ks, Tensor? hints) -> (Tensor, Tensor)");
   // Bool mask of s > thr or (s == thr and offset + flat index < cut).
   m.def("keep_mask(Tensor scores, Tensor thr, Tensor cut, int offset) -> Tensor");
+  // topk_select then keep_mask, one mask per tensor (of its shape): the CPU writes the masks in
+  // the selection's fused pass where that pass holds rank k (csrc/cpu/select.cpp).
+  m.def("topk_keep_mask(Tensor[] scores, int k, Tensor? hint) -> Tensor[]");
   // The fused pass of masked_linear and masked_conv2d (csrc/cpu/masked.cpp, csrc/cuda/masked.cu):
   // W_eff = weight * keep(scores), for weight-shaped or per-output-unit scores.
   m.def("masked_weight(Tensor weight, Tensor scores, Tensor thr, Tensor cut) -> Tensor");

@@ -1,6 +1,7 @@
 // The arithmetic of the sampling-bracket select shared by the CPU select (csrc/cpu/select.cpp) and
 // the CUDA bracket select (csrc/cuda/select_bracket.cu): order-preserving keys, the sample ranks of
-// the cold and warm brackets, the outcome of the fused pass and the radix narrowing of [lo, hi].
+// the cold and warm brackets, the outcome of the fused pass, the radix narrowing of [lo, hi] and the
+// key range of finite scores.
 // Host and device code alike; torch-free. The CPU select's tests (tests/kernels/test_select_cpp.py)
 // cover every function here through the cpp build.
 #pragma once
@@ -38,6 +39,25 @@ BISE_HD U to_key(U bits) {
 template <typename U>
 BISE_HD U from_key(U key) {
   return (key & sign_bit<U>()) ? U(key ^ sign_bit<U>()) : U(~key);
+}
+
+// The keys of finite scores: key - lo <= span; NaN and +-inf keys lie outside (above the key of
+// +inf or at most that of -inf). One subtraction and one compare, as the bracket's "inside" test,
+// so the passes that read every score check finiteness on the way. inf_bits: the bits of +inf.
+template <typename U>
+struct FiniteKeys {
+  U lo, span;
+};
+
+template <typename U>
+BISE_HD FiniteKeys<U> finite_keys(U inf_bits) {
+  const U lo = U(to_key(U(inf_bits | sign_bit<U>())) + 1), hi = U(to_key(inf_bits) - 1);
+  return {lo, U(hi - lo)};
+}
+
+template <typename U>
+BISE_HD bool non_finite(U key, FiniteKeys<U> f) {
+  return U(key - f.lo) > f.span;
 }
 
 // A bracket end as a descending rank (1-based) in a sample of `size` keys, or one of these.

@@ -2,7 +2,10 @@
 
 A backend is a set of modules exporting kernels named as in :mod:`.reference` (the contract).
 A module may declare ``DTYPES``, the dtypes its kernels take (of the tensor an op dispatches on:
-the scores for selection, x for the layers); without it they take every float dtype. Modules
+the scores for selection, x for the layers); without it they take every float dtype. A module may
+declare ``CHECKS_FINITE``, the kernels of its that raise on NaN / inf scores themselves (in a
+pass they make anyway): the API then skips its own finiteness check, an extra read
+(:func:`checks_finite`). Modules
 load lazily on first use; a module that fails to import makes the backend unavailable and
 records why (one log line). "auto" walks a per-device order and takes the first available
 backend that implements the kernel for the dtype, ending at the always-present "torch"
@@ -40,6 +43,7 @@ class Backend:
     modules: tuple[str, ...]
     _kernels: Optional[dict[str, Callable]] = field(default=None, repr=False)
     _dtypes: dict[str, tuple[torch.dtype, ...]] = field(default_factory=dict, repr=False)
+    _checks_finite: set[str] = field(default_factory=set, repr=False)
     why_unavailable: Optional[str] = None
 
     def kernels(self) -> dict[str, Callable]:
@@ -57,6 +61,7 @@ class Backend:
                     found[name] = getattr(module, name)
                     if hasattr(module, "DTYPES"):
                         self._dtypes[name] = tuple(module.DTYPES)
+                self._checks_finite.update(getattr(module, "CHECKS_FINITE", ()))
             if errors and not found:
                 self.why_unavailable = "; ".join(errors)
                 logger.warning("bise_kernels: backend %r unavailable (%s)", self.name, self.why_unavailable)
@@ -196,6 +201,21 @@ def resolve(kernel: str, device_type: str, dtype: Optional[torch.dtype] = None) 
         if backend.runs_on(device_type) and backend.supports(kernel, dtype):
             return candidate, backend.kernels()[kernel]
     return "torch", BACKENDS["torch"].kernels()[kernel]
+
+
+# Kernels that bise_kernels/_ops.py composes from the backend's own where the backend lacks them;
+# the first pass over the scores is then the named kernel's.
+COMPOSED_OF = {"topk_keep_mask": "topk_select"}
+
+
+def checks_finite(kernel: str, device_type: str, dtype: Optional[torch.dtype] = None) -> bool:
+    """Whether the ``kernel`` that :func:`resolve` picks now (or the one it is composed of, where
+    only the reference has it) raises on NaN / inf scores itself."""
+    name, _ = resolve(kernel, device_type, dtype)
+    if name == "torch" and kernel in COMPOSED_OF:
+        kernel = COMPOSED_OF[kernel]
+        name, _ = resolve(kernel, device_type, dtype)
+    return kernel in BACKENDS[name]._checks_finite
 
 
 def kernel_table(name: str) -> dict[str, Callable]:

@@ -55,6 +55,12 @@ def keep_mask(scores: torch.Tensor, thr: torch.Tensor, cut: torch.Tensor, offset
     return _ext.keep_mask(scores, thr, cut, offset)
 
 
+def topk_keep_mask(tensors: Sequence[torch.Tensor], k: int, hint: Optional[torch.Tensor] = None) -> list[torch.Tensor]:
+    """The keep masks of the exact top-k over the concatenation, one per tensor (CPU: written by the
+    selection's fused pass when it holds rank k)."""
+    return _ext.topk_keep_mask(list(tensors), k, hint)
+
+
 # ----------------------------------------------------------------------------- masked layers
 
 

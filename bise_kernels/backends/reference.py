@@ -21,6 +21,10 @@ Kernels (a backend implements any subset; the registry falls back for the rest):
   tensor (layerwise mode), results of shape (L,).
 * ``keep_mask(scores, thr, cut, offset) -> bool``: the mask of the rule above, flat indices
   counted from ``offset``.
+* ``topk_keep_mask(tensors, k, hint) -> [bool]``: ``topk_select`` then ``keep_mask`` of each
+  tensor (offsets running on in list order), in one call, so that a backend can write the masks
+  in its selection's last pass. A backend without it gets the composition of its own
+  ``topk_select`` and ``keep_mask`` (``bise_kernels/_ops.py``).
 * ``masked_linear_forward / masked_linear_backward``, ``masked_conv2d_forward / _backward``,
   ``channel_gate_forward / _backward``: the masked ops. Structured scores (one per output unit)
   use the unit index as flat index. Backward kernels take ``needs`` (which gradients to
@@ -88,6 +92,18 @@ def keep_mask(scores: torch.Tensor, thr: torch.Tensor, cut: torch.Tensor, offset
     ties = scores == thr
     index = torch.arange(scores.numel(), device=scores.device).reshape(scores.shape) + offset
     return above | (ties & (index < cut))
+
+
+def topk_keep_mask(
+    tensors: Sequence[torch.Tensor], k: int, hint: Optional[torch.Tensor] = None
+) -> list[torch.Tensor]:
+    """The keep masks of the exact top-k over the concatenation, one per tensor (of its shape)."""
+    thr, cut = topk_select(tensors, k, hint)
+    masks, offset = [], 0
+    for t in tensors:
+        masks.append(keep_mask(t, thr, cut, offset))
+        offset += t.numel()
+    return masks
 
 
 # ----------------------------------------------------------------------------- estimators
@@ -225,7 +241,7 @@ def channel_gate_backward(grad_y, x, scores, thr, cut, dim, estimator, temperatu
     return gx, gs
 
 
-SELECT_KERNELS = ("topk_select", "batched_topk_select", "keep_mask")
+SELECT_KERNELS = ("topk_select", "batched_topk_select", "keep_mask", "topk_keep_mask")
 MASKED_KERNELS = (
     "masked_linear_forward",
     "masked_linear_backward",

@@ -37,7 +37,8 @@ class GlobalSelection:
     def _select(self, scores: list[Tensor]) -> dict[int, tuple[Tensor, Tensor]]:
         """``(thr, cut)`` per layer (keyed by id), the cut shifted by the layer's offset."""
         for i, s in enumerate(scores):
-            _checks.check_scores(s, f"scores of layer {i}")
+            _checks.check_scores(s, f"scores of layer {i}", finite=False)
+        _checks.check_select_finite(scores, [f"scores of layer {i}" for i in range(len(scores))], "topk_select")
         k = _checks.k_from_density(self.density, sum(s.numel() for s in scores))
         thr, cut = _ops.topk_select([s.detach() for s in scores], k, None)
         result, offset = {}, 0

@@ -143,6 +143,8 @@ __global__ void __launch_bounds__(kThreads) digit_pass_kernel(SelectArgs a, int 
   __syncthreads();
   const bool compact = SPEC || level >= 1;
   const int compact_hi = level_hi(KB, SPEC ? H - 1 : level);
+  const bool first = SPEC || level == 0;  // the first pass reads every score: checks finiteness
+  bool bad = false;
 #pragma unroll 4
   for (int64_t i0 = ch.start; i0 < ch.end; i0 += kThreads) {
     const int64_t i = i0 + threadIdx.x;
@@ -157,7 +159,9 @@ __global__ void __launch_bounds__(kThreads) digit_pass_kernel(SelectArgs a, int 
       count_bin(hist, valid && matches(key, prefix, level_hi(KB, level)), digit_of(key, KB, level));
     }
     if (compact) append<KB>(a, ch.prob, valid && matches(key, prefix, compact_hi), key, ch.base + i);
+    bad |= first && valid && non_finite(a, key);
   }
+  if (bad) *a.nonfinite = 1;
   __syncthreads();
   int32_t* rows = a.hist + static_cast<int64_t>(ch.prob) * 2 * L * kBins + (SPEC ? L : level) * kBins;
   for (int i = threadIdx.x; i < H * kBins; i += kThreads) {

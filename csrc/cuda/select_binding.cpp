@@ -5,6 +5,10 @@
 // launches on the current stream. The chunk table, ks and buffer offsets reach the device once per
 // distinct set of tensors (cached_plan); otherwise nothing waits for the device.
 //
+// The kernels' first pass over the scores flags NaN / inf in a workspace word, on which the
+// binding enqueues a device-side assert (at::_assert_async): the op's finiteness check, with no
+// extra read of the scores and no host synchronisation.
+//
 // The environment variable BISE_SELECT_CUDA, read at every call, picks the algorithm: "radix"
 // (the default, also when unset or empty), "bracket", and for tests "bracket-miss" (every bracket
 // misses) and "bracket-overflow" (no buffer), which force the bracket select's radix fallback.
@@ -33,6 +37,18 @@ using bise_select::kChunk;
 
 // Validated by the shared checks: float64, float32, float16 or bfloat16.
 int key_bits_of(at::ScalarType dtype) { return 8 * static_cast<int>(c10::elementSize(dtype)); }
+
+// The keys of finite scores of `dtype`, for the kernels' finiteness check (SelectArgs::finite_lo).
+void set_finite_keys(bise_select::SelectArgs& a, at::ScalarType dtype) {
+  const uint64_t inf = bise_checks::inf_bits(dtype);
+  auto set = [&](auto bits) {
+    const auto f = bise_bracket::finite_keys(bits);
+    a.finite_lo = f.lo;
+    a.finite_span = f.span;
+  };
+  const int kb = key_bits_of(dtype);
+  kb == 64 ? set(inf) : kb == 32 ? set(static_cast<uint32_t>(inf)) : set(static_cast<uint16_t>(inf));
+}
 
 at::Tensor to_device(const std::vector<int64_t>& values, const at::Device& device) {
   auto host = at::empty({static_cast<int64_t>(values.size())}, at::TensorOptions().dtype(at::kLong).pinned_memory(true));
@@ -98,7 +114,8 @@ void check_cuda(cudaError_t err, const char* what) {
 // The bracket select over the radix select's arguments `a` (its fallback): zeroed workspace and
 // candidate buffers ("bracket-overflow": none, so every non-trivial bracket overflows).
 void launch_bracket(const bise_select::SelectArgs& a, const Plan& plan, const std::vector<int64_t>& buffers,
-                    Algo algo, const at::Device& device, cudaStream_t stream, const char* op) {
+                    Algo algo, const at::Device& device, cudaStream_t stream, const char* op,
+                    const int64_t* mask_addr) {
   const int64_t P = a.num_problems, C = a.num_chunks;
   const bise_select::BracketWorkspace layout = bise_select::bracket_workspace(P, C, a.key_bits);
   const bool overflow = algo == Algo::kBracketOverflow;
@@ -124,14 +141,16 @@ void launch_bracket(const bise_select::SelectArgs& a, const Plan& plan, const st
   b.force_miss = algo == Algo::kBracketMiss;
   b.buffer_key = keys.data_ptr<int32_t>();
   b.buffer_index = reinterpret_cast<uint32_t*>(index.data_ptr<int32_t>());
+  b.mask_addr = mask_addr;
   bise_select::carve_bracket_workspace(b, w64, w32, layout, P, C);
   check_cuda(bise_bracket_select_launch(&b, stream), op);
 }
 
-// One problem per tensor (batched) or one over all tensors (ks has one entry).
+// One problem per tensor (batched) or one over all tensors (ks has one entry). `masks` (one
+// problem): also their keep masks, one per tensor (topk_keep_mask).
 std::tuple<at::Tensor, at::Tensor> radix_select_cuda(at::TensorList scores, at::IntArrayRef ks,
                                                      const std::optional<at::Tensor>& hints, bool batched,
-                                                     const char* op) {
+                                                     const char* op, std::vector<at::Tensor>* masks = nullptr) {
   bise_checks::check_select_scores(scores, op, at::kCUDA);
   bise_checks::check_ks(scores, ks, batched, op, /*max_count=*/(int64_t{1} << 31) - 1);  // int32 counters
   bise_checks::check_hints(hints, ks.size(), batched ? "hints" : "hint", op);
@@ -144,15 +163,18 @@ std::tuple<at::Tensor, at::Tensor> radix_select_cuda(at::TensorList scores, at::
   std::vector<int64_t> rows[5];
   std::vector<int64_t> first(P + 1, 0);
   std::vector<int64_t> total(P, 0);
+  std::vector<int64_t> mask_rows;  // per chunk: its tensor's keep mask (masks only)
   for (size_t i = 0; i < scores.size(); ++i) {
     const auto& t = scores[i];
     flat.push_back(t.contiguous());
+    if (masks) masks->push_back(at::empty(t.sizes(), t.options().dtype(at::kBool)));
     const int64_t p = batched ? static_cast<int64_t>(i) : 0;
     const auto addr = reinterpret_cast<int64_t>(flat.back().data_ptr());
     for (int64_t start = 0; start < t.numel(); start += kChunk) {
       for (auto [row, value] : {std::pair{0, addr}, {1, start}, {2, t.numel()}, {3, total[p]}, {4, p}}) {
         rows[row].push_back(value);
       }
+      if (masks) mask_rows.push_back(reinterpret_cast<int64_t>(masks->back().data_ptr()));
     }
     total[p] += t.numel();
     first[p + 1] = static_cast<int64_t>(rows[0].size());
@@ -195,15 +217,31 @@ std::tuple<at::Tensor, at::Tensor> radix_select_cuda(at::TensorList scores, at::
   a.buffer_index = buffer_index.data_ptr<int64_t>();
   a.cut = cut.data_ptr<int64_t>();
   a.solved = nullptr;
+  set_finite_keys(a, dtype);
   const cudaStream_t stream = at::cuda::getCurrentCUDAStream(device.index()).stream();
+  // The masks are new on every call, so their addresses travel through pinned memory (as the Plan
+  // of non-contiguous inputs does): with the bracket select, topk_keep_mask is not for CUDA graphs.
+  const at::Tensor mask_addr = masks && algo != Algo::kRadix ? to_device(mask_rows, device) : at::Tensor();
   if (algo == Algo::kRadix) {
     check_cuda(bise_radix_select_launch(&a, stream), op);
   } else {
-    launch_bracket(a, plan, buffers, algo, device, stream, op);
+    launch_bracket(a, plan, buffers, algo, device, stream, op,
+                   mask_addr.defined() ? mask_addr.const_data_ptr<int64_t>() : nullptr);
   }
+  // NaN / inf scores, flagged by the first pass: an asynchronous device-side assert (reported at
+  // the next synchronisation, as _checks.check_finite does on a GPU); no host round trip.
+  at::_assert_async(ws.narrow(0, a.nonfinite - w, 1).eq(0), "scores contains NaN or inf");
 
   auto bits = ws.narrow(0, layout.threshold_at, P * layout.key_words);
   auto thr = key_bits == 16 ? bits.to(at::kShort).view(dtype) : bits.view(dtype);
+  if (masks && algo == Algo::kRadix) {  // the radix select's passes write no mask: a keep_mask pass
+    for (size_t i = 0, offset = 0; i < flat.size(); offset += flat[i].numel(), ++i) {
+      check_cuda(bise_keep_mask_launch(flat[i].data_ptr(), thr.data_ptr(), cut.const_data_ptr<int64_t>(),
+                                       (*masks)[i].data_ptr<bool>(), flat[i].numel(), static_cast<int64_t>(offset),
+                                       key_bits, stream),
+                 op);
+    }
+  }
   return {thr, cut};
 }
 
@@ -216,6 +254,14 @@ std::tuple<at::Tensor, at::Tensor> topk_select_cuda(at::TensorList scores, int64
 std::tuple<at::Tensor, at::Tensor> batched_topk_select_cuda(at::TensorList scores, at::IntArrayRef ks,
                                                             const std::optional<at::Tensor>& hints) {
   return radix_select_cuda(scores, ks, hints, /*batched=*/true, "bise_kernels_ext::batched_topk_select");
+}
+
+// topk_select then keep_mask of each tensor; the bracket select writes the masks in its fused
+// pass and over its buffer (select_bracket.cu), the radix select in a keep_mask pass after it.
+std::vector<at::Tensor> topk_keep_mask_cuda(at::TensorList scores, int64_t k, const std::optional<at::Tensor>& hint) {
+  std::vector<at::Tensor> masks;
+  radix_select_cuda(scores, {k}, hint, /*batched=*/false, "bise_kernels_ext::topk_keep_mask", &masks);
+  return masks;
 }
 
 at::Tensor keep_mask_cuda(const at::Tensor& scores, const at::Tensor& thr, const at::Tensor& cut, int64_t offset) {
@@ -239,4 +285,5 @@ TORCH_LIBRARY_IMPL(bise_kernels_ext, CUDA, m) {
   m.impl("topk_select", &topk_select_cuda);
   m.impl("batched_topk_select", &batched_topk_select_cuda);
   m.impl("keep_mask", &keep_mask_cuda);
+  m.impl("topk_keep_mask", &topk_keep_mask_cuda);
 }

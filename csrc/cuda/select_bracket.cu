@@ -8,7 +8,8 @@
 //    inside it gives the narrower warm bracket (32 sample keys either side of the hint).
 // 2. fused_kernel (one block per chunk, 128-bit loads): counts the keys above hi and inside
 //    [lo, hi], per problem and per chunk, and appends the keys inside (key, flat index) to the
-//    problem's buffer (warp-aggregated atomics). A single-value bracket only counts.
+//    problem's buffer (warp-aggregated atomics). A single-value bracket only counts. It also
+//    flags a NaN or inf key (SelectArgs::nonfinite): the op's finiteness check.
 // 3. finish_level_kernel (levels<KB>() launches over the buffers): where the bracket holds rank k
 //    and the buffer did not overflow, radix narrowing of [lo, hi] by 11-bit digits of key - lo,
 //    the last block of a problem (ticket) picking the digit, until lo == hi = the threshold.
@@ -17,6 +18,8 @@
 //    one chunk, writes thr and cut and marks the problem solved.
 // 5. the radix select (select.cu) runs for the problems not solved (bracket missed, buffer
 //    overflowed): its kernels exit at once for solved problems.
+// 6. topk_keep_mask only (mask_addr): the fused pass also wrote mask = key > hi; mask_inside_kernel
+//    sets the buffered entries of buffered problems, mask_rest_kernel every entry of the others.
 // Every block of a later kernel decides a problem's path from the counts of the earlier ones
 // (outcome()), so no flag needs a host round trip.
 #include <cub/block/block_reduce.cuh>
@@ -196,7 +199,9 @@ __global__ void __launch_bounds__(kThreads) fused_kernel(BracketArgs b) {
   const bool store = lo != hi;
   const int64_t capacity = b.buffer_first[p + 1] - b.buffer_first[p];
   const T* src = static_cast<const T*>(ch.src);
+  bool* mask = b.mask_addr != nullptr ? reinterpret_cast<bool*>(b.mask_addr[blockIdx.x]) : nullptr;
   unsigned above = 0, inside = 0;
+  bool bad = false;  // a NaN or inf met (the finiteness check)
   // V scores per thread (valid ones: ok), the j-th at flat index i + j * step: counts, then
   // appends only where a lane of the warp has a candidate.
   auto visit = [&](const Key<KB>(&bits)[V], const bool(&ok)[V], int64_t i, int64_t step) {
@@ -209,6 +214,8 @@ __global__ void __launch_bounds__(kThreads) fused_kernel(BracketArgs b) {
       in[j] = ok[j] && key - lo <= span;
       inside += in[j];
       any |= in[j];
+      bad |= ok[j] && non_finite(b.radix, key);
+      if (mask != nullptr && ok[j]) mask[i + j * step] = key > hi;
     }
     if (store && __any_sync(0xffffffffu, any)) {
 #pragma unroll
@@ -249,6 +256,7 @@ __global__ void __launch_bounds__(kThreads) fused_kernel(BracketArgs b) {
     }
     visit(bits, ok, i, kThreads);
   }
+  if (bad) *b.radix.nonfinite = 1;
   const unsigned long long total_above = Reduce(red).Sum(static_cast<unsigned long long>(above));
   __syncthreads();
   const unsigned long long total_inside = Reduce(red).Sum(static_cast<unsigned long long>(inside));
@@ -355,6 +363,41 @@ __global__ void __launch_bounds__(kThreads) finish_tie_kernel(BracketArgs b) {
   b.solved[p] = 1;
 }
 
+// topk_keep_mask: the keep mask of the buffered entries of problems solved from their buffer
+// (the fused pass wrote key > hi for all others of theirs).
+template <int KB>
+__global__ void __launch_bounds__(kThreads) mask_inside_kernel(BracketArgs b) {
+  constexpr int L = levels<KB>();
+  const SelectArgs& a = b.radix;
+  const int G = b.finish_blocks;
+  const int p = static_cast<int>(blockIdx.x / G), g = static_cast<int>(blockIdx.x % G);
+  if (outcome<KB>(b, p) != Outcome::kBuffered) return;
+  const Key<KB> thr = keys<KB>(b.range)[2 * (static_cast<int64_t>(p) * (L + 1) + L)];
+  const int64_t cut = a.cut[p], first = b.buffer_first[p], C = a.num_chunks;
+  const int m = b.buffer_count[p];
+  for (int i = g * kThreads + threadIdx.x; i < m; i += G * kThreads) {
+    const Key<KB> key = keys<KB>(b.buffer_key)[first + i];
+    const int64_t flat = b.buffer_index[first + i], c = chunk_of(a, p, flat);
+    reinterpret_cast<bool*>(b.mask_addr[c])[flat - a.table[3 * C + c]] = key > thr || (key == thr && flat < cut);
+  }
+}
+
+// topk_keep_mask: the whole keep mask of the problems not solved from a buffer (single value,
+// missed, overflowed), from thr and cut as the selection wrote them.
+template <int KB>
+__global__ void __launch_bounds__(kThreads) mask_rest_kernel(BracketArgs b) {
+  const SelectArgs& a = b.radix;
+  const Chunk ch = load_chunk(a, blockIdx.x);
+  if (outcome<KB>(b, ch.prob) == Outcome::kBuffered) return;
+  const Key<KB> thr = to_key<KB>(static_cast<Key<KB>>(static_cast<const Bits<KB>*>(a.threshold_bits)[ch.prob]));
+  const int64_t cut = a.cut[ch.prob];
+  bool* mask = reinterpret_cast<bool*>(b.mask_addr[blockIdx.x]);
+  for (int64_t i = ch.start + threadIdx.x; i < ch.end; i += kThreads) {
+    const Key<KB> key = key_at<KB>(ch.src, i);
+    mask[i] = key > thr || (key == thr && ch.base + i < cut);
+  }
+}
+
 template <int KB>
 cudaError_t launch_bracket(const BracketArgs& b, cudaStream_t stream) {
   const unsigned problems = static_cast<unsigned>(b.radix.num_problems);
@@ -365,7 +408,11 @@ cudaError_t launch_bracket(const BracketArgs& b, cudaStream_t stream) {
   for (int l = 0; l < levels<KB>(); ++l) finish_level_kernel<KB><<<finish, kThreads, 0, stream>>>(b, l);
   finish_tie_kernel<KB><<<finish, kThreads, 0, stream>>>(b);
   const cudaError_t err = cudaGetLastError();
-  return err != cudaSuccess ? err : bise_radix_select_launch(&b.radix, stream);
+  const cudaError_t fallback = err != cudaSuccess ? err : bise_radix_select_launch(&b.radix, stream);
+  if (fallback != cudaSuccess || b.mask_addr == nullptr) return fallback;
+  mask_inside_kernel<KB><<<finish, kThreads, 0, stream>>>(b);
+  mask_rest_kernel<KB><<<chunks, kThreads, 0, stream>>>(b);
+  return cudaGetLastError();
 }
 
 }  // namespace

@@ -83,6 +83,12 @@ __device__ __forceinline__ Key<KB> max_key() {
   return static_cast<typename Raw<KB>::type>(~typename Raw<KB>::type(0));
 }
 
+// Whether a key is a NaN's or an infinity's (the finiteness check; SelectArgs::finite_lo).
+template <typename K>
+__device__ __forceinline__ bool non_finite(const SelectArgs& a, K key) {
+  return static_cast<K>(key - static_cast<K>(a.finite_lo)) > static_cast<K>(a.finite_span);
+}
+
 struct Chunk {
   const void* src;
   int64_t start, end, base;  // [start, end) of its tensor; base: the tensor's flat offset in its problem

@@ -82,6 +82,18 @@ def check_keep_mask(kernels, device, x: torch.Tensor, k: int, offset: int) -> No
     assert torch.equal(got.cpu(), ref.keep_mask(x, thr, cut, offset))
 
 
+def check_topk_keep_mask(kernels, device, tensors, ks, hint=None) -> None:
+    """topk_keep_mask: bit for bit the reference's masks (topk_select, then keep_mask per tensor)."""
+    on_device = [t.to(device) for t in tensors]
+    for k in ks:
+        got = kernels["topk_keep_mask"](on_device, k, None if hint is None else hint.to(device))
+        want = ref.topk_keep_mask(tensors, k)
+        assert len(got) == len(want), k
+        for i, (g, w) in enumerate(zip(got, want)):
+            assert g.dtype == torch.bool and g.shape == w.shape, (k, i, g.shape)
+            assert torch.equal(g.cpu(), w), (k, i, int((g.cpu() != w).sum()))
+
+
 # ----------------------------------------------------------------------------- the small case set
 
 SMALL_CASES = {}

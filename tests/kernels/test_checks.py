@@ -35,6 +35,70 @@ def test_non_finite_scores_are_rejected(bad):
         bk.masked_linear(torch.randn(2, 3), torch.randn(2, 3), None, scores.reshape(2, 3), density=0.5)
 
 
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), float("-inf")])
+def test_non_finite_scores_are_rejected_on_every_backend(backend, bad):
+    """Where the select kernel checks finiteness itself ("cpp") and where the API does (the others)."""
+    scores = torch.randn(6)
+    scores[5] = bad
+    calls = [
+        lambda: bk.topk_threshold(scores, 2),
+        lambda: bk.topk_select([torch.randn(3), scores], 2),
+        lambda: bk.global_topk_masks([torch.randn(3), scores], 0.5),
+        lambda: bk.layerwise_topk_masks([torch.randn(3), scores], 0.5),
+        lambda: bk.channel_gate(torch.randn(2, 6), scores, density=0.5),
+        lambda: bk.channel_gate(torch.randn(2, 6), scores, threshold=0.0),
+    ]
+    for call in calls:
+        with pytest.raises(ValueError, match=f"contains non-finite values \\(e.g. {bad}\\)"):
+            call()
+
+
+def test_the_api_skips_its_finiteness_read_where_the_select_kernel_checks(monkeypatch):
+    """No aminmax over the scores before a "cpp" selection (its pass checks them); one before a
+    "torch" selection and before a threshold mask, which select nothing."""
+    if "cpp" not in bk.available_backends("cpu"):
+        pytest.skip("cpp backend unavailable")
+    calls = []
+    real = torch.aminmax
+    monkeypatch.setattr(torch, "aminmax", lambda t: calls.append(t.numel()) or real(t))
+    scores, x = torch.randn(6), torch.randn(2, 6)
+    with bk.use_backend("cpp"):
+        bk.topk_mask(scores, 0.5)
+        bk.layerwise_topk_masks([scores, scores], 0.5)
+        bk.channel_gate(x, scores, density=0.5)
+        assert calls == []
+        bk.channel_gate(x, scores, threshold=0.0)
+        assert calls == [6]
+    with bk.use_backend("torch"):
+        bk.topk_mask(scores, 0.5)
+        assert calls == [6, 6]
+
+
+def test_a_composed_topk_keep_mask_relies_on_its_select_checking(monkeypatch):
+    """A backend with a checking topk_select but no topk_keep_mask: _ops composes that select with
+    keep_mask, and the API leaves the finiteness check to the select (registry COMPOSED_OF)."""
+    import sys
+    import types
+
+    from bise_kernels import backends
+
+    if "cpp" not in bk.available_backends("cpu"):
+        pytest.skip("cpp backend unavailable")
+    module = types.ModuleType("checking_select")
+    module.topk_select, module.KERNELS = backends.kernel_table("cpp")["topk_select"], ("topk_select",)
+    module.CHECKS_FINITE = ("topk_select",)
+    monkeypatch.setitem(sys.modules, module.__name__, module)
+    monkeypatch.setitem(backends.BACKENDS, "checking", backends.Backend("checking", ("cpu",), (module.__name__,)))
+    monkeypatch.setattr(torch, "aminmax", lambda t: pytest.fail("the API read the scores for NaN / inf"))
+    scores = torch.randn(6)
+    with bk.use_backend("checking"):
+        assert backends.checks_finite("topk_keep_mask", "cpu", torch.float32)
+        assert torch.equal(bk.topk_mask(scores, 0.5), scores > scores.median())  # the lower median: 3 kept
+        scores[2] = float("nan")
+        with pytest.raises(ValueError, match="scores contains non-finite values"):
+            bk.topk_mask(scores, 0.5)
+
+
 def test_empty_and_integer_scores_are_rejected():
     with pytest.raises(ValueError, match="empty"):
         bk.topk_mask(torch.empty(0), 0.5)

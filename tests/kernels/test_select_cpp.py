@@ -10,7 +10,8 @@ import torch
 
 import bise_kernels as bk
 from _oracle import adversarial_inputs
-from _select_cases import DTYPES, bits, check_adversarial, check_batched, check_keep_mask, check_list
+from _select_cases import (DTYPES, assert_same_selection, bits, check_adversarial, check_batched, check_keep_mask,
+                           check_list, check_topk_keep_mask)
 from bise_kernels.backends import BackendUnavailableError, kernel_table
 from bise_kernels.backends import reference as ref
 
@@ -135,3 +136,77 @@ def test_public_api_in_the_bracket_path_equals_the_torch_backend(dtype):
         for a, b in zip(got, want):
             assert a.dtype == b.dtype and a.shape == b.shape, what
             assert torch.equal(a, b) if a.dtype == torch.bool else torch.equal(bits(a), bits(b)), what
+
+
+def _with(x: torch.Tensor, pos: int, bad: float) -> torch.Tensor:
+    x = x.clone()
+    x[pos] = bad
+    return x
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("n", [1000, 100_003])  # the direct compacting pass; the bracket pass (odd tail)
+def test_the_select_pass_raises_on_nan_and_inf_anywhere(kernels, dtype, n):
+    """The finiteness check fused into the first pass: first, last (in the scalar tail after the
+    vector groups), middle element, an unaligned view, the second tensor of a list and the second
+    problem of a batch; the error names the tensor and a value like _checks.check_finite."""
+    x = torch.randn(n + 1, generator=torch.Generator().manual_seed(1)).to(dtype)
+    for bad in (float("nan"), float("inf"), float("-inf")):
+        for pos in (0, n - 1, n // 2, n - 3):
+            y = _with(x[:n], pos, bad)
+            with pytest.raises(ValueError, match=f"scores contains non-finite values \\(e.g. {bad}\\)"):
+                kernels["topk_select"]([y], n // 2, None)
+            with pytest.raises(ValueError, match=f"scores contains non-finite values \\(e.g. {bad}\\)"):
+                kernels["topk_select"]([_with(x, pos + 1, bad)[1:]], 1, None)  # not 64-byte aligned
+            with pytest.raises(ValueError, match=f"scores\\[1\\] contains non-finite values \\(e.g. {bad}\\)"):
+                kernels["topk_select"]([x[:7], y], n, None)
+            with pytest.raises(ValueError, match=f"scores\\[1\\] contains non-finite values \\(e.g. {bad}\\)"):
+                kernels["batched_topk_select"]([x[:7], y], [3, n], None)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_the_largest_finite_values_pass_the_check(kernels, dtype):
+    """+-max float, the smallest subnormals and -0.0 are finite: selected exactly, no error."""
+    info = torch.finfo(dtype)
+    x = torch.randn(100_000, generator=torch.Generator().manual_seed(2)).to(dtype)
+    x[:6] = torch.tensor([info.max, -info.max, info.smallest_normal / 4, -info.smallest_normal / 4, -0.0, 0.0],
+                         dtype=dtype)
+    x[-1] = -info.max
+    for k in (1, 2, 50_000, 99_999, 100_000):
+        assert_same_selection(kernels["topk_select"]([x], k, None), ref.topk_select([x], k), k)
+    kernels["batched_topk_select"]([x[:1], x[1:2], x], [1, 1, 3], None)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("n", [1000, 100_003])  # keep_mask after the select; masks of the fused pass
+def test_topk_keep_mask_equals_select_then_keep_mask(kernels, dtype, n):
+    """Adversarial inputs (ties at the threshold, +-0.0, all equal: missed or overflowing brackets,
+    whose masks come from a keep_mask pass), k = 1 .. n, as one tensor of another shape."""
+    for name, x in adversarial_inputs(n, dtype, seed=8).items():
+        check_topk_keep_mask(kernels, DEVICE, [x], (1, 2, n // 3, n - 1, n))
+    x = adversarial_inputs(n, dtype, seed=9)["random"]
+    check_topk_keep_mask(kernels, DEVICE, [x[: n - n % 7].reshape(7, -1)], (n // 2,))
+
+
+def test_topk_keep_mask_of_lists_hints_and_ties(kernels):
+    g = torch.Generator().manual_seed(10)
+    tensors = [torch.randn(300, 200, generator=g), torch.randint(0, 3, (7,), generator=g).float(), torch.zeros(5),
+               torch.randn(40_001, generator=g)[1:], -torch.zeros(3, 3)]
+    total = sum(t.numel() for t in tensors)
+    check_topk_keep_mask(kernels, DEVICE, tensors, (1, 100, total // 2, total - 3, total))
+    exact = ref.topk_select(tensors, total // 2)[0]
+    for hint in (exact, exact + 1e-3, torch.tensor(-0.0), torch.tensor(float("nan"))):
+        check_topk_keep_mask(kernels, DEVICE, tensors, (total // 2,), hint)
+    ties = torch.randn(100_000, generator=g)
+    ties[::5] = 1.0
+    ties[1::5] = 1.0
+    above = int((ties > 1.0).sum())
+    check_topk_keep_mask(kernels, DEVICE, [ties], (above + 1, above + 20_000, above + 40_000))
+    strided = torch.randn(400, 300, generator=g).t()  # non-contiguous: a contiguous copy is selected
+    check_topk_keep_mask(kernels, DEVICE, [strided], (60_000,))
+    x = torch.randn(100_000, generator=g)
+    x[77] = float("nan")
+    with pytest.raises(ValueError, match="scores contains non-finite values"):
+        kernels["topk_keep_mask"]([x], 5, None)
+    with pytest.raises(RuntimeError, match=r"k must be in \[1, 100000\]"):
+        kernels["topk_keep_mask"]([x], 0, None)

@@ -13,8 +13,10 @@ CUDA kernels; skipped otherwise.
 import pytest
 import torch
 
+from _oracle import adversarial_inputs
 from _select_cases import (CASE_DTYPE, DTYPES, SMALL_CASES, assert_same_selection, check_adversarial,
-                           check_batched, check_hints, check_keep_mask, check_list, skip_unless_supported)
+                           check_batched, check_hints, check_keep_mask, check_list, check_topk_keep_mask,
+                           skip_unless_supported)
 from bise_kernels.backends import BackendUnavailableError, kernel_table
 from bise_kernels.backends import reference as ref
 
@@ -137,3 +139,17 @@ def test_unknown_algorithm_is_refused(kernels, monkeypatch):
     monkeypatch.setenv("BISE_SELECT_CUDA", "quick")
     with pytest.raises(ValueError, match="BISE_SELECT_CUDA"):
         kernels["topk_select"]([torch.ones(4, device=DEVICE)], 2, None)
+
+
+def test_topk_keep_mask_on_every_algorithm(kernels, algo):
+    """topk_keep_mask bit for bit (bracket: masks of the fused pass and the buffer; fallbacks and
+    radix: a keep_mask pass): adversarial inputs, a list over several chunks, sorted ties, a hint."""
+    g = torch.Generator().manual_seed(21)
+    for dtype in (torch.float32, torch.bfloat16):
+        for x in adversarial_inputs(100_003, dtype, seed=22).values():
+            check_topk_keep_mask(kernels, DEVICE, [x], (1, 33_333, 100_003))
+    tensors = [torch.randn(40_000, generator=g), torch.zeros(5), torch.randn(30_001, generator=g)[1:].reshape(100, 300)]
+    check_topk_keep_mask(kernels, DEVICE, tensors, (1, 35_000, 70_005))
+    tied = torch.sort(torch.randint(0, 1000, (200_000,), generator=g).float()).values
+    check_topk_keep_mask(kernels, DEVICE, [tied], (77_777,))
+    check_topk_keep_mask(kernels, DEVICE, tensors, (35_000,), ref.topk_select(tensors, 35_000)[0])

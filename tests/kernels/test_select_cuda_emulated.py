@@ -30,6 +30,7 @@ CXX = shutil.which("g++")
 ALGOS = {"radix": 0, "bracket": 1, "bracket-miss": 2, "bracket-overflow": 3}
 MISSED, SINGLE, BUFFERED, OVERFLOWED = 0, 1, 2, 3
 VIEW = {torch.float64: torch.int64, torch.float32: torch.int32, torch.float16: torch.int16, torch.bfloat16: torch.int16}
+INF_BITS = {torch.float64: 0x7FF0000000000000, torch.float32: 0x7F800000, torch.float16: 0x7C00, torch.bfloat16: 0x7F80}
 
 pytestmark = pytest.mark.skipif(CXX is None or sys.platform != "linux" or platform.machine() != "x86_64",
                                 reason="the CUDA emulation needs g++ on Linux x86-64")
@@ -70,25 +71,41 @@ class Runs:
     """Selections to run in one harness call, each with its reference result."""
 
     def __init__(self):
-        self.words, self.want, self.count = [], [], 0
+        self.words, self.want, self.masks, self.count = [], [], [], 0
 
-    def add(self, algo: str, tensors, ks, hints=None):
-        """One call: ``len(ks)`` problems (batched: one tensor each; else ``ks`` has one k for all)."""
+    def add(self, algo: str, tensors, ks, hints=None, shift=0, nonfinite=False, masks=False):
+        """One call: ``len(ks)`` problems (batched: one tensor each; else ``ks`` has one k for all),
+        each tensor ``shift`` elements into its allocation. ``nonfinite``: the scores hold a NaN or
+        inf, so the call must raise the flag (and its result is not compared). ``masks``: also
+        topk_keep_mask's masks (bracket algorithms, one problem), compared with the reference's."""
         dtype = tensors[0].dtype
         problems = [[t] for t in tensors] if len(ks) > 1 else [list(tensors)]
-        self.words += [8 * dtype.itemsize, ALGOS[algo], len(problems)]
+        self.words += [8 * dtype.itemsize, ALGOS[algo], INF_BITS[dtype], shift, int(masks), len(problems)]
         for p, (group, k) in enumerate(zip(problems, ks)):
             hint = None if hints is None else hints.reshape(-1)[p].to(dtype)
             self.words += [k, hint is not None, 0 if hint is None else self._bits(hint.reshape(1))[0], len(group)]
             for t in group:
                 self.words += [t.numel(), *self._bits(t)]
-        thr, cut = ref.batched_topk_select(tensors, ks) if len(ks) > 1 else ref.topk_select(tensors, ks[0])
-        for p, (group, t, c) in enumerate(zip(problems, thr.reshape(-1), cut.reshape(-1))):
-            flat = torch.cat([x.reshape(-1) for x in group])
-            kept = torch.arange(1, flat.numel() + 1)[ref.keep_mask(flat, t, c)]  # flat index + 1 of each kept entry
-            keep = (kept.numel(), int((kept * kept).sum()))
-            self.want.append((algo, p, int(self._bits(t.reshape(1))[0]), int(c), *keep))
+        if nonfinite:
+            self.want += [(algo, p, None, None, None, None) for p in range(len(problems))]
+        else:
+            thr, cut = ref.batched_topk_select(tensors, ks) if len(ks) > 1 else ref.topk_select(tensors, ks[0])
+            for p, (group, t, c) in enumerate(zip(problems, thr.reshape(-1), cut.reshape(-1))):
+                flat = torch.cat([x.reshape(-1) for x in group])
+                kept = torch.arange(1, flat.numel() + 1)[ref.keep_mask(flat, t, c)]  # flat index + 1 of each kept entry
+                keep = (kept.numel(), int((kept * kept).sum()))
+                self.want.append((algo, p, int(self._bits(t.reshape(1))[0]), int(c), *keep))
+        self.masks.append(ref.topk_keep_mask(tensors, ks[0]) if masks else [])
         self.count += 1
+
+    def _problem_counts(self) -> list[int]:
+        """The number of problems of each call, in order."""
+        counts = []
+        for algo, p, *_ in self.want:
+            if p == 0:
+                counts.append(0)
+            counts[-1] += 1
+        return counts
 
     @staticmethod
     def _bits(t: torch.Tensor) -> list[int]:
@@ -100,10 +117,22 @@ class Runs:
         done = subprocess.run([str(harness), str(tmp_path / "in.bin"), str(tmp_path / "out.bin")],
                               capture_output=True, text=True, timeout=900)
         assert done.returncode == 0, done.stderr[-4000:]
-        out = torch.frombuffer(bytearray((tmp_path / "out.bin").read_bytes()), dtype=torch.int64).reshape(-1, 5)
-        assert out.shape[0] == len(self.want)
+        words = torch.frombuffer(bytearray((tmp_path / "out.bin").read_bytes()), dtype=torch.int64)
+        rows, at = [], 0
+        for problems, masks in zip(self._problem_counts(), self.masks):
+            rows += words[at:at + 6 * problems].reshape(-1, 6).tolist()
+            at += 6 * problems
+            for want in masks:
+                got = words[at:at + want.numel()].reshape(want.shape).bool()
+                assert torch.equal(got, want), ("mask", len(rows), int((got != want).sum()))
+                at += want.numel()
+        assert at == words.numel() and len(rows) == len(self.want)
         paths = {}
-        for (algo, p, thr, cut, kept, index_sum), (got_thr, got_cut, path, *got_keep) in zip(self.want, out.tolist()):
+        for i, ((algo, p, thr, cut, kept, index_sum), (got_thr, got_cut, path, *got_keep, flag)) in enumerate(
+                zip(self.want, rows)):
+            assert flag == (thr is None), (i, algo, p, "non-finite flag", flag)
+            if thr is None:
+                continue
             assert (got_thr, got_cut) == (thr, cut), (algo, p, (got_thr, got_cut), (thr, cut))
             assert path != 100, (algo, p, "solved flag disagrees with the bracket's outcome")
             assert got_keep == [kept, index_sum], (algo, p, "keep_mask", got_keep, (kept, index_sum))
@@ -174,3 +203,66 @@ def test_several_chunks_lists_overflow_and_finishing_blocks(harness, tmp_path, d
     paths = runs.run(harness, tmp_path)
     assert {OVERFLOWED, BUFFERED, MISSED} <= paths["bracket"]
     assert paths["bracket-overflow"] <= {SINGLE, OVERFLOWED, MISSED}
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float64], ids=str)
+def test_the_first_pass_flags_nan_and_inf_anywhere(harness, tmp_path, dtype):
+    """The finiteness flag of both selects (radix: the level-0 or hinted pass; bracket: the fused
+    pass; and the fallbacks): a NaN or inf as the first or last element, in the 128-bit groups, in
+    the scalar tail of a chunk, in a second chunk, in an unaligned tensor, in the second tensor of a
+    list or of a batch; never for finite scores, +-max and -0.0 included."""
+    runs = Runs()
+    g = torch.Generator().manual_seed(7)
+    n = 16_384 + 1_001  # two chunks; the second ends in a scalar tail
+    x = torch.randn(n, generator=g).to(dtype)
+    info = torch.finfo(dtype)
+    x[:3] = torch.tensor([info.max, -info.max, -0.0], dtype=dtype)
+    small = torch.randn(37, generator=g).to(dtype)
+    for algo in ALGOS:
+        for k in (1, n // 2):
+            runs.add(algo, [x], [k])
+            runs.add(algo, [small, x], [k], shift=1)
+            runs.add(algo, [small, x], [5, k], x.reshape(-1)[:2].clone())
+    for bad in (float("nan"), float("inf"), float("-inf")):
+        for pos in (0, n - 1, 5_000, 16_383, 16_384, n - 7):
+            y = x.clone()
+            y[pos] = bad
+            for algo in ALGOS:
+                runs.add(algo, [y], [n // 2], nonfinite=True)
+                runs.add(algo, [y], [3], y[10:11].clone(), nonfinite=True)  # the hinted pass
+            runs.add("bracket", [small, y], [n // 2], shift=1, nonfinite=True)
+            runs.add("radix", [small, y], [5, 9], shift=1, nonfinite=True)
+    runs.run(harness, tmp_path)
+
+
+def test_topk_keep_mask_on_every_path_of_the_bracket_select(harness, tmp_path):
+    """topk_keep_mask's masks, bit for bit the reference's (topk_select then keep_mask): buffered
+    problems (the fused pass writes key > hi, mask_inside_kernel the buffer's entries), single value,
+    missed and overflowed (mask_rest_kernel), lists over several chunks, unaligned tensors, hints."""
+    runs = Runs()
+    for dtype in (torch.float32, torch.bfloat16, torch.float16, torch.float64):
+        for x in adversarial_inputs(300, dtype, seed=11).values():
+            for k in (1, 150, 300):
+                for algo in ("bracket", "bracket-miss", "bracket-overflow"):
+                    runs.add(algo, [x], [k], masks=True)
+    g = torch.Generator().manual_seed(12)
+    tensors = [torch.randn(20_000, generator=g), torch.randint(0, 3, (7,), generator=g).float(), torch.zeros(5),
+               torch.randn(17_000, generator=g)[1:]]
+    total = sum(t.numel() for t in tensors)
+    for k in (1, total // 3, total):
+        runs.add("bracket", tensors, [k], masks=True)
+        runs.add("bracket", tensors, [k], shift=1, masks=True)
+    runs.add("bracket-miss", tensors, [total // 2], masks=True)
+    ties = torch.randn(20_000, generator=g)
+    ties[::5] = 1.0
+    ties[1::5] = 1.0
+    runs.add("bracket", [ties], [int((ties > 1.0).sum()) + 1], masks=True)  # overflows its buffer
+    tied = torch.randint(0, 1000, (20_000,), generator=g).float()  # ~20 ties at any threshold, buffered
+    for k in (7_777, 10_001):
+        runs.add("bracket", [tied], [k], masks=True)
+        runs.add("bracket", [torch.sort(tied).values], [k], masks=True)  # ties next to each other
+    big = torch.randn(100_000, generator=g)
+    for hint in _hints(big, 40_000):  # buffers finished by several blocks
+        runs.add("bracket", [big], [40_000], hint, masks=True)
+    paths = runs.run(harness, tmp_path)
+    assert {SINGLE, BUFFERED, MISSED, OVERFLOWED} <= paths["bracket"]

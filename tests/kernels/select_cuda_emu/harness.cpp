@@ -4,14 +4,18 @@
 // as in csrc/cuda/select_binding.cpp.
 //
 // Input (int64 words): runs; per run: key_bits (16, 32, 64), algorithm (0 radix, 1 bracket,
-// 2 bracket-miss, 3 bracket-overflow), problems; per problem: k, has_hint, hint bits, tensors; per
-// tensor: numel, then numel words of raw bits. Output per run and problem: threshold bits, cut,
-// path (bracket algorithms: 0 missed, 1 single value, 2 buffered, 3 overflowed; radix: -1), and
-// of the keep_mask kernel run on each of its tensors with that selection: the entries kept and
-// the sum of (flat index + 1)^2 over them.
+// 2 bracket-miss, 3 bracket-overflow), the bits of +inf in the dtype, shift (each tensor starts
+// that many elements into its allocation: 1 makes it unaligned for 128-bit loads), masks (1:
+// topk_keep_mask's masks, bracket algorithms only), problems; per problem: k, has_hint, hint bits,
+// tensors; per tensor: numel, then numel words of raw bits. Output per run and problem: threshold
+// bits, cut, path (bracket algorithms: 0 missed, 1 single value, 2 buffered, 3 overflowed; radix:
+// -1), of the keep_mask kernel run on each of its tensors with that selection: the entries kept
+// and the sum of (flat index + 1)^2 over them, and the run's non-finite flag; then, with masks,
+// numel words (0 / 1) per tensor.
 #include <cstdio>
 #include <cstring>
 #include <fstream>
+#include <memory>
 #include <vector>
 
 #include "emu.h"
@@ -43,19 +47,27 @@ std::vector<int64_t> words;
 size_t pos = 0;
 int64_t next() { return words.at(pos++); }
 
-void run(int kb, int algo, const std::vector<Problem>& probs, std::vector<int64_t>& out) {
+void run(int kb, int algo, uint64_t inf, int64_t shift, bool with_masks, const std::vector<Problem>& probs,
+         std::vector<int64_t>& out) {
   const int64_t P = static_cast<int64_t>(probs.size());
-  std::vector<std::vector<char>> copies;  // the tensors at width kb
+  std::vector<std::vector<char>> copies;  // the tensors at width kb, `shift` elements in
+  std::vector<std::unique_ptr<bool[]>> masks;  // per tensor (topk_keep_mask)
+  std::vector<int64_t> numels, mask_rows;       // per tensor; per chunk
   std::vector<std::pair<int64_t, int64_t>> placed;  // per copy: its problem and flat offset there
   std::vector<int64_t> rows[5], first(P + 1, 0), total(P, 0), ks;
   for (int64_t p = 0; p < P; ++p) {
     for (const auto& t : probs[p].tensors) {
-      copies.push_back(packed(t, kb));
+      std::vector<uint64_t> shifted(shift, 0);
+      shifted.insert(shifted.end(), t.begin(), t.end());
+      copies.push_back(packed(shifted, kb));
       placed.emplace_back(p, total[p]);
       const int64_t n = static_cast<int64_t>(t.size());
-      const int64_t addr = reinterpret_cast<int64_t>(copies.back().data());
+      masks.emplace_back(new bool[n]());
+      numels.push_back(n);
+      const int64_t addr = reinterpret_cast<int64_t>(copies.back().data() + shift * kb / 8);
       for (int64_t start = 0; start < n; start += kChunk) {
         for (auto [row, value] : {std::pair{0, addr}, {1, start}, {2, n}, {3, total[p]}, {4, p}}) rows[row].push_back(value);
+        mask_rows.push_back(reinterpret_cast<int64_t>(masks.back().get()));
       }
       total[p] += n;
       first[p + 1] = static_cast<int64_t>(rows[0].size());
@@ -90,6 +102,12 @@ void run(int kb, int algo, const std::vector<Problem>& probs, std::vector<int64_
   a.buffer_index = buffer_index.data();
   a.cut = cut.data();
   a.solved = nullptr;
+  auto set_finite = [&](auto bits) {
+    const auto f = bise_bracket::finite_keys(bits);
+    a.finite_lo = f.lo;
+    a.finite_span = f.span;
+  };
+  kb == 64 ? set_finite(inf) : kb == 32 ? set_finite(static_cast<uint32_t>(inf)) : set_finite(static_cast<uint16_t>(inf));
 
   std::vector<int64_t> buffers(P + 1, 0), no_buffers(P + 1, 0);
   for (int64_t p = 0; p < P; ++p) buffers[p + 1] = buffers[p] + bise_bracket::buffer_capacity(total[p], ks[p], kSample);
@@ -109,6 +127,7 @@ void run(int kb, int algo, const std::vector<Problem>& probs, std::vector<int64_
   b.force_miss = algo == 2;
   b.buffer_key = keys.data();
   b.buffer_index = index.data();
+  b.mask_addr = with_masks ? mask_rows.data() : nullptr;
   carve_bracket_workspace(b, ws64.data(), ws32.data(), bracket_layout, P, C);
   if (algo == 0) {
     bise_radix_select_launch(&a, nullptr);
@@ -121,10 +140,10 @@ void run(int kb, int algo, const std::vector<Problem>& probs, std::vector<int64_
   std::vector<int64_t> kept(P, 0), index_sum(P, 0);
   for (size_t c = 0; c < copies.size(); ++c) {
     const auto [p, base] = placed[c];
-    const int64_t n = static_cast<int64_t>(copies[c].size()) * 8 / kb;
+    const int64_t n = static_cast<int64_t>(copies[c].size()) * 8 / kb - shift;
     std::vector<unsigned char> mask(n, 2);  // 2: an entry the kernel leaves unwritten shows in the sums
     static_assert(sizeof(bool) == 1, "the mask is read as bytes");
-    bise_keep_mask_launch(copies[c].data(), thr_bits.data() + p * kb / 8, &cut[p], reinterpret_cast<bool*>(mask.data()),
+    bise_keep_mask_launch(copies[c].data() + shift * kb / 8, thr_bits.data() + p * kb / 8, &cut[p], reinterpret_cast<bool*>(mask.data()),
                           n, base, kb, nullptr);
     for (int64_t i = 0; i < n; ++i) {
       kept[p] += mask[i];
@@ -141,7 +160,10 @@ void run(int kb, int algo, const std::vector<Problem>& probs, std::vector<int64_
       const bool solved = path == 1 || path == 2;
       if ((b.solved[p] != 0) != solved) path = 100;  // the radix fallback must run exactly for the others
     }
-    out.insert(out.end(), {static_cast<int64_t>(thr[p]), cut[p], path, kept[p], index_sum[p]});
+    out.insert(out.end(), {static_cast<int64_t>(thr[p]), cut[p], path, kept[p], index_sum[p], *a.nonfinite});
+  }
+  for (size_t t = 0; with_masks && t < masks.size(); ++t) {
+    for (int64_t i = 0; i < numels[t]; ++i) out.push_back(masks[t][i] ? 1 : 0);
   }
 }
 
@@ -160,6 +182,9 @@ int main(int argc, char** argv) {
   std::vector<int64_t> out;
   for (int64_t r = 0, runs = next(); r < runs; ++r) {
     const int kb = static_cast<int>(next()), algo = static_cast<int>(next());
+    const auto inf = static_cast<uint64_t>(next());
+    const int64_t shift = next();
+    const bool with_masks = next() != 0;
     std::vector<Problem> probs(static_cast<size_t>(next()));
     for (auto& pr : probs) {
       pr.k = next();
@@ -171,7 +196,7 @@ int main(int argc, char** argv) {
         for (auto& v : t) v = static_cast<uint64_t>(next());
       }
     }
-    run(kb, algo, probs, out);
+    run(kb, algo, inf, shift, with_masks, probs, out);
   }
   std::ofstream(argv[2], std::ios::binary).write(reinterpret_cast<const char*>(out.data()),
                                                    static_cast<std::streamsize>(out.size() * 8));
