@@ -54,13 +54,15 @@ def test_non_finite_scores_are_rejected_on_every_backend(backend, bad):
 
 
 def test_the_api_skips_its_finiteness_read_where_the_select_kernel_checks(monkeypatch):
-    """No aminmax over the scores before a "cpp" selection (its pass checks them); one before a
+    """No finiteness read of the scores before a "cpp" selection (its pass checks them); one before a
     "torch" selection and before a threshold mask, which select nothing."""
     if "cpp" not in bk.available_backends("cpu"):
         pytest.skip("cpp backend unavailable")
+    from bise_kernels import _checks
+
     calls = []
-    real = torch.aminmax
-    monkeypatch.setattr(torch, "aminmax", lambda t: calls.append(t.numel()) or real(t))
+    real = _checks.check_finite
+    monkeypatch.setattr(_checks, "check_finite", lambda t, name: calls.append(t.numel()) or real(t, name))
     scores, x = torch.randn(6), torch.randn(2, 6)
     with bk.use_backend("cpp"):
         bk.topk_mask(scores, 0.5)
@@ -89,7 +91,9 @@ def test_a_composed_topk_keep_mask_relies_on_its_select_checking(monkeypatch):
     module.CHECKS_FINITE = ("topk_select",)
     monkeypatch.setitem(sys.modules, module.__name__, module)
     monkeypatch.setitem(backends.BACKENDS, "checking", backends.Backend("checking", ("cpu",), (module.__name__,)))
-    monkeypatch.setattr(torch, "aminmax", lambda t: pytest.fail("the API read the scores for NaN / inf"))
+    from bise_kernels import _checks
+
+    monkeypatch.setattr(_checks, "check_finite", lambda t, name: pytest.fail("the API read the scores for NaN / inf"))
     scores = torch.randn(6)
     with bk.use_backend("checking"):
         assert backends.checks_finite("topk_keep_mask", "cpu", torch.float32)
