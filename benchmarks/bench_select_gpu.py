@@ -7,6 +7,9 @@ Cases (format: docs/gpu_suite.md), for each GPU backend: "cuda" (its default rad
   hinted with the threshold from before one small optimiser-like step (scores += 1e-4 * noise).
   Targets: <= 50 us cold (2x one read on an H200), <= 30 us warm (1.3x). ``select_12M_fp64_cold``:
   the same 100 MB as 12.5 M float64 scores, CUDA backends only (same target).
+* ``select_keep_mask_25M_fp32``: the keep mask of the top half through ``topk_keep_mask`` (select and
+  mask in one op), beside the same backend's ``topk_select`` then ``keep_mask`` and torch.topk +
+  scatter.
 * ``select_resnet50_batched``: the 54 ResNet-50 weight tensors (25.5 M), one k each (density
   0.5), in one call. Target <= 150 us. Baselines: a loop of kthvalue / topk / sort per layer.
 * ``select_bert_base_global``: one k over ~110 M scores in the BERT-base weight tensors, without
@@ -78,10 +81,16 @@ def _one_read(tensors):
     return lambda: [t.sum() for t in tensors]
 
 
-def _cases(name: str, backends, kernel: str, call, want, baselines: dict, api=None, **fields) -> list[dict]:
+def _check_masks(got, want) -> None:
+    if len(got) != len(want) or not all(torch.equal(g, w) for g, w in zip(got, want)):
+        raise AssertionError("keep masks differ from the reference")
+
+
+def _cases(name: str, backends, kernel: str, call, want, baselines: dict, api=None, same=_check_same,
+           **fields) -> list[dict]:
     """One case per backend (skipped where it is unavailable): ``call(f)`` runs the backend's
-    ``kernel`` f; ``want()`` is the reference result. ``api``: the public-API call, timed beside
-    the raw kernel that "auto" resolves to."""
+    ``kernel`` f; ``want()`` is the reference result, compared by ``same``. ``api``: the public-API
+    call, timed beside the raw kernel that "auto" resolves to."""
     cases = []
     for backend in backends:
         case = dict(fields, name=f"{name}/{backend}", backend=backend)
@@ -90,13 +99,13 @@ def _cases(name: str, backends, kernel: str, call, want, baselines: dict, api=No
         except BackendUnavailableError as exc:
             cases.append(dict(case, skip=f"backend {backend!r} unavailable: {exc}"))
             continue
-        cases.append(dict(case, fn=lambda f=f: call(f), check=lambda f=f: _check_same(call(f), want()),
+        cases.append(dict(case, fn=lambda f=f: call(f), check=lambda f=f: same(call(f), want()),
                           baselines=baselines))
     if api is not None:
         device = fields["device"]
         auto, f = resolve(kernel, device)
         cases.append(dict(fields, name=f"{name}/api", backend=f"api ({auto})", fn=api,
-                          check=lambda: _check_same(api(), want()), overhead_vs="raw_kernel",
+                          check=lambda: same(api(), want()), overhead_vs="raw_kernel",
                           target_overhead_us=API_OVERHEAD_US, target_us=None,
                           baselines={"raw_kernel": lambda f=f: call(f)}))
     for case in cases:
@@ -164,6 +173,27 @@ def _global_cases(backends, device, scale) -> list[dict]:
                   target_us=300.0, bytes=numel * 4, numel=numel, tensors=len(tensors), device=device)
 
 
+def _keep_mask_cases(backends, device, scale) -> list[dict]:
+    """The keep mask of the top half of 25 M fp32 scores: topk_keep_mask (the select writing the mask
+    in its own pass where it can) against the same backend's topk_select then keep_mask."""
+    n = max(1000, round(SINGLE_NUMEL * scale))
+    x = torch.randn(n, device=device, generator=torch.Generator(device=device).manual_seed(3))
+    k = round(DENSITY * n)
+    cases = []
+    for backend in backends:
+        try:
+            select, keep = _kernel(backend, "topk_select"), _kernel(backend, "keep_mask")
+        except (BackendUnavailableError, KeyError):
+            continue
+        baselines = {"one_read": _one_read([x]), "select+keep_mask": lambda s=select, m=keep: m(x, *s([x], k, None), 0),
+                     "torch.topk+scatter": lambda: torch.zeros(n, dtype=torch.bool, device=device).scatter_(
+                         0, torch.topk(x, k).indices, True)}
+        cases += _cases("select_keep_mask_25M_fp32", (backend,), "topk_keep_mask", lambda f: f([x], k, None),
+                        lambda: ref.topk_keep_mask([x], k), baselines, same=_check_masks, target_us=None,
+                        bytes=n * 5, numel=n, device=device)
+    return cases
+
+
 def gpu_cases(dry_run: bool = False) -> list[dict]:
     """Every selection case; allocates ~0.8 GB on the GPU. ``dry_run``: tiny, CPU, reference backend."""
     if not dry_run and not torch.cuda.is_available():
@@ -172,7 +202,8 @@ def gpu_cases(dry_run: bool = False) -> list[dict]:
     cuda_only = tuple(b for b in backends if b != "triton")  # the Triton select takes no float64
     return (_single_cases(backends, device, scale) + _batched_cases(backends, device, scale)
             + _global_cases(backends, device, scale)
-            + _single_cases(cuda_only, device, scale, dtype=torch.float64, warm=False))
+            + _single_cases(cuda_only, device, scale, dtype=torch.float64, warm=False)
+            + _keep_mask_cases(cuda_only, device, scale))
 
 
 # ----------------------------------------------------------------------------- pytest-benchmark
