@@ -4,9 +4,10 @@ Groups (compare within a group; one process, same data):
 
 * ``select-25M`` / ``select-1M``: fp32 randn, k = numel/2. One full read (``x.sum()``), the cpp
   selection cold and warm-started (hint = the threshold before a small score update), the
-  selection plus its keep mask, torch.kthvalue and torch.topk; ``*_1thread`` cases repeat the
-  read and the selection on one thread (a per-core cost that other load on a shared box
-  disturbs far less than a 2-thread parallel region).
+  selection then its keep mask, the two in one op (``topk_keep_mask``), torch.kthvalue and
+  torch.topk; ``*_1thread`` cases repeat the read, the selections and the public
+  ``bise_kernels.topk_select`` (checks included, backend "auto") on one thread (a per-core cost
+  that other load on a shared box disturbs far less than a 2-thread parallel region).
 * ``select-resnet50``: the 54 ResNet-50 weight shapes (25.5 M scores), k = numel/2 each: one
   batched cpp call (cold, warm, one thread) vs a Python loop of torch.kthvalue, and one read of
   every tensor (54 sums; on 2 threads that is 54 parallel regions, so the 1-thread read is the
@@ -18,6 +19,7 @@ With ``--benchmark-disable`` (CI) sizes shrink to 1 M / 100 k and ResNet-50 chan
 import pytest
 import torch
 
+import bise_kernels
 from bise_kernels.backends import kernel_table
 from model_shapes import resnet50_weight_shapes
 
@@ -46,8 +48,9 @@ def _run_threads(benchmark, fn, case):
         torch.set_num_threads(threads)
 
 
-CASES = ["one_read_sum", "cpp_cold", "cpp_warm", "cpp_select_and_mask", "torch_kthvalue", "torch_topk",
-         "one_read_sum_1thread", "cpp_cold_1thread", "cpp_warm_1thread"]
+CASES = ["one_read_sum", "cpp_cold", "cpp_warm", "cpp_select_and_mask", "cpp_topk_keep_mask", "torch_kthvalue",
+         "torch_topk", "one_read_sum_1thread", "cpp_cold_1thread", "cpp_warm_1thread", "api_topk_select_1thread",
+         "cpp_select_and_mask_1thread", "cpp_topk_keep_mask_1thread"]
 
 
 @pytest.mark.parametrize("case", CASES)
@@ -71,6 +74,10 @@ def test_select_single_tensor(benchmark, case, size):
         "cpp_cold": lambda: CPP["topk_select"]([x], k, None),
         "cpp_warm": lambda: CPP["topk_select"]([x], k, hint),
         "cpp_select_and_mask": lambda: CPP["keep_mask"](x, *CPP["topk_select"]([x], k, None), 0),
+        "cpp_select_and_mask_1thread": lambda: CPP["keep_mask"](x, *CPP["topk_select"]([x], k, None), 0),
+        "cpp_topk_keep_mask": lambda: CPP["topk_keep_mask"]([x], k, None),
+        "cpp_topk_keep_mask_1thread": lambda: CPP["topk_keep_mask"]([x], k, None),
+        "api_topk_select_1thread": lambda: bise_kernels.topk_select(x, k),
         "torch_kthvalue": lambda: torch.kthvalue(x, n - k + 1),
         "torch_topk": lambda: torch.topk(x, k, sorted=False),
     }
