@@ -132,12 +132,14 @@ def _is_fake(t: torch.Tensor) -> bool:
     return type(t).__name__ in ("FakeTensor", "FunctionalTensor")
 
 
-def check_scores(scores: object, name: str = "scores") -> torch.Tensor:
-    """Non-empty floating scores without NaN / inf (the one value check of a call)."""
+def check_scores(scores: object, name: str = "scores", finite: bool = True) -> torch.Tensor:
+    """Non-empty floating scores without NaN / inf (the one value check of a call; ``finite=False``
+    leaves it to the op's kernel, functional.selection)."""
     check_tensor(scores, name)
     if scores.numel() == 0:
         raise ValueError(f"{name} is empty (shape {tuple(scores.shape)}); top-k needs at least one score")
-    check_finite(scores, name)
+    if finite:
+        check_finite(scores, name)
     return scores
 
 

@@ -108,6 +108,18 @@ inline void check_keep_mask(const at::Tensor& scores, const at::Tensor& thr, con
   check_selection(scores, thr, cut, op);
 }
 
+// The value check of the fused mask passes (CPU): `t` (scores or thr) holds a NaN or an inf. A
+// ValueError with bise_kernels/_checks.py::check_finite's message, naming a bad value as it does
+// (NaN if any, else -inf if any, else inf). Only on the error path, so its extra reads cost nothing.
+[[noreturn]] inline void fail_non_finite(const at::Tensor& t, const char* name) {
+  const double inf = std::numeric_limits<double>::infinity();
+  const double bad = at::isnan(t).any().item<bool>() ? std::numeric_limits<double>::quiet_NaN()
+                     : at::eq(t, -inf).any().item<bool>() ? -inf
+                                                          : inf;
+  C10_THROW_ERROR(ValueError, c10::str(name, " contains non-finite values (e.g. ", bad,
+                                       "); NaN and inf are not allowed"));
+}
+
 // ----------------------------------------------------------------------------- masked layers
 
 // A masked layer's operands; returns whether the scores are per output unit ((out,)).

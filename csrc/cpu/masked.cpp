@@ -2,7 +2,9 @@
 // composed with the dense ATen GEMM/conv in bise_kernels/backends/native.py).
 //
 // masked_weight_cpu: W_eff = W * keep(scores) in one parallel pass, reading scores directly (no
-//   bool mask, no indices), for weight-shaped or per-output-unit scores.
+//   bool mask, no indices), for weight-shaped or per-output-unit scores. The same pass checks the
+//   scores (and thr) are finite: a ValueError after it if not (the API's check for the native
+//   backends, bise_kernels/functional.py; no separate pass over the scores).
 // masked_score_grad_cpu: one parallel pass over grad_W_eff producing grad_scores = grad_W_eff * W * slope
 //   (summed per row for per-unit scores) and, if asked, masking grad_W_eff in place into the
 //   weight gradient, so no weight-sized temporary exists beyond grad_W_eff itself.
@@ -14,6 +16,7 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include <atomic>
 #include <type_traits>
 
 #include "../checks.h"
@@ -33,15 +36,18 @@ inline W as_weight(bool keep) {
   return static_cast<W>(keep ? 1.0f : 0.0f);
 }
 
-// A keep source over flat weight indices: ranges(begin, end, body) calls body(lo, hi, keep_at)
-// on sub-ranges of [begin, end), keep_at(i) being whether weight i is kept.
+// A keep source over flat weight indices: ranges(begin, end, body) calls body(lo, hi, keep_at, finite_at)
+// on sub-ranges of [begin, end), keep_at(i) being whether weight i is kept and finite_at(i) whether
+// the value deciding it is finite (a score; always true for a mask).
 template <typename S>
 auto selection_ranges(const S* sp, const Keep<S>& keep) {
   const acc_t<S> thr = keep.thr;
   const int64_t cut = keep.cut;
   return [=](int64_t begin, int64_t end, auto&& body) {
     split_at_cut(begin, end, cut, [&](int64_t lo, int64_t hi, bool ties) {
-      body(lo, hi, [=](int64_t i) { return kept(static_cast<acc_t<S>>(sp[i]), thr, ties); });
+      body(
+          lo, hi, [=](int64_t i) { return kept(static_cast<acc_t<S>>(sp[i]), thr, ties); },
+          [=](int64_t i) { return is_finite(static_cast<acc_t<S>>(sp[i])); });
     });
   };
 }
@@ -50,29 +56,43 @@ auto selection_ranges(const S* sp, const Keep<S>& keep) {
 inline auto mask_ranges(const bool* kp) {
   const auto* bytes = reinterpret_cast<const uint8_t*>(kp);
   return [=](int64_t begin, int64_t end, auto&& body) {
-    body(begin, end, [=](int64_t i) { return bytes[i] != 0; });
+    body(begin, end, [=](int64_t i) { return bytes[i] != 0; }, [](int64_t) { return true; });
   };
 }
 
 int64_t rows_grain(int64_t row_len) { return std::max<int64_t>(1, kGrain / std::max<int64_t>(row_len, 1)); }
 
 // out = W * keep; unit_keep(r): the keep of row r (per-unit), ranges: the keep source otherwise.
-template <typename W, typename UnitKeep, typename Ranges>
-void weight_pass(const W* wp, W* outp, const bise_checks::LayerOperands& L, UnitKeep unit_keep, Ranges ranges) {
+// Returns whether every value deciding a keep was finite (unit_finite(r) per unit, else the
+// source's finite_at): the scores' finiteness check, fused into the pass that reads them (an
+// int AND-reduction that vectorises with the loop).
+template <typename W, typename UnitKeep, typename UnitFinite, typename Ranges>
+bool weight_pass(const W* wp, W* outp, const bise_checks::LayerOperands& L, UnitKeep unit_keep,
+                 UnitFinite unit_finite, Ranges ranges) {
+  std::atomic<bool> finite{true};
   if (L.per_unit) {
     at::parallel_for(0, L.rows, rows_grain(L.row_len), [&](int64_t begin, int64_t end) {
+      int ok = 1;
       for (int64_t r = begin; r < end; ++r) {
+        ok &= unit_finite(r);
         const W k = as_weight<W>(unit_keep(r));
         for (int64_t j = r * L.row_len; j < (r + 1) * L.row_len; ++j) outp[j] = wp[j] * k;
       }
+      if (!ok) finite.store(false, std::memory_order_relaxed);
     });
-    return;
+    return finite.load();
   }
   at::parallel_for(0, L.n, kGrain, [&](int64_t begin, int64_t end) {
-    ranges(begin, end, [&](int64_t lo, int64_t hi, auto keep_at) {
-      for (int64_t i = lo; i < hi; ++i) outp[i] = wp[i] * as_weight<W>(keep_at(i));
+    ranges(begin, end, [&](int64_t lo, int64_t hi, auto keep_at, auto finite_at) {
+      int ok = 1;
+      for (int64_t i = lo; i < hi; ++i) {
+        outp[i] = wp[i] * as_weight<W>(keep_at(i));
+        ok &= finite_at(i);
+      }
+      if (!ok) finite.store(false, std::memory_order_relaxed);
     });
   });
+  return finite.load();
 }
 
 at::Tensor masked_weight_cpu(const at::Tensor& weight, const at::Tensor& scores, const at::Tensor& thr,
@@ -84,9 +104,12 @@ at::Tensor masked_weight_cpu(const at::Tensor& weight, const at::Tensor& scores,
     using W = typename decltype(w_type)::type;
     using S = typename decltype(s_type)::type;
     const Keep<S> keep = keep_rule<S>(thr, cut);
+    if (!is_finite(keep.thr)) bise_checks::fail_non_finite(thr, "threshold");
     const S* sp = L.scores.data_ptr<S>();
-    weight_pass(L.weight.data_ptr<W>(), out.data_ptr<W>(), L, [&](int64_t r) { return keep(sp[r], r); },
-                selection_ranges(sp, keep));
+    const bool finite =
+        weight_pass(L.weight.data_ptr<W>(), out.data_ptr<W>(), L, [&](int64_t r) { return keep(sp[r], r); },
+                    [&](int64_t r) { return is_finite(static_cast<acc_t<S>>(sp[r])); }, selection_ranges(sp, keep));
+    if (!finite) bise_checks::fail_non_finite(L.scores, "scores");
   });
   return out;
 }
@@ -98,7 +121,7 @@ at::Tensor keep_weight_cpu(const at::Tensor& weight, const at::Tensor& keep) {
   BISE_DISPATCH_FLOAT(L.weight.scalar_type(), "bise_kernels_ext::keep_weight", [&] {
     const bool* kp = L.scores.data_ptr<bool>();
     weight_pass(L.weight.data_ptr<scalar_t>(), out.data_ptr<scalar_t>(), L, [&](int64_t r) { return kp[r]; },
-                mask_ranges(kp));
+                [](int64_t) { return true; }, mask_ranges(kp));
   });
   return out;
 }
@@ -143,7 +166,7 @@ void score_grad_pass(W* gp, const W* wp, const S* sp, S* gsp, const bise_checks:
   }
   auto run = [&](auto need_s, auto need_w, auto sigmoid) {
     at::parallel_for(0, L.n, kGrain, [&](int64_t begin, int64_t end) {
-      ranges(begin, end, [&](int64_t lo, int64_t hi, auto keep_at) {
+      ranges(begin, end, [&](int64_t lo, int64_t hi, auto keep_at, auto) {
         score_grad_range<decltype(need_s)::value, decltype(need_w)::value, decltype(sigmoid)::value>(
             gp, wp, sp, gsp, lo, hi, slope.temperature, keep_at);
       });

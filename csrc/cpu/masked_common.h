@@ -8,6 +8,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <limits>
 #include <string>
 #include <type_traits>
 
@@ -37,6 +38,12 @@ struct Keep {
 template <typename S>
 Keep<S> keep_rule(const at::Tensor& thr, const at::Tensor& cut) {
   return {static_cast<acc_t<S>>(*thr.const_data_ptr<S>()), *cut.const_data_ptr<int64_t>()};
+}
+
+// Not NaN or +-inf: an ordered compare (false for NaN), which vectorises (std::isfinite does not).
+template <typename A>
+inline bool is_finite(A v) {
+  return std::abs(v) <= std::numeric_limits<A>::max();
 }
 
 template <typename A>

@@ -1,7 +1,9 @@
 // Fused CUDA passes of the masked layers (backend "cuda"); the dense GEMM/conv stays in ATen
 // (cuBLAS/cuDNN). Torch-free: launched through the extern "C" functions of launchers.h.
 //
-// masked_weight: W_eff = W * keep(scores), reading scores directly (no mask, no indices).
+// masked_weight: W_eff = W * keep(scores), reading scores directly (no mask, no indices); a
+//   device-side assert on a NaN/inf score or thr (BISE_DEVICE_CHECK): the API's value check for
+//   the "cuda" backend, with no pass or launch of its own (bise_kernels/functional.py).
 // score_grad: grad_scores = grad_W_eff * W * slope (a block-reduced row sum for per-unit scores)
 //   and, if asked, grad_W_eff *= keep in place, in one pass over grad_W_eff.
 // keep_weight / keep_score_grad: the same passes reading a bool keep mask (the selection packed
@@ -13,7 +15,8 @@ namespace bise_cuda {
 namespace {
 
 // Keep sources: load() (on the device, once per thread) gives a functor keep(i) of flat index i
-// (for per-unit sources, i is the unit).
+// (for per-unit sources, i is the unit); keep.check(i) asserts that the value deciding keep(i) is
+// finite (the weight kernels call it: the scores' value check, fused into the pass that reads them).
 template <typename S>
 struct ScoreKeep {  // the selection rule on scores[i]
   const S* scores;
@@ -23,14 +26,21 @@ struct ScoreKeep {  // the selection rule on scores[i]
     const S* scores;
     Keep<S> rule;
     __device__ bool operator()(int64_t i) const { return rule(scores[i], i); }
+    __device__ void check(int64_t i) const {
+      BISE_DEVICE_CHECK(is_finite(to_acc(scores[i])), "scores contains non-finite values (NaN or inf)");
+    }
   };
-  __device__ Loaded load() const { return {scores, Keep<S>(thr, cut)}; }
+  __device__ Loaded load() const {
+    BISE_DEVICE_CHECK(is_finite(to_acc(*thr)), "threshold contains non-finite values (NaN or inf)");
+    return {scores, Keep<S>(thr, cut)};
+  }
 };
 
 struct MaskKeep {  // a packed bool mask
   const bool* keep;
   __device__ MaskKeep load() const { return *this; }
   __device__ bool operator()(int64_t i) const { return keep[i]; }
+  __device__ void check(int64_t) const {}
 };
 
 // Weight-shaped keep: one thread per weight (grid-stride).
@@ -38,6 +48,7 @@ template <typename W, typename Source>
 __global__ void masked_weight_kernel(const W* __restrict__ weight, W* __restrict__ out, int64_t n, Source source) {
   const auto keep = source.load();
   for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < n; i += int64_t(gridDim.x) * blockDim.x) {
+    keep.check(i);
     out[i] = from_acc<W>(to_acc(weight[i]) * acc_t<W>(keep(i) ? 1 : 0));
   }
 }
@@ -49,6 +60,7 @@ __global__ void masked_weight_rows_kernel(const W* __restrict__ weight, W* __res
                                           int64_t row_len, Source source) {
   const auto keep = source.load();
   for (int64_t r = blockIdx.x; r < rows; r += gridDim.x) {
+    if (threadIdx.x == 0) keep.check(r);
     const acc_t<W> k = keep(r) ? 1 : 0;
     for (int64_t j = r * row_len + threadIdx.x; j < (r + 1) * row_len; j += blockDim.x)
       out[j] = from_acc<W>(to_acc(weight[j]) * k);
