@@ -139,12 +139,12 @@ def _device_scalar(value: Number, dtype: torch.dtype, device: torch.device, shar
     return t
 
 
-def _fused_check(name: str, x: Tensor) -> bool:
-    """Whether layer op ``name`` on x's device and dtype runs the native kernels (backends "cpp",
-    "cuda"), whose fused mask pass checks the scores and thr finite (csrc/cpu/masked.cpp: a
-    ValueError; csrc/cuda/masked.cu: a device-side assert): the API then skips its own check,
-    which costs a pass over the scores and, on a GPU, ~5 launches (docs/masked.md)."""
-    return _ops._native_layer_op(name, x) is not None
+def _fused_check(name: str, x: Tensor, threshold: object) -> bool:
+    """Whether a threshold (not None) is given and layer op ``name`` on x's device and dtype runs the
+    native kernels (backends "cpp", "cuda"), whose fused mask pass checks the scores and thr finite
+    (csrc/cpu/masked.cpp: a ValueError; csrc/cuda/masked.cu: a device-side assert): the API then
+    skips its own check, a pass over the scores and, on a GPU, 5 launches (docs/masked.md)."""
+    return threshold is not None and _ops._native_layer_op(name, x) is not None
 
 
 # ----------------------------------------------------------------------------- masked ops
@@ -162,7 +162,7 @@ def masked_linear(
     """
     _checks.check_masked_linear(x, weight, bias, scores)
     _checks.check_estimator(estimator, temperature)
-    thr, cut = selection(scores, density, threshold, fused_check=_fused_check("masked_linear", x))
+    thr, cut = selection(scores, density, threshold, fused_check=_fused_check("masked_linear", x, threshold))
     return _ops.masked_linear(x, weight, bias, scores, thr, cut, estimator, float(temperature))
 
 
@@ -175,7 +175,7 @@ def masked_conv2d(
     _, stride, padding, dilation = _checks.check_masked_conv2d(x, weight, bias, scores, None, None, stride, padding,
                                                                dilation, groups)
     _checks.check_estimator(estimator, temperature)
-    thr, cut = selection(scores, density, threshold, fused_check=_fused_check("masked_conv2d", x))
+    thr, cut = selection(scores, density, threshold, fused_check=_fused_check("masked_conv2d", x, threshold))
     return _ops.masked_conv2d(x, weight, bias, scores, thr, cut, list(stride), list(padding), list(dilation),
                               int(groups), estimator, float(temperature))
 

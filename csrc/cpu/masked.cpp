@@ -36,9 +36,9 @@ inline W as_weight(bool keep) {
   return static_cast<W>(keep ? 1.0f : 0.0f);
 }
 
-// A keep source over flat weight indices: ranges(begin, end, body) calls body(lo, hi, keep_at, finite_at)
-// on sub-ranges of [begin, end), keep_at(i) being whether weight i is kept and finite_at(i) whether
-// the value deciding it is finite (a score; always true for a mask).
+// A keep source over flat weight indices: ranges(begin, end, body) calls body(lo, hi, keep_at,
+// non_finite_at) on sub-ranges of [begin, end), keep_at(i) being whether weight i is kept and
+// non_finite_at(i) whether the value deciding it is NaN or inf (non_finite of a score as acc_t; 0 for a mask).
 template <typename S>
 auto selection_ranges(const S* sp, const Keep<S>& keep) {
   const acc_t<S> thr = keep.thr;
@@ -47,7 +47,7 @@ auto selection_ranges(const S* sp, const Keep<S>& keep) {
     split_at_cut(begin, end, cut, [&](int64_t lo, int64_t hi, bool ties) {
       body(
           lo, hi, [=](int64_t i) { return kept(static_cast<acc_t<S>>(sp[i]), thr, ties); },
-          [=](int64_t i) { return is_finite(static_cast<acc_t<S>>(sp[i])); });
+          [=](int64_t i) { return non_finite(static_cast<acc_t<S>>(sp[i])); });
     });
   };
 }
@@ -56,43 +56,42 @@ auto selection_ranges(const S* sp, const Keep<S>& keep) {
 inline auto mask_ranges(const bool* kp) {
   const auto* bytes = reinterpret_cast<const uint8_t*>(kp);
   return [=](int64_t begin, int64_t end, auto&& body) {
-    body(begin, end, [=](int64_t i) { return bytes[i] != 0; }, [](int64_t) { return true; });
+    body(begin, end, [=](int64_t i) { return bytes[i] != 0; }, [](int64_t) { return uint8_t{0}; });
   };
 }
 
 int64_t rows_grain(int64_t row_len) { return std::max<int64_t>(1, kGrain / std::max<int64_t>(row_len, 1)); }
 
 // out = W * keep; unit_keep(r): the keep of row r (per-unit), ranges: the keep source otherwise.
-// Returns whether every value deciding a keep was finite (unit_finite(r) per unit, else the
-// source's finite_at): the scores' finiteness check, fused into the pass that reads them (an
-// int AND-reduction that vectorises with the loop).
-template <typename W, typename UnitKeep, typename UnitFinite, typename Ranges>
+// Returns whether every value deciding a keep is finite (unit_non_finite(r) per unit, else the
+// source's non_finite_at, ORed): the scores' finiteness check, fused into the pass that reads them.
+template <typename W, typename UnitKeep, typename UnitNonFinite, typename Ranges>
 bool weight_pass(const W* wp, W* outp, const bise_checks::LayerOperands& L, UnitKeep unit_keep,
-                 UnitFinite unit_finite, Ranges ranges) {
-  std::atomic<bool> finite{true};
+                 UnitNonFinite unit_non_finite, Ranges ranges) {
+  std::atomic<bool> all_finite{true};
   if (L.per_unit) {
     at::parallel_for(0, L.rows, rows_grain(L.row_len), [&](int64_t begin, int64_t end) {
-      int ok = 1;
+      decltype(unit_non_finite(begin)) bad = 0;
       for (int64_t r = begin; r < end; ++r) {
-        ok &= unit_finite(r);
+        bad |= unit_non_finite(r);
         const W k = as_weight<W>(unit_keep(r));
         for (int64_t j = r * L.row_len; j < (r + 1) * L.row_len; ++j) outp[j] = wp[j] * k;
       }
-      if (!ok) finite.store(false, std::memory_order_relaxed);
+      if (bad) all_finite.store(false, std::memory_order_relaxed);
     });
-    return finite.load();
+    return all_finite.load();
   }
   at::parallel_for(0, L.n, kGrain, [&](int64_t begin, int64_t end) {
-    ranges(begin, end, [&](int64_t lo, int64_t hi, auto keep_at, auto finite_at) {
-      int ok = 1;
+    ranges(begin, end, [&](int64_t lo, int64_t hi, auto keep_at, auto non_finite_at) {
+      decltype(non_finite_at(lo)) bad = 0;
       for (int64_t i = lo; i < hi; ++i) {
         outp[i] = wp[i] * as_weight<W>(keep_at(i));
-        ok &= finite_at(i);
+        bad |= non_finite_at(i);
       }
-      if (!ok) finite.store(false, std::memory_order_relaxed);
+      if (bad) all_finite.store(false, std::memory_order_relaxed);
     });
   });
-  return finite.load();
+  return all_finite.load();
 }
 
 at::Tensor masked_weight_cpu(const at::Tensor& weight, const at::Tensor& scores, const at::Tensor& thr,
@@ -104,11 +103,11 @@ at::Tensor masked_weight_cpu(const at::Tensor& weight, const at::Tensor& scores,
     using W = typename decltype(w_type)::type;
     using S = typename decltype(s_type)::type;
     const Keep<S> keep = keep_rule<S>(thr, cut);
-    if (!is_finite(keep.thr)) bise_checks::fail_non_finite(thr, "threshold");
+    if (non_finite(keep.thr)) bise_checks::fail_non_finite(thr, "threshold");
     const S* sp = L.scores.data_ptr<S>();
-    const bool finite =
-        weight_pass(L.weight.data_ptr<W>(), out.data_ptr<W>(), L, [&](int64_t r) { return keep(sp[r], r); },
-                    [&](int64_t r) { return is_finite(static_cast<acc_t<S>>(sp[r])); }, selection_ranges(sp, keep));
+    const bool finite = weight_pass(
+        L.weight.data_ptr<W>(), out.data_ptr<W>(), L, [&](int64_t r) { return keep(sp[r], r); },
+        [&](int64_t r) { return non_finite(static_cast<acc_t<S>>(sp[r])); }, selection_ranges(sp, keep));
     if (!finite) bise_checks::fail_non_finite(L.scores, "scores");
   });
   return out;
@@ -121,7 +120,7 @@ at::Tensor keep_weight_cpu(const at::Tensor& weight, const at::Tensor& keep) {
   BISE_DISPATCH_FLOAT(L.weight.scalar_type(), "bise_kernels_ext::keep_weight", [&] {
     const bool* kp = L.scores.data_ptr<bool>();
     weight_pass(L.weight.data_ptr<scalar_t>(), out.data_ptr<scalar_t>(), L, [&](int64_t r) { return kp[r]; },
-                [](int64_t) { return true; }, mask_ranges(kp));
+                [](int64_t) { return uint8_t{0}; }, mask_ranges(kp));
   });
   return out;
 }
