@@ -86,13 +86,16 @@ __device__ __forceinline__ bool is_finite(double v) {
 // The device side of the value checks: as torch's CUDA_KERNEL_ASSERT (this code is torch-free), an
 // assert that NDEBUG does not remove. A failing thread stops the kernel; the host gets "device-side
 // assert triggered" (cudaErrorAssert) at its next synchronisation, and the message names the bad
-// argument. No flag, no extra launch, no host sync.
+// argument. No flag, no extra launch, no host sync. (The CPU emulation of these kernels defines it
+// first, to count failures: tests/kernels/test_masked_cuda_emulated.py.)
+#ifndef BISE_DEVICE_CHECK
 extern "C" __host__ __device__ void __assert_fail(const char* assertion, const char* file, unsigned int line,
                                                   const char* function) noexcept;
-#define BISE_DEVICE_CHECK(cond, message) \
-  do {                                    \
+#define BISE_DEVICE_CHECK(cond, message)                                                          \
+  do {                                                                                            \
     if (!(cond)) __assert_fail(message, __FILE__, static_cast<unsigned int>(__LINE__), __func__); \
   } while (0)
+#endif
 
 namespace bise_cuda {
 
