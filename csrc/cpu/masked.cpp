@@ -2,9 +2,10 @@
 // composed with the dense ATen GEMM/conv in bise_kernels/backends/native.py).
 //
 // masked_weight_cpu: W_eff = W * keep(scores) in one parallel pass, reading scores directly (no
-//   bool mask, no indices), for weight-shaped or per-output-unit scores. The same pass checks the
-//   scores (and thr) are finite: a ValueError after it if not (the API's check for the native
-//   backends, bise_kernels/functional.py; no separate pass over the scores).
+//   bool mask, no indices), for weight-shaped or per-output-unit scores. With check_finite, the
+//   same pass checks the scores (and thr) are finite: a ValueError after it if not (the API's
+//   check for the native backends, bise_kernels/functional.py; no separate pass over the scores).
+//   Without it the OR is computed all the same and ignored (one code path; the backward's recompute).
 // masked_score_grad_cpu: one parallel pass over grad_W_eff producing grad_scores = grad_W_eff * W * slope
 //   (summed per row for per-unit scores) and, if asked, masking grad_W_eff in place into the
 //   weight gradient, so no weight-sized temporary exists beyond grad_W_eff itself.
@@ -95,7 +96,7 @@ bool weight_pass(const W* wp, W* outp, const bise_checks::LayerOperands& L, Unit
 }
 
 at::Tensor masked_weight_cpu(const at::Tensor& weight, const at::Tensor& scores, const at::Tensor& thr,
-                             const at::Tensor& cut) {
+                             const at::Tensor& cut, bool check_finite) {
   const auto L = bise_checks::layer_operands(
       weight, scores, bise_checks::check_layer(weight, scores, thr, cut, "bise_kernels_ext::masked_weight", at::kCPU));
   at::Tensor out = at::empty_like(L.weight, at::MemoryFormat::Contiguous);
@@ -103,12 +104,12 @@ at::Tensor masked_weight_cpu(const at::Tensor& weight, const at::Tensor& scores,
     using W = typename decltype(w_type)::type;
     using S = typename decltype(s_type)::type;
     const Keep<S> keep = keep_rule<S>(thr, cut);
-    if (non_finite(keep.thr)) bise_checks::fail_non_finite(thr, "threshold");
+    if (check_finite && non_finite(keep.thr)) bise_checks::fail_non_finite(thr, "threshold");
     const S* sp = L.scores.data_ptr<S>();
     const bool finite = weight_pass(
         L.weight.data_ptr<W>(), out.data_ptr<W>(), L, [&](int64_t r) { return keep(sp[r], r); },
         [&](int64_t r) { return non_finite(static_cast<acc_t<S>>(sp[r])); }, selection_ranges(sp, keep));
-    if (!finite) bise_checks::fail_non_finite(L.scores, "scores");
+    if (check_finite && !finite) bise_checks::fail_non_finite(L.scores, "scores");
   });
   return out;
 }

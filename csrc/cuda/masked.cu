@@ -16,23 +16,27 @@ namespace {
 
 // Keep sources: load() (on the device, once per thread) gives a functor keep(i) of flat index i
 // (for per-unit sources, i is the unit); keep.check(i) asserts that the value deciding keep(i) is
-// finite (the weight kernels call it: the scores' value check, fused into the pass that reads them).
+// finite when the source was made with check_finite (the weight kernels call it: the scores' value
+// check, fused into the pass that reads them).
 template <typename S>
 struct ScoreKeep {  // the selection rule on scores[i]
   const S* scores;
   const S* thr;
   const int64_t* cut;
+  int check_finite;
   struct Loaded {
     const S* scores;
     Keep<S> rule;
+    int check_finite;
     __device__ bool operator()(int64_t i) const { return rule(scores[i], i); }
     __device__ void check(int64_t i) const {
-      BISE_DEVICE_CHECK(is_finite(to_acc(scores[i])), "scores contains non-finite values (NaN or inf)");
+      if (check_finite)
+        BISE_DEVICE_CHECK(is_finite(to_acc(scores[i])), "scores contains non-finite values (NaN or inf)");
     }
   };
   __device__ Loaded load() const {
-    BISE_DEVICE_CHECK(is_finite(to_acc(*thr)), "threshold contains non-finite values (NaN or inf)");
-    return {scores, Keep<S>(thr, cut)};
+    if (check_finite) BISE_DEVICE_CHECK(is_finite(to_acc(*thr)), "threshold contains non-finite values (NaN or inf)");
+    return {scores, Keep<S>(thr, cut), check_finite};
   }
 };
 
@@ -142,13 +146,13 @@ using namespace bise_cuda;
 
 extern "C" cudaError_t bise_masked_weight(const void* weight, const void* scores, void* out, int64_t n,
                                           int64_t row_len, int per_unit, int w_dtype, int s_dtype, const void* thr,
-                                          const int64_t* cut, cudaStream_t stream) {
+                                          const int64_t* cut, int check_finite, cudaStream_t stream) {
   if (n <= 0) return cudaSuccess;
   if (per_unit && row_len <= 0) return cudaErrorInvalidValue;
   const bool known = dispatch_value_and_scores(w_dtype, s_dtype, [&](auto w_tag, auto s_tag) {
     using W = decltype(w_tag);
     using S = decltype(s_tag);
-    const ScoreKeep<S> source{static_cast<const S*>(scores), static_cast<const S*>(thr), cut};
+    const ScoreKeep<S> source{static_cast<const S*>(scores), static_cast<const S*>(thr), cut, check_finite};
     launch_weight<W>(weight, out, n, row_len, per_unit, source, stream);
   });
   return known ? cudaGetLastError() : cudaErrorInvalidValue;
@@ -172,7 +176,7 @@ extern "C" cudaError_t bise_score_grad(void* grad_w_eff, const void* weight, con
   if (per_unit && row_len <= 0) return cudaErrorInvalidValue;
   const bool known = dispatch_value_and_scores(w_dtype, s_dtype, [&](auto w_tag, auto s_tag) {
     using S = decltype(s_tag);
-    const ScoreKeep<S> source{static_cast<const S*>(scores), static_cast<const S*>(thr), cut};
+    const ScoreKeep<S> source{static_cast<const S*>(scores), static_cast<const S*>(thr), cut, 0};
     launch_score_grad<decltype(w_tag), S>(grad_w_eff, weight, scores, grad_scores, n, row_len, per_unit, source,
                                           sigmoid, temperature, need_scores, need_weight, stream);
   });

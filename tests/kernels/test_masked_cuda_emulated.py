@@ -53,11 +53,11 @@ def lib(tmp_path_factory):
     lib = ctypes.CDLL(str(so))
     lib.bise_masked_weight.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64,
                                        ctypes.c_int64, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_void_p,
-                                       ctypes.c_void_p, ctypes.c_void_p]
+                                       ctypes.c_void_p, ctypes.c_int, ctypes.c_void_p]
     return lib
 
 
-def _masked_weight(lib, weight, scores, thr, cut):
+def _masked_weight(lib, weight, scores, thr, cut, check_finite=True):
     """(W_eff, failed checks) of one bise_masked_weight call."""
     failed = ctypes.c_int.in_dll(lib, "emu_failed_checks")
     failed.value = 0
@@ -66,7 +66,7 @@ def _masked_weight(lib, weight, scores, thr, cut):
     row_len = weight[0].numel()
     status = lib.bise_masked_weight(weight.data_ptr(), scores.data_ptr(), out.data_ptr(), weight.numel(), row_len,
                                     int(per_unit), CODES[weight.dtype], CODES[scores.dtype], thr.data_ptr(),
-                                    cut.data_ptr(), None)
+                                    cut.data_ptr(), int(check_finite), None)
     assert status == 0
     return out, failed.value
 
@@ -91,6 +91,7 @@ def test_mask_pass_and_its_finiteness_check(lib, score_dtype, per_unit):
             s = scores.clone()
             s.view(-1)[pos] = bad
             assert _masked_weight(lib, weight, s, thr, cut)[1] == 1, (pos, bad)
+            assert _masked_weight(lib, weight, s, thr, cut, check_finite=False)[1] == 0
             assert _message(lib).startswith("scores contains non-finite values")
     for bad in (float("nan"), float("inf"), float("-inf")):
         assert _masked_weight(lib, weight, scores, torch.tensor(bad, dtype=score_dtype), cut)[1] > 0

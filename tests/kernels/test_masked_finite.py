@@ -120,7 +120,23 @@ def test_masked_weight_checks_every_dtype():
                 ext.masked_weight(w, s2, thr, cut)
             with pytest.raises(ValueError, match=f"threshold contains non-finite values \\(e.g. {bad}\\)"):
                 ext.masked_weight(w, s, torch.tensor(bad, dtype=dtype), cut)
+            ext.masked_weight(w, s2, thr, cut, False)  # the backward's recompute: no check
         ext.keep_weight(w, s > 0)  # a keep mask has no values to check
+
+
+class _Passthrough(torch.overrides.TorchFunctionMode):
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.skipif(not NATIVE, reason="the compiled extension is unavailable")
+def test_the_custom_op_path_checks_in_the_kernel_too():
+    """Under a torch-function mode the custom op runs native.py's kernels (not the C++ node)."""
+    call, scores = _linear(5, 13, False)
+    scores.view(-1)[7] = float("inf")
+    with bk.use_backend("cpp"), _Passthrough():
+        with pytest.raises(ValueError, match=r"scores contains non-finite values \(e.g. inf\)"):
+            call(scores, threshold=0.1)
 
 
 def test_number_thresholds_launch_no_fill_per_call(monkeypatch):
