@@ -49,16 +49,14 @@ class ScoredModule(nn.Module):
         """The selection packed into a bool keep mask (the scores' shape, 1 byte per score), computed
         once per selection and reused until the scores change (not part of the state dict)."""
         thr, cut = self.selection()
-        scores = self.scores
         if torch.compiler.is_compiling():
-            return _ops.keep_mask(scores.detach(), thr, cut, 0)
-        # Keyed on the scores too: a threshold's (thr, cut) is the same pair for new scores
-        # (functional._number_selection).
-        key = (thr, cut, scores._version, scores.data_ptr())
-        cached = self._keep_cache
-        if cached is None or cached[0] is not thr or cached[1] is not cut or cached[2:4] != key[2:]:
-            cached = self._keep_cache = (*key, _ops.keep_mask(scores.detach(), thr, cut, 0))
-        return cached[4]
+            return _ops.keep_mask(self.scores.detach(), thr, cut, 0)
+        # Keyed on the selection's cache entry too: a threshold's (thr, cut) is one pair shared by
+        # every version of the scores (functional._device_scalar).
+        cached, entry = self._keep_cache, self._cache
+        if cached is None or cached[0] is not thr or cached[1] is not cut or cached[2] is not entry:
+            cached = self._keep_cache = (thr, cut, entry, _ops.keep_mask(self.scores.detach(), thr, cut, 0))
+        return cached[3]
 
     def mask(self) -> Tensor:
         """The current binary mask (of the scores' shape)."""

@@ -160,3 +160,15 @@ def test_shared_thresholds_work_after_inference_mode():
         bk.masked_linear(x, w, None, s, threshold=0.123456)
     bk.masked_linear(x, w, None, s, threshold=0.123456).sum().backward()
     assert s.grad is not None
+
+
+@pytest.mark.parametrize("threshold", [0.0, torch.tensor(0.0)], ids=["number", "tensor"])
+def test_keep_mask_follows_the_scores_with_a_shared_threshold(threshold):
+    """The (thr, cut) of a number threshold is the same pair for new scores: the module's cached
+    keep mask must still follow them."""
+    layer = bk.MaskedLinear(13, 5, threshold=threshold, mask_mode="keep")
+    first = layer.keep().clone()
+    assert torch.equal(first, layer.scores.detach() >= 0)
+    with torch.no_grad():
+        layer.scores.neg_()
+    assert torch.equal(layer.keep(), ~first | (layer.scores.detach() == 0))
