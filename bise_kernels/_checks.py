@@ -13,7 +13,8 @@ finite ones, is decided by ``torch.aminmax``) and a ValueError; on other devices
 ``torch.aminmax`` read (NaN propagates into it) and ``torch._assert_async`` (an asynchronous
 device-side assert, reported at the next synchronisation). No n-byte temporary either way.
 Under tracing (torch.compile, torch.export, fake or meta tensors) it is skipped, as the values
-are not known.
+are not known. A threshold call of masked_linear / masked_conv2d on the native backends skips it
+too: their mask pass checks the same values (``functional._fused_check``, docs/masked.md).
 """
 
 from __future__ import annotations
