@@ -16,6 +16,8 @@ Under tracing (torch.compile, torch.export, fake or meta tensors) it is skipped,
 are not known. Scores that go to a select kernel that makes the check itself, in the pass over
 them it makes anyway (registry: ``CHECKS_FINITE``; the "cpp" and "cuda" selects), skip it
 (:func:`check_select_finite`): that saves a read of the scores.
+A threshold call of masked_linear / masked_conv2d on the native backends skips it
+too: their mask pass checks the same values (``functional._fused_check``, docs/masked.md).
 """
 
 from __future__ import annotations
@@ -135,7 +137,8 @@ def _is_fake(t: torch.Tensor) -> bool:
 
 
 def check_scores(scores: object, name: str = "scores", finite: bool = True) -> torch.Tensor:
-    """Non-empty floating scores without NaN / inf (the one value check of a call, if ``finite``)."""
+    """Non-empty floating scores without NaN / inf (the one value check of a call; ``finite=False``
+    leaves it to the op's kernel, functional.selection)."""
     check_tensor(scores, name)
     if scores.numel() == 0:
         raise ValueError(f"{name} is empty (shape {tuple(scores.shape)}); top-k needs at least one score")

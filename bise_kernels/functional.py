@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from typing import Optional, Sequence, Union
 
 import torch
@@ -88,30 +89,70 @@ def _hint(hint: Optional[Tensor], scores: Tensor) -> Optional[Tensor]:
 
 
 def selection(scores: Tensor, density: Optional[float], threshold: Optional[Union[Number, Tensor]],
-              hint: Optional[Tensor] = None) -> tuple[Tensor, Tensor]:
+              hint: Optional[Tensor] = None, *, fused_check: bool = False) -> tuple[Tensor, Tensor]:
     """``(thr, cut)`` for top-k by ``density`` or for ``scores >= threshold`` (exactly one given).
 
-    The one value check of a call (NaN / inf scores or threshold) happens here (for top-k, in the
-    select kernel where it makes it).
+    The one value check of a call (NaN / inf scores or threshold) happens here, except where the
+    kernel makes it in the pass that reads the scores: for top-k, a select kernel that checks
+    (registry ``CHECKS_FINITE``); with ``fused_check`` and a threshold, the caller's op (the native
+    masked layers' ``masked_weight``, :func:`_fused_check`).
     """
     _checks.check_mask_spec(density, threshold)
     if density is not None:
         _select_scores(scores, "topk_select")
         k = _checks.k_from_density(density, scores.numel())
         return _ops.topk_select([scores.detach()], k, _hint(hint, scores))
-    _checks.check_scores(scores)
-    return _threshold_selection(scores, threshold)
+    _checks.check_scores(scores, finite=not fused_check)
+    return _threshold_selection(scores, threshold, fused_check)
 
 
-def _threshold_selection(scores: Tensor, threshold: Union[Number, Tensor]) -> tuple[Tensor, Tensor]:
-    """``(thr, cut)`` meaning ``scores >= threshold`` (threshold cast to the scores' dtype)."""
+def _threshold_selection(scores: Tensor, threshold: Union[Number, Tensor],
+                         fused_check: bool = False) -> tuple[Tensor, Tensor]:
+    """``(thr, cut)`` meaning ``scores >= threshold`` (threshold cast to the scores' dtype, then
+    checked finite, here or, with ``fused_check``, by the op's kernel: the same rule either way)."""
+    shared = _ops._plain_eager((scores,))  # traced or fake tensors are made in the trace, never kept
     if isinstance(threshold, Tensor):
-        _checks.check_finite(threshold.detach(), "threshold")
         thr = threshold.detach().reshape(()).to(device=scores.device, dtype=scores.dtype)
+        if not fused_check:
+            _checks.check_finite(thr, "threshold")
     else:
-        thr = torch.full((), float(threshold), dtype=scores.dtype, device=scores.device)  # no host copy
-    cut = torch.full((), KEEP_ALL_TIES, dtype=torch.int64, device=scores.device)
-    return thr, cut
+        thr = _device_scalar(float(threshold), scores.dtype, scores.device, shared, "threshold")
+    return thr, _device_scalar(KEEP_ALL_TIES, torch.int64, scores.device, shared)
+
+
+_SCALARS: dict[tuple, Tensor] = {}
+_MAX_SCALARS = 256
+"""At most this many cached scalars (a threshold annealed per step makes a new one each step)."""
+
+
+def _device_scalar(value: Number, dtype: torch.dtype, device: torch.device, shared: bool,
+                   finite_name: Optional[str] = None) -> Tensor:
+    """``value`` as a 0-dim ``dtype`` tensor on ``device``; when ``shared``, made once per (value,
+    dtype, device) and returned to every call (never written): a threshold call then launches no
+    fill for its (thr, cut) (two per call before, each a ~5 us launch on a GPU; docs/masked.md).
+    ``finite_name``: when made shared, a value that overflows ``dtype`` (1e5 in float16) is a
+    ValueError naming it, as its inf would be in the native ops' fused check."""
+    if not shared:
+        return torch.full((), value, dtype=dtype, device=device)
+    key = (value, dtype, device)
+    t = _SCALARS.get(key)
+    if t is None:
+        if finite_name is not None and not math.isfinite(torch.full((), value, dtype=dtype).item()):  # on the CPU
+            raise ValueError(f"{finite_name} {value!r} is not finite in the scores' dtype {dtype}")
+        with torch.inference_mode(False):  # a normal tensor even in inference mode: it is saved for backward
+            t = torch.full((), value, dtype=dtype, device=device)
+        if len(_SCALARS) >= _MAX_SCALARS:
+            _SCALARS.clear()
+        _SCALARS[key] = t
+    return t
+
+
+def _fused_check(name: str, x: Tensor, threshold: object) -> bool:
+    """Whether a threshold (not None) is given and layer op ``name`` on x's device and dtype runs the
+    native kernels (backends "cpp", "cuda"), whose fused mask pass checks the scores and thr finite
+    (csrc/cpu/masked.cpp: a ValueError; csrc/cuda/masked.cu: a device-side assert): the API then
+    skips its own check, a pass over the scores and, on a GPU, 5 launches (docs/masked.md)."""
+    return threshold is not None and _ops._native_layer_op(name, x) is not None
 
 
 # ----------------------------------------------------------------------------- masked ops
@@ -129,7 +170,7 @@ def masked_linear(
     """
     _checks.check_masked_linear(x, weight, bias, scores)
     _checks.check_estimator(estimator, temperature)
-    thr, cut = selection(scores, density, threshold)
+    thr, cut = selection(scores, density, threshold, fused_check=_fused_check("masked_linear", x, threshold))
     return _ops.masked_linear(x, weight, bias, scores, thr, cut, estimator, float(temperature))
 
 
@@ -142,7 +183,7 @@ def masked_conv2d(
     _, stride, padding, dilation = _checks.check_masked_conv2d(x, weight, bias, scores, None, None, stride, padding,
                                                                dilation, groups)
     _checks.check_estimator(estimator, temperature)
-    thr, cut = selection(scores, density, threshold)
+    thr, cut = selection(scores, density, threshold, fused_check=_fused_check("masked_conv2d", x, threshold))
     return _ops.masked_conv2d(x, weight, bias, scores, thr, cut, list(stride), list(padding), list(dilation),
                               int(groups), estimator, float(temperature))
 

@@ -120,18 +120,25 @@ inline uint64_t inf_bits(at::ScalarType dtype) {
   }
 }
 
-// The selects check finiteness in their pass over the scores; when it found a NaN or inf: a
-// ValueError shaped like bise_kernels/_checks.py's check_finite, naming the first tensor holding
-// one ("scores" for a single tensor, else "scores[i]") and such a value. Only this error path
-// looks at the values again.
+// A fused pass found a NaN or an inf in `t` (scores or thr): a ValueError with
+// bise_kernels/_checks.py::check_finite's message, naming a bad value as it does (NaN if any, else
+// -inf if any, else inf). Only on the error path, so its extra reads cost nothing.
+[[noreturn]] inline void fail_non_finite(const at::Tensor& t, const char* name) {
+  const double inf = std::numeric_limits<double>::infinity();
+  const double bad = at::isnan(t).any().item<bool>() ? std::numeric_limits<double>::quiet_NaN()
+                     : at::eq(t, -inf).any().item<bool>() ? -inf
+                                                          : inf;
+  C10_THROW_ERROR(ValueError, c10::str(name, " contains non-finite values (e.g. ", bad,
+                                       "); NaN and inf are not allowed"));
+}
+
+// The same for the selects, whose pass over a list found one: names the op and the first tensor
+// holding one ("scores" for a single tensor, else "scores[i]").
 [[noreturn]] inline void fail_non_finite(at::TensorList scores, const char* op) {
   for (size_t i = 0; i < scores.size(); ++i) {
-    const at::Tensor bad = scores[i].masked_select(scores[i].isfinite().logical_not());
-    if (bad.numel() == 0) continue;
-    const double v = bad.reshape({-1})[0].item<double>();
+    if (scores[i].isfinite().all().item<bool>()) continue;
     const std::string name = scores.size() == 1 ? "scores" : "scores[" + std::to_string(i) + "]";
-    TORCH_CHECK_VALUE(false, op, ": ", name, " contains non-finite values (e.g. ",
-                      std::isnan(v) ? "nan" : v > 0 ? "inf" : "-inf", "); NaN and inf are not allowed");
+    fail_non_finite(scores[i], c10::str(op, ": ", name).c_str());
   }
   TORCH_CHECK(false, op, ": internal error: a non-finite key flagged in finite scores");
 }

@@ -17,8 +17,10 @@ TORCH_LIBRARY(bise_kernels_ext, m) {
   // the selection's fused pass where that pass holds rank k (csrc/cpu/select.cpp).
   m.def("topk_keep_mask(Tensor[] scores, int k, Tensor? hint) -> Tensor[]");
   // The fused pass of masked_linear and masked_conv2d (csrc/cpu/masked.cpp, csrc/cuda/masked.cu):
-  // W_eff = weight * keep(scores), for weight-shaped or per-output-unit scores.
-  m.def("masked_weight(Tensor weight, Tensor scores, Tensor thr, Tensor cut) -> Tensor");
+  // W_eff = weight * keep(scores), for weight-shaped or per-output-unit scores; check_finite: the
+  // same pass rejects NaN/inf scores and thr (CPU: ValueError; CUDA: device-side assert). The
+  // backward's recompute passes False: the forward checked the same (saved) scores.
+  m.def("masked_weight(Tensor weight, Tensor scores, Tensor thr, Tensor cut, bool check_finite=True) -> Tensor");
   // The fused score-gradient pass of masked_linear and masked_conv2d: returns
   // grad_scores = grad_w_eff * weight * slope (row sums for per-unit scores) and, if need_weight,
   // masks grad_w_eff in place into the weight gradient.

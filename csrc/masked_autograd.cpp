@@ -35,9 +35,9 @@ c10::TypedOperatorHandle<Signature> ext_op(const char* name) {
 
 using T = const at::Tensor&;
 
-at::Tensor masked_weight(T weight, T scores, T thr, T cut) {
-  static const auto op = ext_op<at::Tensor(T, T, T, T)>("bise_kernels_ext::masked_weight");
-  return op.call(weight, scores, thr, cut);
+at::Tensor masked_weight(T weight, T scores, T thr, T cut, bool check_finite) {
+  static const auto op = ext_op<at::Tensor(T, T, T, T, bool)>("bise_kernels_ext::masked_weight");
+  return op.call(weight, scores, thr, cut, check_finite);
 }
 
 at::Tensor masked_score_grad(T grad_w_eff, T weight, T scores, T thr, T cut, const std::string& estimator,
@@ -75,7 +75,8 @@ struct Selection {
   }
   std::vector<at::Tensor> tensors() const { return {thr, cut}; }
   static Selection from(const variable_list& saved, size_t first) { return {saved[first], saved[first + 1]}; }
-  at::Tensor weight(T w, T scores) const { return masked_weight(w, scores, thr, cut); }
+  // check_finite: the forward's pass checks the scores and thr; the backward's recompute does not.
+  at::Tensor weight(T w, T scores, bool check_finite) const { return masked_weight(w, scores, thr, cut, check_finite); }
   at::Tensor score_grad(T grad_w_eff, T w, T scores, const Estimator& e, bool need_s, bool need_w) const {
     return masked_score_grad(grad_w_eff, w, scores, thr, cut, e.name, e.temperature, need_s, need_w);
   }
@@ -93,7 +94,7 @@ struct Keep {
   }
   std::vector<at::Tensor> tensors() const { return {keep}; }
   static Keep from(const variable_list& saved, size_t first) { return {saved[first]}; }
-  at::Tensor weight(T w, T) const { return keep_weight(w, keep); }
+  at::Tensor weight(T w, T, bool) const { return keep_weight(w, keep); }
   at::Tensor score_grad(T grad_w_eff, T w, T scores, const Estimator& e, bool need_s, bool need_w) const {
     return keep_score_grad(grad_w_eff, w, scores, keep, e.name, e.temperature, need_s, need_w);
   }
@@ -175,7 +176,7 @@ struct MaskedLayer : torch::autograd::Function<MaskedLayer<Layer, Mask>> {
     ctx->saved_data["temperature"] = est.temperature;
     ctx->saved_data["has_bias"] = bias.has_value();
     layer.save(ctx);
-    return layer.forward(x, mask.weight(weight, scores), bias);
+    return layer.forward(x, mask.weight(weight, scores, true), bias);
   }
 
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
@@ -189,7 +190,7 @@ struct MaskedLayer : torch::autograd::Function<MaskedLayer<Layer, Mask>> {
                need_b = has_bias && ctx->needs_input_grad(2), need_s = ctx->needs_input_grad(has_bias ? 3 : 2);
     const at::Tensor grad_y = layer.grad_y(grads[0], x);
     at::Tensor gx, gw, gb, gs;
-    if (need_x) gx = layer.grad_x(grad_y, x, mask.weight(weight, scores));
+    if (need_x) gx = layer.grad_x(grad_y, x, mask.weight(weight, scores, false));
     if (need_w || need_s) {
       at::Tensor grad_w_eff = layer.grad_w_eff(grad_y, x, weight).contiguous();
       gs = mask.score_grad(grad_w_eff, weight, scores, est, need_s, need_w);  // masks grad_w_eff in place

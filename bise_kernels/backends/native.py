@@ -12,6 +12,9 @@ MKL/oneDNN on CPU, cuBLAS/cuDNN on GPU). The backward builds ``grad_x`` from a r
 then one fused pass (``masked_score_grad``) turning it into the score gradient and, only if
 needed, masking it in place into the weight gradient. At most one weight-sized temporary is alive
 at a time, nothing weight-sized is saved for backward, and nothing here waits for the device.
+The forward's ``masked_weight`` also checks the scores and thr finite in its pass (the API leaves
+its own check to it on these backends, bise_kernels/functional.py); the backward's recompute of
+``W_eff`` skips that check.
 The ``*_keep`` kernels (linear and conv2d) are the same composition reading a bool keep mask (the
 selection packed once per step, ``keep_mask``) instead of the scores: ext ``keep_weight`` and
 ``keep_score_grad``.
@@ -99,7 +102,7 @@ def _linear_backward(grad_y, x, needs, w_eff, weight_grads):
 
 def masked_linear_backward(grad_y, x, weight, scores, thr, cut, estimator, temperature, needs):
     return _linear_backward(
-        grad_y, x, needs, lambda: _ext.masked_weight(weight, scores, thr, cut),
+        grad_y, x, needs, lambda: _ext.masked_weight(weight, scores, thr, cut, False),
         lambda g, need_w, need_s: _weight_grads(g, weight, scores, thr, cut, estimator, temperature, need_w, need_s))
 
 
@@ -137,7 +140,7 @@ def masked_conv2d_backward(grad_y, x, weight, scores, thr, cut, stride, padding,
                            temperature, needs):
     return _conv2d_backward(
         grad_y, x, weight, stride, padding, dilation, groups, needs,
-        lambda: _ext.masked_weight(weight, scores, thr, cut),
+        lambda: _ext.masked_weight(weight, scores, thr, cut, False),
         lambda g, need_w, need_s: _weight_grads(g, weight, scores, thr, cut, estimator, temperature, need_w, need_s))
 
 

@@ -51,10 +51,12 @@ class ScoredModule(nn.Module):
         thr, cut = self.selection()
         if torch.compiler.is_compiling():
             return _ops.keep_mask(self.scores.detach(), thr, cut, 0)
-        cached = self._keep_cache
-        if cached is None or cached[0] is not thr or cached[1] is not cut:
-            cached = self._keep_cache = (thr, cut, _ops.keep_mask(self.scores.detach(), thr, cut, 0))
-        return cached[2]
+        # Keyed on the selection's cache entry too: a threshold's (thr, cut) is one pair shared by
+        # every version of the scores (functional._device_scalar).
+        cached, entry = self._keep_cache, self._cache
+        if cached is None or cached[0] is not thr or cached[1] is not cut or cached[2] is not entry:
+            cached = self._keep_cache = (thr, cut, entry, _ops.keep_mask(self.scores.detach(), thr, cut, 0))
+        return cached[3]
 
     def mask(self) -> Tensor:
         """The current binary mask (of the scores' shape)."""

@@ -2,7 +2,10 @@
 // composed with the dense ATen GEMM/conv in bise_kernels/backends/native.py).
 //
 // masked_weight_cpu: W_eff = W * keep(scores) in one parallel pass, reading scores directly (no
-//   bool mask, no indices), for weight-shaped or per-output-unit scores.
+//   bool mask, no indices), for weight-shaped or per-output-unit scores. With check_finite, the
+//   same pass checks the scores (and thr) are finite: a ValueError after it if not (the API's
+//   check for the native backends, bise_kernels/functional.py; no separate pass over the scores).
+//   Without it the OR is computed all the same and ignored (one code path; the backward's recompute).
 // masked_score_grad_cpu: one parallel pass over grad_W_eff producing grad_scores = grad_W_eff * W * slope
 //   (summed per row for per-unit scores) and, if asked, masking grad_W_eff in place into the
 //   weight gradient, so no weight-sized temporary exists beyond grad_W_eff itself.
@@ -14,6 +17,7 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include <atomic>
 #include <type_traits>
 
 #include "../checks.h"
@@ -33,15 +37,18 @@ inline W as_weight(bool keep) {
   return static_cast<W>(keep ? 1.0f : 0.0f);
 }
 
-// A keep source over flat weight indices: ranges(begin, end, body) calls body(lo, hi, keep_at)
-// on sub-ranges of [begin, end), keep_at(i) being whether weight i is kept.
+// A keep source over flat weight indices: ranges(begin, end, body) calls body(lo, hi, keep_at,
+// non_finite_at) on sub-ranges of [begin, end), keep_at(i) being whether weight i is kept and
+// non_finite_at(i) whether the value deciding it is NaN or inf (non_finite of a score as acc_t; 0 for a mask).
 template <typename S>
 auto selection_ranges(const S* sp, const Keep<S>& keep) {
   const acc_t<S> thr = keep.thr;
   const int64_t cut = keep.cut;
   return [=](int64_t begin, int64_t end, auto&& body) {
     split_at_cut(begin, end, cut, [&](int64_t lo, int64_t hi, bool ties) {
-      body(lo, hi, [=](int64_t i) { return kept(static_cast<acc_t<S>>(sp[i]), thr, ties); });
+      body(
+          lo, hi, [=](int64_t i) { return kept(static_cast<acc_t<S>>(sp[i]), thr, ties); },
+          [=](int64_t i) { return non_finite(static_cast<acc_t<S>>(sp[i])); });
     });
   };
 }
@@ -50,33 +57,46 @@ auto selection_ranges(const S* sp, const Keep<S>& keep) {
 inline auto mask_ranges(const bool* kp) {
   const auto* bytes = reinterpret_cast<const uint8_t*>(kp);
   return [=](int64_t begin, int64_t end, auto&& body) {
-    body(begin, end, [=](int64_t i) { return bytes[i] != 0; });
+    body(begin, end, [=](int64_t i) { return bytes[i] != 0; }, [](int64_t) { return uint8_t{0}; });
   };
 }
 
 int64_t rows_grain(int64_t row_len) { return std::max<int64_t>(1, kGrain / std::max<int64_t>(row_len, 1)); }
 
 // out = W * keep; unit_keep(r): the keep of row r (per-unit), ranges: the keep source otherwise.
-template <typename W, typename UnitKeep, typename Ranges>
-void weight_pass(const W* wp, W* outp, const bise_checks::LayerOperands& L, UnitKeep unit_keep, Ranges ranges) {
+// Returns whether every value deciding a keep is finite (unit_non_finite(r) per unit, else the
+// source's non_finite_at, ORed): the scores' finiteness check, fused into the pass that reads them.
+template <typename W, typename UnitKeep, typename UnitNonFinite, typename Ranges>
+bool weight_pass(const W* wp, W* outp, const bise_checks::LayerOperands& L, UnitKeep unit_keep,
+                 UnitNonFinite unit_non_finite, Ranges ranges) {
+  std::atomic<bool> all_finite{true};
   if (L.per_unit) {
     at::parallel_for(0, L.rows, rows_grain(L.row_len), [&](int64_t begin, int64_t end) {
+      decltype(unit_non_finite(begin)) bad = 0;
       for (int64_t r = begin; r < end; ++r) {
+        bad |= unit_non_finite(r);
         const W k = as_weight<W>(unit_keep(r));
         for (int64_t j = r * L.row_len; j < (r + 1) * L.row_len; ++j) outp[j] = wp[j] * k;
       }
+      if (bad) all_finite.store(false, std::memory_order_relaxed);
     });
-    return;
+    return all_finite.load();
   }
   at::parallel_for(0, L.n, kGrain, [&](int64_t begin, int64_t end) {
-    ranges(begin, end, [&](int64_t lo, int64_t hi, auto keep_at) {
-      for (int64_t i = lo; i < hi; ++i) outp[i] = wp[i] * as_weight<W>(keep_at(i));
+    ranges(begin, end, [&](int64_t lo, int64_t hi, auto keep_at, auto non_finite_at) {
+      decltype(non_finite_at(lo)) bad = 0;
+      for (int64_t i = lo; i < hi; ++i) {
+        outp[i] = wp[i] * as_weight<W>(keep_at(i));
+        bad |= non_finite_at(i);
+      }
+      if (bad) all_finite.store(false, std::memory_order_relaxed);
     });
   });
+  return all_finite.load();
 }
 
 at::Tensor masked_weight_cpu(const at::Tensor& weight, const at::Tensor& scores, const at::Tensor& thr,
-                             const at::Tensor& cut) {
+                             const at::Tensor& cut, bool check_finite) {
   const auto L = bise_checks::layer_operands(
       weight, scores, bise_checks::check_layer(weight, scores, thr, cut, "bise_kernels_ext::masked_weight", at::kCPU));
   at::Tensor out = at::empty_like(L.weight, at::MemoryFormat::Contiguous);
@@ -84,9 +104,12 @@ at::Tensor masked_weight_cpu(const at::Tensor& weight, const at::Tensor& scores,
     using W = typename decltype(w_type)::type;
     using S = typename decltype(s_type)::type;
     const Keep<S> keep = keep_rule<S>(thr, cut);
+    if (check_finite && non_finite(keep.thr)) bise_checks::fail_non_finite(thr, "threshold");
     const S* sp = L.scores.data_ptr<S>();
-    weight_pass(L.weight.data_ptr<W>(), out.data_ptr<W>(), L, [&](int64_t r) { return keep(sp[r], r); },
-                selection_ranges(sp, keep));
+    const bool finite = weight_pass(
+        L.weight.data_ptr<W>(), out.data_ptr<W>(), L, [&](int64_t r) { return keep(sp[r], r); },
+        [&](int64_t r) { return non_finite(static_cast<acc_t<S>>(sp[r])); }, selection_ranges(sp, keep));
+    if (check_finite && !finite) bise_checks::fail_non_finite(L.scores, "scores");
   });
   return out;
 }
@@ -98,7 +121,7 @@ at::Tensor keep_weight_cpu(const at::Tensor& weight, const at::Tensor& keep) {
   BISE_DISPATCH_FLOAT(L.weight.scalar_type(), "bise_kernels_ext::keep_weight", [&] {
     const bool* kp = L.scores.data_ptr<bool>();
     weight_pass(L.weight.data_ptr<scalar_t>(), out.data_ptr<scalar_t>(), L, [&](int64_t r) { return kp[r]; },
-                mask_ranges(kp));
+                [](int64_t) { return uint8_t{0}; }, mask_ranges(kp));
   });
   return out;
 }
@@ -143,7 +166,7 @@ void score_grad_pass(W* gp, const W* wp, const S* sp, S* gsp, const bise_checks:
   }
   auto run = [&](auto need_s, auto need_w, auto sigmoid) {
     at::parallel_for(0, L.n, kGrain, [&](int64_t begin, int64_t end) {
-      ranges(begin, end, [&](int64_t lo, int64_t hi, auto keep_at) {
+      ranges(begin, end, [&](int64_t lo, int64_t hi, auto keep_at, auto) {
         score_grad_range<decltype(need_s)::value, decltype(need_w)::value, decltype(sigmoid)::value>(
             gp, wp, sp, gsp, lo, hi, slope.temperature, keep_at);
       });

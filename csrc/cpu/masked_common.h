@@ -8,6 +8,8 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstdint>
+#include <cstring>
 #include <string>
 #include <type_traits>
 
@@ -37,6 +39,34 @@ struct Keep {
 template <typename S>
 Keep<S> keep_rule(const at::Tensor& thr, const at::Tensor& cut) {
   return {static_cast<acc_t<S>>(*thr.const_data_ptr<S>()), *cut.const_data_ptr<int64_t>()};
+}
+
+// Whether a value (of a math type, acc_t: fp16/bf16 convert exactly, inf and NaN included) is NaN
+// or +-inf (all exponent bits set), as an unsigned integer of its size: all ones if so, else 0.
+// The fused finiteness check of the mask pass ORs these: an integer compare and OR vectorise with
+// SSE2, where a float compare (|v| <= max) made the pass 35% slower and an integer max (SSE4.1)
+// 75% (64 K fp32, one thread, a standalone loop: 10.6 us alone, 12.8 with this check, 14.3 and 18.7
+// with those).
+template <typename A>
+struct ExponentBits;
+template <>
+struct ExponentBits<float> {
+  using U = uint32_t;
+  static constexpr U kAll = 0x7F800000u;
+};
+template <>
+struct ExponentBits<double> {
+  using U = uint64_t;
+  static constexpr U kAll = 0x7FF0000000000000ull;
+};
+
+template <typename A>
+inline typename ExponentBits<A>::U non_finite(A v) {
+  using U = typename ExponentBits<A>::U;
+  U u;
+  static_assert(sizeof(u) == sizeof(v));
+  std::memcpy(&u, &v, sizeof(u));
+  return (~u & ExponentBits<A>::kAll) == 0 ? static_cast<U>(~U(0)) : U(0);
 }
 
 template <typename A>

@@ -12,9 +12,10 @@ enum { BISE_F32 = 0, BISE_F64 = 1, BISE_F16 = 2, BISE_BF16 = 3 };
 extern "C" {
 
 // out = weight * keep(scores); per_unit: scores has one entry per row of row_len weights.
+// check_finite: a device-side assert on a NaN/inf score or thr (reported at the next sync).
 cudaError_t bise_masked_weight(const void* weight, const void* scores, void* out, int64_t n, int64_t row_len,
                                int per_unit, int w_dtype, int s_dtype, const void* thr, const int64_t* cut,
-                               cudaStream_t stream);
+                               int check_finite, cudaStream_t stream);
 
 // grad_scores = grad_w_eff * weight * slope (summed per row when per_unit); if need_weight,
 // grad_w_eff *= keep in place. sigmoid: 0 for "ste", 1 for "sigmoid".

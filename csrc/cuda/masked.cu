@@ -1,7 +1,9 @@
 // Fused CUDA passes of the masked layers (backend "cuda"); the dense GEMM/conv stays in ATen
 // (cuBLAS/cuDNN). Torch-free: launched through the extern "C" functions of launchers.h.
 //
-// masked_weight: W_eff = W * keep(scores), reading scores directly (no mask, no indices).
+// masked_weight: W_eff = W * keep(scores), reading scores directly (no mask, no indices); a
+//   device-side assert on a NaN/inf score or thr (BISE_DEVICE_CHECK): the API's value check for
+//   the "cuda" backend, with no pass or launch of its own (bise_kernels/functional.py).
 // score_grad: grad_scores = grad_W_eff * W * slope (a block-reduced row sum for per-unit scores)
 //   and, if asked, grad_W_eff *= keep in place, in one pass over grad_W_eff.
 // keep_weight / keep_score_grad: the same passes reading a bool keep mask (the selection packed
@@ -13,24 +15,36 @@ namespace bise_cuda {
 namespace {
 
 // Keep sources: load() (on the device, once per thread) gives a functor keep(i) of flat index i
-// (for per-unit sources, i is the unit).
+// (for per-unit sources, i is the unit); keep.check(i) asserts that the value deciding keep(i) is
+// finite when the source was made with check_finite (the weight kernels call it: the scores' value
+// check, fused into the pass that reads them).
 template <typename S>
 struct ScoreKeep {  // the selection rule on scores[i]
   const S* scores;
   const S* thr;
   const int64_t* cut;
+  int check_finite;
   struct Loaded {
     const S* scores;
     Keep<S> rule;
+    int check_finite;
     __device__ bool operator()(int64_t i) const { return rule(scores[i], i); }
+    __device__ void check(int64_t i) const {
+      if (check_finite)
+        BISE_DEVICE_CHECK(is_finite(to_acc(scores[i])), "scores contains non-finite values (NaN or inf)");
+    }
   };
-  __device__ Loaded load() const { return {scores, Keep<S>(thr, cut)}; }
+  __device__ Loaded load() const {
+    if (check_finite) BISE_DEVICE_CHECK(is_finite(to_acc(*thr)), "threshold contains non-finite values (NaN or inf)");
+    return {scores, Keep<S>(thr, cut), check_finite};
+  }
 };
 
 struct MaskKeep {  // a packed bool mask
   const bool* keep;
   __device__ MaskKeep load() const { return *this; }
   __device__ bool operator()(int64_t i) const { return keep[i]; }
+  __device__ void check(int64_t) const {}
 };
 
 // Weight-shaped keep: one thread per weight (grid-stride).
@@ -38,6 +52,7 @@ template <typename W, typename Source>
 __global__ void masked_weight_kernel(const W* __restrict__ weight, W* __restrict__ out, int64_t n, Source source) {
   const auto keep = source.load();
   for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < n; i += int64_t(gridDim.x) * blockDim.x) {
+    keep.check(i);
     out[i] = from_acc<W>(to_acc(weight[i]) * acc_t<W>(keep(i) ? 1 : 0));
   }
 }
@@ -49,6 +64,7 @@ __global__ void masked_weight_rows_kernel(const W* __restrict__ weight, W* __res
                                           int64_t row_len, Source source) {
   const auto keep = source.load();
   for (int64_t r = blockIdx.x; r < rows; r += gridDim.x) {
+    if (threadIdx.x == 0) keep.check(r);
     const acc_t<W> k = keep(r) ? 1 : 0;
     for (int64_t j = r * row_len + threadIdx.x; j < (r + 1) * row_len; j += blockDim.x)
       out[j] = from_acc<W>(to_acc(weight[j]) * k);
@@ -130,13 +146,13 @@ using namespace bise_cuda;
 
 extern "C" cudaError_t bise_masked_weight(const void* weight, const void* scores, void* out, int64_t n,
                                           int64_t row_len, int per_unit, int w_dtype, int s_dtype, const void* thr,
-                                          const int64_t* cut, cudaStream_t stream) {
+                                          const int64_t* cut, int check_finite, cudaStream_t stream) {
   if (n <= 0) return cudaSuccess;
   if (per_unit && row_len <= 0) return cudaErrorInvalidValue;
   const bool known = dispatch_value_and_scores(w_dtype, s_dtype, [&](auto w_tag, auto s_tag) {
     using W = decltype(w_tag);
     using S = decltype(s_tag);
-    const ScoreKeep<S> source{static_cast<const S*>(scores), static_cast<const S*>(thr), cut};
+    const ScoreKeep<S> source{static_cast<const S*>(scores), static_cast<const S*>(thr), cut, check_finite};
     launch_weight<W>(weight, out, n, row_len, per_unit, source, stream);
   });
   return known ? cudaGetLastError() : cudaErrorInvalidValue;
@@ -160,7 +176,7 @@ extern "C" cudaError_t bise_score_grad(void* grad_w_eff, const void* weight, con
   if (per_unit && row_len <= 0) return cudaErrorInvalidValue;
   const bool known = dispatch_value_and_scores(w_dtype, s_dtype, [&](auto w_tag, auto s_tag) {
     using S = decltype(s_tag);
-    const ScoreKeep<S> source{static_cast<const S*>(scores), static_cast<const S*>(thr), cut};
+    const ScoreKeep<S> source{static_cast<const S*>(scores), static_cast<const S*>(thr), cut, 0};
     launch_score_grad<decltype(w_tag), S>(grad_w_eff, weight, scores, grad_scores, n, row_len, per_unit, source,
                                           sigmoid, temperature, need_scores, need_weight, stream);
   });

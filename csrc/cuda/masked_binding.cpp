@@ -28,7 +28,7 @@ void check_launch(cudaError_t status, const char* op) {
 cudaStream_t stream() { return c10::cuda::getCurrentCUDAStream().stream(); }
 
 at::Tensor masked_weight_cuda(const at::Tensor& weight, const at::Tensor& scores, const at::Tensor& thr,
-                              const at::Tensor& cut) {
+                              const at::Tensor& cut, bool check_finite) {
   constexpr const char* op = "bise_kernels_ext::masked_weight";
   const auto [w, s, per_unit, n, rows, row_len] =
       bise_checks::layer_operands(weight, scores, bise_checks::check_layer(weight, scores, thr, cut, op, at::kCUDA));
@@ -36,7 +36,7 @@ at::Tensor masked_weight_cuda(const at::Tensor& weight, const at::Tensor& scores
   at::Tensor out = at::empty_like(w, at::MemoryFormat::Contiguous);
   check_launch(bise_masked_weight(w.const_data_ptr(), s.const_data_ptr(), out.data_ptr(), n, row_len, per_unit,
                                   dtype_code(w.scalar_type()), dtype_code(s.scalar_type()), thr.const_data_ptr(),
-                                  cut.const_data_ptr<int64_t>(), stream()),
+                                  cut.const_data_ptr<int64_t>(), check_finite, stream()),
                op);
   return out;
 }

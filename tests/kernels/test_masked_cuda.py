@@ -68,3 +68,35 @@ def test_channel_gate_many_chunks(cuda, channels_last):
     got, want = cuda.channel_gate_backward(*args), R.channel_gate_backward(*args)
     torch.testing.assert_close(got[0], want[0], rtol=0, atol=0)
     torch.testing.assert_close(got[1], want[1], rtol=1e-5, atol=1e-4)
+
+
+_DEVICE_ASSERT = """
+import sys, torch, bise_kernels as bk
+per_unit, where = sys.argv[1] == "unit", sys.argv[2]
+x, w = torch.randn(3, 300, device="cuda"), torch.randn(70, 300, device="cuda")
+s = torch.randn(*((70,) if per_unit else (70, 300)), device="cuda")
+threshold = 0.0
+if where == "thr":
+    threshold = torch.tensor(float("inf"), device="cuda")
+else:
+    s.view(-1)[-1] = float("nan")
+with bk.use_backend("cuda"):
+    y = bk.masked_linear(x, w, None, s, threshold=threshold)
+    torch.cuda.synchronize()
+print("NO ASSERT")
+"""
+
+
+@pytest.mark.parametrize("per_unit", ["weight", "unit"])
+@pytest.mark.parametrize("where", ["scores", "thr"])
+def test_non_finite_scores_and_thr_assert_on_the_device(cuda, per_unit, where):
+    """The fused check of the mask pass (a device-side assert: the API skips its own on this backend)
+    stops the call and names the argument; in a subprocess, as the assert ends the CUDA context."""
+    import sys
+
+    done = subprocess.run([sys.executable, "-c", _DEVICE_ASSERT, per_unit, where], capture_output=True, text=True,
+                          timeout=300)
+    out = done.stdout + done.stderr
+    assert done.returncode != 0 and "NO ASSERT" not in out, out[-2000:]
+    assert "device-side assert" in out, out[-2000:]
+    assert ("threshold" if where == "thr" else "scores") + " contains non-finite values" in out, out[-2000:]

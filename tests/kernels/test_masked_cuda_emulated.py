@@ -1,0 +1,98 @@
+"""The CUDA mask pass (csrc/cuda/masked.cu, ``bise_masked_weight``) on the CPU: W_eff against the
+reference bit for bit, and its fused finiteness check (the device-side assert BISE_DEVICE_CHECK)
+firing for a NaN / inf score at the first, a middle and the last position, per weight and per
+unit, and for a NaN / inf thr, and never for finite values.
+
+No GPU is needed: masked.cu is compiled by g++ against the CUDA emulation of
+select_cuda_emu/emu.h (blocks in sequence, threads as fibers) into a shared library called through
+ctypes; BISE_DEVICE_CHECK is defined to count failures instead of stopping the kernel. Skipped
+without g++ or off Linux x86-64.
+"""
+
+import ctypes
+import re
+import subprocess
+
+import pytest
+import torch
+
+from bise_kernels.backends import reference as ref
+from test_select_cuda_emulated import CXX, EMU, ROOT, pytestmark  # noqa: F401 (the skip mark)
+
+CODES = {torch.float32: 0, torch.float64: 1, torch.float16: 2, torch.bfloat16: 3}
+CHECKS = """#include "emu.h"
+#include <string>
+extern "C" int emu_failed_checks;
+extern "C" const char* emu_last_message;
+#define BISE_DEVICE_CHECK(cond, message) \\
+  do { if (!(cond)) { ++emu_failed_checks; emu_last_message = message; } } while (0)
+"""
+
+
+def _for_the_cpu(source: str) -> str:
+    """masked.cu as C++ over emu.h: launches as emu::launch calls."""
+    launches = source.count("<<<")
+    source, done = re.subn(r"(\w+<[^<>]*?>)<<<(.+?), kThreads, 0, stream>>>\(([^;]*)\);",
+                           r"emu::launch(\2, kThreads, [&] { \1(\3); });", source)
+    assert done == launches, "a kernel launch the emulation does not recognise"
+    return CHECKS + source + '\nint emu_failed_checks = 0;\nconst char* emu_last_message = "";\n'
+
+
+@pytest.fixture(scope="module")
+def lib(tmp_path_factory):
+    build = tmp_path_factory.mktemp("masked_cuda_emu")
+    (build / "stub").mkdir()
+    for header in ("cuda_runtime.h", "cuda_runtime_api.h", "cuda_fp16.h", "cuda_bf16.h"):
+        (build / "stub" / header).write_text('#pragma once\n#include "emu.h"\n#include "cuda_fp_stub.h"\n')
+    source = build / "masked.cpp"
+    source.write_text(_for_the_cpu((ROOT / "csrc" / "cuda" / "masked.cu").read_text()))
+    so = build / "masked.so"
+    flags = ["-std=c++20", "-O1", "-shared", "-fPIC", f"-I{EMU}", f"-I{build / 'stub'}", f"-I{ROOT / 'csrc' / 'cuda'}"]
+    done = subprocess.run([CXX, *flags, str(source), "-o", str(so)], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-4000:]
+    lib = ctypes.CDLL(str(so))
+    lib.bise_masked_weight.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64,
+                                       ctypes.c_int64, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_void_p,
+                                       ctypes.c_void_p, ctypes.c_int, ctypes.c_void_p]
+    return lib
+
+
+def _masked_weight(lib, weight, scores, thr, cut, check_finite=True):
+    """(W_eff, failed checks) of one bise_masked_weight call."""
+    failed = ctypes.c_int.in_dll(lib, "emu_failed_checks")
+    failed.value = 0
+    out = torch.empty_like(weight)
+    per_unit = scores.shape != weight.shape
+    row_len = weight[0].numel()
+    status = lib.bise_masked_weight(weight.data_ptr(), scores.data_ptr(), out.data_ptr(), weight.numel(), row_len,
+                                    int(per_unit), CODES[weight.dtype], CODES[scores.dtype], thr.data_ptr(),
+                                    cut.data_ptr(), int(check_finite), None)
+    assert status == 0
+    return out, failed.value
+
+
+def _message(lib) -> str:
+    return ctypes.c_char_p.in_dll(lib, "emu_last_message").value.decode()
+
+
+@pytest.mark.parametrize("score_dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float64])
+@pytest.mark.parametrize("per_unit", [False, True], ids=["weight", "unit"])
+def test_mask_pass_and_its_finiteness_check(lib, score_dtype, per_unit):
+    g = torch.Generator().manual_seed(0)
+    weight = torch.randn(6, 67, generator=g, dtype=torch.float64 if score_dtype == torch.float64 else torch.float32)
+    scores = torch.randn(*((6,) if per_unit else (6, 67)), generator=g).to(score_dtype)
+    thr, cut = torch.tensor(0.1, dtype=score_dtype), torch.tensor(7)
+    out, failed = _masked_weight(lib, weight, scores, thr, cut)
+    assert failed == 0
+    keep = ref.keep_mask(scores, thr, cut)
+    assert torch.equal(out, weight * (keep[:, None] if per_unit else keep).to(weight.dtype))
+    for pos in (0, scores.numel() // 2, scores.numel() - 1):
+        for bad in (float("nan"), float("inf"), float("-inf")):
+            s = scores.clone()
+            s.view(-1)[pos] = bad
+            assert _masked_weight(lib, weight, s, thr, cut)[1] == 1, (pos, bad)
+            assert _masked_weight(lib, weight, s, thr, cut, check_finite=False)[1] == 0
+            assert _message(lib).startswith("scores contains non-finite values")
+    for bad in (float("nan"), float("inf"), float("-inf")):
+        assert _masked_weight(lib, weight, scores, torch.tensor(bad, dtype=score_dtype), cut)[1] > 0
+        assert _message(lib).startswith("threshold contains non-finite values")
