@@ -28,6 +28,7 @@ import torch
 from torch import Tensor
 
 from . import backends
+from .backends import reference
 from ._checks import conv2d_output_shape
 
 LIB = "bise_kernels"
@@ -212,12 +213,7 @@ def _topk_keep_mask(scores: list[Tensor], k: int, hint: Optional[Tensor]) -> lis
     name, kernel = backends.resolve("topk_keep_mask", s.device.type, s.dtype)
     if name != "torch":
         return kernel(scores, k, hint)
-    thr, cut = _kernel("topk_select", s)(scores, k, hint)
-    masks, offset = [], 0
-    for t in scores:
-        masks.append(_kernel("keep_mask", t)(t, thr, cut, offset))
-        offset += t.numel()
-    return masks
+    return reference.compose_topk_keep_mask(_kernel("topk_select", s), _kernel("keep_mask", s), scores, k, hint)
 
 
 _topk_keep_mask_op = torch.library.custom_op(f"{LIB}::topk_keep_mask", _topk_keep_mask, mutates_args=())

@@ -166,7 +166,6 @@ def channel_gate_backward(grad_y, x, scores, thr, cut, dim, estimator, temperatu
     return (gx if need_x else None), (gs if need_s else None)
 
 
-
 # ----------------------------------------------------------------------------- one call per layer op
 
 _LAYER_OPS = ("masked_linear", "masked_linear_keep", "masked_conv2d", "masked_conv2d_keep", "channel_gate")

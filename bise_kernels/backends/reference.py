@@ -44,7 +44,7 @@ Kernels (a backend implements any subset; the registry falls back for the rest):
 
 from __future__ import annotations
 
-from typing import Optional, Sequence
+from typing import Callable, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -98,10 +98,17 @@ def topk_keep_mask(
     tensors: Sequence[torch.Tensor], k: int, hint: Optional[torch.Tensor] = None
 ) -> list[torch.Tensor]:
     """The keep masks of the exact top-k over the concatenation, one per tensor (of its shape)."""
-    thr, cut = topk_select(tensors, k, hint)
+    return compose_topk_keep_mask(topk_select, keep_mask, tensors, k, hint)
+
+
+def compose_topk_keep_mask(select: Callable, keep: Callable, tensors: Sequence[torch.Tensor], k: int,
+                           hint: Optional[torch.Tensor]) -> list[torch.Tensor]:
+    """``topk_keep_mask`` from a ``topk_select`` and a ``keep_mask`` kernel: this module's, and a
+    backend's own where it lacks the fused kernel (bise_kernels/_ops.py)."""
+    thr, cut = select(tensors, k, hint)
     masks, offset = [], 0
     for t in tensors:
-        masks.append(keep_mask(t, thr, cut, offset))
+        masks.append(keep(t, thr, cut, offset))
         offset += t.numel()
     return masks
 
