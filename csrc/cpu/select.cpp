@@ -595,12 +595,12 @@ void fill_inside(const Source<U>& src, const Pass<U>& pass, Pick<U> pick) {
 
 // Exact k-th largest (1-based k) of a raw source: tries the warm then cold brackets, each
 // narrowing the state when it misses, then finishes by radix refinement.
-template <typename U>
 //
 // A source with keep masks: the bracket pass that holds rank k writes them (key > hi) and stores
 // the offsets of its buffered keys; the finish then sets the buffered entries' mask (fill_inside)
 // and *masked becomes true. Otherwise (small input, missed or overflowed bracket) the caller
 // writes the masks in a keep_mask pass.
+template <typename U>
 Pick<U> select(const Source<U>& src, int64_t k, const U* hint, bool* masked = nullptr) {
   State<U> st{U(0), U(~U(0)), 0, src.n};
   if (src.n <= kSmall) return finish(src, st, k);
@@ -677,30 +677,71 @@ Source<U> source_of(const std::vector<at::Tensor>& contiguous) {
   return src;
 }
 
+// Mask of s > thr or (s == thr and offset + i < cut), compared as keys (so -0.0 == +0.0).
+template <typename U>
+void keep_mask_run(const U* x, uint8_t* out, int64_t n, U t, bool ties) {
+  if (ties) {
+    for (int64_t i = 0; i < n; ++i) out[i] = to_key(x[i]) >= t;
+  } else {
+    for (int64_t i = 0; i < n; ++i) out[i] = to_key(x[i]) > t;
+  }
+}
+
+// out[i] = x[i] > t or (x[i] == t and i < split), as keys, for i < n: one parallel pass.
+template <typename U>
+void keep_mask_into(const U* x, uint8_t* out, int64_t n, U t, int64_t split) {
+  split = std::clamp<int64_t>(split, 0, n);
+  at::parallel_for(0, n, 1 << 20, [&](int64_t b, int64_t e) {  // serial below 1 M: see Chunks
+    const int64_t m = std::clamp(split, b, e);
+    keep_mask_run(x + b, out + b, m - b, t, true);
+    keep_mask_run(x + m, out + m, e - m, t, false);
+  });
+}
+
 std::vector<at::Tensor> contiguous_all(const at::TensorList& scores) {
   std::vector<at::Tensor> out;
   for (const auto& t : scores) out.push_back(t.contiguous());
   return out;
 }
 
-std::tuple<at::Tensor, at::Tensor> topk_select_cpu(at::TensorList scores, int64_t k,
-                                                   const std::optional<at::Tensor>& hint) {
-  constexpr const char* op = "bise_kernels_ext::topk_select";
+// One k over the concatenation of the scores: (thr, cut); with `masks`, also the keep mask of each
+// tensor (topk_keep_mask), written by the selection's fused pass where the bracket holds rank k
+// (the pass writes key > hi; the finish, the entries inside the bracket), else by a keep_mask pass.
+std::tuple<at::Tensor, at::Tensor> select_one_k(at::TensorList scores, int64_t k, const std::optional<at::Tensor>& hint,
+                                                const char* op, std::vector<at::Tensor>* masks = nullptr) {
   bise_checks::check_select_scores(scores, op, at::kCPU);
   bise_checks::check_ks(scores, {k}, /*batched=*/false, op);
   bise_checks::check_hints(hint, 1, "hint", op);
   const auto dtype = scores[0].scalar_type();
   const auto tensors = contiguous_all(scores);
+  if (masks) {
+    for (const auto& t : scores) masks->push_back(at::empty(t.sizes(), t.options().dtype(at::kBool)));
+  }
   return dispatch_bits(dtype, [&](auto zero) {
     using U = decltype(zero);
-    const Source<U> src = source_of<U>(tensors);
+    Source<U> src = source_of<U>(tensors);
+    if (masks) {
+      for (size_t i = 0; i < masks->size(); ++i) src.outs[i] = reinterpret_cast<uint8_t*>((*masks)[i].data_ptr());
+    }
     U hint_bits;
     if (hint) hint_bits = scalar_bits<U>(hint->to(at::kCPU, dtype).contiguous());
-    const Pick<U> pick = select(src, k, hint ? &hint_bits : nullptr);
+    bool masked = false;
+    const Pick<U> pick = select(src, k, hint ? &hint_bits : nullptr, masks ? &masked : nullptr);
     if (src.nonfinite) bise_checks::fail_non_finite(scores, op);
+    if (masks && !masked) {
+      for (size_t s = 0; s < src.segs.size(); ++s) {
+        const Seg<U>& sg = src.segs[s];
+        keep_mask_into(sg.p, src.outs[s], sg.n, pick.thr, pick.index + 1 - sg.off);
+      }
+    }
     return std::make_tuple(scalar_of_bits(from_key(pick.thr), dtype),
                            at::scalar_tensor(pick.index + 1, at::TensorOptions().dtype(at::kLong)));
   });
+}
+
+std::tuple<at::Tensor, at::Tensor> topk_select_cpu(at::TensorList scores, int64_t k,
+                                                   const std::optional<at::Tensor>& hint) {
+  return select_one_k(scores, k, hint, "bise_kernels_ext::topk_select");
 }
 
 // Splits the small tensors into at most `groups` lists of about equal total size (largest first).
@@ -765,27 +806,6 @@ std::tuple<at::Tensor, at::Tensor> batched_topk_select_cpu(at::TensorList scores
   return {thrs, cuts};
 }
 
-// Mask of s > thr or (s == thr and offset + i < cut), compared as keys (so -0.0 == +0.0).
-template <typename U>
-void keep_mask_run(const U* x, uint8_t* out, int64_t n, U t, bool ties) {
-  if (ties) {
-    for (int64_t i = 0; i < n; ++i) out[i] = to_key(x[i]) >= t;
-  } else {
-    for (int64_t i = 0; i < n; ++i) out[i] = to_key(x[i]) > t;
-  }
-}
-
-// out[i] = x[i] > t or (x[i] == t and i < split), as keys, for i < n: one parallel pass.
-template <typename U>
-void keep_mask_into(const U* x, uint8_t* out, int64_t n, U t, int64_t split) {
-  split = std::clamp<int64_t>(split, 0, n);
-  at::parallel_for(0, n, 1 << 20, [&](int64_t b, int64_t e) {  // serial below 1 M: see Chunks
-    const int64_t m = std::clamp(split, b, e);
-    keep_mask_run(x + b, out + b, m - b, t, true);
-    keep_mask_run(x + m, out + m, e - m, t, false);
-  });
-}
-
 at::Tensor keep_mask_cpu(const at::Tensor& scores, const at::Tensor& thr, const at::Tensor& cut, int64_t offset) {
   bise_checks::check_keep_mask(scores, thr, cut, "bise_kernels_ext::keep_mask", at::kCPU);
   const auto dtype = scores.scalar_type();
@@ -803,34 +823,10 @@ at::Tensor keep_mask_cpu(const at::Tensor& scores, const at::Tensor& thr, const 
 }
 
 // The keep masks of the exact top-k over the concatenation of the scores, one per tensor (of its
-// shape): topk_select then keep_mask, in one pass over the scores where the bracket holds rank k
-// (the pass writes key > hi; the finish, the entries inside the bracket), else in a second one.
+// shape): topk_select then keep_mask, in one pass over the scores where it can (select_one_k).
 std::vector<at::Tensor> topk_keep_mask_cpu(at::TensorList scores, int64_t k, const std::optional<at::Tensor>& hint) {
-  constexpr const char* op = "bise_kernels_ext::topk_keep_mask";
-  bise_checks::check_select_scores(scores, op, at::kCPU);
-  bise_checks::check_ks(scores, {k}, /*batched=*/false, op);
-  bise_checks::check_hints(hint, 1, "hint", op);
-  const auto dtype = scores[0].scalar_type();
-  const auto tensors = contiguous_all(scores);
   std::vector<at::Tensor> masks;
-  for (const auto& t : scores) masks.push_back(at::empty(t.sizes(), t.options().dtype(at::kBool)));
-  dispatch_bits(dtype, [&](auto zero) {
-    using U = decltype(zero);
-    Source<U> src = source_of<U>(tensors);
-    for (size_t i = 0; i < masks.size(); ++i) src.outs[i] = reinterpret_cast<uint8_t*>(masks[i].data_ptr());
-    U hint_bits;
-    if (hint) hint_bits = scalar_bits<U>(hint->to(at::kCPU, dtype).contiguous());
-    bool masked = false;
-    const Pick<U> pick = select(src, k, hint ? &hint_bits : nullptr, &masked);
-    if (src.nonfinite) bise_checks::fail_non_finite(scores, op);
-    if (!masked) {
-      for (size_t s = 0; s < src.segs.size(); ++s) {
-        const Seg<U>& sg = src.segs[s];
-        keep_mask_into(sg.p, src.outs[s], sg.n, pick.thr, pick.index + 1 - sg.off);
-      }
-    }
-    return 0;
-  });
+  select_one_k(scores, k, hint, "bise_kernels_ext::topk_keep_mask", &masks);
   return masks;
 }
 
