@@ -11,12 +11,7 @@ cd "$(dirname "$0")/.."
 OUT_DIR=${1:-benchmarks/results}
 LOG_DIR=${1:-$(mktemp -d)}
 mkdir -p "$OUT_DIR" "$LOG_DIR"
-DEADLINE_S=${DEADLINE_S:-1020}  # default: the sum of the step limits
-start=$SECONDS
-cap() {  # cap LIMIT: LIMIT, or the seconds left before DEADLINE_S when fewer (at least 1)
-  local left=$((DEADLINE_S - (SECONDS - start)))
-  if [ "$left" -lt "$1" ]; then echo $((left > 1 ? left : 1)); else echo "$1"; fi
-}
+. scripts/deadline.sh 1020  # cap LIMIT: a step's time limit within DEADLINE_S
 export PYTHONPATH=$PWD CUDA_HOME=${CUDA_HOME:-/usr/local/cuda} BISE_KERNELS_BUILD_CUDA=1
 export TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0} MAX_JOBS=${MAX_JOBS:-16}
 # The CUDA backend's tests first (crash-free, exact), the Triton ones (compiling) last: a cut run

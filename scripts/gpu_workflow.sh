@@ -21,12 +21,7 @@ if [ "$DRY" = 1 ]; then
 else
   ARGS=(--data biased-mnist:rho=0.997 --arch simple-cnn --device cuda)
 fi
-DEADLINE_S=${DEADLINE_S:-840}  # default: the sum of the step limits; scripts/device_session.sh sets one call's
-t0=$SECONDS
-cap() {  # cap LIMIT: LIMIT, or the seconds left before DEADLINE_S when fewer (at least 1)
-  local left=$((DEADLINE_S - (SECONDS - t0)))
-  if [ "$left" -lt "$1" ]; then echo $((left > 1 ? left : 1)); else echo "$1"; fi
-}
+. scripts/deadline.sh 840  # cap LIMIT: a step's time limit within DEADLINE_S
 if [ "$DRY" = 0 ]; then
   # The per-unit costs and the no-sync check first: a full run cut by the deadline still leaves them.
   timeout "$(cap 150)" "$PY" benchmarks/gpu_suite.py --filter workflow_ --out "$OUT" --budget-s 90 \
