@@ -57,4 +57,32 @@ TORCH_LIBRARY(bise_kernels_ext, m) {
   m.def(
       "channel_gate(Tensor x, Tensor scores, Tensor thr, Tensor cut, int dim, str estimator, float temperature) "
       "-> Tensor");
+  // The same compositions without the autograd node: the forward and backward kernels of
+  // bise_kernels/backends/native.py (named and called like reference.py's), which the Python custom
+  // ops run under torch.compile, export and opcheck. A backward returns (grad_x, grad_weight,
+  // grad_bias, grad_scores), None where needs says a gradient is not wanted.
+  m.def(
+      "masked_linear_forward(Tensor x, Tensor weight, Tensor? bias, Tensor scores, Tensor thr, Tensor cut) "
+      "-> Tensor");
+  m.def(
+      "masked_linear_backward(Tensor grad_y, Tensor x, Tensor weight, Tensor scores, Tensor thr, Tensor cut, "
+      "str estimator, float temperature, bool[4] needs) -> (Tensor, Tensor, Tensor, Tensor)");
+  m.def("masked_linear_keep_forward(Tensor x, Tensor weight, Tensor? bias, Tensor keep) -> Tensor");
+  m.def(
+      "masked_linear_keep_backward(Tensor grad_y, Tensor x, Tensor weight, Tensor scores, Tensor keep, "
+      "str estimator, float temperature, bool[4] needs) -> (Tensor, Tensor, Tensor, Tensor)");
+  m.def(
+      "masked_conv2d_forward(Tensor x, Tensor weight, Tensor? bias, Tensor scores, Tensor thr, Tensor cut, "
+      "int[] stride, int[] padding, int[] dilation, int groups) -> Tensor");
+  m.def(
+      "masked_conv2d_backward(Tensor grad_y, Tensor x, Tensor weight, Tensor scores, Tensor thr, Tensor cut, "
+      "int[] stride, int[] padding, int[] dilation, int groups, str estimator, float temperature, bool[4] needs) "
+      "-> (Tensor, Tensor, Tensor, Tensor)");
+  m.def(
+      "masked_conv2d_keep_forward(Tensor x, Tensor weight, Tensor? bias, Tensor keep, int[] stride, "
+      "int[] padding, int[] dilation, int groups) -> Tensor");
+  m.def(
+      "masked_conv2d_keep_backward(Tensor grad_y, Tensor x, Tensor weight, Tensor scores, Tensor keep, "
+      "int[] stride, int[] padding, int[] dilation, int groups, str estimator, float temperature, bool[4] needs) "
+      "-> (Tensor, Tensor, Tensor, Tensor)");
 }

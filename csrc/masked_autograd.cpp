@@ -70,8 +70,8 @@ struct Estimator {
 // The mask of a layer as the selection (thr, cut) of its scores: the rule is evaluated in each pass.
 struct Selection {
   at::Tensor thr, cut;
-  void check(T weight, T scores, const char* name, at::DeviceType device) const {
-    bise_checks::check_layer(weight, scores, thr, cut, name, device);
+  void check(T weight, const at::Tensor* scores, const char* name, at::DeviceType device) const {
+    bise_checks::check_layer(weight, *scores, thr, cut, name, device);
   }
   std::vector<at::Tensor> tensors() const { return {thr, cut}; }
   static Selection from(const variable_list& saved, size_t first) { return {saved[first], saved[first + 1]}; }
@@ -86,11 +86,13 @@ struct Selection {
 struct Keep {
   at::Tensor keep;
 
-  void check(T weight, T scores, const char* name, at::DeviceType device) const {
+  // scores: null for the forward, which reads only keep.
+  void check(T weight, const at::Tensor* scores, const char* name, at::DeviceType device) const {
     bise_checks::check_keep_layer(weight, keep, name, device);
-    bise_checks::check_float(scores, "scores", name, device);
-    TORCH_CHECK(scores.sizes() == keep.sizes(), name, ": scores must have keep's shape ", keep.sizes(), ", got ",
-                scores.sizes());
+    if (scores == nullptr) return;
+    bise_checks::check_float(*scores, "scores", name, device);
+    TORCH_CHECK(scores->sizes() == keep.sizes(), name, ": scores must have keep's shape ", keep.sizes(), ", got ",
+                scores->sizes());
   }
   std::vector<at::Tensor> tensors() const { return {keep}; }
   static Keep from(const variable_list& saved, size_t first) { return {saved[first]}; }
@@ -160,10 +162,41 @@ struct Conv2d {
   }
 };
 
+// ----------------------------------------------------------------------------- the composition
+
+// y = layer(x, weight * mask, bias): the forward of a masked layer (check_finite in the mask pass).
+template <class Layer, class Mask>
+at::Tensor layer_forward(T x, T weight, const std::optional<at::Tensor>& bias, T scores, const Mask& mask,
+                         const Layer& layer) {
+  return layer.forward(x, mask.weight(weight, scores, true), bias);
+}
+
+// (grad_x, grad_weight, grad_bias, grad_scores) of a masked layer, each undefined where not needed:
+// grad_x from a recomputed W_eff (freed before the weight gradient), then grad_W_eff by the dense
+// weight-gradient op, then one fused pass into the score gradient that masks grad_W_eff in place
+// into the weight gradient when that is needed. At most one weight-sized temporary at a time.
+template <class Layer, class Mask>
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> layer_backward(
+    T grad_y_in, T x, T weight, T scores, const Mask& mask, const Layer& layer, const Estimator& est,
+    std::array<bool, 4> needs) {
+  const auto [need_x, need_w, need_b, need_s] = needs;
+  const at::Tensor grad_y = layer.grad_y(grad_y_in, x);
+  at::Tensor gx, gw, gb, gs;
+  if (need_x) gx = layer.grad_x(grad_y, x, mask.weight(weight, scores, false));
+  if (need_w || need_s) {
+    at::Tensor grad_w_eff = layer.grad_w_eff(grad_y, x, weight).contiguous();
+    gs = mask.score_grad(grad_w_eff, weight, scores, est, need_s, need_w);  // masks grad_w_eff in place
+    if (need_w) gw = grad_w_eff;
+    if (!need_s) gs = at::Tensor();
+  }
+  if (need_b) gb = layer.grad_bias(grad_y);
+  return {gx, gw, gb, gs};
+}
+
 // ----------------------------------------------------------------------------- the autograd functions
 
-// y = layer(x, weight * mask, bias); inputs x, weight, bias (nullopt when absent: no input then, so the
-// scores are input 2 or 3), scores.
+// The composition above as an autograd node; inputs x, weight, bias (nullopt when absent: no input
+// then, so the scores are input 2 or 3), scores.
 template <class Layer, class Mask>
 struct MaskedLayer : torch::autograd::Function<MaskedLayer<Layer, Mask>> {
   static at::Tensor forward(AutogradContext* ctx, const at::Tensor& x, const at::Tensor& weight,
@@ -176,28 +209,17 @@ struct MaskedLayer : torch::autograd::Function<MaskedLayer<Layer, Mask>> {
     ctx->saved_data["temperature"] = est.temperature;
     ctx->saved_data["has_bias"] = bias.has_value();
     layer.save(ctx);
-    return layer.forward(x, mask.weight(weight, scores, true), bias);
+    return layer_forward(x, weight, bias, scores, mask, layer);
   }
 
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
     const variable_list saved = ctx->get_saved_variables();
-    const at::Tensor &x = saved[0], &weight = saved[1], &scores = saved[2];
-    const Mask mask = Mask::from(saved, 3);
-    const Layer layer = Layer::from(ctx);
-    const Estimator est{ctx->saved_data["estimator"].toStringRef(), ctx->saved_data["temperature"].toDouble()};
     const bool has_bias = ctx->saved_data["has_bias"].toBool();
-    const bool need_x = ctx->needs_input_grad(0), need_w = ctx->needs_input_grad(1),
-               need_b = has_bias && ctx->needs_input_grad(2), need_s = ctx->needs_input_grad(has_bias ? 3 : 2);
-    const at::Tensor grad_y = layer.grad_y(grads[0], x);
-    at::Tensor gx, gw, gb, gs;
-    if (need_x) gx = layer.grad_x(grad_y, x, mask.weight(weight, scores, false));
-    if (need_w || need_s) {
-      at::Tensor grad_w_eff = layer.grad_w_eff(grad_y, x, weight).contiguous();
-      gs = mask.score_grad(grad_w_eff, weight, scores, est, need_s, need_w);  // masks grad_w_eff in place
-      if (need_w) gw = grad_w_eff;
-      if (!need_s) gs = at::Tensor();
-    }
-    if (need_b) gb = layer.grad_bias(grad_y);
+    const std::array<bool, 4> needs{ctx->needs_input_grad(0), ctx->needs_input_grad(1),
+                                    has_bias && ctx->needs_input_grad(2), ctx->needs_input_grad(has_bias ? 3 : 2)};
+    const Estimator est{ctx->saved_data["estimator"].toStringRef(), ctx->saved_data["temperature"].toDouble()};
+    auto [gx, gw, gb, gs] = layer_backward(grads[0], saved[0], saved[1], saved[2], Mask::from(saved, 3),
+                                           Layer::from(ctx), est, needs);
     // x, weight, bias, scores, then the mask, the layer and the estimator (no gradients).
     return {gx, gw, gb, gs, at::Tensor(), at::Tensor(), at::Tensor()};
   }
@@ -231,11 +253,10 @@ struct ChannelGate : torch::autograd::Function<ChannelGate> {
 // ----------------------------------------------------------------------------- the ops
 
 // What the Python path checks before its kernels run (bise_kernels/_checks.py names the same
-// arguments): x's dtype and device against weight, bias's shape, the mask, the estimator.
+// arguments): x's dtype and device against weight, the mask, the layer's shapes.
 template <class Layer, class Mask>
-at::Tensor masked_layer(const char* name, const at::Tensor& x, const at::Tensor& weight,
-                        const std::optional<at::Tensor>& bias, const at::Tensor& scores, const Mask& mask,
-                        const Layer& layer, const std::string& estimator, double temperature) {
+void check_layer_args(const char* name, T x, T weight, const at::Tensor* scores, const Mask& mask,
+                      const Layer& layer) {
   const at::DeviceType device = x.device().type();
   bise_checks::check_float(x, "x", name, device);
   mask.check(weight, scores, name, device);
@@ -243,50 +264,126 @@ at::Tensor masked_layer(const char* name, const at::Tensor& x, const at::Tensor&
   TORCH_CHECK(weight.scalar_type() == x.scalar_type(), name, ": weight has dtype ", weight.scalar_type(),
               " but x has ", x.scalar_type());
   layer.check(x, weight, name);
-  const bool has_bias = bias.has_value() && bias->defined();
-  if (has_bias) {
-    bise_checks::check_same_device(*bias, "bias", x, "x", name);
-    TORCH_CHECK(bias->scalar_type() == x.scalar_type() && bias->dim() == 1 && bias->size(0) == weight.size(0), name,
-                ": bias must be a ", x.scalar_type(), " tensor of shape (", weight.size(0), ",), got ",
-                bias->scalar_type(), " ", bias->sizes());
+}
+
+// Whether a bias is given, after checking its device, dtype and shape.
+bool check_bias(const char* name, const std::optional<at::Tensor>& bias, T x, T weight) {
+  if (!bias.has_value() || !bias->defined()) return false;
+  bise_checks::check_same_device(*bias, "bias", x, "x", name);
+  TORCH_CHECK(bias->scalar_type() == x.scalar_type() && bias->dim() == 1 && bias->size(0) == weight.size(0), name,
+              ": bias must be a ", x.scalar_type(), " tensor of shape (", weight.size(0), ",), got ",
+              bias->scalar_type(), " ", bias->sizes());
+  return true;
+}
+
+using Grads = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
+
+// Each layer op three ways, with the same checks: <op> (the autograd node: the eager path),
+// <op>_forward and <op>_backward (the kernels of backends/native.py, which the Python custom ops
+// call under torch.compile, export and opcheck).
+template <class Layer, class Mask>
+struct LayerOp {
+  const char* name;
+  Mask mask;
+  Layer layer;
+
+  at::Tensor apply(T x, T weight, const std::optional<at::Tensor>& bias, T scores, const std::string& estimator,
+                   double temperature) const {
+    check_layer_args(name, x, weight, &scores, mask, layer);
+    const bool has_bias = check_bias(name, bias, x, weight);
+    bise_checks::check_estimator(estimator, temperature, name);
+    return MaskedLayer<Layer, Mask>::apply(x, weight, has_bias ? bias : std::nullopt, scores, mask, layer,
+                                           Estimator{estimator, temperature});
   }
-  bise_checks::check_estimator(estimator, temperature, name);
-  return MaskedLayer<Layer, Mask>::apply(x, weight, has_bias ? bias : std::nullopt, scores, mask, layer,
-                                         Estimator{estimator, temperature});
-}
-
-at::Tensor masked_linear(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
-                         const at::Tensor& scores, const at::Tensor& thr, const at::Tensor& cut, std::string estimator,
-                         double temperature) {
-  return masked_layer("bise_kernels_ext::masked_linear", x, weight, bias, scores, Selection{thr, cut}, Linear{},
-                      estimator, temperature);
-}
-
-at::Tensor masked_linear_keep(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
-                              const at::Tensor& scores, const at::Tensor& keep, std::string estimator,
-                              double temperature) {
-  return masked_layer("bise_kernels_ext::masked_linear_keep", x, weight, bias, scores, Keep{keep}, Linear{},
-                      estimator, temperature);
-}
+  // scores: null for a Keep mask (its forward reads only the mask).
+  at::Tensor forward(T x, T weight, const std::optional<at::Tensor>& bias, const at::Tensor* scores) const {
+    check_layer_args(name, x, weight, scores, mask, layer);
+    const bool has_bias = check_bias(name, bias, x, weight);
+    return layer_forward(x, weight, has_bias ? bias : std::nullopt, scores ? *scores : at::Tensor(), mask, layer);
+  }
+  Grads backward(T grad_y, T x, T weight, T scores, const std::string& estimator, double temperature,
+                 std::array<bool, 4> needs) const {
+    check_layer_args(name, x, weight, &scores, mask, layer);
+    bise_checks::check_estimator(estimator, temperature, name);
+    return layer_backward(grad_y, x, weight, scores, mask, layer, Estimator{estimator, temperature}, needs);
+  }
+};
 
 Conv2d conv2d(at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups) {
   return {stride.vec(), padding.vec(), dilation.vec(), groups};
 }
 
-at::Tensor masked_conv2d(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
-                         const at::Tensor& scores, const at::Tensor& thr, const at::Tensor& cut,
-                         at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups,
-                         std::string estimator, double temperature) {
-  return masked_layer("bise_kernels_ext::masked_conv2d", x, weight, bias, scores, Selection{thr, cut},
-                      conv2d(stride, padding, dilation, groups), estimator, temperature);
+LayerOp<Linear, Selection> linear_op(const char* name, T thr, T cut) { return {name, {thr, cut}, {}}; }
+LayerOp<Linear, Keep> linear_keep_op(const char* name, T keep) { return {name, {keep}, {}}; }
+LayerOp<Conv2d, Selection> conv2d_op(const char* name, T thr, T cut, at::IntArrayRef stride, at::IntArrayRef padding,
+                                     at::IntArrayRef dilation, int64_t groups) {
+  return {name, {thr, cut}, conv2d(stride, padding, dilation, groups)};
+}
+LayerOp<Conv2d, Keep> conv2d_keep_op(const char* name, T keep, at::IntArrayRef stride, at::IntArrayRef padding,
+                                     at::IntArrayRef dilation, int64_t groups) {
+  return {name, {keep}, conv2d(stride, padding, dilation, groups)};
 }
 
-at::Tensor masked_conv2d_keep(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
-                              const at::Tensor& scores, const at::Tensor& keep, at::IntArrayRef stride,
-                              at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups, std::string estimator,
-                              double temperature) {
-  return masked_layer("bise_kernels_ext::masked_conv2d_keep", x, weight, bias, scores, Keep{keep},
-                      conv2d(stride, padding, dilation, groups), estimator, temperature);
+using Bias = const std::optional<at::Tensor>&;
+using Ints = at::IntArrayRef;
+using Needs = std::array<bool, 4>;
+
+at::Tensor masked_linear(T x, T weight, Bias bias, T scores, T thr, T cut, std::string estimator, double temperature) {
+  return linear_op("bise_kernels_ext::masked_linear", thr, cut).apply(x, weight, bias, scores, estimator, temperature);
+}
+at::Tensor masked_linear_forward(T x, T weight, Bias bias, T scores, T thr, T cut) {
+  return linear_op("bise_kernels_ext::masked_linear_forward", thr, cut).forward(x, weight, bias, &scores);
+}
+Grads masked_linear_backward(T grad_y, T x, T weight, T scores, T thr, T cut, std::string estimator,
+                             double temperature, Needs needs) {
+  return linear_op("bise_kernels_ext::masked_linear_backward", thr, cut)
+      .backward(grad_y, x, weight, scores, estimator, temperature, needs);
+}
+
+at::Tensor masked_linear_keep(T x, T weight, Bias bias, T scores, T keep, std::string estimator, double temperature) {
+  return linear_keep_op("bise_kernels_ext::masked_linear_keep", keep)
+      .apply(x, weight, bias, scores, estimator, temperature);
+}
+at::Tensor masked_linear_keep_forward(T x, T weight, Bias bias, T keep) {
+  return linear_keep_op("bise_kernels_ext::masked_linear_keep_forward", keep).forward(x, weight, bias, nullptr);
+}
+Grads masked_linear_keep_backward(T grad_y, T x, T weight, T scores, T keep, std::string estimator,
+                                  double temperature, Needs needs) {
+  return linear_keep_op("bise_kernels_ext::masked_linear_keep_backward", keep)
+      .backward(grad_y, x, weight, scores, estimator, temperature, needs);
+}
+
+at::Tensor masked_conv2d(T x, T weight, Bias bias, T scores, T thr, T cut, Ints stride, Ints padding, Ints dilation,
+                         int64_t groups, std::string estimator, double temperature) {
+  return conv2d_op("bise_kernels_ext::masked_conv2d", thr, cut, stride, padding, dilation, groups)
+      .apply(x, weight, bias, scores, estimator, temperature);
+}
+at::Tensor masked_conv2d_forward(T x, T weight, Bias bias, T scores, T thr, T cut, Ints stride, Ints padding,
+                                 Ints dilation, int64_t groups) {
+  return conv2d_op("bise_kernels_ext::masked_conv2d_forward", thr, cut, stride, padding, dilation, groups)
+      .forward(x, weight, bias, &scores);
+}
+Grads masked_conv2d_backward(T grad_y, T x, T weight, T scores, T thr, T cut, Ints stride, Ints padding,
+                             Ints dilation, int64_t groups, std::string estimator, double temperature, Needs needs) {
+  return conv2d_op("bise_kernels_ext::masked_conv2d_backward", thr, cut, stride, padding, dilation, groups)
+      .backward(grad_y, x, weight, scores, estimator, temperature, needs);
+}
+
+at::Tensor masked_conv2d_keep(T x, T weight, Bias bias, T scores, T keep, Ints stride, Ints padding, Ints dilation,
+                              int64_t groups, std::string estimator, double temperature) {
+  return conv2d_keep_op("bise_kernels_ext::masked_conv2d_keep", keep, stride, padding, dilation, groups)
+      .apply(x, weight, bias, scores, estimator, temperature);
+}
+at::Tensor masked_conv2d_keep_forward(T x, T weight, Bias bias, T keep, Ints stride, Ints padding, Ints dilation,
+                                      int64_t groups) {
+  return conv2d_keep_op("bise_kernels_ext::masked_conv2d_keep_forward", keep, stride, padding, dilation, groups)
+      .forward(x, weight, bias, nullptr);
+}
+Grads masked_conv2d_keep_backward(T grad_y, T x, T weight, T scores, T keep, Ints stride, Ints padding,
+                                  Ints dilation, int64_t groups, std::string estimator, double temperature,
+                                  Needs needs) {
+  return conv2d_keep_op("bise_kernels_ext::masked_conv2d_keep_backward", keep, stride, padding, dilation, groups)
+      .backward(grad_y, x, weight, scores, estimator, temperature, needs);
 }
 
 at::Tensor channel_gate(const at::Tensor& x, const at::Tensor& scores, const at::Tensor& thr, const at::Tensor& cut,
@@ -306,4 +403,12 @@ TORCH_LIBRARY_IMPL(bise_kernels_ext, CompositeImplicitAutograd, m) {
   m.impl("masked_conv2d", &bise_autograd::masked_conv2d);
   m.impl("masked_conv2d_keep", &bise_autograd::masked_conv2d_keep);
   m.impl("channel_gate", &bise_autograd::channel_gate);
+  m.impl("masked_linear_forward", &bise_autograd::masked_linear_forward);
+  m.impl("masked_linear_backward", &bise_autograd::masked_linear_backward);
+  m.impl("masked_linear_keep_forward", &bise_autograd::masked_linear_keep_forward);
+  m.impl("masked_linear_keep_backward", &bise_autograd::masked_linear_keep_backward);
+  m.impl("masked_conv2d_forward", &bise_autograd::masked_conv2d_forward);
+  m.impl("masked_conv2d_backward", &bise_autograd::masked_conv2d_backward);
+  m.impl("masked_conv2d_keep_forward", &bise_autograd::masked_conv2d_keep_forward);
+  m.impl("masked_conv2d_keep_backward", &bise_autograd::masked_conv2d_keep_backward);
 }

@@ -174,11 +174,29 @@ _GATE = (_t(2, 6, 5, seed=6), _t(6, seed=7), *_SEL, 1, "ste", 1.0)
     _bad("channel_gate", 1, _t(5, seed=0), r"scores must have shape \(6,\) \(x.shape\[1\]\), got \[5\]"),
     _bad("channel_gate", 4, 3, r"dim must be in \[-3, 2\], got 3"),
     _bad("channel_gate", 5, "hard", "estimator must be 'ste' or 'sigmoid'"),
+    # the forward and backward kernels of backends/native.py: the same checks
+    _bad("masked_linear_forward", 0, _X.double(), "weight has dtype Float but x has Double"),
+    _bad("masked_linear_forward", 2, _t(5, seed=0), r"bias must be a Float tensor of shape \(6,\)"),
+    _bad("masked_linear_backward", 3, _t(5, 6, seed=0), r"scores must have weight's shape \[6, 5\] or \(6,\)"),
+    _bad("masked_linear_backward", 6, "straight", "estimator must be 'ste' or 'sigmoid', got 'straight'"),
+    _bad("masked_linear_keep_forward", 3, (_S > 0).float(), "keep must be a bool tensor, got Float"),
+    _bad("masked_linear_keep_backward", 3, _t(6, seed=0), r"scores must have keep's shape \[6, 5\], got \[6\]"),
+    _bad("masked_conv2d_forward", 0, _t(2, 5, 5, seed=0), "x and weight must be 4-d"),
+    _bad("masked_conv2d_backward", 11, 0.0, "temperature must be a positive finite float"),
+    _bad("masked_conv2d_keep_forward", 3, torch.ones(4, 2, 3, 2, dtype=torch.bool), "keep must have weight's shape"),
+    _bad("masked_conv2d_keep_backward", 4, torch.ones(4, 2, 3, 2, dtype=torch.bool), "keep must have weight's shape"),
 ])
 def test_bad_input_names_the_argument(op, position, value, match):
+    conv_keep = (*_CONV[:4], torch.ones(4, 2, 3, 3, dtype=torch.bool), *_CONV[6:])
+    needs = [True] * 4
     base = {"masked_linear": _LINEAR, "masked_linear_keep": _KEEP, "masked_conv2d": _CONV,
-            "masked_conv2d_keep": (*_CONV[:4], torch.ones(4, 2, 3, 3, dtype=torch.bool), *_CONV[6:]),
-            "channel_gate": _GATE}[op]
+            "masked_conv2d_keep": conv_keep, "channel_gate": _GATE,
+            "masked_linear_forward": _LINEAR[:6], "masked_linear_keep_forward": (*_KEEP[:3], _KEEP[4]),
+            "masked_linear_backward": (torch.ones(3, 6), _X, _W, *_LINEAR[3:], needs),
+            "masked_linear_keep_backward": (torch.ones(3, 6), _X, _W, *_KEEP[3:], needs),
+            "masked_conv2d_forward": _CONV[:10], "masked_conv2d_keep_forward": (*conv_keep[:3], *conv_keep[4:9]),
+            "masked_conv2d_backward": (torch.ones(1, 4, 3, 3), *_CONV[:2], *_CONV[3:], needs),
+            "masked_conv2d_keep_backward": (torch.ones(1, 4, 3, 3), *conv_keep[:2], *conv_keep[3:], needs)}[op]
     args = list(base)
     args[position] = value
     with pytest.raises(RuntimeError, match=match):
