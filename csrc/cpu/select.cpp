@@ -166,6 +166,22 @@ inline void scan_run_generic(const U* x, int64_t n, U lo, U hi, int64_t& gt, int
   bad = bad || nf != 0;
 }
 
+// scan_run_generic with its flags from run-time values: the portable scan_run, and the tail of the
+// AVX-512 ones. out != nullptr (a raw source, store): also the keep mask and offsets (MASK).
+template <typename U>
+void scan_run_portable(const U* x, int64_t n, bool raw, bool store, U lo, U hi, int64_t& gt, int64_t& m, U* buf,
+                       FiniteKeys<U> fin, bool& bad, uint8_t* out, uint32_t* idx, uint32_t base) {
+  if (out != nullptr) {
+    scan_run_generic<true, true, true>(x, n, lo, hi, gt, m, buf, fin, bad, out, idx, base);
+  } else if (raw) {
+    store ? scan_run_generic<true, true>(x, n, lo, hi, gt, m, buf, fin, bad)
+          : scan_run_generic<true, false>(x, n, lo, hi, gt, m, buf, fin, bad);
+  } else {
+    store ? scan_run_generic<false, true>(x, n, lo, hi, gt, m, buf, fin, bad)
+          : scan_run_generic<false, false>(x, n, lo, hi, gt, m, buf, fin, bad);
+  }
+}
+
 #ifdef BISE_SELECT_X86
 // AVX-512 version for 32-bit raw floats: key transform, counts and compaction 16 lanes at a time.
 // The compressed vector is always stored (unaligned, 16 lanes of slack) to avoid a branch.
@@ -198,13 +214,8 @@ __attribute__((target("avx512f,popcnt"))) void scan_run_f32_avx512(
   }
   gt += _mm512_reduce_add_epi32(acc);
   bad = bad || nf != 0;
-  if (out != nullptr) {
-    scan_run_generic<true, true, true>(x + i, n - i, lo, hi, gt, m, buf, fin, bad, out + i, idx, base + uint32_t(i));
-  } else if (store) {
-    scan_run_generic<true, true>(x + i, n - i, lo, hi, gt, m, buf, fin, bad);
-  } else {
-    scan_run_generic<true, false>(x + i, n - i, lo, hi, gt, m, buf, fin, bad);
-  }
+  scan_run_portable(x + i, n - i, true, store, lo, hi, gt, m, buf, fin, bad, out ? out + i : nullptr, idx,
+                    base + uint32_t(i));  // the tail
 }
 
 // The same for 16-bit raw floats (float16, bfloat16), 32 lanes at a time (needs VBMI2's vpcompressw).
@@ -240,13 +251,8 @@ __attribute__((target("avx512f,avx512bw,avx512vbmi2,popcnt"))) void scan_run_f16
   }
   gt += g;
   bad = bad || nf != 0;
-  if (out != nullptr) {
-    scan_run_generic<true, true, true>(x + i, n - i, lo, hi, gt, m, buf, fin, bad, out + i, idx, base + uint32_t(i));
-  } else if (store) {
-    scan_run_generic<true, true>(x + i, n - i, lo, hi, gt, m, buf, fin, bad);
-  } else {
-    scan_run_generic<true, false>(x + i, n - i, lo, hi, gt, m, buf, fin, bad);
-  }
+  scan_run_portable(x + i, n - i, true, store, lo, hi, gt, m, buf, fin, bad, out ? out + i : nullptr, idx,
+                    base + uint32_t(i));  // the tail
 }
 
 bool has_avx512() {
@@ -266,7 +272,7 @@ bool has_avx512_vbmi2() {
 }
 #endif
 
-// out != nullptr (a raw source, store): also the keep mask and offsets (scan_run_generic's MASK).
+// One run of the fused bracket pass: AVX-512 where the CPU has it, else scan_run_portable.
 template <typename U>
 void scan_run(const U* x, int64_t n, bool raw, bool store, U lo, U hi, int64_t& gt, int64_t& m, U* buf,
               FiniteKeys<U> fin, bool& bad, uint8_t* out, uint32_t* idx, uint32_t base) {
@@ -278,15 +284,7 @@ void scan_run(const U* x, int64_t n, bool raw, bool store, U lo, U hi, int64_t& 
     if (raw && has_avx512_vbmi2()) return scan_run_f16_avx512(x, n, lo, hi, gt, m, buf, store, fin, bad, out, idx, base);
   }
 #endif
-  if (out != nullptr) {
-    scan_run_generic<true, true, true>(x, n, lo, hi, gt, m, buf, fin, bad, out, idx, base);
-  } else if (raw) {
-    store ? scan_run_generic<true, true>(x, n, lo, hi, gt, m, buf, fin, bad)
-          : scan_run_generic<true, false>(x, n, lo, hi, gt, m, buf, fin, bad);
-  } else {
-    store ? scan_run_generic<false, true>(x, n, lo, hi, gt, m, buf, fin, bad)
-          : scan_run_generic<false, false>(x, n, lo, hi, gt, m, buf, fin, bad);
-  }
+  scan_run_portable(x, n, raw, store, lo, hi, gt, m, buf, fin, bad, out, idx, base);
 }
 
 // Result of one bracket pass: counts, optional compacted keys, per-block positions.
