@@ -10,9 +10,10 @@ import torch
 
 pytest.importorskip("triton")
 
-from _masked_cases import randn, tied_scores, tol  # noqa: E402
+from _masked_cases import assert_grads, randn, tied_scores, tol  # noqa: E402
 from bise_kernels.backends import reference as ref  # noqa: E402
 from bise_kernels.backends.triton import channel_gate, masked_conv, masked_linear  # noqa: E402
+from bise_kernels.backends.triton._common import SMALL_M  # noqa: E402
 
 CUDA = torch.cuda.is_available()
 DEVICE = "cuda" if CUDA else "cpu"
@@ -65,6 +66,44 @@ def test_kernels_check_their_arguments_with_the_shared_checks():
         backward(xc.half(), xc, gate_scores, thr_c, cut_c, 1, "ste", 1.0, [True, True])
     with pytest.raises(ValueError, match="needs must have 2"):
         backward(xc, xc, gate_scores, thr_c, cut_c, 1, "ste", 1.0, [True])
+
+
+@pytest.mark.parametrize("rows", [33, SMALL_M + 3])
+@pytest.mark.parametrize("structured", [False, True])
+@pytest.mark.parametrize("estimator", ["ste", "sigmoid"])
+def test_keep_backward_on_both_sides_of_small_m(rows, structured, estimator):
+    """dgrad takes the small-M tiles up to SMALL_M rows of grad_y (ragged sizes: partial tiles); "ste"
+    with NaN scores: the packed backward reads the scores for the "sigmoid" slope only. Operands on a
+    grid of quarters, so that the GEMMs are exact in any summation order over the 259 rows."""
+    x, w, gy = ((randn(*shape, seed=seed, device=DEVICE) * 4).round() / 4
+                for seed, shape in enumerate([(rows, 37), (45, 37), (rows, 45)]))
+    keep = randn(*((45,) if structured else (45, 37)), seed=4, device=DEVICE) > 0.3
+    scores = randn(*keep.shape, seed=5, device=DEVICE)
+    if estimator == "ste":
+        scores.fill_(float("nan"))
+    args = (gy, x, w, scores, keep, estimator, 0.7, [True] * 4)
+    assert_grads(masked_linear.masked_linear_keep_backward(*args), ref.masked_linear_keep_backward(*args),
+                 torch.float32)
+
+
+class _NoLaunch:
+    def __getitem__(self, grid):
+        raise AssertionError("a kernel was launched for a gradient that is not needed")
+
+
+@pytest.mark.parametrize("needs", [(True, False, True, False), (False, True, False, False),
+                                   (False, False, False, True), (False, False, True, False)])
+def test_keep_backward_launches_only_for_needed_gradients(monkeypatch, needs):
+    x, w, scores = randn(5, 7, seed=1, device=DEVICE), randn(3, 7, seed=2, device=DEVICE), randn(3, 7, seed=3)
+    args = (randn(5, 3, seed=4, device=DEVICE), x, w, scores.to(DEVICE), scores.to(DEVICE) > 0, "sigmoid", 0.7,
+            list(needs))
+    want = ref.masked_linear_keep_backward(*args)
+    need_x, need_w, _, need_s = needs
+    idle = ([] if need_x else ["_masked_mm_kernel", "_small_m_mm_kernel"]) + (
+        [] if need_w or need_s else ["_masked_wgrad_kernel"])
+    for name in idle:
+        monkeypatch.setattr(masked_linear, name, _NoLaunch())
+    assert_grads(masked_linear.masked_linear_keep_backward(*args), want, torch.float32)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
