@@ -188,27 +188,44 @@ from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 from bise_kernels.backends.triton import _common, masked_linear as L
 
-for dtype, tl_dtype, size in (("bf16", "bf16", 2), ("fp16", "fp16", 2), ("fp32", "fp32", 4)):
-    for tile in _common.SMALL_M_TILES:
-        config = _common._config(tile, size)
-        types = dict(a_ptr=f"*{tl_dtype}", w_ptr=f"*{tl_dtype}", s_ptr="*u8", bias_ptr=f"*{tl_dtype}",
-                     c_ptr=f"*{tl_dtype}", thr_ptr="*u8", cut_ptr="*i64", ROWS="i32", COLS="i32", LOOP="i32",
-                     ROWS_BUCKET="i32", COLS_BUCKET="i32", LOOP_BUCKET="i32", row_len="i32",
-                     **{f"stride_{n}": "i32" for n in ("am", "al", "wu", "wr", "su", "sr", "cm", "cn")})
-        consts = dict(UNIT_ON_COLS=True, STRUCTURED=False, HAS_BIAS=True, UPCAST=False,
-                      PRECISION="ieee" if dtype == "fp32" else "tf32", ACC=triton.language.float32,
-                      **config.kwargs)
-        sig = dict(types, **{name: "constexpr" for name in consts})
-        triton.compile(ASTSource(fn=L._masked_mm_body, signature=sig, constexprs=consts),
-                       target=GPUTarget("cuda", 90, 32),
-                       options={"num_warps": config.num_warps, "num_stages": config.num_stages})
+
+def compile_sm90(fn, types, consts, config):
+    consts = dict(consts, UPCAST=False, **config.kwargs)
+    sig = dict(types, **{name: "constexpr" for name in consts})
+    triton.compile(ASTSource(fn=fn, signature=sig, constexprs=consts), target=GPUTarget("cuda", 90, 32),
+                   options={"num_warps": config.num_warps, "num_stages": config.num_stages})
+
+
+def strides(*names):
+    return {f"stride_{n}": "i32" for n in names}
+
+
+sizes = dict(ROWS="i32", COLS="i32", LOOP="i32", ROWS_BUCKET="i32", COLS_BUCKET="i32", LOOP_BUCKET="i32")
+for dtype, size in (("bf16", 2), ("fp16", 2), ("fp32", 4)):
+    precision = dict(PRECISION="ieee" if dtype == "fp32" else "tf32", ACC=triton.language.float32)
+    for tile in _common.SMALL_M_TILES:  # the forward (x @ W_eff^T + b) and, in bf16, dgrad (grad_y @ W_eff)
+        for unit_on_cols in (True, False) if dtype == "bf16" else (True,):
+            types = dict(a_ptr=f"*{dtype}", w_ptr=f"*{dtype}", s_ptr="*u8", bias_ptr=f"*{dtype}", c_ptr=f"*{dtype}",
+                         thr_ptr="*u8", cut_ptr="*i64", **sizes, row_len="i32",
+                         **strides("am", "al", "wu", "wr", "su", "sr", "cm", "cn"))
+            consts = dict(UNIT_ON_COLS=unit_on_cols, STRUCTURED=False, HAS_BIAS=unit_on_cols, **precision)
+            compile_sm90(L._masked_mm_body, types, consts, _common._config(tile, size))
+# wgrad with the packed mask's epilogue (bf16, one tile; both score layouts)
+types = dict(g_ptr="*bf16", x_ptr="*bf16", w_ptr="*bf16", s_ptr="*fp32", k_ptr="*u8", thr_ptr="*u8", cut_ptr="*i64",
+             gw_ptr="*bf16", gs_ptr="*fp32", gb_ptr="*bf16", **sizes, temperature="fp32",
+             **strides("gm", "gn", "xm", "xk", "wn", "wk", "sn", "sk", "kn", "kk", "gwn", "gwk", "gsn", "gsk"))
+for structured in (False, True):
+    consts = dict(STRUCTURED=structured, SIGMOID=True, NEED_W=True, NEED_S=True, NEED_B=True, PACKED=True,
+                  PRECISION="tf32", ACC=triton.language.float32, S_ACC=triton.language.float32)
+    compile_sm90(L._masked_wgrad_kernel.fn, types, consts, _common._config(_common.MATMUL_TILES[0]))
 print("compiled")
 """
 
 
 @pytest.mark.slow
 def test_small_m_keep_tiles_compile_for_hopper_without_a_gpu():
-    """The packed-mask forward's small-M tiles (uint8 mask operand) compile to a sm_90 cubin, no driver needed."""
+    """The packed-mask GEMMs (forward and dgrad on the small-M tiles, wgrad's packed epilogue; uint8 mask
+    operand) compile to a sm_90 cubin, no driver needed."""
     import os
     import subprocess
     import sys
