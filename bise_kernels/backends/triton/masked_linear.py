@@ -108,7 +108,8 @@ def _masked_wgrad_kernel(
     stride_gm, stride_gn, stride_xm, stride_xk, stride_wn, stride_wk, stride_sn, stride_sk, stride_kn, stride_kk,
     stride_gwn, stride_gwk, stride_gsn, stride_gsk,
     STRUCTURED: tl.constexpr, SIGMOID: tl.constexpr, NEED_W: tl.constexpr, NEED_S: tl.constexpr,
-    NEED_B: tl.constexpr, PACKED: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr, ACC: tl.constexpr, S_ACC: tl.constexpr,
+    NEED_B: tl.constexpr, PACKED: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr, ACC: tl.constexpr,
+    S_ACC: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):
     """G (ROWS=N, COLS=K) = grad_y^T @ x over LOOP=M rows, consumed by the score-gradient epilogue
