@@ -122,14 +122,14 @@ MATMUL_TILES = (  # (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages) for 16-bi
 )
 
 
-SMALL_M_TILES = (  # the packed-mask forward at M <= SMALL_M: the weight and its mask are streamed once
+SMALL_M_TILES = (  # the packed-mask forward and dgrad at M <= SMALL_M: the weight and its mask streamed once
     (64, 64, 128, 4, 3),  # M 64-256: 4 row tiles share each weight tile through L2
     (32, 64, 128, 4, 4),
     (16, 32, 256, 4, 4),  # M <= 16: a 4096-row weight spreads over 128 programs, one per SM of an H100/H200
     (16, 64, 128, 4, 4),
 )
 SMALL_M = 256
-"""Rows (M) up to which the packed-mask forward takes :data:`SMALL_M_TILES` (unmeasured on a GPU)."""
+"""Rows (M) up to which the packed-mask forward and dgrad take :data:`SMALL_M_TILES` (unmeasured on a GPU)."""
 
 
 def size_bucket(n: int) -> int:

@@ -96,7 +96,7 @@ def _masked_mm_body(
 _MM_KEY = ["ROWS_BUCKET", "COLS_BUCKET", "LOOP_BUCKET", "UNIT_ON_COLS", "STRUCTURED"]
 _masked_mm_kernel = matmul_tuning(key=_MM_KEY)(_masked_mm_body)
 _small_m_mm_kernel = matmul_tuning(key=_MM_KEY, tiles=SMALL_M_TILES)(_masked_mm_body)
-"""The same GEMM with the small-M tiles: the packed-mask forward for M <= SMALL_M (``_common``)."""
+"""The same GEMM with the small-M tiles: the packed-mask forward and dgrad for M <= SMALL_M (``_common``)."""
 
 
 @matmul_tuning(key=["ROWS_BUCKET", "COLS_BUCKET", "LOOP_BUCKET", "STRUCTURED", "NEED_W", "NEED_S", "PACKED"],
