@@ -18,6 +18,12 @@ does the same job, through the public API (``<case>/api``: checks, the top-k sel
   same selection) and the baselines above; at M <= 256 the Triton kernel is the fused small-M
   GEMM reading W and the mask. ``/api``: a ``MaskedLinear(mask_mode="keep")`` forward (its cached
   mask). Targets as above (small M: >= 1.3x materialise-then-cuBLAS, >= 1.0x max-autotune).
+* ``masked_linear_keep_fwd_bwd_bf16_M{16,256}_4096x4096``: the packed-mask layer's forward and
+  backward (grad_x and the score gradient, weights frozen) at small M, per backend with both keep
+  kernels and ``/api`` (``MaskedLinear(mask_mode="keep")`` through autograd), against
+  "materialise_then_cublas" (target >= 1.3x), "cublas_dense" and "selection_path": whether the
+  Triton small-M GEMMs beat the cuda backend's mask pass + cuBLAS over a whole layer step
+  (no max-autotune baseline: its compile of the three GEMMs per shape would not fit the budget).
 * ``masked_conv_fwd_bwd_bf16_cl_b32_*``: ResNet-50 layer shapes, batch 32, channels_last:
   masked forward + backward (grad_x and the score gradient: frozen weights) against "cudnn_dense"
   (forward + grad_x + grad_W of the dense conv) and "materialise_then_cudnn". Target >= 0.95x.
@@ -96,6 +102,7 @@ def _linear_data(size, device) -> SimpleNamespace:
     d.s_unit = torch.randn(n, device=device)
     d.thr_u, d.cut_u = _selection(d.s_unit)
     d.small = [torch.randn(rows, kk, device=device, dtype=torch.bfloat16) for rows in size.small_m]
+    d.small_gy = [torch.randn(rows, n, device=device, dtype=torch.bfloat16) for rows in size.small_m]
     d.keep = ref.keep_mask(d.s, d.thr, d.cut)  # the top-k selection, packed
     d.keep_t = ref.keep_mask(d.s, d.t, d.keep_all)  # S >= t, packed: the where(S >= t, W, 0) mask
     return d
@@ -154,8 +161,67 @@ def _keep_cases(k, d, where_mm, large_m: bool) -> list[dict]:
         selection = lambda a: k["masked_linear_forward"](a, w, None, s, d.t, d.keep_all)  # noqa: E731
     else:
         return cases
-    return cases + _small_m_cases("masked_linear_keep_fwd", small_fwd, d, where_mm, mask_bytes=1,
-                                  extra={"selection_path": selection})
+    cases += _small_m_cases("masked_linear_keep_fwd", small_fwd, d, where_mm, mask_bytes=1,
+                            extra={"selection_path": selection})
+    if k is None:
+        step = _api_step(lambda a, scores: layer(a), layer.scores)
+        selection_step = _api_step(lambda a, scores: bise_kernels.masked_linear(a, w, None, scores, threshold=d.t),
+                                   s.clone().requires_grad_())
+    elif "masked_linear_keep_backward" in k:
+        def step(a, gy):
+            y = k["masked_linear_keep_forward"](a, w, None, d.keep_t)
+            return y, k["masked_linear_keep_backward"](gy, a, w, s, d.keep_t, "ste", 1.0, FROZEN_WEIGHTS)
+
+        def selection_step(a, gy):
+            y = k["masked_linear_forward"](a, w, None, s, d.t, d.keep_all)
+            return y, k["masked_linear_backward"](gy, a, w, s, d.t, d.keep_all, "ste", 1.0, FROZEN_WEIGHTS)
+    else:
+        return cases
+    return cases + _small_m_step_cases(step, d, selection_step)
+
+
+def _api_step(forward, scores):
+    """``forward(x, scores)`` and its backward through autograd (grad_x and the gradient of the leaf
+    ``scores``), as (y, (grad_x, None, None, grad_scores))."""
+    def step(a, gy):
+        a = a.detach().requires_grad_()
+        y = forward(a, scores)
+        gx, gs = torch.autograd.grad(y, (a, scores), gy)
+        return y, (gx, None, None, gs)
+
+    return step
+
+
+def _small_m_step_cases(step, d, selection_step) -> list[dict]:
+    """The packed-mask layer's forward + backward (grad_x, score gradient; weights frozen, as in
+    edge-popup training) at the small batches: whether the fused small-M GEMMs pay off over a whole
+    layer step. Baselines: materialise W * keep then cuBLAS forward, grad_x and the dense weight
+    gradient times W; the dense layer's forward, grad_x and grad_W; the same backend's selection path.
+    Bytes: W read three times and the mask twice, the fp32 score gradient written once."""
+    cases = []
+    for xs, gy in zip(d.small, d.small_gy):
+        def materialise(xs=xs, gy=gy):
+            w_eff = d.w_eff()
+            return F.linear(xs, w_eff), gy @ w_eff, (gy.t() @ xs) * d.w
+
+        def dense(xs=xs, gy=gy):
+            return F.linear(xs, d.w), gy @ d.w, gy.t() @ xs
+
+        def check(xs=xs, gy=gy):
+            y, grads = step(xs, gy)
+            want = ref.masked_linear_keep_backward(gy, xs, d.w, d.s, d.keep_t, "ste", 1.0, FROZEN_WEIGHTS)
+            _close([y, *grads], [ref.masked_linear_keep_forward(xs, d.w, None, d.keep_t), *want])
+
+        rows = xs.shape[0]
+        cases.append({
+            "name": f"masked_linear_keep_fwd_bwd_bf16_M{rows}_{d.n}x{d.k}", "flops": 3 * 2 * rows * d.n * d.k,
+            "bytes": d.n * d.k * (3 * BF16 + 2 + FP32) + 3 * (rows * d.k + rows * d.n) * BF16,
+            "target_speedup": {"materialise_then_cublas": 1.3},
+            "fn": lambda xs=xs, gy=gy: step(xs, gy), "check": check,
+            "baselines": {"materialise_then_cublas": materialise, "cublas_dense": dense,
+                          "selection_path": lambda xs=xs, gy=gy: selection_step(xs, gy)},
+        })
+    return cases
 
 
 def _linear_cases(k, d, where_mm) -> list[dict]:

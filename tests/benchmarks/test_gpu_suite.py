@@ -62,6 +62,7 @@ def test_dry_run_of_every_module_checks_every_case(tmp_path):
     for prefix in ("select_25M_fp32_cold/", "masked_linear_fwd_bf16_64/", "masked_conv_fwd_bwd", "channel_gate_bwd",
                    "step_mlp4x64_bf16_b8/", "step_resnet50_convs", "overhead_masked_linear_256_b32/api",
                    "overhead_masked_linear_256_b32/module", "masked_linear_keep_fwd_bf16_M16_64x64/api",
+                   "masked_linear_keep_fwd_bwd_bf16_M16_64x64/torch", "masked_linear_keep_fwd_bwd_bf16_M16_64x64/api",
                    "step_mlp4x64_bf16_b8/torch+keep", "masked_conv_keep_fwd_bwd",
                    "cuda_graph_masked_step/api"):
         assert any(n.startswith(prefix) for n in names), prefix
@@ -71,6 +72,9 @@ def test_dry_run_of_every_module_checks_every_case(tmp_path):
     assert api["overhead_us"] == api["median_us"] - api["baselines"]["raw_kernel"]["median_us"]
     assert {"cublas_dense", "materialise_then_cublas"} <= set(by_name["masked_linear_fwd_bf16_64/api"]["speedup"])
     assert {"dense_step", "edge_popup"} <= set(by_name["step_mlp4x64_bf16_b8/auto"]["speedup"])
+    for path in ("torch", "api"):  # the packed-mask layer step at small M, beside what a user writes by hand
+        assert set(by_name[f"masked_linear_keep_fwd_bwd_bf16_M16_64x64/{path}"]["speedup"]) == {
+            "materialise_then_cublas", "cublas_dense", "selection_path"}
 
 
 def test_a_case_past_its_time_limit_is_recorded_and_the_budget_skips_the_rest(tmp_path):

@@ -69,9 +69,20 @@ def test_keep_backward_computes_only_needed_gradients(kernels, needs, structured
 
 
 @pytest.mark.parametrize("structured", [False, True])
+@pytest.mark.parametrize("estimator,temperature", ESTIMATORS)
+def test_keep_backward_masks_by_keep_not_by_the_scores(kernels, structured, estimator, temperature):
+    """A keep mask that is not the scores' (their mask's complement): keep masks, the scores give only the slope."""
+    _keep_kernels(kernels)
+    x, w, _, scores, keep = _layer(torch.float32, structured, kernels.device)
+    args = (randn(2, 3, 29, seed=5, device=kernels.device), x, w, scores, ~keep, estimator, temperature, ALL_NEEDS)
+    assert_grads(kernels.masked_linear_keep_backward(*args), R.masked_linear_keep_backward(*args), torch.float32)
+
+
+@pytest.mark.parametrize("structured", [False, True])
 def test_keep_op_equals_the_selection_op(backend, structured):
-    """Same output and gradients as masked_linear with the selection the mask was packed from: to the bit
-    where both ops run the same composition (not "triton": its keep backward is the reference's)."""
+    """Same output and gradients as masked_linear with the selection the mask was packed from, to the bit
+    on every backend ("triton", interpreted here: its keep kernels are its selection kernels reading the
+    mask's bytes, on the same tiles)."""
     x, w, b, scores, _ = _layer(torch.float32, structured, "cpu")
     thr, cut = tied_scores(scores.shape, seed=4)[1:]
     leaves = [t.clone().requires_grad_() for t in (x, w, b, scores)]
@@ -79,9 +90,8 @@ def test_keep_op_equals_the_selection_op(backend, structured):
     want = (y, *torch.autograd.grad(y.sum(), leaves))
     y = _ops.masked_linear_keep(*leaves, _ops.keep_mask(scores, thr, cut, 0), "sigmoid", 0.7)
     got = (y, *torch.autograd.grad(y.sum(), leaves))
-    exact = {} if backend == "triton" else dict(rtol=0, atol=0)
     for g, e in zip(got, want):
-        torch.testing.assert_close(g, e, **exact)
+        torch.testing.assert_close(g, e, rtol=0, atol=0)
 
 
 # ----------------------------------------------------------------------------- MaskedLinear

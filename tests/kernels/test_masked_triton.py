@@ -10,9 +10,10 @@ import torch
 
 pytest.importorskip("triton")
 
-from _masked_cases import randn, tied_scores, tol  # noqa: E402
+from _masked_cases import assert_grads, randn, tied_scores, tol  # noqa: E402
 from bise_kernels.backends import reference as ref  # noqa: E402
 from bise_kernels.backends.triton import channel_gate, masked_conv, masked_linear  # noqa: E402
+from bise_kernels.backends.triton._common import SMALL_M  # noqa: E402
 
 CUDA = torch.cuda.is_available()
 DEVICE = "cuda" if CUDA else "cpu"
@@ -65,6 +66,45 @@ def test_kernels_check_their_arguments_with_the_shared_checks():
         backward(xc.half(), xc, gate_scores, thr_c, cut_c, 1, "ste", 1.0, [True, True])
     with pytest.raises(ValueError, match="needs must have 2"):
         backward(xc, xc, gate_scores, thr_c, cut_c, 1, "ste", 1.0, [True])
+
+
+@pytest.mark.parametrize("rows", [13, SMALL_M + 3])  # 13: the size bucket 16, where autotuning keeps 2 small-M tiles
+@pytest.mark.parametrize("structured", [False, True])
+@pytest.mark.parametrize("estimator", ["ste", "sigmoid"])
+def test_keep_backward_on_both_sides_of_small_m(rows, structured, estimator):
+    """dgrad takes the small-M tiles up to SMALL_M rows of grad_y (ragged sizes: partial tiles); "ste"
+    with NaN scores: the packed backward reads the scores for the "sigmoid" slope only. Operands on a
+    grid of quarters, so that the GEMMs are exact in any summation order over the 259 rows."""
+    x, w, gy = ((randn(*shape, seed=seed, device=DEVICE) * 4).round() / 4
+                for seed, shape in enumerate([(rows, 37), (45, 37), (rows, 45)]))
+    keep = randn(*((45,) if structured else (45, 37)), seed=4, device=DEVICE) > 0.3
+    scores = randn(*keep.shape, seed=5, device=DEVICE)
+    if estimator == "ste":
+        scores.fill_(float("nan"))
+    args = (gy, x, w, scores, keep, estimator, 0.7, [True] * 4)
+    assert_grads(masked_linear.masked_linear_keep_backward(*args), ref.masked_linear_keep_backward(*args),
+                 torch.float32)
+
+
+class _NoLaunch:
+    def __getitem__(self, grid):
+        raise AssertionError("a kernel was launched for a gradient that is not needed")
+
+
+@pytest.mark.parametrize("needs", [(True, False, True, False), (False, True, False, False),
+                                   (False, False, False, True), (False, False, True, False)])
+def test_keep_backward_launches_only_for_needed_gradients(monkeypatch, needs):
+    """dgrad's GEMM only for grad_x, the wgrad GEMM only for the weight or score gradient (bias: a sum)."""
+    x, w, scores = randn(5, 7, seed=1, device=DEVICE), randn(3, 7, seed=2, device=DEVICE), randn(3, 7, seed=3)
+    args = (randn(5, 3, seed=4, device=DEVICE), x, w, scores.to(DEVICE), scores.to(DEVICE) > 0, "sigmoid", 0.7,
+            list(needs))
+    want = ref.masked_linear_keep_backward(*args)
+    need_x, need_w, _, need_s = needs
+    idle = ([] if need_x else ["_masked_mm_kernel", "_small_m_mm_kernel"]) + (
+        [] if need_w or need_s else ["_masked_wgrad_kernel"])
+    for name in idle:
+        monkeypatch.setattr(masked_linear, name, _NoLaunch())
+    assert_grads(masked_linear.masked_linear_keep_backward(*args), want, torch.float32)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
@@ -149,27 +189,44 @@ from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 from bise_kernels.backends.triton import _common, masked_linear as L
 
-for dtype, tl_dtype, size in (("bf16", "bf16", 2), ("fp16", "fp16", 2), ("fp32", "fp32", 4)):
-    for tile in _common.SMALL_M_TILES:
-        config = _common._config(tile, size)
-        types = dict(a_ptr=f"*{tl_dtype}", w_ptr=f"*{tl_dtype}", s_ptr="*u8", bias_ptr=f"*{tl_dtype}",
-                     c_ptr=f"*{tl_dtype}", thr_ptr="*u8", cut_ptr="*i64", ROWS="i32", COLS="i32", LOOP="i32",
-                     ROWS_BUCKET="i32", COLS_BUCKET="i32", LOOP_BUCKET="i32", row_len="i32",
-                     **{f"stride_{n}": "i32" for n in ("am", "al", "wu", "wr", "su", "sr", "cm", "cn")})
-        consts = dict(UNIT_ON_COLS=True, STRUCTURED=False, HAS_BIAS=True, UPCAST=False,
-                      PRECISION="ieee" if dtype == "fp32" else "tf32", ACC=triton.language.float32,
-                      **config.kwargs)
-        sig = dict(types, **{name: "constexpr" for name in consts})
-        triton.compile(ASTSource(fn=L._masked_mm_body, signature=sig, constexprs=consts),
-                       target=GPUTarget("cuda", 90, 32),
-                       options={"num_warps": config.num_warps, "num_stages": config.num_stages})
+
+def compile_sm90(fn, types, consts, config):
+    consts = dict(consts, UPCAST=False, **config.kwargs)
+    sig = dict(types, **{name: "constexpr" for name in consts})
+    triton.compile(ASTSource(fn=fn, signature=sig, constexprs=consts), target=GPUTarget("cuda", 90, 32),
+                   options={"num_warps": config.num_warps, "num_stages": config.num_stages})
+
+
+def strides(*names):
+    return {f"stride_{n}": "i32" for n in names}
+
+
+sizes = dict(ROWS="i32", COLS="i32", LOOP="i32", ROWS_BUCKET="i32", COLS_BUCKET="i32", LOOP_BUCKET="i32")
+for dtype, size in (("bf16", 2), ("fp16", 2), ("fp32", 4)):
+    precision = dict(PRECISION="ieee" if dtype == "fp32" else "tf32", ACC=triton.language.float32)
+    for tile in _common.SMALL_M_TILES:  # the forward (x @ W_eff^T + b) and, in bf16, dgrad (grad_y @ W_eff)
+        for unit_on_cols in (True, False) if dtype == "bf16" else (True,):
+            types = dict(a_ptr=f"*{dtype}", w_ptr=f"*{dtype}", s_ptr="*u8", bias_ptr=f"*{dtype}", c_ptr=f"*{dtype}",
+                         thr_ptr="*u8", cut_ptr="*i64", **sizes, row_len="i32",
+                         **strides("am", "al", "wu", "wr", "su", "sr", "cm", "cn"))
+            consts = dict(UNIT_ON_COLS=unit_on_cols, STRUCTURED=False, HAS_BIAS=unit_on_cols, **precision)
+            compile_sm90(L._masked_mm_body, types, consts, _common._config(tile, size))
+# wgrad with the packed mask's epilogue (bf16, one tile; both score layouts)
+types = dict(g_ptr="*bf16", x_ptr="*bf16", w_ptr="*bf16", s_ptr="*fp32", k_ptr="*u8", thr_ptr="*u8", cut_ptr="*i64",
+             gw_ptr="*bf16", gs_ptr="*fp32", gb_ptr="*bf16", **sizes, temperature="fp32",
+             **strides("gm", "gn", "xm", "xk", "wn", "wk", "sn", "sk", "kn", "kk", "gwn", "gwk", "gsn", "gsk"))
+for structured in (False, True):
+    consts = dict(STRUCTURED=structured, SIGMOID=True, NEED_W=True, NEED_S=True, NEED_B=True, PACKED=True,
+                  PRECISION="tf32", ACC=triton.language.float32, S_ACC=triton.language.float32)
+    compile_sm90(L._masked_wgrad_kernel.fn, types, consts, _common._config(_common.MATMUL_TILES[0]))
 print("compiled")
 """
 
 
 @pytest.mark.slow
 def test_small_m_keep_tiles_compile_for_hopper_without_a_gpu():
-    """The packed-mask forward's small-M tiles (uint8 mask operand) compile to a sm_90 cubin, no driver needed."""
+    """The packed-mask GEMMs (forward and dgrad on the small-M tiles, wgrad's packed epilogue; uint8 mask
+    operand) compile to a sm_90 cubin, no driver needed."""
     import os
     import subprocess
     import sys

@@ -70,21 +70,26 @@ def grouped_tile(ROWS, COLS, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP
 @triton.jit
 def score_grad_epilogue(
     g, units, reds, unit_ok, valid, row_len, num_units,
-    w_ptrs, s_ptrs, gw_ptrs, gs_ptrs, thr, cut, temperature,
+    w_ptrs, s_ptrs, k_ptrs, gw_ptrs, gs_ptrs, thr, cut, temperature,
     STRUCTURED: tl.constexpr, SIGMOID: tl.constexpr, NEED_W: tl.constexpr, NEED_S: tl.constexpr,
-    S_ACC: tl.constexpr,
+    PACKED: tl.constexpr, S_ACC: tl.constexpr,
 ):
     """From a tile ``g`` of dL/dW_eff (units x reds; fp32, fp64 for fp64 data): write ``g * keep``
     (weight gradient) and ``g * W * slope`` (score gradient) without a weight-sized intermediate.
 
-    Structured scores (one per unit): ``s_ptrs`` is (units,), and the score gradient is summed
-    over the tile's reds and added atomically into the fp32/fp64 buffer ``gs_ptrs`` (units,).
+    The mask is the keep rule on the scores ``s_ptrs``, or, ``PACKED``, the bytes of a packed keep
+    mask ``k_ptrs`` (nonzero: kept); the scores are then read only for the "sigmoid" slope.
+    Structured scores (one per unit): ``s_ptrs`` / ``k_ptrs`` are (units,), and the score gradient is
+    summed over the tile's reds and added atomically into the fp32/fp64 buffer ``gs_ptrs`` (units,).
     """
     if STRUCTURED:
-        if NEED_W or SIGMOID:
+        if SIGMOID or (NEED_W and not PACKED):
             s = tl.load(s_ptrs, mask=unit_ok, other=0)
         if NEED_W:
-            kept = keep(s, thr, units, tl.minimum(cut, num_units))
+            if PACKED:
+                kept = tl.load(k_ptrs, mask=unit_ok, other=0) != 0
+            else:
+                kept = keep(s, thr, units, tl.minimum(cut, num_units))
             tl.store(gw_ptrs, tl.where(kept[:, None], g, 0.0).to(gw_ptrs.dtype.element_ty), mask=valid)
         if NEED_S:
             part = tl.sum(g * tl.load(w_ptrs, mask=valid, other=0).to(g.dtype), axis=1)
@@ -92,10 +97,13 @@ def score_grad_epilogue(
                 part = part * sigmoid_slope(s, temperature, S_ACC)
             tl.atomic_add(gs_ptrs, part.to(gs_ptrs.dtype.element_ty), mask=unit_ok)
     else:
-        if NEED_W or SIGMOID:
+        if SIGMOID or (NEED_W and not PACKED):
             s = tl.load(s_ptrs, mask=valid, other=0)
         if NEED_W:
-            kept = keep(s, thr, reds[None, :], tie_limit(cut, units, row_len)[:, None])
+            if PACKED:
+                kept = tl.load(k_ptrs, mask=valid, other=0) != 0
+            else:
+                kept = keep(s, thr, reds[None, :], tie_limit(cut, units, row_len)[:, None])
             tl.store(gw_ptrs, tl.where(kept, g, 0.0).to(gw_ptrs.dtype.element_ty), mask=valid)
         if NEED_S:
             gs = g * tl.load(w_ptrs, mask=valid, other=0).to(g.dtype)
@@ -114,14 +122,14 @@ MATMUL_TILES = (  # (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages) for 16-bi
 )
 
 
-SMALL_M_TILES = (  # the packed-mask forward at M <= SMALL_M: the weight and its mask are streamed once
+SMALL_M_TILES = (  # the packed-mask forward and dgrad at M <= SMALL_M: the weight and its mask streamed once
     (64, 64, 128, 4, 3),  # M 64-256: 4 row tiles share each weight tile through L2
     (32, 64, 128, 4, 4),
     (16, 32, 256, 4, 4),  # M <= 16: a 4096-row weight spreads over 128 programs, one per SM of an H100/H200
     (16, 64, 128, 4, 4),
 )
 SMALL_M = 256
-"""Rows (M) up to which the packed-mask forward takes :data:`SMALL_M_TILES` (unmeasured on a GPU)."""
+"""Rows (M) up to which the packed-mask forward and dgrad take :data:`SMALL_M_TILES` (unmeasured on a GPU)."""
 
 
 def size_bucket(n: int) -> int:

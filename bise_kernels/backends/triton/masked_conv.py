@@ -83,10 +83,10 @@ def _conv_score_grad_kernel(
         gs_ptrs = gs_ptr + units[:, None] * sgs0 + _red_offsets(reds, KHW, KW, sgs1, sgs2, sgs3)[None, :]
     score_grad_epilogue(
         g, units, reds, unit_ok, valid, R, UNITS,
-        w_ptr + units[:, None] * sw0 + _red_offsets(reds, KHW, KW, sw1, sw2, sw3)[None, :], s_ptrs,
+        w_ptr + units[:, None] * sw0 + _red_offsets(reds, KHW, KW, sw1, sw2, sw3)[None, :], s_ptrs, s_ptrs,
         gw_ptr + units[:, None] * sgw0 + _red_offsets(reds, KHW, KW, sgw1, sgw2, sgw3)[None, :], gs_ptrs,
         tl.load(thr_ptr), tl.load(cut_ptr), temperature,
-        STRUCTURED, SIGMOID, NEED_W, NEED_S, S_ACC,
+        STRUCTURED, SIGMOID, NEED_W, NEED_S, False, S_ACC,
     )
 
 

@@ -10,8 +10,9 @@
 * the packed-mask forward ``x @ (W*keep)^T + b`` is the same kernel reading the bool keep mask
   as uint8 "scores" under the rule ``s > 0`` (thr = cut = 0): a weight costs its own bytes plus
   one, which is what the small-M (memory-bound) regime pays for; up to ``SMALL_M`` rows it runs
-  with the small-M tiles (``_small_m_mm_kernel``). Its backward has no Triton kernel (the
-  registry takes the next backend's).
+  with the small-M tiles (``_small_m_mm_kernel``). Its backward reads the same mask: dgrad is that
+  kernel again (W not transposed), wgrad's epilogue masks by the mask's bytes (``PACKED``) and reads
+  the scores only for the "sigmoid" slope.
 W*M is never written to memory. Semantics: ``backends/reference.py``.
 """
 
@@ -27,7 +28,8 @@ from ._common import (
     matmul_tuning, score_grad_buffer, score_grad_epilogue, size_bucket, tie_limit,
 )
 
-KERNELS = ("masked_linear_forward", "masked_linear_backward", "masked_linear_keep_forward")
+KERNELS = ("masked_linear_forward", "masked_linear_backward", "masked_linear_keep_forward",
+           "masked_linear_keep_backward")
 
 
 @triton.jit
@@ -94,22 +96,24 @@ def _masked_mm_body(
 _MM_KEY = ["ROWS_BUCKET", "COLS_BUCKET", "LOOP_BUCKET", "UNIT_ON_COLS", "STRUCTURED"]
 _masked_mm_kernel = matmul_tuning(key=_MM_KEY)(_masked_mm_body)
 _small_m_mm_kernel = matmul_tuning(key=_MM_KEY, tiles=SMALL_M_TILES)(_masked_mm_body)
-"""The same GEMM with the small-M tiles: the packed-mask forward for M <= SMALL_M (``_common``)."""
+"""The same GEMM with the small-M tiles: the packed-mask forward and dgrad for M <= SMALL_M (``_common``)."""
 
 
-@matmul_tuning(key=["ROWS_BUCKET", "COLS_BUCKET", "LOOP_BUCKET", "STRUCTURED", "NEED_W", "NEED_S"],
+@matmul_tuning(key=["ROWS_BUCKET", "COLS_BUCKET", "LOOP_BUCKET", "STRUCTURED", "NEED_W", "NEED_S", "PACKED"],
                reset_to_zero=["gs_ptr"])
 @triton.jit
 def _masked_wgrad_kernel(
-    g_ptr, x_ptr, w_ptr, s_ptr, thr_ptr, cut_ptr, gw_ptr, gs_ptr, gb_ptr,
+    g_ptr, x_ptr, w_ptr, s_ptr, k_ptr, thr_ptr, cut_ptr, gw_ptr, gs_ptr, gb_ptr,
     ROWS, COLS, LOOP, ROWS_BUCKET, COLS_BUCKET, LOOP_BUCKET, temperature,
-    stride_gm, stride_gn, stride_xm, stride_xk, stride_wn, stride_wk, stride_sn, stride_sk,
+    stride_gm, stride_gn, stride_xm, stride_xk, stride_wn, stride_wk, stride_sn, stride_sk, stride_kn, stride_kk,
     stride_gwn, stride_gwk, stride_gsn, stride_gsk,
     STRUCTURED: tl.constexpr, SIGMOID: tl.constexpr, NEED_W: tl.constexpr, NEED_S: tl.constexpr,
-    NEED_B: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr, ACC: tl.constexpr, S_ACC: tl.constexpr,
+    NEED_B: tl.constexpr, PACKED: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr, ACC: tl.constexpr,
+    S_ACC: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):
-    """G (ROWS=N, COLS=K) = grad_y^T @ x over LOOP=M rows, consumed by the score-gradient epilogue."""
+    """G (ROWS=N, COLS=K) = grad_y^T @ x over LOOP=M rows, consumed by the score-gradient epilogue
+    (masked by the scores' rule, or ``PACKED`` by the keep mask ``k_ptr``)."""
     pid_m, pid_n = grouped_tile(ROWS, COLS, BLOCK_M, BLOCK_N, GROUP_M)
     units = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     reds = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -135,16 +139,18 @@ def _masked_wgrad_kernel(
     valid = unit_ok[:, None] & red_ok[None, :]
     if STRUCTURED:
         s_ptrs = s_ptr + units * stride_sn
+        k_ptrs = k_ptr + units * stride_kn
         gs_ptrs = gs_ptr + units
     else:
         s_ptrs = s_ptr + units[:, None] * stride_sn + reds[None, :] * stride_sk
+        k_ptrs = k_ptr + units[:, None] * stride_kn + reds[None, :] * stride_kk
         gs_ptrs = gs_ptr + units[:, None] * stride_gsn + reds[None, :] * stride_gsk
     score_grad_epilogue(
         acc, units, reds, unit_ok, valid, COLS, ROWS,
-        w_ptr + units[:, None] * stride_wn + reds[None, :] * stride_wk, s_ptrs,
+        w_ptr + units[:, None] * stride_wn + reds[None, :] * stride_wk, s_ptrs, k_ptrs,
         gw_ptr + units[:, None] * stride_gwn + reds[None, :] * stride_gwk, gs_ptrs,
         tl.load(thr_ptr), tl.load(cut_ptr), temperature,
-        STRUCTURED, SIGMOID, NEED_W, NEED_S, S_ACC,
+        STRUCTURED, SIGMOID, NEED_W, NEED_S, PACKED, S_ACC,
     )
 
 
@@ -188,16 +194,23 @@ def masked_linear_forward(x, weight, bias, scores, thr, cut):
     return y.reshape(x.shape[:-1] + (weight.shape[0],))
 
 
+def _keep_rule(device) -> tuple[torch.Tensor, torch.Tensor]:
+    """(thr, cut) = (0, 0): the rule ``s > thr or (s == thr and i < cut)`` on a keep mask's bytes is ``keep > 0``."""
+    return torch.zeros((), dtype=torch.uint8, device=device), torch.zeros((), dtype=torch.int64, device=device)
+
+
+def _mm_kernel(rows: int, packed: bool):
+    """The small-M tiles for the packed mask up to ``SMALL_M`` rows (forward: x's, dgrad: grad_y's)."""
+    return _small_m_mm_kernel if packed and rows <= SMALL_M else _masked_mm_kernel
+
+
 def masked_linear_keep_forward(x, weight, bias, keep):
     """``x @ (weight * keep)^T + bias``: the packed keep mask applied to weight tiles in registers."""
     structured = _checks.check_masked_linear_keep(x, weight, bias, keep)
     check_device(x)
-    # the rule s > thr or (s == thr and i < cut) with thr = cut = 0 on the mask's bytes: keep > 0
-    thr = torch.zeros((), dtype=torch.uint8, device=x.device)
-    cut = torch.zeros((), dtype=torch.int64, device=x.device)
     x2 = x.reshape(-1, x.shape[-1])
-    kernel = _small_m_mm_kernel if x2.shape[0] <= SMALL_M else _masked_mm_kernel
-    y = _masked_mm(x2, weight, keep.view(torch.uint8), structured, bias, thr, cut, unit_on_cols=True, kernel=kernel)
+    y = _masked_mm(x2, weight, keep.view(torch.uint8), structured, bias, *_keep_rule(x.device), unit_on_cols=True,
+                   kernel=_mm_kernel(x2.shape[0], packed=True))
     return y.reshape(x.shape[:-1] + (weight.shape[0],))
 
 
@@ -205,12 +218,30 @@ def masked_linear_backward(grad_y, x, weight, scores, thr, cut, estimator, tempe
     """(grad_x, grad_weight, grad_bias, grad_scores), each None unless asked for in ``needs``."""
     structured = _check_linear(x, weight, None, scores, thr, cut)
     check_backward_args(grad_y, x.shape[:-1] + (weight.shape[0],), x, estimator, temperature, needs, 4)
+    return _backward(grad_y, x, weight, scores, structured, estimator, temperature, needs, scores, thr, cut, False)
+
+
+def masked_linear_keep_backward(grad_y, x, weight, scores, keep, estimator, temperature, needs):
+    """The backward of :func:`masked_linear_keep_forward`: dgrad and the weight gradient read the
+    packed mask; the scores are read only for the "sigmoid" slope (never for "ste")."""
+    structured = _checks.check_masked_linear_keep(x, weight, None, keep, scores)
+    check_device(x)
+    check_backward_args(grad_y, x.shape[:-1] + (weight.shape[0],), x, estimator, temperature, needs, 4)
+    return _backward(grad_y, x, weight, scores, structured, estimator, temperature, needs, keep.view(torch.uint8),
+                     *_keep_rule(x.device), True)
+
+
+def _backward(grad_y, x, weight, scores, structured, estimator, temperature, needs, mask, thr, cut, packed):
+    """The backward both masked linears share. ``mask`` is what the GEMMs mask by under the rule
+    (thr, cut): the scores, or (``packed``) the keep mask's bytes, which wgrad's epilogue then reads
+    as the mask while the scores give only the slope."""
     need_x, need_w, need_b, need_s = (bool(n) for n in needs)
     n_out, k_in = weight.shape
     g2 = grad_y.reshape(-1, n_out)
     gx = gw = gb = gs = None
     if need_x:
-        gx = _masked_mm(g2, weight, scores, structured, None, thr, cut, unit_on_cols=False).reshape(x.shape)
+        gx = _masked_mm(g2, weight, mask, structured, None, thr, cut, unit_on_cols=False,
+                        kernel=_mm_kernel(g2.shape[0], packed)).reshape(x.shape)
     fuse_b = need_b and weight.numel() > 0
     if (need_w or need_s) and weight.numel() > 0:
         x2 = x.reshape(-1, k_in)
@@ -221,14 +252,16 @@ def masked_linear_backward(grad_y, x, weight, scores, thr, cut, estimator, tempe
         dummy = torch.empty(1, dtype=torch.float32, device=x.device)  # for pointers a config never touches
         gs_strides = gs.stride() if need_s and not structured else (0, 0)
         s_strides = (scores.stride(0), 0) if structured else scores.stride()
+        k_strides = (mask.stride(0), 0) if structured else mask.stride()
         _masked_wgrad_kernel[_mm_grid(n_out, k_in)](
-            g2, x2, weight, scores, thr, cut, dummy if gw is None else gw, dummy if gs is None else gs,
+            g2, x2, weight, scores, mask, thr, cut, dummy if gw is None else gw, dummy if gs is None else gs,
             dummy if gb is None else gb,
             n_out, k_in, g2.shape[0], *_buckets(n_out, k_in, g2.shape[0]), float(temperature),
             g2.stride(0), g2.stride(1), x2.stride(0), x2.stride(1), weight.stride(0), weight.stride(1),
-            *s_strides, *(gw.stride() if need_w else (0, 0)), *gs_strides,
+            *s_strides, *k_strides, *(gw.stride() if need_w else (0, 0)), *gs_strides,
             STRUCTURED=structured, SIGMOID=estimator == "sigmoid", NEED_W=need_w, NEED_S=need_s,
-            NEED_B=fuse_b, S_ACC=accumulation_dtype(scores.dtype), **dot_options(x.dtype),
+            NEED_B=fuse_b, PACKED=packed, S_ACC=accumulation_dtype(scores.dtype),
+            **dot_options(x.dtype),
         )
     elif need_w or need_s:  # an empty weight (in_features == 0)
         gw = torch.empty_like(weight) if need_w else None
