@@ -5,9 +5,9 @@
 // launches on the current stream. The chunk table, ks and buffer offsets reach the device once per
 // distinct set of tensors (cached_plan); otherwise nothing waits for the device.
 //
-// The kernels' first pass over the scores flags NaN / inf in a workspace word, on which the
-// binding enqueues a device-side assert (at::_assert_async): the op's finiteness check, with no
-// extra read of the scores and no host synchronisation.
+// The kernels' first pass over the scores asserts on NaN / inf on the device (BISE_DEVICE_CHECK,
+// csrc/cuda/device_check.cuh): the op's finiteness check, with no extra read of the scores, no
+// extra launch and no host synchronisation.
 //
 // The environment variable BISE_SELECT_CUDA, read at every call, picks the algorithm: "radix"
 // (the default, also when unset or empty), "bracket", and for tests "bracket-miss" (every bracket
@@ -228,10 +228,6 @@ std::tuple<at::Tensor, at::Tensor> radix_select_cuda(at::TensorList scores, at::
     launch_bracket(a, plan, buffers, algo, device, stream, op,
                    mask_addr.defined() ? mask_addr.const_data_ptr<int64_t>() : nullptr);
   }
-  // NaN / inf scores, flagged by the first pass: an asynchronous device-side assert (reported at
-  // the next synchronisation, as _checks.check_finite does on a GPU); no host round trip.
-  at::_assert_async(ws.narrow(0, a.nonfinite - w, 1).eq(0), "scores contains NaN or inf");
-
   auto bits = ws.narrow(0, layout.threshold_at, P * layout.key_words);
   auto thr = key_bits == 16 ? bits.to(at::kShort).view(dtype) : bits.view(dtype);
   if (masks && algo == Algo::kRadix) {  // the radix select's passes write no mask: a keep_mask pass

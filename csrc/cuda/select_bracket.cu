@@ -9,7 +9,7 @@
 // 2. fused_kernel (one block per chunk, 128-bit loads): counts the keys above hi and inside
 //    [lo, hi], per problem and per chunk, and appends the keys inside (key, flat index) to the
 //    problem's buffer (warp-aggregated atomics). A single-value bracket only counts. It also
-//    flags a NaN or inf key (SelectArgs::nonfinite): the op's finiteness check.
+//    asserts on a NaN or inf key (check_finite_scores): the op's finiteness check.
 // 3. finish_level_kernel (levels<KB>() launches over the buffers): where the bracket holds rank k
 //    and the buffer did not overflow, radix narrowing of [lo, hi] by 11-bit digits of key - lo,
 //    the last block of a problem (ticket) picking the digit, until lo == hi = the threshold.
@@ -256,7 +256,7 @@ __global__ void __launch_bounds__(kThreads) fused_kernel(BracketArgs b) {
     }
     visit(bits, ok, i, kThreads);
   }
-  if (bad) *b.radix.nonfinite = 1;
+  check_finite_scores(bad);
   const unsigned long long total_above = Reduce(red).Sum(static_cast<unsigned long long>(above));
   __syncthreads();
   const unsigned long long total_inside = Reduce(red).Sum(static_cast<unsigned long long>(inside));
