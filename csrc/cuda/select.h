@@ -81,9 +81,12 @@ struct BracketArgs {
   int32_t* hist;                // num_problems x levels x kBins
   int32_t* tickets;             // num_problems x (levels + 1)
   int32_t* solved;              // num_problems: 1 once the bracket select wrote thr and cut
-  // topk_keep_mask: per chunk, the address of its tensor's keep mask (bool, indexed like the
-  // tensor), or nullptr: no masks. The fused pass writes key > hi; after the selection, the
-  // buffer's entries of buffered problems and every entry of the others are written.
+  // topk_keep_mask: the keep masks (bool, indexed like their tensor), or both nullptr: no masks.
+  // One tensor: `mask`, its mask, a kernel argument (a CUDA graph replays it); several: per
+  // chunk, the address of its tensor's mask, in device memory (`mask_addr`). The fused pass writes
+  // key > hi; after the selection, the buffer's entries of buffered problems and every entry of
+  // the others are written.
+  bool* mask;
   const int64_t* mask_addr;
 };
 

@@ -133,7 +133,8 @@ void run(int kb, int algo, uint64_t inf, int64_t shift, bool with_masks, const s
   b.force_miss = algo == 2;
   b.buffer_key = keys.data();
   b.buffer_index = index.data();
-  b.mask_addr = with_masks ? mask_rows.data() : nullptr;
+  b.mask = with_masks && masks.size() == 1 ? masks[0].get() : nullptr;  // as the binding: one tensor's as an argument
+  b.mask_addr = with_masks && masks.size() > 1 ? mask_rows.data() : nullptr;
   carve_bracket_workspace(b, ws64.data(), ws32.data(), bracket_layout, P, C);
   emu_failed_checks = 0;
   if (algo == 0) {
