@@ -80,11 +80,32 @@ class Backend:
         return dtype is None or kernel not in self._dtypes or dtype in self._dtypes[kernel]
 
 
+# checks_finite's answers: (backend now, kernel, device type, dtype) -> bool.
+_FINITE_ANSWERS: dict[tuple, bool] = {}
+
+
+class _Table(dict):
+    """A registry table (backends, "auto" orders, compositions): any write clears the answers of
+    :func:`checks_finite`, which the tables decide (tests register backends and orders)."""
+
+
+def _forgetting(write: Callable) -> Callable:
+    def method(self, *args, **kwargs):
+        _FINITE_ANSWERS.clear()
+        return write(self, *args, **kwargs)
+
+    return method
+
+
+for _write in ("__setitem__", "__delitem__", "__ior__", "clear", "pop", "popitem", "setdefault", "update"):
+    setattr(_Table, _write, _forgetting(getattr(dict, _write)))
+
+
 def _triton_devices() -> tuple[str, ...]:
     return ("cuda", "cpu") if INTERPRET else ("cuda",)
 
 
-BACKENDS: dict[str, Backend] = {
+BACKENDS: dict[str, Backend] = _Table({
     "torch": Backend("torch", ("cpu", "cuda", "mps", "xpu", "meta"), ("bise_kernels.backends.reference",)),
     "cpp": Backend("cpp", ("cpu",), ("bise_kernels.backends.cpp.select", "bise_kernels.backends.cpp.masked")),
     "cuda": Backend("cuda", ("cuda",), ("bise_kernels.backends.cuda.select", "bise_kernels.backends.cuda.masked")),
@@ -98,30 +119,39 @@ BACKENDS: dict[str, Backend] = {
             "bise_kernels.backends.triton.channel_gate",
         ),
     ),
-}
+})
 
 # "auto" order per device: the native kernels, then Triton, then the reference. On the CPU "cpp" was
 # measured against torch's own ops (docs/select.md, docs/masked_cpu.md); the CUDA order is a default,
 # not a measurement. The per-kernel entries below override it, each citing what was measured.
-AUTO_ORDER: dict[str, tuple[str, ...]] = {
+AUTO_ORDER: dict[str, tuple[str, ...]] = _Table({
     "cpu": ("cpp", "torch"),
     "cuda": ("cuda", "triton", "torch"),
-}
+})
 # Masked layers on CUDA: "cuda" (one fused W_eff pass, then cuBLAS/cuDNN). The Triton masked GEMM
 # and conv are slower than materialising W_eff then calling cuBLAS/cuDNN on an H200
 # (benchmarks/results/nvidia-h200-20261130-f94c1afe-masked-bf16.json: masked_linear 0.73-0.86x
 # "materialise_then_cublas", masked conv 0.12-0.30x cuDNN), so no entry puts Triton first for them.
-AUTO_ORDER_PER_KERNEL: dict[tuple[str, str], tuple[str, ...]] = {
+AUTO_ORDER_PER_KERNEL: dict[tuple[str, str], tuple[str, ...]] = _Table({
     # The Triton select took 4317 us for 25M fp32 scores where torch.sort took 1182 us (0.27x) and the
     # CUDA select 334 us on one H200 (benchmarks/results/nvidia-h200-20261130-f94c1afe-select.json):
     # on CUDA "auto" skips it; it stays selectable by name ("triton").
     **{("cuda", kernel): ("cuda", "torch") for kernel in ("topk_select", "batched_topk_select", "keep_mask")},
-}
+})
 
 ENV_VARIABLE = "BISE_KERNELS_BACKEND"
 """The environment variable naming the initial backend (default "auto"), read at the first op."""
 
-_state = threading.local()
+
+class _State(threading.local):
+    """The backend that use_backend chose in this thread; None: the process-wide one. A class
+    default: reading it costs 0.04 us where getattr(local, "name", default) of an unset name
+    raised and caught an AttributeError, 0.35 us, a few times per op (timeit, one thread)."""
+
+    name: Optional[str] = None
+
+
+_state = _State()
 _default: Optional[str] = None
 
 
@@ -129,7 +159,7 @@ def _current() -> str:
     global _default
     if _default is None:
         _default = _validate_name(os.environ.get(ENV_VARIABLE, "auto"), ENV_VARIABLE)
-    return getattr(_state, "name", _default)
+    return _state.name or _default
 
 
 def _validate_name(name: object, what: str = "backend") -> str:
@@ -142,7 +172,7 @@ def set_backend(name: str) -> None:
     """Select the backend for all kernels ("auto" picks the fastest available per device)."""
     global _default
     _default = _validate_name(name)
-    _state.__dict__.pop("name", None)
+    _state.name = None
 
 
 def get_backend() -> str:
@@ -152,15 +182,12 @@ def get_backend() -> str:
 @contextlib.contextmanager
 def use_backend(name: str) -> Iterator[None]:
     """Temporarily select a backend in this thread."""
-    previous = getattr(_state, "name", None)
+    previous = _state.name
     _state.name = _validate_name(name)
     try:
         yield
     finally:
-        if previous is None:
-            del _state.name
-        else:
-            _state.name = previous
+        _state.name = previous
 
 
 def present_devices() -> tuple[str, ...]:
@@ -205,12 +232,24 @@ def resolve(kernel: str, device_type: str, dtype: Optional[torch.dtype] = None) 
 
 # Kernels that bise_kernels/_ops.py composes from the backend's own where the backend lacks them;
 # the first pass over the scores is then the named kernel's.
-COMPOSED_OF = {"topk_keep_mask": "topk_select"}
+COMPOSED_OF = _Table({"topk_keep_mask": "topk_select"})
 
 
 def checks_finite(kernel: str, device_type: str, dtype: Optional[torch.dtype] = None) -> bool:
     """Whether the ``kernel`` that :func:`resolve` picks now (or the one it is composed of, where
-    only the reference has it) raises on NaN / inf scores itself."""
+    only the reference has it) raises on NaN / inf scores itself. Asked on every public select
+    call, so cached per (backend now, kernel, device type, dtype): set_backend / use_backend change
+    the first, a write to a registry table clears the cache, and a backend's kernels are fixed once
+    loaded. Saves 1-2 :func:`resolve` calls per select: 0.5 us of the 26 us of a public
+    topk_select of 4096 CPU scores (one thread, interleaved timeit)."""
+    key = (_current(), kernel, device_type, dtype)
+    answer = _FINITE_ANSWERS.get(key)
+    if answer is None:
+        answer = _FINITE_ANSWERS[key] = _decide_checks_finite(kernel, device_type, dtype)
+    return answer
+
+
+def _decide_checks_finite(kernel: str, device_type: str, dtype: Optional[torch.dtype]) -> bool:
     name, _ = resolve(kernel, device_type, dtype)
     if name == "torch" and kernel in COMPOSED_OF:
         kernel = COMPOSED_OF[kernel]

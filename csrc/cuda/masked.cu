@@ -30,8 +30,7 @@ struct ScoreKeep {  // the selection rule on scores[i]
     int check_finite;
     __device__ bool operator()(int64_t i) const { return rule(scores[i], i); }
     __device__ void check(int64_t i) const {
-      if (check_finite)
-        BISE_DEVICE_CHECK(is_finite(to_acc(scores[i])), "scores contains non-finite values (NaN or inf)");
+      if (check_finite) BISE_DEVICE_CHECK(is_finite(to_acc(scores[i])), BISE_SCORES_NOT_FINITE);
     }
   };
   __device__ Loaded load() const {

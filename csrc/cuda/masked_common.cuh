@@ -9,6 +9,7 @@
 
 #include <cstdint>
 
+#include "device_check.cuh"
 #include "launchers.h"
 
 namespace bise_cuda {
@@ -80,24 +81,6 @@ __device__ __forceinline__ bool is_finite(float v) { return (__float_as_uint(v) 
 __device__ __forceinline__ bool is_finite(double v) {
   return (static_cast<unsigned long long>(__double_as_longlong(v)) & 0x7FF0000000000000ull) != 0x7FF0000000000000ull;
 }
-
-}  // namespace bise_cuda
-
-// The device side of the value checks: as torch's CUDA_KERNEL_ASSERT (this code is torch-free), an
-// assert that NDEBUG does not remove. A failing thread stops the kernel; the host gets "device-side
-// assert triggered" (cudaErrorAssert) at its next synchronisation, and the message names the bad
-// argument. No flag, no extra launch, no host sync. (The CPU emulation of these kernels defines it
-// first, to count failures: tests/kernels/test_masked_cuda_emulated.py.)
-#ifndef BISE_DEVICE_CHECK
-extern "C" __host__ __device__ void __assert_fail(const char* assertion, const char* file, unsigned int line,
-                                                  const char* function) noexcept;
-#define BISE_DEVICE_CHECK(cond, message)                                                          \
-  do {                                                                                            \
-    if (!(cond)) __assert_fail(message, __FILE__, static_cast<unsigned int>(__LINE__), __func__); \
-  } while (0)
-#endif
-
-namespace bise_cuda {
 
 // Flat index i with score s is kept iff s > thr or (s == thr and i < cut); thr/cut read on device.
 template <typename S>

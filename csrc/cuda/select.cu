@@ -161,7 +161,7 @@ __global__ void __launch_bounds__(kThreads) digit_pass_kernel(SelectArgs a, int 
     if (compact) append<KB>(a, ch.prob, valid && matches(key, prefix, compact_hi), key, ch.base + i);
     bad |= first && valid && non_finite(a, key);
   }
-  if (bad) *a.nonfinite = 1;
+  check_finite_scores(bad);
   __syncthreads();
   int32_t* rows = a.hist + static_cast<int64_t>(ch.prob) * 2 * L * kBins + (SPEC ? L : level) * kBins;
   for (int i = threadIdx.x; i < H * kBins; i += kThreads) {

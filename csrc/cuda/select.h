@@ -48,11 +48,10 @@ struct SelectArgs {
   int64_t* cut;             // num_problems
   // Problems already solved (nonzero: skipped), or nullptr: the bracket select's fallback.
   const int32_t* solved;
-  // The finiteness check, fused into the first pass over the scores (radix: level 0; bracket: the
-  // fused pass): a key outside the finite ones (key - finite_lo > finite_span, finite_keys in
-  // csrc/select_bracket.h) sets *nonfinite (a zeroed workspace word); the binding asserts on it.
+  // The finiteness check, fused into the first pass over the scores (radix: level 0 or the hinted
+  // pass; bracket: the fused pass): a key outside the finite ones (key - finite_lo > finite_span,
+  // finite_keys in csrc/select_bracket.h) fails a device-side assert (check_finite_scores).
   uint64_t finite_lo, finite_span;
-  int32_t* nonfinite;
 };
 
 constexpr int kSample = 16384;        // sample keys per problem of the bracket select
@@ -82,9 +81,12 @@ struct BracketArgs {
   int32_t* hist;                // num_problems x levels x kBins
   int32_t* tickets;             // num_problems x (levels + 1)
   int32_t* solved;              // num_problems: 1 once the bracket select wrote thr and cut
-  // topk_keep_mask: per chunk, the address of its tensor's keep mask (bool, indexed like the
-  // tensor), or nullptr: no masks. The fused pass writes key > hi; after the selection, the
-  // buffer's entries of buffered problems and every entry of the others are written.
+  // topk_keep_mask: the keep masks (bool, indexed like their tensor), or both nullptr: no masks.
+  // One tensor: `mask`, its mask, a kernel argument (a CUDA graph replays it); several: per
+  // chunk, the address of its tensor's mask, in device memory (`mask_addr`). The fused pass writes
+  // key > hi; after the selection, the buffer's entries of buffered problems and every entry of
+  // the others are written.
+  bool* mask;
   const int64_t* mask_addr;
 };
 
@@ -98,7 +100,7 @@ struct RadixWorkspace {
 inline RadixWorkspace radix_workspace(int64_t P, int64_t C, int key_bits) {
   const int64_t levels = num_levels(key_bits), kw = key_words(key_bits);
   const int64_t n_hist = P * 2 * levels * kBins, n_tickets = P * (levels + 1);
-  return {kw, n_hist, n_tickets, 2 * kw * P + n_hist + n_tickets + 3 * P + C + 1, kw * P};
+  return {kw, n_hist, n_tickets, 2 * kw * P + n_hist + n_tickets + 3 * P + C, kw * P};
 }
 
 // Points a's workspace arrays into w (radix_workspace(...).words int32, zeroed; 8-byte aligned).
@@ -111,7 +113,6 @@ inline void carve_radix_workspace(SelectArgs& a, int32_t* w, const RadixWorkspac
   a.buffer_count = a.level + P;
   a.buffer_level = a.level + 2 * P;
   a.tie_count = a.level + 3 * P;
-  a.nonfinite = w + ws.words - 1;  // the last word
 }
 
 struct BracketWorkspace {

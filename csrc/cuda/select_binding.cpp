@@ -5,9 +5,9 @@
 // launches on the current stream. The chunk table, ks and buffer offsets reach the device once per
 // distinct set of tensors (cached_plan); otherwise nothing waits for the device.
 //
-// The kernels' first pass over the scores flags NaN / inf in a workspace word, on which the
-// binding enqueues a device-side assert (at::_assert_async): the op's finiteness check, with no
-// extra read of the scores and no host synchronisation.
+// The kernels' first pass over the scores asserts on NaN / inf on the device (BISE_DEVICE_CHECK,
+// csrc/cuda/device_check.cuh): the op's finiteness check, with no extra read of the scores, no
+// extra launch and no host synchronisation.
 //
 // The environment variable BISE_SELECT_CUDA, read at every call, picks the algorithm: "radix"
 // (the default, also when unset or empty), "bracket", and for tests "bracket-miss" (every bracket
@@ -115,7 +115,7 @@ void check_cuda(cudaError_t err, const char* what) {
 // candidate buffers ("bracket-overflow": none, so every non-trivial bracket overflows).
 void launch_bracket(const bise_select::SelectArgs& a, const Plan& plan, const std::vector<int64_t>& buffers,
                     Algo algo, const at::Device& device, cudaStream_t stream, const char* op,
-                    const int64_t* mask_addr) {
+                    bool* mask, const int64_t* mask_addr) {
   const int64_t P = a.num_problems, C = a.num_chunks;
   const bise_select::BracketWorkspace layout = bise_select::bracket_workspace(P, C, a.key_bits);
   const bool overflow = algo == Algo::kBracketOverflow;
@@ -141,6 +141,7 @@ void launch_bracket(const bise_select::SelectArgs& a, const Plan& plan, const st
   b.force_miss = algo == Algo::kBracketMiss;
   b.buffer_key = keys.data_ptr<int32_t>();
   b.buffer_index = reinterpret_cast<uint32_t*>(index.data_ptr<int32_t>());
+  b.mask = mask;
   b.mask_addr = mask_addr;
   bise_select::carve_bracket_workspace(b, w64, w32, layout, P, C);
   check_cuda(bise_bracket_select_launch(&b, stream), op);
@@ -219,19 +220,18 @@ std::tuple<at::Tensor, at::Tensor> radix_select_cuda(at::TensorList scores, at::
   a.solved = nullptr;
   set_finite_keys(a, dtype);
   const cudaStream_t stream = at::cuda::getCurrentCUDAStream(device.index()).stream();
-  // The masks are new on every call, so their addresses travel through pinned memory (as the Plan
-  // of non-contiguous inputs does): with the bracket select, topk_keep_mask is not for CUDA graphs.
-  const at::Tensor mask_addr = masks && algo != Algo::kRadix ? to_device(mask_rows, device) : at::Tensor();
+  // topk_keep_mask on the bracket select: one tensor's mask is a kernel argument (a CUDA graph
+  // replays it). Several tensors' masks are new on every call, so their addresses travel through
+  // pinned memory (as the Plan of non-contiguous inputs does): that case is not for CUDA graphs.
+  const bool bracket_masks = masks && algo != Algo::kRadix;
+  bool* one_mask = bracket_masks && masks->size() == 1 ? (*masks)[0].data_ptr<bool>() : nullptr;
+  const at::Tensor mask_addr = bracket_masks && masks->size() > 1 ? to_device(mask_rows, device) : at::Tensor();
   if (algo == Algo::kRadix) {
     check_cuda(bise_radix_select_launch(&a, stream), op);
   } else {
     launch_bracket(a, plan, buffers, algo, device, stream, op,
-                   mask_addr.defined() ? mask_addr.const_data_ptr<int64_t>() : nullptr);
+                   one_mask, mask_addr.defined() ? mask_addr.const_data_ptr<int64_t>() : nullptr);
   }
-  // NaN / inf scores, flagged by the first pass: an asynchronous device-side assert (reported at
-  // the next synchronisation, as _checks.check_finite does on a GPU); no host round trip.
-  at::_assert_async(ws.narrow(0, a.nonfinite - w, 1).eq(0), "scores contains NaN or inf");
-
   auto bits = ws.narrow(0, layout.threshold_at, P * layout.key_words);
   auto thr = key_bits == 16 ? bits.to(at::kShort).view(dtype) : bits.view(dtype);
   if (masks && algo == Algo::kRadix) {  // the radix select's passes write no mask: a keep_mask pass

@@ -9,7 +9,7 @@
 // 2. fused_kernel (one block per chunk, 128-bit loads): counts the keys above hi and inside
 //    [lo, hi], per problem and per chunk, and appends the keys inside (key, flat index) to the
 //    problem's buffer (warp-aggregated atomics). A single-value bracket only counts. It also
-//    flags a NaN or inf key (SelectArgs::nonfinite): the op's finiteness check.
+//    asserts on a NaN or inf key (check_finite_scores): the op's finiteness check.
 // 3. finish_level_kernel (levels<KB>() launches over the buffers): where the bracket holds rank k
 //    and the buffer did not overflow, radix narrowing of [lo, hi] by 11-bit digits of key - lo,
 //    the last block of a problem (ticket) picking the digit, until lo == hi = the threshold.
@@ -18,7 +18,7 @@
 //    one chunk, writes thr and cut and marks the problem solved.
 // 5. the radix select (select.cu) runs for the problems not solved (bracket missed, buffer
 //    overflowed): its kernels exit at once for solved problems.
-// 6. topk_keep_mask only (mask_addr): the fused pass also wrote mask = key > hi; mask_inside_kernel
+// 6. topk_keep_mask only (mask_of): the fused pass also wrote mask = key > hi; mask_inside_kernel
 //    sets the buffered entries of buffered problems, mask_rest_kernel every entry of the others.
 // Every block of a later kernel decides a problem's path from the counts of the earlier ones
 // (outcome()), so no flag needs a host round trip.
@@ -61,6 +61,12 @@ __device__ __forceinline__ int64_t chunk_of(const SelectArgs& a, int p, int64_t 
     }
   }
   return lo;
+}
+
+// topk_keep_mask: the keep mask of chunk c's tensor (indexed like the tensor), or nullptr: no masks.
+__device__ __forceinline__ bool* mask_of(const BracketArgs& b, int64_t c) {
+  if (b.mask != nullptr) return b.mask;  // one tensor
+  return b.mask_addr != nullptr ? reinterpret_cast<bool*>(b.mask_addr[c]) : nullptr;
 }
 
 enum class Outcome { kMissed, kSingle, kBuffered };
@@ -199,7 +205,7 @@ __global__ void __launch_bounds__(kThreads) fused_kernel(BracketArgs b) {
   const bool store = lo != hi;
   const int64_t capacity = b.buffer_first[p + 1] - b.buffer_first[p];
   const T* src = static_cast<const T*>(ch.src);
-  bool* mask = b.mask_addr != nullptr ? reinterpret_cast<bool*>(b.mask_addr[blockIdx.x]) : nullptr;
+  bool* mask = mask_of(b, blockIdx.x);
   unsigned above = 0, inside = 0;
   bool bad = false;  // a NaN or inf met (the finiteness check)
   // V scores per thread (valid ones: ok), the j-th at flat index i + j * step: counts, then
@@ -256,7 +262,7 @@ __global__ void __launch_bounds__(kThreads) fused_kernel(BracketArgs b) {
     }
     visit(bits, ok, i, kThreads);
   }
-  if (bad) *b.radix.nonfinite = 1;
+  check_finite_scores(bad);
   const unsigned long long total_above = Reduce(red).Sum(static_cast<unsigned long long>(above));
   __syncthreads();
   const unsigned long long total_inside = Reduce(red).Sum(static_cast<unsigned long long>(inside));
@@ -378,7 +384,7 @@ __global__ void __launch_bounds__(kThreads) mask_inside_kernel(BracketArgs b) {
   for (int i = g * kThreads + threadIdx.x; i < m; i += G * kThreads) {
     const Key<KB> key = keys<KB>(b.buffer_key)[first + i];
     const int64_t flat = b.buffer_index[first + i], c = chunk_of(a, p, flat);
-    reinterpret_cast<bool*>(b.mask_addr[c])[flat - a.table[3 * C + c]] = key > thr || (key == thr && flat < cut);
+    mask_of(b, c)[flat - a.table[3 * C + c]] = key > thr || (key == thr && flat < cut);
   }
 }
 
@@ -391,7 +397,7 @@ __global__ void __launch_bounds__(kThreads) mask_rest_kernel(BracketArgs b) {
   if (outcome<KB>(b, ch.prob) == Outcome::kBuffered) return;
   const Key<KB> thr = to_key<KB>(static_cast<Key<KB>>(static_cast<const Bits<KB>*>(a.threshold_bits)[ch.prob]));
   const int64_t cut = a.cut[ch.prob];
-  bool* mask = reinterpret_cast<bool*>(b.mask_addr[blockIdx.x]);
+  bool* mask = mask_of(b, blockIdx.x);
   for (int64_t i = ch.start + threadIdx.x; i < ch.end; i += kThreads) {
     const Key<KB> key = key_at<KB>(ch.src, i);
     mask[i] = key > thr || (key == thr && ch.base + i < cut);
@@ -409,7 +415,7 @@ cudaError_t launch_bracket(const BracketArgs& b, cudaStream_t stream) {
   finish_tie_kernel<KB><<<finish, kThreads, 0, stream>>>(b);
   const cudaError_t err = cudaGetLastError();
   const cudaError_t fallback = err != cudaSuccess ? err : bise_radix_select_launch(&b.radix, stream);
-  if (fallback != cudaSuccess || b.mask_addr == nullptr) return fallback;
+  if (fallback != cudaSuccess || (b.mask == nullptr && b.mask_addr == nullptr)) return fallback;
   mask_inside_kernel<KB><<<finish, kThreads, 0, stream>>>(b);
   mask_rest_kernel<KB><<<chunks, kThreads, 0, stream>>>(b);
   return cudaGetLastError();

@@ -8,6 +8,7 @@
 #include <type_traits>
 
 #include "../select_bracket.h"
+#include "device_check.cuh"
 #include "select.h"
 
 namespace bise_select {
@@ -88,6 +89,10 @@ template <typename K>
 __device__ __forceinline__ bool non_finite(const SelectArgs& a, K key) {
   return static_cast<K>(key - static_cast<K>(a.finite_lo)) > static_cast<K>(a.finite_span);
 }
+
+// The finiteness check of a first pass over the scores: each thread ORs non_finite of its keys
+// into `bad` and calls this once after its loop (no store or branch per key beyond the OR).
+__device__ __forceinline__ void check_finite_scores(bool bad) { BISE_DEVICE_CHECK(!bad, BISE_SCORES_NOT_FINITE); }
 
 struct Chunk {
   const void* src;

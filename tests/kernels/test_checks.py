@@ -103,6 +103,40 @@ def test_a_composed_topk_keep_mask_relies_on_its_select_checking(monkeypatch):
             bk.topk_mask(scores, 0.5)
 
 
+def test_the_cached_checks_finite_follows_the_backend_and_the_registry(monkeypatch):
+    """checks_finite is cached per (backend now, kernel, device type, dtype): its answer follows
+    use_backend / set_backend and writes to the registry tables, and a NaN raises on each backend
+    (a stale True would let the reference select NaN scores unchecked)."""
+    from bise_kernels import backends
+
+    if "cpp" not in bk.available_backends("cpu"):
+        pytest.skip("cpp backend unavailable")
+    monkeypatch.setattr(backends, "_default", backends.get_backend())  # set_backend below: restored after
+    scores = torch.randn(64)
+    scores[5] = float("nan")
+
+    def check(answer):
+        for kernel in ("topk_select", "topk_keep_mask"):
+            assert backends.checks_finite(kernel, "cpu", torch.float32) is answer, kernel
+        with pytest.raises(ValueError, match="scores contains non-finite values"):
+            bk.topk_select(scores, 10)
+        with pytest.raises(ValueError, match="scores contains non-finite values"):
+            bk.topk_mask(scores, 0.5)
+
+    for name, answer in (("cpp", True), ("torch", False), ("cpp", True), ("auto", True), ("torch", False)):
+        with bk.use_backend(name):
+            check(answer)
+        bk.set_backend(name)
+        check(answer)
+    bk.set_backend("auto")
+    check(True)
+    monkeypatch.setitem(backends.AUTO_ORDER, "cpu", ("torch",))  # "auto" on the CPU now takes the reference
+    check(False)
+    monkeypatch.undo()
+    with bk.use_backend("auto"):
+        check(True)
+
+
 def test_empty_and_integer_scores_are_rejected():
     with pytest.raises(ValueError, match="empty"):
         bk.topk_mask(torch.empty(0), 0.5)

@@ -5,7 +5,7 @@ unit, and for a NaN / inf thr, and never for finite values.
 
 No GPU is needed: masked.cu is compiled by g++ against the CUDA emulation of
 select_cuda_emu/emu.h (blocks in sequence, threads as fibers) into a shared library called through
-ctypes; BISE_DEVICE_CHECK is defined to count failures instead of stopping the kernel. Skipped
+ctypes; BISE_DEVICE_CHECK counts failures there instead of stopping the kernel (emu.h). Skipped
 without g++ or off Linux x86-64.
 """
 
@@ -20,13 +20,7 @@ from bise_kernels.backends import reference as ref
 from test_select_cuda_emulated import CXX, EMU, ROOT, pytestmark  # noqa: F401 (the skip mark)
 
 CODES = {torch.float32: 0, torch.float64: 1, torch.float16: 2, torch.bfloat16: 3}
-CHECKS = """#include "emu.h"
-#include <string>
-extern "C" int emu_failed_checks;
-extern "C" const char* emu_last_message;
-#define BISE_DEVICE_CHECK(cond, message) \\
-  do { if (!(cond)) { ++emu_failed_checks; emu_last_message = message; } } while (0)
-"""
+CHECKS = '#include "emu.h"\n#include <string>\n'  # emu.h: BISE_DEVICE_CHECK counts failures
 
 
 def _for_the_cpu(source: str) -> str:

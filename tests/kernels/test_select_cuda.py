@@ -10,6 +10,9 @@ of its paths and runs here on each of its modes. Needs a GPU and the extension b
 CUDA kernels; skipped otherwise.
 """
 
+import subprocess
+import sys
+
 import pytest
 import torch
 
@@ -153,3 +156,64 @@ def test_topk_keep_mask_on_every_algorithm(kernels, algo):
     tied = torch.sort(torch.randint(0, 1000, (200_000,), generator=g).float()).values
     check_topk_keep_mask(kernels, DEVICE, [tied], (77_777,))
     check_topk_keep_mask(kernels, DEVICE, tensors, (35_000,), ref.topk_select(tensors, 35_000)[0])
+
+
+_DEVICE_ASSERT = """
+import sys, torch, bise_kernels as bk
+op, hinted = sys.argv[1], sys.argv[2] == "hint"
+x = torch.randn(100_003, device="cuda")
+x[77_777] = float("nan")
+hint = torch.tensor(0.0, device="cuda") if hinted else None
+with bk.use_backend("cuda"):
+    if op == "topk_keep_mask":
+        bk.topk_mask(x, 0.5, hint=hint)
+    else:
+        bk.topk_threshold(x, 50_000, hint=hint)
+    torch.cuda.synchronize()
+print("NO ASSERT")
+"""
+
+
+@pytest.mark.parametrize("op", ["topk_select", "topk_keep_mask"])
+@pytest.mark.parametrize("hint", ["cold", "hint"])
+@pytest.mark.parametrize("mode", ["radix", "bracket"])
+def test_nan_scores_assert_on_the_device(kernels, monkeypatch, mode, hint, op):
+    """The first pass's finiteness check (a device-side assert; the API skips its own read for this
+    backend) stops the call and names the argument; in a subprocess, as the assert ends the CUDA
+    context."""
+    monkeypatch.setenv("BISE_SELECT_CUDA", mode)
+    done = subprocess.run([sys.executable, "-c", _DEVICE_ASSERT, op, hint], capture_output=True, text=True,
+                          timeout=300)
+    out = done.stdout + done.stderr
+    assert done.returncode != 0 and "NO ASSERT" not in out, out[-2000:]
+    assert "device-side assert" in out and "scores contains non-finite values (NaN or inf)" in out, out[-2000:]
+
+
+@pytest.mark.parametrize("hinted", [False, True], ids=["cold", "hint"])
+@pytest.mark.parametrize("mode", ["radix", "bracket"])
+def test_topk_keep_mask_of_one_tensor_is_captured_in_a_cuda_graph(kernels, monkeypatch, mode, hinted):
+    """One tensor's topk_keep_mask is captured in a CUDA graph after one warm-up call (the cached
+    Plan) on both algorithms (bracket: its one mask is a kernel argument, no address table), and
+    each replay selects the scores and hint as they are then."""
+    monkeypatch.setenv("BISE_SELECT_CUDA", mode)
+    n, k = 100_003, 33_333
+    x = torch.randn(n, device=DEVICE)
+    hint = torch.zeros((), device=DEVICE) if hinted else None
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        kernels["topk_keep_mask"]([x], k, hint)
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        (mask,) = kernels["topk_keep_mask"]([x], k, hint)
+    g = torch.Generator().manual_seed(31)
+    for step in range(3):
+        scores = torch.randn(n, generator=g)
+        scores[::7] = 0.5  # ties at the cut on some steps
+        x.copy_(scores)
+        if hinted:
+            hint.copy_(torch.sort(scores, descending=True).values[k - 1 + 50 * step])  # stale by 0, 50, 100 ranks
+        graph.replay()
+        torch.cuda.synchronize()
+        assert torch.equal(mask.cpu(), ref.topk_keep_mask([scores], k)[0]), (mode, step)

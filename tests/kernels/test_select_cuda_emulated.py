@@ -28,6 +28,7 @@ ROOT = Path(__file__).resolve().parents[2]
 EMU = Path(__file__).resolve().parent / "select_cuda_emu"
 CXX = shutil.which("g++")
 ALGOS = {"radix": 0, "bracket": 1, "bracket-miss": 2, "bracket-overflow": 3}
+NOT_FINITE = "scores contains non-finite values (NaN or inf)"  # csrc/cuda/device_check.cuh
 MISSED, SINGLE, BUFFERED, OVERFLOWED = 0, 1, 2, 3
 VIEW = {torch.float64: torch.int64, torch.float32: torch.int32, torch.float16: torch.int16, torch.bfloat16: torch.int16}
 INF_BITS = {torch.float64: 0x7FF0000000000000, torch.float32: 0x7F800000, torch.float16: 0x7C00, torch.bfloat16: 0x7F80}
@@ -53,7 +54,8 @@ def harness(tmp_path_factory):
     (build / "stub").mkdir()
     (build / "stub" / "cuda_runtime_api.h").write_text("#pragma once\n")
     shutil.copy(ROOT / "csrc" / "select_bracket.h", build / "select_bracket.h")
-    shutil.copy(ROOT / "csrc" / "cuda" / "select.h", build / "cuda" / "select.h")
+    for header in ("select.h", "device_check.cuh"):
+        shutil.copy(ROOT / "csrc" / "cuda" / header, build / "cuda" / header)
     common = (ROOT / "csrc" / "cuda" / "select_common.cuh").read_text()
     (build / "cuda" / "select_common.cuh").write_text(re.sub(r"#include <cub/[^>]*>\n", "", common))
     sources = [EMU / "harness.cpp"]
@@ -76,7 +78,8 @@ class Runs:
     def add(self, algo: str, tensors, ks, hints=None, shift=0, nonfinite=False, masks=False):
         """One call: ``len(ks)`` problems (batched: one tensor each; else ``ks`` has one k for all),
         each tensor ``shift`` elements into its allocation. ``nonfinite``: the scores hold a NaN or
-        inf, so the call must raise the flag (and its result is not compared). ``masks``: also
+        inf, so the call's finiteness check (a device-side assert) must fail, and its result is not
+        compared; else the check must pass. ``masks``: also
         topk_keep_mask's masks (bracket algorithms, one problem), compared with the reference's."""
         dtype = tensors[0].dtype
         problems = [[t] for t in tensors] if len(ks) > 1 else [list(tensors)]
@@ -95,7 +98,12 @@ class Runs:
                 kept = torch.arange(1, flat.numel() + 1)[ref.keep_mask(flat, t, c)]  # flat index + 1 of each kept entry
                 keep = (kept.numel(), int((kept * kept).sum()))
                 self.want.append((algo, p, int(self._bits(t.reshape(1))[0]), int(c), *keep))
-        self.masks.append(ref.topk_keep_mask(tensors, ks[0]) if masks else [])
+        if not masks:
+            self.masks.append([])
+        elif nonfinite:  # not compared: their sizes, to skip their words
+            self.masks.append([t.shape for t in tensors])
+        else:
+            self.masks.append(ref.topk_keep_mask(tensors, ks[0]))
         self.count += 1
 
     def _problem_counts(self) -> list[int]:
@@ -117,20 +125,22 @@ class Runs:
         done = subprocess.run([str(harness), str(tmp_path / "in.bin"), str(tmp_path / "out.bin")],
                               capture_output=True, text=True, timeout=900)
         assert done.returncode == 0, done.stderr[-4000:]
+        assert set(done.stdout.splitlines()) <= {NOT_FINITE}, done.stdout[-4000:]  # the failed checks' messages
         words = torch.frombuffer(bytearray((tmp_path / "out.bin").read_bytes()), dtype=torch.int64)
         rows, at = [], 0
         for problems, masks in zip(self._problem_counts(), self.masks):
             rows += words[at:at + 6 * problems].reshape(-1, 6).tolist()
             at += 6 * problems
             for want in masks:
-                got = words[at:at + want.numel()].reshape(want.shape).bool()
-                assert torch.equal(got, want), ("mask", len(rows), int((got != want).sum()))
+                if isinstance(want, torch.Tensor):
+                    got = words[at:at + want.numel()].reshape(want.shape).bool()
+                    assert torch.equal(got, want), ("mask", len(rows), int((got != want).sum()))
                 at += want.numel()
         assert at == words.numel() and len(rows) == len(self.want)
         paths = {}
-        for i, ((algo, p, thr, cut, kept, index_sum), (got_thr, got_cut, path, *got_keep, flag)) in enumerate(
+        for i, ((algo, p, thr, cut, kept, index_sum), (got_thr, got_cut, path, *got_keep, failed)) in enumerate(
                 zip(self.want, rows)):
-            assert flag == (thr is None), (i, algo, p, "non-finite flag", flag)
+            assert (failed > 0) == (thr is None), (i, algo, p, "failed finiteness checks", failed)
             if thr is None:
                 continue
             assert (got_thr, got_cut) == (thr, cut), (algo, p, (got_thr, got_cut), (thr, cut))
@@ -206,9 +216,10 @@ def test_several_chunks_lists_overflow_and_finishing_blocks(harness, tmp_path, d
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float64], ids=str)
-def test_the_first_pass_flags_nan_and_inf_anywhere(harness, tmp_path, dtype):
-    """The finiteness flag of both selects (radix: the level-0 or hinted pass; bracket: the fused
-    pass; and the fallbacks): a NaN or inf as the first or last element, in the 128-bit groups, in
+def test_the_first_pass_asserts_on_nan_and_inf_anywhere(harness, tmp_path, dtype):
+    """The finiteness check (a device-side assert) of both selects (radix: the level-0 or hinted
+    pass; bracket: the fused pass, also writing topk_keep_mask's masks; and the fallbacks) fails
+    with the one message for a NaN or inf as the first or last element, in the 128-bit groups, in
     the scalar tail of a chunk, in a second chunk, in an unaligned tensor, in the second tensor of a
     list or of a batch; never for finite scores, +-max and -0.0 included."""
     runs = Runs()
@@ -223,6 +234,8 @@ def test_the_first_pass_flags_nan_and_inf_anywhere(harness, tmp_path, dtype):
             runs.add(algo, [x], [k])
             runs.add(algo, [small, x], [k], shift=1)
             runs.add(algo, [small, x], [5, k], x.reshape(-1)[:2].clone())
+            if algo != "radix":  # topk_keep_mask (the radix select's is the select, then keep_mask)
+                runs.add(algo, [small, x], [k], shift=1, masks=True)
     for bad in (float("nan"), float("inf"), float("-inf")):
         for pos in (0, n - 1, 5_000, 16_383, 16_384, n - 7):
             y = x.clone()
@@ -232,6 +245,7 @@ def test_the_first_pass_flags_nan_and_inf_anywhere(harness, tmp_path, dtype):
                 runs.add(algo, [y], [3], y[10:11].clone(), nonfinite=True)  # the hinted pass
             runs.add("bracket", [small, y], [n // 2], shift=1, nonfinite=True)
             runs.add("radix", [small, y], [5, 9], shift=1, nonfinite=True)
+            runs.add("bracket", [y, small], [3], y[10:11].clone(), nonfinite=True, masks=True)
     runs.run(harness, tmp_path)
 
 

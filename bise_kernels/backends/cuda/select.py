@@ -3,8 +3,8 @@
 Two algorithms, picked per call by the environment variable ``BISE_SELECT_CUDA``: ``radix``
 (the default) and ``bracket`` (one fused pass in the common case, unmeasured on a GPU so far;
 docs/select.md). Both take float32, float16, bfloat16 and float64 scores (16-, 32- and 64-bit
-keys). Their first pass over the scores flags NaN / inf, on which the op enqueues a device-side
-assert (``CHECKS_FINITE``: the API does not read the scores for it). ``topk_keep_mask``: the
+keys). Their first pass over the scores asserts on NaN / inf on the device, no launch of its own
+(``CHECKS_FINITE``: the API does not read the scores for it). ``topk_keep_mask``: the
 bracket select writes the masks in its fused pass and over its buffer, the radix select in a
 keep_mask pass after it (unmeasured on a GPU). Importing fails with a reason when the extension
 was built without its CUDA kernels.

@@ -5,7 +5,9 @@
 // mask must arrive). Atomics and fences are plain (one OS thread). It checks the kernels' logic,
 // indexing and barrier/warp-collective structure, not races between blocks or the memory model.
 // __shared__ variables are static: they keep the previous block's values (no uninitialised reads
-// are detected).
+// are detected). The kernels' device-side check (BISE_DEVICE_CHECK, csrc/cuda/device_check.cuh)
+// counts failures and keeps the last message instead of stopping the kernel; the program that
+// runs the kernels defines the two variables.
 #pragma once
 #include <ucontext.h>
 #include <setjmp.h>
@@ -23,6 +25,11 @@
 #define __forceinline__ inline
 #define __launch_bounds__(x)
 #define __shared__ static
+
+extern "C" int emu_failed_checks;
+extern "C" const char* emu_last_message;
+#define BISE_DEVICE_CHECK(cond, message) \
+  do { if (!(cond)) { ++emu_failed_checks; emu_last_message = message; } } while (0)
 
 struct dim3 { unsigned x, y, z; dim3(unsigned a = 1, unsigned b = 1, unsigned c = 1) : x(a), y(b), z(c) {} };
 struct uint4 { unsigned x, y, z, w; };

@@ -10,8 +10,9 @@
 // tensors; per tensor: numel, then numel words of raw bits. Output per run and problem: threshold
 // bits, cut, path (bracket algorithms: 0 missed, 1 single value, 2 buffered, 3 overflowed; radix:
 // -1), of the keep_mask kernel run on each of its tensors with that selection: the entries kept
-// and the sum of (flat index + 1)^2 over them, and the run's non-finite flag; then, with masks,
-// numel words (0 / 1) per tensor.
+// and the sum of (flat index + 1)^2 over them, and the run's failed device-side checks (the
+// finiteness check: BISE_DEVICE_CHECK, counted by emu.h); then, with masks, numel words (0 / 1) per
+// tensor. On stdout: the message of each run whose checks failed, one a line.
 #include <cstdio>
 #include <cstring>
 #include <fstream>
@@ -23,6 +24,11 @@
 #include "select_bracket.h"
 
 using namespace bise_select;
+
+extern "C" {
+int emu_failed_checks = 0;
+const char* emu_last_message = "";
+}
 
 namespace {
 
@@ -127,8 +133,10 @@ void run(int kb, int algo, uint64_t inf, int64_t shift, bool with_masks, const s
   b.force_miss = algo == 2;
   b.buffer_key = keys.data();
   b.buffer_index = index.data();
-  b.mask_addr = with_masks ? mask_rows.data() : nullptr;
+  b.mask = with_masks && masks.size() == 1 ? masks[0].get() : nullptr;  // as the binding: one tensor's as an argument
+  b.mask_addr = with_masks && masks.size() > 1 ? mask_rows.data() : nullptr;
   carve_bracket_workspace(b, ws64.data(), ws32.data(), bracket_layout, P, C);
+  emu_failed_checks = 0;
   if (algo == 0) {
     bise_radix_select_launch(&a, nullptr);
   } else {
@@ -160,8 +168,9 @@ void run(int kb, int algo, uint64_t inf, int64_t shift, bool with_masks, const s
       const bool solved = path == 1 || path == 2;
       if ((b.solved[p] != 0) != solved) path = 100;  // the radix fallback must run exactly for the others
     }
-    out.insert(out.end(), {static_cast<int64_t>(thr[p]), cut[p], path, kept[p], index_sum[p], *a.nonfinite});
+    out.insert(out.end(), {static_cast<int64_t>(thr[p]), cut[p], path, kept[p], index_sum[p], emu_failed_checks});
   }
+  if (emu_failed_checks != 0) std::printf("%s\n", emu_last_message);
   for (size_t t = 0; with_masks && t < masks.size(); ++t) {
     for (int64_t i = 0; i < numels[t]; ++i) out.push_back(masks[t][i] ? 1 : 0);
   }
