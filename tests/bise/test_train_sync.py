@@ -57,7 +57,7 @@ class SyncCounter(TorchDispatchMode):
 def count_syncs(monkeypatch):
     """A function running ``fn`` under a SyncCounter; returns (result, counter)."""
     def device_check_finite(t, name):
-        torch._assert_async(torch.isfinite(t).all(), f"{name} contains NaN or inf")
+        torch._assert_async(torch.isfinite(t).all(), f"{name} contains non-finite values (NaN or inf)")
 
     def device_one_hot(t, num_classes=-1):
         return (t[..., None] == torch.arange(num_classes, device=t.device)).long()
