@@ -129,7 +129,8 @@ def check_finite(t: torch.Tensor, name: str) -> None:
             bad = lo if not math.isfinite(lo) else hi
             raise ValueError(f"{name} contains non-finite values (e.g. {bad}); NaN and inf are not allowed")
     else:
-        torch._assert_async(torch.isfinite(torch.stack(torch.aminmax(t))).all(), f"{name} contains non-finite values (NaN or inf)")
+        torch._assert_async(torch.isfinite(torch.stack(torch.aminmax(t))).all(),
+                            f"{name} contains non-finite values (NaN or inf)")
 
 
 def _is_fake(t: torch.Tensor) -> bool:
