@@ -30,19 +30,25 @@ class ScoredModule(nn.Module):
         self._cache: Optional[tuple] = None
         self._keep_cache: Optional[tuple] = None
 
-    def selection(self) -> tuple[Tensor, Tensor]:
+    def selection(self, fused_check: bool = False) -> tuple[Tensor, Tensor]:
         """``(thr, cut)`` of the current scores; recomputed only when the scores change.
 
-        The previous top-k threshold is passed on as the selection's hint.
+        The previous top-k threshold is passed on as the selection's hint. ``fused_check``: the op
+        that consumes it checks a threshold's scores and thr finite in its own pass
+        (:func:`..functional._fused_check`), so none is made here; the entry is then marked
+        unchecked, and a later call without ``fused_check`` (the keep mask: ``keep_mask`` does not
+        check) makes the check before it returns it.
         """
         scores = self.scores  # one nn.Module attribute lookup (~1 us each)
         if torch.compiler.is_compiling():  # traced tensors have no data pointer to key a cache on
-            return selection(scores, self.density, self.threshold)
+            return selection(scores, self.density, self.threshold, fused_check=fused_check)
         key = (scores._version, scores.data_ptr(), self.density, self.threshold)
         cache = self._cache
-        if cache is None or cache[0] != key:
+        if cache is None or cache[0] != key or not (cache[2] or fused_check):
             hint = cache[1][0] if cache is not None and self.density is not None else None
-            cache = self._cache = (key, selection(scores, self.density, self.threshold, hint=hint))
+            checked = self.density is not None or not fused_check  # a top-k's select always checks
+            cache = self._cache = (key, selection(scores, self.density, self.threshold, hint=hint,
+                                                  fused_check=fused_check), checked)
         return cache[1]
 
     def keep(self) -> Tensor:

@@ -9,6 +9,7 @@ import torch
 from torch import Tensor, nn
 
 from .. import _ops
+from ..functional import _fused_check
 from ._scored import ScoredModule
 
 GRANULARITIES = ("weight", "channel")
@@ -66,11 +67,12 @@ class _MaskedLayer(ScoredModule):
                         temperature)
         self.global_selector = None  # set by mask_model(scope="global")
 
-    def selection(self) -> tuple[Tensor, Tensor]:
-        """``(thr, cut)`` of this layer's scores, or of its share of a global top-k."""
+    def selection(self, fused_check: bool = False) -> tuple[Tensor, Tensor]:
+        """``(thr, cut)`` of this layer's scores, or of its share of a global top-k (whose select
+        checks the scores: ``fused_check`` does not apply)."""
         if self.global_selector is not None:
             return self.global_selector.selection_for(self)
-        return super().selection()
+        return super().selection(fused_check)
 
     @property
     def mask_mode(self) -> str:
@@ -152,7 +154,7 @@ class MaskedLinear(nn.Linear, _MaskedLayer):
         if self._uses_keep(x):
             return _ops.masked_linear_keep(x, self.weight, self.bias, self.scores, self.keep(), self.estimator,
                                            self.temperature)
-        thr, cut = self.selection()
+        thr, cut = self.selection(_fused_check("masked_linear", x, self.threshold))
         return _ops.masked_linear(x, self.weight, self.bias, self.scores, thr, cut, self.estimator, self.temperature)
 
     def to_dense(self) -> nn.Linear:
@@ -201,7 +203,7 @@ class MaskedConv2d(nn.Conv2d, _MaskedLayer):
         if self._uses_keep(x):
             return _ops.masked_conv2d_keep(x, self.weight, self.bias, self.scores, self.keep(), *geometry,
                                            self.estimator, self.temperature)
-        thr, cut = self.selection()
+        thr, cut = self.selection(_fused_check("masked_conv2d", x, self.threshold))
         return _ops.masked_conv2d(x, self.weight, self.bias, self.scores, thr, cut, *geometry, self.estimator,
                                   self.temperature)
 

@@ -1,0 +1,81 @@
+"""The NaN / inf check of the masked modules in threshold mode: made once per scores update, in
+Python only where the op that consumes the selection does not make it in its own pass (the native
+masked_weight of MaskedLinear / MaskedConv2d in "selection" mask mode; not keep_mask, whose kernels
+do not check, nor the channel gate's), and never skipped: a NaN score or threshold raises a
+ValueError naming it on every CPU backend, in every mask mode."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import bise_kernels as bk
+from bise_kernels import _checks, _ops
+
+
+def _layers(threshold, mask_mode):
+    return [(bk.MaskedLinear(13, 5, threshold=threshold, mask_mode=mask_mode), torch.randn(3, 13)),
+            (bk.MaskedConv2d(3, 4, 3, threshold=threshold, mask_mode=mask_mode), torch.randn(1, 3, 5, 5))]
+
+
+def _op_checks_itself(layer, x):
+    """Whether the op the layer calls now makes the finiteness check in its mask pass."""
+    name = "masked_linear" if isinstance(layer, bk.MaskedLinear) else "masked_conv2d"
+    return layer.mask_mode == "selection" and _ops._native_layer_op(name, x) is not None
+
+
+@pytest.mark.parametrize("mask_mode", ["selection", "keep"])
+@pytest.mark.parametrize("threshold", [0.0, torch.tensor(0.0)], ids=["number", "tensor"])
+def test_module_checks_in_python_only_where_its_op_does_not(backend, monkeypatch, mask_mode, threshold):
+    checked = []
+    check = _checks.check_finite
+    monkeypatch.setattr(_checks, "check_finite", lambda t, name: (checked.append(name), check(t, name)))
+    for layer, x in _layers(threshold, mask_mode):
+        if backend == "cpp":  # the case this test is about
+            assert _op_checks_itself(layer, x) == (mask_mode == "selection")
+        expected = [] if _op_checks_itself(layer, x) else ["scores", "threshold"][:1 + isinstance(threshold, torch.Tensor)]
+        for _ in range(2):
+            with torch.no_grad():
+                layer.scores.add_(0.01)  # a new version of the scores: a new selection
+            checked.clear()
+            layer(x).sum().backward()
+            layer(x)  # the cached selection: no second check
+            assert checked == expected
+
+
+@pytest.mark.parametrize("mask_mode", ["selection", "keep"])
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_non_finite_tensor_threshold_of_a_module_raises(backend, mask_mode, bad):
+    for layer, x in _layers(torch.tensor(bad), mask_mode):
+        with pytest.raises(ValueError, match=f"threshold contains non-finite values \\(e.g. {bad}\\)"):
+            layer(x)
+
+
+def test_a_selection_left_unchecked_is_checked_before_the_keep_mask_reads_it():
+    """On "cpp" the selection mode leaves the check to masked_weight; switching the same layer and
+    scores to "keep" (keep_mask does not check) must make it, not drop the NaN score."""
+    with bk.use_backend("cpp"):
+        layer, x = _layers(0.0, "selection")[0]
+        with torch.no_grad():
+            layer.scores.view(-1)[4] = float("nan")
+        with pytest.raises(ValueError, match=r"scores contains non-finite values \(e.g. nan\)"):
+            layer(x)  # the kernel's check; the selection stays cached, unchecked
+        layer.mask_mode = "keep"
+        with pytest.raises(ValueError, match=r"scores contains non-finite values \(e.g. nan\)"):
+            layer(x)
+        with pytest.raises(ValueError, match=r"scores contains non-finite values \(e.g. nan\)"):
+            layer.mask()
+
+
+@pytest.mark.parametrize("threshold", [0.0, torch.tensor(0.0)], ids=["number", "tensor"])
+def test_channel_gate_module_checks_its_scores(backend, threshold):
+    """The gate's kernels do not check: its module keeps the Python check on every backend."""
+    gate = bk.ChannelGate(4, threshold=threshold)
+    x = torch.randn(2, 4, 3)
+    gate(x).sum().backward()
+    with torch.no_grad():
+        gate.scores[2] = float("nan")
+    with pytest.raises(ValueError, match=r"scores contains non-finite values \(e.g. nan\)"):
+        gate(x)
+    with pytest.raises(ValueError, match=r"threshold contains non-finite values \(e.g. inf\)"):
+        bk.ChannelGate(4, threshold=torch.tensor(float("inf")))(x)
