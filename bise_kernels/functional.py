@@ -147,12 +147,13 @@ def _device_scalar(value: Number, dtype: torch.dtype, device: torch.device, shar
     return t
 
 
-def _fused_check(name: str, x: Tensor, threshold: object) -> bool:
-    """Whether a threshold (not None) is given and layer op ``name`` on x's device and dtype runs the
-    native kernels (backends "cpp", "cuda"), whose fused mask pass checks the scores and thr finite
-    (csrc/cpu/masked.cpp: a ValueError; csrc/cuda/masked.cu: a device-side assert): the API then
-    skips its own check, a pass over the scores and, on a GPU, 5 launches (docs/masked.md)."""
-    return threshold is not None and _ops._native_layer_op(name, x) is not None
+def _fused_check(native: Optional[object], threshold: object) -> bool:
+    """Whether a threshold (not None) is given and the layer op runs the native kernels (``native``,
+    the op's :func:`.._ops._native_layer_op` for x: backends "cpp", "cuda"), whose fused mask pass
+    checks the scores and thr finite (csrc/cpu/masked.cpp: a ValueError; csrc/cuda/masked.cu: a
+    device-side assert): the API then skips its own check, a pass over the scores and, on a GPU, 5
+    launches (docs/masked.md). The modules decide the same way (bise_kernels/nn/masked.py)."""
+    return threshold is not None and native is not None
 
 
 # ----------------------------------------------------------------------------- masked ops
@@ -170,8 +171,9 @@ def masked_linear(
     """
     _checks.check_masked_linear(x, weight, bias, scores)
     _checks.check_estimator(estimator, temperature)
-    thr, cut = selection(scores, density, threshold, fused_check=_fused_check("masked_linear", x, threshold))
-    return _ops.masked_linear(x, weight, bias, scores, thr, cut, estimator, float(temperature))
+    native = _ops._native_layer_op("masked_linear", x)
+    thr, cut = selection(scores, density, threshold, fused_check=_fused_check(native, threshold))
+    return _ops.masked_linear.run(native, x, weight, bias, scores, thr, cut, estimator, float(temperature))
 
 
 def masked_conv2d(
@@ -183,9 +185,10 @@ def masked_conv2d(
     _, stride, padding, dilation = _checks.check_masked_conv2d(x, weight, bias, scores, None, None, stride, padding,
                                                                dilation, groups)
     _checks.check_estimator(estimator, temperature)
-    thr, cut = selection(scores, density, threshold, fused_check=_fused_check("masked_conv2d", x, threshold))
-    return _ops.masked_conv2d(x, weight, bias, scores, thr, cut, list(stride), list(padding), list(dilation),
-                              int(groups), estimator, float(temperature))
+    native = _ops._native_layer_op("masked_conv2d", x)
+    thr, cut = selection(scores, density, threshold, fused_check=_fused_check(native, threshold))
+    return _ops.masked_conv2d.run(native, x, weight, bias, scores, thr, cut, list(stride), list(padding),
+                                  list(dilation), int(groups), estimator, float(temperature))
 
 
 def channel_gate(

@@ -39,8 +39,9 @@ class ChannelGate(ScoredModule):
         if x.shape[dim] != self.num_channels:
             raise ValueError(f"ChannelGate({self.num_channels}) got an input with {x.shape[dim]} channels "
                              f"along dim {self.dim} (shape {tuple(x.shape)})")
-        thr, cut = self.selection()
-        return _ops.channel_gate(x, self.scores, thr, cut, dim, self.estimator, self.temperature)
+        scores = self.scores
+        thr, cut = self._selection(scores, False)  # the gate's kernels do not check the scores
+        return _ops.channel_gate(x, scores, thr, cut, dim, self.estimator, self.temperature)
 
     def extra_repr(self) -> str:
         return (f"{self.num_channels}, dim={self.dim}, {self._rule_repr()}, temperature={self.temperature}, "

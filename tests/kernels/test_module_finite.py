@@ -79,3 +79,16 @@ def test_channel_gate_module_checks_its_scores(backend, threshold):
         gate(x)
     with pytest.raises(ValueError, match=r"threshold contains non-finite values \(e.g. inf\)"):
         bk.ChannelGate(4, threshold=torch.tensor(float("inf")))(x)
+
+
+@pytest.mark.parametrize("threshold", [0.0, torch.tensor(0.0)], ids=["number", "tensor"])
+def test_threshold_layers_compile_with_fullgraph(backend, threshold):
+    """The fused-check decision looks the native op up in the registry, which dynamo cannot trace:
+    while compiling it is skipped (the custom op's kernels check), for the modules and the API."""
+    layer = bk.MaskedLinear(8, 5, threshold=threshold)
+    x = torch.randn(3, 8)
+    torch.testing.assert_close(torch.compile(layer, backend="aot_eager", fullgraph=True)(x), layer(x), rtol=0, atol=0)
+    w, s = torch.randn(2, 3, 1, 1), torch.randn(2, 3, 1, 1)
+    call = lambda x: bk.masked_conv2d(x, w, None, s, threshold=threshold)
+    xc = torch.randn(1, 3, 4, 4)
+    torch.testing.assert_close(torch.compile(call, backend="aot_eager", fullgraph=True)(xc), call(xc), rtol=0, atol=0)
