@@ -40,6 +40,7 @@ def calls(features: int, batch: int) -> dict[str, Callable[[], None]]:
                for rule, value in (("threshold", 0.0), ("density", 0.5))}
     channels = max(features // 4, 1)
     gate = bk.ChannelGate(channels, temperature=0.5)
+    gate_stepped = bk.ChannelGate(channels, temperature=0.5)
     xg = torch.randn(batch, channels, 4, 4, generator=g, requires_grad=True)
     conv = bk.MaskedConv2d(channels, channels, 3, padding=1, bias=False, density=0.5)
     conv_keep = bk.MaskedConv2d(channels, channels, 3, padding=1, bias=False, density=0.5, mask_mode="keep")
@@ -55,6 +56,7 @@ def calls(features: int, batch: int) -> dict[str, Callable[[], None]]:
         "MaskedLinear threshold (step)": lambda: _step(stepped["threshold"], x),
         "MaskedLinear density (step)": lambda: _step(stepped["density"], x),
         f"ChannelGate({channels}), x*g base": lambda: gate(xg).sum().backward(),
+        f"ChannelGate({channels}) (step)": lambda: _step(gate_stepped, xg),
         "eager x*g": lambda: (xg * (gate.scores >= 0).to(xg.dtype)[:, None, None]).sum().backward(),
         f"MaskedConv2d({channels}) (cached)": lambda: conv(xc).sum().backward(),
         f"MaskedConv2d({channels}) keep (cached)": lambda: conv_keep(xc).sum().backward(),
@@ -62,7 +64,7 @@ def calls(features: int, batch: int) -> dict[str, Callable[[], None]]:
     }
 
 
-def _step(layer: bk.MaskedLinear, x: torch.Tensor) -> None:
+def _step(layer: torch.nn.Module, x: torch.Tensor) -> None:
     """A training step's share of the layer: its scores change (a new version, as after an optimiser
     step: the selection and its checks are made again), then forward + backward."""
     with torch.no_grad():

@@ -149,10 +149,11 @@ def _device_scalar(value: Number, dtype: torch.dtype, device: torch.device, shar
 
 def _fused_check(native: Optional[object], threshold: object) -> bool:
     """Whether a threshold (not None) is given and the layer op runs the native kernels (``native``,
-    the op's :func:`.._ops._native_layer_op` for x: backends "cpp", "cuda"), whose fused mask pass
-    checks the scores and thr finite (csrc/cpu/masked.cpp: a ValueError; csrc/cuda/masked.cu: a
-    device-side assert): the API then skips its own check, a pass over the scores and, on a GPU, 5
-    launches (docs/masked.md). The modules decide the same way (bise_kernels/nn/masked.py)."""
+    the op's :func:`.._ops._native_layer_op` for x: backends "cpp", "cuda"), whose forward checks
+    the scores and thr finite in the pass that reads them (masked_weight: csrc/cpu/masked.cpp,
+    csrc/cuda/masked.cu; the gate: csrc/cpu/gate.cpp, csrc/cuda/gate.cu; a ValueError on the CPU, a
+    device-side assert on CUDA): the API then skips its own check, a pass over the scores and, on a
+    GPU, 5 launches (docs/masked.md). The modules decide the same way (bise_kernels/nn/)."""
     return threshold is not None and native is not None
 
 
@@ -204,5 +205,13 @@ def channel_gate(
         threshold = None
     dim = _checks.check_channel_gate(x, scores, None, None, dim)
     _checks.check_estimator(estimator, temperature)
-    thr, cut = selection(scores, density, threshold)
-    return _ops.channel_gate(x, scores, thr, cut, dim, estimator, float(temperature))
+    native = _gate_op(x)
+    thr, cut = selection(scores, density, threshold, fused_check=_fused_check(native, threshold))
+    return _ops.channel_gate.run(native, x, scores, thr, cut, dim, estimator, float(temperature))
+
+
+def _gate_op(x: Tensor) -> Optional[object]:
+    """The native channel_gate op for x as :func:`_fused_check` takes it: its forward checks the
+    scores and thr in the pass that reads them, except for an empty x (no launch, no check), where
+    the API checks: None then (the op still runs the native kernels)."""
+    return _ops._native_layer_op("channel_gate", x) if x.numel() else None

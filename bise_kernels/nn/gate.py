@@ -8,6 +8,7 @@ import torch
 from torch import Tensor
 
 from .. import _checks, _ops
+from ..functional import _fused_check, _gate_op
 from ._scored import ScoredModule
 
 
@@ -40,8 +41,9 @@ class ChannelGate(ScoredModule):
             raise ValueError(f"ChannelGate({self.num_channels}) got an input with {x.shape[dim]} channels "
                              f"along dim {self.dim} (shape {tuple(x.shape)})")
         scores = self.scores
-        thr, cut = self._selection(scores, False)  # the gate's kernels do not check the scores
-        return _ops.channel_gate(x, scores, thr, cut, dim, self.estimator, self.temperature)
+        native = _gate_op(x)
+        thr, cut = self._selection(scores, _fused_check(native, self.threshold))
+        return _ops.channel_gate.run(native, x, scores, thr, cut, dim, self.estimator, self.temperature)
 
     def extra_repr(self) -> str:
         return (f"{self.num_channels}, dim={self.dim}, {self._rule_repr()}, temperature={self.temperature}, "

@@ -1,8 +1,8 @@
-"""The NaN / inf check of the masked modules in threshold mode: made once per scores update, in
-Python only where the op that consumes the selection does not make it in its own pass (the native
-masked_weight of MaskedLinear / MaskedConv2d in "selection" mask mode; not keep_mask, whose kernels
-do not check, nor the channel gate's), and never skipped: a NaN score or threshold raises a
-ValueError naming it on every CPU backend, in every mask mode."""
+"""The NaN / inf check of the masked modules and the channel gate in threshold mode: made once per
+scores update, in Python only where the op that consumes the selection does not make it in its own
+pass (the native masked_weight of MaskedLinear / MaskedConv2d in "selection" mask mode and the
+native gate forward check; keep_mask does not, so "keep" mode checks in Python), and never skipped:
+a NaN score or threshold raises a ValueError naming it on every CPU backend, in every mode."""
 
 from __future__ import annotations
 
@@ -19,7 +19,9 @@ def _layers(threshold, mask_mode):
 
 
 def _op_checks_itself(layer, x):
-    """Whether the op the layer calls now makes the finiteness check in its mask pass."""
+    """Whether the op the layer calls now makes the finiteness check in the pass reading the scores."""
+    if isinstance(layer, bk.ChannelGate):
+        return x.numel() > 0 and _ops._native_layer_op("channel_gate", x) is not None
     name = "masked_linear" if isinstance(layer, bk.MaskedLinear) else "masked_conv2d"
     return layer.mask_mode == "selection" and _ops._native_layer_op(name, x) is not None
 
@@ -30,7 +32,8 @@ def test_module_checks_in_python_only_where_its_op_does_not(backend, monkeypatch
     checked = []
     check = _checks.check_finite
     monkeypatch.setattr(_checks, "check_finite", lambda t, name: (checked.append(name), check(t, name)))
-    for layer, x in _layers(threshold, mask_mode):
+    gate = [(bk.ChannelGate(4, threshold=threshold), torch.randn(2, 4, 3))] if mask_mode == "selection" else []
+    for layer, x in _layers(threshold, mask_mode) + gate:
         if backend == "cpp":  # the case this test is about
             assert _op_checks_itself(layer, x) == (mask_mode == "selection")
         expected = [] if _op_checks_itself(layer, x) else ["scores", "threshold"][:1 + isinstance(threshold, torch.Tensor)]
@@ -68,17 +71,40 @@ def test_a_selection_left_unchecked_is_checked_before_the_keep_mask_reads_it():
 
 
 @pytest.mark.parametrize("threshold", [0.0, torch.tensor(0.0)], ids=["number", "tensor"])
-def test_channel_gate_module_checks_its_scores(backend, threshold):
-    """The gate's kernels do not check: its module keeps the Python check on every backend."""
+@pytest.mark.parametrize("shape", [(2, 4, 3), (0, 4, 3)], ids=["x", "empty_x"])
+def test_channel_gate_checks_its_scores(backend, threshold, shape):
+    """The gate module and the API raise on every backend (the native forward in its pass, except for
+    an empty x, which launches nothing: there the API checks)."""
     gate = bk.ChannelGate(4, threshold=threshold)
-    x = torch.randn(2, 4, 3)
+    x = torch.randn(*shape)
     gate(x).sum().backward()
     with torch.no_grad():
         gate.scores[2] = float("nan")
-    with pytest.raises(ValueError, match=r"scores contains non-finite values \(e.g. nan\)"):
-        gate(x)
+    for call in (gate, lambda x: bk.channel_gate(x, gate.scores, threshold=threshold)):
+        with pytest.raises(ValueError, match=r"scores contains non-finite values \(e.g. nan\)"):
+            call(x)
     with pytest.raises(ValueError, match=r"threshold contains non-finite values \(e.g. inf\)"):
         bk.ChannelGate(4, threshold=torch.tensor(float("inf")))(x)
+
+
+@pytest.mark.skipif("cpp" not in bk.available_backends("cpu"), reason="the compiled extension is unavailable")
+def test_native_gate_forward_checks_every_dtype_and_the_backward_does_not():
+    from bise_kernels._extension import ext_ops
+
+    ext = ext_ops()
+    for dtype in (torch.float32, torch.float64, torch.float16, torch.bfloat16):
+        x, s = torch.randn(2, 5, 3, dtype=dtype), torch.randn(5, dtype=dtype)
+        thr, cut = torch.tensor(0.0, dtype=dtype), torch.tensor(2**62)
+        ext.channel_gate_forward(x, s, thr, cut, 1)
+        for bad in (float("nan"), float("inf"), float("-inf")):
+            for channel in (0, 4):
+                s2 = s.clone()
+                s2[channel] = bad
+                with pytest.raises(ValueError, match=f"scores contains non-finite values \\(e.g. {bad}\\)"):
+                    ext.channel_gate_forward(x, s2, thr, cut, 1)
+                ext.channel_gate_backward(x, x, s2, thr, cut, 1, "ste", 1.0, True, True)  # the forward checked
+            with pytest.raises(ValueError, match=f"threshold contains non-finite values \\(e.g. {bad}\\)"):
+                ext.channel_gate_forward(x, s, torch.tensor(bad, dtype=dtype), cut, 1)
 
 
 @pytest.mark.parametrize("threshold", [0.0, torch.tensor(0.0)], ids=["number", "tensor"])
