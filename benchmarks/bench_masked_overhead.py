@@ -5,7 +5,9 @@ kernel time is negligible and what remains is what a GPU call pays on the host; 
 the kernels count too. Every call is a forward, ``.sum()`` and ``.backward()``; the calls run
 interleaved round by round on one thread, each call timed alone; per call the minimum and median
 (us) and the ratio of medians to dense are reported (medians of single calls: a preempted call on
-a loaded machine moves them little). ``python benchmarks/bench_masked_overhead.py``
+a loaded machine moves them little). "(cached)": the scores do not change between calls, so the
+module's selection is reused; "(step)": they change before every call (an in-place update under
+no_grad, which dense pays nothing for), as in training. ``python benchmarks/bench_masked_overhead.py``
 prints the table (``--rounds``, ``--calls``); under pytest one short run checks every call works.
 """
 
@@ -33,8 +35,12 @@ def calls(features: int, batch: int) -> dict[str, Callable[[], None]]:
     s = torch.randn(features, features, generator=g, requires_grad=True)
     layer = bk.MaskedLinear(features, features, bias=False, density=0.5)
     keep = bk.MaskedLinear(features, features, bias=False, density=0.5, mask_mode="keep")
+    by_threshold = bk.MaskedLinear(features, features, bias=False, threshold=0.0)
+    stepped = {rule: bk.MaskedLinear(features, features, bias=False, **{rule: value})
+               for rule, value in (("threshold", 0.0), ("density", 0.5))}
     channels = max(features // 4, 1)
     gate = bk.ChannelGate(channels, temperature=0.5)
+    gate_stepped = bk.ChannelGate(channels, temperature=0.5)
     xg = torch.randn(batch, channels, 4, 4, generator=g, requires_grad=True)
     conv = bk.MaskedConv2d(channels, channels, 3, padding=1, bias=False, density=0.5)
     conv_keep = bk.MaskedConv2d(channels, channels, 3, padding=1, bias=False, density=0.5, mask_mode="keep")
@@ -46,12 +52,24 @@ def calls(features: int, batch: int) -> dict[str, Callable[[], None]]:
         "masked_linear(density=0.5)": lambda: bk.masked_linear(x, w, None, s, density=0.5).sum().backward(),
         "MaskedLinear (cached)": lambda: layer(x).sum().backward(),
         "MaskedLinear keep (cached)": lambda: keep(x).sum().backward(),
+        "MaskedLinear threshold (cached)": lambda: by_threshold(x).sum().backward(),
+        "MaskedLinear threshold (step)": lambda: _step(stepped["threshold"], x),
+        "MaskedLinear density (step)": lambda: _step(stepped["density"], x),
         f"ChannelGate({channels}), x*g base": lambda: gate(xg).sum().backward(),
+        f"ChannelGate({channels}) (step)": lambda: _step(gate_stepped, xg),
         "eager x*g": lambda: (xg * (gate.scores >= 0).to(xg.dtype)[:, None, None]).sum().backward(),
         f"MaskedConv2d({channels}) (cached)": lambda: conv(xc).sum().backward(),
         f"MaskedConv2d({channels}) keep (cached)": lambda: conv_keep(xc).sum().backward(),
         "dense F.conv2d": lambda: F.conv2d(xc, wc, padding=1).sum().backward(),
     }
+
+
+def _step(layer: torch.nn.Module, x: torch.Tensor) -> None:
+    """A training step's share of the layer: its scores change (a new version, as after an optimiser
+    step: the selection and its checks are made again), then forward + backward."""
+    with torch.no_grad():
+        layer.scores.add_(0.0)
+    layer(x).sum().backward()
 
 
 def measure(features: int, batch: int, rounds: int, per_round: int) -> dict[str, dict[str, float]]:

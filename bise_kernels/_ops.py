@@ -103,7 +103,11 @@ def _native_layer_op(name: str, x: Tensor) -> Optional[Callable]:
 
     Cached per (op, backend, device type, dtype): the registry's tables are fixed once its
     modules are loaded, so the two registry lookups a call used to make happen once per key.
+    None while compiling: dynamo cannot trace the registry (a fullgraph compile would break), and
+    a traced call runs the custom op, whose native kernels make the same checks.
     """
+    if torch.compiler.is_compiling():
+        return None
     key = (name, backends.get_backend(), x.device.type, x.dtype)
     op = _NATIVE_LAYER_OPS.get(key, _NATIVE_LAYER_OPS)
     if op is _NATIVE_LAYER_OPS:
@@ -129,6 +133,7 @@ def _layer_op(name: str, op, forward: Callable, setup: Callable, backward: Calla
     rules out functorch transforms, and costs 2.5 of its 6 us (benchmarks/bench_masked_overhead.py).
     The native op goes further: its autograd node is C++, so the engine runs no Python for it, and
     its backward makes its dispatcher calls from C++ (docs/masked.md, "Per-call overhead").
+    ``call.run(native, *args)``: the same, for a caller that has looked ``native`` up.
     """
 
     class Eager(torch.autograd.Function):
@@ -144,18 +149,22 @@ def _layer_op(name: str, op, forward: Callable, setup: Callable, backward: Calla
 
     apply = super(torch.autograd.Function, Eager).apply
 
-    @functools.wraps(forward)
-    def call(*args):
+    def run(native: Optional[Callable], *args):
+        """``call`` with ``native = _native_layer_op(name, args[0])`` given by a caller that looks it
+        up anyway (to decide ``functional._fused_check``): one lookup per call (~1 us)."""
         if not _plain_eager(args):
             return op(*args)
-        native = _native_layer_op(name, args[0])
         if native is not None:
             return native(*args)
         if torch.is_grad_enabled() and any(isinstance(a, Tensor) and a.requires_grad for a in args):
             return apply(*args)
         return forward(*args)
 
-    call.op = op
+    @functools.wraps(forward)
+    def call(*args):
+        return run(_native_layer_op(name, args[0]), *args)
+
+    call.op, call.run = op, run
     return call
 
 

@@ -147,12 +147,14 @@ def _device_scalar(value: Number, dtype: torch.dtype, device: torch.device, shar
     return t
 
 
-def _fused_check(name: str, x: Tensor, threshold: object) -> bool:
-    """Whether a threshold (not None) is given and layer op ``name`` on x's device and dtype runs the
-    native kernels (backends "cpp", "cuda"), whose fused mask pass checks the scores and thr finite
-    (csrc/cpu/masked.cpp: a ValueError; csrc/cuda/masked.cu: a device-side assert): the API then
-    skips its own check, a pass over the scores and, on a GPU, 5 launches (docs/masked.md)."""
-    return threshold is not None and _ops._native_layer_op(name, x) is not None
+def _fused_check(native: Optional[object], threshold: object) -> bool:
+    """Whether a threshold (not None) is given and the layer op runs the native kernels (``native``,
+    the op's :func:`.._ops._native_layer_op` for x: backends "cpp", "cuda"), whose forward checks
+    the scores and thr finite in the pass that reads them (masked_weight: csrc/cpu/masked.cpp,
+    csrc/cuda/masked.cu; the gate: csrc/cpu/gate.cpp, csrc/cuda/gate.cu; a ValueError on the CPU, a
+    device-side assert on CUDA): the API then skips its own check, a pass over the scores and, on a
+    GPU, 5 launches (docs/masked.md). The modules decide the same way (bise_kernels/nn/)."""
+    return threshold is not None and native is not None
 
 
 # ----------------------------------------------------------------------------- masked ops
@@ -170,8 +172,9 @@ def masked_linear(
     """
     _checks.check_masked_linear(x, weight, bias, scores)
     _checks.check_estimator(estimator, temperature)
-    thr, cut = selection(scores, density, threshold, fused_check=_fused_check("masked_linear", x, threshold))
-    return _ops.masked_linear(x, weight, bias, scores, thr, cut, estimator, float(temperature))
+    native = _ops._native_layer_op("masked_linear", x)
+    thr, cut = selection(scores, density, threshold, fused_check=_fused_check(native, threshold))
+    return _ops.masked_linear.run(native, x, weight, bias, scores, thr, cut, estimator, float(temperature))
 
 
 def masked_conv2d(
@@ -183,9 +186,10 @@ def masked_conv2d(
     _, stride, padding, dilation = _checks.check_masked_conv2d(x, weight, bias, scores, None, None, stride, padding,
                                                                dilation, groups)
     _checks.check_estimator(estimator, temperature)
-    thr, cut = selection(scores, density, threshold, fused_check=_fused_check("masked_conv2d", x, threshold))
-    return _ops.masked_conv2d(x, weight, bias, scores, thr, cut, list(stride), list(padding), list(dilation),
-                              int(groups), estimator, float(temperature))
+    native = _ops._native_layer_op("masked_conv2d", x)
+    thr, cut = selection(scores, density, threshold, fused_check=_fused_check(native, threshold))
+    return _ops.masked_conv2d.run(native, x, weight, bias, scores, thr, cut, list(stride), list(padding),
+                                  list(dilation), int(groups), estimator, float(temperature))
 
 
 def channel_gate(
@@ -201,5 +205,13 @@ def channel_gate(
         threshold = None
     dim = _checks.check_channel_gate(x, scores, None, None, dim)
     _checks.check_estimator(estimator, temperature)
-    thr, cut = selection(scores, density, threshold)
-    return _ops.channel_gate(x, scores, thr, cut, dim, estimator, float(temperature))
+    native = _gate_op(x)
+    thr, cut = selection(scores, density, threshold, fused_check=_fused_check(native, threshold))
+    return _ops.channel_gate.run(native, x, scores, thr, cut, dim, estimator, float(temperature))
+
+
+def _gate_op(x: Tensor) -> Optional[object]:
+    """The native channel_gate op for x as :func:`_fused_check` takes it: its forward checks the
+    scores and thr in the pass that reads them, except for an empty x (no launch, no check), where
+    the API checks: None then (the op still runs the native kernels)."""
+    return _ops._native_layer_op("channel_gate", x) if x.numel() else None

@@ -33,7 +33,8 @@ TORCH_LIBRARY(bise_kernels_ext, m) {
   m.def(
       "keep_score_grad(Tensor(a!) grad_w_eff, Tensor weight, Tensor scores, Tensor keep, str estimator, "
       "float temperature, bool need_scores, bool need_weight) -> Tensor");
-  // Channel gate (csrc/cpu/gate.cpp, csrc/cuda/gate.cu): y = x * keep(scores[c]) along dim.
+  // Channel gate (csrc/cpu/gate.cpp, csrc/cuda/gate.cu): y = x * keep(scores[c]) along dim; the
+  // forward rejects NaN/inf scores and thr as masked_weight does (the backward does not check).
   m.def("channel_gate_forward(Tensor x, Tensor scores, Tensor thr, Tensor cut, int dim) -> Tensor");
   // (grad_x, grad_scores) in one pass over grad_y and x; an unneeded one comes back empty.
   m.def(

@@ -30,32 +30,49 @@ class ScoredModule(nn.Module):
         self._cache: Optional[tuple] = None
         self._keep_cache: Optional[tuple] = None
 
-    def selection(self) -> tuple[Tensor, Tensor]:
+    def selection(self, fused_check: bool = False) -> tuple[Tensor, Tensor]:
         """``(thr, cut)`` of the current scores; recomputed only when the scores change.
 
-        The previous top-k threshold is passed on as the selection's hint.
+        The previous top-k threshold is passed on as the selection's hint. ``fused_check``: the op
+        that consumes it checks a threshold's scores and thr finite in its own pass
+        (:func:`..functional._fused_check`), so none is made here; the entry is then marked
+        unchecked, and a later call without ``fused_check`` (the keep mask: ``keep_mask`` does not
+        check) makes the check before it returns it.
         """
-        scores = self.scores  # one nn.Module attribute lookup (~1 us each)
+        return self._selection(self.scores, fused_check)
+
+    def _selection(self, scores: Tensor, fused_check: bool) -> tuple[Tensor, Tensor]:
+        """:meth:`selection` of ``scores``, which the caller read once (~0.5 us an nn.Module attribute).
+
+        The caches are set through ``__dict__``: ``nn.Module.__setattr__`` looks for parameters,
+        modules and buffers first (~1.2 us a set, once per scores update).
+        """
         if torch.compiler.is_compiling():  # traced tensors have no data pointer to key a cache on
-            return selection(scores, self.density, self.threshold)
+            return selection(scores, self.density, self.threshold, fused_check=fused_check)
         key = (scores._version, scores.data_ptr(), self.density, self.threshold)
         cache = self._cache
-        if cache is None or cache[0] != key:
+        if cache is None or cache[0] != key or not (cache[2] or fused_check):
             hint = cache[1][0] if cache is not None and self.density is not None else None
-            cache = self._cache = (key, selection(scores, self.density, self.threshold, hint=hint))
+            checked = self.density is not None or not fused_check  # a top-k's select always checks
+            cache = self.__dict__["_cache"] = (key, selection(scores, self.density, self.threshold, hint=hint,
+                                                              fused_check=fused_check), checked)
         return cache[1]
 
     def keep(self) -> Tensor:
         """The selection packed into a bool keep mask (the scores' shape, 1 byte per score), computed
         once per selection and reused until the scores change (not part of the state dict)."""
-        thr, cut = self.selection()
+        return self._keep(self.scores)
+
+    def _keep(self, scores: Tensor) -> Tensor:
+        """:meth:`keep` of ``scores`` (as :meth:`_selection`)."""
+        thr, cut = self._selection(scores, False)
         if torch.compiler.is_compiling():
-            return _ops.keep_mask(self.scores.detach(), thr, cut, 0)
+            return _ops.keep_mask(scores.detach(), thr, cut, 0)
         # Keyed on the selection's cache entry too: a threshold's (thr, cut) is one pair shared by
         # every version of the scores (functional._device_scalar).
         cached, entry = self._keep_cache, self._cache
         if cached is None or cached[0] is not thr or cached[1] is not cut or cached[2] is not entry:
-            cached = self._keep_cache = (thr, cut, entry, _ops.keep_mask(self.scores.detach(), thr, cut, 0))
+            cached = self.__dict__["_keep_cache"] = (thr, cut, entry, _ops.keep_mask(scores.detach(), thr, cut, 0))
         return cached[3]
 
     def mask(self) -> Tensor:

@@ -8,6 +8,7 @@ import torch
 from torch import Tensor
 
 from .. import _checks, _ops
+from ..functional import _fused_check, _gate_op
 from ._scored import ScoredModule
 
 
@@ -39,8 +40,10 @@ class ChannelGate(ScoredModule):
         if x.shape[dim] != self.num_channels:
             raise ValueError(f"ChannelGate({self.num_channels}) got an input with {x.shape[dim]} channels "
                              f"along dim {self.dim} (shape {tuple(x.shape)})")
-        thr, cut = self.selection()
-        return _ops.channel_gate(x, self.scores, thr, cut, dim, self.estimator, self.temperature)
+        scores = self.scores
+        native = _gate_op(x)
+        thr, cut = self._selection(scores, _fused_check(native, self.threshold))
+        return _ops.channel_gate.run(native, x, scores, thr, cut, dim, self.estimator, self.temperature)
 
     def extra_repr(self) -> str:
         return (f"{self.num_channels}, dim={self.dim}, {self._rule_repr()}, temperature={self.temperature}, "

@@ -9,6 +9,7 @@ import torch
 from torch import Tensor, nn
 
 from .. import _ops
+from ..functional import _fused_check
 from ._scored import ScoredModule
 
 GRANULARITIES = ("weight", "channel")
@@ -66,11 +67,12 @@ class _MaskedLayer(ScoredModule):
                         temperature)
         self.global_selector = None  # set by mask_model(scope="global")
 
-    def selection(self) -> tuple[Tensor, Tensor]:
-        """``(thr, cut)`` of this layer's scores, or of its share of a global top-k."""
+    def _selection(self, scores: Tensor, fused_check: bool) -> tuple[Tensor, Tensor]:
+        """``(thr, cut)`` of this layer's scores, or of its share of a global top-k (whose select
+        checks the scores: ``fused_check`` does not apply)."""
         if self.global_selector is not None:
             return self.global_selector.selection_for(self)
-        return super().selection()
+        return super()._selection(scores, fused_check)
 
     @property
     def mask_mode(self) -> str:
@@ -82,7 +84,7 @@ class _MaskedLayer(ScoredModule):
         self.__dict__["_mask_mode"] = _check_mask_mode(mode)
 
     def _uses_keep(self, x: Tensor) -> bool:
-        mode = self.mask_mode
+        mode = self.__dict__.get("_mask_mode", "auto")  # self.mask_mode without the property call
         return mode == "keep" or (mode == "auto" and KEEP_BY_DEFAULT.get(x.device.type, False))
 
     def _masked_weight(self) -> Tensor:
@@ -149,11 +151,14 @@ class MaskedLinear(nn.Linear, _MaskedLayer):
         return nn.Linear.extra_repr(self) + self._mask_repr()
 
     def forward(self, x: Tensor) -> Tensor:
+        scores = self.scores
         if self._uses_keep(x):
-            return _ops.masked_linear_keep(x, self.weight, self.bias, self.scores, self.keep(), self.estimator,
+            return _ops.masked_linear_keep(x, self.weight, self.bias, scores, self._keep(scores), self.estimator,
                                            self.temperature)
-        thr, cut = self.selection()
-        return _ops.masked_linear(x, self.weight, self.bias, self.scores, thr, cut, self.estimator, self.temperature)
+        native = _ops._native_layer_op("masked_linear", x)
+        thr, cut = self._selection(scores, _fused_check(native, self.threshold))
+        return _ops.masked_linear.run(native, x, self.weight, self.bias, scores, thr, cut, self.estimator,
+                                      self.temperature)
 
     def to_dense(self) -> nn.Linear:
         """A plain nn.Linear with the current mask baked into its weight."""
@@ -198,12 +203,14 @@ class MaskedConv2d(nn.Conv2d, _MaskedLayer):
 
     def forward(self, x: Tensor) -> Tensor:
         geometry = (list(self.stride), list(self.padding), list(self.dilation), self.groups)
+        scores = self.scores
         if self._uses_keep(x):
-            return _ops.masked_conv2d_keep(x, self.weight, self.bias, self.scores, self.keep(), *geometry,
+            return _ops.masked_conv2d_keep(x, self.weight, self.bias, scores, self._keep(scores), *geometry,
                                            self.estimator, self.temperature)
-        thr, cut = self.selection()
-        return _ops.masked_conv2d(x, self.weight, self.bias, self.scores, thr, cut, *geometry, self.estimator,
-                                  self.temperature)
+        native = _ops._native_layer_op("masked_conv2d", x)
+        thr, cut = self._selection(scores, _fused_check(native, self.threshold))
+        return _ops.masked_conv2d.run(native, x, self.weight, self.bias, scores, thr, cut, *geometry,
+                                      self.estimator, self.temperature)
 
     def to_dense(self) -> nn.Conv2d:
         """A plain nn.Conv2d with the current mask baked into its weight."""

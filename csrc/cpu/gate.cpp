@@ -20,12 +20,22 @@ using bise_checks::GateLayout;
 
 constexpr int64_t kGrain = 32768;
 
+// The 0/1 gate per channel. check_finite: the forward's value check of the scores and thr, fused
+// into the loop that reads them (a ValueError naming the argument, as bise_kernels/_checks.py's
+// check_finite, which the API then skips); the backward reads the same scores and skips it.
 template <typename X, typename S>
-std::vector<X> gate_values(const at::Tensor& scores, const at::Tensor& thr, const at::Tensor& cut) {
+std::vector<X> gate_values(const at::Tensor& scores, const at::Tensor& thr, const at::Tensor& cut,
+                           bool check_finite) {
   const Keep<S> keep = keep_rule<S>(thr, cut);
+  if (check_finite && non_finite(keep.thr)) bise_checks::fail_non_finite(thr, "threshold");
   const S* sp = scores.data_ptr<S>();
   std::vector<X> gate(scores.numel());
-  for (int64_t c = 0; c < scores.numel(); ++c) gate[c] = X(keep(sp[c], c) ? 1.0f : 0.0f);
+  decltype(non_finite(keep.thr)) bad = 0;
+  for (int64_t c = 0; c < scores.numel(); ++c) {
+    gate[c] = X(keep(sp[c], c) ? 1.0f : 0.0f);
+    bad |= non_finite(static_cast<acc_t<S>>(sp[c]));
+  }
+  if (check_finite && bad) bise_checks::fail_non_finite(scores, "scores");
   return gate;
 }
 
@@ -53,7 +63,7 @@ at::Tensor channel_gate_forward_cpu(const at::Tensor& x, const at::Tensor& score
   dispatch_value_and_scores(x.scalar_type(), s.scalar_type(), [&](auto x_type, auto s_type) {
     using X = typename decltype(x_type)::type;
     using S = typename decltype(s_type)::type;
-    scale_rows<X>(L.x.data_ptr<X>(), y.data_ptr<X>(), gate_values<X, S>(s, thr, cut), L);
+    scale_rows<X>(L.x.data_ptr<X>(), y.data_ptr<X>(), gate_values<X, S>(s, thr, cut, true), L);
   });
   return y;
 }
@@ -106,7 +116,7 @@ std::tuple<at::Tensor, at::Tensor> channel_gate_backward_cpu(const at::Tensor& g
   dispatch_value_and_scores(x.scalar_type(), s.scalar_type(), [&](auto x_type, auto s_type) {
     using X = typename decltype(x_type)::type;
     using S = typename decltype(s_type)::type;
-    const std::vector<X> gate = gate_values<X, S>(s, thr, cut);
+    const std::vector<X> gate = gate_values<X, S>(s, thr, cut, false);
     if (!need_scores) {
       if (need_x && x.numel() > 0) scale_rows<X>(gy.data_ptr<X>(), gx.data_ptr<X>(), gate, L);
       return;

@@ -1,7 +1,9 @@
 // Fused CUDA channel gate (backend "cuda"), torch-free (launchers.h). x is viewed in memory order
 // as (outer, C, inner): contiguous for any dim, channels_last for dim 1 (inner = 1).
 //
-// forward: y = x * gate[c]. backward: one pass over grad_y and x writing grad_x = grad_y * gate
+// forward: y = x * gate[c], with a device-side assert on a NaN/inf score or thr (BISE_DEVICE_CHECK,
+// as masked.cu's mask pass: the API's value check for the "cuda" backend, no launch of its own; an
+// empty x launches nothing, so the API checks itself then). backward: one pass over grad_y and x writing grad_x = grad_y * gate
 // and per-(chunk, channel) partial sums of grad_y * x into a workspace, then a per-channel pass
 // summing the chunks in a fixed order (deterministic, no atomics) times the slope.
 //   inner >= 32 (NCHW): a block per (channel, outer chunk), threads along the contiguous inner runs.
@@ -18,9 +20,12 @@ template <typename X, typename S>
 __global__ void gate_forward_kernel(const X* __restrict__ x, X* __restrict__ y, const S* __restrict__ scores,
                                     int64_t n, int64_t channels, int64_t inner, const S* thr, const int64_t* cut) {
   const Keep<S> keep(thr, cut);
+  BISE_DEVICE_CHECK(is_finite(to_acc(*thr)), "threshold contains non-finite values (NaN or inf)");
   for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < n; i += int64_t(gridDim.x) * blockDim.x) {
     const int64_t c = (i / inner) % channels;
-    y[i] = from_acc<X>(to_acc(x[i]) * acc_t<X>(keep(scores[c], c) ? 1 : 0));
+    const S s = scores[c];
+    BISE_DEVICE_CHECK(is_finite(to_acc(s)), "scores contains non-finite values (NaN or inf)");
+    y[i] = from_acc<X>(to_acc(x[i]) * acc_t<X>(keep(s, c) ? 1 : 0));
   }
 }
 

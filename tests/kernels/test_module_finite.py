@@ -1,0 +1,120 @@
+"""The NaN / inf check of the masked modules and the channel gate in threshold mode: made once per
+scores update, in Python only where the op that consumes the selection does not make it in its own
+pass (the native masked_weight of MaskedLinear / MaskedConv2d in "selection" mask mode and the
+native gate forward check; keep_mask does not, so "keep" mode checks in Python), and never skipped:
+a NaN score or threshold raises a ValueError naming it on every CPU backend, in every mode."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import bise_kernels as bk
+from bise_kernels import _checks, _ops
+
+
+def _layers(threshold, mask_mode):
+    return [(bk.MaskedLinear(13, 5, threshold=threshold, mask_mode=mask_mode), torch.randn(3, 13)),
+            (bk.MaskedConv2d(3, 4, 3, threshold=threshold, mask_mode=mask_mode), torch.randn(1, 3, 5, 5))]
+
+
+def _op_checks_itself(layer, x):
+    """Whether the op the layer calls now makes the finiteness check in the pass reading the scores."""
+    if isinstance(layer, bk.ChannelGate):
+        return x.numel() > 0 and _ops._native_layer_op("channel_gate", x) is not None
+    name = "masked_linear" if isinstance(layer, bk.MaskedLinear) else "masked_conv2d"
+    return layer.mask_mode == "selection" and _ops._native_layer_op(name, x) is not None
+
+
+@pytest.mark.parametrize("mask_mode", ["selection", "keep"])
+@pytest.mark.parametrize("threshold", [0.0, torch.tensor(0.0)], ids=["number", "tensor"])
+def test_module_checks_in_python_only_where_its_op_does_not(backend, monkeypatch, mask_mode, threshold):
+    checked = []
+    check = _checks.check_finite
+    monkeypatch.setattr(_checks, "check_finite", lambda t, name: (checked.append(name), check(t, name)))
+    gate = [(bk.ChannelGate(4, threshold=threshold), torch.randn(2, 4, 3))] if mask_mode == "selection" else []
+    for layer, x in _layers(threshold, mask_mode) + gate:
+        if backend == "cpp":  # the case this test is about
+            assert _op_checks_itself(layer, x) == (mask_mode == "selection")
+        expected = [] if _op_checks_itself(layer, x) else ["scores", "threshold"][:1 + isinstance(threshold, torch.Tensor)]
+        for _ in range(2):
+            with torch.no_grad():
+                layer.scores.add_(0.01)  # a new version of the scores: a new selection
+            checked.clear()
+            layer(x).sum().backward()
+            layer(x)  # the cached selection: no second check
+            assert checked == expected
+
+
+@pytest.mark.parametrize("mask_mode", ["selection", "keep"])
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_non_finite_tensor_threshold_of_a_module_raises(backend, mask_mode, bad):
+    for layer, x in _layers(torch.tensor(bad), mask_mode):
+        with pytest.raises(ValueError, match=f"threshold contains non-finite values \\(e.g. {bad}\\)"):
+            layer(x)
+
+
+def test_a_selection_left_unchecked_is_checked_before_the_keep_mask_reads_it():
+    """On "cpp" the selection mode leaves the check to masked_weight; switching the same layer and
+    scores to "keep" (keep_mask does not check) must make it, not drop the NaN score."""
+    with bk.use_backend("cpp"):
+        layer, x = _layers(0.0, "selection")[0]
+        with torch.no_grad():
+            layer.scores.view(-1)[4] = float("nan")
+        with pytest.raises(ValueError, match=r"scores contains non-finite values \(e.g. nan\)"):
+            layer(x)  # the kernel's check; the selection stays cached, unchecked
+        layer.mask_mode = "keep"
+        with pytest.raises(ValueError, match=r"scores contains non-finite values \(e.g. nan\)"):
+            layer(x)
+        with pytest.raises(ValueError, match=r"scores contains non-finite values \(e.g. nan\)"):
+            layer.mask()
+
+
+@pytest.mark.parametrize("threshold", [0.0, torch.tensor(0.0)], ids=["number", "tensor"])
+@pytest.mark.parametrize("shape", [(2, 4, 3), (0, 4, 3)], ids=["x", "empty_x"])
+def test_channel_gate_checks_its_scores(backend, threshold, shape):
+    """The gate module and the API raise on every backend (the native forward in its pass, except for
+    an empty x, which launches nothing: there the API checks)."""
+    gate = bk.ChannelGate(4, threshold=threshold)
+    x = torch.randn(*shape)
+    gate(x).sum().backward()
+    with torch.no_grad():
+        gate.scores[2] = float("nan")
+    for call in (gate, lambda x: bk.channel_gate(x, gate.scores, threshold=threshold)):
+        with pytest.raises(ValueError, match=r"scores contains non-finite values \(e.g. nan\)"):
+            call(x)
+    with pytest.raises(ValueError, match=r"threshold contains non-finite values \(e.g. inf\)"):
+        bk.ChannelGate(4, threshold=torch.tensor(float("inf")))(x)
+
+
+@pytest.mark.skipif("cpp" not in bk.available_backends("cpu"), reason="the compiled extension is unavailable")
+def test_native_gate_forward_checks_every_dtype_and_the_backward_does_not():
+    from bise_kernels._extension import ext_ops
+
+    ext = ext_ops()
+    for dtype in (torch.float32, torch.float64, torch.float16, torch.bfloat16):
+        x, s = torch.randn(2, 5, 3, dtype=dtype), torch.randn(5, dtype=dtype)
+        thr, cut = torch.tensor(0.0, dtype=dtype), torch.tensor(2**62)
+        ext.channel_gate_forward(x, s, thr, cut, 1)
+        for bad in (float("nan"), float("inf"), float("-inf")):
+            for channel in (0, 4):
+                s2 = s.clone()
+                s2[channel] = bad
+                with pytest.raises(ValueError, match=f"scores contains non-finite values \\(e.g. {bad}\\)"):
+                    ext.channel_gate_forward(x, s2, thr, cut, 1)
+                ext.channel_gate_backward(x, x, s2, thr, cut, 1, "ste", 1.0, True, True)  # the forward checked
+            with pytest.raises(ValueError, match=f"threshold contains non-finite values \\(e.g. {bad}\\)"):
+                ext.channel_gate_forward(x, s, torch.tensor(bad, dtype=dtype), cut, 1)
+
+
+@pytest.mark.parametrize("threshold", [0.0, torch.tensor(0.0)], ids=["number", "tensor"])
+def test_threshold_layers_compile_with_fullgraph(backend, threshold):
+    """The fused-check decision looks the native op up in the registry, which dynamo cannot trace:
+    while compiling it is skipped (the custom op's kernels check), for the modules and the API."""
+    layer = bk.MaskedLinear(8, 5, threshold=threshold)
+    x = torch.randn(3, 8)
+    torch.testing.assert_close(torch.compile(layer, backend="aot_eager", fullgraph=True)(x), layer(x), rtol=0, atol=0)
+    w, s = torch.randn(2, 3, 1, 1), torch.randn(2, 3, 1, 1)
+    call = lambda x: bk.masked_conv2d(x, w, None, s, threshold=threshold)
+    xc = torch.randn(1, 3, 4, 4)
+    torch.testing.assert_close(torch.compile(call, backend="aot_eager", fullgraph=True)(xc), call(xc), rtol=0, atol=0)
