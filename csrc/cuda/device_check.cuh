@@ -16,5 +16,7 @@ extern "C" __host__ __device__ void __assert_fail(const char* assertion, const c
   } while (0)
 #endif
 
-// The one wording of a failed finiteness check of the scores (masked pass and selects alike).
+// The one wording of a failed finiteness check of the scores and of a threshold (masked pass,
+// gate and selects alike).
 #define BISE_SCORES_NOT_FINITE "scores contains non-finite values (NaN or inf)"
+#define BISE_THRESHOLD_NOT_FINITE "threshold contains non-finite values (NaN or inf)"

@@ -34,7 +34,7 @@ struct ScoreKeep {  // the selection rule on scores[i]
     }
   };
   __device__ Loaded load() const {
-    if (check_finite) BISE_DEVICE_CHECK(is_finite(to_acc(*thr)), "threshold contains non-finite values (NaN or inf)");
+    if (check_finite) BISE_DEVICE_CHECK(is_finite(to_acc(*thr)), BISE_THRESHOLD_NOT_FINITE);
     return {scores, Keep<S>(thr, cut), check_finite};
   }
 };
