@@ -38,6 +38,7 @@ import statistics
 import sys
 import time
 from types import SimpleNamespace
+from typing import Optional
 
 import torch
 from torch import nn
@@ -49,7 +50,7 @@ HEAD_EPOCHS = 50  # per head phase, the paper's (and both codes' default)
 PHASES = ("mask_epoch", "head_pretraining_epoch", "head_refit_epoch", "evaluation")
 
 
-def official_modules(path: str) -> SimpleNamespace:
+def official_modules(path: str, device: torch.device) -> SimpleNamespace:
     """The official modules, imported from ``path`` (the folder that holds its ``src/`` package)."""
     sys.path.insert(0, path)
     import src.components as components
@@ -60,17 +61,19 @@ def official_modules(path: str) -> SimpleNamespace:
 
     # MaskLayer's parameters go to "cuda:0" unless told otherwise (its default argument)
     defaults = list(components.MaskLayer.__init__.__defaults__)
-    defaults[1] = "cpu"
+    defaults[1] = str(device)
     components.MaskLayer.__init__.__defaults__ = tuple(defaults)
     return SimpleNamespace(components=components, losses=losses, models=masked_models, train_eval=train_eval,
                            train_mask=train_mask)
 
 
 class Batches:
-    """The official loops' loader: (x, y, b) batches of a split in a seeded random order."""
+    """The official loops' loader: (x, y, b) batches of a split in a seeded random order, already
+    float and on ``device`` (its DataLoader's transforms and host-to-device copies are not timed)."""
 
-    def __init__(self, split, batch_size: int, seed: int = 0, shuffle: bool = True):
-        self.x, self.y, self.b = split.inputs(torch.arange(len(split))), split.y.long(), split.b.long()
+    def __init__(self, split, batch_size: int, seed: int = 0, shuffle: bool = True, device="cpu"):
+        self.x, self.y, self.b = (t.to(device) for t in (split.inputs(torch.arange(len(split))), split.y.long(),
+                                                         split.b.long()))
         self.batch_size, self.shuffle = batch_size, shuffle
         self.generator = torch.Generator().manual_seed(seed)
 
@@ -79,7 +82,7 @@ class Batches:
 
     def __iter__(self):
         order = torch.randperm(len(self.y), generator=self.generator) if self.shuffle else torch.arange(len(self.y))
-        for idx in order.split(self.batch_size):
+        for idx in order.to(self.x.device).split(self.batch_size):
             yield self.x[idx], self.y[idx], self.b[idx]
 
 
@@ -106,25 +109,27 @@ def official_model(off: SimpleNamespace, arch: str, ours: nn.Module) -> tuple[nn
     return model, model.feature
 
 
-def official_args(off: SimpleNamespace, tap: nn.Module, model: nn.Module, rho: float) -> SimpleNamespace:
+def official_args(off: SimpleNamespace, tap: nn.Module, model: nn.Module, rho: float,
+                  device: torch.device) -> SimpleNamespace:
     """The ``args`` namespace of bise.py for a single-bias, 10-class run (its Bmnist settings)."""
-    args = SimpleNamespace(dataset="Bmnist", device=torch.device("cpu"), correlation=rho, balanced_loss=1,
-                           alpha=1.0, gamma=1.0, criterion=nn.CrossEntropyLoss())
+    args = SimpleNamespace(dataset="Bmnist", device=device, correlation=rho, balanced_loss=1,
+                           alpha=1.0, gamma=1.0, criterion=nn.CrossEntropyLoss().to(device))
     args.MI = off.losses.MI(privates=10, device=args.device)
     width = model.mask_layers[-1].m_i.numel()  # the bottleneck: the last gated layer
-    args.PH = off.components.Privacy_head(tap, nn.Sequential(nn.Linear(width, 10)))
+    args.PH = off.components.Privacy_head(tap, nn.Sequential(nn.Linear(width, 10))).to(device)
     args.mask_optimizer = off.components.mask_optimizer(model, lr_m_i=1e-2, wd=1e-4, momentum=0.9, optim="SGD")
     args.PH_optimizer = torch.optim.SGD(args.PH.parameters(), lr=0.1, momentum=0.9, weight_decay=1e-4)
     return args
 
 
-def time_official(off: SimpleNamespace, arch: str, ours: nn.Module, data, batch_size: int) -> dict:
+def time_official(off: SimpleNamespace, arch: str, ours: nn.Module, data, batch_size: int,
+                  device: torch.device) -> dict:
     """Seconds of one epoch of each official per-epoch function (its prints discarded)."""
     model, tap = official_model(off, arch, ours)
-    model.eval()
-    args = official_args(off, tap, model, data.rho)
-    train = Batches(data.train, batch_size)
-    val, test = (Batches(s, batch_size, shuffle=False) for s in (data.val, data.test))
+    model.to(device).eval()
+    args = official_args(off, tap, model, data.rho, device)
+    train = Batches(data.train, batch_size, device=device)
+    val, test = (Batches(s, batch_size, shuffle=False, device=device) for s in (data.val, data.test))
     te, tm = off.train_eval, off.train_mask
     steps = [("head_pretraining_epoch", lambda: te.pretrain_PH(model, args, train, mode="vanilla")),
              ("mask_epoch", lambda: tm.train_PH_prune(model, args, train, balanced_loss=1, modif_MI=1)),
@@ -135,18 +140,20 @@ def time_official(off: SimpleNamespace, arch: str, ours: nn.Module, data, batch_
     out = {}
     with contextlib.redirect_stdout(io.StringIO()):
         for name, fn in steps:
+            _synchronize(device)
             start = time.perf_counter()
             fn()
+            _synchronize(device)
             out[name] = time.perf_counter() - start
     return out
 
 
-def time_ours(arch: str, ours: nn.Module, data, batch_size: int, mask_epochs: int) -> dict:
+def time_ours(arch: str, ours: nn.Module, data, batch_size: int, mask_epochs: int, device: torch.device) -> dict:
     """Per-epoch seconds of ``extract`` from its per-phase timers (``sub.info["timing_seconds"]``)."""
     from bise.extract import ExtractConfig, extract
 
     config = ExtractConfig(mask_epochs=mask_epochs, head_epochs=HEAD_EPOCHS, batch_size=batch_size,
-                           mask_set="vanilla-train", seed=0)
+                           mask_set="vanilla-train", seed=0, device=str(device))
     start = time.perf_counter()
     sub = extract(ours, data, config=config, quiet=True)
     wall = time.perf_counter() - start
@@ -159,13 +166,36 @@ def time_ours(arch: str, ours: nn.Module, data, batch_size: int, mask_epochs: in
             "caches_once": t["caches"], "extract_wall": wall, "timing_seconds": t}
 
 
-def _machine() -> dict:
+def schedule_estimate(official: dict, ours: dict) -> dict:
+    """Seconds of the paper schedule (50 head pre-training epochs, 100 mask epochs, temperature halved
+    every 10) from per-epoch medians: the official loop refits its head after each of the 10 halvings
+    and evaluates the training, validation and test splits after every epoch; ours refits after 9
+    (not after the last, which cannot change the masks), evaluates the validation split and builds its
+    caches once. Ours is an upper bound: it reuses an evaluation while no mask changed."""
+    head, mask = HEAD_EPOCHS, 100
+    off = (head * official["head_pretraining_epoch"] + mask * official["mask_epoch"]
+           + 10 * head * official["head_refit_epoch"]
+           + mask * (official["evaluation"] + official["logging_evaluation"]))
+    ours_s = (ours["caches_once"] + head * ours["head_pretraining_epoch"] + mask * ours["mask_epoch"]
+              + 9 * head * ours["head_refit_epoch"] + mask * ours["evaluation"])
+    return {"official_s": off, "official_without_logging_s": off - mask * official["logging_evaluation"],
+            "ours_s": ours_s, "ratio_official_over_ours": off / ours_s,
+            "ratio_without_logging": (off - mask * official["logging_evaluation"]) / ours_s}
+
+
+def _synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _machine(device: torch.device) -> dict:
     try:
         with open("/proc/cpuinfo") as f:
             model = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
     except (OSError, StopIteration):
         model = "unknown"
-    return {"cpu": model, "cores": os.cpu_count()}
+    gpu = torch.cuda.get_device_name(device) if device.type == "cuda" else None
+    return {"cpu": model, "cores": os.cpu_count(), "gpu": gpu}
 
 
 def _commit() -> str:
@@ -177,11 +207,13 @@ def _commit() -> str:
         "status", "--porcelain", "--untracked-files=no") else "")
 
 
-def bench_arch(off: SimpleNamespace, arch: str, n_train: int, rounds: int, mask_epochs: int) -> dict:
+def bench_arch(off: SimpleNamespace, arch: str, n_train: int, rounds: int, mask_epochs: int, device: torch.device,
+               spec: Optional[str] = None) -> dict:
+    """Interleaved rounds on ``arch``'s benchmark (``spec``: other data, e.g. a dry run's); medians."""
     from bise.data import load
     from bise.models import build_model
 
-    spec, batch_size = SETTINGS[arch]
+    spec, batch_size = spec or SETTINGS[arch][0], SETTINGS[arch][1]
     data = load(spec, seed=0)
     data = dataclasses.replace(data, train=data.train.subset(torch.arange(min(n_train, len(data.train)))))
     torch.manual_seed(0)
@@ -190,14 +222,14 @@ def bench_arch(off: SimpleNamespace, arch: str, n_train: int, rounds: int, mask_
     tiny = dataclasses.replace(data, train=data.train.subset(torch.arange(2 * batch_size)),
                                val=data.val.subset(torch.arange(batch_size)),
                                test=data.test.subset(torch.arange(batch_size)))
-    time_official(off, arch, ours, tiny, batch_size)
-    time_ours(arch, ours, tiny, batch_size, mask_epochs)
+    time_official(off, arch, ours, tiny, batch_size, device)
+    time_ours(arch, ours, tiny, batch_size, mask_epochs, device)
     runs = {"official": [], "ours": []}
     loads = []
     for _ in range(rounds):
         loads.append(os.getloadavg()[0])
-        runs["official"].append(time_official(off, arch, ours, data, batch_size))
-        runs["ours"].append(time_ours(arch, ours, data, batch_size, mask_epochs))
+        runs["official"].append(time_official(off, arch, ours, data, batch_size, device))
+        runs["ours"].append(time_ours(arch, ours, data, batch_size, mask_epochs, device))
         print(json.dumps({arch: {k: {p: round(v, 4) for p, v in r[-1].items() if isinstance(v, float)}
                                  for k, r in runs.items()}}), file=sys.stderr, flush=True)
     med = {side: {k: statistics.median(r[k] for r in rs) for k in rs[0] if isinstance(rs[0][k], float)}
@@ -209,6 +241,7 @@ def bench_arch(off: SimpleNamespace, arch: str, n_train: int, rounds: int, mask_
             "ours_mask_epochs_per_round": mask_epochs, "head_epochs_per_phase": HEAD_EPOCHS,
             "per_epoch_median": phases,
             "official_logging_evaluation_s": med["official"]["logging_evaluation"],
+            "paper_schedule_estimate": schedule_estimate(med["official"], med["ours"]),
             "ours_caches_once_s": med["ours"]["caches_once"],
             "load_average_at_round_start": loads,
             "rounds_seconds": {side: [{k: v for k, v in r.items() if isinstance(v, float)} for r in rs]
@@ -224,6 +257,9 @@ def main(argv=None) -> int:
                         help="training images per arch, in --arch order (default: all 7,000)")
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--mask-epochs", type=int, default=2, help="ours per round (>= 2: one head refit)")
+    parser.add_argument("--device", default="cpu", help="cpu (one thread) or cuda")
+    parser.add_argument("--dry-run", action="store_true",
+                        help="the wiring in seconds: simple-cnn on colored-digits (200 images), one round")
     parser.add_argument("--out", help="write the JSON here (default: stdout only)")
     args = parser.parse_args(argv)
     if not args.official_dir or not os.path.isdir(os.path.join(args.official_dir, "src")):
@@ -235,17 +271,26 @@ def main(argv=None) -> int:
     sizes = args.train or []
     if len(sizes) > len(archs):
         parser.error(f"{len(sizes)} --train values for {len(archs)} archs")
-    off = official_modules(args.official_dir)
-    torch.set_num_threads(1)
-    torch.use_deterministic_algorithms(True)  # both codes run so (bise.py; extract())
+    if args.dry_run:
+        archs, sizes, args.rounds = ["simple-cnn"], [200], 1
+    device = torch.device(args.device)
+    if device.type == "cuda":
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # deterministic cuBLAS (both codes set it)
+    off = official_modules(args.official_dir, device)
+    if device.type == "cpu":
+        torch.set_num_threads(1)
+    # both codes run so (bise.py; extract(), which only warns off the CPU: some CUDA kernels have no
+    # deterministic version, e.g. adaptive average pooling's backward)
+    torch.use_deterministic_algorithms(True, warn_only=device.type != "cpu")
     out = {"what": "per-epoch seconds, official BISE code vs ours (benchmarks/bench_official.py)",
-           "machine": _machine(), "torch": torch.__version__, "python": sys.version.split()[0], "threads": 1,
+           "machine": _machine(device), "device": str(device), "torch": torch.__version__,
+           "python": sys.version.split()[0], "threads": torch.get_num_threads(), "dry_run": args.dry_run,
            "commit": _commit(), "official_commit": OFFICIAL_COMMIT,
            "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
            "load_average_start": os.getloadavg(), "archs": {}}
     for i, arch in enumerate(archs):
         out["archs"][arch] = bench_arch(off, arch, sizes[i] if i < len(sizes) else 10**9, args.rounds,
-                                        args.mask_epochs)
+                                        args.mask_epochs, device, "colored-digits" if args.dry_run else None)
     out["load_average_end"] = os.getloadavg()
     text = json.dumps(out, indent=1)
     if args.out:
