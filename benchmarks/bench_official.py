@@ -86,8 +86,9 @@ class Batches:
             yield self.x[idx], self.y[idx], self.b[idx]
 
 
-def official_model(off: SimpleNamespace, arch: str, ours: nn.Module) -> tuple[nn.Module, nn.Module]:
-    """The official model with our weights, masks inserted, and the module its privacy head taps."""
+def official_model(off: SimpleNamespace, arch: str, ours: nn.Module) -> tuple[nn.Module, tuple[str, nn.Module]]:
+    """The official model with our weights and masks inserted, and (name, module) of the bottleneck
+    whose output its privacy head reads (a forward hook: ``Hook`` takes such a pair)."""
     state = ours.state_dict()
     if arch == "simple-cnn":
         model = off.models.SimpleConvNetPure(num_classes=10)
@@ -97,19 +98,17 @@ def official_model(off: SimpleNamespace, arch: str, ours: nn.Module) -> tuple[nn
         mapped.update({k: v for k, v in state.items() if k.startswith("fc.")})
         model.load_state_dict(mapped)
         off.models.insert_masks_SimpleConvNet(model, tau=1.0)
-        model.avgpool = nn.Sequential(model.avgpool, nn.Identity())  # as bise.py does (Bmnist)
-        return model, model.avgpool
+        return model, ("avgpool", model.avgpool)
     model = off.models.MaskedMLP(num_class=10, tau=1.0)
     mapped = {f"feature.{3 * (i - 1)}.{k.split('.', 2)[2]}": v for k, v in state.items()
               for i in range(1, 4) if k.startswith(f"features.fc{i}.")}
     mapped.update({k: v for k, v in state.items() if k.startswith("classifier.")})
     mapped.update({k: v for k, v in model.state_dict().items() if k.endswith(".m_i")})  # its own gate scores
     model.load_state_dict(mapped)
-    model.feature = nn.Sequential(model.feature, nn.Identity())  # as bise.py does (MulticolorMNIST)
-    return model, model.feature
+    return model, ("feature", model.feature)
 
 
-def official_args(off: SimpleNamespace, tap: nn.Module, model: nn.Module, rho: float,
+def official_args(off: SimpleNamespace, tap: tuple[str, nn.Module], model: nn.Module, rho: float,
                   device: torch.device) -> SimpleNamespace:
     """The ``args`` namespace of bise.py for a single-bias, 10-class run (its Bmnist settings)."""
     args = SimpleNamespace(dataset="Bmnist", device=device, correlation=rho, balanced_loss=1,
