@@ -8,7 +8,7 @@ one line and exits 0. docs/workflow.md says how the folder was made and gives th
 For each arch, one model (ours, untrained, seed 0) is copied weight for weight into the official
 one, and both loops see the same data: the training split of the benchmark cut to ``--train``
 images, its validation and test splits. Rounds are interleaved in one process (official, ours,
-official, ...), one torch thread, deterministic algorithms on (both codes turn them on).
+official, ...), one torch thread on the CPU, deterministic algorithms on (both codes turn them on).
 
 * official: its per-epoch functions called directly on batches drawn from a seeded permutation
   (the same batch size as ours), from float images made once, i.e. without its DataLoader and
@@ -22,7 +22,9 @@ official, ...), one torch thread, deterministic algorithms on (both codes turn t
   apart).
 
 ``python benchmarks/bench_official.py --official-dir DIR --arch mlp --arch simple-cnn --rounds 3
---out benchmarks/results/workflow/official-cpu-<date>-<commit>.json``
+--out benchmarks/results/workflow/official-cpu-<date>-<commit>.json``; ``--device cuda`` on a GPU
+(data and models on the device, timers synchronised; scripts/gpu_workflow.sh runs it when the
+official files are carried in ``.official/``), ``--dry-run`` the wiring in seconds.
 """
 
 from __future__ import annotations
@@ -30,7 +32,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
-import datetime
 import io
 import json
 import os
@@ -42,6 +43,8 @@ from typing import Optional
 
 import torch
 from torch import nn
+
+from bise.extract import _synchronize  # the device sync of extract()'s phase timers
 
 OFFICIAL_COMMIT = "689a34d10bdd2c2ff4e19a0a684f85a6ad08b062"
 # arch -> (benchmark, batch size of both codes: the official's for that benchmark)
@@ -162,7 +165,7 @@ def time_ours(arch: str, ours: nn.Module, data, batch_size: int, mask_epochs: in
             "head_pretraining_epoch": t["head_pretraining"] / HEAD_EPOCHS,
             "head_refit_epoch": t["head_refits"] / (HEAD_EPOCHS * refits),
             "evaluation": t["evaluation"] / mask_epochs,
-            "caches_once": t["caches"], "extract_wall": wall, "timing_seconds": t}
+            "caches_once": t["caches"], "extract_wall": wall}
 
 
 def schedule_estimate(official: dict, ours: dict) -> dict:
@@ -180,30 +183,6 @@ def schedule_estimate(official: dict, ours: dict) -> dict:
     return {"official_s": off, "official_without_logging_s": off - mask * official["logging_evaluation"],
             "ours_s": ours_s, "ratio_official_over_ours": off / ours_s,
             "ratio_without_logging": (off - mask * official["logging_evaluation"]) / ours_s}
-
-
-def _synchronize(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def _machine(device: torch.device) -> dict:
-    try:
-        with open("/proc/cpuinfo") as f:
-            model = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-    except (OSError, StopIteration):
-        model = "unknown"
-    gpu = torch.cuda.get_device_name(device) if device.type == "cuda" else None
-    return {"cpu": model, "cores": os.cpu_count(), "gpu": gpu}
-
-
-def _commit() -> str:
-    import subprocess
-
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    run = lambda *a: subprocess.run(["git", *a], capture_output=True, text=True, cwd=root).stdout.strip()
-    return run("rev-parse", "--short", "HEAD") + (" (with uncommitted changes)" if run(
-        "status", "--porcelain", "--untracked-files=no") else "")
 
 
 def bench_arch(off: SimpleNamespace, arch: str, n_train: int, rounds: int, mask_epochs: int, device: torch.device,
@@ -281,11 +260,14 @@ def main(argv=None) -> int:
     # both codes run so (bise.py; extract(), which only warns off the CPU: some CUDA kernels have no
     # deterministic version, e.g. adaptive average pooling's backward)
     torch.use_deterministic_algorithms(True, warn_only=device.type != "cpu")
+    from bench_extract import _machine  # the CPU, its cores and load
+    from gpu_suite import environment  # versions, commit (BISE_COMMIT on a device), date, the GPU
+
+    env = environment(dry_run=device.type != "cuda")
+    env.update(dry_run=args.dry_run, gpu=env["gpu"] if device.type == "cuda" else None,
+               threads=torch.get_num_threads())
     out = {"what": "per-epoch seconds, official BISE code vs ours (benchmarks/bench_official.py)",
-           "machine": _machine(device), "device": str(device), "torch": torch.__version__,
-           "python": sys.version.split()[0], "threads": torch.get_num_threads(), "dry_run": args.dry_run,
-           "commit": _commit(), "official_commit": OFFICIAL_COMMIT,
-           "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+           "machine": _machine(), "device": str(device), **env, "official_commit": OFFICIAL_COMMIT,
            "load_average_start": os.getloadavg(), "archs": {}}
     for i, arch in enumerate(archs):
         out["archs"][arch] = bench_arch(off, arch, sizes[i] if i < len(sizes) else 10**9, args.rounds,
