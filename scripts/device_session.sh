@@ -13,7 +13,9 @@
 # gets what is left of DEADLINE_S (its own cap below it), so the call ends before the tool's limit and
 # every JSON written so far comes back. The workflow needs what the device has no registry for:
 # carry `.data` (BiasedMNIST's digits) and `.whl` (the torch-pruning wheel: `pip download --no-deps
-# torch-pruning==1.6.1 -d .whl` here first); docs/gpu_suite.md gives the exact `run` calls.
+# torch-pruning==1.6.1 -d .whl` here first); docs/gpu_suite.md gives the exact `run` calls. Optional:
+# carry `.official` (the official BISE code's files, a real folder, not a link; docs/workflow.md) and the
+# workflow part ends by timing its per-epoch cost beside ours in what is left of DEADLINE_S.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 DRY=0

@@ -36,10 +36,14 @@ def test_report_derives_the_figures_and_checks_the_targets():
 
 @pytest.mark.skipif(sys.platform != "linux", reason="a bash script")
 def test_gpu_workflow_script_dry_run(tmp_path):
-    env = dict(os.environ, PYTHON=sys.executable, OMP_NUM_THREADS="1")
+    # an "official code" folder whose src/ is empty: the optional official step runs, fails, and the
+    # script still ends with its report (the step is last and may not fail the call)
+    (tmp_path / "official" / "src").mkdir(parents=True)
+    env = dict(os.environ, PYTHON=sys.executable, OMP_NUM_THREADS="1", BISE_OFFICIAL_DIR=str(tmp_path / "official"))
     proc = subprocess.run(["bash", str(ROOT / "scripts" / "gpu_workflow.sh"), "--dry-run", str(tmp_path)],
                           capture_output=True, text=True, env=env, timeout=600)
     assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "official comparison failed" in proc.stdout and not (tmp_path / "official.json").exists()
     report = json.loads((tmp_path / "workflow.json").read_text())
     assert report["schedule"] == {"vanilla_epochs": 1, "vanilla_steps": report["schedule"]["vanilla_steps"],
                                   "mask_epochs": 2, "head_epochs": 1}
