@@ -177,7 +177,8 @@ def _topk_select(scores: list[Tensor], k: int, hint: Optional[Tensor]) -> tuple[
     Returned as the kernel made them: every backend's results are new tensors, never an input, a
     view of one or a buffer it reuses (the contract, backends/reference.py; tested per backend in
     tests/kernels/test_select_kernels.py), as a custom op's outputs must be. A copy here cost two
-    launches per select on CUDA and 2 us of a 24 us public topk_select of 4096 CPU scores."""
+    launches per select on CUDA and 3.2 us of a public topk_select of 4096 CPU scores (28.8 -> 25.7 us,
+    one thread, interleaved, load 1.8)."""
     return _kernel("topk_select", scores[0])(scores, k, hint)
 
 
