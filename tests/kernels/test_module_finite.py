@@ -159,3 +159,17 @@ def test_threshold_layers_compile_with_fullgraph(backend, threshold):
     call = lambda x: bk.masked_conv2d(x, w, None, s, threshold=threshold)
     xc = torch.randn(1, 3, 4, 4)
     torch.testing.assert_close(torch.compile(call, backend="aot_eager", fullgraph=True)(xc), call(xc), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("threshold", [0.0, torch.tensor(0.0)], ids=["number", "tensor"])
+def test_a_compiled_keep_layer_checks_at_run_time(backend, threshold):
+    """While compiling there is no cache and no registry: a threshold layer in "keep" mode traces
+    keep_mask with check_finite, so the compiled layer's kernel raises on a NaN score (before, the
+    Python check was skipped under tracing and nothing checked)."""
+    layer, x = bk.MaskedLinear(8, 5, threshold=threshold, mask_mode="keep"), torch.randn(3, 8)
+    compiled = torch.compile(layer, backend="aot_eager", fullgraph=True)
+    torch.testing.assert_close(compiled(x), layer(x), rtol=0, atol=0)
+    with torch.no_grad():
+        layer.scores[1, 2] = float("nan")
+    with pytest.raises(ValueError, match=r"scores contains non-finite values \(e.g. nan\)"):
+        compiled(x)
