@@ -133,6 +133,13 @@ def check_finite(t: torch.Tensor, name: str) -> None:
                             f"{name} contains non-finite values (NaN or inf)")
 
 
+def check_selection_finite(scores: torch.Tensor, thr: torch.Tensor) -> None:
+    """:func:`check_finite` of a threshold selection, threshold first (as the native kernels'
+    fused check): the Python keep_mask kernels' ``check_finite``."""
+    check_finite(thr, "threshold")
+    check_finite(scores, "scores")
+
+
 def _is_fake(t: torch.Tensor) -> bool:
     return type(t).__name__ in ("FakeTensor", "FunctionalTensor")
 

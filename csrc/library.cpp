@@ -11,8 +11,10 @@ TORCH_LIBRARY(bise_kernels_ext, m) {
   m.def("topk_select(Tensor[] scores, int k, Tensor? hint) -> (Tensor, Tensor)");
   // One independent top-k per tensor: thresholds and cuts of shape (len(scores),).
   m.def("batched_topk_select(Tensor[] scores, int[] ks, Tensor? hints) -> (Tensor, Tensor)");
-  // Bool mask of s > thr or (s == thr and offset + flat index < cut).
-  m.def("keep_mask(Tensor scores, Tensor thr, Tensor cut, int offset) -> Tensor");
+  // Bool mask of s > thr or (s == thr and offset + flat index < cut); check_finite: the same pass
+  // rejects NaN/inf scores and thr as masked_weight does (a threshold selection nobody checked yet;
+  // False by default: a select's (thr, cut) was checked by the select).
+  m.def("keep_mask(Tensor scores, Tensor thr, Tensor cut, int offset, bool check_finite=False) -> Tensor");
   // topk_select then keep_mask, one mask per tensor (of its shape): the CPU writes the masks in
   // the selection's fused pass where that pass holds rank k (csrc/cpu/select.cpp).
   m.def("topk_keep_mask(Tensor[] scores, int k, Tensor? hint) -> Tensor[]");

@@ -4,8 +4,8 @@ A backend is a set of modules exporting kernels named as in :mod:`.reference` (t
 A module may declare ``DTYPES``, the dtypes its kernels take (of the tensor an op dispatches on:
 the scores for selection, x for the layers); without it they take every float dtype. A module may
 declare ``CHECKS_FINITE``, the kernels of its that raise on NaN / inf scores themselves (in a
-pass they make anyway): the API then skips its own finiteness check, an extra read
-(:func:`checks_finite`). Modules
+pass they make anyway; ``keep_mask``: when asked, ``check_finite``): the API then skips its own
+finiteness check, an extra read (:func:`checks_finite`). Modules
 load lazily on first use; a module that fails to import makes the backend unavailable and
 records why (one log line). "auto" walks a per-device order and takes the first available
 backend that implements the kernel for the dtype, ending at the always-present "torch"

@@ -53,9 +53,11 @@ def batched_topk_select(
     return _ext.batched_topk_select(list(tensors), list(ks), hints)
 
 
-def keep_mask(scores: torch.Tensor, thr: torch.Tensor, cut: torch.Tensor, offset: int = 0) -> torch.Tensor:
-    """Bool mask ``s > thr or (s == thr and offset + flat_index < cut)`` in one pass."""
-    return _ext.keep_mask(scores, thr, cut, offset)
+def keep_mask(scores: torch.Tensor, thr: torch.Tensor, cut: torch.Tensor, offset: int = 0,
+              check_finite: bool = False) -> torch.Tensor:
+    """Bool mask ``s > thr or (s == thr and offset + flat_index < cut)`` in one pass, which with
+    ``check_finite`` also checks thr and the scores finite (CPU: ValueError; CUDA: device assert)."""
+    return _ext.keep_mask(scores, thr, cut, offset, check_finite)
 
 
 def topk_keep_mask(tensors: Sequence[torch.Tensor], k: int, hint: Optional[torch.Tensor] = None) -> list[torch.Tensor]:

@@ -17,10 +17,14 @@ Kernels (a backend implements any subset; the registry falls back for the rest):
 
 * ``topk_select(tensors, k, hint) -> (thr, cut)``: exact top-k over the concatenation;
   ``hint`` (optional 0-dim tensor, e.g. the previous step's threshold) may only speed it up.
+  ``thr`` and ``cut`` here and below are new tensors: never an input or the hint, a view of one,
+  or memory the backend reuses (the ops return them as they are, bise_kernels/_ops.py).
 * ``batched_topk_select(tensors, ks, hints) -> (thrs, cuts)``: one independent top-k per
   tensor (layerwise mode), results of shape (L,).
-* ``keep_mask(scores, thr, cut, offset) -> bool``: the mask of the rule above, flat indices
-  counted from ``offset``.
+* ``keep_mask(scores, thr, cut, offset, check_finite) -> bool``: the mask of the rule above, flat
+  indices counted from ``offset``; with ``check_finite``, NaN / inf thr or scores raise as
+  ``_checks.check_finite`` does (a ValueError naming "threshold" / "scores" on the CPU; a kernel
+  may check in its own pass: registry ``CHECKS_FINITE``).
 * ``topk_keep_mask(tensors, k, hint) -> [bool]``: ``topk_select`` then ``keep_mask`` of each
   tensor (offsets running on in list order), in one call, so that a backend can write the masks
   in its selection's last pass. A backend without it gets the composition of its own
@@ -48,6 +52,8 @@ from typing import Callable, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
+
+from .. import _checks
 
 KEEP_ALL_TIES = 2**62
 """A ``cut`` larger than any flat index: every tie at the threshold is kept (``s >= thr``)."""
@@ -86,8 +92,12 @@ def batched_topk_select(
     return torch.stack([p[0] for p in pairs]), torch.stack([p[1] for p in pairs])
 
 
-def keep_mask(scores: torch.Tensor, thr: torch.Tensor, cut: torch.Tensor, offset: int = 0) -> torch.Tensor:
-    """Bool mask of ``scores``' shape: ``s > thr or (s == thr and offset + flat_index < cut)``."""
+def keep_mask(scores: torch.Tensor, thr: torch.Tensor, cut: torch.Tensor, offset: int = 0,
+              check_finite: bool = False) -> torch.Tensor:
+    """Bool mask of ``scores``' shape: ``s > thr or (s == thr and offset + flat_index < cut)``;
+    ``check_finite``: NaN / inf thr or scores raise first (``_checks.check_selection_finite``)."""
+    if check_finite:
+        _checks.check_selection_finite(scores, thr)
     above = scores > thr
     ties = scores == thr
     index = torch.arange(scores.numel(), device=scores.device).reshape(scores.shape) + offset

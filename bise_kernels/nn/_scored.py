@@ -9,7 +9,7 @@ from typing import Optional
 import torch
 from torch import Tensor, nn
 
-from .. import _checks, _ops
+from .. import _checks, _ops, backends
 from ..functional import selection
 
 
@@ -35,9 +35,9 @@ class ScoredModule(nn.Module):
 
         The previous top-k threshold is passed on as the selection's hint. ``fused_check``: the op
         that consumes it checks a threshold's scores and thr finite in its own pass
-        (:func:`..functional._fused_check`), so none is made here; the entry is then marked
-        unchecked, and a later call without ``fused_check`` (the keep mask: ``keep_mask`` does not
-        check) makes the check before it returns it.
+        (:func:`..functional._fused_check`; :meth:`_keep_selection`), so none is made here; the
+        entry is then marked unchecked, and a later call without ``fused_check`` makes the check
+        before it returns it.
         """
         return self._selection(self.scores, fused_check)
 
@@ -65,20 +65,41 @@ class ScoredModule(nn.Module):
 
     def _keep(self, scores: Tensor) -> Tensor:
         """:meth:`keep` of ``scores`` (as :meth:`_selection`)."""
-        thr, cut = self._selection(scores, False)
+        compiling = torch.compiler.is_compiling()
+        if not compiling:
+            # Keyed on the selection's cache entry too: a threshold's (thr, cut) is one pair shared
+            # by every version of the scores (functional._device_scalar). A cached mask was made
+            # from a checked selection, or checked by keep_mask: an unchecked entry may be taken.
+            thr, cut = self._selection(scores, True)
+            cached = self._keep_cache
+            if cached is not None and cached[0] is thr and cached[1] is cut and cached[2] is self._cache:
+                return cached[3]
+        thr, cut, check = self._keep_selection(scores)
+        keep = _ops.keep_mask(scores.detach(), thr, cut, 0, check)
+        if not compiling:
+            self.__dict__["_keep_cache"] = (thr, cut, self._cache, keep)
+        return keep
+
+    def _keep_selection(self, scores: Tensor) -> tuple[Tensor, Tensor, bool]:
+        """``(thr, cut, check)`` for a new keep mask of ``scores``: ``check`` (keep_mask's
+        ``check_finite``) for a threshold selection not checked yet, where the keep_mask kernel
+        checks in its pass (registry ``CHECKS_FINITE``: "cpp", "cuda"; on CUDA no launch of its own
+        where the Python check made 5); elsewhere the selection is checked in Python first. While
+        compiling (no cache, no registry) a threshold is checked by the traced keep_mask."""
         if torch.compiler.is_compiling():
-            return _ops.keep_mask(scores.detach(), thr, cut, 0)
-        # Keyed on the selection's cache entry too: a threshold's (thr, cut) is one pair shared by
-        # every version of the scores (functional._device_scalar).
-        cached, entry = self._keep_cache, self._cache
-        if cached is None or cached[0] is not thr or cached[1] is not cut or cached[2] is not entry:
-            cached = self.__dict__["_keep_cache"] = (thr, cut, entry, _ops.keep_mask(scores.detach(), thr, cut, 0))
-        return cached[3]
+            return (*self._selection(scores, False), self.threshold is not None)
+        thr, cut = self._selection(scores, True)
+        if self.threshold is None or self._cache[2]:  # a top-k (its select checks) or a checked threshold
+            return thr, cut, False
+        if backends.checks_finite("keep_mask", scores.device.type, scores.dtype):
+            return thr, cut, True
+        return (*self._selection(scores, False), False)
 
     def mask(self) -> Tensor:
         """The current binary mask (of the scores' shape)."""
-        thr, cut = self.selection()
-        return _ops.keep_mask(self.scores.detach(), thr, cut, 0)
+        scores = self.scores
+        thr, cut, check = self._keep_selection(scores)
+        return _ops.keep_mask(scores.detach(), thr, cut, 0, check)
 
     def _rule_repr(self) -> str:
         rule = f"density={self.density}" if self.density is not None else f"threshold={self.threshold}"

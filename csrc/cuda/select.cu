@@ -228,15 +228,27 @@ __global__ void __launch_bounds__(kThreads) tie_kernel(SelectArgs a) {
   if (threadIdx.x == 0) a.cut[ch.prob] = cut;
 }
 
+// check_finite: the finiteness check of the scores and thr (keep_mask's, for a selection its caller
+// left unchecked): each thread asserts thr finite and ORs non_finite of its keys, asserted once
+// after its loop, as the selects' first pass does (no launch, no flag).
 template <int KB>
 __global__ void keep_mask_kernel(const typename Raw<KB>::type* bits, const typename Raw<KB>::type* thr_bits,
-                                 const int64_t* cut_ptr, bool* out, int64_t n, int64_t offset) {
-  const Key<KB> thr = to_key<KB>(*thr_bits);
+                                 const int64_t* cut_ptr, bool* out, int64_t n, int64_t offset,
+                                 typename Raw<KB>::type inf_bits, int check_finite) {
+  using R = typename Raw<KB>::type;
+  const R thr = bise_bracket::to_key(*thr_bits);
   const int64_t cut = *cut_ptr;
+  const bise_bracket::FiniteKeys<R> fin = bise_bracket::finite_keys(inf_bits);
   const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
+  bool bad = false;
   for (int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < n; i += stride) {
-    const Key<KB> key = to_key<KB>(bits[i]);
+    const R key = bise_bracket::to_key(bits[i]);
     out[i] = key > thr || (key == thr && offset + i < cut);
+    bad |= bise_bracket::non_finite(key, fin);
+  }
+  if (check_finite) {
+    BISE_DEVICE_CHECK(!bise_bracket::non_finite(thr, fin), BISE_THRESHOLD_NOT_FINITE);
+    check_finite_scores(bad);
   }
 }
 
@@ -258,13 +270,13 @@ cudaError_t launch_select(const SelectArgs& a, cudaStream_t stream) {
 
 template <int KB>
 cudaError_t launch_keep_mask(const void* bits, const void* thr, const int64_t* cut, bool* out, int64_t n,
-                             int64_t offset, cudaStream_t stream) {
+                             int64_t offset, uint64_t inf_bits, int check_finite, cudaStream_t stream) {
   using T = typename Raw<KB>::type;
   constexpr int threads = 256;
   const int64_t wanted = (n + threads - 1) / threads;
   const unsigned blocks = static_cast<unsigned>(wanted < 65536 ? (wanted > 0 ? wanted : 1) : 65536);
   keep_mask_kernel<KB><<<blocks, threads, 0, stream>>>(static_cast<const T*>(bits), static_cast<const T*>(thr), cut,
-                                                       out, n, offset);
+                                                       out, n, offset, static_cast<T>(inf_bits), check_finite);
   return cudaGetLastError();
 }
 
@@ -279,9 +291,14 @@ extern "C" cudaError_t bise_radix_select_launch(const bise_select::SelectArgs* a
 }
 
 extern "C" cudaError_t bise_keep_mask_launch(const void* bits, const void* thr_bits, const int64_t* cut, bool* out,
-                                             int64_t n, int64_t offset, int key_bits, cudaStream_t stream) {
+                                             int64_t n, int64_t offset, int key_bits, uint64_t inf_bits,
+                                             int check_finite, cudaStream_t stream) {
   if (n == 0) return cudaSuccess;
-  return key_bits == 64   ? bise_select::launch_keep_mask<64>(bits, thr_bits, cut, out, n, offset, stream)
-         : key_bits == 32 ? bise_select::launch_keep_mask<32>(bits, thr_bits, cut, out, n, offset, stream)
-                          : bise_select::launch_keep_mask<16>(bits, thr_bits, cut, out, n, offset, stream);
+  auto launch = [&](auto kb) {
+    return bise_select::launch_keep_mask<decltype(kb)::value>(bits, thr_bits, cut, out, n, offset, inf_bits,
+                                                               check_finite, stream);
+  };
+  return key_bits == 64   ? launch(std::integral_constant<int, 64>{})
+         : key_bits == 32 ? launch(std::integral_constant<int, 32>{})
+                          : launch(std::integral_constant<int, 16>{});
 }

@@ -44,7 +44,8 @@ struct SelectArgs {
   void* buffer_key;       // num_problems x kCapacity keys
   int64_t* buffer_index;  // num_problems x kCapacity
   // Outputs.
-  void* threshold_bits;     // num_problems raw bits: int64 (float64) or int32 (16-bit floats sign-extended)
+  void* threshold_bits;     // num_problems raw bits: int64 (float64) or int32 (16-bit floats sign-extended);
+                            // written, never read, by the select (no initial value needed)
   int64_t* cut;             // num_problems
   // Problems already solved (nonzero: skipped), or nullptr: the bracket select's fallback.
   const int32_t* solved;
@@ -92,22 +93,22 @@ struct BracketArgs {
 
 // Workspace layouts, one definition for the binding and the CPU emulation test
 // (tests/kernels/select_cuda_emu): how many words each select needs and where each array lies.
+// The outputs (threshold_bits, cut) are not in it: the binding returns them as tensors of their
+// own, not views into a workspace (bise_kernels/_ops.py returns them uncopied).
 struct RadixWorkspace {
   int64_t key_words, n_hist, n_tickets, words;  // int32 words per key; int32 words in all
-  int64_t threshold_at;                          // where the threshold bits lie (int32 words)
 };
 
 inline RadixWorkspace radix_workspace(int64_t P, int64_t C, int key_bits) {
   const int64_t levels = num_levels(key_bits), kw = key_words(key_bits);
   const int64_t n_hist = P * 2 * levels * kBins, n_tickets = P * (levels + 1);
-  return {kw, n_hist, n_tickets, 2 * kw * P + n_hist + n_tickets + 3 * P + C, kw * P};
+  return {kw, n_hist, n_tickets, kw * P + n_hist + n_tickets + 3 * P + C};
 }
 
 // Points a's workspace arrays into w (radix_workspace(...).words int32, zeroed; 8-byte aligned).
 inline void carve_radix_workspace(SelectArgs& a, int32_t* w, const RadixWorkspace& ws, int64_t P) {
   a.prefix = w;
-  a.threshold_bits = w + ws.threshold_at;
-  a.hist = w + 2 * ws.key_words * P;
+  a.hist = w + ws.key_words * P;
   a.tickets = a.hist + ws.n_hist;
   a.level = a.tickets + ws.n_tickets;
   a.buffer_count = a.level + P;
@@ -154,6 +155,9 @@ cudaError_t bise_radix_select_launch(const bise_select::SelectArgs* args, cudaSt
 cudaError_t bise_bracket_select_launch(const bise_select::BracketArgs* args, cudaStream_t stream);
 
 // out[i] = key(s[i]) > key(thr) || (key(s[i]) == key(thr) && offset + i < *cut), raw bits in.
+// check_finite: also a device-side assert on a NaN/inf score or thr (inf_bits: the bits of +inf in
+// the scores' dtype; csrc/select_bracket.h finite_keys).
 cudaError_t bise_keep_mask_launch(const void* bits, const void* thr_bits, const int64_t* cut, bool* out,
-                                  int64_t n, int64_t offset, int key_bits, cudaStream_t stream);
+                                  int64_t n, int64_t offset, int key_bits, uint64_t inf_bits, int check_finite,
+                                  cudaStream_t stream);
 }

@@ -198,6 +198,9 @@ std::tuple<at::Tensor, at::Tensor> radix_select_cuda(at::TensorList scores, at::
   auto krem = plan.ks.clone();  // the radix kernels count it down
   const bise_select::RadixWorkspace layout = bise_select::radix_workspace(P, C, key_bits);
   auto ws = at::zeros({layout.words}, i32);
+  // The results: tensors of their own (no view into ws: nothing to copy them out of, no workspace
+  // kept alive by a cached threshold); allocated, not filled (no launch).
+  auto threshold_bits = at::empty({P * layout.key_words}, i32);
   auto cut = at::empty({P}, i64);
   auto buffer_key = at::empty({P * kCapacity * layout.key_words}, i32);
   auto buffer_index = at::empty({P * kCapacity}, i64);
@@ -213,6 +216,7 @@ std::tuple<at::Tensor, at::Tensor> radix_select_cuda(at::TensorList scores, at::
   a.key_bits = key_bits;
   a.hints = hint_flat ? hint_flat->data_ptr() : nullptr;
   bise_select::carve_radix_workspace(a, w, layout, P);
+  a.threshold_bits = threshold_bits.data_ptr<int32_t>();
   a.krem = krem.data_ptr<int64_t>();
   a.buffer_key = buffer_key.data_ptr<int32_t>();
   a.buffer_index = buffer_index.data_ptr<int64_t>();
@@ -232,14 +236,13 @@ std::tuple<at::Tensor, at::Tensor> radix_select_cuda(at::TensorList scores, at::
     launch_bracket(a, plan, buffers, algo, device, stream, op,
                    one_mask, mask_addr.defined() ? mask_addr.const_data_ptr<int64_t>() : nullptr);
   }
-  auto bits = ws.narrow(0, layout.threshold_at, P * layout.key_words);
-  auto thr = key_bits == 16 ? bits.to(at::kShort).view(dtype) : bits.view(dtype);
+  auto thr = key_bits == 16 ? threshold_bits.to(at::kShort).view(dtype) : threshold_bits.view(dtype);
   if (masks && algo == Algo::kRadix) {  // the radix select's passes write no mask: a keep_mask pass
     for (size_t i = 0, offset = 0; i < flat.size(); offset += flat[i].numel(), ++i) {
       check_cuda(bise_keep_mask_launch(flat[i].data_ptr(), thr.data_ptr(), cut.const_data_ptr<int64_t>(),
                                        (*masks)[i].data_ptr<bool>(), flat[i].numel(), static_cast<int64_t>(offset),
-                                       key_bits, stream),
-                 op);
+                                       key_bits, bise_checks::inf_bits(dtype), /*check_finite=*/0, stream),
+                 op);  // the select's first pass checked the scores
     }
   }
   return {thr, cut};
@@ -264,7 +267,9 @@ std::vector<at::Tensor> topk_keep_mask_cuda(at::TensorList scores, int64_t k, co
   return masks;
 }
 
-at::Tensor keep_mask_cuda(const at::Tensor& scores, const at::Tensor& thr, const at::Tensor& cut, int64_t offset) {
+// check_finite: the kernel asserts the scores and thr finite on the device (0 extra launches).
+at::Tensor keep_mask_cuda(const at::Tensor& scores, const at::Tensor& thr, const at::Tensor& cut, int64_t offset,
+                          bool check_finite) {
   constexpr const char* op = "bise_kernels_ext::keep_mask";
   bise_checks::check_keep_mask(scores, thr, cut, op, at::kCUDA);
   const c10::cuda::CUDAGuard guard(scores.device());
@@ -274,6 +279,7 @@ at::Tensor keep_mask_cuda(const at::Tensor& scores, const at::Tensor& thr, const
   auto out = at::empty(scores.sizes(), scores.options().dtype(at::kBool));
   check_cuda(bise_keep_mask_launch(flat.data_ptr(), thr_c.data_ptr(), cut_c.data_ptr<int64_t>(), out.data_ptr<bool>(),
                                    flat.numel(), offset, key_bits_of(scores.scalar_type()),
+                                   bise_checks::inf_bits(scores.scalar_type()), check_finite ? 1 : 0,
                                    at::cuda::getCurrentCUDAStream(scores.device().index()).stream()),
              op);
   return out;

@@ -1,8 +1,8 @@
 """The NaN / inf check of the masked modules and the channel gate in threshold mode: made once per
 scores update, in Python only where the op that consumes the selection does not make it in its own
-pass (the native masked_weight of MaskedLinear / MaskedConv2d in "selection" mask mode and the
-native gate forward check; keep_mask does not, so "keep" mode checks in Python), and never skipped:
-a NaN score or threshold raises a ValueError naming it on every CPU backend, in every mode."""
+pass (the native masked_weight of MaskedLinear / MaskedConv2d in "selection" mask mode, the native
+keep_mask with check_finite in "keep" mode, the native gate forward), and never skipped: a NaN
+score or threshold raises a ValueError naming it on every CPU backend, in every mode."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import bise_kernels as bk
-from bise_kernels import _checks, _ops
+from bise_kernels import _checks, _ops, backends
 
 
 def _layers(threshold, mask_mode):
@@ -22,6 +22,8 @@ def _op_checks_itself(layer, x):
     """Whether the op the layer calls now makes the finiteness check in the pass reading the scores."""
     if isinstance(layer, bk.ChannelGate):
         return x.numel() > 0 and _ops._native_layer_op("channel_gate", x) is not None
+    if layer.mask_mode == "keep":
+        return backends.checks_finite("keep_mask", "cpu", torch.float32)
     name = "masked_linear" if isinstance(layer, bk.MaskedLinear) else "masked_conv2d"
     return layer.mask_mode == "selection" and _ops._native_layer_op(name, x) is not None
 
@@ -35,7 +37,7 @@ def test_module_checks_in_python_only_where_its_op_does_not(backend, monkeypatch
     gate = [(bk.ChannelGate(4, threshold=threshold), torch.randn(2, 4, 3))] if mask_mode == "selection" else []
     for layer, x in _layers(threshold, mask_mode) + gate:
         if backend == "cpp":  # the case this test is about
-            assert _op_checks_itself(layer, x) == (mask_mode == "selection")
+            assert _op_checks_itself(layer, x)
         expected = [] if _op_checks_itself(layer, x) else ["scores", "threshold"][:1 + isinstance(threshold, torch.Tensor)]
         for _ in range(2):
             with torch.no_grad():
@@ -68,6 +70,45 @@ def test_a_selection_left_unchecked_is_checked_before_the_keep_mask_reads_it():
             layer(x)
         with pytest.raises(ValueError, match=r"scores contains non-finite values \(e.g. nan\)"):
             layer.mask()
+
+
+@pytest.mark.parametrize("threshold", [0.0, torch.tensor(0.0)], ids=["number", "tensor"])
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), float("-inf")])
+def test_non_finite_scores_of_a_keep_module_raise(backend, threshold, bad):
+    """"keep" mask mode: a bad score raises on every backend (the native keep_mask in its pass, the
+    others in Python), through the forward and mask(), again after a call that failed (nothing
+    cached), and after the scores are repaired the layer runs."""
+    for layer, x in _layers(threshold, "keep"):
+        layer(x)
+        with torch.no_grad():
+            layer.scores.view(-1)[7] = bad
+        for call in (lambda: layer(x), layer.mask, lambda: layer(x)):
+            with pytest.raises(ValueError, match=f"scores contains non-finite values \\(e.g. {bad}\\)"):
+                call()
+        with torch.no_grad():
+            layer.scores.view(-1)[7] = 0.5
+        assert layer.mask().view(-1)[7] and torch.equal(layer.keep(), layer.mask())
+        layer(x).sum().backward()
+
+
+def test_keep_mode_leaves_the_check_to_keep_mask_where_it_checks(monkeypatch):
+    """On "cpp" a "keep" layer's threshold selection is checked by keep_mask (check_finite=True,
+    once per scores update), not in Python; on "torch" in Python, and keep_mask is not asked."""
+    calls = []
+    keep_mask = _ops.keep_mask
+    monkeypatch.setattr(_ops, "keep_mask", lambda *args: calls.append(args[4:]) or keep_mask(*args))
+    for name, asked in (("cpp", (True,)), ("torch", (False,))):
+        if name not in bk.available_backends("cpu"):
+            continue
+        with bk.use_backend(name):
+            layer, x = _layers(torch.tensor(0.0), "keep")[0]
+            calls.clear()
+            layer(x)
+            layer(x)
+            with torch.no_grad():
+                layer.scores.add_(0.01)
+            layer(x)
+            assert calls == [asked, asked], name
 
 
 @pytest.mark.parametrize("threshold", [0.0, torch.tensor(0.0)], ids=["number", "tensor"])
@@ -118,3 +159,20 @@ def test_threshold_layers_compile_with_fullgraph(backend, threshold):
     call = lambda x: bk.masked_conv2d(x, w, None, s, threshold=threshold)
     xc = torch.randn(1, 3, 4, 4)
     torch.testing.assert_close(torch.compile(call, backend="aot_eager", fullgraph=True)(xc), call(xc), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("threshold", [0.0, torch.tensor(0.0)], ids=["number", "tensor"])
+def test_a_compiled_keep_layer_checks_at_run_time(backend, threshold):
+    """While compiling there is no cache and no registry: a threshold layer in "keep" mode traces
+    keep_mask with check_finite, so the compiled layer's kernel raises on a NaN score (before, the
+    Python check was skipped under tracing and nothing checked). Dynamo is reset first: after the
+    compiles of the tests above it would treat the float threshold as dynamic, which
+    _checks.check_mask_spec's math.isfinite cannot trace (a limit of that check, not of this path)."""
+    torch._dynamo.reset()
+    layer, x = bk.MaskedLinear(8, 5, threshold=threshold, mask_mode="keep"), torch.randn(3, 8)
+    compiled = torch.compile(layer, backend="aot_eager", fullgraph=True)
+    torch.testing.assert_close(compiled(x), layer(x), rtol=0, atol=0)
+    with torch.no_grad():
+        layer.scores[1, 2] = float("nan")
+    with pytest.raises(ValueError, match=r"scores contains non-finite values \(e.g. nan\)"):
+        compiled(x)

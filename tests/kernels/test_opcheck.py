@@ -44,6 +44,7 @@ def _cases():
         "topk_select_hinted": (OPS.topk_select, ([scores], 12, hint)),
         "batched_topk_select": (OPS.batched_topk_select, ([scores, scores2], [12, 3], torch.tensor([0.1, -0.2]))),
         "keep_mask": (OPS.keep_mask, (scores2, thr, torch.tensor(33), 30)),
+        "keep_mask_checked": (OPS.keep_mask, (scores2, thr, torch.tensor(KEEP_ALL_TIES), 0, True)),
         "topk_keep_mask": (OPS.topk_keep_mask, ([scores, scores2], 20, None)),
         "masked_linear": (OPS.masked_linear, (x, w, b, s, thr, cut, "ste", 1.0)),
         "masked_linear_structured": (OPS.masked_linear, (x, w, None, sc, thr, all_ties, "sigmoid", 0.7)),

@@ -115,6 +115,27 @@ def test_keep_mask_split_over_threads_for_any_threshold_and_cut(kernels, dtype):
                 got = kernels["keep_mask"](scores, thr, cut, offset)
                 assert got.shape == scores.shape and got.dtype == torch.bool
                 assert torch.equal(got, ref.keep_mask(scores, thr, cut, offset)), (name, c, offset)
+                if c == n // 3 and name == "random":  # check_finite: the same mask, in the same pass
+                    assert torch.equal(kernels["keep_mask"](scores, thr, cut, offset, True), got)
+
+
+def test_keep_mask_checks_finite_in_every_block_and_thread(kernels):
+    """keep_mask's check_finite over 2 threads and blocks of 4096: a NaN / inf in any block (first,
+    one past a block boundary, the last, a partial one at the end, past the tie cut) raises."""
+    n = (1 << 21) + 1001
+    x = torch.randn(n)
+    thr, cut = torch.tensor(0.0), torch.tensor(n // 3)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        for pos in (0, 4096, (1 << 20) + 5, n // 3 + 1, n - 1):
+            for bad in (float("nan"), float("-inf")):
+                y = x.clone()
+                y[pos] = bad
+                with pytest.raises(ValueError, match=f"scores contains non-finite values \\(e.g. {bad}\\)"):
+                    kernels["keep_mask"](y, thr, cut, 0, True)
+    finally:
+        torch.set_num_threads(threads)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])

@@ -189,6 +189,35 @@ def test_nan_scores_assert_on_the_device(kernels, monkeypatch, mode, hint, op):
     assert "device-side assert" in out and "scores contains non-finite values (NaN or inf)" in out, out[-2000:]
 
 
+_KEEP_DEVICE_ASSERT = """
+import sys, torch, bise_kernels as bk
+where = sys.argv[1]
+layer = bk.MaskedLinear(300, 70, threshold=torch.tensor(float("inf")) if where == "thr" else 0.0, mask_mode="keep",
+                        device="cuda")
+if where == "scores":
+    with torch.no_grad():
+        layer.scores.view(-1)[-1] = float("nan")
+with bk.use_backend("cuda"):
+    layer(torch.randn(3, 300, device="cuda"))
+    torch.cuda.synchronize()
+print("NO ASSERT")
+"""
+
+
+@pytest.mark.parametrize("where", ["scores", "thr"])
+def test_keep_mask_asserts_on_the_device_for_a_keep_layer(kernels, where):
+    """A "keep" mask-mode layer with a threshold leaves the NaN / inf check to keep_mask's kernel
+    (check_finite: a device-side assert, no launch of its own); in a subprocess, as the assert ends
+    the CUDA context."""
+    done = subprocess.run([sys.executable, "-c", _KEEP_DEVICE_ASSERT, where], capture_output=True, text=True,
+                          timeout=300)
+    out = done.stdout + done.stderr
+    assert done.returncode != 0 and "NO ASSERT" not in out, out[-2000:]
+    assert "device-side assert" in out, out[-2000:]
+    name = "threshold" if where == "thr" else "scores"
+    assert name + " contains non-finite values (NaN or inf)" in out, out[-2000:]
+
+
 @pytest.mark.parametrize("hinted", [False, True], ids=["cold", "hint"])
 @pytest.mark.parametrize("mode", ["radix", "bracket"])
 def test_topk_keep_mask_of_one_tensor_is_captured_in_a_cuda_graph(kernels, monkeypatch, mode, hinted):

@@ -280,3 +280,63 @@ def test_topk_keep_mask_on_every_path_of_the_bracket_select(harness, tmp_path):
         runs.add("bracket", [big], [40_000], hint, masks=True)
     paths = runs.run(harness, tmp_path)
     assert {SINGLE, BUFFERED, MISSED, OVERFLOWED} <= paths["bracket"]
+
+
+THRESHOLD_NOT_FINITE = "threshold contains non-finite values (NaN or inf)"  # csrc/cuda/device_check.cuh
+KEEP_MESSAGES = {0: None, 1: NOT_FINITE, 2: THRESHOLD_NOT_FINITE}  # the harness's message codes (run_keep)
+
+
+def _run_keep(harness, tmp_path, cases):
+    """keep_mask_kernel alone (harness "keep" mode) on ``cases`` of (scores, thr, cut, offset,
+    check_finite): per case (failed device checks, the last failure's message, the mask)."""
+    words = [len(cases)]
+    for scores, thr, cut, offset, check in cases:
+        words += [8 * scores.dtype.itemsize, INF_BITS[scores.dtype], int(check), Runs._bits(thr.reshape(1))[0], cut,
+                  offset, scores.numel(), *Runs._bits(scores)]
+    (tmp_path / "keep.bin").write_bytes(torch.tensor(words, dtype=torch.int64).numpy().tobytes())
+    done = subprocess.run([str(harness), "keep", str(tmp_path / "keep.bin"), str(tmp_path / "out.bin")],
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-4000:]
+    got = torch.frombuffer(bytearray((tmp_path / "out.bin").read_bytes()), dtype=torch.int64)
+    results, at = [], 0
+    for scores, *_ in cases:
+        failed, message = got[at:at + 2].tolist()
+        results.append((failed, KEEP_MESSAGES[message], got[at + 2:at + 2 + scores.numel()].reshape(scores.shape)))
+        at += 2 + scores.numel()
+    assert at == got.numel()
+    return results
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float64], ids=str)
+def test_keep_mask_checks_scores_and_thr_when_asked(harness, tmp_path, dtype):
+    """keep_mask's check_finite (a module's threshold in "keep" mask mode): with it, a NaN / +-inf
+    score (first, last, in the second block of 256 threads) fails the scores' device check and a
+    non-finite thr the threshold's;
+    finite scores (+-max, -0.0) never fail; without it nothing fails. The mask is the reference's
+    bit for bit whenever the scores are finite (also offsets and cuts inside the tensor)."""
+    g = torch.Generator().manual_seed(31)
+    n = 700  # 3 blocks of 256 threads, the last partial
+    x = torch.randn(n, generator=g).to(dtype)
+    info = torch.finfo(dtype)
+    x[:3] = torch.tensor([info.max, -info.max, -0.0], dtype=dtype)
+    x[100:140] = 0.25  # ties at the threshold below, split by the cut
+    thr, keep_all = torch.tensor(0.25, dtype=dtype), 2**62
+    cases = []
+    for check in (False, True):
+        for cut, offset in ((keep_all, 0), (120, 0), (1000 + 115, 1000), (0, 0)):
+            cases.append((x, thr, cut, offset, check))
+    for bad in (float("nan"), float("inf"), float("-inf")):
+        for pos in (0, n - 1, 300):
+            y = x.clone()
+            y[pos] = bad
+            cases += [(y, thr, keep_all, 0, True), (y, thr, keep_all, 0, False)]
+        cases += [(x, torch.tensor(bad, dtype=dtype), keep_all, 0, True),
+                  (x, torch.tensor(bad, dtype=dtype), keep_all, 0, False)]
+    results = _run_keep(harness, tmp_path, cases)
+    for i, ((scores, t, cut, offset, check), (failed, message, mask)) in enumerate(zip(cases, results)):
+        finite = bool(torch.isfinite(scores).all() and torch.isfinite(t))
+        want = None if finite or not check else (THRESHOLD_NOT_FINITE if not torch.isfinite(t) else NOT_FINITE)
+        assert (failed > 0, message) == (want is not None, want), (i, failed, message)
+        if finite:
+            expect = ref.keep_mask(scores, t, torch.tensor(cut), offset)
+            assert torch.equal(mask.bool(), expect) and int(mask.max()) <= 1, (i, "mask")

@@ -32,6 +32,7 @@ import torch
 import triton
 import triton.language as tl
 
+from ... import _checks
 from .. import INTERPRET
 
 RADIX = 11
@@ -431,9 +432,10 @@ def _select(tensors: Sequence[torch.Tensor], problems: Sequence[int], ks: Sequen
     device, P, C = flat[0].device, len(ks), table.shape[1]
     his, shifts = _levels(key_bits)
     nlev = len(his)
-    i32 = torch.zeros(P * (2 * nlev * NB + nlev + 1 + 5) + C, dtype=torch.int32, device=device)
-    hist, tickets, level, pref, cnt, bufl, thr_bits, tie_cnt = torch.split(
-        i32, [P * 2 * nlev * NB, P * (nlev + 1), P, P, P, P, P, C])
+    i32 = torch.zeros(P * (2 * nlev * NB + nlev + 1 + 4) + C, dtype=torch.int32, device=device)
+    hist, tickets, level, pref, cnt, bufl, tie_cnt = torch.split(
+        i32, [P * 2 * nlev * NB, P * (nlev + 1), P, P, P, P, C])
+    thr_bits = torch.empty(P, dtype=torch.int32, device=device)  # written, never read: the result, no view of i32
     krem = ks_dev.clone()
     cut = torch.empty(P, dtype=torch.int64, device=device)
     buf_key = torch.empty(P * CAPACITY, dtype=torch.int32, device=device)
@@ -467,8 +469,12 @@ def batched_topk_select(tensors: Sequence[torch.Tensor], ks: Sequence[int], hint
     return _select(tensors, list(range(len(tensors))), list(ks), hints)
 
 
-def keep_mask(scores: torch.Tensor, thr: torch.Tensor, cut: torch.Tensor, offset: int = 0) -> torch.Tensor:
-    """Bool mask ``s > thr or (s == thr and offset + flat_index < cut)`` (see reference.keep_mask)."""
+def keep_mask(scores: torch.Tensor, thr: torch.Tensor, cut: torch.Tensor, offset: int = 0,
+              check_finite: bool = False) -> torch.Tensor:
+    """Bool mask ``s > thr or (s == thr and offset + flat_index < cut)`` (see reference.keep_mask;
+    ``check_finite`` as there, in Python: not in "auto" for keep_mask on CUDA)."""
+    if check_finite:
+        _checks.check_selection_finite(scores, thr)
     view = _VIEW[_KEY_BITS[scores.dtype]]
     out = torch.empty(scores.shape, dtype=torch.bool, device=scores.device)
     n = scores.numel()

@@ -12,7 +12,8 @@
 // -1), of the keep_mask kernel run on each of its tensors with that selection: the entries kept
 // and the sum of (flat index + 1)^2 over them, and the run's failed device-side checks (the
 // finiteness check: BISE_DEVICE_CHECK, counted by emu.h); then, with masks, numel words (0 / 1) per
-// tensor. On stdout: the message of each run whose checks failed, one a line.
+// tensor. On stdout: the message of each run whose checks failed, one a line. "keep" before the
+// files: the keep_mask kernel alone, with its finiteness check (run_keep).
 #include <cstdio>
 #include <cstring>
 #include <fstream>
@@ -20,6 +21,7 @@
 #include <vector>
 
 #include "emu.h"
+#include "device_check.cuh"
 #include "select.h"
 #include "select_bracket.h"
 
@@ -103,6 +105,8 @@ void run(int kb, int algo, uint64_t inf, int64_t shift, bool with_masks, const s
   a.key_bits = kb;
   a.hints = hinted ? hints.data() : nullptr;
   carve_radix_workspace(a, ws.data(), radix_layout, P);
+  std::vector<int64_t> threshold_bits(P);  // as the binding: an output of its own (room for int64 bits)
+  a.threshold_bits = threshold_bits.data();
   a.krem = krem.data();
   a.buffer_key = buffer_key.data();
   a.buffer_index = buffer_index.data();
@@ -152,7 +156,7 @@ void run(int kb, int algo, uint64_t inf, int64_t shift, bool with_masks, const s
     std::vector<unsigned char> mask(n, 2);  // 2: an entry the kernel leaves unwritten shows in the sums
     static_assert(sizeof(bool) == 1, "the mask is read as bytes");
     bise_keep_mask_launch(copies[c].data() + shift * kb / 8, thr_bits.data() + p * kb / 8, &cut[p], reinterpret_cast<bool*>(mask.data()),
-                          n, base, kb, nullptr);
+                          n, base, kb, inf, /*check_finite=*/0, nullptr);  // as the binding after a select
     for (int64_t i = 0; i < n; ++i) {
       kept[p] += mask[i];
       index_sum[p] += mask[i] * (base + i + 1) * (base + i + 1);
@@ -176,20 +180,50 @@ void run(int kb, int algo, uint64_t inf, int64_t shift, bool with_masks, const s
   }
 }
 
+// "keep" mode: the keep_mask kernel alone. Input: cases; per case: key_bits, the bits of +inf,
+// check_finite, thr bits, cut, offset, numel, numel words of raw bits. Output per case: the failed
+// device-side checks, the last failure's message (0 none, 1 BISE_SCORES_NOT_FINITE, 2
+// BISE_THRESHOLD_NOT_FINITE), then numel words (0 / 1) of the mask.
+void run_keep(std::vector<int64_t>& out) {
+  for (int64_t c = 0, cases = next(); c < cases; ++c) {
+    const int kb = static_cast<int>(next());
+    const auto inf = static_cast<uint64_t>(next());
+    const int check = static_cast<int>(next());
+    const std::vector<char> thr = packed({static_cast<uint64_t>(next())}, kb);
+    const int64_t cut = next(), offset = next(), n = next();
+    std::vector<uint64_t> raw(static_cast<size_t>(n));
+    for (auto& v : raw) v = static_cast<uint64_t>(next());
+    const std::vector<char> bits = packed(raw, kb);
+    std::vector<unsigned char> mask(n, 2);
+    emu_failed_checks = 0;
+    emu_last_message = "";
+    bise_keep_mask_launch(bits.data(), thr.data(), &cut, reinterpret_cast<bool*>(mask.data()), n, offset, kb, inf,
+                          check, nullptr);
+    const int64_t message = std::strcmp(emu_last_message, BISE_SCORES_NOT_FINITE) == 0      ? 1
+                            : std::strcmp(emu_last_message, BISE_THRESHOLD_NOT_FINITE) == 0 ? 2
+                                                                                            : 0;
+    out.insert(out.end(), {static_cast<int64_t>(emu_failed_checks), message});
+    out.insert(out.end(), mask.begin(), mask.end());
+  }
+}
+
 }  // namespace
 
 int main(int argc, char** argv) {
-  if (argc != 3) {
-    std::fprintf(stderr, "usage: %s INPUT OUTPUT\n", argv[0]);
+  const bool keep = argc == 4 && std::strcmp(argv[1], "keep") == 0;
+  if (argc != 3 && !keep) {
+    std::fprintf(stderr, "usage: %s [keep] INPUT OUTPUT\n", argv[0]);
     return 2;
   }
+  argv += keep;
   std::ifstream in(argv[1], std::ios::binary);
   in.seekg(0, std::ios::end);
   words.resize(static_cast<size_t>(in.tellg()) / 8);
   in.seekg(0);
   in.read(reinterpret_cast<char*>(words.data()), static_cast<std::streamsize>(words.size() * 8));
   std::vector<int64_t> out;
-  for (int64_t r = 0, runs = next(); r < runs; ++r) {
+  if (keep) run_keep(out);
+  for (int64_t r = 0, runs = keep ? 0 : next(); r < runs; ++r) {
     const int kb = static_cast<int>(next()), algo = static_cast<int>(next());
     const auto inf = static_cast<uint64_t>(next());
     const int64_t shift = next();
