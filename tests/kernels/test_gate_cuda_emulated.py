@@ -7,31 +7,20 @@ launcher, whose 2-d blocks the emulation does not run (the backward makes no che
 """
 
 import ctypes
-import subprocess
 
 import pytest
 import torch
 
 from bise_kernels.backends import reference as ref
-from test_masked_cuda_emulated import CODES, _for_the_cpu, _message
-from test_select_cuda_emulated import CXX, EMU, ROOT, pytestmark  # noqa: F401 (the skip mark)
+from test_masked_cuda_emulated import CODES, _message, compile_for_the_cpu
+from test_select_cuda_emulated import ROOT, pytestmark  # noqa: F401 (the skip mark)
 
 
 @pytest.fixture(scope="module")
 def lib(tmp_path_factory):
-    build = tmp_path_factory.mktemp("gate_cuda_emu")
-    (build / "stub").mkdir()
-    for header in ("cuda_runtime.h", "cuda_runtime_api.h", "cuda_fp16.h", "cuda_bf16.h"):
-        (build / "stub" / header).write_text('#pragma once\n#include "emu.h"\n#include "cuda_fp_stub.h"\n')
     gate = (ROOT / "csrc" / "cuda" / "gate.cu").read_text()
     forward_only = gate[:gate.index('extern "C" cudaError_t bise_gate_backward(')]
-    source = build / "gate.cpp"
-    source.write_text(_for_the_cpu(forward_only))
-    so = build / "gate.so"
-    flags = ["-std=c++20", "-O1", "-shared", "-fPIC", f"-I{EMU}", f"-I{build / 'stub'}", f"-I{ROOT / 'csrc' / 'cuda'}"]
-    done = subprocess.run([CXX, *flags, str(source), "-o", str(so)], capture_output=True, text=True)
-    assert done.returncode == 0, done.stderr[-4000:]
-    lib = ctypes.CDLL(str(so))
+    lib = compile_for_the_cpu(tmp_path_factory.mktemp("gate_cuda_emu"), "gate", forward_only)
     lib.bise_gate_forward.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64,
                                       ctypes.c_int64, ctypes.c_int64, ctypes.c_int, ctypes.c_int, ctypes.c_void_p,
                                       ctypes.c_void_p, ctypes.c_void_p]

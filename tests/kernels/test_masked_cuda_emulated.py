@@ -32,19 +32,24 @@ def _for_the_cpu(source: str) -> str:
     return CHECKS + source + '\nint emu_failed_checks = 0;\nconst char* emu_last_message = "";\n'
 
 
-@pytest.fixture(scope="module")
-def lib(tmp_path_factory):
-    build = tmp_path_factory.mktemp("masked_cuda_emu")
+def compile_for_the_cpu(build, name: str, source: str) -> ctypes.CDLL:
+    """``source`` (the text of a csrc/cuda .cu file) compiled by g++ over the emulation, in ``build``."""
     (build / "stub").mkdir()
     for header in ("cuda_runtime.h", "cuda_runtime_api.h", "cuda_fp16.h", "cuda_bf16.h"):
         (build / "stub" / header).write_text('#pragma once\n#include "emu.h"\n#include "cuda_fp_stub.h"\n')
-    source = build / "masked.cpp"
-    source.write_text(_for_the_cpu((ROOT / "csrc" / "cuda" / "masked.cu").read_text()))
-    so = build / "masked.so"
+    cpp = build / f"{name}.cpp"
+    cpp.write_text(_for_the_cpu(source))
+    so = build / f"{name}.so"
     flags = ["-std=c++20", "-O1", "-shared", "-fPIC", f"-I{EMU}", f"-I{build / 'stub'}", f"-I{ROOT / 'csrc' / 'cuda'}"]
-    done = subprocess.run([CXX, *flags, str(source), "-o", str(so)], capture_output=True, text=True)
+    done = subprocess.run([CXX, *flags, str(cpp), "-o", str(so)], capture_output=True, text=True)
     assert done.returncode == 0, done.stderr[-4000:]
-    lib = ctypes.CDLL(str(so))
+    return ctypes.CDLL(str(so))
+
+
+@pytest.fixture(scope="module")
+def lib(tmp_path_factory):
+    source = (ROOT / "csrc" / "cuda" / "masked.cu").read_text()
+    lib = compile_for_the_cpu(tmp_path_factory.mktemp("masked_cuda_emu"), "masked", source)
     lib.bise_masked_weight.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64,
                                        ctypes.c_int64, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_void_p,
                                        ctypes.c_void_p, ctypes.c_int, ctypes.c_void_p]
