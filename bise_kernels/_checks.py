@@ -92,7 +92,8 @@ def check_mask_spec(density: object, threshold: object) -> None:
                              f"{tuple(threshold.shape)}")
     elif not is_real(threshold):
         raise TypeError(f"threshold must be a float or a one-element tensor, got {threshold!r}")
-    elif not math.isfinite(float(threshold)):
+    elif not (threshold == threshold and abs(threshold) != math.inf):  # math.isfinite, also for a traced
+        # SymFloat (dynamo makes a float dynamic once it changed between compiles; isfinite cannot trace)
         raise ValueError(f"threshold must be finite, got {threshold!r}")
 
 

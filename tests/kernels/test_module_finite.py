@@ -161,14 +161,31 @@ def test_threshold_layers_compile_with_fullgraph(backend, threshold):
     torch.testing.assert_close(torch.compile(call, backend="aot_eager", fullgraph=True)(xc), call(xc), rtol=0, atol=0)
 
 
+def test_layers_with_other_float_thresholds_compile_with_fullgraph(backend):
+    """Once a float threshold changed between compiles, dynamo traces it as a SymFloat, which
+    math.isfinite cannot take: the threshold check of _checks.check_mask_spec must trace anyway
+    (it failed on the second threshold before), for the modules (both mask modes), the gate and
+    the API; and a non-finite threshold is still a ValueError (when not fullgraph)."""
+    torch._dynamo.reset()
+    x, xg, w, s = torch.randn(3, 8), torch.randn(2, 6, 4), torch.randn(5, 8), torch.randn(5, 8)
+    for t in (0.0, 0.5, 0.25):
+        for layer, inp in ((bk.MaskedLinear(8, 5, threshold=t), x), (bk.ChannelGate(6, threshold=t), xg),
+                           (bk.MaskedLinear(8, 5, threshold=t, mask_mode="keep"), x)):
+            compiled = torch.compile(layer, backend="aot_eager", fullgraph=True)
+            torch.testing.assert_close(compiled(inp), layer(inp), rtol=0, atol=0)
+        call = lambda x: bk.masked_linear(x, w, None, s, threshold=t)  # noqa: B023 (called at once)
+        torch.testing.assert_close(torch.compile(call, backend="aot_eager", fullgraph=True)(x), call(x),
+                                   rtol=0, atol=0)
+    for t in (float("nan"), float("-inf")):
+        with pytest.raises(ValueError, match=f"threshold must be finite, got {t}"):
+            torch.compile(lambda x: bk.masked_linear(x, w, None, s, threshold=t), backend="aot_eager")(x)  # noqa: B023
+
+
 @pytest.mark.parametrize("threshold", [0.0, torch.tensor(0.0)], ids=["number", "tensor"])
 def test_a_compiled_keep_layer_checks_at_run_time(backend, threshold):
     """While compiling there is no cache and no registry: a threshold layer in "keep" mode traces
     keep_mask with check_finite, so the compiled layer's kernel raises on a NaN score (before, the
-    Python check was skipped under tracing and nothing checked). Dynamo is reset first: after the
-    compiles of the tests above it would treat the float threshold as dynamic, which
-    _checks.check_mask_spec's math.isfinite cannot trace (a limit of that check, not of this path)."""
-    torch._dynamo.reset()
+    Python check was skipped under tracing and nothing checked)."""
     layer, x = bk.MaskedLinear(8, 5, threshold=threshold, mask_mode="keep"), torch.randn(3, 8)
     compiled = torch.compile(layer, backend="aot_eager", fullgraph=True)
     torch.testing.assert_close(compiled(x), layer(x), rtol=0, atol=0)
