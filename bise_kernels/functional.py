@@ -131,11 +131,16 @@ def _device_scalar(value: Number, dtype: torch.dtype, device: torch.device, shar
     dtype, device) and returned to every call (never written): a threshold call then launches no
     fill for its (thr, cut) (two per call before, each a ~5 us launch on a GPU; docs/masked.md).
     ``finite_name``: when made shared, a value that overflows ``dtype`` (1e5 in float16) is a
-    ValueError naming it, as its inf would be in the native ops' fused check."""
+    ValueError naming it, as its inf would be in the native ops' fused check.
+    Never made while a CUDA graph is being captured: its fill would only be recorded, not run, so
+    the shared tensor would hold garbage for every later eager call (a cached one, filled before
+    the capture, is safe to read in it)."""
     if not shared:
         return torch.full((), value, dtype=dtype, device=device)
     key = (value, dtype, device)
     t = _SCALARS.get(key)
+    if t is None and device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+        return torch.full((), value, dtype=dtype, device=device)
     if t is None:
         if finite_name is not None and not math.isfinite(torch.full((), value, dtype=dtype).item()):  # on the CPU
             raise ValueError(f"{finite_name} {value!r} is not finite in the scores' dtype {dtype}")

@@ -254,3 +254,27 @@ def test_masked_training_step_is_captured_in_a_cuda_graph(mode):
     torch.testing.assert_close(loss, eager_loss)
     for got, want in zip(params, eager_params):
         torch.testing.assert_close(got, want)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_a_threshold_first_seen_in_a_capture_is_right_eagerly_after():
+    """functional._device_scalar shares one (thr, cut) pair per threshold value. Made during a CUDA
+    graph capture, its fill would only be recorded: it is not shared then, so an eager call after
+    the capture (before any replay) still sees the threshold's value."""
+    w, s = torch.randn(4, 16, device="cuda"), torch.randn(4, 16, device="cuda")
+    x = torch.randn(2, 16, device="cuda")
+    threshold = 0.1234567  # a value no other test uses: the capture is its first call
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        bk.masked_linear(x, w, None, s, threshold=0.5)  # warm-up of the op itself
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        captured = bk.masked_linear(x, w, None, s, threshold=threshold)
+    eager = bk.masked_linear(x, w, None, s, threshold=threshold)
+    want = x @ (w * (s >= threshold)).t()
+    torch.testing.assert_close(eager, want)
+    graph.replay()
+    torch.cuda.synchronize()
+    torch.testing.assert_close(captured, want)
