@@ -122,7 +122,8 @@ def _threshold_selection(scores: Tensor, threshold: Union[Number, Tensor],
 
 _SCALARS: dict[tuple, Tensor] = {}
 _MAX_SCALARS = 256
-"""At most this many cached scalars (a threshold annealed per step makes a new one each step)."""
+"""At most this many cached scalars (a threshold annealed per step makes a new one each step); past
+it a new value gets its own tensor. None is ever evicted: a captured CUDA graph may read it."""
 
 
 def _device_scalar(value: Number, dtype: torch.dtype, device: torch.device, shared: bool,
@@ -139,15 +140,14 @@ def _device_scalar(value: Number, dtype: torch.dtype, device: torch.device, shar
         return torch.full((), value, dtype=dtype, device=device)
     key = (value, dtype, device)
     t = _SCALARS.get(key)
-    if t is None and device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+    if t is None and (len(_SCALARS) >= _MAX_SCALARS
+                      or device.type == "cuda" and torch.cuda.is_current_stream_capturing()):
         return torch.full((), value, dtype=dtype, device=device)
     if t is None:
         if finite_name is not None and not math.isfinite(torch.full((), value, dtype=dtype).item()):  # on the CPU
             raise ValueError(f"{finite_name} {value!r} is not finite in the scores' dtype {dtype}")
         with torch.inference_mode(False):  # a normal tensor even in inference mode: it is saved for backward
             t = torch.full((), value, dtype=dtype, device=device)
-        if len(_SCALARS) >= _MAX_SCALARS:
-            _SCALARS.clear()
         _SCALARS[key] = t
     return t
 

@@ -278,3 +278,19 @@ def test_a_threshold_first_seen_in_a_capture_is_right_eagerly_after():
     graph.replay()
     torch.cuda.synchronize()
     torch.testing.assert_close(captured, want)
+
+
+def test_shared_threshold_scalars_are_never_evicted(monkeypatch):
+    """Past functional._MAX_SCALARS a new threshold value gets its own tensor; the cached ones stay
+    (a captured CUDA graph may read them), and every value is right."""
+    from bise_kernels import functional
+
+    monkeypatch.setattr(functional, "_SCALARS", {})
+    monkeypatch.setattr(functional, "_MAX_SCALARS", 2)
+    cpu = torch.device("cpu")
+    first = [functional._device_scalar(v, torch.float32, cpu, True) for v in (0.25, 0.5)]
+    extra = functional._device_scalar(0.75, torch.float32, cpu, True)
+    assert extra.item() == 0.75 and extra is not functional._device_scalar(0.75, torch.float32, cpu, True)
+    again = [functional._device_scalar(v, torch.float32, cpu, True) for v in (0.25, 0.5)]
+    assert all(a is b for a, b in zip(again, first))
+    assert [t.item() for t in first] == [0.25, 0.5]
