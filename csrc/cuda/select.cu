@@ -244,7 +244,7 @@ __global__ void keep_mask_kernel(const typename Raw<KB>::type* bits, const typen
   for (int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < n; i += stride) {
     const R key = bise_bracket::to_key(bits[i]);
     out[i] = key > thr || (key == thr && offset + i < cut);
-    bad |= bise_bracket::non_finite(key, fin);
+    if (check_finite) bad |= bise_bracket::non_finite(key, fin);  // uniform: unchecked masks skip it
   }
   if (check_finite) {
     BISE_DEVICE_CHECK(!bise_bracket::non_finite(thr, fin), BISE_THRESHOLD_NOT_FINITE);
