@@ -3,9 +3,9 @@
 // float types with round-to-nearest-even conversions and the bit casts. Included through the
 // stub headers of those names, after emu.h.
 #pragma once
-#include <cstdint>
+#include <bit>
 #include <cmath>
-#include <cstring>
+#include <cstdint>
 
 using std::exp;
 
@@ -20,31 +20,13 @@ inline __half __float2half_rn(float f) { return {static_cast<_Float16>(f)}; }
 struct __nv_bfloat16 {
   uint16_t x;
 };
-inline float __bfloat162float(__nv_bfloat16 b) {
-  const uint32_t u = uint32_t(b.x) << 16;
-  float f;
-  std::memcpy(&f, &u, 4);
-  return f;
-}
+inline float __bfloat162float(__nv_bfloat16 b) { return std::bit_cast<float>(uint32_t(b.x) << 16); }
 inline __nv_bfloat16 __float2bfloat16_rn(float f) {
-  uint32_t u;
-  std::memcpy(&u, &f, 4);
+  const uint32_t u = std::bit_cast<uint32_t>(f);
   if ((u & 0x7FFFFFFFu) > 0x7F800000u) return {uint16_t((u >> 16) | 0x40)};  // NaN stays NaN
   return {uint16_t((u + 0x7FFFu + ((u >> 16) & 1u)) >> 16)};
 }
 
-inline int __float_as_int(float f) {
-  int i;
-  std::memcpy(&i, &f, 4);
-  return i;
-}
-inline unsigned __float_as_uint(float f) {
-  unsigned u;
-  std::memcpy(&u, &f, 4);
-  return u;
-}
-inline long long __double_as_longlong(double d) {
-  long long l;
-  std::memcpy(&l, &d, 8);
-  return l;
-}
+inline int __float_as_int(float f) { return std::bit_cast<int>(f); }
+inline unsigned __float_as_uint(float f) { return std::bit_cast<unsigned>(f); }
+inline long long __double_as_longlong(double d) { return std::bit_cast<long long>(d); }
