@@ -8,7 +8,6 @@ GPU) and ``F.one_hot``'s range check (skipped on a GPU). On a GPU the step loops
 ``torch.cuda.set_sync_debug_mode("error")``.
 """
 
-import dataclasses
 from collections import Counter
 
 import pytest

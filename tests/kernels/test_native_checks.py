@@ -233,15 +233,6 @@ CASES = {
                                      "x must be a {device} tensor"),
 }
 
-CUDA_CASES = {
-    "topk_float64": Case("topk_select", lambda d, o: ([_t(4, device=d, dtype=torch.float64)], 1, None),
-                         r"scores\[0\] must be float32/float16/bfloat16 on this device"),
-    "keep_mask_float64": Case("keep_mask", lambda d, o: (_t(4, device=d, dtype=torch.float64),
-                                                         *_sel(d, torch.float64), 0),
-                              "scores must be float32/float16/bfloat16 on this device"),
-}
-
-
 @pytest.mark.parametrize("case", list(CASES), ids=str)
 def test_bad_input_names_the_argument_cpu(case):
     CASES[case].check("cpu")
@@ -310,7 +301,7 @@ def test_odd_layouts_and_empty_inputs_match_the_reference_cpu():
 def run_cuda_cases() -> list[str]:
     """All cases on CUDA; returns the failures (called in the child process)."""
     failures = []
-    for name, case in {**CASES, **CUDA_CASES}.items():
+    for name, case in CASES.items():
         try:
             case.check("cuda")
         except BaseException as exc:  # noqa: BLE001 - report every failing case, then fail once
