@@ -244,6 +244,28 @@ def test_every_op_has_bad_input_cases():
                    "keep_weight", "keep_score_grad", "channel_gate_forward", "channel_gate_backward"}
 
 
+def _kernels_by_key() -> dict[str, set[str]]:
+    """Each bise_kernels_ext op (short name) -> the dispatch keys among CPU, CUDA and the composite one
+    that have a kernel registered."""
+    names = {n.split("::")[1] for n in torch._C._dispatch_get_all_op_names() if n.startswith("bise_kernels_ext::")}
+    keys = ("CPU", "CUDA", "CompositeImplicitAutograd")
+    return {n: {k for k in keys if torch._C._dispatch_has_kernel_for_dispatch_key(f"bise_kernels_ext::{n}", k)}
+            for n in names}
+
+
+def test_every_op_has_one_kernel_per_device_of_the_build():
+    """Every op is either one composite kernel (the layer compositions) or one kernel per device: CPU
+    always, CUDA in a build WITH_CUDA (an op given a CPU kernel only would fail on CUDA tensors with
+    "no kernel"). The CUDA half runs where the extension has its CUDA kernels: on a GPU, or without
+    one in scripts/check_device_build.sh."""
+    from bise_kernels import _C
+
+    table = _kernels_by_key()
+    assert {n for n, k in table.items() if "CPU" in k} == {c.op for c in CASES.values()} | {"topk_keep_mask"}
+    device = {"CPU", "CUDA"} if _C.WITH_CUDA else {"CPU"}
+    bad = {n: k for n, k in table.items() if k not in ({"CompositeImplicitAutograd"}, device)}
+    assert not bad, f"ops without exactly one composite kernel or one kernel per device {sorted(device)}: {bad}"
+
 # ----------------------------------------------------------------------------- valid but unusual input
 
 
