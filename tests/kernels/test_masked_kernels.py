@@ -86,6 +86,37 @@ def test_masked_conv2d_dtypes_and_needs(kernels, dtype, needs):
     check_conv(kernels, kernels.device, dtype, CONV_CASES[2], False, False, needs)
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("layer", ["linear", "linear_keep", "conv2d", "conv2d_keep"])
+def test_frozen_weight_ste_score_gradient_is_the_references_to_the_bit(kernels, layer, dtype):
+    """Masked training's usual case: weight frozen, scores of the weight's shape and dtype, "ste". The
+    native backends take the dense ATen weight gradient as the reference does and multiply it by W in
+    place (csrc/masked_autograd.cpp): the same bits. (Triton's GEMMs round differently: close.)"""
+    if kernels.name == "triton" and dtype == torch.bfloat16:
+        pytest.skip("bf16 tl.dot is wrong under the interpreter")
+    device, needs = kernels.device, [True, False, True, True]
+    conv = layer.startswith("conv")
+    x = randn(*((2, 6, 9, 11) if conv else (2, 3, 37)), dtype=dtype, seed=1, device=device)
+    w = randn(*((9, 6, 3, 2) if conv else (29, 37)), dtype=dtype, seed=2, device=device)
+    scores, thr, cut = tied_scores(w.shape, dtype, seed=4, device=device)
+    geometry = ([1, 2], [1, 0], [1, 1], 1) if conv else ()
+    op = "masked_conv2d" if conv else "masked_linear"
+    want_y = getattr(R, f"{op}_forward")(x, w, None, scores, thr, cut, *geometry)
+    mask = (R.keep_mask(scores, thr, cut),) if layer.endswith("keep") else (thr, cut)
+    backward = f"{op}_keep_backward" if layer.endswith("keep") else f"{op}_backward"
+    args = (randn(*want_y.shape, dtype=dtype, seed=5, device=device), x, w, scores, *mask, *geometry, "ste", 1.0,
+            needs)
+    if not hasattr(kernels, backward):
+        pytest.skip(f"backend {kernels.name!r} has no {backward} kernel")
+    got, want = getattr(kernels, backward)(*args), getattr(R, backward)(*args)
+    if kernels.name == "triton":
+        assert_grads(got, want, dtype)
+        return
+    assert got[1] is None and want[1] is None
+    for i in (0, 2, 3):
+        assert got[i].dtype == want[i].dtype and torch.equal(got[i], want[i]), f"gradient {i}"
+
+
 # ----------------------------------------------------------------------------- channel gate
 
 
