@@ -14,8 +14,10 @@ mkdir -p "$OUT_DIR" "$LOG_DIR"
 . scripts/deadline.sh 1020  # cap LIMIT: a step's time limit within DEADLINE_S
 export PYTHONPATH=$PWD CUDA_HOME=${CUDA_HOME:-/usr/local/cuda} BISE_KERNELS_BUILD_CUDA=1
 export TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0} MAX_JOBS=${MAX_JOBS:-16}
-# The CUDA backend's tests first (crash-free, exact), the Triton ones (compiling) last: a cut run
-# has checked the default path.
+# The CUDA backend's tests first (crash-free, exact), the Triton ones (compiling) last, in a second
+# pytest run: "triton" in a test's id selects the Triton files and the triton-cuda cases of the shared
+# kernel-test files (their kernels fixture runs every backend, function by function), so a run cut
+# by TESTS_S has checked the default path.
 GPU_TESTS="tests/kernels/test_native_checks.py tests/kernels/test_select_cuda.py tests/kernels/test_masked_cuda.py
 tests/kernels/test_masked_native_eager.py tests/kernels/test_backends.py tests/kernels/test_select_kernels.py
 tests/kernels/test_masked_kernels.py tests/kernels/test_masked_keep.py tests/kernels/test_masked_conv_keep.py
@@ -29,9 +31,17 @@ status=0
 # -m "not slow": the slow tests there compile for sm_90 without a GPU, pointless on one.
 # BISE_KERNELS_AUTOTUNE=0: one heuristic tile per Triton GEMM shape bucket, compiled once, instead of
 # compiling and timing up to four (the tests check results; the suite autotunes and checks its own).
-echo "== GPU tests" && BISE_KERNELS_AUTOTUNE=0 timeout "$(cap "$TESTS_S")" python3 -m pytest -q -m "not slow" $GPU_TESTS \
-  >"$LOG_DIR/gpu-tests.log" 2>&1 || status=2
-tail -5 "$LOG_DIR/gpu-tests.log"
+echo "== GPU tests" && tests_end=$((SECONDS + $(cap "$TESTS_S"))) && : >"$LOG_DIR/gpu-tests.log"
+for selection in "not triton" "triton"; do
+  left=$((tests_end - SECONDS))
+  if [ "$left" -lt 1 ]; then
+    echo "no time left for -k '$selection'" | tee -a "$LOG_DIR/gpu-tests.log"; status=2; break
+  fi
+  echo "== -k '$selection'" >>"$LOG_DIR/gpu-tests.log"
+  BISE_KERNELS_AUTOTUNE=0 timeout "$left" python3 -m pytest -q -m "not slow" -k "$selection" $GPU_TESTS \
+    >>"$LOG_DIR/gpu-tests.log" 2>&1 || status=2
+  tail -3 "$LOG_DIR/gpu-tests.log"
+done
 # No case starts after the budget; one that started may run its case limit (60 s) past it.
 suite_s=$(cap 540)
 echo "== GPU suite" && timeout "$suite_s" python3 benchmarks/gpu_suite.py --out "$OUT_DIR" \
