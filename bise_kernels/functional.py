@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import struct
 from typing import Optional, Sequence, Union
 
 import torch
@@ -126,29 +127,53 @@ _MAX_SCALARS = 256
 it a new value gets its own tensor. None is ever evicted: a captured CUDA graph may read it."""
 
 
+def _overflow_limit(dtype: torch.dtype) -> float:
+    """The smallest positive Python float that ``torch.full(..., dtype=dtype)`` makes inf or refuses
+    (float32 raises past its max; inf for float64), by bisection over the ordered bit patterns of
+    positive float64s: exact whatever rounding path the conversion takes."""
+    def overflows(bits: int) -> bool:
+        try:
+            return math.isinf(torch.full((), as_float(bits), dtype=dtype).item())
+        except RuntimeError:  # "value cannot be converted to type float without overflow"
+            return True
+
+    as_float = lambda bits: struct.unpack("<d", struct.pack("<q", bits))[0]  # noqa: E731
+    lo, hi = 0, struct.unpack("<q", struct.pack("<d", math.inf))[0]
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        lo, hi = (lo, mid) if overflows(mid) else (mid, hi)
+    return as_float(hi)
+
+
+_OVERFLOW_LIMITS = {dtype: _overflow_limit(dtype) for dtype in (torch.float64, torch.float32, torch.float16,
+                                                                  torch.bfloat16)}
+"""Made at import (about 1 ms): a threshold is checked against them by comparisons, which traced
+code (a SymFloat under torch.compile) and every call that makes its own scalar can afford."""
+
+
 def _device_scalar(value: Number, dtype: torch.dtype, device: torch.device, shared: bool,
                    finite_name: Optional[str] = None) -> Tensor:
     """``value`` as a 0-dim ``dtype`` tensor on ``device``; when ``shared``, made once per (value,
     dtype, device) and returned to every call (never written): a threshold call then launches no
     fill for its (thr, cut) (two per call before, each a ~5 us launch on a GPU; docs/masked.md).
-    ``finite_name``: when made shared, a value that overflows ``dtype`` (1e5 in float16) is a
-    ValueError naming it, as its inf would be in the native ops' fused check.
-    Never made while a CUDA graph is being captured: its fill would only be recorded, not run, so
-    the shared tensor would hold garbage for every later eager call (a cached one, filled before
-    the capture, is safe to read in it)."""
-    if not shared:
-        return torch.full((), value, dtype=dtype, device=device)
+    ``finite_name``: a value that overflows ``dtype`` (1e5 in float16) is a ValueError naming it, as
+    its inf would be in the native ops' fused check; checked whenever a tensor is made (a shared one
+    was checked when it was made).
+    Never shared when made while a CUDA graph is being captured: its fill would only be recorded, not
+    run, so the shared tensor would hold garbage for every later eager call (a cached one, filled
+    before the capture, is safe to read in it)."""
     key = (value, dtype, device)
-    t = _SCALARS.get(key)
-    if t is None and (len(_SCALARS) >= _MAX_SCALARS
-                      or device.type == "cuda" and torch.cuda.is_current_stream_capturing()):
+    t = _SCALARS.get(key) if shared else None
+    if t is not None:
+        return t
+    limit = _OVERFLOW_LIMITS.get(dtype)
+    if finite_name is not None and limit is not None and not -limit < value < limit:
+        raise ValueError(f"{finite_name} {value!r} is not finite in the scores' dtype {dtype}")
+    if (not shared or len(_SCALARS) >= _MAX_SCALARS
+            or device.type == "cuda" and torch.cuda.is_current_stream_capturing()):
         return torch.full((), value, dtype=dtype, device=device)
-    if t is None:
-        if finite_name is not None and not math.isfinite(torch.full((), value, dtype=dtype).item()):  # on the CPU
-            raise ValueError(f"{finite_name} {value!r} is not finite in the scores' dtype {dtype}")
-        with torch.inference_mode(False):  # a normal tensor even in inference mode: it is saved for backward
-            t = torch.full((), value, dtype=dtype, device=device)
-        _SCALARS[key] = t
+    with torch.inference_mode(False):  # a normal tensor even in inference mode: it is saved for backward
+        t = _SCALARS[key] = torch.full((), value, dtype=dtype, device=device)
     return t
 
 

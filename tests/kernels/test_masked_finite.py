@@ -5,6 +5,9 @@ scores (bise_kernels/functional.py::_fused_check); these tests fail if either ha
 
 from __future__ import annotations
 
+import math
+import re
+
 import pytest
 import torch
 
@@ -72,6 +75,33 @@ def test_threshold_overflowing_the_scores_dtype_is_named(backend):
         call(scores, threshold=1e5)
     with pytest.raises(ValueError, match=r"threshold contains non-finite values \(e.g. inf\)"):
         call(scores, threshold=torch.tensor(1e5))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_threshold_overflow_is_named_when_no_shared_scalar_is_made(backend, monkeypatch, dtype):
+    """Past functional._MAX_SCALARS (and while a CUDA graph is captured, or traced) a threshold gets
+    its own scalar: it is checked as a shared one is. The limits are torch's own conversion's:
+    the largest float below each still works (float32 past its max raised a RuntimeError)."""
+    monkeypatch.setattr(functional, "_SCALARS", {})
+    monkeypatch.setattr(functional, "_MAX_SCALARS", 0)
+    call, scores = _linear(5, 13, False, dtype)
+    limit = functional._OVERFLOW_LIMITS[dtype]
+    assert call(scores, threshold=-math.nextafter(limit, 0)).shape == (3, 5)
+    for value in (limit, -limit, 1e300):
+        message = f"threshold {value!r} is not finite in the scores' dtype {dtype}"
+        with pytest.raises(ValueError, match=re.escape(message)):
+            call(scores, threshold=value)
+    assert functional._SCALARS == {}
+
+
+def test_threshold_overflow_is_named_under_torch_compile(backend):
+    """Traced, a threshold's scalar is made in the graph: the comparison check still runs."""
+    call, scores = _linear(5, 13, False, torch.float16)
+    try:
+        with pytest.raises(Exception, match="threshold 100000.0 is not finite in the scores' dtype torch.float16"):
+            torch.compile(lambda s: call(s, threshold=1e5), backend="eager", fullgraph=True)(scores)
+    finally:
+        torch._dynamo.reset()  # its recompiles of the API would count against later tests' limit
 
 
 @pytest.mark.parametrize("mask_mode", ["selection", "keep"])
