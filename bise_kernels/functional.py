@@ -151,6 +151,12 @@ _OVERFLOW_LIMITS = {dtype: _overflow_limit(dtype) for dtype in (torch.float64, t
 code (a SymFloat under torch.compile) and every call that makes its own scalar can afford."""
 
 
+def _capturing(device: torch.device) -> bool:
+    """Whether work on ``device`` is being captured into a CUDA graph: what it makes is filled only
+    by a replay, so no cache may hand it to an eager call."""
+    return device.type == "cuda" and torch.cuda.is_current_stream_capturing()
+
+
 def _device_scalar(value: Number, dtype: torch.dtype, device: torch.device, shared: bool,
                    finite_name: Optional[str] = None) -> Tensor:
     """``value`` as a 0-dim ``dtype`` tensor on ``device``; when ``shared``, made once per (value,
@@ -169,8 +175,7 @@ def _device_scalar(value: Number, dtype: torch.dtype, device: torch.device, shar
     limit = _OVERFLOW_LIMITS.get(dtype)
     if finite_name is not None and limit is not None and not -limit < value < limit:
         raise ValueError(f"{finite_name} {value!r} is not finite in the scores' dtype {dtype}")
-    if (not shared or len(_SCALARS) >= _MAX_SCALARS
-            or device.type == "cuda" and torch.cuda.is_current_stream_capturing()):
+    if not shared or len(_SCALARS) >= _MAX_SCALARS or _capturing(device):
         return torch.full((), value, dtype=dtype, device=device)
     with torch.inference_mode(False):  # a normal tensor even in inference mode: it is saved for backward
         t = _SCALARS[key] = torch.full((), value, dtype=dtype, device=device)

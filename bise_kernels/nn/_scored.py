@@ -9,7 +9,7 @@ from typing import Optional
 import torch
 from torch import Tensor, nn
 
-from .. import _checks, _ops, backends
+from .. import _checks, _ops, backends, functional
 from ..functional import selection
 
 
@@ -49,10 +49,14 @@ class ScoredModule(nn.Module):
         """
         if torch.compiler.is_compiling():  # traced tensors have no data pointer to key a cache on
             return selection(scores, self.density, self.threshold, fused_check=fused_check)
-        key = (scores._version, scores.data_ptr(), self.density, self.threshold)
+        # An entry made in a CUDA-graph capture holds what only a replay fills: it serves that capture
+        # only, and a capture never takes an eager entry (its replays must select the scores of then).
+        capturing = functional._capturing(scores.device)
+        key = (scores._version, scores.data_ptr(), self.density, self.threshold, capturing)
         cache = self._cache
         if cache is None or cache[0] != key or not (cache[2] or fused_check):
-            hint = cache[1][0] if cache is not None and self.density is not None else None
+            same_mode = cache is not None and cache[0][-1] == capturing
+            hint = cache[1][0] if same_mode and self.density is not None else None
             checked = self.density is not None or not fused_check  # a top-k's select always checks
             cache = self.__dict__["_cache"] = (key, selection(scores, self.density, self.threshold, hint=hint,
                                                               fused_check=fused_check), checked)

@@ -60,6 +60,32 @@ def test_mask_is_recomputed_after_an_optimizer_step():
     assert int(layer.mask().sum()) == 6
 
 
+
+@pytest.mark.parametrize("mask_mode", ["selection", "keep"])
+def test_a_selection_cached_in_a_cuda_graph_capture_serves_that_capture_only(monkeypatch, mask_mode):
+    """What a capture makes is filled only by a replay (functional._capturing, made True here): an eager
+    call after it selects again, without a hint from it, and a capture does not take an eager entry
+    (its replays must select the scores of then). On a GPU: test_masked_native_eager.py's graph tests."""
+    from bise_kernels import functional
+    from bise_kernels.nn import _scored
+
+    calls = []
+
+    def counting(scores, density, threshold, hint=None, fused_check=False):
+        calls.append(hint)
+        return functional.selection(scores, density, threshold, hint=hint, fused_check=fused_check)
+
+    monkeypatch.setattr(_scored, "selection", counting)
+    layer, x = bk.MaskedLinear(6, 4, density=0.5, mask_mode=mask_mode), torch.randn(3, 6)
+    want = layer(x)
+    layer(x)
+    assert len(calls) == 1  # cached while the scores stay
+    for capturing in (True, True, False, False):
+        monkeypatch.setattr(functional, "_capturing", lambda device, capturing=capturing: capturing)
+        torch.testing.assert_close(layer(x), want, rtol=0, atol=0)
+    assert len(calls) == 3 and calls[1] is None and calls[2] is None  # one per mode change, no hint across
+    layer(x)
+    assert len(calls) == 3
 def test_mask_model_layerwise_keeps_density_per_layer():
     net = _net()
     scores = bk.mask_model(net, density=0.3, exclude=["5"])
