@@ -22,11 +22,15 @@ TARGETS = {"vanilla_step_ms": 2.0, "mask_epoch_seconds": 0.3, "whole_schedule_se
 
 
 def _commit() -> str:
+    """$BISE_COMMIT first, as gpu_suite.py does (the device's copy of the tree may sit in another git
+    repository, or none), else this checkout's HEAD."""
+    if os.environ.get("BISE_COMMIT"):
+        return os.environ["BISE_COMMIT"]
     try:
         return subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True,
                               cwd=Path(__file__).resolve().parent).stdout.strip()
     except (OSError, subprocess.CalledProcessError):
-        return os.environ.get("BISE_COMMIT", "unknown")
+        return "unknown"
 
 
 def report(run_report: dict, wall_seconds: float | None = None) -> dict:
