@@ -33,6 +33,7 @@ def cuda():
     return masked
 
 
+@pytest.mark.slow  # the compile check for machines without a GPU: on one, the build has just compiled them
 @pytest.mark.skipif(shutil.which("nvcc") is None, reason="nvcc not found")
 def test_kernel_sources_compile_with_nvcc(tmp_path):
     jobs = [subprocess.Popen(["nvcc", "-O2", "-arch=sm_90", "-std=c++17", "-Xcompiler", "-fPIC", "-c", str(src),
