@@ -6,8 +6,11 @@
 # epoch, head phase, evaluation) and the no-sync test, then `bise run --data biased-mnist:rho=0.997
 # --arch simple-cnn --device cuda` (80 vanilla, 100 mask, 50 head epochs per phase), which writes
 # OUT_DIR/workflow.json (per-phase seconds, the targets and whether they are met;
-# scripts/workflow_report.py); then, with the official code carried in .official/, OUT_DIR/official.json
-# (its per-epoch cost beside ours). Every step has its own time limit, cut to what is left of DEADLINE_S.
+# scripts/workflow_report.py) and OUT_DIR/run-report.json (the run's report.json); then, with the official
+# code carried in .official/, OUT_DIR/official.json (its per-epoch cost beside ours). Every step has its own
+# time limit, cut to what is left of DEADLINE_S. The run's own folder (checkpoints, models, plots: a dozen
+# files) stays outside OUT_DIR, in $BISE_RUN_DIR (default: a new temporary folder): the device
+# tool brings back at most 8 files from $OUT, and the measurements must be among them.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 DRY=0
@@ -29,13 +32,15 @@ if [ "$DRY" = 0 ]; then
     || echo "suite failed (rc $?)"
   timeout "$(cap 90)" "$PY" -m pytest -q tests/bise/test_train_sync.py -k gpu || echo "no-sync test failed (rc $?)"
 fi
+RUN_DIR="${BISE_RUN_DIR:-$(mktemp -d)/run}"
 start=$(date +%s.%N)
 limit=$(cap "${WORKFLOW_TIMEOUT_S:-600}")
-if ! timeout "$limit" "$PY" -m bise run "${ARGS[@]}" --out "$OUT/run" --overwrite --quiet; then
+if ! timeout "$limit" "$PY" -m bise run "${ARGS[@]}" --out "$RUN_DIR" --overwrite --quiet; then
   echo "bise run did not finish within ${limit} s (rc $?): no workflow.json"; exit 5
 fi
 end=$(date +%s.%N)
-"$PY" scripts/workflow_report.py "$OUT/run/report.json" --wall-seconds "$("$PY" -c "print($end - $start)")" \
+cp "$RUN_DIR/report.json" "$OUT/run-report.json"
+"$PY" scripts/workflow_report.py "$RUN_DIR/report.json" --wall-seconds "$("$PY" -c "print($end - $start)")" \
   --out "$OUT/workflow.json"
 # Optional, in what is left of the deadline: the official BISE code's per-epoch cost beside ours on this
 # device (benchmarks/bench_official.py), when its files are carried in .official/ (git-ignored; they are

@@ -39,12 +39,18 @@ def test_gpu_workflow_script_dry_run(tmp_path):
     # an "official code" folder whose src/ is empty: the optional official step runs, fails, and the
     # script still ends with its report (the step is last and may not fail the call)
     (tmp_path / "official" / "src").mkdir(parents=True)
-    env = dict(os.environ, PYTHON=sys.executable, OMP_NUM_THREADS="1", BISE_OFFICIAL_DIR=str(tmp_path / "official"))
-    proc = subprocess.run(["bash", str(ROOT / "scripts" / "gpu_workflow.sh"), "--dry-run", str(tmp_path)],
+    out = tmp_path / "out"
+    env = dict(os.environ, PYTHON=sys.executable, OMP_NUM_THREADS="1", BISE_OFFICIAL_DIR=str(tmp_path / "official"),
+               BISE_RUN_DIR=str(tmp_path / "run"))
+    proc = subprocess.run(["bash", str(ROOT / "scripts" / "gpu_workflow.sh"), "--dry-run", str(out)],
                           capture_output=True, text=True, env=env, timeout=600)
     assert proc.returncode == 0, proc.stderr[-2000:]
-    assert "official comparison failed" in proc.stdout and not (tmp_path / "official.json").exists()
-    report = json.loads((tmp_path / "workflow.json").read_text())
+    assert "official comparison failed" in proc.stdout and not (out / "official.json").exists()
+    # The device tool brings back at most 8 files from $OUT (../shared/gpu/README.md): the run's own
+    # folder stays out; on the GPU the suite's JSON, official.json and a build log may join these.
+    assert sorted(p.name for p in out.rglob("*")) == ["run-report.json", "workflow.json"]
+    assert (tmp_path / "run" / "report.json").exists()
+    report = json.loads((out / "workflow.json").read_text())
     assert report["schedule"] == {"vanilla_epochs": 1, "vanilla_steps": report["schedule"]["vanilla_steps"],
                                   "mask_epochs": 2, "head_epochs": 1}
     for phase in ("vanilla_training", "extraction_head_pretraining", "extraction_mask_epochs",
