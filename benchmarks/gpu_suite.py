@@ -82,7 +82,15 @@ def load_cases(dry_run: bool, name_filter: str = "") -> tuple[list[dict], list[d
             notes.append({"module": name, "note": f"{type(exc).__name__}: {exc}"})
             continue
         cases += [dict(case, module=name) for case in found if name_filter in case["name"]]
-    return cases, notes
+    return in_budget_order(cases), notes
+
+
+def in_budget_order(cases: list[dict]) -> list[dict]:
+    """The Triton backend's cases last, each group in module order: the budget cuts the run from the
+    end, and the Triton cases are the ones no "auto" order takes on CUDA (docs/gpu_suite.md) and the
+    dearest (every new shape compiles, and autotunes up to four tiles), so a cut run still has the
+    default paths, the API, the training steps and the workflow."""
+    return sorted(cases, key=lambda case: case.get("backend") == "triton")
 
 
 def _cpu_bench(fn, reps: int = 5) -> list[float]:

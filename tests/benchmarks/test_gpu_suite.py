@@ -119,3 +119,11 @@ def test_device_session_workflow_dry_run_writes_the_workflow_report(tmp_path):
     report = json.loads((tmp_path / "workflow.json").read_text())
     assert report["wall_seconds"] > 0 and report["schedule"]["mask_epochs"] == 2, report
     assert set(report["targets"]) == {"vanilla_step_ms", "mask_epoch_seconds", "whole_schedule_seconds"}
+
+
+def test_the_triton_cases_come_last_so_a_cut_run_keeps_the_default_paths():
+    cases = [{"name": n, "backend": b} for n, b in (("select/cuda", "cuda"), ("select/triton", "triton"),
+                                                    ("select/api", "auto"), ("masked/triton", "triton"),
+                                                    ("masked/cuda", "cuda"), ("step", None))]
+    assert [c["name"] for c in _load("gpu_suite").in_budget_order(cases)] == [
+        "select/cuda", "select/api", "masked/cuda", "step", "select/triton", "masked/triton"]
