@@ -86,11 +86,12 @@ def load_cases(dry_run: bool, name_filter: str = "") -> tuple[list[dict], list[d
 
 
 def in_budget_order(cases: list[dict]) -> list[dict]:
-    """The Triton backend's cases last, each group in module order: the budget cuts the run from the
-    end, and the Triton cases are the ones no "auto" order takes on CUDA (docs/gpu_suite.md) and the
-    dearest (every new shape compiles, and autotunes up to four tiles), so a cut run still has the
-    default paths, the API, the training steps and the workflow."""
-    return sorted(cases, key=lambda case: case.get("backend") == "triton")
+    """The budget cuts a run from the end, so: first the default paths, the API and the training
+    steps; then the Triton backend's cases, which no "auto" order takes on CUDA (docs/gpu_suite.md)
+    and the dearest (every new shape compiles, and autotunes up to four tiles); last the workflow
+    cases, which the device's workflow call runs first anyway (scripts/gpu_workflow.sh). Module
+    order within each group."""
+    return sorted(cases, key=lambda case: (case.get("module") == "bench_workflow_gpu", case.get("backend") == "triton"))
 
 
 def _cpu_bench(fn, reps: int = 5) -> list[float]:

@@ -121,9 +121,11 @@ def test_device_session_workflow_dry_run_writes_the_workflow_report(tmp_path):
     assert set(report["targets"]) == {"vanilla_step_ms", "mask_epoch_seconds", "whole_schedule_seconds"}
 
 
-def test_the_triton_cases_come_last_so_a_cut_run_keeps_the_default_paths():
-    cases = [{"name": n, "backend": b} for n, b in (("select/cuda", "cuda"), ("select/triton", "triton"),
-                                                    ("select/api", "auto"), ("masked/triton", "triton"),
-                                                    ("masked/cuda", "cuda"), ("step", None))]
+def test_a_cut_run_keeps_the_default_paths_then_triton_then_the_workflow_cases():
+    cases = [{"name": n, "backend": b, "module": m} for n, b, m in (
+        ("workflow_step", "auto", "bench_workflow_gpu"), ("select/cuda", "cuda", "bench_select_gpu"),
+        ("select/triton", "triton", "bench_select_gpu"), ("select/api", "auto", "bench_select_gpu"),
+        ("masked/triton", "triton", "bench_masked_gpu"), ("masked/cuda", "cuda", "bench_masked_gpu"),
+        ("step", "auto", "bench_step_gpu"))]
     assert [c["name"] for c in _load("gpu_suite").in_budget_order(cases)] == [
-        "select/cuda", "select/api", "masked/cuda", "step", "select/triton", "masked/triton"]
+        "select/cuda", "select/api", "masked/cuda", "step", "select/triton", "masked/triton", "workflow_step"]
