@@ -51,7 +51,7 @@ class ScoredModule(nn.Module):
             return selection(scores, self.density, self.threshold, fused_check=fused_check)
         # An entry made in a CUDA-graph capture holds what only a replay fills: it serves that capture
         # only, and a capture never takes an eager entry (its replays must select the scores of then).
-        capturing = functional._capturing(scores.device)
+        capturing = functional._capturing(scores.is_cuda)
         key = (scores._version, scores.data_ptr(), self.density, self.threshold, capturing)
         cache = self._cache
         if cache is None or cache[0] != key or not (cache[2] or fused_check):

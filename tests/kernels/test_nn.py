@@ -81,7 +81,7 @@ def test_a_selection_cached_in_a_cuda_graph_capture_serves_that_capture_only(mon
     layer(x)
     assert len(calls) == 1  # cached while the scores stay
     for capturing in (True, True, False, False):
-        monkeypatch.setattr(functional, "_capturing", lambda device, capturing=capturing: capturing)
+        monkeypatch.setattr(functional, "_capturing", lambda is_cuda, capturing=capturing: capturing)
         torch.testing.assert_close(layer(x), want, rtol=0, atol=0)
     assert len(calls) == 3 and calls[1] is None and calls[2] is None  # one per mode change, no hint across
     layer(x)
