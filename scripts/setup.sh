@@ -4,8 +4,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 python3 -m venv .venv
 . .venv/bin/activate
-pip install -q torch==2.13.0 triton==3.6.0 "numpy<2.4" pytest pytest-benchmark ninja setuptools wheel \
-    scikit-learn scikit-image tqdm matplotlib Pillow torch-pruning==1.6.1
+pip install -q torch==2.13.0 -r scripts/requirements.txt
 bash scripts/setup_data.sh
 pip install -q --no-build-isolation -e ".[bise,triton,data,test]"  # every extra: the kernels and the workflow
 python -c "import torch, triton, numpy, bise_kernels; print('torch', torch.__version__, 'triton', triton.__version__, \
