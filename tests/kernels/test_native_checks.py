@@ -266,6 +266,7 @@ def test_every_op_has_one_kernel_per_device_of_the_build():
     bad = {n: k for n, k in table.items() if k not in ({"CompositeImplicitAutograd"}, device)}
     assert not bad, f"ops without exactly one composite kernel or one kernel per device {sorted(device)}: {bad}"
 
+
 # ----------------------------------------------------------------------------- valid but unusual input
 
 
