@@ -47,7 +47,7 @@ def extensions():
             "bise_kernels._C",
             sources + _sources("csrc/cuda/*.cu", "csrc/cuda/*.cpp"),
             define_macros=[("WITH_CUDA", None)],
-            extra_compile_args={"cxx": cxx, "nvcc": ["-O3", "-std=c++20", "--use_fast_math", "-lineinfo"]},
+            extra_compile_args={"cxx": cxx, "nvcc": ["-O3", "-std=c++20", "-lineinfo"]},
             extra_link_args=["-fopenmp"],
         )
     else:

@@ -20,11 +20,11 @@ template <typename X, typename S>
 __global__ void gate_forward_kernel(const X* __restrict__ x, X* __restrict__ y, const S* __restrict__ scores,
                                     int64_t n, int64_t channels, int64_t inner, const S* thr, const int64_t* cut) {
   const Keep<S> keep(thr, cut);
-  BISE_DEVICE_CHECK(is_finite(to_acc(*thr)), BISE_THRESHOLD_NOT_FINITE);
+  BISE_DEVICE_CHECK(isfinite(to_acc(*thr)), BISE_THRESHOLD_NOT_FINITE);
   for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < n; i += int64_t(gridDim.x) * blockDim.x) {
     const int64_t c = (i / inner) % channels;
     const S s = scores[c];
-    BISE_DEVICE_CHECK(is_finite(to_acc(s)), BISE_SCORES_NOT_FINITE);
+    BISE_DEVICE_CHECK(isfinite(to_acc(s)), BISE_SCORES_NOT_FINITE);
     y[i] = from_acc<X>(to_acc(x[i]) * acc_t<X>(keep(s, c) ? 1 : 0));
   }
 }

@@ -30,11 +30,11 @@ struct ScoreKeep {  // the selection rule on scores[i]
     int check_finite;
     __device__ bool operator()(int64_t i) const { return rule(scores[i], i); }
     __device__ void check(int64_t i) const {
-      if (check_finite) BISE_DEVICE_CHECK(is_finite(to_acc(scores[i])), BISE_SCORES_NOT_FINITE);
+      if (check_finite) BISE_DEVICE_CHECK(isfinite(to_acc(scores[i])), BISE_SCORES_NOT_FINITE);
     }
   };
   __device__ Loaded load() const {
-    if (check_finite) BISE_DEVICE_CHECK(is_finite(to_acc(*thr)), BISE_THRESHOLD_NOT_FINITE);
+    if (check_finite) BISE_DEVICE_CHECK(isfinite(to_acc(*thr)), BISE_THRESHOLD_NOT_FINITE);
     return {scores, Keep<S>(thr, cut), check_finite};
   }
 };

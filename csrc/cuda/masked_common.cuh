@@ -66,30 +66,17 @@ bool dispatch_value_and_scores(int value_dtype, int score_dtype, F&& f) {
   return known;
 }
 
-// Compare keys of scores: setup.py builds with --use_fast_math, which flushes fp32 subnormals to
-// zero in comparisons, so fp32 values (fp32, bf16 scores) compare as ordered integers of their
-// bits (+0 and -0 equal), which no flag changes. fp16 values are normal in fp32; fp64 is unaffected.
-__device__ __forceinline__ int32_t order_key(float v) {
-  const int32_t bits = __float_as_int(v);
-  if ((bits & 0x7FFFFFFF) == 0) return 0;
-  return bits < 0 ? bits ^ 0x7FFFFFFF : bits;
-}
-__device__ __forceinline__ double order_key(double v) { return v; }
-
-// Not NaN or +-inf, by the exponent bits (--use_fast_math leaves no float compare to rely on for NaN).
-__device__ __forceinline__ bool is_finite(float v) { return (__float_as_uint(v) & 0x7F800000u) != 0x7F800000u; }
-__device__ __forceinline__ bool is_finite(double v) {
-  return (static_cast<unsigned long long>(__double_as_longlong(v)) & 0x7FF0000000000000ull) != 0x7FF0000000000000ull;
-}
-
 // Flat index i with score s is kept iff s > thr or (s == thr and i < cut); thr/cut read on device.
+// IEEE compares (+0 == -0): setup.py compiles without --use_fast_math, whose flush of subnormals to
+// zero needed integer keys here and made W_eff and the score gradients of subnormal products differ
+// from the reference.
 template <typename S>
 struct Keep {
-  decltype(order_key(acc_t<S>())) thr;
+  acc_t<S> thr;
   int64_t cut;
-  __device__ Keep(const S* thr_ptr, const int64_t* cut_ptr) : thr(order_key(to_acc(*thr_ptr))), cut(*cut_ptr) {}
+  __device__ Keep(const S* thr_ptr, const int64_t* cut_ptr) : thr(to_acc(*thr_ptr)), cut(*cut_ptr) {}
   __device__ bool operator()(S s, int64_t i) const {
-    const auto v = order_key(to_acc(s));
+    const acc_t<S> v = to_acc(s);
     return v > thr || (v == thr && i < cut);
   }
 };

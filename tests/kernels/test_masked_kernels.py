@@ -117,6 +117,45 @@ def test_frozen_weight_ste_score_gradient_is_the_references_to_the_bit(kernels, 
         assert got[i].dtype == want[i].dtype and torch.equal(got[i], want[i]), f"gradient {i}"
 
 
+def _subnormal(shape, seed, device):
+    """float32 multiples of the smallest subnormal in [-3, 3] (sums of a few are exact in any order),
+    with +-0.0 among them."""
+    g = torch.Generator().manual_seed(seed)
+    values = torch.randint(-3, 4, shape, generator=g).double() * torch.finfo(torch.float32).smallest_normal / 4
+    return values.float().to(device)
+
+
+def test_subnormal_weights_scores_and_products_are_not_flushed_to_zero(kernels):
+    """A subnormal score above a zero threshold is kept, a subnormal weight passes the gate unchanged,
+    and subnormal products reach the score gradient: the reference's IEEE arithmetic (the CUDA passes
+    compile without --use_fast_math, which flushes all three to zero). Native kernels, to the bit;
+    the GEMM operands here are 0 and 1, so the dense GEMM adds no rounding of its own."""
+    if kernels.name == "triton":
+        pytest.skip("Triton's own compiler decides its denormal mode; this checks the native passes")
+    device = kernels.device
+    tiny = torch.finfo(torch.float32).smallest_normal / 4
+    scores = _subnormal((5, 8), seed=1, device=device)
+    thr, cut = torch.tensor(0.0, device=device), torch.tensor(0, device=device)
+    weight = _subnormal((5, 8), seed=2, device=device)
+    assert bool((scores == tiny).any()) and bool((weight != 0).any())
+    x, grad_y = torch.eye(8, device=device), torch.ones(8, 5, device=device)
+    args = (grad_y, x, weight, scores, thr, cut, "ste", 1.0, [False, True, False, True])
+    got, want = kernels.masked_linear_backward(*args), R.masked_linear_backward(*args)
+    assert torch.equal(want[1], (scores > 0).float()) and torch.equal(want[3], weight)
+    for i in (1, 3):
+        assert torch.equal(got[i], want[i]), f"gradient {i}"
+
+    x = _subnormal((2, 6, 3), seed=3, device=device)
+    scores = _subnormal((6,), seed=4, device=device)
+    scores[0] = tiny
+    assert bool((x[:, 0] != 0).any())
+    y = kernels.channel_gate_forward(x, scores, thr, cut, 1)
+    assert torch.equal(y, R.channel_gate_forward(x, scores, thr, cut, 1)) and torch.equal(y[:, 0], x[:, 0])
+    args = (torch.ones_like(x), x, scores, thr, cut, 1, "ste", 1.0, [True, True])
+    for got_g, want_g in zip(kernels.channel_gate_backward(*args), R.channel_gate_backward(*args)):
+        assert torch.equal(got_g, want_g)
+
+
 # ----------------------------------------------------------------------------- channel gate
 
 
