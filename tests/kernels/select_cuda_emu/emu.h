@@ -12,6 +12,7 @@
 #include <ucontext.h>
 #include <setjmp.h>
 #include <algorithm>
+#include <cmath>
 #include <cstdint>
 #include <cstdio>
 #include <cstdlib>
@@ -196,6 +197,7 @@ template <typename T> T __ldcs(const T* p) { return *p; }
 inline long long __ldcg(const long long* p) { return *p; }
 using std::min;
 using std::max;
+using std::isfinite;  // CUDA device code has the math functions in the global namespace
 
 namespace cub {
 template <typename T, int N>
