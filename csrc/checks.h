@@ -189,8 +189,9 @@ inline bool check_score_grad(const at::Tensor& grad_w_eff, const at::Tensor& wei
   return per_unit;
 }
 
-// A keep mask of a masked layer (the selection packed once, csrc/cpu/keep.cpp, csrc/cuda/keep.cu):
-// bool, of weight's shape or (out,), on weight's device; returns whether it is per output unit.
+// A keep mask of a masked layer (the selection packed once; keep_weight / keep_score_grad in
+// csrc/cpu/masked.cpp, csrc/cuda/masked.cu): bool, of weight's shape or (out,), on weight's device;
+// returns whether it is per output unit.
 inline bool check_keep_layer(const at::Tensor& weight, const at::Tensor& keep, const char* op,
                              at::DeviceType device) {
   check_float(weight, "weight", op, device);
