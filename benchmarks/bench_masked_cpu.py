@@ -5,7 +5,7 @@ One step = forward, cross-entropy, backward. "dense" trains the weights of the u
 (density 0.5) of each layer at every step (selection included); "cpp_threshold" keeps scores >= 0
 instead (no top-k: the fused layers' own cost). "edgepopup" is the reference implementation of
 Ramanujan et al.: clone |S|, full sort, two scatters, W * mask, F.linear / F.conv2d, straight-through
-backward. The three run side by side in one session (group = model); compare their times.
+backward. The four variants run side by side in one session (group = model); compare their times.
 
 ``extra_bytes_per_weight`` (extra_info) is the state autograd keeps beyond a dense step: bytes of
 saved tensors that are neither parameters, scores nor the input, minus the dense step's, per weight.
