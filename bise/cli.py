@@ -608,10 +608,15 @@ def _user_errors() -> tuple:
     return (UsageError, ValueError, FileNotFoundError, CheckpointError, ExportError)
 
 
-def _resume_hint(inv: Invocation) -> str:
+def _resume_hint(inv: Invocation, argv: list) -> str:
+    """How to continue after Ctrl-C: the command as given (a resumed extraction must have the same
+    options), without --overwrite and with --resume, quoted for the shell."""
+    import shlex
+
     a = inv.args
     if a.command in ("run", "extract") and (inv.run.has(CHECKPOINT) or inv.run.has(VANILLA)):
-        return f"continue with: bise {a.command} --out {a.out} --resume"
+        again = [t for t in argv if not (t.startswith("--ov") and "--overwrite".startswith(t))]
+        return "continue with: " + shlex.join(["bise", *again, *(() if a.resume else ("--resume",))])
     return "nothing was changed; run the command again to redo it"
 
 
@@ -619,6 +624,7 @@ def main(argv: Optional[list] = None) -> int:
     """Entry point of ``bise`` and ``python -m bise``; returns the exit status."""
     from . import validate
 
+    argv = list(sys.argv[1:] if argv is None else argv)
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
     if extra:  # reported by the subcommand, which lists the options it takes
@@ -643,7 +649,7 @@ def main(argv: Optional[list] = None) -> int:
         print(f"bise {args.command}: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print(f"\nbise {args.command}: interrupted; {_resume_hint(inv) if inv else 'nothing was changed'}",
+        print(f"\nbise {args.command}: interrupted; {_resume_hint(inv, argv) if inv else 'nothing was changed'}",
               file=sys.stderr)
         return 130
     finally:

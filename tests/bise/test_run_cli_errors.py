@@ -192,3 +192,30 @@ def test_ctrl_c_prints_one_line_with_the_resume_command(tmp_path):
     assert "Traceback" not in rest
     assert rest.strip().splitlines()[-1] == "bise run: interrupted; nothing was changed; run the command again to redo it"
     assert not out.exists()  # the folder it created is gone
+
+
+def test_the_printed_resume_command_resumes(tmp_path, capsys, monkeypatch):
+    """Ctrl-C in the extraction prints a command that continues it verbatim, with the run's own options."""
+    import importlib
+    import shlex
+
+    module = importlib.import_module("bise.extract")  # bise.extract is also the function
+    real = module.extract
+
+    def stop_after_epoch_1(*args, **kwargs):
+        def interrupt(epoch, _record):
+            if epoch == 1:
+                raise KeyboardInterrupt
+        return real(*args, **{**kwargs, "callback": interrupt})
+
+    out = tmp_path / "run dir"  # a space: the command must be quoted
+    monkeypatch.setattr(module, "extract", stop_after_epoch_1)
+    assert main(["run", *TINY, "--mask-epochs", "3", "--out", str(out), "--overwrite"]) == 130
+    line = capsys.readouterr().err.strip().splitlines()[-1]
+    assert line.startswith("bise run: interrupted; continue with: bise run "), line
+    monkeypatch.setattr(module, "extract", real)
+    command = shlex.split(line.split("continue with: ", 1)[1])
+    assert command[0] == "bise" and "--overwrite" not in command and command.count("--resume") == 1
+    assert main(command[1:]) == 0
+    assert "resuming from epoch 1 of 3" not in capsys.readouterr().out  # --quiet was kept
+    assert json.loads((out / "run.json").read_text())["artefacts"]["masks.pt"]["settings"]["mask_epochs"] == 3
