@@ -587,12 +587,15 @@ def cmd_run(inv: Invocation) -> None:
         _reuse_vanilla(inv)
     else:
         cmd_train(inv)
-    if not (a.resume and _reusable(inv, MASKS, _extract_settings(inv, _extract_config(inv), run.path(VANILLA)))):
+    # the path of vanilla.pt is not compared: a moved --out is the same run (require checks the chain)
+    extraction = {k: v for k, v in _extract_settings(inv, _extract_config(inv), run.path(VANILLA)).items()
+                  if k != "model"}
+    if not (a.resume and _reusable(inv, MASKS, extraction)):
         cmd_extract(inv)  # with --resume, continues the extraction from its checkpoint
     if not (a.resume and _reusable(inv, SUBNETWORK, {"fold_bn": a.fold_bn, "round_to": a.round_to})):
         cmd_export(inv)
     tuned = bool(a.finetune_epochs) or (a.resume and FINETUNED in run.artefacts)
-    if a.finetune_epochs and not (a.resume and FINETUNED in run.artefacts):
+    if a.finetune_epochs and not (a.resume and _reusable(inv, FINETUNED, {"epochs": a.finetune_epochs})):
         cmd_finetune(inv)
     cmd_evaluate(inv, finetuned=tuned)
 

@@ -4,6 +4,7 @@ import json
 import os
 import subprocess
 import sys
+from unittest import mock
 
 import pytest
 import torch
@@ -159,3 +160,18 @@ def test_finetune_api_selects_best_val_and_copies(run_dir):
         finetune(model, data, epochs=1, scheme="nope")
     with pytest.raises(ValueError, match="epochs"):
         finetune(model, data, epochs=-1)
+
+
+def test_resume_of_a_moved_run_reuses_its_steps_and_fine_tunes_again(run_dir, tmp_path):
+    """run --resume in a moved --out keeps masks.pt and subnetwork.pt, and keeps finetuned.pt only
+    if it was made with the --finetune-epochs asked for."""
+    import shutil
+
+    out = tmp_path / "moved"
+    shutil.copytree(run_dir, out)
+    stamps = {f: (out / f).stat().st_mtime_ns for f in ("masks.pt", "subnetwork.pt", "finetuned.pt")}
+    assert main(["run", *TINY, "--finetune-epochs", "2", "--out", str(out), "--resume"]) == 0
+    assert {f: (out / f).stat().st_mtime_ns for f in stamps} == {**stamps, "finetuned.pt": mock.ANY}
+    assert (out / "finetuned.pt").stat().st_mtime_ns != stamps["finetuned.pt"]
+    assert json.loads((out / "run.json").read_text())["artefacts"]["finetuned.pt"]["settings"]["epochs"] == 2
+    assert json.loads((out / "report.json").read_text())["config"]["finetune"]["epochs"] == 2
