@@ -256,13 +256,16 @@ class Invocation:
 
 def _load_vanilla(inv: Invocation, path: Path):
     """A vanilla.pt written by bise ({format, model_spec, state_dict}) or a bare state_dict of --arch."""
-    from .checkpoint import load_checkpoint
+    from .checkpoint import CheckpointError, load_checkpoint
     from .models import build_model, rebuild
     from .recipes import recipe_for
 
-    if not path.is_file():
-        raise UsageError(f"--model {str(path)!r} does not exist")
-    obj = load_checkpoint(path)
+    name = f"--model {path}" if path == _model_file(inv.opt("model")) else str(path)
+    try:
+        obj = load_checkpoint(path)
+    except CheckpointError as exc:
+        raise UsageError(f"{name}: {exc}; give a state_dict (torch.save(model.state_dict(), PATH)) or a "
+                         "vanilla.pt written by bise") from None
     data, arch = inv.data, inv.opt("arch")
     if obj.get("format") == VANILLA_FORMAT:
         model, state = rebuild(obj["model_spec"]), obj["state_dict"]
@@ -272,15 +275,16 @@ def _load_vanilla(inv: Invocation, path: Path):
         state = obj
     spec = model.bise_spec
     if arch is not None and arch != spec["arch"]:
-        raise UsageError(f"{path} holds a {spec['arch']} model, not --arch {arch}")
+        raise UsageError(f"{name} holds a {spec['arch']} model, not --arch {arch}")
     if spec["num_classes"] != data.num_classes or tuple(spec["input_shape"]) != tuple(data.input_shape):
-        raise UsageError(f"{path} is a model for {spec['num_classes']} classes of {tuple(spec['input_shape'])} "
+        raise UsageError(f"{name} is a model for {spec['num_classes']} classes of {tuple(spec['input_shape'])} "
                          f"inputs; --data has {data.num_classes} classes of {tuple(data.input_shape)}")
     try:
         model.load_state_dict(state, strict=True)
     except RuntimeError as exc:
-        raise UsageError(f"{path} does not match architecture {spec['arch']} (width {spec['width']}): "
-                         f"{str(exc).splitlines()[0]}") from exc
+        details = "; ".join(line.strip() for line in str(exc).splitlines()[1:] if line.strip())
+        raise UsageError(f"{name} does not match architecture {spec['arch']} (width {spec['width']}; --arch, "
+                         f"--width): {details[:300]}{'...' if len(details) > 300 else ''}") from exc
     _finite(model, f"the vanilla model {path}")
     return model.eval()
 
@@ -326,10 +330,18 @@ def _vanilla_source(inv: Invocation) -> tuple[Path, dict]:
     if model is None:
         path = inv.require(VANILLA)
         return path, {VANILLA: inv.run.artefacts[VANILLA]["sha256"]}
+    path = _model_file(model)
+    return path, {str(path): inv.run.hash(path)}
+
+
+def _model_file(model: Optional[str]) -> Optional[Path]:
+    """The absolute path of a --model file (None without --model); a usage error if it is no file."""
+    if model is None:
+        return None
     path = Path(model).expanduser().resolve()
     if not path.is_file():
-        raise UsageError(f"--model {model!r} does not exist")
-    return path, {str(path): inv.run.hash(path)}
+        raise UsageError(f"--model {model!r} {'is not a file' if path.exists() else 'does not exist'}")
+    return path
 
 
 # ---------------------------------------------------------------------------------------------- steps
@@ -377,7 +389,7 @@ def _extract_settings(inv: Invocation, config, source: Path) -> dict:
 
 def cmd_extract(inv: Invocation) -> None:
     from . import validate
-    from .checkpoint import load_checkpoint
+    from .checkpoint import CheckpointError, load_checkpoint
     from .extract import extract
 
     a, data, run = inv.args, inv.data, inv.run
@@ -401,7 +413,11 @@ def cmd_extract(inv: Invocation) -> None:
             raise UsageError(f"{run.path(CHECKPOINT)} was started with other settings (" + ", ".join(
                 f"{k}: {started.get(k)!r}, now {now[k]!r}" for k in changed) + "); --resume with the same options, "
                 "or --overwrite to start again")
-        inv.say(f"resuming from epoch {load_checkpoint(run.path(CHECKPOINT))['epoch']} of {config.mask_epochs}")
+        try:
+            epoch = load_checkpoint(run.path(CHECKPOINT))["epoch"]
+        except CheckpointError as exc:
+            raise UsageError(f"{exc}; start the extraction again with --overwrite") from None
+        inv.say(f"resuming from epoch {epoch} of {config.mask_epochs}")
     in_place = resume or not run.has(CHECKPOINT)
     start = time.perf_counter()
     if in_place and not resume:  # a new checkpoint in --out: recorded first, so that --resume can continue it
@@ -575,7 +591,7 @@ def cmd_run(inv: Invocation) -> None:
     except ValueError as exc:
         raise UsageError(str(exc)) from None
     if a.model:
-        path = Path(a.model).expanduser().resolve()
+        path = _model_file(a.model)
         start = time.perf_counter()
         model = _load_vanilla(inv, path)
         inputs = {str(path): run.hash(path)}

@@ -219,3 +219,25 @@ def test_the_printed_resume_command_resumes(tmp_path, capsys, monkeypatch):
     assert main(command[1:]) == 0
     assert "resuming from epoch 1 of 3" not in capsys.readouterr().out  # --quiet was kept
     assert json.loads((out / "run.json").read_text())["artefacts"]["masks.pt"]["settings"]["mask_epochs"] == 3
+
+
+def test_unreadable_model_files_are_named_in_one_line(run_dir, tmp_path, capsys):
+    """--model given a pickled module, a state_dict of other shapes or a folder: one line naming --model
+    and what to save instead; never the advice to delete the user's file. A corrupt checkpoint.pt: one
+    line saying how to start again."""
+    import shutil
+    from bise.models import build_model
+
+    torch.save(build_model("mlp", 10, (3, 8, 8)), tmp_path / "module.pt")  # the whole module, not its state_dict
+    torch.save(build_model("mlp", 10, (3, 28, 28)).state_dict(), tmp_path / "mlp28.pt")
+    cases = [("module.pt", "state_dict"), ("mlp28.pt", "size mismatch for"), (".", "is not a file")]
+    for name, needle in cases:
+        assert main(["run", *TINY, "--model", str(tmp_path / name), "--out", str(tmp_path / "run")]) == 2
+        lines = capsys.readouterr().err.strip().splitlines()
+        assert len(lines) == 1 and "--model" in lines[0] and needle in lines[0] and "delete" not in lines[0], lines
+    out = tmp_path / "copy"
+    shutil.copytree(run_dir, out)
+    (out / "checkpoint.pt").write_bytes((out / "checkpoint.pt").read_bytes()[:1000])
+    assert main(["extract", "--mask-epochs", "2", "--head-epochs", "1", "--out", str(out), "--resume"]) == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and "checkpoint.pt is corrupt" in lines[0] and "again with --overwrite" in lines[0], lines
