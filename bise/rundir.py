@@ -56,6 +56,8 @@ class RunDir:
     """One command's view of ``--out``; ``makers`` maps each file to the command that writes it."""
 
     def __init__(self, out, makers: dict):
+        if not str(out).strip():  # Path("") is the current folder
+            raise UsageError(f"--out must name a directory, got {str(out)!r}")
         self.out, self.makers = Path(out), makers
         self.staging = self.out / STAGING
         self.created = False

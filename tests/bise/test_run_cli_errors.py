@@ -241,3 +241,11 @@ def test_unreadable_model_files_are_named_in_one_line(run_dir, tmp_path, capsys)
     assert main(["extract", "--mask-epochs", "2", "--head-epochs", "1", "--out", str(out), "--resume"]) == 2
     lines = capsys.readouterr().err.strip().splitlines()
     assert len(lines) == 1 and "checkpoint.pt is corrupt" in lines[0] and "again with --overwrite" in lines[0], lines
+
+
+def test_an_empty_out_is_refused(tmp_path, capsys, monkeypatch):
+    """--out "" (an unset shell variable) is not the current folder."""
+    monkeypatch.chdir(tmp_path)
+    assert main(["train", "--data", "colored-digits", "--arch", "mlp", "--vanilla-epochs", "0", "--quiet",
+                 "--out", ""]) == 2
+    assert "--out must name a directory, got ''" in capsys.readouterr().err and not os.listdir(tmp_path)
