@@ -300,9 +300,9 @@ def _finite(model, source: str) -> None:
 
 
 def _vanilla_health(inv: Invocation, model, source: str) -> dict:
-    """The checks of a new vanilla model before vanilla.pt is written (the one call site of both):
-    non-finite weights are an error; an untrained model (bise.health.check_vanilla: training
-    accuracy near chance, dead ReLU layers) is reported on stderr and recorded in run.json."""
+    """The checks of a new vanilla model before vanilla.pt is written (and of an `extract --model` one
+    when it is reported): non-finite weights are an error; an untrained model (bise.health.check_vanilla:
+    training accuracy near chance, dead ReLU layers) is reported on stderr and recorded."""
     import warnings
 
     from .health import check_vanilla
@@ -535,7 +535,8 @@ def cmd_evaluate(inv: Invocation, finetuned: Optional[bool] = None) -> None:
                    for phase, sec in masks_entry["settings"].get("result", {}).get("timing_seconds", {}).items()})
     timing["evaluation_seconds"] = time.perf_counter() - start
     settings = {k: e["settings"] for k, e in steps.items() if e is not None}
-    settings.setdefault("vanilla", {"from": source})
+    if "vanilla" not in settings:  # extracted from `extract --model`: measure its health here
+        settings["vanilla"] = {"from": source, "health": _vanilla_health(inv, vanilla, f"--model {source}")}
     config = {"data": inv.data_record, "arch": sub.model.bise_spec["arch"], "model_spec": sub.model.bise_spec,
               **settings,
               "evaluate": {"device": a.device, "latency_repeats": a.latency_repeats, "flop_counter": COUNTER},
