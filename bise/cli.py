@@ -192,7 +192,8 @@ class Invocation:
                                  (" or --resume to continue" if a.command == "extract" else ""))
         if a.data is None:
             if recorded is None:
-                raise UsageError("--data is required (no run in --out records a dataset spec)")
+                raise UsageError(f"--out {a.out!r} holds no run (no run.json records a dataset): check --out, or "
+                                 "pass --data to start one")
             a.data = recorded["spec"]
         else:
             a.data = resolve_spec(a.data)
@@ -565,7 +566,9 @@ def _reuse_vanilla(inv: Invocation) -> None:
                                                              ("lr", a.lr, "lr"), ("batch-size", a.batch_size, "batch_size"),
                                                              ("width", a.width, "width"))
                if given is not None and key in recorded and recorded[key] != given]
-    inv.note(f"reusing the run's vanilla.pt ({', '.join(f'{k} {recorded[k]}' for k in ('epochs', 'lr') if k in recorded)})"
+    made = (f"from --model {recorded['from']}" if "from" in recorded else
+            ", ".join(f"{k} {recorded[k]}" for k in ("epochs", "lr") if k in recorded))
+    inv.note(f"reusing the run's vanilla.pt ({made})"
              + (f"; {', '.join(ignored)} ignored (pass --overwrite to train again)" if ignored else ""))
 
 

@@ -249,3 +249,15 @@ def test_an_empty_out_is_refused(tmp_path, capsys, monkeypatch):
     assert main(["train", "--data", "colored-digits", "--arch", "mlp", "--vanilla-epochs", "0", "--quiet",
                  "--out", ""]) == 2
     assert "--out must name a directory, got ''" in capsys.readouterr().err and not os.listdir(tmp_path)
+
+
+def test_messages_about_what_the_out_holds(run_dir, tmp_path, capsys):
+    """A mistyped --out is named as holding no run (not 'pass --data'); resuming a --model run says
+    where its vanilla.pt came from."""
+    assert main(["evaluate", "--out", str(tmp_path / "typo")]) == 2
+    assert f"--out {str(tmp_path / 'typo')!r} holds no run (no run.json records a dataset)" in capsys.readouterr().err
+    args = ["run", *TINY[:2], "--model", str(run_dir / "vanilla.pt"), "--mask-epochs", "1", "--head-epochs", "0",
+            "--latency-repeats", "0", "--quiet", "--out", str(tmp_path / "run")]
+    assert main(args) == 0
+    assert main([*args[:3], *args[5:], "--resume"]) == 0
+    assert f"reusing the run's vanilla.pt (from --model {run_dir / 'vanilla.pt'})" in capsys.readouterr().err
