@@ -207,8 +207,14 @@ class RunDir:
         if hashed and entry["sha256"] is not None and self.hash(path) != entry["sha256"]:
             raise UsageError(f"{path} changed after `bise {entry['step']}` wrote it (its content hash differs from "
                              f"{MANIFEST}); make it again with `bise {maker} --out {self.out} --overwrite`")
-        if entry["data"] != data:
-            raise UsageError(f"{path} was made from {_describe_data(entry['data'])}, this command uses "
+        made = entry["data"]
+        if made != data and made is not None and data is not None and \
+                (made.get("spec"), made.get("seed")) == (data.get("spec"), data.get("seed")):
+            raise UsageError(f"{path} was made from other contents of --data {data.get('spec')!r} (their hash or "
+                             f"options differ from {MANIFEST}): restore those data, or start the run again with "
+                             "`bise run --overwrite`")
+        if made != data:
+            raise UsageError(f"{path} was made from {_describe_data(made)}, this command uses "
                              f"{_describe_data(data)}; pass the run's --data/--seed or make it again with "
                              f"`bise {maker} --overwrite`")
         for source, digest in entry["inputs"].items():

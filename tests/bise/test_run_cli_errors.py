@@ -261,3 +261,17 @@ def test_messages_about_what_the_out_holds(run_dir, tmp_path, capsys):
     assert main(args) == 0
     assert main([*args[:3], *args[5:], "--resume"]) == 0
     assert f"reusing the run's vanilla.pt (from --model {run_dir / 'vanilla.pt'})" in capsys.readouterr().err
+
+
+def test_changed_data_contents_are_named(tmp_path, capsys):
+    """The same --data path with other contents: the error says the data changed (it printed the same
+    --data and --seed twice, as if they differed)."""
+    write_npz(tmp_path / "mine.npz", train=40, hw=4, seed=1)
+    out = str(tmp_path / "run")
+    assert main(["train", "--data", str(tmp_path / "mine.npz"), "--arch", "mlp", "--vanilla-epochs", "0", "--quiet",
+                 "--out", out]) == 0
+    capsys.readouterr()
+    write_npz(tmp_path / "mine.npz", train=40, hw=4, seed=2)
+    assert main(["extract", "--mask-epochs", "1", "--head-epochs", "0", "--quiet", "--out", out]) == 2
+    err = capsys.readouterr().err
+    assert f"vanilla.pt was made from other contents of --data {str(tmp_path / 'mine.npz')!r}" in err, err
