@@ -275,3 +275,10 @@ def test_changed_data_contents_are_named(tmp_path, capsys):
     assert main(["extract", "--mask-epochs", "1", "--head-epochs", "0", "--quiet", "--out", out]) == 2
     err = capsys.readouterr().err
     assert f"vanilla.pt was made from other contents of --data {str(tmp_path / 'mine.npz')!r}" in err, err
+
+
+@pytest.mark.parametrize("value", ["inf", "nan"])
+def test_non_finite_numbers_are_named_as_such(capsys, value):
+    with pytest.raises(SystemExit) as exc:
+        main(["train", "--out", "x", "--width", value])
+    assert exc.value.code == 2 and f"--width must be a finite number > 0, got '{value}'" in capsys.readouterr().err
