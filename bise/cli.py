@@ -414,7 +414,9 @@ def cmd_extract(inv: Invocation) -> None:
         if changed:
             raise UsageError(f"{run.path(CHECKPOINT)} was started with other settings (" + ", ".join(
                 f"{k}: {started.get(k)!r}, now {now[k]!r}" for k in changed) + "); --resume with the same options, "
-                "or --overwrite to start again")
+                + ("or --overwrite to start again" if a.command == "extract" else  # run --overwrite: a new vanilla too
+                   f"or extract again from the run's vanilla.pt with `bise extract --out {a.out} --overwrite` and "
+                   "these extraction options, then resume"))
         try:
             epoch = load_checkpoint(run.path(CHECKPOINT))["epoch"]
         except CheckpointError as exc:

@@ -172,6 +172,10 @@ def test_resume_says_what_it_reuses(run_dir, capsys):
     assert main(["extract", "--mask-epochs", "3", "--head-epochs", "1", "--out", str(run_dir), "--resume"]) == 2
     assert "was started with other settings (mask_epochs: 2, now 3); --resume with the same options, or " \
            "--overwrite" in capsys.readouterr().err
+    # bise run --overwrite would train the vanilla again: the way to new masks is bise extract --overwrite
+    assert main(["run", *TINY, "--mask-epochs", "3", "--out", str(run_dir), "--resume"]) == 2
+    assert f"or extract again from the run's vanilla.pt with `bise extract --out {run_dir} --overwrite` and these " \
+           "extraction options" in capsys.readouterr().err
 
 
 def test_ctrl_c_prints_one_line_with_the_resume_command(tmp_path):
