@@ -87,14 +87,15 @@ class RunDir:
         if (out / MANIFEST).is_file():
             try:
                 manifest = json.loads((out / MANIFEST).read_text())
-                assert manifest.get("format") == FORMAT and isinstance(manifest.get("artefacts"), dict)
-            except Exception:
-                if fresh:
-                    manifest = self.manifest
-                else:
-                    raise UsageError(f"{out / MANIFEST} is not a run file of this version of bise; choose another --out "
-                                     "or pass --overwrite (bise run)") from None
-            self.manifest = manifest
+                problem = None if isinstance(manifest, dict) and manifest.get("format") == FORMAT and \
+                    isinstance(manifest.get("artefacts"), dict) else "is not a run file of this version of bise"
+            except ValueError as exc:  # bise writes it atomically: damaged or edited by hand
+                manifest, problem = None, f"is corrupt (not JSON: {exc})"
+            except OSError as exc:
+                manifest, problem = None, f"cannot be read ({exc.strerror})"
+            if problem is not None and not fresh:
+                raise UsageError(f"{out / MANIFEST} {problem}; choose another --out or pass --overwrite (bise run)")
+            self.manifest = manifest if problem is None else self.manifest
         distributed.barrier()
 
     def _lock(self) -> None:

@@ -286,3 +286,10 @@ def test_non_finite_numbers_are_named_as_such(capsys, value):
     with pytest.raises(SystemExit) as exc:
         main(["train", "--out", "x", "--width", value])
     assert exc.value.code == 2 and f"--width must be a finite number > 0, got '{value}'" in capsys.readouterr().err
+
+
+def test_a_corrupt_run_json_is_named_corrupt(tmp_path, capsys):
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "run.json").write_text('{"format": "bise-run-v2", "data": {"spec": "col')  # truncated
+    assert main(["evaluate", "--out", str(tmp_path / "run")]) == 2
+    assert f"{tmp_path / 'run' / 'run.json'} is corrupt (not JSON: " in capsys.readouterr().err
