@@ -170,6 +170,7 @@ class Invocation:
         self.run = RunDir(args.out, MAKERS)
         self._data = None
         self.data_record: Optional[dict] = None
+        self.recorded_before: Optional[dict] = None
 
     def opt(self, name: str, default=None):
         """An option of this subcommand (``default`` for one it does not take)."""
@@ -181,6 +182,7 @@ class Invocation:
         if self.opt("resume") and a.overwrite:
             raise UsageError("--resume and --overwrite exclude each other")
         self.run.open(fresh=a.command == "run" and a.overwrite)
+        self.recorded_before = _plain(self.run.artefacts)  # what --out held: did this command change it?
         recorded = self.run.manifest.get("data")
         present = [f for f in OUTPUTS.get(a.command, ()) if self.run.has(f)]
         if not a.overwrite:
@@ -635,12 +637,14 @@ def _user_errors() -> tuple:
 
 
 def _resume_hint(inv: Invocation, argv: list) -> str:
-    """How to continue after Ctrl-C: the command as given (a resumed extraction must have the same
-    options), without --overwrite and with --resume, quoted for the shell."""
+    """How to continue after Ctrl-C: if this command changed --out (a step finished, an extraction
+    started), the command as given (a resumed extraction needs the same options), without --overwrite
+    and with --resume, quoted for the shell; otherwise --resume would continue the previous run."""
     import shlex
 
     a = inv.args
-    if a.command in ("run", "extract") and (inv.run.has(CHECKPOINT) or inv.run.has(VANILLA)):
+    changed = inv.recorded_before is not None and inv.run.artefacts != inv.recorded_before
+    if a.command in ("run", "extract") and (a.resume or changed):
         again = [t for t in argv if not (t.startswith("--ov") and "--overwrite".startswith(t))]
         return "continue with: " + shlex.join(["bise", *again, *(() if a.resume else ("--resume",))])
     return "nothing was changed; run the command again to redo it"

@@ -293,3 +293,19 @@ def test_a_corrupt_run_json_is_named_corrupt(tmp_path, capsys):
     (tmp_path / "run" / "run.json").write_text('{"format": "bise-run-v2", "data": {"spec": "col')  # truncated
     assert main(["evaluate", "--out", str(tmp_path / "run")]) == 2
     assert f"{tmp_path / 'run' / 'run.json'} is corrupt (not JSON: " in capsys.readouterr().err
+
+
+def test_ctrl_c_before_anything_changed_does_not_offer_to_resume_the_old_run(run_dir, tmp_path, capsys, monkeypatch):
+    """run --overwrite stopped in the vanilla training: --resume would continue the *previous* run."""
+    import importlib
+    import shutil
+
+    def stop(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    out = tmp_path / "copy"
+    shutil.copytree(run_dir, out)
+    monkeypatch.setattr(importlib.import_module("bise.train"), "train_vanilla", stop)
+    assert main(["run", *TINY, "--vanilla-epochs", "3", "--out", str(out), "--overwrite"]) == 130
+    assert capsys.readouterr().err.strip().splitlines()[-1] == \
+        "bise run: interrupted; nothing was changed; run the command again to redo it"
