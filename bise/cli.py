@@ -387,21 +387,34 @@ def _extract_config(inv: Invocation):
         raise UsageError(str(exc)) from None
 
 
+def _check_extraction_data(inv: Invocation) -> None:
+    """What the extraction needs of the data (checked by `run` before the vanilla training): bias
+    labels with |B| = |Y| unless --label-free, and a second training draw for --mask-set fresh-draw."""
+    from . import validate
+    from .data.maskset import can_redraw
+
+    a = inv.args
+    try:
+        validate.same_bias_classes(inv.data, a.label_free, "--label-free")
+    except ValueError as exc:
+        raise UsageError(str(exc)) from None
+    if a.mask_set == "fresh-draw" and not can_redraw(inv.data):
+        raise UsageError(f"--mask-set fresh-draw needs a second draw of the training set, which --data {a.data!r} "
+                         "cannot give (fixed data: use --mask-set vanilla-train, or supply mask_x / mask_y / mask_b "
+                         "in the .npz)")
+
+
 def _extract_settings(inv: Invocation, config, source: Path) -> dict:
     return {**dataclasses.asdict(config), "model": str(source)}
 
 
 def cmd_extract(inv: Invocation) -> None:
-    from . import validate
     from .checkpoint import CheckpointError, load_checkpoint
     from .extract import extract
 
     a, data, run = inv.args, inv.data, inv.run
     config = _extract_config(inv)
-    try:
-        validate.same_bias_classes(data, a.label_free, "--label-free")
-    except ValueError as exc:
-        raise UsageError(str(exc)) from None
+    _check_extraction_data(inv)
     source, inputs = _vanilla_source(inv)
     model = _load_vanilla(inv, source)
     settings = _extract_settings(inv, config, source)
@@ -591,14 +604,9 @@ def _reusable(inv: Invocation, name: str, settings: dict) -> bool:
 
 
 def cmd_run(inv: Invocation) -> None:
-    from . import validate
-
     a, run = inv.args, inv.run
     _extract_config(inv)  # bad extraction settings and the data's bias classes fail before any training
-    try:
-        validate.same_bias_classes(inv.data, a.label_free, "--label-free")
-    except ValueError as exc:
-        raise UsageError(str(exc)) from None
+    _check_extraction_data(inv)
     if a.model:
         path = _model_file(a.model)
         start = time.perf_counter()

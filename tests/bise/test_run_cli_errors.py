@@ -309,3 +309,13 @@ def test_ctrl_c_before_anything_changed_does_not_offer_to_resume_the_old_run(run
     assert main(["run", *TINY, "--vanilla-epochs", "3", "--out", str(out), "--overwrite"]) == 130
     assert capsys.readouterr().err.strip().splitlines()[-1] == \
         "bise run: interrupted; nothing was changed; run the command again to redo it"
+
+
+def test_fresh_draw_without_a_second_draw_fails_before_training(tmp_path, capsys):
+    write_npz(tmp_path / "fixed.npz", train=40, hw=4)  # no mask_x / mask_y / mask_b
+    out = tmp_path / "run"
+    assert main(["run", "--data", str(tmp_path / "fixed.npz"), "--arch", "mlp", "--vanilla-epochs", "1",
+                 "--mask-set", "fresh-draw", "--quiet", "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert "--mask-set fresh-draw needs a second draw" in err and "--mask-set vanilla-train" in err, err
+    assert not out.exists()  # no vanilla trained first
