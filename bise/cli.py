@@ -77,8 +77,9 @@ def _group(title: str, *options) -> argparse.ArgumentParser:
 def build_parser() -> argparse.ArgumentParser:
     out = _group("run directory", (("--out",), dict(metavar="DIR", required=True, help="run directory (created if "
                  "missing); run.json in it records what every file was made from")),
-                 (("--overwrite",), dict(action="store_true", help="replace this command's outputs (the old ones are "
-                  "replaced only when the command succeeds; files made from them are then removed)")),
+                 (("--overwrite",), dict(action="store_true", help="replace this command's outputs: each old file only "
+                  "when the step that remakes it succeeds, and then the files made from it go too (run: step by "
+                  "step, so once a run --overwrite has its new vanilla.pt, the old run is gone)")),
                  (("--quiet",), dict(action="store_true", help="no progress bars or summary lines")))
     data = _group("data", (("--data",), dict(metavar="SPEC", help="dataset spec for bise.data.load, e.g. "
                   "colored-digits or biased-mnist:rho=0.997 (one-step commands: default the run's)")),
