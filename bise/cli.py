@@ -42,7 +42,7 @@ __all__ = ["build_parser", "main"]
 
 # ---------------------------------------------------------------------------------------------- parser
 
-def _typed(kind, low, name):
+def _typed(kind, low, name, high=None):
     def parse(text: str):
         try:
             v = kind(text)
@@ -51,6 +51,8 @@ def _typed(kind, low, name):
         if not (v >= low if kind is int else (v > low and v == v and v != float("inf"))):
             raise argparse.ArgumentTypeError(f"{name} must be {'>=' if kind is int else 'a finite number >'} {low}, "
                                              f"got {text!r}")
+        if high is not None and v > high:
+            raise argparse.ArgumentTypeError(f"{name} must be <= {high}, got {text!r}")
         return v
     return parse
 
@@ -83,7 +85,7 @@ def build_parser() -> argparse.ArgumentParser:
                  (("--quiet",), dict(action="store_true", help="no progress bars or summary lines")))
     data = _group("data", (("--data",), dict(metavar="SPEC", help="dataset spec for bise.data.load, e.g. "
                   "colored-digits or biased-mnist:rho=0.997 (one-step commands: default the run's)")),
-                  (("--seed",), dict(type=_typed(int, 0, "--seed"), help="seed of data generation, training and "
+                  (("--seed",), dict(type=_typed(int, 0, "--seed", 2 ** 63 - 1), help="seed of data generation, training and "
                    "extraction (default: the run's, else 0)")))
     device = _group("execution", (("--device",), dict(default="cpu", help="cpu, cuda or cuda:N (default cpu)")))
     arch = _group("model", (("--arch",), dict(help="simple-cnn | mlp | resnet18 | mobilenetv2 (default: the data's "

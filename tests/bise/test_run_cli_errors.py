@@ -319,3 +319,9 @@ def test_fresh_draw_without_a_second_draw_fails_before_training(tmp_path, capsys
     err = capsys.readouterr().err
     assert "--mask-set fresh-draw needs a second draw" in err and "--mask-set vanilla-train" in err, err
     assert not out.exists()  # no vanilla trained first
+
+
+def test_a_seed_beyond_64_bits_is_refused_by_the_parser(capsys):
+    with pytest.raises(SystemExit) as exc:  # it loaded the data, then torch.manual_seed overflowed
+        main(["train", "--out", "x", "--seed", str(2 ** 63)])
+    assert exc.value.code == 2 and f"--seed must be <= {2 ** 63 - 1}, got '{2 ** 63}'" in capsys.readouterr().err
