@@ -687,7 +687,8 @@ def main(argv: Optional[list] = None) -> int:
         HANDLERS[args.command](inv)
         failed = False
     except _user_errors() as exc:
-        print(f"bise {args.command}: error: {exc}", file=sys.stderr)
+        text = "; ".join(line.strip() for line in str(exc).splitlines() if line.strip())  # one line, always
+        print(f"bise {args.command}: error: {text}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"\nbise {args.command}: interrupted; {_resume_hint(inv, argv) if inv else 'nothing was changed'}",

@@ -325,3 +325,15 @@ def test_a_seed_beyond_64_bits_is_refused_by_the_parser(capsys):
     with pytest.raises(SystemExit) as exc:  # it loaded the data, then torch.manual_seed overflowed
         main(["train", "--out", "x", "--seed", str(2 ** 63)])
     assert exc.value.code == 2 and f"--seed must be <= {2 ** 63 - 1}, got '{2 ** 63}'" in capsys.readouterr().err
+
+
+def test_a_multi_line_error_is_printed_on_one_line(tmp_path, capsys, monkeypatch):
+    """Errors of torch, numpy or Pillow may span lines; the CLI prints one (`bise COMMAND: error: ...`)."""
+    import bise.cli
+
+    def fail(inv):
+        raise ValueError("first line.\n\tsecond line\n")
+
+    monkeypatch.setitem(bise.cli.HANDLERS, "train", fail)
+    assert main(["train", "--data", "colored-digits", "--out", str(tmp_path / "run")]) == 2
+    assert capsys.readouterr().err == "bise train: error: first line.; second line\n"
