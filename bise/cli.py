@@ -85,8 +85,8 @@ def build_parser() -> argparse.ArgumentParser:
                  (("--quiet",), dict(action="store_true", help="no progress bars or summary lines")))
     data = _group("data", (("--data",), dict(metavar="SPEC", help="dataset spec for bise.data.load, e.g. "
                   "colored-digits or biased-mnist:rho=0.997 (one-step commands: default the run's)")),
-                  (("--seed",), dict(type=_typed(int, 0, "--seed", 2 ** 63 - 1), help="seed of data generation, training and "
-                   "extraction (default: the run's, else 0)")))
+                  (("--seed",), dict(type=_typed(int, 0, "--seed", 2 ** 63 - 1), help="seed of data generation, "
+                   "training and extraction (default: the run's, else 0)")))
     device = _group("execution", (("--device",), dict(default="cpu", help="cpu, cuda or cuda:N (default cpu)")))
     arch = _group("model", (("--arch",), dict(help="simple-cnn | mlp | resnet18 | mobilenetv2 (default: the data's "
                   "paper recipe)")), (("--width",), dict(type=_typed(float, 0, "--width"),

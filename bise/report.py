@@ -89,8 +89,8 @@ def _vanilla_lines(cfg: dict) -> list[str]:
     """What the vanilla is and how well it fit its training set (bise.health.check_vanilla, in run.json):
     a subnetwork of a vanilla that did not train means little."""
     v = cfg.get("vanilla") or {}
-    how = (f"from --model {v['from']}" if "from" in v else f"trained {v.get('epochs', '?')} epochs (lr {v.get('lr', '?')}, "
-           f"batch size {v.get('batch_size', '?')}, seed {v.get('seed', '?')})")
+    how = (f"from --model {v['from']}" if "from" in v else f"trained {v.get('epochs', '?')} epochs (lr "
+           f"{v.get('lr', '?')}, batch size {v.get('batch_size', '?')}, seed {v.get('seed', '?')})")
     lines = ["## Vanilla model", "", f"`{cfg.get('arch', '?')}` {how}."]
     h = v.get("health")
     if not h:
@@ -112,7 +112,8 @@ def _protocol_lines(cfg: dict) -> list[str]:
     r = e.get("result") or {}
     loss = (f"reweighted cross-entropy ({r.get('weighting', e.get('weighting'))})" if e.get("reweight", True)
             else "plain cross-entropy") + (" + mutual-information term" if e.get("mi", True) else "")
-    keep = f"the top {100 * e['budget']:g}% of units by score" if e.get("budget") is not None else "units with gate score >= 0"
+    keep = (f"the top {100 * e['budget']:g}% of units by score" if e.get("budget") is not None
+            else "units with gate score >= 0")
     selected = r.get("selection", "?") + (f" (epoch {r['best_epoch']})" if r.get("best_epoch") is not None else "")
     lines = ["## Protocol", "",
              f"Masks and bias head learnt on the {r.get('mask_set', e.get('mask_set'))} set (batch size "
