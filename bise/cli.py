@@ -192,6 +192,11 @@ class Invocation:
             if a.command == "run" and self.run.artefacts and not a.resume:
                 raise UsageError(f"--out {a.out!r} holds another run ({', '.join(sorted(self.run.artefacts)[:4])}"
                                  "...); pass --resume to continue it or --overwrite to replace it")
+            strays = sorted(f for f in MAKERS if self.run.has(f)) if a.command == "run" and not a.resume else []
+            if strays:  # e.g. the user's own model or notes: run would replace them
+                raise UsageError(f"--out {a.out!r} already has {', '.join(strays)}, which no run in it records; "
+                                 f"pass --overwrite to replace {'it' if len(strays) == 1 else 'them'}, or use "
+                                 "another --out")
             if present and a.command not in ("evaluate", "run") and not self.opt("resume"):
                 raise UsageError(f"--out {a.out!r} already has {', '.join(present)}; pass --overwrite to replace "
                                  f"{'it' if len(present) == 1 else 'them'}" +

@@ -337,3 +337,14 @@ def test_a_multi_line_error_is_printed_on_one_line(tmp_path, capsys, monkeypatch
     monkeypatch.setitem(bise.cli.HANDLERS, "train", fail)
     assert main(["train", "--data", "colored-digits", "--out", str(tmp_path / "run")]) == 2
     assert capsys.readouterr().err == "bise train: error: first line.; second line\n"
+
+
+def test_run_does_not_overwrite_files_that_no_run_records(tmp_path, capsys):
+    """--out without run.json but with the user's own report.md: run refuses instead of replacing it."""
+    out = tmp_path / "mine"
+    out.mkdir()
+    (out / "report.md").write_text("my notes")
+    assert main(["run", *TINY, "--out", str(out)]) == 2
+    assert f"--out {str(out)!r} already has report.md, which no run in it records; pass --overwrite" in \
+        capsys.readouterr().err
+    assert (out / "report.md").read_text() == "my notes" and sorted(os.listdir(out)) == [".bise.lock", "report.md"]
