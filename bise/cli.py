@@ -116,7 +116,8 @@ def build_parser() -> argparse.ArgumentParser:
         (("--no-mi",), dict(dest="mi", action="store_false", help="ablation: drop the mutual-information term")),
         (("--amp",), dict(action="store_true", help="bf16 autocast for the extraction's frozen forward passes")))
     resume = _group("resumption", (("--resume",), dict(action="store_true", help="continue the run in --out: reuse "
-                    "vanilla.pt, continue the extraction from checkpoint.pt")))
+                    "vanilla.pt, continue the extraction from checkpoint.pt and (run) keep what the later steps "
+                    "made with the same options; another --fold-bn, --round-to or --finetune-epochs redoes its step")))
     export = _group("export", (("--fold-bn",), dict(action="store_true", help="fold BatchNorm into the preceding "
                     "conv")), (("--round-to",), dict(type=_typed(int, 1, "--round-to"), metavar="N",
                     help="keep exported channel counts multiples of N")))
