@@ -119,7 +119,8 @@ def _protocol_lines(cfg: dict) -> list[str]:
              f"Masks and bias head learnt on the {r.get('mask_set', e.get('mask_set'))} set (batch size "
              f"{r.get('batch_size', e.get('batch_size'))}): {e.get('mask_epochs', '?')} mask epochs, "
              f"{e.get('head_epochs', '?')} head epochs per head phase; loss: {loss}; bias labels: "
-             f"{'pseudo (label-free)' if e.get('label_free') else 'given'}; kept: {keep}; selection: {selected}."]
+             f"{'pseudo (label-free)' if e.get('label_free') else 'given'}; kept: {keep}; selection: {selected}"
+             + ("; frozen forward passes in bf16 autocast (--amp)." if e.get("amp") else ".")]
     ft = cfg.get("finetune")
     if ft:
         lines += ["", f"BISE+FT fine-tuning: {ft.get('epochs')} epochs, lr {ft.get('lr')}, selection: "
