@@ -22,6 +22,7 @@ from . import distributed
 from .extract import CHECKPOINT_NAME as CHECKPOINT, RESUME_IGNORED
 from .report import REPORT_FILES
 from .rundir import RunDir, UsageError
+from .validate import MAX_SEED
 
 VANILLA_FORMAT = "bise-vanilla-v1"
 VANILLA, MASKS = "vanilla.pt", "masks.pt"
@@ -85,7 +86,7 @@ def build_parser() -> argparse.ArgumentParser:
                  (("--quiet",), dict(action="store_true", help="no progress bars or summary lines")))
     data = _group("data", (("--data",), dict(metavar="SPEC", help="dataset spec for bise.data.load, e.g. "
                   "colored-digits or biased-mnist:rho=0.997 (one-step commands: default the run's)")),
-                  (("--seed",), dict(type=_typed(int, 0, "--seed", 2 ** 63 - 1), help="seed of data generation, "
+                  (("--seed",), dict(type=_typed(int, 0, "--seed", MAX_SEED), help="seed of data generation, "
                    "training and extraction (default: the run's, else 0)")))
     device = _group("execution", (("--device",), dict(default="cpu", help="cpu, cuda or cuda:N (default cpu)")))
     arch = _group("model", (("--arch",), dict(help="simple-cnn | mlp | resnet18 | mobilenetv2 (default: the data's "
