@@ -11,6 +11,7 @@ unreadable file raises :class:`CheckpointError`.
 from __future__ import annotations
 
 import os
+import re
 import tempfile
 from pathlib import Path
 from typing import Any, Callable, Union
@@ -69,6 +70,15 @@ def save_atomic(obj: Any, path: PathLike) -> Path:
     return atomic_write(path, write)
 
 
+def _reason(err: Exception) -> str:
+    """One line of why torch.load failed (its messages run to several paragraphs)."""
+    text = str(err).strip()
+    found = re.search(r"Unsupported global: GLOBAL (\S+)", text)
+    if found:  # e.g. torch.save(model) instead of torch.save(model.state_dict())
+        return f"it holds a pickled {found.group(1)} object; only tensors and plain containers are read"
+    return f"{type(err).__name__}: {text.splitlines()[0].split('. ')[0] if text else ''}"
+
+
 def load_checkpoint(path: PathLike, *, required: tuple = ()) -> dict:
     """Read a checkpoint dict written by :func:`save_atomic`; ``required`` keys must be present."""
     path = Path(path)
@@ -77,8 +87,7 @@ def load_checkpoint(path: PathLike, *, required: tuple = ()) -> dict:
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # pickle / zip errors differ by how the file is damaged
-        raise CheckpointError(f"checkpoint {path} is corrupt or not a checkpoint ({type(err).__name__}: {err}); "
-                              "delete it to start over") from err
+        raise CheckpointError(f"checkpoint {path} is corrupt or not a checkpoint ({_reason(err)})") from err
     if not isinstance(obj, dict):
         raise CheckpointError(f"checkpoint {path} holds a {type(obj).__name__}, not a dict")
     missing = [k for k in required if k not in obj]

@@ -22,6 +22,7 @@ from . import distributed
 from .extract import CHECKPOINT_NAME as CHECKPOINT, RESUME_IGNORED
 from .report import REPORT_FILES
 from .rundir import RunDir, UsageError
+from .validate import MAX_SEED
 
 VANILLA_FORMAT = "bise-vanilla-v1"
 VANILLA, MASKS = "vanilla.pt", "masks.pt"
@@ -42,14 +43,17 @@ __all__ = ["build_parser", "main"]
 
 # ---------------------------------------------------------------------------------------------- parser
 
-def _typed(kind, low, name):
+def _typed(kind, low, name, high=None):
     def parse(text: str):
         try:
             v = kind(text)
         except ValueError:
             raise argparse.ArgumentTypeError(f"{name} must be a {kind.__name__}, got {text!r}") from None
         if not (v >= low if kind is int else (v > low and v == v and v != float("inf"))):
-            raise argparse.ArgumentTypeError(f"{name} must be {'>=' if kind is int else '>'} {low}, got {text!r}")
+            raise argparse.ArgumentTypeError(f"{name} must be {'>=' if kind is int else 'a finite number >'} {low}, "
+                                             f"got {text!r}")
+        if high is not None and v > high:
+            raise argparse.ArgumentTypeError(f"{name} must be <= {high}, got {text!r}")
         return v
     return parse
 
@@ -76,13 +80,14 @@ def _group(title: str, *options) -> argparse.ArgumentParser:
 def build_parser() -> argparse.ArgumentParser:
     out = _group("run directory", (("--out",), dict(metavar="DIR", required=True, help="run directory (created if "
                  "missing); run.json in it records what every file was made from")),
-                 (("--overwrite",), dict(action="store_true", help="replace this command's outputs (the old ones are "
-                  "replaced only when the command succeeds; files made from them are then removed)")),
+                 (("--overwrite",), dict(action="store_true", help="replace this command's outputs: each old file only "
+                  "when the step that remakes it succeeds, and then the files made from it go too (run: step by "
+                  "step, so once a run --overwrite has its new vanilla.pt, the old run is gone)")),
                  (("--quiet",), dict(action="store_true", help="no progress bars or summary lines")))
     data = _group("data", (("--data",), dict(metavar="SPEC", help="dataset spec for bise.data.load, e.g. "
                   "colored-digits or biased-mnist:rho=0.997 (one-step commands: default the run's)")),
-                  (("--seed",), dict(type=_typed(int, 0, "--seed"), help="seed of data generation, training and "
-                   "extraction (default: the run's, else 0)")))
+                  (("--seed",), dict(type=_typed(int, 0, "--seed", MAX_SEED), help="seed of data generation, "
+                   "training and extraction (default: the run's, else 0)")))
     device = _group("execution", (("--device",), dict(default="cpu", help="cpu, cuda or cuda:N (default cpu)")))
     arch = _group("model", (("--arch",), dict(help="simple-cnn | mlp | resnet18 | mobilenetv2 (default: the data's "
                   "paper recipe)")), (("--width",), dict(type=_typed(float, 0, "--width"),
@@ -112,7 +117,8 @@ def build_parser() -> argparse.ArgumentParser:
         (("--no-mi",), dict(dest="mi", action="store_false", help="ablation: drop the mutual-information term")),
         (("--amp",), dict(action="store_true", help="bf16 autocast for the extraction's frozen forward passes")))
     resume = _group("resumption", (("--resume",), dict(action="store_true", help="continue the run in --out: reuse "
-                    "vanilla.pt, continue the extraction from checkpoint.pt")))
+                    "vanilla.pt, continue the extraction from checkpoint.pt and (run) keep what the later steps "
+                    "made with the same options; another --fold-bn, --round-to or --finetune-epochs redoes its step")))
     export = _group("export", (("--fold-bn",), dict(action="store_true", help="fold BatchNorm into the preceding "
                     "conv")), (("--round-to",), dict(type=_typed(int, 1, "--round-to"), metavar="N",
                     help="keep exported channel counts multiples of N")))
@@ -169,6 +175,7 @@ class Invocation:
         self.run = RunDir(args.out, MAKERS)
         self._data = None
         self.data_record: Optional[dict] = None
+        self.recorded_before: Optional[dict] = None
 
     def opt(self, name: str, default=None):
         """An option of this subcommand (``default`` for one it does not take)."""
@@ -180,19 +187,26 @@ class Invocation:
         if self.opt("resume") and a.overwrite:
             raise UsageError("--resume and --overwrite exclude each other")
         self.run.open(fresh=a.command == "run" and a.overwrite)
+        self.recorded_before = _plain(self.run.artefacts)  # what --out held: did this command change it?
         recorded = self.run.manifest.get("data")
         present = [f for f in OUTPUTS.get(a.command, ()) if self.run.has(f)]
         if not a.overwrite:
             if a.command == "run" and self.run.artefacts and not a.resume:
                 raise UsageError(f"--out {a.out!r} holds another run ({', '.join(sorted(self.run.artefacts)[:4])}"
                                  "...); pass --resume to continue it or --overwrite to replace it")
+            strays = sorted(f for f in MAKERS if self.run.has(f)) if a.command == "run" and not a.resume else []
+            if strays:  # e.g. the user's own model or notes: run would replace them
+                raise UsageError(f"--out {a.out!r} already has {', '.join(strays)}, which no run in it records; "
+                                 f"pass --overwrite to replace {'it' if len(strays) == 1 else 'them'}, or use "
+                                 "another --out")
             if present and a.command not in ("evaluate", "run") and not self.opt("resume"):
                 raise UsageError(f"--out {a.out!r} already has {', '.join(present)}; pass --overwrite to replace "
                                  f"{'it' if len(present) == 1 else 'them'}" +
                                  (" or --resume to continue" if a.command == "extract" else ""))
         if a.data is None:
             if recorded is None:
-                raise UsageError("--data is required (no run in --out records a dataset spec)")
+                raise UsageError(f"--out {a.out!r} holds no run (no run.json records a dataset): check --out, or "
+                                 "pass --data to start one")
             a.data = recorded["spec"]
         else:
             a.data = resolve_spec(a.data)
@@ -256,13 +270,16 @@ class Invocation:
 
 def _load_vanilla(inv: Invocation, path: Path):
     """A vanilla.pt written by bise ({format, model_spec, state_dict}) or a bare state_dict of --arch."""
-    from .checkpoint import load_checkpoint
+    from .checkpoint import CheckpointError, load_checkpoint
     from .models import build_model, rebuild
     from .recipes import recipe_for
 
-    if not path.is_file():
-        raise UsageError(f"--model {str(path)!r} does not exist")
-    obj = load_checkpoint(path)
+    name = f"--model {path}" if path == _model_file(inv.opt("model")) else str(path)
+    try:
+        obj = load_checkpoint(path)
+    except CheckpointError as exc:
+        raise UsageError(f"{name}: {exc}; give a state_dict (torch.save(model.state_dict(), PATH)) or a "
+                         "vanilla.pt written by bise") from None
     data, arch = inv.data, inv.opt("arch")
     if obj.get("format") == VANILLA_FORMAT:
         model, state = rebuild(obj["model_spec"]), obj["state_dict"]
@@ -272,15 +289,16 @@ def _load_vanilla(inv: Invocation, path: Path):
         state = obj
     spec = model.bise_spec
     if arch is not None and arch != spec["arch"]:
-        raise UsageError(f"{path} holds a {spec['arch']} model, not --arch {arch}")
+        raise UsageError(f"{name} holds a {spec['arch']} model, not --arch {arch}")
     if spec["num_classes"] != data.num_classes or tuple(spec["input_shape"]) != tuple(data.input_shape):
-        raise UsageError(f"{path} is a model for {spec['num_classes']} classes of {tuple(spec['input_shape'])} "
+        raise UsageError(f"{name} is a model for {spec['num_classes']} classes of {tuple(spec['input_shape'])} "
                          f"inputs; --data has {data.num_classes} classes of {tuple(data.input_shape)}")
     try:
         model.load_state_dict(state, strict=True)
     except RuntimeError as exc:
-        raise UsageError(f"{path} does not match architecture {spec['arch']} (width {spec['width']}): "
-                         f"{str(exc).splitlines()[0]}") from exc
+        details = "; ".join(line.strip() for line in str(exc).splitlines()[1:] if line.strip())
+        raise UsageError(f"{name} does not match architecture {spec['arch']} (width {spec['width']}; --arch, "
+                         f"--width): {details[:300]}{'...' if len(details) > 300 else ''}") from exc
     _finite(model, f"the vanilla model {path}")
     return model.eval()
 
@@ -296,9 +314,9 @@ def _finite(model, source: str) -> None:
 
 
 def _vanilla_health(inv: Invocation, model, source: str) -> dict:
-    """The checks of a new vanilla model before vanilla.pt is written (the one call site of both):
-    non-finite weights are an error; an untrained model (bise.health.check_vanilla: training
-    accuracy near chance, dead ReLU layers) is reported on stderr and recorded in run.json."""
+    """The checks of a new vanilla model before vanilla.pt is written (and of an `extract --model` one
+    when it is reported): non-finite weights are an error; an untrained model (bise.health.check_vanilla:
+    training accuracy near chance, dead ReLU layers) is reported on stderr and recorded."""
     import warnings
 
     from .health import check_vanilla
@@ -326,10 +344,18 @@ def _vanilla_source(inv: Invocation) -> tuple[Path, dict]:
     if model is None:
         path = inv.require(VANILLA)
         return path, {VANILLA: inv.run.artefacts[VANILLA]["sha256"]}
+    path = _model_file(model)
+    return path, {str(path): inv.run.hash(path)}
+
+
+def _model_file(model: Optional[str]) -> Optional[Path]:
+    """The absolute path of a --model file (None without --model); a usage error if it is no file."""
+    if model is None:
+        return None
     path = Path(model).expanduser().resolve()
     if not path.is_file():
-        raise UsageError(f"--model {model!r} does not exist")
-    return path, {str(path): inv.run.hash(path)}
+        raise UsageError(f"--model {model!r} {'is not a file' if path.exists() else 'does not exist'}")
+    return path
 
 
 # ---------------------------------------------------------------------------------------------- steps
@@ -371,21 +397,34 @@ def _extract_config(inv: Invocation):
         raise UsageError(str(exc)) from None
 
 
+def _check_extraction_data(inv: Invocation) -> None:
+    """What the extraction needs of the data (checked by `run` before the vanilla training): bias
+    labels with |B| = |Y| unless --label-free, and a second training draw for --mask-set fresh-draw."""
+    from . import validate
+    from .data.maskset import can_redraw
+
+    a = inv.args
+    try:
+        validate.same_bias_classes(inv.data, a.label_free, "--label-free")
+    except ValueError as exc:
+        raise UsageError(str(exc)) from None
+    if a.mask_set == "fresh-draw" and not can_redraw(inv.data):
+        raise UsageError(f"--mask-set fresh-draw needs a second draw of the training set, which --data {a.data!r} "
+                         "cannot give (fixed data: use --mask-set vanilla-train, or supply mask_x / mask_y / mask_b "
+                         "in the .npz)")
+
+
 def _extract_settings(inv: Invocation, config, source: Path) -> dict:
     return {**dataclasses.asdict(config), "model": str(source)}
 
 
 def cmd_extract(inv: Invocation) -> None:
-    from . import validate
-    from .checkpoint import load_checkpoint
+    from .checkpoint import CheckpointError, load_checkpoint
     from .extract import extract
 
     a, data, run = inv.args, inv.data, inv.run
     config = _extract_config(inv)
-    try:
-        validate.same_bias_classes(data, a.label_free, "--label-free")
-    except ValueError as exc:
-        raise UsageError(str(exc)) from None
+    _check_extraction_data(inv)
     source, inputs = _vanilla_source(inv)
     model = _load_vanilla(inv, source)
     settings = _extract_settings(inv, config, source)
@@ -400,8 +439,14 @@ def cmd_extract(inv: Invocation) -> None:
         if changed:
             raise UsageError(f"{run.path(CHECKPOINT)} was started with other settings (" + ", ".join(
                 f"{k}: {started.get(k)!r}, now {now[k]!r}" for k in changed) + "); --resume with the same options, "
-                "or --overwrite to start again")
-        inv.say(f"resuming from epoch {load_checkpoint(run.path(CHECKPOINT))['epoch']} of {config.mask_epochs}")
+                + ("or --overwrite to start again" if a.command == "extract" else  # run --overwrite: a new vanilla too
+                   f"or extract again from the run's vanilla.pt with `bise extract --out {a.out} --overwrite` and "
+                   "these extraction options, then resume"))
+        try:
+            epoch = load_checkpoint(run.path(CHECKPOINT))["epoch"]
+        except CheckpointError as exc:
+            raise UsageError(f"{exc}; start the extraction again with --overwrite") from None
+        inv.say(f"resuming from epoch {epoch} of {config.mask_epochs}")
     in_place = resume or not run.has(CHECKPOINT)
     start = time.perf_counter()
     if in_place and not resume:  # a new checkpoint in --out: recorded first, so that --resume can continue it
@@ -519,7 +564,8 @@ def cmd_evaluate(inv: Invocation, finetuned: Optional[bool] = None) -> None:
                    for phase, sec in masks_entry["settings"].get("result", {}).get("timing_seconds", {}).items()})
     timing["evaluation_seconds"] = time.perf_counter() - start
     settings = {k: e["settings"] for k, e in steps.items() if e is not None}
-    settings.setdefault("vanilla", {"from": source})
+    if "vanilla" not in settings:  # extracted from `extract --model`: measure its health here
+        settings["vanilla"] = {"from": source, "health": _vanilla_health(inv, vanilla, f"--model {source}")}
     config = {"data": inv.data_record, "arch": sub.model.bise_spec["arch"], "model_spec": sub.model.bise_spec,
               **settings,
               "evaluate": {"device": a.device, "latency_repeats": a.latency_repeats, "flop_counter": COUNTER},
@@ -548,7 +594,9 @@ def _reuse_vanilla(inv: Invocation) -> None:
                                                              ("lr", a.lr, "lr"), ("batch-size", a.batch_size, "batch_size"),
                                                              ("width", a.width, "width"))
                if given is not None and key in recorded and recorded[key] != given]
-    inv.note(f"reusing the run's vanilla.pt ({', '.join(f'{k} {recorded[k]}' for k in ('epochs', 'lr') if k in recorded)})"
+    made = (f"from --model {recorded['from']}" if "from" in recorded else
+            ", ".join(f"{k} {recorded[k]}" for k in ("epochs", "lr") if k in recorded))
+    inv.note(f"reusing the run's vanilla.pt ({made})"
              + (f"; {', '.join(ignored)} ignored (pass --overwrite to train again)" if ignored else ""))
 
 
@@ -566,16 +614,11 @@ def _reusable(inv: Invocation, name: str, settings: dict) -> bool:
 
 
 def cmd_run(inv: Invocation) -> None:
-    from . import validate
-
     a, run = inv.args, inv.run
     _extract_config(inv)  # bad extraction settings and the data's bias classes fail before any training
-    try:
-        validate.same_bias_classes(inv.data, a.label_free, "--label-free")
-    except ValueError as exc:
-        raise UsageError(str(exc)) from None
+    _check_extraction_data(inv)
     if a.model:
-        path = Path(a.model).expanduser().resolve()
+        path = _model_file(a.model)
         start = time.perf_counter()
         model = _load_vanilla(inv, path)
         inputs = {str(path): run.hash(path)}
@@ -587,12 +630,15 @@ def cmd_run(inv: Invocation) -> None:
         _reuse_vanilla(inv)
     else:
         cmd_train(inv)
-    if not (a.resume and _reusable(inv, MASKS, _extract_settings(inv, _extract_config(inv), run.path(VANILLA)))):
+    # the path of vanilla.pt is not compared: a moved --out is the same run (require checks the chain)
+    extraction = {k: v for k, v in _extract_settings(inv, _extract_config(inv), run.path(VANILLA)).items()
+                  if k != "model"}
+    if not (a.resume and _reusable(inv, MASKS, extraction)):
         cmd_extract(inv)  # with --resume, continues the extraction from its checkpoint
     if not (a.resume and _reusable(inv, SUBNETWORK, {"fold_bn": a.fold_bn, "round_to": a.round_to})):
         cmd_export(inv)
     tuned = bool(a.finetune_epochs) or (a.resume and FINETUNED in run.artefacts)
-    if a.finetune_epochs and not (a.resume and FINETUNED in run.artefacts):
+    if a.finetune_epochs and not (a.resume and _reusable(inv, FINETUNED, {"epochs": a.finetune_epochs})):
         cmd_finetune(inv)
     cmd_evaluate(inv, finetuned=tuned)
 
@@ -608,10 +654,17 @@ def _user_errors() -> tuple:
     return (UsageError, ValueError, FileNotFoundError, CheckpointError, ExportError)
 
 
-def _resume_hint(inv: Invocation) -> str:
+def _resume_hint(inv: Invocation, argv: list) -> str:
+    """How to continue after Ctrl-C: if this command changed --out (a step finished, an extraction
+    started), the command as given (a resumed extraction needs the same options), without --overwrite
+    and with --resume, quoted for the shell; otherwise --resume would continue the previous run."""
+    import shlex
+
     a = inv.args
-    if a.command in ("run", "extract") and (inv.run.has(CHECKPOINT) or inv.run.has(VANILLA)):
-        return f"continue with: bise {a.command} --out {a.out} --resume"
+    changed = inv.recorded_before is not None and inv.run.artefacts != inv.recorded_before
+    if a.command in ("run", "extract") and (a.resume or changed):
+        again = [t for t in argv if not (t.startswith("--ov") and "--overwrite".startswith(t))]
+        return "continue with: " + shlex.join(["bise", *again, *(() if a.resume else ("--resume",))])
     return "nothing was changed; run the command again to redo it"
 
 
@@ -619,6 +672,7 @@ def main(argv: Optional[list] = None) -> int:
     """Entry point of ``bise`` and ``python -m bise``; returns the exit status."""
     from . import validate
 
+    argv = list(sys.argv[1:] if argv is None else argv)
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
     if extra:  # reported by the subcommand, which lists the options it takes
@@ -640,10 +694,11 @@ def main(argv: Optional[list] = None) -> int:
         HANDLERS[args.command](inv)
         failed = False
     except _user_errors() as exc:
-        print(f"bise {args.command}: error: {exc}", file=sys.stderr)
+        text = "; ".join(line.strip() for line in str(exc).splitlines() if line.strip())  # one line, always
+        print(f"bise {args.command}: error: {text}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print(f"\nbise {args.command}: interrupted; {_resume_hint(inv) if inv else 'nothing was changed'}",
+        print(f"\nbise {args.command}: interrupted; {_resume_hint(inv, argv) if inv else 'nothing was changed'}",
               file=sys.stderr)
         return 130
     finally:

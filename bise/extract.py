@@ -114,6 +114,7 @@ class ExtractConfig:
             raise ValueError(f"mask_set must be one of {MASK_SETS} or None, got {self.mask_set!r}")
         if self.weighting is not None and self.weighting not in losses.SCHEMES:
             raise ValueError(f"weighting must be one of {losses.SCHEMES} or None, got {self.weighting!r}")
+        validate.seed(self.seed)
         return self
 
     @property

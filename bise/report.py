@@ -85,6 +85,49 @@ def _pct(v) -> str:
     return "-" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{100 * v:.1f}"
 
 
+def _vanilla_lines(cfg: dict) -> list[str]:
+    """What the vanilla is and how well it fit its training set (bise.health.check_vanilla, in run.json):
+    a subnetwork of a vanilla that did not train means little."""
+    v = cfg.get("vanilla") or {}
+    how = (f"from --model {v['from']}" if "from" in v else f"trained {v.get('epochs', '?')} epochs (lr "
+           f"{v.get('lr', '?')}, batch size {v.get('batch_size', '?')}, seed {v.get('seed', '?')})")
+    lines = ["## Vanilla model", "", f"`{cfg.get('arch', '?')}` {how}."]
+    h = v.get("health")
+    if not h:
+        return lines + ["", "Its training accuracy was not measured.", ""]
+    conflicting = (f"{h['n_conflicting_train']} bias-conflicting of {h['n_train']} training samples "
+                   f"({100 * h['n_conflicting_train'] / max(1, h['n_train']):.1f}%), of which it fits "
+                   f"{_pct(h['conflicting_train_accuracy'])}%")
+    lines += ["", f"Training accuracy {_pct(h['train_accuracy'])}% (chance {_pct(h['chance'])}%, aligned samples "
+                  f"{_pct(h['aligned_train_accuracy'])}%); {conflicting}. ReLU units that never fire on training "
+                  f"inputs: {h.get('dead_units', '-')} of {h.get('units', '-')}."]
+    if h.get("problems"):
+        lines += ["", "**The vanilla model did not train:** " + "; ".join(h["problems"]) + "."]
+    return lines + [""]
+
+
+def _protocol_lines(cfg: dict) -> list[str]:
+    """How the masks were learnt and selected (and the fine-tuning), from the run's settings."""
+    e = cfg.get("extraction") or {}
+    r = e.get("result") or {}
+    loss = (f"reweighted cross-entropy ({r.get('weighting', e.get('weighting'))})" if e.get("reweight", True)
+            else "plain cross-entropy") + (" + mutual-information term" if e.get("mi", True) else "")
+    keep = (f"the top {100 * e['budget']:g}% of units by score" if e.get("budget") is not None
+            else "units with gate score >= 0")
+    selected = r.get("selection", "?") + (f" (epoch {r['best_epoch']})" if r.get("best_epoch") is not None else "")
+    lines = ["## Protocol", "",
+             f"Masks and bias head learnt on the {r.get('mask_set', e.get('mask_set'))} set (batch size "
+             f"{r.get('batch_size', e.get('batch_size'))}): {e.get('mask_epochs', '?')} mask epochs, "
+             f"{e.get('head_epochs', '?')} head epochs per head phase; loss: {loss}; bias labels: "
+             f"{'pseudo (label-free)' if e.get('label_free') else 'given'}; kept: {keep}; selection: {selected}"
+             + ("; frozen forward passes in bf16 autocast (--amp)." if e.get("amp") else ".")]
+    ft = cfg.get("finetune")
+    if ft:
+        lines += ["", f"BISE+FT fine-tuning: {ft.get('epochs')} epochs, lr {ft.get('lr')}, selection: "
+                      f"{ft.get('selection')}."]
+    return lines + [""]
+
+
 def _models(report: dict) -> list[tuple[str, dict]]:
     return [(k, report[k]) for k in ("vanilla", "subnetwork", "finetuned") if k in report]
 
@@ -101,6 +144,8 @@ def render_markdown(report: dict, units: Optional[dict] = None) -> str:
     label, key = headline(report)
     lines += [f"**Test accuracy, {label}:** " + " -> ".join(f"{name} {_pct(sec['test'][key])}"
                                                             for name, sec in _models(report) if sec.get("test")), ""]
+    if "vanilla" in cfg or "extraction" in cfg:
+        lines += _vanilla_lines(cfg) + _protocol_lines(cfg)
     for split in ("test", "val"):
         rows = [(name, sec[split]) for name, sec in _models(report) if sec.get(split)]
         if not rows:

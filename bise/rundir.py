@@ -56,6 +56,8 @@ class RunDir:
     """One command's view of ``--out``; ``makers`` maps each file to the command that writes it."""
 
     def __init__(self, out, makers: dict):
+        if not str(out).strip():  # Path("") is the current folder
+            raise UsageError(f"--out must name a directory, got {str(out)!r}")
         self.out, self.makers = Path(out), makers
         self.staging = self.out / STAGING
         self.created = False
@@ -85,14 +87,15 @@ class RunDir:
         if (out / MANIFEST).is_file():
             try:
                 manifest = json.loads((out / MANIFEST).read_text())
-                assert manifest.get("format") == FORMAT and isinstance(manifest.get("artefacts"), dict)
-            except Exception:
-                if fresh:
-                    manifest = self.manifest
-                else:
-                    raise UsageError(f"{out / MANIFEST} is not a run file of this version of bise; choose another --out "
-                                     "or pass --overwrite (bise run)") from None
-            self.manifest = manifest
+                problem = None if isinstance(manifest, dict) and manifest.get("format") == FORMAT and \
+                    isinstance(manifest.get("artefacts"), dict) else "is not a run file of this version of bise"
+            except ValueError as exc:  # bise writes it atomically: damaged or edited by hand
+                manifest, problem = None, f"is corrupt (not JSON: {exc})"
+            except OSError as exc:
+                manifest, problem = None, f"cannot be read ({exc.strerror})"
+            if problem is not None and not fresh:
+                raise UsageError(f"{out / MANIFEST} {problem}; choose another --out or pass --overwrite (bise run)")
+            self.manifest = manifest if problem is None else self.manifest
         distributed.barrier()
 
     def _lock(self) -> None:
@@ -205,8 +208,14 @@ class RunDir:
         if hashed and entry["sha256"] is not None and self.hash(path) != entry["sha256"]:
             raise UsageError(f"{path} changed after `bise {entry['step']}` wrote it (its content hash differs from "
                              f"{MANIFEST}); make it again with `bise {maker} --out {self.out} --overwrite`")
-        if entry["data"] != data:
-            raise UsageError(f"{path} was made from {_describe_data(entry['data'])}, this command uses "
+        made = entry["data"]
+        if made != data and made is not None and data is not None and \
+                (made.get("spec"), made.get("seed")) == (data.get("spec"), data.get("seed")):
+            raise UsageError(f"{path} was made from other contents of --data {data.get('spec')!r} (their hash or "
+                             f"options differ from {MANIFEST}): restore those data, or start the run again with "
+                             "`bise run --overwrite`")
+        if made != data:
+            raise UsageError(f"{path} was made from {_describe_data(made)}, this command uses "
                              f"{_describe_data(data)}; pass the run's --data/--seed or make it again with "
                              f"`bise {maker} --overwrite`")
         for source, digest in entry["inputs"].items():

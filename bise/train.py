@@ -105,7 +105,7 @@ def train_vanilla(data, arch: Optional[str] = None, *, epochs: Optional[int] = N
     epochs = recipe["epochs"] if epochs is None else validate.as_int("epochs", epochs, 0)
     batch_size = recipe["batch_size"] if batch_size is None else validate.as_int("batch_size", batch_size, 1)
     lr = recipe["lr"] if lr is None else validate.as_positive("lr", lr)
-    seed, device = validate.as_int("seed", seed, 0), validate.device(device)
+    seed, device = validate.seed(seed), validate.device(device)
     torch.manual_seed(seed)
     model = build_model(recipe["arch"], data.num_classes, data.input_shape, width=width, **model_kwargs)
     return fit(model, data.train, recipe, epochs=epochs, batch_size=batch_size, lr=lr, seed=seed, device=device,

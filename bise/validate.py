@@ -26,6 +26,20 @@ def as_int(name: str, value, low: int) -> int:
     return value
 
 
+MAX_SEED = 2 ** 63 - 1  # torch.manual_seed takes 64 bits; numpy, the data's generator, any size
+
+
+def seed(value, name: str = "seed") -> int:
+    """``value`` as a seed every generator of the workflow takes: a Python int in [0, 2**63 - 1]."""
+    text = f"{name} must be an int >= 0 and <= 2**63 - 1, got {value!r}"
+    if isinstance(value, (bool, float)) or not isinstance(value, numbers.Integral):
+        raise TypeError(text)
+    value = operator.index(value)
+    if not 0 <= value <= MAX_SEED:
+        raise ValueError(text)
+    return value
+
+
 def as_positive(name: str, value) -> float:
     """``value`` as a finite Python float > 0 (NumPy scalars accepted)."""
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
@@ -126,4 +140,5 @@ def same_bias_classes(data, label_free: bool, flag: str = "label_free=True") -> 
                          f"{data.num_bias_classes}. Relabel the bias, or use {flag}")
 
 
-__all__ = ["as_int", "as_positive", "device", "extract_config", "model_fits", "same_bias_classes"]
+__all__ = ["MAX_SEED", "as_int", "as_positive", "device", "extract_config", "model_fits", "same_bias_classes",
+           "seed"]

@@ -138,8 +138,9 @@ def load(spec: str, *, seed: int = 0, data_dir: Optional[str] = None,
     """Load a dataset by spec (module docstring): built-ins are generated from the seed and cached
     in cache_dir (default $BISE_CACHE_DIR or ~/.cache/bise), as are image folders, CelebA and
     Waterbirds (decoded and resized once); an .npz is read directly."""
-    if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
-        raise ValueError(f"seed={seed!r}: expected a non-negative integer")
+    from ..validate import seed as check_seed
+
+    seed = check_seed(seed)
     data_dir = Path(data_dir) if data_dir else default_data_dir()
     kind, target, raw = parse(os.fspath(spec) if isinstance(spec, os.PathLike) else spec)
     if kind == "npz":

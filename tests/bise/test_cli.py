@@ -4,6 +4,7 @@ import json
 import os
 import subprocess
 import sys
+from unittest import mock
 
 import pytest
 import torch
@@ -159,3 +160,38 @@ def test_finetune_api_selects_best_val_and_copies(run_dir):
         finetune(model, data, epochs=1, scheme="nope")
     with pytest.raises(ValueError, match="epochs"):
         finetune(model, data, epochs=-1)
+
+
+def test_resume_of_a_moved_run_reuses_its_steps_and_fine_tunes_again(run_dir, tmp_path):
+    """run --resume in a moved --out keeps masks.pt and subnetwork.pt, and keeps finetuned.pt only
+    if it was made with the --finetune-epochs asked for."""
+    import shutil
+
+    out = tmp_path / "moved"
+    shutil.copytree(run_dir, out)
+    stamps = {f: (out / f).stat().st_mtime_ns for f in ("masks.pt", "subnetwork.pt", "finetuned.pt")}
+    assert main(["run", *TINY, "--finetune-epochs", "2", "--out", str(out), "--resume"]) == 0
+    assert {f: (out / f).stat().st_mtime_ns for f in stamps} == {**stamps, "finetuned.pt": mock.ANY}
+    assert (out / "finetuned.pt").stat().st_mtime_ns != stamps["finetuned.pt"]
+    assert json.loads((out / "run.json").read_text())["artefacts"]["finetuned.pt"]["settings"]["epochs"] == 2
+    assert json.loads((out / "report.json").read_text())["config"]["finetune"]["epochs"] == 2
+
+
+def test_report_states_the_vanilla_health_and_the_protocol(run_dir, tmp_path):
+    """report.md says how well the vanilla fit its training set (conflicting samples included) and how
+    the masks were learnt and selected; also for a vanilla given to `bise extract --model`."""
+    health = json.loads((run_dir / "run.json").read_text())["artefacts"]["vanilla.pt"]["settings"]["health"]
+    text = (run_dir / "report.md").read_text()
+    vanilla = text.split("## Vanilla model\n", 1)[1].split("\n## ", 1)[0]
+    assert f"{100 * health['train_accuracy']:.1f}%" in vanilla
+    assert f"{health['n_conflicting_train']} bias-conflicting" in vanilla and "2 epochs" in vanilla
+    protocol = text.split("## Protocol\n", 1)[1].split("\n## ", 1)[0]
+    assert "fresh-draw" in protocol and "2 mask epochs" in protocol and "best validation accuracy" in protocol
+    assert "fine-tuning: 1 epochs" in protocol
+    out = tmp_path / "ext"
+    for args in (["extract", *TINY[:4], *EXTRACT, "--model", str(run_dir / "vanilla.pt")], ["export", "--quiet"],
+                 ["evaluate", "--latency-repeats", "0", "--quiet"]):
+        assert main([*args, "--out", str(out)]) == 0
+    report = json.loads((out / "report.json").read_text())
+    assert report["config"]["vanilla"]["health"] == health
+    assert f"from --model {run_dir / 'vanilla.pt'}" in (out / "report.md").read_text()

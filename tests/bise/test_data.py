@@ -208,7 +208,7 @@ def test_bad_builtin_specs_fail_with_their_message(spec, message, tmp_path):
 
 
 def test_bad_seed_is_rejected(tmp_path):
-    with pytest.raises(ValueError, match="seed=-1"):
+    with pytest.raises(ValueError, match="seed must be an int >= 0 and <= 2\\*\\*63 - 1, got -1"):
         data.load("colored-digits", seed=-1, cache_dir=str(tmp_path))
 
 

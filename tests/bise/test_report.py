@@ -109,3 +109,16 @@ def test_model_section():
     sec = model_section(model, _Data(), vanilla_params=20, units_pruned=0.5)
     assert list(sec) == ["test", "mmacs", "params", "units_pruned", "weights_removed"]
     assert sec["params"] == 10 and sec["weights_removed"] == 0.5 and sec["mmacs"] == pytest.approx(8e-6)
+
+
+def test_protocol_names_the_options_that_change_the_masks():
+    report = _report()
+    report["config"].update(vanilla={"from": "/m.pt"}, extraction={
+        "mask_epochs": 3, "head_epochs": 1, "budget": 0.25, "reweight": False, "mi": False, "label_free": True,
+        "amp": True, "result": {"mask_set": "vanilla-train", "batch_size": 64, "selection": "last epoch"}})
+    text = render_markdown(report)
+    protocol = text.split("## Protocol\n", 1)[1].split("\n## ", 1)[0]
+    for needle in ("vanilla-train set (batch size 64)", "3 mask epochs, 1 head epochs", "loss: plain cross-entropy;",
+                   "pseudo (label-free)", "the top 25% of units", "selection: last epoch", "bf16 autocast"):
+        assert needle in protocol, needle
+    assert "from --model /m.pt" in text and "not measured" in text

@@ -91,3 +91,17 @@ def test_finetune_refuses_bad_numbers_instead_of_a_default(kwargs, message):
     model = build_model("mlp", data.num_classes, data.input_shape)
     with pytest.raises(ValueError, match=message):
         bise.finetune(model, data, **kwargs)
+
+
+@pytest.mark.parametrize("seed", [-1, 2 ** 63, True])
+def test_every_entry_point_names_a_bad_seed(data, seed):
+    """torch seeds are 64-bit: a larger one failed late with 'Overflow when unpacking long long'; the
+    extraction and fine-tuning took any seed."""
+    model = build_model("mlp", data.num_classes, data.input_shape)
+    calls = [lambda: bise.train_vanilla(data, "mlp", epochs=0, seed=seed, quiet=True),
+             lambda: validate.extract_config({"seed": seed}),
+             lambda: bise.finetune(model, data, epochs=0, seed=seed),
+             lambda: load("colored-digits", seed=seed)]
+    for call in calls:
+        with pytest.raises((ValueError, TypeError), match=r"seed must be an int >= 0 and <= 2\*\*63 - 1"):
+            call()

@@ -171,7 +171,8 @@ def test_extract_from_model_records_it(base, tmp_path, capsys):
                  "--quiet"]) == 0
     assert step("export", out) == 0
     assert evaluate(out, capsys) == "ok"
-    assert json.loads((out / "report.json").read_text())["config"]["vanilla"] == {"from": str(model)}
+    vanilla = json.loads((out / "report.json").read_text())["config"]["vanilla"]
+    assert vanilla["from"] == str(model) and set(vanilla) == {"from", "health"}
     assert step("train", out, "--vanilla-epochs", "0") == 0  # an unrelated vanilla.pt beside the masks
     assert evaluate(out, capsys) == "ok"  # still reports --model, which the masks were made from
     torch.save({"format": "bise-vanilla-v1"}, model)

@@ -172,6 +172,10 @@ def test_resume_says_what_it_reuses(run_dir, capsys):
     assert main(["extract", "--mask-epochs", "3", "--head-epochs", "1", "--out", str(run_dir), "--resume"]) == 2
     assert "was started with other settings (mask_epochs: 2, now 3); --resume with the same options, or " \
            "--overwrite" in capsys.readouterr().err
+    # bise run --overwrite would train the vanilla again: the way to new masks is bise extract --overwrite
+    assert main(["run", *TINY, "--mask-epochs", "3", "--out", str(run_dir), "--resume"]) == 2
+    assert f"or extract again from the run's vanilla.pt with `bise extract --out {run_dir} --overwrite` and these " \
+           "extraction options" in capsys.readouterr().err
 
 
 def test_ctrl_c_prints_one_line_with_the_resume_command(tmp_path):
@@ -192,3 +196,155 @@ def test_ctrl_c_prints_one_line_with_the_resume_command(tmp_path):
     assert "Traceback" not in rest
     assert rest.strip().splitlines()[-1] == "bise run: interrupted; nothing was changed; run the command again to redo it"
     assert not out.exists()  # the folder it created is gone
+
+
+def test_the_printed_resume_command_resumes(tmp_path, capsys, monkeypatch):
+    """Ctrl-C in the extraction prints a command that continues it verbatim, with the run's own options."""
+    import importlib
+    import shlex
+
+    module = importlib.import_module("bise.extract")  # bise.extract is also the function
+    real = module.extract
+
+    def stop_after_epoch_1(*args, **kwargs):
+        def interrupt(epoch, _record):
+            if epoch == 1:
+                raise KeyboardInterrupt
+        return real(*args, **{**kwargs, "callback": interrupt})
+
+    out = tmp_path / "run dir"  # a space: the command must be quoted
+    monkeypatch.setattr(module, "extract", stop_after_epoch_1)
+    assert main(["run", *TINY, "--mask-epochs", "3", "--out", str(out), "--overwrite"]) == 130
+    line = capsys.readouterr().err.strip().splitlines()[-1]
+    assert line.startswith("bise run: interrupted; continue with: bise run "), line
+    monkeypatch.setattr(module, "extract", real)
+    command = shlex.split(line.split("continue with: ", 1)[1])
+    assert command[0] == "bise" and "--overwrite" not in command and command.count("--resume") == 1
+    assert main(command[1:]) == 0
+    assert "resuming from epoch 1 of 3" not in capsys.readouterr().out  # --quiet was kept
+    assert json.loads((out / "run.json").read_text())["artefacts"]["masks.pt"]["settings"]["mask_epochs"] == 3
+
+
+def test_unreadable_model_files_are_named_in_one_line(run_dir, tmp_path, capsys):
+    """--model given a pickled module, a state_dict of other shapes or a folder: one line naming --model
+    and what to save instead; never the advice to delete the user's file. A corrupt checkpoint.pt: one
+    line saying how to start again."""
+    import shutil
+    from bise.models import build_model
+
+    torch.save(build_model("mlp", 10, (3, 8, 8)), tmp_path / "module.pt")  # the whole module, not its state_dict
+    torch.save(build_model("mlp", 10, (3, 28, 28)).state_dict(), tmp_path / "mlp28.pt")
+    cases = [("module.pt", "state_dict"), ("mlp28.pt", "size mismatch for"), (".", "is not a file")]
+    for name, needle in cases:
+        assert main(["run", *TINY, "--model", str(tmp_path / name), "--out", str(tmp_path / "run")]) == 2
+        lines = capsys.readouterr().err.strip().splitlines()
+        assert len(lines) == 1 and "--model" in lines[0] and needle in lines[0] and "delete" not in lines[0], lines
+    out = tmp_path / "copy"
+    shutil.copytree(run_dir, out)
+    (out / "checkpoint.pt").write_bytes((out / "checkpoint.pt").read_bytes()[:1000])
+    assert main(["extract", "--mask-epochs", "2", "--head-epochs", "1", "--out", str(out), "--resume"]) == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and "checkpoint.pt is corrupt" in lines[0] and "again with --overwrite" in lines[0], lines
+
+
+def test_an_empty_out_is_refused(tmp_path, capsys, monkeypatch):
+    """--out "" (an unset shell variable) is not the current folder."""
+    monkeypatch.chdir(tmp_path)
+    assert main(["train", "--data", "colored-digits", "--arch", "mlp", "--vanilla-epochs", "0", "--quiet",
+                 "--out", ""]) == 2
+    assert "--out must name a directory, got ''" in capsys.readouterr().err and not os.listdir(tmp_path)
+
+
+def test_messages_about_what_the_out_holds(run_dir, tmp_path, capsys):
+    """A mistyped --out is named as holding no run (not 'pass --data'); resuming a --model run says
+    where its vanilla.pt came from."""
+    assert main(["evaluate", "--out", str(tmp_path / "typo")]) == 2
+    assert f"--out {str(tmp_path / 'typo')!r} holds no run (no run.json records a dataset)" in capsys.readouterr().err
+    args = ["run", *TINY[:2], "--model", str(run_dir / "vanilla.pt"), "--mask-epochs", "1", "--head-epochs", "0",
+            "--latency-repeats", "0", "--quiet", "--out", str(tmp_path / "run")]
+    assert main(args) == 0
+    assert main([*args[:3], *args[5:], "--resume"]) == 0
+    assert f"reusing the run's vanilla.pt (from --model {run_dir / 'vanilla.pt'})" in capsys.readouterr().err
+
+
+def test_changed_data_contents_are_named(tmp_path, capsys):
+    """The same --data path with other contents: the error says the data changed (it printed the same
+    --data and --seed twice, as if they differed)."""
+    write_npz(tmp_path / "mine.npz", train=40, hw=4, seed=1)
+    out = str(tmp_path / "run")
+    assert main(["train", "--data", str(tmp_path / "mine.npz"), "--arch", "mlp", "--vanilla-epochs", "0", "--quiet",
+                 "--out", out]) == 0
+    capsys.readouterr()
+    write_npz(tmp_path / "mine.npz", train=40, hw=4, seed=2)
+    assert main(["extract", "--mask-epochs", "1", "--head-epochs", "0", "--quiet", "--out", out]) == 2
+    err = capsys.readouterr().err
+    assert f"vanilla.pt was made from other contents of --data {str(tmp_path / 'mine.npz')!r}" in err, err
+
+
+@pytest.mark.parametrize("value", ["inf", "nan"])
+def test_non_finite_numbers_are_named_as_such(capsys, value):
+    with pytest.raises(SystemExit) as exc:
+        main(["train", "--out", "x", "--width", value])
+    assert exc.value.code == 2 and f"--width must be a finite number > 0, got '{value}'" in capsys.readouterr().err
+
+
+def test_a_corrupt_run_json_is_named_corrupt(tmp_path, capsys):
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "run.json").write_text('{"format": "bise-run-v2", "data": {"spec": "col')  # truncated
+    assert main(["evaluate", "--out", str(tmp_path / "run")]) == 2
+    assert f"{tmp_path / 'run' / 'run.json'} is corrupt (not JSON: " in capsys.readouterr().err
+
+
+def test_ctrl_c_before_anything_changed_does_not_offer_to_resume_the_old_run(run_dir, tmp_path, capsys, monkeypatch):
+    """run --overwrite stopped in the vanilla training: --resume would continue the *previous* run."""
+    import importlib
+    import shutil
+
+    def stop(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    out = tmp_path / "copy"
+    shutil.copytree(run_dir, out)
+    monkeypatch.setattr(importlib.import_module("bise.train"), "train_vanilla", stop)
+    assert main(["run", *TINY, "--vanilla-epochs", "3", "--out", str(out), "--overwrite"]) == 130
+    assert capsys.readouterr().err.strip().splitlines()[-1] == \
+        "bise run: interrupted; nothing was changed; run the command again to redo it"
+
+
+def test_fresh_draw_without_a_second_draw_fails_before_training(tmp_path, capsys):
+    write_npz(tmp_path / "fixed.npz", train=40, hw=4)  # no mask_x / mask_y / mask_b
+    out = tmp_path / "run"
+    assert main(["run", "--data", str(tmp_path / "fixed.npz"), "--arch", "mlp", "--vanilla-epochs", "1",
+                 "--mask-set", "fresh-draw", "--quiet", "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert "--mask-set fresh-draw needs a second draw" in err and "--mask-set vanilla-train" in err, err
+    assert not out.exists()  # no vanilla trained first
+
+
+def test_a_seed_beyond_64_bits_is_refused_by_the_parser(capsys):
+    with pytest.raises(SystemExit) as exc:  # it loaded the data, then torch.manual_seed overflowed
+        main(["train", "--out", "x", "--seed", str(2 ** 63)])
+    assert exc.value.code == 2 and f"--seed must be <= {2 ** 63 - 1}, got '{2 ** 63}'" in capsys.readouterr().err
+
+
+def test_a_multi_line_error_is_printed_on_one_line(tmp_path, capsys, monkeypatch):
+    """Errors of torch, numpy or Pillow may span lines; the CLI prints one (`bise COMMAND: error: ...`)."""
+    import bise.cli
+
+    def fail(inv):
+        raise ValueError("first line.\n\tsecond line\n")
+
+    monkeypatch.setitem(bise.cli.HANDLERS, "train", fail)
+    assert main(["train", "--data", "colored-digits", "--out", str(tmp_path / "run")]) == 2
+    assert capsys.readouterr().err == "bise train: error: first line.; second line\n"
+
+
+def test_run_does_not_overwrite_files_that_no_run_records(tmp_path, capsys):
+    """--out without run.json but with the user's own report.md: run refuses instead of replacing it."""
+    out = tmp_path / "mine"
+    out.mkdir()
+    (out / "report.md").write_text("my notes")
+    assert main(["run", *TINY, "--out", str(out)]) == 2
+    assert f"--out {str(out)!r} already has report.md, which no run in it records; pass --overwrite" in \
+        capsys.readouterr().err
+    assert (out / "report.md").read_text() == "my notes" and sorted(os.listdir(out)) == [".bise.lock", "report.md"]
