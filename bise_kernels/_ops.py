@@ -251,11 +251,14 @@ def _backward_kernel(name: str) -> Callable:
     return lambda grad_y, x, *args: _kernel(name, x)(grad_y, x, *args)
 
 
-def _layer_backward(ctx, backward_op, grad_y: Tensor, *geometry) -> tuple:
-    """(grad_x, grad_weight, grad_bias, grad_scores) of a masked layer, None where not needed.
+def _layer_backward(ctx, backward_op, grad_y: Tensor, layout: Callable, *geometry) -> tuple:
+    """(grad_x, grad_weight, grad_bias, grad_scores) of a masked layer, None where not needed;
+    ``layout(grad_y, x)``: grad_y as the backward kernel takes it.
 
-    Saved: x, weight, scores, then the selection ``(thr, cut)`` or the packed ``keep`` mask."""
+    Saved: x, weight, scores, then the selection ``(thr, cut)`` or the packed ``keep`` mask, read
+    once (torch.utils.checkpoint's non-reentrant mode unpacks each saved tensor only once)."""
     x, weight, scores, *selection = ctx.saved_tensors
+    grad_y = layout(grad_y, x)
     nx, nw, nb, ns = ctx.needs_input_grad[:4]
     needs = [nx, nw, nb and ctx.has_bias, ns]
     with _backward_backend(ctx):
@@ -308,8 +311,12 @@ def _linear_setup(ctx, inputs, output):
     _save_layer(ctx, (x, weight, scores, thr, cut), bias, estimator, temperature)
 
 
+def _contiguous(grad_y: Tensor, x: Tensor) -> Tensor:
+    return grad_y.contiguous()
+
+
 def _linear_backward(backward_op):
-    return lambda ctx, grad_y: (*_layer_backward(ctx, backward_op, grad_y.contiguous()), None, None, None, None)
+    return lambda ctx, grad_y: (*_layer_backward(ctx, backward_op, grad_y, _contiguous), None, None, None, None)
 
 
 _masked_linear_op.register_autograd(_linear_backward(masked_linear_backward), setup_context=_linear_setup)
@@ -358,7 +365,7 @@ def _linear_keep_setup(ctx, inputs, output):
 
 
 def _linear_keep_backward(backward_op):
-    return lambda ctx, grad_y: (*_layer_backward(ctx, backward_op, grad_y.contiguous()), None, None, None)
+    return lambda ctx, grad_y: (*_layer_backward(ctx, backward_op, grad_y, _contiguous), None, None, None)
 
 
 _masked_linear_keep_op.register_autograd(_linear_keep_backward(masked_linear_keep_backward),
@@ -416,18 +423,17 @@ def _conv_keep_setup(ctx, inputs, output):
     ctx.conv = (stride, padding, dilation, groups)
 
 
-def _memory_format(x: Tensor) -> torch.memory_format:
-    """channels_last when x is (so cuDNN's backward needs no layout conversion), else contiguous."""
+def _conv_layout(grad_y: Tensor, x: Tensor) -> Tensor:
+    """grad_y channels_last when x is (so cuDNN's backward needs no layout conversion), else contiguous."""
     channels_last = x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
-    return torch.channels_last if channels_last else torch.contiguous_format
+    return grad_y.contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
 
 
 def _conv_backward(backward_op, n_other_inputs: int = 8):
     """The gradients of a masked conv2d's inputs: x, weight, bias, scores, then None for the
     ``n_other_inputs`` others (selection or keep mask, geometry, estimator)."""
     def backward(ctx, grad_y):
-        grad_y = grad_y.contiguous(memory_format=_memory_format(ctx.saved_tensors[0]))
-        return (*_layer_backward(ctx, backward_op, grad_y, *ctx.conv), *([None] * n_other_inputs))
+        return (*_layer_backward(ctx, backward_op, grad_y, _conv_layout, *ctx.conv), *([None] * n_other_inputs))
 
     return backward
 
