@@ -251,6 +251,32 @@ def _backward_kernel(name: str) -> Callable:
     return lambda grad_y, x, *args: _kernel(name, x)(grad_y, x, *args)
 
 
+DIFFERENTIABLE_ONCE = (
+    "bise_kernels' masked layers and channel gate are differentiable once: their straight-through gradient has no "
+    "gradient of its own (a backward through the result of a backward with create_graph=True is not supported)")
+"""The error of a second backward (the C++ node's too: csrc/masked_autograd.cpp)."""
+
+
+class _DifferentiableOnce(torch.autograd.Function):
+    """``compute()``, a layer's backward run under create_graph=True, without a graph: its gradients
+    raise :data:`DIFFERENTIABLE_ONCE` when differentiated (each depends on ``inputs``: grad_y and the
+    saved x, weight, scores). Differentiating the kernels instead gave a different wrong answer per
+    backend. Normal backwards (grad mode off) never come here."""
+
+    @staticmethod
+    def forward(ctx, compute, *inputs):
+        return compute()
+
+    @staticmethod
+    def backward(ctx, *grads):
+        raise RuntimeError(DIFFERENTIABLE_ONCE)
+
+
+def _run_backward(compute: Callable, *inputs: Tensor) -> tuple:
+    """``compute()``, through :class:`_DifferentiableOnce` under create_graph=True."""
+    return _DifferentiableOnce.apply(compute, *inputs) if torch.is_grad_enabled() else compute()
+
+
 def _layer_backward(ctx, backward_op, grad_y: Tensor, layout: Callable, *geometry) -> tuple:
     """(grad_x, grad_weight, grad_bias, grad_scores) of a masked layer, None where not needed;
     ``layout(grad_y, x)``: grad_y as the backward kernel takes it.
@@ -262,7 +288,8 @@ def _layer_backward(ctx, backward_op, grad_y: Tensor, layout: Callable, *geometr
     nx, nw, nb, ns = ctx.needs_input_grad[:4]
     needs = [nx, nw, nb and ctx.has_bias, ns]
     with _backward_backend(ctx):
-        grads = backward_op(grad_y, x, weight, scores, *selection, *geometry, ctx.estimator, ctx.temperature, needs)
+        grads = _run_backward(lambda: backward_op(grad_y, x, weight, scores, *selection, *geometry, ctx.estimator,
+                                                  ctx.temperature, needs), grad_y, x, weight, scores)
     return tuple(_or_none(g, n) for g, n in zip(grads, needs))
 
 
@@ -528,7 +555,8 @@ def _gate_backward(backward_op):
         x, scores, thr, cut = ctx.saved_tensors
         needs = list(ctx.needs_input_grad[:2])
         with _backward_backend(ctx):
-            gx, gs = backward_op(grad_y, x, scores, thr, cut, ctx.dim, ctx.estimator, ctx.temperature, needs)
+            gx, gs = _run_backward(lambda: backward_op(grad_y, x, scores, thr, cut, ctx.dim, ctx.estimator,
+                                                       ctx.temperature, needs), grad_y, x, scores)
         return _or_none(gx, needs[0]), _or_none(gs, needs[1]), None, None, None, None, None
 
     return backward

@@ -1,6 +1,8 @@
 """Masked ops through the public API: forward equals the dense op on W * M, gradients equal the
 explicitly written straight-through formulas, float64 gradcheck, threshold vs top-k semantics."""
 
+import contextlib
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -140,3 +142,39 @@ def test_batched_leading_dims_in_linear(backend):
     torch.testing.assert_close(y, y2)
     y.sum().backward()
     assert s.grad.shape == s.shape and x.grad.shape == x.shape
+
+
+def _layers():
+    """A layer per op and mask mode, with an input: (name, layer, x)."""
+    torch.manual_seed(0)
+    cases = []
+    for mode in ("selection", "keep"):
+        cases.append((f"linear-{mode}", bk.MaskedLinear(5, 4, density=0.5, mask_mode=mode), torch.randn(2, 5)))
+        cases.append((f"conv-{mode}", bk.MaskedConv2d(2, 3, 3, padding=1, threshold=0.0, mask_mode=mode),
+                      torch.randn(2, 2, 4, 4)))
+    cases.append(("gate", bk.ChannelGate(3, init=0.5), torch.randn(2, 3, 4)))
+    return cases
+
+
+class _CustomOpPath(torch.overrides.TorchFunctionMode):
+    """Any active mode makes the ops take their torch.library custom ops (bise_kernels._ops._plain_eager)."""
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("path", ["eager", "custom-op"])
+def test_double_backward_is_a_named_error_on_every_backend(backend, path):
+    """The straight-through gradient has no gradient of its own: a second backward through a layer
+    (create_graph=True) raises naming the op, on every path, instead of an answer that differed per
+    backend (the eager paths differentiated what their kernels happened to compute). A first-order
+    gradient taken with create_graph=True is the same as without. (torch.compile refuses double
+    backward itself.)"""
+    for name, layer, x in _layers():
+        x = x.requires_grad_()
+        plain, = torch.autograd.grad(layer(x).square().sum(), x)
+        with _CustomOpPath() if path == "custom-op" else contextlib.nullcontext():
+            grad_x, = torch.autograd.grad(layer(x).square().sum(), x, create_graph=True)
+        torch.testing.assert_close(grad_x, plain, rtol=0, atol=0, msg=name)
+        with pytest.raises(RuntimeError, match="differentiable once"):
+            torch.autograd.grad(grad_x.sum(), layer.scores)
