@@ -63,6 +63,8 @@ class _MaskedLayer(ScoredModule):
 
     def _init_mask(self, granularity, density, threshold, estimator, temperature, score_init):
         self.granularity = _check_granularity(granularity)
+        if self.weight.numel() == 0:  # a top-k or threshold needs a score to select (nn.Linear(0, n) has none)
+            raise ValueError(f"{type(self).__name__} has no weight to mask: weight of shape {tuple(self.weight.shape)}")
         self._init_rule(init_scores(self.weight, granularity, score_init), density, threshold, estimator,
                         temperature)
         self.global_selector = None  # set by mask_model(scope="global")

@@ -173,3 +173,15 @@ def test_gradient_checkpointing_gives_the_same_gradients(backend, make, mask_mod
         grads.append((xr.grad, layer.weight.grad, layer.bias.grad, layer.scores.grad))
     for plain, checkpointed in zip(*grads):
         torch.testing.assert_close(checkpointed, plain, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("make", [lambda: bk.MaskedLinear(0, 4, density=0.5),
+                                  lambda: bk.MaskedLinear(8, 0, threshold=0.0, granularity="channel"),
+                                  lambda: bk.MaskedConv2d(3, 0, 3, density=0.5),
+                                  lambda: bk.MaskedLinear.from_dense(nn.Linear(0, 4), density=0.5)],
+                         ids=["in_features", "out_features", "out_channels", "from_dense"])
+def test_a_layer_without_weights_is_a_named_error(make):
+    """Nothing to select from: a ValueError naming the weight's shape at construction (the kaiming
+    score init raised ZeroDivisionError, the others an IndexError)."""
+    with pytest.raises(ValueError, match=r"no weight to mask.*shape \((0, 4|4, 0|0, 8|0, 3, 3, 3)\)"):
+        make()
