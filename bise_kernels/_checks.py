@@ -300,6 +300,21 @@ def check_masked_conv2d(x: object, weight: object, bias: object, scores: object,
     ``thr`` and ``cut`` may be None (the API checks before it selects).
     """
     structured = _check_layer(x, weight, bias, scores, thr, cut)
+    return (structured, *_check_conv_geometry(x, weight, stride, padding, dilation, groups))
+
+
+def check_masked_conv2d_keep(x: object, weight: object, bias: object, keep: object, stride: object, padding: object,
+                             dilation: object, groups: object) -> tuple[bool, tuple[int, int], tuple[int, int],
+                                                                        tuple[int, int]]:
+    """Arguments of masked_conv2d_keep's forward; returns as :func:`check_masked_conv2d`."""
+    _check_operands(x, weight, bias)
+    structured = check_keep(keep, weight)
+    return (structured, *_check_conv_geometry(x, weight, stride, padding, dilation, groups))
+
+
+def _check_conv_geometry(x: torch.Tensor, weight: torch.Tensor, stride: object, padding: object, dilation: object,
+                         groups: object) -> tuple[tuple[int, int], tuple[int, int], tuple[int, int]]:
+    """x, weight, stride, padding, dilation and groups of a zero-padded conv2d; the int pairs."""
     pairs = tuple(check_pair(v, n) for v, n in ((stride, "stride"), (padding, "padding"), (dilation, "dilation")))
     for (a, b), name, low in zip(pairs, ("stride", "padding", "dilation"), (1, 0, 1)):
         if a < low or b < low:
@@ -314,7 +329,7 @@ def check_masked_conv2d(x: object, weight: object, bias: object, scores: object,
     if out[2] < 1 or out[3] < 1:
         raise ValueError(f"kernel {tuple(weight.shape[2:])} (dilation {pairs[2]}) is larger than the padded input "
                          f"{tuple(x.shape[2:])} + 2 * padding {pairs[1]}")
-    return (structured, *pairs)
+    return pairs
 
 
 def check_channel_gate(x: object, scores: object, thr: object, cut: object, dim: object) -> int:
