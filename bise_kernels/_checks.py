@@ -41,6 +41,15 @@ def is_real(value: object) -> bool:
     return isinstance(value, numbers.Real) and not isinstance(value, bool)
 
 
+def check_real(value: object, name: str) -> float:
+    """A finite Python or NumPy real number, not a bool, as a float."""
+    if not is_real(value):
+        raise TypeError(f"{name} must be a float, got {value!r}")
+    if not math.isfinite(float(value)):
+        raise ValueError(f"{name} must be finite, got {value!r}")
+    return float(value)
+
+
 def check_int(value: object, name: str) -> int:
     """A Python or NumPy integer (anything with ``__index__``), not a bool, as an int."""
     if isinstance(value, bool) or not isinstance(value, numbers.Integral):

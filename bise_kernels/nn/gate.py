@@ -27,8 +27,8 @@ class ChannelGate(ScoredModule):
             raise ValueError(f"num_channels must be a positive int, got {num_channels!r}")
         if density is not None:
             threshold = None
-        self._init_rule(torch.full((num_channels,), float(init), device=device), density, threshold, estimator,
-                        temperature)
+        self._init_rule(torch.full((num_channels,), _checks.check_real(init, "init"), device=device), density,
+                        threshold, estimator, temperature)
         self.num_channels = num_channels
         self.dim = dim
         self.enabled = True

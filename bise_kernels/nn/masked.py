@@ -8,7 +8,7 @@ from typing import Optional, Union
 import torch
 from torch import Tensor, nn
 
-from .. import _ops
+from .. import _checks, _ops
 from ..functional import _fused_check
 from ._scored import ScoredModule
 
@@ -40,8 +40,9 @@ def init_scores(weight: Tensor, granularity: str, score_init: Union[str, float])
     """Initial scores: "kaiming" (edge-popup), "magnitude" (|w| or per-unit L2 norm), "zeros", or a constant."""
     shape = weight.shape if granularity == "weight" else (weight.shape[0],)
     with torch.no_grad():
-        if isinstance(score_init, (int, float)) and not isinstance(score_init, bool):
-            return torch.full(shape, float(score_init), dtype=torch.float32, device=weight.device)
+        if _checks.is_real(score_init):
+            return torch.full(shape, _checks.check_real(score_init, "score_init"), dtype=torch.float32,
+                              device=weight.device)
         if score_init == "zeros":
             return torch.zeros(shape, dtype=torch.float32, device=weight.device)
         if score_init == "magnitude":

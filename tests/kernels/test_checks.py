@@ -360,3 +360,21 @@ def test_a_module_rejects_a_bad_input_on_every_backend(backend, case, mask_mode)
         module.mask_mode = mask_mode
     with pytest.raises((ValueError, TypeError, RuntimeError), match=message):
         module(x)
+
+
+@pytest.mark.parametrize("make, message", [
+    (lambda: bk.ChannelGate(4, init="zeros"), "init must be a float, got 'zeros'"),
+    (lambda: bk.ChannelGate(4, init=float("nan")), "init must be finite, got nan"),
+    (lambda: bk.MaskedLinear(4, 3, density=0.5, score_init=float("inf")), "score_init must be finite, got inf"),
+    (lambda: bk.MaskedLinear(4, 3, density=0.5, score_init=True), "score_init must be .*, got True"),
+], ids=["gate-str", "gate-nan", "linear-inf", "linear-bool"])
+def test_initial_scores_are_checked_at_construction(make, message):
+    """A constant initial score names its argument when built (a gate's string init failed in float(),
+    a NaN or inf one only at the first call, as "scores contains non-finite values")."""
+    with pytest.raises((TypeError, ValueError), match=message):
+        make()
+
+
+def test_numpy_initial_scores_are_accepted():
+    assert torch.equal(bk.ChannelGate(3, init=np.float32(0.5)).scores, torch.full((3,), 0.5))
+    assert torch.equal(bk.MaskedLinear(2, 2, density=0.5, score_init=np.float32(0.5)).scores, torch.full((2, 2), 0.5))
