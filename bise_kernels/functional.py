@@ -231,21 +231,27 @@ def masked_conv2d(
 
 
 def channel_gate(
-    x: Tensor, scores: Tensor, *, threshold: Optional[Union[Number, Tensor]] = 0.0, density: Optional[float] = None,
+    x: Tensor, scores: Tensor, *, threshold: Optional[Union[Number, Tensor]] = None, density: Optional[float] = None,
     dim: int = 1, estimator: str = "sigmoid", temperature: float = 1.0,
 ) -> Tensor:
     """``x * g`` broadcast along ``dim``; g_i = 1 iff scores_i >= threshold (or top-k by density).
 
-    The BISE gate: the score gradient is ``sum(dL/dy * x over all but dim) * slope``. Giving
-    ``density`` switches from the threshold to top-k.
+    The BISE gate: the score gradient is ``sum(dL/dy * x over all but dim) * slope``. The rule is
+    :func:`_gate_threshold`'s: threshold 0.0 unless ``density`` (top-k) is given; not both.
     """
-    if density is not None:
-        threshold = None
+    threshold = _gate_threshold(density, threshold)
     dim = _checks.check_channel_gate(x, scores, None, None, dim)
     _checks.check_estimator(estimator, temperature)
     native = _gate_op(x)
     thr, cut = selection(scores, density, threshold, fused_check=_fused_check(native, threshold))
     return _ops.channel_gate.run(native, x, scores, thr, cut, dim, estimator, float(temperature))
+
+
+def _gate_threshold(density: Optional[float], threshold: Optional[Union[Number, Tensor]]
+                   ) -> Optional[Union[Number, Tensor]]:
+    """A channel gate's threshold: 0.0 (the BISE gate) when neither it nor ``density`` is given; both
+    given is left to :func:`.._checks.check_mask_spec` to refuse, as for the masked layers."""
+    return 0.0 if density is None and threshold is None else threshold
 
 
 def _gate_op(x: Tensor) -> Optional[object]:

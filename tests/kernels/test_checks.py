@@ -378,3 +378,20 @@ def test_initial_scores_are_checked_at_construction(make, message):
 def test_numpy_initial_scores_are_accepted():
     assert torch.equal(bk.ChannelGate(3, init=np.float32(0.5)).scores, torch.full((3,), 0.5))
     assert torch.equal(bk.MaskedLinear(2, 2, density=0.5, score_init=np.float32(0.5)).scores, torch.full((2, 2), 0.5))
+
+
+def test_a_gate_with_both_density_and_threshold_is_an_error():
+    """As for the masked layers: exactly one rule. A gate given both dropped the threshold silently;
+    without either it is the BISE gate (threshold 0.0), with density alone a top-k."""
+    x, scores = torch.randn(2, 4), torch.tensor([0.3, -0.1, 0.2, 0.0])
+    for threshold in (0.5, 0.0):
+        with pytest.raises(ValueError, match="exactly one"):
+            bk.channel_gate(x, scores, density=0.5, threshold=threshold)
+        with pytest.raises(ValueError, match="exactly one"):
+            bk.ChannelGate(4, density=0.5, threshold=threshold)
+    assert torch.equal(bk.channel_gate(x, scores), x * torch.tensor([1.0, 0.0, 1.0, 1.0]))
+    assert torch.equal(bk.channel_gate(x, scores, density=0.5), x * torch.tensor([1.0, 0.0, 1.0, 0.0]))
+    gate = bk.ChannelGate(4)
+    assert gate.threshold == 0.0 and gate.density is None
+    gate = bk.ChannelGate(4, density=0.5)
+    assert gate.threshold is None and gate.density == 0.5
