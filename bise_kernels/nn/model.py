@@ -9,6 +9,7 @@ import torch
 from torch import Tensor, nn
 
 from .. import _checks, _ops
+from ._scored import outside_inference_mode
 from .masked import MaskedConv2d, MaskedLinear
 
 
@@ -31,7 +32,7 @@ class GlobalSelection:
             return self._select(scores)[id(layer)]
         key = tuple((s._version, s.data_ptr()) for s in scores)
         if key != self._key:
-            self._key, self._result = key, self._select(scores)
+            self._key, self._result = key, outside_inference_mode(lambda: self._select(scores))
         return self._result[id(layer)]
 
     def _select(self, scores: list[Tensor]) -> dict[int, tuple[Tensor, Tensor]]:

@@ -185,3 +185,33 @@ def test_a_layer_without_weights_is_a_named_error(make):
     score init raised ZeroDivisionError, the others an IndexError)."""
     with pytest.raises(ValueError, match=r"no weight to mask.*shape \((0, 4|4, 0|0, 8|0, 3, 3, 3)\)"):
         make()
+
+
+def _cached_modules():
+    """Modules whose selection (or keep mask) is cached, each with an input."""
+    torch.manual_seed(0)
+    x, xc = torch.randn(2, 6), torch.randn(2, 2, 4, 4)
+    cases = [(bk.ChannelGate(6, density=0.5), x), (bk.ChannelGate(6, threshold=0.1), x)]
+    for mode in ("selection", "keep"):
+        cases += [(bk.MaskedLinear(6, 4, density=0.5, mask_mode=mode), x),
+                  (bk.MaskedLinear(6, 4, threshold=0.1, mask_mode=mode), x),
+                  (bk.MaskedConv2d(2, 3, 3, density=0.5, mask_mode=mode), xc)]
+    net = nn.Sequential(nn.Linear(6, 5), nn.ReLU(), nn.Linear(5, 4))
+    bk.mask_model(net, density=0.5, scope="global")
+    return cases + [(net, x)]
+
+
+def test_a_selection_cached_in_inference_mode_serves_training(backend):
+    """Evaluating under torch.inference_mode (before training, or between steps) cached inference
+    tensors that the next training forward saved for backward: a RuntimeError. The selection and the
+    keep mask are made outside inference mode; the gradients equal those of a module never evaluated."""
+    for module, x in _cached_modules():
+        fresh = copy.deepcopy(module)
+        with torch.inference_mode():
+            evaluated = module(x)
+        y = module(x)
+        torch.testing.assert_close(y, evaluated, rtol=0, atol=0)
+        y.square().sum().backward()
+        fresh(x).square().sum().backward()
+        for p, q in zip(module.parameters(), fresh.parameters()):
+            torch.testing.assert_close(p.grad, q.grad, rtol=0, atol=0)
