@@ -198,6 +198,25 @@ def _fused_check(native: Optional[object], threshold: object) -> bool:
 # ----------------------------------------------------------------------------- masked ops
 
 
+def _autocast(x: Tensor, weight: Tensor, bias: Optional[Tensor]) -> tuple[Tensor, Tensor, Optional[Tensor]]:
+    """x, weight and bias as torch.autocast hands them to nn.Linear / nn.Conv2d: in its dtype for x's
+    device (float64 and non-float tensors stay), so a masked layer takes the lower-precision output of
+    a dense one as they do (the scores keep their dtype: the selection and its gradient are theirs).
+    Costs one 0.1 us test outside autocast."""
+    if not torch._C._is_any_autocast_enabled():
+        return x, weight, bias
+    device = x.device.type
+    if not torch.is_autocast_enabled(device):
+        return x, weight, bias
+    dtype = torch.get_autocast_dtype(device)
+
+    def cast(t: Optional[Tensor]) -> Optional[Tensor]:
+        eligible = isinstance(t, Tensor) and t.is_floating_point() and t.dtype != torch.float64
+        return t.to(dtype) if eligible else t
+
+    return cast(x), cast(weight), cast(bias)
+
+
 def masked_linear(
     x: Tensor, weight: Tensor, bias: Optional[Tensor], scores: Tensor, *,
     density: Optional[float] = None, threshold: Optional[Union[Number, Tensor]] = None,
@@ -207,7 +226,9 @@ def masked_linear(
 
     ``scores`` is weight-shaped (one per weight) or ``(out_features,)`` (whole neurons). The score
     gradient is ``dL/dW_eff * weight * slope`` (slope 1 for "ste", sigmoid'(s/T)/T for "sigmoid").
+    Under torch.autocast, x, weight and bias run in its dtype (:func:`_autocast`).
     """
+    x, weight, bias = _autocast(x, weight, bias)
     _checks.check_masked_linear(x, weight, bias, scores)
     _checks.check_estimator(estimator, temperature)
     native = _ops._native_layer_op("masked_linear", x)
@@ -220,7 +241,9 @@ def masked_conv2d(
     density: Optional[float] = None, threshold: Optional[Union[Number, Tensor]] = None,
     stride=1, padding=0, dilation=1, groups: int = 1, estimator: str = "ste", temperature: float = 1.0,
 ) -> Tensor:
-    """``conv2d(x, weight * M, bias)``; structured scores have shape ``(out_channels,)``."""
+    """``conv2d(x, weight * M, bias)``; structured scores have shape ``(out_channels,)``; autocast as
+    :func:`masked_linear`."""
+    x, weight, bias = _autocast(x, weight, bias)
     _, stride, padding, dilation = _checks.check_masked_conv2d(x, weight, bias, scores, None, None, stride, padding,
                                                                dilation, groups)
     _checks.check_estimator(estimator, temperature)

@@ -9,7 +9,7 @@ import torch
 from torch import Tensor, nn
 
 from .. import _checks, _ops
-from ..functional import _fused_check
+from ..functional import _autocast, _fused_check
 from ._scored import ScoredModule
 
 GRANULARITIES = ("weight", "channel")
@@ -129,7 +129,8 @@ class _MaskedLayer(ScoredModule):
 class MaskedLinear(nn.Linear, _MaskedLayer):
     """nn.Linear whose weight is masked by top-k (density) or thresholded learnable scores.
 
-    ``mask_mode`` (:data:`MASK_MODES`, settable later) picks how the mask reaches the op.
+    ``mask_mode`` (:data:`MASK_MODES`, settable later) picks how the mask reaches the op. Under
+    torch.autocast it computes in the autocast dtype, as nn.Linear (the scores keep theirs).
     """
 
     def __init__(self, in_features: int, out_features: int, bias: bool = True, *, granularity: str = "weight",
@@ -155,13 +156,13 @@ class MaskedLinear(nn.Linear, _MaskedLayer):
 
     def forward(self, x: Tensor) -> Tensor:
         scores = self.scores
+        x, weight, bias = _autocast(x, self.weight, self.bias)
         if self._uses_keep(x):
-            return _ops.masked_linear_keep(x, self.weight, self.bias, scores, self._keep(scores), self.estimator,
+            return _ops.masked_linear_keep(x, weight, bias, scores, self._keep(scores), self.estimator,
                                            self.temperature)
         native = _ops._native_layer_op("masked_linear", x)
         thr, cut = self._selection(scores, _fused_check(native, self.threshold))
-        return _ops.masked_linear.run(native, x, self.weight, self.bias, scores, thr, cut, self.estimator,
-                                      self.temperature)
+        return _ops.masked_linear.run(native, x, weight, bias, scores, thr, cut, self.estimator, self.temperature)
 
     def to_dense(self) -> nn.Linear:
         """A plain nn.Linear with the current mask baked into its weight."""
@@ -207,13 +208,14 @@ class MaskedConv2d(nn.Conv2d, _MaskedLayer):
     def forward(self, x: Tensor) -> Tensor:
         geometry = (list(self.stride), list(self.padding), list(self.dilation), self.groups)
         scores = self.scores
+        x, weight, bias = _autocast(x, self.weight, self.bias)
         if self._uses_keep(x):
-            return _ops.masked_conv2d_keep(x, self.weight, self.bias, scores, self._keep(scores), *geometry,
-                                           self.estimator, self.temperature)
+            return _ops.masked_conv2d_keep(x, weight, bias, scores, self._keep(scores), *geometry, self.estimator,
+                                           self.temperature)
         native = _ops._native_layer_op("masked_conv2d", x)
         thr, cut = self._selection(scores, _fused_check(native, self.threshold))
-        return _ops.masked_conv2d.run(native, x, self.weight, self.bias, scores, thr, cut, *geometry,
-                                      self.estimator, self.temperature)
+        return _ops.masked_conv2d.run(native, x, weight, bias, scores, thr, cut, *geometry, self.estimator,
+                                      self.temperature)
 
     def to_dense(self) -> nn.Conv2d:
         """A plain nn.Conv2d with the current mask baked into its weight."""
