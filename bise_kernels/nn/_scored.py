@@ -24,7 +24,13 @@ def outside_inference_mode(make):
 
 
 class ScoredModule(nn.Module):
-    """Base of the masked layers and the channel gate (set up by :meth:`_init_rule`)."""
+    """Base of the masked layers and the channel gate (set up by :meth:`_init_rule`).
+
+    The selection is cached until the scores change as autograd sees it (their version counter or
+    storage: an optimizer step, an in-place op under torch.no_grad, load_state_dict). A write through
+    ``scores.data`` bypasses the version counter and is not seen (the old threshold, or keep mask,
+    would be applied to the new scores): write under torch.no_grad() instead.
+    """
 
     scores: nn.Parameter
 
