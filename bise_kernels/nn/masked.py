@@ -7,6 +7,7 @@ from typing import Optional, Union
 
 import torch
 from torch import Tensor, nn
+from torch.nn.modules.utils import _pair
 
 from .. import _checks, _ops
 from ..functional import _autocast, _fused_check
@@ -34,6 +35,31 @@ def _check_granularity(granularity: str) -> str:
     if granularity not in GRANULARITIES:
         raise ValueError(f"granularity must be one of {GRANULARITIES}, got {granularity!r}")
     return granularity
+
+
+def _numeric_padding(padding, kernel_size, stride, dilation) -> Union[int, tuple[int, int]]:
+    """nn.Conv2d's ``padding`` as numbers: "valid" is 0; "same" (stride 1, as nn.Conv2d requires) is half
+    the dilated kernel's extent on each side, where that is symmetric (nn.Conv2d pads one side more
+    otherwise, which a masked conv does not)."""
+    if not isinstance(padding, str):
+        return padding
+    if padding == "valid":
+        return (0, 0)
+    if padding != "same":
+        raise ValueError(f"padding must be an int, a pair of ints, 'valid' or 'same', got {padding!r}")
+    kernel, dilation = _pair(kernel_size), _pair(dilation)
+    if _pair(stride) != (1, 1):
+        raise ValueError(f"padding='same' needs stride 1 (as in nn.Conv2d), got stride={stride!r}")
+    extent = [d * (k - 1) for k, d in zip(kernel, dilation)]
+    if extent[0] % 2 or extent[1] % 2:
+        raise ValueError(f"padding='same' with kernel_size {kernel} and dilation {dilation} pads one side more than "
+                         f"the other, which MaskedConv2d does not support; give numeric padding")
+    return (extent[0] // 2, extent[1] // 2)
+
+
+def _check_padding_mode(padding_mode: str) -> None:
+    if padding_mode != "zeros":
+        raise ValueError(f"MaskedConv2d supports padding_mode='zeros' only, got padding_mode={padding_mode!r}")
 
 
 def init_scores(weight: Tensor, granularity: str, score_init: Union[str, float]) -> Tensor:
@@ -171,7 +197,8 @@ class MaskedLinear(nn.Linear, _MaskedLayer):
 
 
 class MaskedConv2d(nn.Conv2d, _MaskedLayer):
-    """nn.Conv2d (zero padding) whose weight is masked by top-k or thresholded learnable scores.
+    """nn.Conv2d (zero padding: numbers, "valid" or a symmetric "same") whose weight is masked by top-k or
+    thresholded learnable scores.
 
     ``mask_mode`` as in :class:`MaskedLinear`.
     """
@@ -179,10 +206,11 @@ class MaskedConv2d(nn.Conv2d, _MaskedLayer):
     def __init__(self, in_channels: int, out_channels: int, kernel_size, stride=1, padding=0, dilation=1,
                  groups: int = 1, bias: bool = True, *, granularity: str = "weight", density: Optional[float] = None,
                  threshold: Optional[float] = None, estimator: str = "ste", temperature: float = 1.0,
-                 score_init: Union[str, float] = "kaiming", mask_mode: str = "auto", device=None, dtype=None):
-        if isinstance(padding, str):
-            raise ValueError(f"padding must be an int or a pair of ints for MaskedConv2d, got {padding!r}")
-        super().__init__(in_channels, out_channels, kernel_size, stride, padding, dilation, groups, bias,
+                 score_init: Union[str, float] = "kaiming", mask_mode: str = "auto", padding_mode: str = "zeros",
+                 device=None, dtype=None):
+        _check_padding_mode(padding_mode)
+        super().__init__(in_channels, out_channels, kernel_size, stride,
+                         _numeric_padding(padding, kernel_size, stride, dilation), dilation, groups, bias,
                          device=device, dtype=dtype)
         self._init_mask(granularity, density, threshold, estimator, temperature, score_init)
         self.mask_mode = mask_mode
@@ -194,13 +222,14 @@ class MaskedConv2d(nn.Conv2d, _MaskedLayer):
         """Wrap an existing nn.Conv2d; its parameters are shared, never copied or changed."""
         if not isinstance(module, nn.Conv2d):
             raise TypeError(f"module must be an nn.Conv2d, got {type(module).__name__}")
-        if module.padding_mode != "zeros" or isinstance(module.padding, str):
-            raise ValueError(f"MaskedConv2d supports numeric zero padding only, got padding={module.padding!r}, "
-                             f"padding_mode={module.padding_mode!r}")
-        attributes = ("in_channels", "out_channels", "kernel_size", "stride", "padding", "dilation", "groups",
-                      "transposed", "output_padding", "padding_mode", "_reversed_padding_repeated_twice")
-        return cls._wrap(module, attributes, granularity, density, threshold, estimator, temperature, score_init,
-                         freeze_weights)
+        _check_padding_mode(module.padding_mode)
+        padding = _pair(_numeric_padding(module.padding, module.kernel_size, module.stride, module.dilation))
+        attributes = ("in_channels", "out_channels", "kernel_size", "stride", "dilation", "groups", "transposed",
+                      "output_padding", "padding_mode", "_reversed_padding_repeated_twice")
+        layer = cls._wrap(module, attributes, granularity, density, threshold, estimator, temperature, score_init,
+                          freeze_weights)
+        layer.padding = padding
+        return layer
 
     def extra_repr(self) -> str:
         return nn.Conv2d.extra_repr(self) + self._mask_repr()

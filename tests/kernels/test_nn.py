@@ -215,3 +215,31 @@ def test_a_selection_cached_in_inference_mode_serves_training(backend):
         fresh(x).square().sum().backward()
         for p, q in zip(module.parameters(), fresh.parameters()):
             torch.testing.assert_close(p.grad, q.grad, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("padding, kernel, dilation", [("same", 3, 1), ("same", (3, 5), (2, 1)), ("valid", 3, 1)])
+def test_string_padding_and_zeros_padding_mode_are_taken_as_nn_conv2d_does(padding, kernel, dilation):
+    """nn.Conv2d's padding="same" / "valid" and padding_mode="zeros": MaskedConv2d refused them, and so
+    mask_model refused a model built with them. Symmetric "same" padding becomes its numbers."""
+    torch.manual_seed(0)
+    conv = nn.Conv2d(2, 3, kernel, padding=padding, dilation=dilation, padding_mode="zeros")
+    x = torch.randn(1, 2, 7, 8)
+    net = nn.Sequential(conv)
+    dense = conv(x)
+    bk.mask_model(net, density=1.0)
+    torch.testing.assert_close(net(x), dense, rtol=0, atol=0)
+    layer = bk.MaskedConv2d(2, 3, kernel, padding=padding, dilation=dilation, padding_mode="zeros", density=1.0)
+    with torch.no_grad():
+        layer.weight.copy_(conv.weight)
+        layer.bias.copy_(conv.bias)
+    torch.testing.assert_close(layer(x), dense, rtol=0, atol=0)
+    torch.testing.assert_close(layer.to_dense()(x), dense, rtol=0, atol=0)
+
+
+def test_padding_a_masked_conv_cannot_take_is_named():
+    with pytest.raises(ValueError, match="padding='same' with kernel_size .2, 2."):
+        bk.MaskedConv2d(2, 3, 2, padding="same", density=0.5)  # one more row of padding below than above
+    with pytest.raises(ValueError, match="padding_mode='reflect'"):
+        bk.MaskedConv2d(2, 3, 3, padding=1, padding_mode="reflect", density=0.5)
+    with pytest.raises(ValueError, match="padding_mode='circular'"):
+        bk.MaskedConv2d.from_dense(nn.Conv2d(2, 3, 3, padding=1, padding_mode="circular"), density=0.5)
