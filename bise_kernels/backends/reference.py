@@ -36,7 +36,8 @@ Kernels (a backend implements any subset; the registry falls back for the rest):
   estimate ``dL/dW_eff * W * slope(scores)`` (masked layers) or
   ``sum(dL/dy * x over all but dim) * slope`` (channel gate), see :func:`score_slope`.
   Forward kernels check their arguments (types, shapes, dtypes, devices: bise_kernels/_checks.py;
-  no values), as the modules' forwards leave that to them.
+  no values), backward kernels the estimator and temperature, as the modules leave that to them
+  (a temperature set on a module after it was built is checked there).
 * ``masked_linear_keep_forward(x, weight, bias, keep)`` /
   ``masked_linear_keep_backward(grad_y, x, weight, scores, keep, estimator, temperature, needs)``:
   masked linear with the selection packed once into ``keep = keep_mask(scores, thr, cut)`` (bool,
@@ -184,6 +185,7 @@ def _linear(x, weight, bias, keep):
 
 
 def masked_linear_keep_backward(grad_y, x, weight, scores, keep, estimator, temperature, needs):
+    _checks.check_estimator(estimator, temperature)
     need_x, need_w, need_b, need_s = needs
     w_eff, mask = _kept_weight(weight, keep), keep
     gx = grad_y @ w_eff if need_x else None
@@ -228,6 +230,7 @@ def _conv2d(x, weight, bias, keep, stride, padding, dilation, groups):
 def masked_conv2d_keep_backward(
     grad_y, x, weight, scores, keep, stride, padding, dilation, groups, estimator, temperature, needs
 ):
+    _checks.check_estimator(estimator, temperature)
     need_x, need_w, need_b, need_s = needs
     w_eff, mask = _kept_weight(weight, keep), keep
     gx = gw = gb = gs = None
@@ -260,6 +263,7 @@ def channel_gate_forward(x, scores, thr, cut, dim):
 
 
 def channel_gate_backward(grad_y, x, scores, thr, cut, dim, estimator, temperature, needs):
+    _checks.check_estimator(estimator, temperature)
     need_x, need_s = needs
     gx = gs = None
     if need_x:

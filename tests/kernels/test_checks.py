@@ -395,3 +395,17 @@ def test_a_gate_with_both_density_and_threshold_is_an_error():
     assert gate.threshold == 0.0 and gate.density is None
     gate = bk.ChannelGate(4, density=0.5)
     assert gate.threshold is None and gate.density == 0.5
+
+
+@pytest.mark.parametrize("attribute, value, message", [("temperature", 0.0, "temperature must be a positive"),
+                                                       ("temperature", -1.0, "temperature must be a positive"),
+                                                       ("estimator", "gumbel", "estimator must be")])
+def test_an_estimator_set_on_a_module_is_checked_on_every_backend(backend, attribute, value, message):
+    """A temperature annealed to 0 (or an estimator mistyped) after construction: "cpp" and "triton"
+    refused it, the reference backward computed NaN (or the sigmoid slope) silently."""
+    for module, x in ((bk.MaskedLinear(4, 3, density=0.5, estimator="sigmoid"), torch.randn(2, 4)),
+                      (bk.MaskedConv2d(2, 3, 1, threshold=0.0, estimator="sigmoid"), torch.randn(1, 2, 3, 3)),
+                      (bk.ChannelGate(4), torch.randn(2, 4))):
+        setattr(module, attribute, value)
+        with pytest.raises((ValueError, RuntimeError), match=message):
+            module(x).sum().backward()
