@@ -98,3 +98,16 @@ def mask_model(model: nn.Module, granularity: str = "weight", *, density: Option
             layer.global_selector = selector
     return [layer.scores for layer in layers]
 
+
+
+def unmask_model(model: nn.Module) -> nn.Module:
+    """The inverse of :func:`mask_model`: replace every MaskedLinear / MaskedConv2d in place by the plain
+    layer with its current mask baked into the weight (:meth:`to_dense`); return ``model``. The masked
+    layers' original weights are left as they were (baked copies replace them)."""
+    masked = [(name, module) for name, module in model.named_modules() if isinstance(module, (MaskedLinear,
+                                                                                             MaskedConv2d))]
+    if masked and masked[0][0] == "":
+        raise ValueError("unmask_model replaces submodules; call to_dense() on a single masked layer")
+    for name, module in masked:
+        model.set_submodule(name, module.to_dense())
+    return model

@@ -243,3 +243,22 @@ def test_padding_a_masked_conv_cannot_take_is_named():
         bk.MaskedConv2d(2, 3, 3, padding=1, padding_mode="reflect", density=0.5)
     with pytest.raises(ValueError, match="padding_mode='circular'"):
         bk.MaskedConv2d.from_dense(nn.Conv2d(2, 3, 3, padding=1, padding_mode="circular"), density=0.5)
+
+
+def test_unmask_model_bakes_every_masked_layer_into_a_plain_one():
+    """The inverse of mask_model (as torch.nn.utils.prune.remove): plain nn.Linear / nn.Conv2d layers, the
+    same outputs, no scores left in the state dict, the original weights untouched."""
+    net = _net()
+    originals = list(net.parameters())
+    before = [p.detach().clone() for p in originals]
+    bk.mask_model(net, density=0.4, scope="global")
+    x = torch.randn(2, 3, 7, 7)
+    masked = net(x)
+    assert bk.unmask_model(net) is net
+    assert {type(m) for m in net.modules()} == {nn.Sequential, nn.Conv2d, nn.ReLU, nn.Flatten, nn.Linear}
+    torch.testing.assert_close(net(x), masked, rtol=0, atol=0)
+    assert not any("scores" in key for key in net.state_dict())
+    assert sum(int((p == 0).sum()) for name, p in net.named_parameters() if name.endswith("weight")) > 0
+    with pytest.raises(ValueError, match="to_dense"):
+        bk.unmask_model(bk.MaskedLinear(3, 2, density=0.5))
+    assert all(torch.equal(a, b) for a, b in zip(originals, before))
