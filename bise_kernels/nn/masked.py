@@ -149,7 +149,12 @@ class _MaskedLayer(ScoredModule):
         return dense
 
     def _mask_repr(self) -> str:
-        return f", granularity={self.granularity}, {self._rule_repr()}"
+        """What the masked layer adds to its dense repr; the temperature only where the estimator reads it,
+        the mask mode and the scope only when not the default."""
+        extra = f", temperature={self.temperature}" if self.estimator == "sigmoid" else ""
+        extra += f", mask_mode={self.mask_mode}" if self.mask_mode != "auto" else ""
+        extra += ", scope=global" if self.global_selector is not None else ""
+        return f", granularity={self.granularity}, {self._rule_repr()}{extra}"
 
 
 class MaskedLinear(nn.Linear, _MaskedLayer):

@@ -262,3 +262,13 @@ def test_unmask_model_bakes_every_masked_layer_into_a_plain_one():
     with pytest.raises(ValueError, match="to_dense"):
         bk.unmask_model(bk.MaskedLinear(3, 2, density=0.5))
     assert all(torch.equal(a, b) for a, b in zip(originals, before))
+
+
+def test_repr_shows_what_was_set():
+    """A sigmoid layer's temperature, a non-default mask mode and a global scope were not in the repr."""
+    layer = bk.MaskedLinear(3, 2, density=0.5, estimator="sigmoid", temperature=0.5, mask_mode="keep")
+    assert repr(layer).endswith("density=0.5, estimator=sigmoid, temperature=0.5, mask_mode=keep)")
+    assert repr(bk.MaskedLinear(3, 2, threshold=0.0)).endswith("granularity=weight, threshold=0.0, estimator=ste)")
+    net = _net()
+    bk.mask_model(net, density=0.3, scope="global")
+    assert "density=0.3, estimator=ste, scope=global)" in repr(net[0])
