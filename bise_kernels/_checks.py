@@ -181,9 +181,13 @@ def check_score_list(tensors: object, name: str = "scores", finite: bool = True)
 def check_select_finite(tensors: Sequence[torch.Tensor], names: Sequence[str], kernel: str) -> None:
     """:func:`check_finite` of each of a selection's scores, unless the ``kernel`` that will select
     them (``"topk_select"``, ``"batched_topk_select"``, ``"topk_keep_mask"``) raises on NaN / inf
-    itself."""
+    itself. Nothing while compiling: :func:`check_finite` skips traced values, and the registry is not
+    traceable (a backend not loaded yet imports its modules: a fullgraph compile as a process's first
+    call failed)."""
     from . import backends
 
+    if torch.compiler.is_compiling():
+        return
     first = tensors[0]
     if backends.checks_finite(kernel, first.device.type, first.dtype):
         return

@@ -272,3 +272,21 @@ def test_repr_shows_what_was_set():
     net = _net()
     bk.mask_model(net, density=0.3, scope="global")
     assert "density=0.3, estimator=ste, scope=global)" in repr(net[0])
+
+
+def test_a_fullgraph_compile_before_any_eager_call_traces(monkeypatch):
+    """torch.compile(fullgraph=True) as the first call of a process: the finiteness check asked the
+    registry, whose cold backends import their modules, which dynamo cannot trace (Unsupported). The
+    check is skipped while tracing (values are unknown), so the registry is not asked."""
+    from bise_kernels import backends
+
+    for name, b in list(backends.BACKENDS.items()):  # as in a fresh process: no backend loaded yet
+        monkeypatch.setitem(backends.BACKENDS, name, backends.Backend(b.name, b.devices, b.modules))
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    net = nn.Sequential(bk.MaskedConv2d(3, 4, 3, padding=1, density=0.5), bk.ChannelGate(4, density=0.5),
+                        nn.Flatten(), bk.MaskedLinear(4 * 25, 5, density=0.5),
+                        bk.MaskedLinear(5, 3, threshold=0.0, mask_mode="keep"))
+    x = torch.randn(2, 3, 5, 5)
+    compiled = torch.compile(net, backend="eager", fullgraph=True)(x)
+    torch.testing.assert_close(compiled, net(x), rtol=0, atol=0)
