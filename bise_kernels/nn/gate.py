@@ -24,7 +24,8 @@ class ChannelGate(ScoredModule):
                  density: Optional[float] = None, estimator: str = "sigmoid", temperature: float = 1.0,
                  init: float = 0.0, device=None):
         super().__init__()
-        if isinstance(num_channels, bool) or not isinstance(num_channels, int) or num_channels < 1:
+        num_channels, dim = _checks.check_int(num_channels, "num_channels"), _checks.check_int(dim, "dim")
+        if num_channels < 1:
             raise ValueError(f"num_channels must be a positive int, got {num_channels!r}")
         self._init_rule(torch.full((num_channels,), _checks.check_real(init, "init"), device=device), density,
                         _gate_threshold(density, threshold), estimator, temperature)

@@ -409,3 +409,15 @@ def test_an_estimator_set_on_a_module_is_checked_on_every_backend(backend, attri
         setattr(module, attribute, value)
         with pytest.raises((ValueError, RuntimeError), match=message):
             module(x).sum().backward()
+
+
+def test_gate_construction_arguments_are_checked():
+    """num_channels as any integer (a NumPy one was refused as "must be a positive int, got 4"); dim an int
+    when built (a string was taken, then refused at the first call)."""
+    assert bk.ChannelGate(np.int64(4)).num_channels == 4
+    with pytest.raises(TypeError, match="dim must be an int, got '1'"):
+        bk.ChannelGate(4, dim="1")
+    with pytest.raises(ValueError, match="num_channels must be a positive int, got 0"):
+        bk.ChannelGate(0)
+    with pytest.raises(TypeError, match="num_channels must be an int, got True"):
+        bk.ChannelGate(True)
