@@ -23,7 +23,7 @@ from .functional import (
     topk_select,
     topk_threshold,
 )
-from .nn import ChannelGate, MaskedConv2d, MaskedLinear, mask_model
+from .nn import ChannelGate, MaskedConv2d, MaskedLinear, mask_model, unmask_model
 
 __version__ = "0.1.0"
 
@@ -45,6 +45,7 @@ __all__ = [
     "topk_mask",
     "topk_select",
     "topk_threshold",
+    "unmask_model",
     "use_backend",
     "why_unavailable",
 ]

@@ -41,6 +41,15 @@ def is_real(value: object) -> bool:
     return isinstance(value, numbers.Real) and not isinstance(value, bool)
 
 
+def check_real(value: object, name: str) -> float:
+    """A finite Python or NumPy real number, not a bool, as a float."""
+    if not is_real(value):
+        raise TypeError(f"{name} must be a float, got {value!r}")
+    if not math.isfinite(float(value)):
+        raise ValueError(f"{name} must be finite, got {value!r}")
+    return float(value)
+
+
 def check_int(value: object, name: str) -> int:
     """A Python or NumPy integer (anything with ``__index__``), not a bool, as an int."""
     if isinstance(value, bool) or not isinstance(value, numbers.Integral):
@@ -172,9 +181,13 @@ def check_score_list(tensors: object, name: str = "scores", finite: bool = True)
 def check_select_finite(tensors: Sequence[torch.Tensor], names: Sequence[str], kernel: str) -> None:
     """:func:`check_finite` of each of a selection's scores, unless the ``kernel`` that will select
     them (``"topk_select"``, ``"batched_topk_select"``, ``"topk_keep_mask"``) raises on NaN / inf
-    itself."""
+    itself. Nothing while compiling: :func:`check_finite` skips traced values, and the registry is not
+    traceable (a backend not loaded yet imports its modules: a fullgraph compile as a process's first
+    call failed)."""
     from . import backends
 
+    if torch.compiler.is_compiling():
+        return
     first = tensors[0]
     if backends.checks_finite(kernel, first.device.type, first.dtype):
         return
@@ -300,6 +313,21 @@ def check_masked_conv2d(x: object, weight: object, bias: object, scores: object,
     ``thr`` and ``cut`` may be None (the API checks before it selects).
     """
     structured = _check_layer(x, weight, bias, scores, thr, cut)
+    return (structured, *_check_conv_geometry(x, weight, stride, padding, dilation, groups))
+
+
+def check_masked_conv2d_keep(x: object, weight: object, bias: object, keep: object, stride: object, padding: object,
+                             dilation: object, groups: object) -> tuple[bool, tuple[int, int], tuple[int, int],
+                                                                        tuple[int, int]]:
+    """Arguments of masked_conv2d_keep's forward; returns as :func:`check_masked_conv2d`."""
+    _check_operands(x, weight, bias)
+    structured = check_keep(keep, weight)
+    return (structured, *_check_conv_geometry(x, weight, stride, padding, dilation, groups))
+
+
+def _check_conv_geometry(x: torch.Tensor, weight: torch.Tensor, stride: object, padding: object, dilation: object,
+                         groups: object) -> tuple[tuple[int, int], tuple[int, int], tuple[int, int]]:
+    """x, weight, stride, padding, dilation and groups of a zero-padded conv2d; the int pairs."""
     pairs = tuple(check_pair(v, n) for v, n in ((stride, "stride"), (padding, "padding"), (dilation, "dilation")))
     for (a, b), name, low in zip(pairs, ("stride", "padding", "dilation"), (1, 0, 1)):
         if a < low or b < low:
@@ -314,7 +342,7 @@ def check_masked_conv2d(x: object, weight: object, bias: object, scores: object,
     if out[2] < 1 or out[3] < 1:
         raise ValueError(f"kernel {tuple(weight.shape[2:])} (dilation {pairs[2]}) is larger than the padded input "
                          f"{tuple(x.shape[2:])} + 2 * padding {pairs[1]}")
-    return (structured, *pairs)
+    return pairs
 
 
 def check_channel_gate(x: object, scores: object, thr: object, cut: object, dim: object) -> int:

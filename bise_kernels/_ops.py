@@ -251,15 +251,45 @@ def _backward_kernel(name: str) -> Callable:
     return lambda grad_y, x, *args: _kernel(name, x)(grad_y, x, *args)
 
 
-def _layer_backward(ctx, backward_op, grad_y: Tensor, *geometry) -> tuple:
-    """(grad_x, grad_weight, grad_bias, grad_scores) of a masked layer, None where not needed.
+DIFFERENTIABLE_ONCE = (
+    "bise_kernels' masked layers and channel gate are differentiable once: their straight-through gradient has no "
+    "gradient of its own (a backward through the result of a backward with create_graph=True is not supported)")
+"""The error of a second backward (the C++ node's too: csrc/masked_autograd.cpp)."""
 
-    Saved: x, weight, scores, then the selection ``(thr, cut)`` or the packed ``keep`` mask."""
+
+class _DifferentiableOnce(torch.autograd.Function):
+    """``compute()``, a layer's backward run under create_graph=True, without a graph: its gradients
+    raise :data:`DIFFERENTIABLE_ONCE` when differentiated (each depends on ``inputs``: grad_y and the
+    saved x, weight, scores). Differentiating the kernels instead gave a different wrong answer per
+    backend. Normal backwards (grad mode off) never come here."""
+
+    @staticmethod
+    def forward(ctx, compute, *inputs):
+        return compute()
+
+    @staticmethod
+    def backward(ctx, *grads):
+        raise RuntimeError(DIFFERENTIABLE_ONCE)
+
+
+def _run_backward(compute: Callable, *inputs: Tensor) -> tuple:
+    """``compute()``, through :class:`_DifferentiableOnce` under create_graph=True."""
+    return _DifferentiableOnce.apply(compute, *inputs) if torch.is_grad_enabled() else compute()
+
+
+def _layer_backward(ctx, backward_op, grad_y: Tensor, layout: Callable, *geometry) -> tuple:
+    """(grad_x, grad_weight, grad_bias, grad_scores) of a masked layer, None where not needed;
+    ``layout(grad_y, x)``: grad_y as the backward kernel takes it.
+
+    Saved: x, weight, scores, then the selection ``(thr, cut)`` or the packed ``keep`` mask, read
+    once (torch.utils.checkpoint's non-reentrant mode unpacks each saved tensor only once)."""
     x, weight, scores, *selection = ctx.saved_tensors
+    grad_y = layout(grad_y, x)
     nx, nw, nb, ns = ctx.needs_input_grad[:4]
     needs = [nx, nw, nb and ctx.has_bias, ns]
     with _backward_backend(ctx):
-        grads = backward_op(grad_y, x, weight, scores, *selection, *geometry, ctx.estimator, ctx.temperature, needs)
+        grads = _run_backward(lambda: backward_op(grad_y, x, weight, scores, *selection, *geometry, ctx.estimator,
+                                                  ctx.temperature, needs), grad_y, x, weight, scores)
     return tuple(_or_none(g, n) for g, n in zip(grads, needs))
 
 
@@ -308,8 +338,12 @@ def _linear_setup(ctx, inputs, output):
     _save_layer(ctx, (x, weight, scores, thr, cut), bias, estimator, temperature)
 
 
+def _contiguous(grad_y: Tensor, x: Tensor) -> Tensor:
+    return grad_y.contiguous()
+
+
 def _linear_backward(backward_op):
-    return lambda ctx, grad_y: (*_layer_backward(ctx, backward_op, grad_y.contiguous()), None, None, None, None)
+    return lambda ctx, grad_y: (*_layer_backward(ctx, backward_op, grad_y, _contiguous), None, None, None, None)
 
 
 _masked_linear_op.register_autograd(_linear_backward(masked_linear_backward), setup_context=_linear_setup)
@@ -358,7 +392,7 @@ def _linear_keep_setup(ctx, inputs, output):
 
 
 def _linear_keep_backward(backward_op):
-    return lambda ctx, grad_y: (*_layer_backward(ctx, backward_op, grad_y.contiguous()), None, None, None)
+    return lambda ctx, grad_y: (*_layer_backward(ctx, backward_op, grad_y, _contiguous), None, None, None)
 
 
 _masked_linear_keep_op.register_autograd(_linear_keep_backward(masked_linear_keep_backward),
@@ -416,18 +450,17 @@ def _conv_keep_setup(ctx, inputs, output):
     ctx.conv = (stride, padding, dilation, groups)
 
 
-def _memory_format(x: Tensor) -> torch.memory_format:
-    """channels_last when x is (so cuDNN's backward needs no layout conversion), else contiguous."""
+def _conv_layout(grad_y: Tensor, x: Tensor) -> Tensor:
+    """grad_y channels_last when x is (so cuDNN's backward needs no layout conversion), else contiguous."""
     channels_last = x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
-    return torch.channels_last if channels_last else torch.contiguous_format
+    return grad_y.contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
 
 
 def _conv_backward(backward_op, n_other_inputs: int = 8):
     """The gradients of a masked conv2d's inputs: x, weight, bias, scores, then None for the
     ``n_other_inputs`` others (selection or keep mask, geometry, estimator)."""
     def backward(ctx, grad_y):
-        grad_y = grad_y.contiguous(memory_format=_memory_format(ctx.saved_tensors[0]))
-        return (*_layer_backward(ctx, backward_op, grad_y, *ctx.conv), *([None] * n_other_inputs))
+        return (*_layer_backward(ctx, backward_op, grad_y, _conv_layout, *ctx.conv), *([None] * n_other_inputs))
 
     return backward
 
@@ -522,7 +555,8 @@ def _gate_backward(backward_op):
         x, scores, thr, cut = ctx.saved_tensors
         needs = list(ctx.needs_input_grad[:2])
         with _backward_backend(ctx):
-            gx, gs = backward_op(grad_y, x, scores, thr, cut, ctx.dim, ctx.estimator, ctx.temperature, needs)
+            gx, gs = _run_backward(lambda: backward_op(grad_y, x, scores, thr, cut, ctx.dim, ctx.estimator,
+                                                       ctx.temperature, needs), grad_y, x, scores)
         return _or_none(gx, needs[0]), _or_none(gs, needs[1]), None, None, None, None, None
 
     return backward

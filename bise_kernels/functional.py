@@ -198,6 +198,25 @@ def _fused_check(native: Optional[object], threshold: object) -> bool:
 # ----------------------------------------------------------------------------- masked ops
 
 
+def _autocast(x: Tensor, weight: Tensor, bias: Optional[Tensor]) -> tuple[Tensor, Tensor, Optional[Tensor]]:
+    """x, weight and bias as torch.autocast hands them to nn.Linear / nn.Conv2d: in its dtype for x's
+    device (float64 and non-float tensors stay), so a masked layer takes the lower-precision output of
+    a dense one as they do (the scores keep their dtype: the selection and its gradient are theirs).
+    Costs one 0.1 us test outside autocast."""
+    if not torch._C._is_any_autocast_enabled():
+        return x, weight, bias
+    device = x.device.type
+    if not torch.is_autocast_enabled(device):
+        return x, weight, bias
+    dtype = torch.get_autocast_dtype(device)
+
+    def cast(t: Optional[Tensor]) -> Optional[Tensor]:
+        eligible = isinstance(t, Tensor) and t.is_floating_point() and t.dtype != torch.float64
+        return t.to(dtype) if eligible else t
+
+    return cast(x), cast(weight), cast(bias)
+
+
 def masked_linear(
     x: Tensor, weight: Tensor, bias: Optional[Tensor], scores: Tensor, *,
     density: Optional[float] = None, threshold: Optional[Union[Number, Tensor]] = None,
@@ -207,7 +226,9 @@ def masked_linear(
 
     ``scores`` is weight-shaped (one per weight) or ``(out_features,)`` (whole neurons). The score
     gradient is ``dL/dW_eff * weight * slope`` (slope 1 for "ste", sigmoid'(s/T)/T for "sigmoid").
+    Under torch.autocast, x, weight and bias run in its dtype (:func:`_autocast`).
     """
+    x, weight, bias = _autocast(x, weight, bias)
     _checks.check_masked_linear(x, weight, bias, scores)
     _checks.check_estimator(estimator, temperature)
     native = _ops._native_layer_op("masked_linear", x)
@@ -220,7 +241,9 @@ def masked_conv2d(
     density: Optional[float] = None, threshold: Optional[Union[Number, Tensor]] = None,
     stride=1, padding=0, dilation=1, groups: int = 1, estimator: str = "ste", temperature: float = 1.0,
 ) -> Tensor:
-    """``conv2d(x, weight * M, bias)``; structured scores have shape ``(out_channels,)``."""
+    """``conv2d(x, weight * M, bias)``; structured scores have shape ``(out_channels,)``; autocast as
+    :func:`masked_linear`."""
+    x, weight, bias = _autocast(x, weight, bias)
     _, stride, padding, dilation = _checks.check_masked_conv2d(x, weight, bias, scores, None, None, stride, padding,
                                                                dilation, groups)
     _checks.check_estimator(estimator, temperature)
@@ -231,21 +254,27 @@ def masked_conv2d(
 
 
 def channel_gate(
-    x: Tensor, scores: Tensor, *, threshold: Optional[Union[Number, Tensor]] = 0.0, density: Optional[float] = None,
+    x: Tensor, scores: Tensor, *, threshold: Optional[Union[Number, Tensor]] = None, density: Optional[float] = None,
     dim: int = 1, estimator: str = "sigmoid", temperature: float = 1.0,
 ) -> Tensor:
     """``x * g`` broadcast along ``dim``; g_i = 1 iff scores_i >= threshold (or top-k by density).
 
-    The BISE gate: the score gradient is ``sum(dL/dy * x over all but dim) * slope``. Giving
-    ``density`` switches from the threshold to top-k.
+    The BISE gate: the score gradient is ``sum(dL/dy * x over all but dim) * slope``. The rule is
+    :func:`_gate_threshold`'s: threshold 0.0 unless ``density`` (top-k) is given; not both.
     """
-    if density is not None:
-        threshold = None
+    threshold = _gate_threshold(density, threshold)
     dim = _checks.check_channel_gate(x, scores, None, None, dim)
     _checks.check_estimator(estimator, temperature)
     native = _gate_op(x)
     thr, cut = selection(scores, density, threshold, fused_check=_fused_check(native, threshold))
     return _ops.channel_gate.run(native, x, scores, thr, cut, dim, estimator, float(temperature))
+
+
+def _gate_threshold(density: Optional[float], threshold: Optional[Union[Number, Tensor]]
+                   ) -> Optional[Union[Number, Tensor]]:
+    """A channel gate's threshold: 0.0 (the BISE gate) when neither it nor ``density`` is given; both
+    given is left to :func:`.._checks.check_mask_spec` to refuse, as for the masked layers."""
+    return 0.0 if density is None and threshold is None else threshold
 
 
 def _gate_op(x: Tensor) -> Optional[object]:

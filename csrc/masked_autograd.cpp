@@ -15,6 +15,8 @@
 #include <ATen/ATen.h>
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <torch/autograd.h>
+#include <torch/csrc/autograd/functions/basic_ops.h>
+#include <torch/csrc/autograd/functions/utils.h>
 #include <torch/library.h>
 
 #include "checks.h"
@@ -204,6 +206,29 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> layer_backward(
 
 // ----------------------------------------------------------------------------- the autograd functions
 
+// A backward under create_graph=True (grad mode on): the gradients of `compute`, made without a graph,
+// each raising if differentiated (each depends on `inputs`: grad_y and the saved x, weight, scores),
+// as bise_kernels/_ops.py's _DifferentiableOnce, with its message: differentiating what the kernels
+// compute gave a different wrong answer per backend.
+template <class Compute>
+variable_list differentiable_once(const Compute& compute, const variable_list& inputs) {
+  if (!at::GradMode::is_enabled()) return compute();
+  variable_list grads;
+  {
+    at::NoGradGuard no_grad;
+    grads = compute();
+  }
+  if (!torch::autograd::compute_requires_grad(inputs)) return grads;
+  const c10::intrusive_ptr<torch::autograd::Node> error = c10::make_intrusive<torch::autograd::Error>(
+      "bise_kernels' masked layers and channel gate are differentiable once: their straight-through gradient has "
+      "no gradient of its own (a backward through the result of a backward with create_graph=True is not supported)",
+      torch::autograd::collect_next_edges(inputs));
+  for (at::Tensor& g : grads) {
+    if (g.defined()) torch::autograd::set_history(g, error);
+  }
+  return grads;
+}
+
 // The composition above as an autograd node; inputs x, weight, bias (nullopt when absent: no input
 // then, so the scores are input 2 or 3), scores.
 template <class Layer, class Mask>
@@ -227,10 +252,14 @@ struct MaskedLayer : torch::autograd::Function<MaskedLayer<Layer, Mask>> {
     const std::array<bool, 4> needs{ctx->needs_input_grad(0), ctx->needs_input_grad(1),
                                     has_bias && ctx->needs_input_grad(2), ctx->needs_input_grad(has_bias ? 3 : 2)};
     const Estimator est{ctx->saved_data["estimator"].toStringRef(), ctx->saved_data["temperature"].toDouble()};
-    auto [gx, gw, gb, gs] = layer_backward(grads[0], saved[0], saved[1], saved[2], Mask::from(saved, 3),
-                                           Layer::from(ctx), est, needs);
-    // x, weight, bias, scores, then the mask, the layer and the estimator (no gradients).
-    return {gx, gw, gb, gs, at::Tensor(), at::Tensor(), at::Tensor()};
+    return differentiable_once(
+        [&]() -> variable_list {
+          auto [gx, gw, gb, gs] = layer_backward(grads[0], saved[0], saved[1], saved[2], Mask::from(saved, 3),
+                                                 Layer::from(ctx), est, needs);
+          // x, weight, bias, scores, then the mask, the layer and the estimator (no gradients).
+          return {gx, gw, gb, gs, at::Tensor(), at::Tensor(), at::Tensor()};
+        },
+        {grads[0], saved[0], saved[1], saved[2]});
   }
 };
 
@@ -252,10 +281,14 @@ struct ChannelGate : torch::autograd::Function<ChannelGate> {
             "bise_kernels_ext::channel_gate_backward");
     const variable_list saved = ctx->get_saved_variables();
     const bool need_x = ctx->needs_input_grad(0), need_s = ctx->needs_input_grad(1);
-    auto [gx, gs] = op.call(grads[0], saved[0], saved[1], saved[2], saved[3], ctx->saved_data["dim"].toInt(),
-                            ctx->saved_data["estimator"].toStringRef(), ctx->saved_data["temperature"].toDouble(),
-                            need_x, need_s);
-    return {need_x ? gx : at::Tensor(), need_s ? gs : at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor()};
+    return differentiable_once(
+        [&]() -> variable_list {
+          auto [gx, gs] = op.call(grads[0], saved[0], saved[1], saved[2], saved[3], ctx->saved_data["dim"].toInt(),
+                                  ctx->saved_data["estimator"].toStringRef(),
+                                  ctx->saved_data["temperature"].toDouble(), need_x, need_s);
+          return {need_x ? gx : at::Tensor(), need_s ? gs : at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor()};
+        },
+        {grads[0], saved[0], saved[1]});
   }
 };
 

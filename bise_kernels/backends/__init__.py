@@ -105,6 +105,10 @@ def _triton_devices() -> tuple[str, ...]:
     return ("cuda", "cpu") if INTERPRET else ("cuda",)
 
 
+DEVICE_NOTES = {"triton": " (CPU tensors too under TRITON_INTERPRET=1, set before import: the interpreter, for tests)"}
+"""Said after a backend's devices when it is asked for another."""
+
+
 BACKENDS: dict[str, Backend] = _Table({
     "torch": Backend("torch", ("cpu", "cuda", "mps", "xpu", "meta"), ("bise_kernels.backends.reference",)),
     "cpp": Backend("cpp", ("cpu",), ("bise_kernels.backends.cpp.select", "bise_kernels.backends.cpp.masked")),
@@ -158,7 +162,7 @@ _default: Optional[str] = None
 def _current() -> str:
     global _default
     if _default is None:
-        _default = _validate_name(os.environ.get(ENV_VARIABLE, "auto"), ENV_VARIABLE)
+        _default = _validate_name(os.environ.get(ENV_VARIABLE) or "auto", ENV_VARIABLE)  # set but empty: "auto"
     return _state.name or _default
 
 
@@ -215,7 +219,8 @@ def resolve(kernel: str, device_type: str, dtype: Optional[torch.dtype] = None) 
     if name != "auto":
         backend = BACKENDS[name]
         if device_type not in backend.devices:
-            raise BackendUnavailableError(f"backend {name!r} does not run on {device_type!r} tensors")
+            raise BackendUnavailableError(f"backend {name!r} does not run on {device_type!r} tensors; it runs on "
+                                          f"{backend.devices}{DEVICE_NOTES.get(name, '')}")
         kernels = backend.kernels()
         if not kernels:
             raise BackendUnavailableError(f"backend {name!r} is unavailable: {backend.why_unavailable}")

@@ -35,6 +35,9 @@ Kernels (a backend implements any subset; the registry falls back for the rest):
   compute) and return ``None`` for the others. The score gradient is the straight-through
   estimate ``dL/dW_eff * W * slope(scores)`` (masked layers) or
   ``sum(dL/dy * x over all but dim) * slope`` (channel gate), see :func:`score_slope`.
+  Forward kernels check their arguments (types, shapes, dtypes, devices: bise_kernels/_checks.py;
+  no values), backward kernels the estimator and temperature, as the modules leave that to them
+  (a temperature set on a module after it was built is checked there).
 * ``masked_linear_keep_forward(x, weight, bias, keep)`` /
   ``masked_linear_keep_backward(grad_y, x, weight, scores, keep, estimator, temperature, needs)``:
   masked linear with the selection packed once into ``keep = keep_mask(scores, thr, cut)`` (bool,
@@ -163,7 +166,8 @@ def _score_grad(grad_w_eff, weight, scores, estimator, temperature):
 
 
 def masked_linear_forward(x, weight, bias, scores, thr, cut):
-    return masked_linear_keep_forward(x, weight, bias, keep_mask(scores, thr, cut))
+    _checks.check_masked_linear(x, weight, bias, scores, thr, cut)
+    return _linear(x, weight, bias, keep_mask(scores, thr, cut))
 
 
 def masked_linear_backward(grad_y, x, weight, scores, thr, cut, estimator, temperature, needs):
@@ -172,10 +176,16 @@ def masked_linear_backward(grad_y, x, weight, scores, thr, cut, estimator, tempe
 
 
 def masked_linear_keep_forward(x, weight, bias, keep):
+    _checks.check_masked_linear_keep(x, weight, bias, keep)
+    return _linear(x, weight, bias, keep)
+
+
+def _linear(x, weight, bias, keep):
     return F.linear(x, _kept_weight(weight, keep), bias)
 
 
 def masked_linear_keep_backward(grad_y, x, weight, scores, keep, estimator, temperature, needs):
+    _checks.check_estimator(estimator, temperature)
     need_x, need_w, need_b, need_s = needs
     w_eff, mask = _kept_weight(weight, keep), keep
     gx = grad_y @ w_eff if need_x else None
@@ -197,7 +207,8 @@ def masked_linear_keep_backward(grad_y, x, weight, scores, keep, estimator, temp
 
 
 def masked_conv2d_forward(x, weight, bias, scores, thr, cut, stride, padding, dilation, groups):
-    return masked_conv2d_keep_forward(x, weight, bias, keep_mask(scores, thr, cut), stride, padding, dilation, groups)
+    _checks.check_masked_conv2d(x, weight, bias, scores, thr, cut, stride, padding, dilation, groups)
+    return _conv2d(x, weight, bias, keep_mask(scores, thr, cut), stride, padding, dilation, groups)
 
 
 def masked_conv2d_backward(
@@ -208,12 +219,18 @@ def masked_conv2d_backward(
 
 
 def masked_conv2d_keep_forward(x, weight, bias, keep, stride, padding, dilation, groups):
+    _checks.check_masked_conv2d_keep(x, weight, bias, keep, stride, padding, dilation, groups)
+    return _conv2d(x, weight, bias, keep, stride, padding, dilation, groups)
+
+
+def _conv2d(x, weight, bias, keep, stride, padding, dilation, groups):
     return F.conv2d(x, _kept_weight(weight, keep), bias, stride, padding, dilation, groups)
 
 
 def masked_conv2d_keep_backward(
     grad_y, x, weight, scores, keep, stride, padding, dilation, groups, estimator, temperature, needs
 ):
+    _checks.check_estimator(estimator, temperature)
     need_x, need_w, need_b, need_s = needs
     w_eff, mask = _kept_weight(weight, keep), keep
     gx = gw = gb = gs = None
@@ -240,11 +257,13 @@ def _gate_shape(x: torch.Tensor, dim: int) -> list[int]:
 
 
 def channel_gate_forward(x, scores, thr, cut, dim):
+    dim = _checks.check_channel_gate(x, scores, thr, cut, dim)
     gate = keep_mask(scores, thr, cut).to(x.dtype).reshape(_gate_shape(x, dim))
     return x * gate
 
 
 def channel_gate_backward(grad_y, x, scores, thr, cut, dim, estimator, temperature, needs):
+    _checks.check_estimator(estimator, temperature)
     need_x, need_s = needs
     gx = gs = None
     if need_x:

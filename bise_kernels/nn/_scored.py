@@ -13,8 +13,24 @@ from .. import _checks, _ops, backends, functional
 from ..functional import selection
 
 
+def outside_inference_mode(make):
+    """``make()``, run outside torch.inference_mode when inside it: a cached selection or keep mask
+    made there would be inference tensors, which the next training forward cannot save for backward
+    (evaluating between steps, with the scores unchanged, then made training raise)."""
+    if torch.is_inference_mode_enabled():
+        with torch.inference_mode(False):
+            return make()
+    return make()
+
+
 class ScoredModule(nn.Module):
-    """Base of the masked layers and the channel gate (set up by :meth:`_init_rule`)."""
+    """Base of the masked layers and the channel gate (set up by :meth:`_init_rule`).
+
+    The selection is cached until the scores change as autograd sees it (their version counter or
+    storage: an optimizer step, an in-place op under torch.no_grad, load_state_dict). A write through
+    ``scores.data`` bypasses the version counter and is not seen (the old threshold, or keep mask,
+    would be applied to the new scores): write under torch.no_grad() instead.
+    """
 
     scores: nn.Parameter
 
@@ -58,8 +74,9 @@ class ScoredModule(nn.Module):
             same_mode = cache is not None and cache[0][-1] == capturing
             hint = cache[1][0] if same_mode and self.density is not None else None
             checked = self.density is not None or not fused_check  # a top-k's select always checks
-            cache = self.__dict__["_cache"] = (key, selection(scores, self.density, self.threshold, hint=hint,
-                                                              fused_check=fused_check), checked)
+            made = outside_inference_mode(lambda: selection(scores, self.density, self.threshold, hint=hint,
+                                                            fused_check=fused_check))
+            cache = self.__dict__["_cache"] = (key, made, checked)
         return cache[1]
 
     def keep(self) -> Tensor:
@@ -79,9 +96,10 @@ class ScoredModule(nn.Module):
             if cached is not None and cached[0] is thr and cached[1] is cut and cached[2] is self._cache:
                 return cached[3]
         thr, cut, check = self._keep_selection(scores)
-        keep = _ops.keep_mask(scores.detach(), thr, cut, 0, check)
-        if not compiling:
-            self.__dict__["_keep_cache"] = (thr, cut, self._cache, keep)
+        if compiling:
+            return _ops.keep_mask(scores.detach(), thr, cut, 0, check)
+        keep = outside_inference_mode(lambda: _ops.keep_mask(scores.detach(), thr, cut, 0, check))
+        self.__dict__["_keep_cache"] = (thr, cut, self._cache, keep)
         return keep
 
     def _keep_selection(self, scores: Tensor) -> tuple[Tensor, Tensor, bool]:

@@ -8,27 +8,27 @@ import torch
 from torch import Tensor
 
 from .. import _checks, _ops
-from ..functional import _fused_check, _gate_op
+from ..functional import _fused_check, _gate_op, _gate_threshold
 from ._scored import ScoredModule
 
 
 class ChannelGate(ScoredModule):
     """``y = x * g`` with g_c = 1 iff score_c >= threshold (or top-k by ``density``), along ``dim``.
 
-    The BISE gate (scores start at ``init`` = 0, threshold 0, sigmoid-slope estimator with
-    ``temperature``). ``enabled = False`` makes it the identity (the "vanilla" model).
+    The BISE gate (scores start at ``init`` = 0, threshold 0 unless ``density`` is given, not both;
+    sigmoid-slope estimator with ``temperature``). ``enabled = False`` makes it the identity (the
+    "vanilla" model).
     """
 
-    def __init__(self, num_channels: int, *, dim: int = 1, threshold: Optional[float] = 0.0,
+    def __init__(self, num_channels: int, *, dim: int = 1, threshold: Optional[float] = None,
                  density: Optional[float] = None, estimator: str = "sigmoid", temperature: float = 1.0,
                  init: float = 0.0, device=None):
         super().__init__()
-        if isinstance(num_channels, bool) or not isinstance(num_channels, int) or num_channels < 1:
+        num_channels, dim = _checks.check_int(num_channels, "num_channels"), _checks.check_int(dim, "dim")
+        if num_channels < 1:
             raise ValueError(f"num_channels must be a positive int, got {num_channels!r}")
-        if density is not None:
-            threshold = None
-        self._init_rule(torch.full((num_channels,), float(init), device=device), density, threshold, estimator,
-                        temperature)
+        self._init_rule(torch.full((num_channels,), _checks.check_real(init, "init"), device=device), density,
+                        _gate_threshold(density, threshold), estimator, temperature)
         self.num_channels = num_channels
         self.dim = dim
         self.enabled = True

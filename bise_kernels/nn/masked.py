@@ -7,9 +7,10 @@ from typing import Optional, Union
 
 import torch
 from torch import Tensor, nn
+from torch.nn.modules.utils import _pair
 
-from .. import _ops
-from ..functional import _fused_check
+from .. import _checks, _ops
+from ..functional import _autocast, _fused_check
 from ._scored import ScoredModule
 
 GRANULARITIES = ("weight", "channel")
@@ -36,12 +37,38 @@ def _check_granularity(granularity: str) -> str:
     return granularity
 
 
+def _numeric_padding(padding, kernel_size, stride, dilation) -> Union[int, tuple[int, int]]:
+    """nn.Conv2d's ``padding`` as numbers: "valid" is 0; "same" (stride 1, as nn.Conv2d requires) is half
+    the dilated kernel's extent on each side, where that is symmetric (nn.Conv2d pads one side more
+    otherwise, which a masked conv does not)."""
+    if not isinstance(padding, str):
+        return padding
+    if padding == "valid":
+        return (0, 0)
+    if padding != "same":
+        raise ValueError(f"padding must be an int, a pair of ints, 'valid' or 'same', got {padding!r}")
+    kernel, dilation = _pair(kernel_size), _pair(dilation)
+    if _pair(stride) != (1, 1):
+        raise ValueError(f"padding='same' needs stride 1 (as in nn.Conv2d), got stride={stride!r}")
+    extent = [d * (k - 1) for k, d in zip(kernel, dilation)]
+    if extent[0] % 2 or extent[1] % 2:
+        raise ValueError(f"padding='same' with kernel_size {kernel} and dilation {dilation} pads one side more than "
+                         f"the other, which MaskedConv2d does not support; give numeric padding")
+    return (extent[0] // 2, extent[1] // 2)
+
+
+def _check_padding_mode(padding_mode: str) -> None:
+    if padding_mode != "zeros":
+        raise ValueError(f"MaskedConv2d supports padding_mode='zeros' only, got padding_mode={padding_mode!r}")
+
+
 def init_scores(weight: Tensor, granularity: str, score_init: Union[str, float]) -> Tensor:
     """Initial scores: "kaiming" (edge-popup), "magnitude" (|w| or per-unit L2 norm), "zeros", or a constant."""
     shape = weight.shape if granularity == "weight" else (weight.shape[0],)
     with torch.no_grad():
-        if isinstance(score_init, (int, float)) and not isinstance(score_init, bool):
-            return torch.full(shape, float(score_init), dtype=torch.float32, device=weight.device)
+        if _checks.is_real(score_init):
+            return torch.full(shape, _checks.check_real(score_init, "score_init"), dtype=torch.float32,
+                              device=weight.device)
         if score_init == "zeros":
             return torch.zeros(shape, dtype=torch.float32, device=weight.device)
         if score_init == "magnitude":
@@ -63,6 +90,8 @@ class _MaskedLayer(ScoredModule):
 
     def _init_mask(self, granularity, density, threshold, estimator, temperature, score_init):
         self.granularity = _check_granularity(granularity)
+        if self.weight.numel() == 0:  # a top-k or threshold needs a score to select (nn.Linear(0, n) has none)
+            raise ValueError(f"{type(self).__name__} has no weight to mask: weight of shape {tuple(self.weight.shape)}")
         self._init_rule(init_scores(self.weight, granularity, score_init), density, threshold, estimator,
                         temperature)
         self.global_selector = None  # set by mask_model(scope="global")
@@ -120,13 +149,19 @@ class _MaskedLayer(ScoredModule):
         return dense
 
     def _mask_repr(self) -> str:
-        return f", granularity={self.granularity}, {self._rule_repr()}"
+        """What the masked layer adds to its dense repr; the temperature only where the estimator reads it,
+        the mask mode and the scope only when not the default."""
+        extra = f", temperature={self.temperature}" if self.estimator == "sigmoid" else ""
+        extra += f", mask_mode={self.mask_mode}" if self.mask_mode != "auto" else ""
+        extra += ", scope=global" if self.global_selector is not None else ""
+        return f", granularity={self.granularity}, {self._rule_repr()}{extra}"
 
 
 class MaskedLinear(nn.Linear, _MaskedLayer):
     """nn.Linear whose weight is masked by top-k (density) or thresholded learnable scores.
 
-    ``mask_mode`` (:data:`MASK_MODES`, settable later) picks how the mask reaches the op.
+    ``mask_mode`` (:data:`MASK_MODES`, settable later) picks how the mask reaches the op. Under
+    torch.autocast it computes in the autocast dtype, as nn.Linear (the scores keep theirs).
     """
 
     def __init__(self, in_features: int, out_features: int, bias: bool = True, *, granularity: str = "weight",
@@ -152,13 +187,13 @@ class MaskedLinear(nn.Linear, _MaskedLayer):
 
     def forward(self, x: Tensor) -> Tensor:
         scores = self.scores
+        x, weight, bias = _autocast(x, self.weight, self.bias)
         if self._uses_keep(x):
-            return _ops.masked_linear_keep(x, self.weight, self.bias, scores, self._keep(scores), self.estimator,
+            return _ops.masked_linear_keep(x, weight, bias, scores, self._keep(scores), self.estimator,
                                            self.temperature)
         native = _ops._native_layer_op("masked_linear", x)
         thr, cut = self._selection(scores, _fused_check(native, self.threshold))
-        return _ops.masked_linear.run(native, x, self.weight, self.bias, scores, thr, cut, self.estimator,
-                                      self.temperature)
+        return _ops.masked_linear.run(native, x, weight, bias, scores, thr, cut, self.estimator, self.temperature)
 
     def to_dense(self) -> nn.Linear:
         """A plain nn.Linear with the current mask baked into its weight."""
@@ -167,7 +202,8 @@ class MaskedLinear(nn.Linear, _MaskedLayer):
 
 
 class MaskedConv2d(nn.Conv2d, _MaskedLayer):
-    """nn.Conv2d (zero padding) whose weight is masked by top-k or thresholded learnable scores.
+    """nn.Conv2d (zero padding: numbers, "valid" or a symmetric "same") whose weight is masked by top-k or
+    thresholded learnable scores.
 
     ``mask_mode`` as in :class:`MaskedLinear`.
     """
@@ -175,10 +211,11 @@ class MaskedConv2d(nn.Conv2d, _MaskedLayer):
     def __init__(self, in_channels: int, out_channels: int, kernel_size, stride=1, padding=0, dilation=1,
                  groups: int = 1, bias: bool = True, *, granularity: str = "weight", density: Optional[float] = None,
                  threshold: Optional[float] = None, estimator: str = "ste", temperature: float = 1.0,
-                 score_init: Union[str, float] = "kaiming", mask_mode: str = "auto", device=None, dtype=None):
-        if isinstance(padding, str):
-            raise ValueError(f"padding must be an int or a pair of ints for MaskedConv2d, got {padding!r}")
-        super().__init__(in_channels, out_channels, kernel_size, stride, padding, dilation, groups, bias,
+                 score_init: Union[str, float] = "kaiming", mask_mode: str = "auto", padding_mode: str = "zeros",
+                 device=None, dtype=None):
+        _check_padding_mode(padding_mode)
+        super().__init__(in_channels, out_channels, kernel_size, stride,
+                         _numeric_padding(padding, kernel_size, stride, dilation), dilation, groups, bias,
                          device=device, dtype=dtype)
         self._init_mask(granularity, density, threshold, estimator, temperature, score_init)
         self.mask_mode = mask_mode
@@ -190,13 +227,14 @@ class MaskedConv2d(nn.Conv2d, _MaskedLayer):
         """Wrap an existing nn.Conv2d; its parameters are shared, never copied or changed."""
         if not isinstance(module, nn.Conv2d):
             raise TypeError(f"module must be an nn.Conv2d, got {type(module).__name__}")
-        if module.padding_mode != "zeros" or isinstance(module.padding, str):
-            raise ValueError(f"MaskedConv2d supports numeric zero padding only, got padding={module.padding!r}, "
-                             f"padding_mode={module.padding_mode!r}")
-        attributes = ("in_channels", "out_channels", "kernel_size", "stride", "padding", "dilation", "groups",
-                      "transposed", "output_padding", "padding_mode", "_reversed_padding_repeated_twice")
-        return cls._wrap(module, attributes, granularity, density, threshold, estimator, temperature, score_init,
-                         freeze_weights)
+        _check_padding_mode(module.padding_mode)
+        padding = _pair(_numeric_padding(module.padding, module.kernel_size, module.stride, module.dilation))
+        attributes = ("in_channels", "out_channels", "kernel_size", "stride", "dilation", "groups", "transposed",
+                      "output_padding", "padding_mode", "_reversed_padding_repeated_twice")
+        layer = cls._wrap(module, attributes, granularity, density, threshold, estimator, temperature, score_init,
+                          freeze_weights)
+        layer.padding = padding
+        return layer
 
     def extra_repr(self) -> str:
         return nn.Conv2d.extra_repr(self) + self._mask_repr()
@@ -204,13 +242,14 @@ class MaskedConv2d(nn.Conv2d, _MaskedLayer):
     def forward(self, x: Tensor) -> Tensor:
         geometry = (list(self.stride), list(self.padding), list(self.dilation), self.groups)
         scores = self.scores
+        x, weight, bias = _autocast(x, self.weight, self.bias)
         if self._uses_keep(x):
-            return _ops.masked_conv2d_keep(x, self.weight, self.bias, scores, self._keep(scores), *geometry,
-                                           self.estimator, self.temperature)
+            return _ops.masked_conv2d_keep(x, weight, bias, scores, self._keep(scores), *geometry, self.estimator,
+                                           self.temperature)
         native = _ops._native_layer_op("masked_conv2d", x)
         thr, cut = self._selection(scores, _fused_check(native, self.threshold))
-        return _ops.masked_conv2d.run(native, x, self.weight, self.bias, scores, thr, cut, *geometry,
-                                      self.estimator, self.temperature)
+        return _ops.masked_conv2d.run(native, x, weight, bias, scores, thr, cut, *geometry, self.estimator,
+                                      self.temperature)
 
     def to_dense(self) -> nn.Conv2d:
         """A plain nn.Conv2d with the current mask baked into its weight."""

@@ -9,6 +9,7 @@ import torch
 from torch import Tensor, nn
 
 from .. import _checks, _ops
+from ._scored import outside_inference_mode
 from .masked import MaskedConv2d, MaskedLinear
 
 
@@ -31,7 +32,7 @@ class GlobalSelection:
             return self._select(scores)[id(layer)]
         key = tuple((s._version, s.data_ptr()) for s in scores)
         if key != self._key:
-            self._key, self._result = key, self._select(scores)
+            self._key, self._result = key, outside_inference_mode(lambda: self._select(scores))
         return self._result[id(layer)]
 
     def _select(self, scores: list[Tensor]) -> dict[int, tuple[Tensor, Tensor]]:
@@ -97,3 +98,16 @@ def mask_model(model: nn.Module, granularity: str = "weight", *, density: Option
             layer.global_selector = selector
     return [layer.scores for layer in layers]
 
+
+
+def unmask_model(model: nn.Module) -> nn.Module:
+    """The inverse of :func:`mask_model`: replace every MaskedLinear / MaskedConv2d in place by the plain
+    layer with its current mask baked into the weight (:meth:`to_dense`); return ``model``. The masked
+    layers' original weights are left as they were (baked copies replace them)."""
+    masked = [(name, module) for name, module in model.named_modules() if isinstance(module, (MaskedLinear,
+                                                                                             MaskedConv2d))]
+    if masked and masked[0][0] == "":
+        raise ValueError("unmask_model replaces submodules; call to_dense() on a single masked layer")
+    for name, module in masked:
+        model.set_submodule(name, module.to_dense())
+    return model

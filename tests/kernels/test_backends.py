@@ -61,6 +61,23 @@ def test_bogus_environment_variable_is_a_named_error_at_the_first_op(monkeypatch
         bk.topk_mask(torch.randn(8), 0.5)
 
 
+def test_an_empty_environment_variable_means_auto(monkeypatch):
+    """``BISE_KERNELS_BACKEND=`` (set, empty: how a shell unsets it for one command) was a ValueError at
+    every op."""
+    monkeypatch.setenv("BISE_KERNELS_BACKEND", "")
+    monkeypatch.setattr(backends, "_default", None)
+    assert bk.get_backend() == "auto"
+    assert int(bk.topk_mask(torch.randn(8), 0.5).sum()) == 4
+
+
+def test_a_backend_on_a_device_it_does_not_run_on_says_where_it_runs(monkeypatch):
+    monkeypatch.setitem(backends.BACKENDS, "gpu_only", backends.Backend("gpu_only", ("cuda",), ()))
+    with bk.use_backend("gpu_only"), pytest.raises(bk.BackendUnavailableError,
+                                                   match=r"'gpu_only' does not run on 'cpu' tensors; it runs on "
+                                                         r"\('cuda',\)"):
+        bk.topk_mask(torch.randn(8), 0.5)
+
+
 @pytest.mark.parametrize("op", ["linear", "conv2d", "gate"])
 def test_backward_in_another_thread_runs_on_the_forward_backend(monkeypatch, op):
     """Autograd runs a CUDA backward in a device thread of its own, where the caller's per-thread

@@ -335,3 +335,89 @@ def test_channel_gate_arguments_are_checked():
 def test_hint_must_be_a_single_value():
     with pytest.raises(TypeError, match="hint"):
         bk.topk_mask(torch.randn(5), 0.5, hint=torch.randn(2))
+
+
+_BAD_MODULE_INPUTS = {  # a module, a bad input, what the error says (the Python and the C++ checks alike)
+    "features": (lambda: bk.MaskedLinear(8, 4, density=0.5), torch.randn(2, 7), r"x of shape .2, 7. does not match"),
+    "int-x": (lambda: bk.MaskedLinear(8, 4, density=0.5), torch.ones(2, 8, dtype=torch.long), "x must be"),
+    "dtype": (lambda: bk.MaskedLinear(8, 4, threshold=0.0), torch.randn(2, 8, dtype=torch.float64),
+              "weight has dtype .* but x has"),
+    "conv-3d": (lambda: bk.MaskedConv2d(3, 4, 3, density=0.5), torch.randn(3, 5, 5), "must be 4-d"),
+    "conv-channels": (lambda: bk.MaskedConv2d(3, 4, 3, density=0.5), torch.randn(1, 2, 5, 5), "groups=1"),
+    "gate-int-x": (lambda: bk.ChannelGate(4), torch.ones(2, 4, dtype=torch.long), "x must be"),
+}
+
+
+@pytest.mark.parametrize("case, mask_mode", [(case, mode) for case in _BAD_MODULE_INPUTS
+                                             for mode in (("auto",) if "gate" in case else ("selection", "keep"))])
+def test_a_module_rejects_a_bad_input_on_every_backend(backend, case, mask_mode):
+    """A module's forward leaves its argument checks to the kernels; the reference ones made none, so
+    on "torch" a ChannelGate took integer input, a MaskedConv2d a 3-d one (rejected by the others),
+    and the rest failed in torch's own ops."""
+    make, x, message = _BAD_MODULE_INPUTS[case]
+    module = make()
+    if mask_mode != "auto":
+        module.mask_mode = mask_mode
+    with pytest.raises((ValueError, TypeError, RuntimeError), match=message):
+        module(x)
+
+
+@pytest.mark.parametrize("make, message", [
+    (lambda: bk.ChannelGate(4, init="zeros"), "init must be a float, got 'zeros'"),
+    (lambda: bk.ChannelGate(4, init=float("nan")), "init must be finite, got nan"),
+    (lambda: bk.MaskedLinear(4, 3, density=0.5, score_init=float("inf")), "score_init must be finite, got inf"),
+    (lambda: bk.MaskedLinear(4, 3, density=0.5, score_init=True), "score_init must be .*, got True"),
+], ids=["gate-str", "gate-nan", "linear-inf", "linear-bool"])
+def test_initial_scores_are_checked_at_construction(make, message):
+    """A constant initial score names its argument when built (a gate's string init failed in float(),
+    a NaN or inf one only at the first call, as "scores contains non-finite values")."""
+    with pytest.raises((TypeError, ValueError), match=message):
+        make()
+
+
+def test_numpy_initial_scores_are_accepted():
+    assert torch.equal(bk.ChannelGate(3, init=np.float32(0.5)).scores, torch.full((3,), 0.5))
+    assert torch.equal(bk.MaskedLinear(2, 2, density=0.5, score_init=np.float32(0.5)).scores, torch.full((2, 2), 0.5))
+
+
+def test_a_gate_with_both_density_and_threshold_is_an_error():
+    """As for the masked layers: exactly one rule. A gate given both dropped the threshold silently;
+    without either it is the BISE gate (threshold 0.0), with density alone a top-k."""
+    x, scores = torch.randn(2, 4), torch.tensor([0.3, -0.1, 0.2, 0.0])
+    for threshold in (0.5, 0.0):
+        with pytest.raises(ValueError, match="exactly one"):
+            bk.channel_gate(x, scores, density=0.5, threshold=threshold)
+        with pytest.raises(ValueError, match="exactly one"):
+            bk.ChannelGate(4, density=0.5, threshold=threshold)
+    assert torch.equal(bk.channel_gate(x, scores), x * torch.tensor([1.0, 0.0, 1.0, 1.0]))
+    assert torch.equal(bk.channel_gate(x, scores, density=0.5), x * torch.tensor([1.0, 0.0, 1.0, 0.0]))
+    gate = bk.ChannelGate(4)
+    assert gate.threshold == 0.0 and gate.density is None
+    gate = bk.ChannelGate(4, density=0.5)
+    assert gate.threshold is None and gate.density == 0.5
+
+
+@pytest.mark.parametrize("attribute, value, message", [("temperature", 0.0, "temperature must be a positive"),
+                                                       ("temperature", -1.0, "temperature must be a positive"),
+                                                       ("estimator", "gumbel", "estimator must be")])
+def test_an_estimator_set_on_a_module_is_checked_on_every_backend(backend, attribute, value, message):
+    """A temperature annealed to 0 (or an estimator mistyped) after construction: "cpp" and "triton"
+    refused it, the reference backward computed NaN (or the sigmoid slope) silently."""
+    for module, x in ((bk.MaskedLinear(4, 3, density=0.5, estimator="sigmoid"), torch.randn(2, 4)),
+                      (bk.MaskedConv2d(2, 3, 1, threshold=0.0, estimator="sigmoid"), torch.randn(1, 2, 3, 3)),
+                      (bk.ChannelGate(4), torch.randn(2, 4))):
+        setattr(module, attribute, value)
+        with pytest.raises((ValueError, RuntimeError), match=message):
+            module(x).sum().backward()
+
+
+def test_gate_construction_arguments_are_checked():
+    """num_channels as any integer (a NumPy one was refused as "must be a positive int, got 4"); dim an int
+    when built (a string was taken, then refused at the first call)."""
+    assert bk.ChannelGate(np.int64(4)).num_channels == 4
+    with pytest.raises(TypeError, match="dim must be an int, got '1'"):
+        bk.ChannelGate(4, dim="1")
+    with pytest.raises(ValueError, match="num_channels must be a positive int, got 0"):
+        bk.ChannelGate(0)
+    with pytest.raises(TypeError, match="num_channels must be an int, got True"):
+        bk.ChannelGate(True)

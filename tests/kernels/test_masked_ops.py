@@ -1,9 +1,12 @@
 """Masked ops through the public API: forward equals the dense op on W * M, gradients equal the
 explicitly written straight-through formulas, float64 gradcheck, threshold vs top-k semantics."""
 
+import contextlib
+
 import pytest
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 import bise_kernels as bk
 from _oracle import sort_mask
@@ -140,3 +143,69 @@ def test_batched_leading_dims_in_linear(backend):
     torch.testing.assert_close(y, y2)
     y.sum().backward()
     assert s.grad.shape == s.shape and x.grad.shape == x.shape
+
+
+def _layers():
+    """A layer per op and mask mode, with an input: (name, layer, x)."""
+    torch.manual_seed(0)
+    cases = []
+    for mode in ("selection", "keep"):
+        cases.append((f"linear-{mode}", bk.MaskedLinear(5, 4, density=0.5, mask_mode=mode), torch.randn(2, 5)))
+        cases.append((f"conv-{mode}", bk.MaskedConv2d(2, 3, 3, padding=1, threshold=0.0, mask_mode=mode),
+                      torch.randn(2, 2, 4, 4)))
+    cases.append(("gate", bk.ChannelGate(3, init=0.5), torch.randn(2, 3, 4)))
+    return cases
+
+
+class _CustomOpPath(torch.overrides.TorchFunctionMode):
+    """Any active mode makes the ops take their torch.library custom ops (bise_kernels._ops._plain_eager)."""
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("path", ["eager", "custom-op"])
+def test_double_backward_is_a_named_error_on_every_backend(backend, path):
+    """The straight-through gradient has no gradient of its own: a second backward through a layer
+    (create_graph=True) raises naming the op, on every path, instead of an answer that differed per
+    backend (the eager paths differentiated what their kernels happened to compute). A first-order
+    gradient taken with create_graph=True is the same as without. (torch.compile refuses double
+    backward itself.)"""
+    for name, layer, x in _layers():
+        x = x.requires_grad_()
+        plain, = torch.autograd.grad(layer(x).square().sum(), x)
+        with _CustomOpPath() if path == "custom-op" else contextlib.nullcontext():
+            grad_x, = torch.autograd.grad(layer(x).square().sum(), x, create_graph=True)
+        torch.testing.assert_close(grad_x, plain, rtol=0, atol=0, msg=name)
+        with pytest.raises(RuntimeError, match="differentiable once"):
+            torch.autograd.grad(grad_x.sum(), layer.scores)
+
+
+@pytest.mark.parametrize("granularity", ["weight", "channel"])
+def test_masked_layers_run_under_autocast_as_the_dense_ones(backend, granularity):
+    """Under torch.autocast a masked layer computes in the autocast dtype like nn.Linear / nn.Conv2d,
+    so it takes the lower-precision output of a dense layer before it (x bfloat16, weight float32 was
+    a "weight has dtype" error): the same bits as the op called with x, weight, bias cast by hand;
+    weight and score gradients keep the parameters' dtype."""
+    torch.manual_seed(0)
+    for layer, x in ((bk.MaskedLinear(6, 4, granularity=granularity, density=0.5), torch.randn(3, 6)),
+                     (bk.MaskedConv2d(2, 4, 3, padding=1, granularity=granularity, threshold=0.0),
+                      torch.randn(2, 2, 5, 5))):
+        dense = nn.Linear(6, 6) if isinstance(layer, nn.Linear) else nn.Conv2d(2, 2, 1)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            h = dense(x)
+            y = layer(h)
+        assert h.dtype == y.dtype == torch.bfloat16
+        y.float().sum().backward()
+        assert layer.weight.grad.dtype == layer.scores.grad.dtype == torch.float32
+        cast = [t.detach().bfloat16() for t in (h, layer.weight, layer.bias)]
+        if isinstance(layer, nn.Linear):
+            want = bk.masked_linear(*cast, layer.scores, density=0.5)
+        else:
+            want = bk.masked_conv2d(*cast, layer.scores, threshold=0.0, padding=1)
+        torch.testing.assert_close(y, want, rtol=0, atol=0)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            functional = (bk.masked_linear(h, layer.weight, layer.bias, layer.scores, density=0.5)
+                          if isinstance(layer, nn.Linear) else
+                          bk.masked_conv2d(h, layer.weight, layer.bias, layer.scores, threshold=0.0, padding=1))
+        torch.testing.assert_close(functional, want, rtol=0, atol=0)

@@ -152,3 +152,141 @@ def test_ops_export_with_torch_export():
     program = torch.export.export(layer, (torch.randn(2, 4),))
     x = torch.randn(2, 4)
     torch.testing.assert_close(program.module()(x), layer(x))
+
+
+@pytest.mark.parametrize("mask_mode", ["selection", "keep"])
+@pytest.mark.parametrize("make", [lambda: bk.MaskedConv2d(3, 4, 3, padding=1, density=0.5),
+                                  lambda: bk.MaskedLinear(5, 4, threshold=0.0)], ids=["conv", "linear"])
+def test_gradient_checkpointing_gives_the_same_gradients(backend, make, mask_mode):
+    """torch.utils.checkpoint (non-reentrant) unpacks each saved tensor once: a backward that read
+    ctx.saved_tensors twice (the conv's layout probe) raised a CheckpointError on "torch" / "triton"."""
+    torch.manual_seed(0)
+    layer = make()
+    layer.mask_mode = mask_mode
+    x = torch.randn(2, 3, 5, 5) if isinstance(layer, nn.Conv2d) else torch.randn(2, 3, 5)
+    grads = []
+    for checkpointed in (False, True):
+        layer.zero_grad()
+        xr = x.clone().requires_grad_(True)
+        y = torch.utils.checkpoint.checkpoint(layer, xr, use_reentrant=False) if checkpointed else layer(xr)
+        y.square().sum().backward()
+        grads.append((xr.grad, layer.weight.grad, layer.bias.grad, layer.scores.grad))
+    for plain, checkpointed in zip(*grads):
+        torch.testing.assert_close(checkpointed, plain, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("make", [lambda: bk.MaskedLinear(0, 4, density=0.5),
+                                  lambda: bk.MaskedLinear(8, 0, threshold=0.0, granularity="channel"),
+                                  lambda: bk.MaskedConv2d(3, 0, 3, density=0.5),
+                                  lambda: bk.MaskedLinear.from_dense(nn.Linear(0, 4), density=0.5)],
+                         ids=["in_features", "out_features", "out_channels", "from_dense"])
+def test_a_layer_without_weights_is_a_named_error(make):
+    """Nothing to select from: a ValueError naming the weight's shape at construction (the kaiming
+    score init raised ZeroDivisionError, the others an IndexError)."""
+    with pytest.raises(ValueError, match=r"no weight to mask.*shape \((0, 4|4, 0|0, 8|0, 3, 3, 3)\)"):
+        make()
+
+
+def _cached_modules():
+    """Modules whose selection (or keep mask) is cached, each with an input."""
+    torch.manual_seed(0)
+    x, xc = torch.randn(2, 6), torch.randn(2, 2, 4, 4)
+    cases = [(bk.ChannelGate(6, density=0.5), x), (bk.ChannelGate(6, threshold=0.1), x)]
+    for mode in ("selection", "keep"):
+        cases += [(bk.MaskedLinear(6, 4, density=0.5, mask_mode=mode), x),
+                  (bk.MaskedLinear(6, 4, threshold=0.1, mask_mode=mode), x),
+                  (bk.MaskedConv2d(2, 3, 3, density=0.5, mask_mode=mode), xc)]
+    net = nn.Sequential(nn.Linear(6, 5), nn.ReLU(), nn.Linear(5, 4))
+    bk.mask_model(net, density=0.5, scope="global")
+    return cases + [(net, x)]
+
+
+def test_a_selection_cached_in_inference_mode_serves_training(backend):
+    """Evaluating under torch.inference_mode (before training, or between steps) cached inference
+    tensors that the next training forward saved for backward: a RuntimeError. The selection and the
+    keep mask are made outside inference mode; the gradients equal those of a module never evaluated."""
+    for module, x in _cached_modules():
+        fresh = copy.deepcopy(module)
+        with torch.inference_mode():
+            evaluated = module(x)
+        y = module(x)
+        torch.testing.assert_close(y, evaluated, rtol=0, atol=0)
+        y.square().sum().backward()
+        fresh(x).square().sum().backward()
+        for p, q in zip(module.parameters(), fresh.parameters()):
+            torch.testing.assert_close(p.grad, q.grad, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("padding, kernel, dilation", [("same", 3, 1), ("same", (3, 5), (2, 1)), ("valid", 3, 1)])
+def test_string_padding_and_zeros_padding_mode_are_taken_as_nn_conv2d_does(padding, kernel, dilation):
+    """nn.Conv2d's padding="same" / "valid" and padding_mode="zeros": MaskedConv2d refused them, and so
+    mask_model refused a model built with them. Symmetric "same" padding becomes its numbers."""
+    torch.manual_seed(0)
+    conv = nn.Conv2d(2, 3, kernel, padding=padding, dilation=dilation, padding_mode="zeros")
+    x = torch.randn(1, 2, 7, 8)
+    net = nn.Sequential(conv)
+    dense = conv(x)
+    bk.mask_model(net, density=1.0)
+    torch.testing.assert_close(net(x), dense, rtol=0, atol=0)
+    layer = bk.MaskedConv2d(2, 3, kernel, padding=padding, dilation=dilation, padding_mode="zeros", density=1.0)
+    with torch.no_grad():
+        layer.weight.copy_(conv.weight)
+        layer.bias.copy_(conv.bias)
+    torch.testing.assert_close(layer(x), dense, rtol=0, atol=0)
+    torch.testing.assert_close(layer.to_dense()(x), dense, rtol=0, atol=0)
+
+
+def test_padding_a_masked_conv_cannot_take_is_named():
+    with pytest.raises(ValueError, match="padding='same' with kernel_size .2, 2."):
+        bk.MaskedConv2d(2, 3, 2, padding="same", density=0.5)  # one more row of padding below than above
+    with pytest.raises(ValueError, match="padding_mode='reflect'"):
+        bk.MaskedConv2d(2, 3, 3, padding=1, padding_mode="reflect", density=0.5)
+    with pytest.raises(ValueError, match="padding_mode='circular'"):
+        bk.MaskedConv2d.from_dense(nn.Conv2d(2, 3, 3, padding=1, padding_mode="circular"), density=0.5)
+
+
+def test_unmask_model_bakes_every_masked_layer_into_a_plain_one():
+    """The inverse of mask_model (as torch.nn.utils.prune.remove): plain nn.Linear / nn.Conv2d layers, the
+    same outputs, no scores left in the state dict, the original weights untouched."""
+    net = _net()
+    originals = list(net.parameters())
+    before = [p.detach().clone() for p in originals]
+    bk.mask_model(net, density=0.4, scope="global")
+    x = torch.randn(2, 3, 7, 7)
+    masked = net(x)
+    assert bk.unmask_model(net) is net
+    assert {type(m) for m in net.modules()} == {nn.Sequential, nn.Conv2d, nn.ReLU, nn.Flatten, nn.Linear}
+    torch.testing.assert_close(net(x), masked, rtol=0, atol=0)
+    assert not any("scores" in key for key in net.state_dict())
+    assert sum(int((p == 0).sum()) for name, p in net.named_parameters() if name.endswith("weight")) > 0
+    with pytest.raises(ValueError, match="to_dense"):
+        bk.unmask_model(bk.MaskedLinear(3, 2, density=0.5))
+    assert all(torch.equal(a, b) for a, b in zip(originals, before))
+
+
+def test_repr_shows_what_was_set():
+    """A sigmoid layer's temperature, a non-default mask mode and a global scope were not in the repr."""
+    layer = bk.MaskedLinear(3, 2, density=0.5, estimator="sigmoid", temperature=0.5, mask_mode="keep")
+    assert repr(layer).endswith("density=0.5, estimator=sigmoid, temperature=0.5, mask_mode=keep)")
+    assert repr(bk.MaskedLinear(3, 2, threshold=0.0)).endswith("granularity=weight, threshold=0.0, estimator=ste)")
+    net = _net()
+    bk.mask_model(net, density=0.3, scope="global")
+    assert "density=0.3, estimator=ste, scope=global)" in repr(net[0])
+
+
+def test_a_fullgraph_compile_before_any_eager_call_traces(monkeypatch):
+    """torch.compile(fullgraph=True) as the first call of a process: the finiteness check asked the
+    registry, whose cold backends import their modules, which dynamo cannot trace (Unsupported). The
+    check is skipped while tracing (values are unknown), so the registry is not asked."""
+    from bise_kernels import backends
+
+    for name, b in list(backends.BACKENDS.items()):  # as in a fresh process: no backend loaded yet
+        monkeypatch.setitem(backends.BACKENDS, name, backends.Backend(b.name, b.devices, b.modules))
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    net = nn.Sequential(bk.MaskedConv2d(3, 4, 3, padding=1, density=0.5), bk.ChannelGate(4, density=0.5),
+                        nn.Flatten(), bk.MaskedLinear(4 * 25, 5, density=0.5),
+                        bk.MaskedLinear(5, 3, threshold=0.0, mask_mode="keep"))
+    x = torch.randn(2, 3, 5, 5)
+    compiled = torch.compile(net, backend="eager", fullgraph=True)(x)
+    torch.testing.assert_close(compiled, net(x), rtol=0, atol=0)
