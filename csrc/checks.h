@@ -1,10 +1,14 @@
 // Argument checks of every bise_kernels_ext op, shared by its CPU (csrc/cpu) and CUDA
 // (csrc/cuda/*_binding.cpp) implementations, so the CPU tests exercise the checks the CUDA side
-// runs. Each check runs before any data pointer is taken and fails with a c10::Error (Python:
-// RuntimeError) naming the op and the argument. Together they guarantee what the kernels index
-// by: every tensor on the implementation's device (one device for all of them), a supported
-// dtype, consistent shapes, and either contiguous memory or a contiguous copy made by the caller
-// (the *_operands helpers below make those copies and allocate the outputs, likewise shared).
+// runs. Each check runs before any data pointer is taken and fails naming the op and the argument,
+// with the Python exception bise_kernels/_checks.py raises for the same mistake: TypeError for a
+// dtype, layout or missing tensor (TORCH_CHECK_TYPE), ValueError for a device, shape or value
+// (TORCH_CHECK_VALUE); a module that leaves its checks to the native kernels raises what the
+// reference backend raises. Internal errors stay RuntimeError. Together the checks guarantee what
+// the kernels index by: every tensor on the implementation's device (one device for all of them),
+// a supported dtype, consistent shapes, and either contiguous memory or a contiguous copy made by
+// the caller (the *_operands helpers below make those copies and allocate the outputs, likewise
+// shared).
 // Semantics: bise_kernels/backends/reference.py.
 #pragma once
 
@@ -21,11 +25,11 @@ namespace bise_checks {
 
 // A dense tensor of the implementation's device type ("cpu" or "cuda" in messages).
 inline void check_device(const at::Tensor& t, const char* name, const char* op, at::DeviceType device) {
-  TORCH_CHECK(t.defined(), op, ": ", name, " is an undefined tensor");
-  TORCH_CHECK(t.device().type() == device, op, ": ", name, " must be a ", at::DeviceTypeName(device, true),
-              " tensor, got one on ", t.device());
-  TORCH_CHECK(t.layout() == at::kStrided, op, ": ", name, " must be a dense (strided) tensor, got layout ",
-              t.layout());
+  TORCH_CHECK_TYPE(t.defined(), op, ": ", name, " is an undefined tensor");
+  TORCH_CHECK_VALUE(t.device().type() == device, op, ": ", name, " must be a ", at::DeviceTypeName(device, true),
+                    " tensor, got one on ", t.device());
+  TORCH_CHECK_TYPE(t.layout() == at::kStrided, op, ": ", name, " must be a dense (strided) tensor, got layout ",
+                   t.layout());
 }
 
 inline bool is_float(at::ScalarType type) {
@@ -35,29 +39,29 @@ inline bool is_float(at::ScalarType type) {
 // float32/float64/float16/bfloat16 on `device`.
 inline void check_float(const at::Tensor& t, const char* name, const char* op, at::DeviceType device) {
   check_device(t, name, op, device);
-  TORCH_CHECK(is_float(t.scalar_type()), op, ": ", name, " must be float32/float64/float16/bfloat16, got ",
-              t.scalar_type());
+  TORCH_CHECK_TYPE(is_float(t.scalar_type()), op, ": ", name, " must be float32/float64/float16/bfloat16, got ",
+                   t.scalar_type());
 }
 
 // `t` on the same device as `ref` (same index too).
 inline void check_same_device(const at::Tensor& t, const char* name, const at::Tensor& ref, const char* ref_name,
                               const char* op) {
-  TORCH_CHECK(t.device() == ref.device(), op, ": ", name, " must be on ", ref_name, "'s device ", ref.device(),
-              ", got ", t.device());
+  TORCH_CHECK_VALUE(t.device() == ref.device(), op, ": ", name, " must be on ", ref_name, "'s device ", ref.device(),
+                    ", got ", t.device());
 }
 
 // ----------------------------------------------------------------------------- selection
 
 // The scores of a selection: a non-empty list of non-empty tensors of one dtype on one device.
 inline void check_select_scores(at::TensorList scores, const char* op, at::DeviceType device) {
-  TORCH_CHECK(!scores.empty(), op, ": scores is an empty list");
+  TORCH_CHECK_VALUE(!scores.empty(), op, ": scores is an empty list");
   for (size_t i = 0; i < scores.size(); ++i) {
     const std::string name = "scores[" + std::to_string(i) + "]";
     check_float(scores[i], name.c_str(), op, device);
     check_same_device(scores[i], name.c_str(), scores[0], "scores[0]", op);
-    TORCH_CHECK(scores[i].scalar_type() == scores[0].scalar_type(), op, ": ", name, " has dtype ",
-                scores[i].scalar_type(), " but scores[0] has ", scores[0].scalar_type());
-    TORCH_CHECK(scores[i].numel() > 0, op, ": ", name, " is empty");
+    TORCH_CHECK_TYPE(scores[i].scalar_type() == scores[0].scalar_type(), op, ": ", name, " has dtype ",
+                     scores[i].scalar_type(), " but scores[0] has ", scores[0].scalar_type());
+    TORCH_CHECK_VALUE(scores[i].numel() > 0, op, ": ", name, " is empty");
   }
 }
 
@@ -66,15 +70,15 @@ inline void check_select_scores(at::TensorList scores, const char* op, at::Devic
 inline std::vector<int64_t> check_ks(at::TensorList scores, at::IntArrayRef ks, bool batched, const char* op,
                                      int64_t max_count = std::numeric_limits<int64_t>::max()) {
   const size_t problems = batched ? scores.size() : 1;
-  TORCH_CHECK(ks.size() == problems, op, ": ks has ", ks.size(), " entries for ", problems, " problem(s)");
+  TORCH_CHECK_VALUE(ks.size() == problems, op, ": ks has ", ks.size(), " entries for ", problems, " problem(s)");
   std::vector<int64_t> count(problems, 0);
   for (size_t i = 0; i < scores.size(); ++i) count[batched ? i : 0] += scores[i].numel();
   for (size_t p = 0; p < problems; ++p) {
     const char* name = batched ? "ks" : "k";
-    TORCH_CHECK(ks[p] >= 1 && ks[p] <= count[p], op, ": ", name, batched ? "[" + std::to_string(p) + "]" : "",
-                " must be in [1, ", count[p], "] (the number of scores), got ", ks[p]);
-    TORCH_CHECK(count[p] <= max_count, op, ": problem ", p, " has ", count[p], " scores; at most ", max_count,
-                " on this device");
+    TORCH_CHECK_VALUE(ks[p] >= 1 && ks[p] <= count[p], op, ": ", name, batched ? "[" + std::to_string(p) + "]" : "",
+                      " must be in [1, ", count[p], "] (the number of scores), got ", ks[p]);
+    TORCH_CHECK_VALUE(count[p] <= max_count, op, ": problem ", p, " has ", count[p], " scores; at most ", max_count,
+                      " on this device");
   }
   return count;
 }
@@ -82,23 +86,24 @@ inline std::vector<int64_t> check_ks(at::TensorList scores, at::IntArrayRef ks, 
 // hint(s): one value per problem, any float dtype and device (converted; it only steers the search).
 inline void check_hints(const std::optional<at::Tensor>& hints, size_t problems, const char* name, const char* op) {
   if (!hints) return;
-  TORCH_CHECK(hints->defined(), op, ": ", name, " is an undefined tensor");
-  TORCH_CHECK(is_float(hints->scalar_type()), op, ": ", name, " must be a float tensor, got ", hints->scalar_type());
-  TORCH_CHECK(hints->numel() == static_cast<int64_t>(problems), op, ": ", name, " must have ", problems,
-              " element(s), got shape ", hints->sizes());
+  TORCH_CHECK_TYPE(hints->defined(), op, ": ", name, " is an undefined tensor");
+  TORCH_CHECK_TYPE(is_float(hints->scalar_type()), op, ": ", name, " must be a float tensor, got ",
+                   hints->scalar_type());
+  TORCH_CHECK_VALUE(hints->numel() == static_cast<int64_t>(problems), op, ": ", name, " must have ", problems,
+                    " element(s), got shape ", hints->sizes());
 }
 
 // A selection (thr, cut): one value each, thr in the scores' dtype, cut int64, on the scores' device.
 inline void check_selection(const at::Tensor& scores, const at::Tensor& thr, const at::Tensor& cut, const char* op) {
-  TORCH_CHECK(thr.defined() && cut.defined(), op, ": thr and cut must be defined tensors");
-  TORCH_CHECK(thr.numel() == 1, op, ": thr must be a one-element tensor, got shape ", thr.sizes());
-  TORCH_CHECK(cut.numel() == 1, op, ": cut must be a one-element tensor, got shape ", cut.sizes());
-  TORCH_CHECK(thr.scalar_type() == scores.scalar_type(), op, ": thr must have the scores' dtype ",
-              scores.scalar_type(), ", got ", thr.scalar_type());
-  TORCH_CHECK(cut.scalar_type() == at::kLong, op, ": cut must be int64, got ", cut.scalar_type());
-  TORCH_CHECK(thr.device() == scores.device() && cut.device() == scores.device(), op,
-              ": thr and cut must be on the scores' device ", scores.device(), ", got ", thr.device(), " and ",
-              cut.device());
+  TORCH_CHECK_TYPE(thr.defined() && cut.defined(), op, ": thr and cut must be defined tensors");
+  TORCH_CHECK_TYPE(thr.numel() == 1, op, ": thr must be a one-element tensor, got shape ", thr.sizes());
+  TORCH_CHECK_TYPE(cut.numel() == 1, op, ": cut must be a one-element tensor, got shape ", cut.sizes());
+  TORCH_CHECK_TYPE(thr.scalar_type() == scores.scalar_type(), op, ": thr must have the scores' dtype ",
+                   scores.scalar_type(), ", got ", thr.scalar_type());
+  TORCH_CHECK_TYPE(cut.scalar_type() == at::kLong, op, ": cut must be int64, got ", cut.scalar_type());
+  TORCH_CHECK_VALUE(thr.device() == scores.device() && cut.device() == scores.device(), op,
+                    ": thr and cut must be on the scores' device ", scores.device(), ", got ", thr.device(), " and ",
+                    cut.device());
 }
 
 // keep_mask's operands.
@@ -152,10 +157,10 @@ inline bool check_layer(const at::Tensor& weight, const at::Tensor& scores, cons
   check_float(scores, "scores", op, device);
   check_same_device(scores, "scores", weight, "weight", op);
   check_selection(scores, thr, cut, op);
-  TORCH_CHECK(weight.dim() >= 1, op, ": weight must have at least one dimension, got shape ", weight.sizes());
+  TORCH_CHECK_VALUE(weight.dim() >= 1, op, ": weight must have at least one dimension, got shape ", weight.sizes());
   const bool per_unit = scores.dim() == 1 && weight.dim() > 1 && scores.size(0) == weight.size(0);
-  TORCH_CHECK(per_unit || scores.sizes() == weight.sizes(), op, ": scores must have weight's shape ",
-              weight.sizes(), " or (", weight.size(0), ",), got ", scores.sizes());
+  TORCH_CHECK_VALUE(per_unit || scores.sizes() == weight.sizes(), op, ": scores must have weight's shape ",
+                    weight.sizes(), " or (", weight.size(0), ",), got ", scores.sizes());
   return per_unit;
 }
 
@@ -164,19 +169,20 @@ inline void check_grad_w_eff(const at::Tensor& grad_w_eff, const at::Tensor& wei
                              at::DeviceType device) {
   check_device(grad_w_eff, "grad_w_eff", op, device);
   check_same_device(grad_w_eff, "grad_w_eff", weight, "weight", op);
-  TORCH_CHECK(grad_w_eff.sizes() == weight.sizes() && grad_w_eff.scalar_type() == weight.scalar_type(), op,
-              ": grad_w_eff must be like weight ", weight.sizes(), " ", weight.scalar_type(), ", got ",
-              grad_w_eff.sizes(), " ", grad_w_eff.scalar_type());
-  TORCH_CHECK(grad_w_eff.is_contiguous(), op, ": grad_w_eff must be contiguous (it is masked in place), got strides ",
-              grad_w_eff.strides());
+  TORCH_CHECK_TYPE(grad_w_eff.scalar_type() == weight.scalar_type(), op, ": grad_w_eff has dtype ",
+                   grad_w_eff.scalar_type(), " but weight has ", weight.scalar_type());
+  TORCH_CHECK_VALUE(grad_w_eff.sizes() == weight.sizes(), op, ": grad_w_eff must have weight's shape ",
+                    weight.sizes(), ", got ", grad_w_eff.sizes());
+  TORCH_CHECK_VALUE(grad_w_eff.is_contiguous(), op,
+                    ": grad_w_eff must be contiguous (it is masked in place), got strides ", grad_w_eff.strides());
 }
 
 // The estimator of the score gradient: "ste" or "sigmoid" with a positive finite temperature.
 inline void check_estimator(const std::string& estimator, double temperature, const char* op) {
-  TORCH_CHECK(estimator == "ste" || estimator == "sigmoid", op, ": estimator must be 'ste' or 'sigmoid', got '",
-              estimator, "'");
-  TORCH_CHECK(temperature > 0 && std::isfinite(temperature), op,
-              ": temperature must be a positive finite float, got ", temperature);
+  TORCH_CHECK_VALUE(estimator == "ste" || estimator == "sigmoid", op, ": estimator must be 'ste' or 'sigmoid', got '",
+                    estimator, "'");
+  TORCH_CHECK_VALUE(temperature > 0 && std::isfinite(temperature), op,
+                    ": temperature must be a positive finite float, got ", temperature);
 }
 
 // masked_score_grad's operands: the layer, grad_w_eff and the estimator; returns per_unit.
@@ -197,11 +203,11 @@ inline bool check_keep_layer(const at::Tensor& weight, const at::Tensor& keep, c
   check_float(weight, "weight", op, device);
   check_device(keep, "keep", op, device);
   check_same_device(keep, "keep", weight, "weight", op);
-  TORCH_CHECK(keep.scalar_type() == at::kBool, op, ": keep must be a bool tensor, got ", keep.scalar_type());
-  TORCH_CHECK(weight.dim() >= 1, op, ": weight must have at least one dimension, got shape ", weight.sizes());
+  TORCH_CHECK_TYPE(keep.scalar_type() == at::kBool, op, ": keep must be a bool tensor, got ", keep.scalar_type());
+  TORCH_CHECK_VALUE(weight.dim() >= 1, op, ": weight must have at least one dimension, got shape ", weight.sizes());
   const bool per_unit = keep.dim() == 1 && weight.dim() > 1 && keep.size(0) == weight.size(0);
-  TORCH_CHECK(per_unit || keep.sizes() == weight.sizes(), op, ": keep must have weight's shape ", weight.sizes(),
-              " or (", weight.size(0), ",), got ", keep.sizes());
+  TORCH_CHECK_VALUE(per_unit || keep.sizes() == weight.sizes(), op, ": keep must have weight's shape ", weight.sizes(),
+                    " or (", weight.size(0), ",), got ", keep.sizes());
   return per_unit;
 }
 
@@ -213,8 +219,8 @@ inline bool check_keep_score_grad(const at::Tensor& grad_w_eff, const at::Tensor
   const bool per_unit = check_keep_layer(weight, keep, op, device);
   check_float(scores, "scores", op, device);
   check_same_device(scores, "scores", weight, "weight", op);
-  TORCH_CHECK(scores.sizes() == keep.sizes(), op, ": scores must have keep's shape ", keep.sizes(), ", got ",
-              scores.sizes());
+  TORCH_CHECK_VALUE(scores.sizes() == keep.sizes(), op, ": scores must have keep's shape ", keep.sizes(), ", got ",
+                    scores.sizes());
   check_grad_w_eff(grad_w_eff, weight, op, device);
   check_estimator(estimator, temperature, op);
   return per_unit;
@@ -243,19 +249,22 @@ inline int64_t check_gate(const at::Tensor& x, const at::Tensor& scores, const a
   check_float(scores, "scores", op, device);
   check_same_device(scores, "scores", x, "x", op);
   check_selection(scores, thr, cut, op);
-  TORCH_CHECK(x.dim() >= 1, op, ": x must have at least one dimension, got shape ", x.sizes());
-  TORCH_CHECK(dim >= -x.dim() && dim < x.dim(), op, ": dim must be in [", -x.dim(), ", ", x.dim() - 1, "], got ", dim);
+  TORCH_CHECK_VALUE(x.dim() >= 1, op, ": x must have at least one dimension, got shape ", x.sizes());
+  TORCH_CHECK_VALUE(dim >= -x.dim() && dim < x.dim(), op, ": dim must be in [", -x.dim(), ", ", x.dim() - 1,
+                    "], got ", dim);
   dim = dim < 0 ? dim + x.dim() : dim;
-  TORCH_CHECK(scores.dim() == 1 && scores.size(0) == x.size(dim), op, ": scores must have shape (", x.size(dim),
-              ",) (x.shape[", dim, "]), got ", scores.sizes());
+  TORCH_CHECK_VALUE(scores.dim() == 1 && scores.size(0) == x.size(dim), op, ": scores must have shape (", x.size(dim),
+                    ",) (x.shape[", dim, "]), got ", scores.sizes());
   return dim;
 }
 
 inline void check_grad_y(const at::Tensor& grad_y, const at::Tensor& x, const char* op, at::DeviceType device) {
   check_device(grad_y, "grad_y", op, device);
   check_same_device(grad_y, "grad_y", x, "x", op);
-  TORCH_CHECK(grad_y.sizes() == x.sizes() && grad_y.scalar_type() == x.scalar_type(), op, ": grad_y must be like x ",
-              x.sizes(), " ", x.scalar_type(), ", got ", grad_y.sizes(), " ", grad_y.scalar_type());
+  TORCH_CHECK_TYPE(grad_y.scalar_type() == x.scalar_type(), op, ": grad_y has dtype ", grad_y.scalar_type(),
+                   " but x has ", x.scalar_type());
+  TORCH_CHECK_VALUE(grad_y.sizes() == x.sizes(), op, ": grad_y must have x's shape ", x.sizes(), ", got ",
+                    grad_y.sizes());
 }
 
 // channel_gate_backward's operands: the gate, grad_y and the estimator; returns dim wrapped.

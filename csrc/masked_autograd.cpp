@@ -93,8 +93,8 @@ struct Keep {
     bise_checks::check_keep_layer(weight, keep, name, device);
     if (scores == nullptr) return;
     bise_checks::check_float(*scores, "scores", name, device);
-    TORCH_CHECK(scores->sizes() == keep.sizes(), name, ": scores must have keep's shape ", keep.sizes(), ", got ",
-                scores->sizes());
+    TORCH_CHECK_VALUE(scores->sizes() == keep.sizes(), name, ": scores must have keep's shape ", keep.sizes(), ", got ",
+                      scores->sizes());
   }
   std::vector<at::Tensor> tensors() const { return {keep}; }
   static Keep from(const variable_list& saved, size_t first) { return {saved[first]}; }
@@ -109,8 +109,8 @@ struct Keep {
 // F.linear and its backward as native.py's _linear_backward computes it.
 struct Linear {
   void check(T x, T weight, const char* name) const {
-    TORCH_CHECK(weight.dim() == 2 && x.dim() >= 1 && x.size(-1) == weight.size(1), name, ": x of shape ", x.sizes(),
-                " does not match weight of shape ", weight.sizes());
+    TORCH_CHECK_VALUE(weight.dim() == 2 && x.dim() >= 1 && x.size(-1) == weight.size(1), name, ": x of shape ",
+                      x.sizes(), " does not match weight of shape ", weight.sizes());
   }
   at::Tensor forward(T x, T w_eff, const std::optional<at::Tensor>& bias) const {
     return at::linear(x, w_eff, bias);
@@ -130,9 +130,26 @@ struct Conv2d {
   std::vector<int64_t> stride, padding, dilation;
   int64_t groups;
 
+  // As bise_kernels/_checks.py's conv geometry check: a ValueError naming the argument, where ATen's
+  // conv2d would raise a RuntimeError of its own.
   void check(T x, T weight, const char* name) const {
-    TORCH_CHECK(x.dim() == 4 && weight.dim() == 4, name, ": x and weight must be 4-d, got shapes ", x.sizes(),
-                " and ", weight.sizes());
+    TORCH_CHECK_VALUE(x.dim() == 4 && weight.dim() == 4, name, ": x and weight must be 4-d, got shapes ", x.sizes(),
+                      " and ", weight.sizes());
+    const std::pair<const char*, const std::vector<int64_t>*> pairs[] = {
+        {"stride", &stride}, {"padding", &padding}, {"dilation", &dilation}};
+    for (const auto& [arg, values] : pairs) {
+      const int64_t low = values == &padding ? 0 : 1;
+      TORCH_CHECK_VALUE(values->size() == 2 && (*values)[0] >= low && (*values)[1] >= low, name, ": ", arg,
+                        " must be two ints >= ", low, ", got ", at::IntArrayRef(*values));
+    }
+    TORCH_CHECK_VALUE(groups >= 1 && x.size(1) == weight.size(1) * groups && weight.size(0) % groups == 0, name,
+                      ": groups=", groups, " does not fit x channels ", x.size(1), " and weight ", weight.sizes());
+    for (int d = 0; d < 2; ++d) {
+      TORCH_CHECK_VALUE(x.size(2 + d) + 2 * padding[d] - dilation[d] * (weight.size(2 + d) - 1) - 1 >= 0, name,
+                        ": kernel ", weight.sizes().slice(2), " (dilation ", at::IntArrayRef(dilation),
+                        ") is larger than the padded input ", x.sizes().slice(2), " + 2 * padding ",
+                        at::IntArrayRef(padding));
+    }
   }
   at::Tensor forward(T x, T w_eff, const std::optional<at::Tensor>& bias) const {
     return at::conv2d(x, w_eff, bias, stride, padding, dilation, groups);
@@ -303,8 +320,8 @@ void check_layer_args(const char* name, T x, T weight, const at::Tensor* scores,
   bise_checks::check_float(x, "x", name, device);
   mask.check(weight, scores, name, device);
   bise_checks::check_same_device(weight, "weight", x, "x", name);
-  TORCH_CHECK(weight.scalar_type() == x.scalar_type(), name, ": weight has dtype ", weight.scalar_type(),
-              " but x has ", x.scalar_type());
+  TORCH_CHECK_TYPE(weight.scalar_type() == x.scalar_type(), name, ": weight has dtype ", weight.scalar_type(),
+                   " but x has ", x.scalar_type());
   layer.check(x, weight, name);
 }
 
@@ -312,9 +329,10 @@ void check_layer_args(const char* name, T x, T weight, const at::Tensor* scores,
 bool check_bias(const char* name, const std::optional<at::Tensor>& bias, T x, T weight) {
   if (!bias.has_value() || !bias->defined()) return false;
   bise_checks::check_same_device(*bias, "bias", x, "x", name);
-  TORCH_CHECK(bias->scalar_type() == x.scalar_type() && bias->dim() == 1 && bias->size(0) == weight.size(0), name,
-              ": bias must be a ", x.scalar_type(), " tensor of shape (", weight.size(0), ",), got ",
-              bias->scalar_type(), " ", bias->sizes());
+  TORCH_CHECK_TYPE(bias->scalar_type() == x.scalar_type(), name, ": bias has dtype ", bias->scalar_type(),
+                        " but x has ", x.scalar_type());
+  TORCH_CHECK_VALUE(bias->dim() == 1 && bias->size(0) == weight.size(0), name, ": bias must have shape (",
+                          weight.size(0), ",), got ", bias->sizes());
   return true;
 }
 

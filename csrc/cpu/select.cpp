@@ -664,7 +664,7 @@ auto dispatch_bits(at::ScalarType dtype, F&& fn) {
     case at::kHalf:
     case at::kBFloat16: return fn(uint16_t{});
     case at::kDouble: return fn(uint64_t{});
-    default: TORCH_CHECK(false, "scores must be float32, float16, bfloat16 or float64, got ", dtype);
+    default: TORCH_CHECK_TYPE(false, "scores must be float32, float16, bfloat16 or float64, got ", dtype);
   }
 }
 

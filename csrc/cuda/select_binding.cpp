@@ -125,7 +125,7 @@ void launch_bracket(const bise_select::SelectArgs& a, const Plan& plan, const st
     capacity = buffers[p + 1];
   }
   const int64_t finish_blocks = std::max<int64_t>(1, (largest + bise_select::kFinishPerBlock - 1) / bise_select::kFinishPerBlock);
-  TORCH_CHECK(finish_blocks * P <= std::numeric_limits<int32_t>::max(), op, ": too many problems for one launch");
+  TORCH_CHECK_VALUE(finish_blocks * P <= std::numeric_limits<int32_t>::max(), op, ": too many problems for one launch");
   auto ws64 = at::zeros({layout.words64}, at::TensorOptions().dtype(at::kLong).device(device));
   auto ws32 = at::zeros({layout.words32}, at::TensorOptions().dtype(at::kInt).device(device));
   auto keys = at::empty({capacity * layout.key_words}, at::TensorOptions().dtype(at::kInt).device(device));

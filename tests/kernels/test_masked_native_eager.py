@@ -143,8 +143,9 @@ def test_no_grad_and_module_calls():
         assert layer.scores.grad is not None and layer.weight.grad is not None
 
 
-def _bad(op: str, position: int, value, match: str):
-    return pytest.param(op, position, value, match, id=f"{op}-{match[:24]}")
+def _bad(op: str, position: int, value, match: str, error: type = ValueError):
+    """A bad argument and its error: TypeError for a dtype or kind of tensor, as bise_kernels/_checks.py."""
+    return pytest.param(op, position, value, match, error, id=f"{op}-{match[:24]}")
 
 
 _X, _W, _S = _t(3, 5, seed=0), _t(6, 5, seed=1), _t(6, 5, seed=2)
@@ -156,37 +157,45 @@ _CONV = (_t(1, 2, 5, 5, seed=3), _t(4, 2, 3, 3, seed=4), None, _t(4, seed=5), *_
 _GATE = (_t(2, 6, 5, seed=6), _t(6, seed=7), *_SEL, 1, "ste", 1.0)
 
 
-@pytest.mark.parametrize("op, position, value, match", [
-    _bad("masked_linear", 0, _X.double(), "weight has dtype Float but x has Double"),
+@pytest.mark.parametrize("op, position, value, match, error", [
+    _bad("masked_linear", 0, _X.double(), "weight has dtype Float but x has Double", TypeError),
     _bad("masked_linear", 0, _t(3, 4, seed=0), r"x of shape \[3, 4\] does not match weight of shape \[6, 5\]"),
-    _bad("masked_linear", 0, torch.ones(3, 5, dtype=torch.int32), "x must be float32/float64/float16/bfloat16"),
+    _bad("masked_linear", 0, torch.ones(3, 5, dtype=torch.int32), "x must be float32/float64/float16/bfloat16",
+         TypeError),
     _bad("masked_linear", 0, _X.to("meta"), "weight must be a meta tensor"),
-    _bad("masked_linear", 2, _t(5, seed=0), r"bias must be a Float tensor of shape \(6,\), got Float \[5\]"),
+    _bad("masked_linear", 2, _t(5, seed=0), r"bias must have shape \(6,\), got \[5\]"),
+    _bad("masked_linear", 2, _t(6, seed=0).double(), "bias has dtype Double but x has Float", TypeError),
     _bad("masked_linear", 3, _t(5, 6, seed=0), r"scores must have weight's shape \[6, 5\] or \(6,\)"),
-    _bad("masked_linear", 4, torch.zeros((), dtype=torch.float64), "thr must have the scores' dtype"),
+    _bad("masked_linear", 4, torch.zeros((), dtype=torch.float64), "thr must have the scores' dtype", TypeError),
     _bad("masked_linear", 6, "straight", "estimator must be 'ste' or 'sigmoid', got 'straight'"),
     _bad("masked_linear", 7, 0.0, "temperature must be a positive finite float"),
-    _bad("masked_linear_keep", 4, (_S > 0).float(), "keep must be a bool tensor, got Float"),
+    _bad("masked_linear_keep", 4, (_S > 0).float(), "keep must be a bool tensor, got Float", TypeError),
     _bad("masked_linear_keep", 3, _t(6, seed=0), r"scores must have keep's shape \[6, 5\], got \[6\]"),
     _bad("masked_conv2d", 0, _t(2, 5, 5, seed=0), "x and weight must be 4-d"),
+    _bad("masked_conv2d", 0, _t(1, 3, 5, 5, seed=0), r"groups=1 does not fit x channels 3 and weight \[4, 2, 3, 3\]"),
+    _bad("masked_conv2d", 9, 2, r"groups=2 does not fit x channels 2"),
+    _bad("masked_conv2d", 6, [1, 0], r"stride must be two ints >= 1, got \[1, 0\]"),
+    _bad("masked_conv2d", 7, [-1, 0], r"padding must be two ints >= 0, got \[-1, 0\]"),
+    _bad("masked_conv2d", 0, _t(1, 2, 2, 5, seed=0),
+         r"kernel \[3, 3\] \(dilation \[1, 1\]\) is larger than the padded"),
     _bad("masked_conv2d", 3, _t(3, seed=0), r"scores must have weight's shape \[4, 2, 3, 3\] or \(4,\)"),
     _bad("masked_conv2d_keep", 4, torch.ones(4, 2, 3, 2, dtype=torch.bool), "keep must have weight's shape"),
     _bad("channel_gate", 1, _t(5, seed=0), r"scores must have shape \(6,\) \(x.shape\[1\]\), got \[5\]"),
     _bad("channel_gate", 4, 3, r"dim must be in \[-3, 2\], got 3"),
     _bad("channel_gate", 5, "hard", "estimator must be 'ste' or 'sigmoid'"),
     # the forward and backward kernels of backends/native.py: the same checks
-    _bad("masked_linear_forward", 0, _X.double(), "weight has dtype Float but x has Double"),
-    _bad("masked_linear_forward", 2, _t(5, seed=0), r"bias must be a Float tensor of shape \(6,\)"),
+    _bad("masked_linear_forward", 0, _X.double(), "weight has dtype Float but x has Double", TypeError),
+    _bad("masked_linear_forward", 2, _t(5, seed=0), r"bias must have shape \(6,\)"),
     _bad("masked_linear_backward", 3, _t(5, 6, seed=0), r"scores must have weight's shape \[6, 5\] or \(6,\)"),
     _bad("masked_linear_backward", 6, "straight", "estimator must be 'ste' or 'sigmoid', got 'straight'"),
-    _bad("masked_linear_keep_forward", 3, (_S > 0).float(), "keep must be a bool tensor, got Float"),
+    _bad("masked_linear_keep_forward", 3, (_S > 0).float(), "keep must be a bool tensor, got Float", TypeError),
     _bad("masked_linear_keep_backward", 3, _t(6, seed=0), r"scores must have keep's shape \[6, 5\], got \[6\]"),
     _bad("masked_conv2d_forward", 0, _t(2, 5, 5, seed=0), "x and weight must be 4-d"),
     _bad("masked_conv2d_backward", 11, 0.0, "temperature must be a positive finite float"),
     _bad("masked_conv2d_keep_forward", 3, torch.ones(4, 2, 3, 2, dtype=torch.bool), "keep must have weight's shape"),
     _bad("masked_conv2d_keep_backward", 4, torch.ones(4, 2, 3, 2, dtype=torch.bool), "keep must have weight's shape"),
 ])
-def test_bad_input_names_the_argument(op, position, value, match):
+def test_bad_input_names_the_argument(op, position, value, match, error):
     conv_keep = (*_CONV[:4], torch.ones(4, 2, 3, 3, dtype=torch.bool), *_CONV[6:])
     needs = [True] * 4
     base = {"masked_linear": _LINEAR, "masked_linear_keep": _KEEP, "masked_conv2d": _CONV,
@@ -199,7 +208,7 @@ def test_bad_input_names_the_argument(op, position, value, match):
             "masked_conv2d_keep_backward": (torch.ones(1, 4, 3, 3), *conv_keep[:2], *conv_keep[3:], needs)}[op]
     args = list(base)
     args[position] = value
-    with pytest.raises(RuntimeError, match=match):
+    with pytest.raises(error, match=match):
         getattr(EXT, op)(*args)
 
 

@@ -1,4 +1,5 @@
-"""Every torch.ops.bise_kernels_ext op, called directly with bad input, raises a RuntimeError naming
+"""Every torch.ops.bise_kernels_ext op, called directly with bad input, raises the error the Python
+checks raise for the same mistake (TypeError for a dtype, layout or kind of tensor, else ValueError) naming
 the argument (the checks of csrc/checks.h, shared by the CPU and CUDA implementations); odd but
 valid input (non-contiguous, empty) gives the reference's result.
 
@@ -43,9 +44,10 @@ class Case:
     op: str
     args: Callable[[str, str], tuple]  # (device, other device) -> arguments
     match: str  # the error message must contain this (a regex), with {device} filled in
+    error: type = ValueError  # as bise_kernels/_checks.py: TypeError for a dtype, layout or kind of tensor
 
     def check(self, device: str) -> None:
-        with pytest.raises(RuntimeError, match=self.match.format(device=device)):
+        with pytest.raises(self.error, match=self.match.format(device=device)):
             call(self.op, device, *self.args(device, OTHER[device]))
 
 
@@ -100,9 +102,9 @@ CASES = {
     "topk_other_device": Case("topk_select", lambda d, o: ([_t(4, device=d), _t(4, device=o)], 1, None),
                               r"scores\[1\] must be a {device} tensor"),
     "topk_int_scores": Case("topk_select", lambda d, o: ([torch.arange(4, device=d)], 1, None),
-                            r"scores\[0\] must be float32/float64/float16/bfloat16"),
+                            r"scores\[0\] must be float32/float64/float16/bfloat16", TypeError),
     "topk_mixed_dtypes": Case("topk_select", lambda d, o: ([_t(4, device=d), _t(4, device=d).half()], 1, None),
-                              r"scores\[1\] has dtype Half but scores\[0\] has Float"),
+                              r"scores\[1\] has dtype Half but scores\[0\] has Float", TypeError),
     "topk_empty_tensor": Case("topk_select", lambda d, o: ([_t(4, device=d), _t(0, device=d)], 1, None),
                               r"scores\[1\] is empty"),
     "topk_k_zero": Case("topk_select", lambda d, o: ([_t(4, device=d)], 0, None), r"k must be in \[1, 4\]"),
@@ -111,7 +113,7 @@ CASES = {
     "topk_hint_shape": Case("topk_select", lambda d, o: ([_t(4, device=d)], 1, _t(2, device=d)),
                             r"hint must have 1 element\(s\), got shape \[2\]"),
     "topk_hint_dtype": Case("topk_select", lambda d, o: ([_t(4, device=d)], 1, torch.ones(1, dtype=torch.int32)),
-                            "hint must be a float tensor"),
+                            "hint must be a float tensor", TypeError),
     # ------------------------------------------------------------------ batched_topk_select
     "batched_ks_length": Case("batched_topk_select", lambda d, o: ([_t(4, device=d), _t(4, device=d)], [1], None),
                               r"ks has 1 entries for 2 problem\(s\)"),
@@ -128,12 +130,12 @@ CASES = {
     "keep_mask_thr_device": Case("keep_mask", lambda d, o: (_t(4, device=d), *_sel(o), 0),
                                  "thr and cut must be on the scores' device"),
     "keep_mask_thr_dtype": Case("keep_mask", lambda d, o: (_t(4, device=d), *_sel(d, torch.float16), 0),
-                                "thr must have the scores' dtype"),
+                                "thr must have the scores' dtype", TypeError),
     "keep_mask_cut_shape": Case("keep_mask", lambda d, o: (_t(4, device=d), _sel(d)[0], torch.ones(2, dtype=torch.int64,
                                                                                                   device=d), 0),
-                                "cut must be a one-element tensor"),
+                                "cut must be a one-element tensor", TypeError),
     "keep_mask_int_scores": Case("keep_mask", lambda d, o: (torch.arange(4, device=d), *_sel(d), 0),
-                                 "scores must be float32/float64/float16/bfloat16"),
+                                 "scores must be float32/float64/float16/bfloat16", TypeError),
     # ------------------------------------------------------------------ masked_weight
     "weight_other_device": Case("masked_weight", lambda d, o: (_t(3, 4, device=o), *_layer(d)[1:]),
                                 "weight must be a {device} tensor"),
@@ -142,26 +144,26 @@ CASES = {
     "weight_selection_other_device": Case("masked_weight", lambda d, o: (*_layer(d)[:2], *_sel(o)),
                                           "thr and cut must be on the scores' device"),
     "weight_sparse": Case("masked_weight", lambda d, o: (_t(3, 4, device=d).to_sparse(), *_layer(d)[1:]),
-                          "weight must be a dense \\(strided\\) tensor, got layout Sparse"),
+                          "weight must be a dense \\(strided\\) tensor, got layout Sparse", TypeError),
     "weight_int": Case("masked_weight", lambda d, o: (torch.ones(3, 4, dtype=torch.int32, device=d), *_layer(d)[1:]),
-                       "weight must be float32/float64/float16/bfloat16"),
+                       "weight must be float32/float64/float16/bfloat16", TypeError),
     "weight_scalar": Case("masked_weight", lambda d, o: (_t(device=d), _t(device=d), *_sel(d)),
                           "weight must have at least one dimension"),
     "weight_scores_shape": Case("masked_weight", lambda d, o: (_layer(d)[0], _t(4, 3, device=d), *_sel(d)),
                                 r"scores must have weight's shape \[3, 4\] or \(3,\), got \[4, 3\]"),
     "weight_thr_shape": Case("masked_weight", lambda d, o: (*_layer(d)[:2], _t(2, device=d), _sel(d)[1]),
-                             "thr must be a one-element tensor"),
+                             "thr must be a one-element tensor", TypeError),
     "weight_thr_dtype": Case("masked_weight", lambda d, o: (*_layer(d)[:2], *_sel(d, torch.float64)),
-                             "thr must have the scores' dtype"),
+                             "thr must have the scores' dtype", TypeError),
     "weight_cut_dtype": Case("masked_weight", lambda d, o: (*_layer(d)[:3], torch.zeros((), device=d)),
-                             "cut must be int64"),
+                             "cut must be int64", TypeError),
     # ------------------------------------------------------------------ masked_score_grad
     "score_grad_other_device": Case("masked_score_grad", lambda d, o: _grad_args(d, grad=_t(3, 4, device=o)),
                                     "grad_w_eff must be a {device} tensor"),
     "score_grad_shape": Case("masked_score_grad", lambda d, o: _grad_args(d, grad=_t(4, 3, device=d)),
-                             "grad_w_eff must be like weight"),
+                             r"grad_w_eff must have weight's shape \[3, 4\], got \[4, 3\]"),
     "score_grad_dtype": Case("masked_score_grad", lambda d, o: _grad_args(d, grad=_t(3, 4, device=d).half()),
-                             "grad_w_eff must be like weight"),
+                             "grad_w_eff has dtype Half but weight has Float", TypeError),
     "score_grad_strides": Case("masked_score_grad", lambda d, o: _grad_args(d, grad=_t(4, 3, device=d).t()),
                                r"grad_w_eff must be contiguous \(it is masked in place\), got strides \[1, 3\]"),
     "score_grad_estimator": Case("masked_score_grad", lambda d, o: _grad_args(d, estimator="straight"),
@@ -176,13 +178,13 @@ CASES = {
     "keep_weight_other_device": Case("keep_weight", lambda d, o: (_t(3, 4, device=d), _keep(o)),
                                      "keep must be a {device} tensor"),
     "keep_weight_float_keep": Case("keep_weight", lambda d, o: (_t(3, 4, device=d), _t(3, 4, device=d)),
-                                   "keep must be a bool tensor, got Float"),
+                                   "keep must be a bool tensor, got Float", TypeError),
     "keep_weight_shape": Case("keep_weight", lambda d, o: (_t(3, 4, device=d), _keep(d, 4, 3)),
                               r"keep must have weight's shape \[3, 4\] or \(3,\), got \[4, 3\]"),
     "keep_weight_conv_shape": Case("keep_weight", lambda d, o: (_t(3, 2, 2, 2, device=d), _keep(d, 3, 2, 2, 1)),
                                    r"keep must have weight's shape \[3, 2, 2, 2\] or \(3,\), got \[3, 2, 2, 1\]"),
     "keep_weight_int": Case("keep_weight", lambda d, o: (torch.ones(3, 4, dtype=torch.int32, device=d), _keep(d)),
-                            "weight must be float32/float64/float16/bfloat16"),
+                            "weight must be float32/float64/float16/bfloat16", TypeError),
     "keep_weight_scalar": Case("keep_weight", lambda d, o: (_t(device=d), _keep(d, 1)),
                                "weight must have at least one dimension"),
     # ------------------------------------------------------------------ keep_score_grad
@@ -196,7 +198,7 @@ CASES = {
                                           "scores must be a {device} tensor"),
     "keep_grad_keep_dtype": Case("keep_score_grad",
                                  lambda d, o: _keep_grad_args(d, keep=torch.ones(3, 4, dtype=torch.uint8, device=d)),
-                                 "keep must be a bool tensor, got Byte"),
+                                 "keep must be a bool tensor, got Byte", TypeError),
     "keep_grad_estimator": Case("keep_score_grad", lambda d, o: _keep_grad_args(d, estimator="hard"),
                                 "estimator must be 'ste' or 'sigmoid'"),
     # ------------------------------------------------------------------ channel_gate_forward
@@ -206,7 +208,7 @@ CASES = {
                                      "scores must be a {device} tensor"),
     "gate_int": Case("channel_gate_forward",
                      lambda d, o: _gate_args(d, x=torch.ones(2, 5, 3, dtype=torch.int32, device=d)),
-                     "x must be float32/float64/float16/bfloat16"),
+                     "x must be float32/float64/float16/bfloat16", TypeError),
     "gate_scalar": Case("channel_gate_forward", lambda d, o: _gate_args(d, x=_t(device=d), dim=0),
                         "x must have at least one dimension"),
     "gate_dim": Case("channel_gate_forward", lambda d, o: _gate_args(d, dim=3), r"dim must be in \[-3, 2\], got 3"),
@@ -221,10 +223,10 @@ CASES = {
     "gate_grad_other_device": Case("channel_gate_backward", lambda d, o: _gate_bwd_args(d, gy=_t(2, 5, 3, device=o)),
                                    "grad_y must be a {device} tensor"),
     "gate_grad_shape": Case("channel_gate_backward", lambda d, o: _gate_bwd_args(d, gy=_t(2, 5, 4, device=d)),
-                            "grad_y must be like x"),
+                            r"grad_y must have x's shape \[2, 5, 3\], got \[2, 5, 4\]"),
     "gate_grad_dtype": Case("channel_gate_backward",
                             lambda d, o: _gate_bwd_args(d, gy=_t(2, 5, 3, device=d, dtype=torch.float64)),
-                            "grad_y must be like x"),
+                            "grad_y has dtype Double but x has Float", TypeError),
     "gate_grad_estimator": Case("channel_gate_backward", lambda d, o: _gate_bwd_args(d, estimator="hard"),
                                 "estimator must be 'ste' or 'sigmoid'"),
     "gate_grad_temperature": Case("channel_gate_backward", lambda d, o: _gate_bwd_args(d, temperature=-1.0),
