@@ -60,6 +60,42 @@ def test_mask_is_recomputed_after_an_optimizer_step():
     assert int(layer.mask().sum()) == 6
 
 
+@pytest.mark.parametrize("mask_mode", ["selection", "keep"])
+def test_mask_follows_scores_whose_storage_is_replaced(mask_mode):
+    """``scores.data = ...`` (as ``module.to`` does) keeps the version counter: the cached selection
+    must still follow the new storage (the cache key holds its data pointer)."""
+    layer = bk.MaskedLinear(6, 4, density=0.25, mask_mode=mask_mode)
+    x = torch.randn(3, 6)
+    first, y = layer.mask().clone(), layer(x)
+    version = layer.scores._version
+    layer.scores.data = -layer.scores.detach().clone()
+    assert layer.scores._version == version
+    want = sort_mask(layer.scores.detach(), 6)
+    assert not torch.equal(want, first)
+    assert torch.equal(layer.mask(), want)
+    torch.testing.assert_close(layer(x), x @ (layer.weight * want).t() + layer.bias, rtol=1e-6, atol=1e-6)
+    assert not torch.equal(layer(x), y)
+
+
+@pytest.mark.parametrize("mask_mode", ["selection", "keep"])
+def test_mask_follows_a_changed_density_or_threshold(mask_mode):
+    """A schedule that sets ``layer.density`` (or ``threshold``) between steps gets the new rule at once,
+    the scores unchanged (the cache key holds the rule)."""
+    layer = bk.MaskedLinear(10, 4, density=0.5, mask_mode=mask_mode)
+    x = torch.randn(3, 10)
+    assert int(layer.mask().sum()) == 20
+    layer(x)
+    layer.density = 0.1
+    assert int(layer.mask().sum()) == 4 and torch.equal(layer.mask(), sort_mask(layer.scores.detach(), 4))
+    y = layer(x)
+    torch.testing.assert_close(y, x @ (layer.weight * layer.mask()).t() + layer.bias, rtol=1e-6, atol=1e-6)
+    gate = bk.ChannelGate(4, threshold=0.0, init=0.5)
+    assert bool(gate.mask().all())
+    gate.threshold = 1.0
+    assert not bool(gate.mask().any())
+    assert torch.equal(gate(torch.ones(2, 4, 3)), torch.zeros(2, 4, 3))
+
+
 
 @pytest.mark.parametrize("mask_mode", ["selection", "keep"])
 def test_a_selection_cached_in_a_cuda_graph_capture_serves_that_capture_only(monkeypatch, mask_mode):
@@ -103,6 +139,27 @@ def test_mask_model_global_scope_is_one_topk_over_all_layers():
     assert torch.equal(got, expected)
     net(torch.randn(1, 3, 7, 7)).sum().backward()
     assert all(s.grad is not None for s in scores)
+
+
+@pytest.mark.parametrize("mask_mode", ["selection", "keep"])
+def test_global_masks_follow_an_in_place_score_update(mask_mode):
+    """The global selection is cached per scores version: an optimiser step (in place) selects again."""
+    net = _net()
+    scores = bk.mask_model(net, density=0.4, scope="global")
+    layers = [m for m in net.modules() if isinstance(m, (bk.MaskedLinear, bk.MaskedConv2d))]
+    for layer in layers:
+        layer.mask_mode = mask_mode
+    x = torch.randn(1, 3, 7, 7)
+    net(x)
+    before = torch.cat([m.mask().flatten() for m in layers])
+    with torch.no_grad():
+        scores[1].neg_()  # one layer's scores change: every layer's share of the top-k moves
+    flat = torch.cat([s.detach().flatten() for s in scores])
+    expected = sort_mask(flat, round(0.4 * flat.numel()))
+    assert not torch.equal(expected, before)
+    assert torch.equal(torch.cat([m.mask().flatten() for m in layers]), expected)
+    if mask_mode == "keep":
+        assert torch.equal(torch.cat([m.keep().flatten() for m in layers]), expected)
 
 
 def test_mask_model_global_with_ties_across_layers_keeps_exactly_k():
