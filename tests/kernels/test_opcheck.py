@@ -188,3 +188,21 @@ def test_eager_path_is_plain_eager_only():
         call(*args).sum().backward()
     names = {e.name for e in prof.events()}
     assert not {"bise_kernels::masked_linear", "bise_kernels::masked_linear_backward"} & names, names
+
+
+def test_a_torch_function_mode_sees_the_custom_ops():
+    """Under a torch-function mode (as a user's tracer or counter) the public calls run the custom ops,
+    which the mode sees; the plain eager path would hide them."""
+    seen = []
+
+    class Record(torch.overrides.TorchFunctionMode):
+        def __torch_function__(self, func, types, args=(), kwargs=None):
+            seen.append(str(func))
+            return func(*args, **(kwargs or {}))
+
+    _, call, args = next(_layer_calls())
+    with Record():
+        call(*args)
+        bk.topk_mask(_t(40, seed=20), 0.3)
+    assert "bise_kernels.masked_linear.default" in seen
+    assert "bise_kernels.topk_keep_mask.default" in seen
