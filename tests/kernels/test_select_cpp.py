@@ -231,3 +231,41 @@ def test_topk_keep_mask_of_lists_hints_and_ties(kernels):
         kernels["topk_keep_mask"]([x], 5, None)
     with pytest.raises(RuntimeError, match=r"k must be in \[1, 100000\]"):
         kernels["topk_keep_mask"]([x], 0, None)
+
+
+def _sampled_positions(n: int, k: int, itemsize: int) -> torch.Tensor:
+    """The flat indices the C++ select samples for a bracket (csrc/cpu/select.cpp, sample_keys): runs
+    of 256 bytes at splitmix64 offsets seeded by (n, k), about n^(2/3) keys."""
+    mask = 2**64 - 1
+    run = 256 // itemsize
+    size = min(1 << 16, int(n ** (1 / 3) * n ** (1 / 3)))
+    runs = max(1, min(size, n // 8) // run)
+    seed, starts = (n * 31 + k) & mask, []
+    for _ in range(runs):
+        seed = (seed + 0x9E3779B97F4A7C15) & mask
+        z = seed
+        z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & mask
+        z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & mask
+        starts.append((z ^ (z >> 31)) % (n - run + 1))
+    return (torch.tensor(starts)[:, None] + torch.arange(run)).flatten().unique()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_every_bracket_missing_finishes_from_the_narrowed_state(kernels, dtype):
+    """Scores whose sample misleads both cold brackets: every sampled score lies in [0, 1], the top
+    31 000 (in [2, 3]) and the rest (in [-3, -2]) lie outside the sample. Both brackets miss below
+    rank k; the selection finishes by compacting the keys above the last bracket (no radix pass),
+    which must count exactly the keys the misses left in the state."""
+    n, k = 100_000, 30_000
+    g = torch.Generator().manual_seed(11)
+    sampled = _sampled_positions(n, k, torch.empty((), dtype=dtype).element_size())
+    x = torch.rand(n, generator=g, dtype=torch.float64) - 3
+    x[sampled] = torch.rand(len(sampled), generator=g, dtype=torch.float64)
+    outside = torch.ones(n, dtype=torch.bool)
+    outside[sampled] = False
+    top = outside.nonzero().flatten()[torch.randperm(int(outside.sum()), generator=g)[:31_000]]
+    x[top] = torch.rand(len(top), generator=g, dtype=torch.float64) + 2
+    x = x.to(dtype)
+    x[top[:500]] = 2.5  # ties at the threshold for some k
+    check_list(kernels, DEVICE, [x], (k, 30_500, 31_000))
+    check_topk_keep_mask(kernels, DEVICE, [x], (k,))
