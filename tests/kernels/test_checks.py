@@ -335,3 +335,12 @@ def test_channel_gate_arguments_are_checked():
 def test_hint_must_be_a_single_value():
     with pytest.raises(TypeError, match="hint"):
         bk.topk_mask(torch.randn(5), 0.5, hint=torch.randn(2))
+
+
+def test_layerwise_density_list_must_match_the_tensors():
+    """One density per tensor: a shorter or longer list is an error naming both counts (zip would
+    silently drop tensors)."""
+    scores = [torch.randn(4), torch.randn(5), torch.randn(6)]
+    for densities in ([0.5, 0.5], [0.5] * 4):
+        with pytest.raises(ValueError, match=f"density has {len(densities)} entries but scores has 3 tensors"):
+            bk.layerwise_topk_masks(scores, densities)

@@ -40,6 +40,26 @@ def test_to_dense_bakes_the_mask_and_matches(granularity):
     assert torch.equal(lin.to_dense().weight, lin.weight)  # score 0 >= threshold 0: all kept
 
 
+def test_score_init_rules():
+    """"magnitude": |w| per weight, the L2 norm of each output unit's weights per channel; "zeros"; a
+    constant; "kaiming": uniform within +-sqrt(3 / fan_in); float32 whatever the weight's dtype."""
+    from bise_kernels.nn.masked import init_scores
+
+    w = torch.randn(4, 3, 2, 2, dtype=torch.float64)
+    assert torch.equal(init_scores(w, "weight", "magnitude"), w.abs().float())
+    norms = torch.stack([torch.sqrt((w[i].float() ** 2).sum()) for i in range(4)])
+    torch.testing.assert_close(init_scores(w, "channel", "magnitude"), norms, rtol=1e-6, atol=0)
+    assert torch.equal(init_scores(w, "channel", "zeros"), torch.zeros(4))
+    assert torch.equal(init_scores(w, "weight", 0.25), torch.full(w.shape, 0.25))
+    torch.manual_seed(0)
+    kaiming = init_scores(w, "weight", "kaiming")
+    bound = (3 / 12) ** 0.5
+    assert kaiming.dtype == torch.float32 and kaiming.shape == w.shape
+    assert float(kaiming.abs().max()) <= bound and float(kaiming.abs().max()) > 0.8 * bound
+    with pytest.raises(ValueError, match="score_init must be"):
+        init_scores(w, "weight", "normal")
+
+
 def test_from_dense_shares_and_freezes_the_original_parameters():
     linear = nn.Linear(4, 3)
     before = linear.weight.detach().clone()
