@@ -119,6 +119,27 @@ def test_keep_mask_split_over_threads_for_any_threshold_and_cut(kernels, dtype):
                     assert torch.equal(kernels["keep_mask"](scores, thr, cut, offset, True), got)
 
 
+def test_two_threads_split_every_pass_into_chunks(kernels):
+    """Above 2^20 scores two threads split each pass into chunks of blocks (one thread or fewer
+    scores: one chunk, whatever the tests' OMP_NUM_THREADS): the compacted buffers, the tie located
+    in the second chunk, the fused keep masks and the radix histograms summed over chunks."""
+    n = (1 << 20) + (1 << 18) + 11
+    g = torch.Generator().manual_seed(12)
+    x = torch.randn(n, generator=g)
+    x[5::3] = 0.25  # a third of the scores tied: the bracket around them overflows into radix passes
+    above, ties = int((x > 0.25).sum()), int((x == 0.25).sum())
+    ks = (1, n // 5, above + 1, above + ties // 2, above + ties - 1, n - 7)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        check_list(kernels, DEVICE, [x], ks)
+        check_list(kernels, DEVICE, [x[:700_001], x[700_001:]], (n // 5, above + ties // 2))
+        check_topk_keep_mask(kernels, DEVICE, [x], (n // 5, n // 2, above + ties // 2))
+        check_batched(kernels, DEVICE, [x, x[:1000]], [above + ties // 2, 3])
+    finally:
+        torch.set_num_threads(threads)
+
+
 def test_keep_mask_checks_finite_in_every_block_and_thread(kernels):
     """keep_mask's check_finite over 2 threads and blocks of 4096: a NaN / inf in any block (first,
     one past a block boundary, the last, a partial one at the end, past the tie cut) raises."""
