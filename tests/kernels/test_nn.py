@@ -201,6 +201,27 @@ def test_mask_model_rejects_bad_arguments():
         bk.mask_model(_net(), "row", density=0.5)
 
 
+def test_modules_refuse_what_they_would_run_differently():
+    """Padding other than numeric zeros (a masked conv pads with zeros: reflect or "same" would
+    silently change the layer), the wrong module type, a bare layer for mask_model: named errors."""
+    for conv in (nn.Conv2d(3, 4, 3, padding=1, padding_mode="reflect"), nn.Conv2d(3, 4, 3, padding="same")):
+        with pytest.raises(ValueError, match=r"numeric zero padding only, got padding=.*padding_mode="):
+            bk.MaskedConv2d.from_dense(conv, density=0.5)
+        with pytest.raises(ValueError, match="numeric zero padding only"):
+            bk.mask_model(nn.Sequential(conv), density=0.5)
+    with pytest.raises(ValueError, match="padding must be an int or a pair of ints for MaskedConv2d, got 'same'"):
+        bk.MaskedConv2d(3, 4, 3, padding="same", density=0.5)
+    with pytest.raises(TypeError, match="module must be an nn.Linear, got Conv2d"):
+        bk.MaskedLinear.from_dense(nn.Conv2d(3, 4, 3), density=0.5)
+    with pytest.raises(TypeError, match="module must be an nn.Conv2d, got Linear"):
+        bk.MaskedConv2d.from_dense(nn.Linear(3, 4), density=0.5)
+    with pytest.raises(ValueError, match="pass a model containing the layer"):
+        bk.mask_model(nn.Linear(3, 2), density=0.5)
+    for bad in (True, 2.0, -1):
+        with pytest.raises(ValueError, match=f"num_channels must be a positive int, got {bad!r}"):
+            bk.ChannelGate(bad)
+
+
 def test_channel_gate_module_modes():
     gate = bk.ChannelGate(3, init=0.0)
     x = torch.randn(2, 3, 4)
