@@ -21,6 +21,7 @@ import torch
 
 import bise_kernels
 from bise_kernels.backends import kernel_table
+from bise_kernels.backends import reference as ref
 from model_shapes import resnet50_weight_shapes
 
 try:
@@ -82,6 +83,17 @@ def test_select_single_tensor(benchmark, case, size):
         "torch_topk": lambda: torch.topk(x, k, sorted=False),
     }
     _run_threads(benchmark, fns[case], case)
+    if benchmark.disabled:  # the smoke run (CI): what was timed is the reference's selection
+        _check_single(case, fns[case](), x, k)
+
+
+def _check_single(case, got, x, k):
+    want = ref.topk_select([x], k)
+    if case.startswith(("cpp_cold", "cpp_warm", "api_topk_select")):
+        assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1]), case
+    elif case.startswith(("cpp_select_and_mask", "cpp_topk_keep_mask")):
+        mask = got[0] if isinstance(got, list) else got
+        assert torch.equal(mask, ref.keep_mask(x, *want)), case
 
 
 @pytest.mark.parametrize("case", ["one_read_sum", "cpp_batched", "cpp_batched_warm", "torch_kthvalue_loop",
@@ -104,3 +116,6 @@ def test_select_resnet50_layers(benchmark, case):
         "torch_kthvalue_loop": lambda: [torch.kthvalue(t.reshape(-1), t.numel() - k + 1) for t, k in zip(layers, ks)],
     }
     _run_threads(benchmark, fns[case], case)
+    if benchmark.disabled and case.startswith("cpp_batched"):  # the smoke run (CI): the reference's selections
+        got, want = fns[case](), ref.batched_topk_select(layers, ks)
+        assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1]), case

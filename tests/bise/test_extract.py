@@ -95,6 +95,47 @@ def test_cached_and_straightforward_loops_give_the_same_masks(digits):
         torch.testing.assert_close(cached.scores[name], plain.scores[name], rtol=0, atol=1e-6)
 
 
+def test_cached_prefix_without_the_chain_gives_the_loops_masks(digits, monkeypatch):
+    """The mask step through autograd on cached prefix features (the path of amp and of models the
+    GatedChain cannot express) equals the straightforward loop: each batch reads its own rows."""
+    from bise.gated_chain import GatedChain
+
+    torch.manual_seed(0)
+    model = build_model("simple-cnn", 10, digits.input_shape, width=0.25).eval()
+    config = ExtractConfig(mask_epochs=2, head_epochs=1, batch_size=100)
+    monkeypatch.setattr(GatedChain, "build", staticmethod(lambda *args, **kwargs: None))
+    cached = extract(model, digits, config=config, quiet=True)
+    plain = extract(model, digits, config=dataclasses.replace(config, cache_features=False), quiet=True)
+    assert cached.info["prefix_cached"]
+    for name in cached.masks:
+        assert torch.equal(cached.masks[name], plain.masks[name])
+        torch.testing.assert_close(cached.scores[name], plain.scores[name], rtol=0, atol=1e-6)
+
+
+def test_a_frozen_pass_is_recomputed_when_any_gates_mask_changes(digits, vanilla_mlp):
+    """frozen() reuses a pass only while every gate's hard mask is unchanged (the last gate's too)."""
+    from bise.extract import prepare_run
+
+    run = prepare_run(vanilla_mlp, digits, ExtractConfig(**TINY))
+    gates = list(run.gates.values())
+    assert len(gates) >= 2
+    calls = []
+
+    def compute():
+        calls.append(1)
+        return torch.zeros(1)
+
+    run.frozen("pass", compute)
+    run.frozen("pass", compute)
+    assert len(calls) == 1
+    for gate in (gates[-1], gates[0]):
+        with torch.no_grad():
+            gate.scores.view(-1)[0] = -1.0 if bool(gate.mask().view(-1)[0]) else 1.0  # flip one channel
+        run.frozen("pass", compute)
+        run.frozen("pass", compute)
+    assert len(calls) == 3
+
+
 def test_data_without_validation_logs_test_metrics_with_the_prefix_cached(digits, vanilla_mlp):
     no_val = dataclasses.replace(digits, val=None)
     sub = extract(vanilla_mlp, no_val, config=ExtractConfig(**TINY, log_test=True), quiet=True)

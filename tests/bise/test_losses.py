@@ -30,6 +30,18 @@ def test_group_balanced_is_one_over_groups_times_p():
     assert sample_weights(y, b, table).mean().item() == pytest.approx(1.0)
 
 
+def test_group_balanced_counts_only_the_groups_present():
+    """G is the number of non-empty (y, b) groups: with one of four empty, every present group weighs
+    1 / (3 p) and the mean weight over the training samples stays 1; the empty cell weighs 0."""
+    y = torch.tensor([0, 0, 0, 1, 1, 0])
+    b = torch.tensor([0, 0, 1, 1, 1, 0])
+    table = weight_table("group-balanced", targets=y, bias=b, num_classes=2)
+    # counts: (0,0)=3, (0,1)=1, (1,0)=0, (1,1)=2; p = counts / 6; G = 3
+    expected = torch.tensor([[6 / 9, 6 / 3], [0.0, 6 / 6]])
+    torch.testing.assert_close(table, expected)
+    assert sample_weights(y, b, table).mean().item() == pytest.approx(1.0)
+
+
 def test_empirical_joint_clamps_empty_cells():
     y = torch.tensor([0, 0, 0, 1])
     b = torch.tensor([0, 0, 0, 1])

@@ -113,3 +113,30 @@ def test_backward_in_another_thread_runs_on_the_forward_backend(monkeypatch, op)
     assert scores.grad is not None
     backward_kernels = [(k, b) for k, b in resolved if k.endswith("_backward")]
     assert backward_kernels and all(b == "torch" for _, b in backward_kernels), resolved
+
+
+@pytest.mark.parametrize("write", ["setitem", "delitem", "ior", "clear", "pop", "popitem", "setdefault", "update"])
+def test_every_write_to_a_registry_table_forgets_the_finiteness_answers(write):
+    """checks_finite caches its answers; the registry tables decide them, so every dict write to one
+    (tests and users register backends and orders) must clear that cache."""
+    table = backends.AUTO_ORDER_PER_KERNEL
+    saved = dict(table)
+    try:
+        backends.checks_finite("topk_select", "cpu", torch.float32)
+        assert backends._FINITE_ANSWERS
+        key = ("cpu", "made_up_kernel")
+        {
+            "setitem": lambda: table.__setitem__(key, ("torch",)),
+            "delitem": lambda: (dict.__setitem__(table, key, ("torch",)), table.__delitem__(key)),
+            "ior": lambda: table.__ior__({key: ("torch",)}),
+            "clear": table.clear,
+            "pop": lambda: (dict.__setitem__(table, key, ("torch",)), table.pop(key)),
+            "popitem": lambda: (dict.__setitem__(table, key, ("torch",)), table.popitem()),
+            "setdefault": lambda: table.setdefault(key, ("torch",)),
+            "update": lambda: table.update({key: ("torch",)}),
+        }[write]()
+        assert not backends._FINITE_ANSWERS, write
+    finally:
+        dict.clear(table)
+        dict.update(table, saved)
+        backends._FINITE_ANSWERS.clear()

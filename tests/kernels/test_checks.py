@@ -424,3 +424,12 @@ def test_gate_construction_arguments_are_checked():
         bk.ChannelGate(0)
     with pytest.raises(TypeError, match="num_channels must be an int, got True"):
         bk.ChannelGate(True)
+
+
+def test_layerwise_density_list_must_match_the_tensors():
+    """One density per tensor: a shorter or longer list is an error naming both counts (zip would
+    silently drop tensors)."""
+    scores = [torch.randn(4), torch.randn(5), torch.randn(6)]
+    for densities in ([0.5, 0.5], [0.5] * 4):
+        with pytest.raises(ValueError, match=f"density has {len(densities)} entries but scores has 3 tensors"):
+            bk.layerwise_topk_masks(scores, densities)

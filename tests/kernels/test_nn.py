@@ -40,6 +40,26 @@ def test_to_dense_bakes_the_mask_and_matches(granularity):
     assert torch.equal(lin.to_dense().weight, lin.weight)  # score 0 >= threshold 0: all kept
 
 
+def test_score_init_rules():
+    """"magnitude": |w| per weight, the L2 norm of each output unit's weights per channel; "zeros"; a
+    constant; "kaiming": uniform within +-sqrt(3 / fan_in); float32 whatever the weight's dtype."""
+    from bise_kernels.nn.masked import init_scores
+
+    w = torch.randn(4, 3, 2, 2, dtype=torch.float64)
+    assert torch.equal(init_scores(w, "weight", "magnitude"), w.abs().float())
+    norms = torch.stack([torch.sqrt((w[i].float() ** 2).sum()) for i in range(4)])
+    torch.testing.assert_close(init_scores(w, "channel", "magnitude"), norms, rtol=1e-6, atol=0)
+    assert torch.equal(init_scores(w, "channel", "zeros"), torch.zeros(4))
+    assert torch.equal(init_scores(w, "weight", 0.25), torch.full(w.shape, 0.25))
+    torch.manual_seed(0)
+    kaiming = init_scores(w, "weight", "kaiming")
+    bound = (3 / 12) ** 0.5
+    assert kaiming.dtype == torch.float32 and kaiming.shape == w.shape
+    assert float(kaiming.abs().max()) <= bound and float(kaiming.abs().max()) > 0.8 * bound
+    with pytest.raises(ValueError, match="score_init must be"):
+        init_scores(w, "weight", "normal")
+
+
 def test_from_dense_shares_and_freezes_the_original_parameters():
     linear = nn.Linear(4, 3)
     before = linear.weight.detach().clone()
@@ -58,6 +78,42 @@ def test_mask_is_recomputed_after_an_optimizer_step():
         layer.scores.copy_(-layer.scores)
     assert not torch.equal(layer.mask(), first)
     assert int(layer.mask().sum()) == 6
+
+
+@pytest.mark.parametrize("mask_mode", ["selection", "keep"])
+def test_mask_follows_scores_whose_storage_is_replaced(mask_mode):
+    """``scores.data = ...`` (as ``module.to`` does) keeps the version counter: the cached selection
+    must still follow the new storage (the cache key holds its data pointer)."""
+    layer = bk.MaskedLinear(6, 4, density=0.25, mask_mode=mask_mode)
+    x = torch.randn(3, 6)
+    first, y = layer.mask().clone(), layer(x)
+    version = layer.scores._version
+    layer.scores.data = -layer.scores.detach().clone()
+    assert layer.scores._version == version
+    want = sort_mask(layer.scores.detach(), 6)
+    assert not torch.equal(want, first)
+    assert torch.equal(layer.mask(), want)
+    torch.testing.assert_close(layer(x), x @ (layer.weight * want).t() + layer.bias, rtol=1e-6, atol=1e-6)
+    assert not torch.equal(layer(x), y)
+
+
+@pytest.mark.parametrize("mask_mode", ["selection", "keep"])
+def test_mask_follows_a_changed_density_or_threshold(mask_mode):
+    """A schedule that sets ``layer.density`` (or ``threshold``) between steps gets the new rule at once,
+    the scores unchanged (the cache key holds the rule)."""
+    layer = bk.MaskedLinear(10, 4, density=0.5, mask_mode=mask_mode)
+    x = torch.randn(3, 10)
+    assert int(layer.mask().sum()) == 20
+    layer(x)
+    layer.density = 0.1
+    assert int(layer.mask().sum()) == 4 and torch.equal(layer.mask(), sort_mask(layer.scores.detach(), 4))
+    y = layer(x)
+    torch.testing.assert_close(y, x @ (layer.weight * layer.mask()).t() + layer.bias, rtol=1e-6, atol=1e-6)
+    gate = bk.ChannelGate(4, threshold=0.0, init=0.5)
+    assert bool(gate.mask().all())
+    gate.threshold = 1.0
+    assert not bool(gate.mask().any())
+    assert torch.equal(gate(torch.ones(2, 4, 3)), torch.zeros(2, 4, 3))
 
 
 
@@ -105,6 +161,27 @@ def test_mask_model_global_scope_is_one_topk_over_all_layers():
     assert all(s.grad is not None for s in scores)
 
 
+@pytest.mark.parametrize("mask_mode", ["selection", "keep"])
+def test_global_masks_follow_an_in_place_score_update(mask_mode):
+    """The global selection is cached per scores version: an optimiser step (in place) selects again."""
+    net = _net()
+    scores = bk.mask_model(net, density=0.4, scope="global")
+    layers = [m for m in net.modules() if isinstance(m, (bk.MaskedLinear, bk.MaskedConv2d))]
+    for layer in layers:
+        layer.mask_mode = mask_mode
+    x = torch.randn(1, 3, 7, 7)
+    net(x)
+    before = torch.cat([m.mask().flatten() for m in layers])
+    with torch.no_grad():
+        scores[1].neg_()  # one layer's scores change: every layer's share of the top-k moves
+    flat = torch.cat([s.detach().flatten() for s in scores])
+    expected = sort_mask(flat, round(0.4 * flat.numel()))
+    assert not torch.equal(expected, before)
+    assert torch.equal(torch.cat([m.mask().flatten() for m in layers]), expected)
+    if mask_mode == "keep":
+        assert torch.equal(torch.cat([m.keep().flatten() for m in layers]), expected)
+
+
 def test_mask_model_global_with_ties_across_layers_keeps_exactly_k():
     net = nn.Sequential(nn.Linear(3, 4), nn.Linear(4, 2))
     scores = bk.mask_model(net, density=0.5, scope="global", score_init=0.0)
@@ -122,6 +199,27 @@ def test_mask_model_rejects_bad_arguments():
         bk.mask_model(_net(), density=0.5, include=["nothing*"])
     with pytest.raises(ValueError, match="granularity"):
         bk.mask_model(_net(), "row", density=0.5)
+
+
+def test_modules_refuse_what_they_would_run_differently():
+    """Padding other than numeric zeros (a masked conv pads with zeros: reflect or "same" would
+    silently change the layer), the wrong module type, a bare layer for mask_model: named errors."""
+    for conv in (nn.Conv2d(3, 4, 3, padding=1, padding_mode="reflect"), nn.Conv2d(3, 4, 3, padding="same")):
+        with pytest.raises(ValueError, match=r"numeric zero padding only, got padding=.*padding_mode="):
+            bk.MaskedConv2d.from_dense(conv, density=0.5)
+        with pytest.raises(ValueError, match="numeric zero padding only"):
+            bk.mask_model(nn.Sequential(conv), density=0.5)
+    with pytest.raises(ValueError, match="padding must be an int or a pair of ints for MaskedConv2d, got 'same'"):
+        bk.MaskedConv2d(3, 4, 3, padding="same", density=0.5)
+    with pytest.raises(TypeError, match="module must be an nn.Linear, got Conv2d"):
+        bk.MaskedLinear.from_dense(nn.Conv2d(3, 4, 3), density=0.5)
+    with pytest.raises(TypeError, match="module must be an nn.Conv2d, got Linear"):
+        bk.MaskedConv2d.from_dense(nn.Linear(3, 4), density=0.5)
+    with pytest.raises(ValueError, match="pass a model containing the layer"):
+        bk.mask_model(nn.Linear(3, 2), density=0.5)
+    for bad in (True, 2.0, -1):
+        with pytest.raises(ValueError, match=f"num_channels must be a positive int, got {bad!r}"):
+            bk.ChannelGate(bad)
 
 
 def test_channel_gate_module_modes():

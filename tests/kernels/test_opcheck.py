@@ -188,3 +188,39 @@ def test_eager_path_is_plain_eager_only():
         call(*args).sum().backward()
     names = {e.name for e in prof.events()}
     assert not {"bise_kernels::masked_linear", "bise_kernels::masked_linear_backward"} & names, names
+
+
+def test_a_torch_function_mode_sees_the_custom_ops():
+    """Under a torch-function mode (as a user's tracer or counter) the public calls run the custom ops,
+    which the mode sees; the plain eager path would hide them."""
+    seen = []
+
+    class Record(torch.overrides.TorchFunctionMode):
+        def __torch_function__(self, func, types, args=(), kwargs=None):
+            seen.append(str(func))
+            return func(*args, **(kwargs or {}))
+
+    _, call, args = next(_layer_calls())
+    with Record():
+        call(*args)
+        bk.topk_mask(_t(40, seed=20), 0.3)
+    assert "bise_kernels.masked_linear.default" in seen
+    assert "bise_kernels.topk_keep_mask.default" in seen
+
+
+def test_a_tensor_subclass_sees_the_custom_ops(backend):
+    """A tensor subclass (a wrapper with its own __torch_function__, as DTensor or a tracer's) gets the
+    custom ops, not the plain eager path's kernels, and its type survives."""
+    seen = []
+
+    class Tagged(torch.Tensor):
+        @classmethod
+        def __torch_function__(cls, func, types, args=(), kwargs=None):
+            seen.append(str(func))
+            return super().__torch_function__(func, types, args, kwargs or {})
+
+    x, w, s = _t(3, 5, seed=21), _t(4, 5, seed=22), _t(4, 5, seed=23, grad=True)
+    y = bk.masked_linear(x.as_subclass(Tagged), w, None, s, density=0.5)
+    assert type(y) is Tagged and "bise_kernels.masked_linear.default" in seen
+    torch.testing.assert_close(y.as_subclass(torch.Tensor), bk.masked_linear(x, w, None, s, density=0.5),
+                               rtol=0, atol=0)

@@ -119,6 +119,27 @@ def test_keep_mask_split_over_threads_for_any_threshold_and_cut(kernels, dtype):
                     assert torch.equal(kernels["keep_mask"](scores, thr, cut, offset, True), got)
 
 
+def test_two_threads_split_every_pass_into_chunks(kernels):
+    """Above 2^20 scores two threads split each pass into chunks of blocks (one thread or fewer
+    scores: one chunk, whatever the tests' OMP_NUM_THREADS): the compacted buffers, the tie located
+    in the second chunk, the fused keep masks and the radix histograms summed over chunks."""
+    n = (1 << 20) + (1 << 18) + 11
+    g = torch.Generator().manual_seed(12)
+    x = torch.randn(n, generator=g)
+    x[5::3] = 0.25  # a third of the scores tied: the bracket around them overflows into radix passes
+    above, ties = int((x > 0.25).sum()), int((x == 0.25).sum())
+    ks = (1, n // 5, above + 1, above + ties // 2, above + ties - 1, n - 7)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        check_list(kernels, DEVICE, [x], ks)
+        check_list(kernels, DEVICE, [x[:700_001], x[700_001:]], (n // 5, above + ties // 2))
+        check_topk_keep_mask(kernels, DEVICE, [x], (n // 5, n // 2, above + ties // 2))
+        check_batched(kernels, DEVICE, [x, x[:1000]], [above + ties // 2, 3])
+    finally:
+        torch.set_num_threads(threads)
+
+
 def test_keep_mask_checks_finite_in_every_block_and_thread(kernels):
     """keep_mask's check_finite over 2 threads and blocks of 4096: a NaN / inf in any block (first,
     one past a block boundary, the last, a partial one at the end, past the tie cut) raises."""
@@ -231,3 +252,41 @@ def test_topk_keep_mask_of_lists_hints_and_ties(kernels):
         kernels["topk_keep_mask"]([x], 5, None)
     with pytest.raises(ValueError, match=r"k must be in \[1, 100000\]"):
         kernels["topk_keep_mask"]([x], 0, None)
+
+
+def _sampled_positions(n: int, k: int, itemsize: int) -> torch.Tensor:
+    """The flat indices the C++ select samples for a bracket (csrc/cpu/select.cpp, sample_keys): runs
+    of 256 bytes at splitmix64 offsets seeded by (n, k), about n^(2/3) keys."""
+    mask = 2**64 - 1
+    run = 256 // itemsize
+    size = min(1 << 16, int(n ** (1 / 3) * n ** (1 / 3)))
+    runs = max(1, min(size, n // 8) // run)
+    seed, starts = (n * 31 + k) & mask, []
+    for _ in range(runs):
+        seed = (seed + 0x9E3779B97F4A7C15) & mask
+        z = seed
+        z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & mask
+        z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & mask
+        starts.append((z ^ (z >> 31)) % (n - run + 1))
+    return (torch.tensor(starts)[:, None] + torch.arange(run)).flatten().unique()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_every_bracket_missing_finishes_from_the_narrowed_state(kernels, dtype):
+    """Scores whose sample misleads both cold brackets: every sampled score lies in [0, 1], the top
+    31 000 (in [2, 3]) and the rest (in [-3, -2]) lie outside the sample. Both brackets miss below
+    rank k; the selection finishes by compacting the keys above the last bracket (no radix pass),
+    which must count exactly the keys the misses left in the state."""
+    n, k = 100_000, 30_000
+    g = torch.Generator().manual_seed(11)
+    sampled = _sampled_positions(n, k, torch.empty((), dtype=dtype).element_size())
+    x = torch.rand(n, generator=g, dtype=torch.float64) - 3
+    x[sampled] = torch.rand(len(sampled), generator=g, dtype=torch.float64)
+    outside = torch.ones(n, dtype=torch.bool)
+    outside[sampled] = False
+    top = outside.nonzero().flatten()[torch.randperm(int(outside.sum()), generator=g)[:31_000]]
+    x[top] = torch.rand(len(top), generator=g, dtype=torch.float64) + 2
+    x = x.to(dtype)
+    x[top[:500]] = 2.5  # ties at the threshold for some k
+    check_list(kernels, DEVICE, [x], (k, 30_500, 31_000))
+    check_topk_keep_mask(kernels, DEVICE, [x], (k,))

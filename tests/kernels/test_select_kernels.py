@@ -67,6 +67,17 @@ def test_keep_mask_op_checks_through_both_paths(backend):
             call(x, thr, cut, 0, True)
 
 
+@pytest.mark.parametrize("name", backends.available_backends("cpu"))
+def test_keep_mask_names_the_threshold_first_when_both_are_bad(name):
+    """NaN scores and a NaN thr: every backend's check names the threshold (the native kernels check
+    thr before their pass over the scores; the Python ones must say the same)."""
+    keep_mask = backends.kernel_table(name)["keep_mask"]
+    x = torch.randn(50)
+    x[7] = float("nan")
+    with pytest.raises(ValueError, match="^threshold contains non-finite values"):
+        keep_mask(x, torch.tensor(float("inf")), torch.tensor(KEEP_ALL_TIES), 0, True)
+
+
 # ----------------------------------------------------------------------------- no copy of the results
 
 
