@@ -15,8 +15,6 @@
 #include <ATen/ATen.h>
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <torch/autograd.h>
-#include <torch/csrc/autograd/functions/basic_ops.h>
-#include <torch/csrc/autograd/functions/utils.h>
 #include <torch/library.h>
 
 #include "checks.h"
@@ -223,10 +221,28 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> layer_backward(
 
 // ----------------------------------------------------------------------------- the autograd functions
 
+// The gradients of a backward under create_graph=True, passed through unchanged; differentiating
+// them raises (each depends on `inputs`: grad_y and the saved x, weight, scores). A public-API
+// Function, not an Error node: torch 2.11 (the GPU machine) holds nodes in std::shared_ptr, 2.13 in
+// c10::intrusive_ptr, so a hand-made node compiles against one of them only.
+struct DifferentiableOnce : torch::autograd::Function<DifferentiableOnce> {
+  // TensorList arguments: autograd counts their tensors as inputs (a std::vector argument it does not).
+  static variable_list forward(AutogradContext*, at::TensorList grads, at::TensorList) {
+    variable_list out;
+    for (const at::Tensor& g : grads) out.push_back(g.alias());
+    return out;
+  }
+  static variable_list backward(AutogradContext*, variable_list) {
+    TORCH_CHECK(false,
+                "bise_kernels' masked layers and channel gate are differentiable once: their straight-through "
+                "gradient has no gradient of its own (a backward through the result of a backward with "
+                "create_graph=True is not supported)");
+  }
+};
+
 // A backward under create_graph=True (grad mode on): the gradients of `compute`, made without a graph,
-// each raising if differentiated (each depends on `inputs`: grad_y and the saved x, weight, scores),
-// as bise_kernels/_ops.py's _DifferentiableOnce, with its message: differentiating what the kernels
-// compute gave a different wrong answer per backend.
+// each raising if differentiated, as bise_kernels/_ops.py's _DifferentiableOnce, with its message:
+// differentiating what the kernels compute gave a different wrong answer per backend.
 template <class Compute>
 variable_list differentiable_once(const Compute& compute, const variable_list& inputs) {
   if (!at::GradMode::is_enabled()) return compute();
@@ -235,13 +251,13 @@ variable_list differentiable_once(const Compute& compute, const variable_list& i
     at::NoGradGuard no_grad;
     grads = compute();
   }
-  if (!torch::autograd::compute_requires_grad(inputs)) return grads;
-  const c10::intrusive_ptr<torch::autograd::Node> error = c10::make_intrusive<torch::autograd::Error>(
-      "bise_kernels' masked layers and channel gate are differentiable once: their straight-through gradient has "
-      "no gradient of its own (a backward through the result of a backward with create_graph=True is not supported)",
-      torch::autograd::collect_next_edges(inputs));
-  for (at::Tensor& g : grads) {
-    if (g.defined()) torch::autograd::set_history(g, error);
+  variable_list defined;  // the Function's outputs must be defined tensors
+  for (const at::Tensor& g : grads) {
+    if (g.defined()) defined.push_back(g);
+  }
+  const variable_list once = DifferentiableOnce::apply(at::TensorList(defined), at::TensorList(inputs));
+  for (size_t i = 0, j = 0; i < grads.size(); ++i) {
+    if (grads[i].defined()) grads[i] = once[j++];
   }
   return grads;
 }
