@@ -202,24 +202,26 @@ def test_mask_model_rejects_bad_arguments():
 
 
 def test_modules_refuse_what_they_would_run_differently():
-    """Padding other than numeric zeros (a masked conv pads with zeros: reflect or "same" would
-    silently change the layer), the wrong module type, a bare layer for mask_model: named errors."""
-    for conv in (nn.Conv2d(3, 4, 3, padding=1, padding_mode="reflect"), nn.Conv2d(3, 4, 3, padding="same")):
-        with pytest.raises(ValueError, match=r"numeric zero padding only, got padding=.*padding_mode="):
-            bk.MaskedConv2d.from_dense(conv, density=0.5)
-        with pytest.raises(ValueError, match="numeric zero padding only"):
-            bk.mask_model(nn.Sequential(conv), density=0.5)
-    with pytest.raises(ValueError, match="padding must be an int or a pair of ints for MaskedConv2d, got 'same'"):
-        bk.MaskedConv2d(3, 4, 3, padding="same", density=0.5)
+    """A padding mode other than zeros (a masked conv pads with zeros: reflect would silently change
+    the layer), an unknown padding, the wrong module type, a bare layer for mask_model: named errors."""
+    conv = nn.Conv2d(3, 4, 3, padding=1, padding_mode="reflect")
+    with pytest.raises(ValueError, match=r"padding_mode='zeros' only, got padding_mode='reflect'"):
+        bk.MaskedConv2d.from_dense(conv, density=0.5)
+    with pytest.raises(ValueError, match=r"padding_mode='zeros' only"):
+        bk.mask_model(nn.Sequential(conv), density=0.5)
+    with pytest.raises(ValueError, match="padding must be an int, a pair of ints, 'valid' or 'same', got 'full'"):
+        bk.MaskedConv2d(3, 4, 3, padding="full", density=0.5)
     with pytest.raises(TypeError, match="module must be an nn.Linear, got Conv2d"):
         bk.MaskedLinear.from_dense(nn.Conv2d(3, 4, 3), density=0.5)
     with pytest.raises(TypeError, match="module must be an nn.Conv2d, got Linear"):
         bk.MaskedConv2d.from_dense(nn.Linear(3, 4), density=0.5)
     with pytest.raises(ValueError, match="pass a model containing the layer"):
         bk.mask_model(nn.Linear(3, 2), density=0.5)
-    for bad in (True, 2.0, -1):
-        with pytest.raises(ValueError, match=f"num_channels must be a positive int, got {bad!r}"):
+    for bad in (True, 2.0):
+        with pytest.raises(TypeError, match=f"num_channels must be an int, got {bad!r}"):
             bk.ChannelGate(bad)
+    with pytest.raises(ValueError, match="num_channels must be a positive int, got -1"):
+        bk.ChannelGate(-1)
 
 
 def test_channel_gate_module_modes():
