@@ -141,6 +141,17 @@ def build_parser() -> argparse.ArgumentParser:
 
 # ---------------------------------------------------------------------------------------------- run state
 
+def _same_data(recorded: dict, spec: str) -> bool:
+    """Whether ``spec`` names the data of a run's record (``canonical_spec``, as data.spec.load makes it)."""
+    from .data.spec import canonical
+
+    try:
+        key = canonical(spec)
+    except (ValueError, OSError):  # load reports it, naming --data
+        return False
+    return key is not None and key == recorded.get("canonical_spec")
+
+
 def resolve_spec(spec: str) -> str:
     """The data spec with its path made absolute, so that the run works from any folder."""
     from .data.spec import parse
@@ -211,8 +222,10 @@ class Invocation:
         else:
             a.data = resolve_spec(a.data)
             if recorded is not None and recorded["spec"] != a.data and not a.overwrite:
-                raise UsageError(f"--out {a.out!r} holds a run on --data {recorded['spec']!r}, not {a.data!r}; use "
-                                 "another --out or --overwrite")
+                if not _same_data(recorded, a.data):
+                    raise UsageError(f"--out {a.out!r} holds a run on --data {recorded['spec']!r}, not {a.data!r}; "
+                                     "use another --out or --overwrite")
+                a.data = recorded["spec"]  # another spelling of the run's data: the run's own from here on
         if a.seed is None:
             a.seed = recorded["seed"] if recorded is not None else 0
         elif recorded is not None and recorded["seed"] != a.seed and not a.overwrite:

@@ -133,6 +133,27 @@ def _from_arrays(name: str, spec: str, arrays: dict, meta: dict) -> BiasedDatase
                          spec, dict(meta["info"]))
 
 
+def _key(kind: str, target, opts: dict) -> str:
+    """The cache key of a built-in or a folder-like dataset: what identifies its data (canonical_spec)."""
+    options = ",".join(f"{k}={opts[k]}" for k in sorted(opts))
+    if kind == "builtin":
+        return f"{target}:{options}"
+    return f"{kind}:{target},{options}|{_stamp(kind, target)}"
+
+
+def canonical(spec: str, data_dir: Optional[str] = None) -> Optional[str]:
+    """load(spec)'s ``canonical_spec`` without loading: two spellings of one dataset
+    (``colored-digits`` and ``colored-digits:rho=0.99``) give one key. None for an .npz (read
+    directly: its spec is its identity)."""
+    kind, target, raw = parse(os.fspath(spec) if isinstance(spec, os.PathLike) else spec)
+    if kind == "npz":
+        return None
+    if kind == "builtin":
+        data_dir = Path(data_dir) if data_dir else default_data_dir()
+        return _key(kind, target, builtin.resolve_options(target, raw, data_dir))
+    return _key(kind, target.resolve(), _typed(kind, raw))
+
+
 def load(spec: str, *, seed: int = 0, data_dir: Optional[str] = None,
          cache_dir: Optional[str] = None) -> BiasedDataset:
     """Load a dataset by spec (module docstring): built-ins are generated from the seed and cached
@@ -148,7 +169,7 @@ def load(spec: str, *, seed: int = 0, data_dir: Optional[str] = None,
     if kind == "builtin":
         name = target
         opts = builtin.resolve_options(name, raw, data_dir)
-        key = name + ":" + ",".join(f"{k}={opts[k]}" for k in sorted(opts))
+        key = _key(kind, name, opts)
 
         def build():
             arrays, meta = builtin.build(name, opts, seed, data_dir)
@@ -157,8 +178,7 @@ def load(spec: str, *, seed: int = 0, data_dir: Optional[str] = None,
     else:
         opts = _typed(kind, raw)
         root = target.resolve()
-        key = (f"{kind}:{root}," + ",".join(f"{k}={opts[k]}" for k in sorted(opts))
-               + f"|{_stamp(kind, root)}")
+        key = _key(kind, root, opts)
         name = kind if kind != "folder" else root.name
 
         def build():

@@ -77,6 +77,11 @@ def test_out_dir_with_a_run_is_refused_then_resumed(run_dir, capsys):
     assert "holds a run on --data" in capsys.readouterr().err
     assert main(["run", *TINY, "--out", str(run_dir), "--resume"]) == 0  # finished steps are reused
     assert "finetuned" in json.loads((run_dir / "report.json").read_text())  # still reported
+    made = {f: t for f, t in stamps().items() if f in ("vanilla.pt", "masks.pt", "subnetwork.pt", "checkpoint.pt")}
+    # the run's data spelled with its default rho: the same data, the run's own spec, nothing redone
+    assert main(["run", *TINY, "--out", str(run_dir), "--data", "colored-digits:rho=0.990", "--resume"]) == 0
+    assert len(made) == 4 and made == {f: stamps()[f] for f in made}
+    assert json.loads((run_dir / "report.json").read_text())["config"]["data"]["spec"] == "colored-digits"
     assert main(["run", *TINY, "--arch", "simple-cnn", "--out", str(run_dir), "--resume"]) == 2
     assert "holds a mlp model, not --arch simple-cnn" in capsys.readouterr().err
 
