@@ -650,7 +650,8 @@ def cmd_run(inv: Invocation) -> None:
         cmd_extract(inv)  # with --resume, continues the extraction from its checkpoint
     if not (a.resume and _reusable(inv, SUBNETWORK, {"fold_bn": a.fold_bn, "round_to": a.round_to})):
         cmd_export(inv)
-    tuned = bool(a.finetune_epochs) or (a.resume and FINETUNED in run.artefacts)
+    # --finetune-epochs 0 asks for none; a resume that does not say keeps the run's
+    tuned = bool(a.finetune_epochs) or (a.resume and a.finetune_epochs is None and FINETUNED in run.artefacts)
     if a.finetune_epochs and not (a.resume and _reusable(inv, FINETUNED, {"epochs": a.finetune_epochs})):
         cmd_finetune(inv)
     cmd_evaluate(inv, finetuned=tuned)

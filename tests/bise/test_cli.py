@@ -2,6 +2,7 @@
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from unittest import mock
@@ -84,6 +85,19 @@ def test_out_dir_with_a_run_is_refused_then_resumed(run_dir, capsys):
     assert json.loads((run_dir / "report.json").read_text())["config"]["data"]["spec"] == "colored-digits"
     assert main(["run", *TINY, "--arch", "simple-cnn", "--out", str(run_dir), "--resume"]) == 2
     assert "holds a mlp model, not --arch simple-cnn" in capsys.readouterr().err
+
+
+def test_resume_with_finetune_epochs_0_drops_the_fine_tuned_model(run_dir, tmp_path):
+    """--finetune-epochs 0 asks for no fine-tuning: a resumed run reports none and keeps no finetuned.pt
+    (it kept and reported the one of the earlier --finetune-epochs 1); without the option a resume
+    keeps it."""
+    out = tmp_path / "run"
+    shutil.copytree(run_dir, out, ignore=shutil.ignore_patterns(".bise.lock"))
+    assert main(["run", *TINY, "--out", str(out), "--resume"]) == 0
+    assert "finetuned" in json.loads((out / "report.json").read_text()) and (out / "finetuned.pt").is_file()
+    assert main(["run", *TINY, "--out", str(out), "--resume", "--finetune-epochs", "0"]) == 0
+    assert "finetuned" not in json.loads((out / "report.json").read_text())
+    assert not (out / "finetuned.pt").exists()
 
 
 def test_one_step_commands(run_dir, tmp_path, capsys):
@@ -170,7 +184,6 @@ def test_finetune_api_selects_best_val_and_copies(run_dir):
 def test_resume_of_a_moved_run_reuses_its_steps_and_fine_tunes_again(run_dir, tmp_path):
     """run --resume in a moved --out keeps masks.pt and subnetwork.pt, and keeps finetuned.pt only
     if it was made with the --finetune-epochs asked for."""
-    import shutil
 
     out = tmp_path / "moved"
     shutil.copytree(run_dir, out)
