@@ -456,12 +456,13 @@ def cmd_extract(inv: Invocation) -> None:
                    f"or extract again from the run's vanilla.pt with `bise extract --out {a.out} --overwrite` and "
                    "these extraction options, then resume"))
         try:
-            epoch = load_checkpoint(run.path(CHECKPOINT))["epoch"]
+            ckpt = load_checkpoint(run.path(CHECKPOINT))
         except CheckpointError as exc:
             raise UsageError(f"{exc}; start the extraction again with --overwrite") from None
-        inv.say(f"resuming from epoch {epoch} of {config.mask_epochs}")
+        inv.say(f"resuming from epoch {ckpt['epoch']} of {config.mask_epochs}")
     in_place = resume or not run.has(CHECKPOINT)
-    start = time.perf_counter()
+    # a resumed extraction's seconds count its phases before the interruption too (bise.extract's timing)
+    start = time.perf_counter() - (sum(ckpt.get("timing", {}).values()) if resume else 0.0)
     if in_place and not resume:  # a new checkpoint in --out: recorded first, so that --resume can continue it
         run.record_now(CHECKPOINT, inv.entry("extract", inputs, settings, start))
     sub = extract(model, data, config=config, out_dir=run.out if in_place else run.staging, resume=resume,

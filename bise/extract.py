@@ -547,7 +547,7 @@ class _Run:
                 "mask_opt": self.mask_opt.state_dict(), "head_opt": self.head_opt.state_dict(),
                 "best": self.best, "history": self.history,
                 "rng": {"torch": torch.get_rng_state(), "generator": self.generator.get_state()},
-                "pseudo_bias": self.pseudo_bias, "gate_names": list(self.gates),
+                "pseudo_bias": self.pseudo_bias, "gate_names": list(self.gates), "timing": dict(self.timing),
                 "done": self.epoch >= self.config.mask_epochs}
 
     def load_state(self, ckpt: dict, path: Path) -> None:
@@ -568,6 +568,7 @@ class _Run:
         self.mask_opt.load_state_dict(ckpt["mask_opt"])
         self.head_opt.load_state_dict(ckpt["head_opt"])
         self.best, self.history, self.epoch = ckpt["best"], ckpt["history"], ckpt["epoch"]
+        self.timing = dict(ckpt.get("timing", {}))  # the phases' seconds before the resume (none: older checkpoint)
         torch.set_rng_state(ckpt["rng"]["torch"])
         self.generator.set_state(ckpt["rng"]["generator"])
 

@@ -166,8 +166,13 @@ def test_interrupted_run_resumes_to_identical_masks(tmp_path, digits, vanilla_ml
     with pytest.raises(ValueError, match="different settings"):
         extract(vanilla_mlp, digits, config=dataclasses.replace(config, gamma=2.0), out_dir=tmp_path, resume=True,
                 quiet=True)
+    before = torch.load(tmp_path / CHECKPOINT_NAME, weights_only=False)["timing"]
     resumed = extract(vanilla_mlp, digits, config=config, out_dir=tmp_path, resume=True, quiet=True)
     assert [h["epoch"] for h in resumed.history] == [1, 2, 3]
+    # the phase timings span the whole extraction, the part before the interruption included
+    timing = resumed.info["timing_seconds"]
+    assert timing["head_pretraining"] == before["head_pretraining"] > 0
+    assert timing["mask_epochs"] > before["mask_epochs"] > 0
     for name in full.scores:
         assert torch.equal(full.scores[name], resumed.scores[name])
         assert torch.equal(full.masks[name], resumed.masks[name])

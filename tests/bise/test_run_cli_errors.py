@@ -220,9 +220,15 @@ def test_the_printed_resume_command_resumes(tmp_path, capsys, monkeypatch):
     monkeypatch.setattr(module, "extract", real)
     command = shlex.split(line.split("continue with: ", 1)[1])
     assert command[0] == "bise" and "--overwrite" not in command and command.count("--resume") == 1
+    earlier = torch.load(out / "checkpoint.pt", weights_only=False)["timing"]  # head pre-training and epoch 1
     assert main(command[1:]) == 0
     assert "resuming from epoch 1 of 3" not in capsys.readouterr().out  # --quiet was kept
-    assert json.loads((out / "run.json").read_text())["artefacts"]["masks.pt"]["settings"]["mask_epochs"] == 3
+    masks = json.loads((out / "run.json").read_text())["artefacts"]["masks.pt"]
+    assert masks["settings"]["mask_epochs"] == 3
+    # the extraction's seconds and phases count the part before the interruption too
+    timing = masks["settings"]["result"]["timing_seconds"]
+    assert timing["head_pretraining"] == earlier["head_pretraining"] > 0
+    assert masks["seconds"] > sum(earlier.values()) and timing["mask_epochs"] > earlier["mask_epochs"]
 
 
 def test_unreadable_model_files_are_named_in_one_line(run_dir, tmp_path, capsys):
