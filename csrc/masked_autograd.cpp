@@ -346,9 +346,9 @@ bool check_bias(const char* name, const std::optional<at::Tensor>& bias, T x, T 
   if (!bias.has_value() || !bias->defined()) return false;
   bise_checks::check_same_device(*bias, "bias", x, "x", name);
   TORCH_CHECK_TYPE(bias->scalar_type() == x.scalar_type(), name, ": bias has dtype ", bias->scalar_type(),
-                        " but x has ", x.scalar_type());
+                   " but x has ", x.scalar_type());
   TORCH_CHECK_VALUE(bias->dim() == 1 && bias->size(0) == weight.size(0), name, ": bias must have shape (",
-                          weight.size(0), ",), got ", bias->sizes());
+                    weight.size(0), ",), got ", bias->sizes());
   return true;
 }
 
