@@ -121,7 +121,7 @@ def build_parser() -> argparse.ArgumentParser:
                     "made with the same options; another --fold-bn, --round-to or --finetune-epochs redoes its step")))
     export = _group("export", (("--fold-bn",), dict(action="store_true", help="fold BatchNorm into the preceding "
                     "conv")), (("--round-to",), dict(type=_typed(int, 1, "--round-to"), metavar="N",
-                    help="keep exported channel counts multiples of N")))
+                    help="keep exported channel counts multiples of N (a layer narrower than N keeps its full width)")))
     finetune = _group("fine-tuning", (("--finetune-epochs",), dict(type=_typed(int, 0, "--finetune-epochs"),
                       help="BISE+FT epochs (run: default 0 = no fine-tuning; finetune: default 10)")))
     report = _group("report", (("--latency-repeats",), dict(type=_typed(int, 0, "--latency-repeats"), default=10,

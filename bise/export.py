@@ -263,8 +263,9 @@ def export_subnetwork(model: nn.Module, gates: Optional[Mapping] = None, *, exam
     ``gates``: name of each gated wrapper -> ChannelGate or bool mask (default: the model's own gates).
     ``example_input``: a batch of real inputs (traced by DependencyGraph and used as the probe).
     ``fold_bn`` folds BatchNorm into the preceding conv; ``round_to`` keeps channel counts at multiples of
-    it (extra channels stay zeroed by a fixed scale). Raises ExportError naming the module that blocks
-    exact removal, or if the result differs from the masked model on the probe (``check``).
+    it (extra channels stay zeroed by a fixed scale; a layer narrower than ``round_to`` keeps its full
+    width). Raises ExportError naming the module that blocks exact removal, or if the result differs from
+    the masked model on the probe (``check``).
     """
     if round_to is not None and (isinstance(round_to, bool) or not isinstance(round_to, int) or round_to < 1):
         raise ValueError(f"round_to must be a positive int or None, got {round_to!r}")

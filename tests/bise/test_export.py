@@ -143,6 +143,16 @@ def test_fold_bn_and_round_to(x):
     assert all(c.out_channels % 8 == 0 for c in convs)
 
 
+def test_round_to_above_a_layers_width_keeps_it_whole(x):
+    """A layer narrower than round_to cannot reach a multiple of it: it keeps its full width, gates and all."""
+    res = _gated("resnet18", 5, width=0.25, stem="cifar")
+    exported, _ = _check(res, x, round_to=1024)
+    original = dict(res.named_modules())
+    for name, m in exported.named_modules():
+        if isinstance(m, nn.Conv2d):
+            assert m.out_channels == original[name].out_channels, name
+
+
 def test_constant_folding_gate_before_bn(x):
     """Gate on a conv output (before BN): a dead channel outputs act(BN shift), folded into fc1's bias."""
     torch.manual_seed(0)
