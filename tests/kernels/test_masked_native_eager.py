@@ -12,6 +12,7 @@ import pytest
 import torch
 
 import bise_kernels as bk
+from _cuda_graph import capture
 from bise_kernels import _ops, backends
 
 if "cpp" not in backends.available_backends("cpu"):
@@ -253,15 +254,7 @@ def test_masked_training_step_is_captured_in_a_cuda_graph(mode, deterministic_cu
     """No host sync anywhere in a masked step: it is captured, and replaying it trains as eager steps do."""
     eager_step, eager_params = _graph_step(mode)
     step, params = _graph_step(mode)
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):  # warm-up (the CUDA selection's one-time plan copy), as torch.cuda.graph asks
-        for _ in range(3):
-            step()
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        loss = step()
+    graph, loss = capture(step, warmups=3)
     for _ in range(3):  # the warm-up steps (capturing runs nothing)
         eager_step()
     for _ in range(3):
@@ -281,14 +274,8 @@ def test_a_threshold_first_seen_in_a_capture_is_right_eagerly_after():
     w, s = torch.randn(4, 16, device="cuda"), torch.randn(4, 16, device="cuda")
     x = torch.randn(2, 16, device="cuda")
     threshold = 0.1234567  # a value no other test uses: the capture is its first call
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        bk.masked_linear(x, w, None, s, threshold=0.5)  # warm-up of the op itself
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        captured = bk.masked_linear(x, w, None, s, threshold=threshold)
+    graph, captured = capture(lambda: bk.masked_linear(x, w, None, s, threshold=threshold),
+                              warmup=lambda: bk.masked_linear(x, w, None, s, threshold=0.5))  # the op, not the value
     eager = bk.masked_linear(x, w, None, s, threshold=threshold)
     want = x @ (w * (s >= threshold)).t()
     torch.testing.assert_close(eager, want)

@@ -16,6 +16,7 @@ import sys
 import pytest
 import torch
 
+from _cuda_graph import capture
 from _oracle import adversarial_inputs
 from _select_cases import (CASE_DTYPE, DTYPES, SMALL_CASES, assert_same_selection, check_adversarial,
                            check_batched, check_hints, check_keep_mask, check_list, check_topk_keep_mask,
@@ -228,14 +229,7 @@ def test_topk_keep_mask_of_one_tensor_is_captured_in_a_cuda_graph(kernels, monke
     n, k = 100_003, 33_333
     x = torch.randn(n, device=DEVICE)
     hint = torch.zeros((), device=DEVICE) if hinted else None
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        kernels["topk_keep_mask"]([x], k, hint)
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        (mask,) = kernels["topk_keep_mask"]([x], k, hint)
+    graph, (mask,) = capture(lambda: kernels["topk_keep_mask"]([x], k, hint))
     g = torch.Generator().manual_seed(31)
     for step in range(3):
         scores = torch.randn(n, generator=g)
