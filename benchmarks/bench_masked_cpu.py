@@ -147,3 +147,10 @@ def test_masked_step_ratios(benchmark, model):
     ratios = {v: statistics.median(t / d for t, d in zip(times[v][-n:], times["dense"][-n:])) for v in VARIANTS[1:]}
     benchmark.extra_info.update({f"{v}_over_dense": r for v, r in ratios.items()},
                                 dense_median_ms=1e3 * statistics.median(times["dense"][-n:]))
+    for v in ("cpp", "cpp_threshold"):  # the step that was timed computes the reference backend's gradients
+        forward, x, y, _, trained = steps[v]
+        timed = [t.grad for t in trained]
+        with bk.use_backend("torch"):
+            _train_step(forward, x, y, trained)
+        for got, want in zip(timed, trained):
+            torch.testing.assert_close(got, want.grad, msg=lambda m: f"{model} {v}: {m}")
