@@ -13,8 +13,10 @@ Every op is called from Python through :func:`_plain_op` / :func:`_layer_op`: in
 mode (no compile or export trace, no dispatch or function mode, no torch.func transform, plain
 tensors) the same kernels and the same autograd formula run in a ``torch.autograd.Function``
 (layer ops) without the custom-op dispatch; otherwise the custom op
-(``torch.ops.bise_kernels.<op>``, also ``<op>.op``) runs. Both paths are tested to give the same
-results (tests/kernels/test_opcheck.py).
+(``torch.ops.bise_kernels.<op>``, also ``<op>.op``) runs; under a torch.func transform, a layer
+op runs its formula in an autograd.Function of its own (torch refuses the custom op's autograd
+there). The paths are tested to give the same results (tests/kernels/test_opcheck.py,
+test_masked_ops.py).
 """
 
 from __future__ import annotations
@@ -149,10 +151,31 @@ def _layer_op(name: str, op, forward: Callable, setup: Callable, backward: Calla
 
     apply = super(torch.autograd.Function, Eager).apply
 
+    class Transformed(torch.autograd.Function):
+        """The same under a torch.func transform (grad, vjp): a transform needs forward and
+        setup_context apart, and refuses the custom op's autograd (torch._library.autograd has them
+        together, torch 2.13). No vmap rule (nor jacrev, which vmaps the backward): the kernels have none."""
+
+        @staticmethod
+        def forward(*inputs):
+            return forward(*inputs)
+
+        @staticmethod
+        def setup_context(ctx, inputs, output):
+            setup(ctx, inputs, output)
+
+        @staticmethod
+        def backward(ctx, *grads):
+            return backward(ctx, *grads)
+
+    Transformed.__name__ = Transformed.__qualname__ = name  # torch's errors name it (vmap: no rule)
+
     def run(native: Optional[Callable], *args):
         """``call`` with ``native = _native_layer_op(name, args[0])`` given by a caller that looks it
         up anyway (to decide ``functional._fused_check``): one lookup per call (~1 us)."""
         if not _plain_eager(args):
+            if torch._C._functorch.maybe_current_level() is not None and not torch.compiler.is_compiling():
+                return Transformed.apply(*args)
             return op(*args)
         if native is not None:
             return native(*args)
@@ -258,14 +281,19 @@ DIFFERENTIABLE_ONCE = (
 
 
 class _DifferentiableOnce(torch.autograd.Function):
-    """``compute()``, a layer's backward run under create_graph=True, without a graph: its gradients
-    raise :data:`DIFFERENTIABLE_ONCE` when differentiated (each depends on ``inputs``: grad_y and the
-    saved x, weight, scores). Differentiating the kernels instead gave a different wrong answer per
-    backend. Normal backwards (grad mode off) never come here."""
+    """``compute(*inputs)``, a layer's backward run under create_graph=True, without a graph: its
+    gradients raise :data:`DIFFERENTIABLE_ONCE` when differentiated (each depends on ``inputs``: grad_y
+    and the saved tensors). Differentiating the kernels instead gave a different wrong answer per
+    backend. Normal backwards (grad mode off) never come here. The kernels get ``inputs`` as forward
+    receives them: under a torch.func transform, unwrapped (a Triton kernel cannot read a wrapper)."""
 
     @staticmethod
-    def forward(ctx, compute, *inputs):
-        return compute()
+    def forward(compute, *inputs):
+        return compute(*inputs)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):  # a separate setup_context: what torch.func transforms need
+        pass
 
     @staticmethod
     def backward(ctx, *grads):
@@ -273,8 +301,8 @@ class _DifferentiableOnce(torch.autograd.Function):
 
 
 def _run_backward(compute: Callable, *inputs: Tensor) -> tuple:
-    """``compute()``, through :class:`_DifferentiableOnce` under create_graph=True."""
-    return _DifferentiableOnce.apply(compute, *inputs) if torch.is_grad_enabled() else compute()
+    """``compute(*inputs)``, through :class:`_DifferentiableOnce` under create_graph=True."""
+    return _DifferentiableOnce.apply(compute, *inputs) if torch.is_grad_enabled() else compute(*inputs)
 
 
 def _layer_backward(ctx, backward_op, grad_y: Tensor, layout: Callable, *geometry) -> tuple:
@@ -288,8 +316,8 @@ def _layer_backward(ctx, backward_op, grad_y: Tensor, layout: Callable, *geometr
     nx, nw, nb, ns = ctx.needs_input_grad[:4]
     needs = [nx, nw, nb and ctx.has_bias, ns]
     with _backward_backend(ctx):
-        grads = _run_backward(lambda: backward_op(grad_y, x, weight, scores, *selection, *geometry, ctx.estimator,
-                                                  ctx.temperature, needs), grad_y, x, weight, scores)
+        grads = _run_backward(lambda *saved: backward_op(*saved, *geometry, ctx.estimator, ctx.temperature, needs),
+                              grad_y, x, weight, scores, *selection)
     return tuple(_or_none(g, n) for g, n in zip(grads, needs))
 
 
@@ -555,8 +583,8 @@ def _gate_backward(backward_op):
         x, scores, thr, cut = ctx.saved_tensors
         needs = list(ctx.needs_input_grad[:2])
         with _backward_backend(ctx):
-            gx, gs = _run_backward(lambda: backward_op(grad_y, x, scores, thr, cut, ctx.dim, ctx.estimator,
-                                                       ctx.temperature, needs), grad_y, x, scores)
+            gx, gs = _run_backward(lambda *saved: backward_op(*saved, ctx.dim, ctx.estimator, ctx.temperature, needs),
+                                   grad_y, x, scores, thr, cut)
         return _or_none(gx, needs[0]), _or_none(gs, needs[1]), None, None, None, None, None
 
     return backward

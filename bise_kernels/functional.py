@@ -152,6 +152,13 @@ threshold is checked against them by comparisons, which traced code (a SymFloat 
 and every call that makes its own scalar can afford."""
 
 
+def _uncached() -> bool:
+    """Whether the modules' selection caches stand aside: while compiling (traced tensors have no
+    data pointer to key a cache on) and under a torch.func transform (its wrapped tensors have none
+    either, and are new at every call). 0.04 us outside both."""
+    return torch.compiler.is_compiling() or torch._C._functorch.maybe_current_level() is not None
+
+
 def _capturing(is_cuda: bool) -> bool:
     """Whether work on a CUDA device (``is_cuda``) is being captured into a CUDA graph: what it makes
     is filled only by a replay, so no cache may hand it to an eager call. Takes the flag, not a

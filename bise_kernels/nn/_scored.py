@@ -63,7 +63,7 @@ class ScoredModule(nn.Module):
         The caches are set through ``__dict__``: ``nn.Module.__setattr__`` looks for parameters,
         modules and buffers first (~1.2 us a set, once per scores update).
         """
-        if torch.compiler.is_compiling():  # traced tensors have no data pointer to key a cache on
+        if functional._uncached():
             return selection(scores, self.density, self.threshold, fused_check=fused_check)
         # An entry made in a CUDA-graph capture holds what only a replay fills: it serves that capture
         # only, and a capture never takes an eager entry (its replays must select the scores of then).
@@ -86,8 +86,8 @@ class ScoredModule(nn.Module):
 
     def _keep(self, scores: Tensor) -> Tensor:
         """:meth:`keep` of ``scores`` (as :meth:`_selection`)."""
-        compiling = torch.compiler.is_compiling()
-        if not compiling:
+        uncached = functional._uncached()
+        if not uncached:
             # Keyed on the selection's cache entry too: a threshold's (thr, cut) is one pair shared
             # by every version of the scores (functional._device_scalar). A cached mask was made
             # from a checked selection, or checked by keep_mask: an unchecked entry may be taken.
@@ -96,7 +96,7 @@ class ScoredModule(nn.Module):
             if cached is not None and cached[0] is thr and cached[1] is cut and cached[2] is self._cache:
                 return cached[3]
         thr, cut, check = self._keep_selection(scores)
-        if compiling:
+        if uncached:
             return _ops.keep_mask(scores.detach(), thr, cut, 0, check)
         keep = outside_inference_mode(lambda: _ops.keep_mask(scores.detach(), thr, cut, 0, check))
         self.__dict__["_keep_cache"] = (thr, cut, self._cache, keep)
@@ -107,8 +107,8 @@ class ScoredModule(nn.Module):
         ``check_finite``) for a threshold selection not checked yet, where the keep_mask kernel
         checks in its pass (registry ``CHECKS_FINITE``: "cpp", "cuda"; on CUDA no launch of its own
         where the Python check made 5); elsewhere the selection is checked in Python first. While
-        compiling (no cache, no registry) a threshold is checked by the traced keep_mask."""
-        if torch.compiler.is_compiling():
+        uncached (compiling: no registry either) a threshold is checked by keep_mask."""
+        if functional._uncached():
             return (*self._selection(scores, False), self.threshold is not None)
         thr, cut = self._selection(scores, True)
         if self.threshold is None or self._cache[2]:  # a top-k (its select checks) or a checked threshold

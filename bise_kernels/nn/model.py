@@ -8,7 +8,7 @@ from typing import Iterable, Optional, Sequence, Union
 import torch
 from torch import Tensor, nn
 
-from .. import _checks, _ops
+from .. import _checks, _ops, functional
 from ._scored import outside_inference_mode
 from .masked import MaskedConv2d, MaskedLinear
 
@@ -28,7 +28,7 @@ class GlobalSelection:
 
     def selection_for(self, layer: nn.Module) -> tuple[Tensor, Tensor]:
         scores = [m.scores for m in self.layers]
-        if torch.compiler.is_compiling():  # traced tensors have no data pointer to key a cache on
+        if functional._uncached():
             return self._select(scores)[id(layer)]
         key = tuple((s._version, s.data_ptr()) for s in scores)
         if key != self._key:

@@ -181,6 +181,51 @@ def test_double_backward_is_a_named_error_on_every_backend(backend, path):
             torch.autograd.grad(grad_x.sum(), layer.scores)
 
 
+def test_torch_func_grad_equals_autograd_on_every_backend(backend):
+    """torch.func.grad over a layer's parameters (functional_call) and over the functional API gives
+    autograd's gradients, for every layer, mask mode and a global top-k; the layers' caches stand
+    aside (a transform's tensors have no storage) and stay right for eager calls after it. torch's
+    custom-op autograd is refused under a transform, so the ops run their own autograd.Function."""
+    from torch.func import functional_call, grad
+
+    net = nn.Sequential(nn.Linear(6, 5), nn.ReLU(), nn.Linear(5, 2))
+    bk.mask_model(net, density=0.4, scope="global")
+    for name, layer, x in _layers() + [("global", net, torch.randn(3, 6))]:
+        params = dict(layer.named_parameters())
+        for p in params.values():
+            p.requires_grad_()  # the frozen weights too: a transform differentiates whatever it is given
+        layer.zero_grad()
+        layer(x).square().sum().backward()
+        got = grad(lambda p: functional_call(layer, p, (x,)).square().sum())(
+            {k: v.detach() for k, v in params.items()})
+        for k, p in params.items():
+            torch.testing.assert_close(got[k], p.grad, msg=f"{name} {k}")
+        before = layer(x)
+        if hasattr(layer, "scores"):
+            with torch.no_grad():
+                layer.scores.neg_()
+            torch.testing.assert_close(layer(x), functional_call(layer, {k: v.detach() for k, v in params.items()},
+                                                                 (x,)), msg=name)
+            assert not torch.equal(layer(x), before), name
+    x, w, s = torch.randn(2, 5), torch.randn(4, 5), torch.randn(4, 5)
+    got = grad(lambda s: bk.masked_linear(x, w, None, s, density=0.5).square().sum())(s)
+    s.requires_grad_()
+    bk.masked_linear(x, w, None, s, density=0.5).square().sum().backward()
+    torch.testing.assert_close(got, s.grad)
+
+
+def test_torch_func_second_order_and_vmap_are_named_errors(backend):
+    from torch.func import grad, vmap
+
+    layer = bk.MaskedLinear(5, 4, density=0.5)
+    x = torch.randn(2, 5)
+    once = lambda s: grad(lambda t: bk.masked_linear(x, layer.weight, None, t, density=0.5).square().sum())(s)  # noqa: E731
+    with pytest.raises(RuntimeError, match="differentiable once"):
+        grad(lambda s: once(s).sum())(layer.scores.detach())
+    with pytest.raises(RuntimeError, match="vmap over masked_linear"):
+        vmap(layer)(torch.randn(3, 2, 5))
+
+
 @pytest.mark.parametrize("granularity", ["weight", "channel"])
 def test_masked_layers_run_under_autocast_as_the_dense_ones(backend, granularity):
     """Under torch.autocast a masked layer computes in the autocast dtype like nn.Linear / nn.Conv2d,
