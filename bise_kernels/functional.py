@@ -249,7 +249,11 @@ def masked_conv2d(
     stride=1, padding=0, dilation=1, groups: int = 1, estimator: str = "ste", temperature: float = 1.0,
 ) -> Tensor:
     """``conv2d(x, weight * M, bias)``; structured scores have shape ``(out_channels,)``; autocast as
-    :func:`masked_linear`."""
+    :func:`masked_linear`. An unbatched x ``(C, H, W)`` gives an unbatched output, as in F.conv2d."""
+    if isinstance(x, Tensor) and x.dim() == 3:
+        return masked_conv2d(x.unsqueeze(0), weight, bias, scores, density=density, threshold=threshold, stride=stride,
+                             padding=padding, dilation=dilation, groups=groups, estimator=estimator,
+                             temperature=temperature).squeeze(0)
     x, weight, bias = _autocast(x, weight, bias)
     _, stride, padding, dilation = _checks.check_masked_conv2d(x, weight, bias, scores, None, None, stride, padding,
                                                                dilation, groups)

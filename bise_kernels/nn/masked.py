@@ -240,6 +240,8 @@ class MaskedConv2d(nn.Conv2d, _MaskedLayer):
         return nn.Conv2d.extra_repr(self) + self._mask_repr()
 
     def forward(self, x: Tensor) -> Tensor:
+        if x.dim() == 3:  # unbatched (C, H, W), as nn.Conv2d takes it
+            return self.forward(x.unsqueeze(0)).squeeze(0)
         geometry = (list(self.stride), list(self.padding), list(self.dilation), self.groups)
         scores = self.scores
         x, weight, bias = _autocast(x, self.weight, self.bias)

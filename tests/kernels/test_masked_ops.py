@@ -145,6 +145,27 @@ def test_batched_leading_dims_in_linear(backend):
     assert s.grad.shape == s.shape and x.grad.shape == x.shape
 
 
+def test_unbatched_conv_input_as_nn_conv2d(backend):
+    """An unbatched x (C, H, W) gives the batch-of-one result without its batch dim, as nn.Conv2d
+    does (module, both mask modes, and the functional op), gradients included."""
+    torch.manual_seed(0)
+    x = torch.randn(2, 6, 6)
+    for mode in ("selection", "keep"):
+        layer = bk.MaskedConv2d(2, 3, 3, padding=1, density=0.5, mask_mode=mode)
+        y = layer(x)
+        assert y.shape == nn.Conv2d(2, 3, 3, padding=1)(x).shape
+        torch.testing.assert_close(y, layer(x[None])[0], rtol=0, atol=0)
+        y.square().sum().backward()
+        unbatched, layer.scores.grad = layer.scores.grad, None
+        layer(x[None]).square().sum().backward()
+        torch.testing.assert_close(unbatched, layer.scores.grad, rtol=0, atol=0)
+    w, s = torch.randn(3, 2, 3, 3), torch.randn(3)
+    torch.testing.assert_close(bk.masked_conv2d(x, w, None, s, density=0.5, stride=2),
+                               bk.masked_conv2d(x[None], w, None, s, density=0.5, stride=2)[0], rtol=0, atol=0)
+    with pytest.raises(ValueError, match="4-d"):
+        bk.masked_conv2d(x[0], w, None, s, density=0.5)
+
+
 def _layers():
     """A layer per op and mask mode, with an input: (name, layer, x)."""
     torch.manual_seed(0)
