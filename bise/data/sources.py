@@ -33,21 +33,16 @@ def default_data_dir() -> Path:
     """$BISE_DATA_DIR; else <repo>/.data in a source checkout (where scripts/setup_data.sh puts the
     sources); else, for an installed package, ~/.local/share/bise."""
     env = os.environ.get("BISE_DATA_DIR")
-    return Path(env) if env else _unset_data_dir()
-
-
-def _unset_data_dir() -> Path:
-    """The data folder when neither data_dir= nor $BISE_DATA_DIR names one."""
+    if env:
+        return Path(env)
     return REPO / ".data" if SETUP_SCRIPT.is_file() else USER_DATA_DIR.expanduser()
 
 
 def _setup_hint(data_dir: Path) -> str:
-    """The end of every SourceMissing message: which data folder was read, how to choose another, and
-    the set-up script where there is one (a source checkout)."""
-    hint = f"data folder {data_dir} (data_dir=, else $BISE_DATA_DIR, else {_unset_data_dir()})"
-    if SETUP_SCRIPT.is_file():
-        hint += f"; or run {SETUP_SCRIPT}, which installs every source"
-    return hint
+    """The end of every SourceMissing message: the set-up script where there is one (a source checkout),
+    which data folder was read and how to choose another."""
+    script = f"or run {SETUP_SCRIPT}, which installs every source; " if SETUP_SCRIPT.is_file() else ""
+    return f"{script}data folder {data_dir} ($BISE_DATA_DIR or data_dir= chooses another)"
 
 
 def _read_idx(path: Path, header: int) -> np.ndarray:

