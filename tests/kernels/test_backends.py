@@ -151,7 +151,8 @@ def test_a_cause_shared_by_a_backends_modules_is_logged_once(tmp_path, monkeypat
     with caplog.at_level("WARNING", logger="bise_kernels"):
         assert not two.runs_on("cpu")
     assert two.why_unavailable == "_bk_broken_a, _bk_broken_b: ImportError: no _C here"
-    assert [r.getMessage() for r in caplog.records] == [f"bise_kernels: backend 'two' unavailable ({two.why_unavailable})"]
+    logged = [r.getMessage() for r in caplog.records]
+    assert logged == [f"bise_kernels: backend 'two' unavailable ({two.why_unavailable})"]
 
 
 def test_a_missing_extension_says_how_to_rebuild_it(monkeypatch):
