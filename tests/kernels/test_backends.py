@@ -140,3 +140,35 @@ def test_every_write_to_a_registry_table_forgets_the_finiteness_answers(write):
         dict.clear(table)
         dict.update(table, saved)
         backends._FINITE_ANSWERS.clear()
+
+
+def test_a_cause_shared_by_a_backends_modules_is_logged_once(tmp_path, monkeypatch, caplog):
+    """Without bise_kernels._C both cpp modules fail with the same ImportError: one log line, the cause once."""
+    for name in ("_bk_broken_a", "_bk_broken_b"):
+        (tmp_path / f"{name}.py").write_text("raise ImportError('no _C here')\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    two = backends.Backend("two", ("cpu",), ("_bk_broken_a", "_bk_broken_b"))
+    with caplog.at_level("WARNING", logger="bise_kernels"):
+        assert not two.runs_on("cpu")
+    assert two.why_unavailable == "_bk_broken_a, _bk_broken_b: ImportError: no _C here"
+    logged = [r.getMessage() for r in caplog.records]
+    assert logged == [f"bise_kernels: backend 'two' unavailable ({two.why_unavailable})"]
+
+
+def test_a_missing_extension_says_how_to_rebuild_it(monkeypatch):
+    """In a checkout: the editable install; installed (no setup.py beside the package, as in site-packages):
+    a reinstall that makes a failed build an error (pip skips it without a word otherwise)."""
+    from bise_kernels import _extension
+
+    pytest.importorskip("bise_kernels._C")
+    assert _extension.rebuild_hint().endswith(f"pip install --no-build-isolation -e {_extension.SETUP.parent}`")
+    monkeypatch.setattr(_extension, "SETUP", _extension.SETUP.parent / "site-packages" / "setup.py")
+    monkeypatch.delattr(bk, "_C")
+    monkeypatch.setitem(sys.modules, "bise_kernels._C", None)  # as if never built
+    _extension.ext_ops.cache_clear()
+    try:
+        with pytest.raises(ImportError, match=r"^the compiled extension bise_kernels._C was not built; reinstall with "
+                                              r"`BISE_KERNELS_BUILD_CPP=1 pip install --force-reinstall"):
+            _extension.ext_ops()
+    finally:
+        _extension.ext_ops.cache_clear()

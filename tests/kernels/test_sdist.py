@@ -1,21 +1,45 @@
 """The source distribution carries every file the extension build reads (MANIFEST.in): setup.py
 lists only the .cpp/.cu sources of the build it configures, so without MANIFEST.in an sdist lacked
-every header (and, made without CUDA, every CUDA file) and `pip install` from it built no extension."""
+every header (and, made without CUDA, every CUDA file) and `pip install` from it built no extension.
+Its metadata (egg_info, what pip builds from) takes the version from bise_kernels.__version__ and
+gives setuptools nothing to warn about."""
 
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
+import bise_kernels
+
 ROOT = Path(__file__).resolve().parents[2]
 
 
-def test_the_sdist_lists_every_file_of_csrc(tmp_path):
+@pytest.fixture(scope="module")
+def egg_info(tmp_path_factory):
+    """(the .egg-info folder, setup.py's stderr) of `setup.py egg_info` in this checkout."""
+    base = tmp_path_factory.mktemp("egg_info")
     env = dict(os.environ, BISE_KERNELS_BUILD_CPP="0")  # no source list from setup.py: MANIFEST.in alone
-    subprocess.run([sys.executable, "setup.py", "-q", "egg_info", "--egg-base", str(tmp_path)], cwd=ROOT, env=env,
-                   check=True, capture_output=True)
-    (sources,) = tmp_path.glob("*.egg-info/SOURCES.txt")
-    listed = set(sources.read_text().split())
+    proc = subprocess.run([sys.executable, "setup.py", "-q", "egg_info", "--egg-base", str(base)], cwd=ROOT, env=env,
+                          check=True, capture_output=True, text=True)
+    (folder,) = base.glob("*.egg-info")
+    return folder, proc.stderr
+
+
+def test_the_sdist_lists_every_file_of_csrc(egg_info):
+    listed = set((egg_info[0] / "SOURCES.txt").read_text().split())
     on_disk = {p.relative_to(ROOT).as_posix() for p in (ROOT / "csrc").rglob("*") if p.is_file()}
     assert {"csrc/checks.h", "csrc/cuda/select.cu"} <= on_disk
     assert on_disk - listed == set()
+
+
+def test_the_metadata_has_the_packages_version_and_no_deprecation(egg_info):
+    """`project.license` as a TOML table made setuptools print a 10-line deprecation box three times per
+    `pip install` (an error for builds after 2027-02-18); the version is written once, in bise_kernels."""
+    folder, stderr = egg_info
+    meta = (folder / "PKG-INFO").read_text()
+    assert re.search(r"^Version: (.*)$", meta, re.M).group(1) == bise_kernels.__version__
+    assert re.search(r"^License-Expression: Apache-2.0$", meta, re.M)
+    assert "Deprecat" not in stderr, stderr
