@@ -105,3 +105,20 @@ def test_every_entry_point_names_a_bad_seed(data, seed):
     for call in calls:
         with pytest.raises((ValueError, TypeError), match=r"seed must be an int >= 0 and <= 2\*\*63 - 1"):
             call()
+
+
+@pytest.mark.parametrize("device, match", [("gpu", "device must be cpu, cuda or cuda:N, got 'gpu'"),
+                                           ("cuda:99", "device 'cuda:99'")])
+def test_evaluate_and_finetune_name_a_bad_device(data, device, match):
+    """bise.evaluate, Subnetwork.evaluate and bise.finetune took any device: 'gpu' failed inside torch
+    ('Expected one of cpu, cuda, ...') and 'cuda' without CUDA with 'Torch not compiled with CUDA enabled'."""
+    model = build_model("mlp", data.num_classes, data.input_shape)
+    sub = bise.extract(model, data, config={"mask_epochs": 1, "head_epochs": 0}, quiet=True)
+    calls = [lambda: bise.evaluate(model, data.test, device=device),
+             lambda: bise.evaluate(model, data, device=device),
+             lambda: sub.evaluate(data.test, device=device),
+             lambda: bise.finetune(model, data, epochs=1, device=device, quiet=True)]
+    for call in calls:
+        with pytest.raises(ValueError, match=match):
+            call()
+    assert bise.evaluate(model, data.test, device=torch.device("cpu")) == bise.evaluate(model, data.test)
