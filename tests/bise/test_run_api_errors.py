@@ -122,3 +122,30 @@ def test_evaluate_and_finetune_name_a_bad_device(data, device, match):
         with pytest.raises(ValueError, match=match):
             call()
     assert bise.evaluate(model, data.test, device=torch.device("cpu")) == bise.evaluate(model, data.test)
+
+
+@pytest.mark.parametrize("field, value, match", [
+    ("alpha", float("nan"), "alpha must be a finite number >= 0, got nan"),
+    ("gamma", float("inf"), "gamma must be a finite number >= 0, got inf"),
+    ("alpha", -1.0, "alpha must be a finite number >= 0, got -1.0"),
+    ("mask_weight_decay", float("nan"), "mask_weight_decay must be a finite number >= 0"),
+    ("head_weight_decay", -1e-4, "head_weight_decay must be a finite number >= 0"),
+    ("mask_momentum", -1.0, r"mask_momentum must be a number in \[0, 1\), got -1.0"),
+    ("head_momentum", 2.0, r"head_momentum must be a number in \[0, 1\), got 2.0"),
+    ("amp", "yes", "amp must be True or False, got 'yes'"),
+    ("cache_features", "no", "cache_features must be True or False, got 'no'"),
+    ("deterministic", None, "deterministic must be True or False, got None"),
+    ("label_free", 1, "label_free must be True or False, got 1"),
+    ("gate_names", "features.fc1", "gate_names must be a list of module-name patterns or None, got 'features.fc1'"),
+    ("gate_exclude", [3], r"gate_exclude must be a list of module-name patterns or None, got \[3\]"),
+    ("gate_names", 3, "gate_names must be a list of module-name patterns or None, got 3"),
+    ("bottleneck", 3, "bottleneck must be a module name or None, got 3"),
+])
+def test_extract_config_names_every_bad_field_before_any_work(field, value, match):
+    """These fields were taken as given: a NaN alpha or weight decay failed after head pre-training
+    ('scores contains non-finite values'), a negative momentum inside torch without naming the field,
+    momentum 2 and alpha -1 ran (diverging / maximising the loss), cache_features='no' ran as True,
+    amp='yes' failed in torch.autocast, gate_names='features.fc1' matched its letters one by one."""
+    with pytest.raises(ValueError, match=match):
+        validate.extract_config({field: value})
+
