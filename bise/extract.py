@@ -661,6 +661,7 @@ def extract(model: nn.Module, data, *, config: Optional[ExtractConfig] = None, o
     ``callback(epoch, record)`` runs after each epoch's checkpoint (an exception stops the run).
     """
     config = validate.extract_config(config)
+    validate.dataset(data)
     data, mask_set = mask_data(data, config.mask_set)
     _check_data(data, config)
     validate.model_fits(model, data)

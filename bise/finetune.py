@@ -36,6 +36,7 @@ def finetune(model: nn.Module, data, *, epochs: int = 10, scheme: Optional[str] 
     recipe's (bise.recipes, for ``arch``: default the model's recorded architecture);
     ``history``: a list that receives one record per epoch.
     """
+    validate.dataset(data)
     epochs, seed, device = validate.as_int("epochs", epochs, 0), validate.seed(seed), validate.device(device)
     recipe = recipe_for(data, arch or model)
     lr = recipe["lr"] * LR_FACTOR if lr is None else validate.as_positive("lr", lr)

@@ -101,6 +101,7 @@ def train_vanilla(data, arch: Optional[str] = None, *, epochs: Optional[int] = N
                   batch_size: Optional[int] = None, lr: Optional[float] = None, seed: int = 0, device="cpu",
                   width: float = 1.0, quiet: bool = False, **model_kwargs) -> nn.Module:
     """Build ``arch`` for ``data`` and train it by ERM with its recipe (overridable); eval mode."""
+    validate.dataset(data)
     recipe = recipe_for(data, arch)
     epochs = recipe["epochs"] if epochs is None else validate.as_int("epochs", epochs, 0)
     batch_size = recipe["batch_size"] if batch_size is None else validate.as_int("batch_size", batch_size, 1)

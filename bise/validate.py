@@ -10,6 +10,7 @@ from __future__ import annotations
 import math
 import numbers
 import operator
+import os
 from typing import Optional
 
 import torch
@@ -126,6 +127,16 @@ def model_fits(model: nn.Module, data) -> None:
         raise ValueError(f"the model outputs {classes} class logits, the data have num_classes={data.num_classes}")
 
 
+def dataset(data) -> None:
+    """Refuse what is not a dataset (a spec string or path given where bise.load_data(spec) belongs)."""
+    if isinstance(data, (str, os.PathLike)):
+        raise TypeError(f"data must be a dataset, got the spec {str(data)!r}: load it with bise.load_data({str(data)!r})")
+    missing = [a for a in ("train", "test", "num_classes", "num_bias_classes") if not hasattr(data, a)]
+    if missing:
+        raise TypeError(f"data must be a dataset from bise.load_data (train / val / test splits, num_classes, ...), "
+                        f"got {type(data).__name__} (no {missing[0]!r})")
+
+
 def same_bias_classes(data, label_free: bool, flag: str = "label_free=True") -> None:
     """BISE's |B| = |Y| assumption (a sample is aligned iff y == b) unless bias labels are pseudo labels;
     ``flag`` names the switch to the label-free variant in the message (the CLI's is --label-free)."""
@@ -140,5 +151,5 @@ def same_bias_classes(data, label_free: bool, flag: str = "label_free=True") -> 
                          f"{data.num_bias_classes}. Relabel the bias, or use {flag}")
 
 
-__all__ = ["MAX_SEED", "as_int", "as_positive", "device", "extract_config", "model_fits", "same_bias_classes",
+__all__ = ["MAX_SEED", "as_int", "as_positive", "dataset", "device", "extract_config", "model_fits", "same_bias_classes",
            "seed"]

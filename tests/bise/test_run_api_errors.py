@@ -149,3 +149,17 @@ def test_extract_config_names_every_bad_field_before_any_work(field, value, matc
     with pytest.raises(ValueError, match=match):
         validate.extract_config({field: value})
 
+
+@pytest.mark.parametrize("given", ["colored-digits", Path("mine.npz"), None, 3])
+def test_entry_points_name_data_that_is_not_a_dataset(data, given):
+    """train_vanilla and finetune failed with AttributeError ("'str' object has no attribute
+    'num_classes'"), extract with "data.train is missing or empty", when given a spec instead of
+    bise.load_data(spec)."""
+    model = build_model("mlp", data.num_classes, data.input_shape)
+    calls = [lambda: bise.train_vanilla(given, "mlp", epochs=0, quiet=True),
+             lambda: bise.extract(model, given, config={"mask_epochs": 1}, quiet=True),
+             lambda: bise.finetune(model, given, epochs=0, quiet=True)]
+    hint = r"load it with bise.load_data\(" if isinstance(given, (str, Path)) else "a dataset from bise.load_data"
+    for call in calls:
+        with pytest.raises(TypeError, match=f"data must be .*{hint}"):
+            call()
