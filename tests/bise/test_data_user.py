@@ -58,6 +58,11 @@ def test_npz_without_val_grey_two_bias_and_options(tmp_path):
      "val: the split is empty"),
     (lambda a: a.update(test_x=a["test_x"][:, :2]), "splits disagree on image shape"),
     (lambda a: a.update(train_x=np.array([None] * 12, dtype=object)), "key 'train_x' is not a plain"),
+    # three biases, or one in a column, loaded and trained, then bise.evaluate refused them: refused here now
+    (lambda a: a.update(**{f"{s}_b": np.stack([a[f"{s}_b"]] * 3, axis=1) for s in ("train", "val", "test")}),
+     "train_b: expected shape (N,) or (N, 2) for two biases, got (12, 3)"),
+    (lambda a: a.update(**{f"{s}_b": a[f"{s}_b"][:, None] for s in ("train", "val", "test")}),
+     "train_b: expected shape (N,) or (N, 2) for two biases, got (12, 1)"),
 ])
 def test_malformed_npz_fails_with_its_message(tmp_path, edit, message):
     arrays = _npz_arrays()
