@@ -103,6 +103,10 @@ def model_fits(model: nn.Module, data) -> None:
     """Refuse a model whose classes or input shape differ from ``data``'s (its bise_spec, else one forward)."""
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    dtypes = sorted({str(p.dtype) for p in model.parameters() if p.is_floating_point() and p.dtype != torch.float32})
+    if dtypes:
+        raise ValueError(f"the model's parameters are {', '.join(dtypes)}; bise feeds it float32 inputs (and "
+                         "config amp=True for bf16 autocast): convert it with model.float()")
     spec = getattr(model, "bise_spec", None)
     if isinstance(spec, dict) and "input_shape" in spec:
         if tuple(spec["input_shape"]) != tuple(data.input_shape):
@@ -122,6 +126,9 @@ def model_fits(model: nn.Module, data) -> None:
                              f"{str(exc).splitlines()[0]}") from exc
         finally:
             model.train(was_training)
+        if not isinstance(out, torch.Tensor):
+            raise ValueError(f"the model must return one tensor of class logits (N, {data.num_classes}), got "
+                             f"{type(out).__name__}")
         classes = out.shape[-1] if out.dim() == 2 else None
     if classes != data.num_classes:
         raise ValueError(f"the model outputs {classes} class logits, the data have num_classes={data.num_classes}")

@@ -163,3 +163,25 @@ def test_entry_points_name_data_that_is_not_a_dataset(data, given):
     for call in calls:
         with pytest.raises(TypeError, match=f"data must be .*{hint}"):
             call()
+
+
+class _TwoOutputs(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc, self.act, self.out = torch.nn.Linear(192, 16), torch.nn.ReLU(), torch.nn.Linear(16, 10)
+
+    def forward(self, x):
+        h = self.act(self.fc(x.flatten(1)))
+        return self.out(h), h
+
+
+def test_extract_names_a_model_it_cannot_run(data):
+    """A float64 / bf16 model failed inside the first matmul ('mat1 and mat2 must have the same dtype'),
+    a model returning (logits, features) with AttributeError ("'tuple' object has no attribute 'dim'")."""
+    config = {"mask_epochs": 1, "head_epochs": 0}
+    for dtype in (torch.float64, torch.bfloat16):
+        model = build_model("mlp", data.num_classes, data.input_shape).to(dtype)
+        with pytest.raises(ValueError, match=f"the model's parameters are {dtype}; bise feeds it float32 inputs"):
+            bise.extract(model, data, config=config, quiet=True)
+    with pytest.raises(ValueError, match="the model must return one tensor of class logits .N, 10., got tuple"):
+        bise.extract(_TwoOutputs(), data, config=config, quiet=True)
