@@ -119,5 +119,8 @@ def evaluate(model: nn.Module, split, *, batch_size: int = 256, device="cpu") ->
         if not hasattr(split, attr):
             raise TypeError(f"split must be a data split with .inputs(), .y and .b; {type(split).__name__} "
                             f"has no {attr!r}")
+    if split.b is None:
+        raise ValueError("split.b is None: the metrics need the bias labels of every sample (for accuracy alone, "
+                         "compare bise.evaluate.predict(model, split) with split.y)")
     pred = predict(model, split, batch_size=batch_size, device=device)
     return metrics_from_predictions(pred, split.y, split.b)

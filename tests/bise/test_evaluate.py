@@ -82,3 +82,12 @@ def test_evaluate_matches_predictions_and_restores_mode():
         evaluate(model, split, batch_size=0)
     with pytest.raises(TypeError, match="data split"):
         evaluate(model, object())
+
+
+def test_a_split_without_bias_labels_is_named_before_predicting():
+    """A split with b=None (bias labels missing, as the label-free variant allows) failed after the
+    whole prediction pass with 'Could not infer dtype of NoneType'."""
+    model = nn.Sequential(nn.Flatten(), nn.Linear(12, 3))
+    split = _Split(torch.rand(5, 3, 2, 2), torch.randint(0, 3, (5,)), None)
+    with pytest.raises(ValueError, match=r"split\.b is None: the metrics need the bias labels"):
+        evaluate(model, split)
