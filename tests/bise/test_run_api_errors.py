@@ -185,3 +185,13 @@ def test_extract_names_a_model_it_cannot_run(data):
             bise.extract(model, data, config=config, quiet=True)
     with pytest.raises(ValueError, match="the model must return one tensor of class logits .N, 10., got tuple"):
         bise.extract(_TwoOutputs(), data, config=config, quiet=True)
+
+
+def test_train_vanilla_refuses_a_model_for_arch(data):
+    """recipe_for takes a model, so train_vanilla(data, model) passed its type check: a built-in model
+    was silently ignored (a fresh one of its architecture was trained and returned, its width lost),
+    a custom one failed with "arch must be one of (...), got 'custom'"."""
+    for model in (build_model("mlp", data.num_classes, data.input_shape, width=0.5),
+                  torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(192, 10))):
+        with pytest.raises(TypeError, match="arch must be an architecture name .* or None, got Sequential|got MLP"):
+            bise.train_vanilla(data, model, epochs=0, quiet=True)
