@@ -49,7 +49,13 @@ def finetune(model: nn.Module, data, *, epochs: int = 10, scheme: Optional[str] 
     if b is None or len(b) != len(train):
         raise ValueError(f"fine-tuning needs one bias label per training sample ({len(train)}); got "
                          f"{None if b is None else len(b)}")
+    if b.is_floating_point() or b.is_complex():
+        raise ValueError(f"bias must hold integer labels, got {b.dtype}")
     b = b.long()
+    bad = torch.nonzero(((b < 0) | (b >= data.num_bias_classes)).reshape(len(b), -1).any(dim=1)).flatten()
+    if len(bad):
+        i = int(bad[0])
+        raise ValueError(f"bias[{i}] = {b[i].tolist()}: out of range for num_bias_classes={data.num_bias_classes}")
     rho = rho if rho is not None else data.rho
     table = losses.weight_table(scheme, num_classes=data.num_classes, rho=rho, targets=train.y.long(),
                                 bias=b if b.dim() == 1 else None, num_bias_classes=data.num_bias_classes)

@@ -195,3 +195,16 @@ def test_train_vanilla_refuses_a_model_for_arch(data):
                   torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(192, 10))):
         with pytest.raises(TypeError, match="arch must be an architecture name .* or None, got Sequential|got MLP"):
             bise.train_vanilla(data, model, epochs=0, quiet=True)
+
+
+@pytest.mark.parametrize("bias, match", [
+    (lambda n: torch.full((n,), 10), r"bias\[0\] = 10: out of range for num_bias_classes=10"),
+    (lambda n: torch.full((n,), -1), r"bias\[0\] = -1: out of range for num_bias_classes=10"),
+    (lambda n: torch.full((n,), 0.5), "bias must hold integer labels, got torch.float32"),
+])
+def test_finetune_names_bias_labels_out_of_range(data, bias, match):
+    """Out-of-range bias labels failed in the first batch with 'IndexError: index 10 is out of bounds';
+    float ones were truncated to integers."""
+    model = build_model("mlp", data.num_classes, data.input_shape)
+    with pytest.raises(ValueError, match=match):
+        bise.finetune(model, data, epochs=1, bias=bias(len(data.train)), quiet=True)
