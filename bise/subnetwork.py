@@ -75,6 +75,7 @@ class Subnetwork:
         kwargs.setdefault("rho", self.info.get("rho"))
         if self.pseudo_bias is not None:
             kwargs.setdefault("bias", self.pseudo_bias["train"])
+            kwargs.setdefault("num_bias_classes", data.num_classes)  # pseudo bias labels are predicted classes
         return finetune(self.export(example_input) if exported is None else exported, data, epochs=epochs, **kwargs)
 
     def save(self, path) -> None:

@@ -260,6 +260,21 @@ def test_label_free_needs_no_bias_labels():
     assert sub.pseudo_bias["train"].shape == data.train.y.shape
 
 
+
+def test_label_free_finetune_counts_the_pseudo_labels_as_classes():
+    """The pseudo bias labels are predicted classes, in [0, num_classes): Subnetwork.finetune weighed them
+    with the data's num_bias_classes, so data with fewer bias classes than classes failed at BISE+FT
+    ('shape [3, 2] is invalid for input of size 7')."""
+    data = _random_data()
+    data = dataclasses.replace(data, num_bias_classes=2, train=data.train.subset(slice(None)))
+    data.train.b = data.train.b % 2
+    model = build_model("mlp", 3, data.input_shape, width=0.2)
+    sub = extract(model, data, config=ExtractConfig(mask_epochs=1, head_epochs=1, label_free=True), quiet=True)
+    sub.pseudo_bias["train"] = torch.arange(len(data.train)) % 3  # an identification model predicting every class
+    history = []
+    sub.finetune(data, 1, quiet=True, history=history)
+    assert len(history) == 1
+
 @pytest.mark.parametrize("arch, prefix", [("simple-cnn", ["conv1", "bn1"]), ("mlp", ["fc1"]),
                                           ("resnet18", ["conv1", "bn1", "relu", "maxpool"]),
                                           ("mobilenetv2", ["0"])])
