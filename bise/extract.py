@@ -662,6 +662,10 @@ def extract(model: nn.Module, data, *, config: Optional[ExtractConfig] = None, o
     """
     config = validate.extract_config(config)
     validate.dataset(data)
+    if out_dir is not None and Path(out_dir).exists() and not Path(out_dir).is_dir():
+        raise ValueError(f"out_dir {str(out_dir)!r} is a file, not a folder")
+    if callback is not None and not callable(callback):
+        raise TypeError(f"callback must be a function of (epoch, record) or None, got {type(callback).__name__}")
     data, mask_set = mask_data(data, config.mask_set)
     _check_data(data, config)
     validate.model_fits(model, data)

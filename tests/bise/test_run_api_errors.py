@@ -208,3 +208,23 @@ def test_finetune_names_bias_labels_out_of_range(data, bias, match):
     model = build_model("mlp", data.num_classes, data.input_shape)
     with pytest.raises(ValueError, match=match):
         bise.finetune(model, data, epochs=1, bias=bias(len(data.train)), quiet=True)
+
+
+def test_extract_names_a_bad_out_dir_or_callback_before_training(data, tmp_path, monkeypatch):
+    """An out_dir that is a file failed with FileExistsError at the first checkpoint, a callback that is
+    not callable with "'int' object is not callable" after the first epoch: both after head pre-training."""
+    import sys
+
+    extract_module = sys.modules["bise.extract"]
+
+    def no_training(*args, **kwargs):
+        raise AssertionError("the run started")
+
+    monkeypatch.setattr(extract_module, "prepare_run", no_training)
+    model = build_model("mlp", data.num_classes, data.input_shape)
+    config = {"mask_epochs": 1, "head_epochs": 1}
+    (tmp_path / "file").write_text("")
+    with pytest.raises(ValueError, match=r"out_dir .*file' is a file, not a folder"):
+        bise.extract(model, data, config=config, out_dir=tmp_path / "file", quiet=True)
+    with pytest.raises(TypeError, match="callback must be a function of .epoch, record. or None, got int"):
+        bise.extract(model, data, config=config, callback=3, quiet=True)
