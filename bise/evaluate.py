@@ -90,6 +90,7 @@ def predict(model: nn.Module, split, *, batch_size: int = 256, device="cpu") -> 
     """Predicted classes of ``model`` (in eval mode, restored afterwards) on every sample of ``split``."""
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
+    validate.module(model)
     device = validate.device(device)
     was_training = model.training
     model.eval()
@@ -109,6 +110,7 @@ def evaluate(model: nn.Module, split, *, batch_size: int = 256, device="cpu") ->
     """METRICS of ``model`` on a data split (``.inputs()``, ``.y``, ``.b``).
 
     Given a whole dataset (with ``.test``), returns {"test": METRICS, "val": METRICS} (val if present)."""
+    validate.module(model)
     device = validate.device(device)
     if hasattr(split, "test") and not hasattr(split, "inputs"):
         out = {"test": evaluate(model, split.test, batch_size=batch_size, device=device)}

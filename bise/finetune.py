@@ -37,6 +37,7 @@ def finetune(model: nn.Module, data, *, epochs: int = 10, scheme: Optional[str] 
     recipe's (bise.recipes, for ``arch``: default the model's recorded architecture);
     ``history``: a list that receives one record per epoch.
     """
+    validate.module(model)
     validate.dataset(data)
     epochs, seed, device = validate.as_int("epochs", epochs, 0), validate.seed(seed), validate.device(device)
     recipe = recipe_for(data, arch or model)

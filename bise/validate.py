@@ -99,10 +99,17 @@ def extract_config(config):
     return config.validate()
 
 
+def module(model) -> None:
+    """Refuse a ``model`` that is not an nn.Module (a Subnetwork is named: its module is ``.model``)."""
+    if not isinstance(model, nn.Module):
+        hint = ("; its model is sub.model (or call sub.evaluate / sub.export / sub.finetune)"
+                if isinstance(getattr(model, "model", None), nn.Module) else "")
+        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}{hint}")
+
+
 def model_fits(model: nn.Module, data) -> None:
     """Refuse a model whose classes or input shape differ from ``data``'s (its bise_spec, else one forward)."""
-    if not isinstance(model, nn.Module):
-        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    module(model)
     dtypes = sorted({str(p.dtype) for p in model.parameters() if p.is_floating_point() and p.dtype != torch.float32})
     if dtypes:
         raise ValueError(f"the model's parameters are {', '.join(dtypes)}; bise feeds it float32 inputs (and "
@@ -158,5 +165,5 @@ def same_bias_classes(data, label_free: bool, flag: str = "label_free=True") -> 
                          f"{data.num_bias_classes}. Relabel the bias, or use {flag}")
 
 
-__all__ = ["MAX_SEED", "as_int", "as_positive", "dataset", "device", "extract_config", "model_fits", "same_bias_classes",
-           "seed"]
+__all__ = ["MAX_SEED", "as_int", "as_positive", "dataset", "device", "extract_config", "model_fits", "module",
+           "same_bias_classes", "seed"]

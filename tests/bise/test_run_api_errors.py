@@ -228,3 +228,16 @@ def test_extract_names_a_bad_out_dir_or_callback_before_training(data, tmp_path,
         bise.extract(model, data, config=config, out_dir=tmp_path / "file", quiet=True)
     with pytest.raises(TypeError, match="callback must be a function of .epoch, record. or None, got int"):
         bise.extract(model, data, config=config, callback=3, quiet=True)
+
+
+def test_a_subnetwork_given_for_a_model_is_named(data):
+    """bise.evaluate(sub, ...) failed with "'Subnetwork' object has no attribute 'training'",
+    bise.finetune(sub, ...) with 'arch must be an architecture name, a model or None, got Subnetwork'."""
+    model = build_model("mlp", data.num_classes, data.input_shape)
+    sub = bise.extract(model, data, config={"mask_epochs": 1, "head_epochs": 0}, quiet=True)
+    calls = [lambda: bise.evaluate(sub, data.test), lambda: bise.evaluate(sub, data),
+             lambda: bise.finetune(sub, data, epochs=0, quiet=True),
+             lambda: bise.extract(sub, data, config={"mask_epochs": 1}, quiet=True)]
+    for call in calls:
+        with pytest.raises(TypeError, match=r"model must be a torch.nn.Module, got Subnetwork; its model is sub.model"):
+            call()
