@@ -280,3 +280,21 @@ def test_malformed_waterbirds_fails_with_its_message(tmp_path, rows_edit, messag
     with pytest.raises(ValueError) as e:
         data.load(f"waterbirds:{root}", cache_dir=str(tmp_path / "cache"))
     assert message in str(e.value)
+
+
+def test_a_split_made_by_hand_must_hold_uint8_images():
+    """Split.inputs() divides by 255: float images in [0, 1] given to Split by hand were silently
+    divided again (inputs in [0, 1/255]) and trained on; a label count that differs from the images
+    failed later in a batch."""
+    y = torch.arange(4) % 2
+    with pytest.raises(ValueError, match=r"Split.x must be a uint8 tensor \(N, C, H, W\) of 0..255 pixel values, "
+                                         r"got torch.float32 \(4, 3, 2, 2\)"):
+        data.Split(torch.rand(4, 3, 2, 2), y, y)
+    with pytest.raises(ValueError, match=r"Split.x must be a uint8 tensor .* got torch.uint8 \(4, 2, 2\)"):
+        data.Split(torch.zeros(4, 2, 2, dtype=torch.uint8), y, y)
+    with pytest.raises(ValueError, match=r"Split.y has 3 rows, Split.x 4 images"):
+        data.Split(torch.zeros(4, 3, 2, 2, dtype=torch.uint8), y[:3], y)
+    with pytest.raises(ValueError, match=r"Split.b has 5 rows, Split.x 4 images"):
+        data.Split(torch.zeros(4, 3, 2, 2, dtype=torch.uint8), y, torch.zeros(5, dtype=torch.long))
+    split = data.Split(torch.zeros(4, 3, 2, 2, dtype=torch.uint8), y, None)  # no bias labels: label-free
+    assert len(split.subset(slice(0, 2))) == 2 and "b=None" in repr(split)
