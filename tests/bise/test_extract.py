@@ -235,6 +235,21 @@ def test_subnetwork_save_and_load_roundtrip(tmp_path):
     assert all(torch.equal(sub.masks[n], again.masks[n]) for n in sub.masks)
 
 
+def test_a_custom_subnetwork_loads_into_a_fresh_instance(tmp_path):
+    """Loading a custom model's Subnetwork asked the user to call insert_gates with "the saved gate
+    names" first, names that only the file held; example_input= now lets load insert them."""
+    data = _random_data()
+    net = lambda: torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(108, 16), torch.nn.ReLU(),  # noqa: E731
+                                      torch.nn.Linear(16, 3))
+    torch.manual_seed(0)
+    sub = extract(net(), data, config=ExtractConfig(mask_epochs=1, head_epochs=1), quiet=True)
+    sub.save(tmp_path / "sub.pt")
+    with pytest.raises(ValueError, match=r"its gates are \['2'\]: pass example_input="):
+        Subnetwork.load(tmp_path / "sub.pt", model=net())
+    again = Subnetwork.load(tmp_path / "sub.pt", model=net(), example_input=data.train.inputs()[:2])
+    x = data.test.inputs()
+    assert list(again.gates) == ["2"] and torch.equal(sub.model(x), again.model(x))
+
 def test_bad_input_is_refused():
     data = _random_data()
     model = build_model("mlp", 3, data.input_shape, width=0.2)
