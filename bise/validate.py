@@ -95,7 +95,7 @@ def extract_config(config):
             setattr(config, f.name, operator.index(v))
         elif isinstance(v, numbers.Real) and not isinstance(v, (int, float, bool)):
             setattr(config, f.name, float(v))
-    device(config.device)
+    config.device = str(device(config.device))  # a torch.device is kept as its name (the config stays JSON)
     return config.validate()
 
 

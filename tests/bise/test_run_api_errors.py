@@ -241,3 +241,13 @@ def test_a_subnetwork_given_for_a_model_is_named(data):
     for call in calls:
         with pytest.raises(TypeError, match=r"model must be a torch.nn.Module, got Subnetwork; its model is sub.model"):
             call()
+
+
+def test_a_torch_device_in_the_config_is_kept_as_its_name():
+    """ExtractConfig(device=torch.device("cpu")) ran but left a torch.device in sub.config, so the
+    config was no longer JSON-serialisable ('Object of type device is not JSON serializable')."""
+    import dataclasses
+    import json
+
+    config = validate.extract_config(ExtractConfig(device=torch.device("cpu")))
+    assert config.device == "cpu" and json.loads(json.dumps(dataclasses.asdict(config)))["device"] == "cpu"
