@@ -88,8 +88,7 @@ def metrics_from_predictions(pred: Tensor, y: Tensor, b: Tensor) -> dict:
 @torch.no_grad()
 def predict(model: nn.Module, split, *, batch_size: int = 256, device="cpu") -> Tensor:
     """Predicted classes of ``model`` (in eval mode, restored afterwards) on every sample of ``split``."""
-    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-        raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
+    batch_size = validate.as_int("batch_size", batch_size, 1)
     validate.module(model)
     device = validate.device(device)
     was_training = model.training

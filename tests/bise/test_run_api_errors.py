@@ -251,3 +251,21 @@ def test_a_torch_device_in_the_config_is_kept_as_its_name():
 
     config = validate.extract_config(ExtractConfig(device=torch.device("cpu")))
     assert config.device == "cpu" and json.loads(json.dumps(dataclasses.asdict(config)))["device"] == "cpu"
+
+
+def test_numpy_numbers_everywhere_numbers_go(data):
+    """docs/cli.md: NumPy integers and floats are accepted wherever numbers go. bise.evaluate refused
+    batch_size=np.int64(64) ('must be a positive int'), build_model num_classes=np.int64(10) and
+    width=np.float32(0.5), bise.train.fit (the path for a model of one's own) np.int64 epochs."""
+    from bise.recipes import recipe_for
+    from bise.train import fit
+
+    model = build_model("mlp", np.int64(data.num_classes), data.input_shape, width=np.float32(0.5))
+    assert model.bise_spec["num_classes"] == 10 and type(model.bise_spec["width"]) is float
+    assert bise.evaluate(model, data.test, batch_size=np.int64(64)) == bise.evaluate(model, data.test)
+    fit(model, data.train, recipe_for(data, model), epochs=np.int64(0), batch_size=np.int32(64),
+        lr=np.float32(0.1), quiet=True)
+    with pytest.raises(ValueError, match="batch_size must be an int >= 1, got 0"):
+        bise.evaluate(model, data.test, batch_size=0)
+    with pytest.raises(TypeError, match="num_classes must be an int >= 2, got 2.0"):
+        build_model("mlp", 2.0, data.input_shape)
