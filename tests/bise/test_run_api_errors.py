@@ -269,3 +269,10 @@ def test_numpy_numbers_everywhere_numbers_go(data):
         bise.evaluate(model, data.test, batch_size=0)
     with pytest.raises(TypeError, match="num_classes must be an int >= 2, got 2.0"):
         build_model("mlp", 2.0, data.input_shape)
+
+
+@pytest.mark.parametrize("kwargs, name", [({"cache_dir": 3}, "cache_dir"), ({"data_dir": ["a"]}, "data_dir")])
+def test_load_data_names_a_folder_that_is_not_a_path(kwargs, name):
+    """cache_dir=3 failed with 'expected str, bytes or os.PathLike object, not int', naming no argument."""
+    with pytest.raises(TypeError, match=f"{name} must be a path .str or os.PathLike. or None, got"):
+        bise.load_data("colored-digits", **kwargs)
