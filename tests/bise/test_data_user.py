@@ -150,6 +150,12 @@ def _break_csv(root, line, column, value):
     (lambda r: (r / "img" / "train_1.png").unlink(), FileNotFoundError, "train_1.png"),
     (lambda r: (r / "img" / "train_2.png").write_bytes(b"not a png"), ValueError, "cannot read image"),
     (lambda r: _write_png(r / "img" / "test_6.png", 9, size=5), ValueError, "pass size=N"),
+    # 16-bit grey / float pixels were clipped to 0..255 by Pillow's convert("L"): a 16-bit PNG read as
+    # nearly all 255, a float TIFF in [0, 1] as all 0, silently
+    (lambda r: Image.fromarray(np.full((4, 4), 1000, np.uint16)).save(r / "img" / "train_1.png"), ValueError,
+     "train_1.png: mode I;16 (16-bit) pixels are not read"),
+    (lambda r: Image.fromarray(np.full((4, 4), 0.5, np.float32)).save(r / "img" / "t.tiff") or
+     _break_csv(r, 3, "filename", "img/t.tiff"), ValueError, "t.tiff: mode F (32-bit float) pixels are not read"),
     (lambda r: (r / "metadata.csv").write_text("file,y,b,split\na.png,0,0,train\n"), ValueError,
      "missing column 'filename'"),
     (lambda r: (r / "metadata.csv").write_text("filename,y,b,split\n"), ValueError, "no data rows"),
