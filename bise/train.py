@@ -98,9 +98,9 @@ def train_vanilla(data, arch: Optional[str] = None, *, epochs: Optional[int] = N
     """Build ``arch`` for ``data`` and train it by ERM with its recipe (overridable); eval mode."""
     validate.dataset(data)
     if arch is not None and not isinstance(arch, str):
-        raise TypeError(f"arch must be an architecture name (bise.models) or None, got {type(arch).__name__}; to "
-                        "train a model of your own use bise.train.fit(model, data.train, bise.recipes.recipe_for(data, "
-                        "model), ...)")
+        hint = ("; to train a model of your own use bise.train.fit(model, data.train, "
+                "bise.recipes.recipe_for(data, model), ...)" if isinstance(arch, nn.Module) else "")
+        raise TypeError(f"arch must be an architecture name (bise.models) or None, got {type(arch).__name__}{hint}")
     recipe = recipe_for(data, arch)
     epochs = recipe["epochs"] if epochs is None else validate.as_int("epochs", epochs, 0)
     batch_size = recipe["batch_size"] if batch_size is None else validate.as_int("batch_size", batch_size, 1)
