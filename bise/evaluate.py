@@ -91,6 +91,11 @@ def predict(model: nn.Module, split, *, batch_size: int = 256, device="cpu") -> 
     batch_size = validate.as_int("batch_size", batch_size, 1)
     validate.module(model)
     device = validate.device(device)
+    param = next(model.parameters(), None)
+    if param is not None and (param.device.type != device.type or
+                              None not in (param.device.index, device.index) and param.device.index != device.index):
+        raise ValueError(f"the model is on {param.device}, device={str(device)!r}: move it there first "
+                         f"(model.to({str(device)!r}))")
     was_training = model.training
     model.eval()
     try:
