@@ -9,7 +9,7 @@ from typing import Optional
 import torch
 from torch import Tensor, nn
 
-from . import distributed
+from . import distributed, validate
 from .batching import DeviceSplit
 
 PATTERNS = ("aligned/aligned", "aligned/conflicting", "conflicting/aligned", "conflicting/conflicting")
@@ -88,8 +88,14 @@ def metrics_from_predictions(pred: Tensor, y: Tensor, b: Tensor) -> dict:
 @torch.no_grad()
 def predict(model: nn.Module, split, *, batch_size: int = 256, device="cpu") -> Tensor:
     """Predicted classes of ``model`` (in eval mode, restored afterwards) on every sample of ``split``."""
-    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-        raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
+    batch_size = validate.as_int("batch_size", batch_size, 1)
+    validate.module(model)
+    device = validate.device(device)
+    param = next(model.parameters(), None)
+    if param is not None and (param.device.type != device.type or
+                              None not in (param.device.index, device.index) and param.device.index != device.index):
+        raise ValueError(f"the model is on {param.device}, device={str(device)!r}: move it there first "
+                         f"(model.to({str(device)!r}))")
     was_training = model.training
     model.eval()
     try:
@@ -108,6 +114,8 @@ def evaluate(model: nn.Module, split, *, batch_size: int = 256, device="cpu") ->
     """METRICS of ``model`` on a data split (``.inputs()``, ``.y``, ``.b``).
 
     Given a whole dataset (with ``.test``), returns {"test": METRICS, "val": METRICS} (val if present)."""
+    validate.module(model)
+    device = validate.device(device)
     if hasattr(split, "test") and not hasattr(split, "inputs"):
         out = {"test": evaluate(model, split.test, batch_size=batch_size, device=device)}
         if getattr(split, "val", None) is not None:
@@ -117,5 +125,8 @@ def evaluate(model: nn.Module, split, *, batch_size: int = 256, device="cpu") ->
         if not hasattr(split, attr):
             raise TypeError(f"split must be a data split with .inputs(), .y and .b; {type(split).__name__} "
                             f"has no {attr!r}")
+    if split.b is None:
+        raise ValueError("split.b is None: the metrics need the bias labels of every sample (for accuracy alone, "
+                         "compare bise.evaluate.predict(model, split) with split.y)")
     pred = predict(model, split, batch_size=batch_size, device=device)
     return metrics_from_predictions(pred, split.y, split.b)

@@ -275,7 +275,11 @@ def export_subnetwork(model: nn.Module, gates: Optional[Mapping] = None, *, exam
     out = copy.deepcopy(masked)
     probe = _probe_inputs(example_input)
     with torch.no_grad():
-        reference = masked(probe)
+        try:
+            reference = masked(probe)
+        except RuntimeError as exc:
+            raise ValueError(f"the model does not accept example_input of shape {tuple(example_input.shape)}: "
+                             f"{str(exc).splitlines()[0]} (pass a batch of inputs shaped like the data's)") from exc
     names = {id(m): n for n, m in out.named_modules()}
     scales = {n: m.mask for n, m in out.named_modules() if isinstance(m, FixedGate)}
     for p in out.parameters():

@@ -103,6 +103,24 @@ class ExtractConfig:
             v = getattr(self, name)
             if not (isinstance(v, (int, float)) and math.isfinite(v) and v > 0):
                 raise ValueError(f"{name} must be a positive number, got {v!r}")
+        for name in ("alpha", "gamma", "mask_weight_decay", "head_weight_decay"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not (isinstance(v, (int, float)) and math.isfinite(v) and v >= 0):
+                raise ValueError(f"{name} must be a finite number >= 0, got {v!r}")
+        for name in ("mask_momentum", "head_momentum"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not (isinstance(v, (int, float)) and 0 <= v < 1):
+                raise ValueError(f"{name} must be a number in [0, 1), got {v!r}")
+        for name in ("refit_after_last", "reweight", "mi", "label_free", "cache_features", "amp", "log_test",
+                     "deterministic"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"{name} must be True or False, got {getattr(self, name)!r}")
+        for name in ("gate_names", "gate_exclude"):
+            v = getattr(self, name)
+            if v is not None and (not isinstance(v, (list, tuple)) or not all(isinstance(p, str) for p in v)):
+                raise ValueError(f"{name} must be a list of module-name patterns or None, got {v!r}")
+        if self.bottleneck is not None and not isinstance(self.bottleneck, str):
+            raise ValueError(f"bottleneck must be a module name or None, got {self.bottleneck!r}")
         if not 0 < self.tau_factor < 1:
             raise ValueError(f"tau_factor must be in (0, 1), got {self.tau_factor!r}")
         if self.tau_stop >= self.tau0:
@@ -643,6 +661,11 @@ def extract(model: nn.Module, data, *, config: Optional[ExtractConfig] = None, o
     ``callback(epoch, record)`` runs after each epoch's checkpoint (an exception stops the run).
     """
     config = validate.extract_config(config)
+    validate.dataset(data)
+    if out_dir is not None and Path(out_dir).exists() and not Path(out_dir).is_dir():
+        raise ValueError(f"out_dir {str(out_dir)!r} is a file, not a folder")
+    if callback is not None and not callable(callback):
+        raise TypeError(f"callback must be a function of (epoch, record) or None, got {type(callback).__name__}")
     data, mask_set = mask_data(data, config.mask_set)
     _check_data(data, config)
     validate.model_fits(model, data)

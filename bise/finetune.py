@@ -28,15 +28,18 @@ LR_FACTOR = 0.01  # 0.1x (the spec's first guess) diverged: the reweighted loss 
 def finetune(model: nn.Module, data, *, epochs: int = 10, scheme: Optional[str] = None, rho=None,
              lr: Optional[float] = None, batch_size: Optional[int] = None, bias: Optional[Tensor] = None,
              seed: int = 0, device="cpu", quiet: bool = False, history: Optional[list] = None,
-             arch: Optional[str] = None) -> nn.Module:
+             arch: Optional[str] = None, num_bias_classes: Optional[int] = None) -> nn.Module:
     """A fine-tuned copy of ``model`` (eval mode on return; the input model is untouched).
 
     ``scheme`` / ``rho``: the L_r weighting (default: the data's); ``bias``: training bias labels to
-    use instead of ``data.train.b`` (e.g. the label-free pseudo labels); ``lr``: default 0.01x the
+    use instead of ``data.train.b`` (e.g. the label-free pseudo labels) and ``num_bias_classes`` their
+    number of classes (default ``data.num_bias_classes``; pseudo labels are classes); ``lr``: default 0.01x the
     recipe's (bise.recipes, for ``arch``: default the model's recorded architecture);
     ``history``: a list that receives one record per epoch.
     """
-    epochs, seed = validate.as_int("epochs", epochs, 0), validate.seed(seed)
+    validate.module(model)
+    validate.dataset(data)
+    epochs, seed, device = validate.as_int("epochs", epochs, 0), validate.seed(seed), validate.device(device)
     recipe = recipe_for(data, arch or model)
     lr = recipe["lr"] * LR_FACTOR if lr is None else validate.as_positive("lr", lr)
     batch_size = recipe["batch_size"] if batch_size is None else validate.as_int("batch_size", batch_size, 1)
@@ -48,10 +51,17 @@ def finetune(model: nn.Module, data, *, epochs: int = 10, scheme: Optional[str] 
     if b is None or len(b) != len(train):
         raise ValueError(f"fine-tuning needs one bias label per training sample ({len(train)}); got "
                          f"{None if b is None else len(b)}")
+    if b.is_floating_point() or b.is_complex():
+        raise ValueError(f"bias must hold integer labels, got {b.dtype}")
     b = b.long()
+    k = data.num_bias_classes if num_bias_classes is None else validate.as_int("num_bias_classes", num_bias_classes, 1)
+    bad = torch.nonzero(((b < 0) | (b >= k)).reshape(len(b), -1).any(dim=1)).flatten()
+    if len(bad):
+        i = int(bad[0])
+        raise ValueError(f"bias[{i}] = {b[i].tolist()}: out of range for num_bias_classes={k}")
     rho = rho if rho is not None else data.rho
     table = losses.weight_table(scheme, num_classes=data.num_classes, rho=rho, targets=train.y.long(),
-                                bias=b if b.dim() == 1 else None, num_bias_classes=data.num_bias_classes)
+                                bias=b if b.dim() == 1 else None, num_bias_classes=k)
     model = copy.deepcopy(model).to(device)
     # the splits go to the device once; train_epoch gives loss_fn indices on the device
     train_dev = DeviceSplit(train, device)

@@ -96,6 +96,9 @@ def insert_gates(model: nn.Module, names: Optional[Sequence[str]] = None, *, exc
     The channel count is read from one forward pass on ``example_input`` (built-in models make
     their own). A module that runs more than once per forward cannot carry a gate.
     """
+    for arg, value in (("names", names), ("exclude", exclude)):
+        if value is not None and (not isinstance(value, (list, tuple)) or not all(isinstance(p, str) for p in value)):
+            raise TypeError(f"{arg} must be a list of module-name patterns (fnmatch) or None, got {value!r}")
     if gates_of(model):
         raise ValueError("the model already has gates (Gated modules); insert them once")
     x = _example_input(model, example_input)

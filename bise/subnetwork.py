@@ -75,6 +75,7 @@ class Subnetwork:
         kwargs.setdefault("rho", self.info.get("rho"))
         if self.pseudo_bias is not None:
             kwargs.setdefault("bias", self.pseudo_bias["train"])
+            kwargs.setdefault("num_bias_classes", data.num_classes)  # pseudo bias labels are predicted classes
         return finetune(self.export(example_input) if exported is None else exported, data, epochs=epochs, **kwargs)
 
     def save(self, path) -> None:
@@ -87,8 +88,9 @@ class Subnetwork:
                      "pseudo_bias": self.pseudo_bias}, path)
 
     @classmethod
-    def load(cls, path, model: Optional[nn.Module] = None) -> "Subnetwork":
-        """Read a saved Subnetwork; ``model`` (same architecture) is needed unless it was a built-in."""
+    def load(cls, path, model: Optional[nn.Module] = None, *, example_input: Optional[Tensor] = None) -> "Subnetwork":
+        """Read a saved Subnetwork; ``model`` (same architecture) is needed unless it was a built-in, and
+        for a custom model without gates ``example_input`` (a batch of inputs) to insert the saved ones."""
         from .models import rebuild
 
         state = load_checkpoint(path, required=("format", "state_dict", "gate_names", "masks", "scores"))
@@ -99,10 +101,10 @@ class Subnetwork:
                 raise ValueError(f"{path} holds a custom model: pass model= (same architecture) to load it")
             model = rebuild(state["model_spec"])
         if not gates_of(model):
-            if getattr(model, "bise_spec", None) is None:
-                raise ValueError("a custom model must carry its gates before loading: call insert_gates(model, "
-                                 "names, example_input=...) with the saved gate names first")
-            insert_gates(model, list(state["gate_names"]))
+            if getattr(model, "bise_spec", None) is None and example_input is None:
+                raise ValueError(f"{path} holds a custom model; its gates are {list(state['gate_names'])}: pass "
+                                 "example_input= (a batch of inputs) to insert them, or a model that has them")
+            insert_gates(model, list(state["gate_names"]), example_input=example_input)
         gates = gates_of(model)
         if list(gates) != state["gate_names"]:
             raise ValueError(f"{path}: the model's gates {list(gates)[:3]}... differ from the saved ones "

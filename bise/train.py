@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 from typing import Callable, Optional
 
 import torch
@@ -68,12 +67,8 @@ def fit(model: nn.Module, split, recipe: dict, *, epochs: int, batch_size: int, 
     each epoch's mean loss and training accuracy, both accumulated on the device and read once
     per epoch.
     """
-    if isinstance(epochs, bool) or not isinstance(epochs, int) or epochs < 0:
-        raise ValueError(f"epochs must be an int >= 0, got {epochs!r}")
-    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-        raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
-    if not (isinstance(lr, (int, float)) and math.isfinite(lr) and lr > 0):
-        raise ValueError(f"lr must be a positive number, got {lr!r}")
+    epochs, batch_size = validate.as_int("epochs", epochs, 0), validate.as_int("batch_size", batch_size, 1)
+    lr, seed, device = validate.as_positive("lr", lr), validate.seed(seed), validate.device(device)
     model.to(device).train()
     data = DeviceSplit(split, device)
     opt = _optimizer([p for p in model.parameters() if p.requires_grad], recipe, lr)
@@ -101,6 +96,11 @@ def train_vanilla(data, arch: Optional[str] = None, *, epochs: Optional[int] = N
                   batch_size: Optional[int] = None, lr: Optional[float] = None, seed: int = 0, device="cpu",
                   width: float = 1.0, quiet: bool = False, **model_kwargs) -> nn.Module:
     """Build ``arch`` for ``data`` and train it by ERM with its recipe (overridable); eval mode."""
+    validate.dataset(data)
+    if arch is not None and not isinstance(arch, str):
+        hint = ("; to train a model of your own use bise.train.fit(model, data.train, "
+                "bise.recipes.recipe_for(data, model), ...)" if isinstance(arch, nn.Module) else "")
+        raise TypeError(f"arch must be an architecture name (bise.models) or None, got {type(arch).__name__}{hint}")
     recipe = recipe_for(data, arch)
     epochs = recipe["epochs"] if epochs is None else validate.as_int("epochs", epochs, 0)
     batch_size = recipe["batch_size"] if batch_size is None else validate.as_int("batch_size", batch_size, 1)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import math
 import numbers
 import operator
+import os
 from typing import Optional
 
 import torch
@@ -94,14 +95,25 @@ def extract_config(config):
             setattr(config, f.name, operator.index(v))
         elif isinstance(v, numbers.Real) and not isinstance(v, (int, float, bool)):
             setattr(config, f.name, float(v))
-    device(config.device)
+    config.device = str(device(config.device))  # a torch.device is kept as its name (the config stays JSON)
     return config.validate()
+
+
+def module(model) -> None:
+    """Refuse a ``model`` that is not an nn.Module (a Subnetwork is named: its module is ``.model``)."""
+    if not isinstance(model, nn.Module):
+        hint = ("; its model is sub.model (or call sub.evaluate / sub.export / sub.finetune)"
+                if isinstance(getattr(model, "model", None), nn.Module) else "")
+        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}{hint}")
 
 
 def model_fits(model: nn.Module, data) -> None:
     """Refuse a model whose classes or input shape differ from ``data``'s (its bise_spec, else one forward)."""
-    if not isinstance(model, nn.Module):
-        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    module(model)
+    dtypes = sorted({str(p.dtype) for p in model.parameters() if p.is_floating_point() and p.dtype != torch.float32})
+    if dtypes:
+        raise ValueError(f"the model's parameters are {', '.join(dtypes)}; bise feeds it float32 inputs (and "
+                         "config amp=True for bf16 autocast): convert it with model.float()")
     spec = getattr(model, "bise_spec", None)
     if isinstance(spec, dict) and "input_shape" in spec:
         if tuple(spec["input_shape"]) != tuple(data.input_shape):
@@ -121,9 +133,22 @@ def model_fits(model: nn.Module, data) -> None:
                              f"{str(exc).splitlines()[0]}") from exc
         finally:
             model.train(was_training)
+        if not isinstance(out, torch.Tensor):
+            raise ValueError(f"the model must return one tensor of class logits (N, {data.num_classes}), got "
+                             f"{type(out).__name__}")
         classes = out.shape[-1] if out.dim() == 2 else None
     if classes != data.num_classes:
         raise ValueError(f"the model outputs {classes} class logits, the data have num_classes={data.num_classes}")
+
+
+def dataset(data) -> None:
+    """Refuse what is not a dataset (a spec string or path given where bise.load_data(spec) belongs)."""
+    if isinstance(data, (str, os.PathLike)):
+        raise TypeError(f"data must be a dataset, got the spec {str(data)!r}: load it with bise.load_data({str(data)!r})")
+    missing = [a for a in ("train", "test", "num_classes", "num_bias_classes") if not hasattr(data, a)]
+    if missing:
+        raise TypeError(f"data must be a dataset from bise.load_data (train / val / test splits, num_classes, ...), "
+                        f"got {type(data).__name__} (no {missing[0]!r})")
 
 
 def same_bias_classes(data, label_free: bool, flag: str = "label_free=True") -> None:
@@ -140,5 +165,5 @@ def same_bias_classes(data, label_free: bool, flag: str = "label_free=True") -> 
                          f"{data.num_bias_classes}. Relabel the bias, or use {flag}")
 
 
-__all__ = ["MAX_SEED", "as_int", "as_positive", "device", "extract_config", "model_fits", "same_bias_classes",
-           "seed"]
+__all__ = ["MAX_SEED", "as_int", "as_positive", "dataset", "device", "extract_config", "model_fits", "module",
+           "same_bias_classes", "seed"]

@@ -17,8 +17,8 @@ def _labels(where: str, a: np.ndarray, n: int, ndims: tuple) -> np.ndarray:
     a = np.asarray(a)
     if a.dtype.kind not in "iub":
         raise ValueError(f"{where}: labels must be integers, got dtype {a.dtype}")
-    if a.ndim not in ndims:
-        raise ValueError(f"{where}: expected shape (N,)" + (" or (N, num_biases)" if 2 in ndims
+    if a.ndim not in ndims or (a.ndim == 2 and a.shape[1] != 2):  # bise.evaluate's metrics know 1 or 2 biases
+        raise ValueError(f"{where}: expected shape (N,)" + (" or (N, 2) for two biases" if 2 in ndims
                                                                else "") + f", got {a.shape}")
     if len(a) != n:
         raise ValueError(f"{where}: {len(a)} labels but {n} images (lengths must match)")

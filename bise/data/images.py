@@ -10,24 +10,33 @@ from typing import Optional, Sequence
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
-_GREY_MODES = ("1", "L", "I", "I;16", "F")
+_GREY_MODES = ("1", "L")
+# Pillow's convert("L") clips these to 0..255 (a 16-bit PNG reads as nearly all 255, a float image
+# in [0, 1] as 0): refused, since any rescaling would be a guess
+_WIDE_MODES = {"I": "32-bit integer", "F": "32-bit float", "I;16": "16-bit", "I;16B": "16-bit",
+               "I;16L": "16-bit", "I;16N": "16-bit"}
 
 
 def _open(p: Path, size: Optional[int], rgb: Optional[bool], where: str) -> np.ndarray:
     try:
         with Image.open(p) as im:
-            if size is not None:
-                im.draft(im.mode, (size, size))  # JPEG: decode at a reduced scale, still >= size
-            im.load()
-            grey = rgb is False or (rgb is None and im.mode in _GREY_MODES)
-            im = im.convert("L" if grey else "RGB")
-            if size is not None:
-                im = im.resize((size, size), Image.BILINEAR)
-            a = np.asarray(im)
+            mode = im.mode
+            if mode not in _WIDE_MODES:
+                if size is not None:
+                    im.draft(im.mode, (size, size))  # JPEG: decode at a reduced scale, still >= size
+                im.load()
+                grey = rgb is False or (rgb is None and im.mode in _GREY_MODES)
+                im = im.convert("L" if grey else "RGB")
+                if size is not None:
+                    im = im.resize((size, size), Image.BILINEAR)
+                a = np.asarray(im)
     except FileNotFoundError:
         raise FileNotFoundError(f"{where}image file not found: {p}") from None
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
         raise ValueError(f"{where}cannot read image {p}: {e}") from None
+    if mode in _WIDE_MODES:
+        raise ValueError(f"{where}{p}: mode {mode} ({_WIDE_MODES[mode]}) pixels are not read: bise keeps "
+                         "8-bit pixels (0..255); convert the images to 8-bit grey or RGB first")
     return a[..., None] if a.ndim == 2 else a
 
 

@@ -162,6 +162,9 @@ def load(spec: str, *, seed: int = 0, data_dir: Optional[str] = None,
     from ..validate import seed as check_seed
 
     seed = check_seed(seed)
+    for name, value in (("data_dir", data_dir), ("cache_dir", cache_dir)):
+        if value is not None and not isinstance(value, (str, os.PathLike)):
+            raise TypeError(f"{name} must be a path (str or os.PathLike) or None, got {value!r}")
     data_dir = Path(data_dir) if data_dir else default_data_dir()
     kind, target, raw = parse(os.fspath(spec) if isinstance(spec, os.PathLike) else spec)
     if kind == "npz":

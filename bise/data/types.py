@@ -14,19 +14,33 @@ class Split:
 
     b is (N,) for one bias or (N, num_biases) for two-bias data. A sample is bias-aligned iff
     y == b (per bias). src, when known, is the index of each sample's source image (built-in
-    benchmarks), so disjointness of the splits can be checked; it is None for user data.
+    benchmarks), so disjointness of the splits can be checked; it is None for user data. b may be
+    None where bias labels are unknown (the label-free variant). Checked on construction: a float x
+    would otherwise be divided by 255 a second time by inputs().
     """
 
     x: torch.Tensor
     y: torch.Tensor
-    b: torch.Tensor
+    b: Optional[torch.Tensor]
     src: Optional[torch.Tensor] = None
+
+    def __post_init__(self):
+        x = self.x
+        if not isinstance(x, torch.Tensor) or x.dtype != torch.uint8 or x.dim() != 4:
+            what = f"{x.dtype} {tuple(x.shape)}" if isinstance(x, torch.Tensor) else type(x).__name__
+            raise ValueError(f"Split.x must be a uint8 tensor (N, C, H, W) of 0..255 pixel values, got {what} "
+                             "(inputs() divides by 255)")
+        for name in ("y", "b", "src"):
+            t = getattr(self, name)
+            if t is not None and len(t) != len(x):
+                raise ValueError(f"Split.{name} has {len(t)} rows, Split.x {len(x)} images")
 
     def __len__(self) -> int:
         return int(self.y.shape[0])
 
     def __repr__(self) -> str:
-        return f"Split(n={len(self)}, x={tuple(self.x.shape)} {self.x.dtype}, b={tuple(self.b.shape)})"
+        b = None if self.b is None else tuple(self.b.shape)
+        return f"Split(n={len(self)}, x={tuple(self.x.shape)} {self.x.dtype}, b={b})"
 
     def inputs(self, index=None) -> torch.Tensor:
         """float32 images in [0, 1], (n, C, H, W); index: slice, index tensor, or None for all."""
@@ -40,7 +54,7 @@ class Split:
     def subset(self, index) -> "Split":
         """The samples at index (slice, bool mask or index tensor), as a new Split."""
         src = None if self.src is None else self.src[index]
-        return Split(self.x[index], self.y[index], self.b[index], src)
+        return Split(self.x[index], self.y[index], None if self.b is None else self.b[index], src)
 
 
 @dataclass(eq=False)

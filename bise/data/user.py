@@ -4,7 +4,7 @@ npz keys: train_x, train_y, train_b, test_x, test_y, test_b and optionally val_x
 (all three or none) and mask_x, mask_y, mask_b: a second draw of the training set from the
 user's generator (same source images, fresh bias assignment), for the fresh-draw mask-set
 protocol (bise.data.maskset). Images uint8 (N, H, W, C) with C in {1, 3} ((N, H, W) is read as grey);
-labels integer (N,), bias labels (N,) or (N, num_biases).
+labels integer (N,), bias labels (N,) or (N, 2) (two biases).
 
 Folder: DIR/metadata.csv with columns filename, y, b, split (split in train/val/test; extra
 columns ignored); filename is relative to DIR; images are read with Pillow.

@@ -12,6 +12,7 @@ from typing import Optional, Sequence
 
 from torch import nn
 
+from .. import validate
 from .mlp import MLP
 from .mobilenetv2 import MobileNetV2, load_imagenet_weights
 from .resnet import STEMS, ResNet18
@@ -31,13 +32,11 @@ def build_model(arch: str, num_classes: int, input_shape: Sequence[int], *, widt
     """
     if arch not in ARCHS:
         raise ValueError(f"arch must be one of {ARCHS}, got {arch!r}")
-    if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 2:
-        raise ValueError(f"num_classes must be an int >= 2, got {num_classes!r}")
+    num_classes = validate.as_int("num_classes", num_classes, 2)
     input_shape = tuple(int(s) for s in input_shape)
     if len(input_shape) != 3 or min(input_shape) < 1:
         raise ValueError(f"input_shape must be (C, H, W) with positive sizes, got {input_shape!r}")
-    if not (isinstance(width, (int, float)) and math.isfinite(width) and width > 0):
-        raise ValueError(f"width must be a positive number, got {width!r}")
+    width = validate.as_positive("width", width)
     if pretrained and arch != "mobilenetv2":
         raise ValueError(f"pretrained=True is only available for mobilenetv2 (ImageNet weights), not {arch!r}")
     if stem is not None and arch != "resnet18":

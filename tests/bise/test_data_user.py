@@ -58,6 +58,11 @@ def test_npz_without_val_grey_two_bias_and_options(tmp_path):
      "val: the split is empty"),
     (lambda a: a.update(test_x=a["test_x"][:, :2]), "splits disagree on image shape"),
     (lambda a: a.update(train_x=np.array([None] * 12, dtype=object)), "key 'train_x' is not a plain"),
+    # three biases, or one in a column, loaded and trained, then bise.evaluate refused them: refused here now
+    (lambda a: a.update(**{f"{s}_b": np.stack([a[f"{s}_b"]] * 3, axis=1) for s in ("train", "val", "test")}),
+     "train_b: expected shape (N,) or (N, 2) for two biases, got (12, 3)"),
+    (lambda a: a.update(**{f"{s}_b": a[f"{s}_b"][:, None] for s in ("train", "val", "test")}),
+     "train_b: expected shape (N,) or (N, 2) for two biases, got (12, 1)"),
 ])
 def test_malformed_npz_fails_with_its_message(tmp_path, edit, message):
     arrays = _npz_arrays()
@@ -145,6 +150,12 @@ def _break_csv(root, line, column, value):
     (lambda r: (r / "img" / "train_1.png").unlink(), FileNotFoundError, "train_1.png"),
     (lambda r: (r / "img" / "train_2.png").write_bytes(b"not a png"), ValueError, "cannot read image"),
     (lambda r: _write_png(r / "img" / "test_6.png", 9, size=5), ValueError, "pass size=N"),
+    # 16-bit grey / float pixels were clipped to 0..255 by Pillow's convert("L"): a 16-bit PNG read as
+    # nearly all 255, a float TIFF in [0, 1] as all 0, silently
+    (lambda r: Image.fromarray(np.full((4, 4), 1000, np.uint16)).save(r / "img" / "train_1.png"), ValueError,
+     "train_1.png: mode I;16 (16-bit) pixels are not read"),
+    (lambda r: Image.fromarray(np.full((4, 4), 0.5, np.float32)).save(r / "img" / "t.tiff") or
+     _break_csv(r, 3, "filename", "img/t.tiff"), ValueError, "t.tiff: mode F (32-bit float) pixels are not read"),
     (lambda r: (r / "metadata.csv").write_text("file,y,b,split\na.png,0,0,train\n"), ValueError,
      "missing column 'filename'"),
     (lambda r: (r / "metadata.csv").write_text("filename,y,b,split\n"), ValueError, "no data rows"),
@@ -275,3 +286,21 @@ def test_malformed_waterbirds_fails_with_its_message(tmp_path, rows_edit, messag
     with pytest.raises(ValueError) as e:
         data.load(f"waterbirds:{root}", cache_dir=str(tmp_path / "cache"))
     assert message in str(e.value)
+
+
+def test_a_split_made_by_hand_must_hold_uint8_images():
+    """Split.inputs() divides by 255: float images in [0, 1] given to Split by hand were silently
+    divided again (inputs in [0, 1/255]) and trained on; a label count that differs from the images
+    failed later in a batch."""
+    y = torch.arange(4) % 2
+    with pytest.raises(ValueError, match=r"Split.x must be a uint8 tensor \(N, C, H, W\) of 0..255 pixel values, "
+                                         r"got torch.float32 \(4, 3, 2, 2\)"):
+        data.Split(torch.rand(4, 3, 2, 2), y, y)
+    with pytest.raises(ValueError, match=r"Split.x must be a uint8 tensor .* got torch.uint8 \(4, 2, 2\)"):
+        data.Split(torch.zeros(4, 2, 2, dtype=torch.uint8), y, y)
+    with pytest.raises(ValueError, match=r"Split.y has 3 rows, Split.x 4 images"):
+        data.Split(torch.zeros(4, 3, 2, 2, dtype=torch.uint8), y[:3], y)
+    with pytest.raises(ValueError, match=r"Split.b has 5 rows, Split.x 4 images"):
+        data.Split(torch.zeros(4, 3, 2, 2, dtype=torch.uint8), y, torch.zeros(5, dtype=torch.long))
+    split = data.Split(torch.zeros(4, 3, 2, 2, dtype=torch.uint8), y, None)  # no bias labels: label-free
+    assert len(split.subset(slice(0, 2))) == 2 and "b=None" in repr(split)

@@ -82,3 +82,22 @@ def test_evaluate_matches_predictions_and_restores_mode():
         evaluate(model, split, batch_size=0)
     with pytest.raises(TypeError, match="data split"):
         evaluate(model, object())
+
+
+def test_a_split_without_bias_labels_is_named_before_predicting():
+    """A split with b=None (bias labels missing, as the label-free variant allows) failed after the
+    whole prediction pass with 'Could not infer dtype of NoneType'."""
+    model = nn.Sequential(nn.Flatten(), nn.Linear(12, 3))
+    split = _Split(torch.rand(5, 3, 2, 2), torch.randint(0, 3, (5,)), None)
+    with pytest.raises(ValueError, match=r"split\.b is None: the metrics need the bias labels"):
+        evaluate(model, split)
+
+
+def test_a_model_on_another_device_is_named():
+    """evaluate moves the data to ``device``, not the model: a model left on another device (e.g. on
+    the CPU with device="cuda") failed inside its first layer with torch's device-mismatch error. A
+    meta-device model stands in for that here (no GPU needed)."""
+    model = nn.Sequential(nn.Flatten(), nn.Linear(12, 3)).to("meta")
+    split = _Split(torch.rand(5, 3, 2, 2), torch.randint(0, 3, (5,)), torch.randint(0, 3, (5,)))
+    with pytest.raises(ValueError, match=r"the model is on meta, device='cpu': move it there first \(model.to\('cpu'\)\)"):
+        evaluate(model, split)

@@ -209,3 +209,11 @@ def test_bad_input(tmp_path, x):
     (tmp_path / "bad.json").write_text("{}")
     with pytest.raises(ExportError, match="cannot read|not a bise-export"):
         load_exported(str(tmp_path / "bad.pt"))
+
+
+def test_example_input_the_model_cannot_take_is_named(x):
+    """An example_input of the wrong shape (e.g. unbatched (C, H, W), or another image size) failed in the
+    first layer with 'mat1 and mat2 shapes cannot be multiplied (18x243 and 192x100)'."""
+    for model, bad in ((_gated("mlp"), x[0]), (_gated("mlp"), torch.rand(2, 3, 9, 9)), (_user(), x[0])):
+        with pytest.raises(ValueError, match=r"the model does not accept example_input of shape \(.*\): "):
+            export_subnetwork(model, example_input=bad)

@@ -235,6 +235,21 @@ def test_subnetwork_save_and_load_roundtrip(tmp_path):
     assert all(torch.equal(sub.masks[n], again.masks[n]) for n in sub.masks)
 
 
+def test_a_custom_subnetwork_loads_into_a_fresh_instance(tmp_path):
+    """Loading a custom model's Subnetwork asked the user to call insert_gates with "the saved gate
+    names" first, names that only the file held; example_input= now lets load insert them."""
+    data = _random_data()
+    net = lambda: torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(108, 16), torch.nn.ReLU(),  # noqa: E731
+                                      torch.nn.Linear(16, 3))
+    torch.manual_seed(0)
+    sub = extract(net(), data, config=ExtractConfig(mask_epochs=1, head_epochs=1), quiet=True)
+    sub.save(tmp_path / "sub.pt")
+    with pytest.raises(ValueError, match=r"its gates are \['2'\]: pass example_input="):
+        Subnetwork.load(tmp_path / "sub.pt", model=net())
+    again = Subnetwork.load(tmp_path / "sub.pt", model=net(), example_input=data.train.inputs()[:2])
+    x = data.test.inputs()
+    assert list(again.gates) == ["2"] and torch.equal(sub.model(x), again.model(x))
+
 def test_bad_input_is_refused():
     data = _random_data()
     model = build_model("mlp", 3, data.input_shape, width=0.2)
@@ -259,6 +274,21 @@ def test_label_free_needs_no_bias_labels():
     sub = extract(model, data, config=ExtractConfig(mask_epochs=1, head_epochs=1, label_free=True), quiet=True)
     assert sub.pseudo_bias["train"].shape == data.train.y.shape
 
+
+
+def test_label_free_finetune_counts_the_pseudo_labels_as_classes():
+    """The pseudo bias labels are predicted classes, in [0, num_classes): Subnetwork.finetune weighed them
+    with the data's num_bias_classes, so data with fewer bias classes than classes failed at BISE+FT
+    ('shape [3, 2] is invalid for input of size 7')."""
+    data = _random_data()
+    data = dataclasses.replace(data, num_bias_classes=2, train=data.train.subset(slice(None)))
+    data.train.b = data.train.b % 2
+    model = build_model("mlp", 3, data.input_shape, width=0.2)
+    sub = extract(model, data, config=ExtractConfig(mask_epochs=1, head_epochs=1, label_free=True), quiet=True)
+    sub.pseudo_bias["train"] = torch.arange(len(data.train)) % 3  # an identification model predicting every class
+    history = []
+    sub.finetune(data, 1, quiet=True, history=history)
+    assert len(history) == 1
 
 @pytest.mark.parametrize("arch, prefix", [("simple-cnn", ["conv1", "bn1"]), ("mlp", ["fc1"]),
                                           ("resnet18", ["conv1", "bn1", "relu", "maxpool"]),

@@ -49,6 +49,16 @@ def test_names_and_exclude_choose_modules():
         insert_gates(Net(), ["nothing*"], example_input=torch.rand(1, 3, 4, 4))
 
 
+def test_one_pattern_as_a_string_is_refused():
+    """A str is a sequence of one-letter patterns: exclude="blocks.0.act" excluded nothing, silently;
+    names="relu" failed with "names ['r', 'e', 'l', 'u'] match no module"."""
+    x = torch.rand(1, 3, 4, 4)
+    with pytest.raises(TypeError, match="exclude must be a list of module-name patterns .* got 'blocks.0.act'"):
+        insert_gates(Net(), exclude="blocks.0.act", example_input=x)
+    with pytest.raises(TypeError, match="names must be a list of module-name patterns .* got 'relu'"):
+        insert_gates(Net(), "relu", example_input=x)
+    assert list(insert_gates(Net(), ("relu",), exclude=(), example_input=x)) == ["relu"]
+
 def test_gated_model_starts_identical_and_remove_gates_restores():
     model = Net().eval()
     x = torch.rand(2, 3, 5, 5)

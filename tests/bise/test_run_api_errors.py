@@ -105,3 +105,174 @@ def test_every_entry_point_names_a_bad_seed(data, seed):
     for call in calls:
         with pytest.raises((ValueError, TypeError), match=r"seed must be an int >= 0 and <= 2\*\*63 - 1"):
             call()
+
+
+@pytest.mark.parametrize("device, match", [("gpu", "device must be cpu, cuda or cuda:N, got 'gpu'"),
+                                           ("cuda:99", "device 'cuda:99'")])
+def test_evaluate_and_finetune_name_a_bad_device(data, device, match):
+    """bise.evaluate, Subnetwork.evaluate and bise.finetune took any device: 'gpu' failed inside torch
+    ('Expected one of cpu, cuda, ...') and 'cuda' without CUDA with 'Torch not compiled with CUDA enabled'."""
+    model = build_model("mlp", data.num_classes, data.input_shape)
+    sub = bise.extract(model, data, config={"mask_epochs": 1, "head_epochs": 0}, quiet=True)
+    calls = [lambda: bise.evaluate(model, data.test, device=device),
+             lambda: bise.evaluate(model, data, device=device),
+             lambda: sub.evaluate(data.test, device=device),
+             lambda: bise.finetune(model, data, epochs=1, device=device, quiet=True)]
+    for call in calls:
+        with pytest.raises(ValueError, match=match):
+            call()
+    assert bise.evaluate(model, data.test, device=torch.device("cpu")) == bise.evaluate(model, data.test)
+
+
+@pytest.mark.parametrize("field, value, match", [
+    ("alpha", float("nan"), "alpha must be a finite number >= 0, got nan"),
+    ("gamma", float("inf"), "gamma must be a finite number >= 0, got inf"),
+    ("alpha", -1.0, "alpha must be a finite number >= 0, got -1.0"),
+    ("mask_weight_decay", float("nan"), "mask_weight_decay must be a finite number >= 0"),
+    ("head_weight_decay", -1e-4, "head_weight_decay must be a finite number >= 0"),
+    ("mask_momentum", -1.0, r"mask_momentum must be a number in \[0, 1\), got -1.0"),
+    ("head_momentum", 2.0, r"head_momentum must be a number in \[0, 1\), got 2.0"),
+    ("amp", "yes", "amp must be True or False, got 'yes'"),
+    ("cache_features", "no", "cache_features must be True or False, got 'no'"),
+    ("deterministic", None, "deterministic must be True or False, got None"),
+    ("label_free", 1, "label_free must be True or False, got 1"),
+    ("gate_names", "features.fc1", "gate_names must be a list of module-name patterns or None, got 'features.fc1'"),
+    ("gate_exclude", [3], r"gate_exclude must be a list of module-name patterns or None, got \[3\]"),
+    ("gate_names", 3, "gate_names must be a list of module-name patterns or None, got 3"),
+    ("bottleneck", 3, "bottleneck must be a module name or None, got 3"),
+])
+def test_extract_config_names_every_bad_field_before_any_work(field, value, match):
+    """These fields were taken as given: a NaN alpha or weight decay failed after head pre-training
+    ('scores contains non-finite values'), a negative momentum inside torch without naming the field,
+    momentum 2 and alpha -1 ran (diverging / maximising the loss), cache_features='no' ran as True,
+    amp='yes' failed in torch.autocast, gate_names='features.fc1' matched its letters one by one."""
+    with pytest.raises(ValueError, match=match):
+        validate.extract_config({field: value})
+
+
+@pytest.mark.parametrize("given", ["colored-digits", Path("mine.npz"), None, 3])
+def test_entry_points_name_data_that_is_not_a_dataset(data, given):
+    """train_vanilla and finetune failed with AttributeError ("'str' object has no attribute
+    'num_classes'"), extract with "data.train is missing or empty", when given a spec instead of
+    bise.load_data(spec)."""
+    model = build_model("mlp", data.num_classes, data.input_shape)
+    calls = [lambda: bise.train_vanilla(given, "mlp", epochs=0, quiet=True),
+             lambda: bise.extract(model, given, config={"mask_epochs": 1}, quiet=True),
+             lambda: bise.finetune(model, given, epochs=0, quiet=True)]
+    hint = r"load it with bise.load_data\(" if isinstance(given, (str, Path)) else "a dataset from bise.load_data"
+    for call in calls:
+        with pytest.raises(TypeError, match=f"data must be .*{hint}"):
+            call()
+
+
+class _TwoOutputs(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc, self.act, self.out = torch.nn.Linear(192, 16), torch.nn.ReLU(), torch.nn.Linear(16, 10)
+
+    def forward(self, x):
+        h = self.act(self.fc(x.flatten(1)))
+        return self.out(h), h
+
+
+def test_extract_names_a_model_it_cannot_run(data):
+    """A float64 / bf16 model failed inside the first matmul ('mat1 and mat2 must have the same dtype'),
+    a model returning (logits, features) with AttributeError ("'tuple' object has no attribute 'dim'")."""
+    config = {"mask_epochs": 1, "head_epochs": 0}
+    for dtype in (torch.float64, torch.bfloat16):
+        model = build_model("mlp", data.num_classes, data.input_shape).to(dtype)
+        with pytest.raises(ValueError, match=f"the model's parameters are {dtype}; bise feeds it float32 inputs"):
+            bise.extract(model, data, config=config, quiet=True)
+    with pytest.raises(ValueError, match="the model must return one tensor of class logits .N, 10., got tuple"):
+        bise.extract(_TwoOutputs(), data, config=config, quiet=True)
+
+
+def test_train_vanilla_refuses_a_model_for_arch(data):
+    """recipe_for takes a model, so train_vanilla(data, model) passed its type check: a built-in model
+    was silently ignored (a fresh one of its architecture was trained and returned, its width lost),
+    a custom one failed with "arch must be one of (...), got 'custom'"."""
+    for model in (build_model("mlp", data.num_classes, data.input_shape, width=0.5),
+                  torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(192, 10))):
+        with pytest.raises(TypeError, match="arch must be an architecture name .* or None, got Sequential|got MLP"):
+            bise.train_vanilla(data, model, epochs=0, quiet=True)
+
+
+@pytest.mark.parametrize("bias, match", [
+    (lambda n: torch.full((n,), 10), r"bias\[0\] = 10: out of range for num_bias_classes=10"),
+    (lambda n: torch.full((n,), -1), r"bias\[0\] = -1: out of range for num_bias_classes=10"),
+    (lambda n: torch.full((n,), 0.5), "bias must hold integer labels, got torch.float32"),
+])
+def test_finetune_names_bias_labels_out_of_range(data, bias, match):
+    """Out-of-range bias labels failed in the first batch with 'IndexError: index 10 is out of bounds';
+    float ones were truncated to integers."""
+    model = build_model("mlp", data.num_classes, data.input_shape)
+    with pytest.raises(ValueError, match=match):
+        bise.finetune(model, data, epochs=1, bias=bias(len(data.train)), quiet=True)
+
+
+def test_extract_names_a_bad_out_dir_or_callback_before_training(data, tmp_path, monkeypatch):
+    """An out_dir that is a file failed with FileExistsError at the first checkpoint, a callback that is
+    not callable with "'int' object is not callable" after the first epoch: both after head pre-training."""
+    import sys
+
+    extract_module = sys.modules["bise.extract"]
+
+    def no_training(*args, **kwargs):
+        raise AssertionError("the run started")
+
+    monkeypatch.setattr(extract_module, "prepare_run", no_training)
+    model = build_model("mlp", data.num_classes, data.input_shape)
+    config = {"mask_epochs": 1, "head_epochs": 1}
+    (tmp_path / "file").write_text("")
+    with pytest.raises(ValueError, match=r"out_dir .*file' is a file, not a folder"):
+        bise.extract(model, data, config=config, out_dir=tmp_path / "file", quiet=True)
+    with pytest.raises(TypeError, match="callback must be a function of .epoch, record. or None, got int"):
+        bise.extract(model, data, config=config, callback=3, quiet=True)
+
+
+def test_a_subnetwork_given_for_a_model_is_named(data):
+    """bise.evaluate(sub, ...) failed with "'Subnetwork' object has no attribute 'training'",
+    bise.finetune(sub, ...) with 'arch must be an architecture name, a model or None, got Subnetwork'."""
+    model = build_model("mlp", data.num_classes, data.input_shape)
+    sub = bise.extract(model, data, config={"mask_epochs": 1, "head_epochs": 0}, quiet=True)
+    calls = [lambda: bise.evaluate(sub, data.test), lambda: bise.evaluate(sub, data),
+             lambda: bise.finetune(sub, data, epochs=0, quiet=True),
+             lambda: bise.extract(sub, data, config={"mask_epochs": 1}, quiet=True)]
+    for call in calls:
+        with pytest.raises(TypeError, match=r"model must be a torch.nn.Module, got Subnetwork; its model is sub.model"):
+            call()
+
+
+def test_a_torch_device_in_the_config_is_kept_as_its_name():
+    """ExtractConfig(device=torch.device("cpu")) ran but left a torch.device in sub.config, so the
+    config was no longer JSON-serialisable ('Object of type device is not JSON serializable')."""
+    import dataclasses
+    import json
+
+    config = validate.extract_config(ExtractConfig(device=torch.device("cpu")))
+    assert config.device == "cpu" and json.loads(json.dumps(dataclasses.asdict(config)))["device"] == "cpu"
+
+
+def test_numpy_numbers_everywhere_numbers_go(data):
+    """docs/cli.md: NumPy integers and floats are accepted wherever numbers go. bise.evaluate refused
+    batch_size=np.int64(64) ('must be a positive int'), build_model num_classes=np.int64(10) and
+    width=np.float32(0.5), bise.train.fit (the path for a model of one's own) np.int64 epochs."""
+    from bise.recipes import recipe_for
+    from bise.train import fit
+
+    model = build_model("mlp", np.int64(data.num_classes), data.input_shape, width=np.float32(0.5))
+    assert model.bise_spec["num_classes"] == 10 and type(model.bise_spec["width"]) is float
+    assert bise.evaluate(model, data.test, batch_size=np.int64(64)) == bise.evaluate(model, data.test)
+    fit(model, data.train, recipe_for(data, model), epochs=np.int64(0), batch_size=np.int32(64),
+        lr=np.float32(0.1), quiet=True)
+    with pytest.raises(ValueError, match="batch_size must be an int >= 1, got 0"):
+        bise.evaluate(model, data.test, batch_size=0)
+    with pytest.raises(TypeError, match="num_classes must be an int >= 2, got 2.0"):
+        build_model("mlp", 2.0, data.input_shape)
+
+
+@pytest.mark.parametrize("kwargs, name", [({"cache_dir": 3}, "cache_dir"), ({"data_dir": ["a"]}, "data_dir")])
+def test_load_data_names_a_folder_that_is_not_a_path(kwargs, name):
+    """cache_dir=3 failed with 'expected str, bytes or os.PathLike object, not int', naming no argument."""
+    with pytest.raises(TypeError, match=f"{name} must be a path .str or os.PathLike. or None, got"):
+        bise.load_data("colored-digits", **kwargs)
