@@ -342,7 +342,7 @@ _BAD_MODULE_INPUTS = {  # a module, a bad input, what the error says (the Python
     "int-x": (lambda: bk.MaskedLinear(8, 4, density=0.5), torch.ones(2, 8, dtype=torch.long), "x must be"),
     "dtype": (lambda: bk.MaskedLinear(8, 4, threshold=0.0), torch.randn(2, 8, dtype=torch.float64),
               "weight has dtype .* but x has"),
-    "conv-3d": (lambda: bk.MaskedConv2d(3, 4, 3, density=0.5), torch.randn(3, 5, 5), "must be 4-d"),
+    "conv-5d": (lambda: bk.MaskedConv2d(3, 4, 3, density=0.5), torch.randn(1, 2, 3, 5, 5), "must be 4-d"),
     "conv-channels": (lambda: bk.MaskedConv2d(3, 4, 3, density=0.5), torch.randn(1, 2, 5, 5), "groups=1"),
     "gate-int-x": (lambda: bk.ChannelGate(4), torch.ones(2, 4, dtype=torch.long), "x must be"),
 }
