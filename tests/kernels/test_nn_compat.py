@@ -1,0 +1,48 @@
+"""The masked modules in what a training script does with nn.Linear / nn.Conv2d: a layer shared by
+two parents, keyword inputs, eval-mode models after unmasking, tracing. Each test failed before its fix."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import bise_kernels as bk
+
+
+class _Shared(nn.Module):
+    """One nn.Linear reached by two names (a.k.a. weight sharing by module), and a plain head."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.a = nn.Linear(4, 4)
+        self.b = self.a
+        self.head = nn.Linear(4, 2)
+
+    def forward(self, x):
+        return self.head(torch.relu(self.b(torch.relu(self.a(x)))))
+
+
+@pytest.mark.parametrize("scope", ["layerwise", "global"])
+def test_a_shared_layer_is_masked_under_every_name(scope):
+    """named_modules() gives a shared module once: mask_model replaced it under its first name only, so
+    the model ran it masked in one place and dense in the other (and unmask_model left a masked layer
+    under the second name). One masked layer now stands under every name, with one set of scores."""
+    net = _Shared()
+    scores = bk.mask_model(net, density=0.5, scope=scope)
+    assert isinstance(net.a, bk.MaskedLinear) and net.b is net.a and len(scores) == 2
+    x = torch.randn(3, 4)
+    w = net.a.weight * net.a.mask()
+    h = F.linear(torch.relu(F.linear(x, w, net.a.bias)), w, net.a.bias)
+    want = F.linear(torch.relu(h), net.head.weight * net.head.mask(), net.head.bias)
+    torch.testing.assert_close(net(x), want, rtol=1e-6, atol=1e-6)
+    bk.unmask_model(net)
+    assert type(net.a) is nn.Linear and net.b is net.a
+    torch.testing.assert_close(net(x), want, rtol=1e-6, atol=1e-6)
+
+
+def test_a_shared_layer_excluded_under_one_name_stays_dense_under_both():
+    """One module, one decision: an exclude pattern matching any of its names keeps it dense everywhere."""
+    net = _Shared()
+    assert len(bk.mask_model(net, density=0.5, exclude=["b"])) == 1
+    assert type(net.a) is nn.Linear and net.b is net.a and isinstance(net.head, bk.MaskedLinear)
