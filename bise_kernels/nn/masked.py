@@ -185,9 +185,9 @@ class MaskedLinear(nn.Linear, _MaskedLayer):
     def extra_repr(self) -> str:
         return nn.Linear.extra_repr(self) + self._mask_repr()
 
-    def forward(self, x: Tensor) -> Tensor:
+    def forward(self, input: Tensor) -> Tensor:  # nn.Linear's name: layer(input=x) works as there
         scores = self.scores
-        x, weight, bias = _autocast(x, self.weight, self.bias)
+        x, weight, bias = _autocast(input, self.weight, self.bias)
         if self._uses_keep(x):
             return _ops.masked_linear_keep(x, weight, bias, scores, self._keep(scores), self.estimator,
                                            self.temperature)
@@ -239,12 +239,12 @@ class MaskedConv2d(nn.Conv2d, _MaskedLayer):
     def extra_repr(self) -> str:
         return nn.Conv2d.extra_repr(self) + self._mask_repr()
 
-    def forward(self, x: Tensor) -> Tensor:
-        if x.dim() == 3:  # unbatched (C, H, W), as nn.Conv2d takes it
-            return self.forward(x.unsqueeze(0)).squeeze(0)
+    def forward(self, input: Tensor) -> Tensor:  # nn.Conv2d's name, as MaskedLinear's
+        if input.dim() == 3:  # unbatched (C, H, W), as nn.Conv2d takes it
+            return self.forward(input.unsqueeze(0)).squeeze(0)
         geometry = (list(self.stride), list(self.padding), list(self.dilation), self.groups)
         scores = self.scores
-        x, weight, bias = _autocast(x, self.weight, self.bias)
+        x, weight, bias = _autocast(input, self.weight, self.bias)
         if self._uses_keep(x):
             return _ops.masked_conv2d_keep(x, weight, bias, scores, self._keep(scores), *geometry, self.estimator,
                                            self.temperature)

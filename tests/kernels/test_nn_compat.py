@@ -46,3 +46,12 @@ def test_a_shared_layer_excluded_under_one_name_stays_dense_under_both():
     net = _Shared()
     assert len(bk.mask_model(net, density=0.5, exclude=["b"])) == 1
     assert type(net.a) is nn.Linear and net.b is net.a and isinstance(net.head, bk.MaskedLinear)
+
+
+def test_the_input_is_passed_by_nn_linear_and_nn_conv2d_keyword():
+    """nn.Linear / nn.Conv2d take ``forward(input)``: ``layer(input=x)`` (and a forward pre-hook with
+    kwargs) raised TypeError on the masked layers, whose argument was named x."""
+    linear, conv = bk.MaskedLinear(4, 3, density=0.5), bk.MaskedConv2d(2, 3, 3, density=0.5)
+    x, image = torch.randn(2, 4), torch.randn(1, 2, 5, 5)
+    assert torch.equal(linear(input=x), linear(x)) and torch.equal(conv(input=image), conv(image))
+    assert torch.equal(conv(input=image[0]), conv(image)[0])
