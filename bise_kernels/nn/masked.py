@@ -141,12 +141,13 @@ class _MaskedLayer(ScoredModule):
         return layer
 
     def _bake_into(self, dense: nn.Module) -> nn.Module:
-        """Copy the masked weight and the bias into a freshly built plain module."""
+        """Copy the masked weight and the bias into a freshly built plain module, in this layer's train
+        or eval mode (an eval conv beside an eval BatchNorm is what fuse_modules takes)."""
         with torch.no_grad():
             dense.weight.copy_(self._masked_weight())
             if self.bias is not None:
                 dense.bias.copy_(self.bias)
-        return dense
+        return dense.train(self.training)
 
     def _mask_repr(self) -> str:
         """What the masked layer adds to its dense repr; the temperature only where the estimator reads it,

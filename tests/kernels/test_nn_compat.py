@@ -55,3 +55,19 @@ def test_the_input_is_passed_by_nn_linear_and_nn_conv2d_keyword():
     x, image = torch.randn(2, 4), torch.randn(1, 2, 5, 5)
     assert torch.equal(linear(input=x), linear(x)) and torch.equal(conv(input=image), conv(image))
     assert torch.equal(conv(input=image[0]), conv(image)[0])
+
+
+def test_to_dense_keeps_the_train_or_eval_mode():
+    """to_dense built a fresh layer in training mode: unmask_model on an eval model left conv layers in
+    training mode beside eval BatchNorms, and torch.ao.quantization.fuse_modules then refused the pair
+    ('Conv and BN both must be in the same mode')."""
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 9, 2))
+    bk.mask_model(net, density=0.5)
+    x = torch.randn(2, 3, 5, 5)
+    want = net.eval()(x)
+    bk.unmask_model(net)
+    assert not any(m.training for m in net.modules())
+    fused = torch.ao.quantization.fuse_modules(net, [["0", "1", "2"]])
+    torch.testing.assert_close(fused(x), want, rtol=1e-5, atol=1e-5)
+    assert bk.MaskedLinear(3, 2, density=0.5).to_dense().training
