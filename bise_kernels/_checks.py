@@ -66,7 +66,9 @@ def check_density(density: object, name: str = "density") -> float:
 
 
 def k_from_density(density: object, numel: int) -> int:
-    """k = round(density * numel), at least 1: the number of entries kept."""
+    """k = round(density * numel), at least 1: the number of entries kept. ``numel`` may be a 0-dim
+    tensor (``Tensor.numel()`` under torch.jit.trace): its value, as the trace's shapes are fixed."""
+    numel = int(numel)
     return max(1, min(numel, int(round(check_density(density) * numel))))
 
 

@@ -71,3 +71,32 @@ def test_to_dense_keeps_the_train_or_eval_mode():
     fused = torch.ao.quantization.fuse_modules(net, [["0", "1", "2"]])
     torch.testing.assert_close(fused(x), want, rtol=1e-5, atol=1e-5)
     assert bk.MaskedLinear(3, 2, density=0.5).to_dense().training
+
+
+@pytest.mark.filterwarnings("ignore::torch.jit.TracerWarning")
+@pytest.mark.parametrize("mask_mode", ["selection", "keep"])
+def test_torch_jit_trace_records_the_selection(backend, mask_mode):
+    """torch.jit.trace (and the ONNX / TorchScript exports built on it) failed: the top-k's k was
+    round(density * numel) of a traced numel (TypeError: Tensor has no __round__); and a selection
+    cached by an earlier eager call would have been recorded as a constant. The trace now selects
+    from the scores it is given, as torch.compile does: it follows a later optimizer step."""
+    torch.manual_seed(0)
+    net = nn.Sequential(bk.MaskedConv2d(2, 4, 3, density=0.5, mask_mode=mask_mode), bk.ChannelGate(4, density=0.5),
+                        nn.Flatten(), bk.MaskedLinear(4 * 9, 3, threshold=0.0, mask_mode=mask_mode))
+    x = torch.randn(2, 2, 5, 5)
+    net(x)  # caches a selection
+    traced = torch.jit.trace(net, x)
+    torch.testing.assert_close(traced(x), net(x), rtol=0, atol=0)
+    with torch.no_grad():
+        for s in net.parameters():
+            s.neg_()
+    torch.testing.assert_close(traced(x), net(x), rtol=0, atol=0)
+    conv, linear = net[0], net[3]
+    h = F.conv2d(x, conv.weight * conv.mask(), conv.bias) * net[1].mask().reshape(1, 4, 1, 1)
+    torch.testing.assert_close(traced(x), F.linear(h.flatten(1), linear.weight * linear.mask(), linear.bias))
+    traced(x).square().sum().backward()
+    traced_grads = [p.grad.clone() for p in net.parameters()]
+    net.zero_grad()
+    net(x).square().sum().backward()
+    for got, p in zip(traced_grads, net.parameters()):
+        torch.testing.assert_close(got, p.grad, rtol=0, atol=0)
