@@ -76,7 +76,7 @@ def test_to_dense_keeps_the_train_or_eval_mode():
 @pytest.mark.filterwarnings("ignore::torch.jit.TracerWarning")
 @pytest.mark.parametrize("mask_mode", ["selection", "keep"])
 def test_torch_jit_trace_records_the_selection(backend, mask_mode):
-    """torch.jit.trace (and the ONNX / TorchScript exports built on it) failed: the top-k's k was
+    """torch.jit.trace (a TorchScript module) failed: the top-k's k was
     round(density * numel) of a traced numel (TypeError: Tensor has no __round__); and a selection
     cached by an earlier eager call would have been recorded as a constant. The trace now selects
     from the scores it is given, as torch.compile does: it follows a later optimizer step."""
