@@ -78,7 +78,9 @@ def mask_model(model: nn.Module, granularity: str = "weight", *, density: Option
             continue
         targets.append((names, module))
     if not targets:
-        raise ValueError(f"no nn.Linear or nn.Conv2d module matches include={include!r}, exclude={exclude!r}")
+        masked = len(_by_module(model, (MaskedLinear, MaskedConv2d), exact=False))
+        why = f" (its {masked} masked layers are masked already: unmask_model first)" if masked else ""
+        raise ValueError(f"no nn.Linear or nn.Conv2d module matches include={include!r}, exclude={exclude!r}{why}")
     if targets[0][0][0] == "":
         raise ValueError("mask_model replaces submodules; pass a model containing the layer, not the layer itself")
     layers = []

@@ -100,3 +100,12 @@ def test_torch_jit_trace_records_the_selection(backend, mask_mode):
     net(x).square().sum().backward()
     for got, p in zip(traced_grads, net.parameters()):
         torch.testing.assert_close(got, p.grad, rtol=0, atol=0)
+
+
+def test_masking_a_masked_model_again_says_so():
+    """mask_model on a model masked already said 'no nn.Linear or nn.Conv2d module matches include=None,
+    exclude=None', though the model is full of them (masked ones)."""
+    net = nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 2))
+    bk.mask_model(net, density=0.5)
+    with pytest.raises(ValueError, match="its 2 masked layers are masked already"):
+        bk.mask_model(net, density=0.5)
