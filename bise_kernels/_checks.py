@@ -120,11 +120,13 @@ def check_tensor(t: object, name: str) -> torch.Tensor:
     return t
 
 
-def check_like(t: torch.Tensor, ref: torch.Tensor, name: str, ref_name: str, dtype: bool = True) -> None:
+def check_like(t: torch.Tensor, ref: torch.Tensor, name: str, ref_name: str, dtype: bool = True,
+               why: str = "") -> None:
+    """``t`` on ``ref``'s device and (if ``dtype``) of its dtype; ``why`` ends the message."""
     if t.device != ref.device:
-        raise ValueError(f"{name} is on {t.device} but {ref_name} is on {ref.device}; both must share a device")
+        raise ValueError(f"{name} is on {t.device} but {ref_name} is on {ref.device}; both must share a device{why}")
     if dtype and t.dtype != ref.dtype:
-        raise TypeError(f"{name} has dtype {t.dtype} but {ref_name} has {ref.dtype}")
+        raise TypeError(f"{name} has dtype {t.dtype} but {ref_name} has {ref.dtype}{why}")
 
 
 def check_finite(t: torch.Tensor, name: str) -> None:

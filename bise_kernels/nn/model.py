@@ -39,6 +39,9 @@ class GlobalSelection:
         """``(thr, cut)`` per layer (keyed by id), the cut shifted by the layer's offset."""
         for i, s in enumerate(scores):
             _checks.check_scores(s, f"scores of layer {i}", finite=False)
+            # one select over all: one dtype (a layer moved alone by .half() fails in the kernels) and device
+            _checks.check_like(s, scores[0], f"scores of layer {i}", "scores of layer 0",
+                               why="; scope='global' selects every layer's scores together")
         _checks.check_select_finite(scores, [f"scores of layer {i}" for i in range(len(scores))], "topk_select")
         k = _checks.k_from_density(self.density, sum(s.numel() for s in scores))
         thr, cut = _ops.topk_select([s.detach() for s in scores], k, None)

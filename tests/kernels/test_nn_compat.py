@@ -109,3 +109,15 @@ def test_masking_a_masked_model_again_says_so():
     bk.mask_model(net, density=0.5)
     with pytest.raises(ValueError, match="its 2 masked layers are masked already"):
         bk.mask_model(net, density=0.5)
+
+
+def test_a_global_selection_over_scores_of_two_dtypes_is_named(backend):
+    """One layer of a global-scope model moved to float16 (its scores with it): the forward failed in
+    the kernels, differently per backend ('thr must be ... of the scores' dtype' on torch and triton,
+    'scores[1] has dtype Float' on cpp). The global selection now names the layers' dtypes first."""
+    net = nn.Sequential(nn.Linear(6, 4), nn.Linear(4, 2))
+    bk.mask_model(net, density=0.5, scope="global")
+    net[0].half()
+    with pytest.raises(TypeError, match="scores of layer 1 has dtype torch.float32 but scores of layer 0 has "
+                                        "torch.float16; scope='global' selects"):
+        net[0](torch.randn(2, 6, dtype=torch.half))
