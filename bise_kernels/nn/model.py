@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import fnmatch
+import weakref
 from typing import Iterable, Optional, Sequence, Union
 
 import torch
@@ -24,15 +25,23 @@ class GlobalSelection:
         self.layers = list(layers)
         self.density = _checks.check_density(density)
         self._key = None
+        self._refs: list[weakref.ref] = []
         self._result: dict[int, tuple[Tensor, Tensor]] = {}
 
+    def __getstate__(self) -> dict:
+        """Pickled and deep-copied without the cached result (weak references; selected again)."""
+        return {**self.__dict__, "_key": None, "_refs": [], "_result": {}}
+
     def selection_for(self, layer: nn.Module) -> tuple[Tensor, Tensor]:
+        """Layer ``layer``'s ``(thr, cut)``, cached as a layer's own selection (ScoredModule._selection:
+        the scores' versions, data pointers and the tensors themselves, by weak reference)."""
         scores = [m.scores for m in self.layers]
         if functional._uncached():
             return self._select(scores)[id(layer)]
         key = tuple((s._version, s.data_ptr()) for s in scores)
-        if key != self._key:
-            self._key, self._result = key, outside_inference_mode(lambda: self._select(scores))
+        if key != self._key or any(r() is not s for r, s in zip(self._refs, scores)):
+            result = outside_inference_mode(lambda: self._select(scores))
+            self._key, self._refs, self._result = key, [weakref.ref(s) for s in scores], result
         return self._result[id(layer)]
 
     def _select(self, scores: list[Tensor]) -> dict[int, tuple[Tensor, Tensor]]:

@@ -1,6 +1,9 @@
 """The masked modules in what a training script does with nn.Linear / nn.Conv2d: a layer shared by
 two parents, keyword inputs, eval-mode models after unmasking, tracing. Each test failed before its fix."""
 
+import copy
+import pickle
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -121,3 +124,36 @@ def test_a_global_selection_over_scores_of_two_dtypes_is_named(backend):
     with pytest.raises(TypeError, match="scores of layer 1 has dtype torch.float32 but scores of layer 0 has "
                                         "torch.float16; scope='global' selects"):
         net[0](torch.randn(2, 6, dtype=torch.half))
+
+
+@pytest.mark.parametrize("mask_mode", ["selection", "keep"])
+def test_new_scores_at_a_reused_address_are_selected_again(mask_mode):
+    """The selection caches were keyed on the scores' version and data pointer only. Scores that are a
+    new tensor at every call (torch.func.functional_call with fresh scores, a parametrization of the
+    scores) can land where the last call's freed ones were, with the same version (0): the stale
+    selection was applied, silently (seen with torch.empty + normal_; a caching CUDA allocator reuses
+    blocks by design). Two tensors over one numpy buffer stand for that reuse here, deterministically."""
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(6, 4), nn.Linear(4, 2))
+    bk.mask_model(net, density=0.25)
+    bk.mask_model(glob := nn.Sequential(nn.Linear(6, 4), nn.Linear(4, 2)), density=0.25, scope="global")
+    for model in (net, glob):
+        for layer in model:
+            layer.mask_mode = mask_mode
+    x = torch.randn(2, 6)
+    buffers = {name: p.detach().numpy().copy() for name, p in net.named_parameters() if name.endswith("scores")}
+    for model in (net, glob):
+        for sign in (1.0, -1.0):
+            for array in buffers.values():
+                array *= sign
+            scores = {name: torch.from_numpy(array) for name, array in buffers.items()}  # same address, version 0
+            got = torch.func.functional_call(model, scores, (x,))
+            if model is net:
+                masks = [bk.topk_mask(scores[f"{i}.scores"], 0.25) for i in range(2)]
+            else:
+                masks = bk.global_topk_masks([scores["0.scores"], scores["1.scores"]], 0.25)
+            h = F.linear(x, model[0].weight * masks[0], model[0].bias)
+            torch.testing.assert_close(got, F.linear(h, model[1].weight * masks[1], model[1].bias))
+        model(x)  # the caches hold weak references: pickle and deepcopy leave them out
+        for copied in (pickle.loads(pickle.dumps(model)), copy.deepcopy(model)):
+            torch.testing.assert_close(copied(x), model(x), rtol=0, atol=0)
