@@ -94,7 +94,15 @@ class _MaskedLayer(ScoredModule):
             raise ValueError(f"{type(self).__name__} has no weight to mask: weight of shape {tuple(self.weight.shape)}")
         self._init_rule(init_scores(self.weight, granularity, score_init), density, threshold, estimator,
                         temperature)
+        self.score_init = score_init
         self.global_selector = None  # set by mask_model(scope="global")
+
+    def _reset_scores(self) -> None:
+        """The scores set again by ``score_init`` (from the current weight for "magnitude"), after the
+        dense layer's reset_parameters, which its __init__ calls before the scores exist."""
+        if "scores" in self._parameters:
+            with torch.no_grad():
+                self.scores.copy_(init_scores(self.weight, self.granularity, self.score_init))
 
     def _selection(self, scores: Tensor, fused_check: bool) -> tuple[Tensor, Tensor]:
         """``(thr, cut)`` of this layer's scores, or of its share of a global top-k (whose select
@@ -186,6 +194,12 @@ class MaskedLinear(nn.Linear, _MaskedLayer):
     def extra_repr(self) -> str:
         return nn.Linear.extra_repr(self) + self._mask_repr()
 
+    def reset_parameters(self) -> None:
+        """nn.Linear's initialisation of the weight and bias, then the scores' (deferred initialisation,
+        to_empty after building on the meta device, calls it on every module)."""
+        super().reset_parameters()
+        self._reset_scores()
+
     def forward(self, input: Tensor) -> Tensor:  # nn.Linear's name: layer(input=x) works as there
         scores = self.scores
         x, weight, bias = _autocast(input, self.weight, self.bias)
@@ -239,6 +253,12 @@ class MaskedConv2d(nn.Conv2d, _MaskedLayer):
 
     def extra_repr(self) -> str:
         return nn.Conv2d.extra_repr(self) + self._mask_repr()
+
+    def reset_parameters(self) -> None:
+        """nn.Conv2d's initialisation of the weight and bias, then the scores' (deferred initialisation,
+        to_empty after building on the meta device, calls it on every module)."""
+        super().reset_parameters()
+        self._reset_scores()
 
     def forward(self, input: Tensor) -> Tensor:  # nn.Conv2d's name, as MaskedLinear's
         if input.dim() == 3:  # unbatched (C, H, W), as nn.Conv2d takes it

@@ -157,3 +157,27 @@ def test_new_scores_at_a_reused_address_are_selected_again(mask_mode):
         model(x)  # the caches hold weak references: pickle and deepcopy leave them out
         for copied in (pickle.loads(pickle.dumps(model)), copy.deepcopy(model)):
             torch.testing.assert_close(copied(x), model(x), rtol=0, atol=0)
+
+
+def test_reset_parameters_initialises_the_scores_too():
+    """Deferred initialisation (build under torch.device("meta"), to_empty, then reset_parameters on
+    every module, as FSDP and torchtitan do) left the scores as whatever to_empty's memory held:
+    reset_parameters reset the weight and bias only (and ChannelGate had none). It now sets the
+    scores by the layer's score_init (the gate's: init), from the new weight for "magnitude"."""
+    with torch.device("meta"):
+        net = nn.Sequential(bk.MaskedConv2d(2, 4, 3, density=0.5, score_init="magnitude"), bk.ChannelGate(4, init=0.5),
+                            nn.Flatten(), bk.MaskedLinear(4 * 9, 3, granularity="channel", density=0.5, score_init=0.25))
+    net.to_empty(device="cpu")
+    with torch.no_grad():
+        for p in net.parameters():
+            p.fill_(float("nan"))  # what uninitialised memory may hold
+    for module in net.modules():
+        if hasattr(module, "reset_parameters"):
+            module.reset_parameters()
+    assert torch.equal(net[0].scores, net[0].weight.abs()) and not net[0].weight.isnan().any()
+    assert torch.equal(net[1].scores, torch.full((4,), 0.5)) and torch.equal(net[3].scores, torch.full((3,), 0.25))
+    net(torch.randn(1, 2, 5, 5))
+    dense = nn.Sequential(nn.Linear(4, 4))
+    bk.mask_model(dense, density=0.5)
+    dense[0].reset_parameters()  # from_dense's default score_init: "kaiming" for per-weight scores
+    assert dense[0].scores.abs().max() <= 0.5 ** 0.5 * 3 ** 0.5 and dense[0].scores.std() > 0
