@@ -8,7 +8,7 @@ import weakref
 from typing import Optional
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor, fx, nn
 
 from .. import _checks, _ops, backends, functional
 from ..functional import selection
@@ -55,6 +55,13 @@ class ScoredModule(nn.Module):
         state = self.__dict__.copy()
         state["_cache"] = state["_keep_cache"] = None
         return state
+
+    def _fx_node(self, input: fx.Proxy) -> fx.Proxy:
+        """This module as one call_module node of a torch.fx.symbolic_trace (an fx.Proxy input), as
+        nn.Linear is (a leaf of the default tracer): the forward checks its input in Python control
+        flow, which a symbolic input refuses (TraceError)."""
+        tracer = input.tracer
+        return tracer.create_proxy("call_module", tracer.path_of_module(self), (input,), {})
 
     def selection(self, fused_check: bool = False) -> tuple[Tensor, Tensor]:
         """``(thr, cut)`` of the current scores; recomputed only when the scores change.

@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Optional
 
 import torch
-from torch import Tensor
+from torch import Tensor, fx
 
 from .. import _checks, _ops
 from ..functional import _fused_check, _gate_op, _gate_threshold
@@ -40,6 +40,8 @@ class ChannelGate(ScoredModule):
             self.scores.fill_(self.init)
 
     def forward(self, x: Tensor) -> Tensor:
+        if isinstance(x, fx.Proxy):  # one node, enabled or not (read when the traced model runs)
+            return self._fx_node(x)
         if not self.enabled:
             return x
         dim = _checks.check_dim(self.dim, x.dim())

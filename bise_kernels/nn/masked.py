@@ -6,7 +6,7 @@ import math
 from typing import Optional, Union
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor, fx, nn
 from torch.nn.modules.utils import _pair
 
 from .. import _checks, _ops
@@ -201,6 +201,8 @@ class MaskedLinear(nn.Linear, _MaskedLayer):
         self._reset_scores()
 
     def forward(self, input: Tensor) -> Tensor:  # nn.Linear's name: layer(input=x) works as there
+        if isinstance(input, fx.Proxy):
+            return self._fx_node(input)
         scores = self.scores
         x, weight, bias = _autocast(input, self.weight, self.bias)
         if self._uses_keep(x):
@@ -261,6 +263,8 @@ class MaskedConv2d(nn.Conv2d, _MaskedLayer):
         self._reset_scores()
 
     def forward(self, input: Tensor) -> Tensor:  # nn.Conv2d's name, as MaskedLinear's
+        if isinstance(input, fx.Proxy):
+            return self._fx_node(input)
         if input.dim() == 3:  # unbatched (C, H, W), as nn.Conv2d takes it
             return self.forward(input.unsqueeze(0)).squeeze(0)
         geometry = (list(self.stride), list(self.padding), list(self.dilation), self.groups)

@@ -181,3 +181,23 @@ def test_reset_parameters_initialises_the_scores_too():
     bk.mask_model(dense, density=0.5)
     dense[0].reset_parameters()  # from_dense's default score_init: "kaiming" for per-weight scores
     assert dense[0].scores.abs().max() <= 0.5 ** 0.5 * 3 ** 0.5 and dense[0].scores.std() > 0
+
+
+def test_torch_fx_symbolic_trace_keeps_each_masked_module_as_one_call():
+    """torch.fx.symbolic_trace (torchvision's create_feature_extractor, FX quantization) traced into the
+    masked modules' forward, whose input checks are Python control flow: TraceError. Each is now one
+    call_module node, as nn.Linear / nn.Conv2d are: the traced model runs and trains the same modules."""
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), bk.ChannelGate(4, density=0.5), nn.Flatten(),
+                        nn.Linear(4 * 9, 3))
+    bk.mask_model(net, density=0.5)
+    traced = torch.fx.symbolic_trace(net)
+    assert [(n.op, n.target) for n in traced.graph.nodes if n.op == "call_module"] == [
+        ("call_module", str(i)) for i in range(5)]
+    x = torch.randn(2, 3, 5, 5)
+    traced(x).square().sum().backward()
+    grads = [p.grad.clone() for p in net.parameters() if p.grad is not None]
+    net.zero_grad()
+    net(x).square().sum().backward()
+    assert len(grads) == 3 and all(torch.equal(a, p.grad) for a, p in zip(grads, (p for p in net.parameters()
+                                                                                   if p.grad is not None)))
