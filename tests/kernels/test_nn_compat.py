@@ -165,8 +165,9 @@ def test_reset_parameters_initialises_the_scores_too():
     reset_parameters reset the weight and bias only (and ChannelGate had none). It now sets the
     scores by the layer's score_init (the gate's: init), from the new weight for "magnitude"."""
     with torch.device("meta"):
-        net = nn.Sequential(bk.MaskedConv2d(2, 4, 3, density=0.5, score_init="magnitude"), bk.ChannelGate(4, init=0.5),
-                            nn.Flatten(), bk.MaskedLinear(4 * 9, 3, granularity="channel", density=0.5, score_init=0.25))
+        net = nn.Sequential(bk.MaskedConv2d(2, 4, 3, density=0.5, score_init="magnitude"),
+                            bk.ChannelGate(4, init=0.5), nn.Flatten(),
+                            bk.MaskedLinear(4 * 9, 3, granularity="channel", density=0.5, score_init=0.25))
     net.to_empty(device="cpu")
     with torch.no_grad():
         for p in net.parameters():
@@ -201,3 +202,72 @@ def test_torch_fx_symbolic_trace_keeps_each_masked_module_as_one_call():
     net(x).square().sum().backward()
     assert len(grads) == 3 and all(torch.equal(a, p.grad) for a, p in zip(grads, (p for p in net.parameters()
                                                                                    if p.grad is not None)))
+
+
+def _ddp_train(model, rank=None):
+    """Three SGD-momentum steps on a fixed batch of 8 (rows 4 * rank: 4 * rank + 4 of it under DDP)."""
+    torch.manual_seed(1)
+    batches = [(torch.randn(8, 3, 5, 5), torch.randint(0, 3, (8,))) for _ in range(3)]
+    opt = torch.optim.SGD(model.parameters(), lr=0.5, momentum=0.9)
+    for x, y in batches:
+        if rank is not None:
+            x, y = x[4 * rank:4 * rank + 4], y[4 * rank:4 * rank + 4]
+        opt.zero_grad()
+        F.cross_entropy(model(x), y).backward()
+        opt.step()
+    module = getattr(model, "module", model)
+    return {k: v.detach().clone() for k, v in module.state_dict().items()}
+
+
+def _ddp_model(scope):
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), bk.ChannelGate(4), nn.Flatten(), nn.Linear(4 * 9, 3))
+    bk.mask_model(net, density=0.5, scope=scope)
+    return net
+
+
+def _ddp_worker(rank, port, queue):
+    import io
+    import os
+
+    import torch.distributed as dist
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=2)
+    torch.set_num_threads(1)
+    options = (("layerwise", {"find_unused_parameters": True}), ("global", {"static_graph": True}))
+    states = [_ddp_train(nn.parallel.DistributedDataParallel(_ddp_model(scope), **kw), rank) for scope, kw in options]
+    if rank == 0:
+        buffer = io.BytesIO()
+        torch.save(states, buffer)
+        queue.put(buffer.getvalue())  # bytes: shared-memory tensors would die with this process
+    dist.destroy_process_group()
+
+
+@pytest.mark.slow
+def test_ddp_on_two_cpu_processes_trains_as_one_process():
+    """DistributedDataParallel (gloo, 2 processes of half the batch) trains a masked model as one process
+    does with the whole batch: layerwise (find_unused_parameters) and global scope (static_graph). Not a
+    defect found: the guard of a verified claim (7 s under load; checked by hand on "torch" and "cpp" with
+    find_unused_parameters, static_graph and gradient_as_bucket_view, each scope: equal within 3e-8)."""
+    import io
+    import socket
+
+    import torch.multiprocessing as mp
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    ctx = mp.get_context("spawn")
+    queue = ctx.Queue()
+    procs = [ctx.Process(target=_ddp_worker, args=(rank, port, queue)) for rank in range(2)]
+    for p in procs:
+        p.start()
+    got = torch.load(io.BytesIO(queue.get(timeout=120)))
+    for p in procs:
+        p.join(timeout=60)
+        assert p.exitcode == 0
+    for state, scope in zip(got, ("layerwise", "global")):
+        want = _ddp_train(_ddp_model(scope))
+        for key in want:
+            torch.testing.assert_close(state[key], want[key], rtol=1e-5, atol=1e-6)
