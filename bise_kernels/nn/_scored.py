@@ -52,7 +52,7 @@ class ScoredModule(nn.Module):
     def __getstate__(self) -> dict:
         """Pickled and deep-copied without the caches: they hold weak references (which pickle
         refuses) and a copy selects again at its first call."""
-        state = self.__dict__.copy()
+        state = super().__getstate__()  # nn.Module's: a copy of __dict__ less what module.compile() set
         state["_cache"] = state["_keep_cache"] = None
         return state
 
