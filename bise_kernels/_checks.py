@@ -66,7 +66,9 @@ def check_density(density: object, name: str = "density") -> float:
 
 
 def k_from_density(density: object, numel: int) -> int:
-    """k = round(density * numel), at least 1: the number of entries kept."""
+    """k = round(density * numel), at least 1: the number of entries kept. ``numel`` may be a 0-dim
+    tensor (``Tensor.numel()`` under torch.jit.trace): its value, as the trace's shapes are fixed."""
+    numel = int(numel)
     return max(1, min(numel, int(round(check_density(density) * numel))))
 
 
@@ -118,11 +120,13 @@ def check_tensor(t: object, name: str) -> torch.Tensor:
     return t
 
 
-def check_like(t: torch.Tensor, ref: torch.Tensor, name: str, ref_name: str, dtype: bool = True) -> None:
+def check_like(t: torch.Tensor, ref: torch.Tensor, name: str, ref_name: str, dtype: bool = True,
+               why: str = "") -> None:
+    """``t`` on ``ref``'s device and (if ``dtype``) of its dtype; ``why`` ends the message."""
     if t.device != ref.device:
-        raise ValueError(f"{name} is on {t.device} but {ref_name} is on {ref.device}; both must share a device")
+        raise ValueError(f"{name} is on {t.device} but {ref_name} is on {ref.device}; both must share a device{why}")
     if dtype and t.dtype != ref.dtype:
-        raise TypeError(f"{name} has dtype {t.dtype} but {ref_name} has {ref.dtype}")
+        raise TypeError(f"{name} has dtype {t.dtype} but {ref_name} has {ref.dtype}{why}")
 
 
 def check_finite(t: torch.Tensor, name: str) -> None:

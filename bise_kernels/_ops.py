@@ -68,11 +68,14 @@ _PLAIN_ARGUMENT_TYPES = frozenset((*_PLAIN_TYPES, type(None), bool, int, float, 
 
 
 def _plain_eager(args: tuple) -> bool:
-    """Whether a call needs nothing of the dispatcher: not traced (torch.compile, export), no
-    dispatch or torch-function mode and no torch.func transform active, only plain tensors (no
-    fake or wrapper subclasses; lists of tensors included)."""
+    """Whether a call needs nothing of the dispatcher: not traced (torch.compile, export,
+    torch.jit.trace: its graph then holds one custom-op node per op, not the reference's inlined
+    ops; that test costs 0.06 of this call's 0.62 us, timeit, load 2), no dispatch or
+    torch-function mode and no torch.func transform active, only plain tensors (no fake or wrapper
+    subclasses; lists of tensors included)."""
     if (torch.compiler.is_compiling() or torch._C._len_torch_dispatch_stack()
-            or torch._C._is_torch_function_mode_enabled() or torch._C._functorch.maybe_current_level() is not None):
+            or torch._C._is_torch_function_mode_enabled() or torch._C._functorch.maybe_current_level() is not None
+            or torch._C._get_tracing_state() is not None):
         return False
     for a in args:
         if type(a) in _PLAIN_ARGUMENT_TYPES:  # 3.0 -> 0.6 us for masked_linear's 8 arguments

@@ -4,10 +4,11 @@ until the scores change."""
 
 from __future__ import annotations
 
+import weakref
 from typing import Optional
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor, fx, nn
 
 from .. import _checks, _ops, backends, functional
 from ..functional import selection
@@ -27,9 +28,11 @@ class ScoredModule(nn.Module):
     """Base of the masked layers and the channel gate (set up by :meth:`_init_rule`).
 
     The selection is cached until the scores change as autograd sees it (their version counter or
-    storage: an optimizer step, an in-place op under torch.no_grad, load_state_dict). A write through
-    ``scores.data`` bypasses the version counter and is not seen (the old threshold, or keep mask,
-    would be applied to the new scores): write under torch.no_grad() instead.
+    storage: an optimizer step, an in-place op under torch.no_grad, load_state_dict) or are another
+    tensor (torch.func.functional_call, a parametrization: a new tensor may sit where a freed one
+    was, with the same version). A write through ``scores.data`` bypasses the version counter and is
+    not seen (the old threshold, or keep mask, would be applied to the new scores): write under
+    torch.no_grad() instead.
     """
 
     scores: nn.Parameter
@@ -46,6 +49,20 @@ class ScoredModule(nn.Module):
         self._cache: Optional[tuple] = None
         self._keep_cache: Optional[tuple] = None
 
+    def __getstate__(self) -> dict:
+        """Pickled and deep-copied without the caches: they hold weak references (which pickle
+        refuses) and a copy selects again at its first call."""
+        state = super().__getstate__()  # nn.Module's: a copy of __dict__ less what module.compile() set
+        state["_cache"] = state["_keep_cache"] = None
+        return state
+
+    def _fx_node(self, input: fx.Proxy) -> fx.Proxy:
+        """This module as one call_module node of a torch.fx.symbolic_trace (an fx.Proxy input), as
+        nn.Linear is (a leaf of the default tracer): the forward checks its input in Python control
+        flow, which a symbolic input refuses (TraceError)."""
+        tracer = input.tracer
+        return tracer.create_proxy("call_module", tracer.path_of_module(self), (input,), {})
+
     def selection(self, fused_check: bool = False) -> tuple[Tensor, Tensor]:
         """``(thr, cut)`` of the current scores; recomputed only when the scores change.
 
@@ -61,7 +78,9 @@ class ScoredModule(nn.Module):
         """:meth:`selection` of ``scores``, which the caller read once (~0.5 us an nn.Module attribute).
 
         The caches are set through ``__dict__``: ``nn.Module.__setattr__`` looks for parameters,
-        modules and buffers first (~1.2 us a set, once per scores update).
+        modules and buffers first (~1.2 us a set, once per scores update). An entry is for the scores
+        tensor it holds a weak reference to: version and data pointer alone matched new scores made
+        where freed ones were (a stale selection applied, silently).
         """
         if functional._uncached():
             return selection(scores, self.density, self.threshold, fused_check=fused_check)
@@ -70,13 +89,13 @@ class ScoredModule(nn.Module):
         capturing = functional._capturing(scores.is_cuda)
         key = (scores._version, scores.data_ptr(), self.density, self.threshold, capturing)
         cache = self._cache
-        if cache is None or cache[0] != key or not (cache[2] or fused_check):
+        if cache is None or cache[0] != key or cache[3]() is not scores or not (cache[2] or fused_check):
             same_mode = cache is not None and cache[0][-1] == capturing
             hint = cache[1][0] if same_mode and self.density is not None else None
             checked = self.density is not None or not fused_check  # a top-k's select always checks
             made = outside_inference_mode(lambda: selection(scores, self.density, self.threshold, hint=hint,
                                                             fused_check=fused_check))
-            cache = self.__dict__["_cache"] = (key, made, checked)
+            cache = self.__dict__["_cache"] = (key, made, checked, weakref.ref(scores))
         return cache[1]
 
     def keep(self) -> Tensor:

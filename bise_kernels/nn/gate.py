@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Optional
 
 import torch
-from torch import Tensor
+from torch import Tensor, fx
 
 from .. import _checks, _ops
 from ..functional import _fused_check, _gate_op, _gate_threshold
@@ -27,13 +27,21 @@ class ChannelGate(ScoredModule):
         num_channels, dim = _checks.check_int(num_channels, "num_channels"), _checks.check_int(dim, "dim")
         if num_channels < 1:
             raise ValueError(f"num_channels must be a positive int, got {num_channels!r}")
-        self._init_rule(torch.full((num_channels,), _checks.check_real(init, "init"), device=device), density,
+        self.init = _checks.check_real(init, "init")
+        self._init_rule(torch.full((num_channels,), self.init, device=device), density,
                         _gate_threshold(density, threshold), estimator, temperature)
         self.num_channels = num_channels
         self.dim = dim
         self.enabled = True
 
+    def reset_parameters(self) -> None:
+        """Every score back to ``init`` (deferred initialisation calls it, as on nn.Linear)."""
+        with torch.no_grad():
+            self.scores.fill_(self.init)
+
     def forward(self, x: Tensor) -> Tensor:
+        if isinstance(x, fx.Proxy):  # one node, enabled or not (read when the traced model runs)
+            return self._fx_node(x)
         if not self.enabled:
             return x
         dim = _checks.check_dim(self.dim, x.dim())

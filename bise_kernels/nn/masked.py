@@ -6,7 +6,7 @@ import math
 from typing import Optional, Union
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor, fx, nn
 from torch.nn.modules.utils import _pair
 
 from .. import _checks, _ops
@@ -94,7 +94,15 @@ class _MaskedLayer(ScoredModule):
             raise ValueError(f"{type(self).__name__} has no weight to mask: weight of shape {tuple(self.weight.shape)}")
         self._init_rule(init_scores(self.weight, granularity, score_init), density, threshold, estimator,
                         temperature)
+        self.score_init = score_init
         self.global_selector = None  # set by mask_model(scope="global")
+
+    def _reset_scores(self) -> None:
+        """The scores set again by ``score_init`` (from the current weight for "magnitude"), after the
+        dense layer's reset_parameters, which its __init__ calls before the scores exist."""
+        if "scores" in self._parameters:
+            with torch.no_grad():
+                self.scores.copy_(init_scores(self.weight, self.granularity, self.score_init))
 
     def _selection(self, scores: Tensor, fused_check: bool) -> tuple[Tensor, Tensor]:
         """``(thr, cut)`` of this layer's scores, or of its share of a global top-k (whose select
@@ -141,12 +149,13 @@ class _MaskedLayer(ScoredModule):
         return layer
 
     def _bake_into(self, dense: nn.Module) -> nn.Module:
-        """Copy the masked weight and the bias into a freshly built plain module."""
+        """Copy the masked weight and the bias into a freshly built plain module, in this layer's train
+        or eval mode (an eval conv beside an eval BatchNorm is what fuse_modules takes)."""
         with torch.no_grad():
             dense.weight.copy_(self._masked_weight())
             if self.bias is not None:
                 dense.bias.copy_(self.bias)
-        return dense
+        return dense.train(self.training)
 
     def _mask_repr(self) -> str:
         """What the masked layer adds to its dense repr; the temperature only where the estimator reads it,
@@ -185,9 +194,17 @@ class MaskedLinear(nn.Linear, _MaskedLayer):
     def extra_repr(self) -> str:
         return nn.Linear.extra_repr(self) + self._mask_repr()
 
-    def forward(self, x: Tensor) -> Tensor:
+    def reset_parameters(self) -> None:
+        """nn.Linear's initialisation of the weight and bias, then the scores' (deferred initialisation,
+        to_empty after building on the meta device, calls it on every module)."""
+        super().reset_parameters()
+        self._reset_scores()
+
+    def forward(self, input: Tensor) -> Tensor:  # nn.Linear's name: layer(input=x) works as there
+        if isinstance(input, fx.Proxy):
+            return self._fx_node(input)
         scores = self.scores
-        x, weight, bias = _autocast(x, self.weight, self.bias)
+        x, weight, bias = _autocast(input, self.weight, self.bias)
         if self._uses_keep(x):
             return _ops.masked_linear_keep(x, weight, bias, scores, self._keep(scores), self.estimator,
                                            self.temperature)
@@ -239,12 +256,20 @@ class MaskedConv2d(nn.Conv2d, _MaskedLayer):
     def extra_repr(self) -> str:
         return nn.Conv2d.extra_repr(self) + self._mask_repr()
 
-    def forward(self, x: Tensor) -> Tensor:
-        if x.dim() == 3:  # unbatched (C, H, W), as nn.Conv2d takes it
-            return self.forward(x.unsqueeze(0)).squeeze(0)
+    def reset_parameters(self) -> None:
+        """nn.Conv2d's initialisation of the weight and bias, then the scores' (deferred initialisation,
+        to_empty after building on the meta device, calls it on every module)."""
+        super().reset_parameters()
+        self._reset_scores()
+
+    def forward(self, input: Tensor) -> Tensor:  # nn.Conv2d's name, as MaskedLinear's
+        if isinstance(input, fx.Proxy):
+            return self._fx_node(input)
+        if input.dim() == 3:  # unbatched (C, H, W), as nn.Conv2d takes it
+            return self.forward(input.unsqueeze(0)).squeeze(0)
         geometry = (list(self.stride), list(self.padding), list(self.dilation), self.groups)
         scores = self.scores
-        x, weight, bias = _autocast(x, self.weight, self.bias)
+        x, weight, bias = _autocast(input, self.weight, self.bias)
         if self._uses_keep(x):
             return _ops.masked_conv2d_keep(x, weight, bias, scores, self._keep(scores), *geometry, self.estimator,
                                            self.temperature)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import fnmatch
+import weakref
 from typing import Iterable, Optional, Sequence, Union
 
 import torch
@@ -24,21 +25,32 @@ class GlobalSelection:
         self.layers = list(layers)
         self.density = _checks.check_density(density)
         self._key = None
+        self._refs: list[weakref.ref] = []
         self._result: dict[int, tuple[Tensor, Tensor]] = {}
 
+    def __getstate__(self) -> dict:
+        """Pickled and deep-copied without the cached result (weak references; selected again)."""
+        return {**self.__dict__, "_key": None, "_refs": [], "_result": {}}
+
     def selection_for(self, layer: nn.Module) -> tuple[Tensor, Tensor]:
+        """Layer ``layer``'s ``(thr, cut)``, cached as a layer's own selection (ScoredModule._selection:
+        the scores' versions, data pointers and the tensors themselves, by weak reference)."""
         scores = [m.scores for m in self.layers]
         if functional._uncached():
             return self._select(scores)[id(layer)]
         key = tuple((s._version, s.data_ptr()) for s in scores)
-        if key != self._key:
-            self._key, self._result = key, outside_inference_mode(lambda: self._select(scores))
+        if key != self._key or any(r() is not s for r, s in zip(self._refs, scores)):
+            result = outside_inference_mode(lambda: self._select(scores))
+            self._key, self._refs, self._result = key, [weakref.ref(s) for s in scores], result
         return self._result[id(layer)]
 
     def _select(self, scores: list[Tensor]) -> dict[int, tuple[Tensor, Tensor]]:
         """``(thr, cut)`` per layer (keyed by id), the cut shifted by the layer's offset."""
         for i, s in enumerate(scores):
             _checks.check_scores(s, f"scores of layer {i}", finite=False)
+            # one select over all: one dtype (a layer moved alone by .half() fails in the kernels) and device
+            _checks.check_like(s, scores[0], f"scores of layer {i}", "scores of layer 0",
+                               why="; scope='global' selects every layer's scores together")
         _checks.check_select_finite(scores, [f"scores of layer {i}" for i in range(len(scores))], "topk_select")
         k = _checks.k_from_density(self.density, sum(s.numel() for s in scores))
         thr, cut = _ops.topk_select([s.detach() for s in scores], k, None)
@@ -61,7 +73,8 @@ def mask_model(model: nn.Module, granularity: str = "weight", *, density: Option
                freeze_weights: bool = True) -> list[nn.Parameter]:
     """Replace nn.Linear / nn.Conv2d modules in place by masked ones; return their score parameters.
 
-    ``include`` / ``exclude`` are fnmatch patterns over qualified module names ("layer1.*").
+    ``include`` / ``exclude`` are fnmatch patterns over qualified module names ("layer1.*"). A module
+    shared by several parents becomes one masked layer under all its names, unless any name is excluded.
     ``scope="global"`` selects one top-k over all masked layers together (needs ``density``).
     """
     if scope not in ("layerwise", "global"):
@@ -70,27 +83,28 @@ def mask_model(model: nn.Module, granularity: str = "weight", *, density: Option
         raise ValueError("scope='global' needs density (one top-k over all layers); got density=None")
     _checks.check_mask_spec(density, threshold)
     targets = []
-    for name, module in model.named_modules():
-        if type(module) not in (nn.Linear, nn.Conv2d):
+    for names, module in _by_module(model, (nn.Linear, nn.Conv2d), exact=True):
+        if include is not None and not any(matches(name, include) for name in names):
             continue
-        if include is not None and not matches(name, include):
+        if any(matches(name, exclude) for name in names):
             continue
-        if matches(name, exclude):
-            continue
-        targets.append((name, module))
+        targets.append((names, module))
     if not targets:
-        raise ValueError(f"no nn.Linear or nn.Conv2d module matches include={include!r}, exclude={exclude!r}")
-    if targets[0][0] == "":
+        masked = len(_by_module(model, (MaskedLinear, MaskedConv2d), exact=False))
+        why = f" (its {masked} masked layers are masked already: unmask_model first)" if masked else ""
+        raise ValueError(f"no nn.Linear or nn.Conv2d module matches include={include!r}, exclude={exclude!r}{why}")
+    if targets[0][0][0] == "":
         raise ValueError("mask_model replaces submodules; pass a model containing the layer, not the layer itself")
     layers = []
-    for name, module in targets:
+    for names, module in targets:
         cls = MaskedLinear if isinstance(module, nn.Linear) else MaskedConv2d
         layer = cls.from_dense(module, granularity, density=density if scope == "layerwise" else 1.0,
                                threshold=threshold, estimator=estimator, temperature=temperature,
                                score_init=score_init, freeze_weights=freeze_weights)
         if scope == "global":
             layer.density = density
-        model.set_submodule(name, layer)
+        for name in names:
+            model.set_submodule(name, layer)
         layers.append(layer)
     if scope == "global":
         selector = GlobalSelection(layers, density)
@@ -99,15 +113,26 @@ def mask_model(model: nn.Module, granularity: str = "weight", *, density: Option
     return [layer.scores for layer in layers]
 
 
-
 def unmask_model(model: nn.Module) -> nn.Module:
     """The inverse of :func:`mask_model`: replace every MaskedLinear / MaskedConv2d in place by the plain
     layer with its current mask baked into the weight (:meth:`to_dense`); return ``model``. The masked
     layers' original weights are left as they were (baked copies replace them)."""
-    masked = [(name, module) for name, module in model.named_modules() if isinstance(module, (MaskedLinear,
-                                                                                             MaskedConv2d))]
-    if masked and masked[0][0] == "":
+    masked = _by_module(model, (MaskedLinear, MaskedConv2d), exact=False)
+    if masked and masked[0][0][0] == "":
         raise ValueError("unmask_model replaces submodules; call to_dense() on a single masked layer")
-    for name, module in masked:
-        model.set_submodule(name, module.to_dense())
+    for names, module in masked:
+        dense = module.to_dense()
+        for name in names:
+            model.set_submodule(name, dense)
     return model
+
+
+def _by_module(model: nn.Module, types: tuple, exact: bool) -> list[tuple[list[str], nn.Module]]:
+    """The submodules of ``types`` (the type itself if ``exact``, else an instance), each once with
+    every qualified name it has: a module shared by two parents is one layer, replaced under both
+    names (``named_modules`` gives it under its first name only)."""
+    found: dict[int, tuple[list[str], nn.Module]] = {}
+    for name, module in model.named_modules(remove_duplicate=False):
+        if type(module) in types if exact else isinstance(module, types):
+            found.setdefault(id(module), ([], module))[0].append(name)
+    return list(found.values())

@@ -342,7 +342,7 @@ _BAD_MODULE_INPUTS = {  # a module, a bad input, what the error says (the Python
     "int-x": (lambda: bk.MaskedLinear(8, 4, density=0.5), torch.ones(2, 8, dtype=torch.long), "x must be"),
     "dtype": (lambda: bk.MaskedLinear(8, 4, threshold=0.0), torch.randn(2, 8, dtype=torch.float64),
               "weight has dtype .* but x has"),
-    "conv-5d": (lambda: bk.MaskedConv2d(3, 4, 3, density=0.5), torch.randn(1, 2, 3, 5, 5), "must be 4-d"),
+    "conv-5d": (lambda: bk.MaskedConv2d(3, 4, 3, density=0.5), torch.randn(1, 1, 3, 5, 5), "must be 4-d"),
     "conv-channels": (lambda: bk.MaskedConv2d(3, 4, 3, density=0.5), torch.randn(1, 2, 5, 5), "groups=1"),
     "gate-int-x": (lambda: bk.ChannelGate(4), torch.ones(2, 4, dtype=torch.long), "x must be"),
 }
@@ -352,7 +352,7 @@ _BAD_MODULE_INPUTS = {  # a module, a bad input, what the error says (the Python
                                              for mode in (("auto",) if "gate" in case else ("selection", "keep"))])
 def test_a_module_rejects_a_bad_input_on_every_backend(backend, case, mask_mode):
     """A module's forward leaves its argument checks to the kernels; the reference ones made none, so
-    on "torch" a ChannelGate took integer input, a MaskedConv2d a 3-d one (rejected by the others),
+    on "torch" a ChannelGate took integer input, a MaskedConv2d a 5-d one (rejected by the others),
     and the rest failed in torch's own ops."""
     make, x, message = _BAD_MODULE_INPUTS[case]
     module = make()
