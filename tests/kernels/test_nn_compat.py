@@ -77,6 +77,7 @@ def test_to_dense_keeps_the_train_or_eval_mode():
 
 
 @pytest.mark.filterwarnings("ignore::torch.jit.TracerWarning")
+@pytest.mark.filterwarnings("ignore:`torch.jit.trace:DeprecationWarning")  # torch 2.13 deprecates tracing; still used
 @pytest.mark.parametrize("mask_mode", ["selection", "keep"])
 def test_torch_jit_trace_records_the_selection(backend, mask_mode):
     """torch.jit.trace (a TorchScript module) failed: the top-k's k was
