@@ -4,6 +4,7 @@ gradients to the scores. Backends: "torch" (reference), "cpp", "cuda", "triton";
 """
 
 from . import _ops  # noqa: F401  (registers the torch.ops.bise_kernels schemas)
+from . import _flops  # noqa: F401  (FlopCounterMode formulas of the masked layer ops)
 from . import nn
 from .backends import (
     BackendUnavailableError,

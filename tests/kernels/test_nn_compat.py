@@ -272,3 +272,28 @@ def test_ddp_on_two_cpu_processes_trains_as_one_process():
         want = _ddp_train(_ddp_model(scope))
         for key in want:
             torch.testing.assert_close(state[key], want[key], rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("mask_mode", ["selection", "keep"])
+def test_flop_counter_counts_a_masked_layer_as_its_dense_layer(backend, mask_mode):
+    """FlopCounterMode counted 0 for the masked ops (bise_kernels/_flops.py): now the dense GEMM /
+    convolution they run, forward and backward, the same as for nn.Linear / nn.Conv2d (and with
+    torch's own formula's choices, e.g. its grouped-conv weight gradient)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    def flops(step):
+        with FlopCounterMode(display=False) as counter:
+            step()
+        return counter.get_total_flops()
+
+    torch.manual_seed(0)
+    layers = [(bk.MaskedLinear(12, 6, density=0.5, mask_mode=mask_mode), nn.Linear(12, 6), (2, 3, 12)),
+              (bk.MaskedConv2d(4, 6, 3, padding=1, stride=2, groups=2, threshold=0.0, mask_mode=mask_mode),
+               nn.Conv2d(4, 6, 3, padding=1, stride=2, groups=2), (2, 4, 7, 7)),
+              (bk.MaskedConv2d(4, 6, 3, density=0.3, mask_mode=mask_mode), nn.Conv2d(4, 6, 3), (2, 4, 7, 7))]
+    for masked, dense, shape in layers:
+        for x_grad in (False, True):
+            x = torch.randn(shape, requires_grad=x_grad)
+            forward = flops(lambda: masked(x))
+            assert forward > 0 and forward == flops(lambda: dense(x)), masked
+            assert flops(lambda: masked(x).sum().backward()) == flops(lambda: dense(x).sum().backward()), (masked, x_grad)
