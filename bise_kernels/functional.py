@@ -152,16 +152,6 @@ threshold is checked against them by comparisons, which traced code (a SymFloat 
 and every call that makes its own scalar can afford."""
 
 
-def _uncached() -> bool:
-    """Whether the modules' selection caches stand aside: while compiling (traced tensors have no
-    data pointer to key a cache on), under a torch.func transform (its wrapped tensors have none
-    either, and are new at every call) and under torch.jit.trace (a cached selection would be
-    recorded as a constant: the trace must select from the scores it is given). 0.25 us outside
-    all, 0.08 of it the tracing test (timeit, load 2)."""
-    return (torch.compiler.is_compiling() or torch._C._functorch.maybe_current_level() is not None
-            or torch._C._get_tracing_state() is not None)
-
-
 def _capturing(is_cuda: bool) -> bool:
     """Whether work on a CUDA device (``is_cuda``) is being captured into a CUDA graph: what it makes
     is filled only by a replay, so no cache may hand it to an eager call. Takes the flag, not a

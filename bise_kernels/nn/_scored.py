@@ -82,7 +82,7 @@ class ScoredModule(nn.Module):
         tensor it holds a weak reference to: version and data pointer alone matched new scores made
         where freed ones were (a stale selection applied, silently).
         """
-        if functional._uncached():
+        if _ops._uncached():
             return selection(scores, self.density, self.threshold, fused_check=fused_check)
         # An entry made in a CUDA-graph capture holds what only a replay fills: it serves that capture
         # only, and a capture never takes an eager entry (its replays must select the scores of then).
@@ -105,7 +105,7 @@ class ScoredModule(nn.Module):
 
     def _keep(self, scores: Tensor) -> Tensor:
         """:meth:`keep` of ``scores`` (as :meth:`_selection`)."""
-        uncached = functional._uncached()
+        uncached = _ops._uncached()
         if not uncached:
             # Keyed on the selection's cache entry too: a threshold's (thr, cut) is one pair shared
             # by every version of the scores (functional._device_scalar). A cached mask was made
@@ -127,7 +127,7 @@ class ScoredModule(nn.Module):
         checks in its pass (registry ``CHECKS_FINITE``: "cpp", "cuda"; on CUDA no launch of its own
         where the Python check made 5); elsewhere the selection is checked in Python first. While
         uncached (compiling: no registry either) a threshold is checked by keep_mask."""
-        if functional._uncached():
+        if _ops._uncached():
             return (*self._selection(scores, False), self.threshold is not None)
         thr, cut = self._selection(scores, True)
         if self.threshold is None or self._cache[2]:  # a top-k (its select checks) or a checked threshold

@@ -9,7 +9,7 @@ from typing import Iterable, Optional, Sequence, Union
 import torch
 from torch import Tensor, nn
 
-from .. import _checks, _ops, functional
+from .. import _checks, _ops
 from ._scored import outside_inference_mode
 from .masked import MaskedConv2d, MaskedLinear
 
@@ -36,7 +36,7 @@ class GlobalSelection:
         """Layer ``layer``'s ``(thr, cut)``, cached as a layer's own selection (ScoredModule._selection:
         the scores' versions, data pointers and the tensors themselves, by weak reference)."""
         scores = [m.scores for m in self.layers]
-        if functional._uncached():
+        if _ops._uncached():
             return self._select(scores)[id(layer)]
         key = tuple((s._version, s.data_ptr()) for s in scores)
         if key != self._key or any(r() is not s for r, s in zip(self._refs, scores)):
