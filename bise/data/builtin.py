@@ -236,6 +236,19 @@ def available() -> dict:
     return {n: b.description for n, b in BUILTINS.items()}
 
 
+def source_stamp(name: str, opts: dict, data_dir: Path) -> str:
+    """:func:`sources.stamp` of the source files the benchmark reads from (empty for scikit-learn's
+    bundled digits): part of its cache key, so that another data folder, or replaced files, are
+    never answered with the cached data of the first."""
+    bench = BUILTINS[name]
+    if bench.source == "digits":
+        return ""
+    if bench.source == "mnist":
+        return sources.stamp(sources.mnist_files(opts["source"], data_dir))
+    folder = sources.fashion_dir(data_dir)
+    return sources.stamp(folder / f for f in sources.FASHION_FILES)
+
+
 def resolve_options(name: str, given: dict, data_dir: Path) -> dict:
     """Defaults filled in, values typed, MNIST source resolved (so the cache key names it)."""
     bench = BUILTINS[name]
