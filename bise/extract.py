@@ -44,7 +44,7 @@ from .sgd import sgd_step
 from .subnetwork import Subnetwork
 from .models import reinitialize
 from .recipes import recipe_for
-from .train import fit
+from .train import fit, seeded
 
 CHECKPOINT_NAME = "checkpoint.pt"
 CHECKPOINT_FORMAT = "bise-extract-checkpoint-v1"
@@ -180,14 +180,14 @@ def _check_data(data, config: ExtractConfig) -> None:
 
 def _identification_model(model: nn.Module, data, config: ExtractConfig, quiet: bool) -> nn.Module:
     """Same architecture, fresh weights, ``identification_epochs`` of ERM with the data's recipe (section 9)."""
-    torch.manual_seed(config.seed)
-    ident = reinitialize(copy.deepcopy(model))
-    for p in ident.parameters():
-        p.requires_grad_(True)
     recipe = recipe_for(data, model)
-    return fit(ident, data.train, recipe, epochs=config.identification_epochs,
-               batch_size=config.batch_size or recipe["batch_size"], lr=recipe["lr"], seed=config.seed,
-               device=config.device, quiet=quiet, desc="identification model")
+    with seeded(config.seed, config.device):
+        ident = reinitialize(copy.deepcopy(model))
+        for p in ident.parameters():
+            p.requires_grad_(True)
+        return fit(ident, data.train, recipe, epochs=config.identification_epochs,
+                   batch_size=config.batch_size or recipe["batch_size"], lr=recipe["lr"], seed=config.seed,
+                   device=config.device, quiet=quiet, desc="identification model")
 
 
 class _Run:
@@ -497,7 +497,6 @@ class _Run:
             for g in self.gates.values():
                 g.scores.zero_()
                 g.temperature = config.tau0
-        torch.manual_seed(config.seed)
         tap = BottleneckTap(self.bottleneck)
         try:
             with torch.no_grad():
@@ -505,7 +504,8 @@ class _Run:
             dim = tap.take().shape[1]
         finally:
             tap.close()
-        self.heads = nn.ModuleList(nn.Linear(dim, self.num_bias_classes) for _ in range(self.train.b2.shape[1]))
+        with seeded(config.seed, self.device):  # the heads' initialisation; the caller's RNG is left alone
+            self.heads = nn.ModuleList(nn.Linear(dim, self.num_bias_classes) for _ in range(self.train.b2.shape[1]))
         self.heads.to(self.device)
         self.scores = [g.scores for g in self.gates.values()]
         self.mask_opt = torch.optim.SGD(self.scores, lr=config.mask_lr, momentum=config.mask_momentum,
@@ -564,7 +564,7 @@ class _Run:
                 "scores": self.current_scores(), "heads": self.heads.state_dict(),
                 "mask_opt": self.mask_opt.state_dict(), "head_opt": self.head_opt.state_dict(),
                 "best": self.best, "history": self.history,
-                "rng": {"torch": torch.get_rng_state(), "generator": self.generator.get_state()},
+                "rng": {"generator": self.generator.get_state()},
                 "pseudo_bias": self.pseudo_bias, "gate_names": list(self.gates), "timing": dict(self.timing),
                 "done": self.epoch >= self.config.mask_epochs}
 
@@ -587,7 +587,6 @@ class _Run:
         self.head_opt.load_state_dict(ckpt["head_opt"])
         self.best, self.history, self.epoch = ckpt["best"], ckpt["history"], ckpt["epoch"]
         self.timing = dict(ckpt.get("timing", {}))  # the phases' seconds before the resume (none: older checkpoint)
-        torch.set_rng_state(ckpt["rng"]["torch"])
         self.generator.set_state(ckpt["rng"]["generator"])
 
 
