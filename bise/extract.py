@@ -116,9 +116,7 @@ class ExtractConfig:
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{name} must be True or False, got {getattr(self, name)!r}")
         for name in ("gate_names", "gate_exclude"):
-            v = getattr(self, name)
-            if v is not None and (not isinstance(v, (list, tuple)) or not all(isinstance(p, str) for p in v)):
-                raise ValueError(f"{name} must be a list of module-name patterns or None, got {v!r}")
+            validate.patterns(name, getattr(self, name))
         if self.bottleneck is not None and not isinstance(self.bottleneck, str):
             raise ValueError(f"bottleneck must be a module name or None, got {self.bottleneck!r}")
         if not 0 < self.tau_factor < 1:
@@ -636,7 +634,11 @@ def prepare_run(model: nn.Module, data, config: ExtractConfig, quiet: bool = Tru
     if not gates_of(model):
         example = data.train.inputs(torch.arange(min(2, len(data.train)))).to(device)
         insert_gates(model, config.gate_names, exclude=config.gate_exclude, example_input=example,
-                     temperature=config.tau0, bottleneck=config.bottleneck)
+                     temperature=config.tau0, bottleneck=config.bottleneck, arg_names=("gate_names", "gate_exclude"))
+    elif config.gate_names is not None or config.gate_exclude is not None:
+        raise ValueError("gate_names / gate_exclude choose where extract inserts gates, but the model has gates "
+                         f"already ({', '.join(list(gates_of(model))[:4])}, ...): pass the model without them, "
+                         "or leave both None")
     run = _Run(model, data, config, quiet)
     _labels(run, ckpt)
     run.init_trainables()
@@ -653,7 +655,8 @@ def extract(model: nn.Module, data, *, config: Optional[ExtractConfig] = None, o
     """Find the unbiased subnetwork of a vanilla ``model`` on ``data`` (a bise.data BiasedDataset).
 
     The model is copied (the caller's stays untouched), frozen and kept in eval mode. Gates go
-    where :func:`bise.gates.insert_gates` puts them unless the model already has gates. Masks and
+    where :func:`bise.gates.insert_gates` puts them (``config.gate_names`` / ``gate_exclude``) unless the
+    model already has gates (then both must be None). Masks and
     head learn on the mask set of ``config.mask_set`` (:func:`bise.data.mask_data`).
     ``out_dir``: where ``checkpoint.pt`` is written after pre-training and every epoch;
     ``resume=True`` continues from it (an existing checkpoint without ``resume`` is refused).

@@ -51,6 +51,18 @@ def as_positive(name: str, value) -> float:
     return value
 
 
+def patterns(name: str, value) -> Optional[tuple]:
+    """A list or tuple of module-name patterns (fnmatch, over qualified names) or None, as a tuple.
+
+    A str is refused, not taken as one pattern: it is a sequence of one-letter patterns. Patterns that
+    match no module are refused where the model is known (:func:`bise.gates.insert_gates`)."""
+    if value is None:
+        return None
+    if not isinstance(value, (list, tuple)) or not all(isinstance(p, str) for p in value):
+        raise TypeError(f"{name} must be a list of module-name patterns (fnmatch) or None, got {value!r}")
+    return tuple(value)
+
+
 def device(value) -> torch.device:
     """A usable torch device: ``cpu``, or ``cuda`` / ``cuda:N`` on a machine whose CUDA has device N."""
     try:
@@ -166,4 +178,4 @@ def same_bias_classes(data, label_free: bool, flag: str = "label_free=True") -> 
 
 
 __all__ = ["MAX_SEED", "as_int", "as_positive", "dataset", "device", "extract_config", "model_fits", "module",
-           "same_bias_classes", "seed"]
+           "patterns", "same_bias_classes", "seed"]
