@@ -31,7 +31,7 @@ from bise_kernels import global_topk_masks
 
 from . import distributed, losses, validate
 from .batching import DeviceSplit, to_device
-from .checkpoint import load_checkpoint, save_atomic
+from .checkpoint import CheckpointError, load_checkpoint, save_atomic
 from .data.maskset import PROTOCOLS as MASK_SETS
 from .data.maskset import mask_data
 from .evaluate import predict
@@ -650,8 +650,19 @@ def prepare_run(model: nn.Module, data, config: ExtractConfig, quiet: bool = Tru
     return run
 
 
+def read_checkpoint(path) -> dict:
+    """The extraction checkpoint at ``path``: :func:`~bise.checkpoint.load_checkpoint` with the keys and
+    format :func:`extract` needs (:class:`~bise.checkpoint.CheckpointError` otherwise)."""
+    ckpt = load_checkpoint(path, required=("format", "config", "epoch", "scores", "heads", "mask_opt", "head_opt",
+                                           "best", "history", "rng", "gate_names"))
+    if ckpt["format"] != CHECKPOINT_FORMAT:
+        raise CheckpointError(f"{path} is not an extraction checkpoint (format {ckpt['format']!r})")
+    return ckpt
+
+
 def extract(model: nn.Module, data, *, config: Optional[ExtractConfig] = None, out_dir=None, resume: bool = False,
-            quiet: bool = False, callback: Optional[Callable[[int, dict], None]] = None) -> Subnetwork:
+            quiet: bool = False, callback: Optional[Callable[[int, dict], None]] = None,
+            checkpoint: Optional[dict] = None) -> Subnetwork:
     """Find the unbiased subnetwork of a vanilla ``model`` on ``data`` (a bise.data BiasedDataset).
 
     The model is copied (the caller's stays untouched), frozen and kept in eval mode. Gates go
@@ -661,6 +672,8 @@ def extract(model: nn.Module, data, *, config: Optional[ExtractConfig] = None, o
     ``out_dir``: where ``checkpoint.pt`` is written after pre-training and every epoch;
     ``resume=True`` continues from it (an existing checkpoint without ``resume`` is refused).
     ``callback(epoch, record)`` runs after each epoch's checkpoint (an exception stops the run).
+    ``checkpoint``: with ``resume``, the content of ``out_dir``'s checkpoint already read by the caller
+    (:func:`read_checkpoint`; the CLI reads it to report it), so that it is not read a second time.
     """
     config = validate.extract_config(config)
     validate.dataset(data)
@@ -672,15 +685,15 @@ def extract(model: nn.Module, data, *, config: Optional[ExtractConfig] = None, o
     _check_data(data, config)
     validate.model_fits(model, data)
     ckpt_path = Path(out_dir) / CHECKPOINT_NAME if out_dir is not None else None
-    ckpt = None
-    if ckpt_path is not None and ckpt_path.exists():
+    if checkpoint is not None and not (resume and ckpt_path is not None and ckpt_path.exists()):
+        raise ValueError("checkpoint= is the content of out_dir's checkpoint, read to resume it: it needs resume=True "
+                         "and out_dir holding that checkpoint")
+    ckpt = checkpoint
+    if ckpt is None and ckpt_path is not None and ckpt_path.exists():
         if not resume:
             raise ValueError(f"{ckpt_path} holds another extraction; pass resume=True to continue it or use a "
                              "fresh out_dir")
-        ckpt = load_checkpoint(ckpt_path, required=("format", "config", "epoch", "scores", "heads", "mask_opt",
-                                                    "head_opt", "best", "history", "rng", "gate_names"))
-        if ckpt["format"] != CHECKPOINT_FORMAT:
-            raise ValueError(f"{ckpt_path} is not an extraction checkpoint (format {ckpt['format']!r})")
+        ckpt = read_checkpoint(ckpt_path)
     device = torch.device(config.device)
     with ExitStack() as stack:
         if config.deterministic:
@@ -748,4 +761,4 @@ def model_without_gates(model: nn.Module) -> nn.Module:
     return remove_gates(copy.deepcopy(model))
 
 
-__all__ = ["CHECKPOINT_NAME", "ExtractConfig", "extract", "prepare_run"]
+__all__ = ["CHECKPOINT_NAME", "ExtractConfig", "extract", "prepare_run", "read_checkpoint"]
