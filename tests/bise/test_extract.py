@@ -279,7 +279,8 @@ def test_bad_input_is_refused():
     data = _random_data()
     model = build_model("mlp", 3, data.input_shape, width=0.2)
     config = ExtractConfig(mask_epochs=1, head_epochs=0)
-    with pytest.raises(ValueError, match="as many bias classes"):
+    with pytest.raises(ValueError, match="as many bias classes .*num_bias_classes=2 .if bias class 2 merely has no "
+                                         "sample, give num_bias_classes=3 in the data spec."):
         extract(model, dataclasses.replace(data, num_bias_classes=2), config=config, quiet=True)
     with pytest.raises(ValueError, match="bias labels are missing"):
         extract(model, dataclasses.replace(data, train=Split(data.train.x, data.train.y, None)), config=config,
