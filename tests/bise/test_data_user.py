@@ -91,7 +91,8 @@ def test_a_class_without_training_samples_is_named(tmp_path):
     arrays.update(train_x=arrays["train_x"][keep], train_y=arrays["train_y"][keep], train_b=arrays["train_b"][keep])
     np.savez(tmp_path / "d.npz", **arrays)
     with pytest.raises(ValueError, match=r"d: the train split has no sample of class\(es\) \[2\] of num_classes=3 "
-                                         r"\(class 2 in val and test\): a class without training samples is never learnt"):
+                                         r"\(class 2 in val and test\): a class without training samples is never "
+                                         "learnt"):
         data.load(str(tmp_path / "d.npz"))
     np.savez(tmp_path / "e.npz", **_npz_arrays(k=3))
     with pytest.raises(ValueError, match=r"class\(es\) \[3\] of num_classes=4 \(class 3 in no split\)"):

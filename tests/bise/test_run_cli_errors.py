@@ -169,7 +169,8 @@ def test_resume_says_what_it_reuses(run_dir, capsys, monkeypatch):
     captured = capsys.readouterr()
     assert "reusing the run's vanilla.pt (epochs 1" in captured.err and "--vanilla-epochs 30 ignored" in captured.err
     loads, load = [], torch.load
-    monkeypatch.setattr(torch, "load", lambda f, *a, **k: loads.append(Path(getattr(f, "name", f)).name) or load(f, *a, **k))
+    monkeypatch.setattr(torch, "load",
+                        lambda f, *a, **k: loads.append(Path(getattr(f, "name", f)).name) or load(f, *a, **k))
     assert main(["extract", "--mask-epochs", "2", "--head-epochs", "1", "--out", str(run_dir), "--resume"]) == 0
     assert "resuming from epoch 2 of 2" in capsys.readouterr().out
     assert loads.count("checkpoint.pt") == 1  # it was read twice: by the CLI to report it, then by extract
