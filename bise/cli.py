@@ -435,8 +435,8 @@ def _extract_settings(inv: Invocation, config, source: Path) -> dict:
 
 
 def cmd_extract(inv: Invocation) -> None:
-    from .checkpoint import CheckpointError, load_checkpoint
-    from .extract import extract
+    from .checkpoint import CheckpointError
+    from .extract import extract, read_checkpoint
 
     a, data, run = inv.args, inv.data, inv.run
     config = _extract_config(inv)
@@ -459,7 +459,7 @@ def cmd_extract(inv: Invocation) -> None:
                    f"or extract again from the run's vanilla.pt with `bise extract --out {a.out} --overwrite` and "
                    "these extraction options, then resume"))
         try:
-            ckpt = load_checkpoint(run.path(CHECKPOINT))
+            ckpt = read_checkpoint(run.path(CHECKPOINT))
         except CheckpointError as exc:
             raise UsageError(f"{exc}; start the extraction again with --overwrite") from None
         inv.say(f"resuming from epoch {ckpt['epoch']} of {config.mask_epochs}")
@@ -469,7 +469,7 @@ def cmd_extract(inv: Invocation) -> None:
     if in_place and not resume:  # a new checkpoint in --out: recorded first, so that --resume can continue it
         run.record_now(CHECKPOINT, inv.entry("extract", inputs, settings, start))
     sub = extract(model, data, config=config, out_dir=run.out if in_place else run.staging, resume=resume,
-                  quiet=a.quiet)
+                  quiet=a.quiet, checkpoint=ckpt if resume else None)  # read once
     sub.save(run.staged(MASKS))
     outputs = {MASKS: inv.entry("extract", inputs, {**settings, "result": sub.info}, start)}
     if not in_place:

@@ -31,7 +31,7 @@ from bise_kernels import global_topk_masks
 
 from . import distributed, losses, validate
 from .batching import DeviceSplit, to_device
-from .checkpoint import load_checkpoint, save_atomic
+from .checkpoint import CheckpointError, load_checkpoint, save_atomic
 from .data.maskset import PROTOCOLS as MASK_SETS
 from .data.maskset import mask_data
 from .evaluate import predict
@@ -44,7 +44,7 @@ from .sgd import sgd_step
 from .subnetwork import Subnetwork
 from .models import reinitialize
 from .recipes import recipe_for
-from .train import fit
+from .train import fit, seeded
 
 CHECKPOINT_NAME = "checkpoint.pt"
 CHECKPOINT_FORMAT = "bise-extract-checkpoint-v1"
@@ -116,9 +116,7 @@ class ExtractConfig:
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{name} must be True or False, got {getattr(self, name)!r}")
         for name in ("gate_names", "gate_exclude"):
-            v = getattr(self, name)
-            if v is not None and (not isinstance(v, (list, tuple)) or not all(isinstance(p, str) for p in v)):
-                raise ValueError(f"{name} must be a list of module-name patterns or None, got {v!r}")
+            validate.patterns(name, getattr(self, name))
         if self.bottleneck is not None and not isinstance(self.bottleneck, str):
             raise ValueError(f"bottleneck must be a module name or None, got {self.bottleneck!r}")
         if not 0 < self.tau_factor < 1:
@@ -180,14 +178,14 @@ def _check_data(data, config: ExtractConfig) -> None:
 
 def _identification_model(model: nn.Module, data, config: ExtractConfig, quiet: bool) -> nn.Module:
     """Same architecture, fresh weights, ``identification_epochs`` of ERM with the data's recipe (section 9)."""
-    torch.manual_seed(config.seed)
-    ident = reinitialize(copy.deepcopy(model))
-    for p in ident.parameters():
-        p.requires_grad_(True)
     recipe = recipe_for(data, model)
-    return fit(ident, data.train, recipe, epochs=config.identification_epochs,
-               batch_size=config.batch_size or recipe["batch_size"], lr=recipe["lr"], seed=config.seed,
-               device=config.device, quiet=quiet, desc="identification model")
+    with seeded(config.seed, config.device):
+        ident = reinitialize(copy.deepcopy(model))
+        for p in ident.parameters():
+            p.requires_grad_(True)
+        return fit(ident, data.train, recipe, epochs=config.identification_epochs,
+                   batch_size=config.batch_size or recipe["batch_size"], lr=recipe["lr"], seed=config.seed,
+                   device=config.device, quiet=quiet, desc="identification model")
 
 
 class _Run:
@@ -497,7 +495,6 @@ class _Run:
             for g in self.gates.values():
                 g.scores.zero_()
                 g.temperature = config.tau0
-        torch.manual_seed(config.seed)
         tap = BottleneckTap(self.bottleneck)
         try:
             with torch.no_grad():
@@ -505,7 +502,8 @@ class _Run:
             dim = tap.take().shape[1]
         finally:
             tap.close()
-        self.heads = nn.ModuleList(nn.Linear(dim, self.num_bias_classes) for _ in range(self.train.b2.shape[1]))
+        with seeded(config.seed, self.device):  # the heads' initialisation; the caller's RNG is left alone
+            self.heads = nn.ModuleList(nn.Linear(dim, self.num_bias_classes) for _ in range(self.train.b2.shape[1]))
         self.heads.to(self.device)
         self.scores = [g.scores for g in self.gates.values()]
         self.mask_opt = torch.optim.SGD(self.scores, lr=config.mask_lr, momentum=config.mask_momentum,
@@ -564,7 +562,7 @@ class _Run:
                 "scores": self.current_scores(), "heads": self.heads.state_dict(),
                 "mask_opt": self.mask_opt.state_dict(), "head_opt": self.head_opt.state_dict(),
                 "best": self.best, "history": self.history,
-                "rng": {"torch": torch.get_rng_state(), "generator": self.generator.get_state()},
+                "rng": {"generator": self.generator.get_state()},
                 "pseudo_bias": self.pseudo_bias, "gate_names": list(self.gates), "timing": dict(self.timing),
                 "done": self.epoch >= self.config.mask_epochs}
 
@@ -587,7 +585,6 @@ class _Run:
         self.head_opt.load_state_dict(ckpt["head_opt"])
         self.best, self.history, self.epoch = ckpt["best"], ckpt["history"], ckpt["epoch"]
         self.timing = dict(ckpt.get("timing", {}))  # the phases' seconds before the resume (none: older checkpoint)
-        torch.set_rng_state(ckpt["rng"]["torch"])
         self.generator.set_state(ckpt["rng"]["generator"])
 
 
@@ -637,7 +634,11 @@ def prepare_run(model: nn.Module, data, config: ExtractConfig, quiet: bool = Tru
     if not gates_of(model):
         example = data.train.inputs(torch.arange(min(2, len(data.train)))).to(device)
         insert_gates(model, config.gate_names, exclude=config.gate_exclude, example_input=example,
-                     temperature=config.tau0, bottleneck=config.bottleneck)
+                     temperature=config.tau0, bottleneck=config.bottleneck, arg_names=("gate_names", "gate_exclude"))
+    elif config.gate_names is not None or config.gate_exclude is not None:
+        raise ValueError("gate_names / gate_exclude choose where extract inserts gates, but the model has gates "
+                         f"already ({', '.join(list(gates_of(model))[:4])}, ...): pass the model without them, "
+                         "or leave both None")
     run = _Run(model, data, config, quiet)
     _labels(run, ckpt)
     run.init_trainables()
@@ -649,16 +650,30 @@ def prepare_run(model: nn.Module, data, config: ExtractConfig, quiet: bool = Tru
     return run
 
 
+def read_checkpoint(path) -> dict:
+    """The extraction checkpoint at ``path``: :func:`~bise.checkpoint.load_checkpoint` with the keys and
+    format :func:`extract` needs (:class:`~bise.checkpoint.CheckpointError` otherwise)."""
+    ckpt = load_checkpoint(path, required=("format", "config", "epoch", "scores", "heads", "mask_opt", "head_opt",
+                                           "best", "history", "rng", "gate_names"))
+    if ckpt["format"] != CHECKPOINT_FORMAT:
+        raise CheckpointError(f"{path} is not an extraction checkpoint (format {ckpt['format']!r})")
+    return ckpt
+
+
 def extract(model: nn.Module, data, *, config: Optional[ExtractConfig] = None, out_dir=None, resume: bool = False,
-            quiet: bool = False, callback: Optional[Callable[[int, dict], None]] = None) -> Subnetwork:
+            quiet: bool = False, callback: Optional[Callable[[int, dict], None]] = None,
+            checkpoint: Optional[dict] = None) -> Subnetwork:
     """Find the unbiased subnetwork of a vanilla ``model`` on ``data`` (a bise.data BiasedDataset).
 
     The model is copied (the caller's stays untouched), frozen and kept in eval mode. Gates go
-    where :func:`bise.gates.insert_gates` puts them unless the model already has gates. Masks and
+    where :func:`bise.gates.insert_gates` puts them (``config.gate_names`` / ``gate_exclude``) unless the
+    model already has gates (then both must be None). Masks and
     head learn on the mask set of ``config.mask_set`` (:func:`bise.data.mask_data`).
     ``out_dir``: where ``checkpoint.pt`` is written after pre-training and every epoch;
     ``resume=True`` continues from it (an existing checkpoint without ``resume`` is refused).
     ``callback(epoch, record)`` runs after each epoch's checkpoint (an exception stops the run).
+    ``checkpoint``: with ``resume``, the content of ``out_dir``'s checkpoint already read by the caller
+    (:func:`read_checkpoint`; the CLI reads it to report it), so that it is not read a second time.
     """
     config = validate.extract_config(config)
     validate.dataset(data)
@@ -670,15 +685,15 @@ def extract(model: nn.Module, data, *, config: Optional[ExtractConfig] = None, o
     _check_data(data, config)
     validate.model_fits(model, data)
     ckpt_path = Path(out_dir) / CHECKPOINT_NAME if out_dir is not None else None
-    ckpt = None
-    if ckpt_path is not None and ckpt_path.exists():
+    if checkpoint is not None and not (resume and ckpt_path is not None and ckpt_path.exists()):
+        raise ValueError("checkpoint= is the content of out_dir's checkpoint, read to resume it: it needs resume=True "
+                         "and out_dir holding that checkpoint")
+    ckpt = checkpoint
+    if ckpt is None and ckpt_path is not None and ckpt_path.exists():
         if not resume:
             raise ValueError(f"{ckpt_path} holds another extraction; pass resume=True to continue it or use a "
                              "fresh out_dir")
-        ckpt = load_checkpoint(ckpt_path, required=("format", "config", "epoch", "scores", "heads", "mask_opt",
-                                                    "head_opt", "best", "history", "rng", "gate_names"))
-        if ckpt["format"] != CHECKPOINT_FORMAT:
-            raise ValueError(f"{ckpt_path} is not an extraction checkpoint (format {ckpt['format']!r})")
+        ckpt = read_checkpoint(ckpt_path)
     device = torch.device(config.device)
     with ExitStack() as stack:
         if config.deterministic:
@@ -746,4 +761,4 @@ def model_without_gates(model: nn.Module) -> nn.Module:
     return remove_gates(copy.deepcopy(model))
 
 
-__all__ = ["CHECKPOINT_NAME", "ExtractConfig", "extract", "prepare_run"]
+__all__ = ["CHECKPOINT_NAME", "ExtractConfig", "extract", "prepare_run", "read_checkpoint"]

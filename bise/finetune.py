@@ -20,7 +20,7 @@ from . import losses, validate
 from .batching import DeviceSplit, to_device
 from .evaluate import evaluate
 from .recipes import recipe_for
-from .train import _optimizer, train_epoch
+from .train import _optimizer, seeded, train_epoch
 
 LR_FACTOR = 0.01  # 0.1x (the spec's first guess) diverged: the reweighted loss weighs conflicting samples up to 1/(1-rho)
 
@@ -70,24 +70,24 @@ def finetune(model: nn.Module, data, *, epochs: int = 10, scheme: Optional[str] 
         p.requires_grad_(True)
     opt = _optimizer(model.parameters(), recipe, lr)
     gen = torch.Generator().manual_seed(seed)
-    torch.manual_seed(seed)
     val = DeviceSplit(data.val, device) if data.val is not None and len(data.val) else None
     best_acc, best_state = None, None
     bar = tqdm(range(1, epochs + 1), desc="BISE+FT", unit="epoch", disable=quiet)
-    for epoch in bar:
-        model.train()
-        mean_loss = train_epoch(model, train_dev, opt, gen, batch_size, device,
-                                lambda logits, idx: losses.reweighted_cross_entropy(
-                                    logits, y_dev[idx], b_dev[idx], group_weights=table))
-        record = {"epoch": epoch, "train_loss": mean_loss, "val": None}
-        if val is not None:
-            record["val"] = evaluate(model, val, device=device)
-            acc = record["val"]["accuracy"]
-            if best_acc is None or acc >= best_acc:
-                best_acc, best_state = acc, copy.deepcopy(model.state_dict())
-            bar.set_postfix(loss=f"{record['train_loss']:.3f}", val=f"{acc:.3f}")
-        if history is not None:
-            history.append(record)
+    with seeded(seed, device):  # dropout draws from the seeded global RNG; the caller's state is kept
+        for epoch in bar:
+            model.train()
+            mean_loss = train_epoch(model, train_dev, opt, gen, batch_size, device,
+                                    lambda logits, idx: losses.reweighted_cross_entropy(
+                                        logits, y_dev[idx], b_dev[idx], group_weights=table))
+            record = {"epoch": epoch, "train_loss": mean_loss, "val": None}
+            if val is not None:
+                record["val"] = evaluate(model, val, device=device)
+                acc = record["val"]["accuracy"]
+                if best_acc is None or acc >= best_acc:
+                    best_acc, best_state = acc, copy.deepcopy(model.state_dict())
+                bar.set_postfix(loss=f"{record['train_loss']:.3f}", val=f"{acc:.3f}")
+            if history is not None:
+                history.append(record)
     if best_state is not None:
         model.load_state_dict(best_state)
     for p in model.parameters():

@@ -16,6 +16,8 @@ from torch import Tensor, nn
 from bise_kernels import ChannelGate
 from bise_kernels.nn.model import matches
 
+from . import validate
+
 ACTIVATIONS = (nn.ReLU, nn.ReLU6, nn.GELU, nn.Tanh, nn.SiLU, nn.LeakyReLU, nn.ELU, nn.Hardswish, nn.Sigmoid,
                nn.Mish, nn.SELU, nn.CELU, nn.PReLU, nn.Softplus, nn.Hardtanh)
 MODES = ("vanilla", "masked", "pruned")
@@ -87,18 +89,19 @@ def _default_exclude(model: nn.Module, candidates: dict[str, nn.Module]) -> tupl
 
 def insert_gates(model: nn.Module, names: Optional[Sequence[str]] = None, *, exclude: Optional[Sequence[str]] = None,
                  example_input: Optional[Tensor] = None, temperature: float = 1.0,
-                 bottleneck: Optional[str] = None) -> dict[str, ChannelGate]:
+                 bottleneck: Optional[str] = None, arg_names: tuple = ("names", "exclude")) -> dict[str, ChannelGate]:
     """Wrap activation modules in :class:`Gated`, in place; return {qualified name: ChannelGate}.
 
     ``names`` (fnmatch patterns over qualified module names) picks the modules to gate; by default
     every activation module (``ACTIVATIONS``) except the stem (``model.bise_gate_exclude`` for the
     built-ins) and anything run after the bottleneck (the head). ``exclude`` removes more.
+    A pattern of ``names`` that matches no module, or of ``exclude`` that matches none of the modules
+    it could remove, is a ValueError naming it (a typo would otherwise keep a layer gated); the
+    errors call the two arguments ``arg_names`` (ExtractConfig's gate_names / gate_exclude).
     The channel count is read from one forward pass on ``example_input`` (built-in models make
     their own). A module that runs more than once per forward cannot carry a gate.
     """
-    for arg, value in (("names", names), ("exclude", exclude)):
-        if value is not None and (not isinstance(value, (list, tuple)) or not all(isinstance(p, str) for p in value)):
-            raise TypeError(f"{arg} must be a list of module-name patterns (fnmatch) or None, got {value!r}")
+    names, exclude = (validate.patterns(arg, value) for arg, value in zip(arg_names, (names, exclude)))
     if gates_of(model):
         raise ValueError("the model already has gates (Gated modules); insert them once")
     x = _example_input(model, example_input)
@@ -106,11 +109,14 @@ def insert_gates(model: nn.Module, names: Optional[Sequence[str]] = None, *, exc
         candidates = {n: m for n, m in model.named_modules() if n and isinstance(m, ACTIVATIONS)}
         default_exclude = _default_exclude(model, candidates)
     else:
+        modules = [n for n, _ in model.named_modules() if n]
+        _refuse_unmatched(arg_names[0], names, modules, f"module of {type(model).__name__}")
         candidates = {n: m for n, m in model.named_modules() if n and matches(n, names)}
         default_exclude = ()
-        unmatched = [p for p in names if not any(fnmatch.fnmatchcase(n, p) for n in candidates)]
-        if unmatched:
-            raise ValueError(f"names {unmatched} match no module of {type(model).__name__}")
+    if exclude is not None:
+        cls = type(model).__name__
+        what = f"activation module of {cls}" if names is None else f"module of {cls} picked by {arg_names[0]}"
+        _refuse_unmatched(arg_names[1], exclude, list(candidates), what)
     candidates = {n: m for n, m in candidates.items() if not matches(n, default_exclude) and not matches(n, exclude)}
     head = find_bottleneck(model, bottleneck) if names is None and _has_linear(model, bottleneck) else None
     tracked = dict(candidates)
@@ -141,6 +147,15 @@ def insert_gates(model: nn.Module, names: Optional[Sequence[str]] = None, *, exc
                          f"outside the stem and head (excluded: {list(default_exclude) + list(exclude or [])}); "
                          "pass names=[...] to choose modules")
     return gates
+
+
+def _refuse_unmatched(arg: str, patterns: tuple, names: list, what: str, shown: int = 8) -> None:
+    """ValueError naming the patterns that match none of ``names``, and listing some of ``names``."""
+    unmatched = [p for p in patterns if not any(fnmatch.fnmatchcase(n, p) for n in names)]
+    if unmatched:
+        listed = ", ".join(names[:shown]) + (f", ... ({len(names)} in all)" if len(names) > shown else "")
+        raise ValueError(f"{arg} pattern(s) {unmatched} match no {what} (fnmatch over qualified names); "
+                         f"those are: {listed or 'none'}")
 
 
 def _has_linear(model: nn.Module, bottleneck: Optional[str]) -> bool:

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from typing import Callable, Optional
+from contextlib import contextmanager
+from typing import Callable, Iterator, Optional
 
 import torch
 import torch.nn.functional as F
@@ -27,6 +28,22 @@ def _scheduler(opt, recipe: dict, epochs: int):
     if recipe.get("schedule") == "cosine":
         return torch.optim.lr_scheduler.CosineAnnealingLR(opt, max(1, epochs))
     return None
+
+
+@contextmanager
+def seeded(seed: int, device) -> Iterator[None]:
+    """Run the block with torch's global RNG seeded by ``seed`` (on the CPU and on ``device`` when it is
+    a GPU), then give the caller's RNG state back: weight initialisation and dropout are reproducible
+    and a library call does not reseed the caller's RNG. Inside, ``torch.manual_seed(seed)`` as before
+    (the same streams, so the same results)."""
+    device = torch.device(device)
+    gpus = [device.index if device.index is not None else torch.cuda.current_device()] if device.type == "cuda" else []
+    with torch.random.fork_rng(devices=gpus, device_type="cuda"):
+        torch.default_generator.manual_seed(seed)
+        for gpu in gpus:
+            with torch.cuda.device(gpu):
+                torch.cuda.manual_seed(seed)
+        yield
 
 
 def train_epoch(model: nn.Module, split, opt: torch.optim.Optimizer, generator: torch.Generator, batch_size: int,
@@ -95,7 +112,10 @@ def fit(model: nn.Module, split, recipe: dict, *, epochs: int, batch_size: int, 
 def train_vanilla(data, arch: Optional[str] = None, *, epochs: Optional[int] = None,
                   batch_size: Optional[int] = None, lr: Optional[float] = None, seed: int = 0, device="cpu",
                   width: float = 1.0, quiet: bool = False, **model_kwargs) -> nn.Module:
-    """Build ``arch`` for ``data`` and train it by ERM with its recipe (overridable); eval mode."""
+    """Build ``arch`` for ``data`` and train it by ERM with its recipe (overridable); eval mode.
+
+    ``seed`` fixes the initialisation, the batch order and dropout; the caller's global RNG state is
+    left as it was (:func:`seeded`)."""
     validate.dataset(data)
     if arch is not None and not isinstance(arch, str):
         hint = ("; to train a model of your own use bise.train.fit(model, data.train, "
@@ -106,10 +126,10 @@ def train_vanilla(data, arch: Optional[str] = None, *, epochs: Optional[int] = N
     batch_size = recipe["batch_size"] if batch_size is None else validate.as_int("batch_size", batch_size, 1)
     lr = recipe["lr"] if lr is None else validate.as_positive("lr", lr)
     seed, device = validate.seed(seed), validate.device(device)
-    torch.manual_seed(seed)
-    model = build_model(recipe["arch"], data.num_classes, data.input_shape, width=width, **model_kwargs)
-    return fit(model, data.train, recipe, epochs=epochs, batch_size=batch_size, lr=lr, seed=seed, device=device,
-               quiet=quiet)
+    with seeded(seed, device):  # initialisation and dropout draw from the seeded global RNG
+        model = build_model(recipe["arch"], data.num_classes, data.input_shape, width=width, **model_kwargs)
+        return fit(model, data.train, recipe, epochs=epochs, batch_size=batch_size, lr=lr, seed=seed,
+                   device=device, quiet=quiet)
 
 
-__all__ = ["fit", "train_epoch", "train_steps", "train_vanilla"]
+__all__ = ["fit", "seeded", "train_epoch", "train_steps", "train_vanilla"]

@@ -51,6 +51,18 @@ def as_positive(name: str, value) -> float:
     return value
 
 
+def patterns(name: str, value) -> Optional[tuple]:
+    """A list or tuple of module-name patterns (fnmatch, over qualified names) or None, as a tuple.
+
+    A str is refused, not taken as one pattern: it is a sequence of one-letter patterns. Patterns that
+    match no module are refused where the model is known (:func:`bise.gates.insert_gates`)."""
+    if value is None:
+        return None
+    if not isinstance(value, (list, tuple)) or not all(isinstance(p, str) for p in value):
+        raise TypeError(f"{name} must be a list of module-name patterns (fnmatch) or None, got {value!r}")
+    return tuple(value)
+
+
 def device(value) -> torch.device:
     """A usable torch device: ``cpu``, or ``cuda`` / ``cuda:N`` on a machine whose CUDA has device N."""
     try:
@@ -160,10 +172,14 @@ def same_bias_classes(data, label_free: bool, flag: str = "label_free=True") -> 
         raise ValueError(f"bias labels are missing from the train split; BISE needs the training set's bias "
                          f"labels (or use {flag} for pseudo labels from an identification model)")
     if data.num_bias_classes != data.num_classes:
+        # bise.data infers both counts as max label + 1 over all splits: a top bias class with no sample anywhere
+        kb, k = data.num_bias_classes, data.num_classes
+        absent = f"class {kb} merely has" if kb == k - 1 else f"classes {kb}..{k - 1} merely have"
+        fewer = f" (if bias {absent} no sample, give num_bias_classes={k} in the data spec)" if kb < k else ""
         raise ValueError(f"BISE assumes as many bias classes as target classes (|B| = |Y|, a sample is aligned iff "
-                         f"y == b); this dataset has num_classes={data.num_classes}, num_bias_classes="
-                         f"{data.num_bias_classes}. Relabel the bias, or use {flag}")
+                         f"y == b); this dataset has num_classes={k}, num_bias_classes={kb}{fewer}. Relabel the "
+                         f"bias, or use {flag}")
 
 
 __all__ = ["MAX_SEED", "as_int", "as_positive", "dataset", "device", "extract_config", "model_fits", "module",
-           "same_bias_classes", "seed"]
+           "patterns", "same_bias_classes", "seed"]

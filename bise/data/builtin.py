@@ -17,6 +17,7 @@ import numpy as np
 
 from . import corruptions, render, sources
 from .assign import bias_labels, cap, carve
+from .checks import untrained_classes
 
 SPLITS = ("train", "val", "test")
 MNIST_NOTE = ("Real MNIST digits at reduced scale: published BiasedMNIST / Colored MNIST numbers "
@@ -220,6 +221,10 @@ def build(name: str, opts: dict, seed: int, data_dir: Path, draw: int = 0) -> tu
         arrays[f"{split}_x"] = bench.render(gx[i], b, rng, opts, split)
         arrays[f"{split}_y"], arrays[f"{split}_b"] = gy[i], b
         arrays[f"{split}_src"] = src[i].astype(np.int64)
+    missing = untrained_classes(arrays["train_y"], k)
+    if missing:
+        raise ValueError(f"{name}: n_train={opts['n_train']} leaves class(es) {missing} of {k} without a training "
+                         "sample (never learnt); raise n_train")
     aligned = arrays["train_b"] == (arrays["train_y"] if bench.num_biases == 1
                                     else arrays["train_y"][:, None])
     info = {**pool.info, "seed": seed, "draw": draw,
@@ -234,6 +239,19 @@ def build(name: str, opts: dict, seed: int, data_dir: Path, draw: int = 0) -> tu
 def available() -> dict:
     """Built-in name -> one-line description."""
     return {n: b.description for n, b in BUILTINS.items()}
+
+
+def source_stamp(name: str, opts: dict, data_dir: Path) -> str:
+    """:func:`sources.stamp` of the source files the benchmark reads from (empty for scikit-learn's
+    bundled digits): part of its cache key, so that another data folder, or replaced files, are
+    never answered with the cached data of the first."""
+    bench = BUILTINS[name]
+    if bench.source == "digits":
+        return ""
+    if bench.source == "mnist":
+        return sources.stamp(sources.mnist_files(opts["source"], data_dir))
+    folder = sources.fashion_dir(data_dir)
+    return sources.stamp(folder / f for f in sources.FASHION_FILES)
 
 
 def resolve_options(name: str, given: dict, data_dir: Path) -> dict:

@@ -59,6 +59,25 @@ def _count(kind: str, splits: dict, given: Optional[int], per_bias: bool) -> int
     return given
 
 
+def untrained_classes(y, num_classes: int) -> list:
+    """The classes in [0, num_classes) without a sample in ``y`` (a training split's targets)."""
+    present = set(np.unique(np.asarray(y)).tolist())
+    return [c for c in range(num_classes) if c not in present]
+
+
+def _require_trained_classes(name: str, present: dict, k: int) -> None:
+    """Every target class has a training sample: one without any is never learnt, so its val / test
+    samples are errors by construction (or, in no split at all, it is a head output with no class)."""
+    missing = untrained_classes(present["train"].y, k)
+    if missing:
+        seen = {c: [s for s, sp in present.items() if s != "train" and bool((sp.y == c).any())] for c in missing[:5]}
+        where = "; ".join(f"class {c} in {' and '.join(v) if v else 'no split'}" for c, v in seen.items())
+        raise ValueError(f"{name}: the train split has no sample of class(es) {missing[:5]}"
+                         f"{' ...' if len(missing) > 5 else ''} of num_classes={k} ({where}): a class without "
+                         "training samples is never learnt. Give every class training samples, or relabel the "
+                         f"targets 0..K-1 with K the number of classes trained")
+
+
 def assemble(name: str, spec: str, splits: dict, *, info: dict, num_classes=None,
              num_bias_classes=None, rho=None, weighting: str = "group-balanced") -> BiasedDataset:
     """Cross-split checks (shapes, bias arity, label ranges), then the dataset."""
@@ -79,6 +98,7 @@ def assemble(name: str, spec: str, splits: dict, *, info: dict, num_classes=None
         raise ValueError("weighting=symmetric-rho needs rho=<nominal aligned fraction>")
     k = _count("y", present, num_classes, False)
     kb = _count("b", present, num_bias_classes, True)
+    _require_trained_classes(name, present, k)
     num_biases = 1 if present["train"].b.dim() == 1 else int(present["train"].b.shape[1])
     aligned = [round(float(v), 6) for v in present["train"].aligned().float().mean(dim=0).reshape(-1)]
     info = {**info, "sizes": {s: len(sp) for s, sp in present.items()},

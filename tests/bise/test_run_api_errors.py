@@ -136,9 +136,6 @@ def test_evaluate_and_finetune_name_a_bad_device(data, device, match):
     ("cache_features", "no", "cache_features must be True or False, got 'no'"),
     ("deterministic", None, "deterministic must be True or False, got None"),
     ("label_free", 1, "label_free must be True or False, got 1"),
-    ("gate_names", "features.fc1", "gate_names must be a list of module-name patterns or None, got 'features.fc1'"),
-    ("gate_exclude", [3], r"gate_exclude must be a list of module-name patterns or None, got \[3\]"),
-    ("gate_names", 3, "gate_names must be a list of module-name patterns or None, got 3"),
     ("bottleneck", 3, "bottleneck must be a module name or None, got 3"),
 ])
 def test_extract_config_names_every_bad_field_before_any_work(field, value, match):
@@ -148,6 +145,39 @@ def test_extract_config_names_every_bad_field_before_any_work(field, value, matc
     amp='yes' failed in torch.autocast, gate_names='features.fc1' matched its letters one by one."""
     with pytest.raises(ValueError, match=match):
         validate.extract_config({field: value})
+
+
+@pytest.mark.parametrize("field, value, match", [
+    ("gate_names", "features.fc1", r"gate_names must be a list of module-name patterns \(fnmatch\) or None, got "
+                                   "'features.fc1'"),
+    ("gate_exclude", [3], r"gate_exclude must be a list of module-name patterns \(fnmatch\) or None, got \[3\]"),
+    ("gate_names", 3, r"gate_names must be a list of module-name patterns \(fnmatch\) or None, got 3"),
+])
+def test_pattern_lists_of_the_wrong_type_are_a_type_error(field, value, match):
+    """ExtractConfig raised ValueError for what insert_gates refused with TypeError (two copies of one
+    check): one check now (validate.patterns), TypeError for a wrong type as everywhere."""
+    with pytest.raises(TypeError, match=match):
+        validate.extract_config({field: value})
+
+
+def test_gate_patterns_that_match_nothing_are_named_before_training(data, monkeypatch):
+    """gate_exclude=["features.relu"] (a typo of features.relu1) excluded nothing and kept the layer gated,
+    silently; a pre-gated model ignored gate_names / gate_exclude."""
+    import sys
+
+    from bise.gates import insert_gates
+
+    monkeypatch.setattr(sys.modules["bise.extract"], "_labels", lambda *a: pytest.fail("the run started"))
+    model = build_model("mlp", data.num_classes, data.input_shape)
+    with pytest.raises(ValueError, match=r"gate_exclude pattern\(s\) \['features.relu'\] match no activation "
+                                         r"module of MLP .*those are: features.relu1, features.relu2"):
+        bise.extract(model, data, config={"mask_epochs": 1, "gate_exclude": ["features.relu1", "features.relu"]},
+                     quiet=True)
+    with pytest.raises(ValueError, match=r"gate_names pattern\(s\) \['features.rleu\*'\] match no module of MLP"):
+        bise.extract(model, data, config={"mask_epochs": 1, "gate_names": ["features.rleu*"]}, quiet=True)
+    insert_gates(model)
+    with pytest.raises(ValueError, match="the model has gates already"):
+        bise.extract(model, data, config={"mask_epochs": 1, "gate_exclude": ["features.relu1"]}, quiet=True)
 
 
 @pytest.mark.parametrize("given", ["colored-digits", Path("mine.npz"), None, 3])

@@ -164,12 +164,17 @@ def test_relative_data_path_is_stored_resolved(tmp_path):
         os.chdir(cwd)
 
 
-def test_resume_says_what_it_reuses(run_dir, capsys):
+def test_resume_says_what_it_reuses(run_dir, capsys, monkeypatch):
     assert main(["run", *TINY[:-1], "--vanilla-epochs", "30", "--out", str(run_dir), "--resume"]) == 0
     captured = capsys.readouterr()
     assert "reusing the run's vanilla.pt (epochs 1" in captured.err and "--vanilla-epochs 30 ignored" in captured.err
+    loads, load = [], torch.load
+    monkeypatch.setattr(torch, "load",
+                        lambda f, *a, **k: loads.append(Path(getattr(f, "name", f)).name) or load(f, *a, **k))
     assert main(["extract", "--mask-epochs", "2", "--head-epochs", "1", "--out", str(run_dir), "--resume"]) == 0
     assert "resuming from epoch 2 of 2" in capsys.readouterr().out
+    assert loads.count("checkpoint.pt") == 1  # it was read twice: by the CLI to report it, then by extract
+    monkeypatch.undo()
     assert main(["extract", "--mask-epochs", "3", "--head-epochs", "1", "--out", str(run_dir), "--resume"]) == 2
     assert "was started with other settings (mask_epochs: 2, now 3); --resume with the same options, or " \
            "--overwrite" in capsys.readouterr().err
