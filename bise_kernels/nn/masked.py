@@ -7,6 +7,7 @@ from typing import Optional, Union
 
 import torch
 from torch import Tensor, fx, nn
+from torch.nn.modules.lazy import LazyModuleMixin
 from torch.nn.modules.utils import _pair
 
 from .. import _checks, _ops
@@ -60,6 +61,26 @@ def _numeric_padding(padding, kernel_size, stride, dilation) -> Union[int, tuple
 def _check_padding_mode(padding_mode: str) -> None:
     if padding_mode != "zeros":
         raise ValueError(f"MaskedConv2d supports padding_mode='zeros' only, got padding_mode={padding_mode!r}")
+
+
+def check_dense(module: nn.Module, base: type) -> None:
+    """Raise unless ``from_dense`` can wrap ``module`` (an instance of ``base``, nn.Linear or nn.Conv2d)
+    into a masked layer that computes what it computed: not a lazy module still uninitialised, not a
+    subclass (a masked layer runs nn.Linear's / nn.Conv2d's computation, not the subclass's own
+    forward, parametrization or fake quantization), a weight with elements, and (nn.Conv2d) zero
+    padding that is symmetric."""
+    kind = type(module).__name__
+    if isinstance(module, LazyModuleMixin) and module.has_uninitialized_params():
+        raise ValueError(f"{kind} is not initialised yet: run one forward pass first (it then becomes "
+                         f"nn.{base.__name__})")
+    if type(module) is not base:
+        raise TypeError(f"{kind} is a subclass of nn.{base.__name__}: a masked layer would run "
+                        f"nn.{base.__name__}'s computation, not {kind}'s")
+    if module.weight.numel() == 0:
+        raise ValueError(f"{kind} has no weight to mask: weight of shape {tuple(module.weight.shape)}")
+    if base is nn.Conv2d:
+        _check_padding_mode(module.padding_mode)
+        _numeric_padding(module.padding, module.kernel_size, module.stride, module.dilation)
 
 
 def init_scores(weight: Tensor, granularity: str, score_init: Union[str, float]) -> Tensor:
@@ -185,9 +206,10 @@ class MaskedLinear(nn.Linear, _MaskedLayer):
     def from_dense(cls, module: nn.Linear, granularity: str = "weight", *, density: Optional[float] = None,
                    threshold: Optional[float] = None, estimator: str = "ste", temperature: float = 1.0,
                    score_init: Union[str, float, None] = None, freeze_weights: bool = True) -> "MaskedLinear":
-        """Wrap an existing nn.Linear; its parameters are shared, never copied or changed."""
+        """Wrap an existing nn.Linear (:func:`check_dense`); its parameters are shared, never copied or changed."""
         if not isinstance(module, nn.Linear):
             raise TypeError(f"module must be an nn.Linear, got {type(module).__name__}")
+        check_dense(module, nn.Linear)
         return cls._wrap(module, ("in_features", "out_features"), granularity, density, threshold, estimator,
                          temperature, score_init, freeze_weights)
 
@@ -241,10 +263,10 @@ class MaskedConv2d(nn.Conv2d, _MaskedLayer):
     def from_dense(cls, module: nn.Conv2d, granularity: str = "weight", *, density: Optional[float] = None,
                    threshold: Optional[float] = None, estimator: str = "ste", temperature: float = 1.0,
                    score_init: Union[str, float, None] = None, freeze_weights: bool = True) -> "MaskedConv2d":
-        """Wrap an existing nn.Conv2d; its parameters are shared, never copied or changed."""
+        """Wrap an existing nn.Conv2d (:func:`check_dense`); its parameters are shared, never copied or changed."""
         if not isinstance(module, nn.Conv2d):
             raise TypeError(f"module must be an nn.Conv2d, got {type(module).__name__}")
-        _check_padding_mode(module.padding_mode)
+        check_dense(module, nn.Conv2d)
         padding = _pair(_numeric_padding(module.padding, module.kernel_size, module.stride, module.dilation))
         attributes = ("in_channels", "out_channels", "kernel_size", "stride", "dilation", "groups", "transposed",
                       "output_padding", "padding_mode", "_reversed_padding_repeated_twice")

@@ -1,0 +1,120 @@
+"""What mask_model masks in models built from torch's own modules (transformers, lazy, subclassed and
+hooked layers), and the masked modules used as nn modules are. Each test failed before its fix."""
+
+import copy
+import logging
+
+import pytest
+import torch
+from torch import nn
+
+import bise_kernels as bk
+
+LOGGER = "bise_kernels.nn.model"
+
+
+def _encoder():
+    torch.manual_seed(0)
+    layer = nn.TransformerEncoderLayer(8, 2, 16, dropout=0.0, batch_first=True)
+    return nn.TransformerEncoder(layer, 2, enable_nested_tensor=True)
+
+
+@pytest.mark.filterwarnings("ignore:The PyTorch API of nested tensors:UserWarning")  # the plain encoder's path
+def test_a_masked_transformer_encoder_applies_its_masks_in_eval_mode(caplog):
+    """In eval mode without autograd (no_grad; or frozen weights, mask_model's default, and an input
+    without grad) nn.TransformerEncoderLayer runs one fused op that reads linear1.weight and
+    linear2.weight itself: the masked layers' masks were not applied (the dense layer's output,
+    silently), and with a padding mask nn.TransformerEncoder's nested-tensor path failed inside the
+    masked layers. Both paths are now off for masked layers; out_proj, whose weight
+    nn.MultiheadAttention reads itself, is left dense with a logged line."""
+    enc = _encoder()
+    with caplog.at_level(logging.WARNING, logger=LOGGER):
+        assert len(bk.mask_model(enc, density=0.3)) == 4
+    baked = bk.unmask_model(copy.deepcopy(enc))  # plain layers holding the masked weights
+    x = torch.randn(2, 5, 8)
+    pad = torch.tensor([[False] * 5, [False] * 3 + [True] * 2])
+    enc.eval(), baked.eval()
+    for grad in (False, True):
+        with torch.set_grad_enabled(grad):
+            for kwargs in ({}, {"src_key_padding_mask": pad}):
+                got, want = enc(x, **kwargs), baked(x, **kwargs)
+                torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+                dense = _encoder().eval()(x, **kwargs)
+                assert (got - dense).abs().max() > 0.1  # the masks do change this output
+    assert [r.getMessage().split(" dense:")[0] for r in caplog.records] == [
+        f"mask_model left layers.{i}.self_attn.out_proj" for i in range(2)]
+
+
+class _Scaled(nn.Linear):
+    """A user's subclass whose forward differs from nn.Linear's."""
+
+    def forward(self, input):
+        return 2 * super().forward(input)
+
+
+def _zoo():
+    torch.manual_seed(0)
+    hooked = nn.Linear(4, 4)
+    hooked.register_forward_hook(lambda module, args, out: None)
+    return nn.ModuleDict({"mha": nn.MultiheadAttention(4, 2), "sub": _Scaled(4, 4), "lazy": nn.LazyLinear(4),
+                          "reflect": nn.Conv2d(2, 2, 3, padding=1, padding_mode="reflect"), "hooked": hooked,
+                          "plain": nn.Linear(4, 2), "conv": nn.Conv2d(2, 2, 3)})
+
+
+def test_what_mask_model_cannot_mask_for_real_is_left_dense_and_named(caplog):
+    """A Linear subclass, an uninitialised LazyLinear, a reflect-padded conv and nn.MultiheadAttention's
+    out_proj were skipped silently (or, the conv, raised for the whole model after replacing the
+    layers before it); a hooked layer was replaced and lost its hooks. Each is now left dense with one
+    logged line naming it and why; the rest is masked."""
+    zoo = _zoo()
+    with caplog.at_level(logging.WARNING, logger=LOGGER):
+        assert len(bk.mask_model(zoo, density=0.5)) == 2
+    assert type(zoo["plain"]) is bk.MaskedLinear and type(zoo["conv"]) is bk.MaskedConv2d
+    logged = {r.getMessage().split(" dense: ")[0][len("mask_model left "):]: r.getMessage().split(" dense: ")[1]
+              for r in caplog.records}
+    assert sorted(logged) == ["hooked", "lazy", "mha.out_proj", "reflect", "sub"]
+    assert "never calls the module" in logged["mha.out_proj"]
+    assert logged["sub"] == "_Scaled is a subclass of nn.Linear: a masked layer would run nn.Linear's computation, not _Scaled's"
+    assert "run one forward pass first" in logged["lazy"] and "padding_mode='reflect'" in logged["reflect"]
+    assert "hooks (forward_hooks)" in logged["hooked"]
+    assert [type(zoo[k]) for k in ("sub", "lazy", "reflect", "hooked")] == [_Scaled, nn.LazyLinear, nn.Conv2d,
+                                                                            nn.Linear]
+
+
+def test_a_layer_named_by_include_that_cannot_be_masked_raises_and_changes_nothing():
+    """An include pattern that is the layer's exact name asks for it: a named error, before any change."""
+    for name, why in (("sub", "subclass of nn.Linear"), ("mha.out_proj", "nn.MultiheadAttention reads"),
+                      ("lazy", "not initialised yet")):
+        zoo = _zoo()
+        with pytest.raises(ValueError, match=rf"cannot mask '{name}' \(named by include\): .*{why}"):
+            bk.mask_model(zoo, density=0.5, include=["plain", name])
+        assert type(zoo["plain"]) is nn.Linear
+    with pytest.raises(ValueError, match="no nn.Linear or nn.Conv2d module to mask .*out_proj left dense: nn.Multi"):
+        bk.mask_model(nn.Sequential(nn.MultiheadAttention(4, 2)), density=0.5)
+
+
+def test_from_dense_refuses_what_it_would_run_differently():
+    """from_dense of a subclass built a plain masked layer (the subclass's forward dropped); of an
+    uninitialised LazyLinear it failed inside the score initialisation."""
+    with pytest.raises(TypeError, match="_Scaled is a subclass of nn.Linear"):
+        bk.MaskedLinear.from_dense(_Scaled(4, 4), density=0.5)
+    with pytest.raises(ValueError, match="LazyConv2d is not initialised yet: run one forward pass first"):
+        bk.MaskedConv2d.from_dense(nn.LazyConv2d(4, 3), density=0.5)
+
+
+def test_a_lazy_layer_is_masked_once_initialised():
+    net = nn.Sequential(nn.LazyLinear(4), nn.ReLU(), nn.LazyLinear(2))
+    net(torch.randn(3, 5))  # LazyLinear becomes nn.Linear at its first call
+    assert len(bk.mask_model(net, density=0.5)) == 2 and isinstance(net[2], bk.MaskedLinear)
+
+
+def test_channel_gate_takes_nn_modules_input_keyword_and_factory_arguments():
+    """ChannelGate's forward argument was named x (gate(input=x) raised TypeError, as the masked layers
+    did before) and it had no dtype= factory argument (nn modules have device= and dtype=)."""
+    gate = bk.ChannelGate(4, density=0.5, init=0.5, device="cpu", dtype=torch.float64)
+    assert gate.scores.dtype == torch.float64 and torch.equal(gate.scores, torch.full((4,), 0.5, dtype=torch.float64))
+    with torch.no_grad():
+        gate.scores.copy_(torch.tensor([0.3, -1.0, 2.0, 0.1]))
+    x = torch.randn(2, 4, 3)
+    assert torch.equal(gate(input=x), x * torch.tensor([1.0, 0.0, 1.0, 0.0]).reshape(1, 4, 1))
+    assert torch.equal(gate(input=x), gate(x))
