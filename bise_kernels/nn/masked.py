@@ -130,7 +130,7 @@ class _MaskedLayer(ScoredModule):
         checks the scores: ``fused_check`` does not apply)."""
         if self.global_selector is not None:
             return self.global_selector.selection_for(self)
-        return super()._selection(scores, fused_check)
+        return ScoredModule._selection(self, scores, fused_check)  # 0.1 us less than super()
 
     @property
     def mask_mode(self) -> str:

@@ -4,14 +4,13 @@ from __future__ import annotations
 
 import fnmatch
 import logging
-import weakref
 from typing import Iterable, Optional, Sequence, Union
 
 import torch
 from torch import Tensor, nn
 
 from .. import _checks, _ops
-from ._scored import outside_inference_mode
+from ._scored import CacheEntry, outside_inference_mode
 from .masked import MaskedConv2d, MaskedLinear, check_dense
 
 _log = logging.getLogger(__name__)
@@ -27,25 +26,21 @@ class GlobalSelection:
     def __init__(self, layers: Sequence[nn.Module], density: float):
         self.layers = list(layers)
         self.density = _checks.check_density(density)
-        self._key = None
-        self._refs: list[weakref.ref] = []
-        self._result: dict[int, tuple[Tensor, Tensor]] = {}
+        self._cache: Optional[CacheEntry] = None
 
     def __getstate__(self) -> dict:
         """Pickled and deep-copied without the cached result (weak references; selected again)."""
-        return {**self.__dict__, "_key": None, "_refs": [], "_result": {}}
+        return {**self.__dict__, "_cache": None}
 
     def selection_for(self, layer: nn.Module) -> tuple[Tensor, Tensor]:
-        """Layer ``layer``'s ``(thr, cut)``, cached as a layer's own selection (ScoredModule._selection:
-        the scores' versions, data pointers and the tensors themselves, by weak reference)."""
+        """Layer ``layer``'s ``(thr, cut)``, cached as a layer's own selection (a CacheEntry of every
+        layer's scores)."""
         scores = [m.scores for m in self.layers]
         if _ops._uncached():
             return self._select(scores)[id(layer)]
-        key = tuple((s._version, s.data_ptr()) for s in scores)
-        if key != self._key or any(r() is not s for r, s in zip(self._refs, scores)):
-            result = outside_inference_mode(lambda: self._select(scores))
-            self._key, self._refs, self._result = key, [weakref.ref(s) for s in scores], result
-        return self._result[id(layer)]
+        if self._cache is None or not self._cache.serves(scores, ()):
+            self._cache = CacheEntry(scores, (), outside_inference_mode(lambda: self._select(scores)))
+        return self._cache.value[id(layer)]
 
     def _select(self, scores: list[Tensor]) -> dict[int, tuple[Tensor, Tensor]]:
         """``(thr, cut)`` per layer (keyed by id), the cut shifted by the layer's offset."""
