@@ -94,6 +94,14 @@ class ScoredModule(nn.Module):
         state["_cache"] = state["_keep_cache"] = None
         return state
 
+    def __prepare_scriptable__(self):
+        """torch.jit.script asks every module this first: a masked module cannot be scripted (its
+        forward reads Python state: caches, the registry); it failed inside TorchScript's compiler
+        ("Module 'MaskedLinear' has no attribute '__dict__'", "Unknown type annotation: 'nn.Parameter'")."""
+        raise TypeError(f"torch.jit.script cannot compile {type(self).__name__}: trace it (torch.jit.trace), "
+                        f"compile or export it (torch.compile, torch.export), or script the plain model that "
+                        f"unmask_model gives")
+
     def _fx_node(self, input: fx.Proxy) -> fx.Proxy:
         """This module as one call_module node of a torch.fx.symbolic_trace (an fx.Proxy input), as
         nn.Linear is (a leaf of the default tracer): the forward checks its input in Python control

@@ -118,3 +118,16 @@ def test_channel_gate_takes_nn_modules_input_keyword_and_factory_arguments():
     x = torch.randn(2, 4, 3)
     assert torch.equal(gate(input=x), x * torch.tensor([1.0, 0.0, 1.0, 0.0]).reshape(1, 4, 1))
     assert torch.equal(gate(input=x), gate(x))
+
+
+@pytest.mark.filterwarnings("ignore:`torch.jit.script:DeprecationWarning")  # torch 2.13 deprecates it
+def test_torch_jit_script_is_refused_with_what_works_instead():
+    """torch.jit.script of a masked model failed inside TorchScript's compiler ("Module 'MaskedLinear'
+    has no attribute '__dict__'", ChannelGate: "Unknown type annotation: 'nn.Parameter'"): it now
+    names the module and the ways that work."""
+    net = nn.Sequential(nn.Linear(4, 4), nn.ReLU(), bk.ChannelGate(4), nn.Linear(4, 2))
+    for make in (lambda: net[2], lambda: bk.mask_model(net, density=0.5) and net):
+        with pytest.raises(TypeError, match=r"torch.jit.script cannot compile (ChannelGate|MaskedLinear): trace it"):
+            torch.jit.script(make())
+    assert isinstance(torch.jit.script(bk.unmask_model(nn.Sequential(*[m for m in net if m is not net[2]]))),
+                      torch.jit.ScriptModule)
