@@ -157,7 +157,8 @@ def _why_left_dense(model: nn.Module, names: list[str], module: nn.Module) -> Op
     hooks = [kind for kind in ("_forward_pre_hooks", "_forward_hooks", "_backward_pre_hooks", "_backward_hooks")
              if getattr(module, kind)]
     if hooks:
-        return f"it has hooks ({', '.join(h[1:] for h in hooks)}) that a masked layer in its place would not run"
+        return (f"it has hooks ({', '.join(h[1:] for h in hooks)}) that a masked layer in its place would not run "
+                f"(register them after mask_model)")
     return None
 
 
