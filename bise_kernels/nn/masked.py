@@ -74,8 +74,8 @@ def check_dense(module: nn.Module, base: type) -> None:
         raise ValueError(f"{kind} is not initialised yet: run one forward pass first (it then becomes "
                          f"nn.{base.__name__})")
     if type(module) is not base:
-        raise TypeError(f"{kind} is a subclass of nn.{base.__name__}: a masked layer would run "
-                        f"nn.{base.__name__}'s computation, not {kind}'s")
+        raise TypeError(f"{kind} is a subclass of nn.{base.__name__} (a masked layer runs nn.{base.__name__}'s "
+                        f"computation only, not a subclass's forward, parametrization or fake quantization)")
     if module.weight.numel() == 0:
         raise ValueError(f"{kind} has no weight to mask: weight of shape {tuple(module.weight.shape)}")
     if base is nn.Conv2d:
