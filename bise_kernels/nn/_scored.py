@@ -84,7 +84,7 @@ class ScoredModule(nn.Module):
         self.estimator = estimator
         self.temperature = float(temperature)
         self.scores = nn.Parameter(scores)
-        self._cache: Optional[tuple] = None
+        self._cache: Optional[_Selected] = None
         self._keep_cache: Optional[tuple] = None
 
     def __getstate__(self) -> dict:
@@ -93,6 +93,19 @@ class ScoredModule(nn.Module):
         state = super().__getstate__()  # nn.Module's: a copy of __dict__ less what module.compile() set
         state["_cache"] = state["_keep_cache"] = None
         return state
+
+    def _apply(self, fn, recurse=True):
+        """nn.Module's conversions (.half(), .float(), .to(), .cuda(), .cpu(), to_empty, share_memory)
+        set the scores' data in place (``param.data = fn(param)``): same tensor, same version, and a
+        freed block may come back at the same address. ``.half().float()`` then served the selection
+        of the values before the fp16 rounding (1 round trip in 17 on the CPU; a caching CUDA
+        allocator hands the same block back by design). The caches are dropped."""
+        module = super()._apply(fn, recurse)
+        self._drop_caches()
+        return module
+
+    def _drop_caches(self) -> None:
+        self.__dict__["_cache"] = self.__dict__["_keep_cache"] = None
 
     def __prepare_scriptable__(self):
         """torch.jit.script asks every module this first: a masked module cannot be scripted (its

@@ -132,6 +132,12 @@ class _MaskedLayer(ScoredModule):
             return self.global_selector.selection_for(self)
         return ScoredModule._selection(self, scores, fused_check)  # 0.1 us less than super()
 
+    def _drop_caches(self) -> None:
+        """The layer's caches and its global selector's (which holds this layer's scores)."""
+        super()._drop_caches()
+        if self.global_selector is not None:
+            self.global_selector._cache = None
+
     @property
     def mask_mode(self) -> str:
         """How the mask reaches the op (:data:`MASK_MODES`)."""

@@ -6,6 +6,7 @@ import logging
 
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 import bise_kernels as bk
@@ -154,3 +155,47 @@ def test_a_frozen_mask_keeps_its_selection_and_costs_no_score_gradient(backend, 
     entry = layer._cache
     net(x).sum().backward()
     assert layer._cache is entry
+
+
+@pytest.mark.parametrize("mask_mode", ["selection", "keep"])
+def test_a_dtype_or_device_conversion_is_selected_again(mask_mode):
+    """nn.Module's conversions (.half(), .float(), .to(), .cuda()) set ``param.data``: the scores stay
+    the same tensor at the same version, and a freed block can come back at the same address:
+    ``.half().float()`` served the selection of the values before the fp16 rounding (seen 1 round
+    trip in 17 on the CPU; a caching CUDA allocator returns the block by design). A conversion now
+    drops the caches. Here it lands at the old address deterministically: a tensor over the scores'
+    own memory, written after the conversion through numpy (no version bump), as the new block is."""
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(6, 4), nn.Linear(4, 2))
+    bk.mask_model(net, density=0.25)
+    glob = nn.Sequential(nn.Linear(6, 4), nn.Linear(4, 2))
+    bk.mask_model(glob, density=0.25, scope="global")
+    gate = nn.Sequential(bk.ChannelGate(6, density=0.5, init=0.5))
+    x = torch.randn(2, 6)
+    for model in (net, glob, gate):
+        for m in model:
+            if not isinstance(m, bk.ChannelGate):
+                m.mask_mode = mask_mode
+            with torch.no_grad():
+                m.scores.normal_()
+        model(x)  # caches every selection
+        memory = {id(m.scores): m.scores.detach().numpy() for m in model}
+
+        def convert(t):
+            if id(t) not in memory:
+                return t
+            same_address = torch.from_numpy(memory[id(t)])
+            memory[id(t)] *= -1.0  # what the new block holds
+            return same_address
+
+        before = [m.scores.data_ptr() for m in model]
+        model._apply(convert)
+        assert [m.scores.data_ptr() for m in model] == before
+        scores = [m.scores.detach() for m in model]
+        masks = (bk.global_topk_masks(scores, 0.25) if model is glob else
+                 [bk.topk_mask(s, m.density) for s, m in zip(scores, model)])
+        for m, want in zip(model, masks):
+            assert torch.equal(m.mask(), want)
+        if model is not gate:
+            h = F.linear(x, model[0].weight * masks[0], model[0].bias)
+            torch.testing.assert_close(model(x), F.linear(h, model[1].weight * masks[1], model[1].bias))
