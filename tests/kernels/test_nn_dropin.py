@@ -53,18 +53,27 @@ class _Scaled(nn.Linear):
         return 2 * super().forward(input)
 
 
+class _Standardized(nn.Conv2d):
+    """A Conv2d subclass computing with a transformed weight (weight standardization, as timm's StdConv2d)."""
+
+    def forward(self, input):
+        w = self.weight
+        w = (w - w.mean((1, 2, 3), keepdim=True)) / (w.std((1, 2, 3), keepdim=True) + 1e-5)
+        return self._conv_forward(input, w, self.bias)
+
+
 def _zoo():
     torch.manual_seed(0)
     hooked = nn.Linear(4, 4)
     hooked.register_forward_hook(lambda module, args, out: None)
     return nn.ModuleDict({"mha": nn.MultiheadAttention(4, 2), "sub": _Scaled(4, 4), "lazy": nn.LazyLinear(4),
                           "reflect": nn.Conv2d(2, 2, 3, padding=1, padding_mode="reflect"), "hooked": hooked,
-                          "plain": nn.Linear(4, 2), "conv": nn.Conv2d(2, 2, 3)})
+                          "std": _Standardized(2, 2, 3), "plain": nn.Linear(4, 2), "conv": nn.Conv2d(2, 2, 3)})
 
 
 def test_what_mask_model_cannot_mask_for_real_is_left_dense_and_named(caplog):
-    """A Linear subclass, an uninitialised LazyLinear, a reflect-padded conv and nn.MultiheadAttention's
-    out_proj were skipped silently (or, the conv, raised for the whole model after replacing the
+    """A Linear or Conv2d subclass, an uninitialised LazyLinear, a reflect-padded conv and
+    nn.MultiheadAttention's out_proj were skipped silently (or, the conv, raised for the whole model after replacing the
     layers before it); a hooked layer was replaced and lost its hooks. Each is now left dense with one
     logged line naming it and why; the rest is masked."""
     zoo = _zoo()
@@ -73,13 +82,14 @@ def test_what_mask_model_cannot_mask_for_real_is_left_dense_and_named(caplog):
     assert type(zoo["plain"]) is bk.MaskedLinear and type(zoo["conv"]) is bk.MaskedConv2d
     logged = {r.getMessage().split(" dense: ")[0][len("mask_model left "):]: r.getMessage().split(" dense: ")[1]
               for r in caplog.records}
-    assert sorted(logged) == ["hooked", "lazy", "mha.out_proj", "reflect", "sub"]
+    assert sorted(logged) == ["hooked", "lazy", "mha.out_proj", "reflect", "std", "sub"]
     assert "never calls the module" in logged["mha.out_proj"]
     assert logged["sub"].startswith("_Scaled is a subclass of nn.Linear (a masked layer runs nn.Linear's computation")
     assert "run one forward pass first" in logged["lazy"] and "padding_mode='reflect'" in logged["reflect"]
     assert "hooks (forward_hooks)" in logged["hooked"]
-    assert [type(zoo[k]) for k in ("sub", "lazy", "reflect", "hooked")] == [_Scaled, nn.LazyLinear, nn.Conv2d,
-                                                                            nn.Linear]
+    assert logged["std"].startswith("_Standardized is a subclass of nn.Conv2d")
+    assert [type(zoo[k]) for k in ("sub", "lazy", "reflect", "hooked", "std")] == [_Scaled, nn.LazyLinear, nn.Conv2d,
+                                                                                   nn.Linear, _Standardized]
 
 
 def test_a_layer_named_by_include_that_cannot_be_masked_raises_and_changes_nothing():
