@@ -73,6 +73,8 @@ def check_dense(module: nn.Module, base: type) -> None:
     if isinstance(module, LazyModuleMixin) and module.has_uninitialized_params():
         raise ValueError(f"{kind} is not initialised yet: run one forward pass first (it then becomes "
                          f"nn.{base.__name__})")
+    if isinstance(module, _MaskedLayer):
+        raise TypeError(f"{kind} is masked already (to_dense() gives the plain layer with its mask baked in)")
     if type(module) is not base:
         raise TypeError(f"{kind} is a subclass of nn.{base.__name__} (a masked layer runs nn.{base.__name__}'s "
                         f"computation only, not a subclass's forward, parametrization or fake quantization)")
@@ -130,7 +132,7 @@ class _MaskedLayer(ScoredModule):
         checks the scores: ``fused_check`` does not apply)."""
         if self.global_selector is not None:
             return self.global_selector.selection_for(self)
-        return ScoredModule._selection(self, scores, fused_check)  # 0.1 us less than super()
+        return ScoredModule._selection(self, scores, fused_check)  # super(): +0.08 us (timeit)
 
     def _drop_caches(self) -> None:
         """The layer's caches and its global selector's (which holds this layer's scores)."""

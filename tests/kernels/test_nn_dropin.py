@@ -105,12 +105,14 @@ def test_a_layer_named_by_include_that_cannot_be_masked_raises_and_changes_nothi
 
 
 def test_from_dense_refuses_what_it_would_run_differently():
-    """from_dense of a subclass built a plain masked layer (the subclass's forward dropped); of an
-    uninitialised LazyLinear it failed inside the score initialisation."""
+    """from_dense of a subclass built a plain masked layer (the subclass's forward dropped; of a
+    masked layer, its mask); of an uninitialised LazyLinear it failed inside the score initialisation."""
     with pytest.raises(TypeError, match="_Scaled is a subclass of nn.Linear"):
         bk.MaskedLinear.from_dense(_Scaled(4, 4), density=0.5)
     with pytest.raises(ValueError, match="LazyConv2d is not initialised yet: run one forward pass first"):
         bk.MaskedConv2d.from_dense(nn.LazyConv2d(4, 3), density=0.5)
+    with pytest.raises(TypeError, match=r"MaskedLinear is masked already \(to_dense\(\) gives the plain layer"):
+        bk.MaskedLinear.from_dense(bk.MaskedLinear(4, 4, density=0.5), density=0.5)
 
 
 def test_a_lazy_layer_is_masked_once_initialised():
