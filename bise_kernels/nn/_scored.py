@@ -68,9 +68,9 @@ class ScoredModule(nn.Module):
     The selection is cached until the scores change as autograd sees it (their version counter or
     storage: an optimizer step, an in-place op under torch.no_grad, load_state_dict) or are another
     tensor (torch.func.functional_call, a parametrization: a new tensor may sit where a freed one
-    was, with the same version). A write through ``scores.data`` bypasses the version counter and is
-    not seen (the old threshold, or keep mask, would be applied to the new scores): write under
-    torch.no_grad() instead.
+    was, with the same version), and dropped by the module's conversions (.half(), .to(): :meth:`_apply`).
+    A write through ``scores.data`` bypasses the version counter and is not seen (the old threshold,
+    or keep mask, would be applied to the new scores): write under torch.no_grad() instead.
     """
 
     scores: nn.Parameter
