@@ -64,6 +64,14 @@ def matches(name: str, patterns: Optional[Iterable[str]]) -> bool:
     return patterns is not None and any(fnmatch.fnmatchcase(name, p) for p in patterns)
 
 
+def check_patterns(patterns: object, name: str) -> None:
+    """``patterns`` (``name``: include / exclude) a list or tuple of fnmatch patterns, or None. A str
+    was taken as patterns of one character each: exclude="2.0" excluded module "0" and kept "2.0"."""
+    if patterns is not None and (not isinstance(patterns, (list, tuple)) or
+                                 not all(isinstance(p, str) for p in patterns)):
+        raise TypeError(f"{name} must be a list of module-name patterns (fnmatch) or None, got {patterns!r}")
+
+
 def mask_model(model: nn.Module, granularity: str = "weight", *, density: Optional[float] = None,
                threshold: Optional[float] = None, scope: str = "layerwise",
                include: Optional[Sequence[str]] = None, exclude: Optional[Sequence[str]] = None,
@@ -88,6 +96,8 @@ def mask_model(model: nn.Module, granularity: str = "weight", *, density: Option
     if scope == "global" and density is None:
         raise ValueError("scope='global' needs density (one top-k over all layers); got density=None")
     _checks.check_mask_spec(density, threshold)
+    check_patterns(include, "include")
+    check_patterns(exclude, "exclude")
     targets, left = [], []
     for names, module in _by_module(model, (nn.Linear, nn.Conv2d), exact=False):
         if isinstance(module, (MaskedLinear, MaskedConv2d)):

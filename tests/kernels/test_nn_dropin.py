@@ -211,3 +211,15 @@ def test_a_dtype_or_device_conversion_is_selected_again(mask_mode):
         if model is not gate:
             h = F.linear(x, model[0].weight * masks[0], model[0].bias)
             torch.testing.assert_close(model(x), F.linear(h, model[1].weight * masks[1], model[1].bias))
+
+
+def test_a_pattern_string_for_include_or_exclude_is_refused():
+    """include / exclude take a list of patterns: a str was read as one pattern per character, so
+    exclude="2.0" excluded module "0" and masked "2.0" (silently)."""
+    for kwargs in ({"exclude": "2.0"}, {"include": "2.0"}, {"include": ["2.0", 3]}):
+        net = nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 4), nn.Sequential(nn.Linear(4, 2)))
+        with pytest.raises(TypeError, match=r"(in|ex)clude must be a list of module-name patterns \(fnmatch\) or None"):
+            bk.mask_model(net, density=0.5, **kwargs)
+        assert type(net[0]) is nn.Linear
+    bk.mask_model(net, density=0.5, exclude=("2.0",))
+    assert [type(m) for m in (net[0], net[1], net[2][0])] == [bk.MaskedLinear, bk.MaskedLinear, nn.Linear]
