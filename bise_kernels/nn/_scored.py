@@ -148,7 +148,7 @@ class ScoredModule(nn.Module):
         tensors, rest = (scores,), (self.density, self.threshold, capturing)
         cache = self._cache
         if cache is None or not cache.serves(tensors, rest) or not (cache.checked or fused_check):
-            same_mode = cache is not None and cache.key[-1][-1] == capturing
+            same_mode = cache is not None and cache.key[-1][-1] == capturing  # the rest's last item
             hint = cache.value[0] if same_mode and self.density is not None else None
             checked = self.density is not None or not fused_check  # a top-k's select always checks
             made = outside_inference_mode(lambda: selection(scores, self.density, self.threshold, hint=hint,
