@@ -17,18 +17,18 @@ class ChannelGate(ScoredModule):
 
     The BISE gate (scores start at ``init`` = 0, threshold 0 unless ``density`` is given, not both;
     sigmoid-slope estimator with ``temperature``). ``enabled = False`` makes it the identity (the
-    "vanilla" model).
+    "vanilla" model). ``device`` / ``dtype``: the scores', as nn modules' factory arguments.
     """
 
     def __init__(self, num_channels: int, *, dim: int = 1, threshold: Optional[float] = None,
                  density: Optional[float] = None, estimator: str = "sigmoid", temperature: float = 1.0,
-                 init: float = 0.0, device=None):
+                 init: float = 0.0, device=None, dtype=None):
         super().__init__()
         num_channels, dim = _checks.check_int(num_channels, "num_channels"), _checks.check_int(dim, "dim")
         if num_channels < 1:
             raise ValueError(f"num_channels must be a positive int, got {num_channels!r}")
         self.init = _checks.check_real(init, "init")
-        self._init_rule(torch.full((num_channels,), self.init, device=device), density,
+        self._init_rule(torch.full((num_channels,), self.init, device=device, dtype=dtype), density,
                         _gate_threshold(density, threshold), estimator, temperature)
         self.num_channels = num_channels
         self.dim = dim
@@ -39,19 +39,19 @@ class ChannelGate(ScoredModule):
         with torch.no_grad():
             self.scores.fill_(self.init)
 
-    def forward(self, x: Tensor) -> Tensor:
-        if isinstance(x, fx.Proxy):  # one node, enabled or not (read when the traced model runs)
-            return self._fx_node(x)
+    def forward(self, input: Tensor) -> Tensor:  # nn modules' name, as MaskedLinear's: gate(input=x) works
+        if isinstance(input, fx.Proxy):  # one node, enabled or not (read when the traced model runs)
+            return self._fx_node(input)
         if not self.enabled:
-            return x
-        dim = _checks.check_dim(self.dim, x.dim())
-        if x.shape[dim] != self.num_channels:
-            raise ValueError(f"ChannelGate({self.num_channels}) got an input with {x.shape[dim]} channels "
-                             f"along dim {self.dim} (shape {tuple(x.shape)})")
+            return input
+        dim = _checks.check_dim(self.dim, input.dim())
+        if input.shape[dim] != self.num_channels:
+            raise ValueError(f"ChannelGate({self.num_channels}) got an input with {input.shape[dim]} channels "
+                             f"along dim {self.dim} (shape {tuple(input.shape)})")
         scores = self.scores
-        native = _gate_op(x)
+        native = _gate_op(input)
         thr, cut = self._selection(scores, _fused_check(native, self.threshold))
-        return _ops.channel_gate.run(native, x, scores, thr, cut, dim, self.estimator, self.temperature)
+        return _ops.channel_gate.run(native, input, scores, thr, cut, dim, self.estimator, self.temperature)
 
     def extra_repr(self) -> str:
         return (f"{self.num_channels}, dim={self.dim}, {self._rule_repr()}, temperature={self.temperature}, "

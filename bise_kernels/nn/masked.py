@@ -7,6 +7,7 @@ from typing import Optional, Union
 
 import torch
 from torch import Tensor, fx, nn
+from torch.nn.modules.lazy import LazyModuleMixin
 from torch.nn.modules.utils import _pair
 
 from .. import _checks, _ops
@@ -62,6 +63,28 @@ def _check_padding_mode(padding_mode: str) -> None:
         raise ValueError(f"MaskedConv2d supports padding_mode='zeros' only, got padding_mode={padding_mode!r}")
 
 
+def check_dense(module: nn.Module, base: type) -> None:
+    """Raise unless ``from_dense`` can wrap ``module`` (an instance of ``base``, nn.Linear or nn.Conv2d)
+    into a masked layer that computes what it computed: not a lazy module still uninitialised, not a
+    subclass (a masked layer runs nn.Linear's / nn.Conv2d's computation, not the subclass's own
+    forward, parametrization or fake quantization), a weight with elements, and (nn.Conv2d) zero
+    padding that is symmetric."""
+    kind = type(module).__name__
+    if isinstance(module, LazyModuleMixin) and module.has_uninitialized_params():
+        raise ValueError(f"{kind} is not initialised yet: run one forward pass first (it then becomes "
+                         f"nn.{base.__name__})")
+    if isinstance(module, _MaskedLayer):
+        raise TypeError(f"{kind} is masked already (to_dense() gives the plain layer with its mask baked in)")
+    if type(module) is not base:
+        raise TypeError(f"{kind} is a subclass of nn.{base.__name__} (a masked layer runs nn.{base.__name__}'s "
+                        f"computation only, not a subclass's forward, parametrization or fake quantization)")
+    if module.weight.numel() == 0:
+        raise ValueError(f"{kind} has no weight to mask: weight of shape {tuple(module.weight.shape)}")
+    if base is nn.Conv2d:
+        _check_padding_mode(module.padding_mode)
+        _numeric_padding(module.padding, module.kernel_size, module.stride, module.dilation)
+
+
 def init_scores(weight: Tensor, granularity: str, score_init: Union[str, float]) -> Tensor:
     """Initial scores: "kaiming" (edge-popup), "magnitude" (|w| or per-unit L2 norm), "zeros", or a constant."""
     shape = weight.shape if granularity == "weight" else (weight.shape[0],)
@@ -109,7 +132,13 @@ class _MaskedLayer(ScoredModule):
         checks the scores: ``fused_check`` does not apply)."""
         if self.global_selector is not None:
             return self.global_selector.selection_for(self)
-        return super()._selection(scores, fused_check)
+        return ScoredModule._selection(self, scores, fused_check)  # super(): +0.08 us (timeit)
+
+    def _drop_caches(self) -> None:
+        """The layer's caches and its global selector's (which holds this layer's scores)."""
+        super()._drop_caches()
+        if self.global_selector is not None:
+            self.global_selector._cache = None
 
     @property
     def mask_mode(self) -> str:
@@ -185,9 +214,10 @@ class MaskedLinear(nn.Linear, _MaskedLayer):
     def from_dense(cls, module: nn.Linear, granularity: str = "weight", *, density: Optional[float] = None,
                    threshold: Optional[float] = None, estimator: str = "ste", temperature: float = 1.0,
                    score_init: Union[str, float, None] = None, freeze_weights: bool = True) -> "MaskedLinear":
-        """Wrap an existing nn.Linear; its parameters are shared, never copied or changed."""
+        """Wrap an existing nn.Linear (:func:`check_dense`); its parameters are shared, never copied or changed."""
         if not isinstance(module, nn.Linear):
             raise TypeError(f"module must be an nn.Linear, got {type(module).__name__}")
+        check_dense(module, nn.Linear)
         return cls._wrap(module, ("in_features", "out_features"), granularity, density, threshold, estimator,
                          temperature, score_init, freeze_weights)
 
@@ -241,10 +271,10 @@ class MaskedConv2d(nn.Conv2d, _MaskedLayer):
     def from_dense(cls, module: nn.Conv2d, granularity: str = "weight", *, density: Optional[float] = None,
                    threshold: Optional[float] = None, estimator: str = "ste", temperature: float = 1.0,
                    score_init: Union[str, float, None] = None, freeze_weights: bool = True) -> "MaskedConv2d":
-        """Wrap an existing nn.Conv2d; its parameters are shared, never copied or changed."""
+        """Wrap an existing nn.Conv2d (:func:`check_dense`); its parameters are shared, never copied or changed."""
         if not isinstance(module, nn.Conv2d):
             raise TypeError(f"module must be an nn.Conv2d, got {type(module).__name__}")
-        _check_padding_mode(module.padding_mode)
+        check_dense(module, nn.Conv2d)
         padding = _pair(_numeric_padding(module.padding, module.kernel_size, module.stride, module.dilation))
         attributes = ("in_channels", "out_channels", "kernel_size", "stride", "dilation", "groups", "transposed",
                       "output_padding", "padding_mode", "_reversed_padding_repeated_twice")

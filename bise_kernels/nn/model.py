@@ -3,15 +3,17 @@
 from __future__ import annotations
 
 import fnmatch
-import weakref
+import logging
 from typing import Iterable, Optional, Sequence, Union
 
 import torch
 from torch import Tensor, nn
 
 from .. import _checks, _ops
-from ._scored import outside_inference_mode
-from .masked import MaskedConv2d, MaskedLinear
+from ._scored import CacheEntry, outside_inference_mode
+from .masked import MaskedConv2d, MaskedLinear, check_dense
+
+_log = logging.getLogger(__name__)
 
 
 class GlobalSelection:
@@ -24,25 +26,21 @@ class GlobalSelection:
     def __init__(self, layers: Sequence[nn.Module], density: float):
         self.layers = list(layers)
         self.density = _checks.check_density(density)
-        self._key = None
-        self._refs: list[weakref.ref] = []
-        self._result: dict[int, tuple[Tensor, Tensor]] = {}
+        self._cache: Optional[CacheEntry] = None
 
     def __getstate__(self) -> dict:
         """Pickled and deep-copied without the cached result (weak references; selected again)."""
-        return {**self.__dict__, "_key": None, "_refs": [], "_result": {}}
+        return {**self.__dict__, "_cache": None}
 
     def selection_for(self, layer: nn.Module) -> tuple[Tensor, Tensor]:
-        """Layer ``layer``'s ``(thr, cut)``, cached as a layer's own selection (ScoredModule._selection:
-        the scores' versions, data pointers and the tensors themselves, by weak reference)."""
+        """Layer ``layer``'s ``(thr, cut)``, cached as a layer's own selection (a CacheEntry of every
+        layer's scores)."""
         scores = [m.scores for m in self.layers]
         if _ops._uncached():
             return self._select(scores)[id(layer)]
-        key = tuple((s._version, s.data_ptr()) for s in scores)
-        if key != self._key or any(r() is not s for r, s in zip(self._refs, scores)):
-            result = outside_inference_mode(lambda: self._select(scores))
-            self._key, self._refs, self._result = key, [weakref.ref(s) for s in scores], result
-        return self._result[id(layer)]
+        if self._cache is None or not self._cache.serves(scores, ()):
+            self._cache = CacheEntry(scores, (), outside_inference_mode(lambda: self._select(scores)))
+        return self._cache.value[id(layer)]
 
     def _select(self, scores: list[Tensor]) -> dict[int, tuple[Tensor, Tensor]]:
         """``(thr, cut)`` per layer (keyed by id), the cut shifted by the layer's offset."""
@@ -66,6 +64,14 @@ def matches(name: str, patterns: Optional[Iterable[str]]) -> bool:
     return patterns is not None and any(fnmatch.fnmatchcase(name, p) for p in patterns)
 
 
+def check_patterns(patterns: object, name: str) -> None:
+    """``patterns`` (``name``: include / exclude) a list or tuple of fnmatch patterns, or None. A str
+    was taken as patterns of one character each: exclude="2.0" excluded module "0" and kept "2.0"."""
+    if patterns is not None and (not isinstance(patterns, (list, tuple)) or
+                                 not all(isinstance(p, str) for p in patterns)):
+        raise TypeError(f"{name} must be a list of module-name patterns (fnmatch) or None, got {patterns!r}")
+
+
 def mask_model(model: nn.Module, granularity: str = "weight", *, density: Optional[float] = None,
                threshold: Optional[float] = None, scope: str = "layerwise",
                include: Optional[Sequence[str]] = None, exclude: Optional[Sequence[str]] = None,
@@ -76,41 +82,117 @@ def mask_model(model: nn.Module, granularity: str = "weight", *, density: Option
     ``include`` / ``exclude`` are fnmatch patterns over qualified module names ("layer1.*"). A module
     shared by several parents becomes one masked layer under all its names, unless any name is excluded.
     ``scope="global"`` selects one top-k over all masked layers together (needs ``density``).
+
+    Only what a masked layer computes for real is replaced (:func:`_why_left_dense`): a subclass
+    (nn.MultiheadAttention's out_proj, a QAT or parametrized layer, a LazyLinear not yet run), a layer
+    with hooks, a child of nn.MultiheadAttention (which reads its weights itself) or a padding
+    MaskedConv2d does not take is left dense with one logged warning naming it, or, if an ``include``
+    pattern is its exact name, a ValueError. Nothing is changed when an error is raised. A
+    TransformerEncoderLayer's fused inference path (which reads linear1 / linear2's weights itself)
+    is turned off for its masked layers (see :func:`_keep_the_modular_path`).
     """
     if scope not in ("layerwise", "global"):
         raise ValueError(f"scope must be 'layerwise' or 'global', got {scope!r}")
     if scope == "global" and density is None:
         raise ValueError("scope='global' needs density (one top-k over all layers); got density=None")
     _checks.check_mask_spec(density, threshold)
-    targets = []
-    for names, module in _by_module(model, (nn.Linear, nn.Conv2d), exact=True):
+    check_patterns(include, "include")
+    check_patterns(exclude, "exclude")
+    targets, left = [], []
+    for names, module in _by_module(model, (nn.Linear, nn.Conv2d), exact=False):
+        if isinstance(module, (MaskedLinear, MaskedConv2d)):
+            continue
         if include is not None and not any(matches(name, include) for name in names):
             continue
         if any(matches(name, exclude) for name in names):
             continue
-        targets.append((names, module))
+        why = _why_left_dense(model, names, module)
+        if why is None:
+            targets.append((names, module))
+        elif include is not None and any(name in include for name in names):
+            raise ValueError(f"cannot mask {names[0]!r} (named by include): {why}")
+        else:
+            left.append((names, why))
     if not targets:
         masked = len(_by_module(model, (MaskedLinear, MaskedConv2d), exact=False))
         why = f" (its {masked} masked layers are masked already: unmask_model first)" if masked else ""
-        raise ValueError(f"no nn.Linear or nn.Conv2d module matches include={include!r}, exclude={exclude!r}{why}")
+        why += "".join(f"; {', '.join(names)!s} left dense: {reason}" for names, reason in left)
+        raise ValueError(f"no nn.Linear or nn.Conv2d module to mask matches include={include!r}, exclude={exclude!r}"
+                         f"{why}")
     if targets[0][0][0] == "":
         raise ValueError("mask_model replaces submodules; pass a model containing the layer, not the layer itself")
     layers = []
-    for names, module in targets:
+    for names, module in targets:  # every layer built before the model is changed: an error changes nothing
         cls = MaskedLinear if isinstance(module, nn.Linear) else MaskedConv2d
         layer = cls.from_dense(module, granularity, density=density if scope == "layerwise" else 1.0,
                                threshold=threshold, estimator=estimator, temperature=temperature,
                                score_init=score_init, freeze_weights=freeze_weights)
         if scope == "global":
             layer.density = density
+        layers.append(layer)
+    for names, why in left:
+        _log.warning("mask_model left %s dense: %s", ", ".join(names), why)
+    for (names, _), layer in zip(targets, layers):
         for name in names:
             model.set_submodule(name, layer)
-        layers.append(layer)
+    _keep_the_modular_path(model, [(names, layer) for (names, _), layer in zip(targets, layers)])
     if scope == "global":
         selector = GlobalSelection(layers, density)
         for layer in layers:
             layer.global_selector = selector
     return [layer.scores for layer in layers]
+
+
+def _parents(model: nn.Module, names: list[str]) -> list[nn.Module]:
+    return [model.get_submodule(name.rpartition(".")[0]) for name in names if name]
+
+
+def _why_left_dense(model: nn.Module, names: list[str], module: nn.Module) -> Optional[str]:
+    """Why mask_model leaves ``module`` (an nn.Linear or nn.Conv2d instance reached by ``names``) dense,
+    or None: a masked layer in its place would not be masked for real, or would compute another thing.
+
+    nn.MultiheadAttention passes out_proj.weight (and its bare in_proj_weight) to
+    F.multi_head_attention_forward and never calls out_proj: a masked out_proj would mask nothing
+    (torchao's quantize_ skips it too: its default filter excludes NonDynamicallyQuantizableLinear;
+    Torch-Pruning prunes nn.MultiheadAttention as one unit, with its own pruner). Hooks would not
+    follow the module to its replacement (nor would old-style weight_norm / spectral_norm, which are
+    hooks)."""
+    if any(isinstance(parent, nn.MultiheadAttention) for parent in _parents(model, names)):
+        return ("nn.MultiheadAttention reads its weight itself (F.multi_head_attention_forward) and never "
+                "calls the module: a masked layer there would mask nothing")
+    try:
+        check_dense(module, nn.Linear if isinstance(module, nn.Linear) else nn.Conv2d)
+    except (TypeError, ValueError) as error:
+        return str(error)
+    hooks = [kind for kind in ("_forward_pre_hooks", "_forward_hooks", "_backward_pre_hooks", "_backward_hooks")
+             if getattr(module, kind)]
+    if hooks:
+        return (f"it has hooks ({', '.join(h[1:] for h in hooks)}) that a masked layer in its place would not run "
+                f"(register them after mask_model)")
+    return None
+
+
+def _modular_path_only(module: nn.Module, args: tuple) -> None:
+    """A forward pre-hook that does nothing: its presence turns off nn.TransformerEncoderLayer's fused
+    path (torch._transformer_encoder_layer_fwd), which the layer takes in eval mode without autograd
+    (no_grad, or frozen weights and input) and which reads linear1.weight / linear2.weight itself:
+    the masked layers' masks were not applied (torch 2.13: "forward pre-/hooks are attached to the
+    module" is one of the fast path's exclusions)."""
+    return None
+
+
+def _keep_the_modular_path(model: nn.Module, layers: list[tuple[list[str], nn.Module]]) -> None:
+    """Turn off the fused inference paths that would bypass the masked ``layers``: the pre-hook above on
+    those under an nn.TransformerEncoderLayer, and the nested-tensor path of an nn.TransformerEncoder
+    holding any (``use_nested_tensor = False``, as torch sets when its layer cannot take the path:
+    only the padded tensors' path is left, the same numbers)."""
+    for names, layer in layers:
+        if any(isinstance(parent, nn.TransformerEncoderLayer) for parent in _parents(model, names)):
+            layer.register_forward_pre_hook(_modular_path_only)
+    masked = {id(layer) for _, layer in layers}
+    for module in model.modules():
+        if isinstance(module, nn.TransformerEncoder) and any(id(m) in masked for m in module.modules()):
+            module.use_nested_tensor = False
 
 
 def unmask_model(model: nn.Module) -> nn.Module:
