@@ -16,6 +16,8 @@ from typing import Optional
 import torch
 from torch import nn
 
+from bise_kernels.nn.model import check_patterns
+
 
 def as_int(name: str, value, low: int) -> int:
     """``value`` as a Python int >= ``low`` (NumPy integers accepted; bools and floats refused)."""
@@ -56,11 +58,8 @@ def patterns(name: str, value) -> Optional[tuple]:
 
     A str is refused, not taken as one pattern: it is a sequence of one-letter patterns. Patterns that
     match no module are refused where the model is known (:func:`bise.gates.insert_gates`)."""
-    if value is None:
-        return None
-    if not isinstance(value, (list, tuple)) or not all(isinstance(p, str) for p in value):
-        raise TypeError(f"{name} must be a list of module-name patterns (fnmatch) or None, got {value!r}")
-    return tuple(value)
+    check_patterns(value, name)  # the kernels' mask_model takes include / exclude under the same rule
+    return None if value is None else tuple(value)
 
 
 def device(value) -> torch.device:
