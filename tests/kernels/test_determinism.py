@@ -1,0 +1,265 @@
+"""Determinism (docs/ops.md, "Determinism").
+
+* Every public op and module, on every backend that runs on CPU tensors here, runs under
+  ``torch.use_deterministic_algorithms(True)``, gives the same bits twice, and the same bits as
+  outside the mode: torch then fills every ``at::empty`` / ``torch.empty`` with NaN
+  (``torch.utils.deterministic.fill_uninitialized_memory``), so an output a kernel left partly
+  unwritten would show.
+* The "cpp" kernels give the same bits for any thread count (their reductions are chunked by the
+  shape, never by the thread count).
+* The Triton kernels add no floats atomically (an order the GPU's scheduling decides): their only
+  atomics count integers (the select), and their autotuned GEMMs take the one heuristic tile in
+  deterministic mode.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import pathlib
+import re
+
+import pytest
+import torch
+
+import bise_kernels as bk
+from bise_kernels import backends
+
+from _masked_cases import randn
+
+
+@contextlib.contextmanager
+def deterministic_mode():
+    """torch.use_deterministic_algorithms(True), empty tensors filled with NaN; the previous settings after."""
+    previous = torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled()
+    fill = torch.utils.deterministic.fill_uninitialized_memory
+    torch.use_deterministic_algorithms(True)
+    torch.utils.deterministic.fill_uninitialized_memory = True
+    try:
+        yield
+    finally:
+        torch.use_deterministic_algorithms(previous[0], warn_only=previous[1])
+        torch.utils.deterministic.fill_uninitialized_memory = fill
+
+
+@contextlib.contextmanager
+def threads(n):
+    previous = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
+
+
+def _tied(*shape, seed=0):
+    """Scores on a coarse grid: many exact ties, so a top-k cuts through a tie group."""
+    g = torch.Generator().manual_seed(seed)
+    return (torch.randint(-4, 5, shape, generator=g) / 4).float()
+
+
+def _leaves(*tensors):
+    return [t.clone().requires_grad_(True) for t in tensors]
+
+
+def _with_grads(out, leaves, seed=9):
+    """out, then each leaf's gradient of sum(out * fixed random weights)."""
+    out.backward(randn(*out.shape, seed=seed, dtype=out.dtype))
+    return [out.detach()] + [leaf.grad for leaf in leaves]
+
+
+def _linear(structured, **rule):
+    x, w, b = randn(3, 7, seed=1), randn(5, 7, seed=2), randn(5, seed=3)
+    leaves = _leaves(x, w, b, _tied(*((5,) if structured else (5, 7))))
+    return _with_grads(bk.masked_linear(*leaves, **rule), leaves)
+
+
+def _conv(structured, **rule):
+    x, w, b = randn(2, 4, 6, 5, seed=1), randn(6, 2, 3, 3, seed=2), randn(6, seed=3)
+    leaves = _leaves(x, w, b, _tied(*((6,) if structured else (6, 2, 3, 3))))
+    return _with_grads(bk.masked_conv2d(*leaves, stride=(2, 1), padding=1, groups=2, **rule), leaves)
+
+
+def _gate(channels_last, **rule):
+    x = randn(2, 3, 4, 5, seed=1)
+    x = x.to(memory_format=torch.channels_last) if channels_last else x
+    leaves = _leaves(x, _tied(3))
+    return _with_grads(bk.channel_gate(*leaves, **rule), leaves)
+
+
+def _module(make, x):
+    torch.manual_seed(0)
+    layer = make()
+    with torch.no_grad():
+        layer.scores.copy_(_tied(*layer.scores.shape, seed=4))
+    x = x.clone().requires_grad_(True)
+    out = _with_grads(layer(x), [x])
+    return out + [p.grad for p in layer.parameters() if p.requires_grad] + [layer.mask()]
+
+
+def _global_model():
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.Flatten(), torch.nn.Linear(16, 3))
+    scores = bk.mask_model(model, density=0.4, scope="global", score_init=0.0)
+    with torch.no_grad():
+        for i, s in enumerate(scores):
+            s.copy_(_tied(*s.shape, seed=i))
+    x = randn(2, 3, 4, 4, seed=5)
+    return _with_grads(model(x), scores)
+
+
+CASES = {
+    "topk_threshold": lambda: [bk.topk_threshold(_tied(40), 13)],
+    "topk_select": lambda: list(bk.topk_select([_tied(30), _tied(2, 9, seed=1)], 20)),
+    "topk_mask": lambda: [bk.topk_mask(_tied(6, 7), 0.3)],
+    "global_topk_masks": lambda: bk.global_topk_masks([_tied(30), _tied(2, 9, seed=1)], 0.4),
+    "layerwise_topk_masks": lambda: bk.layerwise_topk_masks([_tied(30), _tied(2, 9, seed=1)], [0.4, 0.7]),
+    "masked_linear-weight-density": lambda: _linear(False, density=0.5),
+    "masked_linear-unit-threshold-sigmoid": lambda: _linear(True, threshold=0.0, estimator="sigmoid",
+                                                            temperature=0.7),
+    "masked_conv2d-weight-threshold": lambda: _conv(False, threshold=0.25),
+    "masked_conv2d-unit-density-sigmoid": lambda: _conv(True, density=0.5, estimator="sigmoid"),
+    "channel_gate": lambda: _gate(False),
+    "channel_gate-channels_last-density": lambda: _gate(True, density=0.5, estimator="ste"),
+    "MaskedLinear-keep": lambda: _module(lambda: bk.MaskedLinear(7, 5, density=0.5, mask_mode="keep"),
+                                         randn(3, 7, seed=1)),
+    "MaskedLinear-channel-selection": lambda: _module(
+        lambda: bk.MaskedLinear(7, 5, granularity="channel", threshold=0.0, mask_mode="selection"), randn(3, 7, seed=1)),
+    "MaskedConv2d-keep": lambda: _module(lambda: bk.MaskedConv2d(4, 6, 3, padding=1, density=0.5, mask_mode="keep"),
+                                         randn(2, 4, 5, 5, seed=1)),
+    "ChannelGate": lambda: _module(lambda: bk.ChannelGate(3, temperature=0.5), randn(2, 3, 4, 4, seed=1)),
+    "mask_model-global": _global_model,
+}
+
+
+def _bits(t):
+    """A tensor as comparable bits (NaN equal to itself, -0.0 not to 0.0)."""
+    return t.reshape(-1).view(torch.uint8) if t.is_floating_point() else t
+
+
+def _assert_same_bits(got, want, what):
+    assert len(got) == len(want), what
+    for i, (g, w) in enumerate(zip(got, want)):
+        assert g.dtype == w.dtype and g.shape == w.shape, f"{what}: output {i}"
+        assert torch.equal(_bits(g), _bits(w)), f"{what}: output {i} differs"
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_public_ops_are_deterministic_under_torch_deterministic_mode(backend, case):
+    want = CASES[case]()  # outside the mode
+    with deterministic_mode():
+        first, second = CASES[case](), CASES[case]()
+    _assert_same_bits(first, second, "two calls in deterministic mode")
+    _assert_same_bits(first, want, "deterministic mode against outside it")
+
+
+# ----------------------------------------------------------------------------- cpp: any thread count
+
+THREAD_COUNTS = (1, 2, 3)
+DTYPES = [torch.float32, torch.float64, torch.float16, torch.bfloat16]
+needs_cpp = pytest.mark.skipif("cpp" not in backends.available_backends("cpu"), reason="the C++ extension is not built")
+
+
+def _same_for_thread_counts(compute):
+    """compute() (fresh tensors each call) gives the same bits under every count of THREAD_COUNTS."""
+    results = []
+    for n in THREAD_COUNTS:
+        with threads(n):
+            results.append(compute())
+    for n, got in zip(THREAD_COUNTS[1:], results[1:]):
+        _assert_same_bits(got, results[0], f"{n} threads against {THREAD_COUNTS[0]}")
+
+
+@needs_cpp
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_cpp_selects_are_the_same_for_any_thread_count(dtype):
+    """Past 1 M scores the selects and keep_mask split their passes into per-thread chunks."""
+    ext = torch.ops.bise_kernels_ext
+    big, small = randn((1 << 21) + 77, dtype=dtype, seed=1), randn(5000, dtype=dtype, seed=2)
+    k = big.numel() // 3
+
+    def compute():
+        thr, cut = ext.topk_select([big, small], k, None)
+        hinted = ext.topk_select([big], k, thr * 1.01)
+        thrs, cuts = ext.batched_topk_select([big, small, big[:70000]], [k, 10, 300], None)
+        return [thr, cut, *hinted, thrs, cuts, *ext.topk_keep_mask([big, small], k, None),
+                ext.keep_mask(big, thr, cut, 0, True)]
+
+    _same_for_thread_counts(compute)
+
+
+@needs_cpp
+@pytest.mark.parametrize("structured", [False, True], ids=["weight", "unit"])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_cpp_masked_passes_are_the_same_for_any_thread_count(dtype, structured):
+    """masked_weight / keep_weight / the score gradients (both mask modes, both estimators) of a weight
+    large enough for several chunks (32 K elements each; per-unit: rows)."""
+    ext = torch.ops.bise_kernels_ext
+    w, grad = randn(300, 257, dtype=dtype, seed=1), randn(300, 257, dtype=dtype, seed=2)
+    scores = randn(*((300,) if structured else (300, 257)), dtype=dtype, seed=3)
+    thr, cut = ext.topk_select([scores], scores.numel() // 2, None)
+    keep = ext.keep_mask(scores, thr, cut, 0, False)
+
+    def compute():
+        out = [ext.masked_weight(w, scores, thr, cut, True), ext.keep_weight(w, keep)]
+        for estimator, temperature in (("ste", 1.0), ("sigmoid", 0.7)):
+            g = grad.clone()
+            out += [ext.masked_score_grad(g, w, scores, thr, cut, estimator, temperature, True, True), g]
+            g = grad.clone()
+            out += [ext.keep_score_grad(g, w, scores, keep, estimator, temperature, True, True), g]
+        return out
+
+    _same_for_thread_counts(compute)
+
+
+@needs_cpp
+@pytest.mark.parametrize("layout", ["long_inner", "short_inner", "channels_last"])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_cpp_channel_gate_is_the_same_for_any_thread_count(dtype, layout):
+    """The backward's per-channel sums over (outer, inner): per (chunk, channel) runs (inner >= 16) or
+    per chunk of outer rows (inner < 16), summed in a fixed order."""
+    ext = torch.ops.bise_kernels_ext
+    shape = {"long_inner": (256, 3, 40), "short_inner": (2048, 5, 3), "channels_last": (64, 6, 5, 5)}[layout]
+    x, gy = randn(*shape, dtype=dtype, seed=1), randn(*shape, dtype=dtype, seed=2)
+    if layout == "channels_last":
+        x, gy = (t.to(memory_format=torch.channels_last) for t in (x, gy))
+    scores = randn(shape[1], seed=3).to(dtype)
+    thr, cut = ext.topk_select([scores], shape[1] // 2 + 1, None)
+
+    def compute():
+        return [ext.channel_gate_forward(x, scores, thr, cut, 1),
+                *ext.channel_gate_backward(gy, x, scores, thr, cut, 1, "sigmoid", 0.7, True, True)]
+
+    _same_for_thread_counts(compute)
+
+
+# ----------------------------------------------------------------------------- Triton
+
+TRITON = pathlib.Path(backends.__file__).parent / "triton"
+
+
+def test_triton_kernels_add_no_floats_atomically():
+    """Floats added atomically sum in the order the GPU schedules the programs: the structured score
+    gradients and the channel gate's store per-program partial sums, summed in a fixed order after.
+    The select's atomics count integers (histograms, buffer slots, tickets, tie counts)."""
+    atomics = {path.name: len(re.findall(r"\btl\.atomic_(?:add|xchg|cas)\(", path.read_text()))
+               for path in sorted(TRITON.glob("*.py"))}
+    assert {name for name, n in atomics.items() if n} == {"select.py"}, atomics
+
+
+def test_triton_gemms_take_the_heuristic_tile_in_deterministic_mode(monkeypatch):
+    """Autotuning keeps the tile that timed fastest in this process, which another run may not pick,
+    and the tile's BLOCK_K orders the sums: deterministic mode launches the heuristic tile instead.
+    (masked_linear's GEMMs are made by matmul_tuning and launched through tile_for_mode.)"""
+    triton = pytest.importorskip("triton")
+    from bise_kernels.backends.triton import _common
+
+    monkeypatch.setattr(_common, "AUTOTUNE", True)  # the interpreter never autotunes
+
+    @_common.matmul_tuning(key=["ROWS_BUCKET"])
+    @triton.jit
+    def gemm(ROWS_BUCKET, COLS_BUCKET, LOOP_BUCKET):
+        pass
+
+    assert type(_common.tile_for_mode(gemm)).__name__ == "Autotuner"
+    with deterministic_mode():
+        assert type(_common.tile_for_mode(gemm)).__name__ == "Heuristics"
