@@ -263,3 +263,47 @@ def test_triton_gemms_take_the_heuristic_tile_in_deterministic_mode(monkeypatch)
     assert type(_common.tile_for_mode(gemm)).__name__ == "Autotuner"
     with deterministic_mode():
         assert type(_common.tile_for_mode(gemm)).__name__ == "Heuristics"
+
+
+needs_triton = pytest.mark.skipif("triton" not in backends.available_backends("cpu"),
+                                  reason="the Triton backend runs on CPU tensors only with TRITON_INTERPRET=1")
+
+
+def _partial_sum_cases(dtype):
+    """A structured score gradient summed over several programs' partial rows, per kernel."""
+    ref = backends.kernel_table("torch")
+    cases = {}
+    x, w = randn(4, 100, dtype=dtype, seed=1), randn(6, 100, dtype=dtype, seed=2)  # 4 column tiles of 32
+    scores = randn(6, seed=3).to(dtype)
+    thr, cut = ref["topk_select"]([scores], 4)
+    cases["masked_linear"] = ("masked_linear_backward",
+                              (randn(4, 6, dtype=dtype, seed=4), x, w, scores, thr, cut, "sigmoid", 0.7,
+                               [False, False, False, True]))
+    x, w = randn(2, 8, 5, 5, dtype=dtype, seed=1), randn(6, 8, 3, 3, dtype=dtype, seed=2)  # 72 reds: 2 programs
+    cases["masked_conv2d"] = ("masked_conv2d_backward",
+                              (randn(2, 6, 3, 3, dtype=dtype, seed=4), x, w, scores, thr, cut, [1, 1], [0, 0],
+                               [1, 1], 1, "ste", 1.0, [False, False, False, True]))
+    gate_scores = randn(3, seed=3).to(dtype)
+    gthr, gcut = ref["topk_select"]([gate_scores], 2)
+    for name, x in (("gate_long_inner", randn(2, 3, 2100, dtype=dtype, seed=1)),  # grid (2, 2)
+                    ("gate_channels_last", randn(100, 3, 5, 5, dtype=dtype, seed=1).to(  # grid (1, 3)
+                        memory_format=torch.channels_last))):
+        cases[name] = ("channel_gate_backward",
+                       (randn(*x.shape, dtype=dtype, seed=4).to(memory_format=torch.channels_last)
+                        if x.dim() == 4 else randn(*x.shape, dtype=dtype, seed=4),
+                        x, gate_scores, gthr, gcut, 1, "sigmoid", 0.7, [False, True]))
+    return cases
+
+
+@needs_triton
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_triton_partial_sums_match_the_reference(dtype):
+    """The per-program partial rows of the structured score gradients add up to the reference's sums,
+    the same bits twice."""
+    triton_kernels, ref = backends.kernel_table("triton"), backends.kernel_table("torch")
+    for name, (kernel, args) in _partial_sum_cases(dtype).items():
+        got = triton_kernels[kernel](*args)[-1]
+        _assert_same_bits([triton_kernels[kernel](*args)[-1]], [got], name)
+        want = ref[kernel](*args)[-1]
+        tolerance = dict(rtol=1e-10, atol=1e-10) if dtype == torch.float64 else dict(rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(got, want, **tolerance, msg=name)
