@@ -51,10 +51,10 @@ def threads(n):
         torch.set_num_threads(previous)
 
 
-def _tied(*shape, seed=0):
+def _tied(*shape, seed=0, device="cpu"):
     """Scores on a coarse grid: many exact ties, so a top-k cuts through a tie group."""
     g = torch.Generator().manual_seed(seed)
-    return (torch.randint(-4, 5, shape, generator=g) / 4).float()
+    return (torch.randint(-4, 5, shape, generator=g) / 4).float().to(device)
 
 
 def _leaves(*tensors):
@@ -63,71 +63,84 @@ def _leaves(*tensors):
 
 def _with_grads(out, leaves, seed=9):
     """out, then each leaf's gradient of sum(out * fixed random weights)."""
-    out.backward(randn(*out.shape, seed=seed, dtype=out.dtype))
+    out.backward(randn(*out.shape, seed=seed, dtype=out.dtype, device=out.device))
     return [out.detach()] + [leaf.grad for leaf in leaves]
 
 
-def _linear(structured, **rule):
-    x, w, b = randn(3, 7, seed=1), randn(5, 7, seed=2), randn(5, seed=3)
-    leaves = _leaves(x, w, b, _tied(*((5,) if structured else (5, 7))))
+def _linear(d, structured, n=7, **rule):
+    x, w, b = randn(3, n, seed=1, device=d), randn(5, n, seed=2, device=d), randn(5, seed=3, device=d)
+    leaves = _leaves(x, w, b, _tied(*((5,) if structured else (5, n)), device=d))
     return _with_grads(bk.masked_linear(*leaves, **rule), leaves)
 
 
-def _conv(structured, **rule):
-    x, w, b = randn(2, 4, 6, 5, seed=1), randn(6, 2, 3, 3, seed=2), randn(6, seed=3)
-    leaves = _leaves(x, w, b, _tied(*((6,) if structured else (6, 2, 3, 3))))
+def _conv(d, structured, c=4, **rule):
+    x, w, b = randn(2, c, 6, 5, seed=1, device=d), randn(6, c // 2, 3, 3, seed=2, device=d), randn(6, seed=3, device=d)
+    leaves = _leaves(x, w, b, _tied(*((6,) if structured else (6, c // 2, 3, 3)), device=d))
     return _with_grads(bk.masked_conv2d(*leaves, stride=(2, 1), padding=1, groups=2, **rule), leaves)
 
 
-def _gate(channels_last, **rule):
-    x = randn(2, 3, 4, 5, seed=1)
+def _gate(d, channels_last, shape=(2, 3, 4, 5), **rule):
+    x = randn(*shape, seed=1, device=d)
     x = x.to(memory_format=torch.channels_last) if channels_last else x
-    leaves = _leaves(x, _tied(3))
+    leaves = _leaves(x, _tied(shape[1], device=d))
     return _with_grads(bk.channel_gate(*leaves, **rule), leaves)
 
 
-def _module(make, x):
+def _module(d, make, x):
     torch.manual_seed(0)
-    layer = make()
+    layer = make().to(d)
     with torch.no_grad():
         layer.scores.copy_(_tied(*layer.scores.shape, seed=4))
-    x = x.clone().requires_grad_(True)
+    x = x.to(d).requires_grad_(True)
     out = _with_grads(layer(x), [x])
     return out + [p.grad for p in layer.parameters() if p.requires_grad] + [layer.mask()]
 
 
-def _global_model():
+def _global_model(d):
     torch.manual_seed(0)
-    model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.Flatten(), torch.nn.Linear(16, 3))
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.Flatten(), torch.nn.Linear(16, 3)).to(d)
     scores = bk.mask_model(model, density=0.4, scope="global", score_init=0.0)
     with torch.no_grad():
         for i, s in enumerate(scores):
             s.copy_(_tied(*s.shape, seed=i))
-    x = randn(2, 3, 4, 4, seed=5)
-    return _with_grads(model(x), scores)
+    return _with_grads(model(randn(2, 3, 4, 4, seed=5, device=d)), scores)
 
 
-CASES = {
-    "topk_threshold": lambda: [bk.topk_threshold(_tied(40), 13)],
-    "topk_select": lambda: list(bk.topk_select([_tied(30), _tied(2, 9, seed=1)], 20)),
-    "topk_mask": lambda: [bk.topk_mask(_tied(6, 7), 0.3)],
-    "global_topk_masks": lambda: bk.global_topk_masks([_tied(30), _tied(2, 9, seed=1)], 0.4),
-    "layerwise_topk_masks": lambda: bk.layerwise_topk_masks([_tied(30), _tied(2, 9, seed=1)], [0.4, 0.7]),
-    "masked_linear-weight-density": lambda: _linear(False, density=0.5),
-    "masked_linear-unit-threshold-sigmoid": lambda: _linear(True, threshold=0.0, estimator="sigmoid",
-                                                            temperature=0.7),
-    "masked_conv2d-weight-threshold": lambda: _conv(False, threshold=0.25),
-    "masked_conv2d-unit-density-sigmoid": lambda: _conv(True, density=0.5, estimator="sigmoid"),
-    "channel_gate": lambda: _gate(False),
-    "channel_gate-channels_last-density": lambda: _gate(True, density=0.5, estimator="ste"),
-    "MaskedLinear-keep": lambda: _module(lambda: bk.MaskedLinear(7, 5, density=0.5, mask_mode="keep"),
-                                         randn(3, 7, seed=1)),
-    "MaskedLinear-channel-selection": lambda: _module(
-        lambda: bk.MaskedLinear(7, 5, granularity="channel", threshold=0.0, mask_mode="selection"), randn(3, 7, seed=1)),
-    "MaskedConv2d-keep": lambda: _module(lambda: bk.MaskedConv2d(4, 6, 3, padding=1, density=0.5, mask_mode="keep"),
-                                         randn(2, 4, 5, 5, seed=1)),
-    "ChannelGate": lambda: _module(lambda: bk.ChannelGate(3, temperature=0.5), randn(2, 3, 4, 4, seed=1)),
+def _two(d, first=30, second=(2, 9)):
+    return [_tied(first, device=d), _tied(*second, seed=1, device=d)]
+
+
+CASES = {  # name -> case(device): the outputs and gradients of one call, on fresh inputs
+    "topk_threshold": lambda d: [bk.topk_threshold(_tied(40, device=d), 13)],
+    "topk_select": lambda d: list(bk.topk_select(_two(d), 20)),
+    "topk_mask": lambda d: [bk.topk_mask(_tied(6, 7, device=d), 0.3)],
+    "global_topk_masks": lambda d: bk.global_topk_masks(_two(d), 0.4),
+    "layerwise_topk_masks": lambda d: bk.layerwise_topk_masks(_two(d), [0.4, 0.7]),
+    "masked_linear-weight-density": lambda d: _linear(d, False, density=0.5),
+    "masked_linear-unit-threshold-sigmoid": lambda d: _linear(d, True, threshold=0.0, estimator="sigmoid",
+                                                              temperature=0.7),
+    "masked_conv2d-weight-threshold": lambda d: _conv(d, False, threshold=0.25),
+    "masked_conv2d-unit-density-sigmoid": lambda d: _conv(d, True, density=0.5, estimator="sigmoid"),
+    "channel_gate": lambda d: _gate(d, False),
+    "channel_gate-channels_last-density": lambda d: _gate(d, True, density=0.5, estimator="ste"),
+    "MaskedLinear-keep": lambda d: _module(d, lambda: bk.MaskedLinear(7, 5, density=0.5, mask_mode="keep"),
+                                           randn(3, 7, seed=1)),
+    "MaskedLinear-channel-selection": lambda d: _module(
+        d, lambda: bk.MaskedLinear(7, 5, granularity="channel", threshold=0.0, mask_mode="selection"),
+        randn(3, 7, seed=1)),
+    "MaskedConv2d-keep": lambda d: _module(
+        d, lambda: bk.MaskedConv2d(4, 6, 3, padding=1, density=0.5, mask_mode="keep"), randn(2, 4, 5, 5, seed=1)),
+    "ChannelGate": lambda d: _module(d, lambda: bk.ChannelGate(3, temperature=0.5), randn(2, 3, 4, 4, seed=1)),
     "mask_model-global": _global_model,
+}
+
+BIG_CASES = {  # GPU only: many blocks / programs per reduction and per selection
+    "topk_select-4M": lambda d: list(bk.topk_select(_two(d, 1 << 22, (3, 1 << 20)), 1 << 21)),
+    "layerwise_topk_masks-4M": lambda d: bk.layerwise_topk_masks(_two(d, 1 << 22, (3, 1 << 20)), [0.3, 0.6]),
+    "masked_linear-unit-4096": lambda d: _linear(d, True, n=4096, density=0.5, estimator="sigmoid"),
+    "masked_conv2d-unit-256": lambda d: _conv(d, True, c=256, density=0.5),
+    "channel_gate-large": lambda d: _gate(d, False, shape=(64, 32, 56, 56), estimator="sigmoid"),
+    "channel_gate-channels_last-large": lambda d: _gate(d, True, shape=(64, 32, 56, 56), estimator="sigmoid"),
 }
 
 
@@ -145,11 +158,30 @@ def _assert_same_bits(got, want, what):
 
 @pytest.mark.parametrize("case", CASES)
 def test_public_ops_are_deterministic_under_torch_deterministic_mode(backend, case):
-    want = CASES[case]()  # outside the mode
+    want = CASES[case]("cpu")  # outside the mode
     with deterministic_mode():
-        first, second = CASES[case](), CASES[case]()
+        first, second = CASES[case]("cpu"), CASES[case]("cpu")
     _assert_same_bits(first, second, "two calls in deterministic mode")
     _assert_same_bits(first, want, "deterministic mode against outside it")
+
+
+GPU_BACKENDS = [name for name in ("torch", "cuda", "triton")
+                if torch.cuda.is_available() and name in backends.available_backends("cuda")]
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not GPU_BACKENDS, reason="needs a CUDA device")
+@pytest.mark.parametrize("name", GPU_BACKENDS or ["cuda"])
+@pytest.mark.parametrize("case", [*CASES, *BIG_CASES])
+def test_public_ops_on_cuda_are_bit_identical_twice_in_deterministic_mode(name, case, monkeypatch):
+    """Two calls give the same bits (against a call outside the mode they may not: there cuDNN may take
+    another algorithm, and Triton its autotuned tile). The torch error the mode raises for cuBLAS
+    without a workspace setting is torch's; the variable lets the dense GEMMs run."""
+    monkeypatch.setenv("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    run = {**CASES, **BIG_CASES}[case]
+    with bk.use_backend(name), deterministic_mode():
+        first, second = run("cuda"), run("cuda")
+    _assert_same_bits(first, second, f"{name}: two calls in deterministic mode")
 
 
 # ----------------------------------------------------------------------------- cpp: any thread count
