@@ -4,7 +4,8 @@ Triton convs trail cuDNN, so the dense part stays with cuDNN: forward ``conv2d(x
 one ``convolution_backward`` call for dgrad (on W*M), wgrad and the bias gradient. W*M is transient (never saved for backward). The wgrad result
 feeds a fused epilogue kernel that writes ``grad_W_eff * M`` (only if needed) and the score
 gradient ``grad_W_eff * W * slope`` (for structured scores summed per output channel: each
-program's sums in a row of their own, the rows summed after, in a fixed order) in one pass. Weights are addressed through their 4-d strides, so channels_last weights work in place.
+program's sums in a row of their own, the rows summed after, in a fixed order) in one pass.
+Weights are addressed through their 4-d strides, so channels_last weights work in place.
 Semantics: ``backends/reference.py``.
 """
 
