@@ -2,7 +2,8 @@
 // and, in one pass over the activations, grad_x = grad_y * g together with the per-channel
 // reduction sum(grad_y * x). x is read in memory order as the (outer, C, inner) view of
 // bise_checks::gate_layout (csrc/checks.h). Reductions accumulate in fp64 per (chunk, channel)
-// and are summed in a fixed order, so results do not depend on thread scheduling.
+// over chunks fixed by the shape and are summed in chunk order, so results do not depend on thread
+// scheduling or on the number of threads.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
@@ -19,6 +20,7 @@ namespace {
 using bise_checks::GateLayout;
 
 constexpr int64_t kGrain = 32768;
+constexpr int64_t kMaxTasks = 256;  // gate_reduce's most tasks: 4 per thread of a 64-thread machine
 
 // The 0/1 gate per channel. check_finite: the forward's value check of the scores and thr, fused
 // into the loop that reads them (a ValueError naming the argument, as bise_kernels/_checks.py's
@@ -73,7 +75,9 @@ template <typename X>
 std::vector<double> gate_reduce(const X* gy, const X* x, X* gx, const std::vector<X>& gate, const GateLayout& L) {
   using A = acc_t<X>;
   const int64_t C = L.channels, inner = L.inner, outer = L.outer;
-  const int64_t tasks = 4 * at::get_num_threads();
+  // About one task per kGrain elements: the chunks depend on the shape only. They were 4 tasks per
+  // thread, and the fp64 sums of float64 data (rounded per chunk) then changed with the thread count.
+  const int64_t tasks = std::clamp<int64_t>(outer * C * inner / kGrain, 1, kMaxTasks);
   // Long contiguous runs: one task per (outer chunk, channel); short runs: per outer chunk, all channels.
   const bool per_channel = inner >= 16;
   const int64_t chunks = std::min(outer, per_channel ? std::max<int64_t>(1, (tasks + C - 1) / C) : tasks);

@@ -80,7 +80,8 @@ def score_grad_epilogue(
     The mask is the keep rule on the scores ``s_ptrs``, or, ``PACKED``, the bytes of a packed keep
     mask ``k_ptrs`` (nonzero: kept); the scores are then read only for the "sigmoid" slope.
     Structured scores (one per unit): ``s_ptrs`` / ``k_ptrs`` are (units,), and the score gradient is
-    summed over the tile's reds and added atomically into the fp32/fp64 buffer ``gs_ptrs`` (units,).
+    summed over the tile's reds and stored in this program's row ``gs_ptrs`` (units,) of a
+    :func:`unit_partials` buffer (fp32/fp64), whose rows the launcher sums.
     """
     if STRUCTURED:
         if SIGMOID or (NEED_W and not PACKED):
@@ -95,7 +96,7 @@ def score_grad_epilogue(
             part = tl.sum(g * tl.load(w_ptrs, mask=valid, other=0).to(g.dtype), axis=1)
             if SIGMOID:
                 part = part * sigmoid_slope(s, temperature, S_ACC)
-            tl.atomic_add(gs_ptrs, part.to(gs_ptrs.dtype.element_ty), mask=unit_ok)
+            tl.store(gs_ptrs, part.to(gs_ptrs.dtype.element_ty), mask=unit_ok)
     else:
         if SIGMOID or (NEED_W and not PACKED):
             s = tl.load(s_ptrs, mask=valid, other=0)
@@ -161,13 +162,23 @@ def prune_matmul_configs(configs, named_args, **kwargs):
     return kept or configs[-1:]
 
 
+INTERPRET_BLOCK = 32
+"""BLOCK_M = BLOCK_N = BLOCK_K of the one tile under the interpreter, where tile size only costs time."""
+
+MIN_BLOCK_N = INTERPRET_BLOCK if INTERPRET else min(tile[1] for tile in MATMUL_TILES)
+"""The narrowest BLOCK_N a GEMM of :data:`MATMUL_TILES` may run with: sizes a :func:`unit_partials`
+buffer before the autotuner picks the tile."""
+
+
 @functools.lru_cache(maxsize=None)
 def heuristic_config(rows_bucket: int, cols_bucket: int, element_size: int,
                      tiles: tuple = MATMUL_TILES) -> triton.Config:
-    """The one tile of a shape bucket without autotuning: the first of ``tiles`` that fits (32^3
-    under the interpreter, where tile size only costs time)."""
+    """The one tile of a shape bucket without autotuning: the first of ``tiles`` that fits
+    (:data:`INTERPRET_BLOCK` cubed under the interpreter)."""
     if INTERPRET:
-        return triton.Config({"BLOCK_M": 32, "BLOCK_N": 32, "BLOCK_K": 32, "GROUP_M": 8}, num_warps=4, num_stages=1)
+        block = INTERPRET_BLOCK
+        return triton.Config({"BLOCK_M": block, "BLOCK_N": block, "BLOCK_K": block, "GROUP_M": 8}, num_warps=4,
+                             num_stages=1)
     tile = next((t for t in tiles if _fits(t[0], t[1], rows_bucket, cols_bucket)), tiles[-1])
     return _config(tile, element_size)
 
@@ -181,12 +192,30 @@ def _heuristic(name: str, tiles: tuple, args: dict):
 def matmul_tuning(key: list[str], reset_to_zero: list[str] | None = None, tiles: tuple = MATMUL_TILES):
     """Decorator of a GEMM kernel with ``ROWS_BUCKET`` / ``COLS_BUCKET`` / ``LOOP_BUCKET`` arguments
     (:func:`size_bucket` of its sizes): autotuned over :func:`matmul_configs` of ``tiles`` keyed on
-    ``key``, or, without :data:`AUTOTUNE`, one :func:`heuristic_config` per bucket."""
-    if AUTOTUNE:
-        return triton.autotune(configs=matmul_configs(tiles), key=key, reset_to_zero=reset_to_zero,
-                               prune_configs_by={"early_config_prune": prune_matmul_configs})
+    ``key``, or, without :data:`AUTOTUNE`, one :func:`heuristic_config` per bucket. The autotuned
+    kernel carries the heuristic one as ``.deterministic`` (:func:`tile_for_mode`)."""
     names = ("BLOCK_M", "BLOCK_N", "BLOCK_K", "GROUP_M", "num_warps", "num_stages")
-    return triton.heuristics({name: functools.partial(_heuristic, name, tiles) for name in names})
+    heuristic = triton.heuristics({name: functools.partial(_heuristic, name, tiles) for name in names})
+    if not AUTOTUNE:
+        return heuristic
+
+    def decorate(fn):
+        tuned = triton.autotune(configs=matmul_configs(tiles), key=key, reset_to_zero=reset_to_zero,
+                                prune_configs_by={"early_config_prune": prune_matmul_configs})(fn)
+        tuned.deterministic = heuristic(fn)
+        return tuned
+
+    return decorate
+
+
+def tile_for_mode(kernel):
+    """The GEMM ``kernel`` to launch now: under torch.use_deterministic_algorithms(True) its heuristic
+    twin (:func:`matmul_tuning`). The autotuner keeps the tile that timed fastest in this process,
+    which another run may not pick, and the tile (BLOCK_K, the K loop's order of fp sums) sets the
+    result's bits; the heuristic tile is the same in every run (as torch's cudnn.benchmark = False)."""
+    if torch.are_deterministic_algorithms_enabled():
+        return getattr(kernel, "deterministic", kernel)
+    return kernel
 
 
 def dot_options(dtype: torch.dtype) -> dict:
@@ -210,10 +239,19 @@ def accumulation_dtype(dtype: torch.dtype) -> tl.dtype:
     return tl.float64 if dtype == torch.float64 else tl.float32
 
 
-def score_grad_buffer(scores: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-    """Zeroed per-unit accumulator for structured score gradients (fp32, fp64 if either is fp64)."""
+def unit_partials(rows: int, units: int, scores: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """Zeroed (rows, units) partial sums of a per-unit score gradient (fp32, fp64 if either is fp64):
+    each program stores its sums in its own row and :func:`sum_partials` adds the rows up, in an
+    order fixed by the shape. Float atomics would add them in the order the GPU schedules the
+    programs, different bits from run to run (docs/ops.md, "Determinism")."""
     dtype = torch.float64 if torch.float64 in (x.dtype, scores.dtype) else torch.float32
-    return torch.zeros(scores.shape, dtype=dtype, device=scores.device)
+    return torch.zeros((rows, units), dtype=dtype, device=scores.device)
+
+
+def sum_partials(partials: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+    """The score gradient from :func:`unit_partials` rows: their sum per unit (a torch reduction,
+    deterministic), in the scores' dtype and shape."""
+    return partials.reshape(-1, scores.numel()).sum(0).to(scores.dtype).reshape(scores.shape)
 
 
 def check_device(x: torch.Tensor) -> None:

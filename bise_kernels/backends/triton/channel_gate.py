@@ -5,8 +5,9 @@ dense layout), as (outer, C, inner). Kernels walk 2-d tiles of a "channel axis" 
 axis": for inner == 1 (channels_last with dim=1, dim=-1) the channel axis is C itself and the
 reduce axis is outer; otherwise the channel axis is outer*C (channel = row % C) and the reduce
 axis is inner. Each program keeps its channels' gates in registers and loops over a slice of
-the reduce axis; the backward writes grad_x and adds its per-channel partial sums of
-grad_y * x (times the slope) to the score gradient with one atomic per channel row.
+the reduce axis; the backward writes grad_x and stores its partial sums of grad_y * x (times the
+slope) per channel row, which the launcher sums per channel in a fixed order (float atomics would
+add them in the order the GPU schedules the programs: docs/ops.md, "Determinism").
 Semantics: ``backends/reference.py``.
 """
 
@@ -20,7 +21,9 @@ import triton.language as tl
 
 from ... import _checks
 from .. import INTERPRET
-from ._common import accumulation_dtype, check_backward_args, check_device, keep, score_grad_buffer, sigmoid_slope
+from ._common import (
+    accumulation_dtype, check_backward_args, check_device, keep, sigmoid_slope, sum_partials, unit_partials,
+)
 
 KERNELS = ("channel_gate_forward", "channel_gate_backward")
 
@@ -75,7 +78,7 @@ def _gate_backward_kernel(
         part += tl.sum(g.to(ACC) * x.to(ACC), axis=1)
     if SIGMOID:
         part = part * sigmoid_slope(s, temperature, S_ACC)
-    tl.atomic_add(gs_ptr + ch % C, part.to(gs_ptr.dtype.element_ty), mask=ch_ok)
+    tl.store(gs_ptr + tl.program_id(1) * NCH + ch, part.to(gs_ptr.dtype.element_ty), mask=ch_ok)
 
 
 @functools.lru_cache(maxsize=None)
@@ -145,12 +148,12 @@ def channel_gate_backward(grad_y, x, scores, thr, cut, dim, estimator, temperatu
     xp, perm, pos = _contiguous_view(x, dim)
     gp = grad_y.permute(perm).contiguous()  # a copy only if grad_y's layout differs from x's
     gxp = torch.empty_like(xp) if need_x else None
-    gs = score_grad_buffer(scores, x)
-    if xp.numel():
-        grid, geometry, per_program, block_ch, block_red = _plan(xp.shape, pos, x.device)
-        _gate_backward_kernel[grid](gp, xp, xp if gxp is None else gxp, gs, scores, thr, cut, float(temperature),
-                                    *geometry, scores.stride(0), per_program,
-                                    NEED_X=need_x, SIGMOID=estimator == "sigmoid", ACC=accumulation_dtype(x.dtype),
-                                    S_ACC=accumulation_dtype(scores.dtype),
-                                    BLOCK_CH=block_ch, BLOCK_RED=block_red)
-    return (_undo(gxp, perm) if need_x else None), gs.to(scores.dtype)
+    if not xp.numel():
+        return (_undo(gxp, perm) if need_x else None), torch.zeros_like(scores)
+    grid, geometry, per_program, block_ch, block_red = _plan(xp.shape, pos, x.device)
+    gs = unit_partials(grid[1], geometry[1], scores, x)  # (programs along the reduce axis, channel rows)
+    _gate_backward_kernel[grid](gp, xp, xp if gxp is None else gxp, gs, scores, thr, cut, float(temperature),
+                                *geometry, scores.stride(0), per_program,
+                                NEED_X=need_x, SIGMOID=estimator == "sigmoid", ACC=accumulation_dtype(x.dtype),
+                                S_ACC=accumulation_dtype(scores.dtype), BLOCK_CH=block_ch, BLOCK_RED=block_red)
+    return (_undo(gxp, perm) if need_x else None), sum_partials(gs, scores)

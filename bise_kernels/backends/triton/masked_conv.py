@@ -3,8 +3,9 @@
 Triton convs trail cuDNN, so the dense part stays with cuDNN: forward ``conv2d(x, W*M)``, and
 one ``convolution_backward`` call for dgrad (on W*M), wgrad and the bias gradient. W*M is transient (never saved for backward). The wgrad result
 feeds a fused epilogue kernel that writes ``grad_W_eff * M`` (only if needed) and the score
-gradient ``grad_W_eff * W * slope`` (summed per output channel for structured scores) in one
-pass. Weights are addressed through their 4-d strides, so channels_last weights work in place.
+gradient ``grad_W_eff * W * slope`` (for structured scores summed per output channel: each
+program's sums in a row of their own, the rows summed after, in a fixed order) in one pass.
+Weights are addressed through their 4-d strides, so channels_last weights work in place.
 Semantics: ``backends/reference.py``.
 """
 
@@ -18,7 +19,8 @@ import triton.language as tl
 from ... import _checks
 from .. import INTERPRET
 from ._common import (
-    accumulation_dtype, check_backward_args, check_device, keep, score_grad_buffer, score_grad_epilogue, tie_limit,
+    accumulation_dtype, check_backward_args, check_device, keep, score_grad_epilogue, sum_partials, tie_limit,
+    unit_partials,
 )
 
 KERNELS = ("masked_conv2d_forward", "masked_conv2d_backward")
@@ -68,7 +70,8 @@ def _conv_score_grad_kernel(
     STRUCTURED: tl.constexpr, SIGMOID: tl.constexpr, NEED_W: tl.constexpr, NEED_S: tl.constexpr,
     ACC: tl.constexpr, S_ACC: tl.constexpr, BLOCK_U: tl.constexpr, BLOCK_R: tl.constexpr,
 ):
-    """Weight and score gradients from grad_W_eff in one read (epilogue of ``_common``)."""
+    """Weight and score gradients from grad_W_eff in one read (epilogue of ``_common``). Structured:
+    ``gs_ptr`` is a (programs along reds, UNITS) ``unit_partials`` buffer; this program writes its row."""
     units = tl.program_id(0) * BLOCK_U + tl.arange(0, BLOCK_U)
     reds = tl.program_id(1) * BLOCK_R + tl.arange(0, BLOCK_R)
     unit_ok = units < UNITS
@@ -77,7 +80,7 @@ def _conv_score_grad_kernel(
                 mask=valid, other=0).to(ACC)
     if STRUCTURED:
         s_ptrs = s_ptr + units * ss0
-        gs_ptrs = gs_ptr + units
+        gs_ptrs = gs_ptr + tl.program_id(1) * UNITS + units
     else:
         s_ptrs = s_ptr + units[:, None] * ss0 + _red_offsets(reds, KHW, KW, ss1, ss2, ss3)[None, :]
         gs_ptrs = gs_ptr + units[:, None] * sgs0 + _red_offsets(reds, KHW, KW, sgs1, sgs2, sgs3)[None, :]
@@ -147,7 +150,8 @@ def masked_conv2d_backward(
     if need_w or need_s:
         gw = torch.empty_like(weight) if need_w else None
         if need_s:
-            gs = score_grad_buffer(scores, x) if structured else torch.empty_like(scores)
+            gs = unit_partials(_grid(weight)[1], weight.shape[0], scores, x) if structured else \
+                torch.empty_like(scores)
         dummy = torch.empty(1, dtype=torch.float32, device=x.device)  # for pointers this launch never touches
         if weight.numel():
             _conv_score_grad_kernel[_grid(weight)](
@@ -160,5 +164,5 @@ def masked_conv2d_backward(
                 BLOCK_U=BLOCK_UNITS, BLOCK_R=BLOCK_REDS,
             )
         if gs is not None:
-            gs = gs.to(scores.dtype)
+            gs = sum_partials(gs, scores) if structured else gs.to(scores.dtype)
     return (gx if need_x else None), gw, (gb if need_b else None), gs

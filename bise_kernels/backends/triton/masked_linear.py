@@ -5,8 +5,9 @@
   structured scores (one per output unit) mask C's columns in the epilogue instead, and a tile
   whose units are all dead skips its K loop (bias only).
 * wgrad ``G = grad_y^T @ x`` never leaves the registers: its epilogue writes ``G * M`` (only
-  when the weight gradient is needed) and ``G * W * slope`` (the score gradient; per output
-  unit summed with atomics for structured scores). The bias gradient is summed on the way.
+  when the weight gradient is needed) and ``G * W * slope`` (the score gradient; for structured
+  scores, per output unit: each column tile's sums in a row of their own, the rows summed after, in
+  a fixed order). The bias gradient is summed on the way.
 * the packed-mask forward ``x @ (W*keep)^T + b`` is the same kernel reading the bool keep mask
   as uint8 "scores" under the rule ``s > 0`` (thr = cut = 0): a weight costs its own bytes plus
   one, which is what the small-M (memory-bound) regime pays for; up to ``SMALL_M`` rows it runs
@@ -24,8 +25,9 @@ import triton.language as tl
 
 from ... import _checks
 from ._common import (
-    SMALL_M, SMALL_M_TILES, accumulation_dtype, check_backward_args, check_device, dot_options, grouped_tile, keep,
-    matmul_tuning, score_grad_buffer, score_grad_epilogue, size_bucket, tie_limit,
+    MIN_BLOCK_N, SMALL_M, SMALL_M_TILES, accumulation_dtype, check_backward_args, check_device, dot_options,
+    grouped_tile, keep, matmul_tuning, score_grad_epilogue, size_bucket, sum_partials, tie_limit, tile_for_mode,
+    unit_partials,
 )
 
 KERNELS = ("masked_linear_forward", "masked_linear_backward", "masked_linear_keep_forward",
@@ -113,7 +115,8 @@ def _masked_wgrad_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):
     """G (ROWS=N, COLS=K) = grad_y^T @ x over LOOP=M rows, consumed by the score-gradient epilogue
-    (masked by the scores' rule, or ``PACKED`` by the keep mask ``k_ptr``)."""
+    (masked by the scores' rule, or ``PACKED`` by the keep mask ``k_ptr``). Structured: ``gs_ptr`` is a
+    (column tiles, ROWS) :func:`._common.unit_partials` buffer; this tile writes row ``pid_n``."""
     pid_m, pid_n = grouped_tile(ROWS, COLS, BLOCK_M, BLOCK_N, GROUP_M)
     units = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     reds = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -140,7 +143,7 @@ def _masked_wgrad_kernel(
     if STRUCTURED:
         s_ptrs = s_ptr + units * stride_sn
         k_ptrs = k_ptr + units * stride_kn
-        gs_ptrs = gs_ptr + units
+        gs_ptrs = gs_ptr + pid_n * ROWS + units
     else:
         s_ptrs = s_ptr + units[:, None] * stride_sn + reds[None, :] * stride_sk
         k_ptrs = k_ptr + units[:, None] * stride_kn + reds[None, :] * stride_kk
@@ -171,7 +174,7 @@ def _masked_mm(a, weight, scores, structured, bias, thr, cut, unit_on_cols, kern
     if out.numel() == 0:
         return out
     s_strides = (scores.stride(0), 0) if structured else scores.stride()
-    kernel[_mm_grid(rows, cols)](
+    tile_for_mode(kernel)[_mm_grid(rows, cols)](
         a, weight, scores, weight if bias is None else bias, out, thr, cut,
         rows, cols, loop, *_buckets(rows, cols, loop), row_len,
         a.stride(0), a.stride(1), weight.stride(0), weight.stride(1), *s_strides, out.stride(0), out.stride(1),
@@ -247,13 +250,14 @@ def _backward(grad_y, x, weight, scores, structured, estimator, temperature, nee
         x2 = x.reshape(-1, k_in)
         gw = torch.empty_like(weight) if need_w else None
         if need_s:
-            gs = score_grad_buffer(scores, x) if structured else torch.empty_like(scores)
+            gs = unit_partials(triton.cdiv(k_in, MIN_BLOCK_N), n_out, scores, x) if structured else \
+                torch.empty_like(scores)
         gb = torch.empty(n_out, dtype=x.dtype, device=x.device) if fuse_b else None
         dummy = torch.empty(1, dtype=torch.float32, device=x.device)  # for pointers a config never touches
         gs_strides = gs.stride() if need_s and not structured else (0, 0)
         s_strides = (scores.stride(0), 0) if structured else scores.stride()
         k_strides = (mask.stride(0), 0) if structured else mask.stride()
-        _masked_wgrad_kernel[_mm_grid(n_out, k_in)](
+        tile_for_mode(_masked_wgrad_kernel)[_mm_grid(n_out, k_in)](
             g2, x2, weight, scores, mask, thr, cut, dummy if gw is None else gw, dummy if gs is None else gs,
             dummy if gb is None else gb,
             n_out, k_in, g2.shape[0], *_buckets(n_out, k_in, g2.shape[0]), float(temperature),
@@ -263,11 +267,11 @@ def _backward(grad_y, x, weight, scores, structured, estimator, temperature, nee
             NEED_B=fuse_b, PACKED=packed, S_ACC=accumulation_dtype(scores.dtype),
             **dot_options(x.dtype),
         )
+        if need_s:
+            gs = sum_partials(gs, scores) if structured else gs.to(scores.dtype)
     elif need_w or need_s:  # an empty weight (in_features == 0)
         gw = torch.empty_like(weight) if need_w else None
         gs = torch.zeros_like(scores) if need_s else None
-    if gs is not None:
-        gs = gs.to(scores.dtype)
     if need_b and gb is None:
         gb = g2.sum(0)
     return gx, gw, gb, gs

@@ -17,6 +17,7 @@
 #include <cstdio>
 #include <cstring>
 #include <fstream>
+#include <limits>
 #include <memory>
 #include <vector>
 
@@ -33,6 +34,9 @@ const char* emu_last_message = "";
 }
 
 namespace {
+
+constexpr int32_t kUnwritten32 = std::numeric_limits<int32_t>::max();
+constexpr int64_t kUnwritten64 = std::numeric_limits<int64_t>::max();
 
 struct Problem {
   int64_t k, has_hint, hint;
@@ -88,8 +92,10 @@ void run(int kb, int algo, uint64_t inf, int64_t shift, bool with_masks, const s
   std::vector<int64_t> krem = ks, cut(P, -1);
   const RadixWorkspace radix_layout = radix_workspace(P, C, kb);
   std::vector<int32_t> ws(radix_layout.words, 0);
-  std::vector<int32_t> buffer_key(P * kCapacity * radix_layout.key_words);
-  std::vector<int64_t> buffer_index(P * kCapacity);
+  // What the binding takes from at::empty holds what torch's deterministic mode fills it with (an
+  // integer's max: torch.utils.deterministic.fill_uninitialized_memory), so a read before a write shows.
+  std::vector<int32_t> buffer_key(P * kCapacity * radix_layout.key_words, kUnwritten32);
+  std::vector<int64_t> buffer_index(P * kCapacity, kUnwritten64);
   std::vector<uint64_t> hint_words(P);
   bool hinted = false;
   for (int64_t p = 0; p < P; ++p) {
@@ -105,7 +111,7 @@ void run(int kb, int algo, uint64_t inf, int64_t shift, bool with_masks, const s
   a.key_bits = kb;
   a.hints = hinted ? hints.data() : nullptr;
   carve_radix_workspace(a, ws.data(), radix_layout, P);
-  std::vector<int64_t> threshold_bits(P);  // as the binding: an output of its own (room for int64 bits)
+  std::vector<int64_t> threshold_bits(P, kUnwritten64);  // as the binding: an output of its own (room for int64 bits)
   a.threshold_bits = threshold_bits.data();
   a.krem = krem.data();
   a.buffer_key = buffer_key.data();
@@ -127,8 +133,8 @@ void run(int kb, int algo, uint64_t inf, int64_t shift, bool with_masks, const s
   const BracketWorkspace bracket_layout = bracket_workspace(P, C, kb);
   std::vector<int64_t> ws64(bracket_layout.words64, 0);
   std::vector<int32_t> ws32(bracket_layout.words32, 0);
-  std::vector<int32_t> keys(overflow ? 0 : buffers[P] * bracket_layout.key_words);
-  std::vector<uint32_t> index(overflow ? 0 : buffers[P]);
+  std::vector<int32_t> keys(overflow ? 0 : buffers[P] * bracket_layout.key_words, kUnwritten32);
+  std::vector<uint32_t> index(overflow ? 0 : buffers[P], kUnwritten32);
   BracketArgs b{};
   b.radix = a;
   b.ks = ks.data();
