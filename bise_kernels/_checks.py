@@ -117,7 +117,18 @@ def check_tensor(t: object, name: str) -> torch.Tensor:
         raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
     if t.dtype not in FLOAT_DTYPES:
         raise TypeError(f"{name} must be a floating tensor (float32/float16/bfloat16/float64), got {t.dtype}")
+    if t.layout is not torch.strided or t.is_nested:
+        raise dense_layout_error(t, name)
     return t
+
+
+def dense_layout_error(t: torch.Tensor, name: str) -> TypeError:
+    """The error for a nested or sparse ``t``: a nested one failed inside torch ("NestedTensorImpl doesn't
+    support sizes. Please file an issue") or in the op's dispatch, without naming the argument."""
+    if t.is_nested:
+        return TypeError(f"{name} must be a dense (strided) tensor, got a nested tensor ({t.layout}); pad it "
+                         "(Tensor.to_padded_tensor) or call the layer per sequence")
+    return TypeError(f"{name} must be a dense (strided) tensor, got layout {t.layout}; Tensor.to_dense() makes one")
 
 
 def check_like(t: torch.Tensor, ref: torch.Tensor, name: str, ref_name: str, dtype: bool = True,

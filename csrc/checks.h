@@ -28,6 +28,8 @@ inline void check_device(const at::Tensor& t, const char* name, const char* op, 
   TORCH_CHECK_TYPE(t.defined(), op, ": ", name, " is an undefined tensor");
   TORCH_CHECK_VALUE(t.device().type() == device, op, ": ", name, " must be a ", at::DeviceTypeName(device, true),
                     " tensor, got one on ", t.device());
+  TORCH_CHECK_TYPE(!t.is_nested(), op, ": ", name, " must be a dense (strided) tensor, got a nested tensor; pad it ",
+                   "(Tensor.to_padded_tensor)");  // before any sizes(): a nested one has none
   TORCH_CHECK_TYPE(t.layout() == at::kStrided, op, ": ", name, " must be a dense (strided) tensor, got layout ",
                    t.layout());
 }

@@ -44,6 +44,8 @@ class ChannelGate(ScoredModule):
             return self._fx_node(input)
         if not self.enabled:
             return input
+        if input.is_nested:  # its .shape fails inside torch
+            raise _checks.dense_layout_error(input, "input")
         dim = _checks.check_dim(self.dim, input.dim())
         if input.shape[dim] != self.num_channels:
             raise ValueError(f"ChannelGate({self.num_channels}) got an input with {input.shape[dim]} channels "

@@ -233,6 +233,8 @@ class MaskedLinear(nn.Linear, _MaskedLayer):
     def forward(self, input: Tensor) -> Tensor:  # nn.Linear's name: layer(input=x) works as there
         if isinstance(input, fx.Proxy):
             return self._fx_node(input)
+        if input.is_nested:  # refused by name here: torch's nested dispatch failed without naming it
+            raise _checks.dense_layout_error(input, "input")
         scores = self.scores
         x, weight, bias = _autocast(input, self.weight, self.bias)
         if self._uses_keep(x):
@@ -295,6 +297,8 @@ class MaskedConv2d(nn.Conv2d, _MaskedLayer):
     def forward(self, input: Tensor) -> Tensor:  # nn.Conv2d's name, as MaskedLinear's
         if isinstance(input, fx.Proxy):
             return self._fx_node(input)
+        if input.is_nested:  # refused by name here: torch's nested dispatch failed without naming it
+            raise _checks.dense_layout_error(input, "input")
         if input.dim() == 3:  # unbatched (C, H, W), as nn.Conv2d takes it
             return self.forward(input.unsqueeze(0)).squeeze(0)
         geometry = (list(self.stride), list(self.padding), list(self.dilation), self.groups)

@@ -1,5 +1,7 @@
 """Bad input: named ValueError / TypeError before any kernel runs, nothing silently clamped."""
 
+import warnings
+
 import numpy as np
 import pytest
 import torch
@@ -337,6 +339,22 @@ def test_hint_must_be_a_single_value():
         bk.topk_mask(torch.randn(5), 0.5, hint=torch.randn(2))
 
 
+def _nested(*shape, layout=torch.strided):
+    """A nested tensor of two entries of ``shape`` (the first dimension 1 and 2 long: ragged)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # "nested tensors are in prototype stage"
+        return torch.nested.nested_tensor([torch.randn(1, *shape[1:]), torch.randn(2, *shape[1:])], layout=layout)
+
+
+@pytest.mark.parametrize("layout", [torch.strided, torch.jagged])
+def test_nested_input_to_a_functional_layer_is_named(backend, layout):
+    scores = torch.randn(4, 8)
+    for call in (lambda x: bk.masked_linear(x, torch.randn(4, 8), None, scores, density=0.5),
+                 lambda x: bk.channel_gate(x, torch.randn(8), density=0.5, dim=-1)):
+        with pytest.raises(TypeError, match="x must be a dense .strided. tensor, got a nested"):
+            call(_nested(2, 8, layout=layout))
+
+
 _BAD_MODULE_INPUTS = {  # a module, a bad input, what the error says (the Python and the C++ checks alike)
     "features": (lambda: bk.MaskedLinear(8, 4, density=0.5), torch.randn(2, 7), r"x of shape .2, 7. does not match"),
     "int-x": (lambda: bk.MaskedLinear(8, 4, density=0.5), torch.ones(2, 8, dtype=torch.long), "x must be"),
@@ -345,6 +363,14 @@ _BAD_MODULE_INPUTS = {  # a module, a bad input, what the error says (the Python
     "conv-5d": (lambda: bk.MaskedConv2d(3, 4, 3, density=0.5), torch.randn(1, 1, 3, 5, 5), "must be 4-d"),
     "conv-channels": (lambda: bk.MaskedConv2d(3, 4, 3, density=0.5), torch.randn(1, 2, 5, 5), "groups=1"),
     "gate-int-x": (lambda: bk.ChannelGate(4), torch.ones(2, 4, dtype=torch.long), "x must be"),
+    # nested and sparse input: a nested one failed inside torch ("NestedTensorImpl doesn't support sizes.
+    # Please file an issue") or in the op's dispatch (NotImplementedError), naming nothing
+    "nested": (lambda: bk.MaskedLinear(8, 4, density=0.5), _nested(2, 8), "dense .strided. tensor, got a nested"),
+    "nested-jagged": (lambda: bk.MaskedLinear(8, 4, density=0.5), _nested(2, 8, layout=torch.jagged),
+                      "dense .strided. tensor, got a nested"),
+    "conv-nested": (lambda: bk.MaskedConv2d(3, 4, 3, density=0.5), _nested(3, 5, 5), "dense .strided. tensor"),
+    "gate-nested": (lambda: bk.ChannelGate(8), _nested(2, 8, layout=torch.jagged), "dense .strided. tensor"),
+    "sparse": (lambda: bk.MaskedLinear(8, 4, density=0.5), torch.randn(2, 8).to_sparse(), "dense .strided. tensor"),
 }
 
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import warnings
 from dataclasses import dataclass
 from typing import Callable
 
@@ -96,6 +97,14 @@ def _gate_bwd_args(d, gy=None, estimator="sigmoid", temperature=1.0, **over):
     return gy, x, s, thr, cut, dim, estimator, temperature, True, True
 
 
+def _nested(device):
+    """A nested (3, 4)-and-(3, 4) tensor: its sizes() fails inside torch ("NestedTensorImpl doesn't support
+    sizes"), so the check must come first."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # "nested tensors are in prototype stage"
+        return torch.nested.nested_tensor([_t(3, 4, device=device), _t(3, 4, device=device)])
+
+
 CASES = {
     # ------------------------------------------------------------------ topk_select
     "topk_empty_list": Case("topk_select", lambda d, o: ([], 1, None), "scores is an empty list"),
@@ -145,6 +154,8 @@ CASES = {
                                           "thr and cut must be on the scores' device"),
     "weight_sparse": Case("masked_weight", lambda d, o: (_t(3, 4, device=d).to_sparse(), *_layer(d)[1:]),
                           "weight must be a dense \\(strided\\) tensor, got layout Sparse", TypeError),
+    "weight_nested": Case("masked_weight", lambda d, o: (_nested(d), *_layer(d)[1:]),
+                          "weight must be a dense \\(strided\\) tensor, got a nested tensor", TypeError),
     "weight_int": Case("masked_weight", lambda d, o: (torch.ones(3, 4, dtype=torch.int32, device=d), *_layer(d)[1:]),
                        "weight must be float32/float64/float16/bfloat16", TypeError),
     "weight_scalar": Case("masked_weight", lambda d, o: (_t(device=d), _t(device=d), *_sel(d)),
