@@ -10,8 +10,8 @@ selection packed once into a bool keep mask instead (1 byte per weight, saved fo
 place of ``(thr, cut)``).
 
 Every op is called from Python through :func:`_plain_op` / :func:`_layer_op`: in plain eager
-mode (no compile or export trace, no dispatch or function mode, no torch.func transform, plain
-tensors) the same kernels and the same autograd formula run in a ``torch.autograd.Function``
+mode (no compile, export or torch.jit.trace trace, no dispatch or function mode, no torch.func
+transform, plain tensors: not :func:`_uncached`) the same kernels and the same autograd formula run in a ``torch.autograd.Function``
 (layer ops) without the custom-op dispatch; otherwise the custom op
 (``torch.ops.bise_kernels.<op>``, also ``<op>.op``) runs; under a torch.func transform, a layer
 op runs its formula in an autograd.Function of its own (torch refuses the custom op's autograd
