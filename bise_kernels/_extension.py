@@ -22,8 +22,8 @@ def rebuild_hint() -> str:
     package is reinstalled with BISE_KERNELS_BUILD_CPP=1, which makes the failure an error that says why."""
     if SETUP.is_file():
         return f"rebuild with `BISE_KERNELS_BUILD_CPP=1 pip install --no-build-isolation -e {SETUP.parent}`"
-    return ("reinstall with `BISE_KERNELS_BUILD_CPP=1 pip install --force-reinstall --no-deps --no-cache-dir "
-            "bise-kernels` (it needs a C++20 compiler with OpenMP; a failed build is then an error that says why)")
+    return ("reinstall with `BISE_KERNELS_BUILD_CPP=1 pip install --no-build-isolation --force-reinstall --no-deps "
+            "--no-cache-dir bise-kernels` (against the installed torch; it needs a C++20 compiler with OpenMP; a failed build is then an error that says why)")
 
 
 @functools.lru_cache(maxsize=None)

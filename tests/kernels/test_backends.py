@@ -168,7 +168,7 @@ def test_a_missing_extension_says_how_to_rebuild_it(monkeypatch):
     _extension.ext_ops.cache_clear()
     try:
         with pytest.raises(ImportError, match=r"^the compiled extension bise_kernels._C was not built; reinstall with "
-                                              r"`BISE_KERNELS_BUILD_CPP=1 pip install --force-reinstall"):
+                                              r"`BISE_KERNELS_BUILD_CPP=1 pip install --no-build-isolation --force-reinstall"):
             _extension.ext_ops()
     finally:
         _extension.ext_ops.cache_clear()
