@@ -97,9 +97,10 @@ def main():
 
     vanilla = bise.train_vanilla(data, a.arch, epochs=a.vanilla_epochs, seed=a.seed, device=a.device, quiet=True)
     health = check_vanilla(vanilla, data, device=a.device, strict=False)
+    fit = health.conflicting_train_accuracy  # None without conflicting samples
     print(f"vanilla health: train accuracy {health.train_accuracy:.3f} (chance {health.chance:.2f}), "
           f"{health.n_conflicting_train} conflicting training samples seen, "
-          f"{health.conflicting_train_accuracy:.3f} of them fit; dead ReLU units {health.dead_units}/{health.units}; "
+          f"{'-' if fit is None else f'{fit:.3f}'} of them fit; dead ReLU units {health.dead_units}/{health.units}; "
           f"ok: {health.ok}")
 
     config = bise.ExtractConfig(mask_epochs=a.mask_epochs, head_epochs=a.head_epochs, seed=a.seed, device=a.device)

@@ -124,7 +124,10 @@ def main():
         print(f"{name:<22}{total:>9}{before[name][0] / total:>16.3f}{kept / total:>15.3f}")
     kept, total = sum(k for k, _ in after.values()), sum(t for _, t in after.values())
     assert kept == round(a.density * total), (kept, a.density * total)
-    assert all(isinstance(m, bk.MaskedConv2d) for n, m in net.named_modules() if n in after)
+    masked = [m for n, m in net.named_modules() if n in after]
+    assert all(isinstance(m, bk.MaskedConv2d) for m in masked), "a non-conv layer is masked"  # exclude took
+    expected = bk.global_topk_masks([m.scores for m in masked], a.density)  # the functional form, independently
+    assert all(torch.equal(m.mask(), e) for m, e in zip(masked, expected))
     print(f"all {len(after)} conv layers: {kept} of {total} weights kept = round({a.density} * {total}), exactly")
 
 
