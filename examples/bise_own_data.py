@@ -85,6 +85,8 @@ def main():
     p.add_argument("--device", default="cpu")
     p.add_argument("--out", type=Path, default=Path("runs/bise_own_data"))
     a = p.parse_args()
+    if not 2 <= a.classes <= len(PALETTE):
+        p.error(f"--classes must be in [2, {len(PALETTE)}] (one colour per class), got {a.classes}")
 
     a.out.mkdir(parents=True, exist_ok=True)
     npz = a.out / "data.npz"
