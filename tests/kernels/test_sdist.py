@@ -45,3 +45,12 @@ def test_the_metadata_has_the_packages_version_and_no_deprecation(egg_info):
     spdx = int(setuptools.__version__.split(".")[0]) >= 77  # setup.py: plain text before 77 (a torch 2.11 venv: 66)
     assert re.search(r"^License-Expression: Apache-2.0$" if spdx else r"^License: Apache-2.0$", meta, re.M), meta
     assert "Deprecat" not in stderr, stderr
+
+
+def test_the_sdist_carries_the_examples(egg_info):
+    """tests/test_examples.py (in the sdist by setuptools' default) runs every script of examples/."""
+    listed = set((egg_info[0] / "SOURCES.txt").read_text().split())
+    on_disk = {p.relative_to(ROOT).as_posix() for p in (ROOT / "examples").glob("*") if p.is_file()}
+    assert {"examples/README.md", "examples/bise_own_data.py", "tests/test_examples.py"} <= listed
+    assert on_disk - listed == set()
+    assert not any(name.endswith(".pyc") for name in listed)
