@@ -23,10 +23,11 @@ try:
     from .data import load as load_data
     from .evaluate import evaluate
     from .export import export_subnetwork as export
-    from .export import load_exported
+    from .export import load_exported, save_exported
     from .extract import ExtractConfig, extract
     from .finetune import finetune
     from .gates import insert_gates
+    from .health import check_vanilla
     from .models import build_model
     from .subnetwork import Subnetwork
     from .train import train_vanilla
@@ -36,5 +37,5 @@ except ImportError as exc:  # `pip install bise-kernels` without [bise]: one lin
         raise
     raise error from None
 
-__all__ = ["ExtractConfig", "Subnetwork", "build_model", "evaluate", "export", "extract", "finetune", "insert_gates",
-           "load_data", "load_exported", "train_vanilla"]
+__all__ = ["ExtractConfig", "Subnetwork", "build_model", "check_vanilla", "evaluate", "export", "extract", "finetune",
+           "insert_gates", "load_data", "load_exported", "save_exported", "train_vanilla"]

@@ -3,7 +3,7 @@
 The script draws a small synthetic dataset where the target (one of K noisy binary patterns) and
 a bias (the stroke colour) agree on a fraction ``rho`` of the training images, writes it in the
 .npz layout of docs/data.md ("Your own data"), loads it with ``bise.load_data("npz:PATH,...")``,
-trains the vanilla ERM model, reports its health (``bise.health.check_vanilla``: training
+trains the vanilla ERM model, reports its health (``bise.check_vanilla``: training
 accuracy, how many bias-conflicting samples it saw and fit), extracts the BISE subnetwork,
 compares both on the bias-conflicting test samples, exports the physically smaller network,
 checks it against the masked one, saves it and loads it back.
@@ -24,8 +24,7 @@ import numpy as np
 import torch
 
 import bise
-from bise.export import max_abs_diff, save_exported  # bise.export is the function; its module's helpers
-from bise.health import check_vanilla
+from bise.export import max_abs_diff  # bise.export is the function; its module's helpers are here
 
 PALETTE = np.array([[1, 0, 0], [0, 1, 0], [0, 0, 1], [1, 1, 0], [1, 0, 1], [0, 1, 1], [1, .5, 0], [.5, 0, 1]])
 
@@ -98,7 +97,7 @@ def main():
           f"rho realised {data.info['rho_realised']}, second draw for the masks: {data.mask_train is not None}")
 
     vanilla = bise.train_vanilla(data, a.arch, epochs=a.vanilla_epochs, seed=a.seed, device=a.device, quiet=True)
-    health = check_vanilla(vanilla, data, device=a.device, strict=False)
+    health = bise.check_vanilla(vanilla, data, device=a.device, strict=False)
     fit = health.conflicting_train_accuracy  # None without conflicting samples
     print(f"vanilla health: train accuracy {health.train_accuracy:.3f} (chance {health.chance:.2f}), "
           f"{health.n_conflicting_train} conflicting training samples seen, "
@@ -120,7 +119,7 @@ def main():
           f"best epoch {sub.info.get('best_epoch')}); export matches the masked model to {diff:.1e}")
 
     path = a.out / "subnetwork.pt"
-    save_exported(small, str(path), sub.model.bise_spec)  # weights + subnetwork.json (the pruned shapes)
+    bise.save_exported(small, str(path), sub.model.bise_spec)  # weights + subnetwork.json (the pruned shapes)
     loaded = bise.load_exported(str(path))
     x = data.test.inputs()[:256]
     with torch.no_grad():
