@@ -7,14 +7,13 @@ the original module names plus ``.activation`` / ``.gate``.
 
 from __future__ import annotations
 
-import fnmatch
 from typing import Optional, Sequence
 
 import torch
 from torch import Tensor, nn
 
 from bise_kernels import ChannelGate
-from bise_kernels.nn.model import matches
+from bise_kernels.nn.model import matches, refuse_unmatched
 
 from . import validate
 
@@ -110,13 +109,13 @@ def insert_gates(model: nn.Module, names: Optional[Sequence[str]] = None, *, exc
         default_exclude = _default_exclude(model, candidates)
     else:
         modules = [n for n, _ in model.named_modules() if n]
-        _refuse_unmatched(arg_names[0], names, modules, f"module of {type(model).__name__}")
+        refuse_unmatched(arg_names[0], names, modules, f"module of {type(model).__name__}")
         candidates = {n: m for n, m in model.named_modules() if n and matches(n, names)}
         default_exclude = ()
     if exclude is not None:
         cls = type(model).__name__
         what = f"activation module of {cls}" if names is None else f"module of {cls} picked by {arg_names[0]}"
-        _refuse_unmatched(arg_names[1], exclude, list(candidates), what)
+        refuse_unmatched(arg_names[1], exclude, list(candidates), what)
     candidates = {n: m for n, m in candidates.items() if not matches(n, default_exclude) and not matches(n, exclude)}
     head = find_bottleneck(model, bottleneck) if names is None and _has_linear(model, bottleneck) else None
     tracked = dict(candidates)
@@ -147,15 +146,6 @@ def insert_gates(model: nn.Module, names: Optional[Sequence[str]] = None, *, exc
                          f"outside the stem and head (excluded: {list(default_exclude) + list(exclude or [])}); "
                          "pass names=[...] to choose modules")
     return gates
-
-
-def _refuse_unmatched(arg: str, patterns: tuple, names: list, what: str, shown: int = 8) -> None:
-    """ValueError naming the patterns that match none of ``names``, and listing some of ``names``."""
-    unmatched = [p for p in patterns if not any(fnmatch.fnmatchcase(n, p) for n in names)]
-    if unmatched:
-        listed = ", ".join(names[:shown]) + (f", ... ({len(names)} in all)" if len(names) > shown else "")
-        raise ValueError(f"{arg} pattern(s) {unmatched} match no {what} (fnmatch over qualified names); "
-                         f"those are: {listed or 'none'}")
 
 
 def _has_linear(model: nn.Module, bottleneck: Optional[str]) -> bool:

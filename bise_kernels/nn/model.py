@@ -72,6 +72,15 @@ def check_patterns(patterns: object, name: str) -> None:
         raise TypeError(f"{name} must be a list of module-name patterns (fnmatch) or None, got {patterns!r}")
 
 
+def refuse_unmatched(arg: str, patterns: Sequence[str], names: list[str], what: str, shown: int = 8) -> None:
+    """ValueError naming the patterns that match none of ``names``, and listing some of ``names``."""
+    unmatched = [p for p in patterns if not any(fnmatch.fnmatchcase(n, p) for n in names)]
+    if unmatched:
+        listed = ", ".join(names[:shown]) + (f", ... ({len(names)} in all)" if len(names) > shown else "")
+        raise ValueError(f"{arg} pattern(s) {unmatched} match no {what} (fnmatch over qualified names); "
+                         f"those are: {listed or 'none'}")
+
+
 def mask_model(model: nn.Module, granularity: str = "weight", *, density: Optional[float] = None,
                threshold: Optional[float] = None, scope: str = "layerwise",
                include: Optional[Sequence[str]] = None, exclude: Optional[Sequence[str]] = None,
@@ -79,7 +88,9 @@ def mask_model(model: nn.Module, granularity: str = "weight", *, density: Option
                freeze_weights: bool = True) -> list[nn.Parameter]:
     """Replace nn.Linear / nn.Conv2d modules in place by masked ones; return their score parameters.
 
-    ``include`` / ``exclude`` are fnmatch patterns over qualified module names ("layer1.*"). A module
+    ``include`` / ``exclude`` are fnmatch patterns over qualified module names ("layer1.*"); an
+    ``exclude`` pattern that matches no nn.Linear / nn.Conv2d is a ValueError naming it (a typo would
+    leave the layer masked), as bise's ``gate_exclude``. A module
     shared by several parents becomes one masked layer under all its names, unless any name is excluded.
     ``scope="global"`` selects one top-k over all masked layers together (needs ``density``).
 
@@ -98,8 +109,12 @@ def mask_model(model: nn.Module, granularity: str = "weight", *, density: Option
     _checks.check_mask_spec(density, threshold)
     check_patterns(include, "include")
     check_patterns(exclude, "exclude")
+    candidates = _by_module(model, (nn.Linear, nn.Conv2d), exact=False)
+    if exclude:  # a typo kept a layer masked (an unnamed Sequential's classifier is "8", not "fc")
+        refuse_unmatched("exclude", exclude, [n for names, _ in candidates for n in names],
+                         "nn.Linear or nn.Conv2d module")
     targets, left = [], []
-    for names, module in _by_module(model, (nn.Linear, nn.Conv2d), exact=False):
+    for names, module in candidates:
         if isinstance(module, (MaskedLinear, MaskedConv2d)):
             continue
         if include is not None and not any(matches(name, include) for name in names):

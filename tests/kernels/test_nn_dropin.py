@@ -223,3 +223,16 @@ def test_a_pattern_string_for_include_or_exclude_is_refused():
         assert type(net[0]) is nn.Linear
     bk.mask_model(net, density=0.5, exclude=("2.0",))
     assert [type(m) for m in (net[0], net[1], net[2][0])] == [bk.MaskedLinear, bk.MaskedLinear, nn.Linear]
+
+
+def test_an_exclude_pattern_that_matches_no_layer_is_named():
+    """An unnamed Sequential's classifier is "2", not "fc": exclude=["fc"] silently masked it too (and
+    put it in the global top-k). Now a ValueError naming the pattern and the layers, the model unchanged;
+    a pattern that matches is taken as before."""
+    net = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2))
+    with pytest.raises(ValueError, match=r"exclude pattern\(s\) \['fc'\] match no nn.Linear or nn.Conv2d module "
+                                         r".*those are: 0, 2$"):
+        bk.mask_model(net, density=0.5, scope="global", exclude=["2", "fc"])
+    assert [type(m) for m in net] == [nn.Linear, nn.ReLU, nn.Linear]
+    bk.mask_model(net, density=0.5, scope="global", exclude=["2"])
+    assert [type(m) for m in net] == [bk.MaskedLinear, nn.ReLU, nn.Linear]
