@@ -34,12 +34,13 @@ class GlobalSelection:
 
     def selection_for(self, layer: nn.Module) -> tuple[Tensor, Tensor]:
         """Layer ``layer``'s ``(thr, cut)``, cached as a layer's own selection (a CacheEntry of every
-        layer's scores)."""
+        layer's scores and the density: a new ``density`` was not seen until a score changed)."""
         scores = [m.scores for m in self.layers]
         if _ops._uncached():
             return self._select(scores)[id(layer)]
-        if self._cache is None or not self._cache.serves(scores, ()):
-            self._cache = CacheEntry(scores, (), outside_inference_mode(lambda: self._select(scores)))
+        rest = (self.density,)
+        if self._cache is None or not self._cache.serves(scores, rest):
+            self._cache = CacheEntry(scores, rest, outside_inference_mode(lambda: self._select(scores)))
         return self._cache.value[id(layer)]
 
     def _select(self, scores: list[Tensor]) -> dict[int, tuple[Tensor, Tensor]]:
