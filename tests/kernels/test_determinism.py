@@ -308,6 +308,16 @@ def test_triton_gemms_take_the_heuristic_tile_in_deterministic_mode(monkeypatch)
         assert type(_common.tile_for_mode(gemm)).__name__ == "Heuristics"
 
 
+def test_every_triton_gemm_launch_takes_the_tile_of_the_mode():
+    """The test above checks tile_for_mode; this one that every launch of a matmul_tuning GEMM (the
+    masked-linear forward, dgrad and wgrad, gridded by _mm_grid) goes through it: a GEMM launched as
+    ``kernel[grid]`` would keep the autotuned tile in deterministic mode."""
+    launches = {path.name: re.findall(r"(\S+)\[_mm_grid\(", path.read_text()) for path in sorted(TRITON.glob("*.py"))}
+    launches = {name: found for name, found in launches.items() if found}
+    assert launches and all(launch.startswith("tile_for_mode(") for found in launches.values() for launch in found), \
+        launches
+
+
 needs_triton = pytest.mark.skipif("triton" not in backends.available_backends("cpu"),
                                   reason="the Triton backend runs on CPU tensors only with TRITON_INTERPRET=1")
 
