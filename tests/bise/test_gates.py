@@ -119,11 +119,12 @@ def test_a_gated_transformer_activation_runs_in_eval_mode():
         for gate in gates.values():
             gate.scores.fill_(-1.0)  # every channel off: each layer's feed-forward adds its bias only
         got, got_padded = model(x), model(x, src_key_padding_mask=pad)
+        fastpath = torch.backends.mha.get_fastpath_enabled()
         torch.backends.mha.set_fastpath_enabled(False)
         try:
             want, want_padded = model(x), model(x, src_key_padding_mask=pad)
         finally:
-            torch.backends.mha.set_fastpath_enabled(True)
+            torch.backends.mha.set_fastpath_enabled(fastpath)
     torch.testing.assert_close(got, want)
     torch.testing.assert_close(got_padded, want_padded)
 
