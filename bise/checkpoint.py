@@ -88,12 +88,19 @@ def load_checkpoint(path: PathLike, *, required: tuple = ()) -> dict:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # pickle / zip errors differ by how the file is damaged
         raise CheckpointError(f"checkpoint {path} is corrupt or not a checkpoint ({_reason(err)})") from err
+    return require_keys(obj, required, f"checkpoint {path}")
+
+
+def require_keys(obj: Any, required: tuple, what: str) -> dict:
+    """``obj`` if it is a dict holding the ``required`` keys, else a :class:`CheckpointError` naming ``what``
+    (a file, or an argument holding what was read from one)."""
     if not isinstance(obj, dict):
-        raise CheckpointError(f"checkpoint {path} holds a {type(obj).__name__}, not a dict")
+        raise CheckpointError(f"{what} holds a {type(obj).__name__}, not a dict")
     missing = [k for k in required if k not in obj]
     if missing:
-        raise CheckpointError(f"checkpoint {path} lacks {missing}; it was not written by this version of bise")
+        raise CheckpointError(f"{what} lacks {missing}; it was not written by this version of bise")
     return obj
 
 
-__all__ = ["CheckpointError", "atomic_write", "load_checkpoint", "replace_atomic", "save_atomic", "umask_mode"]
+__all__ = ["CheckpointError", "atomic_write", "load_checkpoint", "replace_atomic", "require_keys", "save_atomic",
+           "umask_mode"]

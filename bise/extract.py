@@ -31,7 +31,7 @@ from bise_kernels import global_topk_masks
 
 from . import distributed, losses, validate
 from .batching import DeviceSplit, to_device
-from .checkpoint import CheckpointError, load_checkpoint, save_atomic
+from .checkpoint import CheckpointError, load_checkpoint, require_keys, save_atomic
 from .data.maskset import PROTOCOLS as MASK_SETS
 from .data.maskset import mask_data
 from .evaluate import predict
@@ -653,10 +653,16 @@ def prepare_run(model: nn.Module, data, config: ExtractConfig, quiet: bool = Tru
 def read_checkpoint(path) -> dict:
     """The extraction checkpoint at ``path``: :func:`~bise.checkpoint.load_checkpoint` with the keys and
     format :func:`extract` needs (:class:`~bise.checkpoint.CheckpointError` otherwise)."""
-    ckpt = load_checkpoint(path, required=("format", "config", "epoch", "scores", "heads", "mask_opt", "head_opt",
-                                           "best", "history", "rng", "gate_names"))
+    return _extraction_checkpoint(load_checkpoint(path), f"checkpoint {path}")
+
+
+def _extraction_checkpoint(ckpt, what: str) -> dict:
+    """``ckpt`` (read from the file, or given as ``checkpoint=``: ``what``) if it has the keys and format
+    :func:`extract` resumes from: a dict of another kind failed later on a missing key."""
+    require_keys(ckpt, ("format", "config", "epoch", "scores", "heads", "mask_opt", "head_opt", "best", "history",
+                        "rng", "gate_names"), what)
     if ckpt["format"] != CHECKPOINT_FORMAT:
-        raise CheckpointError(f"{path} is not an extraction checkpoint (format {ckpt['format']!r})")
+        raise CheckpointError(f"{what} is not an extraction checkpoint (format {ckpt['format']!r})")
     return ckpt
 
 
@@ -688,7 +694,8 @@ def extract(model: nn.Module, data, *, config: Optional[ExtractConfig] = None, o
     if checkpoint is not None and not (resume and ckpt_path is not None and ckpt_path.exists()):
         raise ValueError("checkpoint= is the content of out_dir's checkpoint, read to resume it: it needs resume=True "
                          "and out_dir holding that checkpoint")
-    ckpt = checkpoint
+    ckpt = None if checkpoint is None else _extraction_checkpoint(
+        checkpoint, "checkpoint= (what read_checkpoint(out_dir / 'checkpoint.pt') returns)")
     if ckpt is None and ckpt_path is not None and ckpt_path.exists():
         if not resume:
             raise ValueError(f"{ckpt_path} holds another extraction; pass resume=True to continue it or use a "

@@ -50,7 +50,8 @@ def count_params(model: nn.Module) -> int:
 @torch.no_grad()
 def measure_latency(model: nn.Module, input_shape: Sequence[int], batch_size: int = 1, device="cpu",
                     repeats: int = 20, warmup: int = 3) -> float:
-    """Median wall-clock seconds of one eval forward pass on a batch of ``batch_size`` random inputs."""
+    """Median wall-clock seconds of one eval forward pass on a batch of ``batch_size`` random inputs (drawn
+    from a generator of their own: the caller's global RNG state is left as it was)."""
     shape = _check_shape(input_shape)
     for name, v in (("batch_size", batch_size), ("repeats", repeats)):
         if isinstance(v, bool) or not isinstance(v, int) or v < 1:
@@ -58,7 +59,7 @@ def measure_latency(model: nn.Module, input_shape: Sequence[int], batch_size: in
     device = torch.device(device)
     was_training, original = model.training, _device_of(model)
     model.eval().to(device)
-    x = torch.rand((batch_size,) + shape, device=device)
+    x = torch.rand((batch_size,) + shape, generator=torch.Generator().manual_seed(0)).to(device)  # not the caller's RNG
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     try:
         for _ in range(warmup):

@@ -13,7 +13,7 @@ import torch
 from torch import Tensor, nn
 
 from bise_kernels import ChannelGate
-from bise_kernels.nn.model import matches, refuse_unmatched
+from bise_kernels.nn.model import keep_modular_path, matches, refuse_unmatched
 
 from . import validate
 
@@ -125,7 +125,7 @@ def insert_gates(model: nn.Module, names: Optional[Sequence[str]] = None, *, exc
     if head is not None and head in order:
         first_head_call = order.index(head)
         candidates = {n: m for n, m in candidates.items() if n not in order[first_head_call:]}
-    gates: dict[str, ChannelGate] = {}
+    planned = []  # every module checked before the model is changed: an error leaves it as it was
     for name, module in candidates.items():
         shapes = outputs[name]
         if len(shapes) > 1:
@@ -137,14 +137,20 @@ def insert_gates(model: nn.Module, names: Optional[Sequence[str]] = None, *, exc
         if shape is None:
             raise ValueError(f"cannot gate {name!r}: it does not return a tensor")
         dim = _channel_dim(name, shape)
-        gate = ChannelGate(shape[dim], dim=dim, threshold=0.0, estimator="sigmoid", temperature=temperature,
-                           init=0.0, device=x.device)
-        model.set_submodule(name, Gated(module, gate))
-        gates[name] = gate
-    if not gates:
+        planned.append((name, module, ChannelGate(shape[dim], dim=dim, threshold=0.0, estimator="sigmoid",
+                                                  temperature=temperature, init=0.0, device=x.device)))
+    if not planned:
         raise ValueError(f"no gateable layer in {type(model).__name__}: no activation module ({', '.join(a.__name__ for a in ACTIVATIONS[:6])}, ...) "
                          f"outside the stem and head (excluded: {list(default_exclude) + list(exclude or [])}); "
                          "pass names=[...] to choose modules")
+    gates: dict[str, ChannelGate] = {}
+    wrapped = []
+    for name, module, gate in planned:
+        gated = Gated(module, gate)
+        model.set_submodule(name, gated)
+        gates[name] = gate
+        wrapped.append(([name], gated))
+    keep_modular_path(model, wrapped)  # a TransformerEncoderLayer's fused path runs its activation itself
     return gates
 
 

@@ -57,6 +57,15 @@ def check_int(value: object, name: str) -> int:
     return operator.index(value)
 
 
+def check_dtype(dtype: object, name: str = "dtype") -> None:
+    """A module's factory ``dtype``: None or one of :data:`FLOAT_DTYPES` (an integer one failed inside
+    nn.Parameter, "Only Tensors of floating point and complex dtype can require gradients"; a complex
+    one at the first forward, naming the scores)."""
+    if dtype is not None and dtype not in FLOAT_DTYPES:
+        raise TypeError(f"{name} must be None or a floating torch.dtype (float32/float16/bfloat16/float64), "
+                        f"got {dtype!r}")
+
+
 def check_density(density: object, name: str = "density") -> float:
     if not is_real(density):
         raise TypeError(f"{name} must be a float in (0, 1], got {density!r}")

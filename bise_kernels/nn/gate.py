@@ -28,6 +28,7 @@ class ChannelGate(ScoredModule):
         if num_channels < 1:
             raise ValueError(f"num_channels must be a positive int, got {num_channels!r}")
         self.init = _checks.check_real(init, "init")
+        _checks.check_dtype(dtype)
         self._init_rule(torch.full((num_channels,), self.init, device=device, dtype=dtype), density,
                         _gate_threshold(density, threshold), estimator, temperature)
         self.num_channels = num_channels

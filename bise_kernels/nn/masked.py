@@ -206,6 +206,7 @@ class MaskedLinear(nn.Linear, _MaskedLayer):
                  density: Optional[float] = None, threshold: Optional[float] = None, estimator: str = "ste",
                  temperature: float = 1.0, score_init: Union[str, float] = "kaiming", mask_mode: str = "auto",
                  device=None, dtype=None):
+        _checks.check_dtype(dtype)
         super().__init__(in_features, out_features, bias, device=device, dtype=dtype)
         self._init_mask(granularity, density, threshold, estimator, temperature, score_init)
         self.mask_mode = mask_mode
@@ -262,6 +263,7 @@ class MaskedConv2d(nn.Conv2d, _MaskedLayer):
                  threshold: Optional[float] = None, estimator: str = "ste", temperature: float = 1.0,
                  score_init: Union[str, float] = "kaiming", mask_mode: str = "auto", padding_mode: str = "zeros",
                  device=None, dtype=None):
+        _checks.check_dtype(dtype)
         _check_padding_mode(padding_mode)
         super().__init__(in_channels, out_channels, kernel_size, stride,
                          _numeric_padding(padding, kernel_size, stride, dilation), dilation, groups, bias,

@@ -34,12 +34,13 @@ class GlobalSelection:
 
     def selection_for(self, layer: nn.Module) -> tuple[Tensor, Tensor]:
         """Layer ``layer``'s ``(thr, cut)``, cached as a layer's own selection (a CacheEntry of every
-        layer's scores)."""
+        layer's scores and the density: a new ``density`` was not seen until a score changed)."""
         scores = [m.scores for m in self.layers]
         if _ops._uncached():
             return self._select(scores)[id(layer)]
-        if self._cache is None or not self._cache.serves(scores, ()):
-            self._cache = CacheEntry(scores, (), outside_inference_mode(lambda: self._select(scores)))
+        rest = (self.density,)
+        if self._cache is None or not self._cache.serves(scores, rest):
+            self._cache = CacheEntry(scores, rest, outside_inference_mode(lambda: self._select(scores)))
         return self._cache.value[id(layer)]
 
     def _select(self, scores: list[Tensor]) -> dict[int, tuple[Tensor, Tensor]]:
@@ -100,7 +101,7 @@ def mask_model(model: nn.Module, granularity: str = "weight", *, density: Option
     MaskedConv2d does not take is left dense with one logged warning naming it, or, if an ``include``
     pattern is its exact name, a ValueError. Nothing is changed when an error is raised. A
     TransformerEncoderLayer's fused inference path (which reads linear1 / linear2's weights itself)
-    is turned off for its masked layers (see :func:`_keep_the_modular_path`).
+    is turned off for its masked layers (see :func:`keep_modular_path`).
     """
     if scope not in ("layerwise", "global"):
         raise ValueError(f"scope must be 'layerwise' or 'global', got {scope!r}")
@@ -150,7 +151,7 @@ def mask_model(model: nn.Module, granularity: str = "weight", *, density: Option
     for (names, _), layer in zip(targets, layers):
         for name in names:
             model.set_submodule(name, layer)
-    _keep_the_modular_path(model, [(names, layer) for (names, _), layer in zip(targets, layers)])
+    keep_modular_path(model, [(names, layer) for (names, _), layer in zip(targets, layers)])
     if scope == "global":
         selector = GlobalSelection(layers, density)
         for layer in layers:
@@ -190,24 +191,25 @@ def _why_left_dense(model: nn.Module, names: list[str], module: nn.Module) -> Op
 def _modular_path_only(module: nn.Module, args: tuple) -> None:
     """A forward pre-hook that does nothing: its presence turns off nn.TransformerEncoderLayer's fused
     path (torch._transformer_encoder_layer_fwd), which the layer takes in eval mode without autograd
-    (no_grad, or frozen weights and input) and which reads linear1.weight / linear2.weight itself:
-    the masked layers' masks were not applied (torch 2.13: "forward pre-/hooks are attached to the
-    module" is one of the fast path's exclusions)."""
+    (no_grad, or frozen weights and input) and which reads linear1.weight / linear2.weight and runs its
+    activation itself: a masked linear1 / linear2, or a gated activation module, did not run (torch
+    2.13: "forward pre-/hooks are attached to the module" is one of the fast path's exclusions)."""
     return None
 
 
-def _keep_the_modular_path(model: nn.Module, layers: list[tuple[list[str], nn.Module]]) -> None:
-    """Turn off the fused inference paths that would bypass the masked ``layers``: the pre-hook above on
-    those under an nn.TransformerEncoderLayer, and the nested-tensor path of an nn.TransformerEncoder
-    holding any (``use_nested_tensor = False``, as torch sets when its layer cannot take the path:
-    only the padded tensors' path is left, the same numbers)."""
-    for names, layer in layers:
+def keep_modular_path(model: nn.Module, modules: list[tuple[list[str], nn.Module]]) -> None:
+    """Turn off the fused inference paths that would bypass ``modules`` ((qualified names, module) put in
+    ``model``: masked layers, bise's gated activations): the pre-hook above on those under an
+    nn.TransformerEncoderLayer, and the nested-tensor path of an nn.TransformerEncoder holding any
+    (``use_nested_tensor = False``, as torch sets when its layer cannot take the path: only the padded
+    tensors' path is left, the same numbers)."""
+    for names, module in modules:
         if any(isinstance(parent, nn.TransformerEncoderLayer) for parent in _parents(model, names)):
-            layer.register_forward_pre_hook(_modular_path_only)
-    masked = {id(layer) for _, layer in layers}
-    for module in model.modules():
-        if isinstance(module, nn.TransformerEncoder) and any(id(m) in masked for m in module.modules()):
-            module.use_nested_tensor = False
+            module.register_forward_pre_hook(_modular_path_only)
+    put = {id(module) for _, module in modules}
+    for encoder in model.modules():
+        if isinstance(encoder, nn.TransformerEncoder) and any(id(m) in put for m in encoder.modules()):
+            encoder.use_nested_tensor = False
 
 
 def unmask_model(model: nn.Module) -> nn.Module:

@@ -165,6 +165,9 @@ def test_interrupted_run_resumes_to_identical_masks(tmp_path, digits, vanilla_ml
         extract(vanilla_mlp, digits, config=config, out_dir=tmp_path, quiet=True)
     with pytest.raises(ValueError, match="checkpoint= is the content of out_dir's checkpoint, read to resume it"):
         extract(vanilla_mlp, digits, config=config, out_dir=tmp_path, quiet=True, checkpoint={})
+    with pytest.raises(CheckpointError, match=r"checkpoint= \(what read_checkpoint.* lacks \['config'"):
+        extract(vanilla_mlp, digits, config=config, out_dir=tmp_path, resume=True, quiet=True,
+                checkpoint={"format": "bise-extract-checkpoint-v1"})  # failed later, on a missing key
     with pytest.raises(ValueError, match="different settings"):
         extract(vanilla_mlp, digits, config=dataclasses.replace(config, gamma=2.0), out_dir=tmp_path, resume=True,
                 quiet=True)

@@ -1,6 +1,7 @@
 """MAC counts (the paper's 414.9 M for SimpleConvNet on 3x28x28), parameter counts, latency."""
 
 import pytest
+import torch
 from torch import nn
 
 from bise.flops import count_macs, count_params, measure_latency
@@ -32,8 +33,10 @@ def test_mlp_macs_and_params_by_hand():
 
 def test_latency_and_bad_input():
     model = nn.Sequential(nn.Flatten(), nn.Linear(12, 4)).train()
+    state = torch.get_rng_state()
     t = measure_latency(model, (3, 2, 2), batch_size=4, repeats=3)
     assert 0 < t < 1 and model.training
+    assert torch.equal(torch.get_rng_state(), state)  # its random batch drew from the caller's RNG
     with pytest.raises(ValueError, match="batch_size"):
         measure_latency(model, (3, 2, 2), batch_size=0)
     with pytest.raises(ValueError, match="input_shape"):

@@ -94,6 +94,41 @@ def test_shared_activation_is_refused():
         insert_gates(Shared(), example_input=torch.rand(2, 3))
 
 
+def test_a_refused_model_is_left_as_it_was():
+    """A module that cannot carry a gate is found before any gate goes in: the error leaves no gate
+    behind (the model was half gated, and a second try then said it had gates already)."""
+    shared = nn.ReLU()
+    model = nn.Sequential(nn.Linear(4, 4), nn.ReLU(), nn.Linear(4, 4), shared, nn.Linear(4, 4), shared)
+    with pytest.raises(ValueError, match="'3' runs 2 times"):
+        insert_gates(model, ["1", "3"], example_input=torch.rand(2, 4))
+    assert not gates_of(model) and type(model[1]) is nn.ReLU
+
+
+def test_a_gated_transformer_activation_runs_in_eval_mode():
+    """nn.TransformerEncoderLayer's fused inference path (eval, no autograd) runs its activation itself;
+    the gate on an activation module given to it was skipped there, in evaluation and, with the
+    weights frozen, in the scores' training too. The nested-tensor path of an encoder (padding mask)
+    would give the gate a nested tensor; it is turned off."""
+    torch.manual_seed(0)
+    layer = nn.TransformerEncoderLayer(8, 2, 16, dropout=0.0, activation=nn.ReLU(), batch_first=True)
+    model = nn.TransformerEncoder(layer, 2, enable_nested_tensor=True)
+    x, pad = torch.randn(2, 5, 8), torch.tensor([[False] * 5, [False] * 3 + [True] * 2])
+    gates = insert_gates(model, ["layers.*.activation"], example_input=x)
+    model.eval()
+    with torch.no_grad():
+        for gate in gates.values():
+            gate.scores.fill_(-1.0)  # every channel off: each layer's feed-forward adds its bias only
+        got, got_padded = model(x), model(x, src_key_padding_mask=pad)
+        fastpath = torch.backends.mha.get_fastpath_enabled()
+        torch.backends.mha.set_fastpath_enabled(False)
+        try:
+            want, want_padded = model(x), model(x, src_key_padding_mask=pad)
+        finally:
+            torch.backends.mha.set_fastpath_enabled(fastpath)
+    torch.testing.assert_close(got, want)
+    torch.testing.assert_close(got_padded, want_padded)
+
+
 def test_model_without_gateable_layer_is_refused():
     with pytest.raises(ValueError, match="no gateable layer"):
         insert_gates(nn.Sequential(nn.Linear(3, 4), nn.Linear(4, 2)), example_input=torch.rand(2, 3))

@@ -24,7 +24,7 @@ import torch
 import bise_kernels as bk
 from bise_kernels import backends
 
-from _masked_cases import randn
+from _masked_cases import assert_grads, randn
 
 
 @contextlib.contextmanager
@@ -243,16 +243,24 @@ def test_cpp_masked_passes_are_the_same_for_any_thread_count(dtype, structured):
     _same_for_thread_counts(compute)
 
 
+GATE_SHAPES = {  # one chunk (under 32 K elements), then several (csrc/cpu/gate.cpp: one per 32 K, by the shape)
+    "long_inner": (256, 3, 40), "short_inner": (2048, 5, 3), "channels_last": (64, 6, 5, 5),
+    "long_inner-2_chunks": (64, 2, 1024), "short_inner-3_chunks": (8191, 5, 3),  # 8191 rows: uneven chunks
+    "channels_last-4_chunks": (64, 8, 16, 16),
+}
+
+
 @needs_cpp
-@pytest.mark.parametrize("layout", ["long_inner", "short_inner", "channels_last"])
+@pytest.mark.parametrize("layout", GATE_SHAPES)
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_cpp_channel_gate_is_the_same_for_any_thread_count(dtype, layout):
     """The backward's per-channel sums over (outer, inner): per (chunk, channel) runs (inner >= 16) or
-    per chunk of outer rows (inner < 16), summed in a fixed order."""
+    per chunk of outer rows (inner < 16), summed in a fixed order; the reference's values (the sums of
+    several chunks were compared with it at no test shape)."""
     ext = torch.ops.bise_kernels_ext
-    shape = {"long_inner": (256, 3, 40), "short_inner": (2048, 5, 3), "channels_last": (64, 6, 5, 5)}[layout]
+    shape = GATE_SHAPES[layout]
     x, gy = randn(*shape, dtype=dtype, seed=1), randn(*shape, dtype=dtype, seed=2)
-    if layout == "channels_last":
+    if layout.startswith("channels_last"):
         x, gy = (t.to(memory_format=torch.channels_last) for t in (x, gy))
     scores = randn(shape[1], seed=3).to(dtype)
     thr, cut = ext.topk_select([scores], shape[1] // 2 + 1, None)
@@ -262,6 +270,9 @@ def test_cpp_channel_gate_is_the_same_for_any_thread_count(dtype, layout):
                 *ext.channel_gate_backward(gy, x, scores, thr, cut, 1, "sigmoid", 0.7, True, True)]
 
     _same_for_thread_counts(compute)
+    want = backends.kernel_table("torch")["channel_gate_backward"](gy, x, scores, thr, cut, 1, "sigmoid", 0.7,
+                                                                   [True, True])
+    assert_grads(compute()[1:], want, dtype)
 
 
 # ----------------------------------------------------------------------------- Triton
@@ -295,6 +306,16 @@ def test_triton_gemms_take_the_heuristic_tile_in_deterministic_mode(monkeypatch)
     assert type(_common.tile_for_mode(gemm)).__name__ == "Autotuner"
     with deterministic_mode():
         assert type(_common.tile_for_mode(gemm)).__name__ == "Heuristics"
+
+
+def test_every_triton_gemm_launch_takes_the_tile_of_the_mode():
+    """The test above checks tile_for_mode; this one that every launch of a matmul_tuning GEMM (the
+    masked-linear forward, dgrad and wgrad, gridded by _mm_grid) goes through it: a GEMM launched as
+    ``kernel[grid]`` would keep the autotuned tile in deterministic mode."""
+    launches = {path.name: re.findall(r"(\S+)\[_mm_grid\(", path.read_text()) for path in sorted(TRITON.glob("*.py"))}
+    launches = {name: found for name, found in launches.items() if found}
+    assert launches and all(launch.startswith("tile_for_mode(") for found in launches.values() for launch in found), \
+        launches
 
 
 needs_triton = pytest.mark.skipif("triton" not in backends.available_backends("cpu"),

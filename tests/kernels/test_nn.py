@@ -163,7 +163,8 @@ def test_mask_model_global_scope_is_one_topk_over_all_layers():
 
 @pytest.mark.parametrize("mask_mode", ["selection", "keep"])
 def test_global_masks_follow_an_in_place_score_update(mask_mode):
-    """The global selection is cached per scores version: an optimiser step (in place) selects again."""
+    """The global selection is cached per scores version and density: an optimiser step (in place), or a
+    new density, selects again."""
     net = _net()
     scores = bk.mask_model(net, density=0.4, scope="global")
     layers = [m for m in net.modules() if isinstance(m, (bk.MaskedLinear, bk.MaskedConv2d))]
@@ -177,6 +178,12 @@ def test_global_masks_follow_an_in_place_score_update(mask_mode):
     flat = torch.cat([s.detach().flatten() for s in scores])
     expected = sort_mask(flat, round(0.4 * flat.numel()))
     assert not torch.equal(expected, before)
+    assert torch.equal(torch.cat([m.mask().flatten() for m in layers]), expected)
+    if mask_mode == "keep":
+        assert torch.equal(torch.cat([m.keep().flatten() for m in layers]), expected)
+    net(x)
+    layers[0].global_selector.density = 0.2  # a new density selects again (the cache served the old one)
+    expected = sort_mask(flat, round(0.2 * flat.numel()))
     assert torch.equal(torch.cat([m.mask().flatten() for m in layers]), expected)
     if mask_mode == "keep":
         assert torch.equal(torch.cat([m.keep().flatten() for m in layers]), expected)

@@ -133,6 +133,18 @@ def test_channel_gate_takes_nn_modules_input_keyword_and_factory_arguments():
     assert torch.equal(gate(input=x), gate(x))
 
 
+@pytest.mark.parametrize("dtype", [torch.int64, torch.complex64, "float16"])
+@pytest.mark.parametrize("make", [lambda dtype: bk.ChannelGate(4, dtype=dtype),
+                                  lambda dtype: bk.MaskedLinear(4, 3, density=0.5, dtype=dtype),
+                                  lambda dtype: bk.MaskedConv2d(2, 3, 3, density=0.5, dtype=dtype)],
+                         ids=["ChannelGate", "MaskedLinear", "MaskedConv2d"])
+def test_a_factory_dtype_that_is_not_floating_is_named(make, dtype):
+    """An integer dtype failed inside nn.Parameter ("Only Tensors of floating point and complex dtype can
+    require gradients"), a complex one was built and failed at the first forward, a str inside torch."""
+    with pytest.raises(TypeError, match=r"dtype must be None or a floating torch.dtype .*, got "):
+        make(dtype)
+
+
 @pytest.mark.filterwarnings("ignore:`torch.jit.script:DeprecationWarning")  # torch 2.13 deprecates it
 def test_torch_jit_script_is_refused_with_what_works_instead():
     """torch.jit.script of a masked model failed inside TorchScript's compiler ("Module 'MaskedLinear'
