@@ -135,7 +135,7 @@ def dense_layout_error(t: torch.Tensor, name: str) -> TypeError:
     """The error for a nested or sparse ``t``: a nested one failed inside torch ("NestedTensorImpl doesn't
     support sizes. Please file an issue") or in the op's dispatch, without naming the argument."""
     if t.is_nested:
-        return TypeError(f"{name} must be a dense (strided) tensor, got a nested tensor ({t.layout}); pad it "
+        return TypeError(f"{name} must be a dense (strided) tensor, got a nested tensor; pad it "
                          "(Tensor.to_padded_tensor) or call the layer per sequence")
     return TypeError(f"{name} must be a dense (strided) tensor, got layout {t.layout}; Tensor.to_dense() makes one")
 

@@ -46,7 +46,7 @@ class ChannelGate(ScoredModule):
         if not self.enabled:
             return input
         if input.is_nested:  # its .shape fails inside torch
-            raise _checks.dense_layout_error(input, "input")
+            raise _checks.dense_layout_error(input, "x")  # "x" as the kernels' checks
         dim = _checks.check_dim(self.dim, input.dim())
         if input.shape[dim] != self.num_channels:
             raise ValueError(f"ChannelGate({self.num_channels}) got an input with {input.shape[dim]} channels "

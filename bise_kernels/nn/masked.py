@@ -235,7 +235,7 @@ class MaskedLinear(nn.Linear, _MaskedLayer):
         if isinstance(input, fx.Proxy):
             return self._fx_node(input)
         if input.is_nested:  # refused by name here: torch's nested dispatch failed without naming it
-            raise _checks.dense_layout_error(input, "input")
+            raise _checks.dense_layout_error(input, "x")  # "x" as the kernels' checks
         scores = self.scores
         x, weight, bias = _autocast(input, self.weight, self.bias)
         if self._uses_keep(x):
@@ -300,7 +300,7 @@ class MaskedConv2d(nn.Conv2d, _MaskedLayer):
         if isinstance(input, fx.Proxy):
             return self._fx_node(input)
         if input.is_nested:  # refused by name here: torch's nested dispatch failed without naming it
-            raise _checks.dense_layout_error(input, "input")
+            raise _checks.dense_layout_error(input, "x")  # "x" as the kernels' checks
         if input.dim() == 3:  # unbatched (C, H, W), as nn.Conv2d takes it
             return self.forward(input.unsqueeze(0)).squeeze(0)
         geometry = (list(self.stride), list(self.padding), list(self.dilation), self.groups)

@@ -66,9 +66,9 @@ def matches(name: str, patterns: Optional[Iterable[str]]) -> bool:
 
 
 def check_patterns(patterns: object, name: str) -> None:
-    """``patterns`` (``name``: include / exclude) a list or tuple of fnmatch patterns, or None. A str
+    """``patterns`` (``name``: include / exclude) a list, tuple or set of fnmatch patterns, or None. A str
     was taken as patterns of one character each: exclude="2.0" excluded module "0" and kept "2.0"."""
-    if patterns is not None and (not isinstance(patterns, (list, tuple)) or
+    if patterns is not None and (not isinstance(patterns, (list, tuple, set, frozenset)) or
                                  not all(isinstance(p, str) for p in patterns)):
         raise TypeError(f"{name} must be a list of module-name patterns (fnmatch) or None, got {patterns!r}")
 

@@ -248,3 +248,6 @@ def test_an_exclude_pattern_that_matches_no_layer_is_named():
     assert [type(m) for m in net] == [nn.Linear, nn.ReLU, nn.Linear]
     bk.mask_model(net, density=0.5, scope="global", exclude=["2"])
     assert [type(m) for m in net] == [bk.MaskedLinear, nn.ReLU, nn.Linear]
+    net = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2))
+    bk.mask_model(net, density=0.5, exclude={"0"})  # a set of patterns is a collection of patterns too
+    assert [type(m) for m in net] == [nn.Linear, nn.ReLU, bk.MaskedLinear]
