@@ -636,9 +636,10 @@ def prepare_run(model: nn.Module, data, config: ExtractConfig, quiet: bool = Tru
         insert_gates(model, config.gate_names, exclude=config.gate_exclude, example_input=example,
                      temperature=config.tau0, bottleneck=config.bottleneck, arg_names=("gate_names", "gate_exclude"))
     elif config.gate_names is not None or config.gate_exclude is not None:
-        raise ValueError("gate_names / gate_exclude choose where extract inserts gates, but the model has gates "
-                         f"already ({', '.join(list(gates_of(model))[:4])}, ...): pass the model without them, "
-                         "or leave both None")
+        names = list(gates_of(model))
+        shown = ", ".join(names[:4]) + (f", ... ({len(names)} in all)" if len(names) > 4 else "")
+        raise ValueError(f"gate_names / gate_exclude choose where extract inserts gates, but the model has gates "
+                         f"already ({shown}): pass the model without them, or leave both None")
     run = _Run(model, data, config, quiet)
     _labels(run, ckpt)
     run.init_trainables()

@@ -25,8 +25,20 @@ class GlobalSelection:
 
     def __init__(self, layers: Sequence[nn.Module], density: float):
         self.layers = list(layers)
-        self.density = _checks.check_density(density)
+        self.density = density
         self._cache: Optional[CacheEntry] = None
+
+    @property
+    def density(self) -> float:
+        return self._density
+
+    @density.setter
+    def density(self, value: float) -> None:
+        """The density of the one top-k, written to every layer too (a layer's own ``density`` is refused
+        when it differs: :meth:`selection_for`)."""
+        self._density = _checks.check_density(value)
+        for layer in self.layers:
+            layer.density = self._density
 
     def __getstate__(self) -> dict:
         """Pickled and deep-copied without the cached result (weak references; selected again)."""
@@ -35,10 +47,14 @@ class GlobalSelection:
     def selection_for(self, layer: nn.Module) -> tuple[Tensor, Tensor]:
         """Layer ``layer``'s ``(thr, cut)``, cached as a layer's own selection (a CacheEntry of every
         layer's scores and the density: a new ``density`` was not seen until a score changed)."""
+        if layer.density != self._density:  # set on the layer alone: it was ignored without a word
+            raise ValueError(f"this layer's density {layer.density!r} differs from its global selection's "
+                             f"{self._density!r}: with scope='global' one top-k over all layers decides; set "
+                             f"layer.global_selector.density (every layer), or mask with scope='layerwise'")
         scores = [m.scores for m in self.layers]
         if _ops._uncached():
             return self._select(scores)[id(layer)]
-        rest = (self.density,)
+        rest = (self._density,)
         if self._cache is None or not self._cache.serves(scores, rest):
             self._cache = CacheEntry(scores, rest, outside_inference_mode(lambda: self._select(scores)))
         return self._cache.value[id(layer)]
@@ -51,7 +67,7 @@ class GlobalSelection:
             _checks.check_like(s, scores[0], f"scores of layer {i}", "scores of layer 0",
                                why="; scope='global' selects every layer's scores together")
         _checks.check_select_finite(scores, [f"scores of layer {i}" for i in range(len(scores))], "topk_select")
-        k = _checks.k_from_density(self.density, sum(s.numel() for s in scores))
+        k = _checks.k_from_density(self._density, sum(s.numel() for s in scores))
         thr, cut = _ops.topk_select([s.detach() for s in scores], k, None)
         result, offset = {}, 0
         for m, s in zip(self.layers, scores):
@@ -143,9 +159,7 @@ def mask_model(model: nn.Module, granularity: str = "weight", *, density: Option
         layer = cls.from_dense(module, granularity, density=density if scope == "layerwise" else 1.0,
                                threshold=threshold, estimator=estimator, temperature=temperature,
                                score_init=score_init, freeze_weights=freeze_weights)
-        if scope == "global":
-            layer.density = density
-        layers.append(layer)
+        layers.append(layer)  # scope="global": GlobalSelection gives each layer its density
     for names, why in left:
         _log.warning("mask_model left %s dense: %s", ", ".join(names), why)
     for (names, _), layer in zip(targets, layers):

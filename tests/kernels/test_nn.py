@@ -183,10 +183,14 @@ def test_global_masks_follow_an_in_place_score_update(mask_mode):
         assert torch.equal(torch.cat([m.keep().flatten() for m in layers]), expected)
     net(x)
     layers[0].global_selector.density = 0.2  # a new density selects again (the cache served the old one)
+    assert [m.density for m in layers] == [0.2] * len(layers)
     expected = sort_mask(flat, round(0.2 * flat.numel()))
     assert torch.equal(torch.cat([m.mask().flatten() for m in layers]), expected)
     if mask_mode == "keep":
         assert torch.equal(torch.cat([m.keep().flatten() for m in layers]), expected)
+    layers[1].density = 0.3  # on one layer alone: ignored without a word before, now named
+    with pytest.raises(ValueError, match=r"this layer's density 0.3 differs from its global selection's 0.2"):
+        net(x)
 
 
 def test_mask_model_global_with_ties_across_layers_keeps_exactly_k():
