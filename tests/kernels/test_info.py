@@ -1,0 +1,109 @@
+"""``python -m bise_kernels`` (bise_kernels/info.py): runs, names every backend and why one is
+unavailable, and says which backend each kernel resolves to under the setting in effect."""
+
+import json
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+import bise_kernels
+from bise_kernels import backends, info
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def run_module(*args, **env):
+    """``python -m bise_kernels *args`` from the repository root with ``env`` (None: unset) over ours."""
+    environ = dict(os.environ)
+    for name, value in env.items():
+        environ.pop(name, None) if value is None else environ.__setitem__(name, value)
+    done = subprocess.run([sys.executable, "-m", "bise_kernels", *args], cwd=ROOT, env=environ,
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    return done.stdout
+
+
+def test_text_report_names_every_backend_and_kernel():
+    out = run_module(BISE_KERNELS_BACKEND=None)
+    assert f"bise_kernels {bise_kernels.__version__}" in out
+    for name in backends.BACKENDS:
+        assert re.search(rf"^  {name} +(available on|unavailable: )", out, re.M), name
+    for kernel in backends.kernel_table("torch"):
+        assert re.search(rf"^  {kernel} ", out, re.M), kernel
+    assert "backend setting: auto" in out
+
+
+def test_json_with_env_backend_torch_resolves_every_kernel_to_torch():
+    report = json.loads(run_module("--json", BISE_KERNELS_BACKEND="torch"))
+    assert report["backend_setting"] == "torch"
+    assert report["environment"][backends.ENV_VARIABLE] == "torch"
+    assert set(report["backends"]) == set(backends.BACKENDS)
+    assert all(isinstance(b["available"], bool) for b in report["backends"].values())
+    assert report["backends"]["torch"]["available"] is True
+    cells = [cell for device in report["resolution"].values() for kernel in device.values() for cell in kernel.values()]
+    assert cells and set(cells) == {"torch"}
+    assert set(report["resolution"]) == set(report["devices"]) >= {"cpu"}
+
+
+def test_auto_resolves_cpu_kernels_to_cpp_with_the_extension():
+    pytest.importorskip("bise_kernels._C")
+    with bise_kernels.use_backend("auto"):
+        report = info.collect()
+    assert report["extension"]["loaded"] is True and report["extension"]["error"] is None
+    assert report["backends"]["cpp"]["available"] is True
+    assert report["resolution"]["cpu"]["topk_select"]["float32"] == "cpp"
+    assert report["resolution"]["cpu"]["masked_linear_forward"]["float32"] == "cpp"
+
+
+def test_unavailable_backend_shows_its_reason(monkeypatch):
+    broken = backends.Backend("broken", ("cpu",), ("bise_kernels.no_such_module",))
+    monkeypatch.setitem(backends.BACKENDS, "broken", broken)
+    report = info.collect()
+    broken = report["backends"]["broken"]
+    assert broken["available"] is False and broken["runs_here_on"] == []
+    assert "bise_kernels.no_such_module" in broken["why_unavailable"]
+    assert "ModuleNotFoundError" in broken["why_unavailable"]
+    assert "unavailable: bise_kernels.no_such_module" in info.format_text(report)
+
+
+def test_backend_on_no_present_device_says_where_it_runs(monkeypatch):
+    elsewhere = backends.Backend("elsewhere", ("mps",), ("bise_kernels.backends.reference",))
+    monkeypatch.setitem(backends.BACKENDS, "elsewhere", elsewhere)
+    elsewhere = info.collect()["backends"]["elsewhere"]
+    assert elsewhere["available"] is False
+    assert elsewhere["why_unavailable"].startswith("runs on mps; present here: cpu")
+
+
+def test_failing_probes_are_reported_not_raised(monkeypatch):
+    def fail(*args, **kwargs):
+        raise RuntimeError("probe broke")
+
+    monkeypatch.setattr(backends, "resolve", fail)
+    monkeypatch.setattr(backends, "present_devices", fail)
+    monkeypatch.setattr(backends, "why_unavailable", fail)
+    monkeypatch.setattr(bise_kernels._extension, "ext_ops", fail)
+    report = info.collect()
+    assert report["devices"] == ["cpu"]
+    assert report["resolution"]["cpu"]["topk_select"]["float32"] == "error: RuntimeError: probe broke"
+    assert report["backends"]["torch"] == {"available": False, "why_unavailable": "error: RuntimeError: probe broke",
+                                           "devices": list(backends.BACKENDS["torch"].devices), "runs_here_on": [],
+                                           "kernels": []}
+    assert report["extension"]["loaded"] is False and "probe broke" in report["extension"]["error"]
+    assert report["extension"]["hint"] == bise_kernels._extension.rebuild_hint()
+    text = info.format_text(report)
+    assert "error [1]" in text and "[1] RuntimeError: probe broke" in text
+    json.dumps(report)
+
+
+def test_environment_lists_every_variable_the_package_reads():
+    read = {backends.ENV_VARIABLE}
+    for path in (ROOT / "bise_kernels").rglob("*.py"):
+        read |= set(re.findall(r"environ(?:\.get\(|\[)\s*[\"']([A-Z0-9_]+)", path.read_text()))
+    for path in (ROOT / "csrc").rglob("*.*"):
+        read |= set(re.findall(r"getenv\(\s*\"([A-Z0-9_]+)", path.read_text()))
+    assert {"TRITON_INTERPRET", "BISE_KERNELS_AUTOTUNE", "BISE_SELECT_CUDA"} <= read  # the search finds them
+    assert read <= set(info.ENVIRONMENT), read - set(info.ENVIRONMENT)
