@@ -70,7 +70,7 @@ def _versions() -> dict[str, Any]:
         "torch": torch.__version__,
         "torch_cuda": torch.version.cuda,
         "torch_hip": getattr(torch.version, "hip", None),
-        "cudnn": _probe(lambda: torch.backends.cudnn.version()),
+        "cudnn": _probe(torch.backends.cudnn.version),
         "triton": _probe(lambda: importlib.import_module("triton").__version__),
         "python": sys.version.split()[0],
         "platform": platform.platform(),
@@ -83,9 +83,8 @@ def _versions() -> dict[str, Any]:
 def _extension() -> dict[str, Any]:
     from . import _extension
 
-    spec = _probe(lambda: importlib.util.find_spec("bise_kernels._C"))
-    found = {"file": spec.origin if spec and not isinstance(spec, str) else spec, "loaded": False, "error": None,
-             "with_cuda": None, "hint": None}
+    spec = importlib.util.find_spec("bise_kernels._C")
+    found = {"file": spec.origin if spec else None, "loaded": False, "error": None, "with_cuda": None, "hint": None}
     try:
         _extension.ext_ops()
     except Exception as exc:  # noqa: BLE001 - the message says why and how to rebuild
@@ -202,7 +201,11 @@ def format_text(info: dict[str, Any]) -> str:
     if isinstance(extension, dict):
         state = (f"loaded, {'with' if extension['with_cuda'] else 'without'} its CUDA kernels" if extension["loaded"]
                  else f"NOT loaded: {extension['error']}")
-        lines += [f"extension bise_kernels._C: {state}", f"  file: {extension['file']}"]
+        package = versions.get("bise_kernels_path") if isinstance(versions, dict) else None
+        elsewhere = extension["file"] and package and os.path.dirname(extension["file"]) != package
+        # an editable install's finder can map _C to another checkout's build (seen: a git worktree)
+        lines += [f"extension bise_kernels._C: {state}",
+                  f"  file: {extension['file']}" + (" (NOT in the package directory above)" if elsewhere else "")]
     else:
         lines.append(f"extension bise_kernels._C: {extension}")
 

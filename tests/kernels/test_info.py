@@ -107,3 +107,11 @@ def test_environment_lists_every_variable_the_package_reads():
         read |= set(re.findall(r"getenv\(\s*\"([A-Z0-9_]+)", path.read_text()))
     assert {"TRITON_INTERPRET", "BISE_KERNELS_AUTOTUNE", "BISE_SELECT_CUDA"} <= read  # the search finds them
     assert read <= set(info.ENVIRONMENT), read - set(info.ENVIRONMENT)
+
+
+def test_extension_outside_the_package_is_flagged():
+    report = info.collect()
+    report["extension"]["file"] = "/elsewhere/bise_kernels/_C.so"
+    assert "_C.so (NOT in the package directory above)" in info.format_text(report)
+    report["extension"]["file"] = os.path.join(report["versions"]["bise_kernels_path"], "_C.so")
+    assert "NOT in the package" not in info.format_text(report)
