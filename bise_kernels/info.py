@@ -113,7 +113,7 @@ def _backends(devices: tuple[str, ...]) -> dict[str, Any]:
             why = (f"runs on {', '.join(backend.devices)}{backends.DEVICE_NOTES.get(name, '')}; "
                    f"present here: {', '.join(devices)}")
         found[name] = {"available": why is None, "why_unavailable": why, "devices": list(backend.devices),
-                       "runs_here_on": here, "kernels": kernels}
+                       "runs_here_on": here, "kernels": kernels, "import_errors": backend.import_errors}
     return found
 
 
@@ -216,6 +216,9 @@ def format_text(info: dict[str, Any]) -> str:
             state = (f"available on {', '.join(backend['runs_here_on'])}" if backend["available"]
                      else f"unavailable: {backend['why_unavailable']}")
             lines.append(f"  {name:<{width}}  {state}")
+            if backend["available"] and backend["import_errors"]:
+                lines.append(f"  {'':<{width}}  partly: {backend['import_errors']} "
+                             "(the table says who runs those kernels)")
     else:
         lines.append(f"  {info['backends']}")
 

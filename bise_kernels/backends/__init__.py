@@ -45,6 +45,8 @@ class Backend:
     _dtypes: dict[str, tuple[torch.dtype, ...]] = field(default_factory=dict, repr=False)
     _checks_finite: set[str] = field(default_factory=set, repr=False)
     why_unavailable: Optional[str] = None
+    import_errors: Optional[str] = None
+    """The modules that failed to import and why, also when others did (``python -m bise_kernels``)."""
 
     def kernels(self) -> dict[str, Callable]:
         """Import the backend's modules once; collect their public kernels."""
@@ -63,6 +65,7 @@ class Backend:
                         self._dtypes[name] = tuple(module.DTYPES)
                 self._checks_finite.update(getattr(module, "CHECKS_FINITE", ()))
             errors = "; ".join(f"{', '.join(paths)}: {error}" for error, paths in failed.items())
+            self.import_errors = errors or None
             if failed and not found:
                 self.why_unavailable = errors
                 logger.warning("bise_kernels: backend %r unavailable (%s)", self.name, errors)

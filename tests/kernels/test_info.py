@@ -70,6 +70,16 @@ def test_unavailable_backend_shows_its_reason(monkeypatch):
     assert "unavailable: bise_kernels.no_such_module" in info.format_text(report)
 
 
+def test_partly_importable_backend_shows_what_failed(monkeypatch):
+    partly = backends.Backend("partly", ("cpu",), ("bise_kernels.backends.reference", "bise_kernels.no_such_module"))
+    monkeypatch.setitem(backends.BACKENDS, "partly", partly)
+    report = info.collect()
+    assert report["backends"]["partly"]["available"] is True
+    assert "bise_kernels.no_such_module: ModuleNotFoundError" in report["backends"]["partly"]["import_errors"]
+    assert report["backends"]["torch"]["import_errors"] is None
+    assert "partly: bise_kernels.no_such_module" in info.format_text(report)
+
+
 def test_backend_on_no_present_device_says_where_it_runs(monkeypatch):
     elsewhere = backends.Backend("elsewhere", ("mps",), ("bise_kernels.backends.reference",))
     monkeypatch.setitem(backends.BACKENDS, "elsewhere", elsewhere)
@@ -91,7 +101,7 @@ def test_failing_probes_are_reported_not_raised(monkeypatch):
     assert report["resolution"]["cpu"]["topk_select"]["float32"] == "error: RuntimeError: probe broke"
     assert report["backends"]["torch"] == {"available": False, "why_unavailable": "error: RuntimeError: probe broke",
                                            "devices": list(backends.BACKENDS["torch"].devices), "runs_here_on": [],
-                                           "kernels": []}
+                                           "kernels": [], "import_errors": None}
     assert report["extension"]["loaded"] is False and "probe broke" in report["extension"]["error"]
     assert report["extension"]["hint"] == bise_kernels._extension.rebuild_hint()
     text = info.format_text(report)
