@@ -6,6 +6,7 @@ import os
 import re
 import subprocess
 import sys
+import types
 from pathlib import Path
 
 import pytest
@@ -125,3 +126,20 @@ def test_extension_outside_the_package_is_flagged():
     assert "_C.so (NOT in the package directory above)" in info.format_text(report)
     report["extension"]["file"] = os.path.join(report["versions"]["bise_kernels_path"], "_C.so")
     assert "NOT in the package" not in info.format_text(report)
+
+
+def test_gpu_machine_names_the_gpus_and_resolves_cuda(monkeypatch):
+    """A faked CUDA device (nothing runs on it): the GPU line and a cuda column of registry names."""
+    import torch
+
+    props = types.SimpleNamespace(name="NVIDIA H100 80GB HBM3", major=9, minor=0, total_memory=80 * 2**30)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda index: props)
+    with bise_kernels.use_backend("auto"):
+        report = info.collect()
+    assert report["versions"]["gpus"] == [{"index": 0, "name": props.name, "capability": "9.0", "memory_gib": 80.0}]
+    assert report["devices"] == ["cpu", "cuda"]
+    cells = {cell for kernel in report["resolution"]["cuda"].values() for cell in kernel.values()}
+    assert cells <= set(backends.BACKENDS), cells
+    assert "GPUs: 0: NVIDIA H100 80GB HBM3 (sm 9.0, 80.0 GiB)" in info.format_text(report)
