@@ -15,13 +15,16 @@ import json
 import os
 import platform
 import sys
-from typing import TYPE_CHECKING, Any, Callable, Optional
+from typing import Any, Callable, Optional
 
-if TYPE_CHECKING:
-    import torch
+import torch
+
+import bise_kernels
+
+from . import _extension, backends
 
 ENVIRONMENT = {
-    "BISE_KERNELS_BACKEND": "the initial backend (default auto), read at the first op",  # backends.ENV_VARIABLE
+    backends.ENV_VARIABLE: "the initial backend (default auto), read at the first op",
     "TRITON_INTERPRET": "1: Triton kernels run in the interpreter, on CPU tensors too (read at import)",
     "BISE_KERNELS_AUTOTUNE": "0: one heuristic GEMM tile per shape bucket instead of autotuning (Triton)",
     "BISE_SELECT_CUDA": "the CUDA select algorithm, radix (default) or bracket, read at every call",
@@ -47,8 +50,6 @@ def _probe(fn: Callable[[], Any]) -> Any:
 
 
 def _gpus() -> list[dict[str, Any]]:
-    import torch
-
     if not torch.cuda.is_available():
         return []
     gpus = []
@@ -60,10 +61,6 @@ def _gpus() -> list[dict[str, Any]]:
 
 
 def _versions() -> dict[str, Any]:
-    import torch
-
-    import bise_kernels
-
     return {
         "bise_kernels": bise_kernels.__version__,
         "bise_kernels_path": os.path.dirname(os.path.abspath(bise_kernels.__file__)),
@@ -80,9 +77,7 @@ def _versions() -> dict[str, Any]:
     }
 
 
-def _extension() -> dict[str, Any]:
-    from . import _extension
-
+def _extension_info() -> dict[str, Any]:
     spec = importlib.util.find_spec("bise_kernels._C")
     found = {"file": spec.origin if spec else None, "loaded": False, "error": None, "with_cuda": None, "hint": None}
     try:
@@ -99,8 +94,6 @@ def _extension() -> dict[str, Any]:
 
 
 def _backends(devices: tuple[str, ...]) -> dict[str, Any]:
-    from . import backends
-
     found = {}
     for name, backend in backends.BACKENDS.items():
         try:
@@ -120,8 +113,6 @@ def _backends(devices: tuple[str, ...]) -> dict[str, Any]:
 def _runs(kernel: str, device: str, dtype: torch.dtype) -> str:
     """The backend that runs ``kernel`` now; where the reference composes it from another kernel
     (``backends.COMPOSED_OF``: _ops.py does so for a backend without it), also who runs that one."""
-    from . import backends
-
     name = backends.resolve(kernel, device, dtype)[0]
     part = backends.COMPOSED_OF.get(kernel)
     if name == "torch" and part is not None:
@@ -133,10 +124,6 @@ def _runs(kernel: str, device: str, dtype: torch.dtype) -> str:
 
 def _resolution(devices: tuple[str, ...]) -> dict[str, Any]:
     """device type -> kernel -> dtype -> the backend that :func:`~.backends.resolve` picks now."""
-    import torch
-
-    from . import backends
-
     kernels = backends.kernel_table("torch")  # the reference implements every kernel of the contract
     return {device: {kernel: {dtype: _probe(lambda: _runs(kernel, device, getattr(torch, dtype))) for dtype in DTYPES}
                      for kernel in kernels}
@@ -145,14 +132,12 @@ def _resolution(devices: tuple[str, ...]) -> dict[str, Any]:
 
 def collect() -> dict[str, Any]:
     """Everything ``python -m bise_kernels`` prints, as a plain dict of JSON types. Never raises."""
-    from . import backends
-
     devices = _probe(backends.present_devices)
     if isinstance(devices, str):  # torch.cuda failed: the CPU is still there
         devices = ("cpu",)
     return {
         "versions": _probe(_versions),
-        "extension": _probe(_extension),
+        "extension": _probe(_extension_info),
         "backends": _probe(lambda: _backends(devices)),
         "backend_setting": _probe(backends.get_backend),
         "triton_interpreter": backends.INTERPRET,
@@ -224,8 +209,10 @@ def format_text(info: dict[str, Any]) -> str:
 
     lines += ["", f"backend setting: {info['backend_setting']} (set_backend / use_backend / BISE_KERNELS_BACKEND)",
               f"Triton interpreter: {'on' if info['triton_interpreter'] else 'off'}", "environment:"]
-    lines += [f"  {name}={value}" if value is not None else f"  {name} unset" for name, value in
-              info["environment"].items()]
+    settings = [(f"{name}={value}" if value is not None else f"{name} unset", ENVIRONMENT.get(name, ""))
+                for name, value in info["environment"].items()]
+    width = max(len(setting) for setting, _ in settings)
+    lines += [f"  {setting:<{width}}  # {what}" for setting, what in settings]
 
     resolution = info["resolution"]
     lines += ["", f"which backend runs each kernel now ({', '.join(DTYPES)} unless a dtype is named):"]
@@ -244,7 +231,8 @@ def format_text(info: dict[str, Any]) -> str:
 
 
 def main(argv: Optional[list[str]] = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m bise_kernels", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m bise_kernels", description="The diagnostics for a bug report: versions, the extension, "
+                                     "each backend (available or why not), which backend runs each kernel.")
     parser.add_argument("--json", action="store_true", help="print the report as JSON")
     args = parser.parse_args(argv)
     info = collect()
