@@ -231,8 +231,10 @@ def format_text(info: dict[str, Any]) -> str:
 
 
 def main(argv: Optional[list[str]] = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m bise_kernels", description="The diagnostics for a bug report: versions, the extension, "
-                                     "each backend (available or why not), which backend runs each kernel.")
+    parser = argparse.ArgumentParser(
+        prog="python -m bise_kernels",
+        description="The diagnostics for a bug report: versions, the extension, each backend (available or why not), "
+                    "which backend runs each kernel.")
     parser.add_argument("--json", action="store_true", help="print the report as JSON")
     args = parser.parse_args(argv)
     info = collect()
