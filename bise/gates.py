@@ -13,7 +13,7 @@ import torch
 from torch import Tensor, nn
 
 from bise_kernels import ChannelGate
-from bise_kernels.nn.model import keep_modular_path, matches, refuse_unmatched
+from bise_kernels.nn.model import keep_modular_path, matches, refuse_unmatched, restore_fused_path
 
 from . import validate
 
@@ -168,6 +168,7 @@ def remove_gates(model: nn.Module) -> nn.Module:
     for name, m in list(model.named_modules()):
         if isinstance(m, Gated):
             model.set_submodule(name, m.activation)
+    restore_fused_path(model)
     return model
 
 

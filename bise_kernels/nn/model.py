@@ -223,7 +223,21 @@ def keep_modular_path(model: nn.Module, modules: list[tuple[list[str], nn.Module
     put = {id(module) for _, module in modules}
     for encoder in model.modules():
         if isinstance(encoder, nn.TransformerEncoder) and any(id(m) in put for m in encoder.modules()):
+            encoder.__dict__.setdefault(_NESTED_BEFORE, encoder.use_nested_tensor)
             encoder.use_nested_tensor = False
+
+
+_NESTED_BEFORE = "_bise_kernels_use_nested_tensor"  # an encoder's use_nested_tensor before keep_modular_path
+
+
+def restore_fused_path(model: nn.Module) -> None:
+    """Undo :func:`keep_modular_path` where nothing needs it any more (after unmask_model, bise's
+    remove_gates): an nn.TransformerEncoder none of whose modules carries the pre-hook gets its
+    use_nested_tensor back (a plain model's inference path, only a speed matter)."""
+    for encoder in model.modules():
+        if isinstance(encoder, nn.TransformerEncoder) and _NESTED_BEFORE in encoder.__dict__ and not any(
+                _modular_path_only in m._forward_pre_hooks.values() for m in encoder.modules()):
+            encoder.use_nested_tensor = encoder.__dict__.pop(_NESTED_BEFORE)
 
 
 def unmask_model(model: nn.Module) -> nn.Module:
@@ -237,6 +251,7 @@ def unmask_model(model: nn.Module) -> nn.Module:
         dense = module.to_dense()
         for name in names:
             model.set_submodule(name, dense)
+    restore_fused_path(model)
     return model
 
 

@@ -127,6 +127,9 @@ def test_a_gated_transformer_activation_runs_in_eval_mode():
             torch.backends.mha.set_fastpath_enabled(fastpath)
     torch.testing.assert_close(got, want)
     torch.testing.assert_close(got_padded, want_padded)
+    assert not model.use_nested_tensor
+    remove_gates(model)  # the plain model gets its nested-tensor path back (a speed matter only)
+    assert model.use_nested_tensor and not any(m._forward_pre_hooks for m in model.modules())
 
 
 def test_model_without_gateable_layer_is_refused():
