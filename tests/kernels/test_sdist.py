@@ -54,3 +54,8 @@ def test_the_sdist_carries_the_examples(egg_info):
     assert {"examples/README.md", "examples/bise_own_data.py", "tests/test_examples.py"} <= listed
     assert on_disk - listed == set()
     assert not any(name.endswith(".pyc") for name in listed)
+
+
+def test_the_sdist_carries_the_changelog(egg_info):
+    """CHANGELOG.md (MANIFEST.in): setuptools adds README and LICENSE by default, not the release notes."""
+    assert "CHANGELOG.md" in set((egg_info[0] / "SOURCES.txt").read_text().split())
