@@ -31,13 +31,21 @@ from torch import Tensor
 
 from . import backends
 from .backends import reference
-from ._checks import conv2d_output_shape
+from ._checks import check_estimator, conv2d_output_shape
 
 LIB = "bise_kernels"
 
 
 def _kernel(name: str, t: Tensor):
     return backends.resolve(name, t.device.type, t.dtype)[1]
+
+
+def _forward_kernel(name: str, t: Tensor, estimator: object, temperature: object):
+    """:func:`_kernel` for a layer op's forward, after the estimator check that the native forward makes:
+    the Python kernels (torch, triton) read the estimator in their backward only, so an estimator or
+    temperature set on a module after construction passed an eval forward there and not on cpp / cuda."""
+    check_estimator(estimator, temperature)
+    return _kernel(name, t)
 
 
 def _forward_backend(ctx) -> None:
@@ -345,7 +353,7 @@ def _masked_linear(
     x: Tensor, weight: Tensor, bias: Optional[Tensor], scores: Tensor, thr: Tensor, cut: Tensor,
     estimator: str, temperature: float,
 ) -> Tensor:
-    return _kernel("masked_linear_forward", x)(x, weight, bias, scores, thr, cut)
+    return _forward_kernel("masked_linear_forward", x, estimator, temperature)(x, weight, bias, scores, thr, cut)
 
 
 _masked_linear_op = torch.library.custom_op(f"{LIB}::masked_linear", _masked_linear, mutates_args=())
@@ -398,7 +406,7 @@ def _masked_linear_keep(
 ) -> Tensor:
     """masked_linear with the selection packed once into ``keep`` (bool, the scores' shape), which the
     forward and backward read instead of the scores; ``scores`` only receives its gradient."""
-    return _kernel("masked_linear_keep_forward", x)(x, weight, bias, keep)
+    return _forward_kernel("masked_linear_keep_forward", x, estimator, temperature)(x, weight, bias, keep)
 
 
 _masked_linear_keep_op = torch.library.custom_op(f"{LIB}::masked_linear_keep", _masked_linear_keep, mutates_args=())
@@ -447,7 +455,8 @@ def _masked_conv2d(
     x: Tensor, weight: Tensor, bias: Optional[Tensor], scores: Tensor, thr: Tensor, cut: Tensor,
     stride: list[int], padding: list[int], dilation: list[int], groups: int, estimator: str, temperature: float,
 ) -> Tensor:
-    return _kernel("masked_conv2d_forward", x)(x, weight, bias, scores, thr, cut, stride, padding, dilation, groups)
+    kernel = _forward_kernel("masked_conv2d_forward", x, estimator, temperature)
+    return kernel(x, weight, bias, scores, thr, cut, stride, padding, dilation, groups)
 
 
 _masked_conv2d_op = torch.library.custom_op(f"{LIB}::masked_conv2d", _masked_conv2d, mutates_args=())
@@ -516,7 +525,8 @@ def _masked_conv2d_keep(
     stride: list[int], padding: list[int], dilation: list[int], groups: int, estimator: str, temperature: float,
 ) -> Tensor:
     """masked_conv2d with the selection packed once into ``keep`` (as :func:`_masked_linear_keep`)."""
-    return _kernel("masked_conv2d_keep_forward", x)(x, weight, bias, keep, stride, padding, dilation, groups)
+    kernel = _forward_kernel("masked_conv2d_keep_forward", x, estimator, temperature)
+    return kernel(x, weight, bias, keep, stride, padding, dilation, groups)
 
 
 _masked_conv2d_keep_op = torch.library.custom_op(f"{LIB}::masked_conv2d_keep", _masked_conv2d_keep, mutates_args=())
@@ -556,7 +566,7 @@ masked_conv2d_keep = _layer_op("masked_conv2d_keep", _masked_conv2d_keep_op, _ma
 
 def _channel_gate(x: Tensor, scores: Tensor, thr: Tensor, cut: Tensor, dim: int, estimator: str,
                   temperature: float) -> Tensor:
-    return _kernel("channel_gate_forward", x)(x, scores, thr, cut, dim)
+    return _forward_kernel("channel_gate_forward", x, estimator, temperature)(x, scores, thr, cut, dim)
 
 
 _channel_gate_op = torch.library.custom_op(f"{LIB}::channel_gate", _channel_gate, mutates_args=())

@@ -431,13 +431,19 @@ def test_a_gate_with_both_density_and_threshold_is_an_error():
                                                        ("estimator", "gumbel", "estimator must be")])
 def test_an_estimator_set_on_a_module_is_checked_on_every_backend(backend, attribute, value, message):
     """A temperature annealed to 0 (or an estimator mistyped) after construction: "cpp" and "triton"
-    refused it, the reference backward computed NaN (or the sigmoid slope) silently."""
+    refused it, the reference backward computed NaN (or the sigmoid slope) silently. The forward refuses
+    it too, in eval mode without autograd as well: it did on "cpp" / "cuda" only (their native forward
+    checks every argument; the Python kernels read the estimator in their backward)."""
     for module, x in ((bk.MaskedLinear(4, 3, density=0.5, estimator="sigmoid"), torch.randn(2, 4)),
+                      (bk.MaskedLinear(4, 3, density=0.5, mask_mode="keep"), torch.randn(2, 4)),
                       (bk.MaskedConv2d(2, 3, 1, threshold=0.0, estimator="sigmoid"), torch.randn(1, 2, 3, 3)),
+                      (bk.MaskedConv2d(2, 3, 1, density=0.5, mask_mode="keep"), torch.randn(1, 2, 3, 3)),
                       (bk.ChannelGate(4), torch.randn(2, 4))):
         setattr(module, attribute, value)
         with pytest.raises(ValueError, match=message):
             module(x).sum().backward()
+        with torch.no_grad(), pytest.raises(ValueError, match=message):
+            module.eval()(x)
 
 
 def test_gate_construction_arguments_are_checked():
