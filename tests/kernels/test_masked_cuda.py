@@ -2,8 +2,10 @@
 block, and launch geometries with several outer chunks.
 
 Every backend's outputs and gradients against the reference: test_masked_kernels.py; the ext ops'
-argument errors: test_native_checks.py. Kernel tests need a GPU and an extension built WITH_CUDA;
-the nvcc compile check runs wherever nvcc is installed.
+argument errors: test_native_checks.py. The kernel tests run on the "cuda" backend where a GPU and
+an extension built WITH_CUDA are, and on "cpp" (the same composition, backends/native.py) everywhere,
+so that their code runs in CI too; the device-side asserts need a GPU; the nvcc compile check runs
+wherever nvcc is installed.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ import pytest
 import torch
 
 from _masked_cases import assert_grads, randn, tied_scores
+from bise_kernels.backends import BackendUnavailableError, kernel_table
 from bise_kernels.backends import reference as R
 
 CSRC = pathlib.Path(__file__).resolve().parents[2] / "csrc" / "cuda"
@@ -33,6 +36,16 @@ def cuda():
     return masked
 
 
+@pytest.fixture(scope="module", params=["cpu", "cuda"] if torch.cuda.is_available() else ["cpu"])
+def native(request):
+    """(kernel table, device) of a native backend: "cuda" on a GPU, "cpp" on the CPU."""
+    name = {"cpu": "cpp", "cuda": "cuda"}[request.param]
+    try:
+        return kernel_table(name), request.param
+    except BackendUnavailableError as exc:
+        pytest.skip(str(exc))
+
+
 @pytest.mark.slow  # the compile check for machines without a GPU: on one, the build has just compiled them
 @pytest.mark.skipif(shutil.which("nvcc") is None, reason="nvcc not found")
 def test_kernel_sources_compile_with_nvcc(tmp_path):
@@ -45,28 +58,30 @@ def test_kernel_sources_compile_with_nvcc(tmp_path):
         assert job.returncode == 0, out
 
 
-def test_masked_linear_large_rows_and_scores_dtype(cuda):
+def test_masked_linear_large_rows_and_scores_dtype(native):
     """Rows longer than a block, many blocks; bf16 weights with fp32 scores."""
-    x, w = randn(33, 1000, dtype=torch.bfloat16, seed=1, device="cuda"), \
-        randn(301, 1000, dtype=torch.bfloat16, seed=2, device="cuda")
+    kernels, device = native
+    x, w = randn(33, 1000, dtype=torch.bfloat16, seed=1, device=device), \
+        randn(301, 1000, dtype=torch.bfloat16, seed=2, device=device)
     for shape in [(301,), (301, 1000)]:
-        scores, thr, cut = tied_scores(shape, seed=3, device="cuda")
-        args = (randn(33, 301, dtype=torch.bfloat16, seed=4, device="cuda"), x, w, scores, thr, cut, "ste", 1.0,
+        scores, thr, cut = tied_scores(shape, seed=3, device=device)
+        args = (randn(33, 301, dtype=torch.bfloat16, seed=4, device=device), x, w, scores, thr, cut, "ste", 1.0,
                 [True, True, False, True])
-        got, want = cuda.masked_linear_backward(*args), R.masked_linear_backward(*args)
+        got, want = kernels["masked_linear_backward"](*args), R.masked_linear_backward(*args)
         assert_grads(got[:3], want[:3], torch.bfloat16)
         torch.testing.assert_close(got[3], want[3], rtol=2e-2, atol=0.5)  # row sums of 1000 bf16 products
 
 
 @pytest.mark.parametrize("channels_last", [False, True])
-def test_channel_gate_many_chunks(cuda, channels_last):
+def test_channel_gate_many_chunks(native, channels_last):
     """Several outer chunks and a partial channel tile in both reduction kernels."""
-    x = randn(37, 37, 9, 10, seed=1, device="cuda")
+    kernels, device = native
+    x = randn(37, 37, 9, 10, seed=1, device=device)
     if channels_last:
         x = x.to(memory_format=torch.channels_last)
-    scores, thr, cut = tied_scores((37,), seed=2, device="cuda")
-    args = (randn(*x.shape, seed=3, device="cuda"), x, scores, thr, cut, 1, "sigmoid", 1.0, [True, True])
-    got, want = cuda.channel_gate_backward(*args), R.channel_gate_backward(*args)
+    scores, thr, cut = tied_scores((37,), seed=2, device=device)
+    args = (randn(*x.shape, seed=3, device=device), x, scores, thr, cut, 1, "sigmoid", 1.0, [True, True])
+    got, want = kernels["channel_gate_backward"](*args), R.channel_gate_backward(*args)
     torch.testing.assert_close(got[0], want[0], rtol=0, atol=0)
     torch.testing.assert_close(got[1], want[1], rtol=1e-5, atol=1e-4)
 
