@@ -21,6 +21,7 @@ export TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0} MAX_JOBS=${MAX_JOBS:-16
 GPU_TESTS="tests/kernels/test_native_checks.py tests/kernels/test_select_cuda.py tests/kernels/test_masked_cuda.py
 tests/kernels/test_masked_native_eager.py tests/kernels/test_backends.py tests/kernels/test_select_kernels.py
 tests/kernels/test_masked_kernels.py tests/kernels/test_masked_keep.py tests/kernels/test_masked_conv_keep.py
+tests/kernels/test_determinism.py
 tests/kernels/test_select_triton.py tests/kernels/test_masked_triton.py"
 TESTS_S=${TESTS_S:-180}
 

@@ -6,7 +6,6 @@ import fnmatch
 import logging
 from typing import Iterable, Optional, Sequence, Union
 
-import torch
 from torch import Tensor, nn
 
 from .. import _checks, _ops
