@@ -125,7 +125,7 @@ def mask_model(model: nn.Module, granularity: str = "weight", *, density: Option
     _checks.check_mask_spec(density, threshold)
     check_patterns(include, "include")
     check_patterns(exclude, "exclude")
-    candidates = _by_module(model, (nn.Linear, nn.Conv2d), exact=False)
+    candidates = _by_module(model, (nn.Linear, nn.Conv2d))
     if exclude:  # a typo kept a layer masked (an unnamed Sequential's classifier is "8", not "fc")
         refuse_unmatched("exclude", exclude, [n for names, _ in candidates for n in names],
                          "nn.Linear or nn.Conv2d module")
@@ -145,7 +145,7 @@ def mask_model(model: nn.Module, granularity: str = "weight", *, density: Option
         else:
             left.append((names, why))
     if not targets:
-        masked = len(_by_module(model, (MaskedLinear, MaskedConv2d), exact=False))
+        masked = sum(isinstance(module, (MaskedLinear, MaskedConv2d)) for _, module in candidates)
         why = f" (its {masked} masked layers are masked already: unmask_model first)" if masked else ""
         why += "".join(f"; {', '.join(names)!s} left dense: {reason}" for names, reason in left)
         raise ValueError(f"no nn.Linear or nn.Conv2d module to mask matches include={include!r}, exclude={exclude!r}"
@@ -243,7 +243,7 @@ def unmask_model(model: nn.Module) -> nn.Module:
     """The inverse of :func:`mask_model`: replace every MaskedLinear / MaskedConv2d in place by the plain
     layer with its current mask baked into the weight (:meth:`to_dense`); return ``model``. The masked
     layers' original weights are left as they were (baked copies replace them)."""
-    masked = _by_module(model, (MaskedLinear, MaskedConv2d), exact=False)
+    masked = _by_module(model, (MaskedLinear, MaskedConv2d))
     if masked and masked[0][0][0] == "":
         raise ValueError("unmask_model replaces submodules; call to_dense() on a single masked layer")
     for names, module in masked:
@@ -254,12 +254,12 @@ def unmask_model(model: nn.Module) -> nn.Module:
     return model
 
 
-def _by_module(model: nn.Module, types: tuple, exact: bool) -> list[tuple[list[str], nn.Module]]:
-    """The submodules of ``types`` (the type itself if ``exact``, else an instance), each once with
-    every qualified name it has: a module shared by two parents is one layer, replaced under both
-    names (``named_modules`` gives it under its first name only)."""
+def _by_module(model: nn.Module, types: tuple) -> list[tuple[list[str], nn.Module]]:
+    """The submodules that are instances of ``types``, each once with every qualified name it has: a
+    module shared by two parents is one layer, replaced under both names (``named_modules`` gives it
+    under its first name only)."""
     found: dict[int, tuple[list[str], nn.Module]] = {}
     for name, module in model.named_modules(remove_duplicate=False):
-        if type(module) in types if exact else isinstance(module, types):
+        if isinstance(module, types):
             found.setdefault(id(module), ([], module))[0].append(name)
     return list(found.values())
