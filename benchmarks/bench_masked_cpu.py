@@ -13,6 +13,9 @@ saved tensors that are neither parameters, scores nor the input, minus the dense
 The machine is shared and noisy, so ``test_masked_step_ratios`` also runs the variants interleaved
 round by round on one thread (a preempted worker stalls every parallel region on a loaded box) and
 records the median per-round time ratio to dense in its extra_info.
+``test_masked_train_step_ratios`` does the same for the step a training script runs: the nn modules
+(the selection cached per scores update and hinted by the last threshold) and an SGD step (momentum
+0.9) on what is trained, so the scores change and are selected again at every step.
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ import time
 import pytest
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 import bise_kernels as bk
 from edgepopup import EdgePopupSubnet
@@ -77,10 +81,37 @@ def _step_parts(model: str, variant: str, small: bool):
     return _forward(layers, weights, apply), x, y, weights + scores, trained
 
 
-def _train_step(forward, x, y, trained):
+def _module_step_parts(model: str, variant: str, small: bool):
+    """As :func:`_step_parts`, but the masked variants are the nn modules (MaskedLinear / MaskedConv2d
+    wrapping the same weights, their scores the same values): what a training script runs, where the
+    selection is cached per scores update and takes the last threshold as its hint."""
+    forward, x, y, own, trained = _step_parts(model, variant, small)
+    if not variant.startswith("cpp"):
+        return forward, x, y, own, trained
+    layers, _ = _layers(model, small)
+    weights, scores = own[: len(layers)], own[len(layers):]
+    masked = {"linear": (nn.Linear, bk.MaskedLinear), "conv": (nn.Conv2d, bk.MaskedConv2d)}
+    mask = dict(density=DENSITY) if variant == "cpp" else dict(threshold=0.0)
+    modules = []
+    for (kind, shape, kw), w, s in zip(layers, weights, scores):
+        dense_cls, masked_cls = masked[kind]
+        dense = dense_cls(*shape[1::-1], *shape[2:3], bias=False, **kw)
+        dense.weight = nn.Parameter(w.detach(), requires_grad=False)
+        layer = masked_cls.from_dense(dense, **mask)
+        with torch.no_grad():
+            layer.scores.copy_(s)
+        modules.append(layer)
+    forward = _forward(layers, weights, lambda kind, h, w, i, kw: modules[i](h))
+    return forward, x, y, [m.weight for m in modules] + [m.scores for m in modules], [m.scores for m in modules]
+
+
+def _train_step(forward, x, y, trained, optimizer=None):
+    """Forward, cross-entropy, backward; with ``optimizer``, also its step (the trained tensors change)."""
     for t in trained:
         t.grad = None
     F.cross_entropy(forward(x), y).backward()
+    if optimizer is not None:
+        optimizer.step()
 
 
 def _saved_bytes(forward, x, y, own, trained) -> int:
@@ -123,18 +154,34 @@ def test_masked_training_step_cpu(benchmark, model, variant):
 @pytest.mark.parametrize("model", ["mlp", "cnn"])
 def test_masked_step_ratios(benchmark, model):
     """One round = one step of every variant in turn; extra_info holds median(variant / dense) per round."""
+    _step_ratios(benchmark, model, _step_parts, with_optimizer=False)
+
+
+@pytest.mark.parametrize("model", ["mlp", "cnn"])
+def test_masked_train_step_ratios(benchmark, model):
+    """As test_masked_step_ratios, for the step a training script runs: the nn modules (selection cached
+    per scores update, hinted by the last threshold) and an SGD step (momentum 0.9) on what is trained
+    (the weights for dense, the scores otherwise), so the scores change and are selected again every step."""
+    _step_ratios(benchmark, model, _module_step_parts, with_optimizer=True)
+
+
+def _step_ratios(benchmark, model, parts, with_optimizer):
     if bk.why_unavailable("cpp"):
         pytest.skip(f"cpp backend unavailable: {bk.why_unavailable('cpp')}")
     small = benchmark.disabled
-    benchmark.group = f"masked step cpu ratios: {model}"
-    steps = {v: _step_parts(model, v, small) for v in VARIANTS}
+    benchmark.group = f"masked {'train ' if with_optimizer else ''}step cpu ratios: {model}"
+    steps = {}
+    for v in VARIANTS:
+        with bk.use_backend("cpp" if v.startswith("cpp") else "torch"):
+            steps[v] = parts(model, v, small)
+    optimizers = {v: torch.optim.SGD(steps[v][4], lr=0.01, momentum=0.9) if with_optimizer else None for v in VARIANTS}
     times: dict[str, list[float]] = {v: [] for v in VARIANTS}
 
     def one_round():
         for v, (forward, x, y, _, trained) in steps.items():
             with bk.use_backend("cpp" if v.startswith("cpp") else "torch"):
                 start = time.perf_counter()
-                _train_step(forward, x, y, trained)
+                _train_step(forward, x, y, trained, optimizers[v])
                 times[v].append(time.perf_counter() - start)
 
     threads = torch.get_num_threads()
@@ -149,8 +196,11 @@ def test_masked_step_ratios(benchmark, model):
                                 dense_median_ms=1e3 * statistics.median(times["dense"][-n:]))
     for v in ("cpp", "cpp_threshold"):  # the step that was timed computes the reference backend's gradients
         forward, x, y, _, trained = steps[v]
+        with bk.use_backend("cpp"):
+            _train_step(forward, x, y, trained)
         timed = [t.grad for t in trained]
         with bk.use_backend("torch"):
             _train_step(forward, x, y, trained)
+        assert all(t is not None for t in timed)
         for got, want in zip(timed, trained):
             torch.testing.assert_close(got, want.grad, msg=lambda m: f"{model} {v}: {m}")
