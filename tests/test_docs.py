@@ -284,7 +284,8 @@ def test_shell_block_commands(doc, line, lang, body):
         where = f"{_rel(doc)}:{line + 1 + offset}: {text.strip()}"
         if not lang and not re.match(r"^\s*(bise|python3?|pytest|bash)\s", text):
             continue  # a plain block: only its command lines (the others are layouts, JSON, grammars)
-        for words in commands(text):
+        calls = [w for m in re.finditer(r'run\(command="([^"]+)"', text) for w in commands(m.group(1))]
+        for words in [*commands(text), *calls]:  # calls: of the device tool, in a comment
             try:
                 known = check_command(words)
             except AssertionError as exc:
@@ -343,6 +344,40 @@ def test_prose_links_paths_and_commands(doc):
                 if code in REJECTED:
                     bad.append(f"{where}: `{code}` is accepted, but the doc shows it as an error")
     assert not bad, "\n".join(bad)
+
+
+def test_cli_option_table_matches_the_parser():
+    """docs/cli.md's option table lists every option of every `bise` subcommand, with the subcommands
+    that take it ("all", "all but export", "run, extract") and the parser's default where it has one."""
+    from bise.cli import build_parser
+
+    subcommands = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction)).choices
+    takes, actions = {}, {}
+    for name, sub in subcommands.items():
+        for action in sub._actions:
+            for option in action.option_strings:
+                if option.startswith("--") and option != "--help":
+                    takes.setdefault(option, set()).add(name)
+                    actions[option] = action
+    table = {}
+    for line in (ROOT / "docs" / "cli.md").read_text().split("\n"):
+        m = re.match(r"^\| ((?:`--[^`]+`(?:, )?)+) \| ([^|]+) \| ([^|]+) \|", line)
+        if m:
+            where = m.group(2).strip()
+            names = (set(subcommands) if where == "all" else
+                     set(subcommands) - {w.strip("` ") for w in where[len("all but "):].split(",")}
+                     if where.startswith("all but ") else {w.strip("` ") for w in where.split(",")})
+            for option in re.findall(r"`(--[\w-]+)", m.group(1)):
+                table[option] = (names, m.group(3).strip())
+    wrong = {o: (sorted(table.get(o, [[]])[0]), sorted(takes.get(o, []))) for o in {*table, *takes}
+             if table.get(o, [None])[0] != takes.get(o)}
+    assert not wrong, f"option: (subcommands in docs/cli.md, subcommands that take it) {wrong}"
+    for option, (_, default) in table.items():
+        value = actions[option].default
+        if isinstance(value, bool):  # store_true / store_false: the option is off unless given
+            assert default == "off", (option, default)
+        elif value is not None:
+            assert str(value) in default, (option, value, default)
 
 
 def test_exceptions_are_in_the_docs():
