@@ -45,6 +45,11 @@ IGNORED = {"pip", "git", "cd", "export", "source", "."}
 COMMAND = re.compile(r"^(?:[A-Z_]+=\S+ )*(?:bise|python3?|pytest|bash|torchrun|pip) ")
 REJECTED = {"bise export --budget 0.3"}
 NOT_COMMANDS = {"bise COMMAND: error: ..."}
+# short module names of the docs' inline code (`bk.topk_mask`, `reference.keep_mask`) -> the module
+ALIASES = {"bk": "bise_kernels", "reference": "bise_kernels.backends.reference",
+           "native": "bise_kernels.backends.native", "_ops": "bise_kernels._ops",
+           "functional": "bise_kernels.functional", "_checks": "bise_kernels._checks"}
+API_NAME = re.compile(rf"(?<![\w./])((?:bise|bise_kernels|{'|'.join(ALIASES)})(?:\.\w+)+)")
 # inline code that names a repository file: a top-level folder of the repo, then a path
 REPO_PATH = re.compile(r"^(?:bise|bise_kernels|docs|benchmarks|scripts|tests|examples|csrc|\.ci)/[\w./*{},-]*$")
 
@@ -177,7 +182,7 @@ def _resolves(name: str) -> bool:
     """`bise.extract.read_checkpoint`, `bk.topk_mask`: a module path then attributes (a submodule wins
     over a same-named attribute: bise.evaluate is both)."""
     parts = name.split(".")
-    parts[0] = "bise_kernels" if parts[0] == "bk" else parts[0]
+    parts = [*ALIASES.get(parts[0], parts[0]).split("."), *parts[1:]]
     obj = importlib.import_module(parts[0])
     for i, part in enumerate(parts[1:], 2):
         with contextlib.suppress(ImportError):
@@ -329,7 +334,7 @@ def test_prose_links_paths_and_commands(doc):
                 token = token.rstrip(".,;:)")
                 if REPO_PATH.match(token) and not _exists(token):
                     bad.append(f"{where}: `{token}` does not exist")
-            for name in re.findall(r"(?<![\w./])((?:bise|bise_kernels|bk)(?:\.\w+)+)", code):
+            for name in API_NAME.findall(code):
                 if not name.endswith((".py", ".md")) and not _resolves(name):
                     bad.append(f"{where}: `{name}` does not resolve")
             if not COMMAND.match(code) or code in NOT_COMMANDS:
@@ -378,6 +383,17 @@ def test_cli_option_table_matches_the_parser():
             assert default == "off", (option, default)
         elif value is not None:
             assert str(value) in default, (option, value, default)
+
+
+def test_op_schemas_are_the_registered_ones():
+    """docs/ops.md's op schemas (`topk_select(Tensor[] scores, SymInt k, Tensor? hint) -> (Tensor, Tensor)`)
+    are those of torch.ops.bise_kernels, as torch prints them (an abbreviated `name(...)` is skipped)."""
+    import bise_kernels  # noqa: F401  (registers the ops)
+
+    shown = re.findall(r"`((\w+)\([^`.]*\) -> [^`]+)`", (ROOT / "docs" / "ops.md").read_text())
+    assert len(shown) >= 8
+    for schema, name in shown:
+        assert str(getattr(torch.ops.bise_kernels, name).default._schema) == f"bise_kernels::{schema}"
 
 
 def test_exceptions_are_in_the_docs():
