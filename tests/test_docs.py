@@ -20,9 +20,11 @@
 from __future__ import annotations
 
 import argparse
+import ast
 import contextlib
 import glob
 import importlib
+import inspect
 import io
 import re
 import shlex
@@ -394,6 +396,48 @@ def test_op_schemas_are_the_registered_ones():
     assert len(shown) >= 8
     for schema, name in shown:
         assert str(getattr(torch.ops.bise_kernels, name).default._schema) == f"bise_kernels::{schema}"
+
+
+# the API tables (first column: signatures) and where their names live
+API_TABLES = {"README.md": ("bise_kernels", "bise_kernels.nn"), "docs/ops.md": ("bise_kernels", "bise_kernels.nn"),
+              "docs/data.md": ("bise.data",)}
+
+
+@pytest.mark.parametrize("name", API_TABLES)
+def test_api_table_signatures(name):
+    """A signature in the first column of an API table (`topk_mask(scores, density, *, hint=None)`,
+    `Split.inputs(index=None)`) has the function's parameters, in order, keyword-only where it says `*`,
+    with its defaults where it gives one (`name(...)`, `f(a, b=None (note))`: prose, skipped)."""
+    checked, bad = 0, []
+    for n, line in parse_doc((ROOT / name).read_text())[1]:
+        if not line.startswith("| `"):
+            continue
+        for code in re.findall(r"`(\w[\w.]*\([^`]*\))`", line.split(" | ")[0]):
+            fn, params = code.split("(", 1)
+            if "..." in params or "|" in params or "(" in params:  # abbreviated or annotated: prose
+                continue
+            obj = _lookup(fn, API_TABLES[name])
+            args = ast.parse(f"def f({params[:-1]}): pass").body[0].args
+            real = [p for p in inspect.signature(obj).parameters.values() if p.name != "self"]
+            shown = [(a.arg, inspect.Parameter.POSITIONAL_OR_KEYWORD) for a in args.args] + \
+                    [(a.arg, inspect.Parameter.KEYWORD_ONLY) for a in args.kwonlyargs]
+            defaults = dict(zip([a.arg for a in args.args][::-1], args.defaults[::-1]))
+            defaults.update({a.arg: d for a, d in zip(args.kwonlyargs, args.kw_defaults) if d is not None})
+            if shown != [(p.name, p.kind) for p in real] or any(
+                    ast.literal_eval(d) != real[[p.name for p in real].index(k)].default for k, d in defaults.items()):
+                bad.append(f"{name}:{n}: `{code}`, but {fn}{inspect.signature(obj)}")
+            checked += 1
+    assert checked and not bad, "\n".join(bad)
+
+
+def _lookup(name: str, modules: tuple[str, ...]):
+    for module in modules:
+        obj = importlib.import_module(module)
+        with contextlib.suppress(AttributeError):
+            for part in name.split("."):
+                obj = getattr(obj, part)
+            return obj
+    raise AssertionError(f"{name} is in none of {modules}")
 
 
 def test_exceptions_are_in_the_docs():
