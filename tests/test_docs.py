@@ -1,4 +1,4 @@
-"""The docs are tested: what README.md and docs/*.md show users to copy must work.
+"""The docs are tested: what README.md, docs/*.md and examples/README.md show users to copy must work.
 
 1. Every ```python block runs as written (a fresh namespace, a temporary working directory and data
    cache, torch.manual_seed(0), one thread). A block that cannot run here says why in a line of its
@@ -36,7 +36,7 @@ import pytest
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
-DOCS = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
+DOCS = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md")), ROOT / "examples" / "README.md"]
 SHELL_LANGS = {"bash", "sh", "shell", "console"}
 SKIP = re.compile(r"^\s*# doc-test: skip \((.+)\)\s*$", re.M)
 # placeholders of the docs' command lines -> a value the parser accepts (keep this small)
