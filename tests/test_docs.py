@@ -41,8 +41,8 @@ SHELL_LANGS = {"bash", "sh", "shell", "console"}
 SKIP = re.compile(r"^\s*# doc-test: skip \((.+)\)\s*$", re.M)
 # placeholders of the docs' command lines -> a value the parser accepts (keep this small)
 PLACEHOLDERS = {"<sha>": "0" * 40, "bise COMMAND": "bise run"}
-# first words of shell commands that nothing here can check (installs, git, the shell itself)
-IGNORED = {"pip", "git", "cd", "export", "source", "."}
+# first words of shell commands that nothing here can check (pip download, git, cd)
+IGNORED = {"pip", "git", "cd"}
 # inline code that is a command line; those of it shown as errors, or that are no command
 COMMAND = re.compile(r"^(?:[A-Z_]+=\S+ )*(?:bise|python3?|pytest|bash|torchrun|pip) ")
 REJECTED = {"bise export --budget 0.3"}
@@ -52,6 +52,9 @@ ALIASES = {"bk": "bise_kernels", "reference": "bise_kernels.backends.reference",
            "native": "bise_kernels.backends.native", "_ops": "bise_kernels._ops",
            "functional": "bise_kernels.functional", "_checks": "bise_kernels._checks"}
 API_NAME = re.compile(rf"(?<![\w./])((?:bise|bise_kernels|{'|'.join(ALIASES)})(?:\.\w+)+)")
+# the API tables (first column: signatures) and where their names live
+API_TABLES = {"README.md": ("bise_kernels", "bise_kernels.nn"), "docs/ops.md": ("bise_kernels", "bise_kernels.nn"),
+              "docs/data.md": ("bise.data",)}
 # inline code that names a repository file: a top-level folder of the repo, then a path
 REPO_PATH = re.compile(r"^(?:bise|bise_kernels|docs|benchmarks|scripts|tests|examples|csrc|\.ci)/[\w./*{},-]*$")
 
@@ -78,6 +81,32 @@ def parse_doc(text: str) -> tuple[list[tuple[int, str, str]], list[tuple[int, st
         blocks.append((i + 1, m.group(2).lower(), "\n".join(lines[i + 1:j])))
         i = j + 1
     return blocks, prose
+
+
+def paragraphs(prose: list[tuple[int, str]]) -> list[tuple[int, str]]:
+    """(first line number, text) of each run of non-blank lines: inline code may wrap a line."""
+    out = []
+    for n, line in prose:
+        if not line.strip():
+            continue
+        if out and out[-1][0] + out[-1][1].count("\n") + 1 == n:
+            out[-1] = (out[-1][0], out[-1][1] + "\n" + line)
+        else:
+            out.append((n, line))
+    return out
+
+
+def anchors(doc: Path) -> set[str]:
+    """GitHub's heading anchors of a Markdown file (lower case, punctuation dropped, spaces -> -)."""
+    seen, out = {}, set()
+    for _, line in parse_doc(doc.read_text())[1]:
+        m = re.match(r"^#{1,6}\s+(.*?)\s*#*\s*$", line)
+        if m:
+            slug = re.sub(r"[^\w\- ]", "", m.group(1).lower()).replace(" ", "-")
+            k = seen.get(slug, 0)
+            seen[slug] = k + 1
+            out.add(slug if k == 0 else f"{slug}-{k}")
+    return out
 
 
 def _cases(kind: str) -> list:
@@ -245,6 +274,17 @@ def check_command(words: list[str], fragment: bool = False) -> bool:
     return True
 
 
+def _lookup(name: str, modules: tuple[str, ...]):
+    """`Split.inputs` in the first of `modules` that has it."""
+    for module in modules:
+        obj = importlib.import_module(module)
+        with contextlib.suppress(AttributeError):
+            for part in name.split("."):
+                obj = getattr(obj, part)
+            return obj
+    raise AssertionError(f"{name} is in none of {modules}")
+
+
 # --------------------------------------------------------------------------------------------- tests
 
 @pytest.fixture(scope="module")
@@ -302,17 +342,6 @@ def test_shell_block_commands(doc, line, lang, body):
             checked += known
     if lang:
         assert checked, f"{_rel(doc)}:{line}: a shell block with no command"
-
-
-def paragraphs(prose: list[tuple[int, str]]) -> list[tuple[int, str]]:
-    """(first line number, text) of each run of non-blank lines: inline code may wrap a line."""
-    out = []
-    for n, line in prose:
-        if out and line.strip() and out[-1][0] + out[-1][1].count("\n") + 1 == n and out[-1][1].strip():
-            out[-1] = (out[-1][0], out[-1][1] + "\n" + line)
-        elif line.strip():
-            out.append((n, line))
-    return out
 
 
 @pytest.mark.parametrize("doc", DOCS, ids=[_rel(d) for d in DOCS])
@@ -398,11 +427,6 @@ def test_op_schemas_are_the_registered_ones():
         assert str(getattr(torch.ops.bise_kernels, name).default._schema) == f"bise_kernels::{schema}"
 
 
-# the API tables (first column: signatures) and where their names live
-API_TABLES = {"README.md": ("bise_kernels", "bise_kernels.nn"), "docs/ops.md": ("bise_kernels", "bise_kernels.nn"),
-              "docs/data.md": ("bise.data",)}
-
-
 @pytest.mark.parametrize("name", API_TABLES)
 def test_api_table_signatures(name):
     """A signature in the first column of an API table (`topk_mask(scores, density, *, hint=None)`,
@@ -430,30 +454,7 @@ def test_api_table_signatures(name):
     assert checked and not bad, "\n".join(bad)
 
 
-def _lookup(name: str, modules: tuple[str, ...]):
-    for module in modules:
-        obj = importlib.import_module(module)
-        with contextlib.suppress(AttributeError):
-            for part in name.split("."):
-                obj = getattr(obj, part)
-            return obj
-    raise AssertionError(f"{name} is in none of {modules}")
-
-
 def test_exceptions_are_in_the_docs():
     """REJECTED and NOT_COMMANDS name inline code of the docs: one gone from the docs goes here too."""
     text = "".join(doc.read_text() for doc in DOCS)
     assert [c for c in REJECTED | NOT_COMMANDS if f"`{c}`" not in text] == []
-
-
-def anchors(doc: Path) -> set[str]:
-    """GitHub's heading anchors of a Markdown file (lower case, punctuation dropped, spaces -> -)."""
-    seen, out = {}, set()
-    for _, line in parse_doc(doc.read_text())[1]:
-        m = re.match(r"^#{1,6}\s+(.*?)\s*#*\s*$", line)
-        if m:
-            slug = re.sub(r"[^\w\- ]", "", m.group(1).lower()).replace(" ", "-")
-            k = seen.get(slug, 0)
-            seen[slug] = k + 1
-            out.add(slug if k == 0 else f"{slug}-{k}")
-    return out
