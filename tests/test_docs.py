@@ -416,6 +416,28 @@ def test_cli_option_table_matches_the_parser():
             assert str(value) in default, (option, value, default)
 
 
+def test_cli_file_tables_name_every_output():
+    """docs/cli.md: the commands table names the files each command writes (the report's plots as
+    "plots"), and the file table describes every one (`subnetwork.pt` + `.json`: both)."""
+    from bise.cli import OUTPUTS
+
+    rows = [[cell.strip() for cell in line.strip().strip("|").split(" | ")]
+            for _, line in parse_doc((ROOT / "docs" / "cli.md").read_text())[1] if line.startswith("| `")]
+    writes = {row[0].strip("`"): row[-1] for row in rows if len(row) == 3 and row[0].strip("`") in OUTPUTS}
+    assert writes.keys() == OUTPUTS.keys()
+    for command, files in OUTPUTS.items():
+        shown = [f for f in files if f"`{f}`" in writes[command] or (f.endswith(".png") and "plots" in writes[command])]
+        assert shown == list(files), (command, writes[command])
+    described = set()
+    for row in rows:
+        stem = None
+        for code in re.findall(r"`([^`]+)`", row[0]) if len(row) == 2 else []:
+            described.add(stem + code if code.startswith(".") and stem else code)
+            stem = code.rsplit(".", 1)[0]
+    missing = {f for files in OUTPUTS.values() for f in files} - described
+    assert not missing, f"not in docs/cli.md's file table: {sorted(missing)}"
+
+
 def test_op_schemas_are_the_registered_ones():
     """docs/ops.md's op schemas (`topk_select(Tensor[] scores, SymInt k, Tensor? hint) -> (Tensor, Tensor)`)
     are those of torch.ops.bise_kernels, as torch prints them (an abbreviated `name(...)` is skipped)."""
