@@ -438,6 +438,23 @@ def test_cli_file_tables_name_every_output():
     assert not missing, f"not in docs/cli.md's file table: {sorted(missing)}"
 
 
+def test_builtin_table_matches_the_benchmarks():
+    """docs/data.md's built-in table: every benchmark of bise.data, with its default rho, whether it has
+    a validation split (n_val=0: none) and its weighting."""
+    from bise.data.builtin import BUILTINS
+
+    table = {}
+    for _, line in parse_doc((ROOT / "docs" / "data.md").read_text())[1]:
+        cells = [cell.strip() for cell in line.strip().strip("|").split(" | ")]
+        if len(cells) == 8 and cells[0].strip("`") in BUILTINS:
+            table[cells[0].strip("`")] = (cells[4], cells[6], cells[7])
+    assert table.keys() == BUILTINS.keys()
+    for name, bench in BUILTINS.items():
+        opts = bench.options
+        rho = f"rho_l {opts['rho_l']}, rho_r {opts['rho_r']}" if bench.num_biases == 2 else str(opts["rho"])
+        assert table[name] == (rho, "no" if opts["n_val"] == 0 else "yes", bench.weighting), name
+
+
 def test_op_schemas_are_the_registered_ones():
     """docs/ops.md's op schemas (`topk_select(Tensor[] scores, SymInt k, Tensor? hint) -> (Tensor, Tensor)`)
     are those of torch.ops.bise_kernels, as torch prints them (an abbreviated `name(...)` is skipped)."""
