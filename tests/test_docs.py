@@ -493,6 +493,19 @@ def test_api_table_signatures(name):
     assert checked and not bad, "\n".join(bad)
 
 
+def test_shell_lines_are_split_as_a_shell_would():
+    """The parsing of test_shell_block_commands on what no doc has yet: `$ ` prompts with output lines,
+    a `\\` continuation, VAR=value prefixes, `&&`, $(...) and comments."""
+    body = "$ bise run --data colored-digits \\\n    --out runs/x  # a comment\nsome output\n" \
+           "$ A=$(git rev-parse HEAD) python -m bise_kernels --json && pytest tests/test_docs.py"
+    lines = command_lines(body)
+    assert [offset for offset, _ in lines] == [0, 3]
+    assert [commands(text) for _, text in lines] == [
+        [["bise", "run", "--data", "colored-digits", "--out", "runs/x"]],
+        [["python", "-m", "bise_kernels", "--json"], ["pytest", "tests/test_docs.py"]]]
+    assert [check_command(words) for _, text in lines for words in commands(text)] == [True, True, True]
+
+
 def test_exceptions_are_in_the_docs():
     """REJECTED and NOT_COMMANDS name inline code of the docs: one gone from the docs goes here too."""
     text = "".join(doc.read_text() for doc in DOCS)
