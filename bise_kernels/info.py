@@ -230,13 +230,18 @@ def format_text(info: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def main(argv: Optional[list[str]] = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
+    """The parser of ``python -m bise_kernels`` (tests/test_docs.py parses the docs' command lines with it)."""
     parser = argparse.ArgumentParser(
         prog="python -m bise_kernels",
         description="The diagnostics for a bug report: versions, the extension, each backend (available or why not), "
                     "which backend runs each kernel.")
     parser.add_argument("--json", action="store_true", help="print the report as JSON")
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    args = build_parser().parse_args(argv)
     info = collect()
     print(json.dumps(info, indent=2) if args.json else format_text(info))
     return 0

@@ -60,3 +60,8 @@ def test_the_sdist_carries_the_examples(egg_info):
 def test_the_sdist_carries_the_changelog(egg_info):
     """CHANGELOG.md (MANIFEST.in): setuptools adds README and LICENSE by default, not the release notes."""
     assert "CHANGELOG.md" in set((egg_info[0] / "SOURCES.txt").read_text().split())
+
+
+def test_the_sdist_leaves_out_the_docs_test(egg_info):
+    """tests/test_docs.py checks files the sdist does not carry (MANIFEST.in excludes it)."""
+    assert "tests/test_docs.py" not in set((egg_info[0] / "SOURCES.txt").read_text().split())
