@@ -15,6 +15,7 @@ Without torchrun (no ``WORLD_SIZE``) every function is the single-process identi
 from __future__ import annotations
 
 import datetime
+import math
 import os
 from dataclasses import dataclass
 from typing import Callable, Iterator, Optional, Sequence
@@ -43,20 +44,63 @@ class Context:
         return self.world_size > 1
 
 
+def _env(name: str, parse: Callable, what: str):
+    """Environment variable ``name`` parsed by ``parse`` (None when unset); a bad value is a ValueError naming it."""
+    value = os.environ.get(name)
+    if value is None:
+        return None
+    try:
+        return parse(value)
+    except ValueError:
+        raise ValueError(f"environment variable {name}={value!r} is not {what}") from None
+
+
+def _launch() -> tuple[int, float]:
+    """(world size, collective timeout in s) from the environment torchrun sets, checked before any group is joined."""
+    world = _env("WORLD_SIZE", int, "an integer (torchrun sets it to the number of processes)")
+    if world is None:
+        if os.environ.get("RANK") is not None:  # a launcher that set half of it: every process would run alone
+            raise ValueError(f"environment variable RANK={os.environ['RANK']!r} is set but WORLD_SIZE is not: launch "
+                             "the processes with torchrun (which sets both), or unset RANK to run one process")
+        return 1, DEFAULT_TIMEOUT_S
+    if world < 1:
+        raise ValueError(f"environment variable WORLD_SIZE={str(world)!r} must be at least 1 (the number of processes)")
+    timeout = _env("BISE_DIST_TIMEOUT", float, "a number (seconds a collective waits for the other processes)")
+    if timeout is not None and not (math.isfinite(timeout) and timeout > 0):
+        raise ValueError(f"environment variable BISE_DIST_TIMEOUT={os.environ['BISE_DIST_TIMEOUT']!r} must be a "
+                         "positive number of seconds")
+    return world, DEFAULT_TIMEOUT_S if timeout is None else timeout
+
+
+def _local_gpu(device: str) -> int:
+    """The GPU of this process in a multi-process CUDA run: cuda:LOCAL_RANK, which must exist."""
+    if torch.device(device).index is not None:  # set_device(LOCAL_RANK) below would silently override it
+        raise ValueError(f"device {device!r} names one GPU, but each process of a multi-process run uses "
+                         "cuda:LOCAL_RANK: pass device 'cuda' (and choose the GPUs with CUDA_VISIBLE_DEVICES)")
+    local = _env("LOCAL_RANK", int, "an integer (torchrun sets it to the process's index on its machine)") or 0
+    count = torch.cuda.device_count()
+    if not 0 <= local < count:
+        raise ValueError(f"device {device!r}: the process with LOCAL_RANK={local} uses cuda:{local}, but this machine "
+                         f"has {count} CUDA device(s); start at most {count} processes per machine "
+                         f"(torchrun --nproc-per-node {count})")
+    return local
+
+
 def init(device: str = "cpu", timeout_s: Optional[float] = None) -> Context:
     """Join the process group that torchrun describes in the environment (gloo on CPU, NCCL on GPU).
 
     A rank that dies makes the others fail after ``timeout_s`` (env BISE_DIST_TIMEOUT, default
-    300 s) instead of hanging forever.
+    300 s) instead of hanging forever. An incomplete or inconsistent environment (RANK without
+    WORLD_SIZE, more processes on a machine than GPUs) is a ValueError naming it, before joining.
     """
-    world = int(os.environ.get("WORLD_SIZE", "1"))
+    world, timeout = _launch()
     if world <= 1:
         return Context(device=device)
-    timeout = float(timeout_s if timeout_s is not None else os.environ.get("BISE_DIST_TIMEOUT", DEFAULT_TIMEOUT_S))
+    timeout = float(timeout_s) if timeout_s is not None else timeout
     if not dist.is_initialized():
         use_cuda = device.startswith("cuda")
         if use_cuda:
-            local = int(os.environ.get("LOCAL_RANK", "0"))
+            local = _local_gpu(device)
             torch.cuda.set_device(local)
             device = f"cuda:{local}"
         dist.init_process_group("nccl" if use_cuda else "gloo", timeout=datetime.timedelta(seconds=timeout))
