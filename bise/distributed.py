@@ -8,7 +8,8 @@ The design keeps a multi-process run equivalent to one process with the global b
 * terms defined on the whole batch (the MI estimator) see all ranks' samples through a
   differentiable, variable-size all-gather (:func:`all_gather_rows`);
 * evaluation shards the data and sums exact per-group counts (:func:`all_reduce_sum`);
-* rank 0 alone writes files (``current().is_main``), and every rank can resume from them.
+* rank 0 alone writes files (``current().is_main``), and every rank can resume from them; what
+  each rank reads on its own must be the same on all (:func:`check_same`: a shared filesystem).
 Without torchrun (no ``WORLD_SIZE``) every function is the single-process identity.
 """
 
@@ -223,6 +224,24 @@ def shard_rows(n: int, compute: Callable[[torch.Tensor], torch.Tensor], batch_si
     local = torch.arange(n).tensor_split(ctx.world_size)[ctx.rank]
     rows = torch.cat([compute(idx) for idx in local.split(batch_size)])
     return all_gather_rows(rows, share_sizes(n, ctx.world_size))
+
+
+def check_same(value: str, what: str, fix: str) -> None:
+    """Raise a ValueError on every rank (naming each rank's value) unless all ranks pass an equal ``value``.
+
+    For what each rank reads on its own (a checkpoint, the lock of ``--out``): a rank that sees other
+    files runs other collectives than its peers; gloo then aborts the process on a size mismatch, or
+    pairs unrelated collectives (rank 0, resuming from the last epoch's checkpoint, returned without
+    error while rank 1, which did not see the file, extracted from scratch).
+    """
+    ctx = current()
+    if not ctx.distributed:
+        return
+    seen: list = [None] * ctx.world_size
+    dist.all_gather_object(seen, value)
+    if any(v != seen[0] for v in seen):
+        ranks = "; ".join(f"rank {r}: {v}" for r, v in enumerate(seen))
+        raise ValueError(f"the processes see different {what} ({ranks}); {fix}")
 
 
 def barrier() -> None:

@@ -84,6 +84,9 @@ class RunDir:
             self._lock()
             shutil.rmtree(self.staging, ignore_errors=True)  # left by a killed command
         distributed.barrier()
+        holder = (out / LOCK).read_text().strip() if (out / LOCK).is_file() else ""
+        distributed.check_same(f"locked by pid {holder}" if holder else "not locked", f"--out {str(out)!r}",
+                               "every process must see the same --out: put it on a filesystem that all machines share")
         if (out / MANIFEST).is_file():
             try:
                 manifest = json.loads((out / MANIFEST).read_text())
@@ -118,6 +121,7 @@ class RunDir:
                              "it to finish or use another --out") from None
         os.ftruncate(fd, 0)
         os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        os.fsync(fd)  # on NFS, the other ranks read it (open) to check that they see this --out
         self._lock_fd = fd
 
     def close(self, failed: bool) -> None:

@@ -1,10 +1,103 @@
-"""Edge cases of multi-process runs (bise/distributed.py): a launch environment that is incomplete.
+"""Edge cases of multi-process runs (bise/distributed.py): sizes that the world size does not divide,
+three processes, processes that see different files, a launch environment that is incomplete.
+
+Each case ends in the single-process result or in an error on every rank within a bounded time,
+never a hang: the spawned group runs under a hard timeout (BISE_DIST_TIMEOUT per collective).
 """
+
+import os
+import socket
 
 import pytest
 import torch
+import torch.multiprocessing as mp
 
+import bise
 from bise import distributed as bd
+from bise.extract import ExtractConfig
+from bise.models import build_model
+from bise.rundir import RunDir
+
+SPEC = "colored-digits"
+# 1258 training samples = 3 * 419 + 1: the last global batch has one sample, so two of three ranks get none
+CONFIG = dict(mask_epochs=1, head_epochs=1, batch_size=419, seed=0, eval_batch_size=256)
+WORLD = 3
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _error(fn) -> str:
+    try:
+        fn()
+    except Exception as exc:  # noqa: BLE001 - reported to the test
+        return f"{type(exc).__name__}: {exc}"
+    return "no error"
+
+
+def _worker(rank, port, model_path, with_ckpt, without_ckpt, queue):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(WORLD),
+                      BISE_DIST_TIMEOUT="30")
+    torch.set_num_threads(1)
+    result = {}
+    try:
+        bd.init("cpu")
+        model, data = torch.load(model_path, weights_only=False), bise.load_data(SPEC)
+        sub = bise.extract(model, data, config=ExtractConfig(**CONFIG), quiet=True)
+        result["scores"] = {n: s.numpy() for n, s in sub.scores.items()}  # numpy: tensors die with the sender
+        # rank 1 does not see the checkpoint that the others resume from (another node, a folder not shared)
+        result["resume"] = _error(lambda: bise.extract(model, data, config=ExtractConfig(**CONFIG), quiet=True,
+                                                       out_dir=without_ckpt if rank == 1 else with_ckpt, resume=True))
+        run = RunDir(without_ckpt if rank == 1 else with_ckpt, {})
+        result["out"] = _error(lambda: run.open())
+        run.close(failed=True)
+    except Exception as exc:  # noqa: BLE001
+        result["crash"] = f"{type(exc).__name__}: {exc}"
+    finally:
+        queue.put((rank, result))
+        bd.shutdown()
+
+
+def test_three_processes_odd_sizes_and_ranks_that_see_other_files(tmp_path):
+    data = bise.load_data(SPEC)
+    assert len(data.train) % CONFIG["batch_size"] == 1
+    torch.manual_seed(0)
+    model = build_model("mlp", data.num_classes, data.input_shape)  # untrained: extraction runs the same
+    model_path, with_ckpt, without_ckpt = tmp_path / "model.pt", tmp_path / "a", tmp_path / "b"
+    torch.save(model, model_path)
+    without_ckpt.mkdir()
+    single = bise.extract(model, data, config=ExtractConfig(**CONFIG), quiet=True, out_dir=with_ckpt).scores
+
+    ctx = mp.get_context("spawn")
+    queue = ctx.Queue()
+    port = _free_port()
+    procs = [ctx.Process(target=_worker, args=(r, port, model_path, str(with_ckpt), str(without_ckpt), queue))
+             for r in range(WORLD)]
+    for p in procs:
+        p.start()
+    results = {}
+    try:
+        for _ in range(WORLD):
+            rank, result = queue.get(timeout=180)  # hard bound: a hang fails here
+            results[rank] = result
+    finally:
+        for p in procs:
+            p.join(timeout=30)
+            if p.is_alive():
+                p.kill()
+    assert sorted(results) == list(range(WORLD)), results
+    for rank, result in results.items():
+        assert "crash" not in result, (rank, result)
+        for name, s in single.items():  # float reduction order differs across processes
+            torch.testing.assert_close(torch.from_numpy(result["scores"][name]), s, rtol=0, atol=2e-5)
+            assert torch.equal(torch.from_numpy(result["scores"][name]) >= 0, s >= 0), name
+        # every rank stops with the same clear error, instead of running other collectives than its peers
+        assert result["resume"].startswith("ValueError") and "checkpoint of epoch 1" in result["resume"] and \
+            "rank 1: no checkpoint" in result["resume"], (rank, result["resume"])
+        assert result["out"].startswith("ValueError") and "rank 1: not locked" in result["out"], (rank, result["out"])
 
 
 @pytest.mark.parametrize("env, message", [
