@@ -1,5 +1,6 @@
 """Edge cases of multi-process runs (bise/distributed.py): sizes that the world size does not divide,
-three processes, processes that see different files, a launch environment that is incomplete.
+three processes, a resume with another number of processes, processes that see different files, a
+launch environment that is incomplete.
 
 Each case ends in the single-process result or in an error on every rank within a bounded time,
 never a hang: the spawned group runs under a hard timeout (BISE_DIST_TIMEOUT per collective).
@@ -7,6 +8,7 @@ never a hang: the spawned group runs under a hard timeout (BISE_DIST_TIMEOUT per
 
 import os
 import socket
+import time
 
 import pytest
 import torch
@@ -20,7 +22,7 @@ from bise.rundir import RunDir
 
 SPEC = "colored-digits"
 # 1258 training samples = 3 * 419 + 1: the last global batch has one sample, so two of three ranks get none
-CONFIG = dict(mask_epochs=1, head_epochs=1, batch_size=419, seed=0, eval_batch_size=256)
+CONFIG = dict(mask_epochs=2, head_epochs=1, batch_size=419, seed=0, eval_batch_size=256)
 WORLD = 3
 
 
@@ -46,8 +48,10 @@ def _worker(rank, port, model_path, with_ckpt, without_ckpt, queue):
     try:
         bd.init("cpu")
         model, data = torch.load(model_path, weights_only=False), bise.load_data(SPEC)
-        sub = bise.extract(model, data, config=ExtractConfig(**CONFIG), quiet=True)
+        # the checkpoint of epoch 1 of a one-process run, finished by three
+        sub = bise.extract(model, data, config=ExtractConfig(**CONFIG), quiet=True, out_dir=with_ckpt, resume=True)
         result["scores"] = {n: s.numpy() for n, s in sub.scores.items()}  # numpy: tensors die with the sender
+        result["epochs_run"] = sub.info["mask_epochs_run"]
         # rank 1 does not see the checkpoint that the others resume from (another node, a folder not shared)
         result["resume"] = _error(lambda: bise.extract(model, data, config=ExtractConfig(**CONFIG), quiet=True,
                                                        out_dir=without_ckpt if rank == 1 else with_ckpt, resume=True))
@@ -61,7 +65,16 @@ def _worker(rank, port, model_path, with_ckpt, without_ckpt, queue):
         bd.shutdown()
 
 
-def test_three_processes_odd_sizes_and_ranks_that_see_other_files(tmp_path):
+class _Stop(Exception):
+    pass
+
+
+def _stop_after_epoch_1(epoch, record):
+    if epoch == 1:
+        raise _Stop
+
+
+def test_three_processes_resume_one_with_odd_sizes_and_refuse_files_one_rank_lacks(tmp_path):
     data = bise.load_data(SPEC)
     assert len(data.train) % CONFIG["batch_size"] == 1
     torch.manual_seed(0)
@@ -69,7 +82,10 @@ def test_three_processes_odd_sizes_and_ranks_that_see_other_files(tmp_path):
     model_path, with_ckpt, without_ckpt = tmp_path / "model.pt", tmp_path / "a", tmp_path / "b"
     torch.save(model, model_path)
     without_ckpt.mkdir()
-    single = bise.extract(model, data, config=ExtractConfig(**CONFIG), quiet=True, out_dir=with_ckpt).scores
+    single = bise.extract(model, data, config=ExtractConfig(**CONFIG), quiet=True).scores
+    with pytest.raises(_Stop):
+        bise.extract(model, data, config=ExtractConfig(**CONFIG), quiet=True, out_dir=with_ckpt,
+                     callback=_stop_after_epoch_1)
 
     ctx = mp.get_context("spawn")
     queue = ctx.Queue()
@@ -78,10 +94,10 @@ def test_three_processes_odd_sizes_and_ranks_that_see_other_files(tmp_path):
              for r in range(WORLD)]
     for p in procs:
         p.start()
-    results = {}
+    results, deadline = {}, time.monotonic() + 180
     try:
         for _ in range(WORLD):
-            rank, result = queue.get(timeout=180)  # hard bound: a hang fails here
+            rank, result = queue.get(timeout=max(1.0, deadline - time.monotonic()))  # a hang fails here
             results[rank] = result
     finally:
         for p in procs:
@@ -91,11 +107,12 @@ def test_three_processes_odd_sizes_and_ranks_that_see_other_files(tmp_path):
     assert sorted(results) == list(range(WORLD)), results
     for rank, result in results.items():
         assert "crash" not in result, (rank, result)
+        assert result["epochs_run"] == 1
         for name, s in single.items():  # float reduction order differs across processes
             torch.testing.assert_close(torch.from_numpy(result["scores"][name]), s, rtol=0, atol=2e-5)
             assert torch.equal(torch.from_numpy(result["scores"][name]) >= 0, s >= 0), name
         # every rank stops with the same clear error, instead of running other collectives than its peers
-        assert result["resume"].startswith("ValueError") and "checkpoint of epoch 1" in result["resume"] and \
+        assert result["resume"].startswith("ValueError") and "checkpoint of epoch 2" in result["resume"] and \
             "rank 1: no checkpoint" in result["resume"], (rank, result["resume"])
         assert result["out"].startswith("ValueError") and "rank 1: not locked" in result["out"], (rank, result["out"])
 
