@@ -244,6 +244,12 @@ def check_same(value: str, what: str, fix: str) -> None:
         raise ValueError(f"the processes see different {what} ({ranks}); {fix}")
 
 
+def quiet(quiet: bool) -> bool:
+    """Whether a loop hides its progress bar: when asked to, and on every rank but 0, whose bar would
+    repeat rank 0's (the values shown are reduced over the ranks)."""
+    return quiet or not current().is_main
+
+
 def barrier() -> None:
     if current().distributed:
         dist.barrier()

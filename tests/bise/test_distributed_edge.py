@@ -6,6 +6,8 @@ Each case ends in the single-process result or in an error on every rank within 
 never a hang: the spawned group runs under a hard timeout (BISE_DIST_TIMEOUT per collective).
 """
 
+import contextlib
+import io
 import os
 import socket
 import time
@@ -16,9 +18,11 @@ import torch.multiprocessing as mp
 
 import bise
 from bise import distributed as bd
-from bise.extract import ExtractConfig
+from bise.extract import ExtractConfig, model_without_gates
 from bise.models import build_model
+from bise.recipes import recipe_for
 from bise.rundir import RunDir
+from bise.train import fit
 
 SPEC = "colored-digits"
 # 1258 training samples = 3 * 419 + 1: the last global batch has one sample, so two of three ranks get none
@@ -58,6 +62,10 @@ def _worker(rank, port, model_path, with_ckpt, without_ckpt, queue):
         run = RunDir(without_ckpt if rank == 1 else with_ckpt, {})
         result["out"] = _error(lambda: run.open())
         run.close(failed=True)
+        shown = io.StringIO()
+        with contextlib.redirect_stderr(shown):  # the progress bar: rank 0's alone
+            fit(model_without_gates(model), data.train, recipe_for(data, "mlp"), epochs=1, batch_size=419, lr=0.1)
+        result["bar"] = "vanilla" in shown.getvalue()
     except Exception as exc:  # noqa: BLE001
         result["crash"] = f"{type(exc).__name__}: {exc}"
     finally:
@@ -108,6 +116,7 @@ def test_three_processes_resume_one_with_odd_sizes_and_refuse_files_one_rank_lac
     for rank, result in results.items():
         assert "crash" not in result, (rank, result)
         assert result["epochs_run"] == 1
+        assert result["bar"] == (rank == 0)
         for name, s in single.items():  # float reduction order differs across processes
             torch.testing.assert_close(torch.from_numpy(result["scores"][name]), s, rtol=0, atol=2e-5)
             assert torch.equal(torch.from_numpy(result["scores"][name]) >= 0, s >= 0), name
