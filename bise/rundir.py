@@ -72,9 +72,10 @@ class RunDir:
         """Create ``--out`` if missing, take the lock (rank 0), check writability, read run.json
         (``fresh``: ignore a run.json that this version cannot read; ``bise run --overwrite``)."""
         out = self.out
-        if out.exists() and not out.is_dir():
-            raise UsageError(f"--out {str(out)!r} exists and is not a directory")
-        if self.main:
+        if self.main:  # rank 0 alone looks at --out before it exists: NFS clients cache a failed lookup, and a
+            # rank on another machine that had looked could then miss the lock below
+            if out.exists() and not out.is_dir():
+                raise UsageError(f"--out {str(out)!r} exists and is not a directory")
             if not out.exists():
                 try:
                     out.mkdir(parents=True)
