@@ -127,8 +127,8 @@ def global_batches(n: int, batch_size: int, generator: torch.Generator, shuffle:
 
 
 def local_share(batch: torch.Tensor, ctx: Context) -> torch.Tensor:
-    """This rank's contiguous share of a global batch (sizes differ by at most one)."""
-    return batch.tensor_split(ctx.world_size)[ctx.rank]
+    """This rank's contiguous share of a global batch (:func:`share_sizes` rows)."""
+    return batch.split(share_sizes(batch.numel(), ctx.world_size))[ctx.rank]
 
 
 def local_batches(n: int, batch_size: int, generator: torch.Generator, ctx: Context,
@@ -194,8 +194,14 @@ class _GatherRows(torch.autograd.Function):
 
 
 def share_sizes(n: int, world_size: int) -> list[int]:
-    """Row counts of each rank's share of n rows (as :func:`local_share` splits them)."""
-    return [len(part) for part in torch.arange(n).tensor_split(world_size)]
+    """Row counts of each rank's share of n rows, in rank order: as equal as possible (the first ones one
+    more), and none of exactly one row when n > 1, so that the last ranks may get none. BatchNorm in
+    train mode refuses one sample over a 1x1 map (MobileNetV2's last blocks): a rank given 1 of a last
+    batch of 3 failed where one process with the whole batch ran. From n = 2 * world_size on, all equal
+    to within one."""
+    parts = min(world_size, max(1, n // 2))
+    base, extra = divmod(n, parts)
+    return [base + 1] * extra + [base] * (parts - extra) + [0] * (world_size - parts)
 
 
 def all_gather_rows(x: torch.Tensor, counts: Optional[Sequence[int]] = None) -> torch.Tensor:
@@ -221,7 +227,7 @@ def shard_rows(n: int, compute: Callable[[torch.Tensor], torch.Tensor], batch_si
     ctx = current()
     if ctx.world_size > n:
         raise ValueError(f"{n} samples cannot be sharded over {ctx.world_size} processes; use fewer processes")
-    local = torch.arange(n).tensor_split(ctx.world_size)[ctx.rank]
+    local = local_share(torch.arange(n), ctx)
     rows = torch.cat([compute(idx) for idx in local.split(batch_size)])
     return all_gather_rows(rows, share_sizes(n, ctx.world_size))
 
