@@ -18,6 +18,7 @@ from __future__ import annotations
 import datetime
 import math
 import os
+import warnings
 from dataclasses import dataclass
 from typing import Callable, Iterator, Optional, Sequence
 
@@ -112,7 +113,14 @@ def current() -> Context:
     """The context of this process (single-process when no group is initialised)."""
     if dist.is_available() and dist.is_initialized():
         return Context(rank=dist.get_rank(), world_size=dist.get_world_size())
+    if not _alone["warned"] and os.environ.get("WORLD_SIZE", "1").strip() not in ("", "1"):
+        _alone["warned"] = True  # once a process: bise.extract alone asks for the context hundreds of times
+        warnings.warn(f"WORLD_SIZE={os.environ['WORLD_SIZE']} (a torchrun launch) but no process group: every "
+                      "process runs the whole job alone; call bise.distributed.init() first", stacklevel=2)
     return Context()
+
+
+_alone = {"warned": False}
 
 
 def shutdown() -> None:

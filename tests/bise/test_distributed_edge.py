@@ -11,6 +11,7 @@ import io
 import os
 import socket
 import time
+import warnings
 
 import pytest
 import torch
@@ -172,3 +173,14 @@ def test_no_rank_gets_one_sample_of_a_larger_batch(n, world):
     for share in shares:
         if len(share):
             model(torch.rand(len(share), 3, 4, 4))
+
+
+def test_a_torchrun_launch_without_init_warns_once(monkeypatch):
+    """A script under torchrun that forgot bise.distributed.init() ran the whole job in every process."""
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setitem(bd._alone, "warned", False)
+    with pytest.warns(UserWarning, match=r"WORLD_SIZE=2 \(a torchrun launch\) but no process group"):
+        assert bd.current().world_size == 1
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        bd.current()
