@@ -109,6 +109,9 @@ def init(device: str = "cpu", timeout_s: Optional[float] = None) -> Context:
     return Context(rank=dist.get_rank(), world_size=dist.get_world_size(), device=device)
 
 
+_alone = {"warned": False}  # whether current() warned of a torchrun launch without a group
+
+
 def current() -> Context:
     """The context of this process (single-process when no group is initialised)."""
     if dist.is_available() and dist.is_initialized():
@@ -118,9 +121,6 @@ def current() -> Context:
         warnings.warn(f"WORLD_SIZE={os.environ['WORLD_SIZE']} (a torchrun launch) but no process group: every "
                       "process runs the whole job alone; call bise.distributed.init() first", stacklevel=2)
     return Context()
-
-
-_alone = {"warned": False}
 
 
 def shutdown() -> None:
