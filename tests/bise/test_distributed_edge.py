@@ -19,7 +19,7 @@ import torch.multiprocessing as mp
 
 import bise
 from bise import distributed as bd
-from bise.extract import ExtractConfig, model_without_gates
+from bise.extract import ExtractConfig
 from bise.models import build_model
 from bise.recipes import recipe_for
 from bise.rundir import RunDir
@@ -65,7 +65,7 @@ def _worker(rank, port, model_path, with_ckpt, without_ckpt, queue):
         run.close(failed=True)
         shown = io.StringIO()
         with contextlib.redirect_stderr(shown):  # the progress bar: rank 0's alone
-            fit(model_without_gates(model), data.train, recipe_for(data, "mlp"), epochs=1, batch_size=419, lr=0.1)
+            fit(model, data.train, recipe_for(data, "mlp"), epochs=1, batch_size=419, lr=0.1)
         result["bar"] = "vanilla" in shown.getvalue()
     except Exception as exc:  # noqa: BLE001
         result["crash"] = f"{type(exc).__name__}: {exc}"
