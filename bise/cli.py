@@ -647,9 +647,11 @@ def cmd_run(inv: Invocation) -> None:
         _reuse_vanilla(inv)
     else:
         cmd_train(inv)
-    # the path of vanilla.pt is not compared: a moved --out is the same run (require checks the chain)
+    # the path of vanilla.pt is not compared: a moved --out is the same run (require checks the chain); nor is
+    # the device, as for a checkpoint: rank 0 recorded its cuda:0, and rank 1 (cuda:1) re-extracting alone
+    # would run other collectives than its peers
     extraction = {k: v for k, v in _extract_settings(inv, _extract_config(inv), run.path(VANILLA)).items()
-                  if k != "model"}
+                  if k not in ("model", *RESUME_IGNORED)}
     if not (a.resume and _reusable(inv, MASKS, extraction)):
         cmd_extract(inv)  # with --resume, continues the extraction from its checkpoint
     if not (a.resume and _reusable(inv, SUBNETWORK, {"fold_bn": a.fold_bn, "round_to": a.round_to})):

@@ -8,14 +8,17 @@ The design keeps a multi-process run equivalent to one process with the global b
 * terms defined on the whole batch (the MI estimator) see all ranks' samples through a
   differentiable, variable-size all-gather (:func:`all_gather_rows`);
 * evaluation shards the data and sums exact per-group counts (:func:`all_reduce_sum`);
-* rank 0 alone writes files (``current().is_main``), and every rank can resume from them.
+* rank 0 alone writes files (``current().is_main``), and every rank can resume from them; what
+  each rank reads on its own must be the same on all (:func:`check_same`: a shared filesystem).
 Without torchrun (no ``WORLD_SIZE``) every function is the single-process identity.
 """
 
 from __future__ import annotations
 
 import datetime
+import math
 import os
+import warnings
 from dataclasses import dataclass
 from typing import Callable, Iterator, Optional, Sequence
 
@@ -43,30 +46,80 @@ class Context:
         return self.world_size > 1
 
 
+def _env(name: str, parse: Callable, what: str):
+    """Environment variable ``name`` parsed by ``parse`` (None when unset); a bad value is a ValueError naming it."""
+    value = os.environ.get(name)
+    if value is None:
+        return None
+    try:
+        return parse(value)
+    except ValueError:
+        raise ValueError(f"environment variable {name}={value!r} is not {what}") from None
+
+
+def _launch() -> tuple[int, float]:
+    """(world size, collective timeout in s) from the environment torchrun sets, checked before any group is joined."""
+    world = _env("WORLD_SIZE", int, "an integer (torchrun sets it to the number of processes)")
+    if world is None:
+        if os.environ.get("RANK") is not None:  # a launcher that set half of it: every process would run alone
+            raise ValueError(f"environment variable RANK={os.environ['RANK']!r} is set but WORLD_SIZE is not: launch "
+                             "the processes with torchrun (which sets both), or unset RANK to run one process")
+        return 1, DEFAULT_TIMEOUT_S
+    if world < 1:
+        raise ValueError(f"environment variable WORLD_SIZE={str(world)!r} must be at least 1 (the number of processes)")
+    timeout = _env("BISE_DIST_TIMEOUT", float, "a number (seconds a collective waits for the other processes)")
+    if timeout is not None and not (math.isfinite(timeout) and timeout > 0):
+        raise ValueError(f"environment variable BISE_DIST_TIMEOUT={os.environ['BISE_DIST_TIMEOUT']!r} must be a "
+                         "positive number of seconds")
+    return world, DEFAULT_TIMEOUT_S if timeout is None else timeout
+
+
+def _local_gpu(device: str) -> int:
+    """The GPU of this process in a multi-process CUDA run: cuda:LOCAL_RANK, which must exist."""
+    if torch.device(device).index is not None:  # set_device(LOCAL_RANK) below would silently override it
+        raise ValueError(f"device {device!r} names one GPU, but each process of a multi-process run uses "
+                         "cuda:LOCAL_RANK: pass device 'cuda' (and choose the GPUs with CUDA_VISIBLE_DEVICES)")
+    local = _env("LOCAL_RANK", int, "an integer (torchrun sets it to the process's index on its machine)") or 0
+    count = torch.cuda.device_count()
+    if not 0 <= local < count:
+        raise ValueError(f"device {device!r}: the process with LOCAL_RANK={local} uses cuda:{local}, but this machine "
+                         f"has {count} CUDA device(s); start at most {count} processes per machine "
+                         f"(torchrun --nproc-per-node {count})")
+    return local
+
+
 def init(device: str = "cpu", timeout_s: Optional[float] = None) -> Context:
     """Join the process group that torchrun describes in the environment (gloo on CPU, NCCL on GPU).
 
     A rank that dies makes the others fail after ``timeout_s`` (env BISE_DIST_TIMEOUT, default
-    300 s) instead of hanging forever.
+    300 s) instead of hanging forever. An incomplete or inconsistent environment (RANK without
+    WORLD_SIZE, more processes on a machine than GPUs) is a ValueError naming it, before joining.
     """
-    world = int(os.environ.get("WORLD_SIZE", "1"))
+    world, timeout = _launch()
     if world <= 1:
         return Context(device=device)
-    timeout = float(timeout_s if timeout_s is not None else os.environ.get("BISE_DIST_TIMEOUT", DEFAULT_TIMEOUT_S))
+    timeout = float(timeout_s) if timeout_s is not None else timeout
     if not dist.is_initialized():
         use_cuda = device.startswith("cuda")
         if use_cuda:
-            local = int(os.environ.get("LOCAL_RANK", "0"))
+            local = _local_gpu(device)
             torch.cuda.set_device(local)
             device = f"cuda:{local}"
         dist.init_process_group("nccl" if use_cuda else "gloo", timeout=datetime.timedelta(seconds=timeout))
     return Context(rank=dist.get_rank(), world_size=dist.get_world_size(), device=device)
 
 
+_alone = {"warned": False}  # whether current() warned of a torchrun launch without a group
+
+
 def current() -> Context:
     """The context of this process (single-process when no group is initialised)."""
     if dist.is_available() and dist.is_initialized():
         return Context(rank=dist.get_rank(), world_size=dist.get_world_size())
+    if not _alone["warned"] and os.environ.get("WORLD_SIZE", "1").strip() not in ("", "1"):
+        _alone["warned"] = True  # once a process: bise.extract alone asks for the context hundreds of times
+        warnings.warn(f"WORLD_SIZE={os.environ['WORLD_SIZE']} (a torchrun launch) but no process group: every "
+                      "process runs the whole job alone; call bise.distributed.init() first", stacklevel=2)
     return Context()
 
 
@@ -82,8 +135,8 @@ def global_batches(n: int, batch_size: int, generator: torch.Generator, shuffle:
 
 
 def local_share(batch: torch.Tensor, ctx: Context) -> torch.Tensor:
-    """This rank's contiguous share of a global batch (sizes differ by at most one)."""
-    return batch.tensor_split(ctx.world_size)[ctx.rank]
+    """This rank's contiguous share of a global batch (:func:`share_sizes` rows)."""
+    return batch.split(share_sizes(batch.numel(), ctx.world_size))[ctx.rank]
 
 
 def local_batches(n: int, batch_size: int, generator: torch.Generator, ctx: Context,
@@ -149,8 +202,14 @@ class _GatherRows(torch.autograd.Function):
 
 
 def share_sizes(n: int, world_size: int) -> list[int]:
-    """Row counts of each rank's share of n rows (as :func:`local_share` splits them)."""
-    return [len(part) for part in torch.arange(n).tensor_split(world_size)]
+    """Row counts of each rank's share of n rows, in rank order: as equal as possible (the first ones one
+    more), and none of exactly one row when n > 1, so that the last ranks may get none. BatchNorm in
+    train mode refuses one sample over a 1x1 map (MobileNetV2's last blocks): a rank given 1 of a last
+    batch of 3 failed where one process with the whole batch ran. From n = 2 * world_size on, all equal
+    to within one."""
+    parts = min(world_size, max(1, n // 2))
+    base, extra = divmod(n, parts)
+    return [base + 1] * extra + [base] * (parts - extra) + [0] * (world_size - parts)
 
 
 def all_gather_rows(x: torch.Tensor, counts: Optional[Sequence[int]] = None) -> torch.Tensor:
@@ -176,9 +235,33 @@ def shard_rows(n: int, compute: Callable[[torch.Tensor], torch.Tensor], batch_si
     ctx = current()
     if ctx.world_size > n:
         raise ValueError(f"{n} samples cannot be sharded over {ctx.world_size} processes; use fewer processes")
-    local = torch.arange(n).tensor_split(ctx.world_size)[ctx.rank]
+    local = local_share(torch.arange(n), ctx)
     rows = torch.cat([compute(idx) for idx in local.split(batch_size)])
     return all_gather_rows(rows, share_sizes(n, ctx.world_size))
+
+
+def check_same(value: str, what: str, fix: str) -> None:
+    """Raise a ValueError on every rank (naming each rank's value) unless all ranks pass an equal ``value``.
+
+    For what each rank reads on its own (a checkpoint, the lock of ``--out``): a rank that sees other
+    files runs other collectives than its peers; gloo then aborts the process on a size mismatch, or
+    pairs unrelated collectives (rank 0, resuming from the last epoch's checkpoint, returned without
+    error while rank 1, which did not see the file, extracted from scratch).
+    """
+    ctx = current()
+    if not ctx.distributed:
+        return
+    seen: list = [None] * ctx.world_size
+    dist.all_gather_object(seen, value)
+    if any(v != seen[0] for v in seen):
+        ranks = "; ".join(f"rank {r}: {v}" for r, v in enumerate(seen))
+        raise ValueError(f"the processes see different {what} ({ranks}); {fix}")
+
+
+def quiet(quiet: bool) -> bool:
+    """Whether a loop hides its progress bar: when asked to, and on every rank but 0, whose bar would
+    repeat rank 0's (the values shown are reduced over the ranks)."""
+    return quiet or not current().is_main
 
 
 def barrier() -> None:

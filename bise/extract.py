@@ -702,7 +702,10 @@ def extract(model: nn.Module, data, *, config: Optional[ExtractConfig] = None, o
             raise ValueError(f"{ckpt_path} holds another extraction; pass resume=True to continue it or use a "
                              "fresh out_dir")
         ckpt = read_checkpoint(ckpt_path)
-    device = torch.device(config.device)
+    distributed.check_same("no checkpoint" if ckpt is None else f"checkpoint of epoch {ckpt['epoch']}",
+                           f"out_dir {str(out_dir)!r}", "every process must read the same out_dir: put it on a "
+                           "filesystem that all machines share")
+    device, quiet = torch.device(config.device), distributed.quiet(quiet)
     with ExitStack() as stack:
         if config.deterministic:
             previous = torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled()

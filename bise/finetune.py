@@ -16,7 +16,7 @@ import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from . import losses, validate
+from . import distributed, losses, validate
 from .batching import DeviceSplit, to_device
 from .evaluate import evaluate
 from .recipes import recipe_for
@@ -72,7 +72,7 @@ def finetune(model: nn.Module, data, *, epochs: int = 10, scheme: Optional[str] 
     gen = torch.Generator().manual_seed(seed)
     val = DeviceSplit(data.val, device) if data.val is not None and len(data.val) else None
     best_acc, best_state = None, None
-    bar = tqdm(range(1, epochs + 1), desc="BISE+FT", unit="epoch", disable=quiet)
+    bar = tqdm(range(1, epochs + 1), desc="BISE+FT", unit="epoch", disable=distributed.quiet(quiet))
     with seeded(seed, device):  # dropout draws from the seeded global RNG; the caller's state is kept
         for epoch in bar:
             model.train()

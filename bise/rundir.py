@@ -72,9 +72,10 @@ class RunDir:
         """Create ``--out`` if missing, take the lock (rank 0), check writability, read run.json
         (``fresh``: ignore a run.json that this version cannot read; ``bise run --overwrite``)."""
         out = self.out
-        if out.exists() and not out.is_dir():
-            raise UsageError(f"--out {str(out)!r} exists and is not a directory")
-        if self.main:
+        if self.main:  # rank 0 alone looks at --out before it exists: NFS clients cache a failed lookup, and a
+            # rank on another machine that had looked could then miss the lock below
+            if out.exists() and not out.is_dir():
+                raise UsageError(f"--out {str(out)!r} exists and is not a directory")
             if not out.exists():
                 try:
                     out.mkdir(parents=True)
@@ -84,6 +85,9 @@ class RunDir:
             self._lock()
             shutil.rmtree(self.staging, ignore_errors=True)  # left by a killed command
         distributed.barrier()
+        holder = (out / LOCK).read_text().strip() if (out / LOCK).is_file() else ""
+        distributed.check_same(f"locked by pid {holder}" if holder else "not locked", f"--out {str(out)!r}",
+                               "every process must see the same --out: put it on a filesystem that all machines share")
         if (out / MANIFEST).is_file():
             try:
                 manifest = json.loads((out / MANIFEST).read_text())
@@ -118,6 +122,7 @@ class RunDir:
                              "it to finish or use another --out") from None
         os.ftruncate(fd, 0)
         os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        os.fsync(fd)  # on NFS, the other ranks read it (open) to check that they see this --out
         self._lock_fd = fd
 
     def close(self, failed: bool) -> None:

@@ -98,7 +98,7 @@ def fit(model: nn.Module, split, recipe: dict, *, epochs: int, batch_size: int, 
         correct.add_((logits.detach().argmax(1) == y).sum())
         return F.cross_entropy(logits, y)
 
-    bar = tqdm(range(epochs), desc=desc, unit="epoch", disable=quiet, leave=False)
+    bar = tqdm(range(epochs), desc=desc, unit="epoch", disable=distributed.quiet(quiet), leave=False)
     for _ in bar:
         correct.zero_()
         loss = train_epoch(model, data, opt, gen, batch_size, device, loss_fn)

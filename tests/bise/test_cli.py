@@ -213,3 +213,16 @@ def test_report_states_the_vanilla_health_and_the_protocol(run_dir, tmp_path):
     report = json.loads((out / "report.json").read_text())
     assert report["config"]["vanilla"]["health"] == health
     assert f"from --model {run_dir / 'vanilla.pt'}" in (out / "report.md").read_text()
+
+
+def test_resume_on_another_device_keeps_the_masks(run_dir, tmp_path):
+    """The device is not compared for masks.pt, as for checkpoint.pt: under torchrun each rank has its own
+    (cuda:LOCAL_RANK) and rank 0 recorded cuda:0; rank 1 re-extracting alone would run other collectives."""
+    out = tmp_path / "other-device"
+    shutil.copytree(run_dir, out, ignore=shutil.ignore_patterns(".bise.lock"))
+    manifest = json.loads((out / "run.json").read_text())
+    manifest["artefacts"]["masks.pt"]["settings"]["device"] = "cuda:0"
+    (out / "run.json").write_text(json.dumps(manifest))
+    stamp = (out / "masks.pt").stat().st_mtime_ns
+    assert main(["run", *TINY, "--latency-repeats", "0", "--out", str(out), "--resume"]) == 0
+    assert (out / "masks.pt").stat().st_mtime_ns == stamp
