@@ -178,6 +178,15 @@ def _fold_constants(module: nn.Module, name: str, x: Tensor, idxs: list[int], va
         module.bias += delta
 
 
+def _splits_badly(m: nn.Module) -> bool:
+    """A layer whose channels cannot go one by one: a grouped conv that is not a plain depthwise one
+    (its groups need equal widths; Torch-Pruning makes a weight the conv rejects). Channels coupled to
+    one stay, zeroed by their fixed gate."""
+    if isinstance(m, nn.modules.conv._ConvNd):
+        return m.groups > 1 and not (m.groups == m.in_channels == m.out_channels)
+    return False
+
+
 def _plain(idxs) -> list[int]:
     return [int(getattr(i, "idx", i)) for i in idxs]
 
@@ -187,6 +196,8 @@ def _group_ok(dg, scale: ChannelScale, idxs: list[int], inputs: dict) -> bool:
     consumer that reads them reads a constant (so an ungated source, e.g. a ResNet stem, keeps them)."""
     for dep, item_idxs in dg.get_pruning_group(scale, _PRUNER.prune_out_channels, idxs=idxs):
         m, plain = dep.target.module, _plain(item_idxs)
+        if _splits_badly(m):
+            return False
         if isinstance(m, ChannelScale):
             if bool((m.scale[plain] != 0).any()):
                 return False

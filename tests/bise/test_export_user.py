@@ -1,0 +1,82 @@
+"""Export of user architectures (docs/method.md section 15): the exported model equals the masked one
+(<= 1e-5, fp32, eval; also after save_exported / load_exported) or an ExportError names the blocker,
+never a crash inside Torch-Pruning. Random gates with many channels off, and every gate off."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from bise.export import export_subnetwork, freeze_gates, load_exported, max_abs_diff, save_exported
+from bise.flops import count_params
+from bise.gates import gates_of, insert_gates
+
+SHAPE = (3, 8, 8)
+
+
+def _convs(mid: nn.Module, width: int = 8, tail: nn.Module = None) -> nn.Sequential:
+    """stem conv (ungated) -> ``mid`` -> global pool -> Linear: the shape of a small user CNN."""
+    return nn.Sequential(nn.Conv2d(3, width, 3, padding=1), nn.BatchNorm2d(width), nn.ReLU(), mid,
+                         nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(width, 5))
+
+
+class Tokens(nn.Module):
+    """(N, L, C) MLP block with a residual add; ``norm``: LayerNorm between the Linear and its GELU."""
+
+    def __init__(self, norm: bool):
+        super().__init__()
+        self.f1, self.f2, self.fc = nn.Linear(24, 32), nn.Linear(32, 24), nn.Linear(24, 5)
+        self.norm = nn.LayerNorm(32) if norm else nn.Identity()
+        self.act = nn.GELU()
+
+    def forward(self, x):
+        t = x.reshape(len(x), 8, 24)
+        return self.fc((t + self.f2(self.act(self.norm(self.f1(t))))).mean(1))
+
+
+BUILDERS = {
+    "grouped2": lambda: _convs(nn.Sequential(nn.Conv2d(8, 8, 3, padding=1, groups=2), nn.BatchNorm2d(8), nn.ReLU(),
+                                             nn.Conv2d(8, 8, 3, padding=1, groups=2), nn.ReLU())),
+    "grouped4": lambda: _convs(nn.Sequential(nn.Conv2d(8, 8, 1, groups=4), nn.ReLU(), nn.Conv2d(8, 8, 1))),
+    "depthwise_x2": lambda: _convs(nn.Sequential(nn.Conv2d(8, 16, 3, padding=1, groups=8), nn.ReLU(),
+                                                 nn.Conv2d(16, 8, 1), nn.ReLU())),
+}
+
+
+def _gated(name: str, seed: int, mode: str) -> nn.Module:
+    torch.manual_seed(seed)
+    model = BUILDERS[name]()
+    insert_gates(model, example_input=torch.rand(2, *SHAPE))
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, (nn.BatchNorm2d, nn.GroupNorm)) and m.affine:  # non-zero shifts: dead channels
+                m.weight.uniform_(0.5, 1.5, generator=gen)                   # become constants downstream
+                m.bias.uniform_(-0.3, 0.6, generator=gen)
+        for g in gates_of(model).values():
+            g.scores.copy_(torch.rand(g.num_channels, generator=gen) - 0.6 if mode == "random" else -1.0)
+    return model.eval()
+
+
+@pytest.fixture(scope="module")
+def x():
+    return torch.rand(16, *SHAPE, generator=torch.Generator().manual_seed(1))
+
+
+def _check(model, x, tmp_path=None, **kwargs):
+    exported = export_subnetwork(model, example_input=x, **kwargs)
+    assert max_abs_diff(freeze_gates(model), exported, x) <= 1e-5
+    if tmp_path is not None:
+        path = str(tmp_path / "e.pt")
+        save_exported(exported, path)
+        assert max_abs_diff(exported, load_exported(path, model=model), x) == 0.0
+    return exported
+
+
+@pytest.mark.parametrize("name", ["grouped2", "grouped4", "depthwise_x2"])
+@pytest.mark.parametrize("mode", ["random", "all_off"])
+def test_grouped_convs_keep_their_channels(name, mode, x):
+    """A grouped (not depthwise) conv cannot lose single channels: Torch-Pruning produced a weight the
+    conv rejects ('expected weight to be divisible by 2') or an out-of-range index. They now stay."""
+    model = _gated(name, 0, mode)
+    _check(model, x)
