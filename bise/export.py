@@ -29,7 +29,7 @@ from .report import write_text
 
 FORMAT = "bise-export-1"
 _SHAPE_ATTRS = ("in_channels", "out_channels", "groups", "in_features", "out_features", "num_features",
-                "num_channels")
+                "num_channels", "num_groups")
 
 
 class ExportError(RuntimeError):
@@ -84,7 +84,20 @@ class _ChannelScalePruner(tp.pruner.function.BasePruningFunc):
     get_in_channels = get_out_channels
 
 
+class _GroupNormPruner(tp.pruner.function.GroupNormPruner):
+    """Torch-Pruning's GroupNorm pruner keeps num_groups; a per-channel GroupNorm(C, C) (the only kind
+    that loses channels here, see _splits_badly) stays per-channel."""
+
+    def prune_out_channels(self, layer: nn.GroupNorm, idxs):
+        super().prune_out_channels(layer, idxs)
+        layer.num_groups = layer.num_channels
+        return layer
+
+    prune_in_channels = prune_out_channels
+
+
 _PRUNER = _ChannelScalePruner()
+_CUSTOM_PRUNERS = {ChannelScale: _PRUNER, nn.GroupNorm: _GroupNormPruner()}
 
 
 def _masks_of(model: nn.Module, gates) -> dict[str, Tensor]:
@@ -180,11 +193,14 @@ def _fold_constants(module: nn.Module, name: str, x: Tensor, idxs: list[int], va
 
 def _splits_badly(m: nn.Module) -> bool:
     """A layer whose channels cannot go one by one: a grouped conv that is not a plain depthwise one
-    (its groups need equal widths; Torch-Pruning makes a weight the conv rejects). Channels coupled to
-    one stay, zeroed by their fixed gate."""
+    (its groups need equal widths; Torch-Pruning makes a weight the conv rejects), a LayerNorm or a
+    GroupNorm with several channels per group (a removed channel, even a zero one, is part of the
+    statistics). Channels coupled to one stay, zeroed by their fixed gate."""
     if isinstance(m, nn.modules.conv._ConvNd):
         return m.groups > 1 and not (m.groups == m.in_channels == m.out_channels)
-    return False
+    if isinstance(m, nn.GroupNorm):
+        return m.num_groups != m.num_channels
+    return isinstance(m, nn.LayerNorm)
 
 
 def _plain(idxs) -> list[int]:
@@ -297,7 +313,7 @@ def export_subnetwork(model: nn.Module, gates: Optional[Mapping] = None, *, exam
         p.requires_grad_(True)  # DependencyGraph traces the autograd graph
     try:
         dg = tp.DependencyGraph().build_dependency(out, example_inputs=probe[:2], verbose=False,
-                                                   customized_pruners={ChannelScale: _PRUNER})
+                                                   customized_pruners=_CUSTOM_PRUNERS)
     except Exception as exc:  # torch-pruning raises bare errors on unsupported graphs
         raise ExportError(f"torch-pruning could not trace the model: {type(exc).__name__}: {exc}") from exc
     finally:
