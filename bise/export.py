@@ -236,6 +236,21 @@ def _round_up(removable: list[int], n: int, round_to: Optional[int]) -> list[int
     return removable[: n - target]
 
 
+def _keep_a_filter(dg, scale: ChannelScale, removable: list[int]) -> list[int]:
+    """Give back removable channels until every layer that loses output channels keeps one: behind a
+    torch.cat one gate covers several producers, and all of one conv's filters may be among them."""
+    while removable:
+        for item in dg.get_pruning_group(scale, _PRUNER.prune_out_channels, idxs=removable):
+            m = item.dep.target.module
+            if (isinstance(m, (nn.Linear, nn.modules.conv._ConvNd)) and dg.is_out_channel_pruning_fn(item.dep.handler)
+                    and len(item.idxs) >= m.weight.shape[0]):
+                removable = [i for i in removable if i != item.root_idxs[0]]
+                break
+        else:
+            return removable
+    return removable
+
+
 def _fold_batchnorm(model: nn.Module, dg) -> list[str]:
     """Fold each eval-mode BatchNorm2d whose only input is a Conv2d read by nothing else into that conv."""
     folded = []
@@ -334,7 +349,7 @@ def export_subnetwork(model: nn.Module, gates: Optional[Mapping] = None, *, exam
             continue
         removable = candidates if _group_ok(dg, scale, candidates, inputs) else [
             c for c in candidates if _group_ok(dg, scale, [c], inputs)]
-        removable = _round_up(removable, scale.num_channels, round_to)
+        removable = _keep_a_filter(dg, scale, _round_up(removable, scale.num_channels, round_to))
         if not removable:
             continue
         group = dg.get_pruning_group(scale, _PRUNER.prune_out_channels, idxs=removable)
@@ -343,8 +358,10 @@ def export_subnetwork(model: nn.Module, gates: Optional[Mapping] = None, *, exam
             if _is_consumer(dg, dep):
                 plain = _plain(item_idxs)
                 linear = isinstance(m, nn.Linear)
-                _fold_constants(m, names.get(id(m), type(m).__name__), inputs[id(m)], plain,
-                                [_constant(inputs[id(m)], i, linear) for i in plain])
+                x = inputs[id(m)]
+                _fold_constants(m, names.get(id(m), type(m).__name__), x, plain, [_constant(x, i, linear) for i in plain])
+                keep = torch.tensor(sorted(set(range(x.shape[-1 if linear else 1])) - set(plain)), dtype=torch.long)
+                inputs[id(m)] = x.index_select(-1 if linear else 1, keep)  # indices of the next group are of the pruned layer
         group.prune()
     for name, scale in scales.items():
         if bool((scale.scale == 1).all()):

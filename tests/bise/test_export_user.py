@@ -34,6 +34,23 @@ class Tokens(nn.Module):
         return self.fc((t + self.f2(self.act(self.norm(self.f1(t))))).mean(1))
 
 
+class Dense(nn.Module):
+    """DenseNet-like: each block (BN-ReLU-conv) reads the torch.cat of every earlier feature map."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU())
+        self.blocks = nn.ModuleList(nn.Sequential(nn.BatchNorm2d(8 + 4 * i), nn.ReLU(), nn.Conv2d(8 + 4 * i, 4, 3, padding=1))
+                                    for i in range(3))
+        self.fc = nn.Linear(20, 5)
+
+    def forward(self, x):
+        h = self.stem(x)
+        for block in self.blocks:
+            h = torch.cat([h, block(h)], 1)
+        return self.fc(h.mean((2, 3)))
+
+
 def _norm_block(norm) -> nn.Sequential:
     return nn.Sequential(nn.Conv2d(8, 8, 3, padding=1), norm(), nn.ReLU(), nn.Conv2d(8, 8, 3, padding=1), norm(), nn.ReLU())
 
@@ -50,6 +67,7 @@ BUILDERS = {
     "gate_groupnorm_1x1": lambda: _convs(nn.Sequential(nn.Conv2d(8, 8, 3, padding=1), nn.ReLU(), nn.GroupNorm(4, 8),
                                                        nn.Conv2d(8, 8, 1), nn.ReLU())),
     "tokens_layernorm": lambda: Tokens(norm=True),
+    "dense_cat": Dense,
 }
 
 
@@ -107,3 +125,12 @@ def test_per_channel_groupnorm_loses_channels(x, tmp_path):
     exported = _check(model, x, tmp_path)
     norm = exported[3][1]
     assert norm.num_groups == norm.num_channels < 8 and count_params(exported) < count_params(model)
+
+
+@pytest.mark.parametrize("mode", ["random", "all_off"])
+def test_concat_never_empties_a_conv(mode, x, tmp_path):
+    """torch.cat joins several producers under one gate: keeping one channel per gate let a later gate
+    take a producer's last filter (the stem conv went to 0 filters and the export crashed in conv2d)."""
+    model = _gated("dense_cat", 0, mode)
+    exported = _check(model, x, tmp_path)
+    assert all(m.out_channels >= 1 for m in exported.modules() if isinstance(m, nn.Conv2d))
