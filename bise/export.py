@@ -252,10 +252,11 @@ def _keep_a_filter(dg, scale: ChannelScale, removable: list[int]) -> list[int]:
 
 
 def _fold_batchnorm(model: nn.Module, dg) -> list[str]:
-    """Fold each eval-mode BatchNorm2d whose only input is a Conv2d read by nothing else into that conv."""
+    """Fold each eval-mode BatchNorm2d whose only input is a Conv2d read by nothing else into that conv
+    (one without running statistics normalises with the batch's, even in eval: it stays)."""
     folded = []
     for name, bn in list(model.named_modules()):
-        if not isinstance(bn, nn.BatchNorm2d) or bn not in dg.module2node:
+        if not isinstance(bn, nn.BatchNorm2d) or bn not in dg.module2node or bn.running_var is None:
             continue
         node = dg.module2node[bn]
         if len(node.inputs) != 1 or not isinstance(node.inputs[0].module, nn.Conv2d):

@@ -55,6 +55,11 @@ def _norm_block(norm) -> nn.Sequential:
     return nn.Sequential(nn.Conv2d(8, 8, 3, padding=1), norm(), nn.ReLU(), nn.Conv2d(8, 8, 3, padding=1), norm(), nn.ReLU())
 
 
+def _bn_block(**bn) -> nn.Sequential:
+    return nn.Sequential(nn.Conv2d(8, 8, 3, padding=1), nn.BatchNorm2d(8, **bn), nn.ReLU(),
+                         nn.Conv2d(8, 8, 3, padding=1, bias=False), nn.BatchNorm2d(8, **bn), nn.ReLU())
+
+
 BUILDERS = {
     "grouped2": lambda: _convs(nn.Sequential(nn.Conv2d(8, 8, 3, padding=1, groups=2), nn.BatchNorm2d(8), nn.ReLU(),
                                              nn.Conv2d(8, 8, 3, padding=1, groups=2), nn.ReLU())),
@@ -68,6 +73,8 @@ BUILDERS = {
                                                        nn.Conv2d(8, 8, 1), nn.ReLU())),
     "tokens_layernorm": lambda: Tokens(norm=True),
     "dense_cat": Dense,
+    "bn_batch_stats": lambda: _convs(_bn_block(track_running_stats=False)),
+    "bn_affine_false": lambda: _convs(_bn_block(affine=False)),
 }
 
 
@@ -134,3 +141,12 @@ def test_concat_never_empties_a_conv(mode, x, tmp_path):
     model = _gated("dense_cat", 0, mode)
     exported = _check(model, x, tmp_path)
     assert all(m.out_channels >= 1 for m in exported.modules() if isinstance(m, nn.Conv2d))
+
+
+@pytest.mark.parametrize("name", ["bn_batch_stats", "bn_affine_false"])
+def test_fold_bn_of_batchnorm_variants(name, x, tmp_path):
+    """fold_bn folds affine=False BatchNorm and leaves one without running stats (it normalises with
+    batch statistics in eval) in place; it raised TypeError on running_var None."""
+    model = _gated(name, 0, "random")
+    exported = _check(model, x, tmp_path, fold_bn=True)
+    assert any(isinstance(m, nn.BatchNorm2d) for m in exported.modules()) == (name == "bn_batch_stats")
