@@ -165,25 +165,33 @@ def _constant(x: Tensor, idx: int, linear: bool) -> Optional[float]:
     return float(first) if bool((v == first).all()) else None
 
 
-def _fold_constants(module: nn.Module, name: str, x: Tensor, idxs: list[int], values: list[float]) -> None:
-    """Add the contribution of constant input channels ``idxs`` (about to be removed) to the bias."""
-    if not any(values):
-        return
+def _bias_delta(module: nn.Module, x: Tensor, idxs: list[int]) -> Optional[Tensor]:
+    """What input channels ``idxs`` of ``module`` (about to be removed) add to its outputs, as a bias; None
+    where they are not constant on the probe ``x`` or no bias stands for them (a padded conv sees a
+    non-zero constant inside and 0 in the pad, and a conv other than a 2-d groups=1 one is not mapped):
+    such channels stay, zeroed by their fixed gate."""
+    linear = isinstance(module, nn.Linear)
+    values = [_constant(x, i, linear) for i in idxs]
+    if any(v is None for v in values):
+        return None
     v = torch.tensor(values, dtype=module.weight.dtype)
-    if isinstance(module, nn.Linear):
-        delta = module.weight[:, idxs] @ v
-    elif isinstance(module, nn.Conv2d) and module.groups == 1:
-        shape = (1, len(idxs)) + tuple(x.shape[2:])
-        const = v.view(1, -1, 1, 1).expand(shape)
-        mapped = F.conv2d(const, module.weight[:, idxs], None, module.stride, module.padding, module.dilation)
-        delta = mapped[0, :, 0, 0]
-        if not torch.allclose(mapped, delta.view(1, -1, 1, 1).expand_as(mapped), atol=1e-6, rtol=1e-5):
-            raise ExportError(f"{name}: a removed channel carries a non-zero constant ({values[0]:.4g}...) into a "
-                              "padded conv, which no per-channel bias can reproduce; gate after the activation "
-                              "(the BISE placement) so dead channels are exactly 0")
-    else:
-        raise ExportError(f"{name} ({type(module).__name__}) reads a non-zero constant from a removed channel "
-                          "and cannot fold it into a bias")
+    if not bool(v.any()):
+        return torch.zeros(module.weight.shape[0], dtype=module.weight.dtype)
+    if linear:
+        return module.weight[:, idxs] @ v
+    if not (isinstance(module, nn.Conv2d) and module.groups == 1):
+        return None
+    const = v.view(1, -1, 1, 1).expand((1, len(idxs)) + tuple(x.shape[2:]))
+    mapped = F.conv2d(const, module.weight[:, idxs], None, module.stride, module.padding, module.dilation)
+    delta = mapped[0, :, 0, 0]
+    uniform = torch.allclose(mapped, delta.view(1, -1, 1, 1).expand_as(mapped), atol=1e-6, rtol=1e-5)
+    return delta if uniform else None
+
+
+def _fold_constants(module: nn.Module, delta: Tensor) -> None:
+    """Add ``delta`` (see _bias_delta) to the bias of ``module``, creating one if needed."""
+    if not bool(delta.any()):
+        return
     if module.bias is None:
         module.bias = nn.Parameter(torch.zeros(module.weight.shape[0], dtype=module.weight.dtype),
                                    requires_grad=False)
@@ -209,7 +217,8 @@ def _plain(idxs) -> list[int]:
 
 def _group_ok(dg, scale: ChannelScale, idxs: list[int], inputs: dict) -> bool:
     """May channels ``idxs`` of ``scale`` go? Every fixed gate coupled to them zeroes them, and every
-    consumer that reads them reads a constant (so an ungated source, e.g. a ResNet stem, keeps them)."""
+    consumer that reads them reads a constant a bias can stand for (so an ungated source, e.g. a ResNet
+    stem, keeps them)."""
     for dep, item_idxs in dg.get_pruning_group(scale, _PRUNER.prune_out_channels, idxs=idxs):
         m, plain = dep.target.module, _plain(item_idxs)
         if _splits_badly(m):
@@ -218,9 +227,8 @@ def _group_ok(dg, scale: ChannelScale, idxs: list[int], inputs: dict) -> bool:
             if bool((m.scale[plain] != 0).any()):
                 return False
         elif _is_consumer(dg, dep):
-            linear = isinstance(m, nn.Linear)
             x = inputs.get(id(m))  # absent: the consumer did not run on the probe
-            if x is None or any(_constant(x, i, linear) is None for i in plain):
+            if x is None or _bias_delta(m, x, plain) is None:
                 return False
     return True
 
@@ -323,7 +331,6 @@ def export_subnetwork(model: nn.Module, gates: Optional[Mapping] = None, *, exam
         except RuntimeError as exc:
             raise ValueError(f"the model does not accept example_input of shape {tuple(example_input.shape)}: "
                              f"{str(exc).splitlines()[0]} (pass a batch of inputs shaped like the data's)") from exc
-    names = {id(m): n for n, m in out.named_modules()}
     scales = {n: m.mask for n, m in out.named_modules() if isinstance(m, FixedGate)}
     for p in out.parameters():
         p.requires_grad_(True)  # DependencyGraph traces the autograd graph
@@ -360,7 +367,7 @@ def export_subnetwork(model: nn.Module, gates: Optional[Mapping] = None, *, exam
                 plain = _plain(item_idxs)
                 linear = isinstance(m, nn.Linear)
                 x = inputs[id(m)]
-                _fold_constants(m, names.get(id(m), type(m).__name__), x, plain, [_constant(x, i, linear) for i in plain])
+                _fold_constants(m, _bias_delta(m, x, plain))
                 keep = torch.tensor(sorted(set(range(x.shape[-1 if linear else 1])) - set(plain)), dtype=torch.long)
                 inputs[id(m)] = x.index_select(-1 if linear else 1, keep)  # indices of the next group are of the pruned layer
         group.prune()

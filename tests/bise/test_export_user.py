@@ -73,6 +73,8 @@ BUILDERS = {
                                                        nn.Conv2d(8, 8, 1), nn.ReLU())),
     "tokens_layernorm": lambda: Tokens(norm=True),
     "dense_cat": Dense,
+    "gate_instancenorm_conv": lambda: _convs(nn.Sequential(nn.Conv2d(8, 8, 3, padding=1), nn.ReLU(),
+                                                           nn.GroupNorm(8, 8), nn.Conv2d(8, 8, 3, padding=1), nn.ReLU())),
     "bn_batch_stats": lambda: _convs(_bn_block(track_running_stats=False)),
     "bn_affine_false": lambda: _convs(_bn_block(affine=False)),
 }
@@ -150,3 +152,12 @@ def test_fold_bn_of_batchnorm_variants(name, x, tmp_path):
     model = _gated(name, 0, "random")
     exported = _check(model, x, tmp_path, fold_bn=True)
     assert any(isinstance(m, nn.BatchNorm2d) for m in exported.modules()) == (name == "bn_batch_stats")
+
+
+@pytest.mark.parametrize("mode", ["random", "all_off"])
+def test_constant_into_padded_conv_keeps_the_channel(mode, x, tmp_path):
+    """A norm behind the gate turns a dead channel into its shift, which a padded conv reads as a
+    constant inside and 0 in the pad: no bias reproduces it, so the channel stays (the export raised)."""
+    model = _gated("gate_instancenorm_conv", 0, mode)
+    exported = _check(model, x, tmp_path)
+    assert exported[3][3].in_channels == 8
