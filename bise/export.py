@@ -233,6 +233,20 @@ def _group_ok(dg, scale: ChannelScale, idxs: list[int], inputs: dict) -> bool:
     return True
 
 
+def _check_channel_dim(dg, model: nn.Module, name: str, scale: ChannelScale) -> None:
+    """A gate on dim 2 of a 3-d output matches Torch-Pruning's channels only where Linear layers (last
+    dim) produce and read them; next to a conv or a BatchNorm it gates positions of an (N, C, L) map."""
+    if scale.dim == 1:
+        return
+    for dep, _ in dg.get_pruning_group(scale, _PRUNER.prune_out_channels, idxs=[0]):
+        m = dep.target.module
+        if isinstance(m, (nn.modules.conv._ConvNd, nn.modules.batchnorm._NormBase, nn.GroupNorm)):
+            where = next(n for n, sub in model.named_modules() if sub is m)
+            raise ExportError(f"gate {name!r} scales dim {scale.dim} of its input, but {where!r} ({type(m).__name__}) "
+                              "has its channels on dim 1: the gate removes positions, not channels; gate that "
+                              "layer with a dim=1 ChannelGate or exclude it")
+
+
 def _round_up(removable: list[int], n: int, round_to: Optional[int]) -> list[int]:
     """Give back removable channels so that at least one (conv2d needs >= 1 filter) and a multiple of
     ``round_to`` stay; the given-back channels remain zeroed by their fixed gate, so this is exact."""
@@ -355,6 +369,7 @@ def export_subnetwork(model: nn.Module, gates: Optional[Mapping] = None, *, exam
         candidates = [i for i in range(scale.num_channels) if scale.scale[i] == 0]
         if not candidates:
             continue
+        _check_channel_dim(dg, out, name, scale)
         removable = candidates if _group_ok(dg, scale, candidates, inputs) else [
             c for c in candidates if _group_ok(dg, scale, [c], inputs)]
         removable = _keep_a_filter(dg, scale, _round_up(removable, scale.num_channels, round_to))

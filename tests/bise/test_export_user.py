@@ -7,9 +7,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from bise.export import export_subnetwork, freeze_gates, load_exported, max_abs_diff, save_exported
+from bise_kernels.nn import ChannelGate
+
+from bise.export import ExportError, export_subnetwork, freeze_gates, load_exported, max_abs_diff, save_exported
 from bise.flops import count_params
-from bise.gates import gates_of, insert_gates
+from bise.gates import Gated, gates_of, insert_gates
 
 SHAPE = (3, 8, 8)
 
@@ -49,6 +51,21 @@ class Dense(nn.Module):
         for block in self.blocks:
             h = torch.cat([h, block(h)], 1)
         return self.fc(h.mean((2, 3)))
+
+
+class Conv1dNet(nn.Module):
+    """(N, C, L) features: Conv1d -> BN -> ReLU, then Conv1d -> ReLU (+ the input: ``residual``)."""
+
+    def __init__(self, residual: bool = False):
+        super().__init__()
+        self.residual = residual
+        self.c1, self.b1, self.a1 = nn.Conv1d(3, 8, 3, padding=1), nn.BatchNorm1d(8), nn.ReLU()
+        self.c2, self.a2, self.fc = nn.Conv1d(8, 8, 3, padding=1), nn.ReLU(), nn.Linear(8, 5)
+
+    def forward(self, x):
+        h = self.a1(self.b1(self.c1(x.flatten(2))))
+        h = self.a2(self.c2(h) + h if self.residual else self.c2(h))
+        return self.fc(h.mean(2))
 
 
 def _norm_block(norm) -> nn.Sequential:
@@ -161,3 +178,14 @@ def test_constant_into_padded_conv_keeps_the_channel(mode, x, tmp_path):
     model = _gated("gate_instancenorm_conv", 0, mode)
     exported = _check(model, x, tmp_path)
     assert exported[3][3].in_channels == 8
+
+
+def test_gate_along_the_length_of_a_conv1d_output_is_named(x):
+    """A gate on dim 2 of an (N, C, L) conv output gates positions, not channels: the export crashed
+    with an IndexError; it now names the gate and the conv."""
+    model = Conv1dNet()
+    model.a2 = Gated(nn.ReLU(), ChannelGate(64, dim=2, threshold=0.0, init=0.0))
+    with torch.no_grad():
+        model.a2.gate.scores[::2] = -1.0
+    with pytest.raises(ExportError, match=r"gate 'a2' scales dim 2 .* 'c2' \(Conv1d\)"):
+        export_subnetwork(model.eval(), example_input=x)
