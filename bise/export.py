@@ -300,6 +300,24 @@ def _fold_batchnorm(model: nn.Module, dg) -> list[str]:
     return folded
 
 
+def _compare(model: nn.Module, probe: Tensor, reference: Tensor, what: str) -> None:
+    """ExportError unless ``model`` computes ``reference`` on ``probe``: ``what`` (a gate's removal, run
+    after each one so that the error names the gate, or the whole export) broke the function."""
+    hint = ("an op that torch-pruning does not see (a view or reshape that moves channels, e.g. a channel "
+            "shuffle) couples the removed channels; exclude that gate")
+    try:
+        with torch.no_grad():
+            got = model(probe)
+    except RuntimeError as exc:
+        raise ExportError(f"{what} breaks the forward pass ({str(exc).splitlines()[0]}): {hint}") from exc
+    if got.shape != reference.shape:
+        raise ExportError(f"{what} changes the output shape {tuple(reference.shape)} -> {tuple(got.shape)}: a "
+                          "gated channel reaches the model output")
+    diff = float((got - reference).abs().max())
+    if diff > 1e-4 * max(1.0, float(reference.abs().max())):
+        raise ExportError(f"{what} changes the output by {diff:.3g} on the probe: {hint}")
+
+
 def max_abs_diff(a: nn.Module, b: nn.Module, inputs, *, batch_size: int = 256) -> float:
     """max |a(x) - b(x)| over ``inputs`` (a tensor, or a data split with ``.inputs()``), both in eval mode
     (their modes are restored afterwards)."""
@@ -386,6 +404,8 @@ def export_subnetwork(model: nn.Module, gates: Optional[Mapping] = None, *, exam
                 keep = torch.tensor(sorted(set(range(x.shape[-1 if linear else 1])) - set(plain)), dtype=torch.long)
                 inputs[id(m)] = x.index_select(-1 if linear else 1, keep)  # indices of the next group are of the pruned layer
         group.prune()
+        if check:
+            _compare(out, probe, reference, f"removing the dead channels of gate {name!r}")
     for name, scale in scales.items():
         if bool((scale.scale == 1).all()):
             out.set_submodule(name, out.get_submodule(name).activation)
@@ -393,16 +413,7 @@ def export_subnetwork(model: nn.Module, gates: Optional[Mapping] = None, *, exam
         _fold_batchnorm(out, dg)
     out.eval()
     if check:
-        with torch.no_grad():
-            got = out(probe)
-        if got.shape != reference.shape:
-            raise ExportError(f"exported output shape {tuple(got.shape)} != masked {tuple(reference.shape)}: a "
-                              "gated channel reaches the model output")
-        diff = float((got - reference).abs().max())
-        scale = max(1.0, float(reference.abs().max()))
-        if diff > 1e-4 * scale:
-            raise ExportError(f"exported model differs from the masked model by {diff:.3g} on the probe; an op "
-                              "that torch-pruning does not see couples the removed channels")
+        _compare(out, probe, reference, "the exported model")
     return out
 
 

@@ -68,6 +68,21 @@ class Conv1dNet(nn.Module):
         return self.fc(h.mean(2))
 
 
+class Shuffle(nn.Module):
+    """ShuffleNet's channel shuffle (view, transpose, reshape): a channel coupling Torch-Pruning misses."""
+
+    def __init__(self):
+        super().__init__()
+        self.c1, self.a1 = nn.Conv2d(3, 8, 3, padding=1), nn.ReLU()
+        self.c2, self.a2, self.fc = nn.Conv2d(8, 8, 3, padding=1), nn.ReLU(), nn.Linear(8, 5)
+
+    def forward(self, x):
+        h = self.a1(self.c1(x))
+        n, c, height, width = h.shape
+        h = h.view(n, 2, c // 2, height, width).transpose(1, 2).reshape(n, c, height, width)
+        return self.fc(self.a2(self.c2(h)).mean((2, 3)))
+
+
 def _norm_block(norm) -> nn.Sequential:
     return nn.Sequential(nn.Conv2d(8, 8, 3, padding=1), norm(), nn.ReLU(), nn.Conv2d(8, 8, 3, padding=1), norm(), nn.ReLU())
 
@@ -201,3 +216,16 @@ def test_conv1d_model_gates_channels(x, tmp_path):
     gates["a2"].scores.data[::2] = -1.0
     exported = _check(model.eval(), x, tmp_path)
     assert exported.c2.out_channels == 4
+
+
+@pytest.mark.parametrize("dead", [[0, 1, 2], list(range(8))])
+def test_uncaught_channel_coupling_names_the_gate(dead, x):
+    """A channel shuffle couples channels Torch-Pruning does not see: the pruned model's own forward
+    raised ('shape [16, 2, 2, 8, 8] is invalid') or gave other outputs; each gate's removal is now
+    checked, and the ExportError names the gate."""
+    torch.manual_seed(0)
+    model = Shuffle()
+    gates = insert_gates(model, example_input=x[:2])
+    gates["a1"].scores.data[dead] = -1.0
+    with pytest.raises(ExportError, match="removing the dead channels of gate 'a1' "):
+        export_subnetwork(model.eval(), example_input=x)
