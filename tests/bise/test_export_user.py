@@ -16,10 +16,10 @@ from bise.gates import Gated, gates_of, insert_gates
 SHAPE = (3, 8, 8)
 
 
-def _convs(mid: nn.Module, width: int = 8, tail: nn.Module = None) -> nn.Sequential:
-    """stem conv (ungated) -> ``mid`` -> global pool -> Linear: the shape of a small user CNN."""
-    return nn.Sequential(nn.Conv2d(3, width, 3, padding=1), nn.BatchNorm2d(width), nn.ReLU(), mid,
-                         nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(width, 5))
+def _convs(mid: nn.Module, tail: int = 8) -> nn.Sequential:
+    """stem conv (ungated) -> ``mid`` (``tail`` channels out) -> global pool -> Linear: a small user CNN."""
+    return nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(), mid,
+                         nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(tail, 5))
 
 
 class Tokens(nn.Module):
@@ -83,6 +83,42 @@ class Shuffle(nn.Module):
         return self.fc(self.a2(self.c2(h)).mean((2, 3)))
 
 
+class Block(nn.Module):
+    """Residual block, projection shortcut where the shape changes; ``pre``: BN-ReLU-conv order."""
+
+    def __init__(self, cin: int, cout: int, stride: int, pre: bool):
+        super().__init__()
+        self.pre = pre
+        self.n1, self.a1 = nn.BatchNorm2d(cin if pre else cout), nn.ReLU()
+        self.c1 = nn.Conv2d(cin, cout, 3, stride, 1, bias=False)
+        self.n2, self.a2 = nn.BatchNorm2d(cout), nn.ReLU()
+        self.c2 = nn.Conv2d(cout, cout, 3, 1, 1, bias=False)
+        self.n3 = nn.Identity() if pre else nn.BatchNorm2d(cout)
+        self.a3 = nn.Identity() if pre else nn.ReLU()
+        self.short = nn.Identity() if stride == 1 and cin == cout else nn.Conv2d(cin, cout, 1, stride, bias=False)
+
+    def forward(self, x):
+        if self.pre:
+            h = self.a1(self.n1(x))
+            return self.c2(self.a2(self.n2(self.c1(h)))) + self.short(h if isinstance(self.short, nn.Conv2d) else x)
+        return self.a3(self.n3(self.c2(self.a2(self.n2(self.c1(x))))) + self.short(x))
+
+
+class SqueezeExcite(nn.Module):
+    """conv -> ReLU, scaled channel-wise by sigmoid(fc(relu(fc(mean)))) from a side branch -> conv."""
+
+    def __init__(self):
+        super().__init__()
+        self.c1, self.n1, self.a1 = nn.Conv2d(3, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU()
+        self.f1, self.fa, self.f2, self.sig = nn.Linear(16, 4), nn.ReLU(), nn.Linear(4, 16), nn.Sigmoid()
+        self.c2, self.a2, self.fc = nn.Conv2d(16, 8, 3, padding=1), nn.SiLU(), nn.Linear(8, 5)
+
+    def forward(self, x):
+        h = self.a1(self.n1(self.c1(x)))
+        h = h * self.sig(self.f2(self.fa(self.f1(h.mean((2, 3))))))[:, :, None, None]
+        return self.fc(self.a2(self.c2(h)).mean((2, 3)))
+
+
 def _norm_block(norm) -> nn.Sequential:
     return nn.Sequential(nn.Conv2d(8, 8, 3, padding=1), norm(), nn.ReLU(), nn.Conv2d(8, 8, 3, padding=1), norm(), nn.ReLU())
 
@@ -93,6 +129,21 @@ def _bn_block(**bn) -> nn.Sequential:
 
 
 BUILDERS = {
+    "resnet": lambda: _convs(nn.Sequential(Block(8, 8, 1, False), Block(8, 16, 2, False)), tail=16),
+    "preact_resnet": lambda: _convs(nn.Sequential(Block(8, 8, 1, True), Block(8, 16, 2, True),
+                                                  nn.BatchNorm2d(16), nn.ReLU()), tail=16),
+    "depthwise_separable": lambda: _convs(nn.Sequential(
+        nn.Conv2d(8, 8, 3, padding=1, groups=8), nn.BatchNorm2d(8), nn.ReLU6(), nn.Conv2d(8, 16, 1, bias=False),
+        nn.BatchNorm2d(16), nn.Hardswish()), tail=16),
+    "squeeze_excite": SqueezeExcite,
+    "flatten_linear": lambda: nn.Sequential(nn.Conv2d(3, 6, 3), nn.BatchNorm2d(6), nn.SiLU(), nn.Conv2d(6, 8, 3),
+                                            nn.Tanh(), nn.MaxPool2d(2), nn.Flatten(), nn.Linear(8 * 4, 12),
+                                            nn.LeakyReLU(0.1), nn.Linear(12, 5)),
+    "act_then_bn": lambda: nn.Sequential(nn.Conv2d(3, 6, 3, padding=1), nn.GELU(), nn.BatchNorm2d(6), nn.Conv2d(6, 8, 3),
+                                         nn.Sigmoid(), nn.BatchNorm2d(8), nn.Flatten(), nn.Linear(8 * 36, 5)),
+    "mlp_dropout": lambda: nn.Sequential(nn.Flatten(), nn.Linear(192, 32), nn.ReLU(), nn.Dropout(0.5), nn.Linear(32, 16),
+                                         nn.Hardswish(), nn.Dropout(0.2), nn.Linear(16, 5)),
+    "tokens": lambda: Tokens(norm=False),
     "grouped2": lambda: _convs(nn.Sequential(nn.Conv2d(8, 8, 3, padding=1, groups=2), nn.BatchNorm2d(8), nn.ReLU(),
                                              nn.Conv2d(8, 8, 3, padding=1, groups=2), nn.ReLU())),
     "grouped4": lambda: _convs(nn.Sequential(nn.Conv2d(8, 8, 1, groups=4), nn.ReLU(), nn.Conv2d(8, 8, 1))),
@@ -140,6 +191,17 @@ def _check(model, x, tmp_path=None, **kwargs):
         save_exported(exported, path)
         assert max_abs_diff(exported, load_exported(path, model=model), x) == 0.0
     return exported
+
+
+@pytest.mark.parametrize("name", ["resnet", "preact_resnet", "depthwise_separable", "squeeze_excite",
+                                  "flatten_linear", "act_then_bn", "mlp_dropout", "tokens"])
+@pytest.mark.parametrize("mode", ["random", "all_off"])
+def test_user_architectures_exact_and_smaller(name, mode, x, tmp_path):
+    """Probes that passed before this file: residual (projection, pre-activation), depthwise, SE, flatten,
+    non-zero-at-0 activations, a gate before BN, dropout, (N, L, C) tokens."""
+    model = _gated(name, 0, mode)
+    exported = _check(model, x, tmp_path)
+    assert count_params(exported) < count_params(model)
 
 
 @pytest.mark.parametrize("name", ["grouped2", "grouped4", "depthwise_x2"])
