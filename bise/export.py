@@ -341,7 +341,8 @@ def max_abs_diff(a: nn.Module, b: nn.Module, inputs, *, batch_size: int = 256) -
 
 def export_subnetwork(model: nn.Module, gates: Optional[Mapping] = None, *, example_input: Tensor,
                       fold_bn: bool = False, round_to: Optional[int] = None, check: bool = True) -> nn.Module:
-    """Plain nn.Module (CPU, fp32, eval) computing the masked ``model`` with dead channels removed.
+    """Plain nn.Module (CPU, fp32, eval, every parameter trainable) computing the masked ``model`` with dead
+    channels removed.
 
     ``gates``: name of each gated wrapper -> ChannelGate or bool mask (default: the model's own gates).
     ``example_input``: a batch of real inputs (traced by DependencyGraph and used as the probe).
@@ -411,7 +412,7 @@ def export_subnetwork(model: nn.Module, gates: Optional[Mapping] = None, *, exam
             out.set_submodule(name, out.get_submodule(name).activation)
     if fold_bn:
         _fold_batchnorm(out, dg)
-    out.eval()
+    out.eval().requires_grad_(True)  # like a built module (and load_exported's): pruned ones were new Parameters
     if check:
         _compare(out, probe, reference, "the exported model")
     return out

@@ -10,7 +10,7 @@ from torch import nn
 from bise_kernels.nn import ChannelGate
 
 from bise.export import ExportError, export_subnetwork, freeze_gates, load_exported, max_abs_diff, save_exported
-from bise.flops import count_params
+from bise.flops import count_macs, count_params
 from bise.gates import Gated, gates_of, insert_gates
 
 SHAPE = (3, 8, 8)
@@ -291,3 +291,17 @@ def test_uncaught_channel_coupling_names_the_gate(dead, x):
     gates["a1"].scores.data[dead] = -1.0
     with pytest.raises(ExportError, match="removing the dead channels of gate 'a1' "):
         export_subnetwork(model.eval(), example_input=x)
+
+
+def test_train_mode_channels_last_and_tracing(x):
+    """A model in train mode exports its eval function (BN running stats) and stays as it was; a
+    channels_last input exports the same; the result goes through torch.export and is uniformly
+    trainable (pruned parameters were new Parameters with requires_grad=True, the others False)."""
+    model = _gated("resnet", 1, "random").train()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    exported = _check(model, x.contiguous(memory_format=torch.channels_last))
+    assert model.training and all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    assert {p.requires_grad for p in exported.parameters()} == {True}
+    assert count_macs(exported, SHAPE) < count_macs(model, SHAPE)
+    program = torch.export.export(exported, (x[:2],)).module()  # torch.jit.trace works too (deprecated in 2.13)
+    assert torch.equal(program(x[:2]), exported(x[:2]))
