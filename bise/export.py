@@ -364,6 +364,8 @@ def export_subnetwork(model: nn.Module, gates: Optional[Mapping] = None, *, exam
         except RuntimeError as exc:
             raise ValueError(f"the model does not accept example_input of shape {tuple(example_input.shape)}: "
                              f"{str(exc).splitlines()[0]} (pass a batch of inputs shaped like the data's)") from exc
+    if not isinstance(reference, Tensor):
+        raise ValueError(f"the model must return one tensor (the class logits), got {type(reference).__name__}")
     scales = {n: m.mask for n, m in out.named_modules() if isinstance(m, FixedGate)}
     for p in out.parameters():
         p.requires_grad_(True)  # DependencyGraph traces the autograd graph

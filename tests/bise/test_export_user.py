@@ -305,3 +305,13 @@ def test_train_mode_channels_last_and_tracing(x):
     assert count_macs(exported, SHAPE) < count_macs(model, SHAPE)
     program = torch.export.export(exported, (x[:2],)).module()  # torch.jit.trace works too (deprecated in 2.13)
     assert torch.equal(program(x[:2]), exported(x[:2]))
+
+
+def test_model_returning_a_tuple_is_named(x):
+    """A forward returning (logits, features) failed with "'tuple' object has no attribute 'shape'"."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Flatten(), nn.Linear(192, 16), nn.ReLU(), nn.Linear(16, 5))
+    insert_gates(model, example_input=x[:2])
+    model.register_forward_hook(lambda _m, _inp, out: (out, out))
+    with pytest.raises(ValueError, match="the model must return one tensor .*, got tuple"):
+        export_subnetwork(model.eval(), example_input=x)
