@@ -22,6 +22,7 @@ import torch_pruning as tp
 from torch import Tensor, nn
 
 from bise_kernels.nn import ChannelGate
+from bise_kernels.nn.model import keep_modular_path, restore_fused_path
 
 from .checkpoint import save_atomic
 from .gates import Gated
@@ -121,14 +122,25 @@ def _masks_of(model: nn.Module, gates) -> dict[str, Tensor]:
     return masks
 
 
+def _keep_fixed_gates(model: nn.Module, placed: list) -> None:
+    """The FixedGates ``placed`` ([(name, module)]) run: nn.TransformerEncoderLayer's fused inference path
+    runs its activation itself and would skip one (bise_kernels.nn.model.keep_modular_path), as it
+    skipped the Gated wrapper before; elsewhere the fused paths come back."""
+    restore_fused_path(model)
+    keep_modular_path(model, [([name], m) for name, m in placed])
+
+
 def freeze_gates(model: nn.Module, gates=None) -> nn.Module:
     """Copy of ``model`` (CPU, fp32, eval) with every gated wrapper replaced by a FixedGate of its mask:
     the masked model as plain modules, the reference the export must match."""
     masks = _masks_of(model, gates)
     frozen = copy.deepcopy(model).cpu().float().eval()
+    placed = []
     for name, mask in masks.items():
         wrapper = frozen.get_submodule(name)
-        frozen.set_submodule(name, FixedGate(wrapper.activation, mask.float(), wrapper.gate.dim))
+        placed.append((name, FixedGate(wrapper.activation, mask.float(), wrapper.gate.dim)))
+        frozen.set_submodule(name, placed[-1][1])
+    _keep_fixed_gates(frozen, placed)
     for p in frozen.parameters():
         p.requires_grad_(False)
     return frozen
@@ -412,6 +424,7 @@ def export_subnetwork(model: nn.Module, gates: Optional[Mapping] = None, *, exam
     for name, scale in scales.items():
         if bool((scale.scale == 1).all()):
             out.set_submodule(name, out.get_submodule(name).activation)
+    restore_fused_path(out)  # the FixedGates left keep their hook (copied with them)
     if fold_bn:
         _fold_batchnorm(out, dg)
     out.eval().requires_grad_(True)  # like a built module (and load_exported's): pruned ones were new Parameters
@@ -490,6 +503,7 @@ def load_exported(path: str, model: Optional[nn.Module] = None) -> nn.Module:
         from bise.models import rebuild
         model = rebuild(desc["spec"])
     base = copy.deepcopy(model).cpu().float()
+    placed = []
     for name, m in list(base.named_modules()):
         if name and isinstance(m, Gated):
             base.set_submodule(name, m.activation)
@@ -499,9 +513,11 @@ def load_exported(path: str, model: Optional[nn.Module] = None) -> nn.Module:
         except AttributeError:
             raise ExportError(f"{path!r}: module {name!r} not found in the rebuilt architecture") from None
         if entry["type"] == "FixedGate" and not isinstance(current, FixedGate):
-            base.set_submodule(name, FixedGate(current, torch.ones(entry["num_channels"]), entry["dim"]))
+            placed.append((name, FixedGate(current, torch.ones(entry["num_channels"]), entry["dim"])))
+            base.set_submodule(name, placed[-1][1])
         elif entry["type"] == "Identity" and not isinstance(current, nn.Identity):
             base.set_submodule(name, nn.Identity())
+    _keep_fixed_gates(base, placed)
     for name, entry in desc["modules"].items():
         _resize(base.get_submodule(name), name + ".", state, entry)
     try:

@@ -315,3 +315,35 @@ def test_model_returning_a_tuple_is_named(x):
     model.register_forward_hook(lambda _m, _inp, out: (out, out))
     with pytest.raises(ValueError, match="the model must return one tensor .*, got tuple"):
         export_subnetwork(model.eval(), example_input=x)
+
+
+class Encoder(nn.Module):
+    """Two nn.TransformerEncoderLayers (GELU module: gated) over 8 tokens of 24 features."""
+
+    def __init__(self):
+        super().__init__()
+        self.embed, self.head = nn.Linear(24, 16), nn.Linear(16, 5)
+        layer = nn.TransformerEncoderLayer(16, 2, 32, dropout=0.1, activation=nn.GELU(), batch_first=True)
+        self.enc = nn.TransformerEncoder(layer, 2)
+
+    def forward(self, x):
+        return self.head(self.enc(self.embed(x.reshape(len(x), 8, 24))).mean(1))
+
+
+@pytest.mark.parametrize("round_to", [None, 8, 64])
+def test_transformer_encoder_gates_stay_in_the_reference_and_the_export(round_to, x, tmp_path):
+    """The fused inference path of nn.TransformerEncoderLayer runs its activation itself: freeze_gates'
+    FixedGate lacked the hook that keeps a gated layer on the modular path, so the reference ignored the
+    gates (0.28 from the gated model) and the export of dead FFN units was refused; a FixedGate kept in
+    the export (round_to) or rebuilt by load_exported was bypassed the same way, silently (round_to=64
+    keeps every unit: the export returned without error, 0.077 away from the gated model)."""
+    torch.manual_seed(0)
+    model = Encoder()
+    gates = insert_gates(model, example_input=x[:2])
+    for g in gates.values():
+        g.scores.data.copy_(torch.rand(32, generator=torch.Generator().manual_seed(3)) - 0.6)
+    model.eval()
+    exported = _check(model, x, tmp_path, round_to=round_to)
+    with torch.no_grad():
+        assert float((exported(x) - model(x)).abs().max()) <= 1e-5
+    assert (exported.enc.layers[0].linear1.out_features < 32) == (round_to != 64)
