@@ -17,7 +17,6 @@ import os
 from typing import Mapping, Optional
 
 import torch
-import torch.nn.functional as F
 import torch_pruning as tp
 from torch import Tensor, nn
 
@@ -179,9 +178,9 @@ def _constant(x: Tensor, idx: int, linear: bool) -> Optional[float]:
 
 def _bias_delta(module: nn.Module, x: Tensor, idxs: list[int]) -> Optional[Tensor]:
     """What input channels ``idxs`` of ``module`` (about to be removed) add to its outputs, as a bias; None
-    where they are not constant on the probe ``x`` or no bias stands for them (a padded conv sees a
-    non-zero constant inside and 0 in the pad, and a conv other than a 2-d groups=1 one is not mapped):
-    such channels stay, zeroed by their fixed gate."""
+    where they are not constant on the probe ``x`` or no bias stands for them (a zero-padded conv sees a
+    non-zero constant inside and 0 in the pad; a grouped or transposed conv is not mapped): such channels
+    stay, zeroed by their fixed gate."""
     linear = isinstance(module, nn.Linear)
     values = [_constant(x, i, linear) for i in idxs]
     if any(v is None for v in values):
@@ -191,12 +190,13 @@ def _bias_delta(module: nn.Module, x: Tensor, idxs: list[int]) -> Optional[Tenso
         return torch.zeros(module.weight.shape[0], dtype=module.weight.dtype)
     if linear:
         return module.weight[:, idxs] @ v
-    if not (isinstance(module, nn.Conv2d) and module.groups == 1):
+    if not (isinstance(module, (nn.Conv1d, nn.Conv2d, nn.Conv3d)) and module.groups == 1):
         return None
-    const = v.view(1, -1, 1, 1).expand((1, len(idxs)) + tuple(x.shape[2:]))
-    mapped = F.conv2d(const, module.weight[:, idxs], None, module.stride, module.padding, module.dilation)
-    delta = mapped[0, :, 0, 0]
-    uniform = torch.allclose(mapped, delta.view(1, -1, 1, 1).expand_as(mapped), atol=1e-6, rtol=1e-5)
+    spatial = (1,) * (x.dim() - 2)
+    const = v.view(1, -1, *spatial).expand((1, len(idxs)) + tuple(x.shape[2:]))
+    mapped = module._conv_forward(const, module.weight[:, idxs], None)[0]  # the module's own padding mode
+    delta = mapped.reshape(len(mapped), -1)[:, 0]
+    uniform = torch.allclose(mapped, delta.view(-1, *spatial).expand_as(mapped), atol=1e-6, rtol=1e-5)
     return delta if uniform else None
 
 
@@ -417,7 +417,7 @@ def export_subnetwork(model: nn.Module, gates: Optional[Mapping] = None, *, exam
                 x = inputs[id(m)]
                 _fold_constants(m, _bias_delta(m, x, plain))
                 keep = torch.tensor(sorted(set(range(x.shape[-1 if linear else 1])) - set(plain)), dtype=torch.long)
-                inputs[id(m)] = x.index_select(-1 if linear else 1, keep)  # indices of the next group are of the pruned layer
+                inputs[id(m)] = x.index_select(-1 if linear else 1, keep)  # a later group indexes the pruned layer
         group.prune()
         if check:
             _compare(out, probe, reference, f"removing the dead channels of gate {name!r}")

@@ -42,8 +42,8 @@ class Dense(nn.Module):
     def __init__(self):
         super().__init__()
         self.stem = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU())
-        self.blocks = nn.ModuleList(nn.Sequential(nn.BatchNorm2d(8 + 4 * i), nn.ReLU(), nn.Conv2d(8 + 4 * i, 4, 3, padding=1))
-                                    for i in range(3))
+        self.blocks = nn.ModuleList(nn.Sequential(nn.BatchNorm2d(c), nn.ReLU(), nn.Conv2d(c, 4, 3, padding=1))
+                                    for c in (8, 12, 16))
         self.fc = nn.Linear(20, 5)
 
     def forward(self, x):
@@ -120,7 +120,8 @@ class SqueezeExcite(nn.Module):
 
 
 def _norm_block(norm) -> nn.Sequential:
-    return nn.Sequential(nn.Conv2d(8, 8, 3, padding=1), norm(), nn.ReLU(), nn.Conv2d(8, 8, 3, padding=1), norm(), nn.ReLU())
+    return nn.Sequential(nn.Conv2d(8, 8, 3, padding=1), norm(), nn.ReLU(),
+                         nn.Conv2d(8, 8, 3, padding=1), norm(), nn.ReLU())
 
 
 def _bn_block(**bn) -> nn.Sequential:
@@ -139,10 +140,11 @@ BUILDERS = {
     "flatten_linear": lambda: nn.Sequential(nn.Conv2d(3, 6, 3), nn.BatchNorm2d(6), nn.SiLU(), nn.Conv2d(6, 8, 3),
                                             nn.Tanh(), nn.MaxPool2d(2), nn.Flatten(), nn.Linear(8 * 4, 12),
                                             nn.LeakyReLU(0.1), nn.Linear(12, 5)),
-    "act_then_bn": lambda: nn.Sequential(nn.Conv2d(3, 6, 3, padding=1), nn.GELU(), nn.BatchNorm2d(6), nn.Conv2d(6, 8, 3),
-                                         nn.Sigmoid(), nn.BatchNorm2d(8), nn.Flatten(), nn.Linear(8 * 36, 5)),
-    "mlp_dropout": lambda: nn.Sequential(nn.Flatten(), nn.Linear(192, 32), nn.ReLU(), nn.Dropout(0.5), nn.Linear(32, 16),
-                                         nn.Hardswish(), nn.Dropout(0.2), nn.Linear(16, 5)),
+    "act_then_bn": lambda: nn.Sequential(nn.Conv2d(3, 6, 3, padding=1), nn.GELU(), nn.BatchNorm2d(6),
+                                         nn.Conv2d(6, 8, 3), nn.Sigmoid(), nn.BatchNorm2d(8), nn.Flatten(),
+                                         nn.Linear(8 * 36, 5)),
+    "mlp_dropout": lambda: nn.Sequential(nn.Flatten(), nn.Linear(192, 32), nn.ReLU(), nn.Dropout(0.5),
+                                         nn.Linear(32, 16), nn.Hardswish(), nn.Dropout(0.2), nn.Linear(16, 5)),
     "tokens": lambda: Tokens(norm=False),
     "grouped2": lambda: _convs(nn.Sequential(nn.Conv2d(8, 8, 3, padding=1, groups=2), nn.BatchNorm2d(8), nn.ReLU(),
                                              nn.Conv2d(8, 8, 3, padding=1, groups=2), nn.ReLU())),
@@ -156,8 +158,8 @@ BUILDERS = {
                                                        nn.Conv2d(8, 8, 1), nn.ReLU())),
     "tokens_layernorm": lambda: Tokens(norm=True),
     "dense_cat": Dense,
-    "gate_instancenorm_conv": lambda: _convs(nn.Sequential(nn.Conv2d(8, 8, 3, padding=1), nn.ReLU(),
-                                                           nn.GroupNorm(8, 8), nn.Conv2d(8, 8, 3, padding=1), nn.ReLU())),
+    "gate_instancenorm_conv": lambda: _convs(nn.Sequential(nn.Conv2d(8, 8, 3, padding=1), nn.ReLU(), nn.GroupNorm(8, 8),
+                                                           nn.Conv2d(8, 8, 3, padding=1), nn.ReLU())),
     "bn_batch_stats": lambda: _convs(_bn_block(track_running_stats=False)),
     "bn_affine_false": lambda: _convs(_bn_block(affine=False)),
 }
@@ -347,3 +349,22 @@ def test_transformer_encoder_gates_stay_in_the_reference_and_the_export(round_to
     with torch.no_grad():
         assert float((exported(x) - model(x)).abs().max()) <= 1e-5
     assert (exported.enc.layers[0].linear1.out_features < 32) == (round_to != 64)
+
+
+@pytest.mark.parametrize("conv", [lambda: nn.Conv1d(8, 8, 3),
+                                  lambda: nn.Conv2d(8, 8, 3, padding=1, padding_mode="reflect")])
+def test_constant_folds_into_conv1d_and_reflect_padded_conv(conv, x):
+    """A gate before BN leaves a constant; a Conv1d, or a conv whose padding repeats the constant, adds
+    a per-channel bias for it: the channel goes (it stayed: only zero-padded Conv2d was mapped)."""
+    torch.manual_seed(0)
+    one_d = isinstance(conv(), nn.Conv1d)
+    model = nn.Sequential(nn.Flatten(2) if one_d else nn.Identity(),
+                          (nn.Conv1d if one_d else nn.Conv2d)(3, 8, 3, padding=1), nn.ReLU(),
+                          (nn.BatchNorm1d if one_d else nn.BatchNorm2d)(8), conv(), nn.ReLU(),
+                          nn.Flatten(2), nn.AdaptiveAvgPool1d(1), nn.Flatten(), nn.Linear(8, 5))
+    gates = insert_gates(model, names=["2"], example_input=x[:2])
+    with torch.no_grad():
+        model[3].bias.uniform_(0.2, 0.5)
+        gates["2"].scores[:3] = -1.0
+    exported = _check(model.eval(), x)
+    assert exported[4].in_channels == 5
