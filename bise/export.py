@@ -176,7 +176,17 @@ def _constant(x: Tensor, idx: int, linear: bool) -> Optional[float]:
     return float(first) if bool((v == first).all()) else None
 
 
-def _bias_delta(module: nn.Module, x: Tensor, idxs: list[int]) -> Optional[Tensor]:
+def _bias_delta(module: nn.Module, xs: list[Tensor], idxs: list[int]) -> Optional[Tensor]:
+    """The bias that stands for input channels ``idxs`` of ``module`` in every call (``xs``: the input of
+    each call on the probe; a module run twice, e.g. a shared conv, must read the same constants in
+    both), else None: see _call_bias_delta."""
+    deltas = [_call_bias_delta(module, x, idxs) for x in xs]
+    if any(d is None for d in deltas) or not all(torch.allclose(d, deltas[0], atol=1e-6, rtol=1e-5) for d in deltas):
+        return None
+    return deltas[0]
+
+
+def _call_bias_delta(module: nn.Module, x: Tensor, idxs: list[int]) -> Optional[Tensor]:
     """What input channels ``idxs`` of ``module`` (about to be removed) add to its outputs, as a bias; None
     where they are not constant on the probe ``x`` or no bias stands for them (a zero-padded conv sees a
     non-zero constant inside and 0 in the pad; a grouped or transposed conv is not mapped): such channels
@@ -239,8 +249,8 @@ def _group_ok(dg, scale: ChannelScale, idxs: list[int], inputs: dict) -> bool:
             if bool((m.scale[plain] != 0).any()):
                 return False
         elif _is_consumer(dg, dep):
-            x = inputs.get(id(m))  # absent: the consumer did not run on the probe
-            if x is None or _bias_delta(m, x, plain) is None:
+            xs = inputs.get(id(m))  # absent: the consumer did not run on the probe
+            if xs is None or _bias_delta(m, xs, plain) is None:
                 return False
     return True
 
@@ -389,8 +399,8 @@ def export_subnetwork(model: nn.Module, gates: Optional[Mapping] = None, *, exam
     finally:
         for p in out.parameters():
             p.requires_grad_(False)
-    inputs: dict[int, Tensor] = {}
-    hooks = [m.register_forward_hook(lambda m, a, o: inputs.__setitem__(id(m), a[0].detach()))
+    inputs: dict[int, list[Tensor]] = {}  # every call's input: a module may run more than once
+    hooks = [m.register_forward_hook(lambda m, a, o: inputs.setdefault(id(m), []).append(a[0].detach()))
              for m in out.modules() if isinstance(m, (nn.Linear, nn.modules.conv._ConvNd))]
     with torch.no_grad():
         out(probe)
@@ -414,10 +424,10 @@ def export_subnetwork(model: nn.Module, gates: Optional[Mapping] = None, *, exam
             if _is_consumer(dg, dep):
                 plain = _plain(item_idxs)
                 linear = isinstance(m, nn.Linear)
-                x = inputs[id(m)]
-                _fold_constants(m, _bias_delta(m, x, plain))
-                keep = torch.tensor(sorted(set(range(x.shape[-1 if linear else 1])) - set(plain)), dtype=torch.long)
-                inputs[id(m)] = x.index_select(-1 if linear else 1, keep)  # a later group indexes the pruned layer
+                xs, dim = inputs[id(m)], -1 if linear else 1
+                _fold_constants(m, _bias_delta(m, xs, plain))
+                keep = torch.tensor(sorted(set(range(xs[0].shape[dim])) - set(plain)), dtype=torch.long)
+                inputs[id(m)] = [x.index_select(dim, keep) for x in xs]  # a later group indexes the pruned layer
         group.prune()
         if check:
             _compare(out, probe, reference, f"removing the dead channels of gate {name!r}")

