@@ -11,6 +11,7 @@ from typing import Optional, Sequence
 
 import torch
 from torch import Tensor, nn
+from torch.overrides import TorchFunctionMode
 
 from bise_kernels import ChannelGate
 from bise_kernels.nn.model import keep_modular_path, matches, refuse_unmatched, restore_fused_path
@@ -47,12 +48,32 @@ def _example_input(model: nn.Module, example_input: Optional[Tensor]) -> Tensor:
 
 
 _CHANNEL_FIRST = (nn.modules.conv._ConvNd, nn.modules.batchnorm._NormBase, nn.GroupNorm)
+_ELEMENTWISE = {"add", "add_", "__add__", "__radd__", "__iadd__", "sub", "__sub__", "__rsub__", "mul", "mul_",
+                "__mul__", "__rmul__", "__imul__", "div", "__truediv__", "relu", "relu_", "dropout", "clone",
+                "contiguous"}
+
+
+class _FollowMaps(TorchFunctionMode):
+    """Adds to ``maps`` the result of an elementwise op on one of them (same shape): a residual add of
+    (N, C, L) conv outputs is (N, C, L) too."""
+
+    def __init__(self, maps: list):
+        super().__init__()
+        self.maps = maps
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        if (getattr(func, "__name__", None) in _ELEMENTWISE and isinstance(out, Tensor) and out.dim() == 3
+                and any(isinstance(a, Tensor) and a.shape == out.shape and any(a is t for t in self.maps)
+                        for a in args)):
+            self.maps.append(out)
+        return out
 
 
 def trace_calls(model: nn.Module, example_input: Tensor, modules: dict[str, nn.Module]):
     """One no-grad eval forward: per name, the output shapes it produced (in call order), the call order,
-    and the names whose input was the 3-d output of a conv or a BatchNorm / InstanceNorm / GroupNorm
-    (an (N, C, L) map: channels on dim 1, where a 3-d Linear output has them on dim 2)."""
+    and the names whose input was the 3-d output of a conv or a BatchNorm / InstanceNorm / GroupNorm, or
+    an elementwise op of such (an (N, C, L) map: channels on dim 1; a 3-d Linear output has them on 2)."""
     outputs: dict[str, list] = {name: [] for name in modules}
     order: list[str] = []
     maps: list[Tensor] = []  # 3-d outputs of channel-first layers, kept alive so that `is` compares them
@@ -74,7 +95,7 @@ def trace_calls(model: nn.Module, example_input: Tensor, modules: dict[str, nn.M
     was_training = model.training
     try:
         model.eval()
-        with torch.no_grad():
+        with torch.no_grad(), _FollowMaps(maps):
             model(example_input)
     finally:
         model.train(was_training)

@@ -286,16 +286,18 @@ def test_gate_along_the_length_of_a_conv1d_output_is_named(x):
         export_subnetwork(model.eval(), example_input=x)
 
 
-def test_conv1d_model_gates_channels(x, tmp_path):
+@pytest.mark.parametrize("residual", [False, True])
+def test_conv1d_model_gates_channels(residual, x, tmp_path):
     """insert_gates read an (N, C, L) Conv1d output as (N, L, C) and gated its 64 positions; an
-    activation fed by a conv or a BatchNorm now has its channels on dim 1."""
+    activation fed by a conv or a BatchNorm, or by an add of their outputs, has its channels on dim 1."""
     torch.manual_seed(0)
-    model = Conv1dNet()
+    model = Conv1dNet(residual)
     gates = insert_gates(model, example_input=x[:2])
     assert {n: (g.num_channels, g.dim) for n, g in gates.items()} == {"a1": (8, 1), "a2": (8, 1)}
-    gates["a2"].scores.data[::2] = -1.0
+    for g in gates.values():
+        g.scores.data[::2] = -1.0
     exported = _check(model.eval(), x, tmp_path)
-    assert exported.c2.out_channels == 4
+    assert exported.c1.out_channels == exported.c2.out_channels == 4
 
 
 @pytest.mark.parametrize("dead", [[0, 1, 2], list(range(8))])
