@@ -17,11 +17,11 @@ import os
 from typing import Mapping, Optional
 
 import torch
-import torch.nn.functional as F
 import torch_pruning as tp
 from torch import Tensor, nn
 
 from bise_kernels.nn import ChannelGate
+from bise_kernels.nn.model import keep_modular_path, restore_fused_path
 
 from .checkpoint import save_atomic
 from .gates import Gated
@@ -29,7 +29,7 @@ from .report import write_text
 
 FORMAT = "bise-export-1"
 _SHAPE_ATTRS = ("in_channels", "out_channels", "groups", "in_features", "out_features", "num_features",
-                "num_channels")
+                "num_channels", "num_groups")
 
 
 class ExportError(RuntimeError):
@@ -84,7 +84,20 @@ class _ChannelScalePruner(tp.pruner.function.BasePruningFunc):
     get_in_channels = get_out_channels
 
 
+class _GroupNormPruner(tp.pruner.function.GroupNormPruner):
+    """Torch-Pruning's GroupNorm pruner keeps num_groups; a per-channel GroupNorm(C, C) (the only kind
+    that loses channels here, see _splits_badly) stays per-channel."""
+
+    def prune_out_channels(self, layer: nn.GroupNorm, idxs):
+        super().prune_out_channels(layer, idxs)
+        layer.num_groups = layer.num_channels
+        return layer
+
+    prune_in_channels = prune_out_channels
+
+
 _PRUNER = _ChannelScalePruner()
+_CUSTOM_PRUNERS = {ChannelScale: _PRUNER, nn.GroupNorm: _GroupNormPruner()}
 
 
 def _masks_of(model: nn.Module, gates) -> dict[str, Tensor]:
@@ -108,14 +121,25 @@ def _masks_of(model: nn.Module, gates) -> dict[str, Tensor]:
     return masks
 
 
+def _keep_fixed_gates(model: nn.Module, placed: list) -> None:
+    """The FixedGates ``placed`` ([(name, module)]) run: nn.TransformerEncoderLayer's fused inference path
+    runs its activation itself and would skip one (bise_kernels.nn.model.keep_modular_path), as it
+    skipped the Gated wrapper before; elsewhere the fused paths come back."""
+    restore_fused_path(model)
+    keep_modular_path(model, [([name], m) for name, m in placed])
+
+
 def freeze_gates(model: nn.Module, gates=None) -> nn.Module:
     """Copy of ``model`` (CPU, fp32, eval) with every gated wrapper replaced by a FixedGate of its mask:
     the masked model as plain modules, the reference the export must match."""
     masks = _masks_of(model, gates)
     frozen = copy.deepcopy(model).cpu().float().eval()
+    placed = []
     for name, mask in masks.items():
         wrapper = frozen.get_submodule(name)
-        frozen.set_submodule(name, FixedGate(wrapper.activation, mask.float(), wrapper.gate.dim))
+        placed.append((name, FixedGate(wrapper.activation, mask.float(), wrapper.gate.dim)))
+        frozen.set_submodule(name, placed[-1][1])
+    _keep_fixed_gates(frozen, placed)
     for p in frozen.parameters():
         p.requires_grad_(False)
     return frozen
@@ -152,30 +176,61 @@ def _constant(x: Tensor, idx: int, linear: bool) -> Optional[float]:
     return float(first) if bool((v == first).all()) else None
 
 
-def _fold_constants(module: nn.Module, name: str, x: Tensor, idxs: list[int], values: list[float]) -> None:
-    """Add the contribution of constant input channels ``idxs`` (about to be removed) to the bias."""
-    if not any(values):
-        return
+def _bias_delta(module: nn.Module, xs: list[Tensor], idxs: list[int]) -> Optional[Tensor]:
+    """The bias that stands for input channels ``idxs`` of ``module`` in every call (``xs``: the input of
+    each call on the probe; a module run twice, e.g. a shared conv, must read the same constants in
+    both), else None: see _call_bias_delta."""
+    deltas = [_call_bias_delta(module, x, idxs) for x in xs]
+    if any(d is None for d in deltas) or not all(torch.allclose(d, deltas[0], atol=1e-6, rtol=1e-5) for d in deltas):
+        return None
+    return deltas[0]
+
+
+def _call_bias_delta(module: nn.Module, x: Tensor, idxs: list[int]) -> Optional[Tensor]:
+    """What input channels ``idxs`` of ``module`` (about to be removed) add to its outputs, as a bias; None
+    where they are not constant on the probe ``x`` or no bias stands for them (a zero-padded conv sees a
+    non-zero constant inside and 0 in the pad; a grouped or transposed conv is not mapped): such channels
+    stay, zeroed by their fixed gate."""
+    linear = isinstance(module, nn.Linear)
+    values = [_constant(x, i, linear) for i in idxs]
+    if any(v is None for v in values):
+        return None
     v = torch.tensor(values, dtype=module.weight.dtype)
-    if isinstance(module, nn.Linear):
-        delta = module.weight[:, idxs] @ v
-    elif isinstance(module, nn.Conv2d) and module.groups == 1:
-        shape = (1, len(idxs)) + tuple(x.shape[2:])
-        const = v.view(1, -1, 1, 1).expand(shape)
-        mapped = F.conv2d(const, module.weight[:, idxs], None, module.stride, module.padding, module.dilation)
-        delta = mapped[0, :, 0, 0]
-        if not torch.allclose(mapped, delta.view(1, -1, 1, 1).expand_as(mapped), atol=1e-6, rtol=1e-5):
-            raise ExportError(f"{name}: a removed channel carries a non-zero constant ({values[0]:.4g}...) into a "
-                              "padded conv, which no per-channel bias can reproduce; gate after the activation "
-                              "(the BISE placement) so dead channels are exactly 0")
-    else:
-        raise ExportError(f"{name} ({type(module).__name__}) reads a non-zero constant from a removed channel "
-                          "and cannot fold it into a bias")
+    if not bool(v.any()):
+        return torch.zeros(module.weight.shape[0], dtype=module.weight.dtype)
+    if linear:
+        return module.weight[:, idxs] @ v
+    if not (isinstance(module, (nn.Conv1d, nn.Conv2d, nn.Conv3d)) and module.groups == 1):
+        return None
+    spatial = (1,) * (x.dim() - 2)
+    const = v.view(1, -1, *spatial).expand((1, len(idxs)) + tuple(x.shape[2:]))
+    mapped = module._conv_forward(const, module.weight[:, idxs], None)[0]  # the module's own padding mode
+    delta = mapped.reshape(len(mapped), -1)[:, 0]
+    uniform = torch.allclose(mapped, delta.view(-1, *spatial).expand_as(mapped), atol=1e-6, rtol=1e-5)
+    return delta if uniform else None
+
+
+def _fold_constants(module: nn.Module, delta: Tensor) -> None:
+    """Add ``delta`` (see _bias_delta) to the bias of ``module``, creating one if needed."""
+    if not bool(delta.any()):
+        return
     if module.bias is None:
         module.bias = nn.Parameter(torch.zeros(module.weight.shape[0], dtype=module.weight.dtype),
                                    requires_grad=False)
     with torch.no_grad():
         module.bias += delta
+
+
+def _splits_badly(m: nn.Module) -> bool:
+    """A layer whose channels cannot go one by one: a grouped conv that is not a plain depthwise one
+    (its groups need equal widths; Torch-Pruning makes a weight the conv rejects), a LayerNorm or a
+    GroupNorm with several channels per group (a removed channel, even a zero one, is part of the
+    statistics). Channels coupled to one stay, zeroed by their fixed gate."""
+    if isinstance(m, nn.modules.conv._ConvNd):
+        return m.groups > 1 and not (m.groups == m.in_channels == m.out_channels)
+    if isinstance(m, nn.GroupNorm):
+        return m.num_groups != m.num_channels
+    return isinstance(m, nn.LayerNorm)
 
 
 def _plain(idxs) -> list[int]:
@@ -184,18 +239,34 @@ def _plain(idxs) -> list[int]:
 
 def _group_ok(dg, scale: ChannelScale, idxs: list[int], inputs: dict) -> bool:
     """May channels ``idxs`` of ``scale`` go? Every fixed gate coupled to them zeroes them, and every
-    consumer that reads them reads a constant (so an ungated source, e.g. a ResNet stem, keeps them)."""
+    consumer that reads them reads a constant a bias can stand for (so an ungated source, e.g. a ResNet
+    stem, keeps them)."""
     for dep, item_idxs in dg.get_pruning_group(scale, _PRUNER.prune_out_channels, idxs=idxs):
         m, plain = dep.target.module, _plain(item_idxs)
+        if _splits_badly(m):
+            return False
         if isinstance(m, ChannelScale):
             if bool((m.scale[plain] != 0).any()):
                 return False
         elif _is_consumer(dg, dep):
-            linear = isinstance(m, nn.Linear)
-            x = inputs.get(id(m))  # absent: the consumer did not run on the probe
-            if x is None or any(_constant(x, i, linear) is None for i in plain):
+            xs = inputs.get(id(m))  # absent: the consumer did not run on the probe
+            if xs is None or _bias_delta(m, xs, plain) is None:
                 return False
     return True
+
+
+def _check_channel_dim(dg, model: nn.Module, name: str, scale: ChannelScale) -> None:
+    """A gate on dim 2 of a 3-d output matches Torch-Pruning's channels only where Linear layers (last
+    dim) produce and read them; next to a conv or a BatchNorm it gates positions of an (N, C, L) map."""
+    if scale.dim == 1:
+        return
+    for dep, _ in dg.get_pruning_group(scale, _PRUNER.prune_out_channels, idxs=[0]):
+        m = dep.target.module
+        if isinstance(m, (nn.modules.conv._ConvNd, nn.modules.batchnorm._NormBase, nn.GroupNorm)):
+            where = next(n for n, sub in model.named_modules() if sub is m)
+            raise ExportError(f"gate {name!r} scales dim {scale.dim} of its input, but {where!r} ({type(m).__name__}) "
+                              "has its channels on dim 1: the gate removes positions, not channels; gate that "
+                              "layer with a dim=1 ChannelGate or exclude it")
 
 
 def _round_up(removable: list[int], n: int, round_to: Optional[int]) -> list[int]:
@@ -209,11 +280,27 @@ def _round_up(removable: list[int], n: int, round_to: Optional[int]) -> list[int
     return removable[: n - target]
 
 
+def _keep_a_filter(dg, scale: ChannelScale, removable: list[int]) -> list[int]:
+    """Give back removable channels until every layer that loses output channels keeps one: behind a
+    torch.cat one gate covers several producers, and all of one conv's filters may be among them."""
+    while removable:
+        for item in dg.get_pruning_group(scale, _PRUNER.prune_out_channels, idxs=removable):
+            m = item.dep.target.module
+            if (isinstance(m, (nn.Linear, nn.modules.conv._ConvNd)) and dg.is_out_channel_pruning_fn(item.dep.handler)
+                    and len(item.idxs) >= m.weight.shape[0]):
+                removable = [i for i in removable if i != item.root_idxs[0]]
+                break
+        else:
+            return removable
+    return removable
+
+
 def _fold_batchnorm(model: nn.Module, dg) -> list[str]:
-    """Fold each eval-mode BatchNorm2d whose only input is a Conv2d read by nothing else into that conv."""
+    """Fold each eval-mode BatchNorm2d whose only input is a Conv2d read by nothing else into that conv
+    (one without running statistics normalises with the batch's, even in eval: it stays)."""
     folded = []
     for name, bn in list(model.named_modules()):
-        if not isinstance(bn, nn.BatchNorm2d) or bn not in dg.module2node:
+        if not isinstance(bn, nn.BatchNorm2d) or bn not in dg.module2node or bn.running_var is None:
             continue
         node = dg.module2node[bn]
         if len(node.inputs) != 1 or not isinstance(node.inputs[0].module, nn.Conv2d):
@@ -233,6 +320,24 @@ def _fold_batchnorm(model: nn.Module, dg) -> list[str]:
         model.set_submodule(name, nn.Identity())
         folded.append(name)
     return folded
+
+
+def _compare(model: nn.Module, probe: Tensor, reference: Tensor, what: str) -> None:
+    """ExportError unless ``model`` computes ``reference`` on ``probe``: ``what`` (a gate's removal, run
+    after each one so that the error names the gate, or the whole export) broke the function."""
+    hint = ("an op that torch-pruning does not see (a view or reshape that moves channels, e.g. a channel "
+            "shuffle) couples the removed channels; exclude that gate")
+    try:
+        with torch.no_grad():
+            got = model(probe)
+    except RuntimeError as exc:
+        raise ExportError(f"{what} breaks the forward pass ({str(exc).splitlines()[0]}): {hint}") from exc
+    if got.shape != reference.shape:
+        raise ExportError(f"{what} changes the output shape {tuple(reference.shape)} -> {tuple(got.shape)}: a "
+                          "gated channel reaches the model output")
+    diff = float((got - reference).abs().max())
+    if diff > 1e-4 * max(1.0, float(reference.abs().max())):
+        raise ExportError(f"{what} changes the output by {diff:.3g} on the probe: {hint}")
 
 
 def max_abs_diff(a: nn.Module, b: nn.Module, inputs, *, batch_size: int = 256) -> float:
@@ -258,7 +363,8 @@ def max_abs_diff(a: nn.Module, b: nn.Module, inputs, *, batch_size: int = 256) -
 
 def export_subnetwork(model: nn.Module, gates: Optional[Mapping] = None, *, example_input: Tensor,
                       fold_bn: bool = False, round_to: Optional[int] = None, check: bool = True) -> nn.Module:
-    """Plain nn.Module (CPU, fp32, eval) computing the masked ``model`` with dead channels removed.
+    """Plain nn.Module (CPU, fp32, eval, every parameter trainable) computing the masked ``model`` with dead
+    channels removed.
 
     ``gates``: name of each gated wrapper -> ChannelGate or bool mask (default: the model's own gates).
     ``example_input``: a batch of real inputs (traced by DependencyGraph and used as the probe).
@@ -280,20 +386,21 @@ def export_subnetwork(model: nn.Module, gates: Optional[Mapping] = None, *, exam
         except RuntimeError as exc:
             raise ValueError(f"the model does not accept example_input of shape {tuple(example_input.shape)}: "
                              f"{str(exc).splitlines()[0]} (pass a batch of inputs shaped like the data's)") from exc
-    names = {id(m): n for n, m in out.named_modules()}
+    if not isinstance(reference, Tensor):
+        raise ValueError(f"the model must return one tensor (the class logits), got {type(reference).__name__}")
     scales = {n: m.mask for n, m in out.named_modules() if isinstance(m, FixedGate)}
     for p in out.parameters():
         p.requires_grad_(True)  # DependencyGraph traces the autograd graph
     try:
         dg = tp.DependencyGraph().build_dependency(out, example_inputs=probe[:2], verbose=False,
-                                                   customized_pruners={ChannelScale: _PRUNER})
+                                                   customized_pruners=_CUSTOM_PRUNERS)
     except Exception as exc:  # torch-pruning raises bare errors on unsupported graphs
         raise ExportError(f"torch-pruning could not trace the model: {type(exc).__name__}: {exc}") from exc
     finally:
         for p in out.parameters():
             p.requires_grad_(False)
-    inputs: dict[int, Tensor] = {}
-    hooks = [m.register_forward_hook(lambda m, a, o: inputs.__setitem__(id(m), a[0].detach()))
+    inputs: dict[int, list[Tensor]] = {}  # every call's input: a module may run more than once
+    hooks = [m.register_forward_hook(lambda m, a, o: inputs.setdefault(id(m), []).append(a[0].detach()))
              for m in out.modules() if isinstance(m, (nn.Linear, nn.modules.conv._ConvNd))]
     with torch.no_grad():
         out(probe)
@@ -305,9 +412,10 @@ def export_subnetwork(model: nn.Module, gates: Optional[Mapping] = None, *, exam
         candidates = [i for i in range(scale.num_channels) if scale.scale[i] == 0]
         if not candidates:
             continue
+        _check_channel_dim(dg, out, name, scale)
         removable = candidates if _group_ok(dg, scale, candidates, inputs) else [
             c for c in candidates if _group_ok(dg, scale, [c], inputs)]
-        removable = _round_up(removable, scale.num_channels, round_to)
+        removable = _keep_a_filter(dg, scale, _round_up(removable, scale.num_channels, round_to))
         if not removable:
             continue
         group = dg.get_pruning_group(scale, _PRUNER.prune_out_channels, idxs=removable)
@@ -316,26 +424,22 @@ def export_subnetwork(model: nn.Module, gates: Optional[Mapping] = None, *, exam
             if _is_consumer(dg, dep):
                 plain = _plain(item_idxs)
                 linear = isinstance(m, nn.Linear)
-                _fold_constants(m, names.get(id(m), type(m).__name__), inputs[id(m)], plain,
-                                [_constant(inputs[id(m)], i, linear) for i in plain])
+                xs, dim = inputs[id(m)], -1 if linear else 1
+                _fold_constants(m, _bias_delta(m, xs, plain))
+                keep = torch.tensor(sorted(set(range(xs[0].shape[dim])) - set(plain)), dtype=torch.long)
+                inputs[id(m)] = [x.index_select(dim, keep) for x in xs]  # a later group indexes the pruned layer
         group.prune()
+        if check:
+            _compare(out, probe, reference, f"removing the dead channels of gate {name!r}")
     for name, scale in scales.items():
         if bool((scale.scale == 1).all()):
             out.set_submodule(name, out.get_submodule(name).activation)
+    restore_fused_path(out)  # the FixedGates left keep their hook (copied with them)
     if fold_bn:
         _fold_batchnorm(out, dg)
-    out.eval()
+    out.eval().requires_grad_(True)  # like a built module (and load_exported's): pruned ones were new Parameters
     if check:
-        with torch.no_grad():
-            got = out(probe)
-        if got.shape != reference.shape:
-            raise ExportError(f"exported output shape {tuple(got.shape)} != masked {tuple(reference.shape)}: a "
-                              "gated channel reaches the model output")
-        diff = float((got - reference).abs().max())
-        scale = max(1.0, float(reference.abs().max()))
-        if diff > 1e-4 * scale:
-            raise ExportError(f"exported model differs from the masked model by {diff:.3g} on the probe; an op "
-                              "that torch-pruning does not see couples the removed channels")
+        _compare(out, probe, reference, "the exported model")
     return out
 
 
@@ -409,6 +513,7 @@ def load_exported(path: str, model: Optional[nn.Module] = None) -> nn.Module:
         from bise.models import rebuild
         model = rebuild(desc["spec"])
     base = copy.deepcopy(model).cpu().float()
+    placed = []
     for name, m in list(base.named_modules()):
         if name and isinstance(m, Gated):
             base.set_submodule(name, m.activation)
@@ -418,9 +523,11 @@ def load_exported(path: str, model: Optional[nn.Module] = None) -> nn.Module:
         except AttributeError:
             raise ExportError(f"{path!r}: module {name!r} not found in the rebuilt architecture") from None
         if entry["type"] == "FixedGate" and not isinstance(current, FixedGate):
-            base.set_submodule(name, FixedGate(current, torch.ones(entry["num_channels"]), entry["dim"]))
+            placed.append((name, FixedGate(current, torch.ones(entry["num_channels"]), entry["dim"])))
+            base.set_submodule(name, placed[-1][1])
         elif entry["type"] == "Identity" and not isinstance(current, nn.Identity):
             base.set_submodule(name, nn.Identity())
+    _keep_fixed_gates(base, placed)
     for name, entry in desc["modules"].items():
         _resize(base.get_submodule(name), name + ".", state, entry)
     try:

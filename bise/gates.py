@@ -11,6 +11,7 @@ from typing import Optional, Sequence
 
 import torch
 from torch import Tensor, nn
+from torch.overrides import TorchFunctionMode
 
 from bise_kernels import ChannelGate
 from bise_kernels.nn.model import keep_modular_path, matches, refuse_unmatched, restore_fused_path
@@ -46,35 +47,70 @@ def _example_input(model: nn.Module, example_input: Optional[Tensor]) -> Tensor:
                      "pass a batch of inputs shaped like the model's data")
 
 
+_CHANNEL_FIRST = (nn.modules.conv._ConvNd, nn.modules.batchnorm._NormBase, nn.GroupNorm)
+_ELEMENTWISE = {"add", "add_", "__add__", "__radd__", "__iadd__", "sub", "__sub__", "__rsub__", "mul", "mul_",
+                "__mul__", "__rmul__", "__imul__", "div", "__truediv__", "relu", "relu_", "dropout", "clone",
+                "contiguous"}
+
+
+class _FollowMaps(TorchFunctionMode):
+    """Adds to ``maps`` the result of an elementwise op on one of them (same shape): a residual add of
+    (N, C, L) conv outputs is (N, C, L) too."""
+
+    def __init__(self, maps: list):
+        super().__init__()
+        self.maps = maps
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        if (getattr(func, "__name__", None) in _ELEMENTWISE and isinstance(out, Tensor) and out.dim() == 3
+                and any(isinstance(a, Tensor) and a.shape == out.shape and any(a is t for t in self.maps)
+                        for a in args)):
+            self.maps.append(out)
+        return out
+
+
 def trace_calls(model: nn.Module, example_input: Tensor, modules: dict[str, nn.Module]):
-    """One no-grad eval forward: per name, the output shapes it produced (in call order)."""
+    """One no-grad eval forward: per name, the output shapes it produced (in call order), the call order,
+    and the names whose input was the 3-d output of a conv or a BatchNorm / InstanceNorm / GroupNorm, or
+    an elementwise op of such (an (N, C, L) map: channels on dim 1; a 3-d Linear output has them on 2)."""
     outputs: dict[str, list] = {name: [] for name in modules}
     order: list[str] = []
+    maps: list[Tensor] = []  # 3-d outputs of channel-first layers, kept alive so that `is` compares them
+    channel_first: set[str] = set()
     handles = []
     for name, m in modules.items():
         def hook(_m, _inp, out, name=name):
             outputs[name].append(tuple(out.shape) if isinstance(out, Tensor) else None)
             order.append(name)
-        handles.append(m.register_forward_hook(hook))
+
+        def pre_hook(_m, inp, name=name):
+            if inp and any(inp[0] is t for t in maps):
+                channel_first.add(name)
+        handles += [m.register_forward_hook(hook), m.register_forward_pre_hook(pre_hook)]
+    for m in model.modules():
+        if isinstance(m, _CHANNEL_FIRST):
+            handles.append(m.register_forward_hook(
+                lambda _m, _inp, out: maps.append(out) if isinstance(out, Tensor) and out.dim() == 3 else None))
     was_training = model.training
     try:
         model.eval()
-        with torch.no_grad():
+        with torch.no_grad(), _FollowMaps(maps):
             model(example_input)
     finally:
         model.train(was_training)
         for h in handles:
             h.remove()
-    return outputs, order
+    return outputs, order, channel_first
 
 
-def _channel_dim(name: str, shape: tuple) -> int:
+def _channel_dim(name: str, shape: tuple, channel_first: bool) -> int:
     if len(shape) in (2, 4):
         return 1
     if len(shape) == 3:
-        return 2
-    raise ValueError(f"cannot gate {name!r}: its output has shape {shape}; gates need (N, C), (N, C, H, W) "
-                     "or (N, L, C) outputs")
+        return 1 if channel_first else 2
+    raise ValueError(f"cannot gate {name!r}: its output has shape {shape}; gates need (N, C), (N, C, H, W), "
+                     "(N, L, C) outputs, or (N, C, L) ones of a conv or BatchNorm")
 
 
 def _default_exclude(model: nn.Module, candidates: dict[str, nn.Module]) -> tuple:
@@ -121,7 +157,7 @@ def insert_gates(model: nn.Module, names: Optional[Sequence[str]] = None, *, exc
     tracked = dict(candidates)
     if head is not None:
         tracked[head] = model.get_submodule(head)
-    outputs, order = trace_calls(model, x, tracked)
+    outputs, order, channel_first = trace_calls(model, x, tracked)
     if head is not None and head in order:
         first_head_call = order.index(head)
         candidates = {n: m for n, m in candidates.items() if n not in order[first_head_call:]}
@@ -136,7 +172,7 @@ def insert_gates(model: nn.Module, names: Optional[Sequence[str]] = None, *, exc
         shape = shapes[0]
         if shape is None:
             raise ValueError(f"cannot gate {name!r}: it does not return a tensor")
-        dim = _channel_dim(name, shape)
+        dim = _channel_dim(name, shape, name in channel_first)
         planned.append((name, module, ChannelGate(shape[dim], dim=dim, threshold=0.0, estimator="sigmoid",
                                                   temperature=temperature, init=0.0, device=x.device)))
     if not planned:
