@@ -196,7 +196,9 @@ class _Run:
         self.device = torch.device(config.device)
         self.model = model
         self.gates = gates_of(model)
-        self.bottleneck = model.get_submodule(find_bottleneck(model, config.bottleneck))
+        example = data.train.inputs(torch.arange(min(2, len(data.train)))).to(self.device)
+        self.bottleneck_name = find_bottleneck(model, config.bottleneck, example)
+        self.bottleneck = model.get_submodule(self.bottleneck_name)
         self.batch_size = config.batch_size or recipe_for(data, model)["batch_size"]
         self.generator = torch.Generator().manual_seed(config.seed)
         self.prefix: Optional[FrozenPrefix] = None
@@ -760,7 +762,7 @@ def extract(model: nn.Module, data, *, config: Optional[ExtractConfig] = None, o
             "best_epoch": run.best["epoch"], "best_val_accuracy": run.best["accuracy"],
             "selection": "best validation accuracy" if run.val is not None else "last epoch",
             "prefix_cached": run.prefix is not None, "final_refit_skipped": not config.refit_after_last,
-            "label_free": config.label_free, "bottleneck": find_bottleneck(model, config.bottleneck),
+            "label_free": config.label_free, "bottleneck": run.bottleneck_name,
             "mask_set": mask_set, "mask_epochs_run": config.mask_epochs + 1 - first_epoch,
             "timing_seconds": dict(run.timing)}
     return Subnetwork(model, run.gates, masks, scores=final, history=run.history, config=config, info=info,

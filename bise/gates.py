@@ -153,7 +153,7 @@ def insert_gates(model: nn.Module, names: Optional[Sequence[str]] = None, *, exc
         what = f"activation module of {cls}" if names is None else f"module of {cls} picked by {arg_names[0]}"
         refuse_unmatched(arg_names[1], exclude, list(candidates), what)
     candidates = {n: m for n, m in candidates.items() if not matches(n, default_exclude) and not matches(n, exclude)}
-    head = find_bottleneck(model, bottleneck) if names is None and _has_linear(model, bottleneck) else None
+    head = find_bottleneck(model, bottleneck, x) if names is None and _has_linear(model, bottleneck) else None
     tracked = dict(candidates)
     if head is not None:
         tracked[head] = model.get_submodule(head)
@@ -217,20 +217,30 @@ def set_gate_mode(gates: dict[str, ChannelGate], mode: str) -> None:
         gate.scores.requires_grad_(mode == "masked")
 
 
-def find_bottleneck(model: nn.Module, name: Optional[str] = None) -> str:
-    """Qualified name of the module whose INPUT is the bottleneck feature (default: the last nn.Linear)."""
+def find_bottleneck(model: nn.Module, name: Optional[str] = None, example_input: Optional[Tensor] = None) -> str:
+    """Qualified name of the module whose INPUT is the bottleneck feature: ``name`` if given, else the
+    nn.Linear that runs last in a forward on ``example_input`` (the head; one no-grad eval forward),
+    else, without an input, the last nn.Linear registered. A model may register its head first
+    (``self.fc`` in ``__init__`` before the feature layers): the registration order then named a
+    feature layer, and the auxiliary head read the wrong activation."""
     modules = dict(model.named_modules())
+    linears = [n for n, m in modules.items() if isinstance(m, nn.Linear)]
     if name is not None:
         if name not in modules or name == "":
-            linears = [n for n, m in modules.items() if isinstance(m, nn.Linear)]
             raise ValueError(f"bottleneck {name!r} is not a module of {type(model).__name__} "
                              f"(its Linear modules: {linears})")
         return name
-    linears = [n for n, m in modules.items() if isinstance(m, nn.Linear)]
     if not linears:
         raise ValueError(f"cannot find the bottleneck of {type(model).__name__}: it has no nn.Linear; pass "
                          "bottleneck=NAME, the module whose input is the feature the auxiliary head reads")
-    return linears[-1]
+    if example_input is None:
+        return linears[-1]
+    _, order, _ = trace_calls(model, example_input, {n: modules[n] for n in linears})
+    if not order:
+        raise ValueError(f"cannot find the bottleneck of {type(model).__name__}: none of its nn.Linear modules "
+                         f"({linears}) runs in its forward; pass bottleneck=NAME, the module whose input is the "
+                         "feature the auxiliary head reads")
+    return order[-1]
 
 
 __all__ = ["ACTIVATIONS", "Gated", "find_bottleneck", "gates_of", "insert_gates", "remove_gates", "set_gate_mode",

@@ -278,6 +278,26 @@ def test_a_custom_subnetwork_loads_into_a_fresh_instance(tmp_path):
     x = data.test.inputs()
     assert list(again.gates) == ["2"] and torch.equal(sub.model(x), again.model(x))
 
+def test_the_head_reads_the_input_of_the_linear_that_runs_last():
+    """A model that registers its head first: extraction gated and tapped the feature layers by
+    registration order (bottleneck "2", the classifier's input left ungated)."""
+
+    class HeadFirst(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = torch.nn.Linear(16, 3)
+            self.features = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(108, 16), torch.nn.ReLU(),
+                                                torch.nn.Linear(16, 16), torch.nn.ReLU())
+
+        def forward(self, x):
+            return self.fc(self.features(x))
+
+    torch.manual_seed(0)
+    sub = extract(HeadFirst(), _random_data(), config=ExtractConfig(mask_epochs=1, head_epochs=1), quiet=True)
+    assert sub.info["bottleneck"] == "fc"
+    assert list(sub.gates) == ["features.2", "features.4"]
+
+
 def test_bad_input_is_refused():
     data = _random_data()
     model = build_model("mlp", 3, data.input_shape, width=0.2)

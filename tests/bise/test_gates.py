@@ -148,6 +148,32 @@ def test_find_bottleneck():
         find_bottleneck(nn.Sequential(nn.Conv2d(1, 1, 1), nn.ReLU()))
 
 
+class HeadFirst(nn.Module):
+    """A user MLP that registers its head before the feature layers."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(8, 3)
+        self.l1, self.a1 = nn.Linear(4, 8), nn.ReLU()
+        self.l2, self.a2 = nn.Linear(8, 8), nn.ReLU()
+
+    def forward(self, x):
+        return self.fc(self.a2(self.l2(self.a1(self.l1(x)))))
+
+
+def test_the_bottleneck_is_the_linear_that_runs_last():
+    """The last registered nn.Linear was taken as the head: for a model registering its head first
+    that was "l2", so "a2" (after it) stayed ungated and the auxiliary head read l2's input."""
+    x = torch.rand(2, 4)
+    assert find_bottleneck(HeadFirst(), example_input=x) == "fc"
+    assert find_bottleneck(HeadFirst()) == "l2"  # without an input: the registration order (documented)
+    assert list(insert_gates(HeadFirst(), example_input=x)) == ["a1", "a2"]
+    unused = HeadFirst()
+    unused.forward = lambda x: x  # the Linear modules are registered, none runs
+    with pytest.raises(ValueError, match=r"none of its nn.Linear modules \(\['fc', 'l1', 'l2'\]\) runs"):
+        find_bottleneck(unused, example_input=x)
+
+
 def test_modes_and_straight_through_gradient():
     model = nn.Sequential(nn.Linear(3, 5), nn.Tanh(), nn.Linear(5, 2))
     gates = insert_gates(model, example_input=torch.rand(2, 3))
