@@ -571,7 +571,9 @@ def cmd_evaluate(inv: Invocation, finetuned: Optional[bool] = None) -> None:
              "export": run.artefacts[SUBNETWORK], "finetune": run.artefacts.get(FINETUNED) if finetuned else None}
     timing = {f"{'vanilla_training' if k == 'vanilla' else k}_seconds": e["seconds"] for k, e in steps.items()
               if e is not None}
-    if a.latency_repeats:
+    dist = distributed.current()
+    if a.latency_repeats and dist.is_main:  # one process times while the others wait (in run.commit's barrier):
+        # under torchrun every rank timed at once, each figure taken with N - 1 other processes on the cores
         models = {"vanilla": vanilla, "subnetwork": exported, **({"finetuned": tuned} if tuned is not None else {})}
         timing["latency_seconds"] = {
             name: {f"batch_{n}": measure_latency(m, data.input_shape, n, a.device,
@@ -585,7 +587,8 @@ def cmd_evaluate(inv: Invocation, finetuned: Optional[bool] = None) -> None:
         settings["vanilla"] = {"from": source, "health": _vanilla_health(inv, vanilla, f"--model {source}")}
     config = {"data": inv.data_record, "arch": sub.model.bise_spec["arch"], "model_spec": sub.model.bise_spec,
               **settings,
-              "evaluate": {"device": a.device, "latency_repeats": a.latency_repeats, "flop_counter": COUNTER},
+              "evaluate": {"device": a.device, "latency_repeats": a.latency_repeats, "flop_counter": COUNTER,
+                           "latency_threads": torch.get_num_threads(), "processes": dist.world_size},
               "versions": {"torch": torch.__version__, "bise_kernels": kernels_version}}
     report = build_report(vanilla=v_sec, subnetwork=s_sec, finetuned=f_sec, export={"max_abs_diff": diff},
                           config=config, timing=timing)

@@ -122,7 +122,7 @@ def test_a_dead_rank_fails_the_job_and_resume_finishes_it(vanilla, tmp_path):
 
 def test_cli_under_torchrun_reports_the_single_process_metrics(tmp_path):
     args = ["--data", SPEC, "--arch", "mlp", "--vanilla-epochs", "2", "--mask-epochs", "2", "--head-epochs", "1",
-            "--batch-size", "64", "--latency-repeats", "0", "--quiet"]
+            "--batch-size", "64", "--latency-repeats", "1", "--quiet"]
     env = dict(os.environ, OMP_NUM_THREADS="1", BISE_DIST_TIMEOUT="60")
     one = subprocess.run([sys.executable, "-m", "bise", "run", "--out", str(tmp_path / "one"), *args], env=env,
                          capture_output=True, text=True, timeout=300)
@@ -138,3 +138,7 @@ def test_cli_under_torchrun_reports_the_single_process_metrics(tmp_path):
             assert rep_2[section]["test"][key] == pytest.approx(rep_1[section]["test"][key], abs=1e-6), (section, key)
     assert rep_2["subnetwork"]["units_pruned"] == rep_1["subnetwork"]["units_pruned"]
     assert rep_2["export"]["max_abs_diff"] <= 1e-5
+    # rank 0 alone timed the models (the others waited), and the report says under which conditions
+    assert rep_2["config"]["evaluate"]["processes"] == 2 and rep_1["config"]["evaluate"]["processes"] == 1
+    assert rep_2["config"]["evaluate"]["latency_threads"] == 1
+    assert set(rep_2["timing"]["latency_seconds"]) == {"vanilla", "subnetwork"}
