@@ -258,6 +258,18 @@ def check_same(value: str, what: str, fix: str) -> None:
         raise ValueError(f"the processes see different {what} ({ranks}); {fix}")
 
 
+def raise_from_main(error: Optional[Exception]) -> None:
+    """Raise on every rank the ``error`` that rank 0 met in a step it does alone (None: it succeeded); the
+    others' ``error`` is ignored. Without it they would wait at their next collective until
+    ``BISE_DIST_TIMEOUT`` (or print a 'Connection closed by peer' traceback) instead of the same clear error."""
+    if current().distributed:
+        shared = [error]
+        dist.broadcast_object_list(shared, src=0)
+        error = shared[0]
+    if error is not None:
+        raise error
+
+
 def quiet(quiet: bool) -> bool:
     """Whether a loop hides its progress bar: when asked to, and on every rank but 0, whose bar would
     repeat rank 0's (the values shown are reduced over the ranks)."""

@@ -60,9 +60,14 @@ def _worker(rank, port, model_path, with_ckpt, without_ckpt, queue):
         # rank 1 does not see the checkpoint that the others resume from (another node, a folder not shared)
         result["resume"] = _error(lambda: bise.extract(model, data, config=ExtractConfig(**CONFIG), quiet=True,
                                                        out_dir=without_ckpt if rank == 1 else with_ckpt, resume=True))
+        # without resume: the ranks that see the checkpoint refuse it, rank 1 does not see one
+        result["fresh"] = _error(lambda: bise.extract(model, data, config=ExtractConfig(**CONFIG), quiet=True,
+                                                      out_dir=without_ckpt if rank == 1 else with_ckpt))
         run = RunDir(without_ckpt if rank == 1 else with_ckpt, {})
         result["out"] = _error(lambda: run.open())
         run.close(failed=True)
+        run = RunDir(model_path, {})  # a file: rank 0 alone looks, every rank reports it
+        result["file"] = _error(lambda: run.open())
         shown = io.StringIO()
         with contextlib.redirect_stderr(shown):  # the progress bar: rank 0's alone
             fit(model, data.train, recipe_for(data, "mlp"), epochs=1, batch_size=419, lr=0.1)
@@ -125,6 +130,10 @@ def test_three_processes_resume_one_with_odd_sizes_and_refuse_files_one_rank_lac
         assert result["resume"].startswith("ValueError") and "checkpoint of epoch 2" in result["resume"] and \
             "rank 1: no checkpoint" in result["resume"], (rank, result["resume"])
         assert result["out"].startswith("ValueError") and "rank 1: not locked" in result["out"], (rank, result["out"])
+        assert result["fresh"].startswith("ValueError") and "rank 0: a checkpoint; rank 1: no checkpoint" in \
+            result["fresh"], (rank, result["fresh"])
+        assert result["file"] == f"UsageError: --out {str(model_path)!r} exists and is not a directory", \
+            (rank, result["file"])
 
 
 @pytest.mark.parametrize("env, message", [
