@@ -119,6 +119,19 @@ class SqueezeExcite(nn.Module):
         return self.fc(self.a2(self.c2(h)).mean((2, 3)))
 
 
+class ConvNeXtBlock(nn.Module):
+    """A ConvNeXt block: depthwise conv, then channels last (N, H, W, C): LayerNorm, Linear, GELU, Linear."""
+
+    def __init__(self):
+        super().__init__()
+        self.dw, self.norm = nn.Conv2d(8, 8, 3, padding=1, groups=8), nn.LayerNorm(8)
+        self.p1, self.act, self.p2 = nn.Linear(8, 16), nn.GELU(), nn.Linear(16, 8)
+
+    def forward(self, x):
+        y = self.p2(self.act(self.p1(self.norm(self.dw(x).permute(0, 2, 3, 1)))))
+        return x + y.permute(0, 3, 1, 2)
+
+
 class SharedConv(nn.Module):
     """One conv applied twice, each call followed by its own ReLU."""
 
@@ -298,6 +311,19 @@ def test_conv1d_model_gates_channels(residual, x, tmp_path):
         g.scores.data[::2] = -1.0
     exported = _check(model.eval(), x, tmp_path)
     assert exported.c1.out_channels == exported.c2.out_channels == 4
+
+
+def test_channels_last_block_gates_channels(x, tmp_path):
+    """A 4-d output was always read as (N, C, H, W): the GELU of a ConvNeXt block, (N, H, W, 16) after
+    its Linear, was gated on its 8 rows, and its export failed ('mat1 and mat2 shapes cannot be
+    multiplied'); fed by a Linear or a LayerNorm, a 4-d output has its channels on dim 3."""
+    torch.manual_seed(0)
+    model = _convs(nn.Sequential(ConvNeXtBlock(), nn.ReLU()))
+    gates = insert_gates(model, example_input=x[:2])
+    assert {n: (g.num_channels, g.dim) for n, g in gates.items()} == {"3.0.act": (16, 3), "3.1": (8, 1)}
+    gates["3.0.act"].scores.data[::2] = -1.0
+    exported = _check(model.eval(), x, tmp_path)
+    assert exported[3][0].p1.out_features == exported[3][0].p2.in_features == 8
 
 
 @pytest.mark.parametrize("dead", [[0, 1, 2], list(range(8))])
