@@ -77,7 +77,7 @@ class RunDir:
             # rank on another machine that had looked could then miss the lock below
             try:
                 self._create_and_lock()
-            except UsageError as exc:
+            except (UsageError, OSError) as exc:
                 error = exc
         distributed.raise_from_main(error)  # also the barrier: the others look at --out once it exists
         holder = (out / LOCK).read_text().strip() if (out / LOCK).is_file() else ""
