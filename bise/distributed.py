@@ -258,6 +258,15 @@ def check_same(value: str, what: str, fix: str) -> None:
         raise ValueError(f"the processes see different {what} ({ranks}); {fix}")
 
 
+def same_buffers(model: torch.nn.Module) -> None:
+    """Give every rank rank 0's buffers (BatchNorm running statistics): a training step updates them from
+    the rank's own share, so that after training each rank's model computes other eval features (the
+    CLI reloads rank 0's file; a script would extract from N different models)."""
+    if current().distributed:
+        for b in model.buffers():
+            dist.broadcast(b.data, src=0)
+
+
 def raise_from_main(error: Optional[Exception]) -> None:
     """Raise on every rank the ``error`` that rank 0 met in a step it does alone (None: it succeeded); the
     others' ``error`` is ignored. Without it they would wait at their next collective until
