@@ -76,8 +76,8 @@ def _worker(rank, port, model_path, with_ckpt, without_ckpt, queue):
         result["bar"] = "vanilla" in shown.getvalue()
         # BatchNorm statistics come from each rank's share: after fit, every rank holds rank 0's
         torch.manual_seed(0)
-        bn = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(math.prod(data.input_shape), 8), torch.nn.BatchNorm1d(8),
-                                 torch.nn.ReLU(), torch.nn.Linear(8, data.num_classes))
+        bn = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(math.prod(data.input_shape), 8),
+                                 torch.nn.BatchNorm1d(8), torch.nn.ReLU(), torch.nn.Linear(8, data.num_classes))
         fit(bn, data.train, recipe_for(data, "mlp"), epochs=1, batch_size=400, lr=0.1, quiet=True)
         result["bn"] = torch.cat([bn[2].running_mean, bn[2].running_var]).numpy()
     except Exception as exc:  # noqa: BLE001
