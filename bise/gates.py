@@ -54,9 +54,13 @@ _ELEMENTWISE = {"add", "add_", "__add__", "__radd__", "__iadd__", "sub", "__sub_
                 "contiguous"}
 
 
+_CONCAT = {"cat", "concat", "concatenate"}
+
+
 class _FollowMaps(TorchFunctionMode):
-    """Adds to each list of ``maps`` the result of an elementwise op on one of its tensors (same shape): a
-    residual add of (N, C, L) conv outputs is (N, C, L) too."""
+    """Adds to each list of ``maps`` the result of an elementwise op on one of its tensors (same shape), or
+    of a torch.cat of its tensors alone: a residual add of (N, C, L) conv outputs is (N, C, L) too, and so
+    is an Inception / DenseNet-style cat of them."""
 
     def __init__(self, maps: dict[int, list]):
         super().__init__()
@@ -64,10 +68,16 @@ class _FollowMaps(TorchFunctionMode):
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
-        if getattr(func, "__name__", None) in _ELEMENTWISE and isinstance(out, Tensor):
-            for tensors in self.maps.values():
-                if any(isinstance(a, Tensor) and a.shape == out.shape and any(a is t for t in tensors) for a in args):
-                    tensors.append(out)
+        name = getattr(func, "__name__", None)
+        if not isinstance(out, Tensor) or name not in _ELEMENTWISE | _CONCAT:
+            return out
+        for tensors in self.maps.values():
+            def known(a):
+                return isinstance(a, Tensor) and any(a is t for t in tensors)
+            if (name in _ELEMENTWISE and any(known(a) and a.shape == out.shape for a in args)) or (
+                    name in _CONCAT and args and isinstance(args[0], (list, tuple)) and args[0]
+                    and all(known(a) for a in args[0])):
+                tensors.append(out)
         return out
 
 

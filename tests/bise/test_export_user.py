@@ -119,6 +119,19 @@ class SqueezeExcite(nn.Module):
         return self.fc(self.a2(self.c2(h)).mean((2, 3)))
 
 
+class Inception1d(nn.Module):
+    """(N, C, L) features: the ReLU reads a torch.cat of two Conv1d outputs (no norm between)."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b, self.act = nn.Conv1d(3, 4, 3, padding=1), nn.Conv1d(3, 4, 1), nn.ReLU()
+        self.c, self.act2, self.fc = nn.Conv1d(8, 8, 1), nn.ReLU(), nn.Linear(8, 5)
+
+    def forward(self, x):
+        x = x.flatten(2)
+        return self.fc(self.act2(self.c(self.act(torch.cat([self.a(x), self.b(x)], 1)))).mean(2))
+
+
 class ConvNeXtBlock(nn.Module):
     """A ConvNeXt block: depthwise conv, then channels last (N, H, W, C): LayerNorm, Linear, GELU, Linear."""
 
@@ -311,6 +324,18 @@ def test_conv1d_model_gates_channels(residual, x, tmp_path):
         g.scores.data[::2] = -1.0
     exported = _check(model.eval(), x, tmp_path)
     assert exported.c1.out_channels == exported.c2.out_channels == 4
+
+
+def test_cat_of_conv1d_outputs_gates_channels(x, tmp_path):
+    """An activation reading a torch.cat of (N, C, L) conv outputs was gated on its 64 positions (and
+    its export refused): the cat of channel-first maps is one too."""
+    torch.manual_seed(0)
+    model = Inception1d()
+    gates = insert_gates(model, example_input=x[:2])
+    assert {n: (g.num_channels, g.dim) for n, g in gates.items()} == {"act": (8, 1), "act2": (8, 1)}
+    gates["act"].scores.data[::2] = -1.0
+    exported = _check(model.eval(), x, tmp_path)
+    assert exported.c.in_channels == 4
 
 
 def test_channels_last_block_gates_channels(x, tmp_path):
