@@ -283,6 +283,14 @@ def test_concat_never_empties_a_conv(mode, x, tmp_path):
     assert all(m.out_channels >= 1 for m in exported.modules() if isinstance(m, nn.Conv2d))
 
 
+def test_concat_keeps_round_to_after_giving_a_filter_back(x):
+    """The filter given back to a conv behind a torch.cat came after the round_to rounding: the last gate of
+    an all-off DenseNet kept 6 channels at round_to=4 (a gate that a later one narrows through the cat
+    cannot keep its multiple: see docs/cli.md)."""
+    exported = _check(_gated("dense_cat", 0, "all_off"), x, round_to=4)
+    assert exported.get_submodule("blocks.2.1").mask.num_channels == 4
+
+
 @pytest.mark.parametrize("name", ["bn_batch_stats", "bn_affine_false"])
 def test_fold_bn_of_batchnorm_variants(name, x, tmp_path):
     """fold_bn folds affine=False BatchNorm and leaves one without running stats (it normalises with
