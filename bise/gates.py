@@ -50,8 +50,11 @@ def _example_input(model: nn.Module, example_input: Optional[Tensor]) -> Tensor:
 _CHANNEL_FIRST = (nn.modules.conv._ConvNd, nn.modules.batchnorm._NormBase, nn.GroupNorm)
 _CHANNEL_LAST = (nn.Linear, nn.LayerNorm)
 _ELEMENTWISE = {"add", "add_", "__add__", "__radd__", "__iadd__", "sub", "__sub__", "__rsub__", "mul", "mul_",
-                "__mul__", "__rmul__", "__imul__", "div", "__truediv__", "relu", "relu_", "dropout", "clone",
-                "contiguous"}
+                "__mul__", "__rmul__", "__imul__", "div", "__truediv__", "dropout", "clone", "contiguous",
+                # the functional activations (the modules' own calls too): F.gelu of a conv output is a map
+                "relu", "relu_", "relu6", "gelu", "silu", "sigmoid", "tanh", "hardtanh", "hardtanh_", "leaky_relu",
+                "leaky_relu_", "elu", "elu_", "selu", "celu", "hardswish", "hardsigmoid", "mish", "softplus",
+                "prelu"}
 
 
 _CONCAT = {"cat", "concat", "concatenate"}

@@ -132,6 +132,19 @@ class Inception1d(nn.Module):
         return self.fc(self.act2(self.c(self.act(torch.cat([self.a(x), self.b(x)], 1)))).mean(2))
 
 
+class Functional1d(nn.Module):
+    """(N, C, L) features through functional activations: the ReLU module reads F.silu(conv) + F.gelu(conv)."""
+
+    def __init__(self):
+        super().__init__()
+        self.c1, self.c2, self.act = nn.Conv1d(3, 8, 3, padding=1), nn.Conv1d(8, 8, 3, padding=1), nn.ReLU()
+        self.c3, self.act2, self.fc = nn.Conv1d(8, 8, 1), nn.ReLU(), nn.Linear(8, 5)
+
+    def forward(self, x):
+        h = F.gelu(self.c1(x.flatten(2)))
+        return self.fc(self.act2(self.c3(self.act(F.silu(self.c2(h)) + h))).mean(2))
+
+
 class ConvNeXtBlock(nn.Module):
     """A ConvNeXt block: depthwise conv, then channels last (N, H, W, C): LayerNorm, Linear, GELU, Linear."""
 
@@ -334,16 +347,18 @@ def test_conv1d_model_gates_channels(residual, x, tmp_path):
     assert exported.c1.out_channels == exported.c2.out_channels == 4
 
 
-def test_cat_of_conv1d_outputs_gates_channels(x, tmp_path):
-    """An activation reading a torch.cat of (N, C, L) conv outputs was gated on its 64 positions (and
-    its export refused): the cat of channel-first maps is one too."""
+@pytest.mark.parametrize("arch", [Inception1d, Functional1d])
+def test_cat_or_functional_activation_of_conv1d_outputs_gates_channels(arch, x, tmp_path):
+    """An activation reading a torch.cat of (N, C, L) conv outputs, or an add of F.silu / F.gelu of them,
+    was gated on its 64 positions (and its export refused): those are channel-first maps too."""
     torch.manual_seed(0)
-    model = Inception1d()
+    model = arch()
     gates = insert_gates(model, example_input=x[:2])
     assert {n: (g.num_channels, g.dim) for n, g in gates.items()} == {"act": (8, 1), "act2": (8, 1)}
     gates["act"].scores.data[::2] = -1.0
     exported = _check(model.eval(), x, tmp_path)
-    assert exported.c.in_channels == 4
+    if arch is Inception1d:  # Functional1d's channels stay: its residual stream has an ungated source (F.gelu)
+        assert exported.c.in_channels == 4
 
 
 def test_channels_last_block_gates_channels(x, tmp_path):
