@@ -258,6 +258,27 @@ def check_same(value: str, what: str, fix: str) -> None:
         raise ValueError(f"the processes see different {what} ({ranks}); {fix}")
 
 
+def same_buffers(model: torch.nn.Module) -> None:
+    """Give every rank rank 0's buffers (BatchNorm running statistics): a training step updates them from
+    the rank's own share, so that after training each rank's model computes other eval features (the
+    CLI reloads rank 0's file; a script would extract from N different models)."""
+    if current().distributed:
+        for b in model.buffers():
+            dist.broadcast(b.data, src=0)
+
+
+def raise_from_main(error: Optional[Exception]) -> None:
+    """Raise on every rank the ``error`` that rank 0 met in a step it does alone (None: it succeeded); the
+    others' ``error`` is ignored. Without it they would wait at their next collective until
+    ``BISE_DIST_TIMEOUT`` (or print a 'Connection closed by peer' traceback) instead of the same clear error."""
+    if current().distributed:
+        shared = [error]
+        dist.broadcast_object_list(shared, src=0)
+        error = shared[0]
+    if error is not None:
+        raise error
+
+
 def quiet(quiet: bool) -> bool:
     """Whether a loop hides its progress bar: when asked to, and on every rank but 0, whose bar would
     repeat rank 0's (the values shown are reduced over the ranks)."""

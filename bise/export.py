@@ -415,7 +415,7 @@ def export_subnetwork(model: nn.Module, gates: Optional[Mapping] = None, *, exam
         _check_channel_dim(dg, out, name, scale)
         removable = candidates if _group_ok(dg, scale, candidates, inputs) else [
             c for c in candidates if _group_ok(dg, scale, [c], inputs)]
-        removable = _keep_a_filter(dg, scale, _round_up(removable, scale.num_channels, round_to))
+        removable = _round_up(_keep_a_filter(dg, scale, removable), scale.num_channels, round_to)
         if not removable:
             continue
         group = dg.get_pruning_group(scale, _PRUNER.prune_out_channels, idxs=removable)

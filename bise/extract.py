@@ -699,14 +699,17 @@ def extract(model: nn.Module, data, *, config: Optional[ExtractConfig] = None, o
                          "and out_dir holding that checkpoint")
     ckpt = None if checkpoint is None else _extraction_checkpoint(
         checkpoint, "checkpoint= (what read_checkpoint(out_dir / 'checkpoint.pt') returns)")
-    if ckpt is None and ckpt_path is not None and ckpt_path.exists():
-        if not resume:
-            raise ValueError(f"{ckpt_path} holds another extraction; pass resume=True to continue it or use a "
-                             "fresh out_dir")
+    other = ckpt is None and ckpt_path is not None and ckpt_path.exists()
+    if other and resume:
         ckpt = read_checkpoint(ckpt_path)
-    distributed.check_same("no checkpoint" if ckpt is None else f"checkpoint of epoch {ckpt['epoch']}",
+    # before the refusal below, which a rank that alone sees the checkpoint would raise alone
+    distributed.check_same("no checkpoint" if ckpt is None and not other else
+                           "a checkpoint" if ckpt is None else f"checkpoint of epoch {ckpt['epoch']}",
                            f"out_dir {str(out_dir)!r}", "every process must read the same out_dir: put it on a "
                            "filesystem that all machines share")
+    if other and not resume:
+        raise ValueError(f"{ckpt_path} holds another extraction; pass resume=True to continue it or use a "
+                         "fresh out_dir")
     device, quiet = torch.device(config.device), distributed.quiet(quiet)
     with ExitStack() as stack:
         if config.deterministic:

@@ -79,6 +79,7 @@ def finetune(model: nn.Module, data, *, epochs: int = 10, scheme: Optional[str] 
             mean_loss = train_epoch(model, train_dev, opt, gen, batch_size, device,
                                     lambda logits, idx: losses.reweighted_cross_entropy(
                                         logits, y_dev[idx], b_dev[idx], group_weights=table))
+            distributed.same_buffers(model)  # the ranks evaluate (and keep) one model
             record = {"epoch": epoch, "train_loss": mean_loss, "val": None}
             if val is not None:
                 record["val"] = evaluate(model, val, device=device)

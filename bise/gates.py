@@ -48,36 +48,52 @@ def _example_input(model: nn.Module, example_input: Optional[Tensor]) -> Tensor:
 
 
 _CHANNEL_FIRST = (nn.modules.conv._ConvNd, nn.modules.batchnorm._NormBase, nn.GroupNorm)
+_CHANNEL_LAST = (nn.Linear, nn.LayerNorm)
 _ELEMENTWISE = {"add", "add_", "__add__", "__radd__", "__iadd__", "sub", "__sub__", "__rsub__", "mul", "mul_",
-                "__mul__", "__rmul__", "__imul__", "div", "__truediv__", "relu", "relu_", "dropout", "clone",
-                "contiguous"}
+                "__mul__", "__rmul__", "__imul__", "div", "__truediv__", "dropout", "clone", "contiguous",
+                # the functional activations (the modules' own calls too): F.gelu of a conv output is a map
+                "relu", "relu_", "relu6", "gelu", "silu", "sigmoid", "tanh", "hardtanh", "hardtanh_", "leaky_relu",
+                "leaky_relu_", "elu", "elu_", "selu", "celu", "hardswish", "hardsigmoid", "mish", "softplus",
+                "prelu"}
+
+
+_CONCAT = {"cat", "concat", "concatenate"}
 
 
 class _FollowMaps(TorchFunctionMode):
-    """Adds to ``maps`` the result of an elementwise op on one of them (same shape): a residual add of
-    (N, C, L) conv outputs is (N, C, L) too."""
+    """Adds to each list of ``maps`` the result of an elementwise op on one of its tensors (same shape), or
+    of a torch.cat of its tensors alone: a residual add of (N, C, L) conv outputs is (N, C, L) too, and so
+    is an Inception / DenseNet-style cat of them."""
 
-    def __init__(self, maps: list):
+    def __init__(self, maps: dict[int, list]):
         super().__init__()
         self.maps = maps
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
-        if (getattr(func, "__name__", None) in _ELEMENTWISE and isinstance(out, Tensor) and out.dim() == 3
-                and any(isinstance(a, Tensor) and a.shape == out.shape and any(a is t for t in self.maps)
-                        for a in args)):
-            self.maps.append(out)
+        name = getattr(func, "__name__", None)
+        if not isinstance(out, Tensor) or name not in _ELEMENTWISE | _CONCAT:
+            return out
+        for tensors in self.maps.values():
+            def known(a):
+                return isinstance(a, Tensor) and any(a is t for t in tensors)
+            if (name in _ELEMENTWISE and any(known(a) and a.shape == out.shape for a in args)) or (
+                    name in _CONCAT and args and isinstance(args[0], (list, tuple)) and args[0]
+                    and all(known(a) for a in args[0])):
+                tensors.append(out)
         return out
 
 
 def trace_calls(model: nn.Module, example_input: Tensor, modules: dict[str, nn.Module]):
     """One no-grad eval forward: per name, the output shapes it produced (in call order), the call order,
-    and the names whose input was the 3-d output of a conv or a BatchNorm / InstanceNorm / GroupNorm, or
-    an elementwise op of such (an (N, C, L) map: channels on dim 1; a 3-d Linear output has them on 2)."""
+    and the channel dim of the names whose input has a known layout: 1 for the 3-d output of a conv or a
+    BatchNorm / InstanceNorm / GroupNorm (an (N, C, L) map; a 3-d Linear output has its channels on 2),
+    3 for the 4-d output of a Linear or a LayerNorm (an (N, H, W, C) map: a ConvNeXt block's permuted
+    features; other 4-d outputs are (N, C, H, W)), also through elementwise ops of such."""
     outputs: dict[str, list] = {name: [] for name in modules}
     order: list[str] = []
-    maps: list[Tensor] = []  # 3-d outputs of channel-first layers, kept alive so that `is` compares them
-    channel_first: set[str] = set()
+    maps: dict[int, list] = {1: [], 3: []}  # kept alive so that `is` compares them
+    layouts: dict[str, int] = {}
     handles = []
     for name, m in modules.items():
         def hook(_m, _inp, out, name=name):
@@ -85,13 +101,16 @@ def trace_calls(model: nn.Module, example_input: Tensor, modules: dict[str, nn.M
             order.append(name)
 
         def pre_hook(_m, inp, name=name):
-            if inp and any(inp[0] is t for t in maps):
-                channel_first.add(name)
+            for dim, tensors in maps.items():
+                if inp and any(inp[0] is t for t in tensors):
+                    layouts[name] = dim
         handles += [m.register_forward_hook(hook), m.register_forward_pre_hook(pre_hook)]
     for m in model.modules():
-        if isinstance(m, _CHANNEL_FIRST):
-            handles.append(m.register_forward_hook(
-                lambda _m, _inp, out: maps.append(out) if isinstance(out, Tensor) and out.dim() == 3 else None))
+        for layers, rank, dim in ((_CHANNEL_FIRST, 3, 1), (_CHANNEL_LAST, 4, 3)):
+            if isinstance(m, layers):
+                handles.append(m.register_forward_hook(
+                    lambda _m, _inp, out, rank=rank, dim=dim:
+                    maps[dim].append(out) if isinstance(out, Tensor) and out.dim() == rank else None))
     was_training = model.training
     try:
         model.eval()
@@ -101,16 +120,19 @@ def trace_calls(model: nn.Module, example_input: Tensor, modules: dict[str, nn.M
         model.train(was_training)
         for h in handles:
             h.remove()
-    return outputs, order, channel_first
+    return outputs, order, layouts
 
 
-def _channel_dim(name: str, shape: tuple, channel_first: bool) -> int:
-    if len(shape) in (2, 4):
+def _channel_dim(name: str, shape: tuple, layout: Optional[int]) -> int:
+    """The dim a gate of ``name``'s output scales: ``layout`` (trace_calls) where its input tells it."""
+    if len(shape) == 2:
         return 1
     if len(shape) == 3:
-        return 1 if channel_first else 2
+        return 1 if layout == 1 else 2
+    if len(shape) == 4:
+        return 3 if layout == 3 else 1
     raise ValueError(f"cannot gate {name!r}: its output has shape {shape}; gates need (N, C), (N, C, H, W), "
-                     "(N, L, C) outputs, or (N, C, L) ones of a conv or BatchNorm")
+                     "(N, L, C) outputs, (N, C, L) ones of a conv or BatchNorm, or (N, H, W, C) ones of a Linear")
 
 
 def _default_exclude(model: nn.Module, candidates: dict[str, nn.Module]) -> tuple:
@@ -157,7 +179,7 @@ def insert_gates(model: nn.Module, names: Optional[Sequence[str]] = None, *, exc
     tracked = dict(candidates)
     if head is not None:
         tracked[head] = model.get_submodule(head)
-    outputs, order, channel_first = trace_calls(model, x, tracked)
+    outputs, order, layouts = trace_calls(model, x, tracked)
     if head is not None and head in order:
         first_head_call = order.index(head)
         candidates = {n: m for n, m in candidates.items() if n not in order[first_head_call:]}
@@ -172,7 +194,7 @@ def insert_gates(model: nn.Module, names: Optional[Sequence[str]] = None, *, exc
         shape = shapes[0]
         if shape is None:
             raise ValueError(f"cannot gate {name!r}: it does not return a tensor")
-        dim = _channel_dim(name, shape, name in channel_first)
+        dim = _channel_dim(name, shape, layouts.get(name))
         planned.append((name, module, ChannelGate(shape[dim], dim=dim, threshold=0.0, estimator="sigmoid",
                                                   temperature=temperature, init=0.0, device=x.device)))
     if not planned:

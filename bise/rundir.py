@@ -72,19 +72,14 @@ class RunDir:
         """Create ``--out`` if missing, take the lock (rank 0), check writability, read run.json
         (``fresh``: ignore a run.json that this version cannot read; ``bise run --overwrite``)."""
         out = self.out
+        error = None
         if self.main:  # rank 0 alone looks at --out before it exists: NFS clients cache a failed lookup, and a
             # rank on another machine that had looked could then miss the lock below
-            if out.exists() and not out.is_dir():
-                raise UsageError(f"--out {str(out)!r} exists and is not a directory")
-            if not out.exists():
-                try:
-                    out.mkdir(parents=True)
-                except OSError as exc:
-                    raise UsageError(f"--out {str(out)!r} cannot be created: {exc.strerror}") from None
-                self.created = True
-            self._lock()
-            shutil.rmtree(self.staging, ignore_errors=True)  # left by a killed command
-        distributed.barrier()
+            try:
+                self._create_and_lock()
+            except (UsageError, OSError) as exc:
+                error = exc
+        distributed.raise_from_main(error)  # also the barrier: the others look at --out once it exists
         holder = (out / LOCK).read_text().strip() if (out / LOCK).is_file() else ""
         distributed.check_same(f"locked by pid {holder}" if holder else "not locked", f"--out {str(out)!r}",
                                "every process must see the same --out: put it on a filesystem that all machines share")
@@ -101,6 +96,20 @@ class RunDir:
                 raise UsageError(f"{out / MANIFEST} {problem}; choose another --out or pass --overwrite (bise run)")
             self.manifest = manifest if problem is None else self.manifest
         distributed.barrier()
+
+    def _create_and_lock(self) -> None:
+        """Rank 0's part of :meth:`open`: create --out if missing and take its lock (UsageError if not)."""
+        out = self.out
+        if out.exists() and not out.is_dir():
+            raise UsageError(f"--out {str(out)!r} exists and is not a directory")
+        if not out.exists():
+            try:
+                out.mkdir(parents=True)
+            except OSError as exc:
+                raise UsageError(f"--out {str(out)!r} cannot be created: {exc.strerror}") from None
+            self.created = True
+        self._lock()
+        shutil.rmtree(self.staging, ignore_errors=True)  # left by a killed command
 
     def _lock(self) -> None:
         path = self.out / LOCK
@@ -127,8 +136,9 @@ class RunDir:
 
     def close(self, failed: bool) -> None:
         """Remove the staging folder (and, after a failure, an ``--out`` this command created and left
-        without artefacts), then release the lock."""
-        if not self.main:
+        without artefacts), then release the lock. Nothing when this command did not take the lock: the
+        staging folder is then another command's, in progress."""
+        if not self.main or (self._lock_fd is None and not self.created):
             return
         shutil.rmtree(self.staging, ignore_errors=True)
         if failed and self.created and not self.manifest["artefacts"]:

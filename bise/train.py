@@ -106,6 +106,7 @@ def fit(model: nn.Module, split, recipe: dict, *, epochs: int, batch_size: int, 
             sched.step()
         accuracy = float(distributed.all_reduce_sum(correct.clone())) / max(len(data), 1)
         bar.set_postfix(loss=f"{loss:.3f}", acc=f"{accuracy:.3f}")
+    distributed.same_buffers(model)
     return model.eval()
 
 

@@ -8,11 +8,13 @@ never a hang: the spawned group runs under a hard timeout (BISE_DIST_TIMEOUT per
 
 import contextlib
 import io
+import math
 import os
 import socket
 import time
 import warnings
 
+import numpy as np
 import pytest
 import torch
 import torch.multiprocessing as mp
@@ -60,13 +62,24 @@ def _worker(rank, port, model_path, with_ckpt, without_ckpt, queue):
         # rank 1 does not see the checkpoint that the others resume from (another node, a folder not shared)
         result["resume"] = _error(lambda: bise.extract(model, data, config=ExtractConfig(**CONFIG), quiet=True,
                                                        out_dir=without_ckpt if rank == 1 else with_ckpt, resume=True))
+        # without resume: the ranks that see the checkpoint refuse it, rank 1 does not see one
+        result["fresh"] = _error(lambda: bise.extract(model, data, config=ExtractConfig(**CONFIG), quiet=True,
+                                                      out_dir=without_ckpt if rank == 1 else with_ckpt))
         run = RunDir(without_ckpt if rank == 1 else with_ckpt, {})
         result["out"] = _error(lambda: run.open())
         run.close(failed=True)
+        run = RunDir(model_path, {})  # a file: rank 0 alone looks, every rank reports it
+        result["file"] = _error(lambda: run.open())
         shown = io.StringIO()
         with contextlib.redirect_stderr(shown):  # the progress bar: rank 0's alone
             fit(model, data.train, recipe_for(data, "mlp"), epochs=1, batch_size=419, lr=0.1)
         result["bar"] = "vanilla" in shown.getvalue()
+        # BatchNorm statistics come from each rank's share: after fit, every rank holds rank 0's
+        torch.manual_seed(0)
+        bn = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(math.prod(data.input_shape), 8),
+                                 torch.nn.BatchNorm1d(8), torch.nn.ReLU(), torch.nn.Linear(8, data.num_classes))
+        fit(bn, data.train, recipe_for(data, "mlp"), epochs=1, batch_size=400, lr=0.1, quiet=True)
+        result["bn"] = torch.cat([bn[2].running_mean, bn[2].running_var]).numpy()
     except Exception as exc:  # noqa: BLE001
         result["crash"] = f"{type(exc).__name__}: {exc}"
     finally:
@@ -115,7 +128,7 @@ def test_three_processes_resume_one_with_odd_sizes_and_refuse_files_one_rank_lac
                 p.kill()
     assert sorted(results) == list(range(WORLD)), results
     for rank, result in results.items():
-        assert "crash" not in result, (rank, result)
+        assert "crash" not in result, (rank, result["crash"])
         assert result["epochs_run"] == 1
         assert result["bar"] == (rank == 0)
         for name, s in single.items():  # float reduction order differs across processes
@@ -125,6 +138,11 @@ def test_three_processes_resume_one_with_odd_sizes_and_refuse_files_one_rank_lac
         assert result["resume"].startswith("ValueError") and "checkpoint of epoch 2" in result["resume"] and \
             "rank 1: no checkpoint" in result["resume"], (rank, result["resume"])
         assert result["out"].startswith("ValueError") and "rank 1: not locked" in result["out"], (rank, result["out"])
+        np.testing.assert_array_equal(result["bn"], results[0]["bn"])
+        assert result["fresh"].startswith("ValueError") and "rank 0: a checkpoint; rank 1: no checkpoint" in \
+            result["fresh"], (rank, result["fresh"])
+        assert result["file"] == f"UsageError: --out {str(model_path)!r} exists and is not a directory", \
+            (rank, result["file"])
 
 
 @pytest.mark.parametrize("env, message", [

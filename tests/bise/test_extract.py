@@ -278,6 +278,7 @@ def test_a_custom_subnetwork_loads_into_a_fresh_instance(tmp_path):
     x = data.test.inputs()
     assert list(again.gates) == ["2"] and torch.equal(sub.model(x), again.model(x))
 
+
 def test_the_head_reads_the_input_of_the_linear_that_runs_last():
     """A model that registers its head first: extraction gated and tapped the feature layers by
     registration order (bottleneck "2", the classifier's input left ungated)."""

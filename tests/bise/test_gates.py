@@ -174,6 +174,23 @@ def test_the_bottleneck_is_the_linear_that_runs_last():
         find_bottleneck(unused, example_input=x)
 
 
+def test_the_traces_leave_a_training_model_as_it_was():
+    """insert_gates and find_bottleneck (run by extract before any step) trace a forward: in eval mode, so
+    that a model in train mode keeps its BatchNorm statistics and its mode, and dropout draws nothing."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv1d(2, 4, 3), nn.BatchNorm1d(4), nn.ReLU(), nn.Dropout(0.5), nn.Flatten(),
+                          nn.Linear(16, 3)).train()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    x = torch.randn(4, 2, 6)
+    rng = torch.get_rng_state()
+    assert find_bottleneck(model, example_input=x) == "5"
+    insert_gates(model, example_input=x)
+    assert model.training and all(m.training for m in model.modules())
+    assert torch.equal(torch.get_rng_state(), rng)
+    after = model.state_dict()
+    assert all(torch.equal(after[k], v) for k, v in before.items())
+
+
 def test_modes_and_straight_through_gradient():
     model = nn.Sequential(nn.Linear(3, 5), nn.Tanh(), nn.Linear(5, 2))
     gates = insert_gates(model, example_input=torch.rand(2, 3))

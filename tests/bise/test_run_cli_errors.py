@@ -4,6 +4,7 @@ one line ``bise COMMAND: error: ...``, exit status 2, before any work; nothing o
 import fcntl
 import json
 import os
+import shutil
 import signal
 import stat
 import subprocess
@@ -117,11 +118,19 @@ def test_diverged_vanilla_is_not_saved(tmp_path):
 
 def test_a_locked_out_is_refused_naming_the_holder(run_dir):
     before = _snapshot(run_dir)
+    staged = run_dir / ".bise-new" / "masks.pt"  # what the holder is writing: the refused command leaves it
     with open(run_dir / ".bise.lock", "r+") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
         lock.write("424242\n")
         lock.flush()
-        one_line_error(bise("evaluate", "--out", run_dir), "evaluate", "in use by another bise command (pid 424242)")
+        staged.parent.mkdir()
+        staged.write_bytes(b"in progress")
+        try:
+            one_line_error(bise("evaluate", "--out", run_dir), "evaluate",
+                           "in use by another bise command (pid 424242)")
+            assert staged.read_bytes() == b"in progress"
+        finally:
+            shutil.rmtree(staged.parent, ignore_errors=True)
     assert _snapshot(run_dir) == before
 
 
