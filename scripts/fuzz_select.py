@@ -145,8 +145,8 @@ def draw_values(r: random.Random, g: torch.Generator, n: int, dtype: torch.dtype
         sp = special_values(dtype).double()
         x = sp[torch.randint(0, sp.numel(), (n,), generator=g)]
     elif dist == "bits":  # random finite bit patterns (every exponent)
-        w = 8 * f.bits // 8
-        raw = torch.randint(-(2 ** (w - 1)), 2 ** (w - 1), (n,), generator=g, dtype=torch.int64)
+        w = f.bits
+        raw = torch.randint(-(2 ** (w - 1)), 2 ** (w - 1) - 1, (n,), generator=g, dtype=torch.int64)
         y = raw.to(VIEW[w // 8]).view(dtype).double() if dtype != torch.float64 else raw.view(torch.float64)
         x = torch.where(torch.isfinite(y), y, torch.zeros_like(y))
     elif dist == "narrow":  # consecutive keys: a narrow key range, few bits to resolve
@@ -322,6 +322,7 @@ def check_masked(case: Case, kernels) -> None:
     forward of masked_linear (both call the same dense op on W_eff), channel_gate and the keep variants."""
     r, n, dtype = case.r, case.n, case.dtype
     rows = r.choice([d for d in (1, 2, 3, 4, 7, 64, n) if n % d == 0])
+    dtype = dtype if r.random() < 0.7 else r.choice(DTYPES)  # the weight's; the scores keep theirs
     weight = torch.randn(rows, n // rows, generator=case.g).to(dtype)
     for scores in (case.x.reshape(rows, -1), case.x[:rows].contiguous()):
         flat = scores.reshape(-1)
@@ -333,6 +334,11 @@ def check_masked(case: Case, kernels) -> None:
         x = torch.randn(3, weight.shape[1], generator=case.g).to(dtype)
         same(kernels["masked_linear_forward"](x, weight, None, scores, thr, cut),
              ref.masked_linear_forward(x, weight, None, scores, thr, cut), "masked_linear_forward")
+        grad_y = torch.randn(3, rows, generator=case.g).to(dtype)
+        needs = (False, True, False, False)  # the weight gradient: grad_W_eff masked in place by the rule
+        same(kernels["masked_linear_backward"](grad_y, x, weight, scores, thr, cut, "ste", 1.0, needs)[1],
+             ref.masked_linear_backward(grad_y, x, weight, scores, thr, cut, "ste", 1.0, needs)[1],
+             "masked_linear_backward grad_weight")
         keep = ref.keep_mask(scores, thr, cut)
         same(kernels["masked_linear_keep_forward"](x, weight, None, keep),
              ref.masked_linear_keep_forward(x, weight, None, keep), "masked_linear_keep_forward")
