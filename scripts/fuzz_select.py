@@ -444,8 +444,11 @@ def main() -> int:
     counts, regimes, failures = Counter(), Counter(), 0
     emu_batch: list[Case] = []
     start = time.monotonic()
-    index = 0
+    index, shown = 0, start
     while time.monotonic() - start < args.seconds:
+        if time.monotonic() - shown > 300:
+            shown = time.monotonic()
+            print(f"{shown - start:.0f} s: {index} cases, {failures} failed, {dict(counts)}", flush=True)
         target = chooser.choices(targets, [weights[t] for t in targets])[0]
         case = Case(args.seed, index, target)
         index += 1
