@@ -100,7 +100,7 @@ def draw_size(r: random.Random, regime: str) -> int:
 
 def split_points(r: random.Random, n: int, unit: int) -> list[int]:
     """Interior cut points of a list: at multiples of ``unit`` (block / chunk edges) +- a little, or random."""
-    pieces = r.randint(2, 6)
+    pieces = r.randint(2, 6) if r.random() < 0.85 else r.randint(7, 200)  # or many small pieces
     cuts = set()
     for _ in range(pieces - 1):
         if r.random() < 0.6 and n > unit:
