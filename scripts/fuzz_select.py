@@ -362,6 +362,7 @@ class Emu:
         self.dir = Path(tempfile.mkdtemp(prefix="fuzz_select_emu_"))
         (self.dir / "build").mkdir()
         self.binary = emu.build_harness(self.dir / "build")
+        self.paths: set[tuple[str, int]] = set()  # (algorithm, bracket outcome) pairs the batches took
 
     def add(self, runs, case: Case) -> None:
         r, pieces = case.r, [p.reshape(-1).contiguous() for p in case.pieces()]
@@ -377,7 +378,8 @@ class Emu:
         for case in cases:
             self.add(runs, case)
         try:
-            runs.run(self.binary, self.dir)
+            for algo, paths in runs.run(self.binary, self.dir).items():
+                self.paths.update((algo, path) for path in paths)
             return []
         except AssertionError:
             if len(cases) == 1:
@@ -473,6 +475,8 @@ def main() -> int:
             report(c, error)
     print(f"seed {args.seed}: {index} cases in {time.monotonic() - start:.0f} s, {failures} failed; per target "
           f"{dict(counts)}")
+    if emu is not None:
+        print(f"  emulation (algorithm, outcome: 0 missed 1 single 2 buffered 3 overflowed): {sorted(emu.paths)}")
     for key, count in sorted(regimes.items()):
         print(f"  {key[0]:7s} {key[1]:7s} {key[2]:9s} {count}")
     return 1 if failures else 0
