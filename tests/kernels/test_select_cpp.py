@@ -140,6 +140,29 @@ def test_two_threads_split_every_pass_into_chunks(kernels):
         torch.set_num_threads(threads)
 
 
+def test_three_threads_uneven_chunks_and_a_list_across_their_edges(kernels):
+    """Three threads: 3 chunks of 128, 129 and 129 blocks (the tie and the fused masks' offsets in the
+    middle chunk too), over a list of 40 pieces cut at the chunk edges +-1, at block edges and into
+    single scores (a case shape of scripts/fuzz_select.py, which no other test has)."""
+    n = 3 * (1 << 19) + 4097
+    g = torch.Generator().manual_seed(13)
+    x = torch.randn(n, generator=g)
+    x[torch.rand(n, generator=g) < 0.3] = 0.5  # ties at the threshold in every chunk
+    above, ties = int((x > 0.5).sum()), int((x == 0.5).sum())
+    edges = {1, 2, 4095, 4096, 4097, 1 << 19, (1 << 19) + 1, (1 << 20) - 1, 1 << 20, (1 << 20) + 4096, n - 1}
+    edges |= set(torch.randint(1, n, (28,), generator=g).tolist())
+    edges = [0, *sorted(edges), n]
+    pieces = [x[a:b] for a, b in zip(edges, edges[1:])]
+    threads = torch.get_num_threads()
+    torch.set_num_threads(3)
+    try:
+        check_list(kernels, DEVICE, pieces, (above + ties // 2, n // 3))
+        check_topk_keep_mask(kernels, DEVICE, pieces, (above + 1, above + ties // 2))
+        check_batched(kernels, DEVICE, [x, x[:1000]], [above + ties - 1, 3])
+    finally:
+        torch.set_num_threads(threads)
+
+
 def test_keep_mask_checks_finite_in_every_block_and_thread(kernels):
     """keep_mask's check_finite over 2 threads and blocks of 4096: a NaN / inf in any block (first,
     one past a block boundary, the last, a partial one at the end, past the tie cut) raises."""

@@ -47,9 +47,8 @@ def _for_the_cpu(source: str) -> str:
     return '#include "emu.h"\n' + source
 
 
-@pytest.fixture(scope="module")
-def harness(tmp_path_factory):
-    build = tmp_path_factory.mktemp("select_cuda_emu")
+def build_harness(build: Path) -> Path:
+    """Compiles the harness in the empty folder ``build`` (also used by scripts/fuzz_select.py)."""
     (build / "cuda").mkdir()
     (build / "stub").mkdir()
     (build / "stub" / "cuda_runtime_api.h").write_text("#pragma once\n")
@@ -67,6 +66,11 @@ def harness(tmp_path_factory):
     done = subprocess.run([CXX, *flags, *map(str, sources), "-o", str(binary)], capture_output=True, text=True)
     assert done.returncode == 0, done.stderr[-4000:]
     return binary
+
+
+@pytest.fixture(scope="module")
+def harness(tmp_path_factory):
+    return build_harness(tmp_path_factory.mktemp("select_cuda_emu"))
 
 
 class Runs:
