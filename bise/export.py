@@ -325,8 +325,9 @@ def _fold_batchnorm(model: nn.Module, dg) -> list[str]:
 def _compare(model: nn.Module, probe: Tensor, reference: Tensor, what: str) -> None:
     """ExportError unless ``model`` computes ``reference`` on ``probe``: ``what`` (a gate's removal, run
     after each one so that the error names the gate, or the whole export) broke the function."""
-    hint = ("an op that torch-pruning does not see (a view or reshape that moves channels, e.g. a channel "
-            "shuffle) couples the removed channels; exclude that gate")
+    hint = ("the usual cause is an op that Torch-Pruning does not see coupling the removed channels (a view or "
+            "reshape that moves channels, e.g. a channel shuffle); exclude that gate (gate_exclude / exclude=), "
+            "or report the model if it has no such op")
     try:
         with torch.no_grad():
             got = model(probe)
