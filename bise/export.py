@@ -24,7 +24,7 @@ from bise_kernels.nn import ChannelGate
 from bise_kernels.nn.model import keep_modular_path, restore_fused_path
 
 from .checkpoint import save_atomic
-from .gates import Gated
+from .gates import CHANNEL_FIRST, Gated
 from .report import write_text
 
 FORMAT = "bise-export-1"
@@ -262,7 +262,7 @@ def _check_channel_dim(dg, model: nn.Module, name: str, scale: ChannelScale) -> 
         return
     for dep, _ in dg.get_pruning_group(scale, _PRUNER.prune_out_channels, idxs=[0]):
         m = dep.target.module
-        if isinstance(m, (nn.modules.conv._ConvNd, nn.modules.batchnorm._NormBase, nn.GroupNorm)):
+        if isinstance(m, CHANNEL_FIRST):
             where = next(n for n, sub in model.named_modules() if sub is m)
             raise ExportError(f"gate {name!r} scales dim {scale.dim} of its input, but {where!r} ({type(m).__name__}) "
                               "has its channels on dim 1: the gate removes positions, not channels; gate that "

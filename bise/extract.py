@@ -191,14 +191,13 @@ def _identification_model(model: nn.Module, data, config: ExtractConfig, quiet: 
 class _Run:
     """One extraction's mutable state and its loops (kept together so checkpoints can capture it)."""
 
-    def __init__(self, model: nn.Module, data, config: ExtractConfig, quiet: bool):
+    def __init__(self, model: nn.Module, data, config: ExtractConfig, quiet: bool, bottleneck: str):
         self.config, self.data, self.quiet = config, data, quiet
         self.device = torch.device(config.device)
         self.model = model
         self.gates = gates_of(model)
-        example = data.train.inputs(torch.arange(min(2, len(data.train)))).to(self.device)
-        self.bottleneck_name = find_bottleneck(model, config.bottleneck, example)
-        self.bottleneck = model.get_submodule(self.bottleneck_name)
+        self.bottleneck_name = bottleneck
+        self.bottleneck = model.get_submodule(bottleneck)
         self.batch_size = config.batch_size or recipe_for(data, model)["batch_size"]
         self.generator = torch.Generator().manual_seed(config.seed)
         self.prefix: Optional[FrozenPrefix] = None
@@ -633,16 +632,17 @@ def prepare_run(model: nn.Module, data, config: ExtractConfig, quiet: bool = Tru
     model = copy.deepcopy(model).to(device).eval()
     for p in model.parameters():
         p.requires_grad_(False)
+    example = data.train.inputs(torch.arange(min(2, len(data.train)))).to(device)
+    bottleneck = find_bottleneck(model, config.bottleneck, example)  # once: insert_gates and the run use it
     if not gates_of(model):
-        example = data.train.inputs(torch.arange(min(2, len(data.train)))).to(device)
         insert_gates(model, config.gate_names, exclude=config.gate_exclude, example_input=example,
-                     temperature=config.tau0, bottleneck=config.bottleneck, arg_names=("gate_names", "gate_exclude"))
+                     temperature=config.tau0, bottleneck=bottleneck, arg_names=("gate_names", "gate_exclude"))
     elif config.gate_names is not None or config.gate_exclude is not None:
         names = list(gates_of(model))
         shown = ", ".join(names[:4]) + (f", ... ({len(names)} in all)" if len(names) > 4 else "")
         raise ValueError(f"gate_names / gate_exclude choose where extract inserts gates, but the model has gates "
                          f"already ({shown}): pass the model without them, or leave both None")
-    run = _Run(model, data, config, quiet)
+    run = _Run(model, data, config, quiet, bottleneck)
     _labels(run, ckpt)
     run.init_trainables()
     if ckpt is not None:

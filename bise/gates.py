@@ -47,7 +47,7 @@ def _example_input(model: nn.Module, example_input: Optional[Tensor]) -> Tensor:
                      "pass a batch of inputs shaped like the model's data")
 
 
-_CHANNEL_FIRST = (nn.modules.conv._ConvNd, nn.modules.batchnorm._NormBase, nn.GroupNorm)
+CHANNEL_FIRST = (nn.modules.conv._ConvNd, nn.modules.batchnorm._NormBase, nn.GroupNorm)
 _CHANNEL_LAST = (nn.Linear, nn.LayerNorm)
 _ELEMENTWISE = {"add", "add_", "__add__", "__radd__", "__iadd__", "sub", "__sub__", "__rsub__", "mul", "mul_",
                 "__mul__", "__rmul__", "__imul__", "div", "__truediv__", "dropout", "clone", "contiguous",
@@ -58,6 +58,7 @@ _ELEMENTWISE = {"add", "add_", "__add__", "__radd__", "__iadd__", "sub", "__sub_
 
 
 _CONCAT = {"cat", "concat", "concatenate"}
+_FOLLOWED = _ELEMENTWISE | _CONCAT
 
 
 class _FollowMaps(TorchFunctionMode):
@@ -72,7 +73,7 @@ class _FollowMaps(TorchFunctionMode):
     def __torch_function__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
         name = getattr(func, "__name__", None)
-        if not isinstance(out, Tensor) or name not in _ELEMENTWISE | _CONCAT:
+        if not isinstance(out, Tensor) or name not in _FOLLOWED:
             return out
         for tensors in self.maps.values():
             def known(a):
@@ -106,7 +107,7 @@ def trace_calls(model: nn.Module, example_input: Tensor, modules: dict[str, nn.M
                     layouts[name] = dim
         handles += [m.register_forward_hook(hook), m.register_forward_pre_hook(pre_hook)]
     for m in model.modules():
-        for layers, rank, dim in ((_CHANNEL_FIRST, 3, 1), (_CHANNEL_LAST, 4, 3)):
+        for layers, rank, dim in ((CHANNEL_FIRST, 3, 1), (_CHANNEL_LAST, 4, 3)):
             if isinstance(m, layers):
                 handles.append(m.register_forward_hook(
                     lambda _m, _inp, out, rank=rank, dim=dim:
@@ -175,11 +176,16 @@ def insert_gates(model: nn.Module, names: Optional[Sequence[str]] = None, *, exc
         what = f"activation module of {cls}" if names is None else f"module of {cls} picked by {arg_names[0]}"
         refuse_unmatched(arg_names[1], exclude, list(candidates), what)
     candidates = {n: m for n, m in candidates.items() if not matches(n, default_exclude) and not matches(n, exclude)}
-    head = find_bottleneck(model, bottleneck, x) if names is None and _has_linear(model, bottleneck) else None
-    tracked = dict(candidates)
+    # the head (where the default gates stop): the bottleneck named, else the Linear that runs last, found
+    # in the same trace as the candidates' shapes
+    head = find_bottleneck(model, bottleneck) if names is None and bottleneck is not None else None
+    linears = _linears(model) if names is None and bottleneck is None else {}
+    tracked = {**candidates, **linears}
     if head is not None:
         tracked[head] = model.get_submodule(head)
     outputs, order, layouts = trace_calls(model, x, tracked)
+    if linears:
+        head = _last_run(model, order, linears)
     if head is not None and head in order:
         first_head_call = order.index(head)
         candidates = {n: m for n, m in candidates.items() if n not in order[first_head_call:]}
@@ -212,8 +218,18 @@ def insert_gates(model: nn.Module, names: Optional[Sequence[str]] = None, *, exc
     return gates
 
 
-def _has_linear(model: nn.Module, bottleneck: Optional[str]) -> bool:
-    return bottleneck is not None or any(isinstance(m, nn.Linear) for m in model.modules())
+def _linears(model: nn.Module) -> dict[str, nn.Module]:
+    return {n: m for n, m in model.named_modules() if isinstance(m, nn.Linear)}
+
+
+def _last_run(model: nn.Module, order: list[str], linears: dict[str, nn.Module]) -> str:
+    """The last of ``linears`` in a trace's call ``order`` (the head), or a ValueError if none ran."""
+    ran = [n for n in order if n in linears]
+    if not ran:
+        raise ValueError(f"cannot find the bottleneck of {type(model).__name__}: none of its nn.Linear modules "
+                         f"({list(linears)}) runs in its forward; pass bottleneck=NAME, the module whose input is "
+                         "the feature the auxiliary head reads")
+    return ran[-1]
 
 
 def gates_of(model: nn.Module) -> dict[str, ChannelGate]:
@@ -246,23 +262,18 @@ def find_bottleneck(model: nn.Module, name: Optional[str] = None, example_input:
     (``self.fc`` in ``__init__`` before the feature layers): the registration order then named a
     feature layer, and the auxiliary head read the wrong activation."""
     modules = dict(model.named_modules())
-    linears = [n for n, m in modules.items() if isinstance(m, nn.Linear)]
+    linears = _linears(model)
     if name is not None:
         if name not in modules or name == "":
             raise ValueError(f"bottleneck {name!r} is not a module of {type(model).__name__} "
-                             f"(its Linear modules: {linears})")
+                             f"(its Linear modules: {list(linears)})")
         return name
     if not linears:
         raise ValueError(f"cannot find the bottleneck of {type(model).__name__}: it has no nn.Linear; pass "
                          "bottleneck=NAME, the module whose input is the feature the auxiliary head reads")
     if example_input is None:
-        return linears[-1]
-    _, order, _ = trace_calls(model, example_input, {n: modules[n] for n in linears})
-    if not order:
-        raise ValueError(f"cannot find the bottleneck of {type(model).__name__}: none of its nn.Linear modules "
-                         f"({linears}) runs in its forward; pass bottleneck=NAME, the module whose input is the "
-                         "feature the auxiliary head reads")
-    return order[-1]
+        return list(linears)[-1]
+    return _last_run(model, trace_calls(model, example_input, linears)[1], linears)
 
 
 __all__ = ["ACTIVATIONS", "Gated", "find_bottleneck", "gates_of", "insert_gates", "remove_gates", "set_gate_mode",

@@ -191,6 +191,13 @@ def test_the_traces_leave_a_training_model_as_it_was():
     assert all(torch.equal(after[k], v) for k, v in before.items())
 
 
+def test_insert_gates_runs_the_model_once():
+    """The head (the last Linear that runs) comes from the trace that reads the candidates' shapes."""
+    model, calls = HeadFirst(), []
+    model.register_forward_hook(lambda *_: calls.append(1))
+    assert list(insert_gates(model, example_input=torch.rand(2, 4))) == ["a1", "a2"] and len(calls) == 1
+
+
 def test_modes_and_straight_through_gradient():
     model = nn.Sequential(nn.Linear(3, 5), nn.Tanh(), nn.Linear(5, 2))
     gates = insert_gates(model, example_input=torch.rand(2, 3))
