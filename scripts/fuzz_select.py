@@ -40,9 +40,10 @@ sys.path[:0] = [str(ROOT), str(ROOT / "tests" / "kernels")]
 
 from bise_kernels.backends import BACKENDS  # noqa: E402
 from bise_kernels.backends import reference as ref  # noqa: E402
+from _select_cases import bits  # noqa: E402  (tests/kernels: raw bit patterns, -0.0 != +0.0)
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16, torch.float64]
-VIEW = {8: torch.int64, 4: torch.int32, 2: torch.int16}
+VIEW = {8: torch.int64, 4: torch.int32, 2: torch.int16}  # integer dtype of each width: random bit patterns
 K_BLOCK, K_SMALL, PER_THREAD, GRAIN = 4096, 1 << 15, 128 * 4096, 32768
 TRITON_CHUNK, EMU_CHUNK = 128, 16384
 DELTAS = [0, 1, 2, 3, 15, 16, 17, 31, 32, 33, 63, 64, 65, 127, 128, 129]
@@ -50,10 +51,6 @@ DELTAS = [0, 1, 2, 3, 15, 16, 17, 31, 32, 33, 63, 64, 65, 127, 128, 129]
 
 class Mismatch(AssertionError):
     pass
-
-
-def bits(t: torch.Tensor) -> torch.Tensor:
-    return t.reshape(-1).view(VIEW[t.element_size()])
 
 
 def same(got, want, what):
@@ -65,7 +62,8 @@ def same(got, want, what):
         return
     if got.dtype != want.dtype or got.shape != want.shape:
         raise Mismatch(f"{what}: dtype/shape {got.dtype} {tuple(got.shape)}, want {want.dtype} {tuple(want.shape)}")
-    g, w = (bits(got), bits(want)) if got.is_floating_point() else (got.reshape(-1), want.reshape(-1))
+    g, w = (bits(got), bits(want)) if got.is_floating_point() else (got, want)
+    g, w = g.reshape(-1), w.reshape(-1)
     if not torch.equal(g, w):
         bad = (g != w).nonzero().reshape(-1)
         i = int(bad[0])
