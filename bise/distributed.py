@@ -18,6 +18,7 @@ from __future__ import annotations
 import datetime
 import math
 import os
+import pickle
 import warnings
 from dataclasses import dataclass
 from typing import Callable, Iterator, Optional, Sequence
@@ -267,16 +268,32 @@ def same_buffers(model: torch.nn.Module) -> None:
             dist.broadcast(b.data, src=0)
 
 
-def raise_from_main(error: Optional[Exception]) -> None:
-    """Raise on every rank the ``error`` that rank 0 met in a step it does alone (None: it succeeded); the
-    others' ``error`` is ignored. Without it they would wait at their next collective until
-    ``BISE_DIST_TIMEOUT`` (or print a 'Connection closed by peer' traceback) instead of the same clear error."""
-    if current().distributed:
-        shared = [error]
-        dist.broadcast_object_list(shared, src=0)
-        error = shared[0]
+def raise_any(error: Optional[Exception]) -> None:
+    """Raise on every rank the ``error`` of the lowest rank that met one (None: this rank met none) in a step
+    the ranks do on their own: rank 0 alone creating ``--out``, each rank reading its own files (an out_dir
+    that is a file there, a corrupt checkpoint). Without it the failing rank leaves and the others wait at
+    their next collective until ``BISE_DIST_TIMEOUT`` (or print a 'Connection closed by peer' traceback)
+    instead of raising the same clear error. A rank that raises another rank's error says so in a note."""
+    ctx = current()
+    if ctx.distributed:
+        errors: list = [None] * ctx.world_size
+        dist.all_gather_object(errors, _picklable(error))
+        rank = next((r for r, e in enumerate(errors) if e is not None), None)
+        if rank is not None and rank != ctx.rank:
+            error = errors[rank]
+            error.add_note(f"(rank {rank} met this error; every process stops with it)")
     if error is not None:
         raise error
+
+
+def _picklable(error: Optional[Exception]) -> Optional[Exception]:
+    """``error`` if it survives pickling, else a RuntimeError with its type and message (an exception whose
+    constructor takes other arguments than its message cannot be rebuilt on another rank)."""
+    try:
+        pickle.loads(pickle.dumps(error))
+        return error
+    except Exception:  # noqa: BLE001 - any failure to round-trip
+        return RuntimeError(f"{type(error).__name__}: {error}")
 
 
 def quiet(quiet: bool) -> bool:

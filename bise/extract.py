@@ -686,22 +686,27 @@ def extract(model: nn.Module, data, *, config: Optional[ExtractConfig] = None, o
     """
     config = validate.extract_config(config)
     validate.dataset(data)
-    if out_dir is not None and Path(out_dir).exists() and not Path(out_dir).is_dir():
-        raise ValueError(f"out_dir {str(out_dir)!r} is a file, not a folder")
     if callback is not None and not callable(callback):
         raise TypeError(f"callback must be a function of (epoch, record) or None, got {type(callback).__name__}")
     data, mask_set = mask_data(data, config.mask_set)
     _check_data(data, config)
     validate.model_fits(model, data)
     ckpt_path = Path(out_dir) / CHECKPOINT_NAME if out_dir is not None else None
-    if checkpoint is not None and not (resume and ckpt_path is not None and ckpt_path.exists()):
-        raise ValueError("checkpoint= is the content of out_dir's checkpoint, read to resume it: it needs resume=True "
-                         "and out_dir holding that checkpoint")
-    ckpt = None if checkpoint is None else _extraction_checkpoint(
-        checkpoint, "checkpoint= (what read_checkpoint(out_dir / 'checkpoint.pt') returns)")
-    other = ckpt is None and ckpt_path is not None and ckpt_path.exists()
-    if other and resume:
-        ckpt = read_checkpoint(ckpt_path)
+    ckpt, other, error = None, False, None
+    try:  # each rank reads its own filesystem: every rank raises the error that one meets
+        if out_dir is not None and Path(out_dir).exists() and not Path(out_dir).is_dir():
+            raise ValueError(f"out_dir {str(out_dir)!r} is a file, not a folder")
+        if checkpoint is not None and not (resume and ckpt_path is not None and ckpt_path.exists()):
+            raise ValueError("checkpoint= is the content of out_dir's checkpoint, read to resume it: it needs "
+                             "resume=True and out_dir holding that checkpoint")
+        ckpt = None if checkpoint is None else _extraction_checkpoint(
+            checkpoint, "checkpoint= (what read_checkpoint(out_dir / 'checkpoint.pt') returns)")
+        other = ckpt is None and ckpt_path is not None and ckpt_path.exists()
+        if other and resume:
+            ckpt = read_checkpoint(ckpt_path)
+    except (ValueError, OSError) as exc:  # CheckpointError is a ValueError
+        error = exc
+    distributed.raise_any(error)
     # before the refusal below, which a rank that alone sees the checkpoint would raise alone
     distributed.check_same("no checkpoint" if ckpt is None and not other else
                            "a checkpoint" if ckpt is None else f"checkpoint of epoch {ckpt['epoch']}",

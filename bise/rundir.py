@@ -79,7 +79,7 @@ class RunDir:
                 self._create_and_lock()
             except (UsageError, OSError) as exc:
                 error = exc
-        distributed.raise_from_main(error)  # also the barrier: the others look at --out once it exists
+        distributed.raise_any(error)  # also the barrier: the others look at --out once it exists
         holder = (out / LOCK).read_text().strip() if (out / LOCK).is_file() else ""
         distributed.check_same(f"locked by pid {holder}" if holder else "not locked", f"--out {str(out)!r}",
                                "every process must see the same --out: put it on a filesystem that all machines share")

@@ -47,7 +47,7 @@ def _error(fn) -> str:
     return "no error"
 
 
-def _worker(rank, port, model_path, with_ckpt, without_ckpt, queue):
+def _worker(rank, port, model_path, with_ckpt, without_ckpt, corrupt, queue):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(WORLD),
                       BISE_DIST_TIMEOUT="30")
     torch.set_num_threads(1)
@@ -65,6 +65,11 @@ def _worker(rank, port, model_path, with_ckpt, without_ckpt, queue):
         # without resume: the ranks that see the checkpoint refuse it, rank 1 does not see one
         result["fresh"] = _error(lambda: bise.extract(model, data, config=ExtractConfig(**CONFIG), quiet=True,
                                                       out_dir=without_ckpt if rank == 1 else with_ckpt))
+        # rank 1 alone meets an error reading its files: every rank raises it (it left, the others waited)
+        result["corrupt"] = _error(lambda: bise.extract(model, data, config=ExtractConfig(**CONFIG), quiet=True,
+                                                        out_dir=corrupt if rank == 1 else with_ckpt, resume=True))
+        result["out_file"] = _error(lambda: bise.extract(model, data, config=ExtractConfig(**CONFIG), quiet=True,
+                                                         out_dir=model_path if rank == 1 else with_ckpt, resume=True))
         run = RunDir(without_ckpt if rank == 1 else with_ckpt, {})
         result["out"] = _error(lambda: run.open())
         run.close(failed=True)
@@ -101,9 +106,11 @@ def test_three_processes_resume_one_with_odd_sizes_and_refuse_files_one_rank_lac
     assert len(data.train) % CONFIG["batch_size"] == 1
     torch.manual_seed(0)
     model = build_model("mlp", data.num_classes, data.input_shape)  # untrained: extraction runs the same
-    model_path, with_ckpt, without_ckpt = tmp_path / "model.pt", tmp_path / "a", tmp_path / "b"
+    model_path, with_ckpt, without_ckpt, corrupt = tmp_path / "model.pt", tmp_path / "a", tmp_path / "b", tmp_path / "c"
     torch.save(model, model_path)
     without_ckpt.mkdir()
+    corrupt.mkdir()
+    (corrupt / "checkpoint.pt").write_bytes(b"not a checkpoint")
     single = bise.extract(model, data, config=ExtractConfig(**CONFIG), quiet=True).scores
     with pytest.raises(_Stop):
         bise.extract(model, data, config=ExtractConfig(**CONFIG), quiet=True, out_dir=with_ckpt,
@@ -112,7 +119,8 @@ def test_three_processes_resume_one_with_odd_sizes_and_refuse_files_one_rank_lac
     ctx = mp.get_context("spawn")
     queue = ctx.Queue()
     port = _free_port()
-    procs = [ctx.Process(target=_worker, args=(r, port, model_path, str(with_ckpt), str(without_ckpt), queue))
+    procs = [ctx.Process(target=_worker, args=(r, port, model_path, str(with_ckpt), str(without_ckpt),
+                                                     str(corrupt), queue))
              for r in range(WORLD)]
     for p in procs:
         p.start()
@@ -137,6 +145,10 @@ def test_three_processes_resume_one_with_odd_sizes_and_refuse_files_one_rank_lac
         # every rank stops with the same clear error, instead of running other collectives than its peers
         assert result["resume"].startswith("ValueError") and "checkpoint of epoch 2" in result["resume"] and \
             "rank 1: no checkpoint" in result["resume"], (rank, result["resume"])
+        assert result["corrupt"].startswith("CheckpointError") and str(corrupt) in result["corrupt"], \
+            (rank, result["corrupt"])
+        assert result["out_file"] == f"ValueError: out_dir {str(model_path)!r} is a file, not a folder", \
+            (rank, result["out_file"])
         assert result["out"].startswith("ValueError") and "rank 1: not locked" in result["out"], (rank, result["out"])
         np.testing.assert_array_equal(result["bn"], results[0]["bn"])
         assert result["fresh"].startswith("ValueError") and "rank 0: a checkpoint; rank 1: no checkpoint" in \

@@ -22,6 +22,21 @@ def _objective(p_all: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     return (joint.mean(0) * torch.log(joint.mean(0))).sum()
 
 
+class _TwoArgs(Exception):
+    """An exception that pickling cannot rebuild (its constructor takes two arguments)."""
+
+    def __init__(self, what, value):
+        super().__init__(f"{what}={value}")
+
+
+def _raised(error) -> tuple:
+    try:
+        bd.raise_any(error)
+    except Exception as exc:  # noqa: BLE001 - reported to the test
+        return type(exc).__name__, str(exc), getattr(exc, "__notes__", [])
+    return ("no error",)
+
+
 def _worker(rank, world, port, data, result_queue):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world))
     ctx = bd.init("cpu", timeout_s=60)
@@ -34,8 +49,10 @@ def _worker(rank, world, port, data, result_queue):
         (local_loss + _objective(rows, w) / ctx.world_size).backward()
     bd.all_reduce_grads([w])
     counts = bd.all_reduce_sum(torch.tensor([len(bd.local_share(torch.arange(10), ctx))]))
+    # an error that rank 1 alone met: every rank raises it, rank 0 as a RuntimeError (not picklable as is)
+    raised = [_raised(_TwoArgs("bad", 3) if rank == 1 else None), _raised(ValueError(f"rank {rank}"))]
     if ctx.is_main:
-        result_queue.put((w.grad.clone(), int(counts)))
+        result_queue.put((w.grad.clone(), int(counts), raised))
     bd.barrier()
     bd.shutdown()
 
@@ -53,11 +70,13 @@ def test_two_processes_match_one_process_with_the_global_batch():
     procs = [ctx.Process(target=_worker, args=(r, 2, port, (x, w0), queue)) for r in range(2)]
     for p in procs:
         p.start()
-    grad, count = queue.get(timeout=120)
+    grad, count, raised = queue.get(timeout=120)
     for p in procs:
         p.join(timeout=60)
         assert p.exitcode == 0
     assert count == 10
+    assert raised[0] == ("RuntimeError", "_TwoArgs: bad=3", ["(rank 1 met this error; every process stops with it)"])
+    assert raised[1] == ("ValueError", "rank 0", [])  # the lowest rank's error, its own on rank 0
     torch.testing.assert_close(grad, w.grad, rtol=1e-12, atol=1e-12)
 
 
