@@ -280,15 +280,23 @@ def _round_up(removable: list[int], n: int, round_to: Optional[int]) -> list[int
     return removable[: n - target]
 
 
-def _keep_a_filter(dg, scale: ChannelScale, removable: list[int]) -> list[int]:
-    """Give back removable channels until every layer that loses output channels keeps one: behind a
-    torch.cat one gate covers several producers, and all of one conv's filters may be among them."""
+def _round_producers(dg, scale: ChannelScale, removable: list[int], round_to: Optional[int]) -> list[int]:
+    """Give back removable channels until every layer that loses output channels keeps at least one and,
+    with ``round_to``, a multiple of it (or all it had). Behind a torch.cat one gate covers several
+    producers: all of one conv's filters may be among its channels, and rounding the gate's count alone
+    left the producers (and the earlier gates on them) off their multiples."""
+    step = round_to if round_to and round_to > 1 else 1
     while removable:
         for item in dg.get_pruning_group(scale, _PRUNER.prune_out_channels, idxs=removable):
             m = item.dep.target.module
-            if (isinstance(m, (nn.Linear, nn.modules.conv._ConvNd)) and dg.is_out_channel_pruning_fn(item.dep.handler)
-                    and len(item.idxs) >= m.weight.shape[0]):
-                removable = [i for i in removable if i != item.root_idxs[0]]
+            if not (isinstance(m, (nn.Linear, nn.modules.conv._ConvNd))
+                    and dg.is_out_channel_pruning_fn(item.dep.handler)):
+                continue
+            width, kept = m.weight.shape[0], m.weight.shape[0] - len(item.idxs)
+            target = min(width, max(step, -(-kept // step) * step))
+            if target > kept:
+                back = set(item.root_idxs[: target - kept])
+                removable = [i for i in removable if i not in back]
                 break
         else:
             return removable
@@ -416,7 +424,7 @@ def export_subnetwork(model: nn.Module, gates: Optional[Mapping] = None, *, exam
         _check_channel_dim(dg, out, name, scale)
         removable = candidates if _group_ok(dg, scale, candidates, inputs) else [
             c for c in candidates if _group_ok(dg, scale, [c], inputs)]
-        removable = _round_up(_keep_a_filter(dg, scale, removable), scale.num_channels, round_to)
+        removable = _round_producers(dg, scale, _round_up(removable, scale.num_channels, round_to), round_to)
         if not removable:
             continue
         group = dg.get_pruning_group(scale, _PRUNER.prune_out_channels, idxs=removable)

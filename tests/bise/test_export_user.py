@@ -9,7 +9,8 @@ from torch import nn
 
 from bise_kernels.nn import ChannelGate
 
-from bise.export import ExportError, export_subnetwork, freeze_gates, load_exported, max_abs_diff, save_exported
+from bise.export import (ExportError, FixedGate, export_subnetwork, freeze_gates, load_exported, max_abs_diff,
+                         save_exported)
 from bise.flops import count_macs, count_params
 from bise.gates import Gated, gates_of, insert_gates
 
@@ -296,12 +297,21 @@ def test_concat_never_empties_a_conv(mode, x, tmp_path):
     assert all(m.out_channels >= 1 for m in exported.modules() if isinstance(m, nn.Conv2d))
 
 
-def test_concat_keeps_round_to_after_giving_a_filter_back(x):
-    """The filter given back to a conv behind a torch.cat came after the round_to rounding: the last gate of
-    an all-off DenseNet kept 6 channels at round_to=4 (a gate that a later one narrows through the cat
-    cannot keep its multiple: see docs/cli.md)."""
-    exported = _check(_gated("dense_cat", 0, "all_off"), x, round_to=4)
-    assert exported.get_submodule("blocks.2.1").mask.num_channels == 4
+@pytest.mark.parametrize("round_to", [2, 4, 8])
+@pytest.mark.parametrize("seed, mode", [(0, "all_off"), (2, "random"), (4, "random"), (5, "random")])
+def test_concat_keeps_every_layer_and_gate_at_round_to(seed, mode, round_to, x):
+    """Behind a torch.cat a later gate narrows the producers of earlier ones: rounding each gate's count
+    alone left the stem conv at 7 filters and its gates at 7 channels (seed 2, any round_to), the all-off
+    net's last gate at 6 of 16 at round_to=4, a block's conv at 1 of 4 filters. Every layer's filters,
+    and so every gate's channels, are now a multiple of round_to or all they were."""
+    model = _gated("dense_cat", seed, mode)
+    widths = {n: m.out_channels for n, m in model.named_modules() if isinstance(m, nn.Conv2d)}
+    widths.update((n, g.num_channels) for n, g in gates_of(model).items())
+    exported = _check(model, x, round_to=round_to)
+    got = {n: m.out_channels for n, m in exported.named_modules() if isinstance(m, nn.Conv2d)}
+    got.update((n, m.mask.num_channels) for n, m in exported.named_modules() if isinstance(m, FixedGate))
+    assert got and all(w % round_to == 0 or w == widths[n] for n, w in got.items()), (got, widths)
+    assert round_to > 2 or any(w < widths[n] for n, w in got.items())  # channels did go
 
 
 @pytest.mark.parametrize("name", ["bn_batch_stats", "bn_affine_false"])
