@@ -21,7 +21,6 @@ import argparse
 import dataclasses
 import json
 import os
-import platform
 import statistics
 import subprocess
 import time
@@ -31,6 +30,7 @@ import torch
 
 from bise.extract import ExtractConfig, extract
 from bise.models import build_model
+from bise_kernels.info import cpu_description
 
 ARCHS = {"mlp": 1.0, "simple-cnn": 0.5}
 SCHEDULES = {"small": dict(mask_epochs=10, head_epochs=5), "paper": dict(mask_epochs=100, head_epochs=50)}
@@ -79,12 +79,7 @@ def test_extract_wall_clock(benchmark, digits, schedule, arch, cache):
 
 
 def _machine() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            model = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-    except (OSError, StopIteration):
-        model = platform.processor() or platform.machine()
-    return f"{model}, {os.cpu_count()} cores, load average {os.getloadavg()[0]:.1f} at the start"
+    return f"{cpu_description()}, {os.cpu_count()} cores, load average {os.getloadavg()[0]:.1f} at the start"
 
 
 def _commit() -> str:

@@ -60,6 +60,17 @@ def _gpus() -> list[dict[str, Any]]:
     return gpus
 
 
+def cpu_description() -> str:
+    """The CPU model (/proc/cpuinfo; else the platform's name) and the vector ISA of torch's CPU kernels:
+    matrix products round differently on another CPU kind, so float results repeat bit for bit on one kind."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            model = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        model = platform.processor() or platform.machine()
+    return f"{model} ({_probe(torch.backends.cpu.get_cpu_capability)})"
+
+
 def _versions() -> dict[str, Any]:
     return {
         "bise_kernels": bise_kernels.__version__,
@@ -71,6 +82,7 @@ def _versions() -> dict[str, Any]:
         "triton": _probe(lambda: importlib.import_module("triton").__version__),
         "python": sys.version.split()[0],
         "platform": platform.platform(),
+        "cpu": cpu_description(),
         "cpu_count": os.cpu_count(),
         "torch_threads": torch.get_num_threads(),
         "gpus": _probe(_gpus),
@@ -172,7 +184,7 @@ def format_text(info: dict[str, Any]) -> str:
             f"bise_kernels {versions['bise_kernels']} ({versions['bise_kernels_path']})",
             f"torch {versions['torch']} (CUDA {versions['torch_cuda']}, HIP {versions['torch_hip']}, "
             f"cuDNN {versions['cudnn']}), triton {versions['triton']}",
-            f"Python {versions['python']}, {versions['platform']}, {versions['cpu_count']} CPUs "
+            f"Python {versions['python']}, {versions['platform']}, {versions['cpu']}, {versions['cpu_count']} CPUs "
             f"(torch threads {versions['torch_threads']})",
             "GPUs: " + (gpus if isinstance(gpus, str) else
                         "; ".join(f"{g['index']}: {g['name']} (sm {g['capability']}, {g['memory_gib']} GiB)"

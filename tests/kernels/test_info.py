@@ -10,6 +10,7 @@ import types
 from pathlib import Path
 
 import pytest
+import torch
 
 import bise_kernels
 from bise_kernels import backends, info
@@ -36,6 +37,8 @@ def test_text_report_names_every_backend_and_kernel():
     for kernel in backends.kernel_table("torch"):
         assert re.search(rf"^  {kernel} ", out, re.M), kernel
     assert "backend setting: auto" in out
+    # the CPU kind (float results of matrix products repeat bit for bit on one kind only)
+    assert f"({torch.backends.cpu.get_cpu_capability()}), {os.cpu_count()} CPUs" in out
 
 
 def test_json_with_env_backend_torch_resolves_every_kernel_to_torch():
