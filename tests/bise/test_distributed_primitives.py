@@ -52,7 +52,7 @@ def _worker(rank, world, port, data, result_queue):
     # an error that rank 1 alone met: every rank raises it, rank 0 as a RuntimeError (not picklable as is)
     raised = [_raised(_TwoArgs("bad", 3) if rank == 1 else None), _raised(ValueError(f"rank {rank}"))]
     if ctx.is_main:
-        result_queue.put((w.grad.clone(), int(counts), raised))
+        result_queue.put((w.grad.numpy().copy(), int(counts), raised))  # numpy: a tensor's storage dies with the sender
     bd.barrier()
     bd.shutdown()
 
@@ -77,7 +77,7 @@ def test_two_processes_match_one_process_with_the_global_batch():
     assert count == 10
     assert raised[0] == ("RuntimeError", "_TwoArgs: bad=3", ["(rank 1 met this error; every process stops with it)"])
     assert raised[1] == ("ValueError", "rank 0", [])  # the lowest rank's error, its own on rank 0
-    torch.testing.assert_close(grad, w.grad, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(torch.from_numpy(grad), w.grad, rtol=1e-12, atol=1e-12)
 
 
 def test_single_process_functions_are_identities():

@@ -67,7 +67,8 @@ def test_bise_run_twice_with_the_same_seed_is_bit_identical_in_and_out_of_determ
     first = _run(tmp_path / "a", True)
     _assert_equal(_run(tmp_path / "b", True), first)
     _assert_equal(_run(tmp_path / "c", False), first)
-    assert first["report"]["export"]["max_abs_diff"] == 0.0
+    # the pruned GEMMs round like the full ones on some CPUs only (oneDNN / MKL held to AVX2: 2.2e-8)
+    assert first["report"]["export"]["max_abs_diff"] <= 1e-6
 
 
 def test_extract_twice_with_the_same_seed_is_bit_identical(digits):
