@@ -14,6 +14,7 @@
 // checks every key against the keys of finite scores: NaN / inf raise a ValueError (no extra read).
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
+#include <ATen/Version.h>
 #include <torch/library.h>
 
 #include <algorithm>
@@ -256,10 +257,12 @@ __attribute__((target("avx512f,avx512bw,avx512vbmi2,popcnt"))) void scan_run_f16
                     base + uint32_t(i));  // the tail
 }
 
+// Where ATen's CPU kernels use AVX-512: the CPU has it and ATEN_CPU_CAPABILITY does not hold torch below
+// it (=avx2 or =default runs the portable scan, as on a CPU without AVX-512; the results are the same bits).
 bool has_avx512() {
   static const bool yes = [] {
     __builtin_cpu_init();
-    return __builtin_cpu_supports("avx512f") != 0;
+    return __builtin_cpu_supports("avx512f") != 0 && at::get_cpu_capability() == "AVX512";
   }();
   return yes;
 }

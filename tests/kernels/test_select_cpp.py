@@ -5,6 +5,11 @@ radix refinement); the small case set (test_select_kernels.py) covers the direct
 test_native_checks.py the ops' argument errors.
 """
 
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -313,3 +318,15 @@ def test_every_bracket_missing_finishes_from_the_narrowed_state(kernels, dtype):
     x[top[:500]] = 2.5  # ties at the threshold for some k
     check_list(kernels, DEVICE, [x], (k, 30_500, 31_000))
     check_topk_keep_mask(kernels, DEVICE, [x], (k,))
+
+
+@pytest.mark.skipif(torch.backends.cpu.get_cpu_capability() != "AVX512",
+                    reason="this CPU has no AVX-512: the tests above ran the portable scan")
+def test_the_portable_scan_of_a_cpu_without_avx512(kernels):
+    """The bracket pass scans float32 and 16-bit scores with AVX-512 where ATen's kernels use it, else
+    with the portable loop (an AMD EPYC before Zen 4): this module again in a process held to AVX2."""
+    env = dict(os.environ, ATEN_CPU_CAPABILITY="avx2")
+    run = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__,
+                          "-k", "not portable_scan"], env=env, capture_output=True, text=True, timeout=600,
+                         cwd=Path(__file__).resolve().parents[2])
+    assert run.returncode == 0 and " passed" in run.stdout, run.stdout[-3000:] + run.stderr[-2000:]
