@@ -26,12 +26,12 @@ import argparse
 import datetime
 import json
 import os
-import platform
 import shutil
 import statistics
 import subprocess
 import time
 from pathlib import Path
+from typing import Optional
 
 import torch
 
@@ -40,6 +40,10 @@ RUNS = ROOT / "runs" / "results"
 DOC = ROOT / "docs" / "results.md"
 RESULTS = ROOT / "benchmarks" / "results"
 STORE = RESULTS / "bise-results.json"
+# Earlier runs of the same settings: bise-results.json as it stood before a regeneration, kept as
+# bise-results-<date>.json. Each table lists the newest one's gains beside its own (per-seed numbers
+# move between machines: GEMM rounding differs with the CPU).
+ARCHIVE_GLOB = "bise-results-20*.json"
 
 # Extraction schedule: the paper's (100 mask epochs, 50 head epochs per refit). Vanilla epochs are
 # scaled down from the recipe's 100 for the MLP on the 60k Fashion-MNIST sets (CPU time).
@@ -140,6 +144,20 @@ def _cli(step: str, cfg: dict, out: Path, device: str, *more) -> None:
         raise SystemExit(f"bise {step} failed for {out}")
 
 
+def _machine(device: str) -> str:
+    """What ran the runs: the GPU, or the CPU's model and vector ISA (a run repeats bit for bit on one kind)."""
+    from bise_kernels.info import cpu_description
+
+    return torch.cuda.get_device_name() if device.startswith("cuda") else \
+        f"CPU {cpu_description()}, {os.cpu_count()} cores"
+
+
+def _recorded(rows: list) -> Optional[str]:
+    """The machines the rows record (None if one predates the record: then the rendering machine's)."""
+    machines = [r.get("machine") for r in rows]
+    return None if None in machines else "; ".join(sorted(set(machines)))
+
+
 def run_one(cfg: dict, suite_dir: Path, device: str) -> dict:
     """One fresh run (or the finished one in its folder); returns its provenance with the report."""
     from bise.data import load
@@ -155,7 +173,8 @@ def run_one(cfg: dict, suite_dir: Path, device: str) -> dict:
     if out.exists():
         shutil.rmtree(out)  # never resume: a half-finished run is redone from scratch
     out.mkdir(parents=True)
-    prov = {**_commit(), "threads": torch.get_num_threads(), "device": device, "torch": torch.__version__,
+    prov = {**_commit(), "threads": torch.get_num_threads(), "device": device, "machine": _machine(device),
+            "torch": torch.__version__,
             "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
             "config": cfg, "seconds": {}, "finished": False}
     start = time.perf_counter()
@@ -202,6 +221,7 @@ def row_of(suite_dir: Path, prov: dict) -> dict:
     cfg, health = prov["config"], prov["health"]
     row = {"name": cfg["name"], "group": cfg["group"], "data": cfg["data"], "seed": cfg["seed"],
            "commit": prov["commit"] + ("+dirty" if prov.get("dirty") else ""), "threads": prov["threads"],
+           "machine": prov.get("machine"),
            "seconds": prov["seconds"], "health": health, "vanilla_ok": health["ok"]}
     if not health["ok"]:
         return row
@@ -251,15 +271,33 @@ def _group_line(group: str, rows: list) -> str:
     col = lambda k: [r.get(k) for r in ok]  # noqa: E731
     wg = [r.get("bise_worst_group") for r in ok]
     worst = _ms(wg) if any(v is not None for v in wg) else f"n/a ({_ms(col('bise_zero_groups'), 1, '.0f')} at 0%)"
-    gain = [b - v for b, v in zip(col("bise_conflicting"), col("vanilla_conflicting"))]
-    sign = "+" if statistics.mean(gain) >= 0 else ""
     return (f"| {group} | {health} | {_ms(col('vanilla'))} | {_ms(col('bise'))} | {_ms(col('bise_ft'))} | "
-            f"{_ms(col('vanilla_conflicting'))} -> {_ms(col('bise_conflicting'))} ({sign}{_ms(gain)}) | {worst} | {_ms(col('best_epoch'), 1, '.0f')} | {ok[0]['mask_set']} | "
+            f"{_ms(col('vanilla_conflicting'))} -> {_ms(col('bise_conflicting'))} ({_gain(ok)}) | {worst} | {_ms(col('best_epoch'), 1, '.0f')} | {ok[0]['mask_set']} | "
             f"{_ms(col('weights_removed'))} | {statistics.mean(col('mmacs_vanilla')):.2f} -> "
             f"{statistics.mean(col('mmacs_bise')):.2f} | {', '.join(str(r['seed']) for r in rows)} |")
 
 
-def render(results: dict) -> str:
+def _gain(rows: list) -> str:
+    """Conflicting-accuracy gain of BISE over the vanilla, mean ± std over the rows, in points."""
+    gain = [r["bise_conflicting"] - r["vanilla_conflicting"] for r in rows if r["vanilla_ok"]]
+    if not gain:
+        return "vanilla did not train"
+    return ("+" if statistics.mean(gain) >= 0 else "") + _ms(gain)
+
+
+def _earlier_line(entry: dict) -> str:
+    """What an earlier run of a suite (an archived results file) gave, group by group."""
+    groups: dict = {}
+    for row in entry["runs"]:
+        groups.setdefault(row["group"], []).append(row)
+    commits = sorted({r["commit"] for r in entry["runs"]})
+    return (f"**Earlier run** ({entry['meta']['date']}, commit(s) {', '.join(commits)}, {entry['meta']['device']}), "
+            "conflicting gain: " + "; ".join(f"{g} {_gain(rows)} (seeds {', '.join(str(r['seed']) for r in rows)})"
+                                            for g, rows in groups.items()) + ".")
+
+
+def render(results: dict, earlier: Optional[dict] = None) -> str:
+    """docs/results.md for ``results``; ``earlier`` (an archived results file) adds its gains under each table."""
     lines = ["# BISE results", "",
              "Generated by `python scripts/bise_results.py`; do not edit by hand. Every row is a fresh, unresumed "
              "run (commit, torch threads and wall times per run in benchmarks/results/bise-results.json). "
@@ -277,6 +315,11 @@ def render(results: dict) -> str:
              "corrupted (Corrupted CIFAR-10 analogue) and textured (Waterbirds analogue) Fashion-MNIST. Only "
              "the extraction schedule, the losses and the recipes are the paper's. Compare trends with the "
              "paper, not absolute numbers.", "",
+             "**Reproducing.** A run repeats bit for bit on one kind of CPU (same commit, seed and thread "
+             "count); on another kind the matrix products round differently and the runs diverge, so a seed's "
+             "numbers move by a few points, while the means over seeds have stayed within about two standard "
+             "deviations. Under each table: the gains of the previous generation of the tables "
+             "(benchmarks/results/bise-results-<date>.json) and where they ran.", "",
              f"**Scaled down** (2 CPU cores shared with other jobs, one torch thread per run): the vanilla MLP "
              f"on the 60k Fashion-MNIST sets trains {FASHION_VANILLA_EPOCHS} epochs instead of the recipe's 100 "
              "(the vanilla health column shows how well it fits); seeds and settings that did not finish in the time are "
@@ -300,6 +343,8 @@ def render(results: dict) -> str:
             groups.setdefault(row["group"], []).append(row)
         lines += [_group_line(g, rows) for g, rows in groups.items()]
         lines.append("")
+        if earlier and suite in earlier and earlier[suite].get("runs"):
+            lines += [_earlier_line(earlier[suite]), ""]
         if suite in NOTES:
             lines += [NOTES[suite], ""]
     todo = {suite: results[suite].get("missing", []) if suite in results else None for suite in TITLES}
@@ -330,8 +375,7 @@ def main(argv=None) -> None:
     a = parser.parse_args(argv)
     results = json.loads(STORE.read_text()) if STORE.is_file() else {}
     results = {k: v for k, v in results.items() if k in TITLES and v.get("format") == "bise-results-v2"}
-    device = torch.cuda.get_device_name() if a.device.startswith("cuda") else \
-        f"CPU, {os.cpu_count()} cores ({platform.processor() or platform.machine()})"
+    device = _machine(a.device)
     for suite in a.suite or ["main"]:
         suite_dir = RUNS / suite
         rows = []
@@ -355,12 +399,19 @@ def main(argv=None) -> None:
             results[suite] = {"format": "bise-results-v2", "seeds": a.seeds, "runs": rows,
                               "missing": [c["name"] for c in configurations(suite, a.seeds) if c["name"] not in done],
                               "vanilla_epochs": configurations(suite, a.seeds)[0]["vanilla_epochs"],
-                              "meta": {"device": device, "torch": torch.__version__,
+                              "meta": {"device": _recorded(rows) or device, "torch": torch.__version__,
                                        "date": datetime.date.today().isoformat()}}
     RESULTS.mkdir(parents=True, exist_ok=True)
     _write(STORE, json.dumps(results, indent=1))
-    _write(DOC, render(results) + "\n" + _official_section())
+    _write(DOC, document(results))
     print(f"-> {DOC}, {STORE}")
+
+
+def document(results: dict) -> str:
+    """docs/results.md: the tables of ``results``, the newest archive's gains, the official-code section."""
+    archives = sorted(RESULTS.glob(ARCHIVE_GLOB))
+    earlier = json.loads(archives[-1].read_text()) if archives else None
+    return render(results, earlier) + "\n" + _official_section()
 
 
 def _official_section() -> str:

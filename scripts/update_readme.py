@@ -28,15 +28,19 @@ def _replace(text: str, name: str, body: str) -> str:
     return pattern.sub(lambda m: m.group(1) + body.rstrip() + "\n" + m.group(2), text)
 
 
-def main() -> None:
-    readme = ROOT / "README.md"
-    text = readme.read_text()
+def rendered(text: str) -> str:
+    """README.md ``text`` with its generated blocks rendered from the committed results."""
     text = _replace(text, "performance", render_results.render(
         render_results.load(sorted(render_results.RESULTS.glob("*.json")))))
     results = ROOT / "docs" / "results.md"
     body = results.read_text().split("\n", 1)[1].replace("\n## ", "\n### ") if results.is_file() else \
         "_No results yet: run `python scripts/bise_results.py`._"
-    text = _replace(text, "bise-results", body)
+    return _replace(text, "bise-results", body)
+
+
+def main() -> None:
+    readme = ROOT / "README.md"
+    text = rendered(readme.read_text())
     tmp = readme.with_suffix(".md.tmp")
     tmp.write_text(text)
     os.replace(tmp, readme)

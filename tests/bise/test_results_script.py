@@ -39,3 +39,33 @@ def test_the_committed_results_render_every_note_under_its_table(script):
         if suite in results:
             table = text.index(f"Suite `{suite}`")
             assert table < text.index(note) < text.index("\n## ", table)
+
+
+def test_an_earlier_run_is_listed_under_its_table_with_its_gains(script):
+    def row(group, seed, vanilla, bise):
+        return {"name": f"{group}-{seed}", "group": group, "seed": seed, "commit": "abc1234", "vanilla_ok": True,
+                "vanilla_conflicting": vanilla, "bise_conflicting": bise}
+
+    earlier = {"demo": {"meta": {"date": "2026-11-30", "device": "CPU"},
+                        "runs": [row("colored-mnist rho=0.99", 0, 0.25, 0.50),
+                                 row("colored-mnist rho=0.99", 1, 0.25, 0.46),
+                                 {**row("colored-mnist rho=0.995", 0, 0.2, 0.2), "vanilla_ok": False}]}}
+    assert "**Earlier run**" not in script.render({}, earlier)  # a suite without a table of its own
+    results = json.loads((ROOT / "benchmarks" / "results" / "bise-results.json").read_text())
+    text = script.render({"demo": results["demo"]}, earlier)
+    line = text.index("**Earlier run**")
+    assert text.index("Suite `demo`") < line < text.index("\n## ", line)
+    assert ("**Earlier run** (2026-11-30, commit(s) abc1234, CPU), conflicting gain: colored-mnist rho=0.99 "
+            "+23.0 ± 2.8 (seeds 0, 1); colored-mnist rho=0.995 vanilla did not train (seeds 0).") in text
+
+
+def test_docs_results_and_the_readme_blocks_are_what_the_committed_json_renders(script):
+    """A committed result file without its regenerated docs (or a hand edit) fails here."""
+    results = json.loads(script.STORE.read_text())
+    assert script.DOC.read_text() == script.document(results), \
+        "docs/results.md is stale: python scripts/bise_results.py --render-only --suite ... (every suite in the JSON)"
+    spec = importlib.util.spec_from_file_location("update_readme", ROOT / "scripts" / "update_readme.py")
+    readme = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(readme)
+    text = (ROOT / "README.md").read_text()
+    assert readme.rendered(text) == text, "README.md's generated blocks are stale: python scripts/update_readme.py"
