@@ -41,7 +41,7 @@ DOC = ROOT / "docs" / "results.md"
 RESULTS = ROOT / "benchmarks" / "results"
 STORE = RESULTS / "bise-results.json"
 # Earlier runs of the same settings: bise-results.json as it stood before a regeneration, kept as
-# bise-results-<date>.json. Each table lists the newest one's gains beside its own (per-seed numbers
+# bise-results-<date>.json. Each table lists the newest one's gains beneath it (per-seed numbers
 # move between machines: GEMM rounding differs with the CPU).
 ARCHIVE_GLOB = "bise-results-20*.json"
 
