@@ -4,7 +4,6 @@ CLI runs under torchrun."""
 
 import json
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -12,6 +11,7 @@ import time
 import pytest
 import torch
 import torch.multiprocessing as mp
+from _dist import free_port
 
 import bise
 from bise import distributed as bd
@@ -19,12 +19,6 @@ from bise.extract import ExtractConfig
 
 SPEC = "colored-digits"
 CONFIG = dict(mask_epochs=4, head_epochs=2, batch_size=64, seed=0, eval_batch_size=128)
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
@@ -65,7 +59,7 @@ def _worker(rank, world, port, model_path, out_dir, die_after, resume, queue):
 def _run(world, model_path, out_dir, die_after=None, resume=False, timeout=240):
     ctx = mp.get_context("spawn")
     queue = ctx.Queue()
-    port = _free_port()
+    port = free_port()
     procs = [ctx.Process(target=_worker, args=(r, world, port, model_path, out_dir, die_after, resume, queue))
              for r in range(world)]
     for p in procs:

@@ -10,7 +10,6 @@ import contextlib
 import io
 import math
 import os
-import socket
 import time
 import warnings
 
@@ -18,6 +17,7 @@ import numpy as np
 import pytest
 import torch
 import torch.multiprocessing as mp
+from _dist import free_port
 
 import bise
 from bise import distributed as bd
@@ -31,12 +31,6 @@ SPEC = "colored-digits"
 # 1258 training samples = 3 * 419 + 1: the last global batch has one sample, so two of three ranks get none
 CONFIG = dict(mask_epochs=2, head_epochs=1, batch_size=419, seed=0, eval_batch_size=256)
 WORLD = 3
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _error(fn) -> str:
@@ -118,7 +112,7 @@ def test_three_processes_resume_one_with_odd_sizes_and_refuse_files_one_rank_lac
 
     ctx = mp.get_context("spawn")
     queue = ctx.Queue()
-    port = _free_port()
+    port = free_port()
     procs = [ctx.Process(target=_worker, args=(r, port, model_path, str(with_ckpt), str(without_ckpt),
                                                      str(corrupt), queue))
              for r in range(WORLD)]

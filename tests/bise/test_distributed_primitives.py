@@ -2,18 +2,12 @@
 reproduce the single-process global-batch computation."""
 
 import os
-import socket
 
 import torch
 import torch.multiprocessing as mp
+from _dist import free_port
 
 from bise import distributed as bd
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _objective(p_all: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
@@ -66,7 +60,7 @@ def test_two_processes_match_one_process_with_the_global_batch():
         ((x[batch] @ w).square().sum() / batch.numel() + _objective(x[batch], w)).backward()
     ctx = mp.get_context("spawn")
     queue = ctx.Queue()
-    port = _free_port()
+    port = free_port()
     procs = [ctx.Process(target=_worker, args=(r, 2, port, (x, w0), queue)) for r in range(2)]
     for p in procs:
         p.start()
