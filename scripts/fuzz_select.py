@@ -40,10 +40,9 @@ sys.path[:0] = [str(ROOT), str(ROOT / "tests" / "kernels")]
 
 from bise_kernels.backends import BACKENDS  # noqa: E402
 from bise_kernels.backends import reference as ref  # noqa: E402
-from _select_cases import bits  # noqa: E402  (tests/kernels: raw bit patterns, -0.0 != +0.0)
+from _select_cases import INT_OF_WIDTH, bits  # noqa: E402  (tests/kernels: raw bit patterns, -0.0 != +0.0)
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16, torch.float64]
-VIEW = {8: torch.int64, 4: torch.int32, 2: torch.int16}  # integer dtype of each width: random bit patterns
 K_BLOCK, K_SMALL, PER_THREAD, GRAIN = 4096, 1 << 15, 128 * 4096, 32768
 TRITON_CHUNK, EMU_CHUNK = 128, 16384
 DELTAS = [0, 1, 2, 3, 15, 16, 17, 31, 32, 33, 63, 64, 65, 127, 128, 129]
@@ -145,12 +144,12 @@ def draw_values(r: random.Random, g: torch.Generator, n: int, dtype: torch.dtype
     elif dist == "bits":  # random finite bit patterns (every exponent)
         w = f.bits
         raw = torch.randint(-(2 ** (w - 1)), 2 ** (w - 1) - 1, (n,), generator=g, dtype=torch.int64)
-        y = raw.to(VIEW[w // 8]).view(dtype).double() if dtype != torch.float64 else raw.view(torch.float64)
+        y = raw.to(INT_OF_WIDTH[w // 8]).view(dtype).double() if dtype != torch.float64 else raw.view(torch.float64)
         x = torch.where(torch.isfinite(y), y, torch.zeros_like(y))
     elif dist == "narrow":  # consecutive keys: a narrow key range, few bits to resolve
         base = bits(torch.tensor([r.uniform(-4, 4)], dtype=dtype)).to(torch.int64)
         steps = torch.randint(0, r.choice([2, 16, 300, 5000]), (n,), generator=g)
-        y = (base + steps).to(VIEW[dtype.itemsize]).view(dtype).double()
+        y = (base + steps).to(INT_OF_WIDTH[dtype.itemsize]).view(dtype).double()
         x = torch.where(torch.isfinite(y), y, torch.zeros_like(y))
     elif dist == "plateau":  # a large tie run in the middle of random data
         x = torch.randn(n, generator=g, dtype=torch.float64)

@@ -21,9 +21,13 @@ def skip_unless_supported(backend: str, dtype: torch.dtype) -> None:
         pytest.skip(f"backend {backend!r} takes no {dtype} scores")
 
 
+INT_OF_WIDTH = {8: torch.int64, 4: torch.int32, 2: torch.int16}
+"""The integer dtype of each float width in bytes (raw bit patterns)."""
+
+
 def bits(t: torch.Tensor) -> torch.Tensor:
     """Raw bit patterns, so that -0.0 and +0.0 (and every other value) must match exactly."""
-    return t.cpu().view({8: torch.int64, 4: torch.int32, 2: torch.int16}[t.element_size()])
+    return t.cpu().view(INT_OF_WIDTH[t.element_size()])
 
 
 def assert_same_selection(got, want, what) -> None:
