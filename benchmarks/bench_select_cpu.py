@@ -13,7 +13,9 @@ Groups (compare within a group; one process, same data):
   every tensor (54 sums; on 2 threads that is 54 parallel regions, so the 1-thread read is the
   fairer reference).
 
-With ``--benchmark-disable`` (CI) sizes shrink to 1 M / 100 k and ResNet-50 channels by 4.
+With ``--benchmark-disable`` (CI) sizes shrink to 1 M / 100 k and ResNet-50 channels by 4. Each case records
+``isa``, the level of torch's CPU kernels, which also picks the cpp select's scan: ``ATEN_CPU_CAPABILITY=avx2``
+(or ``default``) measures on this CPU what a CPU without AVX-512 (or AVX2) runs.
 """
 
 import pytest
@@ -66,7 +68,8 @@ def test_select_single_tensor(benchmark, case, size):
     x = before + 1e-3 * torch.randn(n, generator=g)  # one small optimiser step later
     k = n // 2
     hint = CPP["topk_select"]([before], k, None)[0]
-    benchmark.extra_info.update(numel=n, k=k, dtype="float32", threads=1 if case.endswith("_1thread") else torch.get_num_threads())
+    benchmark.extra_info.update(numel=n, k=k, dtype="float32", threads=1 if case.endswith("_1thread") else torch.get_num_threads(),
+                                isa=torch.backends.cpu.get_cpu_capability())
     fns = {
         "one_read_sum": lambda: x.sum(),
         "one_read_sum_1thread": lambda: x.sum(),
@@ -106,7 +109,8 @@ def test_select_resnet50_layers(benchmark, case):
     layers = [t + 1e-3 * torch.randn(t.shape, generator=g) for t in before]
     ks = [t.numel() // 2 for t in layers]
     hints = CPP["batched_topk_select"](before, ks, None)[0]
-    benchmark.extra_info.update(tensors=len(layers), numel=sum(t.numel() for t in layers), dtype="float32")
+    benchmark.extra_info.update(tensors=len(layers), numel=sum(t.numel() for t in layers), dtype="float32",
+                                isa=torch.backends.cpu.get_cpu_capability())
     fns = {
         "one_read_sum": lambda: [t.sum() for t in layers],
         "one_read_sum_1thread": lambda: [t.sum() for t in layers],

@@ -128,9 +128,10 @@ void for_chunks(const Chunks& ch, F&& fn) {
 // RAW (scores, not buffered keys): `bad` becomes true if a key is not in `fin` (NaN, +-inf).
 // MASK (with RAW and STORE): out[i] = key > hi, and idx[m] = base + i beside each stored key.
 template <bool RAW, bool STORE, bool MASK = false, typename U>
-inline void scan_run_generic(const U* x, int64_t n, U lo, U hi, int64_t& gt, int64_t& m, U* buf,
+inline void scan_run_generic(const U* x, int64_t n, U lo, U hi, int64_t& gt, int64_t& m_out, U* buf,
                              FiniteKeys<U> fin, bool& bad, uint8_t* out = nullptr, uint32_t* idx = nullptr,
                              uint32_t base = 0) {
+  int64_t m = m_out;  // a local: `out` (bytes) may alias the caller's count
   const U span = U(hi - lo);
   constexpr int V = 64 / sizeof(U) < 16 ? 16 : 64 / sizeof(U);
   int64_t i = 0, g = 0;
@@ -165,6 +166,7 @@ inline void scan_run_generic(const U* x, int64_t n, U lo, U hi, int64_t& gt, int
     if (RAW) nf = U(nf | U(non_finite(k, fin)));
   }
   gt += g;
+  m_out = m;
   bad = bad || nf != 0;
 }
 
@@ -188,8 +190,9 @@ void scan_run_portable(const U* x, int64_t n, bool raw, bool store, U lo, U hi, 
 // AVX-512 version for 32-bit raw floats: key transform, counts and compaction 16 lanes at a time.
 // The compressed vector is always stored (unaligned, 16 lanes of slack) to avoid a branch.
 __attribute__((target("avx512f,popcnt"))) void scan_run_f32_avx512(
-    const uint32_t* x, int64_t n, uint32_t lo, uint32_t hi, int64_t& gt, int64_t& m, uint32_t* buf, bool store,
+    const uint32_t* x, int64_t n, uint32_t lo, uint32_t hi, int64_t& gt, int64_t& m_out, uint32_t* buf, bool store,
     FiniteKeys<uint32_t> fin, bool& bad, uint8_t* out, uint32_t* idx, uint32_t base) {
+  int64_t m = m_out;  // a local: `out` (bytes) may alias the caller's count
   const __m512i vlo = _mm512_set1_epi32(int(lo)), vspan = _mm512_set1_epi32(int(hi - lo));
   const __m512i vhi = _mm512_set1_epi32(int(hi)), sign = _mm512_set1_epi32(int(0x80000000u));
   const __m512i negz = _mm512_set1_epi32(0x7fffffff), one = _mm512_set1_epi32(1);
@@ -216,14 +219,16 @@ __attribute__((target("avx512f,popcnt"))) void scan_run_f32_avx512(
   }
   gt += _mm512_reduce_add_epi32(acc);
   bad = bad || nf != 0;
-  scan_run_portable(x + i, n - i, true, store, lo, hi, gt, m, buf, fin, bad, out ? out + i : nullptr, idx,
+  m_out = m;
+  scan_run_portable(x + i, n - i, true, store, lo, hi, gt, m_out, buf, fin, bad, out ? out + i : nullptr, idx,
                     base + uint32_t(i));  // the tail
 }
 
 // The same for 16-bit raw floats (float16, bfloat16), 32 lanes at a time (needs VBMI2's vpcompressw).
 __attribute__((target("avx512f,avx512bw,avx512vbmi2,popcnt"))) void scan_run_f16_avx512(
-    const uint16_t* x, int64_t n, uint16_t lo, uint16_t hi, int64_t& gt, int64_t& m, uint16_t* buf, bool store,
+    const uint16_t* x, int64_t n, uint16_t lo, uint16_t hi, int64_t& gt, int64_t& m_out, uint16_t* buf, bool store,
     FiniteKeys<uint16_t> fin, bool& bad, uint8_t* out, uint32_t* idx, uint32_t base) {
+  int64_t m = m_out;  // a local: `out` (bytes) may alias the caller's count
   const __m512i vlo = _mm512_set1_epi16(short(lo)), vspan = _mm512_set1_epi16(short(uint16_t(hi - lo)));
   const __m512i vhi = _mm512_set1_epi16(short(hi)), sign = _mm512_set1_epi16(short(0x8000));
   const __m512i negz = _mm512_set1_epi16(0x7fff), one = _mm512_set1_epi16(1);
@@ -253,7 +258,145 @@ __attribute__((target("avx512f,avx512bw,avx512vbmi2,popcnt"))) void scan_run_f16
   }
   gt += g;
   bad = bad || nf != 0;
-  scan_run_portable(x + i, n - i, true, store, lo, hi, gt, m, buf, fin, bad, out ? out + i : nullptr, idx,
+  m_out = m;
+  scan_run_portable(x + i, n - i, true, store, lo, hi, gt, m_out, buf, fin, bad, out ? out + i : nullptr, idx,
+                    base + uint32_t(i));  // the tail
+}
+
+// Left-pack tables for AVX2, which has no compress instruction: for an 8-bit lane mask, the lanes it
+// selects in order (the slots after them repeat lane 0; stores have slack), as a vpermd control for 32-bit
+// lanes (bytes, widened with vpmovzxbd) and as a pshufb control for the 16-bit lanes of a 128-bit half.
+struct PackTables {
+  alignas(64) uint8_t lanes32[256][8];
+  alignas(64) uint8_t bytes16[256][16];
+  constexpr PackTables() : lanes32{}, bytes16{} {
+    for (int mk = 0; mk < 256; ++mk) {
+      int j = 0;
+      for (int l = 0; l < 8; ++l) {
+        if ((mk >> l & 1) == 0) continue;
+        lanes32[mk][j] = uint8_t(l);
+        bytes16[mk][2 * j] = uint8_t(2 * l);
+        bytes16[mk][2 * j + 1] = uint8_t(2 * l + 1);
+        ++j;
+      }
+    }
+  }
+};
+constexpr PackTables kPack{};
+
+__attribute__((target("avx2"))) inline __m256i pack_control32(int mk) {
+  return _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(kPack.lanes32[mk])));
+}
+
+// AVX2 version for 32-bit raw floats (CPUs without AVX-512, e.g. AMD before Zen 4, Intel client cores):
+// 8 lanes at a time, the inside keys left-packed by a table-driven vpermd. AVX2 compares signed only, so
+// the lanes hold s = key ^ sign (bits ^ ((bits >> 31) & 0x7fffffff)), whose signed order is the key order:
+// above is s > hi ^ sign, inside is neither above nor below lo ^ sign, and the scores are finite when the
+// least and the greatest s of the run lie within the finite keys (min / max: two ops a vector).
+__attribute__((target("avx2,popcnt"))) void scan_run_f32_avx2(
+    const uint32_t* x, int64_t n, uint32_t lo, uint32_t hi, int64_t& gt, int64_t& m_out, uint32_t* buf, bool store,
+    FiniteKeys<uint32_t> fin, bool& bad, uint8_t* out, uint32_t* idx, uint32_t base) {
+  int64_t m = m_out;  // a local: `out` (bytes) may alias the caller's count
+  constexpr uint32_t kSign = 0x80000000u;
+  const __m256i sign = _mm256_set1_epi32(int(kSign)), low31 = _mm256_set1_epi32(0x7fffffff);
+  const __m256i ones = _mm256_set1_epi32(-1), one = _mm256_set1_epi32(1);
+  const __m256i vhi = _mm256_set1_epi32(int(hi ^ kSign)), vlo = _mm256_set1_epi32(int(lo ^ kSign));
+  const __m256i iota = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+  const __m256i byte_of_lane = _mm256_setr_epi32(0, 4, 0, 0, 0, 0, 0, 0);  // after the packs below
+  __m256i acc = _mm256_setzero_si256(), least = _mm256_set1_epi32(INT32_MAX), greatest = _mm256_set1_epi32(INT32_MIN);
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8) {
+    const __m256i b = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x + i));
+    __m256i s = _mm256_xor_si256(b, _mm256_and_si256(_mm256_srai_epi32(b, 31), low31));
+    s = _mm256_andnot_si256(_mm256_cmpeq_epi32(s, ones), s);  // -0.0 (s == -1) is +0.0 (s == 0)
+    least = _mm256_min_epi32(least, s);
+    greatest = _mm256_max_epi32(greatest, s);
+    const __m256i above = _mm256_cmpgt_epi32(s, vhi);
+    acc = _mm256_sub_epi32(acc, above);
+    const __m256i outside = _mm256_or_si256(above, _mm256_cmpgt_epi32(vlo, s));
+    const int mk = ~_mm256_movemask_ps(_mm256_castsi256_ps(outside)) & 0xff;
+    const __m256i perm = pack_control32(mk);
+    if (store) {
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(buf + m), _mm256_permutevar8x32_epi32(_mm256_xor_si256(s, sign), perm));
+    }
+    if (out != nullptr) {  // the keep mask (key > hi) and the flat offsets of the stored keys
+      __m256i a8 = _mm256_and_si256(above, one);
+      a8 = _mm256_packs_epi16(_mm256_packs_epi32(a8, a8), a8);  // lane l's byte: byte l % 4 of 128-bit half l / 4
+      _mm_storel_epi64(reinterpret_cast<__m128i*>(out + i),
+                       _mm256_castsi256_si128(_mm256_permutevar8x32_epi32(a8, byte_of_lane)));
+      const __m256i at = _mm256_add_epi32(_mm256_set1_epi32(int(base + uint32_t(i))), iota);
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(idx + m), _mm256_permutevar8x32_epi32(at, perm));
+    }
+    m += _mm_popcnt_u32(unsigned(mk));
+  }
+  __m128i a4 = _mm_add_epi32(_mm256_castsi256_si128(acc), _mm256_extracti128_si256(acc, 1));
+  a4 = _mm_add_epi32(a4, _mm_shuffle_epi32(a4, _MM_SHUFFLE(1, 0, 3, 2)));
+  a4 = _mm_add_epi32(a4, _mm_shuffle_epi32(a4, _MM_SHUFFLE(2, 3, 0, 1)));
+  gt += uint32_t(_mm_cvtsi128_si32(a4));
+  const __m256i flo = _mm256_set1_epi32(int(fin.lo ^ kSign)), fhi = _mm256_set1_epi32(int((fin.lo + fin.span) ^ kSign));
+  bad = bad || !_mm256_testz_si256(_mm256_or_si256(_mm256_cmpgt_epi32(flo, least), _mm256_cmpgt_epi32(greatest, fhi)), ones);
+  m_out = m;
+  scan_run_portable(x + i, n - i, true, store, lo, hi, gt, m_out, buf, fin, bad, out ? out + i : nullptr, idx,
+                    base + uint32_t(i));  // the tail
+}
+
+// The same for 16-bit raw floats (float16, bfloat16), 16 lanes at a time, each 128-bit half left-packed
+// by a table-driven pshufb. The count above hi gathers in 16-bit lanes, summed every 32767 vectors.
+__attribute__((target("avx2,popcnt"))) void scan_run_f16_avx2(
+    const uint16_t* x, int64_t n, uint16_t lo, uint16_t hi, int64_t& gt, int64_t& m_out, uint16_t* buf, bool store,
+    FiniteKeys<uint16_t> fin, bool& bad, uint8_t* out, uint32_t* idx, uint32_t base) {
+  int64_t m = m_out;  // a local: `out` (bytes) may alias the caller's count
+  constexpr uint16_t kSign = 0x8000u;
+  const __m256i sign = _mm256_set1_epi16(short(kSign)), low15 = _mm256_set1_epi16(0x7fff);
+  const __m256i ones = _mm256_set1_epi16(-1), one = _mm256_set1_epi16(1), zero = _mm256_setzero_si256();
+  const __m256i vhi = _mm256_set1_epi16(short(hi ^ kSign)), vlo = _mm256_set1_epi16(short(lo ^ kSign));
+  const __m256i iota = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7), eight = _mm256_set1_epi32(8);
+  __m256i least = _mm256_set1_epi16(INT16_MAX), greatest = _mm256_set1_epi16(INT16_MIN);
+  int64_t i = 0, g = 0;
+  while (i + 16 <= n) {
+    __m256i acc = zero;  // at most 32767 per lane
+    const int64_t stop = std::min(n - 15, i + 16 * int64_t(INT16_MAX));
+    for (; i < stop; i += 16) {
+      const __m256i b = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x + i));
+      __m256i s = _mm256_xor_si256(b, _mm256_and_si256(_mm256_srai_epi16(b, 15), low15));
+      s = _mm256_andnot_si256(_mm256_cmpeq_epi16(s, ones), s);  // -0.0 is +0.0
+      least = _mm256_min_epi16(least, s);
+      greatest = _mm256_max_epi16(greatest, s);
+      const __m256i above = _mm256_cmpgt_epi16(s, vhi);
+      acc = _mm256_sub_epi16(acc, above);
+      const __m256i outside = _mm256_or_si256(above, _mm256_cmpgt_epi16(vlo, s));
+      const unsigned both = ~unsigned(_mm256_movemask_epi8(_mm256_packs_epi16(outside, zero)));
+      const int mlo = int(both & 0xff), mhi = int(both >> 16 & 0xff);
+      const int64_t m_hi = m + _mm_popcnt_u32(unsigned(mlo));
+      if (store) {
+        const __m256i k = _mm256_xor_si256(s, sign);
+        _mm_storeu_si128(reinterpret_cast<__m128i*>(buf + m),
+                         _mm_shuffle_epi8(_mm256_castsi256_si128(k), _mm_load_si128(reinterpret_cast<const __m128i*>(kPack.bytes16[mlo]))));
+        _mm_storeu_si128(reinterpret_cast<__m128i*>(buf + m_hi),
+                         _mm_shuffle_epi8(_mm256_extracti128_si256(k, 1), _mm_load_si128(reinterpret_cast<const __m128i*>(kPack.bytes16[mhi]))));
+      }
+      if (out != nullptr) {  // the keep mask (key > hi) and the flat offsets of the stored keys
+        const __m256i a8 = _mm256_packs_epi16(_mm256_and_si256(above, one), zero);  // bytes: half 0 | 0 | half 1 | 0
+        _mm_storeu_si128(reinterpret_cast<__m128i*>(out + i),
+                         _mm256_castsi256_si128(_mm256_permute4x64_epi64(a8, _MM_SHUFFLE(3, 1, 2, 0))));
+        const __m256i at = _mm256_add_epi32(_mm256_set1_epi32(int(base + uint32_t(i))), iota);
+        _mm256_storeu_si256(reinterpret_cast<__m256i*>(idx + m), _mm256_permutevar8x32_epi32(at, pack_control32(mlo)));
+        _mm256_storeu_si256(reinterpret_cast<__m256i*>(idx + m_hi),
+                            _mm256_permutevar8x32_epi32(_mm256_add_epi32(at, eight), pack_control32(mhi)));
+      }
+      m = m_hi + _mm_popcnt_u32(unsigned(mhi));
+    }
+    const __m256i pairs = _mm256_madd_epi16(acc, _mm256_set1_epi16(1));  // 32-bit sums of lane pairs
+    __m128i a4 = _mm_add_epi32(_mm256_castsi256_si128(pairs), _mm256_extracti128_si256(pairs, 1));
+    a4 = _mm_add_epi32(a4, _mm_shuffle_epi32(a4, _MM_SHUFFLE(1, 0, 3, 2)));
+    a4 = _mm_add_epi32(a4, _mm_shuffle_epi32(a4, _MM_SHUFFLE(2, 3, 0, 1)));
+    g += _mm_cvtsi128_si32(a4);
+  }
+  gt += g;
+  const __m256i flo = _mm256_set1_epi16(short(fin.lo ^ kSign)), fhi = _mm256_set1_epi16(short(uint16_t(fin.lo + fin.span) ^ kSign));
+  bad = bad || !_mm256_testz_si256(_mm256_or_si256(_mm256_cmpgt_epi16(flo, least), _mm256_cmpgt_epi16(greatest, fhi)), ones);
+  m_out = m;
+  scan_run_portable(x + i, n - i, true, store, lo, hi, gt, m_out, buf, fin, bad, out ? out + i : nullptr, idx,
                     base + uint32_t(i));  // the tail
 }
 
@@ -263,6 +406,16 @@ bool has_avx512() {
   static const bool yes = [] {
     __builtin_cpu_init();
     return __builtin_cpu_supports("avx512f") != 0 && at::get_cpu_capability() == "AVX512";
+  }();
+  return yes;
+}
+
+// AVX2: the CPU has it and ATen's kernels use AVX2 or AVX-512 (ATEN_CPU_CAPABILITY=default runs the portable scan).
+bool has_avx2() {
+  static const bool yes = [] {
+    __builtin_cpu_init();
+    const std::string cap = at::get_cpu_capability();
+    return __builtin_cpu_supports("avx2") != 0 && (cap == "AVX2" || cap == "AVX512");
   }();
   return yes;
 }
@@ -283,9 +436,11 @@ void scan_run(const U* x, int64_t n, bool raw, bool store, U lo, U hi, int64_t& 
 #ifdef BISE_SELECT_X86
   if constexpr (sizeof(U) == 4) {
     if (raw && has_avx512()) return scan_run_f32_avx512(x, n, lo, hi, gt, m, buf, store, fin, bad, out, idx, base);
+    if (raw && has_avx2()) return scan_run_f32_avx2(x, n, lo, hi, gt, m, buf, store, fin, bad, out, idx, base);
   }
   if constexpr (sizeof(U) == 2) {
     if (raw && has_avx512_vbmi2()) return scan_run_f16_avx512(x, n, lo, hi, gt, m, buf, store, fin, bad, out, idx, base);
+    if (raw && has_avx2()) return scan_run_f16_avx2(x, n, lo, hi, gt, m, buf, store, fin, bad, out, idx, base);
   }
 #endif
   scan_run_portable(x, n, raw, store, lo, hi, gt, m, buf, fin, bad, out, idx, base);

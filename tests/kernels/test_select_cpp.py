@@ -320,13 +320,17 @@ def test_every_bracket_missing_finishes_from_the_narrowed_state(kernels, dtype):
     check_topk_keep_mask(kernels, DEVICE, [x], (k,))
 
 
-@pytest.mark.skipif(torch.backends.cpu.get_cpu_capability() != "AVX512",
-                    reason="this CPU has no AVX-512: the tests above ran the portable scan")
-def test_the_portable_scan_of_a_cpu_without_avx512(kernels):
-    """The bracket pass scans float32 and 16-bit scores with AVX-512 where ATen's kernels use it, else
-    with the portable loop (an AMD EPYC before Zen 4): this module again in a process held to AVX2."""
-    env = dict(os.environ, ATEN_CPU_CAPABILITY="avx2")
+@pytest.mark.parametrize("capability", ["avx2", "default"])
+def test_the_scans_of_cpus_without_avx512(kernels, capability):
+    """The bracket pass scans float32 and 16-bit scores with AVX-512 where ATen's kernels use it, else with
+    AVX2 (AMD before Zen 4, Intel client cores), else with the portable loop: this module again in a process
+    held to each level below this CPU's (ATEN_CPU_CAPABILITY; the results must be the same bits)."""
+    levels = ["DEFAULT", "AVX2", "AVX512"]
+    native = torch.backends.cpu.get_cpu_capability()
+    if native not in levels or levels.index(native) <= levels.index(capability.upper()):
+        pytest.skip(f"torch's CPU kernels here are {native}: the tests above ran the {capability} scan or none")
+    env = dict(os.environ, ATEN_CPU_CAPABILITY=capability)
     run = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__,
-                          "-k", "not portable_scan"], env=env, capture_output=True, text=True, timeout=600,
+                          "-k", "not cpus_without_avx512"], env=env, capture_output=True, text=True, timeout=600,
                          cwd=Path(__file__).resolve().parents[2])
     assert run.returncode == 0 and " passed" in run.stdout, run.stdout[-3000:] + run.stderr[-2000:]
