@@ -171,7 +171,7 @@ inline void scan_run_generic(const U* x, int64_t n, U lo, U hi, int64_t& gt, int
 }
 
 // scan_run_generic with its flags from run-time values: the portable scan_run, and the tail of the
-// AVX-512 ones. out != nullptr (a raw source, store): also the keep mask and offsets (MASK).
+// intrinsics ones. out != nullptr (a raw source, store): also the keep mask and offsets (MASK).
 template <typename U>
 void scan_run_portable(const U* x, int64_t n, bool raw, bool store, U lo, U hi, int64_t& gt, int64_t& m, U* buf,
                        FiniteKeys<U> fin, bool& bad, uint8_t* out, uint32_t* idx, uint32_t base) {
@@ -189,7 +189,7 @@ void scan_run_portable(const U* x, int64_t n, bool raw, bool store, U lo, U hi, 
 #ifdef BISE_SELECT_X86
 // AVX-512 version for 32-bit raw floats: key transform, counts and compaction 16 lanes at a time.
 // The compressed vector is always stored (unaligned, 16 lanes of slack) to avoid a branch.
-__attribute__((target("avx512f,popcnt"))) void scan_run_f32_avx512(
+__attribute__((target("avx512f,popcnt"))) int64_t scan_run_f32_avx512(
     const uint32_t* x, int64_t n, uint32_t lo, uint32_t hi, int64_t& gt, int64_t& m_out, uint32_t* buf, bool store,
     FiniteKeys<uint32_t> fin, bool& bad, uint8_t* out, uint32_t* idx, uint32_t base) {
   int64_t m = m_out;  // a local: `out` (bytes) may alias the caller's count
@@ -220,12 +220,11 @@ __attribute__((target("avx512f,popcnt"))) void scan_run_f32_avx512(
   gt += _mm512_reduce_add_epi32(acc);
   bad = bad || nf != 0;
   m_out = m;
-  scan_run_portable(x + i, n - i, true, store, lo, hi, gt, m_out, buf, fin, bad, out ? out + i : nullptr, idx,
-                    base + uint32_t(i));  // the tail
+  return i;
 }
 
 // The same for 16-bit raw floats (float16, bfloat16), 32 lanes at a time (needs VBMI2's vpcompressw).
-__attribute__((target("avx512f,avx512bw,avx512vbmi2,popcnt"))) void scan_run_f16_avx512(
+__attribute__((target("avx512f,avx512bw,avx512vbmi2,popcnt"))) int64_t scan_run_f16_avx512(
     const uint16_t* x, int64_t n, uint16_t lo, uint16_t hi, int64_t& gt, int64_t& m_out, uint16_t* buf, bool store,
     FiniteKeys<uint16_t> fin, bool& bad, uint8_t* out, uint32_t* idx, uint32_t base) {
   int64_t m = m_out;  // a local: `out` (bytes) may alias the caller's count
@@ -259,8 +258,7 @@ __attribute__((target("avx512f,avx512bw,avx512vbmi2,popcnt"))) void scan_run_f16
   gt += g;
   bad = bad || nf != 0;
   m_out = m;
-  scan_run_portable(x + i, n - i, true, store, lo, hi, gt, m_out, buf, fin, bad, out ? out + i : nullptr, idx,
-                    base + uint32_t(i));  // the tail
+  return i;
 }
 
 // Left-pack tables for AVX2, which has no compress instruction: for an 8-bit lane mask, the lanes it
@@ -293,7 +291,7 @@ __attribute__((target("avx2"))) inline __m256i pack_control32(int mk) {
 // the lanes hold s = key ^ sign (bits ^ ((bits >> 31) & 0x7fffffff)), whose signed order is the key order:
 // above is s > hi ^ sign, inside is neither above nor below lo ^ sign, and the scores are finite when the
 // least and the greatest s of the run lie within the finite keys (min / max: two ops a vector).
-__attribute__((target("avx2,popcnt"))) void scan_run_f32_avx2(
+__attribute__((target("avx2,popcnt"))) int64_t scan_run_f32_avx2(
     const uint32_t* x, int64_t n, uint32_t lo, uint32_t hi, int64_t& gt, int64_t& m_out, uint32_t* buf, bool store,
     FiniteKeys<uint32_t> fin, bool& bad, uint8_t* out, uint32_t* idx, uint32_t base) {
   int64_t m = m_out;  // a local: `out` (bytes) may alias the caller's count
@@ -336,13 +334,12 @@ __attribute__((target("avx2,popcnt"))) void scan_run_f32_avx2(
   const __m256i flo = _mm256_set1_epi32(int(fin.lo ^ kSign)), fhi = _mm256_set1_epi32(int((fin.lo + fin.span) ^ kSign));
   bad = bad || !_mm256_testz_si256(_mm256_or_si256(_mm256_cmpgt_epi32(flo, least), _mm256_cmpgt_epi32(greatest, fhi)), ones);
   m_out = m;
-  scan_run_portable(x + i, n - i, true, store, lo, hi, gt, m_out, buf, fin, bad, out ? out + i : nullptr, idx,
-                    base + uint32_t(i));  // the tail
+  return i;
 }
 
 // The same for 16-bit raw floats (float16, bfloat16), 16 lanes at a time, each 128-bit half left-packed
 // by a table-driven pshufb. The count above hi gathers in 16-bit lanes, summed every 32767 vectors.
-__attribute__((target("avx2,popcnt"))) void scan_run_f16_avx2(
+__attribute__((target("avx2,popcnt"))) int64_t scan_run_f16_avx2(
     const uint16_t* x, int64_t n, uint16_t lo, uint16_t hi, int64_t& gt, int64_t& m_out, uint16_t* buf, bool store,
     FiniteKeys<uint16_t> fin, bool& bad, uint8_t* out, uint32_t* idx, uint32_t base) {
   int64_t m = m_out;  // a local: `out` (bytes) may alias the caller's count
@@ -396,8 +393,7 @@ __attribute__((target("avx2,popcnt"))) void scan_run_f16_avx2(
   const __m256i flo = _mm256_set1_epi16(short(fin.lo ^ kSign)), fhi = _mm256_set1_epi16(short(uint16_t(fin.lo + fin.span) ^ kSign));
   bad = bad || !_mm256_testz_si256(_mm256_or_si256(_mm256_cmpgt_epi16(flo, least), _mm256_cmpgt_epi16(greatest, fhi)), ones);
   m_out = m;
-  scan_run_portable(x + i, n - i, true, store, lo, hi, gt, m_out, buf, fin, bad, out ? out + i : nullptr, idx,
-                    base + uint32_t(i));  // the tail
+  return i;
 }
 
 // Where ATen's CPU kernels use AVX-512: the CPU has it and ATEN_CPU_CAPABILITY does not hold torch below
@@ -429,21 +425,30 @@ bool has_avx512_vbmi2() {
 }
 #endif
 
-// One run of the fused bracket pass: AVX-512 where the CPU has it, else scan_run_portable.
+// One run of the fused bracket pass: the widest intrinsics scan the CPU and ATen allow over whole vectors
+// (each returns how many scores it scanned), then scan_run_portable over the rest (or all of a run).
 template <typename U>
 void scan_run(const U* x, int64_t n, bool raw, bool store, U lo, U hi, int64_t& gt, int64_t& m, U* buf,
               FiniteKeys<U> fin, bool& bad, uint8_t* out, uint32_t* idx, uint32_t base) {
+  int64_t done = 0;
 #ifdef BISE_SELECT_X86
   if constexpr (sizeof(U) == 4) {
-    if (raw && has_avx512()) return scan_run_f32_avx512(x, n, lo, hi, gt, m, buf, store, fin, bad, out, idx, base);
-    if (raw && has_avx2()) return scan_run_f32_avx2(x, n, lo, hi, gt, m, buf, store, fin, bad, out, idx, base);
+    if (raw && has_avx512()) {
+      done = scan_run_f32_avx512(x, n, lo, hi, gt, m, buf, store, fin, bad, out, idx, base);
+    } else if (raw && has_avx2()) {
+      done = scan_run_f32_avx2(x, n, lo, hi, gt, m, buf, store, fin, bad, out, idx, base);
+    }
   }
   if constexpr (sizeof(U) == 2) {
-    if (raw && has_avx512_vbmi2()) return scan_run_f16_avx512(x, n, lo, hi, gt, m, buf, store, fin, bad, out, idx, base);
-    if (raw && has_avx2()) return scan_run_f16_avx2(x, n, lo, hi, gt, m, buf, store, fin, bad, out, idx, base);
+    if (raw && has_avx512_vbmi2()) {
+      done = scan_run_f16_avx512(x, n, lo, hi, gt, m, buf, store, fin, bad, out, idx, base);
+    } else if (raw && has_avx2()) {
+      done = scan_run_f16_avx2(x, n, lo, hi, gt, m, buf, store, fin, bad, out, idx, base);
+    }
   }
 #endif
-  scan_run_portable(x, n, raw, store, lo, hi, gt, m, buf, fin, bad, out, idx, base);
+  scan_run_portable(x + done, n - done, raw, store, lo, hi, gt, m, buf, fin, bad, out ? out + done : nullptr, idx,
+                    base + uint32_t(done));
 }
 
 // Result of one bracket pass: counts, optional compacted keys, per-block positions.
