@@ -396,12 +396,14 @@ __attribute__((target("avx2,popcnt"))) int64_t scan_run_f16_avx2(
   return i;
 }
 
-// Where ATen's CPU kernels use AVX-512: the CPU has it and ATEN_CPU_CAPABILITY does not hold torch below
-// it (=avx2 or =default runs the portable scan, as on a CPU without AVX-512; the results are the same bits).
+// Where ATen's CPU kernels use AVX-512: the CPU has it (F and BW: ATen's level needs both) and
+// ATEN_CPU_CAPABILITY does not hold torch below it (=avx2 or =default runs the AVX2 or portable scan, as on a
+// CPU without AVX-512; the results are the same bits).
 bool has_avx512() {
   static const bool yes = [] {
     __builtin_cpu_init();
-    return __builtin_cpu_supports("avx512f") != 0 && at::get_cpu_capability() == "AVX512";
+    return __builtin_cpu_supports("avx512f") != 0 && __builtin_cpu_supports("avx512bw") != 0 &&
+           at::get_cpu_capability() == "AVX512";
   }();
   return yes;
 }
@@ -419,7 +421,7 @@ bool has_avx2() {
 bool has_avx512_vbmi2() {
   static const bool yes = [] {
     __builtin_cpu_init();
-    return has_avx512() && __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512vbmi2");
+    return has_avx512() && __builtin_cpu_supports("avx512vbmi2");
   }();
   return yes;
 }
