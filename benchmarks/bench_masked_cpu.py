@@ -15,7 +15,9 @@ round by round on one thread (a preempted worker stalls every parallel region on
 records the median per-round time ratio to dense in its extra_info.
 ``test_masked_train_step_ratios`` does the same for the step a training script runs: the nn modules
 (the selection cached per scores update and hinted by the last threshold) and an SGD step (momentum
-0.9) on what is trained, so the scores change and are selected again at every step.
+0.9) on what is trained, so the scores change and are selected again at every step. Both record
+``isa``, the level of torch's CPU kernels and of the cpp select (``ATEN_CPU_CAPABILITY=avx2``: a CPU
+without AVX-512).
 """
 
 from __future__ import annotations
@@ -190,7 +192,8 @@ def _step_ratios(benchmark, model, parts, with_optimizer):
     n = len(times["dense"]) - (0 if small else 3)  # drop the warmup rounds' times
     ratios = {v: statistics.median(t / d for t, d in zip(times[v][-n:], times["dense"][-n:])) for v in VARIANTS[1:]}
     benchmark.extra_info.update({f"{v}_over_dense": r for v, r in ratios.items()},
-                                dense_median_ms=1e3 * statistics.median(times["dense"][-n:]))
+                                dense_median_ms=1e3 * statistics.median(times["dense"][-n:]),
+                                isa=torch.backends.cpu.get_cpu_capability())
     for v in ("cpp", "cpp_threshold"):  # the cpp step that was timed computes the reference backend's gradients
         forward, x, y, _, trained = steps[v]
         with bk.use_backend("cpp"):  # one more, on the scores as they are now (an optimiser changed them)
