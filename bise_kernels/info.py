@@ -28,8 +28,10 @@ ENVIRONMENT = {
     "TRITON_INTERPRET": "1: Triton kernels run in the interpreter, on CPU tensors too (read at import)",
     "BISE_KERNELS_AUTOTUNE": "0: one heuristic GEMM tile per shape bucket instead of autotuning (Triton)",
     "BISE_SELECT_CUDA": "the CUDA select algorithm, radix (default) or bracket, read at every call",
+    "ATEN_CPU_CAPABILITY": "torch's; avx2 / default: its CPU kernels and the cpp select's scans below AVX-512 / AVX2",
 }
-"""The environment variables that bise_kernels reads (tests/kernels/test_info.py checks the list)."""
+"""The environment variables that bise_kernels reads (tests/kernels/test_info.py checks the list), and torch's
+ATEN_CPU_CAPABILITY, which also sets the instruction set of the cpp select (docs/select.md)."""
 
 DTYPES = ("float32", "float16", "bfloat16", "float64")
 """The dtypes the resolution is asked for: a backend may declare fewer (the registry's ``DTYPES``)."""
