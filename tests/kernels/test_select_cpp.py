@@ -330,6 +330,9 @@ def test_the_scans_of_cpus_without_avx512(kernels, capability):
     if native not in levels or levels.index(native) <= levels.index(capability.upper()):
         pytest.skip(f"torch's CPU kernels here are {native}: the tests above ran the {capability} scan or none")
     env = dict(os.environ, ATEN_CPU_CAPABILITY=capability)
+    held = subprocess.run([sys.executable, "-c", "import torch; print(torch.backends.cpu.get_cpu_capability())"],
+                          env=env, capture_output=True, text=True, timeout=120)
+    assert held.stdout.strip() == capability.upper(), held.stdout + held.stderr  # torch heeds the variable
     run = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__,
                           "-k", "not cpus_without_avx512"], env=env, capture_output=True, text=True, timeout=600,
                          cwd=Path(__file__).resolve().parents[2])
