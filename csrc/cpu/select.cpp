@@ -261,6 +261,42 @@ __attribute__((target("avx512f,avx512bw,avx512vbmi2,popcnt"))) int64_t scan_run_
   return i;
 }
 
+// The same for 64-bit raw floats (float64), 8 lanes at a time (vpcompressq; the offsets' vpcompressd
+// reads the low 8 of 16 lanes).
+__attribute__((target("avx512f,popcnt"))) int64_t scan_run_f64_avx512(
+    const uint64_t* x, int64_t n, uint64_t lo, uint64_t hi, int64_t& gt, int64_t& m_out, uint64_t* buf, bool store,
+    FiniteKeys<uint64_t> fin, bool& bad, uint8_t* out, uint32_t* idx, uint32_t base) {
+  int64_t m = m_out;  // a local: `out` (bytes) may alias the caller's count
+  const __m512i vlo = _mm512_set1_epi64(int64_t(lo)), vspan = _mm512_set1_epi64(int64_t(hi - lo));
+  const __m512i vhi = _mm512_set1_epi64(int64_t(hi)), sign = _mm512_set1_epi64(INT64_MIN);
+  const __m512i negz = _mm512_set1_epi64(INT64_MAX), one = _mm512_set1_epi64(1);
+  const __m512i vflo = _mm512_set1_epi64(int64_t(fin.lo)), vfspan = _mm512_set1_epi64(int64_t(fin.span));
+  const __m512i iota = _mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0);
+  __m512i acc = _mm512_setzero_si512();
+  __mmask8 nf = 0;
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8) {
+    __m512i b = _mm512_loadu_si512(x + i);
+    __m512i k = _mm512_xor_si512(b, _mm512_or_si512(_mm512_srai_epi64(b, 63), sign));
+    k = _mm512_mask_add_epi64(k, _mm512_cmpeq_epi64_mask(k, negz), k, one);
+    const __mmask8 above = _mm512_cmpgt_epu64_mask(k, vhi);
+    acc = _mm512_mask_add_epi64(acc, above, acc, one);
+    const __mmask8 in = _mm512_cmple_epu64_mask(_mm512_sub_epi64(k, vlo), vspan);
+    nf |= _mm512_cmpgt_epu64_mask(_mm512_sub_epi64(k, vflo), vfspan);
+    if (store) _mm512_storeu_si512(buf + m, _mm512_maskz_compress_epi64(in, k));
+    if (out != nullptr) {  // the keep mask (key > hi) and the flat offsets of the stored keys
+      _mm_storel_epi64(reinterpret_cast<__m128i*>(out + i), _mm512_cvtepi64_epi8(_mm512_maskz_mov_epi64(above, one)));
+      const __m512i at = _mm512_add_epi32(_mm512_set1_epi32(int(base + uint32_t(i))), iota);
+      _mm512_storeu_si512(idx + m, _mm512_maskz_compress_epi32(__mmask16(in), at));
+    }
+    m += _mm_popcnt_u32(in);
+  }
+  gt += _mm512_reduce_add_epi64(acc);
+  bad = bad || nf != 0;
+  m_out = m;
+  return i;
+}
+
 // Left-pack tables for AVX2, which has no compress instruction: for an 8-bit lane mask, the lanes it
 // selects in order (the slots after them repeat lane 0; stores have slack), as a vpermd control for 32-bit
 // lanes (bytes, widened with vpmovzxbd) and as a pshufb control for the 16-bit lanes of a 128-bit half.
@@ -396,6 +432,52 @@ __attribute__((target("avx2,popcnt"))) int64_t scan_run_f16_avx2(
   return i;
 }
 
+// The same for 64-bit raw floats (float64), 4 lanes at a time. AVX2 has no 64-bit shift right arithmetic
+// or min / max: the sign comes from a compare, finiteness from two compares a vector. movemask_ps of a
+// 64-bit lane mask sets both bits of each lane, so the 32-bit table packs whole 64-bit lanes.
+__attribute__((target("avx2,popcnt"))) int64_t scan_run_f64_avx2(
+    const uint64_t* x, int64_t n, uint64_t lo, uint64_t hi, int64_t& gt, int64_t& m_out, uint64_t* buf, bool store,
+    FiniteKeys<uint64_t> fin, bool& bad, uint8_t* out, uint32_t* idx, uint32_t base) {
+  int64_t m = m_out;  // a local: `out` (bytes) may alias the caller's count
+  constexpr uint64_t kSign = uint64_t(1) << 63;
+  const __m256i sign = _mm256_set1_epi64x(INT64_MIN), low63 = _mm256_set1_epi64x(INT64_MAX);
+  const __m256i ones = _mm256_set1_epi64x(-1), zero = _mm256_setzero_si256();
+  const __m256i vhi = _mm256_set1_epi64x(int64_t(hi ^ kSign)), vlo = _mm256_set1_epi64x(int64_t(lo ^ kSign));
+  const __m256i flo = _mm256_set1_epi64x(int64_t(fin.lo ^ kSign));
+  const __m256i fhi = _mm256_set1_epi64x(int64_t((fin.lo + fin.span) ^ kSign));
+  const __m256i iota = _mm256_setr_epi32(0, 1, 2, 3, 0, 0, 0, 0);
+  __m256i acc = zero, nonfinite = zero;
+  int64_t i = 0;
+  for (; i + 4 <= n; i += 4) {
+    const __m256i b = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x + i));
+    __m256i s = _mm256_xor_si256(b, _mm256_and_si256(_mm256_cmpgt_epi64(zero, b), low63));
+    s = _mm256_andnot_si256(_mm256_cmpeq_epi64(s, ones), s);  // -0.0 is +0.0
+    nonfinite = _mm256_or_si256(nonfinite, _mm256_or_si256(_mm256_cmpgt_epi64(flo, s), _mm256_cmpgt_epi64(s, fhi)));
+    const __m256i above = _mm256_cmpgt_epi64(s, vhi);
+    acc = _mm256_sub_epi64(acc, above);
+    const __m256i outside = _mm256_or_si256(above, _mm256_cmpgt_epi64(vlo, s));
+    const int mk = ~_mm256_movemask_ps(_mm256_castsi256_ps(outside)) & 0xff;  // two bits a lane
+    if (store) {
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(buf + m),
+                          _mm256_permutevar8x32_epi32(_mm256_xor_si256(s, sign), pack_control32(mk)));
+    }
+    if (out != nullptr) {  // the keep mask (key > hi) and the flat offsets of the stored keys
+      const uint32_t bits = uint32_t(_mm256_movemask_pd(_mm256_castsi256_pd(above)));
+      const uint32_t bytes = (bits * 0x204081u) & 0x01010101u;  // bit l to byte l (no carries: 7 apart)
+      std::memcpy(out + i, &bytes, 4);
+      const int lanes = ~_mm256_movemask_pd(_mm256_castsi256_pd(outside)) & 0xf;
+      const __m256i at = _mm256_add_epi32(_mm256_set1_epi32(int(base + uint32_t(i))), iota);
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(idx + m), _mm256_permutevar8x32_epi32(at, pack_control32(lanes)));
+    }
+    m += _mm_popcnt_u32(unsigned(mk)) / 2;
+  }
+  const __m128i a2 = _mm_add_epi64(_mm256_castsi256_si128(acc), _mm256_extracti128_si256(acc, 1));
+  gt += _mm_cvtsi128_si64(a2) + _mm_extract_epi64(a2, 1);
+  bad = bad || !_mm256_testz_si256(nonfinite, nonfinite);
+  m_out = m;
+  return i;
+}
+
 // Where ATen's CPU kernels use AVX-512: the CPU has it (F and BW: ATen's level needs both) and
 // ATEN_CPU_CAPABILITY does not hold torch below it (=avx2 or =default runs the AVX2 or portable scan, as on a
 // CPU without AVX-512; the results are the same bits).
@@ -439,6 +521,13 @@ void scan_run(const U* x, int64_t n, bool raw, bool store, U lo, U hi, int64_t& 
       done = scan_run_f32_avx512(x, n, lo, hi, gt, m, buf, store, fin, bad, out, idx, base);
     } else if (raw && has_avx2()) {
       done = scan_run_f32_avx2(x, n, lo, hi, gt, m, buf, store, fin, bad, out, idx, base);
+    }
+  }
+  if constexpr (sizeof(U) == 8) {
+    if (raw && has_avx512()) {
+      done = scan_run_f64_avx512(x, n, lo, hi, gt, m, buf, store, fin, bad, out, idx, base);
+    } else if (raw && has_avx2()) {
+      done = scan_run_f64_avx2(x, n, lo, hi, gt, m, buf, store, fin, bad, out, idx, base);
     }
   }
   if constexpr (sizeof(U) == 2) {
