@@ -22,7 +22,6 @@ import dataclasses
 import json
 import os
 import statistics
-import subprocess
 import time
 
 import pytest
@@ -30,7 +29,7 @@ import torch
 
 from bise.extract import ExtractConfig, extract
 from bise.models import build_model
-from bise_kernels.info import cpu_description
+from bise_kernels.info import cpu_description, source_commit
 
 ARCHS = {"mlp": 1.0, "simple-cnn": 0.5}
 SCHEDULES = {"small": dict(mask_epochs=10, head_epochs=5), "paper": dict(mask_epochs=100, head_epochs=50)}
@@ -82,14 +81,6 @@ def _machine() -> str:
     return f"{cpu_description()}, {os.cpu_count()} cores, load average {os.getloadavg()[0]:.1f} at the start"
 
 
-def _commit() -> str:
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=root).stdout
-    dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True, text=True,
-                           cwd=root).stdout
-    return head.strip() + (" (with uncommitted changes)" if dirty.strip() else "")
-
-
 def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description="cached vs straightforward extraction, interleaved rounds")
     parser.add_argument("--schedule", choices=list(SCHEDULES), default="small")
@@ -101,7 +92,7 @@ def main(argv=None) -> dict:
     from bise.data import load
 
     data = load("colored-digits", seed=0)
-    out = {"machine": _machine(), "torch": torch.__version__, "commit": _commit(), "threads": 1,
+    out = {"machine": _machine(), "torch": torch.__version__, **source_commit(), "threads": 1,
            "schedule": args.schedule, "rounds": args.rounds, "archs": {}}
     for arch in args.arch or list(ARCHS):
         runs = {True: [], False: []}

@@ -24,7 +24,6 @@ import platform
 import re
 import signal
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -166,16 +165,11 @@ def run_case(case: dict, dry_run: bool, timeout_s: float = CASE_TIMEOUT_S) -> di
     return record
 
 
-def _git(*args: str) -> str:
-    try:
-        return subprocess.run(["git", *args], cwd=ROOT, capture_output=True, text=True, check=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return ""
-
-
 def environment(dry_run: bool) -> dict:
     """Hardware, versions, commit and the numerics flags that change timings."""
     import triton
+
+    from bise_kernels.info import source_commit
 
     env = {
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
@@ -184,8 +178,7 @@ def environment(dry_run: bool) -> dict:
         "torch": torch.__version__,
         "triton": triton.__version__,
         "cuda": torch.version.cuda,
-        "commit": os.environ.get("BISE_COMMIT") or _git("rev-parse", "HEAD") or "unknown",
-        "dirty": bool(_git("status", "--porcelain", "--untracked-files=no")),
+        **source_commit(),
         "tf32_matmul": torch.backends.cuda.matmul.allow_tf32,
         "tf32_cudnn": torch.backends.cudnn.allow_tf32,
         "cudnn_benchmark": torch.backends.cudnn.benchmark,

@@ -17,13 +17,14 @@ import json
 import os
 import platform
 import socket
-import subprocess
 import tempfile
 import time
 from pathlib import Path
 
 import torch
 import torch.multiprocessing as mp
+
+from bise_kernels.info import source_commit
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -77,14 +78,6 @@ def measure(world: int, args: dict, model_path: str) -> dict:
     return result
 
 
-def _commit() -> str:
-    try:
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                              check=True, cwd=Path(__file__).parent).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return os.environ.get("BISE_COMMIT", "unknown")
-
-
 def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--procs", type=int, nargs="+", default=[1, 2, 4])
@@ -113,7 +106,7 @@ def main(argv=None) -> dict:
         row["efficiency"] = base / (row["epoch_seconds"] * row["processes"])
     device = torch.cuda.get_device_name() if a.device.startswith("cuda") else f"cpu ({os.cpu_count()} cores)"
     result = {"benchmark": "extraction epoch scaling", "device": device, "torch": torch.__version__,
-              "python": platform.python_version(), "commit": _commit(),
+              "python": platform.python_version(), **source_commit(),
               "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
               "config": {**vars(a), "train_samples": len(data.train)}, "rows": rows}
     path = Path(a.out) if a.out else RESULTS / (f"scaling-{'cuda' if a.device.startswith('cuda') else 'cpu'}-"

@@ -14,6 +14,7 @@ import importlib.util
 import json
 import os
 import platform
+import subprocess
 import sys
 from typing import Any, Callable, Optional
 
@@ -28,6 +29,7 @@ ENVIRONMENT = {
     "TRITON_INTERPRET": "1: Triton kernels run in the interpreter, on CPU tensors too (read at import)",
     "BISE_KERNELS_AUTOTUNE": "0: one heuristic GEMM tile per shape bucket instead of autotuning (Triton)",
     "BISE_SELECT_CUDA": "the CUDA select algorithm, radix (default) or bracket, read at every call",
+    "BISE_COMMIT": "the commit that benchmark and result files record, where git cannot tell (a copy of the tree)",
     "ATEN_CPU_CAPABILITY": "torch's; avx2 / default: its CPU kernels and the cpp select's scans below AVX-512 / AVX2",
 }
 """The environment variables that bise_kernels reads (tests/kernels/test_info.py checks the list), and torch's
@@ -73,10 +75,32 @@ def cpu_description() -> str:
     return f"{model} ({_probe(torch.backends.cpu.get_cpu_capability)})"
 
 
+def source_commit() -> dict[str, Any]:
+    """The commit of this code, for benchmark and result files: ``{"commit": short hash, "dirty": tracked files
+    changed}``. $BISE_COMMIT first (the device's copy of the tree sits in no git repository), else git, but only
+    where bise_kernels lies at the top of a checkout (not a package installed into a venv inside some other
+    repository); else ``{"commit": "unknown", "dirty": None}``."""
+    if os.environ.get("BISE_COMMIT"):
+        return {"commit": os.environ["BISE_COMMIT"], "dirty": None}
+    root = os.path.dirname(os.path.dirname(os.path.abspath(bise_kernels.__file__)))
+
+    def git(*args: str) -> str:
+        return subprocess.run(["git", *args], cwd=root, capture_output=True, text=True, check=True).stdout.strip()
+
+    try:
+        if os.path.realpath(git("rev-parse", "--show-toplevel")) != os.path.realpath(root):
+            return {"commit": "unknown", "dirty": None}
+        return {"commit": git("rev-parse", "--short", "HEAD"),
+                "dirty": bool(git("status", "--porcelain", "--untracked-files=no"))}
+    except (OSError, subprocess.CalledProcessError):
+        return {"commit": "unknown", "dirty": None}
+
+
 def _versions() -> dict[str, Any]:
     return {
         "bise_kernels": bise_kernels.__version__,
         "bise_kernels_path": os.path.dirname(os.path.abspath(bise_kernels.__file__)),
+        "bise_kernels_commit": _probe(source_commit),
         "torch": torch.__version__,
         "torch_cuda": torch.version.cuda,
         "torch_hip": getattr(torch.version, "hip", None),
@@ -181,9 +205,11 @@ def format_text(info: dict[str, Any]) -> str:
     lines = []
     versions = info["versions"]
     if isinstance(versions, dict):
-        gpus = versions["gpus"]
+        gpus, commit = versions["gpus"], versions["bise_kernels_commit"]
+        if isinstance(commit, dict):
+            commit = commit["commit"] + (", with uncommitted changes" if commit["dirty"] else "")
         lines += [
-            f"bise_kernels {versions['bise_kernels']} ({versions['bise_kernels_path']})",
+            f"bise_kernels {versions['bise_kernels']} ({versions['bise_kernels_path']}, commit {commit})",
             f"torch {versions['torch']} (CUDA {versions['torch_cuda']}, HIP {versions['torch_hip']}, "
             f"cuDNN {versions['cudnn']}), triton {versions['triton']}",
             f"Python {versions['python']}, {versions['platform']}, {versions['cpu']}, {versions['cpu_count']} CPUs "

@@ -28,12 +28,13 @@ import json
 import os
 import shutil
 import statistics
-import subprocess
 import time
 from pathlib import Path
 from typing import Optional
 
 import torch
+
+from bise_kernels.info import cpu_description, source_commit
 
 ROOT = Path(__file__).resolve().parent.parent
 RUNS = ROOT / "runs" / "results"
@@ -119,16 +120,6 @@ def configurations(suite: str, seeds: list) -> list:
     return runs
 
 
-def _commit() -> dict:
-    def git(*args):
-        return subprocess.run(["git", *args], capture_output=True, text=True, check=True, cwd=ROOT).stdout.strip()
-    try:
-        return {"commit": git("rev-parse", "--short", "HEAD"),
-                "dirty": bool(git("status", "--porcelain", "--untracked-files=no", "--", "bise", "bise_kernels"))}
-    except (OSError, subprocess.CalledProcessError):
-        return {"commit": os.environ.get("BISE_COMMIT", "unknown"), "dirty": None}
-
-
 def _cli(step: str, cfg: dict, out: Path, device: str, *more) -> None:
     """One `bise STEP` with the flags that step takes (cfg["extra"] are extraction flags)."""
     from bise.cli import main
@@ -146,8 +137,6 @@ def _cli(step: str, cfg: dict, out: Path, device: str, *more) -> None:
 
 def _machine(device: str) -> str:
     """What ran the runs: the GPU, or the CPU's model and vector ISA (a run repeats bit for bit on one kind)."""
-    from bise_kernels.info import cpu_description
-
     return torch.cuda.get_device_name() if device.startswith("cuda") else \
         f"CPU {cpu_description()}, {os.cpu_count()} cores"
 
@@ -173,7 +162,7 @@ def run_one(cfg: dict, suite_dir: Path, device: str) -> dict:
     if out.exists():
         shutil.rmtree(out)  # never resume: a half-finished run is redone from scratch
     out.mkdir(parents=True)
-    prov = {**_commit(), "threads": torch.get_num_threads(), "device": device, "machine": _machine(device),
+    prov = {**source_commit(), "threads": torch.get_num_threads(), "device": device, "machine": _machine(device),
             "torch": torch.__version__,
             "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
             "config": cfg, "seconds": {}, "finished": False}

@@ -11,26 +11,14 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
 import platform
-import subprocess
 from pathlib import Path
 
 import torch
 
+from bise_kernels.info import source_commit
+
 TARGETS = {"vanilla_step_ms": 2.0, "mask_epoch_seconds": 0.3, "whole_schedule_seconds": 180.0}
-
-
-def _commit() -> str:
-    """$BISE_COMMIT first, as gpu_suite.py does (the device's copy of the tree may sit in another git
-    repository, or none), else this checkout's HEAD."""
-    if os.environ.get("BISE_COMMIT"):
-        return os.environ["BISE_COMMIT"]
-    try:
-        return subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True,
-                              cwd=Path(__file__).resolve().parent).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
 
 
 def report(run_report: dict, wall_seconds: float | None = None) -> dict:
@@ -51,7 +39,7 @@ def report(run_report: dict, wall_seconds: float | None = None) -> dict:
     return {
         "device": torch.cuda.get_device_name(0) if device.startswith("cuda") and torch.cuda.is_available()
         else f"cpu ({platform.machine()}, {torch.get_num_threads()} threads)",
-        "torch": torch.__version__, "python": platform.python_version(), "commit": _commit(),
+        "torch": torch.__version__, "python": platform.python_version(), "commit": source_commit()["commit"],
         "data": config["data"]["spec"], "arch": vanilla.get("arch"), "amp": extraction.get("amp", False),
         "schedule": {"vanilla_epochs": vanilla.get("epochs"), "vanilla_steps": steps,
                      "mask_epochs": epochs_run, "head_epochs": extraction["head_epochs"]},

@@ -113,6 +113,29 @@ def test_failing_probes_are_reported_not_raised(monkeypatch):
     json.dumps(report)
 
 
+def test_source_commit_is_this_checkout_or_bise_commit_or_unknown(monkeypatch, tmp_path):
+    """What benchmark and result files record: this checkout's HEAD, $BISE_COMMIT over it, and "unknown" for a
+    copy of the package that is not the top of a git checkout (installed into a venv inside some repository)."""
+    monkeypatch.delenv("BISE_COMMIT", raising=False)
+    head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True)
+    if head.returncode:
+        pytest.skip("not a git checkout")
+    found = info.source_commit()
+    assert found["commit"] == head.stdout.strip() and isinstance(found["dirty"], bool)
+    assert found["commit"] in run_module()
+    monkeypatch.setenv("BISE_COMMIT", "abc1234")
+    assert info.source_commit() == {"commit": "abc1234", "dirty": None}
+    monkeypatch.delenv("BISE_COMMIT")
+    repo = tmp_path / "repo"
+    subprocess.run(["git", "init", "-q", str(repo)], check=True)
+    subprocess.run(["git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-q", "--allow-empty", "-m", "x"],
+                   cwd=repo, check=True)
+    for package in (repo / "venv" / "bise_kernels", tmp_path / "plain" / "bise_kernels"):
+        monkeypatch.setattr(bise_kernels, "__file__", str(package / "__init__.py"))
+        package.mkdir(parents=True)
+        assert info.source_commit() == {"commit": "unknown", "dirty": None}, package
+
+
 def test_environment_lists_every_variable_the_package_reads():
     read = {backends.ENV_VARIABLE}
     for path in (ROOT / "bise_kernels").rglob("*.py"):
