@@ -85,12 +85,13 @@ class _ChannelScalePruner(tp.pruner.function.BasePruningFunc):
 
 
 class _GroupNormPruner(tp.pruner.function.GroupNormPruner):
-    """Torch-Pruning's GroupNorm pruner keeps num_groups; a per-channel GroupNorm(C, C) (the only kind
-    that loses channels here, see _splits_badly) stays per-channel."""
+    """Torch-Pruning's GroupNorm pruner keeps num_groups; here a GroupNorm loses whole groups only (see
+    _splits_badly), and num_groups follows."""
 
     def prune_out_channels(self, layer: nn.GroupNorm, idxs):
+        per_group = layer.num_channels // layer.num_groups
         super().prune_out_channels(layer, idxs)
-        layer.num_groups = layer.num_channels
+        layer.num_groups -= len(idxs) // per_group
         return layer
 
     prune_in_channels = prune_out_channels
@@ -221,16 +222,44 @@ def _fold_constants(module: nn.Module, delta: Tensor) -> None:
         module.bias += delta
 
 
-def _splits_badly(m: nn.Module) -> bool:
-    """A layer whose channels cannot go one by one: a grouped conv that is not a plain depthwise one
-    (its groups need equal widths; Torch-Pruning makes a weight the conv rejects), a LayerNorm or a
-    GroupNorm with several channels per group (a removed channel, even a zero one, is part of the
-    statistics). Channels coupled to one stay, zeroed by their fixed gate."""
+def _splits_badly(m: nn.Module, idxs: list[int]) -> bool:
+    """Would losing channels ``idxs`` (of ``m``) change what ``m`` computes for the others, or make it
+    invalid? A grouped conv that is not a plain depthwise one (its groups need equal widths; Torch-Pruning
+    makes a weight the conv rejects), a LayerNorm, and a GroupNorm that would lose part of a group (a
+    removed channel, even a zero one, is part of its group's statistics; whole groups may go). Channels
+    coupled to such a layer stay, zeroed by their fixed gate."""
     if isinstance(m, nn.modules.conv._ConvNd):
         return m.groups > 1 and not (m.groups == m.in_channels == m.out_channels)
     if isinstance(m, nn.GroupNorm):
-        return m.num_groups != m.num_channels
+        return bool(_partial_groups(m, idxs))
     return isinstance(m, nn.LayerNorm)
+
+
+def _partial_groups(norm: nn.GroupNorm, idxs: list[int]) -> set[int]:
+    """The groups of ``norm`` that channels ``idxs`` cover only in part."""
+    per_group, lost = norm.num_channels // norm.num_groups, set(idxs)
+    return {i // per_group for i in lost
+            if not lost.issuperset(range(i // per_group * per_group, (i // per_group + 1) * per_group))}
+
+
+def _whole_norm_groups(dg, scale: ChannelScale, removable: list[int]) -> list[int]:
+    """Give back the removable channels of every GroupNorm group they would cover only in part (with
+    several channels per group, a group goes whole or not at all; a ResNet-GN at 70% of its units dead
+    has about half of its 2-channel groups dead)."""
+    while removable:
+        for item in dg.get_pruning_group(scale, _PRUNER.prune_out_channels, idxs=removable):
+            norm = item.dep.target.module
+            if not isinstance(norm, nn.GroupNorm):
+                continue
+            per_group = norm.num_channels // norm.num_groups
+            partial = _partial_groups(norm, _plain(item.idxs))
+            if partial:
+                back = {root for i, root in zip(_plain(item.idxs), item.root_idxs) if i // per_group in partial}
+                removable = [i for i in removable if i not in back]
+                break
+        else:
+            return removable
+    return removable
 
 
 def _plain(idxs) -> list[int]:
@@ -243,7 +272,7 @@ def _group_ok(dg, scale: ChannelScale, idxs: list[int], inputs: dict) -> bool:
     stem, keeps them)."""
     for dep, item_idxs in dg.get_pruning_group(scale, _PRUNER.prune_out_channels, idxs=idxs):
         m, plain = dep.target.module, _plain(item_idxs)
-        if _splits_badly(m):
+        if _splits_badly(m, plain):
             return False
         if isinstance(m, ChannelScale):
             if bool((m.scale[plain] != 0).any()):
@@ -422,9 +451,17 @@ def export_subnetwork(model: nn.Module, gates: Optional[Mapping] = None, *, exam
         if not candidates:
             continue
         _check_channel_dim(dg, out, name, scale)
-        removable = candidates if _group_ok(dg, scale, candidates, inputs) else [
-            c for c in candidates if _group_ok(dg, scale, [c], inputs)]
-        removable = _round_producers(dg, scale, _round_up(removable, scale.num_channels, round_to), round_to)
+        # all of them; else those of whole GroupNorm groups; else one by one (a GroupNorm's then stay)
+        removable = next((c for c in (candidates, _whole_norm_groups(dg, scale, candidates))
+                          if c and _group_ok(dg, scale, c, inputs)), None)
+        if removable is None:
+            removable = [c for c in candidates if _group_ok(dg, scale, [c], inputs)]
+        while True:  # round (each step gives channels back, so this ends)
+            rounded = _whole_norm_groups(dg, scale, _round_producers(
+                dg, scale, _round_up(removable, scale.num_channels, round_to), round_to))
+            if rounded == removable:
+                break
+            removable = rounded
         if not removable:
             continue
         group = dg.get_pruning_group(scale, _PRUNER.prune_out_channels, idxs=removable)

@@ -276,8 +276,26 @@ def test_grouped_convs_keep_their_channels(name, mode, x):
 def test_channel_mixing_norms_keep_their_channels(name, mode, x, tmp_path):
     """GroupNorm with several channels per group and LayerNorm normalise over channels: removing one
     changes the statistics (the export raised 'differs from the masked model by 0.12') or leaves a
-    width the groups do not divide (a crash in GroupNorm's forward). Those channels now stay."""
+    width the groups do not divide (a crash in GroupNorm's forward). Those channels now stay, but for
+    whole GroupNorm groups (test_whole_groupnorm_groups_go)."""
     _check(_gated(name, 0, mode), x, tmp_path)
+
+
+@pytest.mark.parametrize("round_to", [None, 2, 4])
+def test_whole_groupnorm_groups_go(round_to, x, tmp_path):
+    """A GroupNorm group whose channels are all dead goes whole (num_groups follows); a group with a live
+    channel keeps its dead ones (its statistics read them). They all stayed before."""
+    model = _gated("groupnorm4", 0, "random")
+    gates = gates_of(model)
+    with torch.no_grad():  # GroupNorm(4, 8), groups of 2: (0, 1) partly dead, (2, 3) dead, (4, 5) live, (6, 7) partly
+        gates["3.2"].scores.copy_(torch.tensor([1.0, -1, -1, -1, 1, 1, -1, 1]))
+        gates["3.5"].scores.copy_(torch.tensor([-1.0, -1, 1, 1, -1, -1, -1, -1]))  # group (2, 3) only lives
+    exported = _check(model, x, tmp_path, round_to=round_to)
+    norms = [(m.num_groups, m.num_channels) for m in exported.modules() if isinstance(m, nn.GroupNorm)]
+    if round_to in (None, 2):
+        assert norms == [(3, 6), (1, 2)]
+    else:  # 6 is no multiple of 4: the first stays whole; the second keeps 4 channels, two whole groups
+        assert norms == [(4, 8), (2, 4)]
 
 
 def test_per_channel_groupnorm_loses_channels(x, tmp_path):
