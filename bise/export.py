@@ -244,8 +244,8 @@ def _partial_groups(norm: nn.GroupNorm, idxs: list[int]) -> set[int]:
 
 def _whole_norm_groups(dg, scale: ChannelScale, removable: list[int]) -> list[int]:
     """Give back the removable channels of every GroupNorm group they would cover only in part (with
-    several channels per group, a group goes whole or not at all; a ResNet-GN at 70% of its units dead
-    has about half of its 2-channel groups dead)."""
+    several channels per group, a group goes whole or not at all; with 70% of the units dead, and dying
+    independently, about half of a ResNet-GN's 2-channel groups are dead)."""
     while removable:
         for item in dg.get_pruning_group(scale, _PRUNER.prune_out_channels, idxs=removable):
             norm = item.dep.target.module
