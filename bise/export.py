@@ -452,10 +452,11 @@ def export_subnetwork(model: nn.Module, gates: Optional[Mapping] = None, *, exam
             continue
         _check_channel_dim(dg, out, name, scale)
         # all of them; else those of whole GroupNorm groups; else one by one (a GroupNorm's then stay)
-        removable = next((c for c in (candidates, _whole_norm_groups(dg, scale, candidates))
-                          if c and _group_ok(dg, scale, c, inputs)), None)
+        removable = candidates if _group_ok(dg, scale, candidates, inputs) else None
         if removable is None:
-            removable = [c for c in candidates if _group_ok(dg, scale, [c], inputs)]
+            whole = _whole_norm_groups(dg, scale, candidates)
+            removable = whole if whole != candidates and whole and _group_ok(dg, scale, whole, inputs) else [
+                c for c in candidates if _group_ok(dg, scale, [c], inputs)]
         while True:  # round (each step gives channels back, so this ends)
             rounded = _whole_norm_groups(dg, scale, _round_producers(
                 dg, scale, _round_up(removable, scale.num_channels, round_to), round_to))
