@@ -242,24 +242,33 @@ def _partial_groups(norm: nn.GroupNorm, idxs: list[int]) -> set[int]:
             if not lost.issuperset(range(i // per_group * per_group, (i // per_group + 1) * per_group))}
 
 
-def _whole_norm_groups(dg, scale: ChannelScale, removable: list[int]) -> list[int]:
-    """Give back the removable channels of every GroupNorm group they would cover only in part (with
-    several channels per group, a group goes whole or not at all; with 70% of the units dead, and dying
-    independently, about half of a ResNet-GN's 2-channel groups are dead)."""
+def _give_back(dg, scale: ChannelScale, removable: list[int], refused) -> list[int]:
+    """Give back removable channels of ``scale`` (they stay, zeroed by their fixed gate: exact) until no layer
+    of their pruning group refuses its part: ``refused(item)`` is the set of root indices that item's layer
+    will not lose (empty: it accepts)."""
     while removable:
         for item in dg.get_pruning_group(scale, _PRUNER.prune_out_channels, idxs=removable):
-            norm = item.dep.target.module
-            if not isinstance(norm, nn.GroupNorm):
-                continue
-            per_group = norm.num_channels // norm.num_groups
-            partial = _partial_groups(norm, _plain(item.idxs))
-            if partial:
-                back = {root for i, root in zip(_plain(item.idxs), item.root_idxs) if i // per_group in partial}
+            back = refused(item)
+            if back:
                 removable = [i for i in removable if i not in back]
                 break
         else:
             return removable
     return removable
+
+
+def _whole_norm_groups(dg, scale: ChannelScale, removable: list[int]) -> list[int]:
+    """Give back the removable channels of every GroupNorm group they would cover only in part (with
+    several channels per group, a group goes whole or not at all; with 70% of the units dead, and dying
+    independently, about half of a ResNet-GN's 2-channel groups are dead)."""
+    def refused(item) -> set:
+        norm, plain = item.dep.target.module, _plain(item.idxs)
+        if not isinstance(norm, nn.GroupNorm):
+            return set()
+        per_group, partial = norm.num_channels // norm.num_groups, _partial_groups(norm, plain)
+        return {root for i, root in zip(plain, item.root_idxs) if i // per_group in partial}
+
+    return _give_back(dg, scale, removable, refused)
 
 
 def _plain(idxs) -> list[int]:
@@ -315,21 +324,16 @@ def _round_producers(dg, scale: ChannelScale, removable: list[int], round_to: Op
     producers: all of one conv's filters may be among its channels, and rounding the gate's count alone
     left the producers (and the earlier gates on them) off their multiples."""
     step = round_to if round_to and round_to > 1 else 1
-    while removable:
-        for item in dg.get_pruning_group(scale, _PRUNER.prune_out_channels, idxs=removable):
-            m = item.dep.target.module
-            if not (isinstance(m, (nn.Linear, nn.modules.conv._ConvNd))
-                    and dg.is_out_channel_pruning_fn(item.dep.handler)):
-                continue
-            width, kept = m.weight.shape[0], m.weight.shape[0] - len(item.idxs)
-            target = min(width, max(step, -(-kept // step) * step))
-            if target > kept:
-                back = set(item.root_idxs[: target - kept])
-                removable = [i for i in removable if i not in back]
-                break
-        else:
-            return removable
-    return removable
+
+    def refused(item) -> set:
+        m = item.dep.target.module
+        if not (isinstance(m, (nn.Linear, nn.modules.conv._ConvNd)) and dg.is_out_channel_pruning_fn(item.dep.handler)):
+            return set()
+        width, kept = m.weight.shape[0], m.weight.shape[0] - len(item.idxs)
+        target = min(width, max(step, -(-kept // step) * step))
+        return set(item.root_idxs[: target - kept]) if target > kept else set()
+
+    return _give_back(dg, scale, removable, refused)
 
 
 def _fold_batchnorm(model: nn.Module, dg) -> list[str]:
@@ -452,8 +456,9 @@ def export_subnetwork(model: nn.Module, gates: Optional[Mapping] = None, *, exam
             continue
         _check_channel_dim(dg, out, name, scale)
         # all of them; else those of whole GroupNorm groups; else one by one (a GroupNorm's then stay)
-        removable = candidates if _group_ok(dg, scale, candidates, inputs) else None
-        if removable is None:
+        if _group_ok(dg, scale, candidates, inputs):
+            removable = candidates
+        else:
             whole = _whole_norm_groups(dg, scale, candidates)
             removable = whole if whole != candidates and whole and _group_ok(dg, scale, whole, inputs) else [
                 c for c in candidates if _group_ok(dg, scale, [c], inputs)]
