@@ -58,6 +58,22 @@ def test_masked_linear_strided_operands(kernels):
     assert_grads(kernels.masked_linear_backward(*args), R.masked_linear_backward(*args), torch.float32)
 
 
+
+@pytest.mark.parametrize("bias_layout", ["sliced", "expanded"])
+@pytest.mark.parametrize("structured", [False, True])
+def test_masked_linear_strided_bias(kernels, bias_layout, structured):
+    """A bias view with stride 2 or 0 (expand) reads its own elements (the kernels index it by stride)."""
+    device = kernels.device
+    x, w = randn(5, 8, seed=1, device=device), randn(6, 8, seed=2, device=device)
+    bias = randn(12, seed=3, device=device)[::2] if bias_layout == "sliced" else randn(1, seed=3, device=device).expand(6)
+    scores, thr, cut = tied_scores((6,) if structured else (6, 8), seed=4, device=device)
+    torch.testing.assert_close(kernels.masked_linear_forward(x, w, bias, scores, thr, cut),
+                               R.masked_linear_forward(x, w, bias, scores, thr, cut), **tol(torch.float32))
+    if hasattr(kernels, "masked_linear_keep_forward"):
+        keep = R.keep_mask(scores, thr, cut)
+        torch.testing.assert_close(kernels.masked_linear_keep_forward(x, w, bias, keep),
+                                   R.masked_linear_keep_forward(x, w, bias, keep), **tol(torch.float32))
+
 @pytest.mark.parametrize("structured", [False, True])
 def test_threshold_mode_keeps_all_ties(kernels, structured):
     device = kernels.device

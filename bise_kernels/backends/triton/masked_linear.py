@@ -38,7 +38,7 @@ KERNELS = ("masked_linear_forward", "masked_linear_backward", "masked_linear_kee
 def _masked_mm_body(
     a_ptr, w_ptr, s_ptr, bias_ptr, c_ptr, thr_ptr, cut_ptr,
     ROWS, COLS, LOOP, ROWS_BUCKET, COLS_BUCKET, LOOP_BUCKET, row_len,
-    stride_am, stride_al, stride_wu, stride_wr, stride_su, stride_sr, stride_cm, stride_cn,
+    stride_am, stride_al, stride_wu, stride_wr, stride_su, stride_sr, stride_cm, stride_cn, stride_bias,
     UNIT_ON_COLS: tl.constexpr, STRUCTURED: tl.constexpr, HAS_BIAS: tl.constexpr,
     UPCAST: tl.constexpr, PRECISION: tl.constexpr, ACC: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
@@ -90,7 +90,7 @@ def _masked_mm_body(
     if UNIT_ON_COLS and STRUCTURED:
         acc = tl.where(col_kept[None, :], acc, 0.0)
     if HAS_BIAS:
-        acc += tl.load(bias_ptr + offs_n, mask=n_ok, other=0).to(ACC)[None, :]
+        acc += tl.load(bias_ptr + offs_n * stride_bias, mask=n_ok, other=0).to(ACC)[None, :]
     c = acc.to(c_ptr.dtype.element_ty)
     tl.store(c_ptr + offs_m[:, None] * stride_cm + offs_n[None, :] * stride_cn, c, mask=m_ok[:, None] & n_ok[None, :])
 
@@ -178,6 +178,7 @@ def _masked_mm(a, weight, scores, structured, bias, thr, cut, unit_on_cols, kern
         a, weight, scores, weight if bias is None else bias, out, thr, cut,
         rows, cols, loop, *_buckets(rows, cols, loop), row_len,
         a.stride(0), a.stride(1), weight.stride(0), weight.stride(1), *s_strides, out.stride(0), out.stride(1),
+        0 if bias is None else bias.stride(0),
         UNIT_ON_COLS=unit_on_cols, STRUCTURED=structured, HAS_BIAS=bias is not None,
         **dot_options(a.dtype),
     )
