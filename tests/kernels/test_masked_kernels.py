@@ -259,6 +259,30 @@ def test_channel_gate_negative_dim_equals_positive_dim(kernels):
         assert torch.equal(got, want)
 
 
+
+@pytest.mark.parametrize("score_dtype", DTYPES)
+@pytest.mark.parametrize("op", ["linear", "linear_per_unit", "conv2d", "gate"])
+def test_negative_threshold_with_scores_of_every_dtype(kernels, op, score_dtype):
+    """Scores and threshold below zero: a compare of bf16 (or fp16) bit patterns as integers orders
+    negative values backwards (Triton's interpreter does so for bf16), which a threshold at 0 hides."""
+    device = kernels.device
+    shape = {"linear": (6, 8), "linear_per_unit": (6,), "conv2d": (6, 3, 2, 2), "gate": (6,)}[op]
+    scores, thr, cut = tied_scores(shape, score_dtype, seed=1, device=device)
+    scores, thr = scores - 0.5, thr - 0.5  # exact in every dtype: the order and the cut are unchanged
+    if op == "gate":
+        x = randn(3, 6, 5, seed=2, device=device)
+        assert torch.equal(kernels.channel_gate_forward(x, scores, thr, cut, 1),
+                           R.channel_gate_forward(x, scores, thr, cut, 1))
+    elif op == "conv2d":
+        x, w = randn(2, 3, 5, 5, seed=2, device=device), randn(*shape, seed=3, device=device)
+        conv = ([1, 1], [0, 0], [1, 1], 1)
+        torch.testing.assert_close(kernels.masked_conv2d_forward(x, w, None, scores, thr, cut, *conv),
+                                   R.masked_conv2d_forward(x, w, None, scores, thr, cut, *conv), **tol(torch.float32))
+    else:
+        x, w = randn(4, 8, seed=2, device=device), randn(6, 8, seed=3, device=device)
+        torch.testing.assert_close(kernels.masked_linear_forward(x, w, None, scores, thr, cut),
+                                   R.masked_linear_forward(x, w, None, scores, thr, cut), **tol(torch.float32))
+
 # ----------------------------------------------------------------------------- through the public API
 
 

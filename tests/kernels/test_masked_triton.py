@@ -208,7 +208,7 @@ for dtype, size in (("bf16", 2), ("fp16", 2), ("fp32", 4)):
         for unit_on_cols in (True, False) if dtype == "bf16" else (True,):
             types = dict(a_ptr=f"*{dtype}", w_ptr=f"*{dtype}", s_ptr="*u8", bias_ptr=f"*{dtype}", c_ptr=f"*{dtype}",
                          thr_ptr="*u8", cut_ptr="*i64", **sizes, row_len="i32",
-                         **strides("am", "al", "wu", "wr", "su", "sr", "cm", "cn"))
+                         **strides("am", "al", "wu", "wr", "su", "sr", "cm", "cn", "bias"))
             consts = dict(UNIT_ON_COLS=unit_on_cols, STRUCTURED=False, HAS_BIAS=unit_on_cols, **precision)
             compile_sm90(L._masked_mm_body, types, consts, _common._config(tile, size))
 # wgrad with the packed mask's epilogue (bf16, one tile; both score layouts)

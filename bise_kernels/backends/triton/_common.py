@@ -35,7 +35,14 @@ shape bucket and dtype; the heuristic compiles one. The interpreter always takes
 
 @triton.jit
 def keep(s, thr, index, limit):
-    """The keep rule: ``s > thr``, or a tie whose index (within its row) is below the row's limit."""
+    """The keep rule: ``s > thr``, or a tie whose index (within its row) is below the row's limit.
+
+    bf16 compares as fp32 (exact: every bf16 is an fp32): the interpreter compares bf16 by its bit
+    patterns as integers, which orders negative values backwards; compiled, the cast is one shift.
+    """
+    if s.dtype == tl.bfloat16:
+        s = s.to(tl.float32)
+        thr = thr.to(tl.float32)
     return (s > thr) | ((s == thr) & (index < limit))
 
 
