@@ -127,7 +127,7 @@ class _Gated(_Stage):
     def forward(self, x):
         gate = self.gate
         a = _activation_forward(self.module.activation, x)
-        thr, cut = gate.selection()
+        thr, cut = gate._selection(gate.scores, False)  # the cached pair, not selection()'s copy
         kernel = backends.resolve("channel_gate_forward", a.device.type, a.dtype)[1]
         return kernel(a, gate.scores, thr, cut, gate.dim), (a, thr, cut)
 

@@ -129,9 +129,12 @@ class ScoredModule(nn.Module):
         that consumes it checks a threshold's scores and thr finite in its own pass
         (:func:`..functional._fused_check`; :meth:`_keep_selection`), so none is made here; the
         entry is then marked unchecked, and a later call without ``fused_check`` makes the check
-        before it returns it.
+        before it returns it. The pair returned is a copy: the cached one may be shared (a
+        threshold's pair serves every layer with that threshold), so writing it in place must not
+        change other layers.
         """
-        return self._selection(self.scores, fused_check)
+        thr, cut = self._selection(self.scores, fused_check)
+        return thr.clone(), cut.clone()
 
     def _selection(self, scores: Tensor, fused_check: bool) -> tuple[Tensor, Tensor]:
         """:meth:`selection` of ``scores``, which the caller read once (~0.5 us an nn.Module attribute).

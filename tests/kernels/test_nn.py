@@ -328,6 +328,24 @@ def test_a_selection_cached_in_inference_mode_serves_training(backend):
             torch.testing.assert_close(p.grad, q.grad, rtol=0, atol=0)
 
 
+def test_writing_into_a_returned_selection_changes_no_layer():
+    """A threshold's (thr, cut) is one cached pair shared by every layer and call with that threshold:
+    selection() returns a copy, so a caller writing into it changes no layer's mask."""
+    torch.manual_seed(0)
+    x = torch.randn(2, 4)
+    for module in _cached_modules()[:-1]:
+        m, xm = module
+        want = m(xm)
+        thr, cut = m.selection()
+        thr.fill_(100.0)
+        cut.fill_(0)
+        torch.testing.assert_close(m(xm), want, rtol=0, atol=0)
+    a, b = bk.ChannelGate(4, threshold=0.0), bk.ChannelGate(4, threshold=0.0)
+    want = b(x)
+    a.selection()[0].fill_(100.0)
+    torch.testing.assert_close(b(x), want, rtol=0, atol=0)
+    torch.testing.assert_close(bk.channel_gate(x, b.scores, threshold=0.0), want, rtol=0, atol=0)
+
 @pytest.mark.parametrize("padding, kernel, dilation", [("same", 3, 1), ("same", (3, 5), (2, 1)), ("valid", 3, 1)])
 def test_string_padding_and_zeros_padding_mode_are_taken_as_nn_conv2d_does(padding, kernel, dilation):
     """nn.Conv2d's padding="same" / "valid" and padding_mode="zeros": MaskedConv2d refused them, and so
