@@ -31,6 +31,7 @@ import torch
 
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 ESTIMATORS = ("ste", "sigmoid")
+_INT64_MAX = 2**63 - 1  # the extension computes conv geometry in int64
 
 
 # ----------------------------------------------------------------------------- numbers
@@ -69,8 +70,8 @@ def check_dtype(dtype: object, name: str = "dtype") -> None:
 def check_density(density: object, name: str = "density") -> float:
     if not is_real(density):
         raise TypeError(f"{name} must be a float in (0, 1], got {density!r}")
-    if not (0.0 < float(density) <= 1.0):
-        raise ValueError(f"{name} must be in (0, 1] (the fraction of entries kept), got {density!r}")
+    if not (0.0 < float(density) <= 1.0):  # float() in the message too: a traced SymFloat cannot be formatted
+        raise ValueError(f"{name} must be in (0, 1] (the fraction of entries kept), got {float(density)!r}")
     return float(density)
 
 
@@ -110,14 +111,30 @@ def check_mask_spec(density: object, threshold: object) -> None:
         if threshold.numel() != 1:
             raise ValueError(f"threshold must be a number or a one-element tensor, got shape "
                              f"{tuple(threshold.shape)}")
+        check_real_dtype(threshold, "threshold")
     elif not is_real(threshold):
         raise TypeError(f"threshold must be a float or a one-element tensor, got {threshold!r}")
     elif not (threshold == threshold and abs(threshold) != math.inf):  # math.isfinite, also for a traced
         # SymFloat (dynamo makes a float dynamic once it changed between compiles; isfinite cannot trace)
-        raise ValueError(f"threshold must be finite, got {threshold!r}")
+        raise ValueError(f"threshold must be finite, got {float(threshold)!r}")
 
 
 # ----------------------------------------------------------------------------- tensors
+
+
+def check_real_dtype(t: torch.Tensor, name: str) -> None:
+    """A tensor holding a real number (a threshold, a hint): not bool (``True`` as a number is a
+    TypeError too) nor complex (the cast would drop the imaginary part with only a warning)."""
+    if t.dtype == torch.bool or t.dtype.is_complex:
+        raise TypeError(f"{name} must be a real (floating or integer) tensor, got {t.dtype}")
+
+
+def check_scalar_device(t: torch.Tensor, name: str, device: torch.device) -> None:
+    """A one-element tensor to be used with tensors on ``device``: there or on the CPU (a CPU scalar
+    goes with any device's tensors, as in torch's own ops)."""
+    if t.device != device and t.device.type != "cpu":
+        where = "the CPU" if device.type == "cpu" else f"{device} or the CPU"
+        raise ValueError(f"{name} is on {t.device}, the scores on {device}: give it on {where}")
 
 
 def check_tensor(t: object, name: str) -> torch.Tensor:
@@ -356,12 +373,18 @@ def _check_conv_geometry(x: torch.Tensor, weight: torch.Tensor, stride: object, 
     for (a, b), name, low in zip(pairs, ("stride", "padding", "dilation"), (1, 0, 1)):
         if a < low or b < low:
             raise ValueError(f"{name} must be >= {low}, got {(a, b)}")
+        if max(a, b) > _INT64_MAX:
+            raise ValueError(f"{name} must fit int64, got {(a, b)}")
     if x.dim() != 4 or weight.dim() != 4:
         raise ValueError(f"x and weight must be 4-d (N,C,H,W) and (O,C/groups,kH,kW), got {tuple(x.shape)} and "
                          f"{tuple(weight.shape)}")
     groups_ok = isinstance(groups, numbers.Integral) and not isinstance(groups, bool) and groups >= 1
     if not groups_ok or x.shape[1] != weight.shape[1] * groups or weight.shape[0] % groups:
         raise ValueError(f"groups={groups!r} does not fit x channels {x.shape[1]} and weight {tuple(weight.shape)}")
+    for i in range(2):  # as the extension's check, whose int64 arithmetic must not overflow
+        if x.shape[2 + i] + 2 * pairs[1][i] > _INT64_MAX or pairs[2][i] * (weight.shape[2 + i] - 1) + 1 > _INT64_MAX:
+            raise ValueError(f"padding {pairs[1]} or dilation {pairs[2]} too large: the padded input or the "
+                             f"kernel's span overflows int64")
     out = conv2d_output_shape(x.shape, weight.shape, *pairs)
     if out[2] < 1 or out[3] < 1:
         raise ValueError(f"kernel {tuple(weight.shape[2:])} (dilation {pairs[2]}) is larger than the padded input "

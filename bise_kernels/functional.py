@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import struct
+from collections.abc import Iterable
 from typing import Optional, Sequence, Union
 
 import torch
@@ -35,7 +36,7 @@ def topk_select(scores: Union[Tensor, Sequence[Tensor]], k: int, *, hint: Option
     ``scores`` may be a list, selected together as if concatenated (flat indices run on in
     list order). This is the device-side description the masked ops consume.
     """
-    tensors = _select_scores(scores, "topk_select")
+    tensors = _select_scores(scores, "topk_select", single=None)
     k = _checks.check_k(k, sum(t.numel() for t in tensors))
     return _ops.topk_select([t.detach() for t in tensors], k, _hint(hint, tensors[0]))
 
@@ -61,7 +62,12 @@ def global_topk_masks(scores: Sequence[Tensor], density: float) -> list[Tensor]:
 def layerwise_topk_masks(scores: Sequence[Tensor], density: Union[float, Sequence[float]]) -> list[Tensor]:
     """An independent top-k per tensor (each with its own density), batched into one select."""
     tensors = [t.detach() for t in _select_scores(scores, "batched_topk_select", single=False)]
-    densities = [density] * len(tensors) if _checks.is_real(density) else list(density)
+    if _checks.is_real(density):
+        densities = [density] * len(tensors)
+    elif isinstance(density, (str, bytes)) or not isinstance(density, Iterable):
+        raise TypeError(f"density must be a number or a list of numbers (one per tensor), got {density!r}")
+    else:
+        densities = list(density)
     if len(densities) != len(tensors):
         raise ValueError(f"density has {len(densities)} entries but scores has {len(tensors)} tensors")
     ks = [_checks.k_from_density(d, t.numel()) for d, t in zip(densities, tensors)]
@@ -69,10 +75,11 @@ def layerwise_topk_masks(scores: Sequence[Tensor], density: Union[float, Sequenc
     return [_ops.keep_mask(t, thrs[i], cuts[i], 0) for i, t in enumerate(tensors)]
 
 
-def _select_scores(scores: object, kernel: str, single: bool = True) -> list[Tensor]:
-    """The checked scores of a selection (a tensor, if ``single``, or a list), as a list. NaN / inf
-    are checked here only if the select ``kernel`` that runs does not check them itself."""
-    if single and isinstance(scores, Tensor):
+def _select_scores(scores: object, kernel: str, single: Optional[bool] = True) -> list[Tensor]:
+    """The checked scores of a selection, as a list: a tensor (``single``), a list of tensors
+    (``single=False``) or either (``None``). NaN / inf are checked here only if the select ``kernel``
+    that runs does not check them itself."""
+    if single or (single is None and isinstance(scores, Tensor)):
         tensors, names = [_checks.check_scores(scores, finite=False)], ["scores"]
     else:
         tensors = _checks.check_score_list(scores, finite=False)
@@ -86,6 +93,8 @@ def _hint(hint: Optional[Tensor], scores: Tensor) -> Optional[Tensor]:
         return None
     if not isinstance(hint, Tensor) or hint.numel() != 1:
         raise TypeError(f"hint must be a one-element tensor (a previous threshold), got {hint!r}")
+    _checks.check_real_dtype(hint, "hint")
+    _checks.check_scalar_device(hint, "hint", scores.device)
     return hint.detach().reshape(()).to(device=scores.device, dtype=scores.dtype)
 
 
@@ -113,6 +122,7 @@ def _threshold_selection(scores: Tensor, threshold: Union[Number, Tensor],
     checked finite, here or, with ``fused_check``, by the op's kernel: the same rule either way)."""
     shared = _ops._plain_eager((scores,))  # traced or fake tensors are made in the trace, never kept
     if isinstance(threshold, Tensor):
+        _checks.check_scalar_device(threshold, "threshold", scores.device)
         thr = threshold.detach().reshape(()).to(device=scores.device, dtype=scores.dtype)
         if not fused_check:
             _checks.check_finite(thr, "threshold")

@@ -140,13 +140,22 @@ struct Conv2d {
       TORCH_CHECK_VALUE(values->size() == 2 && (*values)[0] >= low && (*values)[1] >= low, name, ": ", arg,
                         " must be two ints >= ", low, ", got ", at::IntArrayRef(*values));
     }
-    TORCH_CHECK_VALUE(groups >= 1 && x.size(1) == weight.size(1) * groups && weight.size(0) % groups == 0, name,
-                      ": groups=", groups, " does not fit x channels ", x.size(1), " and weight ", weight.sizes());
+    int64_t channels = 0;
+    TORCH_CHECK_VALUE(groups >= 1 && !__builtin_mul_overflow(weight.size(1), groups, &channels) &&
+                          x.size(1) == channels && weight.size(0) % groups == 0,
+                      name, ": groups=", groups, " does not fit x channels ", x.size(1), " and weight ", weight.sizes());
     for (int d = 0; d < 2; ++d) {
-      TORCH_CHECK_VALUE(x.size(2 + d) + 2 * padding[d] - dilation[d] * (weight.size(2 + d) - 1) - 1 >= 0, name,
-                        ": kernel ", weight.sizes().slice(2), " (dilation ", at::IntArrayRef(dilation),
-                        ") is larger than the padded input ", x.sizes().slice(2), " + 2 * padding ",
-                        at::IntArrayRef(padding));
+      // padded = size + 2 * padding, span = dilation * (kernel - 1) + 1, in int64 without overflow
+      int64_t twice = 0, padded = 0, span = 0;
+      const bool overflows = __builtin_mul_overflow(padding[d], int64_t{2}, &twice) ||
+                             __builtin_add_overflow(x.size(2 + d), twice, &padded) ||
+                             __builtin_mul_overflow(dilation[d], weight.size(2 + d) - 1, &span) ||
+                             __builtin_add_overflow(span, int64_t{1}, &span);
+      TORCH_CHECK_VALUE(!overflows, name, ": padding ", at::IntArrayRef(padding), " or dilation ",
+                        at::IntArrayRef(dilation), " too large: the padded input or the kernel's span overflows int64");
+      TORCH_CHECK_VALUE(padded >= span, name, ": kernel ", weight.sizes().slice(2), " (dilation ",
+                        at::IntArrayRef(dilation), ") is larger than the padded input ", x.sizes().slice(2),
+                        " + 2 * padding ", at::IntArrayRef(padding));
     }
   }
   at::Tensor forward(T x, T w_eff, const std::optional<at::Tensor>& bias) const {

@@ -45,8 +45,8 @@ class ChannelGate(ScoredModule):
             return self._fx_node(input)
         if not self.enabled:
             return input
-        if input.is_nested:  # its .shape fails inside torch
-            raise _checks.dense_layout_error(input, "x")  # "x" as the kernels' checks
+        if not isinstance(input, Tensor) or input.is_nested or input.dim() == 0:  # a nested one's .shape fails
+            _checks.check_channel_gate(input, self.scores, None, None, self.dim)  # names x
         dim = _checks.check_dim(self.dim, input.dim())
         if input.shape[dim] != self.num_channels:
             raise ValueError(f"ChannelGate({self.num_channels}) got an input with {input.shape[dim]} channels "

@@ -234,8 +234,9 @@ class MaskedLinear(nn.Linear, _MaskedLayer):
     def forward(self, input: Tensor) -> Tensor:  # nn.Linear's name: layer(input=x) works as there
         if isinstance(input, fx.Proxy):
             return self._fx_node(input)
-        if input.is_nested:  # refused by name here: torch's nested dispatch failed without naming it
-            raise _checks.dense_layout_error(input, "x")  # "x" as the kernels' checks
+        if not isinstance(input, Tensor) or input.is_nested or input.dim() == 0 or input.shape[-1] != self.in_features:
+            # named before the selection runs (torch's nested dispatch failed without naming it)
+            _checks.check_masked_linear(input, self.weight, self.bias, self.scores)
         scores = self.scores
         x, weight, bias = _autocast(input, self.weight, self.bias)
         if self._uses_keep(x):
@@ -299,11 +300,13 @@ class MaskedConv2d(nn.Conv2d, _MaskedLayer):
     def forward(self, input: Tensor) -> Tensor:  # nn.Conv2d's name, as MaskedLinear's
         if isinstance(input, fx.Proxy):
             return self._fx_node(input)
-        if input.is_nested:  # refused by name here: torch's nested dispatch failed without naming it
-            raise _checks.dense_layout_error(input, "x")  # "x" as the kernels' checks
+        if not isinstance(input, Tensor) or input.is_nested:  # torch's nested dispatch failed without naming it
+            _checks.check_tensor(input, "x")
         if input.dim() == 3:  # unbatched (C, H, W), as nn.Conv2d takes it
             return self.forward(input.unsqueeze(0)).squeeze(0)
         geometry = (list(self.stride), list(self.padding), list(self.dilation), self.groups)
+        if input.dim() != 4 or input.shape[1] != self.in_channels:  # named before the selection runs
+            _checks.check_masked_conv2d(input, self.weight, self.bias, self.scores, None, None, *geometry)
         scores = self.scores
         x, weight, bias = _autocast(input, self.weight, self.bias)
         if self._uses_keep(x):

@@ -258,6 +258,8 @@ def _by_module(model: nn.Module, types: tuple) -> list[tuple[list[str], nn.Modul
     """The submodules that are instances of ``types``, each once with every qualified name it has: a
     module shared by two parents is one layer, replaced under both names (``named_modules`` gives it
     under its first name only)."""
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
     found: dict[int, tuple[list[str], nn.Module]] = {}
     for name, module in model.named_modules(remove_duplicate=False):
         if isinstance(module, types):

@@ -1,5 +1,6 @@
 """Bad input: named ValueError / TypeError before any kernel runs, nothing silently clamped."""
 
+import re
 import warnings
 
 import numpy as np
@@ -201,6 +202,9 @@ def test_conv_arguments_are_checked():
     ({"padding": -1}, r"padding must be >= 0, got \(-1, -1\)"),
     ({"dilation": 0}, r"dilation must be >= 1"),
     ({"dilation": 3}, r"kernel \(3, 3\) \(dilation \(3, 3\)\) is larger than the padded input"),
+    ({"padding": 2**62}, r"padding \(4611686018427387904, 4611686018427387904\) or dilation \(1, 1\) too large"),
+    ({"dilation": (1, 2**62)}, "the padded input or the kernel's span overflows int64"),
+    ({"stride": 2**63}, r"stride must fit int64, got \(9223372036854775808, 9223372036854775808\)"),
 ])
 def test_conv_geometry_is_checked(conv, match):
     x, w = torch.randn(1, 2, 5, 5), torch.randn(3, 2, 3, 3)
@@ -339,6 +343,67 @@ def test_hint_must_be_a_single_value():
         bk.topk_mask(torch.randn(5), 0.5, hint=torch.randn(2))
 
 
+@pytest.mark.parametrize("bad", [torch.tensor(True), torch.tensor(0.5 + 1j)], ids=["bool", "complex"])
+def test_threshold_and_hint_tensors_hold_real_numbers(bad):
+    """A bool or complex tensor was cast without a word (True as a Python number is a TypeError; the
+    imaginary part was dropped with a warning); an int tensor is a number and stays accepted."""
+    for op in ("masked_linear", "masked_conv2d", "channel_gate"):
+        with pytest.raises(TypeError, match=f"threshold must be a real .* got {bad.dtype}"):
+            _layer_call(op, threshold=bad)
+    with pytest.raises(TypeError, match=f"hint must be a real .* got {bad.dtype}"):
+        bk.topk_threshold(torch.randn(5), 2, hint=bad)
+    scores = torch.randn(5)
+    assert torch.equal(bk.channel_gate(torch.ones(2, 5), scores, threshold=torch.tensor(0)),
+                       bk.channel_gate(torch.ones(2, 5), scores, threshold=0.0))
+
+
+def test_threshold_and_hint_on_another_device_are_named():
+    """A threshold or hint must be on the scores' device or the CPU (a meta one failed inside the copy,
+    "Cannot copy out of meta tensor"); a CPU one goes with any device's scores."""
+    meta = torch.tensor(0.0, device="meta")
+    with pytest.raises(ValueError, match="threshold is on meta, the scores on cpu"):
+        _layer_call("channel_gate", threshold=meta)
+    with pytest.raises(ValueError, match="hint is on meta, the scores on cpu"):
+        bk.topk_mask(torch.randn(5), 0.5, hint=meta)
+
+
+def test_selection_entry_points_name_a_scores_argument_of_the_wrong_kind():
+    """A list given where one tensor is taken (topk_mask / topk_threshold; global_topk_masks takes
+    the list) failed with AttributeError 'list' object has no attribute 'numel'."""
+    t = torch.randn(5)
+    with pytest.raises(TypeError, match="scores must be a torch.Tensor, got list"):
+        bk.topk_mask([t], 0.5)
+    with pytest.raises(TypeError, match="scores must be a torch.Tensor, got ndarray"):
+        bk.topk_threshold(np.zeros(5, dtype=np.float32), 1)
+    assert torch.equal(bk.topk_select([t], 2)[0], bk.topk_select(t, 2)[0])  # topk_select takes either
+    for bad in (None, "ab"):
+        with pytest.raises(TypeError, match=f"density must be a number or a list of numbers .* got {bad!r}"):
+            bk.layerwise_topk_masks([t, t], bad)
+    assert len(bk.layerwise_topk_masks([t, t], np.array([0.5, 0.2]))) == 2
+
+
+def test_modules_name_a_bad_input_before_they_select():
+    """The modules' selection (and keep mask) were computed, then the op named the input; now a
+    non-tensor, a 0-d one or one of the wrong feature count is named first, and nothing is cached."""
+    for module, x, match in ((bk.MaskedLinear(8, 6, density=0.5, mask_mode="keep"), torch.randn(5, 7),
+                              r"x of shape \(5, 7\) does not match weight"),
+                             (bk.MaskedLinear(8, 6, density=0.5), torch.tensor(1.0), "does not match weight"),
+                             (bk.MaskedConv2d(3, 4, 3, density=0.5), torch.randn(1, 2, 5, 5), "x channels 2"),
+                             (bk.MaskedConv2d(3, 4, 3, density=0.5), torch.randn(5, 5), "must be 4-d")):
+        with pytest.raises(ValueError, match=match):
+            module(x)
+        assert module._cache is None and module._keep_cache is None
+    for module in (bk.MaskedLinear(8, 6, density=0.5), bk.MaskedConv2d(3, 4, 3, density=0.5),
+                   bk.ChannelGate(4, density=0.5)):
+        with pytest.raises(TypeError, match="x must be a torch.Tensor, got list"):
+            module([1.0, 2.0])
+    with pytest.raises(ValueError, match="x must have at least one dimension"):
+        bk.ChannelGate(4, dim=0, density=0.5)(torch.tensor(1.0))
+    for call in (lambda m: bk.mask_model(m, density=0.5), bk.unmask_model):
+        with pytest.raises(TypeError, match="model must be an nn.Module, got NoneType"):
+            call(None)
+
+
 def _nested(*shape, layout=torch.strided):
     """A nested tensor of two entries of ``shape`` (the first dimension 1 and 2 long: ragged)."""
     with warnings.catch_warnings():
@@ -465,3 +530,19 @@ def test_layerwise_density_list_must_match_the_tensors():
     for densities in ([0.5, 0.5], [0.5] * 4):
         with pytest.raises(ValueError, match=f"density has {len(densities)} entries but scores has 3 tensors"):
             bk.layerwise_topk_masks(scores, densities)
+
+
+def test_a_bad_density_or_threshold_is_named_in_a_fullgraph_compile():
+    """Once dynamo has made a density or threshold dynamic (it changed between calls), the message
+    formatted the SymFloat and failed ("BUILD_STRING type error"), hiding the ValueError."""
+    torch._dynamo.reset()
+    x, w, s = torch.randn(2, 4), torch.randn(3, 4), torch.randn(3, 4)
+    for spec, bad, match in (("density", 1.5, r"density must be in \(0, 1\] .*got 1\.5"),
+                             ("threshold", float("inf"), "threshold must be finite, got inf")):
+        layer = torch.compile(lambda x, v: bk.masked_linear(x, w, None, s, **{spec: v}), backend="aot_eager",
+                              fullgraph=True)
+        layer(x, 0.5)
+        layer(x, 0.25)
+        with pytest.raises(Exception) as info:
+            layer(x, bad)
+        assert re.search(match, f"{info.value} {info.value.__cause__!r}"), info.value

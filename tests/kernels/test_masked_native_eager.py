@@ -179,6 +179,10 @@ _GATE = (_t(2, 6, 5, seed=6), _t(6, seed=7), *_SEL, 1, "ste", 1.0)
     _bad("masked_conv2d", 7, [-1, 0], r"padding must be two ints >= 0, got \[-1, 0\]"),
     _bad("masked_conv2d", 0, _t(1, 2, 2, 5, seed=0),
          r"kernel \[3, 3\] \(dilation \[1, 1\]\) is larger than the padded"),
+    _bad("masked_conv2d", 7, [2**62, 0], r"padding \[4611686018427387904, 0\] or dilation \[1, 1\] too large: the "
+         r"padded input or the kernel's span overflows int64"),  # 2 * padding overflowed (undefined behaviour)
+    _bad("masked_conv2d", 8, [1, 2**62], r"too large: the padded input or the kernel's span overflows int64"),
+    _bad("masked_conv2d", 9, 2**62, r"groups=4611686018427387904 does not fit x channels 2"),
     _bad("masked_conv2d", 3, _t(3, seed=0), r"scores must have weight's shape \[4, 2, 3, 3\] or \(4,\)"),
     _bad("masked_conv2d_keep", 4, torch.ones(4, 2, 3, 2, dtype=torch.bool), "keep must have weight's shape"),
     _bad("channel_gate", 1, _t(5, seed=0), r"scores must have shape \(6,\) \(x.shape\[1\]\), got \[5\]"),
