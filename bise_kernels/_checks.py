@@ -324,6 +324,15 @@ def check_keep(keep: object, weight: torch.Tensor) -> bool:
     return _check_weight_shaped(keep, weight, "keep")
 
 
+def check_keep_op_scores(scores: object, weight: object) -> None:
+    """A keep op's scores, weight-shaped or one per unit, checked before its keep mask: a module makes
+    the mask from its scores, so a mask of the wrong shape means scores of the wrong shape (as the
+    extension's keep ops check)."""
+    check_tensor(scores, "scores")
+    check_tensor(weight, "weight")
+    _check_weight_shaped(scores, weight, "scores")
+
+
 def check_masked_linear_keep(x: object, weight: object, bias: object, keep: object,
                              scores: object = None) -> bool:
     """Arguments of masked_linear_keep (scores, when given, of keep's shape); returns ``structured``."""

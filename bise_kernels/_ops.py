@@ -31,7 +31,7 @@ from torch import Tensor
 
 from . import backends
 from .backends import reference
-from ._checks import check_estimator, conv2d_output_shape
+from ._checks import check_estimator, check_keep_op_scores, conv2d_output_shape
 
 LIB = "bise_kernels"
 
@@ -406,6 +406,7 @@ def _masked_linear_keep(
 ) -> Tensor:
     """masked_linear with the selection packed once into ``keep`` (bool, the scores' shape), which the
     forward and backward read instead of the scores; ``scores`` only receives its gradient."""
+    check_keep_op_scores(scores, weight)
     return _forward_kernel("masked_linear_keep_forward", x, estimator, temperature)(x, weight, bias, keep)
 
 
@@ -525,6 +526,7 @@ def _masked_conv2d_keep(
     stride: list[int], padding: list[int], dilation: list[int], groups: int, estimator: str, temperature: float,
 ) -> Tensor:
     """masked_conv2d with the selection packed once into ``keep`` (as :func:`_masked_linear_keep`)."""
+    check_keep_op_scores(scores, weight)
     kernel = _forward_kernel("masked_conv2d_keep_forward", x, estimator, temperature)
     return kernel(x, weight, bias, keep, stride, padding, dilation, groups)
 

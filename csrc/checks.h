@@ -152,6 +152,15 @@ inline uint64_t inf_bits(at::ScalarType dtype) {
 
 // ----------------------------------------------------------------------------- masked layers
 
+// `t` (scores or a keep mask) of weight's shape or one per output unit ((out,)); returns the latter.
+inline bool check_weight_shaped(const at::Tensor& weight, const at::Tensor& t, const char* name, const char* op) {
+  TORCH_CHECK_VALUE(weight.dim() >= 1, op, ": weight must have at least one dimension, got shape ", weight.sizes());
+  const bool per_unit = t.dim() == 1 && weight.dim() > 1 && t.size(0) == weight.size(0);
+  TORCH_CHECK_VALUE(per_unit || t.sizes() == weight.sizes(), op, ": ", name, " must have weight's shape ",
+                    weight.sizes(), " or (", weight.size(0), ",), got ", t.sizes());
+  return per_unit;
+}
+
 // A masked layer's operands; returns whether the scores are per output unit ((out,)).
 inline bool check_layer(const at::Tensor& weight, const at::Tensor& scores, const at::Tensor& thr,
                         const at::Tensor& cut, const char* op, at::DeviceType device) {
@@ -159,11 +168,7 @@ inline bool check_layer(const at::Tensor& weight, const at::Tensor& scores, cons
   check_float(scores, "scores", op, device);
   check_same_device(scores, "scores", weight, "weight", op);
   check_selection(scores, thr, cut, op);
-  TORCH_CHECK_VALUE(weight.dim() >= 1, op, ": weight must have at least one dimension, got shape ", weight.sizes());
-  const bool per_unit = scores.dim() == 1 && weight.dim() > 1 && scores.size(0) == weight.size(0);
-  TORCH_CHECK_VALUE(per_unit || scores.sizes() == weight.sizes(), op, ": scores must have weight's shape ",
-                    weight.sizes(), " or (", weight.size(0), ",), got ", scores.sizes());
-  return per_unit;
+  return check_weight_shaped(weight, scores, "scores", op);
 }
 
 // grad_w_eff of masked_score_grad: like weight and contiguous, since it is masked in place.
@@ -206,11 +211,7 @@ inline bool check_keep_layer(const at::Tensor& weight, const at::Tensor& keep, c
   check_device(keep, "keep", op, device);
   check_same_device(keep, "keep", weight, "weight", op);
   TORCH_CHECK_TYPE(keep.scalar_type() == at::kBool, op, ": keep must be a bool tensor, got ", keep.scalar_type());
-  TORCH_CHECK_VALUE(weight.dim() >= 1, op, ": weight must have at least one dimension, got shape ", weight.sizes());
-  const bool per_unit = keep.dim() == 1 && weight.dim() > 1 && keep.size(0) == weight.size(0);
-  TORCH_CHECK_VALUE(per_unit || keep.sizes() == weight.sizes(), op, ": keep must have weight's shape ", weight.sizes(),
-                    " or (", weight.size(0), ",), got ", keep.sizes());
-  return per_unit;
+  return check_weight_shaped(weight, keep, "keep", op);
 }
 
 // keep_score_grad's operands: the layer and its keep mask, scores of keep's shape, grad_w_eff and

@@ -87,10 +87,15 @@ struct Keep {
   at::Tensor keep;
 
   // scores: null for the forward, which reads only keep.
+  // The scores' shape is checked first: a module's keep mask is made from its scores (a keep mask
+  // of the wrong shape means scores of the wrong shape).
   void check(T weight, const at::Tensor* scores, const char* name, at::DeviceType device) const {
+    if (scores != nullptr) {
+      bise_checks::check_float(*scores, "scores", name, device);
+      bise_checks::check_weight_shaped(weight, *scores, "scores", name);
+    }
     bise_checks::check_keep_layer(weight, keep, name, device);
     if (scores == nullptr) return;
-    bise_checks::check_float(*scores, "scores", name, device);
     TORCH_CHECK_VALUE(scores->sizes() == keep.sizes(), name, ": scores must have keep's shape ", keep.sizes(), ", got ",
                       scores->sizes());
   }

@@ -546,3 +546,13 @@ def test_a_bad_density_or_threshold_is_named_in_a_fullgraph_compile():
         with pytest.raises(Exception) as info:
             layer(x, bad)
         assert re.search(match, f"{info.value} {info.value.__cause__!r}"), info.value
+
+
+def test_keep_mode_names_scores_of_the_wrong_shape(backend):
+    """A module in keep mode makes its keep mask from its scores; scores of the wrong shape were named
+    as "keep must have weight's shape". The scores are named now, on every backend."""
+    for module, x in ((bk.MaskedLinear(8, 6, density=0.5, mask_mode="keep"), torch.randn(2, 8)),
+                      (bk.MaskedConv2d(3, 4, 3, density=0.5, mask_mode="keep"), torch.randn(1, 3, 5, 5))):
+        module.scores = torch.nn.Parameter(torch.randn(5))
+        with pytest.raises(ValueError, match=r"scores must have weight's shape .* got \(?\[?5,?\]?\)?"):
+            module(x)
