@@ -22,6 +22,7 @@ from bise_kernels import __version__
 
 from . import _extra, distributed
 from .extract import CHECKPOINT_NAME as CHECKPOINT, RESUME_IGNORED
+from .models import ARCHS
 from .report import REPORT_FILES
 from .rundir import RunDir, UsageError
 from .validate import MAX_SEED
@@ -91,8 +92,8 @@ def build_parser() -> argparse.ArgumentParser:
                   (("--seed",), dict(type=_typed(int, 0, "--seed", MAX_SEED), help="seed of data generation, "
                    "training and extraction (default: the run's, else 0)")))
     device = _group("execution", (("--device",), dict(default="cpu", help="cpu, cuda or cuda:N (default cpu)")))
-    arch = _group("model", (("--arch",), dict(help="simple-cnn | mlp | resnet18 | mobilenetv2 (default: the data's "
-                  "paper recipe)")), (("--width",), dict(type=_typed(float, 0, "--width"),
+    arch = _group("model", (("--arch",), dict(choices=ARCHS, metavar="ARCH", help=f"{' | '.join(ARCHS)} (default: "
+                  "the data's paper recipe)")), (("--width",), dict(type=_typed(float, 0, "--width"),
                   help="width multiplier of the built-in architecture (default 1)")))
     batch = _group("batches", (("--batch-size",), dict(type=_typed(int, 1, "--batch-size"), help="vanilla and "
                    "mask-learning batch size (default: the dataset's paper value)")))
@@ -150,7 +151,9 @@ def _same_data(recorded: dict, spec: str) -> bool:
 
     try:
         key = canonical(spec)
-    except (ValueError, OSError):  # load reports it, naming --data
+    except ValueError as exc:  # a bad spec: its own error, not "another run's data"
+        raise UsageError(f"--data {spec!r}: {exc}") from None
+    except OSError:  # a missing file: load reports it, naming --data
         return False
     return key is not None and key == recorded.get("canonical_spec")
 
@@ -169,6 +172,17 @@ def resolve_spec(spec: str) -> str:
     if Path(spec.strip()).expanduser().exists():
         return root
     return f"{kind}:{root}" + "".join(f",{k}={v}" for k, v in raw.items())
+
+
+def _in_cache(exc: BaseException) -> bool:
+    """Whether ``exc`` is a missing path of the data cache ($BISE_CACHE_DIR that cannot be made)."""
+    from .data.cache import default_dir
+
+    if not isinstance(exc, FileNotFoundError) or exc.filename is None:
+        return False
+    cache = default_dir().expanduser().absolute()
+    path = Path(exc.filename).expanduser().absolute()
+    return path == cache or cache in path.parents
 
 
 def _default(value, default):
@@ -247,7 +261,10 @@ class Invocation:
             try:
                 self._data = d = load(a.data, seed=a.seed)
             except (ValueError, KeyError, FileNotFoundError) as exc:
-                raise UsageError(f"--data {a.data!r}: {exc}") from exc
+                if not _in_cache(exc):
+                    raise UsageError(f"--data {a.data!r}: {exc}") from exc
+                raise UsageError(f"--data {a.data!r}: cannot create the data cache {exc.filename} ({exc.strerror}); "
+                                 "make its folder writable or set BISE_CACHE_DIR") from exc
             except OSError as exc:  # a read-only cache: name the folder and the variable
                 raise UsageError(f"--data {a.data!r}: cannot write the data cache {exc.filename or ''} "
                                  f"({exc.strerror}); make it writable or set BISE_CACHE_DIR") from exc
@@ -386,7 +403,8 @@ def _vanilla_settings(inv: Invocation) -> dict:
             "recipe": recipe, "seed": a.seed, "device": a.device}
 
 
-def cmd_train(inv: Invocation) -> None:
+def cmd_train(inv: Invocation, replaces: tuple = ()) -> None:
+    """``bise train``; ``replaces``: files of --out that go with the old vanilla.pt (run --overwrite)."""
     from .train import train_vanilla
 
     a, data = inv.args, inv.data
@@ -396,7 +414,7 @@ def cmd_train(inv: Invocation) -> None:
                           device=a.device, width=s["width"], quiet=a.quiet)
     health = _vanilla_health(inv, model, f"the vanilla model trained with --lr {s['lr']}")
     _save_vanilla(inv.run.staged(VANILLA), model.cpu())
-    inv.run.commit({VANILLA: inv.entry("train", {}, {**s, "health": health}, start)})
+    inv.run.commit({VANILLA: inv.entry("train", {}, {**s, "health": health}, start)}, replaces=replaces)
     inv.say(f"vanilla model -> {inv.run.path(VANILLA)}")
 
 
@@ -448,8 +466,10 @@ def cmd_extract(inv: Invocation) -> None:
     if resume:
         run.require(CHECKPOINT, inv.data_record, hashed=False)
         if run.artefacts[CHECKPOINT]["inputs"] != inputs:
-            raise UsageError(f"{run.path(CHECKPOINT)} is an extraction of another vanilla model than {source}; "
-                             "start it again with --overwrite")
+            raise UsageError(f"{run.path(CHECKPOINT)} is an extraction of another vanilla model than {source}; " + (
+                "start it again with --overwrite" if a.command == "extract" else
+                f"extract from the run's vanilla.pt with `bise extract --out {a.out} --overwrite`, or start the run "
+                "again with --overwrite"))
         started, now = run.artefacts[CHECKPOINT]["settings"], _plain(settings)
         changed = [k for k in now if k not in (*RESUME_IGNORED, "model") and started.get(k) != now[k]]
         if changed:
@@ -512,7 +532,10 @@ def cmd_finetune(inv: Invocation) -> None:
     from .finetune import LR_FACTOR
     from .recipes import recipe_for
 
-    a, data = inv.args, inv.data
+    a = inv.args
+    if a.finetune_epochs == 0:  # run takes 0 as "no fine-tuning"; here it would save an untrained copy
+        raise UsageError("--finetune-epochs 0 fine-tunes nothing; give at least 1 (default 10)")
+    data = inv.data
     epochs = 10 if a.finetune_epochs is None else a.finetune_epochs
     sub, inputs = _masks(inv)
     exported = load_exported(str(inv.require(SUBNETWORK)))
@@ -620,13 +643,16 @@ def _reuse_vanilla(inv: Invocation) -> None:
              + (f"; {', '.join(ignored)} ignored (pass --overwrite to train again)" if ignored else ""))
 
 
-def _reusable(inv: Invocation, name: str, settings: dict) -> bool:
-    """Whether ``run --resume`` can keep ``name``: consistent with the run and made with ``settings``."""
+def _reusable(inv: Invocation, name: str, settings: dict, inputs: Optional[dict] = None) -> bool:
+    """Whether ``run --resume`` can keep ``name``: consistent with the run, made with ``settings`` and,
+    if given, from exactly ``inputs`` (masks of `bise extract --model` are not the run's vanilla's)."""
     if name not in inv.run.artefacts:
         return False
     try:
         inv.require(name)
     except UsageError:
+        return False
+    if inputs is not None and inv.run.artefacts[name]["inputs"] != inputs:
         return False
     recorded = inv.run.artefacts[name]["settings"]
     now = _plain(settings)
@@ -637,6 +663,12 @@ def cmd_run(inv: Invocation) -> None:
     a, run = inv.args, inv.run
     _extract_config(inv)  # bad extraction settings and the data's bias classes fail before any training
     _check_extraction_data(inv)
+    # --overwrite: once the new vanilla.pt is in place the old run is gone, even where it comes out the
+    # same bytes (same seed and vanilla options): its masks, checkpoint and reports go with it
+    replaces = tuple(n for n in run.artefacts if n != VANILLA) if a.overwrite else ()
+    # a resume that does not say keeps the run's fine-tuning, also where a changed export drops the model
+    if a.resume and a.finetune_epochs is None and FINETUNED in run.artefacts:
+        a.finetune_epochs = run.artefacts[FINETUNED]["settings"].get("epochs")
     if a.model:
         path = _model_file(a.model)
         start = time.perf_counter()
@@ -645,25 +677,25 @@ def cmd_run(inv: Invocation) -> None:
         if not (a.resume and VANILLA in run.artefacts and run.artefacts[VANILLA]["inputs"] == inputs):
             health = _vanilla_health(inv, model, f"--model {path}")
             _save_vanilla(run.staged(VANILLA), model)
-            run.commit({VANILLA: inv.entry("run", inputs, {"from": str(path), "health": health}, start)})
+            run.commit({VANILLA: inv.entry("run", inputs, {"from": str(path), "health": health}, start)},
+                       replaces=replaces)
     elif a.resume and run.has(VANILLA):
         _reuse_vanilla(inv)
     else:
-        cmd_train(inv)
+        cmd_train(inv, replaces)
     # the path of vanilla.pt is not compared: a moved --out is the same run (require checks the chain); nor is
     # the device, as for a checkpoint: rank 0 recorded its cuda:0, and rank 1 (cuda:1) re-extracting alone
     # would run other collectives than its peers
     extraction = {k: v for k, v in _extract_settings(inv, _extract_config(inv), run.path(VANILLA)).items()
                   if k not in ("model", *RESUME_IGNORED)}
-    if not (a.resume and _reusable(inv, MASKS, extraction)):
+    if not (a.resume and _reusable(inv, MASKS, extraction, {VANILLA: run.artefacts[VANILLA]["sha256"]})):
         cmd_extract(inv)  # with --resume, continues the extraction from its checkpoint
     if not (a.resume and _reusable(inv, SUBNETWORK, {"fold_bn": a.fold_bn, "round_to": a.round_to})):
         cmd_export(inv)
-    # --finetune-epochs 0 asks for none; a resume that does not say keeps the run's
-    tuned = bool(a.finetune_epochs) or (a.resume and a.finetune_epochs is None and FINETUNED in run.artefacts)
+    # --finetune-epochs 0 asks for none
     if a.finetune_epochs and not (a.resume and _reusable(inv, FINETUNED, {"epochs": a.finetune_epochs})):
         cmd_finetune(inv)
-    cmd_evaluate(inv, finetuned=tuned)
+    cmd_evaluate(inv, finetuned=bool(a.finetune_epochs))
 
 
 HANDLERS = {"run": cmd_run, "train": cmd_train, "extract": cmd_extract, "export": cmd_export,

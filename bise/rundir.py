@@ -52,6 +52,22 @@ def _describe_data(rec: Optional[dict]) -> str:
     return "none" if rec is None else f"--data {rec.get('spec')!r} --seed {rec.get('seed')}"
 
 
+_ENTRY_KEYS = {"sha256": (str, type(None)), "step": str, "data": (dict, type(None)), "inputs": dict, "settings": dict}
+
+
+def _well_formed(manifest: object) -> bool:
+    """Whether a parsed run.json has the shape of the module docstring (a hand-edited one may not:
+    a missing key was a KeyError deep in a command)."""
+    if not (isinstance(manifest, dict) and manifest.get("format") == FORMAT):
+        return False
+    data, artefacts = manifest.get("data"), manifest.get("artefacts")
+    if not (data is None or (isinstance(data, dict) and {"spec", "seed"} <= data.keys())):
+        return False
+    return isinstance(artefacts, dict) and all(
+        isinstance(e, dict) and all(isinstance(e.get(k, ...), t) for k, t in _ENTRY_KEYS.items())
+        for e in artefacts.values())
+
+
 class RunDir:
     """One command's view of ``--out``; ``makers`` maps each file to the command that writes it."""
 
@@ -86,8 +102,7 @@ class RunDir:
         if (out / MANIFEST).is_file():
             try:
                 manifest = json.loads((out / MANIFEST).read_text())
-                problem = None if isinstance(manifest, dict) and manifest.get("format") == FORMAT and \
-                    isinstance(manifest.get("artefacts"), dict) else "is not a run file of this version of bise"
+                problem = None if _well_formed(manifest) else "is not a run file of this version of bise"
             except ValueError as exc:  # bise writes it atomically: damaged or edited by hand
                 manifest, problem = None, f"is corrupt (not JSON: {exc})"
             except OSError as exc:
@@ -109,7 +124,10 @@ class RunDir:
                 raise UsageError(f"--out {str(out)!r} cannot be created: {exc.strerror}") from None
             self.created = True
         self._lock()
-        shutil.rmtree(self.staging, ignore_errors=True)  # left by a killed command
+        shutil.rmtree(self.staging, ignore_errors=True)  # left by a killed command, as are the temporary
+        for name in (*self.makers, MANIFEST):  # files of its atomic writes (checkpoint.replace_atomic)
+            for tmp in out.glob(f".{name}.*.tmp"):
+                tmp.unlink(missing_ok=True)
 
     def _lock(self) -> None:
         path = self.out / LOCK

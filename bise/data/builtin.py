@@ -263,6 +263,7 @@ def resolve_options(name: str, given: dict, data_dir: Path) -> dict:
     opts = dict(bench.options)
     for key, text in given.items():
         opts[key] = _typed(name, key, text)
+    _rho(bench, opts)  # here, not only when building: a bad value is named before a run compares specs
     if bench.source == "mnist":
         opts["source"] = sources.resolve_mnist(opts["source"], data_dir)
     return opts
@@ -273,8 +274,8 @@ _TYPES = {"rho": float, "rho_l": float, "rho_r": float, "n_train": int, "n_val":
 
 
 def _typed(name: str, key: str, text: str) -> Optional[object]:
-    if text == "auto" and BUILTINS[name].options[key] is None:
-        return None
+    if text == "auto":  # the default (None: chosen from the other options)
+        return BUILTINS[name].options[key]
     try:
         return _TYPES[key](text)
     except ValueError:

@@ -126,8 +126,10 @@ def test_bad_input(tmp_path, capsys):
     out = tmp_path / "bad"
     assert main(["run", "--data", "no-such-data", "--out", str(out), "--quiet"]) == 2
     assert "--data 'no-such-data'" in capsys.readouterr().err and not out.exists()
-    assert main(["run", *TINY, "--arch", "vgg", "--out", str(out)]) == 2
-    assert "arch" in capsys.readouterr().err and not out.exists()
+    with pytest.raises(SystemExit) as exit_:  # the parser's choices
+        main(["run", *TINY, "--arch", "vgg", "--out", str(out)])
+    assert exit_.value.code == 2 and "argument --arch: invalid choice: 'vgg'" in capsys.readouterr().err
+    assert not out.exists()
     assert main(["run", *TINY, "--model", str(tmp_path / "none.pt"), "--out", str(out)]) == 2
     assert "does not exist" in capsys.readouterr().err and not out.exists()
     corrupt = tmp_path / "corrupt.pt"

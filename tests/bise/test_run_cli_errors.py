@@ -228,6 +228,9 @@ def test_the_printed_resume_command_resumes(tmp_path, capsys, monkeypatch):
         return real(*args, **{**kwargs, "callback": interrupt})
 
     out = tmp_path / "run dir"  # a space: the command must be quoted
+    # an old run with the same vanilla options first: its vanilla.pt comes out the same bytes, and the
+    # old masks and checkpoint stayed (the new extraction ran staged, lost at Ctrl-C, and --resume failed)
+    assert main(["run", *TINY, "--out", str(out)]) == 0
     monkeypatch.setattr(module, "extract", stop_after_epoch_1)
     assert main(["run", *TINY, "--mask-epochs", "3", "--out", str(out), "--overwrite"]) == 130
     line = capsys.readouterr().err.strip().splitlines()[-1]
@@ -235,6 +238,7 @@ def test_the_printed_resume_command_resumes(tmp_path, capsys, monkeypatch):
     monkeypatch.setattr(module, "extract", real)
     command = shlex.split(line.split("continue with: ", 1)[1])
     assert command[0] == "bise" and "--overwrite" not in command and command.count("--resume") == 1
+    assert sorted(json.loads((out / "run.json").read_text())["artefacts"]) == ["checkpoint.pt", "vanilla.pt"]
     earlier = torch.load(out / "checkpoint.pt", weights_only=False)["timing"]  # head pre-training and epoch 1
     assert main(command[1:]) == 0
     assert "resuming from epoch 1 of 3" not in capsys.readouterr().out  # --quiet was kept
@@ -388,3 +392,78 @@ def test_version(capsys):
     with pytest.raises(SystemExit) as e:
         main(["--version"])
     assert e.value.code == 0 and capsys.readouterr().out == f"bise {bise_kernels.__version__}\n"
+
+
+def test_resume_keeps_the_fine_tuning_where_the_export_is_redone(run_dir, tmp_path, capsys):
+    """run --resume with another --round-to redid the export, which dropped finetuned.pt as made from
+    the old one, and the fine-tuning was not redone: the report lost it without a word."""
+    out = tmp_path / "run"
+    shutil.copytree(run_dir, out)
+    assert main(["run", *TINY, "--out", str(out), "--resume", "--finetune-epochs", "1"]) == 0
+    assert main(["run", *TINY, "--out", str(out), "--resume", "--round-to", "8"]) == 0
+    artefacts = json.loads((out / "run.json").read_text())["artefacts"]
+    assert artefacts["subnetwork.pt"]["settings"]["round_to"] == 8
+    assert artefacts["finetuned.pt"]["settings"]["epochs"] == 1
+    assert artefacts["finetuned.pt"]["inputs"]["subnetwork.pt"] == artefacts["subnetwork.pt"]["sha256"]
+    assert "finetuned" in json.loads((out / "report.json").read_text())
+
+
+def test_resume_does_not_keep_masks_of_another_model(run_dir, tmp_path, capsys):
+    """Masks that `bise extract --model` made in the run's folder were kept by run --resume, whose
+    report then described another model than the run's vanilla.pt."""
+    out, other = tmp_path / "run", tmp_path / "other"
+    shutil.copytree(run_dir, out)
+    assert main(["train", *TINY[:4], "--vanilla-epochs", "2", "--quiet", "--out", str(other)]) == 0
+    assert main(["extract", "--out", str(out), "--overwrite", "--model", str(other / "vanilla.pt"), "--arch", "mlp",
+                 "--mask-epochs", "2", "--head-epochs", "1", "--quiet"]) == 0
+    capsys.readouterr()
+    assert main(["run", *TINY, "--out", str(out), "--resume"]) == 2
+    assert "is an extraction of another vanilla model than" in capsys.readouterr().err
+
+
+def test_a_bad_data_spec_on_a_run_is_named_as_such(run_dir, capsys):
+    """An invalid --data on an existing run was reported as "holds a run on another --data"."""
+    for spec, needle in (("colored-digits:rho=2", "rho=2.0: must lie strictly between 0 and 1"),
+                         ("colored-digits:foo=1", "unknown option(s) ['foo']"),
+                         ("colored-digits:rho=abc", "option rho='abc' is not a valid float")):
+        assert main(["evaluate", "--out", str(run_dir), "--data", spec]) == 2
+        err = capsys.readouterr().err
+        assert needle in err and "holds a run" not in err, err
+
+
+def test_auto_means_the_default_for_every_option():
+    from bise.data.spec import canonical
+
+    assert canonical("colored-digits:rho=auto,severity=auto,n_val=auto") == canonical("colored-digits")
+
+
+def test_a_run_json_of_the_wrong_shape_is_named(run_dir, tmp_path, capsys):
+    out = tmp_path / "run"
+    shutil.copytree(run_dir, out)
+    manifest = json.loads((out / "run.json").read_text())
+    for bad in ({**manifest, "data": {"spec": "colored-digits"}}, {**manifest, "data": "colored-digits"},
+                {**manifest, "artefacts": {**manifest["artefacts"], "masks.pt": {"sha256": None, "step": "extract"}}}):
+        (out / "run.json").write_text(json.dumps(bad))
+        assert main(["evaluate", "--out", str(out)]) == 2
+        assert "is not a run file of this version of bise" in capsys.readouterr().err
+
+
+def test_arch_finetune_epochs_and_the_cache_are_named(run_dir, tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        main(["run", *TINY[:2], "--arch", "MLP", "--out", str(tmp_path / "a")])
+    assert "argument --arch: invalid choice: 'MLP'" in capsys.readouterr().err
+    assert main(["finetune", "--out", str(run_dir), "--finetune-epochs", "0"]) == 2
+    assert "--finetune-epochs 0 fine-tunes nothing" in capsys.readouterr().err
+    proc = bise("run", *TINY, "--out", tmp_path / "b", env={"BISE_CACHE_DIR": "/proc/no-such-cache"})
+    one_line_error(proc, "run", "cannot create the data cache /proc/no-such-cache", "BISE_CACHE_DIR")
+
+
+def test_temporary_files_of_a_killed_command_are_removed(run_dir, tmp_path):
+    out = tmp_path / "run"
+    shutil.copytree(run_dir, out)
+    left = [out / ".checkpoint.pt.abc123.tmp", out / ".run.json.x.tmp"]
+    mine = out / ".notes.tmp"  # not a temporary file of bise: kept
+    for p in (*left, mine):
+        p.write_text("partial")
+    main(["evaluate", "--out", str(out)])  # any command that takes the lock (this one may find the run incomplete)
+    assert not any(p.exists() for p in left) and mine.exists()
