@@ -732,8 +732,20 @@ def _check_plotting(command: str) -> None:
             raise UsageError(str(_extra.missing(exc) or exc)) from None
 
 
+class _Terminated(KeyboardInterrupt):
+    """SIGTERM (``kill``, ``timeout``, a scheduler), raised where Python runs, so that it cleans up
+    as Ctrl-C does (the staging folder, an --out this command created and left empty, the lock)."""
+
+
+def _raise_terminated(signum, frame):
+    raise _Terminated
+
+
 def main(argv: Optional[list] = None) -> int:
     """Entry point of ``bise`` and ``python -m bise``; returns the exit status."""
+    import signal
+    import threading
+
     from . import validate
 
     argv = list(sys.argv[1:] if argv is None else argv)
@@ -743,6 +755,10 @@ def main(argv: Optional[list] = None) -> int:
         parser._subparsers._group_actions[0].choices[args.command].error(
             f"unrecognized arguments: {' '.join(extra)} (see bise {args.command} --help)")
     inv, failed = None, True
+    sigterm = signal.getsignal(signal.SIGTERM)
+    catch_term = sigterm == signal.SIG_DFL and threading.current_thread() is threading.main_thread()
+    if catch_term:  # a handler the caller installed stays theirs
+        signal.signal(signal.SIGTERM, _raise_terminated)
     try:
         _check_plotting(args.command)
         if hasattr(args, "device"):
@@ -762,12 +778,15 @@ def main(argv: Optional[list] = None) -> int:
         text = "; ".join(line.strip() for line in str(exc).splitlines() if line.strip())  # one line, always
         print(f"bise {args.command}: error: {text}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print(f"\nbise {args.command}: interrupted; {_resume_hint(inv, argv) if inv else 'nothing was changed'}",
-              file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as exc:
+        terminated = isinstance(exc, _Terminated)
+        print(f"\nbise {args.command}: {'terminated' if terminated else 'interrupted'}; "
+              f"{_resume_hint(inv, argv) if inv else 'nothing was changed'}", file=sys.stderr)
+        return 143 if terminated else 130
     finally:
         if inv is not None:
             inv.run.close(failed)
         distributed.shutdown()
+        if catch_term:
+            signal.signal(signal.SIGTERM, sigterm)
     return 0

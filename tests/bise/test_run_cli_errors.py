@@ -213,6 +213,23 @@ def test_ctrl_c_prints_one_line_with_the_resume_command(tmp_path):
     assert not out.exists()  # the folder it created is gone
 
 
+def test_sigterm_cleans_up_as_ctrl_c(tmp_path):
+    """kill / timeout (SIGTERM) left the --out it had just created, holding only .bise.lock."""
+    out = tmp_path / "run"
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen([sys.executable, "-m", "bise", "run", *TINY[:4], "--vanilla-epochs", "100000",
+                             "--out", str(out)], stderr=subprocess.PIPE, text=True, env=env)
+    seen = ""
+    while "vanilla" not in seen:  # the progress bar: training has started
+        seen += proc.stderr.read(1)
+        assert seen or proc.poll() is None
+    proc.terminate()
+    rest = proc.communicate(timeout=120)[1]
+    assert proc.returncode == 143 and "Traceback" not in rest
+    assert rest.strip().splitlines()[-1] == "bise run: terminated; nothing was changed; run the command again to redo it"
+    assert not out.exists()
+
+
 def test_the_printed_resume_command_resumes(tmp_path, capsys, monkeypatch):
     """Ctrl-C in the extraction prints a command that continues it verbatim, with the run's own options."""
     import importlib
