@@ -96,7 +96,7 @@ def build_parser() -> argparse.ArgumentParser:
                   "the data's paper recipe)")), (("--width",), dict(type=_typed(float, 0, "--width"),
                   help="width multiplier of the built-in architecture (default 1)")))
     batch = _group("batches", (("--batch-size",), dict(type=_typed(int, 1, "--batch-size"), help="vanilla and "
-                   "mask-learning batch size (default: the dataset's paper value)")))
+                   "mask-learning batch size (default: the architecture's recipe, simple-cnn 100, else 256)")))
     train = _group("vanilla training", (("--vanilla-epochs",), dict(type=_typed(int, 0, "--vanilla-epochs"),
                    help="ERM epochs (default: the data's paper recipe)")),
                    (("--lr",), dict(type=_typed(float, 0, "--lr"), help="vanilla learning rate (default: recipe)")))
