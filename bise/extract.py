@@ -602,28 +602,36 @@ def _jsonish(v):
     return v
 
 
-def _labels(run: "_Run", ckpt: Optional[dict]) -> None:
-    """Bias labels for the run: the data's, or the identification model's predictions (label-free)."""
+def _labels(run: "_Run", ckpt: Optional[dict], vanilla_train=None) -> None:
+    """Bias labels for the run: the data's, or the identification model's predictions (label-free).
+
+    ``vanilla_train``: the vanilla's training split where the masks learn on another (fresh-draw); the
+    label-free variant then predicts its labels too (``pseudo_bias["vanilla_train"]``), the ones
+    fine-tuning uses: the mask set's labels belong to other images.
+    """
     data, config, device = run.data, run.config, run.device
     if not config.label_free:
         train_b = _split_bias(data.train, "train", data, False)
         val_b = _split_bias(data.val, "val", data, True) if data.val is not None and len(data.val) else None
         run.set_labels(train_b, val_b, config.weighting or data.weighting, data.num_bias_classes)
         return
-    if ckpt is not None and ckpt.get("pseudo_bias") is not None:
-        run.pseudo_bias = ckpt["pseudo_bias"]
-    else:
+    splits = {"train": data.train, "val": data.val if data.val is not None and len(data.val) else None}
+    if vanilla_train is not None:
+        splits["vanilla_train"] = vanilla_train
+    run.pseudo_bias = dict(ckpt["pseudo_bias"]) if ckpt is not None and ckpt.get("pseudo_bias") is not None else {}
+    missing = [k for k in splits if k not in run.pseudo_bias]  # all, or one a checkpoint of an older version lacks
+    if missing:
         ident = _identification_model(model_without_gates(run.model), data, config, run.quiet)
-        has_val = data.val is not None and len(data.val)
-        run.pseudo_bias = {"train": predict(ident, data.train, batch_size=config.eval_batch_size, device=device),
-                           "val": predict(ident, data.val, batch_size=config.eval_batch_size, device=device)
-                           if has_val else None}
+        for k in missing:
+            run.pseudo_bias[k] = None if splits[k] is None else predict(
+                ident, splits[k], batch_size=config.eval_batch_size, device=device)
     run.set_labels(run.pseudo_bias["train"], run.pseudo_bias["val"], "empirical-joint", data.num_classes)
 
 
 def prepare_run(model: nn.Module, data, config: ExtractConfig, quiet: bool = True, ckpt: Optional[dict] = None,
-                ckpt_path: Optional[Path] = None) -> _Run:
-    """An extraction ready for its first phase: a frozen gated copy of ``model``, labels, heads, caches.
+                ckpt_path: Optional[Path] = None, vanilla_train=None) -> _Run:
+    """An extraction ready for its first phase: a frozen gated copy of ``model``, labels, heads, caches
+    (``vanilla_train``: as :func:`_labels`).
 
     :func:`extract` runs the schedule on it; benchmarks time single phases with it (enter
     ``run.prefix``, when there is one, before calling ``run.head_phase`` or ``run.mask_epoch``).
@@ -643,7 +651,7 @@ def prepare_run(model: nn.Module, data, config: ExtractConfig, quiet: bool = Tru
         raise ValueError(f"gate_names / gate_exclude choose where extract inserts gates, but the model has gates "
                          f"already ({shown}): pass the model without them, or leave both None")
     run = _Run(model, data, config, quiet, bottleneck)
-    _labels(run, ckpt)
+    _labels(run, ckpt, vanilla_train)
     run.init_trainables()
     if ckpt is not None:
         run.load_state(ckpt, ckpt_path)
@@ -688,7 +696,9 @@ def extract(model: nn.Module, data, *, config: Optional[ExtractConfig] = None, o
     validate.dataset(data)
     if callback is not None and not callable(callback):
         raise TypeError(f"callback must be a function of (epoch, record) or None, got {type(callback).__name__}")
+    vanilla_train = data.train
     data, mask_set = mask_data(data, config.mask_set)
+    vanilla_train = None if data.train is vanilla_train else vanilla_train  # the split fine-tuning uses
     _check_data(data, config)
     validate.model_fits(model, data)
     ckpt_path = Path(out_dir) / CHECKPOINT_NAME if out_dir is not None else None
@@ -724,7 +734,7 @@ def extract(model: nn.Module, data, *, config: Optional[ExtractConfig] = None, o
             # warn_only off the CPU: a kernel without a deterministic version warns instead of failing the run
             torch.use_deterministic_algorithms(True, warn_only=device.type != "cpu")
             stack.callback(lambda: torch.use_deterministic_algorithms(previous[0], warn_only=previous[1]))
-        run = prepare_run(model, data, config, quiet, ckpt, ckpt_path)
+        run = prepare_run(model, data, config, quiet, ckpt, ckpt_path, vanilla_train)
         model = run.model
         if run.prefix is not None:
             stack.enter_context(run.prefix)

@@ -22,7 +22,8 @@ class Subnetwork:
     """``.model`` (gated, frozen, eval, gates in "pruned" mode), ``.gates``, ``.masks`` (name -> bool),
     ``.scores`` (the learned scores the masks came from), ``.history`` (per-epoch records),
     ``.config`` (the ExtractConfig or its dict), ``.info`` (weighting, selection, best epoch, ...),
-    ``.pseudo_bias`` ({"train", "val"} pseudo bias labels of the label-free variant, else None)."""
+    ``.pseudo_bias`` (pseudo bias labels of the label-free variant, else None: {"train", "val"} of the
+    mask set, and "vanilla_train", of the vanilla's training split, where the masks learned on another)."""
 
     def __init__(self, model: nn.Module, gates: dict, masks: dict[str, Tensor], *, scores: dict[str, Tensor],
                  history: list, config, info: Optional[dict] = None, pseudo_bias: Optional[dict] = None):
@@ -74,7 +75,11 @@ class Subnetwork:
         kwargs.setdefault("scheme", self.info.get("weighting"))
         kwargs.setdefault("rho", self.info.get("rho"))
         if self.pseudo_bias is not None:
-            kwargs.setdefault("bias", self.pseudo_bias["train"])
+            if self.info.get("mask_set") == "fresh-draw" and "vanilla_train" not in self.pseudo_bias:
+                raise ValueError("this Subnetwork's pseudo bias labels are of the mask set (a second draw), not of the "
+                                 "training split fine-tuning uses (saved by an earlier version of bise): extract again, "
+                                 "or pass bias= (one label per training sample)")
+            kwargs.setdefault("bias", self.pseudo_bias.get("vanilla_train", self.pseudo_bias["train"]))
             kwargs.setdefault("num_bias_classes", data.num_classes)  # pseudo bias labels are predicted classes
         return finetune(self.export(example_input) if exported is None else exported, data, epochs=epochs, **kwargs)
 

@@ -221,10 +221,28 @@ def test_budget_keeps_exactly_the_top_fraction(digits, vanilla_mlp):
     assert flat[kept].min() >= flat[~kept].max()
 
 
-def test_label_free_uses_pseudo_labels_and_empirical_joint(digits, vanilla_mlp):
-    sub = extract(vanilla_mlp, digits, config=ExtractConfig(**TINY, label_free=True), quiet=True)
+def test_label_free_uses_pseudo_labels_and_empirical_joint(digits, vanilla_mlp, monkeypatch):
+    import importlib
+
+    sub = extract(vanilla_mlp, digits, config=ExtractConfig(**TINY, label_free=True, identification_epochs=5),
+                  quiet=True)
     assert sub.info["weighting"] == "empirical-joint" and sub.info["label_free"]
     assert len(sub.history) == 3
+    # the masks learned on a second draw: fine-tuning (on the vanilla's own training split) got the mask
+    # set's pseudo labels, which belong to other images; it gets the ones predicted on its own split
+    assert sub.info["mask_set"] == "fresh-draw"
+    pseudo = sub.pseudo_bias
+    assert len(pseudo["train"]) == len(digits.mask_train) != len(pseudo["vanilla_train"]) == len(digits.train)
+    agree = (pseudo["vanilla_train"] == digits.train.b).float().mean()
+    assert agree > 0.5, agree  # the identification model (a biased ERM model) predicts the bias
+    given = {}
+    monkeypatch.setattr(importlib.import_module("bise.finetune"), "finetune",
+                        lambda model, data, **kwargs: given.update(kwargs) or model)
+    sub.finetune(digits, 1)
+    assert given["bias"] is pseudo["vanilla_train"]
+    sub.pseudo_bias = {k: v for k, v in pseudo.items() if k != "vanilla_train"}  # saved by an earlier version
+    with pytest.raises(ValueError, match="pseudo bias labels are of the mask set"):
+        sub.finetune(digits, 1)
 
 
 def test_two_bias_data_and_ablation_switches():
