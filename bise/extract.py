@@ -101,7 +101,7 @@ class ExtractConfig:
             raise ValueError(f"batch_size must be a positive int or None, got {self.batch_size!r}")
         for name in ("mask_lr", "head_lr", "tau0", "tau_stop", "cache_limit_mb"):
             v = getattr(self, name)
-            if not (isinstance(v, (int, float)) and math.isfinite(v) and v > 0):
+            if isinstance(v, bool) or not (isinstance(v, (int, float)) and math.isfinite(v) and v > 0):
                 raise ValueError(f"{name} must be a positive number, got {v!r}")
         for name in ("alpha", "gamma", "mask_weight_decay", "head_weight_decay"):
             v = getattr(self, name)
@@ -119,10 +119,25 @@ class ExtractConfig:
             validate.patterns(name, getattr(self, name))
         if self.bottleneck is not None and not isinstance(self.bottleneck, str):
             raise ValueError(f"bottleneck must be a module name or None, got {self.bottleneck!r}")
-        if not 0 < self.tau_factor < 1:
-            raise ValueError(f"tau_factor must be in (0, 1), got {self.tau_factor!r}")
+        if isinstance(self.tau_factor, bool) or not isinstance(self.tau_factor, (int, float)) \
+                or not 0 < self.tau_factor < 1:
+            raise ValueError(f"tau_factor must be a number in (0, 1), got {self.tau_factor!r}")
         if self.tau_stop >= self.tau0:
             raise ValueError(f"tau_stop ({self.tau_stop}) must be below tau0 ({self.tau0})")
+        lowest, tiny = self.tau0 * self.tau_factor ** self.halvings, torch.finfo(torch.float32).tiny
+        if lowest < tiny:  # the gates' slopes sigmoid'(s/T)/T then overflow: NaN scores mid-run
+            raise ValueError(f"tau_stop={self.tau_stop!r} takes the temperature to {lowest:.3g}, below float32's "
+                             f"smallest normal number {tiny:.3g}; give a larger tau_stop")
+        if self.rho is not None:
+            pair = isinstance(self.rho, (list, tuple))
+            values = list(self.rho) if pair else [self.rho]
+            if (pair and len(values) != 2) or any(isinstance(r, bool) or not isinstance(r, (int, float))
+                                                or not 0 < r < 1 for r in values):
+                raise ValueError(f"rho must be a number in (0, 1), or two of them (two biases), or None, got "
+                                 f"{self.rho!r}")
+        if self.label_free and self.weighting not in (None, "empirical-joint"):
+            raise ValueError(f"label_free=True weights by the empirical joint of the pseudo labels; weighting="
+                             f"{self.weighting!r} would be ignored (leave it None)")
         if self.budget is not None and (isinstance(self.budget, bool) or not isinstance(self.budget, (int, float))
                                         or not 0 < self.budget <= 1):
             raise ValueError(f"budget must be a fraction in (0, 1] of units to keep, got {self.budget!r}")
@@ -248,6 +263,9 @@ class _Run:
         rho = config.rho if config.rho is not None else getattr(data, "rho", None)
         if weighting == "symmetric-rho" and rho is None:
             raise ValueError("weighting 'symmetric-rho' needs rho (config.rho or data.rho)")
+        if config.rho is not None and weighting in losses.COUNT_SCHEMES:
+            raise ValueError(f"rho={config.rho!r} would be ignored: weighting {weighting!r} counts the groups "
+                             "(rho serves 'symmetric-rho' and 'two-bias')")
         if weighting == "two-bias" and train_b.dim() != 2:
             raise ValueError("weighting 'two-bias' needs two bias labels per sample (b of shape (N, 2))")
         if weighting != "two-bias" and train_b.dim() != 1:

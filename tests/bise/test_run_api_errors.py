@@ -137,6 +137,13 @@ def test_evaluate_and_finetune_name_a_bad_device(data, device, match):
     ("deterministic", None, "deterministic must be True or False, got None"),
     ("label_free", 1, "label_free must be True or False, got 1"),
     ("bottleneck", 3, "bottleneck must be a module name or None, got 3"),
+    ("mask_lr", True, "mask_lr must be a positive number, got True"),
+    ("cache_limit_mb", True, "cache_limit_mb must be a positive number, got True"),
+    ("tau_factor", "0.5", r"tau_factor must be a number in \(0, 1\), got '0.5'"),
+    ("tau_stop", 1e-40, "tau_stop=1e-40 takes the temperature to 9.18e-41, below float32's smallest normal number"),
+    ("rho", 1.5, r"rho must be a number in \(0, 1\), or two of them \(two biases\), or None, got 1.5"),
+    ("rho", [0.9], r"or None, got \[0.9\]"),
+    ("rho", True, "or None, got True"),
 ])
 def test_extract_config_names_every_bad_field_before_any_work(field, value, match):
     """These fields were taken as given: a NaN alpha or weight decay failed after head pre-training
@@ -306,3 +313,15 @@ def test_load_data_names_a_folder_that_is_not_a_path(kwargs, name):
     """cache_dir=3 failed with 'expected str, bytes or os.PathLike object, not int', naming no argument."""
     with pytest.raises(TypeError, match=f"{name} must be a path .str or os.PathLike. or None, got"):
         bise.load_data("colored-digits", **kwargs)
+
+
+def test_rho_and_weighting_that_would_be_ignored_are_named(data):
+    """label_free=True overrode an explicit weighting, and a rho beside a weighting that counts the groups
+    (group-balanced, empirical-joint) was recorded as used: both ran without a word."""
+    with pytest.raises(ValueError, match="label_free=True weights by the empirical joint .* weighting='two-bias' "
+                                         "would be ignored"):
+        validate.extract_config({"label_free": True, "weighting": "two-bias"})
+    model = build_model("mlp", data.num_classes, data.input_shape)
+    with pytest.raises(ValueError, match="rho=0.9 would be ignored: weighting 'group-balanced' counts the groups"):
+        bise.extract(model, data, config={"mask_epochs": 1, "head_epochs": 0, "weighting": "group-balanced",
+                                          "rho": 0.9}, quiet=True)
