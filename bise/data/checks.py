@@ -25,6 +25,9 @@ def _labels(where: str, a: np.ndarray, n: int, ndims: tuple) -> np.ndarray:
     bad = np.flatnonzero((a < 0).reshape(len(a), -1).any(axis=1))
     if len(bad):
         raise ValueError(f"{where}[{bad[0]}] = {a[bad[0]].tolist()}: labels must be >= 0")
+    big = np.flatnonzero((a > np.iinfo(np.int64).max).reshape(len(a), -1).any(axis=1)) if a.dtype == np.uint64 else ()
+    if len(big):  # astype(int64) would wrap them to negative numbers
+        raise ValueError(f"{where}[{big[0]}] = {a[big[0]].tolist()}: labels must fit int64")
     return a.astype(np.int64)
 
 
@@ -79,8 +82,9 @@ def _require_trained_classes(name: str, present: dict, k: int) -> None:
 
 
 def assemble(name: str, spec: str, splits: dict, *, info: dict, num_classes=None,
-             num_bias_classes=None, rho=None, weighting: str = "group-balanced") -> BiasedDataset:
-    """Cross-split checks (shapes, bias arity, label ranges), then the dataset."""
+             num_bias_classes=None, rho=None, weighting: Optional[str] = None) -> BiasedDataset:
+    """Cross-split checks (shapes, bias arity, label ranges), then the dataset. ``weighting`` None:
+    "two-bias" for two bias labels a sample, else "group-balanced"."""
     for required in ("train", "test"):
         if splits.get(required) is None:
             raise ValueError(f"{name}: no {required} split")
@@ -90,8 +94,14 @@ def assemble(name: str, spec: str, splits: dict, *, info: dict, num_classes=None
     for what, d in (("image shape (C, H, W)", shapes), ("bias label shape", bias_dims)):
         if len(set(d.values())) > 1:
             raise ValueError(f"{name}: splits disagree on {what}: {d}")
+    two_biases = present["train"].b.dim() == 2
+    if weighting is None:
+        weighting = "two-bias" if two_biases else "group-balanced"
     if weighting not in WEIGHTINGS:
         raise ValueError(f"weighting={weighting!r}: expected one of {WEIGHTINGS}")
+    if (weighting == "two-bias") != two_biases:  # found by the extraction only, after the vanilla training
+        raise ValueError(f"weighting={weighting}: " + ("needs two bias labels a sample (b of shape (N, 2)), got one"
+                         if not two_biases else "takes one bias label a sample; these data have two (use two-bias)"))
     if rho is not None and not 0.0 < rho < 1.0:
         raise ValueError(f"rho={rho}: must lie strictly between 0 and 1")
     if weighting == "symmetric-rho" and rho is None:

@@ -44,6 +44,15 @@ def test_npz_without_val_grey_two_bias_and_options(tmp_path):
     assert ds.num_biases == 2 and ds.train.aligned().shape == (12, 2)
     assert (ds.num_classes, ds.weighting, ds.rho) == (4, "two-bias", 0.9)
     assert ds.info["rho_realised"][1] == 1.0
+    # two bias labels a sample get the two-bias weighting by default (group-balanced loaded, then the
+    # extraction refused it after the vanilla training); a weighting of the other arity is refused here
+    assert data.load(str(tmp_path / "two.npz")).weighting == "two-bias"
+    with pytest.raises(ValueError, match="weighting=group-balanced: takes one bias label a sample; these data have two"):
+        data.load(f"npz:{tmp_path / 'two.npz'},weighting=group-balanced")
+    one = _npz_arrays()
+    np.savez(tmp_path / "one.npz", **one)
+    with pytest.raises(ValueError, match=r"weighting=two-bias: needs two bias labels a sample \(b of shape \(N, 2\)\)"):
+        data.load(f"npz:{tmp_path / 'one.npz'},weighting=two-bias")
 
 
 @pytest.mark.parametrize("edit, message", [
@@ -53,6 +62,9 @@ def test_npz_without_val_grey_two_bias_and_options(tmp_path):
     (lambda a: a.update(test_x=a["test_x"][..., :2]), "C in {1, 3}"),
     (lambda a: a.update(train_y=a["train_y"].astype(np.float64)), "train_y: labels must be integers"),
     (lambda a: a["train_y"].__setitem__(5, -1), "train_y[5] = -1: labels must be >= 0"),
+    # uint64 past int64 wrapped to a negative label, loaded without a word
+    (lambda a: a.update(train_b=np.where(np.arange(12) == 3, np.uint64(2**64 - 1), a["train_b"].astype(np.uint64))),
+     "train_b[3] = 18446744073709551615: labels must fit int64"),
     (lambda a: a.update(test_b=a["test_b"][:-1]), "test_b: 7 labels but 8 images"),
     (lambda a: a.update(val_x=a["val_x"][:0], val_y=a["val_y"][:0], val_b=a["val_b"][:0]),
      "val: the split is empty"),

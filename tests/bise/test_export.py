@@ -192,6 +192,10 @@ def test_save_load_builtin_and_custom(tmp_path, x):
     with pytest.raises(ExportError, match="custom architecture"):
         load_exported(path)
     assert max_abs_diff(exported, load_exported(path, model=UserNet()), x) == 0.0
+    # a path ending in .json is where the description goes: the weights overwrote it (unreadable after)
+    with pytest.raises(ValueError, match="ends in .json, where its description goes"):
+        save_exported(exported, str(tmp_path / "m.json"), None)
+    assert not (tmp_path / "m.json").exists()
 
 
 def test_bad_input(tmp_path, x):
