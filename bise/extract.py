@@ -188,6 +188,11 @@ def _split_bias(split, name: str, data, label_free: bool) -> Optional[Tensor]:
 def _check_data(data, config: ExtractConfig) -> None:
     if getattr(data, "train", None) is None or len(data.train) == 0:
         raise ValueError("data.train is missing or empty")
+    for name in ("train", "val"):  # a hand-made split's class beyond num_classes failed in a reshape
+        split = getattr(data, name, None)
+        if split is not None and len(split) and int(split.y.max()) >= data.num_classes:
+            raise ValueError(f"data.{name}.y holds class {int(split.y.max())}, but data.num_classes is "
+                             f"{data.num_classes}")
     validate.same_bias_classes(data, config.label_free)
 
 

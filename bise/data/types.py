@@ -30,10 +30,20 @@ class Split:
             what = f"{x.dtype} {tuple(x.shape)}" if isinstance(x, torch.Tensor) else type(x).__name__
             raise ValueError(f"Split.x must be a uint8 tensor (N, C, H, W) of 0..255 pixel values, got {what} "
                              "(inputs() divides by 255)")
-        for name in ("y", "b", "src"):
+        for name, dims in (("y", (1,)), ("b", (1, 2)), ("src", (1,))):
             t = getattr(self, name)
-            if t is not None and len(t) != len(x):
+            if t is None:
+                continue
+            integer = isinstance(t, torch.Tensor) and not t.is_floating_point() and not t.is_complex() \
+                and t.dtype != torch.bool
+            if not integer or t.dim() not in dims:  # a float b was truncated (0.5 -> 0) by the extraction
+                what = f"{t.dtype} {tuple(t.shape)}" if isinstance(t, torch.Tensor) else type(t).__name__
+                raise ValueError(f"Split.{name} must be an integer tensor of shape (N,)"
+                                 + (" or (N, 2)" if 2 in dims else "") + f", got {what}")
+            if len(t) != len(x):
                 raise ValueError(f"Split.{name} has {len(t)} rows, Split.x {len(x)} images")
+            if name != "src" and len(t) and int(t.min()) < 0:
+                raise ValueError(f"Split.{name} holds a negative label ({int(t.min())}); labels are 0..K-1")
 
     def __len__(self) -> int:
         return int(self.y.shape[0])

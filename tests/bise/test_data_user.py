@@ -333,5 +333,14 @@ def test_a_split_made_by_hand_must_hold_uint8_images():
         data.Split(torch.zeros(4, 3, 2, 2, dtype=torch.uint8), y[:3], y)
     with pytest.raises(ValueError, match=r"Split.b has 5 rows, Split.x 4 images"):
         data.Split(torch.zeros(4, 3, 2, 2, dtype=torch.uint8), y, torch.zeros(5, dtype=torch.long))
+    # labels of another kind were taken: a float b truncated (0.5 -> 0), a negative y failed in bincount
+    x = torch.zeros(4, 3, 2, 2, dtype=torch.uint8)
+    for y_, b_, match in ((y, y + 0.5, r"Split.b must be an integer tensor of shape \(N,\) or \(N, 2\), got "
+                                       r"torch.float32 \(4,\)"),
+                          (y[:, None], y, r"Split.y must be an integer tensor of shape \(N,\), got torch.int64 \(4, 1\)"),
+                          (y - 1, y, r"Split.y holds a negative label \(-1\)"),
+                          (y, y.bool(), "Split.b must be an integer tensor")):
+        with pytest.raises(ValueError, match=match):
+            data.Split(x, y_, b_)
     split = data.Split(torch.zeros(4, 3, 2, 2, dtype=torch.uint8), y, None)  # no bias labels: label-free
     assert len(split.subset(slice(0, 2))) == 2 and "b=None" in repr(split)

@@ -422,3 +422,13 @@ def test_frozen_passes_are_reused_exactly_while_the_masks_are_unchanged(digits, 
     assert all(torch.equal(reused.masks[n], fresh.masks[n]) for n in fresh.masks)
     assert [r["val"] for r in reused.history] == [r["val"] for r in fresh.history]
     assert computed.count("predictions val") == 1 and computed.count("features") == 2  # "off", then the masks
+
+
+def test_a_class_beyond_num_classes_is_named():
+    """A hand-made split whose y exceeds data.num_classes failed inside a reshape of the weight table."""
+    data = _random_data(classes=3)
+    train = Split(data.train.x, data.train.y.clone(), data.train.b)
+    train.y[0] = 3
+    model = build_model("mlp", 3, data.input_shape, width=0.2)
+    with pytest.raises(ValueError, match="data.train.y holds class 3, but data.num_classes is 3"):
+        extract(model, dataclasses.replace(data, train=train), config=ExtractConfig(**TINY), quiet=True)
