@@ -95,7 +95,10 @@ class Subnetwork:
     @classmethod
     def load(cls, path, model: Optional[nn.Module] = None, *, example_input: Optional[Tensor] = None) -> "Subnetwork":
         """Read a saved Subnetwork; ``model`` (same architecture) is needed unless it was a built-in, and
-        for a custom model without gates ``example_input`` (a batch of inputs) to insert the saved ones."""
+        for a custom model without gates ``example_input`` (a batch of inputs) to insert the saved ones.
+        A copy of ``model`` is loaded: the caller's stays as it was (as :func:`bise.extract` leaves it)."""
+        import copy
+
         from .models import rebuild
 
         state = load_checkpoint(path, required=("format", "state_dict", "gate_names", "masks", "scores"))
@@ -105,6 +108,8 @@ class Subnetwork:
             if state.get("model_spec") is None:
                 raise ValueError(f"{path} holds a custom model: pass model= (same architecture) to load it")
             model = rebuild(state["model_spec"])
+        else:
+            model = copy.deepcopy(model)
         if not gates_of(model):
             if getattr(model, "bise_spec", None) is None and example_input is None:
                 raise ValueError(f"{path} holds a custom model; its gates are {list(state['gate_names'])}: pass "
@@ -114,7 +119,10 @@ class Subnetwork:
         if list(gates) != state["gate_names"]:
             raise ValueError(f"{path}: the model's gates {list(gates)[:3]}... differ from the saved ones "
                              f"{state['gate_names'][:3]}...")
-        model.load_state_dict(state["state_dict"], strict=True)
+        try:
+            model.load_state_dict(state["state_dict"], strict=True)
+        except RuntimeError as exc:  # torch's message lists every key; say which argument is wrong first
+            raise ValueError(f"{path}: model= is not the architecture it was saved from ({exc})") from None
         model.eval()
         for p in model.parameters():
             p.requires_grad_(False)

@@ -8,6 +8,7 @@ import torch
 from bise.checkpoint import CheckpointError
 from bise.data.types import BiasedDataset, Split
 from bise.extract import CHECKPOINT_NAME, ExtractConfig, extract
+from bise.gates import gates_of
 from bise.models import build_model
 from bise.subnetwork import Subnetwork
 from bise.train import train_vanilla
@@ -295,6 +296,13 @@ def test_a_custom_subnetwork_loads_into_a_fresh_instance(tmp_path):
     again = Subnetwork.load(tmp_path / "sub.pt", model=net(), example_input=data.train.inputs()[:2])
     x = data.test.inputs()
     assert list(again.gates) == ["2"] and torch.equal(sub.model(x), again.model(x))
+    # the caller's model was gated in place, and stayed so when the load failed with torch's RuntimeError
+    wrong = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(108, 8), torch.nn.ReLU(), torch.nn.Linear(8, 3))
+    with pytest.raises(ValueError, match="sub.pt: model= is not the architecture it was saved from"):
+        Subnetwork.load(tmp_path / "sub.pt", model=wrong, example_input=data.train.inputs()[:2])
+    mine = net()
+    assert Subnetwork.load(tmp_path / "sub.pt", model=mine, example_input=data.train.inputs()[:2]).model is not mine
+    assert not gates_of(mine) and not gates_of(wrong)
 
 
 def test_the_head_reads_the_input_of_the_linear_that_runs_last():
