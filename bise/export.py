@@ -444,12 +444,18 @@ def export_subnetwork(model: nn.Module, gates: Optional[Mapping] = None, *, exam
     inputs: dict[int, list[Tensor]] = {}  # every call's input: a module may run more than once
     hooks = [m.register_forward_hook(lambda m, a, o: inputs.setdefault(id(m), []).append(a[0].detach()))
              for m in out.modules() if isinstance(m, (nn.Linear, nn.modules.conv._ConvNd))]
+    ran: set[int] = set()
+    hooks += [m.register_forward_hook(lambda m, a, o: ran.add(id(m))) for m in scales.values()]
     with torch.no_grad():
         out(probe)
     for h in hooks:
         h.remove()
     for name, scale in scales.items():
         if scale not in dg.module2node:
+            if id(scale) in ran:  # it ran, but autograd (which the trace follows) reaches no weight before it
+                raise ExportError(f"gate {name!r} gates channels that no layer with weights makes (the model's "
+                                  "input): removing them would change the input the model takes; leave it out "
+                                  "(gate_exclude)")
             raise ExportError(f"gate {name!r} did not run in the traced forward pass")
         candidates = [i for i in range(scale.num_channels) if scale.scale[i] == 0]
         if not candidates:

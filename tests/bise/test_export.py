@@ -198,6 +198,18 @@ def test_save_load_builtin_and_custom(tmp_path, x):
     assert not (tmp_path / "m.json").exists()
 
 
+def test_a_gate_on_the_model_input_is_named_as_such():
+    """A gate whose channels no weighted layer makes (on the model's input) was reported as "did not run
+    in the traced forward pass", which it did."""
+    net = nn.Sequential(nn.Flatten(), nn.Linear(12, 8), nn.ReLU(), nn.Linear(8, 3))
+    x = torch.rand(4, 3, 2, 2)
+    insert_gates(net, ["0"], example_input=x)
+    with torch.no_grad():
+        gates_of(net)["0"].scores.copy_(torch.where(torch.arange(12) % 2 == 0, 1.0, -1.0))
+    with pytest.raises(ExportError, match="gate '0' gates channels that no layer with weights makes"):
+        export_subnetwork(net, example_input=x)
+
+
 def test_bad_input(tmp_path, x):
     with pytest.raises(ExportError, match="no gated module"):
         export_subnetwork(build_model("mlp", 10, SHAPE), example_input=x)
