@@ -673,6 +673,10 @@ def prepare_run(model: nn.Module, data, config: ExtractConfig, quiet: bool = Tru
         shown = ", ".join(names[:4]) + (f", ... ({len(names)} in all)" if len(names) > 4 else "")
         raise ValueError(f"gate_names / gate_exclude choose where extract inserts gates, but the model has gates "
                          f"already ({shown}): pass the model without them, or leave both None")
+    units = sum(g.scores.numel() for g in gates_of(model).values())
+    if config.budget is not None and round(config.budget * units) < 1:  # the top-k would keep 1 unit regardless
+        raise ValueError(f"budget={config.budget!r} keeps round({config.budget!r} * {units}) = 0 of the model's "
+                         f"{units} gated units; give at least {1 / units:.3g} (one unit)")
     run = _Run(model, data, config, quiet, bottleneck)
     _labels(run, ckpt, vanilla_train)
     run.init_trainables()

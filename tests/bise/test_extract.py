@@ -222,6 +222,12 @@ def test_budget_keeps_exactly_the_top_fraction(digits, vanilla_mlp):
     assert flat[kept].min() >= flat[~kept].max()
 
 
+def test_a_budget_that_keeps_no_unit_is_named(digits, vanilla_mlp):
+    """budget=1e-9 kept one unit (the top-k keeps at least one) where the budget asks for none."""
+    with pytest.raises(ValueError, match=r"budget=1e-09 keeps round\(1e-09 \* 300\) = 0 of the model's 300 gated units"):
+        extract(vanilla_mlp, digits, config=ExtractConfig(**TINY, budget=1e-9), quiet=True)
+
+
 def test_label_free_uses_pseudo_labels_and_empirical_joint(digits, vanilla_mlp, monkeypatch):
     import importlib
 
