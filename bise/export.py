@@ -417,6 +417,9 @@ def export_subnetwork(model: nn.Module, gates: Optional[Mapping] = None, *, exam
     """
     if round_to is not None and (isinstance(round_to, bool) or not isinstance(round_to, int) or round_to < 1):
         raise ValueError(f"round_to must be a positive int or None, got {round_to!r}")
+    for name, flag in (("fold_bn", fold_bn), ("check", check)):
+        if not isinstance(flag, bool):  # fold_bn="no" folded
+            raise ValueError(f"{name} must be True or False, got {flag!r}")
     if not isinstance(example_input, Tensor) or example_input.dim() < 2 or len(example_input) == 0:
         raise ValueError(f"example_input must be a non-empty batch tensor, got {type(example_input).__name__}")
     masked = freeze_gates(model, gates)

@@ -213,6 +213,10 @@ def test_a_gate_on_the_model_input_is_named_as_such():
 def test_bad_input(tmp_path, x):
     with pytest.raises(ExportError, match="no gated module"):
         export_subnetwork(build_model("mlp", 10, SHAPE), example_input=x)
+    for kwargs, match in (({"fold_bn": "no"}, "fold_bn must be True or False, got 'no'"),
+                          ({"check": 0}, "check must be True or False, got 0")):
+        with pytest.raises(ValueError, match=match):
+            export_subnetwork(_gated("mlp", 1), example_input=x, **kwargs)
     with pytest.raises(ValueError, match="round_to"):
         export_subnetwork(_gated("mlp"), example_input=x, round_to=0)
     with pytest.raises(ExportError, match="not gated modules"):
