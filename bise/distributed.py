@@ -232,10 +232,9 @@ def all_gather_rows(x: torch.Tensor, counts: Optional[Sequence[int]] = None) -> 
 
 
 def shard_rows(n: int, compute: Callable[[torch.Tensor], torch.Tensor], batch_size: int) -> torch.Tensor:
-    """``compute(idx)`` for all n rows, each rank doing a contiguous shard, gathered in row order."""
+    """``compute(idx)`` for all n rows, each rank doing a contiguous shard, gathered in row order; a rank
+    whose share is empty (fewer rows than processes) computes on an empty index."""
     ctx = current()
-    if ctx.world_size > n:
-        raise ValueError(f"{n} samples cannot be sharded over {ctx.world_size} processes; use fewer processes")
     local = local_share(torch.arange(n), ctx)
     rows = torch.cat([compute(idx) for idx in local.split(batch_size)])
     return all_gather_rows(rows, share_sizes(n, ctx.world_size))

@@ -45,8 +45,10 @@ def _worker(rank, world, port, data, result_queue):
     counts = bd.all_reduce_sum(torch.tensor([len(bd.local_share(torch.arange(10), ctx))]))
     # an error that rank 1 alone met: every rank raises it, rank 0 as a RuntimeError (not picklable as is)
     raised = [_raised(_TwoArgs("bad", 3) if rank == 1 else None), _raised(ValueError(f"rank {rank}"))]
+    # fewer rows than processes: rank 1's share is empty (refused before, where one process ran)
+    small = bd.shard_rows(1, lambda idx: idx.double() * 10, 4).tolist()
     if ctx.is_main:
-        result_queue.put((w.grad.numpy().copy(), int(counts), raised))  # numpy: a tensor's storage dies with the sender
+        result_queue.put((w.grad.numpy().copy(), int(counts), raised, small))  # numpy: a tensor's storage dies with the sender
     bd.barrier()
     bd.shutdown()
 
@@ -64,11 +66,11 @@ def test_two_processes_match_one_process_with_the_global_batch():
     procs = [ctx.Process(target=_worker, args=(r, 2, port, (x, w0), queue)) for r in range(2)]
     for p in procs:
         p.start()
-    grad, count, raised = queue.get(timeout=120)
+    grad, count, raised, small = queue.get(timeout=120)
     for p in procs:
         p.join(timeout=60)
         assert p.exitcode == 0
-    assert count == 10
+    assert count == 10 and small == [0.0]
     assert raised[0] == ("RuntimeError", "_TwoArgs: bad=3", ["(rank 1 met this error; every process stops with it)"])
     assert raised[1] == ("ValueError", "rank 0", [])  # the lowest rank's error, its own on rank 0
     torch.testing.assert_close(torch.from_numpy(grad), w.grad, rtol=1e-12, atol=1e-12)
