@@ -52,6 +52,18 @@ def _describe_data(rec: Optional[dict]) -> str:
     return "none" if rec is None else f"--data {rec.get('spec')!r} --seed {rec.get('seed')}"
 
 
+def _same_making(old: Optional[dict], new: dict) -> bool:
+    """Whether a file written again leaves what was made from it current: the same bytes made by the same
+    step from the same data and inputs with the same settings (only its seconds differ). Bytes alone do
+    not tell: `bise export --overwrite --round-to 1` writes the file of no rounding, and a report that
+    records the export's settings would then disagree with run.json."""
+    def plain(entry: dict) -> str:
+        return json.dumps({k: entry.get(k) for k in ("sha256", "step", "data", "inputs", "settings")}, sort_keys=True,
+                          default=str)
+
+    return old is not None and plain(old) == plain(new)
+
+
 _ENTRY_KEYS = {"sha256": (str, type(None)), "step": str, "data": (dict, type(None)), "inputs": dict, "settings": dict}
 
 
@@ -278,8 +290,7 @@ class RunDir:
             for name, entry in new.items():
                 if entry["sha256"] is None and name != "checkpoint.pt":
                     entry["sha256"] = self.hash(self.staged(name))
-            changed = {n for n in new if self.artefacts.get(n, {}).get("sha256") != new[n]["sha256"] or
-                       n == "checkpoint.pt"}
+            changed = {n for n in new if n == "checkpoint.pt" or not _same_making(self.artefacts.get(n), new[n])}
             changed |= {n for n in replaces if n not in new and (n in self.artefacts or self.has(n))}
             stale = self._made_from(changed, new)
             kept = {n: e for n, e in self.artefacts.items() if n not in changed and n not in stale}

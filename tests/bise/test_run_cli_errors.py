@@ -484,3 +484,21 @@ def test_temporary_files_of_a_killed_command_are_removed(run_dir, tmp_path):
         p.write_text("partial")
     main(["evaluate", "--out", str(out)])  # any command that takes the lock (this one may find the run incomplete)
     assert not any(p.exists() for p in left) and mine.exists()
+
+
+def test_a_step_made_again_with_other_settings_drops_its_reports(run_dir, tmp_path):
+    """export --overwrite --round-to 1 writes the bytes of no rounding: the report, which records the
+    export's settings, stayed recorded as current while run.json said round_to 1."""
+    out = tmp_path / "run"
+    shutil.copytree(run_dir, out)
+    assert main(["run", *TINY, "--out", str(out), "--resume"]) == 0  # complete (earlier tests changed run_dir)
+    before = json.loads((out / "run.json").read_text())["artefacts"]
+    assert "report.json" in before
+    assert main(["export", "--out", str(out), "--overwrite", "--round-to", "1", "--quiet"]) == 0
+    after = json.loads((out / "run.json").read_text())["artefacts"]
+    assert after["subnetwork.pt"]["sha256"] == before["subnetwork.pt"]["sha256"]  # the same bytes
+    assert "report.json" not in after and not (out / "report.json").exists()
+    assert main(["export", "--out", str(out), "--overwrite", "--round-to", "1", "--quiet"]) == 0  # the same making
+    assert main(["evaluate", "--out", str(out), "--latency-repeats", "0", "--quiet"]) == 0
+    assert main(["export", "--out", str(out), "--overwrite", "--round-to", "1", "--quiet"]) == 0
+    assert (out / "report.json").exists()  # the same step, settings and bytes: only its seconds differ
