@@ -250,9 +250,19 @@ def _ms(values, scale=100.0, fmt=".1f") -> str:
     return f"{format(scale * statistics.mean(values), fmt)} ± {format(scale * statistics.stdev(values), fmt)}"
 
 
+def _seeds(rows: list) -> str:
+    """The seeds a row averages, then those left out because their vanilla did not train (all of them
+    where none trained: the row says so)."""
+    failed = [str(r["seed"]) for r in rows if not r["vanilla_ok"]]
+    if len(failed) == len(rows):
+        return ", ".join(failed)
+    return ", ".join(str(r["seed"]) for r in rows if r["vanilla_ok"]) + (
+        f"; left out (vanilla did not train): {', '.join(failed)}" if failed else "")
+
+
 def _group_line(group: str, rows: list) -> str:
     ok = [r for r in rows if r["vanilla_ok"]]
-    h = [r["health"] for r in rows]
+    h = [r["health"] for r in ok or rows]  # the seeds averaged (all of them where none trained)
     health = (f"{_ms([x['train_accuracy'] for x in h])} / "
               f"{round(statistics.mean(x['n_conflicting_train'] for x in h))}")
     if not ok:
@@ -263,7 +273,7 @@ def _group_line(group: str, rows: list) -> str:
     return (f"| {group} | {health} | {_ms(col('vanilla'))} | {_ms(col('bise'))} | {_ms(col('bise_ft'))} | "
             f"{_ms(col('vanilla_conflicting'))} -> {_ms(col('bise_conflicting'))} ({_gain(ok)}) | {worst} | {_ms(col('best_epoch'), 1, '.0f')} | {ok[0]['mask_set']} | "
             f"{_ms(col('weights_removed'))} | {statistics.mean(col('mmacs_vanilla')):.2f} -> "
-            f"{statistics.mean(col('mmacs_bise')):.2f} | {', '.join(str(r['seed']) for r in rows)} |")
+            f"{statistics.mean(col('mmacs_bise')):.2f} | {_seeds(rows)} |")
 
 
 def _gain(rows: list) -> str:
@@ -281,7 +291,7 @@ def _earlier_line(entry: dict) -> str:
         groups.setdefault(row["group"], []).append(row)
     commits = sorted({r["commit"] for r in entry["runs"]})
     return (f"**Earlier run** ({entry['meta']['date']}, commit(s) {', '.join(commits)}, {entry['meta']['device']}), "
-            "conflicting gain: " + "; ".join(f"{g} {_gain(rows)} (seeds {', '.join(str(r['seed']) for r in rows)})"
+            "conflicting gain: " + "; ".join(f"{g} {_gain(rows)} (seeds {_seeds(rows)})"
                                             for g, rows in groups.items()) + ".")
 
 

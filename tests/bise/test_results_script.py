@@ -49,6 +49,7 @@ def test_an_earlier_run_is_listed_under_its_table_with_its_gains(script):
     earlier = {"demo": {"meta": {"date": "2026-11-30", "device": "CPU"},
                         "runs": [row("colored-mnist rho=0.99", 0, 0.25, 0.50),
                                  row("colored-mnist rho=0.99", 1, 0.25, 0.46),
+                                 {**row("colored-mnist rho=0.99", 2, 0.1, 0.1), "vanilla_ok": False},
                                  {**row("colored-mnist rho=0.995", 0, 0.2, 0.2), "vanilla_ok": False}]}}
     assert "**Earlier run**" not in script.render({}, earlier)  # a suite without a table of its own
     results = json.loads((ROOT / "benchmarks" / "results" / "bise-results.json").read_text())
@@ -56,7 +57,8 @@ def test_an_earlier_run_is_listed_under_its_table_with_its_gains(script):
     line = text.index("**Earlier run**")
     assert text.index("Suite `demo`") < line < text.index("\n## ", line)
     assert ("**Earlier run** (2026-11-30, commit(s) abc1234, CPU), conflicting gain: colored-mnist rho=0.99 "
-            "+23.0 ± 2.8 (seeds 0, 1); colored-mnist rho=0.995 vanilla did not train (seeds 0).") in text
+            "+23.0 ± 2.8 (seeds 0, 1; left out (vanilla did not train): 2); colored-mnist rho=0.995 vanilla did "
+            "not train (seeds 0).") in text
 
 
 def test_docs_results_and_the_readme_blocks_are_what_the_committed_json_renders(script):
@@ -69,3 +71,20 @@ def test_docs_results_and_the_readme_blocks_are_what_the_committed_json_renders(
     spec.loader.exec_module(readme)
     text = (ROOT / "README.md").read_text()
     assert readme.rendered(text) == text, "README.md's generated blocks are stale: python scripts/update_readme.py"
+
+
+def test_a_row_lists_the_seeds_it_averages_and_names_the_ones_left_out(script):
+    """A seed whose vanilla did not train was left out of the accuracies but listed with the seeds (and its
+    health averaged in), under a header that says "mean ± std over the seeds listed"."""
+    def row(seed, ok, acc):
+        health = {"train_accuracy": 0.9 if ok else 0.1, "n_conflicting_train": 10, "problems": [] if ok else ["x"]}
+        r = {"seed": seed, "vanilla_ok": ok, "health": health}
+        if ok:
+            r.update(vanilla=0.5, bise=acc, bise_ft=acc, vanilla_conflicting=0.4, bise_conflicting=acc,
+                     bise_worst_group=None, bise_zero_groups=1, best_epoch=10, mask_set="fresh-draw",
+                     weights_removed=0.5, mmacs_vanilla=1.0, mmacs_bise=0.5)
+        return r
+
+    line = script._group_line("g", [row(0, True, 0.6), row(1, False, None), row(2, True, 0.7)])
+    assert line.startswith("| g | 90.0 ± 0.0 / 10 | 50.0 ± 0.0 | 65.0 ± 7.1 |"), line
+    assert line.endswith("| 0, 2; left out (vanilla did not train): 1 |"), line
