@@ -63,8 +63,11 @@ def build_report(*, vanilla: dict, subnetwork: dict, export: dict, config: dict,
 def headline(report: dict) -> tuple[str, str]:
     """(label, metric key) of the figure a report leads with: the unbiased accuracy, which for two-bias
     data is the mean over the four alignment patterns (the Multi-Color MNIST figure)."""
-    if "pattern_average" in report["vanilla"]["test"]:
-        return "unbiased (mean of the 4 alignment patterns)", "pattern_average"
+    test = report["vanilla"]["test"]
+    if "pattern_average" in test:
+        present = sum(v is not None for v in test.get("patterns", {}).values())  # a pattern without test samples
+        return f"unbiased (mean of the {present} alignment patterns with test samples)" if present != 4 else \
+            "unbiased (mean of the 4 alignment patterns)", "pattern_average"
     return "unbiased", "unbiased_accuracy"
 
 
@@ -281,8 +284,9 @@ def plot_groups(report: dict, path: str) -> None:
     top = fig.add_subplot(grid[0, :])
     width = 0.8 / len(models)
     for i, (name, m) in enumerate(models):
-        top.bar([j + i * width for j in range(len(summary))],
-                [m[k] if m[k] is not None else 0.0 for k in summary], width, label=name)
+        values = [m[k] for k in summary]  # a metric without samples (None) gets no bar, not one at 0%
+        top.bar([j + i * width for j, v in enumerate(values) if v is not None], [v for v in values if v is not None],
+                width, label=name)
     top.set_xticks([j + 0.4 - width / 2 for j in range(len(summary))],
                    ["unbiased\n(4 patterns)" if k == "pattern_average" else k.replace("_accuracy", "").replace("_", " ")
                     for k in summary])

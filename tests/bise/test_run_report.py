@@ -35,6 +35,22 @@ def test_two_bias_report_headlines_the_pattern_mean_and_stays_short():
     assert "| y | aligned/aligned | aligned/conflicting | conflicting/aligned | conflicting/conflicting |" in text
 
 
+def test_a_pattern_without_test_samples_is_not_counted_in_the_headline_nor_drawn_at_zero(tmp_path, monkeypatch):
+    """The headline said "mean of the 4 alignment patterns" where one had no test sample (a mean of 3),
+    and the summary bars drew a metric without samples (None) as 0%."""
+    report = _report()
+    for name in ("vanilla", "subnetwork"):
+        report[name]["test"]["patterns"]["conflicting/conflicting"] = None
+        report[name]["test"]["worst_group_accuracy"] = None
+    assert headline(report) == ("unbiased (mean of the 3 alignment patterns with test samples)", "pattern_average")
+    bars = []
+    monkeypatch.setattr(report_mod, "_save", lambda fig, path, tight=True: bars.extend(
+        p.get_height() for p in fig.axes[0].patches))
+    plot_groups(report, str(tmp_path / "groups.png"))
+    summary = 1 + len(report_mod.METRIC_KEYS)
+    assert len(bars) == 2 * (summary - 1)  # two models, each without its worst-group bar
+
+
 def test_two_bias_group_plot_is_a_heatmap(tmp_path):
     path = tmp_path / "groups.png"
     plot_groups(_report(), str(path))
