@@ -147,7 +147,8 @@ def test_masked_training_step_cpu(benchmark, model, variant):
         benchmark.pedantic(_train_step, args=(forward, x, y, trained), rounds=1 if small else 20,
                            warmup_rounds=0 if small else 3)
     n_weights = sum(w.numel() for w in own[: len(own) // 2])
-    benchmark.extra_info.update(extra_bytes_per_weight=extra / n_weights, weights=n_weights, batch=x.shape[0])
+    benchmark.extra_info.update(extra_bytes_per_weight=extra / n_weights, weights=n_weights, batch=x.shape[0],
+                                threads=torch.get_num_threads(), isa=torch.backends.cpu.get_cpu_capability())
     assert all(t.grad is not None and t.grad.shape == t.shape for t in trained)
     if cpp:
         assert extra / n_weights <= 1.0

@@ -153,24 +153,35 @@ def _keep_cases(k, d, where_mm, large_m: bool) -> list[dict]:
                               "selection_path": lambda needs=needs: k["masked_linear_backward"](
                                   gy, x, w, s, thr, cut, "ste", 1.0, needs)},
             })
+    # The keep mask is made again in every timed call, as in training (the scores change after every
+    # optimiser step): the baselines read the fp32 scores every call too. The module gets a new version
+    # of its scores (an in-place no-op) so that its cached mask is not reused.
     if k is None:
         layer = _keep_layer(d)
-        small_fwd, selection = layer, lambda a: bise_kernels.masked_linear(a, w, None, s, threshold=d.t)
+
+        def small_fwd(a):
+            with torch.no_grad():
+                layer.scores.add_(0.0)
+            return layer(a)
+
+        selection = lambda a: bise_kernels.masked_linear(a, w, None, s, threshold=d.t)  # noqa: E731
     elif "masked_linear_keep_forward" in k:
-        small_fwd = lambda a: k["masked_linear_keep_forward"](a, w, None, d.keep_t)  # noqa: E731
+        keep_mask = k["keep_mask"] if "keep_mask" in k else bise_kernels._ops.keep_mask
+        small_fwd = lambda a: k["masked_linear_keep_forward"](a, w, None, keep_mask(s, d.t, d.keep_all))  # noqa: E731
         selection = lambda a: k["masked_linear_forward"](a, w, None, s, d.t, d.keep_all)  # noqa: E731
     else:
         return cases
-    cases += _small_m_cases("masked_linear_keep_fwd", small_fwd, d, where_mm, mask_bytes=1,
-                            extra={"selection_path": selection})
+    cases += _small_m_cases("masked_linear_keep_fwd", small_fwd, d, where_mm, mask_bytes=FP32 + 1 + 1,
+                            extra={"selection_path": selection})  # the mask made (scores read, mask written), read
     if k is None:
-        step = _api_step(lambda a, scores: layer(a), layer.scores)
+        step = _api_step(lambda a, scores: small_fwd(a), layer.scores)
         selection_step = _api_step(lambda a, scores: bise_kernels.masked_linear(a, w, None, scores, threshold=d.t),
                                    s.clone().requires_grad_())
     elif "masked_linear_keep_backward" in k:
         def step(a, gy):
-            y = k["masked_linear_keep_forward"](a, w, None, d.keep_t)
-            return y, k["masked_linear_keep_backward"](gy, a, w, s, d.keep_t, "ste", 1.0, FROZEN_WEIGHTS)
+            keep = keep_mask(s, d.t, d.keep_all)  # once a step, read by forward and backward
+            y = k["masked_linear_keep_forward"](a, w, None, keep)
+            return y, k["masked_linear_keep_backward"](gy, a, w, s, keep, "ste", 1.0, FROZEN_WEIGHTS)
 
         def selection_step(a, gy):
             y = k["masked_linear_forward"](a, w, None, s, d.t, d.keep_all)
@@ -197,7 +208,8 @@ def _small_m_step_cases(step, d, selection_step) -> list[dict]:
     edge-popup training) at the small batches: whether the fused small-M GEMMs pay off over a whole
     layer step. Baselines: materialise W * keep then cuBLAS forward, grad_x and the dense weight
     gradient times W; the dense layer's forward, grad_x and grad_W; the same backend's selection path.
-    Bytes: W read three times and the mask twice, the fp32 score gradient written once."""
+    Bytes: the mask made (fp32 scores read, 1 byte written), W read three times and the mask twice, the
+    fp32 score gradient written once."""
     cases = []
     for xs, gy in zip(d.small, d.small_gy):
         def materialise(xs=xs, gy=gy):
@@ -215,7 +227,7 @@ def _small_m_step_cases(step, d, selection_step) -> list[dict]:
         rows = xs.shape[0]
         cases.append({
             "name": f"masked_linear_keep_fwd_bwd_bf16_M{rows}_{d.n}x{d.k}", "flops": 3 * 2 * rows * d.n * d.k,
-            "bytes": d.n * d.k * (3 * BF16 + 2 + FP32) + 3 * (rows * d.k + rows * d.n) * BF16,
+            "bytes": d.n * d.k * (FP32 + 1 + 3 * BF16 + 2 + FP32) + 3 * (rows * d.k + rows * d.n) * BF16,
             "target_speedup": {"materialise_then_cublas": 1.3},
             "fn": lambda xs=xs, gy=gy: step(xs, gy), "check": check,
             "baselines": {"materialise_then_cublas": materialise, "cublas_dense": dense,
@@ -434,8 +446,10 @@ def gpu_cases(dry_run: bool = False) -> list[dict]:
     torch.manual_seed(0)
     linear, convs, gates = _linear_data(size, device), _conv_data(size, device), _gate_data(size, device)
     t_value = float(linear.t)
+    # dynamic=False: one graph per M (once a second M ran, a shared compile served every M with its
+    # shape-generic recompile, a weaker baseline than max-autotune's own for that M)
     where_mm = None if dry_run else torch.compile(lambda a, wt, st: a @ torch.where(st >= t_value, wt, 0).t(),
-                                                  mode="max-autotune")
+                                                  mode="max-autotune", dynamic=False)
     cases = []
     for backend in (*backends, "api"):
         why = None

@@ -85,13 +85,22 @@ def test_select_single_tensor(benchmark, case, size):
         "torch_kthvalue": lambda: torch.kthvalue(x, n - k + 1),
         "torch_topk": lambda: torch.topk(x, k, sorted=False),
     }
+    # checked before it is timed, in every run (the timed one too: a fast wrong kernel must not pass)
+    _check_single(case, fns[case](), x, k, _reference(("single", n), lambda: ref.topk_select([x], k)))
     _run_threads(benchmark, fns[case], case)
-    if benchmark.disabled:  # the smoke run (CI): what was timed is the reference's selection
-        _check_single(case, fns[case](), x, k)
 
 
-def _check_single(case, got, x, k):
-    want = ref.topk_select([x], k)
+_REFERENCE: dict = {}
+"""The reference's selection per input (a stable sort of 25 M takes seconds: made once per size)."""
+
+
+def _reference(key, make):
+    if key not in _REFERENCE:
+        _REFERENCE[key] = make()
+    return _REFERENCE[key]
+
+
+def _check_single(case, got, x, k, want):
     if case.startswith(("cpp_cold", "cpp_warm", "api_topk_select")):
         assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1]), case
     elif case.startswith(("cpp_select_and_mask", "cpp_topk_keep_mask")):
@@ -110,6 +119,7 @@ def test_select_resnet50_layers(benchmark, case):
     ks = [t.numel() // 2 for t in layers]
     hints = CPP["batched_topk_select"](before, ks, None)[0]
     benchmark.extra_info.update(tensors=len(layers), numel=sum(t.numel() for t in layers), dtype="float32",
+                                threads=1 if case.endswith("_1thread") else torch.get_num_threads(),
                                 isa=torch.backends.cpu.get_cpu_capability())
     fns = {
         "one_read_sum": lambda: [t.sum() for t in layers],
@@ -119,7 +129,8 @@ def test_select_resnet50_layers(benchmark, case):
         "cpp_batched_warm": lambda: CPP["batched_topk_select"](layers, ks, hints),
         "torch_kthvalue_loop": lambda: [torch.kthvalue(t.reshape(-1), t.numel() - k + 1) for t, k in zip(layers, ks)],
     }
-    _run_threads(benchmark, fns[case], case)
-    if benchmark.disabled and case.startswith("cpp_batched"):  # the smoke run (CI): the reference's selections
-        got, want = fns[case](), ref.batched_topk_select(layers, ks)
+    if case.startswith("cpp_batched"):  # checked before it is timed, in every run
+        got = fns[case]()
+        want = _reference(("resnet50", len(layers), sum(ks)), lambda: ref.batched_topk_select(layers, ks))
         assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1]), case
+    _run_threads(benchmark, fns[case], case)

@@ -24,11 +24,13 @@ import platform
 import re
 import signal
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
 import traceback
 from pathlib import Path
+from typing import Optional
 
 import torch
 
@@ -104,14 +106,44 @@ def _cpu_bench(fn, reps: int = 5) -> list[float]:
     return [statistics.median(times), times[max(0, round(0.2 * (reps - 1)))], times[round(0.8 * (reps - 1))]]
 
 
-def time_us(fn, dry_run: bool) -> dict:
-    """median / p20 / p80 in microseconds."""
+TIMERS = ("gpu", "wall", "latency")
+"""How a case is timed: "gpu", the GPU time between CUDA events (triton's do_bench: calls queued
+back to back, L2 flushed between them; the host prepares the next call while the GPU runs, so host
+cost up to the flush's GPU time never shows); "wall", host and device together per call over a loop
+of back-to-back calls, synchronised at its ends (host-bound cases: a small layer's per-call cost);
+"latency", each call synchronised (what one call adds, host checks included, when its GPU work
+cannot hide them: an API's overhead over its kernel)."""
+
+
+def _wall_bench(fn, sync, per_call: bool, rounds: int = 25, calls: int = 40) -> list[float]:
+    """ms per call: median / p20 / p80 over ``rounds`` rounds of ``calls`` calls (after a warm-up round)."""
+    times = []
+    for r in range(rounds + 1):
+        sync()
+        start = time.perf_counter()
+        for _ in range(calls):
+            fn()
+            if per_call:
+                sync()
+        sync()
+        if r:
+            times.append((time.perf_counter() - start) * 1e3 / calls)
+    times.sort()
+    return [statistics.median(times), times[round(0.2 * (rounds - 1))], times[round(0.8 * (rounds - 1))]]
+
+
+def time_us(fn, dry_run: bool, timer: str = "gpu") -> dict:
+    """median / p20 / p80 in microseconds, by ``timer`` (:data:`TIMERS`; a dry run times the host only)."""
+    if timer not in TIMERS:
+        raise ValueError(f"timer must be one of {TIMERS}, got {timer!r}")
     if dry_run:
         ms = _cpu_bench(fn)
-    else:
+    elif timer == "gpu":
         import triton.testing
 
         ms = triton.testing.do_bench(fn, quantiles=list(QUANTILES))
+    else:
+        ms = _wall_bench(fn, torch.cuda.synchronize, per_call=timer == "latency")
     return {"median_us": ms[0] * 1e3, "p20_us": ms[1] * 1e3, "p80_us": ms[2] * 1e3}
 
 
@@ -125,6 +157,7 @@ def run_case(case: dict, dry_run: bool, timeout_s: float = CASE_TIMEOUT_S) -> di
     """
     record = {k: case[k] for k in ("name", "module", "backend", "target_us", "target_speedup", "target_overhead_us",
                                    "bytes", "flops", "numel", "tensors") if case.get(k) is not None}
+    timer = case.get("timer", "gpu")  # the case and its baselines alike
     if "skip" in case:
         return dict(record, skipped=case["skip"])
     try:
@@ -134,7 +167,8 @@ def run_case(case: dict, dry_run: bool, timeout_s: float = CASE_TIMEOUT_S) -> di
             if "check" in case:
                 case["check"]()
                 record["checked"] = True
-            record.update(time_us(case["fn"], dry_run))
+            record["timer"] = timer
+            record.update(time_us(case["fn"], dry_run, timer))
     except Exception as exc:  # noqa: BLE001 - report and go on with the next case
         return dict(record, error=f"{type(exc).__name__}: {exc}", traceback=traceback.format_exc(limit=3))
     seconds = record["median_us"] * 1e-6
@@ -146,7 +180,7 @@ def run_case(case: dict, dry_run: bool, timeout_s: float = CASE_TIMEOUT_S) -> di
     for name, fn in case.get("baselines", {}).items():
         try:
             with time_limit(timeout_s):
-                record["baselines"][name] = time_us(fn, dry_run)
+                record["baselines"][name] = time_us(fn, dry_run, timer)
             record["speedup"][name] = record["baselines"][name]["median_us"] / record["median_us"]
         except Exception as exc:  # noqa: BLE001 - e.g. a baseline running out of memory or time
             record["baselines"][name] = {"error": f"{type(exc).__name__}: {exc}"}
@@ -165,11 +199,21 @@ def run_case(case: dict, dry_run: bool, timeout_s: float = CASE_TIMEOUT_S) -> di
     return record
 
 
+def _driver_version() -> Optional[str]:
+    """The NVIDIA driver's version (``torch.version.cuda`` is the toolkit torch was built with)."""
+    try:
+        done = subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
+                              capture_output=True, text=True, timeout=30)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return done.stdout.strip().splitlines()[0] if done.returncode == 0 and done.stdout.strip() else None
+
+
 def environment(dry_run: bool) -> dict:
     """Hardware, versions, commit and the numerics flags that change timings."""
     import triton
 
-    from bise_kernels.info import source_commit
+    from bise_kernels.info import ENVIRONMENT, source_commit
 
     env = {
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
@@ -182,12 +226,13 @@ def environment(dry_run: bool) -> dict:
         "tf32_matmul": torch.backends.cuda.matmul.allow_tf32,
         "tf32_cudnn": torch.backends.cudnn.allow_tf32,
         "cudnn_benchmark": torch.backends.cudnn.benchmark,
+        "environment": {name: os.environ.get(name) for name in ENVIRONMENT},  # e.g. BISE_SELECT_CUDA, AUTOTUNE
     }
     if dry_run:
         env.update(gpu="cpu-dry-run", cpu=platform.processor() or platform.machine(), threads=torch.get_num_threads())
     else:
         props = torch.cuda.get_device_properties(0)
-        env.update(gpu=props.name, capability=f"{props.major}.{props.minor}", sms=props.multi_processor_count,
+        env.update(driver=_driver_version(), gpu=props.name, capability=f"{props.major}.{props.minor}", sms=props.multi_processor_count,
                    gpu_memory_gib=round(props.total_memory / 2**30, 1))
     return env
 

@@ -37,7 +37,8 @@ def _target(case: dict) -> str:
 
 
 def _row(run: dict, case: dict) -> str:
-    head = f"| {run.get('gpu', '?')} | {str(run.get('commit', '?'))[:8]} | {case['name']} |"
+    dirty = "+dirty" if run.get("dirty") else ""  # measured on uncommitted changes: the commit alone is not the code
+    head = f"| {run.get('gpu', '?')} | {str(run.get('commit', '?'))[:8]}{dirty} | {case['name']} |"
     if "skipped" in case or "error" in case:
         why = case.get("skipped") or f"error: {case['error']}"
         return f"{head} {why.replace('|', '/')[:120]} | | | |"
@@ -66,7 +67,8 @@ def _cpu_rows(run: dict) -> list[str]:
     machine = run.get("machine_info", {})
     cpu = machine.get("cpu", {})
     where = f"{cpu.get('brand_raw', machine.get('processor', '?'))}, {cpu.get('count', '?')} cores"
-    commit = str(run.get("commit_info", {}).get("id", "?"))[:8]
+    info = run.get("commit_info", {})
+    commit = str(info.get("id", "?"))[:8] + ("+dirty" if info.get("dirty") else "")
     rows = []
     for bench in run.get("benchmarks", []):
         extra = ", ".join(f"{k} {_figure(v)}" for k, v in bench.get("extra_info", {}).items()

@@ -2,7 +2,10 @@
 
 import importlib.util
 import json
+import time
 from pathlib import Path
+
+import pytest
 
 BENCHMARKS = Path(__file__).resolve().parents[2] / "benchmarks"
 
@@ -34,6 +37,10 @@ def test_dry_run_checks_times_and_writes_a_renderable_result(tmp_path):
     assert set(case["speedup"]) == {"one_read", "loop torch.kthvalue", "loop torch.topk", "loop torch.sort"}
     table = _load("render_results").render([run])
     assert table.count("\n") == 2 and "select_resnet50_batched/torch" in table
+    # a run on uncommitted changes says so next to its commit (the README showed such rows as clean)
+    commit = run["commit"][:8]
+    assert f"| {commit}+dirty |" in _load("render_results").render([dict(run, dirty=True)])
+    assert f"| {commit} |" in _load("render_results").render([dict(run, dirty=False)])
 
 
 def test_a_failing_case_is_recorded_and_the_suite_goes_on():
@@ -91,7 +98,8 @@ def test_a_case_past_its_time_limit_is_recorded_and_the_budget_skips_the_rest(tm
 def test_targets_give_meets_target_from_the_ratios(monkeypatch):
     suite = _load("gpu_suite")
     times = iter([100.0, 95.0, 300.0])
-    monkeypatch.setattr(suite, "time_us", lambda fn, dry_run: {"median_us": next(times), "p20_us": 0, "p80_us": 0})
+    monkeypatch.setattr(suite, "time_us", lambda fn, dry_run, timer: {"median_us": next(times), "p20_us": 0,
+                                                                       "p80_us": 0})
     case = {"name": "c", "fn": None, "baselines": {"dense": None, "raw": None}, "target_speedup": {"dense": 0.9},
             "overhead_vs": "raw", "target_overhead_us": 10.0}
     record = suite.run_case(case, dry_run=False)
@@ -99,6 +107,24 @@ def test_targets_give_meets_target_from_the_ratios(monkeypatch):
     assert record["meets_target"] is True
     times = iter([100.0, 80.0, 95.0])
     assert suite.run_case(case, dry_run=False)["meets_target"] is False
+
+
+def test_host_bound_cases_are_timed_on_the_wall(tmp_path):
+    """do_bench times GPU events of calls queued back to back: a small layer's host cost (the per-call
+    target) and an API's checks (its overhead target) hid behind the GPU work. Those cases (and their
+    baselines) are timed on the wall clock: "wall" synchronised at a loop's ends, "latency" per call."""
+    suite = _load("gpu_suite")
+    syncs = []
+    ms = suite._wall_bench(lambda: time.sleep(0.002), lambda: syncs.append(1), per_call=True, rounds=3, calls=4)
+    assert len(syncs) == 4 * (4 + 2) and 2.0 <= ms[0] < 10.0  # 3 rounds and the warm-up, each call synchronised
+    syncs.clear()
+    suite._wall_bench(lambda: None, lambda: syncs.append(1), per_call=False, rounds=3, calls=4)
+    assert len(syncs) == 4 * 2
+    with pytest.raises(ValueError, match="timer must be one of"):
+        suite.time_us(lambda: None, False, "host")
+    run = json.loads(suite.main(["--dry-run", "--out", str(tmp_path), "--filter", "overhead_masked_linear"]).read_text())
+    assert {c["name"]: c["timer"] for c in run["cases"]} == {"overhead_masked_linear_256_b32/api": "wall",
+                                                             "overhead_masked_linear_256_b32/module": "wall"}
 
 
 def test_a_probe_case_records_its_outcome():
