@@ -41,6 +41,8 @@ def extensions():
     cxx = ["-O3", "-std=c++20", "-fopenmp", "-fno-trapping-math"]
     sources = _sources("csrc/*.cpp", "csrc/cpu/*.cpp")
     want_cuda = build_cuda == "1" or (build_cuda == "auto" and torch.version.cuda and cpp_extension.CUDA_HOME)
+    cpu_ext = cpp_extension.CppExtension("bise_kernels._C", sources, extra_compile_args={"cxx": list(cxx)},
+                                         extra_link_args=["-fopenmp"])
     if want_cuda:
         if not torch.cuda.is_available():
             os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "9.0")
@@ -52,19 +54,45 @@ def extensions():
             extra_link_args=["-fopenmp"],
         )
     else:
-        ext = cpp_extension.CppExtension("bise_kernels._C", sources, extra_compile_args={"cxx": cxx},
-                                         extra_link_args=["-fopenmp"])
+        ext = cpu_ext
     forced = build_cpp == "1" or build_cuda == "1"
 
     class BuildExtension(cpp_extension.BuildExtension):
+        def build_extensions(self):
+            # torch checks the compiler (and nvcc's version against torch's CUDA) here, before any
+            # build_extension: a failure there stopped the install. Not fatal unless forced; where the
+            # CUDA build was only "auto", the CPU kernels are built instead. A failed extension leaves
+            # self.extensions (an --inplace build copies what is listed there).
+            self.failed = []
+            try:
+                super().build_extensions()
+            except Exception as exc:  # noqa: BLE001 - the extension is optional unless forced
+                if forced:
+                    raise
+                if self.extensions != [cpu_ext]:
+                    print(f"bise_kernels: the CUDA build of bise_kernels._C cannot start ({exc}); building its CPU "
+                          "kernels only", file=sys.stderr)
+                    self.extensions = [cpu_ext]
+                    self.build_extensions()
+                    return
+                self._skip(exc)
+                self.extensions = []
+                return
+            self.extensions = [e for e in self.extensions if e.name not in self.failed]
+
         def build_extension(self, extension):
             try:
                 super().build_extension(extension)
             except Exception as exc:  # noqa: BLE001 - the extension is optional unless forced
                 if forced:
                     raise
-                print(f"bise_kernels: building {extension.name} failed ({exc}); "
-                      "the library will run on its other backends", file=sys.stderr)
+                self.failed.append(extension.name)
+                self._skip(exc)
+
+        @staticmethod
+        def _skip(exc):
+            print(f"bise_kernels: building bise_kernels._C failed ({exc}); the library will run on its other "
+                  "backends", file=sys.stderr)
 
     return [ext], {"build_ext": BuildExtension.with_options(use_ninja=True)}
 

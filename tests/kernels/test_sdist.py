@@ -65,3 +65,20 @@ def test_the_sdist_carries_the_changelog(egg_info):
 def test_the_sdist_leaves_out_the_docs_test(egg_info):
     """tests/test_docs.py checks files the sdist does not carry (MANIFEST.in excludes it)."""
     assert "tests/test_docs.py" not in set((egg_info[0] / "SOURCES.txt").read_text().split())
+
+
+def test_a_compiler_that_fails_torchs_check_skips_the_extension_unless_forced(tmp_path):
+    """torch checks the compiler in build_extensions, before any extension builds: a compiler that fails
+    that check (here `false`) stopped the install where a failed build is documented as skipped. Built
+    into a build folder of its own (``--build-lib``), so this checkout's extension is not touched."""
+    def build(**env):
+        return subprocess.run([sys.executable, "setup.py", "build_ext", "--build-lib", str(tmp_path / "lib"),
+                               "--build-temp", str(tmp_path / "tmp")], cwd=ROOT, capture_output=True, text=True,
+                              env=dict(os.environ, CXX="false", CC="false", BISE_KERNELS_BUILD_CUDA="0", **env),
+                              timeout=300)
+
+    skipped = build()
+    assert skipped.returncode == 0, skipped.stderr[-2000:]
+    assert "bise_kernels: building bise_kernels._C failed (" in skipped.stderr
+    assert not list((tmp_path / "lib").rglob("_C*.so"))
+    assert build(BISE_KERNELS_BUILD_CPP="1").returncode != 0  # forced: an install error
