@@ -107,31 +107,31 @@ def _step_fn(net: nn.Module, x: torch.Tensor, backend: str | None = None):
 
     def step():
         opt.zero_grad(set_to_none=True)
-        previous = bise_kernels.get_backend()
-        if backend is not None:
-            bise_kernels.set_backend(backend)
-        try:
-            loss = net(x).float().square().mean()
-            loss.backward()
-        finally:
-            bise_kernels.set_backend(previous)
+        loss = _loss_backward(net, x, backend)
         opt.step()
-        return loss.detach()
+        return loss
 
     return step
 
 
-def _loss_and_grads(net: nn.Module, x: torch.Tensor, backend: str):
-    """The step's loss and the gradients of its trainable parameters on ``backend`` (nothing stepped)."""
+def _loss_backward(net: nn.Module, x: torch.Tensor, backend: str | None) -> torch.Tensor:
+    """A step's forward, loss and backward with ``backend`` set process-wide (as :func:`_step_fn` says)."""
     previous = bise_kernels.get_backend()
-    bise_kernels.set_backend(backend)
+    if backend is not None:
+        bise_kernels.set_backend(backend)
     try:
-        net.zero_grad(set_to_none=True)
         loss = net(x).float().square().mean()
         loss.backward()
     finally:
         bise_kernels.set_backend(previous)
-    return loss.detach(), [p.grad.float() for p in net.parameters() if p.requires_grad]
+    return loss.detach()
+
+
+def _loss_and_grads(net: nn.Module, x: torch.Tensor, backend: str):
+    """The step's loss and the gradients of its trainable parameters on ``backend`` (nothing stepped)."""
+    net.zero_grad(set_to_none=True)
+    loss = _loss_backward(net, x, backend)
+    return loss, [p.grad.float() for p in net.parameters() if p.requires_grad]
 
 
 def _check_step(net: nn.Module, x: torch.Tensor, backend: str) -> None:

@@ -102,8 +102,13 @@ def _cpu_bench(fn, reps: int = 5) -> list[float]:
         start = time.perf_counter()
         fn()
         times.append((time.perf_counter() - start) * 1e3)
-    times.sort()
-    return [statistics.median(times), times[max(0, round(0.2 * (reps - 1)))], times[round(0.8 * (reps - 1))]]
+    return _quantiles(times)
+
+
+def _quantiles(times: list[float]) -> list[float]:
+    """median / p20 / p80 (:data:`QUANTILES`) of ``times``."""
+    times = sorted(times)
+    return [statistics.median(times), times[round(0.2 * (len(times) - 1))], times[round(0.8 * (len(times) - 1))]]
 
 
 TIMERS = ("gpu", "wall", "latency")
@@ -128,8 +133,7 @@ def _wall_bench(fn, sync, per_call: bool, rounds: int = 25, calls: int = 40) -> 
         sync()
         if r:
             times.append((time.perf_counter() - start) * 1e3 / calls)
-    times.sort()
-    return [statistics.median(times), times[round(0.2 * (rounds - 1))], times[round(0.8 * (rounds - 1))]]
+    return _quantiles(times)
 
 
 def time_us(fn, dry_run: bool, timer: str = "gpu") -> dict:
@@ -232,8 +236,8 @@ def environment(dry_run: bool) -> dict:
         env.update(gpu="cpu-dry-run", cpu=platform.processor() or platform.machine(), threads=torch.get_num_threads())
     else:
         props = torch.cuda.get_device_properties(0)
-        env.update(driver=_driver_version(), gpu=props.name, capability=f"{props.major}.{props.minor}", sms=props.multi_processor_count,
-                   gpu_memory_gib=round(props.total_memory / 2**30, 1))
+        env.update(driver=_driver_version(), gpu=props.name, capability=f"{props.major}.{props.minor}",
+                   sms=props.multi_processor_count, gpu_memory_gib=round(props.total_memory / 2**30, 1))
     return env
 
 
