@@ -51,6 +51,11 @@ CHECKPOINT_FORMAT = "bise-extract-checkpoint-v1"
 RESUME_IGNORED = ("device",)  # settings that may differ between a run and its resumption
 
 
+def _is_number(v) -> bool:
+    """An int or float, not a bool (True is an int to Python, never a learning rate or a fraction)."""
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
 @dataclass
 class ExtractConfig:
     """Every setting of an extraction; defaults are the paper's (docs/method.md section 7)."""
@@ -101,15 +106,15 @@ class ExtractConfig:
             raise ValueError(f"batch_size must be a positive int or None, got {self.batch_size!r}")
         for name in ("mask_lr", "head_lr", "tau0", "tau_stop", "cache_limit_mb"):
             v = getattr(self, name)
-            if isinstance(v, bool) or not (isinstance(v, (int, float)) and math.isfinite(v) and v > 0):
+            if not (_is_number(v) and math.isfinite(v) and v > 0):
                 raise ValueError(f"{name} must be a positive number, got {v!r}")
         for name in ("alpha", "gamma", "mask_weight_decay", "head_weight_decay"):
             v = getattr(self, name)
-            if isinstance(v, bool) or not (isinstance(v, (int, float)) and math.isfinite(v) and v >= 0):
+            if not (_is_number(v) and math.isfinite(v) and v >= 0):
                 raise ValueError(f"{name} must be a finite number >= 0, got {v!r}")
         for name in ("mask_momentum", "head_momentum"):
             v = getattr(self, name)
-            if isinstance(v, bool) or not (isinstance(v, (int, float)) and 0 <= v < 1):
+            if not (_is_number(v) and 0 <= v < 1):
                 raise ValueError(f"{name} must be a number in [0, 1), got {v!r}")
         for name in ("refit_after_last", "reweight", "mi", "label_free", "cache_features", "amp", "log_test",
                      "deterministic"):
@@ -119,8 +124,7 @@ class ExtractConfig:
             validate.patterns(name, getattr(self, name))
         if self.bottleneck is not None and not isinstance(self.bottleneck, str):
             raise ValueError(f"bottleneck must be a module name or None, got {self.bottleneck!r}")
-        if isinstance(self.tau_factor, bool) or not isinstance(self.tau_factor, (int, float)) \
-                or not 0 < self.tau_factor < 1:
+        if not (_is_number(self.tau_factor) and 0 < self.tau_factor < 1):
             raise ValueError(f"tau_factor must be a number in (0, 1), got {self.tau_factor!r}")
         if self.tau_stop >= self.tau0:
             raise ValueError(f"tau_stop ({self.tau_stop}) must be below tau0 ({self.tau0})")
@@ -131,15 +135,13 @@ class ExtractConfig:
         if self.rho is not None:
             pair = isinstance(self.rho, (list, tuple))
             values = list(self.rho) if pair else [self.rho]
-            if (pair and len(values) != 2) or any(isinstance(r, bool) or not isinstance(r, (int, float))
-                                                or not 0 < r < 1 for r in values):
+            if (pair and len(values) != 2) or not all(_is_number(r) and 0 < r < 1 for r in values):
                 raise ValueError(f"rho must be a number in (0, 1), or two of them (two biases), or None, got "
                                  f"{self.rho!r}")
         if self.label_free and self.weighting not in (None, "empirical-joint"):
             raise ValueError(f"label_free=True weights by the empirical joint of the pseudo labels; weighting="
                              f"{self.weighting!r} would be ignored (leave it None)")
-        if self.budget is not None and (isinstance(self.budget, bool) or not isinstance(self.budget, (int, float))
-                                        or not 0 < self.budget <= 1):
+        if self.budget is not None and not (_is_number(self.budget) and 0 < self.budget <= 1):
             raise ValueError(f"budget must be a fraction in (0, 1] of units to keep, got {self.budget!r}")
         if self.mask_set is not None and self.mask_set not in MASK_SETS:
             raise ValueError(f"mask_set must be one of {MASK_SETS} or None, got {self.mask_set!r}")
