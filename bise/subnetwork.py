@@ -76,9 +76,9 @@ class Subnetwork:
         kwargs.setdefault("rho", self.info.get("rho"))
         if self.pseudo_bias is not None:
             if self.info.get("mask_set") == "fresh-draw" and "vanilla_train" not in self.pseudo_bias:
-                raise ValueError("this Subnetwork's pseudo bias labels are of the mask set (a second draw), not of the "
-                                 "training split fine-tuning uses (saved by an earlier version of bise): extract again, "
-                                 "or pass bias= (one label per training sample)")
+                raise ValueError("this Subnetwork's pseudo bias labels are of the mask set (a second draw), not of "
+                                 "the training split fine-tuning uses (saved by an earlier version of bise): extract "
+                                 "again, or pass bias= (one label per training sample)")
             kwargs.setdefault("bias", self.pseudo_bias.get("vanilla_train", self.pseudo_bias["train"]))
             kwargs.setdefault("num_bias_classes", data.num_classes)  # pseudo bias labels are predicted classes
         return finetune(self.export(example_input) if exported is None else exported, data, epochs=epochs, **kwargs)
