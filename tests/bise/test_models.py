@@ -75,6 +75,72 @@ def test_bad_arguments_are_named():
         model_spec(nn.Linear(2, 2))
 
 
+def _imagenet_resnet18_file(path, seed=0):
+    """A state_dict in torchvision's resnet18 layout, without num_batches_tracked as in its IMAGENET1K_V1 file."""
+    torch.manual_seed(seed)
+    state = build_model("resnet18", 1000, (3, 224, 224)).state_dict()
+    state = {k: v.clone().normal_() if v.is_floating_point() else v for k, v in state.items()
+             if not k.endswith("num_batches_tracked")}
+    torch.save(state, path)
+    return state
+
+
+def test_resnet18_takes_imagenet_weights_from_a_file_with_a_new_head(tmp_path):
+    state = _imagenet_resnet18_file(tmp_path / "resnet18.pth")
+    model = build_model("resnet18", 2, (3, 64, 64), pretrained=tmp_path / "resnet18.pth")
+    assert model_spec(model)["stem"] == "imagenet"  # the weights' 7x7 conv1, even at 64 pixels
+    own = model.state_dict()
+    assert all(torch.equal(own[k], v) for k, v in state.items() if not k.startswith("fc."))
+    assert own["fc.weight"].shape == (2, 512) and own["fc.weight"].abs().max() < 1 / 512 ** 0.5 + 1e-6  # fresh init
+    full = build_model("resnet18", 1000, (3, 224, 224), pretrained=str(tmp_path / "resnet18.pth"))
+    assert torch.equal(full.fc.weight, state["fc.weight"])  # ImageNet's classes: its classifier too
+    rebuilt = rebuild(model_spec(model))
+    rebuilt.load_state_dict(own, strict=True)
+
+
+def test_resnet18_pretrained_true_reads_torchvisions_cache_and_never_downloads(tmp_path, monkeypatch):
+    monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path))
+    with pytest.raises(FileNotFoundError, match="resnet18-f37072fd.pth.*does not download"):
+        build_model("resnet18", 2, (3, 64, 64), pretrained=True)
+    (tmp_path / "checkpoints").mkdir()
+    state = _imagenet_resnet18_file(tmp_path / "checkpoints" / "resnet18-f37072fd.pth", seed=1)
+    model = build_model("resnet18", 2, (3, 64, 64), pretrained=True)
+    assert torch.equal(model.layer4[1].conv2.weight, state["layer4.1.conv2.weight"])
+
+
+def test_pretrained_faults_are_named_before_loading(tmp_path):
+    _imagenet_resnet18_file(tmp_path / "resnet18.pth")
+    torch.save(build_model("simple-cnn", 10, (3, 28, 28)).state_dict(), tmp_path / "cnn.pth")
+    torch.save([1, 2], tmp_path / "list.pth")
+    (tmp_path / "junk.pth").write_bytes(b"not a pickle")
+    good = tmp_path / "resnet18.pth"
+    with pytest.raises(ValueError, match="missing: bn1.bias.*unexpected: features.bn1"):
+        build_model("resnet18", 2, (3, 64, 64), pretrained=tmp_path / "cnn.pth")
+    torch.save(build_model("resnet18", 1000, (3, 224, 224), width=0.5).state_dict(), tmp_path / "half.pth")
+    with pytest.raises(ValueError, match=r"other shapes: bn1.bias \(32,\) \(model \(64,\)\)"):
+        build_model("resnet18", 2, (3, 64, 64), pretrained=tmp_path / "half.pth")
+    with pytest.raises(ValueError, match="no state_dict"):
+        build_model("resnet18", 2, (3, 64, 64), pretrained=tmp_path / "list.pth")
+    with pytest.raises(ValueError, match="junk.pth cannot be read"):
+        build_model("resnet18", 2, (3, 64, 64), pretrained=tmp_path / "junk.pth")
+    with pytest.raises(FileNotFoundError, match="nothing.pth' does not exist"):
+        build_model("resnet18", 2, (3, 64, 64), pretrained=tmp_path / "nothing.pth")
+    with pytest.raises(FileNotFoundError, match="is not a file"):
+        build_model("resnet18", 2, (3, 64, 64), pretrained=tmp_path)
+    with pytest.raises(ValueError, match="stem='imagenet'.*'cifar'"):
+        build_model("resnet18", 2, (3, 64, 64), stem="cifar", pretrained=good)
+    with pytest.raises(ValueError, match="3 input channels and width=1.0, got 3 and 0.5"):
+        build_model("resnet18", 2, (3, 64, 64), width=0.5, pretrained=good)
+    with pytest.raises(ValueError, match="3 input channels and width=1.0, got 1 and 1.0"):
+        build_model("resnet18", 2, (1, 64, 64), pretrained=good)
+    with pytest.raises(ValueError, match="resnet18 and mobilenetv2, not 'simple-cnn'"):
+        build_model("simple-cnn", 10, (3, 28, 28), pretrained=good)
+    with pytest.raises(ValueError, match="num_classes=1000.*got 10"):
+        build_model("mobilenetv2", 10, (3, 32, 32), pretrained=True)
+    with pytest.raises(TypeError, match="pretrained must be a bool or the path.*got int"):
+        build_model("resnet18", 2, (3, 64, 64), pretrained=1)
+
+
 def test_mobilenetv2_gates_skip_the_stem():
     model = build_model("mobilenetv2", 10, (3, 32, 32), width=0.25)
     gates = insert_gates(model)
