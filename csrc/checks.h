@@ -139,6 +139,13 @@ inline uint64_t inf_bits(at::ScalarType dtype) {
                                        "); NaN and inf are not allowed"));
 }
 
+// The finiteness check of a pass that does not run because it has nothing to write (an empty
+// weight or keep mask: its kernel is not launched), made here so that the op fails as its CPU
+// implementation does. Reads the device value (a host sync), only in that degenerate case.
+inline void check_finite_unlaunched(const at::Tensor& t, const char* name) {
+  if (t.numel() > 0 && !at::isfinite(t).all().item<bool>()) fail_non_finite(t, name);
+}
+
 // The same for the selects, whose pass over a list found one: names the op and the first tensor
 // holding one ("scores" for a single tensor, else "scores[i]").
 [[noreturn]] inline void fail_non_finite(at::TensorList scores, const char* op) {

@@ -115,6 +115,11 @@ struct Linear {
     TORCH_CHECK_VALUE(weight.dim() == 2 && x.dim() >= 1 && x.size(-1) == weight.size(1), name, ": x of shape ",
                       x.sizes(), " does not match weight of shape ", weight.sizes());
   }
+  std::vector<int64_t> output_shape(T x, T weight) const {
+    std::vector<int64_t> shape = x.sizes().vec();
+    shape.back() = weight.size(0);
+    return shape;
+  }
   at::Tensor forward(T x, T w_eff, const std::optional<at::Tensor>& bias) const {
     return at::linear(x, w_eff, bias);
   }
@@ -162,6 +167,15 @@ struct Conv2d {
                         at::IntArrayRef(dilation), ") is larger than the padded input ", x.sizes().slice(2),
                         " + 2 * padding ", at::IntArrayRef(padding));
     }
+  }
+  // (N, out_channels, OH, OW) of a geometry that check() accepted (no overflow, kernel within the padded input).
+  std::vector<int64_t> output_shape(T x, T weight) const {
+    std::vector<int64_t> shape{x.size(0), weight.size(0)};
+    for (int d = 0; d < 2; ++d) {
+      const int64_t span = dilation[d] * (weight.size(2 + d) - 1) + 1;
+      shape.push_back((x.size(2 + d) + 2 * padding[d] - span) / stride[d] + 1);
+    }
+    return shape;
   }
   at::Tensor forward(T x, T w_eff, const std::optional<at::Tensor>& bias) const {
     return at::conv2d(x, w_eff, bias, stride, padding, dilation, groups);
@@ -366,6 +380,18 @@ bool check_bias(const char* name, const std::optional<at::Tensor>& bias, T x, T 
   return true;
 }
 
+// The output gradient a backward op is given: x's device and dtype, the layer's output shape.
+template <class Layer>
+void check_grad_y(const char* name, T grad_y, T x, T weight, const Layer& layer) {
+  TORCH_CHECK_TYPE(grad_y.defined(), name, ": grad_y must be a tensor");
+  bise_checks::check_same_device(grad_y, "grad_y", x, "x", name);
+  TORCH_CHECK_TYPE(grad_y.scalar_type() == x.scalar_type(), name, ": grad_y has dtype ", grad_y.scalar_type(),
+                   " but x has ", x.scalar_type());
+  const std::vector<int64_t> shape = layer.output_shape(x, weight);
+  TORCH_CHECK_VALUE(grad_y.sizes() == at::IntArrayRef(shape), name, ": grad_y must have the output's shape ",
+                    at::IntArrayRef(shape), ", got ", grad_y.sizes());
+}
+
 using Grads = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
 
 // Each layer op three ways, with the same checks: <op> (the autograd node: the eager path),
@@ -394,6 +420,7 @@ struct LayerOp {
   Grads backward(T grad_y, T x, T weight, T scores, const std::string& estimator, double temperature,
                  std::array<bool, 4> needs) const {
     check_layer_args(name, x, weight, &scores, mask, layer);
+    check_grad_y(name, grad_y, x, weight, layer);
     bise_checks::check_estimator(estimator, temperature, name);
     return layer_backward(grad_y, x, weight, scores, mask, layer, Estimator{estimator, temperature}, needs);
   }

@@ -33,6 +33,10 @@ at::Tensor masked_weight_cuda(const at::Tensor& weight, const at::Tensor& scores
   const auto [w, s, per_unit, n, rows, row_len] =
       bise_checks::layer_operands(weight, scores, bise_checks::check_layer(weight, scores, thr, cut, op, at::kCUDA));
   const c10::cuda::CUDAGuard guard(weight.device());
+  if (n == 0 && check_finite) {  // no kernel runs: thr and per-unit scores (of empty rows) as the CPU checks them
+    bise_checks::check_finite_unlaunched(thr, "threshold");
+    bise_checks::check_finite_unlaunched(s, "scores");
+  }
   at::Tensor out = at::empty_like(w, at::MemoryFormat::Contiguous);
   check_launch(bise_masked_weight(w.const_data_ptr(), s.const_data_ptr(), out.data_ptr(), n, row_len, per_unit,
                                   dtype_code(w.scalar_type()), dtype_code(s.scalar_type()), thr.const_data_ptr(),

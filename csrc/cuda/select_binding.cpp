@@ -13,6 +13,7 @@
 // (the default, also when unset or empty), "bracket", and for tests "bracket-miss" (every bracket
 // misses) and "bracket-overflow" (no buffer), which force the bracket select's radix fallback.
 #include <ATen/ATen.h>
+#include <c10/cuda/CUDAGraphsC10Utils.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
@@ -21,12 +22,12 @@
 #include <cstdlib>
 #include <cstring>
 #include <limits>
-#include <map>
 #include <mutex>
 #include <vector>
 
 #include "../checks.h"
 #include "../select_bracket.h"
+#include "plan_cache.h"
 #include "select.h"
 
 namespace {
@@ -81,30 +82,43 @@ struct Plan {
   at::Tensor table, first, ks, buffers;
 };
 
-constexpr size_t kMaxPlans = 64;
+// A cached Plan and the streams that have read it: its memory was allocated on the first, and is
+// recorded for each other one (Tensor::record_stream), so that once evicted it is not reused while
+// a kernel on another stream may still read it.
+struct CachedPlan {
+  Plan plan;
+  std::vector<cudaStream_t> streams;
+};
 
 // A Plan depends only on the tensors' addresses and sizes, ks and the device, which is the key of
-// this cache: a training loop selects the same parameters every step, so from the second step on
-// no host-to-device copy is made. That saves three small copies per call and lets a CUDA graph
-// capture the selection after one warm-up step (a copy from a pinned host buffer would be replayed
-// from an address the host allocator has since reused). A new Plan is copied with a blocking copy,
-// so every stream may read it at once. The cache is cleared when it reaches kMaxPlans entries, and
-// is never destroyed (no CUDA memory is freed during process exit).
+// this cache (plan_cache.h: least recently used out first, room for kMaxPlans layers, never a Plan
+// read under a CUDA graph capture): a training loop selects the same parameters every step, so from
+// the second step on no host-to-device copy is made. That saves three small copies per call and
+// lets a CUDA graph capture the selection after one warm-up step (a copy from a pinned host buffer
+// would be replayed from an address the host allocator has since reused). A new Plan is copied with
+// a blocking copy, so every stream may read it at once. The cache is never destroyed (no CUDA memory
+// is freed during process exit).
 Plan cached_plan(const std::vector<int64_t>& table, const std::vector<int64_t>& first, at::IntArrayRef ks,
-                 const std::vector<int64_t>& buffers, const at::Device& device) {
+                 const std::vector<int64_t>& buffers, const at::Device& device, const c10::cuda::CUDAStream& stream) {
   static std::mutex mutex;
-  static auto* plans = new std::map<std::vector<int64_t>, Plan>();
+  static auto* plans = new bise_select::PlanCache<std::vector<int64_t>, CachedPlan>();
   std::vector<int64_t> key = table;
   key.insert(key.end(), first.begin(), first.end());
   key.insert(key.end(), ks.begin(), ks.end());
   key.push_back(device.index());
+  const bool capturing = c10::cuda::currentStreamCaptureStatusMayInitCtx() != c10::cuda::CaptureStatus::None;
   const std::lock_guard<std::mutex> lock(mutex);
-  if (auto found = plans->find(key); found != plans->end()) return found->second;
-  if (plans->size() >= kMaxPlans) plans->clear();
-  auto blocking = [&](at::ArrayRef<int64_t> values) { return at::tensor(values, at::kLong).to(device); };
-  Plan plan{blocking(table), blocking(first), blocking(ks), blocking(buffers)};
-  plans->emplace(std::move(key), plan);
-  return plan;
+  CachedPlan& cached = plans->get(key, capturing, [&] {
+    auto blocking = [&](at::ArrayRef<int64_t> values) { return at::tensor(values, at::kLong).to(device); };
+    return CachedPlan{{blocking(table), blocking(first), blocking(ks), blocking(buffers)}, {stream.stream()}};
+  });
+  if (std::find(cached.streams.begin(), cached.streams.end(), stream.stream()) == cached.streams.end()) {
+    for (const at::Tensor* t : {&cached.plan.table, &cached.plan.first, &cached.plan.ks, &cached.plan.buffers}) {
+      t->record_stream(stream);
+    }
+    cached.streams.push_back(stream.stream());
+  }
+  return cached.plan;
 }
 
 void check_cuda(cudaError_t err, const char* what) {
@@ -191,7 +205,8 @@ std::tuple<at::Tensor, at::Tensor> radix_select_cuda(at::TensorList scores, at::
   // Contiguous inputs (the parameters of a model): a cached Plan. Copies made by contiguous() live
   // for this call only: their Plan travels through pinned memory with non-blocking copies.
   const bool cached = std::all_of(scores.begin(), scores.end(), [](const at::Tensor& t) { return t.is_contiguous(); });
-  const Plan plan = cached ? cached_plan(table, first, ks, buffers, device)
+  const c10::cuda::CUDAStream current = at::cuda::getCurrentCUDAStream(device.index());
+  const Plan plan = cached ? cached_plan(table, first, ks, buffers, device, current)
                            : Plan{to_device(table, device), to_device(first, device),
                                   to_device(std::vector<int64_t>(ks.begin(), ks.end()), device),
                                   to_device(buffers, device)};
@@ -223,7 +238,7 @@ std::tuple<at::Tensor, at::Tensor> radix_select_cuda(at::TensorList scores, at::
   a.cut = cut.data_ptr<int64_t>();
   a.solved = nullptr;
   set_finite_keys(a, dtype);
-  const cudaStream_t stream = at::cuda::getCurrentCUDAStream(device.index()).stream();
+  const cudaStream_t stream = current.stream();
   // topk_keep_mask on the bracket select: one tensor's mask is a kernel argument (a CUDA graph
   // replays it). Several tensors' masks are new on every call, so their addresses travel through
   // pinned memory (as the Plan of non-contiguous inputs does): that case is not for CUDA graphs.
@@ -276,6 +291,7 @@ at::Tensor keep_mask_cuda(const at::Tensor& scores, const at::Tensor& thr, const
   auto flat = scores.contiguous();
   auto thr_c = thr.reshape({}).contiguous();
   auto cut_c = cut.reshape({}).contiguous();
+  if (flat.numel() == 0 && check_finite) bise_checks::check_finite_unlaunched(thr_c, "threshold");  // no kernel runs
   auto out = at::empty(scores.sizes(), scores.options().dtype(at::kBool));
   check_cuda(bise_keep_mask_launch(flat.data_ptr(), thr_c.data_ptr(), cut_c.data_ptr<int64_t>(), out.data_ptr<bool>(),
                                    flat.numel(), offset, key_bits_of(scores.scalar_type()),

@@ -199,6 +199,15 @@ _GATE = (_t(2, 6, 5, seed=6), _t(6, seed=7), *_SEL, 1, "ste", 1.0)
     _bad("masked_conv2d_backward", 11, 0.0, "temperature must be a positive finite float"),
     _bad("masked_conv2d_keep_forward", 3, torch.ones(4, 2, 3, 2, dtype=torch.bool), "keep must have weight's shape"),
     _bad("masked_conv2d_keep_backward", 4, torch.ones(4, 2, 3, 2, dtype=torch.bool), "keep must have weight's shape"),
+    # the output gradient: the layer's output shape (a grad_y of the same numel passed before), x's dtype and device
+    _bad("masked_linear_backward", 0, torch.ones(6, 3), r"grad_y must have the output's shape \[3, 6\], got \[6, 3\]"),
+    _bad("masked_linear_backward", 0, torch.ones(3, 6, dtype=torch.float64), "grad_y has dtype Double but x has Float",
+         TypeError),
+    _bad("masked_linear_backward", 0, torch.ones(3, 6, device="meta"), "grad_y must be on x's device cpu"),
+    _bad("masked_linear_keep_backward", 0, torch.ones(18), r"grad_y must have the output's shape \[3, 6\]"),
+    _bad("masked_conv2d_backward", 0, torch.ones(1, 4, 9, 1), r"grad_y must have the output's shape \[1, 4, 3, 3\]"),
+    _bad("masked_conv2d_backward", 0, torch.ones(1, 4, 3, 3).half(), "grad_y has dtype Half but x has Float",
+         TypeError),
 ])
 def test_bad_input_names_the_argument(op, position, value, match, error):
     conv_keep = (*_CONV[:4], torch.ones(4, 2, 3, 3, dtype=torch.bool), *_CONV[6:])
