@@ -146,6 +146,18 @@ CASES = {
     "keep_mask_int_scores": Case("keep_mask", lambda d, o: (torch.arange(4, device=d), *_sel(d), 0),
                                  "scores must be float32/float64/float16/bfloat16", TypeError),
     # ------------------------------------------------------------------ masked_weight
+    # an empty weight launches no pass: the finiteness checks it would make are made all the same (the CUDA
+    # implementation returned without them)
+    "weight_empty_nan_thr": Case("masked_weight", lambda d, o: (_t(0, 4, device=d), _t(0, 4, device=d),
+                                                               torch.tensor(float("nan"), device=d), _sel(d)[1]),
+                                 "threshold contains non-finite values"),
+    "weight_empty_rows_nan_scores": Case("masked_weight", lambda d, o: (_t(3, 0, device=d),
+                                                                       torch.tensor([0.0, float("inf"), 1.0], device=d),
+                                                                       *_sel(d)),
+                                         r"scores contains non-finite values \(e.g. inf\)"),
+    "keep_mask_empty_nan_thr": Case("keep_mask", lambda d, o: (_t(0, device=d), torch.tensor(float("nan"), device=d),
+                                                              _sel(d)[1], 0, True),
+                                    "threshold contains non-finite values"),
     "weight_other_device": Case("masked_weight", lambda d, o: (_t(3, 4, device=o), *_layer(d)[1:]),
                                 "weight must be a {device} tensor"),
     "weight_scores_other_device": Case("masked_weight", lambda d, o: (_layer(d)[0], _t(3, 4, device=o), *_sel(d)),
