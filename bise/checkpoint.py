@@ -51,7 +51,10 @@ def replace_atomic(path: PathLike, write: Callable[[str], None]) -> Path:
 
 
 def atomic_write(path: PathLike, write: Callable[[str], None]) -> Path:
-    """:func:`replace_atomic` on rank 0 while the other ranks wait (every rank calls it)."""
+    """:func:`replace_atomic` on rank 0 while the other ranks wait: a collective, which every rank calls with
+    the same path (a path per rank would leave only rank 0's file: named as an error instead)."""
+    distributed.check_same(str(Path(path).resolve()), "save paths", "bise's save functions are collective: call "
+                           "them on every rank with the same path (rank 0 writes it)")
     if distributed.current().is_main:
         replace_atomic(path, write)
     distributed.barrier()

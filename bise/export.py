@@ -527,7 +527,8 @@ def arch_path(path: str) -> str:
 
 
 def save_exported(module: nn.Module, path: str, spec: Optional[dict] = None) -> dict:
-    """Write ``module``'s state_dict to ``path`` and its description to ``arch_path(path)`` (atomic)."""
+    """Write ``module``'s state_dict to ``path`` and its description to ``arch_path(path)`` (atomic; under
+    torchrun a collective: every rank calls it with the same path, rank 0 writes)."""
     if os.path.abspath(arch_path(path)) == os.path.abspath(path):  # "m.json": the weights would overwrite it
         raise ValueError(f"path {path!r} ends in .json, where its description goes (arch_path); give the weights "
                          "another name, e.g. 'subnetwork.pt'")

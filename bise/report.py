@@ -328,7 +328,8 @@ def _save(fig, path: str, tight: bool = True) -> None:
 
 def write_report(out_dir: str, report: dict, *, history: Optional[list] = None,
                  units: Optional[dict] = None, selected_epoch: Optional[int] = None) -> list[str]:
-    """Write report.json, report.md and the plots into ``out_dir``; returns the paths written.
+    """Write report.json, report.md and the plots into ``out_dir``; returns the paths written (under
+    torchrun a collective: every rank calls it with the same ``out_dir``, rank 0 writes).
 
     ``units``: gated layer -> (kept, total); ``history``: the extraction's per-epoch records;
     ``selected_epoch``: the mask epoch whose scores became the masks (marked in the history plot)."""

@@ -84,7 +84,8 @@ class Subnetwork:
         return finetune(self.export(example_input) if exported is None else exported, data, epochs=epochs, **kwargs)
 
     def save(self, path) -> None:
-        """Write everything needed by :meth:`load` to ``path`` (atomic)."""
+        """Write everything needed by :meth:`load` to ``path`` (atomic; under torchrun a collective: every
+        rank calls it with the same path, rank 0 writes)."""
         config = dataclasses.asdict(self.config) if dataclasses.is_dataclass(self.config) else dict(self.config)
         spec = getattr(self.model, "bise_spec", None)
         save_atomic({"format": FORMAT, "model_spec": spec, "state_dict": self.model.state_dict(),

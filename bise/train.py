@@ -46,6 +46,20 @@ def seeded(seed: int, device) -> Iterator[None]:
         yield
 
 
+@contextmanager
+def rank_streams(seed: int, device) -> Iterator[None]:
+    """Random draws of the block (dropout) independent across the ranks of a multi-process run: rank r > 0
+    draws from the global RNG seeded by (seed, r) for the block (its state is given back after); rank 0,
+    and one process, draw as before, so a one-process run is unchanged. Without it every rank, seeded
+    alike for the initialisation, drew the same dropout masks for its share of each global batch."""
+    rank = distributed.current().rank
+    if rank == 0:
+        yield
+        return
+    with seeded((seed + rank * 0x9E3779B97F4A7C15) % 2**63, device):  # a distinct stream per rank
+        yield
+
+
 def train_epoch(model: nn.Module, split, opt: torch.optim.Optimizer, generator: torch.Generator, batch_size: int,
                 device, loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]) -> float:
     """One epoch of ``opt`` steps on shuffled batches; returns the mean loss per sample.
@@ -99,13 +113,14 @@ def fit(model: nn.Module, split, recipe: dict, *, epochs: int, batch_size: int, 
         return F.cross_entropy(logits, y)
 
     bar = tqdm(range(epochs), desc=desc, unit="epoch", disable=distributed.quiet(quiet), leave=False)
-    for _ in bar:
-        correct.zero_()
-        loss = train_epoch(model, data, opt, gen, batch_size, device, loss_fn)
-        if sched is not None:
-            sched.step()
-        accuracy = float(distributed.all_reduce_sum(correct.clone())) / max(len(data), 1)
-        bar.set_postfix(loss=f"{loss:.3f}", acc=f"{accuracy:.3f}")
+    with rank_streams(seed, device):
+        for _ in bar:
+            correct.zero_()
+            loss = train_epoch(model, data, opt, gen, batch_size, device, loss_fn)
+            if sched is not None:
+                sched.step()
+            accuracy = float(distributed.all_reduce_sum(correct.clone())) / max(len(data), 1)
+            bar.set_postfix(loss=f"{loss:.3f}", acc=f"{accuracy:.3f}")
     distributed.same_buffers(model)
     return model.eval()
 
@@ -133,4 +148,4 @@ def train_vanilla(data, arch: Optional[str] = None, *, epochs: Optional[int] = N
                    device=device, quiet=quiet)
 
 
-__all__ = ["fit", "seeded", "train_epoch", "train_steps", "train_vanilla"]
+__all__ = ["fit", "rank_streams", "seeded", "train_epoch", "train_steps", "train_vanilla"]

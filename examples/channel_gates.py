@@ -2,7 +2,7 @@
 
 ``bk.ChannelGate(C)`` multiplies a (N, C, ...) activation by a 0/1 gate per channel computed from a
 learnable score: with ``threshold`` (default 0.0, the BISE gate) channel c is on iff score_c >= 0, so
-training decides how many channels stay; with ``density`` the top ``round(density * C)`` scores are
+training decides how many channels stay; with ``density`` the top ``max(1, round(density * C))`` scores are
 on, exactly, at every step. Gradients reach the scores through a straight-through estimator
 (``estimator="sigmoid"``: the slope of sigmoid(score / temperature)).
 
@@ -66,7 +66,7 @@ def accuracy(net, x, y) -> float:
 
 
 def expected_mask(scores, density) -> torch.Tensor:
-    """score >= 0 (threshold 0.0), or the top round(density * C) scores, ties to the lower channel."""
+    """score >= 0 (threshold 0.0), or the top max(1, round(density * C)) scores, ties to the lower channel."""
     if density is None:
         return scores >= 0
     top = scores.argsort(descending=True, stable=True)[:max(1, round(density * len(scores)))]
@@ -117,8 +117,8 @@ def main():
             assert torch.equal(g.mask(), expected), name
             h = torch.randn(4, g.num_channels, 5, 5, device=a.device)
             assert torch.equal(g(h), h * expected.to(h.dtype).view(1, -1, 1, 1))
-    print("checked: threshold gates open iff score >= 0; density gates open exactly the top round(density * C); "
-          "each gate outputs x * mask")
+    print("checked: threshold gates open iff score >= 0; density gates open exactly the top "
+          "max(1, round(density * C)); each gate outputs x * mask")
 
 
 if __name__ == "__main__":

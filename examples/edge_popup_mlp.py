@@ -103,7 +103,7 @@ def main():
     diff = (masked_out - plain_out).abs().max().item()
     torch.testing.assert_close(plain_out, masked_out, rtol=1e-5, atol=1e-5)
     print(f"unmask_model: plain {type(plain).__name__} of {[type(m).__name__ for m in plain]}; "
-          f"non-zero weights per layer {kept} (= round(density * numel)); max |masked - plain| = {diff:.2e}")
+          f"non-zero weights per layer {kept} (= max(1, round(density * numel))); max |masked - plain| = {diff:.2e}")
 
 
 if __name__ == "__main__":

@@ -20,9 +20,9 @@ EXAMPLES = ROOT / "examples"
 # script, smallest arguments, a line its output must contain, whether it reads colored-digits (scikit-learn)
 CASES = [
     ("edge_popup_mlp.py", ["--densities", "0.5", "--epochs", "2", "--hidden", "64"],
-     "non-zero weights per layer [6144, 2048, 320] (= round(density * numel))", True),
+     "non-zero weights per layer [6144, 2048, 320] (= max(1, round(density * numel)))", True),
     ("global_topk_resnet.py", ["--dense-epochs", "1", "--epochs", "1", "--width", "8"],
-     "all 9 conv layers: 1929 of 19288 weights kept = round(0.1 * 19288), exactly", True),
+     "all 9 conv layers: 1929 of 19288 weights kept = max(1, round(0.1 * 19288)), exactly", True),
     ("bise_own_data.py", ["--n-train", "400", "--n-test", "200", "--vanilla-epochs", "10", "--mask-epochs", "2",
                           "--head-epochs", "1"], "bise.load_exported gives the same outputs", False),
     ("channel_gates.py", ["--epochs", "1"], "checked: threshold gates open iff score >= 0", True),

@@ -2,12 +2,19 @@
 reproduce the single-process global-batch computation."""
 
 import os
+import tempfile
+from pathlib import Path
 
 import torch
 import torch.multiprocessing as mp
 from _dist import free_port
+from torch import nn
 
 from bise import distributed as bd
+from bise.checkpoint import save_atomic
+from bise.data.types import Split
+from bise.recipes import RECIPES
+from bise.train import fit, seeded
 
 
 def _objective(p_all: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
@@ -31,6 +38,20 @@ def _raised(error) -> tuple:
     return ("no error",)
 
 
+def _dropout_pattern() -> torch.Tensor:
+    """Which inputs the dropout of a vanilla training's first step zeroed on this rank (its 8 rows of a
+    global batch of 16), flattened: trained as train_vanilla trains, every rank seeded alike."""
+    model = nn.Sequential(nn.Flatten(), nn.Dropout(0.5), nn.Linear(12, 2))
+    zeroed = []
+    model[1].register_forward_hook(lambda m, i, out: zeroed.append((out == 0).flatten()))
+    g = torch.Generator().manual_seed(1)
+    split = Split(torch.randint(1, 256, (16, 3, 2, 2), dtype=torch.uint8, generator=g),
+                  torch.randint(0, 2, (16,), generator=g), torch.randint(0, 2, (16,), generator=g))
+    with seeded(0, "cpu"):
+        fit(model, split, RECIPES["mlp"], epochs=1, batch_size=16, lr=0.1, seed=0, quiet=True)
+    return zeroed[0]
+
+
 def _worker(rank, world, port, data, result_queue):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world))
     ctx = bd.init("cpu", timeout_s=60)
@@ -47,8 +68,15 @@ def _worker(rank, world, port, data, result_queue):
     raised = [_raised(_TwoArgs("bad", 3) if rank == 1 else None), _raised(ValueError(f"rank {rank}"))]
     # fewer rows than processes: rank 1's share is empty (refused before, where one process ran)
     small = bd.shard_rows(1, lambda idx: idx.double() * 10, 4).tolist()
+    same_dropout = bd.all_gather_rows(_dropout_pattern()[None]).unique(dim=0).shape[0] == 1
+    try:  # a save path per rank: rank 0's file alone would be written
+        save_atomic(torch.zeros(1), Path(tempfile.gettempdir()) / f"bise-rank{rank}-{port}.pt")
+        per_rank_save = "saved"
+    except ValueError as exc:
+        per_rank_save = str(exc)
     if ctx.is_main:
-        result_queue.put((w.grad.numpy().copy(), int(counts), raised, small))  # numpy: a tensor's storage dies with the sender
+        result_queue.put((w.grad.numpy().copy(), int(counts), raised, small, same_dropout,
+                          per_rank_save))  # numpy: a tensor's storage dies with the sender
     bd.barrier()
     bd.shutdown()
 
@@ -66,11 +94,13 @@ def test_two_processes_match_one_process_with_the_global_batch():
     procs = [ctx.Process(target=_worker, args=(r, 2, port, (x, w0), queue)) for r in range(2)]
     for p in procs:
         p.start()
-    grad, count, raised, small = queue.get(timeout=120)
+    grad, count, raised, small, same_dropout, per_rank_save = queue.get(timeout=120)
     for p in procs:
         p.join(timeout=60)
         assert p.exitcode == 0
     assert count == 10 and small == [0.0]
+    assert not same_dropout  # each rank its own dropout masks (they were the same: every rank seeded alike)
+    assert "processes see different save paths" in per_rank_save and "collective" in per_rank_save
     assert raised[0] == ("RuntimeError", "_TwoArgs: bad=3", ["(rank 1 met this error; every process stops with it)"])
     assert raised[1] == ("ValueError", "rank 0", [])  # the lowest rank's error, its own on rank 0
     torch.testing.assert_close(torch.from_numpy(grad), w.grad, rtol=1e-12, atol=1e-12)
