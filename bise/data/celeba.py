@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 
 from .assign import cap, per_group
-from .checks import assemble, make_split
+from .checks import assemble, make_split, read_text
 from .images import read_images
 
 ATTR, PARTITION, IMAGES = "list_attr_celeba.txt", "list_eval_partition.txt", "img_align_celeba"
@@ -36,7 +36,7 @@ def _require(root: Path) -> None:
 
 def read_attributes(path: Path):
     """(filenames, attribute names, int8 values (N, 40) in {-1, 1})."""
-    lines = path.read_text().splitlines()
+    lines = read_text(path).splitlines()
     if len(lines) < 3:
         raise ValueError(f"{path}: expected a count line, a header line and data lines")
     names = lines[1].split()
@@ -58,7 +58,7 @@ def read_attributes(path: Path):
 def read_partition(path: Path, files: list) -> np.ndarray:
     """Partition id (0/1/2) per file of list_attr_celeba.txt."""
     part = {}
-    for n, line in enumerate(path.read_text().splitlines(), start=1):
+    for n, line in enumerate(read_text(path).splitlines(), start=1):
         fields = line.split()
         if not fields:
             continue

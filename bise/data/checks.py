@@ -3,6 +3,7 @@ split, the array and the first bad row."""
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Optional
 
 import numpy as np
@@ -11,6 +12,24 @@ import torch
 from .types import BiasedDataset, Split
 
 WEIGHTINGS = ("symmetric-rho", "group-balanced", "two-bias")
+
+
+def read_text(path: Path) -> str:
+    """A metadata file's text as UTF-8 (a leading byte-order mark, as Excel's "CSV UTF-8" writes, dropped).
+    An unreadable file (permissions) or another encoding is a ValueError naming the file (and the line);
+    a missing one stays a FileNotFoundError."""
+    try:
+        raw = path.read_bytes()
+    except FileNotFoundError:
+        raise
+    except OSError as exc:
+        raise ValueError(f"cannot read {path}: {exc.strerror or exc}") from None
+    try:
+        return raw.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        line = raw[:exc.start].count(b"\n") + 1
+        raise ValueError(f"{path} line {line}: byte {raw[exc.start]:#04x} is not UTF-8; save the file as "
+                         "UTF-8") from None
 
 
 def _labels(where: str, a: np.ndarray, n: int, ndims: tuple) -> np.ndarray:
@@ -102,8 +121,12 @@ def assemble(name: str, spec: str, splits: dict, *, info: dict, num_classes=None
     if (weighting == "two-bias") != two_biases:  # found by the extraction only, after the vanilla training
         raise ValueError(f"weighting={weighting}: " + ("needs two bias labels a sample (b of shape (N, 2)), got one"
                          if not two_biases else "takes one bias label a sample; these data have two (use two-bias)"))
-    if rho is not None and not 0.0 < rho < 1.0:
-        raise ValueError(f"rho={rho}: must lie strictly between 0 and 1")
+    if isinstance(rho, tuple) != two_biases and rho is not None:
+        raise ValueError(f"rho={rho}: two bias labels a sample take rho_l= and rho_r= (one aligned fraction per bias)"
+                         if two_biases else f"rho_l, rho_r = {rho}: these data have one bias label a sample (rho=)")
+    for r in rho if isinstance(rho, tuple) else [rho] if rho is not None else []:
+        if not 0.0 < r < 1.0:
+            raise ValueError(f"rho={r}: must lie strictly between 0 and 1")
     if weighting == "symmetric-rho" and rho is None:
         raise ValueError("weighting=symmetric-rho needs rho=<nominal aligned fraction>")
     k = _count("y", present, num_classes, False)
@@ -113,5 +136,10 @@ def assemble(name: str, spec: str, splits: dict, *, info: dict, num_classes=None
     aligned = [round(float(v), 6) for v in present["train"].aligned().float().mean(dim=0).reshape(-1)]
     info = {**info, "sizes": {s: len(sp) for s, sp in present.items()},
             "rho_realised": aligned[0] if num_biases == 1 else aligned}
+    if two_biases and rho is None:  # the two-bias weights need a pair: the training split's own fractions
+        if not all(0.0 < a < 1.0 for a in aligned):
+            raise ValueError(f"{name}: the two-bias weighting needs each bias's aligned fraction strictly between 0 "
+                             f"and 1; the training split's are {aligned}: give rho_l= and rho_r=")
+        rho, info["rho_from"] = tuple(aligned), "rho_realised"
     return BiasedDataset(name, splits["train"], splits.get("val"), splits["test"], k, kb,
                          num_biases, rho, weighting, spec, info)

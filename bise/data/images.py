@@ -32,7 +32,7 @@ def _open(p: Path, size: Optional[int], rgb: Optional[bool], where: str) -> np.n
                 a = np.asarray(im)
     except FileNotFoundError:
         raise FileNotFoundError(f"{where}image file not found: {p}") from None
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
+    except (UnidentifiedImageError, Image.DecompressionBombError, OSError, SyntaxError, ValueError) as e:
         raise ValueError(f"{where}cannot read image {p}: {e}") from None
     if mode in _WIDE_MODES:
         raise ValueError(f"{where}{p}: mode {mode} ({_WIDE_MODES[mode]}) pixels are not read: bise keeps "

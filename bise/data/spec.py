@@ -64,12 +64,12 @@ def parse(spec: str) -> tuple:
     if not isinstance(spec, str) or not spec.strip():
         raise ValueError(f"spec={spec!r}: expected a built-in name, a path, or KIND:PATH")
     text = spec.strip()
+    head, _, rest = text.partition(":")
+    if head in builtin.BUILTINS:  # before paths: a folder named colored-digits (an --out) is ./colored-digits
+        return "builtin", head, _options(spec, rest)
     path = Path(text).expanduser()
     if path.exists():
         return _detect(path), path, {}
-    head, _, rest = text.partition(":")
-    if head in builtin.BUILTINS:
-        return "builtin", head, _options(spec, rest)
     if head in KIND_OPTIONS:
         where, _, opts = rest.partition(",")
         if not where.strip():

@@ -13,21 +13,33 @@ columns ignored); filename is relative to DIR; images are read with Pillow.
 from __future__ import annotations
 
 import csv
+import io
 import zipfile
 from pathlib import Path
 
 import numpy as np
 
-from .checks import assemble, make_split
+from .checks import assemble, make_split, read_text
 from .images import read_images
 
 SPLITS = ("train", "val", "test")
-USER_OPTIONS = {"num_classes": int, "num_bias_classes": int, "rho": float, "weighting": str}
+USER_OPTIONS = {"num_classes": int, "num_bias_classes": int, "rho": float, "rho_l": float, "rho_r": float,
+                "weighting": str}
 
 
 def dataset_options(opts: dict) -> dict:
-    """The keyword arguments of checks.assemble that the user may set in the spec."""
-    return {k: opts[k] for k in USER_OPTIONS if opts.get(k) is not None}
+    """The keyword arguments of checks.assemble that the user may set in the spec: ``rho`` (one bias) or
+    the pair ``rho_l`` and ``rho_r`` (two biases, as the built-in multicolor-mnist) as assemble's rho."""
+    out = {k: opts[k] for k in ("num_classes", "num_bias_classes", "rho", "weighting") if opts.get(k) is not None}
+    pair = (opts.get("rho_l"), opts.get("rho_r"))
+    if pair != (None, None):
+        if None in pair:
+            raise ValueError(f"rho_l and rho_r go together (the aligned fractions of the left and right bias), got "
+                             f"rho_l={pair[0]}, rho_r={pair[1]}")
+        if "rho" in out:
+            raise ValueError("give rho= (one bias label a sample) or rho_l= and rho_r= (two), not both")
+        out["rho"] = pair
+    return out
 
 
 def load_npz(path: Path, spec: str, opts: dict):
@@ -81,13 +93,12 @@ def read_csv(path: Path, required: tuple) -> list:
     """Rows of a CSV file as dicts; a missing file or column is a clear error."""
     if not path.is_file():
         raise FileNotFoundError(f"no such file: {path}")
-    with open(path, newline="") as f:
-        reader = csv.DictReader(f)
-        columns = [c.strip() for c in (reader.fieldnames or [])]
-        for col in required:
-            if col not in columns:
-                raise ValueError(f"{path}: missing column {col!r} (columns: {columns})")
-        rows = [{k.strip(): (v or "").strip() for k, v in r.items() if k is not None} for r in reader]
+    reader = csv.DictReader(io.StringIO(read_text(path), newline=""))
+    columns = [c.strip() for c in (reader.fieldnames or [])]
+    for col in required:
+        if col not in columns:
+            raise ValueError(f"{path}: missing column {col!r} (columns: {columns})")
+    rows = [{k.strip(): (v or "").strip() for k, v in r.items() if k is not None} for r in reader]
     if not rows:
         raise ValueError(f"{path}: no data rows")
     return rows

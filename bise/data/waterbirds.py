@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 
 from .assign import cap
-from .checks import assemble, make_split
+from .checks import assemble, make_split, read_text
 from .images import read_images
 from .user import parse_label, read_csv
 
@@ -25,8 +25,7 @@ def is_waterbirds(root: Path) -> bool:
     meta = root / "metadata.csv"
     if not meta.is_file():
         return False
-    with open(meta) as f:
-        header = {c.strip() for c in f.readline().split(",")}
+    header = {c.strip() for c in read_text(meta).partition("\n")[0].split(",")}
     return set(COLUMNS) <= header
 
 

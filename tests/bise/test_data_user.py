@@ -2,6 +2,7 @@
 layouts (tiny synthetic copies written here), and every malformed variant's message."""
 
 import csv
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -39,18 +40,33 @@ def test_npz_without_val_grey_two_bias_and_options(tmp_path):
     for s in ("train", "test"):
         arrays[f"{s}_b"] = np.stack([arrays[f"{s}_b"], arrays[f"{s}_y"]], axis=1)
     np.savez(tmp_path / "two.npz", **arrays)
-    ds = data.load(f"npz:{tmp_path / 'two.npz'},num_classes=4,weighting=two-bias,rho=0.9")
+    ds = data.load(f"npz:{tmp_path / 'two.npz'},num_classes=4,weighting=two-bias,rho_l=0.9,rho_r=0.8")
     assert ds.val is None and ds.input_shape == (1, 4, 4)
     assert ds.num_biases == 2 and ds.train.aligned().shape == (12, 2)
-    assert (ds.num_classes, ds.weighting, ds.rho) == (4, "two-bias", 0.9)
+    assert (ds.num_classes, ds.weighting, ds.rho) == (4, "two-bias", (0.9, 0.8))
     assert ds.info["rho_realised"][1] == 1.0
+    # without rho_l / rho_r the weighting takes the training split's fractions, which must lie in (0, 1)
+    # (it took Multi-Color MNIST's (0.99, 0.95) without a word); a scalar rho is no pair
+    with pytest.raises(ValueError, match=r"aligned fraction strictly between 0 and 1; the training split's are "
+                                         r"\[0.\d+, 1.0\]: give rho_l= and rho_r="):
+        data.load(str(tmp_path / "two.npz"))
+    with pytest.raises(ValueError, match="rho=0.9: two bias labels a sample take rho_l= and rho_r="):
+        data.load(f"npz:{tmp_path / 'two.npz'},rho=0.9")
+    with pytest.raises(ValueError, match="rho_l and rho_r go together"):
+        data.load(f"npz:{tmp_path / 'two.npz'},rho_l=0.9")
+    np.savez(tmp_path / "one.npz", **_npz_arrays())
+    with pytest.raises(ValueError, match=r"rho_l, rho_r = \(0.9, 0.8\): these data have one bias label"):
+        data.load(f"npz:{tmp_path / 'one.npz'},rho_l=0.9,rho_r=0.8")
+    arrays["train_b"][0, 1] = (arrays["train_y"][0] + 1) % 4  # one conflicting sample on the right
+    np.savez(tmp_path / "two.npz", **arrays)
     # two bias labels a sample get the two-bias weighting by default (group-balanced loaded, then the
     # extraction refused it after the vanilla training); a weighting of the other arity is refused here
-    assert data.load(str(tmp_path / "two.npz")).weighting == "two-bias"
+    ds = data.load(str(tmp_path / "two.npz"))
+    realised = tuple(ds.info["rho_realised"])
+    assert ds.weighting == "two-bias" and ds.rho == realised and realised[1] == round(11 / 12, 6)
+    assert ds.info["rho_from"] == "rho_realised"
     with pytest.raises(ValueError, match="weighting=group-balanced: takes one bias label a sample; these data have two"):
         data.load(f"npz:{tmp_path / 'two.npz'},weighting=group-balanced")
-    one = _npz_arrays()
-    np.savez(tmp_path / "one.npz", **one)
     with pytest.raises(ValueError, match=r"weighting=two-bias: needs two bias labels a sample \(b of shape \(N, 2\)\)"):
         data.load(f"npz:{tmp_path / 'one.npz'},weighting=two-bias")
 
@@ -191,6 +207,9 @@ def _break_csv(root, line, column, value):
      "missing column 'filename'"),
     (lambda r: (r / "metadata.csv").write_text("filename,y,b,split\n"), ValueError, "no data rows"),
     (lambda r: (r / "metadata.csv").unlink(), FileNotFoundError, "metadata.csv"),
+    # a cp1252 export (an accented name): a bare UnicodeDecodeError named neither file nor line
+    (lambda r: (r / "metadata.csv").write_bytes((r / "metadata.csv").read_bytes().replace(b"test_7", b"t\xe9st_7")),
+     ValueError, "metadata.csv line 9: byte 0xe9 is not UTF-8; save the file as UTF-8"),
 ])
 def test_malformed_image_folder_fails_with_its_message(tmp_path, damage, error, message):
     root = _folder(tmp_path / "d", ROWS)
@@ -199,6 +218,36 @@ def test_malformed_image_folder_fails_with_its_message(tmp_path, damage, error, 
         data.load(f"folder:{root}", cache_dir=str(tmp_path / "cache"))
     assert message in str(e.value)
     assert not list((tmp_path / "cache").glob("*"))  # nothing partially cached
+
+
+def test_metadata_with_a_byte_order_mark_loads(tmp_path):
+    """Excel's "CSV UTF-8" starts with a BOM: its first column was '\ufefffilename', "missing"."""
+    root = _folder(tmp_path / "bom", ROWS)
+    plain = data.load(f"folder:{root}", cache_dir=str(tmp_path / "c1"))
+    (root / "metadata.csv").write_bytes(b"\xef\xbb\xbf" + (root / "metadata.csv").read_bytes())
+    bom = data.load(f"folder:{root}", cache_dir=str(tmp_path / "c2"))
+    assert torch.equal(bom.train.x, plain.train.x) and torch.equal(bom.test.y, plain.test.y)
+
+
+def test_unreadable_metadata_and_oversized_images_name_the_file(tmp_path, monkeypatch):
+    """A metadata.csv without read permission was a PermissionError traceback from the format
+    detection (the CLI called an unreadable CelebA list "the data cache"); an image over Pillow's
+    decompression-bomb limit a DecompressionBombError naming no file."""
+    root = _folder(tmp_path / "d", ROWS)
+    read_bytes = Path.read_bytes
+
+    def denied(path):
+        if path.name == "metadata.csv":
+            raise PermissionError(13, "Permission denied", str(path))
+        return read_bytes(path)
+
+    with monkeypatch.context() as m:
+        m.setattr(Path, "read_bytes", denied)
+        with pytest.raises(ValueError, match=r"cannot read .*metadata.csv: Permission denied"):
+            data.load(str(root), cache_dir=str(tmp_path / "cache"))
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 4)  # 4x4 images: twice the limit is a bomb
+    with pytest.raises(ValueError, match=r"cannot read image .*\.png: Image size \(16 pixels\) exceeds limit"):
+        data.load(str(root), cache_dir=str(tmp_path / "cache"))
 
 
 # --- CelebA ---------------------------------------------------------------------------------
@@ -344,3 +393,14 @@ def test_a_split_made_by_hand_must_hold_uint8_images():
             data.Split(x, y_, b_)
     split = data.Split(torch.zeros(4, 3, 2, 2, dtype=torch.uint8), y, None)  # no bias labels: label-free
     assert len(split.subset(slice(0, 2))) == 2 and "b=None" in repr(split)
+
+
+def test_a_builtin_name_is_the_builtin_where_a_folder_of_that_name_exists(tmp_path, monkeypatch):
+    """`bise run --data colored-digits --out colored-digits` made the folder, then read it as the data."""
+    from bise.data.spec import parse
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "colored-digits").mkdir()
+    assert parse("colored-digits")[:2] == ("builtin", "colored-digits")
+    assert parse("colored-digits:rho=0.9")[0] == "builtin"
+    assert parse("./colored-digits")[0] == "folder" and parse("folder:colored-digits")[0] == "folder"
