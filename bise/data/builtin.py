@@ -221,7 +221,7 @@ def build(name: str, opts: dict, seed: int, data_dir: Path, draw: int = 0) -> tu
         arrays[f"{split}_x"] = bench.render(gx[i], b, rng, opts, split)
         arrays[f"{split}_y"], arrays[f"{split}_b"] = gy[i], b
         arrays[f"{split}_src"] = src[i].astype(np.int64)
-    missing = untrained_classes(arrays["train_y"], k)
+    missing = untrained_classes(arrays["train_y"], k, first=k)[0]
     if missing:
         raise ValueError(f"{name}: n_train={opts['n_train']} leaves class(es) {missing} of {k} without a training "
                          "sample (never learnt); raise n_train")

@@ -81,21 +81,30 @@ def _count(kind: str, splits: dict, given: Optional[int], per_bias: bool) -> int
     return given
 
 
-def untrained_classes(y, num_classes: int) -> list:
-    """The classes in [0, num_classes) without a sample in ``y`` (a training split's targets)."""
-    present = set(np.unique(np.asarray(y)).tolist())
-    return [c for c in range(num_classes) if c not in present]
+def untrained_classes(y, num_classes: int, first: int = 5) -> tuple[list, int]:
+    """(The first ``first`` classes in [0, num_classes) without a sample in ``y`` (a training split's
+    targets), how many there are), in the time and memory of y's distinct labels: a stray label of 10**9
+    made a list of a billion classes before its error."""
+    present = [c for c in np.unique(np.asarray(y)).tolist() if 0 <= c < num_classes]
+    missing, c = [], 0
+    for p in present + [num_classes]:
+        missing.extend(range(c, min(p, c + first - len(missing))))
+        c = p + 1
+        if len(missing) >= first:
+            break
+    return missing, num_classes - len(present)
 
 
 def _require_trained_classes(name: str, present: dict, k: int) -> None:
     """Every target class has a training sample: one without any is never learnt, so its val / test
     samples are errors by construction (or, in no split at all, it is a head output with no class)."""
-    missing = untrained_classes(present["train"].y, k)
+    missing, count = untrained_classes(present["train"].y, k)
     if missing:
-        seen = {c: [s for s, sp in present.items() if s != "train" and bool((sp.y == c).any())] for c in missing[:5]}
+        seen = {c: [s for s, sp in present.items() if s != "train" and bool((sp.y == c).any())] for c in missing}
         where = "; ".join(f"class {c} in {' and '.join(v) if v else 'no split'}" for c, v in seen.items())
-        raise ValueError(f"{name}: the train split has no sample of class(es) {missing[:5]}"
-                         f"{' ...' if len(missing) > 5 else ''} of num_classes={k} ({where}): a class without "
+        more = f" ... ({count} in all)" if count > len(missing) else ""
+        raise ValueError(f"{name}: the train split has no sample of class(es) {missing}{more} of num_classes={k} "
+                         f"({where}): a class without "
                          "training samples is never learnt. Give every class training samples, or relabel the "
                          f"targets 0..K-1 with K the number of classes trained")
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import csv
 import io
+import warnings
 import zipfile
 from pathlib import Path
 
@@ -58,6 +59,10 @@ def load_npz(path: Path, spec: str, opts: dict):
             if missing:
                 raise ValueError(f"{path}: missing key {missing[0]!r} (keys present: {sorted(have)}; "
                                  f"required: train_x/y/b and test_x/y/b, val_x/y/b optional)")
+            unknown = sorted(have - {f"{s}_{a}" for s in (*SPLITS, "mask") for a in "xyb"})
+            if unknown:  # a misspelt split (valid_x) would silently be no split
+                warnings.warn(f"{path}: keys {unknown} are not read (bise reads train_, val_, test_ and mask_ "
+                              "x / y / b)", stacklevel=2)
             splits = {s: make_split(s, *(_array(z, path, f"{s}_{a}") for a in "xyb"))
                       for s in SPLITS if f"{s}_x" in need}
             mask = _mask_split(z, path, have)

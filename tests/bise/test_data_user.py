@@ -111,6 +111,14 @@ def test_npz_labels_out_of_range_for_given_num_classes(tmp_path):
         data.load(f"npz:{tmp_path / 'd.npz'},size=3")
 
 
+def test_npz_keys_bise_does_not_read_are_named(tmp_path):
+    arrays = {("valid" + k[3:] if k.startswith("val_") else k): v for k, v in _npz_arrays().items()}
+    np.savez(tmp_path / "d.npz", **arrays, classes=np.arange(2))
+    with pytest.warns(UserWarning, match=r"keys \['classes', 'valid_b', 'valid_x', 'valid_y'\] are not read"):
+        ds = data.load(str(tmp_path / "d.npz"))
+    assert ds.val is None
+
+
 def test_a_class_without_training_samples_is_named(tmp_path):
     """num_classes is max label + 1 over every split, so a class missing from train (here class 2, in
     val and test) gave a head whose class 2 was never learnt: its test samples were errors, silently."""
@@ -125,6 +133,13 @@ def test_a_class_without_training_samples_is_named(tmp_path):
     np.savez(tmp_path / "e.npz", **_npz_arrays(k=3))
     with pytest.raises(ValueError, match=r"class\(es\) \[3\] of num_classes=4 \(class 3 in no split\)"):
         data.load(f"npz:{tmp_path / 'e.npz'},num_classes=4")
+    # a stray label of 10**9: the first missing classes and their count, without a list of a billion of them
+    huge = _npz_arrays(k=3)
+    huge["test_y"][0] = 10**9
+    np.savez(tmp_path / "h.npz", **huge)
+    with pytest.raises(ValueError, match=r"class\(es\) \[3, 4, 5, 6, 7\] \.\.\. \(999999998 in all\) of "
+                                         r"num_classes=1000000001 \(class 3 in no split"):
+        data.load(str(tmp_path / "h.npz"))
     with pytest.raises(ValueError, match=r"n_train=5 leaves class\(es\) \[.*\] of 10 without a training sample"):
         data.load("colored-digits:n_train=5", cache_dir=str(tmp_path / "cache"))
     assert not list((tmp_path / "cache").glob("*.npz"))
