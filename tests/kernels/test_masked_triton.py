@@ -1,6 +1,6 @@
 """What only the Triton masked-layer and channel-gate kernels have: output tiles whose units are
-all masked, the backend's device and backward-argument checks, the channels_last mask pass, and
-the GEMM tile selection.
+all masked, the backend's device and backward-argument checks, the channels_last mask pass, the
+GEMM tile selection, and the GEMMs compiled for sm_90 (int64 addresses, shared memory per tile).
 
 Every backend's outputs and gradients against the reference: test_masked_kernels.py.
 """
@@ -119,7 +119,7 @@ def test_mask_pass_keeps_channels_last_weights(dtype):
 # ----------------------------------------------------------------------------- tile selection
 
 _TUNING_FACTS = """
-import json, triton
+import json, torch, triton
 from bise_kernels.backends.triton import _common, masked_linear
 facts = {"autotune": _common.AUTOTUNE, "kernels": {}}
 for name in ("_masked_mm_kernel", "_small_m_mm_kernel", "_masked_wgrad_kernel"):
@@ -128,6 +128,14 @@ for name in ("_masked_mm_kernel", "_small_m_mm_kernel", "_masked_wgrad_kernel"):
                               "configs": len(getattr(k, "configs", []))}
 facts["heuristic"] = {f"{m},{n},{e}": _common.heuristic_config(m, n, e).all_kwargs()
                       for m, n, e in ((16, 4096, 2), (64, 4096, 2), (4096, 4096, 2), (4096, 4096, 4), (16, 16, 8))}
+if _common.AUTOTUNE:  # the forward's tiles for bf16 x with bf16 and with fp32 scores
+    mm = masked_linear._masked_mm_kernel
+    facts["pruned"] = {
+        str(s)[6:]: [c.kwargs["BLOCK_K"] for c in mm.early_config_prune(
+            mm.configs, {"a_ptr": torch.empty(1, dtype=torch.bfloat16), "w_ptr": torch.empty(1, dtype=torch.bfloat16),
+                         "s_ptr": torch.empty(1, dtype=s), "ROWS_BUCKET": 4096, "COLS_BUCKET": 4096},
+            STRUCTURED=False)]
+        for s in (torch.bfloat16, torch.float32)}
 print(json.dumps(facts))
 """
 
@@ -154,6 +162,8 @@ def test_autotune_tries_at_most_four_tiles_keyed_on_size_buckets():
         assert kernel["type"] == "Autotuner" and 1 <= kernel["configs"] <= 4, (name, kernel)
         assert {"ROWS_BUCKET", "COLS_BUCKET", "LOOP_BUCKET"} <= set(kernel["keys"]), (name, kernel)
         assert not {"ROWS", "COLS", "LOOP"} & set(kernel["keys"]), (name, kernel)  # raw sizes: a compile per shape
+    # BLOCK_K sized as the heuristic sizes it: for the widest staged element (fp32 scores beside bf16 operands)
+    assert facts["pruned"]["float32"] == [k // 2 for k in facts["pruned"]["bfloat16"]], facts["pruned"]
 
 
 def test_autotune_switch_takes_one_heuristic_tile_per_bucket():
@@ -235,3 +245,163 @@ def test_small_m_keep_tiles_compile_for_hopper_without_a_gpu():
     done = subprocess.run([sys.executable, "-c", _COMPILE_SMALL_M_FOR_SM90], env=env, capture_output=True, text=True,
                           timeout=600)
     assert done.returncode == 0 and "compiled" in done.stdout, done.stderr[-3000:]
+
+
+
+# ----------------------------------------------------------------------------- sm_90 launches
+
+_LOWER_LAUNCHES_FOR_SM90 = r"""
+import json, multiprocessing, os, re
+import torch
+import triton
+from triton._C.libtriton import ir
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource, make_backend
+from triton.runtime.jit import create_function_from_signature
+from bise_kernels.backends.triton import masked_linear as L
+
+TARGET = GPUTarget("cuda", 90, 32)
+BACKEND = make_backend(TARGET)
+LAUNCHES = []  # (name, JIT function, args, kwargs) of each GEMM the launchers would run
+KINDS = {(L._masked_mm_body, True): "forward", (L._masked_mm_body, False): "dgrad"}
+
+
+def record(*args, grid, warmup, _fn, **kwargs):
+    kind = KINDS.get((_fn, kwargs.get("UNIT_ON_COLS")), "wgrad")
+    LAUNCHES.append((f"{LAYER}/{kind}/{kwargs['PRECISION']}", _fn, args, kwargs))
+
+
+for fn in (L._masked_mm_body, L._masked_wgrad_kernel.fn):
+    fn.run = lambda *args, _fn=fn, **kwargs: record(*args, _fn=_fn, **kwargs)
+L.check_device = lambda x: None  # meta tensors: shapes, strides and dtypes, no memory
+
+
+def lower(launch, last):
+    # JITFunction.run of triton 3.6 up to its compile (the same specialization: 16-byte aligned pointers,
+    # unit strides constant), then the compiler's stages for sm_90 up to `last`
+    _, fn, args, kwargs = launch
+    kwargs = dict(kwargs, debug=False, instrumentation_mode=triton.knobs.compilation.instrumentation_mode)
+    bound, specialization, options = create_function_from_signature(fn.signature, fn.params, BACKEND)(*args, **kwargs)
+    options, signature, constexprs, attrs = fn._pack_args(BACKEND, kwargs, bound, specialization, options)
+    src = ASTSource(fn, signature, constexprs, attrs)
+    context = ir.context()
+    ir.load_dialects(context)
+    BACKEND.load_dialects(context)
+    module = src.make_ir(TARGET, options, BACKEND.get_codegen_implementation(options), BACKEND.get_module_map(),
+                         context)
+    stages, metadata = {}, {}
+    BACKEND.add_stages(stages, options, src.language)
+    for stage, run in stages.items():
+        module = run(module, metadata)
+        if stage == last:
+            return str(module), metadata
+
+
+def layer(x_dtype, scores, needs, structured=False, n=4096):
+    # the forward and the backward's GEMMs of one layer; scores "keep": the packed mask
+    global LAYER
+    LAYER = f"{str(x_dtype)[6:]}/{scores if scores == 'keep' else str(scores)[6:]}" + "/unit" * structured
+
+    def meta(*shape, dtype=x_dtype):
+        return torch.empty(shape, dtype=dtype, device="meta")
+
+    x, w, b, gy = meta(n, n), meta(n, n), meta(n), meta(n, n)
+    shape = (n,) if structured else (n, n)
+    if scores == "keep":
+        keep, s = meta(*shape, dtype=torch.bool), meta(*shape, dtype=torch.float32)
+        L.masked_linear_keep_forward(x, w, b, keep)
+        L.masked_linear_keep_backward(gy, x, w, s, keep, "sigmoid", 0.5, needs)
+    else:
+        s, thr, cut = meta(*shape, dtype=scores), meta(dtype=scores), meta(dtype=torch.int64)
+        L.masked_linear_forward(x, w, b, s, thr, cut)
+        L.masked_linear_backward(gy, x, w, s, thr, cut, "sigmoid", 0.5, needs)
+
+
+def offset_widths(launch):
+    ttir = lower(launch, "ttir")[0]
+    return sorted({re.search(r"i(\d+)>?$", t).group(1) for t in re.findall(r"tt\.addptr [^:]+: [^,]+, (\S+)", ttir)})
+
+
+def shared(i):
+    try:
+        return lower(LAUNCHES[i], "llir")[1]["shared"]
+    except Exception as error:  # a launch that does not compile
+        return f"{type(error).__name__}: {str(error)[-200:]}"
+
+
+def group(launch):
+    # what a launch's shared memory depends on: kernel, tile, precision and its tensors' element sizes
+    # (so not fp16 or bf16, nor forward or dgrad: checked on one group)
+    _, fn, args, kwargs = launch
+    tile = tuple(kwargs[k] for k in ("BLOCK_M", "BLOCK_N", "BLOCK_K", "num_warps", "num_stages", "PRECISION"))
+    return fn.__name__, tile, tuple(a.element_size() for a in args if isinstance(a, torch.Tensor))
+
+
+for structured in (False, True):  # every pointer of forward, dgrad and wgrad: selection and packed mask
+    for scores in (torch.float32, "keep"):
+        layer(torch.bfloat16, scores, [True] * 4, structured, n=1000)
+facts = {"offsets": {launch[0]: offset_widths(launch) for launch in LAUNCHES}}
+LAUNCHES.clear()
+dtypes = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+for x_dtype in dtypes:  # wgrad stages grad_y and x only: once per x dtype
+    for scores in dtypes + ("keep",):
+        layer(x_dtype, scores, [True] * 4 if scores == torch.float32 else [True, False, False, False])
+torch.backends.cuda.matmul.allow_tf32 = True  # fp32 operands on tensor cores
+for scores in dtypes + ("keep",):
+    layer(torch.float32, scores, [True] * 4 if scores == torch.float32 else [True, False, False, False])
+groups = {}
+for i, launch in enumerate(LAUNCHES):
+    groups.setdefault(group(launch), []).append(i)
+names = [launch[0] for launch in LAUNCHES]
+twins = groups[group(LAUNCHES[names.index("float16/float32/forward/tf32")])]  # fp16 forward, bf16 dgrad
+twins = [twins[0], twins[-1]]
+built = sorted({members[0] for members in groups.values()} | set(twins))
+with multiprocessing.get_context("fork").Pool(os.cpu_count()) as pool:
+    need = dict(zip(built, pool.map(shared, built)))
+facts["shared"] = {names[i]: need[members[0]] for members in groups.values() for i in members}
+facts["twins"] = {names[i]: need[i] for i in twins}
+print(json.dumps(facts))
+"""
+
+
+@pytest.fixture(scope="module")
+def sm90_gemms():
+    """Facts of the masked-linear GEMMs compiled for sm_90 as the JIT would compile their launches (the
+    launchers run on meta tensors with the heuristic tiles; nothing is launched, no GPU needed)."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["BISE_KERNELS_AUTOTUNE"] = "0"
+    done = subprocess.run([sys.executable, "-c", _LOWER_LAUNCHES_FOR_SM90], env=env, capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+@pytest.mark.slow
+def test_gemm_addresses_are_64_bit(sm90_gemms):
+    """Every pointer offset of the forward, dgrad and wgrad GEMMs (selection and packed mask, per-weight
+    and per-unit) is int64: in int32, ``row * stride`` wraps once an operand holds 2**31 elements (bf16 x
+    of 524288 x 4096)."""
+    widths = sm90_gemms["offsets"]
+    assert len(widths) == 12 and all(found == ["64"] for found in widths.values()), widths
+
+
+SM90_SHARED_MEMORY = 232448
+"""Bytes of shared memory a block may use on sm_90 (H100, H200)."""
+
+
+@pytest.mark.slow
+def test_heuristic_tiles_fit_in_hopper_shared_memory(sm90_gemms):
+    """The heuristic tile (deterministic mode, BISE_KERNELS_AUTOTUNE=0) of the largest bucket fits in an
+    sm_90 block for every dtype of x and of the scores, and the packed mask (fp32 also with tf32): the
+    forward and dgrad each, wgrad per x dtype. BLOCK_K is sized for the widest element staged.
+    One compile per group of launches alike but for fp16/bf16 or forward/dgrad; one group checks that."""
+    assert len(set(sm90_gemms["twins"].values())) == 1, sm90_gemms["twins"]
+    shared = sm90_gemms["shared"]
+    assert len(shared) == 5 * 5 * 2 + 5, sorted(shared)
+    over = {name: need for name, need in shared.items() if not isinstance(need, int) or need > SM90_SHARED_MEMORY}
+    assert not over, over

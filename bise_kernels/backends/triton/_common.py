@@ -122,7 +122,7 @@ def score_grad_epilogue(
 
 # ----------------------------------------------------------------------------- host helpers
 
-MATMUL_TILES = (  # (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages) for 16-bit operands, largest first
+MATMUL_TILES = (  # (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages) for 16-bit elements, largest first
     (128, 256, 64, 8, 3),  # compute-bound: M, N >= 256
     (128, 128, 64, 4, 4),
     (64, 128, 64, 4, 4),
@@ -146,15 +146,16 @@ def size_bucket(n: int) -> int:
 
 
 def _config(tile: tuple[int, ...], element_size: int = 2) -> triton.Config:
-    """A tile as a Config; BLOCK_K shrinks for 4/8-byte operands so the stages fit in shared memory."""
+    """A tile as a Config; BLOCK_K shrinks for 4/8-byte elements so the stages fit in shared memory.
+    ``element_size``: the widest element a launch stages each K step (:func:`matmul_tuning`'s ``staged``)."""
     m, n, k, warps, stages = tile
     return triton.Config({"BLOCK_M": m, "BLOCK_N": n, "BLOCK_K": max(16, k * 2 // element_size), "GROUP_M": 8},
                          num_warps=warps, num_stages=stages)
 
 
 def matmul_configs(tiles: tuple = MATMUL_TILES) -> list[triton.Config]:
-    """The autotune list (one per tile; tiles too large for 4/8-byte operands fail to compile and
-    are skipped by the autotuner)."""
+    """The autotune list, one per tile, for 16-bit elements (:func:`matmul_tuning` resizes BLOCK_K per
+    launch)."""
     return [_config(tile) for tile in tiles]
 
 
@@ -180,8 +181,8 @@ buffer before the autotuner picks the tile."""
 @functools.lru_cache(maxsize=None)
 def heuristic_config(rows_bucket: int, cols_bucket: int, element_size: int,
                      tiles: tuple = MATMUL_TILES) -> triton.Config:
-    """The one tile of a shape bucket without autotuning: the first of ``tiles`` that fits
-    (:data:`INTERPRET_BLOCK` cubed under the interpreter)."""
+    """The one tile of a shape bucket without autotuning: the first of ``tiles`` that fits, BLOCK_K
+    sized for the widest staged ``element_size`` (:data:`INTERPRET_BLOCK` cubed under the interpreter)."""
     if INTERPRET:
         block = INTERPRET_BLOCK
         return triton.Config({"BLOCK_M": block, "BLOCK_N": block, "BLOCK_K": block, "GROUP_M": 8}, num_warps=4,
@@ -190,25 +191,38 @@ def heuristic_config(rows_bucket: int, cols_bucket: int, element_size: int,
     return _config(tile, element_size)
 
 
-def _heuristic(name: str, tiles: tuple, args: dict):
-    operand = next(v for v in args.values() if isinstance(v, torch.Tensor))
-    config = heuristic_config(args["ROWS_BUCKET"], args["COLS_BUCKET"], operand.element_size(), tiles)
+def _staged_size(staged, args: dict) -> int:
+    """Bytes of the widest element a launch stages in shared memory each K step."""
+    return max(t.element_size() for t in staged(args))
+
+
+def _heuristic(name: str, tiles: tuple, staged, args: dict):
+    config = heuristic_config(args["ROWS_BUCKET"], args["COLS_BUCKET"], _staged_size(staged, args), tiles)
     return config.all_kwargs()[name]
 
 
-def matmul_tuning(key: list[str], reset_to_zero: list[str] | None = None, tiles: tuple = MATMUL_TILES):
+def matmul_tuning(key: list[str], staged, reset_to_zero: list[str] | None = None, tiles: tuple = MATMUL_TILES):
     """Decorator of a GEMM kernel with ``ROWS_BUCKET`` / ``COLS_BUCKET`` / ``LOOP_BUCKET`` arguments
     (:func:`size_bucket` of its sizes): autotuned over :func:`matmul_configs` of ``tiles`` keyed on
     ``key``, or, without :data:`AUTOTUNE`, one :func:`heuristic_config` per bucket. The autotuned
-    kernel carries the heuristic one as ``.deterministic`` (:func:`tile_for_mode`)."""
+    kernel carries the heuristic one as ``.deterministic`` (:func:`tile_for_mode`).
+
+    ``staged(args)``: the tensors a launch stages in shared memory each K step (``args``: its arguments
+    by name). BLOCK_K is sized for the widest of them, autotuned or not: sized for the operands alone,
+    bf16 x with fp32 scores would need 278,528 B at 128x256x64, over the 232,448 B of an sm_90 block."""
     names = ("BLOCK_M", "BLOCK_N", "BLOCK_K", "GROUP_M", "num_warps", "num_stages")
-    heuristic = triton.heuristics({name: functools.partial(_heuristic, name, tiles) for name in names})
+    heuristic = triton.heuristics({name: functools.partial(_heuristic, name, tiles, staged) for name in names})
     if not AUTOTUNE:
         return heuristic
 
+    def prune(configs, named_args, **kwargs):  # the configs' BLOCK_K is the tile's (2-byte elements)
+        size = _staged_size(staged, {**named_args, **kwargs})
+        return [_config((c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.kwargs["BLOCK_K"], c.num_warps, c.num_stages),
+                        size) for c in prune_matmul_configs(configs, named_args)]
+
     def decorate(fn):
         tuned = triton.autotune(configs=matmul_configs(tiles), key=key, reset_to_zero=reset_to_zero,
-                                prune_configs_by={"early_config_prune": prune_matmul_configs})(fn)
+                                prune_configs_by={"early_config_prune": prune})(fn)
         tuned.deterministic = heuristic(fn)
         return tuned
 

@@ -53,12 +53,14 @@ def _masked_mm_body(
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     m_ok = offs_m < ROWS
     n_ok = offs_n < COLS
+    m64 = offs_m.to(tl.int64)  # addresses in int64: an operand may hold 2**31 elements or more
+    n64 = offs_n.to(tl.int64)
     thr = tl.load(thr_ptr)
     cut = tl.load(cut_ptr)
     steps = tl.cdiv(LOOP, BLOCK_K)
     if UNIT_ON_COLS:
         if STRUCTURED:
-            s_col = tl.load(s_ptr + offs_n * stride_su, mask=n_ok, other=0)
+            s_col = tl.load(s_ptr + n64 * stride_su, mask=n_ok, other=0)
             col_kept = keep(s_col, thr, offs_n, tl.minimum(cut, COLS)) & n_ok
             steps = tl.where(tl.max(col_kept.to(tl.int32), axis=0) > 0, steps, 0)  # dead tile: no K loop
         else:
@@ -67,21 +69,22 @@ def _masked_mm_body(
     for step in range(0, steps):
         offs_l = step * BLOCK_K + tl.arange(0, BLOCK_K)
         l_ok = offs_l < LOOP
+        l64 = offs_l.to(tl.int64)
         b_ok = l_ok[:, None] & n_ok[None, :]
-        a = tl.load(a_ptr + offs_m[:, None] * stride_am + offs_l[None, :] * stride_al,
+        a = tl.load(a_ptr + m64[:, None] * stride_am + l64[None, :] * stride_al,
                     mask=m_ok[:, None] & l_ok[None, :], other=0)
         if UNIT_ON_COLS:  # B[l, n] = W[n, l]
-            b = tl.load(w_ptr + offs_n[None, :] * stride_wu + offs_l[:, None] * stride_wr, mask=b_ok, other=0)
+            b = tl.load(w_ptr + n64[None, :] * stride_wu + l64[:, None] * stride_wr, mask=b_ok, other=0)
             if not STRUCTURED:
-                s = tl.load(s_ptr + offs_n[None, :] * stride_su + offs_l[:, None] * stride_sr, mask=b_ok, other=0)
+                s = tl.load(s_ptr + n64[None, :] * stride_su + l64[:, None] * stride_sr, mask=b_ok, other=0)
                 b = tl.where(keep(s, thr, offs_l[:, None], limit[None, :]), b, 0)
         else:  # B[l, n] = W[l, n]
-            b = tl.load(w_ptr + offs_l[:, None] * stride_wu + offs_n[None, :] * stride_wr, mask=b_ok, other=0)
+            b = tl.load(w_ptr + l64[:, None] * stride_wu + n64[None, :] * stride_wr, mask=b_ok, other=0)
             if STRUCTURED:
-                s_row = tl.load(s_ptr + offs_l * stride_su, mask=l_ok, other=0)
+                s_row = tl.load(s_ptr + l64 * stride_su, mask=l_ok, other=0)
                 b = tl.where(keep(s_row, thr, offs_l, tl.minimum(cut, LOOP))[:, None], b, 0)
             else:
-                s = tl.load(s_ptr + offs_l[:, None] * stride_su + offs_n[None, :] * stride_sr, mask=b_ok, other=0)
+                s = tl.load(s_ptr + l64[:, None] * stride_su + n64[None, :] * stride_sr, mask=b_ok, other=0)
                 b = tl.where(keep(s, thr, offs_n[None, :], tie_limit(cut, offs_l, row_len)[:, None]), b, 0)
         if UPCAST:
             a = a.to(tl.float32)
@@ -90,19 +93,29 @@ def _masked_mm_body(
     if UNIT_ON_COLS and STRUCTURED:
         acc = tl.where(col_kept[None, :], acc, 0.0)
     if HAS_BIAS:
-        acc += tl.load(bias_ptr + offs_n * stride_bias, mask=n_ok, other=0).to(ACC)[None, :]
+        acc += tl.load(bias_ptr + n64 * stride_bias, mask=n_ok, other=0).to(ACC)[None, :]
     c = acc.to(c_ptr.dtype.element_ty)
-    tl.store(c_ptr + offs_m[:, None] * stride_cm + offs_n[None, :] * stride_cn, c, mask=m_ok[:, None] & n_ok[None, :])
+    tl.store(c_ptr + m64[:, None] * stride_cm + n64[None, :] * stride_cn, c, mask=m_ok[:, None] & n_ok[None, :])
+
+
+def _mm_staged(args: dict) -> tuple:
+    """What the masked GEMM stages in shared memory each K step: A, the weight, unstructured scores."""
+    return (args["a_ptr"], args["w_ptr"]) + (() if args["STRUCTURED"] else (args["s_ptr"],))
+
+
+def _wgrad_staged(args: dict) -> tuple:
+    """What wgrad stages each K step: grad_y and x (the scores are read in the epilogue only)."""
+    return args["g_ptr"], args["x_ptr"]
 
 
 _MM_KEY = ["ROWS_BUCKET", "COLS_BUCKET", "LOOP_BUCKET", "UNIT_ON_COLS", "STRUCTURED"]
-_masked_mm_kernel = matmul_tuning(key=_MM_KEY)(_masked_mm_body)
-_small_m_mm_kernel = matmul_tuning(key=_MM_KEY, tiles=SMALL_M_TILES)(_masked_mm_body)
+_masked_mm_kernel = matmul_tuning(key=_MM_KEY, staged=_mm_staged)(_masked_mm_body)
+_small_m_mm_kernel = matmul_tuning(key=_MM_KEY, staged=_mm_staged, tiles=SMALL_M_TILES)(_masked_mm_body)
 """The same GEMM with the small-M tiles: the packed-mask forward and dgrad for M <= SMALL_M (``_common``)."""
 
 
 @matmul_tuning(key=["ROWS_BUCKET", "COLS_BUCKET", "LOOP_BUCKET", "STRUCTURED", "NEED_W", "NEED_S", "PACKED"],
-               reset_to_zero=["gs_ptr"])
+               staged=_wgrad_staged, reset_to_zero=["gs_ptr"])
 @triton.jit
 def _masked_wgrad_kernel(
     g_ptr, x_ptr, w_ptr, s_ptr, k_ptr, thr_ptr, cut_ptr, gw_ptr, gs_ptr, gb_ptr,
@@ -122,14 +135,17 @@ def _masked_wgrad_kernel(
     reds = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     unit_ok = units < ROWS
     red_ok = reds < COLS
+    u64 = units.to(tl.int64)  # addresses in int64: an operand may hold 2**31 elements or more
+    r64 = reds.to(tl.int64)
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=ACC)
     bias_acc = tl.zeros((BLOCK_M,), dtype=ACC)
     for step in range(0, tl.cdiv(LOOP, BLOCK_K)):
         offs_l = step * BLOCK_K + tl.arange(0, BLOCK_K)
         l_ok = offs_l < LOOP
-        a = tl.load(g_ptr + units[:, None] * stride_gn + offs_l[None, :] * stride_gm,
+        l64 = offs_l.to(tl.int64)
+        a = tl.load(g_ptr + u64[:, None] * stride_gn + l64[None, :] * stride_gm,
                     mask=unit_ok[:, None] & l_ok[None, :], other=0)
-        b = tl.load(x_ptr + offs_l[:, None] * stride_xm + reds[None, :] * stride_xk,
+        b = tl.load(x_ptr + l64[:, None] * stride_xm + r64[None, :] * stride_xk,
                     mask=l_ok[:, None] & red_ok[None, :], other=0)
         if NEED_B:
             bias_acc += tl.sum(a.to(ACC), axis=1)
@@ -138,20 +154,20 @@ def _masked_wgrad_kernel(
             b = b.to(tl.float32)
         acc = tl.dot(a, b, acc, input_precision=PRECISION, out_dtype=ACC)
     if NEED_B:
-        tl.store(gb_ptr + units, bias_acc.to(gb_ptr.dtype.element_ty), mask=unit_ok & (pid_n == 0))
+        tl.store(gb_ptr + u64, bias_acc.to(gb_ptr.dtype.element_ty), mask=unit_ok & (pid_n == 0))
     valid = unit_ok[:, None] & red_ok[None, :]
     if STRUCTURED:
-        s_ptrs = s_ptr + units * stride_sn
-        k_ptrs = k_ptr + units * stride_kn
-        gs_ptrs = gs_ptr + pid_n * ROWS + units
+        s_ptrs = s_ptr + u64 * stride_sn
+        k_ptrs = k_ptr + u64 * stride_kn
+        gs_ptrs = gs_ptr + pid_n.to(tl.int64) * ROWS + u64
     else:
-        s_ptrs = s_ptr + units[:, None] * stride_sn + reds[None, :] * stride_sk
-        k_ptrs = k_ptr + units[:, None] * stride_kn + reds[None, :] * stride_kk
-        gs_ptrs = gs_ptr + units[:, None] * stride_gsn + reds[None, :] * stride_gsk
+        s_ptrs = s_ptr + u64[:, None] * stride_sn + r64[None, :] * stride_sk
+        k_ptrs = k_ptr + u64[:, None] * stride_kn + r64[None, :] * stride_kk
+        gs_ptrs = gs_ptr + u64[:, None] * stride_gsn + r64[None, :] * stride_gsk
     score_grad_epilogue(
         acc, units, reds, unit_ok, valid, COLS, ROWS,
-        w_ptr + units[:, None] * stride_wn + reds[None, :] * stride_wk, s_ptrs, k_ptrs,
-        gw_ptr + units[:, None] * stride_gwn + reds[None, :] * stride_gwk, gs_ptrs,
+        w_ptr + u64[:, None] * stride_wn + r64[None, :] * stride_wk, s_ptrs, k_ptrs,
+        gw_ptr + u64[:, None] * stride_gwn + r64[None, :] * stride_gwk, gs_ptrs,
         tl.load(thr_ptr), tl.load(cut_ptr), temperature,
         STRUCTURED, SIGMOID, NEED_W, NEED_S, PACKED, S_ACC,
     )
@@ -173,6 +189,11 @@ def _masked_mm(a, weight, scores, structured, bias, thr, cut, unit_on_cols, kern
     out = torch.empty((rows, cols), dtype=a.dtype, device=a.device)
     if out.numel() == 0:
         return out
+    if a.dtype == torch.float64 and scores.element_size() < 4:
+        # Triton 3.6 sizes an fp64 tl.dot operand by the narrowest load it derives from, and fails to lower
+        # one masked by 16-bit scores or mask bytes for sm_90 ("fp64 don't support largeK MMA"). As fp32
+        # (exact) they keep the same entries.
+        scores, thr = scores.float(), thr.float()
     s_strides = (scores.stride(0), 0) if structured else scores.stride()
     tile_for_mode(kernel)[_mm_grid(rows, cols)](
         a, weight, scores, weight if bias is None else bias, out, thr, cut,
