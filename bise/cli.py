@@ -405,7 +405,13 @@ def _vanilla_settings(inv: Invocation) -> dict:
             "epochs": _default(a.vanilla_epochs, recipe["epochs"]),
             "batch_size": _default(a.batch_size, recipe["batch_size"]), "lr": _default(a.lr, recipe["lr"]),
             "recipe": recipe, "seed": a.seed, "device": a.device,
-            **({} if a.pretrained is None else {"pretrained": a.pretrained})}
+            **({} if a.pretrained is None else {"pretrained": _pretrained(a.pretrained)})}
+
+
+def _pretrained(given):
+    """--pretrained as recorded: True (the installed copy) or the path made absolute, as --data's (the run
+    works from any folder)."""
+    return given if given is True else str(Path(given).expanduser().resolve())
 
 
 def cmd_train(inv: Invocation, replaces: tuple = ()) -> None:
@@ -647,7 +653,8 @@ def _reuse_vanilla(inv: Invocation) -> None:
     ignored = [f"--{flag} {given}" for flag, given, key in (("vanilla-epochs", a.vanilla_epochs, "epochs"),
                                                              ("lr", a.lr, "lr"), ("batch-size", a.batch_size, "batch_size"),
                                                              ("width", a.width, "width"),
-                                                             ("pretrained", a.pretrained, "pretrained"))
+                                                             ("pretrained", a.pretrained and _pretrained(a.pretrained),
+                                                              "pretrained"))
                if given is not None and key in recorded and recorded[key] != given]
     made = (f"from --model {recorded['from']}" if "from" in recorded else
             ", ".join(f"{k} {recorded[k]}" for k in ("epochs", "lr") if k in recorded))

@@ -135,7 +135,7 @@ def test_pretrained_reaches_the_vanilla_training_and_its_faults_name_the_flag(tm
     torch.save({"not": torch.zeros(1)}, weights)
     with mock.patch("bise.train.train_vanilla", side_effect=ValueError("stop here")) as train:
         assert main([*base, "--arch", "resnet18", "--pretrained", str(weights)]) == 2
-    assert train.call_args.kwargs["pretrained"] == str(weights)
+    assert train.call_args.kwargs["pretrained"] == str(weights)  # absolute (tmp_path is)
     with mock.patch("bise.train.train_vanilla", side_effect=ValueError("stop here")) as train:
         assert main([*base, "--arch", "mobilenetv2", "--pretrained"]) == 2
     assert train.call_args.kwargs["pretrained"] is True  # the installed copy
