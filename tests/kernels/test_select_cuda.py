@@ -257,3 +257,23 @@ def test_topk_keep_mask_of_one_tensor_is_captured_in_a_cuda_graph(cuda_kernels, 
         graph.replay()
         torch.cuda.synchronize()
         assert torch.equal(mask.cpu(), ref.topk_keep_mask([scores], k)[0]), (mode, step)
+
+
+@pytest.mark.parametrize("mode", ["radix", "bracket"])
+def test_a_layerwise_step_over_more_layers_than_64_is_captured_in_a_cuda_graph(cuda_kernels, monkeypatch, mode):
+    """One selection per layer of a 100-layer model, warmed up once, then captured: every Plan is found
+    in the cache (csrc/cuda/plan_cache.h). The cache that emptied itself at 64 entries missed on every
+    lookup past 64 layers, and a miss in a capture is a blocking copy, which CUDA refuses there."""
+    monkeypatch.setenv("BISE_SELECT_CUDA", mode)
+    layers = [torch.randn(257 + 31 * i, device=DEVICE) for i in range(100)]
+    ks = [max(1, t.numel() // 3) for t in layers]
+    graph, results = capture(lambda: [cuda_kernels["topk_select"]([t], k, None) for t, k in zip(layers, ks)])
+    g = torch.Generator().manual_seed(5)
+    for step in range(2):
+        fresh = [torch.randn(t.numel(), generator=g) for t in layers]
+        for t, f in zip(layers, fresh):
+            t.copy_(f)
+        graph.replay()
+        torch.cuda.synchronize()
+        for got, f, k in zip(results, fresh, ks):
+            assert_same_selection(got, ref.topk_select([f], k), (mode, step, f.numel()))
