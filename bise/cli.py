@@ -426,7 +426,7 @@ def cmd_train(inv: Invocation, replaces: tuple = ()) -> None:
                               seed=a.seed, device=a.device, width=s["width"], quiet=a.quiet,
                               pretrained=s.get("pretrained", False))
     except (ValueError, FileNotFoundError) as exc:
-        if "pretrained" not in str(exc):
+        if "pretrained" not in s or "pretrained" not in str(exc):
             raise
         raise UsageError(f"--pretrained: {exc}") from None
     health = _vanilla_health(inv, model, f"the vanilla model trained with --lr {s['lr']}")
@@ -457,6 +457,8 @@ def _check_extraction_data(inv: Invocation) -> None:
     a = inv.args
     try:
         validate.same_bias_classes(inv.data, a.label_free, "--label-free")
+        if not a.label_free:
+            validate.two_bias_rho(inv.data, inv.data.weighting)
     except ValueError as exc:
         raise UsageError(str(exc)) from None
     if a.mask_set == "fresh-draw" and not can_redraw(inv.data):
@@ -650,6 +652,8 @@ def _reuse_vanilla(inv: Invocation) -> None:
     inv.require(VANILLA)
     recorded = inv.run.artefacts[VANILLA]["settings"]
     a = inv.args
+    if "from" not in recorded:  # trained by bise: without --pretrained it recorded none
+        recorded = {"pretrained": False, **recorded}
     ignored = [f"--{flag} {given}" for flag, given, key in (("vanilla-epochs", a.vanilla_epochs, "epochs"),
                                                              ("lr", a.lr, "lr"), ("batch-size", a.batch_size, "batch_size"),
                                                              ("width", a.width, "width"),

@@ -273,6 +273,7 @@ class _Run:
         if config.rho is not None and weighting in losses.COUNT_SCHEMES:
             raise ValueError(f"rho={config.rho!r} would be ignored: weighting {weighting!r} counts the groups "
                              "(rho serves 'symmetric-rho' and 'two-bias')")
+        validate.two_bias_rho(data, weighting, config.rho)
         if weighting == "two-bias" and train_b.dim() != 2:
             raise ValueError("weighting 'two-bias' needs two bias labels per sample (b of shape (N, 2))")
         if weighting != "two-bias" and train_b.dim() != 1:

@@ -54,13 +54,11 @@ def weight_table(scheme: str, *, num_classes: Optional[int] = None, rho: Union[f
     Returns a (C, K) table indexed ``[y, b]`` for "symmetric-rho" (needs ``num_classes``, ``rho``),
     "group-balanced" and "empirical-joint" (need the TRAINING split's ``targets`` and ``bias``), and a
     (2, 2) table indexed ``[left conflicting, right conflicting]`` for "two-bias" (needs
-    ``rho=(rL, rR)``, default (0.99, 0.95)).
+    ``rho=(rL, rR)``: Multi-Color MNIST's is (0.99, 0.95); no default, which weighted other data with it).
     """
     if scheme not in SCHEMES:
         raise ValueError(f"scheme must be one of {SCHEMES}, got {scheme!r}")
     if scheme == "two-bias":
-        if rho is None:
-            rho = (0.99, 0.95)
         if not isinstance(rho, (tuple, list)) or len(rho) != 2:
             raise ValueError(f"two-bias weighting needs rho=(rho_left, rho_right), got {rho!r}")
         rl, rr = rho

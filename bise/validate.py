@@ -180,5 +180,14 @@ def same_bias_classes(data, label_free: bool, flag: str = "label_free=True") -> 
                          f"bias, or use {flag}")
 
 
+def two_bias_rho(data, weighting: str, rho=None) -> None:
+    """The two-bias weighting needs a pair rho (``rho``, else the data's): user data with two bias labels
+    get their training split's aligned fractions unless one is 0 or 1 (no conflicting sample of a bias)."""
+    if weighting == "two-bias" and rho is None and getattr(data, "rho", None) is None:
+        raise ValueError(f"weighting 'two-bias' needs rho=(rho_left, rho_right), and the training split's aligned "
+                         f"fractions {data.info.get('rho_realised')} cannot serve (one is 0 or 1): give rho_l= and "
+                         "rho_r= in the data spec")
+
+
 __all__ = ["MAX_SEED", "as_int", "as_positive", "dataset", "device", "extract_config", "model_fits", "module",
-           "patterns", "same_bias_classes", "seed"]
+           "patterns", "same_bias_classes", "seed", "two_bias_rho"]

@@ -128,7 +128,8 @@ def main():
     assert all(isinstance(m, bk.MaskedConv2d) for m in masked), "a non-conv layer is masked"  # exclude took
     expected = bk.global_topk_masks([m.scores for m in masked], a.density)  # the functional form, independently
     assert all(torch.equal(m.mask(), e) for m, e in zip(masked, expected))
-    print(f"all {len(after)} conv layers: {kept} of {total} weights kept = max(1, round({a.density} * {total})), exactly")
+    print(f"all {len(after)} conv layers: {kept} of {total} weights kept = max(1, round({a.density} * {total})), "
+          "exactly")
 
 
 if __name__ == "__main__":

@@ -142,13 +142,13 @@ def assemble(name: str, spec: str, splits: dict, *, info: dict, num_classes=None
     kb = _count("b", present, num_bias_classes, True)
     _require_trained_classes(name, present, k)
     num_biases = 1 if present["train"].b.dim() == 1 else int(present["train"].b.shape[1])
-    aligned = [round(float(v), 6) for v in present["train"].aligned().float().mean(dim=0).reshape(-1)]
+    fractions = [float(v) for v in present["train"].aligned().double().mean(dim=0).reshape(-1)]
+    aligned = [round(v, 6) for v in fractions]
     info = {**info, "sizes": {s: len(sp) for s, sp in present.items()},
             "rho_realised": aligned[0] if num_biases == 1 else aligned}
-    if two_biases and rho is None:  # the two-bias weights need a pair: the training split's own fractions
-        if not all(0.0 < a < 1.0 for a in aligned):
-            raise ValueError(f"{name}: the two-bias weighting needs each bias's aligned fraction strictly between 0 "
-                             f"and 1; the training split's are {aligned}: give rho_l= and rho_r=")
-        rho, info["rho_from"] = tuple(aligned), "rho_realised"
+    if two_biases and rho is None and all(0.0 < v < 1.0 for v in fractions):
+        # the two-bias weights need a pair: the training split's own fractions (where one is 0 or 1 the
+        # extraction asks for rho_l / rho_r; training the vanilla needs none)
+        rho, info["rho_from"] = tuple(fractions), "rho_realised"
     return BiasedDataset(name, splits["train"], splits.get("val"), splits["test"], k, kb,
                          num_biases, rho, weighting, spec, info)

@@ -42,6 +42,7 @@ def build_model(arch: str, num_classes: int, input_shape: Sequence[int], *, widt
     if len(input_shape) != 3 or min(input_shape) < 1:
         raise ValueError(f"input_shape must be (C, H, W) with positive sizes, got {input_shape!r}")
     width = validate.as_positive("width", width)
+    pretrained = False if pretrained is None else pretrained
     if not isinstance(pretrained, (bool, str, os.PathLike)):
         raise TypeError(f"pretrained must be a bool or the path of a weights file, got {type(pretrained).__name__}")
     if pretrained is not False and arch not in ("resnet18", "mobilenetv2"):
@@ -70,7 +71,8 @@ def build_model(arch: str, num_classes: int, input_shape: Sequence[int], *, widt
         if stem not in STEMS:
             raise ValueError(f"stem must be one of {STEMS}, got {stem!r}")
         if stem != "imagenet" and pretrained is not False:
-            raise ValueError(f"pretrained resnet18 needs stem='imagenet' (the ImageNet weights' 7x7 conv1), got {stem!r}")
+            raise ValueError(f"pretrained resnet18 needs stem='imagenet' (the ImageNet weights' 7x7 conv1), got "
+                             f"{stem!r}")
         spec["stem"] = stem
         model = ResNet18(num_classes, channels, width, stem)
     else:

@@ -6,9 +6,9 @@
 // entry per layer and every step looks all of them up in turn. A cache that emptied itself when
 // full (the first version, 64 entries) missed on every lookup once a model had more layers than
 // that (BERT-base: 73, ResNet-101: 104), and a miss is four blocking host-to-device copies. Least
-// recently used with room for kMaxPlans layers misses only in the first step. A captured graph
-// keeps the raw device addresses of the Plans it read, so those are never evicted (freed memory
-// would be reused under a replay).
+// recently used with room for kMaxPlans layers (and kMaxPlanBytes of device memory) misses only in
+// the first step. A captured graph keeps the raw device addresses of the Plans it read, so those
+// are never evicted (freed memory would be reused under a replay).
 #pragma once
 
 #include <cstddef>
@@ -18,48 +18,57 @@
 
 namespace bise_select {
 
-// A Plan is a few hundred bytes of device memory for a layer's tensor (a 512-byte block of the
-// caching allocator for each of its four tensors): 4096 of them are 8 MB at most.
+// A Plan holds 5 int64 per 16384-element chunk of its scores plus a few per problem: a few hundred bytes
+// for a small layer, 40 KB for a 4096 x 4096 weight, 245 KB for one selection over 100M scores. The
+// cache keeps at most kMaxPlans of them and kMaxPlanBytes of their device memory, whichever binds first.
 constexpr std::size_t kMaxPlans = 4096;
+constexpr std::size_t kMaxPlanBytes = std::size_t{64} << 20;
 
 template <class Key, class Value>
 class PlanCache {
  public:
-  explicit PlanCache(std::size_t capacity = kMaxPlans) : capacity_(capacity) {}
+  explicit PlanCache(std::size_t capacity = kMaxPlans, std::size_t max_bytes = kMaxPlanBytes)
+      : capacity_(capacity), max_bytes_(max_bytes) {}
 
   // The entry of `key`, made by make() on a miss after evicting the least recently used unpinned
-  // entries down to room for it (a cache whose entries are all pinned grows past its capacity).
-  // pin: this entry is never evicted from now on.
+  // entries until it fits (`bytes`: its size) in both bounds (a cache whose entries are all pinned
+  // grows past them). pin: this entry is never evicted from now on.
   template <class Make>
-  Value& get(const Key& key, bool pin, Make&& make) {
+  Value& get(const Key& key, bool pin, std::size_t bytes, Make&& make) {
     if (auto found = entries_.find(key); found != entries_.end()) {
       order_.splice(order_.begin(), order_, found->second.age);
       found->second.pinned = found->second.pinned || pin;
       return found->second.value;
     }
-    for (auto age = order_.end(); entries_.size() >= capacity_ && age != order_.begin();) {
+    auto full = [&] { return entries_.size() >= capacity_ || bytes_ + bytes > max_bytes_; };
+    for (auto age = order_.end(); full() && age != order_.begin();) {
       --age;
       auto entry = entries_.find(*age);
       if (entry->second.pinned) continue;
+      bytes_ -= entry->second.bytes;
       entries_.erase(entry);
       age = order_.erase(age);
     }
     Value value = make();
     order_.push_front(key);
     ++made_;
-    return entries_.emplace(key, Entry{std::move(value), order_.begin(), pin}).first->second.value;
+    bytes_ += bytes;
+    return entries_.emplace(key, Entry{std::move(value), order_.begin(), bytes, pin}).first->second.value;
   }
 
   std::size_t size() const { return entries_.size(); }
+  std::size_t bytes() const { return bytes_; }
   std::size_t made() const { return made_; }  // misses so far
 
  private:
   struct Entry {
     Value value;
     typename std::list<Key>::iterator age;  // its place in order_
+    std::size_t bytes;
     bool pinned;
   };
-  std::size_t capacity_;
+  std::size_t capacity_, max_bytes_;
+  std::size_t bytes_ = 0;
   std::size_t made_ = 0;
   std::list<Key> order_;  // most recently used first
   std::map<Key, Entry> entries_;

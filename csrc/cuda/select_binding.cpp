@@ -91,9 +91,9 @@ struct CachedPlan {
 };
 
 // A Plan depends only on the tensors' addresses and sizes, ks and the device, which is the key of
-// this cache (plan_cache.h: least recently used out first, room for kMaxPlans layers, never a Plan
-// read under a CUDA graph capture): a training loop selects the same parameters every step, so from
-// the second step on no host-to-device copy is made. That saves three small copies per call and
+// this cache (plan_cache.h: least recently used out first, room for kMaxPlans layers and kMaxPlanBytes,
+// never a Plan read under a CUDA graph capture): a training loop selects the same parameters every step,
+// so from the second step on no host-to-device copy is made. That saves four small copies per call and
 // lets a CUDA graph capture the selection after one warm-up step (a copy from a pinned host buffer
 // would be replayed from an address the host allocator has since reused). A new Plan is copied with
 // a blocking copy, so every stream may read it at once. The cache is never destroyed (no CUDA memory
@@ -108,7 +108,8 @@ Plan cached_plan(const std::vector<int64_t>& table, const std::vector<int64_t>& 
   key.push_back(device.index());
   const bool capturing = c10::cuda::currentStreamCaptureStatusMayInitCtx() != c10::cuda::CaptureStatus::None;
   const std::lock_guard<std::mutex> lock(mutex);
-  CachedPlan& cached = plans->get(key, capturing, [&] {
+  const std::size_t bytes = sizeof(int64_t) * (table.size() + first.size() + ks.size() + buffers.size());
+  CachedPlan& cached = plans->get(key, capturing, bytes, [&] {
     auto blocking = [&](at::ArrayRef<int64_t> values) { return at::tensor(values, at::kLong).to(device); };
     return CachedPlan{{blocking(table), blocking(first), blocking(ks), blocking(buffers)}, {stream.stream()}};
   });

@@ -7,6 +7,7 @@ import subprocess
 import sys
 from unittest import mock
 
+import numpy as np
 import pytest
 import torch
 from _userdata import write_npz
@@ -142,6 +143,20 @@ def test_pretrained_reaches_the_vanilla_training_and_its_faults_name_the_flag(tm
     with mock.patch("bise.train.train_vanilla", side_effect=ValueError("stop here")) as train:
         assert main([*base, "--arch", "mlp"]) == 2
     assert train.call_args.kwargs["pretrained"] is False
+
+
+def test_two_bias_data_without_a_pair_rho_is_refused_before_the_vanilla(tmp_path, capsys):
+    rng = np.random.default_rng(0)
+    arrays = {}
+    for split, n in (("train", 40), ("test", 20)):
+        y = rng.integers(0, 2, n)
+        arrays.update({f"{split}_x": rng.integers(0, 255, (n, 4, 4, 3), dtype=np.uint8), f"{split}_y": y,
+                       f"{split}_b": np.stack([rng.integers(0, 2, n), y], axis=1)})  # the right bias never conflicts
+    np.savez(tmp_path / "two.npz", **arrays)
+    out = tmp_path / "run"
+    assert main(["run", "--data", str(tmp_path / "two.npz"), "--arch", "mlp", "--out", str(out), "--quiet"]) == 2
+    assert "weighting 'two-bias' needs rho=(rho_left, rho_right)" in capsys.readouterr().err
+    assert not (out / "vanilla.pt").exists()
 
 
 def test_bad_input(tmp_path, capsys):

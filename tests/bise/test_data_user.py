@@ -10,6 +10,8 @@ import torch
 from PIL import Image
 
 import bise.data as data
+from bise import validate
+from bise.losses import weight_table
 
 
 def _npz_arrays(n=(12, 6, 8), hw=4, c=3, k=3, seed=0):
@@ -47,9 +49,13 @@ def test_npz_without_val_grey_two_bias_and_options(tmp_path):
     assert ds.info["rho_realised"][1] == 1.0
     # without rho_l / rho_r the weighting takes the training split's fractions, which must lie in (0, 1)
     # (it took Multi-Color MNIST's (0.99, 0.95) without a word); a scalar rho is no pair
-    with pytest.raises(ValueError, match=r"aligned fraction strictly between 0 and 1; the training split's are "
-                                         r"\[0.\d+, 1.0\]: give rho_l= and rho_r="):
-        data.load(str(tmp_path / "two.npz"))
+    degenerate = data.load(str(tmp_path / "two.npz"))  # the right bias never conflicts: no pair to weight by
+    assert degenerate.rho is None and "rho_from" not in degenerate.info
+    with pytest.raises(ValueError, match=r"'two-bias' needs rho=\(rho_left, rho_right\), and the training split's "
+                                         r"aligned fractions \[0.\d+, 1.0\] cannot serve .*give rho_l= and rho_r="):
+        validate.two_bias_rho(degenerate, degenerate.weighting)
+    with pytest.raises(ValueError, match=r"two-bias weighting needs rho=\(rho_left, rho_right\), got None"):
+        weight_table("two-bias")  # no silent Multi-Color MNIST default
     with pytest.raises(ValueError, match="rho=0.9: two bias labels a sample take rho_l= and rho_r="):
         data.load(f"npz:{tmp_path / 'two.npz'},rho=0.9")
     with pytest.raises(ValueError, match="rho_l and rho_r go together"):
@@ -62,8 +68,8 @@ def test_npz_without_val_grey_two_bias_and_options(tmp_path):
     # two bias labels a sample get the two-bias weighting by default (group-balanced loaded, then the
     # extraction refused it after the vanilla training); a weighting of the other arity is refused here
     ds = data.load(str(tmp_path / "two.npz"))
-    realised = tuple(ds.info["rho_realised"])
-    assert ds.weighting == "two-bias" and ds.rho == realised and realised[1] == round(11 / 12, 6)
+    assert ds.weighting == "two-bias" and ds.rho[1] == 11 / 12  # unrounded (info's rho_realised has 6 digits)
+    assert ds.info["rho_realised"] == [round(r, 6) for r in ds.rho]
     assert ds.info["rho_from"] == "rho_realised"
     with pytest.raises(ValueError, match="weighting=group-balanced: takes one bias label a sample; these data have two"):
         data.load(f"npz:{tmp_path / 'two.npz'},weighting=group-balanced")

@@ -2,7 +2,6 @@
 reproduce the single-process global-batch computation."""
 
 import os
-import tempfile
 from pathlib import Path
 
 import torch
@@ -52,7 +51,7 @@ def _dropout_pattern() -> torch.Tensor:
     return zeroed[0]
 
 
-def _worker(rank, world, port, data, result_queue):
+def _worker(rank, world, port, data, result_queue, scratch):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world))
     ctx = bd.init("cpu", timeout_s=60)
     x, w0 = data
@@ -70,7 +69,7 @@ def _worker(rank, world, port, data, result_queue):
     small = bd.shard_rows(1, lambda idx: idx.double() * 10, 4).tolist()
     same_dropout = bd.all_gather_rows(_dropout_pattern()[None]).unique(dim=0).shape[0] == 1
     try:  # a save path per rank: rank 0's file alone would be written
-        save_atomic(torch.zeros(1), Path(tempfile.gettempdir()) / f"bise-rank{rank}-{port}.pt")
+        save_atomic(torch.zeros(1), Path(scratch) / f"rank{rank}.pt")
         per_rank_save = "saved"
     except ValueError as exc:
         per_rank_save = str(exc)
@@ -81,7 +80,7 @@ def _worker(rank, world, port, data, result_queue):
     bd.shutdown()
 
 
-def test_two_processes_match_one_process_with_the_global_batch():
+def test_two_processes_match_one_process_with_the_global_batch(tmp_path):
     torch.manual_seed(0)
     x, w0 = torch.randn(23, 4, dtype=torch.float64), torch.randn(4, 3, dtype=torch.float64)
     w = w0.clone().requires_grad_()
@@ -91,7 +90,7 @@ def test_two_processes_match_one_process_with_the_global_batch():
     ctx = mp.get_context("spawn")
     queue = ctx.Queue()
     port = free_port()
-    procs = [ctx.Process(target=_worker, args=(r, 2, port, (x, w0), queue)) for r in range(2)]
+    procs = [ctx.Process(target=_worker, args=(r, 2, port, (x, w0), queue, str(tmp_path))) for r in range(2)]
     for p in procs:
         p.start()
     grad, count, raised, small, same_dropout, per_rank_save = queue.get(timeout=120)

@@ -247,7 +247,6 @@ def test_small_m_keep_tiles_compile_for_hopper_without_a_gpu():
     assert done.returncode == 0 and "compiled" in done.stdout, done.stderr[-3000:]
 
 
-
 # ----------------------------------------------------------------------------- sm_90 launches
 
 _LOWER_LAUNCHES_FOR_SM90 = r"""

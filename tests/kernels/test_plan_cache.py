@@ -16,23 +16,25 @@ CXX = shutil.which("g++")
 
 pytestmark = pytest.mark.skipif(CXX is None, reason="needs g++")
 
-# Reads "capacity" then lookups "key pin" (one per line) from stdin; prints kMaxPlans, then after
-# every lookup the number of Plans made so far and the cache's size.
+# Reads "capacity max_bytes" (0: the defaults) then lookups "key pin bytes" (one per line) from stdin;
+# prints kMaxPlans and kMaxPlanBytes, then after every lookup the number of Plans made so far, the
+# cache's size and its bytes.
 DRIVER = r"""
 #include <iostream>
 #include <vector>
 #include "plan_cache.h"
 
 int main() {
-  std::size_t capacity;
-  std::cin >> capacity;
-  bise_select::PlanCache<std::vector<long>, long> cache(capacity ? capacity : bise_select::kMaxPlans);
-  std::cout << bise_select::kMaxPlans << "\n";
-  long key, pin;
-  while (std::cin >> key >> pin) {
-    const long value = cache.get({key, key + 1}, pin != 0, [&] { return key * 10; });
+  std::size_t capacity, max_bytes;
+  std::cin >> capacity >> max_bytes;
+  bise_select::PlanCache<std::vector<long>, long> cache(capacity ? capacity : bise_select::kMaxPlans,
+                                                        max_bytes ? max_bytes : bise_select::kMaxPlanBytes);
+  std::cout << bise_select::kMaxPlans << " " << bise_select::kMaxPlanBytes << "\n";
+  long key, pin, bytes;
+  while (std::cin >> key >> pin >> bytes) {
+    const long value = cache.get({key, key + 1}, pin != 0, bytes, [&] { return key * 10; });
     if (value != key * 10) return 1;
-    std::cout << cache.made() << " " << cache.size() << "\n";
+    std::cout << cache.made() << " " << cache.size() << " " << cache.bytes() << "\n";
   }
 }
 """
@@ -49,12 +51,15 @@ def driver(tmp_path_factory):
     return binary
 
 
-def run(driver, lookups, capacity=0):
-    """(kMaxPlans, [(made, size) after each lookup]) for ``lookups`` of (key, pinned)."""
-    text = f"{capacity}\n" + "".join(f"{key} {int(pin)}\n" for key, pin in lookups)
+def run(driver, lookups, capacity=0, max_bytes=0):
+    """((kMaxPlans, kMaxPlanBytes), [(made, size) after each lookup]) for ``lookups`` of (key, pinned) or
+    (key, pinned, bytes) (default 100 bytes); with ``max_bytes``, (made, size, bytes) after each."""
+    lookups = [(*lookup, 100)[:3] for lookup in lookups]
+    text = f"{capacity} {max_bytes}\n" + "".join(f"{key} {int(pin)} {size}\n" for key, pin, size in lookups)
     done = subprocess.run([str(driver)], input=text, capture_output=True, text=True, check=True)
     lines = done.stdout.split("\n")
-    return int(lines[0]), [tuple(map(int, line.split())) for line in lines[1:] if line]
+    trace = [tuple(map(int, line.split())) for line in lines[1:] if line]
+    return tuple(map(int, lines[0].split())), [t if max_bytes else t[:2] for t in trace]
 
 
 @pytest.mark.parametrize("layers", [54, 65, 73, 104, 1000])
@@ -63,8 +68,9 @@ def test_a_layerwise_step_makes_plans_only_in_its_first_step(driver, layers):
     makes one Plan per layer, later steps none. The cache that emptied itself at 64 entries made one
     per layer in every step from 65 layers on (BERT-base: 73)."""
     steps = 5
-    capacity, trace = run(driver, [(layer, False) for _ in range(steps) for layer in range(layers)])
-    assert capacity >= 4096
+    (capacity, max_bytes), trace = run(driver, [(layer, False, 40_000) for _ in range(steps)
+                                                for layer in range(layers)])  # 4096 x 4096 weights' Plans
+    assert capacity >= 4096 and max_bytes >= 1000 * 40_000
     assert trace[layers - 1][0] == layers and trace[-1][0] == layers
 
 
@@ -88,3 +94,13 @@ def test_entries_read_under_a_capture_are_never_evicted(driver):
     # pinning a cached entry later (first seen eagerly, then read in a capture) protects it too
     _, trace = run(driver, [(1, False), (2, False), (1, True), (3, False), (4, False), (1, False)], capacity=2)
     assert trace[-1][0] == 4
+
+
+def test_the_plans_device_memory_is_bounded_too(driver):
+    """Plans of large selections (245 KB over 100M scores) whose keys keep changing (new tensors, another k)
+    stay within the byte bound: the oldest go first, pinned ones never."""
+    _, trace = run(driver, [(1, True, 400), (2, False, 300), (3, False, 300), (4, False, 500)], max_bytes=1000)
+    assert trace[2] == (3, 3, 1000)  # exactly full
+    assert trace[3] == (4, 2, 900)  # 2 and 3 went (the oldest unpinned), 1 stayed
+    _, trace = run(driver, [(1, True, 800), (2, True, 800)], max_bytes=1000)
+    assert trace[-1] == (2, 2, 1600)  # all pinned: past the bound rather than free one
