@@ -174,9 +174,10 @@ def test_relative_data_path_is_stored_resolved(tmp_path):
 
 
 def test_resume_says_what_it_reuses(run_dir, capsys, monkeypatch):
-    assert main(["run", *TINY[:-1], "--vanilla-epochs", "30", "--out", str(run_dir), "--resume"]) == 0
+    assert main(["run", *TINY[:-1], "--vanilla-epochs", "30", "--pretrained", "--out", str(run_dir), "--resume"]) == 0
     captured = capsys.readouterr()
-    assert "reusing the run's vanilla.pt (epochs 1" in captured.err and "--vanilla-epochs 30 ignored" in captured.err
+    assert "reusing the run's vanilla.pt (epochs 1" in captured.err and "--vanilla-epochs 30" in captured.err
+    assert "--pretrained True ignored" in captured.err  # the run's vanilla was trained without (none recorded)
     loads, load = [], torch.load
     monkeypatch.setattr(torch, "load",
                         lambda f, *a, **k: loads.append(Path(getattr(f, "name", f)).name) or load(f, *a, **k))
