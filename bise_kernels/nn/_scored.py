@@ -10,8 +10,27 @@ from typing import Optional, Sequence
 import torch
 from torch import Tensor, fx, nn
 
+from torch.autograd.graph import increment_version
+from torch.optim.optimizer import register_optimizer_step_post_hook
+
 from .. import _checks, _ops, backends, functional
 from ..functional import selection
+
+
+def _fused_step_bumps_versions(optimizer: torch.optim.Optimizer, args, kwargs) -> None:
+    """After a fused optimizer step (``fused=True``: SGD, Adam, AdamW, Adagrad), bump the version counters of
+    the parameters it updated: its kernels write them without (torch 2.13: ``_fused_sgd_`` leaves ``_version``
+    as it was, ``_foreach_add_`` bumps it), and the cached selections key on that counter, so a fused step
+    left every layer's mask as before the step. Registered for every optimizer when bise_kernels is imported;
+    a step that is not fused costs one look at its groups."""
+    for group in optimizer.param_groups:
+        if group.get("fused"):
+            for p in group["params"]:
+                if p.grad is not None:  # the parameters a fused step skips keep their values
+                    increment_version(p)
+
+
+register_optimizer_step_post_hook(_fused_step_bumps_versions)
 
 
 def outside_inference_mode(make):
@@ -70,7 +89,11 @@ class ScoredModule(nn.Module):
     tensor (torch.func.functional_call, a parametrization: a new tensor may sit where a freed one
     was, with the same version), and dropped by the module's conversions (.half(), .to(): :meth:`_apply`).
     A write through ``scores.data`` bypasses the version counter and is not seen (the old threshold,
-    or keep mask, would be applied to the new scores): write under torch.no_grad() instead.
+    or keep mask, would be applied to the new scores): write under torch.no_grad() instead. So does a
+    torch.distributed collective into the scores (``dist.broadcast(layer.scores, 0)``): call
+    ``torch.autograd.graph.increment_version(layer.scores)`` after it. Fused optimizer steps, which
+    write without bumping the counter too, are handled (:func:`_fused_step_bumps_versions`). A tensor
+    threshold is keyed by its version as well (changed in place, it is seen).
     """
 
     scores: nn.Parameter
@@ -148,7 +171,10 @@ class ScoredModule(nn.Module):
         # An entry made in a CUDA-graph capture holds what only a replay fills: it serves that capture
         # only, and a capture never takes an eager entry (its replays must select the scores of then).
         capturing = functional._capturing(scores.is_cuda)
-        tensors, rest = (scores,), (self.density, self.threshold, capturing)
+        threshold = self.threshold
+        if isinstance(threshold, Tensor):  # changed in place: a new version (the tensor alone is its identity)
+            threshold = (threshold, threshold._version)
+        tensors, rest = (scores,), (self.density, threshold, capturing)
         cache = self._cache
         if cache is None or not cache.serves(tensors, rest) or not (cache.checked or fused_check):
             same_mode = cache is not None and cache.key[-1][-1] == capturing  # the rest's last item

@@ -165,9 +165,11 @@ class _MaskedLayer(ScoredModule):
         """A masked layer sharing ``module``'s parameters (never copied or changed) and attributes."""
         layer = cls.__new__(cls)
         nn.Module.__init__(layer)
+        layer.train(module.training)  # the module's mode (nn.Module starts in train): conv + BN fuse in eval
         for name in attributes:
             setattr(layer, name, getattr(module, name))
-        layer.weight, layer.bias = module.weight, module.bias
+        layer.weight = module.weight
+        layer.register_parameter("bias", module.bias)  # a None bias too, as nn.Linear registers it
         if score_init is None:
             score_init = "kaiming" if granularity == "weight" else "zeros"
         layer._init_mask(granularity, density, threshold, estimator, temperature, score_init)

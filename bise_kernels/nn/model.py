@@ -46,6 +46,10 @@ class GlobalSelection:
     def selection_for(self, layer: nn.Module) -> tuple[Tensor, Tensor]:
         """Layer ``layer``'s ``(thr, cut)``, cached as a layer's own selection (a CacheEntry of every
         layer's scores and the density: a new ``density`` was not seen until a score changed)."""
+        if layer.threshold is not None:  # set on the layer alone: the forward ignored it, mask() failed
+            raise ValueError(f"this layer has threshold={layer.threshold!r}, but with scope='global' one top-k "
+                             f"over all layers decides (density {self._density!r}); set layer.threshold = None, "
+                             f"or mask with scope='layerwise'")
         if layer.density != self._density:  # set on the layer alone: it was ignored without a word
             raise ValueError(f"this layer's density {layer.density!r} differs from its global selection's "
                              f"{self._density!r}: with scope='global' one top-k over all layers decides; set "

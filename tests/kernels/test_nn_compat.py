@@ -297,3 +297,61 @@ def test_flop_counter_counts_a_masked_layer_as_its_dense_layer(backend, mask_mod
             forward = flops(lambda: masked(x))
             assert forward > 0 and forward == flops(lambda: dense(x)), masked
             assert flops(lambda: masked(x).sum().backward()) == flops(lambda: dense(x).sum().backward()), (masked, x_grad)
+
+
+def _net():
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(8, 6), nn.ReLU(), nn.Linear(6, 4))
+
+
+@pytest.mark.parametrize("scope", ["layerwise", "global"])
+@pytest.mark.parametrize("make", [lambda p: torch.optim.SGD(p, lr=10.0, fused=True),
+                                  lambda p: torch.optim.Adam(p, lr=1.0, fused=True)], ids=["sgd", "adam"])
+def test_a_fused_optimizer_step_is_seen_by_the_cached_selection(scope, make):
+    """Fused steps write the scores without bumping their version counter (torch 2.13), which the cached
+    selection keys on: the layers kept their masks of before the step (a fresh copy selected others)."""
+    net = _net()
+    opt = make(bk.mask_model(net, density=0.5, scope=scope))
+    x = torch.randn(5, 8)
+    net(x).square().sum().backward()
+    before = [net[i].mask().clone() for i in (0, 2)]
+    opt.step()
+    fresh = copy.deepcopy(net)  # a copy selects again
+    assert any(not torch.equal(b, net[i].mask()) for b, i in zip(before, (0, 2)))  # the step moved a mask
+    assert all(torch.equal(net[i].mask(), fresh[i].mask()) for i in (0, 2))
+    assert torch.equal(net(x), fresh(x))
+
+
+@pytest.mark.parametrize("mode", ["keep", "selection"])
+def test_a_tensor_threshold_changed_in_place_is_seen(mode):
+    thr = torch.tensor(0.0, dtype=torch.float64)  # another dtype than the scores': the layer uses a copy
+    layer = bk.MaskedLinear(8, 4, threshold=thr, mask_mode=mode)
+    x = torch.randn(5, 8)
+    layer(x)
+    thr.fill_(0.3)
+    assert torch.equal(layer(x), copy.deepcopy(layer)(x))
+    assert torch.equal(layer.mask(), layer.scores >= 0.3)
+
+
+def test_a_threshold_on_a_layer_of_a_global_selection_is_refused():
+    net = _net()
+    bk.mask_model(net, density=0.5, scope="global")
+    net[0].threshold = 0.5  # the forward ignored it; mask() raised AttributeError
+    with pytest.raises(ValueError, match="threshold=0.5, but with scope='global' one top-k over all layers"):
+        net(torch.randn(5, 8))
+    with pytest.raises(ValueError, match="threshold=0.5, but with scope='global'"):
+        net[0].mask()
+
+
+def test_masking_keeps_each_modules_mode_and_a_registered_bias():
+    """mask_model built every masked layer in train mode (an eval conv beside an eval BatchNorm came back
+    in train mode, which fuse_modules refuses), and set a missing bias as a plain attribute."""
+    net = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.Flatten(), nn.Linear(64, 2, bias=False))
+    net.eval()
+    bk.mask_model(net, density=0.5)
+    assert [m.training for m in net] == [False] * 5
+    bk.unmask_model(net)
+    torch.ao.quantization.fuse_modules(net, [["0", "1", "2"]], inplace=True)  # raised on the mode mismatch
+    layer = bk.MaskedLinear.from_dense(nn.Linear(3, 2, bias=False), density=0.5)
+    assert "bias" in layer._parameters and layer.bias is None
+    layer.register_parameter("bias", nn.Parameter(torch.zeros(2)))  # as on nn.Linear(bias=False)
