@@ -346,7 +346,8 @@ def test_a_threshold_on_a_layer_of_a_global_selection_is_refused():
 def test_masking_keeps_each_modules_mode_and_a_registered_bias():
     """mask_model built every masked layer in train mode (an eval conv beside an eval BatchNorm came back
     in train mode, which fuse_modules refuses), and set a missing bias as a plain attribute."""
-    net = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.Flatten(), nn.Linear(64, 2, bias=False))
+    net = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.Flatten(),
+                        nn.Linear(64, 2, bias=False))
     net.eval()
     bk.mask_model(net, density=0.5)
     assert [m.training for m in net] == [False] * 5
