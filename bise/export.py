@@ -284,11 +284,14 @@ def _group_ok(dg, scale: ChannelScale, idxs: list[int], inputs: dict) -> bool:
         if _splits_badly(m, plain):
             return False
         if isinstance(m, ChannelScale):
-            if bool((m.scale[plain] != 0).any()):
+            # an index past the layer: a channel map Torch-Pruning does not follow (torch.chunk; it raised
+            # IndexError here): the channels stay (the final check catches a wrong map within range)
+            if max(plain, default=-1) >= m.num_channels or bool((m.scale[plain] != 0).any()):
                 return False
         elif _is_consumer(dg, dep):
+            width = m.in_features if isinstance(m, nn.Linear) else m.in_channels
             xs = inputs.get(id(m))  # absent: the consumer did not run on the probe
-            if xs is None or _bias_delta(m, xs, plain) is None:
+            if max(plain, default=-1) >= width or xs is None or _bias_delta(m, xs, plain) is None:
                 return False
     return True
 
@@ -595,6 +598,7 @@ def load_exported(path: str, model: Optional[nn.Module] = None) -> nn.Module:
     _keep_fixed_gates(base, placed)
     for name, entry in desc["modules"].items():
         _resize(base.get_submodule(name), name + ".", state, entry)
+    _resize(base, "", state, {})  # the root's own parameters (a channel scale on the model) shrink too
     try:
         base.load_state_dict(state, strict=True)
     except RuntimeError as exc:

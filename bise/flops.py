@@ -9,6 +9,7 @@ from typing import Sequence
 
 import torch
 from torch import nn
+from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
 COUNTER = "torch.utils.flop_counter.FlopCounterMode, MACs = FLOPs / 2"
@@ -31,14 +32,18 @@ def count_macs(model: nn.Module, input_shape: Sequence[int]) -> float:
     """Millions of multiply-accumulates for one input of ``input_shape`` (conv, linear and matmuls run
     by the model in eval mode); the paper's "MFLOPs" (414.9 for SimpleConvNet on 3x28x28)."""
     shape = _check_shape(input_shape)
-    was_training = model.training
+    was_training, fastpath = model.training, torch.backends.mha.get_fastpath_enabled()
     model.eval()
+    # Attention as plain matmuls, which the counter sees: nn.MultiheadAttention's eval fast path and the
+    # fused scaled_dot_product_attention kernels of the CPU counted 0 (a ViT's MACs were those of its MLPs).
+    torch.backends.mha.set_fastpath_enabled(False)
     try:
         x = torch.zeros((1,) + shape, device=_device_of(model))
-        with FlopCounterMode(display=False) as counter:
+        with FlopCounterMode(display=False) as counter, sdpa_kernel(SDPBackend.MATH):
             model(x)
     finally:
         model.train(was_training)
+        torch.backends.mha.set_fastpath_enabled(fastpath)
     return counter.get_total_flops() / 2 / 1e6
 
 

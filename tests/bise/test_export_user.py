@@ -489,3 +489,62 @@ def test_constant_folds_into_conv1d_and_reflect_padded_conv(conv, x):
         gates["2"].scores[:3] = -1.0
     exported = _check(model.eval(), x)
     assert exported[4].in_channels == 5
+
+
+class _RootScale(nn.Module):
+    """A learnable channel scale held by the model itself, not by a submodule."""
+
+    def __init__(self):
+        super().__init__()
+        self.features = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 16, 3, padding=1),
+                                      nn.ReLU())
+        self.scale = nn.Parameter(torch.rand(1, 16, 1, 1) + 0.5)
+        self.fc = nn.Linear(16, 3)
+
+    def forward(self, x):
+        return self.fc((self.scale * self.features(x)).mean((2, 3)))
+
+
+def test_a_parameter_of_the_root_module_shrinks_and_loads_back(tmp_path):
+    """load_exported resized every described submodule but not the root: its pruned `scale` did not load."""
+    torch.manual_seed(0)
+    model, x = _RootScale().eval(), torch.rand(8, 3, 8, 8)
+    gates = insert_gates(model, example_input=x)
+    with torch.no_grad():
+        gates["features.3"].scores[:10] = -1.0
+    small = export_subnetwork(model, example_input=x)
+    assert tuple(small.scale.shape) == (1, 6, 1, 1)
+    save_exported(small, str(tmp_path / "sub.pt"))
+    loaded = load_exported(str(tmp_path / "sub.pt"), model=_RootScale())
+    probe = torch.rand(4, 3, 8, 8)
+    assert torch.equal(loaded(probe), small(probe))
+
+
+class _Chunked(nn.Module):
+    """A CSP / C2f block (YOLO-style): the gated channels split in two by torch.chunk."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU())
+        self.cv1 = nn.Sequential(nn.Conv2d(8, 16, 1), nn.ReLU())
+        self.m = nn.Sequential(nn.Conv2d(8, 8, 3, padding=1), nn.ReLU())
+        self.cv2 = nn.Sequential(nn.Conv2d(16, 16, 1), nn.ReLU())
+        self.fc = nn.Linear(16, 3)
+
+    def forward(self, x):
+        a, b = self.cv1(self.stem(x)).chunk(2, 1)
+        return self.fc(self.cv2(torch.cat([a, self.m(b)], 1)).mean((2, 3)))
+
+
+def test_channels_split_by_torch_chunk_stay_and_the_export_is_exact():
+    """Torch-Pruning maps the second chunk's channels past the next layer's width: an IndexError came out of
+    the export; those channels stay now (zeroed by their fixed gate), the others go, and the output is equal."""
+    torch.manual_seed(0)
+    model, x = _Chunked().eval(), torch.rand(8, 3, 8, 8)
+    gates = insert_gates(model, example_input=x)
+    with torch.no_grad():
+        gates["cv1.1"].scores[[1, 2, 9, 10, 11]] = -1.0
+        gates["cv2.1"].scores[:6] = -1.0
+    small = export_subnetwork(model, example_input=x)
+    assert max_abs_diff(freeze_gates(model), small, torch.rand(4, 3, 8, 8)) <= 1e-5
+    assert small.cv1[0].out_channels == 16 and small.cv2[0].out_channels == 10

@@ -41,3 +41,21 @@ def test_latency_and_bad_input():
         measure_latency(model, (3, 2, 2), batch_size=0)
     with pytest.raises(ValueError, match="input_shape"):
         count_macs(model, (3, 0, 2))
+
+
+class _SDPA(nn.Module):
+    def forward(self, x):
+        q = x.view(1, 2, 17, 8)
+        return torch.nn.functional.scaled_dot_product_attention(q, q, q)
+
+
+def test_attention_is_counted():
+    """In eval mode nn.MultiheadAttention takes its fast path and scaled_dot_product_attention a fused CPU
+    kernel, which FlopCounterMode counted as 0: an encoder layer was 0 MACs, a ViT only its MLPs."""
+    d, heads, ff, tokens = 16, 2, 64, 17
+    linears = tokens * (4 * d * d + 2 * d * ff)  # q, k, v, out projections and the MLP
+    attention = 2 * tokens * tokens * d  # q k^T and attn v, over all heads
+    enc = nn.TransformerEncoderLayer(d, heads, ff, batch_first=True)
+    assert count_macs(enc, (tokens, d)) * 1e6 == pytest.approx(linears + attention, rel=1e-12)
+    assert count_macs(_SDPA(), (tokens, d)) * 1e6 == pytest.approx(2 * 2 * tokens * tokens * 8, rel=1e-12)
+    assert torch.backends.mha.get_fastpath_enabled()  # restored
