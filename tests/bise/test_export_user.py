@@ -548,3 +548,33 @@ def test_channels_split_by_torch_chunk_stay_and_the_export_is_exact():
     small = export_subnetwork(model, example_input=x)
     assert max_abs_diff(freeze_gates(model), small, torch.rand(4, 3, 8, 8)) <= 1e-5
     assert small.cv1[0].out_channels == 16 and small.cv2[0].out_channels == 10
+
+
+def _inverted_residual():
+    """MobileNetV2's block: expand 1x1 -> BN -> ReLU6, depthwise 3x3 -> BN -> ReLU6, project 1x1 -> BN."""
+    return nn.Sequential(
+        nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU6(),
+        nn.Sequential(nn.Conv2d(8, 32, 1, bias=False), nn.BatchNorm2d(32), nn.ReLU6(),
+                      nn.Conv2d(32, 32, 3, padding=1, groups=32, bias=False), nn.BatchNorm2d(32), nn.ReLU6(),
+                      nn.Conv2d(32, 8, 1, bias=False), nn.BatchNorm2d(8)),
+        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 3)).eval()
+
+
+def test_expand_channels_behind_dead_depthwise_channels_go():
+    """A depthwise conv computes channel c from channel c alone: where the gate after it is off, the expand
+    channel before it is dead too. A channel went only when every coupled gate was off, so 24 dead depthwise
+    channels left the block at its full width 32 (MobileNetV2, EfficientNet)."""
+    torch.manual_seed(0)
+    model, x = _inverted_residual(), torch.rand(16, 3, 8, 8)
+    gates = insert_gates(model, example_input=x)
+    assert list(gates) == ["3.2", "3.5"]  # the stem's ReLU6 is left out
+    with torch.no_grad():
+        gates["3.5"].scores[:24] = -1.0  # the depthwise gate; the expand gate "3.2" keeps every channel
+    small = export_subnetwork(model, example_input=x)
+    assert small[3][0].out_channels == 8 and small[3][3].in_channels == small[3][3].out_channels == 8
+    assert max_abs_diff(freeze_gates(model), small, torch.rand(8, 3, 8, 8)) <= 1e-6
+    with torch.no_grad():  # the reverse (expand gate off, depthwise gate on) stays exact
+        gates["3.5"].scores.fill_(1.0)
+        gates["3.2"].scores[:24] = -1.0
+    small = export_subnetwork(model, example_input=x)
+    assert max_abs_diff(freeze_gates(model), small, torch.rand(8, 3, 8, 8)) <= 1e-6
