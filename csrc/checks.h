@@ -268,13 +268,19 @@ inline int64_t check_gate(const at::Tensor& x, const at::Tensor& scores, const a
   return dim;
 }
 
-inline void check_grad_y(const at::Tensor& grad_y, const at::Tensor& x, const char* op, at::DeviceType device) {
-  check_device(grad_y, "grad_y", op, device);
+// The output gradient of a backward: on x's device, of x's dtype, of `shape` (`what` names it).
+inline void check_grad_y(const at::Tensor& grad_y, const at::Tensor& x, at::IntArrayRef shape, const char* what,
+                         const char* op) {
   check_same_device(grad_y, "grad_y", x, "x", op);
   TORCH_CHECK_TYPE(grad_y.scalar_type() == x.scalar_type(), op, ": grad_y has dtype ", grad_y.scalar_type(),
                    " but x has ", x.scalar_type());
-  TORCH_CHECK_VALUE(grad_y.sizes() == x.sizes(), op, ": grad_y must have x's shape ", x.sizes(), ", got ",
-                    grad_y.sizes());
+  TORCH_CHECK_VALUE(grad_y.sizes() == shape, op, ": grad_y must have ", what, " ", shape, ", got ", grad_y.sizes());
+}
+
+// The channel gate's: x's shape, on this implementation's device.
+inline void check_grad_y(const at::Tensor& grad_y, const at::Tensor& x, const char* op, at::DeviceType device) {
+  check_device(grad_y, "grad_y", op, device);
+  check_grad_y(grad_y, x, x.sizes(), "x's shape", op);
 }
 
 // channel_gate_backward's operands: the gate, grad_y and the estimator; returns dim wrapped.

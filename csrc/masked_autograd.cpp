@@ -380,18 +380,6 @@ bool check_bias(const char* name, const std::optional<at::Tensor>& bias, T x, T 
   return true;
 }
 
-// The output gradient a backward op is given: x's device and dtype, the layer's output shape.
-template <class Layer>
-void check_grad_y(const char* name, T grad_y, T x, T weight, const Layer& layer) {
-  TORCH_CHECK_TYPE(grad_y.defined(), name, ": grad_y must be a tensor");
-  bise_checks::check_same_device(grad_y, "grad_y", x, "x", name);
-  TORCH_CHECK_TYPE(grad_y.scalar_type() == x.scalar_type(), name, ": grad_y has dtype ", grad_y.scalar_type(),
-                   " but x has ", x.scalar_type());
-  const std::vector<int64_t> shape = layer.output_shape(x, weight);
-  TORCH_CHECK_VALUE(grad_y.sizes() == at::IntArrayRef(shape), name, ": grad_y must have the output's shape ",
-                    at::IntArrayRef(shape), ", got ", grad_y.sizes());
-}
-
 using Grads = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
 
 // Each layer op three ways, with the same checks: <op> (the autograd node: the eager path),
@@ -420,7 +408,8 @@ struct LayerOp {
   Grads backward(T grad_y, T x, T weight, T scores, const std::string& estimator, double temperature,
                  std::array<bool, 4> needs) const {
     check_layer_args(name, x, weight, &scores, mask, layer);
-    check_grad_y(name, grad_y, x, weight, layer);
+    TORCH_CHECK_TYPE(grad_y.defined(), name, ": grad_y must be a tensor");
+    bise_checks::check_grad_y(grad_y, x, layer.output_shape(x, weight), "the output's shape", name);
     bise_checks::check_estimator(estimator, temperature, name);
     return layer_backward(grad_y, x, weight, scores, mask, layer, Estimator{estimator, temperature}, needs);
   }
