@@ -313,9 +313,10 @@ def _zero_behind_depthwise(dg, scales: Mapping[str, ChannelScale]) -> None:
     whole chain's channel go. A channel goes only when every gate coupled to it is off, so MobileNetV2's
     expand channels behind dead depthwise channels stayed (its width-0.5 export, random gates: 388,759
     parameters where 276,968 compute the same function)."""
-    pairs = [(s, _next_scale_through_depthwise(dg, s)) for s in scales.values()]
-    for before, after in [(b, a) for b, a in pairs if a is not None]:
-        before.scale[after.scale == 0] = 0
+    for before in scales.values():
+        after = _next_scale_through_depthwise(dg, before)
+        if after is not None:
+            before.scale[after.scale == 0] = 0
 
 
 def _group_ok(dg, scale: ChannelScale, idxs: list[int], inputs: dict) -> bool:

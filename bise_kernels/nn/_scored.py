@@ -9,7 +9,6 @@ from typing import Optional, Sequence
 
 import torch
 from torch import Tensor, fx, nn
-
 from torch.autograd.graph import increment_version
 from torch.optim.optimizer import register_optimizer_step_post_hook
 

@@ -140,8 +140,9 @@ print(json.dumps(facts))
 """
 
 
-def _tuning_facts(autotune_env):
-    """Tile selection as compiled code sees it (no TRITON_INTERPRET; nothing is launched)."""
+def _compiled_facts(script: str, autotune_env, timeout: int) -> dict:
+    """The JSON that ``script`` prints last, run as compiled code sees it (no TRITON_INTERPRET; nothing is
+    launched); ``autotune_env``: BISE_KERNELS_AUTOTUNE for it, None to leave it unset."""
     import json
     import os
     import subprocess
@@ -150,9 +151,14 @@ def _tuning_facts(autotune_env):
     env = {k: v for k, v in os.environ.items() if k not in ("TRITON_INTERPRET", "BISE_KERNELS_AUTOTUNE")}
     if autotune_env is not None:
         env["BISE_KERNELS_AUTOTUNE"] = autotune_env
-    done = subprocess.run([sys.executable, "-c", _TUNING_FACTS], env=env, capture_output=True, text=True, timeout=120)
+    done = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=timeout)
     assert done.returncode == 0, done.stderr[-3000:]
     return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def _tuning_facts(autotune_env):
+    """Tile selection as compiled code sees it."""
+    return _compiled_facts(_TUNING_FACTS, autotune_env, timeout=120)
 
 
 def test_autotune_tries_at_most_four_tiles_keyed_on_size_buckets():
@@ -367,17 +373,7 @@ print(json.dumps(facts))
 def sm90_gemms():
     """Facts of the masked-linear GEMMs compiled for sm_90 as the JIT would compile their launches (the
     launchers run on meta tensors with the heuristic tiles; nothing is launched, no GPU needed)."""
-    import json
-    import os
-    import subprocess
-    import sys
-
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env["BISE_KERNELS_AUTOTUNE"] = "0"
-    done = subprocess.run([sys.executable, "-c", _LOWER_LAUNCHES_FOR_SM90], env=env, capture_output=True, text=True,
-                          timeout=300)
-    assert done.returncode == 0, done.stderr[-3000:]
-    return json.loads(done.stdout.strip().splitlines()[-1])
+    return _compiled_facts(_LOWER_LAUNCHES_FOR_SM90, "0", timeout=300)
 
 
 @pytest.mark.slow
