@@ -735,14 +735,18 @@ def _user_errors() -> tuple:
 def _resume_hint(inv: Invocation, argv: list) -> str:
     """How to continue after Ctrl-C: if this command changed --out (a step finished, an extraction
     started), the command as given (a resumed extraction needs the same options), without --overwrite
-    and with --resume, quoted for the shell; otherwise --resume would continue the previous run."""
+    and with --resume, quoted for the shell (under torchrun, launched by torchrun again); otherwise --resume would
+    continue the previous run."""
     import shlex
 
     a = inv.args
     changed = inv.recorded_before is not None and inv.run.artefacts != inv.recorded_before
     if a.command in ("run", "extract") and (a.resume or changed):
         again = [t for t in argv if not (t.startswith("--ov") and "--overwrite".startswith(t))]
-        return "continue with: " + shlex.join(["bise", *again, *(() if a.resume else ("--resume",))])
+        command = shlex.join(["bise", *again, *(() if a.resume else ("--resume",))])
+        if distributed.current().world_size > 1:  # every process resumes: the same launch, whose options are torchrun's
+            command = "torchrun <the same torchrun options> -m " + command
+        return "continue with: " + command
     return "nothing was changed; run the command again to redo it"
 
 

@@ -503,3 +503,19 @@ def test_a_step_made_again_with_other_settings_drops_its_reports(run_dir, tmp_pa
     assert main(["evaluate", "--out", str(out), "--latency-repeats", "0", "--quiet"]) == 0
     assert main(["export", "--out", str(out), "--overwrite", "--round-to", "1", "--quiet"]) == 0
     assert (out / "report.json").exists()  # the same step, settings and bytes: only its seconds differ
+
+
+def test_the_resume_hint_under_torchrun_relaunches_with_torchrun(monkeypatch):
+    """Every process of a torchrun launch resumes: the hint says torchrun ... -m bise, not bise alone."""
+    import shlex
+    from types import SimpleNamespace
+
+    from bise import cli, distributed
+
+    argv = ["run", "--out", "run dir", "--overwrite"]
+    inv = SimpleNamespace(args=SimpleNamespace(command="run", resume=False), recorded_before={},
+                          run=SimpleNamespace(artefacts={"vanilla.pt": {}}))
+    assert cli._resume_hint(inv, argv) == "continue with: " + shlex.join(["bise", "run", "--out", "run dir", "--resume"])
+    monkeypatch.setattr(distributed, "current", lambda: distributed.Context(rank=1, world_size=2))
+    hint = cli._resume_hint(inv, argv)
+    assert hint == "continue with: torchrun <the same torchrun options> -m bise run --out 'run dir' --resume", hint
