@@ -515,7 +515,8 @@ def test_the_resume_hint_under_torchrun_relaunches_with_torchrun(monkeypatch):
     argv = ["run", "--out", "run dir", "--overwrite"]
     inv = SimpleNamespace(args=SimpleNamespace(command="run", resume=False), recorded_before={},
                           run=SimpleNamespace(artefacts={"vanilla.pt": {}}))
-    assert cli._resume_hint(inv, argv) == "continue with: " + shlex.join(["bise", "run", "--out", "run dir", "--resume"])
+    alone = shlex.join(["bise", "run", "--out", "run dir", "--resume"])
+    assert cli._resume_hint(inv, argv) == "continue with: " + alone
     monkeypatch.setattr(distributed, "current", lambda: distributed.Context(rank=1, world_size=2))
     hint = cli._resume_hint(inv, argv)
     assert hint == "continue with: torchrun <the same torchrun options> -m bise run --out 'run dir' --resume", hint
