@@ -10,7 +10,7 @@ from typing import Optional, Sequence
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
-_GREY_MODES = ("1", "L")
+_GREY_MODES = ("1", "L", "LA", "La")  # grey, with or without alpha (dropped, as RGBA's)
 # Pillow's convert("L") clips these to 0..255 (a 16-bit PNG reads as nearly all 255, a float image
 # in [0, 1] as 0): refused, since any rescaling would be a guess
 _WIDE_MODES = {"I": "32-bit integer", "F": "32-bit float", "I;16": "16-bit", "I;16B": "16-bit",

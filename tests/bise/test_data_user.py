@@ -165,7 +165,7 @@ def test_unreadable_npz_and_missing_paths(tmp_path):
 
 def _write_png(path, value, mode="RGB", size=4):
     path.parent.mkdir(parents=True, exist_ok=True)
-    colour = (value, 255 - value, value // 2) if mode == "RGB" else value
+    colour = {"RGB": (value, 255 - value, value // 2), "LA": (value, 128)}.get(mode, value)
     Image.new(mode, (size, size), colour).save(path)
 
 
@@ -198,9 +198,12 @@ def test_image_folder_loads_and_is_cached(tmp_path):
     assert small.input_shape == (3, 2, 2) and not small.info["cache_hit"]
 
 
-def test_grey_image_folder_has_one_channel(tmp_path):
-    ds = data.load(str(_folder(tmp_path / "g", ROWS, mode="L")), cache_dir=str(tmp_path / "c"))
+@pytest.mark.parametrize("mode", ["L", "LA"])
+def test_grey_image_folder_has_one_channel(tmp_path, mode):
+    """Grey PNGs, with or without alpha (which is dropped, as RGBA's), read as one channel of the grey values."""
+    ds = data.load(str(_folder(tmp_path / "g", ROWS, mode=mode)), cache_dir=str(tmp_path / "c"))
     assert ds.input_shape == (1, 4, 4)
+    assert sorted(set(ds.train.x.flatten().tolist())) == [0, 20, 40]
 
 
 def _break_csv(root, line, column, value):
