@@ -136,13 +136,16 @@ def _channel_dim(name: str, shape: tuple, layout: Optional[int]) -> int:
                      "(N, L, C) outputs, (N, C, L) ones of a conv or BatchNorm, or (N, H, W, C) ones of a Linear")
 
 
-def _default_exclude(model: nn.Module, candidates: dict[str, nn.Module]) -> tuple:
+def _default_exclude(model: nn.Module, candidates: dict[str, nn.Module], order: list[str]) -> tuple:
+    """The stem's activations: ``model.bise_gate_exclude``, else (torchvision-ResNet style) those that are
+    direct children of the root and run before the first deeper one (in ``order``, the trace's call order);
+    a root activation that runs after a deeper one (e.g. between the features and the classifier) is gated."""
     declared = getattr(model, "bise_gate_exclude", None)
     if declared is not None:
         return tuple(declared)
-    # torchvision-ResNet-style stem: activations that are direct children of the root while others live deeper
-    top = {n for n in candidates if "." not in n}
-    return tuple(top) if top and len(top) < len(candidates) else ()
+    calls = [n for n in order if n in candidates]
+    deeper = next((i for i, n in enumerate(calls) if "." in n), None)
+    return () if deeper is None else tuple(dict.fromkeys(calls[:deeper]))
 
 
 def insert_gates(model: nn.Module, names: Optional[Sequence[str]] = None, *, exclude: Optional[Sequence[str]] = None,
@@ -165,7 +168,6 @@ def insert_gates(model: nn.Module, names: Optional[Sequence[str]] = None, *, exc
     x = _example_input(model, example_input)
     if names is None:
         candidates = {n: m for n, m in model.named_modules() if n and isinstance(m, ACTIVATIONS)}
-        default_exclude = _default_exclude(model, candidates)
     else:
         modules = [n for n, _ in model.named_modules() if n]
         refuse_unmatched(arg_names[0], names, modules, f"module of {type(model).__name__}")
@@ -175,7 +177,6 @@ def insert_gates(model: nn.Module, names: Optional[Sequence[str]] = None, *, exc
         cls = type(model).__name__
         what = f"activation module of {cls}" if names is None else f"module of {cls} picked by {arg_names[0]}"
         refuse_unmatched(arg_names[1], exclude, list(candidates), what)
-    candidates = {n: m for n, m in candidates.items() if not matches(n, default_exclude) and not matches(n, exclude)}
     # the head (where the default gates stop): the bottleneck named, else the Linear that runs last, found
     # in the same trace as the candidates' shapes
     head = find_bottleneck(model, bottleneck) if names is None and bottleneck is not None else None
@@ -184,6 +185,8 @@ def insert_gates(model: nn.Module, names: Optional[Sequence[str]] = None, *, exc
     if head is not None:
         tracked[head] = model.get_submodule(head)
     outputs, order, layouts = trace_calls(model, x, tracked)
+    default_exclude = _default_exclude(model, candidates, order) if names is None else ()
+    candidates = {n: m for n, m in candidates.items() if not matches(n, default_exclude) and not matches(n, exclude)}
     if linears:
         head = _last_run(model, order, linears)
     if head is not None and head in order:

@@ -41,6 +41,29 @@ def test_auto_placement_skips_stem_and_head():
     assert gates_of(model).keys() == gates.keys()
 
 
+class RootActAfterFeatures(nn.Module):
+    """A stem ReLU at the root, nested features, then root ReLUs between the features and the classifier."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem, self.relu = nn.Conv2d(3, 4, 3, padding=1), nn.ReLU()
+        self.features = nn.Sequential(nn.Conv2d(4, 4, 3, padding=1), nn.ReLU())
+        self.fc1, self.act1, self.fc2 = nn.Linear(4, 6), nn.ReLU(), nn.Linear(6, 2)
+
+    def forward(self, x):
+        x = self.features(self.relu(self.stem(x))).mean((2, 3))
+        return self.fc2(self.act1(self.fc1(x)))
+
+
+def test_the_stem_is_the_root_activations_before_the_first_deeper_one():
+    """A root activation that runs after the nested features (before the classifier) is not the stem: it
+    was left ungated because it is a direct child of the root; a flat model has no stem."""
+    gates = insert_gates(RootActAfterFeatures(), example_input=torch.rand(2, 3, 5, 5))
+    assert list(gates) == ["features.1", "act1"] and gates["act1"].num_channels == 6
+    flat = nn.Sequential(nn.Linear(3, 5), nn.ReLU(), nn.Linear(5, 4), nn.ReLU(), nn.Linear(4, 2))
+    assert list(insert_gates(flat, example_input=torch.rand(2, 3))) == ["1", "3"]
+
+
 def test_names_and_exclude_choose_modules():
     model = Net()
     gates = insert_gates(model, ["relu", "blocks.*.act"], exclude=["blocks.1.*"], example_input=torch.rand(1, 3, 4, 4))
