@@ -416,6 +416,7 @@ def _pretrained(given):
 
 def cmd_train(inv: Invocation, replaces: tuple = ()) -> None:
     """``bise train``; ``replaces``: files of --out that go with the old vanilla.pt (run --overwrite)."""
+    from .models.pretrained import PretrainedError
     from .train import train_vanilla
 
     a, data = inv.args, inv.data
@@ -425,9 +426,7 @@ def cmd_train(inv: Invocation, replaces: tuple = ()) -> None:
         model = train_vanilla(data, s["arch"], epochs=s["epochs"], batch_size=s["batch_size"], lr=s["lr"],
                               seed=a.seed, device=a.device, width=s["width"], quiet=a.quiet,
                               pretrained=s.get("pretrained", False))
-    except (ValueError, FileNotFoundError) as exc:
-        if "pretrained" not in s or "pretrained" not in str(exc):
-            raise
+    except PretrainedError as exc:
         raise UsageError(f"--pretrained: {exc}") from None
     health = _vanilla_health(inv, model, f"the vanilla model trained with --lr {s['lr']}")
     _save_vanilla(inv.run.staged(VANILLA), model.cpu())

@@ -16,7 +16,7 @@ from torch import nn
 from .. import validate
 from .mlp import MLP
 from .mobilenetv2 import MobileNetV2
-from .pretrained import Pretrained, load_imagenet_weights
+from .pretrained import Pretrained, PretrainedError, load_imagenet_weights
 from .resnet import STEMS, ResNet18
 from .simple_cnn import SimpleCNN
 
@@ -46,11 +46,11 @@ def build_model(arch: str, num_classes: int, input_shape: Sequence[int], *, widt
     if not isinstance(pretrained, (bool, str, os.PathLike)):
         raise TypeError(f"pretrained must be a bool or the path of a weights file, got {type(pretrained).__name__}")
     if pretrained is not False and arch not in ("resnet18", "mobilenetv2"):
-        raise ValueError(f"pretrained (ImageNet weights) is available for resnet18 and mobilenetv2, not {arch!r}")
+        raise PretrainedError(f"pretrained (ImageNet weights) is available for resnet18 and mobilenetv2, not {arch!r}")
     if pretrained is not False and (input_shape[0] != 3 or width != 1.0):
-        raise ValueError(f"pretrained {arch} needs 3 input channels and width=1.0, got {input_shape[0]} and {width}")
+        raise PretrainedError(f"pretrained {arch} needs 3 input channels and width=1.0, got {input_shape[0]} and {width}")
     if pretrained is not False and arch == "mobilenetv2" and num_classes != 1000:
-        raise ValueError(f"pretrained mobilenetv2 needs num_classes=1000 (its ImageNet classifier), got {num_classes}")
+        raise PretrainedError(f"pretrained mobilenetv2 needs num_classes=1000 (its ImageNet classifier), got {num_classes}")
     if stem is not None and arch != "resnet18":
         raise ValueError(f"stem is a resnet18 option, got stem={stem!r} for arch {arch!r}")
     if input_scale is not None:
@@ -71,8 +71,8 @@ def build_model(arch: str, num_classes: int, input_shape: Sequence[int], *, widt
         if stem not in STEMS:
             raise ValueError(f"stem must be one of {STEMS}, got {stem!r}")
         if stem != "imagenet" and pretrained is not False:
-            raise ValueError(f"pretrained resnet18 needs stem='imagenet' (the ImageNet weights' 7x7 conv1), got "
-                             f"{stem!r}")
+            raise PretrainedError(f"pretrained resnet18 needs stem='imagenet' (the ImageNet weights' 7x7 conv1), got "
+                                  f"{stem!r}")
         spec["stem"] = stem
         model = ResNet18(num_classes, channels, width, stem)
     else:

