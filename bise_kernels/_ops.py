@@ -68,6 +68,53 @@ def _or_none(t: Tensor, needed: bool) -> Optional[Tensor]:
     return t if needed else None
 
 
+# ----------------------------------------------------------------------------- output layouts
+# A custom op's fake impl declares its outputs' strides, and torch.compile's generated code relies on
+# them (Inductor asserts them after each call): every backend's result is brought to the declared
+# layout here, at the cost of a copy only where a kernel wrote another one (cpp's select writes
+# contiguous masks, and its conv backward a contiguous weight gradient, for channels_last tensors).
+# The rules: a mask or a gradient has the layout of its tensor (torch.empty_like's), a linear output
+# is contiguous, a conv output channels_last where x or the weight is (as ATen's conv2d picks).
+
+
+def _same_layout(t: Tensor, want: Tensor) -> bool:
+    """Whether ``t`` has ``want``'s strides wherever they matter (dims longer than 1)."""
+    return all(a == b for a, b, n in zip(t.stride(), want.stride(), t.shape) if n > 1)
+
+
+def _like(out: Tensor, ref: Tensor) -> Tensor:
+    """``out`` (of ``ref``'s shape) in the layout of ``torch.empty_like(ref)``, the fake impls' rule."""
+    if out.is_contiguous() and ref.is_contiguous():  # the common case: no layout to compute
+        return out
+    want = torch.empty_like(ref, dtype=out.dtype, device="meta")
+    return out if _same_layout(out, want) else torch.empty_like(ref, dtype=out.dtype).copy_(out)
+
+
+def _conv_format(x: Tensor, weight: Tensor) -> torch.memory_format:
+    """channels_last where x or the weight is (and is not also contiguous), else contiguous."""
+    cl = torch.channels_last
+    return cl if any(t.dim() == 4 and t.is_contiguous(memory_format=cl) and not t.is_contiguous()
+                     for t in (x, weight)) else torch.contiguous_format
+
+
+def _conv_output(out: Tensor, x: Tensor, weight: Tensor) -> Tensor:
+    return out.contiguous(memory_format=_conv_format(x, weight))
+
+
+def _empty_conv_output(x: Tensor, weight: Tensor, stride, padding, dilation) -> Tensor:
+    shape = conv2d_output_shape(x.shape, weight.shape, stride, padding, dilation)
+    return torch.empty(shape, dtype=x.dtype, device=x.device, memory_format=_conv_format(x, weight))
+
+
+def _grads_like(grads, like: tuple, empty: Tensor) -> tuple:
+    """A backward op's outputs: each gradient in its input's layout, an empty tensor where not needed."""
+    return tuple(_or_empty(None if g is None else _like(g, t), empty) for g, t in zip(grads, like))
+
+
+def _empty_grads(like: tuple, needs: list, empty: Tensor) -> tuple:
+    return tuple(torch.empty_like(t) if n else empty.new_empty(0) for t, n in zip(like, needs))
+
+
 # ----------------------------------------------------------------------------- the eager path
 
 _PLAIN_TYPES = (Tensor, torch.nn.Parameter)
@@ -252,7 +299,7 @@ def _keep_mask(scores: Tensor, thr: Tensor, cut: Tensor, offset: int, check_fini
     """Bool mask of the selection ``(thr, cut)``, flat indices counted from ``offset``.
     ``check_finite``: also reject NaN / inf scores and thr (a selection nobody checked yet); the
     native kernels do it in their pass (registry ``CHECKS_FINITE``), the others in Python."""
-    return _kernel("keep_mask", scores)(scores, thr, cut, offset, check_finite)
+    return _like(_kernel("keep_mask", scores)(scores, thr, cut, offset, check_finite), scores)
 
 
 _keep_mask_op = torch.library.custom_op(f"{LIB}::keep_mask", _keep_mask, mutates_args=())
@@ -269,8 +316,10 @@ def _topk_keep_mask(scores: list[Tensor], k: int, hint: Optional[Tensor]) -> lis
     s = scores[0]
     name, kernel = backends.resolve("topk_keep_mask", s.device.type, s.dtype)
     if name != "torch":
-        return kernel(scores, k, hint)
-    return reference.compose_topk_keep_mask(_kernel("topk_select", s), _kernel("keep_mask", s), scores, k, hint)
+        masks = kernel(scores, k, hint)
+    else:
+        masks = reference.compose_topk_keep_mask(_kernel("topk_select", s), _kernel("keep_mask", s), scores, k, hint)
+    return [_like(m, t) for m, t in zip(masks, scores)]
 
 
 _topk_keep_mask_op = torch.library.custom_op(f"{LIB}::topk_keep_mask", _topk_keep_mask, mutates_args=())
@@ -353,7 +402,8 @@ def _masked_linear(
     x: Tensor, weight: Tensor, bias: Optional[Tensor], scores: Tensor, thr: Tensor, cut: Tensor,
     estimator: str, temperature: float,
 ) -> Tensor:
-    return _forward_kernel("masked_linear_forward", x, estimator, temperature)(x, weight, bias, scores, thr, cut)
+    return _forward_kernel("masked_linear_forward", x, estimator, temperature)(x, weight, bias, scores, thr, cut
+                                                                               ).contiguous()
 
 
 _masked_linear_op = torch.library.custom_op(f"{LIB}::masked_linear", _masked_linear, mutates_args=())
@@ -370,13 +420,12 @@ def masked_linear_backward(
     estimator: str, temperature: float, needs: list[bool],
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     grads = _kernel("masked_linear_backward", x)(grad_y, x, weight, scores, thr, cut, estimator, temperature, needs)
-    return tuple(_or_empty(g, x) for g in grads)
+    return _grads_like(grads, (x, weight, weight[:, 0], scores), x)
 
 
 @masked_linear_backward.register_fake
 def _(grad_y, x, weight, scores, thr, cut, estimator, temperature, needs):
-    shapes = (x, weight, weight[:, 0], scores)
-    return tuple(torch.empty_like(t) if n else x.new_empty(0) for t, n in zip(shapes, needs))
+    return _empty_grads((x, weight, weight[:, 0], scores), needs, x)
 
 
 def _linear_setup(ctx, inputs, output):
@@ -407,7 +456,7 @@ def _masked_linear_keep(
     """masked_linear with the selection packed once into ``keep`` (bool, the scores' shape), which the
     forward and backward read instead of the scores; ``scores`` only receives its gradient."""
     check_keep_op_scores(scores, weight)
-    return _forward_kernel("masked_linear_keep_forward", x, estimator, temperature)(x, weight, bias, keep)
+    return _forward_kernel("masked_linear_keep_forward", x, estimator, temperature)(x, weight, bias, keep).contiguous()
 
 
 _masked_linear_keep_op = torch.library.custom_op(f"{LIB}::masked_linear_keep", _masked_linear_keep, mutates_args=())
@@ -424,13 +473,12 @@ def masked_linear_keep_backward(
     needs: list[bool],
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     grads = _kernel("masked_linear_keep_backward", x)(grad_y, x, weight, scores, keep, estimator, temperature, needs)
-    return tuple(_or_empty(g, x) for g in grads)
+    return _grads_like(grads, (x, weight, weight[:, 0], scores), x)
 
 
 @masked_linear_keep_backward.register_fake
 def _(grad_y, x, weight, scores, keep, estimator, temperature, needs):
-    shapes = (x, weight, weight[:, 0], scores)
-    return tuple(torch.empty_like(t) if n else x.new_empty(0) for t, n in zip(shapes, needs))
+    return _empty_grads((x, weight, weight[:, 0], scores), needs, x)
 
 
 def _linear_keep_setup(ctx, inputs, output):
@@ -457,7 +505,7 @@ def _masked_conv2d(
     stride: list[int], padding: list[int], dilation: list[int], groups: int, estimator: str, temperature: float,
 ) -> Tensor:
     kernel = _forward_kernel("masked_conv2d_forward", x, estimator, temperature)
-    return kernel(x, weight, bias, scores, thr, cut, stride, padding, dilation, groups)
+    return _conv_output(kernel(x, weight, bias, scores, thr, cut, stride, padding, dilation, groups), x, weight)
 
 
 _masked_conv2d_op = torch.library.custom_op(f"{LIB}::masked_conv2d", _masked_conv2d, mutates_args=())
@@ -465,7 +513,7 @@ _masked_conv2d_op = torch.library.custom_op(f"{LIB}::masked_conv2d", _masked_con
 
 @_masked_conv2d_op.register_fake
 def _(x, weight, bias, scores, thr, cut, stride, padding, dilation, groups, estimator, temperature):
-    return x.new_empty(conv2d_output_shape(x.shape, weight.shape, stride, padding, dilation))
+    return _empty_conv_output(x, weight, stride, padding, dilation)
 
 
 @torch.library.custom_op(f"{LIB}::masked_conv2d_backward", mutates_args=())
@@ -477,13 +525,12 @@ def masked_conv2d_backward(
     grads = _kernel("masked_conv2d_backward", x)(
         grad_y, x, weight, scores, thr, cut, stride, padding, dilation, groups, estimator, temperature, needs
     )
-    return tuple(_or_empty(g, x) for g in grads)
+    return _grads_like(grads, (x, weight, weight[:, 0, 0, 0], scores), x)
 
 
 @masked_conv2d_backward.register_fake
 def _(grad_y, x, weight, scores, thr, cut, stride, padding, dilation, groups, estimator, temperature, needs):
-    shapes = (x, weight, weight[:, 0, 0, 0], scores)
-    return tuple(torch.empty_like(t) if n else x.new_empty(0) for t, n in zip(shapes, needs))
+    return _empty_grads((x, weight, weight[:, 0, 0, 0], scores), needs, x)
 
 
 def _conv_setup(ctx, inputs, output):
@@ -528,7 +575,7 @@ def _masked_conv2d_keep(
     """masked_conv2d with the selection packed once into ``keep`` (as :func:`_masked_linear_keep`)."""
     check_keep_op_scores(scores, weight)
     kernel = _forward_kernel("masked_conv2d_keep_forward", x, estimator, temperature)
-    return kernel(x, weight, bias, keep, stride, padding, dilation, groups)
+    return _conv_output(kernel(x, weight, bias, keep, stride, padding, dilation, groups), x, weight)
 
 
 _masked_conv2d_keep_op = torch.library.custom_op(f"{LIB}::masked_conv2d_keep", _masked_conv2d_keep, mutates_args=())
@@ -536,7 +583,7 @@ _masked_conv2d_keep_op = torch.library.custom_op(f"{LIB}::masked_conv2d_keep", _
 
 @_masked_conv2d_keep_op.register_fake
 def _(x, weight, bias, scores, keep, stride, padding, dilation, groups, estimator, temperature):
-    return x.new_empty(conv2d_output_shape(x.shape, weight.shape, stride, padding, dilation))
+    return _empty_conv_output(x, weight, stride, padding, dilation)
 
 
 @torch.library.custom_op(f"{LIB}::masked_conv2d_keep_backward", mutates_args=())
@@ -548,13 +595,12 @@ def masked_conv2d_keep_backward(
     grads = _kernel("masked_conv2d_keep_backward", x)(
         grad_y, x, weight, scores, keep, stride, padding, dilation, groups, estimator, temperature, needs
     )
-    return tuple(_or_empty(g, x) for g in grads)
+    return _grads_like(grads, (x, weight, weight[:, 0, 0, 0], scores), x)
 
 
 @masked_conv2d_keep_backward.register_fake
 def _(grad_y, x, weight, scores, keep, stride, padding, dilation, groups, estimator, temperature, needs):
-    shapes = (x, weight, weight[:, 0, 0, 0], scores)
-    return tuple(torch.empty_like(t) if n else x.new_empty(0) for t, n in zip(shapes, needs))
+    return _empty_grads((x, weight, weight[:, 0, 0, 0], scores), needs, x)
 
 
 _masked_conv2d_keep_op.register_autograd(_conv_backward(masked_conv2d_keep_backward, 7),
@@ -568,7 +614,7 @@ masked_conv2d_keep = _layer_op("masked_conv2d_keep", _masked_conv2d_keep_op, _ma
 
 def _channel_gate(x: Tensor, scores: Tensor, thr: Tensor, cut: Tensor, dim: int, estimator: str,
                   temperature: float) -> Tensor:
-    return _forward_kernel("channel_gate_forward", x, estimator, temperature)(x, scores, thr, cut, dim)
+    return _like(_forward_kernel("channel_gate_forward", x, estimator, temperature)(x, scores, thr, cut, dim), x)
 
 
 _channel_gate_op = torch.library.custom_op(f"{LIB}::channel_gate", _channel_gate, mutates_args=())
@@ -584,13 +630,13 @@ def channel_gate_backward(
     grad_y: Tensor, x: Tensor, scores: Tensor, thr: Tensor, cut: Tensor, dim: int, estimator: str,
     temperature: float, needs: list[bool],
 ) -> tuple[Tensor, Tensor]:
-    gx, gs = _kernel("channel_gate_backward", x)(grad_y, x, scores, thr, cut, dim, estimator, temperature, needs)
-    return _or_empty(gx, x), _or_empty(gs, x)
+    grads = _kernel("channel_gate_backward", x)(grad_y, x, scores, thr, cut, dim, estimator, temperature, needs)
+    return _grads_like(grads, (x, scores), x)
 
 
 @channel_gate_backward.register_fake
 def _(grad_y, x, scores, thr, cut, dim, estimator, temperature, needs):
-    return tuple(torch.empty_like(t) if n else x.new_empty(0) for t, n in zip((x, scores), needs))
+    return _empty_grads((x, scores), needs, x)
 
 
 def _gate_setup(ctx, inputs, output):

@@ -96,6 +96,51 @@ def test_opcheck(backend, case):
     torch.library.opcheck(op, args)
 
 
+def _relayout(a):
+    """``a`` with the same values in another layout: channels_last for a 4-d tensor, column-major for
+    the last two dims of a 2-d or 3-d one (lists element-wise); the rest as it is."""
+    if isinstance(a, list):
+        return [_relayout(t) for t in a]
+    if not isinstance(a, torch.Tensor) or a.dim() < 2:
+        return a
+    t = a.detach()
+    t = t.contiguous(memory_format=torch.channels_last) if t.dim() == 4 else t.mT.contiguous().mT
+    return t.requires_grad_(a.requires_grad)
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_fake_layouts_match_on_non_contiguous_inputs(backend, case):
+    """The fake impls' output strides (torch.compile's generated code asserts them) hold for channels_last
+    and column-major inputs: the masks and gradients of the cpp backend were contiguous, the conv outputs
+    of every backend channels_last where the fake said contiguous (an Inductor-compiled channels_last
+    masked conv failed on its first call)."""
+    op, args = _cases()[case]
+    if not backends.BACKENDS[backend].supports(_kernel_name(op)):
+        pytest.skip(f"backend {backend!r} has no {_kernel_name(op)} kernel")
+    torch.library.opcheck(op, tuple(_relayout(a) for a in args), test_utils=("test_faketensor",))
+
+
+@torch._inductor.config.patch(force_disable_caches=True)  # a cached graph would keep old fake layouts
+def test_inductor_compiles_a_channels_last_masked_conv_net():
+    """The Inductor-compiled channels_last masked conv net (forward and backward) equals eager mode."""
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 4, 1), nn.ReLU(),
+                        nn.AdaptiveAvgPool2d(1), nn.Conv2d(4, 2, 1))  # 1x1 maps: strides of length-1 dims
+    bk.mask_model(net, density=0.5, freeze_weights=False)
+    net = net.to(memory_format=torch.channels_last)
+    x = torch.randn(2, 3, 6, 6).to(memory_format=torch.channels_last)
+    expected = net(x)
+    expected.square().sum().backward()
+    want = {n: p.grad.clone() for n, p in net.named_parameters()}
+    net.zero_grad()
+    torch._dynamo.reset()
+    y = torch.compile(net, fullgraph=True)(x)
+    torch.testing.assert_close(y, expected)
+    y.square().sum().backward()
+    for name, p in net.named_parameters():
+        torch.testing.assert_close(p.grad, want[name], msg=name)
+
+
 class _Net(nn.Module):
     def __init__(self):
         super().__init__()
