@@ -1,9 +1,13 @@
 """What only the Triton masked-layer and channel-gate kernels have: output tiles whose units are
-all masked, the backend's device and backward-argument checks, the channels_last mask pass, the
-GEMM tile selection, and the GEMMs compiled for sm_90 (int64 addresses, shared memory per tile).
+all masked, the backend's device and backward-argument checks, the channels_last mask pass (also
+past 2**31 elements), the GEMM tile selection, the GEMMs compiled for sm_90 (int64 addresses,
+shared memory per tile), and the conv's fused passes and the channel gate compiled for sm_90
+(int64 addresses and index math, grids within CUDA's limits).
 
 Every backend's outputs and gradients against the reference: test_masked_kernels.py.
 """
+
+import math
 
 import pytest
 import torch
@@ -114,6 +118,26 @@ def test_mask_pass_keeps_channels_last_weights(dtype):
     w_eff = masked_conv.masked_weight(w, scores, thr, cut)
     assert w_eff.is_contiguous(memory_format=torch.channels_last)
     assert torch.equal(w_eff, w * ref.keep_mask(scores, thr, cut).to(dtype))
+
+
+def test_conv_passes_address_weights_past_2_31_elements():
+    """A weight view whose unit 2 lies 2**31 elements past unit 0, as in a weight of 2**31 elements or
+    more: in int32 its offset 2 * 2**30 wraps to -2**31, where a 7 lies. The mask pass (forward and
+    dgrad) and the score-gradient pass (which reads W) must read the 3."""
+    try:  # 8 GiB of address space; 4 pages touched
+        base = torch.empty(2**32 + 1, dtype=torch.float16, device=DEVICE)
+    except (RuntimeError, MemoryError) as error:
+        pytest.skip(f"no room for an 8 GiB storage: {error}")
+    base[0], base[2**31], base[2**31 + 2**30], base[2**32] = 7, 1, 2, 3
+    w = base.as_strided((3, 1, 1, 1), (2**30, 1, 1, 1), 2**31)
+    scores, thr = torch.ones(3, device=DEVICE), torch.zeros((), device=DEVICE)
+    cut = torch.zeros((), dtype=torch.int64, device=DEVICE)
+    x = torch.ones(1, 1, 1, 1, dtype=torch.float16, device=DEVICE)
+    gy = torch.ones(1, 3, 1, 1, dtype=torch.float16, device=DEVICE)
+    assert masked_conv.masked_weight(w, scores, thr, cut).flatten().tolist() == [1, 2, 3]
+    gx, _, _, gs = masked_conv.masked_conv2d_backward(gy, x, w, scores, thr, cut, 1, 0, 1, 1, "ste", 1.0,
+                                                      [True, False, False, True])
+    assert gx.item() == 6 and gs.tolist() == [1, 2, 3]
 
 
 # ----------------------------------------------------------------------------- tile selection
@@ -255,7 +279,7 @@ def test_small_m_keep_tiles_compile_for_hopper_without_a_gpu():
 
 # ----------------------------------------------------------------------------- sm_90 launches
 
-_LOWER_LAUNCHES_FOR_SM90 = r"""
+_SM90_LOWERING = r"""
 import json, multiprocessing, os, re
 import torch
 import triton
@@ -263,28 +287,15 @@ from triton._C.libtriton import ir
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource, make_backend
 from triton.runtime.jit import create_function_from_signature
-from bise_kernels.backends.triton import masked_linear as L
 
 TARGET = GPUTarget("cuda", 90, 32)
 BACKEND = make_backend(TARGET)
-LAUNCHES = []  # (name, JIT function, args, kwargs) of each GEMM the launchers would run
-KINDS = {(L._masked_mm_body, True): "forward", (L._masked_mm_body, False): "dgrad"}
-
-
-def record(*args, grid, warmup, _fn, **kwargs):
-    kind = KINDS.get((_fn, kwargs.get("UNIT_ON_COLS")), "wgrad")
-    LAUNCHES.append((f"{LAYER}/{kind}/{kwargs['PRECISION']}", _fn, args, kwargs))
-
-
-for fn in (L._masked_mm_body, L._masked_wgrad_kernel.fn):
-    fn.run = lambda *args, _fn=fn, **kwargs: record(*args, _fn=_fn, **kwargs)
-L.check_device = lambda x: None  # meta tensors: shapes, strides and dtypes, no memory
 
 
 def lower(launch, last):
     # JITFunction.run of triton 3.6 up to its compile (the same specialization: 16-byte aligned pointers,
     # unit strides constant), then the compiler's stages for sm_90 up to `last`
-    _, fn, args, kwargs = launch
+    fn, args, kwargs = launch[1:4]
     kwargs = dict(kwargs, debug=False, instrumentation_mode=triton.knobs.compilation.instrumentation_mode)
     bound, specialization, options = create_function_from_signature(fn.signature, fn.params, BACKEND)(*args, **kwargs)
     options, signature, constexprs, attrs = fn._pack_args(BACKEND, kwargs, bound, specialization, options)
@@ -300,6 +311,24 @@ def lower(launch, last):
         module = run(module, metadata)
         if stage == last:
             return str(module), metadata
+"""
+"""Lowers a recorded launch (name, JIT function, args, kwargs, ...) for sm_90 as the JIT would, no GPU."""
+
+_LOWER_LAUNCHES_FOR_SM90 = _SM90_LOWERING + r"""
+from bise_kernels.backends.triton import masked_linear as L
+
+LAUNCHES = []  # (name, JIT function, args, kwargs) of each GEMM the launchers would run
+KINDS = {(L._masked_mm_body, True): "forward", (L._masked_mm_body, False): "dgrad"}
+
+
+def record(*args, grid, warmup, _fn, **kwargs):
+    kind = KINDS.get((_fn, kwargs.get("UNIT_ON_COLS")), "wgrad")
+    LAUNCHES.append((f"{LAYER}/{kind}/{kwargs['PRECISION']}", _fn, args, kwargs))
+
+
+for fn in (L._masked_mm_body, L._masked_wgrad_kernel.fn):
+    fn.run = lambda *args, _fn=fn, **kwargs: record(*args, _fn=_fn, **kwargs)
+L.check_device = lambda x: None  # meta tensors: shapes, strides and dtypes, no memory
 
 
 def layer(x_dtype, scores, needs, structured=False, n=4096):
@@ -400,3 +429,109 @@ def test_heuristic_tiles_fit_in_hopper_shared_memory(sm90_gemms):
     assert len(shared) == 5 * 5 * 2 + 5, sorted(shared)
     over = {name: need for name, need in shared.items() if not isinstance(need, int) or need > SM90_SHARED_MEMORY}
     assert not over, over
+
+
+# ----------------------------------------------------------------------------- conv passes and gate on sm_90
+
+_LOWER_CONV_GATE_FOR_SM90 = _SM90_LOWERING + r"""
+from bise_kernels.backends.triton import channel_gate as G, masked_conv as C
+
+LAUNCHES = []  # (name, JIT function, args, kwargs, grid) of each launch the launchers would run
+for fn in (C._mask_weight_kernel, C._conv_score_grad_kernel, G._gate_forward_kernel, G._gate_backward_kernel):
+    fn.run = lambda *args, grid, warmup, _fn=fn, **kwargs: LAUNCHES.append(
+        (f"{CASE}/{_fn.__name__}#{len(LAUNCHES)}", _fn, args, kwargs, grid))
+C.check_device = G.check_device = lambda x: None  # meta tensors: shapes, strides and dtypes, no memory
+G._sm_count = lambda index: 132  # an H100 SXM or H200
+
+
+def meta(*shape, dtype=torch.float16):
+    return torch.empty(shape, dtype=dtype, device="meta")
+
+
+def conv(weight, structured):
+    # the mask pass (forward and dgrad) and the score-gradient pass of one layer
+    global CASE
+    CASE = f"conv{weight}" + "/unit" * structured
+    x, w = meta(1, *weight[1:]), meta(*weight)
+    s = meta(*weight[:1 if structured else 4], dtype=torch.float32)
+    thr, cut = meta(dtype=torch.float32), meta(dtype=torch.int64)
+    C.masked_conv2d_forward(x, w, None, s, thr, cut, 1, 0, 1, 1)
+    C.masked_conv2d_backward(meta(1, weight[0], 1, 1), x, w, s, thr, cut, 1, 0, 1, 1, "sigmoid", 0.5, [True] * 4)
+
+
+def gate(shape):
+    global CASE
+    CASE = f"gate{shape}"
+    x, s = meta(*shape), meta(shape[1], dtype=torch.float32)
+    thr, cut = meta(dtype=torch.float32), meta(dtype=torch.int64)
+    G.channel_gate_forward(x, s, thr, cut, 1)
+    G.channel_gate_backward(meta(*shape), x, s, thr, cut, 1, "sigmoid", 0.5, [True, True])
+
+
+def widths(pattern, ttir):
+    return sorted({re.search(r"i(\d+)>?$", t).group(1) for t in re.findall(pattern, ttir)})
+
+
+for structured in (False, True):
+    conv((16384, 16384, 3, 3), structured)  # 2.4e9 elements (its int arguments all fit in int32)
+    conv((1, 4096, 64, 64), structured)  # a row of 2**24 elements: 65,536 tiles of 256
+gate((1, 2, 2**31))  # a reduce axis (inner) of 2**31
+gate((2**31 - 2**10, 1))  # channels_last-like (inner == 1): a reduce axis (outer) that ends near 2**31
+gate((4, 2**29, 2))  # a channel axis (outer * C) of 2**31
+facts = {}
+for launch in LAUNCHES:
+    ttir = lower(launch, "ttir")[0]
+    facts[launch[0]] = {"offsets": widths(r"tt\.addptr [^:]+: [^,]+, (\S+)", ttir),
+                        "multiplies": widths(r"arith\.muli [^\n]*?: (tensor<[^>]*>|i\d+)", ttir),
+                        "grid": list(launch[4])}
+print(json.dumps(facts))
+"""
+
+
+@pytest.fixture(scope="module")
+def sm90_conv_gate():
+    """Facts of the conv's fused passes and the channel gate compiled for sm_90 (TTIR) as the JIT would
+    compile their launches on huge shapes (meta tensors; nothing is launched, no GPU needed)."""
+    return _compiled_facts(_LOWER_CONV_GATE_FOR_SM90, None, timeout=300)
+
+
+def test_conv_and_gate_addresses_are_64_bit(sm90_conv_gate):
+    """Every pointer offset of the conv's mask and score-gradient passes and of the gate's forward and
+    backward is int64: in int32, ``unit * stride`` wraps once a weight holds 2**31 elements (and the
+    gate's per-channel scores and partial sums are addressed alike)."""
+    assert len(sm90_conv_gate) == 4 * 3 + 3 * 2, sorted(sm90_conv_gate)
+    narrow = {name: facts["offsets"] for name, facts in sm90_conv_gate.items() if facts["offsets"] != ["64"]}
+    assert not narrow, narrow
+
+
+def test_gate_index_math_is_64_bit(sm90_conv_gate):
+    """The gate's lanes (``program_id * BLOCK + arange``) are int64 from the program id on: an int32 lane
+    past 2**31 wraps negative, passes its ``< N`` mask and reaches outside the tensor (its address is
+    widened too late to help)."""
+    gates = {name: facts["multiplies"] for name, facts in sm90_conv_gate.items() if name.startswith("gate")}
+    assert len(gates) == 6 and all(found == ["64"] for found in gates.values()), gates
+
+
+CUDA_GRID_LIMITS = (2**31 - 1, 65535, 65535)
+"""Programs a CUDA grid may have along x, y and z; Triton launches past them fail ("invalid argument")."""
+
+
+def test_conv_and_gate_launch_grids_fit_cuda_limits(sm90_conv_gate):
+    """The launches above (among them a conv weight (1, 4096, 64, 64): 65,536 reduction tiles) fit a grid."""
+    grids = {name: facts["grid"] for name, facts in sm90_conv_gate.items()}
+    over = {name: grid for name, grid in grids.items() if any(n > lim for n, lim in zip(grid, CUDA_GRID_LIMITS))}
+    assert not over, over
+
+
+@pytest.mark.parametrize("blocks", [(8, 256), (16, 64)], ids=["compiled", "interpreted"])
+def test_conv_grid_fits_cuda_limits_with_one_program_per_tile(monkeypatch, blocks):
+    """A weight row of 2**24 elements (1, 4096, 64, 64) takes 65,536 tiles of 256, over the 65,535
+    programs of a grid's y axis; every shape gets exactly one program per (units, reds) tile."""
+    monkeypatch.setattr(masked_conv, "BLOCK_UNITS", blocks[0])
+    monkeypatch.setattr(masked_conv, "BLOCK_REDS", blocks[1])
+    for shape in ((1, 4096, 64, 64), (4096, 4096, 64, 64), (2**22, 2048, 1, 1), (64, 3, 7, 7), (512, 512, 3, 3),
+                  (2048, 512, 1, 1), (7, 5, 3, 2)):
+        grid = masked_conv._grid(torch.empty(shape, device="meta"))
+        assert all(n <= lim for n, lim in zip(grid, CUDA_GRID_LIMITS)), (shape, grid)
+        tiles = -(-shape[0] // blocks[0]) * -(-shape[1] * shape[2] * shape[3] // blocks[1])
+        assert math.prod(grid) == tiles, (shape, grid)

@@ -7,7 +7,9 @@ reduce axis is outer; otherwise the channel axis is outer*C (channel = row % C) 
 axis is inner. Each program keeps its channels' gates in registers and loops over a slice of
 the reduce axis; the backward writes grad_x and stores its partial sums of grad_y * x (times the
 slope) per channel row, which the launcher sums per channel in a fixed order (float atomics would
-add them in the order the GPU schedules the programs: docs/ops.md, "Determinism").
+add them in the order the GPU schedules the programs: docs/ops.md, "Determinism"). Indices are
+int64 from the program ids on: either axis may hold 2**31 elements or more, and an int32 lane past
+that would wrap negative, pass its ``< N`` mask and reach outside the tensor.
 Semantics: ``backends/reference.py``.
 """
 
@@ -32,7 +34,7 @@ TILE = 4096  # elements per tile
 
 @triton.jit
 def _channel_gate(ch, ch_ok, C, s_ptr, stride_s, thr_ptr, cut_ptr):
-    """(scores, kept) of the channels of channel-axis indices ``ch``."""
+    """(scores, kept) of the channels of channel-axis indices ``ch`` (int64)."""
     c = ch % C
     s = tl.load(s_ptr + c * stride_s, mask=ch_ok, other=0)
     return s, keep(s, tl.load(thr_ptr), c, tl.minimum(tl.load(cut_ptr), C)) & ch_ok
@@ -43,14 +45,14 @@ def _gate_forward_kernel(
     x_ptr, y_ptr, s_ptr, thr_ptr, cut_ptr, C, NCH, NRED, stride_ch, stride_red, stride_s, blocks_per_program,
     BLOCK_CH: tl.constexpr, BLOCK_RED: tl.constexpr,
 ):
-    ch = tl.program_id(0) * BLOCK_CH + tl.arange(0, BLOCK_CH)
+    ch = tl.program_id(0).to(tl.int64) * BLOCK_CH + tl.arange(0, BLOCK_CH)
     ch_ok = ch < NCH
     _, kept = _channel_gate(ch, ch_ok, C, s_ptr, stride_s, thr_ptr, cut_ptr)
-    first = tl.program_id(1) * blocks_per_program
+    first = tl.program_id(1).to(tl.int64) * blocks_per_program
     for i in range(0, blocks_per_program):
         red = (first + i) * BLOCK_RED + tl.arange(0, BLOCK_RED)
         ok = ch_ok[:, None] & (red < NRED)[None, :]
-        offs = ch.to(tl.int64)[:, None] * stride_ch + red.to(tl.int64)[None, :] * stride_red
+        offs = ch[:, None] * stride_ch + red[None, :] * stride_red
         x = tl.load(x_ptr + offs, mask=ok)
         tl.store(y_ptr + offs, tl.where(kept[:, None], x, x * 0), mask=ok)  # x * gate, bit for bit
 
@@ -62,15 +64,15 @@ def _gate_backward_kernel(
     NEED_X: tl.constexpr, SIGMOID: tl.constexpr, ACC: tl.constexpr, S_ACC: tl.constexpr,
     BLOCK_CH: tl.constexpr, BLOCK_RED: tl.constexpr,
 ):
-    ch = tl.program_id(0) * BLOCK_CH + tl.arange(0, BLOCK_CH)
+    ch = tl.program_id(0).to(tl.int64) * BLOCK_CH + tl.arange(0, BLOCK_CH)
     ch_ok = ch < NCH
     s, kept = _channel_gate(ch, ch_ok, C, s_ptr, stride_s, thr_ptr, cut_ptr)
     part = tl.zeros((BLOCK_CH,), dtype=ACC)
-    first = tl.program_id(1) * blocks_per_program
+    first = tl.program_id(1).to(tl.int64) * blocks_per_program
     for i in range(0, blocks_per_program):
         red = (first + i) * BLOCK_RED + tl.arange(0, BLOCK_RED)
         ok = ch_ok[:, None] & (red < NRED)[None, :]
-        offs = ch.to(tl.int64)[:, None] * stride_ch + red.to(tl.int64)[None, :] * stride_red
+        offs = ch[:, None] * stride_ch + red[None, :] * stride_red
         g = tl.load(g_ptr + offs, mask=ok, other=0)
         x = tl.load(x_ptr + offs, mask=ok, other=0)
         if NEED_X:
@@ -78,7 +80,7 @@ def _gate_backward_kernel(
         part += tl.sum(g.to(ACC) * x.to(ACC), axis=1)
     if SIGMOID:
         part = part * sigmoid_slope(s, temperature, S_ACC)
-    tl.store(gs_ptr + tl.program_id(1) * NCH + ch, part.to(gs_ptr.dtype.element_ty), mask=ch_ok)
+    tl.store(gs_ptr + tl.program_id(1).to(tl.int64) * NCH + ch, part.to(gs_ptr.dtype.element_ty), mask=ch_ok)
 
 
 @functools.lru_cache(maxsize=None)

@@ -5,7 +5,10 @@ one ``convolution_backward`` call for dgrad (on W*M), wgrad and the bias gradien
 feeds a fused epilogue kernel that writes ``grad_W_eff * M`` (only if needed) and the score
 gradient ``grad_W_eff * W * slope`` (for structured scores summed per output channel: each
 program's sums in a row of their own, the rows summed after, in a fixed order) in one pass.
-Weights are addressed through their 4-d strides, so channels_last weights work in place.
+Weights are addressed through their 4-d strides, so channels_last weights work in place; addresses
+are int64 (a weight may hold 2**31 elements or more, a strided view reach that far). The grid is
+1-d: a weight row of over 16,776,960 elements would take more than the 65,535 programs a grid's y
+axis allows.
 Semantics: ``backends/reference.py``.
 """
 
@@ -29,12 +32,27 @@ BLOCK_UNITS, BLOCK_REDS = (16, 64) if INTERPRET else (8, 256)
 
 
 @triton.jit
+def _tile(UNITS, BLOCK_U: tl.constexpr, BLOCK_R: tl.constexpr):
+    """(units, reds, reduction tile) of this program's tile. Units vary fastest along the 1-d grid, as
+    they did along the x axis of a 2-d one: the same programs run in the same order."""
+    pid = tl.program_id(0)
+    unit_tiles = tl.cdiv(UNITS, BLOCK_U)
+    pid_r = pid // unit_tiles
+    pid_u = pid - pid_r * unit_tiles
+    return pid_u * BLOCK_U + tl.arange(0, BLOCK_U), pid_r * BLOCK_R + tl.arange(0, BLOCK_R), pid_r
+
+
+@triton.jit
 def _red_offsets(reds, KHW, KW, stride_c, stride_h, stride_w):
-    """Memory offsets of flat in-channel/kernel indices r = (c * KH + h) * KW + w."""
+    """Memory offsets (int64) of flat in-channel/kernel indices r = (c * KH + h) * KW + w.
+
+    The divisions stay in int32 (an index within a row); each index is widened before its stride
+    multiplies it."""
     c = reds // KHW
     rem = reds - c * KHW
     h = rem // KW
-    return c * stride_c + h * stride_h + (rem - h * KW) * stride_w
+    w = rem - h * KW
+    return c.to(tl.int64) * stride_c + h.to(tl.int64) * stride_h + w.to(tl.int64) * stride_w
 
 
 @triton.jit
@@ -44,21 +62,21 @@ def _mask_weight_kernel(
     STRUCTURED: tl.constexpr, BLOCK_U: tl.constexpr, BLOCK_R: tl.constexpr,
 ):
     """out = W * keep(scores), tiles of (output channels, c*kh*kw)."""
-    units = tl.program_id(0) * BLOCK_U + tl.arange(0, BLOCK_U)
-    reds = tl.program_id(1) * BLOCK_R + tl.arange(0, BLOCK_R)
+    units, reds, _ = _tile(UNITS, BLOCK_U, BLOCK_R)
     unit_ok = units < UNITS
     valid = unit_ok[:, None] & (reds < R)[None, :]
+    u64 = units.to(tl.int64)  # addresses in int64: in int32, unit * stride wraps past 2**31 elements
     thr = tl.load(thr_ptr)
     cut = tl.load(cut_ptr)
-    w = tl.load(w_ptr + units[:, None] * sw0 + _red_offsets(reds, KHW, KW, sw1, sw2, sw3)[None, :], mask=valid)
+    w = tl.load(w_ptr + u64[:, None] * sw0 + _red_offsets(reds, KHW, KW, sw1, sw2, sw3)[None, :], mask=valid)
     if STRUCTURED:
-        s = tl.load(s_ptr + units * ss0, mask=unit_ok, other=0)
+        s = tl.load(s_ptr + u64 * ss0, mask=unit_ok, other=0)
         kept = keep(s, thr, units, tl.minimum(cut, UNITS))[:, None]
     else:
-        s = tl.load(s_ptr + units[:, None] * ss0 + _red_offsets(reds, KHW, KW, ss1, ss2, ss3)[None, :],
+        s = tl.load(s_ptr + u64[:, None] * ss0 + _red_offsets(reds, KHW, KW, ss1, ss2, ss3)[None, :],
                     mask=valid, other=0)
         kept = keep(s, thr, reds[None, :], tie_limit(cut, units, R)[:, None])
-    tl.store(out_ptr + units[:, None] * so0 + _red_offsets(reds, KHW, KW, so1, so2, so3)[None, :],
+    tl.store(out_ptr + u64[:, None] * so0 + _red_offsets(reds, KHW, KW, so1, so2, so3)[None, :],
              tl.where(kept, w, 0), mask=valid)
 
 
@@ -71,30 +89,38 @@ def _conv_score_grad_kernel(
     ACC: tl.constexpr, S_ACC: tl.constexpr, BLOCK_U: tl.constexpr, BLOCK_R: tl.constexpr,
 ):
     """Weight and score gradients from grad_W_eff in one read (epilogue of ``_common``). Structured:
-    ``gs_ptr`` is a (programs along reds, UNITS) ``unit_partials`` buffer; this program writes its row."""
-    units = tl.program_id(0) * BLOCK_U + tl.arange(0, BLOCK_U)
-    reds = tl.program_id(1) * BLOCK_R + tl.arange(0, BLOCK_R)
+    ``gs_ptr`` is a (reduction tiles, UNITS) ``unit_partials`` buffer; this program writes its tile's
+    row."""
+    units, reds, pid_r = _tile(UNITS, BLOCK_U, BLOCK_R)
     unit_ok = units < UNITS
     valid = unit_ok[:, None] & (reds < R)[None, :]
-    g = tl.load(g_ptr + units[:, None] * sg0 + _red_offsets(reds, KHW, KW, sg1, sg2, sg3)[None, :],
+    u64 = units.to(tl.int64)  # addresses in int64: in int32, unit * stride wraps past 2**31 elements
+    g = tl.load(g_ptr + u64[:, None] * sg0 + _red_offsets(reds, KHW, KW, sg1, sg2, sg3)[None, :],
                 mask=valid, other=0).to(ACC)
     if STRUCTURED:
-        s_ptrs = s_ptr + units * ss0
-        gs_ptrs = gs_ptr + tl.program_id(1) * UNITS + units
+        s_ptrs = s_ptr + u64 * ss0
+        gs_ptrs = gs_ptr + pid_r.to(tl.int64) * UNITS + u64
     else:
-        s_ptrs = s_ptr + units[:, None] * ss0 + _red_offsets(reds, KHW, KW, ss1, ss2, ss3)[None, :]
-        gs_ptrs = gs_ptr + units[:, None] * sgs0 + _red_offsets(reds, KHW, KW, sgs1, sgs2, sgs3)[None, :]
+        s_ptrs = s_ptr + u64[:, None] * ss0 + _red_offsets(reds, KHW, KW, ss1, ss2, ss3)[None, :]
+        gs_ptrs = gs_ptr + u64[:, None] * sgs0 + _red_offsets(reds, KHW, KW, sgs1, sgs2, sgs3)[None, :]
     score_grad_epilogue(
         g, units, reds, unit_ok, valid, R, UNITS,
-        w_ptr + units[:, None] * sw0 + _red_offsets(reds, KHW, KW, sw1, sw2, sw3)[None, :], s_ptrs, s_ptrs,
-        gw_ptr + units[:, None] * sgw0 + _red_offsets(reds, KHW, KW, sgw1, sgw2, sgw3)[None, :], gs_ptrs,
+        w_ptr + u64[:, None] * sw0 + _red_offsets(reds, KHW, KW, sw1, sw2, sw3)[None, :], s_ptrs, s_ptrs,
+        gw_ptr + u64[:, None] * sgw0 + _red_offsets(reds, KHW, KW, sgw1, sgw2, sgw3)[None, :], gs_ptrs,
         tl.load(thr_ptr), tl.load(cut_ptr), temperature,
         STRUCTURED, SIGMOID, NEED_W, NEED_S, False, S_ACC,
     )
 
 
-def _grid(weight: torch.Tensor):
-    return (triton.cdiv(weight.shape[0], BLOCK_UNITS), triton.cdiv(weight[0].numel(), BLOCK_REDS))
+def _tiles(weight: torch.Tensor) -> tuple[int, int]:
+    """(tiles along the output channels, tiles along a row c*kh*kw) of the fused passes."""
+    return triton.cdiv(weight.shape[0], BLOCK_UNITS), triton.cdiv(weight[0].numel(), BLOCK_REDS)
+
+
+def _grid(weight: torch.Tensor) -> tuple[int]:
+    """One program per tile, on the grid's x axis (up to 2**31 - 1; y and z stop at 65,535)."""
+    unit_tiles, red_tiles = _tiles(weight)
+    return (unit_tiles * red_tiles,)
 
 
 def _geometry(weight: torch.Tensor) -> tuple[int, int, int, int]:
@@ -150,7 +176,7 @@ def masked_conv2d_backward(
     if need_w or need_s:
         gw = torch.empty_like(weight) if need_w else None
         if need_s:
-            gs = unit_partials(_grid(weight)[1], weight.shape[0], scores, x) if structured else \
+            gs = unit_partials(_tiles(weight)[1], weight.shape[0], scores, x) if structured else \
                 torch.empty_like(scores)
         dummy = torch.empty(1, dtype=torch.float32, device=x.device)  # for pointers this launch never touches
         if weight.numel():
