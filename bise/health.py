@@ -54,19 +54,25 @@ class VanillaHealth:
 
 @torch.no_grad()
 def _dead_units(model: nn.Module, split, device, n: int) -> list:
-    """(dead, total) per ReLU layer: a unit (conv channel or feature) is dead if it is 0 on all n inputs."""
-    relus = [m for m in model.modules() if isinstance(m, nn.ReLU)]
-    fired: dict[int, torch.Tensor] = {}
+    """(dead, total) per ReLU layer (ReLU or ReLU6; a module called at several places of a forward, as
+    torchvision's BasicBlock's relu, is a layer per place): a unit (conv channel or feature) is dead if it is
+    0 on all n inputs."""
+    relus = [m for m in model.modules() if isinstance(m, (nn.ReLU, nn.ReLU6))]
+    fired: dict[tuple, torch.Tensor] = {}
+    calls: dict[int, int] = {}  # per module, its calls so far in this forward
 
     def hook(module, _inp, out):
+        key = (id(module), calls.get(id(module), 0))
+        calls[key[0]] = key[1] + 1
         seen = (out > 0).transpose(0, 1).flatten(1).any(1)  # per channel / feature (dim 1)
-        fired[id(module)] = seen if id(module) not in fired else fired[id(module)] | seen
+        fired[key] = seen if key not in fired else fired[key] | seen
 
     handles = [m.register_forward_hook(hook) for m in relus]
     was_training = model.training
     model.eval()
     try:
         for chunk in torch.arange(min(n, len(split))).split(512):
+            calls.clear()
             model(split.inputs(chunk).to(device))
     finally:
         model.train(was_training)

@@ -21,6 +21,7 @@ from torch import nn
 from .checkpoint import atomic_write
 from .evaluate import evaluate
 from .flops import count_macs, count_params
+from .health import DEAD_SAMPLES
 
 SECTIONS = ("vanilla", "subnetwork", "finetuned", "export", "config", "timing")
 METRIC_KEYS = ("accuracy", "aligned_accuracy", "conflicting_accuracy", "unbiased_accuracy", "worst_group_accuracy")
@@ -101,9 +102,11 @@ def _vanilla_lines(cfg: dict) -> list[str]:
     conflicting = (f"{h['n_conflicting_train']} bias-conflicting of {h['n_train']} training samples "
                    f"({100 * h['n_conflicting_train'] / max(1, h['n_train']):.1f}%), of which it fits "
                    f"{_pct(h['conflicting_train_accuracy'])}%")
+    units = h.get("units")
+    dead = (f"ReLU units that never fire on the first {DEAD_SAMPLES:,} training inputs: {h.get('dead_units', '-')} "
+            f"of {units}." if units else "Dead units: not measured (no ReLU or ReLU6 layer).")
     lines += ["", f"Training accuracy {_pct(h['train_accuracy'])}% (chance {_pct(h['chance'])}%, aligned samples "
-                  f"{_pct(h['aligned_train_accuracy'])}%); {conflicting}. ReLU units that never fire on training "
-                  f"inputs: {h.get('dead_units', '-')} of {h.get('units', '-')}."]
+                  f"{_pct(h['aligned_train_accuracy'])}%); {conflicting}. {dead}"]
     if h.get("problems"):
         lines += ["", "**The vanilla model did not train:** " + "; ".join(h["problems"]) + "."]
     return lines + [""]

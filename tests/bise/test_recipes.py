@@ -75,3 +75,27 @@ def test_health_thresholds_are_checked(digits):
         check_vanilla(model, digits, min_gap_closed=2)
     with pytest.raises(ValueError, match="max_dead_share"):
         check_vanilla(model, digits, max_dead_share=0)
+
+
+def test_dead_units_count_relu6_and_each_place_of_a_shared_relu(digits):
+    """MobileNetV2's ReLU6 layers were not counted (its health said 0 units); a ReLU module called at two
+    places was one layer whose places were OR-ed (and failed on places of different widths)."""
+    from torch import nn
+
+    class Shared(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc1, self.fc2, self.out = nn.Linear(192, 8), nn.Linear(8, 16), nn.Linear(16, 10)
+            self.relu, self.relu6 = nn.ReLU(), nn.ReLU6()
+
+        def forward(self, x):
+            return self.out(self.relu6(self.relu(self.fc2(self.relu(self.fc1(x.flatten(1)))))))
+
+    torch.manual_seed(0)
+    model = Shared()
+    with torch.no_grad():
+        model.fc2.bias.fill_(-1e3)  # the second place of relu and relu6 never fire: 16 + 16 dead of 8 + 16 + 16
+    h = check_vanilla(model, digits, strict=False)
+    assert (h.units, h.dead_units, h.worst_layer_dead_share) == (40, 32, 1.0)
+    mobilenet = build_model("mobilenetv2", 10, digits.input_shape, width=0.25)
+    assert check_vanilla(mobilenet, digits, strict=False).units > 0
