@@ -35,7 +35,9 @@ def umask_mode(mode: int = 0o666) -> int:
 
 
 def replace_atomic(path: PathLike, write: Callable[[str], None]) -> Path:
-    """Call ``write(tmp)`` on a temporary path beside ``path``, then rename it into place (this process only)."""
+    """Call ``write(tmp)`` on a temporary path beside ``path``, fsync it, then rename it into place (this
+    process only): a crash leaves the old file or the whole new one, never a part (the report's text and plots
+    were renamed unsynced)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
@@ -43,6 +45,11 @@ def replace_atomic(path: PathLike, write: Callable[[str], None]) -> Path:
     os.close(fd)
     try:
         write(tmp)
+        fd = os.open(tmp, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
@@ -62,13 +69,11 @@ def atomic_write(path: PathLike, write: Callable[[str], None]) -> Path:
 
 
 def save_atomic(obj: Any, path: PathLike) -> Path:
-    """``torch.save(obj)`` to ``path`` atomically (fsynced before the rename)."""
+    """``torch.save(obj)`` to ``path`` atomically (:func:`replace_atomic`)."""
 
     def write(tmp: str) -> None:
-        with open(tmp, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
+        with open(tmp, "wb") as f:  # a file object: given a path, torch.save names the archive after it (bytes
+            torch.save(obj, f)      # differing with the random temporary name)
 
     return atomic_write(path, write)
 

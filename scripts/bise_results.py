@@ -34,6 +34,7 @@ from typing import Optional
 
 import torch
 
+from bise.checkpoint import replace_atomic
 from bise_kernels.info import cpu_description, source_commit
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -155,10 +156,9 @@ def run_one(cfg: dict, suite_dir: Path, device: str) -> dict:
 
     out = suite_dir / cfg["name"]
     prov_path = out / "provenance.json"
-    if prov_path.is_file():
-        prov = json.loads(prov_path.read_text())
-        if prov.get("finished"):
-            return prov
+    prov = _finished(prov_path)
+    if prov is not None:
+        return prov
     if out.exists():
         shutil.rmtree(out)  # never resume: a half-finished run is redone from scratch
     out.mkdir(parents=True)
@@ -190,8 +190,17 @@ def run_one(cfg: dict, suite_dir: Path, device: str) -> dict:
     prov["seconds"]["total"] = time.perf_counter() - start
     prov["test_groups"] = _group_sizes(data.test)
     prov["finished"] = True
-    prov_path.write_text(json.dumps(prov, indent=1))
+    _write(prov_path, json.dumps(prov, indent=1))
     return prov
+
+
+def _finished(prov_path: Path) -> Optional[dict]:
+    """The provenance of a finished run, else None (none, unfinished, or unreadable: a write cut short)."""
+    try:
+        prov = json.loads(prov_path.read_text())
+    except (OSError, ValueError):
+        return None
+    return prov if isinstance(prov, dict) and prov.get("finished") else None
 
 
 def _group_sizes(split) -> list:
@@ -360,9 +369,7 @@ def render(results: dict, earlier: Optional[dict] = None) -> str:
 
 
 def _write(path: Path, text: str) -> None:
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+    replace_atomic(path, lambda tmp: Path(tmp).write_text(text))
 
 
 def main(argv=None) -> None:
@@ -381,9 +388,9 @@ def main(argv=None) -> None:
         for cfg in configurations(suite, a.seeds):
             prov_path = suite_dir / cfg["name"] / "provenance.json"
             if a.render_only:
-                if not prov_path.is_file() or not json.loads(prov_path.read_text()).get("finished"):
+                prov = _finished(prov_path)
+                if prov is None:
                     continue
-                prov = json.loads(prov_path.read_text())
             else:
                 prov = run_one(cfg, suite_dir, a.device)
             rows.append(row_of(suite_dir, prov))

@@ -12,7 +12,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import tempfile
 import warnings
 import zipfile
 from functools import lru_cache
@@ -20,7 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..checkpoint import umask_mode
+from ..checkpoint import replace_atomic
 
 _META, _SUM = "__meta__", "__checksum__"
 
@@ -89,18 +88,12 @@ def _discard(path: Path, why: str):
 
 def write(path: Path, arrays: dict, meta: dict, key: str, seed: int) -> str:
     """Atomically write arrays + meta; returns the checksum."""
-    path.parent.mkdir(parents=True, exist_ok=True)
     digest = checksum(arrays, key, seed)
-    fd, tmp = tempfile.mkstemp(prefix=path.stem + ".", suffix=".tmp", dir=path.parent)
-    os.fchmod(fd, umask_mode())  # mkstemp's 0600 would hide a shared cache from other users
-    try:
-        with os.fdopen(fd, "wb") as f:
+
+    def save(tmp: str) -> None:
+        with open(tmp, "wb") as f:  # a file object: given a path, np.savez appends .npz to it
             np.savez(f, **arrays, **{_META: np.array(json.dumps(meta)), _SUM: np.array(digest)})
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+
+    replace_atomic(path, save)  # with the umask's permissions: mkstemp's 0600 would hide a shared cache
     _remove_stale(path)
     return digest

@@ -82,6 +82,22 @@ def test_atomic_write_keeps_old_file_on_failure(tmp_path):
     assert path.read_text() == "old" and os.listdir(tmp_path) == ["f.txt"]
 
 
+def test_every_report_file_is_fsynced_before_its_rename(tmp_path, monkeypatch):
+    """report.json, report.md and the plots were renamed into place unsynced (docs/cli.md: temporary file,
+    fsync, rename): a crash could leave an empty or partial file that run.json's hash then calls changed."""
+    import bise.checkpoint
+
+    synced, replaced = [], []
+    real_fsync, real_replace = os.fsync, os.replace
+    monkeypatch.setattr(os, "fsync", lambda fd: (synced.append(os.readlink(f"/proc/self/fd/{fd}")), real_fsync(fd)))
+    monkeypatch.setattr(bise.checkpoint.os, "replace", lambda a, b: (replaced.append((str(a), str(b))),
+                                                                     real_replace(a, b)))
+    paths = write_report(str(tmp_path), _report(), history=[{"epoch": 1, "temperature": 1.0, "val": _metrics()}],
+                         units={"a": (1, 2)})
+    assert sorted(b for _, b in replaced) == sorted(paths) and len(paths) == 5
+    assert all(a in synced for a, _ in replaced)
+
+
 class _Split:
     def __init__(self, n):
         g = torch.Generator().manual_seed(0)

@@ -2,6 +2,7 @@
 
 import importlib.util
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -88,3 +89,15 @@ def test_a_row_lists_the_seeds_it_averages_and_names_the_ones_left_out(script):
     line = script._group_line("g", [row(0, True, 0.6), row(1, False, None), row(2, True, 0.7)])
     assert line.startswith("| g | 90.0 ± 0.0 / 10 | 50.0 ± 0.0 | 65.0 ± 7.1 |"), line
     assert line.endswith("| 0, 2; left out (vanilla did not train): 1 |"), line
+
+
+def test_a_provenance_cut_short_is_an_unfinished_run(script, tmp_path):
+    """provenance.json was written in place: a write cut short left a file that crashed the next run and
+    --render-only (JSONDecodeError) where an unfinished run is to be redone."""
+    path = tmp_path / "provenance.json"
+    path.write_text('{"finished": tr')
+    assert script._finished(path) is None and script._finished(tmp_path / "none.json") is None
+    script._write(path, json.dumps({"finished": True, "seconds": {}}))
+    assert script._finished(path) == {"finished": True, "seconds": {}} and os.listdir(tmp_path) == ["provenance.json"]
+    path.write_text(json.dumps({"finished": False}))
+    assert script._finished(path) is None
