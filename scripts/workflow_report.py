@@ -40,7 +40,7 @@ def report(run_report: dict, wall_seconds: float | None = None) -> dict:
         "device": torch.cuda.get_device_name(0) if device.startswith("cuda") and torch.cuda.is_available()
         else f"cpu ({platform.machine()}, {torch.get_num_threads()} threads)",
         "torch": torch.__version__, "python": platform.python_version(), "commit": source_commit()["commit"],
-        "data": config["data"]["spec"], "arch": vanilla.get("arch"), "amp": extraction.get("amp", False),
+        "data": config["data"]["spec"], "arch": config.get("arch"), "amp": extraction.get("amp", False),
         "schedule": {"vanilla_epochs": vanilla.get("epochs"), "vanilla_steps": steps,
                      "mask_epochs": epochs_run, "head_epochs": extraction["head_epochs"]},
         "phases_seconds": phases, "phases_total_seconds": whole, "wall_seconds": wall_seconds,

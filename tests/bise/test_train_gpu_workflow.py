@@ -22,7 +22,7 @@ def _report_module():
 def test_report_derives_the_figures_and_checks_the_targets():
     run = {"timing": {"vanilla_training_seconds": 1.12, "extraction_seconds": 40.0, "extraction_mask_epochs_seconds":
                       25.0, "export_seconds": 1.0, "evaluation_seconds": 2.0},
-           "config": {"data": {"spec": "biased-mnist:rho=0.997", "sizes": {"train": 7000}},
+           "config": {"data": {"spec": "biased-mnist:rho=0.997", "sizes": {"train": 7000}}, "arch": "simple-cnn",
                       "vanilla": {"arch": "simple-cnn", "epochs": 8, "batch_size": 100},
                       "extraction": {"head_epochs": 50, "device": "cpu", "result": {"mask_epochs_run": 100}}}}
     r = _report_module().report(run)
@@ -32,6 +32,12 @@ def test_report_derives_the_figures_and_checks_the_targets():
     assert r["figures"]["whole_schedule_seconds"] == pytest.approx(44.12)
     assert r["targets"]["vanilla_step_ms"]["met"] and r["targets"]["mask_epoch_seconds"]["met"]
     assert _report_module().report(run, wall_seconds=200.0)["targets"]["whole_schedule_seconds"]["met"] is False
+    assert r["arch"] == "simple-cnn"  # config's own (the vanilla's settings of a run --model have none: it said None)
+    del run["timing"]["vanilla_training_seconds"]  # run --model: no training, no such phase
+    run["config"]["vanilla"] = {"from": "/somewhere/vanilla.pt", "health": {}}
+    r = _report_module().report(run)
+    assert r["arch"] == "simple-cnn" and r["figures"]["vanilla_step_ms"] is None
+    assert r["phases_total_seconds"] == pytest.approx(43.0)
 
 
 @pytest.mark.skipif(sys.platform != "linux", reason="a bash script")
