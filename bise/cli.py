@@ -319,7 +319,12 @@ def _load_vanilla(inv: Invocation, path: Path):
                          "vanilla.pt written by bise") from None
     data, arch = inv.data, inv.opt("arch")
     if obj.get("format") == VANILLA_FORMAT:
-        model, state = rebuild(obj["model_spec"]), obj["state_dict"]
+        try:
+            model, state = rebuild(obj.get("model_spec")), obj["state_dict"]
+        except (KeyError, TypeError, ValueError) as exc:  # a damaged or hand-made file of bise's format
+            raise UsageError(f"{name} is a {VANILLA_FORMAT} file that bise cannot rebuild a model from ("
+                             f"{exc if not isinstance(exc, KeyError) else f'no {exc}'}); give a state_dict "
+                             "(torch.save(model.state_dict(), PATH)) with --arch, or a vanilla.pt written by bise")
     else:
         model = build_model(recipe_for(data, arch)["arch"], data.num_classes, data.input_shape,
                             width=_default(inv.opt("width"), 1.0))
@@ -327,6 +332,9 @@ def _load_vanilla(inv: Invocation, path: Path):
     spec = model.bise_spec
     if arch is not None and arch != spec["arch"]:
         raise UsageError(f"{name} holds a {spec['arch']} model, not --arch {arch}")
+    width = inv.opt("width")
+    if width is not None and width != spec["width"]:
+        raise UsageError(f"{name} holds a {spec['arch']} model of --width {spec['width']}, not --width {width}")
     if spec["num_classes"] != data.num_classes or tuple(spec["input_shape"]) != tuple(data.input_shape):
         raise UsageError(f"{name} is a model for {spec['num_classes']} classes of {tuple(spec['input_shape'])} "
                          f"inputs; --data has {data.num_classes} classes of {tuple(data.input_shape)}")
@@ -466,6 +474,18 @@ def _check_extraction_data(inv: Invocation) -> None:
                          "in the .npz)")
 
 
+def _check_budget(inv: Invocation, model) -> None:
+    """--budget against the units the extraction gates in ``model`` (an untrained one counts the same): a
+    budget that keeps none is refused before a vanilla is trained or a file written."""
+    from .extract import check_budget, gated_units
+
+    if inv.args.budget is not None:
+        try:
+            check_budget(inv.args.budget, gated_units(model, inv.data, _extract_config(inv)), "--budget ")
+        except ValueError as exc:
+            raise UsageError(str(exc)) from None
+
+
 def _extract_settings(inv: Invocation, config, source: Path) -> dict:
     return {**dataclasses.asdict(config), "model": str(source)}
 
@@ -479,6 +499,7 @@ def cmd_extract(inv: Invocation) -> None:
     _check_extraction_data(inv)
     source, inputs = _vanilla_source(inv)
     model = _load_vanilla(inv, source)
+    _check_budget(inv, model)
     settings = _extract_settings(inv, config, source)
     resume = bool(a.resume and run.has(CHECKPOINT))
     if resume:
@@ -501,6 +522,16 @@ def cmd_extract(inv: Invocation) -> None:
         except CheckpointError as exc:
             raise UsageError(f"{exc}; start the extraction again with --overwrite") from None
         inv.say(f"resuming from epoch {ckpt['epoch']} of {config.mask_epochs}")
+    elif a.resume and MASKS in run.artefacts and run.has(MASKS):  # finished, its checkpoint gone: nothing to continue
+        made, now = run.artefacts[MASKS]["settings"], _plain(settings)
+        changed = [k for k in now if k not in (*RESUME_IGNORED, "model") and made.get(k) != now[k]]
+        if changed or run.artefacts[MASKS]["inputs"] != inputs:
+            raise UsageError(f"--resume: {run.path(MASKS)} is a finished extraction " + (
+                "of another vanilla model" if not changed else "with other settings (" + ", ".join(
+                    f"{k}: {made.get(k)!r}, now {now[k]!r}" for k in changed) + ")") + " and there is no "
+                f"{CHECKPOINT} to continue; pass --overwrite to extract again")
+        inv.say(f"{run.path(MASKS)} is a finished extraction with these settings: nothing to resume")
+        return
     in_place = resume or not run.has(CHECKPOINT)
     # a resumed extraction's seconds count its phases before the interruption too (bise.extract's timing)
     start = time.perf_counter() - (sum(ckpt.get("timing", {}).values()) if resume else 0.0)
@@ -611,7 +642,7 @@ def cmd_evaluate(inv: Invocation, finetuned: Optional[bool] = None) -> None:
     steps = {"vanilla": run.artefacts.get(VANILLA) if source == VANILLA else None, "extraction": masks_entry,
              "export": run.artefacts[SUBNETWORK], "finetune": run.artefacts.get(FINETUNED) if finetuned else None}
     timing = {f"{'vanilla_training' if k == 'vanilla' else k}_seconds": e["seconds"] for k, e in steps.items()
-              if e is not None}
+              if e is not None and not (k == "vanilla" and "from" in e["settings"])}  # run --model: no training
     dist = distributed.current()
     if a.latency_repeats and dist.is_main:  # one process times while the others wait (in run.commit's barrier):
         # under torchrun every rank timed at once, each figure taken with N - 1 other processes on the cores
@@ -695,6 +726,13 @@ def cmd_run(inv: Invocation) -> None:
         path = _model_file(a.model)
         start = time.perf_counter()
         model = _load_vanilla(inv, path)
+        _check_budget(inv, model)
+        training = [flag for flag, given in (("--vanilla-epochs", a.vanilla_epochs), ("--lr", a.lr),
+                                             ("--pretrained", a.pretrained)) if given is not None]
+        if training:
+            raise UsageError(f"{', '.join(training)} {'train' if len(training) > 1 else 'trains'} the vanilla "
+                             f"model, which --model gives trained; drop {'them' if len(training) > 1 else 'it'} "
+                             "or --model")
         inputs = {str(path): run.hash(path)}
         if not (a.resume and VANILLA in run.artefacts and run.artefacts[VANILLA]["inputs"] == inputs):
             health = _vanilla_health(inv, model, f"--model {path}")
@@ -704,6 +742,10 @@ def cmd_run(inv: Invocation) -> None:
     elif a.resume and run.has(VANILLA):
         _reuse_vanilla(inv)
     else:
+        from .models import build_model
+
+        s = _vanilla_settings(inv)
+        _check_budget(inv, build_model(s["arch"], inv.data.num_classes, inv.data.input_shape, width=s["width"]))
         cmd_train(inv, replaces)
     # the path of vanilla.pt is not compared: a moved --out is the same run (require checks the chain); nor is
     # the device, as for a checkpoint: rank 0 recorded its cuda:0, and rank 1 (cuda:1) re-extracting alone

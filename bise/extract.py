@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import hashlib
 import math
 import os
 import time
@@ -141,6 +142,13 @@ class ExtractConfig:
         if self.label_free and self.weighting not in (None, "empirical-joint"):
             raise ValueError(f"label_free=True weights by the empirical joint of the pseudo labels; weighting="
                              f"{self.weighting!r} would be ignored (leave it None)")
+        defaults = ExtractConfig.__dataclass_fields__
+        for name, off, why in (("gamma", not self.mi, "mi=False drops the mutual-information term"),
+                               ("identification_epochs", not self.label_free,
+                                "label_free=False trains no identification model")):
+            if off and getattr(self, name) != defaults[name].default:
+                raise ValueError(f"{why}; {name}={getattr(self, name)!r} would be ignored (leave it at "
+                                 f"{defaults[name].default!r})")
         if self.budget is not None and not (_is_number(self.budget) and 0 < self.budget <= 1):
             raise ValueError(f"budget must be a fraction in (0, 1] of units to keep, got {self.budget!r}")
         if self.mask_set is not None and self.mask_set not in MASK_SETS:
@@ -222,6 +230,7 @@ class _Run:
         self.bottleneck = model.get_submodule(bottleneck)
         self.batch_size = config.batch_size or recipe_for(data, model)["batch_size"]
         self.generator = torch.Generator().manual_seed(config.seed)
+        self.fingerprint = _fingerprint(model, data)
         self.prefix: Optional[FrozenPrefix] = None
         self.cached: dict[str, Tensor] = {}
         self.history: list[dict] = []
@@ -591,7 +600,7 @@ class _Run:
                 "best": self.best, "history": self.history,
                 "rng": {"generator": self.generator.get_state()},
                 "pseudo_bias": self.pseudo_bias, "gate_names": list(self.gates), "timing": dict(self.timing),
-                "done": self.epoch >= self.config.mask_epochs}
+                "fingerprint": self.fingerprint, "done": self.epoch >= self.config.mask_epochs}
 
     def load_state(self, ckpt: dict, path: Path) -> None:
         saved = {k: v for k, v in ckpt["config"].items() if k not in RESUME_IGNORED}
@@ -603,6 +612,10 @@ class _Run:
         if ckpt["gate_names"] != list(self.gates):
             raise ValueError(f"checkpoint {path} has gates {ckpt['gate_names'][:3]}..., this model "
                              f"{list(self.gates)[:3]}...: not the same model")
+        if ckpt.get("fingerprint", self.fingerprint) != self.fingerprint:  # none: written by an older bise
+            raise ValueError(f"checkpoint {path} is an extraction of another model or other data (their "
+                             "fingerprints differ): resume with the model and data it started with, or start a new "
+                             "run")
         with torch.no_grad():
             for name, g in self.gates.items():
                 g.scores.copy_(ckpt["scores"][name])
@@ -613,6 +626,28 @@ class _Run:
         self.best, self.history, self.epoch = ckpt["best"], ckpt["history"], ckpt["epoch"]
         self.timing = dict(ckpt.get("timing", {}))  # the phases' seconds before the resume (none: older checkpoint)
         self.generator.set_state(ckpt["rng"]["generator"])
+
+
+def _fingerprint(model: nn.Module, data) -> str:
+    """sha256 of what an extraction starts from: the frozen model's tensors (not its gates' scores, which
+    the extraction learns), and of the mask set and the val split their labels and 64 inputs spread over each;
+    a checkpoint resumed on another vanilla of the same architecture or on other data continued as its own."""
+    h = hashlib.sha256()
+    scores = {id(g.scores) for g in gates_of(model).values()}
+    for name, t in [*model.named_parameters(), *model.named_buffers()]:
+        if id(t) not in scores:
+            h.update(name.encode() + str(t.dtype).encode() + _bytes(t))
+    for split in (data.train, data.val):  # where the masks learn, where their epoch is chosen
+        if split is not None and len(split):
+            picked = torch.linspace(0, len(split) - 1, min(64, len(split))).long()
+            for t in (split.y, getattr(split, "b", None), split.inputs(picked)):
+                if t is not None:
+                    h.update(str(tuple(t.shape)).encode() + _bytes(t))
+    return h.hexdigest()
+
+
+def _bytes(t: Tensor) -> bytes:
+    return t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes()  # bf16 has no numpy type
 
 
 def _synchronize(device: torch.device) -> None:
@@ -654,6 +689,35 @@ def _labels(run: "_Run", ckpt: Optional[dict], vanilla_train=None) -> None:
     run.set_labels(run.pseudo_bias["train"], run.pseudo_bias["val"], "empirical-joint", data.num_classes)
 
 
+def _gate(model: nn.Module, config: ExtractConfig, example: Tensor) -> Optional[str]:
+    """Insert the extraction's gates into ``model`` (in place, unless it has them); return the bottleneck."""
+    bottleneck = find_bottleneck(model, config.bottleneck, example)  # once: insert_gates and the run use it
+    if not gates_of(model):
+        insert_gates(model, config.gate_names, exclude=config.gate_exclude, example_input=example,
+                     temperature=config.tau0, bottleneck=bottleneck, arg_names=("gate_names", "gate_exclude"))
+    elif config.gate_names is not None or config.gate_exclude is not None:
+        names = list(gates_of(model))
+        shown = ", ".join(names[:4]) + (f", ... ({len(names)} in all)" if len(names) > 4 else "")
+        raise ValueError(f"gate_names / gate_exclude choose where extract inserts gates, but the model has gates "
+                         f"already ({shown}): pass the model without them, or leave both None")
+    return bottleneck
+
+
+def gated_units(model: nn.Module, data, config: ExtractConfig) -> int:
+    """How many units the extraction of ``model`` (left as it is) gates: what ``config.budget`` is a share of.
+    The CLI checks the budget with it before training a vanilla model (an untrained one counts the same)."""
+    model = copy.deepcopy(model).cpu().eval()
+    _gate(model, config, data.train.inputs(torch.arange(min(2, len(data.train)))))
+    return sum(g.scores.numel() for g in gates_of(model).values())
+
+
+def check_budget(budget: Optional[float], units: int, name: str = "budget=") -> None:
+    """A budget whose top-k keeps no unit is refused (the top-k would keep 1 unit regardless)."""
+    if budget is not None and round(budget * units) < 1:
+        raise ValueError(f"{name}{budget!r} keeps round({budget!r} * {units}) = 0 of the model's {units} gated "
+                         f"units; give at least {1 / units:.3g} (one unit)")
+
+
 def prepare_run(model: nn.Module, data, config: ExtractConfig, quiet: bool = True, ckpt: Optional[dict] = None,
                 ckpt_path: Optional[Path] = None, vanilla_train=None) -> _Run:
     """An extraction ready for its first phase: a frozen gated copy of ``model``, labels, heads, caches
@@ -667,19 +731,8 @@ def prepare_run(model: nn.Module, data, config: ExtractConfig, quiet: bool = Tru
     for p in model.parameters():
         p.requires_grad_(False)
     example = data.train.inputs(torch.arange(min(2, len(data.train)))).to(device)
-    bottleneck = find_bottleneck(model, config.bottleneck, example)  # once: insert_gates and the run use it
-    if not gates_of(model):
-        insert_gates(model, config.gate_names, exclude=config.gate_exclude, example_input=example,
-                     temperature=config.tau0, bottleneck=bottleneck, arg_names=("gate_names", "gate_exclude"))
-    elif config.gate_names is not None or config.gate_exclude is not None:
-        names = list(gates_of(model))
-        shown = ", ".join(names[:4]) + (f", ... ({len(names)} in all)" if len(names) > 4 else "")
-        raise ValueError(f"gate_names / gate_exclude choose where extract inserts gates, but the model has gates "
-                         f"already ({shown}): pass the model without them, or leave both None")
-    units = sum(g.scores.numel() for g in gates_of(model).values())
-    if config.budget is not None and round(config.budget * units) < 1:  # the top-k would keep 1 unit regardless
-        raise ValueError(f"budget={config.budget!r} keeps round({config.budget!r} * {units}) = 0 of the model's "
-                         f"{units} gated units; give at least {1 / units:.3g} (one unit)")
+    bottleneck = _gate(model, config, example)
+    check_budget(config.budget, sum(g.scores.numel() for g in gates_of(model).values()))
     run = _Run(model, data, config, quiet, bottleneck)
     _labels(run, ckpt, vanilla_train)
     run.init_trainables()

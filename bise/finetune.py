@@ -18,7 +18,7 @@ from tqdm.auto import tqdm
 
 from . import distributed, losses, validate
 from .batching import DeviceSplit, to_device
-from .evaluate import evaluate
+from .evaluate import evaluate, predict
 from .recipes import recipe_for
 from .train import _optimizer, rank_streams, seeded, train_epoch
 
@@ -81,8 +81,9 @@ def finetune(model: nn.Module, data, *, epochs: int = 10, scheme: Optional[str] 
                                         logits, y_dev[idx], b_dev[idx], group_weights=table))
             distributed.same_buffers(model)  # the ranks evaluate (and keep) one model
             record = {"epoch": epoch, "train_loss": mean_loss, "val": None}
-            if val is not None:
-                record["val"] = evaluate(model, val, device=device)
+            if val is not None:  # without bias labels (label-free data): accuracy alone, as the extraction's
+                record["val"] = evaluate(model, val, device=device) if val.b is not None else {
+                    "accuracy": float((predict(model, val, device=device).cpu() == data.val.y.long()).float().mean())}
                 acc = record["val"]["accuracy"]
                 if best_acc is None or acc >= best_acc:
                     best_acc, best_state = acc, copy.deepcopy(model.state_dict())

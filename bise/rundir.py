@@ -92,6 +92,7 @@ class RunDir:
         self.manifest: dict = {"format": FORMAT, "data": None, "artefacts": {}}
         self._lock_fd: Optional[int] = None
         self._hashes: dict = {}
+        self._ahead: list = []  # recorded by record_now, not yet written
         self.main = distributed.current().is_main
 
     # ------------------------------------------------------------------ lifetime
@@ -171,6 +172,11 @@ class RunDir:
         if not self.main or (self._lock_fd is None and not self.created):
             return
         shutil.rmtree(self.staging, ignore_errors=True)
+        unwritten = [n for n in self._ahead if n in self.artefacts and not self.has(n)]
+        if failed and unwritten:  # recorded ahead by a command that failed before writing it (a checkpoint)
+            for name in unwritten:
+                del self.artefacts[name]
+            self._save()
         if failed and self.created and not self.manifest["artefacts"]:
             (self.out / MANIFEST).unlink(missing_ok=True)
             (self.out / LOCK).unlink(missing_ok=True)
@@ -203,13 +209,7 @@ class RunDir:
         """Write run.json (rank 0 alone: the caller synchronises the ranks)."""
         text = json.dumps(self.manifest, indent=1, default=str)
 
-        def write(tmp: str) -> None:
-            with open(tmp, "w") as f:
-                f.write(text)
-                f.flush()
-                os.fsync(f.fileno())
-
-        replace_atomic(self.path(MANIFEST), write)
+        replace_atomic(self.path(MANIFEST), lambda tmp: Path(tmp).write_text(text))
 
     def _synced(self) -> None:
         """After rank 0 changed --out: every rank waits, then the others re-read run.json."""
@@ -232,8 +232,10 @@ class RunDir:
                 "seconds": seconds}
 
     def record_now(self, name: str, entry: dict) -> None:
-        """Record a file written in place (the extraction checkpoint) before it exists."""
+        """Record a file written in place (the extraction checkpoint) before it exists; a command that
+        fails before writing it leaves no record of it (:meth:`close`)."""
         if self.main:
+            self._ahead.append(name)
             self.artefacts[name] = entry
             self.manifest["data"] = entry["data"]
             self._save()
@@ -246,6 +248,12 @@ class RunDir:
         (content hash), made from ``data`` and from the current version of each of its inputs."""
         path, entry, maker = self.path(name), self.artefacts.get(name), self.makers.get(name, "run")
         if not path.is_file():
+            started = [n for n, m in self.makers.items() if m == maker and n != name and n in self.artefacts
+                       and self.has(n)]  # the extraction's checkpoint: that step started and was cut short
+            if started and entry is None:
+                raise UsageError(f"{path} is missing: the `bise {maker}` that {started[0]} holds did not finish; "
+                                 f"continue it with `bise {maker} --out {self.out} --resume` and the options it "
+                                 "was started with")
             raise UsageError(f"{path} is missing; run `bise {maker} --out {self.out}` first")
         if entry is None:
             raise UsageError(f"{path} is not recorded in {MANIFEST} (written by another program or an older "

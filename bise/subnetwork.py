@@ -74,6 +74,7 @@ class Subnetwork:
 
         kwargs.setdefault("scheme", self.info.get("weighting"))
         kwargs.setdefault("rho", self.info.get("rho"))
+        kwargs.setdefault("batch_size", self.info.get("batch_size"))  # the mask-learning batch size
         if self.pseudo_bias is not None:
             if self.info.get("mask_set") == "fresh-draw" and "vanilla_train" not in self.pseudo_bias:
                 raise ValueError("this Subnetwork's pseudo bias labels are of the mask set (a second draw), not of "

@@ -48,9 +48,11 @@ def build_model(arch: str, num_classes: int, input_shape: Sequence[int], *, widt
     if pretrained is not False and arch not in ("resnet18", "mobilenetv2"):
         raise PretrainedError(f"pretrained (ImageNet weights) is available for resnet18 and mobilenetv2, not {arch!r}")
     if pretrained is not False and (input_shape[0] != 3 or width != 1.0):
-        raise PretrainedError(f"pretrained {arch} needs 3 input channels and width=1.0, got {input_shape[0]} and {width}")
+        raise PretrainedError(f"pretrained {arch} needs 3 input channels and width=1.0, got {input_shape[0]} and "
+                              f"{width}")
     if pretrained is not False and arch == "mobilenetv2" and num_classes != 1000:
-        raise PretrainedError(f"pretrained mobilenetv2 needs num_classes=1000 (its ImageNet classifier), got {num_classes}")
+        raise PretrainedError(f"pretrained mobilenetv2 needs num_classes=1000 (its ImageNet classifier), got "
+                              f"{num_classes}")
     if stem is not None and arch != "resnet18":
         raise ValueError(f"stem is a resnet18 option, got stem={stem!r} for arch {arch!r}")
     if input_scale is not None:
@@ -106,8 +108,10 @@ def model_spec(model: nn.Module) -> dict:
 
 def rebuild(spec: dict) -> nn.Module:
     """A fresh (randomly initialised) model from :func:`model_spec`'s description; load weights after."""
-    if not isinstance(spec, dict) or "arch" not in spec:
-        raise ValueError(f"spec must be a dict from model_spec() with an 'arch' key, got {spec!r}")
+    missing = [k for k in ("arch", "num_classes", "input_shape") if k not in spec] if isinstance(spec, dict) else []
+    if not isinstance(spec, dict) or missing:
+        raise ValueError(f"spec must be a dict from model_spec() with the keys 'arch', 'num_classes' and "
+                         f"'input_shape', got {spec!r}")
     kwargs = {k: v for k, v in spec.items() if k not in ("arch", "num_classes", "input_shape")}
     return build_model(spec["arch"], spec["num_classes"], spec["input_shape"], **kwargs)
 

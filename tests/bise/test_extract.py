@@ -1,12 +1,14 @@
 """BISE extraction on tiny data: schedule, selection, caching equivalence, checkpoints, bad input."""
 
 import dataclasses
+import sys
 
 import pytest
 import torch
 
 from bise.checkpoint import CheckpointError
 from bise.data.types import BiasedDataset, Split
+from bise.evaluate import predict
 from bise.extract import CHECKPOINT_NAME, ExtractConfig, extract
 from bise.gates import gates_of
 from bise.models import build_model
@@ -172,6 +174,12 @@ def test_interrupted_run_resumes_to_identical_masks(tmp_path, digits, vanilla_ml
     with pytest.raises(ValueError, match="different settings"):
         extract(vanilla_mlp, digits, config=dataclasses.replace(config, gamma=2.0), out_dir=tmp_path, resume=True,
                 quiet=True)
+    # another vanilla of the same architecture, or other data: resumed as if the checkpoint were theirs
+    other_model = build_model("mlp", digits.num_classes, digits.input_shape)
+    other_data = dataclasses.replace(digits, val=digits.val.subset(torch.arange(len(digits.val) - 1)))
+    for model, data in ((other_model, digits), (vanilla_mlp, other_data)):
+        with pytest.raises(ValueError, match="is an extraction of another model or other data"):
+            extract(model, data, config=config, out_dir=tmp_path, resume=True, quiet=True)
     before = torch.load(tmp_path / CHECKPOINT_NAME, weights_only=False)["timing"]
     torch.manual_seed(99)  # the caller's RNG plays no part (nothing of the run draws from it)
     resumed = extract(vanilla_mlp, digits, config=config, out_dir=tmp_path, resume=True, quiet=True)
@@ -350,11 +358,32 @@ def test_bad_input_is_refused():
 
 
 def test_label_free_needs_no_bias_labels():
+    """Neither the extraction nor BISE+FT: fine-tuning selected its epoch with the bias metrics of the val
+    split and failed after its first epoch ('split.b is None'); it selects on accuracy there, as the extraction."""
     data = _random_data()
-    data = dataclasses.replace(data, train=Split(data.train.x, data.train.y, None))
+    data = dataclasses.replace(data, train=Split(data.train.x, data.train.y, None),
+                               val=Split(data.val.x, data.val.y, None))
     model = build_model("mlp", 3, data.input_shape, width=0.2)
     sub = extract(model, data, config=ExtractConfig(mask_epochs=1, head_epochs=1, label_free=True), quiet=True)
     assert sub.pseudo_bias["train"].shape == data.train.y.shape
+    history = []
+    tuned = sub.finetune(data, 2, quiet=True, history=history)
+    accuracy = float((predict(tuned, data.val) == data.val.y).float().mean())
+    assert [set(r["val"]) for r in history] == [{"accuracy"}] * 2
+    assert accuracy == max(r["val"]["accuracy"] for r in history)
+
+
+def test_subnetwork_finetune_takes_the_mask_learning_batch_size(digits, vanilla_mlp, monkeypatch):
+    """Subnetwork.finetune trained with the recipe's batch size (256) where its docs and the CLI use the
+    extraction's (here 50)."""
+    module = sys.modules["bise.finetune"]
+    seen, real = [], module.train_epoch
+    monkeypatch.setattr(module, "train_epoch", lambda model, split, opt, gen, batch_size, *a, **k: (
+        seen.append(batch_size), real(model, split, opt, gen, batch_size, *a, **k))[1])
+    sub = extract(vanilla_mlp, digits, config=ExtractConfig(**{**TINY, "batch_size": 50}), quiet=True)
+    sub.finetune(digits, 1, quiet=True)
+    sub.finetune(digits, 1, quiet=True, batch_size=64)
+    assert seen == [50, 64]
 
 
 

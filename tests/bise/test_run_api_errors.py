@@ -325,3 +325,16 @@ def test_rho_and_weighting_that_would_be_ignored_are_named(data):
     with pytest.raises(ValueError, match="rho=0.9 would be ignored: weighting 'group-balanced' counts the groups"):
         bise.extract(model, data, config={"mask_epochs": 1, "head_epochs": 0, "weighting": "group-balanced",
                                           "rho": 0.9}, quiet=True)
+
+
+@pytest.mark.parametrize("settings, message", [
+    ({"mi": False, "gamma": 100.0}, "mi=False drops the mutual-information term; gamma=100.0 would be ignored"),
+    ({"identification_epochs": 50}, "label_free=False trains no identification model; identification_epochs=50 "
+                                    "would be ignored"),
+])
+def test_settings_their_switch_turns_off_are_named(settings, message):
+    """gamma without the MI term, identification_epochs without label_free: accepted and unused (the masks
+    came out bit-identical), as a weighting beside label_free=True was before."""
+    with pytest.raises(ValueError, match=message):
+        validate.extract_config(settings)
+    validate.extract_config({**settings, "mi": True, "label_free": True})  # switched on: used

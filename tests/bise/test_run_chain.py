@@ -143,7 +143,13 @@ def test_run_killed_then_resumed(tmp_path, capsys):
     args = ["run", *DATA, "--arch", "mlp", "--vanilla-epochs", "1", "--mask-epochs", "2", "--head-epochs", "1",
             "--latency-repeats", "0", "--out", str(out)]
     assert killed(6, args) == -9  # after the vanilla, inside the extraction
-    assert evaluate(out, capsys).endswith(f"masks.pt is missing; run `bise extract --out {out}` first")
+    state = evaluate(out, capsys)
+    if (out / "checkpoint.pt").is_file():  # the extraction had started: the hint continues it
+        assert state.endswith(f"masks.pt is missing: the `bise extract` that checkpoint.pt holds did not finish; "
+                              f"continue it with `bise extract --out {out} --resume` and the options it was started "
+                              "with"), state
+    else:
+        assert state.endswith(f"masks.pt is missing; run `bise extract --out {out}` first"), state
     assert main([*args, "--resume", "--quiet"]) == 0
     assert evaluate(out, capsys) == "ok"
 
@@ -186,6 +192,8 @@ def test_run_from_model_and_run_overwrite_with_other_data(base, tmp_path, capsys
             "--latency-repeats", "0", "--finetune-epochs", "1", "--out", str(out), "--quiet"]
     assert main(args) == 0
     assert evaluate(out, capsys) == "ok"
+    timing = json.loads((out / "report.json").read_text())["timing"]
+    assert "vanilla_training_seconds" not in timing and "extraction_seconds" in timing  # docs/cli.md: not for --model
     other = ["run", "--data", "colored-digits:rho=0.9", "--arch", "mlp", "--vanilla-epochs", "0", "--mask-epochs", "1",
              "--head-epochs", "0", "--latency-repeats", "0", "--out", str(out), "--quiet", "--overwrite"]
     assert main(other) == 0

@@ -277,7 +277,12 @@ def test_unreadable_model_files_are_named_in_one_line(run_dir, tmp_path, capsys)
 
     torch.save(build_model("mlp", 10, (3, 8, 8)), tmp_path / "module.pt")  # the whole module, not its state_dict
     torch.save(build_model("mlp", 10, (3, 28, 28)).state_dict(), tmp_path / "mlp28.pt")
-    cases = [("module.pt", "state_dict"), ("mlp28.pt", "size mismatch for"), (".", "is not a file")]
+    # bise's own format, damaged: a traceback (KeyError 'model_spec' / 'num_classes') with exit status 1
+    torch.save({"format": "bise-vanilla-v1"}, tmp_path / "no_spec.pt")
+    torch.save({"format": "bise-vanilla-v1", "model_spec": {"arch": "mlp"}, "state_dict": {}}, tmp_path / "part.pt")
+    cases = [("module.pt", "state_dict"), ("mlp28.pt", "size mismatch for"), (".", "is not a file"),
+             ("no_spec.pt", "is a bise-vanilla-v1 file that bise cannot rebuild a model from (spec must be a dict"),
+             ("part.pt", "'num_classes' and 'input_shape', got {'arch': 'mlp'}")]
     for name, needle in cases:
         assert main(["run", *TINY, "--model", str(tmp_path / name), "--out", str(tmp_path / "run")]) == 2
         lines = capsys.readouterr().err.strip().splitlines()
@@ -520,3 +525,103 @@ def test_the_resume_hint_under_torchrun_relaunches_with_torchrun(monkeypatch):
     monkeypatch.setattr(distributed, "current", lambda: distributed.Context(rank=1, world_size=2))
     hint = cli._resume_hint(inv, argv)
     assert hint == "continue with: torchrun <the same torchrun options> -m bise run --out 'run dir' --resume", hint
+
+
+def test_a_budget_that_keeps_no_unit_is_refused_before_any_work(run_dir, tmp_path, capsys, monkeypatch):
+    """--budget 1e-6 keeps round(1e-6 * 300) = 0 units: refused before the vanilla training (run; with
+    --overwrite the finished run was replaced first), before vanilla.pt is copied (run --model) and before
+    a checkpoint is recorded (extract: run.json listed a checkpoint.pt that was never written)."""
+    import bise.train
+
+    def no_training(*args, **kwargs):
+        raise AssertionError("a vanilla was trained")
+
+    monkeypatch.setattr(bise.train, "train_vanilla", no_training)
+    message = "error: --budget 1e-06 keeps round(1e-06 * 300) = 0 of the model's 300 gated units"
+    out = tmp_path / "run"
+    shutil.copytree(run_dir, out)
+    before = {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()}
+    for args in (["run", *TINY, "--overwrite"], ["run", *TINY, "--overwrite", "--model", str(run_dir / "vanilla.pt")]):
+        assert main([*args, "--budget", "1e-6", "--out", str(out)]) == 2, args
+        assert message in capsys.readouterr().err, args
+        assert {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()} == before, args
+    assert main(["run", *TINY, "--budget", "1e-6", "--out", str(tmp_path / "new")]) == 2
+    assert message in capsys.readouterr().err and not (tmp_path / "new").exists()
+    fresh = tmp_path / "fresh"
+    assert main(["extract", "--data", "colored-digits", "--model", str(run_dir / "vanilla.pt"), "--budget", "1e-6",
+                 "--quiet", "--out", str(fresh)]) == 2
+    assert message in capsys.readouterr().err and not fresh.exists()
+
+
+def test_a_failed_extraction_leaves_no_record_of_an_unwritten_checkpoint(run_dir, tmp_path, capsys, monkeypatch):
+    """An extraction that fails before its first checkpoint leaves run.json as it was (it listed a
+    checkpoint.pt that did not exist), and removes an --out it created."""
+    import importlib
+
+    module = importlib.import_module("bise.extract")
+
+    def fails(*args, **kwargs):
+        raise ValueError("no extraction today")
+
+    monkeypatch.setattr(module, "extract", fails)
+    out = tmp_path / "run"
+    assert main(["train", *TINY[:6], "--quiet", "--out", str(out)]) == 0
+    manifest = (out / "run.json").read_text()
+    assert main(["extract", "--out", str(out), "--mask-epochs", "2", "--head-epochs", "1"]) == 2
+    assert "no extraction today" in capsys.readouterr().err
+    assert json.loads((out / "run.json").read_text()) == json.loads(manifest)
+    fresh = tmp_path / "fresh"
+    assert main(["extract", "--data", "colored-digits", "--model", str(run_dir / "vanilla.pt"), "--quiet",
+                 "--out", str(fresh)]) == 2
+    assert not fresh.exists()
+
+
+def test_options_a_given_model_makes_moot_are_refused(run_dir, tmp_path, capsys):
+    """--width other than the model's was ignored by extract (300 units kept at --width 0.25), and run --model
+    ignored the vanilla-training options without a word: each is named now, before any work."""
+    out = tmp_path / "run"
+    shutil.copytree(run_dir, out)
+    before = (out / "run.json").read_text()
+    assert main(["extract", "--out", str(out), "--overwrite", "--width", "0.25", "--quiet"]) == 2
+    assert f"error: {out / 'vanilla.pt'} holds a mlp model of --width 1.0, not --width 0.25" in capsys.readouterr().err
+    model = str(run_dir / "vanilla.pt")
+    assert main(["extract", "--out", str(out), "--overwrite", "--model", model, "--width", "1", "--mask-epochs", "1",
+                 "--head-epochs", "0", "--quiet"]) == 0  # the model's own width is fine
+    capsys.readouterr()
+    before = (out / "run.json").read_text()
+    assert main(["run", *TINY, "--overwrite", "--model", model, "--lr", "0.5", "--out", str(out)]) == 2
+    assert "error: --vanilla-epochs, --lr train the vanilla model, which --model gives trained; drop them or --model" \
+        in capsys.readouterr().err
+    assert (out / "run.json").read_text() == before
+
+
+def test_resume_without_a_checkpoint_never_replaces_finished_masks(run_dir, tmp_path, capsys):
+    """extract --resume where checkpoint.pt is gone extracted again with the new options and replaced the
+    finished masks.pt (and dropped the export and report made from it) without a word."""
+    out = tmp_path / "run"
+    shutil.copytree(run_dir, out)
+    (out / "checkpoint.pt").unlink()
+    files = {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()}
+    assert main(["extract", "--out", str(out), "--resume", "--mask-epochs", "5", "--head-epochs", "1"]) == 2
+    assert "mask_epochs: 2, now 5) and there is no checkpoint.pt to continue; pass --overwrite" in \
+        capsys.readouterr().err
+    assert main(["extract", "--out", str(out), "--resume", "--mask-epochs", "2", "--head-epochs", "1"]) == 0
+    assert "is a finished extraction with these settings: nothing to resume" in capsys.readouterr().out
+    assert {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()} == files
+
+
+def test_the_next_step_after_an_unfinished_extraction_is_to_resume_it(run_dir, tmp_path, capsys):
+    """After a run killed in its extraction, evaluate said to run `bise extract --out X`, which then refused
+    ('already has checkpoint.pt'): the hint is --resume now."""
+    out = tmp_path / "run"
+    shutil.copytree(run_dir, out)
+    manifest = json.loads((out / "run.json").read_text())
+    for name in ("masks.pt", "subnetwork.pt", "subnetwork.json"):  # as a kill inside the extraction leaves it
+        (out / name).unlink(missing_ok=True)
+        manifest["artefacts"].pop(name, None)
+    (out / "run.json").write_text(json.dumps(manifest))
+    assert main(["evaluate", "--out", str(out)]) == 2
+    assert capsys.readouterr().err.strip().endswith(
+        f"masks.pt is missing: the `bise extract` that checkpoint.pt holds did not finish; continue it with "
+        f"`bise extract --out {out} --resume` and the options it was started with")
+    assert main(["extract", "--out", str(out), "--resume", "--mask-epochs", "2", "--head-epochs", "1", "--quiet"]) == 0
