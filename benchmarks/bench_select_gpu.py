@@ -16,7 +16,9 @@ Cases (format: docs/gpu_suite.md), for each GPU backend: "cuda" (its default rad
   concatenating them. Target <= 300 us. Baselines: cat + topk / kthvalue / sort.
 
 Every case has the baseline ``one_read`` (``x.sum()`` over the same data: the memory floor)
-beside torch's sort / topk / kthvalue. The single-tensor and global cases also run through the
+beside torch's sort / topk / kthvalue. The backends' cases of one input share their baseline
+callables, which the suite times once (kthvalue alone takes 0.1-0.6 s a call at full size).
+The single-tensor and global cases also run through the
 public API (``bise_kernels.topk_select``, backend "auto": checks included), named ``.../api``,
 with the raw kernel that "auto" picks as the baseline ``raw_kernel``: ``overhead_us`` is the
 API's cost (target <= 10 us). Every case checks its result against the reference (bit for bit)
@@ -180,15 +182,18 @@ def _keep_mask_cases(backends, device, scale) -> list[dict]:
     n = max(1000, round(SINGLE_NUMEL * scale))
     x = torch.randn(n, device=device, generator=torch.Generator(device=device).manual_seed(3))
     k = round(DENSITY * n)
+    # one callable per input for the baselines every backend shares: the suite times each once
+    shared = {"one_read": _one_read([x]), "torch.topk+scatter": lambda: torch.zeros(n, dtype=torch.bool, device=device)
+              .scatter_(0, torch.topk(x, k, sorted=False).indices, True)}
     cases = []
     for backend in backends:
         try:
             select, keep = _kernel(backend, "topk_select"), _kernel(backend, "keep_mask")
         except (BackendUnavailableError, KeyError):
             continue
-        baselines = {"one_read": _one_read([x]), "select+keep_mask": lambda s=select, m=keep: m(x, *s([x], k, None), 0),
-                     "torch.topk+scatter": lambda: torch.zeros(n, dtype=torch.bool, device=device).scatter_(
-                         0, torch.topk(x, k, sorted=False).indices, True)}
+        baselines = {"one_read": shared["one_read"],
+                     "select+keep_mask": lambda s=select, m=keep: m(x, *s([x], k, None), 0),
+                     "torch.topk+scatter": shared["torch.topk+scatter"]}
         cases += _cases("select_keep_mask_25M_fp32", (backend,), "topk_keep_mask", lambda f: f([x], k, None),
                         lambda: ref.topk_keep_mask([x], k), baselines, same=_check_masks, target_us=None,
                         bytes=n * 5, numel=n, device=device)

@@ -9,6 +9,8 @@ over each baseline. The file is rewritten after every case (a killed run keeps w
 measured); each case has a time limit and the whole run a budget, after which the remaining
 cases are recorded as skipped. ``--dry-run`` checks the wiring on the CPU with tiny cases and a
 perf_counter timer (its JSON goes to a temporary folder unless ``--out`` is given).
+``--summarize-tests LOG [JUNIT...]`` prints the JSON summary of the GPU tests that benchmarks/run_gpu.sh
+ran (``pytest -v`` log and JUnit XML files), which ``--gpu-tests FILE`` stores in the suite's JSON.
 """
 
 from __future__ import annotations
@@ -37,6 +39,11 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "benchmarks" / "results"
 CASE_MODULES = ("bench_select_gpu", "bench_masked_gpu", "bench_step_gpu", "bench_workflow_gpu")
+MODULE_PREFIXES = {"bench_select_gpu": ("select_",), "bench_masked_gpu": ("masked_", "channel_gate_"),
+                   "bench_step_gpu": ("step_", "overhead_", "cuda_graph_"), "bench_workflow_gpu": ("workflow_",)}
+"""How every case name of each module begins (tests/benchmarks/test_gpu_suite.py checks it): an anchored
+filter (``^workflow_``) builds only the modules whose cases it can match (building allocates GPU memory)."""
+BUDGET_ORDER = {"bench_select_gpu": 0, "bench_step_gpu": 1, "bench_masked_gpu": 2, "bench_workflow_gpu": 3}
 QUANTILES = (0.5, 0.2, 0.8)
 CASE_TIMEOUT_S = 90.0
 BUDGET_S = 480.0
@@ -61,12 +68,30 @@ def time_limit(seconds: float):
         signal.signal(signal.SIGALRM, previous)
 
 
+def name_matches(name: str, name_filter: str) -> bool:
+    """``name_filter`` in ``name``; a filter that begins with ``^`` matches the names that begin with the rest."""
+    if name_filter.startswith("^"):
+        return name.startswith(name_filter[1:])
+    return name_filter in name
+
+
+def _may_match(module: str, name_filter: str) -> bool:
+    """Whether a case of ``module`` can match ``name_filter`` (only an anchored filter rules a module out)."""
+    if not name_filter.startswith("^") or module not in MODULE_PREFIXES:
+        return True
+    text = name_filter[1:]
+    return any(text.startswith(p) or p.startswith(text) for p in MODULE_PREFIXES[module])
+
+
 def load_cases(dry_run: bool, name_filter: str = "") -> tuple[list[dict], list[dict]]:
-    """Cases (whose name contains ``name_filter``) from every module that imports, and a note for
-    each module or build that failed."""
+    """Cases (whose name matches ``name_filter``: :func:`name_matches`) from every module that imports,
+    and a note for each module or build that failed. A module none of whose cases an anchored filter
+    can match is not imported (its cases would allocate GPU memory for nothing)."""
     sys.path.insert(0, str(Path(__file__).resolve().parent))
     cases, notes = [], []
     for name in CASE_MODULES:
+        if not _may_match(name, name_filter):
+            continue
         try:
             module = importlib.import_module(name)
             build = getattr(module, "gpu_cases", None)
@@ -82,17 +107,20 @@ def load_cases(dry_run: bool, name_filter: str = "") -> tuple[list[dict], list[d
         except Exception as exc:  # noqa: BLE001 - one broken module must not stop the suite
             notes.append({"module": name, "note": f"{type(exc).__name__}: {exc}"})
             continue
-        cases += [dict(case, module=name) for case in found if name_filter in case["name"]]
+        cases += [dict(case, module=name) for case in found if name_matches(case["name"], name_filter)]
     return in_budget_order(cases), notes
 
 
 def in_budget_order(cases: list[dict]) -> list[dict]:
-    """The budget cuts a run from the end, so: first the default paths, the API and the training
-    steps; then the Triton backend's cases, which no "auto" order takes on CUDA (docs/gpu_suite.md)
-    and the dearest (every new shape compiles, and autotunes up to four tiles); last the workflow
-    cases, which the device's workflow call runs first anyway (scripts/gpu_workflow.sh). Module
-    order within each group."""
-    return sorted(cases, key=lambda case: (case.get("module") == "bench_workflow_gpu", case.get("backend") == "triton"))
+    """The budget cuts a run from the end, so: first the default paths and the API, the selection,
+    then the training steps, the per-call overhead and the CUDA-graph probe (cheap, and telling),
+    then the ~50 masked-op cases (whose max-autotune baselines compile for minutes); then the
+    Triton backend's cases, which no "auto" order takes on CUDA (docs/gpu_suite.md) and the dearest
+    (every new shape compiles, and autotunes up to four tiles); last the workflow cases, which the
+    device's workflow call runs first anyway (scripts/gpu_workflow.sh). Within each group the
+    module's own order."""
+    return sorted(cases, key=lambda case: (case.get("module") == "bench_workflow_gpu", case.get("backend") == "triton",
+                                           BUDGET_ORDER.get(case.get("module"), len(BUDGET_ORDER))))
 
 
 def _cpu_bench(fn, reps: int = 5) -> list[float]:
@@ -151,13 +179,18 @@ def time_us(fn, dry_run: bool, timer: str = "gpu") -> dict:
     return {"median_us": ms[0] * 1e3, "p20_us": ms[1] * 1e3, "p80_us": ms[2] * 1e3}
 
 
-def run_case(case: dict, dry_run: bool, timeout_s: float = CASE_TIMEOUT_S) -> dict:
+def run_case(case: dict, dry_run: bool, timeout_s: float = CASE_TIMEOUT_S,
+             baseline_cache: Optional[dict] = None) -> dict:
     """Check, time, compare: one result record (errors and timeouts are recorded, never raised).
 
     A case is timed (``fn``) or probed (``probe``: returns a dict merged into the record, e.g.
     whether a CUDA graph captured). ``target_speedup`` ({baseline: minimum speed-up}) and
-    ``target_us`` give ``meets_target``; ``overhead_vs`` names a baseline whose median is
-    subtracted from the case's (``overhead_us``, with ``target_overhead_us``).
+    ``target_us`` give ``meets_target``: True, False (a target missed), or None when no target
+    was missed but one could not be checked because its baseline failed (``targets_unchecked``
+    names them). ``overhead_vs`` names a baseline whose median is subtracted from the case's
+    (``overhead_us``, with ``target_overhead_us``). ``baseline_cache``: a dict kept across cases, so
+    that a baseline callable shared by several cases (one input, one baseline per backend's case) is
+    timed once (its record then says ``shared_with``: the case that timed it).
     """
     record = {k: case[k] for k in ("name", "module", "backend", "target_us", "target_speedup", "target_overhead_us",
                                    "bytes", "flops", "numel", "tensors") if case.get(k) is not None}
@@ -182,24 +215,41 @@ def run_case(case: dict, dry_run: bool, timeout_s: float = CASE_TIMEOUT_S) -> di
         record["tflops"] = case["flops"] / seconds / 1e12
     record["baselines"], record["speedup"] = {}, {}
     for name, fn in case.get("baselines", {}).items():
-        try:
-            with time_limit(timeout_s):
-                record["baselines"][name] = time_us(fn, dry_run, timer)
+        key = (fn, timer)
+        if baseline_cache is not None and key in baseline_cache:
+            first, timing = baseline_cache[key]
+            record["baselines"][name] = dict(timing, shared_with=first)
+        else:
+            try:
+                with time_limit(timeout_s):
+                    timing = time_us(fn, dry_run, timer)
+            except Exception as exc:  # noqa: BLE001 - e.g. a baseline running out of memory or time
+                timing = {"error": f"{type(exc).__name__}: {exc}"}
+            record["baselines"][name] = timing
+            if baseline_cache is not None:
+                baseline_cache[key] = (case["name"], timing)
+        if "median_us" in record["baselines"][name]:
             record["speedup"][name] = record["baselines"][name]["median_us"] / record["median_us"]
-        except Exception as exc:  # noqa: BLE001 - e.g. a baseline running out of memory or time
-            record["baselines"][name] = {"error": f"{type(exc).__name__}: {exc}"}
     if case.get("overhead_vs") in record["speedup"]:
         record["overhead_us"] = record["median_us"] - record["baselines"][case["overhead_vs"]]["median_us"]
     if not dry_run:
-        met = []
+        met, unchecked = [], []  # a target whose baseline failed is neither met nor missed
         if case.get("target_us") is not None:
             met.append(record["median_us"] <= case["target_us"])
         for name, minimum in (case.get("target_speedup") or {}).items():
-            met.append(record["speedup"].get(name, 0.0) >= minimum)
+            if name in record["speedup"]:
+                met.append(record["speedup"][name] >= minimum)
+            else:
+                unchecked.append(name)
         if case.get("target_overhead_us") is not None:
-            met.append(record.get("overhead_us", float("inf")) <= case["target_overhead_us"])
-        if met:
-            record["meets_target"] = all(met)
+            if "overhead_us" in record:
+                met.append(record["overhead_us"] <= case["target_overhead_us"])
+            else:
+                unchecked.append(case.get("overhead_vs") or "overhead_vs")
+        if met or unchecked:
+            record["meets_target"] = False if not all(met) else (None if unchecked else True)
+        if unchecked:
+            record["targets_unchecked"] = unchecked
     return record
 
 
@@ -249,30 +299,112 @@ def result_path(out_dir: Path, env: dict, name_filter: str = "") -> Path:
     return out_dir / f"{gpu}-{day}-{env['commit'][:8]}{'-' + tag if tag else ''}.json"
 
 
+_OUTCOME = re.compile(r"^(\S+\.py::\S.*?) (PASSED|FAILED|ERROR|SKIPPED|XFAIL|XPASS)\b")
+_SHORT = re.compile(r"^(FAILED|ERROR) (\S+\.py::\S.*?)(?: - (.*))?$")
+_STARTED = re.compile(r"^(\S+\.py::\S\S*)")
+
+
+def _junit_id(classname: str, name: str) -> str:
+    """The pytest node id of a JUnit test case: classname ``tests.kernels.test_x[.TestC]`` names the file."""
+    parts = classname.split(".")
+    for cut in range(len(parts), 0, -1):
+        if (ROOT / ("/".join(parts[:cut]) + ".py")).is_file():
+            return "::".join(["/".join(parts[:cut]) + ".py", *parts[cut:], name])
+    return f"{classname}::{name}"
+
+
+def summarize_gpu_tests(log_text: str, junit_paths=()) -> dict:
+    """What the GPU tests did, from run_gpu.sh's ``pytest -v -rA`` log (a line per test as it ends, so a
+    run cut by its time limit still tells) and the JUnit XML files of the pytest runs that ended (each
+    test's seconds): ``counts`` per outcome, ``not_passed`` {test: {outcome, message}}, ``cut`` (the
+    test running when the time limit stopped pytest, else None), ``not_run`` (-k selections the time
+    did not reach), ``slowest`` (the 20 longest tests, seconds) and ``seconds`` (all tests)."""
+    import xml.etree.ElementTree as ElementTree
+
+    tests: dict[str, dict] = {}
+    running, not_run = None, []
+    for line in log_text.splitlines():
+        if line.startswith("no time left for -k "):
+            not_run.append(line.split("-k ", 1)[1].strip("'"))
+        elif m := _OUTCOME.match(line):
+            tests.setdefault(m.group(1), {})["outcome"] = m.group(2).lower()
+            running = None
+        elif m := _SHORT.match(line):
+            entry = tests.setdefault(m.group(2), {"outcome": m.group(1).lower()})
+            if m.group(3):
+                entry["message"] = m.group(3)[:300]
+        elif m := _STARTED.match(line):
+            running = m.group(1)
+        elif line.startswith(("== -k ", "=")):
+            running = None
+    for path in junit_paths:
+        path = Path(path)
+        if not path.is_file():
+            continue
+        for case in ElementTree.parse(path).getroot().iter("testcase"):
+            entry = tests.setdefault(_junit_id(case.get("classname", ""), case.get("name", "")), {})
+            entry["seconds"] = round(float(case.get("time") or 0.0), 3)
+            for tag in ("failure", "error", "skipped"):
+                found = case.find(tag)
+                if found is not None:
+                    entry.setdefault("outcome", {"failure": "failed", "error": "error", "skipped": "skipped"}[tag])
+                    entry.setdefault("message", (found.get("message") or "")[:300])
+                    break
+            else:
+                entry.setdefault("outcome", "passed")
+    counts: dict[str, int] = {}
+    for entry in tests.values():
+        counts[entry.get("outcome", "?")] = counts.get(entry.get("outcome", "?"), 0) + 1
+    if running is not None:
+        counts["cut"] = 1
+    timed = sorted(((t, e["seconds"]) for t, e in tests.items() if "seconds" in e), key=lambda te: -te[1])
+    return {"counts": counts, "cut": running, "not_run": not_run,
+            "not_passed": {t: e for t, e in tests.items() if e.get("outcome") not in ("passed", "skipped", "xfail")},
+            "slowest": [{"test": t, "seconds": s} for t, s in timed[:20]],
+            "seconds": round(sum(s for _, s in timed), 1)}
+
+
 def main(argv=None) -> Path:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--dry-run", action="store_true", help="tiny CPU cases with a CPU timer: checks the wiring")
     parser.add_argument("--out", type=Path, help="folder for the JSON (default benchmarks/results, or a temp dir "
                                                  "for --dry-run)")
-    parser.add_argument("--filter", default="", help="only cases whose name contains this text")
+    parser.add_argument("--filter", default="", help="only cases whose name contains this text (^TEXT: begins with "
+                                                      "it; then only the modules that can match are built)")
     parser.add_argument("--case-timeout-s", type=float, default=CASE_TIMEOUT_S, help="time limit of one case")
     parser.add_argument("--budget-s", type=float, default=BUDGET_S,
                         help="wall time of the whole run; cases not started by then are recorded as skipped")
+    parser.add_argument("--gpu-tests", type=Path, help="the GPU tests' summary (--summarize-tests), kept in the JSON")
+    parser.add_argument("--summarize-tests", nargs="+", type=Path, metavar="LOG [JUNIT]",
+                        help="print the summary of the GPU tests from run_gpu.sh's pytest -v log and JUnit XML files")
     args = parser.parse_args(argv)
+    if args.summarize_tests:
+        log_path, *junit = args.summarize_tests
+        print(json.dumps(summarize_gpu_tests(log_path.read_text(errors="replace") if log_path.is_file() else "", junit),
+                         indent=1))
+        return log_path
     if not args.dry_run and not torch.cuda.is_available():
         parser.error("no CUDA device: run on a GPU machine, or use --dry-run to check the wiring")
     start = time.monotonic()
     out_dir = args.out or (Path(tempfile.mkdtemp(prefix="gpu_suite_")) if args.dry_run else RESULTS)
     out_dir.mkdir(parents=True, exist_ok=True)
     env = environment(args.dry_run)
+    if args.gpu_tests is not None:
+        try:
+            env["gpu_tests"] = json.loads(args.gpu_tests.read_text())
+        except (OSError, ValueError) as exc:
+            env["gpu_tests"] = {"error": f"{type(exc).__name__}: {exc}"}
     path = result_path(out_dir, env, args.filter)
     cases, notes = load_cases(args.dry_run, args.filter)
     results: list[dict] = []
+    shared: dict = {}  # baselines timed once per input (run_case's baseline_cache)
     for case in cases:
         if time.monotonic() - start > args.budget_s:
             results.append({"name": case["name"], "skipped": f"suite budget of {args.budget_s:.0f} s spent"})
         else:
-            results.append(run_case(case, args.dry_run, args.case_timeout_s))
+            began = time.monotonic()
+            results.append(run_case(case, args.dry_run, args.case_timeout_s, shared))
+            results[-1]["elapsed_s"] = round(time.monotonic() - began, 2)
         print(_summary(results[-1]), flush=True)
         _write(path, {**env, "notes": notes, "cases": results})
     _write(path, {**env, "notes": notes, "cases": results, "wall_s": round(time.monotonic() - start, 1)})
@@ -290,10 +422,12 @@ def _write(path: Path, run: dict) -> None:
 
 
 def _summary(r: dict) -> str:
-    if "skipped" in r or "error" in r:
-        return f"{r['name']}: {r.get('skipped') or r.get('error')}"
-    if "median_us" not in r:  # a probe
+    if "skipped" in r:
+        return f"{r['name']}: {r['skipped']}"
+    if "median_us" not in r and "traceback" not in r:  # a probe: its outcome, an error it recorded included
         return f"{r['name']}: {json.dumps({k: v for k, v in r.items() if k not in ('name', 'module')})}"
+    if "error" in r:
+        return f"{r['name']}: {r['error']}"
     speedups = ", ".join(f"{k} x{v:.1f}" for k, v in r["speedup"].items())
     return f"{r['name']}: {r['median_us']:.1f} us (p20 {r['p20_us']:.1f}, p80 {r['p80_us']:.1f}); {speedups}"
 

@@ -7,7 +7,8 @@ Reads benchmarks/results/*.json (or the given files), newest first:
   benchmark: machine, commit, name, median in ms and the figures it records in ``extra_info``
   (ratios measured side by side in the same run);
 * scaling files (``scaling.py``): one row per process count of an extraction epoch.
-The README's performance tables are this output. With no result files it prints a note.
+The README's performance tables are this output. With no result files it prints a note. Dry runs
+(``dry_run: true``: the suite's ``--dry-run`` on the CPU, whose numbers mean nothing) are left out.
 """
 
 from __future__ import annotations
@@ -23,8 +24,14 @@ NO_RESULTS = ("_No GPU results yet: run `python benchmarks/gpu_suite.py` on a GP
               "benchmarks/results/*.json._")
 
 
+def _cell(text, limit: int) -> str:
+    """``text`` fit for one table cell: no line breaks, no column separators, at most ``limit`` characters."""
+    return " ".join(str(text).replace("|", "/").split())[:limit]
+
+
 def _target(case: dict) -> str:
-    """The case's targets (time, ratios, overhead) and whether the run met them all."""
+    """The case's targets (time, ratios, overhead) and whether the run met them all (unknown when a
+    baseline a target compares with failed, and no other target was missed)."""
     parts = []
     if case.get("target_us") is not None:
         parts.append(f"<= {case['target_us']:.0f} us")
@@ -32,25 +39,40 @@ def _target(case: dict) -> str:
     if case.get("target_overhead_us") is not None:
         parts.append(f"overhead <= {case['target_overhead_us']:.0f} us")
     if parts and "meets_target" in case:
-        parts.append("met" if case["meets_target"] else "missed")
-    return ", ".join(parts)
+        if case["meets_target"] is None:
+            parts.append(f"unknown (baseline failed: {', '.join(case.get('targets_unchecked', []))})")
+        else:
+            parts.append("met" if case["meets_target"] else "missed")
+    return _cell(", ".join(parts), 200)
+
+
+PROBE_SKIP = ("name", "module", "backend", "elapsed_s")
+"""Keys of a probe's record that are not its outcome."""
+
+
+def _baselines(case: dict) -> str:
+    """The speed-up over each baseline; a baseline that failed, with its error."""
+    parts = [f"{name} {value:.2f}x" for name, value in case.get("speedup", {}).items()]
+    parts += [f"{name} error: {_cell(b['error'], 80)}" for name, b in case.get("baselines", {}).items()
+              if isinstance(b, dict) and "error" in b]
+    return _cell(", ".join(parts), 400)
 
 
 def _row(run: dict, case: dict) -> str:
     dirty = "+dirty" if run.get("dirty") else ""  # measured on uncommitted changes: the commit alone is not the code
     head = f"| {run.get('gpu', '?')} | {str(run.get('commit', '?'))[:8]}{dirty} | {case['name']} |"
-    if "skipped" in case or "error" in case:
-        why = case.get("skipped") or f"error: {case['error']}"
-        return f"{head} {why.replace('|', '/')[:120]} | | | |"
-    if "median_us" not in case:  # a probe: its outcome
-        outcome = ", ".join(f"{k} {v}" for k, v in case.items() if k not in ("name", "module", "backend"))
-        return f"{head} {outcome.replace('|', '/')[:160]} | | | |"
+    if "skipped" in case:
+        return f"{head} {_cell(case['skipped'], 120)} | | | |"
+    if "median_us" not in case and "traceback" not in case:  # a probe: its outcome, an error it recorded too
+        outcome = ", ".join(f"{k} {v}" for k, v in case.items() if k not in PROBE_SKIP)
+        return f"{head} {_cell(outcome, 200)} | | | |"
+    if "error" in case:
+        return f"{head} {_cell('error: ' + str(case['error']), 160)} | | | |"
     timing = f"{case['median_us']:.1f} ({case['p20_us']:.1f}-{case['p80_us']:.1f})"
     if "overhead_us" in case:
         timing += f"; overhead {case['overhead_us']:.1f}"
     gbps = f"{case['gbps']:.0f}" if "gbps" in case else ""
-    speedups = ", ".join(f"{name} {value:.2f}x" for name, value in case.get("speedup", {}).items())
-    return f"{head} {timing} | {gbps} | {_target(case)} | {speedups} |"
+    return f"{head} {timing} | {gbps} | {_target(case)} | {_baselines(case)} |"
 
 
 CPU_HEADER = ("| machine | commit | group | benchmark | median ms | recorded figures |\n"
@@ -92,6 +114,7 @@ def _scaling_rows(run: dict) -> list[str]:
 
 def render(runs: list[dict]) -> str:
     """Markdown for the given result files (parsed JSON); a note when there are none."""
+    runs = [r for r in runs if not r.get("dry_run")]  # a CPU dry run's numbers mean nothing
     gpu = sorted((r for r in runs if "cases" in r), key=lambda r: r.get("date", ""), reverse=True)
     cpu = sorted((r for r in runs if "benchmarks" in r), key=lambda r: r.get("datetime", ""), reverse=True)
     parts = ["\n".join([HEADER] + [_row(run, case) for run in gpu for case in run["cases"]]) if gpu else NO_RESULTS]

@@ -9,9 +9,11 @@
 #   BISE_COMMIT=<sha> DEADLINE_S=270 bash scripts/device_session.sh workflow [OUT]
 #   bash scripts/device_session.sh --dry-run kernels|workflow [OUT]     # the wiring, on the CPU
 #
-# OUT defaults to $OUT (the device tool's folder that comes back), else benchmarks/results. Each step
-# gets what is left of DEADLINE_S (its own cap below it), so the call ends before the tool's limit and
-# every JSON written so far comes back. The workflow needs what the device has no registry for:
+# OUT defaults to $OUT (the device tool's folder that comes back), else benchmarks/results (a dry run: a
+# new temporary folder). DEADLINE_S counts from this script's start (the imports, the wheel install and
+# the workflow's fallback build included); each step gets what is left of it (its own cap below it), so
+# the call ends before the tool's limit and every JSON written so far comes back. The call's output
+# (the part's script too) is also kept in OUT/session-<part>.txt, with a timed line per step. The workflow needs what the device has no registry for:
 # carry `.data` (BiasedMNIST's digits) and `.whl` (the torch-pruning wheel: `pip download --no-deps
 # torch-pruning==1.6.1 -d .whl` here first); docs/gpu_suite.md gives the exact `run` calls. Optional:
 # carry `.official` (the official BISE code's files, a real folder, not a link; docs/workflow.md) and the
@@ -21,35 +23,54 @@ cd "$(dirname "$0")/.."
 DRY=0
 if [ "${1:-}" = "--dry-run" ]; then DRY=1; shift; fi
 PART="${1:?usage: device_session.sh [--dry-run] kernels|workflow [OUT]}"
-OUT_DIR="${2:-${OUT:-benchmarks/results}}"
+# A dry run without OUT writes into a new temporary folder: never into benchmarks/results, where its
+# cpu-dry-run JSON would join the committed results.
+if [ "$DRY" = 1 ]; then OUT_DIR="${2:-${OUT:-$(mktemp -d -t "device-session-$PART-XXXXXX")}}"
+else OUT_DIR="${2:-${OUT:-benchmarks/results}}"; fi
 mkdir -p "$OUT_DIR"
-export DEADLINE_S="${DEADLINE_S:-$([ "$PART" = workflow ] && echo 270 || echo 450)}"
-export BISE_DATA_DIR="${BISE_DATA_DIR:-$PWD/.data}" PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
-{ echo "part=$PART dry=$DRY deadline_s=$DEADLINE_S commit=${BISE_COMMIT:-$(git rev-parse --short=8 HEAD 2>/dev/null)}"
-  date -u; nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>/dev/null
-  python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)" 2>&1
-} | tee "$OUT_DIR/session-$PART.txt"
+# The clock starts here: the imports below, the wheel install and the build count against DEADLINE_S
+# too; the part's script gets what is left of it (exported as DEADLINE_S).
+DEADLINE_S="${DEADLINE_S:-$([ "$PART" = workflow ] && echo 270 || echo 450)}"
+. scripts/deadline.sh "$DEADLINE_S"
+export BISE_DATA_DIR="${BISE_DATA_DIR:-$PWD/.data}" PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
+# Everything this call prints (the part's script included) also lands in session-<part>.txt, the
+# call's progress log: what a cut call did, and when, comes back with $OUT.
+exec > >(tee -a "$OUT_DIR/session-$PART.txt") 2>&1
+echo "part=$PART dry=$DRY deadline_s=$DEADLINE_S commit=${BISE_COMMIT:-$(git rev-parse --short=8 HEAD 2>/dev/null)} out=$OUT_DIR"
+date -u
+timeout "$(cap 20)" nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>/dev/null
+timeout "$(cap 60)" python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)" 2>&1
+handover() {  # what is left of the deadline, for the part's script
+  if expired; then log "no time left for the $PART part"; exit 6; fi
+  DEADLINE_S=$(left) deadline_start=$SECONDS; export DEADLINE_S
+  log "$*"
+}
 
 case "$PART" in
   kernels)
     if [ "$DRY" = 1 ]; then
+      handover "the suite's dry run"
       exec python3 benchmarks/gpu_suite.py --dry-run --out "$OUT_DIR" --budget-s "$DEADLINE_S"
     fi
+    handover "benchmarks/run_gpu.sh"
     TESTS_S=${TESTS_S:-120} exec bash benchmarks/run_gpu.sh "$OUT_DIR"
     ;;
   workflow)
-    if ! python3 -c "import torch_pruning" 2>/dev/null; then
+    if ! timeout "$(cap 60)" python3 -c "import torch_pruning" 2>/dev/null; then
       wheel=$(ls .whl/torch_pruning-*.whl 2>/dev/null | head -1)
       if [ -z "$wheel" ]; then echo "no torch_pruning and no .whl/torch_pruning-*.whl to install it from"; exit 4; fi
-      python3 -m pip install -q --no-index --no-deps "$wheel" || exit 4
+      timeout "$(cap 120)" python3 -m pip install -q --no-index --no-deps "$wheel" || exit 4
     fi
-    if [ "$DRY" = 0 ] && ! python3 -c "import sys, bise_kernels._C as c; sys.exit(not getattr(c, 'WITH_CUDA', False))" 2>/dev/null; then
-      echo "== build (no CUDA extension from the kernels call)"
+    if [ "$DRY" = 0 ] && ! timeout "$(cap 60)" python3 -c "import sys, bise_kernels._C as c; sys.exit(not getattr(c, 'WITH_CUDA', False))" 2>/dev/null; then
+      log "build (no CUDA extension from the kernels call)"
+      rc=0
       BISE_KERNELS_BUILD_CUDA=1 CUDA_HOME=${CUDA_HOME:-/usr/local/cuda} TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0} \
-        MAX_JOBS=${MAX_JOBS:-16} timeout 120 python3 setup.py build_ext --inplace >"$OUT_DIR/build-workflow.log" 2>&1 \
-        || echo "build failed (rc $?): the workflow runs on the reference kernels"
+        MAX_JOBS=${MAX_JOBS:-16} timeout "$(cap 120)" python3 setup.py build_ext --inplace >"$OUT_DIR/build-workflow.log" 2>&1 \
+        || rc=$?
+      [ "$rc" = 0 ] || echo "build failed (rc $rc): the workflow runs on the reference kernels"
     fi
-    if [ "$DRY" = 1 ]; then exec bash scripts/gpu_workflow.sh --dry-run "$OUT_DIR"; fi
+    if [ "$DRY" = 1 ]; then handover "scripts/gpu_workflow.sh --dry-run"; exec bash scripts/gpu_workflow.sh --dry-run "$OUT_DIR"; fi
+    handover "scripts/gpu_workflow.sh"
     exec bash scripts/gpu_workflow.sh "$OUT_DIR"
     ;;
   *) echo "unknown part '$PART': kernels or workflow"; exit 64 ;;

@@ -10,14 +10,19 @@
 # code carried in .official/, OUT_DIR/official.json (its per-epoch cost beside ours). Every step has its own
 # time limit, cut to what is left of DEADLINE_S. The run's own folder (checkpoints, models, plots: a dozen
 # files) stays outside OUT_DIR, in $BISE_RUN_DIR (default: a new temporary folder): the device
-# tool brings back at most 8 files from $OUT, and the measurements must be among them.
+# tool brings back at most 8 files from $OUT, and the measurements must be among them. On a GPU the
+# no-sync test's output goes to OUT_DIR/nosync.log. A `bise run` cut by its time limit (or failing)
+# leaves OUT_DIR/run.json (the run's manifest: each finished step's seconds) and OUT_DIR/run-progress.json
+# (its exit status, the time limit, the seconds each file of the run folder appeared after the start,
+# and the extraction checkpoint's epoch and per-phase seconds), and the script exits with status 5.
+# A dry run without OUT_DIR writes into a new temporary folder.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 DRY=0
 if [ "${1:-}" = "--dry-run" ]; then DRY=1; shift; fi
-OUT="${1:-${OUT:-benchmarks/results/workflow}}"
+if [ "$DRY" = 1 ]; then OUT="${1:-${OUT:-$(mktemp -d -t gpu-workflow-XXXXXX)}}"; else OUT="${1:-${OUT:-benchmarks/results/workflow}}"; fi
 mkdir -p "$OUT"
-export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
 PY="${PYTHON:-python3}"
 if [ "$DRY" = 1 ]; then
   ARGS=(--data colored-digits --arch simple-cnn --width 0.25 --device cpu --vanilla-epochs 1 --mask-epochs 2
@@ -26,19 +31,71 @@ else
   ARGS=(--data biased-mnist:rho=0.997 --arch simple-cnn --device cuda)
 fi
 . scripts/deadline.sh 960  # cap LIMIT: a step's time limit within DEADLINE_S
+RESERVE_S=${RESERVE_S:-20}  # kept from the run's limit for what follows it (its report, or what a cut run left)
 if [ "$DRY" = 0 ]; then
   # The per-unit costs and the no-sync check first: a full run cut by the deadline still leaves them.
-  timeout "$(cap 150)" "$PY" benchmarks/gpu_suite.py --filter workflow_ --out "$OUT" --budget-s 90 \
-    || echo "suite failed (rc $?)"
-  timeout "$(cap 90)" "$PY" -m pytest -q tests/bise/test_train_sync.py -k gpu || echo "no-sync test failed (rc $?)"
+  # ^workflow_: only the workflow module's cases are built (the others would allocate GBs for nothing).
+  if expired; then log "no time left for the suite's workflow cases"; else
+    log "the suite's workflow cases"
+    rc=0; timeout "$(cap 150)" "$PY" benchmarks/gpu_suite.py --filter ^workflow_ --out "$OUT" --budget-s 90 || rc=$?
+    [ "$rc" = 0 ] || echo "suite failed (rc $rc)"
+  fi
+  if expired; then log "no time left for the no-sync test"; else
+    log "the no-sync test (output: nosync.log)"
+    rc=0; timeout "$(cap 90)" "$PY" -m pytest -v -rA tests/bise/test_train_sync.py -k gpu >"$OUT/nosync.log" 2>&1 || rc=$?
+    tail -3 "$OUT/nosync.log"
+    if [ "$rc" = 0 ]; then echo "no-sync test passed"; else echo "no-sync test failed (rc $rc)" | tee -a "$OUT/nosync.log"; fi
+  fi
 fi
 RUN_DIR="${BISE_RUN_DIR:-$(mktemp -d)/run}"
 start=$(date +%s.%N)
+l=$(($(left) - RESERVE_S))
 limit=$(cap "${WORKFLOW_TIMEOUT_S:-600}")
-if ! timeout "$limit" "$PY" -m bise run "${ARGS[@]}" --out "$RUN_DIR" --overwrite --quiet; then
-  echo "bise run did not finish within ${limit} s (rc $?): no workflow.json"; exit 5
+[ "$l" -ge "$limit" ] || limit=$((l > 1 ? l : 1))
+rc=0
+if [ "$(left)" -le "$RESERVE_S" ]; then
+  rc=124; log "no time left for bise run"
+else
+  log "bise run (limit ${limit} s; the run's folder: $RUN_DIR)"
+  timeout "$limit" "$PY" -m bise run "${ARGS[@]}" --out "$RUN_DIR" --overwrite --quiet || rc=$?
 fi
 end=$(date +%s.%N)
+if [ "$rc" != 0 ]; then
+  if [ "$rc" = 124 ]; then why="was cut by its time limit of ${limit} s"; else why="failed (rc $rc)"; fi
+  log "bise run $why: no workflow.json; what it did is in run.json and run-progress.json"
+  [ ! -f "$RUN_DIR/run.json" ] || cp "$RUN_DIR/run.json" "$OUT/run.json"
+  timeout 30 "$PY" - "$RUN_DIR" "$OUT/run-progress.json" "$rc" "$limit" "$start" "$end" <<'EOF' || echo "no run-progress.json"
+import json, sys
+from pathlib import Path
+
+run_dir, out, rc, limit, start, end = Path(sys.argv[1]), Path(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4]), \
+    float(sys.argv[5]), float(sys.argv[6])
+progress = {"rc": rc, "cut_by_time_limit": rc == 124, "limit_s": limit, "elapsed_s": round(end - start, 1),
+            "files_s": {p.name: round(p.stat().st_mtime - start, 1) for p in sorted(run_dir.glob("*")) if p.is_file()}}
+manifest = run_dir / "run.json"
+if manifest.is_file():
+    try:
+        progress["steps_s"] = {name: entry.get("seconds") for name, entry in
+                               json.loads(manifest.read_text()).get("artefacts", {}).items()}
+    except (ValueError, AttributeError) as exc:
+        progress["steps_s"] = f"unreadable run.json: {exc}"
+checkpoint = run_dir / "checkpoint.pt"
+if checkpoint.is_file():
+    try:
+        import torch
+
+        ckpt = torch.load(checkpoint, map_location="cpu", weights_only=False)
+        progress["checkpoint"] = {"epoch": ckpt.get("epoch"), "done": ckpt.get("done"),
+                                  "mask_epochs": (ckpt.get("config") or {}).get("mask_epochs"),
+                                  "timing_s": ckpt.get("timing"), "history_epochs": len(ckpt.get("history") or [])}
+    except Exception as exc:  # noqa: BLE001 - a checkpoint being written when the run was cut
+        progress["checkpoint"] = {"error": f"{type(exc).__name__}: {exc}"}
+out.write_text(json.dumps(progress, indent=1) + "\n")
+print(json.dumps(progress))
+EOF
+  exit 5
+fi
+log "bise run done"
 cp "$RUN_DIR/report.json" "$OUT/run-report.json"
 "$PY" scripts/workflow_report.py "$RUN_DIR/report.json" --wall-seconds "$("$PY" -c "print($end - $start)")" \
   --out "$OUT/workflow.json"
@@ -48,8 +105,13 @@ cp "$RUN_DIR/report.json" "$OUT/run-report.json"
 OFFICIAL_DIR="${BISE_OFFICIAL_DIR:-$PWD/.official}"
 if [ -d "$OFFICIAL_DIR/src" ]; then
   if [ "$DRY" = 1 ]; then OARGS=(--dry-run); else OARGS=(--device cuda --rounds 3); fi
-  timeout "$(cap 120)" "$PY" benchmarks/bench_official.py --official-dir "$OFFICIAL_DIR" "${OARGS[@]}" \
-    --out "$OUT/official.json" >/dev/null || echo "official comparison failed or cut by the deadline (rc $?)"
+  if expired; then log "no time left for the official comparison"; else
+    log "the official code's per-epoch cost"
+    rc=0; timeout "$(cap 120)" "$PY" benchmarks/bench_official.py --official-dir "$OFFICIAL_DIR" "${OARGS[@]}" \
+      --out "$OUT/official.json" >/dev/null || rc=$?
+    [ "$rc" = 0 ] || echo "official comparison failed or cut by the deadline (rc $rc)"
+  fi
 else
   echo "no official code in $OFFICIAL_DIR: its per-epoch cost is not measured"
 fi
+log "done"

@@ -3,7 +3,8 @@
     python scripts/update_readme.py
 
 * between ``<!-- performance:start -->`` and ``<!-- performance:end -->``: the tables of
-  ``benchmarks/render_results.py`` over benchmarks/results/*.json;
+  ``benchmarks/render_results.py`` over benchmarks/results/*.json (dry runs, ``dry_run: true``, left
+  out: a CPU dry run's numbers mean nothing);
 * between ``<!-- bise-results:start -->`` and ``<!-- bise-results:end -->``: docs/results.md
   (written by scripts/bise_results.py) without its title.
 """

@@ -35,12 +35,17 @@ def test_dry_run_checks_times_and_writes_a_renderable_result(tmp_path):
     assert case["name"] == "select_resnet50_batched/torch" and case["checked"] is True
     assert case["p20_us"] <= case["median_us"] <= case["p80_us"] and case["gbps"] > 0
     assert set(case["speedup"]) == {"one_read", "loop torch.kthvalue", "loop torch.topk", "loop torch.sort"}
-    table = _load("render_results").render([run])
+    assert case["elapsed_s"] > 0
+    render = _load("render_results").render
+    # a dry run's numbers mean nothing: it never reaches the README's table (71 such rows once did)
+    assert render([run]) == _load("render_results").NO_RESULTS
+    run["dry_run"] = False  # as if measured on a GPU
+    table = render([run])
     assert table.count("\n") == 2 and "select_resnet50_batched/torch" in table
     # a run on uncommitted changes says so next to its commit (the README showed such rows as clean)
     commit = run["commit"][:8]
-    assert f"| {commit}+dirty |" in _load("render_results").render([dict(run, dirty=True)])
-    assert f"| {commit} |" in _load("render_results").render([dict(run, dirty=False)])
+    assert f"| {commit}+dirty |" in render([dict(run, dirty=True)])
+    assert f"| {commit} |" in render([dict(run, dirty=False)])
 
 
 def test_a_failing_case_is_recorded_and_the_suite_goes_on():
@@ -62,6 +67,8 @@ def test_dry_run_of_every_module_checks_every_case(tmp_path):
     assert run["notes"] == [] and "wall_s" in run
     names = [c["name"] for c in run["cases"]]
     assert len(names) == len(set(names))
+    for case in run["cases"]:  # what an anchored --filter relies on to build only the modules it can match
+        assert case["name"].startswith(suite.MODULE_PREFIXES[case["module"]]), case["name"]
     for case in run["cases"]:
         assert "error" not in case, case
         if case["module"] in ("bench_select_gpu", "bench_masked_gpu", "bench_step_gpu"):  # their cases all check
@@ -148,10 +155,243 @@ def test_device_session_workflow_dry_run_writes_the_workflow_report(tmp_path):
 
 
 def test_a_cut_run_keeps_the_default_paths_then_triton_then_the_workflow_cases():
+    # the steps, the overhead and the graph probe (cheap) before the ~50 masked cases, whose
+    # max-autotune baselines could otherwise starve them
     cases = [{"name": n, "backend": b, "module": m} for n, b, m in (
         ("workflow_step", "auto", "bench_workflow_gpu"), ("select/cuda", "cuda", "bench_select_gpu"),
         ("select/triton", "triton", "bench_select_gpu"), ("select/api", "auto", "bench_select_gpu"),
         ("masked/triton", "triton", "bench_masked_gpu"), ("masked/cuda", "cuda", "bench_masked_gpu"),
-        ("step", "auto", "bench_step_gpu"))]
+        ("step", "auto", "bench_step_gpu"), ("step/triton", "triton", "bench_step_gpu"),
+        ("cuda_graph_probe", "auto", "bench_step_gpu"))]
     assert [c["name"] for c in _load("gpu_suite").in_budget_order(cases)] == [
-        "select/cuda", "select/api", "masked/cuda", "step", "select/triton", "masked/triton", "workflow_step"]
+        "select/cuda", "select/api", "step", "cuda_graph_probe", "masked/cuda", "select/triton", "step/triton",
+        "masked/triton", "workflow_step"]
+
+
+# ----------------------------------------------------------------------------- the device call's harness
+
+ROOT = BENCHMARKS.parent
+STUB = """#!/bin/bash
+# python3 on the device, faked: what the harness's shell logic does around it, and when
+echo "$(date +%s.%N) DEADLINE_S=${DEADLINE_S:-} $*" >>"$STUB_LOG"
+[ "${1:-}" = "-" ] && exit 0
+case "$*" in
+  *"import torch, triton"*) exec sleep "$S_IMPORT";;
+  *"import torch_pruning"*|*"import pytest_timeout"*) exit 0;;
+  *"bise_kernels._C"*) exit 1;;
+  *setup.py*) exec sleep "$S_BUILD";;
+  *--summarize-tests*) echo '{}'; exit 0;;
+  *) exec sleep "${S_OTHER:-1000}";;
+esac
+"""
+
+
+def _stub_env(tmp_path, **extra):
+    import os
+
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir(exist_ok=True)
+    (bin_dir / "python3").write_text(STUB)
+    (bin_dir / "python3").chmod(0o755)
+    env = {k: v for k, v in os.environ.items() if k not in ("OUT", "DEADLINE_S", "PYTHON")}
+    env.update({"PATH": f"{bin_dir}:{env['PATH']}", "STUB_LOG": str(tmp_path / "stub.log"), "S_IMPORT": "2",
+                "S_BUILD": "2", "BISE_OFFICIAL_DIR": str(tmp_path / "no-official"),
+                "BISE_RUN_DIR": str(tmp_path / "run"), **extra})
+    return env
+
+
+def test_the_deadline_counts_from_the_start_of_the_device_call(tmp_path):
+    """DEADLINE_S bounds the whole call: the session file's `import torch, triton` (2 s here), the
+    workflow's fallback build (2 s) and the wheel check came on top of it (DEADLINE_S=30 took 34 s and
+    43 s); the part's script gets what is left."""
+    import subprocess
+
+    deadline = 7
+    runs = {}
+    for part in ("kernels", "workflow"):
+        (tmp_path / part).mkdir()
+        env = _stub_env(tmp_path / part, DEADLINE_S=str(deadline), RESERVE_S="1")
+        runs[part] = (time.monotonic(), subprocess.Popen(
+            ["bash", str(ROOT / "scripts" / "device_session.sh"), part, str(tmp_path / part / "out")], env=env,
+            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
+    for part, (began, proc) in runs.items():
+        out, _ = proc.communicate(timeout=60)
+        wall = time.monotonic() - began
+        assert wall <= deadline + 1.5, (part, wall, out)
+        calls = (tmp_path / part / "stub.log").read_text().splitlines()
+        child = [c for c in calls if "gpu_suite.py" in c or "pytest" in c]
+        assert child, calls
+        # the part's script was handed what was left after the 2 s import (and the 2 s build)
+        handed = int(child[0].split("DEADLINE_S=")[1].split()[0])
+        assert handed <= deadline - (4 if part == "workflow" else 2) + 1, calls
+        text = (tmp_path / part / "out" / f"session-{part}.txt").read_text()
+        assert f"part={part} dry=0 deadline_s={deadline}" in text and "s left]" in text, text
+    assert runs["workflow"][1].returncode == 5  # no workflow.json: the run had no time
+
+
+def test_a_dry_run_without_out_writes_into_a_temporary_folder(tmp_path):
+    """`device_session.sh --dry-run kernels` without OUT wrote into benchmarks/results, and
+    update_readme.py then put its cpu-dry-run rows into README.md."""
+    import subprocess
+
+    before = sorted(p.name for p in (BENCHMARKS / "results").iterdir())
+    done = subprocess.run(["bash", str(ROOT / "scripts" / "device_session.sh"), "--dry-run", "kernels"],
+                          env=_stub_env(tmp_path, S_IMPORT="0", S_OTHER="0"), capture_output=True, text=True,
+                          timeout=60)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert sorted(p.name for p in (BENCHMARKS / "results").iterdir()) == before
+    out = Path(done.stdout.split(" out=", 1)[1].split()[0])
+    assert out.resolve() != (BENCHMARKS / "results").resolve() and (out / "session-kernels.txt").is_file()
+    suite_call = [c for c in (tmp_path / "stub.log").read_text().splitlines() if "gpu_suite.py" in c]
+    assert f"--out {out}" in suite_call[0]
+
+
+def test_a_cut_bise_run_leaves_its_progress(tmp_path):
+    """A `bise run` cut by its limit left nothing in OUT (its run.json and checkpoint stayed in the run
+    folder) and said "(rc 0)": its status and what it did now come back, with exit status 5."""
+    import os
+    import subprocess
+    import sys
+
+    out = tmp_path / "out"
+    env = dict(os.environ, PYTHON=sys.executable, OMP_NUM_THREADS="1", WORKFLOW_TIMEOUT_S="4",
+               BISE_OFFICIAL_DIR=str(tmp_path / "no-official"), BISE_RUN_DIR=str(tmp_path / "run"))
+    done = subprocess.run(["bash", str(ROOT / "scripts" / "gpu_workflow.sh"), "--dry-run", str(out)],
+                          capture_output=True, text=True, env=env, timeout=120, cwd=ROOT)
+    assert done.returncode == 5, done.stdout[-2000:] + done.stderr[-2000:]
+    assert "was cut by its time limit of 4 s" in done.stdout and "(rc 0)" not in done.stdout
+    progress = json.loads((out / "run-progress.json").read_text())
+    assert progress["rc"] == 124 and progress["cut_by_time_limit"] is True and progress["limit_s"] == 4
+    assert 3.5 <= progress["elapsed_s"] < 10
+    assert set(progress["files_s"]) == {p.name for p in (tmp_path / "run").iterdir() if p.is_file()}
+    if (tmp_path / "run" / "run.json").exists():
+        assert (out / "run.json").read_text() == (tmp_path / "run" / "run.json").read_text()
+        assert isinstance(progress["steps_s"], dict)
+    if "checkpoint.pt" in progress["files_s"]:
+        assert "timing_s" in progress["checkpoint"] or "error" in progress["checkpoint"]
+    assert not (out / "workflow.json").exists()
+
+
+def _case_record(error_baseline: bool = True):
+    def boom():
+        raise RuntimeError("out of memory\nsecond line | with a bar")
+
+    return {"name": "c", "fn": lambda: None, "baselines": {"dense": boom if error_baseline else (lambda: None),
+                                                           "raw": lambda: None},
+            "target_speedup": {"dense": 0.9}, "overhead_vs": "raw", "target_overhead_us": 10.0}
+
+
+def test_a_target_whose_baseline_failed_is_unknown_not_missed(monkeypatch):
+    suite = _load("gpu_suite")
+
+    def fake(fn, dry_run, timer):
+        fn()
+        return {"median_us": 100.0, "p20_us": 0, "p80_us": 0}
+
+    monkeypatch.setattr(suite, "time_us", fake)
+    record = suite.run_case(_case_record(), dry_run=False)
+    assert record["meets_target"] is None and record["targets_unchecked"] == ["dense"]
+    assert "out of memory" in record["baselines"]["dense"]["error"] and "dense" not in record["speedup"]
+    table = _load("render_results").render([{"gpu": "g", "commit": "c", "cases": [record]}])
+    assert table.count("\n") == 2, table  # the error's line break stays out of the table
+    row = table.splitlines()[2]
+    assert "unknown (baseline failed: dense)" in row and "missed" not in row
+    assert "dense error: RuntimeError: out of memory second line / with a bar" in row
+    # a missed target stays missed whatever else failed
+    slow = dict(_case_record(), target_us=1.0)
+    assert suite.run_case(slow, dry_run=False)["meets_target"] is False
+
+
+def test_an_error_with_line_breaks_stays_in_its_row_and_a_probe_shows_its_outcome():
+    render = _load("render_results").render
+    cases = [{"name": "broken", "error": "RuntimeError: CUDA error\nline two\r\nline | three", "traceback": "..."},
+             {"name": "cuda_graph_masked_step/api", "backend": "auto", "captured": True, "replayed": False,
+              "error": "RuntimeError: replay\nfailed", "elapsed_s": 1.5}]
+    table = render([{"gpu": "g", "commit": "c", "cases": cases}])
+    lines = table.splitlines()
+    assert len(lines) == 4, table
+    assert "error: RuntimeError: CUDA error line two line / three" in lines[2]
+    # the probe's outcome (captured, not replayed) with its error, not the error alone
+    assert "captured True, replayed False, error RuntimeError: replay failed" in lines[3], lines[3]
+    assert all(line.count("|") == 8 for line in lines[2:]), table
+
+
+def test_shared_baselines_are_timed_once_per_input(monkeypatch):
+    """kthvalue at full size costs 0.1-0.6 s a call: re-timed for each backend's case it took ~16 s."""
+    suite = _load("gpu_suite")
+    calls = []
+
+    def fake(fn, dry_run, timer):
+        calls.append(fn)
+        return {"median_us": 10.0, "p20_us": 0, "p80_us": 0}
+
+    monkeypatch.setattr(suite, "time_us", fake)
+    kth = lambda: None  # noqa: E731
+    cache = {}
+    first = suite.run_case({"name": "a/cuda", "fn": lambda: None, "baselines": {"kth": kth}}, False,
+                           baseline_cache=cache)
+    second = suite.run_case({"name": "a/triton", "fn": lambda: None, "baselines": {"kth": kth}}, False,
+                            baseline_cache=cache)
+    assert calls.count(kth) == 1
+    assert second["baselines"]["kth"] == dict(first["baselines"]["kth"], shared_with="a/cuda")
+    assert second["speedup"] == {"kth": 1.0}
+    # the selection module shares one callable per input between its backends' cases
+    select = _load("bench_select_gpu")
+    monkeypatch.setattr(select, "_kernel", lambda backend, kernel: (lambda *a: None))
+    cases = select._keep_mask_cases(("torch", "other"), "cpu", 1e-4)
+    assert cases[0]["baselines"]["torch.topk+scatter"] is cases[1]["baselines"]["torch.topk+scatter"]
+
+
+def test_an_anchored_filter_builds_only_the_modules_it_can_match(monkeypatch):
+    """`--filter workflow_` built every module's cases (GBs on the GPU) before filtering them."""
+    import importlib
+
+    suite = _load("gpu_suite")
+    imported = []
+    real = importlib.import_module
+    monkeypatch.setattr(suite.importlib, "import_module", lambda name: imported.append(name) or real(name))
+    cases, notes = suite.load_cases(True, "^workflow_")
+    assert imported == ["bench_workflow_gpu"] and notes == []
+    assert cases and all(c["name"].startswith("workflow_") for c in cases)
+    assert suite.name_matches("select_x/cuda", "x/cu") and not suite.name_matches("select_x/cuda", "^x/cu")
+    assert [m for m in suite.CASE_MODULES if suite._may_match(m, "^step")] == ["bench_step_gpu"]
+    assert all(suite._may_match(m, "masked_") for m in suite.CASE_MODULES)  # unanchored: any module
+
+
+def test_the_gpu_tests_summary_names_what_passed_failed_and_was_cut(tmp_path):
+    """run_gpu.sh ran pytest -q: a run cut by its time limit left dots, and no test names."""
+    suite = _load("gpu_suite")
+    log = "\n".join([
+        "== -k 'not triton'",
+        "tests/kernels/test_select_cuda.py::test_a[1] PASSED                 [ 10%]",
+        "tests/kernels/test_select_cuda.py::test_b FAILED                    [ 20%]",
+        "tests/kernels/test_masked_cuda.py::test_c SKIPPED (needs x)         [ 30%]",
+        "=========================== short test summary info ============================",
+        "FAILED tests/kernels/test_select_cuda.py::test_b - AssertionError: differs",
+        "== -k 'triton'",
+        "tests/kernels/test_select_triton.py::test_d PASSED                  [ 50%]",
+        "tests/kernels/test_select_triton.py::test_e "])
+    junit = tmp_path / "t.xml"
+    junit.write_text(
+        '<testsuites><testsuite>'
+        '<testcase classname="tests.kernels.test_select_cuda" name="test_a[1]" time="1.5"/>'
+        '<testcase classname="tests.kernels.test_select_cuda" name="test_b" time="3.25">'
+        '<failure message="AssertionError: differs">trace</failure></testcase>'
+        '<testcase classname="tests.kernels.test_masked_cuda" name="test_c" time="0.01">'
+        '<skipped message="needs x"/></testcase>'
+        '</testsuite></testsuites>')
+    summary = suite.summarize_gpu_tests(log, [junit, tmp_path / "missing.xml"])
+    assert summary["counts"] == {"passed": 2, "failed": 1, "skipped": 1, "cut": 1}
+    assert summary["cut"] == "tests/kernels/test_select_triton.py::test_e"
+    assert summary["not_passed"] == {"tests/kernels/test_select_cuda.py::test_b": {
+        "outcome": "failed", "message": "AssertionError: differs", "seconds": 3.25}}
+    assert summary["slowest"][0] == {"test": "tests/kernels/test_select_cuda.py::test_b", "seconds": 3.25}
+    log_path = tmp_path / "gpu-tests.log"
+    log_path.write_text(log + "\nno time left for -k 'triton'\n")
+    import contextlib
+    import io
+
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed):
+        suite.main(["--summarize-tests", str(log_path)])
+    assert json.loads(printed.getvalue())["not_run"] == ["triton"]
