@@ -272,7 +272,8 @@ def channel_gate_backward(grad_y, x, scores, thr, cut, dim, estimator, temperatu
     if need_s:
         reduce_dims = [d for d in range(x.dim()) if d != dim % x.dim()]
         acc = accumulation_dtype(x.dtype)
-        per_unit = (grad_y.to(acc) * x.to(acc)).sum(reduce_dims)
+        per_unit = grad_y.to(acc) * x.to(acc)
+        per_unit = per_unit.sum(reduce_dims) if reduce_dims else per_unit  # 1-d x: sum([]) would sum everything
         gs = (per_unit * score_slope(scores, estimator, temperature)).to(scores.dtype)
     return gx, gs
 

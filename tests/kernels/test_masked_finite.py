@@ -202,3 +202,54 @@ def test_keep_mask_follows_the_scores_with_a_shared_threshold(threshold):
     with torch.no_grad():
         layer.scores.neg_()
     assert torch.equal(layer.keep(), ~first | (layer.scores.detach() == 0))
+
+
+# ----------------------------------------------------------------------------- non-finite weights and inputs
+
+def _pruned_inf_cases():
+    """(name, layer call of (w, x), weight, scores, x): the first weight (unit) is pruned and holds inf."""
+    w, x = torch.tensor([[float("inf"), 1.0], [2.0, 3.0]]), torch.ones(3, 2)
+    conv_w, conv_x = w.reshape(2, 2, 1, 1), torch.ones(1, 2, 2, 2)
+    return {
+        "linear": (lambda w, x, s: bk.masked_linear(x, w, None, s, threshold=0.0), w,
+                   torch.tensor([[-1.0, 1], [1, 1]]), x),
+        "linear_structured": (lambda w, x, s: bk.masked_linear(x, w, None, s, threshold=0.0), w,
+                              torch.tensor([-1.0, 1.0]), x),
+        "conv": (lambda w, x, s: bk.masked_conv2d(x, w, None, s, threshold=0.0), conv_w,
+                 torch.tensor([[-1.0, 1], [1, 1]]).reshape(2, 2, 1, 1), conv_x),
+        "conv_structured": (lambda w, x, s: bk.masked_conv2d(x, w, None, s, threshold=0.0), conv_w,
+                            torch.tensor([-1.0, 1.0]), conv_x),
+    }
+
+
+@pytest.mark.parametrize("case", list(_pruned_inf_cases()))
+def test_a_pruned_non_finite_weight_gives_nan_as_w_times_keep(backend, case):
+    """W_eff = W * keep on every backend, as the reference and torch.nn.utils.prune: a pruned inf weight is
+    inf * 0 = NaN in its outputs (Triton selected 0 instead: the output was finite on one backend alone), and an
+    inf input makes the pruned weights' gradients NaN (grad_W_eff * keep)."""
+    layer, w, s, x = _pruned_inf_cases()[case]
+    with bk.use_backend("torch"):
+        want = layer(w, x, s)
+    got = layer(w, x, s)
+    assert want.isnan().any() and not want.isnan().all()
+    torch.testing.assert_close(got, want, equal_nan=True)
+    finite_w = w.nan_to_num(posinf=4.0).requires_grad_()
+    inf_x = x.clone()
+    inf_x.view(-1)[0] = float("inf")
+    grads = []
+    for name in ("torch", backend):
+        with bk.use_backend(name):
+            finite_w.grad = None
+            layer(finite_w, inf_x, s).sum().backward()
+            grads.append(finite_w.grad)
+    torch.testing.assert_close(grads[1], grads[0], equal_nan=True)
+
+
+@pytest.mark.parametrize("estimator", ["ste", "sigmoid"])
+def test_channel_gate_of_a_one_dimensional_input_has_per_channel_score_gradients(backend, estimator):
+    """dim=0 of a 1-d x: the reference summed grad_y * x over every element (sum over no dims is the total),
+    a 0-d gradient ("ste": backward failed) or the total in every channel ("sigmoid": silently wrong)."""
+    x, s = torch.tensor([1.0, 2.0, 3.0]), torch.tensor([1.0, -1.0, 0.5]).requires_grad_()
+    bk.channel_gate(x, s, dim=0, estimator=estimator).sum().backward()
+    slope = torch.sigmoid(s.detach()) * (1 - torch.sigmoid(s.detach())) if estimator == "sigmoid" else 1.0
+    torch.testing.assert_close(s.grad, x * slope)

@@ -77,7 +77,7 @@ def _mask_weight_kernel(
                     mask=valid, other=0)
         kept = keep(s, thr, reds[None, :], tie_limit(cut, units, R)[:, None])
     tl.store(out_ptr + u64[:, None] * so0 + _red_offsets(reds, KHW, KW, so1, so2, so3)[None, :],
-             tl.where(kept, w, 0), mask=valid)
+             tl.where(kept, w, w * 0), mask=valid)  # W * keep, as the reference: an inf pruned weight gives NaN
 
 
 @triton.jit

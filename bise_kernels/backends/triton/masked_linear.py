@@ -73,25 +73,26 @@ def _masked_mm_body(
         b_ok = l_ok[:, None] & n_ok[None, :]
         a = tl.load(a_ptr + m64[:, None] * stride_am + l64[None, :] * stride_al,
                     mask=m_ok[:, None] & l_ok[None, :], other=0)
+        # pruned weights become b * 0, not 0: W * keep, as the reference (an inf pruned weight gives NaN)
         if UNIT_ON_COLS:  # B[l, n] = W[n, l]
             b = tl.load(w_ptr + n64[None, :] * stride_wu + l64[:, None] * stride_wr, mask=b_ok, other=0)
             if not STRUCTURED:
                 s = tl.load(s_ptr + n64[None, :] * stride_su + l64[:, None] * stride_sr, mask=b_ok, other=0)
-                b = tl.where(keep(s, thr, offs_l[:, None], limit[None, :]), b, 0)
+                b = tl.where(keep(s, thr, offs_l[:, None], limit[None, :]), b, b * 0)
         else:  # B[l, n] = W[l, n]
             b = tl.load(w_ptr + l64[:, None] * stride_wu + n64[None, :] * stride_wr, mask=b_ok, other=0)
             if STRUCTURED:
                 s_row = tl.load(s_ptr + l64 * stride_su, mask=l_ok, other=0)
-                b = tl.where(keep(s_row, thr, offs_l, tl.minimum(cut, LOOP))[:, None], b, 0)
+                b = tl.where(keep(s_row, thr, offs_l, tl.minimum(cut, LOOP))[:, None], b, b * 0)
             else:
                 s = tl.load(s_ptr + l64[:, None] * stride_su + n64[None, :] * stride_sr, mask=b_ok, other=0)
-                b = tl.where(keep(s, thr, offs_n[None, :], tie_limit(cut, offs_l, row_len)[:, None]), b, 0)
+                b = tl.where(keep(s, thr, offs_n[None, :], tie_limit(cut, offs_l, row_len)[:, None]), b, b * 0)
         if UPCAST:
             a = a.to(tl.float32)
             b = b.to(tl.float32)
         acc = tl.dot(a, b, acc, input_precision=PRECISION, out_dtype=ACC)
-    if UNIT_ON_COLS and STRUCTURED:
-        acc = tl.where(col_kept[None, :], acc, 0.0)
+    if UNIT_ON_COLS and STRUCTURED:  # acc * 0 where pruned: a non-finite weight or input gives NaN, as W * keep
+        acc = tl.where(col_kept[None, :], acc, acc * 0)
     if HAS_BIAS:
         acc += tl.load(bias_ptr + n64 * stride_bias, mask=n_ok, other=0).to(ACC)[None, :]
     c = acc.to(c_ptr.dtype.element_ty)
