@@ -219,6 +219,20 @@ def check_score_list(tensors: object, name: str = "scores", finite: bool = True)
     return list(tensors)
 
 
+def check_select(tensors: object, ks: Sequence[object], batched: bool = False) -> None:
+    """A select kernel's arguments, as the native kernels check them in C++ (csrc/checks.h): for the Python
+    kernels (reference, Triton), whose raw ops (torch.ops.bise_kernels.*) are called without the API's
+    checks too (a k past the scores gave (nan, INT64_MIN) on Triton). NaN / inf are the API's (a pass)."""
+    tensors = check_score_list(tensors, finite=False)
+    if batched:
+        if len(ks) != len(tensors):
+            raise ValueError(f"ks has {len(ks)} entries for {len(tensors)} scores tensors")
+        for i, (t, k) in enumerate(zip(tensors, ks)):
+            check_k(k, t.numel(), f"ks[{i}]")
+    else:
+        check_k(ks[0], sum(t.numel() for t in tensors))
+
+
 def check_select_finite(tensors: Sequence[torch.Tensor], names: Sequence[str], kernel: str) -> None:
     """:func:`check_finite` of each of a selection's scores, unless the ``kernel`` that will select
     them (``"topk_select"``, ``"batched_topk_select"``, ``"topk_keep_mask"``) raises on NaN / inf

@@ -259,6 +259,13 @@ def _layer_op(name: str, op, forward: Callable, setup: Callable, backward: Calla
 # ----------------------------------------------------------------------------- selection
 
 
+def _first(scores: list[Tensor]) -> Tensor:
+    """The tensor a select op dispatches on (an empty list: a ValueError, not an IndexError)."""
+    if not scores:
+        raise ValueError("scores is an empty list: a selection needs at least one tensor")
+    return scores[0]
+
+
 def _topk_select(scores: list[Tensor], k: int, hint: Optional[Tensor]) -> tuple[Tensor, Tensor]:
     """Exact top-k over the concatenation of the flattened ``scores``: (threshold, tie cut).
 
@@ -267,7 +274,7 @@ def _topk_select(scores: list[Tensor], k: int, hint: Optional[Tensor]) -> tuple[
     tests/kernels/test_select_kernels.py), as a custom op's outputs must be. A copy here cost two
     launches per select on CUDA and 3.2 us of a public topk_select of 4096 CPU scores (28.8 -> 25.7 us,
     one thread, interleaved, load 1.8)."""
-    return _kernel("topk_select", scores[0])(scores, k, hint)
+    return _kernel("topk_select", _first(scores))(scores, k, hint)
 
 
 _topk_select_op = torch.library.custom_op(f"{LIB}::topk_select", _topk_select, mutates_args=())
@@ -282,7 +289,7 @@ def _(scores, k, hint):
 def _batched_topk_select(scores: list[Tensor], ks: list[int], hints: Optional[Tensor]) -> tuple[Tensor, Tensor]:
     """One independent top-k per tensor: thresholds and tie cuts of shape (len(scores),), as the
     kernel made them (see :func:`_topk_select`)."""
-    return _kernel("batched_topk_select", scores[0])(scores, ks, hints)
+    return _kernel("batched_topk_select", _first(scores))(scores, ks, hints)
 
 
 _batched_topk_select_op = torch.library.custom_op(f"{LIB}::batched_topk_select", _batched_topk_select,
@@ -313,7 +320,7 @@ def _(scores, thr, cut, offset, check_finite=False):
 def _topk_keep_mask(scores: list[Tensor], k: int, hint: Optional[Tensor]) -> list[Tensor]:
     """The keep masks of the exact top-k over the concatenation, one per tensor. A backend without
     this kernel (only the reference has it) composes its own ``topk_select`` and ``keep_mask``."""
-    s = scores[0]
+    s = _first(scores)
     name, kernel = backends.resolve("topk_keep_mask", s.device.type, s.dtype)
     if name != "torch":
         masks = kernel(scores, k, hint)

@@ -84,6 +84,7 @@ def topk_select(
     tensors: Sequence[torch.Tensor], k: int, hint: Optional[torch.Tensor] = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Exact top-k over the concatenation of ``tensors`` (the reference sorts; ``hint`` unused)."""
+    _checks.check_select(tensors, [k])
     return _select_flat(_flat(tensors), k)
 
 
@@ -91,6 +92,7 @@ def batched_topk_select(
     tensors: Sequence[torch.Tensor], ks: Sequence[int], hints: Optional[torch.Tensor] = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """One independent top-k per tensor; returns thresholds and cuts of shape (len(tensors),)."""
+    _checks.check_select(tensors, ks, batched=True)
     pairs = [_select_flat(t.reshape(-1), k) for t, k in zip(tensors, ks)]
     return torch.stack([p[0] for p in pairs]), torch.stack([p[1] for p in pairs])
 

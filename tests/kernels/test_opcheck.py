@@ -269,3 +269,18 @@ def test_a_tensor_subclass_sees_the_custom_ops(backend):
     assert type(y) is Tagged and "bise_kernels.masked_linear.default" in seen
     torch.testing.assert_close(y.as_subclass(torch.Tensor), bk.masked_linear(x, w, None, s, density=0.5),
                                rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("call, error, message", [
+    (lambda s: OPS.topk_select([s], 31, None), ValueError, r"k must be in \[1, 30\]"),
+    (lambda s: OPS.topk_select([s], 0, None), ValueError, r"k must be in \[1, 30\]"),
+    (lambda s: OPS.topk_keep_mask([s], 31, None), ValueError, r"k must be in \[1, 30\]"),
+    (lambda s: OPS.topk_select([s.long()], 3, None), TypeError, r"scores\[0\] must be"),
+    (lambda s: OPS.batched_topk_select([s, s], [1, 0], None), ValueError, r"ks\[1\] must be in \[1, 30\]"),
+    (lambda s: OPS.topk_select([], 1, None), ValueError, "scores is an empty list"),
+])
+def test_raw_select_ops_check_their_arguments_on_every_backend(backend, call, error, message):
+    """The raw ops (torch.ops.bise_kernels.*) without the public API's checks: cpp checked in C++, the
+    Python kernels did not (Triton gave (nan, INT64_MIN) for k past the scores, the reference sorted int64)."""
+    with pytest.raises(error, match=message):
+        call(torch.arange(30.0).reshape(5, 6))

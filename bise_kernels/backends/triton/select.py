@@ -459,6 +459,7 @@ def _select(tensors: Sequence[torch.Tensor], problems: Sequence[int], ks: Sequen
 
 def topk_select(tensors: Sequence[torch.Tensor], k: int, hint: Optional[torch.Tensor] = None):
     """Exact top-k over the virtual concatenation of ``tensors`` (see reference.topk_select)."""
+    _checks.check_select(tensors, [k])
     hints = None if hint is None else hint.reshape(1)
     thr, cut = _select(tensors, [0] * len(tensors), [k], hints)
     return thr.reshape(()), cut.reshape(())
@@ -466,6 +467,7 @@ def topk_select(tensors: Sequence[torch.Tensor], k: int, hint: Optional[torch.Te
 
 def batched_topk_select(tensors: Sequence[torch.Tensor], ks: Sequence[int], hints: Optional[torch.Tensor] = None):
     """One independent top-k per tensor, all in the same launches (see reference.batched_topk_select)."""
+    _checks.check_select(tensors, ks, batched=True)
     return _select(tensors, list(range(len(tensors))), list(ks), hints)
 
 
