@@ -522,7 +522,7 @@ def cmd_extract(inv: Invocation) -> None:
         except CheckpointError as exc:
             raise UsageError(f"{exc}; start the extraction again with --overwrite") from None
         inv.say(f"resuming from epoch {ckpt['epoch']} of {config.mask_epochs}")
-    elif a.resume and MASKS in run.artefacts and run.has(MASKS):  # finished, its checkpoint gone: nothing to continue
+    elif a.resume and MASKS in run.artefacts and _intact(inv, MASKS):  # finished, checkpoint gone: nothing to resume
         made, now = run.artefacts[MASKS]["settings"], _plain(settings)
         changed = [k for k in now if k not in (*RESUME_IGNORED, "model") and made.get(k) != now[k]]
         if changed or run.artefacts[MASKS]["inputs"] != inputs:
@@ -546,6 +546,15 @@ def cmd_extract(inv: Invocation) -> None:
     run.commit(outputs)
     inv.say(f"subnetwork: {sub.units_kept}/{sub.units_total} units kept ({100 * sub.units_pruned:.1f}% pruned) "
             f"-> {run.path(MASKS)}")
+
+
+def _intact(inv: Invocation, name: str) -> bool:
+    """Whether ``--out/name`` is there as run.json records it (a damaged one is made again, not kept)."""
+    try:
+        inv.require(name)
+    except UsageError:
+        return False
+    return True
 
 
 def _example_input(data):
@@ -781,7 +790,9 @@ def _resume_hint(inv: Invocation, argv: list) -> str:
     import shlex
 
     a = inv.args
-    changed = inv.recorded_before is not None and inv.run.artefacts != inv.recorded_before
+    unwritten = inv.run.unwritten()  # a checkpoint recorded ahead and never written: close() drops it
+    now = {k: v for k, v in inv.run.artefacts.items() if k not in unwritten}
+    changed = inv.recorded_before is not None and now != inv.recorded_before
     if a.command in ("run", "extract") and (a.resume or changed):
         again = [t for t in argv if not (t.startswith("--ov") and "--overwrite".startswith(t))]
         command = shlex.join(["bise", *again, *(() if a.resume else ("--resume",))])

@@ -172,7 +172,6 @@ def insert_gates(model: nn.Module, names: Optional[Sequence[str]] = None, *, exc
         modules = [n for n, _ in model.named_modules() if n]
         refuse_unmatched(arg_names[0], names, modules, f"module of {type(model).__name__}")
         candidates = {n: m for n, m in model.named_modules() if n and matches(n, names)}
-        default_exclude = ()
     if exclude is not None:
         cls = type(model).__name__
         what = f"activation module of {cls}" if names is None else f"module of {cls} picked by {arg_names[0]}"

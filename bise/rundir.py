@@ -172,7 +172,7 @@ class RunDir:
         if not self.main or (self._lock_fd is None and not self.created):
             return
         shutil.rmtree(self.staging, ignore_errors=True)
-        unwritten = [n for n in self._ahead if n in self.artefacts and not self.has(n)]
+        unwritten = self.unwritten()
         if failed and unwritten:  # recorded ahead by a command that failed before writing it (a checkpoint)
             for name in unwritten:
                 del self.artefacts[name]
@@ -230,6 +230,10 @@ class RunDir:
         """A manifest entry (module docstring); :meth:`commit` fills in the file's sha256."""
         return {"sha256": None, "step": step, "data": data, "inputs": inputs, "settings": settings,
                 "seconds": seconds}
+
+    def unwritten(self) -> list:
+        """The files this command recorded ahead (:meth:`record_now`) and has not written yet."""
+        return [n for n in self._ahead if n in self.artefacts and not self.has(n)]
 
     def record_now(self, name: str, entry: dict) -> None:
         """Record a file written in place (the extraction checkpoint) before it exists; a command that

@@ -2,7 +2,7 @@
 one removes the files of the same spec and seed left by older code versions.
 
 The file holds the arrays, a JSON metadata string and a sha256 over the arrays' bytes, dtypes
-and shapes plus the spec, seed and code version. It is written to a temporary file in the same
+and shapes plus the spec and seed. It is written to a temporary file in the same
 folder and renamed into place, so a crash never leaves a partial cache file; a file whose
 checksum does not match (or that does not open) is reported, removed and rebuilt.
 """
@@ -55,8 +55,10 @@ def _remove_stale(path: Path) -> None:
 
 
 def checksum(arrays: dict, key: str, seed: int) -> str:
-    """sha256 over every array (name, dtype, shape, bytes) plus spec, seed and code version."""
-    h = hashlib.sha256(f"{key}|seed={seed}|code={code_version()}".encode())
+    """sha256 over every array (name, dtype, shape, bytes) plus spec and seed: what the data are, which a run's
+    run.json records. Not the code version (the file's name has it): an edit to bise/data that leaves the arrays
+    as they were made every earlier run refuse its data as "other contents"."""
+    h = hashlib.sha256(f"{key}|seed={seed}".encode())
     for name in sorted(arrays):
         a = np.ascontiguousarray(arrays[name])
         h.update(f"{name}|{a.dtype.str}|{a.shape}".encode())

@@ -117,6 +117,17 @@ def test_cache_round_trips_bit_identically_without_rebuilding(tmp_path, monkeypa
     assert (second.rho, second.weighting, second.num_classes) == (first.rho, first.weighting, 10)
 
 
+def test_the_checksum_runs_record_is_of_the_data_not_of_the_code(tmp_path, monkeypatch):
+    """A new bise version whose data come out the same bytes keeps the checksum that run.json records (it
+    hashed the code version in too: any edit of bise/data made every earlier run refuse its data); the
+    cache file of another code version is another file, rebuilt."""
+    first = data.load("colored-digits:n_train=300", seed=3, cache_dir=str(tmp_path))
+    monkeypatch.setattr(cache, "code_version", lambda: "0123456789abcdef")
+    again = data.load("colored-digits:n_train=300", seed=3, cache_dir=str(tmp_path))
+    assert again.info["cache_hit"] is False and again.info["cache_path"] != first.info["cache_path"]
+    assert again.info["checksum"] == first.info["checksum"]
+
+
 def test_generation_is_deterministic_in_the_seed(tmp_path):
     a = data.load("colored-digits", seed=5, cache_dir=str(tmp_path / "a"))
     b = data.load("colored-digits", seed=5, cache_dir=str(tmp_path / "b"))

@@ -553,6 +553,24 @@ def test_a_budget_that_keeps_no_unit_is_refused_before_any_work(run_dir, tmp_pat
     assert message in capsys.readouterr().err and not fresh.exists()
 
 
+def test_an_extraction_interrupted_before_its_checkpoint_says_nothing_was_changed(run_dir, tmp_path, capsys,
+                                                                                   monkeypatch):
+    """Ctrl-C before the first checkpoint: the --out it created is removed, so the hint is to run the command again
+    (it said to continue it with --resume)."""
+    import importlib
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(importlib.import_module("bise.extract"), "extract", interrupted)
+    fresh = tmp_path / "fresh"
+    assert main(["extract", "--data", "colored-digits", "--model", str(run_dir / "vanilla.pt"), "--quiet",
+                 "--out", str(fresh)]) == 130
+    err = capsys.readouterr().err.strip()
+    assert err.endswith("interrupted; nothing was changed; run the command again to redo it"), err
+    assert not fresh.exists()
+
+
 def test_a_failed_extraction_leaves_no_record_of_an_unwritten_checkpoint(run_dir, tmp_path, capsys, monkeypatch):
     """An extraction that fails before its first checkpoint leaves run.json as it was (it listed a
     checkpoint.pt that did not exist), and removes an --out it created."""
@@ -608,6 +626,10 @@ def test_resume_without_a_checkpoint_never_replaces_finished_masks(run_dir, tmp_
     assert main(["extract", "--out", str(out), "--resume", "--mask-epochs", "2", "--head-epochs", "1"]) == 0
     assert "is a finished extraction with these settings: nothing to resume" in capsys.readouterr().out
     assert {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()} == files
+    with open(out / "masks.pt", "ab") as f:  # damaged: made again (the kept one failed the export next)
+        f.write(b"junk")
+    assert main(["run", *TINY, "--out", str(out), "--resume"]) == 0
+    assert main(["evaluate", "--out", str(out), "--latency-repeats", "0", "--quiet"]) == 0
 
 
 def test_the_next_step_after_an_unfinished_extraction_is_to_resume_it(run_dir, tmp_path, capsys):
