@@ -84,7 +84,7 @@ def _same_layout(t: Tensor, want: Tensor) -> bool:
 
 def _like(out: Tensor, ref: Tensor) -> Tensor:
     """``out`` (of ``ref``'s shape) in the layout of ``torch.empty_like(ref)``, the fake impls' rule."""
-    if out.is_contiguous() and ref.is_contiguous():  # the common case: no layout to compute
+    if out.is_contiguous() and (ref.dim() <= 1 or ref.is_contiguous()):  # the common cases (a 1-d ref's is contiguous)
         return out
     want = torch.empty_like(ref, dtype=out.dtype, device="meta")
     return out if _same_layout(out, want) else torch.empty_like(ref, dtype=out.dtype).copy_(out)

@@ -36,6 +36,11 @@ export BISE_DATA_DIR="${BISE_DATA_DIR:-$PWD/.data}" PYTHONPATH="$PWD${PYTHONPATH
 # Everything this call prints (the part's script included) also lands in session-<part>.txt, the
 # call's progress log: what a cut call did, and when, comes back with $OUT.
 exec > >(tee -a "$OUT_DIR/session-$PART.txt") 2>&1
+tee_pid=$!
+# At the end the log is complete before the call returns: close the pipe and wait for tee (the part's
+# script runs as a child, not exec'd, so that this runs after it).
+finish() { local rc=$?; exec >&- 2>&-; wait "$tee_pid" 2>/dev/null; exit "$rc"; }
+trap finish EXIT
 echo "part=$PART dry=$DRY deadline_s=$DEADLINE_S commit=${BISE_COMMIT:-$(git rev-parse --short=8 HEAD 2>/dev/null)} out=$OUT_DIR"
 date -u
 timeout "$(cap 20)" nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>/dev/null
@@ -50,10 +55,10 @@ case "$PART" in
   kernels)
     if [ "$DRY" = 1 ]; then
       handover "the suite's dry run"
-      exec python3 benchmarks/gpu_suite.py --dry-run --out "$OUT_DIR" --budget-s "$DEADLINE_S"
+      python3 benchmarks/gpu_suite.py --dry-run --out "$OUT_DIR" --budget-s "$DEADLINE_S"; exit
     fi
     handover "benchmarks/run_gpu.sh"
-    TESTS_S=${TESTS_S:-120} exec bash benchmarks/run_gpu.sh "$OUT_DIR"
+    TESTS_S=${TESTS_S:-120} bash benchmarks/run_gpu.sh "$OUT_DIR"; exit
     ;;
   workflow)
     if ! timeout "$(cap 60)" python3 -c "import torch_pruning" 2>/dev/null; then
@@ -69,9 +74,9 @@ case "$PART" in
         || rc=$?
       [ "$rc" = 0 ] || echo "build failed (rc $rc): the workflow runs on the reference kernels"
     fi
-    if [ "$DRY" = 1 ]; then handover "scripts/gpu_workflow.sh --dry-run"; exec bash scripts/gpu_workflow.sh --dry-run "$OUT_DIR"; fi
+    if [ "$DRY" = 1 ]; then handover "scripts/gpu_workflow.sh --dry-run"; bash scripts/gpu_workflow.sh --dry-run "$OUT_DIR"; exit; fi
     handover "scripts/gpu_workflow.sh"
-    exec bash scripts/gpu_workflow.sh "$OUT_DIR"
+    bash scripts/gpu_workflow.sh "$OUT_DIR"; exit
     ;;
   *) echo "unknown part '$PART': kernels or workflow"; exit 64 ;;
 esac

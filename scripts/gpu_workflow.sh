@@ -53,24 +53,28 @@ l=$(($(left) - RESERVE_S))
 limit=$(cap "${WORKFLOW_TIMEOUT_S:-600}")
 [ "$l" -ge "$limit" ] || limit=$((l > 1 ? l : 1))
 rc=0
+started=1
 if [ "$(left)" -le "$RESERVE_S" ]; then
-  rc=124; log "no time left for bise run"
+  rc=124 started=0 limit=0; log "no time left for bise run: not started"
 else
   log "bise run (limit ${limit} s; the run's folder: $RUN_DIR)"
   timeout "$limit" "$PY" -m bise run "${ARGS[@]}" --out "$RUN_DIR" --overwrite --quiet || rc=$?
 fi
 end=$(date +%s.%N)
 if [ "$rc" != 0 ]; then
-  if [ "$rc" = 124 ]; then why="was cut by its time limit of ${limit} s"; else why="failed (rc $rc)"; fi
-  log "bise run $why: no workflow.json; what it did is in run.json and run-progress.json"
+  if [ "$started" = 0 ]; then why="did not start (at most RESERVE_S = ${RESERVE_S} s were left)"
+  elif [ "$rc" = 124 ]; then why="was cut by its time limit of ${limit} s"; else why="failed (rc $rc)"; fi
+  log "bise run $why: no workflow.json; run-progress.json says what there is"
   [ ! -f "$RUN_DIR/run.json" ] || cp "$RUN_DIR/run.json" "$OUT/run.json"
-  timeout 30 "$PY" - "$RUN_DIR" "$OUT/run-progress.json" "$rc" "$limit" "$start" "$end" <<'EOF' || echo "no run-progress.json"
+  timeout 30 "$PY" - "$RUN_DIR" "$OUT/run-progress.json" "$rc" "$limit" "$start" "$end" "$started" <<'EOF' || echo "no run-progress.json"
 import json, sys
 from pathlib import Path
 
 run_dir, out, rc, limit, start, end = Path(sys.argv[1]), Path(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4]), \
     float(sys.argv[5]), float(sys.argv[6])
-progress = {"rc": rc, "cut_by_time_limit": rc == 124, "limit_s": limit, "elapsed_s": round(end - start, 1),
+started = sys.argv[7] == "1"
+progress = {"started": started, "rc": rc if started else None, "cut_by_time_limit": started and rc == 124,
+            "limit_s": limit, "elapsed_s": round(end - start, 1),
             "files_s": {p.name: round(p.stat().st_mtime - start, 1) for p in sorted(run_dir.glob("*")) if p.is_file()}}
 manifest = run_dir / "run.json"
 if manifest.is_file():

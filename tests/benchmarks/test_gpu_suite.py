@@ -269,7 +269,14 @@ def test_a_cut_bise_run_leaves_its_progress(tmp_path):
         assert isinstance(progress["steps_s"], dict)
     if "checkpoint.pt" in progress["files_s"]:
         assert "timing_s" in progress["checkpoint"] or "error" in progress["checkpoint"]
-    assert not (out / "workflow.json").exists()
+    assert not (out / "workflow.json").exists() and progress["started"] is True
+    # no time left for the run: it did not start, and says so (it said "cut by its time limit of 1 s")
+    late = tmp_path / "late"
+    done = subprocess.run(["bash", str(ROOT / "scripts" / "gpu_workflow.sh"), "--dry-run", str(late)],
+                          capture_output=True, text=True, env={**env, "DEADLINE_S": "10"}, timeout=120, cwd=ROOT)
+    assert done.returncode == 5 and "bise run did not start" in done.stdout, done.stdout[-2000:]
+    progress = json.loads((late / "run-progress.json").read_text())
+    assert (progress["started"], progress["rc"], progress["cut_by_time_limit"]) == (False, None, False)
 
 
 def _case_record(error_baseline: bool = True):
