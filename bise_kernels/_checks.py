@@ -42,12 +42,18 @@ def is_real(value: object) -> bool:
     return isinstance(value, numbers.Real) and not isinstance(value, bool)
 
 
+def _finite(value: float) -> bool:
+    """math.isfinite, also for a traced SymFloat: dynamo makes a float argument dynamic (dynamic=True, or once
+    it changed between compiles), and math.isfinite cannot trace one (a graph break; fullgraph fails)."""
+    return value == value and abs(value) != math.inf
+
+
 def check_real(value: object, name: str) -> float:
     """A finite Python or NumPy real number, not a bool, as a float."""
     if not is_real(value):
         raise TypeError(f"{name} must be a float, got {value!r}")
-    if not math.isfinite(float(value)):
-        raise ValueError(f"{name} must be finite, got {value!r}")
+    if not _finite(float(value)):
+        raise ValueError(f"{name} must be finite, got {float(value)!r}")
     return float(value)
 
 
@@ -94,8 +100,8 @@ def check_estimator(estimator: object, temperature: object) -> None:
         raise ValueError(f"estimator must be one of {ESTIMATORS}, got {estimator!r}")
     if not is_real(temperature):
         raise TypeError(f"temperature must be a positive float, got {temperature!r}")
-    if not (float(temperature) > 0 and math.isfinite(float(temperature))):
-        raise ValueError(f"temperature must be a positive finite float, got {temperature!r}")
+    if not (float(temperature) > 0 and _finite(float(temperature))):  # float(): a SymFloat cannot be formatted
+        raise ValueError(f"temperature must be a positive finite float, got {float(temperature)!r}")
 
 
 def check_mask_spec(density: object, threshold: object) -> None:
@@ -114,8 +120,7 @@ def check_mask_spec(density: object, threshold: object) -> None:
         check_real_dtype(threshold, "threshold")
     elif not is_real(threshold):
         raise TypeError(f"threshold must be a float or a one-element tensor, got {threshold!r}")
-    elif not (threshold == threshold and abs(threshold) != math.inf):  # math.isfinite, also for a traced
-        # SymFloat (dynamo makes a float dynamic once it changed between compiles; isfinite cannot trace)
+    elif not _finite(threshold):
         raise ValueError(f"threshold must be finite, got {float(threshold)!r}")
 
 

@@ -181,6 +181,26 @@ def test_layers_with_other_float_thresholds_compile_with_fullgraph(backend):
             torch.compile(lambda x: bk.masked_linear(x, w, None, s, threshold=t), backend="aot_eager")(x)  # noqa: B023
 
 
+def test_the_functional_api_compiles_with_dynamic_floats(backend):
+    """dynamic=True makes float arguments SymFloats, the default temperature=1.0 too: math.isfinite in its check
+    could not trace one (fullgraph failed, 'torch.* op returned non-Tensor ... isfinite'; else a graph break per
+    call), for masked_linear, masked_conv2d and channel_gate; a non-finite temperature is still a ValueError."""
+    torch._dynamo.reset()
+    x, w, s = torch.randn(4, 8), torch.randn(6, 8), torch.randn(6, 8)
+    xc, wc, sc = torch.randn(2, 3, 5, 5), torch.randn(4, 3, 3, 3), torch.randn(4, 3, 3, 3)
+    xg, sg = torch.randn(2, 6, 3), torch.randn(6)
+    calls = [(lambda x: bk.masked_linear(x, w, None, s, density=0.5), x),
+             (lambda x: bk.masked_linear(x, w, None, s, threshold=0.0, temperature=0.5), x),
+             (lambda x: bk.masked_conv2d(x, wc, None, sc, density=0.5, padding=1), xc),
+             (lambda x: bk.channel_gate(x, sg, density=0.5), xg)]
+    for call, inp in calls:
+        compiled = torch.compile(call, backend="aot_eager", fullgraph=True, dynamic=True)
+        torch.testing.assert_close(compiled(inp), call(inp), rtol=0, atol=0)
+    with pytest.raises(ValueError, match="temperature must be a positive finite float, got nan"):
+        torch.compile(lambda x: bk.masked_linear(x, w, None, s, density=0.5, temperature=float("nan")),
+                      backend="aot_eager", dynamic=True)(x)
+
+
 @pytest.mark.parametrize("threshold", [0.0, torch.tensor(0.0)], ids=["number", "tensor"])
 def test_a_compiled_keep_layer_checks_at_run_time(backend, threshold):
     """While compiling there is no cache and no registry: a threshold layer in "keep" mode traces
