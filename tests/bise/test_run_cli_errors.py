@@ -519,7 +519,7 @@ def test_the_resume_hint_under_torchrun_relaunches_with_torchrun(monkeypatch):
 
     argv = ["run", "--out", "run dir", "--overwrite"]
     inv = SimpleNamespace(args=SimpleNamespace(command="run", resume=False), recorded_before={},
-                          run=SimpleNamespace(artefacts={"vanilla.pt": {}}))
+                          run=SimpleNamespace(artefacts={"vanilla.pt": {}}, unwritten=lambda: []))
     alone = shlex.join(["bise", "run", "--out", "run dir", "--resume"])
     assert cli._resume_hint(inv, argv) == "continue with: " + alone
     monkeypatch.setattr(distributed, "current", lambda: distributed.Context(rank=1, world_size=2))
