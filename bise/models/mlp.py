@@ -10,6 +10,8 @@ from collections import OrderedDict
 
 from torch import Tensor, nn
 
+from .scaling import scaled
+
 
 class MLP(nn.Module):
     """features.fc1/relu1 ... fc3/relu3 (the gated ReLUs), then classifier (the head)."""
@@ -20,7 +22,7 @@ class MLP(nn.Module):
                  input_scale: float = 1.0):
         super().__init__()
         self.input_scale = float(input_scale)
-        h = max(1, round(hidden * width))
+        h = scaled(hidden, width, "mlp")
         self.features = nn.Sequential(OrderedDict([
             ("fc1", nn.Linear(in_features, h)), ("relu1", nn.ReLU()),
             ("fc2", nn.Linear(h, h)), ("relu2", nn.ReLU()),

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 from torch import Tensor, nn
 
+from .scaling import scaled
+
 STEMS = ("cifar", "imagenet")
 
 
@@ -41,7 +43,7 @@ class ResNet18(nn.Module):
         super().__init__()
         if stem not in STEMS:
             raise ValueError(f"stem must be one of {STEMS}, got {stem!r}")
-        widths = [max(1, round(c * width)) for c in (64, 128, 256, 512)]
+        widths = [scaled(c, width, "resnet18") for c in (64, 128, 256, 512)]
         cifar = stem == "cifar"
         self.conv1 = nn.Conv2d(in_channels, widths[0], 3 if cifar else 7, 1 if cifar else 2, 1 if cifar else 3,
                                bias=False)

@@ -6,6 +6,8 @@ from collections import OrderedDict
 
 from torch import Tensor, nn
 
+from .scaling import scaled
+
 BASE_WIDTHS = (16, 32, 64, 128)
 
 
@@ -16,7 +18,7 @@ class SimpleCNN(nn.Module):
 
     def __init__(self, num_classes: int, in_channels: int = 3, width: float = 1.0):
         super().__init__()
-        widths = [max(1, round(c * width)) for c in BASE_WIDTHS]
+        widths = [scaled(c, width, "simple-cnn") for c in BASE_WIDTHS]
         acts = [("relu1", nn.ReLU()), ("relu2", nn.ReLU()), ("relu3", nn.ReLU()), ("tanh4", nn.Tanh())]
         layers, cin = [], in_channels
         for i, (cout, (act_name, act)) in enumerate(zip(widths, acts), start=1):

@@ -202,3 +202,12 @@ def test_mlp_input_scale_matches_scaled_inputs_and_survives_rebuild():
     assert again.input_scale == pytest.approx(1 / 255)
     with pytest.raises(ValueError, match="input_scale is an mlp option"):
         build_model("simple-cnn", 10, (3, 8, 8), input_scale=0.5)
+
+
+@pytest.mark.parametrize("arch, units", [("mlp", 100), ("simple-cnn", 16), ("resnet18", 64)])
+def test_a_width_that_leaves_a_layer_no_unit_is_refused(arch, units):
+    """width 0.001 was widened to one unit per layer without a word (run.json then recorded 0.001)."""
+    with pytest.raises(ValueError, match=rf"width=0.001 leaves {arch}'s {units}-unit layers round\({units} \* 0.001\) "
+                                         rf"= 0 units; give a width above"):
+        build_model(arch, 10, (3, 16, 16), width=0.001)
+    assert build_model(arch, 10, (3, 16, 16), width=0.6 / units) is not None  # one unit in the narrowest layer
