@@ -51,7 +51,8 @@ def _typed(kind, low, name, high=None):
         try:
             v = kind(text)
         except ValueError:
-            raise argparse.ArgumentTypeError(f"{name} must be a {kind.__name__}, got {text!r}") from None
+            raise argparse.ArgumentTypeError(f"{name} must be {'an integer' if kind is int else 'a number'}, got "
+                                             f"{text!r}") from None
         if not (v >= low if kind is int else (v > low and v == v and v != float("inf"))):
             raise argparse.ArgumentTypeError(f"{name} must be {'>=' if kind is int else 'a finite number >'} {low}, "
                                              f"got {text!r}")

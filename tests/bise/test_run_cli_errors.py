@@ -647,3 +647,12 @@ def test_the_next_step_after_an_unfinished_extraction_is_to_resume_it(run_dir, t
         f"masks.pt is missing: the `bise extract` that checkpoint.pt holds did not finish; continue it with "
         f"`bise extract --out {out} --resume` and the options it was started with")
     assert main(["extract", "--out", str(out), "--resume", "--mask-epochs", "2", "--head-epochs", "1", "--quiet"]) == 0
+
+
+@pytest.mark.parametrize("flag, value, message", [("--seed", "x", "--seed must be an integer, got 'x'"),
+                                                  ("--lr", "abc", "--lr must be a number, got 'abc'")])
+def test_a_value_of_the_wrong_kind_is_named_in_words(capsys, flag, value, message):
+    """It said '--seed must be a int' (the Python type's name)."""
+    with pytest.raises(SystemExit) as exc:
+        main(["train", "--out", "x", flag, value])
+    assert exc.value.code == 2 and message in capsys.readouterr().err
