@@ -437,7 +437,8 @@ def cmd_train(inv: Invocation, replaces: tuple = ()) -> None:
                               pretrained=s.get("pretrained", False))
     except PretrainedError as exc:
         raise UsageError(f"--pretrained: {exc}") from None
-    health = _vanilla_health(inv, model, f"the vanilla model trained with --lr {s['lr']}")
+    lr = f"--lr {s['lr']}" if a.lr is not None else f"the recipe's learning rate {s['lr']}"  # not a flag not given
+    health = _vanilla_health(inv, model, f"the vanilla model trained with {lr}")
     _save_vanilla(inv.run.staged(VANILLA), model.cpu())
     inv.run.commit({VANILLA: inv.entry("train", {}, {**s, "health": health}, start)}, replaces=replaces)
     inv.say(f"vanilla model -> {inv.run.path(VANILLA)}")

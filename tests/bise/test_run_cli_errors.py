@@ -656,3 +656,13 @@ def test_a_value_of_the_wrong_kind_is_named_in_words(capsys, flag, value, messag
     with pytest.raises(SystemExit) as exc:
         main(["train", "--out", "x", flag, value])
     assert exc.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_the_untrained_note_names_the_flag_only_when_given(tmp_path, capsys):
+    """'trained with --lr 0.001' where no --lr was given (the recipe's rate) sent users to a flag they had not set."""
+    base = ["train", "--data", "colored-digits", "--arch", "mlp", "--vanilla-epochs", "0", "--quiet"]
+    assert main([*base, "--out", str(tmp_path / "a")]) == 0
+    assert "note: the vanilla model trained with the recipe's learning rate 0.001 did not train" in \
+        capsys.readouterr().err
+    assert main([*base, "--lr", "0.5", "--out", str(tmp_path / "b")]) == 0
+    assert "note: the vanilla model trained with --lr 0.5 did not train" in capsys.readouterr().err
