@@ -41,6 +41,16 @@ tee_pid=$!
 # script runs as a child, not exec'd, so that this runs after it).
 finish() { local rc=$?; exec >&- 2>&-; wait "$tee_pid" 2>/dev/null; exit "$rc"; }
 trap finish EXIT
+# The part's script as a child that a SIGTERM / SIGINT to this script reaches too (with exec it was this
+# process; a plain child was orphaned, still running and writing after the call had returned).
+run_part() {
+  "$@" &
+  local child=$! rc
+  trap 'kill -TERM "$child" 2>/dev/null' TERM INT
+  wait "$child"; rc=$?
+  if [ "$rc" -gt 128 ] && kill -0 "$child" 2>/dev/null; then wait "$child"; rc=$?; fi  # interrupted: let it end
+  exit "$rc"
+}
 echo "part=$PART dry=$DRY deadline_s=$DEADLINE_S commit=${BISE_COMMIT:-$(git rev-parse --short=8 HEAD 2>/dev/null)} out=$OUT_DIR"
 date -u
 timeout "$(cap 20)" nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>/dev/null
@@ -55,10 +65,10 @@ case "$PART" in
   kernels)
     if [ "$DRY" = 1 ]; then
       handover "the suite's dry run"
-      python3 benchmarks/gpu_suite.py --dry-run --out "$OUT_DIR" --budget-s "$DEADLINE_S"; exit
+      run_part python3 benchmarks/gpu_suite.py --dry-run --out "$OUT_DIR" --budget-s "$DEADLINE_S"
     fi
     handover "benchmarks/run_gpu.sh"
-    TESTS_S=${TESTS_S:-120} bash benchmarks/run_gpu.sh "$OUT_DIR"; exit
+    TESTS_S=${TESTS_S:-120} run_part bash benchmarks/run_gpu.sh "$OUT_DIR"
     ;;
   workflow)
     if ! timeout "$(cap 60)" python3 -c "import torch_pruning" 2>/dev/null; then
@@ -74,9 +84,9 @@ case "$PART" in
         || rc=$?
       [ "$rc" = 0 ] || echo "build failed (rc $rc): the workflow runs on the reference kernels"
     fi
-    if [ "$DRY" = 1 ]; then handover "scripts/gpu_workflow.sh --dry-run"; bash scripts/gpu_workflow.sh --dry-run "$OUT_DIR"; exit; fi
+    if [ "$DRY" = 1 ]; then handover "scripts/gpu_workflow.sh --dry-run"; run_part bash scripts/gpu_workflow.sh --dry-run "$OUT_DIR"; fi
     handover "scripts/gpu_workflow.sh"
-    bash scripts/gpu_workflow.sh "$OUT_DIR"; exit
+    run_part bash scripts/gpu_workflow.sh "$OUT_DIR"
     ;;
   *) echo "unknown part '$PART': kernels or workflow"; exit 64 ;;
 esac

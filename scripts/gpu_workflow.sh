@@ -14,7 +14,8 @@
 # no-sync test's output goes to OUT_DIR/nosync.log. A `bise run` cut by its time limit (or failing)
 # leaves OUT_DIR/run.json (the run's manifest: each finished step's seconds) and OUT_DIR/run-progress.json
 # (its exit status, the time limit, the seconds each file of the run folder appeared after the start,
-# and the extraction checkpoint's epoch and per-phase seconds), and the script exits with status 5.
+# and the extraction checkpoint's epoch and per-phase seconds; "started": false where no time was left to
+# start it), and the script exits with status 5.
 # A dry run without OUT_DIR writes into a new temporary folder.
 set -euo pipefail
 cd "$(dirname "$0")/.."

@@ -188,7 +188,7 @@ def load(spec: str, *, seed: int = 0, data_dir: Optional[str] = None,
         def build():
             return _to_arrays(_LOADERS[kind](root, spec, opts, seed))
     cache_dir = Path(cache_dir) if cache_dir else cache.default_dir()
-    arrays, meta, path, hit, digest = _cached(cache_dir, name, cache_key, seed, build)
+    arrays, meta, path, hit, digest = _cached(cache_dir, name, cache_key, key, seed, build)
     ds = _from_arrays(meta["name"], spec, arrays, meta)
     ds.info.update({"cache_path": str(path), "cache_hit": hit, "checksum": digest,
                     "canonical_spec": key})
@@ -206,13 +206,15 @@ def _source_key(key: str, name: str, opts: dict, data_dir: Path) -> str:
     return f"{key}|sources={stamp}" if stamp else key
 
 
-def _cached(cache_dir: Path, name: str, key: str, seed: int, build) -> tuple:
-    """(arrays, meta, path, hit, checksum): the cache file for (key, seed), built and written on a miss."""
+def _cached(cache_dir: Path, name: str, key: str, canonical: str, seed: int, build) -> tuple:
+    """(arrays, meta, path, hit, checksum): the cache file for (``key``, seed), built and written on a miss;
+    the checksum (which a run records) is salted with the ``canonical`` spec, not with ``key``'s source
+    stamps: a copied or touched data folder (new mtimes, same bytes) is the same data."""
     path = cache.path_for(cache_dir, name, key, seed)
-    hit = cache.read(path, key, seed)
+    hit = cache.read(path, canonical, seed)
     if hit is None:
         arrays, meta = build()
-        return arrays, meta, path, False, cache.write(path, arrays, meta, key, seed)
+        return arrays, meta, path, False, cache.write(path, arrays, meta, canonical, seed)
     return (*hit[:2], path, True, hit[2])
 
 
@@ -225,7 +227,7 @@ def redraw(ds: BiasedDataset, draw: int = 1) -> Split:
         raise ValueError(f"{ds.name}: fixed data has no generator, so it has no second draw of its training "
                          "set (an .npz may supply one as mask_x / mask_y / mask_b)")
     key = f"{_source_key(gen['key'], gen['name'], gen['options'], Path(gen['data_dir']))}|draw={draw}"
-    arrays, _, _, _, _ = _cached(Path(gen["cache_dir"]), gen["name"], key, gen["seed"],
+    arrays, _, _, _, _ = _cached(Path(gen["cache_dir"]), gen["name"], key, f"{gen['key']}|draw={draw}", gen["seed"],
                                  lambda: builtin.build(gen["name"], gen["options"], gen["seed"],
                                                        Path(gen["data_dir"]), draw=draw))
     return Split(*(torch.from_numpy(arrays[f"train_{a}"]) for a in ("x", "y", "b", "src")))

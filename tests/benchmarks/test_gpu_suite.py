@@ -402,3 +402,25 @@ def test_the_gpu_tests_summary_names_what_passed_failed_and_was_cut(tmp_path):
     with contextlib.redirect_stdout(printed):
         suite.main(["--summarize-tests", str(log_path)])
     assert json.loads(printed.getvalue())["not_run"] == ["triton"]
+
+
+def test_a_sigterm_to_the_device_call_ends_the_parts_script_too(tmp_path):
+    """The part's script ran as a plain child: a SIGTERM to device_session.sh ended the shell and left the
+    child running (orphaned) and writing; it is forwarded now, and the call's log is complete."""
+    import signal
+    import subprocess
+
+    env = _stub_env(tmp_path, S_IMPORT="0", S_OTHER="30")
+    proc = subprocess.Popen(["bash", str(ROOT / "scripts" / "device_session.sh"), "--dry-run", "kernels",
+                             str(tmp_path / "out")], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    log = tmp_path / "stub.log"
+    deadline = time.monotonic() + 20
+    while not (log.is_file() and "gpu_suite.py" in log.read_text()) and time.monotonic() < deadline:
+        time.sleep(0.1)  # the suite (a 30 s sleep) has started
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=10) != 0
+    stub = subprocess.run(["pgrep", "-f", "sleep 30"], capture_output=True, text=True).stdout.split()
+    children = [p for p in stub if subprocess.run(["cat", f"/proc/{p}/environ"], capture_output=True).stdout
+                .find(str(tmp_path).encode()) >= 0]
+    assert not children, "the part's script outlived the call"
+    assert "part=kernels dry=1" in (tmp_path / "out" / "session-kernels.txt").read_text()

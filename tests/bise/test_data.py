@@ -126,6 +126,11 @@ def test_the_checksum_runs_record_is_of_the_data_not_of_the_code(tmp_path, monke
     again = data.load("colored-digits:n_train=300", seed=3, cache_dir=str(tmp_path))
     assert again.info["cache_hit"] is False and again.info["cache_path"] != first.info["cache_path"]
     assert again.info["checksum"] == first.info["checksum"]
+    # the source files copied or touched (new mtimes in the cache key's stamp), the same bytes: the same data
+    monkeypatch.setattr(builtin, "source_stamp", lambda *a: "/elsewhere/mnist.json:123@456")
+    moved = data.load("colored-digits:n_train=300", seed=3, cache_dir=str(tmp_path))
+    assert moved.info["cache_path"] != again.info["cache_path"] and moved.info["checksum"] == first.info["checksum"]
+    assert data.spec.redraw(moved).y.equal(data.spec.redraw(first).y)
 
 
 def test_generation_is_deterministic_in_the_seed(tmp_path):

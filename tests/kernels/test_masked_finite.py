@@ -253,3 +253,15 @@ def test_channel_gate_of_a_one_dimensional_input_has_per_channel_score_gradients
     bk.channel_gate(x, s, dim=0, estimator=estimator).sum().backward()
     slope = torch.sigmoid(s.detach()) * (1 - torch.sigmoid(s.detach())) if estimator == "sigmoid" else 1.0
     torch.testing.assert_close(s.grad, x * slope)
+
+
+def test_pruned_units_of_an_overflowing_product_are_zero_as_w_times_keep(backend):
+    """Per-unit scores, products that overflow fp32 (1e20 * 1e20): a pruned unit's output is x @ (W * 0) = 0, as
+    the reference; Triton's output columns multiplied by keep after the K loop made them inf * 0 = NaN."""
+    x, w = torch.full((3, 8), 1e20), torch.full((70, 8), 1e20)
+    s = torch.cat([torch.full((40,), -1.0), torch.ones(30)])  # units 0..39 pruned
+    with bk.use_backend("torch"):
+        want = bk.masked_linear(x, w, None, s, threshold=0.0)
+    got = bk.masked_linear(x, w, None, s, threshold=0.0)
+    assert want[:, :40].eq(0).all() and want[:, 40:].isinf().all()
+    torch.testing.assert_close(got, want, rtol=0, atol=0)

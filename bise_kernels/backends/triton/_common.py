@@ -98,7 +98,8 @@ def score_grad_epilogue(
                 kept = tl.load(k_ptrs, mask=unit_ok, other=0) != 0
             else:
                 kept = keep(s, thr, units, tl.minimum(cut, num_units))
-            tl.store(gw_ptrs, tl.where(kept[:, None], g, g * 0).to(gw_ptrs.dtype.element_ty), mask=valid)
+            gw = g.to(gw_ptrs.dtype.element_ty)  # cast first: a gradient that overflows the weight's dtype is inf * 0
+            tl.store(gw_ptrs, tl.where(kept[:, None], gw, gw * 0), mask=valid)
         if NEED_S:
             part = tl.sum(g * tl.load(w_ptrs, mask=valid, other=0).to(g.dtype), axis=1)
             if SIGMOID:
@@ -112,7 +113,8 @@ def score_grad_epilogue(
                 kept = tl.load(k_ptrs, mask=valid, other=0) != 0
             else:
                 kept = keep(s, thr, reds[None, :], tie_limit(cut, units, row_len)[:, None])
-            tl.store(gw_ptrs, tl.where(kept, g, g * 0).to(gw_ptrs.dtype.element_ty), mask=valid)  # grad * keep
+            gw = g.to(gw_ptrs.dtype.element_ty)  # as above
+            tl.store(gw_ptrs, tl.where(kept, gw, gw * 0), mask=valid)  # grad * keep
         if NEED_S:
             gs = g * tl.load(w_ptrs, mask=valid, other=0).to(g.dtype)
             if SIGMOID:

@@ -76,7 +76,9 @@ def _masked_mm_body(
         # pruned weights become b * 0, not 0: W * keep, as the reference (an inf pruned weight gives NaN)
         if UNIT_ON_COLS:  # B[l, n] = W[n, l]
             b = tl.load(w_ptr + n64[None, :] * stride_wu + l64[:, None] * stride_wr, mask=b_ok, other=0)
-            if not STRUCTURED:
+            if STRUCTURED:
+                b = tl.where(col_kept[None, :], b, b * 0)
+            else:
                 s = tl.load(s_ptr + n64[None, :] * stride_su + l64[:, None] * stride_sr, mask=b_ok, other=0)
                 b = tl.where(keep(s, thr, offs_l[:, None], limit[None, :]), b, b * 0)
         else:  # B[l, n] = W[l, n]
@@ -91,8 +93,6 @@ def _masked_mm_body(
             a = a.to(tl.float32)
             b = b.to(tl.float32)
         acc = tl.dot(a, b, acc, input_precision=PRECISION, out_dtype=ACC)
-    if UNIT_ON_COLS and STRUCTURED:  # acc * 0 where pruned: a non-finite weight or input gives NaN, as W * keep
-        acc = tl.where(col_kept[None, :], acc, acc * 0)
     if HAS_BIAS:
         acc += tl.load(bias_ptr + n64 * stride_bias, mask=n_ok, other=0).to(ACC)[None, :]
     c = acc.to(c_ptr.dtype.element_ty)
