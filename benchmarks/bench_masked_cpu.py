@@ -5,7 +5,11 @@ One step = forward, cross-entropy, backward. "dense" trains the weights of the u
 (density 0.5) of each layer at every step (selection included); "cpp_threshold" keeps scores >= 0
 instead (no top-k: the fused layers' own cost). "edgepopup" is the reference implementation of
 Ramanujan et al.: clone |S|, full sort, two scatters, W * mask, F.linear / F.conv2d, straight-through
-backward. The four variants run side by side in one session (group = model); compare their times.
+backward. "materialise" / "materialise_threshold" are what a user writes by hand in plain PyTorch, the
+strongest baselines: the same top-k (``torch.kthvalue`` of the scores) or ``scores >= 0``, then
+``W * (mask + s - s.detach())`` (the straight-through estimator) and the dense op; they compute the same
+gradients as "cpp" / "cpp_threshold" (checked before timing). The variants run side by side in one
+session (group = model); compare their times.
 
 ``extra_bytes_per_weight`` (extra_info) is the state autograd keeps beyond a dense step: bytes of
 saved tensors that are neither parameters, scores nor the input, minus the dense step's, per weight.
@@ -34,7 +38,9 @@ import bise_kernels as bk
 from edgepopup import EdgePopupSubnet
 
 DENSITY = 0.5
-VARIANTS = ["dense", "cpp", "cpp_threshold", "edgepopup"]
+VARIANTS = ["dense", "cpp", "cpp_threshold", "edgepopup", "materialise", "materialise_threshold"]
+SAME_STEP = {"materialise": "cpp", "materialise_threshold": "cpp_threshold"}
+"""Baselines computing the gradients of a cpp variant: checked equal before any timing."""
 
 
 def _layers(model: str, small: bool):
@@ -76,11 +82,26 @@ def _step_parts(model: str, variant: str, small: bool):
         masked_op = {"linear": bk.masked_linear, "conv": bk.masked_conv2d}
         mask = dict(density=DENSITY) if variant == "cpp" else dict(threshold=0.0)
         apply = lambda kind, h, w, i, kw: masked_op[kind](h, w, None, scores[i], **mask, **kw)  # noqa: E731
+    elif variant.startswith("materialise"):
+        trained = scores
+        apply = lambda kind, h, w, i, kw: dense_op[kind](h, _materialised(w, scores[i], variant), **kw)  # noqa: E731
     else:
         trained = scores
         apply = lambda kind, h, w, i, kw: dense_op[kind](  # noqa: E731
             h, w * EdgePopupSubnet.apply(scores[i].abs(), DENSITY), **kw)
     return _forward(layers, weights, apply), x, y, weights + scores, trained
+
+
+def _materialised(w, s, variant: str):
+    """W * mask by hand, with the straight-through estimator: the top-k of the scores (k = round(density * n), as
+    bise_kernels; distinct random scores: no ties) by ``torch.kthvalue``, or ``s >= 0``."""
+    d = s.detach()
+    if variant == "materialise":
+        k = max(1, round(DENSITY * d.numel()))
+        thr = d.flatten().kthvalue(d.numel() - k + 1).values
+    else:
+        thr = 0.0
+    return w * ((d >= thr).to(w.dtype) + s - d)
 
 
 def _module_step_parts(model: str, variant: str, small: bool):
@@ -173,6 +194,15 @@ def _step_ratios(benchmark, model, parts, with_optimizer):
         pytest.skip(f"cpp backend unavailable: {bk.why_unavailable('cpp')}")
     small = benchmark.disabled
     benchmark.group = f"masked {'train ' if with_optimizer else ''}step cpu ratios: {model}"
+    for baseline, ours in SAME_STEP.items():  # the hand-written steps compute what the cpp ones do
+        grads = []
+        for v in (baseline, ours):
+            forward, x, y, _, trained = parts(model, v, small)
+            with bk.use_backend("cpp" if v.startswith("cpp") else "torch"):
+                _train_step(forward, x, y, trained)
+            grads.append([t.grad for t in trained])
+        for got, want in zip(*grads):
+            torch.testing.assert_close(got, want, msg=lambda m: f"{model} {baseline} vs {ours}: {m}")
     steps = {v: parts(model, v, small) for v in VARIANTS}
     optimizers = {v: torch.optim.SGD(steps[v][4], lr=0.01, momentum=0.9) if with_optimizer else None for v in VARIANTS}
     times: dict[str, list[float]] = {v: [] for v in VARIANTS}
