@@ -93,6 +93,8 @@ def _cpu_rows(run: dict) -> list[str]:
     commit = str(info.get("id", "?"))[:8] + ("+dirty" if info.get("dirty") else "")
     rows = []
     for bench in run.get("benchmarks", []):
+        if "triton" in bench["name"]:  # the Triton interpreter on a CPU (TRITON_INTERPRET): its times say nothing
+            continue
         extra = ", ".join(f"{k} {_figure(v)}" for k, v in bench.get("extra_info", {}).items()
                           if isinstance(v, (int, float, str)))
         rows.append(f"| {where} | {commit} | {bench.get('group') or ''} | {bench['name']} | "

@@ -424,3 +424,14 @@ def test_a_sigterm_to_the_device_call_ends_the_parts_script_too(tmp_path):
                 .find(str(tmp_path).encode()) >= 0]
     assert not children, "the part's script outlived the call"
     assert "part=kernels dry=1" in (tmp_path / "out" / "session-kernels.txt").read_text()
+
+
+def test_cpu_rows_leave_out_the_triton_interpreters_times():
+    """bench_memory times every CPU backend, Triton under TRITON_INTERPRET too: rows of 47,612 ms in the README
+    read as Triton's speed."""
+    stats = {"median": 0.5}
+    run = {"machine_info": {"cpu": {"brand_raw": "cpu", "count": 2}}, "commit_info": {"id": "abc"},
+           "benchmarks": [{"name": "test_x[weight-cpp]", "stats": stats}, {"name": "test_x[weight-triton]",
+                                                                             "stats": stats}]}
+    table = _load("render_results").render([run])
+    assert "test_x[weight-cpp]" in table and "triton" not in table
