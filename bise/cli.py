@@ -445,13 +445,16 @@ def cmd_train(inv: Invocation, replaces: tuple = ()) -> None:
 
 
 def _extract_config(inv: Invocation):
+    """The extraction settings of the command line; the mask set resolved (recorded as given or defaulted alike:
+    a resume that spelt out the default was refused, 'mask_set: None, now 'fresh-draw'')."""
     from . import validate
+    from .data.maskset import default_protocol
 
     a = inv.args
     try:
         return validate.extract_config(dict(
             mask_epochs=a.mask_epochs, head_epochs=a.head_epochs, batch_size=a.batch_size, label_free=a.label_free,
-            mask_set=a.mask_set, budget=a.budget, seed=a.seed, device=a.device, reweight=a.reweight, mi=a.mi,
+            mask_set=a.mask_set or default_protocol(inv.data), budget=a.budget, seed=a.seed, device=a.device, reweight=a.reweight, mi=a.mi,
             amp=a.amp, log_test=inv.data.val is None))
     except ValueError as exc:
         raise UsageError(str(exc)) from None

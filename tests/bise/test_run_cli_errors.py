@@ -666,3 +666,14 @@ def test_the_untrained_note_names_the_flag_only_when_given(tmp_path, capsys):
         capsys.readouterr().err
     assert main([*base, "--lr", "0.5", "--out", str(tmp_path / "b")]) == 0
     assert "note: the vanilla model trained with --lr 0.5 did not train" in capsys.readouterr().err
+
+
+def test_a_resume_that_spells_out_the_default_mask_set_continues(run_dir, tmp_path, capsys):
+    """run --resume --mask-set fresh-draw after a run that left it to the default was refused ('mask_set: None,
+    now 'fresh-draw''): the mask set is recorded resolved."""
+    out = tmp_path / "run"
+    shutil.copytree(run_dir, out)
+    assert main(["run", *TINY, "--out", str(out), "--resume"]) == 0
+    assert json.loads((out / "run.json").read_text())["artefacts"]["masks.pt"]["settings"]["mask_set"] == "fresh-draw"
+    assert main(["run", *TINY, "--mask-set", "fresh-draw", "--out", str(out), "--resume"]) == 0
+    assert "error" not in capsys.readouterr().err
