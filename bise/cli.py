@@ -454,8 +454,8 @@ def _extract_config(inv: Invocation):
     try:
         return validate.extract_config(dict(
             mask_epochs=a.mask_epochs, head_epochs=a.head_epochs, batch_size=a.batch_size, label_free=a.label_free,
-            mask_set=a.mask_set or default_protocol(inv.data), budget=a.budget, seed=a.seed, device=a.device, reweight=a.reweight, mi=a.mi,
-            amp=a.amp, log_test=inv.data.val is None))
+            mask_set=a.mask_set or default_protocol(inv.data), budget=a.budget, seed=a.seed, device=a.device,
+            reweight=a.reweight, mi=a.mi, amp=a.amp, log_test=inv.data.val is None))
     except ValueError as exc:
         raise UsageError(str(exc)) from None
 
@@ -479,14 +479,14 @@ def _check_extraction_data(inv: Invocation) -> None:
                          "in the .npz)")
 
 
-def _check_budget(inv: Invocation, model) -> None:
-    """--budget against the units the extraction gates in ``model`` (an untrained one counts the same): a
-    budget that keeps none is refused before a vanilla is trained or a file written."""
+def _check_budget(inv: Invocation, model, config) -> None:
+    """--budget (``config.budget``) against the units the extraction gates in ``model`` (an untrained one counts
+    the same): a budget that keeps none is refused before a vanilla is trained or a file written."""
     from .extract import check_budget, gated_units
 
-    if inv.args.budget is not None:
+    if config.budget is not None:
         try:
-            check_budget(inv.args.budget, gated_units(model, inv.data, _extract_config(inv)), "--budget ")
+            check_budget(config.budget, gated_units(model, inv.data, config), "--budget ")
         except ValueError as exc:
             raise UsageError(str(exc)) from None
 
@@ -504,7 +504,7 @@ def cmd_extract(inv: Invocation) -> None:
     _check_extraction_data(inv)
     source, inputs = _vanilla_source(inv)
     model = _load_vanilla(inv, source)
-    _check_budget(inv, model)
+    _check_budget(inv, model, config)
     settings = _extract_settings(inv, config, source)
     resume = bool(a.resume and run.has(CHECKPOINT))
     if resume:
@@ -728,7 +728,7 @@ def _reusable(inv: Invocation, name: str, settings: dict, inputs: Optional[dict]
 
 def cmd_run(inv: Invocation) -> None:
     a, run = inv.args, inv.run
-    _extract_config(inv)  # bad extraction settings and the data's bias classes fail before any training
+    config = _extract_config(inv)  # bad extraction settings and the data's bias classes fail before any training
     _check_extraction_data(inv)
     # --overwrite: once the new vanilla.pt is in place the old run is gone, even where it comes out the
     # same bytes (same seed and vanilla options): its masks, checkpoint and reports go with it
@@ -740,7 +740,7 @@ def cmd_run(inv: Invocation) -> None:
         path = _model_file(a.model)
         start = time.perf_counter()
         model = _load_vanilla(inv, path)
-        _check_budget(inv, model)
+        _check_budget(inv, model, config)
         training = [flag for flag, given in (("--vanilla-epochs", a.vanilla_epochs), ("--lr", a.lr),
                                              ("--pretrained", a.pretrained)) if given is not None]
         if training:
@@ -759,12 +759,12 @@ def cmd_run(inv: Invocation) -> None:
         from .models import build_model
 
         s = _vanilla_settings(inv)
-        _check_budget(inv, build_model(s["arch"], inv.data.num_classes, inv.data.input_shape, width=s["width"]))
+        _check_budget(inv, build_model(s["arch"], inv.data.num_classes, inv.data.input_shape, width=s["width"]), config)
         cmd_train(inv, replaces)
     # the path of vanilla.pt is not compared: a moved --out is the same run (require checks the chain); nor is
     # the device, as for a checkpoint: rank 0 recorded its cuda:0, and rank 1 (cuda:1) re-extracting alone
     # would run other collectives than its peers
-    extraction = {k: v for k, v in _extract_settings(inv, _extract_config(inv), run.path(VANILLA)).items()
+    extraction = {k: v for k, v in _extract_settings(inv, config, run.path(VANILLA)).items()
                   if k not in ("model", *RESUME_IGNORED)}
     if not (a.resume and _reusable(inv, MASKS, extraction, {VANILLA: run.artefacts[VANILLA]["sha256"]})):
         cmd_extract(inv)  # with --resume, continues the extraction from its checkpoint

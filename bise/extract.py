@@ -703,11 +703,16 @@ def _gate(model: nn.Module, config: ExtractConfig, example: Tensor) -> Optional[
     return bottleneck
 
 
+def _example(data) -> Tensor:
+    """Two training inputs (on the CPU): what gate insertion and the bottleneck search trace the model on."""
+    return data.train.inputs(torch.arange(min(2, len(data.train))))
+
+
 def gated_units(model: nn.Module, data, config: ExtractConfig) -> int:
     """How many units the extraction of ``model`` (left as it is) gates: what ``config.budget`` is a share of.
     The CLI checks the budget with it before training a vanilla model (an untrained one counts the same)."""
     model = copy.deepcopy(model).cpu().eval()
-    _gate(model, config, data.train.inputs(torch.arange(min(2, len(data.train)))))
+    _gate(model, config, _example(data))
     return sum(g.scores.numel() for g in gates_of(model).values())
 
 
@@ -730,8 +735,7 @@ def prepare_run(model: nn.Module, data, config: ExtractConfig, quiet: bool = Tru
     model = copy.deepcopy(model).to(device).eval()
     for p in model.parameters():
         p.requires_grad_(False)
-    example = data.train.inputs(torch.arange(min(2, len(data.train)))).to(device)
-    bottleneck = _gate(model, config, example)
+    bottleneck = _gate(model, config, _example(data).to(device))
     check_budget(config.budget, sum(g.scores.numel() for g in gates_of(model).values()))
     run = _Run(model, data, config, quiet, bottleneck)
     _labels(run, ckpt, vanilla_train)
