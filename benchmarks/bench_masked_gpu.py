@@ -28,7 +28,8 @@ does the same job, through the public API (``<case>/api``: checks, the top-k sel
   masked forward + backward (grad_x and the score gradient: frozen weights) against "cudnn_dense"
   (forward + grad_x + grad_W of the dense conv) and "materialise_then_cudnn". Target >= 0.95x.
 * ``channel_gate_{fwd,bwd}_bf16_{nchw,channels_last}_32x256x56x56``: against eager ``x * g``
-  and its eager backward.
+  and its eager backward, and the backward compiled by ``torch.compile`` (Inductor fuses the
+  product, its float32 reduction and the slope: eager makes float32 copies of gy and x).
 
 Every case checks its result against the reference backend before it is timed. In a dry run
 (``gpu_cases(dry_run=True)``) the cases are tiny, on the CPU, for the backend "torch" and the API.
@@ -400,7 +401,13 @@ def _gate_data(size, device) -> list[SimpleNamespace]:
     return gates
 
 
-def _gate_cases(k, gates) -> list[dict]:
+def _gate_grads(gy, g, x, s):
+    """The gate's backward written in plain PyTorch: grad_x and the "sigmoid" score gradient."""
+    return gy * g, (gy.float() * x.float()).sum((0, 2, 3)) * ref.score_slope(s, "sigmoid", 1.0)
+
+
+def _gate_cases(k, gates, gate_grads) -> list[dict]:
+    """``gate_grads``: the compiled :func:`_gate_grads` (None in a dry run: nothing is compiled)."""
     cases = []
     for d in gates:
         x, gy, s, thr, cut, g = d.x, d.gy, d.s, d.thr, d.cut, d.g
@@ -420,7 +427,11 @@ def _gate_cases(k, gates) -> list[dict]:
                 return k["channel_gate_backward"](gy, x, s, thr, cut, 1, "sigmoid", 1.0, [True, True])
 
         def eager_backward(x=x, gy=gy, g=g, s=s):
-            return gy * g, (gy.float() * x.float()).sum((0, 2, 3)) * ref.score_slope(s, "sigmoid", 1.0)
+            return _gate_grads(gy, g, x, s)
+
+        bwd_baselines = {"eager": eager_backward}
+        if gate_grads is not None:
+            bwd_baselines["compiled"] = lambda x=x, gy=gy, g=g, s=s: gate_grads(gy, g, x, s)
 
         cases.append({
             "name": f"channel_gate_fwd_bf16_{label}", "bytes": 2 * x.numel() * BF16,
@@ -430,7 +441,7 @@ def _gate_cases(k, gates) -> list[dict]:
         cases.append({
             "name": f"channel_gate_bwd_bf16_{label}", "bytes": 3 * x.numel() * BF16,
             "fn": backward, "check": lambda backward=backward, eager=eager_backward: _close(backward(), eager(), 1e-3),
-            "baselines": {"eager": eager_backward},
+            "baselines": bwd_baselines,
         })
     return cases
 
@@ -450,6 +461,7 @@ def gpu_cases(dry_run: bool = False) -> list[dict]:
     # shape-generic recompile, a weaker baseline than max-autotune's own for that M)
     where_mm = None if dry_run else torch.compile(lambda a, wt, st: a @ torch.where(st >= t_value, wt, 0).t(),
                                                   mode="max-autotune", dynamic=False)
+    gate_grads = None if dry_run else torch.compile(_gate_grads, dynamic=False)
     cases = []
     for backend in (*backends, "api"):
         why = None
@@ -459,7 +471,7 @@ def gpu_cases(dry_run: bool = False) -> list[dict]:
             kernels, why = kernel_table("torch"), f"backend {backend!r} unavailable: {exc}"
         built = (_linear_cases(kernels, linear, where_mm)
                  + _keep_cases(kernels, linear, where_mm, large_m=backend != "triton")
-                 + _conv_cases(kernels, convs) + _gate_cases(kernels, gates))
+                 + _conv_cases(kernels, convs) + _gate_cases(kernels, gates, gate_grads))
         for case in built:
             name = f"{case['name']}/{backend}"
             cases.append({"name": name, "backend": backend, "skip": why} if why else

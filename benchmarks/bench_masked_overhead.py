@@ -8,7 +8,9 @@ interleaved round by round on one thread, each call timed alone; per call the mi
 a loaded machine moves them little). "(cached)": the scores do not change between calls, so the
 module's selection is reused; "(step)": they change before every call (an in-place update under
 no_grad, which dense pays nothing for), as in training. ``python benchmarks/bench_masked_overhead.py``
-prints the table (``--rounds``, ``--calls``); under pytest one short run checks every call works.
+prints the table (``--rounds``, ``--calls``); ``pytest benchmarks/bench_masked_overhead.py --benchmark-only
+--benchmark-json=...`` records it (every row's median and ratio in ``extra_info``, the machine, torch and commit
+beside them) for the README's tables; without ``--benchmark-only`` one short run checks every call works.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ import statistics
 import time
 from typing import Callable
 
+import pytest
 import torch
 import torch.nn.functional as F
 
@@ -55,9 +58,9 @@ def calls(features: int, batch: int) -> dict[str, Callable[[], None]]:
         "MaskedLinear threshold (cached)": lambda: by_threshold(x).sum().backward(),
         "MaskedLinear threshold (step)": lambda: _step(stepped["threshold"], x),
         "MaskedLinear density (step)": lambda: _step(stepped["density"], x),
-        f"ChannelGate({channels}), x*g base": lambda: gate(xg).sum().backward(),
+        f"ChannelGate({channels}) (cached)": lambda: gate(xg).sum().backward(),
         f"ChannelGate({channels}) (step)": lambda: _step(gate_stepped, xg),
-        "eager x*g": lambda: (xg * (gate.scores >= 0).to(xg.dtype)[:, None, None]).sum().backward(),
+        "eager x * g": lambda: (xg * (gate.scores >= 0).to(xg.dtype)[:, None, None]).sum().backward(),
         f"MaskedConv2d({channels}) (cached)": lambda: conv(xc).sum().backward(),
         f"MaskedConv2d({channels}) keep (cached)": lambda: conv_keep(xc).sum().backward(),
         "dense F.conv2d": lambda: F.conv2d(xc, wc, padding=1).sum().backward(),
@@ -67,7 +70,7 @@ def calls(features: int, batch: int) -> dict[str, Callable[[], None]]:
 def base(name: str) -> str:
     """The dense call a row is compared with: eager ``x * g`` for the gate, ``F.conv2d`` for the conv, else
     ``F.linear`` (every row was divided by ``F.linear``, the conv's 8x8 1.7x read as 7.6x)."""
-    return "eager x*g" if name.startswith("ChannelGate") else \
+    return "eager x * g" if name.startswith("ChannelGate") else \
         "dense F.conv2d" if name.startswith("MaskedConv2d") else "dense F.linear"
 
 
@@ -94,16 +97,31 @@ def measure(features: int, batch: int, rounds: int, per_round: int) -> dict[str,
                    "ratio": statistics.median(t) / statistics.median(times[base(name)])} for name, t in times.items()}
 
 
-def test_overhead_calls_run():
-    """Every call runs forward + backward (a smoke run; the figures come from the script), each row against the
-    dense op of its kind."""
-    for features, batch in SIZES:
-        result = measure(features, batch, rounds=1, per_round=1)
-        assert all(v["min_us"] > 0 for v in result.values())
-        conv = next(v for name, v in result.items() if name.startswith("MaskedConv2d"))
-        assert conv["base"] == "dense F.conv2d"
-        assert conv["ratio"] == conv["median_us"] / result["dense F.conv2d"]["median_us"]
-        assert result["MaskedLinear (cached)"]["base"] == "dense F.linear"
+@pytest.mark.parametrize("features,batch", SIZES, ids=[f"{f}x{f}-b{b}" for f, b in SIZES])
+def test_masked_overhead(benchmark, features, batch):
+    """Every call runs forward + backward, each row against the dense op of its kind; extra_info holds each
+    row's median us and ratio of medians (one pedantic round = the whole interleaved measurement, on one
+    thread; the benchmark's own time is that round's, not a figure)."""
+    small = benchmark.disabled
+    benchmark.group = "masked per-call overhead cpu"
+    rounds, per_round = (1, 1) if small else (20, 20)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        result = benchmark.pedantic(measure, args=(features, batch, rounds, per_round), rounds=1, iterations=1)
+    finally:
+        torch.set_num_threads(threads)
+    assert all(v["min_us"] > 0 for v in result.values())
+    conv = next(v for name, v in result.items() if name.startswith("MaskedConv2d"))
+    assert conv["base"] == "dense F.conv2d"
+    assert conv["ratio"] == conv["median_us"] / result["dense F.conv2d"]["median_us"]
+    assert result["MaskedLinear (cached)"]["base"] == "dense F.linear"
+    benchmark.extra_info.update(features=features, batch=batch, rounds=rounds, calls_per_round=per_round,
+                                threads=1, isa=torch.backends.cpu.get_cpu_capability())
+    for name, v in result.items():
+        benchmark.extra_info[f"{name}: median_us"] = v["median_us"]
+        if name != v["base"]:
+            benchmark.extra_info[f"{name}: over {v['base']}"] = v["ratio"]
 
 
 def main() -> None:
