@@ -35,6 +35,7 @@ except ImportError as exc:  # `pip install bise-kernels` without [bise]: one lin
     error = _extra.missing(exc)
     if error is None:
         raise
+    _extra.exit_if_command(error)  # the bise command: one line and status 2, not a traceback
     raise error from None
 
 __all__ = ["ExtractConfig", "Subnetwork", "build_model", "check_vanilla", "evaluate", "export", "extract", "finetune",

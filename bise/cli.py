@@ -209,6 +209,7 @@ class Invocation:
         self._data = None
         self.data_record: Optional[dict] = None
         self.recorded_before: Optional[dict] = None
+        self.gated_units: Optional[int] = None  # counted once: run checks --budget before training, then extracts
 
     def opt(self, name: str, default=None):
         """An option of this subcommand (``default`` for one it does not take)."""
@@ -481,12 +482,15 @@ def _check_extraction_data(inv: Invocation) -> None:
 
 def _check_budget(inv: Invocation, model, config) -> None:
     """--budget (``config.budget``) against the units the extraction gates in ``model`` (an untrained one counts
-    the same): a budget that keeps none is refused before a vanilla is trained or a file written."""
+    the same, so run's count before the training serves its extraction too): a budget that keeps none is refused
+    before a vanilla is trained or a file written."""
     from .extract import check_budget, gated_units
 
     if config.budget is not None:
+        if inv.gated_units is None:
+            inv.gated_units = gated_units(model, inv.data, config)
         try:
-            check_budget(config.budget, gated_units(model, inv.data, config), "--budget ")
+            check_budget(config.budget, inv.gated_units, "--budget ")
         except ValueError as exc:
             raise UsageError(str(exc)) from None
 
@@ -590,6 +594,20 @@ def cmd_export(inv: Invocation) -> None:
     inv.say(f"exported subnetwork -> {inv.run.path(SUBNETWORK)} (max |exported - masked| on test = {diff:.3g})")
 
 
+def _vanilla_params_as_exported(inv: Invocation, sub, params: int) -> int:
+    """The vanilla's parameter count (``params``) as the export counts its own: after --fold-bn, with its
+    BatchNorms folded the same way (the export of every unit), so that weights_removed compares like with like."""
+    import torch
+
+    from .export import export_subnetwork
+    from .flops import count_params
+
+    if not inv.run.artefacts[SUBNETWORK]["settings"].get("fold_bn"):
+        return params
+    every_unit = {name: torch.ones_like(mask) for name, mask in sub.masks.items()}
+    return count_params(export_subnetwork(sub.model, every_unit, example_input=_example_input(inv.data), fold_bn=True))
+
+
 def cmd_finetune(inv: Invocation) -> None:
     from .export import load_exported, save_exported
     from .finetune import LR_FACTOR
@@ -648,9 +666,10 @@ def cmd_evaluate(inv: Invocation, finetuned: Optional[bool] = None) -> None:
     exported = load_exported(str(exported_path)).to(a.device)
     tuned = load_exported(str(tuned_path)).to(a.device) if finetuned else None
     v_sec = model_section(vanilla, data, device=a.device)
-    s_sec = model_section(exported, data, device=a.device, metrics_model=sub.model, vanilla_params=v_sec["params"],
+    baseline = _vanilla_params_as_exported(inv, sub, v_sec["params"])
+    s_sec = model_section(exported, data, device=a.device, metrics_model=sub.model, vanilla_params=baseline,
                           units_pruned=sub.units_pruned)
-    f_sec = None if tuned is None else model_section(tuned, data, device=a.device, vanilla_params=v_sec["params"],
+    f_sec = None if tuned is None else model_section(tuned, data, device=a.device, vanilla_params=baseline,
                                                      units_pruned=sub.units_pruned)
     diff = max_abs_diff(sub.model, exported, data.test)
     steps = {"vanilla": run.artefacts.get(VANILLA) if source == VANILLA else None, "extraction": masks_entry,

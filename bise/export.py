@@ -307,22 +307,28 @@ def _next_scale_through_depthwise(dg, scale: ChannelScale) -> Optional[ChannelSc
     return None
 
 
-def _zero_behind_depthwise(dg, scales: Mapping[str, ChannelScale]) -> None:
+def _zero_behind_depthwise(dg, scales: Mapping[str, ChannelScale]) -> dict[ChannelScale, ChannelScale]:
     """Zero the channels of a gate whose only reader is a depthwise conv whose channel the next gate zeroes:
     exact (a depthwise conv computes channel c from channel c alone, and that output is zeroed), and lets the
     whole chain's channel go. A channel goes only when every gate coupled to it is off, so MobileNetV2's
     expand channels behind dead depthwise channels stayed (its width-0.5 export, random gates: 388,759
-    parameters where 276,968 compute the same function)."""
+    parameters where 276,968 compute the same function). Returns {next gate: gate} of each such pair: behind
+    a zeroed channel of the gate, the next gate passes a constant (see _group_ok)."""
+    pairs = {}
     for before in scales.values():
         after = _next_scale_through_depthwise(dg, before)
         if after is not None:
             before.scale[after.scale == 0] = 0
+            pairs[after] = before
+    return pairs
 
 
-def _group_ok(dg, scale: ChannelScale, idxs: list[int], inputs: dict) -> bool:
-    """May channels ``idxs`` of ``scale`` go? Every fixed gate coupled to them zeroes them, and every
-    consumer that reads them reads a constant a bias can stand for (so an ungated source, e.g. a ResNet
-    stem, keeps them)."""
+def _group_ok(dg, scale: ChannelScale, idxs: list[int], inputs: dict,
+              fed_by: Mapping[ChannelScale, ChannelScale]) -> bool:
+    """May channels ``idxs`` of ``scale`` go? Every fixed gate coupled to them zeroes them, or is fed through a
+    depthwise conv by a gate that zeroes them (``fed_by``, from _zero_behind_depthwise: it passes a constant
+    there, e.g. MobileNetV2's depthwise gate behind a dead expand channel), and every consumer that reads them
+    reads a constant a bias can stand for (so an ungated source, e.g. a ResNet stem, keeps them)."""
     for dep, item_idxs in dg.get_pruning_group(scale, _PRUNER.prune_out_channels, idxs=idxs):
         m, plain = dep.target.module, _plain(item_idxs)
         if _splits_badly(m, plain):
@@ -330,7 +336,12 @@ def _group_ok(dg, scale: ChannelScale, idxs: list[int], inputs: dict) -> bool:
         if isinstance(m, ChannelScale):
             # an index past the layer: a channel map Torch-Pruning does not follow (torch.chunk; it raised
             # IndexError here): the channels stay (the final check catches a wrong map within range)
-            if max(plain, default=-1) >= m.num_channels or bool((m.scale[plain] != 0).any()):
+            if max(plain, default=-1) >= m.num_channels:
+                return False
+            off = m.scale[plain] == 0
+            if m in fed_by:  # pruned with m in every group (the depthwise conv couples them): same indices
+                off |= fed_by[m].scale[plain] == 0
+            if not bool(off.all()):
                 return False
         elif _is_consumer(dg, dep):
             width = m.in_features if isinstance(m, nn.Linear) else m.in_channels
@@ -491,7 +502,7 @@ def export_subnetwork(model: nn.Module, gates: Optional[Mapping] = None, *, exam
     finally:
         for p in out.parameters():
             p.requires_grad_(False)
-    _zero_behind_depthwise(dg, scales)
+    fed_by = _zero_behind_depthwise(dg, scales)
     inputs: dict[int, list[Tensor]] = {}  # every call's input: a module may run more than once
     hooks = [m.register_forward_hook(lambda m, a, o: inputs.setdefault(id(m), []).append(a[0].detach()))
              for m in out.modules() if isinstance(m, (nn.Linear, nn.modules.conv._ConvNd))]
@@ -513,12 +524,12 @@ def export_subnetwork(model: nn.Module, gates: Optional[Mapping] = None, *, exam
             continue
         _check_channel_dim(dg, out, name, scale)
         # all of them; else those of whole GroupNorm groups; else one by one (a GroupNorm's then stay)
-        if _group_ok(dg, scale, candidates, inputs):
+        if _group_ok(dg, scale, candidates, inputs, fed_by):
             removable = candidates
         else:
             whole = _whole_norm_groups(dg, scale, candidates)
-            removable = whole if whole != candidates and whole and _group_ok(dg, scale, whole, inputs) else [
-                c for c in candidates if _group_ok(dg, scale, [c], inputs)]
+            removable = whole if whole != candidates and whole and _group_ok(dg, scale, whole, inputs, fed_by) else [
+                c for c in candidates if _group_ok(dg, scale, [c], inputs, fed_by)]
         while True:  # round (each step gives channels back, so this ends)
             rounded = _whole_norm_groups(dg, scale, _round_producers(
                 dg, scale, _round_up(removable, scale.num_channels, round_to), round_to))

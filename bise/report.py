@@ -4,9 +4,11 @@ report.json = {"vanilla": SECTION, "subnetwork": SECTION + {"units_pruned", "wei
 "finetuned": (same, only after fine-tuning), "export": {"max_abs_diff"}, "config": {...},
 "timing": {"extraction_seconds", ...}} with SECTION = {"test": METRICS, "val": METRICS (if any),
 "mmacs": millions of multiply-accumulates per input, "params": int}. Accuracies are fractions in
-[0, 1]; every file is written atomically. Two-bias data (keys "y=3,b=3/5") are summarised by the
-four alignment patterns (the headline is their mean) and a class-by-pattern table / heatmap
-instead of one row or bar per group.
+[0, 1]; every file is written atomically. weights_removed = 1 - params / the vanilla's params counted
+the same way: for an export with --fold-bn, the vanilla's with its BatchNorms folded as the export's are
+(the vanilla section's own "params" stays the model as trained, BatchNorm affine included). Two-bias
+data (keys "y=3,b=3/5") are summarised by the four alignment patterns (the headline is their mean) and
+a class-by-pattern table / heatmap instead of one row or bar per group.
 """
 
 from __future__ import annotations
@@ -40,7 +42,8 @@ def write_text(path: str, text: str) -> None:
 def model_section(model: nn.Module, data, *, device="cpu", batch_size: int = 256, vanilla_params: Optional[int] = None,
                   units_pruned: Optional[float] = None, metrics_model: Optional[nn.Module] = None) -> dict:
     """{"test", "val" (if any), "mmacs", "params"} of ``model`` (metrics of ``metrics_model`` if given:
-    the masked model, whose cost is the exported ``model``'s); plus units_pruned / weights_removed."""
+    the masked model, whose cost is the exported ``model``'s); plus units_pruned / weights_removed, the latter
+    against ``vanilla_params`` counted as ``model`` is (BatchNorm folded where its export folded it)."""
     scored = metrics_model if metrics_model is not None else model
     section = evaluate(scored, data, batch_size=batch_size, device=device)
     section["mmacs"] = count_macs(model, data.input_shape)

@@ -1,4 +1,5 @@
-"""Reading image files with Pillow into one preallocated uint8 array, with errors naming the file."""
+"""Reading image files with Pillow into one preallocated uint8 array (upright: EXIF orientation applied), with
+errors naming the file."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ from pathlib import Path
 from typing import Optional, Sequence
 
 import numpy as np
-from PIL import Image, UnidentifiedImageError
+from PIL import Image, ImageOps, UnidentifiedImageError
 
 _GREY_MODES = ("1", "L", "LA", "La")  # grey, with or without alpha (dropped, as RGBA's)
 # Pillow's convert("L") clips these to 0..255 (a 16-bit PNG reads as nearly all 255, a float image
@@ -25,6 +26,7 @@ def _open(p: Path, size: Optional[int], rgb: Optional[bool], where: str) -> np.n
                 if size is not None:
                     im.draft(im.mode, (size, size))  # JPEG: decode at a reduced scale, still >= size
                 im.load()
+                im = ImageOps.exif_transpose(im)  # upright, as a viewer shows it (a phone's JPEG: EXIF Orientation)
                 grey = rgb is False or (rgb is None and im.mode in _GREY_MODES)
                 im = im.convert("L" if grey else "RGB")
                 if size is not None:

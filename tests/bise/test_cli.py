@@ -274,3 +274,28 @@ def test_resume_on_another_device_keeps_the_masks(run_dir, tmp_path):
     stamp = (out / "masks.pt").stat().st_mtime_ns
     assert main(["run", *TINY, "--latency-repeats", "0", "--out", str(out), "--resume"]) == 0
     assert (out / "masks.pt").stat().st_mtime_ns == stamp
+
+
+def test_a_folded_export_is_set_against_the_vanilla_folded_too(tmp_path):
+    """weights_removed set a --fold-bn export (its BatchNorms folded into the convs) against the vanilla with
+    its BatchNorm weights and biases: a subnetwork of every unit (--budget 1) "removed" them. The vanilla
+    is counted folded too: nothing removed is 0."""
+    out = tmp_path / "folded"
+    assert main(["run", "--data", "colored-digits", "--arch", "simple-cnn", "--width", "0.25", "--vanilla-epochs", "1",
+                 "--mask-epochs", "1", "--head-epochs", "0", "--budget", "1", "--fold-bn", "--latency-repeats", "0",
+                 "--quiet", "--out", str(out)]) == 0
+    report = json.loads((out / "report.json").read_text())
+    assert report["subnetwork"]["units_pruned"] == 0.0
+    assert report["subnetwork"]["params"] < report["vanilla"]["params"]  # the folded BatchNorms
+    assert report["subnetwork"]["weights_removed"] == 0.0
+
+
+def test_run_with_a_budget_counts_the_gated_units_once(run_dir, tmp_path):
+    """run --model --budget counted the units the extraction gates (a deepcopy and a traced forward) twice:
+    before anything is written, then again in its extraction of the same model."""
+    module = sys.modules["bise.extract"]  # bise.extract is the function
+    with mock.patch.object(module, "gated_units", wraps=module.gated_units) as counted:
+        assert main(["run", *TINY[:4], *EXTRACT, "--model", str(run_dir / "vanilla.pt"), "--budget", "0.5",
+                     "--latency-repeats", "0", "--out", str(tmp_path / "budget")]) == 0
+    assert counted.call_count == 1
+    assert json.loads((tmp_path / "budget" / "report.json").read_text())["subnetwork"]["units_pruned"] == 0.5

@@ -198,6 +198,20 @@ def test_image_folder_loads_and_is_cached(tmp_path):
     assert small.input_shape == (3, 2, 2) and not small.info["cache_hit"]
 
 
+def test_an_image_with_an_exif_orientation_is_read_upright(tmp_path):
+    """A photo stored sideways with an EXIF Orientation tag (as a phone writes its JPEGs) was read sideways: it
+    is turned as a viewer shows it (PIL.ImageOps.exif_transpose)."""
+    root = _folder(tmp_path / "photos", ROWS)
+    upright = Image.new("RGB", (4, 4))
+    upright.putpixel((3, 0), (255, 128, 0))  # top right
+    stored = upright.transpose(Image.Transpose.ROTATE_90)  # turned left; orientation 6: turn right to view it
+    exif = stored.getexif()
+    exif[0x0112] = 6
+    stored.save(root / "img" / "train_0.png", exif=exif)
+    ds = data.load(str(root), cache_dir=str(tmp_path / "cache"))
+    assert ds.train.x[0].permute(1, 2, 0).tolist() == np.asarray(upright).tolist()
+
+
 @pytest.mark.parametrize("mode", ["L", "LA"])
 def test_grey_image_folder_has_one_channel(tmp_path, mode):
     """Grey PNGs, with or without alpha (which is dropped, as RGBA's), read as one channel of the grey values."""

@@ -11,6 +11,7 @@ from bise.export import (ExportError, FixedGate, arch_path, export_subnetwork, f
 from bise.flops import count_params
 from bise.gates import Gated, gates_of, insert_gates
 from bise.models import build_model, model_spec
+from bise.models.mobilenetv2 import InvertedResidual
 
 SHAPE = (3, 8, 8)
 
@@ -127,6 +128,52 @@ def test_residual_coupling_keeps_union(x):
     assert exported.layer3[0].conv1.in_channels == 22
     assert isinstance(exported.layer2[1].relu2, FixedGate)
     assert int((exported.layer2[1].relu2.mask.scale == 0).sum()) == 4
+
+
+class _InvertedResidualNet(nn.Module):
+    """A stem, one MobileNetV2 inverted-residual block (expand 1x1 -> depthwise 3x3 -> project) and a head."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1, bias=False), nn.BatchNorm2d(8), nn.ReLU6())
+        self.block = InvertedResidual(8, 8, 1, 4)  # 32 hidden channels, residual add
+        self.fc = nn.Linear(8, 4)
+
+    def forward(self, x):
+        return self.fc(self.block(self.stem(x)).mean((2, 3)))
+
+
+@pytest.mark.parametrize("fold_bn", [False, True])
+def test_an_expand_channel_off_takes_its_depthwise_channel(x, fold_bn):
+    """An expand channel gated off left its depthwise channel (which then outputs act(BN shift), a constant
+    the project conv's bias can stand for) and so itself in the export; a depthwise channel off takes its
+    expand channel too. The export computes the masked model."""
+    torch.manual_seed(0)
+    net = _InvertedResidualNet()
+    insert_gates(net, names=["block.conv.0.2", "block.conv.1.2"], example_input=x[:2])
+    _randomise(net, 7)
+    expand, depthwise = torch.ones(32, dtype=torch.bool), torch.ones(32, dtype=torch.bool)
+    expand[:10] = False  # expand off, depthwise on
+    depthwise[8:15] = False  # 8, 9: both off; 10..14: depthwise off, expand on
+    masks = {"block.conv.0.2": expand, "block.conv.1.2": depthwise}
+    exported = export_subnetwork(net.eval(), masks, example_input=x, fold_bn=fold_bn)
+    assert max_abs_diff(freeze_gates(net, masks), exported, x) <= 1e-5
+    kept = int((expand & depthwise).sum())  # 17
+    assert exported.block.conv[0][0].out_channels == exported.block.conv[1][0].out_channels == kept
+    assert exported.block.conv[2].in_channels == kept
+    assert not any(isinstance(m, FixedGate) for m in exported.modules())  # no zeroed channel left
+
+
+def test_mobilenetv2_keeps_only_the_channels_both_gates_keep(x):
+    model = _gated("mobilenetv2", 9, width=0.25)
+    exported, _ = _check(model, x)
+    gates, blocks = gates_of(model), 0
+    for i, block in enumerate(exported.features):
+        if isinstance(block, InvertedResidual) and len(block.conv) == 4:  # an expand conv
+            both = gates[f"features.{i}.conv.0.2"].mask() & gates[f"features.{i}.conv.1.2"].mask()
+            assert block.conv[1][0].out_channels == max(1, int(both.sum())), i
+            blocks += 1
+    assert blocks == 16
 
 
 def test_user_model_exact(x):

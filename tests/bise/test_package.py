@@ -9,6 +9,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 import bise
 from bise import _extra
 
@@ -43,8 +45,8 @@ def test_without_the_bise_extra_import_bise_names_it():
                           env={**os.environ, "PYTHONPATH": str(ROOT)}, timeout=120)
     assert proc.returncode == 1
     last = proc.stderr.strip().splitlines()
-    assert last[-1] == ('ModuleNotFoundError: bise needs torch_pruning, from the [bise] extra: '
-                        'pip install "bise-kernels[bise]"'), proc.stderr
+    assert last[-1] == ('ModuleNotFoundError: bise needs torch-pruning (module torch_pruning), from the [bise] '
+                        'extra: pip install "bise-kernels[bise]"'), proc.stderr
     assert 'File "' + str(ROOT / "bise" / "__init__.py") in last[-3], proc.stderr  # raised there, chain cut
 
 
@@ -54,5 +56,28 @@ def test_every_module_of_the_extra_is_named():
     extra = re.search(r'^bise = \[(.*)\]$', text, re.M).group(1)
     packages = [p.split("=")[0].lower() for p in re.findall(r'"([^"]+)"', extra)]
     assert [{"pillow": "PIL", "torch-pruning": "torch_pruning"}.get(p, p) for p in packages] == list(_extra.MODULES)
+    assert [p.lower() for p in _extra.PACKAGES.values()] == packages
     assert _extra.missing(ModuleNotFoundError("x", name="yaml")) is None
-    assert "[bise] extra" in str(_extra.missing(ModuleNotFoundError("x", name="PIL.Image")))
+    assert str(_extra.missing(ModuleNotFoundError("x", name="PIL.Image"))).startswith(
+        "bise needs Pillow (module PIL), from the [bise] extra")
+
+
+CONSOLE_SCRIPT = ("import re\nimport sys\nfrom bise.cli import main\nif __name__ == '__main__':\n"
+                  "    sys.argv[0] = re.sub(r'(-script\\.pyw|\\.exe)?$', '', sys.argv[0])\n    sys.exit(main())\n")
+
+
+@pytest.mark.parametrize("module, package", [("tqdm", "tqdm"), ("PIL", "Pillow"), ("torch_pruning", "torch-pruning")])
+@pytest.mark.parametrize("how", ["console script", "python -m bise"])
+def test_the_bise_command_without_the_extra_says_so_in_one_line(tmp_path, module, package, how):
+    """The `bise` command (pip's console script for bise.cli:main, or python -m bise) ended in a traceback
+    from bise/__init__.py when a package of the extra was missing: one line naming it and the install
+    command now, exit status 2 (as the command's other errors). The package is hidden, not uninstalled."""
+    (tmp_path / "sitecustomize.py").write_text(f"import sys\nsys.modules[{module!r}] = None\n")
+    (tmp_path / "bise").write_text(CONSOLE_SCRIPT)  # what pip writes for [project.scripts] bise
+    command = [str(tmp_path / "bise")] if how == "console script" else ["-m", "bise"]
+    proc = subprocess.run([sys.executable, *command, "run", "--help"], capture_output=True, text=True, cwd=tmp_path,
+                          env={**os.environ, "PYTHONPATH": f"{tmp_path}{os.pathsep}{ROOT}"}, timeout=120)
+    assert proc.returncode == 2, proc.stderr
+    assert proc.stderr == (f"bise: error: bise needs {package}{'' if module == package else f' (module {module})'}, "
+                           'from the [bise] extra: pip install "bise-kernels[bise]"\n'), proc.stderr
+    assert proc.stdout == ""
