@@ -83,9 +83,14 @@ def _local_gpu(device: str) -> int:
     local = _env("LOCAL_RANK", int, "an integer (torchrun sets it to the process's index on its machine)") or 0
     count = torch.cuda.device_count()
     if not 0 <= local < count:
-        raise ValueError(f"device {device!r}: the process with LOCAL_RANK={local} uses cuda:{local}, but this machine "
-                         f"has {count} CUDA device(s); start at most {count} processes per machine "
-                         f"(torchrun --nproc-per-node {count})")
+        visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+        where = "this machine has" if visible is None else f"this process sees (CUDA_VISIBLE_DEVICES={visible!r})"
+        own = "" if count != 1 or visible is None else (
+            "; or, where each process is given its own GPU (e.g. SLURM's --gpus-per-task=1), set LOCAL_RANK=0: "
+            "it indexes the GPUs this process sees")
+        raise ValueError(f"device {device!r}: the process with LOCAL_RANK={local} uses cuda:{local}, but {where} "
+                         f"{count} CUDA device(s); start at most {count} processes per machine "
+                         f"(torchrun --nproc-per-node {count}){own}")
     return local
 
 

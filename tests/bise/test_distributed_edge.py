@@ -177,10 +177,26 @@ def test_more_processes_than_gpus_is_named(monkeypatch, device, local, message):
     monkeypatch.setenv("WORLD_SIZE", "4")
     monkeypatch.setenv("RANK", local)
     monkeypatch.setenv("LOCAL_RANK", local)
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)  # the message says "this machine has" then
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
     monkeypatch.setattr(torch.cuda, "set_device", lambda _: pytest.fail("set_device before the check"))
     with pytest.raises(ValueError, match=message):
         bd.init(device)
+    assert not torch.distributed.is_initialized()
+
+
+def test_one_gpu_per_process_is_told_local_rank_indexes_the_visible_gpus(monkeypatch):
+    """srun --gpus-per-task=1 with LOCAL_RANK copied from SLURM_LOCALID: each process sees one GPU, as cuda:0; the
+    error said "start at most 1 processes per machine", which is not the fix."""
+    monkeypatch.setenv("WORLD_SIZE", "4")
+    monkeypatch.setenv("RANK", "3")
+    monkeypatch.setenv("LOCAL_RANK", "3")
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "3")
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    monkeypatch.setattr(torch.cuda, "set_device", lambda _: pytest.fail("set_device before the check"))
+    with pytest.raises(ValueError, match=r"this process sees \(CUDA_VISIBLE_DEVICES='3'\) 1 CUDA device\(s\).*"
+                                         r"its own GPU .* set LOCAL_RANK=0"):
+        bd.init("cuda")
     assert not torch.distributed.is_initialized()
 
 
