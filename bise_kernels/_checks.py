@@ -343,13 +343,18 @@ def check_keep(keep: object, weight: torch.Tensor) -> bool:
     return _check_weight_shaped(keep, weight, "keep")
 
 
-def check_keep_op_scores(scores: object, weight: object) -> None:
+def check_keep_op_scores(scores: object, weight: object, keep: object) -> None:
     """A keep op's scores, weight-shaped or one per unit, checked before its keep mask: a module makes
     the mask from its scores, so a mask of the wrong shape means scores of the wrong shape (as the
-    extension's keep ops check)."""
+    extension's keep ops check). Then the mask (:func:`check_keep`), of the scores' shape: the forward
+    kernels read only the mask, and a per-unit mask beside weight-shaped scores (or the reverse) failed
+    only in the backward on "cpp" / "triton"."""
     check_tensor(scores, "scores")
     check_tensor(weight, "weight")
     _check_weight_shaped(scores, weight, "scores")
+    check_keep(keep, weight)
+    if scores.shape != keep.shape:
+        raise ValueError(f"scores must have keep's shape {tuple(keep.shape)}, got {tuple(scores.shape)}")
 
 
 def check_masked_linear_keep(x: object, weight: object, bias: object, keep: object,

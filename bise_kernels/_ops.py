@@ -462,7 +462,7 @@ def _masked_linear_keep(
 ) -> Tensor:
     """masked_linear with the selection packed once into ``keep`` (bool, the scores' shape), which the
     forward and backward read instead of the scores; ``scores`` only receives its gradient."""
-    check_keep_op_scores(scores, weight)
+    check_keep_op_scores(scores, weight, keep)
     return _forward_kernel("masked_linear_keep_forward", x, estimator, temperature)(x, weight, bias, keep).contiguous()
 
 
@@ -580,7 +580,7 @@ def _masked_conv2d_keep(
     stride: list[int], padding: list[int], dilation: list[int], groups: int, estimator: str, temperature: float,
 ) -> Tensor:
     """masked_conv2d with the selection packed once into ``keep`` (as :func:`_masked_linear_keep`)."""
-    check_keep_op_scores(scores, weight)
+    check_keep_op_scores(scores, weight, keep)
     kernel = _forward_kernel("masked_conv2d_keep_forward", x, estimator, temperature)
     return _conv_output(kernel(x, weight, bias, keep, stride, padding, dilation, groups), x, weight)
 

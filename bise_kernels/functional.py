@@ -108,12 +108,27 @@ def selection(scores: Tensor, density: Optional[float], threshold: Optional[Unio
     masked layers' ``masked_weight``, :func:`_fused_check`).
     """
     _checks.check_mask_spec(density, threshold)
+    if isinstance(scores, Tensor) and scores.numel() == 0:
+        _checks.check_tensor(scores, "scores")
+        return _empty_selection(scores, threshold, fused_check)
     if density is not None:
         _select_scores(scores, "topk_select")
         k = _checks.k_from_density(density, scores.numel())
         return _ops.topk_select([scores.detach()], k, _hint(hint, scores))
     _checks.check_scores(scores, finite=not fused_check)
     return _threshold_selection(scores, threshold, fused_check)
+
+
+def _empty_selection(scores: Tensor, threshold: Optional[Union[Number, Tensor]],
+                     fused_check: bool) -> tuple[Tensor, Tensor]:
+    """The selection of empty scores (a layer with in_features or out_features 0): a threshold as ever; by
+    density, k = 0, the only k over no scores (a select op's k is in [1, numel] and refuses empty scores),
+    as ``(thr, cut) = (0, 0)``: no select kernel runs, and the keep rule has nothing to keep."""
+    if threshold is not None:
+        return _threshold_selection(scores, threshold, fused_check)
+    shared = _ops._plain_eager((scores,))
+    return (_device_scalar(0.0, scores.dtype, scores.device, shared),
+            _device_scalar(0, torch.int64, scores.device, shared))
 
 
 def _threshold_selection(scores: Tensor, threshold: Union[Number, Tensor],

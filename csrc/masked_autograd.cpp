@@ -15,6 +15,7 @@
 #include <ATen/ATen.h>
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <torch/autograd.h>
+#include <c10/util/accumulate.h>
 #include <torch/library.h>
 
 #include "checks.h"
@@ -109,6 +110,10 @@ struct Keep {
 
 // ----------------------------------------------------------------------------- dense layers
 
+// t as 2-d (rows, last dim): reshape({-1, n}) cannot infer the rows of an empty t (n == 0: in_features or
+// out_features 0), as reference.py's as_rows.
+at::Tensor as_rows(T t) { return t.reshape({c10::multiply_integers(t.sizes().slice(0, t.dim() - 1)), t.size(-1)}); }
+
 // F.linear and its backward as native.py's _linear_backward computes it.
 struct Linear {
   void check(T x, T weight, const char* name) const {
@@ -126,9 +131,9 @@ struct Linear {
   at::Tensor grad_y(T grad_y, T) const { return grad_y.contiguous(); }
   at::Tensor grad_x(T grad_y, T, T w_eff) const { return at::matmul(grad_y, w_eff); }
   at::Tensor grad_w_eff(T grad_y, T x, T) const {
-    return at::matmul(grad_y.reshape({-1, grad_y.size(-1)}).t(), x.reshape({-1, x.size(-1)}));
+    return at::matmul(as_rows(grad_y).t(), as_rows(x));
   }
-  at::Tensor grad_bias(T grad_y) const { return grad_y.reshape({-1, grad_y.size(-1)}).sum(0); }
+  at::Tensor grad_bias(T grad_y) const { return as_rows(grad_y).sum(0); }
   void save(AutogradContext*) const {}
   static Linear from(AutogradContext*) { return {}; }
 };

@@ -51,6 +51,7 @@ Kernels (a backend implements any subset; the registry falls back for the rest):
 
 from __future__ import annotations
 
+import math
 from typing import Callable, Optional, Sequence
 
 import torch
@@ -151,6 +152,11 @@ def _broadcast_unit(values: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     return values.reshape(values.shape + (1,) * (like.dim() - 1))
 
 
+def as_rows(t: torch.Tensor) -> torch.Tensor:
+    """``t`` as 2-d (rows, last dim): ``reshape(-1, n)``, which cannot infer the rows of an empty ``t`` (n == 0)."""
+    return t.reshape(math.prod(t.shape[:-1]), t.shape[-1])
+
+
 def _kept_weight(weight, keep):
     return weight * _broadcast_unit(keep, weight).to(weight.dtype)
 
@@ -160,7 +166,7 @@ def _score_grad(grad_w_eff, weight, scores, estimator, temperature):
     acc = accumulation_dtype(grad_w_eff.dtype)
     g = grad_w_eff.to(acc) * weight.to(acc)
     if scores.dim() != weight.dim():
-        g = g.reshape(weight.shape[0], -1).sum(1)
+        g = g.flatten(1).sum(1)  # flatten: reshape(0, -1) of an empty weight fails
     return (g * score_slope(scores, estimator, temperature)).to(scores.dtype)
 
 
@@ -187,21 +193,20 @@ def _linear(x, weight, bias, keep):
 
 
 def masked_linear_keep_backward(grad_y, x, weight, scores, keep, estimator, temperature, needs):
+    _checks.check_keep_op_scores(scores, weight, keep)
     _checks.check_estimator(estimator, temperature)
     need_x, need_w, need_b, need_s = needs
     w_eff, mask = _kept_weight(weight, keep), keep
     gx = grad_y @ w_eff if need_x else None
     gw = gs = gb = None
     if need_w or need_s:
-        g2 = grad_y.reshape(-1, grad_y.shape[-1])
-        x2 = x.reshape(-1, x.shape[-1])
-        grad_w_eff = g2.t() @ x2
+        grad_w_eff = as_rows(grad_y).t() @ as_rows(x)
         if need_w:
             gw = grad_w_eff * _broadcast_unit(mask, weight).to(grad_w_eff.dtype)
         if need_s:
             gs = _score_grad(grad_w_eff, weight, scores, estimator, temperature)
     if need_b:
-        gb = grad_y.reshape(-1, grad_y.shape[-1]).sum(0)
+        gb = as_rows(grad_y).sum(0)
     return gx, gw, gb, gs
 
 
@@ -232,6 +237,7 @@ def _conv2d(x, weight, bias, keep, stride, padding, dilation, groups):
 def masked_conv2d_keep_backward(
     grad_y, x, weight, scores, keep, stride, padding, dilation, groups, estimator, temperature, needs
 ):
+    _checks.check_keep_op_scores(scores, weight, keep)
     _checks.check_estimator(estimator, temperature)
     need_x, need_w, need_b, need_s = needs
     w_eff, mask = _kept_weight(weight, keep), keep

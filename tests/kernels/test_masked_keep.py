@@ -158,6 +158,36 @@ def test_keep_arguments_are_checked():
         _checks.check_masked_linear_keep(x, w, b, keep, scores[0])
 
 
+@pytest.mark.parametrize("path", ["eager", "custom op"])
+@pytest.mark.parametrize("structured", [False, True], ids=["weight scores, unit keep", "unit scores, weight keep"])
+def test_keep_of_another_shape_than_the_scores_is_refused_in_forward(backend, path, structured):
+    """Scores and a keep mask that each fit the weight but not each other: a ValueError naming them from
+    the forward on every backend, eager and through the custom op (it passed the forward and failed in the
+    backward on "cpp" / "triton", passed both on "torch"); conv2d_keep likewise."""
+    x, w, b, scores, keep = _layer(torch.float32, structured, "cpu")
+    other = R.keep_mask(*tied_scores(w.shape[:1] if not structured else w.shape, seed=6))
+    leaves = [t.clone().requires_grad_() for t in (x, w, b, scores)]
+    linear = _ops.masked_linear_keep if path == "eager" else _ops.masked_linear_keep.op
+    with pytest.raises(ValueError, match="scores must have keep's shape"):
+        linear(*leaves, other, "ste", 1.0)
+    xc, wc = randn(1, 3, 6, 6, seed=7), randn(4, 3, 3, 3, seed=8)
+    sc = randn(*((4, 3, 3, 3) if not structured else (4,)), seed=9)
+    kc = randn(*((4,) if not structured else (4, 3, 3, 3)), seed=10) > 0
+    conv = _ops.masked_conv2d_keep if path == "eager" else _ops.masked_conv2d_keep.op
+    with pytest.raises(ValueError, match="scores must have keep's shape"):
+        conv(xc, wc, None, sc.requires_grad_(), kc, [1, 1], [0, 0], [1, 1], 1, "ste", 1.0)
+
+
+def test_keep_backward_kernels_refuse_a_keep_of_another_shape(kernels):
+    """Each backend's keep backward kernels (the reference's too, which computed a gradient) refuse it."""
+    x, w, _, scores, keep = _layer(torch.float32, True, kernels.device)
+    other = R.keep_mask(*tied_scores(w.shape, seed=6, device=kernels.device))
+    grad_y = randn(2, 3, 29, seed=5, device=kernels.device)
+    for backward in {kernels.masked_linear_keep_backward, R.masked_linear_keep_backward}:
+        with pytest.raises(ValueError, match="scores must have keep's shape"):
+            backward(grad_y, x, w, scores, other, "ste", 1.0, ALL_NEEDS)
+
+
 def test_keep_mode_compiles_and_exports(backend):
     """torch.compile (fullgraph) and torch.export see masked_linear_keep and give eager's results."""
     torch.manual_seed(0)

@@ -535,3 +535,49 @@ def test_conv_grid_fits_cuda_limits_with_one_program_per_tile(monkeypatch, block
         assert all(n <= lim for n, lim in zip(grid, CUDA_GRID_LIMITS)), (shape, grid)
         tiles = -(-shape[0] // blocks[0]) * -(-shape[1] * shape[2] * shape[3] // blocks[1])
         assert math.prod(grid) == tiles, (shape, grid)
+
+
+# ----------------------------------------------------------------------------- the tie limit on sm_90
+
+_LOWER_TIE_LIMIT_FOR_SM90 = _SM90_LOWERING + r"""
+from bise_kernels.backends.triton import masked_conv as C, masked_linear as L
+
+LAUNCHES = []  # (name, JIT function, args, kwargs) of each launch that applies the keep rule per weight
+for fn in (L._masked_mm_body, L._masked_wgrad_kernel.fn, C._mask_weight_kernel, C._conv_score_grad_kernel):
+    fn.run = lambda *args, grid, warmup, _fn=fn, **kwargs: LAUNCHES.append(
+        (f"{CASE}/{_fn.__name__}#{len(LAUNCHES)}", _fn, args, kwargs))
+L.check_device = C.check_device = lambda x: None  # meta tensors: shapes, strides and dtypes, no memory
+
+
+def meta(*shape, dtype=torch.bfloat16):
+    return torch.empty(shape, dtype=dtype, device="meta")
+
+
+thr, cut = meta(dtype=torch.float32), meta(dtype=torch.int64)
+CASE = "linear"
+R = 2**31 + 64  # a weight row of 2**31 elements or more: its tie limit does not fit int32
+x, w, s = meta(1, R), meta(2, R), meta(2, R, dtype=torch.float32)
+L.masked_linear_forward(x, w, None, s, thr, cut)
+L.masked_linear_backward(meta(1, 2), x, w, s, thr, cut, "sigmoid", 0.5, [True] * 4)
+CASE = "conv"
+C_IN = 2**31 // 9 + 1  # rows of C_IN * 3 * 3 > 2**31 elements
+x, w, s = meta(1, C_IN, 3, 3), meta(2, C_IN, 3, 3), meta(2, C_IN, 3, 3, dtype=torch.float32)
+C.masked_conv2d_forward(x, w, None, s, thr, cut, 1, 0, 1, 1)
+C.masked_conv2d_backward(meta(1, 2, 1, 1), x, w, s, thr, cut, 1, 0, 1, 1, "sigmoid", 0.5, [True] * 4)
+facts = {}
+for launch in LAUNCHES:
+    ttir = lower(launch, "ttir")[0]
+    facts[launch[0]] = sorted(set(re.findall(r"arith\.trunci [^\n]*? to (tensor<[^>]*>|i\d+)", ttir)))
+print(json.dumps(facts))
+"""
+
+
+def test_tie_limit_is_64_bit():
+    """The keep rule's per-row tie limit ``clamp(cut - u * R, 0, R)`` (``_common.tie_limit``) stays int64 in
+    every launch that applies the rule per weight (the linear GEMMs' forward, dgrad and wgrad epilogue, the
+    conv's mask and score-gradient passes), compiled for sm_90 on rows of 2**31 elements or more: truncated to
+    int32 (its one ``arith.trunci`` there) it wrapped negative and dropped the ties that a row's cut keeps."""
+    facts = _compiled_facts(_LOWER_TIE_LIMIT_FOR_SM90, "0", timeout=300)
+    assert len(facts) == 6, sorted(facts)
+    narrowed = {name: found for name, found in facts.items() if found}
+    assert not narrowed, narrowed

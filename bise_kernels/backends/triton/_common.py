@@ -48,9 +48,10 @@ def keep(s, thr, index, limit):
 
 @triton.jit
 def tie_limit(cut, units, row_len):
-    """Per weight row ``u``: how many leading ties of that row are kept, ``clamp(cut - u*R, 0, R)``."""
+    """Per weight row ``u``: how many leading ties of that row are kept, ``clamp(cut - u*R, 0, R)``, in int64
+    as the addresses: up to R, which is 2**31 or more for a row that long (an int32 limit wrapped)."""
     lim = cut - units.to(tl.int64) * row_len
-    return tl.minimum(tl.maximum(lim, 0), row_len).to(tl.int32)
+    return tl.minimum(tl.maximum(lim, 0), row_len)
 
 
 @triton.jit

@@ -24,6 +24,7 @@ import triton
 import triton.language as tl
 
 from ... import _checks
+from ..reference import as_rows
 from ._common import (
     MIN_BLOCK_N, SMALL_M, SMALL_M_TILES, accumulation_dtype, check_backward_args, check_device, dot_options,
     grouped_tile, keep, matmul_tuning, score_grad_epilogue, size_bucket, sum_partials, tie_limit, tile_for_mode,
@@ -216,7 +217,7 @@ def _check_linear(x, weight, bias, scores, thr, cut) -> bool:
 def masked_linear_forward(x, weight, bias, scores, thr, cut):
     """``x @ (weight * M)^T + bias``, the mask applied to weight tiles in registers."""
     structured = _check_linear(x, weight, bias, scores, thr, cut)
-    y = _masked_mm(x.reshape(-1, x.shape[-1]), weight, scores, structured, bias, thr, cut, unit_on_cols=True)
+    y = _masked_mm(as_rows(x), weight, scores, structured, bias, thr, cut, unit_on_cols=True)
     return y.reshape(x.shape[:-1] + (weight.shape[0],))
 
 
@@ -234,7 +235,7 @@ def masked_linear_keep_forward(x, weight, bias, keep):
     """``x @ (weight * keep)^T + bias``: the packed keep mask applied to weight tiles in registers."""
     structured = _checks.check_masked_linear_keep(x, weight, bias, keep)
     check_device(x)
-    x2 = x.reshape(-1, x.shape[-1])
+    x2 = as_rows(x)
     y = _masked_mm(x2, weight, keep.view(torch.uint8), structured, bias, *_keep_rule(x.device), unit_on_cols=True,
                    kernel=_mm_kernel(x2.shape[0], packed=True))
     return y.reshape(x.shape[:-1] + (weight.shape[0],))
@@ -263,14 +264,14 @@ def _backward(grad_y, x, weight, scores, structured, estimator, temperature, nee
     as the mask while the scores give only the slope."""
     need_x, need_w, need_b, need_s = (bool(n) for n in needs)
     n_out, k_in = weight.shape
-    g2 = grad_y.reshape(-1, n_out)
+    g2 = as_rows(grad_y)
     gx = gw = gb = gs = None
     if need_x:
         gx = _masked_mm(g2, weight, mask, structured, None, thr, cut, unit_on_cols=False,
                         kernel=_mm_kernel(g2.shape[0], packed)).reshape(x.shape)
     fuse_b = need_b and weight.numel() > 0
     if (need_w or need_s) and weight.numel() > 0:
-        x2 = x.reshape(-1, k_in)
+        x2 = as_rows(x)
         gw = torch.empty_like(weight) if need_w else None
         if need_s:
             gs = unit_partials(triton.cdiv(k_in, MIN_BLOCK_N), n_out, scores, x) if structured else \
