@@ -4,13 +4,14 @@ The CPU analogue of the GPU per-call target (docs/masked.md, "Per-call overhead"
 kernel time is negligible and what remains is what a GPU call pays on the host; at 256x256, batch 32
 the kernels count too. Every call is a forward, ``.sum()`` and ``.backward()``; the calls run
 interleaved round by round on one thread, each call timed alone; per call the minimum and median
-(us) and the ratio of medians to the call's own dense op (:func:`base`) are reported (medians of single calls: a preempted call on
-a loaded machine moves them little). "(cached)": the scores do not change between calls, so the
+(us) and the ratio of medians to the call's own dense op (:func:`base`) are reported (medians of single
+calls: a preempted call on a loaded machine moves them little). "(cached)": the scores do not change between calls, so the
 module's selection is reused; "(step)": they change before every call (an in-place update under
 no_grad, which dense pays nothing for), as in training. ``python benchmarks/bench_masked_overhead.py``
 prints the table (``--rounds``, ``--calls``); ``pytest benchmarks/bench_masked_overhead.py --benchmark-only
---benchmark-json=...`` records it (every row's median and ratio in ``extra_info``, the machine, torch and commit
-beside them) for the README's tables; without ``--benchmark-only`` one short run checks every call works.
+--benchmark-json=...`` records it (every row's min, median and ratios in ``extra_info``, the machine, torch and
+commit beside them) for the README's tables; with ``--benchmark-disable`` (scripts/test.sh) one short run
+checks every call works.
 """
 
 from __future__ import annotations
@@ -100,8 +101,8 @@ def measure(features: int, batch: int, rounds: int, per_round: int) -> dict[str,
 @pytest.mark.parametrize("features,batch", SIZES, ids=[f"{f}x{f}-b{b}" for f, b in SIZES])
 def test_masked_overhead(benchmark, features, batch):
     """Every call runs forward + backward, each row against the dense op of its kind; extra_info holds each
-    row's min and median us and the ratios of medians and of minima (one pedantic round = the whole interleaved measurement, on one
-    thread; the benchmark's own time is that round's, not a figure)."""
+    row's min and median us and the ratios of medians and of minima (one pedantic round = the whole interleaved
+    measurement, on one thread; the benchmark's own time is that round's, not a figure)."""
     small = benchmark.disabled
     benchmark.group = "masked per-call overhead cpu"
     rounds, per_round = (1, 1) if small else (20, 20)

@@ -111,6 +111,12 @@ def _grads_like(grads, like: tuple, empty: Tensor) -> tuple:
     return tuple(_or_empty(None if g is None else _like(g, t), empty) for g, t in zip(grads, like))
 
 
+def _per_unit(weight: Tensor) -> Tensor:
+    """A tensor like the bias of ``weight``'s layer, which its gradient takes after (``weight[:, 0]`` fails for
+    in_features 0)."""
+    return weight.new_empty(weight.shape[:1])
+
+
 def _empty_grads(like: tuple, needs: list, empty: Tensor) -> tuple:
     return tuple(torch.empty_like(t) if n else empty.new_empty(0) for t, n in zip(like, needs))
 
@@ -427,12 +433,12 @@ def masked_linear_backward(
     estimator: str, temperature: float, needs: list[bool],
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     grads = _kernel("masked_linear_backward", x)(grad_y, x, weight, scores, thr, cut, estimator, temperature, needs)
-    return _grads_like(grads, (x, weight, weight[:, 0], scores), x)
+    return _grads_like(grads, (x, weight, _per_unit(weight), scores), x)
 
 
 @masked_linear_backward.register_fake
 def _(grad_y, x, weight, scores, thr, cut, estimator, temperature, needs):
-    return _empty_grads((x, weight, weight[:, 0], scores), needs, x)
+    return _empty_grads((x, weight, _per_unit(weight), scores), needs, x)
 
 
 def _linear_setup(ctx, inputs, output):
@@ -480,12 +486,12 @@ def masked_linear_keep_backward(
     needs: list[bool],
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     grads = _kernel("masked_linear_keep_backward", x)(grad_y, x, weight, scores, keep, estimator, temperature, needs)
-    return _grads_like(grads, (x, weight, weight[:, 0], scores), x)
+    return _grads_like(grads, (x, weight, _per_unit(weight), scores), x)
 
 
 @masked_linear_keep_backward.register_fake
 def _(grad_y, x, weight, scores, keep, estimator, temperature, needs):
-    return _empty_grads((x, weight, weight[:, 0], scores), needs, x)
+    return _empty_grads((x, weight, _per_unit(weight), scores), needs, x)
 
 
 def _linear_keep_setup(ctx, inputs, output):
@@ -532,12 +538,12 @@ def masked_conv2d_backward(
     grads = _kernel("masked_conv2d_backward", x)(
         grad_y, x, weight, scores, thr, cut, stride, padding, dilation, groups, estimator, temperature, needs
     )
-    return _grads_like(grads, (x, weight, weight[:, 0, 0, 0], scores), x)
+    return _grads_like(grads, (x, weight, _per_unit(weight), scores), x)
 
 
 @masked_conv2d_backward.register_fake
 def _(grad_y, x, weight, scores, thr, cut, stride, padding, dilation, groups, estimator, temperature, needs):
-    return _empty_grads((x, weight, weight[:, 0, 0, 0], scores), needs, x)
+    return _empty_grads((x, weight, _per_unit(weight), scores), needs, x)
 
 
 def _conv_setup(ctx, inputs, output):
@@ -602,12 +608,12 @@ def masked_conv2d_keep_backward(
     grads = _kernel("masked_conv2d_keep_backward", x)(
         grad_y, x, weight, scores, keep, stride, padding, dilation, groups, estimator, temperature, needs
     )
-    return _grads_like(grads, (x, weight, weight[:, 0, 0, 0], scores), x)
+    return _grads_like(grads, (x, weight, _per_unit(weight), scores), x)
 
 
 @masked_conv2d_keep_backward.register_fake
 def _(grad_y, x, weight, scores, keep, stride, padding, dilation, groups, estimator, temperature, needs):
-    return _empty_grads((x, weight, weight[:, 0, 0, 0], scores), needs, x)
+    return _empty_grads((x, weight, _per_unit(weight), scores), needs, x)
 
 
 _masked_conv2d_keep_op.register_autograd(_conv_backward(masked_conv2d_keep_backward, 7),

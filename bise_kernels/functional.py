@@ -99,16 +99,18 @@ def _hint(hint: Optional[Tensor], scores: Tensor) -> Optional[Tensor]:
 
 
 def selection(scores: Tensor, density: Optional[float], threshold: Optional[Union[Number, Tensor]],
-              hint: Optional[Tensor] = None, *, fused_check: bool = False) -> tuple[Tensor, Tensor]:
+              hint: Optional[Tensor] = None, *, fused_check: bool = False, empty_ok: bool = False
+              ) -> tuple[Tensor, Tensor]:
     """``(thr, cut)`` for top-k by ``density`` or for ``scores >= threshold`` (exactly one given).
 
     The one value check of a call (NaN / inf scores or threshold) happens here, except where the
     kernel makes it in the pass that reads the scores: for top-k, a select kernel that checks
     (registry ``CHECKS_FINITE``); with ``fused_check`` and a threshold, the caller's op (the native
-    masked layers' ``masked_weight``, :func:`_fused_check`).
+    masked layers' ``masked_weight``, :func:`_fused_check`). ``empty_ok``: empty scores (a masked
+    linear without weights) select nothing (:func:`_empty_selection`); else they are refused.
     """
     _checks.check_mask_spec(density, threshold)
-    if isinstance(scores, Tensor) and scores.numel() == 0:
+    if empty_ok and isinstance(scores, Tensor) and scores.numel() == 0:
         _checks.check_tensor(scores, "scores")
         return _empty_selection(scores, threshold, fused_check)
     if density is not None:
@@ -121,7 +123,7 @@ def selection(scores: Tensor, density: Optional[float], threshold: Optional[Unio
 
 def _empty_selection(scores: Tensor, threshold: Optional[Union[Number, Tensor]],
                      fused_check: bool) -> tuple[Tensor, Tensor]:
-    """The selection of empty scores (a layer with in_features or out_features 0): a threshold as ever; by
+    """The selection of empty scores (a linear layer with in_features or out_features 0): a threshold as ever; by
     density, k = 0, the only k over no scores (a select op's k is in [1, numel] and refuses empty scores),
     as ``(thr, cut) = (0, 0)``: no select kernel runs, and the keep rule has nothing to keep."""
     if threshold is not None:
@@ -257,7 +259,7 @@ def masked_linear(
     _checks.check_masked_linear(x, weight, bias, scores)
     _checks.check_estimator(estimator, temperature)
     native = _ops._native_layer_op("masked_linear", x)
-    thr, cut = selection(scores, density, threshold, fused_check=_fused_check(native, threshold))
+    thr, cut = selection(scores, density, threshold, fused_check=_fused_check(native, threshold), empty_ok=True)
     return _ops.masked_linear.run(native, x, weight, bias, scores, thr, cut, estimator, float(temperature))
 
 

@@ -69,6 +69,41 @@ def test_public_masked_linear_without_in_features(backend, structured, rule, x_s
     assert not grads[0].any() and not grads[1].any() and not grads[3].any()
 
 
+@pytest.mark.parametrize("path", ["custom_op", "compiled"])
+@pytest.mark.parametrize("keep", [False, True], ids=["selection", "keep"])
+def test_masked_linear_without_in_features_through_the_custom_ops(backend, path, keep):
+    """The custom ops (what torch.compile, export and opcheck see) and their fake impls with in_features 0: the
+    bias gradient's stand-in was ``weight[:, 0]``, an IndexError there."""
+    from bise_kernels import _ops
+
+    x, w, b, scores, thr, cut = _no_in_features(False)
+    keep_mask = R.keep_mask(scores, thr, cut)
+    if keep:
+        def fn(x, w, b, s):
+            return _ops.masked_linear_keep.op(x, w, b, s, keep_mask, "ste", 1.0)
+    else:
+        def fn(x, w, b, s):
+            return _ops.masked_linear.op(x, w, b, s, thr, cut, "ste", 1.0)
+    if path == "compiled":
+        torch._dynamo.reset()
+        fn = torch.compile(fn, backend="aot_eager", fullgraph=True)
+    leaves = [t.clone().requires_grad_() for t in (x, w, b, scores)]
+    y = fn(*leaves)
+    torch.testing.assert_close(y, F.linear(x, w, b), rtol=0, atol=0)
+    grads = torch.autograd.grad(y.square().sum(), leaves)
+    assert [g.shape for g in grads] == [t.shape for t in leaves]
+    torch.testing.assert_close(grads[2], 2 * y.detach().reshape(-1, 4).sum(0), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("rule", [{"density": 0.5}, {"threshold": 0.0}], ids=["density", "threshold"])
+def test_a_masked_conv_without_in_channels_is_refused(backend, rule):
+    """Only the masked linear selects over empty scores (F.linear's result); a conv's empty scores stay a named
+    error, before the forward (it passed there and failed in the backward)."""
+    x, w, b, s = torch.randn(2, 0, 5, 5), torch.randn(4, 0, 3, 3), torch.randn(4), torch.randn(4, 0, 3, 3)
+    with pytest.raises(ValueError, match=r"scores is empty \(shape \(4, 0, 3, 3\)\)"):
+        bk.masked_conv2d(x, w, b, s, **rule)
+
+
 @pytest.mark.parametrize("needs", [n for n in itertools.product([False, True], repeat=4) if any(n)])
 @pytest.mark.parametrize("structured", [False, True])
 def test_masked_linear_computes_only_needed_gradients(kernels, needs, structured):

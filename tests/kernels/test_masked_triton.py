@@ -540,13 +540,13 @@ def test_conv_grid_fits_cuda_limits_with_one_program_per_tile(monkeypatch, block
 # ----------------------------------------------------------------------------- the tie limit on sm_90
 
 _LOWER_TIE_LIMIT_FOR_SM90 = _SM90_LOWERING + r"""
-from bise_kernels.backends.triton import masked_conv as C, masked_linear as L
+from bise_kernels.backends.triton import masked_linear as L
 
 LAUNCHES = []  # (name, JIT function, args, kwargs) of each launch that applies the keep rule per weight
-for fn in (L._masked_mm_body, L._masked_wgrad_kernel.fn, C._mask_weight_kernel, C._conv_score_grad_kernel):
+for fn in (L._masked_mm_body, L._masked_wgrad_kernel.fn):
     fn.run = lambda *args, grid, warmup, _fn=fn, **kwargs: LAUNCHES.append(
         (f"{CASE}/{_fn.__name__}#{len(LAUNCHES)}", _fn, args, kwargs))
-L.check_device = C.check_device = lambda x: None  # meta tensors: shapes, strides and dtypes, no memory
+L.check_device = lambda x: None  # meta tensors: shapes, strides and dtypes, no memory
 
 
 def meta(*shape, dtype=torch.bfloat16):
@@ -559,11 +559,6 @@ R = 2**31 + 64  # a weight row of 2**31 elements or more: its tie limit does not
 x, w, s = meta(1, R), meta(2, R), meta(2, R, dtype=torch.float32)
 L.masked_linear_forward(x, w, None, s, thr, cut)
 L.masked_linear_backward(meta(1, 2), x, w, s, thr, cut, "sigmoid", 0.5, [True] * 4)
-CASE = "conv"
-C_IN = 2**31 // 9 + 1  # rows of C_IN * 3 * 3 > 2**31 elements
-x, w, s = meta(1, C_IN, 3, 3), meta(2, C_IN, 3, 3), meta(2, C_IN, 3, 3, dtype=torch.float32)
-C.masked_conv2d_forward(x, w, None, s, thr, cut, 1, 0, 1, 1)
-C.masked_conv2d_backward(meta(1, 2, 1, 1), x, w, s, thr, cut, 1, 0, 1, 1, "sigmoid", 0.5, [True] * 4)
 facts = {}
 for launch in LAUNCHES:
     ttir = lower(launch, "ttir")[0]
@@ -574,10 +569,26 @@ print(json.dumps(facts))
 
 def test_tie_limit_is_64_bit():
     """The keep rule's per-row tie limit ``clamp(cut - u * R, 0, R)`` (``_common.tie_limit``) stays int64 in
-    every launch that applies the rule per weight (the linear GEMMs' forward, dgrad and wgrad epilogue, the
-    conv's mask and score-gradient passes), compiled for sm_90 on rows of 2**31 elements or more: truncated to
-    int32 (its one ``arith.trunci`` there) it wrapped negative and dropped the ties that a row's cut keeps."""
+    every linear launch that applies the rule per weight (the GEMMs' forward, dgrad and wgrad epilogue), compiled
+    for sm_90 on rows of 2**31 elements or more: truncated to int32 (its one ``arith.trunci`` there) it wrapped
+    negative and dropped the ties that a row's cut keeps. (The conv refuses such rows:
+    test_a_conv_weight_row_past_int32_is_refused.)"""
     facts = _compiled_facts(_LOWER_TIE_LIMIT_FOR_SM90, "0", timeout=300)
-    assert len(facts) == 6, sorted(facts)
+    assert len(facts) == 3, sorted(facts)
     narrowed = {name: found for name, found in facts.items() if found}
     assert not narrowed, narrowed
+
+
+def test_a_conv_weight_row_past_int32_is_refused():
+    """The conv's passes index within a weight row (``C/groups * kH * kW``) in int32 (``_tile``, ``_red_offsets``):
+    a row of 2**31 elements wrapped negative, passed ``reds < R`` and read and wrote out of bounds; it is a named
+    error before any launch (expanded views: nothing of that size is allocated)."""
+    w = torch.zeros((), device=DEVICE).expand(2, 2**31, 1, 1)
+    thr, cut = torch.zeros((), device=DEVICE), torch.zeros((), dtype=torch.int64, device=DEVICE)
+    with pytest.raises(ValueError, match=r"a row of 2147483648 elements .* int32 row indices"):
+        masked_conv.masked_weight(w, w, thr, cut)
+    x = torch.zeros((), device=DEVICE).expand(1, 2**31, 1, 1)
+    with pytest.raises(ValueError, match=r"a row of 2147483648 elements"):
+        masked_conv.masked_conv2d_forward(x, w, None, w, thr, cut, [1, 1], [0, 0], [1, 1], 1)
+    ok = torch.zeros((), device=DEVICE).expand(1, 2**31 - 1, 1, 1)  # the longest row: not refused by the check
+    masked_conv._check_row(ok)

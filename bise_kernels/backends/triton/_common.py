@@ -48,10 +48,12 @@ def keep(s, thr, index, limit):
 
 @triton.jit
 def tie_limit(cut, units, row_len):
-    """Per weight row ``u``: how many leading ties of that row are kept, ``clamp(cut - u*R, 0, R)``, in int64
-    as the addresses: up to R, which is 2**31 or more for a row that long (an int32 limit wrapped)."""
+    """Per weight row ``u``: how many leading ties of that row are kept, ``clamp(cut - u*R, 0, R)``, computed in
+    int64, returned in R's type: at most R, so it fits; int32 for the rows of real layers (the compare in a
+    GEMM's inner loop stays 32-bit), int64 where R is 2**31 or more (Triton passes such an R as int64; a
+    limit cut to int32 there wrapped and dropped the row's kept ties)."""
     lim = cut - units.to(tl.int64) * row_len
-    return tl.minimum(tl.maximum(lim, 0), row_len)
+    return tl.minimum(tl.maximum(lim, 0), row_len).to(row_len.dtype)
 
 
 @triton.jit

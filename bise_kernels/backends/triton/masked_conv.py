@@ -8,11 +8,14 @@ program's sums in a row of their own, the rows summed after, in a fixed order) i
 Weights are addressed through their 4-d strides, so channels_last weights work in place; addresses
 are int64 (a weight may hold 2**31 elements or more, a strided view reach that far). The grid is
 1-d: a weight row of over 16,776,960 elements would take more than the 65,535 programs a grid's y
-axis allows.
+axis allows. Indices within a row (``C/groups * kH * kW`` elements) are int32: a longer row is
+refused (:func:`_check_row`).
 Semantics: ``backends/reference.py``.
 """
 
 from __future__ import annotations
+
+import math
 
 import torch
 import torch.nn.functional as F
@@ -123,6 +126,15 @@ def _grid(weight: torch.Tensor) -> tuple[int]:
     return (unit_tiles * red_tiles,)
 
 
+def _check_row(weight: torch.Tensor) -> None:
+    """A weight row (``C/groups * kH * kW`` elements) the kernels' int32 row indices reach, else a named error."""
+    row = math.prod(weight.shape[1:])
+    if row >= 2**31:
+        raise ValueError(f"weight of shape {tuple(weight.shape)}: a row of {row} elements (in_channels/groups * kH * "
+                         "kW) is past the Triton masked conv's int32 row indices (at most 2**31 - 1): use another "
+                         "backend")
+
+
 def _geometry(weight: torch.Tensor) -> tuple[int, int, int, int]:
     units, _, kh, kw = weight.shape
     return units, weight[0].numel(), kh * kw, kw
@@ -134,6 +146,7 @@ def _strides(t: torch.Tensor, structured: bool = False) -> tuple[int, ...]:
 
 def masked_weight(weight: torch.Tensor, scores: torch.Tensor, thr: torch.Tensor, cut: torch.Tensor) -> torch.Tensor:
     """W * keep(scores) in one pass, in the weight's memory format (a transient for cuDNN)."""
+    _check_row(weight)
     structured = scores.shape != weight.shape
     out = torch.empty_like(weight)
     if weight.numel():
@@ -149,6 +162,7 @@ def _check_conv(x, weight, bias, scores, thr, cut, stride, padding, dilation, gr
     """(structured, stride, padding, dilation) as int pairs, from the op's one check."""
     checked = _checks.check_masked_conv2d(x, weight, bias, scores, thr, cut, stride, padding, dilation, groups)
     check_device(x)
+    _check_row(weight)
     return checked
 
 
