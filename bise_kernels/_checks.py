@@ -411,6 +411,8 @@ def _check_conv_geometry(x: torch.Tensor, weight: torch.Tensor, stride: object, 
     if x.dim() != 4 or weight.dim() != 4:
         raise ValueError(f"x and weight must be 4-d (N,C,H,W) and (O,C/groups,kH,kW), got {tuple(x.shape)} and "
                          f"{tuple(weight.shape)}")
+    if weight.numel() == 0:  # per-unit scores of in_channels 0 passed the forward and failed in the backward
+        raise ValueError(f"weight of shape {tuple(weight.shape)} is empty: a masked conv2d has no weight to mask")
     groups_ok = isinstance(groups, numbers.Integral) and not isinstance(groups, bool) and groups >= 1
     if not groups_ok or x.shape[1] != weight.shape[1] * groups or weight.shape[0] % groups:
         raise ValueError(f"groups={groups!r} does not fit x channels {x.shape[1]} and weight {tuple(weight.shape)}")

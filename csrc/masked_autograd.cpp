@@ -148,6 +148,8 @@ struct Conv2d {
   void check(T x, T weight, const char* name) const {
     TORCH_CHECK_VALUE(x.dim() == 4 && weight.dim() == 4, name, ": x and weight must be 4-d, got shapes ", x.sizes(),
                       " and ", weight.sizes());
+    TORCH_CHECK_VALUE(weight.numel() > 0, name, ": weight of shape ", weight.sizes(),
+                      " is empty: a masked conv2d has no weight to mask");
     const std::pair<const char*, const std::vector<int64_t>*> pairs[] = {
         {"stride", &stride}, {"padding", &padding}, {"dilation", &dilation}};
     for (const auto& [arg, values] : pairs) {

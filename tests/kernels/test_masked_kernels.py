@@ -95,13 +95,20 @@ def test_masked_linear_without_in_features_through_the_custom_ops(backend, path,
     torch.testing.assert_close(grads[2], 2 * y.detach().reshape(-1, 4).sum(0), rtol=0, atol=0)
 
 
+@pytest.mark.parametrize("structured", [False, True])
 @pytest.mark.parametrize("rule", [{"density": 0.5}, {"threshold": 0.0}], ids=["density", "threshold"])
-def test_a_masked_conv_without_in_channels_is_refused(backend, rule):
-    """Only the masked linear selects over empty scores (F.linear's result); a conv's empty scores stay a named
-    error, before the forward (it passed there and failed in the backward)."""
-    x, w, b, s = torch.randn(2, 0, 5, 5), torch.randn(4, 0, 3, 3), torch.randn(4), torch.randn(4, 0, 3, 3)
-    with pytest.raises(ValueError, match=r"scores is empty \(shape \(4, 0, 3, 3\)\)"):
+def test_a_masked_conv_without_in_channels_is_refused(backend, rule, structured):
+    """Only the masked linear computes with an empty weight (F.linear's result); a conv's is a named error before
+    the forward (weight-shaped scores: it passed there and failed in the backward; per-unit ones failed there
+    before this test too)."""
+    x, w, b = torch.randn(2, 0, 5, 5), torch.randn(4, 0, 3, 3), torch.randn(4)
+    s = torch.randn(4) if structured else torch.randn(4, 0, 3, 3)
+    with pytest.raises(ValueError, match=r"weight of shape \(4, 0, 3, 3\) is empty"):
         bk.masked_conv2d(x, w, b, s, **rule)
+    from bise_kernels import _ops
+
+    with pytest.raises(ValueError, match=r"weight of shape .4, 0, 3, 3. is empty"):  # the packed-mask op too (C++)
+        _ops.masked_conv2d_keep.op(x, w, b, s, s > 0, [1, 1], [0, 0], [1, 1], 1, "ste", 1.0)
 
 
 @pytest.mark.parametrize("needs", [n for n in itertools.product([False, True], repeat=4) if any(n)])
