@@ -540,6 +540,7 @@ def test_conv_grid_fits_cuda_limits_with_one_program_per_tile(monkeypatch, block
 # ----------------------------------------------------------------------------- the tie limit on sm_90
 
 _LOWER_TIE_LIMIT_FOR_SM90 = _SM90_LOWERING + r"""
+import os
 from bise_kernels.backends.triton import masked_linear as L
 
 LAUNCHES = []  # (name, JIT function, args, kwargs) of each launch that applies the keep rule per weight
@@ -555,28 +556,37 @@ def meta(*shape, dtype=torch.bfloat16):
 
 thr, cut = meta(dtype=torch.float32), meta(dtype=torch.int64)
 CASE = "linear"
-R = 2**31 + 64  # a weight row of 2**31 elements or more: its tie limit does not fit int32
+R = int(os.environ["ROW_LEN"])
 x, w, s = meta(1, R), meta(2, R), meta(2, R, dtype=torch.float32)
 L.masked_linear_forward(x, w, None, s, thr, cut)
 L.masked_linear_backward(meta(1, 2), x, w, s, thr, cut, "sigmoid", 0.5, [True] * 4)
 facts = {}
 for launch in LAUNCHES:
     ttir = lower(launch, "ttir")[0]
-    facts[launch[0]] = sorted(set(re.findall(r"arith\.trunci [^\n]*? to (tensor<[^>]*>|i\d+)", ttir)))
+    facts[launch[0]] = {
+        "trunci": sorted(set(re.findall(r"arith\.trunci [^\n]*? to (tensor<[^>]*>|i\d+)", ttir))),
+        "cmpi_2d_i64": sorted(set(re.findall(r"arith\.cmpi slt, [^\n]*?: (tensor<\d+x\d+xi64>)", ttir)))}
 print(json.dumps(facts))
 """
 
 
-def test_tie_limit_is_64_bit():
-    """The keep rule's per-row tie limit ``clamp(cut - u * R, 0, R)`` (``_common.tie_limit``) stays int64 in
-    every linear launch that applies the rule per weight (the GEMMs' forward, dgrad and wgrad epilogue), compiled
-    for sm_90 on rows of 2**31 elements or more: truncated to int32 (its one ``arith.trunci`` there) it wrapped
-    negative and dropped the ties that a row's cut keeps. (The conv refuses such rows:
-    test_a_conv_weight_row_past_int32_is_refused.)"""
+@pytest.mark.parametrize("row_len", [2**31 + 64, 4096, 1])
+def test_tie_limit_has_the_rows_type(monkeypatch, row_len):
+    """The keep rule's per-row tie limit ``clamp(cut - u * R, 0, R)`` (``_common.tie_limit``) in every linear launch
+    that applies the rule per weight (the GEMMs' forward, dgrad and wgrad epilogue), compiled for sm_90: on a row of
+    2**31 elements or more it stays int64 (truncated to int32, its one ``arith.trunci`` there, it wrapped negative
+    and dropped the ties that a row's cut keeps); on real rows the compares against it in a GEMM's tile stay
+    int32; a row of 1 (a constexpr: Triton specialises an int argument of 1) compiles. (The conv refuses rows past
+    int32: test_a_conv_weight_row_past_int32_is_refused.)"""
+    monkeypatch.setenv("ROW_LEN", str(row_len))
     facts = _compiled_facts(_LOWER_TIE_LIMIT_FOR_SM90, "0", timeout=300)
     assert len(facts) == 3, sorted(facts)
-    narrowed = {name: found for name, found in facts.items() if found}
-    assert not narrowed, narrowed
+    if row_len >= 2**31:
+        narrowed = {name: found["trunci"] for name, found in facts.items() if found["trunci"]}
+        assert not narrowed, narrowed
+    else:
+        wide = {name: found["cmpi_2d_i64"] for name, found in facts.items() if found["cmpi_2d_i64"]}
+        assert not wide, wide
 
 
 def test_a_conv_weight_row_past_int32_is_refused():

@@ -53,7 +53,8 @@ def tie_limit(cut, units, row_len):
     GEMM's inner loop stays 32-bit), int64 where R is 2**31 or more (Triton passes such an R as int64; a
     limit cut to int32 there wrapped and dropped the row's kept ties)."""
     lim = cut - units.to(tl.int64) * row_len
-    return tl.minimum(tl.maximum(lim, 0), row_len).to(row_len.dtype)
+    like_r = units * 0 + row_len  # R's type as a tensor: an R of 1 is a constexpr (Triton specialises it), no dtype
+    return tl.minimum(tl.maximum(lim, 0), row_len).to(like_r.dtype)
 
 
 @triton.jit
