@@ -34,6 +34,14 @@ def test_no_conflicting_samples_gives_none():
     assert m["conflicting_accuracy"] is None and m["aligned_accuracy"] == 1.0
 
 
+def test_groups_without_samples_are_left_out_of_the_table_and_the_means():
+    """Only the (y, b) groups present count: the empty y=0,b=1 and y=1,b=0 (their bincount slots) are
+    neither listed nor averaged in (at accuracy 0 they halved the unbiased and zeroed the worst)."""
+    m = metrics_from_predictions(torch.tensor([0, 1]), torch.tensor([0, 1]), torch.tensor([0, 1]))
+    assert m["groups"] == {"y=0,b=0": 1.0, "y=1,b=1": 1.0}
+    assert m["unbiased_accuracy"] == m["worst_group_accuracy"] == 1.0
+
+
 def test_two_bias_patterns_by_hand():
     y = torch.tensor([0, 1, 2, 3])
     b = torch.tensor([[0, 0], [1, 2], [0, 1], [0, 0]])

@@ -285,3 +285,49 @@ def test_example_input_the_model_cannot_take_is_named(x):
     for model, bad in ((_gated("mlp"), x[0]), (_gated("mlp"), torch.rand(2, 3, 9, 9)), (_user(), x[0])):
         with pytest.raises(ValueError, match=r"the model does not accept example_input of shape \(.*\): "):
             export_subnetwork(model, example_input=bad)
+
+
+def test_fold_bn_uses_the_batchnorms_eps(x):
+    """The folded scale is gamma / sqrt(var + eps): with eps = 0.1 (running_var in [0.5, 2]) a fold that
+    dropped eps is off by several percent; the folded export still equals the masked model."""
+    cnn = _gated("simple-cnn", 3, width=0.5)
+    bns = [m for m in cnn.modules() if isinstance(m, nn.BatchNorm2d)]
+    assert bns
+    for bn in bns:
+        bn.eps = 0.1
+    exported, _ = _check(cnn, x, fold_bn=True)
+    assert not any(isinstance(m, nn.BatchNorm2d) for m in exported.modules())
+
+
+def test_the_export_is_checked_after_folding(x, monkeypatch):
+    """The final comparison with the masked model runs after the BatchNorm fold: a fold that breaks the
+    function is an ExportError, not a silently wrong export."""
+    import sys
+
+    export_module = sys.modules["bise.export"]  # bise.export is also the package's export function
+    real = export_module._fold_batchnorm
+
+    def corrupting(model, dg):
+        folded = real(model, dg)
+        conv = model.get_submodule(folded[0].replace("bn", "conv"))
+        with torch.no_grad():
+            conv.bias.add_(1.0)
+        return folded
+
+    monkeypatch.setattr(export_module, "_fold_batchnorm", corrupting)
+    with pytest.raises(ExportError, match="the exported model changes the output by"):
+        export_subnetwork(_gated("simple-cnn", 3, width=0.5), example_input=x, fold_bn=True)
+
+
+def test_max_abs_diff_restores_both_modules_modes(x):
+    """Both modules run in eval mode (dropout off: a module equals itself) and get their modes back."""
+    torch.manual_seed(0)
+    a = nn.Sequential(nn.Flatten(), nn.Linear(192, 4), nn.Dropout(0.5))
+    b = nn.Sequential(nn.Flatten(), nn.Linear(192, 4), nn.Dropout(0.5))
+    b.load_state_dict(a.state_dict())
+    a.train(), b.eval()
+    assert max_abs_diff(a, b, x, batch_size=10) == 0.0
+    assert a.training and not b.training
+    b.train()
+    assert max_abs_diff(a, b, x) == 0.0
+    assert a.training and b.training and all(m.training for m in (*a.modules(), *b.modules()))

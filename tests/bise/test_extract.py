@@ -80,10 +80,50 @@ def test_tiny_extraction_history_selection_and_model_untouched(digits, vanilla_m
     assert all(m.dtype == torch.bool and m.shape == (100,) for m in sub.masks.values())
     assert sub.history[best - 1]["units_kept"] == {n: int(m.sum()) for n, m in sub.masks.items()}
     assert all(torch.equal(sub.gates[n].mask(), m) for n, m in sub.masks.items())
+    # the chosen epoch's recorded validation accuracy is the one of the model pruned by its masks
+    assert sub.history[best - 1]["val_accuracy"] == sub.evaluate(digits.val)["accuracy"]
     assert all(torch.equal(v, before[k]) for k, v in vanilla_mlp.state_dict().items())
     assert not any(p.requires_grad for p in sub.model.parameters())
     metrics = sub.evaluate(digits.test)
     assert 0.0 <= metrics["conflicting_accuracy"] <= 1.0
+
+
+def test_an_epochs_validation_runs_the_model_pruned_by_its_masks(digits, vanilla_mlp):
+    """_Run.evaluate measures the masked model (a unit off is off): evaluating with scores of 0 where a
+    unit is off (kept by the >= 0 rule) gave every epoch the unpruned model's metrics."""
+    import contextlib
+
+    from bise.evaluate import evaluate
+    from bise.export import freeze_gates
+    from bise.extract import prepare_run
+
+    run = prepare_run(vanilla_mlp, digits, ExtractConfig(**TINY))
+    masks = {n: torch.arange(g.num_channels) % 3 != 0 for n, g in run.gates.items()}
+    masks["features.relu3"][:] = False  # the last layer off: one class predicted for every sample
+    with run.prefix if run.prefix is not None else contextlib.nullcontext():
+        accuracy, metrics = run.evaluate("val", masks, run.val)
+    pruned = evaluate(freeze_gates(run.model, masks), digits.val)
+    assert metrics == pruned and accuracy == pruned["accuracy"]
+    assert pruned != evaluate(vanilla_mlp, digits.val)  # the masks change the metrics here
+    assert all(bool((g.scores == 0).all()) for g in run.gates.values())  # the scores are back
+
+
+def test_the_mask_optimiser_steps_the_scores_and_nothing_else(digits, vanilla_mlp):
+    from bise.extract import prepare_run
+
+    run = prepare_run(vanilla_mlp, digits, ExtractConfig(**TINY))
+    ids = lambda opt: [id(p) for group in opt.param_groups for p in group["params"]]  # noqa: E731
+    assert ids(run.mask_opt) == [id(g.scores) for g in run.gates.values()]
+    assert ids(run.head_opt) == [id(p) for p in run.heads.parameters()]
+
+
+def test_validation_ties_go_to_the_later_epoch(digits, vanilla_mlp, monkeypatch):
+    from bise.extract import _Run
+
+    monkeypatch.setattr(_Run, "evaluate", lambda self, key, masks, labels: (0.5, {"accuracy": 0.5}))
+    sub = extract(vanilla_mlp, digits, config=ExtractConfig(**TINY), quiet=True)
+    assert [h["val_accuracy"] for h in sub.history] == [0.5] * 3
+    assert sub.info["best_epoch"] == 3 and sub.info["best_val_accuracy"] == 0.5
 
 
 def test_cached_and_straightforward_loops_give_the_same_masks(digits):
@@ -228,6 +268,9 @@ def test_budget_keeps_exactly_the_top_fraction(digits, vanilla_mlp):
     flat = torch.cat(list(sub.scores.values()))
     kept = torch.cat(list(sub.masks.values()))
     assert flat[kept].min() >= flat[~kept].max()
+    # the returned model's gates keep the top-k units, not those whose score is >= 0
+    assert all(torch.equal(sub.gates[n].mask(), m) for n, m in sub.masks.items())
+    assert any(not torch.equal(sub.scores[n] >= 0, m) for n, m in sub.masks.items())
 
 
 def test_a_budget_that_keeps_no_unit_is_named(digits, vanilla_mlp):

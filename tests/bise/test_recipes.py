@@ -99,3 +99,46 @@ def test_dead_units_count_relu6_and_each_place_of_a_shared_relu(digits):
     assert (h.units, h.dead_units, h.worst_layer_dead_share) == (40, 32, 1.0)
     mobilenet = build_model("mobilenetv2", 10, digits.input_shape, width=0.25)
     assert check_vanilla(mobilenet, digits, strict=False).units > 0
+
+
+class _Answers(torch.nn.Module):
+    """A stub classifier that answers the class written in each image's first pixel (no ReLU: no dead units)."""
+
+    def forward(self, x):
+        return torch.nn.functional.one_hot((x[:, 0, 0, 0] * 255).round().long(), 10).float()
+
+
+def _answered(y, b, answers):
+    """Training data of 10 classes whose samples make _Answers predict ``answers``."""
+    from types import SimpleNamespace
+
+    from bise.data.types import Split
+
+    x = torch.zeros(len(y), 1, 1, 1, dtype=torch.uint8)
+    x[:, 0, 0, 0] = answers.to(torch.uint8)
+    return SimpleNamespace(train=Split(x, y, b), num_classes=10)
+
+
+def test_training_accuracy_must_close_half_the_gap_from_chance():
+    """10 classes: the floor is 0.1 + 0.5 * 0.9 = 0.55, so 40% training accuracy is refused (a floor of
+    chance + 0.5 * chance, 0.15, let it through)."""
+    y = torch.arange(100) % 10
+    answers = torch.where(torch.arange(100) < 40, y, (y + 1) % 10)  # right on 40 of 100
+    data = _answered(y, y.clone(), answers)
+    with pytest.warns(UserWarning, match=r"training accuracy 0\.400 is below 0\.550"):
+        h = check_vanilla(_Answers(), data, strict=False)
+    assert h.chance == pytest.approx(0.1) and h.min_train_accuracy == pytest.approx(0.55)
+    assert h.train_accuracy == pytest.approx(0.4) and h.dead_unit_share is None and not h.ok
+    with pytest.raises(VanillaUntrained, match="did not learn its training set"):
+        check_vanilla(_Answers(), data)
+    assert check_vanilla(_Answers(), _answered(y, y.clone(), torch.where(torch.arange(100) < 56, y, (y + 1) % 10))).ok
+
+
+def test_conflicting_and_aligned_training_accuracy_are_measured_on_their_own_samples():
+    """A model right on every bias-aligned sample and wrong on every conflicting one: 1.0 and 0.0."""
+    y = torch.arange(100) % 10
+    b = torch.where(torch.arange(100) < 70, y, (y + 3) % 10)  # the last 30 conflict
+    answers = torch.where(b == y, y, (y + 1) % 10)
+    h = check_vanilla(_Answers(), _answered(y, b, answers))
+    assert h.ok and h.train_accuracy == pytest.approx(0.7) and h.n_conflicting_train == 30
+    assert h.aligned_train_accuracy == 1.0 and h.conflicting_train_accuracy == 0.0
