@@ -28,6 +28,29 @@ def test_k_outside_range_is_rejected(k):
         bk.topk_threshold(torch.randn(5), k)
 
 
+OPS = torch.ops.bise_kernels
+
+
+def test_k_outside_range_is_rejected_on_every_backend(backend):
+    """The API's check and each select kernel's own, called raw (torch.ops.bise_kernels.*): a k past the
+    scores gave (nan, INT64_MIN) on Triton, and a short ks list fewer results than scores."""
+    a, b = torch.randn(5), torch.randn(3)
+    calls = [
+        (lambda: bk.topk_threshold(a, 6), r"k must be in \[1, 5\]"),
+        (lambda: bk.topk_select([a, b], 9), r"k must be in \[1, 8\]"),
+        (lambda: OPS.topk_select([a], 6, None), r"k must be in \[1, 5\]"),
+        (lambda: OPS.topk_select([a, b], 9, None), r"k must be in \[1, 8\]"),
+        (lambda: OPS.topk_keep_mask([a, b], 9, None), r"k must be in \[1, 8\]"),
+        (lambda: OPS.batched_topk_select([a, b], [5, 4], None), r"ks\[1\] must be in \[1, 3\]"),
+        (lambda: OPS.batched_topk_select([a, b], [1], None), "ks has 1 entries for 2"),
+        (lambda: OPS.batched_topk_select([a, b], [1, 1, 1], None), "ks has 3 entries for 2"),
+    ]
+    for call, match in calls:
+        with pytest.raises(ValueError, match=match):
+            call()
+    assert OPS.batched_topk_select([a, b], [5, 3], None)[0].shape == (2,)  # the largest valid ks
+
+
 @pytest.mark.parametrize("bad", [float("nan"), float("inf"), float("-inf")])
 def test_non_finite_scores_are_rejected(bad):
     scores = torch.randn(6)
@@ -162,6 +185,50 @@ def test_scores_shape_must_match_weight_or_output_units():
         bk.masked_linear(torch.randn(2, 3), torch.randn(4, 3), None, torch.randn(3), density=0.5)
 
 
+def _selection(scores):
+    """A valid (thr, cut) for a raw layer op: scores >= 0, every tie kept."""
+    return torch.zeros((), dtype=scores.dtype), torch.tensor(2**62)
+
+
+def test_scores_and_bias_shapes_are_named_on_every_backend(backend):
+    """Scores must be weight-shaped or (out,) exactly, bias (out,) exactly, on every backend (the torch and
+    triton kernels rely on the Python checks): scores of shape (1, out) of a square weight masked its
+    input columns, and a (1,) bias broadcast, silently. Through the API and the raw ops."""
+    x, w, s = torch.randn(2, 4), torch.randn(4, 4), torch.randn(4)
+    xc, wc, sc = torch.randn(1, 2, 5, 5), torch.randn(3, 2, 3, 3), torch.randn(3)
+    thr, cut = _selection(s)
+    geometry = ([1, 1], [0, 0], [1, 1], 1)  # stride, padding, dilation, groups
+    calls, scores = [], r"scores must have weight's shape"
+    for bad in (s.reshape(1, -1), s.reshape(-1, 1)):
+        calls += [(lambda bad=bad: bk.masked_linear(x, w, None, bad, threshold=0.0), scores),
+                  (lambda bad=bad: bk.masked_linear(x, w, None, bad, density=0.5), scores),
+                  (lambda bad=bad: OPS.masked_linear(x, w, None, bad, thr, cut, "ste", 1.0), scores),
+                  (lambda bad=bad: OPS.masked_linear_keep(x, w, None, bad, bad >= 0, "ste", 1.0), scores)]
+    for bad in (sc.reshape(1, -1), sc.reshape(-1, 1, 1, 1)):
+        calls += [(lambda bad=bad: bk.masked_conv2d(xc, wc, None, bad, threshold=0.0), scores),
+                  (lambda bad=bad: OPS.masked_conv2d(xc, wc, None, bad, thr, cut, *geometry, "ste", 1.0), scores),
+                  (lambda bad=bad: OPS.masked_conv2d_keep(xc, wc, None, bad, bad >= 0, *geometry, "ste", 1.0),
+                   scores)]
+    for n in (1, 5):
+        b = torch.randn(n)
+        calls += [(lambda b=b: bk.masked_linear(x, w, b, s, threshold=0.0), r"bias must have shape \(4,\)"),
+                  (lambda b=b: OPS.masked_linear_keep(x, w, b, s, s >= 0, "ste", 1.0), r"bias must have shape \(4,\)"),
+                  (lambda b=b: OPS.masked_linear(x, w, b, s, thr, cut, "ste", 1.0), r"bias must have shape \(4,\)")]
+    for n in (1, 4):
+        b = torch.randn(n)
+        calls += [(lambda b=b: bk.masked_conv2d(xc, wc, b, sc, threshold=0.0), r"bias must have shape \(3,\)"),
+                  (lambda b=b: OPS.masked_conv2d(xc, wc, b, sc, thr, cut, *geometry, "ste", 1.0),
+                   r"bias must have shape \(3,\)"),
+                  (lambda b=b: OPS.masked_conv2d_keep(xc, wc, b, sc, sc >= 0, *geometry, "ste", 1.0),
+                   r"bias must have shape \(3,\)")]
+    for call, match in calls:
+        with pytest.raises(ValueError, match=match):
+            call()
+    # the shapes that are allowed, to the same ops
+    assert OPS.masked_linear(x, w, torch.randn(4), s, thr, cut, "ste", 1.0).shape == (2, 4)
+    assert OPS.masked_conv2d(xc, wc, torch.randn(3), sc, thr, cut, *geometry, "ste", 1.0).shape == (1, 3, 3, 3)
+
+
 def test_exactly_one_of_density_and_threshold():
     x, w, s = torch.randn(2, 3), torch.randn(4, 3), torch.randn(4, 3)
     with pytest.raises(ValueError, match="exactly one"):
@@ -188,10 +255,20 @@ def test_bad_estimator_and_temperature():
         bk.masked_linear(x, w, None, s, density=0.5, estimator="sigmoid", temperature=0.0)
 
 
-def test_conv_arguments_are_checked():
+def test_conv_arguments_are_checked(backend):
+    """On every backend: the Python checks the torch and triton kernels rely on, not torch's unnamed errors."""
     x, w = torch.randn(1, 4, 5, 5), torch.randn(6, 2, 3, 3)
     with pytest.raises(ValueError, match="groups=3"):
         bk.masked_conv2d(x, w, None, torch.randn(6), threshold=0.0, groups=3)
+    w5 = torch.randn(5, 2, 3, 3)  # x's 4 channels fit 2 groups of 2, its 5 output channels do not
+    with pytest.raises(ValueError, match=r"groups=2 does not fit x channels 4 and weight \(5, 2, 3, 3\)"):
+        bk.masked_conv2d(x, w5, None, torch.randn(5), threshold=0.0, groups=2)
+    thr, cut = torch.tensor(0.0), torch.tensor(2**62)
+    with pytest.raises(ValueError, match="groups=2 does not fit x channels 4"):
+        OPS.masked_conv2d(x, w5, None, torch.randn(5), thr, cut, [1, 1], [0, 0], [1, 1], 2, "ste", 1.0)
+    with pytest.raises(ValueError, match="groups=2 does not fit x channels 4"):
+        OPS.masked_conv2d_keep(x, w5, None, torch.randn(5), torch.ones(5, dtype=torch.bool), [1, 1], [0, 0],
+                               [1, 1], 2, "ste", 1.0)
     with pytest.raises(TypeError, match="stride"):
         bk.masked_conv2d(x, w, None, torch.randn(6), threshold=0.0, stride=(1, 2, 3), groups=2)
 
@@ -206,16 +283,25 @@ def test_conv_arguments_are_checked():
     ({"dilation": (1, 2**62)}, "the padded input or the kernel's span overflows int64"),
     ({"stride": 2**63}, r"stride must fit int64, got \(9223372036854775808, 9223372036854775808\)"),
 ])
-def test_conv_geometry_is_checked(conv, match):
+def test_conv_geometry_is_checked(backend, conv, match):
     x, w = torch.randn(1, 2, 5, 5), torch.randn(3, 2, 3, 3)
     with pytest.raises(ValueError, match=match):
         bk.masked_conv2d(x, w, None, torch.randn(3), threshold=0.0, **conv)
 
 
-def test_conv_kernel_larger_than_input_is_named():
+def test_conv_kernel_larger_than_input_is_named(backend):
+    """An output size of exactly 0 (2 + 0 - 3 + 1): torch's conv2d raises an unnamed RuntimeError."""
     x, w = torch.randn(1, 2, 2, 2), torch.randn(3, 2, 3, 3)
     with pytest.raises(ValueError, match="larger than the padded input"):
         bk.masked_conv2d(x, w, None, torch.randn(3), threshold=0.0)
+    with pytest.raises(ValueError, match="larger than the padded input"):
+        bk.masked_conv2d(x, w, None, torch.randn(3, 2, 3, 3), density=0.5, stride=2, dilation=(1, 1))
+    with pytest.raises(ValueError, match="larger than the padded input"):
+        OPS.masked_conv2d(x, w, None, torch.randn(3), torch.tensor(0.0), torch.tensor(2**62), [1, 1], [0, 0],
+                          [1, 1], 1, "ste", 1.0)
+    with pytest.raises(ValueError, match="larger than the padded input"):
+        OPS.masked_conv2d_keep(x, w, None, torch.randn(3), torch.ones(3, dtype=torch.bool), [1, 1], [0, 0],
+                               [1, 1], 1, "ste", 1.0)
     assert bk.masked_conv2d(x, w, None, torch.randn(3), threshold=0.0, padding=1).shape == (1, 3, 2, 2)
 
 
@@ -336,6 +422,18 @@ def test_channel_gate_arguments_are_checked():
         bk.channel_gate(x, torch.randn(3), dim=3)
     with pytest.raises(ValueError, match="num_channels"):
         bk.ChannelGate(0)
+
+
+def test_channel_gate_scores_shape_is_named_on_every_backend(backend):
+    """(1, C), (C, 1) or (C + 1,) scores, through the API (threshold and density) and the raw op: the torch
+    and triton kernels broadcast a (1, C) gate silently without the Python check."""
+    x = torch.randn(2, 3, 4)
+    thr, cut = _selection(x)
+    for bad in (torch.randn(1, 3), torch.randn(3, 1), torch.randn(4)):
+        for call in (lambda: bk.channel_gate(x, bad, threshold=0.0), lambda: bk.channel_gate(x, bad, density=0.5),
+                     lambda: OPS.channel_gate(x, bad, thr, cut, 1, "ste", 1.0)):
+            with pytest.raises(ValueError, match=r"scores must have shape \(3,\) \(x.shape\[1\]\)"):
+                call()
 
 
 def test_hint_must_be_a_single_value():

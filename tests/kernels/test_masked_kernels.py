@@ -268,6 +268,37 @@ def test_frozen_weight_ste_score_gradient_with_scores_of_another_dtype(kernels, 
         assert torch.equal(got[i], want[i]), f"gradient {i}"
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+def test_the_reference_sigmoid_slope_is_the_exact_one_rounded_once(dtype):
+    """The oracle of every backend's "sigmoid" score gradient: sigmoid'(s/T)/T in float32 for half scores,
+    then rounded once to their dtype, within 1 ulp of the float64 value. In the half dtype itself (s/T and
+    1 - sigmoid rounded to 8 or 11 bits) it was off by many ulps at T = 0.05, and the kernels compared with it
+    only to the half dtype's loose tolerances. The layer and gate backwards are given unit products
+    (x, weight and grad_y of ones), so their score gradient is the slope."""
+    temperature, n = 0.05, 161
+    scores = torch.linspace(-0.4, 0.4, n).to(dtype)  # s / T in [-8, 8]
+    sig = torch.sigmoid(scores.double() / temperature)
+    exact = sig * (1 - sig) / temperature
+    slope = R.score_slope(scores, "sigmoid", temperature)
+    assert slope.dtype == torch.float32
+    torch.testing.assert_close(slope.double(), exact, rtol=5e-4, atol=0)  # 1 - sigmoid(8) cancels in float32
+    ulp = torch.finfo(dtype).eps * torch.exp2(torch.floor(torch.log2(exact)))  # of the rounded value (normal)
+    ones = lambda *shape: torch.ones(shape, dtype=dtype)  # noqa: E731
+    thr, cut = torch.tensor(-1.0, dtype=dtype), torch.tensor(2**62)  # every weight kept
+    grads = {
+        "linear": R.masked_linear_backward(ones(1, n), ones(1, 1), ones(n, 1), scores.reshape(n, 1), thr, cut,
+                                           "sigmoid", temperature, [False, False, False, True])[3].reshape(n),
+        "linear_structured": R.masked_linear_backward(ones(1, n), ones(1, 1), ones(n, 1), scores, thr, cut,
+                                                      "sigmoid", temperature, [False, False, False, True])[3],
+        "gate": R.channel_gate_backward(ones(1, n), ones(1, n), scores, thr, cut, 1, "sigmoid", temperature,
+                                        [False, True])[1],
+    }
+    for name, got in grads.items():
+        assert got.dtype == dtype, name
+        err = (got.double() - exact).abs() / ulp
+        assert int((err > 1).sum()) == 0, f"{name}: off by up to {float(err.max()):.1f} ulp"
+
+
 def _subnormal(shape, seed, device):
     """float32 multiples of the smallest subnormal in [-3, 3] (sums of a few are exact in any order),
     with +-0.0 among them."""

@@ -275,3 +275,31 @@ def test_masked_layers_run_under_autocast_as_the_dense_ones(backend, granularity
                           if isinstance(layer, nn.Linear) else
                           bk.masked_conv2d(h, layer.weight, layer.bias, layer.scores, threshold=0.0, padding=1))
         torch.testing.assert_close(functional, want, rtol=0, atol=0)
+
+
+def test_float64_masked_layers_are_left_alone_by_autocast(backend):
+    """torch.autocast leaves float64 tensors alone (nn.Linear / nn.Conv2d stay float64), and so do the masked
+    layers and ops: the same float64 bits, forward and gradients, as without autocast."""
+    torch.manual_seed(0)
+    f64 = torch.float64
+    for layer, x, dense in ((bk.MaskedLinear(6, 4, density=0.5, dtype=f64), torch.randn(3, 6, dtype=f64),
+                             nn.Linear(6, 4, dtype=f64)),
+                            (bk.MaskedConv2d(2, 4, 3, padding=1, threshold=0.0, dtype=f64),
+                             torch.randn(2, 2, 5, 5, dtype=f64), nn.Conv2d(2, 4, 3, dtype=f64))):
+        op = ((lambda: bk.masked_linear(x, layer.weight, layer.bias, layer.scores, density=0.5))
+              if isinstance(layer, nn.Linear) else
+              (lambda: bk.masked_conv2d(x, layer.weight, layer.bias, layer.scores, threshold=0.0, padding=1)))
+        want, want_op = layer(x), op()
+        want.sum().backward()
+        want_grads = [p.grad.clone() for p in (layer.weight, layer.scores)]
+        layer.zero_grad()
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            assert dense(x).dtype == f64  # what the masked layers follow
+            y, y_op = layer(x), op()
+        assert y.dtype == y_op.dtype == f64
+        torch.testing.assert_close(y, want, rtol=0, atol=0)
+        torch.testing.assert_close(y_op, want_op, rtol=0, atol=0)
+        y.sum().backward()
+        for p, g in zip((layer.weight, layer.scores), want_grads):  # weight float64, scores their float32
+            assert p.grad.dtype == p.dtype
+            torch.testing.assert_close(p.grad, g, rtol=0, atol=0)
