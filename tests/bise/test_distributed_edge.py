@@ -215,6 +215,23 @@ def test_no_rank_gets_one_sample_of_a_larger_batch(n, world):
             model(torch.rand(len(share), 3, 4, 4))
 
 
+def test_share_sizes_give_the_first_ranks_the_extra_rows():
+    assert bd.share_sizes(5, 2) == [3, 2] and bd.share_sizes(7, 3) == [3, 2, 2] and bd.share_sizes(3, 4) == [3, 0, 0, 0]
+    shares = [bd.local_share(torch.arange(7), bd.Context(rank=r, world_size=3)) for r in range(3)]
+    assert [s.tolist() for s in shares] == [[0, 1, 2], [3, 4], [5, 6]]
+
+
+def test_an_empty_share_scales_to_a_zero_loss_and_zero_gradients():
+    """A rank with no rows of a batch averages over nothing (NaN); its scaled loss must be 0 and its gradients
+    0, not NaN: the all-reduce would spread a NaN to every rank's weights."""
+    w = torch.ones(3, requires_grad=True)
+    loss = bd.scaled((torch.zeros(0, 3) * w).sum(1).mean(), 0, 4)
+    assert loss.item() == 0.0
+    loss.backward()
+    assert torch.equal(w.grad, torch.zeros(3))
+    assert bd.scaled(torch.tensor(2.0), 1, 4).item() == 0.5
+
+
 def test_a_torchrun_launch_without_init_warns_once(monkeypatch):
     """A script under torchrun that forgot bise.distributed.init() ran the whole job in every process."""
     monkeypatch.setenv("WORLD_SIZE", "2")

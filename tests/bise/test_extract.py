@@ -10,7 +10,7 @@ from bise.checkpoint import CheckpointError
 from bise.data.types import BiasedDataset, Split
 from bise.evaluate import predict
 from bise.extract import CHECKPOINT_NAME, ExtractConfig, extract
-from bise.gates import gates_of
+from bise.gates import gates_of, insert_gates
 from bise.models import build_model
 from bise.subnetwork import Subnetwork
 from bise.train import train_vanilla
@@ -265,6 +265,7 @@ def test_corrupt_checkpoint_is_a_clear_error(tmp_path, digits, vanilla_mlp):
 def test_budget_keeps_exactly_the_top_fraction(digits, vanilla_mlp):
     sub = extract(vanilla_mlp, digits, config=ExtractConfig(**TINY, budget=0.3), quiet=True)
     assert sub.units_kept == 90
+    assert sub.units_total == 300 and sub.units_pruned == pytest.approx(0.7)
     flat = torch.cat(list(sub.scores.values()))
     kept = torch.cat(list(sub.masks.values()))
     assert flat[kept].min() >= flat[~kept].max()
@@ -337,6 +338,17 @@ def test_subnetwork_save_and_load_roundtrip(tmp_path):
     x = data.test.inputs()
     assert torch.equal(sub.model(x), again.model(x))
     assert all(torch.equal(sub.masks[n], again.masks[n]) for n in sub.masks)
+    # loaded as extract returns it: frozen, eval, gates pruned; the same counts, history and info
+    assert not again.model.training and not any(p.requires_grad for p in again.model.parameters())
+    assert all(g.enabled and not g.scores.requires_grad for g in again.gates.values())
+    assert (again.units_kept, again.units_total, again.units_pruned) == (sub.units_kept, sub.units_total,
+                                                                         sub.units_pruned)
+    assert again.units_pruned == 1.0 - again.units_kept / again.units_total
+    assert again.history == sub.history and again.info == sub.info
+    other = torch.load(tmp_path / "sub.pt", weights_only=True)
+    torch.save({**other, "format": "bise-subnetwork-v0"}, tmp_path / "old.pt")
+    with pytest.raises(ValueError, match=r"old.pt is not a saved Subnetwork \(format 'bise-subnetwork-v0'\)"):
+        Subnetwork.load(tmp_path / "old.pt")
 
 
 def test_a_custom_subnetwork_loads_into_a_fresh_instance(tmp_path):
@@ -360,6 +372,10 @@ def test_a_custom_subnetwork_loads_into_a_fresh_instance(tmp_path):
     mine = net()
     assert Subnetwork.load(tmp_path / "sub.pt", model=mine, example_input=data.train.inputs()[:2]).model is not mine
     assert not gates_of(mine) and not gates_of(wrong)
+    elsewhere = net()  # the same architecture, gated at another module: named, not loaded
+    insert_gates(elsewhere, ["1"], example_input=data.train.inputs()[:2])
+    with pytest.raises(ValueError, match=r"the model's gates \['1'\]\.\.\. differ from the saved ones \['2'\]"):
+        Subnetwork.load(tmp_path / "sub.pt", model=elsewhere)
 
 
 def test_the_head_reads_the_input_of_the_linear_that_runs_last():
@@ -427,6 +443,17 @@ def test_subnetwork_finetune_takes_the_mask_learning_batch_size(digits, vanilla_
     sub.finetune(digits, 1, quiet=True)
     sub.finetune(digits, 1, quiet=True, batch_size=64)
     assert seen == [50, 64]
+
+
+def test_subnetwork_finetune_takes_the_extractions_weighting_and_rho(digits, vanilla_mlp, monkeypatch):
+    """BISE+FT reweights as the masks were learnt: the extraction's rho (here not the data's 0.99) and scheme."""
+    seen = {}
+    monkeypatch.setattr(sys.modules["bise.finetune"], "finetune", lambda model, data, epochs, **kw: seen.update(kw))
+    sub = extract(vanilla_mlp, digits, config=ExtractConfig(**{**TINY, "mask_epochs": 1, "rho": 0.9}), quiet=True)
+    sub.finetune(digits, 1)
+    assert (seen["rho"], seen["scheme"], seen["batch_size"]) == (0.9, sub.info["weighting"], 50)
+    sub.finetune(digits, 1, rho=0.8)
+    assert seen["rho"] == 0.8
 
 
 

@@ -41,6 +41,8 @@ def test_latency_and_bad_input():
         measure_latency(model, (3, 2, 2), batch_size=0)
     with pytest.raises(ValueError, match="input_shape"):
         count_macs(model, (3, 0, 2))
+    with pytest.raises(ValueError, match="input_shape"):
+        count_macs(model, (True, 2, 2))  # a bool is an int to Python, not a size
 
 
 class _SDPA(nn.Module):
@@ -59,3 +61,15 @@ def test_attention_is_counted():
     assert count_macs(enc, (tokens, d)) * 1e6 == pytest.approx(linears + attention, rel=1e-12)
     assert count_macs(_SDPA(), (tokens, d)) * 1e6 == pytest.approx(2 * 2 * tokens * tokens * 8, rel=1e-12)
     assert torch.backends.mha.get_fastpath_enabled()  # restored
+
+
+def test_counting_leaves_a_training_model_in_training_mode():
+    """count_macs / measure_latency run in eval mode and give the model back as it was: a model left in eval
+    mode would train on with frozen BatchNorm statistics and no dropout."""
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.Dropout()).train()
+    count_macs(model, (3, 8, 8))
+    assert all(m.training for m in model.modules())
+    measure_latency(model, (3, 8, 8), repeats=1, warmup=0)
+    assert all(m.training for m in model.modules())
+    count_macs(model.eval(), (3, 8, 8))
+    assert not any(m.training for m in model.modules())

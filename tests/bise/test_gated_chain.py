@@ -96,6 +96,59 @@ def test_models_that_are_not_chains_use_autograd():
         assert GatedChain.build(model, prefix, model.fc, cached) is None
 
 
+def _chain_model():
+    from bise.feature_cache import FrozenPrefix
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(12, 8), torch.nn.ReLU(), torch.nn.Linear(8, 8),
+                                torch.nn.ReLU(), torch.nn.Linear(8, 3)).eval()
+    x = torch.rand(6, 3, 2, 2)
+    gates = insert_gates(model, ["2", "4"], example_input=x)
+    prefix = FrozenPrefix.build(model, x, 6, 2**30)
+    with torch.no_grad():
+        cached = prefix.compute(lambda idx: x[idx], 6, 6)
+    return model, gates, prefix, cached
+
+
+def test_a_chain_is_built_only_where_it_matches_autograd(monkeypatch):
+    """build() checks the chain against autograd's score gradients: gates that are off or frozen have none to
+    match, and a chain whose gradients differ is refused (taken unchecked, the mask step would follow other
+    gradients); the check leaves the scores' gradients as they were."""
+    import bise.gated_chain as gc
+
+    model, gates, prefix, cached = _chain_model()
+    with prefix:
+        for mode in ("vanilla", "pruned"):
+            set_gate_mode(gates, mode)
+            assert GatedChain.build(model, prefix, model[5], cached) is None, mode
+        set_gate_mode(gates, "masked")
+        before = {n: torch.full_like(g.scores, 7.0) for n, g in gates.items()}
+        for n, g in gates.items():
+            g.scores.grad = before[n].clone()
+        assert isinstance(GatedChain.build(model, prefix, model[5], cached), GatedChain)
+        assert all(torch.equal(g.scores.grad, before[n]) for n, g in gates.items())
+        monkeypatch.setattr(gc._Linear, "backward", lambda self, g, x: 2 * g.mm(self.module.weight))
+        assert GatedChain.build(model, prefix, model[5], cached) is None
+
+
+def test_a_prefix_cache_over_the_memory_limit_is_not_built():
+    from bise.feature_cache import BottleneckTap, FrozenPrefix
+
+    model, _, _, _ = _chain_model()
+    x = torch.rand(6, 3, 2, 2)
+    # the prefix (Flatten, Linear(12, 8)) ends in 8 float32 features a sample: 100 samples take 3,200 bytes
+    assert FrozenPrefix.build(model, x, 100, 3200) is not None
+    with pytest.warns(UserWarning, match="frozen-prefix cache would take"):
+        assert FrozenPrefix.build(model, x, 100, 3199) is None
+    tap = BottleneckTap(model[5])
+    with torch.no_grad():
+        model(x)
+    assert tap.take().shape == (6, 8)
+    with pytest.raises(RuntimeError, match="did not run"):  # taken once: never handed out again as current
+        tap.take()
+    tap.close()
+
+
 @pytest.mark.parametrize("settings", [dict(momentum=0.9, weight_decay=1e-4), dict(momentum=0.5, dampening=0.3),
                                       dict(), dict(momentum=0.9, nesterov=True)])
 def test_sgd_step_is_the_optimizer_step(settings):

@@ -250,3 +250,14 @@ def test_three_dimensional_outputs_gate_the_last_dim():
     model = nn.Sequential(nn.Linear(4, 6), nn.GELU(), nn.Linear(6, 2))
     gates = insert_gates(model, example_input=torch.rand(2, 7, 4))
     assert gates["1"].num_channels == 6 and gates["1"].dim == 2
+
+
+def test_gates_are_inserted_once():
+    """A second insert_gates would wrap the Gated modules' activations again: two gates per channel, masks of
+    twice the units, and a checkpoint that no longer loads into the model."""
+    model = nn.Sequential(nn.Flatten(), nn.Linear(12, 8), nn.ReLU(), nn.Linear(8, 3))
+    x = torch.rand(2, 3, 2, 2)
+    insert_gates(model, example_input=x)
+    with pytest.raises(ValueError, match="already has gates"):
+        insert_gates(model, example_input=x)
+    assert list(gates_of(model)) == ["2"] and type(model[2].activation) is nn.ReLU

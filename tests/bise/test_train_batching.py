@@ -28,6 +28,7 @@ def test_batches_are_the_loader_batches_for_a_seed(limit):
     split = _split()
     data = DeviceSplit(split, "cpu", resident_limit_bytes=limit)
     assert data.resident == (limit is None)
+    assert torch.equal(data.y, split.y) and torch.equal(data.b, split.b.long())  # the labels the loops look up
     expected = list(distributed.local_batches(len(split), 32, torch.Generator().manual_seed(7), distributed.Context()))
     got = list(data.batches(32, torch.Generator().manual_seed(7)))
     assert len(got) == len(expected) == 5
@@ -65,6 +66,24 @@ def test_other_split_objects_use_their_inputs():
     s = Floats()
     data = DeviceSplit(s, "cpu")
     assert data.b is None and torch.equal(data.inputs(torch.tensor([3, 1])), s.x[[3, 1]])
+    # the budget is in bytes: 18 float32 inputs take 72 bytes, not 18
+    assert DeviceSplit(s, "cpu", resident_limit_bytes=72).resident
+    assert not DeviceSplit(s, "cpu", resident_limit_bytes=71).resident
+    assert DeviceSplit(_split(n=4), "cpu", resident_limit_bytes=300).resident  # 4 x 75 uint8 bytes
+    assert not DeviceSplit(_split(n=4), "cpu", resident_limit_bytes=299).resident
+
+
+@pytest.mark.parametrize("total, limit", [(8 * 2**30, 2 * 2**30), (80 * 2**30, 2 * 2**30), (4 * 2**30, 2**30)])
+def test_the_resident_budget_is_the_smaller_of_2_gib_and_a_quarter_of_the_gpu(monkeypatch, total, limit):
+    """A split over a quarter of a small GPU's memory must stay on the host (a larger budget ran out of memory)."""
+    from bise import batching
+
+    class Props:
+        total_memory = total
+
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device: Props())
+    assert batching.resident_limit(torch.device("cuda", 0)) == limit
+    assert batching.resident_limit(torch.device("cpu")) == float("inf")
 
 
 def test_fit_equals_the_host_fed_loop():
@@ -103,7 +122,8 @@ def test_head_grads_are_the_autograd_grads(heads, scale):
         opts[0].zero_grad(set_to_none=True)
         loss.backward()
         opts[0].step()
-        set_head_grads(fast, z, t, torch.tensor(scale))
+        ce = set_head_grads(fast, z, t, torch.tensor(scale))  # the unscaled sum over the heads (the logged loss)
+        torch.testing.assert_close(ce * scale, loss.detach())
         opts[1].step()
     for a, b in zip(auto.parameters(), fast.parameters()):
         assert torch.equal(a, b)
