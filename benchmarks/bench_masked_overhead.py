@@ -5,8 +5,8 @@ kernel time is negligible and what remains is what a GPU call pays on the host; 
 the kernels count too. Every call is a forward, ``.sum()`` and ``.backward()``; the calls run
 interleaved round by round on one thread, each call timed alone; per call the minimum and median
 (us) and the ratio of medians to the call's own dense op (:func:`base`) are reported (medians of single
-calls: a preempted call on a loaded machine moves them little). "(cached)": the scores do not change between calls, so the
-module's selection is reused; "(step)": they change before every call (an in-place update under
+calls: a preempted call on a loaded machine moves them little). "(cached)": the scores do not change
+between calls, so the module's selection is reused; "(step)": they change before every call (an in-place update under
 no_grad, which dense pays nothing for), as in training. ``python benchmarks/bench_masked_overhead.py``
 prints the table (``--rounds``, ``--calls``); ``pytest benchmarks/bench_masked_overhead.py --benchmark-only
 --benchmark-json=...`` records it (every row's min, median and ratios in ``extra_info``, the machine, torch and
