@@ -73,3 +73,25 @@ def test_counting_leaves_a_training_model_in_training_mode():
     assert all(m.training for m in model.modules())
     count_macs(model.eval(), (3, 8, 8))
     assert not any(m.training for m in model.modules())
+
+
+def test_latency_runs_on_the_device_asked_for():
+    """measure_latency moves the model and its batch to ``device`` (meta stands in for a GPU) and the model
+    back afterwards."""
+    seen, moves = [], []
+
+    class Probe(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.w = nn.Parameter(torch.zeros(1))
+
+        def forward(self, x):
+            seen.append(x.device.type)
+            return x
+
+        def to(self, device):  # meta parameters cannot be copied back: record the moves only
+            moves.append(torch.device(device).type)
+            return self
+
+    measure_latency(Probe(), (2,), device="meta", repeats=2, warmup=1)
+    assert seen == ["meta"] * 3 and moves == ["meta", "cpu"]

@@ -166,6 +166,19 @@ def test_sgd_step_is_the_optimizer_step(settings):
     assert _equal(opt.state_dict(), twin_opt.state_dict())
 
 
+def test_sgd_step_leaves_parameters_off_the_cpu_to_the_optimizer(monkeypatch):
+    """Off the CPU torch takes its foreach path, whose rounding sgd_step does not reproduce: a parameter on
+    another device (meta here, standing in for a GPU) hands the whole step to ``optimizer.step()``."""
+    stepped = []
+    for device, delegated in (("cpu", False), ("meta", True)):
+        p = torch.nn.Parameter(torch.ones(3, device=device))
+        opt = torch.optim.SGD([p], lr=0.1, momentum=0.9)
+        monkeypatch.setattr(opt, "step", lambda: stepped.append(device))
+        p.grad = torch.ones(3, device=device)
+        sgd_step(opt)
+        assert (stepped[-1:] == [device]) is delegated
+
+
 def test_finetune_puts_each_split_on_the_device_once(digits, monkeypatch):
     from bise.batching import DeviceSplit
 

@@ -127,3 +127,14 @@ def test_head_grads_are_the_autograd_grads(heads, scale):
         opts[1].step()
     for a, b in zip(auto.parameters(), fast.parameters()):
         assert torch.equal(a, b)
+
+
+def test_of_makes_a_device_split_on_another_device_only():
+    """DeviceSplit.of reuses a split already on the device and puts one on another device anew (meta stands
+    in for a GPU): a split handed over for another device must not be used where it is."""
+    s = _split(n=4)
+    here = DeviceSplit(s, "cpu")
+    assert DeviceSplit.of(here, "cpu") is here
+    there = DeviceSplit.of(here, "meta")
+    assert there.device == torch.device("meta") and there.x.device.type == "meta" and there.split is s
+    assert there.y.device.type == "meta"
