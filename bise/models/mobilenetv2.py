@@ -57,6 +57,11 @@ class MobileNetV2(nn.Module):
         features.append(ConvBNReLU(cin, last, kernel_size=1))
         self.features = nn.Sequential(*features)
         self.classifier = nn.Sequential(nn.Dropout(dropout), nn.Linear(last, num_classes))
+        self.init_weights()
+
+    def init_weights(self) -> None:
+        """torchvision's initialisation (after every layer's own): Kaiming normal (fan_out) convs, unit BatchNorm,
+        N(0, 0.01) classifier with a zero bias; bise.models.reinitialize calls it again."""
         for m in self.modules():
             if isinstance(m, nn.Conv2d):
                 nn.init.kaiming_normal_(m.weight, mode="fan_out")

@@ -57,6 +57,11 @@ class ResNet18(nn.Module):
             inplanes = planes
         self.avgpool = nn.AdaptiveAvgPool2d(1)
         self.fc = nn.Linear(inplanes, num_classes)
+        self.init_weights()
+
+    def init_weights(self) -> None:
+        """torchvision's initialisation (after every layer's own): Kaiming normal (fan_out) convs, unit BatchNorm;
+        bise.models.reinitialize calls it again."""
         for m in self.modules():
             if isinstance(m, nn.Conv2d):
                 nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")

