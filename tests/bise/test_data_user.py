@@ -442,3 +442,203 @@ def test_a_builtin_name_is_the_builtin_where_a_folder_of_that_name_exists(tmp_pa
     assert parse("colored-digits")[:2] == ("builtin", "colored-digits")
     assert parse("colored-digits:rho=0.9")[0] == "builtin"
     assert parse("./colored-digits")[0] == "folder" and parse("folder:colored-digits")[0] == "folder"
+
+
+# --- audit additions: option checks, second draws, CSV whitespace, cache staleness, layouts ------------------
+
+def test_npz_rho_options_are_checked(tmp_path):
+    """rho=0 (falsy) was dropped unchecked; rho= with rho_l= and rho_r= must be refused; rho=1 is no fraction."""
+    np.savez(tmp_path / "one.npz", **_npz_arrays())
+    for rho in ("0", "1.0"):
+        with pytest.raises(ValueError, match=f"rho={float(rho)}: must lie strictly between 0 and 1"):
+            data.load(f"npz:{tmp_path / 'one.npz'},rho={rho}")
+    with pytest.raises(ValueError, match="not both"):
+        data.load(f"npz:{tmp_path / 'one.npz'},rho=0.9,rho_l=0.9,rho_r=0.8")
+
+
+def test_npz_second_draw_keys_are_read_and_must_come_together(tmp_path):
+    import warnings
+    arrays = _npz_arrays()
+    arrays.update(mask_x=arrays["train_x"], mask_y=arrays["train_y"], mask_b=arrays["train_b"])
+    np.savez(tmp_path / "m.npz", **arrays)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # mask_ keys are read, not "keys ... are not read"
+        ds = data.load(str(tmp_path / "m.npz"))
+    assert ds.mask_train is not None and len(ds.mask_train) == 12
+    arrays.pop("mask_b")
+    np.savez(tmp_path / "half.npz", **arrays)
+    with pytest.raises(ValueError, match=r"a second draw needs all of mask_x, mask_y, mask_b; found only "
+                                         r"\['mask_x', 'mask_y'\]"):
+        data.load(str(tmp_path / "half.npz"))
+
+
+def test_metadata_with_spaces_around_names_and_values_loads(tmp_path):
+    """A CSV written with ', ' between fields (header and cells) reads as the plain one."""
+    root = _folder(tmp_path / "sp", ROWS)
+    plain = data.load(f"folder:{root}", cache_dir=str(tmp_path / "c1"))
+    lines = (root / "metadata.csv").read_text().splitlines()
+    (root / "metadata.csv").write_text("\n".join(", ".join(line.split(",")) for line in lines) + "\n")
+    spaced = data.load(f"folder:{root}", cache_dir=str(tmp_path / "c2"))
+    assert torch.equal(spaced.train.x, plain.train.x) and torch.equal(spaced.test.b, plain.test.b)
+
+
+def test_editing_metadata_invalidates_the_cache_even_at_the_same_size(tmp_path):
+    import os
+    root = _folder(tmp_path / "ed", ROWS)
+    first = data.load(str(root), cache_dir=str(tmp_path / "c"))
+    assert first.train.b.tolist() == [0, 1, 0]
+    before = (root / "metadata.csv").stat()
+    _break_csv(root, 2, "b", "1")  # relabel the first training image's bias: same file size
+    os.utime(root / "metadata.csv", ns=(before.st_atime_ns, before.st_mtime_ns + 10**9))
+    assert (root / "metadata.csv").stat().st_size == before.st_size
+    again = data.load(str(root), cache_dir=str(tmp_path / "c"))
+    assert not again.info["cache_hit"] and again.train.b.tolist() == [1, 1, 0]
+
+
+def test_bad_spec_options_and_paths_are_named(tmp_path):
+    root = _folder(tmp_path / "d", ROWS)
+    with pytest.raises(ValueError, match="option '=5' is not of the form key=value"):
+        data.load("colored-digits:=5", cache_dir=str(tmp_path / "c"))
+    with pytest.raises(ValueError, match="option size=0 must be >= 1"):
+        data.load(f"folder:{root},size=0", cache_dir=str(tmp_path / "c"))
+    with pytest.raises(ValueError, match="option n_train=-1 must be >= 0"):
+        data.load(f"waterbirds:{_waterbirds(tmp_path / 'wb')},n_train=-1", cache_dir=str(tmp_path / "c"))
+    (tmp_path / "table.csv").write_text("a,b\n")
+    with pytest.raises(ValueError, match="expected an .npz file or a directory"):
+        data.load(str(tmp_path / "table.csv"), cache_dir=str(tmp_path / "c"))
+    with pytest.raises(TypeError, match="cache_dir must be a path"):
+        data.load("colored-digits", cache_dir=5)
+
+
+def test_splits_must_agree_on_the_number_of_biases(tmp_path):
+    arrays = _npz_arrays()
+    arrays["test_b"] = np.stack([arrays["test_b"], arrays["test_y"]], axis=1)
+    np.savez(tmp_path / "d.npz", **arrays)
+    with pytest.raises(ValueError, match="splits disagree on bias label shape"):
+        data.load(str(tmp_path / "d.npz"))
+
+
+def test_bias_classes_are_counted_over_every_split(tmp_path):
+    arrays = _npz_arrays(k=3)
+    arrays["test_b"][1] = 3  # a bias class no training sample has
+    np.savez(tmp_path / "d.npz", **arrays)
+    assert data.load(str(tmp_path / "d.npz")).num_bias_classes == 4
+    with pytest.raises(ValueError, match=r"test_b\[1\] = 3: out of range for num_bias_classes=3"):
+        data.load(f"npz:{tmp_path / 'd.npz'},num_bias_classes=3")
+
+
+def test_a_split_made_by_hand_refuses_negative_bias_labels():
+    y = torch.arange(4) % 2
+    with pytest.raises(ValueError, match=r"Split.b holds a negative label \(-1\)"):
+        data.Split(torch.zeros(4, 3, 2, 2, dtype=torch.uint8), y, y - 1)
+
+
+def test_mixed_grey_and_colour_images_read_as_colour(tmp_path):
+    """A grey image first, colour ones after: the grey ones widen to three equal channels."""
+    root = _folder(tmp_path / "mix", ROWS)
+    Image.new("L", (4, 4), 77).save(root / "img" / "train_0.png")
+    ds = data.load(str(root), cache_dir=str(tmp_path / "c"))
+    assert ds.input_shape == (3, 4, 4)
+    assert ds.train.x[0].unique().tolist() == [77]
+
+
+def test_bilevel_images_read_as_grey(tmp_path):
+    ds = data.load(str(_folder(tmp_path / "bw", ROWS, mode="1")), cache_dir=str(tmp_path / "c"))
+    assert ds.input_shape == (1, 4, 4) and set(ds.train.x.unique().tolist()) <= {0, 255}
+
+
+def test_size_resizes_bilinearly(tmp_path):
+    root = _folder(tmp_path / "bl", ROWS)
+    img = Image.fromarray(np.arange(48, dtype=np.uint8).reshape(4, 4, 3) * 5)
+    img.save(root / "img" / "train_0.png")
+    ds = data.load(f"folder:{root},size=3", cache_dir=str(tmp_path / "c"))
+    want = np.asarray(img.resize((3, 3), Image.BILINEAR))
+    assert ds.train.x[0].permute(1, 2, 0).numpy().tolist() == want.tolist()
+
+
+def test_a_folder_with_a_place_column_is_still_a_folder(tmp_path):
+    """Extra columns are ignored: a 'place' column does not make a user folder Waterbirds."""
+    root = _folder(tmp_path / "pl", ROWS)
+    text = (root / "metadata.csv").read_text().replace(",note", ",place", 1)
+    (root / "metadata.csv").write_text(text)
+    assert data.load(str(root), cache_dir=str(tmp_path / "c")).name == "pl"
+
+
+def _celeba_groups(root, groups, blank_line=False):
+    """A CelebA layout with the given {partition: {(blond, male): count}}; image blue channel = running index."""
+    (root / "img_align_celeba").mkdir(parents=True)
+    attr, part, i = [], [], 0
+    for p, gs in groups.items():
+        for (blond, male), n in gs.items():
+            for _ in range(n):
+                i += 1
+                name = f"{i:06d}.jpg"
+                Image.new("RGB", (4, 5), (blond * 200, male * 200, i % 256)).save(root / "img_align_celeba" / name,
+                                                                                 format="PNG")  # lossless
+                attr.append(f"{name} 1 {'1' if blond else '-1'} {'1' if male else '-1'}")
+                part.append(f"{name} {p}")
+    (root / "list_attr_celeba.txt").write_text(f"{i}\n" + " ".join(ATTRS) + "\n" + "\n".join(attr) + "\n"
+                                               + ("\n" if blank_line else ""))
+    (root / "list_eval_partition.txt").write_text("\n".join(part) + "\n")
+    return root
+
+
+def test_celeba_malformed_lines_and_missing_groups_are_named(tmp_path):
+    root = _celeba(tmp_path / "a")
+    text = (root / "list_attr_celeba.txt").read_text().splitlines()
+    text[2] = text[2].rsplit(" ", 1)[0]  # one value short
+    (root / "list_attr_celeba.txt").write_text("\n".join(text) + "\n")
+    with pytest.raises(ValueError, match="line 3: 2 values for 3 attributes"):
+        data.load(f"celeba:{root}", cache_dir=str(tmp_path / "c"))
+    root = _celeba(tmp_path / "b")
+    (root / "list_eval_partition.txt").write_text(
+        (root / "list_eval_partition.txt").read_text().replace("000001.jpg 0", "000001.jpg 3"))
+    with pytest.raises(ValueError, match=r"line 1: expected '<filename> <0\|1\|2>'"):
+        data.load(f"celeba:{root}", cache_dir=str(tmp_path / "c"))
+    groups = {0: CELEBA_GROUPS[0], 1: {**CELEBA_GROUPS[1], (1, 1): 0}, 2: CELEBA_GROUPS[2]}
+    root = _celeba_groups(tmp_path / "g", groups)
+    with pytest.raises(ValueError, match="CelebA valid partition has no sample with y=1, b=0"):
+        data.load(f"celeba:{root}", cache_dir=str(tmp_path / "c"))
+
+
+def test_celeba_protocol_details(tmp_path):
+    """val is 20% of the smallest train group per group; no image twice in a split; train shuffled;
+    n_train stratified by group; a trailing blank line is fine; b is oriented on the *train* partition."""
+    groups = {0: {(1, 0): 30, (1, 1): 10, (0, 0): 25, (0, 1): 40},
+              1: {(1, 0): 3, (1, 1): 3, (0, 0): 3, (0, 1): 3}, 2: CELEBA_GROUPS[2]}
+    root = _celeba_groups(tmp_path / "c", groups, blank_line=True)
+    ds = data.load(str(root), seed=2, cache_dir=str(tmp_path / "cache"))
+    assert torch.bincount(2 * ds.val.y + ds.val.b, minlength=4).tolist() == [2, 2, 2, 2]  # int(0.2 * 10)
+    for sp in (ds.train, ds.val, ds.test):
+        assert len(torch.unique(sp.x[:, 2, 0, 0])) == len(sp)  # blue = image index: no duplicate
+    assert (np.diff(ds.train.y.numpy()) != 0).sum() > 4  # not in file (group) order
+    from bise.data.assign import allocate
+    small = data.load(f"celeba:{root},n_train=40", seed=2, cache_dir=str(tmp_path / "cache"))
+    full = torch.bincount(2 * ds.train.y + ds.train.b, minlength=4).numpy()
+    assert torch.bincount(2 * small.train.y + small.train.b, minlength=4).tolist() == allocate(40, full).tolist()
+    # train: blond-male + dark-female = 35 of 105 -> b = not Male; over all partitions it would not be
+    flip = {0: groups[0], 1: {(1, 0): 1, (1, 1): 60, (0, 0): 60, (0, 1): 1}, 2: CELEBA_GROUPS[2]}
+    ds = data.load(str(_celeba_groups(tmp_path / "f", flip)), cache_dir=str(tmp_path / "cache"))
+    assert ds.info["bias"] == "not Male"
+
+
+def test_waterbirds_n_train_is_stratified_by_group_and_splits_are_shuffled(tmp_path):
+    from bise.data.assign import allocate
+    rows = [(y, p, 0) for y, p, n in ((0, 0, 30), (0, 1, 4), (1, 0, 4), (1, 1, 30)) for _ in range(n)]
+    rows += [(y, p, s) for s in (1, 2) for y in (0, 1) for p in (0, 1)]
+    root = _waterbirds(tmp_path / "wb", rows)
+    full = data.load(f"waterbirds:{root},size=4", cache_dir=str(tmp_path / "c"))
+    assert (np.diff((2 * full.train.y + full.train.b).numpy()) != 0).sum() > 4  # not in file order
+    ds = data.load(f"waterbirds:{root},size=4,n_train=17", cache_dir=str(tmp_path / "c"))
+    groups = torch.bincount(2 * ds.train.y + ds.train.b, minlength=4)
+    assert groups.tolist() == allocate(17, np.array([30, 4, 4, 30])).tolist()
+
+
+def test_celeba_and_waterbirds_without_enough_training_samples_are_named(tmp_path):
+    groups = {0: {**CELEBA_GROUPS[0], (1, 1): 4}, 1: CELEBA_GROUPS[1], 2: CELEBA_GROUPS[2]}
+    root = _celeba_groups(tmp_path / "c", groups)
+    with pytest.raises(ValueError, match="the smallest training group has fewer than 5 samples"):
+        data.load(str(root), cache_dir=str(tmp_path / "cache"))
+    root = _waterbirds(tmp_path / "wb", [(y, p, s) for s in (1, 2) for y in (0, 1) for p in (0, 1)])
+    with pytest.raises(ValueError, match=r"no rows with split=0 \(the train split is empty\)"):
+        data.load(str(root), cache_dir=str(tmp_path / "cache"))

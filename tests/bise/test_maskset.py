@@ -70,3 +70,18 @@ def test_extraction_records_the_protocol(digits):
     assert sub.info["mask_set"] == "vanilla-train"
     with pytest.raises(ValueError, match="mask_set"):
         ExtractConfig(mask_set="other").validate()
+
+
+def test_the_second_draw_is_kept_and_checked(digits):
+    """mask_data keeps the draw in data.mask_train (generated once); "" is no protocol; a hand-made draw of
+    other image or bias shapes is refused."""
+    import dataclasses
+    fresh = dataclasses.replace(digits, mask_train=None, info=dict(digits.info))
+    view, _ = data.mask_data(fresh)
+    assert fresh.mask_train is view.train and data.mask_data(fresh)[0].train is view.train
+    with pytest.raises(ValueError, match="mask_set must be one of"):
+        data.mask_data(digits, "")
+    t = digits.train
+    odd = dataclasses.replace(digits, mask_train=data.Split(t.x[:, :, :4], t.y, t.b))
+    with pytest.raises(ValueError, match="the second draw's images / bias labels .* do not match"):
+        data.mask_data(odd, "fresh-draw")
