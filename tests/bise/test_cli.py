@@ -60,6 +60,8 @@ def test_run_writes_everything(run_dir):
     assert report["timing"]["extraction_seconds"] > 0
     assert set(report["timing"]["latency_seconds"]["subnetwork"]) == {"batch_1", "batch_256"}
     assert report["config"]["extraction"]["mask_epochs"] == 2 and report["config"]["data"]["spec"] == "colored-digits"
+    finetune = report["config"]["finetune"]  # what BISE+FT ran with: 0.01 x the mlp recipe's Adam 1e-3
+    assert (finetune["epochs"], finetune["optimizer"], finetune["lr"]) == (1, "adam", pytest.approx(1e-5))
     model = load_exported(str(run_dir / "subnetwork.pt"))
     with torch.no_grad():
         assert model(torch.rand(2, 3, 8, 8)).shape == (2, 10)

@@ -545,3 +545,86 @@ def test_a_class_beyond_num_classes_is_named():
     model = build_model("mlp", 3, data.input_shape, width=0.2)
     with pytest.raises(ValueError, match="data.train.y holds class 3, but data.num_classes is 3"):
         extract(model, dataclasses.replace(data, train=train), config=ExtractConfig(**TINY), quiet=True)
+
+
+def test_finetune_takes_its_defaults_from_the_recipe_and_its_arguments(digits, monkeypatch):
+    """lr: LR_FACTOR (0.01) x the recipe's of ``arch`` (else the model's recorded one); the optimiser of
+    that recipe; batch size, scheme, rho, bias and num_bias_classes as given, else the data's."""
+    from bise import losses
+    from bise.finetune import finetune
+
+    module = sys.modules["bise.finetune"]
+    seen = {}
+    real_opt, real_epoch, real_table = module._optimizer, module.train_epoch, losses.weight_table
+    monkeypatch.setattr(module, "_optimizer", lambda params, recipe, lr: (
+        seen.update(lr=lr, optimizer=recipe["optimizer"]), real_opt(params, recipe, lr))[1])
+    monkeypatch.setattr(module, "train_epoch", lambda model, split, opt, gen, batch_size, *a, **k: (
+        seen.update(batch_size=batch_size), real_epoch(model, split, opt, gen, batch_size, *a, **k))[1])
+    monkeypatch.setattr(losses, "weight_table", lambda scheme, **kw: (
+        seen.update(scheme=scheme, **kw), real_table(scheme, **kw))[1])
+    model = build_model("mlp", digits.num_classes, digits.input_shape, width=0.2)
+    finetune(model, digits, epochs=1, quiet=True)
+    assert (seen["lr"], seen["optimizer"], seen["batch_size"]) == (pytest.approx(1e-5), "adam", 256)
+    assert (seen["scheme"], seen["rho"], seen["num_bias_classes"]) == (digits.weighting, digits.rho,
+                                                                       digits.num_bias_classes)
+    assert torch.equal(seen["bias"], digits.train.b.long())
+    bias = torch.arange(len(digits.train)) % 3
+    finetune(model, digits, epochs=1, quiet=True, arch="simple-cnn", batch_size=64, scheme="group-balanced",
+             rho=0.9, bias=bias, num_bias_classes=3)
+    assert (seen["lr"], seen["optimizer"], seen["batch_size"]) == (pytest.approx(1e-3), "sgd", 64)
+    assert (seen["scheme"], seen["rho"], seen["num_bias_classes"]) == ("group-balanced", 0.9, 3)
+    assert torch.equal(seen["bias"], bias)
+    finetune(model, digits, epochs=1, quiet=True, lr=0.05)
+    assert seen["lr"] == 0.05
+    more_bias_classes = dataclasses.replace(_random_data(), num_bias_classes=4)
+    finetune(build_model("mlp", 3, more_bias_classes.input_shape, width=0.2), more_bias_classes, epochs=1, quiet=True)
+    assert seen["num_bias_classes"] == 4
+
+
+def test_finetune_trains_in_train_mode(digits, monkeypatch):
+    """BatchNorm in train mode while fine-tuning (module docstring): every epoch runs model.train()."""
+    from bise.finetune import finetune
+
+    module = sys.modules["bise.finetune"]
+    modes, real = [], module.train_epoch
+    monkeypatch.setattr(module, "train_epoch", lambda model, *a, **k: (modes.append(model.training),
+                                                                        real(model, *a, **k))[1])
+    model = build_model("simple-cnn", digits.num_classes, digits.input_shape, width=0.25).eval()
+    finetune(model, digits, epochs=2, quiet=True)
+    assert modes == [True, True]
+
+
+def test_finetune_refuses_a_bias_label_count_other_than_the_training_sets(digits):
+    from bise.finetune import finetune
+
+    model = build_model("mlp", digits.num_classes, digits.input_shape, width=0.2)
+    for n in (len(digits.train) - 1, len(digits.train) + 1):
+        with pytest.raises(ValueError, match="one bias label per training sample"):
+            finetune(model, digits, epochs=1, quiet=True, bias=torch.zeros(n, dtype=torch.long))
+
+
+def test_finetune_keeps_the_best_val_epoch_ties_to_the_later_and_leaves_the_input_model(digits, monkeypatch):
+    """The weights of the epoch with the best val accuracy (ties: the later epoch) are returned, frozen and
+    in eval mode; the history numbers the epochs from 1; the model given is not modified."""
+    import copy
+
+    from bise.finetune import finetune
+
+    module = sys.modules["bise.finetune"]
+    accuracies, states = iter([0.5, 0.7, 0.7, 0.6]), []
+
+    def scripted_evaluate(model, split, device="cpu"):
+        states.append(copy.deepcopy(model.state_dict()))
+        return {"accuracy": next(accuracies)}
+
+    monkeypatch.setattr(module, "evaluate", scripted_evaluate)
+    assert digits.val is not None and digits.val.b is not None
+    model = build_model("mlp", digits.num_classes, digits.input_shape, width=0.2)
+    before = copy.deepcopy(model.state_dict())
+    history = []
+    tuned = finetune(model, digits, epochs=4, lr=0.01, quiet=True, history=history)
+    assert [r["epoch"] for r in history] == [1, 2, 3, 4]
+    assert tuned is not model and all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    assert not any(torch.equal(states[2][k], states[3][k]) for k in ("features.fc1.weight",))  # epochs differ
+    assert all(torch.equal(states[2][k], v) for k, v in tuned.state_dict().items())  # epoch 3: the later tie
+    assert not tuned.training and not any(p.requires_grad for p in tuned.parameters())

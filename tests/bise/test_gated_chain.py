@@ -197,3 +197,66 @@ def test_finetune_puts_each_split_on_the_device_once(digits, monkeypatch):
     finetune(model, data, epochs=3, history=history, quiet=True, arch="mlp")
     assert len(history) == 3
     assert len(made) == 2 and made[0] is data.train and made[1] is data.val
+
+
+def test_objective_and_grad_indexes_the_weight_table_by_target_then_bias(digits):
+    """group-balanced and empirical-joint tables are not symmetric (the symmetric-rho table of
+    colored-digits is): objective_and_grad weighs sample i by table[y_i, b_i] as mask_objective does."""
+    torch.manual_seed(0)
+    model = build_model("mlp", digits.num_classes, digits.input_shape, width=0.3).eval()
+    run = prepare_run(model, digits, ExtractConfig(mask_epochs=4, head_epochs=1, alpha=0.7, gamma=1.3))
+    y, b, b2, table = run.labels_on_device()
+    asymmetric = torch.rand(table.shape, generator=torch.Generator().manual_seed(2)) + 0.5
+    assert not torch.equal(asymmetric, asymmetric.t())
+    run.labels_on_device = lambda: (y, b, b2, asymmetric)
+    idx = torch.randperm(len(y), generator=torch.Generator().manual_seed(1))[:64]
+    z = torch.randn(len(idx), run.heads[0].in_features, generator=torch.Generator().manual_seed(3))
+    leaf = z.clone().requires_grad_()
+    expected = run.mask_objective(F.linear(leaf, model.classifier.weight, model.classifier.bias), leaf, idx, len(idx))
+    grad, = torch.autograd.grad(expected[0], leaf)
+    got = objective_and_grad(z, model.classifier, run.heads[0], y[idx], b[idx], b2[idx], asymmetric,
+                             run.num_bias_classes, 0.7, 1.3)
+    assert all(torch.equal(a, e) for a, e in zip(got, (*expected, grad)))
+
+
+@pytest.mark.parametrize("settings", [dict(momentum=0.9), dict(momentum=0.9, weight_decay=1e-4)])
+def test_sgd_step_momentum_buffer_is_not_the_gradient(settings):
+    """Gradients zeroed in place between steps (zero_grad(set_to_none=False), or accumulated into
+    p.grad): the first step's momentum buffer is a copy, as torch's, not p.grad itself."""
+    g = torch.Generator().manual_seed(0)
+    p = torch.nn.Parameter(torch.randn(5, generator=g))
+    q = torch.nn.Parameter(p.detach().clone())
+    opt, twin_opt = torch.optim.SGD([p], lr=0.1, **settings), torch.optim.SGD([q], lr=0.1, **settings)
+    for _ in range(3):
+        opt.zero_grad(set_to_none=False)
+        twin_opt.zero_grad(set_to_none=False)
+        grad = torch.randn(5, generator=g)
+        if p.grad is None:
+            p.grad, q.grad = grad.clone(), grad.clone()
+        else:
+            p.grad.add_(grad)
+            q.grad.add_(grad)
+        sgd_step(opt)
+        twin_opt.step()
+        assert torch.equal(p, q)
+
+
+def test_sgd_step_of_another_optimizer_is_its_own_step():
+    """sgd_step hands an optimizer that is not a plain torch.optim.SGD (Adam, a subclass) to its step()."""
+    class ClippedSGD(torch.optim.SGD):
+        def step(self, closure=None):
+            for group in self.param_groups:
+                torch.nn.utils.clip_grad_norm_(group["params"], 0.01)
+            return super().step(closure)
+
+    for make in (lambda ps: torch.optim.Adam(ps, lr=0.1), lambda ps: ClippedSGD(ps, lr=0.1, momentum=0.9)):
+        g = torch.Generator().manual_seed(0)
+        p = torch.nn.Parameter(torch.randn(5, generator=g))
+        q = torch.nn.Parameter(p.detach().clone())
+        opt, twin_opt = make([p]), make([q])
+        for _ in range(2):
+            grad = torch.randn(5, generator=g)
+            p.grad, q.grad = grad.clone(), grad.clone()
+            sgd_step(opt)
+            twin_opt.step()
+            assert torch.equal(p, q)

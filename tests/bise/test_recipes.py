@@ -142,3 +142,41 @@ def test_conflicting_and_aligned_training_accuracy_are_measured_on_their_own_sam
     h = check_vanilla(_Answers(), _answered(y, b, answers))
     assert h.ok and h.train_accuracy == pytest.approx(0.7) and h.n_conflicting_train == 30
     assert h.aligned_train_accuracy == 1.0 and h.conflicting_train_accuracy == 0.0
+
+
+def test_train_vanilla_seed_fixes_the_model_and_leaves_the_callers_rng(digits):
+    """seed fixes the initialisation whatever the global RNG; the caller's RNG state is given back; eval mode."""
+    torch.manual_seed(1)
+    a = train_vanilla(digits, "mlp", epochs=0, seed=5, width=0.3, quiet=True)
+    torch.manual_seed(2)
+    state = torch.get_rng_state()
+    b = train_vanilla(digits, "mlp", epochs=0, seed=5, width=0.3, quiet=True)
+    assert torch.equal(torch.get_rng_state(), state)  # not reseeded by the library call
+    c = train_vanilla(digits, "mlp", epochs=0, seed=6, width=0.3, quiet=True)
+    assert all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values()))
+    assert not all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), c.state_dict().values()))
+    assert not a.training and not b.training  # eval mode on return, also with epochs=0
+
+
+def test_default_architecture_and_recipe_of_each_kind_of_data(digits):
+    from torch import nn
+
+    balanced = dataclasses.replace(digits, weighting="group-balanced")
+    assert recipe_for(balanced)["arch"] == "resnet18" and recipe_for(balanced)["name"] == "resnet18-group-balanced"
+    assert recipe_for(dataclasses.replace(digits, rho=0.995), "simple-cnn")["milestones"] == [40, 60]
+    custom = recipe_for(digits, nn.Linear(3, 10))  # a model bise did not build
+    assert (custom["arch"], custom["name"], custom["epochs"]) == ("custom", "default", 30)
+    assert recipe_for(digits, "mobilenetv2")["epochs"] == 30
+    with pytest.raises(TypeError, match="arch must be"):
+        recipe_for(digits, 18)
+
+
+def test_train_vanilla_takes_the_recipe_unless_told(digits, monkeypatch):
+    import bise.train as train
+
+    seen = {}
+    monkeypatch.setattr(train, "fit", lambda model, split, recipe, **kw: seen.update(kw, recipe=recipe) or model)
+    train.train_vanilla(digits, "mlp", quiet=True)
+    assert (seen["epochs"], seen["batch_size"], seen["lr"], seen["recipe"]["name"]) == (100, 256, 1e-3, "mlp")
+    train.train_vanilla(digits, "mlp", epochs=3, batch_size=7, lr=0.5, seed=4, quiet=True)
+    assert (seen["epochs"], seen["batch_size"], seen["lr"], seen["seed"]) == (3, 7, 0.5, 4)

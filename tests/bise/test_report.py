@@ -138,3 +138,107 @@ def test_protocol_names_the_options_that_change_the_masks():
                    "pseudo (label-free)", "the top 25% of units", "selection: last epoch", "bf16 autocast"):
         assert needle in protocol, needle
     assert "from --model /m.pt" in text and "not measured" in text
+
+
+def test_headline_is_the_pattern_average_for_two_bias_data():
+    from bise.report import headline
+
+    assert headline(_report()) == ("unbiased", "unbiased_accuracy")
+    report = _report(two_bias=True)
+    assert headline(report) == ("unbiased (mean of the 4 alignment patterns)", "pattern_average")
+    report["vanilla"]["test"]["patterns"]["conflicting/conflicting"] = None  # no test sample of one pattern
+    assert headline(report) == ("unbiased (mean of the 3 alignment patterns with test samples)", "pattern_average")
+    text = render_markdown(_report(two_bias=True))
+    assert "**Test accuracy, unbiased (mean of the 4 alignment patterns):**" in text
+
+
+def test_class_by_pattern_names_each_side_against_the_target():
+    from bise.report import _class_by_pattern
+
+    groups = {"y=0,b=0/0": 1.0, "y=0,b=0/1": 0.5, "y=0,b=2/1": 0.25, "y=0,b=1/0": 0.0, "y=1,b=0/0": 0.75,
+              "y=1,b=1/1": None}
+    assert _class_by_pattern(groups) == {
+        0: {"aligned/aligned": 1.0, "aligned/conflicting": 0.5, "conflicting/aligned": 0.0,
+            "conflicting/conflicting": 0.25},
+        1: {"conflicting/conflicting": 0.75}}  # a group without test samples (None) is left out
+
+
+def test_model_section_scores_the_metrics_model_and_costs_the_model():
+    torch.manual_seed(0)
+    small, big = nn.Sequential(nn.Flatten(), nn.Linear(4, 2)), nn.Sequential(nn.Flatten(), nn.Linear(4, 3), nn.Linear(3, 2))
+    data = _Data()
+    from bise.evaluate import evaluate
+
+    sec = model_section(small, data, metrics_model=big, vanilla_params=20, units_pruned=0.5)
+    assert sec["test"] == evaluate(big, data)["test"] != evaluate(small, data)["test"]
+    assert sec["params"] == 10 and sec["weights_removed"] == 0.5
+
+
+def test_markdown_has_a_val_table_and_a_group_table_up_to_24_groups():
+    text = render_markdown(_report())
+    assert "## test split" in text and "## val split" in text
+    val = text.split("## val split\n", 1)[1].split("\n## ", 1)[0]
+    assert "| subnetwork | 75.0 |" in val
+
+    def groups_report(n):
+        y, b = torch.arange(n) // 6, torch.arange(n) % 6  # n (y, b) groups of one sample each
+        m = metrics_from_predictions(y, y, b)
+        assert len(m["groups"]) == n
+        return build_report(vanilla={"test": m, "mmacs": 1.0, "params": 1}, subnetwork={"test": m, "mmacs": 1.0,
+                            "params": 1}, export={"max_abs_diff": 0.0}, config={}, timing={})
+
+    assert "| group | vanilla | subnetwork |" in render_markdown(groups_report(24))  # MANY_GROUPS: still a table
+    assert "Heatmaps in group_accuracy.png" in render_markdown(groups_report(30))
+
+
+def test_temperature_steps_are_the_epochs_after_a_halving():
+    from bise.report import _temperature_steps
+
+    history = [{"epoch": e, "temperature": t} for e, t in zip(range(1, 6), (1.0, 1.0, 0.5, 0.5, 0.25))]
+    assert _temperature_steps(history) == [2, 4]
+
+
+def test_write_report_lists_only_the_plots_it_wrote(tmp_path):
+    """A history without per-epoch metrics draws no accuracy plot: its path is not returned (the CLI
+    records every returned path in run.json)."""
+    paths = write_report(str(tmp_path), _report(), history=[{"epoch": 1, "temperature": 1.0, "val": None}])
+    assert all(os.path.isfile(p) for p in paths)
+    assert str(tmp_path / PLOTS[0]) not in paths and not (tmp_path / PLOTS[0]).exists()
+
+
+def test_group_plots_take_groups_without_samples_and_the_matrix_is_y_by_b(tmp_path):
+    from bise.report import _group_matrix, plot_groups
+
+    matrix = _group_matrix({"y=0,b=1": 0.5, "y=2,b=0": 1.0, "y=1,b=1": None})
+    assert matrix.shape == (3, 2) and matrix[0, 1] == 0.5 and matrix[2, 0] == 1.0
+    assert all(matrix[i, j] != matrix[i, j] for i, j in ((0, 0), (1, 1), (1, 0), (2, 1)))  # NaN: absent or None
+    report = _report()
+    report["subnetwork"] = dict(report["subnetwork"], test=dict(report["subnetwork"]["test"]))
+    report["subnetwork"]["test"]["groups"] = dict(report["subnetwork"]["test"]["groups"], **{"y=0,b=0": None})
+    plot_groups(report, str(tmp_path / "g.png"))  # a group without test samples: no bar, not a crash
+    assert (tmp_path / "g.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_vanilla_lines_state_the_fit_and_the_problems():
+    report = _report()
+    health = {"train_accuracy": 0.9, "chance": 0.1, "aligned_train_accuracy": 0.95, "n_conflicting_train": 25,
+              "n_train": 200, "conflicting_train_accuracy": 0.5, "units": 300, "dead_units": 3, "problems": []}
+    report["config"]["vanilla"] = {"epochs": 3, "lr": 0.001, "batch_size": 256, "seed": 0, "health": health}
+    text = render_markdown(report)
+    assert "25 bias-conflicting of 200 training samples (12.5%), of which it fits 50.0%" in text
+    assert "did not train" not in text
+    health["problems"] = ["training accuracy 0.1 is below 0.55"]
+    assert "**The vanilla model did not train:** training accuracy 0.1 is below 0.55." in render_markdown(report)
+
+
+def test_history_plot_marks_the_halvings_and_the_selected_epoch(tmp_path, monkeypatch):
+    import matplotlib
+    matplotlib.use("Agg")
+    from matplotlib.axes import Axes
+
+    lines, real = [], Axes.axvline
+    monkeypatch.setattr(Axes, "axvline", lambda self, x=0, *a, **k: (lines.append((x, k.get("label"))),
+                                                                     real(self, x, *a, **k))[1])
+    history = [{"epoch": e, "temperature": t, "val": _metrics()} for e, t in zip(range(1, 6), (1, 1, .5, .5, .25))]
+    assert plot_history(history, str(tmp_path / "h.png"), selected_epoch=3)
+    assert lines == [(2, "temperature halved"), (4, None), (3, "selected epoch (3)")]

@@ -25,6 +25,9 @@ def data():
     ({"lr": float("nan")}, "lr must be a positive finite number"),
     ({"epochs": -1}, "epochs must be an int >= 0"),
     ({"epochs": 1.5}, "epochs must be an int"),
+    ({"epochs": True}, "epochs must be an int"),
+    ({"batch_size": True}, "batch_size must be an int"),
+    ({"lr": float("inf")}, "lr must be a positive finite number"),
     ({"seed": True}, "seed must be an int"),
     ({"device": "gpu"}, "device must be cpu, cuda or cuda:N, got 'gpu'"),
     ({"device": "meta"}, "bise trains on cpu or cuda only"),
@@ -338,3 +341,53 @@ def test_settings_their_switch_turns_off_are_named(settings, message):
     with pytest.raises(ValueError, match=message):
         validate.extract_config(settings)
     validate.extract_config({**settings, "mi": True, "label_free": True})  # switched on: used
+
+
+def test_device_index_is_checked_against_the_cuda_device_count(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    assert validate.device("cuda:1") == torch.device("cuda", 1)
+    assert validate.device("cuda") == torch.device("cuda")
+    with pytest.raises(ValueError, match=r"this machine has 2 CUDA device\(s\), cuda:0 to cuda:1"):
+        validate.device("cuda:2")
+
+
+def test_extract_config_leaves_the_callers_config_alone():
+    """An ExtractConfig given is copied before its numbers and device are normalised."""
+    given = ExtractConfig(mask_epochs=np.int64(3), device=torch.device("cpu"))
+    config = validate.extract_config(given)
+    assert config is not given and config.mask_epochs == 3 and type(config.mask_epochs) is int
+    assert type(given.mask_epochs) is np.int64 and given.device == torch.device("cpu")
+
+
+def test_model_fits_runs_a_custom_model_once_and_gives_its_mode_back(data):
+    """A model without bise_spec is checked by one forward in eval mode; its train mode is restored;
+    only (N, num_classes) logits fit."""
+    import math
+
+    from torch import nn
+
+    flat = math.prod(data.input_shape)
+    model = nn.Sequential(nn.Flatten(), nn.Linear(flat, data.num_classes)).train()
+    validate.model_fits(model, data)
+    assert model.training
+    three_d = nn.Sequential(nn.Flatten(), nn.Linear(flat, 2 * data.num_classes), nn.Unflatten(1, (2, data.num_classes)))
+    with pytest.raises(ValueError, match="the model outputs None class logits"):
+        validate.model_fits(three_d, data)
+
+
+def test_bias_label_checks_of_validate(data):
+    """same_bias_classes: training bias labels needed unless label-free; two_bias_rho: a rho given serves
+    where the data have none."""
+    import dataclasses
+
+    from bise.data.types import Split
+
+    no_bias = dataclasses.replace(data, train=Split(data.train.x, data.train.y, None))
+    with pytest.raises(ValueError, match="bias labels are missing from the train split.* use --label-free"):
+        validate.same_bias_classes(no_bias, False, "--label-free")
+    validate.same_bias_classes(no_bias, True)
+    two_bias = dataclasses.replace(data, num_biases=2, weighting="two-bias", rho=None)
+    validate.two_bias_rho(two_bias, "two-bias", rho=(0.9, 0.8))
+    with pytest.raises(ValueError, match=r"weighting 'two-bias' needs rho=\(rho_left, rho_right\)"):
+        validate.two_bias_rho(two_bias, "two-bias")

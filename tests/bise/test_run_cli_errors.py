@@ -341,6 +341,10 @@ def test_a_corrupt_run_json_is_named_corrupt(tmp_path, capsys):
     (tmp_path / "run" / "run.json").write_text('{"format": "bise-run-v2", "data": {"spec": "col')  # truncated
     assert main(["evaluate", "--out", str(tmp_path / "run")]) == 2
     assert f"{tmp_path / 'run' / 'run.json'} is corrupt (not JSON: " in capsys.readouterr().err
+    # only `run --overwrite` starts over past an unreadable run.json; a one-step command's --overwrite replaces its
+    # own outputs and needs the run's record
+    assert main(["evaluate", "--out", str(tmp_path / "run"), "--overwrite"]) == 2
+    assert f"{tmp_path / 'run' / 'run.json'} is corrupt (not JSON: " in capsys.readouterr().err
 
 
 def test_ctrl_c_before_anything_changed_does_not_offer_to_resume_the_old_run(run_dir, tmp_path, capsys, monkeypatch):
@@ -373,6 +377,8 @@ def test_a_seed_beyond_64_bits_is_refused_by_the_parser(capsys):
     with pytest.raises(SystemExit) as exc:  # it loaded the data, then torch.manual_seed overflowed
         main(["train", "--out", "x", "--seed", str(2 ** 63)])
     assert exc.value.code == 2 and f"--seed must be <= {2 ** 63 - 1}, got '{2 ** 63}'" in capsys.readouterr().err
+    assert build_parser().parse_args(["train", "--out", "x", "--seed", str(2 ** 63 - 1)]).seed == 2 ** 63 - 1
+    assert build_parser().parse_args(["run", "--out", "x", "--budget", "1"]).budget == 1.0  # keep every unit
 
 
 def test_a_multi_line_error_is_printed_on_one_line(tmp_path, capsys, monkeypatch):
@@ -677,3 +683,60 @@ def test_a_resume_that_spells_out_the_default_mask_set_continues(run_dir, tmp_pa
     assert json.loads((out / "run.json").read_text())["artefacts"]["masks.pt"]["settings"]["mask_set"] == "fresh-draw"
     assert main(["run", *TINY, "--mask-set", "fresh-draw", "--out", str(out), "--resume"]) == 0
     assert "error" not in capsys.readouterr().err
+
+
+def test_infinite_weights_are_non_finite_too():
+    """A diverged training can leave +-inf as well as NaN: either is refused before vanilla.pt is written."""
+    from bise.cli import _finite
+    from bise.rundir import UsageError
+
+    model = torch.nn.Linear(3, 2)
+    _finite(model, "the vanilla model")
+    with torch.no_grad():
+        model.weight[0, 0] = float("inf")
+    with pytest.raises(UsageError, match=r"the vanilla model has non-finite weights \(weight\)"):
+        _finite(model, "the vanilla model")
+
+
+def test_a_state_dict_missing_a_weight_is_refused(tmp_path, capsys):
+    """--model is loaded strictly: a state_dict missing a tensor would leave that layer at its random
+    initialisation and be extracted from without a word."""
+    from bise.models import build_model
+
+    state = build_model("mlp", 10, (3, 8, 8)).state_dict()
+    state.pop("classifier.bias")
+    torch.save(state, tmp_path / "partial.pt")
+    assert main(["run", "--data", "colored-digits", "--arch", "mlp", "--mask-epochs", "1", "--head-epochs", "0",
+                 "--latency-repeats", "0", "--quiet", "--model", str(tmp_path / "partial.pt"),
+                 "--out", str(tmp_path / "run")]) == 2
+    err = capsys.readouterr().err
+    assert "does not match architecture mlp" in err and 'Missing key(s) in state_dict: "classifier.bias"' in err
+
+
+def test_evaluate_names_a_finetuned_pt_that_no_step_recorded(run_dir, tmp_path, capsys):
+    """A finetuned.pt that run.json does not record (the user's own file) is named, not reported without a
+    word and then removed as an output of an older fine-tuning."""
+    out = tmp_path / "copy"
+    shutil.copytree(run_dir, out)
+    assert main(["run", *TINY, "--out", str(out), "--resume"]) == 0  # complete (earlier tests changed run_dir)
+    (out / "finetuned.pt").write_bytes((out / "subnetwork.pt").read_bytes())
+    assert main(["evaluate", "--out", str(out), "--latency-repeats", "0", "--quiet"]) == 2
+    assert "finetuned.pt is not recorded in run.json" in capsys.readouterr().err
+    assert (out / "finetuned.pt").is_file()
+
+
+def test_the_extraction_logs_test_metrics_only_without_a_val_split():
+    """Data without a val split: the extraction logs the test metrics per epoch (the history plot's
+    curves); with one it must not look at the test split."""
+    import dataclasses
+    from types import SimpleNamespace
+
+    from bise.cli import _extract_config
+    from bise.data import load
+
+    args = build_parser().parse_args(["extract", "--out", "x"])
+    args.seed = 0
+    data = load("colored-digits")
+    assert data.val is not None and _extract_config(SimpleNamespace(args=args, data=data)).log_test is False
+    no_val = dataclasses.replace(data, val=None)
+    assert _extract_config(SimpleNamespace(args=args, data=no_val)).log_test is True

@@ -138,3 +138,43 @@ def test_of_makes_a_device_split_on_another_device_only():
     there = DeviceSplit.of(here, "meta")
     assert there.device == torch.device("meta") and there.x.device.type == "meta" and there.split is s
     assert there.y.device.type == "meta"
+
+
+@pytest.mark.parametrize("name", ["mlp", "resnet18"])
+def test_fit_with_an_adam_recipe_equals_the_host_fed_loop(name):
+    """The Adam recipes: weight decay 1e-4, and (resnet18) the cosine schedule over the epochs run."""
+    split = _split(n=90)
+    recipe = RECIPES[name]
+    torch.manual_seed(0)
+    model = build_model("mlp", 3, (3, 5, 5), width=0.25)
+    reference = copy.deepcopy(model).train()
+    fit(model, split, recipe, epochs=3, batch_size=20, lr=0.01, seed=3, quiet=True)
+    opt = torch.optim.Adam(reference.parameters(), lr=0.01, weight_decay=1e-4)
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, 3) if recipe["schedule"] == "cosine" else None
+    gen = torch.Generator().manual_seed(3)
+    for _ in range(3):
+        for idx in torch.randperm(len(split), generator=gen).split(20):
+            loss = F.cross_entropy(reference(split.inputs(idx)), split.y[idx])
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+        if sched is not None:
+            sched.step()
+    assert not model.training  # fit hands the model back in eval mode
+    for a, b in zip(model.state_dict().values(), reference.state_dict().values()):
+        assert torch.equal(a, b)
+
+
+def test_train_epoch_returns_the_mean_loss_per_sample():
+    from bise.train import train_epoch
+
+    split = _split(n=90)
+    torch.manual_seed(0)
+    model = build_model("mlp", 3, (3, 5, 5), width=0.25).train()
+    opt = torch.optim.SGD(model.parameters(), lr=0.0)  # the weights stay: every batch's loss is that of one model
+    y = split.y.long()
+    mean = train_epoch(model, split, opt, torch.Generator().manual_seed(0), 20, "cpu",
+                       lambda logits, idx: F.cross_entropy(logits, y[idx]))
+    with torch.no_grad():
+        expected = float(F.cross_entropy(model(split.inputs()), y))
+    assert mean == pytest.approx(expected, rel=1e-5)
