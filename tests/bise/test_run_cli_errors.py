@@ -266,6 +266,7 @@ def test_the_printed_resume_command_resumes(tmp_path, capsys, monkeypatch):
     timing = masks["settings"]["result"]["timing_seconds"]
     assert timing["head_pretraining"] == earlier["head_pretraining"] > 0
     assert masks["seconds"] > sum(earlier.values()) and timing["mask_epochs"] > earlier["mask_epochs"]
+    assert masks["seconds"] >= sum(timing.values())  # every phase, before the interruption and after
 
 
 def test_unreadable_model_files_are_named_in_one_line(run_dir, tmp_path, capsys):
