@@ -194,3 +194,20 @@ def test_keep_mode_compiles_and_exports(backend):
     layer = bk.MaskedLinear(12, 7, density=0.4, estimator="sigmoid", mask_mode="keep")
     x = torch.randn(5, 12)
     assert_compiles_and_exports(layer, x, "masked_linear_keep")
+
+
+@pytest.mark.parametrize("structured", [False, True])
+@pytest.mark.parametrize("estimator,temperature", ESTIMATORS)
+def test_keep_backward_reads_a_non_contiguous_keep_in_logical_order(kernels, structured, estimator, temperature):
+    """A keep mask that is a strided view (a transpose, every other unit): the weight gradient is masked by
+    its logical entries, as the reference (not by its storage order)."""
+    _keep_kernels(kernels)
+    x, w, _, scores, keep = _layer(torch.float32, structured, kernels.device)
+    if structured:
+        strided = torch.stack([keep, ~keep], 1)[:, 0]
+    else:
+        strided = keep.t().contiguous().t()
+    assert not strided.is_contiguous() and torch.equal(strided, keep)
+    for needs in (ALL_NEEDS, [False, True, False, False]):
+        args = (randn(2, 3, 29, seed=5, device=kernels.device), x, w, scores, strided, estimator, temperature, needs)
+        assert_grads(kernels.masked_linear_keep_backward(*args), R.masked_linear_keep_backward(*args), torch.float32)

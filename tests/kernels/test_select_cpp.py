@@ -337,3 +337,43 @@ def test_the_scans_of_cpus_without_avx512(kernels, capability):
                           "-k", "not cpus_without_avx512"], env=env, capture_output=True, text=True, timeout=600,
                          cwd=Path(__file__).resolve().parents[2])
     assert run.returncode == 0 and " passed" in run.stdout, run.stdout[-3000:] + run.stderr[-2000:]
+
+
+def _misleading_sample(n: int, k: int, hint: float, sample_range, regions, dtype, seed: int) -> torch.Tensor:
+    """Scores whose sampled positions (csrc/cpu/select.cpp, sample_keys) hold 40 values within 0.05 of
+    `hint` (the warm bracket) and the rest in `sample_range` (the cold brackets); the other positions
+    fill `regions` in order, (count or None for the rest, low, high) each."""
+    g = torch.Generator().manual_seed(seed)
+    sampled = _sampled_positions(n, k, torch.empty((), dtype=dtype).element_size())
+    sampled = sampled[torch.randperm(len(sampled), generator=g)]
+    x = torch.empty(n, dtype=torch.float64)
+    x[sampled[:40]] = hint + (torch.rand(40, generator=g, dtype=torch.float64) - 0.5) * 0.1
+    lo, hi = sample_range
+    x[sampled[40:]] = lo + torch.rand(len(sampled) - 40, generator=g, dtype=torch.float64) * (hi - lo)
+    free = torch.ones(n, dtype=torch.bool)
+    free[sampled] = False
+    free = free.nonzero().flatten()[torch.randperm(int(free.sum()), generator=g)]
+    start = 0
+    for count, lo, hi in regions:
+        part = free[start:] if count is None else free[start:start + count]
+        start += len(part)
+        x[part] = lo + torch.rand(len(part), generator=g, dtype=torch.float64) * (hi - lo)
+    return x.to(dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("case", ["warm_below_then_cold_above", "warm_above_then_cold_below"])
+def test_a_warm_miss_then_cold_misses_count_the_state_exactly(kernels, dtype, case):
+    """The warm bracket misses on one side of rank k, both cold ones on the other: the state keeps
+    the keys above it (gt) from the warm miss and the count inside (c) from the cold misses, which
+    must be relative to the state (not to all n scores); the finish then compacts exactly c keys."""
+    n = 100_000
+    if case == "warm_below_then_cold_above":  # hint far above rank k, the sample's bulk far below
+        k, hint = 20_000, 2.55
+        x = _misleading_sample(n, k, hint, (-3.0, -2.0), [(25_000, 0.0, 1.0), (None, -3.0, -2.0)], dtype, 21)
+    else:  # hint far below rank k, the sample's bulk far above
+        k, hint = 80_000, -2.55
+        x = _misleading_sample(n, k, hint, (2.0, 3.0), [(72_000, 2.0, 3.0), (None, 0.0, 1.0)], dtype, 22)
+    for k_ in (k, k + 1):
+        check_list(kernels, DEVICE, [x], (k_,), hint=torch.tensor(hint, dtype=dtype))
+    check_topk_keep_mask(kernels, DEVICE, [x], (k,), hint=torch.tensor(hint, dtype=dtype))
