@@ -125,7 +125,7 @@ struct Linear {
     shape.back() = weight.size(0);
     return shape;
   }
-  at::Tensor forward(T x, T w_eff, const std::optional<at::Tensor>& bias) const {
+  at::Tensor forward(T x, T w_eff, const std::optional<at::Tensor>& bias, T) const {
     return at::linear(x, w_eff, bias);
   }
   at::Tensor grad_y(T grad_y, T) const { return grad_y.contiguous(); }
@@ -184,13 +184,19 @@ struct Conv2d {
     }
     return shape;
   }
-  at::Tensor forward(T x, T w_eff, const std::optional<at::Tensor>& bias) const {
-    return at::conv2d(x, w_eff, bias, stride, padding, dilation, groups);
+  static bool channels_last(T t) {
+    return t.dim() == 4 && t.is_contiguous(at::MemoryFormat::ChannelsLast) && !t.is_contiguous();
+  }
+  // The output channels_last where x or the weight is, as ATen's conv2d picks and _ops.py's _conv_format
+  // (W_eff, the mask pass's output, is contiguous: a channels_last weight alone would give a contiguous y).
+  at::Tensor forward(T x, T w_eff, const std::optional<at::Tensor>& bias, T weight) const {
+    const bool cl = channels_last(x) || channels_last(weight);
+    return at::conv2d(x, w_eff, bias, stride, padding, dilation, groups)
+        .contiguous(cl ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::Contiguous);
   }
   // channels_last when x is (so the backward needs no layout conversion), else contiguous.
   at::Tensor grad_y(T grad_y, T x) const {
-    const bool channels_last = x.is_contiguous(at::MemoryFormat::ChannelsLast) && !x.is_contiguous();
-    return grad_y.contiguous(channels_last ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::Contiguous);
+    return grad_y.contiguous(channels_last(x) ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::Contiguous);
   }
   at::Tensor grad_x(T grad_y, T x, T w_eff) const {
     return std::get<0>(at::convolution_backward(grad_y, x, w_eff, std::nullopt, stride, padding, dilation, false,
@@ -220,7 +226,7 @@ struct Conv2d {
 template <class Layer, class Mask>
 at::Tensor layer_forward(T x, T weight, const std::optional<at::Tensor>& bias, T scores, const Mask& mask,
                          const Layer& layer) {
-  return layer.forward(x, mask.weight(weight, scores, true), bias);
+  return layer.forward(x, mask.weight(weight, scores, true), bias, weight);
 }
 
 // (grad_x, grad_weight, grad_bias, grad_scores) of a masked layer, each undefined where not needed:

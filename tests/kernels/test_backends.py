@@ -172,3 +172,54 @@ def test_a_missing_extension_says_how_to_rebuild_it(monkeypatch):
             _extension.ext_ops()
     finally:
         _extension.ext_ops.cache_clear()
+
+
+
+
+def test_set_backend_inside_use_backend_takes_effect_at_once():
+    before = backends._default
+    try:
+        with bk.use_backend("torch"):
+            bk.set_backend("cpp" if "cpp" in bk.available_backends("cpu") else "torch")
+            assert bk.get_backend() == backends._default
+    finally:
+        backends._default = before
+
+
+def test_nested_use_backend_restores_the_outer_choice():
+    with bk.use_backend("torch"):
+        with bk.use_backend("auto"):
+            assert bk.get_backend() == "auto"
+        assert bk.get_backend() == "torch"
+
+
+def test_an_explicit_backend_whose_modules_failed_raises(monkeypatch):
+    broken = backends.Backend("broken", ("cpu",), ("bise_kernels.backends.does_not_exist",))
+    monkeypatch.setitem(backends.BACKENDS, "broken", broken)
+    with bk.use_backend("broken"), pytest.raises(bk.BackendUnavailableError, match="'broken' is unavailable"):
+        bk.topk_mask(torch.randn(8), 0.5)
+    with pytest.raises(bk.BackendUnavailableError, match="'broken' is unavailable"):
+        backends.kernel_table("broken")
+
+
+def test_triton_runs_on_cpu_tensors_only_under_the_interpreter(monkeypatch):
+    monkeypatch.setattr(backends, "INTERPRET", False)
+    assert backends._triton_devices() == ("cuda",)
+    monkeypatch.setattr(backends, "INTERPRET", True)
+    assert backends._triton_devices() == ("cuda", "cpu")
+
+
+def test_a_non_string_backend_name_is_a_value_error():
+    with pytest.raises(ValueError, match="backend must be one of"):
+        bk.set_backend(["cpp"])
+
+
+def test_the_cuda_backend_needs_an_extension_built_with_cuda():
+    from bise_kernels import _extension
+
+    _C = pytest.importorskip("bise_kernels._C")
+    if getattr(_C, "WITH_CUDA", False):
+        _extension.require_cuda_kernels()
+    else:
+        with pytest.raises(ImportError, match="built without its CUDA kernels"):
+            _extension.require_cuda_kernels()

@@ -169,3 +169,60 @@ def test_gpu_machine_names_the_gpus_and_resolves_cuda(monkeypatch):
     cells = {cell for kernel in report["resolution"]["cuda"].values() for cell in kernel.values()}
     assert cells <= set(backends.BACKENDS), cells
     assert "GPUs: 0: NVIDIA H100 80GB HBM3 (sm 9.0, 80.0 GiB)" in info.format_text(report)
+
+
+
+
+def test_a_backend_running_topk_keep_mask_itself_is_not_called_composed():
+    pytest.importorskip("bise_kernels._C")
+    with bise_kernels.use_backend("cpp"):
+        assert info._runs("topk_keep_mask", "cpu", torch.float32) == "cpp"
+    with bise_kernels.use_backend("torch"):
+        assert info._runs("topk_keep_mask", "cpu", torch.float32) == "torch"
+
+
+def test_a_table_cell_names_the_float32_backend_then_the_dtypes_that_differ():
+    errors = []
+    cell = info._cell({"float32": "triton", "float16": "triton", "bfloat16": "triton", "float64": "torch"}, errors)
+    assert cell == "triton (float64: torch)"
+    same = "error: RuntimeError: x"
+    for _ in range(2):  # one error shown in two cells is listed once
+        assert info._cell({d: same for d in info.DTYPES}, errors) == "error [1]"
+    assert errors == [same]
+
+
+def test_dirty_means_tracked_files_changed_and_is_shown(monkeypatch, tmp_path):
+    monkeypatch.delenv("BISE_COMMIT", raising=False)
+    package = tmp_path / "bise_kernels"
+    package.mkdir()
+    (package / "__init__.py").write_text("")
+    git = lambda *a: subprocess.run(["git", "-c", "user.name=t", "-c", "user.email=t@t", *a], cwd=tmp_path,  # noqa: E731
+                                    check=True, capture_output=True)
+    git("init", "-q")
+    git("add", ".")
+    git("commit", "-q", "-m", "x")
+    monkeypatch.setattr(bise_kernels, "__file__", str(package / "__init__.py"))
+    (tmp_path / "untracked.txt").write_text("x")
+    assert info.source_commit()["dirty"] is False
+    (package / "__init__.py").write_text("# changed")
+    found = info.source_commit()
+    assert found["dirty"] is True
+    report = info.collect()
+    report["versions"]["bise_kernels_commit"] = found
+    assert f"commit {found['commit']}, with uncommitted changes" in info.format_text(report)
+
+
+def test_a_cpu_without_a_model_name_line_is_described_by_the_platform(monkeypatch):
+    import io
+
+    monkeypatch.setattr(info, "open", lambda *a, **k: io.StringIO("processor\t: 0\n"), raising=False)
+    assert info.cpu_description().startswith(info.platform.processor() or info.platform.machine())
+
+
+def test_report_says_whether_the_extension_has_cuda_kernels_and_lists_unset_variables(monkeypatch):
+    _C = pytest.importorskip("bise_kernels._C")
+    monkeypatch.delenv("BISE_SELECT_CUDA", raising=False)
+    report = info.collect()
+    assert report["extension"]["with_cuda"] is bool(getattr(_C, "WITH_CUDA", False))
+    assert "BISE_SELECT_CUDA" in report["environment"] and report["environment"]["BISE_SELECT_CUDA"] is None
+    assert "BISE_SELECT_CUDA unset" in info.format_text(report)

@@ -419,3 +419,61 @@ def test_a_fullgraph_compile_before_any_eager_call_traces(monkeypatch):
     x = torch.randn(2, 3, 5, 5)
     compiled = torch.compile(net, backend="eager", fullgraph=True)(x)
     torch.testing.assert_close(compiled, net(x), rtol=0, atol=0)
+
+
+
+
+def _tied_global_net():
+    """Three layers, every score 0.0: the global top-k cuts the one tie group inside layer 2."""
+    net = nn.Sequential(nn.Linear(4, 3), nn.Linear(3, 3), nn.Linear(3, 2))
+    bk.mask_model(net, density=0.8, scope="global")
+    for m in net:
+        with torch.no_grad():
+            m.scores.zero_()
+    return net
+
+
+def test_global_ties_over_three_layers_keep_the_first_k_in_order():
+    net = _tied_global_net()
+    sizes = [m.scores.numel() for m in net]
+    k = round(0.8 * sum(sizes))
+    want = torch.arange(sum(sizes)) < k
+    got = torch.cat([m.mask().flatten() for m in net])
+    assert torch.equal(got, want)
+
+
+def test_a_compiled_global_selection_gives_each_layer_its_offset():
+    torch.manual_seed(0)
+    net, x = _tied_global_net(), torch.randn(2, 4)
+    torch._dynamo.reset()
+    torch.testing.assert_close(torch.compile(net, backend="eager", fullgraph=True)(x), net(x), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("scope", ["layerwise", "global"])
+def test_replacing_the_scores_data_is_selected_again(scope):
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(6, 4), nn.Linear(4, 2))
+    bk.mask_model(net, density=0.25, scope=scope)
+    net(torch.randn(2, 6))
+    net[0].scores.data = torch.randn(4, 6)  # a new tensor: same version, another address
+    scores = [m.scores.detach() for m in net]
+    want = (bk.global_topk_masks(scores, 0.25) if scope == "global" else [bk.topk_mask(s, 0.25) for s in scores])
+    for m, w in zip(net, want):
+        assert torch.equal(m.mask(), w)
+
+
+def test_the_backward_runs_on_the_forwards_backend(monkeypatch):
+    """use_backend is per thread and may not hold when autograd runs the backward (on CUDA, a device
+    thread): the backward takes the backend the forward ran on."""
+    from bise_kernels import backends
+
+    calls = []
+    kernels = backends.BACKENDS["torch"].kernels()
+    real = kernels["masked_linear_backward"]
+    monkeypatch.setitem(kernels, "masked_linear_backward", lambda *a: calls.append(1) or real(*a))
+    layer = bk.MaskedLinear(5, 4, density=0.5)
+    with bk.use_backend("torch"):
+        y = layer(torch.randn(2, 5))
+    with bk.use_backend("cpp" if "cpp" in bk.available_backends("cpu") else "triton"):
+        y.sum().backward()
+    assert calls

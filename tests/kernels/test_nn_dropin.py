@@ -253,3 +253,62 @@ def test_an_exclude_pattern_that_matches_no_layer_is_named():
     net = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2))
     bk.mask_model(net, density=0.5, exclude={"0"})  # a set of patterns is a collection of patterns too
     assert [type(m) for m in net] == [nn.Linear, nn.ReLU, bk.MaskedLinear]
+
+
+
+
+def test_an_include_pattern_that_is_not_an_exact_name_leaves_unmaskable_layers_dense(caplog):
+    """Only an include pattern that is a layer's exact name asks for it: include=["*"] masks what can be
+    masked and logs the rest, as no include does."""
+    zoo = _zoo()
+    with caplog.at_level(logging.WARNING, logger=LOGGER):
+        assert len(bk.mask_model(zoo, density=0.5, include=["*"])) == 2
+    assert type(zoo["plain"]) is bk.MaskedLinear and "mha.out_proj" in caplog.text
+
+
+def test_a_shared_layer_included_under_one_name_is_masked_under_both():
+    shared = nn.Linear(4, 4)
+    net = nn.ModuleDict({"a": nn.Sequential(shared), "b": nn.Sequential(shared)})
+    bk.mask_model(net, density=0.5, include=["a.*"])
+    assert type(net["a"][0]) is bk.MaskedLinear and net["b"][0] is net["a"][0]
+
+
+def test_a_layer_with_a_backward_hook_is_left_dense(caplog):
+    net = nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 2))
+    net[0].register_full_backward_hook(lambda module, gin, gout: None)
+    with caplog.at_level(logging.WARNING, logger=LOGGER):
+        bk.mask_model(net, density=0.5)
+    assert type(net[0]) is nn.Linear and type(net[1]) is bk.MaskedLinear
+    assert "backward_hooks" in caplog.text
+
+
+def test_masking_an_encoder_in_two_calls_then_unmasking_restores_its_nested_tensor_path():
+    encoder = _encoder()
+    assert encoder.use_nested_tensor
+    bk.mask_model(encoder, density=0.5, include=["layers.0.linear1"])
+    bk.mask_model(encoder, density=0.5, include=["layers.1.linear1"])
+    assert not encoder.use_nested_tensor
+    bk.unmask_model(encoder)
+    assert encoder.use_nested_tensor
+
+
+def test_restore_fused_path_keeps_the_nested_path_off_while_masked_layers_remain():
+    """bise's remove_gates calls restore_fused_path: masked layers still in the encoder keep it off."""
+    from bise_kernels.nn.model import restore_fused_path
+
+    encoder = _encoder()
+    bk.mask_model(encoder, density=0.5)
+    restore_fused_path(encoder)
+    assert not encoder.use_nested_tensor
+
+
+def test_flop_counter_counts_the_weight_gradient_of_trainable_weights_under_frozen_scores(backend):
+    from torch.utils.flop_counter import FlopCounterMode
+
+    net = nn.Sequential(nn.Linear(16, 8))
+    bk.mask_model(net, density=0.5, freeze_weights=False)
+    net[0].scores.requires_grad_(False)
+    x = torch.randn(4, 16, requires_grad=True)
+    with FlopCounterMode(display=False) as counter:
+        net(x).sum().backward()
+    assert counter.get_total_flops() == 3 * 2 * 4 * 16 * 8  # forward, grad_x, dL/dW_eff for the weight

@@ -284,3 +284,66 @@ def test_raw_select_ops_check_their_arguments_on_every_backend(backend, call, er
     Python kernels did not (Triton gave (nan, INT64_MIN) for k past the scores, the reference sorted int64)."""
     with pytest.raises(error, match=message):
         call(torch.arange(30.0).reshape(5, 6))
+
+
+
+
+def test_compile_fullgraph_before_any_eager_call(backend, monkeypatch):
+    """A fullgraph compile as the first call of a process (the native-op cache empty): dynamo must not
+    trace the registry lookup (_ops._native_layer_op returns None while compiling)."""
+    monkeypatch.setattr(bk._ops, "_NATIVE_LAYER_OPS", {})
+    net, x = _masked_net(), torch.randn(2, 3, 5, 5)
+    torch._dynamo.reset()
+    y = torch.compile(net, backend="eager", fullgraph=True)(x)
+    torch.testing.assert_close(y, net(x), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("layouts", ["x_cl", "w_cl"])
+def test_mixed_layout_conv_output_is_in_atens_layout(backend, layouts):
+    """Only one of x and the weight channels_last: the output takes F.conv2d's layout, in the custom op
+    (its fake impl says so too) as in ATen, and on the eager path (cpp: the C++ autograd node, whose output
+    was contiguous for a channels_last weight), with and without a gradient."""
+    cl = torch.channels_last
+    x, w = _t(2, 4, 7, 6, seed=30), _t(6, 4, 3, 3, seed=31)
+    x, w = (x.contiguous(memory_format=cl), w) if layouts == "x_cl" else (x, w.contiguous(memory_format=cl))
+    s, thr, cut = _t(6, seed=32), torch.tensor(0.0), torch.tensor(KEEP_ALL_TIES)
+    args = (x, w, None, s, thr, cut, [1, 1], [0, 0], [1, 1], 1, "ste", 1.0)
+    want = torch.nn.functional.conv2d(x, w).stride()
+    assert OPS.masked_conv2d(*args).stride() == want
+    assert bk._ops.masked_conv2d(*args).stride() == want
+    trained = (x, w.detach().requires_grad_(), *args[2:])
+    assert bk._ops.masked_conv2d(*trained).stride() == want
+    torch.library.opcheck(OPS.masked_conv2d, args, test_utils=("test_faketensor",))
+
+
+@pytest.mark.parametrize("shape", [(6, 5), (2, 2)])
+def test_keep_mask_of_column_major_scores_has_the_fake_layout(backend, shape):
+    """keep_mask of 2-d non-contiguous scores (the cases' scores are 1-d): the mask has the scores'
+    layout, as the fake impl says (cpp writes contiguous masks; _ops._like copies)."""
+    scores = _t(*shape, seed=33).mT.contiguous().mT
+    args = (scores, torch.tensor(0.0), torch.tensor(KEEP_ALL_TIES), 0)
+    assert OPS.keep_mask(*args).stride() == scores.stride()
+    torch.library.opcheck(OPS.keep_mask, args, test_utils=("test_faketensor",))
+
+
+def test_a_bad_estimator_set_after_construction_fails_an_eval_forward(backend):
+    """The Python kernels read the estimator in their backward only: the forward checks it (as cpp's)."""
+    layer = bk.MaskedLinear(5, 4, density=0.5)
+    layer.estimator = "bogus"
+    with torch.no_grad(), pytest.raises(ValueError, match="estimator"):
+        layer(torch.randn(2, 5))
+
+
+def test_a_tensor_subclass_inside_a_list_sees_the_custom_op(backend):
+    """_plain_eager looks inside list arguments (topk_select's scores)."""
+    seen = []
+
+    class Tagged(torch.Tensor):
+        @classmethod
+        def __torch_function__(cls, func, types, args=(), kwargs=None):
+            seen.append(str(func))
+            return super().__torch_function__(func, types, args, kwargs or {})
+
+    scores = _t(30, seed=34)
+    bk._ops.topk_select([_t(4, seed=35), scores.as_subclass(Tagged)], 5, None)
+    assert "bise_kernels.topk_select.default" in seen
