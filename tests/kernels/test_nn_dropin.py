@@ -312,3 +312,13 @@ def test_flop_counter_counts_the_weight_gradient_of_trainable_weights_under_froz
     with FlopCounterMode(display=False) as counter:
         net(x).sum().backward()
     assert counter.get_total_flops() == 3 * 2 * 4 * 16 * 8  # forward, grad_x, dL/dW_eff for the weight
+
+
+def test_mask_model_names_an_unknown_scope_and_a_model_masked_already():
+    net = nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 2))
+    with pytest.raises(ValueError, match="scope must be 'layerwise' or 'global', got 'bogus'"):
+        bk.mask_model(net, density=0.3, scope="bogus")
+    assert not any(isinstance(m, bk.MaskedLinear) for m in net.modules())  # refused before any layer changed
+    bk.mask_model(net, density=0.3)
+    with pytest.raises(ValueError, match="its 2 masked layers are masked already: unmask_model first"):
+        bk.mask_model(net, density=0.3)
