@@ -189,7 +189,9 @@ def _keep_mask_cases(backends, device, scale) -> list[dict]:
     for backend in backends:
         try:
             select, keep = _kernel(backend, "topk_select"), _kernel(backend, "keep_mask")
-        except (BackendUnavailableError, KeyError):
+        except (BackendUnavailableError, KeyError) as exc:  # recorded as skipped, as _cases does
+            cases.append({"name": f"select_keep_mask_25M_fp32/{backend}", "backend": backend,
+                          "skip": f"backend {backend!r} unavailable: {exc}"})
             continue
         baselines = {"one_read": shared["one_read"],
                      "select+keep_mask": lambda s=select, m=keep: m(x, *s([x], k, None), 0),

@@ -114,6 +114,8 @@ def test_targets_give_meets_target_from_the_ratios(monkeypatch):
     assert record["meets_target"] is True
     times = iter([100.0, 80.0, 95.0])
     assert suite.run_case(case, dry_run=False)["meets_target"] is False
+    times = iter([100.0, 90.0, 95.0])  # a speed-up exactly at its minimum meets it
+    assert suite.run_case(case, dry_run=False)["meets_target"] is True
 
 
 def test_host_bound_cases_are_timed_on_the_wall(tmp_path):
@@ -343,7 +345,7 @@ def test_shared_baselines_are_timed_once_per_input(monkeypatch):
     assert second["baselines"]["kth"] == dict(first["baselines"]["kth"], shared_with="a/cuda")
     assert second["speedup"] == {"kth": 1.0}
     # the selection module shares one callable per input between its backends' cases
-    select = _load("bench_select_gpu")
+    select = _bench("bench_select_gpu")
     monkeypatch.setattr(select, "_kernel", lambda backend, kernel: (lambda *a: None))
     cases = select._keep_mask_cases(("torch", "other"), "cpu", 1e-4)
     assert cases[0]["baselines"]["torch.topk+scatter"] is cases[1]["baselines"]["torch.topk+scatter"]
@@ -435,3 +437,568 @@ def test_cpu_rows_leave_out_the_triton_interpreters_times():
                                                                              "stats": stats}]}
     table = _load("render_results").render([run])
     assert "test_x[weight-cpp]" in table and "triton" not in table
+
+
+# ----------------------------------------------------------------------------- audit: figures on the GPU path
+
+
+def test_the_gpu_timers_get_the_quantiles_in_order_and_the_right_sync(monkeypatch):
+    """On a GPU do_bench's quantiles come back in the order asked: median, p20, p80; "latency"
+    synchronises every call, "wall" only the loop's ends (the dry run never reaches this path)."""
+    import sys
+    import types
+
+    import triton
+
+    suite = _load("gpu_suite")
+    asked = []
+
+    def do_bench(fn, quantiles):
+        asked.append(quantiles)
+        return [{0.5: 2.0, 0.2: 1.0, 0.8: 3.0}[q] for q in quantiles]
+
+    testing = types.ModuleType("triton.testing")
+    testing.do_bench = do_bench
+    monkeypatch.setitem(sys.modules, "triton.testing", testing)
+    monkeypatch.setattr(triton, "testing", testing, raising=False)
+    assert suite.time_us(lambda: None, False, "gpu") == {"median_us": 2000.0, "p20_us": 1000.0, "p80_us": 3000.0}
+    assert asked == [[0.5, 0.2, 0.8]]
+    per_call_list = []
+    monkeypatch.setattr(suite, "_wall_bench", lambda fn, sync, per_call: per_call_list.append(per_call) or [1, 1, 1])
+    suite.time_us(lambda: None, False, "latency")
+    suite.time_us(lambda: None, False, "wall")
+    assert per_call_list == [True, False]
+
+
+def test_the_wall_timer_leaves_out_its_warm_up_round():
+    suite = _load("gpu_suite")
+    first = [True]
+
+    def fn():
+        if first.pop() if first else False:
+            time.sleep(0.2)  # a first call that compiles
+
+    ms = suite._wall_bench(fn, lambda: None, per_call=False, rounds=1, calls=1)
+    assert ms[0] < 50, ms
+
+
+def test_gbps_and_tflops_are_the_case_bytes_and_flops_over_its_median(monkeypatch):
+    suite = _load("gpu_suite")
+    monkeypatch.setattr(suite, "time_us", lambda fn, dry_run, timer: {"median_us": 100.0, "p20_us": 0, "p80_us": 0})
+    record = suite.run_case({"name": "c", "fn": None, "bytes": 2e6, "flops": 3e9}, dry_run=False)
+    assert record["gbps"] == pytest.approx(20.0) and record["tflops"] == pytest.approx(30.0)
+
+
+def test_distinct_baselines_of_one_case_are_timed_each_with_a_cache(monkeypatch):
+    suite = _load("gpu_suite")
+    medians = {}
+
+    def fake(fn, dry_run, timer):
+        return {"median_us": medians[fn], "p20_us": 0, "p80_us": 0}
+
+    monkeypatch.setattr(suite, "time_us", fake)
+    case_fn, a, b = (lambda: None), (lambda: None), (lambda: None)
+    medians.update({case_fn: 10.0, a: 20.0, b: 40.0})
+    record = suite.run_case({"name": "c", "fn": case_fn, "baselines": {"a": a, "b": b}}, False, baseline_cache={})
+    assert record["speedup"] == {"a": 2.0, "b": 4.0}
+
+
+def test_a_case_whose_check_fails_is_not_timed():
+    suite = _load("gpu_suite")
+    timed = []
+
+    def wrong():
+        raise AssertionError("differs from the reference")
+
+    record = suite.run_case({"name": "c", "fn": lambda: timed.append(1), "check": wrong,
+                             "baselines": {"b": lambda: None}}, dry_run=True)
+    assert "differs from the reference" in record["error"] and "median_us" not in record and not timed
+    assert "checked" not in record
+
+
+def test_the_json_is_rewritten_after_every_case(tmp_path, monkeypatch):
+    """A run killed during its second case keeps the first case's record under --out."""
+    suite = _load("gpu_suite")
+    cases = [{"name": "one", "fn": lambda: None}, {"name": "two", "fn": lambda: None}]
+    monkeypatch.setattr(suite, "load_cases", lambda dry_run, name_filter="": (cases, []))
+    seen = []
+    real = suite.run_case
+
+    def run_case(case, *args, **kwargs):
+        if case["name"] == "two":
+            (path,) = tmp_path.glob("*.json")
+            seen.append([c["name"] for c in json.loads(path.read_text())["cases"]])
+            raise KeyboardInterrupt  # the device call's time limit
+        return real(case, *args, **kwargs)
+
+    monkeypatch.setattr(suite, "run_case", run_case)
+    with pytest.raises(KeyboardInterrupt):
+        suite.main(["--dry-run", "--out", str(tmp_path)])
+    assert seen == [["one"]]
+
+
+def test_the_case_limit_is_prompt_covers_each_baseline_and_leaves_no_alarm():
+    import signal
+
+    suite = _load("gpu_suite")
+    began = time.monotonic()
+    record = suite.run_case({"name": "slow", "fn": lambda: time.sleep(5)}, dry_run=True, timeout_s=0.2)
+    assert "ran past" in record["error"] and time.monotonic() - began < 2
+    assert signal.getitimer(signal.ITIMER_REAL) == (0.0, 0.0)  # no alarm left to kill the suite later
+    record = suite.run_case({"name": "c", "fn": lambda: None, "baselines": {"slow": lambda: time.sleep(5)}},
+                            dry_run=True, timeout_s=0.2)
+    assert "ran past" in record["baselines"]["slow"]["error"] and "slow" not in record["speedup"]
+    assert signal.getitimer(signal.ITIMER_REAL) == (0.0, 0.0)
+    with suite.time_limit(30):  # a case that ends in time disarms its alarm (else SIGALRM kills the suite later)
+        pass
+    assert signal.getitimer(signal.ITIMER_REAL) == (0.0, 0.0)
+
+
+def test_a_case_and_its_baselines_together_end_by_the_suites_deadline(monkeypatch, tmp_path):
+    """Each baseline had the whole case limit of its own: a case with four baselines ran up to five limits
+    past the budget, and the device call's outer timeout then lost its record. Now every step is cut to
+    the deadline, and a step with no time left is an error record at once (setitimer(0) means no limit)."""
+    import signal
+
+    suite = _load("gpu_suite")
+    case = {"name": "c", "check": lambda: time.sleep(0.25), "fn": lambda: None,
+            "baselines": {f"b{i}": (lambda: time.sleep(5)) for i in range(4)}}
+    began = time.monotonic()
+    record = suite.run_case(case, dry_run=True, timeout_s=0.3, deadline=began + 0.6)
+    assert time.monotonic() - began < 1.0  # was 0.3 + 4 x 0.3 = 1.5 s
+    errors = [record["baselines"][f"b{i}"]["error"] for i in range(4)]
+    assert all(e.startswith("CaseTimeout: ") for e in errors) and "ran past 0.3 s" in errors[0]
+    assert "no time left before the suite's deadline" in errors[-1]
+    assert signal.getitimer(signal.ITIMER_REAL) == (0.0, 0.0)
+    late = suite.run_case({"name": "late", "fn": lambda: None}, dry_run=True, deadline=time.monotonic() - 1)
+    assert "no time left" in late["error"] and "median_us" not in late
+    deadlines = []
+    monkeypatch.setattr(suite, "load_cases", lambda dry_run, name_filter="": ([{"name": "one", "fn": lambda: None}], []))
+    real = suite.run_case
+    monkeypatch.setattr(suite, "run_case", lambda *a, **k: (deadlines.append(k.get("deadline")), real(*a, **k))[1])
+    start = time.monotonic()
+    suite.main(["--dry-run", "--out", str(tmp_path), "--budget-s", "100", "--case-timeout-s", "7"])
+    assert deadlines and start + 107 - 5 < deadlines[0] <= time.monotonic() + 107
+
+
+def test_select_keep_mask_cases_of_an_unavailable_backend_are_recorded_as_skipped():
+    select = _bench("bench_select_gpu")
+    cases = select._keep_mask_cases(("cuda", "cuda-bracket"), "cpu", 1e-4)
+    assert [c["name"] for c in cases] == ["select_keep_mask_25M_fp32/cuda", "select_keep_mask_25M_fp32/cuda-bracket"]
+    assert all("unavailable" in c["skip"] for c in cases)
+
+
+def test_the_fp32_forward_counts_its_bytes_once():
+    """x, y and W in fp32 and the fp32 scores: 2 x the bf16 case's bytes counted the scores twice."""
+    masked = _bench("bench_masked_gpu")
+    cases = [c for c in masked.gpu_cases(dry_run=True) if c["name"].startswith("masked_linear_fwd_fp32")]
+    d = masked._linear_data(masked.TINY, "cpu")
+    assert cases and all(c["bytes"] == (d.m * d.k + d.m * d.n) * 4 + d.n * d.k * 8 for c in cases)
+
+
+def test_a_failed_overhead_baseline_leaves_the_overhead_unknown(monkeypatch):
+    suite = _load("gpu_suite")
+
+    def fake(fn, dry_run, timer):
+        fn()
+        return {"median_us": 100.0, "p20_us": 0, "p80_us": 0}
+
+    monkeypatch.setattr(suite, "time_us", fake)
+    case = dict(_case_record(), overhead_vs="dense", target_speedup={})
+    record = suite.run_case(case, dry_run=False)
+    assert "overhead_us" not in record and record["meets_target"] is None
+    assert record["targets_unchecked"] == ["dense"]
+
+
+# ----------------------------------------------------------------------------- audit: the selection cases
+
+
+def _bench(name):
+    """A case module, imported as gpu_suite.load_cases does (benchmarks/ on sys.path for its helpers)."""
+    import sys
+
+    if str(BENCHMARKS) not in sys.path:
+        sys.path.insert(0, str(BENCHMARKS))
+    return _load(name)
+
+
+def _select_cases():
+    return {c["name"]: c for c in _bench("bench_select_gpu").gpu_cases(dry_run=True)}
+
+
+def test_select_cases_have_the_documented_targets_sizes_timers_and_baselines():
+    import torch
+
+    from bise_kernels.backends import reference as ref
+
+    cases = _select_cases()
+    assert {n for n in cases if n.endswith("/api")} == {
+        "select_25M_fp32_cold/api", "select_25M_fp32_warm/api", "select_12M_fp64_cold/api", "select_bert_base_global/api"}
+    targets = {"select_25M_fp32_cold/torch": 50.0, "select_25M_fp32_warm/torch": 30.0,
+               "select_12M_fp64_cold/torch": 50.0, "select_resnet50_batched/torch": 150.0,
+               "select_bert_base_global/torch": 300.0}
+    for name, target in targets.items():
+        assert cases[name].get("target_us") == target, name
+    for name, case in cases.items():
+        if name.endswith("/api"):  # the API's overhead over the kernel "auto" picks, each call synchronised
+            assert case["timer"] == "latency" and case.get("target_us") is None, name
+            assert set(case["baselines"]) == {"raw_kernel"} and case["overhead_vs"] == "raw_kernel"
+            assert case["target_overhead_us"] == 10.0
+    fp32, fp64 = cases["select_25M_fp32_cold/torch"], cases["select_12M_fp64_cold/torch"]
+    assert fp64["bytes"] == fp32["bytes"] == 4 * fp32["numel"] == 8 * fp64["numel"]  # the same 100 MB
+    keep = cases["select_keep_mask_25M_fp32/torch"]
+    assert keep["bytes"] == 5 * keep["numel"]  # 4 bytes read, 1 written
+    # every kthvalue / topk baseline finds the same k-th largest value as the reference
+    for name in ("select_25M_fp32_cold/torch", "select_12M_fp64_cold/torch", "select_bert_base_global/torch"):
+        base = cases[name]["baselines"]
+        kth = next(v for n, v in base.items() if "kthvalue" in n)().values
+        topk_min = next(v for n, v in base.items() if "topk" in n)().values.min()
+        assert torch.equal(kth.reshape(()), topk_min.reshape(())), name
+    # one_read reads every tensor of the case
+    assert len(cases["select_resnet50_batched/torch"]["baselines"]["one_read"]()) == cases["select_resnet50_batched/torch"]["tensors"]
+    assert len(cases["select_bert_base_global/torch"]["baselines"]["one_read"]()) == cases["select_bert_base_global/torch"]["tensors"]
+    del ref
+
+
+def test_the_warm_case_is_hinted_with_the_cold_threshold(monkeypatch):
+    import torch
+
+    from bise_kernels.backends import reference as ref
+
+    select = _bench("bench_select_gpu")
+    calls = []
+    monkeypatch.setattr(select, "_kernel", lambda backend, kernel: (lambda *a: calls.append(a) or ref.topk_select(*a[:2])))
+    cases = {c["name"]: c for c in select._single_cases(("torch",), "cpu", 1e-4)}
+    cases["select_25M_fp32_cold/torch"]["fn"]()
+    cases["select_25M_fp32_warm/torch"]["fn"]()
+    (cold_x,), k, cold_hint = calls[0]
+    (warm_x,), _, warm_hint = calls[1]
+    assert cold_hint is None and warm_hint is not None and not torch.equal(cold_x, warm_x)
+    assert torch.equal(warm_hint, ref.topk_select([cold_x], k)[0])
+
+
+def test_a_select_case_whose_kernel_is_wrong_fails_its_check(monkeypatch):
+    import torch
+
+    from bise_kernels.backends import reference as ref
+
+    select = _bench("bench_select_gpu")
+
+    def wrong(*args):
+        thr, cut = ref.topk_select(*args[:2]) if len(args) and isinstance(args[1], int) else (None, None)
+        return thr + 1, cut
+
+    monkeypatch.setattr(select, "_kernel", lambda backend, kernel: wrong)
+    for case in select._single_cases(("torch",), "cpu", 1e-4) + select._global_cases(("torch",), "cpu", 1e-4):
+        if case["name"].endswith("/torch"):
+            with pytest.raises(AssertionError):
+                case["check"]()
+    del torch
+
+
+def test_cuda_bracket_runs_the_bracket_algorithm(monkeypatch):
+    import os
+
+    select = _bench("bench_select_gpu")
+    monkeypatch.delenv("BISE_SELECT_CUDA", raising=False)
+    monkeypatch.setattr(select, "kernel_table", lambda name: {"topk_select": lambda: os.environ.get("BISE_SELECT_CUDA")})
+    assert select._kernel("cuda-bracket", "topk_select")() == "bracket"
+    assert select._kernel("cuda", "topk_select")() == "radix"
+    assert "BISE_SELECT_CUDA" not in os.environ
+
+
+def test_the_float64_and_keep_mask_cases_run_on_both_cuda_algorithms(monkeypatch):
+    select = _bench("bench_select_gpu")
+    got = {}
+    monkeypatch.setattr(select.torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(select, "_single_cases", lambda backends, *a, dtype=None, warm=True: got.setdefault(
+        f"single-{dtype}", backends) and [])
+    monkeypatch.setattr(select, "_batched_cases", lambda backends, *a: got.setdefault("batched", backends) and [])
+    monkeypatch.setattr(select, "_global_cases", lambda backends, *a: got.setdefault("global", backends) and [])
+    monkeypatch.setattr(select, "_keep_mask_cases", lambda backends, *a: got.setdefault("keep", backends) and [])
+    select.gpu_cases(dry_run=False)
+    assert got["single-torch.float64"] == got["keep"] == ("cuda", "cuda-bracket")
+    assert got["single-None"] == got["batched"] == got["global"] == ("cuda", "cuda-bracket", "triton")
+
+
+def test_the_model_shapes_are_the_documented_models():
+    shapes = _load("model_shapes")
+    resnet = shapes.resnet50_weight_shapes()
+    bert = shapes.bert_base_weight_shapes()
+    numel = lambda ss: sum(__import__("math").prod(s) for s in ss)  # noqa: E731
+    assert len(resnet) == 54 and round(numel(resnet) / 1e6, 1) == 25.5  # torchvision's 25.5 M parameters, less BN
+    assert len(bert) == 76 and 108e6 < numel(bert) < 111e6
+
+
+# ----------------------------------------------------------------------------- audit: the masked cases
+
+
+def _masked_cases(monkeypatch=None, table=None):
+    masked = _bench("bench_masked_gpu")
+    if table is not None:
+        monkeypatch.setattr(masked, "kernel_table", table)
+    return masked, {c["name"]: c for c in masked.gpu_cases(dry_run=True)}
+
+
+def _close(a, b, rel=2e-2):
+    import torch
+
+    return float((a.float() - b.float()).abs().max()) <= rel * float(b.float().abs().max()) + 1e-6 and a.shape == b.shape \
+        if isinstance(a, torch.Tensor) else False
+
+
+def test_masked_baselines_compute_what_their_names_say():
+    """materialise-then-cuBLAS/cuDNN does the masked op's math (so its time is the fair two-pass cost);
+    the dense baselines do the unmasked op."""
+    import torch
+
+    _, cases = _masked_cases()
+    fwd = cases["masked_linear_fwd_bf16_64/torch"]
+    assert _close(fwd["baselines"]["materialise_then_cublas"](), fwd["fn"]())
+    assert not _close(fwd["baselines"]["cublas_dense"](), fwd["fn"]())
+    wgrad = cases["masked_linear_wgrad_scoregrad_bf16_64/torch"]
+    assert _close(wgrad["baselines"]["materialise_then_cublas"](), wgrad["fn"]()[3])
+    dgrad = cases["masked_linear_dgrad_bf16_64/torch"]
+    assert _close(dgrad["baselines"]["materialise_then_cublas"](), dgrad["fn"]()[0])
+    step = cases["masked_linear_keep_fwd_bwd_bf16_M16_64x64/torch"]
+    y, (gx, _, _, gs) = step["fn"]()
+    got = step["baselines"]["materialise_then_cublas"]()
+    assert len(got) == 3 and _close(got[0], y) and _close(got[1], gx) and _close(got[2], gs)
+    for name, case in cases.items():
+        if name.startswith("masked_conv_fwd_bwd") and name.endswith("/torch"):
+            y, (gx, _, _, gs) = case["fn"]()
+            gx_m, gs_m = case["baselines"]["materialise_then_cudnn"]()
+            assert _close(gx_m, gx) and _close(gs_m, gs), name
+            dense = case["baselines"]["cudnn_dense"]()
+            assert len(dense) == 3 and dense[1].shape == gs.shape and not _close(dense[0], gx), name
+        if name.startswith("channel_gate_fwd"):
+            assert set(case["baselines"]) == {"eager_x_mul_g"}, name
+        if name.startswith("masked_conv_keep_fwd_bwd"):
+            assert set(case["baselines"]) == {"cudnn_dense", "selection_path"}, name
+    del torch
+
+
+def test_masked_targets_are_the_documented_ones():
+    masked, cases = _masked_cases()
+    for name, case in cases.items():
+        want = None
+        if name.startswith(("masked_linear_fwd_bf16_64/", "masked_linear_dgrad", "masked_linear_wgrad",
+                            "masked_linear_keep_fwd_bf16_64/", "masked_linear_keep_dgrad", "masked_linear_keep_wgrad")):
+            want = {"cublas_dense": 0.9}
+        elif "_M16_" in name:  # the dry run has no max-autotune baseline
+            want = {"materialise_then_cublas": 1.3}
+        elif name.startswith("masked_conv"):
+            want = {"cudnn_dense": 0.95}
+        assert case.get("target_speedup") == want, name
+    d = masked._linear_data(masked.TINY, "cpu")
+    (small,) = masked._small_m_cases("p", lambda a: None, d, lambda *a: None, mask_bytes=4)
+    assert small["target_speedup"] == {"materialise_then_cublas": 1.3, "compile_max_autotune": 1.0}
+
+
+def test_a_masked_case_whose_kernel_is_wrong_fails_its_check(monkeypatch):
+    """Every backend case's check compares with the reference: a kernel off by 50% must not be timed."""
+    import torch
+
+    from bise_kernels.backends import kernel_table
+
+    def scaled(f):
+        def wrong(*args):
+            out = f(*args)
+            if isinstance(out, (tuple, list)):
+                return type(out)(None if o is None else o * 1.5 for o in out)
+            return out * 1.5
+        return wrong
+
+    def table(name):
+        real = kernel_table(name)
+        return {k: (scaled(f) if k.startswith(("masked_", "channel_gate_")) else f) for k, f in real.items()}
+
+    _, cases = _masked_cases(monkeypatch, table)
+    for name, case in cases.items():
+        if name.endswith("/torch"):
+            with pytest.raises(AssertionError):
+                case["check"]()
+    del torch
+
+
+def test_a_conv_keep_case_checks_its_own_keep_kernels(monkeypatch):
+    from bise_kernels.backends import kernel_table
+
+    def table(name):
+        real = dict(kernel_table(name))
+        fwd = real["masked_conv2d_keep_forward"]
+        real["masked_conv2d_keep_forward"] = lambda *a: fwd(*a) * 1.5
+        return real
+
+    _, cases = _masked_cases(monkeypatch, table)
+    keep = [c for n, c in cases.items() if n.startswith("masked_conv_keep") and n.endswith("/torch")]
+    assert keep
+    for case in keep:
+        with pytest.raises(AssertionError):
+            case["check"]()
+
+
+def test_a_masked_backend_that_is_unavailable_is_recorded_as_skipped(monkeypatch):
+    from bise_kernels.backends import BackendUnavailableError, kernel_table
+
+    calls = []
+
+    def table(name):
+        calls.append(name)
+        if len(calls) == 1:
+            raise BackendUnavailableError("no such device")
+        return kernel_table(name)
+
+    _, cases = _masked_cases(monkeypatch, table)
+    torch_cases = [c for n, c in cases.items() if n.endswith("/torch")]
+    assert torch_cases and all("unavailable" in c.get("skip", "") for c in torch_cases)
+
+
+# ----------------------------------------------------------------------------- audit: the training-step cases
+
+
+def test_step_targets_are_the_documented_ratios():
+    cases = {c["name"]: c for c in _bench("bench_step_gpu").gpu_cases(dry_run=True)}
+    assert cases["step_mlp4x64_bf16_b8/auto"]["target_speedup"] == pytest.approx({"dense_step": 1 / 1.1,
+                                                                                 "edge_popup": 3.0})
+    assert cases["overhead_masked_linear_256_b32/api"]["target_speedup"] == pytest.approx({"dense_fwd_bwd": 1 / 1.5})
+    assert cases["step_mlp4x64_bf16_b8/torch+keep"]["target_speedup"] == pytest.approx({"dense_step": 1 / 1.1})
+
+
+def test_every_step_case_runs_the_step_check(monkeypatch):
+    step = _bench("bench_step_gpu")
+    checked = []
+    monkeypatch.setattr(step, "_check_step", lambda net, x, backend: checked.append(backend))
+    cases = [c for c in step.gpu_cases(dry_run=True) if c["name"].startswith("step_") and "skip" not in c]
+    for case in cases:
+        case["check"]()
+    assert len(checked) == len(cases) and set(checked) == {"torch", "auto"}
+
+
+def test_the_step_check_compares_the_backend_with_the_reference(monkeypatch):
+    """_check_step runs the net on the backend and on "torch": a step whose loss or whose gradients
+    depend on the backend fails it."""
+    import torch
+
+    import bise_kernels
+
+    step = _bench("bench_step_gpu")
+
+    def backend_factor():
+        return 2.0 if bise_kernels.get_backend() == "cpp" else 1.0
+
+    class LossDiffers(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, p):
+            return p * backend_factor()
+
+        @staticmethod
+        def backward(ctx, g):
+            return torch.ones_like(g)
+
+    class GradDiffers(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, p):
+            return p.clone()
+
+        @staticmethod
+        def backward(ctx, g):
+            return torch.ones_like(g) * backend_factor()
+
+    class Net(torch.nn.Module):
+        def __init__(self, fn):
+            super().__init__()
+            self.p, self.fn = torch.nn.Parameter(torch.ones(4)), fn
+
+        def forward(self, x):
+            return self.fn.apply(self.p)
+
+    before = bise_kernels.get_backend()
+    x = torch.zeros(1)
+    for fn in (LossDiffers, GradDiffers):
+        with pytest.raises(AssertionError):
+            step._check_step(Net(fn), x, "cpp")
+        assert bise_kernels.get_backend() == before
+    step._check_step(Net(GradDiffers), x, "torch")  # the same backend passes
+
+
+def test_a_step_updates_only_the_trainable_parameters_and_the_keep_step_compares_modes(monkeypatch):
+    import torch
+
+    step = _bench("bench_step_gpu")
+    torch.manual_seed(0)
+    dense = step._mlp(8, "cpu")
+    popup = step._variant(dense, "edge_popup")
+    assert all(not layer.dense.weight.requires_grad for layer in popup if isinstance(layer, step._EdgePopup))
+    step._step_fn(popup, torch.randn(4, 8, dtype=torch.bfloat16))()
+    assert all(layer.scores.grad is not None and layer.dense.weight.grad is None
+               for layer in popup if isinstance(layer, step._EdgePopup))  # straight through to the scores only
+    net = torch.nn.Sequential(torch.nn.Linear(4, 4))
+    weight = net[0].weight.detach().clone()
+    step._step_fn(net, torch.randn(2, 4))()
+    assert not torch.equal(weight, net[0].weight)  # the step steps
+    keep = step._variant(dense, "masked_keep")
+    assert all(layer.mask_mode == "keep" for layer in keep if hasattr(layer, "mask_mode"))
+    kinds = []
+    real = step._variant
+    monkeypatch.setattr(step, "_variant", lambda d, kind: kinds.append(kind) or real(d, kind))
+    step._keep_step_case("s", dense, torch.randn(4, 8, dtype=torch.bfloat16), "torch", {})
+    assert kinds == ["masked_keep", "masked", "dense"]
+
+
+def test_the_workflow_cases_time_the_cached_path_beside_the_plain_one():
+    cases = {c["name"]: c for c in _bench("bench_workflow_gpu").gpu_cases(dry_run=True)}
+    assert cases["workflow_vanilla_step/simple-cnn"]["target_us"] == 2000.0
+    epoch = cases["workflow_mask_epoch/simple-cnn"]
+    assert epoch["target_us"] == 300_000.0
+    plain = epoch["baselines"]["straightforward epoch"].__self__
+    cells = dict(zip(epoch["fn"].__code__.co_freevars, (c.cell_contents for c in epoch["fn"].__closure__)))
+    cached = cells["fn"].__self__
+    assert plain.prefix is None and cached.prefix is not None
+
+
+# ----------------------------------------------------------------------------- audit: the README's rows
+
+
+def test_the_readme_row_shows_overhead_skipped_cases_and_target_directions():
+    render = _load("render_results").render
+    cases = [{"name": "sel/api", "median_us": 30.0, "p20_us": 29.0, "p80_us": 31.0, "overhead_us": 4.5,
+              "target_overhead_us": 10.0, "target_speedup": {"dense": 0.9}, "meets_target": True,
+              "speedup": {"raw_kernel": 0.85}, "baselines": {}},
+             {"name": "masked/triton", "skipped": "suite budget of 220 s spent"}]
+    lines = render([{"gpu": "g", "commit": "c", "cases": cases}]).splitlines()
+    assert "overhead 4.5" in lines[2] and "dense >= 0.90x" in lines[2] and "met" in lines[2]
+    assert "raw_kernel 0.85x" in lines[2]
+    assert len(lines) == 4 and "masked/triton" in lines[3] and "budget" in lines[3]
+
+
+# ----------------------------------------------------------------------------- audit: the kernels call
+
+
+def test_the_kernels_call_hands_the_suite_out_and_a_budget_within_the_deadline(tmp_path):
+    import subprocess
+
+    out = tmp_path / "out"
+    env = _stub_env(tmp_path, DEADLINE_S="40", S_IMPORT="0", S_BUILD="0", S_OTHER="0")
+    done = subprocess.run(["bash", str(ROOT / "scripts" / "device_session.sh"), "kernels", str(out)], env=env,
+                          capture_output=True, text=True, timeout=60)
+    calls = [c for c in (tmp_path / "stub.log").read_text().splitlines() if "gpu_suite.py --out" in c]
+    assert len(calls) == 1, done.stdout
+    args = calls[0].split("gpu_suite.py", 1)[1].split()
+    assert args[args.index("--out") + 1] == str(out)
+    assert 0 < float(args[args.index("--budget-s") + 1]) <= 40  # within what is left of DEADLINE_S
+
+
+def test_a_call_past_its_deadline_skips_its_part_and_a_hung_import_is_cut(tmp_path):
+    import subprocess
+
+    for part in ("kernels", "workflow"):
+        (tmp_path / part).mkdir()
+        env = _stub_env(tmp_path / part, DEADLINE_S="2", S_IMPORT="30", S_BUILD="30")
+        began = time.monotonic()
+        done = subprocess.run(["bash", str(ROOT / "scripts" / "device_session.sh"), part, str(tmp_path / part / "out")],
+                              env=env, capture_output=True, text=True, timeout=60)
+        assert time.monotonic() - began < 5, (part, done.stdout)
+        assert done.returncode == 6 and "no time left" in done.stdout, (part, done.stdout)
+        calls = (tmp_path / part / "stub.log").read_text()
+        assert "gpu_suite.py --out" not in calls and "pytest" not in calls and "gpu_workflow" not in calls
