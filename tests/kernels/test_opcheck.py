@@ -253,17 +253,20 @@ def test_a_torch_function_mode_sees_the_custom_ops():
     assert "bise_kernels.topk_keep_mask.default" in seen
 
 
+class Tagged(torch.Tensor):
+    """A wrapper subclass with its own __torch_function__ (as DTensor or a tracer's); ``seen``: what it saw."""
+    seen: list = []
+
+    @classmethod
+    def __torch_function__(cls, func, types, args=(), kwargs=None):
+        cls.seen.append(str(func))
+        return super().__torch_function__(func, types, args, kwargs or {})
+
+
 def test_a_tensor_subclass_sees_the_custom_ops(backend):
     """A tensor subclass (a wrapper with its own __torch_function__, as DTensor or a tracer's) gets the
     custom ops, not the plain eager path's kernels, and its type survives."""
-    seen = []
-
-    class Tagged(torch.Tensor):
-        @classmethod
-        def __torch_function__(cls, func, types, args=(), kwargs=None):
-            seen.append(str(func))
-            return super().__torch_function__(func, types, args, kwargs or {})
-
+    seen = Tagged.seen = []
     x, w, s = _t(3, 5, seed=21), _t(4, 5, seed=22), _t(4, 5, seed=23, grad=True)
     y = bk.masked_linear(x.as_subclass(Tagged), w, None, s, density=0.5)
     assert type(y) is Tagged and "bise_kernels.masked_linear.default" in seen
@@ -336,14 +339,7 @@ def test_a_bad_estimator_set_after_construction_fails_an_eval_forward(backend):
 
 def test_a_tensor_subclass_inside_a_list_sees_the_custom_op(backend):
     """_plain_eager looks inside list arguments (topk_select's scores)."""
-    seen = []
-
-    class Tagged(torch.Tensor):
-        @classmethod
-        def __torch_function__(cls, func, types, args=(), kwargs=None):
-            seen.append(str(func))
-            return super().__torch_function__(func, types, args, kwargs or {})
-
+    seen = Tagged.seen = []
     scores = _t(30, seed=34)
     bk._ops.topk_select([_t(4, seed=35), scores.as_subclass(Tagged)], 5, None)
     assert "bise_kernels.topk_select.default" in seen
