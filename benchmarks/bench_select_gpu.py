@@ -88,6 +88,11 @@ def _check_masks(got, want) -> None:
         raise AssertionError("keep masks differ from the reference")
 
 
+def _skipped(case: dict, exc: Exception) -> dict:
+    """``case`` recorded as skipped: its backend is unavailable (``exc`` says why)."""
+    return dict(case, skip=f"backend {case['backend']!r} unavailable: {exc}")
+
+
 def _cases(name: str, backends, kernel: str, call, want, baselines: dict, api=None, same=_check_same,
            **fields) -> list[dict]:
     """One case per backend (skipped where it is unavailable): ``call(f)`` runs the backend's
@@ -99,7 +104,7 @@ def _cases(name: str, backends, kernel: str, call, want, baselines: dict, api=No
         try:
             f = _kernel(backend, kernel)
         except BackendUnavailableError as exc:
-            cases.append(dict(case, skip=f"backend {backend!r} unavailable: {exc}"))
+            cases.append(_skipped(case, exc))
             continue
         cases.append(dict(case, fn=lambda f=f: call(f), check=lambda f=f: same(call(f), want()),
                           baselines=baselines))
@@ -189,9 +194,8 @@ def _keep_mask_cases(backends, device, scale) -> list[dict]:
     for backend in backends:
         try:
             select, keep = _kernel(backend, "topk_select"), _kernel(backend, "keep_mask")
-        except (BackendUnavailableError, KeyError) as exc:  # recorded as skipped, as _cases does
-            cases.append({"name": f"select_keep_mask_25M_fp32/{backend}", "backend": backend,
-                          "skip": f"backend {backend!r} unavailable: {exc}"})
+        except (BackendUnavailableError, KeyError) as exc:
+            cases.append(_skipped({"name": f"select_keep_mask_25M_fp32/{backend}", "backend": backend}, exc))
             continue
         baselines = {"one_read": shared["one_read"],
                      "select+keep_mask": lambda s=select, m=keep: m(x, *s([x], k, None), 0),

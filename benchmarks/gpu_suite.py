@@ -410,14 +410,14 @@ def main(argv=None) -> Path:
     cases, notes = load_cases(args.dry_run, args.filter)
     results: list[dict] = []
     shared: dict = {}  # baselines timed once per input (run_case's baseline_cache)
+    # a case started within the budget may run one case limit past it, no more (run_gpu.sh's margin)
+    deadline = start + args.budget_s + args.case_timeout_s
     for case in cases:
         if time.monotonic() - start > args.budget_s:
             results.append({"name": case["name"], "skipped": f"suite budget of {args.budget_s:.0f} s spent"})
         else:
             began = time.monotonic()
-            # a case started within the budget may run one case limit past it, no more (run_gpu.sh's margin)
-            results.append(run_case(case, args.dry_run, args.case_timeout_s, shared,
-                                    deadline=start + args.budget_s + args.case_timeout_s))
+            results.append(run_case(case, args.dry_run, args.case_timeout_s, shared, deadline=deadline))
             results[-1]["elapsed_s"] = round(time.monotonic() - began, 2)
         print(_summary(results[-1]), flush=True)
         _write(path, {**env, "notes": notes, "cases": results})

@@ -290,14 +290,15 @@ def _case_record(error_baseline: bool = True):
             "target_speedup": {"dense": 0.9}, "overhead_vs": "raw", "target_overhead_us": 10.0}
 
 
+def _time_us_100(fn, dry_run, timer):
+    """A stand-in for gpu_suite.time_us: runs ``fn`` once (a failing baseline raises) and says 100 us."""
+    fn()
+    return {"median_us": 100.0, "p20_us": 0, "p80_us": 0}
+
+
 def test_a_target_whose_baseline_failed_is_unknown_not_missed(monkeypatch):
     suite = _load("gpu_suite")
-
-    def fake(fn, dry_run, timer):
-        fn()
-        return {"median_us": 100.0, "p20_us": 0, "p80_us": 0}
-
-    monkeypatch.setattr(suite, "time_us", fake)
+    monkeypatch.setattr(suite, "time_us", _time_us_100)
     record = suite.run_case(_case_record(), dry_run=False)
     assert record["meets_target"] is None and record["targets_unchecked"] == ["dense"]
     assert "out of memory" in record["baselines"]["dense"]["error"] and "dense" not in record["speedup"]
@@ -598,12 +599,7 @@ def test_the_fp32_forward_counts_its_bytes_once():
 
 def test_a_failed_overhead_baseline_leaves_the_overhead_unknown(monkeypatch):
     suite = _load("gpu_suite")
-
-    def fake(fn, dry_run, timer):
-        fn()
-        return {"median_us": 100.0, "p20_us": 0, "p80_us": 0}
-
-    monkeypatch.setattr(suite, "time_us", fake)
+    monkeypatch.setattr(suite, "time_us", _time_us_100)
     case = dict(_case_record(), overhead_vs="dense", target_speedup={})
     record = suite.run_case(case, dry_run=False)
     assert "overhead_us" not in record and record["meets_target"] is None

@@ -297,19 +297,23 @@ CELEBA_GROUPS = {0: {(1, 0): 12, (1, 1): 5, (0, 0): 15, (0, 1): 20},
                  2: {(1, 0): 1, (1, 1): 1, (0, 0): 1, (0, 1): 1}}
 
 
-def _celeba(root):
+def _celeba(root, groups=CELEBA_GROUPS, blank_line=False, lossless=False):
+    """A CelebA layout with {partition: {(blond, male): count}}; image blue channel = running index (exact with
+    ``lossless``: PNG bytes under the .jpg names); ``blank_line``: a trailing blank line in the attribute file."""
     (root / "img_align_celeba").mkdir(parents=True)
     attr, part, i = [], [], 0
-    for p, groups in CELEBA_GROUPS.items():
-        for (blond, male), n in groups.items():
+    for p, gs in groups.items():
+        for (blond, male), n in gs.items():
             for _ in range(n):
                 i += 1
                 name = f"{i:06d}.jpg"
-                Image.new("RGB", (4, 5), (blond * 200, male * 200, i % 256)).save(root / "img_align_celeba" / name)
+                Image.new("RGB", (4, 5), (blond * 200, male * 200, i % 256)).save(
+                    root / "img_align_celeba" / name, format="PNG" if lossless else None)
                 vals = [("1" if i % 3 else "-1"), ("1" if blond else "-1"), ("1" if male else "-1")]
                 attr.append(f"{name} " + " ".join(f"{v:>2}" for v in vals))
                 part.append(f"{name} {p}")
-    (root / "list_attr_celeba.txt").write_text(f"{i}\n" + " ".join(ATTRS) + "\n" + "\n".join(attr) + "\n")
+    (root / "list_attr_celeba.txt").write_text(f"{i}\n" + " ".join(ATTRS) + "\n" + "\n".join(attr) + "\n"
+                                               + ("\n" if blank_line else ""))
     (root / "list_eval_partition.txt").write_text("\n".join(part) + "\n")
     return root
 
@@ -564,25 +568,6 @@ def test_a_folder_with_a_place_column_is_still_a_folder(tmp_path):
     assert data.load(str(root), cache_dir=str(tmp_path / "c")).name == "pl"
 
 
-def _celeba_groups(root, groups, blank_line=False):
-    """A CelebA layout with the given {partition: {(blond, male): count}}; image blue channel = running index."""
-    (root / "img_align_celeba").mkdir(parents=True)
-    attr, part, i = [], [], 0
-    for p, gs in groups.items():
-        for (blond, male), n in gs.items():
-            for _ in range(n):
-                i += 1
-                name = f"{i:06d}.jpg"
-                Image.new("RGB", (4, 5), (blond * 200, male * 200, i % 256)).save(root / "img_align_celeba" / name,
-                                                                                 format="PNG")  # lossless
-                attr.append(f"{name} 1 {'1' if blond else '-1'} {'1' if male else '-1'}")
-                part.append(f"{name} {p}")
-    (root / "list_attr_celeba.txt").write_text(f"{i}\n" + " ".join(ATTRS) + "\n" + "\n".join(attr) + "\n"
-                                               + ("\n" if blank_line else ""))
-    (root / "list_eval_partition.txt").write_text("\n".join(part) + "\n")
-    return root
-
-
 def test_celeba_malformed_lines_and_missing_groups_are_named(tmp_path):
     root = _celeba(tmp_path / "a")
     text = (root / "list_attr_celeba.txt").read_text().splitlines()
@@ -596,7 +581,7 @@ def test_celeba_malformed_lines_and_missing_groups_are_named(tmp_path):
     with pytest.raises(ValueError, match=r"line 1: expected '<filename> <0\|1\|2>'"):
         data.load(f"celeba:{root}", cache_dir=str(tmp_path / "c"))
     groups = {0: CELEBA_GROUPS[0], 1: {**CELEBA_GROUPS[1], (1, 1): 0}, 2: CELEBA_GROUPS[2]}
-    root = _celeba_groups(tmp_path / "g", groups)
+    root = _celeba(tmp_path / "g", groups, lossless=True)
     with pytest.raises(ValueError, match="CelebA valid partition has no sample with y=1, b=0"):
         data.load(f"celeba:{root}", cache_dir=str(tmp_path / "c"))
 
@@ -606,7 +591,7 @@ def test_celeba_protocol_details(tmp_path):
     n_train stratified by group; a trailing blank line is fine; b is oriented on the *train* partition."""
     groups = {0: {(1, 0): 30, (1, 1): 10, (0, 0): 25, (0, 1): 40},
               1: {(1, 0): 3, (1, 1): 3, (0, 0): 3, (0, 1): 3}, 2: CELEBA_GROUPS[2]}
-    root = _celeba_groups(tmp_path / "c", groups, blank_line=True)
+    root = _celeba(tmp_path / "c", groups, blank_line=True, lossless=True)
     ds = data.load(str(root), seed=2, cache_dir=str(tmp_path / "cache"))
     assert torch.bincount(2 * ds.val.y + ds.val.b, minlength=4).tolist() == [2, 2, 2, 2]  # int(0.2 * 10)
     for sp in (ds.train, ds.val, ds.test):
@@ -618,7 +603,7 @@ def test_celeba_protocol_details(tmp_path):
     assert torch.bincount(2 * small.train.y + small.train.b, minlength=4).tolist() == allocate(40, full).tolist()
     # train: blond-male + dark-female = 35 of 105 -> b = not Male; over all partitions it would not be
     flip = {0: groups[0], 1: {(1, 0): 1, (1, 1): 60, (0, 0): 60, (0, 1): 1}, 2: CELEBA_GROUPS[2]}
-    ds = data.load(str(_celeba_groups(tmp_path / "f", flip)), cache_dir=str(tmp_path / "cache"))
+    ds = data.load(str(_celeba(tmp_path / "f", flip, lossless=True)), cache_dir=str(tmp_path / "cache"))
     assert ds.info["bias"] == "not Male"
 
 
@@ -636,7 +621,7 @@ def test_waterbirds_n_train_is_stratified_by_group_and_splits_are_shuffled(tmp_p
 
 def test_celeba_and_waterbirds_without_enough_training_samples_are_named(tmp_path):
     groups = {0: {**CELEBA_GROUPS[0], (1, 1): 4}, 1: CELEBA_GROUPS[1], 2: CELEBA_GROUPS[2]}
-    root = _celeba_groups(tmp_path / "c", groups)
+    root = _celeba(tmp_path / "c", groups, lossless=True)
     with pytest.raises(ValueError, match="the smallest training group has fewer than 5 samples"):
         data.load(str(root), cache_dir=str(tmp_path / "cache"))
     root = _waterbirds(tmp_path / "wb", [(y, p, s) for s in (1, 2) for y in (0, 1) for p in (0, 1)])

@@ -86,6 +86,19 @@ def test_the_resident_budget_is_the_smaller_of_2_gib_and_a_quarter_of_the_gpu(mo
     assert batching.resident_limit(torch.device("cpu")) == float("inf")
 
 
+def _host_fed(model, split, opt, sched, epochs, batch_size=20, seed=3):
+    """The plain training loop fit must equal: batches of Split.inputs in a seeded order, the scheduler per epoch."""
+    gen = torch.Generator().manual_seed(seed)
+    for _ in range(epochs):
+        for idx in torch.randperm(len(split), generator=gen).split(batch_size):
+            loss = F.cross_entropy(model(split.inputs(idx)), split.y[idx])
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+        if sched is not None:
+            sched.step()
+
+
 def test_fit_equals_the_host_fed_loop():
     """fit on device-resident batches = the plain loop over Split.inputs (same seed), bit for bit."""
     split = _split(n=90)
@@ -96,14 +109,7 @@ def test_fit_equals_the_host_fed_loop():
     fit(model, split, recipe, epochs=2, batch_size=20, lr=0.05, seed=3, quiet=True)
     opt = torch.optim.SGD(reference.parameters(), lr=0.05, momentum=0.9, weight_decay=1e-4)
     sched = torch.optim.lr_scheduler.MultiStepLR(opt, [1], 0.1)
-    gen = torch.Generator().manual_seed(3)
-    for _ in range(2):
-        for idx in torch.randperm(len(split), generator=gen).split(20):
-            loss = F.cross_entropy(reference(split.inputs(idx)), split.y[idx])
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-        sched.step()
+    _host_fed(reference, split, opt, sched, epochs=2)
     for a, b in zip(model.state_dict().values(), reference.state_dict().values()):
         assert torch.equal(a, b)
 
@@ -151,15 +157,7 @@ def test_fit_with_an_adam_recipe_equals_the_host_fed_loop(name):
     fit(model, split, recipe, epochs=3, batch_size=20, lr=0.01, seed=3, quiet=True)
     opt = torch.optim.Adam(reference.parameters(), lr=0.01, weight_decay=1e-4)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, 3) if recipe["schedule"] == "cosine" else None
-    gen = torch.Generator().manual_seed(3)
-    for _ in range(3):
-        for idx in torch.randperm(len(split), generator=gen).split(20):
-            loss = F.cross_entropy(reference(split.inputs(idx)), split.y[idx])
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-        if sched is not None:
-            sched.step()
+    _host_fed(reference, split, opt, sched, epochs=3)
     assert not model.training  # fit hands the model back in eval mode
     for a, b in zip(model.state_dict().values(), reference.state_dict().values()):
         assert torch.equal(a, b)
