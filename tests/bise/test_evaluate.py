@@ -109,3 +109,16 @@ def test_a_model_on_another_device_is_named():
     split = _Split(torch.rand(5, 3, 2, 2), torch.randint(0, 3, (5,)), torch.randint(0, 3, (5,)))
     with pytest.raises(ValueError, match=r"the model is on meta, device='cpu': move it there first \(model.to\('cpu'\)\)"):
         evaluate(model, split)
+
+
+def test_evaluate_of_a_dataset_measures_test_and_val():
+    from types import SimpleNamespace
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Flatten(), nn.Linear(12, 3))
+    split = lambda n: _Split(torch.rand(n, 3, 2, 2), torch.randint(0, 3, (n,)), torch.randint(0, 3, (n,)))  # noqa: E731
+    data = SimpleNamespace(test=split(20), val=split(10))
+    out = evaluate(model, data)
+    assert set(out) == {"test", "val"}
+    assert out["val"] == evaluate(model, data.val) and out["test"] == evaluate(model, data.test)
+    assert set(evaluate(model, SimpleNamespace(test=data.test, val=None))) == {"test"}

@@ -331,3 +331,62 @@ def test_max_abs_diff_restores_both_modules_modes(x):
     b.train()
     assert max_abs_diff(a, b, x) == 0.0
     assert a.training and b.training and all(m.training for m in (*a.modules(), *b.modules()))
+
+
+# ---------------------------------------------------------------- mutation audit (auditM): gaps found
+
+
+def test_a_mask_of_the_wrong_width_is_named(x):
+    model = _gated("mlp", 0)
+    name = next(iter(gates_of(model)))
+    with pytest.raises(ExportError, match=rf"mask of '{name}' must be bool of shape \(\d+,\), got torch.bool \(3,\)"):
+        export_subnetwork(model, {name: torch.ones(3, dtype=torch.bool)}, example_input=x)
+
+
+def test_a_bias_free_conv_stays_bias_free_when_it_only_loses_zero_channels(x):
+    """Removing channels that read 0 adds no bias: a bias-free conv (ResNet's) gained a zero bias parameter."""
+    model = _gated("resnet18", 0, width=0.25, stem="cifar")
+    exported, _ = _check(model, x)
+    original = dict(model.named_modules())
+    for name, m in exported.named_modules():
+        if isinstance(m, nn.Conv2d) and original[name].bias is None:
+            assert m.bias is None, name
+
+
+class _ConvReadTwice(nn.Module):
+    """conv's output feeds its BatchNorm and, unnormalised, a skip: BN may not be folded into conv."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 3, padding=1, bias=False)
+        self.bn = nn.BatchNorm2d(8)
+        self.act = nn.ReLU()
+        self.fc = nn.Linear(8 * 64, 4)
+
+    def forward(self, x):
+        h = self.conv(x)
+        return self.fc(torch.flatten(self.act(self.bn(h)) + h, 1))
+
+
+def test_fold_bn_leaves_a_batchnorm_whose_conv_has_another_reader(x):
+    torch.manual_seed(0)
+    model = _ConvReadTwice()
+    insert_gates(model, example_input=x[:2])
+    _randomise(model, 3)
+    exported, _ = _check(model.eval(), x, fold_bn=True, check=False)
+    assert any(isinstance(m, nn.BatchNorm2d) for m in exported.modules())
+
+
+class _FlagsNegativeRows(nn.Module):
+    def forward(self, t):
+        return (t.flatten(1).min(dim=1).values < 0).float().view(-1, 1)
+
+
+def test_max_abs_diff_covers_every_batch(x):
+    """The worst difference over all batches, not the last batch's: here only the first sample differs."""
+    inputs = x[:5].clone()
+    inputs[0] = -1.0
+    zero = nn.Sequential(nn.Flatten(), nn.Linear(192, 1))
+    with torch.no_grad():
+        zero[1].weight.zero_(), zero[1].bias.zero_()
+    assert max_abs_diff(zero, _FlagsNegativeRows(), inputs, batch_size=2) == 1.0

@@ -628,3 +628,199 @@ def test_finetune_keeps_the_best_val_epoch_ties_to_the_later_and_leaves_the_inpu
     assert not any(torch.equal(states[2][k], states[3][k]) for k in ("features.fc1.weight",))  # epochs differ
     assert all(torch.equal(states[2][k], v) for k, v in tuned.state_dict().items())  # epoch 3: the later tie
     assert not tuned.training and not any(p.requires_grad for p in tuned.parameters())
+
+
+# ---------------------------------------------------------------- mutation audit (auditM): gaps found
+
+
+def test_tau_stop_equal_to_tau0_and_exact_halving_counts():
+    with pytest.raises(ValueError, match=r"tau_stop \(1.0\) must be below tau0 \(1.0\)"):
+        ExtractConfig(tau0=1.0, tau_stop=1.0).validate()
+    # log(tau_stop / tau0) / log(tau_factor) is an integer plus rounding error here: no extra halving
+    assert ExtractConfig(tau_factor=0.1, tau_stop=1e-5).halvings == 5
+    assert ExtractConfig(tau_factor=0.2, tau_stop=0.008).halvings == 3
+
+
+def test_a_budget_of_one_keeps_every_unit():
+    data = _random_data()
+    model = build_model("mlp", 3, data.input_shape, width=0.2)
+    ExtractConfig(budget=1).validate()
+    sub = extract(model, data, config=ExtractConfig(mask_epochs=1, head_epochs=0, budget=1.0), quiet=True)
+    assert sub.units_kept == sub.units_total
+
+
+def test_a_bias_label_equal_to_num_bias_classes_is_named():
+    data = _random_data()
+    train = data.train.subset(slice(None))
+    train.b = train.b.clone()
+    train.b[0] = data.num_bias_classes
+    model = build_model("mlp", 3, data.input_shape, width=0.2)
+    with pytest.raises(ValueError, match=r"train.b holds labels outside \[0, num_bias_classes=3\)"):
+        extract(model, dataclasses.replace(data, train=train), config=ExtractConfig(mask_epochs=1, head_epochs=0),
+                quiet=True)
+
+
+@pytest.mark.parametrize("variant", [dict(gamma=1000.0, alpha=2.0), dict(mi=False), dict(two_bias=True)])
+def test_the_chain_step_and_the_straightforward_loop_agree_off_the_defaults(variant):
+    """The cached GatedChain step (bise.mask_loss for the default objective) and the autograd loop compute the
+    same step for every objective: gamma/alpha, the mi=False ablation, and two heads (two biases)."""
+    variant = dict(variant)
+    data = _random_data(two_bias=variant.pop("two_bias", False))
+    torch.manual_seed(0)
+    model = build_model("mlp", 3, data.input_shape, width=0.2)
+    config = ExtractConfig(mask_epochs=2, head_epochs=1, batch_size=60, **variant)
+    cached = extract(model, data, config=config, quiet=True)
+    plain = extract(model, data, config=dataclasses.replace(config, cache_features=False), quiet=True)
+    assert cached.info["prefix_cached"] and not plain.info["prefix_cached"]
+    if not config.mi:
+        assert all(h["mi"] == 0 for h in cached.history + plain.history)
+    for a, b in zip(cached.history, plain.history):
+        assert a["train_loss"] == pytest.approx(b["train_loss"], rel=1e-5, abs=1e-6)
+        assert a["aux_loss"] == pytest.approx(b["aux_loss"], rel=1e-5, abs=1e-6)
+    for name in cached.scores:
+        torch.testing.assert_close(cached.scores[name], plain.scores[name], rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("cache_features", [True, False])
+def test_reweight_false_is_plain_cross_entropy(monkeypatch, cache_features):
+    from bise import losses
+
+    data = _random_data()
+    model = build_model("mlp", 3, data.input_shape, width=0.2)
+    monkeypatch.setattr(losses, "reweighted_cross_entropy", lambda *a, **k: pytest.fail("reweighted with reweight=False"))
+    extract(model, data, config=ExtractConfig(mask_epochs=1, head_epochs=0, reweight=False,
+                                              cache_features=cache_features), quiet=True)
+
+
+@pytest.mark.parametrize("cache_features", [True, False])
+def test_a_mask_epoch_trains_the_bias_head_too(cache_features):
+    """Section 6: each mask step also steps the auxiliary head (on the detached z)."""
+    import contextlib
+
+    from bise.extract import prepare_run
+
+    data = _random_data()
+    model = build_model("mlp", 3, data.input_shape, width=0.2)
+    run = prepare_run(model, data, ExtractConfig(mask_epochs=2, head_epochs=0, cache_features=cache_features))
+    before = {k: v.clone() for k, v in run.heads.state_dict().items()}
+    with run.prefix if run.prefix is not None else contextlib.nullcontext():
+        run.mask_epoch()
+    assert any(not torch.equal(v, run.heads.state_dict()[k]) for k, v in before.items())
+
+
+def test_label_free_validation_metrics_use_the_true_bias_labels(digits, vanilla_mlp):
+    """The pseudo labels train the masks; an epoch's val metrics (aligned / conflicting / groups) are measured
+    against the data's bias labels."""
+    import contextlib
+
+    from bise.evaluate import evaluate
+    from bise.export import freeze_gates
+    from bise.extract import prepare_run
+
+    run = prepare_run(vanilla_mlp, digits, ExtractConfig(**TINY, label_free=True, mask_set="vanilla-train"))
+    assert not torch.equal(run.val.b, digits.val.b)  # the identification model's labels differ somewhere
+    masks = {n: torch.arange(g.num_channels) % 3 != 0 for n, g in run.gates.items()}
+    with run.prefix if run.prefix is not None else contextlib.nullcontext():
+        _, metrics = run.evaluate("val", masks, run.val)
+    assert metrics == evaluate(freeze_gates(run.model, masks), digits.val)
+
+
+def test_no_head_refit_after_the_last_halving_unless_asked(digits, vanilla_mlp, monkeypatch):
+    from bise.extract import _Run
+
+    # pre-training + a refit per halving: a halving at each of the 3 epochs, or (tau_stop=0.25) at epochs 2 and 3
+    for tau_stop, refit_after_last, expected in ((1e-3, False, 3), (1e-3, True, 4), (0.25, False, 2), (0.25, True, 3)):
+        seen = []
+        monkeypatch.setattr(_Run, "head_phase", lambda self, desc: seen.append(desc))
+        config = ExtractConfig(**TINY, tau_stop=tau_stop, refit_after_last=refit_after_last)
+        sub = extract(vanilla_mlp, digits, config=config, quiet=True)
+        assert len(seen) == expected, seen
+        assert sub.info["final_refit_skipped"] is not refit_after_last
+
+
+def test_resume_refuses_another_seed_or_other_images(tmp_path, digits, vanilla_mlp):
+    config = ExtractConfig(**TINY)
+
+    def stop(epoch, record):
+        raise _Interrupt
+
+    with pytest.raises(_Interrupt):
+        extract(vanilla_mlp, digits, config=config, out_dir=tmp_path, quiet=True, callback=stop)
+    with pytest.raises(ValueError, match=r"different settings \(\['seed'\]\)"):
+        extract(vanilla_mlp, digits, config=dataclasses.replace(config, seed=1), out_dir=tmp_path, resume=True,
+                quiet=True)
+    # the same labels, other images: the fingerprint covers the inputs too
+    val = digits.val
+    other = dataclasses.replace(digits, val=Split(255 - val.x, val.y, val.b))
+    with pytest.raises(ValueError, match="is an extraction of another model or other data"):
+        extract(vanilla_mlp, other, config=config, out_dir=tmp_path, resume=True, quiet=True)
+    resumed = extract(vanilla_mlp, digits, config=config, out_dir=tmp_path, resume=True, quiet=True)
+    assert resumed.info["mask_epochs_run"] == 2  # epochs 2 and 3; the interrupted run did epoch 1
+
+
+def test_a_budget_that_rounds_to_one_unit_is_accepted():
+    from bise.extract import check_budget
+
+    check_budget(0.004, 300)  # round(1.2) = 1 unit
+    check_budget(0.003, 300)  # round(0.9) = 1 unit: the top-k keeps round(budget * units)
+    with pytest.raises(ValueError, match="keeps round"):
+        check_budget(0.001, 300)
+
+
+def test_a_checkpoint_is_written_after_head_pretraining(tmp_path, digits, vanilla_mlp, monkeypatch):
+    from bise.extract import _Run
+
+    def interrupted(self):
+        raise _Interrupt
+
+    monkeypatch.setattr(_Run, "mask_epoch", interrupted)
+    with pytest.raises(_Interrupt):
+        extract(vanilla_mlp, digits, config=ExtractConfig(**TINY), out_dir=tmp_path, quiet=True)
+    ckpt = torch.load(tmp_path / CHECKPOINT_NAME, weights_only=False)
+    assert ckpt["epoch"] == 0 and ckpt["history"] == [] and ckpt["timing"]["head_pretraining"] > 0
+
+
+def test_the_optimisers_take_every_setting_of_the_config(digits, vanilla_mlp):
+    from bise.extract import prepare_run
+
+    config = ExtractConfig(**TINY, mask_lr=0.03, mask_momentum=0.5, mask_weight_decay=0.25, head_lr=0.07,
+                           head_momentum=0.3, head_weight_decay=0.125)
+    run = prepare_run(vanilla_mlp, digits, config)
+    for opt, prefix in ((run.mask_opt, "mask"), (run.head_opt, "head")):
+        group = opt.param_groups[0]
+        assert (group["lr"], group["momentum"], group["weight_decay"]) == tuple(
+            getattr(config, f"{prefix}_{k}") for k in ("lr", "momentum", "weight_decay"))
+
+
+def test_validation_without_bias_labels_selects_on_accuracy():
+    data = _random_data()
+    data = dataclasses.replace(data, val=Split(data.val.x, data.val.y, None))
+    model = build_model("mlp", 3, data.input_shape, width=0.2)
+    sub = extract(model, data, config=ExtractConfig(mask_epochs=2, head_epochs=1), quiet=True)
+    assert sub.info["selection"] == "best validation accuracy"
+    assert all(set(h["val"]) == {"accuracy"} for h in sub.history)
+
+
+def test_extract_gives_the_deterministic_mode_back(digits, vanilla_mlp):
+    before = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(False)
+    try:
+        extract(vanilla_mlp, digits, config=ExtractConfig(**{**TINY, "mask_epochs": 1}), quiet=True)
+        assert not torch.are_deterministic_algorithms_enabled()
+    finally:
+        torch.use_deterministic_algorithms(before)
+
+
+def test_a_gated_model_starts_from_zero_scores_at_tau0(digits, vanilla_mlp):
+    import copy
+
+    from bise.extract import prepare_run
+
+    gated = copy.deepcopy(vanilla_mlp)
+    insert_gates(gated, example_input=digits.train.inputs(torch.arange(2)))
+    for g in gates_of(gated).values():
+        with torch.no_grad():
+            g.scores.fill_(-2.0)
+        g.temperature = 0.01
+    run = prepare_run(gated, digits, ExtractConfig(**TINY))
+    assert all(bool((g.scores == 0).all()) and g.temperature == 1.0 for g in run.gates.values())

@@ -145,3 +145,14 @@ def test_mutual_information_bad_arguments():
         mutual_information(torch.randn(2, 1), torch.tensor([0, 0]), 1)
     with pytest.raises(ValueError, match="aux_logits"):
         mutual_information(torch.randn(2, 3), torch.tensor([0, 0]), 2)
+
+
+def test_count_tables_infer_the_classes_and_keep_the_bias_class_count():
+    y = torch.tensor([0, 1, 2, 2, 1, 0])
+    b = torch.tensor([0, 1, 1, 0, 1, 0])
+    for scheme in ("group-balanced", "empirical-joint"):
+        assert weight_table(scheme, targets=y, bias=b).shape == (3, 3)  # C = max(y) + 1, K = C
+        table = weight_table(scheme, targets=y, bias=b, num_classes=3, num_bias_classes=2)
+        assert table.shape == (3, 2)
+    q = torch.tensor([[2, 0], [0, 2], [1, 1]], dtype=torch.float64).clamp(min=1)
+    torch.testing.assert_close(table, (1.0 / (9 * q / q.sum())).float())

@@ -81,3 +81,14 @@ def test_the_bise_command_without_the_extra_says_so_in_one_line(tmp_path, module
     assert proc.stderr == (f"bise: error: bise needs {package}{'' if module == package else f' (module {module})'}, "
                            'from the [bise] extra: pip install "bise-kernels[bise]"\n'), proc.stderr
     assert proc.stdout == ""
+
+
+@pytest.mark.parametrize("argv, orig_argv, expected", [
+    (["/usr/bin/bise"], None, True), (["/venv/Scripts/bise.exe"], None, True), (["bise-script.py"], None, True),
+    (["/usr/bin/python"], None, False), (["-m", "run"], ["python", "-m", "bise", "run"], True),
+    (["-m", "run"], ["python", "-mbise", "run"], True), (["-m", "run"], ["python", "-m", "pytest", "run"], False)])
+def test_is_command_recognises_every_way_of_running_bise(monkeypatch, argv, orig_argv, expected):
+    monkeypatch.setattr(sys, "argv", argv)
+    if orig_argv is not None:
+        monkeypatch.setattr(sys, "orig_argv", orig_argv)
+    assert _extra._is_command() is expected

@@ -180,3 +180,33 @@ def test_train_vanilla_takes_the_recipe_unless_told(digits, monkeypatch):
     assert (seen["epochs"], seen["batch_size"], seen["lr"], seen["recipe"]["name"]) == (100, 256, 1e-3, "mlp")
     train.train_vanilla(digits, "mlp", epochs=3, batch_size=7, lr=0.5, seed=4, quiet=True)
     assert (seen["epochs"], seen["batch_size"], seen["lr"], seen["seed"]) == (3, 7, 0.5, 4)
+
+
+def test_a_layer_exactly_at_max_dead_share_passes(digits):
+    """Untrained means MORE than max_dead_share of a layer dead: a layer all dead passes max_dead_share=1."""
+    torch.manual_seed(0)
+    model = build_model("mlp", 10, digits.input_shape)
+    with torch.no_grad():
+        model.features.fc1.bias.fill_(-1e3)
+    with pytest.warns(UserWarning, match="did not learn its training set"):  # accuracy alone
+        h = check_vanilla(model, digits, strict=False, max_dead_share=1.0)
+    assert h.worst_layer_dead_share == 1.0
+    assert not any("never fire" in p for p in h.problems), h.problems
+
+
+def test_dead_units_are_found_on_the_first_n_training_inputs_only():
+    from bise.health import _dead_units
+
+    seen = []
+
+    class Spy:
+        def __len__(self):
+            return 10
+
+        def inputs(self, idx):
+            seen.extend(idx.tolist())
+            return torch.rand(len(idx), 4)
+
+    model = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.ReLU())
+    assert len(_dead_units(model, Spy(), "cpu", 3)) == 1
+    assert seen == [0, 1, 2]
