@@ -164,11 +164,30 @@ def test_the_cached_checks_finite_follows_the_backend_and_the_registry(monkeypat
         check(True)
 
 
+def test_empty_scores_are_named_on_every_backend(backend):
+    """The API's own check (_checks.check_scores), not only the C++ kernels': on the torch backend an empty
+    tensor was "k must be in [1, 0]", and one in a global list was selected over silently."""
+    with pytest.raises(ValueError, match="scores is empty"):
+        bk.topk_mask(torch.empty(0), 0.5)
+    with pytest.raises(ValueError, match=r"scores\[1\] is empty"):
+        bk.global_topk_masks([torch.randn(2), torch.empty(0)], 0.5)
+
+
 def test_empty_and_integer_scores_are_rejected():
     with pytest.raises(ValueError, match="empty"):
         bk.topk_mask(torch.empty(0), 0.5)
     with pytest.raises(TypeError, match="floating"):
         bk.topk_mask(torch.arange(5), 0.5)
+
+
+def test_list_modes_reject_mixed_dtypes_on_every_backend(backend):
+    """The API's own check (_checks.check_score_list), not only the C++ kernels': the torch backend
+    concatenated mixed dtypes (promoting them) and the Triton select read float64 bits as float32."""
+    mixed = [torch.randn(3), torch.randn(3, dtype=torch.float64)]
+    for call in (lambda: bk.global_topk_masks(mixed, 0.5), lambda: bk.layerwise_topk_masks(mixed, 0.5),
+                 lambda: bk.topk_select(mixed, 2)):
+        with pytest.raises(TypeError, match=r"scores\[1\] has dtype"):
+            call()
 
 
 def test_global_mode_rejects_mixed_dtypes_and_non_lists():
@@ -287,6 +306,13 @@ def test_conv_geometry_is_checked(backend, conv, match):
     x, w = torch.randn(1, 2, 5, 5), torch.randn(3, 2, 3, 3)
     with pytest.raises(ValueError, match=match):
         bk.masked_conv2d(x, w, None, torch.randn(3), threshold=0.0, **conv)
+
+
+def test_conv_kernel_wider_than_input_is_named(backend):
+    """Only the width too small (output (3, 0)): the check covers each spatial dim, not only the height."""
+    x, w = torch.randn(1, 2, 5, 2), torch.randn(3, 2, 3, 3)
+    with pytest.raises(ValueError, match="larger than the padded input"):
+        bk.masked_conv2d(x, w, None, torch.randn(3), threshold=0.0)
 
 
 def test_conv_kernel_larger_than_input_is_named(backend):

@@ -265,3 +265,15 @@ def test_pruned_units_of_an_overflowing_product_are_zero_as_w_times_keep(backend
     got = bk.masked_linear(x, w, None, s, threshold=0.0)
     assert want[:, :40].eq(0).all() and want[:, 40:].isinf().all()
     torch.testing.assert_close(got, want, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_overflow_limits_are_torchs_own_conversion_limits(dtype):
+    """Independent of functional._overflow_limit's bisection: the float just below each limit converts to a
+    finite value, the limit itself to inf (or torch refuses it, float32)."""
+    limit = functional._OVERFLOW_LIMITS[dtype]
+    assert math.isfinite(torch.full((), math.nextafter(limit, 0), dtype=dtype).item())
+    try:
+        assert math.isinf(torch.full((), limit, dtype=dtype).item())
+    except RuntimeError:
+        assert dtype == torch.float32

@@ -211,3 +211,16 @@ def test_keep_backward_reads_a_non_contiguous_keep_in_logical_order(kernels, str
     for needs in (ALL_NEEDS, [False, True, False, False]):
         args = (randn(2, 3, 29, seed=5, device=kernels.device), x, w, scores, strided, estimator, temperature, needs)
         assert_grads(kernels.masked_linear_keep_backward(*args), R.masked_linear_keep_backward(*args), torch.float32)
+
+
+def test_reference_linear_backward_kernels_check_the_estimator_and_temperature():
+    """The kernel contract (backends/reference.py): backward kernels check the estimator and temperature
+    (a module's, set after it was built, reaches them unchecked); the reference as the native kernels."""
+    x, w, gy = randn(3, 5, seed=1), randn(4, 5, seed=2), randn(3, 4, seed=3)
+    scores, thr, cut = tied_scores((4, 5), seed=4)
+    keep = R.keep_mask(scores, thr, cut)
+    for estimator, temperature, match in (("bogus", 1.0, "estimator"), ("sigmoid", 0.0, "temperature")):
+        with pytest.raises(ValueError, match=match):
+            R.masked_linear_backward(gy, x, w, scores, thr, cut, estimator, temperature, [True] * 4)
+        with pytest.raises(ValueError, match=match):
+            R.masked_linear_keep_backward(gy, x, w, scores, keep, estimator, temperature, [True] * 4)

@@ -481,3 +481,66 @@ def test_half_conv_on_the_cpu_is_torchs_own():
     assert {"torch/float16", "torch/bfloat16"} <= set(results), results
     wrong = {case: r for case, r in results.items() if not all(r["bits"]) or not all(r["close"])}
     assert not wrong, wrong
+
+
+def test_reference_channel_gate_backward_takes_a_negative_dim():
+    """The reference (excluded from the ``kernels`` fixture) with dim=-1 as with dim=2: its score gradient
+    reduces over every dim but the gated one (a raw op call passes dim unnormalised)."""
+    x, gy = randn(4, 3, 13, seed=1), randn(4, 3, 13, seed=2)
+    scores, thr, cut = tied_scores((13,), seed=3)
+    for got, want in zip(R.channel_gate_backward(gy, x, scores, thr, cut, -1, "sigmoid", 0.5, [True, True]),
+                         R.channel_gate_backward(gy, x, scores, thr, cut, 2, "sigmoid", 0.5, [True, True])):
+        assert torch.equal(got, want)
+
+
+@pytest.mark.parametrize("op", ["linear", "conv2d", "gate"])
+def test_float64_per_unit_score_gradients_keep_float64_precision(kernels, op):
+    """Per-unit score gradients of float64 data and scores are summed in float64 as the reference does
+    (a backend's partial sums per tile included): the tight float64 tolerance, not the fp32 one."""
+    device, f64 = kernels.device, torch.float64
+    scores, thr, cut = tied_scores((29,), f64, seed=4, device=device)
+    if op == "linear":
+        x, w = randn(2, 3, 70, dtype=f64, seed=1, device=device), randn(29, 70, dtype=f64, seed=2, device=device)
+        args = (randn(2, 3, 29, dtype=f64, seed=5, device=device), x, w, scores, thr, cut, "sigmoid", 0.5,
+                [False, False, False, True])
+        got, want = kernels.masked_linear_backward(*args)[3], R.masked_linear_backward(*args)[3]
+    elif op == "conv2d":
+        x, w = randn(2, 6, 9, 11, dtype=f64, seed=1, device=device), randn(29, 6, 3, 2, dtype=f64, seed=2, device=device)
+        gy = randn(2, 29, 7, 10, dtype=f64, seed=5, device=device)
+        args = (gy, x, w, scores, thr, cut, [1, 1], [0, 0], [1, 1], 1, "sigmoid", 0.5, [False, False, False, True])
+        got, want = kernels.masked_conv2d_backward(*args)[3], R.masked_conv2d_backward(*args)[3]
+    else:
+        x, gy = randn(40, 29, 50, dtype=f64, seed=1, device=device), randn(40, 29, 50, dtype=f64, seed=2, device=device)
+        args = (gy, x, scores, thr, cut, 1, "sigmoid", 0.5, [False, True])
+        got, want = kernels.channel_gate_backward(*args)[1], R.channel_gate_backward(*args)[1]
+    assert got.dtype == f64
+    torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("structured", [False, True])
+def test_masked_conv2d_with_a_weight_strided_in_its_kernel_dims(kernels, structured):
+    """A weight view whose kernel dims are not nested as in a contiguous (or channels_last) one (a transpose
+    of kH and kW: stride_h != kW * stride_w), scores likewise: every element read where it lies."""
+    device = kernels.device
+    x = randn(2, 6, 9, 11, seed=1, device=device)
+    w = randn(9, 6, 2, 3, seed=2, device=device).transpose(2, 3)  # (9, 6, 3, 2), strides (36, 6, 1, 3)
+    b = randn(9, seed=3, device=device)
+    scores, thr, cut = tied_scores((9,) if structured else (9, 6, 2, 3), seed=4, device=device)
+    if not structured:
+        scores = scores.transpose(2, 3)
+    conv = ([1, 1], [1, 0], [1, 1], 1)
+    want = R.masked_conv2d_forward(x, w, b, scores, thr, cut, *conv)
+    torch.testing.assert_close(kernels.masked_conv2d_forward(x, w, b, scores, thr, cut, *conv), want, **tol(torch.float32))
+    args = (randn(*want.shape, seed=5, device=device), x, w, scores, thr, cut, *conv, "sigmoid", 0.5, list(ALL_NEEDS))
+    assert_grads(kernels.masked_conv2d_backward(*args), R.masked_conv2d_backward(*args), torch.float32)
+
+
+def test_channel_gate_backward_of_an_empty_batch_has_zero_score_gradient(kernels):
+    """No activations (a batch of 0): the score gradient is a sum over nothing, zeros, as the reference's."""
+    device = kernels.device
+    x = gy = randn(0, 5, 3, device=device)
+    scores, thr, cut = tied_scores((5,), seed=3, device=device)
+    for estimator in ("ste", "sigmoid"):
+        got = kernels.channel_gate_backward(gy, x, scores, thr, cut, 1, estimator, 0.5, [True, True])
+        want = R.channel_gate_backward(gy, x, scores, thr, cut, 1, estimator, 0.5, [True, True])
+        assert got[0].shape == x.shape and torch.equal(got[1], want[1]) and torch.equal(want[1], torch.zeros(5))

@@ -40,6 +40,15 @@ def test_to_dense_bakes_the_mask_and_matches(granularity):
     assert torch.equal(lin.to_dense().weight, lin.weight)  # score 0 >= threshold 0: all kept
 
 
+def test_from_dense_default_score_init_depends_on_granularity():
+    """from_dense without score_init: "kaiming" per weight, "zeros" per channel (every unit starts tied)."""
+    torch.manual_seed(0)
+    for wrap, dense in ((bk.MaskedLinear.from_dense, nn.Linear(6, 4)), (bk.MaskedConv2d.from_dense, nn.Conv2d(2, 4, 3))):
+        assert torch.equal(wrap(dense, "channel", density=0.5).scores, torch.zeros(4))
+        per_weight = wrap(dense, "weight", density=0.5).scores
+        assert per_weight.shape == dense.weight.shape and bool((per_weight != 0).all())
+
+
 def test_score_init_rules():
     """"magnitude": |w| per weight, the L2 norm of each output unit's weights per channel; "zeros"; a
     constant; "kaiming": uniform within +-sqrt(3 / fan_in); float32 whatever the weight's dtype."""
@@ -372,6 +381,10 @@ def test_padding_a_masked_conv_cannot_take_is_named():
         bk.MaskedConv2d(2, 3, 3, padding=1, padding_mode="reflect", density=0.5)
     with pytest.raises(ValueError, match="padding_mode='circular'"):
         bk.MaskedConv2d.from_dense(nn.Conv2d(2, 3, 3, padding=1, padding_mode="circular"), density=0.5)
+    with pytest.raises(ValueError, match="padding='same' needs stride 1"):  # as nn.Conv2d refuses it
+        bk.MaskedConv2d(2, 3, 3, stride=2, padding="same", density=0.5)
+    with pytest.raises(ValueError, match="padding='same' with kernel_size .3, 2."):  # asymmetric in width only
+        bk.MaskedConv2d(2, 3, (3, 2), padding="same", density=0.5)
 
 
 def test_unmask_model_bakes_every_masked_layer_into_a_plain_one():

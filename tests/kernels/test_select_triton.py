@@ -81,6 +81,23 @@ def test_buffer_filled_by_several_programs_up_to_and_past_capacity(kernels, extr
     check_list(kernels, DEVICE, [x], (k,))
 
 
+def test_a_program_that_fills_the_buffer_exactly_still_counts_its_later_candidates(kernels):
+    """One chunk: the hint pass appends CAPACITY ties in the chunk's first loop step (the buffer exactly
+    full) and more in its second. Those must still reach the counter (it then exceeds CAPACITY: the tie
+    cut comes from chunk counts); a program that stopped appending at exactly full left a counter of
+    CAPACITY, a buffer taken as complete, and a cut past its ties."""
+    from bise_kernels.backends.triton import select
+
+    block, capacity = select.BLOCK, select.CAPACITY
+    n = block * select.ITERS
+    x = torch.arange(n, dtype=torch.float32) + 10  # distinct, all above the ties
+    x[:capacity] = 1.0  # exactly CAPACITY ties in the first loop step
+    x[block:block + 4] = 1.0  # 4 more in the second
+    ties = capacity + 4
+    for nth in (capacity, capacity + 2, ties):  # the needed tie among the first ones, then among the later ones
+        check_list(kernels, DEVICE, [x], (n - ties + nth,), hint=torch.tensor(1.0))
+
+
 def test_plans_follow_the_chunk_geometry(kernels, monkeypatch):
     """A chunk table cached for one chunk size is never reused for another."""
     from bise_kernels.backends.triton import select
