@@ -95,3 +95,85 @@ def test_mask_pass_and_its_finiteness_check(lib, score_dtype, per_unit):
     for bad in (float("nan"), float("inf"), float("-inf")):
         assert _masked_weight(lib, weight, scores, torch.tensor(bad, dtype=score_dtype), cut)[1] > 0
         assert _message(lib).startswith("threshold contains non-finite values")
+
+
+def _tied(shape, score_dtype, g):
+    """Scores of ``shape`` where every third entry equals thr = 0.25 (ties for the cut to split)."""
+    scores = torch.randn(*shape, generator=g).to(score_dtype)
+    scores.view(-1)[::3] = 0.25
+    return scores, torch.tensor(0.25, dtype=score_dtype)
+
+
+@pytest.mark.parametrize("score_dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float64])
+@pytest.mark.parametrize("per_unit", [False, True], ids=["weight", "unit"])
+def test_mask_pass_cuts_the_ties_at_thr_by_flat_index(lib, score_dtype, per_unit):
+    """Scores equal to thr are kept iff their flat index (the unit's, per unit) is below cut: a cut
+    before, inside and after the ties, bit for bit the reference's."""
+    g = torch.Generator().manual_seed(1)
+    weight = torch.randn(9, 67, generator=g, dtype=torch.float64 if score_dtype == torch.float64 else torch.float32)
+    scores, thr = _tied((9,) if per_unit else (9, 67), score_dtype, g)
+    for cut in (0, 4, scores.numel() // 2 + 1, scores.numel()):
+        cut = torch.tensor(cut)
+        out, failed = _masked_weight(lib, weight, scores, thr, cut)
+        keep = ref.keep_mask(scores, thr, cut)
+        assert failed == 0
+        assert torch.equal(out, weight * (keep[:, None] if per_unit else keep).to(weight.dtype)), int(cut)
+
+
+def _setup_grad_lib(lib):
+    lib.bise_score_grad.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64,
+                                    ctypes.c_int64, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_void_p,
+                                    ctypes.c_void_p, ctypes.c_int, ctypes.c_double, ctypes.c_int, ctypes.c_int,
+                                    ctypes.c_void_p]
+    lib.bise_keep_weight.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64,
+                                     ctypes.c_int, ctypes.c_int, ctypes.c_void_p]
+    lib.bise_keep_score_grad.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p,
+                                         ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_int, ctypes.c_int,
+                                         ctypes.c_int, ctypes.c_int, ctypes.c_double, ctypes.c_int, ctypes.c_int,
+                                         ctypes.c_void_p]
+
+
+@pytest.mark.parametrize("weight_dtype", [torch.float32, torch.float64, torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("per_unit", [False, True], ids=["weight", "unit"])
+@pytest.mark.parametrize("estimator", ["ste", "sigmoid"])
+def test_score_grad_and_keep_passes(lib, weight_dtype, per_unit, estimator):
+    """The backward and keep-mask passes of masked.cu (bise_score_grad, bise_keep_weight,
+    bise_keep_score_grad), which the mask-pass test above does not run: grad_w_eff masked in place
+    bit for bit (ties at thr split by the cut), the score gradients (per unit: the block-reduced
+    row sums over rows longer than a block) as the reference's, per need_scores / need_weight."""
+    _setup_grad_lib(lib)
+    g = torch.Generator().manual_seed(2)
+    score_dtype = torch.float16 if weight_dtype == torch.bfloat16 else weight_dtype
+    weight = torch.randn(5, 300, generator=g).to(weight_dtype)  # rows of 300 > 256 threads
+    grad = torch.randn(5, 300, generator=g).to(weight_dtype)
+    scores, thr = _tied((5,) if per_unit else (5, 300), score_dtype, g)
+    cut = torch.tensor(scores.numel() // 2)
+    keep = ref.keep_mask(scores, thr, cut)
+    keep_w = (keep[:, None] if per_unit else keep).to(weight_dtype)
+    temperature, sigmoid = 0.5, int(estimator == "sigmoid")
+    want_gs = ref._score_grad(grad, weight, scores, estimator, temperature)
+    codes = (CODES[weight_dtype], CODES[score_dtype])
+    for need_scores, need_weight in ((1, 1), (1, 0), (0, 1)):
+        for mode in ("scores", "keep"):
+            gw = grad.clone()
+            gs = torch.full_like(scores, 7.0)
+            if mode == "scores":
+                status = lib.bise_score_grad(gw.data_ptr(), weight.data_ptr(), scores.data_ptr(), gs.data_ptr(),
+                                             weight.numel(), 300, int(per_unit), *codes, thr.data_ptr(),
+                                             cut.data_ptr(), sigmoid, temperature, need_scores, need_weight, None)
+            else:
+                status = lib.bise_keep_score_grad(gw.data_ptr(), weight.data_ptr(), scores.data_ptr(),
+                                                  keep.data_ptr(), gs.data_ptr(), weight.numel(), 300, int(per_unit),
+                                                  *codes, sigmoid, temperature, need_scores, need_weight, None)
+            assert status == 0
+            assert torch.equal(gw, grad * keep_w if need_weight else grad), (mode, need_scores, need_weight)
+            if need_scores:
+                torch.testing.assert_close(gs, want_gs, msg=f"{mode} grad_scores")
+            else:
+                assert torch.all(gs == 7.0)
+    out = torch.empty_like(weight)
+    assert lib.bise_keep_weight(weight.data_ptr(), keep.data_ptr(), out.data_ptr(), weight.numel(), 300,
+                                int(per_unit), CODES[weight_dtype], None) == 0
+    assert torch.equal(out, weight * keep_w)
+    out, failed = _masked_weight(lib, weight, scores, thr, cut)  # the mask pass on 16-bit weights too
+    assert failed == 0 and torch.equal(out, weight * keep_w)

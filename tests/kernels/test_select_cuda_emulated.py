@@ -11,6 +11,7 @@ races between blocks or the memory model: tests/kernels/test_select_cuda.py does
 Skipped without g++ or off Linux x86-64.
 """
 
+import os
 import platform
 import re
 import shutil
@@ -124,12 +125,13 @@ class Runs:
         view = t.contiguous().reshape(-1).view(VIEW[t.dtype]).to(torch.int64)
         return (view if t.dtype == torch.float64 else view & (1 << 8 * t.dtype.itemsize) - 1).tolist()
 
-    def run(self, harness, tmp_path):
+    def run(self, harness, tmp_path, env=None):
         (tmp_path / "in.bin").write_bytes(torch.tensor([self.count] + self.words, dtype=torch.int64).numpy().tobytes())
         done = subprocess.run([str(harness), str(tmp_path / "in.bin"), str(tmp_path / "out.bin")],
-                              capture_output=True, text=True, timeout=900)
+                              capture_output=True, text=True, timeout=900, env=env)
         assert done.returncode == 0, done.stderr[-4000:]
-        assert set(done.stdout.splitlines()) <= {NOT_FINITE}, done.stdout[-4000:]  # the failed checks' messages
+        # the failed checks' messages; "GUARD ...": a write past an array's end (harness.cpp)
+        assert set(done.stdout.splitlines()) <= {NOT_FINITE}, done.stdout[-4000:]
         words = torch.frombuffer(bytearray((tmp_path / "out.bin").read_bytes()), dtype=torch.int64)
         rows, at = [], 0
         for problems, masks in zip(self._problem_counts(), self.masks):
@@ -301,6 +303,7 @@ def _run_keep(harness, tmp_path, cases):
     done = subprocess.run([str(harness), "keep", str(tmp_path / "keep.bin"), str(tmp_path / "out.bin")],
                           capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-4000:]
+    assert "GUARD" not in done.stdout, done.stdout[-4000:]  # a write past an array's end (harness.cpp)
     got = torch.frombuffer(bytearray((tmp_path / "out.bin").read_bytes()), dtype=torch.int64)
     results, at = [], 0
     for scores, *_ in cases:
@@ -344,3 +347,74 @@ def test_keep_mask_checks_scores_and_thr_when_asked(harness, tmp_path, dtype):
         if finite:
             expect = ref.keep_mask(scores, t, torch.tensor(cut), offset)
             assert torch.equal(mask.bool(), expect) and int(mask.max()) <= 1, (i, "mask")
+
+
+def test_tie_cut_in_a_problem_of_more_than_512_chunks(harness, tmp_path):
+    """cut_from_chunks scans a problem's per-chunk tie counts kThreads (512) chunks at a time: a tie
+    cut past the first 512 chunks (8 M scores) needs the counts of the earlier rounds. All-equal
+    scores under a hint at their value: a single-value bracket (the fused pass only counts, which the
+    emulation runs fast), its cut from the chunk counts, in chunk 512."""
+    n = 512 * 16_384 + 3_000
+    x = torch.zeros(n, dtype=torch.float16)
+    runs = Runs()
+    runs.add("bracket", [x], [n - 5], torch.tensor(0.0, dtype=torch.float16))
+    assert runs.run(harness, tmp_path) == {"bracket": {SINGLE}}
+
+
+def test_blocks_in_reverse_order(harness, tmp_path):
+    """The kernels with every launch's blocks in the reverse order (emu.h: EMU_REVERSE_BLOCKS): the
+    last ticket of a problem no longer goes to its highest block, the block that reads a compacted
+    buffer (the problem's first) runs after the others, finishing blocks beyond a small buffer's
+    first. Lists over several chunks, batches, hints, ties at the threshold, overflowed buffers,
+    buffers finished by several blocks, topk_keep_mask's masks."""
+    runs = Runs()
+    g = torch.Generator().manual_seed(21)
+    tensors = [torch.randn(20_000, generator=g), torch.randint(0, 3, (7,), generator=g).float(), torch.zeros(5),
+               torch.randn(17_000, generator=g)[1:]]
+    total = sum(t.numel() for t in tensors)
+    for algo in ALGOS:
+        for k in (1, total // 3):
+            runs.add(algo, tensors, [k])
+        runs.add(algo, tensors[:2] + tensors[3:], [5, 3, 900])
+    ties = torch.randn(40_000, generator=g)
+    ties[::5] = 0.3
+    above = int((ties > 0.3).sum())
+    for algo in ALGOS:
+        runs.add(algo, [ties], [above + 7], torch.tensor(0.3))
+        runs.add(algo, [ties], [above + 7])
+    x = torch.randn(60_000, generator=g)
+    for hint in _hints(x, 20_000):  # a small buffer in two finishing blocks' worth of room
+        runs.add("bracket", [x], [20_000], hint, masks=True)
+        runs.add("radix", [x], [20_000], hint)
+    runs.run(harness, tmp_path, env=dict(os.environ, EMU_REVERSE_BLOCKS="1"))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
+def test_ties_at_chunk_and_tensor_starts_with_masks(harness, tmp_path, dtype):
+    """Ties of the threshold at the first entry of a chunk (flat index 16384) and of a list's second
+    tensor, the cut before, at and after them: the chunk of a flat index (chunk_of's binary search:
+    a start belongs to its own chunk) in the finishing tie counts and topk_keep_mask's buffered
+    entries; tied lists on the single-value, missed and overflowed paths (their masks cut by flat
+    index across tensors); 16-bit scores in 128-bit loads (their index order within a load)."""
+    g = torch.Generator().manual_seed(23)
+    runs = Runs()
+    x = torch.randn(40_000, generator=g).to(dtype)
+    t = torch.sort(x, descending=True).values[15_000]
+    x[[3, 16_384, 30_000]] = t
+    head = torch.randn(7, generator=g).to(dtype)
+    tail = torch.randn(20_000, generator=g).to(dtype)
+    tail[[0, 9]] = t
+    head[2] = t
+    for tensors in ([x], [head, tail]):
+        flat = torch.cat([u.reshape(-1) for u in tensors])
+        above = int((flat > t).sum())
+        for k in range(above + 1, above + int((flat == t).sum()) + 1):
+            for algo in ("bracket", "bracket-miss", "bracket-overflow"):
+                runs.add(algo, tensors, [k], masks=True)
+            runs.add("radix", tensors, [k])
+    tied = [torch.zeros(300, dtype=dtype), torch.full((50,), -0.0, dtype=dtype), torch.zeros(20_000, dtype=dtype)]
+    for k in (1, 320, 10_000):
+        for algo in ("bracket", "bracket-miss", "bracket-overflow"):
+            runs.add(algo, tied, [k], masks=True)
+    paths = runs.run(harness, tmp_path)
+    assert {SINGLE, BUFFERED} <= paths["bracket"]

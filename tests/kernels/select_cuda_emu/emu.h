@@ -1,5 +1,7 @@
 // A minimal CUDA-on-CPU emulation for tests/kernels/test_select_cuda_emulated.py: just enough of
-// CUDA, cub::BlockScan and cub::BlockReduce for csrc/cuda/select*.cu. Blocks run one after another;
+// CUDA, cub::BlockScan and cub::BlockReduce for csrc/cuda/select*.cu (and the 1-d and 2-d grids and
+// blocks of masked.cu and gate.cu). Blocks run one after another (x fastest, then y, then z;
+// EMU_REVERSE_BLOCKS: in reverse);
 // the threads of a block are fibers (started by makecontext, switched by _setjmp/_longjmp) that
 // yield at __syncthreads (all live threads must arrive) and at warp intrinsics (all lanes of the
 // mask must arrive). Atomics and fences are plain (one OS thread). It checks the kernels' logic,
@@ -90,7 +92,8 @@ inline void run_block(unsigned nthreads) {
   for (unsigned t = 0; t < nthreads; ++t) {
     Fiber& f = fs[t];
     f.stack.resize(256 * 1024);
-    f.tid = dim3(t, 0, 0);
+    const dim3 bd = block_dim();  // thread t as CUDA numbers them: x fastest, then y, then z
+    f.tid = dim3(t % bd.x, t / bd.x % bd.y, t / (bd.x * bd.y));
     f.done = f.at_barrier = false;
     f.started = false;
     f.op_wait = 0;
@@ -171,10 +174,19 @@ template <typename F>
 void launch(dim3 grid, dim3 block, F&& f) {
   grid_dim() = grid;
   block_dim() = block;
-  for (unsigned b = 0; b < grid.x; ++b) {
-    block_idx() = dim3(b, 0, 0);
-    body() = f;
-    run_block(block.x);
+  // EMU_REVERSE_BLOCKS set: the blocks of every launch in the reverse order, so that a kernel that
+  // assumes an order of its blocks (the last ticket taken by the last block, a block that runs
+  // before the others of its problem) shows it.
+  static const bool reverse = std::getenv("EMU_REVERSE_BLOCKS") != nullptr;
+  auto at = [](unsigned i, unsigned n) { return reverse ? n - 1 - i : i; };
+  for (unsigned z = 0; z < grid.z; ++z) {
+    for (unsigned y = 0; y < grid.y; ++y) {
+      for (unsigned b = 0; b < grid.x; ++b) {
+        block_idx() = dim3(at(b, grid.x), at(y, grid.y), at(z, grid.z));
+        body() = f;
+        run_block(block.x * block.y * block.z);
+      }
+    }
   }
 }
 }  // namespace emu

@@ -55,6 +55,34 @@ uint64_t word_at(const void* array, int64_t p, int kb) {
   return kb == 64 ? static_cast<const uint64_t*>(array)[p] : static_cast<const uint32_t*>(array)[p];
 }
 
+// Guard zones around every array the kernels index (the scores, the masks, the workspaces and
+// candidate buffers): kGuard entries either side, a multiple of 16 bytes (alignment as without
+// them). The scores' hold NaN (all ones in any width): a first pass reading one fails its
+// finiteness check; the others hold a sentinel, checked after the run: a write past either end of
+// an array shows as "GUARD <array>" on stdout (which the test accepts only as NOT_FINITE lines).
+constexpr int64_t kGuard = 16;
+constexpr uint64_t kGuardNaN = ~uint64_t{0};
+
+template <typename T>
+struct Guarded {
+  std::vector<T> store;
+  T sentinel;
+  Guarded(size_t n, T fill, T guard) : store(n + 2 * kGuard, guard), sentinel(guard) {
+    std::fill(store.begin() + kGuard, store.end() - kGuard, fill);
+  }
+  T* data() { return store.data() + kGuard; }
+  bool intact() const {
+    for (int64_t i = 0; i < kGuard; ++i) {
+      if (!(store[i] == sentinel) || !(store[store.size() - 1 - i] == sentinel)) return false;
+    }
+    return true;
+  }
+};
+
+void check_guard(bool intact, const char* what) {
+  if (!intact) std::printf("GUARD %s\n", what);
+}
+
 std::vector<int64_t> words;
 size_t pos = 0;
 int64_t next() { return words.at(pos++); }
@@ -62,24 +90,25 @@ int64_t next() { return words.at(pos++); }
 void run(int kb, int algo, uint64_t inf, int64_t shift, bool with_masks, const std::vector<Problem>& probs,
          std::vector<int64_t>& out) {
   const int64_t P = static_cast<int64_t>(probs.size());
-  std::vector<std::vector<char>> copies;  // the tensors at width kb, `shift` elements in
-  std::vector<std::unique_ptr<bool[]>> masks;  // per tensor (topk_keep_mask)
+  std::vector<std::vector<char>> copies;  // the tensors at width kb, kGuard + `shift` elements in
+  std::vector<std::unique_ptr<Guarded<unsigned char>>> masks;  // per tensor (topk_keep_mask)
   std::vector<int64_t> numels, mask_rows;       // per tensor; per chunk
   std::vector<std::pair<int64_t, int64_t>> placed;  // per copy: its problem and flat offset there
   std::vector<int64_t> rows[5], first(P + 1, 0), total(P, 0), ks;
   for (int64_t p = 0; p < P; ++p) {
     for (const auto& t : probs[p].tensors) {
-      std::vector<uint64_t> shifted(shift, 0);
+      std::vector<uint64_t> shifted(kGuard + shift, kGuardNaN);
       shifted.insert(shifted.end(), t.begin(), t.end());
+      shifted.insert(shifted.end(), kGuard, kGuardNaN);
       copies.push_back(packed(shifted, kb));
       placed.emplace_back(p, total[p]);
       const int64_t n = static_cast<int64_t>(t.size());
-      masks.emplace_back(new bool[n]());
+      masks.emplace_back(new Guarded<unsigned char>(n, 0, 0xA5));
       numels.push_back(n);
-      const int64_t addr = reinterpret_cast<int64_t>(copies.back().data() + shift * kb / 8);
+      const int64_t addr = reinterpret_cast<int64_t>(copies.back().data() + (kGuard + shift) * kb / 8);
       for (int64_t start = 0; start < n; start += kChunk) {
         for (auto [row, value] : {std::pair{0, addr}, {1, start}, {2, n}, {3, total[p]}, {4, p}}) rows[row].push_back(value);
-        mask_rows.push_back(reinterpret_cast<int64_t>(masks.back().get()));
+        mask_rows.push_back(reinterpret_cast<int64_t>(masks.back()->data()));
       }
       total[p] += n;
       first[p + 1] = static_cast<int64_t>(rows[0].size());
@@ -91,11 +120,11 @@ void run(int kb, int algo, uint64_t inf, int64_t shift, bool with_masks, const s
   for (auto& row : rows) table.insert(table.end(), row.begin(), row.end());
   std::vector<int64_t> krem = ks, cut(P, -1);
   const RadixWorkspace radix_layout = radix_workspace(P, C, kb);
-  std::vector<int32_t> ws(radix_layout.words, 0);
+  Guarded<int32_t> ws(radix_layout.words, 0, 0x5A5A5A5A);
   // What the binding takes from at::empty holds what torch's deterministic mode fills it with (an
   // integer's max: torch.utils.deterministic.fill_uninitialized_memory), so a read before a write shows.
-  std::vector<int32_t> buffer_key(P * kCapacity * radix_layout.key_words, kUnwritten32);
-  std::vector<int64_t> buffer_index(P * kCapacity, kUnwritten64);
+  Guarded<int32_t> buffer_key(P * kCapacity * radix_layout.key_words, kUnwritten32, 0x5A5A5A5A);
+  Guarded<int64_t> buffer_index(P * kCapacity, kUnwritten64, 0x5A5A5A5A);
   std::vector<uint64_t> hint_words(P);
   bool hinted = false;
   for (int64_t p = 0; p < P; ++p) {
@@ -131,10 +160,10 @@ void run(int kb, int algo, uint64_t inf, int64_t shift, bool with_masks, const s
   int64_t largest = 0;
   for (int64_t p = 0; p < P; ++p) largest = std::max(largest, buffers[p + 1] - buffers[p]);
   const BracketWorkspace bracket_layout = bracket_workspace(P, C, kb);
-  std::vector<int64_t> ws64(bracket_layout.words64, 0);
-  std::vector<int32_t> ws32(bracket_layout.words32, 0);
-  std::vector<int32_t> keys(overflow ? 0 : buffers[P] * bracket_layout.key_words, kUnwritten32);
-  std::vector<uint32_t> index(overflow ? 0 : buffers[P], kUnwritten32);
+  Guarded<int64_t> ws64(bracket_layout.words64, 0, 0x5A5A5A5A);
+  Guarded<int32_t> ws32(bracket_layout.words32, 0, 0x5A5A5A5A);
+  Guarded<int32_t> keys(overflow ? 0 : buffers[P] * bracket_layout.key_words, kUnwritten32, 0x5A5A5A5A);
+  Guarded<uint32_t> index(overflow ? 0 : buffers[P], kUnwritten32, 0x5A5A5A5A);
   BracketArgs b{};
   b.radix = a;
   b.ks = ks.data();
@@ -143,7 +172,7 @@ void run(int kb, int algo, uint64_t inf, int64_t shift, bool with_masks, const s
   b.force_miss = algo == 2;
   b.buffer_key = keys.data();
   b.buffer_index = index.data();
-  b.mask = with_masks && masks.size() == 1 ? masks[0].get() : nullptr;  // as the binding: one tensor's as an argument
+  b.mask = with_masks && masks.size() == 1 ? reinterpret_cast<bool*>(masks[0]->data()) : nullptr;  // as the binding: one tensor's as an argument
   b.mask_addr = with_masks && masks.size() > 1 ? mask_rows.data() : nullptr;
   carve_bracket_workspace(b, ws64.data(), ws32.data(), bracket_layout, P, C);
   emu_failed_checks = 0;
@@ -158,11 +187,13 @@ void run(int kb, int algo, uint64_t inf, int64_t shift, bool with_masks, const s
   std::vector<int64_t> kept(P, 0), index_sum(P, 0);
   for (size_t c = 0; c < copies.size(); ++c) {
     const auto [p, base] = placed[c];
-    const int64_t n = static_cast<int64_t>(copies[c].size()) * 8 / kb - shift;
-    std::vector<unsigned char> mask(n, 2);  // 2: an entry the kernel leaves unwritten shows in the sums
+    const int64_t n = numels[c];
+    Guarded<unsigned char> guarded(n, 2, 0xA5);  // 2: an entry the kernel leaves unwritten shows in the sums
+    const unsigned char* mask = guarded.data();
     static_assert(sizeof(bool) == 1, "the mask is read as bytes");
-    bise_keep_mask_launch(copies[c].data() + shift * kb / 8, thr_bits.data() + p * kb / 8, &cut[p], reinterpret_cast<bool*>(mask.data()),
-                          n, base, kb, inf, /*check_finite=*/0, nullptr);  // as the binding after a select
+    bise_keep_mask_launch(copies[c].data() + (kGuard + shift) * kb / 8, thr_bits.data() + p * kb / 8, &cut[p],
+                          reinterpret_cast<bool*>(guarded.data()), n, base, kb, inf, /*check_finite=*/0, nullptr);  // as the binding after a select
+    check_guard(guarded.intact(), "keep_mask");
     for (int64_t i = 0; i < n; ++i) {
       kept[p] += mask[i];
       index_sum[p] += mask[i] * (base + i + 1) * (base + i + 1);
@@ -181,8 +212,13 @@ void run(int kb, int algo, uint64_t inf, int64_t shift, bool with_masks, const s
     out.insert(out.end(), {static_cast<int64_t>(thr[p]), cut[p], path, kept[p], index_sum[p], emu_failed_checks});
   }
   if (emu_failed_checks != 0) std::printf("%s\n", emu_last_message);
+  check_guard(ws.intact(), "radix workspace");
+  check_guard(buffer_key.intact() && buffer_index.intact(), "radix buffer");
+  check_guard(ws64.intact() && ws32.intact(), "bracket workspace");
+  check_guard(keys.intact() && index.intact(), "bracket buffer");
+  for (size_t t = 0; t < masks.size(); ++t) check_guard(masks[t]->intact(), "topk_keep_mask mask");
   for (size_t t = 0; with_masks && t < masks.size(); ++t) {
-    for (int64_t i = 0; i < numels[t]; ++i) out.push_back(masks[t][i] ? 1 : 0);
+    for (int64_t i = 0; i < numels[t]; ++i) out.push_back(masks[t]->data()[i] ? 1 : 0);
   }
 }
 
@@ -200,16 +236,17 @@ void run_keep(std::vector<int64_t>& out) {
     std::vector<uint64_t> raw(static_cast<size_t>(n));
     for (auto& v : raw) v = static_cast<uint64_t>(next());
     const std::vector<char> bits = packed(raw, kb);
-    std::vector<unsigned char> mask(n, 2);
+    Guarded<unsigned char> mask(n, 2, 0xA5);
     emu_failed_checks = 0;
     emu_last_message = "";
     bise_keep_mask_launch(bits.data(), thr.data(), &cut, reinterpret_cast<bool*>(mask.data()), n, offset, kb, inf,
                           check, nullptr);
+    check_guard(mask.intact(), "keep_mask");
     const int64_t message = std::strcmp(emu_last_message, BISE_SCORES_NOT_FINITE) == 0      ? 1
                             : std::strcmp(emu_last_message, BISE_THRESHOLD_NOT_FINITE) == 0 ? 2
                                                                                             : 0;
     out.insert(out.end(), {static_cast<int64_t>(emu_failed_checks), message});
-    out.insert(out.end(), mask.begin(), mask.end());
+    out.insert(out.end(), mask.data(), mask.data() + n);
   }
 }
 
