@@ -165,6 +165,8 @@ _GATE = (_t(2, 6, 5, seed=6), _t(6, seed=7), *_SEL, 1, "ste", 1.0)
          TypeError),
     _bad("masked_linear", 0, _X.to("meta"), "weight must be a meta tensor"),
     _bad("masked_linear", 2, _t(5, seed=0), r"bias must have shape \(6,\), got \[5\]"),
+    _bad("masked_linear", 2, _t(6, 1, seed=0), r"bias must have shape \(6,\), got \[6, 1\]"),
+    _bad("masked_conv2d", 2, _t(4, 1, seed=0), r"bias must have shape \(4,\), got \[4, 1\]"),
     _bad("masked_linear", 2, _t(6, seed=0).double(), "bias has dtype Double but x has Float", TypeError),
     _bad("masked_linear", 3, _t(5, 6, seed=0), r"scores must have weight's shape \[6, 5\] or \(6,\)"),
     _bad("masked_linear", 4, torch.zeros((), dtype=torch.float64), "thr must have the scores' dtype", TypeError),
@@ -172,11 +174,16 @@ _GATE = (_t(2, 6, 5, seed=6), _t(6, seed=7), *_SEL, 1, "ste", 1.0)
     _bad("masked_linear", 7, 0.0, "temperature must be a positive finite float"),
     _bad("masked_linear_keep", 4, (_S > 0).float(), "keep must be a bool tensor, got Float", TypeError),
     _bad("masked_linear_keep", 3, _t(6, seed=0), r"scores must have keep's shape \[6, 5\], got \[6\]"),
+    # the keep ops' forward reads only keep, but checks the scores the backward will read
+    _bad("masked_linear_keep", 3, torch.ones(6, 5, dtype=torch.int32),
+         "scores must be float32/float64/float16/bfloat16", TypeError),
     _bad("masked_conv2d", 0, _t(2, 5, 5, seed=0), "x and weight must be 4-d"),
     _bad("masked_conv2d", 0, _t(1, 3, 5, 5, seed=0), r"groups=1 does not fit x channels 3 and weight \[4, 2, 3, 3\]"),
     _bad("masked_conv2d", 9, 2, r"groups=2 does not fit x channels 2"),
     _bad("masked_conv2d", 6, [1, 0], r"stride must be two ints >= 1, got \[1, 0\]"),
     _bad("masked_conv2d", 7, [-1, 0], r"padding must be two ints >= 0, got \[-1, 0\]"),
+    _bad("masked_conv2d", 8, [0, 1], r"dilation must be two ints >= 1, got \[0, 1\]"),
+    _bad("masked_conv2d_keep_forward", 6, [1, 0], r"dilation must be two ints >= 1, got \[1, 0\]"),
     _bad("masked_conv2d", 0, _t(1, 2, 2, 5, seed=0),
          r"kernel \[3, 3\] \(dilation \[1, 1\]\) is larger than the padded"),
     _bad("masked_conv2d", 7, [2**62, 0], r"padding \[4611686018427387904, 0\] or dilation \[1, 1\] too large: the "
@@ -311,3 +318,42 @@ def test_shared_threshold_scalars_are_never_evicted(monkeypatch):
     again = [functional._device_scalar(v, torch.float32, cpu, True) for v in (0.25, 0.5)]
     assert all(a is b for a, b in zip(again, first))
     assert [t.item() for t in first] == [0.25, 0.5]
+
+
+@pytest.mark.parametrize("scores_shape", ["weight", "unit"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_ste_score_gradient_of_frozen_weights_equals_the_reference(scores_shape, dtype):
+    """Only the scores train (frozen weights, x and bias): the C++ node's STE shortcut (grad_W_eff * W in
+    place) applies to weight-shaped scores of the weight's dtype only; per-unit scores (row sums) and fp32
+    scores of fp16/bf16 weights take the fused pass, whose product is rounded once to the scores' dtype
+    (in the weights' dtype it lost ~1e-3). (The custom op runs the same C++ backward, so the reference
+    backend is the oracle here.)"""
+    x, w, b = _t(4, 5, seed=0, dtype=dtype), _t(6, 5, seed=1, dtype=dtype), _t(6, seed=2, dtype=dtype)
+    s = _t(6, 5, seed=3) if scores_shape == "weight" else _t(6, seed=3)  # fp32 scores, as a module's
+    args = (x, w, b, s, *bk.topk_select(s, 3 if scores_shape == "unit" else 13), "ste", 1.0)
+    results = []
+    for backend in ("cpp", "torch"):
+        with bk.use_backend(backend):
+            inputs, leaves = _leaves("linear", args, (False, False, False, True))
+            y = _ops.masked_linear(*inputs)
+            assert ("bise_autograd" in y.grad_fn.name()) == (backend == "cpp")
+            results.append(torch.autograd.grad(y, leaves, _t(*y.shape, seed=4, dtype=dtype))[0])
+    got, want = results
+    assert got.dtype == want.dtype == torch.float32 and got.shape == want.shape == s.shape
+    torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("op", ["masked_conv2d", "masked_conv2d_forward", "masked_conv2d_keep_forward"])
+@pytest.mark.parametrize("shape", [(0, 2, 3, 3), (4, 0, 3, 3)], ids=["no_out_channels", "no_in_channels"])
+def test_an_empty_conv_weight_is_a_named_error(op, shape):
+    """A conv weight without elements has nothing to mask: a ValueError naming its shape, as the Python
+    check, from the raw ops too (ATen's conv2d raised an unnamed RuntimeError for no output channels and
+    returned a (N, 0, OH, OW) output for no input channels)."""
+    w = _t(*shape, seed=1)
+    x, s = _t(1, shape[1], 5, 5, seed=0), _t(shape[0], seed=2)
+    geometry = ([1, 1], [0, 0], [1, 1], 1)
+    args = {"masked_conv2d": (x, w, None, s, *_SEL, *geometry, "ste", 1.0),
+            "masked_conv2d_forward": (x, w, None, s, *_SEL, *geometry),
+            "masked_conv2d_keep_forward": (x, w, None, torch.ones(shape[0], dtype=torch.bool), *geometry)}[op]
+    with pytest.raises(ValueError, match=r"weight of shape \[%d, %d, 3, 3\] is empty" % shape[:2]):
+        getattr(EXT, op)(*args)

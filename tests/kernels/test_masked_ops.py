@@ -202,6 +202,23 @@ def test_double_backward_is_a_named_error_on_every_backend(backend, path):
             torch.autograd.grad(grad_x.sum(), layer.scores)
 
 
+@pytest.mark.parametrize("path", ["eager", "custom-op"])
+def test_double_backward_of_a_loss_linear_in_the_output_is_a_named_error(backend, path):
+    """A loss linear in the output (grad_y a constant with no graph of its own): the gradient taken with
+    create_graph=True still depends on the saved x, weight and scores, so differentiating it (a gradient
+    penalty on the weights or scores) raises naming the op, not torch's "does not require grad" or a
+    silent None."""
+    for name, layer, x in _layers():
+        x = x.requires_grad_()
+        with _CustomOpPath() if path == "custom-op" else contextlib.nullcontext():
+            grad_x, = torch.autograd.grad(layer(x).sum(), x, create_graph=True)
+        assert grad_x.requires_grad, name
+        for p in (getattr(layer, "weight", None), layer.scores):
+            if p is not None:
+                with pytest.raises(RuntimeError, match="differentiable once"):
+                    torch.autograd.grad(grad_x.sum(), p.requires_grad_(), allow_unused=True)
+
+
 def test_torch_func_grad_equals_autograd_on_every_backend(backend):
     """torch.func.grad over a layer's parameters (functional_call) and over the functional API gives
     autograd's gradients, for every layer, mask mode and a global top-k; the layers' caches stand

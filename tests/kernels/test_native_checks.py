@@ -138,6 +138,8 @@ CASES = {
                                    "scores must be a {device} tensor"),
     "keep_mask_thr_device": Case("keep_mask", lambda d, o: (_t(4, device=d), *_sel(o), 0),
                                  "thr and cut must be on the scores' device"),
+    "keep_mask_cut_device": Case("keep_mask", lambda d, o: (_t(4, device=d), _sel(d)[0], _sel(o)[1], 0),
+                                 r"thr and cut must be on the scores' device {device}.*, got {device}.* and "),
     "keep_mask_thr_dtype": Case("keep_mask", lambda d, o: (_t(4, device=d), *_sel(d, torch.float16), 0),
                                 "thr must have the scores' dtype", TypeError),
     "keep_mask_cut_shape": Case("keep_mask", lambda d, o: (_t(4, device=d), _sel(d)[0], torch.ones(2, dtype=torch.int64,
@@ -174,6 +176,10 @@ CASES = {
                           "weight must have at least one dimension"),
     "weight_scores_shape": Case("masked_weight", lambda d, o: (_layer(d)[0], _t(4, 3, device=d), *_sel(d)),
                                 r"scores must have weight's shape \[3, 4\] or \(3,\), got \[4, 3\]"),
+    "weight_cut_other_device": Case("masked_weight", lambda d, o: (*_layer(d)[:3], _sel(o)[1]),
+                                    "thr and cut must be on the scores' device"),
+    "weight_thr_other_device": Case("masked_weight", lambda d, o: (*_layer(d)[:2], _sel(o)[0], _sel(d)[1]),
+                                    "thr and cut must be on the scores' device"),
     "weight_thr_shape": Case("masked_weight", lambda d, o: (*_layer(d)[:2], _t(2, device=d), _sel(d)[1]),
                              "thr must be a one-element tensor", TypeError),
     "weight_thr_dtype": Case("masked_weight", lambda d, o: (*_layer(d)[:2], *_sel(d, torch.float64)),
@@ -195,6 +201,8 @@ CASES = {
                                    "temperature must be a positive finite float"),
     "score_grad_temperature_nan": Case("masked_score_grad", lambda d, o: _grad_args(d, temperature=float("nan")),
                                        "temperature must be a positive finite float"),
+    "score_grad_temperature_inf": Case("masked_score_grad", lambda d, o: _grad_args(d, temperature=float("inf")),
+                                       "temperature must be a positive finite float, got inf"),
     "score_grad_weight_other_device": Case("masked_score_grad", lambda d, o: _grad_args(d, w=_t(3, 4, device=o)),
                                            "weight must be a {device} tensor"),
     # ------------------------------------------------------------------ keep_weight
@@ -236,6 +244,11 @@ CASES = {
                         "x must have at least one dimension"),
     "gate_dim": Case("channel_gate_forward", lambda d, o: _gate_args(d, dim=3), r"dim must be in \[-3, 2\], got 3"),
     "gate_dim_negative": Case("channel_gate_forward", lambda d, o: _gate_args(d, dim=-4), "dim must be in"),
+    # dim = -x.dim() is valid (the first dim): the error is then about the scores' shape, not dim
+    "gate_dim_most_negative": Case("channel_gate_forward", lambda d, o: _gate_args(d, dim=-3),
+                                   r"scores must have shape \(2,\) \(x.shape\[0\]\), got \[5\]"),
+    "gate_grad_cut_other_device": Case("channel_gate_backward", lambda d, o: _gate_bwd_args(d, cut=_sel(o)[1]),
+                                       "thr and cut must be on the scores' device"),
     "gate_scores_shape": Case("channel_gate_forward", lambda d, o: _gate_args(d, s=_t(4, device=d)),
                               r"scores must have shape \(5,\) \(x.shape\[1\]\), got \[4\]"),
     "gate_scores_2d": Case("channel_gate_forward", lambda d, o: _gate_args(d, s=_t(5, 1, device=d)),
@@ -375,3 +388,48 @@ def test_bad_input_names_the_argument_cuda():
     done = subprocess.run([sys.executable, "-X", "faulthandler", "-c", code], cwd=here, env=env, capture_output=True,
                           text=True, timeout=300)
     assert done.returncode == 0, f"exit status {done.returncode}\n{done.stdout}\n{done.stderr[-4000:]}"
+
+
+@pytest.mark.parametrize("op", ["masked_score_grad", "keep_score_grad"])
+@pytest.mark.parametrize("need_weight", [True, False])
+def test_in_place_score_grads_declare_the_mutation_in_their_schema(op, need_weight):
+    """masked_score_grad / keep_score_grad mask grad_w_eff in place (need_weight): the schema must say so
+    (Tensor(a!)), or functionalization (torch.compile, export) would reuse the mutated buffer as if unchanged.
+    opcheck's test_schema runs the op under SchemaCheckMode, which compares every argument before and after."""
+    w, s, g = _t(3, 4, device="cpu"), _t(3, 4, device="cpu"), _t(3, 4, device="cpu")
+    mask = (*_sel("cpu"),) if op == "masked_score_grad" else (s > 0,)
+    args = (g, w, s, *mask, "sigmoid", 0.5, True, need_weight)
+    torch.library.opcheck(getattr(EXT, op), args, test_utils=("test_schema",))
+    assert getattr(EXT, op).default._schema.arguments[0].alias_info.is_write
+
+
+@pytest.mark.parametrize("dim", [0, 2, 3, -1])
+@pytest.mark.parametrize("memory_format", [torch.channels_last, "channels_last_3d"])
+def test_gate_of_a_channels_last_x_along_another_dim_matches_the_reference(dim, memory_format):
+    """The gate reads a channels_last x in place only for dim 1 (its channels innermost); along any other
+    dim the implementation must take the contiguous view, forward and backward."""
+    if memory_format == "channels_last_3d":
+        memory_format, x = torch.channels_last_3d, _t(2, 3, 4, 5, 3, device="cpu")
+    else:
+        x = _t(2, 3, 4, 5, device="cpu")
+    x = x.contiguous(memory_format=memory_format)
+    assert not x.is_contiguous()
+    s = _t(x.shape[dim], device="cpu")
+    thr, cut = R.topk_select([s], 2)
+    got = call("channel_gate_forward", "cpu", x, s, thr, cut, dim)
+    torch.testing.assert_close(got, R.channel_gate_forward(x, s, thr, cut, dim), rtol=0, atol=0)
+    gy = _t(*x.shape, device="cpu").contiguous(memory_format=memory_format)
+    gx, gs = call("channel_gate_backward", "cpu", gy, x, s, thr, cut, dim, "sigmoid", 0.5, True, True)
+    want_gx, want_gs = R.channel_gate_backward(gy, x, s, thr, cut, dim, "sigmoid", 0.5, (True, True))
+    torch.testing.assert_close(gx, want_gx, rtol=0, atol=0)
+    torch.testing.assert_close(gs, want_gs)
+
+
+def test_keep_mask_checks_finiteness_only_when_asked():
+    """keep_mask's check_finite defaults to False (a select's (thr, cut) was checked by the select): no error
+    then (what a NaN score's entry holds is unspecified); with check_finite=True it is a named ValueError."""
+    scores = torch.tensor([float("nan"), 1.0, -1.0, 2.0])
+    thr, cut = torch.tensor(0.5), torch.tensor(4)
+    assert EXT.keep_mask(scores, thr, cut, 0).tolist()[1:] == [True, False, True]
+    with pytest.raises(ValueError, match=r"scores contains non-finite values \(e.g. nan\)"):
+        EXT.keep_mask(scores, thr, cut, 0, True)
