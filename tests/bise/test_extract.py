@@ -275,9 +275,16 @@ def test_budget_keeps_exactly_the_top_fraction(digits, vanilla_mlp):
 
 
 def test_a_budget_that_keeps_no_unit_is_named(digits, vanilla_mlp):
-    """budget=1e-9 kept one unit (the top-k keeps at least one) where the budget asks for none."""
+    """budget=1e-9 kept one unit (the top-k keeps at least one) where the budget asks for none. A budget that
+    rounds to one unit is accepted: the top-k keeps round(budget * units)."""
+    from bise.extract import check_budget
+
     with pytest.raises(ValueError, match=r"budget=1e-09 keeps round\(1e-09 \* 300\) = 0 of the model's 300 gated units"):
         extract(vanilla_mlp, digits, config=ExtractConfig(**TINY, budget=1e-9), quiet=True)
+    check_budget(0.004, 300)  # round(1.2) = 1 unit
+    check_budget(0.003, 300)  # round(0.9) = 1 unit
+    with pytest.raises(ValueError, match="keeps round"):
+        check_budget(0.001, 300)
 
 
 def test_label_free_uses_pseudo_labels_and_empirical_joint(digits, vanilla_mlp, monkeypatch):
@@ -756,15 +763,6 @@ def test_resume_refuses_another_seed_or_other_images(tmp_path, digits, vanilla_m
         extract(vanilla_mlp, other, config=config, out_dir=tmp_path, resume=True, quiet=True)
     resumed = extract(vanilla_mlp, digits, config=config, out_dir=tmp_path, resume=True, quiet=True)
     assert resumed.info["mask_epochs_run"] == 2  # epochs 2 and 3; the interrupted run did epoch 1
-
-
-def test_a_budget_that_rounds_to_one_unit_is_accepted():
-    from bise.extract import check_budget
-
-    check_budget(0.004, 300)  # round(1.2) = 1 unit
-    check_budget(0.003, 300)  # round(0.9) = 1 unit: the top-k keeps round(budget * units)
-    with pytest.raises(ValueError, match="keeps round"):
-        check_budget(0.001, 300)
 
 
 def test_a_checkpoint_is_written_after_head_pretraining(tmp_path, digits, vanilla_mlp, monkeypatch):

@@ -53,6 +53,16 @@ def lib(tmp_path_factory):
     lib.bise_masked_weight.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64,
                                        ctypes.c_int64, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_void_p,
                                        ctypes.c_void_p, ctypes.c_int, ctypes.c_void_p]
+    lib.bise_score_grad.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64,
+                                    ctypes.c_int64, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_void_p,
+                                    ctypes.c_void_p, ctypes.c_int, ctypes.c_double, ctypes.c_int, ctypes.c_int,
+                                    ctypes.c_void_p]
+    lib.bise_keep_weight.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64,
+                                     ctypes.c_int, ctypes.c_int, ctypes.c_void_p]
+    lib.bise_keep_score_grad.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p,
+                                         ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_int, ctypes.c_int,
+                                         ctypes.c_int, ctypes.c_int, ctypes.c_double, ctypes.c_int, ctypes.c_int,
+                                         ctypes.c_void_p]
     return lib
 
 
@@ -120,19 +130,6 @@ def test_mask_pass_cuts_the_ties_at_thr_by_flat_index(lib, score_dtype, per_unit
         assert torch.equal(out, weight * (keep[:, None] if per_unit else keep).to(weight.dtype)), int(cut)
 
 
-def _setup_grad_lib(lib):
-    lib.bise_score_grad.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64,
-                                    ctypes.c_int64, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_void_p,
-                                    ctypes.c_void_p, ctypes.c_int, ctypes.c_double, ctypes.c_int, ctypes.c_int,
-                                    ctypes.c_void_p]
-    lib.bise_keep_weight.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64,
-                                     ctypes.c_int, ctypes.c_int, ctypes.c_void_p]
-    lib.bise_keep_score_grad.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p,
-                                         ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_int, ctypes.c_int,
-                                         ctypes.c_int, ctypes.c_int, ctypes.c_double, ctypes.c_int, ctypes.c_int,
-                                         ctypes.c_void_p]
-
-
 @pytest.mark.parametrize("weight_dtype", [torch.float32, torch.float64, torch.float16, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("per_unit", [False, True], ids=["weight", "unit"])
 @pytest.mark.parametrize("estimator", ["ste", "sigmoid"])
@@ -141,7 +138,6 @@ def test_score_grad_and_keep_passes(lib, weight_dtype, per_unit, estimator):
     bise_keep_score_grad), which the mask-pass test above does not run: grad_w_eff masked in place
     bit for bit (ties at thr split by the cut), the score gradients (per unit: the block-reduced
     row sums over rows longer than a block) as the reference's, per need_scores / need_weight."""
-    _setup_grad_lib(lib)
     g = torch.Generator().manual_seed(2)
     score_dtype = torch.float16 if weight_dtype == torch.bfloat16 else weight_dtype
     weight = torch.randn(5, 300, generator=g).to(weight_dtype)  # rows of 300 > 256 threads

@@ -434,8 +434,6 @@ def test_a_fullgraph_compile_before_any_eager_call_traces(monkeypatch):
     torch.testing.assert_close(compiled, net(x), rtol=0, atol=0)
 
 
-
-
 def _tied_global_net():
     """Three layers, every score 0.0: the global top-k cuts the one tie group inside layer 2."""
     net = nn.Sequential(nn.Linear(4, 3), nn.Linear(3, 3), nn.Linear(3, 2))
