@@ -265,7 +265,9 @@ def test_a_cut_bise_run_leaves_its_progress(tmp_path):
     progress = json.loads((out / "run-progress.json").read_text())
     assert progress["rc"] == 124 and progress["cut_by_time_limit"] is True and progress["limit_s"] == 4
     assert 3.5 <= progress["elapsed_s"] < 10
-    assert set(progress["files_s"]) == {p.name for p in (tmp_path / "run").iterdir() if p.is_file()}
+    # cut before it made its folder (torch's import and the data took the 4 s) or after: files_s says which
+    run = tmp_path / "run"
+    assert set(progress["files_s"]) == ({p.name for p in run.iterdir() if p.is_file()} if run.is_dir() else set())
     if (tmp_path / "run" / "run.json").exists():
         assert (out / "run.json").read_text() == (tmp_path / "run" / "run.json").read_text()
         assert isinstance(progress["steps_s"], dict)
