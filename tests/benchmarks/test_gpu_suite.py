@@ -86,6 +86,7 @@ def test_dry_run_of_every_module_checks_every_case(tmp_path):
     assert api["overhead_us"] == api["median_us"] - api["baselines"]["raw_kernel"]["median_us"]
     assert {"cublas_dense", "materialise_then_cublas"} <= set(by_name["masked_linear_fwd_bf16_64/api"]["speedup"])
     assert {"dense_step", "edge_popup"} <= set(by_name["step_mlp4x64_bf16_b8/auto"]["speedup"])
+    assert {"dense_fwd_bwd", "materialise_fwd_bwd"} <= set(by_name["overhead_masked_linear_256_b32/module"]["speedup"])
     for path in ("torch", "api"):  # the packed-mask layer step at small M, beside what a user writes by hand
         assert set(by_name[f"masked_linear_keep_fwd_bwd_bf16_M16_64x64/{path}"]["speedup"]) == {
             "materialise_then_cublas", "cublas_dense", "selection_path"}
@@ -861,7 +862,9 @@ def test_step_targets_are_the_documented_ratios():
     cases = {c["name"]: c for c in _bench("bench_step_gpu").gpu_cases(dry_run=True)}
     assert cases["step_mlp4x64_bf16_b8/auto"]["target_speedup"] == pytest.approx({"dense_step": 1 / 1.1,
                                                                                  "edge_popup": 3.0})
-    assert cases["overhead_masked_linear_256_b32/api"]["target_speedup"] == pytest.approx({"dense_fwd_bwd": 1 / 1.5})
+    for path in ("api", "module"):
+        assert cases[f"overhead_masked_linear_256_b32/{path}"]["target_speedup"] == pytest.approx(
+            {"dense_fwd_bwd": 1 / 1.5, "materialise_fwd_bwd": 1.0})
     assert cases["step_mlp4x64_bf16_b8/torch+keep"]["target_speedup"] == pytest.approx({"dense_step": 1 / 1.1})
 
 
