@@ -16,6 +16,7 @@ Without torchrun (no ``WORLD_SIZE``) every function is the single-process identi
 from __future__ import annotations
 
 import datetime
+import importlib
 import math
 import os
 import pickle
@@ -111,8 +112,22 @@ def init(device: str = "cpu", timeout_s: Optional[float] = None) -> Context:
             local = _local_gpu(device)
             torch.cuda.set_device(local)
             device = f"cuda:{local}"
+        _import_group_defaults()
         dist.init_process_group("nccl" if use_cuda else "gloo", timeout=datetime.timedelta(seconds=timeout))
     return Context(rank=dist.get_rank(), world_size=dist.get_world_size(), device=device)
+
+
+def _import_group_defaults() -> None:
+    """Import torch.distributed.nn before the group exists, so that :func:`shutdown` can free it.
+
+    Its functions take ``group=group.WORLD`` as a default argument, evaluated at import. Imported
+    after ``init_process_group`` (torch imports it lazily, through torch._dynamo, when the first
+    optimizer is built), ten defaults held the group: ``destroy_process_group`` could not free it,
+    and its gloo threads and sockets (and rank 0's TCPStore server) lived on until the interpreter's
+    finalization destroyed them, on each rank at its own moment, in an interpreter going away: where
+    torch reports processes aborted at exit (SIGABRT, "terminate called ..."; pytorch issues 65513,
+    190489). Imported first, the defaults are None."""
+    importlib.import_module("torch.distributed.nn")
 
 
 _alone = {"warned": False}  # whether current() warned of a torchrun launch without a group
@@ -130,6 +145,9 @@ def current() -> Context:
 
 
 def shutdown() -> None:
+    """Leave the process group: its gloo/NCCL threads are joined and its sockets closed here, before
+    the interpreter exits (:func:`_import_group_defaults`). Call it on every rank, after a
+    :func:`barrier` when the ranks should all have finished their collectives."""
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()
 

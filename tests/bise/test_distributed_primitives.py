@@ -1,10 +1,13 @@
 """torch.distributed glue on 2 CPU processes (gloo, loopback): gathered terms and summed gradients
 reproduce the single-process global-batch computation."""
 
+import gc
 import os
+import weakref
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 import torch.multiprocessing as mp
 from _dist import free_port
 from torch import nn
@@ -73,11 +76,15 @@ def _worker(rank, world, port, data, result_queue, scratch):
         per_rank_save = "saved"
     except ValueError as exc:
         per_rank_save = str(exc)
-    if ctx.is_main:
-        result_queue.put((w.grad.numpy().copy(), int(counts), raised, small, same_dropout,
-                          per_rank_save))  # numpy: a tensor's storage dies with the sender
+    group = weakref.ref(dist.group.WORLD)
     bd.barrier()
     bd.shutdown()
+    gc.collect()
+    # freed, its gloo threads joined: not left to the interpreter's exit (an optimizer was built after init)
+    freed = group() is None
+    if ctx.is_main:
+        result_queue.put((w.grad.numpy().copy(), int(counts), raised, small, same_dropout,
+                          per_rank_save, freed))  # numpy: a tensor's storage dies with the sender
 
 
 def test_two_processes_match_one_process_with_the_global_batch(tmp_path):
@@ -93,11 +100,12 @@ def test_two_processes_match_one_process_with_the_global_batch(tmp_path):
     procs = [ctx.Process(target=_worker, args=(r, 2, port, (x, w0), queue, str(tmp_path))) for r in range(2)]
     for p in procs:
         p.start()
-    grad, count, raised, small, same_dropout, per_rank_save = queue.get(timeout=120)
+    grad, count, raised, small, same_dropout, per_rank_save, freed = queue.get(timeout=120)
     for p in procs:
         p.join(timeout=60)
         assert p.exitcode == 0
     assert count == 10 and small == [0.0]
+    assert freed  # bd.shutdown() freed the group (torch.distributed.nn, imported after init, held it)
     assert not same_dropout  # each rank its own dropout masks (they were the same: every rank seeded alike)
     assert "processes see different save paths" in per_rank_save and "collective" in per_rank_save
     assert raised[0] == ("RuntimeError", "_TwoArgs: bad=3", ["(rank 1 met this error; every process stops with it)"])
