@@ -194,6 +194,17 @@ def test_resume_says_what_it_reuses(run_dir, capsys, monkeypatch):
            "extraction options" in capsys.readouterr().err
 
 
+def _wait_for_training(proc) -> None:
+    """Read ``proc``'s stderr until its progress bar shows the vanilla training (so the run's folder and its
+    signal handling are in place). A run that ends before that fails here at the end of its stderr (the loop
+    read past it, forever, once the run had printed anything, e.g. a warning)."""
+    seen = ""
+    while "vanilla" not in seen:
+        char = proc.stderr.read(1)
+        assert char, f"bise run ended (rc {proc.wait()}) before its training started: {seen[-2000:]}"
+        seen += char
+
+
 def test_ctrl_c_prints_one_line_with_the_resume_command(tmp_path):
     out = tmp_path / "run"
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
@@ -202,10 +213,7 @@ def test_ctrl_c_prints_one_line_with_the_resume_command(tmp_path):
     proc = subprocess.Popen([sys.executable, "-m", "bise", "run", *TINY[:4], "--vanilla-epochs", "100000",
                              "--out", str(out)], stderr=subprocess.PIPE, text=True, env=env,
                             preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
-    seen = ""
-    while "vanilla" not in seen:  # the progress bar: training has started
-        seen += proc.stderr.read(1)
-        assert seen or proc.poll() is None
+    _wait_for_training(proc)
     proc.send_signal(signal.SIGINT)
     rest = proc.communicate(timeout=120)[1]
     assert proc.returncode == 130
@@ -220,10 +228,7 @@ def test_sigterm_cleans_up_as_ctrl_c(tmp_path):
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
     proc = subprocess.Popen([sys.executable, "-m", "bise", "run", *TINY[:4], "--vanilla-epochs", "100000",
                              "--out", str(out)], stderr=subprocess.PIPE, text=True, env=env)
-    seen = ""
-    while "vanilla" not in seen:  # the progress bar: training has started
-        seen += proc.stderr.read(1)
-        assert seen or proc.poll() is None
+    _wait_for_training(proc)
     proc.terminate()
     rest = proc.communicate(timeout=120)[1]
     assert proc.returncode == 143 and "Traceback" not in rest
