@@ -44,9 +44,13 @@ trap finish EXIT
 # The part's script as a child that a SIGTERM / SIGINT to this script reaches too (with exec it was this
 # process; a plain child was orphaned, still running and writing after the call had returned).
 run_part() {
+  # The trap is set before the fork: a signal between the fork and `child=$!` is kept (pending) and
+  # forwarded once the child's pid is known (set after the fork, such a signal ended the shell alone).
+  local child="" pending=0 rc
+  trap 'if [ -n "$child" ]; then kill -TERM "$child" 2>/dev/null; else pending=1; fi' TERM INT
   "$@" &
-  local child=$! rc
-  trap 'kill -TERM "$child" 2>/dev/null' TERM INT
+  child=$!
+  [ "$pending" = 0 ] || kill -TERM "$child" 2>/dev/null
   wait "$child"; rc=$?
   if [ "$rc" -gt 128 ] && kill -0 "$child" 2>/dev/null; then wait "$child"; rc=$?; fi  # interrupted: let it end
   exit "$rc"
