@@ -35,6 +35,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import bise_kernels as bk
+import by_hand
 from edgepopup import EdgePopupSubnet
 
 DENSITY = 0.5
@@ -93,15 +94,9 @@ def _step_parts(model: str, variant: str, small: bool):
 
 
 def _materialised(w, s, variant: str):
-    """W * mask by hand, with the straight-through estimator: the top-k of the scores (k = round(density * n), as
-    bise_kernels; distinct random scores: no ties) by ``torch.kthvalue``, or ``s >= 0``."""
-    d = s.detach()
-    if variant == "materialise":
-        k = max(1, round(DENSITY * d.numel()))
-        thr = d.flatten().kthvalue(d.numel() - k + 1).values
-    else:
-        thr = 0.0
-    return w * ((d >= thr).to(w.dtype) + s - d)
+    """W * mask by hand (by_hand.py): the top-k of the scores (distinct random scores: no ties), or ``s >= 0``."""
+    thr = by_hand.top_k_threshold(s, DENSITY) if variant == "materialise" else 0.0
+    return by_hand.masked_weight(w, s, by_hand.keep_mask(s, thr, w.dtype))
 
 
 def _module_step_parts(model: str, variant: str, small: bool):

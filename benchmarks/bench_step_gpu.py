@@ -16,7 +16,8 @@ Cases (format: docs/gpu_suite.md):
 * ``overhead_masked_linear_256_b32/api``: the public ``masked_linear`` forward + backward on a
   256x256 layer, batch 32 (checks, selection, custom op and autograd), against the same with
   ``F.linear`` ("dense_fwd_bwd"). Target <= 1.5x; and no slower than "materialise_fwd_bwd", the same
-  semantics in plain PyTorch (``torch.topk``, ``W * mask`` materialised, straight-through to the scores).
+  semantics in plain PyTorch (benchmarks/by_hand.py: ``torch.kthvalue``, ``W * mask`` materialised,
+  straight-through to the scores).
   ``.../module``: the same through a ``MaskedLinear`` whose selection is cached (a layer's cost per
   call within a training step), against the same by hand with the mask computed once.
 * ``cuda_graph_masked_step/api``: a probe, not a timing: whether a masked MLP training step can be
@@ -36,6 +37,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import bise_kernels
+import by_hand
 from bise_kernels.backends import available_backends
 from edgepopup import EdgePopupSubnet
 
@@ -197,17 +199,10 @@ def _overhead_cases(device, dry_run) -> list[dict]:
     def module():  # the selection is cached: what a layer costs per call within a training step
         return torch.autograd.grad(layer(x), (x, layer.scores), gy)
 
-    k = round(DENSITY * s.numel())
+    def written_by_hand(mask):  # benchmarks/by_hand.py: W * mask materialised, STE to the scores
+        return torch.autograd.grad(F.linear(x, by_hand.masked_weight(w, s, mask)), (x, s), gy)
 
-    def top_k(scores):  # a float mask of the k largest scores (ties as torch.topk breaks them)
-        return torch.zeros(scores.numel(), device=device).index_fill_(0, scores.detach().flatten().topk(k).indices,
-                                                                      1.0).view_as(scores)
-
-    cached = top_k(layer.scores)
-
-    def by_hand(mask):  # what a user writes without the library: W * mask materialised, STE to the scores
-        return torch.autograd.grad(F.linear(x, w * (mask + s - s.detach())), (x, s), gy)
-
+    cached = by_hand.keep_mask(s, by_hand.top_k_threshold(s, DENSITY), w.dtype)
     # "wall": the host cost is the figure (do_bench's GPU events would hide most of it). "materialise_*":
     # the plain-PyTorch path of the same semantics (its own top-k per call for the api, the mask computed
     # once for the module); "auto" must not be slower than it (issue #13).
@@ -215,8 +210,10 @@ def _overhead_cases(device, dry_run) -> list[dict]:
              "check": lambda fn=fn, hand=hand: _same_gradients(fn(), hand()),
              "baselines": {"dense_fwd_bwd": dense, "materialise_fwd_bwd": hand},
              "target_speedup": {"dense_fwd_bwd": 1 / 1.5, "materialise_fwd_bwd": 1.0}}
-            for path, fn, hand in (("api", masked, lambda: by_hand(top_k(s))), ("module", module,
-                                                                              lambda: by_hand(cached)))]
+            for path, fn, hand in (
+                ("api", masked,
+                 lambda: written_by_hand(by_hand.keep_mask(s, by_hand.top_k_threshold(s, DENSITY), w.dtype))),
+                ("module", module, lambda: written_by_hand(cached)))]
 
 
 def _fail(message: str):
