@@ -283,13 +283,13 @@ def test_a_cut_bise_run_leaves_its_progress(tmp_path):
     import subprocess
     import sys
 
-    out = tmp_path / "out"
+    out, run = tmp_path / "out", tmp_path / "run"
     python = tmp_path / "python"
     python.write_text(WAIT_AFTER_BISE_RUN)
     python.chmod(0o755)
     env = dict(os.environ, PYTHON=str(python), REAL_PYTHON=sys.executable, OMP_NUM_THREADS="1",
                WORKFLOW_TIMEOUT_S="4", BISE_OFFICIAL_DIR=str(tmp_path / "no-official"),
-               BISE_RUN_DIR=str(tmp_path / "run"))
+               BISE_RUN_DIR=str(run))
     done = subprocess.run(["bash", str(ROOT / "scripts" / "gpu_workflow.sh"), "--dry-run", str(out)],
                           capture_output=True, text=True, env=env, timeout=120, cwd=ROOT)
     assert done.returncode == 5, done.stdout[-2000:] + done.stderr[-2000:]
@@ -298,10 +298,9 @@ def test_a_cut_bise_run_leaves_its_progress(tmp_path):
     assert progress["rc"] == 124 and progress["cut_by_time_limit"] is True and progress["limit_s"] == 4
     assert 3.5 <= progress["elapsed_s"] < 10
     # cut before it made its folder (torch's import and the data took the 4 s) or after: files_s says which
-    run = tmp_path / "run"
     assert set(progress["files_s"]) == ({p.name for p in run.iterdir() if p.is_file()} if run.is_dir() else set())
-    if (tmp_path / "run" / "run.json").exists():
-        assert (out / "run.json").read_text() == (tmp_path / "run" / "run.json").read_text()
+    if (run / "run.json").exists():
+        assert (out / "run.json").read_text() == (run / "run.json").read_text()
         assert isinstance(progress["steps_s"], dict)
     if "checkpoint.pt" in progress["files_s"]:
         assert "timing_s" in progress["checkpoint"] or "error" in progress["checkpoint"]
